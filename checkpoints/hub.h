@@ -1,0 +1,96 @@
+// Models on disk: Hugging Face Hub folders and loom checkpoints, opened the
+// same way, loaded into a LlamaForCausalLM, and exported to the Hub format.
+//
+// A Hub folder holds config.json, model.safetensors (or
+// model-0000K-of-0000N.safetensors plus model.safetensors.index.json),
+// generation_config.json, tokenizer files and a README.md model card.
+// A loom checkpoint holds manifest.json and per-rank safetensors files (see
+// checkpoints/loom_checkpoint.h).
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <torch/types.h>
+
+#include "checkpoints/safetensors.h"
+#include "trainer/config.h"
+#include "trainer/model/llama.h"
+
+namespace loom {
+
+// Tokenizer files copied along with a model when present.
+inline const std::vector<std::string> kTokenizerFiles = {
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json"};
+
+// A model's tensors on disk, opened and validated but not yet read.
+class ModelFiles {
+ public:
+  // `path` is a Hub folder (has config.json) or a loom checkpoint (has
+  // manifest.json). Throws BadInput naming the path and what is missing.
+  static ModelFiles open(const std::string& path);
+
+  enum class Kind { kHub, kLoomCheckpoint };
+  Kind kind() const { return kind_; }
+  const std::string& path() const { return path_; }
+  const ModelConfig& model_config() const { return model_; }
+  // Folder that holds tokenizer files, or "" when there are none.
+  const std::string& tokenizer_dir() const { return tokenizer_dir_; }
+  // Training step for loom checkpoints, 0 for Hub folders.
+  int64_t step() const { return step_; }
+
+  std::vector<std::string> tensor_names() const;
+  bool contains(const std::string& name) const { return where_.count(name) != 0; }
+  const safetensors::TensorInfo& info(const std::string& name) const;
+  const std::string& file_of(const std::string& name) const;
+  // A CPU tensor holding a copy of the stored bytes, in the stored dtype.
+  torch::Tensor read(const std::string& name) const;
+  const std::vector<safetensors::File>& files() const { return files_; }
+
+ private:
+  friend ModelFiles open_loom_checkpoint_files(const std::string& path);
+  void add_file(const std::string& file_path, const std::string& only_names_from_index = {});
+
+  Kind kind_ = Kind::kHub;
+  std::string path_;
+  ModelConfig model_;
+  std::string tokenizer_dir_;
+  int64_t step_ = 0;
+  std::vector<safetensors::File> files_;
+  std::map<std::string, size_t> where_;  // tensor name -> index in files_
+};
+
+// Checks, without reading tensor data, that `files` hold exactly the
+// parameters of `model` with their shapes and a floating-point dtype. Throws
+// BadInput naming the file and tensor.
+void verify_weights(const LlamaForCausalLM& model, const ModelFiles& files);
+
+// Copies every parameter of `model` from `files`, converting to the model's
+// dtype. Throws BadInput naming the file and tensor for a missing tensor, a
+// wrong shape, an unsupported dtype or a tensor the model does not have.
+void load_weights(LlamaForCausalLM& model, const ModelFiles& files);
+
+// Builds a model from the files' config and loads it (fp32 unless `dtype`).
+std::shared_ptr<LlamaForCausalLM> load_model(const ModelFiles& files, torch::ScalarType dtype = torch::kFloat);
+
+struct ExportOptions {
+  torch::ScalarType dtype = torch::kFloat;  // stored dtype of the weights
+  uint64_t max_shard_bytes = 5ull << 30;    // larger models are split into shards
+  std::string tokenizer_dir;                // tokenizer files to copy ("" = none)
+  std::string model_name = "loom-model";    // for the model card
+  std::string card_notes;                   // extra lines for the model card
+};
+
+// Writes a Hub folder at `out_dir` (which must not exist) from the model's
+// parameters, through a temporary folder renamed at the end so a crash never
+// leaves a half-written export.
+void export_hub(const LlamaForCausalLM& model, const std::string& out_dir, const ExportOptions& options);
+
+// Parses a size such as "500MB", "2GiB", "123456" into bytes; BadInput otherwise.
+uint64_t parse_byte_size(const std::string& text, const std::string& context);
+
+}  // namespace loom

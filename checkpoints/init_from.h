@@ -1,0 +1,17 @@
+// The model a run starts from: random weights from the config, or the weights
+// of a Hugging Face folder or loom checkpoint named by `model.init_from`.
+#pragma once
+
+#include <memory>
+
+#include "trainer/config.h"
+#include "trainer/model/llama.h"
+
+namespace loom {
+
+// With `model.init_from` set, the model's shape comes from that folder's
+// config; shape keys also given in the YAML must agree with it (BadInput
+// naming both values otherwise). `config.model` is updated to the shape used.
+std::shared_ptr<LlamaForCausalLM> build_initial_model(Config& config, const LayerFactory& factory);
+
+}  // namespace loom

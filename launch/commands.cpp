@@ -1,0 +1,279 @@
+#include "launch/commands.h"
+
+#include <filesystem>
+#include <iomanip>
+#include <iostream>
+#include <sstream>
+
+#include "checkpoints/hub.h"
+#include "checkpoints/init_from.h"
+#include "checkpoints/loom_checkpoint.h"
+#include "checkpoints/safetensors.h"
+#include "checkpoints/torch_tensors.h"
+#include "launch/cli.h"
+#include "parallel/topology.h"
+#include "parallel/versions.h"
+#include "trainer/config.h"
+#include "trainer/generate.h"
+#include "util/error.h"
+
+namespace loom {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr const char* kUsage = R"(usage: loom COMMAND [ARGS]
+
+commands:
+  inspect  PATH                                   summarize a config, checkpoint, Hub folder or .safetensors file
+  import   HF_DIR --output CHECKPOINT             Hugging Face folder -> loom checkpoint
+  export   CHECKPOINT --output HF_DIR             loom checkpoint (or Hub folder) -> Hugging Face folder
+             [--dtype float32|bfloat16|float16] [--max-shard-size 5GB] [--name NAME]
+  generate CHECKPOINT_OR_HF_DIR --prompt-ids 1,2,3 sample tokens, printed as ids
+             [--max-new-tokens N] [--greedy | --temperature T --top-k K --seed S]
+  forward  CHECKPOINT_OR_HF_DIR --input-ids IN.safetensors --output OUT.safetensors
+                                                  logits [B, T, V] (fp32) for token ids "input_ids" [B, T]
+  version                                         loom and library versions
+
+exit codes: 0 done, 1 internal error, 2 bad input (the message names the file, key or tensor)
+)";
+
+std::string shape_string(const std::vector<int64_t>& shape) {
+  std::string out = "[";
+  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
+  return out + "]";
+}
+
+std::string with_thousands(int64_t n) {
+  std::string digits = std::to_string(n), out;
+  for (size_t i = 0; i < digits.size(); ++i) {
+    if (i && (digits.size() - i) % 3 == 0) out += ',';
+    out += digits[i];
+  }
+  return out;
+}
+
+void print_model_summary(const ModelConfig& m) {
+  std::cout << "model: " << m.architecture << ", " << m.num_layers << " layers, hidden " << m.hidden_size
+            << ", intermediate " << m.intermediate_size << ", heads " << m.num_heads << " (kv " << m.kv_heads()
+            << ", head_dim " << m.head_size() << "), vocab " << m.vocab_size
+            << (m.tie_embeddings ? ", tied embeddings" : ", untied embeddings") << ", rope_theta " << m.rope_theta
+            << (m.rope_scaling.type != "none" ? ", rope scaling " + m.rope_scaling.type : "") << "\n"
+            << "parameters: " << with_thousands(count_parameters(m)) << " (non-embedding "
+            << with_thousands(count_non_embedding_parameters(m)) << ")\n";
+}
+
+void print_tensor_table(const std::vector<const safetensors::TensorInfo*>& infos,
+                        const std::vector<std::string>& files) {
+  size_t width = 4;
+  for (const auto* info : infos) width = std::max(width, info->name.size());
+  std::cout << std::left << std::setw(static_cast<int>(width)) << "name"
+            << "  dtype  shape" << (files.empty() ? "" : "  file") << "\n";
+  for (size_t i = 0; i < infos.size(); ++i) {
+    std::cout << std::left << std::setw(static_cast<int>(width)) << infos[i]->name << "  " << std::setw(5)
+              << safetensors::dtype_name(infos[i]->dtype) << "  " << shape_string(infos[i]->shape);
+    if (!files.empty()) std::cout << "  " << files[i];
+    std::cout << "\n";
+  }
+}
+
+int inspect_config(const std::string& path, const std::vector<std::string>& overrides) {
+  Config config = load_config(path, overrides);
+  const int64_t world = config.launch.ranks;
+  ParallelDims dims = ParallelDims::from_config(config, world);
+  std::cout << "# " << path << ": valid\n";
+  if (config.model.init_from.empty()) {
+    std::cout << "# ";
+    print_model_summary(config.model);
+  } else {
+    std::cout << "# model from " << config.model.init_from << "\n";
+  }
+  std::cout << "# layout: " << dims.describe() << "\n";
+  std::cout << config_to_yaml(config);
+  return kExitOk;
+}
+
+int inspect_model_files(const std::string& path) {
+  ModelFiles files = ModelFiles::open(path);
+  const bool hub = files.kind() == ModelFiles::Kind::kHub;
+  std::cout << path << ": " << (hub ? "Hugging Face model folder" : "loom checkpoint (step " + std::to_string(files.step()) + ")")
+            << ", " << files.files().size() << " safetensors file" << (files.files().size() == 1 ? "" : "s") << "\n";
+  print_model_summary(files.model_config());
+  // Shapes only: the model is built with uninitialised storage and no tensor
+  // data is read, so this is quick even for large checkpoints.
+  LocalLayerFactory factory;
+  LlamaForCausalLM expected(files.model_config(), factory);
+  verify_weights(expected, files);
+  std::cout << "weights: every tensor the config describes, with its shape\n";
+  std::cout << "tokenizer: " << (files.tokenizer_dir().empty() ? "none" : files.tokenizer_dir()) << "\n";
+  std::vector<const safetensors::TensorInfo*> infos;
+  std::vector<std::string> file_names;
+  int64_t stored = 0;
+  for (const auto& name : files.tensor_names()) {
+    infos.push_back(&files.info(name));
+    file_names.push_back(fs::path(files.file_of(name)).filename().string());
+    stored += infos.back()->numel();
+  }
+  std::cout << "stored parameters: " << with_thousands(stored) << " in " << infos.size() << " tensors\n";
+  print_tensor_table(infos, files.files().size() > 1 ? file_names : std::vector<std::string>{});
+  return kExitOk;
+}
+
+int inspect_safetensors_file(const std::string& path) {
+  auto file = safetensors::File::open(path);
+  std::cout << path << ": safetensors, " << file.tensors().size() << " tensors\n";
+  for (const auto& [key, value] : file.metadata()) std::cout << "metadata " << key << " = " << value << "\n";
+  std::vector<const safetensors::TensorInfo*> infos;
+  for (const auto& info : file.tensors()) infos.push_back(&info);
+  print_tensor_table(infos, {});
+  return kExitOk;
+}
+
+}  // namespace
+
+int command_version(const std::vector<std::string>& argv) {
+  Args args("version", argv, {});
+  args.expect_positional(0, "no arguments");
+  std::cout << "loom " << LOOM_VERSION << "\n";
+  for (const auto& [library, version] : library_versions()) std::cout << library << " " << version << "\n";
+  return kExitOk;
+}
+
+int command_inspect(const std::vector<std::string>& argv) {
+  Args args("inspect", argv, {{"set", true, true, "override a config key (configs only)"}});
+  args.expect_positional(1, "one PATH (a config .yaml, a checkpoint or Hub folder, or a .safetensors file)");
+  const std::string path = args.positional()[0];
+  if (!fs::exists(path)) throw BadInput("loom inspect: '" + path + "' does not exist");
+  const std::string ext = fs::path(path).extension().string();
+  if (ext == ".yaml" || ext == ".yml") return inspect_config(path, args.all("set"));
+  if (!args.all("set").empty()) throw BadInput("loom inspect: --set applies to configs only");
+  if (ext == ".safetensors") return inspect_safetensors_file(path);
+  return inspect_model_files(path);
+}
+
+int command_import(const std::vector<std::string>& argv) {
+  Args args("import", argv, {{"output", true, false, "checkpoint folder to create"}});
+  args.expect_positional(1, "one HF_DIR");
+  const std::string output = args.require("output");
+  ModelFiles files = ModelFiles::open(args.positional()[0]);
+  auto model = load_model(files);
+  CheckpointWriteOptions options;
+  options.tokenizer_dir = files.tokenizer_dir();
+  write_loom_checkpoint(*model, output, options);
+  std::cout << "imported " << args.positional()[0] << " -> " << output << " ("
+            << with_thousands(count_parameters(files.model_config())) << " parameters)\n";
+  return kExitOk;
+}
+
+int command_export(const std::vector<std::string>& argv) {
+  Args args("export", argv,
+            {{"output", true, false, "Hub folder to create"},
+             {"dtype", true, false, "stored dtype"},
+             {"max-shard-size", true, false, "largest safetensors file"},
+             {"name", true, false, "model name for the model card"}});
+  args.expect_positional(1, "one CHECKPOINT");
+  const std::string output = args.require("output");
+  ModelFiles files = ModelFiles::open(args.positional()[0]);
+  ExportOptions options;
+  options.dtype = parse_float_dtype(args.get_or("dtype", "float32"), "loom export --dtype");
+  if (auto size = args.get("max-shard-size")) options.max_shard_bytes = parse_byte_size(*size, "loom export --max-shard-size");
+  options.tokenizer_dir = files.tokenizer_dir();
+  options.model_name = args.get_or("name", fs::path(output).filename().string());
+  if (files.kind() == ModelFiles::Kind::kLoomCheckpoint) {
+    options.card_notes = "Exported from loom checkpoint at step " + std::to_string(files.step()) + ".";
+  }
+  auto model = load_model(files);
+  export_hub(*model, output, options);
+  std::cout << "exported " << args.positional()[0] << " -> " << output << "\n";
+  return kExitOk;
+}
+
+int command_generate(const std::vector<std::string>& argv) {
+  Args args("generate", argv,
+            {{"prompt-ids", true, false, "comma-separated token ids"},
+             {"prompt", true, false, "text prompt"},
+             {"max-new-tokens", true, false, ""},
+             {"greedy", false, false, ""},
+             {"temperature", true, false, ""},
+             {"top-k", true, false, ""},
+             {"seed", true, false, ""},
+             {"stop-at-eos", false, false, ""}});
+  args.expect_positional(1, "one CHECKPOINT_OR_HF_DIR");
+  if (args.has("prompt")) {
+    throw BadInput("loom generate: --prompt needs loom's tokenizer, which this build does not include yet; "
+                   "pass token ids with --prompt-ids");
+  }
+  const auto prompt = parse_int_list(args.require("prompt-ids"), "--prompt-ids");
+  ModelFiles files = ModelFiles::open(args.positional()[0]);
+  auto model = load_model(files);
+  SamplingOptions options;
+  options.max_new_tokens = args.get_int("max-new-tokens", 32);
+  if (options.max_new_tokens < 0) throw BadInput("loom generate: --max-new-tokens must be >= 0");
+  options.greedy = args.has("greedy") || !(args.has("temperature") || args.has("top-k"));
+  if (args.has("greedy") && (args.has("temperature") || args.has("top-k"))) {
+    throw BadInput("loom generate: --greedy cannot be combined with --temperature or --top-k");
+  }
+  options.temperature = args.get_double("temperature", 1.0);
+  options.top_k = args.get_int("top-k", 0);
+  options.seed = static_cast<uint64_t>(args.get_int("seed", 0));
+  if (args.has("stop-at-eos")) options.stop_token = files.model_config().eos_token_id;
+  const auto ids = generate(*model, prompt, options);
+  for (size_t i = 0; i < ids.size(); ++i) std::cout << (i ? "," : "") << ids[i];
+  std::cout << "\n";
+  return kExitOk;
+}
+
+int command_forward(const std::vector<std::string>& argv) {
+  Args args("forward", argv,
+            {{"input-ids", true, false, "safetensors file holding input_ids [batch, tokens] (I64 or I32)"},
+             {"output", true, false, "safetensors file to write logits to"}});
+  args.expect_positional(1, "one CHECKPOINT_OR_HF_DIR");
+  const std::string input_path = args.require("input-ids");
+  const std::string output_path = args.require("output");
+  auto input_file = safetensors::File::open(input_path);
+  const std::string context = input_path + ": tensor 'input_ids'";
+  auto ids = tensor_from_view(input_file.tensor("input_ids"), context);
+  if (ids.dim() != 2 || !(ids.scalar_type() == torch::kLong || ids.scalar_type() == torch::kInt)) {
+    throw BadInput(context + " must be a 2-D I64 or I32 tensor [batch, tokens]");
+  }
+  ids = ids.to(torch::kLong);
+  ModelFiles files = ModelFiles::open(args.positional()[0]);
+  const int64_t vocab = files.model_config().vocab_size;
+  if (ids.numel() > 0 && (ids.min().item<int64_t>() < 0 || ids.max().item<int64_t>() >= vocab)) {
+    throw BadInput(context + " holds ids outside the vocabulary [0, " + std::to_string(vocab) + ")");
+  }
+  auto model = load_model(files);
+  model->eval();
+  torch::NoGradGuard no_grad;
+  auto logits = model->forward(ids).to(torch::kFloat).contiguous();
+  safetensors::write_file(output_path, {tensor_to_write("logits", logits)});
+  return kExitOk;
+}
+
+int run_cli(int argc, char** argv) {
+  std::vector<std::string> args(argv + (argc > 1 ? 2 : argc), argv + argc);
+  const std::string command = argc > 1 ? argv[1] : "";
+  try {
+    if (command == "inspect") return command_inspect(args);
+    if (command == "import") return command_import(args);
+    if (command == "export") return command_export(args);
+    if (command == "generate") return command_generate(args);
+    if (command == "forward") return command_forward(args);
+    if (command == "version" || command == "--version") return command_version(args);
+    if (command == "help" || command == "--help" || command == "-h") {
+      std::cout << kUsage;
+      return kExitOk;
+    }
+    std::cerr << (command.empty() ? "loom: no command given\n" : "loom: unknown command '" + command + "'\n") << kUsage;
+    return kExitBadInput;
+  } catch (const BadInput& e) {
+    std::cerr << "loom " << command << ": error: " << e.what() << "\n";
+    return kExitBadInput;
+  } catch (const std::exception& e) {
+    std::cerr << "loom " << command << ": internal error: " << e.what() << "\n";
+    return kExitInternal;
+  }
+}
+
+}  // namespace loom

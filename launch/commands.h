@@ -1,0 +1,22 @@
+// The `loom` subcommands. Each takes its own arguments (after the command
+// name) and returns an exit code; errors are thrown (see util/error.h) and
+// turned into exit codes by run_cli.
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace loom {
+
+int command_version(const std::vector<std::string>& args);
+int command_inspect(const std::vector<std::string>& args);
+int command_import(const std::vector<std::string>& args);
+int command_export(const std::vector<std::string>& args);
+int command_generate(const std::vector<std::string>& args);
+int command_forward(const std::vector<std::string>& args);
+
+// Dispatches argv[1] to a command; prints one clear line and returns 2 for
+// bad input, 1 for internal errors.
+int run_cli(int argc, char** argv);
+
+}  // namespace loom

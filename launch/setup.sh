@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Installs everything loom needs, idempotently: Debian packages and a Python venv
+# outside the checkout (its torch wheel carries libtorch, loom's tensor library).
+# Quick when everything is already there. Usage: launch/setup.sh
+set -euo pipefail
+
+LOOM_VENV=${LOOM_VENV:-$HOME/.cache/loom/venv}
+TORCH_VERSION=2.11.0
+DEBIAN_PACKAGES=(
+  build-essential cmake ninja-build ccache pkg-config git
+  openmpi-bin libopenmpi-dev
+  libhdf5-dev hdf5-tools
+  libyaml-cpp-dev nlohmann-json3-dev
+  libgtest-dev libgmock-dev
+  bible-kjv-text
+)
+PYTHON_PACKAGES=(
+  "torch==${TORCH_VERSION}" transformers safetensors tokenizers h5py numpy pytest
+)
+
+say() { echo "[setup] $*"; }
+
+missing_debian_packages() {
+  local p
+  for p in "${DEBIAN_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || echo "$p"
+  done
+}
+
+install_debian_packages() {
+  local missing
+  missing=$(missing_debian_packages)
+  [ -z "$missing" ] && return 0
+  say "installing Debian packages: $(echo $missing)"
+  local sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends $missing >/dev/null
+}
+
+python_for_venv() {
+  # Any python3 >= 3.10 creates the venv; the pyenv one when present.
+  command -v python3
+}
+
+install_venv() {
+  local stamp="$LOOM_VENV/.loom-setup-done"
+  local want
+  want=$(printf '%s\n' "${PYTHON_PACKAGES[@]}" | sort | tr '\n' ' ')
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    return 0
+  fi
+  if [ ! -x "$LOOM_VENV/bin/python" ]; then
+    say "creating venv at $LOOM_VENV"
+    mkdir -p "$(dirname "$LOOM_VENV")"
+    "$(python_for_venv)" -m venv "$LOOM_VENV"
+  fi
+  say "installing Python packages into $LOOM_VENV (torch is large: first time takes minutes)"
+  "$LOOM_VENV/bin/python" -m pip install -q --upgrade pip
+  "$LOOM_VENV/bin/python" -m pip install -q "${PYTHON_PACKAGES[@]}"
+  "$LOOM_VENV/bin/python" -c "import torch; assert torch.__version__.startswith('${TORCH_VERSION}'), torch.__version__"
+  echo "$want" > "$stamp"
+}
+
+install_debian_packages
+install_venv
+say "ok: venv $LOOM_VENV, torch $("$LOOM_VENV/bin/python" -c 'import torch; print(torch.__version__)')"

@@ -1,0 +1,80 @@
+#include "parallel/topology.h"
+
+#include <sstream>
+
+#include "util/error.h"
+
+namespace loom {
+
+ParallelDims ParallelDims::from_config(const Config& config, int64_t world_size) {
+  const ParallelConfig& p = config.parallel;
+  ParallelDims dims;
+  dims.world = world_size;
+  dims.tp = p.tp;
+  dims.pp = p.pp;
+  auto factors = [&](int64_t dp) {
+    std::ostringstream os;
+    os << "parallel.dp (" << (p.dp == 0 ? "auto" : std::to_string(dp)) << ") * parallel.pp (" << p.pp
+       << ") * parallel.tp (" << p.tp << ")";
+    return os.str();
+  };
+  if (world_size < 1) throw BadInput("world size must be at least 1, got " + std::to_string(world_size));
+  if (p.tp < 1 || p.pp < 1) throw BadInput(factors(p.dp) + ": every factor must be at least 1");
+  if (p.dp == 0) {
+    if (world_size % (p.tp * p.pp) != 0) {
+      throw BadInput(factors(0) + ": world size " + std::to_string(world_size) +
+                     " is not divisible by pp * tp = " + std::to_string(p.tp * p.pp));
+    }
+    dims.dp = world_size / (p.tp * p.pp);
+  } else {
+    dims.dp = p.dp;
+  }
+  if (dims.dp * dims.pp * dims.tp != world_size) {
+    throw BadInput(factors(dims.dp) + " = " + std::to_string(dims.dp * dims.pp * dims.tp) +
+                   " != world size (" + std::to_string(world_size) + ")");
+  }
+  const ModelConfig& m = config.model;
+  if (m.num_heads > 0 && m.num_heads % dims.tp != 0) {
+    throw BadInput("parallel.tp (" + std::to_string(dims.tp) + ") must divide model.num_heads (" +
+                   std::to_string(m.num_heads) + ")");
+  }
+  if (m.num_heads > 0 && m.kv_heads() % dims.tp != 0) {
+    throw BadInput("parallel.tp (" + std::to_string(dims.tp) + ") must divide model.num_kv_heads (" +
+                   std::to_string(m.kv_heads()) + ")");
+  }
+  if (m.num_layers > 0 && dims.pp > m.num_layers) {
+    throw BadInput("parallel.pp (" + std::to_string(dims.pp) + ") exceeds model.num_layers (" +
+                   std::to_string(m.num_layers) + ")");
+  }
+  const BatchConfig& b = config.batch;
+  if (b.global_batch_size > 0 && b.global_batch_size % (b.micro_batch_size * dims.dp) != 0) {
+    throw BadInput("batch.global_batch_size (" + std::to_string(b.global_batch_size) +
+                   ") must be divisible by batch.micro_batch_size (" + std::to_string(b.micro_batch_size) +
+                   ") * dp (" + std::to_string(dims.dp) + ")");
+  }
+  return dims;
+}
+
+ParallelDims::Coords ParallelDims::coords_of(int64_t rank) const {
+  Coords c;
+  c.tp = rank % tp;
+  c.pp = (rank / tp) % pp;
+  c.dp = rank / (tp * pp);
+  return c;
+}
+
+std::string ParallelDims::describe() const {
+  std::ostringstream os;
+  os << "world " << world << " = dp " << dp << " x pp " << pp << " x tp " << tp;
+  for (int64_t d = 0; d < dp; ++d) {
+    os << "\n  dp" << d << ":";
+    for (int64_t s = 0; s < pp; ++s) {
+      os << " pp" << s << " [";
+      for (int64_t t = 0; t < tp; ++t) os << (t ? " " : "") << rank_of({d, s, t});
+      os << "]";
+    }
+  }
+  return os.str();
+}
+
+}  // namespace loom

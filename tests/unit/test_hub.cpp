@@ -1,0 +1,238 @@
+// Hub export/import and loom checkpoints, from C++: round trips are exact,
+// sharding splits by size, and broken folders are refused naming the file and
+// tensor. The Python clients' view of the same files is in tests/interop.
+#include <gtest/gtest.h>
+
+#include <ATen/ATen.h>
+#include <torch/utils.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include <nlohmann/json.hpp>
+
+#include "checkpoints/hub.h"
+#include "checkpoints/init_from.h"
+#include "checkpoints/loom_checkpoint.h"
+#include "checkpoints/torch_tensors.h"
+#include "util/error.h"
+#include "util/file_io.h"
+
+namespace loom {
+namespace {
+
+namespace fs = std::filesystem;
+
+class HubTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() / ("loom_test_hub_" + std::to_string(::getpid()) + "_" +
+                                        ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+    config_.hidden_size = 32;
+    config_.intermediate_size = 40;
+    config_.num_layers = 2;
+    config_.num_heads = 4;
+    config_.num_kv_heads = 2;
+    config_.vocab_size = 50;
+    config_.max_seq_len = 32;
+    config_.eos_token_id = 3;
+    torch::manual_seed(11);
+    model_ = std::make_shared<LlamaForCausalLM>(config_, factory_);
+    model_->init_weights();
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  std::string path(const std::string& name) const { return (dir_ / name).string(); }
+
+  static void expect_same_parameters(const LlamaForCausalLM& a, const LlamaForCausalLM& b) {
+    auto pb = b.named_parameters();
+    ASSERT_EQ(a.named_parameters().size(), pb.size());
+    for (const auto& p : a.named_parameters()) {
+      ASSERT_TRUE(pb.contains(p.key())) << p.key();
+      EXPECT_TRUE(at::equal(p.value(), pb[p.key()])) << p.key();
+    }
+  }
+
+  // Expects BadInput whose message contains every fragment.
+  template <typename F>
+  static void expect_bad_input(F&& f, std::initializer_list<std::string> fragments) {
+    try {
+      f();
+      ADD_FAILURE() << "no BadInput thrown";
+    } catch (const BadInput& e) {
+      for (const auto& fragment : fragments) {
+        EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos) << "'" << fragment << "' not in: " << e.what();
+      }
+    }
+  }
+
+  fs::path dir_;
+  ModelConfig config_;
+  LocalLayerFactory factory_;
+  std::shared_ptr<LlamaForCausalLM> model_;
+};
+
+TEST_F(HubTest, ExportThenLoadGivesTheSameParameters) {
+  export_hub(*model_, path("hf"), {});
+  EXPECT_TRUE(fs::exists(path("hf/model.safetensors")));
+  EXPECT_FALSE(fs::exists(path("hf/model.safetensors.index.json")));
+  for (const char* f : {"config.json", "generation_config.json", "README.md"}) EXPECT_TRUE(fs::exists(dir_ / "hf" / f)) << f;
+  auto files = ModelFiles::open(path("hf"));
+  EXPECT_EQ(files.kind(), ModelFiles::Kind::kHub);
+  EXPECT_EQ(files.model_config().eos_token_id, 3);
+  expect_same_parameters(*model_, *load_model(files));
+  const std::string card = read_file(path("hf/README.md"));
+  EXPECT_EQ(card.rfind("---\nlibrary_name: transformers\n", 0), 0u) << card;
+}
+
+TEST_F(HubTest, ShardedExportSplitsBySizeAndIndexesEveryTensor) {
+  ExportOptions options;
+  options.max_shard_bytes = 20'000;
+  export_hub(*model_, path("hf"), options);
+  auto index = nlohmann::json::parse(read_file(path("hf/model.safetensors.index.json")));
+  const auto& weight_map = index.at("weight_map");
+  EXPECT_EQ(weight_map.size(), model_->named_parameters().size());
+  std::set<std::string> shards;
+  for (const auto& [name, file] : weight_map.items()) shards.insert(file.get<std::string>());
+  EXPECT_GT(shards.size(), 2u);
+  uint64_t total = 0;
+  for (const auto& p : model_->parameters()) total += p.nbytes();
+  EXPECT_EQ(index.at("metadata").at("total_size").get<uint64_t>(), total);
+  const std::string n = std::to_string(shards.size());
+  EXPECT_TRUE(shards.count("model-00001-of-" + std::string(5 - n.size(), '0') + n + ".safetensors"));
+  for (const auto& shard : shards) {
+    // A shard exceeds the limit only when it holds a single larger tensor.
+    auto file = safetensors::File::open(path("hf/" + shard));
+    if (file.tensors().size() > 1) EXPECT_LE(fs::file_size(path("hf/" + shard)), 20'000u + 4096u) << shard;
+  }
+  expect_same_parameters(*model_, *load_model(ModelFiles::open(path("hf"))));
+}
+
+TEST_F(HubTest, Bfloat16ExportStoresRoundedWeights) {
+  ExportOptions options;
+  options.dtype = torch::kBFloat16;
+  export_hub(*model_, path("hf"), options);
+  auto files = ModelFiles::open(path("hf"));
+  EXPECT_EQ(files.info("model.norm.weight").dtype, safetensors::Dtype::BF16);
+  auto config = nlohmann::json::parse(read_file(path("hf/config.json")));
+  EXPECT_EQ(config.at("torch_dtype"), "bfloat16");
+  EXPECT_EQ(config.at("dtype"), "bfloat16");
+  auto stored = files.read("model.layers.1.mlp.down_proj.weight");
+  auto expected = model_->named_parameters()["model.layers.1.mlp.down_proj.weight"].to(torch::kBFloat16);
+  EXPECT_TRUE(at::equal(stored, expected));
+}
+
+TEST_F(HubTest, ExportRefusesAnExistingFolderAndLeavesNoTemporaryBehind) {
+  fs::create_directories(path("hf"));
+  expect_bad_input([&] { export_hub(*model_, path("hf"), {}); }, {"hf", "already exists"});
+  for (const auto& entry : fs::directory_iterator(dir_)) {
+    EXPECT_EQ(entry.path().filename().string().find(".tmp-"), std::string::npos) << entry.path();
+  }
+}
+
+TEST_F(HubTest, LoomCheckpointRoundTripsAndRecordsChecksums) {
+  write_loom_checkpoint(*model_, path("ckpt"), {.step = 42});
+  auto files = ModelFiles::open(path("ckpt"));
+  EXPECT_EQ(files.kind(), ModelFiles::Kind::kLoomCheckpoint);
+  EXPECT_EQ(files.step(), 42);
+  expect_same_parameters(*model_, *load_model(files));
+  auto manifest = nlohmann::json::parse(read_file(path("ckpt/manifest.json")));
+  EXPECT_EQ(manifest.at("tensors").size(), model_->named_parameters().size());
+  EXPECT_EQ(manifest.at("files").begin().value().at("crc32c").get<std::string>().size(), 8u);
+}
+
+TEST_F(HubTest, CorruptCheckpointFileIsNamedByItsChecksum) {
+  write_loom_checkpoint(*model_, path("ckpt"), {});
+  const std::string file = path("ckpt/model-rank00000.safetensors");
+  {
+    std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(static_cast<std::streamoff>(fs::file_size(file) - 10));
+    f.put('\x7f');
+  }
+  expect_bad_input([&] { ModelFiles::open(path("ckpt")); }, {"model-rank00000.safetensors", "CRC32C"});
+}
+
+TEST_F(HubTest, TruncatedCheckpointFileIsNamedBySize) {
+  write_loom_checkpoint(*model_, path("ckpt"), {});
+  const std::string file = path("ckpt/model-rank00000.safetensors");
+  fs::resize_file(file, fs::file_size(file) - 100);
+  expect_bad_input([&] { ModelFiles::open(path("ckpt")); }, {"model-rank00000.safetensors", "truncated"});
+}
+
+TEST_F(HubTest, MissingTensorIsNamed) {
+  export_hub(*model_, path("hf"), {});
+  // Rewrite the weights without one tensor.
+  auto files = ModelFiles::open(path("hf"));
+  std::vector<torch::Tensor> keep;
+  std::vector<safetensors::TensorToWrite> tensors;
+  for (const auto& name : files.tensor_names()) {
+    if (name == "model.layers.1.self_attn.v_proj.weight") continue;
+    keep.push_back(files.read(name));
+    tensors.push_back(tensor_to_write(name, keep.back()));
+  }
+  safetensors::write_file(path("hf/model.safetensors"), tensors);
+  expect_bad_input([&] { load_model(ModelFiles::open(path("hf"))); },
+                   {"model.layers.1.self_attn.v_proj.weight", "missing"});
+}
+
+TEST_F(HubTest, WrongShapeForTheConfigIsNamed) {
+  export_hub(*model_, path("hf"), {});
+  auto config = nlohmann::json::parse(read_file(path("hf/config.json")));
+  config["intermediate_size"] = 48;
+  write_file_atomic(path("hf/config.json"), config.dump());
+  expect_bad_input([&] { load_model(ModelFiles::open(path("hf"))); },
+                   {"model.safetensors", "mlp.gate_proj.weight", "[40, 32]", "[48, 32]"});
+}
+
+TEST_F(HubTest, UnexpectedTensorIsNamed) {
+  export_hub(*model_, path("hf"), {});
+  auto files = ModelFiles::open(path("hf"));
+  std::vector<torch::Tensor> keep;
+  std::vector<safetensors::TensorToWrite> tensors;
+  for (const auto& name : files.tensor_names()) {
+    keep.push_back(files.read(name));
+    tensors.push_back(tensor_to_write(name, keep.back()));
+  }
+  auto extra = torch::zeros({3});
+  tensors.push_back(tensor_to_write("model.layers.9.mlp.up_proj.weight", extra));
+  safetensors::write_file(path("hf/model.safetensors"), tensors);
+  expect_bad_input([&] { load_model(ModelFiles::open(path("hf"))); }, {"model.layers.9.mlp.up_proj.weight"});
+}
+
+TEST_F(HubTest, UnsupportedArchitectureIsRefusedNamingTheField) {
+  export_hub(*model_, path("hf"), {});
+  auto config = nlohmann::json::parse(read_file(path("hf/config.json")));
+  config["model_type"] = "gpt2";
+  write_file_atomic(path("hf/config.json"), config.dump());
+  expect_bad_input([&] { ModelFiles::open(path("hf")); }, {"config.json", "model_type", "gpt2"});
+}
+
+TEST_F(HubTest, InitFromLoadsTheFolderAndRefusesADisagreeingShape) {
+  export_hub(*model_, path("hf"), {});
+  Config config;
+  config.model.init_from = path("hf");
+  auto loaded = build_initial_model(config, factory_);
+  expect_same_parameters(*model_, *loaded);
+  EXPECT_EQ(config.model.hidden_size, 32);
+
+  Config wrong;
+  wrong.model.init_from = path("hf");
+  wrong.model.hidden_size = 64;
+  expect_bad_input([&] { build_initial_model(wrong, factory_); }, {"model.hidden_size", "64", "32"});
+}
+
+TEST(ByteSize, ParsesUnitsAndRefusesNonsense) {
+  EXPECT_EQ(parse_byte_size("123", "x"), 123u);
+  EXPECT_EQ(parse_byte_size("5GB", "x"), 5'000'000'000u);
+  EXPECT_EQ(parse_byte_size("2GiB", "x"), 2ull << 30);
+  EXPECT_EQ(parse_byte_size("500mb", "x"), 500'000'000u);
+  EXPECT_THROW(parse_byte_size("", "x"), BadInput);
+  EXPECT_THROW(parse_byte_size("GB", "x"), BadInput);
+  EXPECT_THROW(parse_byte_size("12XB", "x"), BadInput);
+  EXPECT_THROW(parse_byte_size("0", "x"), BadInput);
+}
+
+}  // namespace
+}  // namespace loom

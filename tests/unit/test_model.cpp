@@ -1,0 +1,229 @@
+// The Llama-family model on its own: names and shapes as Hugging Face stores
+// them, causality, the KV cache, grouped-query attention and rotary maths.
+// Agreement with transformers itself is tested in tests/interop.
+#include <gtest/gtest.h>
+
+#include <ATen/ATen.h>
+#include <torch/utils.h>
+
+#include <map>
+
+#include "trainer/generate.h"
+#include "trainer/model/llama.h"
+#include "trainer/model/rotary.h"
+
+namespace loom {
+namespace {
+
+ModelConfig small_config() {
+  ModelConfig m;
+  m.hidden_size = 48;
+  m.intermediate_size = 64;
+  m.num_layers = 3;
+  m.num_heads = 4;
+  m.num_kv_heads = 2;
+  m.vocab_size = 61;
+  m.max_seq_len = 64;
+  m.init_std = 0.2;
+  return m;
+}
+
+std::shared_ptr<LlamaForCausalLM> make_model(const ModelConfig& m, uint64_t seed = 7) {
+  torch::manual_seed(seed);
+  LocalLayerFactory factory;
+  auto model = std::make_shared<LlamaForCausalLM>(m, factory);
+  model->init_weights();
+  model->eval();
+  return model;
+}
+
+std::map<std::string, std::vector<int64_t>> shapes_of(const LlamaForCausalLM& model) {
+  std::map<std::string, std::vector<int64_t>> out;
+  for (const auto& p : model.named_parameters()) out[p.key()] = p.value().sizes().vec();
+  return out;
+}
+
+TEST(Model, ParameterNamesAndShapesAreHuggingFaces) {
+  ModelConfig m = small_config();
+  auto shapes = shapes_of(*make_model(m));
+  EXPECT_EQ(shapes.at("model.embed_tokens.weight"), (std::vector<int64_t>{61, 48}));
+  EXPECT_EQ(shapes.at("model.layers.2.self_attn.q_proj.weight"), (std::vector<int64_t>{48, 48}));
+  EXPECT_EQ(shapes.at("model.layers.2.self_attn.k_proj.weight"), (std::vector<int64_t>{24, 48}));
+  EXPECT_EQ(shapes.at("model.layers.2.self_attn.v_proj.weight"), (std::vector<int64_t>{24, 48}));
+  EXPECT_EQ(shapes.at("model.layers.0.self_attn.o_proj.weight"), (std::vector<int64_t>{48, 48}));
+  EXPECT_EQ(shapes.at("model.layers.1.mlp.gate_proj.weight"), (std::vector<int64_t>{64, 48}));
+  EXPECT_EQ(shapes.at("model.layers.1.mlp.up_proj.weight"), (std::vector<int64_t>{64, 48}));
+  EXPECT_EQ(shapes.at("model.layers.1.mlp.down_proj.weight"), (std::vector<int64_t>{48, 64}));
+  EXPECT_EQ(shapes.at("model.layers.0.input_layernorm.weight"), (std::vector<int64_t>{48}));
+  EXPECT_EQ(shapes.at("model.layers.0.post_attention_layernorm.weight"), (std::vector<int64_t>{48}));
+  EXPECT_EQ(shapes.at("model.norm.weight"), (std::vector<int64_t>{48}));
+  EXPECT_EQ(shapes.at("lm_head.weight"), (std::vector<int64_t>{61, 48}));
+  EXPECT_EQ(shapes.size(), 3u + 3u * 9u);
+}
+
+TEST(Model, TiedEmbeddingsHaveNoLmHeadAndShareTheWeight) {
+  ModelConfig m = small_config();
+  m.tie_embeddings = true;
+  auto model = make_model(m);
+  auto shapes = shapes_of(*model);
+  EXPECT_EQ(shapes.count("lm_head.weight"), 0u);
+  // Changing the embedding changes the output projection too.
+  auto ids = torch::tensor({{1, 2, 3}}, torch::kLong);
+  auto before = model->forward(ids).detach().clone();
+  {
+    torch::NoGradGuard no_grad;
+    model->named_parameters()["model.embed_tokens.weight"].index_put_({5}, 3.0);
+  }
+  auto after = model->forward(ids);
+  EXPECT_GT((after.select(2, 5) - before.select(2, 5)).abs().max().item<double>(), 1e-3);
+}
+
+TEST(Model, Qwen2HasQkvBiasesButNoOutputBias) {
+  ModelConfig m = small_config();
+  m.architecture = "qwen2";
+  auto shapes = shapes_of(*make_model(m));
+  EXPECT_EQ(shapes.at("model.layers.0.self_attn.q_proj.bias"), (std::vector<int64_t>{48}));
+  EXPECT_EQ(shapes.at("model.layers.0.self_attn.k_proj.bias"), (std::vector<int64_t>{24}));
+  EXPECT_EQ(shapes.at("model.layers.0.self_attn.v_proj.bias"), (std::vector<int64_t>{24}));
+  EXPECT_EQ(shapes.count("model.layers.0.self_attn.o_proj.bias"), 0u);
+  EXPECT_EQ(shapes.count("model.layers.0.mlp.up_proj.bias"), 0u);
+}
+
+TEST(Model, ParameterCountFormulaMatchesTheModel) {
+  for (bool tied : {false, true}) {
+    for (const char* arch : {"llama", "qwen2"}) {
+      ModelConfig m = small_config();
+      m.tie_embeddings = tied;
+      m.architecture = arch;
+      m.mlp_bias = std::string(arch) == "llama";
+      m.attention_bias = std::string(arch) == "llama";
+      m.head_dim = 16;  // not hidden / heads
+      int64_t total = 0;
+      for (const auto& p : make_model(m)->parameters()) total += p.numel();
+      EXPECT_EQ(count_parameters(m), total) << arch << " tied=" << tied;
+    }
+  }
+}
+
+TEST(Model, LaterTokensDoNotChangeEarlierLogits) {
+  auto model = make_model(small_config());
+  auto a = torch::tensor({{3, 14, 15, 9, 26, 5}}, torch::kLong);
+  auto b = a.clone();
+  b.index_put_({0, 4}, 40);
+  b.index_put_({0, 5}, 2);
+  auto la = model->forward(a), lb = model->forward(b);
+  EXPECT_TRUE(at::allclose(la.narrow(1, 0, 4), lb.narrow(1, 0, 4), 0, 0));
+  EXPECT_GT((la.narrow(1, 4, 2) - lb.narrow(1, 4, 2)).abs().max().item<double>(), 1e-4);
+}
+
+TEST(Model, CachedDecodingEqualsFullForward) {
+  auto model = make_model(small_config());
+  torch::NoGradGuard no_grad;
+  auto ids = torch::tensor({{7, 1, 33, 4, 58, 12, 0, 19}}, torch::kLong);
+  auto full = model->forward(ids);
+  KVCache cache;
+  auto prefix = model->forward(ids.narrow(1, 0, 5), &cache, 0);
+  EXPECT_TRUE(at::allclose(prefix, full.narrow(1, 0, 5), 1e-5, 1e-5));
+  for (int64_t t = 5; t < 8; ++t) {
+    auto step = model->forward(ids.narrow(1, t, 1), &cache, t);
+    EXPECT_TRUE(at::allclose(step.squeeze(1), full.select(1, t), 1e-5, 1e-5)) << "position " << t;
+  }
+  EXPECT_EQ(cache.length(), 8);
+}
+
+TEST(Model, GroupedQueryAttentionEqualsMultiHeadWithRepeatedKeyValueHeads) {
+  ModelConfig gqa = small_config();  // 4 heads, 2 kv heads
+  ModelConfig mha = gqa;
+  mha.num_kv_heads = 4;
+  auto g = make_model(gqa), h = make_model(mha, 99);
+  const int64_t head_dim = gqa.head_size();
+  {
+    torch::NoGradGuard no_grad;
+    auto gp = g->named_parameters();
+    for (auto& p : h->named_parameters()) {
+      auto source = gp[p.key()];
+      if (p.key().find("k_proj") != std::string::npos || p.key().find("v_proj") != std::string::npos) {
+        // kv head j serves query heads 2j and 2j+1: repeat each kv head twice.
+        source = source.view({2, head_dim, -1}).repeat_interleave(2, 0).reshape(p.value().sizes());
+      }
+      p.value().copy_(source);
+    }
+  }
+  auto ids = torch::tensor({{5, 9, 2, 44, 17}}, torch::kLong);
+  EXPECT_TRUE(at::allclose(g->forward(ids), h->forward(ids), 1e-5, 1e-5));
+}
+
+TEST(Rotary, PositionZeroIsIdentityAndPairsAreHalfAHeadApart) {
+  ModelConfig m = small_config();
+  RotaryEmbedding rope(m);
+  const int64_t d = m.head_size();
+  auto [cos, sin] = rope.cos_sin(0, 3, torch::kCPU);
+  auto x = torch::randn({1, 1, 3, d});
+  auto y = RotaryEmbedding::apply(x, cos, sin);
+  EXPECT_TRUE(at::allclose(y.select(2, 0), x.select(2, 0)));
+  // At position 1, element 0 rotates with element d/2 by angle inv_freq[0] = 1.
+  auto x1 = x[0][0][1], y1 = y[0][0][1];
+  const double c = std::cos(1.0), s = std::sin(1.0);
+  EXPECT_NEAR(y1[0].item<double>(), x1[0].item<double>() * c - x1[d / 2].item<double>() * s, 1e-5);
+  EXPECT_NEAR(y1[d / 2].item<double>(), x1[d / 2].item<double>() * c + x1[0].item<double>() * s, 1e-5);
+}
+
+TEST(Rotary, Llama3ScalingKeepsHighFrequenciesAndDividesLowOnes) {
+  ModelConfig m = small_config();
+  m.head_dim = 64;
+  m.rope_theta = 500000.0;
+  auto plain = rope_inverse_frequencies(m);
+  m.rope_scaling.type = "llama3";
+  m.rope_scaling.factor = 8.0;
+  m.rope_scaling.original_max_position_embeddings = 64;
+  auto scaled = rope_inverse_frequencies(m);
+  // Wavelength 2*pi/inv_freq: below 64/4 = 16 unchanged, above 64/1 divided by 8.
+  auto wavelen = 2 * M_PI / plain;
+  for (int64_t j = 0; j < plain.size(0); ++j) {
+    const double w = wavelen[j].item<double>(), p = plain[j].item<double>(), s = scaled[j].item<double>();
+    if (w < 16) EXPECT_DOUBLE_EQ(s, p) << j;
+    if (w > 64) EXPECT_NEAR(s, p / 8, p * 1e-6) << j;
+    if (w >= 16 && w <= 64) EXPECT_TRUE(s <= p && s >= p / 8) << j;
+  }
+}
+
+TEST(Model, PipelineStageBuildsOnlyItsLayersWithGlobalNames) {
+  ModelConfig m = small_config();
+  LocalLayerFactory factory;
+  LlamaForCausalLM middle(m, factory, StageSpec{1, 1, false, false});
+  auto shapes = shapes_of(middle);
+  EXPECT_EQ(shapes.count("model.layers.1.mlp.up_proj.weight"), 1u);
+  EXPECT_EQ(shapes.count("model.layers.0.mlp.up_proj.weight"), 0u);
+  EXPECT_EQ(shapes.count("model.embed_tokens.weight"), 0u);
+  EXPECT_EQ(shapes.count("lm_head.weight"), 0u);
+  EXPECT_EQ(middle.num_local_layers(), 1);
+}
+
+TEST(Generate, GreedyIsDeterministicAndSamplingFollowsTheSeed) {
+  auto model = make_model(small_config());
+  SamplingOptions greedy;
+  greedy.max_new_tokens = 10;
+  auto a = generate(*model, {1, 2, 3}, greedy);
+  EXPECT_EQ(a.size(), 10u);
+  EXPECT_EQ(a, generate(*model, {1, 2, 3}, greedy));
+  // Greedy continuation equals argmax of the full forward at each step.
+  std::vector<int64_t> seq = {1, 2, 3};
+  for (int64_t token : a) {
+    auto logits = model->forward(torch::tensor(seq, torch::kLong).unsqueeze(0));
+    EXPECT_EQ(logits[0][-1].argmax().item<int64_t>(), token);
+    seq.push_back(token);
+  }
+  SamplingOptions sample;
+  sample.greedy = false;
+  sample.max_new_tokens = 20;
+  sample.top_k = 5;
+  sample.seed = 3;
+  EXPECT_EQ(generate(*model, {4}, sample), generate(*model, {4}, sample));
+  sample.seed = 4;
+  auto other = generate(*model, {4}, sample);
+  sample.seed = 3;
+  EXPECT_NE(generate(*model, {4}, sample), other);
+}
+
+}  // namespace
+}  // namespace loom

@@ -1,0 +1,181 @@
+// The run configuration: YAML -> typed structs, validated once at load.
+//
+// Every field has a type, a default (or is required), a unit and a one-line
+// doc; the table of fields lives in config_schema.cpp and docs/configuration.md
+// documents each key (a unit test keeps the two in step). Validation errors are
+// loom::BadInput whose message names the file, line, key, value and what was
+// expected, e.g.
+//   configs/x.yaml:12:14: model.num_kv_heads: 3 does not divide model.num_heads (8)
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace loom {
+
+struct RunConfig {
+  std::string name = "loom";        // run folder name under output_dir
+  std::string output_dir = "runs";  // parent folder of run folders
+  uint64_t seed = 1234;             // seeds init, data order, dropout-free sampling
+  std::string device = "cpu";       // cpu | cuda | auto
+};
+
+struct RopeScalingConfig {
+  std::string type = "none";  // none | llama3 | linear
+  double factor = 1.0;
+  double low_freq_factor = 1.0;
+  double high_freq_factor = 4.0;
+  int64_t original_max_position_embeddings = 8192;
+};
+
+struct ModelConfig {
+  std::string architecture = "llama";  // llama | qwen2 (qwen2: q/k/v biases)
+  int64_t hidden_size = 0;             // required
+  int64_t intermediate_size = 0;       // required
+  int64_t num_layers = 0;              // required
+  int64_t num_heads = 0;               // required
+  int64_t num_kv_heads = 0;            // 0 -> num_heads
+  int64_t head_dim = 0;                // 0 -> hidden_size / num_heads
+  int64_t vocab_size = 0;              // required
+  int64_t max_seq_len = 2048;          // tokens
+  double rope_theta = 10000.0;
+  RopeScalingConfig rope_scaling;
+  double rms_norm_eps = 1e-5;
+  bool tie_embeddings = false;
+  bool attention_bias = false;  // llama: bias on q/k/v/o; qwen2 always has q/k/v bias
+  bool mlp_bias = false;
+  double init_std = 0.02;
+  std::string init_from;        // Hugging Face folder to start from ("" = random init)
+  int64_t bos_token_id = -1;    // -1 = none
+  int64_t eos_token_id = -1;    // -1 = none
+
+  // Resolved values (after defaults): never 0.
+  int64_t kv_heads() const { return num_kv_heads > 0 ? num_kv_heads : num_heads; }
+  int64_t head_size() const { return head_dim > 0 ? head_dim : hidden_size / num_heads; }
+  bool qkv_bias() const { return architecture == "qwen2" || attention_bias; }
+  bool o_bias() const { return architecture != "qwen2" && attention_bias; }
+};
+
+struct ParallelConfig {
+  int64_t dp = 1;  // 0 = auto (world / (tp * pp)); YAML accepts "auto"
+  int64_t tp = 1;
+  int64_t pp = 1;
+  bool sequence_parallel = false;
+  std::string pp_schedule = "1f1b";  // afab | 1f1b | interleaved
+  int64_t virtual_stages = 1;
+  int64_t zero_stage = 0;  // 0 | 1
+  double bucket_mb = 25.0;
+};
+
+struct DataSource {
+  std::string path;
+  double weight = 1.0;
+};
+
+struct DataConfig {
+  std::vector<DataSource> train;
+  std::string valid;
+  int64_t seq_len = 0;  // 0 -> model.max_seq_len
+  std::string tokenizer;
+};
+
+struct BatchConfig {
+  int64_t micro_batch_size = 1;   // sequences per rank per forward
+  int64_t global_batch_size = 0;  // sequences per optimizer step; 0 -> micro * dp
+};
+
+struct OptimizerConfig {
+  double lr = 3e-4;
+  std::vector<double> betas = {0.9, 0.95};
+  double eps = 1e-8;
+  double weight_decay = 0.1;
+  double clip_grad_norm = 1.0;  // 0 = no clipping
+};
+
+struct ScheduleConfig {
+  int64_t train_steps = 0;  // required for training
+  int64_t warmup_steps = 0;
+  std::string decay = "cosine";  // cosine | linear | wsd | constant
+  double min_lr_ratio = 0.1;
+};
+
+struct PrecisionConfig {
+  std::string compute = "fp32";  // fp32 | bf16
+  std::string params = "fp32";   // fp32 | bf16
+};
+
+struct CheckpointConfig {
+  int64_t interval = 0;  // steps; 0 = only at the end
+  int64_t keep_last = 2;
+  std::string resume = "auto";  // auto | none | a path
+  bool async = false;
+  bool export_hf_at_end = true;
+};
+
+struct LoggingConfig {
+  int64_t interval = 1;  // steps
+};
+
+struct SlurmConfig {
+  std::string partition;
+  std::string account;
+  std::string time = "01:00:00";
+  std::string launcher = "srun";  // srun | mpirun
+  std::vector<std::string> extra_args;
+};
+
+struct LaunchConfig {
+  int64_t ranks = 1;
+  int64_t nodes = 1;
+  int64_t procs_per_node = 0;  // 0 -> ranks / nodes
+  int64_t gpus_per_node = 0;
+  std::vector<std::string> mpirun_args;
+  std::map<std::string, std::string> env;
+  SlurmConfig slurm;
+};
+
+struct Config {
+  RunConfig run;
+  ModelConfig model;
+  ParallelConfig parallel;
+  DataConfig data;
+  BatchConfig batch;
+  OptimizerConfig optimizer;
+  ScheduleConfig schedule;
+  PrecisionConfig precision;
+  CheckpointConfig checkpoint;
+  LoggingConfig logging;
+  LaunchConfig launch;
+
+  std::string source_path;  // the YAML file it was read from ("" when built in code)
+};
+
+// Reads `path`, applies `overrides` ("a.b=value", YAML scalar or flow syntax),
+// fills defaults and validates. Throws loom::BadInput naming file:line, key,
+// value and expectation.
+Config load_config(const std::string& path, const std::vector<std::string>& overrides = {});
+
+// Same from YAML text; `source_name` is used in messages in place of a path.
+Config parse_config(const std::string& yaml_text, const std::string& source_name,
+                    const std::vector<std::string>& overrides = {});
+
+// Checks only the model section (used by import, where no YAML exists).
+void validate_model_config(const ModelConfig& model, const std::string& source_name);
+
+// The resolved config as YAML (every key, defaults filled in).
+std::string config_to_yaml(const Config& config);
+
+// Every dotted key the loader accepts, with its doc line (for docs and tests).
+struct ConfigKeyInfo {
+  std::string key;      // e.g. "model.hidden_size"
+  std::string type;     // int | float | bool | string | list | map
+  std::string default_value;  // "required" when there is none
+  std::string unit;     // "" when unitless
+  std::string doc;
+};
+const std::vector<ConfigKeyInfo>& config_keys();
+
+}  // namespace loom

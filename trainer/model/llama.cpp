@@ -1,0 +1,159 @@
+#include "trainer/model/llama.h"
+
+#include <ATen/ATen.h>
+#include <torch/nn/init.h>
+
+#include <string>
+
+namespace loom {
+
+Attention::Attention(const ModelConfig& model, const LayerFactory& factory)
+    : num_heads_(model.num_heads), num_kv_heads_(model.kv_heads()), head_dim_(model.head_size()) {
+  const int64_t hidden = model.hidden_size;
+  q_proj_ = register_module("q_proj", factory.linear(hidden, num_heads_ * head_dim_, model.qkv_bias(), LinearRole::kColumn));
+  k_proj_ = register_module("k_proj", factory.linear(hidden, num_kv_heads_ * head_dim_, model.qkv_bias(), LinearRole::kColumn));
+  v_proj_ = register_module("v_proj", factory.linear(hidden, num_kv_heads_ * head_dim_, model.qkv_bias(), LinearRole::kColumn));
+  o_proj_ = register_module("o_proj", factory.linear(num_heads_ * head_dim_, hidden, model.o_bias(), LinearRole::kRow));
+}
+
+torch::Tensor Attention::forward(const torch::Tensor& x_btd, const torch::Tensor& cos_td, const torch::Tensor& sin_td,
+                                 torch::Tensor* cache_k, torch::Tensor* cache_v) {
+  const int64_t batch = x_btd.size(0), tokens = x_btd.size(1);
+  // Head counts are read from the projection outputs, not the config, so a
+  // tensor-parallel projection that holds a slice of the heads works unchanged.
+  auto q = q_proj_->forward(x_btd).view({batch, tokens, -1, head_dim_}).transpose(1, 2);
+  auto k = k_proj_->forward(x_btd).view({batch, tokens, -1, head_dim_}).transpose(1, 2);
+  auto v = v_proj_->forward(x_btd).view({batch, tokens, -1, head_dim_}).transpose(1, 2);
+  q = RotaryEmbedding::apply(q, cos_td, sin_td);
+  k = RotaryEmbedding::apply(k, cos_td, sin_td);
+
+  bool has_past = false;
+  if (cache_k != nullptr) {
+    has_past = cache_k->defined();
+    if (has_past) {
+      k = at::cat({*cache_k, k}, 2);
+      v = at::cat({*cache_v, v}, 2);
+    }
+    *cache_k = k;
+    *cache_v = v;
+  }
+  // SDPA's causal mask is aligned top-left: right for a full sequence, wrong
+  // for new queries after cached keys. Decoding appends one token at a time,
+  // which may attend to every cached key, so it needs no mask at all.
+  TORCH_CHECK(!has_past || tokens == 1, "cached attention takes one new token at a time, got ", tokens);
+  const bool causal = !has_past && tokens > 1;
+  const bool grouped = q.size(1) != k.size(1);
+  auto out = at::scaled_dot_product_attention(q, k, v, /*attn_mask=*/std::nullopt, /*dropout_p=*/0.0,
+                                              /*is_causal=*/causal, /*scale=*/std::nullopt,
+                                              /*enable_gqa=*/grouped);
+  out = out.transpose(1, 2).reshape({batch, tokens, -1});
+  return o_proj_->forward(out);
+}
+
+Mlp::Mlp(const ModelConfig& model, const LayerFactory& factory) {
+  const int64_t hidden = model.hidden_size, inter = model.intermediate_size;
+  gate_proj_ = register_module("gate_proj", factory.linear(hidden, inter, model.mlp_bias, LinearRole::kColumn));
+  up_proj_ = register_module("up_proj", factory.linear(hidden, inter, model.mlp_bias, LinearRole::kColumn));
+  down_proj_ = register_module("down_proj", factory.linear(inter, hidden, model.mlp_bias, LinearRole::kRow));
+}
+
+torch::Tensor Mlp::forward(const torch::Tensor& x_btd) {
+  return down_proj_->forward(at::silu(gate_proj_->forward(x_btd)) * up_proj_->forward(x_btd));
+}
+
+DecoderLayer::DecoderLayer(const ModelConfig& model, const LayerFactory& factory) {
+  self_attn_ = register_module("self_attn", std::make_shared<Attention>(model, factory));
+  mlp_ = register_module("mlp", std::make_shared<Mlp>(model, factory));
+  input_layernorm_ = register_module("input_layernorm", std::make_shared<RMSNorm>(model.hidden_size, model.rms_norm_eps));
+  post_attention_layernorm_ =
+      register_module("post_attention_layernorm", std::make_shared<RMSNorm>(model.hidden_size, model.rms_norm_eps));
+}
+
+torch::Tensor DecoderLayer::forward(const torch::Tensor& x_btd, const torch::Tensor& cos_td,
+                                    const torch::Tensor& sin_td, torch::Tensor* cache_k, torch::Tensor* cache_v) {
+  auto h = x_btd + self_attn_->forward(input_layernorm_->forward(x_btd), cos_td, sin_td, cache_k, cache_v);
+  return h + mlp_->forward(post_attention_layernorm_->forward(h));
+}
+
+namespace {
+// A module that only groups children, so names read "model.layers.7.…".
+class Container : public torch::nn::Module {};
+}  // namespace
+
+LlamaForCausalLM::LlamaForCausalLM(const ModelConfig& model, const LayerFactory& factory, StageSpec stage)
+    : config_(model), stage_(stage), rotary_(model) {
+  if (stage_.num_layers < 0) stage_.num_layers = model.num_layers - stage_.first_layer;
+  TORCH_CHECK(stage_.first_layer >= 0 && stage_.first_layer + stage_.num_layers <= model.num_layers,
+              "stage layers [", stage_.first_layer, ", ", stage_.first_layer + stage_.num_layers,
+              ") outside the model's ", model.num_layers, " layers");
+  model_ = register_module("model", std::make_shared<Container>());
+  if (stage_.has_embedding) {
+    embed_tokens_ = model_->register_module("embed_tokens", factory.embedding(model.vocab_size, model.hidden_size));
+  }
+  auto layers = model_->register_module("layers", std::make_shared<Container>());
+  for (int64_t i = 0; i < stage_.num_layers; ++i) {
+    const int64_t global = stage_.first_layer + i;
+    layers_.push_back(layers->register_module(std::to_string(global), std::make_shared<DecoderLayer>(model, factory)));
+  }
+  if (stage_.has_head) {
+    norm_ = model_->register_module("norm", std::make_shared<RMSNorm>(model.hidden_size, model.rms_norm_eps));
+    // Tied embeddings on a single stage share the embedding's weight; across
+    // pipeline stages the last stage holds a copy kept in sync by the pipeline.
+    std::shared_ptr<Embedding> tied = model.tie_embeddings ? embed_tokens_ : nullptr;
+    if (model.tie_embeddings && !tied) {
+      tied = model_->register_module("embed_tokens", factory.embedding(model.vocab_size, model.hidden_size));
+      embed_tokens_ = tied;
+    }
+    auto head = factory.lm_head(model.hidden_size, model.vocab_size, tied);
+    lm_head_ = tied ? head : register_module("lm_head", head);
+  }
+}
+
+void LlamaForCausalLM::init_weights() {
+  torch::NoGradGuard no_grad;
+  for (auto& named : named_parameters()) {
+    const std::string& name = named.key();
+    auto& p = named.value();
+    if (name.ends_with("norm.weight")) {
+      p.fill_(1.0);
+    } else if (name.ends_with(".bias")) {
+      p.zero_();
+    } else {
+      p.normal_(0.0, config_.init_std);
+    }
+  }
+}
+
+torch::Tensor LlamaForCausalLM::forward(const torch::Tensor& input, KVCache* cache, int64_t start) {
+  torch::Tensor h = stage_.has_embedding ? embed_tokens_->forward(input) : input;
+  const int64_t tokens = h.size(1);
+  auto [cos, sin] = rotary_.cos_sin(start, tokens, h.device());
+  if (cache != nullptr && cache->keys.empty()) {
+    cache->keys.resize(layers_.size());
+    cache->values.resize(layers_.size());
+  }
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    h = cache ? layers_[i]->forward(h, cos, sin, &cache->keys[i], &cache->values[i])
+              : layers_[i]->forward(h, cos, sin);
+  }
+  if (!stage_.has_head) return h;
+  return lm_head_->forward(norm_->forward(h));
+}
+
+int64_t count_non_embedding_parameters(const ModelConfig& m) {
+  const int64_t h = m.hidden_size, d = m.head_size(), q = m.num_heads * d, kv = m.kv_heads() * d;
+  int64_t attention = h * q + 2 * h * kv + q * h;
+  if (m.qkv_bias()) attention += q + 2 * kv;
+  if (m.o_bias()) attention += h;
+  int64_t mlp = 3 * h * m.intermediate_size;
+  if (m.mlp_bias) mlp += 2 * m.intermediate_size + h;
+  const int64_t per_layer = attention + mlp + 2 * h;
+  return m.num_layers * per_layer + h;  // + final norm
+}
+
+int64_t count_parameters(const ModelConfig& m) {
+  const int64_t embeddings = m.vocab_size * m.hidden_size * (m.tie_embeddings ? 1 : 2);
+  return count_non_embedding_parameters(m) + embeddings;
+}
+
+}  // namespace loom

@@ -1,0 +1,114 @@
+// The Llama family (Llama 2/3, SmolLM2, Mistral-style, Qwen2): pre-norm
+// decoder layers of grouped-query attention with rotary embeddings and a
+// SwiGLU MLP, RMSNorm, tied or untied embeddings.
+//
+// Parameter names and shapes are Hugging Face's, so named_parameters() of the
+// whole model is what `model.safetensors` holds:
+//   model.embed_tokens.weight                         [vocab, hidden]
+//   model.layers.N.self_attn.{q,k,v,o}_proj.weight   [out, in] (+ .bias)
+//   model.layers.N.mlp.{gate,up,down}_proj.weight
+//   model.layers.N.{input,post_attention}_layernorm.weight
+//   model.norm.weight, lm_head.weight (absent when tied)
+//
+// A pipeline stage builds only part of the model (StageSpec); the layer
+// numbers stay global so names do not depend on the layout.
+#pragma once
+
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include <torch/nn/module.h>
+#include <torch/types.h>
+
+#include "trainer/config.h"
+#include "trainer/model/layers.h"
+#include "trainer/model/rotary.h"
+
+namespace loom {
+
+// Keys and values of earlier positions, one pair per local layer, for
+// incremental decoding. Tensors are [batch, kv_heads, positions, head_dim].
+struct KVCache {
+  std::vector<torch::Tensor> keys;
+  std::vector<torch::Tensor> values;
+  int64_t length() const { return keys.empty() || !keys[0].defined() ? 0 : keys[0].size(2); }
+};
+
+class Attention : public torch::nn::Module {
+ public:
+  Attention(const ModelConfig& model, const LayerFactory& factory);
+  // x_btd: [batch, tokens, hidden]. When `cache_k`/`cache_v` are given they
+  // hold earlier positions and are extended in place.
+  torch::Tensor forward(const torch::Tensor& x_btd, const torch::Tensor& cos_td, const torch::Tensor& sin_td,
+                        torch::Tensor* cache_k, torch::Tensor* cache_v);
+
+ private:
+  int64_t num_heads_, num_kv_heads_, head_dim_;
+  std::shared_ptr<Linear> q_proj_, k_proj_, v_proj_, o_proj_;
+};
+
+class Mlp : public torch::nn::Module {
+ public:
+  Mlp(const ModelConfig& model, const LayerFactory& factory);
+  torch::Tensor forward(const torch::Tensor& x_btd);  // down(silu(gate(x)) * up(x))
+
+ private:
+  std::shared_ptr<Linear> gate_proj_, up_proj_, down_proj_;
+};
+
+class DecoderLayer : public torch::nn::Module {
+ public:
+  DecoderLayer(const ModelConfig& model, const LayerFactory& factory);
+  torch::Tensor forward(const torch::Tensor& x_btd, const torch::Tensor& cos_td, const torch::Tensor& sin_td,
+                        torch::Tensor* cache_k = nullptr, torch::Tensor* cache_v = nullptr);
+
+ private:
+  std::shared_ptr<RMSNorm> input_layernorm_, post_attention_layernorm_;
+  std::shared_ptr<Attention> self_attn_;
+  std::shared_ptr<Mlp> mlp_;
+};
+
+// Which part of the model a rank builds. The default is the whole model.
+struct StageSpec {
+  int64_t first_layer = 0;
+  int64_t num_layers = -1;  // -1: through the last layer
+  bool has_embedding = true;
+  bool has_head = true;  // final norm and lm_head
+};
+
+class LlamaForCausalLM : public torch::nn::Module {
+ public:
+  LlamaForCausalLM(const ModelConfig& model, const LayerFactory& factory, StageSpec stage = {});
+
+  // Fills parameters as Hugging Face's initializer does: linear and embedding
+  // weights ~ N(0, init_std), biases 0, norm weights 1. Deterministic for a
+  // given torch seed.
+  void init_weights();
+
+  // First stage: ids [batch, tokens] (int64) -> hidden [batch, tokens, hidden].
+  // Later stages take hidden states. The last stage returns logits
+  // [batch, tokens, vocab]. `start` is the position of the first token (> 0
+  // only with a cache).
+  torch::Tensor forward(const torch::Tensor& input, KVCache* cache = nullptr, int64_t start = 0);
+
+  const ModelConfig& config() const { return config_; }
+  const StageSpec& stage() const { return stage_; }
+  int64_t num_local_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+ private:
+  ModelConfig config_;
+  StageSpec stage_;
+  RotaryEmbedding rotary_;
+  std::shared_ptr<torch::nn::Module> model_;  // holds embed_tokens, layers, norm: the "model." prefix
+  std::shared_ptr<Embedding> embed_tokens_;
+  std::vector<std::shared_ptr<DecoderLayer>> layers_;
+  std::shared_ptr<RMSNorm> norm_;
+  std::shared_ptr<LmHead> lm_head_;
+};
+
+// Parameters other than embeddings: the N of REFERENCE's 6N + 12LHS.
+int64_t count_non_embedding_parameters(const ModelConfig& model);
+int64_t count_parameters(const ModelConfig& model);
+
+}  // namespace loom
