@@ -54,13 +54,13 @@ std::string with_thousands(int64_t n) {
   return out;
 }
 
-void print_model_summary(const ModelConfig& m) {
-  std::cout << "model: " << m.architecture << ", " << m.num_layers << " layers, hidden " << m.hidden_size
+void print_model_summary(const ModelConfig& m, const std::string& prefix = "") {
+  std::cout << prefix << "model: " << m.architecture << ", " << m.num_layers << " layers, hidden " << m.hidden_size
             << ", intermediate " << m.intermediate_size << ", heads " << m.num_heads << " (kv " << m.kv_heads()
             << ", head_dim " << m.head_size() << "), vocab " << m.vocab_size
             << (m.tie_embeddings ? ", tied embeddings" : ", untied embeddings") << ", rope_theta " << m.rope_theta
             << (m.rope_scaling.type != "none" ? ", rope scaling " + m.rope_scaling.type : "") << "\n"
-            << "parameters: " << with_thousands(count_parameters(m)) << " (non-embedding "
+            << prefix << "parameters: " << with_thousands(count_parameters(m)) << " (non-embedding "
             << with_thousands(count_non_embedding_parameters(m)) << ")\n";
 }
 
@@ -84,12 +84,13 @@ int inspect_config(const std::string& path, const std::vector<std::string>& over
   ParallelDims dims = ParallelDims::from_config(config, world);
   std::cout << "# " << path << ": valid\n";
   if (config.model.init_from.empty()) {
-    std::cout << "# ";
-    print_model_summary(config.model);
+    print_model_summary(config.model, "# ");
   } else {
     std::cout << "# model from " << config.model.init_from << "\n";
   }
-  std::cout << "# layout: " << dims.describe() << "\n";
+  std::string layout = dims.describe();
+  for (size_t at = layout.find('\n'); at != std::string::npos; at = layout.find('\n', at + 1)) layout.insert(at + 1, "#");
+  std::cout << "# layout: " << layout << "\n";
   std::cout << config_to_yaml(config);
   return kExitOk;
 }

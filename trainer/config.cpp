@@ -1,0 +1,490 @@
+// YAML -> Config: walk the file and the --set overrides key by key through the
+// schema table (config_schema.cpp), then validate the whole config once.
+//
+// Note [where a value came from]: every key that is set records its origin
+// (file:line:col, or the --set argument). Validation runs after all overrides,
+// so a check that involves several keys blames the one set last: the override
+// that broke a valid file, or the later of two lines in the file.
+#include "trainer/config.h"
+
+#include <yaml-cpp/eventhandler.h>
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <initializer_list>
+#include <map>
+#include <memory>
+#include <sstream>
+
+#include "trainer/config_schema.h"
+#include "util/error.h"
+
+namespace loom {
+namespace {
+
+using config_schema::fail;
+using config_schema::find_key;
+using config_schema::KeySpec;
+using config_schema::Origin;
+
+// Where each key was set (Note [where a value came from]).
+class Origins {
+ public:
+  explicit Origins(std::string source) : source_(std::move(source)) {}
+
+  void record(const std::string& key, std::string where) { by_key_[key] = {std::move(where), next_order_++}; }
+  bool was_set(const std::string& key) const { return by_key_.count(key) > 0; }
+  // The key's origin. A key left at its default is placed at its section
+  // ("model:") when the file has one, else at the source as a whole.
+  std::string where(std::string key) const {
+    for (;;) {
+      if (auto it = by_key_.find(key); it != by_key_.end()) return it->second.where;
+      size_t dot = key.rfind('.');
+      if (dot == std::string::npos) return source_;
+      key.resize(dot);
+    }
+  }
+  // Of `keys`, the one set last; the first when none was set.
+  std::string_view latest(std::initializer_list<std::string_view> keys) const {
+    std::string_view best = *keys.begin();
+    int64_t best_order = -1;
+    for (std::string_view key : keys) {
+      auto it = by_key_.find(std::string(key));
+      if (it != by_key_.end() && it->second.order > best_order) best = key, best_order = it->second.order;
+    }
+    return best;
+  }
+
+ private:
+  struct Entry {
+    std::string where;
+    int64_t order;
+  };
+  std::string source_;
+  std::map<std::string, Entry> by_key_;
+  int64_t next_order_ = 0;
+};
+
+std::string trim(std::string_view text) {
+  size_t begin = text.find_first_not_of(" \t");
+  size_t end = text.find_last_not_of(" \t");
+  return begin == std::string_view::npos ? std::string() : std::string(text.substr(begin, end - begin + 1));
+}
+
+// --- reading -------------------------------------------------------------------
+
+class Loader {
+ public:
+  Loader(Config& config, Origins& origins, std::string source)
+      : config_(config), origins_(origins), source_(std::move(source)) {}
+
+  void apply_document(const YAML::Node& root) {
+    Origin origin{source_, ""};
+    if (!root.IsMap())
+      fail(origin.of(root), "(top level)", "wrong type", describe(root), "a map of sections such as run:, model:");
+    apply_map(root, "", origin);
+  }
+
+  // "a.b.c=value": the value is YAML, so lists and maps work too.
+  void apply_override(const std::string& argument) {
+    Origin origin{source_, "--set " + argument};
+    size_t equals = argument.find('=');
+    std::string key = trim(std::string_view(argument).substr(0, equals));
+    if (equals == std::string::npos || key.empty())
+      fail(origin.override_arg, key.empty() ? "(no key)" : key, "malformed override", argument,
+           "key=value, e.g. --set run.name=test");
+    std::string text = argument.substr(equals + 1);
+    YAML::Node value;
+    try {
+      value = YAML::Load(text);
+    } catch (const YAML::Exception& e) {
+      fail(origin.override_arg, key, "value is not valid YAML: " + e.msg, text);
+    }
+    // One environment variable at a time: --set launch.env.OMP_NUM_THREADS=1.
+    const std::string env_prefix = "launch.env.";
+    if (key.starts_with(env_prefix) && key.size() > env_prefix.size()) {
+      if (!value.IsNull() && !value.IsScalar())
+        fail(origin.override_arg, key, "wrong type", describe(value), "a string");
+      config_.launch.env[key.substr(env_prefix.size())] = value.IsNull() ? "" : value.Scalar();
+      origins_.record("launch.env", origin.override_arg);
+      return;
+    }
+    apply_key(std::string(config_schema::canonical_key(key)), YAML::Node(), value, origin);
+  }
+
+ private:
+  static std::string describe(const YAML::Node& node) { return config_schema::describe_node(node); }
+
+  void apply_map(const YAML::Node& map, const std::string& prefix, const Origin& origin) {
+    std::map<std::string, YAML::Mark> seen;  // yaml-cpp keeps repeated keys: refuse them here
+    for (const auto& kv : map) {
+      const YAML::Node& key_node = kv.first;
+      if (!key_node.IsScalar())
+        fail(origin.of(key_node), prefix.empty() ? "(top level)" : prefix, "a key must be a plain name",
+             describe(key_node));
+      std::string key = prefix.empty() ? key_node.Scalar() : prefix + "." + key_node.Scalar();
+      std::string canonical(config_schema::canonical_key(key));
+      auto [first, inserted] = seen.emplace(canonical, key_node.Mark());
+      if (!inserted)
+        fail(origin.of(key_node), key, "key given twice in the same map", "",
+             "each key once; the first is at line " + std::to_string(first->second.line + 1));
+      apply_key(canonical, key_node, kv.second, origin);
+    }
+  }
+
+  void apply_key(const std::string& key, const YAML::Node& key_node, const YAML::Node& value, const Origin& origin) {
+    std::string key_where = origin.of(key_node.IsDefined() ? key_node : value);
+    if (key == "model.rope_scaling") return apply_rope_scaling(key_node, value, origin);
+    if (config_schema::is_section(key)) {
+      origins_.record(key, key_where);
+      if (value.IsMap()) return apply_map(value, key, origin);
+      if (value.IsNull()) return;  // a section whose keys are all commented out
+      fail(key_where, key, "a section must be a map", describe(value), "a map of " + key + ".* keys");
+    }
+    const KeySpec* spec = find_key(key);
+    if (spec == nullptr) fail(key_where, key, "unknown key" + config_schema::suggest_for_unknown(key));
+    config_schema::set_field(config_, *spec, value, origin.of(value, key_node), origin);
+    origins_.record(spec->key, key_where);
+  }
+
+  // null or `none`, or a map whose keys replace the whole previous setting.
+  void apply_rope_scaling(const YAML::Node& key_node, const YAML::Node& value, const Origin& origin) {
+    const std::string key = "model.rope_scaling";
+    std::string key_where = origin.of(key_node.IsDefined() ? key_node : value);
+    config_.model.rope_scaling = RopeScalingConfig{};
+    origins_.record(key, key_where);
+    if (value.IsNull() || (value.IsScalar() && value.Scalar() == "none")) return;
+    if (!value.IsMap()) fail(key_where, key, "wrong type", describe(value), "null, none, or a map with a type key");
+    if (!value["type"] && !value["rope_type"])
+      fail(key_where, key + ".type", "missing key in model.rope_scaling", "", "type: none, llama3 or linear");
+    apply_map(value, key, origin);
+  }
+
+  Config& config_;
+  Origins& origins_;
+  std::string source_;
+};
+
+// --- validation ----------------------------------------------------------------
+
+// a * b without overflow: user input may be as large as int64 allows.
+int64_t product(int64_t a, int64_t b) {
+  int64_t result = 0;
+  return __builtin_mul_overflow(a, b, &result) ? INT64_MAX : result;
+}
+
+std::string num(int64_t value) { return std::to_string(value); }
+std::string num(double value) { return config_schema::format_number(value); }
+
+class Validator {
+ public:
+  Validator(const Config& config, const Origins& origins) : c_(config), origins_(origins) {}
+
+  // Types were checked while reading; here: ranges, allowed values, required keys.
+  void check_keys(std::string_view prefix) {
+    bool shape_from_hub = !c_.model.init_from.empty();
+    for (const KeySpec& spec : config_schema::key_specs()) {
+      if (!spec.key.starts_with(prefix) || spec.is_section()) continue;
+      std::vector<double> values = config_schema::numeric_values(c_, spec);
+      if (spec.required() && values == std::vector<double>{0} && !origins_.was_set(spec.key)) {
+        if (shape_from_hub) continue;  // model.init_from's config.json supplies it
+        fail(origins_.where(spec.key), spec.key, "missing required key", "",
+             "a positive integer, or model.init_from naming a Hugging Face folder to take the shape from");
+      }
+      for (double value : values) {
+        if (!spec.bounds.contains(value))
+          fail(origins_.where(spec.key), spec.key, "out of range", config_schema::format_value(c_, spec),
+               spec.bounds.describe());
+      }
+      if (!spec.choices.empty()) {
+        std::string value = config_schema::format_value(c_, spec);
+        if (std::find(spec.choices.begin(), spec.choices.end(), value) == spec.choices.end()) {
+          std::string allowed;
+          for (const std::string& choice : spec.choices) allowed += (allowed.empty() ? "" : ", ") + choice;
+          fail(origins_.where(spec.key), spec.key, "not an allowed value", value, "one of " + allowed);
+        }
+      }
+    }
+  }
+
+  void check_model() {
+    const ModelConfig& m = c_.model;
+    if (m.num_heads > 0 && m.num_kv_heads > 0 && m.num_heads % m.num_kv_heads != 0)
+      fail_at(
+          {"model.num_kv_heads", "model.num_heads"},
+          "model.num_kv_heads (" + num(m.num_kv_heads) + ") does not divide model.num_heads (" + num(m.num_heads) + ")",
+          "num_heads a multiple of num_kv_heads: each kv head serves a group of query heads");
+    if (m.head_dim == 0 && m.num_heads > 0 && m.hidden_size > 0 && m.hidden_size % m.num_heads != 0)
+      fail_at({"model.hidden_size", "model.num_heads"},
+              "model.hidden_size (" + num(m.hidden_size) + ") is not divisible by model.num_heads (" +
+                  num(m.num_heads) + ")",
+              "a multiple of num_heads, or model.head_dim set explicitly");
+    // Qwen2's modules have fixed biases (q/k/v yes, o and MLP no); a flag the
+    // Hub format cannot express would make an export transformers misreads.
+    if (m.architecture == "qwen2" && (m.mlp_bias || m.attention_bias))
+      fail_at({m.mlp_bias ? "model.mlp_bias" : "model.attention_bias", "model.architecture"},
+              std::string(m.mlp_bias ? "model.mlp_bias" : "model.attention_bias") + " is true for architecture qwen2",
+              "false: qwen2 always has q/k/v biases and no others");
+    const RopeScalingConfig& rope = m.rope_scaling;
+    if (rope.type == "llama3" || rope.type == "linear") {
+      if (rope.factor < 1)
+        fail_at({"model.rope_scaling.factor", "model.rope_scaling.type"},
+                "model.rope_scaling.factor (" + num(rope.factor) + ") is below 1 for " + rope.type + " scaling",
+                ">= 1: scaling stretches the context, never shrinks it");
+    }
+    if (rope.type == "llama3" && !(rope.high_freq_factor > rope.low_freq_factor))
+      fail_at({"model.rope_scaling.high_freq_factor", "model.rope_scaling.low_freq_factor"},
+              "model.rope_scaling.high_freq_factor (" + num(rope.high_freq_factor) +
+                  ") is not above model.rope_scaling.low_freq_factor (" + num(rope.low_freq_factor) + ")",
+              "high_freq_factor > low_freq_factor");
+    for (auto [key, id] : {std::pair{"model.bos_token_id", m.bos_token_id}, {"model.eos_token_id", m.eos_token_id}}) {
+      if (m.vocab_size > 0 && id >= m.vocab_size)
+        fail_at({key, "model.vocab_size"},
+                std::string(key) + " (" + num(id) + ") is outside model.vocab_size (" + num(m.vocab_size) + ")",
+                "a token id below vocab_size, or -1");
+    }
+  }
+
+  void check_run_and_training() {
+    const std::string& name = c_.run.name;
+    if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos)
+      fail_at({"run.name"}, "not a plain folder name", name.empty() ? "\"\"" : name, "a name without '/', e.g. tiny");
+    if (c_.run.output_dir.empty()) fail_at({"run.output_dir"}, "empty folder", "\"\"", "a folder, e.g. runs");
+
+    const ParallelConfig& p = c_.parallel;
+    const ModelConfig& m = c_.model;
+    for (auto [key, heads] : {std::pair{"model.num_heads", m.num_heads}, {"model.num_kv_heads", m.num_kv_heads}}) {
+      if (heads > 0 && heads % p.tp != 0)
+        fail_at({"parallel.tp", key},
+                "parallel.tp (" + num(p.tp) + ") does not divide " + key + " (" + num(heads) + ")",
+                "tp dividing the attention heads, so that each tp rank holds whole heads");
+    }
+    if (m.num_layers > 0 && product(p.pp, p.virtual_stages) > m.num_layers) {
+      std::string stages = p.virtual_stages == 1
+                               ? "parallel.pp (" + num(p.pp) + ")"
+                               : "parallel.pp (" + num(p.pp) + ") * parallel.virtual_stages (" + num(p.virtual_stages) +
+                                     ") = " + num(product(p.pp, p.virtual_stages));
+      fail_at({"parallel.pp", "parallel.virtual_stages", "model.num_layers"},
+              stages + " > model.num_layers (" + num(m.num_layers) + ")", "at least one layer per pipeline stage");
+    }
+    if (p.virtual_stages > 1 && p.pp_schedule != "interleaved")
+      fail_at({"parallel.virtual_stages", "parallel.pp_schedule"},
+              "parallel.virtual_stages (" + num(p.virtual_stages) + ") > 1 needs parallel.pp_schedule interleaved",
+              p.pp_schedule, "parallel.pp_schedule: interleaved, or virtual_stages: 1");
+    if (p.pp_schedule == "interleaved" && p.virtual_stages < 2)
+      fail_at({"parallel.pp_schedule", "parallel.virtual_stages"}, "interleaved needs parallel.virtual_stages >= 2",
+              num(p.virtual_stages), "virtual_stages >= 2, or pp_schedule: 1f1b");
+    if (p.sequence_parallel && p.tp < 2)
+      fail_at({"parallel.sequence_parallel", "parallel.tp"}, "sequence parallelism needs parallel.tp > 1",
+              "tp " + num(p.tp), "parallel.tp >= 2, or sequence_parallel: false");
+
+    if (c_.data.seq_len > m.max_seq_len)
+      fail_at({"data.seq_len", "model.max_seq_len"},
+              "data.seq_len (" + num(c_.data.seq_len) + ") > model.max_seq_len (" + num(m.max_seq_len) + ")",
+              "sequences no longer than the model is built for");
+
+    const BatchConfig& b = c_.batch;
+    if (b.global_batch_size > 0) {
+      int64_t per_step = p.dp > 0 ? product(b.micro_batch_size, p.dp) : b.micro_batch_size;
+      if (b.global_batch_size % per_step != 0) {
+        std::string divisor = p.dp > 0 ? "batch.micro_batch_size (" + num(b.micro_batch_size) + ") * parallel.dp (" +
+                                             num(p.dp) + ") = " + num(per_step)
+                                       : "batch.micro_batch_size (" + num(b.micro_batch_size) + ")";
+        fail_at({"batch.global_batch_size", "batch.micro_batch_size", "parallel.dp"},
+                "batch.global_batch_size (" + num(b.global_batch_size) + ") is not a multiple of " + divisor,
+                "a whole number of micro-batches per data-parallel rank");
+      }
+    }
+
+    const ScheduleConfig& s = c_.schedule;
+    if (s.train_steps > 0 && s.warmup_steps > s.train_steps)
+      fail_at({"schedule.warmup_steps", "schedule.train_steps"},
+              "schedule.warmup_steps (" + num(s.warmup_steps) + ") > schedule.train_steps (" + num(s.train_steps) + ")",
+              "warmup_steps <= train_steps");
+    if (c_.checkpoint.resume.empty())
+      fail_at({"checkpoint.resume"}, "empty", "\"\"", "auto, none or a checkpoint folder");
+  }
+
+  void check_launch() {
+    const LaunchConfig& l = c_.launch;
+    const ParallelConfig& p = c_.parallel;
+    int64_t tp_pp = product(p.tp, p.pp);
+    if (p.dp > 0 && product(p.dp, tp_pp) != l.ranks)
+      fail_at({"launch.ranks", "parallel.dp", "parallel.tp", "parallel.pp"},
+              "parallel.dp (" + num(p.dp) + ") * parallel.tp (" + num(p.tp) + ") * parallel.pp (" + num(p.pp) +
+                  ") = " + num(product(p.dp, tp_pp)) + " != launch.ranks (" + num(l.ranks) + ")",
+              "launch.ranks = dp * tp * pp, or parallel.dp: auto");
+    // With dp auto, launch.ranks is not held against tp * pp here: `loom train`
+    // started by a foreign mpirun takes its world size from MPI, and
+    // ParallelDims checks world % (tp * pp) at start-up.
+    if (l.procs_per_node > 0 && product(l.procs_per_node, l.nodes) != l.ranks)
+      fail_at({"launch.procs_per_node", "launch.nodes", "launch.ranks"},
+              "launch.procs_per_node (" + num(l.procs_per_node) + ") * launch.nodes (" + num(l.nodes) +
+                  ") = " + num(product(l.procs_per_node, l.nodes)) + " != launch.ranks (" + num(l.ranks) + ")",
+              "procs_per_node * nodes = ranks");
+    if (l.procs_per_node == 0 && l.ranks % l.nodes != 0)
+      fail_at({"launch.nodes", "launch.ranks"},
+              "launch.ranks (" + num(l.ranks) + ") is not a multiple of launch.nodes (" + num(l.nodes) + ")",
+              "the same number of ranks on every node");
+    for (const auto& [name, value] : l.env) {
+      bool valid = !name.empty() && !std::isdigit(static_cast<unsigned char>(name[0]));
+      for (char ch : name) valid = valid && (std::isalnum(static_cast<unsigned char>(ch)) || ch == '_');
+      if (!valid)
+        fail_at({"launch.env"}, "not an environment variable name", name,
+                "letters, digits and _, e.g. OMP_NUM_THREADS");
+    }
+  }
+
+ private:
+  // Blames the key of `keys` set last (Note [where a value came from]).
+  [[noreturn]] void fail_at(std::initializer_list<std::string_view> keys, const std::string& what,
+                            const std::string& expected) {
+    fail_at(keys, what, "", expected);
+  }
+  [[noreturn]] void fail_at(std::initializer_list<std::string_view> keys, const std::string& what,
+                            const std::string& got, const std::string& expected) {
+    std::string key(origins_.latest(keys));
+    fail(origins_.where(key), key, what, got, expected);
+  }
+
+  const Config& c_;
+  const Origins& origins_;
+};
+
+void validate(const Config& config, const Origins& origins) {
+  Validator validator(config, origins);
+  validator.check_keys("");
+  validator.check_model();
+  validator.check_run_and_training();
+  validator.check_launch();
+}
+
+// --- documents -------------------------------------------------------------------
+
+// Records where each document starts and whether it holds anything.
+class DocumentProbe : public YAML::EventHandler {
+ public:
+  YAML::Mark start = YAML::Mark::null_mark();
+  bool has_content = false;
+
+  void OnDocumentStart(const YAML::Mark& mark) override { start = mark; }
+  void OnDocumentEnd() override {}
+  void OnNull(const YAML::Mark&, YAML::anchor_t) override {}
+  void OnAlias(const YAML::Mark&, YAML::anchor_t) override { has_content = true; }
+  void OnScalar(const YAML::Mark&, const std::string&, YAML::anchor_t, const std::string&) override {
+    has_content = true;
+  }
+  void OnSequenceStart(const YAML::Mark&, const std::string&, YAML::anchor_t, YAML::EmitterStyle::value) override {
+    has_content = true;
+  }
+  void OnSequenceEnd() override {}
+  void OnMapStart(const YAML::Mark&, const std::string&, YAML::anchor_t, YAML::EmitterStyle::value) override {
+    has_content = true;
+  }
+  void OnMapEnd() override {}
+};
+
+std::string where_in(const std::string& source, const YAML::Mark& mark) {
+  if (mark.is_null()) return source;
+  return source + ":" + std::to_string(mark.line + 1) + ":" + std::to_string(mark.column + 1);
+}
+
+// The file's one document (Null when it is empty). Walks the documents first
+// because yaml-cpp 0.7's LoadAll loops forever on a stray token it cannot
+// place (a line starting with ',' at the top level, say): the parser then
+// returns the same empty document again and again without moving on.
+YAML::Node load_single_document(const std::string& text, const std::string& source) {
+  try {
+    std::istringstream stream(text);
+    YAML::Parser parser(stream);
+    YAML::Mark previous = YAML::Mark::null_mark();
+    int documents_with_content = 0;
+    for (;;) {
+      DocumentProbe probe;
+      if (!parser.HandleNextDocument(probe)) break;
+      if (!previous.is_null() && probe.start.pos <= previous.pos)
+        throw BadInput(where_in(source, probe.start) + ": YAML syntax error: unexpected text at the start of a line");
+      previous = probe.start;
+      if (probe.has_content && ++documents_with_content > 1)
+        fail(where_in(source, probe.start), "(document)", "more than one YAML document in a config", "",
+             "a single document");
+    }
+    return YAML::Load(text);
+  } catch (const YAML::Exception& e) {
+    throw BadInput(where_in(source, e.mark) + ": YAML syntax error: " + e.msg);
+  }
+}
+
+}  // namespace
+
+// --- public API -------------------------------------------------------------------
+
+Config parse_config(const std::string& yaml_text, const std::string& source_name,
+                    const std::vector<std::string>& overrides) {
+  YAML::Node root = load_single_document(yaml_text, source_name);
+  if (root.IsNull()) throw BadInput(source_name + ": empty config (expected a map of sections such as run:, model:)");
+
+  Config config;
+  Origins origins(source_name);
+  Loader loader(config, origins, source_name);
+  loader.apply_document(root);
+  for (const std::string& argument : overrides) loader.apply_override(argument);
+  validate(config, origins);
+  return config;
+}
+
+Config load_config(const std::string& path, const std::vector<std::string>& overrides) {
+  std::unique_ptr<FILE, int (*)(FILE*)> file(std::fopen(path.c_str(), "rb"), &std::fclose);
+  if (!file) throw BadInput("cannot read config file '" + path + "': " + std::strerror(errno));
+  std::string text;
+  char buffer[1 << 14];
+  size_t got = 0;
+  while ((got = std::fread(buffer, 1, sizeof(buffer), file.get())) > 0) text.append(buffer, got);
+  if (std::ferror(file.get())) throw BadInput("cannot read config file '" + path + "': " + std::strerror(errno));
+  Config config = parse_config(text, path, overrides);
+  config.source_path = path;
+  return config;
+}
+
+void validate_model_config(const ModelConfig& model, const std::string& source_name) {
+  Config config;
+  config.model = model;
+  Origins origins(source_name);  // no key has a line: messages name the source
+  Validator validator(config, origins);
+  validator.check_keys("model.");
+  validator.check_model();
+}
+
+std::string config_to_yaml(const Config& config) {
+  YAML::Emitter out;
+  out << YAML::Comment("loom config: every key, defaults filled in (docs/configuration.md)");
+  out << YAML::BeginMap;
+  // Keys of a section are contiguous in the table: open and close maps as the
+  // dotted prefix changes.
+  std::vector<std::string> open;
+  for (const KeySpec& spec : config_schema::key_specs()) {
+    if (spec.is_section()) continue;
+    std::vector<std::string> parts;
+    for (size_t begin = 0, dot = 0; dot != std::string::npos; begin = dot + 1) {
+      dot = spec.key.find('.', begin);
+      parts.push_back(spec.key.substr(begin, dot == std::string::npos ? dot : dot - begin));
+    }
+    size_t common = 0;
+    while (common < open.size() && common + 1 < parts.size() && open[common] == parts[common]) ++common;
+    for (; open.size() > common; open.pop_back()) out << YAML::EndMap;
+    for (; open.size() + 1 < parts.size(); open.push_back(parts[open.size()]))
+      out << YAML::Key << parts[open.size()] << YAML::Value << YAML::BeginMap;
+    out << YAML::Key << parts.back() << YAML::Value;
+    config_schema::emit_value(out, config, spec);
+  }
+  for (; !open.empty(); open.pop_back()) out << YAML::EndMap;
+  out << YAML::EndMap;
+  if (!out.good()) throw std::logic_error("config_to_yaml: " + out.GetLastError());
+  return std::string(out.c_str()) + "\n";
+}
+
+}  // namespace loom
