@@ -12,7 +12,8 @@ DEBIAN_PACKAGES=(
   libhdf5-dev hdf5-tools
   libyaml-cpp-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev
-  bible-kjv-text
+  libpcre2-dev
+  bible-kjv bible-kjv-text
 )
 PYTHON_PACKAGES=(
   "torch==${TORCH_VERSION}" transformers safetensors tokenizers h5py numpy pytest
