@@ -26,7 +26,13 @@ namespace {
 constexpr const char* kUsage = R"(usage: loom COMMAND [ARGS]
 
 commands:
-  inspect  PATH                                   summarize a config, checkpoint, Hub folder or .safetensors file
+  inspect  PATH                                   summarize a config, dataset, checkpoint, Hub folder or .safetensors file
+             [--set KEY=VALUE] (configs)  [--verify] [--tokenizer T] (datasets)
+  tokenizer train --input FILE... --vocab-size N --output tokenizer.json
+                                                  train a byte-level BPE tokenizer
+  prepare  --tokenizer T --input FILE... --output DIR
+             [--eos-token TOK] [--text-field text] [--doc-per-file] [--shard-tokens N] [--threads N]
+                                                  text / JSONL -> tokenized HDF5 dataset
   import   HF_DIR --output CHECKPOINT             Hugging Face folder -> loom checkpoint
   export   CHECKPOINT --output HF_DIR             loom checkpoint (or Hub folder) -> Hugging Face folder
              [--dtype float32|bfloat16|float16] [--max-shard-size 5GB] [--name NAME]
@@ -142,13 +148,20 @@ int command_version(const std::vector<std::string>& argv) {
 }
 
 int command_inspect(const std::vector<std::string>& argv) {
-  Args args("inspect", argv, {{"set", true, true, "override a config key (configs only)"}});
+  Args args("inspect", argv,
+            {{"set", true, true, "override a config key (configs only)"},
+             {"verify", false, false, "also check dataset checksums"},
+             {"tokenizer", true, false, "tokenizer.json to decode a dataset sample"}});
   args.expect_positional(1, "one PATH (a config .yaml, a checkpoint or Hub folder, or a .safetensors file)");
   const std::string path = args.positional()[0];
   if (!fs::exists(path)) throw BadInput("loom inspect: '" + path + "' does not exist");
   const std::string ext = fs::path(path).extension().string();
   if (ext == ".yaml" || ext == ".yml") return inspect_config(path, args.all("set"));
   if (!args.all("set").empty()) throw BadInput("loom inspect: --set applies to configs only");
+  if (is_dataset_folder(path)) return inspect_dataset(path, args.has("verify"), args.get_or("tokenizer", ""));
+  if (args.has("verify") || args.has("tokenizer")) {
+    throw BadInput("loom inspect: --verify and --tokenizer apply to datasets only");
+  }
   if (ext == ".safetensors") return inspect_safetensors_file(path);
   return inspect_model_files(path);
 }
@@ -261,6 +274,8 @@ int run_cli(int argc, char** argv) {
     if (command == "export") return command_export(args);
     if (command == "generate") return command_generate(args);
     if (command == "forward") return command_forward(args);
+    if (command == "prepare") return command_prepare(args);
+    if (command == "tokenizer") return command_tokenizer(args);
     if (command == "version" || command == "--version") return command_version(args);
     if (command == "help" || command == "--help" || command == "-h") {
       std::cout << kUsage;

@@ -14,6 +14,12 @@ int command_import(const std::vector<std::string>& args);
 int command_export(const std::vector<std::string>& args);
 int command_generate(const std::vector<std::string>& args);
 int command_forward(const std::vector<std::string>& args);
+int command_prepare(const std::vector<std::string>& args);
+int command_tokenizer(const std::vector<std::string>& args);
+
+// Datasets (launch/data_commands.cpp).
+bool is_dataset_folder(const std::string& path);
+int inspect_dataset(const std::string& path, bool verify, const std::string& tokenizer_path);
 
 // Dispatches argv[1] to a command; prints one clear line and returns 2 for
 // bad input, 1 for internal errors.

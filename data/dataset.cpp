@@ -1,0 +1,537 @@
+// index.json (parse, print) and the read-only Dataset. The writer is in
+// data/dataset_writer.cpp.
+#include "data/dataset.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <stdexcept>
+#include <utility>
+
+#include "data/hdf5_handle.h"
+#include "util/crc32c.h"
+#include "util/error.h"
+#include "util/file_io.h"
+
+namespace loom {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+std::string hex32(uint32_t value) {
+  char text[9];
+  std::snprintf(text, sizeof text, "%08x", value);
+  return text;
+}
+
+// A JSON value for an error message, cut short.
+std::string clip(const json& value) {
+  std::string text = value.dump();
+  if (text.size() > 60) text = text.substr(0, 57) + "...";
+  return text;
+}
+
+// --- index.json --------------------------------------------------------------
+
+// Reads typed keys, naming the file and the full key path in every error.
+class IndexReader {
+ public:
+  explicit IndexReader(const std::string& path) : path_(path) {}
+
+  [[noreturn]] void fail(const std::string& key, const std::string& message) const {
+    throw BadInput(path_ + ": key '" + key + "': " + message);
+  }
+
+  const json& member(const json& object, const std::string& name, const std::string& key,
+                     const std::string& expected) const {
+    const auto it = object.find(name);
+    if (it == object.end()) fail(key, "missing (expected " + expected + ")");
+    return *it;
+  }
+
+  uint64_t unsigned_int(const json& object, const std::string& name, const std::string& key) const {
+    const json& value = member(object, name, key, "a non-negative integer");
+    if (!value.is_number_unsigned()) fail(key, "expected a non-negative integer, found " + clip(value));
+    return value.get<uint64_t>();
+  }
+
+  std::string string(const json& object, const std::string& name, const std::string& key) const {
+    const json& value = member(object, name, key, "a string");
+    if (!value.is_string()) fail(key, "expected a string, found " + clip(value));
+    return value.get<std::string>();
+  }
+
+ private:
+  const std::string& path_;
+};
+
+bool is_plain_file_name(const std::string& name) {
+  return !name.empty() && name != "." && name != ".." && name.find('/') == std::string::npos &&
+         name.find('\0') == std::string::npos;
+}
+
+uint32_t parse_crc_hex(const IndexReader& reader, const std::string& text, const std::string& key) {
+  const bool valid = text.size() == 8 && std::all_of(text.begin(), text.end(), [](char c) {
+                       return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F');
+                     });
+  if (!valid) reader.fail(key, "expected 8 hexadecimal digits, found \"" + text.substr(0, 40) + "\"");
+  return static_cast<uint32_t>(std::stoul(text, nullptr, 16));
+}
+
+// --- HDF5 reading helpers ------------------------------------------------------
+
+std::string describe_type(hid_t type) {
+  const H5T_class_t type_class = H5Tget_class(type);
+  const size_t bytes = H5Tget_size(type);
+  switch (type_class) {
+    case H5T_INTEGER:
+      return std::string(H5Tget_sign(type) == H5T_SGN_NONE ? "uint" : "int") + std::to_string(bytes * 8);
+    case H5T_FLOAT:
+      return "float" + std::to_string(bytes * 8);
+    case H5T_STRING:
+      return "string";
+    default:
+      return "a non-numeric type";
+  }
+}
+
+bool is_unsigned_integer(hid_t type, size_t bytes) {
+  return H5Tget_class(type) == H5T_INTEGER && H5Tget_sign(type) == H5T_SGN_NONE && H5Tget_size(type) == bytes;
+}
+
+// Opens root attribute `name`, which must hold exactly one value.
+hdf5::AttrId open_root_attribute(hid_t file, const char* name, const std::string& path) {
+  if (H5Aexists(file, name) <= 0) throw BadInput(path + ": root attribute '" + name + "' is missing");
+  hdf5::AttrId attr(H5Aopen(file, name, H5P_DEFAULT));
+  hdf5::SpaceId space(H5Aget_space(attr.get()));
+  if (!attr.valid() || !space.valid() || H5Sget_simple_extent_npoints(space.get()) != 1)
+    throw BadInput(path + ": root attribute '" + name + "' is not a single value" + hdf5::take_error_detail());
+  return attr;
+}
+
+int64_t read_int_attribute(hid_t file, const char* name, const std::string& path) {
+  hdf5::AttrId attr = open_root_attribute(file, name, path);
+  hdf5::TypeId type(H5Aget_type(attr.get()));
+  if (H5Tget_class(type.get()) != H5T_INTEGER)
+    throw BadInput(path + ": root attribute '" + name + "' is " + describe_type(type.get()) + ", expected an integer");
+  int64_t value = 0;
+  if (H5Aread(attr.get(), H5T_NATIVE_INT64, &value) < 0)
+    throw BadInput(path + ": cannot read root attribute '" + name + "'" + hdf5::take_error_detail());
+  return value;
+}
+
+// Accepts variable-length strings (what loom and h5py write for str) and
+// fixed-length ones (h5py's bytes).
+std::string read_string_attribute(hid_t file, const char* name, const std::string& path) {
+  hdf5::AttrId attr = open_root_attribute(file, name, path);
+  hdf5::TypeId type(H5Aget_type(attr.get()));
+  if (H5Tget_class(type.get()) != H5T_STRING)
+    throw BadInput(path + ": root attribute '" + name + "' is " + describe_type(type.get()) + ", expected a string");
+  if (H5Tis_variable_str(type.get()) > 0) {
+    hdf5::TypeId memory_type(H5Tcopy(H5T_C_S1));
+    H5Tset_size(memory_type.get(), H5T_VARIABLE);
+    H5Tset_cset(memory_type.get(), H5Tget_cset(type.get()));
+    char* text = nullptr;
+    if (H5Aread(attr.get(), memory_type.get(), &text) < 0)
+      throw BadInput(path + ": cannot read root attribute '" + name + "'" + hdf5::take_error_detail());
+    std::string value = text != nullptr ? text : "";
+    H5free_memory(text);
+    return value;
+  }
+  std::string value(H5Tget_size(type.get()), '\0');
+  if (H5Aread(attr.get(), type.get(), value.data()) < 0)
+    throw BadInput(path + ": cannot read root attribute '" + name + "'" + hdf5::take_error_detail());
+  value.resize(std::min(value.size(), value.find('\0')));
+  if (H5Tget_strpad(type.get()) == H5T_STR_SPACEPAD) value.erase(value.find_last_not_of(' ') + 1);
+  return value;
+}
+
+// Opens dataset `/name`, checks it is 1-D with `length` elements.
+hdf5::DatasetId open_vector(hid_t file, const char* name, uint64_t length, const std::string& path,
+                            const std::string& length_source) {
+  if (H5Lexists(file, name, H5P_DEFAULT) <= 0) throw BadInput(path + ": dataset '/" + name + "' is missing");
+  hdf5::DatasetId dataset(H5Dopen2(file, name, H5P_DEFAULT));
+  if (!dataset.valid()) throw BadInput(path + ": cannot open dataset '/" + name + "'" + hdf5::take_error_detail());
+  hdf5::SpaceId space(H5Dget_space(dataset.get()));
+  hsize_t dims[1] = {0};
+  if (!space.valid() || H5Sget_simple_extent_ndims(space.get()) != 1)
+    throw BadInput(path + ": dataset '/" + name + "' is not one-dimensional");
+  H5Sget_simple_extent_dims(space.get(), dims, nullptr);
+  if (dims[0] != length)
+    throw BadInput(path + ": dataset '/" + name + "' has " + std::to_string(dims[0]) + " elements, " + length_source +
+                   " says " + std::to_string(length));
+  return dataset;
+}
+
+// Reads elements [begin, begin + count) of a 1-D dataset as `memory_type`.
+void read_slice(hid_t dataset, hid_t memory_type, uint64_t begin, uint64_t count, void* out,
+                const std::string& path, const char* name) {
+  if (count == 0) return;
+  hdf5::SpaceId file_space(H5Dget_space(dataset));
+  const hsize_t start[1] = {begin};
+  const hsize_t size[1] = {count};
+  hdf5::SpaceId memory_space(H5Screate_simple(1, size, nullptr));
+  if (!file_space.valid() || !memory_space.valid() ||
+      H5Sselect_hyperslab(file_space.get(), H5S_SELECT_SET, start, nullptr, size, nullptr) < 0 ||
+      H5Dread(dataset, memory_type, memory_space.get(), file_space.get(), H5P_DEFAULT, out) < 0) {
+    throw BadInput(path + ": cannot read /" + name + "[" + std::to_string(begin) + ":" +
+                   std::to_string(begin + count) + "]" + hdf5::take_error_detail());
+  }
+}
+
+// Shards are read in pieces of this many tokens by scans and checksums.
+constexpr uint64_t kScanPieceTokens = uint64_t{1} << 20;
+
+}  // namespace
+
+// --- dtype and names -------------------------------------------------------------
+
+const char* token_dtype_name(TokenDtype dtype) { return dtype == TokenDtype::kUint16 ? "uint16" : "uint32"; }
+
+TokenDtype token_dtype_for_vocab(int64_t vocab_size) {
+  return vocab_size <= 65536 ? TokenDtype::kUint16 : TokenDtype::kUint32;
+}
+
+size_t token_dtype_bytes(TokenDtype dtype) { return dtype == TokenDtype::kUint16 ? 2 : 4; }
+
+std::string shard_file_name(size_t shard) {
+  char name[32];
+  std::snprintf(name, sizeof name, "shard-%05zu.h5", shard);
+  return name;
+}
+
+// --- DatasetIndex ----------------------------------------------------------------
+
+std::string DatasetIndex::to_json() const {
+  nlohmann::ordered_json root;
+  root["format"] = kDatasetFormatName;
+  root["format_version"] = kDatasetFormatVersion;
+  root["vocab_size"] = vocab_size;
+  root["eos_id"] = eos_id;
+  root["tokenizer_hash"] = tokenizer_hash;
+  root["token_dtype"] = token_dtype_name(token_dtype);
+  root["num_tokens"] = num_tokens;
+  root["num_documents"] = num_documents;
+  root["shards"] = nlohmann::ordered_json::array();
+  for (const ShardEntry& shard : shards) {
+    root["shards"].push_back({{"file", shard.file},
+                              {"num_tokens", shard.num_tokens},
+                              {"num_documents", shard.num_documents},
+                              {"crc32c", hex32(shard.crc32c)},
+                              {"bytes", shard.bytes}});
+  }
+  return root.dump(2) + "\n";
+}
+
+DatasetIndex DatasetIndex::parse(const std::string& text, const std::string& path) {
+  json root;
+  try {
+    root = json::parse(text);
+  } catch (const json::parse_error& e) {
+    throw BadInput(path + ": not valid JSON: " + e.what());
+  }
+  if (!root.is_object()) throw BadInput(path + ": expected a JSON object, found " + clip(root));
+  const IndexReader reader(path);
+
+  if (reader.string(root, "format", "format") != kDatasetFormatName)
+    reader.fail("format", "expected \"" + std::string(kDatasetFormatName) + "\", found " + clip(root["format"]));
+  if (reader.unsigned_int(root, "format_version", "format_version") != kDatasetFormatVersion)
+    reader.fail("format_version", "expected " + std::to_string(kDatasetFormatVersion) +
+                                      " (what this loom reads), found " + clip(root["format_version"]));
+
+  DatasetIndex index;
+  const uint64_t vocab_size = reader.unsigned_int(root, "vocab_size", "vocab_size");
+  if (vocab_size == 0 || vocab_size > static_cast<uint64_t>(kMaxVocabSize))
+    reader.fail("vocab_size", "expected 1 to 2^31, found " + std::to_string(vocab_size));
+  index.vocab_size = static_cast<int64_t>(vocab_size);
+  const uint64_t eos_id = reader.unsigned_int(root, "eos_id", "eos_id");
+  if (eos_id >= vocab_size)
+    reader.fail("eos_id", "expected an id below vocab_size " + std::to_string(vocab_size) + ", found " +
+                              std::to_string(eos_id));
+  index.eos_id = static_cast<int64_t>(eos_id);
+  index.tokenizer_hash = reader.string(root, "tokenizer_hash", "tokenizer_hash");
+
+  const std::string dtype = reader.string(root, "token_dtype", "token_dtype");
+  if (dtype == "uint16") {
+    index.token_dtype = TokenDtype::kUint16;
+    if (vocab_size > 65536)
+      reader.fail("token_dtype", "uint16 cannot hold the ids of vocab_size " + std::to_string(vocab_size));
+  } else if (dtype == "uint32") {
+    index.token_dtype = TokenDtype::kUint32;
+  } else {
+    reader.fail("token_dtype", "expected \"uint16\" or \"uint32\", found \"" + dtype.substr(0, 40) + "\"");
+  }
+  index.num_tokens = reader.unsigned_int(root, "num_tokens", "num_tokens");
+  index.num_documents = reader.unsigned_int(root, "num_documents", "num_documents");
+
+  const json& shards = reader.member(root, "shards", "shards", "an array");
+  if (!shards.is_array()) reader.fail("shards", "expected an array, found " + clip(shards));
+  uint64_t sum_tokens = 0;
+  uint64_t sum_documents = 0;
+  for (size_t i = 0; i < shards.size(); ++i) {
+    const std::string key = "shards[" + std::to_string(i) + "]";
+    const json& item = shards[i];
+    if (!item.is_object()) reader.fail(key, "expected an object, found " + clip(item));
+    ShardEntry shard;
+    shard.file = reader.string(item, "file", key + ".file");
+    if (!is_plain_file_name(shard.file))
+      reader.fail(key + ".file", "expected a file name inside the dataset folder, found \"" + shard.file + "\"");
+    for (const ShardEntry& earlier : index.shards)
+      if (earlier.file == shard.file) reader.fail(key + ".file", "\"" + shard.file + "\" is listed twice");
+    shard.num_tokens = reader.unsigned_int(item, "num_tokens", key + ".num_tokens");
+    shard.num_documents = reader.unsigned_int(item, "num_documents", key + ".num_documents");
+    shard.crc32c = parse_crc_hex(reader, reader.string(item, "crc32c", key + ".crc32c"), key + ".crc32c");
+    shard.bytes = reader.unsigned_int(item, "bytes", key + ".bytes");
+    sum_tokens += shard.num_tokens;
+    sum_documents += shard.num_documents;
+    index.shards.push_back(std::move(shard));
+  }
+  if (sum_tokens != index.num_tokens)
+    reader.fail("num_tokens", std::to_string(index.num_tokens) + " is not the sum of the shards' num_tokens (" +
+                                  std::to_string(sum_tokens) + ")");
+  if (sum_documents != index.num_documents)
+    reader.fail("num_documents", std::to_string(index.num_documents) +
+                                     " is not the sum of the shards' num_documents (" + std::to_string(sum_documents) +
+                                     ")");
+  return index;
+}
+
+// --- Dataset -----------------------------------------------------------------------
+
+namespace {
+
+struct OpenedShard {
+  std::string path;
+  uint64_t first_token = 0;  // global offset of the shard's first token
+  // Declared before `tokens` so that it is closed after it.
+  hdf5::FileId file;
+  hdf5::DatasetId tokens;
+  hdf5::DatasetId doc_offsets;
+};
+
+}  // namespace
+
+struct Dataset::Impl {
+  std::string dir;
+  DatasetIndex index;
+  std::vector<OpenedShard> shards;
+  // Scratch for stored tokens; used only under the HDF5 lock.
+  mutable std::vector<uint16_t> scratch16;
+  mutable std::vector<uint32_t> scratch32;
+
+  const ShardEntry& entry(size_t shard) const { return index.shards[shard]; }
+
+  void open_shard(size_t shard_index, uint64_t first_token) {
+    const ShardEntry& entry = index.shards[shard_index];
+    OpenedShard shard;
+    shard.path = (fs::path(dir) / entry.file).string();
+    shard.first_token = first_token;
+    const std::string& path = shard.path;
+
+    std::error_code error;
+    const fs::file_status status = fs::status(path, error);
+    if (!fs::exists(status))
+      throw BadInput(path + ": missing (index.json lists it as shards[" + std::to_string(shard_index) + "])");
+    if (!fs::is_regular_file(status)) throw BadInput(path + ": not a regular file");
+    const uint64_t bytes = fs::file_size(path, error);
+    if (error) throw BadInput(path + ": cannot read its size: " + error.message());
+    if (bytes != entry.bytes)
+      throw BadInput(path + ": file is " + std::to_string(bytes) + " bytes, index.json says " +
+                     std::to_string(entry.bytes) + " (truncated or replaced)");
+
+    hdf5::Lock lock;
+    // Shards are never modified once written, so HDF5's file locks protect
+    // nothing here, and they fail on some network file systems.
+    hdf5::PlistId access(H5Pcreate(H5P_FILE_ACCESS));
+#if H5_VERSION_GE(1, 10, 7)
+    H5Pset_file_locking(access.get(), false, true);
+#endif
+    shard.file = hdf5::FileId(H5Fopen(path.c_str(), H5F_ACC_RDONLY, access.get()));
+    if (!shard.file.valid()) throw BadInput(path + ": cannot open as an HDF5 file" + hdf5::take_error_detail());
+    const hid_t file = shard.file.get();
+
+    const int64_t format_version = read_int_attribute(file, "format_version", path);
+    if (format_version != kDatasetFormatVersion)
+      throw BadInput(path + ": root attribute 'format_version' is " + std::to_string(format_version) + ", expected " +
+                     std::to_string(kDatasetFormatVersion));
+    const auto check_attribute = [&](const char* name, const std::string& found, const std::string& expected) {
+      if (found != expected)
+        throw BadInput(path + ": root attribute '" + name + "' is " + found + ", index.json says " + expected);
+    };
+    check_attribute("vocab_size", std::to_string(read_int_attribute(file, "vocab_size", path)),
+                    std::to_string(index.vocab_size));
+    check_attribute("eos_id", std::to_string(read_int_attribute(file, "eos_id", path)), std::to_string(index.eos_id));
+    check_attribute("tokenizer_hash", "\"" + read_string_attribute(file, "tokenizer_hash", path) + "\"",
+                    "\"" + index.tokenizer_hash + "\"");
+
+    shard.tokens = open_vector(file, "tokens", entry.num_tokens, path, "index.json's num_tokens");
+    hdf5::TypeId token_type(H5Dget_type(shard.tokens.get()));
+    if (!is_unsigned_integer(token_type.get(), token_dtype_bytes(index.token_dtype)))
+      throw BadInput(path + ": dataset '/tokens' is " + describe_type(token_type.get()) +
+                     ", index.json says token_dtype " + token_dtype_name(index.token_dtype));
+
+    shard.doc_offsets =
+        open_vector(file, "doc_offsets", entry.num_documents + 1, path, "index.json's num_documents + 1");
+    hdf5::TypeId offset_type(H5Dget_type(shard.doc_offsets.get()));
+    if (!is_unsigned_integer(offset_type.get(), 8))
+      throw BadInput(path + ": dataset '/doc_offsets' is " + describe_type(offset_type.get()) + ", expected uint64");
+    shards.push_back(std::move(shard));
+    check_doc_offsets(shards.size() - 1, read_doc_offsets(shards.size() - 1));
+  }
+
+  std::vector<uint64_t> read_doc_offsets(size_t shard_index) const {
+    const OpenedShard& shard = shards[shard_index];
+    std::vector<uint64_t> offsets(entry(shard_index).num_documents + 1);
+    hdf5::Lock lock;
+    read_slice(shard.doc_offsets.get(), H5T_NATIVE_UINT64, 0, offsets.size(), offsets.data(), shard.path,
+               "doc_offsets");
+    return offsets;
+  }
+
+  void check_doc_offsets(size_t shard_index, const std::vector<uint64_t>& offsets) const {
+    const std::string& path = shards[shard_index].path;
+    const uint64_t num_tokens = entry(shard_index).num_tokens;
+    if (offsets.front() != 0)
+      throw BadInput(path + ": /doc_offsets[0] is " + std::to_string(offsets.front()) + ", expected 0");
+    for (size_t i = 1; i < offsets.size(); ++i) {
+      if (offsets[i] < offsets[i - 1])
+        throw BadInput(path + ": /doc_offsets[" + std::to_string(i) + "] = " + std::to_string(offsets[i]) +
+                       " is below /doc_offsets[" + std::to_string(i - 1) + "] = " + std::to_string(offsets[i - 1]) +
+                       " (offsets must not decrease)");
+    }
+    if (offsets.back() != num_tokens)
+      throw BadInput(path + ": last /doc_offsets entry is " + std::to_string(offsets.back()) +
+                     ", expected the shard's token count " + std::to_string(num_tokens));
+  }
+
+  // Copies tokens [begin, begin + out.size()) local to one shard into `out`,
+  // refusing ids >= vocab_size.
+  template <typename Stored, typename Out>
+  void read_shard_tokens(const OpenedShard& shard, hid_t memory_type, std::vector<Stored>& scratch, uint64_t begin,
+                         std::span<Out> out) const {
+    hdf5::Lock lock;
+    scratch.resize(out.size());
+    read_slice(shard.tokens.get(), memory_type, begin, out.size(), scratch.data(), shard.path, "tokens");
+    const auto vocab_size = static_cast<uint64_t>(index.vocab_size);
+    for (size_t i = 0; i < out.size(); ++i) {
+      const Stored id = scratch[i];
+      if (id >= vocab_size)
+        throw BadInput(shard.path + ": /tokens[" + std::to_string(begin + i) + "] = " + std::to_string(id) +
+                       " is not below vocab_size " + std::to_string(vocab_size) + " (token " +
+                       std::to_string(shard.first_token + begin + i) + " of the dataset)");
+      out[i] = static_cast<Out>(id);
+    }
+  }
+
+  template <typename Out>
+  void read_tokens(uint64_t begin, std::span<Out> out) const {
+    if (begin > index.num_tokens || out.size() > index.num_tokens - begin)
+      throw std::out_of_range(dir + ": tokens [" + std::to_string(begin) + ", " + std::to_string(begin + out.size()) +
+                              ") reach past the end of the dataset (" + std::to_string(index.num_tokens) + " tokens)");
+    // The last shard whose first token is <= begin (empty shards are skipped
+    // by the loop below).
+    auto it = std::upper_bound(shards.begin(), shards.end(), begin,
+                               [](uint64_t offset, const OpenedShard& shard) { return offset < shard.first_token; });
+    size_t shard_index = static_cast<size_t>(it - shards.begin()) - (it == shards.begin() ? 0 : 1);
+    size_t done = 0;
+    while (done < out.size()) {
+      const OpenedShard& shard = shards[shard_index];
+      const uint64_t local = begin + done - shard.first_token;
+      const uint64_t available = entry(shard_index).num_tokens - std::min(local, entry(shard_index).num_tokens);
+      const size_t count = static_cast<size_t>(std::min<uint64_t>(available, out.size() - done));
+      if (count > 0) {
+        if (index.token_dtype == TokenDtype::kUint16)
+          read_shard_tokens(shard, H5T_NATIVE_UINT16, scratch16, local, out.subspan(done, count));
+        else
+          read_shard_tokens(shard, H5T_NATIVE_UINT32, scratch32, local, out.subspan(done, count));
+      }
+      done += count;
+      ++shard_index;
+    }
+  }
+};
+
+Dataset::Dataset(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Dataset::Dataset(Dataset&&) noexcept = default;
+Dataset& Dataset::operator=(Dataset&&) noexcept = default;
+Dataset::~Dataset() = default;
+
+Dataset Dataset::open(const std::string& dir, const DatasetOpenOptions& options) {
+  auto impl = std::make_unique<Impl>();
+  impl->dir = dir;
+  const std::string index_path = (fs::path(dir) / kDatasetIndexFile).string();
+  std::error_code error;
+  if (!fs::is_directory(dir, error)) throw BadInput(dir + ": not a dataset folder (no such directory)");
+  if (!fs::exists(index_path, error))
+    throw BadInput(index_path + ": missing; " + dir +
+                   " is not a finished loom dataset (an interrupted `loom prepare` leaves no index.json)");
+  impl->index = DatasetIndex::parse(read_file(index_path), index_path);
+  uint64_t first_token = 0;
+  for (size_t i = 0; i < impl->index.shards.size(); ++i) {
+    impl->open_shard(i, first_token);
+    first_token += impl->index.shards[i].num_tokens;
+  }
+  Dataset dataset(std::move(impl));
+  const bool scan = options.scan_token_range == TokenRangeScan::kAlways ||
+                    (options.scan_token_range == TokenRangeScan::kAuto && dataset.num_tokens() <= kAutoScanMaxTokens);
+  // Checksums first: a corrupt shard is better reported as corrupt than as
+  // holding an out-of-range id.
+  if (options.verify_checksums) dataset.verify_checksums();
+  if (scan) dataset.scan_token_range();
+  return dataset;
+}
+
+const std::string& Dataset::dir() const { return impl_->dir; }
+const DatasetIndex& Dataset::index() const { return impl_->index; }
+
+void Dataset::read_tokens(uint64_t begin, std::span<int32_t> out) const { impl_->read_tokens(begin, out); }
+void Dataset::read_tokens(uint64_t begin, std::span<int64_t> out) const { impl_->read_tokens(begin, out); }
+
+std::vector<uint64_t> Dataset::read_doc_offsets(size_t shard) const {
+  if (shard >= impl_->shards.size()) throw std::out_of_range(impl_->dir + ": no shard " + std::to_string(shard));
+  return impl_->read_doc_offsets(shard);
+}
+
+uint64_t Dataset::shard_first_token(size_t shard) const {
+  if (shard >= impl_->shards.size()) throw std::out_of_range(impl_->dir + ": no shard " + std::to_string(shard));
+  return impl_->shards[shard].first_token;
+}
+
+void Dataset::scan_token_range() const {
+  std::vector<int32_t> piece;
+  for (uint64_t begin = 0; begin < num_tokens(); begin += kScanPieceTokens) {
+    piece.resize(static_cast<size_t>(std::min(kScanPieceTokens, num_tokens() - begin)));
+    read_tokens(begin, piece);
+  }
+}
+
+void Dataset::verify_checksums() const {
+  const size_t width = token_dtype_bytes(impl_->index.token_dtype);
+  // Read as little-endian: the checksum is defined over the stored
+  // little-endian bytes, whatever the host's byte order.
+  const hid_t token_type = width == 2 ? H5T_STD_U16LE : H5T_STD_U32LE;
+  std::vector<std::byte> bytes;
+  for (size_t s = 0; s < impl_->shards.size(); ++s) {
+    const OpenedShard& shard = impl_->shards[s];
+    const ShardEntry& entry = impl_->entry(s);
+    uint32_t crc = 0;
+    hdf5::Lock lock;
+    for (uint64_t begin = 0; begin < entry.num_tokens; begin += kScanPieceTokens) {
+      const uint64_t count = std::min(kScanPieceTokens, entry.num_tokens - begin);
+      bytes.resize(count * width);
+      read_slice(shard.tokens.get(), token_type, begin, count, bytes.data(), shard.path, "tokens");
+      crc = crc32c(bytes, crc);
+    }
+    bytes.resize((entry.num_documents + 1) * 8);
+    read_slice(shard.doc_offsets.get(), H5T_STD_U64LE, 0, entry.num_documents + 1, bytes.data(), shard.path,
+               "doc_offsets");
+    crc = crc32c(bytes, crc);
+    if (crc != entry.crc32c)
+      throw BadInput(shard.path + ": CRC32C " + hex32(crc) + " does not match index.json's " + hex32(entry.crc32c) +
+                     " (corrupt)");
+  }
+}
+
+}  // namespace loom

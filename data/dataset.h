@@ -1,0 +1,190 @@
+// loom's token dataset: a folder of HDF5 shards described by index.json.
+//
+//   DIR/index.json        what the folder holds (written last: its presence
+//                         means the dataset is complete)
+//   DIR/shard-00000.h5    /tokens       1-D uint16 (vocab_size <= 65536) or
+//   DIR/shard-00001.h5                  uint32, little-endian, chunked
+//   ...                   /doc_offsets  1-D uint64, num_documents + 1 entries:
+//                                       document i is tokens[doc_offsets[i] :
+//                                       doc_offsets[i + 1]], its EOS included
+//                         root attributes format_version (1), vocab_size,
+//                         eos_id, tokenizer_hash (string)
+//
+// The token stream of the dataset is the shards' /tokens concatenated in
+// index order; a global token offset indexes it. docs/data.md describes the
+// format field by field, including what the CRC32C covers.
+//
+// Every problem with the data is loom::BadInput naming the file and the key,
+// shard, attribute or offset. HDF5 is called only under the process-wide
+// HDF5 lock (Note [HDF5 lock] in data/hdf5_handle.h), so Dataset and
+// DatasetWriter objects may be used from any thread, one call at a time each.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace loom {
+
+inline constexpr int kDatasetFormatVersion = 1;
+inline constexpr const char* kDatasetFormatName = "loom-dataset";
+inline constexpr const char* kDatasetIndexFile = "index.json";
+// Default shard size, in tokens (128 MiB of uint16 tokens).
+inline constexpr uint64_t kDefaultShardTokens = uint64_t{64} << 20;
+// HDF5 chunk of /tokens, in elements: large enough for sequential reads to be
+// cheap, small enough that a sample read touches one or two chunks.
+inline constexpr uint64_t kTokenChunkElements = uint64_t{1} << 20;
+// Largest vocabulary: token ids must fit int32 (the model's embedding index).
+inline constexpr int64_t kMaxVocabSize = int64_t{1} << 31;
+
+enum class TokenDtype { kUint16, kUint32 };
+
+// "uint16" / "uint32".
+const char* token_dtype_name(TokenDtype dtype);
+// uint16 when every id < vocab_size fits in 16 bits, else uint32.
+TokenDtype token_dtype_for_vocab(int64_t vocab_size);
+size_t token_dtype_bytes(TokenDtype dtype);
+
+// "shard-00042.h5".
+std::string shard_file_name(size_t shard);
+
+// One entry of index.json's "shards".
+struct ShardEntry {
+  std::string file;            // name inside the dataset folder
+  uint64_t num_tokens = 0;
+  uint64_t num_documents = 0;
+  uint32_t crc32c = 0;         // see docs/data.md: /tokens then /doc_offsets, little-endian
+  uint64_t bytes = 0;          // size of the .h5 file
+};
+
+// index.json, parsed.
+struct DatasetIndex {
+  int64_t vocab_size = 0;
+  int64_t eos_id = 0;
+  std::string tokenizer_hash;
+  TokenDtype token_dtype = TokenDtype::kUint16;
+  uint64_t num_tokens = 0;
+  uint64_t num_documents = 0;
+  std::vector<ShardEntry> shards;
+
+  // index.json's text (pretty-printed, keys in the documented order).
+  std::string to_json() const;
+  // Parses and validates index.json's text. `path` names the file in errors:
+  // BadInput "<path>: key 'shards[2].crc32c': expected ..., found ...".
+  static DatasetIndex parse(const std::string& text, const std::string& path);
+};
+
+// Writes a dataset folder, one document at a time.
+//
+// Crash safety: each shard is written as `shard-NNNNN.h5.tmp`, closed,
+// fsynced and renamed to `shard-NNNNN.h5` when full; finish() writes
+// index.json last, atomically. A folder without index.json is not a dataset,
+// so an interrupted write never looks complete. Destroying a writer without
+// finish() (an exception while preparing) removes every shard it wrote.
+class DatasetWriter {
+ public:
+  // Creates `dir` if needed. Throws BadInput when `dir` already holds an
+  // index.json (a finished dataset is never overwritten), when vocab_size is
+  // not in [1, 2^31], eos_id not in [0, vocab_size), or shard_tokens is 0.
+  // Leftovers of an interrupted writer in `dir` (shard-NNNNN.h5 and
+  // shard-NNNNN.h5.tmp without an index.json) are removed.
+  DatasetWriter(std::string dir, int64_t vocab_size, int64_t eos_id, std::string tokenizer_hash,
+                uint64_t shard_tokens = kDefaultShardTokens);
+  DatasetWriter(const DatasetWriter&) = delete;
+  DatasetWriter& operator=(const DatasetWriter&) = delete;
+  ~DatasetWriter();
+
+  // Appends one document (the caller appends EOS). Documents are never split:
+  // when the document does not fit in the current shard's remaining
+  // shard_tokens, the shard is completed and the document starts the next one
+  // (a document longer than shard_tokens gets a shard of its own). Throws
+  // BadInput naming the document and position for an id outside
+  // [0, vocab_size); the document is then not added.
+  void add_document(std::span<const int32_t> ids);
+
+  // Completes the last shard and writes index.json. Returns the index.
+  // Call once; the writer accepts nothing afterwards.
+  const DatasetIndex& finish();
+
+  const std::string& dir() const { return dir_; }
+  uint64_t num_tokens() const;
+  uint64_t num_documents() const;
+
+ private:
+  struct OpenShard;
+  void start_shard();
+  void flush_pending();
+  void complete_shard();
+  void remove_written_files() noexcept;
+
+  std::string dir_;
+  uint64_t shard_tokens_;
+  DatasetIndex index_;
+  std::unique_ptr<OpenShard> shard_;
+  std::vector<std::string> completed_paths_;  // final names of completed shards
+  bool finished_ = false;
+};
+
+// Whether Dataset::open scans every token for ids >= vocab_size. Reads check
+// the ids they return in any case (a cheap comparison per token), so the scan
+// only moves the error from first use to open.
+enum class TokenRangeScan {
+  kAuto,    // scan datasets of at most kAutoScanMaxTokens tokens
+  kAlways,
+  kNever,
+};
+inline constexpr uint64_t kAutoScanMaxTokens = uint64_t{64} << 20;
+
+struct DatasetOpenOptions {
+  bool verify_checksums = false;  // recompute every shard's CRC32C (reads all data)
+  TokenRangeScan scan_token_range = TokenRangeScan::kAuto;
+};
+
+// A dataset opened read-only. Each Dataset holds its own HDF5 handles.
+class Dataset {
+ public:
+  // Parses DIR/index.json and opens every shard read-only, checking it
+  // against the index: it exists, its size, /tokens dtype and length,
+  // /doc_offsets length and values (0 first, num_tokens last,
+  // non-decreasing), and the root attributes. Any mismatch is BadInput naming
+  // the shard file (or index.json and the key).
+  static Dataset open(const std::string& dir, const DatasetOpenOptions& options = {});
+
+  Dataset(Dataset&&) noexcept;
+  Dataset& operator=(Dataset&&) noexcept;
+  ~Dataset();
+
+  const std::string& dir() const;
+  const DatasetIndex& index() const;
+  uint64_t num_tokens() const { return index().num_tokens; }
+  uint64_t num_documents() const { return index().num_documents; }
+  int64_t vocab_size() const { return index().vocab_size; }
+  int64_t eos_id() const { return index().eos_id; }
+
+  // Copies tokens [begin, begin + out.size()) of the token stream into `out`,
+  // crossing shard boundaries as needed. Throws std::out_of_range when the
+  // range ends past num_tokens(), BadInput naming the shard and offset when a
+  // token id is >= vocab_size.
+  void read_tokens(uint64_t begin, std::span<int32_t> out) const;
+  void read_tokens(uint64_t begin, std::span<int64_t> out) const;
+
+  // The shard's /doc_offsets (offsets local to the shard).
+  std::vector<uint64_t> read_doc_offsets(size_t shard) const;
+  // Global token offset of the shard's first token.
+  uint64_t shard_first_token(size_t shard) const;
+
+  // Checks every token id against vocab_size (BadInput naming shard, offset).
+  void scan_token_range() const;
+  // Recomputes every shard's CRC32C and compares it with index.json.
+  void verify_checksums() const;
+
+ private:
+  struct Impl;
+  explicit Dataset(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace loom

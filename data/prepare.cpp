@@ -1,0 +1,268 @@
+#include "data/prepare.h"
+
+#include <unistd.h>
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <deque>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <future>
+#include <mutex>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "util/error.h"
+#include "util/file_io.h"
+
+namespace loom {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+bool is_jsonl(const std::string& path) {
+  const std::string ext = fs::path(path).extension().string();
+  return ext == ".jsonl" || ext == ".ndjson";
+}
+
+bool is_blank(const std::string& line) { return line.find_first_not_of(" \t\r") == std::string::npos; }
+
+// A fixed pool of threads running submitted jobs; results come back through
+// futures, so the caller keeps input order by waiting on them in order.
+class WorkerPool {
+ public:
+  explicit WorkerPool(int threads) {
+    for (int i = 0; i < threads; ++i) workers_.emplace_back([this] { run(); });
+  }
+  ~WorkerPool() {
+    {
+      std::lock_guard lock(mutex_);
+      stopping_ = true;
+    }
+    wake_.notify_all();
+    for (auto& worker : workers_) worker.join();
+  }
+  template <typename F>
+  auto submit(F job) -> std::future<decltype(job())> {
+    auto task = std::make_shared<std::packaged_task<decltype(job())()>>(std::move(job));
+    auto future = task->get_future();
+    {
+      std::lock_guard lock(mutex_);
+      jobs_.emplace_back([task] { (*task)(); });
+    }
+    wake_.notify_one();
+    return future;
+  }
+
+ private:
+  void run() {
+    for (;;) {
+      std::function<void()> job;
+      {
+        std::unique_lock lock(mutex_);
+        wake_.wait(lock, [this] { return stopping_ || !jobs_.empty(); });
+        if (jobs_.empty()) return;
+        job = std::move(jobs_.front());
+        jobs_.pop_front();
+      }
+      job();  // exceptions travel through the packaged_task's future
+    }
+  }
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::deque<std::function<void()>> jobs_;
+  bool stopping_ = false;
+  std::vector<std::thread> workers_;
+};
+
+class Progress {
+ public:
+  explicit Progress(uint64_t total_bytes) : total_bytes_(total_bytes), terminal_(::isatty(STDERR_FILENO) == 1) {}
+
+  void update(uint64_t bytes, uint64_t tokens, uint64_t documents, bool last = false) {
+    const auto now = Clock::now();
+    const double since_print = std::chrono::duration<double>(now - last_print_).count();
+    if (!last && since_print < (terminal_ ? 0.2 : 5.0)) return;
+    last_print_ = now;
+    const double elapsed = std::max(1e-9, std::chrono::duration<double>(now - start_).count());
+    const double fraction = total_bytes_ ? std::min(1.0, static_cast<double>(bytes) / total_bytes_) : 1.0;
+    const double eta = fraction > 0 ? elapsed * (1 - fraction) / fraction : 0;
+    char line[256];
+    if (terminal_) {
+      char bar[31];
+      const int filled = static_cast<int>(fraction * 30);
+      for (int i = 0; i < 30; ++i) bar[i] = i < filled ? '#' : '.';
+      bar[30] = 0;
+      std::snprintf(line, sizeof line, "\r[%s] %5.1f%%  %llu docs  %llu tokens  %.0f tokens/s  ETA %.0fs   ", bar,
+                    100 * fraction, static_cast<unsigned long long>(documents), static_cast<unsigned long long>(tokens),
+                    tokens / elapsed, eta);
+      std::fputs(line, stderr);
+      if (last) std::fputs("\n", stderr);
+    } else {
+      std::snprintf(line, sizeof line, "prepare: %.1f%% %llu docs %llu tokens %.0f tokens/s ETA %.0fs\n", 100 * fraction,
+                    static_cast<unsigned long long>(documents), static_cast<unsigned long long>(tokens),
+                    tokens / elapsed, eta);
+      std::fputs(line, stderr);
+    }
+    std::fflush(stderr);
+  }
+  double seconds() const { return std::chrono::duration<double>(Clock::now() - start_).count(); }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  uint64_t total_bytes_;
+  bool terminal_;
+  Clock::time_point start_ = Clock::now();
+  Clock::time_point last_print_ = Clock::now();
+};
+
+}  // namespace
+
+void read_documents(const std::string& path, const DocumentSplit& split,
+                    const std::function<void(std::string&& document)>& emit) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw BadInput("cannot read input '" + path + "'");
+  std::string line, document;
+  if (is_jsonl(path)) {
+    for (int64_t number = 1; std::getline(in, line); ++number) {
+      if (is_blank(line)) continue;
+      nlohmann::json record;
+      try {
+        record = nlohmann::json::parse(line);
+      } catch (const nlohmann::json::parse_error& e) {
+        throw BadInput(path + ":" + std::to_string(number) + ": not a JSON object (" + e.what() + ")");
+      }
+      if (!record.is_object() || !record.contains(split.text_field) || !record.at(split.text_field).is_string()) {
+        throw BadInput(path + ":" + std::to_string(number) + ": no string field '" + split.text_field +
+                       "' (choose the field with --text-field)");
+      }
+      emit(record.at(split.text_field).get<std::string>());
+    }
+    return;
+  }
+  if (split.per_file) {
+    std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    if (!is_blank(all)) emit(std::move(all));
+    return;
+  }
+  // Blank-line-separated blocks; the lines of a block keep their newlines,
+  // the block's last newline is dropped (EOS marks the end instead).
+  auto flush = [&] {
+    if (!document.empty()) {
+      document.pop_back();
+      emit(std::move(document));
+      document.clear();
+    }
+  };
+  while (std::getline(in, line)) {
+    if (is_blank(line)) {
+      flush();
+    } else {
+      document += line;
+      document += '\n';
+    }
+  }
+  flush();
+}
+
+int32_t resolve_eos_id(const Tokenizer& tokenizer, const std::string& tokenizer_path, const std::string& requested) {
+  if (!requested.empty()) {
+    if (auto id = tokenizer.token_to_id(requested)) return *id;
+    throw BadInput("--eos-token '" + requested + "' is not in the vocabulary of " + tokenizer_path);
+  }
+  const fs::path config_path = fs::path(tokenizer_path).parent_path() / "tokenizer_config.json";
+  if (fs::exists(config_path)) {
+    try {
+      auto config = nlohmann::json::parse(read_file(config_path.string()));
+      if (config.contains("eos_token")) {
+        const auto& eos = config.at("eos_token");
+        std::string token = eos.is_string() ? eos.get<std::string>()
+                            : eos.is_object() && eos.contains("content") ? eos.at("content").get<std::string>()
+                                                                        : "";
+        if (auto id = tokenizer.token_to_id(token); id && !token.empty()) return *id;
+      }
+    } catch (const nlohmann::json::exception& e) {
+      throw BadInput(config_path.string() + ": not valid JSON (" + e.what() + ")");
+    }
+  }
+  for (const char* token : {"<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>"}) {
+    if (auto id = tokenizer.token_to_id(token)) return *id;
+  }
+  throw BadInput(tokenizer_path + ": no end-of-document token found (no tokenizer_config.json eos_token, none of "
+                 "<|endoftext|>, </s>, <|end_of_text|>, <eos>); name one with --eos-token");
+}
+
+PrepareSummary prepare_dataset(const PrepareOptions& options) {
+  if (options.inputs.empty()) throw BadInput("loom prepare: no --input files given");
+  uint64_t total_bytes = 0;
+  for (const auto& input : options.inputs) {
+    std::error_code error;
+    const auto size = fs::file_size(input, error);
+    if (error) throw BadInput("cannot read input '" + input + "': " + error.message());
+    total_bytes += size;
+  }
+  const Tokenizer tokenizer = Tokenizer::load(options.tokenizer_path);
+  const int32_t eos_id = resolve_eos_id(tokenizer, options.tokenizer_path, options.eos_token);
+  const int threads = options.threads > 0 ? options.threads : std::max(1u, std::thread::hardware_concurrency());
+
+  DatasetWriter writer(options.output_dir, tokenizer.vocab_size(), eos_id, tokenizer.hash(), options.shard_tokens);
+  WorkerPool pool(threads);
+  Progress progress(total_bytes);
+
+  // Documents go to the workers in batches; results are written in batch
+  // order. At most 4 batches per thread are in flight, which bounds memory.
+  using Batch = std::vector<std::string>;
+  using Encoded = std::vector<std::vector<int32_t>>;
+  std::deque<std::pair<std::future<Encoded>, uint64_t>> in_flight;  // (result, bytes)
+  uint64_t bytes_done = 0, documents = 0;
+  auto write_oldest = [&] {
+    auto [future, bytes] = std::move(in_flight.front());
+    in_flight.pop_front();
+    for (auto& ids : future.get()) {
+      writer.add_document(ids);
+      ++documents;
+    }
+    bytes_done += bytes;
+    progress.update(bytes_done, writer.num_tokens(), documents);
+  };
+  Batch batch;
+  uint64_t batch_bytes = 0;
+  auto submit = [&] {
+    if (batch.empty()) return;
+    auto job = [&tokenizer, eos_id, docs = std::move(batch)] {
+      Encoded out;
+      out.reserve(docs.size());
+      for (const auto& doc : docs) {
+        out.push_back(tokenizer.encode(doc));
+        out.back().push_back(eos_id);
+      }
+      return out;
+    };
+    in_flight.emplace_back(pool.submit(std::move(job)), batch_bytes);
+    batch = {};
+    batch_bytes = 0;
+    if (in_flight.size() >= static_cast<size_t>(4 * threads)) write_oldest();
+  };
+  for (const auto& input : options.inputs) {
+    read_documents(input, options.split, [&](std::string&& document) {
+      batch_bytes += document.size() + 1;
+      batch.push_back(std::move(document));
+      if (batch_bytes >= (256u << 10)) submit();
+    });
+  }
+  submit();
+  while (!in_flight.empty()) write_oldest();
+  if (documents == 0) {
+    throw BadInput("loom prepare: the inputs hold no documents (" + std::to_string(options.inputs.size()) +
+                   " file(s), all empty)");
+  }
+  const DatasetIndex& index = writer.finish();
+  progress.update(total_bytes, index.num_tokens, documents, /*last=*/true);
+  return {documents, index.num_tokens, index.shards.size(), progress.seconds()};
+}
+
+}  // namespace loom

@@ -1,0 +1,60 @@
+// `loom prepare`: text or JSONL files -> a tokenized dataset folder
+// (index.json + shard-NNNNN.h5, see data/dataset.h and docs/data.md).
+//
+// Documents are read in input order, tokenized by a pool of worker threads
+// (one per core by default) and written in the same order, each followed by
+// the EOS token, so the output is identical whatever the thread count.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "data/dataset.h"
+#include "data/tokenizer.h"
+
+namespace loom {
+
+struct DocumentSplit {
+  // Plain text: a document is a block of lines separated by one or more blank
+  // lines, or (per_file) the whole file. JSONL (*.jsonl, *.json lines): one
+  // document per line, the string field `text_field`.
+  bool per_file = false;
+  std::string text_field = "text";
+};
+
+// Reads every document of `path` (BadInput naming the file and line for a bad
+// JSONL line or a missing field). Calls `emit` with each in order.
+void read_documents(const std::string& path, const DocumentSplit& split,
+                    const std::function<void(std::string&& document)>& emit);
+
+// The EOS token: `requested` when given (must be in the vocabulary), else
+// `eos_token` of a tokenizer_config.json beside the tokenizer, else the first
+// of <|endoftext|>, </s>, <|end_of_text|>, <eos> the vocabulary has. BadInput
+// naming --eos-token when none is found.
+int32_t resolve_eos_id(const Tokenizer& tokenizer, const std::string& tokenizer_path, const std::string& requested);
+
+struct PrepareOptions {
+  std::string tokenizer_path;
+  std::vector<std::string> inputs;
+  std::string output_dir;
+  std::string eos_token;  // "" = resolve_eos_id's default
+  DocumentSplit split;
+  uint64_t shard_tokens = kDefaultShardTokens;
+  int threads = 0;  // 0 = hardware concurrency
+};
+
+struct PrepareSummary {
+  uint64_t documents = 0;
+  uint64_t tokens = 0;
+  size_t shards = 0;
+  double seconds = 0;
+};
+
+// Tokenizes all inputs into a new dataset at output_dir. Prints progress to
+// stderr: a bar with tokens/s and ETA on a terminal, a line every few seconds
+// otherwise. An empty input (no documents at all) is BadInput.
+PrepareSummary prepare_dataset(const PrepareOptions& options);
+
+}  // namespace loom

@@ -1,0 +1,108 @@
+// Data subcommands: `loom prepare`, `loom tokenizer train`, and `loom inspect`
+// of a dataset folder.
+#include <filesystem>
+#include <iostream>
+
+#include "data/bpe_trainer.h"
+#include "data/dataset.h"
+#include "data/prepare.h"
+#include "data/tokenizer.h"
+#include "launch/cli.h"
+#include "launch/commands.h"
+#include "util/error.h"
+
+namespace loom {
+
+namespace fs = std::filesystem;
+
+int command_prepare(const std::vector<std::string>& argv) {
+  Args args("prepare", argv,
+            {{"tokenizer", true, false, "tokenizer.json"},
+             {"input", true, true, "text or JSONL file (repeatable)"},
+             {"output", true, false, "dataset folder to create"},
+             {"eos-token", true, false, "token appended to every document"},
+             {"text-field", true, false, "JSONL field holding the text (default text)"},
+             {"doc-per-file", false, false, "each text file is one document"},
+             {"shard-tokens", true, false, "tokens per shard (default 64Mi)"},
+             {"threads", true, false, "tokenizer threads (default: all cores)"}});
+  PrepareOptions options;
+  options.tokenizer_path = args.require("tokenizer");
+  options.output_dir = args.require("output");
+  options.inputs = args.all("input");
+  for (const auto& extra : args.positional()) options.inputs.push_back(extra);  // --input a b c
+  options.eos_token = args.get_or("eos-token", "");
+  options.split.text_field = args.get_or("text-field", "text");
+  options.split.per_file = args.has("doc-per-file");
+  const int64_t shard_tokens = args.get_int("shard-tokens", static_cast<int64_t>(kDefaultShardTokens));
+  if (shard_tokens < 1) throw BadInput("loom prepare: --shard-tokens must be positive");
+  options.shard_tokens = static_cast<uint64_t>(shard_tokens);
+  options.threads = static_cast<int>(args.get_int("threads", 0));
+  const PrepareSummary summary = prepare_dataset(options);
+  std::cout << "prepared " << options.output_dir << ": " << summary.documents << " documents, " << summary.tokens
+            << " tokens in " << summary.shards << " shard" << (summary.shards == 1 ? "" : "s") << " ("
+            << static_cast<int64_t>(summary.tokens / std::max(summary.seconds, 1e-9)) << " tokens/s)\n";
+  return kExitOk;
+}
+
+int command_tokenizer(const std::vector<std::string>& argv) {
+  if (argv.empty() || argv[0] != "train") {
+    throw BadInput("loom tokenizer: expected 'train' (loom tokenizer train --input FILE... --vocab-size N --output T)");
+  }
+  Args args("tokenizer train", std::vector<std::string>(argv.begin() + 1, argv.end()),
+            {{"input", true, true, "text file (repeatable)"},
+             {"vocab-size", true, false, "tokens in the vocabulary, special tokens included"},
+             {"output", true, false, "tokenizer.json to write"},
+             {"special-token", true, true, "special token (repeatable; default <|endoftext|>)"}});
+  std::vector<std::string> inputs = args.all("input");
+  for (const auto& extra : args.positional()) inputs.push_back(extra);
+  if (inputs.empty()) throw BadInput("loom tokenizer train: no --input files given");
+  for (const auto& input : inputs) {
+    if (!fs::is_regular_file(input)) throw BadInput("loom tokenizer train: cannot read input '" + input + "'");
+  }
+  const int64_t vocab_size = args.get_int("vocab-size", 0);
+  if (vocab_size < 257) throw BadInput("loom tokenizer train: --vocab-size must be at least 257 (256 bytes + 1)");
+  std::vector<std::string> specials = args.all("special-token");
+  if (specials.empty()) specials = {"<|endoftext|>"};
+  const std::string output = args.require("output");
+  const TrainedTokenizer trained = train_bpe(inputs, vocab_size, specials);
+  trained.write_tokenizer_json(output);
+  std::cout << "trained " << output << ": " << trained.vocab.size() << " tokens, " << trained.merges.size()
+            << " merges\n";
+  return kExitOk;
+}
+
+bool is_dataset_folder(const std::string& path) { return fs::exists(fs::path(path) / kDatasetIndexFile); }
+
+int inspect_dataset(const std::string& path, bool verify, const std::string& tokenizer_path) {
+  DatasetOpenOptions options;
+  options.verify_checksums = verify;
+  options.scan_token_range = TokenRangeScan::kAlways;
+  const Dataset dataset = Dataset::open(path, options);
+  const DatasetIndex& index = dataset.index();
+  std::cout << path << ": loom dataset, " << index.num_documents << " documents, " << index.num_tokens
+            << " tokens, vocab " << index.vocab_size << " (" << token_dtype_name(index.token_dtype) << "), eos "
+            << index.eos_id << ", tokenizer " << index.tokenizer_hash << "\n"
+            << "checked: every shard against index.json, every token id < vocab"
+            << (verify ? ", CRC32C checksums" : " (add --verify for checksums)") << "\n";
+  for (const auto& shard : index.shards) {
+    std::cout << "  " << shard.file << "  " << shard.num_tokens << " tokens  " << shard.num_documents
+              << " documents  " << shard.bytes << " bytes\n";
+  }
+  // A sample: the start of the first document, decoded when a tokenizer is at hand.
+  const uint64_t length = std::min<uint64_t>(index.num_tokens, 48);
+  std::vector<int32_t> ids(length);
+  dataset.read_tokens(0, ids);
+  std::cout << "first tokens:";
+  for (int32_t id : ids) std::cout << " " << id;
+  std::cout << "\n";
+  if (!tokenizer_path.empty()) {
+    const Tokenizer tokenizer = Tokenizer::load(tokenizer_path);
+    if (tokenizer.hash() != index.tokenizer_hash) {
+      std::cout << "note: " << tokenizer_path << " is not the tokenizer this dataset was made with\n";
+    }
+    std::cout << "decoded: " << tokenizer.decode(ids) << "\n";
+  }
+  return kExitOk;
+}
+
+}  // namespace loom

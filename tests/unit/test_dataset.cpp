@@ -1,0 +1,422 @@
+// The HDF5 token dataset: DatasetWriter, index.json and Dataset.
+#include "data/dataset.h"
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "data/hdf5_handle.h"
+#include "util/error.h"
+#include "util/file_io.h"
+
+namespace loom {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+using Documents = std::vector<std::vector<int32_t>>;
+
+constexpr int32_t kEos = 0;
+
+// `count` documents of 1 to `max_length` ids in [1, vocab_size), each ending in kEos.
+Documents make_documents(size_t count, int64_t vocab_size, size_t max_length, uint32_t seed) {
+  std::mt19937 random(seed);
+  Documents documents(count);
+  for (auto& document : documents) {
+    const size_t length = 1 + random() % max_length;
+    for (size_t i = 0; i + 1 < length; ++i) document.push_back(static_cast<int32_t>(1 + random() % (vocab_size - 1)));
+    document.push_back(kEos);
+  }
+  return documents;
+}
+
+std::vector<int64_t> concatenate(const Documents& documents) {
+  std::vector<int64_t> stream;
+  for (const auto& document : documents) stream.insert(stream.end(), document.begin(), document.end());
+  return stream;
+}
+
+std::string message_of(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const BadInput& e) {
+    return e.what();
+  } catch (const std::exception& e) {
+    return std::string("(not BadInput) ") + e.what();
+  }
+  return "(no exception)";
+}
+
+#define EXPECT_BAD_INPUT(statement, ...)                                         \
+  do {                                                                           \
+    const std::string message_ = message_of([&] { statement; });                 \
+    for (const std::string& part_ : std::vector<std::string>{__VA_ARGS__})        \
+      EXPECT_NE(message_.find(part_), std::string::npos)                         \
+          << "message '" << message_ << "' lacks '" << part_ << "'";             \
+  } while (0)
+
+class DatasetTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    root_ = fs::temp_directory_path() /
+            ("loom-test-dataset-" + std::to_string(::getpid()) + "-" + std::to_string(std::random_device{}()));
+    fs::create_directories(root_);
+    dir_ = (root_ / "data").string();
+  }
+  void TearDown() override { fs::remove_all(root_); }
+
+  DatasetIndex write(const Documents& documents, int64_t vocab_size = 1000, uint64_t shard_tokens = 50) {
+    DatasetWriter writer(dir_, vocab_size, kEos, "sha256:test", shard_tokens);
+    for (const auto& document : documents) writer.add_document(document);
+    return writer.finish();
+  }
+
+  std::string shard(size_t i) const { return (fs::path(dir_) / shard_file_name(i)).string(); }
+  std::string index_path() const { return (fs::path(dir_) / "index.json").string(); }
+
+  void edit_index(const std::function<void(json&)>& edit) const {
+    json index = json::parse(read_file(index_path()));
+    edit(index);
+    write_file_atomic(index_path(), index.dump(2));
+  }
+
+  std::vector<std::string> entries() const {
+    std::vector<std::string> names;
+    for (const auto& entry : fs::directory_iterator(dir_)) names.push_back(entry.path().filename().string());
+    std::sort(names.begin(), names.end());
+    return names;
+  }
+
+  fs::path root_;
+  std::string dir_;
+};
+
+std::vector<int64_t> read_all(const Dataset& dataset) {
+  std::vector<int64_t> tokens(dataset.num_tokens());
+  dataset.read_tokens(0, tokens);
+  return tokens;
+}
+
+// Rewrites an integer root attribute of a shard in place.
+void set_root_attribute(const std::string& path, const char* name, int64_t value) {
+  hdf5::Lock lock;
+  hdf5::FileId file(H5Fopen(path.c_str(), H5F_ACC_RDWR, H5P_DEFAULT));
+  hdf5::AttrId attr(H5Aopen(file.get(), name, H5P_DEFAULT));
+  ASSERT_TRUE(attr.valid());
+  ASSERT_GE(H5Awrite(attr.get(), H5T_NATIVE_INT64, &value), 0);
+}
+
+// Overwrites element `i` of a shard's /doc_offsets in place.
+void set_doc_offset(const std::string& path, uint64_t i, uint64_t value) {
+  hdf5::Lock lock;
+  hdf5::FileId file(H5Fopen(path.c_str(), H5F_ACC_RDWR, H5P_DEFAULT));
+  hdf5::DatasetId offsets(H5Dopen2(file.get(), "doc_offsets", H5P_DEFAULT));
+  hdf5::SpaceId file_space(H5Dget_space(offsets.get()));
+  const hsize_t start[1] = {i};
+  const hsize_t count[1] = {1};
+  hdf5::SpaceId memory_space(H5Screate_simple(1, count, nullptr));
+  H5Sselect_hyperslab(file_space.get(), H5S_SELECT_SET, start, nullptr, count, nullptr);
+  ASSERT_GE(H5Dwrite(offsets.get(), H5T_NATIVE_UINT64, memory_space.get(), file_space.get(), H5P_DEFAULT, &value), 0);
+}
+
+// --- round trips ---------------------------------------------------------------
+
+TEST_F(DatasetTest, Uint16RoundTripOverManyShardsKeepsEveryDocumentWhole) {
+  const Documents documents = make_documents(300, 1000, 40, 1);
+  const DatasetIndex written = write(documents, 1000, 50);
+  ASSERT_GT(written.shards.size(), 10u);
+
+  const Dataset dataset = Dataset::open(dir_, {.verify_checksums = true});
+  EXPECT_EQ(dataset.index().token_dtype, TokenDtype::kUint16);
+  EXPECT_EQ(dataset.num_documents(), documents.size());
+  EXPECT_EQ(read_all(dataset), concatenate(documents));
+
+  // Walking every shard's doc_offsets gives back the documents in order.
+  size_t next_document = 0;
+  for (size_t s = 0; s < dataset.index().shards.size(); ++s) {
+    const std::vector<uint64_t> offsets = dataset.read_doc_offsets(s);
+    const uint64_t first = dataset.shard_first_token(s);
+    EXPECT_TRUE(offsets.back() <= 50 || offsets.size() == 2) << "shard " << s << " exceeds shard_tokens";
+    for (size_t d = 0; d + 1 < offsets.size(); ++d, ++next_document) {
+      std::vector<int32_t> document(offsets[d + 1] - offsets[d]);
+      dataset.read_tokens(first + offsets[d], document);
+      EXPECT_EQ(document, documents[next_document]) << "document " << next_document;
+    }
+  }
+  EXPECT_EQ(next_document, documents.size());
+}
+
+TEST_F(DatasetTest, Uint32RoundTripForVocabulariesPast65536) {
+  Documents documents = make_documents(40, 70000, 30, 2);
+  documents[3] = {65535, 65536, 69999, kEos};
+  write(documents, 70000, 64);
+  const Dataset dataset = Dataset::open(dir_, {.verify_checksums = true});
+  EXPECT_EQ(dataset.index().token_dtype, TokenDtype::kUint32);
+  EXPECT_EQ(read_all(dataset), concatenate(documents));
+  std::vector<int32_t> as_int32(dataset.num_tokens());
+  dataset.read_tokens(0, as_int32);
+  EXPECT_TRUE(std::equal(as_int32.begin(), as_int32.end(), concatenate(documents).begin()));
+}
+
+TEST_F(DatasetTest, Vocab65536StillFitsUint16) {
+  write({{65535, kEos}}, 65536);
+  const Dataset dataset = Dataset::open(dir_);
+  EXPECT_EQ(dataset.index().token_dtype, TokenDtype::kUint16);
+  EXPECT_EQ(read_all(dataset), (std::vector<int64_t>{65535, kEos}));
+}
+
+TEST_F(DatasetTest, ReadsCrossShardBoundaries) {
+  const Documents documents = make_documents(100, 1000, 20, 3);
+  const DatasetIndex index = write(documents, 1000, 30);
+  const std::vector<int64_t> stream = concatenate(documents);
+  const Dataset dataset = Dataset::open(dir_);
+  for (size_t s = 1; s < index.shards.size(); ++s) {
+    const uint64_t boundary = dataset.shard_first_token(s);
+    std::vector<int64_t> piece(7);
+    dataset.read_tokens(boundary - 3, piece);
+    EXPECT_TRUE(std::equal(piece.begin(), piece.end(), stream.begin() + boundary - 3)) << "boundary " << boundary;
+  }
+  // One read spanning several whole shards.
+  std::vector<int64_t> wide(100);
+  dataset.read_tokens(10, wide);
+  EXPECT_TRUE(std::equal(wide.begin(), wide.end(), stream.begin() + 10));
+  // The very last token, and nothing past it.
+  std::vector<int64_t> last(1);
+  dataset.read_tokens(stream.size() - 1, last);
+  EXPECT_EQ(last[0], stream.back());
+  std::vector<int64_t> past(2);
+  EXPECT_THROW(dataset.read_tokens(stream.size() - 1, past), std::out_of_range);
+}
+
+TEST_F(DatasetTest, DocumentLongerThanShardSizeGetsAShardOfItsOwn) {
+  std::vector<int32_t> long_document(120, 7);
+  long_document.back() = kEos;
+  const DatasetIndex index = write({{1, kEos}, long_document, {2, kEos}}, 1000, 50);
+  ASSERT_EQ(index.shards.size(), 3u);
+  EXPECT_EQ(index.shards[1].num_tokens, 120u);
+  EXPECT_EQ(index.shards[1].num_documents, 1u);
+}
+
+TEST_F(DatasetTest, IndexJsonDescribesEveryShard) {
+  write(make_documents(50, 1000, 20, 4), 1000, 100);
+  const json index = json::parse(read_file(index_path()));
+  EXPECT_EQ(index["format"], "loom-dataset");
+  EXPECT_EQ(index["format_version"], 1);
+  EXPECT_EQ(index["vocab_size"], 1000);
+  EXPECT_EQ(index["eos_id"], kEos);
+  EXPECT_EQ(index["tokenizer_hash"], "sha256:test");
+  EXPECT_EQ(index["token_dtype"], "uint16");
+  uint64_t tokens = 0;
+  for (const json& shard : index["shards"]) {
+    const std::string path = (fs::path(dir_) / shard["file"].get<std::string>()).string();
+    EXPECT_EQ(shard["bytes"].get<uint64_t>(), fs::file_size(path));
+    EXPECT_EQ(shard["crc32c"].get<std::string>().size(), 8u);
+    tokens += shard["num_tokens"].get<uint64_t>();
+  }
+  EXPECT_EQ(index["num_tokens"].get<uint64_t>(), tokens);
+}
+
+TEST_F(DatasetTest, EmptyDatasetHasNoShards) {
+  const DatasetIndex index = write({});
+  EXPECT_TRUE(index.shards.empty());
+  const Dataset dataset = Dataset::open(dir_, {.verify_checksums = true});
+  EXPECT_EQ(dataset.num_tokens(), 0u);
+}
+
+// --- the writer ------------------------------------------------------------------
+
+TEST_F(DatasetTest, WriterRefusesAFolderThatHoldsADataset) {
+  write({{1, kEos}});
+  EXPECT_BAD_INPUT(DatasetWriter(dir_, 1000, kEos, ""), dir_, "index.json");
+}
+
+TEST_F(DatasetTest, WriterRefusesIdsOutsideTheVocabulary) {
+  DatasetWriter writer(dir_, 1000, kEos, "");
+  writer.add_document(std::vector<int32_t>{1, kEos});
+  EXPECT_BAD_INPUT(writer.add_document(std::vector<int32_t>{5, 1000, kEos}), "document 1", "1000", "position 1");
+  EXPECT_BAD_INPUT(writer.add_document(std::vector<int32_t>{-1}), "document 1", "-1", "position 0");
+  EXPECT_EQ(writer.num_documents(), 1u);  // refused documents are not added
+}
+
+TEST_F(DatasetTest, InterruptedWriterLeavesNoIndexAndNoFinalNamedShard) {
+  {
+    DatasetWriter writer(dir_, 1000, kEos, "", 20);
+    for (const auto& document : make_documents(30, 1000, 10, 5)) writer.add_document(document);
+    // Mid-write: completed shards have their final names, the open one is a
+    // temporary, and there is no index.json.
+    const std::vector<std::string> names = entries();
+    EXPECT_TRUE(std::count(names.begin(), names.end(), "shard-00000.h5"));
+    EXPECT_TRUE(std::any_of(names.begin(), names.end(), [](const std::string& n) { return n.ends_with(".h5.tmp"); }));
+    EXPECT_FALSE(std::count(names.begin(), names.end(), "index.json"));
+  }  // destroyed without finish(), as when an exception unwinds `loom prepare`
+  EXPECT_TRUE(entries().empty()) << "left: " << ::testing::PrintToString(entries());
+  EXPECT_BAD_INPUT(Dataset::open(dir_), "index.json", "missing");
+}
+
+TEST_F(DatasetTest, WriterRemovesLeftoversOfAnInterruptedRun) {
+  fs::create_directories(dir_);
+  std::ofstream(shard(7)) << "stale";
+  std::ofstream(shard(0) + ".tmp") << "partial";
+  std::ofstream(fs::path(dir_) / "notes.txt") << "kept";
+  write({{1, 2, kEos}});
+  EXPECT_EQ(entries(), (std::vector<std::string>{"index.json", "notes.txt", "shard-00000.h5"}));
+}
+
+// --- what open() refuses -----------------------------------------------------------
+
+TEST_F(DatasetTest, MissingShardIsNamed) {
+  write(make_documents(40, 1000, 20, 6));
+  fs::remove(shard(1));
+  EXPECT_BAD_INPUT(Dataset::open(dir_), "shard-00001.h5", "missing");
+}
+
+TEST_F(DatasetTest, TruncatedShardIsNamed) {
+  write(make_documents(40, 1000, 20, 7));
+  fs::resize_file(shard(0), fs::file_size(shard(0)) / 2);
+  EXPECT_BAD_INPUT(Dataset::open(dir_), "shard-00000.h5", "truncated");
+}
+
+TEST_F(DatasetTest, TruncatedShardIsRefusedByHdf5EvenWhenTheIndexAgrees) {
+  write(make_documents(40, 1000, 20, 8));
+  const uint64_t cut = fs::file_size(shard(0)) - 100;
+  fs::resize_file(shard(0), cut);
+  edit_index([&](json& index) { index["shards"][0]["bytes"] = cut; });
+  EXPECT_BAD_INPUT(Dataset::open(dir_), "shard-00000.h5");
+}
+
+TEST_F(DatasetTest, ShardThatIsNotHdf5IsNamed) {
+  write(make_documents(40, 1000, 20, 9));
+  const uint64_t bytes = fs::file_size(shard(1));
+  write_file_atomic(shard(1), std::string(bytes, 'x'));
+  EXPECT_BAD_INPUT(Dataset::open(dir_), "shard-00001.h5", "HDF5");
+}
+
+TEST_F(DatasetTest, ChecksumMismatchIsFoundWhenVerifying) {
+  // A recognisable pair of ids, so the test can find its bytes in the file.
+  write({{1, kEos}, {0x1234, 0x4321, kEos}}, 60000, 1000);
+  std::string bytes = read_file(shard(0));
+  const size_t at = bytes.find(std::string("\x34\x12\x21\x43", 4));
+  ASSERT_NE(at, std::string::npos);
+  bytes[at] = 0x35;  // id 0x1235: still inside the vocabulary
+  write_file_atomic(shard(0), bytes);
+
+  EXPECT_NO_THROW(Dataset::open(dir_));
+  EXPECT_BAD_INPUT(Dataset::open(dir_, {.verify_checksums = true}), "shard-00000.h5", "CRC32C", "corrupt");
+}
+
+TEST_F(DatasetTest, TokenIdAtOrAboveVocabSizeIsNamedWithShardAndOffset) {
+  write({{1, 2, kEos}, {3, 700, kEos}}, 1000, 3);  // id 700 is /tokens[1] of shard 1
+  // Claim a smaller vocabulary everywhere, as a dataset prepared with the
+  // wrong tokenizer would.
+  for (size_t s = 0; s < 2; ++s) set_root_attribute(shard(s), "vocab_size", 500);
+  edit_index([&](json& index) {
+    index["vocab_size"] = 500;
+    for (size_t s = 0; s < 2; ++s) index["shards"][s]["bytes"] = fs::file_size(shard(s));
+  });
+  EXPECT_BAD_INPUT(Dataset::open(dir_), "shard-00001.h5", "/tokens[1] = 700", "vocab_size 500");
+
+  // Without the scan at open, the read that returns the id refuses it.
+  const Dataset dataset = Dataset::open(dir_, {.scan_token_range = TokenRangeScan::kNever});
+  std::vector<int64_t> first(3);
+  EXPECT_NO_THROW(dataset.read_tokens(0, first));
+  std::vector<int64_t> second(3);
+  EXPECT_BAD_INPUT(dataset.read_tokens(3, second), "shard-00001.h5", "/tokens[1] = 700", "token 4 of the dataset");
+}
+
+TEST_F(DatasetTest, IndexTokenCountDisagreeingWithShardIsNamed) {
+  write(make_documents(40, 1000, 20, 10));
+  edit_index([](json& index) {
+    index["shards"][1]["num_tokens"] = index["shards"][1]["num_tokens"].get<uint64_t>() + 1;
+    index["num_tokens"] = index["num_tokens"].get<uint64_t>() + 1;
+  });
+  EXPECT_BAD_INPUT(Dataset::open(dir_), "shard-00001.h5", "'/tokens'", "num_tokens");
+}
+
+TEST_F(DatasetTest, IndexDocumentCountDisagreeingWithShardIsNamed) {
+  write(make_documents(40, 1000, 20, 11));
+  edit_index([](json& index) {
+    index["shards"][0]["num_documents"] = index["shards"][0]["num_documents"].get<uint64_t>() - 1;
+    index["num_documents"] = index["num_documents"].get<uint64_t>() - 1;
+  });
+  EXPECT_BAD_INPUT(Dataset::open(dir_), "shard-00000.h5", "'/doc_offsets'", "num_documents");
+}
+
+TEST_F(DatasetTest, IndexDtypeDisagreeingWithShardIsNamed) {
+  write(make_documents(40, 1000, 20, 12));
+  edit_index([](json& index) { index["token_dtype"] = "uint32"; });
+  EXPECT_BAD_INPUT(Dataset::open(dir_), "shard-00000.h5", "uint16", "token_dtype uint32");
+}
+
+TEST_F(DatasetTest, ShardAttributeDisagreeingWithIndexIsNamed) {
+  write(make_documents(40, 1000, 20, 13));
+  edit_index([](json& index) { index["tokenizer_hash"] = "sha256:other"; });
+  EXPECT_BAD_INPUT(Dataset::open(dir_), "shard-00000.h5", "tokenizer_hash", "sha256:test", "sha256:other");
+}
+
+TEST_F(DatasetTest, DecreasingDocOffsetsAreNamed) {
+  write({{1, 2, kEos}, {3, kEos}, {4, kEos}}, 1000, 1000);
+  set_doc_offset(shard(0), 2, 1);
+  edit_index([&](json& index) { index["shards"][0]["bytes"] = fs::file_size(shard(0)); });
+  EXPECT_BAD_INPUT(Dataset::open(dir_), "shard-00000.h5", "/doc_offsets[2]", "must not decrease");
+}
+
+TEST_F(DatasetTest, MissingIndexJsonMeansNotADataset) {
+  write({{1, kEos}});
+  fs::remove(index_path());
+  EXPECT_BAD_INPUT(Dataset::open(dir_), "index.json", "missing");
+}
+
+TEST_F(DatasetTest, MalformedIndexJsonIsNamed) {
+  write({{1, kEos}});
+  write_file_atomic(index_path(), "{\"format\": ");
+  EXPECT_BAD_INPUT(Dataset::open(dir_), "index.json", "not valid JSON");
+}
+
+TEST_F(DatasetTest, EveryMissingIndexKeyIsNamed) {
+  write({{1, kEos}});
+  const std::string original = read_file(index_path());
+  for (const char* key : {"format", "format_version", "vocab_size", "eos_id", "tokenizer_hash", "token_dtype",
+                          "num_tokens", "num_documents", "shards"}) {
+    write_file_atomic(index_path(), original);
+    edit_index([&](json& index) { index.erase(key); });
+    EXPECT_BAD_INPUT(Dataset::open(dir_), "index.json", "key '" + std::string(key) + "'", "missing");
+  }
+  for (const char* key : {"file", "num_tokens", "num_documents", "crc32c", "bytes"}) {
+    write_file_atomic(index_path(), original);
+    edit_index([&](json& index) { index["shards"][0].erase(key); });
+    EXPECT_BAD_INPUT(Dataset::open(dir_), "index.json", "key 'shards[0]." + std::string(key) + "'", "missing");
+  }
+}
+
+TEST_F(DatasetTest, WrongIndexValuesAreNamedWithKeyAndValue) {
+  write({{1, kEos}});
+  const std::string original = read_file(index_path());
+  const auto expect_refused = [&](const std::function<void(json&)>& edit, const std::string& key,
+                                  const std::string& value) {
+    write_file_atomic(index_path(), original);
+    edit_index(edit);
+    EXPECT_BAD_INPUT(Dataset::open(dir_), "index.json", "key '" + key + "'", value);
+  };
+  expect_refused([](json& j) { j["format"] = "other"; }, "format", "\"other\"");
+  expect_refused([](json& j) { j["format_version"] = 2; }, "format_version", "2");
+  expect_refused([](json& j) { j["vocab_size"] = "1000"; }, "vocab_size", "\"1000\"");
+  expect_refused([](json& j) { j["eos_id"] = 1000; }, "eos_id", "1000");
+  expect_refused([](json& j) { j["token_dtype"] = "int8"; }, "token_dtype", "int8");
+  expect_refused([](json& j) { j["num_tokens"] = -1; }, "num_tokens", "-1");
+  expect_refused([](json& j) { j["num_tokens"] = 99; }, "num_tokens", "99");
+  expect_refused([](json& j) { j["shards"][0]["crc32c"] = "xyz"; }, "shards[0].crc32c", "xyz");
+  expect_refused([](json& j) { j["shards"][0]["file"] = "../shard-00000.h5"; }, "shards[0].file", "../");
+  expect_refused([](json& j) { j["vocab_size"] = 70000; }, "token_dtype", "uint16");
+}
+
+}  // namespace
+}  // namespace loom
