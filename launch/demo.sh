@@ -2,10 +2,14 @@
 # `make demo`: what loom does today, end to end, on this machine.
 #
 # The training loop is not built yet, so the demo does not train. It shows the
-# pieces that exist, for real: a small Llama model created by Hugging Face
-# transformers is imported into a loom checkpoint, inspected, sampled from
-# (greedy, compared token for token with transformers), and exported back to
-# a Hub folder that transformers loads, with the same logits.
+# pieces that exist, for real:
+# - data: the bundled corpus (the King James Bible, from Debian's packages)
+#   becomes a byte-level BPE tokenizer and a tokenized HDF5 dataset, the input
+#   of configs/tiny.yaml (runs/data/);
+# - models: a small Llama model created by Hugging Face transformers is
+#   imported into a loom checkpoint, inspected, sampled from (greedy, compared
+#   token for token with transformers), and exported back to a Hub folder that
+#   transformers loads, with the same logits.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source build/env.sh
@@ -15,6 +19,21 @@ rm -rf "$RUN"
 mkdir -p "$RUN"
 
 step() { printf '\n== %s\n' "$*"; }
+
+DATA=runs/data
+step "bundled corpus -> $DATA/kjv.txt"
+data/corpus/make_kjv.sh "$DATA/kjv.txt"
+ls -l "$DATA/kjv.txt"
+
+step "loom tokenizer train (vocab 2048, as configs/tiny.yaml expects) -> $DATA/tokenizer.json"
+loom tokenizer train --input "$DATA/kjv.txt" --vocab-size 2048 --output "$DATA/tokenizer.json"
+
+step "loom prepare -> $DATA/tiny"
+rm -rf "$DATA/tiny"
+loom prepare --tokenizer "$DATA/tokenizer.json" --input "$DATA/kjv.txt" --output "$DATA/tiny"
+
+step "loom inspect $DATA/tiny --verify"
+loom inspect "$DATA/tiny" --verify --tokenizer "$DATA/tokenizer.json" | head -8
 
 step "transformers creates a small Llama model -> $RUN/source"
 "$LOOM_PYTHON" - "$RUN/source" <<'PY'
