@@ -257,8 +257,10 @@ PrepareSummary prepare_dataset(const PrepareOptions& options) {
   submit();
   while (!in_flight.empty()) write_oldest();
   if (documents == 0) {
-    throw BadInput("loom prepare: the inputs hold no documents (" + std::to_string(options.inputs.size()) +
-                   " file(s), all empty)");
+    std::string names;
+    for (size_t i = 0; i < options.inputs.size() && i < 5; ++i) names += (i ? ", " : "") + options.inputs[i];
+    if (options.inputs.size() > 5) names += ", ...";
+    throw BadInput("no documents in the input (" + names + "): every file is empty or blank");
   }
   const DatasetIndex& index = writer.finish();
   progress.update(total_bytes, index.num_tokens, documents, /*last=*/true);

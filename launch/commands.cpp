@@ -159,6 +159,17 @@ int command_inspect(const std::vector<std::string>& argv) {
   if (ext == ".yaml" || ext == ".yml") return inspect_config(path, args.all("set"));
   if (!args.all("set").empty()) throw BadInput("loom inspect: --set applies to configs only");
   if (is_dataset_folder(path)) return inspect_dataset(path, args.has("verify"), args.get_or("tokenizer", ""));
+  if (fs::is_directory(path) && !fs::exists(fs::path(path) / "config.json") &&
+      !fs::exists(fs::path(path) / "manifest.json")) {
+    for (const auto& entry : fs::directory_iterator(path)) {
+      if (entry.path().filename().string().rfind("shard-", 0) == 0) {
+        throw BadInput("'" + path + "' holds dataset shards but no index.json: an unfinished loom prepare? "
+                       "(prepare again into this folder)");
+      }
+    }
+    throw BadInput("'" + path + "' has no index.json (dataset), config.json (Hugging Face folder) or "
+                   "manifest.json (loom checkpoint)");
+  }
   if (args.has("verify") || args.has("tokenizer")) {
     throw BadInput("loom inspect: --verify and --tokenizer apply to datasets only");
   }
@@ -265,6 +276,16 @@ int command_forward(const std::vector<std::string>& argv) {
   return kExitOk;
 }
 
+namespace {
+// Messages thrown by a command often start with "loom CMD: "; run_cli adds
+// that prefix itself, so it is dropped from the message to say it once.
+std::string without_command_prefix(const std::string& message) {
+  if (message.rfind("loom ", 0) != 0) return message;
+  const size_t colon = message.find(": ");
+  return colon == std::string::npos ? message : message.substr(colon + 2);
+}
+}  // namespace
+
 int run_cli(int argc, char** argv) {
   std::vector<std::string> args(argv + (argc > 1 ? 2 : argc), argv + argc);
   const std::string command = argc > 1 ? argv[1] : "";
@@ -284,10 +305,10 @@ int run_cli(int argc, char** argv) {
     std::cerr << (command.empty() ? "loom: no command given\n" : "loom: unknown command '" + command + "'\n") << kUsage;
     return kExitBadInput;
   } catch (const BadInput& e) {
-    std::cerr << "loom " << command << ": error: " << e.what() << "\n";
+    std::cerr << "loom " << command << ": error: " << without_command_prefix(e.what()) << "\n";
     return kExitBadInput;
   } catch (const std::exception& e) {
-    std::cerr << "loom " << command << ": internal error: " << e.what() << "\n";
+    std::cerr << "loom " << command << ": internal error: " << without_command_prefix(e.what()) << "\n";
     return kExitInternal;
   }
 }

@@ -56,9 +56,12 @@ int command_tokenizer(const std::vector<std::string>& argv) {
   std::vector<std::string> inputs = args.all("input");
   for (const auto& extra : args.positional()) inputs.push_back(extra);
   if (inputs.empty()) throw BadInput("loom tokenizer train: no --input files given");
+  bool any_text = false;
   for (const auto& input : inputs) {
     if (!fs::is_regular_file(input)) throw BadInput("loom tokenizer train: cannot read input '" + input + "'");
+    any_text = any_text || fs::file_size(input) > 0;
   }
+  if (!any_text) throw BadInput("loom tokenizer train: the inputs are empty (" + inputs.front() + ", ...)");
   const int64_t vocab_size = args.get_int("vocab-size", 0);
   if (vocab_size < 257) throw BadInput("loom tokenizer train: --vocab-size must be at least 257 (256 bytes + 1)");
   std::vector<std::string> specials = args.all("special-token");
@@ -66,6 +69,10 @@ int command_tokenizer(const std::vector<std::string>& argv) {
   const std::string output = args.require("output");
   const TrainedTokenizer trained = train_bpe(inputs, vocab_size, specials);
   trained.write_tokenizer_json(output);
+  if (static_cast<int64_t>(trained.vocab.size()) < vocab_size) {
+    std::cerr << "loom tokenizer train: warning: the input ran out of pairs to merge at " << trained.vocab.size()
+              << " tokens (asked for " << vocab_size << "); give more text for the full vocabulary\n";
+  }
   std::cout << "trained " << output << ": " << trained.vocab.size() << " tokens, " << trained.merges.size()
             << " merges\n";
   return kExitOk;
