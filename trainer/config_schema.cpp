@@ -143,7 +143,7 @@ std::vector<KeySpec> build_table() {
       {"schedule.train_steps", LOOM_FIELD(schedule.train_steps), "", "steps",
        "optimizer steps to train; must be set (> 0) to train", kNonNegative},
       {"schedule.warmup_steps", LOOM_FIELD(schedule.warmup_steps), "", "steps",
-       "linear warmup from 0 to optimizer.lr; at most train_steps", kNonNegative},
+       "linear warmup: step s < warmup_steps uses lr * (s + 1) / warmup_steps; at most train_steps", kNonNegative},
       {"schedule.decay", LOOM_FIELD(schedule.decay), "", "",
        "shape after warmup down to min_lr_ratio * lr (wsd: constant, then linear decay over the last 20%)", kAny,
        {"cosine", "linear", "wsd", "constant"}},

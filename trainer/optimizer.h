@@ -1,0 +1,125 @@
+// AdamW on plain libtorch tensors, plus gradient-norm clipping.
+//
+// loom owns its optimizer (rather than using torch::optim::AdamW) because the
+// state layout is part of the checkpoint format and, later, of ZeRO-1
+// sharding: one fp32 `exp_avg` and `exp_avg_sq` per parameter, named after the
+// parameter, and one step counter shared by all of them.
+//
+// The arithmetic is PyTorch's `torch.optim.AdamW` (single-tensor path:
+// foreach=False, fused=False, amsgrad=False, maximize=False) operation for
+// operation, so that the same inputs give bit-identical fp32 results;
+// tests/interop/test_optimizer_vs_torch.py checks it. See Note [AdamW step].
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <torch/ordered_dict.h>
+#include <torch/types.h>
+
+#include "trainer/config.h"
+
+namespace loom {
+
+// A list of (name, tensor) pairs: parameters in, optimizer state out. Names
+// are those of named_parameters() ("model.layers.0.mlp.up_proj.weight").
+using NamedTensors = std::vector<std::pair<std::string, torch::Tensor>>;
+
+// module.named_parameters() as NamedTensors, in the same order.
+NamedTensors to_named_tensors(const torch::OrderedDict<std::string, torch::Tensor>& named);
+
+struct AdamWOptions {
+  double beta1 = 0.9;
+  double beta2 = 0.95;
+  double eps = 1e-8;
+  double weight_decay = 0.1;  // decoupled; applied to the decay group only
+  // Whether model.embed_tokens.weight and lm_head.weight are decayed. No
+  // config key yet; GPT-2/Megatron decay them, some recipes do not.
+  bool decay_embeddings = true;
+
+  // optimizer.betas / eps / weight_decay (lr is passed to every step).
+  static AdamWOptions from_config(const OptimizerConfig& config);
+};
+
+// Whether AdamW applies weight decay to the parameter called `name`. Never to
+// norm weights (names ending in "norm.weight": input_layernorm, model.norm,
+// q_norm...) or biases (ending in ".bias"); to the embedding and the output
+// projection only when `decay_embeddings`.
+bool is_decayed(const std::string& name, bool decay_embeddings);
+
+class AdamW {
+ public:
+  // `params` are updated in place by step(). Their state starts at zero (step
+  // 0), on each parameter's device. Parameters whose dtype is not fp32 (bf16)
+  // get an fp32 master copy in the state, which step() updates and then
+  // rounds into the parameter. Throws std::invalid_argument for an empty or
+  // repeated name, or an undefined tensor.
+  // From a module: AdamW(to_named_tensors(model.named_parameters()), options).
+  AdamW(NamedTensors params, AdamWOptions options);
+
+  // One update with learning rate `lr` (the schedule's value for this step).
+  // Every parameter must have a gradient: they all share one step counter, so
+  // skipping one (as torch does for grad None) would desynchronise its bias
+  // correction. Throws std::runtime_error naming the parameter otherwise.
+  void step(double lr);
+
+  // Zeroes every defined gradient in place. The buffers are kept because
+  // gradient buckets may alias them.
+  void zero_grad();
+
+  int64_t step_count() const { return step_; }
+  const AdamWOptions& options() const { return options_; }
+  bool decays(const std::string& name) const;
+  std::vector<torch::Tensor> params() const;
+  const NamedTensors& named_params() const { return params_; }
+
+  // The whole state for a checkpoint, in a fixed order:
+  //   optimizer.step                  int64 scalar
+  //   optimizer.exp_avg.NAME          fp32, NAME's shape   (for each parameter, in order)
+  //   optimizer.exp_avg_sq.NAME       fp32, NAME's shape
+  //   optimizer.master.NAME           fp32, only for parameters that are not fp32
+  // The tensors are the optimizer's own (not copies) on the parameters'
+  // devices: copy them before the next step() if they must outlive it.
+  NamedTensors state_dict() const;
+
+  // Replaces the state with `state`, which must hold exactly the entries
+  // state_dict() lists, each with the same shape, fp32 (step: any integer or
+  // whole-valued scalar >= 0), on any device. Everything is checked before
+  // anything is copied; a missing, unexpected, misshapen or mistyped entry is
+  // loom::BadInput naming it, and leaves the state untouched.
+  void load_state_dict(const NamedTensors& state);
+
+ private:
+  struct ParamState {
+    torch::Tensor exp_avg;     // fp32
+    torch::Tensor exp_avg_sq;  // fp32
+    torch::Tensor master;      // fp32 copy of a non-fp32 parameter; undefined for fp32 ones
+    bool decayed = true;
+  };
+
+  AdamWOptions options_;
+  NamedTensors params_;
+  std::vector<ParamState> state_;  // parallel to params_
+  int64_t step_ = 0;
+};
+
+// The global L2 norm of the defined gradients of `params`, as
+// torch.nn.utils.clip_grad_norm_(foreach=False) computes it: each gradient's
+// norm in fp32, then the norm of those norms. Non-finite when any gradient is.
+// With tensor or pipeline parallelism this is the local part only; the
+// caller combines the ranks' norms.
+double grad_norm(const std::vector<torch::Tensor>& params);
+
+// Computes grad_norm(params), then scales every gradient by
+// min(1, max_norm / (norm + 1e-6)) as torch.nn.utils.clip_grad_norm_ does
+// (always multiplying, so the result is bit-identical to torch's). Returns the
+// norm before clipping. `max_norm` must be > 0 (optimizer.clip_grad_norm 0
+// means: call grad_norm instead); std::invalid_argument otherwise.
+double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm);
+
+// True when every defined gradient of `params` is finite (no NaN or inf).
+bool grads_are_finite(const std::vector<torch::Tensor>& params);
+
+}  // namespace loom
