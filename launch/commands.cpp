@@ -10,6 +10,7 @@
 #include "checkpoints/loom_checkpoint.h"
 #include "checkpoints/safetensors.h"
 #include "checkpoints/torch_tensors.h"
+#include "data/tokenizer.h"
 #include "launch/cli.h"
 #include "parallel/topology.h"
 #include "parallel/versions.h"
@@ -36,7 +37,8 @@ commands:
   import   HF_DIR --output CHECKPOINT             Hugging Face folder -> loom checkpoint
   export   CHECKPOINT --output HF_DIR             loom checkpoint (or Hub folder) -> Hugging Face folder
              [--dtype float32|bfloat16|float16] [--max-shard-size 5GB] [--name NAME]
-  generate CHECKPOINT_OR_HF_DIR --prompt-ids 1,2,3 sample tokens, printed as ids
+  generate CHECKPOINT_OR_HF_DIR --prompt TEXT | --prompt-ids 1,2,3
+                                                  sample: text with the model's tokenizer.json, else ids
              [--max-new-tokens N] [--greedy | --temperature T --top-k K --seed S]
   forward  CHECKPOINT_OR_HF_DIR --input-ids IN.safetensors --output OUT.safetensors
                                                   logits [B, T, V] (fp32) for token ids "input_ids" [B, T]
@@ -225,12 +227,25 @@ int command_generate(const std::vector<std::string>& argv) {
              {"seed", true, false, ""},
              {"stop-at-eos", false, false, ""}});
   args.expect_positional(1, "one CHECKPOINT_OR_HF_DIR");
-  if (args.has("prompt")) {
-    throw BadInput("loom generate: --prompt needs loom's tokenizer, which this build does not include yet; "
-                   "pass token ids with --prompt-ids");
+  if (args.has("prompt") == args.has("prompt-ids")) {
+    throw BadInput("loom generate: give exactly one of --prompt TEXT and --prompt-ids 1,2,3");
   }
-  const auto prompt = parse_int_list(args.require("prompt-ids"), "--prompt-ids");
   ModelFiles files = ModelFiles::open(args.positional()[0]);
+  // A text prompt is encoded with the model's own tokenizer.json, and the
+  // continuation printed as text; token ids in give token ids out.
+  std::optional<Tokenizer> tokenizer;
+  std::vector<int64_t> prompt;
+  if (args.has("prompt")) {
+    const fs::path tokenizer_path = fs::path(files.tokenizer_dir()) / "tokenizer.json";
+    if (files.tokenizer_dir().empty() || !fs::exists(tokenizer_path)) {
+      throw BadInput("loom generate: " + files.path() + " has no tokenizer.json, so --prompt cannot be encoded; "
+                     "pass token ids with --prompt-ids");
+    }
+    tokenizer = Tokenizer::load(tokenizer_path.string());
+    for (int32_t id : tokenizer->encode(*args.get("prompt"))) prompt.push_back(id);
+  } else {
+    prompt = parse_int_list(args.require("prompt-ids"), "--prompt-ids");
+  }
   auto model = load_model(files);
   SamplingOptions options;
   options.max_new_tokens = args.get_int("max-new-tokens", 32);
@@ -244,6 +259,11 @@ int command_generate(const std::vector<std::string>& argv) {
   options.seed = static_cast<uint64_t>(args.get_int("seed", 0));
   if (args.has("stop-at-eos")) options.stop_token = files.model_config().eos_token_id;
   const auto ids = generate(*model, prompt, options);
+  if (tokenizer) {
+    const std::vector<int32_t> ids32(ids.begin(), ids.end());
+    std::cout << *args.get("prompt") << tokenizer->decode(ids32) << "\n";
+    return kExitOk;
+  }
   for (size_t i = 0; i < ids.size(); ++i) std::cout << (i ? "," : "") << ids[i];
   std::cout << "\n";
   return kExitOk;

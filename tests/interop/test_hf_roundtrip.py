@@ -192,3 +192,27 @@ def test_bfloat16_transformers_folder_imports(tmp_path):
             # Imported into fp32 master weights, exactly the bf16 values.
             assert f.get_tensor(key).dtype == torch.float32
             assert torch.equal(f.get_tensor(key), model.state_dict()[key].float()), key
+
+
+def test_text_prompt_uses_the_folders_tokenizer(tmp_path):
+    from tokenizers import Tokenizer
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("In the beginning God created the heaven and the earth.\n\n" * 20 +
+                      "And the earth was without form, and void.\n\n" * 20)
+    run_loom("tokenizer", "train", "--input", corpus, "--vocab-size", 300, "--output", tmp_path / "tokenizer.json")
+    tokenizer = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    kind, config = CONFIGS["llama_mha_untied_3layers_hidden96"]
+    model = make_hf_model(kind, seed=11, **dict(config, vocab_size=tokenizer.get_vocab_size()))
+    model.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer.json").write_bytes((tmp_path / "tokenizer.json").read_bytes())
+    prompt = "In the beginning"
+    ids = torch.tensor([tokenizer.encode(prompt).ids])
+    with torch.no_grad():
+        out = model.generate(ids, do_sample=False, max_new_tokens=12, min_new_tokens=12)
+    expected = prompt + tokenizer.decode(out[0, ids.shape[1]:].tolist())
+    proc = run_loom("generate", tmp_path / "hf", "--prompt", prompt, "--greedy", "--max-new-tokens", 12)
+    assert proc.stdout.rstrip("\n") == expected
+    # Imported, the tokenizer travels with the checkpoint.
+    run_loom("import", tmp_path / "hf", "--output", tmp_path / "ckpt")
+    proc = run_loom("generate", tmp_path / "ckpt", "--prompt", prompt, "--greedy", "--max-new-tokens", 12)
+    assert proc.stdout.rstrip("\n") == expected
