@@ -17,6 +17,7 @@
 #include "data/hdf5_handle.h"
 #include "util/error.h"
 #include "util/file_io.h"
+#include "tests/unit/bad_input.h"
 
 namespace loom {
 namespace {
@@ -45,16 +46,8 @@ std::vector<int64_t> concatenate(const Documents& documents) {
   return stream;
 }
 
-std::string message_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const BadInput& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    return std::string("(not BadInput) ") + e.what();
-  }
-  return "(no exception)";
-}
+// The message of the BadInput `fn` throws (tests/unit/bad_input.h).
+const auto message_of = test_support::bad_input_message;
 
 #define EXPECT_BAD_INPUT(statement, ...)                                         \
   do {                                                                           \

@@ -15,6 +15,7 @@
 #include "checkpoints/init_from.h"
 #include "checkpoints/loom_checkpoint.h"
 #include "checkpoints/torch_tensors.h"
+#include "tests/unit/bad_input.h"
 #include "util/error.h"
 #include "util/file_io.h"
 
@@ -22,6 +23,7 @@ namespace loom {
 namespace {
 
 namespace fs = std::filesystem;
+using test_support::expect_bad_input;
 
 class HubTest : public ::testing::Test {
  protected:
@@ -52,19 +54,6 @@ class HubTest : public ::testing::Test {
     for (const auto& p : a.named_parameters()) {
       ASSERT_TRUE(pb.contains(p.key())) << p.key();
       EXPECT_TRUE(at::equal(p.value(), pb[p.key()])) << p.key();
-    }
-  }
-
-  // Expects BadInput whose message contains every fragment.
-  template <typename F>
-  static void expect_bad_input(F&& f, std::initializer_list<std::string> fragments) {
-    try {
-      f();
-      ADD_FAILURE() << "no BadInput thrown";
-    } catch (const BadInput& e) {
-      for (const auto& fragment : fragments) {
-        EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos) << "'" << fragment << "' not in: " << e.what();
-      }
     }
   }
 

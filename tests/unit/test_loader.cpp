@@ -21,6 +21,7 @@
 #include "data/hdf5_handle.h"
 #include "util/error.h"
 #include "util/file_io.h"
+#include "tests/unit/bad_input.h"
 
 namespace loom {
 namespace {
@@ -108,16 +109,8 @@ void expect_same_batches(const std::vector<MicroBatch>& a, const std::vector<Mic
   }
 }
 
-std::string message_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const BadInput& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    return std::string("(not BadInput) ") + e.what();
-  }
-  return "(no exception)";
-}
+// The message of the BadInput `fn` throws (tests/unit/bad_input.h).
+const auto message_of = test_support::bad_input_message;
 
 // --- the order ------------------------------------------------------------------
 

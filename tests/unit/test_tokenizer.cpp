@@ -20,6 +20,7 @@
 #include "data/tokenizer.h"
 #include "util/error.h"
 #include "util/file_io.h"
+#include "tests/unit/bad_input.h"
 
 namespace loom {
 namespace {
@@ -81,16 +82,7 @@ tokenization::PreTokenizer split_then_bytes(const std::string& pattern, const st
   return tokenization::PreTokenizer::from_json(spec, "test.json");
 }
 
-// Expects BadInput whose message contains every one of `parts`.
-template <typename F>
-void expect_bad_input(F&& f, const std::vector<std::string>& parts) {
-  try {
-    f();
-    ADD_FAILURE() << "expected BadInput containing '" << parts.front() << "'";
-  } catch (const BadInput& e) {
-    for (const auto& part : parts) EXPECT_NE(std::string(e.what()).find(part), std::string::npos) << e.what();
-  }
-}
+using test_support::expect_bad_input;
 
 const std::vector<std::string> kTrickyTexts = {
     "",
