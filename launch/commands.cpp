@@ -230,23 +230,9 @@ int command_generate(const std::vector<std::string>& argv) {
   if (args.has("prompt") == args.has("prompt-ids")) {
     throw BadInput("loom generate: give exactly one of --prompt TEXT and --prompt-ids 1,2,3");
   }
-  ModelFiles files = ModelFiles::open(args.positional()[0]);
-  // A text prompt is encoded with the model's own tokenizer.json, and the
-  // continuation printed as text; token ids in give token ids out.
-  std::optional<Tokenizer> tokenizer;
+  // Arguments are checked before any file is opened.
   std::vector<int64_t> prompt;
-  if (args.has("prompt")) {
-    const fs::path tokenizer_path = fs::path(files.tokenizer_dir()) / "tokenizer.json";
-    if (files.tokenizer_dir().empty() || !fs::exists(tokenizer_path)) {
-      throw BadInput("loom generate: " + files.path() + " has no tokenizer.json, so --prompt cannot be encoded; "
-                     "pass token ids with --prompt-ids");
-    }
-    tokenizer = Tokenizer::load(tokenizer_path.string());
-    for (int32_t id : tokenizer->encode(*args.get("prompt"))) prompt.push_back(id);
-  } else {
-    prompt = parse_int_list(args.require("prompt-ids"), "--prompt-ids");
-  }
-  auto model = load_model(files);
+  if (args.has("prompt-ids")) prompt = parse_int_list(args.require("prompt-ids"), "--prompt-ids");
   SamplingOptions options;
   options.max_new_tokens = args.get_int("max-new-tokens", 32);
   if (options.max_new_tokens < 0) throw BadInput("loom generate: --max-new-tokens must be >= 0");
@@ -257,6 +243,20 @@ int command_generate(const std::vector<std::string>& argv) {
   options.temperature = args.get_double("temperature", 1.0);
   options.top_k = args.get_int("top-k", 0);
   options.seed = static_cast<uint64_t>(args.get_int("seed", 0));
+  ModelFiles files = ModelFiles::open(args.positional()[0]);
+  // A text prompt is encoded with the model's own tokenizer.json, and the
+  // continuation printed as text; token ids in give token ids out.
+  std::optional<Tokenizer> tokenizer;
+  if (args.has("prompt")) {
+    const fs::path tokenizer_path = fs::path(files.tokenizer_dir()) / "tokenizer.json";
+    if (files.tokenizer_dir().empty() || !fs::exists(tokenizer_path)) {
+      throw BadInput("loom generate: " + files.path() + " has no tokenizer.json, so --prompt cannot be encoded; "
+                     "pass token ids with --prompt-ids");
+    }
+    tokenizer = Tokenizer::load(tokenizer_path.string());
+    for (int32_t id : tokenizer->encode(*args.get("prompt"))) prompt.push_back(id);
+  }
+  auto model = load_model(files);
   if (args.has("stop-at-eos")) options.stop_token = files.model_config().eos_token_id;
   const auto ids = generate(*model, prompt, options);
   if (tokenizer) {
