@@ -4,6 +4,7 @@
 
 #include <cstdio>
 #include <filesystem>
+#include <stdexcept>
 
 #include <nlohmann/json.hpp>
 
@@ -74,7 +75,19 @@ void write_loom_checkpoint(const LlamaForCausalLM& model, const std::string& dir
     const std::string dtype = hf_dtype_name(tensors.empty() ? torch::kFloat : tensors.front().second.scalar_type());
     manifest["model_config"] = json::parse(model_config_to_hf(model.config(), dtype).dump());
     manifest["tensors"] = manifest_tensors;
-    manifest["files"] = {{kRankZeroFile, {{"bytes", fs::file_size(model_path)}, {"crc32c", hex32(crc32c_file(model_path))}}}};
+    manifest["files"] = {{kRankZeroFile, {{"bytes", fs::file_size(model_path)},
+                                          {"crc32c", hex32(crc32c_file(model_path))},
+                                          {"kind", "model"}}}};
+    for (const auto& extra : options.extra_files) {
+      if (extra.name.empty() || extra.name.find('/') != std::string::npos || manifest["files"].contains(extra.name)) {
+        throw std::invalid_argument("checkpoint extra file name '" + extra.name + "' is empty, a path or repeated");
+      }
+      const std::string extra_path = (tmp / extra.name).string();
+      extra.write(extra_path);
+      manifest["files"][extra.name] = {{"bytes", fs::file_size(extra_path)},
+                                       {"crc32c", hex32(crc32c_file(extra_path))},
+                                       {"kind", extra.kind}};
+    }
     manifest["tokenizer"] = nullptr;
     if (!options.tokenizer_dir.empty()) {
       bool any = false;
@@ -147,7 +160,9 @@ ModelFiles open_loom_checkpoint_files(const std::string& path) {
     if (actual != expected) {
       throw BadInput(file_path + ": CRC32C " + actual + " does not match the manifest's " + expected + " (corrupt)");
     }
-    out.add_file(file_path);
+    // Optimizer and trainer state are verified here but are not weights.
+    const bool is_model_file = !entry.contains("kind") || entry.at("kind") == "model";
+    if (is_model_file) out.add_file(file_path);
   }
   const json& tensors = field(manifest, "tensors", where, vt::object);
   for (const auto& [name, entry] : tensors.items()) {

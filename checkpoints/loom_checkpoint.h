@@ -7,6 +7,8 @@
 //                                   every tensor's global shape and the slice
 //                                   each file holds, each file's size and CRC32C
 //     model-rank00000.safetensors   the parameters held by rank 0 (one file per rank)
+//     optimizer-rank00000.safetensors  training runs only: AdamW state (see trainer/optimizer.h)
+//     trainer-state-rank00000.json  training runs only: step, data position, RNG state
 //     tokenizer/                    tokenizer files, when known
 //     config.yaml                   the resolved run config, when written by a run
 //
@@ -15,7 +17,9 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
+#include <vector>
 
 #include "checkpoints/hub.h"
 #include "trainer/model/llama.h"
@@ -24,17 +28,30 @@ namespace loom {
 
 inline constexpr int kCheckpointFormatVersion = 1;
 
+// A file besides the model weights, e.g. the optimizer state. It is written
+// into the temporary folder before the manifest and listed in the manifest's
+// `files` with its size, CRC32C and `kind`, so opening the checkpoint
+// verifies it like the weights. Only files of kind "model" hold parameters.
+struct CheckpointExtraFile {
+  std::string name;  // file name inside the checkpoint folder (no '/')
+  std::string kind;  // manifest `kind`: "optimizer", "trainer_state", ...
+  std::function<void(const std::string& path)> write;  // writes the whole file at `path`
+};
+
 struct CheckpointWriteOptions {
   int64_t step = 0;
   std::string tokenizer_dir;  // tokenizer files to copy ("" = none)
   std::string config_yaml;    // resolved run config ("" = none)
+  std::vector<CheckpointExtraFile> extra_files;
 };
 
 // Writes a single-rank checkpoint of `model` at `dir` (which must not exist).
 void write_loom_checkpoint(const LlamaForCausalLM& model, const std::string& dir,
                            const CheckpointWriteOptions& options);
 
-// Opens and verifies a checkpoint folder (used by ModelFiles::open).
+// Opens and verifies a checkpoint folder (used by ModelFiles::open): every
+// file in the manifest is checked against its size and CRC32C; only files of
+// kind "model" (the default when `kind` is absent) are opened as weights.
 ModelFiles open_loom_checkpoint_files(const std::string& path);
 
 }  // namespace loom

@@ -27,6 +27,7 @@ namespace {
 constexpr const char* kUsage = R"(usage: loom COMMAND [ARGS]
 
 commands:
+  train    CONFIG [--set KEY=VALUE ...]           train on one rank; outputs in runs/<run.name>/
   inspect  PATH                                   summarize a config, dataset, checkpoint, Hub folder or .safetensors file
              [--set KEY=VALUE] (configs)  [--verify] [--tokenizer T] (datasets)
   tokenizer train --input FILE... --vocab-size N --output tokenizer.json
@@ -310,6 +311,7 @@ int run_cli(int argc, char** argv) {
   std::vector<std::string> args(argv + (argc > 1 ? 2 : argc), argv + argc);
   const std::string command = argc > 1 ? argv[1] : "";
   try {
+    if (command == "train") return command_train(args);
     if (command == "inspect") return command_inspect(args);
     if (command == "import") return command_import(args);
     if (command == "export") return command_export(args);

@@ -1,0 +1,240 @@
+// The single-rank training loop: exact resume, learning, metrics, checkpoints.
+#include "trainer/training.h"
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "data/dataset.h"
+#include "trainer/training_checkpoint.h"
+#include "util/error.h"
+#include "util/file_io.h"
+
+namespace loom {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+constexpr int64_t kVocab = 64;
+
+class TrainingTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() / ("loom_test_training_" + std::to_string(::getpid()) + "_" +
+                                        ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  std::string path(const std::string& name) const { return (dir_ / name).string(); }
+
+  // 3000 uniformly random tokens in documents of 50: nothing to learn beyond
+  // the unigram distribution, but every batch differs.
+  std::string random_dataset() {
+    const std::string dir = path("random");
+    if (fs::exists(dir)) return dir;
+    DatasetWriter writer(dir, kVocab, 0, "test-tokenizer");
+    std::mt19937 random(7);
+    std::vector<int32_t> document;
+    for (int d = 0; d < 60; ++d) {
+      document.clear();
+      for (int i = 0; i < 50; ++i) document.push_back(1 + static_cast<int32_t>(random() % (kVocab - 1)));
+      writer.add_document(document);
+    }
+    writer.finish();
+    return dir;
+  }
+
+  // A short pattern repeated: the next token is a function of the current one.
+  std::string pattern_dataset() {
+    const std::string dir = path("pattern");
+    DatasetWriter writer(dir, kVocab, 0, "test-tokenizer");
+    std::vector<int32_t> document;
+    for (int i = 0; i < 3000; ++i) document.push_back(1 + (i * 7) % 11);
+    writer.add_document(document);
+    writer.finish();
+    return dir;
+  }
+
+  Config config(const std::string& run_name, const std::string& dataset) const {
+    Config c;
+    c.run.name = run_name;
+    c.run.output_dir = path("runs");
+    c.run.seed = 1234;
+    c.model.hidden_size = 32;
+    c.model.intermediate_size = 64;
+    c.model.num_layers = 2;
+    c.model.num_heads = 4;
+    c.model.num_kv_heads = 2;
+    c.model.vocab_size = kVocab;
+    c.model.max_seq_len = 16;
+    c.data.train = {{dataset, 1.0}};
+    c.data.seq_len = 16;
+    c.batch.micro_batch_size = 2;
+    c.batch.global_batch_size = 4;
+    c.optimizer.lr = 1e-2;
+    c.schedule.train_steps = 20;
+    c.schedule.warmup_steps = 2;
+    c.checkpoint.interval = 10;
+    c.checkpoint.keep_last = 2;
+    c.checkpoint.resume = "auto";
+    c.checkpoint.export_hf_at_end = false;
+    c.logging.interval = 1;
+    return c;
+  }
+
+  static TrainOptions fast(int64_t stop_after_step = -1) {
+    TrainOptions options;
+    options.measure_peak = false;
+    options.stop_after_step = stop_after_step;
+    return options;
+  }
+
+  static std::vector<json> metrics(const TrainResult& result) {
+    std::vector<json> out;
+    std::istringstream lines(read_file(result.run_dir + "/metrics.jsonl"));
+    for (std::string line; std::getline(lines, line);) out.push_back(json::parse(line));
+    return out;
+  }
+
+  fs::path dir_;
+};
+
+TEST_F(TrainingTest, ResumeAfterStopGivesBitIdenticalLossesAndWeights) {
+  Config straight_config = config("straight", random_dataset());
+  const TrainResult straight = train(straight_config, fast());
+  ASSERT_EQ(straight.final_step, 20);
+
+  Config first_config = config("resumed", random_dataset());
+  const TrainResult first = train(first_config, fast(/*stop_after_step=*/10));
+  ASSERT_EQ(first.final_step, 10);
+  Config second_config = config("resumed", random_dataset());
+  const TrainResult second = train(second_config, fast());
+  EXPECT_EQ(second.resumed_from_step, 10);
+  ASSERT_EQ(second.final_step, 20);
+
+  const auto straight_metrics = metrics(straight);
+  const auto resumed_metrics = metrics(second);
+  ASSERT_EQ(straight_metrics.size(), 20u);
+  ASSERT_EQ(resumed_metrics.size(), 20u);
+  for (size_t i = 0; i < 20; ++i) {
+    EXPECT_EQ(resumed_metrics[i]["step"], straight_metrics[i]["step"]);
+    EXPECT_EQ(resumed_metrics[i]["loss"].get<double>(), straight_metrics[i]["loss"].get<double>()) << "step " << i + 1;
+    EXPECT_EQ(resumed_metrics[i]["grad_norm"].get<double>(), straight_metrics[i]["grad_norm"].get<double>());
+  }
+  auto resumed_params = second.model->named_parameters();
+  for (const auto& p : straight.model->named_parameters()) {
+    EXPECT_TRUE(torch::equal(p.value(), resumed_params[p.key()])) << p.key();
+  }
+}
+
+TEST_F(TrainingTest, LossFallsOnALearnablePattern) {
+  Config c = config("pattern", pattern_dataset());
+  c.schedule.train_steps = 40;
+  c.checkpoint.interval = 0;
+  const TrainResult result = train(c, fast());
+  const auto records = metrics(result);
+  ASSERT_EQ(records.size(), 40u);
+  const double first = records.front()["loss"].get<double>();
+  const double last = records.back()["loss"].get<double>();
+  EXPECT_NEAR(first, std::log(static_cast<double>(kVocab)), 0.5);  // about uniform at the start
+  EXPECT_LT(last, first / 2) << "first " << first << ", last " << last;
+}
+
+TEST_F(TrainingTest, MetricsHaveTheContractFieldsAndLossesRoundTrip) {
+  Config c = config("metrics", random_dataset());
+  c.schedule.train_steps = 6;
+  c.logging.interval = 2;
+  TrainOptions options = fast();
+  options.measure_peak = true;
+  const TrainResult result = train(c, options);
+  const auto records = metrics(result);
+  ASSERT_EQ(records.size(), 3u);
+  for (size_t i = 0; i < records.size(); ++i) {
+    for (const char* key : {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"}) {
+      EXPECT_TRUE(records[i].contains(key)) << key;
+    }
+    EXPECT_EQ(records[i]["step"].get<int64_t>(), static_cast<int64_t>(2 * (i + 1)));
+    EXPECT_GT(records[i]["tokens_per_s"].get<double>(), 0.0);
+    EXPECT_GT(records[i]["mfu"].get<double>(), 0.0);
+    EXPECT_GT(records[i]["lr"].get<double>(), 0.0);
+  }
+  // The file's text holds the double exactly.
+  EXPECT_EQ(records.back()["loss"].get<double>(), result.last_loss);
+  EXPECT_GT(result.peak_flops, 0.0);
+  EXPECT_TRUE(fs::exists(result.run_dir + "/config.yaml"));
+}
+
+TEST_F(TrainingTest, KeepsTheLastCheckpointsAndLatestNamesTheNewest) {
+  Config c = config("keep", random_dataset());
+  c.checkpoint.interval = 5;
+  c.checkpoint.keep_last = 2;
+  const TrainResult result = train(c, fast());
+  const fs::path checkpoints = fs::path(result.run_dir) / "checkpoints";
+  std::vector<std::string> names;
+  for (const auto& entry : fs::directory_iterator(checkpoints)) names.push_back(entry.path().filename().string());
+  std::sort(names.begin(), names.end());
+  EXPECT_EQ(names, (std::vector<std::string>{"latest", "step-0000015", "step-0000020"}));
+  EXPECT_EQ(read_file((checkpoints / "latest").string()), "step-0000020\n");
+  const json manifest = json::parse(read_file((checkpoints / "step-0000020" / "manifest.json").string()));
+  EXPECT_EQ(manifest["step"], 20);
+  EXPECT_EQ(manifest["files"][kOptimizerStateFile]["kind"], "optimizer");
+  EXPECT_EQ(manifest["files"][kTrainerStateFile]["kind"], "trainer_state");
+}
+
+TEST_F(TrainingTest, CorruptLatestCheckpointIsRefusedNamingTheFile) {
+  Config c = config("corrupt", random_dataset());
+  train(c, fast(/*stop_after_step=*/10));
+  const std::string optimizer_file = path("runs/corrupt/checkpoints/step-0000010/") + kOptimizerStateFile;
+  {
+    std::fstream file(optimizer_file, std::ios::in | std::ios::out | std::ios::binary);
+    file.seekp(-3, std::ios::end);
+    file.put('\x7f');
+  }
+  Config again = config("corrupt", random_dataset());
+  try {
+    train(again, fast());
+    ADD_FAILURE() << "no BadInput thrown";
+  } catch (const BadInput& e) {
+    EXPECT_NE(std::string(e.what()).find(optimizer_file), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("CRC32C"), std::string::npos) << e.what();
+  }
+}
+
+TEST_F(TrainingTest, ResumeNoneRefusesARunFolderWithCheckpoints) {
+  Config c = config("none", random_dataset());
+  train(c, fast(/*stop_after_step=*/10));
+  Config fresh = config("none", random_dataset());
+  fresh.checkpoint.resume = "none";
+  EXPECT_THROW(train(fresh, fast()), BadInput);
+}
+
+TEST_F(TrainingTest, ExportsAHubFolderAtTheEndReplacingAnEarlierOne) {
+  Config c = config("export", random_dataset());
+  c.schedule.train_steps = 2;
+  c.checkpoint.export_hf_at_end = true;
+  const TrainResult result = train(c, fast());
+  EXPECT_TRUE(fs::exists(result.run_dir + "/hf/model.safetensors"));
+  // A longer schedule on the same run: resumes from step 2 and exports again.
+  Config longer = config("export", random_dataset());
+  longer.schedule.train_steps = 3;
+  longer.checkpoint.export_hf_at_end = true;
+  const TrainResult again = train(longer, fast());
+  EXPECT_EQ(again.resumed_from_step, 2);
+  EXPECT_TRUE(fs::exists(result.run_dir + "/hf/config.json"));
+  for (const auto& entry : fs::directory_iterator(result.run_dir)) {
+    EXPECT_EQ(entry.path().filename().string().find("hf."), std::string::npos) << entry.path();
+  }
+}
+
+}  // namespace
+}  // namespace loom

@@ -1,0 +1,70 @@
+// The single-rank training loop: `loom train CONFIG` ends up here.
+//
+// One call of train() builds (or resumes) the model, AdamW and the data
+// loader from the config and runs optimizer steps until
+// schedule.train_steps (or TrainOptions::stop_after_step) is reached:
+//   for each step: zero_grad; for each micro-batch: forward, loss / n_micro,
+//   backward; clip the global gradient norm; AdamW step at the schedule's lr.
+// It writes the run folder runs/<run.name>/ (docs/training.md):
+//   config.yaml                       the resolved config, at start
+//   metrics.jsonl                     one JSON object per logging.interval steps
+//   checkpoints/step-NNNNNNN/         every checkpoint.interval steps and at the end
+//   checkpoints/latest                the newest complete checkpoint's folder name
+//   hf/                               Hub export at the end (checkpoint.export_hf_at_end)
+//
+// Resume is exact: a run stopped after a checkpoint and resumed continues
+// with bit-identical losses and weights (fp32, CPU, same thread count),
+// because the checkpoint holds the weights, the AdamW state, the data
+// loader's position and the CPU RNG state, and the step decides the lr.
+#pragma once
+
+#include <cstdint>
+#include <iosfwd>
+#include <memory>
+#include <string>
+
+#include "trainer/config.h"
+#include "trainer/model/llama.h"
+
+namespace loom {
+
+struct TrainOptions {
+  // Stop after this many completed steps (writing a checkpoint there), as if
+  // the job had been preempted; -1 = schedule.train_steps. The schedule still
+  // uses train_steps, so a later resume continues the same run.
+  int64_t stop_after_step = -1;
+  // Where the human-readable progress lines go; nullptr = nowhere.
+  std::ostream* log = nullptr;
+  // Skip measuring the CPU matmul peak (mfu is then reported as 0). Tests
+  // that do not look at mfu use this to stay fast.
+  bool measure_peak = true;
+};
+
+struct TrainResult {
+  std::string run_dir;          // runs/<run.name>
+  int64_t resumed_from_step = 0;  // steps already done when this call began
+  int64_t final_step = 0;       // steps done when it returned
+  double last_loss = 0.0;       // mean loss of the last step
+  double tokens_per_s = 0.0;    // over this call's steps
+  double peak_flops = 0.0;      // measured CPU fp32 matmul rate, FLOP/s (0 if not measured)
+  std::string last_checkpoint;  // folder of the last checkpoint written ("" if none)
+  std::shared_ptr<LlamaForCausalLM> model;  // the trained model
+};
+
+// Trains on one rank (world size 1), fp32 on the CPU. `config.model` may be
+// updated to the shape of model.init_from. Throws BadInput for a config,
+// dataset or checkpoint that cannot be used (naming the file or key).
+TrainResult train(Config& config, const TrainOptions& options = {});
+
+// FLOPs of one token's forward and backward: 6 N + 12 L H S, with N the
+// non-embedding parameters, L layers, H hidden size, S sequence length.
+double flops_per_token(const ModelConfig& model, int64_t seq_len);
+
+// The fp32 matmul rate of this CPU with torch's current thread count, in
+// FLOP/s: a warm-up and then 3 products of 1024 x 1024 matrices.
+double measure_cpu_matmul_peak_flops();
+
+// "step-0000042": a checkpoint folder's name.
+std::string checkpoint_folder_name(int64_t step);
+
+}  // namespace loom

@@ -1,0 +1,240 @@
+#include "trainer/training_checkpoint.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <vector>
+
+#include "checkpoints/hub.h"
+#include "checkpoints/loom_checkpoint.h"
+#include "checkpoints/safetensors.h"
+#include "checkpoints/torch_tensors.h"
+#include "trainer/training.h"
+#include "util/error.h"
+#include "util/file_io.h"
+
+namespace loom {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+constexpr const char* kTrainerStateFormat = "loom-trainer-state";
+constexpr int kTrainerStateVersion = 1;
+constexpr const char* kBase64Alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+std::string base64_encode(const uint8_t* data, size_t size) {
+  std::string out;
+  out.reserve((size + 2) / 3 * 4);
+  for (size_t i = 0; i < size; i += 3) {
+    uint32_t chunk = static_cast<uint32_t>(data[i]) << 16;
+    if (i + 1 < size) chunk |= static_cast<uint32_t>(data[i + 1]) << 8;
+    if (i + 2 < size) chunk |= data[i + 2];
+    out += kBase64Alphabet[(chunk >> 18) & 63];
+    out += kBase64Alphabet[(chunk >> 12) & 63];
+    out += i + 1 < size ? kBase64Alphabet[(chunk >> 6) & 63] : '=';
+    out += i + 2 < size ? kBase64Alphabet[chunk & 63] : '=';
+  }
+  return out;
+}
+
+std::vector<uint8_t> base64_decode(const std::string& text, const std::string& context) {
+  if (text.size() % 4 != 0) throw BadInput(context + ": not base64 (length " + std::to_string(text.size()) + ")");
+  auto value = [&](char c) -> uint32_t {
+    const char* at = std::char_traits<char>::find(kBase64Alphabet, 64, c);
+    if (at == nullptr) throw BadInput(context + ": not base64 (character '" + std::string(1, c) + "')");
+    return static_cast<uint32_t>(at - kBase64Alphabet);
+  };
+  std::vector<uint8_t> out;
+  for (size_t i = 0; i < text.size(); i += 4) {
+    const size_t pad = (text[i + 2] == '=') + (text[i + 3] == '=');
+    if (pad > 0 && i + 4 != text.size()) throw BadInput(context + ": not base64 (padding inside)");
+    const uint32_t chunk = value(text[i]) << 18 | value(text[i + 1]) << 12 |
+                           (pad >= 2 ? 0 : value(text[i + 2]) << 6) | (pad >= 1 ? 0 : value(text[i + 3]));
+    out.push_back(static_cast<uint8_t>(chunk >> 16));
+    if (pad < 2) out.push_back(static_cast<uint8_t>(chunk >> 8));
+    if (pad < 1) out.push_back(static_cast<uint8_t>(chunk));
+  }
+  return out;
+}
+
+std::string cpu_rng_state_base64() {
+  auto generator = at::detail::getDefaultCPUGenerator();
+  torch::Tensor state;
+  {
+    std::lock_guard<std::mutex> lock(generator.mutex());
+    state = generator.get_state();
+  }
+  state = state.contiguous();
+  return base64_encode(state.data_ptr<uint8_t>(), static_cast<size_t>(state.numel()));
+}
+
+void set_cpu_rng_state(const std::vector<uint8_t>& bytes, const std::string& context) {
+  auto state = torch::empty({static_cast<int64_t>(bytes.size())}, torch::kUInt8);
+  std::copy(bytes.begin(), bytes.end(), state.data_ptr<uint8_t>());
+  auto generator = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(generator.mutex());
+  try {
+    generator.set_state(state);
+  } catch (const c10::Error& e) {
+    throw BadInput(context + ": not a CPU generator state (" + e.what_without_backtrace() + ")");
+  }
+}
+
+void write_optimizer_state(const AdamW& optimizer, const std::string& path) {
+  std::vector<torch::Tensor> keep_alive;  // tensor_to_write borrows the bytes
+  std::vector<safetensors::TensorToWrite> to_write;
+  for (const auto& [name, tensor] : optimizer.state_dict()) {
+    keep_alive.push_back(tensor.detach().to(torch::kCPU).contiguous());
+    to_write.push_back(tensor_to_write(name, keep_alive.back()));
+  }
+  safetensors::write_file(path, to_write);
+}
+
+NamedTensors read_optimizer_state(const std::string& path) {
+  const auto file = safetensors::File::open(path);
+  NamedTensors state;
+  for (const auto& info : file.tensors()) {
+    state.emplace_back(info.name, tensor_from_view(file.tensor(info.name), path + ": " + info.name));
+  }
+  return state;
+}
+
+std::vector<fs::path> step_folders(const fs::path& checkpoints_dir) {
+  std::vector<fs::path> out;
+  if (!fs::is_directory(checkpoints_dir)) return out;
+  for (const auto& entry : fs::directory_iterator(checkpoints_dir)) {
+    const std::string name = entry.path().filename().string();
+    // "step-" + 7 digits; temporaries ("step-0000010.tmp-123") are not checkpoints.
+    const bool is_step = name.size() >= 12 && name.rfind("step-", 0) == 0 &&
+                         std::all_of(name.begin() + 5, name.end(), [](char c) { return c >= '0' && c <= '9'; });
+    if (is_step && entry.is_directory()) out.push_back(entry.path());
+  }
+  std::sort(out.begin(), out.end());  // zero-padded: name order is step order
+  return out;
+}
+
+}  // namespace
+
+std::string save_training_checkpoint(const std::string& checkpoints_dir, int64_t step, const LlamaForCausalLM& model,
+                                     const AdamW& optimizer, const Loader& loader,
+                                     const TrainingCheckpointOptions& options) {
+  const fs::path root(checkpoints_dir);
+  const std::string folder_name = checkpoint_folder_name(step);
+  const fs::path folder = root / folder_name;
+
+  json trainer_state = {{"format", kTrainerStateFormat},
+                        {"version", kTrainerStateVersion},
+                        {"step", step},
+                        {"loader", loader.state()},
+                        {"rng_cpu", cpu_rng_state_base64()}};
+  CheckpointWriteOptions write_options;
+  write_options.step = step;
+  write_options.tokenizer_dir = options.tokenizer_dir;
+  write_options.config_yaml = options.config_yaml;
+  write_options.extra_files = {
+      {kOptimizerStateFile, "optimizer", [&](const std::string& path) { write_optimizer_state(optimizer, path); }},
+      {kTrainerStateFile, "trainer_state",
+       [&](const std::string& path) { write_file_atomic(path, trainer_state.dump(2) + "\n"); }}};
+  write_loom_checkpoint(model, folder.string(), write_options);
+
+  // Note [checkpoint commit order]: `latest` moves only after the new folder
+  // is complete and renamed into place, and older folders are deleted only
+  // after `latest` moved. A crash at any point leaves `latest` naming a whole
+  // checkpoint: the previous one until the rename of `latest`, the new one
+  // after it.
+  write_file_atomic((root / kLatestFile).string(), folder_name + "\n");
+  if (options.keep_last > 0) {
+    const auto folders = step_folders(root);
+    const size_t keep = static_cast<size_t>(options.keep_last);
+    for (size_t i = 0; i + keep < folders.size(); ++i) {
+      if (folders[i].filename() != folder_name) fs::remove_all(folders[i]);
+    }
+  }
+  return folder.string();
+}
+
+std::string resume_checkpoint_path(const CheckpointConfig& checkpoint, const std::string& checkpoints_dir) {
+  if (checkpoint.resume == "none") return "";
+  if (checkpoint.resume != "auto") {
+    if (!fs::is_directory(checkpoint.resume)) {
+      throw BadInput("checkpoint.resume: '" + checkpoint.resume + "' is not a checkpoint folder (expected auto, none "
+                     "or the path of a step-NNNNNNN folder)");
+    }
+    return checkpoint.resume;
+  }
+  const fs::path latest = fs::path(checkpoints_dir) / kLatestFile;
+  if (!fs::exists(latest)) return "";
+  std::string name = read_file(latest.string());
+  while (!name.empty() && (name.back() == '\n' || name.back() == '\r' || name.back() == ' ')) name.pop_back();
+  if (name.empty() || name.find('/') != std::string::npos || name == "." || name == "..") {
+    throw BadInput(latest.string() + ": expected a checkpoint folder name such as step-0000100, found '" + name + "'");
+  }
+  const fs::path folder = fs::path(checkpoints_dir) / name;
+  if (!fs::is_directory(folder)) {
+    throw BadInput(latest.string() + ": names '" + name + "', which is not a folder in " + checkpoints_dir);
+  }
+  return folder.string();
+}
+
+int64_t load_training_checkpoint(const std::string& dir, LlamaForCausalLM& model, AdamW& optimizer, Loader& loader) {
+  // ModelFiles::open checks every file the manifest lists (sizes, CRC32C),
+  // optimizer and trainer state included, before anything is read.
+  const ModelFiles files = ModelFiles::open(dir);
+  if (files.kind() != ModelFiles::Kind::kLoomCheckpoint) {
+    throw BadInput(dir + ": a Hugging Face folder, not a loom training checkpoint (use model.init_from to start "
+                   "from it)");
+  }
+  const fs::path root(dir);
+  const std::string optimizer_path = (root / kOptimizerStateFile).string();
+  const std::string state_path = (root / kTrainerStateFile).string();
+  const json manifest = json::parse(read_file((root / "manifest.json").string()));
+  for (const std::string& name : {std::string(kOptimizerStateFile), std::string(kTrainerStateFile)}) {
+    if (!manifest.at("files").contains(name)) {
+      throw BadInput(dir + ": has no " + name + " in its manifest (a checkpoint written by `loom import` holds "
+                     "weights only; start from it with model.init_from)");
+    }
+  }
+
+  json state;
+  try {
+    state = json::parse(read_file(state_path));
+  } catch (const json::parse_error& e) {
+    throw BadInput(state_path + ": not valid JSON (" + e.what() + ")");
+  }
+  if (!state.is_object() || state.value("format", "") != kTrainerStateFormat ||
+      state.value("version", 0) != kTrainerStateVersion) {
+    throw BadInput(state_path + ": not a " + std::string(kTrainerStateFormat) + " version " +
+                   std::to_string(kTrainerStateVersion) + " file");
+  }
+  if (!state.contains("step") || !state["step"].is_number_integer() || !state.contains("loader") ||
+      !state.contains("rng_cpu") || !state["rng_cpu"].is_string()) {
+    throw BadInput(state_path + ": 'step', 'loader' or 'rng_cpu' is missing or has the wrong type");
+  }
+  const int64_t step = state["step"].get<int64_t>();
+  if (step != files.step()) {
+    throw BadInput(state_path + ": step " + std::to_string(step) + " differs from the manifest's " +
+                   std::to_string(files.step()));
+  }
+
+  load_weights(model, files);
+  try {
+    optimizer.load_state_dict(read_optimizer_state(optimizer_path));
+  } catch (const BadInput& e) {
+    throw BadInput(optimizer_path + ": " + e.what());
+  }
+  if (optimizer.step_count() != step) {
+    throw BadInput(optimizer_path + ": optimizer.step is " + std::to_string(optimizer.step_count()) +
+                   ", the checkpoint is at step " + std::to_string(step));
+  }
+  loader.restore(state["loader"], state_path + ": loader");
+  set_cpu_rng_state(base64_decode(state["rng_cpu"].get<std::string>(), state_path + ": rng_cpu"),
+                    state_path + ": rng_cpu");
+  return step;
+}
+
+}  // namespace loom

@@ -1,0 +1,52 @@
+// Training checkpoints: what train() saves so that a run resumes bit for bit,
+// and how it finds and loads them again.
+//
+// A training checkpoint is a loom checkpoint (checkpoints/loom_checkpoint.h)
+// with two more files, both listed in the manifest with their CRC32C:
+//   optimizer-rank00000.safetensors  AdamW::state_dict()
+//   trainer-state-rank00000.json     {"format": "loom-trainer-state", "version": 1,
+//                                     "step", "loader": Loader::state(),
+//                                     "rng_cpu": base64 of the CPU generator state}
+// Order of writes (see Note [checkpoint commit order]): the step folder is
+// written under a temporary name and renamed; then `latest` is replaced
+// atomically; only then are folders beyond checkpoint.keep_last deleted.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "data/loader.h"
+#include "trainer/config.h"
+#include "trainer/model/llama.h"
+#include "trainer/optimizer.h"
+
+namespace loom {
+
+inline constexpr const char* kOptimizerStateFile = "optimizer-rank00000.safetensors";
+inline constexpr const char* kTrainerStateFile = "trainer-state-rank00000.json";
+inline constexpr const char* kLatestFile = "latest";
+
+struct TrainingCheckpointOptions {
+  std::string tokenizer_dir;  // copied into the checkpoint ("" = none)
+  std::string config_yaml;    // the resolved config
+  int64_t keep_last = 0;      // step folders kept; 0 = all
+};
+
+// Writes `checkpoints_dir`/step-NNNNNNN for `step`, points `latest` at it and
+// prunes older step folders. Returns the new folder. BadInput when the folder
+// already exists (e.g. checkpoint.resume none over an earlier run).
+std::string save_training_checkpoint(const std::string& checkpoints_dir, int64_t step, const LlamaForCausalLM& model,
+                                     const AdamW& optimizer, const Loader& loader,
+                                     const TrainingCheckpointOptions& options);
+
+// The checkpoint folder checkpoint.resume asks for: for "auto" the one
+// `checkpoints_dir`/latest names ("" when there is no latest), for "none" "",
+// otherwise the path itself. BadInput when latest names a missing folder.
+std::string resume_checkpoint_path(const CheckpointConfig& checkpoint, const std::string& checkpoints_dir);
+
+// Loads weights, optimizer state, data position and CPU RNG state from a
+// training checkpoint and returns its step. Every file is verified (size and
+// CRC32C) before anything is loaded; BadInput names the file at fault.
+int64_t load_training_checkpoint(const std::string& dir, LlamaForCausalLM& model, AdamW& optimizer, Loader& loader);
+
+}  // namespace loom
