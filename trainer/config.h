@@ -93,6 +93,10 @@ struct OptimizerConfig {
   double eps = 1e-8;
   double weight_decay = 0.1;
   double clip_grad_norm = 1.0;  // 0 = no clipping
+  // A step whose loss (any micro-batch) or grad norm is NaN/Inf:
+  // stop = throw before the update; skip = drop the update and go on.
+  std::string nonfinite_policy = "stop";  // stop | skip
+  int64_t max_skipped_steps = 10;         // skips allowed in the whole run (skip policy)
 };
 
 struct ScheduleConfig {

@@ -138,6 +138,12 @@ std::vector<KeySpec> build_table() {
        "decoupled weight decay (not applied to norms and biases)", kNonNegative},
       {"optimizer.clip_grad_norm", LOOM_FIELD(optimizer.clip_grad_norm), "", "",
        "clip the global gradient L2 norm to this; 0 = no clipping", kNonNegative},
+      {"optimizer.nonfinite_policy", LOOM_FIELD(optimizer.nonfinite_policy), "", "",
+       "a step whose loss (any micro-batch) or gradient norm is NaN/Inf: stop = end the run (exit 1) before the "
+       "update; skip = zero the gradients, skip the update and the batch, and go on", kAny, {"stop", "skip"}},
+      {"optimizer.max_skipped_steps", LOOM_FIELD(optimizer.max_skipped_steps), "", "steps",
+       "skip policy: non-finite steps skipped in the whole run (kept across resume) before the run stops",
+       kNonNegative},
 
       // --- schedule -------------------------------------------------------------
       {"schedule.train_steps", LOOM_FIELD(schedule.train_steps), "", "steps",

@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <ostream>
 #include <sstream>
@@ -99,6 +100,15 @@ void export_run_to_hub(const LlamaForCausalLM& model, const Config& config, cons
   fs::remove_all(old);
 }
 
+// The global sample ids (SampleId::global_index) of a step's micro-batches,
+// "[3, 17, ...]", at most `limit` of them then "... (N in all)".
+std::string describe_samples(const std::vector<uint64_t>& samples, size_t limit) {
+  std::string out = "[";
+  for (size_t i = 0; i < samples.size() && i < limit; ++i) out += (i ? ", " : "") + std::to_string(samples[i]);
+  if (samples.size() > limit) out += ", ... (" + std::to_string(samples.size()) + " in all)";
+  return out + "]";
+}
+
 std::string format_double(const char* format, double value) {
   char buffer[64];
   std::snprintf(buffer, sizeof buffer, format, value);
@@ -188,8 +198,9 @@ TrainResult train(Config& config, const TrainOptions& options) {
   }
 
   int64_t step = 0;  // completed optimizer steps
+  int64_t skipped_steps = 0;  // of those, steps skipped as non-finite (optimizer.nonfinite_policy skip)
   if (!resume_from.empty()) {
-    step = load_training_checkpoint(resume_from, *model, optimizer, loader);
+    step = load_training_checkpoint(resume_from, *model, optimizer, loader, &skipped_steps);
     if (step > train_steps) {
       throw BadInput(resume_from + ": is at step " + std::to_string(step) + ", past schedule.train_steps " +
                      std::to_string(train_steps));
@@ -228,8 +239,12 @@ TrainResult train(Config& config, const TrainOptions& options) {
     const auto step_start = Clock::now();
     optimizer.zero_grad();
     double loss_sum = 0.0;
+    bool finite = true;             // every micro-batch's loss, then the grad norm
+    std::vector<uint64_t> samples;  // global sample ids of this step, for a non-finite report
+    const bool poison = options.poison_step && options.poison_step(step + 1);
     for (int64_t m = 0; m < micro_batches; ++m) {
       MicroBatch batch = loader.next_micro_batch();
+      for (const SampleId& id : batch.samples) samples.push_back(id.global_index);
       // A copy: autograd keeps the ids for the embedding's backward, and the
       // tensor must own them rather than borrow the batch's buffer.
       const auto rows_bt = torch::from_blob(batch.tokens.data(), {batch.rows, batch.cols}, torch::kLong).clone();
@@ -239,58 +254,96 @@ TrainResult train(Config& config, const TrainOptions& options) {
       // Mean over this micro-batch's tokens, divided by the number of
       // micro-batches: the accumulated gradient is then that of the mean
       // over the whole global batch (every micro-batch has as many tokens).
-      const auto loss = torch::nn::functional::cross_entropy(logits_btv.reshape({-1, logits_btv.size(-1)}),
-                                                             targets_bt.reshape({-1})) /
-                        static_cast<double>(micro_batches);
+      auto loss = torch::nn::functional::cross_entropy(logits_btv.reshape({-1, logits_btv.size(-1)}),
+                                                       targets_bt.reshape({-1})) /
+                  static_cast<double>(micro_batches);
+      if (poison && m == 0) loss = loss * std::numeric_limits<double>::quiet_NaN();  // TrainOptions::poison_step
       loss.backward();
-      loss_sum += loss.item<double>();
+      const double micro_loss = loss.item<double>();
+      finite = finite && std::isfinite(micro_loss);
+      loss_sum += micro_loss;
     }
     const double clip = config.optimizer.clip_grad_norm;
     const double norm = clip > 0 ? clip_grad_norm(params, clip) : grad_norm(params);
-    if (!std::isfinite(loss_sum) || !std::isfinite(norm)) {
-      // No skip policy yet: stopping before the update keeps the weights and
-      // the last checkpoint good.
-      throw std::runtime_error("non-finite loss (" + std::to_string(loss_sum) + ") or gradient norm (" +
-                               std::to_string(norm) + ") at step " + std::to_string(step + 1) +
-                               "; the last checkpoint in " + checkpoints_dir.string() + " is intact");
-    }
-    const double lr = learning_rate(config.optimizer, config.schedule, step);
-    optimizer.step(lr);
-    ++step;
-    const double step_seconds = seconds_since(step_start);
-    interval_seconds += step_seconds;
-    total_seconds += step_seconds;
-    ++interval_steps;
-    result.last_loss = loss_sum;
-
-    if (step % config.logging.interval == 0 || step == stop_step) {
-      const double tokens_per_s = interval_steps * tokens_per_step / std::max(interval_seconds, 1e-9);
-      const double mfu = result.peak_flops > 0 ? tokens_per_s * step_flops_per_token / result.peak_flops : 0.0;
-      const json record = {{"step", step},           {"loss", loss_sum},
-                           {"lr", lr},               {"grad_norm", norm},
-                           {"tokens_per_s", tokens_per_s}, {"mfu", mfu},
-                           {"tokens", step * tokens_per_step}, {"step_time_s", interval_seconds / interval_steps},
-                           {"peak_flops", result.peak_flops}};
+    finite = finite && std::isfinite(norm);
+    if (!finite) {
+      const bool skip = config.optimizer.nonfinite_policy == "skip";
+      if (!skip || skipped_steps + 1 > config.optimizer.max_skipped_steps) {
+        // Thrown before the update and before any checkpoint of this step,
+        // so the last checkpoint (and `latest`) stays the last good state.
+        // Not BadInput: the input is not known to be at fault (exit 1).
+        const std::string why = skip ? " (optimizer.nonfinite_policy skip: " + std::to_string(skipped_steps) +
+                                           " steps already skipped, optimizer.max_skipped_steps " +
+                                           std::to_string(config.optimizer.max_skipped_steps) + ")"
+                                     : " (optimizer.nonfinite_policy stop)";
+        throw std::runtime_error("non-finite loss (" + std::to_string(loss_sum) + ") or gradient norm (" +
+                                 std::to_string(norm) + ") at step " + std::to_string(step + 1) +
+                                 ", global samples " + describe_samples(samples, 64) + why +
+                                 "; stopped before the update, the last checkpoint in " + checkpoints_dir.string() +
+                                 " is intact");
+      }
+      // Skip: drop the gradients and the update; the step and the data
+      // still advance, so the offending batch is not seen again.
+      optimizer.zero_grad();
+      ++skipped_steps;
+      ++step;
+      const double step_seconds = seconds_since(step_start);
+      interval_seconds += step_seconds;
+      total_seconds += step_seconds;
+      ++interval_steps;
+      const json record = {{"step", step},
+                           {"skipped", true},
+                           {"loss", std::isfinite(loss_sum) ? json(loss_sum) : json(std::to_string(loss_sum))},
+                           {"grad_norm", std::isfinite(norm) ? json(norm) : json(std::to_string(norm))},
+                           {"skipped_steps", skipped_steps},
+                           {"samples", samples}};
       metrics << record.dump() << "\n";
       metrics.flush();
       if (log) {
-        const double elapsed = seconds_since(run_start);
-        const double eta = (stop_step - step) * (interval_seconds / interval_steps);
-        *log << "step " << step << "/" << train_steps << " | loss " << format_double("%.4f", loss_sum) << " | lr "
-             << format_double("%.3e", lr) << " | grad_norm " << format_double("%.3f", norm) << " | "
-             << format_double("%.0f", tokens_per_s) << " tok/s | mfu " << format_double("%.1f", mfu * 100)
-             << "% | elapsed " << format_double("%.0f", elapsed) << " s, eta " << format_double("%.0f", eta)
-             << " s\n";
+        *log << "step " << step << "/" << train_steps << " | skipped: non-finite loss " << loss_sum
+             << " or grad_norm " << norm << " | global samples " << describe_samples(samples, 16) << " | "
+             << skipped_steps << " of " << config.optimizer.max_skipped_steps << " skips used\n";
         log->flush();
       }
-      interval_seconds = 0.0;
-      interval_steps = 0;
+    } else {
+      const double lr = learning_rate(config.optimizer, config.schedule, step);
+      optimizer.step(lr);
+      ++step;
+      const double step_seconds = seconds_since(step_start);
+      interval_seconds += step_seconds;
+      total_seconds += step_seconds;
+      ++interval_steps;
+      result.last_loss = loss_sum;
+
+      if (step % config.logging.interval == 0 || step == stop_step) {
+        const double tokens_per_s = interval_steps * tokens_per_step / std::max(interval_seconds, 1e-9);
+        const double mfu = result.peak_flops > 0 ? tokens_per_s * step_flops_per_token / result.peak_flops : 0.0;
+        const json record = {{"step", step},           {"loss", loss_sum},
+                             {"lr", lr},               {"grad_norm", norm},
+                             {"tokens_per_s", tokens_per_s}, {"mfu", mfu},
+                             {"tokens", step * tokens_per_step}, {"step_time_s", interval_seconds / interval_steps},
+                             {"peak_flops", result.peak_flops}};
+        metrics << record.dump() << "\n";
+        metrics.flush();
+        if (log) {
+          const double elapsed = seconds_since(run_start);
+          const double eta = (stop_step - step) * (interval_seconds / interval_steps);
+          *log << "step " << step << "/" << train_steps << " | loss " << format_double("%.4f", loss_sum) << " | lr "
+               << format_double("%.3e", lr) << " | grad_norm " << format_double("%.3f", norm) << " | "
+               << format_double("%.0f", tokens_per_s) << " tok/s | mfu " << format_double("%.1f", mfu * 100)
+               << "% | elapsed " << format_double("%.0f", elapsed) << " s, eta " << format_double("%.0f", eta)
+               << " s\n";
+          log->flush();
+        }
+        interval_seconds = 0.0;
+        interval_steps = 0;
+      }
     }
 
     const bool interval_due = config.checkpoint.interval > 0 && step % config.checkpoint.interval == 0;
     if (interval_due || step == stop_step) {
-      result.last_checkpoint =
-          save_training_checkpoint(checkpoints_dir.string(), step, *model, optimizer, loader, checkpoint_options);
+      result.last_checkpoint = save_training_checkpoint(checkpoints_dir.string(), step, *model, optimizer, loader,
+                                                        checkpoint_options, skipped_steps);
       if (log) *log << "checkpoint: " << result.last_checkpoint << "\n";
     }
   }

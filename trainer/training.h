@@ -5,6 +5,11 @@
 // schedule.train_steps (or TrainOptions::stop_after_step) is reached:
 //   for each step: zero_grad; for each micro-batch: forward, loss / n_micro,
 //   backward; clip the global gradient norm; AdamW step at the schedule's lr.
+//   A non-finite loss or grad norm follows optimizer.nonfinite_policy: stop
+//   throws std::runtime_error (exit 1) before the update, writing no
+//   checkpoint; skip zeroes the grads, skips the update and the step's data
+//   and logs {"step", "skipped": true, "samples"} (at most
+//   optimizer.max_skipped_steps per run, counted across resumes).
 // It writes the run folder runs/<run.name>/ (docs/training.md):
 //   config.yaml                       the resolved config, at start
 //   metrics.jsonl                     one JSON object per logging.interval steps
@@ -19,6 +24,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <iosfwd>
 #include <memory>
 #include <string>
@@ -38,6 +44,12 @@ struct TrainOptions {
   // Skip measuring the CPU matmul peak (mfu is then reported as 0). Tests
   // that do not look at mfu use this to stay fast.
   bool measure_peak = true;
+  // TEST-ONLY: makes a step non-finite on purpose. Called with each step's
+  // number (completed steps + 1, as in metrics.jsonl's "step"); when it
+  // returns true the first micro-batch's loss is multiplied by NaN before
+  // backward, so loss and gradients are NaN and optimizer.nonfinite_policy
+  // applies. Empty (the default, and what `loom train` uses) = never.
+  std::function<bool(int64_t step)> poison_step;
 };
 
 struct TrainResult {
@@ -53,7 +65,8 @@ struct TrainResult {
 
 // Trains on one rank (world size 1), fp32 on the CPU. `config.model` may be
 // updated to the shape of model.init_from. Throws BadInput for a config,
-// dataset or checkpoint that cannot be used (naming the file or key).
+// dataset or checkpoint that cannot be used (naming the file or key);
+// std::runtime_error (not BadInput) for a non-finite step that is not skipped.
 TrainResult train(Config& config, const TrainOptions& options = {});
 
 // FLOPs of one token's forward and backward: 6 N + 12 L H S, with N the

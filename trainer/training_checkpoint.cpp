@@ -122,7 +122,7 @@ std::vector<fs::path> step_folders(const fs::path& checkpoints_dir) {
 
 std::string save_training_checkpoint(const std::string& checkpoints_dir, int64_t step, const LlamaForCausalLM& model,
                                      const AdamW& optimizer, const Loader& loader,
-                                     const TrainingCheckpointOptions& options) {
+                                     const TrainingCheckpointOptions& options, int64_t skipped_steps) {
   const fs::path root(checkpoints_dir);
   const std::string folder_name = checkpoint_folder_name(step);
   const fs::path folder = root / folder_name;
@@ -130,6 +130,7 @@ std::string save_training_checkpoint(const std::string& checkpoints_dir, int64_t
   json trainer_state = {{"format", kTrainerStateFormat},
                         {"version", kTrainerStateVersion},
                         {"step", step},
+                        {"skipped_steps", skipped_steps},
                         {"loader", loader.state()},
                         {"rng_cpu", cpu_rng_state_base64()}};
   CheckpointWriteOptions write_options;
@@ -181,7 +182,8 @@ std::string resume_checkpoint_path(const CheckpointConfig& checkpoint, const std
   return folder.string();
 }
 
-int64_t load_training_checkpoint(const std::string& dir, LlamaForCausalLM& model, AdamW& optimizer, Loader& loader) {
+int64_t load_training_checkpoint(const std::string& dir, LlamaForCausalLM& model, AdamW& optimizer, Loader& loader,
+                                 int64_t* skipped_steps) {
   // ModelFiles::open checks every file the manifest lists (sizes, CRC32C),
   // optimizer and trainer state included, before anything is read.
   const ModelFiles files = ModelFiles::open(dir);
@@ -220,6 +222,16 @@ int64_t load_training_checkpoint(const std::string& dir, LlamaForCausalLM& model
     throw BadInput(state_path + ": step " + std::to_string(step) + " differs from the manifest's " +
                    std::to_string(files.step()));
   }
+  // Checkpoints written before the skip policy have no skipped_steps: 0.
+  int64_t skipped = 0;
+  if (state.contains("skipped_steps")) {
+    if (!state["skipped_steps"].is_number_integer() || state["skipped_steps"].get<int64_t>() < 0 ||
+        state["skipped_steps"].get<int64_t>() > step) {
+      throw BadInput(state_path + ": 'skipped_steps' is " + state["skipped_steps"].dump() +
+                     " (expected an integer in [0, step " + std::to_string(step) + "])");
+    }
+    skipped = state["skipped_steps"].get<int64_t>();
+  }
 
   load_weights(model, files);
   try {
@@ -227,13 +239,16 @@ int64_t load_training_checkpoint(const std::string& dir, LlamaForCausalLM& model
   } catch (const BadInput& e) {
     throw BadInput(optimizer_path + ": " + e.what());
   }
-  if (optimizer.step_count() != step) {
+  // Skipped steps advanced the step but not AdamW.
+  if (optimizer.step_count() != step - skipped) {
     throw BadInput(optimizer_path + ": optimizer.step is " + std::to_string(optimizer.step_count()) +
-                   ", the checkpoint is at step " + std::to_string(step));
+                   ", the checkpoint is at step " + std::to_string(step) + " with " + std::to_string(skipped) +
+                   " skipped steps (expected " + std::to_string(step - skipped) + ")");
   }
   loader.restore(state["loader"], state_path + ": loader");
   set_cpu_rng_state(base64_decode(state["rng_cpu"].get<std::string>(), state_path + ": rng_cpu"),
                     state_path + ": rng_cpu");
+  if (skipped_steps) *skipped_steps = skipped;
   return step;
 }
 

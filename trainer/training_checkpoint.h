@@ -5,7 +5,9 @@
 // with two more files, both listed in the manifest with their CRC32C:
 //   optimizer-rank00000.safetensors  AdamW::state_dict()
 //   trainer-state-rank00000.json     {"format": "loom-trainer-state", "version": 1,
-//                                     "step", "loader": Loader::state(),
+//                                     "step", "skipped_steps" (non-finite steps
+//                                     skipped so far; absent = 0),
+//                                     "loader": Loader::state(),
 //                                     "rng_cpu": base64 of the CPU generator state}
 // Order of writes (see Note [checkpoint commit order]): the step folder is
 // written under a temporary name and renamed; then `latest` is replaced
@@ -35,9 +37,11 @@ struct TrainingCheckpointOptions {
 // Writes `checkpoints_dir`/step-NNNNNNN for `step`, points `latest` at it and
 // prunes older step folders. Returns the new folder. BadInput when the folder
 // already exists (e.g. checkpoint.resume none over an earlier run).
+// `skipped_steps`: steps of the `step` done that skipped the update
+// (optimizer.nonfinite_policy skip), so AdamW has stepped step - skipped_steps times.
 std::string save_training_checkpoint(const std::string& checkpoints_dir, int64_t step, const LlamaForCausalLM& model,
                                      const AdamW& optimizer, const Loader& loader,
-                                     const TrainingCheckpointOptions& options);
+                                     const TrainingCheckpointOptions& options, int64_t skipped_steps = 0);
 
 // The checkpoint folder checkpoint.resume asks for: for "auto" the one
 // `checkpoints_dir`/latest names ("" when there is no latest), for "none" "",
@@ -47,6 +51,8 @@ std::string resume_checkpoint_path(const CheckpointConfig& checkpoint, const std
 // Loads weights, optimizer state, data position and CPU RNG state from a
 // training checkpoint and returns its step. Every file is verified (size and
 // CRC32C) before anything is loaded; BadInput names the file at fault.
-int64_t load_training_checkpoint(const std::string& dir, LlamaForCausalLM& model, AdamW& optimizer, Loader& loader);
+// `skipped_steps` (if not null) receives the saved skip count (0 when absent).
+int64_t load_training_checkpoint(const std::string& dir, LlamaForCausalLM& model, AdamW& optimizer, Loader& loader,
+                                 int64_t* skipped_steps = nullptr);
 
 }  // namespace loom

@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -12,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "checkpoints/hub.h"
 #include "data/dataset.h"
 #include "trainer/training_checkpoint.h"
 #include "util/error.h"
@@ -234,6 +237,113 @@ TEST_F(TrainingTest, ExportsAHubFolderAtTheEndReplacingAnEarlierOne) {
   for (const auto& entry : fs::directory_iterator(result.run_dir)) {
     EXPECT_EQ(entry.path().filename().string().find("hf."), std::string::npos) << entry.path();
   }
+}
+
+// TrainOptions::poison_step makes the listed steps' losses NaN.
+TrainOptions poisoned(std::vector<int64_t> steps) {
+  TrainOptions options;
+  options.measure_peak = false;
+  options.poison_step = [steps](int64_t step) { return std::find(steps.begin(), steps.end(), step) != steps.end(); };
+  return options;
+}
+
+TEST_F(TrainingTest, SkipPolicyDropsTheNonFiniteStepAndFinishes) {
+  Config c = config("skip", random_dataset());
+  c.optimizer.nonfinite_policy = "skip";
+  c.schedule.train_steps = 8;
+  c.checkpoint.interval = 0;
+  const TrainResult result = train(c, poisoned({5}));
+  EXPECT_EQ(result.final_step, 8);
+  const auto records = metrics(result);
+  ASSERT_EQ(records.size(), 8u);
+  for (const json& record : records) {
+    const bool skipped = record["step"].get<int64_t>() == 5;
+    EXPECT_EQ(record.value("skipped", false), skipped) << record.dump();
+    if (skipped) {
+      ASSERT_TRUE(record["samples"].is_array());
+      EXPECT_EQ(record["samples"].size(), 4u);  // global batch 4: both micro-batches' samples
+    } else {
+      EXPECT_TRUE(std::isfinite(record["loss"].get<double>())) << record.dump();
+    }
+  }
+  for (const auto& p : result.model->named_parameters()) {
+    EXPECT_TRUE(torch::isfinite(p.value()).all().item<bool>()) << p.key();
+  }
+  // The skip count is saved next to the step.
+  const json state = json::parse(read_file(result.run_dir + "/checkpoints/step-0000008/" + kTrainerStateFile));
+  EXPECT_EQ(state["skipped_steps"], 1);
+}
+
+TEST_F(TrainingTest, SkipCountSurvivesResume) {
+  Config c = config("skipresume", random_dataset());
+  c.optimizer.nonfinite_policy = "skip";
+  c.optimizer.max_skipped_steps = 1;
+  TrainOptions first = poisoned({3});
+  first.stop_after_step = 10;
+  ASSERT_EQ(train(c, first).final_step, 10);
+  // The resumed run starts with the one skip used: a second one is too many.
+  Config again = config("skipresume", random_dataset());
+  again.optimizer.nonfinite_policy = "skip";
+  again.optimizer.max_skipped_steps = 1;
+  try {
+    train(again, poisoned({13}));
+    ADD_FAILURE() << "no exception thrown";
+  } catch (const BadInput& e) {
+    ADD_FAILURE() << "BadInput: " << e.what();
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("at step 13"), std::string::npos) << e.what();
+  }
+}
+
+TEST_F(TrainingTest, StopPolicyThrowsAndLeavesTheLastCheckpointIntact) {
+  Config c = config("stop", random_dataset());
+  c.checkpoint.interval = 5;
+  try {
+    train(c, poisoned({7}));
+    ADD_FAILURE() << "no exception thrown";
+  } catch (const BadInput& e) {
+    ADD_FAILURE() << "BadInput: " << e.what();
+  } catch (const std::runtime_error& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("at step 7"), std::string::npos) << what;
+    EXPECT_NE(what.find("global samples ["), std::string::npos) << what;
+  }
+  const fs::path checkpoints = path("runs/stop/checkpoints");
+  EXPECT_EQ(read_file((checkpoints / "latest").string()), "step-0000005\n");
+  EXPECT_FALSE(fs::exists(checkpoints / "step-0000007"));
+  const ModelFiles files = ModelFiles::open((checkpoints / "step-0000005").string());
+  EXPECT_EQ(files.step(), 5);
+  // No metrics line for the failed step.
+  std::istringstream lines(read_file(path("runs/stop/metrics.jsonl")));
+  int64_t last_step = 0;
+  for (std::string line; std::getline(lines, line);) last_step = json::parse(line)["step"].get<int64_t>();
+  EXPECT_EQ(last_step, 6);
+}
+
+TEST_F(TrainingTest, SkipPolicyStopsPastMaxSkippedSteps) {
+  Config c = config("maxskip", random_dataset());
+  c.optimizer.nonfinite_policy = "skip";
+  c.optimizer.max_skipped_steps = 1;
+  c.checkpoint.interval = 2;
+  try {
+    train(c, poisoned({3, 6}));
+    ADD_FAILURE() << "no exception thrown";
+  } catch (const BadInput& e) {
+    ADD_FAILURE() << "BadInput: " << e.what();
+  } catch (const std::runtime_error& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("at step 6"), std::string::npos) << what;
+    EXPECT_NE(what.find("max_skipped_steps 1"), std::string::npos) << what;
+  }
+  const fs::path checkpoints = path("runs/maxskip/checkpoints");
+  EXPECT_EQ(read_file((checkpoints / "latest").string()), "step-0000004\n");
+  std::istringstream lines(read_file(path("runs/maxskip/metrics.jsonl")));
+  std::vector<int64_t> skipped;
+  for (std::string line; std::getline(lines, line);) {
+    const json record = json::parse(line);
+    if (record.value("skipped", false)) skipped.push_back(record["step"].get<int64_t>());
+  }
+  EXPECT_EQ(skipped, (std::vector<int64_t>{3}));
 }
 
 }  // namespace
