@@ -54,11 +54,19 @@ void check_supported(const Config& config) {
   }
 }
 
-// The folder holding the tokenizer files, from data.tokenizer (a tokenizer.json).
-std::string tokenizer_dir_of(const Config& config) {
+// The folder holding the tokenizer files, from data.tokenizer (a folder or a
+// tokenizer.json). Checkpoints and exports copy files by their Hub names, so
+// a tokenizer file under another name is staged as run_dir/tokenizer/tokenizer.json.
+std::string tokenizer_dir_of(const Config& config, const fs::path& run_dir) {
   if (config.data.tokenizer.empty() || !fs::exists(config.data.tokenizer)) return "";
   const fs::path path(config.data.tokenizer);
   if (fs::is_directory(path)) return path.string();
+  if (path.filename() != "tokenizer.json") {
+    const fs::path staged = run_dir / "tokenizer";
+    fs::create_directories(staged);
+    write_file_atomic((staged / "tokenizer.json").string(), read_file(path.string()));
+    return staged.string();
+  }
   return path.has_parent_path() ? path.parent_path().string() : ".";
 }
 
@@ -90,7 +98,7 @@ void export_run_to_hub(const LlamaForCausalLM& model, const Config& config, cons
   const fs::path old = run_dir / ("hf.old-" + pid);
   fs::remove_all(fresh);
   ExportOptions options;
-  options.tokenizer_dir = tokenizer_dir_of(config);
+  options.tokenizer_dir = tokenizer_dir_of(config, run_dir);
   options.model_name = config.run.name;
   options.card_notes = "Trained by loom for " + std::to_string(step) + " steps.";
   export_hub(model, fresh.string(), options);
@@ -229,7 +237,7 @@ TrainResult train(Config& config, const TrainOptions& options) {
     log->flush();
   }
 
-  const TrainingCheckpointOptions checkpoint_options{tokenizer_dir_of(config), config_to_yaml(config),
+  const TrainingCheckpointOptions checkpoint_options{tokenizer_dir_of(config, run_dir), config_to_yaml(config),
                                                      config.checkpoint.keep_last};
   double interval_seconds = 0.0, total_seconds = 0.0;
   int64_t interval_steps = 0;

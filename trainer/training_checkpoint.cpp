@@ -118,6 +118,18 @@ std::vector<fs::path> step_folders(const fs::path& checkpoints_dir) {
   return out;
 }
 
+// The folder name `latest` holds, or "" when there is no `latest` yet.
+std::string latest_folder_name(const std::string& checkpoints_dir) {
+  const fs::path latest = fs::path(checkpoints_dir) / kLatestFile;
+  if (!fs::exists(latest)) return "";
+  std::string name = read_file(latest.string());
+  while (!name.empty() && (name.back() == '\n' || name.back() == '\r' || name.back() == ' ')) name.pop_back();
+  if (name.empty() || name.find('/') != std::string::npos || name == "." || name == "..") {
+    throw BadInput(latest.string() + ": expected a checkpoint folder name such as step-0000100, found '" + name + "'");
+  }
+  return name;
+}
+
 }  // namespace
 
 std::string save_training_checkpoint(const std::string& checkpoints_dir, int64_t step, const LlamaForCausalLM& model,
@@ -141,6 +153,11 @@ std::string save_training_checkpoint(const std::string& checkpoints_dir, int64_t
       {kOptimizerStateFile, "optimizer", [&](const std::string& path) { write_optimizer_state(optimizer, path); }},
       {kTrainerStateFile, "trainer_state",
        [&](const std::string& path) { write_file_atomic(path, trainer_state.dump(2) + "\n"); }}};
+  // A step folder that `latest` does not name was never committed: a crash
+  // came between its rename and the update of `latest`, or this run resumed
+  // from an earlier checkpoint. Training has just recomputed this step, so
+  // the folder is replaced. The one `latest` names is never touched.
+  if (fs::exists(folder) && latest_folder_name(checkpoints_dir) != folder_name) fs::remove_all(folder);
   write_loom_checkpoint(model, folder.string(), write_options);
 
   // Note [checkpoint commit order]: `latest` moves only after the new folder
@@ -168,13 +185,9 @@ std::string resume_checkpoint_path(const CheckpointConfig& checkpoint, const std
     }
     return checkpoint.resume;
   }
+  const std::string name = latest_folder_name(checkpoints_dir);
+  if (name.empty()) return "";
   const fs::path latest = fs::path(checkpoints_dir) / kLatestFile;
-  if (!fs::exists(latest)) return "";
-  std::string name = read_file(latest.string());
-  while (!name.empty() && (name.back() == '\n' || name.back() == '\r' || name.back() == ' ')) name.pop_back();
-  if (name.empty() || name.find('/') != std::string::npos || name == "." || name == "..") {
-    throw BadInput(latest.string() + ": expected a checkpoint folder name such as step-0000100, found '" + name + "'");
-  }
   const fs::path folder = fs::path(checkpoints_dir) / name;
   if (!fs::is_directory(folder)) {
     throw BadInput(latest.string() + ": names '" + name + "', which is not a folder in " + checkpoints_dir);
