@@ -51,6 +51,10 @@ struct ModelConfig {
   std::string init_from;        // Hugging Face folder to start from ("" = random init)
   int64_t bos_token_id = -1;    // -1 = none
   int64_t eos_token_id = -1;    // -1 = none
+  // Activation recomputation: none keeps every layer's activations for
+  // backward; full keeps only each decoder layer's input and recomputes the
+  // layer during backward (less memory, one more forward). Not in config.json.
+  std::string recompute = "none";  // none | full
 
   // Resolved values (after defaults): never 0.
   int64_t kv_heads() const { return num_kv_heads > 0 ? num_kv_heads : num_heads; }
@@ -78,6 +82,8 @@ struct DataSource {
 struct DataConfig {
   std::vector<DataSource> train;
   std::string valid;
+  int64_t valid_interval = 0;  // steps between validation passes; 0 = only at the end
+  int64_t valid_batches = 8;   // micro-batches per validation pass
   int64_t seq_len = 0;  // 0 -> model.max_seq_len
   std::string tokenizer;
 };
@@ -93,6 +99,7 @@ struct OptimizerConfig {
   double eps = 1e-8;
   double weight_decay = 0.1;
   double clip_grad_norm = 1.0;  // 0 = no clipping
+  bool decay_embeddings = true;  // weight decay on embed_tokens and lm_head too
   // A step whose loss (any micro-batch) or grad norm is NaN/Inf:
   // stop = throw before the update; skip = drop the update and go on.
   std::string nonfinite_policy = "stop";  // stop | skip

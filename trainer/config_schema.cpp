@@ -92,6 +92,9 @@ std::vector<KeySpec> build_table() {
        kTokenId},
       {"model.eos_token_id", LOOM_FIELD(model.eos_token_id), "", "", "end-of-sequence token id; -1 = none",
        kTokenId},
+      {"model.recompute", LOOM_FIELD(model.recompute), "", "",
+       "activation recomputation: full = keep only each decoder layer's input and recompute the layer in "
+       "backward (less memory, about a third more compute); none = keep all activations", kAny, {"none", "full"}},
 
       // --- parallel: world = dp * pp * tp -------------------------------------
       {"parallel.dp", LOOM_FIELD(parallel.dp), "", "ranks",
@@ -117,6 +120,12 @@ std::vector<KeySpec> build_table() {
        "training datasets (folders made by `loom prepare`): a list of {path, weight} maps or plain paths "
        "(weight 1); weights are relative sampling rates"},
       {"data.valid", LOOM_FIELD(data.valid), "", "", "validation dataset folder; \"\" = none"},
+      {"data.valid_interval", LOOM_FIELD(data.valid_interval), "", "steps",
+       "validation loss every this many steps (and after the last step) when data.valid is set; 0 = only after "
+       "the last step", kNonNegative},
+      {"data.valid_batches", LOOM_FIELD(data.valid_batches), "", "micro-batches",
+       "micro-batches of batch.micro_batch_size sequences per validation pass, always the same ones",
+       kAtLeastOne},
       {"data.seq_len", LOOM_FIELD(data.seq_len), "", "tokens",
        "tokens per training sequence; 0 = model.max_seq_len", kNonNegative},
       {"data.tokenizer", LOOM_FIELD(data.tokenizer), "", "", "Hugging Face tokenizer.json used by the datasets"},
@@ -138,6 +147,8 @@ std::vector<KeySpec> build_table() {
        "decoupled weight decay (not applied to norms and biases)", kNonNegative},
       {"optimizer.clip_grad_norm", LOOM_FIELD(optimizer.clip_grad_norm), "", "",
        "clip the global gradient L2 norm to this; 0 = no clipping", kNonNegative},
+      {"optimizer.decay_embeddings", LOOM_FIELD(optimizer.decay_embeddings), "", "",
+       "apply weight decay to model.embed_tokens and lm_head as well (norms and biases are never decayed)"},
       {"optimizer.nonfinite_policy", LOOM_FIELD(optimizer.nonfinite_policy), "", "",
        "a step whose loss (any micro-batch) or gradient norm is NaN/Inf: stop = end the run (exit 1) before the "
        "update; skip = zero the gradients, skip the update and the batch, and go on", kAny, {"stop", "skip"}},

@@ -43,6 +43,7 @@ AdamWOptions AdamWOptions::from_config(const OptimizerConfig& config) {
   options.beta2 = config.betas[1];
   options.eps = config.eps;
   options.weight_decay = config.weight_decay;
+  options.decay_embeddings = config.decay_embeddings;
   return options;
 }
 

@@ -35,11 +35,11 @@ struct AdamWOptions {
   double beta2 = 0.95;
   double eps = 1e-8;
   double weight_decay = 0.1;  // decoupled; applied to the decay group only
-  // Whether model.embed_tokens.weight and lm_head.weight are decayed. No
-  // config key yet; GPT-2/Megatron decay them, some recipes do not.
+  // Whether model.embed_tokens.weight and lm_head.weight are decayed
+  // (optimizer.decay_embeddings); GPT-2/Megatron decay them, some recipes do not.
   bool decay_embeddings = true;
 
-  // optimizer.betas / eps / weight_decay (lr is passed to every step).
+  // optimizer.betas / eps / weight_decay / decay_embeddings (lr is passed to every step).
   static AdamWOptions from_config(const OptimizerConfig& config);
 };
 
