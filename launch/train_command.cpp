@@ -1,4 +1,6 @@
 // `loom train CONFIG [--set KEY=VALUE ...]`: one rank's training run.
+#include <unistd.h>
+
 #include <iostream>
 
 #include "launch/cli.h"
@@ -15,6 +17,7 @@ int command_train(const std::vector<std::string>& argv) {
   Config config = load_config(args.positional()[0], args.all("set"));
   TrainOptions options;
   options.log = &std::cout;
+  options.progress_bar = ::isatty(STDOUT_FILENO) == 1;
   train(config, options);
   return kExitOk;
 }

@@ -127,7 +127,8 @@ struct CheckpointConfig {
 };
 
 struct LoggingConfig {
-  int64_t interval = 1;  // steps
+  int64_t interval = 1;      // steps
+  double peak_tflops = 0.0;  // peak for mfu; 0 = datasheet (known GPUs) or measured
 };
 
 struct SlurmConfig {

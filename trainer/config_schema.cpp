@@ -188,6 +188,9 @@ std::vector<KeySpec> build_table() {
       // --- logging ----------------------------------------------------------------
       {"logging.interval", LOOM_FIELD(logging.interval), "", "steps", "log metrics every this many steps",
        kAtLeastOne},
+      {"logging.peak_tflops", LOOM_FIELD(logging.peak_tflops), "", "TFLOP/s",
+       "the peak mfu is relative to; 0 = the datasheet's dense peak for a known GPU (H100, H200, A100), else a "
+       "measured matmul rate", kNonNegative},
 
       // --- launch -----------------------------------------------------------------
       {"launch.ranks", LOOM_FIELD(launch.ranks), "", "processes",

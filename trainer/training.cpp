@@ -14,6 +14,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include <ATen/autocast_mode.h>
 #include <torch/nn/functional/loss.h>
 
 #include "checkpoints/hub.h"
@@ -21,6 +22,7 @@
 #include "data/loader.h"
 #include "parallel/topology.h"
 #include "trainer/lr_schedule.h"
+#include "trainer/device.h"
 #include "trainer/optimizer.h"
 #include "trainer/training_checkpoint.h"
 #include "util/error.h"
@@ -38,12 +40,10 @@ double seconds_since(Clock::time_point start) { return std::chrono::duration<dou
 
 // What this build can train; refused up front rather than after minutes of setup.
 void check_supported(const Config& config) {
-  if (config.run.device != "cpu" && config.run.device != "auto") {
-    throw BadInput("run.device: '" + config.run.device + "' is not supported by `loom train` yet (expected cpu or auto)");
-  }
-  if (config.precision.compute != "fp32" || config.precision.params != "fp32") {
-    throw BadInput("precision.compute / precision.params: '" + config.precision.compute + "' / '" +
-                   config.precision.params + "' is not supported on the CPU yet (expected fp32)");
+  if (config.precision.params != "fp32") {
+    throw BadInput("precision.params: '" + config.precision.params +
+                   "' is not supported yet (expected fp32); for bf16 training keep fp32 parameters and set "
+                   "precision.compute bf16: the matmuls run in bf16, weights and gradients stay fp32");
   }
   if (config.schedule.train_steps <= 0) {
     throw BadInput("schedule.train_steps: " + std::to_string(config.schedule.train_steps) + " (expected > 0)");
@@ -52,6 +52,74 @@ void check_supported(const Config& config) {
   if (config.logging.interval <= 0) {
     throw BadInput("logging.interval: " + std::to_string(config.logging.interval) + " (expected > 0)");
   }
+}
+
+// precision.compute bf16: the forward runs under autocast, so matmuls and
+// attention take bf16 copies of the fp32 weights and activations while the
+// parameters, their gradients (accumulated over micro-batches) and the
+// optimizer stay fp32, as torch.autocast does. Backward follows the forward's
+// dtypes by itself; only the forward is inside the scope.
+class AutocastScope {
+ public:
+  AutocastScope(c10::DeviceType device_type, bool enabled) : device_type_(device_type), enabled_(enabled) {
+    if (!enabled_) return;
+    previous_enabled_ = at::autocast::is_autocast_enabled(device_type_);
+    previous_dtype_ = at::autocast::get_autocast_dtype(device_type_);
+    at::autocast::set_autocast_enabled(device_type_, true);
+    at::autocast::set_autocast_dtype(device_type_, at::kBFloat16);
+    at::autocast::increment_nesting();
+  }
+  ~AutocastScope() {
+    if (!enabled_) return;
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+    at::autocast::set_autocast_enabled(device_type_, previous_enabled_);
+    at::autocast::set_autocast_dtype(device_type_, previous_dtype_);
+  }
+  AutocastScope(const AutocastScope&) = delete;
+  AutocastScope& operator=(const AutocastScope&) = delete;
+
+ private:
+  c10::DeviceType device_type_;
+  bool enabled_;
+  bool previous_enabled_ = false;
+  at::ScalarType previous_dtype_ = at::kBFloat16;
+};
+
+// A micro-batch's rows as (inputs, targets) on `device`: [rows, cols - 1] each.
+// A copy: autograd keeps the ids for the embedding's backward, and the tensor
+// must own them rather than borrow the batch's buffer.
+std::pair<torch::Tensor, torch::Tensor> to_inputs_targets(MicroBatch& batch, c10::Device device) {
+  const auto rows_bt = torch::from_blob(batch.tokens.data(), {batch.rows, batch.cols}, torch::kLong)
+                           .to(device, /*non_blocking=*/false, /*copy=*/true);
+  return {rows_bt.slice(1, 0, batch.cols - 1), rows_bt.slice(1, 1, batch.cols)};
+}
+
+// Mean next-token cross-entropy of `inputs_bt` -> `targets_bt`, in fp32
+// whatever the compute dtype.
+torch::Tensor next_token_loss(LlamaForCausalLM& model, const torch::Tensor& inputs_bt, const torch::Tensor& targets_bt,
+                              bool bf16) {
+  torch::Tensor logits_btv;
+  {
+    AutocastScope autocast(inputs_bt.device().type(), bf16);
+    logits_btv = model.forward(inputs_bt);
+  }
+  return torch::nn::functional::cross_entropy(logits_btv.reshape({-1, logits_btv.size(-1)}).to(torch::kFloat),
+                                              targets_bt.reshape({-1}));
+}
+
+// Mean loss over the first data.valid_batches validation micro-batches (the
+// same ones every time), without gradients. NaN when there are none.
+double validation_loss(LlamaForCausalLM& model, const Loader& loader, int64_t max_batches, c10::Device device,
+                       bool bf16) {
+  torch::NoGradGuard no_grad;
+  torch::Tensor total = torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(device));
+  int64_t count = 0;
+  for (MicroBatch batch : loader.validation_batches(max_batches)) {
+    auto [inputs_bt, targets_bt] = to_inputs_targets(batch, device);
+    total += next_token_loss(model, inputs_bt, targets_bt, bf16).to(torch::kDouble);
+    ++count;
+  }
+  return count > 0 ? total.item<double>() / static_cast<double>(count) : std::numeric_limits<double>::quiet_NaN();
 }
 
 // The folder holding the tokenizer files, from data.tokenizer (a folder or a
@@ -123,6 +191,55 @@ std::string format_double(const char* format, double value) {
   return buffer;
 }
 
+constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+
+// "2h05m", "3m07s", "42s".
+std::string format_duration(double seconds) {
+  const auto total = static_cast<long long>(std::max(0.0, std::round(seconds)));
+  char buffer[32];
+  if (total >= 3600) {
+    std::snprintf(buffer, sizeof buffer, "%lldh%02lldm", total / 3600, total % 3600 / 60);
+  } else if (total >= 60) {
+    std::snprintf(buffer, sizeof buffer, "%lldm%02llds", total / 60, total % 60);
+  } else {
+    std::snprintf(buffer, sizeof buffer, "%llds", total);
+  }
+  return buffer;
+}
+
+// The progress bar of a run on a terminal, redrawn in place after every step:
+//   [########............] 120/300  40% | 1m10s elapsed, 1m45s left
+// Log lines erase it first (clear()) and it is drawn again after them, so the
+// log itself stays one record per line. Disabled, it prints nothing.
+class ProgressBar {
+ public:
+  explicit ProgressBar(bool enabled) : enabled_(enabled) {}
+
+  // What erases the bar ("" when none is shown).
+  std::string clear() {
+    if (!shown_) return "";
+    shown_ = false;
+    return "\r\033[K";
+  }
+
+  // `done_here` steps took `elapsed` seconds in this call; they set the pace.
+  void draw(std::ostream& out, int64_t step, int64_t stop_step, double elapsed, int64_t done_here) {
+    if (!enabled_ || stop_step <= 0) return;
+    constexpr int kWidth = 30;
+    const double fraction = std::clamp(static_cast<double>(step) / static_cast<double>(stop_step), 0.0, 1.0);
+    const int filled = static_cast<int>(fraction * kWidth);
+    const double left = done_here > 0 ? elapsed / static_cast<double>(done_here) * (stop_step - step) : 0.0;
+    out << clear() << "[" << std::string(filled, '#') << std::string(kWidth - filled, '.') << "] " << step << "/"
+        << stop_step << " " << format_double("%3.0f", fraction * 100) << "% | " << format_duration(elapsed)
+        << " elapsed, " << format_duration(left) << " left" << std::flush;
+    shown_ = true;
+  }
+
+ private:
+  bool enabled_;
+  bool shown_ = false;
+};
+
 }  // namespace
 
 std::string checkpoint_folder_name(int64_t step) {
@@ -137,17 +254,35 @@ double flops_per_token(const ModelConfig& model, int64_t seq_len) {
              static_cast<double>(seq_len);
 }
 
-double measure_cpu_matmul_peak_flops() {
-  constexpr int64_t kSize = 1024;
-  constexpr int kRepeats = 3;
+double measure_matmul_peak_flops(c10::Device device, torch::ScalarType dtype) {
+  const int64_t size = device.is_cuda() ? 8192 : 1024;
+  const int repeats = device.is_cuda() ? 10 : 3;
   // torch::full, not randn: the measurement must not draw from the seeded RNG.
-  const auto a = torch::full({kSize, kSize}, 0.5f);
-  const auto b = torch::full({kSize, kSize}, 0.25f);
+  const auto options = torch::TensorOptions().dtype(dtype).device(device);
+  const auto a = torch::full({size, size}, 0.5, options);
+  const auto b = torch::full({size, size}, 0.25, options);
   auto c = torch::mm(a, b);  // warm-up: first-call allocation and BLAS set-up
+  synchronize(device);
   const auto start = Clock::now();
-  for (int i = 0; i < kRepeats; ++i) torch::mm_out(c, a, b);
+  for (int i = 0; i < repeats; ++i) torch::mm_out(c, a, b);
+  synchronize(device);
   const double seconds = std::max(seconds_since(start), 1e-9);
-  return kRepeats * 2.0 * kSize * kSize * kSize / seconds;
+  return repeats * 2.0 * static_cast<double>(size) * static_cast<double>(size) * static_cast<double>(size) / seconds;
+}
+
+double measure_cpu_matmul_peak_flops() { return measure_matmul_peak_flops(c10::Device(c10::kCPU), torch::kFloat); }
+
+double datasheet_peak_flops(const std::string& device_name, bool bf16) {
+  // Dense (no sparsity) tensor-core rates of the SXM parts, FLOP/s.
+  struct Card {
+    const char* name;
+    double bf16, fp32;
+  };
+  static const Card kCards[] = {{"H100", 989e12, 67e12}, {"H200", 989e12, 67e12}, {"A100", 312e12, 19.5e12}};
+  for (const Card& card : kCards) {
+    if (device_name.find(card.name) != std::string::npos) return bf16 ? card.bf16 : card.fp32;
+  }
+  return 0.0;
 }
 
 TrainResult train(Config& config, const TrainOptions& options) {
@@ -177,13 +312,28 @@ TrainResult train(Config& config, const TrainOptions& options) {
                    "checkpoint.resume auto to continue, or another run.name");
   }
 
-  if (options.measure_peak) result.peak_flops = measure_cpu_matmul_peak_flops();
+  const c10::Device device = resolve_device(config.run.device);
+  const bool bf16 = config.precision.compute == "bf16";
+  std::string peak_source = "logging.peak_tflops";
+  if (config.logging.peak_tflops > 0) {
+    result.peak_flops = config.logging.peak_tflops * 1e12;
+  } else if (device.is_cuda()) {
+    result.peak_flops = datasheet_peak_flops(device_name(device), bf16);
+    peak_source = "the datasheet's dense peak";
+  }
+  if (result.peak_flops == 0 && options.measure_peak) {
+    result.peak_flops = measure_matmul_peak_flops(device, bf16 ? torch::kBFloat16 : torch::kFloat);
+    peak_source = "a measured matmul";
+  }
 
   // Model and optimizer. build_initial_model seeds torch with run.seed before
   // drawing the initial weights; seeding here too covers model.init_from.
+  // The weights are drawn on the CPU and then moved, so every device starts
+  // from the same ones.
   torch::manual_seed(config.run.seed);
   LocalLayerFactory factory;
   auto model = build_initial_model(config, factory);
+  model->to(device);
   model->train();
   AdamW optimizer(to_named_tensors(model->named_parameters()), AdamWOptions::from_config(config.optimizer));
   const std::vector<torch::Tensor> params = optimizer.params();
@@ -196,6 +346,7 @@ TrainResult train(Config& config, const TrainOptions& options) {
   loader_config.micro_batch = micro_batch;
   loader_config.dp_rank = 0;
   loader_config.dp_size = 1;
+  loader_config.valid_path = config.data.valid;
   Loader loader(loader_config);
   const int64_t micro_batches = loader.micro_batches_per_step();
   for (size_t d = 0; d < config.data.train.size(); ++d) {
@@ -227,16 +378,19 @@ TrainResult train(Config& config, const TrainOptions& options) {
   if (log) {
     *log << "train: " << run_dir.string() << ", " << count_parameters(config.model) << " parameters ("
          << count_non_embedding_parameters(config.model) << " non-embedding), " << dims.describe() << "\n"
+         << "train: " << device_name(device) << ", compute " << config.precision.compute << ", params "
+         << config.precision.params << ", recompute " << config.model.recompute << "\n"
          << "train: batch " << global_batch << " x " << seq_len << " tokens = " << micro_batches
          << " micro-batches of " << micro_batch << ", steps " << step << " -> " << stop_step << " of "
          << train_steps << (resume_from.empty() ? "" : ", resumed from " + resume_from) << "\n";
     if (result.peak_flops > 0) {
-      *log << "train: measured CPU fp32 matmul peak " << format_double("%.1f", result.peak_flops / 1e9)
-           << " GFLOP/s (mfu is relative to it)\n";
+      *log << "train: peak " << format_double("%.1f", result.peak_flops / 1e12) << " TFLOP/s from " << peak_source
+           << " (mfu is relative to it)\n";
     }
     log->flush();
   }
 
+  ProgressBar progress(options.progress_bar);
   const TrainingCheckpointOptions checkpoint_options{tokenizer_dir_of(config, run_dir), config_to_yaml(config),
                                                      config.checkpoint.keep_last};
   double interval_seconds = 0.0, total_seconds = 0.0;
@@ -246,31 +400,26 @@ TrainResult train(Config& config, const TrainOptions& options) {
   while (step < stop_step) {
     const auto step_start = Clock::now();
     optimizer.zero_grad();
-    double loss_sum = 0.0;
-    bool finite = true;             // every micro-batch's loss, then the grad norm
     std::vector<uint64_t> samples;  // global sample ids of this step, for a non-finite report
     const bool poison = options.poison_step && options.poison_step(step + 1);
+    // The micro-batch losses are summed on the device and read once per step,
+    // so a GPU is not made to wait after every micro-batch.
+    torch::Tensor step_loss = torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(device));
     for (int64_t m = 0; m < micro_batches; ++m) {
       MicroBatch batch = loader.next_micro_batch();
       for (const SampleId& id : batch.samples) samples.push_back(id.global_index);
-      // A copy: autograd keeps the ids for the embedding's backward, and the
-      // tensor must own them rather than borrow the batch's buffer.
-      const auto rows_bt = torch::from_blob(batch.tokens.data(), {batch.rows, batch.cols}, torch::kLong).clone();
-      const auto inputs_bt = rows_bt.slice(1, 0, batch.cols - 1);
-      const auto targets_bt = rows_bt.slice(1, 1, batch.cols);
-      const auto logits_btv = model->forward(inputs_bt);
+      auto [inputs_bt, targets_bt] = to_inputs_targets(batch, device);
       // Mean over this micro-batch's tokens, divided by the number of
       // micro-batches: the accumulated gradient is then that of the mean
       // over the whole global batch (every micro-batch has as many tokens).
-      auto loss = torch::nn::functional::cross_entropy(logits_btv.reshape({-1, logits_btv.size(-1)}),
-                                                       targets_bt.reshape({-1})) /
-                  static_cast<double>(micro_batches);
+      auto loss = next_token_loss(*model, inputs_bt, targets_bt, bf16) / static_cast<double>(micro_batches);
       if (poison && m == 0) loss = loss * std::numeric_limits<double>::quiet_NaN();  // TrainOptions::poison_step
       loss.backward();
-      const double micro_loss = loss.item<double>();
-      finite = finite && std::isfinite(micro_loss);
-      loss_sum += micro_loss;
+      step_loss += loss.detach().to(torch::kDouble);
     }
+    // A NaN or inf in any micro-batch's loss makes the sum non-finite.
+    const double loss_sum = step_loss.item<double>();
+    bool finite = std::isfinite(loss_sum);
     const double clip = config.optimizer.clip_grad_norm;
     const double norm = clip > 0 ? clip_grad_norm(params, clip) : grad_norm(params);
     finite = finite && std::isfinite(norm);
@@ -308,7 +457,7 @@ TrainResult train(Config& config, const TrainOptions& options) {
       metrics << record.dump() << "\n";
       metrics.flush();
       if (log) {
-        *log << "step " << step << "/" << train_steps << " | skipped: non-finite loss " << loss_sum
+        *log << progress.clear() << "step " << step << "/" << train_steps << " | skipped: non-finite loss " << loss_sum
              << " or grad_norm " << norm << " | global samples " << describe_samples(samples, 16) << " | "
              << skipped_steps << " of " << config.optimizer.max_skipped_steps << " skips used\n";
         log->flush();
@@ -326,25 +475,52 @@ TrainResult train(Config& config, const TrainOptions& options) {
       if (step % config.logging.interval == 0 || step == stop_step) {
         const double tokens_per_s = interval_steps * tokens_per_step / std::max(interval_seconds, 1e-9);
         const double mfu = result.peak_flops > 0 ? tokens_per_s * step_flops_per_token / result.peak_flops : 0.0;
-        const json record = {{"step", step},           {"loss", loss_sum},
-                             {"lr", lr},               {"grad_norm", norm},
-                             {"tokens_per_s", tokens_per_s}, {"mfu", mfu},
-                             {"tokens", step * tokens_per_step}, {"step_time_s", interval_seconds / interval_steps},
-                             {"peak_flops", result.peak_flops}};
+        const MemoryStats memory = memory_stats(device);
+        const json record = {{"step", step},
+                             {"loss", loss_sum},
+                             {"lr", lr},
+                             {"grad_norm", norm},
+                             {"tokens_per_s", tokens_per_s},
+                             {"mfu", mfu},
+                             {"tokens", step * tokens_per_step},
+                             {"step_time_s", interval_seconds / interval_steps},
+                             {"peak_flops", result.peak_flops},
+                             {"mem_peak_gib", memory.peak_bytes / kGiB},
+                             {"mem_reserved_gib", memory.reserved_bytes / kGiB}};
         metrics << record.dump() << "\n";
         metrics.flush();
         if (log) {
           const double elapsed = seconds_since(run_start);
           const double eta = (stop_step - step) * (interval_seconds / interval_steps);
-          *log << "step " << step << "/" << train_steps << " | loss " << format_double("%.4f", loss_sum) << " | lr "
-               << format_double("%.3e", lr) << " | grad_norm " << format_double("%.3f", norm) << " | "
-               << format_double("%.0f", tokens_per_s) << " tok/s | mfu " << format_double("%.1f", mfu * 100)
-               << "% | elapsed " << format_double("%.0f", elapsed) << " s, eta " << format_double("%.0f", eta)
-               << " s\n";
+          *log << progress.clear() << "step " << step << "/" << train_steps << " | loss "
+               << format_double("%.4f", loss_sum) << " | lr " << format_double("%.3e", lr) << " | grad_norm "
+               << format_double("%.3f", norm) << " | " << format_double("%.0f", tokens_per_s) << " tok/s | mfu "
+               << format_double("%.1f", mfu * 100) << "% | mem " << format_double("%.2f", memory.peak_bytes / kGiB)
+               << " GiB | elapsed " << format_duration(elapsed) << ", eta " << format_duration(eta) << "\n";
           log->flush();
         }
+        reset_peak_memory(device);
         interval_seconds = 0.0;
         interval_steps = 0;
+      }
+    }
+
+    const bool valid_due = (config.data.valid_interval > 0 && step % config.data.valid_interval == 0) ||
+                           step == train_steps;
+    if (!config.data.valid.empty() && valid_due) {
+      const auto valid_start = Clock::now();
+      const double valid_loss = validation_loss(*model, loader, config.data.valid_batches, device, bf16);
+      result.last_valid_loss = valid_loss;
+      const json record = {{"step", step},
+                           {"valid_loss", std::isfinite(valid_loss) ? json(valid_loss) : json(std::to_string(valid_loss))},
+                           {"valid_batches", config.data.valid_batches},
+                           {"valid_time_s", seconds_since(valid_start)}};
+      metrics << record.dump() << "\n";
+      metrics.flush();
+      if (log) {
+        *log << progress.clear() << "step " << step << "/" << train_steps << " | valid_loss "
+             << format_double("%.4f", valid_loss) << "\n";
+        log->flush();
       }
     }
 
@@ -352,9 +528,11 @@ TrainResult train(Config& config, const TrainOptions& options) {
     if (interval_due || step == stop_step) {
       result.last_checkpoint = save_training_checkpoint(checkpoints_dir.string(), step, *model, optimizer, loader,
                                                         checkpoint_options, skipped_steps);
-      if (log) *log << "checkpoint: " << result.last_checkpoint << "\n";
+      if (log) *log << progress.clear() << "checkpoint: " << result.last_checkpoint << "\n";
     }
+    if (log) progress.draw(*log, step, stop_step, seconds_since(run_start), step - result.resumed_from_step);
   }
+  if (log) *log << progress.clear();
   metrics.close();
 
   result.final_step = step;
@@ -364,9 +542,16 @@ TrainResult train(Config& config, const TrainOptions& options) {
     if (log) *log << "exported: " << (run_dir / "hf").string() << "\n";
   }
   if (log && step > result.resumed_from_step) {
-    *log << "done: " << (step - result.resumed_from_step) << " steps in " << format_double("%.1f", total_seconds)
-         << " s, " << format_double("%.0f", result.tokens_per_s) << " tok/s, final loss "
-         << format_double("%.4f", result.last_loss) << "\n";
+    // The end-of-run summary.
+    const double mfu = result.peak_flops > 0 ? result.tokens_per_s * step_flops_per_token / result.peak_flops : 0.0;
+    *log << "done: " << (step - result.resumed_from_step) << " steps (" << step << "/" << train_steps << ") in "
+         << format_duration(total_seconds) << ", " << format_double("%.0f", result.tokens_per_s) << " tok/s, mfu "
+         << format_double("%.1f", mfu * 100) << "%, final loss " << format_double("%.4f", result.last_loss);
+    if (std::isfinite(result.last_valid_loss)) *log << ", valid loss " << format_double("%.4f", result.last_valid_loss);
+    if (skipped_steps > 0) *log << ", " << skipped_steps << " skipped steps";
+    *log << "\n";
+    if (!result.last_checkpoint.empty()) *log << "done: last checkpoint " << result.last_checkpoint << "\n";
+    *log << "done: metrics in " << metrics_path << " (plot them with `loom plot " << run_dir.string() << "`)\n";
   }
   result.model = model;
   return result;

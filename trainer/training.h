@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <functional>
 #include <iosfwd>
+#include <limits>
 #include <memory>
 #include <string>
 
@@ -41,6 +42,9 @@ struct TrainOptions {
   int64_t stop_after_step = -1;
   // Where the human-readable progress lines go; nullptr = nowhere.
   std::ostream* log = nullptr;
+  // Redraw a progress bar with the time left on `log` after every step (for a
+  // terminal: it uses a carriage return and an erase-line escape).
+  bool progress_bar = false;
   // Skip measuring the CPU matmul peak (mfu is then reported as 0). Tests
   // that do not look at mfu use this to stay fast.
   bool measure_peak = true;
@@ -57,13 +61,15 @@ struct TrainResult {
   int64_t resumed_from_step = 0;  // steps already done when this call began
   int64_t final_step = 0;       // steps done when it returned
   double last_loss = 0.0;       // mean loss of the last step
+  double last_valid_loss = std::numeric_limits<double>::quiet_NaN();  // of the last validation pass
   double tokens_per_s = 0.0;    // over this call's steps
-  double peak_flops = 0.0;      // measured CPU fp32 matmul rate, FLOP/s (0 if not measured)
+  double peak_flops = 0.0;      // the peak mfu is relative to, FLOP/s (0 if not known)
   std::string last_checkpoint;  // folder of the last checkpoint written ("" if none)
   std::shared_ptr<LlamaForCausalLM> model;  // the trained model
 };
 
-// Trains on one rank (world size 1), fp32 on the CPU. `config.model` may be
+// Trains on one rank (world size 1) on run.device, fp32 or (precision.compute
+// bf16) with bf16 autocast over fp32 weights. `config.model` may be
 // updated to the shape of model.init_from. Throws BadInput for a config,
 // dataset or checkpoint that cannot be used (naming the file or key);
 // std::runtime_error (not BadInput) for a non-finite step that is not skipped.
@@ -73,9 +79,15 @@ TrainResult train(Config& config, const TrainOptions& options = {});
 // non-embedding parameters, L layers, H hidden size, S sequence length.
 double flops_per_token(const ModelConfig& model, int64_t seq_len);
 
-// The fp32 matmul rate of this CPU with torch's current thread count, in
-// FLOP/s: a warm-up and then 3 products of 1024 x 1024 matrices.
-double measure_cpu_matmul_peak_flops();
+// The matmul rate of `device` in `dtype`, FLOP/s: a warm-up, then 3 products
+// of 1024 x 1024 matrices on the CPU (with torch's current thread count) or
+// 10 of 8192 x 8192 on a GPU.
+double measure_matmul_peak_flops(c10::Device device, torch::ScalarType dtype);
+double measure_cpu_matmul_peak_flops();  // CPU, fp32
+
+// The datasheet's dense tensor-core peak of a GPU called `device_name` (H100,
+// H200, A100), bf16 or fp32, in FLOP/s; 0 when the card is not known.
+double datasheet_peak_flops(const std::string& device_name, bool bf16);
 
 // "step-0000042": a checkpoint folder's name.
 std::string checkpoint_folder_name(int64_t step);
