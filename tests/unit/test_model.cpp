@@ -1,12 +1,17 @@
 // The Llama-family model on its own: names and shapes as Hugging Face stores
-// them, causality, the KV cache, grouped-query attention and rotary maths.
+// them, causality, the KV cache, grouped-query attention, rotary maths and
+// activation recomputation.
 // Agreement with transformers itself is tested in tests/interop.
 #include <gtest/gtest.h>
 
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
+#include <torch/csrc/autograd/function.h>
 #include <torch/utils.h>
 
+#include <algorithm>
 #include <map>
+#include <unordered_set>
 
 #include "trainer/generate.h"
 #include "trainer/model/llama.h"
@@ -223,6 +228,195 @@ TEST(Generate, GreedyIsDeterministicAndSamplingFollowsTheSeed) {
   auto other = generate(*model, {4}, sample);
   sample.seed = 3;
   EXPECT_NE(generate(*model, {4}, sample), other);
+}
+
+// --- activation recomputation (model.recompute) ---------------------------
+
+ModelConfig recompute_config(bool tied, const std::string& recompute) {
+  ModelConfig m;
+  m.hidden_size = 64;
+  m.intermediate_size = 96;
+  m.num_layers = 4;
+  m.num_heads = 4;
+  m.num_kv_heads = 2;
+  m.vocab_size = 61;
+  m.max_seq_len = 32;
+  m.init_std = 0.1;
+  m.tie_embeddings = tied;
+  m.recompute = recompute;
+  return m;
+}
+
+torch::Tensor next_token_loss(const torch::Tensor& logits_btv, const torch::Tensor& ids_bt) {
+  const int64_t vocab = logits_btv.size(2);
+  return at::cross_entropy_loss(logits_btv.narrow(1, 0, logits_btv.size(1) - 1).reshape({-1, vocab}),
+                                ids_bt.narrow(1, 1, ids_bt.size(1) - 1).reshape(-1));
+}
+
+torch::Tensor fixed_ids(int64_t vocab) {
+  torch::manual_seed(11);
+  return torch::randint(0, vocab, {2, 12}, torch::kLong);
+}
+
+struct LossAndGrads {
+  torch::Tensor loss;
+  std::map<std::string, torch::Tensor> grads;
+};
+
+// Runs backward from `loss` and collects every parameter's gradient.
+LossAndGrads loss_and_grads(LlamaForCausalLM& model, const torch::Tensor& loss) {
+  loss.backward();
+  LossAndGrads out{loss.detach(), {}};
+  for (const auto& p : model.named_parameters()) out.grads[p.key()] = p.value().grad();
+  return out;
+}
+
+void expect_bit_identical(const LossAndGrads& none, const LossAndGrads& full, const std::string& what) {
+  EXPECT_TRUE(torch::equal(none.loss, full.loss)) << what << ": loss " << none.loss.item<double>() << " vs "
+                                                  << full.loss.item<double>();
+  ASSERT_EQ(none.grads.size(), full.grads.size()) << what;
+  for (const auto& [name, grad] : none.grads) {
+    const torch::Tensor& other = full.grads.at(name);
+    ASSERT_TRUE(grad.defined()) << what << ": " << name;
+    ASSERT_TRUE(other.defined()) << what << ": " << name << " has no gradient with recompute full";
+    EXPECT_TRUE(torch::equal(grad, other)) << what << ": " << name << " differs by "
+                                           << (grad - other).abs().max().item<double>();
+  }
+}
+
+TEST(Recompute, FullGivesBitIdenticalLossAndGradientsToNone) {
+  for (bool tied : {false, true}) {
+    std::map<std::string, LossAndGrads> runs;
+    for (const char* recompute : {"none", "full"}) {
+      auto model = make_model(recompute_config(tied, recompute));
+      const auto ids = fixed_ids(61);
+      runs[recompute] = loss_and_grads(*model, next_token_loss(model->forward(ids), ids));
+    }
+    const std::string what = tied ? "tied" : "untied";
+    expect_bit_identical(runs.at("none"), runs.at("full"), what);
+    // The gradient flows through every layer back to the input embedding.
+    EXPECT_GT(runs.at("full").grads.at("model.embed_tokens.weight").abs().sum().item<double>(), 0.0) << what;
+  }
+}
+
+TEST(Recompute, LaterPipelineStageGetsParameterGradientsWhenItsInputNeedsNone) {
+  // A stage fed plain hidden states: the reentrant checkpoint of
+  // torch.utils.checkpoint would give its parameters no gradient here.
+  std::map<std::string, LossAndGrads> runs;
+  for (const char* recompute : {"none", "full"}) {
+    const ModelConfig m = recompute_config(false, recompute);
+    torch::manual_seed(7);
+    LocalLayerFactory factory;
+    LlamaForCausalLM stage(m, factory, StageSpec{1, 3, false, true});
+    stage.init_weights();
+    torch::manual_seed(5);
+    const auto hidden = torch::randn({2, 12, 64});
+    const auto ids = fixed_ids(61);
+    runs[recompute] = loss_and_grads(stage, next_token_loss(stage.forward(hidden), ids));
+  }
+  expect_bit_identical(runs.at("none"), runs.at("full"), "stage 1..3");
+}
+
+// The operations of the autograd graph behind `t`, each a node that holds
+// what it saved for backward (parameters' AccumulateGrad nodes left out).
+std::vector<std::string> graph_operations(const torch::Tensor& t) {
+  std::vector<std::string> names;
+  std::unordered_set<const torch::autograd::Node*> seen;
+  std::vector<const torch::autograd::Node*> todo{t.grad_fn().get()};
+  while (!todo.empty()) {
+    const torch::autograd::Node* node = todo.back();
+    todo.pop_back();
+    if (node == nullptr || !seen.insert(node).second) continue;
+    if (node->name() != "torch::autograd::AccumulateGrad") names.push_back(node->name());
+    for (const auto& edge : node->next_edges()) todo.push_back(edge.function.get());
+  }
+  return names;
+}
+
+int64_t count_containing(const std::vector<std::string>& names, const std::string& part) {
+  return std::count_if(names.begin(), names.end(),
+                       [&](const std::string& n) { return n.find(part) != std::string::npos; });
+}
+
+TEST(Recompute, FullKeepsOneGraphNodePerLayerInsteadOfTheLayersOperations) {
+  auto operations = [](int64_t layers, const char* recompute) {
+    ModelConfig m = recompute_config(false, recompute);
+    m.num_layers = layers;
+    const auto ids = fixed_ids(61);
+    return graph_operations(next_token_loss(make_model(m)->forward(ids), ids));
+  };
+  const int64_t layers = 4;
+  const auto none = operations(layers, "none"), full = operations(layers, "full");
+  const int64_t per_layer = static_cast<int64_t>(none.size() - operations(layers - 1, "none").size());
+  EXPECT_GT(per_layer, 10);  // norms, projections, rotary, attention, MLP, residuals
+  EXPECT_EQ(count_containing(none, "RecomputeBlock"), 0);
+  EXPECT_EQ(count_containing(full, "RecomputeBlock"), layers);
+  // Each layer's operations, and what they saved, are replaced by one node
+  // that keeps the layer's input.
+  EXPECT_EQ(static_cast<int64_t>(full.size()), static_cast<int64_t>(none.size()) - layers * (per_layer - 1));
+}
+
+TEST(Recompute, InferenceAndCachedDecodingTakeTheNormalPath) {
+  auto none = make_model(recompute_config(false, "none"));
+  auto full = make_model(recompute_config(false, "full"));
+  const auto ids = fixed_ids(61);
+  {
+    torch::NoGradGuard no_grad;
+    const auto logits = full->forward(ids);
+    EXPECT_FALSE(logits.requires_grad());
+    EXPECT_TRUE(torch::equal(none->forward(ids), logits));
+  }
+  // With a cache the layers run normally even while grad is on.
+  KVCache cache;
+  const auto cached = full->forward(ids, &cache, 0);
+  EXPECT_EQ(count_containing(graph_operations(cached), "RecomputeBlock"), 0);
+  EXPECT_EQ(cache.length(), ids.size(1));
+  EXPECT_TRUE(torch::equal(cached, none->forward(ids)));
+}
+
+// CPU autocast to bf16 for a scope; on leaving, the state is put back and
+// the cast cache cleared, as torch.autocast does.
+class CpuAutocastBf16 {
+ public:
+  CpuAutocastBf16()
+      : was_enabled_(at::autocast::is_autocast_enabled(at::kCPU)),
+        was_dtype_(at::autocast::get_autocast_dtype(at::kCPU)) {
+    at::autocast::set_autocast_enabled(at::kCPU, true);
+    at::autocast::set_autocast_dtype(at::kCPU, at::kBFloat16);
+  }
+  ~CpuAutocastBf16() {
+    at::autocast::set_autocast_enabled(at::kCPU, was_enabled_);
+    at::autocast::set_autocast_dtype(at::kCPU, was_dtype_);
+    at::autocast::clear_cache();
+  }
+
+ private:
+  bool was_enabled_;
+  at::ScalarType was_dtype_;
+};
+
+TEST(Recompute, BackwardRecomputesUnderTheForwardsAutocastState) {
+  // Backward after leaving the autocast region (the usual order) must still
+  // recompute in bf16, and backward inside the region (autocast on, its cast
+  // cache not yet cleared) must give the same gradients too.
+  for (bool backward_inside : {false, true}) {
+    std::map<std::string, LossAndGrads> runs;
+    for (const char* recompute : {"none", "full"}) {
+      auto model = make_model(recompute_config(false, recompute));
+      const auto ids = fixed_ids(61);
+      torch::Tensor loss;
+      {
+        CpuAutocastBf16 autocast;
+        const auto logits = model->forward(ids);
+        EXPECT_EQ(logits.scalar_type(), at::kBFloat16);
+        loss = next_token_loss(logits.to(at::kFloat), ids);
+        if (backward_inside) runs[recompute] = loss_and_grads(*model, loss);
+      }
+      if (!backward_inside) runs[recompute] = loss_and_grads(*model, loss);
+    }
+    expect_bit_identical(runs.at("none"), runs.at("full"),
+                         backward_inside ? "backward inside autocast" : "backward after autocast");
+  }
 }
 
 }  // namespace

@@ -5,6 +5,8 @@
 
 #include <string>
 
+#include "trainer/model/recompute.h"
+
 namespace loom {
 
 Attention::Attention(const ModelConfig& model, const LayerFactory& factory)
@@ -61,7 +63,8 @@ torch::Tensor Mlp::forward(const torch::Tensor& x_btd) {
   return down_proj_->forward(at::silu(gate_proj_->forward(x_btd)) * up_proj_->forward(x_btd));
 }
 
-DecoderLayer::DecoderLayer(const ModelConfig& model, const LayerFactory& factory) {
+DecoderLayer::DecoderLayer(const ModelConfig& model, const LayerFactory& factory)
+    : recompute_(model.recompute == "full") {
   self_attn_ = register_module("self_attn", std::make_shared<Attention>(model, factory));
   mlp_ = register_module("mlp", std::make_shared<Mlp>(model, factory));
   input_layernorm_ = register_module("input_layernorm", std::make_shared<RMSNorm>(model.hidden_size, model.rms_norm_eps));
@@ -70,6 +73,24 @@ DecoderLayer::DecoderLayer(const ModelConfig& model, const LayerFactory& factory
 }
 
 torch::Tensor DecoderLayer::forward(const torch::Tensor& x_btd, const torch::Tensor& cos_td,
+                                    const torch::Tensor& sin_td, torch::Tensor* cache_k, torch::Tensor* cache_v) {
+  // A cache means decoding: no backward to save memory for, and a
+  // recomputation would extend the cache a second time.
+  if (recompute_ && cache_k == nullptr) {
+    std::vector<torch::Tensor> params = parameters();
+    if (records_graph(x_btd, params)) {
+      // The graph holds the layer (not a raw `this`) until backward. cos/sin
+      // are constants of the positions, captured as they are.
+      auto self = std::static_pointer_cast<DecoderLayer>(shared_from_this());
+      return recompute_in_backward(
+          [self, cos_td, sin_td](const torch::Tensor& x) { return self->compute(x, cos_td, sin_td, nullptr, nullptr); },
+          x_btd, params);
+    }
+  }
+  return compute(x_btd, cos_td, sin_td, cache_k, cache_v);
+}
+
+torch::Tensor DecoderLayer::compute(const torch::Tensor& x_btd, const torch::Tensor& cos_td,
                                     const torch::Tensor& sin_td, torch::Tensor* cache_k, torch::Tensor* cache_v) {
   auto h = x_btd + self_attn_->forward(input_layernorm_->forward(x_btd), cos_td, sin_td, cache_k, cache_v);
   return h + mlp_->forward(post_attention_layernorm_->forward(h));

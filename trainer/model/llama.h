@@ -60,10 +60,17 @@ class Mlp : public torch::nn::Module {
 class DecoderLayer : public torch::nn::Module {
  public:
   DecoderLayer(const ModelConfig& model, const LayerFactory& factory);
+  // With model.recompute = full, a forward that records a graph and has no
+  // cache keeps only x_btd and runs the layer again in backward
+  // (trainer/model/recompute.h). Inference and decoding take the normal path.
   torch::Tensor forward(const torch::Tensor& x_btd, const torch::Tensor& cos_td, const torch::Tensor& sin_td,
                         torch::Tensor* cache_k = nullptr, torch::Tensor* cache_v = nullptr);
 
  private:
+  torch::Tensor compute(const torch::Tensor& x_btd, const torch::Tensor& cos_td, const torch::Tensor& sin_td,
+                        torch::Tensor* cache_k, torch::Tensor* cache_v);
+
+  bool recompute_;
   std::shared_ptr<RMSNorm> input_layernorm_, post_attention_layernorm_;
   std::shared_ptr<Attention> self_attn_;
   std::shared_ptr<Mlp> mlp_;
