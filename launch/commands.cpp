@@ -28,6 +28,8 @@ constexpr const char* kUsage = R"(usage: loom COMMAND [ARGS]
 
 commands:
   train    CONFIG [--set KEY=VALUE ...]           train on one rank; outputs in runs/<run.name>/
+  plot     RUN_DIR [--out FILE.png]               loss and tokens/s curves of RUN_DIR/metrics.jsonl
+                                                  (default RUN_DIR/metrics.png)
   inspect  PATH                                   summarize a config, dataset, checkpoint, Hub folder or .safetensors file
              [--set KEY=VALUE] (configs)  [--verify] [--tokenizer T] (datasets)
   tokenizer train --input FILE... --vocab-size N --output tokenizer.json
@@ -312,6 +314,7 @@ int run_cli(int argc, char** argv) {
   const std::string command = argc > 1 ? argv[1] : "";
   try {
     if (command == "train") return command_train(args);
+    if (command == "plot") return command_plot(args);
     if (command == "inspect") return command_inspect(args);
     if (command == "import") return command_import(args);
     if (command == "export") return command_export(args);

@@ -17,6 +17,7 @@ int command_forward(const std::vector<std::string>& args);
 int command_prepare(const std::vector<std::string>& args);
 int command_tokenizer(const std::vector<std::string>& args);
 int command_train(const std::vector<std::string>& args);  // launch/train_command.cpp
+int command_plot(const std::vector<std::string>& args);   // launch/plot_command.cpp
 
 // Datasets (launch/data_commands.cpp).
 bool is_dataset_folder(const std::string& path);

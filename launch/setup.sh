@@ -12,7 +12,7 @@ DEBIAN_PACKAGES=(
   libhdf5-dev hdf5-tools
   libyaml-cpp-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev
-  libpcre2-dev
+  libpcre2-dev zlib1g-dev
   bible-kjv bible-kjv-text
 )
 PYTHON_PACKAGES=(

@@ -1,0 +1,23 @@
+// The figure `loom plot` writes: training (and validation) loss over steps
+// above, throughput over steps below, sharing the step axis.
+#pragma once
+
+#include <string>
+
+#include "plot/canvas.h"
+#include "plot/metrics.h"
+
+namespace loom::plot {
+
+inline constexpr int kFigureWidth = 1000;
+inline constexpr int kFigureHeight = 800;  // two panels of 400 rows: loss on top, tokens/s below
+// Series colours (matplotlib's tab10), which tests look for by exact value.
+inline constexpr Rgb kTrainLossColour{31, 119, 180};   // blue
+inline constexpr Rgb kValidLossColour{255, 127, 14};   // orange
+inline constexpr Rgb kThroughputColour{44, 160, 44};   // green
+inline constexpr Rgb kSkippedStepColour{214, 39, 40};  // red
+
+// `run_name` goes in the loss panel's title.
+Canvas render_metrics_figure(const RunMetrics& metrics, const std::string& run_name);
+
+}  // namespace loom::plot
