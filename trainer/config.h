@@ -119,6 +119,7 @@ struct PrecisionConfig {
 };
 
 struct CheckpointConfig {
+  bool enabled = true;   // false: no checkpoints at all (benchmarks, throwaway runs)
   int64_t interval = 0;  // steps; 0 = only at the end
   int64_t keep_last = 2;
   std::string resume = "auto";  // auto | none | a path

@@ -171,9 +171,11 @@ std::vector<KeySpec> build_table() {
       {"precision.compute", LOOM_FIELD(precision.compute), "", "", "dtype of matmuls and activations", kAny,
        kPrecisions},
       {"precision.params", LOOM_FIELD(precision.params), "", "",
-       "dtype of stored parameters (bf16 keeps an fp32 master copy in the optimizer)", kAny, kPrecisions},
+       "dtype of stored parameters; training takes fp32 (bf16 compute runs under autocast over fp32 weights)", kAny, kPrecisions},
 
       // --- checkpoint ---------------------------------------------------------------
+      {"checkpoint.enabled", LOOM_FIELD(checkpoint.enabled), "", "",
+       "false: write no checkpoints (a benchmark or throwaway run; a stopped run cannot resume)"},
       {"checkpoint.interval", LOOM_FIELD(checkpoint.interval), "", "steps",
        "save every this many steps; 0 = only at the end", kNonNegative},
       {"checkpoint.keep_last", LOOM_FIELD(checkpoint.keep_last), "", "checkpoints",

@@ -525,7 +525,7 @@ TrainResult train(Config& config, const TrainOptions& options) {
     }
 
     const bool interval_due = config.checkpoint.interval > 0 && step % config.checkpoint.interval == 0;
-    if (interval_due || step == stop_step) {
+    if (config.checkpoint.enabled && (interval_due || step == stop_step)) {
       result.last_checkpoint = save_training_checkpoint(checkpoints_dir.string(), step, *model, optimizer, loader,
                                                         checkpoint_options, skipped_steps);
       if (log) *log << progress.clear() << "checkpoint: " << result.last_checkpoint << "\n";
