@@ -5,10 +5,12 @@
 // sharding: one fp32 `exp_avg` and `exp_avg_sq` per parameter, named after the
 // parameter, and one step counter shared by all of them.
 //
-// The arithmetic is PyTorch's `torch.optim.AdamW` (single-tensor path:
-// foreach=False, fused=False, amsgrad=False, maximize=False) operation for
-// operation, so that the same inputs give bit-identical fp32 results;
+// On the CPU the arithmetic is PyTorch's `torch.optim.AdamW` (single-tensor
+// path: foreach=False, fused=False, amsgrad=False, maximize=False) operation
+// for operation, so that the same inputs give bit-identical fp32 results;
 // tests/interop/test_optimizer_vs_torch.py checks it. See Note [AdamW step].
+// When every parameter is fp32 on CUDA, step() runs torch's fused AdamW
+// kernel instead (fused=True): the same update to rounding, in two launches.
 #pragma once
 
 #include <cstdint>
@@ -98,6 +100,8 @@ class AdamW {
     torch::Tensor master;      // fp32 copy of a non-fp32 parameter; undefined for fp32 ones
     bool decayed = true;
   };
+
+  void fused_cuda_step(double lr);  // step() when every parameter is fp32 on CUDA
 
   AdamWOptions options_;
   NamedTensors params_;

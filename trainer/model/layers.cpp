@@ -58,6 +58,9 @@ RMSNorm::RMSNorm(int64_t hidden, double eps) : eps_(eps) {
 }
 
 torch::Tensor RMSNorm::forward(const torch::Tensor& x) {
+  if (x.scalar_type() != torch::kFloat) {
+    return at::rms_norm(x, {x.size(-1)}, weight.to(x.scalar_type()), eps_);
+  }
   auto x32 = x.to(torch::kFloat);
   auto variance = x32.pow(2).mean(-1, /*keepdim=*/true);
   auto normed = (x32 * at::rsqrt(variance + eps_)).to(x.scalar_type());

@@ -31,8 +31,11 @@ class Embedding : public torch::nn::Module {
   virtual torch::Tensor weight() const = 0;
 };
 
-// y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32 whatever the input
-// dtype (as Hugging Face's LlamaRMSNorm does), cast back before the weight.
+// y = x / sqrt(mean(x^2) + eps) * weight. An fp32 input takes Hugging Face's
+// LlamaRMSNorm operation for operation. A bf16 input (the residual stream of
+// precision.compute bf16) goes through at::rms_norm, which on CUDA is one
+// fused kernel each way that accumulates in fp32 and returns bf16; the
+// weight stays an fp32 parameter and is cast on the way in.
 class RMSNorm : public torch::nn::Module {
  public:
   RMSNorm(int64_t hidden, double eps);

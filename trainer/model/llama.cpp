@@ -1,6 +1,7 @@
 #include "trainer/model/llama.h"
 
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 #include <torch/nn/init.h>
 
 #include <string>
@@ -147,6 +148,13 @@ void LlamaForCausalLM::init_weights() {
 
 torch::Tensor LlamaForCausalLM::forward(const torch::Tensor& input, KVCache* cache, int64_t start) {
   torch::Tensor h = stage_.has_embedding ? embed_tokens_->forward(input) : input;
+  // Under bf16 autocast the residual stream is bf16 too (autocast leaves the
+  // embedding lookup in its weight's fp32): norms and residual adds then
+  // move half the bytes, and every projection's input is already bf16.
+  const auto device_type = h.device().type();
+  if (at::autocast::is_autocast_enabled(device_type) && h.is_floating_point()) {
+    h = h.to(at::autocast::get_autocast_dtype(device_type));
+  }
   const int64_t tokens = h.size(1);
   auto [cos, sin] = rotary_.cos_sin(start, tokens, h.device());
   if (cache != nullptr && cache->keys.empty()) {
