@@ -40,8 +40,11 @@ def parse_args():
     parser.add_argument("--work", default="/tmp/loom-bench-gpu", help="scratch folder (datasets, runs)")
     parser.add_argument("--out", default=None, help="where results.json/results.md go (default: --work)")
     parser.add_argument("--stages", default="fp32,bf16,speed", help="comma-separated subset of fp32,bf16,speed")
-    parser.add_argument("--models", default="1b,360m", help="speed stage: comma-separated subset of 1b,360m")
+    parser.add_argument("--models", default="1b,360m",
+                        help="speed stage: comma-separated subset of 1b,360m (GPU shapes) and tiny,135m (CPU comparisons)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    parser.add_argument("--compile-models", default=None,
+                        help="comma-separated models that get the torch.compile baseline (default: all)")
     parser.add_argument("--timeout", type=int, default=420, help="seconds allowed to each training process")
     return parser.parse_args()
 
@@ -100,6 +103,17 @@ class Bench:
                        input="\n".join(lines) + "\n", text=True, check=True, capture_output=True, env=self.loom_env())
         return folder
 
+    @staticmethod
+    def config_value(config, section, key):
+        """A top-level `section: {key: value}` scalar of a loom YAML config (no PyYAML needed)."""
+        current = None
+        for line in (ROOT / config).read_text().splitlines():
+            if line and not line.startswith((" ", "#")):
+                current = line.split(":")[0].strip()
+            elif current == section and line.strip().startswith(key + ":"):
+                return line.split(":", 1)[1].split("#")[0].strip()
+        raise KeyError(f"{config}: {section}.{key}")
+
     def loom_train(self, name, config, overrides, env=None):
         """Runs `loom train`; returns the metrics records (loss records only)."""
         run_dir = self.work / "runs" / name
@@ -155,27 +169,37 @@ class Bench:
         self.failed |= not ok
 
     def speed_models(self):
+        """name -> (config, overrides, vocab, warmup steps, timed steps)."""
+        models = {
+            # CPU comparisons at the configs' own shapes (fp32).
+            "tiny": ("configs/tiny.yaml", {}, 2048, 2, 10),
+            "135m": ("configs/smollm2-135m.yaml", {"batch.micro_batch_size": 1, "batch.global_batch_size": 1},
+                     49152, 1, 3),
+            # GPU timings (bf16).
+            "1b": ("configs/llama3-1b.yaml", {"data.seq_len": 4096, "batch.micro_batch_size": 2,
+                                              "batch.global_batch_size": 8}, 128256, 2, 6),
+            "360m": ("configs/smollm2-360m.yaml", {"data.seq_len": 2048, "batch.micro_batch_size": 8,
+                                                   "batch.global_batch_size": 32}, 49152, 2, 6),
+        }
         if self.args.cpu:
-            # Small stand-ins so the CPU mode finishes in a minute.
+            # Small stand-ins for the GPU shapes so that --cpu finishes in a minute.
             shrink = {"model.num_layers": 2, "model.hidden_size": 128, "model.intermediate_size": 384,
                       "model.num_heads": 4, "model.num_kv_heads": 2, "model.head_dim": 32, "model.vocab_size": 2048,
                       "data.seq_len": 128, "batch.micro_batch_size": 2, "batch.global_batch_size": 4,
                       "model.bos_token_id": -1, "model.eos_token_id": -1}
-            return {"1b": ("configs/llama3-1b.yaml", shrink, 2048), "360m": ("configs/smollm2-360m.yaml", shrink, 2048)}
-        return {
-            "1b": ("configs/llama3-1b.yaml", {"data.seq_len": 4096, "batch.micro_batch_size": 2,
-                                              "batch.global_batch_size": 8}, 128256),
-            "360m": ("configs/smollm2-360m.yaml", {"data.seq_len": 2048, "batch.micro_batch_size": 8,
-                                                   "batch.global_batch_size": 32}, 49152),
-        }
+            for key in ("1b", "360m"):
+                models[key] = (models[key][0], shrink, 2048, 2, 4)
+        return models
 
     def speed(self, key):
-        config, overrides, vocab = self.speed_models()[key]
-        warmup, steps = 2, 4 if self.args.cpu else 6
-        overrides = dict(overrides, **{"run.device": self.device, "precision.compute": "bf16",
+        config, overrides, vocab, warmup, steps = self.speed_models()[key]
+        # bf16 autocast on a GPU; fp32 (loom's CPU default) on the CPU.
+        precision = "fp32" if self.device == "cpu" else "bf16"
+        overrides = dict(overrides, **{"run.device": self.device, "precision.compute": precision,
                                        "schedule.train_steps": warmup + steps, "schedule.warmup_steps": 1})
-        seq = int(overrides["data.seq_len"])
-        tokens = (warmup + steps + 1) * int(overrides["batch.global_batch_size"]) * (seq + 1) + seq
+        seq = int(overrides.get("data.seq_len") or self.config_value(config, "data", "seq_len"))
+        global_batch = int(overrides.get("batch.global_batch_size") or self.config_value(config, "batch", "global_batch_size"))
+        tokens = (warmup + steps + 1) * global_batch * (seq + 1) + seq
         data = self.dataset(f"random-{vocab}", vocab, tokens, learnable=False)
         records = self.loom_train(f"speed-{key}", config, dict(overrides, **{"data.train": f"[{data}]"}))
         timed = records[warmup:]
@@ -191,7 +215,9 @@ class Bench:
         self.results["speed"].append(row)
         self.save()
         self.log(f"speed {key}: loom {loom_tps:.0f} tok/s, {row['loom_tflops']:.1f} TFLOP/s, mfu {row['loom_mfu'] * 100:.1f}%")
-        variants = [("eager", [])] + ([] if self.args.no_compile or self.args.cpu else [("compile", ["--compile"])])
+        compile_models = self.args.compile_models.split(",") if self.args.compile_models is not None else [key]
+        with_compile = not (self.args.no_compile or self.args.cpu) and key in compile_models
+        variants = [("eager", [])] + ([("compile", ["--compile"])] if with_compile else [])
         for label, extra in variants:
             command = [sys.executable, str(ROOT / "bench" / "torch_baseline.py"), "--config", str(ROOT / config),
                        "--device", self.device, "--steps", str(steps), "--warmup", str(warmup)] + extra
