@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <csignal>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -183,6 +184,15 @@ std::string describe_samples(const std::vector<uint64_t>& samples, size_t limit)
   for (size_t i = 0; i < samples.size() && i < limit; ++i) out += (i ? ", " : "") + std::to_string(samples[i]);
   if (samples.size() > limit) out += ", ... (" + std::to_string(samples.size()) + " in all)";
   return out + "]";
+}
+
+std::string signal_name(int signal) {
+  switch (signal) {
+    case SIGTERM: return "SIGTERM";
+    case SIGINT: return "SIGINT";
+    case SIGUSR1: return "SIGUSR1";
+    default: return "signal " + std::to_string(signal);
+  }
 }
 
 std::string format_double(const char* format, double value) {
@@ -393,6 +403,7 @@ TrainResult train(Config& config, const TrainOptions& options) {
   ProgressBar progress(options.progress_bar);
   const TrainingCheckpointOptions checkpoint_options{tokenizer_dir_of(config, run_dir), config_to_yaml(config),
                                                      config.checkpoint.keep_last};
+  int stop_requested = 0;  // the signal of a graceful stop, once the loop has seen it
   double interval_seconds = 0.0, total_seconds = 0.0;
   int64_t interval_steps = 0;
   const auto run_start = Clock::now();
@@ -416,6 +427,19 @@ TrainResult train(Config& config, const TrainOptions& options) {
       if (poison && m == 0) loss = loss * std::numeric_limits<double>::quiet_NaN();  // TrainOptions::poison_step
       loss.backward();
       step_loss += loss.detach().to(torch::kDouble);
+      // A stop request is honoured at the next step boundary: a checkpoint
+      // cannot hold half-accumulated gradients, and dropping them would make
+      // the resumed run differ. So the step is finished first.
+      if (stop_requested == 0 && options.stop_signal != nullptr && options.stop_signal->load() != 0) {
+        stop_requested = options.stop_signal->load();
+        if (log) {
+          *log << progress.clear() << "stop requested (" << signal_name(stop_requested) << ") at micro-batch "
+               << (m + 1) << "/" << micro_batches << " of step " << (step + 1) << ": finishing the step, then "
+               << (config.checkpoint.enabled ? "saving a checkpoint" : "stopping (checkpoint.enabled is false)")
+               << "\n";
+          log->flush();
+        }
+      }
     }
     // A NaN or inf in any micro-batch's loss makes the sum non-finite.
     const double loss_sum = step_loss.item<double>();
@@ -524,11 +548,17 @@ TrainResult train(Config& config, const TrainOptions& options) {
       }
     }
 
+    // A request that came between micro-batch checks (after the last one).
+    if (stop_requested == 0 && options.stop_signal != nullptr) stop_requested = options.stop_signal->load();
     const bool interval_due = config.checkpoint.interval > 0 && step % config.checkpoint.interval == 0;
-    if (config.checkpoint.enabled && (interval_due || step == stop_step)) {
+    if (config.checkpoint.enabled && (interval_due || step == stop_step || stop_requested != 0)) {
       result.last_checkpoint = save_training_checkpoint(checkpoints_dir.string(), step, *model, optimizer, loader,
                                                         checkpoint_options, skipped_steps);
       if (log) *log << progress.clear() << "checkpoint: " << result.last_checkpoint << "\n";
+    }
+    if (stop_requested != 0) {
+      result.stopped_by_signal = stop_requested;
+      break;
     }
     if (log) progress.draw(*log, step, stop_step, seconds_since(run_start), step - result.resumed_from_step);
   }

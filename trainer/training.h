@@ -23,6 +23,7 @@
 // loader's position and the CPU RNG state, and the step decides the lr.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <iosfwd>
@@ -40,6 +41,12 @@ struct TrainOptions {
   // the job had been preempted; -1 = schedule.train_steps. The schedule still
   // uses train_steps, so a later resume continues the same run.
   int64_t stop_after_step = -1;
+  // Set (to the signal's number) by a signal handler to stop the run
+  // gracefully: the step in progress is finished, even when the signal came
+  // in the middle of its gradient accumulation, a checkpoint is written at
+  // that step boundary (unless checkpoint.enabled is false) and train()
+  // returns with TrainResult::stopped_by_signal set. nullptr = no such stop.
+  const std::atomic<int>* stop_signal = nullptr;
   // Where the human-readable progress lines go; nullptr = nowhere.
   std::ostream* log = nullptr;
   // Redraw a progress bar with the time left on `log` after every step (for a
@@ -65,6 +72,7 @@ struct TrainResult {
   double tokens_per_s = 0.0;    // over this call's steps
   double peak_flops = 0.0;      // the peak mfu is relative to, FLOP/s (0 if not known)
   std::string last_checkpoint;  // folder of the last checkpoint written ("" if none)
+  int stopped_by_signal = 0;    // the signal that stopped the run early (TrainOptions::stop_signal), or 0
   std::shared_ptr<LlamaForCausalLM> model;  // the trained model
 };
 

@@ -339,3 +339,53 @@ def test_resume_after_crash_between_rename_and_latest_update(data, tmp_path):
     loom(*train_args(data, tmp_path, "c", 8, 1, **{"checkpoint.keep_last": 3}))
     assert (ckpt_dir / "latest").read_text().strip() == "step-0000008"
     losses_by_step(run_dir, 8)
+
+
+def test_sigterm_mid_accumulation_finishes_the_step_and_resume_is_exact(data, tmp_path, reference_run):
+    """SIGTERM while a step's micro-batches are being accumulated (4 per step
+    here): loom finishes that step, checkpoints it, exits 143, and resuming
+    reproduces the uninterrupted run bit for bit."""
+    from safetensors.torch import load_file
+    import torch
+
+    run_dir = tmp_path / "runs" / "s"
+    # Checkpoints only at the end (interval 0): the stop must write its own.
+    args = train_args(data, tmp_path / "runs", "s", STEPS, 0)
+    rng = random.Random(7)
+    mid_step_stops = 0
+    for attempt in range(4):
+        proc = _popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        metrics = run_dir / "metrics.jsonl"
+        done_before = len(read_metrics(run_dir)) if metrics.exists() else 0
+
+        def logged_another_step():
+            return metrics.exists() and len(metrics.read_text().splitlines()) >= done_before + 2
+
+        if not _wait_for(proc, logged_another_step):
+            break  # finished before the signal could land
+        time.sleep(rng.uniform(0.0, 0.05))
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+        if proc.returncode == 0:
+            break  # the run ended first
+        assert proc.returncode == 128 + signal.SIGTERM, f"exit {proc.returncode}\n{out[-2000:]}\n{err[-2000:]}"
+        steps = [r["step"] for r in read_metrics(run_dir)]
+        latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+        assert latest == f"step-{steps[-1]:07d}", f"latest {latest}, last logged step {steps[-1]}"
+        assert "stopped by signal 15" in out and "run the same command to resume" in out, out[-1500:]
+        stop_lines = [l for l in out.splitlines() if l.startswith("stop requested (SIGTERM) at micro-batch")]
+        assert len(stop_lines) == 1, out[-1500:]
+        micro, of = stop_lines[0].split("micro-batch ")[1].split(" ")[0].split("/")
+        mid_step_stops += int(micro) < int(of)
+        assert not (run_dir / "hf").exists(), "a stopped run must not export"
+    assert mid_step_stops >= 1, "no SIGTERM landed in the middle of a step's accumulation"
+
+    loom(*args)  # resume to the end
+    want = losses_by_step(reference_run, STEPS)
+    got = losses_by_step(run_dir, STEPS)
+    diff = [(s, want[s], got[s]) for s in want if want[s] != got[s]]
+    assert not diff, f"{len(diff)} steps differ after SIGTERM + resume: {diff[:5]}"
+    a = load_file(str(reference_run / "hf" / "model.safetensors"))
+    b = load_file(str(run_dir / "hf" / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"exported tensor {k} differs after SIGTERM + resume"
