@@ -1,0 +1,187 @@
+#include "parallel/process_group.h"
+
+#include <algorithm>
+#include <sstream>
+#include <stdexcept>
+
+namespace loom {
+
+std::string_view to_string(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kSum:
+      return "SUM";
+    case ReduceOp::kAvg:
+      return "AVG";
+    case ReduceOp::kMax:
+      return "MAX";
+    case ReduceOp::kMin:
+      return "MIN";
+  }
+  return "?";
+}
+
+std::string dtype_name(c10::ScalarType dtype) {
+  switch (dtype) {
+    case c10::ScalarType::Float:
+      return "float32";
+    case c10::ScalarType::Double:
+      return "float64";
+    case c10::ScalarType::BFloat16:
+      return "bfloat16";
+    case c10::ScalarType::Half:
+      return "float16";
+    case c10::ScalarType::Int:
+      return "int32";
+    case c10::ScalarType::Long:
+      return "int64";
+    case c10::ScalarType::Short:
+      return "int16";
+    case c10::ScalarType::Char:
+      return "int8";
+    case c10::ScalarType::Byte:
+      return "uint8";
+    case c10::ScalarType::Bool:
+      return "bool";
+    default:
+      return c10::toString(dtype);
+  }
+}
+
+std::string describe_tensor(const at::Tensor& tensor) {
+  if (!tensor.defined()) return "undefined tensor";
+  std::ostringstream os;
+  os << dtype_name(tensor.scalar_type()) << " [";
+  for (int64_t d = 0; d < tensor.dim(); ++d) os << (d ? ", " : "") << tensor.size(d);
+  os << "] on " << tensor.device();
+  return os.str();
+}
+
+namespace {
+
+std::string supported_dtypes() {
+  std::string out;
+  for (auto dtype : kSupportedDtypes) out += (out.empty() ? "" : ", ") + dtype_name(dtype);
+  return out;
+}
+
+std::string shape_of(const at::Tensor& tensor) {
+  std::ostringstream os;
+  os << tensor.sizes();
+  return os.str();
+}
+
+bool overlap(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  auto* a_begin = static_cast<const char*>(a.data_ptr());
+  auto* b_begin = static_cast<const char*>(b.data_ptr());
+  auto* a_end = a_begin + a.numel() * a.element_size();
+  auto* b_end = b_begin + b.numel() * b.element_size();
+  return a_begin < b_end && b_begin < a_end;
+}
+
+}  // namespace
+
+ProcessGroup::ProcessGroup(std::string name, int rank, std::vector<int> world_ranks, std::chrono::milliseconds timeout)
+    : name_(std::move(name)), rank_(rank), world_ranks_(std::move(world_ranks)), timeout_(timeout) {
+  if (rank_ < 0 || rank_ >= size()) {
+    throw std::logic_error("process group '" + name_ + "': rank " + std::to_string(rank_) + " outside [0, " +
+                           std::to_string(size()) + ")");
+  }
+}
+
+std::string ProcessGroup::start_op(std::string_view op) {
+  const int64_t index = ++ops_issued_;
+  std::ostringstream os;
+  os << "rank " << world_rank() << " (group '" << name_ << "' rank " << rank_ << " of " << size() << ", world ranks [";
+  for (size_t i = 0; i < world_ranks_.size(); ++i) os << (i ? " " : "") << world_ranks_[i];
+  os << "]): " << op << " #" << index;
+  return os.str();
+}
+
+void ProcessGroup::check_tensor(const std::string& where, std::string_view role, const at::Tensor& tensor,
+                                c10::DeviceType device) const {
+  auto refuse = [&](const std::string& why) {
+    throw std::invalid_argument(where + ": " + std::string(role) + " " + why);
+  };
+  if (!tensor.defined()) refuse("is an undefined tensor");
+  if (tensor.device().type() != device || tensor.layout() != c10::kStrided) {
+    refuse("is " + describe_tensor(tensor) + "; the " + std::string(backend()) + " backend needs dense " +
+           c10::DeviceTypeName(device, /*lower_case=*/true) + " tensors");
+  }
+  if (std::find(std::begin(kSupportedDtypes), std::end(kSupportedDtypes), tensor.scalar_type()) ==
+      std::end(kSupportedDtypes)) {
+    refuse("is " + describe_tensor(tensor) + "; supported dtypes: " + supported_dtypes());
+  }
+  // The backends hand the raw buffer to MPI/NCCL, which know nothing of strides.
+  if (!tensor.is_contiguous()) {
+    refuse("is " + describe_tensor(tensor) +
+           " and not contiguous; pass tensor.contiguous() (and copy the result "
+           "back if it was a view)");
+  }
+}
+
+void ProcessGroup::check_reduce_op(const std::string& where, ReduceOp op, const at::Tensor& tensor) const {
+  if (op == ReduceOp::kAvg && !at::isFloatingType(tensor.scalar_type())) {
+    throw std::invalid_argument(where + ": AVG of an " + dtype_name(tensor.scalar_type()) +
+                                " tensor is refused (an integer mean would round); reduce with SUM and divide");
+  }
+}
+
+void ProcessGroup::check_all_gather_shapes(const std::string& where, const at::Tensor& output,
+                                           const at::Tensor& input) const {
+  auto refuse = [&](const std::string& why) {
+    throw std::invalid_argument(where + ": output " + describe_tensor(output) + ", input " + describe_tensor(input) +
+                                ": " + why);
+  };
+  if (output.scalar_type() != input.scalar_type()) refuse("output and input dtypes differ");
+  // [n, ...] gathers into [size * n, ...]; a 0-dim input into [size].
+  std::vector<int64_t> expected(input.sizes().begin(), input.sizes().end());
+  if (expected.empty()) expected.push_back(1);
+  expected[0] *= size();
+  if (output.sizes().vec() != expected) {
+    std::ostringstream os;
+    os << "output shape must be " << c10::IntArrayRef(expected) << " (input's dim 0 times the group size " << size()
+       << ")";
+    refuse(os.str());
+  }
+  if (overlap(output, input)) refuse("output and input overlap");
+}
+
+void ProcessGroup::check_reduce_scatter_shapes(const std::string& where, const at::Tensor& output,
+                                               const at::Tensor& input) const {
+  auto refuse = [&](const std::string& why) {
+    throw std::invalid_argument(where + ": output " + describe_tensor(output) + ", input " + describe_tensor(input) +
+                                ": " + why);
+  };
+  if (output.scalar_type() != input.scalar_type()) refuse("output and input dtypes differ");
+  if (input.dim() == 0) refuse("input must have at least one dimension (split along dim 0)");
+  if (input.size(0) % size() != 0) {
+    refuse("input dim 0 (" + std::to_string(input.size(0)) + ") is not divisible by the group size (" +
+           std::to_string(size()) + ")");
+  }
+  std::vector<int64_t> expected = input.sizes().vec();
+  expected[0] /= size();
+  if (output.sizes().vec() != expected) {
+    std::ostringstream os;
+    os << "output shape must be " << c10::IntArrayRef(expected) << " (input's dim 0 divided by the group size "
+       << size() << "), got " << shape_of(output);
+    refuse(os.str());
+  }
+  if (overlap(output, input)) refuse("output and input overlap");
+}
+
+void ProcessGroup::check_group_rank(const std::string& where, std::string_view role, int group_rank) const {
+  if (group_rank < 0 || group_rank >= size()) {
+    throw std::invalid_argument(where + ": " + std::string(role) + " " + std::to_string(group_rank) +
+                                " is not a rank of group '" + name_ + "' (0 to " + std::to_string(size() - 1) + ")");
+  }
+}
+
+void ProcessGroup::check_tag(const std::string& where, int tag) const {
+  // 32767 is the smallest upper bound MPI guarantees (MPI_TAG_UB).
+  if (tag < 0 || tag > 32767) {
+    throw std::invalid_argument(where + ": tag " + std::to_string(tag) + " outside [0, 32767]");
+  }
+}
+
+}  // namespace loom

@@ -1,0 +1,203 @@
+// The communication interface every parallel layer talks to, in the style of
+// PyTorch's c10d ProcessGroup: one object per group of ranks (the world, or
+// one axis of the dp x pp x tp grid), each collective of the same shape
+//   op(tensors..., const OpOptions& = {}) -> std::unique_ptr<Work>
+// Backends: MPI for CPU tensors (parallel/mpi_process_group.h); NCCL for CUDA
+// tensors is to come. See docs/parallelism.md.
+//
+// Note [process group contract]
+// - Every rank of a group issues the same collectives (all_reduce, all_gather,
+//   reduce_scatter, broadcast, barrier) on that group in the same order, with
+//   the same dtype, shapes, op and root. Different groups are independent: a
+//   rank may have operations outstanding on its tp and dp groups at once.
+//   Issue the operations of one group from one thread at a time; from several
+//   threads their order would not be the same on every rank.
+// - send/recv pair up by (peer, tag) in the order they are issued; the
+//   receiver names the exact element count and dtype (its tensor's).
+// - Every call only starts the operation and returns a Work handle. The
+//   tensors belong to the operation until Work::wait returns (or
+//   is_completed() returned true): do not read or write them before, and do
+//   not free them (the Work holds a reference, so dropping your own is safe).
+//   Destroying an unfinished Work waits for it.
+// - Work::wait never fails quietly and never hangs: when the timeout (the
+//   group's, or the one passed to wait) passes, or the backend reports an
+//   error, it prints one line naming the rank, the group, the operation and
+//   its tensors, then ends the whole job (MPI_Abort). A job whose ranks
+//   disagree about the order of collectives therefore ends at the first
+//   collective that never completes, within the timeout.
+// - Arguments are checked on the calling rank before anything is sent:
+//   unsupported dtype or device, non-contiguous tensor, shapes that do not
+//   fit, root or peer out of range. Refused calls throw std::invalid_argument
+//   whose message names the rank, the group and the operation; nothing was
+//   started on this rank, but the other ranks' matching call may be waiting,
+//   so treat it as a bug that ends the job (main catches and aborts).
+//
+// Tensors: dense and contiguous, on the backend's device (MPI: CPU), dtype one
+// of float32, float64, bfloat16, int32, int64 (kSupportedDtypes). Reductions
+// of bfloat16 are computed in float32 (Note [bfloat16 reductions]); AVG is
+// refused for integer tensors (an integer mean would silently round).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace loom {
+
+// How long Work::wait() waits before it ends the job, unless the group was
+// made with another timeout or wait is given one. Long enough for rank 0 to
+// write a checkpoint while the others wait at the next collective.
+inline constexpr std::chrono::milliseconds kDefaultCommTimeout = std::chrono::minutes(10);
+
+enum class ReduceOp {
+  kSum,
+  kAvg,  // the sum divided by the group size (floating-point dtypes only)
+  kMax,
+  kMin,
+};
+std::string_view to_string(ReduceOp op);  // "SUM", "AVG", "MAX", "MIN"
+
+struct AllReduceOptions {
+  ReduceOp op = ReduceOp::kSum;
+};
+struct AllGatherOptions {};
+struct ReduceScatterOptions {
+  ReduceOp op = ReduceOp::kSum;
+};
+struct BroadcastOptions {
+  int root = 0;  // group rank whose tensor every rank receives
+};
+struct SendOptions {
+  int peer = -1;  // group rank to send to (required)
+  int tag = 0;    // matches the receiver's RecvOptions::tag; 0 <= tag <= 32767
+};
+struct RecvOptions {
+  int peer = -1;  // group rank to receive from (required)
+  int tag = 0;
+};
+struct BarrierOptions {};
+
+// Note [bfloat16 reductions]
+// MPI has no bfloat16 type. all_reduce and reduce_scatter of a bfloat16
+// tensor reduce a float32 copy and round the result to bfloat16 once, on
+// completion: the sum of a few bfloat16 values is then exact before the one
+// rounding, and every rank gets the same bits. all_gather, broadcast, send and
+// recv move the 2-byte values unchanged.
+
+// The handle of one started operation.
+class Work {
+ public:
+  explicit Work(std::chrono::milliseconds default_timeout) : default_timeout_(default_timeout) {}
+  virtual ~Work() = default;
+  Work(const Work&) = delete;
+  Work& operator=(const Work&) = delete;
+
+  // True once the operation has finished on this rank (its output tensors
+  // hold the result). Never blocks; polling it also drives the operation
+  // forward (MPI progresses only inside MPI calls).
+  virtual bool is_completed() = 0;
+
+  // Returns once the operation has finished on this rank. When `timeout`
+  // passes first, ends the whole job with a message naming the rank, the
+  // group and the operation (Note [process group contract]).
+  virtual void wait(std::chrono::milliseconds timeout) = 0;
+  void wait() { wait(default_timeout_); }
+
+  std::chrono::milliseconds default_timeout() const { return default_timeout_; }
+
+ private:
+  std::chrono::milliseconds default_timeout_;
+};
+
+class ProcessGroup {
+ public:
+  virtual ~ProcessGroup() = default;
+  ProcessGroup(const ProcessGroup&) = delete;
+  ProcessGroup& operator=(const ProcessGroup&) = delete;
+
+  int rank() const { return rank_; }  // this rank's index in the group, 0 <= rank < size
+  int size() const { return static_cast<int>(world_ranks_.size()); }
+  const std::string& name() const { return name_; }  // "world", "tp", "pp", "dp", ...
+  // The world rank of each group rank, in group-rank order.
+  const std::vector<int>& world_ranks() const { return world_ranks_; }
+  int world_rank() const { return world_ranks_[static_cast<size_t>(rank_)]; }
+  std::chrono::milliseconds timeout() const { return timeout_; }
+  virtual std::string_view backend() const = 0;  // "mpi"
+
+  // Every rank's `tensor` becomes the reduction of all ranks' `tensor`.
+  virtual std::unique_ptr<Work> all_reduce(const at::Tensor& tensor, const AllReduceOptions& options = {}) = 0;
+
+  // `output` becomes the concatenation along dim 0 of every rank's `input`,
+  // in group-rank order: input [n, ...] -> output [size * n, ...] (a 0-dim
+  // input gathers into output [size]). Same dtype; no overlap.
+  virtual std::unique_ptr<Work> all_gather(const at::Tensor& output, const at::Tensor& input,
+                                           const AllGatherOptions& options = {}) = 0;
+
+  // The reduction of every rank's `input` [size * n, ...], split along dim 0
+  // into `size` equal chunks; rank r's `output` [n, ...] becomes chunk r.
+  // input.size(0) must be divisible by the group size.
+  virtual std::unique_ptr<Work> reduce_scatter(const at::Tensor& output, const at::Tensor& input,
+                                               const ReduceScatterOptions& options = {}) = 0;
+
+  // Every rank's `tensor` becomes the root's.
+  virtual std::unique_ptr<Work> broadcast(const at::Tensor& tensor, const BroadcastOptions& options = {}) = 0;
+
+  // Point to point: `tensor` goes to / comes from group rank options.peer.
+  virtual std::unique_ptr<Work> send(const at::Tensor& tensor, const SendOptions& options) = 0;
+  virtual std::unique_ptr<Work> recv(const at::Tensor& tensor, const RecvOptions& options) = 0;
+
+  // Completes once every rank of the group has issued it.
+  virtual std::unique_ptr<Work> barrier(const BarrierOptions& options = {}) = 0;
+
+ protected:
+  ProcessGroup(std::string name, int rank, std::vector<int> world_ranks, std::chrono::milliseconds timeout);
+
+  // "rank 3 (group 'tp' rank 1 of 2, world ranks [2 3]): all_reduce #7" —
+  // the start of every message about operation `op` (#N counts the
+  // operations this rank has issued on this group). Also counts the op.
+  std::string start_op(std::string_view op);
+
+  // Argument checks shared by backends; each throws std::invalid_argument
+  // starting with `where` (from start_op).
+  void check_tensor(const std::string& where, std::string_view role, const at::Tensor& tensor,
+                    c10::DeviceType device) const;
+  void check_reduce_op(const std::string& where, ReduceOp op, const at::Tensor& tensor) const;
+  void check_all_gather_shapes(const std::string& where, const at::Tensor& output, const at::Tensor& input) const;
+  void check_reduce_scatter_shapes(const std::string& where, const at::Tensor& output, const at::Tensor& input) const;
+  void check_group_rank(const std::string& where, std::string_view role, int group_rank) const;
+  void check_tag(const std::string& where, int tag) const;
+
+ private:
+  std::string name_;
+  int rank_;
+  std::vector<int> world_ranks_;
+  std::chrono::milliseconds timeout_;
+  std::atomic<int64_t> ops_issued_{0};
+};
+
+// The groups of one rank along each axis of the dp x pp x tp grid
+// (parallel/topology.h). Group ranks are the coordinates along the axis: this
+// rank is rank coords.tp of `tp`, whose members differ from it only in tp.
+struct GridGroups {
+  std::unique_ptr<ProcessGroup> dp;
+  std::unique_ptr<ProcessGroup> pp;
+  std::unique_ptr<ProcessGroup> tp;
+};
+
+// "float32 [4, 8] on cpu" (dtype, shape, device) for messages, with dtypes
+// named as in Python ("float32", "bfloat16", "int64").
+std::string describe_tensor(const at::Tensor& tensor);
+std::string dtype_name(c10::ScalarType dtype);
+
+// The dtypes every backend supports.
+inline constexpr c10::ScalarType kSupportedDtypes[] = {c10::ScalarType::Float, c10::ScalarType::Double,
+                                                       c10::ScalarType::BFloat16, c10::ScalarType::Int,
+                                                       c10::ScalarType::Long};
+
+}  // namespace loom

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Runs process_group_failure MODE on 2 ranks and checks that the job ends
+# non-zero within 30 s with a message that names the failing rank and the
+# operation. `timeout 60` guarantees this script itself never hangs.
+#   process_group_failure.sh MPIEXEC DRIVER MODE
+set -u
+mpiexec=$1 driver=$2 mode=$3
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+
+start_ns=$(date +%s%N)
+OMP_NUM_THREADS=1 timeout 60 "$mpiexec" --allow-run-as-root --oversubscribe -np 2 "$driver" "$mode" >"$log" 2>&1
+rc=$?
+elapsed_ms=$(( ($(date +%s%N) - start_ns) / 1000000 ))
+cat "$log"
+echo "--- mode $mode: exit code $rc after ${elapsed_ms} ms"
+
+fail() { echo "FAIL ($mode): $*"; exit 1; }
+[ "$rc" -ne 0 ] || fail "the job exited 0"
+[ "$rc" -ne 124 ] || fail "the job hung until timeout 60 killed it"
+[ "$elapsed_ms" -lt 30000 ] || fail "the job took ${elapsed_ms} ms to end (limit 30 s)"
+expect() { grep -qF -- "$1" "$log" || fail "no '$1' in the output"; }
+case "$mode" in
+  absent)
+    expect "loom: rank 0 (group 'world' rank 0 of 2, world ranks [0 1]): all_reduce #1"
+    expect "did not complete within 2 s" ;;
+  throws)
+    expect "loom: rank 1 (group 'world' rank 1 of 2, world ranks [0 1]): all_reduce #1"
+    expect "not contiguous" ;;
+  killed)
+    expect "rank 1" ;;
+  short)
+    expect "loom: rank 0 (group 'world' rank 0 of 2, world ranks [0 1]): recv #1 of float32 [12] on cpu from group rank 1"
+    expect "received 3 elements, expected 12" ;;
+  long)
+    expect "loom: rank 0 (group 'world' rank 0 of 2, world ranks [0 1]): recv #1 of float32 [12] on cpu from group rank 1"
+    expect "MPI_Test failed" ;;
+esac
+echo "PASS ($mode)"
