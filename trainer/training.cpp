@@ -548,8 +548,17 @@ TrainResult train(Config& config, const TrainOptions& options) {
       }
     }
 
-    // A request that came between micro-batch checks (after the last one).
-    if (stop_requested == 0 && options.stop_signal != nullptr) stop_requested = options.stop_signal->load();
+    // A request that came after the last micro-batch's check.
+    if (stop_requested == 0 && options.stop_signal != nullptr && options.stop_signal->load() != 0) {
+      stop_requested = options.stop_signal->load();
+      if (log) {
+        *log << progress.clear() << "stop requested (" << signal_name(stop_requested) << ") after step " << step
+             << "'s micro-batches: "
+             << (config.checkpoint.enabled ? "saving a checkpoint" : "stopping (checkpoint.enabled is false)")
+             << "\n";
+        log->flush();
+      }
+    }
     const bool interval_due = config.checkpoint.interval > 0 && step % config.checkpoint.interval == 0;
     if (config.checkpoint.enabled && (interval_due || step == stop_step || stop_requested != 0)) {
       result.last_checkpoint = save_training_checkpoint(checkpoints_dir.string(), step, *model, optimizer, loader,
