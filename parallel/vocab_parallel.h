@@ -1,0 +1,101 @@
+// The vocabulary cut over the tp group, Megatron-style (Shoeybi et al. 2019,
+// "Megatron-LM", section 3): the embedding table, the LM head and the
+// cross-entropy, so that neither the full table nor the full logits
+// [tokens, vocab] ever exist on one rank. See docs/parallelism.md.
+//
+// Note [vocab sharding]
+// Rank r of a tp group of size tp owns the vocabulary rows
+// [r * vocab/tp, (r + 1) * vocab/tp) of the [vocab, hidden] table, and the
+// same slice of the logits' last dim. vocab must be divisible by tp: sizes
+// that are not are refused with BadInput naming vocab and tp. Padding the
+// vocabulary up to a multiple of tp (as Megatron does) is not implemented.
+// The group must outlive every autograd graph that went through these layers;
+// every rank of the group runs them in the same order (Note
+// [tensor-parallel operators] in tensor_parallel.h).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include <ATen/core/Tensor.h>
+
+#include "parallel/process_group.h"
+#include "trainer/model/layers.h"
+
+namespace loom {
+
+// Rank `rank`'s rows [vocab/size, hidden] of a full [vocab, hidden] table (the
+// embedding's or the LM head's weight), as a contiguous copy, for loading and
+// tests. Throws BadInput naming vocab and tp when vocab is not divisible.
+at::Tensor shard_vocab_rows(const at::Tensor& full_weight, int64_t rank, int64_t size);
+
+// The embedding with its table's rows split over the tp group: this rank holds
+// `weight` [vocab/tp, hidden] (Note [vocab sharding]).
+//   forward(ids [...] int64, global ids) -> [..., hidden], the same on every rank.
+// Each rank looks up the ids it owns; the others are looked up as its row 0
+// and zeroed (so row 0 gets no gradient from them), and reduce_from_tp (g)
+// sums the ranks' partial embeddings. Its backward is the identity: every
+// rank's weight gradient is then the full one's rows it owns. Ids outside
+// [0, vocab) are not checked (that would cost a device sync) and embed as
+// zeros.
+class VocabParallelEmbedding : public Embedding {
+ public:
+  // Throws BadInput when vocab is not divisible by the group size. The weight
+  // is created empty, like the single-device embedding's: model init or a
+  // checkpoint fills it.
+  VocabParallelEmbedding(ProcessGroup& tp, int64_t vocab, int64_t hidden);
+
+  torch::Tensor forward(const torch::Tensor& ids) override;
+  torch::Tensor weight() const override { return weight_; }  // this rank's shard [vocab/tp, hidden]
+
+  int64_t vocab() const { return vocab_; }  // the full size, over all ranks
+  int64_t hidden() const { return hidden_; }
+  int64_t vocab_start() const { return vocab_start_; }  // the first id this rank owns
+  int64_t vocab_local() const { return vocab_ / tp_->size(); }
+
+ private:
+  ProcessGroup* tp_;
+  int64_t vocab_;
+  int64_t hidden_;
+  int64_t vocab_start_;
+  torch::Tensor weight_;
+};
+
+// The LM head with its weight's rows (the vocabulary) split over the tp group:
+//   forward(hidden [..., hidden]) -> logits [..., vocab/tp], this rank's slice
+//   of the vocabulary, for vocab_parallel_cross_entropy.
+// The input is the whole activation on every rank; copy_to_tp (f) sums its
+// gradient over the group in backward. Untied, it owns `weight`
+// [vocab/tp, hidden]; tied, it owns nothing and multiplies by the embedding's
+// local shard, which must then be [vocab/tp, hidden] (a VocabParallelEmbedding
+// over the same group).
+class VocabParallelLmHead : public LmHead {
+ public:
+  // Throws BadInput when vocab is not divisible by the group size, or when the
+  // tied embedding's weight is not this rank's [vocab/tp, hidden].
+  VocabParallelLmHead(ProcessGroup& tp, int64_t hidden, int64_t vocab, std::shared_ptr<Embedding> tied);
+
+  torch::Tensor forward(const torch::Tensor& hidden) override;
+
+ private:
+  ProcessGroup* tp_;
+  std::shared_ptr<Embedding> tied_;
+  torch::Tensor weight_;
+};
+
+// The mean over N of the cross-entropy of logits split along the vocabulary:
+//   logits_local [N, vocab/tp] (this rank's slice, Note [vocab sharding]),
+//   targets [N] int64 global ids in [0, vocab), the same on every rank (not
+//     checked, which would cost a device sync: an id outside is nobody's, and
+//     its target logit counts as 0)
+//   -> a float32 scalar, the same on every rank, equal to
+//      cross_entropy(full logits [N, vocab], targets) (every target counts: no
+//      ignore_index, no label smoothing).
+// Computed in float32 whatever the logits' dtype (a bfloat16 input is cast);
+// the gradient comes back in the logits' dtype. Two all-reduces in forward
+// (Note [vocab-parallel cross-entropy] in vocab_parallel.cpp), none in
+// backward. Shapes that do not fit throw std::invalid_argument on every rank
+// before anything is sent. Saves a float32 softmax [N, vocab/tp] for backward.
+at::Tensor vocab_parallel_cross_entropy(ProcessGroup& tp, const at::Tensor& logits_local, const at::Tensor& targets);
+
+}  // namespace loom

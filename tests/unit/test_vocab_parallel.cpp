@@ -1,0 +1,329 @@
+// The vocab-parallel embedding, LM head and cross-entropy
+// (parallel/vocab_parallel.h) checked against the single-rank computation:
+// every rank builds the same full tensors from a fixed seed, runs the sharded
+// computation over the world as its tp group, and compares its result with
+// the unsharded one it computes alone.
+//
+// Runs under mpirun (CTest tensor_parallel_vocab_np2/np4); every rank runs
+// every test in the same order, as the contract of process_group.h requires.
+// The custom main at the bottom makes the run fail on every rank when any
+// rank failed (as in test_tensor_parallel.cpp).
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <gtest/gtest.h>
+#include <mpi.h>
+#include <torch/nn/functional/loss.h>
+#include <torch/utils.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "parallel/mpi_process_group.h"
+#include "parallel/vocab_parallel.h"
+#include "util/error.h"
+
+namespace loom {
+namespace {
+
+MpiProcessGroup* g_world = nullptr;
+
+// The tp group of these tests: all ranks.
+ProcessGroup& tp() { return *g_world; }
+int64_t tp_rank() { return tp().rank(); }
+int64_t tp_size() { return tp().size(); }
+
+// The same values on every rank for the same seed.
+at::Tensor random(at::IntArrayRef shape, uint64_t seed) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  return at::randn(shape, gen, at::kFloat);
+}
+
+// Ids [n] in [0, vocab) that include 0, vocab - 1 and an id of every rank's
+// shard, then random ones (with repeats, so gradients accumulate).
+at::Tensor ids_covering_every_shard(int64_t vocab, int64_t n, uint64_t seed) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  at::Tensor ids = at::randint(vocab, {n}, gen, at::kLong);
+  ids.narrow(0, 0, vocab).copy_(at::arange(vocab, at::kLong).flip(0));  // every id, last first
+  return ids;
+}
+
+at::Tensor leaf(const at::Tensor& t) { return t.detach().clone().set_requires_grad(true); }
+
+at::Tensor my_chunk(const at::Tensor& t, int64_t dim) {
+  const int64_t n = t.size(dim) / tp_size();
+  return t.narrow(dim, tp_rank() * n, n);
+}
+
+// Every rank's `t` concatenated along `dim` (outside autograd: for gradients).
+at::Tensor gather_dim(const at::Tensor& t, int64_t dim) {
+  at::Tensor front = t.detach().movedim(dim, 0).contiguous();
+  std::vector<int64_t> shape = front.sizes().vec();
+  shape[0] *= tp_size();
+  at::Tensor out = at::empty(shape, front.options());
+  tp().all_gather(out, front)->wait();
+  return out.movedim(0, dim).contiguous();
+}
+
+// max |actual - expected| within `rtol` of max |expected|.
+void expect_close(const at::Tensor& actual, const at::Tensor& expected, double rtol, const std::string& what) {
+  ASSERT_EQ(actual.sizes(), expected.sizes()) << what;
+  const at::Tensor a = actual.detach().to(at::kDouble);
+  const at::Tensor e = expected.detach().to(at::kDouble);
+  const double scale = std::max(1e-30, e.abs().max().item<double>());
+  const double err = (a - e).abs().max().item<double>();
+  EXPECT_LE(err / scale, rtol) << what << ": max error " << err << " against max |expected| " << scale << " (rank "
+                               << tp_rank() << " of " << tp_size() << ")";
+}
+
+constexpr double kFp32Tol = 1e-6;   // fp32, sums in another order
+constexpr double kModelTol = 1e-5;  // a small model: fp32 matmuls summed in another order
+constexpr double kBf16Tol = 1e-2;   // a bfloat16 gradient: 8 bits of mantissa, rounded once
+
+at::Tensor full_cross_entropy(const at::Tensor& logits, const at::Tensor& targets) {
+  return torch::nn::functional::cross_entropy(logits, targets);
+}
+
+// Expects `fn` to throw BadInput whose message contains every fragment.
+void expect_bad_input(const std::function<void()>& fn, const std::vector<std::string>& fragments) {
+  try {
+    fn();
+    ADD_FAILURE() << "accepted";
+  } catch (const BadInput& e) {
+    for (const auto& fragment : fragments) {
+      EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos) << "'" << fragment << "' not in: " << e.what();
+    }
+  }
+}
+
+// --- embedding ------------------------------------------------------------
+
+TEST(VocabParallelEmbedding, HoldsThisRanksRowsAsWeight) {
+  VocabParallelEmbedding embedding(tp(), 4 * tp_size(), 6);
+  auto params = embedding.named_parameters();
+  ASSERT_EQ(params.size(), 1u);
+  EXPECT_EQ(params["weight"].sizes(), at::IntArrayRef({4, 6}));
+  EXPECT_TRUE(embedding.weight().is_same(params["weight"]));
+  EXPECT_EQ(embedding.vocab_start(), 4 * tp_rank());
+  EXPECT_EQ(embedding.vocab_local(), 4);
+}
+
+TEST(VocabParallelEmbedding, ForwardEqualsTheFullTableAndTheGatheredWeightGradEqualsTheFullOne) {
+  const int64_t vocab = 4 * tp_size();
+  const int64_t hidden = 6;
+  const at::Tensor table = random({vocab, hidden}, 1);
+  const at::Tensor ids = ids_covering_every_shard(vocab, 3 * vocab, 2).reshape({3, vocab});
+  const at::Tensor upstream = random({3, vocab, hidden}, 3);
+
+  at::Tensor table_ref = leaf(table);
+  at::Tensor y_ref = at::embedding(table_ref, ids);
+  (y_ref * upstream).sum().backward();
+
+  VocabParallelEmbedding embedding(tp(), vocab, hidden);
+  {
+    torch::NoGradGuard no_grad;
+    embedding.weight().copy_(shard_vocab_rows(table, tp_rank(), tp_size()));
+  }
+  at::Tensor y = embedding.forward(ids);
+  (y * upstream).sum().backward();
+
+  expect_close(y, y_ref, 0, "forward");
+  expect_close(gather_dim(embedding.weight().grad(), 0), table_ref.grad(), kFp32Tol, "weight grad, gathered");
+}
+
+// --- cross-entropy --------------------------------------------------------
+
+struct CrossEntropyCase {
+  at::Tensor logits;   // full [N, vocab]
+  at::Tensor targets;  // [N]
+  double grad_scale;   // the loss is multiplied by this before backward
+};
+
+// Checks the loss and the gathered logits gradient against the full
+// cross-entropy computed in fp32 on the full logits (cast from logits' dtype).
+void check_cross_entropy(const CrossEntropyCase& c, double loss_tol, double grad_tol) {
+  at::Tensor logits_ref = leaf(c.logits.to(at::kFloat));
+  at::Tensor loss_ref = full_cross_entropy(logits_ref, c.targets);
+  (loss_ref * c.grad_scale).backward();
+
+  at::Tensor logits_local = leaf(my_chunk(c.logits, 1));
+  at::Tensor loss = vocab_parallel_cross_entropy(tp(), logits_local, c.targets);
+  (loss * c.grad_scale).backward();
+
+  EXPECT_EQ(loss.scalar_type(), at::kFloat);
+  EXPECT_EQ(loss.dim(), 0);
+  EXPECT_TRUE(std::isfinite(loss.item<double>()));
+  expect_close(loss, loss_ref, loss_tol, "loss");
+  ASSERT_TRUE(logits_local.grad().defined());
+  EXPECT_EQ(logits_local.grad().scalar_type(), c.logits.scalar_type()) << "the gradient keeps the input's dtype";
+  expect_close(gather_dim(logits_local.grad(), 1), logits_ref.grad(), grad_tol, "logits grad, gathered");
+}
+
+TEST(VocabParallelCrossEntropy, Fp32MatchesTheFullCrossEntropyAndItsGradient) {
+  const int64_t vocab = 8 * tp_size();
+  const int64_t n = 2 * vocab;
+  check_cross_entropy({random({n, vocab}, 10) * 3, ids_covering_every_shard(vocab, n, 11), 2.5}, kFp32Tol, kFp32Tol);
+}
+
+TEST(VocabParallelCrossEntropy, LargeLogitsStayFiniteAndMatchTheFullCrossEntropy) {
+  // exp(1e4) overflows fp32: only the max-subtracted form is finite.
+  const int64_t vocab = 8 * tp_size();
+  const int64_t n = 2 * vocab;
+  check_cross_entropy({random({n, vocab}, 12) * 1e3 + 1e4, ids_covering_every_shard(vocab, n, 13), 1.0}, kFp32Tol,
+                      kFp32Tol);
+  // The largest logit on one rank only, far above the others: the other
+  // ranks' exp() terms all underflow to 0.
+  at::Tensor peaked = random({n, vocab}, 14);
+  peaked.select(1, vocab - 1).add_(200);
+  check_cross_entropy({peaked, ids_covering_every_shard(vocab, n, 15), 1.0}, kFp32Tol, kFp32Tol);
+}
+
+TEST(VocabParallelCrossEntropy, Bf16LogitsAreComputedInFp32AndTheGradientIsBf16) {
+  const int64_t vocab = 8 * tp_size();
+  const int64_t n = 2 * vocab;
+  // The loss is computed in fp32 from the same bf16 values as the reference:
+  // only the gradient is rounded (once, to bf16).
+  check_cross_entropy({(random({n, vocab}, 16) * 3).to(at::kBFloat16), ids_covering_every_shard(vocab, n, 17), 1.0},
+                      kFp32Tol, kBf16Tol);
+}
+
+TEST(VocabParallelCrossEntropy, ShapesThatDoNotFitAreRefused) {
+  const at::Tensor logits = at::zeros({4, 3});
+  for (const at::Tensor& targets :
+       {at::zeros({3}, at::kLong), at::zeros({4}, at::kInt), at::zeros({4, 1}, at::kLong)}) {
+    EXPECT_THROW(vocab_parallel_cross_entropy(tp(), logits, targets), std::invalid_argument) << targets.sizes();
+  }
+  EXPECT_THROW(vocab_parallel_cross_entropy(tp(), at::zeros({4}), at::zeros({4}, at::kLong)), std::invalid_argument);
+}
+
+// --- embedding + LM head + cross-entropy ----------------------------------
+
+// ids [b, s] -> embedding -> tanh -> LM head -> cross-entropy against the
+// next ids, once unsharded and once vocab-parallel, tied or untied.
+void check_model_matches_unsharded(bool tied) {
+  const int64_t vocab = 4 * tp_size();
+  const int64_t hidden = 6;
+  const at::Tensor table = random({vocab, hidden}, 20);
+  const at::Tensor head = random({vocab, hidden}, 21);
+  const at::Tensor ids = ids_covering_every_shard(vocab, 3 * vocab, 22).reshape({3, vocab});
+  const at::Tensor targets = ids_covering_every_shard(vocab, 3 * vocab, 23);
+
+  at::Tensor table_ref = leaf(table);
+  at::Tensor head_ref = leaf(head);
+  at::Tensor logits_ref = at::linear(at::tanh(at::embedding(table_ref, ids)), tied ? table_ref : head_ref);
+  at::Tensor loss_ref = full_cross_entropy(logits_ref.reshape({-1, vocab}), targets);
+  loss_ref.backward();
+
+  auto embedding = std::make_shared<VocabParallelEmbedding>(tp(), vocab, hidden);
+  VocabParallelLmHead lm_head(tp(), hidden, vocab, tied ? embedding : nullptr);
+  {
+    torch::NoGradGuard no_grad;
+    embedding->weight().copy_(shard_vocab_rows(table, tp_rank(), tp_size()));
+    if (!tied) lm_head.named_parameters()["weight"].copy_(shard_vocab_rows(head, tp_rank(), tp_size()));
+  }
+  EXPECT_EQ(lm_head.named_parameters().size(), tied ? 0u : 1u) << "a tied head owns no parameter";
+  at::Tensor logits_local = lm_head.forward(at::tanh(embedding->forward(ids)));
+  EXPECT_EQ(logits_local.sizes(), at::IntArrayRef({3, vocab, 4})) << "logits stay split along the vocabulary";
+  at::Tensor loss = vocab_parallel_cross_entropy(tp(), logits_local.reshape({-1, logits_local.size(-1)}), targets);
+  loss.backward();
+
+  expect_close(loss, loss_ref, kModelTol, "loss");
+  expect_close(gather_dim(embedding->weight().grad(), 0), table_ref.grad(), kModelTol,
+               "embedding weight grad, gathered");
+  if (!tied) {
+    expect_close(gather_dim(lm_head.named_parameters()["weight"].grad(), 0), head_ref.grad(), kModelTol,
+                 "head weight grad, gathered");
+  }
+}
+
+TEST(VocabParallelModel, TiedEmbeddingAndHeadMatchTheUnshardedTiedModel) { check_model_matches_unsharded(true); }
+
+TEST(VocabParallelModel, UntiedEmbeddingAndHeadMatchTheUnshardedModel) { check_model_matches_unsharded(false); }
+
+TEST(VocabParallelModel, AGroupOfOneIsTheUnshardedComputation) {
+  auto solo = g_world->split(g_world->rank(), 0, "solo");
+  const int64_t vocab = 5;  // any vocabulary divides over one rank
+  const at::Tensor table = random({vocab, 3}, 30);
+  const at::Tensor ids = ids_covering_every_shard(vocab, 2 * vocab, 31);
+  at::Tensor table_ref = leaf(table);
+  at::Tensor loss_ref = full_cross_entropy(at::linear(at::embedding(table_ref, ids), table_ref), ids.flip(0));
+  loss_ref.backward();
+
+  auto embedding = std::make_shared<VocabParallelEmbedding>(*solo, vocab, 3);
+  VocabParallelLmHead lm_head(*solo, 3, vocab, embedding);
+  {
+    torch::NoGradGuard no_grad;
+    embedding->weight().copy_(table);
+  }
+  at::Tensor loss = vocab_parallel_cross_entropy(*solo, lm_head.forward(embedding->forward(ids)), ids.flip(0));
+  loss.backward();
+  expect_close(loss, loss_ref, kFp32Tol, "loss");
+  expect_close(embedding->weight().grad(), table_ref.grad(), kFp32Tol, "weight grad");
+}
+
+// --- refusals -------------------------------------------------------------
+
+TEST(VocabParallelRefusals, VocabNotDivisibleByTpIsRefusedNamingVocabAndTp) {
+  const int64_t odd = 2 * tp_size() + 1;
+  const std::string vocab_is = "vocab (" + std::to_string(odd) + ")";
+  const std::string tp_is = "tp (" + std::to_string(tp_size()) + ")";
+  expect_bad_input([&] { VocabParallelEmbedding(tp(), odd, 6); }, {"VocabParallelEmbedding", vocab_is, tp_is});
+  expect_bad_input([&] { VocabParallelLmHead(tp(), 6, odd, nullptr); }, {"VocabParallelLmHead", vocab_is, tp_is});
+  expect_bad_input([&] { shard_vocab_rows(at::zeros({odd, 6}), 0, tp_size()); }, {vocab_is, tp_is});
+}
+
+TEST(VocabParallelRefusals, ATiedHeadRefusesAnEmbeddingThatIsNotThisRanksShard) {
+  auto embedding = std::make_shared<VocabParallelEmbedding>(tp(), 4 * tp_size(), 6);
+  expect_bad_input([&] { VocabParallelLmHead(tp(), 8, 4 * tp_size(), embedding); },
+                   {"VocabParallelLmHead", "tied embedding"});
+}
+
+class FailuresOnly : public ::testing::EmptyTestEventListener {
+ public:
+  explicit FailuresOnly(int rank) : rank_(rank) {}
+  void OnTestPartResult(const ::testing::TestPartResult& result) override {
+    if (!result.failed()) return;
+    std::fprintf(stderr, "[rank %d] %s:%d: %s\n", rank_, result.file_name() ? result.file_name() : "?",
+                 result.line_number(), result.summary());
+  }
+  void OnTestEnd(const ::testing::TestInfo& info) override {
+    if (info.result()->Failed())
+      std::fprintf(stderr, "[rank %d] FAILED %s.%s\n", rank_, info.test_suite_name(), info.name());
+  }
+
+ private:
+  int rank_;
+};
+
+}  // namespace
+}  // namespace loom
+
+int main(int argc, char** argv) {
+  loom::MpiSession session(&argc, &argv);
+  ::testing::InitGoogleTest(&argc, argv);
+  int failed = 0;
+  {
+    // A test that fails on one rank can leave the others in a collective:
+    // this timeout then ends the run instead of CTest's.
+    auto world = session.world(std::chrono::seconds(60));
+    loom::g_world = world.get();
+    if (session.world_rank() != 0) {
+      auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
+      delete listeners.Release(listeners.default_result_printer());
+      listeners.Append(new loom::FailuresOnly(session.world_rank()));
+    }
+    failed = RUN_ALL_TESTS() != 0 ? 1 : 0;
+    loom::g_world = nullptr;
+  }
+  // Every rank exits non-zero when any rank failed, so mpirun's exit code
+  // does not depend on which rank it reports.
+  int any_failed = 0;
+  MPI_Allreduce(&failed, &any_failed, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+  if (any_failed && session.world_rank() == 0) std::fprintf(stderr, "test_vocab_parallel: a rank failed\n");
+  return any_failed;
+}
