@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "parallel/mpi_process_group.h"
+#include "tests/unit/mpi_test_main.h"
 #include "parallel/tensor_parallel.h"
 #include "util/error.h"
 
@@ -317,47 +318,11 @@ TEST(TensorParallelLayers, SizesNotDivisibleByTpAreRefusedNamingTheSizesAndTp) {
                    {"out_features (" + std::to_string(odd) + ")", tp_is});
 }
 
-class FailuresOnly : public ::testing::EmptyTestEventListener {
- public:
-  explicit FailuresOnly(int rank) : rank_(rank) {}
-  void OnTestPartResult(const ::testing::TestPartResult& result) override {
-    if (!result.failed()) return;
-    std::fprintf(stderr, "[rank %d] %s:%d: %s\n", rank_, result.file_name() ? result.file_name() : "?",
-                 result.line_number(), result.summary());
-  }
-  void OnTestEnd(const ::testing::TestInfo& info) override {
-    if (info.result()->Failed())
-      std::fprintf(stderr, "[rank %d] FAILED %s.%s\n", rank_, info.test_suite_name(), info.name());
-  }
-
- private:
-  int rank_;
-};
-
 }  // namespace
 }  // namespace loom
 
 int main(int argc, char** argv) {
   loom::MpiSession session(&argc, &argv);
   ::testing::InitGoogleTest(&argc, argv);
-  int failed = 0;
-  {
-    // A test that fails on one rank can leave the others in a collective:
-    // this timeout then ends the run instead of CTest's.
-    auto world = session.world(std::chrono::seconds(60));
-    loom::g_world = world.get();
-    if (session.world_rank() != 0) {
-      auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
-      delete listeners.Release(listeners.default_result_printer());
-      listeners.Append(new loom::FailuresOnly(session.world_rank()));
-    }
-    failed = RUN_ALL_TESTS() != 0 ? 1 : 0;
-    loom::g_world = nullptr;
-  }
-  // Every rank exits non-zero when any rank failed, so mpirun's exit code
-  // does not depend on which rank it reports.
-  int any_failed = 0;
-  MPI_Allreduce(&failed, &any_failed, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
-  if (any_failed && session.world_rank() == 0) std::fprintf(stderr, "test_tensor_parallel: a rank failed\n");
-  return any_failed;
+  return loom::test_support::run_tests_on_every_rank(session, &loom::g_world, "test_tensor_parallel");
 }
