@@ -106,59 +106,31 @@ struct ReduceFromTp : torch::autograd::Function<ReduceFromTp> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) { return {grads[0], at::Tensor()}; }
 };
 
-// Forward all-gather along `dim`, backward this rank's slice of the gradient.
-struct GatherAlong : torch::autograd::Function<GatherAlong> {
+// Forward `Forward` along `dim`, backward `Backward` along it; each is one
+// of all_gather_along, reduce_scatter_along and slice_along above.
+template <auto Forward, auto Backward>
+struct AlongDim : torch::autograd::Function<AlongDim<Forward, Backward>> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, ProcessGroup* group, int64_t dim) {
     save_group(ctx, *group);
     ctx->saved_data["dim"] = dim;
-    return all_gather_along(*group, x, dim);
+    return Forward(*group, x, dim);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const int64_t dim = ctx->saved_data["dim"].toInt();
-    return {slice_along(saved_group(ctx), grads[0], dim), at::Tensor(), at::Tensor()};
+    return {Backward(saved_group(ctx), grads[0], dim), at::Tensor(), at::Tensor()};
   }
 };
 
-// Forward this rank's slice along `dim`, backward all-gather.
-struct ScatterAlong : torch::autograd::Function<ScatterAlong> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, ProcessGroup* group, int64_t dim) {
-    save_group(ctx, *group);
-    ctx->saved_data["dim"] = dim;
-    return slice_along(*group, x, dim);
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const int64_t dim = ctx->saved_data["dim"].toInt();
-    return {all_gather_along(saved_group(ctx), grads[0], dim), at::Tensor(), at::Tensor()};
-  }
-};
-
-// Forward all-gather along `dim`, backward reduce-scatter: the gathered
-// activation feeds every rank's shard of a column-parallel weight, so each
-// rank's gradient of it is a partial sum, of which this rank keeps its slice.
-struct GatherAlongReduceScatterBack : torch::autograd::Function<GatherAlongReduceScatterBack> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, ProcessGroup* group, int64_t dim) {
-    save_group(ctx, *group);
-    ctx->saved_data["dim"] = dim;
-    return all_gather_along(*group, x, dim);
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const int64_t dim = ctx->saved_data["dim"].toInt();
-    return {reduce_scatter_along(saved_group(ctx), grads[0], dim), at::Tensor(), at::Tensor()};
-  }
-};
-
-// Forward reduce-scatter along `dim`, backward all-gather.
-struct ReduceScatterAlong : torch::autograd::Function<ReduceScatterAlong> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, ProcessGroup* group, int64_t dim) {
-    save_group(ctx, *group);
-    ctx->saved_data["dim"] = dim;
-    return reduce_scatter_along(*group, x, dim);
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const int64_t dim = ctx->saved_data["dim"].toInt();
-    return {all_gather_along(saved_group(ctx), grads[0], dim), at::Tensor(), at::Tensor()};
-  }
-};
+// Forward all-gather, backward this rank's slice of the gradient.
+using GatherAlong = AlongDim<all_gather_along, slice_along>;
+// Forward this rank's slice, backward all-gather.
+using ScatterAlong = AlongDim<slice_along, all_gather_along>;
+// Forward all-gather, backward reduce-scatter: the gathered activation feeds
+// every rank's shard of a column-parallel weight, so each rank's gradient of
+// it is a partial sum, of which this rank keeps its slice.
+using GatherAlongReduceScatterBack = AlongDim<all_gather_along, reduce_scatter_along>;
+// Forward reduce-scatter, backward all-gather.
+using ReduceScatterAlong = AlongDim<reduce_scatter_along, all_gather_along>;
 
 std::string not_divisible(std::string_view layer, std::string_view what, int64_t value, int64_t tp) {
   return std::string(layer) + ": " + std::string(what) + " (" + std::to_string(value) +
