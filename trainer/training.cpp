@@ -404,6 +404,23 @@ TrainResult train(Config& config, const TrainOptions& options) {
   const TrainingCheckpointOptions checkpoint_options{tokenizer_dir_of(config, run_dir), config_to_yaml(config),
                                                      config.checkpoint.keep_last};
   int stop_requested = 0;  // the signal of a graceful stop, once the loop has seen it
+  // Records a pending TrainOptions::stop_signal (once) and logs it:
+  // `micro_done` micro-batches of the step in progress are done, or 0 after
+  // the step's optimizer update.
+  auto notice_stop_request = [&](int64_t micro_done) {
+    if (stop_requested != 0 || options.stop_signal == nullptr) return;
+    stop_requested = options.stop_signal->load();
+    if (stop_requested == 0 || !log) return;
+    *log << progress.clear() << "stop requested (" << signal_name(stop_requested) << ") ";
+    if (micro_done > 0) {
+      *log << "at micro-batch " << micro_done << "/" << micro_batches << " of step " << (step + 1)
+           << ": finishing the step, then ";
+    } else {
+      *log << "after step " << step << "'s micro-batches: ";
+    }
+    *log << (config.checkpoint.enabled ? "saving a checkpoint" : "stopping (checkpoint.enabled is false)") << "\n";
+    log->flush();
+  };
   double interval_seconds = 0.0, total_seconds = 0.0;
   int64_t interval_steps = 0;
   const auto run_start = Clock::now();
@@ -430,16 +447,7 @@ TrainResult train(Config& config, const TrainOptions& options) {
       // A stop request is honoured at the next step boundary: a checkpoint
       // cannot hold half-accumulated gradients, and dropping them would make
       // the resumed run differ. So the step is finished first.
-      if (stop_requested == 0 && options.stop_signal != nullptr && options.stop_signal->load() != 0) {
-        stop_requested = options.stop_signal->load();
-        if (log) {
-          *log << progress.clear() << "stop requested (" << signal_name(stop_requested) << ") at micro-batch "
-               << (m + 1) << "/" << micro_batches << " of step " << (step + 1) << ": finishing the step, then "
-               << (config.checkpoint.enabled ? "saving a checkpoint" : "stopping (checkpoint.enabled is false)")
-               << "\n";
-          log->flush();
-        }
-      }
+      notice_stop_request(m + 1);
     }
     // A NaN or inf in any micro-batch's loss makes the sum non-finite.
     const double loss_sum = step_loss.item<double>();
@@ -549,16 +557,7 @@ TrainResult train(Config& config, const TrainOptions& options) {
     }
 
     // A request that came after the last micro-batch's check.
-    if (stop_requested == 0 && options.stop_signal != nullptr && options.stop_signal->load() != 0) {
-      stop_requested = options.stop_signal->load();
-      if (log) {
-        *log << progress.clear() << "stop requested (" << signal_name(stop_requested) << ") after step " << step
-             << "'s micro-batches: "
-             << (config.checkpoint.enabled ? "saving a checkpoint" : "stopping (checkpoint.enabled is false)")
-             << "\n";
-        log->flush();
-      }
-    }
+    notice_stop_request(0);
     const bool interval_due = config.checkpoint.interval > 0 && step % config.checkpoint.interval == 0;
     if (config.checkpoint.enabled && (interval_due || step == stop_step || stop_requested != 0)) {
       result.last_checkpoint = save_training_checkpoint(checkpoints_dir.string(), step, *model, optimizer, loader,
