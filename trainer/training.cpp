@@ -280,8 +280,6 @@ double measure_matmul_peak_flops(c10::Device device, torch::ScalarType dtype) {
   return repeats * 2.0 * static_cast<double>(size) * static_cast<double>(size) * static_cast<double>(size) / seconds;
 }
 
-double measure_cpu_matmul_peak_flops() { return measure_matmul_peak_flops(c10::Device(c10::kCPU), torch::kFloat); }
-
 double datasheet_peak_flops(const std::string& device_name, bool bf16) {
   // Dense (no sparsity) tensor-core rates of the SXM parts, FLOP/s.
   struct Card {

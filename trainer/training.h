@@ -91,7 +91,6 @@ double flops_per_token(const ModelConfig& model, int64_t seq_len);
 // of 1024 x 1024 matrices on the CPU (with torch's current thread count) or
 // 10 of 8192 x 8192 on a GPU.
 double measure_matmul_peak_flops(c10::Device device, torch::ScalarType dtype);
-double measure_cpu_matmul_peak_flops();  // CPU, fp32
 
 // The datasheet's dense tensor-core peak of a GPU called `device_name` (H100,
 // H200, A100), bf16 or fp32, in FLOP/s; 0 when the card is not known.

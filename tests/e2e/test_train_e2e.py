@@ -256,10 +256,25 @@ def test_kill_during_checkpoint_keeps_latest_valid_and_resume_finishes(data, tmp
     assert (run_dir / "hf" / "model.safetensors").is_file()
 
 
-def test_resume_after_kills_reproduces_uninterrupted_run(data, tmp_path, reference_run):
+def assert_reproduces(reference_run, run_dir, what):
+    """run_dir logged the same loss at every step as reference_run and
+    exported bit-identical tensors."""
     from safetensors.torch import load_file
     import torch
 
+    want = losses_by_step(reference_run, STEPS)
+    got = losses_by_step(run_dir, STEPS)
+    diff = [(s, want[s], got[s]) for s in want if want[s] != got[s]]
+    assert not diff, f"{len(diff)} steps differ after {what} (step, uninterrupted, resumed): {diff[:5]}"
+    a = load_file(str(reference_run / "hf" / "model.safetensors"))
+    b = load_file(str(run_dir / "hf" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert torch.equal(a[k], b[k]), f"exported tensor {k} differs after {what}"
+
+
+def test_resume_after_kills_reproduces_uninterrupted_run(data, tmp_path, reference_run):
     run_dir = tmp_path / "runs" / "r"
     ckpt_dir = run_dir / "checkpoints"
     args = train_args(data, tmp_path / "runs", "r", STEPS, 1)
@@ -272,17 +287,7 @@ def test_resume_after_kills_reproduces_uninterrupted_run(data, tmp_path, referen
     assert kills >= 2
     loom(*args)
 
-    want = losses_by_step(reference_run, STEPS)
-    got = losses_by_step(run_dir, STEPS)
-    diff = [(s, want[s], got[s]) for s in want if want[s] != got[s]]
-    assert not diff, f"{len(diff)} steps differ after {kills} kills + resume (step, uninterrupted, resumed): {diff[:5]}"
-
-    a = load_file(str(reference_run / "hf" / "model.safetensors"))
-    b = load_file(str(run_dir / "hf" / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
-        assert torch.equal(a[k], b[k]), f"exported tensor {k} differs after kill + resume"
+    assert_reproduces(reference_run, run_dir, f"{kills} kills + resume")
 
 
 def unigram_entropy_nats(dataset_dir):
@@ -345,9 +350,6 @@ def test_sigterm_mid_accumulation_finishes_the_step_and_resume_is_exact(data, tm
     """SIGTERM while a step's micro-batches are being accumulated (4 per step
     here): loom finishes that step, checkpoints it, exits 143, and resuming
     reproduces the uninterrupted run bit for bit."""
-    from safetensors.torch import load_file
-    import torch
-
     run_dir = tmp_path / "runs" / "s"
     # Checkpoints only at the end (interval 0): the stop must write its own.
     args = train_args(data, tmp_path / "runs", "s", STEPS, 0)
@@ -384,11 +386,4 @@ def test_sigterm_mid_accumulation_finishes_the_step_and_resume_is_exact(data, tm
     assert mid_step_stops >= 1, "no SIGTERM landed in the middle of a step's accumulation"
 
     loom(*args)  # resume to the end
-    want = losses_by_step(reference_run, STEPS)
-    got = losses_by_step(run_dir, STEPS)
-    diff = [(s, want[s], got[s]) for s in want if want[s] != got[s]]
-    assert not diff, f"{len(diff)} steps differ after SIGTERM + resume: {diff[:5]}"
-    a = load_file(str(reference_run / "hf" / "model.safetensors"))
-    b = load_file(str(run_dir / "hf" / "model.safetensors"))
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"exported tensor {k} differs after SIGTERM + resume"
+    assert_reproduces(reference_run, run_dir, "SIGTERM + resume")
