@@ -1,0 +1,112 @@
+// The NCCL backend of ProcessGroup (parallel/process_group.h): CUDA tensors,
+// one NCCL communicator and one CUDA stream per group, built from the MPI
+// group of the same ranks.
+//
+//   loom::MpiSession session(&argc, &argv);
+//   auto world = session.world();
+//   c10::cuda::set_device(local_rank);               // one GPU per rank
+//   loom::NcclProcessGroup world_nccl(*world);       // same ranks, same name
+//   world_nccl.all_reduce(grad)->wait();
+//
+// Everything in Note [process group contract] holds, with these differences:
+// - Tensors are dense, contiguous CUDA tensors on the group's device (the
+//   current device when the group was made); the dtypes are those of
+//   kSupportedDtypes.
+// - Streams (Note [NCCL streams]): an operation runs on the group's own
+//   stream, after everything the caller had queued on its current stream.
+// - bfloat16 is reduced by NCCL itself (Note [NCCL bfloat16 reductions]).
+// - send/recv: tags are ignored (Note [NCCL send and recv]).
+// - Errors NCCL reports (synchronously, or later as the communicator's
+//   asynchronous error) and timeouts abort the communicator (ncclCommAbort)
+//   and end the job through MpiSession::abort, naming rank, group and op.
+//
+// Note [NCCL streams]
+// Each operation records an event on the caller's current stream and makes
+// the group's stream wait on it, so NCCL reads the inputs only after the
+// kernels that produced them; it then queues the NCCL call and a completion
+// event on the group's stream. The caller's stream goes on without waiting,
+// so compute queued after the call overlaps the communication.
+// Work::wait(timeout) makes the caller's current stream wait on the
+// completion event (kernels queued afterwards see the result) and also polls
+// that event and ncclCommGetAsyncError from the host until the operation is
+// done: the contract says wait never hangs, and only the host can notice a
+// collective that never ends (a kernel stuck in NCCL never fails by itself).
+// So wait blocks the host until the operation has finished on the GPU; to
+// overlap, issue several operations and wait on them later. The Work keeps
+// the tensors until the host has seen the operation finish, so the caching
+// allocator cannot hand their memory to another tensor while NCCL still uses
+// it (which is why no recordStream is needed). Destroying an unfinished Work
+// waits for it.
+//
+// Note [NCCL bfloat16 reductions]
+// Unlike the MPI backend (Note [bfloat16 reductions]), bfloat16 tensors go to
+// NCCL as ncclBfloat16: NCCL reduces them natively, rounding to bfloat16 as
+// it combines values in the order its algorithm (ring or tree) picks. A sum
+// over several ranks can therefore differ in its last bits from the MPI
+// backend's exact float32 sum rounded once. Sums of values that are exact in
+// bfloat16 at every step (small integers, as in the tests) agree.
+//
+// Note [NCCL send and recv]
+// NCCL has no tags: a send and a recv between two ranks pair up in the order
+// they are issued, whatever their tags (which are range-checked, then
+// ignored). The receiver's element count and dtype must equal the sender's;
+// NCCL cannot check this, and a mismatch corrupts the data or never
+// completes (then the timeout ends the job). A send or recv occupies the
+// group's stream until the peer's matching call runs, so two ranks that each
+// send to the other before receiving can deadlock on large messages: in a
+// ring, let even ranks send first and odd ranks receive first. Sending to or
+// receiving from this rank itself is refused (it would wait on itself).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <memory>
+#include <string_view>
+
+#include "parallel/mpi_process_group.h"
+#include "parallel/process_group.h"
+
+namespace loom {
+
+namespace detail {
+// The communicator, the stream and the device, shared by the group and its
+// Works so that a Work still polling after the group is gone has them
+// (defined in nccl_process_group.cpp: the header stays free of NCCL and
+// CUDA headers).
+class NcclCommunicator;
+}  // namespace detail
+
+class NcclProcessGroup final : public ProcessGroup {
+ public:
+  // The ranks of `mpi` (same group ranks, world ranks, name and timeout) on
+  // NCCL, on the current CUDA device. Collective over `mpi`: group rank 0
+  // makes the ncclUniqueId, `mpi` broadcasts it, then every rank joins with
+  // ncclCommInitRank. Throws std::runtime_error before any communication
+  // when no CUDA device is visible; NCCL errors end the job.
+  explicit NcclProcessGroup(MpiProcessGroup& mpi);
+  ~NcclProcessGroup() override;  // ncclCommDestroy (ncclCommAbort after an error), once no Work is left
+
+  std::string_view backend() const override { return "nccl"; }
+  c10::DeviceIndex device() const;  // the CUDA device of the communicator
+
+  std::unique_ptr<Work> all_reduce(const at::Tensor& tensor, const AllReduceOptions& options = {}) override;
+  std::unique_ptr<Work> all_gather(const at::Tensor& output, const at::Tensor& input,
+                                   const AllGatherOptions& options = {}) override;
+  std::unique_ptr<Work> reduce_scatter(const at::Tensor& output, const at::Tensor& input,
+                                       const ReduceScatterOptions& options = {}) override;
+  std::unique_ptr<Work> broadcast(const at::Tensor& tensor, const BroadcastOptions& options = {}) override;
+  // Tags are ignored (Note [NCCL send and recv]).
+  std::unique_ptr<Work> send(const at::Tensor& tensor, const SendOptions& options) override;
+  std::unique_ptr<Work> recv(const at::Tensor& tensor, const RecvOptions& options) override;
+  // An all_reduce of a one-element tensor on the group's device.
+  std::unique_ptr<Work> barrier(const BarrierOptions& options = {}) override;
+
+ private:
+  // check_tensor for this backend: a CUDA tensor on the group's device.
+  void check_device_tensor(const std::string& where, std::string_view role, const at::Tensor& tensor) const;
+  void check_peer(const std::string& where, int peer) const;
+
+  std::shared_ptr<detail::NcclCommunicator> comm_;
+};
+
+}  // namespace loom
