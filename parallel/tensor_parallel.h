@@ -29,6 +29,8 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
+#include <string>
 
 #include <ATen/core/Tensor.h>
 
@@ -63,6 +65,36 @@ at::Tensor reduce_scatter_to_sp(ProcessGroup& tp, const at::Tensor& x);
 at::Tensor shard_linear_weight(const at::Tensor& full_weight, LinearRole role, int64_t rank, int64_t size);
 at::Tensor shard_linear_bias(const at::Tensor& full_bias, LinearRole role, int64_t rank, int64_t size);
 
+// Implemented by every layer that holds a shard of a parameter: for each
+// parameter it registers itself (by its own name: "weight", "bias"), the dim
+// cut into tp equal chunks, rank r holding chunk r, or -1 when every rank
+// holds all of it. Checkpoints and exports gather the full tensors with it
+// (parallel/tensor_parallel_model.h).
+class TensorParallelLayer {
+ public:
+  virtual ~TensorParallelLayer() = default;
+  virtual int64_t shard_dim(const std::string& parameter) const = 0;
+};
+
+// The input of several column-parallel linears that read the same tensor
+// (q/k/v of attention, gate/up of the MLP) made once: one f, or one sequence
+// all-gather, for all of them, so that backward runs one collective on the
+// sum of their input gradients instead of one per linear (Megatron fuses
+// these linears into one for the same reason). Reused only for the very same
+// tensor, unmodified, in the same grad mode; otherwise made afresh. Holds the
+// last input and its gathered form until the next one.
+class SharedColumnInput {
+ public:
+  at::Tensor get(ProcessGroup& tp, const at::Tensor& x, bool sequence_parallel);
+
+ private:
+  at::Tensor input_;
+  at::Tensor output_;
+  int64_t version_ = 0;
+  bool grad_mode_ = false;
+  bool sequence_parallel_ = false;
+};
+
 // y = x W^T + b with W's rows (output features) split over the tp group: this
 // rank holds `weight` [out/tp, in] and `bias` [out/tp] (chunk tp_rank of the
 // full ones) and computes its slice of y's last dim. The q/k/v and gate/up
@@ -73,11 +105,12 @@ at::Tensor shard_linear_bias(const at::Tensor& full_bias, LinearRole role, int64
 // contributes a part of it. With sequence_parallel, x is instead this rank's
 // sequence slice [b, s/tp, in], gathered with gather_from_sp (whose backward
 // reduce-scatters the gradient, doing f's sum and the re-slicing at once).
-class ColumnParallelLinear : public Linear {
+class ColumnParallelLinear : public Linear, public TensorParallelLayer {
  public:
   struct Options {
     bool gather_output = false;      // all-gather y's last dim (gather_from_tp) so every rank has all of y
     bool sequence_parallel = false;  // x is [b, s/tp, in]; gather the sequence first (gather_from_sp)
+    std::shared_ptr<SharedColumnInput> shared_input;  // shared with the linears that read the same x (or null)
   };
   // Throws BadInput when out_features is not divisible by the group size.
   // Parameters are created empty (zeros for the bias), like the single-device
@@ -87,6 +120,7 @@ class ColumnParallelLinear : public Linear {
       : ColumnParallelLinear(tp, in_features, out_features, bias, Options{}) {}
 
   torch::Tensor forward(const torch::Tensor& x) override;
+  int64_t shard_dim(const std::string& parameter) const override { return 0; }  // weight rows, bias
 
   int64_t in_features() const { return in_features_; }
   int64_t out_features() const { return out_features_; }  // the full size, over all ranks
@@ -113,7 +147,7 @@ class ColumnParallelLinear : public Linear {
 // each rank adds it to its own slice only, so its gradient is a partial sum:
 // it goes through copy_to_tp, whose backward sums it over the group, and
 // every rank's bias gradient is then the whole one.
-class RowParallelLinear : public Linear {
+class RowParallelLinear : public Linear, public TensorParallelLayer {
  public:
   struct Options {
     bool input_is_parallel = true;   // x is already split along its last dim; else scatter it (scatter_to_tp)
@@ -125,6 +159,8 @@ class RowParallelLinear : public Linear {
       : RowParallelLinear(tp, in_features, out_features, bias, Options{}) {}
 
   torch::Tensor forward(const torch::Tensor& x) override;
+  // The weight's columns; the bias is whole on every rank.
+  int64_t shard_dim(const std::string& parameter) const override { return parameter == "weight" ? 1 : -1; }
 
   int64_t in_features() const { return in_features_; }  // the full size, over all ranks
   int64_t out_features() const { return out_features_; }

@@ -106,8 +106,8 @@ at::Tensor shard_vocab_rows(const at::Tensor& full_weight, int64_t rank, int64_t
   return full_weight.narrow(0, rank * n, n).clone(at::MemoryFormat::Contiguous);
 }
 
-VocabParallelEmbedding::VocabParallelEmbedding(ProcessGroup& tp, int64_t vocab, int64_t hidden)
-    : tp_(&tp), vocab_(vocab), hidden_(hidden) {
+VocabParallelEmbedding::VocabParallelEmbedding(ProcessGroup& tp, int64_t vocab, int64_t hidden, Options options)
+    : tp_(&tp), vocab_(vocab), hidden_(hidden), options_(options) {
   if (vocab % tp.size() != 0) {
     throw BadInput(not_divisible(
         "VocabParallelEmbedding [" + std::to_string(vocab) + ", " + std::to_string(hidden) + "]", vocab, tp.size()));
@@ -117,19 +117,19 @@ VocabParallelEmbedding::VocabParallelEmbedding(ProcessGroup& tp, int64_t vocab, 
 }
 
 torch::Tensor VocabParallelEmbedding::forward(const torch::Tensor& ids) {
-  if (tp_->size() == 1) return at::embedding(weight_, ids);
+  if (tp_->size() == 1) return at::embedding(weight_, ids);  // and with one rank the sequence is whole
   const at::Tensor owned = (ids >= vocab_start_) & (ids < vocab_start_ + vocab_local());
   const at::Tensor ids_local = at::where(owned, ids - vocab_start_, at::zeros_like(ids));
   // masked_fill also zeroes the gradient of the ids looked up as row 0 but
   // not owned, so row 0's gradient comes from its own id only.
   const at::Tensor rows_partial = at::embedding(weight_, ids_local).masked_fill(owned.logical_not().unsqueeze(-1), 0.0);
   // g: every id is owned by exactly one rank, so the sum is its row.
-  return reduce_from_tp(*tp_, rows_partial);
+  return options_.sequence_parallel ? reduce_scatter_to_sp(*tp_, rows_partial) : reduce_from_tp(*tp_, rows_partial);
 }
 
 VocabParallelLmHead::VocabParallelLmHead(ProcessGroup& tp, int64_t hidden, int64_t vocab,
-                                         std::shared_ptr<Embedding> tied)
-    : tp_(&tp), tied_(std::move(tied)) {
+                                         std::shared_ptr<Embedding> tied, Options options)
+    : tp_(&tp), options_(options), tied_(std::move(tied)) {
   const std::string layer = "VocabParallelLmHead [" + std::to_string(vocab) + ", " + std::to_string(hidden) + "]";
   if (vocab % tp.size() != 0) throw BadInput(not_divisible(layer, vocab, tp.size()));
   const int64_t vocab_local = vocab / tp.size();
@@ -149,7 +149,8 @@ VocabParallelLmHead::VocabParallelLmHead(ProcessGroup& tp, int64_t hidden, int64
 
 torch::Tensor VocabParallelLmHead::forward(const torch::Tensor& hidden) {
   // f: each rank's vocabulary slice contributes a part of the input's gradient.
-  return at::linear(copy_to_tp(*tp_, hidden), tied_ ? tied_->weight() : weight_);
+  const at::Tensor input = options_.sequence_parallel ? gather_from_sp(*tp_, hidden) : copy_to_tp(*tp_, hidden);
+  return at::linear(input, tied_ ? tied_->weight() : weight_);
 }
 
 at::Tensor vocab_parallel_cross_entropy(ProcessGroup& tp, const at::Tensor& logits_local, const at::Tensor& targets) {

@@ -16,10 +16,13 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
+#include <utility>
 
 #include <ATen/core/Tensor.h>
 
 #include "parallel/process_group.h"
+#include "parallel/tensor_parallel.h"
 #include "trainer/model/layers.h"
 
 namespace loom {
@@ -38,14 +41,23 @@ at::Tensor shard_vocab_rows(const at::Tensor& full_weight, int64_t rank, int64_t
 // rank's weight gradient is then the full one's rows it owns. Ids outside
 // [0, vocab) are not checked (that would cost a device sync) and embed as
 // zeros.
-class VocabParallelEmbedding : public Embedding {
+class VocabParallelEmbedding : public Embedding, public TensorParallelLayer {
  public:
+  struct Options {
+    // Return this rank's sequence slice [b, s/tp, hidden] of the embeddings
+    // of ids [b, s]: the partial embeddings are reduce-scattered along the
+    // sequence (reduce_scatter_to_sp) instead of all-reduced.
+    bool sequence_parallel = false;
+  };
   // Throws BadInput when vocab is not divisible by the group size. The weight
   // is created empty, like the single-device embedding's: model init or a
   // checkpoint fills it.
-  VocabParallelEmbedding(ProcessGroup& tp, int64_t vocab, int64_t hidden);
+  VocabParallelEmbedding(ProcessGroup& tp, int64_t vocab, int64_t hidden, Options options);
+  VocabParallelEmbedding(ProcessGroup& tp, int64_t vocab, int64_t hidden)
+      : VocabParallelEmbedding(tp, vocab, hidden, Options{}) {}
 
   torch::Tensor forward(const torch::Tensor& ids) override;
+  int64_t shard_dim(const std::string& parameter) const override { return 0; }
   torch::Tensor weight() const override { return weight_; }  // this rank's shard [vocab/tp, hidden]
 
   int64_t vocab() const { return vocab_; }  // the full size, over all ranks
@@ -58,6 +70,7 @@ class VocabParallelEmbedding : public Embedding {
   int64_t vocab_;
   int64_t hidden_;
   int64_t vocab_start_;
+  Options options_;
   torch::Tensor weight_;
 };
 
@@ -69,16 +82,27 @@ class VocabParallelEmbedding : public Embedding {
 // [vocab/tp, hidden]; tied, it owns nothing and multiplies by the embedding's
 // local shard, which must then be [vocab/tp, hidden] (a VocabParallelEmbedding
 // over the same group).
-class VocabParallelLmHead : public LmHead {
+class VocabParallelLmHead : public LmHead, public TensorParallelLayer {
  public:
+  struct Options {
+    // The input is this rank's sequence slice [b, s/tp, hidden]: it is
+    // gathered first (gather_from_sp, whose backward reduce-scatters the
+    // summed gradient, in place of f), and the logits cover the whole sequence.
+    bool sequence_parallel = false;
+  };
   // Throws BadInput when vocab is not divisible by the group size, or when the
   // tied embedding's weight is not this rank's [vocab/tp, hidden].
-  VocabParallelLmHead(ProcessGroup& tp, int64_t hidden, int64_t vocab, std::shared_ptr<Embedding> tied);
+  VocabParallelLmHead(ProcessGroup& tp, int64_t hidden, int64_t vocab, std::shared_ptr<Embedding> tied,
+                      Options options);
+  VocabParallelLmHead(ProcessGroup& tp, int64_t hidden, int64_t vocab, std::shared_ptr<Embedding> tied)
+      : VocabParallelLmHead(tp, hidden, vocab, std::move(tied), Options{}) {}
 
   torch::Tensor forward(const torch::Tensor& hidden) override;
+  int64_t shard_dim(const std::string& parameter) const override { return 0; }
 
  private:
   ProcessGroup* tp_;
+  Options options_;
   std::shared_ptr<Embedding> tied_;
   torch::Tensor weight_;
 };

@@ -257,38 +257,48 @@ void AdamW::load_state_dict(const NamedTensors& state) {
 // `(total + 1e-6).reciprocal() * max_norm` (Tensor.__rtruediv__), clamped to 1.
 namespace {
 
-// The 0-dim fp32 norm on the first gradient's device; undefined without gradients.
-torch::Tensor total_grad_norm(const std::vector<torch::Tensor>& params) {
+// The 0-dim fp32 norm on the first gradient's device; undefined without
+// gradients (on every rank, with a reduction: a rank that counts none still
+// takes part in the sum).
+torch::Tensor total_grad_norm(const std::vector<torch::Tensor>& params, const GradNormReduction* reduction) {
   std::vector<torch::Tensor> norms;
   torch::Device first_device = torch::kCPU;
-  for (const auto& param : params) {
-    const torch::Tensor& grad = param.grad();
+  bool any_grad = false;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const torch::Tensor& grad = params[i].grad();
     if (!grad.defined()) continue;
-    if (norms.empty()) first_device = grad.device();
+    if (!any_grad) first_device = grad.device();
+    any_grad = true;
+    if (reduction != nullptr && !reduction->counted.at(i)) continue;
     // fp32 gradients exactly as torch; others (bf16) accumulate in fp32.
     torch::Tensor norm = grad.scalar_type() == torch::kFloat
                              ? at::linalg_vector_norm(grad, 2)
                              : at::linalg_vector_norm(grad, 2, c10::nullopt, false, torch::kFloat);
     norms.push_back(norm.to(first_device));
   }
-  if (norms.empty()) return {};
-  return at::linalg_vector_norm(at::stack(norms), 2);
+  if (!any_grad) return {};
+  if (reduction == nullptr) return at::linalg_vector_norm(at::stack(norms), 2);
+  torch::Tensor sum_of_squares = norms.empty() ? torch::zeros({}, torch::TensorOptions().device(first_device))
+                                               : at::stack(norms).square().sum();
+  reduction->sum_over_ranks(sum_of_squares);
+  return sum_of_squares.sqrt();
 }
 
 }  // namespace
 
-double grad_norm(const std::vector<torch::Tensor>& params) {
+double grad_norm(const std::vector<torch::Tensor>& params, const GradNormReduction* reduction) {
   at::NoGradGuard no_grad;
-  torch::Tensor total = total_grad_norm(params);
+  torch::Tensor total = total_grad_norm(params, reduction);
   return total.defined() ? total.item<double>() : 0.0;
 }
 
-double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm) {
+double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm,
+                      const GradNormReduction* reduction) {
   if (!(max_norm > 0)) {
     throw std::invalid_argument("clip_grad_norm: max_norm must be > 0 (got " + std::to_string(max_norm) + ")");
   }
   at::NoGradGuard no_grad;
-  torch::Tensor total = total_grad_norm(params);
+  torch::Tensor total = total_grad_norm(params, reduction);
   if (!total.defined()) return 0.0;
   // Multiplying by a factor clamped to 1 instead of branching on `norm >
   // max_norm` keeps the decision on the device (no host sync) and is exact

@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -109,19 +110,32 @@ class AdamW {
   int64_t step_ = 0;
 };
 
+// How the gradient norm of a model cut over ranks is put together: each rank
+// holds part of the gradients, and the global norm is sqrt of the sum over
+// ranks of the squares of the gradients each rank counts. A parameter held
+// whole by several ranks (a replicated norm weight under tensor parallelism)
+// is counted by one of them only.
+struct GradNormReduction {
+  std::vector<bool> counted;  // parallel to params: whether this rank's gradient enters the norm
+  // Replaces a 0-dim fp32 tensor (this rank's sum of squares) by its sum over
+  // the ranks. Collective: every rank calls it once per norm.
+  std::function<void(torch::Tensor& sum_of_squares)> sum_over_ranks;
+};
+
 // The global L2 norm of the defined gradients of `params`, as
 // torch.nn.utils.clip_grad_norm_(foreach=False) computes it: each gradient's
 // norm in fp32, then the norm of those norms. Non-finite when any gradient is.
-// With tensor or pipeline parallelism this is the local part only; the
-// caller combines the ranks' norms.
-double grad_norm(const std::vector<torch::Tensor>& params);
+// With `reduction` the norm is that of the gradients of all ranks together
+// (GradNormReduction), the same number on every rank.
+double grad_norm(const std::vector<torch::Tensor>& params, const GradNormReduction* reduction = nullptr);
 
 // Computes grad_norm(params), then scales every gradient by
 // min(1, max_norm / (norm + 1e-6)) as torch.nn.utils.clip_grad_norm_ does
 // (always multiplying, so the result is bit-identical to torch's). Returns the
 // norm before clipping. `max_norm` must be > 0 (optimizer.clip_grad_norm 0
 // means: call grad_norm instead); std::invalid_argument otherwise.
-double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm);
+double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm,
+                      const GradNormReduction* reduction = nullptr);
 
 // True when every defined gradient of `params` is finite (no NaN or inf).
 bool grads_are_finite(const std::vector<torch::Tensor>& params);

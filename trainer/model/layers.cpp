@@ -57,14 +57,14 @@ RMSNorm::RMSNorm(int64_t hidden, double eps) : eps_(eps) {
   weight = register_parameter("weight", torch::ones({hidden}));
 }
 
-torch::Tensor RMSNorm::forward(const torch::Tensor& x) {
+torch::Tensor RMSNorm::normalize(const torch::Tensor& x, const torch::Tensor& w) const {
   if (x.scalar_type() != torch::kFloat) {
-    return at::rms_norm(x, {x.size(-1)}, weight.to(x.scalar_type()), eps_);
+    return at::rms_norm(x, {x.size(-1)}, w.to(x.scalar_type()), eps_);
   }
   auto x32 = x.to(torch::kFloat);
   auto variance = x32.pow(2).mean(-1, /*keepdim=*/true);
   auto normed = (x32 * at::rsqrt(variance + eps_)).to(x.scalar_type());
-  return weight * normed;
+  return w * normed;
 }
 
 std::shared_ptr<Linear> LocalLayerFactory::linear(int64_t in_features, int64_t out_features, bool bias,

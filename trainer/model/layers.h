@@ -39,8 +39,14 @@ class Embedding : public torch::nn::Module {
 class RMSNorm : public torch::nn::Module {
  public:
   RMSNorm(int64_t hidden, double eps);
-  torch::Tensor forward(const torch::Tensor& x);
+  virtual ~RMSNorm() = default;
+  virtual torch::Tensor forward(const torch::Tensor& x) { return normalize(x, weight); }
   torch::Tensor weight;
+
+ protected:
+  // The computation above with `w` in place of the parameter (a sequence-
+  // parallel norm passes its weight through a communication operator first).
+  torch::Tensor normalize(const torch::Tensor& x, const torch::Tensor& w) const;
 
  private:
   double eps_;
@@ -61,6 +67,13 @@ class LayerFactory {
   virtual std::shared_ptr<Embedding> embedding(int64_t vocab, int64_t hidden) const = 0;
   // `tied` is the embedding whose weight the head reuses, or null for an own weight.
   virtual std::shared_ptr<LmHead> lm_head(int64_t hidden, int64_t vocab, std::shared_ptr<Embedding> tied) const = 0;
+  virtual std::shared_ptr<RMSNorm> norm(int64_t hidden, double eps) const {
+    return std::make_shared<RMSNorm>(hidden, eps);
+  }
+  // Into how many slices the layers cut the sequence of the residual stream
+  // between them: 1, or tp under sequence parallelism, where the embedding
+  // returns [batch, tokens/tp, hidden] and the head takes it back.
+  virtual int64_t sequence_shards() const { return 1; }
 };
 
 // Plain single-device layers.

@@ -21,10 +21,13 @@ Attention::Attention(const ModelConfig& model, const LayerFactory& factory)
 
 torch::Tensor Attention::forward(const torch::Tensor& x_btd, const torch::Tensor& cos_td, const torch::Tensor& sin_td,
                                  torch::Tensor* cache_k, torch::Tensor* cache_v) {
-  const int64_t batch = x_btd.size(0), tokens = x_btd.size(1);
-  // Head counts are read from the projection outputs, not the config, so a
-  // tensor-parallel projection that holds a slice of the heads works unchanged.
-  auto q = q_proj_->forward(x_btd).view({batch, tokens, -1, head_dim_}).transpose(1, 2);
+  // Head counts and the number of tokens are read from the projection
+  // outputs, not from the config and the input, so that a tensor-parallel
+  // projection that holds a slice of the heads, or gathers the whole sequence
+  // from a slice of it (sequence parallelism), works unchanged.
+  const auto q_btf = q_proj_->forward(x_btd);
+  const int64_t batch = q_btf.size(0), tokens = q_btf.size(1);
+  auto q = q_btf.view({batch, tokens, -1, head_dim_}).transpose(1, 2);
   auto k = k_proj_->forward(x_btd).view({batch, tokens, -1, head_dim_}).transpose(1, 2);
   auto v = v_proj_->forward(x_btd).view({batch, tokens, -1, head_dim_}).transpose(1, 2);
   q = RotaryEmbedding::apply(q, cos_td, sin_td);
@@ -68,9 +71,9 @@ DecoderLayer::DecoderLayer(const ModelConfig& model, const LayerFactory& factory
     : recompute_(model.recompute == "full") {
   self_attn_ = register_module("self_attn", std::make_shared<Attention>(model, factory));
   mlp_ = register_module("mlp", std::make_shared<Mlp>(model, factory));
-  input_layernorm_ = register_module("input_layernorm", std::make_shared<RMSNorm>(model.hidden_size, model.rms_norm_eps));
+  input_layernorm_ = register_module("input_layernorm", factory.norm(model.hidden_size, model.rms_norm_eps));
   post_attention_layernorm_ =
-      register_module("post_attention_layernorm", std::make_shared<RMSNorm>(model.hidden_size, model.rms_norm_eps));
+      register_module("post_attention_layernorm", factory.norm(model.hidden_size, model.rms_norm_eps));
 }
 
 torch::Tensor DecoderLayer::forward(const torch::Tensor& x_btd, const torch::Tensor& cos_td,
@@ -103,7 +106,7 @@ class Container : public torch::nn::Module {};
 }  // namespace
 
 LlamaForCausalLM::LlamaForCausalLM(const ModelConfig& model, const LayerFactory& factory, StageSpec stage)
-    : config_(model), stage_(stage), rotary_(model) {
+    : config_(model), stage_(stage), rotary_(model), sequence_shards_(factory.sequence_shards()) {
   if (stage_.num_layers < 0) stage_.num_layers = model.num_layers - stage_.first_layer;
   TORCH_CHECK(stage_.first_layer >= 0 && stage_.first_layer + stage_.num_layers <= model.num_layers,
               "stage layers [", stage_.first_layer, ", ", stage_.first_layer + stage_.num_layers,
@@ -118,7 +121,7 @@ LlamaForCausalLM::LlamaForCausalLM(const ModelConfig& model, const LayerFactory&
     layers_.push_back(layers->register_module(std::to_string(global), std::make_shared<DecoderLayer>(model, factory)));
   }
   if (stage_.has_head) {
-    norm_ = model_->register_module("norm", std::make_shared<RMSNorm>(model.hidden_size, model.rms_norm_eps));
+    norm_ = model_->register_module("norm", factory.norm(model.hidden_size, model.rms_norm_eps));
     // Tied embeddings on a single stage share the embedding's weight; across
     // pipeline stages the last stage holds a copy kept in sync by the pipeline.
     std::shared_ptr<Embedding> tied = model.tie_embeddings ? embed_tokens_ : nullptr;
@@ -155,7 +158,9 @@ torch::Tensor LlamaForCausalLM::forward(const torch::Tensor& input, KVCache* cac
   if (at::autocast::is_autocast_enabled(device_type) && h.is_floating_point()) {
     h = h.to(at::autocast::get_autocast_dtype(device_type));
   }
-  const int64_t tokens = h.size(1);
+  // Attention sees the whole sequence even when the residual stream holds a
+  // slice of it (sequence parallelism): the projections gather it.
+  const int64_t tokens = h.size(1) * sequence_shards_;
   auto [cos, sin] = rotary_.cos_sin(start, tokens, h.device());
   if (cache != nullptr && cache->keys.empty()) {
     cache->keys.resize(layers_.size());

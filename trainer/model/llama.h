@@ -107,6 +107,7 @@ class LlamaForCausalLM : public torch::nn::Module {
   ModelConfig config_;
   StageSpec stage_;
   RotaryEmbedding rotary_;
+  int64_t sequence_shards_;  // LayerFactory::sequence_shards()
   std::shared_ptr<torch::nn::Module> model_;  // holds embed_tokens, layers, norm: the "model." prefix
   std::shared_ptr<Embedding> embed_tokens_;
   std::vector<std::shared_ptr<DecoderLayer>> layers_;

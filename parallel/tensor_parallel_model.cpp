@@ -1,0 +1,182 @@
+#include "parallel/tensor_parallel_model.h"
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <utility>
+
+#include "parallel/vocab_parallel.h"
+#include "util/error.h"
+
+namespace loom {
+
+namespace {
+
+// RMSNorm over this rank's slice of the sequence. The weight's gradient from
+// one slice is a partial sum; f (copy_to_tp) sums it over the group in
+// backward, so every rank ends with the whole gradient.
+class SequenceParallelRMSNorm : public RMSNorm {
+ public:
+  SequenceParallelRMSNorm(ProcessGroup& tp, int64_t hidden, double eps) : RMSNorm(hidden, eps), tp_(&tp) {}
+  torch::Tensor forward(const torch::Tensor& x) override { return normalize(x, copy_to_tp(*tp_, weight)); }
+
+ private:
+  ProcessGroup* tp_;
+};
+
+int64_t dim_of(const std::map<std::string, int64_t>& shard_dim, const std::string& name) {
+  const auto it = shard_dim.find(name);
+  if (it == shard_dim.end()) throw std::logic_error("no tensor-parallel shard dim for '" + name + "'");
+  return it->second;
+}
+
+}  // namespace
+
+TensorParallelLayerFactory::TensorParallelLayerFactory(ProcessGroup& tp, bool sequence_parallel)
+    : tp_(&tp), sequence_parallel_(sequence_parallel), shared_input_(std::make_shared<SharedColumnInput>()) {}
+
+std::shared_ptr<Linear> TensorParallelLayerFactory::linear(int64_t in_features, int64_t out_features, bool bias,
+                                                           LinearRole role) const {
+  switch (role) {
+    case LinearRole::kColumn: {
+      ColumnParallelLinear::Options options;
+      options.sequence_parallel = sequence_parallel_;
+      options.shared_input = shared_input_;
+      return std::make_shared<ColumnParallelLinear>(*tp_, in_features, out_features, bias, options);
+    }
+    case LinearRole::kRow: {
+      RowParallelLinear::Options options;
+      options.sequence_parallel = sequence_parallel_;
+      return std::make_shared<RowParallelLinear>(*tp_, in_features, out_features, bias, options);
+    }
+    case LinearRole::kReplicated:
+      break;
+  }
+  return local_.linear(in_features, out_features, bias, role);
+}
+
+std::shared_ptr<Embedding> TensorParallelLayerFactory::embedding(int64_t vocab, int64_t hidden) const {
+  return std::make_shared<VocabParallelEmbedding>(*tp_, vocab, hidden,
+                                                  VocabParallelEmbedding::Options{sequence_parallel_});
+}
+
+std::shared_ptr<LmHead> TensorParallelLayerFactory::lm_head(int64_t hidden, int64_t vocab,
+                                                            std::shared_ptr<Embedding> tied) const {
+  return std::make_shared<VocabParallelLmHead>(*tp_, hidden, vocab, std::move(tied),
+                                               VocabParallelLmHead::Options{sequence_parallel_});
+}
+
+std::shared_ptr<RMSNorm> TensorParallelLayerFactory::norm(int64_t hidden, double eps) const {
+  if (sequence_parallel_ && tp_->size() > 1) return std::make_shared<SequenceParallelRMSNorm>(*tp_, hidden, eps);
+  return local_.norm(hidden, eps);
+}
+
+std::map<std::string, int64_t> tensor_parallel_shard_dims(const torch::nn::Module& model) {
+  std::map<std::string, int64_t> dims;
+  for (const auto& named : model.named_parameters()) dims[named.key()] = -1;
+  for (const auto& module : model.named_modules("", /*include_self=*/false)) {
+    const auto* layer = dynamic_cast<const TensorParallelLayer*>(module.value().get());
+    if (layer == nullptr) continue;
+    for (const auto& param : module.value()->named_parameters(/*recurse=*/false)) {
+      dims[module.key() + "." + param.key()] = layer->shard_dim(param.key());
+    }
+  }
+  return dims;
+}
+
+at::Tensor tensor_parallel_shard(const std::string& name, const at::Tensor& full, int64_t dim, int64_t rank,
+                                 int64_t size) {
+  if (dim < 0 || size == 1) return full.clone(at::MemoryFormat::Contiguous);
+  if (dim >= full.dim() || full.size(dim) % size != 0) {
+    throw BadInput(name + ": " + describe_tensor(full) + " does not split into " + std::to_string(size) +
+                   " equal chunks along dim " + std::to_string(dim) + " (parallel.tp " + std::to_string(size) + ")");
+  }
+  const int64_t n = full.size(dim) / size;
+  return full.narrow(dim, rank * n, n).clone(at::MemoryFormat::Contiguous);
+}
+
+void load_tensor_parallel_shards(torch::nn::Module& local, const NamedTensors& full, int64_t rank, int64_t size) {
+  std::map<std::string, const at::Tensor*> by_name;
+  for (const auto& [name, tensor] : full) by_name[name] = &tensor;
+  const std::map<std::string, int64_t> dims = tensor_parallel_shard_dims(local);
+  std::vector<std::pair<at::Tensor, at::Tensor>> copies;  // (destination, shard): checked first, copied after
+  for (const auto& named : local.named_parameters()) {
+    const std::string& name = named.key();
+    const auto it = by_name.find(name);
+    if (it == by_name.end()) throw BadInput("tensor-parallel load: no full tensor for parameter '" + name + "'");
+    at::Tensor shard = tensor_parallel_shard(name, *it->second, dims.at(name), rank, size);
+    if (shard.sizes() != named.value().sizes()) {
+      throw BadInput("tensor-parallel load: '" + name + "' is " + describe_tensor(*it->second) + ", whose shard " +
+                     std::to_string(rank) + " of " + std::to_string(size) + " is " + describe_tensor(shard) +
+                     ", but this rank's parameter is " + describe_tensor(named.value()));
+    }
+    copies.emplace_back(named.value(), std::move(shard));
+  }
+  at::NoGradGuard no_grad;
+  for (auto& [destination, shard] : copies) destination.copy_(shard);
+}
+
+NamedTensors gather_tensor_parallel(ProcessGroup& tp, const NamedTensors& local,
+                                    const std::map<std::string, int64_t>& shard_dim) {
+  at::NoGradGuard no_grad;
+  NamedTensors full;
+  full.reserve(local.size());
+  const int64_t size = tp.size();
+  for (const auto& [name, tensor] : local) {
+    const int64_t dim = dim_of(shard_dim, name);
+    const at::Tensor cpu = tensor.detach().to(at::kCPU).contiguous();
+    if (dim < 0 || size == 1) {
+      full.emplace_back(name, cpu.clone());
+      continue;
+    }
+    // All-gather concatenates along dim 0; chunks of another dim are joined after.
+    std::vector<int64_t> gathered_shape = cpu.sizes().vec();
+    gathered_shape[0] *= size;
+    at::Tensor gathered = at::empty(gathered_shape, cpu.options());
+    tp.all_gather(gathered, cpu)->wait();
+    full.emplace_back(name, dim == 0 ? gathered : at::cat(gathered.chunk(size, 0), dim));
+  }
+  return full;
+}
+
+std::map<std::string, int64_t> optimizer_state_shard_dims(const NamedTensors& state,
+                                                          const std::map<std::string, int64_t>& param_dims) {
+  static constexpr const char* kPrefixes[] = {"optimizer.exp_avg_sq.", "optimizer.exp_avg.", "optimizer.master."};
+  std::map<std::string, int64_t> dims;
+  for (const auto& [name, tensor] : state) {
+    int64_t dim = -1;
+    for (const char* prefix : kPrefixes) {
+      if (name.starts_with(prefix)) {
+        dim = dim_of(param_dims, name.substr(std::string(prefix).size()));
+        break;
+      }
+    }
+    dims[name] = dim;
+  }
+  return dims;
+}
+
+GradNormReduction tensor_parallel_grad_norm(ProcessGroup& tp, const NamedTensors& params,
+                                            const std::map<std::string, int64_t>& shard_dim) {
+  GradNormReduction reduction;
+  for (const auto& [name, param] : params) reduction.counted.push_back(dim_of(shard_dim, name) >= 0 || tp.rank() == 0);
+  ProcessGroup* group = &tp;
+  reduction.sum_over_ranks = [group](torch::Tensor& sum_of_squares) {
+    at::Tensor cpu = sum_of_squares.to(at::kCPU).contiguous().clone();
+    group->all_reduce(cpu)->wait();
+    sum_of_squares = cpu.to(sum_of_squares.device());
+  };
+  return reduction;
+}
+
+NamedTensors shard_tensor_parallel(const NamedTensors& full, const std::map<std::string, int64_t>& shard_dim,
+                                   int64_t rank, int64_t size) {
+  NamedTensors shards;
+  shards.reserve(full.size());
+  for (const auto& [name, tensor] : full) {
+    shards.emplace_back(name, tensor_parallel_shard(name, tensor, dim_of(shard_dim, name), rank, size));
+  }
+  return shards;
+}
+
+}  // namespace loom

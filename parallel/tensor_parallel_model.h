@@ -1,0 +1,111 @@
+// A whole model cut over a tensor-parallel group: the layer factory that gives
+// the model code its tensor-parallel layers, and the moves between the full
+// parameters (what a single rank, a checkpoint and a Hub export hold) and
+// this rank's shards of them. See docs/parallelism.md.
+//
+//   TensorParallelLayerFactory factory(tp, /*sequence_parallel=*/true);
+//   LlamaForCausalLM model(config.model, factory);      // this rank's shards
+//   load_tensor_parallel_shards(model, full_params, tp.rank(), tp.size());
+//   ... train ...
+//   NamedTensors full = gather_tensor_parallel(tp, to_named_tensors(model.named_parameters()),
+//                                              tensor_parallel_shard_dims(model));
+//
+// Which layer each role gets (Megatron's layout, Shoeybi et al. 2019):
+//   kColumn linears (q/k/v, gate/up)  ColumnParallelLinear: output features
+//       split, so each rank holds whole heads: q rows are head-major, and
+//       with tp dividing both num_heads and num_kv_heads rank r holds query
+//       heads [r H/tp, (r+1) H/tp) and exactly the kv heads they attend to,
+//       [r KV/tp, (r+1) KV/tp); gate and up keep matching columns.
+//   kRow linears (o_proj, down_proj)  RowParallelLinear (input split; one
+//       all-reduce, or a reduce-scatter under sequence parallelism)
+//   embedding / lm_head               VocabParallelEmbedding / VocabParallelLmHead
+//   norms                             whole on every rank
+//   kReplicated                       the single-device linear
+// With sequence parallelism the residual stream between the layers is this
+// rank's slice of the sequence [b, s/tp, h]: the embedding reduce-scatters,
+// column linears all-gather their input, row linears reduce-scatter their
+// output, the head gathers the final norm's output. Norms then see a slice of
+// the sequence, so their weight's gradient is a partial sum: the norm passes
+// its weight through f (copy_to_tp), whose backward sums it over the group.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+
+#include <torch/nn/module.h>
+
+#include "parallel/process_group.h"
+#include "parallel/tensor_parallel.h"
+#include "trainer/model/layers.h"
+#include "trainer/optimizer.h"
+
+namespace loom {
+
+class TensorParallelLayerFactory : public LayerFactory {
+ public:
+  // The group must outlive every layer made here and every autograd graph
+  // through them.
+  TensorParallelLayerFactory(ProcessGroup& tp, bool sequence_parallel);
+
+  std::shared_ptr<Linear> linear(int64_t in_features, int64_t out_features, bool bias,
+                                 LinearRole role) const override;
+  std::shared_ptr<Embedding> embedding(int64_t vocab, int64_t hidden) const override;
+  std::shared_ptr<LmHead> lm_head(int64_t hidden, int64_t vocab, std::shared_ptr<Embedding> tied) const override;
+  std::shared_ptr<RMSNorm> norm(int64_t hidden, double eps) const override;
+  int64_t sequence_shards() const override { return sequence_parallel_ ? tp_->size() : 1; }
+
+ private:
+  ProcessGroup* tp_;
+  bool sequence_parallel_;
+  LocalLayerFactory local_;
+  // One for all the column linears made here: consecutive ones that read the
+  // same input (q/k/v, gate/up) share its f or all-gather.
+  std::shared_ptr<SharedColumnInput> shared_input_;
+};
+
+// Every parameter of `model` (by its full name, as named_parameters() gives
+// it) and the dim its layer cuts it along (TensorParallelLayer::shard_dim),
+// or -1 for a parameter every rank holds whole.
+std::map<std::string, int64_t> tensor_parallel_shard_dims(const torch::nn::Module& model);
+
+// Rank `rank`'s chunk of `full` along `dim` (-1: all of it), contiguous. Throws
+// BadInput naming `name` when the dim does not split into `size` equal chunks.
+at::Tensor tensor_parallel_shard(const std::string& name, const at::Tensor& full, int64_t dim, int64_t rank,
+                                 int64_t size);
+
+// Copies into every parameter of `local` (a model built by a
+// TensorParallelLayerFactory) this rank's chunk of the parameter of the same
+// name in `full`. Throws BadInput naming a parameter that `full` lacks or
+// whose shape does not match, before anything is copied.
+void load_tensor_parallel_shards(torch::nn::Module& local, const NamedTensors& full, int64_t rank, int64_t size);
+
+// The full tensors of `local` (this rank's shards, named), on the CPU: each
+// sharded tensor is all-gathered over `tp` and its chunks joined along its
+// dim; a tensor whose name `shard_dim` maps to -1 is copied as this rank holds
+// it (every rank holds the same). Collective over `tp`, in `local`'s order.
+// `shard_dim` names the dim of every tensor of `local`; for optimizer state
+// use optimizer_state_shard_dims.
+NamedTensors gather_tensor_parallel(ProcessGroup& tp, const NamedTensors& local,
+                                    const std::map<std::string, int64_t>& shard_dim);
+
+// The dims of AdamW::state_dict()'s entries from the dims of the parameters:
+// optimizer.exp_avg.NAME (and exp_avg_sq, master) are cut like NAME;
+// optimizer.step is whole.
+std::map<std::string, int64_t> optimizer_state_shard_dims(const NamedTensors& state,
+                                                          const std::map<std::string, int64_t>& param_dims);
+
+// The gradient norm of the parameters `params` (this rank's shards, named as
+// AdamW holds them) together with the other ranks' shards: sharded
+// parameters count on every rank, parameters every rank holds whole count on
+// tp rank 0 only, and the sums of squares are all-reduced over `tp` (moved
+// through the CPU: the MPI group takes CPU tensors).
+GradNormReduction tensor_parallel_grad_norm(ProcessGroup& tp, const NamedTensors& params,
+                                            const std::map<std::string, int64_t>& shard_dim);
+
+// Rank `rank`'s shards of every entry of `full` (by `shard_dim`), in order.
+NamedTensors shard_tensor_parallel(const NamedTensors& full, const std::map<std::string, int64_t>& shard_dim,
+                                   int64_t rank, int64_t size);
+
+}  // namespace loom

@@ -1,0 +1,232 @@
+// The whole Llama model cut over a tensor-parallel group
+// (parallel/tensor_parallel_model.h) against the same model on one rank:
+// every rank builds the full model from a fixed seed, keeps its shards in a
+// model made by TensorParallelLayerFactory, and trains both side by side for
+// ten steps (two micro-batches each, clipping, AdamW): at every step the
+// losses, the gathered gradients of every parameter, the gradient norm and
+// the gathered updated weights must match the single-rank ones.
+//
+// Runs under mpirun with the world as the tp group (CTest
+// tensor_parallel_model_np2/np4); every rank runs every test in the same
+// order (tests/unit/mpi_test_main.h).
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <gtest/gtest.h>
+#include <torch/nn/functional/loss.h>
+
+#include <algorithm>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "parallel/mpi_process_group.h"
+#include "parallel/tensor_parallel_model.h"
+#include "parallel/vocab_parallel.h"
+#include "tests/unit/mpi_test_main.h"
+#include "trainer/model/llama.h"
+#include "trainer/optimizer.h"
+#include "util/error.h"
+
+namespace loom {
+namespace {
+
+MpiProcessGroup* g_world = nullptr;
+ProcessGroup& tp() { return *g_world; }
+
+constexpr int64_t kSteps = 10;
+constexpr int64_t kMicroBatches = 2;
+constexpr int64_t kBatch = 2;
+constexpr int64_t kSeq = 16;  // divisible by 4 for sequence parallelism
+constexpr double kLr = 1e-3;
+
+struct Case {
+  const char* name;
+  bool tied;
+  bool sequence_parallel;
+  std::string architecture = "llama";
+  bool attention_bias = false;
+  std::string recompute = "none";
+};
+
+// GQA (8 query heads over 4 kv heads), every size divisible by tp = 4.
+ModelConfig model_config(const Case& c) {
+  ModelConfig m;
+  m.architecture = c.architecture;
+  m.hidden_size = 64;
+  m.intermediate_size = 96;
+  m.num_layers = 2;
+  m.num_heads = 8;
+  m.num_kv_heads = 4;
+  m.vocab_size = 128;
+  m.max_seq_len = 64;
+  m.tie_embeddings = c.tied;
+  m.attention_bias = c.attention_bias;
+  m.recompute = c.recompute;
+  m.init_std = 0.05;
+  return m;
+}
+
+// Ids [kBatch, kSeq + 1], the same on every rank for the same seed.
+at::Tensor batch_ids(int64_t vocab, uint64_t seed) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  return at::randint(vocab, {kBatch, kSeq + 1}, gen, at::kLong);
+}
+
+NamedTensors grads_of(const LlamaForCausalLM& model) {
+  NamedTensors grads;
+  for (const auto& named : model.named_parameters()) grads.emplace_back(named.key(), named.value().grad());
+  return grads;
+}
+
+// max |a - b| over max |b| of each named tensor must stay below `tol`
+// (a tensor of zeros compares absolutely).
+void expect_all_close(const NamedTensors& actual, const NamedTensors& expected, double tol, const std::string& what) {
+  ASSERT_EQ(actual.size(), expected.size()) << what;
+  for (size_t i = 0; i < actual.size(); ++i) {
+    ASSERT_EQ(actual[i].first, expected[i].first) << what;
+    ASSERT_EQ(actual[i].second.sizes(), expected[i].second.sizes()) << what << " " << actual[i].first;
+    const double scale = std::max(expected[i].second.abs().max().item<double>(), 1e-30);
+    const double diff = (actual[i].second - expected[i].second).abs().max().item<double>();
+    EXPECT_LE(diff / scale, tol) << what << " " << actual[i].first << ": max diff " << diff << ", max |value| "
+                                 << scale;
+  }
+}
+
+class TensorParallelModel : public ::testing::TestWithParam<Case> {};
+
+TEST_P(TensorParallelModel, TenStepsMatchTheSingleRankModel) {
+  const Case& c = GetParam();
+  const ModelConfig config = model_config(c);
+  torch::manual_seed(42);
+  LocalLayerFactory local;
+  LlamaForCausalLM full(config, local);
+  full.init_weights();
+  TensorParallelLayerFactory factory(tp(), c.sequence_parallel);
+  auto sharded = std::make_shared<LlamaForCausalLM>(config, factory);
+  load_tensor_parallel_shards(*sharded, to_named_tensors(full.named_parameters()), tp().rank(), tp().size());
+  const std::map<std::string, int64_t> dims = tensor_parallel_shard_dims(*sharded);
+
+  // Parameters are whole or cut exactly as the layout says.
+  for (const auto& named : sharded->named_parameters()) {
+    const at::Tensor& whole = full.named_parameters()[named.key()];
+    const int64_t dim = dims.at(named.key());
+    if (dim < 0) {
+      EXPECT_EQ(named.value().sizes(), whole.sizes()) << named.key();
+    } else {
+      EXPECT_EQ(named.value().size(dim) * tp().size(), whole.size(dim)) << named.key();
+    }
+  }
+
+  // eps 1e-6 rather than 1e-8: Adam divides by sqrt(v) + eps, so a gradient
+  // entry that cancels to ~1e-8 (fp32 rounding, which tp changes by summing
+  // partial products in another order) would turn its rounding noise into
+  // lr-sized weight differences; with eps 1e-6 such entries barely move.
+  AdamWOptions adamw;
+  adamw.eps = 1e-6;
+  AdamW full_optimizer(to_named_tensors(full.named_parameters()), adamw);
+  AdamW sharded_optimizer(to_named_tensors(sharded->named_parameters()), adamw);
+  const GradNormReduction reduction = tensor_parallel_grad_norm(tp(), sharded_optimizer.named_params(), dims);
+
+  for (int64_t step = 0; step < kSteps; ++step) {
+    // Both models start every step from the same weights, so that each
+    // step's gradients are compared for the same point. (AdamW's state is
+    // not reset: it carries the earlier steps' gradients on both sides.)
+    // Free-running runs are compared by tests/e2e (loom train, tp = 1 vs N).
+    load_tensor_parallel_shards(*sharded, to_named_tensors(full.named_parameters()), tp().rank(), tp().size());
+    full_optimizer.zero_grad();
+    sharded_optimizer.zero_grad();
+    for (int64_t m = 0; m < kMicroBatches; ++m) {
+      const at::Tensor ids = batch_ids(config.vocab_size, 1000 + step * kMicroBatches + m);
+      const at::Tensor inputs = ids.narrow(1, 0, kSeq), targets = ids.narrow(1, 1, kSeq).reshape({-1});
+      const at::Tensor full_logits = full.forward(inputs);
+      const at::Tensor full_loss =
+          torch::nn::functional::cross_entropy(full_logits.reshape({-1, config.vocab_size}), targets) / kMicroBatches;
+      const at::Tensor local_logits = sharded->forward(inputs);
+      ASSERT_EQ(local_logits.size(-1), config.vocab_size / tp().size());
+      ASSERT_EQ(local_logits.size(1), kSeq);
+      const at::Tensor sharded_loss =
+          vocab_parallel_cross_entropy(tp(), local_logits.reshape({-1, local_logits.size(-1)}), targets) /
+          kMicroBatches;
+      full_loss.backward();
+      sharded_loss.backward();
+      EXPECT_NEAR(sharded_loss.item<double>(), full_loss.item<double>(), 1e-5 * full_loss.item<double>())
+          << "step " << step << " micro-batch " << m;
+    }
+    const NamedTensors gathered = gather_tensor_parallel(tp(), grads_of(*sharded), dims);
+    expect_all_close(gathered, grads_of(full), 1e-5, "step " + std::to_string(step) + " gradient of");
+
+    const double full_norm = clip_grad_norm(full_optimizer.params(), 1.0);
+    const double sharded_norm = clip_grad_norm(sharded_optimizer.params(), 1.0, &reduction);
+    EXPECT_NEAR(sharded_norm, full_norm, 1e-5 * full_norm) << "step " << step;
+    full_optimizer.step(kLr);
+    sharded_optimizer.step(kLr);
+    // The updated weights. Adam's steps are about lr in size whatever the
+    // gradient's magnitude, so gradient differences within the bound above
+    // can move a weight by a small fraction of lr: the bound is 1% of one
+    // step, absolute.
+    const NamedTensors weights = gather_tensor_parallel(tp(), to_named_tensors(sharded->named_parameters()), dims);
+    const NamedTensors expected = to_named_tensors(full.named_parameters());
+    ASSERT_EQ(weights.size(), expected.size());
+    for (size_t i = 0; i < weights.size(); ++i) {
+      const double diff = (weights[i].second - expected[i].second).abs().max().item<double>();
+      EXPECT_LE(diff, 0.01 * kLr) << "weight " << weights[i].first << " after step " << step;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Layouts, TensorParallelModel,
+    ::testing::Values(Case{"untied", false, false}, Case{"untied_sequence_parallel", false, true},
+                      Case{"tied", true, false}, Case{"tied_sequence_parallel", true, true},
+                      Case{"attention_bias_sequence_parallel", true, true, "llama", true},
+                      Case{"qwen2_biases", false, false, "qwen2"},
+                      Case{"recompute_sequence_parallel", false, true, "llama", false, "full"}),
+    [](const ::testing::TestParamInfo<Case>& info) { return std::string(info.param.name); });
+
+TEST(TensorParallelModelLoad, AFullTensorOfTheWrongShapeIsRefusedBeforeAnyCopy) {
+  const ModelConfig config = model_config(Case{"untied", false, false});
+  TensorParallelLayerFactory factory(tp(), false);
+  LlamaForCausalLM sharded(config, factory);
+  torch::manual_seed(1);
+  LocalLayerFactory local;
+  LlamaForCausalLM full(config, local);
+  full.init_weights();
+  NamedTensors params = to_named_tensors(full.named_parameters());
+  const at::Tensor before = sharded.named_parameters()["model.embed_tokens.weight"].clone();
+  for (auto& [name, tensor] : params) {
+    if (name == "model.layers.1.mlp.down_proj.weight") tensor = at::zeros({64, 95});
+  }
+  try {
+    load_tensor_parallel_shards(sharded, params, tp().rank(), tp().size());
+    ADD_FAILURE() << "no BadInput";
+  } catch (const BadInput& e) {
+    EXPECT_NE(std::string(e.what()).find("model.layers.1.mlp.down_proj.weight"), std::string::npos) << e.what();
+  }
+  EXPECT_TRUE(at::equal(sharded.named_parameters()["model.embed_tokens.weight"], before)) << "copied before refusing";
+}
+
+TEST(TensorParallelModelLoad, ShardDimsFollowMegatronsLayout) {
+  TensorParallelLayerFactory factory(tp(), false);
+  LlamaForCausalLM sharded(model_config(Case{"qwen2", false, false, "qwen2"}), factory);
+  const std::map<std::string, int64_t> dims = tensor_parallel_shard_dims(sharded);
+  EXPECT_EQ(dims.at("model.embed_tokens.weight"), 0);
+  EXPECT_EQ(dims.at("lm_head.weight"), 0);
+  EXPECT_EQ(dims.at("model.layers.0.self_attn.q_proj.weight"), 0);
+  EXPECT_EQ(dims.at("model.layers.0.self_attn.q_proj.bias"), 0);
+  EXPECT_EQ(dims.at("model.layers.0.self_attn.k_proj.weight"), 0);
+  EXPECT_EQ(dims.at("model.layers.0.self_attn.o_proj.weight"), 1);
+  EXPECT_EQ(dims.at("model.layers.0.mlp.up_proj.weight"), 0);
+  EXPECT_EQ(dims.at("model.layers.0.mlp.down_proj.weight"), 1);
+  EXPECT_EQ(dims.at("model.layers.0.input_layernorm.weight"), -1);
+  EXPECT_EQ(dims.at("model.norm.weight"), -1);
+}
+
+}  // namespace
+}  // namespace loom
+
+int main(int argc, char** argv) {
+  loom::MpiSession session(&argc, &argv);
+  ::testing::InitGoogleTest(&argc, argv);
+  return loom::test_support::run_tests_on_every_rank(session, &loom::g_world, "test_tensor_parallel_model");
+}
