@@ -1,4 +1,12 @@
-// `loom train CONFIG [--set KEY=VALUE ...]`: one rank's training run.
+// `loom train CONFIG [--set KEY=VALUE ...]`: one rank's part of a training run.
+//
+// Started by an MPI launcher (mpirun, srun), every rank runs this with the
+// same arguments: MPI is initialized, the layout is checked against the world
+// size (a layout that does not fit is refused by every rank, before any
+// work, with exit code 2 and one message from rank 0), the grid's groups are
+// made and train() runs on all ranks. Any later error on any rank ends the
+// whole job (MPI_Abort) with a message naming the rank. Started alone, loom
+// trains on one rank without MPI.
 //
 // SIGTERM (what Slurm and most schedulers send before killing a job),
 // SIGINT (Ctrl-C) and SIGUSR1 (Slurm's --signal) stop the run gracefully:
@@ -10,10 +18,14 @@
 
 #include <atomic>
 #include <csignal>
+#include <cstdlib>
 #include <iostream>
+#include <memory>
 
 #include "launch/cli.h"
 #include "launch/commands.h"
+#include "parallel/mpi_process_group.h"
+#include "parallel/topology.h"
 #include "trainer/config.h"
 #include "trainer/training.h"
 #include "util/error.h"
@@ -35,26 +47,85 @@ void install_stop_handlers() {
   for (const int signal : {SIGTERM, SIGINT, SIGUSR1}) ::sigaction(signal, &action, nullptr);
 }
 
+// Whether an MPI launcher started this process (Open MPI's mpirun, or srun
+// and other PMIx/PMI launchers): then MPI is initialized and the job may span
+// several ranks.
+bool launched_by_mpi() {
+  for (const char* variable : {"OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK"}) {
+    if (std::getenv(variable) != nullptr) return true;
+  }
+  return false;
+}
+
+// This process's rank as the MPI launcher numbered it (before MPI_Init), or 0.
+int launcher_rank() {
+  for (const char* variable : {"OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK"}) {
+    if (const char* value = std::getenv(variable)) return std::atoi(value);
+  }
+  return 0;
+}
+
+int report_stop(const TrainResult& result) {
+  std::cout << "stopped by signal " << result.stopped_by_signal << " after step " << result.final_step
+            << (result.last_checkpoint.empty() ? std::string(" (no checkpoint: checkpoint.enabled is false)")
+                                               : "; checkpoint " + result.last_checkpoint +
+                                                     ", run the same command to resume")
+            << std::endl;
+  return 128 + result.stopped_by_signal;
+}
+
+// train() on every rank of an MPI job.
+int train_ranks(Config& config, TrainOptions options) {
+  MpiSession session;
+  std::unique_ptr<MpiProcessGroup> world = session.world();
+  const bool rank0 = world->rank() == 0;
+  try {
+    check_training_layout(config, world->size());
+  } catch (const BadInput& e) {
+    // Every rank sees the same config and world size, so every rank refuses:
+    // each returns 2 (MPI is finalized cleanly), one says why.
+    if (rank0) std::cerr << "loom train: error: " << e.what() << std::endl;
+    return kExitBadInput;
+  }
+  try {
+    const GridGroups grid = split_grid(*world, ParallelDims::from_config(config, world->size()));
+    options.world = world.get();
+    options.grid = &grid;
+    // Open MPI gives every rank a pseudo-terminal whether or not mpirun has a
+    // real one, so a multi-rank run logs plain lines.
+    options.progress_bar = false;
+    const TrainResult result = train(config, options);
+    if (result.stopped_by_signal != 0) return rank0 ? report_stop(result) : 128 + result.stopped_by_signal;
+    return kExitOk;
+  } catch (const BadInput& e) {
+    MpiSession::abort("train: rank " + std::to_string(world->rank()) + ": error: " + e.what(), kExitBadInput);
+  } catch (const std::exception& e) {
+    MpiSession::abort("train: rank " + std::to_string(world->rank()) + ": internal error: " + e.what(), kExitInternal);
+  }
+}
+
 }  // namespace
 
 int command_train(const std::vector<std::string>& argv) {
   Args args("train", argv, {{"set", true, true, "override a config key, e.g. --set schedule.train_steps=100"}});
   args.expect_positional(1, "one CONFIG");
-  Config config = load_config(args.positional()[0], args.all("set"));
+  Config config;
+  try {
+    config = load_config(args.positional()[0], args.all("set"));
+  } catch (const BadInput&) {
+    // Under an MPI launcher every rank reads the same config and fails the
+    // same way: rank 0 reports it, the others only exit with the same code.
+    if (launcher_rank() != 0) return kExitBadInput;
+    throw;
+  }
   TrainOptions options;
   options.log = &std::cout;
   options.progress_bar = ::isatty(STDOUT_FILENO) == 1;
   options.stop_signal = &g_stop_signal;
   install_stop_handlers();
+  if (launched_by_mpi()) return train_ranks(config, options);
   const TrainResult result = train(config, options);
-  if (result.stopped_by_signal != 0) {
-    std::cout << "stopped by signal " << result.stopped_by_signal << " after step " << result.final_step
-              << (result.last_checkpoint.empty() ? std::string(" (no checkpoint: checkpoint.enabled is false)")
-                                                 : "; checkpoint " + result.last_checkpoint +
-                                                       ", run the same command to resume")
-              << std::endl;
-    return 128 + result.stopped_by_signal;
-  }
+  if (result.stopped_by_signal != 0) return report_stop(result);
   return kExitOk;
 }
 

@@ -42,6 +42,20 @@ ParallelDims ParallelDims::from_config(const Config& config, int64_t world_size)
     throw BadInput("parallel.tp (" + std::to_string(dims.tp) + ") must divide model.num_kv_heads (" +
                    std::to_string(m.kv_heads()) + ")");
   }
+  if (m.vocab_size > 0 && m.vocab_size % dims.tp != 0) {
+    throw BadInput("parallel.tp (" + std::to_string(dims.tp) + ") must divide model.vocab_size (" +
+                   std::to_string(m.vocab_size) + "): the embedding and the head are split by vocabulary rows "
+                   "(padding the vocabulary is not implemented)");
+  }
+  if (m.intermediate_size > 0 && m.intermediate_size % dims.tp != 0) {
+    throw BadInput("parallel.tp (" + std::to_string(dims.tp) + ") must divide model.intermediate_size (" +
+                   std::to_string(m.intermediate_size) + ")");
+  }
+  const int64_t seq_len = config.data.seq_len > 0 ? config.data.seq_len : m.max_seq_len;
+  if (p.sequence_parallel && seq_len > 0 && seq_len % dims.tp != 0) {
+    throw BadInput("parallel.sequence_parallel with parallel.tp (" + std::to_string(dims.tp) +
+                   "): the sequence length (data.seq_len " + std::to_string(seq_len) + ") must be divisible by tp");
+  }
   if (m.num_layers > 0 && dims.pp > m.num_layers) {
     throw BadInput("parallel.pp (" + std::to_string(dims.pp) + ") exceeds model.num_layers (" +
                    std::to_string(m.num_layers) + ")");

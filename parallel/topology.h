@@ -20,7 +20,8 @@ struct ParallelDims {
   int64_t tp = 1;
 
   // Resolves `parallel.dp: auto` and checks dp * pp * tp == world and the
-  // model-shape constraints (tp | heads, tp | kv heads, pp <= layers, batch).
+  // model-shape constraints (tp | heads, kv heads, vocab, intermediate size;
+  // tp | seq_len under sequence parallelism; pp <= layers; batch).
   // Throws BadInput naming every factor.
   static ParallelDims from_config(const Config& config, int64_t world_size);
 

@@ -21,7 +21,9 @@
 #include "checkpoints/hub.h"
 #include "checkpoints/init_from.h"
 #include "data/loader.h"
+#include "parallel/tensor_parallel_model.h"
 #include "parallel/topology.h"
+#include "parallel/vocab_parallel.h"
 #include "trainer/lr_schedule.h"
 #include "trainer/device.h"
 #include "trainer/optimizer.h"
@@ -40,7 +42,12 @@ namespace {
 double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
 
 // What this build can train; refused up front rather than after minutes of setup.
-void check_supported(const Config& config) {
+void check_supported(const Config& config, const ParallelDims& dims) {
+  if (dims.dp > 1 || dims.pp > 1) {
+    throw BadInput("parallel.dp (" + std::to_string(dims.dp) + ") and parallel.pp (" + std::to_string(dims.pp) +
+                   "): data and pipeline parallelism are not implemented yet; this build trains with parallel.tp "
+                   "only (world size = parallel.tp)");
+  }
   if (config.precision.params != "fp32") {
     throw BadInput("precision.params: '" + config.precision.params +
                    "' is not supported yet (expected fp32); for bf16 training keep fp32 parameters and set "
@@ -96,28 +103,31 @@ std::pair<torch::Tensor, torch::Tensor> to_inputs_targets(MicroBatch& batch, c10
 }
 
 // Mean next-token cross-entropy of `inputs_bt` -> `targets_bt`, in fp32
-// whatever the compute dtype.
+// whatever the compute dtype. With a tensor-parallel group the model's logits
+// are this rank's slice of the vocabulary, and the loss is the vocabulary-
+// parallel cross-entropy (the same number on every rank of the group).
 torch::Tensor next_token_loss(LlamaForCausalLM& model, const torch::Tensor& inputs_bt, const torch::Tensor& targets_bt,
-                              bool bf16) {
+                              bool bf16, ProcessGroup* tp) {
   torch::Tensor logits_btv;
   {
     AutocastScope autocast(inputs_bt.device().type(), bf16);
     logits_btv = model.forward(inputs_bt);
   }
-  return torch::nn::functional::cross_entropy(logits_btv.reshape({-1, logits_btv.size(-1)}).to(torch::kFloat),
-                                              targets_bt.reshape({-1}));
+  const torch::Tensor logits_nv = logits_btv.reshape({-1, logits_btv.size(-1)});
+  if (tp != nullptr) return vocab_parallel_cross_entropy(*tp, logits_nv, targets_bt.reshape({-1}));
+  return torch::nn::functional::cross_entropy(logits_nv.to(torch::kFloat), targets_bt.reshape({-1}));
 }
 
 // Mean loss over the first data.valid_batches validation micro-batches (the
 // same ones every time), without gradients. NaN when there are none.
 double validation_loss(LlamaForCausalLM& model, const Loader& loader, int64_t max_batches, c10::Device device,
-                       bool bf16) {
+                       bool bf16, ProcessGroup* tp) {
   torch::NoGradGuard no_grad;
   torch::Tensor total = torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(device));
   int64_t count = 0;
   for (MicroBatch batch : loader.validation_batches(max_batches)) {
     auto [inputs_bt, targets_bt] = to_inputs_targets(batch, device);
-    total += next_token_loss(model, inputs_bt, targets_bt, bf16).to(torch::kDouble);
+    total += next_token_loss(model, inputs_bt, targets_bt, bf16, tp).to(torch::kDouble);
     ++count;
   }
   return count > 0 ? total.item<double>() / static_cast<double>(count) : std::numeric_limits<double>::quiet_NaN();
@@ -293,18 +303,52 @@ double datasheet_peak_flops(const std::string& device_name, bool bf16) {
   return 0.0;
 }
 
+namespace {
+
+// A single-device model holding `params` (full tensors by name), for the
+// rank that writes a checkpoint or an export of a tensor-parallel run.
+std::shared_ptr<LlamaForCausalLM> whole_model(const ModelConfig& shape, const NamedTensors& params) {
+  LocalLayerFactory factory;
+  auto model = std::make_shared<LlamaForCausalLM>(shape, factory);
+  load_tensor_parallel_shards(*model, params, /*rank=*/0, /*size=*/1);
+  return model;
+}
+
+// `t` (a 0-dim or small tensor on any device) summed or maxed over `group`, in place.
+void all_reduce_small(ProcessGroup& group, torch::Tensor& t, ReduceOp op) {
+  torch::Tensor cpu = t.to(torch::kCPU).contiguous().clone();
+  group.all_reduce(cpu, {op})->wait();
+  t = cpu.to(t.device());
+}
+
+}  // namespace
+
+ParallelDims check_training_layout(const Config& config, int64_t world_size) {
+  const ParallelDims dims = ParallelDims::from_config(config, world_size);
+  check_supported(config, dims);
+  return dims;
+}
+
 TrainResult train(Config& config, const TrainOptions& options) {
-  check_supported(config);
-  // One rank: parallel.dp auto resolves to 1; anything else is refused here
-  // with the factors named.
-  const ParallelDims dims = ParallelDims::from_config(config, 1);
+  // parallel.dp auto resolves here; a layout that does not fit the world
+  // size or the model is refused with the factors named.
+  const int64_t world_size = options.world ? options.world->size() : 1;
+  const ParallelDims dims = check_training_layout(config, world_size);
+  if (world_size > 1 && (options.grid == nullptr || !options.grid->tp)) {
+    throw std::logic_error("train: a world of " + std::to_string(world_size) + " ranks needs TrainOptions::grid");
+  }
+  // The tensor-parallel group, or null when every rank holds the whole model.
+  ProcessGroup* tp = dims.tp > 1 ? options.grid->tp.get() : nullptr;
+  // One rank writes the run folder, the metrics, checkpoints and the export;
+  // with tensor parallelism the others take part in gathering what it writes.
+  const bool writer = options.world == nullptr || options.world->rank() == 0;
   const int64_t micro_batch = config.batch.micro_batch_size;
   const int64_t global_batch = config.batch.global_batch_size > 0 ? config.batch.global_batch_size : micro_batch * dims.dp;
   const int64_t seq_len = config.data.seq_len > 0 ? config.data.seq_len : config.model.max_seq_len;
   const int64_t train_steps = config.schedule.train_steps;
   const int64_t stop_step =
       options.stop_after_step >= 0 ? std::min(options.stop_after_step, train_steps) : train_steps;
-  std::ostream* log = options.log;
+  std::ostream* log = writer ? options.log : nullptr;
 
   TrainResult result;
   const fs::path run_dir = fs::path(config.run.output_dir) / config.run.name;
@@ -321,6 +365,11 @@ TrainResult train(Config& config, const TrainOptions& options) {
   }
 
   const c10::Device device = resolve_device(config.run.device);
+  if (tp != nullptr && !device.is_cpu()) {
+    throw BadInput("run.device: " + config.run.device + " with parallel.tp " + std::to_string(dims.tp) +
+                   ": tensor parallelism runs over MPI on CPU tensors in this build (the NCCL backend is not wired "
+                   "into training yet); use run.device cpu");
+  }
   const bool bf16 = config.precision.compute == "bf16";
   std::string peak_source = "logging.peak_tflops";
   if (config.logging.peak_tflops > 0) {
@@ -338,13 +387,31 @@ TrainResult train(Config& config, const TrainOptions& options) {
   // drawing the initial weights; seeding here too covers model.init_from.
   // The weights are drawn on the CPU and then moved, so every device starts
   // from the same ones.
+  // With tensor parallelism every rank draws the whole model, exactly as
+  // one rank would, and keeps its shards of it: any tp starts from the same
+  // weights.
   torch::manual_seed(config.run.seed);
-  LocalLayerFactory factory;
-  auto model = build_initial_model(config, factory);
+  LocalLayerFactory local_factory;
+  std::shared_ptr<LlamaForCausalLM> whole = build_initial_model(config, local_factory);
+  std::unique_ptr<TensorParallelLayerFactory> tp_factory;
+  std::shared_ptr<LlamaForCausalLM> model = whole;
+  if (tp != nullptr) {
+    tp_factory = std::make_unique<TensorParallelLayerFactory>(*tp, config.parallel.sequence_parallel);
+    model = std::make_shared<LlamaForCausalLM>(config.model, *tp_factory);
+    load_tensor_parallel_shards(*model, to_named_tensors(whole->named_parameters()), tp->rank(), tp->size());
+  }
   model->to(device);
   model->train();
-  AdamW optimizer(to_named_tensors(model->named_parameters()), AdamWOptions::from_config(config.optimizer));
+  const AdamWOptions adamw_options = AdamWOptions::from_config(config.optimizer);
+  AdamW optimizer(to_named_tensors(model->named_parameters()), adamw_options);
   const std::vector<torch::Tensor> params = optimizer.params();
+  const std::map<std::string, int64_t> param_dims = tensor_parallel_shard_dims(*model);
+  const std::map<std::string, int64_t> state_dims = optimizer_state_shard_dims(optimizer.state_dict(), param_dims);
+  // The gradient norm of all shards together: a parameter every rank of the
+  // group holds whole (norm weights, row-parallel biases) is counted once.
+  const GradNormReduction tp_norm =
+      tp != nullptr ? tensor_parallel_grad_norm(*tp, optimizer.named_params(), param_dims) : GradNormReduction{};
+  const GradNormReduction* norm_reduction = tp != nullptr ? &tp_norm : nullptr;
 
   LoaderConfig loader_config;
   for (const auto& source : config.data.train) loader_config.datasets.push_back({source.path, source.weight});
@@ -367,21 +434,66 @@ TrainResult train(Config& config, const TrainOptions& options) {
   int64_t step = 0;  // completed optimizer steps
   int64_t skipped_steps = 0;  // of those, steps skipped as non-finite (optimizer.nonfinite_policy skip)
   if (!resume_from.empty()) {
-    step = load_training_checkpoint(resume_from, *model, optimizer, loader, &skipped_steps);
+    if (tp == nullptr) {
+      step = load_training_checkpoint(resume_from, *model, optimizer, loader, &skipped_steps);
+    } else {
+      // Checkpoints hold whole tensors (see save_checkpoint below): load them
+      // as one rank would, then keep this rank's shards.
+      AdamW whole_optimizer(to_named_tensors(whole->named_parameters()), adamw_options);
+      step = load_training_checkpoint(resume_from, *whole, whole_optimizer, loader, &skipped_steps);
+      load_tensor_parallel_shards(*model, to_named_tensors(whole->named_parameters()), tp->rank(), tp->size());
+      optimizer.load_state_dict(shard_tensor_parallel(whole_optimizer.state_dict(), state_dims, tp->rank(), tp->size()));
+    }
     if (step > train_steps) {
       throw BadInput(resume_from + ": is at step " + std::to_string(step) + ", past schedule.train_steps " +
                      std::to_string(train_steps));
     }
   }
   result.resumed_from_step = step;
+  if (tp != nullptr) whole.reset();
 
-  fs::create_directories(run_dir);
-  write_file_atomic((run_dir / "config.yaml").string(), config_to_yaml(config));
-  truncate_metrics(metrics_path, step);
-  std::ofstream metrics(metrics_path, std::ios::app);
-  if (!metrics) throw std::runtime_error("cannot open " + metrics_path + " for appending");
+  // Only the writer has a metrics file; the other ranks write to nothing.
+  std::ofstream metrics;
+  if (writer) {
+    fs::create_directories(run_dir);
+    write_file_atomic((run_dir / "config.yaml").string(), config_to_yaml(config));
+    truncate_metrics(metrics_path, step);
+    metrics.open(metrics_path, std::ios::app);
+    if (!metrics) throw std::runtime_error("cannot open " + metrics_path + " for appending");
+  }
+
+  // (Only the writer stages the tokenizer in the run folder.)
+  const TrainingCheckpointOptions checkpoint_options{writer ? tokenizer_dir_of(config, run_dir) : "",
+                                                     config_to_yaml(config), config.checkpoint.keep_last};
+
+  // The whole model (and optimizer) as one rank holds them, on the writer:
+  // with tensor parallelism the shards are gathered first (collective over
+  // the group, so every rank calls these), and the writer writes the same
+  // files a single-rank run writes.
+  auto gathered_model = [&]() -> std::shared_ptr<LlamaForCausalLM> {
+    if (tp == nullptr) return model;
+    NamedTensors whole_params = gather_tensor_parallel(*tp, to_named_tensors(model->named_parameters()), param_dims);
+    return writer ? whole_model(config.model, whole_params) : nullptr;
+  };
+  auto save_checkpoint = [&]() -> std::string {
+    if (tp == nullptr) {
+      return save_training_checkpoint(checkpoints_dir.string(), step, *model, optimizer, loader, checkpoint_options,
+                                      skipped_steps);
+    }
+    NamedTensors state = gather_tensor_parallel(*tp, optimizer.state_dict(), state_dims);
+    std::shared_ptr<LlamaForCausalLM> whole_now = gathered_model();
+    if (!writer) return "";
+    AdamW whole_optimizer(to_named_tensors(whole_now->named_parameters()), adamw_options);
+    whole_optimizer.load_state_dict(state);
+    return save_training_checkpoint(checkpoints_dir.string(), step, *whole_now, whole_optimizer, loader,
+                                    checkpoint_options, skipped_steps);
+  };
 
   const double step_flops_per_token = flops_per_token(config.model, seq_len);
+  // Model FLOPs utilization of all the job's devices together.
+  auto mfu_of = [&](double tokens_per_s) {
+    return result.peak_flops > 0 ? tokens_per_s * step_flops_per_token / (result.peak_flops * dims.world) : 0.0;
+  };
   const int64_t tokens_per_step = global_batch * seq_len;
   if (log) {
     *log << "train: " << run_dir.string() << ", " << count_parameters(config.model) << " parameters ("
@@ -398,9 +510,7 @@ TrainResult train(Config& config, const TrainOptions& options) {
     log->flush();
   }
 
-  ProgressBar progress(options.progress_bar);
-  const TrainingCheckpointOptions checkpoint_options{tokenizer_dir_of(config, run_dir), config_to_yaml(config),
-                                                     config.checkpoint.keep_last};
+  ProgressBar progress(writer && options.progress_bar);
   int stop_requested = 0;  // the signal of a graceful stop, once the loop has seen it
   // Records a pending TrainOptions::stop_signal (once) and logs it:
   // `micro_done` micro-batches of the step in progress are done, or 0 after
@@ -438,7 +548,7 @@ TrainResult train(Config& config, const TrainOptions& options) {
       // Mean over this micro-batch's tokens, divided by the number of
       // micro-batches: the accumulated gradient is then that of the mean
       // over the whole global batch (every micro-batch has as many tokens).
-      auto loss = next_token_loss(*model, inputs_bt, targets_bt, bf16) / static_cast<double>(micro_batches);
+      auto loss = next_token_loss(*model, inputs_bt, targets_bt, bf16, tp) / static_cast<double>(micro_batches);
       if (poison && m == 0) loss = loss * std::numeric_limits<double>::quiet_NaN();  // TrainOptions::poison_step
       loss.backward();
       step_loss += loss.detach().to(torch::kDouble);
@@ -451,7 +561,7 @@ TrainResult train(Config& config, const TrainOptions& options) {
     const double loss_sum = step_loss.item<double>();
     bool finite = std::isfinite(loss_sum);
     const double clip = config.optimizer.clip_grad_norm;
-    const double norm = clip > 0 ? clip_grad_norm(params, clip) : grad_norm(params);
+    const double norm = clip > 0 ? clip_grad_norm(params, clip, norm_reduction) : grad_norm(params, norm_reduction);
     finite = finite && std::isfinite(norm);
     if (!finite) {
       const bool skip = config.optimizer.nonfinite_policy == "skip";
@@ -484,8 +594,10 @@ TrainResult train(Config& config, const TrainOptions& options) {
                            {"grad_norm", std::isfinite(norm) ? json(norm) : json(std::to_string(norm))},
                            {"skipped_steps", skipped_steps},
                            {"samples", samples}};
-      metrics << record.dump() << "\n";
-      metrics.flush();
+      if (writer) {
+        metrics << record.dump() << "\n";
+        metrics.flush();
+      }
       if (log) {
         *log << progress.clear() << "step " << step << "/" << train_steps << " | skipped: non-finite loss " << loss_sum
              << " or grad_norm " << norm << " | global samples " << describe_samples(samples, 16) << " | "
@@ -504,7 +616,7 @@ TrainResult train(Config& config, const TrainOptions& options) {
 
       if (step % config.logging.interval == 0 || step == stop_step) {
         const double tokens_per_s = interval_steps * tokens_per_step / std::max(interval_seconds, 1e-9);
-        const double mfu = result.peak_flops > 0 ? tokens_per_s * step_flops_per_token / result.peak_flops : 0.0;
+        const double mfu = mfu_of(tokens_per_s);
         const MemoryStats memory = memory_stats(device);
         const json record = {{"step", step},
                              {"loss", loss_sum},
@@ -517,8 +629,10 @@ TrainResult train(Config& config, const TrainOptions& options) {
                              {"peak_flops", result.peak_flops},
                              {"mem_peak_gib", memory.peak_bytes / kGiB},
                              {"mem_reserved_gib", memory.reserved_bytes / kGiB}};
-        metrics << record.dump() << "\n";
-        metrics.flush();
+        if (writer) {
+          metrics << record.dump() << "\n";
+          metrics.flush();
+        }
         if (log) {
           const double elapsed = seconds_since(run_start);
           const double eta = (stop_step - step) * (interval_seconds / interval_steps);
@@ -539,14 +653,16 @@ TrainResult train(Config& config, const TrainOptions& options) {
                            step == train_steps;
     if (!config.data.valid.empty() && valid_due) {
       const auto valid_start = Clock::now();
-      const double valid_loss = validation_loss(*model, loader, config.data.valid_batches, device, bf16);
+      const double valid_loss = validation_loss(*model, loader, config.data.valid_batches, device, bf16, tp);
       result.last_valid_loss = valid_loss;
       const json record = {{"step", step},
                            {"valid_loss", std::isfinite(valid_loss) ? json(valid_loss) : json(std::to_string(valid_loss))},
                            {"valid_batches", config.data.valid_batches},
                            {"valid_time_s", seconds_since(valid_start)}};
-      metrics << record.dump() << "\n";
-      metrics.flush();
+      if (writer) {
+        metrics << record.dump() << "\n";
+        metrics.flush();
+      }
       if (log) {
         *log << progress.clear() << "step " << step << "/" << train_steps << " | valid_loss "
              << format_double("%.4f", valid_loss) << "\n";
@@ -556,10 +672,17 @@ TrainResult train(Config& config, const TrainOptions& options) {
 
     // A request that came after the last micro-batch's check.
     notice_stop_request(0);
+    // Every rank must stop at the same step (the others would wait for it
+    // in the next collective): the signal may have reached them at
+    // different moments, so they agree on the largest.
+    if (options.world != nullptr && options.world->size() > 1) {
+      torch::Tensor agreed = torch::tensor(static_cast<int64_t>(stop_requested));
+      all_reduce_small(*options.world, agreed, ReduceOp::kMax);
+      stop_requested = static_cast<int>(agreed.item<int64_t>());
+    }
     const bool interval_due = config.checkpoint.interval > 0 && step % config.checkpoint.interval == 0;
     if (config.checkpoint.enabled && (interval_due || step == stop_step || stop_requested != 0)) {
-      result.last_checkpoint = save_training_checkpoint(checkpoints_dir.string(), step, *model, optimizer, loader,
-                                                        checkpoint_options, skipped_steps);
+      result.last_checkpoint = save_checkpoint();
       if (log) *log << progress.clear() << "checkpoint: " << result.last_checkpoint << "\n";
     }
     if (stop_requested != 0) {
@@ -569,17 +692,18 @@ TrainResult train(Config& config, const TrainOptions& options) {
     if (log) progress.draw(*log, step, stop_step, seconds_since(run_start), step - result.resumed_from_step);
   }
   if (log) *log << progress.clear();
-  metrics.close();
+  if (writer) metrics.close();
 
   result.final_step = step;
   result.tokens_per_s = total_seconds > 0 ? (step - result.resumed_from_step) * tokens_per_step / total_seconds : 0.0;
   if (step == train_steps && config.checkpoint.export_hf_at_end) {
-    export_run_to_hub(*model, config, run_dir, step);
+    std::shared_ptr<LlamaForCausalLM> whole_now = gathered_model();
+    if (writer) export_run_to_hub(*whole_now, config, run_dir, step);
     if (log) *log << "exported: " << (run_dir / "hf").string() << "\n";
   }
   if (log && step > result.resumed_from_step) {
     // The end-of-run summary.
-    const double mfu = result.peak_flops > 0 ? result.tokens_per_s * step_flops_per_token / result.peak_flops : 0.0;
+    const double mfu = mfu_of(result.tokens_per_s);
     *log << "done: " << (step - result.resumed_from_step) << " steps (" << step << "/" << train_steps << ") in "
          << format_duration(total_seconds) << ", " << format_double("%.0f", result.tokens_per_s) << " tok/s, mfu "
          << format_double("%.1f", mfu * 100) << "%, final loss " << format_double("%.4f", result.last_loss);
@@ -589,6 +713,8 @@ TrainResult train(Config& config, const TrainOptions& options) {
     if (!result.last_checkpoint.empty()) *log << "done: last checkpoint " << result.last_checkpoint << "\n";
     *log << "done: metrics in " << metrics_path << " (plot them with `loom plot " << run_dir.string() << "`)\n";
   }
+  // No rank returns (and ends the job) while the writer is still writing.
+  if (options.world != nullptr && options.world->size() > 1) options.world->barrier()->wait();
   result.model = model;
   return result;
 }

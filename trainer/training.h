@@ -31,12 +31,22 @@
 #include <memory>
 #include <string>
 
+#include "parallel/process_group.h"
+#include "parallel/topology.h"
 #include "trainer/config.h"
 #include "trainer/model/llama.h"
 
 namespace loom {
 
 struct TrainOptions {
+  // The job's ranks: the world group and this rank's groups along the
+  // dp x pp x tp grid (split_grid of ParallelDims::from_config(config,
+  // world->size())). nullptr = one rank that talks to nobody. They must
+  // outlive train(). Every rank of the world calls train() with the same
+  // config; world rank 0 writes the run folder, metrics, checkpoints and the
+  // export (in the layout a single rank writes), the others only log nothing.
+  ProcessGroup* world = nullptr;
+  const GridGroups* grid = nullptr;
   // Stop after this many completed steps (writing a checkpoint there), as if
   // the job had been preempted; -1 = schedule.train_steps. The schedule still
   // uses train_steps, so a later resume continues the same run.
@@ -73,15 +83,22 @@ struct TrainResult {
   double peak_flops = 0.0;      // the peak mfu is relative to, FLOP/s (0 if not known)
   std::string last_checkpoint;  // folder of the last checkpoint written ("" if none)
   int stopped_by_signal = 0;    // the signal that stopped the run early (TrainOptions::stop_signal), or 0
-  std::shared_ptr<LlamaForCausalLM> model;  // the trained model
+  std::shared_ptr<LlamaForCausalLM> model;  // the trained model (with tensor parallelism: this rank's shards)
 };
 
-// Trains on one rank (world size 1) on run.device, fp32 or (precision.compute
-// bf16) with bf16 autocast over fp32 weights. `config.model` may be
+// Trains on run.device, fp32 or (precision.compute bf16) with bf16 autocast
+// over fp32 weights, on one rank or (TrainOptions::world) on parallel.tp
+// ranks of tensor parallelism (CPU), which reproduce the single-rank run. `config.model` may be
 // updated to the shape of model.init_from. Throws BadInput for a config,
 // dataset or checkpoint that cannot be used (naming the file or key);
 // std::runtime_error (not BadInput) for a non-finite step that is not skipped.
 TrainResult train(Config& config, const TrainOptions& options = {});
+
+// The layout train() would use on `world_size` ranks (ParallelDims::from_config),
+// or BadInput naming every factor when the layout does not fit the world size
+// or the model, or asks for what this build cannot train yet (parallel.dp or
+// parallel.pp above 1). Needs no communication: every rank decides the same.
+ParallelDims check_training_layout(const Config& config, int64_t world_size);
 
 // FLOPs of one token's forward and backward: 6 N + 12 L H S, with N the
 // non-embedding parameters, L layers, H hidden size, S sequence length.

@@ -1,0 +1,177 @@
+"""End-to-end tests of `loom train` with tensor parallelism under mpirun.
+
+The same small GQA model (8 query heads over 4 kv heads) trains for ten steps
+on one rank and on tp = 2 and 4 ranks, with sequence parallelism off and on,
+tied and untied: the losses must match the single-rank run within 1e-5
+relative and the exported Hub folder within 1e-6. Also: a checkpoint written
+by one layout resumes in another, bad layouts are refused with exit code 2
+before any work, and a rank killed mid-step ends the whole job in time.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from test_train_e2e import LOOM_BIN, data, loom, losses_by_step, read_metrics, train_args  # noqa: F401 (data: fixture)
+
+STEPS = 10
+MPIRUN = shutil.which("mpirun") or "mpirun"
+
+
+def mpi_args(np_):
+    args = [MPIRUN, "--oversubscribe", "-np", str(np_)]
+    if os.geteuid() == 0:
+        args.insert(1, "--allow-run-as-root")
+    return args
+
+
+def mpi_env():
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def mpi_loom(np_, args, expect=0, timeout=600):
+    """Runs `mpirun -np NP loom ARGS...`, asserts the exit code, returns (stdout, stderr)."""
+    proc = subprocess.run([*mpi_args(np_), LOOM_BIN, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=mpi_env())
+    assert proc.returncode == expect, (
+        f"mpirun -np {np_} loom {' '.join(map(str, args))} exited {proc.returncode}, expected {expect}\n"
+        f"stdout: {proc.stdout[-4000:]}\nstderr: {proc.stderr[-4000:]}")
+    return proc.stdout, proc.stderr
+
+
+def tp_args(data, output_dir, name, tp, sp, tied, **extra):
+    # eps 1e-6 rather than 1e-8: Adam divides by sqrt(v) + eps, so gradient
+    # entries that cancel to ~1e-8 (where tp's other summation order changes
+    # the rounding) would turn fp32 noise into lr-sized weight differences.
+    return train_args(data, output_dir, name, STEPS, extra.pop("interval", 0),
+                      **{"model.num_heads": 8, "model.num_kv_heads": 4, "model.tie_embeddings": str(tied).lower(),
+                         "parallel.tp": tp, "parallel.sequence_parallel": str(sp).lower(),
+                         "optimizer.eps": 1e-6, **extra})
+
+
+@pytest.fixture(scope="module")
+def single_rank(data, tmp_path_factory):
+    """The tp = 1 reference runs, untied and tied, by `loom train` alone."""
+    out = tmp_path_factory.mktemp("tp-reference")
+    runs = {}
+    for tied in (False, True):
+        name = f"tp1-{'tied' if tied else 'untied'}"
+        loom(*tp_args(data, out, name, 1, False, tied, interval=5))
+        runs[tied] = out / name
+    return runs
+
+
+def assert_same_hub_folder(actual, expected, tol):
+    a, b = load_file(str(actual / "model.safetensors")), load_file(str(expected / "model.safetensors"))
+    assert sorted(a) == sorted(b)
+    for name in b:
+        assert a[name].shape == b[name].shape and a[name].dtype == b[name].dtype, name
+        diff = np.abs(a[name].astype(np.float64) - b[name].astype(np.float64)).max()
+        assert diff <= tol, f"{actual}: {name} differs from the single-rank export by {diff}"
+    for f in ("config.json", "generation_config.json", "tokenizer.json"):
+        assert (actual / f).read_bytes() == (expected / f).read_bytes(), f
+
+
+@pytest.mark.parametrize("tp,sp,tied", [(2, False, False), (2, True, True), (4, True, False), (4, False, True)],
+                         ids=["tp2", "tp2-sp-tied", "tp4-sp", "tp4-tied"])
+def test_tensor_parallel_run_reproduces_the_single_rank_run(data, tmp_path, single_rank, tp, sp, tied):
+    out, _ = mpi_loom(tp, tp_args(data, tmp_path, "run", tp, sp, tied, interval=5))
+    run, reference = tmp_path / "run", single_rank[tied]
+    assert f"tp {tp}" in out, out  # the grid is printed at start-up
+    got, want = losses_by_step(run, STEPS), losses_by_step(reference, STEPS)
+    for step in range(1, STEPS + 1):
+        assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), (step, got[step], want[step])
+    norms = {r["step"]: r["grad_norm"] for r in read_metrics(run)}
+    ref_norms = {r["step"]: r["grad_norm"] for r in read_metrics(reference)}
+    for step in range(1, STEPS + 1):
+        assert abs(norms[step] - ref_norms[step]) <= 1e-4 * ref_norms[step], (step, norms[step], ref_norms[step])
+    assert_same_hub_folder(run / "hf", reference / "hf", 1e-6)
+    # Checkpoints are written whole, as one rank writes them: loom export of
+    # the tensor-parallel checkpoint gives the same Hub folder.
+    ckpt = run / "checkpoints" / "step-0000010"
+    loom("export", ckpt, "--output", tmp_path / "exported")
+    assert_same_hub_folder(tmp_path / "exported", reference / "hf", 1e-6)
+    # Only rank 0 wrote the run folder.
+    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in reference.iterdir())
+
+
+def test_a_checkpoint_resumes_in_another_layout(data, tmp_path, single_rank):
+    """tp = 2 resumes the single-rank run's step-5 checkpoint and finishes it like the single rank did."""
+    reference = single_rank[False]
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(reference / "checkpoints" / "step-0000005", run / "checkpoints" / "step-0000005")
+    (run / "checkpoints" / "latest").write_text("step-0000005\n")
+    shutil.copy(reference / "metrics.jsonl", run / "metrics.jsonl")
+    out, _ = mpi_loom(2, tp_args(data, tmp_path, "run", 2, True, False, interval=5))
+    assert "resumed from" in out, out
+    got, want = losses_by_step(run, STEPS), losses_by_step(reference, STEPS)
+    for step in range(6, STEPS + 1):
+        assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), (step, got[step], want[step])
+    assert_same_hub_folder(run / "hf", reference / "hf", 1e-6)
+
+
+@pytest.mark.parametrize("np_,sets,expected", [
+    (2, {"parallel.tp": 3}, "model.num_heads (8)"),
+    (2, {"parallel.tp": 2, "model.num_kv_heads": 1}, "model.num_kv_heads (1)"),
+    (4, {"parallel.tp": 4, "model.intermediate_size": 126}, "model.intermediate_size (126)"),
+    (2, {"parallel.tp": 2, "model.vocab_size": 515}, "model.vocab_size (515)"),
+    (3, {"parallel.tp": 2}, "world size 3 is not divisible by pp * tp = 2"),
+    (2, {"parallel.tp": 2, "parallel.dp": 2}, "parallel.dp (2) * parallel."),
+    (2, {"parallel.tp": 2, "parallel.sequence_parallel": "true", "data.seq_len": 63, "model.max_seq_len": 64},
+     "must be divisible by tp"),
+], ids=["heads", "kv-heads", "intermediate", "vocab", "world-not-product", "factors-exceed-world", "sp-seq-len"])
+def test_bad_layouts_are_refused_before_any_work(data, tmp_path, np_, sets, expected):
+    args = train_args(data, tmp_path, "bad", STEPS, 0, **{"model.num_heads": 8, "model.num_kv_heads": 4, **sets})
+    start = time.monotonic()
+    _, err = mpi_loom(np_, args, expect=2, timeout=120)
+    assert expected in err, err
+    assert err.count(expected) == 1, f"the refusal should be printed once, by rank 0:\n{err}"
+    assert not (tmp_path / "bad").exists(), "a refused run must not create its run folder"
+    assert time.monotonic() - start < 60
+
+
+def test_a_rank_killed_mid_step_ends_the_job_in_time(data, tmp_path):
+    """SIGKILL one rank of a tp = 2 run while it trains: mpirun must exit non-zero within 30 s."""
+    args = tp_args(data, tmp_path, "killed", 2, False, False, interval=3,
+                   **{"schedule.train_steps": 400, "schedule.warmup_steps": 2})
+    proc = subprocess.Popen([*mpi_args(2), LOOM_BIN, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=mpi_env())
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[0]
+    ranks = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "loom"], capture_output=True, text=True)
+    pids = [int(p) for p in ranks.stdout.split()]
+    assert len(pids) == 2, f"expected 2 rank processes under mpirun, found {pids}"
+    # Both ranks are in the middle of steps: the killed one dies between two
+    # collectives of its step, the survivor waits in the next one.
+    os.kill(pids[-1], signal.SIGKILL)
+    killed_at = time.monotonic()
+    try:
+        output, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("mpirun did not end within 60 s of a rank's SIGKILL")
+    elapsed = time.monotonic() - killed_at
+    assert proc.returncode != 0, output
+    assert "rank 1" in output, f"the job's end should name the killed rank:\n{output[-3000:]}"
+    assert elapsed < 30, f"the job took {elapsed:.1f} s to end after the kill"
+    # Nothing half-written: `latest` names a whole checkpoint.
+    latest = (tmp_path / "killed" / "checkpoints" / "latest").read_text().strip()
+    ckpt = tmp_path / "killed" / "checkpoints" / latest
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    for name in manifest["files"]:
+        assert (ckpt / name).exists(), name
