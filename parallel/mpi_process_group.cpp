@@ -219,6 +219,13 @@ MpiSession::MpiSession(int* argc, char*** argv, int thread_level) {
   int initialized = 0;
   MPI_Initialized(&initialized);
   if (initialized) throw std::logic_error("MpiSession: MPI was already initialized outside loom");
+  // Open MPI's non-blocking all-reduce (libnbc, what every loom all_reduce
+  // is) picks its algorithm itself by default, and on this project's
+  // machines that ran at 0.4x the bus bandwidth of a blocking MPI_Allreduce
+  // for 4 KB to 32 MB; its ring algorithm runs at 0.9 to 1.4x
+  // (bench/bench_tp_comm.cpp, docs/performance.md). MCA parameters are read
+  // from the environment at MPI_Init: a value the user set wins.
+  ::setenv("OMPI_MCA_coll_libnbc_iallreduce_algorithm", "1", /*overwrite=*/0);
   int provided = MPI_THREAD_SINGLE;
   // Without an error handler yet, a failing MPI_Init_thread ends the process
   // itself with MPI's own message.
