@@ -5,9 +5,10 @@
 # - data: the bundled corpus (the King James Bible, from Debian's packages)
 #   becomes a byte-level BPE tokenizer and a tokenized HDF5 dataset, the input
 #   of configs/tiny.yaml (runs/data/);
-# - training: configs/tiny.yaml trains on one rank (the parallel layouts are
-#   still to come), checkpoints, and exports a Hub folder to runs/tiny/hf/,
-#   which loom and transformers both sample from;
+# - training: configs/tiny.yaml trains on two MPI ranks with tensor
+#   parallelism (tp 2, sequence parallel; the same run as on one rank),
+#   checkpoints, and exports a Hub folder to runs/tiny/hf/, which loom and
+#   transformers both sample from;
 # - models: a small Llama model created by Hugging Face transformers is
 #   imported into a loom checkpoint, sampled from (greedy, compared token for
 #   token with transformers), and exported back to a Hub folder that
@@ -37,9 +38,12 @@ loom prepare --tokenizer "$DATA/tokenizer.json" --input "$DATA/kjv.txt" --output
 step "loom inspect $DATA/tiny --verify"
 loom inspect "$DATA/tiny" --verify --tokenizer "$DATA/tokenizer.json" | head -8
 
-step "loom train configs/tiny.yaml (one rank; a few minutes on 2 cores)"
+step "mpirun -np 2 loom train configs/tiny.yaml --set parallel.tp=2 (a few minutes on 2 cores)"
 rm -rf runs/tiny
-loom train configs/tiny.yaml
+mpirun_args=(--oversubscribe -np 2)
+if [ "$(id -u)" = 0 ]; then mpirun_args=(--allow-run-as-root "${mpirun_args[@]}"); fi
+OMP_NUM_THREADS=1 mpirun "${mpirun_args[@]}" loom train configs/tiny.yaml \
+  --set parallel.tp=2 --set parallel.sequence_parallel=true
 tail -n 2 runs/tiny/metrics.jsonl
 
 step "loom generate runs/tiny/hf --prompt 'And God said'"

@@ -3,7 +3,7 @@
 // one axis of the dp x pp x tp grid), each collective of the same shape
 //   op(tensors..., const OpOptions& = {}) -> std::unique_ptr<Work>
 // Backends: MPI for CPU tensors (parallel/mpi_process_group.h); NCCL for CUDA
-// tensors is to come. See docs/parallelism.md.
+// tensors (parallel/nccl_process_group.h, CUDA builds). See docs/parallelism.md.
 //
 // Note [process group contract]
 // - Every rank of a group issues the same collectives (all_reduce, all_gather,

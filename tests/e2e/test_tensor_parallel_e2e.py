@@ -175,3 +175,32 @@ def test_a_rank_killed_mid_step_ends_the_job_in_time(data, tmp_path):
     manifest = json.loads((ckpt / "manifest.json").read_text())
     for name in manifest["files"]:
         assert (ckpt / name).exists(), name
+
+
+def test_sigterm_to_mpirun_stops_every_rank_at_one_step_with_a_checkpoint(data, tmp_path):
+    """SIGTERM to mpirun reaches the ranks at different moments; they agree on one step and checkpoint it."""
+    args = tp_args(data, tmp_path, "stopped", 2, True, False, interval=0,
+                   **{"schedule.train_steps": 5000, "schedule.warmup_steps": 2})
+    proc = subprocess.Popen([*mpi_args(2), LOOM_BIN, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=mpi_env())
+    metrics = tmp_path / "stopped" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[0]
+    proc.send_signal(signal.SIGTERM)
+    try:
+        output, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("mpirun did not end within 60 s of SIGTERM")
+    assert "stopped by signal 15" in output, output[-3000:]
+    checkpoints = tmp_path / "stopped" / "checkpoints"
+    latest = (checkpoints / "latest").read_text().strip()
+    last_step = read_metrics(tmp_path / "stopped")[-1]["step"]
+    assert latest == f"step-{last_step:07d}", (latest, last_step)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", latest]
+    manifest = json.loads((checkpoints / latest / "manifest.json").read_text())
+    assert all((checkpoints / latest / name).exists() for name in manifest["files"])
