@@ -65,6 +65,15 @@ int launcher_rank() {
   return 0;
 }
 
+// The number of ranks the MPI launcher started (before MPI_Init), or 0 when
+// no launcher says.
+int launcher_world_size() {
+  for (const char* variable : {"OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "PMI_SIZE"}) {
+    if (const char* value = std::getenv(variable)) return std::atoi(value);
+  }
+  return 0;
+}
+
 int report_stop(const TrainResult& result) {
   std::cout << "stopped by signal " << result.stopped_by_signal << " after step " << result.final_step
             << (result.last_checkpoint.empty() ? std::string(" (no checkpoint: checkpoint.enabled is false)")
@@ -109,9 +118,18 @@ int train_ranks(Config& config, TrainOptions options) {
 int command_train(const std::vector<std::string>& argv) {
   Args args("train", argv, {{"set", true, true, "override a config key, e.g. --set schedule.train_steps=100"}});
   args.expect_positional(1, "one CONFIG");
+  std::vector<std::string> overrides = args.all("set");
+  // Under a launcher the world size is the launcher's: launch.ranks (what
+  // `loom launch` would start, and what the config's checks compare dp * tp *
+  // pp with) follows it unless the command line sets it.
+  if (const int world = launcher_world_size(); world > 0) {
+    bool set = false;
+    for (const std::string& o : overrides) set = set || o.rfind("launch.ranks=", 0) == 0;
+    if (!set) overrides.insert(overrides.begin(), "launch.ranks=" + std::to_string(world));
+  }
   Config config;
   try {
-    config = load_config(args.positional()[0], args.all("set"));
+    config = load_config(args.positional()[0], overrides);
   } catch (const BadInput&) {
     // Under an MPI launcher every rank reads the same config and fails the
     // same way: rank 0 reports it, the others only exit with the same code.

@@ -21,6 +21,7 @@
 #include "checkpoints/hub.h"
 #include "checkpoints/init_from.h"
 #include "data/loader.h"
+#include "parallel/data_parallel.h"
 #include "parallel/tensor_parallel_model.h"
 #include "parallel/topology.h"
 #include "parallel/vocab_parallel.h"
@@ -43,10 +44,13 @@ double seconds_since(Clock::time_point start) { return std::chrono::duration<dou
 
 // What this build can train; refused up front rather than after minutes of setup.
 void check_supported(const Config& config, const ParallelDims& dims) {
-  if (dims.dp > 1 || dims.pp > 1) {
-    throw BadInput("parallel.dp (" + std::to_string(dims.dp) + ") and parallel.pp (" + std::to_string(dims.pp) +
-                   "): data and pipeline parallelism are not implemented yet; this build trains with parallel.tp "
-                   "only (world size = parallel.tp)");
+  if (dims.pp > 1) {
+    throw BadInput("parallel.pp (" + std::to_string(dims.pp) + "): pipeline parallelism is not implemented yet; "
+                   "this build trains with parallel.dp and parallel.tp (world size = dp * tp)");
+  }
+  if (dims.dp > 1 && config.parallel.zero_stage != 0) {
+    throw BadInput("parallel.zero_stage: " + std::to_string(config.parallel.zero_stage) +
+                   " is not implemented yet (expected 0: every dp rank keeps the whole optimizer state)");
   }
   if (config.precision.params != "fp32") {
     throw BadInput("precision.params: '" + config.precision.params +
@@ -339,6 +343,9 @@ TrainResult train(Config& config, const TrainOptions& options) {
   }
   // The tensor-parallel group, or null when every rank holds the whole model.
   ProcessGroup* tp = dims.tp > 1 ? options.grid->tp.get() : nullptr;
+  // The data-parallel group (this rank's replicas), or null with one replica.
+  ProcessGroup* dp = dims.dp > 1 ? options.grid->dp.get() : nullptr;
+  const ParallelDims::Coords coords = dims.coords_of(options.world ? options.world->rank() : 0);
   // One rank writes the run folder, the metrics, checkpoints and the export;
   // with tensor parallelism the others take part in gathering what it writes.
   const bool writer = options.world == nullptr || options.world->rank() == 0;
@@ -412,6 +419,17 @@ TrainResult train(Config& config, const TrainOptions& options) {
   const GradNormReduction tp_norm =
       tp != nullptr ? tensor_parallel_grad_norm(*tp, optimizer.named_params(), param_dims) : GradNormReduction{};
   const GradNormReduction* norm_reduction = tp != nullptr ? &tp_norm : nullptr;
+  // Data parallelism: each replica trains on its own samples of every global
+  // batch, and the gradients are averaged over the replicas, bucket by bucket
+  // while the last micro-batch's backward runs (parallel/data_parallel.h).
+  // After that every replica holds the same gradients, so the norm needs no
+  // dp reduction and every replica takes the same step.
+  std::unique_ptr<GradientReducer> reducer;
+  if (dp != nullptr) {
+    GradientReducer::Options reducer_options;
+    reducer_options.bucket_mb = config.parallel.bucket_mb;
+    reducer = std::make_unique<GradientReducer>(*dp, params, reducer_options);
+  }
 
   LoaderConfig loader_config;
   for (const auto& source : config.data.train) loader_config.datasets.push_back({source.path, source.weight});
@@ -419,8 +437,8 @@ TrainResult train(Config& config, const TrainOptions& options) {
   loader_config.seed = config.run.seed;
   loader_config.global_batch = global_batch;
   loader_config.micro_batch = micro_batch;
-  loader_config.dp_rank = 0;
-  loader_config.dp_size = 1;
+  loader_config.dp_rank = coords.dp;
+  loader_config.dp_size = dims.dp;
   loader_config.valid_path = config.data.valid;
   Loader loader(loader_config);
   const int64_t micro_batches = loader.micro_batches_per_step();
@@ -469,13 +487,16 @@ TrainResult train(Config& config, const TrainOptions& options) {
   // The whole model (and optimizer) as one rank holds them, on the writer:
   // with tensor parallelism the shards are gathered first (collective over
   // the group, so every rank calls these), and the writer writes the same
-  // files a single-rank run writes.
+  // files a single-rank run writes. Every data-parallel replica holds the
+  // same weights, so only dp rank 0's tp group gathers.
   auto gathered_model = [&]() -> std::shared_ptr<LlamaForCausalLM> {
+    if (coords.dp != 0) return nullptr;
     if (tp == nullptr) return model;
     NamedTensors whole_params = gather_tensor_parallel(*tp, to_named_tensors(model->named_parameters()), param_dims);
     return writer ? whole_model(config.model, whole_params) : nullptr;
   };
   auto save_checkpoint = [&]() -> std::string {
+    if (coords.dp != 0) return "";
     if (tp == nullptr) {
       return save_training_checkpoint(checkpoints_dir.string(), step, *model, optimizer, loader, checkpoint_options,
                                       skipped_steps);
@@ -550,12 +571,19 @@ TrainResult train(Config& config, const TrainOptions& options) {
       // over the whole global batch (every micro-batch has as many tokens).
       auto loss = next_token_loss(*model, inputs_bt, targets_bt, bf16, tp) / static_cast<double>(micro_batches);
       if (poison && m == 0) loss = loss * std::numeric_limits<double>::quiet_NaN();  // TrainOptions::poison_step
+      if (reducer && m == micro_batches - 1) reducer->arm();
       loss.backward();
       step_loss += loss.detach().to(torch::kDouble);
       // A stop request is honoured at the next step boundary: a checkpoint
       // cannot hold half-accumulated gradients, and dropping them would make
       // the resumed run differ. So the step is finished first.
       notice_stop_request(m + 1);
+    }
+    if (reducer) {
+      reducer->finish();
+      // The replicas' means over the same number of samples: their mean is
+      // the global batch's.
+      all_reduce_small(*dp, step_loss, ReduceOp::kAvg);
     }
     // A NaN or inf in any micro-batch's loss makes the sum non-finite.
     const double loss_sum = step_loss.item<double>();
@@ -653,7 +681,13 @@ TrainResult train(Config& config, const TrainOptions& options) {
                            step == train_steps;
     if (!config.data.valid.empty() && valid_due) {
       const auto valid_start = Clock::now();
-      const double valid_loss = validation_loss(*model, loader, config.data.valid_batches, device, bf16, tp);
+      double valid_loss = validation_loss(*model, loader, config.data.valid_batches, device, bf16, tp);
+      if (dp != nullptr) {
+        // Every replica evaluates as many batches of its own: the mean of the means.
+        torch::Tensor mean = torch::tensor(valid_loss, torch::kDouble);
+        all_reduce_small(*dp, mean, ReduceOp::kAvg);
+        valid_loss = mean.item<double>();
+      }
       result.last_valid_loss = valid_loss;
       const json record = {{"step", step},
                            {"valid_loss", std::isfinite(valid_loss) ? json(valid_loss) : json(std::to_string(valid_loss))},

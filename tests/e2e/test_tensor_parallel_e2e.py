@@ -1,9 +1,10 @@
-"""End-to-end tests of `loom train` with tensor parallelism under mpirun.
+"""End-to-end tests of `loom train` with tensor and data parallelism under mpirun.
 
 The same small GQA model (8 query heads over 4 kv heads) trains for ten steps
 on one rank and on tp = 2 and 4 ranks, with sequence parallelism off and on,
-tied and untied: the losses must match the single-rank run within 1e-5
-relative and the exported Hub folder within 1e-6. Also: a checkpoint written
+tied and untied, and on dp = 2 and 4 replicas and dp 2 x tp 2: the losses
+must match the single-rank run within 1e-5 relative and the exported Hub
+folder within 1e-6. A dp x tp run resumed from its checkpoint is bit-identical. Also: a checkpoint written
 by one layout resumes in another, bad layouts are refused with exit code 2
 before any work, and a rank killed mid-step ends the whole job in time.
 """
@@ -81,12 +82,15 @@ def assert_same_hub_folder(actual, expected, tol):
         assert (actual / f).read_bytes() == (expected / f).read_bytes(), f
 
 
-@pytest.mark.parametrize("tp,sp,tied", [(2, False, False), (2, True, True), (4, True, False), (4, False, True)],
-                         ids=["tp2", "tp2-sp-tied", "tp4-sp", "tp4-tied"])
-def test_tensor_parallel_run_reproduces_the_single_rank_run(data, tmp_path, single_rank, tp, sp, tied):
-    out, _ = mpi_loom(tp, tp_args(data, tmp_path, "run", tp, sp, tied, interval=5))
+@pytest.mark.parametrize("ranks,tp,sp,tied", [
+    (2, 2, False, False), (2, 2, True, True), (4, 4, True, False), (4, 4, False, True),
+    (2, 1, False, False), (4, 1, False, True), (4, 2, True, False),
+], ids=["tp2", "tp2-sp-tied", "tp4-sp", "tp4-tied", "dp2", "dp4-tied", "dp2-tp2-sp"])
+def test_parallel_run_reproduces_the_single_rank_run(data, tmp_path, single_rank, ranks, tp, sp, tied):
+    """dp (parallel.dp auto = ranks / tp) x tp layouts at the same global batch."""
+    out, _ = mpi_loom(ranks, tp_args(data, tmp_path, "run", tp, sp, tied, interval=5))
     run, reference = tmp_path / "run", single_rank[tied]
-    assert f"tp {tp}" in out, out  # the grid is printed at start-up
+    assert f"dp {ranks // tp} x pp 1 x tp {tp}" in out, out  # the grid is printed at start-up
     got, want = losses_by_step(run, STEPS), losses_by_step(reference, STEPS)
     for step in range(1, STEPS + 1):
         assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), (step, got[step], want[step])
@@ -102,6 +106,20 @@ def test_tensor_parallel_run_reproduces_the_single_rank_run(data, tmp_path, sing
     assert_same_hub_folder(tmp_path / "exported", reference / "hf", 1e-6)
     # Only rank 0 wrote the run folder.
     assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in reference.iterdir())
+
+
+def test_a_dp_tp_run_resumed_from_its_checkpoint_is_bit_identical(data, tmp_path):
+    """dp 2 x tp 2: stop after step 5 (its checkpoint), resume on the same layout: the same bits as not stopping."""
+    mpi_loom(4, tp_args(data, tmp_path, "full", 2, True, False, interval=5))
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step-0000005", resumed / "checkpoints" / "step-0000005")
+    (resumed / "checkpoints" / "latest").write_text("step-0000005\n")
+    shutil.copy(full / "metrics.jsonl", resumed / "metrics.jsonl")
+    mpi_loom(4, tp_args(data, tmp_path, "resumed", 2, True, False, interval=5))
+    got, want = losses_by_step(resumed, STEPS), losses_by_step(full, STEPS)
+    assert got == want, {s: (got[s], want[s]) for s in want if got[s] != want[s]}
+    assert (resumed / "hf" / "model.safetensors").read_bytes() == (full / "hf" / "model.safetensors").read_bytes()
 
 
 def test_a_checkpoint_resumes_in_another_layout(data, tmp_path, single_rank):
