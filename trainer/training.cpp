@@ -10,6 +10,7 @@
 #include <fstream>
 #include <limits>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <ostream>
 #include <sstream>
 #include <stdexcept>
@@ -23,6 +24,7 @@
 #include "data/loader.h"
 #include "parallel/data_parallel.h"
 #include "parallel/tensor_parallel_model.h"
+#include "parallel/zero.h"
 #include "parallel/topology.h"
 #include "parallel/vocab_parallel.h"
 #include "trainer/lr_schedule.h"
@@ -47,10 +49,6 @@ void check_supported(const Config& config, const ParallelDims& dims) {
   if (dims.pp > 1) {
     throw BadInput("parallel.pp (" + std::to_string(dims.pp) + "): pipeline parallelism is not implemented yet; "
                    "this build trains with parallel.dp and parallel.tp (world size = dp * tp)");
-  }
-  if (dims.dp > 1 && config.parallel.zero_stage != 0) {
-    throw BadInput("parallel.zero_stage: " + std::to_string(config.parallel.zero_stage) +
-                   " is not implemented yet (expected 0: every dp rank keeps the whole optimizer state)");
   }
   if (config.precision.params != "fp32") {
     throw BadInput("precision.params: '" + config.precision.params +
@@ -372,10 +370,10 @@ TrainResult train(Config& config, const TrainOptions& options) {
   }
 
   const c10::Device device = resolve_device(config.run.device);
-  if (tp != nullptr && !device.is_cpu()) {
-    throw BadInput("run.device: " + config.run.device + " with parallel.tp " + std::to_string(dims.tp) +
-                   ": tensor parallelism runs over MPI on CPU tensors in this build (the NCCL backend is not wired "
-                   "into training yet); use run.device cpu");
+  if (dims.world > 1 && !device.is_cpu()) {
+    throw BadInput("run.device: " + config.run.device + " on " + std::to_string(dims.world) +
+                   " ranks: tensor and data parallelism run over MPI on CPU tensors in this build (the NCCL backend "
+                   "is not wired into training yet); use run.device cpu");
   }
   const bool bf16 = config.precision.compute == "bf16";
   std::string peak_source = "logging.peak_tflops";
@@ -410,22 +408,29 @@ TrainResult train(Config& config, const TrainOptions& options) {
   model->to(device);
   model->train();
   const AdamWOptions adamw_options = AdamWOptions::from_config(config.optimizer);
-  AdamW optimizer(to_named_tensors(model->named_parameters()), adamw_options);
-  const std::vector<torch::Tensor> params = optimizer.params();
+  const NamedTensors named_params = to_named_tensors(model->named_parameters());
+  std::vector<torch::Tensor> params;
+  for (const auto& [name, param] : named_params) params.push_back(param);
   const std::map<std::string, int64_t> param_dims = tensor_parallel_shard_dims(*model);
-  const std::map<std::string, int64_t> state_dims = optimizer_state_shard_dims(optimizer.state_dict(), param_dims);
+  // ZeRO-1 (parallel.zero_stage 1, parallel/zero.h) replaces the whole AdamW
+  // with one whose state is split over dp; it is made once the weights are
+  // final (after a resume, below).
+  const bool zero_1 = dp != nullptr && config.parallel.zero_stage == 1;
+  std::optional<AdamW> optimizer;
+  if (!zero_1) optimizer.emplace(named_params, adamw_options);
+  std::optional<ShardedAdamW> zero;
   // The gradient norm of all shards together: a parameter every rank of the
   // group holds whole (norm weights, row-parallel biases) is counted once.
   const GradNormReduction tp_norm =
-      tp != nullptr ? tensor_parallel_grad_norm(*tp, optimizer.named_params(), param_dims) : GradNormReduction{};
-  const GradNormReduction* norm_reduction = tp != nullptr ? &tp_norm : nullptr;
+      tp != nullptr ? tensor_parallel_grad_norm(*tp, named_params, param_dims) : GradNormReduction{};
   // Data parallelism: each replica trains on its own samples of every global
   // batch, and the gradients are averaged over the replicas, bucket by bucket
   // while the last micro-batch's backward runs (parallel/data_parallel.h).
   // After that every replica holds the same gradients, so the norm needs no
-  // dp reduction and every replica takes the same step.
+  // dp reduction and every replica takes the same step. Under ZeRO-1 the
+  // gradients are reduce-scattered instead, after backward.
   std::unique_ptr<GradientReducer> reducer;
-  if (dp != nullptr) {
+  if (dp != nullptr && !zero_1) {
     GradientReducer::Options reducer_options;
     reducer_options.bucket_mb = config.parallel.bucket_mb;
     reducer = std::make_unique<GradientReducer>(*dp, params, reducer_options);
@@ -451,16 +456,22 @@ TrainResult train(Config& config, const TrainOptions& options) {
 
   int64_t step = 0;  // completed optimizer steps
   int64_t skipped_steps = 0;  // of those, steps skipped as non-finite (optimizer.nonfinite_policy skip)
+  NamedTensors resumed_state;  // the optimizer state of this rank's model shard, whole over dp
   if (!resume_from.empty()) {
-    if (tp == nullptr) {
-      step = load_training_checkpoint(resume_from, *model, optimizer, loader, &skipped_steps);
+    if (tp == nullptr && !zero_1) {
+      step = load_training_checkpoint(resume_from, *model, *optimizer, loader, &skipped_steps);
     } else {
       // Checkpoints hold whole tensors (see save_checkpoint below): load them
       // as one rank would, then keep this rank's shards.
       AdamW whole_optimizer(to_named_tensors(whole->named_parameters()), adamw_options);
       step = load_training_checkpoint(resume_from, *whole, whole_optimizer, loader, &skipped_steps);
-      load_tensor_parallel_shards(*model, to_named_tensors(whole->named_parameters()), tp->rank(), tp->size());
-      optimizer.load_state_dict(shard_tensor_parallel(whole_optimizer.state_dict(), state_dims, tp->rank(), tp->size()));
+      resumed_state = whole_optimizer.state_dict();
+      if (tp != nullptr) {
+        load_tensor_parallel_shards(*model, to_named_tensors(whole->named_parameters()), tp->rank(), tp->size());
+        resumed_state = shard_tensor_parallel(resumed_state, optimizer_state_shard_dims(resumed_state, param_dims),
+                                              tp->rank(), tp->size());
+      }
+      if (optimizer) optimizer->load_state_dict(resumed_state);
     }
     if (step > train_steps) {
       throw BadInput(resume_from + ": is at step " + std::to_string(step) + ", past schedule.train_steps " +
@@ -469,6 +480,25 @@ TrainResult train(Config& config, const TrainOptions& options) {
   }
   result.resumed_from_step = step;
   if (tp != nullptr) whole.reset();
+  if (zero_1) {
+    zero.emplace(*dp, named_params, adamw_options);
+    if (!resumed_state.empty()) zero->load_state_dict(resumed_state);
+  }
+  resumed_state.clear();
+  // The gradients the norm and the clipping see: the model's, or under
+  // ZeRO-1 this rank's shard of the averaged ones, whose squares are summed
+  // over every rank (each element is in one dp shard; a parameter every tp
+  // rank holds whole counts on tp rank 0 only).
+  const std::vector<torch::Tensor> norm_params = zero ? zero->shard_params() : params;
+  GradNormReduction zero_norm;
+  if (zero) {
+    for (const auto& [name, piece] : zero->shard_named_params()) {
+      zero_norm.counted.push_back(tp == nullptr || param_dims.at(name) >= 0 || tp->rank() == 0);
+    }
+    ProcessGroup* world = options.world;
+    zero_norm.sum_over_ranks = [world](torch::Tensor& t) { all_reduce_small(*world, t, ReduceOp::kSum); };
+  }
+  const GradNormReduction* norm_reduction = zero ? &zero_norm : tp != nullptr ? &tp_norm : nullptr;
 
   // Only the writer has a metrics file; the other ranks write to nothing.
   std::ofstream metrics;
@@ -496,12 +526,15 @@ TrainResult train(Config& config, const TrainOptions& options) {
     return writer ? whole_model(config.model, whole_params) : nullptr;
   };
   auto save_checkpoint = [&]() -> std::string {
+    // ZeRO-1 gathers its state over dp first (collective: every replica).
+    NamedTensors state = zero ? zero->state_dict() : NamedTensors{};
     if (coords.dp != 0) return "";
-    if (tp == nullptr) {
-      return save_training_checkpoint(checkpoints_dir.string(), step, *model, optimizer, loader, checkpoint_options,
+    if (tp == nullptr && !zero) {
+      return save_training_checkpoint(checkpoints_dir.string(), step, *model, *optimizer, loader, checkpoint_options,
                                       skipped_steps);
     }
-    NamedTensors state = gather_tensor_parallel(*tp, optimizer.state_dict(), state_dims);
+    if (!zero) state = optimizer->state_dict();
+    if (tp != nullptr) state = gather_tensor_parallel(*tp, state, optimizer_state_shard_dims(state, param_dims));
     std::shared_ptr<LlamaForCausalLM> whole_now = gathered_model();
     if (!writer) return "";
     AdamW whole_optimizer(to_named_tensors(whole_now->named_parameters()), adamw_options);
@@ -524,6 +557,16 @@ TrainResult train(Config& config, const TrainOptions& options) {
          << "train: batch " << global_batch << " x " << seq_len << " tokens = " << micro_batches
          << " micro-batches of " << micro_batch << ", steps " << step << " -> " << stop_step << " of "
          << train_steps << (resume_from.empty() ? "" : ", resumed from " + resume_from) << "\n";
+    // AdamW's exp_avg and exp_avg_sq: fp32, two per parameter element this rank holds.
+    int64_t local_elements = 0;
+    for (const auto& p : params) local_elements += p.numel();
+    const double unsharded_mib = 2.0 * 4.0 * static_cast<double>(local_elements) / (1024.0 * 1024.0);
+    *log << "train: AdamW state " << format_double("%.2f", unsharded_mib) << " MiB per rank";
+    if (zero) {
+      *log << ", ZeRO-1 over dp " << dims.dp << ": " << format_double("%.2f", zero->state_bytes() / (1024.0 * 1024.0))
+           << " MiB on rank 0";
+    }
+    *log << "\n";
     if (result.peak_flops > 0) {
       *log << "train: peak " << format_double("%.1f", result.peak_flops / 1e12) << " TFLOP/s from " << peak_source
            << " (mfu is relative to it)\n";
@@ -554,9 +597,10 @@ TrainResult train(Config& config, const TrainOptions& options) {
   int64_t interval_steps = 0;
   const auto run_start = Clock::now();
 
+  auto zero_grad = [&] { zero ? zero->zero_grad() : optimizer->zero_grad(); };
   while (step < stop_step) {
     const auto step_start = Clock::now();
-    optimizer.zero_grad();
+    zero_grad();
     std::vector<uint64_t> samples;  // global sample ids of this step, for a non-finite report
     const bool poison = options.poison_step && options.poison_step(step + 1);
     // The micro-batch losses are summed on the device and read once per step,
@@ -579,8 +623,9 @@ TrainResult train(Config& config, const TrainOptions& options) {
       // the resumed run differ. So the step is finished first.
       notice_stop_request(m + 1);
     }
-    if (reducer) {
-      reducer->finish();
+    if (reducer) reducer->finish();
+    if (zero) zero->reduce_gradients();
+    if (dp != nullptr) {
       // The replicas' means over the same number of samples: their mean is
       // the global batch's.
       all_reduce_small(*dp, step_loss, ReduceOp::kAvg);
@@ -589,7 +634,8 @@ TrainResult train(Config& config, const TrainOptions& options) {
     const double loss_sum = step_loss.item<double>();
     bool finite = std::isfinite(loss_sum);
     const double clip = config.optimizer.clip_grad_norm;
-    const double norm = clip > 0 ? clip_grad_norm(params, clip, norm_reduction) : grad_norm(params, norm_reduction);
+    const double norm =
+        clip > 0 ? clip_grad_norm(norm_params, clip, norm_reduction) : grad_norm(norm_params, norm_reduction);
     finite = finite && std::isfinite(norm);
     if (!finite) {
       const bool skip = config.optimizer.nonfinite_policy == "skip";
@@ -609,7 +655,7 @@ TrainResult train(Config& config, const TrainOptions& options) {
       }
       // Skip: drop the gradients and the update; the step and the data
       // still advance, so the offending batch is not seen again.
-      optimizer.zero_grad();
+      zero_grad();
       ++skipped_steps;
       ++step;
       const double step_seconds = seconds_since(step_start);
@@ -634,7 +680,7 @@ TrainResult train(Config& config, const TrainOptions& options) {
       }
     } else {
       const double lr = learning_rate(config.optimizer, config.schedule, step);
-      optimizer.step(lr);
+      zero ? zero->step(lr) : optimizer->step(lr);
       ++step;
       const double step_seconds = seconds_since(step_start);
       interval_seconds += step_seconds;

@@ -82,13 +82,16 @@ def assert_same_hub_folder(actual, expected, tol):
         assert (actual / f).read_bytes() == (expected / f).read_bytes(), f
 
 
-@pytest.mark.parametrize("ranks,tp,sp,tied", [
-    (2, 2, False, False), (2, 2, True, True), (4, 4, True, False), (4, 4, False, True),
-    (2, 1, False, False), (4, 1, False, True), (4, 2, True, False),
-], ids=["tp2", "tp2-sp-tied", "tp4-sp", "tp4-tied", "dp2", "dp4-tied", "dp2-tp2-sp"])
-def test_parallel_run_reproduces_the_single_rank_run(data, tmp_path, single_rank, ranks, tp, sp, tied):
-    """dp (parallel.dp auto = ranks / tp) x tp layouts at the same global batch."""
-    out, _ = mpi_loom(ranks, tp_args(data, tmp_path, "run", tp, sp, tied, interval=5))
+@pytest.mark.parametrize("ranks,tp,sp,tied,zero", [
+    (2, 2, False, False, 0), (2, 2, True, True, 0), (4, 4, True, False, 0), (4, 4, False, True, 0),
+    (2, 1, False, False, 0), (4, 1, False, True, 0), (4, 2, True, False, 0),
+    (2, 1, False, True, 1), (4, 1, False, False, 1), (4, 2, True, True, 1),
+], ids=["tp2", "tp2-sp-tied", "tp4-sp", "tp4-tied", "dp2", "dp4-tied", "dp2-tp2-sp",
+        "dp2-zero1-tied", "dp4-zero1", "dp2-tp2-sp-zero1-tied"])
+def test_parallel_run_reproduces_the_single_rank_run(data, tmp_path, single_rank, ranks, tp, sp, tied, zero):
+    """dp (parallel.dp auto = ranks / tp) x tp layouts, with and without ZeRO-1, at the same global batch."""
+    out, _ = mpi_loom(ranks, tp_args(data, tmp_path, "run", tp, sp, tied, interval=5,
+                                     **{"parallel.zero_stage": zero}))
     run, reference = tmp_path / "run", single_rank[tied]
     assert f"dp {ranks // tp} x pp 1 x tp {tp}" in out, out  # the grid is printed at start-up
     got, want = losses_by_step(run, STEPS), losses_by_step(reference, STEPS)
@@ -108,15 +111,16 @@ def test_parallel_run_reproduces_the_single_rank_run(data, tmp_path, single_rank
     assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in reference.iterdir())
 
 
-def test_a_dp_tp_run_resumed_from_its_checkpoint_is_bit_identical(data, tmp_path):
+@pytest.mark.parametrize("zero", [0, 1], ids=["zero0", "zero1"])
+def test_a_dp_tp_run_resumed_from_its_checkpoint_is_bit_identical(data, tmp_path, zero):
     """dp 2 x tp 2: stop after step 5 (its checkpoint), resume on the same layout: the same bits as not stopping."""
-    mpi_loom(4, tp_args(data, tmp_path, "full", 2, True, False, interval=5))
+    mpi_loom(4, tp_args(data, tmp_path, "full", 2, True, False, interval=5, **{"parallel.zero_stage": zero}))
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(full / "checkpoints" / "step-0000005", resumed / "checkpoints" / "step-0000005")
     (resumed / "checkpoints" / "latest").write_text("step-0000005\n")
     shutil.copy(full / "metrics.jsonl", resumed / "metrics.jsonl")
-    mpi_loom(4, tp_args(data, tmp_path, "resumed", 2, True, False, interval=5))
+    mpi_loom(4, tp_args(data, tmp_path, "resumed", 2, True, False, interval=5, **{"parallel.zero_stage": zero}))
     got, want = losses_by_step(resumed, STEPS), losses_by_step(full, STEPS)
     assert got == want, {s: (got[s], want[s]) for s in want if got[s] != want[s]}
     assert (resumed / "hf" / "model.safetensors").read_bytes() == (full / "hf" / "model.safetensors").read_bytes()
