@@ -12,6 +12,7 @@
 #include "checkpoints/torch_tensors.h"
 #include "data/tokenizer.h"
 #include "launch/cli.h"
+#include "parallel/pipeline_schedule.h"
 #include "parallel/topology.h"
 #include "parallel/versions.h"
 #include "trainer/config.h"
@@ -102,6 +103,20 @@ int inspect_config(const std::string& path, const std::vector<std::string>& over
   std::string layout = dims.describe();
   for (size_t at = layout.find('\n'); at != std::string::npos; at = layout.find('\n', at + 1)) layout.insert(at + 1, "#");
   std::cout << "# layout: " << layout << "\n";
+  if (dims.pp > 1) {
+    // The pipeline schedule each pp rank would run for one step, as a
+    // timeline (refused with exit code 2 when the micro-batch count does
+    // not suit it).
+    const int64_t micro = config.batch.micro_batch_size;
+    const int64_t global = config.batch.global_batch_size > 0 ? config.batch.global_batch_size : micro * dims.dp;
+    const PipeSchedule schedule =
+        make_pipe_schedule(config.parallel.pp_schedule, dims.pp, global / (micro * dims.dp), config.parallel.virtual_stages);
+    std::string drawn = draw_pipe_schedule(schedule);
+    for (size_t at = drawn.find('\n'); at != std::string::npos && at + 1 < drawn.size(); at = drawn.find('\n', at + 1)) {
+      drawn.insert(at + 1, "#   ");
+    }
+    std::cout << "# pipeline: " << drawn;
+  }
   std::cout << config_to_yaml(config);
   return kExitOk;
 }
