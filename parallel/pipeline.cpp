@@ -1,0 +1,137 @@
+#include "parallel/pipeline.h"
+
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/nn/functional/loss.h>
+
+#include <algorithm>
+#include <map>
+#include <string>
+#include <utility>
+
+#include "util/error.h"
+
+namespace loom {
+
+namespace {
+constexpr int kForwardTag = 1;
+constexpr int kBackwardTag = 2;
+}  // namespace
+
+StageSpec pipeline_stage_spec(int64_t num_layers, int64_t stages, int64_t stage) {
+  if (stages < 1 || stage < 0 || stage >= stages) {
+    throw BadInput("pipeline stage " + std::to_string(stage) + " of " + std::to_string(stages) + " does not exist");
+  }
+  if (num_layers < stages) {
+    throw BadInput("model.num_layers (" + std::to_string(num_layers) + ") is smaller than the pipeline's " +
+                   std::to_string(stages) + " model stages (parallel.pp * parallel.virtual_stages): every stage "
+                   "needs a layer");
+  }
+  const int64_t base = num_layers / stages, extra = num_layers % stages;
+  StageSpec spec;
+  spec.first_layer = stage * base + std::min(stage, extra);
+  spec.num_layers = base + (stage < extra ? 1 : 0);
+  spec.has_embedding = stage == 0;
+  spec.has_head = stage == stages - 1;
+  return spec;
+}
+
+std::vector<std::shared_ptr<LlamaForCausalLM>> build_pipeline_chunks(const ModelConfig& model,
+                                                                     const LayerFactory& factory,
+                                                                     const PipeSchedule& schedule, int64_t rank) {
+  const int64_t model_stages = schedule.stages * schedule.virtual_stages;
+  std::vector<std::shared_ptr<LlamaForCausalLM>> chunks;
+  for (int64_t c = 0; c < schedule.virtual_stages; ++c) {
+    const StageSpec spec = pipeline_stage_spec(model.num_layers, model_stages, schedule.model_stage(rank, c));
+    chunks.push_back(std::make_shared<LlamaForCausalLM>(model, factory, spec));
+  }
+  return chunks;
+}
+
+PipelineExecutor::PipelineExecutor(ProcessGroup& pp, const PipeSchedule& schedule,
+                                   std::vector<std::shared_ptr<LlamaForCausalLM>> chunks, Shape shape)
+    : pp_(&pp), schedule_(&schedule), chunks_(std::move(chunks)), shape_(shape) {
+  if (pp.size() != schedule.stages) {
+    throw std::invalid_argument("PipelineExecutor: the pp group has " + std::to_string(pp.size()) +
+                                " ranks, the schedule " + std::to_string(schedule.stages) + " stages");
+  }
+  if (static_cast<int64_t>(chunks_.size()) != schedule.virtual_stages) {
+    throw std::invalid_argument("PipelineExecutor: " + std::to_string(chunks_.size()) + " chunks for " +
+                                std::to_string(schedule.virtual_stages) + " virtual stages");
+  }
+}
+
+double PipelineExecutor::run(const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& targets) {
+  const PipeSchedule& s = *schedule_;
+  const int64_t p = s.stages, rank = pp_->rank(), last_stage = p * s.virtual_stages - 1;
+  if (static_cast<int64_t>(inputs.size()) != s.micro_batches || static_cast<int64_t>(targets.size()) != s.micro_batches) {
+    throw std::invalid_argument("PipelineExecutor::run: " + std::to_string(inputs.size()) + " inputs and " +
+                                std::to_string(targets.size()) + " targets for " + std::to_string(s.micro_batches) +
+                                " micro-batches");
+  }
+  // Per (micro-batch, chunk): the chunk's input (a leaf when it came from
+  // another stage, so that its gradient can be sent back), its output, and
+  // the gradient received for the output.
+  struct Slot {
+    at::Tensor input, output, output_grad;
+  };
+  std::map<std::pair<int64_t, int64_t>, Slot> slots;
+  std::vector<std::unique_ptr<Work>> sends;
+  const auto activation = at::TensorOptions().dtype(at::kFloat);
+  const std::vector<int64_t> activation_shape{shape_.batch, shape_.tokens, shape_.hidden};
+  at::Tensor loss_sum = at::zeros({}, at::kDouble);
+  int64_t live = 0;
+  last_peak_live_ = 0;
+
+  for (const PipeAction& a : s.ranks[rank]) {
+    Slot& slot = slots[{a.micro_batch, a.chunk}];
+    const int64_t stage = s.model_stage(rank, a.chunk);
+    switch (a.op) {
+      case PipeOp::kRecvForward: {
+        at::Tensor buffer = at::empty(activation_shape, activation);
+        pp_->recv(buffer, {static_cast<int>((stage - 1) % p), kForwardTag})->wait();
+        slot.input = buffer.requires_grad_(true);
+        break;
+      }
+      case PipeOp::kForward: {
+        LlamaForCausalLM& chunk = *chunks_[a.chunk];
+        const at::Tensor& in = stage == 0 ? inputs[a.micro_batch] : slot.input;
+        slot.output = chunk.forward(in);
+        last_peak_live_ = std::max(last_peak_live_, ++live);
+        if (stage == last_stage) {
+          const at::Tensor& logits = slot.output;
+          slot.output = torch::nn::functional::cross_entropy(logits.reshape({-1, logits.size(-1)}).to(at::kFloat),
+                                                             targets[a.micro_batch].reshape({-1})) /
+                        static_cast<double>(s.micro_batches);
+          loss_sum += slot.output.detach().to(at::kDouble);
+        }
+        break;
+      }
+      case PipeOp::kSendForward:
+        sends.push_back(pp_->send(slot.output.detach().contiguous(), {static_cast<int>((stage + 1) % p), kForwardTag}));
+        break;
+      case PipeOp::kRecvBackward: {
+        slot.output_grad = at::empty(activation_shape, activation);
+        pp_->recv(slot.output_grad, {static_cast<int>((stage + 1) % p), kBackwardTag})->wait();
+        break;
+      }
+      case PipeOp::kBackward:
+        if (stage == last_stage) {
+          slot.output.backward();
+        } else {
+          torch::autograd::backward({slot.output}, {slot.output_grad});
+        }
+        --live;
+        slot.output = at::Tensor();  // the graph is freed; keep only what is sent back
+        slot.output_grad = at::Tensor();
+        break;
+      case PipeOp::kSendBackward:
+        sends.push_back(pp_->send(slot.input.grad().contiguous(), {static_cast<int>((stage - 1) % p), kBackwardTag}));
+        break;
+    }
+  }
+  for (auto& send : sends) send->wait();
+  return loss_sum.item<double>();
+}
+
+}  // namespace loom
