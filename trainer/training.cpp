@@ -727,7 +727,10 @@ TrainResult train(Config& config, const TrainOptions& options) {
                            step == train_steps;
     if (!config.data.valid.empty() && valid_due) {
       const auto valid_start = Clock::now();
-      double valid_loss = validation_loss(*model, loader, config.data.valid_batches, device, bf16, tp);
+      // data.valid_batches counts micro-batches over all replicas: each
+      // evaluates its share of the same samples a single rank reads.
+      const int64_t batches_here = (config.data.valid_batches + dims.dp - 1) / dims.dp;
+      double valid_loss = validation_loss(*model, loader, batches_here, device, bf16, tp);
       if (dp != nullptr) {
         // Every replica evaluates as many batches of its own: the mean of the means.
         torch::Tensor mean = torch::tensor(valid_loss, torch::kDouble);

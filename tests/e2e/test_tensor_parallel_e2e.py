@@ -56,7 +56,8 @@ def tp_args(data, output_dir, name, tp, sp, tied, **extra):
     return train_args(data, output_dir, name, STEPS, extra.pop("interval", 0),
                       **{"model.num_heads": 8, "model.num_kv_heads": 4, "model.tie_embeddings": str(tied).lower(),
                          "parallel.tp": tp, "parallel.sequence_parallel": str(sp).lower(),
-                         "optimizer.eps": 1e-6, **extra})
+                         "optimizer.eps": 1e-6, "data.valid": data["dataset"], "data.valid_interval": 5,
+                         "data.valid_batches": 4, **extra})
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +98,14 @@ def test_parallel_run_reproduces_the_single_rank_run(data, tmp_path, single_rank
     got, want = losses_by_step(run, STEPS), losses_by_step(reference, STEPS)
     for step in range(1, STEPS + 1):
         assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), (step, got[step], want[step])
-    norms = {r["step"]: r["grad_norm"] for r in read_metrics(run)}
-    ref_norms = {r["step"]: r["grad_norm"] for r in read_metrics(reference)}
+    # Validation reads the same samples on any layout (data.valid_batches counts over all replicas).
+    valid = {r["step"]: r["valid_loss"] for r in read_metrics(run) if "valid_loss" in r}
+    ref_valid = {r["step"]: r["valid_loss"] for r in read_metrics(reference) if "valid_loss" in r}
+    assert sorted(valid) == sorted(ref_valid) == [5, 10], (valid, ref_valid)
+    for step in valid:
+        assert abs(valid[step] - ref_valid[step]) <= 1e-5 * ref_valid[step], (step, valid[step], ref_valid[step])
+    norms = {r["step"]: r["grad_norm"] for r in read_metrics(run) if "grad_norm" in r}
+    ref_norms = {r["step"]: r["grad_norm"] for r in read_metrics(reference) if "grad_norm" in r}
     for step in range(1, STEPS + 1):
         assert abs(norms[step] - ref_norms[step]) <= 1e-4 * ref_norms[step], (step, norms[step], ref_norms[step])
     assert_same_hub_folder(run / "hf", reference / "hf", 1e-6)

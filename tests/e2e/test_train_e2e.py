@@ -103,7 +103,7 @@ def read_metrics(run_dir):
 
 
 def losses_by_step(run_dir, steps):
-    rows = read_metrics(run_dir)
+    rows = [r for r in read_metrics(run_dir) if "valid_loss" not in r]  # the training steps' records
     got = [r["step"] for r in rows]
     assert got == list(range(1, steps + 1)), f"{run_dir}/metrics.jsonl steps are {got}"
     return {r["step"]: r["loss"] for r in rows}
