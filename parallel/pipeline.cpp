@@ -131,7 +131,38 @@ double PipelineExecutor::run(const std::vector<at::Tensor>& inputs, const std::v
     }
   }
   for (auto& send : sends) send->wait();
+  sync_tied_embedding_grads();
   return loss_sum.item<double>();
+}
+
+void PipelineExecutor::sync_tied_embedding_grads() {
+  const PipeSchedule& s = *schedule_;
+  const ModelConfig& config = chunks_.front()->config();
+  if (!config.tie_embeddings || s.stages * s.virtual_stages == 1) return;
+  // Model stage 0 and the last model stage each hold a copy of the tied
+  // weight (the embedding, and the head's), and each copy's gradient is one
+  // part of the tied weight's: their sum, on both, keeps the copies equal
+  // after the update. Every pp rank takes part in the all-reduce (those
+  // without a copy with zeros), so no extra group is needed.
+  at::NoGradGuard no_grad;
+  std::vector<at::Tensor> copies;
+  for (auto& chunk : chunks_) {
+    for (const auto& named : chunk->named_parameters()) {
+      if (named.key() == "model.embed_tokens.weight") copies.push_back(named.value());
+    }
+  }
+  at::Tensor sum = at::zeros({config.vocab_size, config.hidden_size}, at::kFloat);
+  for (const at::Tensor& copy : copies) {
+    if (copy.grad().defined()) sum += copy.grad();
+  }
+  pp_->all_reduce(sum)->wait();
+  for (at::Tensor& copy : copies) {
+    if (copy.grad().defined()) {
+      copy.mutable_grad().copy_(sum);
+    } else {
+      copy.mutable_grad() = sum.clone();
+    }
+  }
 }
 
 }  // namespace loom

@@ -20,8 +20,10 @@
 // divided by the micro-batch count, so the gradients accumulate to the
 // mean's); backward of a chunk is autograd from its output with the
 // received gradient, and its input's gradient is what goes back.
-// Not yet: tied embeddings across the first and the last stage, sequence
-// and tensor parallelism inside a stage, bf16 activations.
+// With tied embeddings the first and the last model stage each hold a copy
+// of the tied weight; run() ends by giving both the sum of their gradients
+// (an all-reduce over the pp group), so the copies stay equal. Not yet:
+// sequence and tensor parallelism inside a stage, bf16 activations.
 #pragma once
 
 #include <cstdint>
@@ -62,7 +64,8 @@ class PipelineExecutor {
   // One step: every forward and backward of the schedule for this rank.
   // `inputs` and `targets` hold the step's micro-batches ([batch, tokens]
   // int64 each); the first stage reads the inputs, the last the targets.
-  // Gradients accumulate into the chunks' parameters. Returns the step's
+  // Gradients accumulate into the chunks' parameters (the tied weight's
+  // copies then hold the whole gradient). Returns the step's
   // mean loss on the rank that holds the last model stage, 0 elsewhere.
   double run(const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& targets);
 
@@ -71,6 +74,10 @@ class PipelineExecutor {
   int64_t last_peak_live() const { return last_peak_live_; }
 
  private:
+  // With tied embeddings, the first and the last model stage's copies of the
+  // tied weight get the sum of their gradients (collective over pp).
+  void sync_tied_embedding_grads();
+
   ProcessGroup* pp_;
   const PipeSchedule* schedule_;
   std::vector<std::shared_ptr<LlamaForCausalLM>> chunks_;

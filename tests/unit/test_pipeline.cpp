@@ -28,7 +28,7 @@ ProcessGroup& pp() { return *g_world; }
 
 constexpr int64_t kMicroBatches = 8, kBatch = 2, kSeq = 8;
 
-ModelConfig model_config(int64_t layers) {
+ModelConfig model_config(int64_t layers, bool tied) {
   ModelConfig m;
   m.hidden_size = 32;
   m.intermediate_size = 64;
@@ -38,12 +38,13 @@ ModelConfig model_config(int64_t layers) {
   m.vocab_size = 50;
   m.max_seq_len = 16;
   m.init_std = 0.05;
+  m.tie_embeddings = tied;
   return m;
 }
 
 // Returns the executor's peak of live micro-batches on this rank.
-int64_t check_schedule(const char* kind, int64_t virtual_stages, int64_t layers) {
-  const ModelConfig config = model_config(layers);
+int64_t check_schedule(const char* kind, int64_t virtual_stages, int64_t layers, bool tied = false) {
+  const ModelConfig config = model_config(layers, tied);
   torch::manual_seed(11);
   LocalLayerFactory factory;
   LlamaForCausalLM whole(config, factory);
@@ -103,6 +104,13 @@ TEST(PipelineExecutor, OneForwardOneBackwardMatchesTheWholeModelHoldingAtMostPMi
   EXPECT_EQ(check_schedule("1f1b", 1, 5), pp().size() - pp().rank());
 }
 TEST(PipelineExecutor, InterleavedMatchesTheWholeModel) { check_schedule("interleaved", 2, 8); }
+
+// The first and the last stage each hold a copy of a tied embedding; after
+// the step both copies hold the tied weight's whole gradient.
+TEST(PipelineExecutor, TiedEmbeddingCopiesGetTheWholeGradient) {
+  check_schedule("1f1b", 1, 4, /*tied=*/true);
+  check_schedule("interleaved", 2, 8, /*tied=*/true);
+}
 
 TEST(PipelineExecutor, StagesSplitTheLayersEvenlyFirstStagesTakingTheRest) {
   const StageSpec a = pipeline_stage_spec(10, 4, 0), b = pipeline_stage_spec(10, 4, 1);
