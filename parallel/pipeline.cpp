@@ -5,6 +5,7 @@
 #include <torch/nn/functional/loss.h>
 
 #include <algorithm>
+#include <chrono>
 #include <map>
 #include <string>
 #include <utility>
@@ -82,6 +83,13 @@ double PipelineExecutor::run(const std::vector<at::Tensor>& inputs, const std::v
   at::Tensor loss_sum = at::zeros({}, at::kDouble);
   int64_t live = 0;
   last_peak_live_ = 0;
+  last_recv_wait_seconds_ = 0;
+  const auto run_start = std::chrono::steady_clock::now();
+  auto timed_wait = [&](std::unique_ptr<Work> work) {
+    const auto start = std::chrono::steady_clock::now();
+    work->wait();
+    last_recv_wait_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  };
 
   for (const PipeAction& a : s.ranks[rank]) {
     Slot& slot = slots[{a.micro_batch, a.chunk}];
@@ -89,7 +97,7 @@ double PipelineExecutor::run(const std::vector<at::Tensor>& inputs, const std::v
     switch (a.op) {
       case PipeOp::kRecvForward: {
         at::Tensor buffer = at::empty(activation_shape, activation);
-        pp_->recv(buffer, {static_cast<int>((stage - 1) % p), kForwardTag})->wait();
+        timed_wait(pp_->recv(buffer, {static_cast<int>((stage - 1) % p), kForwardTag}));
         slot.input = buffer.requires_grad_(true);
         break;
       }
@@ -112,7 +120,7 @@ double PipelineExecutor::run(const std::vector<at::Tensor>& inputs, const std::v
         break;
       case PipeOp::kRecvBackward: {
         slot.output_grad = at::empty(activation_shape, activation);
-        pp_->recv(slot.output_grad, {static_cast<int>((stage + 1) % p), kBackwardTag})->wait();
+        timed_wait(pp_->recv(slot.output_grad, {static_cast<int>((stage + 1) % p), kBackwardTag}));
         break;
       }
       case PipeOp::kBackward:
@@ -132,6 +140,7 @@ double PipelineExecutor::run(const std::vector<at::Tensor>& inputs, const std::v
   }
   for (auto& send : sends) send->wait();
   sync_tied_embedding_grads();
+  last_run_seconds_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start).count();
   return loss_sum.item<double>();
 }
 

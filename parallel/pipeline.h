@@ -72,6 +72,10 @@ class PipelineExecutor {
   // The most micro-batches whose activations (autograd graphs) this rank
   // held at once during the last run(): forwarded, not yet backwarded.
   int64_t last_peak_live() const { return last_peak_live_; }
+  // Seconds the last run() spent waiting for received activations and
+  // gradients (this rank's part of the bubble), and in all.
+  double last_recv_wait_seconds() const { return last_recv_wait_seconds_; }
+  double last_run_seconds() const { return last_run_seconds_; }
 
  private:
   // With tied embeddings, the first and the last model stage's copies of the
@@ -83,6 +87,8 @@ class PipelineExecutor {
   std::vector<std::shared_ptr<LlamaForCausalLM>> chunks_;
   Shape shape_;
   int64_t last_peak_live_ = 0;
+  double last_recv_wait_seconds_ = 0;
+  double last_run_seconds_ = 0;
 };
 
 }  // namespace loom
