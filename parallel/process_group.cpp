@@ -184,4 +184,10 @@ void ProcessGroup::check_tag(const std::string& where, int tag) const {
   }
 }
 
+void all_reduce_through_cpu(ProcessGroup& group, at::Tensor& tensor, ReduceOp op) {
+  at::Tensor cpu = tensor.to(at::kCPU).contiguous().clone();
+  group.all_reduce(cpu, {op})->wait();
+  tensor = cpu.to(tensor.device());
+}
+
 }  // namespace loom

@@ -190,6 +190,12 @@ struct GridGroups {
   std::unique_ptr<ProcessGroup> tp;
 };
 
+// `tensor` (a small tensor on any device: a loss, a norm, a flag) replaced by
+// its reduction over `group`, through a contiguous CPU copy, so that a group
+// whose backend takes CPU tensors (MPI) reduces it whatever its device.
+// Blocking; collective over `group`.
+void all_reduce_through_cpu(ProcessGroup& group, at::Tensor& tensor, ReduceOp op = ReduceOp::kSum);
+
 // "float32 [4, 8] on cpu" (dtype, shape, device) for messages, with dtypes
 // named as in Python ("float32", "bfloat16", "int64").
 std::string describe_tensor(const at::Tensor& tensor);

@@ -213,13 +213,17 @@ ColumnParallelLinear::ColumnParallelLinear(ProcessGroup& tp, int64_t in_features
   if (bias) bias_ = register_parameter("bias", torch::zeros({out_local}));
 }
 
+at::Tensor column_input(ProcessGroup& tp, const at::Tensor& x, bool sequence_parallel) {
+  return sequence_parallel ? gather_from_sp(tp, x) : copy_to_tp(tp, x);
+}
+
 at::Tensor SharedColumnInput::get(ProcessGroup& tp, const at::Tensor& x, bool sequence_parallel) {
   const bool grad_mode = at::GradMode::is_enabled();
   if (input_.defined() && input_.is_same(x) && x._version() == version_ && grad_mode == grad_mode_ &&
       sequence_parallel == sequence_parallel_) {
     return output_;
   }
-  output_ = sequence_parallel ? gather_from_sp(tp, x) : copy_to_tp(tp, x);
+  output_ = column_input(tp, x, sequence_parallel);
   input_ = x;
   version_ = x._version();
   grad_mode_ = grad_mode;
@@ -231,8 +235,7 @@ torch::Tensor ColumnParallelLinear::forward(const torch::Tensor& x) {
   // f (or its sequence-parallel form): identity forward, and in backward the
   // sum over ranks of the input gradients each weight shard produced.
   const at::Tensor x_full = options_.shared_input ? options_.shared_input->get(*tp_, x, options_.sequence_parallel)
-                            : options_.sequence_parallel ? gather_from_sp(*tp_, x)
-                                                         : copy_to_tp(*tp_, x);
+                                                 : column_input(*tp_, x, options_.sequence_parallel);
   at::Tensor y_local = at::linear(x_full, weight_, bias_.defined() ? std::optional<at::Tensor>(bias_) : std::nullopt);
   return options_.gather_output ? gather_from_tp(*tp_, y_local) : y_local;
 }

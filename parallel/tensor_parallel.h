@@ -50,6 +50,10 @@ at::Tensor gather_from_sp(ProcessGroup& tp, const at::Tensor& x);
 // x [b, s, ...] (partial sums) -> [b, s/tp, ...] (this rank's slice of the sum);
 // s must be divisible by the group size.
 at::Tensor reduce_scatter_to_sp(ProcessGroup& tp, const at::Tensor& x);
+// The input of a column-parallel layer: f (copy_to_tp) of the whole
+// activation, or with `sequence_parallel` its sequence-parallel form,
+// gather_from_sp of this rank's slice [b, s/tp, ...].
+at::Tensor column_input(ProcessGroup& tp, const at::Tensor& x, bool sequence_parallel);
 // Shapes that do not fit (a dim not divisible by the group size, too few
 // dims) throw std::invalid_argument naming the operator, the tensor and the
 // group size, before anything is sent. Every rank sees the same shapes, so
@@ -110,7 +114,7 @@ class ColumnParallelLinear : public Linear, public TensorParallelLayer {
   struct Options {
     bool gather_output = false;      // all-gather y's last dim (gather_from_tp) so every rank has all of y
     bool sequence_parallel = false;  // x is [b, s/tp, in]; gather the sequence first (gather_from_sp)
-    std::shared_ptr<SharedColumnInput> shared_input;  // shared with the linears that read the same x (or null)
+    std::shared_ptr<SharedColumnInput> shared_input = nullptr;  // shared with the linears that read the same x
   };
   // Throws BadInput when out_features is not divisible by the group size.
   // Parameters are created empty (zeros for the bias), like the single-device

@@ -156,16 +156,12 @@ std::map<std::string, int64_t> optimizer_state_shard_dims(const NamedTensors& st
   return dims;
 }
 
-GradNormReduction tensor_parallel_grad_norm(ProcessGroup& tp, const NamedTensors& params,
-                                            const std::map<std::string, int64_t>& shard_dim) {
+GradNormReduction sharded_grad_norm(ProcessGroup& sum_over, int64_t tp_rank, const NamedTensors& params,
+                                    const std::map<std::string, int64_t>& shard_dim) {
   GradNormReduction reduction;
-  for (const auto& [name, param] : params) reduction.counted.push_back(dim_of(shard_dim, name) >= 0 || tp.rank() == 0);
-  ProcessGroup* group = &tp;
-  reduction.sum_over_ranks = [group](torch::Tensor& sum_of_squares) {
-    at::Tensor cpu = sum_of_squares.to(at::kCPU).contiguous().clone();
-    group->all_reduce(cpu)->wait();
-    sum_of_squares = cpu.to(sum_of_squares.device());
-  };
+  for (const auto& [name, param] : params) reduction.counted.push_back(dim_of(shard_dim, name) >= 0 || tp_rank == 0);
+  ProcessGroup* group = &sum_over;
+  reduction.sum_over_ranks = [group](torch::Tensor& sum_of_squares) { all_reduce_through_cpu(*group, sum_of_squares); };
   return reduction;
 }
 

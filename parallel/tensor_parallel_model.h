@@ -96,13 +96,14 @@ NamedTensors gather_tensor_parallel(ProcessGroup& tp, const NamedTensors& local,
 std::map<std::string, int64_t> optimizer_state_shard_dims(const NamedTensors& state,
                                                           const std::map<std::string, int64_t>& param_dims);
 
-// The gradient norm of the parameters `params` (this rank's shards, named as
-// AdamW holds them) together with the other ranks' shards: sharded
-// parameters count on every rank, parameters every rank holds whole count on
-// tp rank 0 only, and the sums of squares are all-reduced over `tp` (moved
-// through the CPU: the MPI group takes CPU tensors).
-GradNormReduction tensor_parallel_grad_norm(ProcessGroup& tp, const NamedTensors& params,
-                                            const std::map<std::string, int64_t>& shard_dim);
+// The gradient norm of `params` (this rank's parts of the parameters, named
+// after them) together with the other ranks' parts: a part of a parameter
+// that tensor parallelism shards (`shard_dim` >= 0) counts on every rank, a
+// part of one every tp rank holds whole counts on tp rank 0 only, and the
+// sums of squares are all-reduced over `sum_over`: the tp group, or under
+// ZeRO-1, whose pieces also split every parameter over dp, every rank.
+GradNormReduction sharded_grad_norm(ProcessGroup& sum_over, int64_t tp_rank, const NamedTensors& params,
+                                    const std::map<std::string, int64_t>& shard_dim);
 
 // Rank `rank`'s shards of every entry of `full` (by `shard_dim`), in order.
 NamedTensors shard_tensor_parallel(const NamedTensors& full, const std::map<std::string, int64_t>& shard_dim,

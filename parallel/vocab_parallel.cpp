@@ -149,8 +149,7 @@ VocabParallelLmHead::VocabParallelLmHead(ProcessGroup& tp, int64_t hidden, int64
 
 torch::Tensor VocabParallelLmHead::forward(const torch::Tensor& hidden) {
   // f: each rank's vocabulary slice contributes a part of the input's gradient.
-  const at::Tensor input = options_.sequence_parallel ? gather_from_sp(*tp_, hidden) : copy_to_tp(*tp_, hidden);
-  return at::linear(input, tied_ ? tied_->weight() : weight_);
+  return at::linear(column_input(*tp_, hidden, options_.sequence_parallel), tied_ ? tied_->weight() : weight_);
 }
 
 at::Tensor vocab_parallel_cross_entropy(ProcessGroup& tp, const at::Tensor& logits_local, const at::Tensor& targets) {

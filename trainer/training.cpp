@@ -316,13 +316,6 @@ std::shared_ptr<LlamaForCausalLM> whole_model(const ModelConfig& shape, const Na
   return model;
 }
 
-// `t` (a 0-dim or small tensor on any device) summed or maxed over `group`, in place.
-void all_reduce_small(ProcessGroup& group, torch::Tensor& t, ReduceOp op) {
-  torch::Tensor cpu = t.to(torch::kCPU).contiguous().clone();
-  group.all_reduce(cpu, {op})->wait();
-  t = cpu.to(t.device());
-}
-
 }  // namespace
 
 ParallelDims check_training_layout(const Config& config, int64_t world_size) {
@@ -422,7 +415,7 @@ TrainResult train(Config& config, const TrainOptions& options) {
   // The gradient norm of all shards together: a parameter every rank of the
   // group holds whole (norm weights, row-parallel biases) is counted once.
   const GradNormReduction tp_norm =
-      tp != nullptr ? tensor_parallel_grad_norm(*tp, named_params, param_dims) : GradNormReduction{};
+      tp != nullptr ? sharded_grad_norm(*tp, tp->rank(), named_params, param_dims) : GradNormReduction{};
   // Data parallelism: each replica trains on its own samples of every global
   // batch, and the gradients are averaged over the replicas, bucket by bucket
   // while the last micro-batch's backward runs (parallel/data_parallel.h).
@@ -490,14 +483,8 @@ TrainResult train(Config& config, const TrainOptions& options) {
   // over every rank (each element is in one dp shard; a parameter every tp
   // rank holds whole counts on tp rank 0 only).
   const std::vector<torch::Tensor> norm_params = zero ? zero->shard_params() : params;
-  GradNormReduction zero_norm;
-  if (zero) {
-    for (const auto& [name, piece] : zero->shard_named_params()) {
-      zero_norm.counted.push_back(tp == nullptr || param_dims.at(name) >= 0 || tp->rank() == 0);
-    }
-    ProcessGroup* world = options.world;
-    zero_norm.sum_over_ranks = [world](torch::Tensor& t) { all_reduce_small(*world, t, ReduceOp::kSum); };
-  }
+  const GradNormReduction zero_norm =
+      zero ? sharded_grad_norm(*options.world, coords.tp, zero->shard_named_params(), param_dims) : GradNormReduction{};
   const GradNormReduction* norm_reduction = zero ? &zero_norm : tp != nullptr ? &tp_norm : nullptr;
 
   // Only the writer has a metrics file; the other ranks write to nothing.
@@ -628,7 +615,7 @@ TrainResult train(Config& config, const TrainOptions& options) {
     if (dp != nullptr) {
       // The replicas' means over the same number of samples: their mean is
       // the global batch's.
-      all_reduce_small(*dp, step_loss, ReduceOp::kAvg);
+      all_reduce_through_cpu(*dp, step_loss, ReduceOp::kAvg);
     }
     // A NaN or inf in any micro-batch's loss makes the sum non-finite.
     const double loss_sum = step_loss.item<double>();
@@ -734,7 +721,7 @@ TrainResult train(Config& config, const TrainOptions& options) {
       if (dp != nullptr) {
         // Every replica evaluates as many batches of its own: the mean of the means.
         torch::Tensor mean = torch::tensor(valid_loss, torch::kDouble);
-        all_reduce_small(*dp, mean, ReduceOp::kAvg);
+        all_reduce_through_cpu(*dp, mean, ReduceOp::kAvg);
         valid_loss = mean.item<double>();
       }
       result.last_valid_loss = valid_loss;
@@ -760,7 +747,7 @@ TrainResult train(Config& config, const TrainOptions& options) {
     // different moments, so they agree on the largest.
     if (options.world != nullptr && options.world->size() > 1) {
       torch::Tensor agreed = torch::tensor(static_cast<int64_t>(stop_requested));
-      all_reduce_small(*options.world, agreed, ReduceOp::kMax);
+      all_reduce_through_cpu(*options.world, agreed, ReduceOp::kMax);
       stop_requested = static_cast<int>(agreed.item<int64_t>());
     }
     const bool interval_due = config.checkpoint.interval > 0 && step % config.checkpoint.interval == 0;

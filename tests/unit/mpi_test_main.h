@@ -1,18 +1,44 @@
-// The end of main() of loom's multi-rank GoogleTest binaries, which mpirun
-// starts on every rank (test_process_group, test_tensor_parallel,
-// test_vocab_parallel). Every rank runs every test in the same order, as
-// the contract of parallel/process_group.h requires.
+// What loom's multi-rank GoogleTest binaries, which mpirun starts on every
+// rank (test_process_group, test_tensor_parallel, test_vocab_parallel, ...),
+// share: seeded inputs that are the same on every rank, the comparison of a
+// result with the one a rank computes alone, and the end of main(). Every
+// rank runs every test in the same order, as the contract of
+// parallel/process_group.h requires.
 #pragma once
 
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
 #include <mpi.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <string>
 
 #include "parallel/mpi_process_group.h"
 
 namespace loom::test_support {
+
+// Standard normal float32 values, the same on every rank for the same seed.
+inline at::Tensor seeded_randn(at::IntArrayRef shape, uint64_t seed) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  return at::randn(shape, gen, at::kFloat);
+}
+
+// max |actual - expected| (in float64) within `rtol` of max |expected|.
+inline void expect_close(const at::Tensor& actual, const at::Tensor& expected, double rtol, const std::string& what) {
+  ASSERT_EQ(actual.sizes(), expected.sizes()) << what;
+  const at::Tensor a = actual.detach().to(at::kDouble);
+  const at::Tensor e = expected.detach().to(at::kDouble);
+  const double scale = std::max(1e-30, e.abs().max().item<double>());
+  const double err = (a - e).abs().max().item<double>();
+  int rank = 0, size = 1;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  EXPECT_LE(err / scale, rtol) << what << ": max error " << err << " against max |expected| " << scale << " (rank "
+                               << rank << " of " << size << ")";
+}
 
 // On ranks other than 0, prints failures only (each prefixed with the rank)
 // instead of GoogleTest's full report, so the log shows one report.

@@ -4,7 +4,6 @@
 // the ranks, and each rank checks the result against the average it computes
 // alone from every rank's data.
 #include <ATen/ATen.h>
-#include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
 
 #include <memory>
@@ -21,10 +20,7 @@ namespace {
 MpiProcessGroup* g_world = nullptr;
 ProcessGroup& dp() { return *g_world; }
 
-at::Tensor random(at::IntArrayRef shape, uint64_t seed) {
-  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
-  return at::randn(shape, gen, at::kFloat);
-}
+at::Tensor random(at::IntArrayRef shape, uint64_t seed) { return test_support::seeded_randn(shape, seed); }
 
 // A chain of layers y = tanh(x W_k + b_k), so that backward produces the
 // last layers' gradients first, and a loss that depends on `rank`'s data.

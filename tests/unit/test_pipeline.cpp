@@ -85,9 +85,7 @@ int64_t check_schedule(const char* kind, int64_t virtual_stages, int64_t layers,
         ADD_FAILURE() << kind << ": no gradient for " << named.key();
         continue;
       }
-      const double scale = std::max(expected.abs().max().item<double>(), 1e-30);
-      EXPECT_LE((named.value().grad() - expected).abs().max().item<double>() / scale, 1e-5)
-          << kind << ": gradient of " << named.key();
+      test_support::expect_close(named.value().grad(), expected, 1e-5, std::string(kind) + ": gradient of " + named.key());
       ++checked;
     }
   }

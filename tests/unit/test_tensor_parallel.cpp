@@ -35,11 +35,8 @@ ProcessGroup& tp() { return *g_world; }
 int64_t tp_rank() { return tp().rank(); }
 int64_t tp_size() { return tp().size(); }
 
-// The same values on every rank for the same seed.
-at::Tensor random(at::IntArrayRef shape, uint64_t seed) {
-  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
-  return at::randn(shape, gen, at::kFloat);
-}
+using test_support::expect_close;
+at::Tensor random(at::IntArrayRef shape, uint64_t seed) { return test_support::seeded_randn(shape, seed); }
 
 at::Tensor leaf(const at::Tensor& t) { return t.detach().clone().set_requires_grad(true); }
 
@@ -57,15 +54,6 @@ at::Tensor gather_dim(const at::Tensor& t, int64_t dim) {
   at::Tensor out = at::empty(shape, front.options());
   tp().all_gather(out, front)->wait();
   return out.movedim(0, dim).contiguous();
-}
-
-// max |actual - expected| within `rtol` of max |expected|.
-void expect_close(const at::Tensor& actual, const at::Tensor& expected, double rtol, const std::string& what) {
-  ASSERT_EQ(actual.sizes(), expected.sizes()) << what;
-  const double scale = std::max(1e-30, expected.abs().max().item<double>());
-  const double err = (actual.detach() - expected.detach()).abs().max().item<double>();
-  EXPECT_LE(err / scale, rtol) << what << ": max error " << err << " against max |expected| " << scale << " (rank "
-                               << tp_rank() << " of " << tp_size() << ")";
 }
 
 constexpr double kOpTol = 1e-6;     // operators: fp32, a few sums

@@ -39,11 +39,8 @@ ProcessGroup& tp() { return *g_world; }
 int64_t tp_rank() { return tp().rank(); }
 int64_t tp_size() { return tp().size(); }
 
-// The same values on every rank for the same seed.
-at::Tensor random(at::IntArrayRef shape, uint64_t seed) {
-  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
-  return at::randn(shape, gen, at::kFloat);
-}
+using test_support::expect_close;
+at::Tensor random(at::IntArrayRef shape, uint64_t seed) { return test_support::seeded_randn(shape, seed); }
 
 // Ids [n] in [0, vocab) that include 0, vocab - 1 and an id of every rank's
 // shard, then random ones (with repeats, so gradients accumulate).
@@ -69,17 +66,6 @@ at::Tensor gather_dim(const at::Tensor& t, int64_t dim) {
   at::Tensor out = at::empty(shape, front.options());
   tp().all_gather(out, front)->wait();
   return out.movedim(0, dim).contiguous();
-}
-
-// max |actual - expected| within `rtol` of max |expected|.
-void expect_close(const at::Tensor& actual, const at::Tensor& expected, double rtol, const std::string& what) {
-  ASSERT_EQ(actual.sizes(), expected.sizes()) << what;
-  const at::Tensor a = actual.detach().to(at::kDouble);
-  const at::Tensor e = expected.detach().to(at::kDouble);
-  const double scale = std::max(1e-30, e.abs().max().item<double>());
-  const double err = (a - e).abs().max().item<double>();
-  EXPECT_LE(err / scale, rtol) << what << ": max error " << err << " against max |expected| " << scale << " (rank "
-                               << tp_rank() << " of " << tp_size() << ")";
 }
 
 constexpr double kFp32Tol = 1e-6;   // fp32, sums in another order

@@ -16,6 +16,7 @@
 
 #include "parallel/data_parallel.h"
 #include "parallel/mpi_process_group.h"
+#include "parallel/tensor_parallel_model.h"
 #include "parallel/zero.h"
 #include "tests/unit/mpi_test_main.h"
 #include "trainer/model/llama.h"
@@ -58,18 +59,6 @@ at::Tensor loss_on_my_data(LlamaForCausalLM& model, int64_t step) {
                                               ids.narrow(1, 1, 8).reshape({-1}));
 }
 
-GradNormReduction over_dp(size_t pieces) {
-  GradNormReduction reduction;
-  reduction.counted.assign(pieces, true);  // every element sits in exactly one rank's shard
-  ProcessGroup* group = &dp();
-  reduction.sum_over_ranks = [group](torch::Tensor& t) {
-    at::Tensor cpu = t.contiguous().clone();
-    group->all_reduce(cpu)->wait();
-    t = cpu;
-  };
-  return reduction;
-}
-
 TEST(ShardedAdamW, MatchesWholeAdamWWithAllReducedGradientsAndHoldsOneDpthOfTheState) {
   auto reference = model_from_seed();
   auto sharded = model_from_seed();
@@ -78,7 +67,9 @@ TEST(ShardedAdamW, MatchesWholeAdamWWithAllReducedGradientsAndHoldsOneDpthOfTheS
   AdamW whole(to_named_tensors(reference->named_parameters()), options);
   GradientReducer reducer(dp(), whole.params(), {25.0, true});
   ShardedAdamW zero(dp(), to_named_tensors(sharded->named_parameters()), options);
-  const GradNormReduction reduction = over_dp(zero.shard_params().size());
+  // Every element sits in exactly one rank's shard (no tp: every dim is -1).
+  const GradNormReduction reduction =
+      sharded_grad_norm(dp(), /*tp_rank=*/0, zero.shard_named_params(), tensor_parallel_shard_dims(*sharded));
 
   for (int64_t step = 0; step < 5; ++step) {
     whole.zero_grad();
@@ -108,10 +99,7 @@ TEST(ShardedAdamW, MatchesWholeAdamWWithAllReducedGradientsAndHoldsOneDpthOfTheS
   ASSERT_EQ(gathered.size(), expected.size());
   for (size_t i = 0; i < gathered.size(); ++i) {
     EXPECT_EQ(gathered[i].first, expected[i].first);
-    const at::Tensor want = expected[i].second.to(at::kDouble);
-    const double scale = std::max(want.abs().max().item<double>(), 1e-30);
-    EXPECT_LE((gathered[i].second.to(at::kDouble) - want).abs().max().item<double>() / scale, 1e-4)
-        << gathered[i].first;
+    test_support::expect_close(gathered[i].second, expected[i].second, 1e-4, gathered[i].first);
   }
 
   // Memory: exp_avg and exp_avg_sq of 1/dp of the elements (within 5%).
