@@ -11,19 +11,29 @@
 // SIGTERM (what Slurm and most schedulers send before killing a job),
 // SIGINT (Ctrl-C) and SIGUSR1 (Slurm's --signal) stop the run gracefully:
 // the step in progress is finished, a checkpoint is written at that step
-// boundary, and loom exits with 128 + the signal's number, so running the
-// same command again resumes exactly. A second signal ends the process at
-// once (the handler resets itself).
+// boundary, and loom exits with kExitRequeue (75, "preempted, checkpoint
+// saved, requeue me"), so running the same command again resumes exactly. A
+// second signal ends the process at once (the handler resets itself).
+// launch.max_wall_time stops the run the same way when its time is up.
+//
+// Under MPI, a preflight (launch/preflight.h) runs before step 1; with
+// --check, only the preflight runs.
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <csignal>
 #include <cstdlib>
 #include <iostream>
 #include <memory>
+#include <mutex>
+#include <thread>
 
 #include "launch/cli.h"
 #include "launch/commands.h"
+#include "launch/launcher.h"
+#include "launch/preflight.h"
 #include "parallel/mpi_process_group.h"
 #include "parallel/topology.h"
 #include "trainer/config.h"
@@ -38,6 +48,47 @@ std::atomic<int> g_stop_signal{0};
 static_assert(std::atomic<int>::is_always_lock_free, "the signal handler needs a lock-free store");
 
 extern "C" void on_stop_signal(int signal) { g_stop_signal.store(signal); }
+
+// What g_stop_signal holds when launch.max_wall_time ran out. No handler is
+// installed for SIGALRM, so a real one never lands there.
+constexpr int kWallTimeStop = SIGALRM;
+
+// launch.max_wall_time: a thread that asks for a graceful stop (as a signal
+// would) once the budget is spent. The ranks start within moments of each
+// other and agree on the stop at the next step boundary (the first rank whose
+// budget ends decides), so they checkpoint the same step.
+class WallClockBudget {
+ public:
+  WallClockBudget(double seconds, bool announce) {
+    if (seconds <= 0) return;
+    thread_ = std::thread([this, seconds, announce] {
+      std::unique_lock<std::mutex> lock(mutex_);
+      const auto budget = std::chrono::duration<double>(seconds);
+      if (done_changed_.wait_for(lock, budget, [this] { return done_; })) return;
+      int expected = 0;
+      if (g_stop_signal.compare_exchange_strong(expected, kWallTimeStop) && announce)
+        std::cout << "launch.max_wall_time (" << seconds << " s) reached: stopping at the next step boundary"
+                  << std::endl;
+    });
+  }
+  ~WallClockBudget() {
+    if (!thread_.joinable()) return;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      done_ = true;
+    }
+    done_changed_.notify_all();
+    thread_.join();
+  }
+  WallClockBudget(const WallClockBudget&) = delete;
+  WallClockBudget& operator=(const WallClockBudget&) = delete;
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable done_changed_;
+  bool done_ = false;
+  std::thread thread_;
+};
 
 void install_stop_handlers() {
   struct sigaction action {};
@@ -75,16 +126,19 @@ int launcher_world_size() {
 }
 
 int report_stop(const TrainResult& result) {
-  std::cout << "stopped by signal " << result.stopped_by_signal << " after step " << result.final_step
+  std::cout << (result.stopped_by_signal == kWallTimeStop
+                    ? std::string("stopped at launch.max_wall_time")
+                    : "stopped by signal " + std::to_string(result.stopped_by_signal))
+            << " after step " << result.final_step
             << (result.last_checkpoint.empty() ? std::string(" (no checkpoint: checkpoint.enabled is false)")
                                                : "; checkpoint " + result.last_checkpoint +
                                                      ", run the same command to resume")
-            << std::endl;
-  return 128 + result.stopped_by_signal;
+            << " (exit " << kExitRequeue << ")" << std::endl;
+  return kExitRequeue;
 }
 
-// train() on every rank of an MPI job.
-int train_ranks(Config& config, TrainOptions options) {
+// train() on every rank of an MPI job (only the preflight with check_only).
+int train_ranks(Config& config, TrainOptions options, bool check_only) {
   MpiSession session;
   std::unique_ptr<MpiProcessGroup> world = session.world();
   const bool rank0 = world->rank() == 0;
@@ -98,13 +152,22 @@ int train_ranks(Config& config, TrainOptions options) {
   }
   try {
     const GridGroups grid = split_grid(*world, ParallelDims::from_config(config, world->size()));
+    if (!run_preflight(config, world.get(), &grid, std::cout, std::cerr)) return kExitBadInput;
+    if (check_only) return kExitOk;
     options.world = world.get();
     options.grid = &grid;
     // Open MPI gives every rank a pseudo-terminal whether or not mpirun has a
     // real one, so a multi-rank run logs plain lines.
     options.progress_bar = false;
+    const WallClockBudget budget(config.launch.max_wall_time, rank0);
     const TrainResult result = train(config, options);
-    if (result.stopped_by_signal != 0) return rank0 ? report_stop(result) : 128 + result.stopped_by_signal;
+    if (result.stopped_by_signal != 0) {
+      // No rank leaves before every rank has returned from train() (rank 0
+      // last, after it named the checkpoint in `latest`): mpirun and srun
+      // end the job when the first rank exits with a non-zero code.
+      world->barrier()->wait();
+      return rank0 ? report_stop(result) : kExitRequeue;
+    }
     return kExitOk;
   } catch (const BadInput& e) {
     MpiSession::abort("train: rank " + std::to_string(world->rank()) + ": error: " + e.what(), kExitBadInput);
@@ -116,7 +179,9 @@ int train_ranks(Config& config, TrainOptions options) {
 }  // namespace
 
 int command_train(const std::vector<std::string>& argv) {
-  Args args("train", argv, {{"set", true, true, "override a config key, e.g. --set schedule.train_steps=100"}});
+  Args args("train", argv, {{"set", true, true, "override a config key, e.g. --set schedule.train_steps=100"},
+                            {"check", false, false, "run the preflight only (see loom launch --check)"}});
+  const bool check_only = args.has("check");
   args.expect_positional(1, "one CONFIG");
   std::vector<std::string> overrides = args.all("set");
   // Under a launcher the world size is the launcher's: launch.ranks (what
@@ -141,7 +206,9 @@ int command_train(const std::vector<std::string>& argv) {
   options.progress_bar = ::isatty(STDOUT_FILENO) == 1;
   options.stop_signal = &g_stop_signal;
   install_stop_handlers();
-  if (launched_by_mpi()) return train_ranks(config, options);
+  if (launched_by_mpi()) return train_ranks(config, options, check_only);
+  if (check_only) return run_preflight(config, nullptr, nullptr, std::cout, std::cerr) ? kExitOk : kExitBadInput;
+  const WallClockBudget budget(config.launch.max_wall_time, /*announce=*/true);
   const TrainResult result = train(config, options);
   if (result.stopped_by_signal != 0) return report_stop(result);
   return kExitOk;

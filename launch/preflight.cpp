@@ -1,0 +1,151 @@
+#include "launch/preflight.h"
+
+#include <sys/statvfs.h>
+#include <unistd.h>
+
+#include <ATen/ATen.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "data/dataset.h"
+#include "trainer/model/llama.h"
+
+namespace loom {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+// A group's collective gets this long before Work::wait ends the job with a
+// message naming the rank and the group: a rank that cannot reach its peers
+// shows up here within a minute instead of at the default timeout mid-run.
+constexpr std::chrono::milliseconds kPreflightCollectiveTimeout = std::chrono::seconds(60);
+
+std::string host_name() {
+  char name[256] = {};
+  if (::gethostname(name, sizeof name - 1) != 0) return "unknown-host";
+  return name;
+}
+
+std::string gib(double bytes) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%.2f GiB", bytes / (1024.0 * 1024.0 * 1024.0));
+  return text;
+}
+
+// Bytes one checkpoint of the whole model takes: fp32 weights and AdamW's two
+// moments (whole or sharded, their sum is the same), plus the Hub export.
+double checkpoint_bytes(const ModelConfig& model) { return static_cast<double>(count_parameters(model)) * 4.0 * 4.0; }
+
+void check_datasets(const Config& config, std::vector<std::string>& failures) {
+  std::vector<std::pair<std::string, std::string>> datasets;  // key, path
+  for (size_t i = 0; i < config.data.train.size(); ++i)
+    datasets.emplace_back("data.train[" + std::to_string(i) + "]", config.data.train[i].path);
+  if (!config.data.valid.empty()) datasets.emplace_back("data.valid", config.data.valid);
+  for (const auto& [key, path] : datasets) {
+    try {
+      // Opens index.json and every shard's HDF5 header; reads no tokens.
+      DatasetOpenOptions options;
+      options.scan_token_range = TokenRangeScan::kNever;
+      Dataset::open(path, options);
+    } catch (const std::exception& e) {
+      failures.push_back(key + " (" + path + "): " + e.what());
+    }
+  }
+}
+
+void check_output_folder(const Config& config, int rank, std::vector<std::string>& failures) {
+  const fs::path run_dir = fs::path(config.run.output_dir) / config.run.name;
+  std::error_code error;
+  fs::create_directories(run_dir, error);
+  if (error) {
+    failures.push_back("run folder " + run_dir.string() + ": cannot create it: " + error.message());
+    return;
+  }
+  const fs::path probe = run_dir / (".preflight-rank" + std::to_string(rank) + "-" + std::to_string(::getpid()));
+  {
+    std::ofstream out(probe);
+    out << "loom preflight\n";
+    out.flush();
+    if (!out) failures.push_back("run folder " + run_dir.string() + ": not writable (cannot write " +
+                                 probe.filename().string() + ")");
+  }
+  fs::remove(probe, error);
+  if (!config.checkpoint.enabled) return;
+  struct statvfs fs_stats {};
+  if (::statvfs(run_dir.c_str(), &fs_stats) != 0) return;  // no answer: nothing to compare
+  const double free_bytes = static_cast<double>(fs_stats.f_bavail) * static_cast<double>(fs_stats.f_frsize);
+  const double needed = checkpoint_bytes(config.model);
+  if (free_bytes < needed)
+    failures.push_back("run folder " + run_dir.string() + ": " + gib(free_bytes) + " free, a checkpoint needs about " +
+                       gib(needed) + " (weights, AdamW moments and the Hub export)");
+}
+
+// A sum of ones over `group` must equal its size.
+void check_group(ProcessGroup& group, const std::string& name, std::vector<std::string>& failures) {
+  at::Tensor ones = at::ones({1}, at::kLong);
+  group.all_reduce(ones)->wait(kPreflightCollectiveTimeout);
+  if (ones.item<int64_t>() != group.size())
+    failures.push_back("all-reduce over the " + name + " group gave " + std::to_string(ones.item<int64_t>()) +
+                       ", expected its size " + std::to_string(group.size()));
+}
+
+}  // namespace
+
+bool run_preflight(const Config& config, ProcessGroup* world, const GridGroups* grid, std::ostream& log,
+                   std::ostream& errors) {
+  const auto start = std::chrono::steady_clock::now();
+  const int rank = world ? world->rank() : 0;
+  const int size = world ? world->size() : 1;
+  std::vector<std::string> failures;
+
+  if (world) {
+    check_group(*world, "world", failures);
+    if (grid && grid->dp) check_group(*grid->dp, "dp", failures);
+    if (grid && grid->pp) check_group(*grid->pp, "pp", failures);
+    if (grid && grid->tp) check_group(*grid->tp, "tp", failures);
+
+    // The same config on every rank: a node with another copy of the file
+    // (or of a file it names) would train something else or deadlock later.
+    const int64_t config_hash = static_cast<int64_t>(std::hash<std::string>{}(config_to_yaml(config)) >> 1);
+    at::Tensor rank0_hash = at::full({1}, config_hash, at::kLong);
+    world->broadcast(rank0_hash, BroadcastOptions{0})->wait(kPreflightCollectiveTimeout);
+    if (rank0_hash.item<int64_t>() != config_hash)
+      failures.push_back("the resolved config differs from rank 0's (another copy of " + config.source_path +
+                         " or different --set arguments)");
+  }
+
+  check_datasets(config, failures);
+  check_output_folder(config, rank, failures);
+
+  // One string per line: the ranks share the terminal, and a line written
+  // in pieces interleaves with the other ranks' lines.
+  for (const std::string& failure : failures)
+    errors << ("loom: preflight: rank " + std::to_string(rank) + " on " + host_name() + ": " + failure + "\n")
+           << std::flush;
+  int64_t failed = failures.empty() ? 0 : 1;
+  if (world) {
+    at::Tensor failed_ranks = at::full({1}, failed, at::kLong);
+    world->all_reduce(failed_ranks)->wait(kPreflightCollectiveTimeout);
+    failed = failed_ranks.item<int64_t>();
+  }
+  if (rank == 0) {
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    char took[32];
+    std::snprintf(took, sizeof took, "%.2f s", seconds);
+    if (failed == 0)
+      log << "preflight: " << size << " rank" << (size == 1 ? "" : "s")
+          << " ok (groups, config, data, run folder) in " << took << std::endl;
+    else
+      errors << "loom: preflight failed on " << failed << " of " << size << " rank" << (size == 1 ? "" : "s")
+             << " (lines above)" << std::endl;
+  }
+  return failed == 0;
+}
+
+}  // namespace loom

@@ -1,0 +1,24 @@
+// Preflight: what every rank of a run needs, checked before step 1 (and by
+// `loom launch --check` / `loom train --check` alone). Each rank checks that
+// it reads the same config as rank 0, opens every dataset the config names
+// and the tokenizer file, can write into the run folder and has room there
+// for a checkpoint, and completes a small all-reduce on the world and on each
+// of its dp, pp and tp groups. A failing rank prints one line per problem
+// naming its rank and host; every rank then returns the same verdict.
+#pragma once
+
+#include <ostream>
+
+#include "parallel/process_group.h"
+#include "trainer/config.h"
+
+namespace loom {
+
+// Collective over `world` (and each group of `grid`). Returns true when every
+// rank passed; false on every rank when any failed (the failures were printed
+// to `errors` by the ranks that saw them). Rank 0 logs a one-line summary.
+// world == nullptr: one rank without MPI (no group checks).
+bool run_preflight(const Config& config, ProcessGroup* world, const GridGroups* grid, std::ostream& log,
+                   std::ostream& errors);
+
+}  // namespace loom
