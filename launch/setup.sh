@@ -9,6 +9,9 @@ TORCH_VERSION=2.11.0
 DEBIAN_PACKAGES=(
   build-essential cmake ninja-build ccache pkg-config git
   openmpi-bin libopenmpi-dev
+  # `loom launch --slurm` and its e2e tests (a one-node cluster on localhost):
+  # the daemons and clients, srun's pmix plugin (in basic-plugins) and munge.
+  slurm-wlm slurmctld slurmd slurm-client slurm-wlm-basic-plugins munge
   libhdf5-dev hdf5-tools
   libyaml-cpp-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev
