@@ -1,0 +1,276 @@
+"""End-to-end tests of `loom launch`: the mpirun command it builds and runs,
+preemption (SIGTERM to `loom launch`, launch.max_wall_time) with exit code 75
+and an exact resume, launch errors (exit 2, one message), the preflight, the
+sbatch script of a 4-node x 8-GPU config, and a real one-node Slurm cluster
+on localhost (tests/e2e/slurm_cluster.py): a job sent `scancel --signal=USR1`
+checkpoints, exits 75, requeues itself and finishes with the same weights as
+an uninterrupted run, bit for bit.
+"""
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_cluster import LocalSlurmCluster, why_unavailable
+from test_train_e2e import CONFIG, LOOM_BIN, REPO, data, read_metrics, train_args  # noqa: F401 (data: fixture)
+
+EXIT_REQUEUE = 75
+STEPS = 60
+
+
+def launch_args(data, output_dir, name, ranks, tp, steps=STEPS, **extra):
+    """`loom launch` arguments for the tiny test model on `ranks` ranks (tp x dp)."""
+    args = train_args(data, output_dir, name, steps, 0,
+                      **{"model.num_heads": 8, "model.num_kv_heads": 4, "launch.ranks": ranks,
+                         "parallel.dp": "auto", "parallel.tp": tp, "launch.env.OMP_NUM_THREADS": 1,
+                         "launch.mpirun_args": "[]", **extra})
+    return ["launch", *args[1:]]
+
+
+def env_without(*programs):
+    """The environment with a PATH whose folders hold none of `programs` (only the loom binary's own)."""
+    keep = [d for d in os.environ.get("PATH", "").split(":")
+            if d and not any(Path(d, p).exists() for p in programs)]
+    return dict(os.environ, PATH=":".join(keep))
+
+
+def run_loom(args, expect=0, timeout=300, env=None):
+    proc = subprocess.run([LOOM_BIN, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env=env or dict(os.environ))
+    assert proc.returncode == expect, (
+        f"loom {' '.join(map(str, args))} exited {proc.returncode}, expected {expect}\n"
+        f"stdout: {proc.stdout[-4000:]}\nstderr: {proc.stderr[-4000:]}")
+    return proc.stdout, proc.stderr
+
+
+def weights(run_dir):
+    return (run_dir / "hf" / "model.safetensors").read_bytes()
+
+
+def wait_for_steps(run_dir, steps, proc=None, timeout=180):
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:
+            return
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the run ended (exit {proc.returncode}) before step {steps}:\n{proc.communicate()[0][-3000:]}")
+        time.sleep(0.05)
+    pytest.fail(f"{metrics} did not reach {steps} steps in {timeout} s")
+
+
+def assert_stopped_with_checkpoint(run_dir):
+    """`latest` names the last logged step's checkpoint, and nothing was exported."""
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    last = read_metrics(run_dir)[-1]["step"]
+    assert latest == f"step-{last:07d}", (latest, last)
+    assert last < STEPS, f"the run reached its last step ({last}) before it was stopped"
+    assert not (run_dir / "hf").exists(), "a stopped run must not export"
+
+
+@pytest.fixture(scope="module")
+def reference_tp2(data, tmp_path_factory):
+    """An uninterrupted 2-rank (tp 2) run by `loom launch`."""
+    out = tmp_path_factory.mktemp("launch-ref")
+    stdout, _ = run_loom(launch_args(data, out, "ref", 2, 2))
+    assert "preflight: 2 ranks ok" in stdout, stdout[-2000:]
+    return out / "ref"
+
+
+# --------------------------------------------------------------------------
+# The mpirun command
+# --------------------------------------------------------------------------
+
+def test_dry_run_prints_the_mpirun_command_with_flags_only_where_needed(data, tmp_path):
+    cores = os.cpu_count()
+    for ranks in (1, 4):
+        out, _ = run_loom([*launch_args(data, tmp_path, "dry", ranks, 1), "--dry-run"])
+        comments = [l for l in out.splitlines() if l.startswith("#")]
+        command = [l for l in out.splitlines() if not l.startswith("#")]
+        assert len(command) == 1, out
+        argv = command[0].split()
+        assert argv[0] == "mpirun" and argv[argv.index("-np") + 1] == str(ranks), out
+        assert argv[argv.index(LOOM_BIN if os.path.isabs(LOOM_BIN) else os.path.abspath(LOOM_BIN)) + 1:][:2] == \
+            ["train", str(CONFIG)], out
+        assert ("--allow-run-as-root" in argv) == (os.geteuid() == 0), out
+        assert ("--oversubscribe" in argv) == (ranks > cores), out
+        assert any("--oversubscribe: " in c for c in comments) == (ranks > cores), out
+        assert "OMP_NUM_THREADS=1" in argv, out  # launch.env, passed with -x
+    assert not (tmp_path / "dry").exists(), "a dry run must not start anything"
+
+
+def test_launch_errors_exit_2_with_one_message(data, tmp_path):
+    # No mpirun on PATH.
+    _, err = run_loom(launch_args(data, tmp_path, "e", 2, 2), expect=2, env=env_without("mpirun"))
+    assert err.strip().count("\n") == 0 and "mpirun not found on PATH" in err, err
+    # More ranks than the layout allows: tp 2 does not divide 3 ranks.
+    _, err = run_loom(launch_args(data, tmp_path, "e", 3, 2), expect=2)
+    assert err.strip().count("\n") == 0 and "launch.ranks" in err or "world size" in err, err
+    # No Slurm client.
+    _, err = run_loom([*launch_args(data, tmp_path, "e", 2, 2), "--slurm"], expect=2,
+                      env=env_without("sbatch"))
+    assert err.strip().count("\n") == 0 and "sbatch not found on PATH" in err, err
+    assert not (tmp_path / "e" / "checkpoints").exists()
+
+
+def test_check_names_the_rank_and_host_of_a_missing_dataset(data, tmp_path):
+    out, _ = run_loom([*launch_args(data, tmp_path, "ok", 2, 2), "--check"])
+    assert "preflight: 2 ranks ok" in out, out
+    assert not (tmp_path / "ok" / "checkpoints").exists(), "--check must not train"
+    missing = tmp_path / "nowhere"
+    _, err = run_loom([*launch_args(data, tmp_path, "bad", 2, 2, **{"data.train": f"[{missing}]"}), "--check"],
+                      expect=2)
+    host = os.uname().nodename.split(".")[0]
+    for rank in (0, 1):
+        assert re.search(rf"preflight: rank {rank} on {re.escape(host)}[^:]*: data.train\[0\] \({missing}\)", err), err
+    assert "preflight failed on 2 of 2 ranks" in err, err
+
+
+# --------------------------------------------------------------------------
+# Preemption under mpirun
+# --------------------------------------------------------------------------
+
+def test_sigterm_to_loom_launch_checkpoints_exits_75_and_a_second_launch_resumes_bit_identical(
+        data, tmp_path, reference_tp2):
+    args = launch_args(data, tmp_path, "pre", 2, 2)
+    run_dir = tmp_path / "pre"
+    proc = subprocess.Popen([LOOM_BIN, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_steps(run_dir, 3, proc)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == EXIT_REQUEUE, output[-3000:]
+    assert "stopped by signal 10" in output and "run the same command to resume" in output, output[-3000:]
+    assert_stopped_with_checkpoint(run_dir)
+    out, _ = run_loom(args)
+    assert weights(run_dir) == weights(reference_tp2), "the resumed run's weights differ from the uninterrupted run's"
+
+
+def test_max_wall_time_stops_like_a_signal_and_the_run_resumes_bit_identical(data, tmp_path, reference_tp2):
+    run_dir = tmp_path / "wall"
+    # The budget runs out after some of the 60 steps (about 0.05 s each here).
+    out, _ = run_loom(launch_args(data, tmp_path, "wall", 2, 2, **{"launch.max_wall_time": 1.0}), expect=EXIT_REQUEUE)
+    assert "launch.max_wall_time (1 s) reached" in out and "stopped at launch.max_wall_time" in out, out[-3000:]
+    assert_stopped_with_checkpoint(run_dir)
+    run_loom(launch_args(data, tmp_path, "wall", 2, 2))
+    assert weights(run_dir) == weights(reference_tp2), "the resumed run's weights differ from the uninterrupted run's"
+
+
+# --------------------------------------------------------------------------
+# Slurm
+# --------------------------------------------------------------------------
+
+EXPECTED_8B_SCRIPT = """\
+#!/bin/bash
+# Written by `loom launch --slurm` for {config}.
+# Submit it again with: sbatch {run}/slurm/job.sbatch
+#SBATCH --job-name=llama3-8b
+#SBATCH --nodes=4
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --time=48:00:00
+#SBATCH --partition=gpu
+#SBATCH --signal=B:USR1@300
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output={run}/slurm/job-%j.out
+#SBATCH --error={run}/slurm/job-%j.err
+#SBATCH --exclusive
+#
+# Stopping: SIGUSR1 (sent to this shell 300 s before the time limit, launch.slurm.signal_lead) is passed
+# on to the ranks once; `scancel --signal=USR1 JOB` and SIGTERM (preemption) reach the ranks
+# directly. The ranks finish the step, write a checkpoint and exit 75; the job then requeues
+# itself and the next run resumes from checkpoints/latest.
+
+cd {cwd} || exit 2
+export NCCL_DEBUG=WARN
+echo "loom: job $SLURM_JOB_ID, start ${{SLURM_RESTART_COUNT:-0}}, nodes $SLURM_JOB_NODELIST"
+
+ranks_pid=
+signals=0
+on_usr1() {{ signals=$((signals + 1)); echo "loom: SIGUSR1: the ranks checkpoint and stop"; [ -n "$ranks_pid" ] && kill -USR1 "$ranks_pid"; }}
+trap on_usr1 USR1
+# Slurm signals the ranks itself on SIGTERM: only keep waiting for their exit code.
+trap 'signals=$((signals + 1)); echo "loom: SIGTERM"' TERM
+
+{srun} &
+ranks_pid=$!
+# A trapped signal ends `wait` early: wait again until the ranks have ended.
+while :; do
+  seen=$signals
+  wait "$ranks_pid"
+  status=$?
+  [ "$signals" -eq "$seen" ] && break
+done
+if [ "$status" -eq 75 ]; then
+  echo "loom: stopped with a checkpoint (exit 75): requeueing job $SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID"
+fi
+exit "$status"
+"""
+
+
+def test_slurm_dry_run_of_a_4_node_x_8_gpu_config_is_the_expected_script(tmp_path):
+    config = REPO / "configs" / "llama3-8b.yaml"
+    out, _ = run_loom(["launch", config, "--slurm", "--dry-run", "--set", f"run.output_dir={tmp_path}"])
+    loom = os.path.abspath(LOOM_BIN)
+    run = f"{tmp_path}/llama3-8b"
+    srun = (f"srun --mpi=pmix --kill-on-bad-exit=1 --nodes=4 --ntasks=32 --ntasks-per-node=8 "
+            f"{loom} train {config} --set run.output_dir={tmp_path}")
+    expected = (f"# {run}/slurm/job.sbatch\n"
+                + EXPECTED_8B_SCRIPT.format(config=config, run=run, cwd=os.getcwd(), srun=srun)
+                + f"\n# rank line\n{srun}\n# submit\nsbatch --parsable {run}/slurm/job.sbatch\n")
+    assert out == expected, out
+    assert not Path(run).exists(), "a dry run writes nothing"
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory):
+    reason = why_unavailable()
+    if reason:
+        pytest.skip(reason)
+    with LocalSlurmCluster(tmp_path_factory.mktemp("slurm")) as cluster:
+        yield cluster
+
+
+def test_slurm_job_sent_usr1_checkpoints_requeues_and_finishes_bit_identical(data, tmp_path, slurm_cluster):
+    # The uninterrupted run, same 4-rank layout (dp 2 x tp 2), by mpirun.
+    run_loom(launch_args(data, tmp_path, "ref4", 4, 2))
+    args = [*launch_args(data, tmp_path, "job", 4, 2), "--slurm"]
+    out, _ = run_loom(args, env=slurm_cluster.env, timeout=60)
+    job = out.strip().splitlines()[-1]
+    assert job.isdigit(), out
+    run_dir = tmp_path / "job"
+    log = run_dir / "slurm" / f"job-{job}.out"
+
+    def state():
+        return slurm_cluster.job_field(job, "JobState")
+
+    try:
+        wait_for_steps(run_dir, 3, timeout=180)
+        subprocess.run(["scancel", "--signal=USR1", job], env=slurm_cluster.env, check=True, timeout=30)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not (state() == "COMPLETED" or state() in ("FAILED", "CANCELLED")):
+            time.sleep(0.5)
+        text = log.read_text() if log.exists() else "(no log)"
+        err = (run_dir / "slurm" / f"job-{job}.err")
+        text += "\n" + (err.read_text() if err.exists() else "")
+        assert state() == "COMPLETED", f"job {job} is {state()}\n{text[-4000:]}"
+    finally:
+        if state() not in ("COMPLETED", "FAILED", "CANCELLED", None):
+            subprocess.run(["scancel", job], env=slurm_cluster.env, timeout=30)
+    assert slurm_cluster.job_field(job, "Restarts") == "1", text[-3000:]
+    assert "stopped by signal 10" in text, text[-3000:]
+    assert f"stopped with a checkpoint (exit {EXIT_REQUEUE}): requeueing job {job}" in text, text[-3000:]
+    assert "start 1," in text, text[-3000:]  # the requeued run
+    steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
+    assert steps == list(range(1, STEPS + 1)), steps
+    assert weights(run_dir) == weights(tmp_path / "ref4"), "the requeued job's weights differ from the uninterrupted run's"
