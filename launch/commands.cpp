@@ -28,7 +28,11 @@ namespace {
 constexpr const char* kUsage = R"(usage: loom COMMAND [ARGS]
 
 commands:
-  train    CONFIG [--set KEY=VALUE ...]           train on one rank; outputs in runs/<run.name>/
+  launch   CONFIG [--set KEY=VALUE ...] [--slurm] [--dry-run] [--check]
+                                                  start the config's launch.ranks ranks with mpirun
+                                                  (or submit a Slurm job); see docs/launching.md
+  train    CONFIG [--set KEY=VALUE ...] [--check] what each rank runs (alone: one rank);
+                                                  outputs in runs/<run.name>/
   plot     RUN_DIR [--out FILE.png]               loss and tokens/s curves of RUN_DIR/metrics.jsonl
                                                   (default RUN_DIR/metrics.png)
   inspect  PATH                                   summarize a config, dataset, checkpoint, Hub folder or .safetensors file
@@ -48,7 +52,8 @@ commands:
                                                   logits [B, T, V] (fp32) for token ids "input_ids" [B, T]
   version                                         loom and library versions
 
-exit codes: 0 done, 1 internal error, 2 bad input (the message names the file, key or tensor)
+exit codes: 0 done, 1 internal error, 2 bad input (the message names the file, key or tensor),
+            75 stopped early with a checkpoint (signal or launch.max_wall_time): run again to resume
 )";
 
 std::string shape_string(const std::vector<int64_t>& shape) {
@@ -329,6 +334,7 @@ int run_cli(int argc, char** argv) {
   const std::string command = argc > 1 ? argv[1] : "";
   try {
     if (command == "train") return command_train(args);
+    if (command == "launch") return command_launch(args);
     if (command == "plot") return command_plot(args);
     if (command == "inspect") return command_inspect(args);
     if (command == "import") return command_import(args);

@@ -16,7 +16,8 @@ int command_generate(const std::vector<std::string>& args);
 int command_forward(const std::vector<std::string>& args);
 int command_prepare(const std::vector<std::string>& args);
 int command_tokenizer(const std::vector<std::string>& args);
-int command_train(const std::vector<std::string>& args);  // launch/train_command.cpp
+int command_train(const std::vector<std::string>& args);   // launch/train_command.cpp
+int command_launch(const std::vector<std::string>& args);  // launch/launch_command.cpp
 int command_plot(const std::vector<std::string>& args);   // launch/plot_command.cpp
 
 // Datasets (launch/data_commands.cpp).
