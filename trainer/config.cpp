@@ -305,6 +305,14 @@ class Validator {
       fail_at({"schedule.warmup_steps", "schedule.train_steps"},
               "schedule.warmup_steps (" + num(s.warmup_steps) + ") > schedule.train_steps (" + num(s.train_steps) + ")",
               "warmup_steps <= train_steps");
+    // A window past the last step would profile nothing and say nothing.
+    // (Written without start_step + steps, which could overflow.)
+    const ProfileConfig& prof = c_.profile;
+    if (prof.start_step > 0 && s.train_steps > 0 && prof.start_step > s.train_steps - prof.steps + 1)
+      fail_at({"profile.start_step", "profile.steps", "schedule.train_steps"},
+              "profile.start_step (" + num(prof.start_step) + ") + profile.steps (" + num(prof.steps) +
+                  ") - 1 > schedule.train_steps (" + num(s.train_steps) + ")",
+              "profiled steps within the run's steps");
     if (c_.checkpoint.resume.empty())
       fail_at({"checkpoint.resume"}, "empty", "\"\"", "auto, none or a checkpoint folder");
   }

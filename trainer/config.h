@@ -132,6 +132,12 @@ struct LoggingConfig {
   double peak_tflops = 0.0;  // peak for mfu; 0 = datasheet (known GPUs) or measured
 };
 
+// The PyTorch (Kineto) profiler over a few training steps (trainer/profiler.h).
+struct ProfileConfig {
+  int64_t start_step = 0;  // first profiled step, numbered from 1 as metrics.jsonl's "step"; 0 = off
+  int64_t steps = 2;       // steps profiled from start_step
+};
+
 struct SlurmConfig {
   std::string partition;
   std::string account;
@@ -161,6 +167,7 @@ struct Config {
   PrecisionConfig precision;
   CheckpointConfig checkpoint;
   LoggingConfig logging;
+  ProfileConfig profile;
   LaunchConfig launch;
 
   std::string source_path;  // the YAML file it was read from ("" when built in code)

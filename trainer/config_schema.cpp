@@ -194,6 +194,13 @@ std::vector<KeySpec> build_table() {
        "the peak mfu is relative to; 0 = the datasheet's dense peak for a known GPU (H100, H200, A100), else a "
        "measured matmul rate", kNonNegative},
 
+      // --- profile ----------------------------------------------------------------
+      {"profile.start_step", LOOM_FIELD(profile.start_step), "", "step",
+       "profile the steps from this one on (numbered from 1, as metrics.jsonl's step) with the PyTorch (Kineto) "
+       "profiler and write <run>/profile/trace.json and summary.txt; 0 = off", kNonNegative},
+      {"profile.steps", LOOM_FIELD(profile.steps), "", "steps", "steps profiled from profile.start_step",
+       kAtLeastOne},
+
       // --- launch -----------------------------------------------------------------
       {"launch.ranks", LOOM_FIELD(launch.ranks), "", "processes",
        "MPI processes in the job; = dp * tp * pp", kAtLeastOne},
@@ -240,7 +247,8 @@ const std::map<std::string, std::string, std::less<>> kHintsByLeaf = {
 
 const std::set<std::string, std::less<>> kSections = {
     "run",       "model",      "parallel", "data",   "batch",        "optimizer",         "schedule",
-    "precision", "checkpoint", "logging",  "launch", "launch.slurm", "model.rope_scaling"};
+    "precision", "checkpoint", "logging",  "profile",      "launch",            "launch.slurm",
+    "model.rope_scaling"};
 
 size_t edit_distance(std::string_view a, std::string_view b) {
   std::vector<size_t> row(b.size() + 1);

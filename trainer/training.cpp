@@ -30,6 +30,7 @@
 #include "trainer/lr_schedule.h"
 #include "trainer/device.h"
 #include "trainer/optimizer.h"
+#include "trainer/profiler.h"
 #include "trainer/training_checkpoint.h"
 #include "util/error.h"
 #include "util/file_io.h"
@@ -585,7 +586,9 @@ TrainResult train(Config& config, const TrainOptions& options) {
   const auto run_start = Clock::now();
 
   auto zero_grad = [&] { zero ? zero->zero_grad() : optimizer->zero_grad(); };
+  StepProfiler profiler(config.profile, device, run_dir / "profile", writer);  // profile.* (trainer/profiler.h)
   while (step < stop_step) {
+    profiler.step_begin(step + 1);
     const auto step_start = Clock::now();
     zero_grad();
     std::vector<uint64_t> samples;  // global sample ids of this step, for a non-finite report
@@ -709,6 +712,7 @@ TrainResult train(Config& config, const TrainOptions& options) {
         interval_steps = 0;
       }
     }
+    if (std::string report = profiler.step_end(step); log && !report.empty()) *log << progress.clear() << report;
 
     const bool valid_due = (config.data.valid_interval > 0 && step % config.data.valid_interval == 0) ||
                            step == train_steps;

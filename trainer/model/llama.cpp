@@ -6,6 +6,7 @@
 
 #include <string>
 
+#include "trainer/kernels/fused_ops.h"
 #include "trainer/model/recompute.h"
 
 namespace loom {
@@ -64,7 +65,8 @@ Mlp::Mlp(const ModelConfig& model, const LayerFactory& factory) {
 }
 
 torch::Tensor Mlp::forward(const torch::Tensor& x_btd) {
-  return down_proj_->forward(at::silu(gate_proj_->forward(x_btd)) * up_proj_->forward(x_btd));
+  // silu(gate) * up: one fused CUDA kernel on a GPU (trainer/kernels/fused_ops.h).
+  return down_proj_->forward(kernels::swiglu(gate_proj_->forward(x_btd), up_proj_->forward(x_btd)));
 }
 
 DecoderLayer::DecoderLayer(const ModelConfig& model, const LayerFactory& factory)

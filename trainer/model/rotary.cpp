@@ -5,6 +5,8 @@
 #include <cmath>
 #include <numbers>
 
+#include "trainer/kernels/fused_ops.h"
+
 namespace loom {
 
 torch::Tensor rope_inverse_frequencies(const ModelConfig& model) {
@@ -47,13 +49,7 @@ std::pair<torch::Tensor, torch::Tensor> RotaryEmbedding::cos_sin(int64_t start, 
 
 torch::Tensor RotaryEmbedding::apply(const torch::Tensor& x_bhtd, const torch::Tensor& cos_td,
                                      const torch::Tensor& sin_td) {
-  const int64_t half = x_bhtd.size(-1) / 2;
-  auto x1 = x_bhtd.narrow(-1, 0, half);
-  auto x2 = x_bhtd.narrow(-1, half, half);
-  auto rotated = at::cat({-x2, x1}, -1);
-  auto cos = cos_td.to(x_bhtd.scalar_type());
-  auto sin = sin_td.to(x_bhtd.scalar_type());
-  return x_bhtd * cos + rotated * sin;
+  return kernels::rotary(x_bhtd, cos_td, sin_td);
 }
 
 }  // namespace loom

@@ -23,7 +23,8 @@ class RotaryEmbedding {
   // for every position without a table bound.
   std::pair<torch::Tensor, torch::Tensor> cos_sin(int64_t start, int64_t length, torch::Device device) const;
 
-  // x_bhtd * cos + rotate_half(x_bhtd) * sin, in x's dtype.
+  // x_bhtd * cos + rotate_half(x_bhtd) * sin, in x's dtype: one fused CUDA
+  // kernel on a GPU, ATen's ops on the CPU (trainer/kernels/fused_ops.h).
   static torch::Tensor apply(const torch::Tensor& x_bhtd, const torch::Tensor& cos_td, const torch::Tensor& sin_td);
 
  private:

@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# The GPU checks of loom's fused kernels and of the step profiler, for a lent
+# GPU machine (docs/performance.md, "Profiling a run" and tuning version 3):
+#   1. tests/unit/test_fused_kernels.cpp: fused SwiGLU and rotary against the
+#      unfused ops, forward and backward, fp32/bf16/fp16, and the model on
+#      the GPU against the CPU;
+#   2. configs/tiny.yaml on cuda in bf16 with profile.start_step 5,
+#      profile.steps 2: the Chrome trace must hold GPU kernels, among them
+#      loom's (so training took the fused path), and summary.txt rank them.
+#
+# Here (the build machine):
+#   make build && bash bench/gpu/pack.sh
+#   strip -o bench/gpu/carry/test_fused_kernels build/tests/test_fused_kernels
+# There (the device tool, carrying bench/gpu/carry):
+#   bash bench/gpu/check_kernels.sh --out "$OUT"
+# OUT gets test_fused_kernels.txt, train.log, profile/summary.txt,
+# profile/trace.json.gz and check.txt; the exit code is 0 when all passed.
+set -uo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+carry="$here/carry"
+out=/tmp/loom-check-kernels
+work=/tmp/loom-check-kernels-work
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --out) out="$2"; shift 2 ;;
+    --work) work="$2"; shift 2 ;;
+    *) echo "usage: check_kernels.sh [--out DIR] [--work DIR]" >&2; exit 2 ;;
+  esac
+done
+mkdir -p "$out" "$work"
+python="${LOOM_BENCH_PYTHON:-$(command -v python3)}"
+
+# torch, the CUDA runtime and NCCL from this machine's torch wheel; loom's
+# other libraries from the carried folder (as bench/gpu/run.sh does). Only
+# loom's processes get them.
+site="$("$python" -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')"
+libs="$site/torch/lib"
+for dir in "$site"/nvidia/*/lib "$site"/nvidia/*/*/lib; do [[ -d "$dir" ]] && libs="$libs:$dir"; done
+loom_env=(env "LD_LIBRARY_PATH=$libs:$carry/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" OMP_NUM_THREADS=4)
+failed=0
+
+echo "== 1. test_fused_kernels" | tee "$out/check.txt"
+"${loom_env[@]}" "$carry/test_fused_kernels" --gtest_output="xml:$out/test_fused_kernels.xml" \
+  > "$out/test_fused_kernels.txt" 2>&1
+rc=$?
+tail -n 12 "$out/test_fused_kernels.txt" | tee -a "$out/check.txt"
+if [[ $rc -ne 0 ]] || grep -q "SKIPPED \]" "$out/test_fused_kernels.txt"; then
+  echo "FAIL: test_fused_kernels exited $rc or skipped tests (no GPU seen?)" | tee -a "$out/check.txt"
+  failed=1
+fi
+
+echo "== 2. profiled tiny run on cuda, bf16" | tee -a "$out/check.txt"
+data="$work/data/tiny-random"
+if [[ ! -f "$data/index.json" ]]; then
+  rm -rf "$data"
+  "$python" -c '
+import random
+rng = random.Random(1234)
+for _ in range(200):
+    print(" ".join(str(rng.randrange(1, 2048)) for _ in range(1000)))
+' | "${loom_env[@]}" "$carry/loom_dataset_tool" write "$data" --vocab-size 2048 --eos 0
+fi
+rm -rf "$work/runs/profiled"
+"${loom_env[@]}" "$carry/loom" train "$root/configs/tiny.yaml" \
+  --set run.output_dir="$work/runs" --set run.name=profiled --set run.device=cuda \
+  --set precision.compute=bf16 --set "data.train=[$data]" --set 'data.tokenizer=""' --set 'data.valid=""' \
+  --set schedule.train_steps=8 --set schedule.warmup_steps=2 --set logging.interval=1 \
+  --set checkpoint.enabled=false --set checkpoint.export_hf_at_end=false \
+  --set launch.ranks=1 --set parallel.dp=1 \
+  --set profile.start_step=5 --set profile.steps=2 > "$out/train.log" 2>&1
+rc=$?
+tail -n 30 "$out/train.log" | tee -a "$out/check.txt"
+if [[ $rc -ne 0 ]]; then
+  echo "FAIL: loom train exited $rc" | tee -a "$out/check.txt"
+  failed=1
+else
+  mkdir -p "$out/profile"
+  cp "$work/runs/profiled/profile/summary.txt" "$out/profile/"
+  gzip -c "$work/runs/profiled/profile/trace.json" > "$out/profile/trace.json.gz"
+  "$python" - "$work/runs/profiled/profile" <<'EOF' 2>&1 | tee -a "$out/check.txt"
+import json, sys
+from pathlib import Path
+profile = Path(sys.argv[1])
+trace = json.loads((profile / "trace.json").read_text())
+kernels = {e["name"] for e in trace["traceEvents"] if e.get("cat") == "kernel"}
+ours = {k for k in kernels if "loom::kernels" in k or "swiglu" in k or "rotary_kernel" in k}
+summary = (profile / "summary.txt").read_text()
+print(f"{len(kernels)} kernel names in the trace; loom's: {sorted(ours)}")
+problems = []
+if not kernels:
+    problems.append("no GPU kernel in the trace")
+for needed in ("swiglu_forward", "swiglu_backward", "rotary_kernel"):
+    if not any(needed in k for k in ours):
+        problems.append(f"no {needed} kernel: training did not take the fused path")
+if "GPU time" not in summary.splitlines()[0]:
+    problems.append("summary.txt does not rank GPU time")
+print("FAIL: " + "; ".join(problems) if problems else "profile: ok")
+sys.exit(1 if problems else 0)
+EOF
+  [[ ${PIPESTATUS[0]} -ne 0 ]] && failed=1
+fi
+
+echo "== $([[ $failed -eq 0 ]] && echo "all passed" || echo "FAILED")" | tee -a "$out/check.txt"
+exit $failed

@@ -1,0 +1,384 @@
+// loom's fused SwiGLU and rotary kernels (trainer/kernels/fused_ops.h)
+// against the unfused ATen ops they replace, forward and backward.
+//
+// On a GPU: fp32 agrees with the unfused ops to a few ulp; bf16 and fp16 agree
+// with an fp32 reference of the same inputs to their rounding; the shapes are
+// the model's and odd ones, the inputs contiguous and the transposed views
+// attention makes; the whole model trains the same on the GPU as on the CPU.
+// Without a GPU those tests are skipped, and the CPU tests check that the
+// dispatch takes the unfused path (bit for bit) and that the backward
+// formulas the kernels implement are autograd's.
+#include <gtest/gtest.h>
+
+#include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
+#include <torch/cuda.h>
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "trainer/kernels/fused_ops.h"
+#include "trainer/model/llama.h"
+#include "trainer/model/rotary.h"
+
+namespace loom {
+namespace {
+
+#define LOOM_SKIP_WITHOUT_GPU() \
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no GPU visible (the CPU tests cover the unfused path)"
+
+// |actual - expected| <= atol + rtol * |expected| everywhere.
+void expect_close(const torch::Tensor& actual, const torch::Tensor& expected, double rtol, double atol,
+                  const std::string& what) {
+  ASSERT_EQ(actual.sizes(), expected.sizes()) << what;
+  if (expected.numel() == 0) return;
+  auto a = actual.detach().to(torch::kCPU, torch::kDouble);
+  auto e = expected.detach().to(torch::kCPU, torch::kDouble);
+  const double excess = ((a - e).abs() - (atol + rtol * e.abs())).max().item<double>();
+  EXPECT_LE(excess, 0.0) << what << ": max |diff| " << (a - e).abs().max().item<double>() << " (rtol " << rtol
+                         << ", atol " << atol << ")";
+}
+
+void expect_identical(const torch::Tensor& actual, const torch::Tensor& expected, const std::string& what) {
+  EXPECT_TRUE(torch::equal(actual, expected)) << what;
+}
+
+// Tolerances of a fused result against the fp32 unfused reference: fp32 to
+// a few ulp (the kernels fuse multiply-adds and the unfused ops round every
+// step), bf16/fp16 to their rounding of one fp32 result.
+struct Tolerance {
+  double rtol, atol;
+};
+Tolerance tolerance_of(torch::ScalarType dtype) {
+  if (dtype == torch::kFloat) return {1e-5, 1e-6};
+  if (dtype == torch::kHalf) return {2e-3, 1e-3};
+  return {1e-2, 1e-2};  // bf16: 8 bits of mantissa
+}
+
+std::string name_of(torch::ScalarType dtype) { return c10::toString(dtype); }
+
+// --- SwiGLU --------------------------------------------------------------------
+
+struct SwiGluResult {
+  torch::Tensor out, d_gate, d_up;
+};
+
+// Runs `op` on leaf copies of gate and up, backward with `grad`.
+template <typename Op>
+SwiGluResult run_swiglu(Op op, const torch::Tensor& gate, const torch::Tensor& up, const torch::Tensor& grad) {
+  auto g = gate.detach().clone().requires_grad_(true);
+  auto u = up.detach().clone().requires_grad_(true);
+  auto out = op(g, u);
+  out.backward(grad);
+  return {out.detach(), g.grad(), u.grad()};
+}
+
+const std::vector<std::vector<int64_t>> kSwiGluShapes = {
+    {7, 1000},      // 7 tokens, intermediate 1000: not a multiple of any pack
+    {2, 7, 384},    // tiny.yaml's MLP
+    {3, 5, 1376},
+    {4097},         // one past a block multiple
+    {1, 1},
+    {0, 5},         // nothing to do
+};
+
+TEST(FusedSwiGlu, CpuTensorsTakeTheUnfusedPathBitForBit) {
+  torch::manual_seed(1);
+  auto gate = torch::randn({2, 7, 1000}), up = torch::randn({2, 7, 1000}), grad = torch::randn({2, 7, 1000});
+  EXPECT_FALSE(kernels::swiglu_takes_fused_path(gate, up));
+  auto dispatched = run_swiglu(kernels::swiglu, gate, up, grad);
+  auto unfused = run_swiglu([](auto& g, auto& u) { return at::silu(g) * u; }, gate, up, grad);
+  expect_identical(dispatched.out, unfused.out, "forward");
+  expect_identical(dispatched.d_gate, unfused.d_gate, "d_gate");
+  expect_identical(dispatched.d_up, unfused.d_up, "d_up");
+}
+
+TEST(FusedSwiGlu, BackwardFormulaOfTheKernelIsAutogradsOfTheUnfusedOps) {
+  torch::manual_seed(2);
+  auto opts = torch::TensorOptions().dtype(torch::kDouble);
+  auto gate = torch::randn({5, 33}, opts) * 4, up = torch::randn({5, 33}, opts), grad = torch::randn({5, 33}, opts);
+  auto autograd = run_swiglu(kernels::swiglu_unfused, gate, up, grad);
+  // What swiglu_backward computes (fused_cuda.h).
+  auto s = torch::sigmoid(gate);
+  expect_close(grad * up * s * (1 + gate * (1 - s)), autograd.d_gate, 1e-13, 1e-14, "d_gate");
+  expect_close(grad * gate * s, autograd.d_up, 1e-13, 1e-14, "d_up");
+}
+
+TEST(FusedSwiGlu, MatchesTheUnfusedOpsOnTheGpu) {
+  LOOM_SKIP_WITHOUT_GPU();
+  ASSERT_TRUE(kernels::fused_kernels_built()) << "a GPU is visible but loom was built without its CUDA kernels";
+  torch::manual_seed(3);
+  for (auto dtype : {torch::kFloat, torch::kBFloat16, torch::kHalf}) {
+    for (const auto& shape : kSwiGluShapes) {
+      const std::string what = name_of(dtype) + " " + c10::str(at::IntArrayRef(shape));
+      auto cuda = torch::TensorOptions().device(torch::kCUDA);
+      auto gate = (torch::randn(shape, cuda) * 3).to(dtype), up = torch::randn(shape, cuda).to(dtype);
+      auto grad = torch::randn(shape, cuda).to(dtype);
+      ASSERT_TRUE(kernels::swiglu_takes_fused_path(gate, up)) << what;
+      auto fused = run_swiglu(kernels::swiglu, gate, up, grad);
+      EXPECT_EQ(fused.out.scalar_type(), dtype) << what;
+      EXPECT_EQ(fused.d_gate.scalar_type(), dtype) << what;
+      // The reference: the unfused ops in fp32 on the same (rounded) inputs.
+      auto reference = run_swiglu(kernels::swiglu_unfused, gate.to(torch::kFloat), up.to(torch::kFloat),
+                                  grad.to(torch::kFloat));
+      const Tolerance tol = tolerance_of(dtype);
+      expect_close(fused.out, reference.out, tol.rtol, tol.atol, what + " forward");
+      expect_close(fused.d_gate, reference.d_gate, tol.rtol, tol.atol, what + " d_gate");
+      expect_close(fused.d_up, reference.d_up, tol.rtol, tol.atol, what + " d_up");
+    }
+  }
+}
+
+TEST(FusedSwiGlu, NonContiguousAndMisalignedInputsOnTheGpu) {
+  LOOM_SKIP_WITHOUT_GPU();
+  torch::manual_seed(4);
+  auto cuda = torch::TensorOptions().device(torch::kCUDA);
+  for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
+    // A transposed view, and a view one element into its storage (not 16-byte aligned).
+    auto gate_t = torch::randn({1000, 7}, cuda).to(dtype).t(), up_t = torch::randn({1000, 7}, cuda).to(dtype).t();
+    auto gate_o = torch::randn({7 * 1000 + 1}, cuda).to(dtype).narrow(0, 1, 7 * 1000).view({7, 1000});
+    auto up_o = torch::randn({7 * 1000 + 1}, cuda).to(dtype).narrow(0, 1, 7 * 1000).view({7, 1000});
+    for (auto [gate, up, what] : {std::tuple{gate_t, up_t, "transposed"}, std::tuple{gate_o, up_o, "offset"}}) {
+      auto grad = torch::randn(gate.sizes(), cuda).to(dtype);
+      auto fused = run_swiglu(kernels::swiglu, gate, up, grad);
+      auto reference = run_swiglu(kernels::swiglu_unfused, gate.to(torch::kFloat), up.to(torch::kFloat),
+                                  grad.to(torch::kFloat));
+      const Tolerance tol = tolerance_of(dtype);
+      const std::string label = name_of(dtype) + " " + what;
+      expect_close(fused.out, reference.out, tol.rtol, tol.atol, label + " forward");
+      expect_close(fused.d_gate, reference.d_gate, tol.rtol, tol.atol, label + " d_gate");
+      expect_close(fused.d_up, reference.d_up, tol.rtol, tol.atol, label + " d_up");
+    }
+  }
+}
+
+// --- rotary ----------------------------------------------------------------------
+
+struct RotaryShape {
+  int64_t batch, heads, tokens, head_dim, start;
+};
+const std::vector<RotaryShape> kRotaryShapes = {
+    {2, 4, 7, 64, 0},     // 7 tokens, head_dim 64
+    {1, 3, 7, 128, 0},    // head_dim 128, an odd head count
+    {3, 8, 33, 64, 5},    // positions from 5
+    {1, 2, 1, 128, 40},   // one decoded token
+    {2, 4, 128, 16, 0},   // tiny.yaml's heads
+};
+
+ModelConfig rotary_config(int64_t head_dim) {
+  ModelConfig m;
+  m.hidden_size = head_dim * 4;
+  m.num_heads = 4;
+  m.head_dim = head_dim;
+  m.rope_theta = 10000.0;
+  return m;
+}
+
+struct RotaryResult {
+  torch::Tensor out, dx;
+};
+
+// As attention calls it: x_bhtd is the [b, t, h*d] projection output viewed
+// as [b, t, h, d] and transposed (a non-contiguous view); dx is the
+// projection output's gradient.
+template <typename Op>
+RotaryResult run_rotary(Op op, const torch::Tensor& proj_btf, int64_t head_dim, const torch::Tensor& cos,
+                        const torch::Tensor& sin, const torch::Tensor& grad_bhtd) {
+  auto proj = proj_btf.detach().clone().requires_grad_(true);
+  const int64_t batch = proj.size(0), tokens = proj.size(1);
+  auto x = proj.view({batch, tokens, -1, head_dim}).transpose(1, 2);
+  auto out = op(x, cos, sin);
+  out.backward(grad_bhtd);
+  return {out.detach(), proj.grad()};
+}
+
+TEST(FusedRotary, CpuTensorsTakeTheUnfusedPathBitForBit) {
+  torch::manual_seed(5);
+  const RotaryShape s{2, 4, 7, 64, 3};
+  auto [cos, sin] = RotaryEmbedding(rotary_config(s.head_dim)).cos_sin(s.start, s.tokens, torch::kCPU);
+  auto proj = torch::randn({s.batch, s.tokens, s.heads * s.head_dim});
+  auto grad = torch::randn({s.batch, s.heads, s.tokens, s.head_dim});
+  auto x = proj.view({s.batch, s.tokens, s.heads, s.head_dim}).transpose(1, 2);
+  EXPECT_FALSE(kernels::rotary_takes_fused_path(x, cos, sin));
+  // The code RotaryEmbedding::apply ran before the kernels existed.
+  auto before = [](const torch::Tensor& x_bhtd, const torch::Tensor& cos_td, const torch::Tensor& sin_td) {
+    const int64_t half = x_bhtd.size(-1) / 2;
+    auto rotated = at::cat({-x_bhtd.narrow(-1, half, half), x_bhtd.narrow(-1, 0, half)}, -1);
+    return x_bhtd * cos_td.to(x_bhtd.scalar_type()) + rotated * sin_td.to(x_bhtd.scalar_type());
+  };
+  auto dispatched = run_rotary(RotaryEmbedding::apply, proj, s.head_dim, cos, sin, grad);
+  auto unfused = run_rotary(before, proj, s.head_dim, cos, sin, grad);
+  expect_identical(dispatched.out, unfused.out, "forward");
+  expect_identical(dispatched.dx, unfused.dx, "dx");
+}
+
+TEST(FusedRotary, BackwardFormulaOfTheKernelIsAutogradsOfTheUnfusedOps) {
+  torch::manual_seed(6);
+  auto opts = torch::TensorOptions().dtype(torch::kDouble);
+  const int64_t half = 8;
+  // Arbitrary tables, not rotary's (whose halves repeat), so that a formula
+  // mixing up sin_i and sin_{i+half} is caught.
+  auto cos = torch::randn({5, 2 * half}, opts), sin = torch::randn({5, 2 * half}, opts);
+  auto proj = torch::randn({2, 5, 3 * 2 * half}, opts);
+  auto grad = torch::randn({2, 3, 5, 2 * half}, opts);
+  auto autograd = run_rotary(kernels::rotary_unfused, proj, 2 * half, cos, sin, grad);
+  // What rotary(..., backward=true) computes (fused_cuda.h):
+  //   dx_i = g_i cos_i + g_{i+h} sin_{i+h} (i < h), g_i cos_i - g_{i-h} sin_{i-h} (i >= h).
+  auto g_sin = grad * sin;
+  auto dx_bhtd = grad * cos + at::cat({g_sin.narrow(-1, half, half), -g_sin.narrow(-1, 0, half)}, -1);
+  auto dx_btf = dx_bhtd.transpose(1, 2).reshape({2, 5, -1});
+  expect_close(dx_btf, autograd.dx, 1e-13, 1e-14, "dx");
+}
+
+TEST(FusedRotary, MatchesTheUnfusedOpsOnTheGpu) {
+  LOOM_SKIP_WITHOUT_GPU();
+  ASSERT_TRUE(kernels::fused_kernels_built()) << "a GPU is visible but loom was built without its CUDA kernels";
+  torch::manual_seed(7);
+  auto cuda = torch::TensorOptions().device(torch::kCUDA);
+  for (auto dtype : {torch::kFloat, torch::kBFloat16, torch::kHalf}) {
+    for (const RotaryShape& s : kRotaryShapes) {
+      const std::string what = name_of(dtype) + " b" + std::to_string(s.batch) + " h" + std::to_string(s.heads) +
+                               " t" + std::to_string(s.tokens) + " d" + std::to_string(s.head_dim) + " from " +
+                               std::to_string(s.start);
+      auto [cos, sin] = RotaryEmbedding(rotary_config(s.head_dim)).cos_sin(s.start, s.tokens, torch::kCUDA);
+      auto proj = torch::randn({s.batch, s.tokens, s.heads * s.head_dim}, cuda).to(dtype);
+      auto grad = torch::randn({s.batch, s.heads, s.tokens, s.head_dim}, cuda).to(dtype);
+      auto x = proj.view({s.batch, s.tokens, s.heads, s.head_dim}).transpose(1, 2);
+      ASSERT_TRUE(kernels::rotary_takes_fused_path(x, cos, sin)) << what;
+      auto fused = run_rotary(kernels::rotary, proj, s.head_dim, cos, sin, grad);
+      auto unfused = run_rotary(kernels::rotary_unfused, proj, s.head_dim, cos, sin, grad);
+      // The output keeps the layout the unfused ops give SDPA.
+      EXPECT_EQ(fused.out.strides(), unfused.out.strides()) << what;
+      EXPECT_EQ(fused.out.scalar_type(), dtype) << what;
+      auto reference = run_rotary(kernels::rotary_unfused, proj.to(torch::kFloat), s.head_dim, cos, sin,
+                                  grad.to(torch::kFloat));
+      const Tolerance tol = tolerance_of(dtype);
+      expect_close(fused.out, reference.out, tol.rtol, tol.atol, what + " forward");
+      expect_close(fused.dx, reference.dx, tol.rtol, tol.atol, what + " dx");
+    }
+  }
+}
+
+TEST(FusedRotary, ContiguousAndSlicedInputsOnTheGpu) {
+  LOOM_SKIP_WITHOUT_GPU();
+  torch::manual_seed(8);
+  auto cuda = torch::TensorOptions().device(torch::kCUDA);
+  auto [cos, sin] = RotaryEmbedding(rotary_config(64)).cos_sin(0, 9, torch::kCUDA);
+  auto grad = torch::randn({2, 3, 9, 64}, cuda);
+  // A contiguous [b, h, t, d], and the first half of a wider last dimension
+  // (rows with a gap between them: not dense, so the output is contiguous).
+  for (const int64_t width : {64, 128}) {
+    const std::string what = width == 64 ? "contiguous" : "sliced";
+    auto source = torch::randn({2, 3, 9, width}, cuda);
+    auto wide = source.clone().requires_grad_(true), wide_ref = source.clone().requires_grad_(true);
+    auto x = wide.narrow(-1, 0, 64), x_ref = wide_ref.narrow(-1, 0, 64);
+    ASSERT_TRUE(kernels::rotary_takes_fused_path(x, cos, sin)) << what;
+    auto out = kernels::rotary(x, cos, sin);
+    out.backward(grad);
+    auto ref = kernels::rotary_unfused(x_ref, cos, sin);
+    ref.backward(grad);
+    expect_close(out, ref, 1e-5, 1e-6, what + " forward");
+    expect_close(wide.grad(), wide_ref.grad(), 1e-5, 1e-6, what + " dx");
+  }
+}
+
+// --- the model ---------------------------------------------------------------------
+
+ModelConfig small_model() {
+  ModelConfig m;
+  m.hidden_size = 128;
+  m.intermediate_size = 344;  // not a multiple of 8: the packed loads' tail
+  m.num_layers = 2;
+  m.num_heads = 4;
+  m.num_kv_heads = 2;
+  m.head_dim = 32;
+  m.vocab_size = 97;
+  m.max_seq_len = 64;
+  m.init_std = 0.1;
+  return m;
+}
+
+// Autocast to bf16 on `device` for a scope when `enabled` (as training's
+// precision.compute bf16); on leaving, the state is put back and the cast
+// cache cleared, as torch.autocast does.
+class Bf16Autocast {
+ public:
+  Bf16Autocast(c10::DeviceType device, bool enabled)
+      : device_(device),
+        enabled_(enabled),
+        was_enabled_(at::autocast::is_autocast_enabled(device)),
+        was_dtype_(at::autocast::get_autocast_dtype(device)) {
+    if (!enabled_) return;
+    at::autocast::set_autocast_enabled(device_, true);
+    at::autocast::set_autocast_dtype(device_, at::kBFloat16);
+  }
+  ~Bf16Autocast() {
+    if (!enabled_) return;
+    at::autocast::set_autocast_enabled(device_, was_enabled_);
+    at::autocast::set_autocast_dtype(device_, was_dtype_);
+    at::autocast::clear_cache();
+  }
+
+ private:
+  c10::DeviceType device_;
+  bool enabled_, was_enabled_;
+  at::ScalarType was_dtype_;
+};
+
+// The loss of one batch and every parameter's gradient; `bf16`: under bf16
+// autocast as training runs it (precision.compute bf16).
+std::pair<torch::Tensor, std::map<std::string, torch::Tensor>> loss_and_grads(const ModelConfig& m,
+                                                                              torch::Device device,
+                                                                              bool bf16 = false) {
+  torch::manual_seed(9);
+  LocalLayerFactory factory;
+  auto model = std::make_shared<LlamaForCausalLM>(m, factory);
+  model->init_weights();
+  model->to(device);
+  auto ids = torch::randint(0, m.vocab_size, {2, 24}, torch::kLong);
+  torch::Tensor loss;
+  {
+    Bf16Autocast autocast(device.type(), bf16);
+    auto logits = model->forward(ids.to(device));
+    loss = at::cross_entropy_loss(logits.reshape({-1, m.vocab_size}).to(torch::kFloat),
+                                  ids.roll(-1, 1).reshape({-1}).to(device));
+  }
+  loss.backward();
+  std::map<std::string, torch::Tensor> grads;
+  for (const auto& p : model->named_parameters()) grads[p.key()] = p.value().grad().to(torch::kCPU);
+  return {loss.detach().to(torch::kCPU), grads};
+}
+
+TEST(FusedKernels, ModelLossAndGradientsOnTheGpuMatchTheCpu) {
+  LOOM_SKIP_WITHOUT_GPU();
+  for (const std::string recompute : {"none", "full"}) {
+    ModelConfig m = small_model();
+    m.recompute = recompute;
+    auto [cpu_loss, cpu_grads] = loss_and_grads(m, torch::kCPU);
+    auto [gpu_loss, gpu_grads] = loss_and_grads(m, torch::kCUDA);
+    // fp32 on both; TF32 matmuls are off by default in libtorch, so the
+    // differences are summation order.
+    expect_close(gpu_loss, cpu_loss, 1e-5, 1e-6, "loss, recompute " + recompute);
+    for (const auto& [name, grad] : cpu_grads)
+      expect_close(gpu_grads.at(name), grad, 1e-3, 1e-5, name + ", recompute " + recompute);
+  }
+}
+
+TEST(FusedKernels, ModelTrainingInBf16OnTheGpuStaysCloseToFp32OnTheCpu) {
+  LOOM_SKIP_WITHOUT_GPU();
+  // The training path (bf16 autocast, fused kernels in bf16) against fp32:
+  // bf16 rounding of every matmul, so a loose bound on the whole.
+  ModelConfig m = small_model();
+  auto [cpu_loss, cpu_grads] = loss_and_grads(m, torch::kCPU);
+  auto [gpu_loss, gpu_grads] = loss_and_grads(m, torch::kCUDA, /*bf16=*/true);
+  expect_close(gpu_loss, cpu_loss, 2e-2, 0.0, "loss");
+  for (const auto& [name, grad] : cpu_grads) {
+    const double relative = (gpu_grads.at(name).to(torch::kDouble) - grad.to(torch::kDouble)).norm().item<double>() /
+                            std::max(grad.to(torch::kDouble).norm().item<double>(), 1e-12);
+    EXPECT_LE(relative, 5e-2) << name << ": relative L2 difference of the gradient";
+  }
+}
+
+}  // namespace
+}  // namespace loom

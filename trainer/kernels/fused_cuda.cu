@@ -1,0 +1,214 @@
+// loom's CUDA kernels: SwiGLU and rotary embeddings, forward and backward,
+// each one pass over memory where the unfused ATen ops take three to five.
+// See fused_cuda.h for the contracts and fused_ops.h for when they are used.
+#include "trainer/kernels/fused_cuda.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace loom::kernels::cuda {
+
+namespace {
+
+constexpr int kThreads = 256;
+// Enough blocks to fill any current GPU several times over; the grid-stride
+// loops cover the rest.
+constexpr int64_t kMaxBlocks = 65535;
+
+int blocks_for(int64_t work) {
+  return static_cast<int>(std::clamp<int64_t>((work + kThreads - 1) / kThreads, 1, kMaxBlocks));
+}
+
+// Threads an elementwise kernel over n elements needs: one per pack (and the
+// tail of fewer than a pack fits in as many), or one per element.
+template <typename scalar_t>
+int64_t elementwise_work(int64_t n, bool packed) {
+  return packed ? n / (16 / sizeof(scalar_t)) + 1 : n;
+}
+
+// N elements loaded or stored as one 16-byte access (8 bf16, 4 fp32).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// --- SwiGLU ------------------------------------------------------------------
+
+// The accurate exponentials (not __expf), as ATen's silu uses.
+__device__ __forceinline__ float exp_of(float v) { return expf(v); }
+__device__ __forceinline__ double exp_of(double v) { return exp(v); }
+
+// silu(g) * u with silu(g) = g / (1 + exp(-g)), ATen's formula.
+template <typename acc_t>
+__device__ __forceinline__ acc_t swiglu_value(acc_t g, acc_t u) {
+  return g / (acc_t(1) + exp_of(-g)) * u;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ void swiglu_grads(acc_t dy, acc_t g, acc_t u, acc_t& d_gate, acc_t& d_up) {
+  const acc_t s = acc_t(1) / (acc_t(1) + exp_of(-g));
+  d_gate = dy * u * s * (acc_t(1) + g * (acc_t(1) - s));
+  d_up = dy * g * s;
+}
+
+// `packed`: every pointer is 16-byte aligned, so whole packs go through
+// 16-byte loads; the last n % kPack elements (or all of them) one by one.
+template <typename scalar_t>
+__global__ void swiglu_forward_kernel(const scalar_t* __restrict__ gate, const scalar_t* __restrict__ up,
+                                      scalar_t* __restrict__ out, int64_t n, bool packed) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int kPack = 16 / sizeof(scalar_t);
+  using P = Pack<scalar_t, kPack>;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t packs = packed ? n / kPack : 0;
+  for (int64_t p = first; p < packs; p += stride) {
+    const P g = reinterpret_cast<const P*>(gate)[p];
+    const P u = reinterpret_cast<const P*>(up)[p];
+    P o;
+#pragma unroll
+    for (int k = 0; k < kPack; ++k) o.v[k] = swiglu_value<acc_t>(g.v[k], u.v[k]);
+    reinterpret_cast<P*>(out)[p] = o;
+  }
+  for (int64_t i = packs * kPack + first; i < n; i += stride) out[i] = swiglu_value<acc_t>(gate[i], up[i]);
+}
+
+template <typename scalar_t>
+__global__ void swiglu_backward_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ gate,
+                                       const scalar_t* __restrict__ up, scalar_t* __restrict__ d_gate,
+                                       scalar_t* __restrict__ d_up, int64_t n, bool packed) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int kPack = 16 / sizeof(scalar_t);
+  using P = Pack<scalar_t, kPack>;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t packs = packed ? n / kPack : 0;
+  for (int64_t p = first; p < packs; p += stride) {
+    const P dy = reinterpret_cast<const P*>(grad)[p];
+    const P g = reinterpret_cast<const P*>(gate)[p];
+    const P u = reinterpret_cast<const P*>(up)[p];
+    P dg, du;
+#pragma unroll
+    for (int k = 0; k < kPack; ++k) {
+      acc_t a, b;
+      swiglu_grads<acc_t>(dy.v[k], g.v[k], u.v[k], a, b);
+      dg.v[k] = a;
+      du.v[k] = b;
+    }
+    reinterpret_cast<P*>(d_gate)[p] = dg;
+    reinterpret_cast<P*>(d_up)[p] = du;
+  }
+  for (int64_t i = packs * kPack + first; i < n; i += stride) {
+    acc_t a, b;
+    swiglu_grads<acc_t>(grad[i], gate[i], up[i], a, b);
+    d_gate[i] = a;
+    d_up[i] = b;
+  }
+}
+
+// --- rotary ------------------------------------------------------------------
+
+struct Strides3 {
+  int64_t b, h, t;  // elements; the last dimension is contiguous
+};
+
+// One thread per pair (i, i + half) of one row (b, h, t): both elements of a
+// pair need both inputs, so each is read once.
+template <typename scalar_t, bool kBackward>
+__global__ void rotary_kernel(const scalar_t* __restrict__ x, const float* __restrict__ cos,
+                              const float* __restrict__ sin, scalar_t* __restrict__ out, int64_t heads,
+                              int64_t tokens, int64_t half, int64_t pairs, Strides3 xs, Strides3 os) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < pairs; p += stride) {
+    const int64_t i = p % half;
+    const int64_t row = p / half;
+    const int64_t t = row % tokens;
+    const int64_t bh = row / tokens;
+    const int64_t h = bh % heads, b = bh / heads;
+    const scalar_t* x_row = x + b * xs.b + h * xs.h + t * xs.t;
+    scalar_t* out_row = out + b * os.b + h * os.h + t * os.t;
+    const float* cos_row = cos + t * 2 * half;
+    const float* sin_row = sin + t * 2 * half;
+    const acc_t lo = x_row[i], hi = x_row[i + half];
+    const acc_t cos_lo = cos_row[i], cos_hi = cos_row[i + half];
+    const acc_t sin_lo = sin_row[i], sin_hi = sin_row[i + half];
+    if constexpr (!kBackward) {
+      // out = x * cos + rotate_half(x) * sin, rotate_half(x) = [-x_hi, x_lo].
+      out_row[i] = lo * cos_lo - hi * sin_lo;
+      out_row[i + half] = hi * cos_hi + lo * sin_hi;
+    } else {
+      // The transpose: x_lo reached out_hi through +sin_hi, x_hi reached
+      // out_lo through -sin_lo.
+      out_row[i] = lo * cos_lo + hi * sin_hi;
+      out_row[i + half] = hi * cos_hi - lo * sin_lo;
+    }
+  }
+}
+
+Strides3 outer_strides(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
+template <typename scalar_t, bool kBackward>
+void launch_rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& out,
+                   int64_t pairs, cudaStream_t stream) {
+  rotary_kernel<scalar_t, kBackward><<<blocks_for(pairs), kThreads, 0, stream>>>(
+      x.const_data_ptr<scalar_t>(), cos.const_data_ptr<float>(), sin.const_data_ptr<float>(),
+      out.mutable_data_ptr<scalar_t>(), x.size(1), x.size(2), x.size(3) / 2, pairs, outer_strides(x),
+      outer_strides(out));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+void swiglu_forward(const at::Tensor& gate, const at::Tensor& up, const at::Tensor& out) {
+  const c10::cuda::CUDAGuard device_guard(gate.device());
+  const int64_t n = gate.numel();
+  if (n == 0) return;
+  const bool packed = aligned16(gate.data_ptr()) && aligned16(up.data_ptr()) && aligned16(out.data_ptr());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate.scalar_type(), "loom_swiglu_forward", [&] {
+    swiglu_forward_kernel<scalar_t><<<blocks_for(elementwise_work<scalar_t>(n, packed)), kThreads, 0, stream>>>(
+        gate.const_data_ptr<scalar_t>(), up.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), n, packed);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void swiglu_backward(const at::Tensor& grad, const at::Tensor& gate, const at::Tensor& up, const at::Tensor& d_gate,
+                     const at::Tensor& d_up) {
+  const c10::cuda::CUDAGuard device_guard(gate.device());
+  const int64_t n = gate.numel();
+  if (n == 0) return;
+  const bool packed = aligned16(grad.data_ptr()) && aligned16(gate.data_ptr()) && aligned16(up.data_ptr()) &&
+                      aligned16(d_gate.data_ptr()) && aligned16(d_up.data_ptr());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate.scalar_type(), "loom_swiglu_backward", [&] {
+    swiglu_backward_kernel<scalar_t><<<blocks_for(elementwise_work<scalar_t>(n, packed)), kThreads, 0, stream>>>(
+        grad.const_data_ptr<scalar_t>(), gate.const_data_ptr<scalar_t>(), up.const_data_ptr<scalar_t>(),
+        d_gate.mutable_data_ptr<scalar_t>(), d_up.mutable_data_ptr<scalar_t>(), n, packed);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& out, bool backward) {
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const int64_t pairs = x.size(0) * x.size(1) * x.size(2) * (x.size(3) / 2);
+  if (pairs == 0) return;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "loom_rotary", [&] {
+    if (backward) {
+      launch_rotary<scalar_t, true>(x, cos, sin, out, pairs, stream);
+    } else {
+      launch_rotary<scalar_t, false>(x, cos, sin, out, pairs, stream);
+    }
+  });
+}
+
+}  // namespace loom::kernels::cuda

@@ -1,0 +1,128 @@
+#include "trainer/kernels/fused_ops.h"
+
+#include <ATen/ATen.h>
+#include <torch/autograd.h>
+
+#ifdef LOOM_WITH_CUDA
+#include "trainer/kernels/fused_cuda.h"
+#endif
+
+namespace loom::kernels {
+
+namespace {
+
+bool fused_dtype(const torch::Tensor& t) {
+  const auto dtype = t.scalar_type();
+  return dtype == torch::kFloat || dtype == torch::kBFloat16 || dtype == torch::kHalf;
+}
+
+#ifdef LOOM_WITH_CUDA
+
+using torch::autograd::AutogradContext;
+using torch::autograd::tensor_list;
+
+class SwiGluFunction : public torch::autograd::Function<SwiGluFunction> {
+ public:
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& gate, const torch::Tensor& up) {
+    // Linear outputs are contiguous already; anything else is copied once.
+    torch::Tensor gate_c = gate.contiguous(), up_c = up.contiguous();
+    torch::Tensor out = at::empty_like(gate_c, at::MemoryFormat::Contiguous);
+    cuda::swiglu_forward(gate_c, up_c, out);
+    ctx->save_for_backward({gate_c, up_c});
+    return out;
+  }
+
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    const tensor_list saved = ctx->get_saved_variables();
+    const torch::Tensor& gate = saved[0];
+    const torch::Tensor& up = saved[1];
+    torch::Tensor grad = grads[0].contiguous();
+    torch::Tensor d_gate = at::empty_like(gate), d_up = at::empty_like(up);
+    cuda::swiglu_backward(grad, gate, up, d_gate, d_up);
+    return {d_gate, d_up};
+  }
+};
+
+// The kernels read rows with a contiguous last dimension and any other
+// strides, so attention's transposed q and k views are read in place.
+torch::Tensor last_dim_contiguous(const torch::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+class RotaryFunction : public torch::autograd::Function<RotaryFunction> {
+ public:
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x_bhtd, const torch::Tensor& cos_td,
+                               const torch::Tensor& sin_td) {
+    torch::Tensor x = last_dim_contiguous(x_bhtd);
+    torch::Tensor cos = cos_td.contiguous(), sin = sin_td.contiguous();
+    // Same strides as x where x is dense (a transposed view stays one), so
+    // SDPA sees the layout the unfused ops give it.
+    torch::Tensor out = last_dim_contiguous(at::empty_like(x));
+    cuda::rotary(x, cos, sin, out, /*backward=*/false);
+    // cos and sin are constants of the positions; they get no gradient.
+    ctx->save_for_backward({cos, sin});
+    return out;
+  }
+
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    const tensor_list saved = ctx->get_saved_variables();
+    torch::Tensor grad = last_dim_contiguous(grads[0]);
+    torch::Tensor dx = last_dim_contiguous(at::empty_like(grad));
+    cuda::rotary(grad, saved[0], saved[1], dx, /*backward=*/true);
+    return {dx, torch::Tensor(), torch::Tensor()};
+  }
+};
+
+#endif  // LOOM_WITH_CUDA
+
+}  // namespace
+
+bool fused_kernels_built() {
+#ifdef LOOM_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+torch::Tensor swiglu_unfused(const torch::Tensor& gate, const torch::Tensor& up) { return at::silu(gate) * up; }
+
+bool swiglu_takes_fused_path(const torch::Tensor& gate, const torch::Tensor& up) {
+  return fused_kernels_built() && gate.is_cuda() && up.device() == gate.device() && fused_dtype(gate) &&
+         up.scalar_type() == gate.scalar_type() && up.sizes() == gate.sizes();
+}
+
+torch::Tensor swiglu(const torch::Tensor& gate, const torch::Tensor& up) {
+#ifdef LOOM_WITH_CUDA
+  if (swiglu_takes_fused_path(gate, up)) return SwiGluFunction::apply(gate, up);
+#endif
+  return swiglu_unfused(gate, up);
+}
+
+torch::Tensor rotary_unfused(const torch::Tensor& x_bhtd, const torch::Tensor& cos_td, const torch::Tensor& sin_td) {
+  const int64_t half = x_bhtd.size(-1) / 2;
+  auto x1 = x_bhtd.narrow(-1, 0, half);
+  auto x2 = x_bhtd.narrow(-1, half, half);
+  auto rotated = at::cat({-x2, x1}, -1);
+  auto cos = cos_td.to(x_bhtd.scalar_type());
+  auto sin = sin_td.to(x_bhtd.scalar_type());
+  return x_bhtd * cos + rotated * sin;
+}
+
+bool rotary_takes_fused_path(const torch::Tensor& x_bhtd, const torch::Tensor& cos_td, const torch::Tensor& sin_td) {
+  if (!fused_kernels_built() || !x_bhtd.is_cuda() || x_bhtd.dim() != 4 || !fused_dtype(x_bhtd)) return false;
+  const int64_t tokens = x_bhtd.size(2), head_dim = x_bhtd.size(3);
+  for (const torch::Tensor* table : {&cos_td, &sin_td}) {
+    if (table->device() != x_bhtd.device() || table->scalar_type() != torch::kFloat || table->requires_grad() ||
+        table->dim() != 2 || table->size(0) != tokens || table->size(1) != head_dim)
+      return false;
+  }
+  return head_dim % 2 == 0;
+}
+
+torch::Tensor rotary(const torch::Tensor& x_bhtd, const torch::Tensor& cos_td, const torch::Tensor& sin_td) {
+#ifdef LOOM_WITH_CUDA
+  if (rotary_takes_fused_path(x_bhtd, cos_td, sin_td)) return RotaryFunction::apply(x_bhtd, cos_td, sin_td);
+#endif
+  return rotary_unfused(x_bhtd, cos_td, sin_td);
+}
+
+}  // namespace loom::kernels
