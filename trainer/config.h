@@ -144,6 +144,7 @@ struct SlurmConfig {
   std::string time = "01:00:00";
   std::string launcher = "srun";  // srun | mpirun
   std::vector<std::string> extra_args;
+  int64_t signal_lead = 300;  // seconds before the time limit that SIGUSR1 comes; 0 = none
 };
 
 struct LaunchConfig {
@@ -153,6 +154,7 @@ struct LaunchConfig {
   int64_t gpus_per_node = 0;
   std::vector<std::string> mpirun_args;
   std::map<std::string, std::string> env;
+  double max_wall_time = 0;  // seconds a `loom train` runs before it checkpoints and stops; 0 = no limit
   SlurmConfig slurm;
 };
 

@@ -213,6 +213,9 @@ std::vector<KeySpec> build_table() {
        "extra arguments for mpirun, e.g. [--oversubscribe]"},
       {"launch.env", LOOM_FIELD(launch.env), "", "",
        "environment variables for every rank (map NAME: value; --set launch.env.NAME=value adds one)"},
+      {"launch.max_wall_time", LOOM_FIELD(launch.max_wall_time), "", "s",
+       "wall-clock budget of one `loom train`: past it the ranks finish the step, checkpoint and exit 75 "
+       "(requeue me), as on SIGTERM; 0 = no limit", kNonNegative},
       {"launch.slurm.partition", LOOM_FIELD(launch.slurm.partition), "", "",
        "sbatch --partition; \"\" = the cluster's default"},
       {"launch.slurm.account", LOOM_FIELD(launch.slurm.account), "", "",
@@ -222,6 +225,9 @@ std::vector<KeySpec> build_table() {
        "how the batch script starts the ranks", kAny, {"srun", "mpirun"}},
       {"launch.slurm.extra_args", LOOM_FIELD(launch.slurm.extra_args), "", "",
        "extra #SBATCH arguments, e.g. [--exclusive]"},
+      {"launch.slurm.signal_lead", LOOM_FIELD(launch.slurm.signal_lead), "", "s",
+       "sbatch --signal=B:USR1@N: the ranks checkpoint and stop N seconds before the time limit; 0 = no signal",
+       kNonNegative},
   };
 }
 
