@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <chrono>
 #include <map>
+#include <set>
 #include <string>
 #include <utility>
 
@@ -17,7 +18,65 @@ namespace loom {
 namespace {
 constexpr int kForwardTag = 1;
 constexpr int kBackwardTag = 2;
+constexpr int kGatherTag = 3;
+const std::string kTiedName = "model.embed_tokens.weight";
+
+at::Tensor default_loss(const at::Tensor& logits, const at::Tensor& targets) {
+  return torch::nn::functional::cross_entropy(logits.reshape({-1, logits.size(-1)}).to(at::kFloat),
+                                             targets.reshape({-1}));
+}
 }  // namespace
+
+NamedTensors gather_pipeline_stages(ProcessGroup& pp, const NamedTensors& local) {
+  // Each rank but 0 sends a header (per tensor: name length, the name's
+  // bytes, dtype, rank, sizes; as int64), preceded by its length, then the
+  // tensors. Rank 0 receives from rank 1, 2, ... in turn.
+  at::NoGradGuard no_grad;
+  if (pp.rank() != 0) {
+    std::vector<int64_t> header;
+    for (const auto& [name, tensor] : local) {
+      header.push_back(static_cast<int64_t>(name.size()));
+      header.insert(header.end(), name.begin(), name.end());
+      header.push_back(static_cast<int64_t>(tensor.scalar_type()));
+      header.push_back(tensor.dim());
+      for (int64_t size : tensor.sizes()) header.push_back(size);
+    }
+    at::Tensor length = at::tensor({static_cast<int64_t>(header.size())}, at::kLong);
+    pp.send(length, {0, kGatherTag})->wait();
+    pp.send(at::tensor(header, at::kLong), {0, kGatherTag})->wait();
+    for (const auto& [name, tensor] : local) {
+      pp.send(tensor.detach().to(at::kCPU).contiguous(), {0, kGatherTag})->wait();
+    }
+    return {};
+  }
+  NamedTensors all;
+  std::set<std::string> seen;
+  auto keep = [&](const std::string& name, at::Tensor tensor) {
+    if (seen.insert(name).second) all.emplace_back(name, std::move(tensor));
+  };
+  for (const auto& [name, tensor] : local) keep(name, tensor.detach().to(at::kCPU).clone());
+  for (int source = 1; source < pp.size(); ++source) {
+    at::Tensor length = at::empty({1}, at::kLong);
+    pp.recv(length, {source, kGatherTag})->wait();
+    at::Tensor header = at::empty({length.item<int64_t>()}, at::kLong);
+    pp.recv(header, {source, kGatherTag})->wait();
+    const int64_t* h = header.data_ptr<int64_t>();
+    const int64_t* end = h + header.numel();
+    while (h < end) {
+      std::string name(static_cast<size_t>(*h), '\0');
+      ++h;
+      for (char& c : name) c = static_cast<char>(*h++);
+      const auto dtype = static_cast<at::ScalarType>(*h++);
+      const int64_t dims = *h++;
+      std::vector<int64_t> sizes(h, h + dims);
+      h += dims;
+      at::Tensor tensor = at::empty(sizes, at::TensorOptions().dtype(dtype));
+      pp.recv(tensor, {source, kGatherTag})->wait();
+      keep(name, std::move(tensor));
+    }
+  }
+  return all;
+}
 
 StageSpec pipeline_stage_spec(int64_t num_layers, int64_t stages, int64_t stage) {
   if (stages < 1 || stage < 0 || stage >= stages) {
@@ -50,8 +109,10 @@ std::vector<std::shared_ptr<LlamaForCausalLM>> build_pipeline_chunks(const Model
 }
 
 PipelineExecutor::PipelineExecutor(ProcessGroup& pp, const PipeSchedule& schedule,
-                                   std::vector<std::shared_ptr<LlamaForCausalLM>> chunks, Shape shape)
-    : pp_(&pp), schedule_(&schedule), chunks_(std::move(chunks)), shape_(shape) {
+                                   std::vector<std::shared_ptr<LlamaForCausalLM>> chunks, Shape shape, Hooks hooks)
+    : pp_(&pp), schedule_(&schedule), chunks_(std::move(chunks)), shape_(shape), hooks_(std::move(hooks)) {
+  if (!hooks_.forward) hooks_.forward = [](LlamaForCausalLM& chunk, const at::Tensor& in) { return chunk.forward(in); };
+  if (!hooks_.loss) hooks_.loss = default_loss;
   if (pp.size() != schedule.stages) {
     throw std::invalid_argument("PipelineExecutor: the pp group has " + std::to_string(pp.size()) +
                                 " ranks, the schedule " + std::to_string(schedule.stages) + " stages");
@@ -59,6 +120,20 @@ PipelineExecutor::PipelineExecutor(ProcessGroup& pp, const PipeSchedule& schedul
   if (static_cast<int64_t>(chunks_.size()) != schedule.virtual_stages) {
     throw std::invalid_argument("PipelineExecutor: " + std::to_string(chunks_.size()) + " chunks for " +
                                 std::to_string(schedule.virtual_stages) + " virtual stages");
+  }
+  // The ranks without a copy of the tied weight take part in the sum of its
+  // gradients with zeros of its shape, which with tensor parallelism is the
+  // vocabulary slice's: the holders tell the others, once.
+  const ModelConfig& config = chunks_.front()->config();
+  if (config.tie_embeddings && schedule.stages * schedule.virtual_stages > 1) {
+    at::Tensor shape = at::zeros({2}, at::kLong);
+    for (auto& chunk : chunks_) {
+      for (const auto& named : chunk->named_parameters()) {
+        if (named.key() == kTiedName) shape = at::tensor(named.value().sizes().vec(), at::kLong);
+      }
+    }
+    pp.all_reduce(shape, {ReduceOp::kMax})->wait();
+    tied_shape_ = {shape[0].item<int64_t>(), shape[1].item<int64_t>()};
   }
 }
 
@@ -78,7 +153,7 @@ double PipelineExecutor::run(const std::vector<at::Tensor>& inputs, const std::v
   };
   std::map<std::pair<int64_t, int64_t>, Slot> slots;
   std::vector<std::unique_ptr<Work>> sends;
-  const auto activation = at::TensorOptions().dtype(at::kFloat);
+  const auto activation = at::TensorOptions().dtype(shape_.dtype);
   const std::vector<int64_t> activation_shape{shape_.batch, shape_.tokens, shape_.hidden};
   at::Tensor loss_sum = at::zeros({}, at::kDouble);
   int64_t live = 0;
@@ -104,13 +179,10 @@ double PipelineExecutor::run(const std::vector<at::Tensor>& inputs, const std::v
       case PipeOp::kForward: {
         LlamaForCausalLM& chunk = *chunks_[a.chunk];
         const at::Tensor& in = stage == 0 ? inputs[a.micro_batch] : slot.input;
-        slot.output = chunk.forward(in);
+        slot.output = hooks_.forward(chunk, in);
         last_peak_live_ = std::max(last_peak_live_, ++live);
         if (stage == last_stage) {
-          const at::Tensor& logits = slot.output;
-          slot.output = torch::nn::functional::cross_entropy(logits.reshape({-1, logits.size(-1)}).to(at::kFloat),
-                                                             targets[a.micro_batch].reshape({-1})) /
-                        static_cast<double>(s.micro_batches);
+          slot.output = hooks_.loss(slot.output, targets[a.micro_batch]) / static_cast<double>(s.micro_batches);
           loss_sum += slot.output.detach().to(at::kDouble);
         }
         break;
@@ -144,10 +216,37 @@ double PipelineExecutor::run(const std::vector<at::Tensor>& inputs, const std::v
   return loss_sum.item<double>();
 }
 
-void PipelineExecutor::sync_tied_embedding_grads() {
+double PipelineExecutor::evaluate(const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& targets) {
   const PipeSchedule& s = *schedule_;
-  const ModelConfig& config = chunks_.front()->config();
-  if (!config.tie_embeddings || s.stages * s.virtual_stages == 1) return;
+  const int64_t p = s.stages, rank = pp_->rank(), last_stage = p * s.virtual_stages - 1;
+  at::NoGradGuard no_grad;
+  std::vector<std::unique_ptr<Work>> sends;
+  std::vector<at::Tensor> outputs;  // kept until their sends are done
+  double loss_sum = 0;
+  for (size_t m = 0; m < inputs.size(); ++m) {
+    for (int64_t c = 0; c < s.virtual_stages; ++c) {
+      const int64_t stage = s.model_stage(rank, c);
+      at::Tensor in = inputs[m];
+      if (stage > 0) {
+        in = at::empty({inputs[m].size(0), shape_.tokens, shape_.hidden}, at::TensorOptions().dtype(shape_.dtype));
+        pp_->recv(in, {static_cast<int>((stage - 1) % p), kForwardTag})->wait();
+      }
+      at::Tensor out = hooks_.forward(*chunks_[c], in);
+      if (stage == last_stage) {
+        loss_sum += hooks_.loss(out, targets[m]).item<double>();
+      } else {
+        outputs.push_back(out.contiguous());
+        sends.push_back(pp_->send(outputs.back(), {static_cast<int>((stage + 1) % p), kForwardTag}));
+      }
+    }
+  }
+  for (auto& send : sends) send->wait();
+  const bool has_last = s.model_stage(rank, s.virtual_stages - 1) == last_stage;
+  return has_last && !inputs.empty() ? loss_sum / static_cast<double>(inputs.size()) : 0.0;
+}
+
+void PipelineExecutor::sync_tied_embedding_grads() {
+  if (tied_shape_.empty()) return;
   // Model stage 0 and the last model stage each hold a copy of the tied
   // weight (the embedding, and the head's), and each copy's gradient is one
   // part of the tied weight's: their sum, on both, keeps the copies equal
@@ -157,10 +256,10 @@ void PipelineExecutor::sync_tied_embedding_grads() {
   std::vector<at::Tensor> copies;
   for (auto& chunk : chunks_) {
     for (const auto& named : chunk->named_parameters()) {
-      if (named.key() == "model.embed_tokens.weight") copies.push_back(named.value());
+      if (named.key() == kTiedName) copies.push_back(named.value());
     }
   }
-  at::Tensor sum = at::zeros({config.vocab_size, config.hidden_size}, at::kFloat);
+  at::Tensor sum = at::zeros(tied_shape_, at::kFloat);
   for (const at::Tensor& copy : copies) {
     if (copy.grad().defined()) sum += copy.grad();
   }

@@ -22,11 +22,15 @@
 // received gradient, and its input's gradient is what goes back.
 // With tied embeddings the first and the last model stage each hold a copy
 // of the tied weight; run() ends by giving both the sum of their gradients
-// (an all-reduce over the pp group), so the copies stay equal. Not yet:
-// sequence and tensor parallelism inside a stage, bf16 activations.
+// (an all-reduce over the pp group), so the copies stay equal.
+// A stage may itself be tensor parallel: the hooks give the forward (under
+// autocast, say) and the loss (vocabulary-parallel cross-entropy), and the
+// boundary shape and dtype are the caller's (a sequence-parallel residual
+// stream crosses as [batch, tokens / tp, hidden]; bf16 compute sends bf16).
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -35,6 +39,7 @@
 #include "parallel/pipeline_schedule.h"
 #include "parallel/process_group.h"
 #include "trainer/model/llama.h"
+#include "trainer/optimizer.h"
 
 namespace loom {
 
@@ -50,16 +55,32 @@ std::vector<std::shared_ptr<LlamaForCausalLM>> build_pipeline_chunks(const Model
                                                                      const LayerFactory& factory,
                                                                      const PipeSchedule& schedule, int64_t rank);
 
+// Every rank's named tensors gathered on rank 0 of `pp`, as CPU tensors in
+// rank order; a name several ranks hold (the tied embedding's copies) is kept
+// once, from the lowest rank. Empty on the other ranks. Names, dtypes and
+// shapes travel with the tensors, so ranks need not know each other's.
+// Collective over pp.
+NamedTensors gather_pipeline_stages(ProcessGroup& pp, const NamedTensors& local);
+
 class PipelineExecutor {
  public:
   struct Shape {
     int64_t batch = 1;   // sequences per micro-batch
     int64_t tokens = 1;  // per sequence
     int64_t hidden = 1;
+    at::ScalarType dtype = at::kFloat;  // of the residual stream between stages
+  };
+  // How a chunk runs forward, and the loss of the last stage's logits
+  // ([batch, tokens, vocab or its tp slice]) against the targets
+  // ([batch, tokens]): a mean over the tokens. Unset: chunk.forward and fp32
+  // cross-entropy.
+  struct Hooks {
+    std::function<at::Tensor(LlamaForCausalLM& chunk, const at::Tensor& input)> forward;
+    std::function<at::Tensor(const at::Tensor& logits, const at::Tensor& targets)> loss;
   };
   // The group, the schedule and the chunks must outlive the executor.
   PipelineExecutor(ProcessGroup& pp, const PipeSchedule& schedule,
-                   std::vector<std::shared_ptr<LlamaForCausalLM>> chunks, Shape shape);
+                   std::vector<std::shared_ptr<LlamaForCausalLM>> chunks, Shape shape, Hooks hooks = {});
 
   // One step: every forward and backward of the schedule for this rank.
   // `inputs` and `targets` hold the step's micro-batches ([batch, tokens]
@@ -68,6 +89,11 @@ class PipelineExecutor {
   // copies then hold the whole gradient). Returns the step's
   // mean loss on the rank that holds the last model stage, 0 elsewhere.
   double run(const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& targets);
+
+  // The mean loss over `inputs` (micro-batches of the same shape, any
+  // number) without gradients: each micro-batch passes the stages in order.
+  // On the rank holding the last model stage; 0 elsewhere. Collective over pp.
+  double evaluate(const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& targets);
 
   // The most micro-batches whose activations (autograd graphs) this rank
   // held at once during the last run(): forwarded, not yet backwarded.
@@ -86,6 +112,8 @@ class PipelineExecutor {
   const PipeSchedule* schedule_;
   std::vector<std::shared_ptr<LlamaForCausalLM>> chunks_;
   Shape shape_;
+  Hooks hooks_;
+  std::vector<int64_t> tied_shape_;  // of this rank's slice of the tied weight, agreed over pp
   int64_t last_peak_live_ = 0;
   double last_recv_wait_seconds_ = 0;
   double last_run_seconds_ = 0;

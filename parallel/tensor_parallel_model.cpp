@@ -156,12 +156,16 @@ std::map<std::string, int64_t> optimizer_state_shard_dims(const NamedTensors& st
   return dims;
 }
 
-GradNormReduction sharded_grad_norm(ProcessGroup& sum_over, int64_t tp_rank, const NamedTensors& params,
-                                    const std::map<std::string, int64_t>& shard_dim) {
+GradNormReduction sharded_grad_norm(std::vector<ProcessGroup*> sum_over, int64_t tp_rank, const NamedTensors& params,
+                                    const std::map<std::string, int64_t>& shard_dim,
+                                    const std::string& counted_elsewhere) {
   GradNormReduction reduction;
-  for (const auto& [name, param] : params) reduction.counted.push_back(dim_of(shard_dim, name) >= 0 || tp_rank == 0);
-  ProcessGroup* group = &sum_over;
-  reduction.sum_over_ranks = [group](torch::Tensor& sum_of_squares) { all_reduce_through_cpu(*group, sum_of_squares); };
+  for (const auto& [name, param] : params) {
+    reduction.counted.push_back(name != counted_elsewhere && (dim_of(shard_dim, name) >= 0 || tp_rank == 0));
+  }
+  reduction.sum_over_ranks = [groups = std::move(sum_over)](torch::Tensor& sum_of_squares) {
+    for (ProcessGroup* group : groups) all_reduce_through_cpu(*group, sum_of_squares);
+  };
   return reduction;
 }
 

@@ -33,6 +33,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <torch/nn/module.h>
 
@@ -100,10 +101,15 @@ std::map<std::string, int64_t> optimizer_state_shard_dims(const NamedTensors& st
 // after them) together with the other ranks' parts: a part of a parameter
 // that tensor parallelism shards (`shard_dim` >= 0) counts on every rank, a
 // part of one every tp rank holds whole counts on tp rank 0 only, and the
-// sums of squares are all-reduced over `sum_over`: the tp group, or under
-// ZeRO-1, whose pieces also split every parameter over dp, every rank.
-GradNormReduction sharded_grad_norm(ProcessGroup& sum_over, int64_t tp_rank, const NamedTensors& params,
-                                    const std::map<std::string, int64_t>& shard_dim);
+// sums of squares are all-reduced over each group of `sum_over` in turn: the
+// tp group (and the pp group, whose stages hold different parameters), or
+// under ZeRO-1, whose pieces also split every parameter over dp, the world.
+// `counted_elsewhere` names a parameter this rank holds a copy of that
+// another rank counts (the last pipeline stage's tied embedding): not counted
+// here. Its gradient is still clipped like the others.
+GradNormReduction sharded_grad_norm(std::vector<ProcessGroup*> sum_over, int64_t tp_rank, const NamedTensors& params,
+                                    const std::map<std::string, int64_t>& shard_dim,
+                                    const std::string& counted_elsewhere = "");
 
 // Rank `rank`'s shards of every entry of `full` (by `shard_dim`), in order.
 NamedTensors shard_tensor_parallel(const NamedTensors& full, const std::map<std::string, int64_t>& shard_dim,

@@ -94,6 +94,12 @@ class AdamW {
   // loom::BadInput naming it, and leaves the state untouched.
   void load_state_dict(const NamedTensors& state);
 
+  // The entries of `state` (the state_dict() of an AdamW over more
+  // parameters: a whole model's) that an AdamW over `params` takes: the step
+  // and each of `params`' entries, in state_dict() order. BadInput naming a
+  // missing entry.
+  static NamedTensors state_for(const NamedTensors& state, const NamedTensors& params);
+
  private:
   struct ParamState {
     torch::Tensor exp_avg;     // fp32

@@ -23,6 +23,8 @@
 #include "checkpoints/init_from.h"
 #include "data/loader.h"
 #include "parallel/data_parallel.h"
+#include "parallel/pipeline.h"
+#include "parallel/pipeline_schedule.h"
 #include "parallel/tensor_parallel_model.h"
 #include "parallel/zero.h"
 #include "parallel/topology.h"
@@ -45,11 +47,24 @@ namespace {
 
 double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
 
+// The global batch's sequences, by default one micro-batch per replica.
+int64_t global_batch_of(const Config& config, const ParallelDims& dims) {
+  return config.batch.global_batch_size > 0 ? config.batch.global_batch_size
+                                            : config.batch.micro_batch_size * dims.dp;
+}
+
+// The pipeline schedule of one step (parallel.pp_schedule over pp ranks and
+// the step's micro-batches per replica); BadInput when they do not suit it.
+PipeSchedule pipeline_schedule_of(const Config& config, const ParallelDims& dims) {
+  const int64_t micro_batches = global_batch_of(config, dims) / (config.batch.micro_batch_size * dims.dp);
+  return make_pipe_schedule(config.parallel.pp_schedule, dims.pp, micro_batches, config.parallel.virtual_stages);
+}
+
 // What this build can train; refused up front rather than after minutes of setup.
 void check_supported(const Config& config, const ParallelDims& dims) {
-  if (dims.pp > 1) {
-    throw BadInput("parallel.pp (" + std::to_string(dims.pp) + "): pipeline parallelism is not implemented yet; "
-                   "this build trains with parallel.dp and parallel.tp (world size = dp * tp)");
+  const int64_t per_step = config.batch.micro_batch_size * dims.dp;
+  if (dims.pp > 1 && per_step > 0 && global_batch_of(config, dims) % per_step == 0) {
+    pipeline_schedule_of(config, dims);  // (a batch that does not divide is the loader's to refuse)
   }
   if (config.precision.params != "fp32") {
     throw BadInput("precision.params: '" + config.precision.params +
@@ -105,20 +120,26 @@ std::pair<torch::Tensor, torch::Tensor> to_inputs_targets(MicroBatch& batch, c10
   return {rows_bt.slice(1, 0, batch.cols - 1), rows_bt.slice(1, 1, batch.cols)};
 }
 
-// Mean next-token cross-entropy of `inputs_bt` -> `targets_bt`, in fp32
-// whatever the compute dtype. With a tensor-parallel group the model's logits
-// are this rank's slice of the vocabulary, and the loss is the vocabulary-
-// parallel cross-entropy (the same number on every rank of the group).
-torch::Tensor next_token_loss(LlamaForCausalLM& model, const torch::Tensor& inputs_bt, const torch::Tensor& targets_bt,
-                              bool bf16, ProcessGroup* tp) {
-  torch::Tensor logits_btv;
-  {
-    AutocastScope autocast(inputs_bt.device().type(), bf16);
-    logits_btv = model.forward(inputs_bt);
-  }
+// The model's (or a pipeline chunk's) forward, under bf16 autocast when asked.
+torch::Tensor autocast_forward(LlamaForCausalLM& model, const torch::Tensor& input, bool bf16) {
+  AutocastScope autocast(input.device().type(), bf16);
+  return model.forward(input);
+}
+
+// Mean cross-entropy of `logits_btv` against `targets_bt`, in fp32 whatever
+// the compute dtype. With a tensor-parallel group the logits are this rank's
+// slice of the vocabulary, and the loss is the vocabulary-parallel
+// cross-entropy (the same number on every rank of the group).
+torch::Tensor token_loss(const torch::Tensor& logits_btv, const torch::Tensor& targets_bt, ProcessGroup* tp) {
   const torch::Tensor logits_nv = logits_btv.reshape({-1, logits_btv.size(-1)});
   if (tp != nullptr) return vocab_parallel_cross_entropy(*tp, logits_nv, targets_bt.reshape({-1}));
   return torch::nn::functional::cross_entropy(logits_nv.to(torch::kFloat), targets_bt.reshape({-1}));
+}
+
+// Mean next-token cross-entropy of `inputs_bt` -> `targets_bt`.
+torch::Tensor next_token_loss(LlamaForCausalLM& model, const torch::Tensor& inputs_bt, const torch::Tensor& targets_bt,
+                              bool bf16, ProcessGroup* tp) {
+  return token_loss(autocast_forward(model, inputs_bt, bf16), targets_bt, tp);
 }
 
 // Mean loss over the first data.valid_batches validation micro-batches (the
@@ -134,6 +155,22 @@ double validation_loss(LlamaForCausalLM& model, const Loader& loader, int64_t ma
     ++count;
   }
   return count > 0 ? total.item<double>() / static_cast<double>(count) : std::numeric_limits<double>::quiet_NaN();
+}
+
+// validation_loss through the pipeline: the last stage's mean, on every
+// stage. Collective over pp.
+double pipeline_validation_loss(PipelineExecutor& executor, ProcessGroup& pp, const Loader& loader,
+                                int64_t max_batches, c10::Device device) {
+  std::vector<torch::Tensor> inputs, targets;
+  for (MicroBatch batch : loader.validation_batches(max_batches)) {
+    auto [inputs_bt, targets_bt] = to_inputs_targets(batch, device);
+    inputs.push_back(inputs_bt);
+    targets.push_back(targets_bt);
+  }
+  if (inputs.empty()) return std::numeric_limits<double>::quiet_NaN();
+  torch::Tensor loss = torch::tensor(executor.evaluate(inputs, targets), torch::kDouble);
+  all_reduce_through_cpu(pp, loss);
+  return loss.item<double>();
 }
 
 // The folder holding the tokenizer files, from data.tokenizer (a folder or a
@@ -337,12 +374,17 @@ TrainResult train(Config& config, const TrainOptions& options) {
   ProcessGroup* tp = dims.tp > 1 ? options.grid->tp.get() : nullptr;
   // The data-parallel group (this rank's replicas), or null with one replica.
   ProcessGroup* dp = dims.dp > 1 ? options.grid->dp.get() : nullptr;
+  // The pipeline group (this rank's stages), or null when every rank holds every layer.
+  ProcessGroup* pp = dims.pp > 1 ? options.grid->pp.get() : nullptr;
+  // Whether this rank holds the whole model (no tp or pp): then checkpoints
+  // need no gathering.
+  const bool model_is_whole = tp == nullptr && pp == nullptr;
   const ParallelDims::Coords coords = dims.coords_of(options.world ? options.world->rank() : 0);
   // One rank writes the run folder, the metrics, checkpoints and the export;
   // with tensor parallelism the others take part in gathering what it writes.
   const bool writer = options.world == nullptr || options.world->rank() == 0;
   const int64_t micro_batch = config.batch.micro_batch_size;
-  const int64_t global_batch = config.batch.global_batch_size > 0 ? config.batch.global_batch_size : micro_batch * dims.dp;
+  const int64_t global_batch = global_batch_of(config, dims);
   const int64_t seq_len = config.data.seq_len > 0 ? config.data.seq_len : config.model.max_seq_len;
   const int64_t train_steps = config.schedule.train_steps;
   const int64_t stop_step =
@@ -357,7 +399,11 @@ TrainResult train(Config& config, const TrainOptions& options) {
 
   // The checkpoint to resume from is decided before anything is written, so
   // a refused resume leaves the run folder as it was.
-  const std::string resume_from = resume_checkpoint_path(config.checkpoint, checkpoints_dir.string());
+  // With checkpoint.resume auto, a checkpoint that fails verification is
+  // passed over for the newest older one that passes.
+  std::vector<std::string> resume_fallbacks;
+  const std::string resume_from =
+      resume_checkpoint_path(config.checkpoint, checkpoints_dir.string(), &resume_fallbacks);
   if (resume_from.empty() && fs::exists(checkpoints_dir / kLatestFile)) {
     throw BadInput(checkpoints_dir.string() + " already holds checkpoints and checkpoint.resume is none: use "
                    "checkpoint.resume auto to continue, or another run.name");
@@ -386,26 +432,50 @@ TrainResult train(Config& config, const TrainOptions& options) {
   // drawing the initial weights; seeding here too covers model.init_from.
   // The weights are drawn on the CPU and then moved, so every device starts
   // from the same ones.
-  // With tensor parallelism every rank draws the whole model, exactly as
-  // one rank would, and keeps its shards of it: any tp starts from the same
-  // weights.
+  // With tensor or pipeline parallelism every rank draws the whole model,
+  // exactly as one rank would, and keeps its part of it (its tp shards of its
+  // stages' layers): any layout starts from the same weights.
   torch::manual_seed(config.run.seed);
   LocalLayerFactory local_factory;
   std::shared_ptr<LlamaForCausalLM> whole = build_initial_model(config, local_factory);
   std::unique_ptr<TensorParallelLayerFactory> tp_factory;
+  if (tp != nullptr) tp_factory = std::make_unique<TensorParallelLayerFactory>(*tp, config.parallel.sequence_parallel);
+  const LayerFactory& factory = tp_factory ? static_cast<const LayerFactory&>(*tp_factory) : local_factory;
+  // The whole model, or (pp) null; `modules` are what this rank trains: the
+  // model, or its pipeline chunks.
   std::shared_ptr<LlamaForCausalLM> model = whole;
-  if (tp != nullptr) {
-    tp_factory = std::make_unique<TensorParallelLayerFactory>(*tp, config.parallel.sequence_parallel);
-    model = std::make_shared<LlamaForCausalLM>(config.model, *tp_factory);
-    load_tensor_parallel_shards(*model, to_named_tensors(whole->named_parameters()), tp->rank(), tp->size());
+  std::vector<std::shared_ptr<LlamaForCausalLM>> modules;
+  std::optional<PipeSchedule> schedule;
+  if (pp != nullptr) {
+    schedule.emplace(pipeline_schedule_of(config, dims));
+    modules = build_pipeline_chunks(config.model, factory, *schedule, pp->rank());
+    model.reset();
+  } else if (tp != nullptr) {
+    model = std::make_shared<LlamaForCausalLM>(config.model, factory);
+    modules = {model};
+  } else {
+    modules = {model};
   }
-  model->to(device);
-  model->train();
+  // This rank's part of `whole`'s weights, into the modules.
+  auto load_from_whole = [&] {
+    if (model_is_whole) return;
+    const NamedTensors whole_params = to_named_tensors(whole->named_parameters());
+    for (auto& module : modules) {
+      load_tensor_parallel_shards(*module, whole_params, tp ? tp->rank() : 0, tp ? tp->size() : 1);
+    }
+  };
+  load_from_whole();
+  NamedTensors named_params;
+  std::map<std::string, int64_t> param_dims;
+  for (auto& module : modules) {
+    module->to(device);
+    module->train();
+    for (auto& named : to_named_tensors(module->named_parameters())) named_params.push_back(std::move(named));
+    param_dims.merge(tensor_parallel_shard_dims(*module));
+  }
   const AdamWOptions adamw_options = AdamWOptions::from_config(config.optimizer);
-  const NamedTensors named_params = to_named_tensors(model->named_parameters());
   std::vector<torch::Tensor> params;
   for (const auto& [name, param] : named_params) params.push_back(param);
-  const std::map<std::string, int64_t> param_dims = tensor_parallel_shard_dims(*model);
   // ZeRO-1 (parallel.zero_stage 1, parallel/zero.h) replaces the whole AdamW
   // with one whose state is split over dp; it is made once the weights are
   // final (after a resume, below).
@@ -413,10 +483,17 @@ TrainResult train(Config& config, const TrainOptions& options) {
   std::optional<AdamW> optimizer;
   if (!zero_1) optimizer.emplace(named_params, adamw_options);
   std::optional<ShardedAdamW> zero;
-  // The gradient norm of all shards together: a parameter every rank of the
-  // group holds whole (norm weights, row-parallel biases) is counted once.
-  const GradNormReduction tp_norm =
-      tp != nullptr ? sharded_grad_norm(*tp, tp->rank(), named_params, param_dims) : GradNormReduction{};
+  // The gradient norm of all shards and stages together: a parameter every
+  // rank of the tp group holds whole (norm weights, row-parallel biases) is
+  // counted once, and so is the tied embedding whose copy the last pipeline
+  // stage holds.
+  const std::string tied_copy = pp != nullptr && pp->rank() != 0 && config.model.tie_embeddings
+                                    ? "model.embed_tokens.weight" : "";
+  std::vector<ProcessGroup*> model_groups;
+  if (tp != nullptr) model_groups.push_back(tp);
+  if (pp != nullptr) model_groups.push_back(pp);
+  const GradNormReduction model_norm =
+      model_is_whole ? GradNormReduction{} : sharded_grad_norm(model_groups, coords.tp, named_params, param_dims, tied_copy);
   // Data parallelism: each replica trains on its own samples of every global
   // batch, and the gradients are averaged over the replicas, bucket by bucket
   // while the last micro-batch's backward runs (parallel/data_parallel.h).
@@ -427,6 +504,9 @@ TrainResult train(Config& config, const TrainOptions& options) {
   if (dp != nullptr && !zero_1) {
     GradientReducer::Options reducer_options;
     reducer_options.bucket_mb = config.parallel.bucket_mb;
+    // A pipeline interleaves the micro-batches' backwards, so the last
+    // gradient of a parameter is not known in advance: reduce after them.
+    reducer_options.overlap = pp == nullptr;
     reducer = std::make_unique<GradientReducer>(*dp, params, reducer_options);
   }
 
@@ -452,7 +532,7 @@ TrainResult train(Config& config, const TrainOptions& options) {
   int64_t skipped_steps = 0;  // of those, steps skipped as non-finite (optimizer.nonfinite_policy skip)
   NamedTensors resumed_state;  // the optimizer state of this rank's model shard, whole over dp
   if (!resume_from.empty()) {
-    if (tp == nullptr && !zero_1) {
+    if (model_is_whole && !zero_1) {
       step = load_training_checkpoint(resume_from, *model, *optimizer, loader, &skipped_steps);
     } else {
       // Checkpoints hold whole tensors (see save_checkpoint below): load them
@@ -460,8 +540,9 @@ TrainResult train(Config& config, const TrainOptions& options) {
       AdamW whole_optimizer(to_named_tensors(whole->named_parameters()), adamw_options);
       step = load_training_checkpoint(resume_from, *whole, whole_optimizer, loader, &skipped_steps);
       resumed_state = whole_optimizer.state_dict();
+      load_from_whole();
+      if (pp != nullptr) resumed_state = AdamW::state_for(resumed_state, named_params);
       if (tp != nullptr) {
-        load_tensor_parallel_shards(*model, to_named_tensors(whole->named_parameters()), tp->rank(), tp->size());
         resumed_state = shard_tensor_parallel(resumed_state, optimizer_state_shard_dims(resumed_state, param_dims),
                                               tp->rank(), tp->size());
       }
@@ -473,7 +554,7 @@ TrainResult train(Config& config, const TrainOptions& options) {
     }
   }
   result.resumed_from_step = step;
-  if (tp != nullptr) whole.reset();
+  if (!model_is_whole) whole.reset();
   if (zero_1) {
     zero.emplace(*dp, named_params, adamw_options);
     if (!resumed_state.empty()) zero->load_state_dict(resumed_state);
@@ -485,14 +566,40 @@ TrainResult train(Config& config, const TrainOptions& options) {
   // rank holds whole counts on tp rank 0 only).
   const std::vector<torch::Tensor> norm_params = zero ? zero->shard_params() : params;
   const GradNormReduction zero_norm =
-      zero ? sharded_grad_norm(*options.world, coords.tp, zero->shard_named_params(), param_dims) : GradNormReduction{};
-  const GradNormReduction* norm_reduction = zero ? &zero_norm : tp != nullptr ? &tp_norm : nullptr;
+      zero ? sharded_grad_norm({options.world}, coords.tp, zero->shard_named_params(), param_dims, tied_copy)
+           : GradNormReduction{};
+  const GradNormReduction* norm_reduction = zero ? &zero_norm : model_is_whole ? nullptr : &model_norm;
+
+  // The pipeline: this rank's chunks run the schedule's forwards and
+  // backwards, under autocast as the whole model would, with the same loss.
+  std::unique_ptr<PipelineExecutor> executor;
+  if (pp != nullptr) {
+    PipelineExecutor::Shape shape;
+    shape.batch = micro_batch;
+    // A sequence-parallel residual stream holds a slice of the tokens.
+    shape.tokens = tp != nullptr && config.parallel.sequence_parallel ? seq_len / tp->size() : seq_len;
+    shape.hidden = config.model.hidden_size;
+    shape.dtype = bf16 ? torch::kBFloat16 : torch::kFloat;
+    PipelineExecutor::Hooks hooks;
+    hooks.forward = [bf16](LlamaForCausalLM& chunk, const torch::Tensor& input) {
+      return autocast_forward(chunk, input, bf16);
+    };
+    hooks.loss = [tp](const torch::Tensor& logits, const torch::Tensor& targets) {
+      return token_loss(logits, targets, tp);
+    };
+    executor = std::make_unique<PipelineExecutor>(*pp, *schedule, modules, shape, std::move(hooks));
+  }
 
   // Only the writer has a metrics file; the other ranks write to nothing.
   std::ofstream metrics;
   if (writer) {
     fs::create_directories(run_dir);
     write_file_atomic((run_dir / "config.yaml").string(), config_to_yaml(config));
+    if (!resume_fallbacks.empty()) {
+      // `latest` names the checkpoint resumed from, so that the failed ones
+      // after it are replaced when training reaches their steps again.
+      write_file_atomic((checkpoints_dir / kLatestFile).string(), fs::path(resume_from).filename().string() + "\n");
+    }
     truncate_metrics(metrics_path, step);
     metrics.open(metrics_path, std::ios::app);
     if (!metrics) throw std::runtime_error("cannot open " + metrics_path + " for appending");
@@ -503,26 +610,33 @@ TrainResult train(Config& config, const TrainOptions& options) {
                                                      config_to_yaml(config), config.checkpoint.keep_last};
 
   // The whole model (and optimizer) as one rank holds them, on the writer:
-  // with tensor parallelism the shards are gathered first (collective over
-  // the group, so every rank calls these), and the writer writes the same
-  // files a single-rank run writes. Every data-parallel replica holds the
-  // same weights, so only dp rank 0's tp group gathers.
+  // with tensor parallelism the shards are gathered first, then the stages
+  // on the first (collective over the groups, so every rank calls these),
+  // and the writer writes the same files a single-rank run writes. Every
+  // data-parallel replica holds the same weights, so only dp rank 0 gathers,
+  // and every tp rank then holds the same stage, so only tp rank 0's pp
+  // group goes on.
+  auto gather_whole = [&](const NamedTensors& local, const std::map<std::string, int64_t>& dims_of) {
+    NamedTensors gathered = tp != nullptr ? gather_tensor_parallel(*tp, local, dims_of) : local;
+    if (pp != nullptr && coords.tp == 0) gathered = gather_pipeline_stages(*pp, gathered);
+    return gathered;
+  };
   auto gathered_model = [&]() -> std::shared_ptr<LlamaForCausalLM> {
     if (coords.dp != 0) return nullptr;
-    if (tp == nullptr) return model;
-    NamedTensors whole_params = gather_tensor_parallel(*tp, to_named_tensors(model->named_parameters()), param_dims);
+    if (model_is_whole) return model;
+    NamedTensors whole_params = gather_whole(named_params, param_dims);
     return writer ? whole_model(config.model, whole_params) : nullptr;
   };
   auto save_checkpoint = [&]() -> std::string {
     // ZeRO-1 gathers its state over dp first (collective: every replica).
     NamedTensors state = zero ? zero->state_dict() : NamedTensors{};
     if (coords.dp != 0) return "";
-    if (tp == nullptr && !zero) {
+    if (model_is_whole && !zero) {
       return save_training_checkpoint(checkpoints_dir.string(), step, *model, *optimizer, loader, checkpoint_options,
                                       skipped_steps);
     }
     if (!zero) state = optimizer->state_dict();
-    if (tp != nullptr) state = gather_tensor_parallel(*tp, state, optimizer_state_shard_dims(state, param_dims));
+    if (!model_is_whole) state = gather_whole(state, optimizer_state_shard_dims(state, param_dims));
     std::shared_ptr<LlamaForCausalLM> whole_now = gathered_model();
     if (!writer) return "";
     AdamW whole_optimizer(to_named_tensors(whole_now->named_parameters()), adamw_options);
@@ -555,6 +669,9 @@ TrainResult train(Config& config, const TrainOptions& options) {
            << " MiB on rank 0";
     }
     *log << "\n";
+    for (const std::string& failure : resume_fallbacks) {
+      *log << "warning: passed over a checkpoint that fails verification: " << failure << "\n";
+    }
     if (result.peak_flops > 0) {
       *log << "train: peak " << format_double("%.1f", result.peak_flops / 1e12) << " TFLOP/s from " << peak_source
            << " (mfu is relative to it)\n";
@@ -596,7 +713,23 @@ TrainResult train(Config& config, const TrainOptions& options) {
     // The micro-batch losses are summed on the device and read once per step,
     // so a GPU is not made to wait after every micro-batch.
     torch::Tensor step_loss = torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(device));
-    for (int64_t m = 0; m < micro_batches; ++m) {
+    if (executor) {
+      // The pipeline runs the whole step's micro-batches at once (the schedule
+      // interleaves them); its loss is the last stage's, shared with all.
+      std::vector<torch::Tensor> inputs, targets;
+      for (int64_t m = 0; m < micro_batches; ++m) {
+        MicroBatch batch = loader.next_micro_batch();
+        for (const SampleId& id : batch.samples) samples.push_back(id.global_index);
+        auto [inputs_bt, targets_bt] = to_inputs_targets(batch, device);
+        inputs.push_back(inputs_bt);
+        targets.push_back(targets_bt);
+      }
+      step_loss += executor->run(inputs, targets);
+      all_reduce_through_cpu(*pp, step_loss);
+      if (poison) step_loss = step_loss * std::numeric_limits<double>::quiet_NaN();  // TrainOptions::poison_step
+      notice_stop_request(micro_batches);
+    }
+    for (int64_t m = 0; !executor && m < micro_batches; ++m) {
       MicroBatch batch = loader.next_micro_batch();
       for (const SampleId& id : batch.samples) samples.push_back(id.global_index);
       auto [inputs_bt, targets_bt] = to_inputs_targets(batch, device);
@@ -721,7 +854,8 @@ TrainResult train(Config& config, const TrainOptions& options) {
       // data.valid_batches counts micro-batches over all replicas: each
       // evaluates its share of the same samples a single rank reads.
       const int64_t batches_here = (config.data.valid_batches + dims.dp - 1) / dims.dp;
-      double valid_loss = validation_loss(*model, loader, batches_here, device, bf16, tp);
+      double valid_loss = executor ? pipeline_validation_loss(*executor, *pp, loader, batches_here, device)
+                                   : validation_loss(*model, loader, batches_here, device, bf16, tp);
       if (dp != nullptr) {
         // Every replica evaluates as many batches of its own: the mean of the means.
         torch::Tensor mean = torch::tensor(valid_loss, torch::kDouble);
@@ -789,7 +923,7 @@ TrainResult train(Config& config, const TrainOptions& options) {
   }
   // No rank returns (and ends the job) while the writer is still writing.
   if (options.world != nullptr && options.world->size() > 1) options.world->barrier()->wait();
-  result.model = model;
+  result.model = model;  // null with pipeline parallelism (no rank holds it all)
   return result;
 }
 

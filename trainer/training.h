@@ -83,7 +83,7 @@ struct TrainResult {
   double peak_flops = 0.0;      // the peak mfu is relative to, FLOP/s (0 if not known)
   std::string last_checkpoint;  // folder of the last checkpoint written ("" if none)
   int stopped_by_signal = 0;    // the signal that stopped the run early (TrainOptions::stop_signal), or 0
-  std::shared_ptr<LlamaForCausalLM> model;  // the trained model (with tensor parallelism: this rank's shards)
+  std::shared_ptr<LlamaForCausalLM> model;  // the trained model (tp: this rank's shards; pp: null)
 };
 
 // Trains on run.device, fp32 or (precision.compute bf16) with bf16 autocast
@@ -96,8 +96,9 @@ TrainResult train(Config& config, const TrainOptions& options = {});
 
 // The layout train() would use on `world_size` ranks (ParallelDims::from_config),
 // or BadInput naming every factor when the layout does not fit the world size
-// or the model, or asks for what this build cannot train yet (parallel.dp or
-// parallel.pp above 1). Needs no communication: every rank decides the same.
+// or the model, or asks for what this build cannot train (a pipeline
+// schedule that does not suit the step's micro-batches, say). Needs no
+// communication: every rank decides the same.
 ParallelDims check_training_layout(const Config& config, int64_t world_size);
 
 // FLOPs of one token's forward and backward: 6 N + 12 L H S, with N the

@@ -176,7 +176,8 @@ std::string save_training_checkpoint(const std::string& checkpoints_dir, int64_t
   return folder.string();
 }
 
-std::string resume_checkpoint_path(const CheckpointConfig& checkpoint, const std::string& checkpoints_dir) {
+std::string resume_checkpoint_path(const CheckpointConfig& checkpoint, const std::string& checkpoints_dir,
+                                   std::vector<std::string>* fallbacks) {
   if (checkpoint.resume == "none") return "";
   if (checkpoint.resume != "auto") {
     if (!fs::is_directory(checkpoint.resume)) {
@@ -192,28 +193,53 @@ std::string resume_checkpoint_path(const CheckpointConfig& checkpoint, const std
   if (!fs::is_directory(folder)) {
     throw BadInput(latest.string() + ": names '" + name + "', which is not a folder in " + checkpoints_dir);
   }
-  return folder.string();
+  // latest first, then the older step folders, newest first.
+  std::vector<fs::path> candidates = {folder};
+  const std::vector<fs::path> steps = step_folders(checkpoints_dir);
+  for (auto it = steps.rbegin(); it != steps.rend(); ++it) {
+    if (it->filename().string() < name) candidates.push_back(*it);
+  }
+  std::vector<std::string> failures;
+  for (const fs::path& candidate : candidates) {
+    try {
+      open_training_checkpoint(candidate.string());
+      if (fallbacks != nullptr) *fallbacks = failures;
+      return candidate.string();
+    } catch (const std::exception& e) {  // BadInput, or a file that cannot be read at all
+      failures.push_back(e.what());
+    }
+  }
+  std::string why;
+  for (const std::string& failure : failures) why += "\n  " + failure;
+  throw BadInput("checkpoint.resume auto: no checkpoint in " + checkpoints_dir + " passes verification:" + why);
 }
 
-int64_t load_training_checkpoint(const std::string& dir, LlamaForCausalLM& model, AdamW& optimizer, Loader& loader,
-                                 int64_t* skipped_steps) {
-  // ModelFiles::open checks every file the manifest lists (sizes, CRC32C),
-  // optimizer and trainer state included, before anything is read.
-  const ModelFiles files = ModelFiles::open(dir);
+ModelFiles open_training_checkpoint(const std::string& dir) {
+  // ModelFiles::open checks every file the manifest lists (sizes, CRC32C)
+  // and the manifest's tensors against the files.
+  ModelFiles files = ModelFiles::open(dir);
   if (files.kind() != ModelFiles::Kind::kLoomCheckpoint) {
     throw BadInput(dir + ": a Hugging Face folder, not a loom training checkpoint (use model.init_from to start "
                    "from it)");
   }
-  const fs::path root(dir);
-  const std::string optimizer_path = (root / kOptimizerStateFile).string();
-  const std::string state_path = (root / kTrainerStateFile).string();
-  const json manifest = json::parse(read_file((root / "manifest.json").string()));
+  const json manifest = json::parse(read_file((fs::path(dir) / "manifest.json").string()));
   for (const std::string& name : {std::string(kOptimizerStateFile), std::string(kTrainerStateFile)}) {
     if (!manifest.at("files").contains(name)) {
       throw BadInput(dir + ": has no " + name + " in its manifest (a checkpoint written by `loom import` holds "
                      "weights only; start from it with model.init_from)");
     }
   }
+  return files;
+}
+
+int64_t load_training_checkpoint(const std::string& dir, LlamaForCausalLM& model, AdamW& optimizer, Loader& loader,
+                                 int64_t* skipped_steps) {
+  // Every file the manifest lists (sizes, CRC32C), optimizer and trainer
+  // state included, is checked before anything is read.
+  const ModelFiles files = open_training_checkpoint(dir);
+  const fs::path root(dir);
+  const std::string optimizer_path = (root / kOptimizerStateFile).string();
+  const std::string state_path = (root / kTrainerStateFile).string();
 
   json state;
   try {

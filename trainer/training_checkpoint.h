@@ -16,7 +16,9 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
+#include "checkpoints/hub.h"
 #include "data/loader.h"
 #include "trainer/config.h"
 #include "trainer/model/llama.h"
@@ -43,10 +45,21 @@ std::string save_training_checkpoint(const std::string& checkpoints_dir, int64_t
                                      const AdamW& optimizer, const Loader& loader,
                                      const TrainingCheckpointOptions& options, int64_t skipped_steps = 0);
 
-// The checkpoint folder checkpoint.resume asks for: for "auto" the one
-// `checkpoints_dir`/latest names ("" when there is no latest), for "none" "",
-// otherwise the path itself. BadInput when latest names a missing folder.
-std::string resume_checkpoint_path(const CheckpointConfig& checkpoint, const std::string& checkpoints_dir);
+// The checkpoint folder checkpoint.resume asks for: for "none" "", for a
+// path the path itself, for "auto" the one `checkpoints_dir`/latest names
+// ("" when there is no latest) once it passes verification (every file's
+// size and CRC32C, the manifest against the files, the optimizer and trainer
+// state present). When it fails, the newest older step folder that passes
+// is taken instead and each failed one is described in `fallbacks` ("FOLDER:
+// why"); BadInput when none passes, naming each failure, or when latest
+// names a missing folder.
+std::string resume_checkpoint_path(const CheckpointConfig& checkpoint, const std::string& checkpoints_dir,
+                                   std::vector<std::string>* fallbacks = nullptr);
+
+// The weights of the training checkpoint at `dir`, verified: every file's
+// size and CRC32C, the manifest's tensors against the files, and the
+// optimizer and trainer state present. BadInput naming what fails.
+ModelFiles open_training_checkpoint(const std::string& dir);
 
 // Loads weights, optimizer state, data position and CPU RNG state from a
 // training checkpoint and returns its step. Every file is verified (size and

@@ -122,7 +122,7 @@ TEST_P(TensorParallelModel, TenStepsMatchTheSingleRankModel) {
   adamw.eps = 1e-6;
   AdamW full_optimizer(to_named_tensors(full.named_parameters()), adamw);
   AdamW sharded_optimizer(to_named_tensors(sharded->named_parameters()), adamw);
-  const GradNormReduction reduction = sharded_grad_norm(tp(), tp().rank(), sharded_optimizer.named_params(), dims);
+  const GradNormReduction reduction = sharded_grad_norm({&tp()}, tp().rank(), sharded_optimizer.named_params(), dims);
 
   for (int64_t step = 0; step < kSteps; ++step) {
     // Both models start every step from the same weights, so that each

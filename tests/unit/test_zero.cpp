@@ -69,7 +69,7 @@ TEST(ShardedAdamW, MatchesWholeAdamWWithAllReducedGradientsAndHoldsOneDpthOfTheS
   ShardedAdamW zero(dp(), to_named_tensors(sharded->named_parameters()), options);
   // Every element sits in exactly one rank's shard (no tp: every dim is -1).
   const GradNormReduction reduction =
-      sharded_grad_norm(dp(), /*tp_rank=*/0, zero.shard_named_params(), tensor_parallel_shard_dims(*sharded));
+      sharded_grad_norm({&dp()}, /*tp_rank=*/0, zero.shard_named_params(), tensor_parallel_shard_dims(*sharded));
 
   for (int64_t step = 0; step < 5; ++step) {
     whole.zero_grad();
