@@ -30,6 +30,7 @@
 #include "parallel/topology.h"
 #include "parallel/vocab_parallel.h"
 #include "trainer/lr_schedule.h"
+#include "trainer/model/compute_weights.h"
 #include "trainer/device.h"
 #include "trainer/optimizer.h"
 #include "trainer/profiler.h"
@@ -704,6 +705,10 @@ TrainResult train(Config& config, const TrainOptions& options) {
 
   auto zero_grad = [&] { zero ? zero->zero_grad() : optimizer->zero_grad(); };
   StepProfiler profiler(config.profile, device, run_dir / "profile", writer);  // profile.* (trainer/profiler.h)
+  // bf16 weights cast once per step, gradients added straight into the fp32
+  // .grad (trainer/model/compute_weights.h); on one rank only, as no
+  // reducer may wait on the weights' accumulation hooks.
+  ComputeWeights compute_weights(bf16 && dims.world == 1);
   while (step < stop_step) {
     profiler.step_begin(step + 1);
     const auto step_start = Clock::now();

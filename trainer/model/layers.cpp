@@ -2,6 +2,8 @@
 
 #include <ATen/ATen.h>
 
+#include "trainer/model/compute_weights.h"
+
 namespace loom {
 
 namespace {
@@ -15,7 +17,7 @@ class LocalLinear : public Linear {
     if (bias) bias_ = register_parameter("bias", torch::zeros({out_features}));
   }
   torch::Tensor forward(const torch::Tensor& x) override {
-    return at::linear(x, weight_, bias_.defined() ? std::optional<at::Tensor>(bias_) : std::nullopt);
+    return at::linear(x, compute_weight(weight_), bias_.defined() ? std::optional<at::Tensor>(bias_) : std::nullopt);
   }
 
  private:
@@ -43,7 +45,7 @@ class LocalLmHead : public LmHead {
     if (!tied_) weight_ = register_parameter("weight", torch::empty({vocab, hidden}));
   }
   torch::Tensor forward(const torch::Tensor& hidden) override {
-    return at::linear(hidden, tied_ ? tied_->weight() : weight_);
+    return at::linear(hidden, compute_weight(tied_ ? tied_->weight() : weight_));
   }
 
  private:

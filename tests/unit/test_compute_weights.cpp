@@ -1,0 +1,153 @@
+// ComputeWeights (trainer/model/compute_weights.h): bf16 weights cast once per
+// value and gradients added straight into the fp32 .grad give the losses and
+// gradients of plain autocast bit for bit, across micro-batches and optimizer
+// updates, tied or untied, with and without activation recomputation. On the
+// CPU here (CPU autocast casts linear weights to bf16 as CUDA's does); the
+// same code runs on the GPU.
+#include <gtest/gtest.h>
+
+#include <ATen/autocast_mode.h>
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "trainer/model/compute_weights.h"
+#include "trainer/model/llama.h"
+
+namespace loom {
+namespace {
+
+ModelConfig small_config(bool tied, const std::string& recompute) {
+  ModelConfig m;
+  m.hidden_size = 48;
+  m.intermediate_size = 80;
+  m.num_layers = 3;
+  m.num_heads = 4;
+  m.num_kv_heads = 2;
+  m.vocab_size = 67;
+  m.max_seq_len = 32;
+  m.init_std = 0.2;
+  m.tie_embeddings = tied;
+  m.recompute = recompute;
+  return m;
+}
+
+// bf16 autocast on the CPU for a scope, its cast cache cleared on leaving (as
+// training's AutocastScope does per micro-batch).
+class CpuBf16Autocast {
+ public:
+  CpuBf16Autocast() {
+    at::autocast::set_autocast_enabled(at::kCPU, true);
+    at::autocast::set_autocast_dtype(at::kCPU, at::kBFloat16);
+    at::autocast::increment_nesting();
+  }
+  ~CpuBf16Autocast() {
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+    at::autocast::set_autocast_enabled(at::kCPU, false);
+  }
+};
+
+struct Trace {
+  std::vector<torch::Tensor> losses;
+  std::vector<std::map<std::string, torch::Tensor>> grads;  // after each step's micro-batches
+  std::map<std::string, torch::Tensor> weights;             // at the end
+  int64_t casts = 0;
+};
+
+// Two steps of three micro-batches each, with an in-place SGD update between
+// them (the optimizer changes the weights: the cast must be redone).
+Trace train(const ModelConfig& config, bool cached) {
+  torch::manual_seed(11);
+  LocalLayerFactory factory;
+  LlamaForCausalLM model(config, factory);
+  model.init_weights();
+  torch::manual_seed(12);
+  const auto ids = torch::randint(config.vocab_size, {6, 2, 9}, torch::kLong);
+  Trace trace;
+  ComputeWeights scope(cached);
+  for (int64_t step = 0; step < 2; ++step) {
+    for (auto& p : model.parameters()) {
+      if (p.grad().defined()) p.mutable_grad().zero_();
+    }
+    for (int64_t m = 0; m < 3; ++m) {
+      const auto batch = ids[step * 3 + m];
+      torch::Tensor logits;
+      {
+        CpuBf16Autocast autocast;
+        logits = model.forward(batch.narrow(1, 0, 8));
+      }
+      auto loss = torch::nn::functional::cross_entropy(logits.reshape({-1, config.vocab_size}).to(torch::kFloat),
+                                                       batch.narrow(1, 1, 8).reshape({-1})) /
+                  3.0;
+      loss.backward();
+      trace.losses.push_back(loss.detach());
+    }
+    std::map<std::string, torch::Tensor> grads;
+    for (const auto& p : model.named_parameters()) {
+      EXPECT_TRUE(p.value().grad().defined()) << p.key();
+      EXPECT_EQ(p.value().grad().scalar_type(), torch::kFloat) << p.key();
+      grads[p.key()] = p.value().grad().clone();
+    }
+    trace.grads.push_back(grads);
+    torch::NoGradGuard no_grad;
+    for (auto& p : model.parameters()) p.add_(p.grad(), -0.05);
+  }
+  for (const auto& p : model.named_parameters()) trace.weights[p.key()] = p.value().detach().clone();
+  trace.casts = scope.casts();
+  return trace;
+}
+
+void expect_identical(const Trace& cached, const Trace& plain) {
+  ASSERT_EQ(cached.losses.size(), plain.losses.size());
+  for (size_t i = 0; i < plain.losses.size(); ++i) {
+    EXPECT_TRUE(torch::equal(cached.losses[i], plain.losses[i]))
+        << "micro-batch " << i << ": " << cached.losses[i].item<double>() << " vs " << plain.losses[i].item<double>();
+  }
+  for (size_t step = 0; step < plain.grads.size(); ++step) {
+    for (const auto& [name, grad] : plain.grads[step]) {
+      EXPECT_TRUE(torch::equal(cached.grads[step].at(name), grad)) << "step " << step << " " << name;
+    }
+  }
+  for (const auto& [name, weight] : plain.weights) EXPECT_TRUE(torch::equal(cached.weights.at(name), weight)) << name;
+}
+
+// Linear weights per layer (q, k, v, o, gate, up, down) and the head's.
+int64_t cast_weights(const ModelConfig& c) { return 7 * c.num_layers + 1; }
+
+TEST(ComputeWeights, UntiedModelMatchesPlainAutocastBitForBit) {
+  const ModelConfig config = small_config(/*tied=*/false, "none");
+  const Trace cached = train(config, true);
+  expect_identical(cached, train(config, false));
+  // Each weight cast once per step, not once per micro-batch.
+  EXPECT_EQ(cached.casts, 2 * cast_weights(config));
+}
+
+TEST(ComputeWeights, TiedHeadGetsTheEmbeddingsGradientAndTheHeadsOnce) {
+  const ModelConfig config = small_config(/*tied=*/true, "none");
+  const Trace cached = train(config, true);
+  expect_identical(cached, train(config, false));
+  EXPECT_EQ(cached.casts, 2 * cast_weights(config));
+}
+
+TEST(ComputeWeights, RecomputedLayersMatchToo) {
+  const ModelConfig config = small_config(/*tied=*/true, "full");
+  expect_identical(train(config, true), train(config, false));
+}
+
+TEST(ComputeWeights, WithoutAutocastOrScopeTheWeightItselfIsUsed) {
+  auto weight = torch::randn({4, 3}).requires_grad_(true);
+  EXPECT_TRUE(compute_weight(weight).is_same(weight));  // no scope
+  ComputeWeights scope(true);
+  EXPECT_TRUE(compute_weight(weight).is_same(weight));  // autocast off
+  {
+    CpuBf16Autocast autocast;
+    EXPECT_EQ(compute_weight(weight).scalar_type(), torch::kBFloat16);
+    auto bf16 = torch::randn({4, 3}).to(torch::kBFloat16);
+    EXPECT_TRUE(compute_weight(bf16).is_same(bf16));  // not fp32: autocast's business
+  }
+  EXPECT_THROW(ComputeWeights second(true), std::logic_error);
+}
+
+}  // namespace
+}  // namespace loom

@@ -1,0 +1,64 @@
+#pragma once
+// Low-precision weights cast once per optimizer step, not once per micro-batch.
+//
+// Under bf16 autocast a linear layer's fp32 weight is cast to bf16 each time
+// it is used, and in backward the bf16 weight gradient is cast back to fp32
+// and then added to the weight's fp32 .grad: per weight and micro-batch, two
+// copies and an add. On the 1B model they took 11% of a step
+// (docs/performance.md, "Where the 1B step goes").
+//
+// While a ComputeWeights scope is alive, the linear layers and the LM head ask
+// compute_weight() for their weight. It casts each weight once for as long as
+// its value stands (the cast is redone when the tensor's version counter says
+// the optimizer has changed it), and its backward adds the bf16 gradient into
+// the fp32 .grad with one mixed-dtype add. Both are what autocast and
+// autograd computed before, value for value: the cast is the same rounding,
+// and fp32 + bf16 promotes the bf16 exactly. The losses and gradients are
+// the uncached path's bit for bit.
+//
+// Only for a run that nothing else watches the gradients of: the gradient
+// reaches .grad without passing through the weight's AccumulateGrad node, so
+// hooks on it (the data-parallel reducer's) never fire. Training enables it
+// on a single rank.
+//
+//   ComputeWeights scope(/*enabled=*/bf16 && world == 1);
+//   ... micro-batches, backward, optimizer step ...
+
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <mutex>
+#include <unordered_map>
+
+namespace loom {
+
+class ComputeWeights {
+ public:
+  explicit ComputeWeights(bool enabled);
+  ~ComputeWeights();
+  ComputeWeights(const ComputeWeights&) = delete;
+  ComputeWeights& operator=(const ComputeWeights&) = delete;
+
+  // The bf16 copy of `weight` (fp32, cast by autocast), made once per value.
+  torch::Tensor cast(const torch::Tensor& weight, at::ScalarType dtype);
+  // How many casts this scope has made (for the tests).
+  int64_t casts() const { return casts_; }
+
+ private:
+  struct Entry {
+    int64_t version = -1;
+    torch::Tensor cast;
+  };
+  bool enabled_;
+  std::mutex mutex_;  // recomputation runs forward again on the backward thread
+  std::unordered_map<const c10::TensorImpl*, Entry> entries_;
+  int64_t casts_ = 0;
+};
+
+// The weight a layer should compute with: `weight` itself, unless a
+// ComputeWeights scope is alive and autocast would cast it (an fp32 weight
+// with autocast on for its device), in which case the scope's cached cast,
+// joined to the autograd graph so that its gradient reaches `weight.grad`.
+torch::Tensor compute_weight(const torch::Tensor& weight);
+
+}  // namespace loom
