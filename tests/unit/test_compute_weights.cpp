@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <ATen/autocast_mode.h>
+#include <torch/cuda.h>
 
 #include <map>
 #include <string>
@@ -33,19 +34,22 @@ ModelConfig small_config(bool tied, const std::string& recompute) {
   return m;
 }
 
-// bf16 autocast on the CPU for a scope, its cast cache cleared on leaving (as
-// training's AutocastScope does per micro-batch).
-class CpuBf16Autocast {
+// bf16 autocast on `device` for a scope, its cast cache cleared on leaving
+// (as training's AutocastScope does per micro-batch).
+class Bf16Autocast {
  public:
-  CpuBf16Autocast() {
-    at::autocast::set_autocast_enabled(at::kCPU, true);
-    at::autocast::set_autocast_dtype(at::kCPU, at::kBFloat16);
+  explicit Bf16Autocast(at::DeviceType device = at::kCPU) : device_(device) {
+    at::autocast::set_autocast_enabled(device_, true);
+    at::autocast::set_autocast_dtype(device_, at::kBFloat16);
     at::autocast::increment_nesting();
   }
-  ~CpuBf16Autocast() {
+  ~Bf16Autocast() {
     if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
-    at::autocast::set_autocast_enabled(at::kCPU, false);
+    at::autocast::set_autocast_enabled(device_, false);
   }
+
+ private:
+  at::DeviceType device_;
 };
 
 struct Trace {
@@ -57,13 +61,14 @@ struct Trace {
 
 // Two steps of three micro-batches each, with an in-place SGD update between
 // them (the optimizer changes the weights: the cast must be redone).
-Trace train(const ModelConfig& config, bool cached) {
+Trace train(const ModelConfig& config, bool cached, c10::Device device = c10::kCPU) {
   torch::manual_seed(11);
   LocalLayerFactory factory;
   LlamaForCausalLM model(config, factory);
   model.init_weights();
+  model.to(device);
   torch::manual_seed(12);
-  const auto ids = torch::randint(config.vocab_size, {6, 2, 9}, torch::kLong);
+  const auto ids = torch::randint(config.vocab_size, {6, 2, 9}, torch::kLong).to(device);
   Trace trace;
   ComputeWeights scope(cached);
   for (int64_t step = 0; step < 2; ++step) {
@@ -74,7 +79,7 @@ Trace train(const ModelConfig& config, bool cached) {
       const auto batch = ids[step * 3 + m];
       torch::Tensor logits;
       {
-        CpuBf16Autocast autocast;
+        Bf16Autocast autocast(device.type());
         logits = model.forward(batch.narrow(1, 0, 8));
       }
       auto loss = torch::nn::functional::cross_entropy(logits.reshape({-1, config.vocab_size}).to(torch::kFloat),
@@ -135,13 +140,23 @@ TEST(ComputeWeights, RecomputedLayersMatchToo) {
   expect_identical(train(config, true), train(config, false));
 }
 
+TEST(ComputeWeights, OnTheGpuToo) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no GPU visible";
+  for (const bool tied : {false, true}) {
+    const ModelConfig config = small_config(tied, "none");
+    const Trace cached = train(config, true, c10::kCUDA);
+    expect_identical(cached, train(config, false, c10::kCUDA));
+    EXPECT_EQ(cached.casts, 2 * cast_weights(config));
+  }
+}
+
 TEST(ComputeWeights, WithoutAutocastOrScopeTheWeightItselfIsUsed) {
   auto weight = torch::randn({4, 3}).requires_grad_(true);
   EXPECT_TRUE(compute_weight(weight).is_same(weight));  // no scope
   ComputeWeights scope(true);
   EXPECT_TRUE(compute_weight(weight).is_same(weight));  // autocast off
   {
-    CpuBf16Autocast autocast;
+    Bf16Autocast autocast;
     EXPECT_EQ(compute_weight(weight).scalar_type(), torch::kBFloat16);
     auto bf16 = torch::randn({4, 3}).to(torch::kBFloat16);
     EXPECT_TRUE(compute_weight(bf16).is_same(bf16));  // not fp32: autocast's business
