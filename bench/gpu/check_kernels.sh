@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The GPU checks of loom's fused kernels and of the step profiler, for a lent
 # GPU machine (docs/performance.md, "Profiling a run" and tuning version 3):
-#   1. tests/unit/test_fused_kernels.cpp: fused SwiGLU and rotary against the
-#      unfused ops, forward and backward, fp32/bf16/fp16, and the model on
-#      the GPU against the CPU;
+#   1. tests/unit/test_fused_kernels.cpp: fused SwiGLU, rotary and
+#      cross-entropy against the unfused ops, forward and backward,
+#      fp32/bf16/fp16, and the model on the GPU against the CPU;
 #   2. configs/tiny.yaml on cuda in bf16 with profile.start_step 5,
 #      profile.steps 2: the Chrome trace must hold GPU kernels, among them
-#      loom's (so training took the fused path), and summary.txt rank them.
+#      loom's (so training took the fused paths, the loss included), and
+#      summary.txt rank them.
 #
 # Here (the build machine):
 #   make build && bash bench/gpu/pack.sh
@@ -84,13 +85,14 @@ from pathlib import Path
 profile = Path(sys.argv[1])
 trace = json.loads((profile / "trace.json").read_text())
 kernels = {e["name"] for e in trace["traceEvents"] if e.get("cat") == "kernel"}
-ours = {k for k in kernels if "loom::kernels" in k or "swiglu" in k or "rotary_kernel" in k}
+ours = {k for k in kernels if "loom::kernels" in k or "swiglu" in k or "rotary_kernel" in k or "cross_entropy_" in k}
 summary = (profile / "summary.txt").read_text()
 print(f"{len(kernels)} kernel names in the trace; loom's: {sorted(ours)}")
 problems = []
 if not kernels:
     problems.append("no GPU kernel in the trace")
-for needed in ("swiglu_forward", "swiglu_backward", "rotary_kernel"):
+for needed in ("swiglu_forward", "swiglu_backward", "rotary_kernel", "cross_entropy_forward_kernel",
+               "cross_entropy_backward_kernel"):
     if not any(needed in k for k in ours):
         problems.append(f"no {needed} kernel: training did not take the fused path")
 if "GPU time" not in summary.splitlines()[0]:

@@ -1,10 +1,13 @@
-// loom's fused SwiGLU and rotary kernels (trainer/kernels/fused_ops.h)
-// against the unfused ATen ops they replace, forward and backward.
+// loom's fused SwiGLU, rotary and cross-entropy kernels
+// (trainer/kernels/fused_ops.h) against the unfused ATen ops they replace,
+// forward and backward.
 //
 // On a GPU: fp32 agrees with the unfused ops to a few ulp; bf16 and fp16 agree
 // with an fp32 reference of the same inputs to their rounding; the shapes are
-// the model's and odd ones, the inputs contiguous and the transposed views
-// attention makes; the whole model trains the same on the GPU as on the CPU.
+// the model's and odd ones (vocabularies of 97 to 128256 columns), the inputs
+// contiguous and the transposed views attention makes; the whole model
+// (its loss through the fused cross-entropy) trains the same on the GPU as on
+// the CPU.
 // Without a GPU those tests are skipped, and the CPU tests check that the
 // dispatch takes the unfused path (bit for bit) and that the backward
 // formulas the kernels implement are autograd's.
@@ -13,9 +16,15 @@
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <torch/cuda.h>
+#include <torch/nn/functional/loss.h>
 
+#include <algorithm>
+#include <cmath>
+#include <limits>
 #include <map>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "trainer/kernels/fused_ops.h"
@@ -293,6 +302,193 @@ TEST(FusedRotary, ContiguousAndSlicedInputsOnTheGpu) {
   }
 }
 
+// --- cross-entropy -----------------------------------------------------------------
+
+struct CrossEntropyResult {
+  torch::Tensor loss, d_logits;
+};
+
+// Runs `op` on a leaf copy of the logits, backward with the scalar `grad`.
+template <typename Op>
+CrossEntropyResult run_cross_entropy(Op op, const torch::Tensor& logits, const torch::Tensor& targets,
+                                     double grad = 0.37) {
+  auto x = logits.detach().clone().requires_grad_(true);
+  auto loss = op(x, targets);
+  loss.backward(torch::full({}, grad, loss.options()));
+  return {loss.detach(), x.grad()};
+}
+
+// What token_loss computed before the fused kernel existed.
+torch::Tensor cross_entropy_before(const torch::Tensor& logits_nv, const torch::Tensor& targets_n) {
+  return torch::nn::functional::cross_entropy(logits_nv.to(torch::kFloat), targets_n);
+}
+
+TEST(FusedCrossEntropy, CpuTensorsTakeTheUnfusedPathBitForBit) {
+  torch::manual_seed(10);
+  for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
+    auto logits = (torch::randn({13, 97}) * 3).to(dtype);
+    auto targets = torch::randint(0, 97, {13}, torch::kLong);
+    EXPECT_FALSE(kernels::cross_entropy_takes_fused_path(logits, targets));
+    auto dispatched = run_cross_entropy(kernels::cross_entropy, logits, targets);
+    auto before = run_cross_entropy(cross_entropy_before, logits, targets);
+    EXPECT_EQ(dispatched.loss.scalar_type(), torch::kFloat);
+    expect_identical(dispatched.loss, before.loss, name_of(dtype) + " loss");
+    expect_identical(dispatched.d_logits, before.d_logits, name_of(dtype) + " d_logits");
+  }
+}
+
+TEST(FusedCrossEntropy, FormulasOfTheKernelsAreTorchsCrossEntropyAndItsGradient) {
+  torch::manual_seed(11);
+  auto opts = torch::TensorOptions().dtype(torch::kDouble);
+  const int64_t rows = 6, vocab = 37;
+  const double grad = 0.37;
+  auto logits = torch::randn({rows, vocab}, opts) * 4;
+  auto targets = torch::randint(0, vocab, {rows}, torch::kLong);
+  targets[2] = -100;  // torch's default ignore_index
+  auto autograd = run_cross_entropy(
+      [](const torch::Tensor& x, const torch::Tensor& t) { return torch::nn::functional::cross_entropy(x, t); },
+      logits, targets, grad);
+  // What cross_entropy_forward and _backward compute (fused_cuda.h), and the
+  // mean and scale fused_ops.cpp puts around them.
+  auto counted = (targets != -100).to(torch::kDouble);
+  auto column = targets.clamp_min(0);
+  auto lse = at::logsumexp(logits, 1);
+  auto loss_rows = (lse - logits.gather(1, column.unsqueeze(1)).squeeze(1)) * counted;
+  auto scale = grad / counted.sum();
+  auto onehot = at::one_hot(column, vocab).to(torch::kDouble);
+  auto d_logits = (at::exp(logits - lse.unsqueeze(1)) - onehot) * scale * counted.unsqueeze(1);
+  expect_close(loss_rows.sum() / counted.sum(), autograd.loss, 1e-13, 1e-14, "loss");
+  expect_close(d_logits, autograd.d_logits, 1e-13, 1e-14, "d_logits");
+}
+
+// A fused result against the fp32 unfused one of the same (rounded) logits.
+// The loss is fp32 in both: they differ by summation order. The gradient is
+// rounded once to the logits' dtype; atol covers fp32's p - 1 near the
+// target (in units of the gradient's scale grad / rows) and fp16's
+// subnormals (below 6e-5, where small probabilities over many rows land).
+void expect_cross_entropy_close(const CrossEntropyResult& fused, const CrossEntropyResult& reference,
+                                torch::ScalarType dtype, int64_t rows, const std::string& what) {
+  EXPECT_EQ(fused.loss.scalar_type(), torch::kFloat) << what;
+  EXPECT_EQ(fused.d_logits.scalar_type(), dtype) << what;
+  expect_close(fused.loss, reference.loss, 2e-5, 1e-5, what + " loss");
+  const double rtol = dtype == torch::kFloat ? 1e-5 : tolerance_of(dtype).rtol;
+  const double scale = 0.37 / static_cast<double>(std::max<int64_t>(rows, 1));
+  const double atol = 1e-6 * scale + (dtype == torch::kHalf ? std::ldexp(1.0, -24) : 0.0);
+  expect_close(fused.d_logits, reference.d_logits, rtol, atol, what + " d_logits");
+}
+
+struct CrossEntropyShape {
+  int64_t rows, vocab;
+};
+const std::vector<CrossEntropyShape> kCrossEntropyShapes = {
+    {7, 97},        // rows start off 16-byte boundaries in every dtype: heads and tails
+    {5, 4099},
+    {3, 128256},    // Llama 3's vocabulary
+    {40, 49152},    // SmolLM's
+    {2, 7},         // fewer columns than a pack
+    {1, 1},         // one class: loss 0, gradient 0
+};
+
+TEST(FusedCrossEntropy, MatchesTheUnfusedOpsOnTheGpu) {
+  LOOM_SKIP_WITHOUT_GPU();
+  ASSERT_TRUE(kernels::fused_kernels_built()) << "a GPU is visible but loom was built without its CUDA kernels";
+  torch::manual_seed(12);
+  auto cuda = torch::TensorOptions().device(torch::kCUDA);
+  for (auto dtype : {torch::kFloat, torch::kBFloat16, torch::kHalf}) {
+    for (const auto& [rows, vocab] : kCrossEntropyShapes) {
+      const std::string what = name_of(dtype) + " rows " + std::to_string(rows) + " vocab " + std::to_string(vocab);
+      auto logits = (torch::randn({rows, vocab}, cuda) * 3).to(dtype);
+      auto targets = torch::randint(0, vocab, {rows}, cuda.dtype(torch::kLong));
+      ASSERT_TRUE(kernels::cross_entropy_takes_fused_path(logits, targets)) << what;
+      auto fused = run_cross_entropy(kernels::cross_entropy, logits, targets);
+      auto reference = run_cross_entropy(kernels::cross_entropy_unfused, logits.to(torch::kFloat), targets);
+      expect_cross_entropy_close(fused, reference, dtype, rows, what);
+    }
+  }
+}
+
+TEST(FusedCrossEntropy, ShiftedPeakedMaskedAndIgnoredRowsOnTheGpu) {
+  LOOM_SKIP_WITHOUT_GPU();
+  torch::manual_seed(13);
+  auto cuda = torch::TensorOptions().device(torch::kCUDA);
+  const int64_t rows = 9, vocab = 4099;
+  auto targets = torch::randint(0, vocab, {rows}, cuda.dtype(torch::kLong));
+  auto base = torch::randn({rows, vocab}, cuda) * 3;
+  // Every row's logits far from 0 (the max must be subtracted); the target
+  // far above the rest (p near 1: p - 1 cancels); columns at -inf (masked:
+  // exp 0, gradient 0); rows whose target is -100 (ignored by torch's default).
+  auto peaked = base.scatter_add(1, targets.unsqueeze(1), torch::full({rows, 1}, 40.0, cuda));
+  auto masked = base.clone();
+  masked.narrow(1, 0, 5).fill_(-std::numeric_limits<float>::infinity());
+  auto ignored = targets.clone();
+  ignored.narrow(0, 0, 4).fill_(-100);
+  const std::vector<std::tuple<std::string, torch::Tensor, torch::Tensor>> cases = {
+      {"shifted", base + 1000, targets},
+      {"peaked", peaked, targets},
+      {"masked", masked, targets.clamp_min(5)},
+      {"ignored", base, ignored},
+  };
+  for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
+    for (const auto& [label, logits_fp32, case_targets] : cases) {
+      const std::string what = name_of(dtype) + " " + label;
+      auto logits = logits_fp32.to(dtype);
+      auto fused = run_cross_entropy(kernels::cross_entropy, logits, case_targets);
+      auto reference = run_cross_entropy(kernels::cross_entropy_unfused, logits.to(torch::kFloat), case_targets);
+      expect_cross_entropy_close(fused, reference, dtype, rows, what);
+    }
+  }
+}
+
+TEST(FusedCrossEntropy, MisalignedAndNonContiguousLogitsOnTheGpu) {
+  LOOM_SKIP_WITHOUT_GPU();
+  torch::manual_seed(14);
+  auto cuda = torch::TensorOptions().device(torch::kCUDA);
+  const int64_t rows = 6, vocab = 4096;
+  auto targets = torch::randint(0, vocab, {rows}, cuda.dtype(torch::kLong));
+  for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
+    const std::string what = name_of(dtype);
+    // A view one element into its storage: contiguous, but every row starts
+    // off a 16-byte boundary, and the gradient (a fresh tensor) is not
+    // alike, so backward reads and writes one element at a time.
+    auto storage = torch::randn({rows * vocab + 1}, cuda).to(dtype).requires_grad_(true);
+    auto offset = storage.narrow(0, 1, rows * vocab).view({rows, vocab});
+    ASSERT_TRUE(kernels::cross_entropy_takes_fused_path(offset, targets)) << what;
+    auto loss = kernels::cross_entropy(offset, targets);
+    loss.backward(torch::full({}, 0.37, loss.options()));
+    const CrossEntropyResult fused{loss.detach(), storage.grad().narrow(0, 1, rows * vocab).view({rows, vocab})};
+    auto reference = run_cross_entropy(kernels::cross_entropy_unfused, offset.detach().to(torch::kFloat), targets);
+    expect_cross_entropy_close(fused, reference, dtype, rows, what + " offset");
+    // A transposed view (clone keeps its strides): copied once.
+    auto transposed = torch::randn({vocab, rows}, cuda).to(dtype).t();
+    ASSERT_TRUE(kernels::cross_entropy_takes_fused_path(transposed, targets)) << what;
+    expect_cross_entropy_close(
+        run_cross_entropy(kernels::cross_entropy, transposed, targets),
+        run_cross_entropy(kernels::cross_entropy_unfused, transposed.to(torch::kFloat), targets), dtype, rows,
+        what + " transposed");
+  }
+}
+
+TEST(FusedCrossEntropy, WithoutGradientsAndWithoutCountedRowsAsTorchOnTheGpu) {
+  LOOM_SKIP_WITHOUT_GPU();
+  torch::manual_seed(15);
+  auto cuda = torch::TensorOptions().device(torch::kCUDA);
+  auto logits = torch::randn({8, 97}, cuda).to(torch::kBFloat16);
+  auto targets = torch::randint(0, 97, {8}, cuda.dtype(torch::kLong));
+  {
+    // Validation's path: no graph, the same number.
+    torch::NoGradGuard no_grad;
+    expect_close(kernels::cross_entropy(logits, targets), kernels::cross_entropy_unfused(logits, targets), 2e-5,
+                 1e-5, "no_grad loss");
+  }
+  // No rows, or every target ignored: torch's mean is 0 / 0 = NaN, and the
+  // ignored rows' gradient is 0.
+  auto empty = torch::randn({0, 97}, cuda).to(torch::kBFloat16);
+  EXPECT_TRUE(std::isnan(kernels::cross_entropy(empty, targets.narrow(0, 0, 0)).item<double>()));
+  auto all_ignored = run_cross_entropy(kernels::cross_entropy, logits, torch::full_like(targets, -100));
+  EXPECT_TRUE(std::isnan(all_ignored.loss.item<double>()));
+  expect_identical(all_ignored.d_logits, torch::zeros_like(logits), "all ignored d_logits");
+}
+
 // --- the model ---------------------------------------------------------------------
 
 ModelConfig small_model() {
@@ -351,8 +547,8 @@ std::pair<torch::Tensor, std::map<std::string, torch::Tensor>> loss_and_grads(co
   {
     Bf16Autocast autocast(device.type(), bf16);
     auto logits = model->forward(ids.to(device));
-    loss = at::cross_entropy_loss(logits.reshape({-1, m.vocab_size}).to(torch::kFloat),
-                                  ids.roll(-1, 1).reshape({-1}).to(device));
+    // As token_loss: loom's fused cross-entropy on the GPU, torch's on the CPU.
+    loss = kernels::cross_entropy(logits.reshape({-1, m.vocab_size}), ids.roll(-1, 1).reshape({-1}).to(device));
   }
   loss.backward();
   std::map<std::string, torch::Tensor> grads;

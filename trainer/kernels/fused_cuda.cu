@@ -1,5 +1,8 @@
 // loom's CUDA kernels: SwiGLU and rotary embeddings, forward and backward,
-// each one pass over memory where the unfused ATen ops take three to five.
+// each one pass over memory where the unfused ATen ops take three to five;
+// cross-entropy over the logits, forward and backward, each one pass over
+// the logits in their own dtype where the unfused path first copies them to
+// fp32 and runs log-softmax and NLL over the copy.
 // See fused_cuda.h for the contracts and fused_ops.h for when they are used.
 #include "trainer/kernels/fused_cuda.h"
 
@@ -10,6 +13,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 namespace loom::kernels::cuda {
@@ -166,6 +170,157 @@ void launch_rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor&
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+
+// --- cross-entropy ---------------------------------------------------------------
+
+// A running (max, sum of exp(x - max)) over part of a row: the online
+// softmax normaliser (Milakov & Gimelshein, "Online normalizer calculation
+// for softmax", 2018), so the row is read once, not once for the max and
+// again for the sum.
+struct MaxSum {
+  float max;
+  float sum;
+};
+
+// exp(x - m) for m >= x, with exp(-inf - m) = 0 also where m is -inf (a row
+// of -inf so far), which x - m = NaN would get wrong. NaN in x still makes NaN.
+__device__ __forceinline__ float exp_below(float x, float m) { return x == -INFINITY ? 0.f : expf(x - m); }
+
+// Adds N values: one rescale of the sum for the lot.
+template <int N>
+__device__ __forceinline__ void add_values(MaxSum& state, const float (&v)[N]) {
+  float m = state.max;
+#pragma unroll
+  for (int k = 0; k < N; ++k) m = fmaxf(m, v[k]);
+  float sum = state.sum * exp_below(state.max, m);
+#pragma unroll
+  for (int k = 0; k < N; ++k) sum += exp_below(v[k], m);
+  state = {m, sum};
+}
+
+__device__ __forceinline__ MaxSum combine(MaxSum a, MaxSum b) {
+  const float m = fmaxf(a.max, b.max);
+  return {m, a.sum * exp_below(a.max, m) + b.sum * exp_below(b.max, m)};
+}
+
+// The block's combined state, in thread 0. blockDim.x is kThreads, a
+// multiple of the warp size.
+__device__ MaxSum block_combine(MaxSum state) {
+  constexpr unsigned kAll = 0xffffffffu;
+  __shared__ MaxSum warps[kThreads / 32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int offset = 16; offset > 0; offset /= 2)
+    state = combine(state, {__shfl_xor_sync(kAll, state.max, offset), __shfl_xor_sync(kAll, state.sum, offset)});
+  if (lane == 0) warps[warp] = state;
+  __syncthreads();
+  if (warp != 0) return state;
+  state = lane < kThreads / 32 ? warps[lane] : MaxSum{-INFINITY, 0.f};
+  for (int offset = 16; offset > 0; offset /= 2)
+    state = combine(state, {__shfl_xor_sync(kAll, state.max, offset), __shfl_xor_sync(kAll, state.sum, offset)});
+  return state;
+}
+
+// Elements of a row before its first 16-byte boundary, read one by one; the
+// rest goes in 16-byte packs but for a tail of fewer than a pack. A row
+// starts on a boundary only when vocab * sizeof(scalar_t) is a multiple of
+// 16 (128256 and 49152 bf16 are; 97 is not). `packed` false: all one by one.
+template <typename scalar_t>
+__device__ __forceinline__ int64_t row_head(const scalar_t* row, int64_t vocab, bool packed) {
+  constexpr int64_t kPack = 16 / sizeof(scalar_t);
+  if (!packed) return vocab;
+  const int64_t past = (reinterpret_cast<uintptr_t>(row) % 16) / sizeof(scalar_t);
+  const int64_t head = past == 0 ? 0 : kPack - past;
+  return head < vocab ? head : vocab;
+}
+
+// One block per row: the row's (max, sum) in one pass, then thread 0 writes
+// logsumexp and the row's loss.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    cross_entropy_forward_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ targets,
+                                 float* __restrict__ loss_rows, float* __restrict__ lse_rows, int64_t vocab,
+                                 int64_t ignore_index) {
+  constexpr int kPack = 16 / sizeof(scalar_t);
+  using P = Pack<scalar_t, kPack>;
+  const int64_t row = blockIdx.x;
+  const scalar_t* x = logits + row * vocab;
+  const int64_t head = row_head(x, vocab, /*packed=*/true);
+  const int64_t packs = (vocab - head) / kPack;
+  MaxSum state{-INFINITY, 0.f};
+  for (int64_t j = threadIdx.x; j < head; j += kThreads) add_values<1>(state, {static_cast<float>(x[j])});
+  const P* body = reinterpret_cast<const P*>(x + head);
+  for (int64_t p = threadIdx.x; p < packs; p += kThreads) {
+    const P pack = body[p];
+    float v[kPack];
+#pragma unroll
+    for (int k = 0; k < kPack; ++k) v[k] = static_cast<float>(pack.v[k]);
+    add_values(state, v);
+  }
+  for (int64_t j = head + packs * kPack + threadIdx.x; j < vocab; j += kThreads)
+    add_values<1>(state, {static_cast<float>(x[j])});
+  state = block_combine(state);
+  if (threadIdx.x != 0) return;
+  const float lse = state.max + logf(state.sum);
+  lse_rows[row] = lse;
+  const int64_t target = targets[row];
+  if (target == ignore_index) {
+    loss_rows[row] = 0.f;
+    return;
+  }
+  CUDA_KERNEL_ASSERT(target >= 0 && target < vocab);
+  loss_rows[row] = lse - static_cast<float>(x[target]);
+}
+
+__device__ __forceinline__ float cross_entropy_grad(float x, float lse, bool is_target, float scale) {
+  return (exp_below(x, lse) - (is_target ? 1.f : 0.f)) * scale;
+}
+
+// One block per row: d = (softmax - onehot) * scale, one pass reading the
+// logits and writing d. `packed`: logits and d are alike modulo 16 bytes,
+// so a row's head is the same count for both.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    cross_entropy_backward_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ targets,
+                                  const float* __restrict__ lse_rows, const float* __restrict__ scale_ptr,
+                                  scalar_t* __restrict__ d_logits, int64_t vocab, int64_t ignore_index,
+                                  bool packed) {
+  constexpr int kPack = 16 / sizeof(scalar_t);
+  using P = Pack<scalar_t, kPack>;
+  const int64_t row = blockIdx.x;
+  const scalar_t* x = logits + row * vocab;
+  scalar_t* d = d_logits + row * vocab;
+  const int64_t target = targets[row];
+  // An ignored row's gradient is 0: scale 0 and no target (-1 matches no
+  // column) give exactly that through the same code.
+  const bool ignored = target == ignore_index;
+  const int64_t column = ignored ? -1 : target;
+  const float scale = ignored ? 0.f : *scale_ptr;
+  const float lse = lse_rows[row];
+  const int64_t head = row_head(x, vocab, packed);
+  const int64_t packs = (vocab - head) / kPack;
+  for (int64_t j = threadIdx.x; j < head; j += kThreads)
+    d[j] = cross_entropy_grad(static_cast<float>(x[j]), lse, j == column, scale);
+  const P* x_body = reinterpret_cast<const P*>(x + head);
+  P* d_body = reinterpret_cast<P*>(d + head);
+  for (int64_t p = threadIdx.x; p < packs; p += kThreads) {
+    const P pack = x_body[p];
+    const int64_t first = head + p * kPack;
+    P out;
+#pragma unroll
+    for (int k = 0; k < kPack; ++k)
+      out.v[k] = cross_entropy_grad(static_cast<float>(pack.v[k]), lse, first + k == column, scale);
+    d_body[p] = out;
+  }
+  for (int64_t j = head + packs * kPack + threadIdx.x; j < vocab; j += kThreads)
+    d[j] = cross_entropy_grad(static_cast<float>(x[j]), lse, j == column, scale);
+}
+
+// fp32, bf16 and fp16 only: the arithmetic is fp32 whatever the dtype, which
+// would be a silent loss for double.
+#define LOOM_DISPATCH_FP32_BF16_FP16(TYPE, NAME, ...)                          \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+
 }  // namespace
 
 void swiglu_forward(const at::Tensor& gate, const at::Tensor& up, const at::Tensor& out) {
@@ -208,6 +363,36 @@ void rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, c
     } else {
       launch_rotary<scalar_t, false>(x, cos, sin, out, pairs, stream);
     }
+  });
+}
+
+void cross_entropy_forward(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index,
+                           const at::Tensor& loss_rows, const at::Tensor& lse_rows) {
+  const c10::cuda::CUDAGuard device_guard(logits.device());
+  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  if (rows == 0) return;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  LOOM_DISPATCH_FP32_BF16_FP16(logits.scalar_type(), "loom_cross_entropy_forward", [&] {
+    cross_entropy_forward_kernel<scalar_t><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+        logits.const_data_ptr<scalar_t>(), targets.const_data_ptr<int64_t>(), loss_rows.mutable_data_ptr<float>(),
+        lse_rows.mutable_data_ptr<float>(), vocab, ignore_index);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void cross_entropy_backward(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index,
+                            const at::Tensor& lse_rows, const at::Tensor& scale, const at::Tensor& d_logits) {
+  const c10::cuda::CUDAGuard device_guard(logits.device());
+  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  if (rows == 0) return;
+  const bool packed =
+      reinterpret_cast<uintptr_t>(logits.data_ptr()) % 16 == reinterpret_cast<uintptr_t>(d_logits.data_ptr()) % 16;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  LOOM_DISPATCH_FP32_BF16_FP16(logits.scalar_type(), "loom_cross_entropy_backward", [&] {
+    cross_entropy_backward_kernel<scalar_t><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+        logits.const_data_ptr<scalar_t>(), targets.const_data_ptr<int64_t>(), lse_rows.const_data_ptr<float>(),
+        scale.const_data_ptr<float>(), d_logits.mutable_data_ptr<scalar_t>(), vocab, ignore_index, packed);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 

@@ -30,4 +30,18 @@ void swiglu_backward(const at::Tensor& grad, const at::Tensor& gate, const at::T
 //             out_i = x_i cos_i - x_{i-d/2} sin_{i-d/2}    (i >= d/2)
 void rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& out, bool backward);
 
+// Cross-entropy of logits x [rows, vocab] (contiguous; fp32, bf16 or fp16)
+// against targets t [rows] (int64, contiguous; each in [0, vocab) or
+// ignore_index, else a device-side assertion fails, as in ATen's nll_loss).
+// One block per row; the logits are read once by each.
+//   forward:  lse_i = log sum_j exp(x_ij)                  (fp32 [rows])
+//             loss_i = lse_i - x_{i, t_i}, 0 where t_i == ignore_index   (fp32 [rows])
+//   backward: d_ij = (exp(x_ij - lse_i) - [j == t_i]) * scale, 0 on ignored rows,
+//             scale: an fp32 scalar on the device (the loss's gradient over
+//             the rows counted); d: contiguous, the logits' shape and dtype.
+void cross_entropy_forward(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index,
+                           const at::Tensor& loss_rows, const at::Tensor& lse_rows);
+void cross_entropy_backward(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index,
+                            const at::Tensor& lse_rows, const at::Tensor& scale, const at::Tensor& d_logits);
+
 }  // namespace loom::kernels::cuda

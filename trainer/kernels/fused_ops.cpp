@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
+#include <torch/nn/functional/loss.h>
 
 #ifdef LOOM_WITH_CUDA
 #include "trainer/kernels/fused_cuda.h"
@@ -20,6 +21,10 @@ bool fused_dtype(const torch::Tensor& t) {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::tensor_list;
+
+// torch's default ignore_index: rows with this target count neither in the
+// loss nor in the mean's denominator.
+constexpr int64_t kIgnoreIndex = -100;
 
 class SwiGluFunction : public torch::autograd::Function<SwiGluFunction> {
  public:
@@ -68,6 +73,33 @@ class RotaryFunction : public torch::autograd::Function<RotaryFunction> {
     torch::Tensor dx = last_dim_contiguous(at::empty_like(grad));
     cuda::rotary(grad, saved[0], saved[1], dx, /*backward=*/true);
     return {dx, torch::Tensor(), torch::Tensor()};
+  }
+};
+
+class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunction> {
+ public:
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& logits_nv, const torch::Tensor& targets_n) {
+    // The head's output is contiguous already; anything else is copied once.
+    torch::Tensor logits = logits_nv.contiguous(), targets = targets_n.contiguous();
+    const auto fp32 = logits.options().dtype(torch::kFloat);
+    torch::Tensor loss_rows = at::empty({logits.size(0)}, fp32), lse_rows = at::empty({logits.size(0)}, fp32);
+    cuda::cross_entropy_forward(logits, targets, kIgnoreIndex, loss_rows, lse_rows);
+    // The rows counted, on the device: the mean needs no synchronisation.
+    // No rows counted gives 0 / 0 = NaN, as torch's mean does.
+    torch::Tensor counted = (targets != kIgnoreIndex).sum().to(torch::kFloat);
+    ctx->save_for_backward({logits, targets, lse_rows, counted});
+    return loss_rows.sum() / counted;
+  }
+
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    const tensor_list saved = ctx->get_saved_variables();
+    const torch::Tensor &logits = saved[0], &targets = saved[1], &lse_rows = saved[2], &counted = saved[3];
+    // d loss / d x_ij = (softmax_ij - [j == t_i]) / counted, times the
+    // loss's own gradient: one fp32 scalar, left on the device.
+    torch::Tensor scale = (grads[0].to(torch::kFloat) / counted).contiguous();
+    torch::Tensor d_logits = at::empty_like(logits, at::MemoryFormat::Contiguous);
+    cuda::cross_entropy_backward(logits, targets, kIgnoreIndex, lse_rows, scale, d_logits);
+    return {d_logits, torch::Tensor()};
   }
 };
 
@@ -123,6 +155,23 @@ torch::Tensor rotary(const torch::Tensor& x_bhtd, const torch::Tensor& cos_td, c
   if (rotary_takes_fused_path(x_bhtd, cos_td, sin_td)) return RotaryFunction::apply(x_bhtd, cos_td, sin_td);
 #endif
   return rotary_unfused(x_bhtd, cos_td, sin_td);
+}
+
+torch::Tensor cross_entropy_unfused(const torch::Tensor& logits_nv, const torch::Tensor& targets_n) {
+  return torch::nn::functional::cross_entropy(logits_nv.to(torch::kFloat), targets_n);
+}
+
+bool cross_entropy_takes_fused_path(const torch::Tensor& logits_nv, const torch::Tensor& targets_n) {
+  return fused_kernels_built() && logits_nv.is_cuda() && logits_nv.dim() == 2 && fused_dtype(logits_nv) &&
+         logits_nv.size(1) > 0 && targets_n.device() == logits_nv.device() && targets_n.dim() == 1 &&
+         targets_n.scalar_type() == torch::kLong && targets_n.size(0) == logits_nv.size(0);
+}
+
+torch::Tensor cross_entropy(const torch::Tensor& logits_nv, const torch::Tensor& targets_n) {
+#ifdef LOOM_WITH_CUDA
+  if (cross_entropy_takes_fused_path(logits_nv, targets_n)) return CrossEntropyFunction::apply(logits_nv, targets_n);
+#endif
+  return cross_entropy_unfused(logits_nv, targets_n);
 }
 
 }  // namespace loom::kernels

@@ -1,6 +1,7 @@
-// SwiGLU and rotary embeddings as the model calls them: loom's fused CUDA
-// kernels (trainer/kernels/fused_cuda.cu) where they apply, ATen's ops
-// everywhere else.
+// SwiGLU and rotary embeddings as the model calls them, and the training
+// loss's cross-entropy: loom's fused CUDA kernels
+// (trainer/kernels/fused_cuda.cu) where they apply, ATen's ops everywhere
+// else.
 //
 // The fused path is taken when the build has CUDA (LOOM_WITH_CUDA), the
 // tensors are CUDA tensors of fp32, bf16 or fp16, and the shapes are the
@@ -37,6 +38,26 @@ torch::Tensor rotary_unfused(const torch::Tensor& x_bhtd, const torch::Tensor& c
 // cos and sin fp32 [x.size(2), x.size(3)] on its device without gradients,
 // in a CUDA build.
 bool rotary_takes_fused_path(const torch::Tensor& x_bhtd, const torch::Tensor& cos_td, const torch::Tensor& sin_td);
+
+// Mean cross-entropy of logits_nv [rows, vocab] against targets_n [rows]
+// (int64), in fp32 whatever the logits' dtype: what
+// torch::nn::functional::cross_entropy(logits_nv.to(kFloat), targets_n)
+// computes (reduction mean, targets equal to -100 ignored, as torch's
+// default; loom's data has none).
+//
+// The fused path reads the logits in their own dtype, once in forward
+// (online max and sum of exponentials per row, in fp32) and once in
+// backward, and keeps only the logits and one fp32 logsumexp per row for
+// backward; the gradient is written in the logits' dtype. The unfused path
+// first copies [rows, vocab] to fp32 (twice the bytes of bf16) and keeps
+// log-softmax's fp32 output for backward. The loss agrees with the unfused
+// one to fp32 summation order, the gradient to one rounding in the logits'
+// dtype (both are fp32 arithmetic rounded once to that dtype at the end).
+torch::Tensor cross_entropy(const torch::Tensor& logits_nv, const torch::Tensor& targets_n);
+torch::Tensor cross_entropy_unfused(const torch::Tensor& logits_nv, const torch::Tensor& targets_n);
+// logits is a 2-d CUDA tensor (fp32, bf16, fp16) with at least one column,
+// targets int64 [logits.size(0)] on its device, in a CUDA build.
+bool cross_entropy_takes_fused_path(const torch::Tensor& logits_nv, const torch::Tensor& targets_n);
 
 // True when loom was built with its CUDA kernels.
 bool fused_kernels_built();
