@@ -32,6 +32,7 @@
 #include "trainer/lr_schedule.h"
 #include "trainer/model/compute_weights.h"
 #include "trainer/device.h"
+#include "trainer/kernels/fused_ops.h"
 #include "trainer/optimizer.h"
 #include "trainer/profiler.h"
 #include "trainer/training_checkpoint.h"
@@ -134,7 +135,7 @@ torch::Tensor autocast_forward(LlamaForCausalLM& model, const torch::Tensor& inp
 torch::Tensor token_loss(const torch::Tensor& logits_btv, const torch::Tensor& targets_bt, ProcessGroup* tp) {
   const torch::Tensor logits_nv = logits_btv.reshape({-1, logits_btv.size(-1)});
   if (tp != nullptr) return vocab_parallel_cross_entropy(*tp, logits_nv, targets_bt.reshape({-1}));
-  return torch::nn::functional::cross_entropy(logits_nv.to(torch::kFloat), targets_bt.reshape({-1}));
+  return kernels::cross_entropy(logits_nv, targets_bt.reshape({-1}));  // fused on a GPU (trainer/kernels/fused_ops.h)
 }
 
 // Mean next-token cross-entropy of `inputs_bt` -> `targets_bt`.
