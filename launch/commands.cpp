@@ -96,10 +96,17 @@ void print_tensor_table(const std::vector<const safetensors::TensorInfo*>& infos
 }
 
 int inspect_config(const std::string& path, const std::vector<std::string>& overrides) {
-  Config config = load_config(path, overrides);
+  ConfigOrigins origins;
+  Config config = load_config(path, overrides, &origins);
   const int64_t world = config.launch.ranks;
   ParallelDims dims = ParallelDims::from_config(config, world);
   std::cout << "# " << path << ": valid\n";
+  if (!config.base_files.empty()) {
+    // The base: chain, as applied: deepest base first, the file last.
+    std::cout << "# composed from:";
+    for (const std::string& base : config.base_files) std::cout << " " << base << " ->";
+    std::cout << " " << path << (overrides.empty() ? "" : " -> --set") << "\n";
+  }
   if (config.model.init_from.empty()) {
     print_model_summary(config.model, "# ");
   } else {
@@ -122,7 +129,8 @@ int inspect_config(const std::string& path, const std::vector<std::string>& over
     }
     std::cout << "# pipeline: " << drawn;
   }
-  std::cout << config_to_yaml(config);
+  // Each key with the file:line:column, --set argument or default it came from.
+  std::cout << config_to_yaml(config, &origins);
   return kExitOk;
 }
 

@@ -7,19 +7,15 @@
 // that broke a valid file, or the later of two lines in the file.
 #include "trainer/config.h"
 
-#include <yaml-cpp/eventhandler.h>
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
 #include <cctype>
-#include <cerrno>
-#include <cstdio>
-#include <cstring>
 #include <initializer_list>
 #include <map>
-#include <memory>
 #include <sstream>
 
+#include "trainer/config_compose.h"
 #include "trainer/config_schema.h"
 #include "util/error.h"
 
@@ -37,6 +33,19 @@ class Origins {
   explicit Origins(std::string source) : source_(std::move(source)) {}
 
   void record(const std::string& key, std::string where) { by_key_[key] = {std::move(where), next_order_++}; }
+  // Drops the origins of `prefix` and its keys (a map that replaces a whole
+  // setting, such as model.rope_scaling, resets the keys it leaves out).
+  void forget(const std::string& prefix) {
+    for (auto it = by_key_.begin(); it != by_key_.end();) {
+      it = it->first == prefix || it->first.starts_with(prefix + ".") ? by_key_.erase(it) : std::next(it);
+    }
+  }
+  // key -> where, for every key set (ConfigOrigins).
+  ConfigOrigins all() const {
+    ConfigOrigins out;
+    for (const auto& [key, entry] : by_key_) out[key] = entry.where;
+    return out;
+  }
   bool was_set(const std::string& key) const { return by_key_.count(key) > 0; }
   // The key's origin. A key left at its default is placed at its section
   // ("model:") when the file has one, else at the source as a whole.
@@ -82,6 +91,8 @@ class Loader {
   Loader(Config& config, Origins& origins, std::string source)
       : config_(config), origins_(origins), source_(std::move(source)) {}
 
+  // One file of the base: chain (its top-level `base` key was read by
+  // config_compose and is not a config key).
   void apply_document(const YAML::Node& root) {
     Origin origin{source_, ""};
     if (!root.IsMap())
@@ -109,6 +120,7 @@ class Loader {
     if (key.starts_with(env_prefix) && key.size() > env_prefix.size()) {
       if (!value.IsNull() && !value.IsScalar())
         fail(origin.override_arg, key, "wrong type", describe(value), "a string");
+      config_compose::interpolate_node(value, key, origin);
       config_.launch.env[key.substr(env_prefix.size())] = value.IsNull() ? "" : value.Scalar();
       origins_.record("launch.env", origin.override_arg);
       return;
@@ -126,6 +138,7 @@ class Loader {
       if (!key_node.IsScalar())
         fail(origin.of(key_node), prefix.empty() ? "(top level)" : prefix, "a key must be a plain name",
              describe(key_node));
+      if (prefix.empty() && key_node.Scalar() == "base") continue;  // read by config_compose
       std::string key = prefix.empty() ? key_node.Scalar() : prefix + "." + key_node.Scalar();
       std::string canonical(config_schema::canonical_key(key));
       auto [first, inserted] = seen.emplace(canonical, key_node.Mark());
@@ -147,6 +160,7 @@ class Loader {
     }
     const KeySpec* spec = find_key(key);
     if (spec == nullptr) fail(key_where, key, "unknown key" + config_schema::suggest_for_unknown(key));
+    config_compose::interpolate_node(value, spec->key, origin);
     config_schema::set_field(config_, *spec, value, origin.of(value, key_node), origin);
     origins_.record(spec->key, key_where);
   }
@@ -156,6 +170,7 @@ class Loader {
     const std::string key = "model.rope_scaling";
     std::string key_where = origin.of(key_node.IsDefined() ? key_node : value);
     config_.model.rope_scaling = RopeScalingConfig{};
+    origins_.forget(key);
     origins_.record(key, key_where);
     if (value.IsNull() || (value.IsScalar() && value.Scalar() == "none")) return;
     if (!value.IsMap()) fail(key_where, key, "wrong type", describe(value), "null, none, or a map with a type key");
@@ -371,89 +386,40 @@ void validate(const Config& config, const Origins& origins) {
   validator.check_launch();
 }
 
-// --- documents -------------------------------------------------------------------
-
-// Records where each document starts and whether it holds anything.
-class DocumentProbe : public YAML::EventHandler {
- public:
-  YAML::Mark start = YAML::Mark::null_mark();
-  bool has_content = false;
-
-  void OnDocumentStart(const YAML::Mark& mark) override { start = mark; }
-  void OnDocumentEnd() override {}
-  void OnNull(const YAML::Mark&, YAML::anchor_t) override {}
-  void OnAlias(const YAML::Mark&, YAML::anchor_t) override { has_content = true; }
-  void OnScalar(const YAML::Mark&, const std::string&, YAML::anchor_t, const std::string&) override {
-    has_content = true;
-  }
-  void OnSequenceStart(const YAML::Mark&, const std::string&, YAML::anchor_t, YAML::EmitterStyle::value) override {
-    has_content = true;
-  }
-  void OnSequenceEnd() override {}
-  void OnMapStart(const YAML::Mark&, const std::string&, YAML::anchor_t, YAML::EmitterStyle::value) override {
-    has_content = true;
-  }
-  void OnMapEnd() override {}
-};
-
-std::string where_in(const std::string& source, const YAML::Mark& mark) {
-  if (mark.is_null()) return source;
-  return source + ":" + std::to_string(mark.line + 1) + ":" + std::to_string(mark.column + 1);
-}
-
-// The file's one document (Null when it is empty). Walks the documents first
-// because yaml-cpp 0.7's LoadAll loops forever on a stray token it cannot
-// place (a line starting with ',' at the top level, say): the parser then
-// returns the same empty document again and again without moving on.
-YAML::Node load_single_document(const std::string& text, const std::string& source) {
-  try {
-    std::istringstream stream(text);
-    YAML::Parser parser(stream);
-    YAML::Mark previous = YAML::Mark::null_mark();
-    int documents_with_content = 0;
-    for (;;) {
-      DocumentProbe probe;
-      if (!parser.HandleNextDocument(probe)) break;
-      if (!previous.is_null() && probe.start.pos <= previous.pos)
-        throw BadInput(where_in(source, probe.start) + ": YAML syntax error: unexpected text at the start of a line");
-      previous = probe.start;
-      if (probe.has_content && ++documents_with_content > 1)
-        fail(where_in(source, probe.start), "(document)", "more than one YAML document in a config", "",
-             "a single document");
-    }
-    return YAML::Load(text);
-  } catch (const YAML::Exception& e) {
-    throw BadInput(where_in(source, e.mark) + ": YAML syntax error: " + e.msg);
-  }
-}
-
 }  // namespace
 
 // --- public API -------------------------------------------------------------------
 
-Config parse_config(const std::string& yaml_text, const std::string& source_name,
-                    const std::vector<std::string>& overrides) {
-  YAML::Node root = load_single_document(yaml_text, source_name);
-  if (root.IsNull()) throw BadInput(source_name + ": empty config (expected a map of sections such as run:, model:)");
+namespace {
 
+// Applies the documents of a base: chain in order, then the overrides, and
+// validates the result once (Note [where a value came from]).
+Config compose(const std::vector<config_compose::Document>& chain, const std::string& source_name,
+               const std::vector<std::string>& overrides, ConfigOrigins* origins_out) {
   Config config;
   Origins origins(source_name);
+  for (const config_compose::Document& document : chain) {
+    if (document.root.IsNull())
+      throw BadInput(document.source + ": empty config (expected a map of sections such as run:, model:)");
+    Loader(config, origins, document.source).apply_document(document.root);
+    if (&document != &chain.back()) config.base_files.push_back(document.source);
+  }
   Loader loader(config, origins, source_name);
-  loader.apply_document(root);
   for (const std::string& argument : overrides) loader.apply_override(argument);
   validate(config, origins);
+  if (origins_out != nullptr) *origins_out = origins.all();
   return config;
 }
 
-Config load_config(const std::string& path, const std::vector<std::string>& overrides) {
-  std::unique_ptr<FILE, int (*)(FILE*)> file(std::fopen(path.c_str(), "rb"), &std::fclose);
-  if (!file) throw BadInput("cannot read config file '" + path + "': " + std::strerror(errno));
-  std::string text;
-  char buffer[1 << 14];
-  size_t got = 0;
-  while ((got = std::fread(buffer, 1, sizeof(buffer), file.get())) > 0) text.append(buffer, got);
-  if (std::ferror(file.get())) throw BadInput("cannot read config file '" + path + "': " + std::strerror(errno));
-  Config config = parse_config(text, path, overrides);
+}  // namespace
+
+Config parse_config(const std::string& yaml_text, const std::string& source_name,
+                    const std::vector<std::string>& overrides, ConfigOrigins* origins) {
+  return compose(config_compose::chain_from_text(yaml_text, source_name), source_name, overrides, origins);
+}
+
+Config load_config(const std::string& path, const std::vector<std::string>& overrides, ConfigOrigins* origins) {
+  Config config = compose(config_compose::load_chain(path), path, overrides, origins);
   config.source_path = path;
   return config;
 }
@@ -467,9 +433,23 @@ void validate_model_config(const ModelConfig& model, const std::string& source_n
   validator.check_model();
 }
 
-std::string config_to_yaml(const Config& config) {
+// Where `key` came from for config_to_yaml's comments: its own origin, the
+// model.rope_scaling setting that reset it, or "default".
+std::string origin_of(const ConfigOrigins& origins, const std::string& key) {
+  if (auto it = origins.find(key); it != origins.end()) return it->second;
+  const std::string rope = "model.rope_scaling";
+  if (key.starts_with(rope + ".")) {
+    if (auto it = origins.find(rope); it != origins.end()) return it->second;
+  }
+  return "default";
+}
+
+std::string config_to_yaml(const Config& config, const ConfigOrigins* origins) {
   YAML::Emitter out;
-  out << YAML::Comment("loom config: every key, defaults filled in (docs/configuration.md)");
+  out << YAML::Comment(origins == nullptr
+                           ? "loom config: every key, defaults filled in (docs/configuration.md)"
+                           : "loom config: every key, each with where its value came from: file:line:column, "
+                             "--set, or default");
   out << YAML::BeginMap;
   // Keys of a section are contiguous in the table: open and close maps as the
   // dotted prefix changes.
@@ -488,6 +468,7 @@ std::string config_to_yaml(const Config& config) {
       out << YAML::Key << parts[open.size()] << YAML::Value << YAML::BeginMap;
     out << YAML::Key << parts.back() << YAML::Value;
     config_schema::emit_value(out, config, spec);
+    if (origins != nullptr) out << YAML::Comment(origin_of(*origins, spec.key));
   }
   for (; !open.empty(); open.pop_back()) out << YAML::EndMap;
   out << YAML::EndMap;

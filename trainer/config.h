@@ -173,22 +173,34 @@ struct Config {
   LaunchConfig launch;
 
   std::string source_path;  // the YAML file it was read from ("" when built in code)
+  std::vector<std::string> base_files;  // its base: chain, deepest first (trainer/config_compose.h)
 };
 
-// Reads `path`, applies `overrides` ("a.b=value", YAML scalar or flow syntax),
-// fills defaults and validates. Throws loom::BadInput naming file:line, key,
-// value and expectation.
-Config load_config(const std::string& path, const std::vector<std::string>& overrides = {});
+// Where each key's value came from: "file:line:column" of the line that set it
+// (the config or one of its base files), or the "--set KEY=VALUE" argument.
+// Keys left at their defaults are absent.
+using ConfigOrigins = std::map<std::string, std::string>;
 
-// Same from YAML text; `source_name` is used in messages in place of a path.
+// Reads `path` and its `base:` files (trainer/config_compose.h: composition
+// and ${NAME} interpolation), applies `overrides` ("a.b=value", YAML scalar or
+// flow syntax), fills defaults and validates. Throws loom::BadInput naming
+// file:line, key, value and expectation. `origins`, when given, receives
+// where each key was set.
+Config load_config(const std::string& path, const std::vector<std::string>& overrides = {},
+                   ConfigOrigins* origins = nullptr);
+
+// Same from YAML text; `source_name` is used in messages in place of a path
+// (and its folder is where `base:` files are looked for).
 Config parse_config(const std::string& yaml_text, const std::string& source_name,
-                    const std::vector<std::string>& overrides = {});
+                    const std::vector<std::string>& overrides = {}, ConfigOrigins* origins = nullptr);
 
 // Checks only the model section (used by import, where no YAML exists).
 void validate_model_config(const ModelConfig& model, const std::string& source_name);
 
-// The resolved config as YAML (every key, defaults filled in).
-std::string config_to_yaml(const Config& config);
+// The resolved config as YAML (every key, defaults filled in). With
+// `origins`, each key is followed by a comment saying where its value came
+// from (`loom inspect CONFIG`).
+std::string config_to_yaml(const Config& config, const ConfigOrigins* origins = nullptr);
 
 // Every dotted key the loader accepts, with its doc line (for docs and tests).
 struct ConfigKeyInfo {
