@@ -62,13 +62,23 @@ torch::Tensor ComputeWeights::cast(const torch::Tensor& weight, at::ScalarType d
   std::lock_guard<std::mutex> lock(mutex_);
   Entry& entry = entries_[weight.unsafeGetTensorImpl()];
   const int64_t version = static_cast<int64_t>(weight._version());
-  if (entry.version != version || !entry.cast.defined() || entry.cast.scalar_type() != dtype) {
+  if (entry.stale || entry.version != version || entry.cast.scalar_type() != dtype) {
     torch::NoGradGuard no_grad;
-    entry.cast = weight.detach().to(dtype);
+    if (entry.cast.defined() && entry.cast.scalar_type() == dtype && entry.cast.sizes() == weight.sizes()) {
+      entry.cast.copy_(weight.detach());
+    } else {
+      entry.cast = weight.detach().to(dtype);
+    }
     entry.version = version;
+    entry.stale = false;
     ++casts_;
   }
   return entry.cast;
+}
+
+void ComputeWeights::weights_changed() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (auto& [impl, entry] : entries_) entry.stale = true;
 }
 
 torch::Tensor compute_weight(const torch::Tensor& weight) {

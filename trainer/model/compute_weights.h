@@ -9,8 +9,7 @@
 //
 // While a ComputeWeights scope is alive, the linear layers and the LM head ask
 // compute_weight() for their weight. It casts each weight once for as long as
-// its value stands (the cast is redone when the tensor's version counter says
-// the optimizer has changed it), and its backward adds the bf16 gradient into
+// its value stands, and its backward adds the bf16 gradient into
 // the fp32 .grad with one mixed-dtype add. Both are what autocast and
 // autograd computed before, value for value: the cast is the same rounding,
 // and fp32 + bf16 promotes the bf16 exactly. The losses and gradients are
@@ -21,8 +20,15 @@
 // hooks on it (the data-parallel reducer's) never fire. Training enables it
 // on a single rank.
 //
+// The owner says when the weights have changed: weights_changed() after each
+// optimizer step. (The tensors' version counters are checked too, but they
+// are not enough: torch's fused CUDA AdamW updates the weights without
+// bumping them, and a cache keyed on them alone trained on the first step's
+// weights; the H100 run caught it.)
+//
 //   ComputeWeights scope(/*enabled=*/bf16 && world == 1);
 //   ... micro-batches, backward, optimizer step ...
+//   scope.weights_changed();
 
 #include <torch/torch.h>
 
@@ -41,12 +47,16 @@ class ComputeWeights {
 
   // The bf16 copy of `weight` (fp32, cast by autocast), made once per value.
   torch::Tensor cast(const torch::Tensor& weight, at::ScalarType dtype);
+  // Every weight may have changed (an optimizer step): the next use of each
+  // casts it again, into the same buffer.
+  void weights_changed();
   // How many casts this scope has made (for the tests).
   int64_t casts() const { return casts_; }
 
  private:
   struct Entry {
     int64_t version = -1;
+    bool stale = true;
     torch::Tensor cast;
   };
   bool enabled_;
