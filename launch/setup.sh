@@ -20,6 +20,8 @@ DEBIAN_PACKAGES=(
 )
 PYTHON_PACKAGES=(
   "torch==${TORCH_VERSION}" transformers safetensors tokenizers h5py numpy pytest
+  # Tests only: its event reader checks the TensorBoard files loom writes.
+  tensorboard
 )
 
 say() { echo "[setup] $*"; }

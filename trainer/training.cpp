@@ -30,6 +30,7 @@
 #include "parallel/topology.h"
 #include "parallel/vocab_parallel.h"
 #include "trainer/lr_schedule.h"
+#include "trainer/metrics_log.h"
 #include "trainer/model/compute_weights.h"
 #include "trainer/device.h"
 #include "trainer/kernels/fused_ops.h"
@@ -593,7 +594,7 @@ TrainResult train(Config& config, const TrainOptions& options) {
   }
 
   // Only the writer has a metrics file; the other ranks write to nothing.
-  std::ofstream metrics;
+  MetricsLog metrics;  // metrics.jsonl and its TensorBoard scalars (trainer/metrics_log.h)
   if (writer) {
     fs::create_directories(run_dir);
     write_file_atomic((run_dir / "config.yaml").string(), config_to_yaml(config));
@@ -603,8 +604,7 @@ TrainResult train(Config& config, const TrainOptions& options) {
       write_file_atomic((checkpoints_dir / kLatestFile).string(), fs::path(resume_from).filename().string() + "\n");
     }
     truncate_metrics(metrics_path, step);
-    metrics.open(metrics_path, std::ios::app);
-    if (!metrics) throw std::runtime_error("cannot open " + metrics_path + " for appending");
+    metrics.open(run_dir.string(), step);
   }
 
   // (Only the writer stages the tokenizer in the run folder.)
@@ -798,8 +798,7 @@ TrainResult train(Config& config, const TrainOptions& options) {
                            {"skipped_steps", skipped_steps},
                            {"samples", samples}};
       if (writer) {
-        metrics << record.dump() << "\n";
-        metrics.flush();
+        metrics.write(record);
       }
       if (log) {
         *log << progress.clear() << "step " << step << "/" << train_steps << " | skipped: non-finite loss " << loss_sum
@@ -810,7 +809,6 @@ TrainResult train(Config& config, const TrainOptions& options) {
     } else {
       const double lr = learning_rate(config.optimizer, config.schedule, step);
       zero ? zero->step(lr) : optimizer->step(lr);
-      compute_weights.weights_changed();
       ++step;
       const double step_seconds = seconds_since(step_start);
       interval_seconds += step_seconds;
@@ -834,8 +832,7 @@ TrainResult train(Config& config, const TrainOptions& options) {
                              {"mem_peak_gib", memory.peak_bytes / kGiB},
                              {"mem_reserved_gib", memory.reserved_bytes / kGiB}};
         if (writer) {
-          metrics << record.dump() << "\n";
-          metrics.flush();
+          metrics.write(record);
         }
         if (log) {
           const double elapsed = seconds_since(run_start);
@@ -875,8 +872,7 @@ TrainResult train(Config& config, const TrainOptions& options) {
                            {"valid_batches", config.data.valid_batches},
                            {"valid_time_s", seconds_since(valid_start)}};
       if (writer) {
-        metrics << record.dump() << "\n";
-        metrics.flush();
+        metrics.write(record);
       }
       if (log) {
         *log << progress.clear() << "step " << step << "/" << train_steps << " | valid_loss "
