@@ -12,6 +12,7 @@
 #include "checkpoints/torch_tensors.h"
 #include "data/tokenizer.h"
 #include "launch/cli.h"
+#include "launch/run_record.h"
 #include "parallel/pipeline_schedule.h"
 #include "parallel/topology.h"
 #include "parallel/versions.h"
@@ -33,8 +34,13 @@ commands:
                                                   (or submit a Slurm job); see docs/launching.md
   train    CONFIG [--set KEY=VALUE ...] [--check] what each rank runs (alone: one rank);
                                                   outputs in runs/<run.name>/
-  plot     RUN_DIR [--out FILE.png]               loss and tokens/s curves of RUN_DIR/metrics.jsonl
-                                                  (default RUN_DIR/metrics.png)
+  sweep    CONFIG --grid KEY=V1,V2 [--grid ...] [--set KEY=VALUE ...] [--slurm] [--dry-run]
+                                                  one run per combination, one after another with
+                                                  mpirun or as a Slurm job array; see docs/experiments.md
+  runs     [DIR] [--json]                         the runs in DIR (default runs): status, layout, lr,
+                                                  final and best loss, tokens/s
+  plot     RUN_DIR... [--out FILE.png]            loss and tokens/s curves of RUN_DIR/metrics.jsonl
+                                                  (default RUN_DIR/metrics.png); several runs overlaid
   inspect  PATH                                   summarize a config, dataset, checkpoint, Hub folder or .safetensors file
              [--set KEY=VALUE] (configs)  [--verify] [--tokenizer T] (datasets)
   tokenizer train --input FILE... --vocab-size N --output tokenizer.json
@@ -175,7 +181,7 @@ int inspect_safetensors_file(const std::string& path) {
 int command_version(const std::vector<std::string>& argv) {
   Args args("version", argv, {});
   args.expect_positional(0, "no arguments");
-  std::cout << "loom " << LOOM_VERSION << "\n";
+  std::cout << "loom " << loom_version() << " (git " << loom_git_commit() << ")\n";
   for (const auto& [library, version] : library_versions()) std::cout << library << " " << version << "\n";
   return kExitOk;
 }
@@ -344,6 +350,8 @@ int run_cli(int argc, char** argv) {
     if (command == "train") return command_train(args);
     if (command == "launch") return command_launch(args);
     if (command == "plot") return command_plot(args);
+    if (command == "sweep") return command_sweep(args);
+    if (command == "runs") return command_runs(args);
     if (command == "inspect") return command_inspect(args);
     if (command == "import") return command_import(args);
     if (command == "export") return command_export(args);

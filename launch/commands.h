@@ -19,6 +19,8 @@ int command_tokenizer(const std::vector<std::string>& args);
 int command_train(const std::vector<std::string>& args);   // launch/train_command.cpp
 int command_launch(const std::vector<std::string>& args);  // launch/launch_command.cpp
 int command_plot(const std::vector<std::string>& args);   // launch/plot_command.cpp
+int command_sweep(const std::vector<std::string>& args);  // launch/sweep_command.cpp
+int command_runs(const std::vector<std::string>& args);   // launch/runs_command.cpp
 
 // Datasets (launch/data_commands.cpp).
 bool is_dataset_folder(const std::string& path);

@@ -39,8 +39,6 @@ namespace loom {
 
 namespace fs = std::filesystem;
 
-namespace {
-
 // `name` on PATH, or "" when it is not there.
 std::string find_on_path(const std::string& name) {
   const char* path = std::getenv("PATH");
@@ -57,7 +55,7 @@ std::string find_on_path(const std::string& name) {
   return "";
 }
 
-LaunchHost this_host(const std::string& config_path, const std::vector<std::string>& overrides) {
+LaunchHost this_launch_host(const std::string& config_path, const std::vector<std::string>& overrides) {
   LaunchHost host;
   host.loom_binary = fs::read_symlink("/proc/self/exe").string();
   host.config_path = fs::absolute(config_path).lexically_normal().string();
@@ -68,6 +66,8 @@ LaunchHost this_host(const std::string& config_path, const std::vector<std::stri
   host.omp_threads_in_environment = std::getenv("OMP_NUM_THREADS") != nullptr;
   return host;
 }
+
+namespace {
 
 void print_command(const LaunchCommand& command) {
   for (const std::string& note : command.notes) std::cout << "# " << note << "\n";
@@ -126,6 +126,8 @@ int run_forwarding_signals(const std::vector<std::string>& argv) {
   return kExitInternal;
 }
 
+}  // namespace
+
 // Runs `argv`, returns (exit code, stdout); stderr passes through.
 std::pair<int, std::string> capture_output(const std::vector<std::string>& argv) {
   std::array<int, 2> pipe_fds{};
@@ -155,6 +157,8 @@ std::pair<int, std::string> capture_output(const std::vector<std::string>& argv)
   }
   return {WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status), out};
 }
+
+namespace {
 
 int launch_mpirun(const Config& config, const LaunchHost& host, bool dry_run, bool check) {
   LaunchCommand command = mpirun_command(config, host, check ? std::vector<std::string>{"--check"}
@@ -223,7 +227,12 @@ int command_launch(const std::vector<std::string>& argv) {
   // The layout against launch.ranks, here, before any process starts: the
   // same check (and message) each rank would make.
   check_training_layout(config, config.launch.ranks);
-  const LaunchHost host = this_host(config_path, overrides);
+  const LaunchHost host = this_launch_host(config_path, overrides);
+  // The command the user typed, for each rank's run record (run.json): the
+  // ranks inherit it from mpirun, and a Slurm job from sbatch's environment.
+  std::vector<std::string> typed = {"loom", "launch"};
+  typed.insert(typed.end(), argv.begin(), argv.end());
+  ::setenv("LOOM_LAUNCH_COMMAND", shell_join(typed).c_str(), 1);
   if (args.has("slurm")) {
     if (args.has("check")) throw BadInput("loom launch: --check runs under mpirun; leave out --slurm");
     return launch_slurm(config, host, args.has("dry-run"));

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "trainer/config.h"
@@ -59,6 +60,17 @@ std::string slurm_rank_line(const Config& config, const LaunchHost& host);
 // --requeue, output files in <run_dir>/slurm/; the rank line; and a requeue
 // of the job when the ranks exit with kExitRequeue.
 std::string sbatch_script(const Config& config, const LaunchHost& host, const std::string& run_dir);
+
+// The facts of this host and invocation (launch_command.cpp): loom's own
+// path, CONFIG made absolute, the working directory, root or not, cores.
+LaunchHost this_launch_host(const std::string& config_path, const std::vector<std::string>& overrides);
+
+// `name` on PATH, or "" when it is not there (launch_command.cpp).
+std::string find_on_path(const std::string& name);
+
+// Runs `argv` and returns (exit code, its stdout); stderr passes through
+// (launch_command.cpp).
+std::pair<int, std::string> capture_output(const std::vector<std::string>& argv);
 
 // `text` quoted for a POSIX shell when it needs quoting (else unchanged).
 std::string shell_quote(const std::string& text);

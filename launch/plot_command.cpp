@@ -1,10 +1,12 @@
-// `loom plot RUN_DIR [--out FILE.png]`: loss and throughput curves of a run
-// folder's metrics.jsonl, drawn to one PNG.
+// `loom plot RUN_DIR... [--out FILE.png]`: loss and throughput curves of run
+// folders' metrics.jsonl, drawn to one PNG: one run's curves, or several
+// runs overlaid (plot/compare_plot.h) with a legend naming them.
 #include <filesystem>
 #include <iostream>
 
 #include "launch/cli.h"
 #include "launch/commands.h"
+#include "plot/compare_plot.h"
 #include "plot/metrics.h"
 #include "plot/metrics_plot.h"
 #include "util/error.h"
@@ -15,10 +17,14 @@ namespace loom {
 
 namespace fs = std::filesystem;
 
-int command_plot(const std::vector<std::string>& argv) {
-  Args args("plot", argv, {{"out", true, false, "PNG file to write (default RUN_DIR/metrics.png)"}});
-  args.expect_positional(1, "one RUN_DIR (a folder written by loom train)");
-  const fs::path run_dir = args.positional()[0];
+namespace {
+
+// The folder's own name ("tiny"), also for a RUN_DIR given with a trailing slash.
+std::string run_name(const fs::path& run_dir) {
+  return (run_dir.filename().empty() ? run_dir.parent_path().filename() : run_dir.filename()).string();
+}
+
+plot::RunMetrics read_run(const fs::path& run_dir) {
   if (!fs::exists(run_dir)) throw BadInput("loom plot: run folder '" + run_dir.string() + "' does not exist");
   if (!fs::is_directory(run_dir)) throw BadInput("loom plot: '" + run_dir.string() + "' is not a folder");
   const fs::path metrics_path = run_dir / "metrics.jsonl";
@@ -26,7 +32,28 @@ int command_plot(const std::vector<std::string>& argv) {
     throw BadInput("loom plot: '" + metrics_path.string() + "' does not exist (is '" + run_dir.string() +
                    "' a run folder written by loom train?)");
   }
-  const fs::path out = args.get_or("out", (run_dir / "metrics.png").string());
+  plot::RunMetrics metrics = plot::read_metrics_jsonl(metrics_path.string());
+  if (metrics.ignored_partial_last_line) {
+    std::cerr << "loom plot: note: left out the unfinished last line of " << metrics_path.string() << "\n";
+  }
+  return metrics;
+}
+
+}  // namespace
+
+int command_plot(const std::vector<std::string>& argv) {
+  Args args("plot", argv,
+            {{"out", true, false,
+              "PNG file to write (default RUN_DIR/metrics.png; for several runs, compare.png in the first one's parent)"}});
+  if (args.positional().empty()) {
+    args.expect_positional(1, "one or more RUN_DIRs (folders written by loom train)");
+  }
+  std::vector<fs::path> run_dirs(args.positional().begin(), args.positional().end());
+  const fs::path first_parent = fs::absolute(run_dirs[0]).lexically_normal().parent_path();
+  const fs::path default_out = run_dirs.size() == 1 ? run_dirs[0] / "metrics.png"
+                                                    : (run_dirs[0].filename().empty() ? first_parent.parent_path()
+                                                                                      : first_parent) / "compare.png";
+  const fs::path out = args.get_or("out", default_out.string());
   // write_file_atomic would fail on a missing folder too, but as an internal
   // error; a mistyped --out is the user's input.
   const fs::path out_dir = out.parent_path().empty() ? fs::path(".") : out.parent_path();
@@ -34,17 +61,31 @@ int command_plot(const std::vector<std::string>& argv) {
     throw BadInput("loom plot: --out '" + out.string() + "': folder '" + out_dir.string() + "' does not exist");
   }
 
-  const plot::RunMetrics metrics = plot::read_metrics_jsonl(metrics_path.string());
-  if (metrics.ignored_partial_last_line) {
-    std::cerr << "loom plot: note: left out the unfinished last line of " << metrics_path.string() << "\n";
+  if (run_dirs.size() == 1) {
+    const plot::RunMetrics metrics = read_run(run_dirs[0]);
+    const plot::Canvas figure = plot::render_metrics_figure(metrics, run_name(run_dirs[0]));
+    write_file_atomic(out.string(), encode_png_rgb(figure.width(), figure.height(), figure.rgb()));
+    std::cout << "wrote " << out.string() << " (" << metrics.train_loss.steps.size() << " loss, "
+              << metrics.valid_loss.steps.size() << " validation, " << metrics.tokens_per_s.steps.size()
+              << " throughput points; " << metrics.skipped_steps.size() << " skipped steps)\n";
+    return kExitOk;
   }
-  // The folder's own name ("tiny"), also for a RUN_DIR given with a trailing slash.
-  const fs::path name = run_dir.filename().empty() ? run_dir.parent_path().filename() : run_dir.filename();
-  const plot::Canvas figure = plot::render_metrics_figure(metrics, name.string());
+
+  // Several runs: each named by its folder, or by the path as given when two
+  // folders share a name.
+  std::vector<std::pair<std::string, plot::RunMetrics>> runs;
+  for (const fs::path& run_dir : run_dirs) {
+    std::string name = run_name(run_dir);
+    for (const fs::path& other : run_dirs) {
+      if (&other != &run_dir && run_name(other) == name) name = run_dir.string();
+    }
+    runs.emplace_back(name, read_run(run_dir));
+  }
+  const plot::Canvas figure = plot::render_comparison_figure(runs);
   write_file_atomic(out.string(), encode_png_rgb(figure.width(), figure.height(), figure.rgb()));
-  std::cout << "wrote " << out.string() << " (" << metrics.train_loss.steps.size() << " loss, "
-            << metrics.valid_loss.steps.size() << " validation, " << metrics.tokens_per_s.steps.size()
-            << " throughput points; " << metrics.skipped_steps.size() << " skipped steps)\n";
+  std::cout << "wrote " << out.string() << " (" << runs.size() << " runs:";
+  for (size_t i = 0; i < runs.size(); ++i) std::cout << (i ? ", " : " ") << runs[i].first;
+  std::cout << ")\n";
   return kExitOk;
 }
 

@@ -28,12 +28,14 @@
 #include <iostream>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <thread>
 
 #include "launch/cli.h"
 #include "launch/commands.h"
 #include "launch/launcher.h"
 #include "launch/preflight.h"
+#include "launch/run_record.h"
 #include "parallel/mpi_process_group.h"
 #include "parallel/topology.h"
 #include "trainer/config.h"
@@ -138,7 +140,8 @@ int report_stop(const TrainResult& result) {
 }
 
 // train() on every rank of an MPI job (only the preflight with check_only).
-int train_ranks(Config& config, TrainOptions options, bool check_only) {
+// `command` is this process's command line, for the run record.
+int train_ranks(Config& config, TrainOptions options, bool check_only, const std::vector<std::string>& command) {
   MpiSession session;
   std::unique_ptr<MpiProcessGroup> world = session.world();
   const bool rank0 = world->rank() == 0;
@@ -150,10 +153,17 @@ int train_ranks(Config& config, TrainOptions options, bool check_only) {
     if (rank0) std::cerr << "loom train: error: " << e.what() << std::endl;
     return kExitBadInput;
   }
+  // runs/<name>/run.json (launch/run_record.h): rank 0 writes it; the end
+  // of a failed run is written by the rank that failed.
+  std::optional<RunRecord> record;
   try {
-    const GridGroups grid = split_grid(*world, ParallelDims::from_config(config, world->size()));
+    const ParallelDims dims = ParallelDims::from_config(config, world->size());
+    const GridGroups grid = split_grid(*world, dims);
+    const std::vector<std::string> hosts = host_names(world.get());
     if (!run_preflight(config, world.get(), &grid, std::cout, std::cerr)) return kExitBadInput;
     if (check_only) return kExitOk;
+    record.emplace(config, dims, command, hosts);
+    if (rank0) record->start();
     options.world = world.get();
     options.grid = &grid;
     // Open MPI gives every rank a pseudo-terminal whether or not mpirun has a
@@ -166,12 +176,17 @@ int train_ranks(Config& config, TrainOptions options, bool check_only) {
       // last, after it named the checkpoint in `latest`): mpirun and srun
       // end the job when the first rank exits with a non-zero code.
       world->barrier()->wait();
-      return rank0 ? report_stop(result) : kExitRequeue;
+      if (!rank0) return kExitRequeue;
+      record->finish(kExitRequeue, result.final_step);
+      return report_stop(result);
     }
+    if (rank0) record->finish(kExitOk, result.final_step);
     return kExitOk;
   } catch (const BadInput& e) {
+    if (record) record->finish(kExitBadInput, -1, "rank " + std::to_string(world->rank()) + ": " + e.what());
     MpiSession::abort("train: rank " + std::to_string(world->rank()) + ": error: " + e.what(), kExitBadInput);
   } catch (const std::exception& e) {
+    if (record) record->finish(kExitInternal, -1, "rank " + std::to_string(world->rank()) + ": " + e.what());
     MpiSession::abort("train: rank " + std::to_string(world->rank()) + ": internal error: " + e.what(), kExitInternal);
   }
 }
@@ -206,11 +221,28 @@ int command_train(const std::vector<std::string>& argv) {
   options.progress_bar = ::isatty(STDOUT_FILENO) == 1;
   options.stop_signal = &g_stop_signal;
   install_stop_handlers();
-  if (launched_by_mpi()) return train_ranks(config, options, check_only);
+  std::vector<std::string> command = {"loom", "train"};
+  command.insert(command.end(), argv.begin(), argv.end());
+  if (launched_by_mpi()) return train_ranks(config, options, check_only, command);
   if (check_only) return run_preflight(config, nullptr, nullptr, std::cout, std::cerr) ? kExitOk : kExitBadInput;
+  RunRecord record(config, check_training_layout(config, 1), command, host_names(nullptr));
+  record.start();
   const WallClockBudget budget(config.launch.max_wall_time, /*announce=*/true);
-  const TrainResult result = train(config, options);
-  if (result.stopped_by_signal != 0) return report_stop(result);
+  TrainResult result;
+  try {
+    result = train(config, options);
+  } catch (const BadInput& e) {
+    record.finish(kExitBadInput, -1, e.what());
+    throw;
+  } catch (const std::exception& e) {
+    record.finish(kExitInternal, -1, e.what());
+    throw;
+  }
+  if (result.stopped_by_signal != 0) {
+    record.finish(kExitRequeue, result.final_step);
+    return report_stop(result);
+  }
+  record.finish(kExitOk, result.final_step);
   return kExitOk;
 }
 
