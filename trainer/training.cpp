@@ -809,6 +809,7 @@ TrainResult train(Config& config, const TrainOptions& options) {
     } else {
       const double lr = learning_rate(config.optimizer, config.schedule, step);
       zero ? zero->step(lr) : optimizer->step(lr);
+      compute_weights.weights_changed();
       ++step;
       const double step_seconds = seconds_since(step_start);
       interval_seconds += step_seconds;
