@@ -61,15 +61,13 @@ ComputeWeights::~ComputeWeights() {
 torch::Tensor ComputeWeights::cast(const torch::Tensor& weight, at::ScalarType dtype) {
   std::lock_guard<std::mutex> lock(mutex_);
   Entry& entry = entries_[weight.unsafeGetTensorImpl()];
-  const int64_t version = static_cast<int64_t>(weight._version());
-  if (entry.stale || entry.version != version || entry.cast.scalar_type() != dtype) {
+  if (entry.stale || entry.cast.scalar_type() != dtype) {
     torch::NoGradGuard no_grad;
     if (entry.cast.defined() && entry.cast.scalar_type() == dtype && entry.cast.sizes() == weight.sizes()) {
       entry.cast.copy_(weight.detach());
     } else {
       entry.cast = weight.detach().to(dtype);
     }
-    entry.version = version;
     entry.stale = false;
     ++casts_;
   }

@@ -21,10 +21,11 @@
 // on a single rank.
 //
 // The owner says when the weights have changed: weights_changed() after each
-// optimizer step. (The tensors' version counters are checked too, but they
-// are not enough: torch's fused CUDA AdamW updates the weights without
-// bumping them, and a cache keyed on them alone trained on the first step's
-// weights; the H100 run caught it.)
+// optimizer step. (The tensors' version counters cannot say it: torch's
+// fused CUDA AdamW updates the weights without bumping them, and a cache
+// keyed on them trained on the first step's weights on the H100 while every
+// CPU test passed. With the owner's word as the only signal, a loop that
+// forgets it fails on the CPU too.)
 //
 //   ComputeWeights scope(/*enabled=*/bf16 && world == 1);
 //   ... micro-batches, backward, optimizer step ...
@@ -55,7 +56,6 @@ class ComputeWeights {
 
  private:
   struct Entry {
-    int64_t version = -1;
     bool stale = true;
     torch::Tensor cast;
   };
