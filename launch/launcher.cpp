@@ -108,16 +108,9 @@ std::string slurm_rank_line(const Config& config, const LaunchHost& host) {
   return shell_join(argv);
 }
 
-std::string sbatch_script(const Config& config, const LaunchHost& host, const std::string& run_dir) {
-  const LaunchConfig& launch = config.launch;
+void write_sbatch_resources(std::ostream& s, const LaunchConfig& launch, const std::string& log_stem) {
   const SlurmConfig& slurm = launch.slurm;
-  const std::string slurm_dir = run_dir + "/slurm";
-  std::ostringstream s;
-  s << "#!/bin/bash\n"
-    << "# Written by `loom launch --slurm` for " << host.config_path << ".\n"
-    << "# Submit it again with: sbatch " << shell_quote(slurm_dir + "/job.sbatch") << "\n"
-    << "#SBATCH --job-name=" << config.run.name << "\n"
-    << "#SBATCH --nodes=" << launch.nodes << "\n"
+  s << "#SBATCH --nodes=" << launch.nodes << "\n"
     << "#SBATCH --ntasks-per-node=" << ranks_per_node(launch) << "\n";
   if (launch.gpus_per_node > 0) s << "#SBATCH --gpus-per-node=" << launch.gpus_per_node << "\n";
   if (!slurm.time.empty()) s << "#SBATCH --time=" << slurm.time << "\n";
@@ -126,9 +119,21 @@ std::string sbatch_script(const Config& config, const LaunchHost& host, const st
   if (slurm.signal_lead > 0) s << "#SBATCH --signal=B:USR1@" << slurm.signal_lead << "\n";
   s << "#SBATCH --requeue\n"
     << "#SBATCH --open-mode=append\n"
-    << "#SBATCH --output=" << slurm_dir << "/job-%j.out\n"
-    << "#SBATCH --error=" << slurm_dir << "/job-%j.err\n";
+    << "#SBATCH --output=" << log_stem << ".out\n"
+    << "#SBATCH --error=" << log_stem << ".err\n";
   for (const std::string& arg : slurm.extra_args) s << "#SBATCH " << arg << "\n";
+}
+
+std::string sbatch_script(const Config& config, const LaunchHost& host, const std::string& run_dir) {
+  const LaunchConfig& launch = config.launch;
+  const SlurmConfig& slurm = launch.slurm;
+  const std::string slurm_dir = run_dir + "/slurm";
+  std::ostringstream s;
+  s << "#!/bin/bash\n"
+    << "# Written by `loom launch --slurm` for " << host.config_path << ".\n"
+    << "# Submit it again with: sbatch " << shell_quote(slurm_dir + "/job.sbatch") << "\n"
+    << "#SBATCH --job-name=" << config.run.name << "\n";
+  write_sbatch_resources(s, launch, slurm_dir + "/job-%j");
   s << "#\n"
     << "# Stopping: SIGUSR1 (sent to this shell " << slurm.signal_lead
     << " s before the time limit, launch.slurm.signal_lead) is passed\n"

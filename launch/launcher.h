@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <ostream>
 #include <string>
 #include <utility>
 #include <vector>
@@ -60,6 +61,13 @@ std::string slurm_rank_line(const Config& config, const LaunchHost& host);
 // --requeue, output files in <run_dir>/slurm/; the rank line; and a requeue
 // of the job when the ranks exit with kExitRequeue.
 std::string sbatch_script(const Config& config, const LaunchHost& host, const std::string& run_dir);
+
+// The #SBATCH lines after the job's name (and array) that say where and how
+// long the ranks run and how they stop: nodes, tasks per node, GPUs, time,
+// partition, account, the USR1 lead, --requeue, the appended output and
+// error files LOG_STEM.out and LOG_STEM.err, then launch.slurm.extra_args.
+// Shared by `loom launch --slurm` and `loom sweep --slurm`.
+void write_sbatch_resources(std::ostream& s, const LaunchConfig& launch, const std::string& log_stem);
 
 // The facts of this host and invocation (launch_command.cpp): loom's own
 // path, CONFIG made absolute, the working directory, root or not, cores.

@@ -258,8 +258,6 @@ int sweep_mpirun(const std::string& config_path, const std::vector<Member>& memb
 // One job array: task i runs member i (see the top of this file).
 std::string array_script(const std::string& config_path, const std::vector<Member>& members, const fs::path& dir) {
   const LaunchConfig& launch = members[0].config.launch;
-  const SlurmConfig& slurm = launch.slurm;
-  const int64_t per_node = launch.procs_per_node > 0 ? launch.procs_per_node : launch.ranks / launch.nodes;
   for (const Member& member : members) {
     const LaunchConfig& l = member.config.launch;
     if (l.nodes != launch.nodes || l.ranks != launch.ranks || l.gpus_per_node != launch.gpus_per_node)
@@ -276,19 +274,8 @@ std::string array_script(const std::string& config_path, const std::vector<Membe
     << members.size() << " runs, task i of the array runs member i.\n"
     << "# Submit it again with: sbatch " << shell_quote(abs_dir + "/job.sbatch") << "\n"
     << "#SBATCH --job-name=" << members[0].config.run.name << "\n"
-    << "#SBATCH --array=0-" << members.size() - 1 << "\n"
-    << "#SBATCH --nodes=" << launch.nodes << "\n"
-    << "#SBATCH --ntasks-per-node=" << per_node << "\n";
-  if (launch.gpus_per_node > 0) s << "#SBATCH --gpus-per-node=" << launch.gpus_per_node << "\n";
-  if (!slurm.time.empty()) s << "#SBATCH --time=" << slurm.time << "\n";
-  if (!slurm.partition.empty()) s << "#SBATCH --partition=" << slurm.partition << "\n";
-  if (!slurm.account.empty()) s << "#SBATCH --account=" << slurm.account << "\n";
-  if (slurm.signal_lead > 0) s << "#SBATCH --signal=B:USR1@" << slurm.signal_lead << "\n";
-  s << "#SBATCH --requeue\n"
-    << "#SBATCH --open-mode=append\n"
-    << "#SBATCH --output=" << abs_dir << "/job-%A_%a.out\n"
-    << "#SBATCH --error=" << abs_dir << "/job-%A_%a.err\n";
-  for (const std::string& arg : slurm.extra_args) s << "#SBATCH " << arg << "\n";
+    << "#SBATCH --array=0-" << members.size() - 1 << "\n";
+  write_sbatch_resources(s, launch, abs_dir + "/job-%A_%a");
   s << "#\n# Stopping and requeueing as in `loom launch --slurm` (docs/launching.md): the ranks of a task\n"
     << "# checkpoint on SIGUSR1 and exit " << kExitRequeue << ", and the task requeues itself.\n\n"
     << "cd " << shell_quote(fs::current_path().string()) << " || exit 2\n"
