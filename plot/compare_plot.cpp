@@ -1,15 +1,13 @@
 #include "plot/compare_plot.h"
 
-#include <algorithm>
+#include <iterator>
+#include <utility>
 
 #include "plot/chart.h"
 #include "plot/metrics_plot.h"
 
 namespace loom::plot {
 namespace {
-
-constexpr int kTargetStepTicks = 8;
-const Rgb kBackground{255, 255, 255};
 
 }  // namespace
 
@@ -35,25 +33,7 @@ Canvas render_comparison_figure(const std::vector<std::pair<std::string, RunMetr
     if (!metrics.tokens_per_s.empty())
       throughput.series.push_back({name, colour, metrics.tokens_per_s.steps, metrics.tokens_per_s.values});
   }
-  // One step axis for both panels, as in the single-run figure.
-  const auto loss_steps = x_extent(loss), throughput_steps = x_extent(throughput);
-  if (loss_steps || throughput_steps) {
-    double lo = loss_steps ? loss_steps->first : throughput_steps->first;
-    double hi = loss_steps ? loss_steps->second : throughput_steps->second;
-    for (const auto& extent : {loss_steps, throughput_steps}) {
-      if (!extent) continue;
-      lo = std::min(lo, extent->first);
-      hi = std::max(hi, extent->second);
-    }
-    loss.x_axis = throughput.x_axis = nice_axis(lo, hi, kTargetStepTicks, /*integer_ticks=*/true);
-  }
-  loss.y_label_width = throughput.y_label_width = std::max(y_label_width(loss), y_label_width(throughput));
-
-  Canvas canvas(kFigureWidth, kFigureHeight, kBackground);
-  const int panel_height = kFigureHeight / 2;
-  draw_chart(canvas, {0, 0, kFigureWidth, panel_height}, loss);
-  draw_chart(canvas, {0, panel_height, kFigureWidth, kFigureHeight - panel_height}, throughput);
-  return canvas;
+  return render_loss_and_throughput(std::move(loss), std::move(throughput));
 }
 
 }  // namespace loom::plot

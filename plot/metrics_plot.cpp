@@ -1,6 +1,7 @@
 #include "plot/metrics_plot.h"
 
 #include <algorithm>
+#include <utility>
 
 #include "plot/chart.h"
 
@@ -33,8 +34,10 @@ Canvas render_metrics_figure(const RunMetrics& metrics, const std::string& run_n
     throughput.series.push_back(series_of(metrics.tokens_per_s, "tokens/s", kThroughputColour));
   }
 
-  // One step axis for both panels, so that a point of one lines up with the
-  // same step in the other.
+  return render_loss_and_throughput(std::move(loss), std::move(throughput));
+}
+
+Canvas render_loss_and_throughput(Chart loss, Chart throughput) {
   const auto loss_steps = x_extent(loss), throughput_steps = x_extent(throughput);
   if (loss_steps || throughput_steps) {
     const auto& any = loss_steps ? *loss_steps : *throughput_steps;

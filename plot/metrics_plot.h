@@ -5,6 +5,7 @@
 #include <string>
 
 #include "plot/canvas.h"
+#include "plot/chart.h"
 #include "plot/metrics.h"
 
 namespace loom::plot {
@@ -19,5 +20,10 @@ inline constexpr Rgb kSkippedStepColour{214, 39, 40};  // red
 
 // `run_name` goes in the loss panel's title.
 Canvas render_metrics_figure(const RunMetrics& metrics, const std::string& run_name);
+
+// The figure's layout, for one run or several (compare_plot.h): `loss` above,
+// `throughput` below, one step axis spanning both panels' data and one
+// y-label width, so that a step lines up in both.
+Canvas render_loss_and_throughput(Chart loss, Chart throughput);
 
 }  // namespace loom::plot
