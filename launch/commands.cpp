@@ -1,5 +1,6 @@
 #include "launch/commands.h"
 
+#include <csignal>
 #include <filesystem>
 #include <iomanip>
 #include <iostream>
@@ -29,9 +30,10 @@ namespace {
 constexpr const char* kUsage = R"(usage: loom COMMAND [ARGS]
 
 commands:
-  launch   CONFIG [--set KEY=VALUE ...] [--slurm] [--dry-run] [--check]
+  launch   CONFIG [--set KEY=VALUE ...] [--slurm] [--dry-run] [--check] [--max-restarts N]
                                                   start the config's launch.ranks ranks with mpirun
-                                                  (or submit a Slurm job); see docs/launching.md
+                                                  (or submit a Slurm job), restarting a crashed job
+                                                  from its last checkpoint N times; docs/launching.md
   train    CONFIG [--set KEY=VALUE ...] [--check] what each rank runs (alone: one rank);
                                                   outputs in runs/<run.name>/
   sweep    CONFIG --grid KEY=V1,V2 [--grid ...] [--set KEY=VALUE ...] [--slurm] [--dry-run]
@@ -344,6 +346,10 @@ std::string without_command_prefix(const std::string& message) {
 }  // namespace
 
 int run_cli(int argc, char** argv) {
+  // A file-size limit (ulimit -f) would end loom with SIGXFSZ in the middle
+  // of a write; ignored, the write fails with EFBIG like a full disk, and the
+  // error names the file (the last complete checkpoint stays `latest`).
+  std::signal(SIGXFSZ, SIG_IGN);
   std::vector<std::string> args(argv + (argc > 1 ? 2 : argc), argv + argc);
   const std::string command = argc > 1 ? argv[1] : "";
   try {

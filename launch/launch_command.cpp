@@ -10,6 +10,13 @@
 // possibly mid-checkpoint); a second signal is passed on as SIGTERM, which
 // ends the job at once.
 //
+// --max-restarts N supervises the mpirun job: when it dies from a crash (a
+// rank killed by a signal, an internal error, mpirun failing) rather than
+// from bad input (exit 2) or a requested stop (75), the same command is run
+// again, resuming from the run's last valid checkpoint (checkpoint.resume
+// auto passes over damaged ones), at most N times. Each restart is printed
+// with its cause and appended to runs/<name>/logs/restarts.jsonl.
+//
 // With --slurm it writes runs/<name>/slurm/job.sbatch and submits it with
 // sbatch (launch/launcher.h says what the script does). --dry-run prints the
 // command or the script and runs nothing. --check runs only the ranks'
@@ -21,8 +28,10 @@
 
 #include <array>
 #include <cerrno>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -78,7 +87,7 @@ void print_command(const LaunchCommand& command) {
 // reaches only loom launch, which passes it on once) and returns its exit
 // code (128 + signal when a signal ended it). Stop signals to this process
 // are forwarded as described at the top of this file.
-int run_forwarding_signals(const std::vector<std::string>& argv) {
+int run_forwarding_signals(const std::vector<std::string>& argv, int* signals_forwarded = nullptr) {
   sigset_t stop_signals, previous;
   sigemptyset(&stop_signals);
   for (const int signal : {SIGTERM, SIGINT, SIGUSR1}) sigaddset(&stop_signals, signal);
@@ -121,6 +130,7 @@ int run_forwarding_signals(const std::vector<std::string>& argv) {
     ++forwarded;
   }
   ::sigprocmask(SIG_SETMASK, &previous, nullptr);
+  if (signals_forwarded != nullptr) *signals_forwarded = forwarded;
   if (WIFEXITED(status)) return WEXITSTATUS(status);
   if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
   return kExitInternal;
@@ -160,7 +170,52 @@ std::pair<int, std::string> capture_output(const std::vector<std::string>& argv)
 
 namespace {
 
-int launch_mpirun(const Config& config, const LaunchHost& host, bool dry_run, bool check) {
+// Why a job that exited with `code` died, or "" when a restart cannot help:
+// it finished (0), stopped on request with a checkpoint (75), or refused its
+// input (2: config, data, checkpoint; the same input fails again).
+std::string crash_cause(int code) {
+  if (code == kExitOk || code == kExitRequeue || code == kExitBadInput) return "";
+  if (code == kExitInternal) return "exit 1: a rank failed with an internal error (its message is above)";
+  // Open MPI's mpirun exits 128 + N when a rank was ended by signal N, as a
+  // shell reports a signalled child; so does run_forwarding_signals when
+  // mpirun itself was.
+  if (code > 128 && code < 128 + 65) {
+    const char* name = ::sigabbrev_np(code - 128);
+    return "exit " + std::to_string(code) + ": a process was ended by signal " + std::to_string(code - 128) +
+           (name != nullptr ? std::string(" (SIG") + name + ")" : std::string());
+  }
+  return "exit " + std::to_string(code) + " from mpirun or a rank";
+}
+
+// The checkpoint a restart of `config`'s run resumes from ("" when none is
+// there yet: it starts where the first attempt started).
+std::string latest_checkpoint(const Config& config) {
+  const fs::path latest = fs::path(config.run.output_dir) / config.run.name / "checkpoints" / "latest";
+  std::ifstream in(latest);
+  std::string name;
+  std::getline(in, name);
+  return name;
+}
+
+void log_restart(const Config& config, int restart, int max_restarts, int code, const std::string& cause,
+                 const std::string& resume_from) {
+  std::cerr << "loom launch: restart " << restart << " of " << max_restarts << " after " << cause << "; "
+            << (resume_from.empty() ? std::string("no checkpoint yet, starting over")
+                                    : "resuming from checkpoints/" + resume_from + " (or an older one if it is damaged)")
+            << std::endl;
+  const fs::path logs = fs::path(config.run.output_dir) / config.run.name / "logs";
+  std::error_code error;
+  fs::create_directories(logs, error);
+  std::ofstream out(logs / "restarts.jsonl", std::ios::app);
+  const auto now = std::chrono::system_clock::to_time_t(std::chrono::system_clock::now());
+  char time[32];
+  std::strftime(time, sizeof time, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
+  // A plain line of JSON: every field is a number or a string without quotes or backslashes.
+  out << "{\"restart\": " << restart << ", \"time\": \"" << time << "\", \"exit_code\": " << code
+      << ", \"cause\": \"" << cause << "\", \"resume_from\": \"" << resume_from << "\"}\n";
+}
+
+int launch_mpirun(const Config& config, const LaunchHost& host, bool dry_run, bool check, int max_restarts) {
   LaunchCommand command = mpirun_command(config, host, check ? std::vector<std::string>{"--check"}
                                                              : std::vector<std::string>{});
   if (dry_run) {
@@ -173,7 +228,21 @@ int launch_mpirun(const Config& config, const LaunchHost& host, bool dry_run, bo
                    "or run `loom train CONFIG` for one rank)");
   print_command(command);
   command.argv[0] = mpirun;
-  const int code = run_forwarding_signals(command.argv);
+  int signals = 0;
+  int code = run_forwarding_signals(command.argv, &signals);
+  for (int restart = 1; restart <= max_restarts && !check && signals == 0; ++restart) {
+    const std::string cause = crash_cause(code);
+    if (cause.empty()) break;
+    const std::string resume_from = latest_checkpoint(config);
+    log_restart(config, restart, max_restarts, code, cause, resume_from);
+    // A restart continues this run: from its own checkpoints once it has
+    // one, whatever checkpoint.resume said for the first start.
+    LaunchHost again = host;
+    if (!resume_from.empty()) again.overrides.push_back("checkpoint.resume=auto");
+    LaunchCommand next = mpirun_command(config, again);
+    next.argv[0] = mpirun;
+    code = run_forwarding_signals(next.argv, &signals);
+  }
   if (code == kExitRequeue)
     std::cout << "loom launch: stopped early with a checkpoint (exit " << kExitRequeue
               << "): run the same command to resume" << std::endl;
@@ -219,11 +288,16 @@ int command_launch(const std::vector<std::string>& argv) {
             {{"set", true, true, "override a config key, e.g. --set launch.ranks=4"},
              {"slurm", false, false, "write runs/<name>/slurm/job.sbatch and submit it with sbatch"},
              {"dry-run", false, false, "print the command (or the batch script) and run nothing"},
-             {"check", false, false, "run only the preflight on every rank"}});
+             {"check", false, false, "run only the preflight on every rank"},
+             {"max-restarts", true, false,
+              "run the job again after a crash (not bad input, not a requested stop), resuming from the last "
+              "valid checkpoint, at most N times"}});
   args.expect_positional(1, "one CONFIG");
   const std::string config_path = args.positional()[0];
   const std::vector<std::string> overrides = args.all("set");
   const Config config = load_config(config_path, overrides);
+  const int64_t max_restarts = args.get_int("max-restarts", 0);
+  if (max_restarts < 0) throw BadInput("loom launch: --max-restarts " + std::to_string(max_restarts) + " (expected >= 0)");
   // The layout against launch.ranks, here, before any process starts: the
   // same check (and message) each rank would make.
   check_training_layout(config, config.launch.ranks);
@@ -235,9 +309,12 @@ int command_launch(const std::vector<std::string>& argv) {
   ::setenv("LOOM_LAUNCH_COMMAND", shell_join(typed).c_str(), 1);
   if (args.has("slurm")) {
     if (args.has("check")) throw BadInput("loom launch: --check runs under mpirun; leave out --slurm");
+    if (max_restarts > 0)
+      throw BadInput("loom launch: --max-restarts supervises mpirun; under Slurm the batch script requeues the job "
+                     "(leave out --slurm, or --max-restarts)");
     return launch_slurm(config, host, args.has("dry-run"));
   }
-  return launch_mpirun(config, host, args.has("dry-run"), args.has("check"));
+  return launch_mpirun(config, host, args.has("dry-run"), args.has("check"), static_cast<int>(max_restarts));
 }
 
 }  // namespace loom

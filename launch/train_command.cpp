@@ -22,8 +22,10 @@
 
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <condition_variable>
 #include <csignal>
+#include <filesystem>
 #include <cstdlib>
 #include <iostream>
 #include <memory>
@@ -39,6 +41,7 @@
 #include "parallel/mpi_process_group.h"
 #include "parallel/topology.h"
 #include "trainer/config.h"
+#include "trainer/loss_spike.h"
 #include "trainer/training.h"
 #include "util/error.h"
 
@@ -127,6 +130,27 @@ int launcher_world_size() {
   return 0;
 }
 
+std::chrono::milliseconds to_milliseconds(double seconds) {
+  return std::chrono::milliseconds(static_cast<int64_t>(std::llround(seconds * 1000.0)));
+}
+
+// run.output_dir/run.name must be a folder or creatable as one: a regular
+// file on the way would fail at the first write as a filesystem error (exit
+// 1), when it is the user's input that is wrong.
+void check_run_folder_path(const Config& config) {
+  namespace fs = std::filesystem;
+  const fs::path run_dir = fs::path(config.run.output_dir) / config.run.name;
+  for (fs::path path = run_dir; !path.empty(); path = path.parent_path()) {
+    std::error_code error;
+    const fs::file_status status = fs::status(path, error);
+    if (fs::exists(status) && !fs::is_directory(status)) {
+      throw BadInput("run.output_dir / run.name: " + path.string() + " is not a folder, so the run folder " +
+                     run_dir.string() + " cannot be made there (expected a folder, or a path that does not exist)");
+    }
+    if (path == path.parent_path()) break;
+  }
+}
+
 int report_stop(const TrainResult& result) {
   std::cout << (result.stopped_by_signal == kWallTimeStop
                     ? std::string("stopped at launch.max_wall_time")
@@ -143,7 +167,12 @@ int report_stop(const TrainResult& result) {
 // `command` is this process's command line, for the run record.
 int train_ranks(Config& config, TrainOptions options, bool check_only, const std::vector<std::string>& command) {
   MpiSession session;
-  std::unique_ptr<MpiProcessGroup> world = session.world();
+  // The hang watchdog (Note [process group contract]): every collective and
+  // send/recv ends the job when it waits longer than the group's timeout,
+  // parallel.comm_timeout_first_step until this process's first step is
+  // done (start-up, a checkpoint to load), parallel.comm_timeout after.
+  std::unique_ptr<MpiProcessGroup> world =
+      session.world(to_milliseconds(config.parallel.comm_timeout_first_step));
   const bool rank0 = world->rank() == 0;
   try {
     check_training_layout(config, world->size());
@@ -169,8 +198,15 @@ int train_ranks(Config& config, TrainOptions options, bool check_only, const std
     // Open MPI gives every rank a pseudo-terminal whether or not mpirun has a
     // real one, so a multi-rank run logs plain lines.
     options.progress_bar = false;
+    options.on_step_done = [&, steady = false](int64_t) mutable {
+      if (steady) return;
+      const auto timeout = to_milliseconds(config.parallel.comm_timeout);
+      for (ProcessGroup* group : {static_cast<ProcessGroup*>(world.get()), grid.dp.get(), grid.pp.get(), grid.tp.get()})
+        group->set_timeout(timeout);
+      steady = true;
+    };
     const WallClockBudget budget(config.launch.max_wall_time, rank0);
-    const TrainResult result = train(config, options);
+    const TrainResult result = train_with_rollbacks(config, options);
     if (result.stopped_by_signal != 0) {
       // No rank leaves before every rank has returned from train() (rank 0
       // last, after it named the checkpoint in `latest`): mpirun and srun
@@ -216,6 +252,12 @@ int command_train(const std::vector<std::string>& argv) {
     if (launcher_rank() != 0) return kExitBadInput;
     throw;
   }
+  try {
+    check_run_folder_path(config);
+  } catch (const BadInput&) {
+    if (launcher_rank() != 0) return kExitBadInput;  // rank 0 says why, as for the config itself
+    throw;
+  }
   TrainOptions options;
   options.log = &std::cout;
   options.progress_bar = ::isatty(STDOUT_FILENO) == 1;
@@ -230,7 +272,7 @@ int command_train(const std::vector<std::string>& argv) {
   const WallClockBudget budget(config.launch.max_wall_time, /*announce=*/true);
   TrainResult result;
   try {
-    result = train(config, options);
+    result = train_with_rollbacks(config, options);
   } catch (const BadInput& e) {
     record.finish(kExitBadInput, -1, e.what());
     throw;

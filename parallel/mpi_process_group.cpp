@@ -178,10 +178,6 @@ class MpiWork final : public Work {
   MPI_Datatype expected_type_ = MPI_DATATYPE_NULL;
 };
 
-constexpr const char* kCollectiveHint =
-    "every rank of the group must issue the same collectives in the same order; a rank that did not may have "
-    "failed, be waiting elsewhere, or have issued a different operation";
-
 int comm_rank(MPI_Comm comm) {
   int rank = 0;
   check_mpi(MPI_Comm_rank(comm, &rank), "new process group", "MPI_Comm_rank");
@@ -255,7 +251,9 @@ std::unique_ptr<MpiProcessGroup> MpiSession::world(std::chrono::milliseconds tim
   MPI_Comm comm = MPI_COMM_NULL;
   // Non-blocking, so that a rank that never gets here ends the job on timeout
   // instead of leaving the others in MPI_Comm_dup.
-  MpiWork work(runtime_, what, kCollectiveHint, timeout, {});
+  MpiWork work(runtime_, what,
+               "waiting for every other rank of the job, which must start and make its world group too", timeout,
+               {});
   {
     auto lock = runtime_->lock();
     check_mpi(MPI_Comm_idup(MPI_COMM_WORLD, &comm, work.request()), what, "MPI_Comm_idup");
@@ -311,7 +309,7 @@ std::unique_ptr<Work> MpiProcessGroup::all_reduce(const at::Tensor& tensor, cons
   at::Tensor buffer = via_float ? tensor.to(c10::ScalarType::Float) : tensor;
   auto work =
       std::make_unique<MpiWork>(runtime_, with_tensor(where, tensor) + ", " + std::string(to_string(options.op)),
-                                kCollectiveHint, timeout(), std::vector<at::Tensor>{tensor, buffer});
+                                collective_hint(), timeout(), std::vector<at::Tensor>{tensor, buffer});
   {
     auto lock = runtime_->lock();
     check_mpi(MPI_Iallreduce(MPI_IN_PLACE, buffer.data_ptr(), count, mpi_type(buffer.scalar_type()), mpi_op(options.op),
@@ -338,7 +336,7 @@ std::unique_ptr<Work> MpiProcessGroup::all_gather(const at::Tensor& output, cons
   mpi_count(where, output);
   const int count = mpi_count(where, input);
   auto work = std::make_unique<MpiWork>(runtime_, with_tensor(where, input) + " into " + describe_tensor(output),
-                                        kCollectiveHint, timeout(), std::vector<at::Tensor>{output, input});
+                                        collective_hint(), timeout(), std::vector<at::Tensor>{output, input});
   const MPI_Datatype type = mpi_type(input.scalar_type());
   {
     auto lock = runtime_->lock();
@@ -364,7 +362,7 @@ std::unique_ptr<Work> MpiProcessGroup::reduce_scatter(const at::Tensor& output, 
   auto work = std::make_unique<MpiWork>(
       runtime_,
       with_tensor(where, input) + " into " + describe_tensor(output) + ", " + std::string(to_string(options.op)),
-      kCollectiveHint, timeout(), std::vector<at::Tensor>{output, input, input_buffer, output_buffer});
+      collective_hint(), timeout(), std::vector<at::Tensor>{output, input, input_buffer, output_buffer});
   {
     auto lock = runtime_->lock();
     check_mpi(
@@ -390,7 +388,7 @@ std::unique_ptr<Work> MpiProcessGroup::broadcast(const at::Tensor& tensor, const
   const int count = mpi_count(where, tensor);
   auto work =
       std::make_unique<MpiWork>(runtime_, with_tensor(where, tensor) + " from root " + std::to_string(options.root),
-                                kCollectiveHint, timeout(), std::vector<at::Tensor>{tensor});
+                                collective_hint(), timeout(), std::vector<at::Tensor>{tensor});
   {
     auto lock = runtime_->lock();
     check_mpi(
@@ -407,9 +405,9 @@ std::unique_ptr<Work> MpiProcessGroup::send(const at::Tensor& tensor, const Send
   check_tag(where, options.tag);
   const int count = mpi_count(where, tensor);
   auto work = std::make_unique<MpiWork>(runtime_,
-                                        with_tensor(where, tensor) + " to group rank " + std::to_string(options.peer) +
-                                            " tag " + std::to_string(options.tag),
-                                        "group rank " + std::to_string(options.peer) + " must issue the matching recv",
+                                        with_tensor(where, tensor) + " to " + peer_name(options.peer) + " tag " +
+                                            std::to_string(options.tag),
+                                        "waiting for " + peer_name(options.peer) + ", which must issue the matching recv",
                                         timeout(), std::vector<at::Tensor>{tensor});
   {
     auto lock = runtime_->lock();
@@ -428,9 +426,9 @@ std::unique_ptr<Work> MpiProcessGroup::recv(const at::Tensor& tensor, const Recv
   const int count = mpi_count(where, tensor);
   const MPI_Datatype type = mpi_type(tensor.scalar_type());
   auto work = std::make_unique<MpiWork>(runtime_,
-                                        with_tensor(where, tensor) + " from group rank " +
-                                            std::to_string(options.peer) + " tag " + std::to_string(options.tag),
-                                        "group rank " + std::to_string(options.peer) + " must issue the matching send",
+                                        with_tensor(where, tensor) + " from " + peer_name(options.peer) + " tag " +
+                                            std::to_string(options.tag),
+                                        "waiting for " + peer_name(options.peer) + ", which must issue the matching send",
                                         timeout(), std::vector<at::Tensor>{tensor});
   work->expect_count(count, type);
   {
@@ -443,7 +441,7 @@ std::unique_ptr<Work> MpiProcessGroup::recv(const at::Tensor& tensor, const Recv
 
 std::unique_ptr<Work> MpiProcessGroup::barrier(const BarrierOptions&) {
   const std::string where = start_op("barrier");
-  auto work = std::make_unique<MpiWork>(runtime_, where, kCollectiveHint, timeout(), std::vector<at::Tensor>{});
+  auto work = std::make_unique<MpiWork>(runtime_, where, collective_hint(), timeout(), std::vector<at::Tensor>{});
   {
     auto lock = runtime_->lock();
     check_mpi(MPI_Ibarrier(comm_, work->request()), work->what(), "MPI_Ibarrier");

@@ -79,10 +79,6 @@ using CudaEvent = std::unique_ptr<CUevent_st, EventDestroyer>;
 // How long abort_job lets ncclCommAbort run before it ends the job anyway.
 constexpr std::chrono::seconds kAbortGrace{5};
 
-constexpr const char* kCollectiveHint =
-    "every rank of the group must issue the same collectives in the same order; a rank that did not may have "
-    "failed, be waiting elsewhere, or have issued a different operation";
-
 }  // namespace
 
 namespace detail {
@@ -345,7 +341,7 @@ std::unique_ptr<Work> NcclProcessGroup::all_reduce(const at::Tensor& tensor, con
   const std::string where = start_op("all_reduce");
   check_device_tensor(where, "tensor", tensor);
   check_reduce_op(where, options.op, tensor);
-  return launch(comm_, with_tensor(where, tensor) + ", " + std::string(to_string(options.op)), kCollectiveHint,
+  return launch(comm_, with_tensor(where, tensor) + ", " + std::string(to_string(options.op)), collective_hint(),
                 timeout(), {tensor}, "ncclAllReduce", [&](ncclComm_t comm, cudaStream_t stream) {
                   return ncclAllReduce(tensor.data_ptr(), tensor.data_ptr(), count_of(tensor),
                                        nccl_type(tensor.scalar_type()), nccl_op(options.op), comm, stream);
@@ -358,7 +354,7 @@ std::unique_ptr<Work> NcclProcessGroup::all_gather(const at::Tensor& output, con
   check_device_tensor(where, "output", output);
   check_device_tensor(where, "input", input);
   check_all_gather_shapes(where, output, input);
-  return launch(comm_, with_tensor(where, input) + " into " + describe_tensor(output), kCollectiveHint, timeout(),
+  return launch(comm_, with_tensor(where, input) + " into " + describe_tensor(output), collective_hint(), timeout(),
                 {output, input}, "ncclAllGather", [&](ncclComm_t comm, cudaStream_t stream) {
                   return ncclAllGather(input.data_ptr(), output.data_ptr(), count_of(input),
                                        nccl_type(input.scalar_type()), comm, stream);
@@ -375,7 +371,7 @@ std::unique_ptr<Work> NcclProcessGroup::reduce_scatter(const at::Tensor& output,
   return launch(comm_,
                 with_tensor(where, input) + " into " + describe_tensor(output) + ", " +
                     std::string(to_string(options.op)),
-                kCollectiveHint, timeout(), {output, input}, "ncclReduceScatter",
+                collective_hint(), timeout(), {output, input}, "ncclReduceScatter",
                 [&](ncclComm_t comm, cudaStream_t stream) {
                   return ncclReduceScatter(input.data_ptr(), output.data_ptr(), count_of(output),
                                            nccl_type(input.scalar_type()), nccl_op(options.op), comm, stream);
@@ -386,7 +382,7 @@ std::unique_ptr<Work> NcclProcessGroup::broadcast(const at::Tensor& tensor, cons
   const std::string where = start_op("broadcast");
   check_device_tensor(where, "tensor", tensor);
   check_group_rank(where, "root", options.root);
-  return launch(comm_, with_tensor(where, tensor) + " from root " + std::to_string(options.root), kCollectiveHint,
+  return launch(comm_, with_tensor(where, tensor) + " from root " + std::to_string(options.root), collective_hint(),
                 timeout(), {tensor}, "ncclBroadcast", [&](ncclComm_t comm, cudaStream_t stream) {
                   return ncclBroadcast(tensor.data_ptr(), tensor.data_ptr(), count_of(tensor),
                                        nccl_type(tensor.scalar_type()), options.root, comm, stream);
@@ -398,9 +394,9 @@ std::unique_ptr<Work> NcclProcessGroup::send(const at::Tensor& tensor, const Sen
   check_device_tensor(where, "tensor", tensor);
   check_peer(where, options.peer);
   check_tag(where, options.tag);  // then ignored (Note [NCCL send and recv])
-  return launch(comm_, with_tensor(where, tensor) + " to group rank " + std::to_string(options.peer),
-                "group rank " + std::to_string(options.peer) +
-                    " must issue the matching recv (NCCL pairs the sends and recvs of two ranks in issue order, "
+  return launch(comm_, with_tensor(where, tensor) + " to " + peer_name(options.peer),
+                "waiting for " + peer_name(options.peer) +
+                    ", which must issue the matching recv (NCCL pairs the sends and recvs of two ranks in issue order, "
                     "with the same element count)",
                 timeout(), {tensor}, "ncclSend", [&](ncclComm_t comm, cudaStream_t stream) {
                   return ncclSend(tensor.data_ptr(), count_of(tensor), nccl_type(tensor.scalar_type()), options.peer,
@@ -413,9 +409,9 @@ std::unique_ptr<Work> NcclProcessGroup::recv(const at::Tensor& tensor, const Rec
   check_device_tensor(where, "tensor", tensor);
   check_peer(where, options.peer);
   check_tag(where, options.tag);  // then ignored (Note [NCCL send and recv])
-  return launch(comm_, with_tensor(where, tensor) + " from group rank " + std::to_string(options.peer),
-                "group rank " + std::to_string(options.peer) +
-                    " must issue the matching send (NCCL pairs the sends and recvs of two ranks in issue order, "
+  return launch(comm_, with_tensor(where, tensor) + " from " + peer_name(options.peer),
+                "waiting for " + peer_name(options.peer) +
+                    ", which must issue the matching send (NCCL pairs the sends and recvs of two ranks in issue order, "
                     "with the same element count)",
                 timeout(), {tensor}, "ncclRecv", [&](ncclComm_t comm, cudaStream_t stream) {
                   return ncclRecv(tensor.data_ptr(), count_of(tensor), nccl_type(tensor.scalar_type()), options.peer,
@@ -428,7 +424,7 @@ std::unique_ptr<Work> NcclProcessGroup::barrier(const BarrierOptions&) {
   // NCCL has no barrier; a collective of one element completes only once
   // every rank has issued it, which is all a barrier promises.
   at::Tensor token = at::zeros({1}, at::TensorOptions().dtype(at::kInt).device(c10::kCUDA, comm_->device()));
-  return launch(comm_, where, kCollectiveHint, timeout(), {token}, "ncclAllReduce",
+  return launch(comm_, where, collective_hint(), timeout(), {token}, "ncclAllReduce",
                 [&](ncclComm_t comm, cudaStream_t stream) {
                   return ncclAllReduce(token.data_ptr(), token.data_ptr(), 1, ncclInt32, ncclSum, comm, stream);
                 });

@@ -82,7 +82,7 @@ bool overlap(const at::Tensor& a, const at::Tensor& b) {
 }  // namespace
 
 ProcessGroup::ProcessGroup(std::string name, int rank, std::vector<int> world_ranks, std::chrono::milliseconds timeout)
-    : name_(std::move(name)), rank_(rank), world_ranks_(std::move(world_ranks)), timeout_(timeout) {
+    : name_(std::move(name)), rank_(rank), world_ranks_(std::move(world_ranks)), timeout_ms_(timeout.count()) {
   if (rank_ < 0 || rank_ >= size()) {
     throw std::logic_error("process group '" + name_ + "': rank " + std::to_string(rank_) + " outside [0, " +
                            std::to_string(size()) + ")");
@@ -96,6 +96,26 @@ std::string ProcessGroup::start_op(std::string_view op) {
   for (size_t i = 0; i < world_ranks_.size(); ++i) os << (i ? " " : "") << world_ranks_[i];
   os << "]): " << op << " #" << index;
   return os.str();
+}
+
+std::string ProcessGroup::collective_hint() const {
+  std::ostringstream os;
+  os << "waiting for world ranks [";
+  bool first = true;
+  for (size_t i = 0; i < world_ranks_.size(); ++i) {
+    if (static_cast<int>(i) == rank_) continue;
+    os << (first ? "" : " ") << world_ranks_[i];
+    first = false;
+  }
+  os << "] (the other members of group '" << name_
+     << "'); every rank of the group must issue the same collectives in the same order; a rank that did not may "
+        "have failed, be stopped or stuck, be waiting elsewhere, or have issued a different operation";
+  return os.str();
+}
+
+std::string ProcessGroup::peer_name(int group_rank) const {
+  return "group rank " + std::to_string(group_rank) + " (world rank " +
+         std::to_string(world_ranks_[static_cast<size_t>(group_rank)]) + ")";
 }
 
 void ProcessGroup::check_tensor(const std::string& where, std::string_view role, const at::Tensor& tensor,

@@ -20,9 +20,11 @@
 //   not free them (the Work holds a reference, so dropping your own is safe).
 //   Destroying an unfinished Work waits for it.
 // - Work::wait never fails quietly and never hangs: when the timeout (the
-//   group's, or the one passed to wait) passes, or the backend reports an
-//   error, it prints one line naming the rank, the group, the operation and
-//   its tensors, then ends the whole job (MPI_Abort). A job whose ranks
+//   group's when the operation was issued, or the one passed to wait)
+//   passes, or the backend reports an error, it prints one line naming the
+//   rank, the group, the operation and its tensors, and the ranks it waited
+//   for (a collective: the group's other members; send/recv: the peer, by
+//   group and world rank), then ends the whole job (MPI_Abort). A job whose ranks
 //   disagree about the order of collectives therefore ends at the first
 //   collective that never completes, within the timeout.
 // - Arguments are checked on the calling rank before anything is sent:
@@ -51,8 +53,10 @@
 namespace loom {
 
 // How long Work::wait() waits before it ends the job, unless the group was
-// made with another timeout or wait is given one. Long enough for rank 0 to
-// write a checkpoint while the others wait at the next collective.
+// made with another timeout (loom train: parallel.comm_timeout, and
+// parallel.comm_timeout_first_step until the first step is done) or wait is
+// given one. Long enough for rank 0 to write a checkpoint while the others
+// wait at the next collective.
 inline constexpr std::chrono::milliseconds kDefaultCommTimeout = std::chrono::minutes(10);
 
 enum class ReduceOp {
@@ -127,7 +131,12 @@ class ProcessGroup {
   // The world rank of each group rank, in group-rank order.
   const std::vector<int>& world_ranks() const { return world_ranks_; }
   int world_rank() const { return world_ranks_[static_cast<size_t>(rank_)]; }
-  std::chrono::milliseconds timeout() const { return timeout_; }
+  // The timeout of the operations issued from now on (a started Work keeps
+  // the one it was issued with). set_timeout may be called while other
+  // threads issue operations: the first step of a run gets a longer one
+  // (start-up, loading a checkpoint) than the steps after it.
+  std::chrono::milliseconds timeout() const { return std::chrono::milliseconds(timeout_ms_.load()); }
+  void set_timeout(std::chrono::milliseconds timeout) { timeout_ms_.store(timeout.count()); }
   virtual std::string_view backend() const = 0;  // "mpi"
 
   // Every rank's `tensor` becomes the reduction of all ranks' `tensor`.
@@ -173,11 +182,17 @@ class ProcessGroup {
   void check_group_rank(const std::string& where, std::string_view role, int group_rank) const;
   void check_tag(const std::string& where, int tag) const;
 
+  // For the message of an operation that did not complete: what this rank
+  // waits for. collective_hint(): "waiting for world ranks [0 2] (the other
+  // members of group 'dp') ...". peer_name(1): "group rank 1 (world rank 3)".
+  std::string collective_hint() const;
+  std::string peer_name(int group_rank) const;
+
  private:
   std::string name_;
   int rank_;
   std::vector<int> world_ranks_;
-  std::chrono::milliseconds timeout_;
+  std::atomic<int64_t> timeout_ms_;
   std::atomic<int64_t> ops_issued_{0};
 };
 

@@ -330,6 +330,15 @@ class Validator {
               "profiled steps within the run's steps");
     if (c_.checkpoint.resume.empty())
       fail_at({"checkpoint.resume"}, "empty", "\"\"", "auto, none or a checkpoint folder");
+    const OptimizerConfig& o = c_.optimizer;
+    if (o.loss_spike_policy != "none" && !(o.loss_spike_factor > 1))
+      fail_at({"optimizer.loss_spike_factor", "optimizer.loss_spike_policy"},
+              "optimizer.loss_spike_factor (" + num(o.loss_spike_factor) + ") is not above 1",
+              "> 1: a loss above the running mean itself is no spike");
+    if (o.loss_spike_policy == "rollback" && !c_.checkpoint.enabled)
+      fail_at({"optimizer.loss_spike_policy", "checkpoint.enabled"},
+              "optimizer.loss_spike_policy rollback needs checkpoints", "checkpoint.enabled false",
+              "checkpoint.enabled: true, or loss_spike_policy: skip");
   }
 
   void check_launch() {

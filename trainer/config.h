@@ -72,6 +72,11 @@ struct ParallelConfig {
   int64_t virtual_stages = 1;
   int64_t zero_stage = 0;  // 0 | 1
   double bucket_mb = 25.0;
+  // Seconds a rank waits for one collective or send/recv before it ends the
+  // job with a message naming the operation (the hang watchdog); the longer
+  // first-step value covers start-up, loading a checkpoint and the first step.
+  double comm_timeout = 600.0;
+  double comm_timeout_first_step = 1800.0;
 };
 
 struct DataSource {
@@ -104,6 +109,14 @@ struct OptimizerConfig {
   // stop = throw before the update; skip = drop the update and go on.
   std::string nonfinite_policy = "stop";  // stop | skip
   int64_t max_skipped_steps = 10;         // skips allowed in the whole run (skip policy)
+  // A step whose loss exceeds loss_spike_factor x the mean of the last
+  // loss_spike_window steps' losses (trainer/loss_spike.h):
+  // none = train on; skip = drop its update and data as a non-finite skip;
+  // rollback = reload the last checkpoint and skip that step's data there.
+  std::string loss_spike_policy = "none";  // none | skip | rollback
+  double loss_spike_factor = 3.0;
+  int64_t loss_spike_window = 20;          // steps
+  int64_t max_loss_spike_rollbacks = 3;    // rollbacks in the whole run (rollback policy)
 };
 
 struct ScheduleConfig {

@@ -114,6 +114,13 @@ std::vector<KeySpec> build_table() {
        "0: replicated optimizer state; 1: optimizer state sharded over dp (ZeRO-1)", kAny, {"0", "1"}},
       {"parallel.bucket_mb", LOOM_FIELD(parallel.bucket_mb), "", "MiB",
        "size of the gradient buckets all-reduced while backward runs", kPositive},
+      {"parallel.comm_timeout", LOOM_FIELD(parallel.comm_timeout), "", "s",
+       "hang watchdog: a collective or send/recv that has not completed after this long ends the job (MPI_Abort) "
+       "with a message naming the operation, the group and the ranks waited for; must cover a checkpoint write",
+       kPositive},
+      {"parallel.comm_timeout_first_step", LOOM_FIELD(parallel.comm_timeout_first_step), "", "s",
+       "parallel.comm_timeout until the first step of a `loom train` is done (start-up, loading a checkpoint, "
+       "the first step's warm-up)", kPositive},
 
       // --- data ---------------------------------------------------------------
       {"data.train", LOOM_FIELD(data.train), "", "",
@@ -153,7 +160,20 @@ std::vector<KeySpec> build_table() {
        "a step whose loss (any micro-batch) or gradient norm is NaN/Inf: stop = end the run (exit 1) before the "
        "update; skip = zero the gradients, skip the update and the batch, and go on", kAny, {"stop", "skip"}},
       {"optimizer.max_skipped_steps", LOOM_FIELD(optimizer.max_skipped_steps), "", "steps",
-       "skip policy: non-finite steps skipped in the whole run (kept across resume) before the run stops",
+       "skip policy: non-finite steps skipped in the whole run (kept across resume) before the run stops; loss "
+       "spikes skipped count too", kNonNegative},
+      {"optimizer.loss_spike_policy", LOOM_FIELD(optimizer.loss_spike_policy), "", "",
+       "a step whose loss exceeds loss_spike_factor x the mean of the last loss_spike_window steps: none = train "
+       "on; skip = zero the gradients, skip the update and the batch (as nonfinite_policy skip); rollback = "
+       "reload the last checkpoint and skip that step's batch when it comes again", kAny,
+       {"none", "skip", "rollback"}},
+      {"optimizer.loss_spike_factor", LOOM_FIELD(optimizer.loss_spike_factor), "", "",
+       "a loss above this multiple of the running mean is a spike; > 1", kPositive},
+      {"optimizer.loss_spike_window", LOOM_FIELD(optimizer.loss_spike_window), "", "steps",
+       "steps in the running mean; no step is checked before the window is full (it starts empty at every "
+       "start and resume)", kAtLeastOne},
+      {"optimizer.max_loss_spike_rollbacks", LOOM_FIELD(optimizer.max_loss_spike_rollbacks), "", "rollbacks",
+       "rollback policy: rollbacks in the whole run (kept across resume) before a spike stops the run",
        kNonNegative},
 
       // --- schedule -------------------------------------------------------------

@@ -29,6 +29,7 @@
 #include "parallel/zero.h"
 #include "parallel/topology.h"
 #include "parallel/vocab_parallel.h"
+#include "trainer/loss_spike.h"
 #include "trainer/lr_schedule.h"
 #include "trainer/metrics_log.h"
 #include "trainer/model/compute_weights.h"
@@ -606,6 +607,7 @@ TrainResult train(Config& config, const TrainOptions& options) {
     truncate_metrics(metrics_path, step);
     metrics.open(run_dir.string(), step);
   }
+  LossSpikeGuard spike_guard(config.optimizer, run_dir.string());  // optimizer.loss_spike_policy
 
   // (Only the writer stages the tokenizer in the run folder.)
   const TrainingCheckpointOptions checkpoint_options{writer ? tokenizer_dir_of(config, run_dir) : "",
@@ -716,6 +718,7 @@ TrainResult train(Config& config, const TrainOptions& options) {
     zero_grad();
     std::vector<uint64_t> samples;  // global sample ids of this step, for a non-finite report
     const bool poison = options.poison_step && options.poison_step(step + 1);
+    const double loss_scale = options.scale_loss ? options.scale_loss(step + 1) : 1.0;  // TrainOptions::scale_loss
     // The micro-batch losses are summed on the device and read once per step,
     // so a GPU is not made to wait after every micro-batch.
     torch::Tensor step_loss = torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(device));
@@ -733,6 +736,7 @@ TrainResult train(Config& config, const TrainOptions& options) {
       step_loss += executor->run(inputs, targets);
       all_reduce_through_cpu(*pp, step_loss);
       if (poison) step_loss = step_loss * std::numeric_limits<double>::quiet_NaN();  // TrainOptions::poison_step
+      if (loss_scale != 1.0) step_loss = step_loss * loss_scale;
       notice_stop_request(micro_batches);
     }
     for (int64_t m = 0; !executor && m < micro_batches; ++m) {
@@ -744,6 +748,7 @@ TrainResult train(Config& config, const TrainOptions& options) {
       // over the whole global batch (every micro-batch has as many tokens).
       auto loss = next_token_loss(*model, inputs_bt, targets_bt, bf16, tp) / static_cast<double>(micro_batches);
       if (poison && m == 0) loss = loss * std::numeric_limits<double>::quiet_NaN();  // TrainOptions::poison_step
+      if (loss_scale != 1.0 && m == 0) loss = loss * loss_scale;
       if (reducer && m == micro_batches - 1) reducer->arm();
       loss.backward();
       step_loss += loss.detach().to(torch::kDouble);
@@ -766,17 +771,27 @@ TrainResult train(Config& config, const TrainOptions& options) {
     const double norm =
         clip > 0 ? clip_grad_norm(norm_params, clip, norm_reduction) : grad_norm(norm_params, norm_reduction);
     finite = finite && std::isfinite(norm);
-    if (!finite) {
-      const bool skip = config.optimizer.nonfinite_policy == "skip";
+    // optimizer.loss_spike_policy (trainer/loss_spike.h): a spike is skipped
+    // as a non-finite step is, or sends every rank back to the last
+    // checkpoint; a step rolled back earlier is skipped now.
+    const bool rolled_back = spike_guard.rolled_back(step + 1);
+    const LossSpikeGuard::Action spike =
+        finite && !rolled_back ? spike_guard.check(step + 1, loss_sum) : LossSpikeGuard::Action::kTrain;
+    if (spike == LossSpikeGuard::Action::kRollback) spike_guard.roll_back(step + 1, loss_sum, samples, writer);
+    const bool spike_skip = rolled_back || spike == LossSpikeGuard::Action::kSkip;
+    if (!finite || spike_skip) {
+      const bool skip = spike_skip || config.optimizer.nonfinite_policy == "skip";
       if (!skip || skipped_steps + 1 > config.optimizer.max_skipped_steps) {
         // Thrown before the update and before any checkpoint of this step,
         // so the last checkpoint (and `latest`) stays the last good state.
         // Not BadInput: the input is not known to be at fault (exit 1).
-        const std::string why = skip ? " (optimizer.nonfinite_policy skip: " + std::to_string(skipped_steps) +
+        const std::string why = skip ? " (optimizer." + std::string(spike_skip ? "loss_spike" : "nonfinite") +
+                                           "_policy: " + std::to_string(skipped_steps) +
                                            " steps already skipped, optimizer.max_skipped_steps " +
                                            std::to_string(config.optimizer.max_skipped_steps) + ")"
                                      : " (optimizer.nonfinite_policy stop)";
-        throw std::runtime_error("non-finite loss (" + std::to_string(loss_sum) + ") or gradient norm (" +
+        throw std::runtime_error(std::string(spike_skip ? "loss spike: loss (" : "non-finite loss (") +
+                                 std::to_string(loss_sum) + ") or gradient norm (" +
                                  std::to_string(norm) + ") at step " + std::to_string(step + 1) +
                                  ", global samples " + describe_samples(samples, 64) + why +
                                  "; stopped before the update, the last checkpoint in " + checkpoints_dir.string() +
@@ -791,18 +806,28 @@ TrainResult train(Config& config, const TrainOptions& options) {
       interval_seconds += step_seconds;
       total_seconds += step_seconds;
       ++interval_steps;
-      const json record = {{"step", step},
-                           {"skipped", true},
-                           {"loss", std::isfinite(loss_sum) ? json(loss_sum) : json(std::to_string(loss_sum))},
-                           {"grad_norm", std::isfinite(norm) ? json(norm) : json(std::to_string(norm))},
-                           {"skipped_steps", skipped_steps},
-                           {"samples", samples}};
+      json record = {{"step", step},
+                     {"skipped", true},
+                     {"loss", std::isfinite(loss_sum) ? json(loss_sum) : json(std::to_string(loss_sum))},
+                     {"grad_norm", std::isfinite(norm) ? json(norm) : json(std::to_string(norm))},
+                     {"skipped_steps", skipped_steps},
+                     {"samples", samples}};
+      if (spike_skip) {
+        record["loss_spike"] = true;
+        record[rolled_back ? "rolled_back" : "running_mean"] = rolled_back ? json(true) : json(spike_guard.running_mean());
+      }
       if (writer) {
         metrics.write(record);
       }
       if (log) {
-        *log << progress.clear() << "step " << step << "/" << train_steps << " | skipped: non-finite loss " << loss_sum
-             << " or grad_norm " << norm << " | global samples " << describe_samples(samples, 16) << " | "
+        *log << progress.clear() << "step " << step << "/" << train_steps << " | skipped: "
+             << (rolled_back ? "rolled back for a loss spike, loss "
+                 : spike_skip ? "loss spike (" + format_double("%.4g", config.optimizer.loss_spike_factor) +
+                                    " x the running mean " + format_double("%.4f", spike_guard.running_mean()) +
+                                    "), loss "
+                              : "non-finite loss ")
+             << loss_sum << (spike_skip ? "" : " or grad_norm " + std::to_string(norm))
+             << " | global samples " << describe_samples(samples, 16) << " | "
              << skipped_steps << " of " << config.optimizer.max_skipped_steps << " skips used\n";
         log->flush();
       }
@@ -851,6 +876,7 @@ TrainResult train(Config& config, const TrainOptions& options) {
       }
     }
     if (std::string report = profiler.step_end(step); log && !report.empty()) *log << progress.clear() << report;
+    if (options.on_step_done) options.on_step_done(step);
 
     const bool valid_due = (config.data.valid_interval > 0 && step % config.data.valid_interval == 0) ||
                            step == train_steps;

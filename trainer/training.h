@@ -10,6 +10,9 @@
 //   checkpoint; skip zeroes the grads, skips the update and the step's data
 //   and logs {"step", "skipped": true, "samples"} (at most
 //   optimizer.max_skipped_steps per run, counted across resumes).
+//   A loss spike follows optimizer.loss_spike_policy (trainer/loss_spike.h):
+//   skipped the same way, or (rollback) LossSpikeRollback is thrown for
+//   train_with_rollbacks to train again from the last checkpoint.
 // It writes the run folder runs/<run.name>/ (docs/training.md):
 //   config.yaml                       the resolved config, at start
 //   metrics.jsonl                     one JSON object per logging.interval steps
@@ -71,6 +74,15 @@ struct TrainOptions {
   // backward, so loss and gradients are NaN and optimizer.nonfinite_policy
   // applies. Empty (the default, and what `loom train` uses) = never.
   std::function<bool(int64_t step)> poison_step;
+  // Called after each step of the loop (skipped or not) with the number of
+  // completed steps, before its validation and checkpoint. loom train uses
+  // it to shorten the process groups' timeouts once the first step is done.
+  std::function<void(int64_t step)> on_step_done;
+  // TEST-ONLY: a loss spike on demand. Called with each step's number; the
+  // first micro-batch's loss is multiplied by the factor it returns before
+  // backward (1 = unchanged), so optimizer.loss_spike_policy sees a spike.
+  // Empty (the default, and what `loom train` uses) = never.
+  std::function<double(int64_t step)> scale_loss;
 };
 
 struct TrainResult {

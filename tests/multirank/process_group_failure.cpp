@@ -6,13 +6,15 @@
 //   mpirun -np 2 process_group_failure MODE
 //   absent: rank 1 never issues the all_reduce (it sleeps); rank 0's 2 s
 //           timeout ends the job.
+//   absent_recv: rank 1 never sends what rank 0 receives (a pipeline stage
+//           that stopped); rank 0's 2 s timeout ends the job, naming the peer.
 //   throws: rank 1's all_reduce is refused (a non-contiguous tensor); main
 //           catches the exception and ends the job with MpiSession::abort.
 //   killed: rank 1 is killed by SIGKILL; mpirun ends the job.
 //   short:  rank 0 receives 12 floats, rank 1 sends 3: rank 0 ends the job.
 //   long:   rank 1 sends 24 floats into rank 0's 12: MPI reports a
 //           truncation error, and rank 0 ends the job.
-// In every mode but `absent`, rank 0's timeout is 120 s, so only the failure
+// In every mode but the absent ones, rank 0's timeout is 120 s, so only the failure
 // path under test can end the job in time.
 #include <ATen/ATen.h>
 
@@ -27,15 +29,25 @@
 int main(int argc, char** argv) {
   loom::MpiSession session(&argc, &argv);
   const std::string mode = argc > 1 ? argv[1] : "";
-  if (mode != "absent" && mode != "throws" && mode != "killed" && mode != "short" && mode != "long") {
+  if (mode != "absent" && mode != "absent_recv" && mode != "throws" && mode != "killed" && mode != "short" &&
+      mode != "long") {
     if (session.world_rank() == 0) {
-      std::fprintf(stderr, "usage: process_group_failure absent|throws|killed|short|long\n");
+      std::fprintf(stderr, "usage: process_group_failure absent|absent_recv|throws|killed|short|long\n");
     }
     return 2;
   }
   try {
-    const auto timeout = mode == "absent" ? std::chrono::seconds(2) : std::chrono::seconds(120);
-    auto world = session.world(timeout);
+    const bool absent = mode == "absent" || mode == "absent_recv";
+    auto world = session.world(absent ? std::chrono::seconds(2) : std::chrono::seconds(120));
+    if (mode == "absent_recv") {
+      if (world->rank() == 1) {
+        std::this_thread::sleep_for(std::chrono::seconds(100));
+        return 0;
+      }
+      world->recv(at::zeros({12}), {.peer = 1, .tag = 5})->wait();
+      std::fprintf(stderr, "rank 0: the recv completed, which it must not\n");
+      return 0;
+    }
     if (mode == "short" || mode == "long") {
       if (world->rank() == 1) {
         world->send(at::ones({mode == "short" ? 3 : 24}), {.peer = 0})->wait();

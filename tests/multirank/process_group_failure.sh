@@ -23,7 +23,10 @@ expect() { grep -qF -- "$1" "$log" || fail "no '$1' in the output"; }
 case "$mode" in
   absent)
     expect "loom: rank 0 (group 'world' rank 0 of 2, world ranks [0 1]): all_reduce #1"
-    expect "did not complete within 2 s" ;;
+    expect "did not complete within 2 s; waiting for world ranks [1] (the other members of group 'world')" ;;
+  absent_recv)
+    expect "loom: rank 0 (group 'world' rank 0 of 2, world ranks [0 1]): recv #1 of float32 [12] on cpu from group rank 1 (world rank 1) tag 5"
+    expect "did not complete within 2 s; waiting for group rank 1 (world rank 1), which must issue the matching send" ;;
   throws)
     expect "loom: rank 1 (group 'world' rank 1 of 2, world ranks [0 1]): all_reduce #1"
     expect "not contiguous" ;;
