@@ -40,8 +40,8 @@ const json& field(const json& obj, const std::string& key, const std::string& wh
 
 }  // namespace
 
-void write_loom_checkpoint(const LlamaForCausalLM& model, const std::string& dir,
-                           const CheckpointWriteOptions& options) {
+void write_loom_checkpoint(const ModelConfig& model, const std::vector<CheckpointTensor>& tensors,
+                           const std::string& dir, const CheckpointWriteOptions& options) {
   const fs::path out(dir);
   if (fs::exists(out)) throw BadInput("checkpoint folder '" + dir + "' already exists");
   const fs::path parent = out.has_parent_path() ? out.parent_path() : fs::path(".");
@@ -50,42 +50,50 @@ void write_loom_checkpoint(const LlamaForCausalLM& model, const std::string& dir
   fs::remove_all(tmp);
   fs::create_directories(tmp);
   try {
-    std::vector<std::pair<std::string, torch::Tensor>> tensors;
-    std::vector<safetensors::TensorToWrite> to_write;
+    std::vector<safetensors::TensorHeader> headers;
     json manifest_tensors = json::object();
-    for (const auto& named : model.named_parameters()) {
-      auto cpu = named.value().detach().to(torch::kCPU).contiguous();
-      tensors.emplace_back(named.key(), cpu);
+    for (const auto& tensor : tensors) {
+      const safetensors::Dtype dtype = to_safetensors_dtype(tensor.dtype);
+      headers.push_back({tensor.name, dtype, tensor.shape});
       json slice = json::array();
-      for (int64_t d : cpu.sizes()) slice.push_back({0, d});
-      manifest_tensors[named.key()] = {{"dtype", safetensors::dtype_name(to_safetensors_dtype(cpu.scalar_type()))},
-                                       {"shape", cpu.sizes().vec()},
+      for (int64_t d : tensor.shape) slice.push_back({0, d});
+      manifest_tensors[tensor.name] = {{"dtype", safetensors::dtype_name(dtype)},
+                                       {"shape", tensor.shape},
                                        {"file", kRankZeroFile},
                                        {"slice", slice}};
     }
-    for (const auto& [name, tensor] : tensors) to_write.push_back(tensor_to_write(name, tensor));
     const std::string model_path = (tmp / kRankZeroFile).string();
-    safetensors::write_file(model_path, to_write);
+    safetensors::StreamWriter writer(model_path, headers);
+    for (const auto& tensor : tensors) {
+      const torch::Tensor values = tensor.produce();
+      if (values.device().type() != torch::kCPU || !values.is_contiguous() || values.scalar_type() != tensor.dtype ||
+          values.sizes().vec() != tensor.shape) {
+        throw std::logic_error("checkpoint tensor '" + tensor.name + "' was produced with another dtype, shape or "
+                               "layout than announced");
+      }
+      writer.append(std::as_bytes(std::span(static_cast<const std::byte*>(values.data_ptr()), values.nbytes())));
+    }
+    writer.commit();
 
     json manifest;
     manifest["format"] = "loom-checkpoint";
     manifest["version"] = kCheckpointFormatVersion;
     manifest["step"] = options.step;
     manifest["layout"] = {{"dp", 1}, {"tp", 1}, {"pp", 1}, {"world", 1}};
-    const std::string dtype = hf_dtype_name(tensors.empty() ? torch::kFloat : tensors.front().second.scalar_type());
-    manifest["model_config"] = json::parse(model_config_to_hf(model.config(), dtype).dump());
+    const std::string dtype = hf_dtype_name(tensors.empty() ? torch::kFloat : tensors.front().dtype);
+    manifest["model_config"] = json::parse(model_config_to_hf(model, dtype).dump());
     manifest["tensors"] = manifest_tensors;
-    manifest["files"] = {{kRankZeroFile, {{"bytes", fs::file_size(model_path)},
-                                          {"crc32c", hex32(crc32c_file(model_path))},
+    manifest["files"] = {{kRankZeroFile, {{"bytes", writer.file_bytes()},
+                                          {"crc32c", hex32(writer.crc32c())},
                                           {"kind", "model"}}}};
     for (const auto& extra : options.extra_files) {
       if (extra.name.empty() || extra.name.find('/') != std::string::npos || manifest["files"].contains(extra.name)) {
         throw std::invalid_argument("checkpoint extra file name '" + extra.name + "' is empty, a path or repeated");
       }
       const std::string extra_path = (tmp / extra.name).string();
-      extra.write(extra_path);
+      const uint32_t crc = extra.write(extra_path);
       manifest["files"][extra.name] = {{"bytes", fs::file_size(extra_path)},
-                                       {"crc32c", hex32(crc32c_file(extra_path))},
+                                       {"crc32c", hex32(crc)},
                                        {"kind", extra.kind}};
     }
     manifest["tokenizer"] = nullptr;
@@ -114,6 +122,17 @@ void write_loom_checkpoint(const LlamaForCausalLM& model, const std::string& dir
     fs::remove_all(tmp, ignored);
     throw;
   }
+}
+
+void write_loom_checkpoint(const LlamaForCausalLM& model, const std::string& dir,
+                           const CheckpointWriteOptions& options) {
+  std::vector<CheckpointTensor> tensors;
+  for (const auto& named : model.named_parameters()) {
+    const torch::Tensor& p = named.value();
+    tensors.push_back({named.key(), p.scalar_type(), p.sizes().vec(),
+                       [p] { return p.detach().to(torch::kCPU).contiguous(); }});
+  }
+  write_loom_checkpoint(model.config(), tensors, dir, options);
 }
 
 ModelFiles open_loom_checkpoint_files(const std::string& path) {

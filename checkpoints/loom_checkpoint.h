@@ -35,7 +35,9 @@ inline constexpr int kCheckpointFormatVersion = 1;
 struct CheckpointExtraFile {
   std::string name;  // file name inside the checkpoint folder (no '/')
   std::string kind;  // manifest `kind`: "optimizer", "trainer_state", ...
-  std::function<void(const std::string& path)> write;  // writes the whole file at `path`
+  // Writes the whole file at `path` and returns the CRC32C of its bytes
+  // (taken while writing, so the file is not read back).
+  std::function<uint32_t(const std::string& path)> write;
 };
 
 struct CheckpointWriteOptions {
@@ -45,7 +47,25 @@ struct CheckpointWriteOptions {
   std::vector<CheckpointExtraFile> extra_files;
 };
 
-// Writes a single-rank checkpoint of `model` at `dir` (which must not exist).
+// One parameter of a checkpoint written as a stream: the name, dtype and
+// shape are known up front, and `produce` returns the values (a contiguous
+// CPU tensor of that dtype and shape) when the writer reaches the tensor.
+// The writer drops each tensor once its bytes are written, so a model larger
+// than memory can be written when `produce` makes its tensor on demand.
+struct CheckpointTensor {
+  std::string name;
+  torch::ScalarType dtype;
+  std::vector<int64_t> shape;
+  std::function<torch::Tensor()> produce;
+};
+
+// Writes a single-rank checkpoint of a model with config `model` at `dir`
+// (which must not exist): the parameters in the order given, into
+// model-rank00000.safetensors, their CRC32C taken as they are written.
+void write_loom_checkpoint(const ModelConfig& model, const std::vector<CheckpointTensor>& tensors,
+                           const std::string& dir, const CheckpointWriteOptions& options);
+
+// The same for the parameters of `model` (moved to the CPU one at a time).
 void write_loom_checkpoint(const LlamaForCausalLM& model, const std::string& dir,
                            const CheckpointWriteOptions& options);
 

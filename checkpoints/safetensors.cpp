@@ -5,9 +5,11 @@
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <stdexcept>
 #include <string_view>
 #include <tuple>
 
+#include "util/crc32c.h"
 #include "util/error.h"
 #include "util/file_io.h"
 
@@ -257,7 +259,28 @@ struct PlannedFile {
   uint64_t data_bytes = 0;
 };
 
-PlannedFile plan_file(const std::vector<TensorToWrite>& tensors, const std::map<std::string, std::string>& metadata,
+// Checks that each tensor's bytes match its dtype and shape.
+void check_sizes(const std::vector<TensorToWrite>& tensors, const std::string& path) {
+  for (const auto& tensor : tensors) {
+    uint64_t needed = 0;
+    const bool fits = byte_size(tensor.shape, tensor.dtype, &needed);
+    if (fits && needed == tensor.bytes.size()) continue;
+    for (const int64_t dim : tensor.shape)
+      if (dim < 0) fail_tensor(path, tensor.name, "shape " + format_shape(tensor.shape) + " has a negative dimension");
+    fail_tensor(path, tensor.name,
+                std::to_string(tensor.bytes.size()) + " bytes given but shape " + format_shape(tensor.shape) + " of " +
+                    dtype_name(tensor.dtype) + " needs " + (fits ? std::to_string(needed) : "more than 2^64"));
+  }
+}
+
+std::vector<TensorHeader> headers_of(const std::vector<TensorToWrite>& tensors) {
+  std::vector<TensorHeader> out;
+  out.reserve(tensors.size());
+  for (const auto& tensor : tensors) out.push_back({tensor.name, tensor.dtype, tensor.shape});
+  return out;
+}
+
+PlannedFile plan_file(const std::vector<TensorHeader>& tensors, const std::map<std::string, std::string>& metadata,
                       const std::string& path) {
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
   // __metadata__ first, as the reference writer does; omitted when empty,
@@ -275,12 +298,8 @@ PlannedFile plan_file(const std::vector<TensorToWrite>& tensors, const std::map<
     for (const int64_t dim : tensor.shape)
       if (dim < 0) fail_tensor(path, tensor.name, "shape " + format_shape(tensor.shape) + " has a negative dimension");
     uint64_t needed = 0;
-    const bool fits = byte_size(tensor.shape, tensor.dtype, &needed);
-    if (!fits || needed != tensor.bytes.size())
-      fail_tensor(path, tensor.name,
-                  std::to_string(tensor.bytes.size()) + " bytes given but shape " + format_shape(tensor.shape) +
-                      " of " + dtype_name(tensor.dtype) + " needs " +
-                      (fits ? std::to_string(needed) : "more than 2^64"));
+    if (!byte_size(tensor.shape, tensor.dtype, &needed) || offset + needed < offset)
+      fail_tensor(path, tensor.name, "shape " + format_shape(tensor.shape) + " needs more than 2^64 bytes");
     header[tensor.name] = {
         {"dtype", dtype_name(tensor.dtype)}, {"shape", tensor.shape}, {"data_offsets", {offset, offset + needed}}};
     offset += needed;
@@ -381,6 +400,7 @@ File File::open(const std::string& path) {
   uint64_t data_start = 0;
   file.tensors_ = parse_header(bytes, path, &file.metadata_, &data_start);
   file.data_ = bytes.data() + data_start;
+  file.data_offset_ = data_start;
   for (size_t i = 0; i < file.tensors_.size(); ++i) file.index_.emplace(file.tensors_[i].name, i);
   return file;
 }
@@ -397,25 +417,67 @@ TensorView File::tensor(const std::string& name) const {
 
 // --- writing -------------------------------------------------------------------
 
-void write_file(const std::string& path, const std::vector<TensorToWrite>& tensors,
-                const std::map<std::string, std::string>& metadata) {
+struct StreamWriter::Impl {
+  AtomicFile file;
+};
+
+StreamWriter::StreamWriter(const std::string& path, const std::vector<TensorHeader>& tensors,
+                           const std::map<std::string, std::string>& metadata) {
   // Validate everything before creating the temporary file.
   const PlannedFile plan = plan_file(tensors, metadata, path);
-  AtomicFile file(path);
+  impl_ = std::make_unique<Impl>(Impl{AtomicFile(path)});
   std::array<std::byte, kLengthBytes> length{};
   for (size_t i = 0; i < kLengthBytes; ++i)
     length[i] = static_cast<std::byte>((uint64_t{plan.header.size()} >> (8 * i)) & 0xFF);
-  file.write(length);
-  file.write(plan.header);
+  impl_->file.write(length);
+  crc_ = loom::crc32c(length);
+  const auto header = std::as_bytes(std::span(plan.header.data(), plan.header.size()));
+  impl_->file.write(header);
+  crc_ = loom::crc32c(header, crc_);
+  remaining_ = plan.data_bytes;
+}
+
+StreamWriter::StreamWriter(StreamWriter&&) noexcept = default;
+StreamWriter::~StreamWriter() = default;
+
+void StreamWriter::append(std::span<const std::byte> bytes) {
+  if (bytes.size() > remaining_) {
+    throw std::logic_error(impl_->file.path() + ": " + std::to_string(bytes.size()) + " bytes appended but only " +
+                           std::to_string(remaining_) + " remain of the tensors in the header");
+  }
+  impl_->file.write(bytes);
+  crc_ = loom::crc32c(bytes, crc_);
+  remaining_ -= bytes.size();
+}
+
+void StreamWriter::commit() {
+  if (remaining_ != 0) {
+    throw std::logic_error(impl_->file.path() + ": committed with " + std::to_string(remaining_) +
+                           " bytes of tensor data missing");
+  }
+  impl_->file.commit();
+}
+
+uint64_t StreamWriter::file_bytes() const { return impl_->file.bytes_written(); }
+
+void write_file(const std::string& path, const std::vector<TensorToWrite>& tensors,
+                const std::map<std::string, std::string>& metadata) {
+  check_sizes(tensors, path);
+  StreamWriter writer(path, headers_of(tensors), metadata);
   // Tensors go straight from their buffers to the file: a multi-GB shard is
   // never assembled in memory.
-  for (const auto& tensor : tensors) file.write(tensor.bytes);
-  file.commit();
+  for (const auto& tensor : tensors) writer.append(tensor.bytes);
+  writer.commit();
+}
+
+uint64_t file_size_for(const std::vector<TensorHeader>& tensors, const std::map<std::string, std::string>& metadata) {
+  const PlannedFile plan = plan_file(tensors, metadata, "");
+  return kLengthBytes + plan.header.size() + plan.data_bytes;
 }
 
 uint64_t file_size_for(const std::vector<TensorToWrite>& tensors, const std::map<std::string, std::string>& metadata) {
-  const PlannedFile plan = plan_file(tensors, metadata, "");
-  return kLengthBytes + plan.header.size() + plan.data_bytes;
+  check_sizes(tensors, "");
+  return file_size_for(headers_of(tensors), metadata);
 }
 
 }  // namespace loom::safetensors

@@ -58,6 +58,9 @@ class File {
   ~File();
 
   const std::string& path() const { return path_; }
+  // File offset of the data buffer: a tensor's bytes are at data_offset() +
+  // info.begin, for readers that stream them with pread instead of the map.
+  uint64_t data_offset() const { return data_offset_; }
   const std::vector<TensorInfo>& tensors() const { return tensors_; }  // in file order
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   bool contains(const std::string& name) const;
@@ -70,6 +73,7 @@ class File {
   std::string path_;
   std::unique_ptr<Mapping> mapping_;
   const std::byte* data_ = nullptr;  // start of the data buffer
+  uint64_t data_offset_ = 0;
   std::vector<TensorInfo> tensors_;
   std::map<std::string, size_t> index_;
   std::map<std::string, std::string> metadata_;
@@ -89,6 +93,44 @@ struct TensorToWrite {
   std::span<const std::byte> bytes;
 };
 
+// A tensor's entry in a header, before its bytes exist.
+struct TensorHeader {
+  std::string name;
+  Dtype dtype;
+  std::vector<int64_t> shape;
+};
+
+// Writes a file whose tensors arrive a piece at a time, so that a file
+// larger than memory can be written from a stream: the header is planned
+// from the names, dtypes and shapes, then append() takes the data buffer in
+// order, in pieces of any size. Crash-safe like write_file: the bytes go to
+// a temporary, and commit() checks that every promised byte came, fsyncs and
+// renames. Throws BadInput for a bad header (as write_file does) and
+// std::logic_error for more or fewer bytes than the header promised.
+class StreamWriter {
+ public:
+  StreamWriter(const std::string& path, const std::vector<TensorHeader>& tensors,
+               const std::map<std::string, std::string>& metadata = {{"format", "pt"}});
+  StreamWriter(StreamWriter&&) noexcept;
+  StreamWriter& operator=(StreamWriter&&) = delete;
+  ~StreamWriter();
+
+  void append(std::span<const std::byte> bytes);
+  void commit();
+
+  // Data bytes still expected, and the CRC-32C of every byte written so far
+  // (length prefix and header included): after commit(), the whole file's.
+  uint64_t remaining() const { return remaining_; }
+  uint32_t crc32c() const { return crc_; }
+  uint64_t file_bytes() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+  uint64_t remaining_ = 0;
+  uint32_t crc_ = 0;
+};
+
 // Writes `tensors` in the given order, atomically (temp + fsync + rename).
 // `metadata` defaults to {"format": "pt"}, which transformers requires.
 // Throws BadInput for duplicate names or size mismatches, std::runtime_error
@@ -97,6 +139,8 @@ void write_file(const std::string& path, const std::vector<TensorToWrite>& tenso
                 const std::map<std::string, std::string>& metadata = {{"format", "pt"}});
 
 // Bytes the file for `tensors` will occupy (header included), for sharding.
+uint64_t file_size_for(const std::vector<TensorHeader>& tensors,
+                       const std::map<std::string, std::string>& metadata = {{"format", "pt"}});
 uint64_t file_size_for(const std::vector<TensorToWrite>& tensors,
                        const std::map<std::string, std::string>& metadata = {{"format", "pt"}});
 

@@ -631,22 +631,38 @@ TrainResult train(Config& config, const TrainOptions& options) {
     NamedTensors whole_params = gather_whole(named_params, param_dims);
     return writer ? whole_model(config.model, whole_params) : nullptr;
   };
+  // checkpoint.async: the writer rank hands each snapshot to a background
+  // thread, which writes and commits it while training goes on.
+  std::unique_ptr<AsyncCheckpointWriter> async_writer;
+  if (writer && config.checkpoint.enabled && config.checkpoint.async) {
+    async_writer = std::make_unique<AsyncCheckpointWriter>(checkpoints_dir.string(), checkpoint_options);
+  }
+  // Writes (or, async, starts writing) the checkpoint of `step`, returning
+  // its folder on the writer and "" elsewhere.
+  auto commit = [&](const LlamaForCausalLM& whole, const AdamW& whole_optimizer, bool live) -> std::string {
+    // An async snapshot of tensors that training goes on updating (`live`)
+    // must be a copy; gathered tensors are fresh and are not touched again.
+    // (The previous async save is waited for here, and its host buffers
+    // are copied into.)
+    TrainingSnapshot spare = async_writer ? async_writer->take_spare() : TrainingSnapshot{};
+    TrainingSnapshot snapshot = snapshot_training_state(step, whole, whole_optimizer, loader, skipped_steps,
+                                                        /*copy=*/async_writer != nullptr && live, &spare);
+    if (async_writer) return async_writer->start(std::move(snapshot));
+    return write_training_checkpoint(checkpoints_dir.string(), snapshot, checkpoint_options);
+  };
   auto save_checkpoint = [&]() -> std::string {
     // ZeRO-1 gathers its state over dp first (collective: every replica).
     NamedTensors state = zero ? zero->state_dict() : NamedTensors{};
     if (coords.dp != 0) return "";
-    if (model_is_whole && !zero) {
-      return save_training_checkpoint(checkpoints_dir.string(), step, *model, *optimizer, loader, checkpoint_options,
-                                      skipped_steps);
-    }
+    if (model_is_whole && !zero) return commit(*model, *optimizer, /*live=*/true);
     if (!zero) state = optimizer->state_dict();
     if (!model_is_whole) state = gather_whole(state, optimizer_state_shard_dims(state, param_dims));
     std::shared_ptr<LlamaForCausalLM> whole_now = gathered_model();
     if (!writer) return "";
     AdamW whole_optimizer(to_named_tensors(whole_now->named_parameters()), adamw_options);
     whole_optimizer.load_state_dict(state);
-    return save_training_checkpoint(checkpoints_dir.string(), step, *whole_now, whole_optimizer, loader,
-                                    checkpoint_options, skipped_steps);
+    // With a whole model (dp and ZeRO-1 only), its parameters are the live ones.
+    return commit(*whole_now, whole_optimizer, /*live=*/model_is_whole);
   };
 
   const double step_flops_per_token = flops_per_token(config.model, seq_len);
@@ -920,8 +936,17 @@ TrainResult train(Config& config, const TrainOptions& options) {
     }
     const bool interval_due = config.checkpoint.interval > 0 && step % config.checkpoint.interval == 0;
     if (config.checkpoint.enabled && (interval_due || step == stop_step || stop_requested != 0)) {
+      const auto save_start = Clock::now();
       result.last_checkpoint = save_checkpoint();
-      if (log) *log << progress.clear() << "checkpoint: " << result.last_checkpoint << "\n";
+      // The time the loop stood still for the save: with checkpoint.async
+      // only the gather and the copy to host memory (and any wait for the
+      // previous save); without, the whole write.
+      const double stall = seconds_since(save_start);
+      result.checkpoint_stall_seconds += stall;
+      if (log) {
+        *log << progress.clear() << "checkpoint: " << result.last_checkpoint << " (loop stalled "
+             << format_double("%.3f", stall) << " s" << (async_writer ? ", writing in the background" : "") << ")\n";
+      }
     }
     if (stop_requested != 0) {
       result.stopped_by_signal = stop_requested;
@@ -931,6 +956,15 @@ TrainResult train(Config& config, const TrainOptions& options) {
   }
   if (log) *log << progress.clear();
   if (writer) metrics.close();
+  if (async_writer) {
+    // The run is not over until its last checkpoint is committed; a write
+    // that failed is reported here (its folder absent, `latest` unchanged).
+    const double seconds = async_writer->wait();
+    if (log && !result.last_checkpoint.empty()) {
+      *log << "checkpoint: " << result.last_checkpoint << " written in the background in "
+           << format_double("%.3f", seconds) << " s\n";
+    }
+  }
 
   result.final_step = step;
   result.tokens_per_s = total_seconds > 0 ? (step - result.resumed_from_step) * tokens_per_step / total_seconds : 0.0;

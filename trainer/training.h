@@ -94,6 +94,7 @@ struct TrainResult {
   double tokens_per_s = 0.0;    // over this call's steps
   double peak_flops = 0.0;      // the peak mfu is relative to, FLOP/s (0 if not known)
   std::string last_checkpoint;  // folder of the last checkpoint written ("" if none)
+  double checkpoint_stall_seconds = 0.0;  // the loop's time in checkpoint saves, all of them
   int stopped_by_signal = 0;    // the signal that stopped the run early (TrainOptions::stop_signal), or 0
   std::shared_ptr<LlamaForCausalLM> model;  // the trained model (tp: this rank's shards; pp: null)
 };

@@ -3,7 +3,9 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <algorithm>
+#include <chrono>
 #include <filesystem>
+#include <utility>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <vector>
@@ -13,6 +15,7 @@
 #include "checkpoints/safetensors.h"
 #include "checkpoints/torch_tensors.h"
 #include "trainer/training.h"
+#include "util/crc32c.h"
 #include "util/error.h"
 #include "util/file_io.h"
 
@@ -85,14 +88,45 @@ void set_cpu_rng_state(const std::vector<uint8_t>& bytes, const std::string& con
   }
 }
 
-void write_optimizer_state(const AdamW& optimizer, const std::string& path) {
-  std::vector<torch::Tensor> keep_alive;  // tensor_to_write borrows the bytes
-  std::vector<safetensors::TensorToWrite> to_write;
-  for (const auto& [name, tensor] : optimizer.state_dict()) {
-    keep_alive.push_back(tensor.detach().to(torch::kCPU).contiguous());
-    to_write.push_back(tensor_to_write(name, keep_alive.back()));
+// Host copies of `tensors` (shared, when `copy` is false and they already
+// are contiguous CPU tensors). A copy goes into `reuse`'s tensor of the same
+// place when it has the same name, dtype and shape (the buffers of an
+// earlier snapshot: no allocation, no page faults), else into a new one,
+// page-locked when the source is on a GPU.
+NamedTensors to_host(const NamedTensors& tensors, bool copy, NamedTensors* reuse) {
+  NamedTensors out;
+  out.reserve(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const auto& [name, tensor] = tensors[i];
+    const torch::Tensor source = tensor.detach();
+    if (!copy) {
+      out.emplace_back(name, source.to(torch::kCPU).contiguous());
+      continue;
+    }
+    torch::Tensor host;
+    if (reuse != nullptr && i < reuse->size() && (*reuse)[i].first == name &&
+        (*reuse)[i].second.scalar_type() == source.scalar_type() && (*reuse)[i].second.sizes() == source.sizes()) {
+      host = std::move((*reuse)[i].second);
+    } else {
+      host = torch::empty(source.sizes(),
+                          torch::TensorOptions().dtype(source.scalar_type()).pinned_memory(source.is_cuda()));
+    }
+    host.copy_(source);
+    out.emplace_back(name, std::move(host));
   }
-  safetensors::write_file(path, to_write);
+  return out;
+}
+
+// Returns the file's CRC32C.
+uint32_t write_optimizer_state(const NamedTensors& state, const std::string& path) {
+  std::vector<safetensors::TensorHeader> headers;
+  for (const auto& [name, tensor] : state) {
+    headers.push_back({name, to_safetensors_dtype(tensor.scalar_type()), tensor.sizes().vec()});
+  }
+  safetensors::StreamWriter writer(path, headers);
+  for (const auto& [name, tensor] : state) writer.append(tensor_to_write(name, tensor).bytes);
+  writer.commit();
+  return writer.crc32c();
 }
 
 NamedTensors read_optimizer_state(const std::string& path) {
@@ -132,33 +166,58 @@ std::string latest_folder_name(const std::string& checkpoints_dir) {
 
 }  // namespace
 
-std::string save_training_checkpoint(const std::string& checkpoints_dir, int64_t step, const LlamaForCausalLM& model,
-                                     const AdamW& optimizer, const Loader& loader,
-                                     const TrainingCheckpointOptions& options, int64_t skipped_steps) {
+uint64_t TrainingSnapshot::tensor_bytes() const {
+  uint64_t bytes = 0;
+  for (const auto& [name, tensor] : model) bytes += tensor.nbytes();
+  for (const auto& [name, tensor] : optimizer) bytes += tensor.nbytes();
+  return bytes;
+}
+
+TrainingSnapshot snapshot_training_state(int64_t step, const LlamaForCausalLM& model, const AdamW& optimizer,
+                                         const Loader& loader, int64_t skipped_steps, bool copy,
+                                         TrainingSnapshot* reuse) {
+  TrainingSnapshot snapshot;
+  snapshot.step = step;
+  snapshot.model_config = model.config();
+  snapshot.model = to_host(to_named_tensors(model.named_parameters()), copy, reuse ? &reuse->model : nullptr);
+  snapshot.optimizer = to_host(optimizer.state_dict(), copy, reuse ? &reuse->optimizer : nullptr);
+  const json trainer_state = {{"format", kTrainerStateFormat},
+                              {"version", kTrainerStateVersion},
+                              {"step", step},
+                              {"skipped_steps", skipped_steps},
+                              {"loader", loader.state()},
+                              {"rng_cpu", cpu_rng_state_base64()}};
+  snapshot.trainer_state = trainer_state.dump(2) + "\n";
+  return snapshot;
+}
+
+std::string write_training_checkpoint(const std::string& checkpoints_dir, const TrainingSnapshot& snapshot,
+                                      const TrainingCheckpointOptions& options) {
   const fs::path root(checkpoints_dir);
-  const std::string folder_name = checkpoint_folder_name(step);
+  const std::string folder_name = checkpoint_folder_name(snapshot.step);
   const fs::path folder = root / folder_name;
 
-  json trainer_state = {{"format", kTrainerStateFormat},
-                        {"version", kTrainerStateVersion},
-                        {"step", step},
-                        {"skipped_steps", skipped_steps},
-                        {"loader", loader.state()},
-                        {"rng_cpu", cpu_rng_state_base64()}};
   CheckpointWriteOptions write_options;
-  write_options.step = step;
+  write_options.step = snapshot.step;
   write_options.tokenizer_dir = options.tokenizer_dir;
   write_options.config_yaml = options.config_yaml;
   write_options.extra_files = {
-      {kOptimizerStateFile, "optimizer", [&](const std::string& path) { write_optimizer_state(optimizer, path); }},
-      {kTrainerStateFile, "trainer_state",
-       [&](const std::string& path) { write_file_atomic(path, trainer_state.dump(2) + "\n"); }}};
+      {kOptimizerStateFile, "optimizer",
+       [&](const std::string& path) { return write_optimizer_state(snapshot.optimizer, path); }},
+      {kTrainerStateFile, "trainer_state", [&](const std::string& path) {
+         write_file_atomic(path, snapshot.trainer_state);
+         return crc32c(std::as_bytes(std::span(snapshot.trainer_state.data(), snapshot.trainer_state.size())));
+       }}};
+  std::vector<CheckpointTensor> tensors;
+  for (const auto& [name, tensor] : snapshot.model) {
+    tensors.push_back({name, tensor.scalar_type(), tensor.sizes().vec(), [tensor] { return tensor; }});
+  }
   // A step folder that `latest` does not name was never committed: a crash
   // came between its rename and the update of `latest`, or this run resumed
   // from an earlier checkpoint. Training has just recomputed this step, so
   // the folder is replaced. The one `latest` names is never touched.
   if (fs::exists(folder) && latest_folder_name(checkpoints_dir) != folder_name) fs::remove_all(folder);
-  write_loom_checkpoint(model, folder.string(), write_options);
+  write_loom_checkpoint(snapshot.model_config, tensors, folder.string(), write_options);
 
   // Note [checkpoint commit order]: `latest` moves only after the new folder
   // is complete and renamed into place, and older folders are deleted only
@@ -174,6 +233,81 @@ std::string save_training_checkpoint(const std::string& checkpoints_dir, int64_t
     }
   }
   return folder.string();
+}
+
+std::string save_training_checkpoint(const std::string& checkpoints_dir, int64_t step, const LlamaForCausalLM& model,
+                                     const AdamW& optimizer, const Loader& loader,
+                                     const TrainingCheckpointOptions& options, int64_t skipped_steps) {
+  return write_training_checkpoint(
+      checkpoints_dir, snapshot_training_state(step, model, optimizer, loader, skipped_steps, /*copy=*/false), options);
+}
+
+// --- asynchronous saves ---------------------------------------------------------
+
+AsyncCheckpointWriter::AsyncCheckpointWriter(std::string checkpoints_dir, TrainingCheckpointOptions options)
+    : checkpoints_dir_(std::move(checkpoints_dir)), options_(std::move(options)), thread_([this] { run(); }) {}
+
+AsyncCheckpointWriter::~AsyncCheckpointWriter() {
+  {
+    std::unique_lock<std::mutex> lock(mutex_);
+    changed_.wait(lock, [&] { return !busy_; });
+    quit_ = true;
+  }
+  changed_.notify_all();
+  thread_.join();
+}
+
+TrainingSnapshot AsyncCheckpointWriter::take_spare() {
+  wait();
+  std::lock_guard<std::mutex> lock(mutex_);
+  return std::exchange(spare_, TrainingSnapshot{});
+}
+
+std::string AsyncCheckpointWriter::start(TrainingSnapshot snapshot) {
+  wait();
+  const std::string folder = (fs::path(checkpoints_dir_) / checkpoint_folder_name(snapshot.step)).string();
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    pending_ = std::move(snapshot);
+    busy_ = true;
+  }
+  changed_.notify_all();
+  return folder;
+}
+
+double AsyncCheckpointWriter::wait() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  changed_.wait(lock, [&] { return !busy_; });
+  if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
+  return last_seconds_;
+}
+
+void AsyncCheckpointWriter::run() {
+  for (;;) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    changed_.wait(lock, [&] { return quit_ || pending_.has_value(); });
+    if (!pending_) return;  // quit_, nothing left to write
+    TrainingSnapshot snapshot = std::move(*pending_);
+    pending_.reset();
+    lock.unlock();
+    const auto start = std::chrono::steady_clock::now();
+    std::exception_ptr error;
+    try {
+      write_training_checkpoint(checkpoints_dir_, snapshot, options_);
+    } catch (...) {
+      error = std::current_exception();
+    }
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    lock.lock();
+    // Kept as the next snapshot's buffers (take_spare), so that one host
+    // copy of the state is allocated for the whole run.
+    spare_ = std::move(snapshot);
+    error_ = error;
+    last_seconds_ = seconds;
+    busy_ = false;
+    lock.unlock();
+    changed_.notify_all();
+  }
 }
 
 std::string resume_checkpoint_path(const CheckpointConfig& checkpoint, const std::string& checkpoints_dir,

@@ -431,5 +431,63 @@ TEST_F(TrainingTest, MetricsReportMemory) {
   }
 }
 
+// checkpoint.async: the snapshot handed to the background thread is a copy,
+// so updates made while it is written do not reach the checkpoint.
+TEST_F(TrainingTest, AsyncSnapshotIsACopyThatTrainingMayUpdateMeanwhile) {
+  const Config c = config("async", random_dataset());
+  torch::manual_seed(3);
+  LocalLayerFactory factory;
+  LlamaForCausalLM model(c.model, factory);
+  model.init_weights();
+  AdamW optimizer(to_named_tensors(model.named_parameters()), AdamWOptions{});
+  LoaderConfig loader_config;
+  loader_config.datasets = {{random_dataset(), 1.0}};
+  loader_config.seq_len = 16;
+  loader_config.global_batch = 4;
+  loader_config.micro_batch = 2;
+  Loader loader(loader_config);
+  std::map<std::string, torch::Tensor> before;
+  for (const auto& p : model.named_parameters()) before[p.key()] = p.value().detach().clone();
+
+  TrainingSnapshot copied = snapshot_training_state(7, model, optimizer, loader, 0, /*copy=*/true);
+  TrainingSnapshot shared = snapshot_training_state(7, model, optimizer, loader, 0, /*copy=*/false);
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : model.named_parameters()) p.value().add_(1.0);
+  }
+  // Without a copy the snapshot sees the update: the copy is what protects it.
+  EXPECT_TRUE(torch::equal(shared.model.front().second, model.named_parameters()[shared.model.front().first]));
+
+  AsyncCheckpointWriter writer(path("checkpoints"), TrainingCheckpointOptions{});
+  const std::string folder = writer.start(std::move(copied));
+  EXPECT_EQ(folder, path("checkpoints") + "/step-0000007");
+  writer.wait();
+  EXPECT_EQ(read_file(path("checkpoints/latest")), "step-0000007\n");
+  const ModelFiles files = open_training_checkpoint(folder);
+  for (const auto& [name, value] : before) EXPECT_TRUE(torch::equal(files.read(name), value)) << name;
+}
+
+// A background write that fails is reported by the next wait(), and leaves
+// no checkpoint folder behind.
+TEST_F(TrainingTest, AsyncWriteFailureIsReportedByWait) {
+  const Config c = config("async", random_dataset());
+  LocalLayerFactory factory;
+  LlamaForCausalLM model(c.model, factory);
+  model.init_weights();
+  AdamW optimizer(to_named_tensors(model.named_parameters()), AdamWOptions{});
+  LoaderConfig loader_config;
+  loader_config.datasets = {{random_dataset(), 1.0}};
+  loader_config.seq_len = 16;
+  loader_config.global_batch = 4;
+  loader_config.micro_batch = 2;
+  Loader loader(loader_config);
+  write_file_atomic(path("not-a-folder"), "x");  // the checkpoints folder cannot be made below a file
+  AsyncCheckpointWriter writer(path("not-a-folder/checkpoints"), TrainingCheckpointOptions{});
+  writer.start(snapshot_training_state(1, model, optimizer, loader, 0, /*copy=*/true));
+  EXPECT_ANY_THROW(writer.wait());
+  EXPECT_NO_THROW(writer.wait());  // reported once
+  EXPECT_FALSE(fs::exists(path("not-a-folder/checkpoints")));
+}
+
 }  // namespace
 }  // namespace loom
