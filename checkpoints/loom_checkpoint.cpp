@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <stdexcept>
@@ -27,15 +28,6 @@ std::string hex32(uint32_t value) {
   char buffer[16];
   std::snprintf(buffer, sizeof buffer, "%08x", value);
   return buffer;
-}
-
-// Field access on the manifest with errors that name the manifest and key.
-const json& field(const json& obj, const std::string& key, const std::string& where, json::value_t type) {
-  if (!obj.is_object() || !obj.contains(key)) throw BadInput(where + ": '" + key + "' is missing");
-  const json& v = obj.at(key);
-  const bool ok = v.type() == type || (type == json::value_t::number_integer && v.is_number_unsigned());
-  if (!ok) throw BadInput(where + ": '" + key + "' has the wrong type (" + v.type_name() + ")");
-  return v;
 }
 
 }  // namespace
@@ -138,76 +130,42 @@ void write_loom_checkpoint(const LlamaForCausalLM& model, const std::string& dir
 ModelFiles open_loom_checkpoint_files(const std::string& path) {
   const fs::path root(path);
   const std::string manifest_path = (root / "manifest.json").string();
-  json manifest;
-  try {
-    manifest = json::parse(read_file(manifest_path));
-  } catch (const json::parse_error& e) {
-    throw BadInput(manifest_path + ": not valid JSON (" + e.what() + ")");
-  }
-  using vt = json::value_t;
-  const std::string& where = manifest_path;
-  if (field(manifest, "format", where, vt::string) != "loom-checkpoint") {
-    throw BadInput(where + ": 'format' is not \"loom-checkpoint\"");
-  }
-  const int64_t version = field(manifest, "version", where, vt::number_integer).get<int64_t>();
-  if (version != kCheckpointFormatVersion) {
-    throw BadInput(where + ": format version " + std::to_string(version) + " is not supported (this loom reads " +
-                   std::to_string(kCheckpointFormatVersion) + ")");
-  }
+  const CheckpointManifest manifest = parse_checkpoint_manifest(read_file(manifest_path), manifest_path);
 
   ModelFiles out;
   out.kind_ = ModelFiles::Kind::kLoomCheckpoint;
   out.path_ = path;
-  out.step_ = field(manifest, "step", where, vt::number_integer).get<int64_t>();
-  out.model_ = model_config_from_hf(field(manifest, "model_config", where, vt::object), where + ": model_config");
+  out.step_ = manifest.step;
+  out.model_ = manifest.model;
 
   // Every file is checked against its recorded size and checksum before use:
   // a torn or bit-flipped file is named here, not discovered as bad numbers.
-  const json& files = field(manifest, "files", where, vt::object);
-  for (const auto& [name, entry] : files.items()) {
-    if (name.find('/') != std::string::npos || name == "..") throw BadInput(where + ": file name '" + name + "' is not in the folder");
-    const std::string file_path = (root / name).string();
-    const std::string file_where = where + ": files['" + name + "']";
+  for (const ManifestFile& file : manifest.files) {
+    const std::string file_path = (root / file.name).string();
     if (!fs::exists(file_path)) throw BadInput(file_path + ": missing (listed in " + manifest_path + ")");
-    const uint64_t bytes = field(entry, "bytes", file_where, vt::number_unsigned).get<uint64_t>();
-    if (fs::file_size(file_path) != bytes) {
+    if (fs::file_size(file_path) != file.bytes) {
       throw BadInput(file_path + ": " + std::to_string(fs::file_size(file_path)) + " bytes, manifest says " +
-                     std::to_string(bytes) + " (truncated or replaced)");
+                     std::to_string(file.bytes) + " (truncated or replaced)");
     }
-    const std::string expected = field(entry, "crc32c", file_where, vt::string).get<std::string>();
     const std::string actual = hex32(crc32c_file(file_path));
-    if (actual != expected) {
-      throw BadInput(file_path + ": CRC32C " + actual + " does not match the manifest's " + expected + " (corrupt)");
+    if (actual != file.crc32c) {
+      throw BadInput(file_path + ": CRC32C " + actual + " does not match the manifest's " + file.crc32c + " (corrupt)");
     }
-    // Optimizer and trainer state are verified here but are not weights.
-    const bool is_model_file = !entry.contains("kind") || entry.at("kind") == "model";
-    if (is_model_file) out.add_file(file_path);
+    if (file.is_model) out.add_file(file_path);
   }
-  const json& tensors = field(manifest, "tensors", where, vt::object);
-  for (const auto& [name, entry] : tensors.items()) {
-    const std::string tensor_where = where + ": tensors['" + name + "']";
-    if (!out.contains(name)) throw BadInput(tensor_where + ": not found in any file");
-    const auto& info = out.info(name);
-    const auto shape = field(entry, "shape", tensor_where, vt::array).get<std::vector<int64_t>>();
-    const json& slice = field(entry, "slice", tensor_where, vt::array);
-    bool whole = slice.size() == shape.size();
-    for (size_t d = 0; whole && d < shape.size(); ++d) {
-      whole = slice[d].is_array() && slice[d].size() == 2 && slice[d][0] == 0 && slice[d][1] == shape[d];
-    }
-    if (!whole) {
-      throw BadInput(tensor_where + ": holds a slice of the tensor (a parallel layout's checkpoint); this build "
-                     "reads single-rank checkpoints only");
-    }
-    if (info.shape != shape) throw BadInput(tensor_where + ": shape differs from the file's header");
+  for (const ManifestTensor& tensor : manifest.tensors) {
+    const std::string tensor_where = manifest_path + ": tensors['" + tensor.name + "']";
+    if (!out.contains(tensor.name)) throw BadInput(tensor_where + ": not found in any file");
+    if (out.info(tensor.name).shape != tensor.shape) throw BadInput(tensor_where + ": shape differs from the file's header");
   }
-  if (tensors.size() != out.where_.size()) {
+  if (manifest.tensors.size() != out.where_.size()) {
     for (const auto& name : out.tensor_names()) {
-      if (!tensors.contains(name)) throw BadInput(out.file_of(name) + ": tensor '" + name + "' is not in " + manifest_path);
+      const bool listed = std::any_of(manifest.tensors.begin(), manifest.tensors.end(),
+                                      [&](const ManifestTensor& t) { return t.name == name; });
+      if (!listed) throw BadInput(out.file_of(name) + ": tensor '" + name + "' is not in " + manifest_path);
     }
   }
-  if (manifest.contains("tokenizer") && manifest.at("tokenizer").is_string()) {
-    out.tokenizer_dir_ = (root / manifest.at("tokenizer").get<std::string>()).string();
-  }
+  if (manifest.tokenizer) out.tokenizer_dir_ = (root / *manifest.tokenizer).string();
   return out;
 }
 

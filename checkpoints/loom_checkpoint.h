@@ -21,12 +21,11 @@
 #include <string>
 #include <vector>
 
+#include "checkpoints/checkpoint_manifest.h"  // kCheckpointFormatVersion, the manifest parser
 #include "checkpoints/hub.h"
 #include "trainer/model/llama.h"
 
 namespace loom {
-
-inline constexpr int kCheckpointFormatVersion = 1;
 
 // A file besides the model weights, e.g. the optimizer state. It is written
 // into the temporary folder before the manifest and listed in the manifest's

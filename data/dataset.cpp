@@ -229,7 +229,7 @@ DatasetIndex DatasetIndex::parse(const std::string& text, const std::string& pat
   json root;
   try {
     root = json::parse(text);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse_error, and out_of_range for a number like 1e999
     throw BadInput(path + ": not valid JSON: " + e.what());
   }
   if (!root.is_object()) throw BadInput(path + ": expected a JSON object, found " + clip(root));
@@ -284,8 +284,12 @@ DatasetIndex DatasetIndex::parse(const std::string& text, const std::string& pat
     shard.num_documents = reader.unsigned_int(item, "num_documents", key + ".num_documents");
     shard.crc32c = parse_crc_hex(reader, reader.string(item, "crc32c", key + ".crc32c"), key + ".crc32c");
     shard.bytes = reader.unsigned_int(item, "bytes", key + ".bytes");
-    sum_tokens += shard.num_tokens;
-    sum_documents += shard.num_documents;
+    // Sums that wrap around would let a forged total match; a shard's
+    // /doc_offsets has num_documents + 1 entries, which must not wrap to 0.
+    if (__builtin_add_overflow(sum_tokens, shard.num_tokens, &sum_tokens))
+      reader.fail(key + ".num_tokens", "the shards' num_tokens overflow 64 bits");
+    if (shard.num_documents == UINT64_MAX || __builtin_add_overflow(sum_documents, shard.num_documents, &sum_documents))
+      reader.fail(key + ".num_documents", "the shards' num_documents overflow 64 bits");
     index.shards.push_back(std::move(shard));
   }
   if (sum_tokens != index.num_tokens)

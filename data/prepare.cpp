@@ -133,7 +133,7 @@ void read_documents(const std::string& path, const DocumentSplit& split,
       nlohmann::json record;
       try {
         record = nlohmann::json::parse(line);
-      } catch (const nlohmann::json::parse_error& e) {
+      } catch (const nlohmann::json::exception& e) {  // parse_error, and out_of_range for 1e999
         throw BadInput(path + ":" + std::to_string(number) + ": not a JSON object (" + e.what() + ")");
       }
       if (!record.is_object() || !record.contains(split.text_field) || !record.at(split.text_field).is_string()) {

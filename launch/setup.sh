@@ -16,6 +16,8 @@ DEBIAN_PACKAGES=(
   libyaml-cpp-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev
   libpcre2-dev zlib1g-dev
+  # fuzz/run.sh (the fuzz_smoke test): clang with libFuzzer and the sanitizers.
+  clang-14 libclang-rt-14-dev
   bible-kjv bible-kjv-text
 )
 PYTHON_PACKAGES=(

@@ -404,5 +404,34 @@ TEST_F(DatasetTest, WrongIndexValuesAreNamedWithKeyAndValue) {
   expect_refused([](json& j) { j["vocab_size"] = 70000; }, "token_dtype", "uint16");
 }
 
+// Found by fuzz/fuzz_dataset_index (docs/fuzzing.md): a number too large for
+// a double is nlohmann's out_of_range, not parse_error, and escaped
+// DatasetIndex::parse as an internal error. The input is also in
+// fuzz/corpus/fuzz_dataset_index/number-overflow.json.
+TEST_F(DatasetTest, IndexNumberTooLargeForADoubleIsBadInput) {
+  write({{1, kEos}});
+  write_file_atomic(index_path(), read_file(LOOM_SOURCE_DIR "/fuzz/corpus/fuzz_dataset_index/number-overflow.json"));
+  EXPECT_BAD_INPUT(Dataset::open(dir_), "index.json", "not valid JSON", "1e999");
+}
+
+// Shard counts whose sums wrap around 2^64 could add up to a forged total,
+// and num_documents + 1 entries of /doc_offsets would wrap to none.
+TEST_F(DatasetTest, IndexCountsThatOverflowAreRefused) {
+  write({{1, kEos}, {2, kEos}}, 1000, 2);
+  const std::string original = read_file(index_path());
+  write_file_atomic(index_path(), original);
+  edit_index([](json& j) {
+    j["shards"][0]["num_tokens"] = UINT64_MAX;
+    j["shards"][1]["num_tokens"] = 5;  // UINT64_MAX + 5 wraps to 4 = num_tokens
+  });
+  EXPECT_BAD_INPUT(Dataset::open(dir_), "index.json", "shards[1].num_tokens", "overflow");
+  write_file_atomic(index_path(), original);
+  edit_index([](json& j) {
+    j["shards"][0]["num_documents"] = UINT64_MAX;
+    j["shards"][1]["num_documents"] = 3;  // wraps to 2 = num_documents
+  });
+  EXPECT_BAD_INPUT(Dataset::open(dir_), "index.json", "shards[0].num_documents", "overflow");
+}
+
 }  // namespace
 }  // namespace loom

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Builds loom's fuzz targets with clang (libFuzzer + ASan + UBSan) and runs
+# each over a copy of its seed corpus for a fixed time. See docs/fuzzing.md.
+#
+#   fuzz/run.sh [--seconds S] [--build DIR] [--jobs N] [TARGET...]
+#
+# S: seconds per target (default 10). DIR: the clang build folder (default
+# build-fuzz in the checkout); configured and built when needed, through
+# ccache when installed. TARGETs: fuzz_config, fuzz_safetensors,
+# fuzz_tokenizer, fuzz_dataset_index, fuzz_dataset_shard,
+# fuzz_checkpoint_manifest (the default: all six), and fuzz_hdf5_bytes (only
+# when named: it finds faults inside libhdf5, so it runs in fork mode, keeps
+# going after each one and reports how many it saved). The repository's corpus (fuzz/corpus/TARGET) is never written: each
+# run starts from a fresh copy in DIR/corpus/TARGET, and a crashing input is
+# saved as DIR/artifacts/TARGET-crash-<sha1> (likewise leak-, timeout-, oom-).
+# Exits 0 when every target ran its time without a finding, 1 otherwise.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(dirname "$here")
+seconds=10
+build="$root/build-fuzz"
+jobs=2
+targets=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --seconds) seconds=$2; shift 2 ;;
+    --build) build=$2; shift 2 ;;
+    --jobs) jobs=$2; shift 2 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -*) echo "fuzz/run.sh: unknown option $1" >&2; exit 2 ;;
+    *) targets+=("$1"); shift ;;
+  esac
+done
+if [ ${#targets[@]} -eq 0 ]; then
+  targets=(fuzz_config fuzz_safetensors fuzz_tokenizer fuzz_dataset_index fuzz_dataset_shard fuzz_checkpoint_manifest)
+fi
+
+cc=${LOOM_FUZZ_CC:-clang-14}
+cxx=${LOOM_FUZZ_CXX:-clang++-14}
+if ! command -v "$cxx" >/dev/null; then
+  echo "fuzz/run.sh: $cxx not found (launch/setup.sh installs clang-14)" >&2
+  exit 1
+fi
+export CCACHE_BASEDIR=${CCACHE_BASEDIR:-$root}
+export CCACHE_DIR=${CCACHE_DIR:-$HOME/.cache/loom/ccache}
+export CCACHE_SLOPPINESS=${CCACHE_SLOPPINESS:-pch_defines,time_macros,include_file_mtime,include_file_ctime}
+# Objects with debug info are otherwise cached per build folder (ccache
+# hashes the working directory): without this, every fresh BUILD/fuzz of
+# fuzz_smoke missed the cache.
+export CCACHE_NOHASHDIR=1
+
+start=$(date +%s)
+if [ ! -f "$build/build.ninja" ]; then
+  CC=$cc CXX=$cxx cmake -S "$here" -B "$build" -G Ninja >/dev/null
+fi
+cmake --build "$build" -j "$jobs" --target "${targets[@]}" >/dev/null
+echo "fuzz/run.sh: built ${#targets[@]} targets in $(( $(date +%s) - start )) s"
+
+mkdir -p "$build/artifacts" "$build/logs"
+failed=()
+for target in "${targets[@]}"; do
+  work="$build/corpus/$target"
+  rm -rf "$work"
+  mkdir -p "$work"
+  cp "$here/corpus/$target"/* "$work/"
+  log="$build/logs/$target.log"
+  status=0
+  # -timeout: one input taking longer is a hang, a finding. -rss_limit_mb:
+  # likewise an input that makes a reader allocate without bound.
+  rm -f "$build/artifacts/$target-"*
+  timeout=20
+  extra=()
+  if [ "$target" = fuzz_hdf5_bytes ]; then
+    # libhdf5 mallocs absurd sizes for some damaged files and copes with NULL
+    # (see fuzz_hdf5_bytes.cpp); it also crashes and hangs on others, which
+    # loom cannot prevent: fork mode saves each and goes on.
+    extra=(-malloc_limit_mb=2000000000 -fork=1 -ignore_crashes=1 -ignore_timeouts=1 -ignore_ooms=1)
+    timeout=5
+  fi
+  "$build/$target" -max_total_time="$seconds" -timeout="$timeout" -rss_limit_mb=2048 "${extra[@]}" -print_final_stats=1 \
+    -artifact_prefix="$build/artifacts/$target-" "$work" >"$log" 2>&1 || status=$?
+  if [ "$target" = fuzz_hdf5_bytes ]; then
+    last=$(grep -E '^#[0-9]+: cov' "$log" | tail -1)
+    echo "fuzz/run.sh: $target: ${seconds} s, fork mode, last status: ${last:-none}; inputs saved:" \
+      "$(ls "$build/artifacts" | grep -c "^$target-") (see docs/fuzzing.md)"
+    continue
+  fi
+  execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
+  corpus=$(ls "$work" | wc -l)
+  bytes=$(du -sb "$work" | cut -f1)
+  if [ "$status" -eq 0 ]; then
+    echo "fuzz/run.sh: $target: ${seconds} s, ${execs:-?} executions, corpus $corpus files ($bytes bytes), no finding"
+  else
+    echo "fuzz/run.sh: $target: FINDING (exit $status); log $log:" >&2
+    grep -E "ERROR|SUMMARY|escaped|accepted|Test unit written|==[0-9]+==" "$log" | head -20 >&2 || tail -30 "$log" >&2
+    failed+=("$target")
+  fi
+done
+echo "fuzz/run.sh: done in $(( $(date +%s) - start )) s"
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "fuzz/run.sh: findings in ${failed[*]} (inputs in $build/artifacts/)" >&2
+  exit 1
+fi
