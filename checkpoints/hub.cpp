@@ -3,7 +3,15 @@
 #include <ATen/ATen.h>
 #include <unistd.h>
 
+#include <fcntl.h>
+
+#include <algorithm>
 #include <cctype>
+#include <cerrno>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <span>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -231,8 +239,7 @@ uint64_t parse_byte_size(const std::string& text, const std::string& context) {
 
 namespace {
 
-std::string model_card(const LlamaForCausalLM& model, const ExportOptions& options) {
-  const ModelConfig& m = model.config();
+std::string model_card(const ModelConfig& m, const ExportOptions& options) {
   std::ostringstream os;
   os << "---\n"
      << "library_name: transformers\n"
@@ -257,7 +264,22 @@ std::string model_card(const LlamaForCausalLM& model, const ExportOptions& optio
 
 }  // namespace
 
-void export_hub(const LlamaForCausalLM& model, const std::string& out_dir, const ExportOptions& options) {
+namespace {
+
+// One tensor of an export: its name and shape, and a source that hands its
+// bytes, already in the export's dtype, to a sink in pieces of any size.
+using ByteSink = std::function<void(std::span<const std::byte>)>;
+struct HubTensor {
+  std::string name;
+  std::vector<int64_t> shape;
+  std::function<void(const ByteSink&)> source;
+};
+
+
+// Writes the Hub folder: tensors in the order given, a shard at a time, each
+// streamed from its source straight into the shard's file.
+void write_hub_folder(const ModelConfig& config, const std::vector<HubTensor>& tensors, const std::string& out_dir,
+                      const ExportOptions& options) {
   const fs::path out(out_dir);
   if (fs::exists(out)) throw BadInput("export: output folder '" + out_dir + "' already exists; choose a new one");
   fs::path parent = out.has_parent_path() ? out.parent_path() : fs::path(".");
@@ -268,17 +290,14 @@ void export_hub(const LlamaForCausalLM& model, const std::string& out_dir, const
   fs::remove_all(tmp);
   fs::create_directories(tmp);
   try {
-    // Converted copies of every parameter, in the model's order.
-    std::vector<std::pair<std::string, torch::Tensor>> tensors;
-    for (const auto& named : model.named_parameters()) {
-      tensors.emplace_back(named.key(), named.value().detach().to(torch::kCPU, options.dtype).contiguous());
-    }
+    const safetensors::Dtype dtype = to_safetensors_dtype(options.dtype);
     // Greedy sharding in order: a new shard starts when the next tensor would
     // push the current one past the limit (a single larger tensor gets its own).
     std::vector<std::vector<size_t>> shards(1);
     uint64_t shard_bytes = 0, total_bytes = 0;
     for (size_t i = 0; i < tensors.size(); ++i) {
-      const uint64_t bytes = tensors[i].second.nbytes();
+      uint64_t bytes = safetensors::dtype_size(dtype);
+      for (int64_t d : tensors[i].shape) bytes *= static_cast<uint64_t>(d);
       if (!shards.back().empty() && shard_bytes + bytes > options.max_shard_bytes) {
         shards.emplace_back();
         shard_bytes = 0;
@@ -295,12 +314,24 @@ void export_hub(const LlamaForCausalLM& model, const std::string& out_dir, const
         std::snprintf(name_buffer, sizeof name_buffer, "model-%05zu-of-%05zu.safetensors", s + 1, shards.size());
         file_name = name_buffer;
       }
-      std::vector<safetensors::TensorToWrite> to_write;
+      std::vector<safetensors::TensorHeader> headers;
       for (size_t i : shards[s]) {
-        to_write.push_back(tensor_to_write(tensors[i].first, tensors[i].second));
-        weight_map[tensors[i].first] = file_name;
+        headers.push_back({tensors[i].name, dtype, tensors[i].shape});
+        weight_map[tensors[i].name] = file_name;
       }
-      safetensors::write_file(join(tmp, file_name), to_write);
+      safetensors::StreamWriter writer(join(tmp, file_name), headers);
+      for (size_t i : shards[s]) {
+        const uint64_t before = writer.remaining();
+        tensors[i].source([&](std::span<const std::byte> bytes) { writer.append(bytes); });
+        uint64_t expected = safetensors::dtype_size(dtype);
+        for (int64_t d : tensors[i].shape) expected *= static_cast<uint64_t>(d);
+        if (before - writer.remaining() != expected) {
+          throw std::logic_error("export: tensor '" + tensors[i].name + "' gave " +
+                                 std::to_string(before - writer.remaining()) + " bytes, expected " +
+                                 std::to_string(expected));
+        }
+      }
+      writer.commit();
     }
     if (shards.size() > 1) {
       nlohmann::ordered_json index;
@@ -308,10 +339,10 @@ void export_hub(const LlamaForCausalLM& model, const std::string& out_dir, const
       index["weight_map"] = weight_map;
       write_file_atomic(join(tmp, "model.safetensors.index.json"), index.dump(2) + "\n");
     }
-    const std::string dtype = hf_dtype_name(options.dtype);
-    write_file_atomic(join(tmp, "config.json"), model_config_to_hf(model.config(), dtype).dump(2) + "\n");
-    write_file_atomic(join(tmp, "generation_config.json"), generation_config_to_hf(model.config()).dump(2) + "\n");
-    write_file_atomic(join(tmp, "README.md"), model_card(model, options));
+    const std::string dtype_name = hf_dtype_name(options.dtype);
+    write_file_atomic(join(tmp, "config.json"), model_config_to_hf(config, dtype_name).dump(2) + "\n");
+    write_file_atomic(join(tmp, "generation_config.json"), generation_config_to_hf(config).dump(2) + "\n");
+    write_file_atomic(join(tmp, "README.md"), model_card(config, options));
     if (!options.tokenizer_dir.empty()) {
       for (const auto& name : kTokenizerFiles) {
         const fs::path source = fs::path(options.tokenizer_dir) / name;
@@ -326,6 +357,79 @@ void export_hub(const LlamaForCausalLM& model, const std::string& out_dir, const
     fs::remove_all(tmp, ignored);
     throw;
   }
+}
+
+// Elements of a tensor streamed at a time by export_hub_streaming: 16 MiB of
+// fp32 read, and its conversion, at most.
+constexpr int64_t kPieceElements = int64_t{4} << 20;
+
+// Reads `bytes` bytes at `offset` of the open file `fd` into `buffer`.
+void read_exactly(int fd, std::byte* buffer, size_t bytes, uint64_t offset, const std::string& path) {
+  while (bytes > 0) {
+    const ssize_t got = ::pread(fd, buffer, bytes, static_cast<off_t>(offset));
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0) throw std::runtime_error("error reading '" + path + "': " + (got < 0 ? std::strerror(errno) : "unexpected end"));
+    buffer += got;
+    bytes -= static_cast<size_t>(got);
+    offset += static_cast<uint64_t>(got);
+  }
+}
+
+}  // namespace
+
+void export_hub(const LlamaForCausalLM& model, const std::string& out_dir, const ExportOptions& options) {
+  // One converted tensor at a time, not a converted copy of the model.
+  std::vector<HubTensor> tensors;
+  for (const auto& named : model.named_parameters()) {
+    const torch::Tensor p = named.value();
+    tensors.push_back({named.key(), p.sizes().vec(), [p, &options](const ByteSink& sink) {
+                         const torch::Tensor converted = p.detach().to(torch::kCPU, options.dtype).contiguous();
+                         sink(std::as_bytes(std::span(static_cast<const std::byte*>(converted.data_ptr()),
+                                                      converted.nbytes())));
+                       }});
+  }
+  write_hub_folder(model.config(), tensors, out_dir, options);
+}
+
+uint64_t export_hub_streaming(const ModelFiles& files, const std::string& out_dir, const ExportOptions& options) {
+  // The model is built for its parameter names, order and shapes only: its
+  // storage is allocated but never touched, so it costs address space, not
+  // memory.
+  LocalLayerFactory factory;
+  const LlamaForCausalLM expected(files.model_config(), factory);
+  verify_weights(expected, files);
+  std::map<std::string, const safetensors::File*> file_of;
+  for (const auto& file : files.files()) {
+    for (const auto& info : file.tensors()) file_of[info.name] = &file;
+  }
+  // Pieces of kPieceElements elements are read with pread (not through the
+  // map, whose touched pages would stay resident), converted and written.
+  uint64_t largest = 0;
+  std::vector<HubTensor> tensors;
+  for (const auto& named : expected.named_parameters()) {
+    const safetensors::File& file = *file_of.at(named.key());
+    const safetensors::TensorInfo& info = *file.tensor(named.key()).info;
+    largest = std::max<uint64_t>(largest, info.end - info.begin);
+    tensors.push_back({named.key(), info.shape, [&file, &info, &options](const ByteSink& sink) {
+                         const torch::ScalarType stored = to_torch_dtype(info.dtype, file.path());
+                         const int64_t element_bytes = static_cast<int64_t>(safetensors::dtype_size(info.dtype));
+                         UniqueFd fd(::open(file.path().c_str(), O_RDONLY | O_CLOEXEC));
+                         if (!fd.valid()) throw BadInput("cannot read '" + file.path() + "': " + std::strerror(errno));
+                         torch::Tensor piece = torch::empty({std::min<int64_t>(kPieceElements, info.numel())}, torch::TensorOptions().dtype(stored));
+                         for (int64_t done = 0; done < info.numel(); done += kPieceElements) {
+                           const int64_t n = std::min<int64_t>(kPieceElements, info.numel() - done);
+                           torch::Tensor in = piece.narrow(0, 0, n);
+                           read_exactly(fd.get(), static_cast<std::byte*>(in.data_ptr()),
+                                        static_cast<size_t>(n * element_bytes),
+                                        file.data_offset() + info.begin + static_cast<uint64_t>(done * element_bytes),
+                                        file.path());
+                           const torch::Tensor out = stored == options.dtype ? in : in.to(options.dtype);
+                           sink(std::as_bytes(std::span(static_cast<const std::byte*>(out.data_ptr()), out.nbytes())));
+                         }
+                       }});
+  }
+  write_hub_folder(files.model_config(), tensors, out_dir, options);
+  return largest;
 }
 
 }  // namespace loom

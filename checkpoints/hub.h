@@ -90,6 +90,13 @@ struct ExportOptions {
 // leaves a half-written export.
 void export_hub(const LlamaForCausalLM& model, const std::string& out_dir, const ExportOptions& options);
 
+// The same from the tensors of `files` (a loom checkpoint or a Hub folder),
+// streamed: each tensor is read in pieces of a few MiB, converted and written,
+// so memory stays bounded by those pieces whatever the model's size (the
+// parameter names, order and shapes come from a model whose storage is never
+// touched). Returns the size in bytes of the largest stored tensor.
+uint64_t export_hub_streaming(const ModelFiles& files, const std::string& out_dir, const ExportOptions& options);
+
 // Parses a size such as "500MB", "2GiB", "123456" into bytes; BadInput otherwise.
 uint64_t parse_byte_size(const std::string& text, const std::string& context);
 

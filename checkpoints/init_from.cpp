@@ -3,6 +3,7 @@
 #include <torch/utils.h>
 
 #include "checkpoints/hub.h"
+#include "checkpoints/loom_checkpoint.h"
 #include "util/error.h"
 
 namespace loom {
@@ -46,6 +47,27 @@ std::shared_ptr<LlamaForCausalLM> build_initial_model(Config& config, const Laye
   auto model = std::make_shared<LlamaForCausalLM>(resolved, factory);
   load_weights(*model, files);
   return model;
+}
+
+void write_initialized_checkpoint(const ModelConfig& model, uint64_t seed, torch::ScalarType dtype,
+                                  const std::string& dir) {
+  validate_model_config(model, "model");
+  // Names, order and shapes only: the storage of this model is never touched.
+  LocalLayerFactory factory;
+  const LlamaForCausalLM shapes(model, factory);
+  std::vector<CheckpointTensor> tensors;
+  for (const auto& named : shapes.named_parameters()) {
+    const std::string name = named.key();
+    const std::vector<int64_t> shape = named.value().sizes().vec();
+    const double init_std = model.init_std;
+    tensors.push_back({name, dtype, shape, [name, shape, init_std, dtype] {
+                         torch::Tensor p = torch::empty(shape);
+                         init_parameter(name, p, init_std);  // fp32, as in training, then stored in dtype
+                         return dtype == torch::kFloat ? p : p.to(dtype);
+                       }});
+  }
+  torch::manual_seed(seed);  // the tensors are made in order, as init_weights draws them
+  write_loom_checkpoint(model, tensors, dir, CheckpointWriteOptions{});
 }
 
 }  // namespace loom

@@ -3,6 +3,9 @@
 #pragma once
 
 #include <memory>
+#include <string>
+
+#include <torch/types.h>
 
 #include "trainer/config.h"
 #include "trainer/model/llama.h"
@@ -13,5 +16,12 @@ namespace loom {
 // config; shape keys also given in the YAML must agree with it (BadInput
 // naming both values otherwise). `config.model` is updated to the shape used.
 std::shared_ptr<LlamaForCausalLM> build_initial_model(Config& config, const LayerFactory& factory);
+
+// Writes a loom checkpoint (step 0, weights only) of the model `model`
+// describes, initialized as build_initial_model does after
+// torch::manual_seed(seed), stored in `dtype`. One tensor is made, written
+// and dropped at a time, so the model may be larger than memory (`loom init`).
+void write_initialized_checkpoint(const ModelConfig& model, uint64_t seed, torch::ScalarType dtype,
+                                  const std::string& dir);
 
 }  // namespace loom

@@ -72,6 +72,7 @@ void write_loom_checkpoint(const ModelConfig& model, const std::vector<Checkpoin
     manifest["version"] = kCheckpointFormatVersion;
     manifest["step"] = options.step;
     manifest["layout"] = {{"dp", 1}, {"tp", 1}, {"pp", 1}, {"world", 1}};
+    if (!options.saved_by.empty()) manifest["saved_by"] = options.saved_by;
     const std::string dtype = hf_dtype_name(tensors.empty() ? torch::kFloat : tensors.front().dtype);
     manifest["model_config"] = json::parse(model_config_to_hf(model, dtype).dump());
     manifest["tensors"] = manifest_tensors;

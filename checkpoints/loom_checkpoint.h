@@ -18,6 +18,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -44,6 +45,10 @@ struct CheckpointWriteOptions {
   std::string tokenizer_dir;  // tokenizer files to copy ("" = none)
   std::string config_yaml;    // resolved run config ("" = none)
   std::vector<CheckpointExtraFile> extra_files;
+  // The layout of the run that saved it (dp, tp, pp, world, zero_stage), kept
+  // in the manifest as `saved_by` for `loom inspect`; the files themselves
+  // always hold whole tensors (`layout`).
+  std::map<std::string, int64_t> saved_by;
 };
 
 // One parameter of a checkpoint written as a stream: the name, dtype and

@@ -1,10 +1,13 @@
 #include "launch/commands.h"
 
 #include <csignal>
+#include <cstdio>
 #include <filesystem>
 #include <iomanip>
 #include <iostream>
 #include <sstream>
+
+#include <nlohmann/json.hpp>
 
 #include "checkpoints/hub.h"
 #include "checkpoints/init_from.h"
@@ -13,11 +16,13 @@
 #include "checkpoints/torch_tensors.h"
 #include "data/tokenizer.h"
 #include "launch/cli.h"
+#include "util/file_io.h"
 #include "launch/run_record.h"
 #include "parallel/pipeline_schedule.h"
 #include "parallel/topology.h"
 #include "parallel/versions.h"
 #include "trainer/config.h"
+#include "trainer/device.h"
 #include "trainer/generate.h"
 #include "util/error.h"
 
@@ -51,6 +56,9 @@ commands:
              [--eos-token TOK] [--text-field text] [--doc-per-file] [--shard-tokens N] [--threads N]
                                                   text / JSONL -> tokenized HDF5 dataset
   import   HF_DIR --output CHECKPOINT             Hugging Face folder -> loom checkpoint
+  init     CONFIG --output CHECKPOINT [--set KEY=VALUE ...] [--dtype float32|bfloat16]
+                                                  a freshly initialized model (run.seed) as a loom
+                                                  checkpoint, written a tensor at a time
   export   CHECKPOINT --output HF_DIR             loom checkpoint (or Hub folder) -> Hugging Face folder
              [--dtype float32|bfloat16|float16] [--max-shard-size 5GB] [--name NAME]
   generate CHECKPOINT_OR_HF_DIR --prompt TEXT | --prompt-ids 1,2,3
@@ -77,6 +85,12 @@ std::string with_thousands(int64_t n) {
     out += digits[i];
   }
   return out;
+}
+
+std::string format_mib(uint64_t bytes) {
+  char buffer[32];
+  std::snprintf(buffer, sizeof buffer, "%.1f MiB", static_cast<double>(bytes) / (1 << 20));
+  return buffer;
 }
 
 void print_model_summary(const ModelConfig& m, const std::string& prefix = "") {
@@ -142,12 +156,47 @@ int inspect_config(const std::string& path, const std::vector<std::string>& over
   return kExitOk;
 }
 
+// A loom checkpoint's layout and files. ModelFiles::open has already checked
+// every file's size and CRC32C against the manifest (it refuses otherwise).
+void print_checkpoint_files(const std::string& path) {
+  const nlohmann::json manifest = nlohmann::json::parse(read_file((fs::path(path) / "manifest.json").string()));
+  auto layout_of = [](const nlohmann::json& layout) {
+    std::string out;
+    for (const char* key : {"dp", "tp", "pp"}) {
+      out += (out.empty() ? "" : " x ") + std::string(key) + " " + std::to_string(layout.value(key, int64_t{1}));
+    }
+    return out;
+  };
+  const nlohmann::json& layout = manifest.at("layout");
+  std::cout << "layout of the files: " << layout_of(layout) << " (every file holds whole tensors)\n";
+  if (manifest.contains("saved_by") && manifest["saved_by"].is_object()) {
+    const nlohmann::json& by = manifest["saved_by"];
+    std::cout << "saved by a run on: " << layout_of(by) << ", " << by.value("world", int64_t{1}) << " ranks"
+              << (by.value("zero_stage", int64_t{0}) > 0 ? ", ZeRO-1" : "")
+              << " (resumes on any layout: docs/checkpoints.md)\n";
+  }
+  uint64_t total = 0;
+  size_t width = 4;
+  for (const auto& [name, entry] : manifest.at("files").items()) width = std::max(width, name.size());
+  std::cout << std::left << std::setw(static_cast<int>(width)) << "file" << "  kind           bytes         crc32c\n";
+  for (const auto& [name, entry] : manifest.at("files").items()) {
+    const uint64_t bytes = entry.at("bytes").get<uint64_t>();
+    total += bytes;
+    std::cout << std::left << std::setw(static_cast<int>(width)) << name << "  " << std::setw(13)
+              << entry.value("kind", std::string("model")) << std::right << std::setw(15) << with_thousands(static_cast<int64_t>(bytes))
+              << "  " << entry.at("crc32c").get<std::string>() << std::left << "\n";
+  }
+  std::cout << "checksums: " << manifest.at("files").size() << " files, " << format_mib(total)
+            << ", sizes and CRC32C verified against the manifest\n";
+}
+
 int inspect_model_files(const std::string& path) {
   ModelFiles files = ModelFiles::open(path);
   const bool hub = files.kind() == ModelFiles::Kind::kHub;
   std::cout << path << ": " << (hub ? "Hugging Face model folder" : "loom checkpoint (step " + std::to_string(files.step()) + ")")
             << ", " << files.files().size() << " safetensors file" << (files.files().size() == 1 ? "" : "s") << "\n";
   print_model_summary(files.model_config());
+  if (!hub) print_checkpoint_files(path);
   // Shapes only: the model is built with uninitialised storage and no tensor
   // data is read, so this is quick even for large checkpoints.
   LocalLayerFactory factory;
@@ -249,9 +298,31 @@ int command_export(const std::vector<std::string>& argv) {
   if (files.kind() == ModelFiles::Kind::kLoomCheckpoint) {
     options.card_notes = "Exported from loom checkpoint at step " + std::to_string(files.step()) + ".";
   }
-  auto model = load_model(files);
-  export_hub(*model, output, options);
-  std::cout << "exported " << args.positional()[0] << " -> " << output << "\n";
+  // Streamed tensor by tensor: memory stays a few MiB above the process's
+  // own, whatever the model's size.
+  const uint64_t largest = export_hub_streaming(files, output, options);
+  std::cout << "exported " << args.positional()[0] << " -> " << output << " (largest tensor "
+            << format_mib(largest) << ", peak resident memory " << format_mib(peak_rss_bytes()) << ")\n";
+  return kExitOk;
+}
+
+int command_init(const std::vector<std::string>& argv) {
+  Args args("init", argv,
+            {{"output", true, false, "checkpoint folder to create"},
+             {"set", true, true, "override a config key"},
+             {"dtype", true, false, "stored dtype"}});
+  args.expect_positional(1, "one CONFIG");
+  const std::string output = args.require("output");
+  const torch::ScalarType dtype = parse_float_dtype(args.get_or("dtype", "float32"), "loom init --dtype");
+  const Config config = load_config(args.positional()[0], args.all("set"));
+  if (!config.model.init_from.empty()) {
+    throw BadInput("loom init: the config takes its weights from model.init_from (" + config.model.init_from +
+                   "); loom init makes new ones from model.* (remove init_from)");
+  }
+  write_initialized_checkpoint(config.model, config.run.seed, dtype, output);
+  std::cout << "initialized " << output << " from " << args.positional()[0] << " (seed " << config.run.seed << ", "
+            << with_thousands(count_parameters(config.model)) << " parameters, peak resident memory "
+            << format_mib(peak_rss_bytes()) << ")\n";
   return kExitOk;
 }
 
@@ -360,6 +431,7 @@ int run_cli(int argc, char** argv) {
     if (command == "runs") return command_runs(args);
     if (command == "inspect") return command_inspect(args);
     if (command == "import") return command_import(args);
+    if (command == "init") return command_init(args);
     if (command == "export") return command_export(args);
     if (command == "generate") return command_generate(args);
     if (command == "forward") return command_forward(args);

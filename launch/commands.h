@@ -11,6 +11,7 @@ namespace loom {
 int command_version(const std::vector<std::string>& args);
 int command_inspect(const std::vector<std::string>& args);
 int command_import(const std::vector<std::string>& args);
+int command_init(const std::vector<std::string>& args);
 int command_export(const std::vector<std::string>& args);
 int command_generate(const std::vector<std::string>& args);
 int command_forward(const std::vector<std::string>& args);

@@ -53,6 +53,18 @@ double current_rss_bytes() {
 
 }  // namespace
 
+uint64_t peak_rss_bytes() {
+  std::FILE* file = std::fopen("/proc/self/status", "r");
+  if (!file) return 0;
+  char line[256];
+  unsigned long long kib = 0;
+  while (std::fgets(line, sizeof line, file)) {
+    if (std::sscanf(line, "VmHWM: %llu kB", &kib) == 1) break;
+  }
+  std::fclose(file);
+  return static_cast<uint64_t>(kib) * 1024;
+}
+
 MemoryStats memory_stats(c10::Device device) {
   MemoryStats stats;
 #ifdef LOOM_WITH_CUDA
@@ -65,8 +77,7 @@ MemoryStats memory_stats(c10::Device device) {
   }
 #endif
   (void)device;
-  rusage usage{};
-  if (::getrusage(RUSAGE_SELF, &usage) == 0) stats.peak_bytes = static_cast<double>(usage.ru_maxrss) * 1024.0;
+  stats.peak_bytes = static_cast<double>(peak_rss_bytes());
   stats.reserved_bytes = current_rss_bytes();
   return stats;
 }

@@ -21,6 +21,11 @@ struct MemoryStats {
   double reserved_bytes = 0;  // CUDA: held by the caching allocator now; CPU: resident set now
 };
 
+// The most memory this process has had resident, in bytes: VmHWM of
+// /proc/self/status (0 where there is none). Not getrusage's ru_maxrss,
+// which Linux carries over from the parent across fork and exec.
+uint64_t peak_rss_bytes();
+
 // The memory of `device` (CPU: this process). Cheap; no synchronisation.
 MemoryStats memory_stats(c10::Device device);
 

@@ -610,8 +610,9 @@ TrainResult train(Config& config, const TrainOptions& options) {
   LossSpikeGuard spike_guard(config.optimizer, run_dir.string());  // optimizer.loss_spike_policy
 
   // (Only the writer stages the tokenizer in the run folder.)
-  const TrainingCheckpointOptions checkpoint_options{writer ? tokenizer_dir_of(config, run_dir) : "",
-                                                     config_to_yaml(config), config.checkpoint.keep_last};
+  const TrainingCheckpointOptions checkpoint_options{
+      writer ? tokenizer_dir_of(config, run_dir) : "", config_to_yaml(config), config.checkpoint.keep_last,
+      {{"dp", dims.dp}, {"tp", dims.tp}, {"pp", dims.pp}, {"world", dims.world}, {"zero_stage", config.parallel.zero_stage}}};
 
   // The whole model (and optimizer) as one rank holds them, on the writer:
   // with tensor parallelism the shards are gathered first, then the stages

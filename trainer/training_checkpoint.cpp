@@ -201,6 +201,7 @@ std::string write_training_checkpoint(const std::string& checkpoints_dir, const 
   write_options.step = snapshot.step;
   write_options.tokenizer_dir = options.tokenizer_dir;
   write_options.config_yaml = options.config_yaml;
+  write_options.saved_by = options.saved_by;
   write_options.extra_files = {
       {kOptimizerStateFile, "optimizer",
        [&](const std::string& path) { return write_optimizer_state(snapshot.optimizer, path); }},
@@ -356,9 +357,13 @@ ModelFiles open_training_checkpoint(const std::string& dir) {
     throw BadInput(dir + ": a Hugging Face folder, not a loom training checkpoint (use model.init_from to start "
                    "from it)");
   }
-  const json manifest = json::parse(read_file((fs::path(dir) / "manifest.json").string()));
+  // ModelFiles::open parsed and validated this manifest already.
+  const CheckpointManifest manifest =
+      parse_checkpoint_manifest(read_file((fs::path(dir) / "manifest.json").string()), dir + "/manifest.json");
   for (const std::string& name : {std::string(kOptimizerStateFile), std::string(kTrainerStateFile)}) {
-    if (!manifest.at("files").contains(name)) {
+    const bool listed = std::any_of(manifest.files.begin(), manifest.files.end(),
+                                    [&](const ManifestFile& file) { return file.name == name; });
+    if (!listed) {
       throw BadInput(dir + ": has no " + name + " in its manifest (a checkpoint written by `loom import` holds "
                      "weights only; start from it with model.init_from)");
     }
@@ -378,7 +383,7 @@ int64_t load_training_checkpoint(const std::string& dir, LlamaForCausalLM& model
   json state;
   try {
     state = json::parse(read_file(state_path));
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse_error, and out_of_range for a number like 1e999
     throw BadInput(state_path + ": not valid JSON (" + e.what() + ")");
   }
   if (!state.is_object() || state.value("format", "") != kTrainerStateFormat ||

@@ -17,6 +17,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <exception>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -39,6 +40,7 @@ struct TrainingCheckpointOptions {
   std::string tokenizer_dir;  // copied into the checkpoint ("" = none)
   std::string config_yaml;    // the resolved config
   int64_t keep_last = 0;      // step folders kept; 0 = all
+  std::map<std::string, int64_t> saved_by;  // the run's layout, for the manifest (dp, tp, pp, world, zero_stage)
 };
 
 // Everything a training checkpoint holds, taken at a step boundary: the

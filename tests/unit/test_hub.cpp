@@ -8,6 +8,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <set>
 
 #include <nlohmann/json.hpp>
 
@@ -111,6 +112,41 @@ TEST_F(HubTest, Bfloat16ExportStoresRoundedWeights) {
   auto stored = files.read("model.layers.1.mlp.down_proj.weight");
   auto expected = model_->named_parameters()["model.layers.1.mlp.down_proj.weight"].to(torch::kBFloat16);
   EXPECT_TRUE(at::equal(stored, expected));
+}
+
+// loom export streams from the files in pieces; the result must be the
+// in-memory export's, byte for byte, sharded or not, in any dtype.
+TEST_F(HubTest, StreamingExportFromACheckpointEqualsTheInMemoryExport) {
+  write_loom_checkpoint(*model_, path("ckpt"), {});
+  const ModelFiles files = ModelFiles::open(path("ckpt"));
+  for (const auto dtype : {torch::kFloat, torch::kBFloat16}) {
+    for (const uint64_t shard_bytes : {uint64_t{5} << 30, uint64_t{20'000}}) {
+      ExportOptions options;
+      options.dtype = dtype;
+      options.max_shard_bytes = shard_bytes;
+      const std::string tag = std::string(dtype == torch::kFloat ? "f32" : "bf16") + std::to_string(shard_bytes);
+      export_hub(*model_, path("memory-" + tag), options);
+      const uint64_t largest = export_hub_streaming(files, path("stream-" + tag), options);
+      EXPECT_EQ(largest, uint64_t{50} * 32 * 4);  // the [vocab, hidden] fp32 embedding
+      std::set<std::string> names;
+      for (const auto& entry : fs::directory_iterator(path("memory-" + tag))) names.insert(entry.path().filename());
+      ASSERT_GT(names.size(), 3u);
+      for (const auto& name : names) {
+        EXPECT_EQ(read_file(path("stream-" + tag + "/" + name)), read_file(path("memory-" + tag + "/" + name)))
+            << tag << " " << name;
+      }
+    }
+  }
+}
+
+// loom init writes, a tensor at a time, what a run starts from.
+TEST_F(HubTest, InitializedCheckpointHoldsTheSeededInitialization) {
+  write_initialized_checkpoint(config_, 11, torch::kFloat, path("init"));
+  expect_same_parameters(*model_, *load_model(ModelFiles::open(path("init"))));  // model_: seed 11, init_weights
+  write_initialized_checkpoint(config_, 12, torch::kFloat, path("other-seed"));
+  const auto other = load_model(ModelFiles::open(path("other-seed")));
+  EXPECT_FALSE(at::equal(other->named_parameters()["model.embed_tokens.weight"],
+                         model_->named_parameters()["model.embed_tokens.weight"]));
 }
 
 TEST_F(HubTest, ExportRefusesAnExistingFolderAndLeavesNoTemporaryBehind) {

@@ -138,16 +138,17 @@ LlamaForCausalLM::LlamaForCausalLM(const ModelConfig& model, const LayerFactory&
 
 void LlamaForCausalLM::init_weights() {
   torch::NoGradGuard no_grad;
-  for (auto& named : named_parameters()) {
-    const std::string& name = named.key();
-    auto& p = named.value();
-    if (name.ends_with("norm.weight")) {
-      p.fill_(1.0);
-    } else if (name.ends_with(".bias")) {
-      p.zero_();
-    } else {
-      p.normal_(0.0, config_.init_std);
-    }
+  for (auto& named : named_parameters()) init_parameter(named.key(), named.value(), config_.init_std);
+}
+
+void init_parameter(const std::string& name, torch::Tensor& p, double init_std) {
+  torch::NoGradGuard no_grad;
+  if (name.ends_with("norm.weight")) {
+    p.fill_(1.0);
+  } else if (name.ends_with(".bias")) {
+    p.zero_();
+  } else {
+    p.normal_(0.0, init_std);
   }
 }
 

@@ -115,6 +115,12 @@ class LlamaForCausalLM : public torch::nn::Module {
   std::shared_ptr<LmHead> lm_head_;
 };
 
+// Fills one parameter as LlamaForCausalLM::init_weights does, by its name:
+// norm weights 1, biases 0, everything else ~ N(0, init_std). Calling it on
+// each parameter in named_parameters() order after the same torch seed gives
+// init_weights' values, so a model can be initialized a tensor at a time.
+void init_parameter(const std::string& name, torch::Tensor& p, double init_std);
+
 // Parameters other than embeddings: the N of REFERENCE's 6N + 12LHS.
 int64_t count_non_embedding_parameters(const ModelConfig& model);
 int64_t count_parameters(const ModelConfig& model);
