@@ -460,14 +460,15 @@ void StreamWriter::commit() {
 
 uint64_t StreamWriter::file_bytes() const { return impl_->file.bytes_written(); }
 
-void write_file(const std::string& path, const std::vector<TensorToWrite>& tensors,
-                const std::map<std::string, std::string>& metadata) {
+uint32_t write_file(const std::string& path, const std::vector<TensorToWrite>& tensors,
+                    const std::map<std::string, std::string>& metadata) {
   check_sizes(tensors, path);
   StreamWriter writer(path, headers_of(tensors), metadata);
   // Tensors go straight from their buffers to the file: a multi-GB shard is
   // never assembled in memory.
   for (const auto& tensor : tensors) writer.append(tensor.bytes);
   writer.commit();
+  return writer.crc32c();
 }
 
 uint64_t file_size_for(const std::vector<TensorHeader>& tensors, const std::map<std::string, std::string>& metadata) {

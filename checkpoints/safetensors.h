@@ -131,11 +131,12 @@ class StreamWriter {
   uint32_t crc_ = 0;
 };
 
-// Writes `tensors` in the given order, atomically (temp + fsync + rename).
+// Writes `tensors` in the given order, atomically (temp + fsync + rename),
+// and returns the CRC-32C of the whole file, taken while writing.
 // `metadata` defaults to {"format": "pt"}, which transformers requires.
 // Throws BadInput for duplicate names or size mismatches, std::runtime_error
 // for I/O failures.
-void write_file(const std::string& path, const std::vector<TensorToWrite>& tensors,
+uint32_t write_file(const std::string& path, const std::vector<TensorToWrite>& tensors,
                 const std::map<std::string, std::string>& metadata = {{"format", "pt"}});
 
 // Bytes the file for `tensors` will occupy (header included), for sharding.

@@ -119,14 +119,9 @@ NamedTensors to_host(const NamedTensors& tensors, bool copy, NamedTensors* reuse
 
 // Returns the file's CRC32C.
 uint32_t write_optimizer_state(const NamedTensors& state, const std::string& path) {
-  std::vector<safetensors::TensorHeader> headers;
-  for (const auto& [name, tensor] : state) {
-    headers.push_back({name, to_safetensors_dtype(tensor.scalar_type()), tensor.sizes().vec()});
-  }
-  safetensors::StreamWriter writer(path, headers);
-  for (const auto& [name, tensor] : state) writer.append(tensor_to_write(name, tensor).bytes);
-  writer.commit();
-  return writer.crc32c();
+  std::vector<safetensors::TensorToWrite> to_write;
+  for (const auto& [name, tensor] : state) to_write.push_back(tensor_to_write(name, tensor));
+  return safetensors::write_file(path, to_write);
 }
 
 NamedTensors read_optimizer_state(const std::string& path) {
