@@ -134,22 +134,20 @@ std::vector<std::string> ModelFiles::tensor_names() const {
   return names;
 }
 
-const safetensors::TensorInfo& ModelFiles::info(const std::string& name) const {
+const safetensors::File& ModelFiles::file_holding(const std::string& name) const {
   auto it = where_.find(name);
   if (it == where_.end()) throw BadInput(path_ + ": no tensor '" + name + "'");
-  return *files_[it->second].tensor(name).info;
+  return files_[it->second];
 }
 
-const std::string& ModelFiles::file_of(const std::string& name) const {
-  auto it = where_.find(name);
-  if (it == where_.end()) throw BadInput(path_ + ": no tensor '" + name + "'");
-  return files_[it->second].path();
+const safetensors::TensorInfo& ModelFiles::info(const std::string& name) const {
+  return *file_holding(name).tensor(name).info;
 }
+
+const std::string& ModelFiles::file_of(const std::string& name) const { return file_holding(name).path(); }
 
 torch::Tensor ModelFiles::read(const std::string& name) const {
-  auto it = where_.find(name);
-  if (it == where_.end()) throw BadInput(path_ + ": no tensor '" + name + "'");
-  const auto& file = files_[it->second];
+  const auto& file = file_holding(name);
   return tensor_from_view(file.tensor(name), file.path() + ": tensor '" + name + "'");
 }
 
@@ -295,9 +293,14 @@ void write_hub_folder(const ModelConfig& config, const std::vector<HubTensor>& t
     // push the current one past the limit (a single larger tensor gets its own).
     std::vector<std::vector<size_t>> shards(1);
     uint64_t shard_bytes = 0, total_bytes = 0;
-    for (size_t i = 0; i < tensors.size(); ++i) {
+    std::vector<uint64_t> tensor_bytes;
+    for (const auto& tensor : tensors) {
       uint64_t bytes = safetensors::dtype_size(dtype);
-      for (int64_t d : tensors[i].shape) bytes *= static_cast<uint64_t>(d);
+      for (int64_t d : tensor.shape) bytes *= static_cast<uint64_t>(d);
+      tensor_bytes.push_back(bytes);
+    }
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      const uint64_t bytes = tensor_bytes[i];
       if (!shards.back().empty() && shard_bytes + bytes > options.max_shard_bytes) {
         shards.emplace_back();
         shard_bytes = 0;
@@ -323,12 +326,10 @@ void write_hub_folder(const ModelConfig& config, const std::vector<HubTensor>& t
       for (size_t i : shards[s]) {
         const uint64_t before = writer.remaining();
         tensors[i].source([&](std::span<const std::byte> bytes) { writer.append(bytes); });
-        uint64_t expected = safetensors::dtype_size(dtype);
-        for (int64_t d : tensors[i].shape) expected *= static_cast<uint64_t>(d);
-        if (before - writer.remaining() != expected) {
+        if (before - writer.remaining() != tensor_bytes[i]) {
           throw std::logic_error("export: tensor '" + tensors[i].name + "' gave " +
                                  std::to_string(before - writer.remaining()) + " bytes, expected " +
-                                 std::to_string(expected));
+                                 std::to_string(tensor_bytes[i]));
         }
       }
       writer.commit();
@@ -398,16 +399,12 @@ uint64_t export_hub_streaming(const ModelFiles& files, const std::string& out_di
   LocalLayerFactory factory;
   const LlamaForCausalLM expected(files.model_config(), factory);
   verify_weights(expected, files);
-  std::map<std::string, const safetensors::File*> file_of;
-  for (const auto& file : files.files()) {
-    for (const auto& info : file.tensors()) file_of[info.name] = &file;
-  }
   // Pieces of kPieceElements elements are read with pread (not through the
   // map, whose touched pages would stay resident), converted and written.
   uint64_t largest = 0;
   std::vector<HubTensor> tensors;
   for (const auto& named : expected.named_parameters()) {
-    const safetensors::File& file = *file_of.at(named.key());
+    const safetensors::File& file = files.file_holding(named.key());
     const safetensors::TensorInfo& info = *file.tensor(named.key()).info;
     largest = std::max<uint64_t>(largest, info.end - info.begin);
     tensors.push_back({named.key(), info.shape, [&file, &info, &options](const ByteSink& sink) {

@@ -47,6 +47,8 @@ class ModelFiles {
   bool contains(const std::string& name) const { return where_.count(name) != 0; }
   const safetensors::TensorInfo& info(const std::string& name) const;
   const std::string& file_of(const std::string& name) const;
+  // The opened file that holds tensor `name`.
+  const safetensors::File& file_holding(const std::string& name) const;
   // A CPU tensor holding a copy of the stored bytes, in the stored dtype.
   torch::Tensor read(const std::string& name) const;
   const std::vector<safetensors::File>& files() const { return files_; }
