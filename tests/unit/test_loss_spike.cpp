@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "data/dataset.h"
+#include "tests/unit/random_dataset.h"
 #include "trainer/training.h"
 #include "util/error.h"
 #include "util/file_io.h"
@@ -53,17 +54,7 @@ class LossSpikeTest : public ::testing::Test {
   // Uniformly random tokens: the loss stays near log(63) step after step.
   std::string dataset() {
     const std::string dir = path("random");
-    if (fs::exists(dir)) return dir;
-    DatasetWriter writer(dir, kVocab, 0, "test-tokenizer");
-    std::mt19937 random(7);
-    std::vector<int32_t> document;
-    for (int d = 0; d < 40; ++d) {
-      document.clear();
-      for (int i = 0; i < 50; ++i) document.push_back(1 + static_cast<int32_t>(random() % (kVocab - 1)));
-      writer.add_document(document);
-    }
-    writer.finish();
-    return dir;
+    return fs::exists(dir) ? dir : test_support::write_random_dataset(dir, kVocab, 40);
   }
 
   Config config(const std::string& run_name, const std::string& spike_policy) {

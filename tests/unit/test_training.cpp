@@ -19,6 +19,7 @@
 
 #include "checkpoints/hub.h"
 #include "tests/unit/bad_input.h"
+#include "tests/unit/random_dataset.h"
 #include "data/dataset.h"
 #include "trainer/training_checkpoint.h"
 #include "util/error.h"
@@ -48,17 +49,7 @@ class TrainingTest : public ::testing::Test {
   // the unigram distribution, but every batch differs.
   std::string random_dataset() {
     const std::string dir = path("random");
-    if (fs::exists(dir)) return dir;
-    DatasetWriter writer(dir, kVocab, 0, "test-tokenizer");
-    std::mt19937 random(7);
-    std::vector<int32_t> document;
-    for (int d = 0; d < 60; ++d) {
-      document.clear();
-      for (int i = 0; i < 50; ++i) document.push_back(1 + static_cast<int32_t>(random() % (kVocab - 1)));
-      writer.add_document(document);
-    }
-    writer.finish();
-    return dir;
+    return fs::exists(dir) ? dir : test_support::write_random_dataset(dir, kVocab, 60);
   }
 
   // A short pattern repeated: the next token is a function of the current one.
@@ -431,21 +422,39 @@ TEST_F(TrainingTest, MetricsReportMemory) {
   }
 }
 
+// What a checkpoint holds, made outside train(): the config's model
+// (initialized from the current torch seed), a fresh AdamW and a loader.
+struct StateToSave {
+  explicit StateToSave(const Config& c)
+      : model(c.model, factory),
+        optimizer(to_named_tensors(initialized(model).named_parameters()), AdamWOptions{}),
+        loader(loader_config(c)) {}
+  static LlamaForCausalLM& initialized(LlamaForCausalLM& m) {
+    m.init_weights();
+    return m;
+  }
+  static LoaderConfig loader_config(const Config& c) {
+    LoaderConfig out;
+    out.datasets = {{c.data.train.front().path, 1.0}};
+    out.seq_len = c.data.seq_len;
+    out.global_batch = c.batch.global_batch_size;
+    out.micro_batch = c.batch.micro_batch_size;
+    return out;
+  }
+  LocalLayerFactory factory;
+  LlamaForCausalLM model;
+  AdamW optimizer;
+  Loader loader;
+};
+
 // checkpoint.async: the snapshot handed to the background thread is a copy,
 // so updates made while it is written do not reach the checkpoint.
 TEST_F(TrainingTest, AsyncSnapshotIsACopyThatTrainingMayUpdateMeanwhile) {
-  const Config c = config("async", random_dataset());
   torch::manual_seed(3);
-  LocalLayerFactory factory;
-  LlamaForCausalLM model(c.model, factory);
-  model.init_weights();
-  AdamW optimizer(to_named_tensors(model.named_parameters()), AdamWOptions{});
-  LoaderConfig loader_config;
-  loader_config.datasets = {{random_dataset(), 1.0}};
-  loader_config.seq_len = 16;
-  loader_config.global_batch = 4;
-  loader_config.micro_batch = 2;
-  Loader loader(loader_config);
+  StateToSave state(config("async", random_dataset()));
+  LlamaForCausalLM& model = state.model;
+  const AdamW& optimizer = state.optimizer;
+  const Loader& loader = state.loader;
   std::map<std::string, torch::Tensor> before;
   for (const auto& p : model.named_parameters()) before[p.key()] = p.value().detach().clone();
 
@@ -470,20 +479,10 @@ TEST_F(TrainingTest, AsyncSnapshotIsACopyThatTrainingMayUpdateMeanwhile) {
 // A background write that fails is reported by the next wait(), and leaves
 // no checkpoint folder behind.
 TEST_F(TrainingTest, AsyncWriteFailureIsReportedByWait) {
-  const Config c = config("async", random_dataset());
-  LocalLayerFactory factory;
-  LlamaForCausalLM model(c.model, factory);
-  model.init_weights();
-  AdamW optimizer(to_named_tensors(model.named_parameters()), AdamWOptions{});
-  LoaderConfig loader_config;
-  loader_config.datasets = {{random_dataset(), 1.0}};
-  loader_config.seq_len = 16;
-  loader_config.global_batch = 4;
-  loader_config.micro_batch = 2;
-  Loader loader(loader_config);
+  const StateToSave state(config("async", random_dataset()));
   write_file_atomic(path("not-a-folder"), "x");  // the checkpoints folder cannot be made below a file
   AsyncCheckpointWriter writer(path("not-a-folder/checkpoints"), TrainingCheckpointOptions{});
-  writer.start(snapshot_training_state(1, model, optimizer, loader, 0, /*copy=*/true));
+  writer.start(snapshot_training_state(1, state.model, state.optimizer, state.loader, 0, /*copy=*/true));
   EXPECT_ANY_THROW(writer.wait());
   EXPECT_NO_THROW(writer.wait());  // reported once
   EXPECT_FALSE(fs::exists(path("not-a-folder/checkpoints")));
