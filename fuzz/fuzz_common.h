@@ -8,10 +8,14 @@
 // input.
 #pragma once
 
+#include <unistd.h>
+
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <filesystem>
 #include <new>
+#include <string>
 
 #include "util/error.h"
 
@@ -27,6 +31,20 @@ void expect_accept_or_bad_input(const char* reader, Fn&& fn) {
     std::fprintf(stderr, "%s: an exception other than BadInput escaped: %s\n", reader, e.what());
     std::abort();
   }
+}
+
+// A folder of this process for the files a target writes (HDF5 reads files,
+// not memory): in /dev/shm when there is one, so the disk is not worn.
+// Made on the first call; `name` tells the targets' folders apart.
+inline const std::filesystem::path& scratch_dir(const std::string& name) {
+  static const std::filesystem::path dir = [&] {
+    namespace fs = std::filesystem;
+    const fs::path base = fs::is_directory("/dev/shm") ? fs::path("/dev/shm") : fs::temp_directory_path();
+    const fs::path d = base / ("loom-fuzz-" + name + "-" + std::to_string(::getpid()));
+    fs::create_directories(d);
+    return d;
+  }();
+  return dir;
 }
 
 }  // namespace loom::fuzz

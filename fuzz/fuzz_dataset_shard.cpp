@@ -96,21 +96,11 @@ void write_vector(FuzzedDataProvider& in, hid_t file, const char* name, hid_t ty
   if (count > 0) H5Dwrite(dataset.get(), H5T_NATIVE_UINT64, H5S_ALL, H5S_ALL, H5P_DEFAULT, values.data());
 }
 
-const fs::path& scratch_dir() {
-  static const fs::path dir = [] {
-    const fs::path base = fs::is_directory("/dev/shm") ? fs::path("/dev/shm") : fs::temp_directory_path();
-    const fs::path d = base / ("loom-fuzz-dataset-shard-" + std::to_string(::getpid()));
-    fs::create_directories(d);
-    return d;
-  }();
-  return dir;
-}
-
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   FuzzedDataProvider in(data, size);
-  const fs::path& dir = scratch_dir();
+  const fs::path& dir = loom::fuzz::scratch_dir("dataset-shard");
   const std::string shard = (dir / "shard-00000.h5").string();
 
   // What the file should hold if it were right.

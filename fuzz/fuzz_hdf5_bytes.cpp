@@ -82,16 +82,6 @@ Probe probe(const std::string& path) {
   return p;
 }
 
-const fs::path& scratch_dir() {
-  static const fs::path dir = [] {
-    const fs::path base = fs::is_directory("/dev/shm") ? fs::path("/dev/shm") : fs::temp_directory_path();
-    const fs::path d = base / ("loom-fuzz-shard-" + std::to_string(::getpid()));
-    fs::create_directories(d);
-    return d;
-  }();
-  return dir;
-}
-
 }  // namespace
 
 // HDF5 1.10's H5Fopen leaks a few of its own blocks when it refuses a damaged
@@ -111,7 +101,7 @@ extern "C" const char* __lsan_default_suppressions() { return "leak:libhdf5\n"; 
 extern "C" const char* __asan_default_options() { return "allocator_may_return_null=1"; }
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  const fs::path& dir = scratch_dir();
+  const fs::path& dir = loom::fuzz::scratch_dir("shard");
   const std::string shard = (dir / "shard-00000.h5").string();
   {
     std::ofstream out(shard, std::ios::binary | std::ios::trunc);
