@@ -161,13 +161,6 @@ std::string latest_folder_name(const std::string& checkpoints_dir) {
 
 }  // namespace
 
-uint64_t TrainingSnapshot::tensor_bytes() const {
-  uint64_t bytes = 0;
-  for (const auto& [name, tensor] : model) bytes += tensor.nbytes();
-  for (const auto& [name, tensor] : optimizer) bytes += tensor.nbytes();
-  return bytes;
-}
-
 TrainingSnapshot snapshot_training_state(int64_t step, const LlamaForCausalLM& model, const AdamW& optimizer,
                                          const Loader& loader, int64_t skipped_steps, bool copy,
                                          TrainingSnapshot* reuse) {

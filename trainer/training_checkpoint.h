@@ -51,8 +51,6 @@ struct TrainingSnapshot {
   NamedTensors model;
   NamedTensors optimizer;
   std::string trainer_state;  // trainer-state-rank00000.json
-
-  uint64_t tensor_bytes() const;
 };
 
 // Takes the state of `model`, `optimizer`, `loader` and the CPU RNG. With
