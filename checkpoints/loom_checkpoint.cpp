@@ -24,12 +24,6 @@ namespace {
 
 constexpr const char* kRankZeroFile = "model-rank00000.safetensors";
 
-std::string hex32(uint32_t value) {
-  char buffer[16];
-  std::snprintf(buffer, sizeof buffer, "%08x", value);
-  return buffer;
-}
-
 }  // namespace
 
 void write_loom_checkpoint(const ModelConfig& model, const std::vector<CheckpointTensor>& tensors,
@@ -77,7 +71,7 @@ void write_loom_checkpoint(const ModelConfig& model, const std::vector<Checkpoin
     manifest["model_config"] = json::parse(model_config_to_hf(model, dtype).dump());
     manifest["tensors"] = manifest_tensors;
     manifest["files"] = {{kRankZeroFile, {{"bytes", writer.file_bytes()},
-                                          {"crc32c", hex32(writer.crc32c())},
+                                          {"crc32c", crc32c_hex(writer.crc32c())},
                                           {"kind", "model"}}}};
     for (const auto& extra : options.extra_files) {
       if (extra.name.empty() || extra.name.find('/') != std::string::npos || manifest["files"].contains(extra.name)) {
@@ -86,7 +80,7 @@ void write_loom_checkpoint(const ModelConfig& model, const std::vector<Checkpoin
       const std::string extra_path = (tmp / extra.name).string();
       const uint32_t crc = extra.write(extra_path);
       manifest["files"][extra.name] = {{"bytes", fs::file_size(extra_path)},
-                                       {"crc32c", hex32(crc)},
+                                       {"crc32c", crc32c_hex(crc)},
                                        {"kind", extra.kind}};
     }
     manifest["tokenizer"] = nullptr;
@@ -148,7 +142,7 @@ ModelFiles open_loom_checkpoint_files(const std::string& path) {
       throw BadInput(file_path + ": " + std::to_string(fs::file_size(file_path)) + " bytes, manifest says " +
                      std::to_string(file.bytes) + " (truncated or replaced)");
     }
-    const std::string actual = hex32(crc32c_file(file_path));
+    const std::string actual = crc32c_hex(crc32c_file(file_path));
     if (actual != file.crc32c) {
       throw BadInput(file_path + ": CRC32C " + actual + " does not match the manifest's " + file.crc32c + " (corrupt)");
     }

@@ -23,6 +23,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -58,6 +59,10 @@ struct ShardEntry {
   uint64_t num_documents = 0;
   uint32_t crc32c = 0;         // see docs/data.md: /tokens then /doc_offsets, little-endian
   uint64_t bytes = 0;          // size of the .h5 file
+  // CRC-32C of the .h5 file's bytes, checked before HDF5 reads the file
+  // (Note [Shard file checksum]). Absent in datasets written before it
+  // existed.
+  std::optional<uint32_t> file_crc32c;
 };
 
 // index.json, parsed.
@@ -138,16 +143,30 @@ enum class TokenRangeScan {
 };
 inline constexpr uint64_t kAutoScanMaxTokens = uint64_t{64} << 20;
 
+// Whether Dataset::open checks each shard file's bytes against index.json's
+// file_crc32c before HDF5 opens it (Note [Shard file checksum]). Shards
+// without a file_crc32c are opened unchecked in every mode.
+enum class ShardFileCheck {
+  kAuto,    // check datasets whose shard files total at most kAutoCheckMaxBytes
+  kAlways,
+  kNever,
+};
+inline constexpr uint64_t kAutoCheckMaxBytes = uint64_t{4} << 30;
+
+ShardFileCheck parse_shard_file_check(const std::string& text);  // "auto", "always", "never"; else invalid_argument
+
 struct DatasetOpenOptions {
   bool verify_checksums = false;  // recompute every shard's CRC32C (reads all data)
   TokenRangeScan scan_token_range = TokenRangeScan::kAuto;
+  ShardFileCheck check_shard_files = ShardFileCheck::kAuto;
 };
 
 // A dataset opened read-only. Each Dataset holds its own HDF5 handles.
 class Dataset {
  public:
   // Parses DIR/index.json and opens every shard read-only, checking it
-  // against the index: it exists, its size, /tokens dtype and length,
+  // against the index: it exists, its size, its file CRC-32C (as
+  // options.check_shard_files says), /tokens dtype and length,
   // /doc_offsets length and values (0 first, num_tokens last,
   // non-decreasing), and the root attributes. Any mismatch is BadInput naming
   // the shard file (or index.json and the key).

@@ -139,7 +139,13 @@ void DatasetWriter::start_shard() {
   const std::string& path = shard_->temp_path;
 
   hdf5::Lock lock;
-  shard_->file = hdf5::FileId(H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT));
+  // No modification times in object headers (HDF5 stores them by default):
+  // the same documents then give the same file bytes, and the same
+  // file_crc32c, on every run.
+  hdf5::PlistId file_create(H5Pcreate(H5P_FILE_CREATE));
+  if (!file_create.valid() || H5Pset_obj_track_times(file_create.get(), false) < 0)
+    fail_hdf5(path, "cannot set up HDF5 file");
+  shard_->file = hdf5::FileId(H5Fcreate(path.c_str(), H5F_ACC_TRUNC, file_create.get(), H5P_DEFAULT));
   if (!shard_->file.valid()) fail_hdf5(path, "cannot create HDF5 file");
   const hid_t file = shard_->file.get();
   write_int_attribute(file, "format_version", kDatasetFormatVersion, path);
@@ -155,7 +161,8 @@ void DatasetWriter::start_shard() {
   const hsize_t chunk[1] = {std::min<hsize_t>(kTokenChunkElements, shard_tokens_)};
   hdf5::SpaceId space(H5Screate_simple(1, initial, maximum));
   hdf5::PlistId create(H5Pcreate(H5P_DATASET_CREATE));
-  if (!space.valid() || !create.valid() || H5Pset_chunk(create.get(), 1, chunk) < 0)
+  if (!space.valid() || !create.valid() || H5Pset_chunk(create.get(), 1, chunk) < 0 ||
+      H5Pset_obj_track_times(create.get(), false) < 0)
     fail_hdf5(path, "cannot set up dataset '/tokens'");
   const hid_t stored_type = index_.token_dtype == TokenDtype::kUint16 ? H5T_STD_U16LE : H5T_STD_U32LE;
   shard_->tokens =
@@ -198,9 +205,11 @@ void DatasetWriter::complete_shard() {
     hdf5::Lock lock;
     const hsize_t size[1] = {shard.doc_offsets.size()};
     hdf5::SpaceId space(H5Screate_simple(1, size, nullptr));
+    hdf5::PlistId create(H5Pcreate(H5P_DATASET_CREATE));
+    if (create.valid()) H5Pset_obj_track_times(create.get(), false);
     hdf5::DatasetId offsets(
-        H5Dcreate2(shard.file.get(), "doc_offsets", H5T_STD_U64LE, space.get(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT));
-    if (!offsets.valid() ||
+        H5Dcreate2(shard.file.get(), "doc_offsets", H5T_STD_U64LE, space.get(), H5P_DEFAULT, create.get(), H5P_DEFAULT));
+    if (!create.valid() || !offsets.valid() ||
         H5Dwrite(offsets.get(), H5T_STD_U64LE, H5S_ALL, H5S_ALL, H5P_DEFAULT, offset_bytes.data()) < 0)
       fail_hdf5(path, "cannot write '/doc_offsets'");
     if (!offsets.close() || !shard.tokens.close() || !shard.file.close()) fail_hdf5(path, "cannot close HDF5 file");
@@ -218,6 +227,9 @@ void DatasetWriter::complete_shard() {
   if (error) throw std::runtime_error("cannot rename '" + path + "' to '" + shard.final_path + "': " + error.message());
   completed_paths_.push_back(shard.final_path);
   fsync_directory(dir_);
+  // Read back once (HDF5 wrote the file, not loom): Dataset::open checks it
+  // before HDF5 reads the file (Note [Shard file checksum] in dataset.cpp).
+  const uint32_t file_crc = crc32c_file(shard.final_path);
 
   ShardEntry entry;
   entry.file = fs::path(shard.final_path).filename().string();
@@ -225,6 +237,7 @@ void DatasetWriter::complete_shard() {
   entry.num_documents = shard.doc_offsets.size() - 1;
   entry.crc32c = crc;
   entry.bytes = bytes;
+  entry.file_crc32c = file_crc;
   index_.num_tokens += entry.num_tokens;
   index_.num_documents += entry.num_documents;
   index_.shards.push_back(std::move(entry));

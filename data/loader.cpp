@@ -33,9 +33,7 @@ std::string dataset_fingerprint(const DatasetIndex& index) {
                      index.tokenizer_hash + "|" + std::to_string(index.num_tokens);
   for (const ShardEntry& shard : index.shards)
     text += "|" + std::to_string(shard.num_tokens) + ":" + std::to_string(shard.crc32c);
-  char hex[9];
-  std::snprintf(hex, sizeof hex, "%08x", crc32c(std::as_bytes(std::span(text))));
-  return hex;
+  return crc32c_hex(crc32c(std::as_bytes(std::span(text))));
 }
 
 uint64_t samples_in(const Dataset& dataset, int64_t seq_len) {

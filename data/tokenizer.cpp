@@ -502,9 +502,7 @@ Tokenizer Tokenizer::from_json(std::string_view json_text, const std::string& so
     throw BadInput(source + ": malformed tokenizer.json: " + e.what());
   }
   const std::string canonical = root.dump(-1, ' ', false, json::error_handler_t::replace);
-  char hex[9];
-  std::snprintf(hex, sizeof hex, "%08x", crc32c(std::as_bytes(std::span(canonical.data(), canonical.size()))));
-  impl->hash = hex;
+  impl->hash = crc32c_hex(crc32c(std::as_bytes(std::span(canonical.data(), canonical.size()))));
   return Tokenizer(std::move(impl));
 }
 

@@ -9,6 +9,7 @@
 #include "data/tokenizer.h"
 #include "launch/cli.h"
 #include "launch/commands.h"
+#include "util/crc32c.h"
 #include "util/error.h"
 
 namespace loom {
@@ -84,16 +85,19 @@ int inspect_dataset(const std::string& path, bool verify, const std::string& tok
   DatasetOpenOptions options;
   options.verify_checksums = verify;
   options.scan_token_range = TokenRangeScan::kAlways;
+  options.check_shard_files = ShardFileCheck::kAlways;
   const Dataset dataset = Dataset::open(path, options);
   const DatasetIndex& index = dataset.index();
   std::cout << path << ": loom dataset, " << index.num_documents << " documents, " << index.num_tokens
             << " tokens, vocab " << index.vocab_size << " (" << token_dtype_name(index.token_dtype) << "), eos "
             << index.eos_id << ", tokenizer " << index.tokenizer_hash << "\n"
-            << "checked: every shard against index.json, every token id < vocab"
-            << (verify ? ", CRC32C checksums" : " (add --verify for checksums)") << "\n";
+            << "checked: every shard against index.json, every shard file's CRC32C that index.json records, every "
+            << "token id < vocab" << (verify ? ", CRC32C checksums of the data" : " (add --verify for the data's checksums)")
+            << "\n";
   for (const auto& shard : index.shards) {
     std::cout << "  " << shard.file << "  " << shard.num_tokens << " tokens  " << shard.num_documents
-              << " documents  " << shard.bytes << " bytes\n";
+              << " documents  " << shard.bytes << " bytes  file CRC32C "
+              << (shard.file_crc32c ? crc32c_hex(*shard.file_crc32c) : std::string("not recorded")) << "\n";
   }
   // A sample: the start of the first document, decoded when a tokenizer is at hand.
   const uint64_t length = std::min<uint64_t>(index.num_tokens, 48);

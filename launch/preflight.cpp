@@ -49,9 +49,11 @@ void check_datasets(const Config& config, std::vector<std::string>& failures) {
   if (!config.data.valid.empty()) datasets.emplace_back("data.valid", config.data.valid);
   for (const auto& [key, path] : datasets) {
     try {
-      // Opens index.json and every shard's HDF5 header; reads no tokens.
+      // Opens index.json and every shard's HDF5 header (after checking the
+      // shard files' CRC-32C as data.check_shard_files says); reads no tokens.
       DatasetOpenOptions options;
       options.scan_token_range = TokenRangeScan::kNever;
+      options.check_shard_files = parse_shard_file_check(config.data.check_shard_files);
       Dataset::open(path, options);
     } catch (const std::exception& e) {
       failures.push_back(key + " (" + path + "): " + e.what());

@@ -91,6 +91,9 @@ struct DataConfig {
   int64_t valid_batches = 8;   // micro-batches per validation pass
   int64_t seq_len = 0;  // 0 -> model.max_seq_len
   std::string tokenizer;
+  // Whether each shard file's CRC-32C is checked before HDF5 opens it
+  // (data/dataset.h ShardFileCheck).
+  std::string check_shard_files = "auto";  // auto | always | never
 };
 
 struct BatchConfig {

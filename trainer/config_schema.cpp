@@ -136,6 +136,10 @@ std::vector<KeySpec> build_table() {
       {"data.seq_len", LOOM_FIELD(data.seq_len), "", "tokens",
        "tokens per training sequence; 0 = model.max_seq_len", kNonNegative},
       {"data.tokenizer", LOOM_FIELD(data.tokenizer), "", "", "Hugging Face tokenizer.json used by the datasets"},
+      {"data.check_shard_files", LOOM_FIELD(data.check_shard_files), "", "",
+       "check each shard file's CRC-32C from index.json before HDF5 reads it, so that a damaged file is refused "
+       "instead of reaching the HDF5 library; auto = for datasets of at most 4 GiB (it reads every shard once)",
+       kAny, {"auto", "always", "never"}},
 
       // --- batch ----------------------------------------------------------------
       {"batch.micro_batch_size", LOOM_FIELD(batch.micro_batch_size), "", "sequences",

@@ -523,6 +523,7 @@ TrainResult train(Config& config, const TrainOptions& options) {
   loader_config.dp_rank = coords.dp;
   loader_config.dp_size = dims.dp;
   loader_config.valid_path = config.data.valid;
+  loader_config.open_options.check_shard_files = parse_shard_file_check(config.data.check_shard_files);
   Loader loader(loader_config);
   const int64_t micro_batches = loader.micro_batches_per_step();
   for (size_t d = 0; d < config.data.train.size(); ++d) {

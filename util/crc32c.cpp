@@ -5,6 +5,7 @@
 
 #include <array>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <stdexcept>
 #include <vector>
@@ -102,6 +103,12 @@ uint32_t crc32c(std::span<const std::byte> data, uint32_t crc) {
   }
 #endif
   return detail::crc32c_portable(data, crc);
+}
+
+std::string crc32c_hex(uint32_t crc) {
+  char text[9];
+  std::snprintf(text, sizeof text, "%08x", crc);
+  return text;
 }
 
 uint32_t crc32c_file(const std::string& path) {

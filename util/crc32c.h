@@ -20,6 +20,9 @@ uint32_t crc32c(std::span<const std::byte> data, uint32_t crc = 0);
 // file cannot be opened, std::runtime_error when reading it fails.
 uint32_t crc32c_file(const std::string& path);
 
+// 8 lowercase hexadecimal digits, as loom's files and messages write a CRC.
+std::string crc32c_hex(uint32_t crc);
+
 namespace detail {
 // The portable table implementation alone, so tests can compare it with the
 // hardware path on machines that have one.

@@ -13,6 +13,35 @@ import torch
 LOOM_BIN = os.environ.get("LOOM_BIN", str(Path(__file__).resolve().parents[2] / "build" / "loom"))
 
 
+def _crc32c_table():
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+        table.append(crc)
+    return table
+
+
+_CRC32C_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes, crc: int = 0) -> int:
+    """CRC-32C (Castagnoli), incremental like loom's: crc32c(b, crc32c(a)) == crc32c(a + b)."""
+    crc ^= 0xFFFFFFFF
+    for byte in data:
+        crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def record_shard_file(index, position, path):
+    """Makes index.json's entry `position` agree with the shard file at `path` as it is now
+    (its size and whole-file CRC-32C), as an index written for that file would."""
+    data = Path(path).read_bytes()
+    index["shards"][position]["bytes"] = len(data)
+    index["shards"][position]["file_crc32c"] = f"{crc32c(data):08x}"
+
+
 def run_loom(*args, expect=0):
     """Runs `loom ARGS...`; asserts the exit code and returns the completed process."""
     proc = subprocess.run([LOOM_BIN, *map(str, args)], capture_output=True, text=True, timeout=600)

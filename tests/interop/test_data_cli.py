@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from conftest import LOOM_BIN, run_loom
+from conftest import LOOM_BIN, record_shard_file, run_loom
 
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB_SIZE = 512
@@ -213,12 +213,24 @@ def truncate_shard(folder):
     path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
 
 
-def truncate_shard_and_index_bytes(folder):
-    """Half a shard, its size updated in index.json: HDF5 itself must refuse it."""
-    truncate_shard(folder)
-    index = read_index(folder)
-    index["shards"][2]["bytes"] = (folder / "shard-00002.h5").stat().st_size
-    write_index(folder, index)
+def recorded(damage):
+    """`damage`, then index.json made to agree with the shard's size and whole-file CRC-32C,
+    so that the change gets past the check before HDF5 and loom's later checks must find it."""
+    def damage_and_record(folder):
+        damage(folder)
+        index = read_index(folder)
+        record_shard_file(index, 2, folder / "shard-00002.h5")
+        write_index(folder, index)
+    return damage_and_record
+
+
+def flip_byte(offset):
+    def damage(folder):
+        path = folder / "shard-00002.h5"
+        data = bytearray(path.read_bytes())
+        data[offset % len(data)] ^= 0x40
+        path.write_bytes(bytes(data))
+    return damage
 
 
 def garbage_shard(folder):
@@ -298,11 +310,16 @@ INDEX = "index.json"
 DAMAGES = [
     ("shard_deleted", delete_shard, SHARD, ["missing"]),
     ("shard_truncated", truncate_shard, SHARD, ["bytes"]),
-    ("shard_truncated_with_matching_size_in_index", truncate_shard_and_index_bytes, SHARD, ["HDF5"]),
-    ("shard_replaced_by_garbage", garbage_shard, SHARD, ["HDF5"]),
-    ("token_id_equal_to_vocab_size", with_h5(token_out_of_vocab(VOCAB_SIZE)), SHARD, [str(VOCAB_SIZE)]),
-    ("token_id_65535", with_h5(token_out_of_vocab(65535)), SHARD, ["65535", str(VOCAB_SIZE)]),
-    ("doc_offsets_decrease", with_h5(decreasing_offsets), SHARD, ["doc_offsets"]),
+    ("shard_byte_flipped_in_hdf5_header", flip_byte(200), SHARD, ["file CRC32C", "not opened"]),
+    ("shard_byte_flipped_at_end", flip_byte(-1), SHARD, ["file CRC32C", "not opened"]),
+    ("shard_changed_by_h5py", with_h5(token_out_of_vocab(1)), SHARD, ["file CRC32C", "not opened"]),
+    ("shard_replaced_by_garbage", garbage_shard, SHARD, ["file CRC32C"]),
+    ("shard_truncated_with_matching_index", recorded(truncate_shard), SHARD, ["HDF5"]),
+    ("shard_garbage_with_matching_index", recorded(garbage_shard), SHARD, ["HDF5"]),
+    ("token_id_equal_to_vocab_size", recorded(with_h5(token_out_of_vocab(VOCAB_SIZE))), SHARD,
+     [str(VOCAB_SIZE)]),
+    ("token_id_65535", recorded(with_h5(token_out_of_vocab(65535))), SHARD, ["65535", str(VOCAB_SIZE)]),
+    ("doc_offsets_decrease", recorded(with_h5(decreasing_offsets)), SHARD, ["doc_offsets"]),
     ("shard_num_tokens_wrong", with_index(shard_tokens_plus_one), SHARD, ["tokens"]),
     ("shard_num_tokens_not_summing_to_total", with_index(shard_tokens_plus_one_total_unchanged), INDEX,
      ["num_tokens"]),
@@ -320,6 +337,8 @@ DAMAGES = [
     ("shard_file_outside_folder", with_index(set_shard_key("file", "../shard-00002.h5")), INDEX, ["file"]),
     ("shard_listed_twice", with_index(set_shard_key("file", "shard-00001.h5")), INDEX, ["shard-00001.h5"]),
     ("crc32c_not_hex", with_index(set_shard_key("crc32c", "xyz")), INDEX, ["crc32c"]),
+    ("file_crc32c_not_hex", with_index(set_shard_key("file_crc32c", 12345)), INDEX, ["file_crc32c"]),
+    ("file_crc32c_wrong", with_index(set_shard_key("file_crc32c", "00000000")), SHARD, ["file CRC32C"]),
     ("num_tokens_a_string", with_index(set_key("num_tokens", "many")), INDEX, ["num_tokens"]),
     ("wrong_format", with_index(set_key("format", "not-loom")), INDEX, ["format"]),
     ("index_not_json", malformed('{"format": "loom-dataset", '), INDEX, []),
@@ -346,7 +365,12 @@ def test_changed_token_fails_only_the_checksum_verification(copy):
         tokens = f["tokens"]
         assert tokens.dtype == np.uint16
         tokens[100] = (int(tokens[100]) + 1) % VOCAB_SIZE  # a valid id of the same dtype
-    # Structure, sizes and id range are all fine: only the data changed.
+    assert_refused("inspect", copy, names=[path], fragments=["file CRC32C"])
+    # With index.json's size and file checksum made to agree, structure, sizes
+    # and id range are all fine: only the data checksum can tell.
+    index = read_index(copy)
+    record_shard_file(index, 2, path)
+    write_index(copy, index)
     proc = run_loom("inspect", copy)
     assert SHARD in proc.stdout
     assert_refused("inspect", copy, "--verify", names=[path], fragments=["crc32c", read_index(copy)["shards"][2]["crc32c"]])

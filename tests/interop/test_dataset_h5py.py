@@ -13,29 +13,10 @@ import h5py
 import numpy as np
 import pytest
 
+from conftest import crc32c, record_shard_file
+
 TOOL = os.environ.get(
     "LOOM_DATASET_TOOL", str(Path(__file__).resolve().parents[2] / "build" / "tests" / "loom_dataset_tool"))
-
-
-def _crc32c_table():
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-        table.append(crc)
-    return table
-
-
-_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes, crc: int = 0) -> int:
-    """CRC-32C (Castagnoli), incremental like loom's: crc32c(b, crc32c(a)) == crc32c(a + b)."""
-    crc ^= 0xFFFFFFFF
-    for byte in data:
-        crc = _TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
 
 
 def shard_checksum(tokens: np.ndarray, doc_offsets: np.ndarray) -> str:
@@ -91,6 +72,7 @@ def test_h5py_reads_what_loom_wrote(tmp_path, vocab_size, dtype):
     for entry in index["shards"]:
         path = out / entry["file"]
         assert path.stat().st_size == entry["bytes"]
+        assert entry["file_crc32c"] == f"{crc32c(path.read_bytes()):08x}"
         with h5py.File(path, "r") as f:
             assert dict(f.attrs) == {"format_version": 1, "vocab_size": vocab_size, "eos_id": 2,
                                      "tokenizer_hash": "sha256:abc"}
@@ -151,13 +133,17 @@ def test_loom_names_a_shard_that_h5py_modified(tmp_path):
     index = json.loads((out / "index.json").read_text())
     with h5py.File(out / "shard-00001.h5", "r+") as f:
         f["tokens"][0] = (int(f["tokens"][0]) + 1) % 1000
-    # Keep the size consistent so that only the checksum can tell.
-    index["shards"][1]["bytes"] = (out / "shard-00001.h5").stat().st_size
+    # The shard's whole-file CRC-32C, checked before HDF5 opens it, tells.
     (out / "index.json").write_text(json.dumps(index))
+    proc = run_tool("read", out, expect=2)
+    assert "shard-00001.h5: file CRC32C" in proc.stderr and "not opened" in proc.stderr, proc.stderr
 
+    # With the size and file checksum made to agree, only the data checksum can tell.
+    record_shard_file(index, 1, out / "shard-00001.h5")
+    (out / "index.json").write_text(json.dumps(index))
     run_tool("read", out)  # without --verify the change goes unnoticed
     proc = run_tool("read", out, "--verify", expect=2)
-    assert "shard-00001.h5" in proc.stderr and "CRC32C" in proc.stderr
+    assert "shard-00001.h5: CRC32C" in proc.stderr and "corrupt" in proc.stderr, proc.stderr
 
 
 def test_loom_names_a_token_id_outside_the_vocabulary(tmp_path):
@@ -166,7 +152,7 @@ def test_loom_names_a_token_id_outside_the_vocabulary(tmp_path):
     with h5py.File(tmp_path / "data" / "shard-00001.h5", "r+") as f:
         f["tokens"][1] = 1000
     index = json.loads((tmp_path / "data" / "index.json").read_text())
-    index["shards"][1]["bytes"] = (tmp_path / "data" / "shard-00001.h5").stat().st_size
+    record_shard_file(index, 1, tmp_path / "data" / "shard-00001.h5")
     (tmp_path / "data" / "index.json").write_text(json.dumps(index))
     proc = run_tool("read", tmp_path / "data", expect=2)
     assert "shard-00001.h5: /tokens[1] = 1000 is not below vocab_size 1000" in proc.stderr

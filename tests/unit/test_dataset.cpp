@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "data/hdf5_handle.h"
+#include "util/crc32c.h"
 #include "util/error.h"
 #include "util/file_io.h"
 #include "tests/unit/bad_input.h"
@@ -73,6 +74,16 @@ class DatasetTest : public ::testing::Test {
     json index = json::parse(read_file(index_path()));
     edit(index);
     write_file_atomic(index_path(), index.dump(2));
+  }
+
+  // Makes index.json agree with shard `s`'s file as it is now (size and
+  // whole-file CRC-32C), as an index written for that file would: the shard
+  // then gets past the check before HDF5, and the later checks must act.
+  void record_shard(size_t s) const {
+    edit_index([&](json& index) {
+      index["shards"][s]["bytes"] = fs::file_size(shard(s));
+      index["shards"][s]["file_crc32c"] = crc32c_hex(crc32c_file(shard(s)));
+    });
   }
 
   std::vector<std::string> entries() const {
@@ -275,14 +286,16 @@ TEST_F(DatasetTest, TruncatedShardIsRefusedByHdf5EvenWhenTheIndexAgrees) {
   write(make_documents(40, 1000, 20, 8));
   const uint64_t cut = fs::file_size(shard(0)) - 100;
   fs::resize_file(shard(0), cut);
-  edit_index([&](json& index) { index["shards"][0]["bytes"] = cut; });
-  EXPECT_BAD_INPUT(Dataset::open(dir_), "shard-00000.h5");
+  record_shard(0);
+  EXPECT_BAD_INPUT(Dataset::open(dir_), "shard-00000.h5", "HDF5");
 }
 
 TEST_F(DatasetTest, ShardThatIsNotHdf5IsNamed) {
   write(make_documents(40, 1000, 20, 9));
   const uint64_t bytes = fs::file_size(shard(1));
   write_file_atomic(shard(1), std::string(bytes, 'x'));
+  EXPECT_BAD_INPUT(Dataset::open(dir_), "shard-00001.h5", "file CRC32C", "not opened");
+  record_shard(1);
   EXPECT_BAD_INPUT(Dataset::open(dir_), "shard-00001.h5", "HDF5");
 }
 
@@ -294,20 +307,77 @@ TEST_F(DatasetTest, ChecksumMismatchIsFoundWhenVerifying) {
   ASSERT_NE(at, std::string::npos);
   bytes[at] = 0x35;  // id 0x1235: still inside the vocabulary
   write_file_atomic(shard(0), bytes);
+  EXPECT_BAD_INPUT(Dataset::open(dir_), "shard-00000.h5", "file CRC32C");
 
+  // Only the data checksum tells once the file's own checksum agrees.
+  record_shard(0);
   EXPECT_NO_THROW(Dataset::open(dir_));
   EXPECT_BAD_INPUT(Dataset::open(dir_, {.verify_checksums = true}), "shard-00000.h5", "CRC32C", "corrupt");
+}
+
+TEST_F(DatasetTest, WriterRecordsEachShardFilesChecksum) {
+  const DatasetIndex index = write(make_documents(40, 1000, 20, 21));
+  ASSERT_GE(index.shards.size(), 2u);
+  for (size_t s = 0; s < index.shards.size(); ++s) {
+    ASSERT_TRUE(index.shards[s].file_crc32c.has_value()) << s;
+    EXPECT_EQ(*index.shards[s].file_crc32c, crc32c_file(shard(s))) << s;
+  }
+  const json on_disk = json::parse(read_file(index_path()));
+  EXPECT_EQ(on_disk["shards"][1]["file_crc32c"], crc32c_hex(crc32c_file(shard(1))));
+}
+
+TEST_F(DatasetTest, SameDocumentsGiveTheSameShardBytes) {
+  // HDF5 stores modification times unless told not to; the writer turns them
+  // off so that file_crc32c does not depend on when a dataset was made.
+  const Documents documents = make_documents(40, 1000, 20, 23);
+  const DatasetIndex first = write(documents);
+  const std::string first_bytes = read_file(shard(1));
+  fs::remove_all(dir_);
+  ::sleep(1);  // object times have a resolution of a second
+  const DatasetIndex second = write(documents);
+  EXPECT_EQ(read_file(shard(1)), first_bytes);
+  EXPECT_EQ(second.to_json(), first.to_json());
+}
+
+// Note [Shard file checksum]: a damaged shard never reaches HDF5.
+TEST_F(DatasetTest, DamagedShardFileIsRefusedBeforeHdf5OpensIt) {
+  write(make_documents(40, 1000, 20, 22));
+  std::string bytes = read_file(shard(1));
+  bytes[0] ^= 0x01;  // the HDF5 signature's first byte
+  write_file_atomic(shard(1), bytes);
+  EXPECT_BAD_INPUT(Dataset::open(dir_), "shard-00001.h5", "file CRC32C", "does not match", "not opened");
+  EXPECT_BAD_INPUT(Dataset::open(dir_, {.check_shard_files = ShardFileCheck::kAlways}), "shard-00001.h5",
+                   "file CRC32C");
+  // Unchecked, the same file goes to HDF5, which refuses it in its own words.
+  EXPECT_BAD_INPUT(Dataset::open(dir_, {.check_shard_files = ShardFileCheck::kNever}), "shard-00001.h5",
+                   "cannot open as an HDF5 file");
+}
+
+TEST_F(DatasetTest, ShardWithoutARecordedFileChecksumIsOpenedUnchecked) {
+  // Datasets written before file_crc32c existed, or by other tools.
+  write({{1, kEos}, {0x1234, 0x4321, kEos}}, 60000, 1000);
+  std::string bytes = read_file(shard(0));
+  const size_t at = bytes.find(std::string("\x34\x12\x21\x43", 4));
+  ASSERT_NE(at, std::string::npos);
+  bytes[at] = 0x35;
+  write_file_atomic(shard(0), bytes);
+  EXPECT_BAD_INPUT(Dataset::open(dir_), "file CRC32C");
+  edit_index([](json& index) { index["shards"][0].erase("file_crc32c"); });
+  const Dataset dataset = Dataset::open(dir_, {.check_shard_files = ShardFileCheck::kAlways});
+  EXPECT_FALSE(dataset.index().shards[0].file_crc32c.has_value());
+  EXPECT_EQ(read_all(dataset), (std::vector<int64_t>{1, kEos, 0x1235, 0x4321, kEos}));
+  EXPECT_EQ(dataset.index().to_json().find("file_crc32c"), std::string::npos);
 }
 
 TEST_F(DatasetTest, TokenIdAtOrAboveVocabSizeIsNamedWithShardAndOffset) {
   write({{1, 2, kEos}, {3, 700, kEos}}, 1000, 3);  // id 700 is /tokens[1] of shard 1
   // Claim a smaller vocabulary everywhere, as a dataset prepared with the
   // wrong tokenizer would.
-  for (size_t s = 0; s < 2; ++s) set_root_attribute(shard(s), "vocab_size", 500);
-  edit_index([&](json& index) {
-    index["vocab_size"] = 500;
-    for (size_t s = 0; s < 2; ++s) index["shards"][s]["bytes"] = fs::file_size(shard(s));
-  });
+  for (size_t s = 0; s < 2; ++s) {
+    set_root_attribute(shard(s), "vocab_size", 500);
+    record_shard(s);
+  }
+  edit_index([&](json& index) { index["vocab_size"] = 500; });
   EXPECT_BAD_INPUT(Dataset::open(dir_), "shard-00001.h5", "/tokens[1] = 700", "vocab_size 500");
 
   // Without the scan at open, the read that returns the id refuses it.
@@ -351,7 +421,7 @@ TEST_F(DatasetTest, ShardAttributeDisagreeingWithIndexIsNamed) {
 TEST_F(DatasetTest, DecreasingDocOffsetsAreNamed) {
   write({{1, 2, kEos}, {3, kEos}, {4, kEos}}, 1000, 1000);
   set_doc_offset(shard(0), 2, 1);
-  edit_index([&](json& index) { index["shards"][0]["bytes"] = fs::file_size(shard(0)); });
+  record_shard(0);
   EXPECT_BAD_INPUT(Dataset::open(dir_), "shard-00000.h5", "/doc_offsets[2]", "must not decrease");
 }
 
@@ -400,6 +470,8 @@ TEST_F(DatasetTest, WrongIndexValuesAreNamedWithKeyAndValue) {
   expect_refused([](json& j) { j["num_tokens"] = -1; }, "num_tokens", "-1");
   expect_refused([](json& j) { j["num_tokens"] = 99; }, "num_tokens", "99");
   expect_refused([](json& j) { j["shards"][0]["crc32c"] = "xyz"; }, "shards[0].crc32c", "xyz");
+  expect_refused([](json& j) { j["shards"][0]["file_crc32c"] = "12g45678"; }, "shards[0].file_crc32c", "12g45678");
+  expect_refused([](json& j) { j["shards"][0]["file_crc32c"] = 7; }, "shards[0].file_crc32c", "7");
   expect_refused([](json& j) { j["shards"][0]["file"] = "../shard-00000.h5"; }, "shards[0].file", "../");
   expect_refused([](json& j) { j["vocab_size"] = 70000; }, "token_dtype", "uint16");
 }

@@ -19,6 +19,7 @@
 
 #include "data/dataset.h"
 #include "data/hdf5_handle.h"
+#include "util/crc32c.h"
 #include "util/error.h"
 #include "util/file_io.h"
 #include "tests/unit/bad_input.h"
@@ -411,6 +412,7 @@ TEST_F(LoaderTest, BadTokenInAShardSurfacesFromNextMicroBatchNotAHang) {
     const std::string file = path("a/" + shard["file"].get<std::string>());
     set_root_attribute(file, "vocab_size", 200);
     shard["bytes"] = fs::file_size(file);
+    shard["file_crc32c"] = crc32c_hex(crc32c_file(file));
   }
   write_file_atomic(path("a/index.json"), index.dump());
 
