@@ -16,6 +16,8 @@
 #include <filesystem>
 #include <new>
 #include <string>
+#include <system_error>
+#include <utility>
 
 #include "util/error.h"
 
@@ -35,16 +37,23 @@ void expect_accept_or_bad_input(const char* reader, Fn&& fn) {
 
 // A folder of this process for the files a target writes (HDF5 reads files,
 // not memory): in /dev/shm when there is one, so the disk is not worn.
-// Made on the first call; `name` tells the targets' folders apart.
+// Made on the first call and removed when the process exits normally (a
+// crash leaves it behind); `name` tells the targets' folders apart.
 inline const std::filesystem::path& scratch_dir(const std::string& name) {
-  static const std::filesystem::path dir = [&] {
-    namespace fs = std::filesystem;
-    const fs::path base = fs::is_directory("/dev/shm") ? fs::path("/dev/shm") : fs::temp_directory_path();
-    const fs::path d = base / ("loom-fuzz-" + name + "-" + std::to_string(::getpid()));
-    fs::create_directories(d);
-    return d;
-  }();
-  return dir;
+  namespace fs = std::filesystem;
+  struct Folder {
+    explicit Folder(fs::path where) : path(std::move(where)) { fs::create_directories(path); }
+    Folder(const Folder&) = delete;
+    Folder& operator=(const Folder&) = delete;
+    ~Folder() {
+      std::error_code error;
+      fs::remove_all(path, error);
+    }
+    fs::path path;
+  };
+  static const Folder folder((fs::is_directory("/dev/shm") ? fs::path("/dev/shm") : fs::temp_directory_path()) /
+                             ("loom-fuzz-" + name + "-" + std::to_string(::getpid())));
+  return folder.path;
 }
 
 }  // namespace loom::fuzz

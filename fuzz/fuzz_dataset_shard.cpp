@@ -5,7 +5,7 @@
 // attributes exist, with what type, shape and value; /tokens and
 // /doc_offsets present or not, of what type, rank, length, layout and
 // contents; and an index.json that agrees with the file or not in each
-// field. Then the dataset is opened with the token range scan, every token
+// field (the file's CRC-32C included). Then the dataset is opened with the token range scan, every token
 // and offset is read and the checksum verified, so every check loom makes of
 // a shard's contents meets both sides of its condition.
 #include <fuzzer/FuzzedDataProvider.h>
@@ -16,11 +16,13 @@
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "data/dataset.h"
 #include "data/hdf5_handle.h"
+#include "util/crc32c.h"
 #include "fuzz/fuzz_common.h"
 
 namespace fs = std::filesystem;
@@ -152,8 +154,14 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const uint64_t bytes = fs::file_size(shard, error);
   index.num_tokens = index_tokens;
   index.num_documents = index_docs;
+  // The file's CRC-32C: recorded (mostly, so the reads after it run),
+  // absent (an older dataset), or wrong.
+  std::optional<uint32_t> file_crc;
+  const int crc_kind = in.ConsumeIntegralInRange<int>(0, 15);
+  if (crc_kind > 1) file_crc = loom::crc32c_file(shard);
+  if (crc_kind == 1) file_crc = in.ConsumeIntegral<uint32_t>();
   index.shards.push_back({"shard-00000.h5", index_tokens, index_docs, 0,
-                          in.ConsumeIntegralInRange<int>(0, 15) == 0 ? bytes + 1 : bytes});
+                          in.ConsumeIntegralInRange<int>(0, 15) == 0 ? bytes + 1 : bytes, file_crc});
   {
     std::ofstream out(dir / "index.json", std::ios::trunc);
     out << index.to_json();

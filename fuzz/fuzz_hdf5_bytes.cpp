@@ -1,17 +1,22 @@
 // Fuzz target: the HDF5 shard reader (Dataset::open and reads in
-// data/dataset.cpp over data/hdf5_handle.h) on damaged files. The input is a
-// shard file's bytes. What it finds is mostly inside libhdf5 itself (crashes,
-// hangs: docs/fuzzing.md), so it is not in CI and fuzz/run.sh runs it in
-// fork mode; fuzz_dataset_shard covers loom's own checks. The target writes it as shard-00000.h5 of a scratch dataset folder
-// (on /dev/shm when present) and writes an index.json that agrees with
-// whatever the file seems to hold (its size; /tokens and /doc_offsets lengths
-// and token width; the root attributes), read by a best-effort probe through
-// HDF5 directly. Without that, nearly every mutation would be refused at the
-// first comparison with the index, and the deeper reads (attributes, offsets,
-// tokens, checksums) would never run on damaged files. Then it opens the
-// dataset with the token range scan, reads every token and verifies the
-// checksum (which fails, as the index's CRC32C is a dummy: that read is the
-// point).
+// data/dataset.cpp over data/hdf5_handle.h) on crafted files: files with an
+// index.json made to match them. The input is a shard file's bytes. A damaged
+// shard of a dataset loom wrote never reaches HDF5 (its file_crc32c in
+// index.json no longer matches: Note [Shard file checksum]), so this target
+// gives the index the input's own file_crc32c, as someone shipping a crafted
+// file with a matching index would. What it finds is then inside libhdf5
+// itself (crashes, hangs: docs/fuzzing.md), so it is not in CI and
+// fuzz/run.sh runs it in fork mode; fuzz_dataset_shard covers loom's own
+// checks. The target writes the input as shard-00000.h5 of a scratch dataset
+// folder (on /dev/shm when present) and writes an index.json that agrees with
+// whatever the file seems to hold (its size and CRC-32C; /tokens and
+// /doc_offsets lengths and token width; the root attributes), read by a
+// best-effort probe through HDF5 directly. Without that, nearly every
+// mutation would be refused at the first comparison with the index, and the
+// deeper reads (attributes, offsets, tokens, checksums) would never run on
+// damaged files. Then it opens the dataset with the token range scan, reads
+// every token and verifies the data checksum (which fails, as the index's
+// crc32c is a dummy: that read is the point).
 #include <hdf5.h>
 #include <unistd.h>
 
@@ -19,11 +24,13 @@
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
+#include <span>
 #include <string>
 #include <vector>
 
 #include "data/dataset.h"
 #include "data/hdf5_handle.h"
+#include "util/crc32c.h"
 #include "fuzz/fuzz_common.h"
 
 namespace fs = std::filesystem;
@@ -117,7 +124,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   index.token_dtype = p.token_bytes == 4 ? loom::TokenDtype::kUint32 : loom::TokenDtype::kUint16;
   index.num_tokens = p.tokens;
   index.num_documents = p.offsets - 1;
-  index.shards.push_back({"shard-00000.h5", p.tokens, p.offsets - 1, 0, size});
+  index.shards.push_back({"shard-00000.h5", p.tokens, p.offsets - 1, 0, size,
+                          loom::crc32c(std::as_bytes(std::span(data, size)))});
   {
     std::ofstream out(dir / "index.json", std::ios::trunc);
     out << index.to_json();

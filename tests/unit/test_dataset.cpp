@@ -353,6 +353,25 @@ TEST_F(DatasetTest, DamagedShardFileIsRefusedBeforeHdf5OpensIt) {
                    "cannot open as an HDF5 file");
 }
 
+// Regression for what fuzz/fuzz_hdf5_bytes found (docs/fuzzing.md): files
+// that make libhdf5 itself overflow a buffer, crash or ask for 16 GiB.
+// Each takes the place of a loom-written shard of the same size, whose file
+// checksum index.json recorded: loom refuses it before HDF5 reads a byte
+// (test_dataset_asan runs this under AddressSanitizer).
+TEST_F(DatasetTest, ShardsThatFaultInsideLibhdf5AreRefusedBeforeHdf5ReadsThem) {
+  const fs::path faults = LOOM_SOURCE_DIR "/tests/unit/hdf5_faults";
+  for (const char* name : {"heap-overflow-in-H5Aexists.h5", "segv-in-H5Aexists.h5", "16GiB-malloc-in-H5Fopen.h5"}) {
+    SCOPED_TRACE(name);
+    fs::remove_all(dir_);
+    write(make_documents(40, 1000, 20, 24));
+    const std::string damaged = read_file((faults / name).string());
+    ASSERT_FALSE(damaged.empty());
+    write_file_atomic(shard(0), damaged);
+    edit_index([&](json& index) { index["shards"][0]["bytes"] = damaged.size(); });
+    EXPECT_BAD_INPUT(Dataset::open(dir_), "shard-00000.h5", "file CRC32C", "not opened");
+  }
+}
+
 TEST_F(DatasetTest, ShardWithoutARecordedFileChecksumIsOpenedUnchecked) {
   // Datasets written before file_crc32c existed, or by other tools.
   write({{1, kEos}, {0x1234, 0x4321, kEos}}, 60000, 1000);
