@@ -13,6 +13,7 @@
 #include <cuda_runtime_api.h>
 #endif
 
+#include "trainer/tensor_memory.h"
 #include "util/error.h"
 
 namespace loom {
@@ -73,21 +74,27 @@ MemoryStats memory_stats(c10::Device device) {
     const auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
     stats.peak_bytes = static_cast<double>(cuda.allocated_bytes[all].peak);
     stats.reserved_bytes = static_cast<double>(cuda.reserved_bytes[all].current);
+    stats.tensor_peak_bytes = stats.peak_bytes;
     return stats;
   }
 #endif
   (void)device;
   stats.peak_bytes = static_cast<double>(peak_rss_bytes());
   stats.reserved_bytes = current_rss_bytes();
+  stats.tensor_peak_bytes = static_cast<double>(tensor_memory_peak_bytes());
   return stats;
 }
 
 void reset_peak_memory(c10::Device device) {
 #ifdef LOOM_WITH_CUDA
-  if (device.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(device.index());
+  if (device.is_cuda()) {
+    c10::cuda::CUDACachingAllocator::resetPeakStats(device.index());
+    return;
+  }
 #else
   (void)device;
 #endif
+  reset_tensor_memory_peak();
 }
 
 void synchronize(c10::Device device) {

@@ -19,6 +19,10 @@ c10::Device resolve_device(const std::string& run_device, int64_t local_rank = 0
 struct MemoryStats {
   double peak_bytes = 0;      // CUDA: peak allocated since the last reset; CPU: peak resident set of the process
   double reserved_bytes = 0;  // CUDA: held by the caching allocator now; CPU: resident set now
+  // Tensor bytes alone, the figure `loom plan` predicts. CUDA: peak allocated
+  // (as peak_bytes); CPU: the peak of loom's count of live tensor storage
+  // (trainer/tensor_memory.h), 0 when the counter is not installed.
+  double tensor_peak_bytes = 0;
 };
 
 // The most memory this process has had resident, in bytes: VmHWM of
@@ -29,8 +33,8 @@ uint64_t peak_rss_bytes();
 // The memory of `device` (CPU: this process). Cheap; no synchronisation.
 MemoryStats memory_stats(c10::Device device);
 
-// Starts a new peak for memory_stats(device).peak_bytes (CUDA only; the CPU
-// peak resident set cannot be reset).
+// Starts a new peak for memory_stats(device).peak_bytes (CUDA) and
+// tensor_peak_bytes (both; the CPU peak resident set cannot be reset).
 void reset_peak_memory(c10::Device device);
 
 // Waits for the work queued on `device` (nothing to do on the CPU).

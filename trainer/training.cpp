@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <csignal>
 #include <cmath>
@@ -37,6 +38,7 @@
 #include "trainer/kernels/fused_ops.h"
 #include "trainer/optimizer.h"
 #include "trainer/profiler.h"
+#include "trainer/tensor_memory.h"
 #include "trainer/training_checkpoint.h"
 #include "util/error.h"
 #include "util/file_io.h"
@@ -371,6 +373,9 @@ TrainResult train(Config& config, const TrainOptions& options) {
   // size or the model is refused with the factors named.
   const int64_t world_size = options.world ? options.world->size() : 1;
   const ParallelDims dims = check_training_layout(config, world_size);
+  // Every CPU tensor from here on is counted (mem_tensor_peak_bytes), so a
+  // layout's memory can be compared with `loom plan`'s prediction.
+  install_tensor_memory_counter();
   if (world_size > 1 && (options.grid == nullptr || !options.grid->tp)) {
     throw std::logic_error("train: a world of " + std::to_string(world_size) + " ranks needs TrainOptions::grid");
   }
@@ -730,6 +735,9 @@ TrainResult train(Config& config, const TrainOptions& options) {
   // .grad (trainer/model/compute_weights.h); on one rank only, as no
   // reducer may wait on the weights' accumulation hooks.
   ComputeWeights compute_weights(bf16 && dims.world == 1);
+  // The memory peaks in metrics.jsonl are those of the steps, not of the
+  // set-up before them (which draws the whole model on every rank).
+  reset_peak_memory(device);
   while (step < stop_step) {
     profiler.step_begin(step + 1);
     const auto step_start = Clock::now();
@@ -864,7 +872,17 @@ TrainResult train(Config& config, const TrainOptions& options) {
         const double tokens_per_s = interval_steps * tokens_per_step / std::max(interval_seconds, 1e-9);
         const double mfu = mfu_of(tokens_per_s);
         const MemoryStats memory = memory_stats(device);
-        const json record = {{"step", step},
+        // Each rank's tensor peak (ranks of different pipeline stages hold
+        // different amounts): collective over the world, at the same steps
+        // on every rank.
+        std::vector<int64_t> tensor_peaks{static_cast<int64_t>(memory.tensor_peak_bytes)};
+        if (options.world != nullptr && options.world->size() > 1) {
+          torch::Tensor peaks = torch::zeros({options.world->size()}, torch::kLong);
+          peaks[options.world->rank()] = tensor_peaks[0];
+          all_reduce_through_cpu(*options.world, peaks);
+          tensor_peaks.assign(peaks.data_ptr<int64_t>(), peaks.data_ptr<int64_t>() + peaks.numel());
+        }
+        json record = {{"step", step},
                              {"loss", loss_sum},
                              {"lr", lr},
                              {"grad_norm", norm},
@@ -874,7 +892,9 @@ TrainResult train(Config& config, const TrainOptions& options) {
                              {"step_time_s", interval_seconds / interval_steps},
                              {"peak_flops", result.peak_flops},
                              {"mem_peak_gib", memory.peak_bytes / kGiB},
-                             {"mem_reserved_gib", memory.reserved_bytes / kGiB}};
+                             {"mem_reserved_gib", memory.reserved_bytes / kGiB},
+                             {"mem_tensor_peak_bytes", *std::max_element(tensor_peaks.begin(), tensor_peaks.end())}};
+        if (tensor_peaks.size() > 1) record["mem_tensor_peak_bytes_per_rank"] = tensor_peaks;
         if (writer) {
           metrics.write(record);
         }
