@@ -46,6 +46,13 @@ commands:
                                                   mpirun or as a Slurm job array; see docs/experiments.md
   runs     [DIR] [--json]                         the runs in DIR (default runs): status, layout, lr,
                                                   final and best loss, tokens/s
+  plan     CONFIG --gpus N [--gpus-per-node G] --gpu-memory GiB [--machine PROFILE]
+             [--top K] [--layout SPEC] [--json] [--set KEY=VALUE ...]
+                                                  the layouts (dp, tp, pp, schedule, ZeRO-1, micro-batch,
+                                                  recomputation) that fit, fastest first, with predicted
+                                                  memory, step time and MFU; docs/plan.md
+  plan     --calibrate [CONFIG] [--output FILE] [--ranks N]
+                                                  measure this machine and write a machine profile
   plot     RUN_DIR... [--out FILE.png]            loss and tokens/s curves of RUN_DIR/metrics.jsonl
                                                   (default RUN_DIR/metrics.png); several runs overlaid
   inspect  PATH                                   summarize a config, dataset, checkpoint, Hub folder or .safetensors file
@@ -429,6 +436,7 @@ int run_cli(int argc, char** argv) {
     if (command == "plot") return command_plot(args);
     if (command == "sweep") return command_sweep(args);
     if (command == "runs") return command_runs(args);
+    if (command == "plan") return command_plan(args);
     if (command == "inspect") return command_inspect(args);
     if (command == "import") return command_import(args);
     if (command == "init") return command_init(args);

@@ -22,6 +22,21 @@ int command_launch(const std::vector<std::string>& args);  // launch/launch_comm
 int command_plot(const std::vector<std::string>& args);   // launch/plot_command.cpp
 int command_sweep(const std::vector<std::string>& args);  // launch/sweep_command.cpp
 int command_runs(const std::vector<std::string>& args);   // launch/runs_command.cpp
+int command_plan(const std::vector<std::string>& args);   // launch/plan_command.cpp
+
+// Whether an MPI launcher started this process (Open MPI's mpirun, or srun
+// and other PMIx/PMI launchers): then MPI is initialized and the job may span
+// several ranks (launch/train_command.cpp).
+bool launched_by_mpi();
+
+// Runs `argv` as a child in its own process group and returns its exit code
+// (128 + signal when a signal ended it); SIGTERM, SIGINT or SIGUSR1 to this
+// process goes on to it once as SIGUSR1, then as SIGTERM
+// (launch/launch_command.cpp).
+int run_forwarding_signals(const std::vector<std::string>& argv, int* signals_forwarded = nullptr);
+
+// `loom plan --calibrate` (launch/plan_calibrate.cpp).
+int plan_calibrate(const std::vector<std::string>& args);
 
 // Datasets (launch/data_commands.cpp).
 bool is_dataset_folder(const std::string& path);

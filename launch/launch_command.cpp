@@ -83,11 +83,13 @@ void print_command(const LaunchCommand& command) {
   std::cout << shell_join(command.argv) << std::endl;
 }
 
+}  // namespace
+
 // Runs `argv` as a child in its own process group (so a terminal's Ctrl-C
 // reaches only loom launch, which passes it on once) and returns its exit
 // code (128 + signal when a signal ended it). Stop signals to this process
 // are forwarded as described at the top of this file.
-int run_forwarding_signals(const std::vector<std::string>& argv, int* signals_forwarded = nullptr) {
+int run_forwarding_signals(const std::vector<std::string>& argv, int* signals_forwarded) {
   sigset_t stop_signals, previous;
   sigemptyset(&stop_signals);
   for (const int signal : {SIGTERM, SIGINT, SIGUSR1}) sigaddset(&stop_signals, signal);
@@ -135,8 +137,6 @@ int run_forwarding_signals(const std::vector<std::string>& argv, int* signals_fo
   if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
   return kExitInternal;
 }
-
-}  // namespace
 
 // Runs `argv`, returns (exit code, stdout); stderr passes through.
 std::pair<int, std::string> capture_output(const std::vector<std::string>& argv) {

@@ -103,16 +103,6 @@ void install_stop_handlers() {
   for (const int signal : {SIGTERM, SIGINT, SIGUSR1}) ::sigaction(signal, &action, nullptr);
 }
 
-// Whether an MPI launcher started this process (Open MPI's mpirun, or srun
-// and other PMIx/PMI launchers): then MPI is initialized and the job may span
-// several ranks.
-bool launched_by_mpi() {
-  for (const char* variable : {"OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK"}) {
-    if (std::getenv(variable) != nullptr) return true;
-  }
-  return false;
-}
-
 // This process's rank as the MPI launcher numbered it (before MPI_Init), or 0.
 int launcher_rank() {
   for (const char* variable : {"OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK"}) {
@@ -228,6 +218,13 @@ int train_ranks(Config& config, TrainOptions options, bool check_only, const std
 }
 
 }  // namespace
+
+bool launched_by_mpi() {
+  for (const char* variable : {"OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK"}) {
+    if (std::getenv(variable) != nullptr) return true;
+  }
+  return false;
+}
 
 int command_train(const std::vector<std::string>& argv) {
   Args args("train", argv, {{"set", true, true, "override a config key, e.g. --set schedule.train_steps=100"},

@@ -5,6 +5,7 @@
 #include <deque>
 #include <map>
 #include <sstream>
+#include <stdexcept>
 #include <tuple>
 
 #include "util/error.h"
@@ -115,7 +116,19 @@ std::string to_string(const PipeAction& a, int64_t virtual_stages) {
 }
 
 PipeSimulation simulate_pipe_schedule(const PipeSchedule& s, double forward_time, double backward_time) {
+  const auto stages = static_cast<size_t>(s.stages * s.virtual_stages);
+  return simulate_pipe_schedule(s, PipeStageTimes{std::vector<double>(stages, forward_time),
+                                                  std::vector<double>(stages, backward_time), 0.0});
+}
+
+PipeSimulation simulate_pipe_schedule(const PipeSchedule& s, const PipeStageTimes& times) {
   const int64_t p = s.stages, last_stage = p * s.virtual_stages - 1;
+  if (static_cast<int64_t>(times.forward.size()) != last_stage + 1 ||
+      static_cast<int64_t>(times.backward.size()) != last_stage + 1) {
+    throw std::invalid_argument("simulate_pipe_schedule: " + std::to_string(times.forward.size()) + " forward and " +
+                                std::to_string(times.backward.size()) + " backward times for " +
+                                std::to_string(last_stage + 1) + " model stages");
+  }
   PipeSimulation sim;
   sim.idle_fraction.assign(p, 0.0);
   sim.peak_live.assign(p, 0);
@@ -148,7 +161,7 @@ PipeSimulation simulate_pipe_schedule(const PipeSchedule& s, double forward_time
             return sim;
           }
           queue.pop_front();
-          clock[r] = std::max(clock[r], sent);
+          clock[r] = std::max(clock[r], sent + times.transfer);
         } else if (a.op == PipeOp::kSendForward || a.op == PipeOp::kSendBackward) {
           const bool forward = a.op == PipeOp::kSendForward;
           const int64_t to_stage = forward ? stage + 1 : stage - 1;
@@ -159,7 +172,7 @@ PipeSimulation simulate_pipe_schedule(const PipeSchedule& s, double forward_time
           }
           channels[{r, rank_of_stage(to_stage), forward}].emplace_back(a.micro_batch, to_stage, clock[r]);
         } else {
-          const double duration = a.op == PipeOp::kForward ? forward_time : backward_time;
+          const double duration = a.op == PipeOp::kForward ? times.forward[stage] : times.backward[stage];
           sim.start_times[r].emplace_back(clock[r], a);
           clock[r] += duration;
           busy[r] += duration;

@@ -88,4 +88,13 @@ struct PipeSimulation {
 PipeSimulation simulate_pipe_schedule(const PipeSchedule& schedule, double forward_time = 1.0,
                                       double backward_time = 2.0);
 
+// The same with each model stage's own forward and backward time (a stage
+// with the head, or with one layer more, takes longer) and a message arriving
+// `transfer` after it is sent. `loom plan` predicts a pipelined step with it.
+struct PipeStageTimes {
+  std::vector<double> forward, backward;  // per model stage, p * v entries
+  double transfer = 0;
+};
+PipeSimulation simulate_pipe_schedule(const PipeSchedule& schedule, const PipeStageTimes& times);
+
 }  // namespace loom

@@ -1,0 +1,178 @@
+// `loom plan CONFIG --gpus N --gpus-per-node G --gpu-memory GiB [--machine PROFILE]`:
+// the config's valid parallel layouts on a cluster, with the predicted
+// memory per rank, step time and MFU of each, best first, and the config
+// lines of the best (plan/, docs/plan.md). `--layout SPEC` evaluates one
+// given layout; `--json` prints machine-readable results; `--calibrate`
+// measures this machine and writes a profile (launch/plan_calibrate.cpp).
+#include <algorithm>
+#include <cstdio>
+#include <iostream>
+#include <nlohmann/json.hpp>
+
+#include "launch/cli.h"
+#include "launch/commands.h"
+#include "plan/planner.h"
+#include "trainer/config.h"
+#include "trainer/model/llama.h"
+#include "util/error.h"
+
+namespace loom {
+
+namespace {
+
+using nlohmann::json;
+using plan::Candidate;
+
+constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+
+std::string fixed(double value, int decimals) {
+  char buffer[64];
+  std::snprintf(buffer, sizeof buffer, "%.*f", decimals, value);
+  return buffer;
+}
+
+json candidate_json(const Candidate& c) {
+  json ranks = json::array();
+  for (const plan::RankMemory& r : c.memory.ranks) {
+    ranks.push_back({{"pp_rank", r.pp_rank},
+                     {"parameters", r.parameters},
+                     {"params_bytes", r.params},
+                     {"grads_bytes", r.grads},
+                     {"optimizer_bytes", r.optimizer},
+                     {"zero_buffers_bytes", r.zero_buffers},
+                     {"weight_cache_bytes", r.weight_cache},
+                     {"activations_bytes", r.activations},
+                     {"pipeline_buffers_bytes", r.pipeline_buffers},
+                     {"transient_bytes", r.transient},
+                     {"peak_bytes", r.peak},
+                     {"peak_phase", r.peak_phase}});
+  }
+  const plan::Layout& l = c.layout;
+  return {{"layout",
+           {{"dp", l.dp}, {"tp", l.tp}, {"pp", l.pp}, {"schedule", l.schedule}, {"virtual_stages", l.virtual_stages},
+            {"zero_stage", l.zero_stage}, {"micro_batch", l.micro_batch}, {"recompute", l.recompute},
+            {"sequence_parallel", l.sequence_parallel}}},
+          {"describe", l.describe()},
+          {"fits", c.fits},
+          {"peak_bytes", c.memory.peak},
+          {"peak_pp_rank", c.memory.peak_pp_rank},
+          {"ranks", ranks},
+          {"step_s", c.time.total},
+          {"compute_s", c.time.compute},
+          {"tp_comm_s", c.time.tp_comm},
+          {"pipeline_s", c.time.pipeline},
+          {"bubble_s", c.time.bubble},
+          {"dp_comm_s", c.time.dp_comm},
+          {"optimizer_s", c.time.optimizer},
+          {"tokens_per_s", c.time.tokens_per_s},
+          {"mfu", c.time.mfu},
+          {"config_lines", l.config_lines()}};
+}
+
+void print_table(const std::vector<Candidate>& shown) {
+  std::printf("%3s  %-46s %9s %9s %8s %8s %8s %10s %6s\n", "#", "layout", "mem GiB", "act GiB", "step s", "bubble",
+              "dp+opt", "tok/s", "MFU");
+  for (size_t i = 0; i < shown.size(); ++i) {
+    const Candidate& c = shown[i];
+    const plan::RankMemory& worst = c.memory.ranks[c.memory.peak_pp_rank];
+    std::printf("%3zu  %-46s %9s %9s %8s %8s %8s %10s %5s%%%s\n", i + 1, c.layout.describe().c_str(),
+                fixed(c.memory.peak / kGiB, 2).c_str(), fixed(worst.activations / kGiB, 2).c_str(),
+                fixed(c.time.total, 3).c_str(), fixed(c.time.bubble, 3).c_str(),
+                fixed(c.time.dp_comm + c.time.optimizer, 3).c_str(), fixed(c.time.tokens_per_s, 0).c_str(),
+                fixed(100 * c.time.mfu, 1).c_str(), c.fits ? "" : "  (does not fit)");
+  }
+}
+
+}  // namespace
+
+int command_plan(const std::vector<std::string>& argv) {
+  if (std::find(argv.begin(), argv.end(), "--calibrate") != argv.end()) return plan_calibrate(argv);
+  Args args("plan", argv,
+            {{"gpus", true, false, "ranks in all (GPUs, or CPU ranks)"},
+             {"gpus-per-node", true, false, "ranks per node (default: --gpus, one node)"},
+             {"gpu-memory", true, false, "memory per rank, GiB"},
+             {"machine", true, false, "machine profile: a name in configs/machines/ or a .yaml path (default h100-node)"},
+             {"set", true, true, "KEY=VALUE override of the config"},
+             {"top", true, false, "how many layouts to print (default 10)"},
+             {"layout", true, false, "evaluate this one layout, e.g. dp=2,tp=1,pp=2,schedule=1f1b,mb=2"},
+             {"json", false, false, "print JSON instead of a table"}});
+  args.expect_positional(1, "CONFIG (a training config, e.g. configs/llama3-8b.yaml)");
+  const std::string config_path = args.positional()[0];
+  const Config config = load_config(config_path, args.all("set"));
+  plan::Problem problem = plan::Problem::from_config(config);
+  problem.gpus = args.get_int("gpus", 0);
+  if (problem.gpus < 1) throw BadInput("loom plan: --gpus N is required (N >= 1: the ranks to plan for)");
+  problem.gpus_per_node = args.get_int("gpus-per-node", problem.gpus);
+  if (problem.gpus_per_node < 1 || problem.gpus % problem.gpus_per_node != 0) {
+    throw BadInput("loom plan: --gpus-per-node " + std::to_string(problem.gpus_per_node) + " must be >= 1 and divide --gpus " +
+                   std::to_string(problem.gpus));
+  }
+  if (!args.has("gpu-memory")) throw BadInput("loom plan: --gpu-memory GiB is required (memory per rank)");
+  const double memory_gib = args.get_double("gpu-memory", 0);
+  if (!(memory_gib > 0)) throw BadInput("loom plan: --gpu-memory must be > 0 GiB");
+  problem.gpu_memory_bytes = memory_gib * kGiB;
+  const std::string profile_path = plan::resolve_machine_profile(args.get_or("machine", "h100-node"));
+  const plan::MachineProfile machine = plan::load_machine_profile(profile_path);
+  const bool as_json = args.has("json");
+
+  if (args.has("layout")) {
+    const plan::Layout layout = plan::parse_layout(args.require("layout"), "--layout");
+    if (const std::string why = plan::layout_problem(problem, layout); !why.empty()) {
+      throw BadInput("loom plan: --layout " + layout.describe() + " cannot train this config: " + why);
+    }
+    const Candidate candidate = plan::evaluate_layout(problem, layout, machine);
+    if (as_json) {
+      std::cout << candidate_json(candidate).dump(2) << "\n";
+    } else {
+      print_table({candidate});
+    }
+    return kExitOk;
+  }
+
+  const std::vector<Candidate> candidates = plan::plan_layouts(problem, machine);
+  if (candidates.empty()) {
+    throw BadInput("loom plan: no layout of " + config_path + " runs on " + std::to_string(problem.gpus) +
+                   " ranks: check that --gpus allows a tp dividing the heads (" + std::to_string(config.model.num_heads) +
+                   ") and kv heads, and that batch.global_batch_size (" + std::to_string(problem.global_batch) +
+                   ") is divisible by dp");
+  }
+  if (!candidates.front().fits) {
+    const Candidate& smallest = candidates.front();
+    throw BadInput("loom plan: no layout of " + config_path + " fits in " + fixed(memory_gib, 1) + " GiB per rank (" +
+                   fixed(100 * plan::kUsableMemoryFraction, 0) + "% usable): the smallest, " +
+                   smallest.layout.describe() + ", needs " + fixed(smallest.memory.peak / kGiB, 2) +
+                   " GiB; use more GPUs or a smaller micro-batch or model");
+  }
+  const auto top = static_cast<size_t>(std::max<int64_t>(1, args.get_int("top", 10)));
+  std::vector<Candidate> shown(candidates.begin(), candidates.begin() + std::min(top, candidates.size()));
+  if (as_json) {
+    json out = {{"config", config_path},
+                {"machine", {{"name", machine.name}, {"source", machine.source}, {"path", profile_path}}},
+                {"gpus", problem.gpus},
+                {"gpus_per_node", problem.gpus_per_node},
+                {"gpu_memory_gib", memory_gib},
+                {"layouts_valid", candidates.size()},
+                {"best", json::array()}};
+    for (const Candidate& c : shown) out["best"].push_back(candidate_json(c));
+    std::cout << out.dump(2) << "\n";
+    return kExitOk;
+  }
+  size_t fitting = 0;
+  for (const Candidate& c : candidates) fitting += c.fits ? 1 : 0;
+  std::cout << "loom plan: " << config_path << ": " << count_parameters(config.model) << " parameters, sequence "
+            << problem.seq_len << ", global batch " << problem.global_batch << " sequences, compute "
+            << config.precision.compute << "\n"
+            << "cluster: " << problem.gpus << " ranks, " << problem.gpus_per_node << " per node, " << fixed(memory_gib, 1)
+            << " GiB each; machine " << machine.name << " (" << profile_path << ", " << machine.source << ")\n"
+            << candidates.size() << " valid layouts, " << fitting << " fit in " << fixed(plan::kUsableMemoryFraction * 100, 0)
+            << "% of the memory; the fastest " << shown.size() << ":\n";
+  print_table(shown);
+  std::cout << "\nthe best layout, for the config file:\n";
+  for (const std::string& line : shown.front().layout.config_lines()) std::cout << "  " << line << "\n";
+  std::cout << "or on the command line:\n ";
+  for (const std::string& line : shown.front().layout.config_lines(/*set_flags=*/true)) std::cout << " " << line;
+  std::cout << "\n";
+  return kExitOk;
+}
+
+}  // namespace loom

@@ -1,0 +1,184 @@
+#include "plan/layout.h"
+
+#include <charconv>
+#include <map>
+
+#include "parallel/pipeline_schedule.h"
+#include "parallel/topology.h"
+#include "util/error.h"
+
+namespace loom::plan {
+
+Problem Problem::from_config(const Config& config) {
+  Problem problem;
+  problem.model = config.model;
+  problem.seq_len = config.data.seq_len > 0 ? config.data.seq_len : config.model.max_seq_len;
+  const int64_t dp = config.parallel.dp > 0 ? config.parallel.dp : 1;
+  problem.global_batch = config.batch.global_batch_size > 0 ? config.batch.global_batch_size
+                                                            : config.batch.micro_batch_size * dp;
+  problem.bf16 = config.precision.compute == "bf16";
+  problem.bucket_mb = config.parallel.bucket_mb;
+  return problem;
+}
+
+std::string Layout::describe() const {
+  std::string out = "dp " + std::to_string(dp) + " tp " + std::to_string(tp) + " pp " + std::to_string(pp);
+  if (pp > 1) {
+    out += " " + schedule;
+    if (virtual_stages > 1) out += " v" + std::to_string(virtual_stages);
+  }
+  out += " mb " + std::to_string(micro_batch);
+  if (zero_stage > 0) out += " zero1";
+  if (sequence_parallel) out += " sp";
+  if (recompute) out += " recompute";
+  return out;
+}
+
+std::vector<std::string> Layout::config_lines(bool set_flags) const {
+  const std::vector<std::pair<std::string, std::string>> entries = {
+      {"parallel.dp", std::to_string(dp)},
+      {"parallel.tp", std::to_string(tp)},
+      {"parallel.pp", std::to_string(pp)},
+      {"parallel.pp_schedule", schedule},
+      {"parallel.virtual_stages", std::to_string(virtual_stages)},
+      {"parallel.zero_stage", std::to_string(zero_stage)},
+      {"parallel.sequence_parallel", sequence_parallel ? "true" : "false"},
+      {"batch.micro_batch_size", std::to_string(micro_batch)},
+      {"model.recompute", recompute ? "full" : "none"},
+  };
+  std::vector<std::string> lines;
+  for (const auto& [key, value] : entries) lines.push_back(set_flags ? "--set " + key + "=" + value : key + ": " + value);
+  return lines;
+}
+
+void Layout::apply_to(Config& config) const {
+  config.parallel.dp = dp;
+  config.parallel.tp = tp;
+  config.parallel.pp = pp;
+  config.parallel.pp_schedule = schedule;
+  config.parallel.virtual_stages = virtual_stages;
+  config.parallel.zero_stage = zero_stage;
+  config.parallel.sequence_parallel = sequence_parallel;
+  config.batch.micro_batch_size = micro_batch;
+  config.model.recompute = recompute ? "full" : "none";
+}
+
+Layout parse_layout(const std::string& text, const std::string& flag) {
+  Layout layout;
+  auto refuse = [&](const std::string& why) -> BadInput {
+    return BadInput(flag + ": '" + text + "': " + why +
+                    " (expected KEY=VALUE pairs separated by commas, keys dp, tp, pp, schedule, v, zero, mb, "
+                    "recompute, sp; e.g. dp=2,tp=1,pp=2,schedule=1f1b,mb=2)");
+  };
+  auto integer = [&](const std::string& key, const std::string& value) {
+    int64_t out = 0;
+    auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), out);
+    if (value.empty() || ec != std::errc() || end != value.data() + value.size() || out < 0) {
+      throw refuse(key + " '" + value + "' is not a whole number");
+    }
+    return out;
+  };
+  auto boolean = [&](const std::string& key, const std::string& value) {
+    if (value == "1" || value == "true" || value == "full") return true;
+    if (value == "0" || value == "false" || value == "none") return false;
+    throw refuse(key + " '" + value + "' is not 0/1");
+  };
+  size_t start = 0;
+  while (start < text.size()) {
+    size_t comma = text.find(',', start);
+    if (comma == std::string::npos) comma = text.size();
+    const std::string item = text.substr(start, comma - start);
+    start = comma + 1;
+    const size_t eq = item.find('=');
+    if (eq == std::string::npos) throw refuse("'" + item + "' has no '='");
+    const std::string key = item.substr(0, eq), value = item.substr(eq + 1);
+    if (key == "dp") {
+      layout.dp = integer(key, value);
+    } else if (key == "tp") {
+      layout.tp = integer(key, value);
+    } else if (key == "pp") {
+      layout.pp = integer(key, value);
+    } else if (key == "schedule") {
+      layout.schedule = value;
+    } else if (key == "v") {
+      layout.virtual_stages = integer(key, value);
+    } else if (key == "zero") {
+      layout.zero_stage = integer(key, value);
+    } else if (key == "mb") {
+      layout.micro_batch = integer(key, value);
+    } else if (key == "recompute") {
+      layout.recompute = boolean(key, value);
+    } else if (key == "sp") {
+      layout.sequence_parallel = boolean(key, value);
+    } else {
+      throw refuse("unknown key '" + key + "'");
+    }
+  }
+  if (layout.dp < 1 || layout.tp < 1 || layout.pp < 1 || layout.micro_batch < 1 || layout.virtual_stages < 1) {
+    throw refuse("dp, tp, pp, v and mb must be at least 1");
+  }
+  if (layout.zero_stage > 1) throw refuse("zero must be 0 or 1");
+  return layout;
+}
+
+std::string layout_problem(const Problem& problem, const Layout& layout) {
+  if (layout.world() != problem.gpus) {
+    return "dp " + std::to_string(layout.dp) + " x tp " + std::to_string(layout.tp) + " x pp " +
+           std::to_string(layout.pp) + " = " + std::to_string(layout.world()) + " ranks, not --gpus " +
+           std::to_string(problem.gpus);
+  }
+  if (layout.tp > problem.gpus_per_node) {
+    return "tp " + std::to_string(layout.tp) + " spans nodes of " + std::to_string(problem.gpus_per_node) +
+           " GPUs (loom keeps a tensor-parallel group inside a node)";
+  }
+  // The refusals loom itself makes at start-up (ParallelDims::from_config,
+  // make_pipe_schedule), on a config with this layout.
+  Config config;
+  config.model = problem.model;
+  config.data.seq_len = problem.seq_len;
+  config.batch.global_batch_size = problem.global_batch;
+  layout.apply_to(config);
+  try {
+    ParallelDims::from_config(config, layout.world());
+    if (problem.global_batch % (layout.dp * layout.micro_batch) != 0) {
+      return "batch.global_batch_size (" + std::to_string(problem.global_batch) + ") is not divisible by dp x micro-batch";
+    }
+    if (layout.pp > 1) make_pipe_schedule(layout.schedule, layout.pp, layout.micro_batches(problem), layout.virtual_stages);
+  } catch (const BadInput& e) {
+    return e.what();
+  }
+  if (layout.pp * layout.virtual_stages > problem.model.num_layers) {
+    return "pp x virtual_stages (" + std::to_string(layout.pp * layout.virtual_stages) + ") exceeds model.num_layers (" +
+           std::to_string(problem.model.num_layers) + ")";
+  }
+  return "";
+}
+
+std::vector<Layout> enumerate_layouts(const Problem& problem) {
+  std::vector<Layout> layouts;
+  for (int64_t tp = 1; tp <= problem.gpus_per_node; ++tp) {
+    if (problem.gpus_per_node % tp != 0 || problem.gpus % tp != 0) continue;
+    for (int64_t pp = 1; pp <= problem.gpus / tp; ++pp) {
+      if ((problem.gpus / tp) % pp != 0) continue;
+      const int64_t dp = problem.gpus / (tp * pp);
+      std::vector<std::pair<std::string, int64_t>> schedules = {{"1f1b", 1}};
+      if (pp > 1) schedules = {{"afab", 1}, {"1f1b", 1}, {"interleaved", 2}, {"interleaved", 4}};
+      for (int64_t mb = 1; mb <= problem.global_batch / dp; mb *= 2) {
+        for (const auto& [schedule, v] : schedules) {
+          for (int64_t zero = 0; zero <= (dp > 1 ? 1 : 0); ++zero) {
+            for (const bool recompute : {false, true}) {
+              for (const bool sp : {false, true}) {
+                if (sp && tp == 1) continue;
+                Layout layout{dp, tp, pp, schedule, v, zero, mb, recompute, sp};
+                if (layout_problem(problem, layout).empty()) layouts.push_back(layout);
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  return layouts;
+}
+
+}  // namespace loom::plan

@@ -1,0 +1,272 @@
+#include "plan/memory_model.h"
+
+#include <algorithm>
+
+#include "parallel/pipeline.h"
+#include "parallel/pipeline_schedule.h"
+
+namespace loom::plan {
+
+namespace {
+
+constexpr double kFp32 = 4, kBf16 = 2, kInt64 = 8;
+
+// One model stage's parameters on one tp rank.
+ParameterCount stage_parameters(const ModelConfig& m, int64_t tp, const StageSpec& stage, bool split_model) {
+  ParameterCount count;
+  const int64_t h = m.hidden_size, d = m.head_size();
+  const int64_t q = m.num_heads * d / tp, kv = m.kv_heads() * d / tp, inter = m.intermediate_size / tp;
+  const int64_t vocab_rows = m.vocab_size / tp;
+  auto add = [&](int64_t elements, bool linear_weight) {
+    count.total += elements;
+    if (linear_weight) count.linear_weights += elements;
+    count.largest = std::max(count.largest, elements);
+  };
+  if (stage.has_embedding) add(vocab_rows * h, false);
+  // StageSpec's -1: through the last layer.
+  const int64_t layers = stage.num_layers < 0 ? m.num_layers - stage.first_layer : stage.num_layers;
+  for (int64_t layer = 0; layer < layers; ++layer) {
+    // Column-parallel q, k, v, gate, up: rows (and biases) split; row-parallel
+    // o and down: columns split, biases whole; the two norms whole.
+    add(q * h, true);
+    add(kv * h, true);
+    add(kv * h, true);
+    add(h * q, true);
+    add(inter * h, true);
+    add(inter * h, true);
+    add(h * inter, true);
+    if (m.qkv_bias()) add(q + 2 * kv, false);
+    if (m.o_bias()) add(h, false);
+    if (m.mlp_bias) add(2 * inter + h, false);
+    add(2 * h, false);
+  }
+  if (stage.has_head) {
+    add(h, false);  // model.norm
+    if (!m.tie_embeddings) {
+      add(vocab_rows * h, true);  // lm_head.weight
+    } else if (!stage.has_embedding && split_model) {
+      add(vocab_rows * h, false);  // the last stage's copy of the tied embedding
+    }
+    // (Tied, on the stage that has the embedding: the head multiplies by it.)
+    if (m.tie_embeddings) count.linear_weights += vocab_rows * h;  // the head casts it too
+  }
+  return count;
+}
+
+// Per token, for one tp rank (docs/plan.md, "Activations"): what autograd
+// saves in a decoder layer of loom's model, measured by listing the saved
+// tensors of the same ops. fp32: the layer's input, the first norm's
+// normalized value and output, rotated q and k, v, the attention output and
+// its log-sum-exp per head, the residual, the second norm's two, gate,
+// silu(gate), up and their product. bf16 autocast: the norms keep fp32
+// copies of their input and normalized value, the rest is bf16.
+double layer_bytes_per_token(const ModelConfig& m, int64_t tp, bool sp, bool bf16) {
+  const double h = static_cast<double>(m.hidden_size), d = static_cast<double>(m.head_size());
+  const double q = m.num_heads * d / tp, kv = m.kv_heads() * d / tp, inter = static_cast<double>(m.intermediate_size) / tp;
+  const double heads = static_cast<double>(m.num_heads) / tp;
+  // Under sequence parallelism the residual stream and the norms hold a
+  // slice of the tokens; the gathered inputs of the column-parallel
+  // projections are whole.
+  const double h_residual = sp ? h / tp : h;
+  if (!bf16) {
+    // input, normed1, residual, normed2 on the residual stream; the two
+    // norm outputs the projections read; the two rsqrt of each token.
+    return kFp32 * (4 * h_residual + 2 * h + 2 * q + 2 * kv + 4 * inter + heads + 2);
+  }
+  return kBf16 * h_residual /* input */ + 2 * (2 * kFp32 * h_residual) /* two norms' fp32 copies */ +
+         kBf16 * 2 * h /* norm outputs */ + kBf16 * (2 * q + 2 * kv + 4 * inter) + kFp32 * (heads + 2);
+}
+
+double dtype_bytes(bool bf16) { return bf16 ? kBf16 : kFp32; }
+
+// Short-lived tensors of the loss on the last stage, and of one layer's
+// backward, for one micro-batch of `tokens` tokens on one tp rank.
+struct Transients {
+  double head_forward = 0;   // logits (and their fp32 copy under bf16) beside the cross-entropy's saved values
+  double head_backward = 0;  // the cross-entropy's and the head's gradients
+  double layer_backward = 0; // the MLP's gradients and one weight gradient
+};
+
+Transients transients_of(const ModelConfig& m, int64_t tokens, int64_t tp, bool bf16) {
+  const double n = static_cast<double>(tokens), h = static_cast<double>(m.hidden_size);
+  const double vocab = static_cast<double>(m.vocab_size) / tp, inter = static_cast<double>(m.intermediate_size) / tp;
+  const double act = dtype_bytes(bf16);
+  Transients t;
+  t.head_forward = act * n * vocab + (bf16 ? kFp32 * n * vocab : 0);
+  // Without tp: log_softmax's gradient beside nll_loss's; with tp the
+  // vocabulary-parallel cross-entropy makes one. Then the head's weight and
+  // input gradients beside the logits' gradient.
+  const double cross_entropy = (tp > 1 ? 1 : 2) * kFp32 * n * vocab + (bf16 ? kBf16 * n * vocab : 0);
+  t.head_backward = std::max(cross_entropy, act * n * vocab + kFp32 * vocab * h + kFp32 * n * h);
+  // The MLP's backward: the gradients of silu(gate) and up beside those of
+  // the product (each saved input is released once its node has run), and
+  // one weight gradient.
+  t.layer_backward = 2 * act * n * inter + kFp32 * h * inter;
+  return t;
+}
+
+}  // namespace
+
+ParameterCount count_rank_parameters(const ModelConfig& model, int64_t tp, const std::vector<StageSpec>& stages,
+                                     bool split_model) {
+  ParameterCount total;
+  for (const StageSpec& stage : stages) {
+    const ParameterCount count = stage_parameters(model, tp, stage, split_model);
+    total.total += count.total;
+    total.linear_weights += count.linear_weights;
+    total.largest = std::max(total.largest, count.largest);
+  }
+  return total;
+}
+
+double layer_activation_bytes(const ModelConfig& model, int64_t tokens, int64_t tp, bool sequence_parallel, bool bf16,
+                              bool recompute) {
+  const double n = static_cast<double>(tokens);
+  if (recompute) {
+    const double h = static_cast<double>(model.hidden_size) / (sequence_parallel ? tp : 1);
+    return dtype_bytes(bf16) * n * h;
+  }
+  return n * layer_bytes_per_token(model, tp, sequence_parallel, bf16);
+}
+
+MemoryEstimate estimate_memory(const Problem& problem, const Layout& layout) {
+  const ModelConfig& m = problem.model;
+  const int64_t tp = layout.tp, p = layout.pp, v = layout.pp > 1 ? layout.virtual_stages : 1;
+  const int64_t model_stages = p * v;
+  const int64_t tokens = layout.micro_batch * problem.seq_len;
+  const int64_t micro_batches = layout.micro_batches(problem);
+  const bool sp = layout.sequence_parallel && tp > 1;
+  const bool zero = layout.zero_stage == 1 && layout.dp > 1;
+  const bool bf16 = problem.bf16;
+  const double act = dtype_bytes(bf16);
+  const double h = static_cast<double>(m.hidden_size), vocab = static_cast<double>(m.vocab_size) / tp;
+  // One activation crossing a stage boundary, [batch, tokens (/ tp with sp), hidden].
+  const double boundary = act * static_cast<double>(tokens) / (sp ? tp : 1) * h;
+  // The token ids of one micro-batch: [batch, seq + 1] int64 (inputs and targets are views of it).
+  const double ids = kInt64 * static_cast<double>(layout.micro_batch) * static_cast<double>(problem.seq_len + 1);
+  const Transients t = transients_of(m, tokens, tp, bf16);
+  const double per_layer = layer_activation_bytes(m, tokens, tp, sp, bf16, layout.recompute);
+  const double full_layer = layer_activation_bytes(m, tokens, tp, sp, bf16, false);
+  const double n = static_cast<double>(tokens);
+  // What the last stage keeps of the loss: the final norm (as a norm of a
+  // layer) and the cross-entropy's softmax or log-softmax over its vocabulary.
+  const double head_saved = (bf16 ? (2 * kFp32 + kBf16) * n * h : 3 * kFp32 * n * h) + kFp32 * n * vocab;
+  // With a pipeline the schedule of each rank; without, micro-batches one after another.
+  PipeSchedule schedule;
+  if (p > 1) {
+    schedule = make_pipe_schedule(layout.schedule, p, micro_batches, v);
+  } else {
+    schedule.kind = "sequential";
+    schedule.ranks.resize(1);
+    for (int64_t mb = 0; mb < micro_batches; ++mb) {
+      schedule.ranks[0].push_back({PipeOp::kForward, mb, 0});
+      schedule.ranks[0].push_back({PipeOp::kBackward, mb, 0});
+    }
+  }
+
+  MemoryEstimate estimate;
+  for (int64_t r = 0; r < p; ++r) {
+    RankMemory rank;
+    rank.pp_rank = r;
+    std::vector<StageSpec> specs;
+    for (int64_t c = 0; c < v; ++c) specs.push_back(pipeline_stage_spec(m.num_layers, model_stages, c * p + r));
+    const ParameterCount params = count_rank_parameters(m, tp, specs, model_stages > 1);
+    const double elements = static_cast<double>(params.total);
+    rank.parameters = params.total;
+    rank.params = kFp32 * elements;
+    rank.grads = kFp32 * elements;
+    // Note [ZeRO-1 layout] (parallel/zero.h): the flat vector is padded to a
+    // multiple of dp.
+    const double padded = zero ? static_cast<double>((params.total + layout.dp - 1) / layout.dp * layout.dp) : elements;
+    const double shard = padded / static_cast<double>(zero ? layout.dp : 1);
+    rank.optimizer = 2 * kFp32 * shard;
+    rank.zero_buffers = zero ? kFp32 * padded + kFp32 * shard : 0;
+    // bf16 on one rank: ComputeWeights keeps one bf16 cast of every weight;
+    // on several, autocast casts per forward and the graph keeps the casts
+    // until that micro-batch's backward.
+    const bool cached_casts = bf16 && layout.world() == 1;
+    rank.weight_cache = cached_casts ? kBf16 * static_cast<double>(params.linear_weights) : 0;
+    const double fixed = rank.params + rank.grads + rank.optimizer + rank.zero_buffers + rank.weight_cache;
+
+    // Per chunk: saved activations of one micro-batch, and its weight casts.
+    std::vector<double> chunk_saved(v, 0), chunk_casts(v, 0);
+    for (int64_t c = 0; c < v; ++c) {
+      chunk_saved[c] = static_cast<double>(specs[c].num_layers) * per_layer + (specs[c].has_head ? head_saved : 0);
+      if (bf16 && !cached_casts) {
+        chunk_casts[c] = kBf16 * static_cast<double>(count_rank_parameters(m, tp, {specs[c]}, model_stages > 1).linear_weights);
+      }
+    }
+    // Walk this rank's actions in order (Note [pipeline executor] in
+    // parallel/pipeline.h): what is alive after each, and each action's own
+    // short-lived tensors.
+    double saved = 0, kept = p > 1 ? ids * static_cast<double>(micro_batches) : ids;
+    auto consider = [&](double transient, const std::string& phase) {
+      const double total = fixed + saved + kept + transient;
+      if (total > rank.peak) {
+        rank.peak = total;
+        rank.activations = saved;
+        rank.pipeline_buffers = kept;
+        rank.transient = transient;
+        rank.peak_phase = phase;
+      }
+    };
+    for (const PipeAction& a : schedule.ranks[r]) {
+      const int64_t stage = a.chunk * p + r;
+      const StageSpec& spec = specs[a.chunk];
+      const std::string which = " of micro-batch " + std::to_string(a.micro_batch) +
+                                (v > 1 ? " chunk " + std::to_string(a.chunk) : "");
+      switch (a.op) {
+        case PipeOp::kRecvForward:
+          kept += boundary;  // the received input, kept with its gradient until the step ends
+          break;
+        case PipeOp::kForward:
+          saved += chunk_saved[a.chunk] + chunk_casts[a.chunk];
+          consider(spec.has_head ? t.head_forward : 0, "forward" + which);
+          if (stage < model_stages - 1) kept += boundary;  // the output, held by its send until the step ends
+          break;
+        case PipeOp::kSendForward:
+        case PipeOp::kSendBackward:
+          break;
+        case PipeOp::kRecvBackward:
+          kept += boundary;  // the output's gradient, until this backward is done
+          break;
+        case PipeOp::kBackward: {
+          // Backward starts at the loss, with everything saved; by the
+          // time the last layer's backward runs the head's saved values
+          // are gone, and with recomputation that layer is rebuilt.
+          if (spec.has_head) {
+            consider(t.head_backward, "backward of the loss" + which);
+            saved -= head_saved;
+          }
+          consider((layout.recompute ? full_layer : 0) + t.layer_backward, "backward of a layer" + which);
+          if (spec.has_head) saved += head_saved;
+          saved -= chunk_saved[a.chunk] + chunk_casts[a.chunk];
+          if (stage < model_stages - 1) kept -= boundary;
+          if (stage > 0) kept += boundary;  // the input's gradient, sent back and kept
+          break;
+        }
+      }
+    }
+    // After the micro-batches (their activations and buffers freed): the
+    // gradient reduction and the optimizer step.
+    saved = 0;
+    kept = 0;
+    if (zero) {
+      consider(kFp32 * padded, "ZeRO-1 gradient reduce-scatter");
+      consider(kFp32 * shard + 2 * kFp32 * std::min<double>(static_cast<double>(params.largest), shard),
+               "ZeRO-1 optimizer step and all-gather");
+    } else {
+      if (layout.dp > 1) consider(kFp32 * elements, "data-parallel gradient buckets");
+      // AdamW's step: sqrt(exp_avg_sq) and its quotient for the largest parameter.
+      consider(2 * kFp32 * static_cast<double>(params.largest), "optimizer step");
+    }
+    if (rank.peak > estimate.peak) {
+      estimate.peak = rank.peak;
+      estimate.peak_pp_rank = r;
+    }
+    estimate.ranks.push_back(rank);
+  }
+  return estimate;
+}
+
+}  // namespace loom::plan

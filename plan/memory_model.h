@@ -1,0 +1,72 @@
+// The bytes a layout makes each rank hold, following what loom's code
+// allocates (docs/plan.md, "Memory"):
+//   - parameters, their .grad and AdamW's exp_avg and exp_avg_sq, all fp32
+//     (precision.params is fp32 in this build), for this rank's tp shards of
+//     its pipeline chunks (parallel/tensor_parallel_model.h, parallel/pipeline.h);
+//   - ZeRO-1 (parallel/zero.h): AdamW state over 1/dp of the flat parameter
+//     vector, but also the whole flat fp32 copy of the parameters and the
+//     shard's gradient, and the flat gradient made for the reduce-scatter;
+//   - data-parallel gradient buckets (parallel/data_parallel.h): a flat copy
+//     of every gradient, all alive at the end of backward;
+//   - activations: what autograd saves per decoder layer for loom's ops
+//     (fp32, or bf16 autocast with its fp32 norms), per micro-batch in flight
+//     on this rank as the schedule orders its forwards and backwards;
+//     with recomputation only each layer's input, plus one layer rebuilt;
+//   - the pipeline executor's buffers, kept until the end of the step: each
+//     received activation and its gradient, each sent output;
+//   - the transients at the loss (logits and the cross-entropy's gradients)
+//     and in AdamW's step.
+// The peak is the largest of these sums over the step's phases.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "plan/layout.h"
+#include "trainer/model/llama.h"
+
+namespace loom::plan {
+
+// Elements of the parameters one rank holds: model stages `stages` (a
+// pipeline rank's chunks) at tensor-parallel degree `tp`, as loom's layer
+// factory shards them (column-parallel rows, row-parallel columns,
+// vocabulary rows of the embedding and head, norms and row biases whole). A
+// last stage of a split model with tied embeddings holds its own copy of the
+// embedding.
+struct ParameterCount {
+  int64_t total = 0;
+  int64_t linear_weights = 0;  // the matrices autocast casts to bf16 (projections, head)
+  int64_t largest = 0;         // elements of the largest single tensor
+};
+ParameterCount count_rank_parameters(const ModelConfig& model, int64_t tp, const std::vector<StageSpec>& stages,
+                                     bool split_model);
+
+// Bytes autograd keeps for one decoder layer and one micro-batch of `tokens`
+// tokens (micro_batch x seq_len) on one tp rank; with `recompute` only the
+// layer's input.
+double layer_activation_bytes(const ModelConfig& model, int64_t tokens, int64_t tp, bool sequence_parallel, bool bf16,
+                              bool recompute);
+
+struct RankMemory {
+  int64_t pp_rank = 0;
+  int64_t parameters = 0;  // elements held
+  double params = 0, grads = 0, optimizer = 0;  // bytes, always allocated
+  double zero_buffers = 0;     // ZeRO-1 flat parameters and shard gradient
+  double weight_cache = 0;     // bf16 weight casts kept for the step (one rank, bf16)
+  double activations = 0;      // at the peak: saved activations of the micro-batches in flight
+  double pipeline_buffers = 0; // at the peak: the executor's kept tensors, and the step's token ids
+  double transient = 0;        // at the peak: the phase's short-lived tensors
+  double peak = 0;
+  std::string peak_phase;      // "backward of micro-batch 3", "gradient buckets", "optimizer step", ...
+};
+
+struct MemoryEstimate {
+  std::vector<RankMemory> ranks;  // one per pipeline rank (dp and tp ranks hold the same)
+  double peak = 0;                // the largest, bytes
+  int64_t peak_pp_rank = 0;
+};
+
+MemoryEstimate estimate_memory(const Problem& problem, const Layout& layout);
+
+}  // namespace loom::plan

@@ -1,0 +1,29 @@
+#include "plan/planner.h"
+
+#include <algorithm>
+
+namespace loom::plan {
+
+Candidate evaluate_layout(const Problem& problem, const Layout& layout, const MachineProfile& machine) {
+  Candidate candidate;
+  candidate.layout = layout;
+  candidate.memory = estimate_memory(problem, layout);
+  candidate.time = estimate_step_time(problem, layout, machine);
+  candidate.fits = problem.gpu_memory_bytes <= 0 ||
+                   candidate.memory.peak <= kUsableMemoryFraction * problem.gpu_memory_bytes;
+  return candidate;
+}
+
+std::vector<Candidate> plan_layouts(const Problem& problem, const MachineProfile& machine) {
+  std::vector<Candidate> candidates;
+  for (const Layout& layout : enumerate_layouts(problem)) candidates.push_back(evaluate_layout(problem, layout, machine));
+  std::stable_sort(candidates.begin(), candidates.end(), [](const Candidate& a, const Candidate& b) {
+    if (a.fits != b.fits) return a.fits;
+    // Among equally fast layouts, the one that leaves more memory free.
+    if (a.fits && a.time.total != b.time.total) return a.time.total < b.time.total;
+    return a.memory.peak < b.memory.peak;
+  });
+  return candidates;
+}
+
+}  // namespace loom::plan

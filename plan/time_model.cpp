@@ -1,0 +1,198 @@
+#include "plan/time_model.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "parallel/pipeline.h"
+#include "parallel/pipeline_schedule.h"
+#include "plan/memory_model.h"
+#include "trainer/training.h"
+#include "util/error.h"
+
+namespace loom::plan {
+
+namespace {
+
+// ATen ops per decoder layer and micro-batch, forward and backward (each
+// has a fixed cost: dispatch, a kernel launch, autograd's bookkeeping).
+constexpr double kLayerOpsForward = 40, kLayerOpsBackward = 70;
+constexpr double kHeadOps = 30;  // norm, head, cross-entropy and their backward
+constexpr double kOptimizerOpsPerTensor = 12;
+
+struct StageCost {
+  double forward = 0, backward = 0;        // compute, one micro-batch
+  double tp_forward = 0, tp_backward = 0;  // its tensor-parallel collectives
+};
+
+}  // namespace
+
+double layer_elementwise_bytes(const ModelConfig& model, int64_t tokens, int64_t tp, bool sequence_parallel, bool bf16) {
+  const double h = static_cast<double>(model.hidden_size), d = static_cast<double>(model.head_size());
+  const double h_residual = sequence_parallel && tp > 1 ? h / tp : h;
+  const double q = model.num_heads * d / tp, kv = model.kv_heads() * d / tp;
+  const double inter = static_cast<double>(model.intermediate_size) / tp;
+  // Elements read and written per token: each RMSNorm squares, averages,
+  // takes rsqrt and multiplies twice (about 7 passes over the hidden size);
+  // two residual adds (3 each); rotary multiplies, negates, concatenates and
+  // adds (about 12 per element of q and k); silu and the product (5 per
+  // element of the intermediate size).
+  const double elements = 2 * 7 * h_residual + 2 * 3 * h_residual + 12 * (q + kv) + 5 * inter;
+  return (bf16 ? 2.0 : 4.0) * static_cast<double>(tokens) * elements;
+}
+
+const LinkProfile& link_of(const Problem& problem, const MachineProfile& machine, int64_t stride, int64_t size) {
+  return stride * size <= problem.gpus_per_node ? machine.intra_node : machine.inter_node;
+}
+
+double all_reduce_seconds(const LinkProfile& link, int64_t ranks, double bytes) {
+  if (ranks <= 1) return 0;
+  const double n = static_cast<double>(ranks);
+  return 2 * (n - 1) * link.latency_s + 2 * (n - 1) / n * bytes / link.bytes_per_s;
+}
+
+double all_gather_seconds(const LinkProfile& link, int64_t ranks, double bytes) {
+  if (ranks <= 1) return 0;
+  const double n = static_cast<double>(ranks);
+  return (n - 1) * link.latency_s + (n - 1) / n * bytes / link.bytes_per_s;
+}
+
+StepTime estimate_step_time(const Problem& problem, const Layout& layout, const MachineProfile& machine) {
+  const ModelConfig& m = problem.model;
+  const bool bf16 = problem.bf16;
+  if (machine.matmul_flops(bf16) <= 0 || machine.attention_flops(bf16) <= 0 || machine.peak_flops(bf16) <= 0) {
+    throw BadInput("machine profile '" + machine.name + "' has no " + (bf16 ? "bf16" : "fp32") +
+                   " rates (compute.matmul_flops, attention_flops, peak_flops), which precision.compute " +
+                   (bf16 ? "bf16" : "fp32") + " needs");
+  }
+  const int64_t tp = layout.tp, p = layout.pp, v = layout.pp > 1 ? layout.virtual_stages : 1;
+  const int64_t model_stages = p * v, micro_batches = layout.micro_batches(problem);
+  const bool sp = layout.sequence_parallel && tp > 1;
+  const double act = bf16 ? 2 : 4;
+  const double n = static_cast<double>(layout.micro_batch * problem.seq_len), s = static_cast<double>(problem.seq_len);
+  const double h = static_cast<double>(m.hidden_size), d = static_cast<double>(m.head_size());
+  const double q = m.num_heads * d / tp, kv = m.kv_heads() * d / tp, inter = static_cast<double>(m.intermediate_size) / tp;
+  const double vocab = static_cast<double>(m.vocab_size) / tp;
+  const double matmul_rate = machine.matmul_flops(bf16), attention_rate = machine.attention_flops(bf16);
+  const double bandwidth = machine.memory_bytes_per_s, op = machine.op_overhead_s;
+
+  // Tensor-parallel collectives of one micro-batch: the residual stream
+  // [batch, seq, hidden] in the compute dtype.
+  const LinkProfile& tp_link = link_of(problem, machine, 1, tp);
+  const double stream = act * n * h;
+  // Per layer, two in forward (after o_proj and down_proj) and two in
+  // backward (the gradients of the attention's and the MLP's inputs):
+  // all-reduces, or with sequence parallelism an all-gather and a
+  // reduce-scatter each.
+  const double tp_pair = sp ? 2 * all_gather_seconds(tp_link, tp, stream) : 2 * all_reduce_seconds(tp_link, tp, stream);
+  // The vocabulary-parallel cross-entropy's three small all-reduces (max,
+  // sum and target logit) of one value per token.
+  const double tp_loss = 3 * all_reduce_seconds(tp_link, tp, 4 * n);
+
+  std::vector<StageCost> stages(model_stages);
+  for (int64_t stage = 0; stage < model_stages; ++stage) {
+    const StageSpec spec = pipeline_stage_spec(m.num_layers, model_stages, stage);
+    const double layers = static_cast<double>(spec.num_layers);
+    const double layer_matmul = 2 * n * (h * q + 2 * h * kv + q * h + 3 * h * inter);
+    const double layer_attention = 4 * n * s * q;  // QK^T and AV, nominal (non-causal) FLOPs
+    const double layer_elementwise = layer_elementwise_bytes(m, layout.micro_batch * problem.seq_len, tp, sp, bf16);
+    const double layer_forward = layer_matmul / matmul_rate + layer_attention / attention_rate +
+                                 layer_elementwise / bandwidth + kLayerOpsForward * op;
+    const double layer_backward = 2 * layer_matmul / matmul_rate + 2 * layer_attention / attention_rate +
+                                  2 * layer_elementwise / bandwidth + kLayerOpsBackward * op;
+    StageCost& cost = stages[stage];
+    cost.forward = layers * layer_forward;
+    cost.backward = layers * (layer_backward + (layout.recompute ? layer_forward : 0));
+    cost.tp_forward = layers * tp_pair;
+    cost.tp_backward = layers * tp_pair * (layout.recompute ? 2 : 1);  // the rebuilt forward communicates again
+    if (spec.has_embedding) {
+      cost.forward += 4 * n * h / bandwidth;
+      cost.tp_forward += all_reduce_seconds(tp_link, tp, stream);
+    }
+    if (spec.has_head) {
+      const double head_matmul = 2 * n * h * vocab;
+      // Norm, then the cross-entropy's passes over the logits (max, exp, sum, softmax; its gradient).
+      const double head_elementwise = 4 * n * (7 * h + 4 * vocab);
+      cost.forward += head_matmul / matmul_rate + head_elementwise / bandwidth + kHeadOps / 2 * op;
+      cost.backward += 2 * head_matmul / matmul_rate + 2 * head_elementwise / bandwidth + kHeadOps / 2 * op;
+      cost.tp_forward += tp_loss;
+      cost.tp_backward += all_reduce_seconds(tp_link, tp, stream);  // copy_to_tp's gradient at the head's input
+    }
+  }
+
+  StepTime t;
+  // Each pipeline rank's compute and tp time over the step's micro-batches.
+  std::vector<double> rank_compute(p, 0), rank_tp(p, 0);
+  for (int64_t stage = 0; stage < model_stages; ++stage) {
+    rank_compute[stage % p] += static_cast<double>(micro_batches) * (stages[stage].forward + stages[stage].backward);
+    rank_tp[stage % p] += static_cast<double>(micro_batches) * (stages[stage].tp_forward + stages[stage].tp_backward);
+  }
+  const int64_t slowest = std::max_element(rank_compute.begin(), rank_compute.end()) - rank_compute.begin();
+  t.compute = rank_compute[slowest];
+  t.tp_comm = rank_tp[slowest];
+  if (p > 1) {
+    const PipeSchedule schedule = make_pipe_schedule(layout.schedule, p, micro_batches, v);
+    PipeStageTimes times;
+    for (const StageCost& cost : stages) {
+      times.forward.push_back(cost.forward + cost.tp_forward);
+      times.backward.push_back(cost.backward + cost.tp_backward);
+    }
+    const LinkProfile& pp_link = link_of(problem, machine, tp, p);
+    times.transfer = pp_link.latency_s + act * n / (sp ? tp : 1) * h / pp_link.bytes_per_s;
+    const PipeSimulation simulation = simulate_pipe_schedule(schedule, times);
+    t.pipeline = simulation.makespan;
+  } else {
+    t.pipeline = t.compute + t.tp_comm;
+  }
+  t.bubble = std::max(0.0, t.pipeline - t.compute - t.tp_comm);
+
+  // Data parallelism and the optimizer, on the rank with the most parameters.
+  const MemoryEstimate memory = estimate_memory(problem, layout);
+  int64_t most = 0;
+  for (const RankMemory& rank : memory.ranks) most = std::max(most, rank.parameters);
+  const double grad_bytes = 4 * static_cast<double>(most);
+  const LinkProfile& dp_link = link_of(problem, machine, tp * p, layout.dp);
+  const bool zero = layout.zero_stage == 1 && layout.dp > 1;
+  double state_elements = static_cast<double>(most);
+  if (zero) {
+    const double padded = std::ceil(static_cast<double>(most) / static_cast<double>(layout.dp)) * layout.dp;
+    state_elements = padded / static_cast<double>(layout.dp);
+    // Reduce-scatter of the flat gradient, all-gather of the flat parameters,
+    // and the copies into and out of the flat vectors.
+    t.dp_comm = 2 * all_gather_seconds(dp_link, layout.dp, 4 * padded);
+    t.optimizer += 20 * padded / machine.stream_bytes_per_s;
+  } else if (layout.dp > 1) {
+    const double buckets = std::max(1.0, std::ceil(grad_bytes / (problem.bucket_mb * 1024 * 1024)));
+    const double reduce = all_reduce_seconds(dp_link, layout.dp, grad_bytes) +
+                          (buckets - 1) * 2 * static_cast<double>(layout.dp - 1) * dp_link.latency_s;
+    // Each bucket's copy into its flat buffer and back.
+    t.optimizer += 16 * static_cast<double>(most) / machine.stream_bytes_per_s;
+    if (p == 1) {
+      // Buckets start while the last micro-batch's backward runs; the last
+      // one to fill (the embedding's) only after it.
+      const double hidden = machine.dp_overlap * stages[0].backward;
+      t.dp_comm = std::max(reduce - hidden, reduce / buckets);
+    } else {
+      t.dp_comm = reduce;
+    }
+  }
+  // Tensors the optimizer loops over: about ten per layer on the rank.
+  const double tensors = 10.0 * static_cast<double>(m.num_layers) / static_cast<double>(p) + 3;
+  t.optimizer +=
+      kOptimizerBytesPerElement * state_elements / machine.stream_bytes_per_s + kOptimizerOpsPerTensor * tensors * op;
+  // The tied embedding's gradient summed over the pipeline, and the step's
+  // small all-reduces (loss, gradient norm, stop agreement) over the world.
+  if (m.tie_embeddings && model_stages > 1) {
+    t.dp_comm += all_reduce_seconds(link_of(problem, machine, tp, p), p, 4 * vocab * h);
+  }
+  const LinkProfile& world_link = link_of(problem, machine, 1, layout.world());
+  t.dp_comm += 4 * all_reduce_seconds(world_link, layout.world(), 8);
+
+  t.total = t.pipeline + t.dp_comm + t.optimizer;
+  const double tokens = static_cast<double>(problem.global_batch * problem.seq_len);
+  t.tokens_per_s = tokens / t.total;
+  t.mfu = t.tokens_per_s * flops_per_token(m, problem.seq_len) /
+          (machine.peak_flops(bf16) * static_cast<double>(layout.world()));
+  return t;
+}
+
+}  // namespace loom::plan

@@ -1,0 +1,227 @@
+// loom plan's layouts, memory model and time model (plan/) on hand-checked cases.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+
+#include "parallel/pipeline.h"
+#include "plan/planner.h"
+#include "trainer/model/layers.h"
+#include "trainer/model/llama.h"
+#include "util/error.h"
+
+namespace loom::plan {
+namespace {
+
+// configs/tiny.yaml's model, batch and sequence.
+Problem tiny_problem(int64_t gpus) {
+  Problem problem;
+  problem.model.hidden_size = 128;
+  problem.model.intermediate_size = 384;
+  problem.model.num_layers = 8;
+  problem.model.num_heads = 8;
+  problem.model.num_kv_heads = 4;
+  problem.model.vocab_size = 2048;
+  problem.model.max_seq_len = 128;
+  problem.seq_len = 128;
+  problem.global_batch = 16;
+  problem.bucket_mb = 1.0;
+  problem.gpus = gpus;
+  problem.gpus_per_node = gpus;
+  return problem;
+}
+
+int64_t numel_of(const torch::nn::Module& module) {
+  int64_t total = 0;
+  for (const auto& p : module.parameters()) total += p.numel();
+  return total;
+}
+
+// A profile whose only cost is compute (no communication, overhead or optimizer time to speak of).
+MachineProfile compute_only() {
+  MachineProfile m;
+  m.name = "compute-only";
+  m.source = "specification";
+  m.peak_flops_fp32 = m.matmul_flops_fp32 = m.attention_flops_fp32 = 1e10;
+  m.memory_bytes_per_s = m.stream_bytes_per_s = 1e30;
+  m.intra_node = m.inter_node = {1e30, 0};
+  return m;
+}
+
+TEST(PlanParameters, whole_model_counts_equal_the_models_tensors) {
+  for (const bool tied : {false, true}) {
+    for (const char* architecture : {"llama", "qwen2"}) {
+      ModelConfig model = tiny_problem(1).model;
+      model.tie_embeddings = tied;
+      model.architecture = architecture;
+      LocalLayerFactory factory;
+      LlamaForCausalLM llama(model, factory);
+      const ParameterCount count = count_rank_parameters(model, 1, {StageSpec{}}, false);
+      EXPECT_EQ(count.total, numel_of(llama)) << architecture << " tied " << tied;
+      EXPECT_EQ(count.total, count_parameters(model));
+      EXPECT_EQ(count.largest, model.vocab_size * model.hidden_size);
+    }
+  }
+}
+
+TEST(PlanParameters, pipeline_ranks_hold_what_loom_builds_for_them) {
+  // 8 layers over 3 stages split 3, 3, 2 (pipeline_stage_spec); tied: the
+  // last stage holds its own copy of the embedding.
+  for (const bool tied : {false, true}) {
+    Problem problem = tiny_problem(3);
+    problem.model.tie_embeddings = tied;
+    const Layout layout{1, 1, 3, "afab", 1, 0, 1, false, false};
+    const MemoryEstimate memory = estimate_memory(problem, layout);
+    ASSERT_EQ(memory.ranks.size(), 3u);
+    const PipeSchedule schedule = make_pipe_schedule("afab", 3, 16, 1);
+    LocalLayerFactory factory;
+    for (int64_t r = 0; r < 3; ++r) {
+      int64_t built = 0;
+      for (const auto& chunk : build_pipeline_chunks(problem.model, factory, schedule, r)) built += numel_of(*chunk);
+      EXPECT_EQ(memory.ranks[r].parameters, built) << "rank " << r << " tied " << tied;
+      EXPECT_DOUBLE_EQ(memory.ranks[r].params, 4.0 * static_cast<double>(built));
+      EXPECT_DOUBLE_EQ(memory.ranks[r].grads, 4.0 * static_cast<double>(built));
+      EXPECT_DOUBLE_EQ(memory.ranks[r].optimizer, 8.0 * static_cast<double>(built));
+    }
+  }
+}
+
+TEST(PlanParameters, tensor_parallel_shards_by_hand) {
+  // tiny, tp 2: per layer q 64x128, k and v 32x128, o 128x64, gate and up
+  // 192x128, down 128x192, two norms of 128; embedding and head 1024x128;
+  // final norm 128.
+  const ModelConfig model = tiny_problem(2).model;
+  const int64_t layer = 64 * 128 + 2 * 32 * 128 + 128 * 64 + 2 * 192 * 128 + 128 * 192 + 2 * 128;
+  const int64_t expected = 8 * layer + 2 * 1024 * 128 + 128;
+  EXPECT_EQ(count_rank_parameters(model, 2, {StageSpec{}}, false).total, expected);
+}
+
+TEST(PlanMemory, zero1_divides_the_optimizer_state_by_dp_and_keeps_a_flat_copy) {
+  Problem problem = tiny_problem(4);
+  const int64_t params = count_parameters(problem.model);
+  const MemoryEstimate plain = estimate_memory(problem, Layout{4, 1, 1, "1f1b", 1, 0, 1, false, false});
+  const MemoryEstimate zero = estimate_memory(problem, Layout{4, 1, 1, "1f1b", 1, 1, 1, false, false});
+  const double shard = static_cast<double>((params + 3) / 4);
+  EXPECT_DOUBLE_EQ(plain.ranks[0].optimizer, 8.0 * static_cast<double>(params));
+  EXPECT_DOUBLE_EQ(zero.ranks[0].optimizer, 8.0 * shard);
+  // parallel/zero.h: the whole flat fp32 parameter vector (padded) and the shard's gradient.
+  EXPECT_DOUBLE_EQ(zero.ranks[0].zero_buffers, 4.0 * shard * 4 + 4.0 * shard);
+  EXPECT_DOUBLE_EQ(zero.ranks[0].params, plain.ranks[0].params);
+}
+
+TEST(PlanMemory, activations_grow_with_the_micro_batch_and_shrink_with_recomputation) {
+  const ModelConfig model = tiny_problem(1).model;
+  const double one = layer_activation_bytes(model, 256, 1, false, false, false);
+  EXPECT_DOUBLE_EQ(layer_activation_bytes(model, 512, 1, false, false, false), 2 * one);
+  // fp32 per token: 6 h + 2 q + 2 kv + 4 intermediate + heads + 2 floats.
+  EXPECT_DOUBLE_EQ(one, 256.0 * 4 * (6 * 128 + 2 * 128 + 2 * 64 + 4 * 384 + 8 + 2));
+  EXPECT_DOUBLE_EQ(layer_activation_bytes(model, 256, 1, false, false, true), 256.0 * 4 * 128);
+  EXPECT_LT(layer_activation_bytes(model, 256, 2, false, false, false), one);
+}
+
+TEST(PlanMemory, afab_keeps_more_micro_batches_in_flight_than_1f1b) {
+  const Problem problem = tiny_problem(2);
+  const MemoryEstimate afab = estimate_memory(problem, Layout{1, 1, 2, "afab", 1, 0, 1, false, false});
+  const MemoryEstimate one_f_one_b = estimate_memory(problem, Layout{1, 1, 2, "1f1b", 1, 0, 1, false, false});
+  EXPECT_GT(afab.ranks[0].activations, 4 * one_f_one_b.ranks[0].activations);
+}
+
+TEST(PlanLayouts, invalid_layouts_are_refused_with_the_reason) {
+  Problem problem = tiny_problem(2);
+  EXPECT_EQ(layout_problem(problem, Layout{1, 2, 1, "1f1b", 1, 0, 2, false, false}), "");
+  problem.gpus = problem.gpus_per_node = 3;
+  EXPECT_NE(layout_problem(problem, Layout{1, 3, 1, "1f1b", 1, 0, 2, false, false}).find("num_heads"), std::string::npos);
+  problem.gpus = problem.gpus_per_node = 16;
+  EXPECT_NE(layout_problem(problem, Layout{1, 1, 16, "1f1b", 1, 0, 1, false, false}).find("num_layers"),
+            std::string::npos);
+  problem.gpus = problem.gpus_per_node = 2;
+  EXPECT_NE(layout_problem(problem, Layout{2, 1, 1, "1f1b", 1, 0, 3, false, false}).find("divisible"),
+            std::string::npos);
+  EXPECT_NE(layout_problem(problem, Layout{1, 1, 2, "interleaved", 2, 0, 16, false, false}).find("interleaved"),
+            std::string::npos);  // one micro-batch: not a multiple of pp
+  EXPECT_NE(layout_problem(problem, Layout{1, 1, 1, "1f1b", 1, 0, 2, false, false}).find("--gpus"), std::string::npos);
+  problem.gpus = 4;
+  problem.gpus_per_node = 2;
+  EXPECT_NE(layout_problem(problem, Layout{1, 4, 1, "1f1b", 1, 0, 2, false, false}).find("spans nodes"),
+            std::string::npos);
+}
+
+TEST(PlanLayouts, enumeration_gives_only_valid_layouts_of_the_world_size) {
+  const Problem problem = tiny_problem(4);
+  const std::vector<Layout> layouts = enumerate_layouts(problem);
+  ASSERT_FALSE(layouts.empty());
+  for (const Layout& layout : layouts) {
+    EXPECT_EQ(layout.world(), 4);
+    EXPECT_EQ(layout_problem(problem, layout), "") << layout.describe();
+  }
+}
+
+TEST(PlanLayouts, parse_layout_reads_every_key_and_refuses_unknown_ones) {
+  const Layout layout = parse_layout("dp=2,tp=1,pp=2,schedule=interleaved,v=2,zero=1,mb=4,recompute=1,sp=0", "--layout");
+  EXPECT_EQ(layout, (Layout{2, 1, 2, "interleaved", 2, 1, 4, true, false}));
+  EXPECT_THROW(parse_layout("dp=2,cp=2", "--layout"), BadInput);
+  EXPECT_THROW(parse_layout("dp=x", "--layout"), BadInput);
+}
+
+TEST(PlanTime, collectives_follow_the_ring_formulas) {
+  const LinkProfile link{1e9, 1e-6};
+  EXPECT_DOUBLE_EQ(all_reduce_seconds(link, 1, 1e9), 0.0);
+  EXPECT_DOUBLE_EQ(all_reduce_seconds(link, 4, 1e9), 6e-6 + 1.5);
+  EXPECT_DOUBLE_EQ(all_gather_seconds(link, 4, 1e9), 3e-6 + 0.75);
+}
+
+TEST(PlanTime, data_parallel_halves_the_compute_and_the_bubble_follows_the_schedule) {
+  const MachineProfile machine = compute_only();
+  const Problem one = tiny_problem(1), two = tiny_problem(2);
+  const StepTime single = estimate_step_time(one, Layout{1, 1, 1, "1f1b", 1, 0, 2, false, false}, machine);
+  const StepTime dp2 = estimate_step_time(two, Layout{2, 1, 1, "1f1b", 1, 0, 2, false, false}, machine);
+  EXPECT_NEAR(dp2.pipeline, single.pipeline / 2, 1e-9 * single.pipeline);
+  EXPECT_DOUBLE_EQ(single.bubble, 0.0);
+  // pp 2, 8 micro-batches: the pipeline takes longer than its busiest rank,
+  // interleaving shortens the wait, and recomputation adds a forward.
+  const StepTime pp2 = estimate_step_time(two, Layout{1, 1, 2, "1f1b", 1, 0, 2, false, false}, machine);
+  const StepTime interleaved = estimate_step_time(two, Layout{1, 1, 2, "interleaved", 2, 0, 2, false, false}, machine);
+  EXPECT_GT(pp2.bubble, 0.0);
+  EXPECT_LT(interleaved.bubble, pp2.bubble);
+  const StepTime recompute = estimate_step_time(one, Layout{1, 1, 1, "1f1b", 1, 0, 2, true, false}, machine);
+  EXPECT_GT(recompute.compute, single.compute * 1.2);
+}
+
+TEST(PlanTime, planner_puts_fitting_layouts_first_and_the_fastest_first_among_them) {
+  Problem problem = tiny_problem(4);
+  problem.gpu_memory_bytes = 1e12;
+  const std::vector<Candidate> candidates = plan_layouts(problem, compute_only());
+  ASSERT_GT(candidates.size(), 2u);
+  for (size_t i = 1; i < candidates.size(); ++i) {
+    if (candidates[i].fits && candidates[i - 1].fits) {
+      EXPECT_LE(candidates[i - 1].time.total, candidates[i].time.total);
+    }
+  }
+}
+
+TEST(PlanProfile, profiles_round_trip_and_a_missing_key_is_named) {
+  const std::filesystem::path dir = std::filesystem::temp_directory_path() / "loom-test-plan-profile";
+  std::filesystem::create_directories(dir);
+  MachineProfile profile = compute_only();
+  profile.source = "measured";
+  profile.op_overhead_s = 3e-6;
+  save_machine_profile(profile, (dir / "p.yaml").string());
+  const MachineProfile loaded = load_machine_profile((dir / "p.yaml").string());
+  EXPECT_DOUBLE_EQ(loaded.matmul_flops_fp32, 1e10);
+  EXPECT_DOUBLE_EQ(loaded.op_overhead_s, 3e-6);
+  std::ofstream(dir / "bad.yaml") << "name: x\nsource: measured\ncompute: {peak_flops: {fp32: 1}}\n";
+  try {
+    load_machine_profile((dir / "bad.yaml").string());
+    FAIL() << "a profile without matmul_flops was accepted";
+  } catch (const BadInput& e) {
+    EXPECT_NE(std::string(e.what()).find("matmul_flops"), std::string::npos) << e.what();
+  }
+  const MachineProfile h100 = load_machine_profile(std::string(LOOM_SOURCE_DIR) + "/configs/machines/h100-node.yaml");
+  EXPECT_EQ(h100.source, "specification");
+  EXPECT_DOUBLE_EQ(h100.peak_flops_bf16, 9.89e14);
+  std::filesystem::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace loom::plan
