@@ -6,8 +6,9 @@ one thread per rank. For each, the measured step time (median over the steps
 after the first two) and the peak of tensor bytes per rank (metrics.jsonl's
 mem_tensor_peak_bytes, loom's own allocation count; the largest over ranks)
 are set beside `loom plan --layout ... --json`'s prediction for the same
-layout on a machine profile written by `loom plan --calibrate` on this
-machine at the start. Prints each layout's errors, the largest, and the
+layout on machine profiles written by `loom plan --calibrate` on this
+machine at the start (one per rank count: with one rank and with two ranks
+measuring at once). Prints each layout's errors, the largest, and the
 Spearman rank correlation of predicted and measured step times; writes the
 numbers to --out as JSON.
 
@@ -161,41 +162,61 @@ def main():
     dataset = work / "dataset"
     if not (dataset / "index.json").exists():
         write_dataset(args.dataset_tool, dataset)
-    profile = Path(args.profile) if args.profile else work / "this-machine.yaml"
-    if not args.profile:
-        print(f"calibrating (load {load():.2f}) ...", flush=True)
-        subprocess.run([args.loom, "plan", "--calibrate", str(args.config), "--output", str(profile),
-                        *set_args({**MODEL, "batch.micro_batch_size": 2})],
-                       check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     chosen = LAYOUTS if not args.only else [LAYOUTS[int(i) - 1] for i in args.only.split(",")]
-    results = []
-    for name, ranks, spec in chosen:
-        measured_t, measured_m, loads, per_rank = [], [], [], None
-        for _ in range(args.repeats):
-            loads.append(load())
+    # A machine's rates depend on how many ranks share it (cores, caches and
+    # the memory bus): one profile per rank count, each measured with that
+    # many ranks busy at once, as `loom plan --calibrate --ranks N` does. The
+    # machine is shared, so each round measures the profiles again and then
+    # runs every layout once; predictions and measurements are each the
+    # median over the rounds.
+    rank_counts = sorted({r for _, r, _ in chosen})
+    rounds = []
+    for round_number in range(args.repeats):
+        profiles = {}
+        for ranks in rank_counts:
+            profiles[ranks] = Path(args.profile) if args.profile else work / f"this-machine-{ranks}-{round_number}.yaml"
+            if not args.profile:
+                print(f"round {round_number + 1}: calibrating on {ranks} rank(s) (load {load():.2f}) ...", flush=True)
+                subprocess.run([args.loom, "plan", "--calibrate", str(args.config), "--output", str(profiles[ranks]),
+                                "--ranks", str(ranks), *set_args({**MODEL, "batch.micro_batch_size": 2})],
+                               check=True, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True)
+        runs = []
+        for name, ranks, spec in chosen:
+            before = load()
             t, m, per_rank = run_layout(args, dataset, "run", ranks, spec, args.steps, str(work / "runs"))
-            measured_t.append(t)
-            measured_m.append(m)
-        pred_t, pred_m, pred_ranks = predict(args, ranks, spec, profile)
-        row = {"name": name, "ranks": ranks, "layout": spec, "measured_step_s": statistics.median(measured_t),
-               "measured_step_s_all": measured_t, "predicted_step_s": pred_t,
-               "measured_peak_bytes": statistics.median(measured_m), "measured_peak_bytes_per_rank": per_rank,
-               "predicted_peak_bytes": pred_m, "predicted_peak_bytes_per_pp_rank": pred_ranks,
-               "load_before_runs": loads}
-        row["time_error"] = pred_t / row["measured_step_s"] - 1
-        row["memory_error"] = pred_m / row["measured_peak_bytes"] - 1
+            pred_t, pred_m, pred_ranks = predict(args, ranks, spec, profiles[ranks])
+            runs.append({"t": t, "m": m, "per_rank": per_rank, "pred_t": pred_t, "pred_m": pred_m,
+                         "pred_ranks": pred_ranks, "load": before})
+            print(f"  round {round_number + 1} {name:32s} {t:.3f} s (predicted {pred_t:.3f}), load {before:.2f}",
+                  flush=True)
+        rounds.append({"profiles": {r: str(p) for r, p in profiles.items()}, "runs": runs})
+    results = []
+    for i, (name, ranks, spec) in enumerate(chosen):
+        runs = [r["runs"][i] for r in rounds]
+        row = {"name": name, "ranks": ranks, "layout": spec,
+               "measured_step_s": statistics.median(r["t"] for r in runs),
+               "measured_step_s_all": [r["t"] for r in runs],
+               "predicted_step_s": statistics.median(r["pred_t"] for r in runs),
+               "predicted_step_s_all": [r["pred_t"] for r in runs],
+               "measured_peak_bytes": statistics.median(r["m"] for r in runs),
+               "measured_peak_bytes_per_rank": runs[-1]["per_rank"],
+               "predicted_peak_bytes": runs[-1]["pred_m"], "predicted_peak_bytes_per_pp_rank": runs[-1]["pred_ranks"],
+               "load_before_runs": [r["load"] for r in runs]}
+        row["time_error"] = row["predicted_step_s"] / row["measured_step_s"] - 1
+        row["memory_error"] = row["predicted_peak_bytes"] / row["measured_peak_bytes"] - 1
         results.append(row)
-        print(f"{name:32s} step {row['measured_step_s']:.3f} s, predicted {pred_t:.3f} ({100 * row['time_error']:+.1f}%)"
-              f" | peak {row['measured_peak_bytes'] / 2**20:8.2f} MiB, predicted {pred_m / 2**20:8.2f}"
-              f" ({100 * row['memory_error']:+.1f}%) | load {statistics.median(loads):.2f}", flush=True)
+        print(f"{name:32s} step {row['measured_step_s']:.3f} s, predicted {row['predicted_step_s']:.3f} "
+              f"({100 * row['time_error']:+.1f}%) | peak {row['measured_peak_bytes'] / 2**20:8.2f} MiB, predicted "
+              f"{row['predicted_peak_bytes'] / 2**20:8.2f} ({100 * row['memory_error']:+.1f}%) | load "
+              f"{statistics.median(row['load_before_runs']):.2f}", flush=True)
     rho = spearman([r["predicted_step_s"] for r in results], [r["measured_step_s"] for r in results])
     worst_t = max(abs(r["time_error"]) for r in results)
     worst_m = max(abs(r["memory_error"]) for r in results)
     print(f"\nlargest step-time error {100 * worst_t:.1f}%, largest memory error {100 * worst_m:.1f}%, "
-          f"Spearman {rho:.3f} over {len(results)} layouts; profile {profile}")
+          f"Spearman {rho:.3f} over {len(results)} layouts, {args.repeats} rounds")
     if args.out:
         Path(args.out).write_text(json.dumps({"results": results, "spearman": rho, "max_time_error": worst_t,
-                                              "max_memory_error": worst_m, "profile": str(profile),
+                                              "max_memory_error": worst_m, "rounds": rounds,
                                               "date": time.strftime("%Y-%m-%d %H:%M")}, indent=2) + "\n")
 
 

@@ -21,9 +21,10 @@
 //                     elements as the model has: plan::kOptimizerBytesPerElement
 //                     per element / time
 //   op_overhead_s     one add of two one-element tensors
-//   links             all-reduce of 8 bytes (latency) and of 16 MiB (bus
-//                     bandwidth) over the ranks; the same figures are written
-//                     for inter_node, since one machine has no second node
+//   links             all-reduce of 8 bytes (latency) and of one micro-batch's
+//                     residual stream, at least 1 MiB (bus bandwidth), over the
+//                     ranks; the same figures are written for inter_node, since
+//                     one machine has no second node
 #include <unistd.h>
 
 #include <algorithm>
@@ -55,7 +56,10 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// The median of `repeats` timings of `work` (after one untimed run), seconds.
+// The median of `repeats` timings of `work` (after one untimed run),
+// seconds. The median rather than the fastest: the ranks measure at once,
+// as they train, and the fastest timing would be one in which another rank
+// happened to leave the shared core, cache or memory bus alone.
 template <typename F>
 double median_seconds(int repeats, F work) {
   work();
@@ -91,7 +95,7 @@ double matmul_rate(const Shapes& s, at::ScalarType dtype) {
   for (const auto& [in, out] : linears) {
     const at::Tensor x = at::full({s.tokens, in}, 0.5, options), w = at::full({out, in}, 0.25, options);
     const at::Tensor g = at::full({s.tokens, out}, 0.125, options);
-    seconds += median_seconds(3, [&] {
+    seconds += median_seconds(5, [&] {
       at::Tensor y = at::matmul(x, w.t());
       at::Tensor dx = at::matmul(g, w);
       at::Tensor dw = at::matmul(g.t(), x);
@@ -174,18 +178,21 @@ double op_overhead() {
          kOps;
 }
 
-// Latency (per ring step) and bus bandwidth of `group`'s all-reduce.
-plan::LinkProfile measure_link(ProcessGroup& group) {
+// Latency (per ring step) and bus bandwidth of `group`'s all-reduce: 8
+// bytes for the latency; for the bandwidth the model's residual stream of
+// one micro-batch ([tokens, hidden] fp32, at least 1 MiB), the message
+// tensor parallelism sends four times per layer.
+plan::LinkProfile measure_link(ProcessGroup& group, const Shapes& s) {
   const double n = static_cast<double>(group.size());
   const double steps = 2 * (n - 1);
   at::Tensor small = at::ones({2});
   const double small_s = median_seconds(50, [&] { group.all_reduce(small)->wait(); });
-  constexpr int64_t kLarge = 4 * 1024 * 1024;  // floats: 16 MiB
-  at::Tensor large = at::ones({kLarge});
-  const double large_s = median_seconds(5, [&] { group.all_reduce(large)->wait(); });
+  const int64_t floats = std::max<int64_t>(s.tokens * s.hidden, 256 * 1024);
+  at::Tensor large = at::ones({floats});
+  const double large_s = median_seconds(9, [&] { group.all_reduce(large)->wait(); });
   plan::LinkProfile link;
   link.latency_s = small_s / steps;
-  link.bytes_per_s = steps / n * 4.0 * kLarge / std::max(large_s - steps * link.latency_s, 1e-9);
+  link.bytes_per_s = steps / n * 4.0 * static_cast<double>(floats) / std::max(large_s - steps * link.latency_s, 1e-9);
   return link;
 }
 
@@ -259,7 +266,7 @@ int plan_calibrate(const std::vector<std::string>& argv) {
   profile.dp_overlap = 0.0;
   if (world && world->size() > 1) {
     together();
-    profile.intra_node = measure_link(*world);
+    profile.intra_node = measure_link(*world, shapes);
   } else {
     profile.intra_node = {1e10, 1e-6};
     profile.notes += "; links not measured (one rank): placeholders";
