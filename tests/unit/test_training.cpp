@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include <c10/core/CPUAllocator.h>
 #include <torch/cuda.h>
 #include <torch/nn/functional/loss.h>
 
@@ -21,6 +22,7 @@
 #include "tests/unit/bad_input.h"
 #include "tests/unit/random_dataset.h"
 #include "data/dataset.h"
+#include "trainer/tensor_memory.h"
 #include "trainer/training_checkpoint.h"
 #include "util/error.h"
 #include "util/file_io.h"
@@ -170,6 +172,42 @@ TEST_F(TrainingTest, MetricsHaveTheContractFieldsAndLossesRoundTrip) {
   EXPECT_EQ(records.back()["loss"].get<double>(), result.last_loss);
   EXPECT_GT(result.peak_flops, 0.0);
   EXPECT_TRUE(fs::exists(result.run_dir + "/config.yaml"));
+}
+
+TEST(TensorMemory, CountsLiveCpuTensorBytesAndTheirPeak) {
+  install_tensor_memory_counter();
+  ASSERT_TRUE(tensor_memory_counter_installed());
+  const int64_t before = tensor_memory_live_bytes();
+  reset_tensor_memory_peak();
+  {
+    torch::Tensor a = torch::empty({1000}, torch::kFloat);   // 4000 bytes
+    torch::Tensor b = torch::empty({250}, torch::kDouble);   // 2000 bytes
+    EXPECT_EQ(tensor_memory_live_bytes() - before, 6000);
+    b = torch::Tensor();
+    EXPECT_EQ(tensor_memory_live_bytes() - before, 4000);
+    // Memory handed out raw (Allocator::raw_allocate) is counted and freed too.
+    void* raw = c10::GetCPUAllocator()->raw_allocate(100);
+    EXPECT_EQ(tensor_memory_live_bytes() - before, 4100);
+    c10::GetCPUAllocator()->raw_deallocate(raw);
+  }
+  EXPECT_EQ(tensor_memory_live_bytes(), before);
+  EXPECT_EQ(tensor_memory_peak_bytes() - before, 6000);
+  reset_tensor_memory_peak();
+  EXPECT_EQ(tensor_memory_peak_bytes(), before);
+}
+
+TEST_F(TrainingTest, MetricsReportTheStepsPeakTensorBytes) {
+  Config c = config("tensor-peak", random_dataset());
+  c.schedule.train_steps = 2;
+  c.logging.interval = 1;
+  const TrainResult result = train(c, fast());
+  // At least the parameters, their gradients and AdamW's two moments, all fp32.
+  int64_t parameters = 0;
+  for (const auto& p : result.model->parameters()) parameters += p.numel();
+  for (const auto& record : metrics(result)) {
+    EXPECT_GE(record["mem_tensor_peak_bytes"].get<int64_t>(), 16 * parameters) << record.dump();
+    EXPECT_FALSE(record.contains("mem_tensor_peak_bytes_per_rank"));  // one rank
+  }
 }
 
 TEST_F(TrainingTest, KeepsTheLastCheckpointsAndLatestNamesTheNewest) {
