@@ -27,7 +27,7 @@ build: configure
 	cmake --build $(BUILD) -j $(JOBS)
 
 test: build
-	cd $(BUILD) && OMP_NUM_THREADS=1 ctest --output-on-failure --timeout 1500
+	cd $(BUILD) && OMP_NUM_THREADS=1 ctest --output-on-failure --timeout 1500 -j $(JOBS)
 
 demo: build
 	bash launch/demo.sh
