@@ -30,6 +30,25 @@ int64_t integer(const json& v, const std::string& where) {
   return v.get<int64_t>();
 }
 
+// `layout` or `saved_by`: an object of positive integers (zero_stage 0 or 1),
+// each key optional.
+ManifestLayout parse_layout(const json& object, const std::string& where) {
+  if (!object.is_object()) throw BadInput(where + ": expected an object, found " + std::string(object.type_name()));
+  ManifestLayout layout;
+  for (auto [key, value] : {std::pair{"dp", &layout.dp}, std::pair{"tp", &layout.tp}, std::pair{"pp", &layout.pp},
+                            std::pair{"world", &layout.world}}) {
+    if (!object.contains(key)) continue;
+    *value = integer(object.at(key), where + ": '" + key + "'");
+    if (*value < 1) throw BadInput(where + ": '" + key + "' is " + std::to_string(*value) + ", expected at least 1");
+  }
+  if (object.contains("zero_stage")) {
+    layout.zero_stage = integer(object.at("zero_stage"), where + ": 'zero_stage'");
+    if (layout.zero_stage != 0 && layout.zero_stage != 1)
+      throw BadInput(where + ": 'zero_stage' is " + std::to_string(layout.zero_stage) + ", expected 0 or 1");
+  }
+  return layout;
+}
+
 }  // namespace
 
 CheckpointManifest parse_checkpoint_manifest(const std::string& text, const std::string& where) {
@@ -61,7 +80,8 @@ CheckpointManifest parse_checkpoint_manifest(const std::string& text, const std:
     file.bytes = field(entry, "bytes", file_where, vt::number_unsigned).get<uint64_t>();
     file.crc32c = field(entry, "crc32c", file_where, vt::string).get<std::string>();
     // Optimizer and trainer state are verified like the weights but are not weights.
-    file.is_model = !entry.contains("kind") || entry.at("kind") == "model";
+    if (entry.contains("kind")) file.kind = field(entry, "kind", file_where, vt::string).get<std::string>();
+    file.is_model = file.kind == "model";
     out.files.push_back(std::move(file));
   }
 
@@ -88,6 +108,8 @@ CheckpointManifest parse_checkpoint_manifest(const std::string& text, const std:
   if (manifest.contains("tokenizer") && manifest.at("tokenizer").is_string()) {
     out.tokenizer = manifest.at("tokenizer").get<std::string>();
   }
+  if (manifest.contains("layout")) out.layout = parse_layout(manifest.at("layout"), where + ": layout");
+  if (manifest.contains("saved_by")) out.saved_by = parse_layout(manifest.at("saved_by"), where + ": saved_by");
   return out;
 }
 

@@ -21,7 +21,18 @@ struct ManifestFile {
   std::string name;    // inside the checkpoint folder: no '/', not ".."
   uint64_t bytes = 0;
   std::string crc32c;  // as written: 8 hex digits for a file loom wrote
-  bool is_model = true;  // `kind` absent or "model": the file holds parameters
+  std::string kind = "model";  // `kind` as written ("model" when absent): "optimizer", "trainer", ...
+  bool is_model = true;        // kind "model": the file holds parameters
+};
+
+// A parallel layout: the manifest's `layout` (how the files are cut; loom
+// writes whole tensors, 1 x 1 x 1) and `saved_by` (the run that saved them).
+struct ManifestLayout {
+  int64_t dp = 1;
+  int64_t tp = 1;
+  int64_t pp = 1;
+  int64_t world = 1;
+  int64_t zero_stage = 0;
 };
 
 // One entry of the manifest's `tensors`: a whole tensor (slice [0, d) in
@@ -38,6 +49,8 @@ struct CheckpointManifest {
   std::vector<ManifestFile> files;      // in the manifest's order
   std::vector<ManifestTensor> tensors;  // likewise
   std::optional<std::string> tokenizer;  // folder name inside the checkpoint
+  ManifestLayout layout;                 // all 1 when absent
+  std::optional<ManifestLayout> saved_by;  // absent in checkpoints written before it existed
 };
 
 // Parses manifest.json's text. Every problem is BadInput starting with

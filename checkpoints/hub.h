@@ -11,11 +11,13 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include <torch/types.h>
 
+#include "checkpoints/checkpoint_manifest.h"
 #include "checkpoints/safetensors.h"
 #include "trainer/config.h"
 #include "trainer/model/llama.h"
@@ -42,6 +44,9 @@ class ModelFiles {
   const std::string& tokenizer_dir() const { return tokenizer_dir_; }
   // Training step for loom checkpoints, 0 for Hub folders.
   int64_t step() const { return step_; }
+  // A loom checkpoint's manifest.json, parsed and checked against the folder
+  // by open(); nullptr for Hub folders.
+  const CheckpointManifest* manifest() const { return manifest_ ? &*manifest_ : nullptr; }
 
   std::vector<std::string> tensor_names() const;
   bool contains(const std::string& name) const { return where_.count(name) != 0; }
@@ -62,6 +67,7 @@ class ModelFiles {
   ModelConfig model_;
   std::string tokenizer_dir_;
   int64_t step_ = 0;
+  std::optional<CheckpointManifest> manifest_;
   std::vector<safetensors::File> files_;
   std::map<std::string, size_t> where_;  // tensor name -> index in files_
 };

@@ -161,6 +161,7 @@ ModelFiles open_loom_checkpoint_files(const std::string& path) {
     }
   }
   if (manifest.tokenizer) out.tokenizer_dir_ = (root / *manifest.tokenizer).string();
+  out.manifest_ = manifest;
   return out;
 }
 

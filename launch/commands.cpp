@@ -165,35 +165,28 @@ int inspect_config(const std::string& path, const std::vector<std::string>& over
 
 // A loom checkpoint's layout and files. ModelFiles::open has already checked
 // every file's size and CRC32C against the manifest (it refuses otherwise).
-void print_checkpoint_files(const std::string& path) {
-  const nlohmann::json manifest = nlohmann::json::parse(read_file((fs::path(path) / "manifest.json").string()));
-  auto layout_of = [](const nlohmann::json& layout) {
-    std::string out;
-    for (const char* key : {"dp", "tp", "pp"}) {
-      out += (out.empty() ? "" : " x ") + std::string(key) + " " + std::to_string(layout.value(key, int64_t{1}));
-    }
-    return out;
+void print_checkpoint_files(const CheckpointManifest& manifest) {
+  auto layout_of = [](const ManifestLayout& layout) {
+    return "dp " + std::to_string(layout.dp) + " x tp " + std::to_string(layout.tp) + " x pp " +
+           std::to_string(layout.pp);
   };
-  const nlohmann::json& layout = manifest.at("layout");
-  std::cout << "layout of the files: " << layout_of(layout) << " (every file holds whole tensors)\n";
-  if (manifest.contains("saved_by") && manifest["saved_by"].is_object()) {
-    const nlohmann::json& by = manifest["saved_by"];
-    std::cout << "saved by a run on: " << layout_of(by) << ", " << by.value("world", int64_t{1}) << " ranks"
-              << (by.value("zero_stage", int64_t{0}) > 0 ? ", ZeRO-1" : "")
-              << " (resumes on any layout: docs/checkpoints.md)\n";
+  std::cout << "layout of the files: " << layout_of(manifest.layout) << " (every file holds whole tensors)\n";
+  if (manifest.saved_by) {
+    const ManifestLayout& by = *manifest.saved_by;
+    std::cout << "saved by a run on: " << layout_of(by) << ", " << by.world << " ranks"
+              << (by.zero_stage > 0 ? ", ZeRO-1" : "") << " (resumes on any layout: docs/checkpoints.md)\n";
   }
   uint64_t total = 0;
   size_t width = 4;
-  for (const auto& [name, entry] : manifest.at("files").items()) width = std::max(width, name.size());
+  for (const ManifestFile& file : manifest.files) width = std::max(width, file.name.size());
   std::cout << std::left << std::setw(static_cast<int>(width)) << "file" << "  kind           bytes         crc32c\n";
-  for (const auto& [name, entry] : manifest.at("files").items()) {
-    const uint64_t bytes = entry.at("bytes").get<uint64_t>();
-    total += bytes;
-    std::cout << std::left << std::setw(static_cast<int>(width)) << name << "  " << std::setw(13)
-              << entry.value("kind", std::string("model")) << std::right << std::setw(15) << with_thousands(static_cast<int64_t>(bytes))
-              << "  " << entry.at("crc32c").get<std::string>() << std::left << "\n";
+  for (const ManifestFile& file : manifest.files) {
+    total += file.bytes;
+    std::cout << std::left << std::setw(static_cast<int>(width)) << file.name << "  " << std::setw(13) << file.kind
+              << std::right << std::setw(15) << with_thousands(static_cast<int64_t>(file.bytes)) << "  "
+              << file.crc32c << std::left << "\n";
   }
-  std::cout << "checksums: " << manifest.at("files").size() << " files, " << format_mib(total)
+  std::cout << "checksums: " << manifest.files.size() << " files, " << format_mib(total)
             << ", sizes and CRC32C verified against the manifest\n";
 }
 
@@ -203,7 +196,7 @@ int inspect_model_files(const std::string& path) {
   std::cout << path << ": " << (hub ? "Hugging Face model folder" : "loom checkpoint (step " + std::to_string(files.step()) + ")")
             << ", " << files.files().size() << " safetensors file" << (files.files().size() == 1 ? "" : "s") << "\n";
   print_model_summary(files.model_config());
-  if (!hub) print_checkpoint_files(path);
+  if (!hub) print_checkpoint_files(*files.manifest());
   // Shapes only: the model is built with uninitialised storage and no tensor
   // data is read, so this is quick even for large checkpoints.
   LocalLayerFactory factory;

@@ -345,11 +345,9 @@ ModelFiles open_training_checkpoint(const std::string& dir) {
     throw BadInput(dir + ": a Hugging Face folder, not a loom training checkpoint (use model.init_from to start "
                    "from it)");
   }
-  // ModelFiles::open parsed and validated this manifest already.
-  const CheckpointManifest manifest =
-      parse_checkpoint_manifest(read_file((fs::path(dir) / "manifest.json").string()), dir + "/manifest.json");
+  const std::vector<ManifestFile>& listed_files = files.manifest()->files;
   for (const std::string& name : {std::string(kOptimizerStateFile), std::string(kTrainerStateFile)}) {
-    const bool listed = std::any_of(manifest.files.begin(), manifest.files.end(),
+    const bool listed = std::any_of(listed_files.begin(), listed_files.end(),
                                     [&](const ManifestFile& file) { return file.name == name; });
     if (!listed) {
       throw BadInput(dir + ": has no " + name + " in its manifest (a checkpoint written by `loom import` holds "

@@ -46,6 +46,28 @@ TEST(CheckpointManifest, ReadsAManifestLoomWrote) {
   }
 }
 
+TEST(CheckpointManifest, ReadsFileKindsLayoutAndTheRunThatSavedIt) {
+  json manifest = training_manifest();
+  CheckpointManifest m = parse(manifest);
+  EXPECT_EQ(m.files[0].kind, "model");
+  EXPECT_EQ(m.files[1].kind, "optimizer");
+  EXPECT_EQ(m.files[2].kind, "trainer_state");
+  EXPECT_EQ(m.layout.dp * m.layout.tp * m.layout.pp * m.layout.world, 1);
+  EXPECT_FALSE(m.saved_by.has_value());  // written before saved_by existed
+
+  manifest["saved_by"] = {{"dp", 2}, {"tp", 3}, {"pp", 4}, {"world", 24}, {"zero_stage", 1}};
+  manifest["files"]["model-rank00000.safetensors"].erase("kind");
+  m = parse(manifest);
+  ASSERT_TRUE(m.saved_by.has_value());
+  EXPECT_EQ(m.saved_by->dp, 2);
+  EXPECT_EQ(m.saved_by->tp, 3);
+  EXPECT_EQ(m.saved_by->pp, 4);
+  EXPECT_EQ(m.saved_by->world, 24);
+  EXPECT_EQ(m.saved_by->zero_stage, 1);
+  EXPECT_EQ(m.files[0].kind, "model");  // the default
+  EXPECT_TRUE(m.files[0].is_model);
+}
+
 TEST(CheckpointManifest, RefusesWhatItCannotRead) {
   const json original = training_manifest();
   const auto refused = [&](const std::function<void(json&)>& edit, const std::vector<std::string>& fragments) {
@@ -61,6 +83,12 @@ TEST(CheckpointManifest, RefusesWhatItCannotRead) {
   refused([](json& m) { m["files"]["model-rank00000.safetensors"].erase("crc32c"); },
           {"files['model-rank00000.safetensors']", "'crc32c' is missing"});
   refused([](json& m) { m["files"]["model-rank00000.safetensors"]["bytes"] = -1; }, {"'bytes' has the wrong type"});
+  refused([](json& m) { m["files"]["model-rank00000.safetensors"]["kind"] = 7; },
+          {"files['model-rank00000.safetensors']", "'kind' has the wrong type"});
+  refused([](json& m) { m["layout"] = "1x1x1"; }, {"layout", "expected an object"});
+  refused([](json& m) { m["layout"]["tp"] = 0; }, {"layout", "'tp' is 0"});
+  refused([](json& m) { m["saved_by"] = {{"dp", "2"}}; }, {"saved_by", "'dp'", "expected an integer"});
+  refused([](json& m) { m["saved_by"] = {{"zero_stage", 3}}; }, {"saved_by", "'zero_stage' is 3"});
   refused([](json& m) { m["tensors"]["lm_head.weight"]["slice"][0][1] = 256; },
           {"tensors['lm_head.weight']", "slice of the tensor"});
   // Names that would reach outside the folder, or be the folder itself.
