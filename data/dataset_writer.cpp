@@ -25,6 +25,16 @@ namespace fs = std::filesystem;
 
 // Appends `value` as `width` little-endian bytes (the stored byte order, and
 // what the checksum covers).
+// A dataset creation property list without modification times in the
+// object header (HDF5 stores them by default): the same documents then give
+// the same file bytes, and the same file_crc32c, on every run.
+hdf5::PlistId untimed_dataset_creation(const std::string& path, const char* dataset) {
+  hdf5::PlistId create(H5Pcreate(H5P_DATASET_CREATE));
+  if (!create.valid() || H5Pset_obj_track_times(create.get(), false) < 0)
+    fail_hdf5(path, std::string("cannot set up dataset '/") + dataset + "'");
+  return create;
+}
+
 void append_little_endian(std::vector<std::byte>& out, uint64_t value, size_t width) {
   for (size_t i = 0; i < width; ++i) out.push_back(static_cast<std::byte>((value >> (8 * i)) & 0xff));
 }
@@ -139,9 +149,8 @@ void DatasetWriter::start_shard() {
   const std::string& path = shard_->temp_path;
 
   hdf5::Lock lock;
-  // No modification times in object headers (HDF5 stores them by default):
-  // the same documents then give the same file bytes, and the same
-  // file_crc32c, on every run.
+  // No modification time in the root group's header either (as
+  // untimed_dataset_creation).
   hdf5::PlistId file_create(H5Pcreate(H5P_FILE_CREATE));
   if (!file_create.valid() || H5Pset_obj_track_times(file_create.get(), false) < 0)
     fail_hdf5(path, "cannot set up HDF5 file");
@@ -160,10 +169,8 @@ void DatasetWriter::start_shard() {
   const hsize_t maximum[1] = {H5S_UNLIMITED};
   const hsize_t chunk[1] = {std::min<hsize_t>(kTokenChunkElements, shard_tokens_)};
   hdf5::SpaceId space(H5Screate_simple(1, initial, maximum));
-  hdf5::PlistId create(H5Pcreate(H5P_DATASET_CREATE));
-  if (!space.valid() || !create.valid() || H5Pset_chunk(create.get(), 1, chunk) < 0 ||
-      H5Pset_obj_track_times(create.get(), false) < 0)
-    fail_hdf5(path, "cannot set up dataset '/tokens'");
+  hdf5::PlistId create = untimed_dataset_creation(path, "tokens");
+  if (!space.valid() || H5Pset_chunk(create.get(), 1, chunk) < 0) fail_hdf5(path, "cannot set up dataset '/tokens'");
   const hid_t stored_type = index_.token_dtype == TokenDtype::kUint16 ? H5T_STD_U16LE : H5T_STD_U32LE;
   shard_->tokens =
       hdf5::DatasetId(H5Dcreate2(file, "tokens", stored_type, space.get(), H5P_DEFAULT, create.get(), H5P_DEFAULT));
@@ -205,11 +212,10 @@ void DatasetWriter::complete_shard() {
     hdf5::Lock lock;
     const hsize_t size[1] = {shard.doc_offsets.size()};
     hdf5::SpaceId space(H5Screate_simple(1, size, nullptr));
-    hdf5::PlistId create(H5Pcreate(H5P_DATASET_CREATE));
-    if (create.valid()) H5Pset_obj_track_times(create.get(), false);
+    const hdf5::PlistId create = untimed_dataset_creation(path, "doc_offsets");
     hdf5::DatasetId offsets(
         H5Dcreate2(shard.file.get(), "doc_offsets", H5T_STD_U64LE, space.get(), H5P_DEFAULT, create.get(), H5P_DEFAULT));
-    if (!create.valid() || !offsets.valid() ||
+    if (!offsets.valid() ||
         H5Dwrite(offsets.get(), H5T_STD_U64LE, H5S_ALL, H5S_ALL, H5P_DEFAULT, offset_bytes.data()) < 0)
       fail_hdf5(path, "cannot write '/doc_offsets'");
     if (!offsets.close() || !shard.tokens.close() || !shard.file.close()) fail_hdf5(path, "cannot close HDF5 file");
