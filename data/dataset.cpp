@@ -13,6 +13,7 @@
 #include "util/crc32c.h"
 #include "util/error.h"
 #include "util/file_io.h"
+#include "util/isolated.h"
 
 namespace loom {
 namespace {
@@ -356,8 +357,9 @@ struct Dataset::Impl {
     // whole file's CRC-32C, which DatasetWriter records after writing it, is
     // compared before H5Fopen: a damaged shard becomes BadInput and HDF5 never
     // sees it. The check reads each file once (which warms the page cache for
-    // the reads that follow); kAuto skips it for large datasets. It does not
-    // defend against a crafted file shipped with an index that matches it.
+    // the reads that follow); kAuto skips it for large datasets. A crafted
+    // file shipped with an index that matches it passes; Note [Reading
+    // shards in a probe process] is about those.
     if (check_file && entry.file_crc32c) {
       const uint32_t crc = crc32c_file(path);
       if (crc != *entry.file_crc32c)
@@ -403,6 +405,64 @@ struct Dataset::Impl {
       throw BadInput(path + ": dataset '/doc_offsets' is " + describe_type(offset_type.get()) + ", expected uint64");
     shards.push_back(std::move(shard));
     check_doc_offsets(shards.size() - 1, read_doc_offsets(shards.size() - 1));
+  }
+
+  // Opens every shard (in index order), reporting each to `progress` first.
+  void open_shards(bool check_files, IsolatedChannel* progress) {
+    uint64_t first_token = 0;
+    for (size_t i = 0; i < index.shards.size(); ++i) {
+      if (progress != nullptr) progress->progress((fs::path(dir) / index.shards[i].file).string());
+      open_shard(i, first_token, check_files);
+      first_token += index.shards[i].num_tokens;
+    }
+  }
+
+  // Recomputes the shard's CRC32C over its stored bytes and compares it with
+  // index.json's.
+  void verify_shard(size_t s) const {
+    const size_t width = token_dtype_bytes(index.token_dtype);
+    // Read as little-endian: the checksum is defined over the stored
+    // little-endian bytes, whatever the host's byte order.
+    const hid_t token_type = width == 2 ? H5T_STD_U16LE : H5T_STD_U32LE;
+    const OpenedShard& shard = shards[s];
+    const ShardEntry& shard_entry = entry(s);
+    std::vector<std::byte> bytes;
+    uint32_t crc = 0;
+    hdf5::Lock lock;
+    for (uint64_t begin = 0; begin < shard_entry.num_tokens; begin += kScanPieceTokens) {
+      const uint64_t count = std::min(kScanPieceTokens, shard_entry.num_tokens - begin);
+      bytes.resize(count * width);
+      read_slice(shard.tokens.get(), token_type, begin, count, bytes.data(), shard.path, "tokens");
+      crc = crc32c(bytes, crc);
+    }
+    bytes.resize((shard_entry.num_documents + 1) * 8);
+    read_slice(shard.doc_offsets.get(), H5T_STD_U64LE, 0, shard_entry.num_documents + 1, bytes.data(), shard.path,
+               "doc_offsets");
+    crc = crc32c(bytes, crc);
+    if (crc != shard_entry.crc32c)
+      throw BadInput(shard.path + ": CRC32C " + crc32c_hex(crc) + " does not match index.json's " +
+                     crc32c_hex(shard_entry.crc32c) + " (corrupt)");
+  }
+
+  // Reads every token of the shard as training reads them, checking the ids
+  // against vocab_size when `check_range`.
+  void read_whole_shard(size_t s, bool check_range) const {
+    std::vector<int32_t> piece;
+    const OpenedShard& shard = shards[s];
+    for (uint64_t begin = 0; begin < entry(s).num_tokens; begin += kScanPieceTokens) {
+      piece.resize(static_cast<size_t>(std::min(kScanPieceTokens, entry(s).num_tokens - begin)));
+      if (check_range) {
+        read_tokens(shard.first_token + begin, std::span<int32_t>(piece));
+      } else if (index.token_dtype == TokenDtype::kUint16) {
+        hdf5::Lock lock;
+        scratch16.resize(piece.size());
+        read_slice(shard.tokens.get(), H5T_NATIVE_UINT16, begin, piece.size(), scratch16.data(), shard.path, "tokens");
+      } else {
+        hdf5::Lock lock;
+        scratch32.resize(piece.size());
+        read_slice(shard.tokens.get(), H5T_NATIVE_UINT32, begin, piece.size(), scratch32.data(), shard.path, "tokens");
+      }
+    }
   }
 
   std::vector<uint64_t> read_doc_offsets(size_t shard_index) const {
@@ -482,7 +542,80 @@ Dataset::Dataset(Dataset&&) noexcept = default;
 Dataset& Dataset::operator=(Dataset&&) noexcept = default;
 Dataset::~Dataset() = default;
 
+namespace {
+
+bool scan_wanted(const DatasetOpenOptions& options, uint64_t num_tokens) {
+  return options.scan_token_range == TokenRangeScan::kAlways ||
+         (options.scan_token_range == TokenRangeScan::kAuto && num_tokens <= kAutoScanMaxTokens);
+}
+
+}  // namespace
+
+// Note [Reading shards in a probe process]: a shard file whose CRC-32C
+// matches index.json can still be malformed, when it was crafted or written
+// by a faulty tool and shipped with an index that matches it. libhdf5 trusts
+// the structures it finds (docs/fuzzing.md: fuzz_hdf5_bytes found reads past
+// its buffers, segfaults, loops and 16 GiB allocations inside the library on
+// such files), and no check of loom's can stand between it and those bytes.
+// So where the files are checked, a child process (util/isolated.h) does
+// everything this process's libhdf5 is about to do, first: it opens every
+// shard with the same checks, reads every token and doc offset, and runs the
+// scan and checksums that the options ask for. The same library on the same
+// bytes does the same thing twice, so once the child has come through, this
+// process opens the shards itself and skips the reads the child has done
+// (training's later reads go through the same chunks the child read). A
+// child that dies, runs out of its address-space allowance or does not
+// finish in time makes the dataset BadInput naming the shard it was reading.
+// The cost is one fork and the metadata read twice; the token reads move to
+// the child (datasets past check_shard_files' auto limit skip all of this).
+void Dataset::probe_in_child(const std::string& dir, const DatasetOpenOptions& options, uint64_t shard_bytes) {
+  DatasetOpenOptions child_options = options;
+  child_options.probe_in_child = false;
+  IsolatedOptions isolation;
+  // Generous: the child reads every byte, possibly from a network file system.
+  isolation.timeout = std::chrono::seconds(options.probe_timeout_seconds > 0
+                                               ? uint64_t{options.probe_timeout_seconds}
+                                               : 120 + shard_bytes / (uint64_t{8} << 20));
+  isolation.prepare = hdf5::lock_for_fork;
+  isolation.in_parent = hdf5::unlock_after_fork;
+  isolation.in_child = hdf5::renew_lock_in_child;
+  const IsolatedResult result = run_isolated(
+      [&](IsolatedChannel& channel) {
+        Dataset dataset = Dataset::open_probed(dir, child_options, &channel);
+        const Impl& impl = *dataset.impl_;
+        for (size_t s = 0; s < impl.shards.size(); ++s) {
+          channel.progress(impl.shards[s].path);
+          if (options.verify_checksums) impl.verify_shard(s);
+        }
+        for (size_t s = 0; s < impl.shards.size(); ++s) {
+          channel.progress(impl.shards[s].path);
+          impl.read_whole_shard(s, scan_wanted(options, dataset.num_tokens()));
+        }
+      },
+      isolation);
+  const std::string where = result.last_progress.empty() ? dir : result.last_progress;
+  switch (result.outcome) {
+    case IsolatedOutcome::kFinished:
+      return;
+    case IsolatedOutcome::kBadInput:
+      throw BadInput(result.message);
+    case IsolatedOutcome::kThrew:
+      throw std::runtime_error(result.message);
+    case IsolatedOutcome::kCrashed:
+      throw BadInput(where + ": libhdf5 failed reading this file in a probe process (" + result.how +
+                     "): its HDF5 structures are malformed in a way that its checksum does not show (a crafted "
+                     "file, or one written by a faulty tool); this process did not open it");
+    case IsolatedOutcome::kTimedOut:
+      throw BadInput(where + ": libhdf5 did not finish reading this file in a probe process (" + result.how +
+                     "); a malformed file can make it loop; this process did not open it");
+  }
+}
+
 Dataset Dataset::open(const std::string& dir, const DatasetOpenOptions& options) {
+  return open_probed(dir, options, nullptr);
+}
+
+Dataset Dataset::open_probed(const std::string& dir, const DatasetOpenOptions& options, IsolatedChannel* progress) {
   auto impl = std::make_unique<Impl>();
   impl->dir = dir;
   const std::string index_path = (fs::path(dir) / kDatasetIndexFile).string();
@@ -498,18 +631,20 @@ Dataset Dataset::open(const std::string& dir, const DatasetOpenOptions& options)
   const bool check_files =
       options.check_shard_files == ShardFileCheck::kAlways ||
       (options.check_shard_files == ShardFileCheck::kAuto && shard_bytes <= kAutoCheckMaxBytes);
-  uint64_t first_token = 0;
-  for (size_t i = 0; i < impl->index.shards.size(); ++i) {
-    impl->open_shard(i, first_token, check_files);
-    first_token += impl->index.shards[i].num_tokens;
+  if (check_files && options.probe_in_child) {
+    probe_in_child(dir, options, shard_bytes);
+    // The child checked the files' CRC-32C and did the scan and checksums.
+    impl->open_shards(/*check_files=*/false, nullptr);
+    return Dataset(std::move(impl));
   }
+  impl->open_shards(check_files, progress);
   Dataset dataset(std::move(impl));
-  const bool scan = options.scan_token_range == TokenRangeScan::kAlways ||
-                    (options.scan_token_range == TokenRangeScan::kAuto && dataset.num_tokens() <= kAutoScanMaxTokens);
+  // The probe child does these itself, shard by shard.
+  if (progress != nullptr) return dataset;
   // Checksums first: a corrupt shard is better reported as corrupt than as
   // holding an out-of-range id.
   if (options.verify_checksums) dataset.verify_checksums();
-  if (scan) dataset.scan_token_range();
+  if (scan_wanted(options, dataset.num_tokens())) dataset.scan_token_range();
   return dataset;
 }
 
@@ -538,30 +673,7 @@ void Dataset::scan_token_range() const {
 }
 
 void Dataset::verify_checksums() const {
-  const size_t width = token_dtype_bytes(impl_->index.token_dtype);
-  // Read as little-endian: the checksum is defined over the stored
-  // little-endian bytes, whatever the host's byte order.
-  const hid_t token_type = width == 2 ? H5T_STD_U16LE : H5T_STD_U32LE;
-  std::vector<std::byte> bytes;
-  for (size_t s = 0; s < impl_->shards.size(); ++s) {
-    const OpenedShard& shard = impl_->shards[s];
-    const ShardEntry& entry = impl_->entry(s);
-    uint32_t crc = 0;
-    hdf5::Lock lock;
-    for (uint64_t begin = 0; begin < entry.num_tokens; begin += kScanPieceTokens) {
-      const uint64_t count = std::min(kScanPieceTokens, entry.num_tokens - begin);
-      bytes.resize(count * width);
-      read_slice(shard.tokens.get(), token_type, begin, count, bytes.data(), shard.path, "tokens");
-      crc = crc32c(bytes, crc);
-    }
-    bytes.resize((entry.num_documents + 1) * 8);
-    read_slice(shard.doc_offsets.get(), H5T_STD_U64LE, 0, entry.num_documents + 1, bytes.data(), shard.path,
-               "doc_offsets");
-    crc = crc32c(bytes, crc);
-    if (crc != entry.crc32c)
-      throw BadInput(shard.path + ": CRC32C " + crc32c_hex(crc) + " does not match index.json's " + crc32c_hex(entry.crc32c) +
-                     " (corrupt)");
-  }
+  for (size_t s = 0; s < impl_->shards.size(); ++s) impl_->verify_shard(s);
 }
 
 }  // namespace loom

@@ -30,6 +30,8 @@
 
 namespace loom {
 
+class IsolatedChannel;  // util/isolated.h
+
 inline constexpr int kDatasetFormatVersion = 1;
 inline constexpr const char* kDatasetFormatName = "loom-dataset";
 inline constexpr const char* kDatasetIndexFile = "index.json";
@@ -143,9 +145,11 @@ enum class TokenRangeScan {
 };
 inline constexpr uint64_t kAutoScanMaxTokens = uint64_t{64} << 20;
 
-// Whether Dataset::open checks each shard file's bytes against index.json's
-// file_crc32c before HDF5 opens it (Note [Shard file checksum]). Shards
-// without a file_crc32c are opened unchecked in every mode.
+// Whether Dataset::open checks the shard files before this process's libhdf5
+// reads them: each file's bytes against index.json's file_crc32c (Note [Shard
+// file checksum]; shards without one skip this part), then a child process
+// opens the dataset and reads all of it first (Note [Reading shards in a
+// probe process]), so that a file that crashes or hangs libhdf5 is refused.
 enum class ShardFileCheck {
   kAuto,    // check datasets whose shard files total at most kAutoCheckMaxBytes
   kAlways,
@@ -159,14 +163,20 @@ struct DatasetOpenOptions {
   bool verify_checksums = false;  // recompute every shard's CRC32C (reads all data)
   TokenRangeScan scan_token_range = TokenRangeScan::kAuto;
   ShardFileCheck check_shard_files = ShardFileCheck::kAuto;
+  // Where the files are checked, read them in a probe process first. Off
+  // only where a test or fuzz target must run loom's reading code in its own
+  // process.
+  bool probe_in_child = true;
+  // How long the probe may take; 0: 120 s plus 1 s per 8 MiB of shard files.
+  uint32_t probe_timeout_seconds = 0;
 };
 
 // A dataset opened read-only. Each Dataset holds its own HDF5 handles.
 class Dataset {
  public:
   // Parses DIR/index.json and opens every shard read-only, checking it
-  // against the index: it exists, its size, its file CRC-32C (as
-  // options.check_shard_files says), /tokens dtype and length,
+  // against the index: it exists, its size, its file CRC-32C and a probe
+  // process's reading of it (as options.check_shard_files says), /tokens dtype and length,
   // /doc_offsets length and values (0 first, num_tokens last,
   // non-decreasing), and the root attributes. Any mismatch is BadInput naming
   // the shard file (or index.json and the key).
@@ -203,6 +213,12 @@ class Dataset {
  private:
   struct Impl;
   explicit Dataset(std::unique_ptr<Impl> impl);
+  // open(), reporting each shard to `progress` (the probe child's channel,
+  // which then does the scan and checksums itself).
+  static Dataset open_probed(const std::string& dir, const DatasetOpenOptions& options, IsolatedChannel* progress);
+  // Note [Reading shards in a probe process]: throws BadInput if a child
+  // process cannot open and read the whole dataset.
+  static void probe_in_child(const std::string& dir, const DatasetOpenOptions& options, uint64_t shard_bytes);
   std::unique_ptr<Impl> impl_;
 };
 

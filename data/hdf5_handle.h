@@ -7,6 +7,7 @@
 #include <hdf5.h>
 
 #include <mutex>
+#include <new>
 #include <string>
 #include <utility>
 
@@ -26,6 +27,16 @@ inline std::recursive_mutex& global_mutex() {
   static std::recursive_mutex mutex;
   return mutex;
 }
+
+// Fork hooks for run_isolated (util/isolated.h), which reads untrusted files
+// in a child process: the lock is held across fork(), so no thread of the
+// parent is inside libhdf5 then and the child's copy of the library is in a
+// consistent state. The child's copy of the mutex belongs to a thread that
+// does not exist there, so the child makes a new one (it never destroys the
+// old: the child ends with _exit).
+inline void lock_for_fork() { global_mutex().lock(); }
+inline void unlock_after_fork() { global_mutex().unlock(); }
+inline void renew_lock_in_child() { new (&global_mutex()) std::recursive_mutex(); }
 
 // Holds the HDF5 lock. Also turns off HDF5's automatic printing of error
 // stacks to stderr for the calling thread (in a thread-safe build the setting

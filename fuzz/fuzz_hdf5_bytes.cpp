@@ -4,16 +4,17 @@
 // shard of a dataset loom wrote never reaches HDF5 (its file_crc32c in
 // index.json no longer matches: Note [Shard file checksum]), so this target
 // gives the index the input's own file_crc32c, as someone shipping a crafted
-// file with a matching index would. What it finds is then inside libhdf5
-// itself (crashes, hangs: docs/fuzzing.md), so it is not in CI and
-// fuzz/run.sh runs it in fork mode; fuzz_dataset_shard covers loom's own
-// checks. The target writes the input as shard-00000.h5 of a scratch dataset
+// file with a matching index would. Such a file reaches libhdf5 first in
+// Dataset::open's probe process (Note [Reading shards in a probe process]),
+// and a crash or hang of libhdf5 there must come back as BadInput, never
+// reach this process; fuzz_dataset_shard covers loom's own checks. The
+// target writes the input as shard-00000.h5 of a scratch dataset
 // folder (on /dev/shm when present) and writes an index.json that agrees with
 // whatever the file seems to hold (its size and CRC-32C; /tokens and
 // /doc_offsets lengths and token width; the root attributes), read by a
-// best-effort probe through HDF5 directly. Without that, nearly every
-// mutation would be refused at the first comparison with the index, and the
-// deeper reads (attributes, offsets, tokens, checksums) would never run on
+// best-effort probe through HDF5 directly, in a child process of its own.
+// Without that, nearly every mutation would be refused at the first
+// comparison with the index, and the deeper reads (attributes, offsets, tokens, checksums) would never run on
 // damaged files. Then it opens the dataset with the token range scan, reads
 // every token and verifies the data checksum (which fails, as the index's
 // crc32c is a dummy: that read is the point).
@@ -21,9 +22,11 @@
 #include <unistd.h>
 
 #include <cstddef>
+#include <chrono>
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 #include <span>
 #include <string>
 #include <vector>
@@ -31,6 +34,7 @@
 #include "data/dataset.h"
 #include "data/hdf5_handle.h"
 #include "util/crc32c.h"
+#include "util/isolated.h"
 #include "fuzz/fuzz_common.h"
 
 namespace fs = std::filesystem;
@@ -89,6 +93,31 @@ Probe probe(const std::string& path) {
   return p;
 }
 
+// probe(), in a child process: the crafted bytes can crash or hang libhdf5
+// there as well (Note [Reading shards in a probe process]). If they do, the
+// index gets the defaults, and Dataset::open's own probe meets the fault.
+Probe probe_isolated(const std::string& path) {
+  loom::IsolatedOptions options;
+  options.timeout = std::chrono::seconds(3);
+  options.prepare = loom::hdf5::lock_for_fork;
+  options.in_parent = loom::hdf5::unlock_after_fork;
+  options.in_child = loom::hdf5::renew_lock_in_child;
+  const loom::IsolatedResult result = loom::run_isolated(
+      [&](loom::IsolatedChannel& channel) {
+        const Probe p = probe(path);
+        channel.progress(std::to_string(p.tokens) + " " + std::to_string(p.token_bytes) + " " +
+                         std::to_string(p.offsets) + " " + std::to_string(p.vocab_size) + " " +
+                         std::to_string(p.eos_id));
+      },
+      options);
+  Probe p;
+  if (result.outcome == loom::IsolatedOutcome::kFinished) {
+    std::istringstream fields(result.last_progress);
+    fields >> p.tokens >> p.token_bytes >> p.offsets >> p.vocab_size >> p.eos_id;
+  }
+  return p;
+}
+
 }  // namespace
 
 // HDF5 1.10's H5Fopen leaks a few of its own blocks when it refuses a damaged
@@ -114,7 +143,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     std::ofstream out(shard, std::ios::binary | std::ios::trunc);
     out.write(reinterpret_cast<const char*>(data), static_cast<std::streamsize>(size));
   }
-  const Probe p = probe(shard);
+  const Probe p = probe_isolated(shard);
   // The index may not itself be valid (vocab_size 0, a 0-length
   // /doc_offsets): the reader must refuse that too.
   loom::DatasetIndex index;
@@ -133,6 +162,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   loom::fuzz::expect_accept_or_bad_input("Dataset::open", [&] {
     loom::DatasetOpenOptions options;
     options.scan_token_range = loom::TokenRangeScan::kAlways;
+    options.check_shard_files = loom::ShardFileCheck::kAlways;
+    options.probe_timeout_seconds = 5;
     const loom::Dataset dataset = loom::Dataset::open(dir.string(), options);
     std::vector<int32_t> tokens(dataset.num_tokens());
     dataset.read_tokens(0, tokens);

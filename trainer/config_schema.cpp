@@ -137,8 +137,10 @@ std::vector<KeySpec> build_table() {
        "tokens per training sequence; 0 = model.max_seq_len", kNonNegative},
       {"data.tokenizer", LOOM_FIELD(data.tokenizer), "", "", "Hugging Face tokenizer.json used by the datasets"},
       {"data.check_shard_files", LOOM_FIELD(data.check_shard_files), "", "",
-       "check each shard file's CRC-32C from index.json before HDF5 reads it, so that a damaged file is refused "
-       "instead of reaching the HDF5 library; auto = for datasets of at most 4 GiB (it reads every shard once)",
+       "check the shard files before this process's HDF5 library reads them: each file's CRC-32C against "
+       "index.json, then a probe process opens and reads the whole dataset first, so that a damaged or "
+       "malformed file is refused instead of crashing or hanging the run; auto = for datasets of at most 4 GiB "
+       "(the checks read every shard)",
        kAny, {"auto", "always", "never"}},
 
       // --- batch ----------------------------------------------------------------

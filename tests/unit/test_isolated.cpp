@@ -1,0 +1,133 @@
+// run_isolated (util/isolated.h): work in a forked child whose crash, hang,
+// exception or runaway allocation comes back to the caller as a result.
+#include "util/isolated.h"
+
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <mutex>
+#include <new>
+#include <stdexcept>
+#include <thread>
+
+#include "util/error.h"
+
+namespace loom {
+namespace {
+
+using std::chrono::milliseconds;
+
+TEST(IsolatedTest, FinishedWorkReportsItsLastProgress) {
+  const IsolatedResult result = run_isolated(
+      [](IsolatedChannel& channel) {
+        channel.progress("first");
+        channel.progress("second");
+      },
+      {});
+  EXPECT_EQ(result.outcome, IsolatedOutcome::kFinished);
+  EXPECT_EQ(result.last_progress, "second");
+  EXPECT_TRUE(result.message.empty());
+}
+
+TEST(IsolatedTest, ExceptionsComeBackWithTheirText) {
+  IsolatedResult result = run_isolated([](IsolatedChannel&) { throw BadInput("shard-00002.h5: bad attribute"); }, {});
+  EXPECT_EQ(result.outcome, IsolatedOutcome::kBadInput);
+  EXPECT_EQ(result.message, "shard-00002.h5: bad attribute");
+
+  result = run_isolated([](IsolatedChannel&) { throw std::out_of_range("index 9"); }, {});
+  EXPECT_EQ(result.outcome, IsolatedOutcome::kThrew);
+  EXPECT_EQ(result.message, "index 9");
+}
+
+TEST(IsolatedTest, ACrashInTheChildIsReportedWithTheSignalAndWhereItWas) {
+  // Whatever handler this process has for SIGSEGV, the child dies by it.
+  const IsolatedResult result = run_isolated(
+      [](IsolatedChannel& channel) {
+        channel.progress("shard-00007.h5");
+        ::raise(SIGSEGV);
+      },
+      {});
+  EXPECT_EQ(result.outcome, IsolatedOutcome::kCrashed);
+  EXPECT_EQ(result.how, "killed by SIGSEGV");
+  EXPECT_EQ(result.last_progress, "shard-00007.h5");
+
+  const IsolatedResult exited = run_isolated([](IsolatedChannel&) { std::_Exit(5); }, {});
+  EXPECT_EQ(exited.outcome, IsolatedOutcome::kCrashed);
+  EXPECT_EQ(exited.how, "exit status 5");
+}
+
+TEST(IsolatedTest, AChildThatDoesNotFinishIsKilledAtTheDeadline) {
+  IsolatedOptions options;
+  options.timeout = milliseconds(300);
+  const auto start = std::chrono::steady_clock::now();
+  const IsolatedResult result = run_isolated(
+      [](IsolatedChannel& channel) {
+        channel.progress("looping");
+        for (;;) ::pause();
+      },
+      options);
+  const auto took = std::chrono::steady_clock::now() - start;
+  EXPECT_EQ(result.outcome, IsolatedOutcome::kTimedOut);
+  EXPECT_EQ(result.last_progress, "looping");
+  EXPECT_NE(result.how.find("no answer"), std::string::npos) << result.how;
+  EXPECT_GE(took, milliseconds(300));
+  EXPECT_LT(took, std::chrono::seconds(10));
+}
+
+TEST(IsolatedTest, TheChildCannotMapMuchBeyondItsHeadroom) {
+  IsolatedOptions options;
+  options.address_space_headroom = uint64_t{256} << 20;
+  const IsolatedResult result = run_isolated(
+      [](IsolatedChannel&) {
+        // A length field that asks for 8 GiB, as a crafted file's can.
+        void* block = std::malloc(size_t{8} << 30);
+        if (block != nullptr) throw std::runtime_error("8 GiB allocated past a 256 MiB headroom");
+      },
+      options);
+  // Without a sanitizer malloc returns NULL; ASan's allocator may instead
+  // report that it ran out of memory and end the child. Never kFinished.
+  EXPECT_TRUE(result.outcome == IsolatedOutcome::kFinished || result.outcome == IsolatedOutcome::kCrashed)
+      << result.message;
+
+  // Small allocations within the headroom work.
+  const IsolatedResult small = run_isolated(
+      [](IsolatedChannel&) {
+        void* block = std::malloc(size_t{16} << 20);
+        if (block == nullptr) throw std::runtime_error("16 MiB refused");
+        std::free(block);
+      },
+      options);
+  EXPECT_EQ(small.outcome, IsolatedOutcome::kFinished) << small.message;
+}
+
+TEST(IsolatedTest, ALockHeldByAnotherThreadAtForkIsTakenCareOfByTheHooks) {
+  // Another thread holds the mutex most of the time; the hooks take it
+  // around fork() and give the child a fresh one, so the child can lock it.
+  std::mutex mutex;
+  std::atomic<bool> stop{false};
+  std::thread holder([&] {
+    while (!stop) {
+      std::lock_guard<std::mutex> hold(mutex);
+      std::this_thread::sleep_for(milliseconds(2));
+    }
+  });
+  IsolatedOptions options;
+  options.timeout = std::chrono::seconds(20);
+  options.prepare = [&] { mutex.lock(); };
+  options.in_parent = [&] { mutex.unlock(); };
+  options.in_child = [&] { new (&mutex) std::mutex(); };
+  for (int i = 0; i < 20; ++i) {
+    const IsolatedResult result = run_isolated([&](IsolatedChannel&) { std::lock_guard<std::mutex> hold(mutex); },
+                                               options);
+    EXPECT_EQ(result.outcome, IsolatedOutcome::kFinished) << result.how;
+  }
+  stop = true;
+  holder.join();
+}
+
+}  // namespace
+}  // namespace loom
