@@ -181,7 +181,7 @@ class Loader::Producer {
     batch.tokens.resize(static_cast<size_t>(batch.rows * batch.cols));
     for (int64_t row = 0; row < batch.rows; ++row) {
       const SampleId& id = local_[static_cast<size_t>(position_.micro_index * config.micro_batch + row)];
-      read_sample(loader_.datasets_[id.dataset], id.sample, config.seq_len, batch, row);
+      read_sample(*loader_.datasets_[id.dataset], id.sample, config.seq_len, batch, row);
       batch.samples.push_back(id);
     }
     if (++position_.micro_index == loader_.accumulation_) {
@@ -243,16 +243,24 @@ Loader::Loader(LoaderConfig config) : config_(std::move(config)) {
   if (c.prefetch_depth < 0) throw BadInput("loader prefetch depth must be >= 0");
   accumulation_ = c.global_batch / (c.micro_batch * c.dp_size);
 
+  // The caller's Dataset where it opened this path already (the preflight).
+  const auto open = [&](const std::string& path) -> std::shared_ptr<const Dataset> {
+    if (c.opened != nullptr) {
+      const auto found = c.opened->find(path);
+      if (found != c.opened->end()) return found->second;
+    }
+    return std::make_shared<const Dataset>(Dataset::open(path, c.open_options));
+  };
   const auto check_compatible = [&](const Dataset& dataset, const std::string& key) {
     if (samples_in(dataset, c.seq_len) == 0)
       throw BadInput(key + ": " + dataset.dir() + " has " + std::to_string(dataset.num_tokens()) +
                      " tokens, fewer than data.seq_len + 1 = " + std::to_string(c.seq_len + 1));
     if (datasets_.empty()) return;
-    const DatasetIndex& first = datasets_.front().index();
+    const DatasetIndex& first = datasets_.front()->index();
     if (dataset.vocab_size() != first.vocab_size || dataset.index().tokenizer_hash != first.tokenizer_hash)
       throw BadInput(key + ": " + dataset.dir() + " was tokenized differently (vocab_size " +
                      std::to_string(dataset.vocab_size()) + ", tokenizer_hash \"" + dataset.index().tokenizer_hash +
-                     "\") from " + datasets_.front().dir() + " (vocab_size " + std::to_string(first.vocab_size) +
+                     "\") from " + datasets_.front()->dir() + " (vocab_size " + std::to_string(first.vocab_size) +
                      ", tokenizer_hash \"" + first.tokenizer_hash + "\")");
   };
   for (size_t i = 0; i < c.datasets.size(); ++i) {
@@ -260,15 +268,14 @@ Loader::Loader(LoaderConfig config) : config_(std::move(config)) {
     const double weight = c.datasets[i].weight;
     if (!std::isfinite(weight) || weight <= 0)
       throw BadInput(key + ".weight: expected a positive number, found " + std::to_string(weight));
-    Dataset dataset = Dataset::open(c.datasets[i].path, c.open_options);
-    check_compatible(dataset, key);
-    num_samples_.push_back(samples_in(dataset, c.seq_len));
+    std::shared_ptr<const Dataset> dataset = open(c.datasets[i].path);
+    check_compatible(*dataset, key);
+    num_samples_.push_back(samples_in(*dataset, c.seq_len));
     datasets_.push_back(std::move(dataset));
   }
   if (!c.valid_path.empty()) {
-    Dataset dataset = Dataset::open(c.valid_path, c.open_options);
-    check_compatible(dataset, "data.valid");
-    valid_.emplace(std::move(dataset));
+    valid_ = open(c.valid_path);
+    check_compatible(*valid_, "data.valid");
   }
   position_.counts_at_step_start.assign(datasets_.size(), 0);
 }
@@ -354,7 +361,7 @@ json Loader::state() const {
     const uint64_t count = position_.counts_at_step_start[d];
     datasets.push_back({{"path", config_.datasets[d].path},
                         {"weight", config_.datasets[d].weight},
-                        {"fingerprint", dataset_fingerprint(datasets_[d].index())},
+                        {"fingerprint", dataset_fingerprint(datasets_[d]->index())},
                         {"num_samples", num_samples_[d]},
                         {"samples_before_step", count},
                         {"epoch", count / num_samples_[d]},
@@ -398,7 +405,7 @@ void Loader::restore(const json& state, const std::string& context) {
     const json& saved = datasets[d];
     if (!saved.is_object()) reader.fail(key, "expected an object");
     reader.expect_same(key + ".fingerprint", reader.at(saved, "fingerprint", key + ".fingerprint"),
-                       dataset_fingerprint(datasets_[d].index()),
+                       dataset_fingerprint(datasets_[d]->index()),
                        "the dataset at " + config_.datasets[d].path + " has other content");
     reader.expect_same(key + ".weight", reader.at(saved, "weight", key + ".weight"), config_.datasets[d].weight,
                        changes);
@@ -432,7 +439,7 @@ ValidationBatches Loader::validation_batches(int64_t max_batches) const {
   const auto group = static_cast<uint64_t>(config_.micro_batch * config_.dp_size);
   auto count = static_cast<int64_t>(samples_in(*valid_, config_.seq_len) / group);
   if (max_batches >= 0) count = std::min(count, max_batches);
-  return ValidationBatches(&*valid_, &config_, count);
+  return ValidationBatches(valid_.get(), &config_, count);
 }
 
 ValidationBatches::ValidationBatches(const Dataset* dataset, const LoaderConfig* config, int64_t count)

@@ -31,6 +31,7 @@
 #include <deque>
 #include <exception>
 #include <iterator>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <nlohmann/json_fwd.hpp>
@@ -95,6 +96,12 @@ struct LoaderDataset {
   double weight = 1.0;  // relative; need not sum to 1
 };
 
+// Datasets opened already, by path: the preflight opens every dataset of the
+// run (checking its files and probing it, docs/data.md), and the loaders of
+// the same process (a rollback makes a new one) take those instead of
+// opening, checking and probing them again.
+using OpenedDatasets = std::map<std::string, std::shared_ptr<const Dataset>>;
+
 struct LoaderConfig {
   std::vector<LoaderDataset> datasets;  // data.train
   std::string valid_path;               // data.valid; "" = no validation set
@@ -106,6 +113,9 @@ struct LoaderConfig {
   int64_t dp_size = 1;
   int64_t prefetch_depth = 4;           // micro-batches read ahead; 0 = read in next_micro_batch()
   DatasetOpenOptions open_options;
+  // Where a path is here, the loader uses that Dataset (opened with the same
+  // open_options) instead of opening it. Must outlive the loader.
+  const OpenedDatasets* opened = nullptr;
 };
 
 // Where a row of a batch came from.
@@ -214,7 +224,7 @@ class Loader {
   ValidationBatches validation_batches(int64_t max_batches = -1) const;
 
   const LoaderConfig& config() const { return config_; }
-  const Dataset& dataset(size_t index) const { return datasets_[index]; }
+  const Dataset& dataset(size_t index) const { return *datasets_[index]; }
   uint64_t num_samples(size_t dataset_index) const { return num_samples_[dataset_index]; }
 
  private:
@@ -238,9 +248,9 @@ class Loader {
 
   LoaderConfig config_;
   int64_t accumulation_ = 1;
-  std::vector<Dataset> datasets_;
+  std::vector<std::shared_ptr<const Dataset>> datasets_;
   std::vector<uint64_t> num_samples_;
-  std::optional<Dataset> valid_;
+  std::shared_ptr<const Dataset> valid_;
 
   Position position_;                  // after the last micro-batch returned
   std::exception_ptr failure_;         // sticky error of the stream

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "data/dataset.h"
+#include "trainer/training.h"
 #include "trainer/model/llama.h"
 
 namespace loom {
@@ -42,19 +43,18 @@ std::string gib(double bytes) {
 // moments (whole or sharded, their sum is the same), plus the Hub export.
 double checkpoint_bytes(const ModelConfig& model) { return static_cast<double>(count_parameters(model)) * 4.0 * 4.0; }
 
-void check_datasets(const Config& config, std::vector<std::string>& failures) {
+void check_datasets(const Config& config, std::vector<std::string>& failures, OpenedDatasets* opened) {
   std::vector<std::pair<std::string, std::string>> datasets;  // key, path
   for (size_t i = 0; i < config.data.train.size(); ++i)
     datasets.emplace_back("data.train[" + std::to_string(i) + "]", config.data.train[i].path);
   if (!config.data.valid.empty()) datasets.emplace_back("data.valid", config.data.valid);
   for (const auto& [key, path] : datasets) {
     try {
-      // Opens index.json and every shard's HDF5 header (after checking the
-      // shard files' CRC-32C as data.check_shard_files says); reads no tokens.
-      DatasetOpenOptions options;
-      options.scan_token_range = TokenRangeScan::kNever;
-      options.check_shard_files = parse_shard_file_check(config.data.check_shard_files);
-      Dataset::open(path, options);
+      // Opens index.json and every shard as the loader would (checking the
+      // shard files and probing them as data.check_shard_files says), and
+      // hands them to it.
+      auto dataset = std::make_shared<const Dataset>(Dataset::open(path, dataset_open_options(config)));
+      if (opened != nullptr) (*opened)[path] = std::move(dataset);
     } catch (const std::exception& e) {
       failures.push_back(key + " (" + path + "): " + e.what());
     }
@@ -100,7 +100,7 @@ void check_group(ProcessGroup& group, const std::string& name, std::vector<std::
 }  // namespace
 
 bool run_preflight(const Config& config, ProcessGroup* world, const GridGroups* grid, std::ostream& log,
-                   std::ostream& errors) {
+                   std::ostream& errors, OpenedDatasets* opened) {
   const auto start = std::chrono::steady_clock::now();
   const int rank = world ? world->rank() : 0;
   const int size = world ? world->size() : 1;
@@ -122,7 +122,7 @@ bool run_preflight(const Config& config, ProcessGroup* world, const GridGroups* 
                          " or different --set arguments)");
   }
 
-  check_datasets(config, failures);
+  check_datasets(config, failures, opened);
   check_output_folder(config, rank, failures);
 
   // One string per line: the ranks share the terminal, and a line written

@@ -9,6 +9,7 @@
 
 #include <ostream>
 
+#include "data/loader.h"
 #include "parallel/process_group.h"
 #include "trainer/config.h"
 
@@ -17,8 +18,9 @@ namespace loom {
 // Collective over `world` (and each group of `grid`). Returns true when every
 // rank passed; false on every rank when any failed (the failures were printed
 // to `errors` by the ranks that saw them). Rank 0 logs a one-line summary.
-// world == nullptr: one rank without MPI (no group checks).
+// world == nullptr: one rank without MPI (no group checks). The datasets it
+// opened go to `opened` (for TrainOptions::datasets) when given.
 bool run_preflight(const Config& config, ProcessGroup* world, const GridGroups* grid, std::ostream& log,
-                   std::ostream& errors);
+                   std::ostream& errors, OpenedDatasets* opened = nullptr);
 
 }  // namespace loom

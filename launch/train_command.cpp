@@ -179,12 +179,14 @@ int train_ranks(Config& config, TrainOptions options, bool check_only, const std
     const ParallelDims dims = ParallelDims::from_config(config, world->size());
     const GridGroups grid = split_grid(*world, dims);
     const std::vector<std::string> hosts = host_names(world.get());
-    if (!run_preflight(config, world.get(), &grid, std::cout, std::cerr)) return kExitBadInput;
+    OpenedDatasets datasets;
+    if (!run_preflight(config, world.get(), &grid, std::cout, std::cerr, &datasets)) return kExitBadInput;
     if (check_only) return kExitOk;
     record.emplace(config, dims, command, hosts);
     if (rank0) record->start();
     options.world = world.get();
     options.grid = &grid;
+    options.datasets = &datasets;
     // Open MPI gives every rank a pseudo-terminal whether or not mpirun has a
     // real one, so a multi-rank run logs plain lines.
     options.progress_bar = false;

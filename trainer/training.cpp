@@ -528,7 +528,8 @@ TrainResult train(Config& config, const TrainOptions& options) {
   loader_config.dp_rank = coords.dp;
   loader_config.dp_size = dims.dp;
   loader_config.valid_path = config.data.valid;
-  loader_config.open_options.check_shard_files = parse_shard_file_check(config.data.check_shard_files);
+  loader_config.open_options = dataset_open_options(config);
+  loader_config.opened = options.datasets;
   Loader loader(loader_config);
   const int64_t micro_batches = loader.micro_batches_per_step();
   for (size_t d = 0; d < config.data.train.size(); ++d) {
@@ -1011,6 +1012,12 @@ TrainResult train(Config& config, const TrainOptions& options) {
   if (options.world != nullptr && options.world->size() > 1) options.world->barrier()->wait();
   result.model = model;  // null with pipeline parallelism (no rank holds it all)
   return result;
+}
+
+DatasetOpenOptions dataset_open_options(const Config& config) {
+  DatasetOpenOptions options;
+  options.check_shard_files = parse_shard_file_check(config.data.check_shard_files);
+  return options;
 }
 
 }  // namespace loom

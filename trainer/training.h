@@ -34,12 +34,17 @@
 #include <memory>
 #include <string>
 
+#include "data/loader.h"
 #include "parallel/process_group.h"
 #include "parallel/topology.h"
 #include "trainer/config.h"
 #include "trainer/model/llama.h"
 
 namespace loom {
+
+// How a run opens its datasets (data.check_shard_files): the preflight and
+// the loader alike, so that the loader can take the preflight's.
+DatasetOpenOptions dataset_open_options(const Config& config);
 
 struct TrainOptions {
   // The job's ranks: the world group and this rank's groups along the
@@ -50,6 +55,11 @@ struct TrainOptions {
   // export (in the layout a single rank writes), the others only log nothing.
   ProcessGroup* world = nullptr;
   const GridGroups* grid = nullptr;
+  // The run's datasets, opened already by this process's preflight with
+  // dataset_open_options(config); the loaders take them from here instead of
+  // opening, checking and probing them again. nullptr = open them. Must
+  // outlive train().
+  const OpenedDatasets* datasets = nullptr;
   // Stop after this many completed steps (writing a checkpoint there), as if
   // the job had been preempted; -1 = schedule.train_steps. The schedule still
   // uses train_steps, so a later resume continues the same run.

@@ -190,6 +190,27 @@ TEST_F(LoaderTest, RowsAreSeqLenPlusOneTokensOfThePackedStream) {
   }
 }
 
+TEST_F(LoaderTest, DatasetsOpenedByTheCallerAreTakenNotOpenedAgain) {
+  // The preflight hands its datasets over (TrainOptions::datasets), so a
+  // run checks and probes each once, rollbacks included.
+  LoaderConfig config = single(96);
+  config.valid_path = path("a");
+  Loader fresh(config);
+  const std::vector<MicroBatch> expected = take(fresh, 6);
+
+  OpenedDatasets opened;
+  opened[path("a")] = std::make_shared<const Dataset>(Dataset::open(path("a")));
+  // Opening the folder again would now fail: only the handed-over Dataset
+  // (whose shard files are open) can serve this loader.
+  fs::remove(fs::path(path("a")) / "index.json");
+  EXPECT_NE(message_of([&] { Loader again(config); }).find("index.json: missing"), std::string::npos);
+  config.opened = &opened;
+  Loader taken(config);
+  expect_same_batches(take(taken, 6), expected);
+  EXPECT_EQ(&taken.dataset(0), opened[path("a")].get());
+  EXPECT_GT(taken.validation_batches().size(), 0);
+}
+
 TEST_F(LoaderTest, Dp1Dp2Dp4EachCoverEveryEpochSampleOnExactlyOneRank) {
   constexpr uint64_t kSamples = 96;  // 12 steps of 8
   std::map<int64_t, std::vector<std::set<uint64_t>>> batches_by_dp;  // dp -> per step, the samples of all ranks
