@@ -8,9 +8,9 @@
 # build-fuzz in the checkout); configured and built when needed, through
 # ccache when installed. TARGETs: fuzz_config, fuzz_safetensors,
 # fuzz_tokenizer, fuzz_dataset_index, fuzz_dataset_shard,
-# fuzz_checkpoint_manifest (the default: all six), and fuzz_hdf5_bytes (only
-# when named: it forks two probe processes per input, so it runs slowly, and
-# the faults it meets inside libhdf5 happen in those children, which it
+# fuzz_checkpoint_manifest, fuzz_hdf5_bytes (the default: all seven;
+# fuzz_hdf5_bytes forks two probe processes per input, so it runs slowly,
+# and the faults it meets inside libhdf5 happen in those children, which it
 # must report as BadInput). The repository's corpus (fuzz/corpus/TARGET) is never written: each
 # run starts from a fresh copy in DIR/corpus/TARGET, and a crashing input is
 # saved as DIR/artifacts/TARGET-crash-<sha1> (likewise leak-, timeout-, oom-).
@@ -34,7 +34,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(fuzz_config fuzz_safetensors fuzz_tokenizer fuzz_dataset_index fuzz_dataset_shard fuzz_checkpoint_manifest)
+  targets=(fuzz_config fuzz_safetensors fuzz_tokenizer fuzz_dataset_index fuzz_dataset_shard fuzz_checkpoint_manifest
+           fuzz_hdf5_bytes)
 fi
 
 cc=${LOOM_FUZZ_CC:-clang-14}
@@ -65,6 +66,8 @@ for target in "${targets[@]}"; do
   rm -rf "$work"
   mkdir -p "$work"
   cp "$here/corpus/$target"/* "$work/"
+  # Its past findings are the unit tests' fault inputs.
+  if [ "$target" = fuzz_hdf5_bytes ]; then cp "$root/tests/unit/hdf5_faults"/*.h5 "$work/"; fi
   log="$build/logs/$target.log"
   status=0
   # -timeout: one input taking longer is a hang, a finding. -rss_limit_mb:
