@@ -26,10 +26,13 @@ namespace loom {
 
 namespace {
 
-// Records on the pipe: a tag byte, a 4-byte length, the text.
+// Records on the pipe: a tag byte, a 4-byte length, the text. Every child
+// that ends by itself sends one of the last three: a child that sends none
+// did not finish, whatever its exit status says.
 constexpr char kProgress = 'P';
 constexpr char kBadInput = 'B';
 constexpr char kThrew = 'E';
+constexpr char kDone = 'D';
 
 void write_all(int fd, const char* data, size_t size) {
   while (size > 0) {
@@ -78,6 +81,7 @@ uint64_t mapped_bytes() {
   IsolatedChannel channel(fd);
   try {
     work(channel);
+    write_record(fd, kDone, "");
   } catch (const BadInput& error) {
     write_record(fd, kBadInput, error.what());
   } catch (const std::exception& error) {
@@ -96,7 +100,9 @@ std::string describe_status(int status) {
   return "exit status " + std::to_string(WEXITSTATUS(status));
 }
 
-void parse_records(const std::string& bytes, IsolatedResult& result) {
+// Fills `result` from the child's records; returns whether it answered.
+bool parse_records(const std::string& bytes, IsolatedResult& result) {
+  bool answered = false;
   size_t at = 0;
   while (at + 5 <= bytes.size()) {
     const char tag = bytes[at];
@@ -110,8 +116,12 @@ void parse_records(const std::string& bytes, IsolatedResult& result) {
     } else if (tag == kBadInput || tag == kThrew) {
       result.outcome = tag == kBadInput ? IsolatedOutcome::kBadInput : IsolatedOutcome::kThrew;
       result.message = std::move(text);
+      answered = true;
+    } else if (tag == kDone) {
+      answered = true;
     }
   }
+  return answered;
 }
 
 }  // namespace
@@ -145,6 +155,7 @@ IsolatedResult run_isolated(const std::function<void(IsolatedChannel&)>& work, c
   IsolatedResult result;
   int status = 0;
   bool exited = false;
+  bool status_known = true;
   bool eof = false;
   char buffer[4096];
   while (!exited) {
@@ -174,6 +185,9 @@ IsolatedResult run_isolated(const std::function<void(IsolatedChannel&)>& work, c
     }
     const pid_t done = ::waitpid(child, &status, WNOHANG);
     if (done == child) exited = true;
+    // Reaped already: this process ignores SIGCHLD. The records still say
+    // whether the child answered.
+    if (done < 0 && errno == ECHILD) exited = eof, status_known = false;
   }
   // Whatever the child wrote before it exited is in the pipe.
   ::fcntl(fds[0], F_SETFL, O_NONBLOCK);
@@ -181,10 +195,13 @@ IsolatedResult run_isolated(const std::function<void(IsolatedChannel&)>& work, c
     if (bytes.size() < (size_t{1} << 20)) bytes.append(buffer, static_cast<size_t>(n));
   ::close(fds[0]);
 
-  parse_records(bytes, result);
-  if (WIFEXITED(status) && WEXITSTATUS(status) == 0) return result;  // kFinished, kBadInput or kThrew
+  const bool answered = parse_records(bytes, result);
+  if (answered && (!status_known || (WIFEXITED(status) && WEXITSTATUS(status) == 0)))
+    return result;  // kFinished, kBadInput or kThrew
   result.outcome = IsolatedOutcome::kCrashed;
-  result.how = describe_status(status);
+  result.how = !status_known ? "ended without an answer"
+               : WIFEXITED(status) && WEXITSTATUS(status) == 0 ? "exit status 0 without an answer"
+                                                               : describe_status(status);
   return result;
 }
 

@@ -43,7 +43,7 @@ enum class IsolatedOutcome {
   kFinished,   // work returned
   kBadInput,   // work threw BadInput; message holds its text
   kThrew,      // work threw another exception; message holds what()
-  kCrashed,    // the child died by a signal or exited on its own (a sanitizer's report)
+  kCrashed,    // the child ended without answering: a signal, a sanitizer's report, an exit()
   kTimedOut,   // the child ran past options.timeout and was killed
 };
 

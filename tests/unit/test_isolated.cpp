@@ -58,6 +58,25 @@ TEST(IsolatedTest, ACrashInTheChildIsReportedWithTheSignalAndWhereItWas) {
   const IsolatedResult exited = run_isolated([](IsolatedChannel&) { std::_Exit(5); }, {});
   EXPECT_EQ(exited.outcome, IsolatedOutcome::kCrashed);
   EXPECT_EQ(exited.how, "exit status 5");
+
+  // Leaving early with status 0 (a library calling exit(0)) is not finishing.
+  const IsolatedResult quit = run_isolated([](IsolatedChannel&) { ::_exit(0); }, {});
+  EXPECT_EQ(quit.outcome, IsolatedOutcome::kCrashed);
+  EXPECT_EQ(quit.how, "exit status 0 without an answer");
+}
+
+TEST(IsolatedTest, AnswersAreReadWhenTheProcessIgnoresSigchld) {
+  // With SIGCHLD ignored the kernel reaps the child itself and waitpid has
+  // nothing to report: the records decide.
+  struct sigaction ignore {}, previous {};
+  ignore.sa_handler = SIG_IGN;
+  ASSERT_EQ(::sigaction(SIGCHLD, &ignore, &previous), 0);
+  const IsolatedResult finished = run_isolated([](IsolatedChannel&) {}, {});
+  const IsolatedResult crashed = run_isolated([](IsolatedChannel&) { ::raise(SIGSEGV); }, {});
+  ::sigaction(SIGCHLD, &previous, nullptr);
+  EXPECT_EQ(finished.outcome, IsolatedOutcome::kFinished) << finished.how;
+  EXPECT_EQ(crashed.outcome, IsolatedOutcome::kCrashed);
+  EXPECT_EQ(crashed.how, "ended without an answer");
 }
 
 TEST(IsolatedTest, AChildThatDoesNotFinishIsKilledAtTheDeadline) {
