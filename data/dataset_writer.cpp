@@ -23,8 +23,6 @@ namespace fs = std::filesystem;
   throw std::runtime_error(path + ": " + what + hdf5::take_error_detail());
 }
 
-// Appends `value` as `width` little-endian bytes (the stored byte order, and
-// what the checksum covers).
 // A dataset creation property list without modification times in the
 // object header (HDF5 stores them by default): the same documents then give
 // the same file bytes, and the same file_crc32c, on every run.
@@ -35,6 +33,8 @@ hdf5::PlistId untimed_dataset_creation(const std::string& path, const char* data
   return create;
 }
 
+// Appends `value` as `width` little-endian bytes (the stored byte order, and
+// what the checksum covers).
 void append_little_endian(std::vector<std::byte>& out, uint64_t value, size_t width) {
   for (size_t i = 0; i < width; ++i) out.push_back(static_cast<std::byte>((value >> (8 * i)) & 0xff));
 }
