@@ -450,19 +450,27 @@ struct Dataset::Impl {
     std::vector<int32_t> piece;
     const OpenedShard& shard = shards[s];
     for (uint64_t begin = 0; begin < entry(s).num_tokens; begin += kScanPieceTokens) {
-      piece.resize(static_cast<size_t>(std::min(kScanPieceTokens, entry(s).num_tokens - begin)));
+      const size_t count = static_cast<size_t>(std::min(kScanPieceTokens, entry(s).num_tokens - begin));
       if (check_range) {
+        piece.resize(count);
         read_tokens(shard.first_token + begin, std::span<int32_t>(piece));
-      } else if (index.token_dtype == TokenDtype::kUint16) {
-        hdf5::Lock lock;
-        scratch16.resize(piece.size());
-        read_slice(shard.tokens.get(), H5T_NATIVE_UINT16, begin, piece.size(), scratch16.data(), shard.path, "tokens");
       } else {
         hdf5::Lock lock;
-        scratch32.resize(piece.size());
-        read_slice(shard.tokens.get(), H5T_NATIVE_UINT32, begin, piece.size(), scratch32.data(), shard.path, "tokens");
+        if (index.token_dtype == TokenDtype::kUint16)
+          read_stored(shard, H5T_NATIVE_UINT16, scratch16, begin, count);
+        else
+          read_stored(shard, H5T_NATIVE_UINT32, scratch32, begin, count);
       }
     }
+  }
+
+  // Tokens [begin, begin + count) of one shard as stored, into `scratch`;
+  // the caller holds the HDF5 lock.
+  template <typename Stored>
+  void read_stored(const OpenedShard& shard, hid_t memory_type, std::vector<Stored>& scratch, uint64_t begin,
+                   size_t count) const {
+    scratch.resize(count);
+    read_slice(shard.tokens.get(), memory_type, begin, count, scratch.data(), shard.path, "tokens");
   }
 
   std::vector<uint64_t> read_doc_offsets(size_t shard_index) const {
@@ -496,8 +504,7 @@ struct Dataset::Impl {
   void read_shard_tokens(const OpenedShard& shard, hid_t memory_type, std::vector<Stored>& scratch, uint64_t begin,
                          std::span<Out> out) const {
     hdf5::Lock lock;
-    scratch.resize(out.size());
-    read_slice(shard.tokens.get(), memory_type, begin, out.size(), scratch.data(), shard.path, "tokens");
+    read_stored(shard, memory_type, scratch, begin, out.size());
     const auto vocab_size = static_cast<uint64_t>(index.vocab_size);
     for (size_t i = 0; i < out.size(); ++i) {
       const Stored id = scratch[i];
@@ -569,8 +576,12 @@ bool scan_wanted(const DatasetOpenOptions& options, uint64_t num_tokens) {
 // The cost is one fork and the metadata read twice; the token reads move to
 // the child (datasets past check_shard_files' auto limit skip all of this).
 void Dataset::probe_in_child(const std::string& dir, const DatasetOpenOptions& options, uint64_t shard_bytes) {
+  // The child opens the shards as this process would and then does the
+  // checksums and reads itself, shard by shard, reporting each.
   DatasetOpenOptions child_options = options;
   child_options.probe_in_child = false;
+  child_options.verify_checksums = false;
+  child_options.scan_token_range = TokenRangeScan::kNever;
   IsolatedOptions isolation;
   // Generous: the child reads every byte, possibly from a network file system.
   isolation.timeout = std::chrono::seconds(options.probe_timeout_seconds > 0
@@ -639,8 +650,6 @@ Dataset Dataset::open_probed(const std::string& dir, const DatasetOpenOptions& o
   }
   impl->open_shards(check_files, progress);
   Dataset dataset(std::move(impl));
-  // The probe child does these itself, shard by shard.
-  if (progress != nullptr) return dataset;
   // Checksums first: a corrupt shard is better reported as corrupt than as
   // holding an out-of-range id.
   if (options.verify_checksums) dataset.verify_checksums();

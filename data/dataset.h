@@ -213,8 +213,8 @@ class Dataset {
  private:
   struct Impl;
   explicit Dataset(std::unique_ptr<Impl> impl);
-  // open(), reporting each shard to `progress` (the probe child's channel,
-  // which then does the scan and checksums itself).
+  // open(), reporting each shard to `progress` before opening it (the probe
+  // child's channel; nullptr: no reports).
   static Dataset open_probed(const std::string& dir, const DatasetOpenOptions& options, IsolatedChannel* progress);
   // Note [Reading shards in a probe process]: throws BadInput if a child
   // process cannot open and read the whole dataset.
