@@ -63,6 +63,10 @@ std::vector<int64_t> concatenate(const Documents& documents) {
 // EXPECT_BAD_INPUT(statement, "fragment", ...): tests/unit/bad_input.h's check.
 #define EXPECT_BAD_INPUT(statement, ...) test_support::expect_bad_input([&] { statement; }, {__VA_ARGS__})
 
+// Files that make libhdf5 itself fault (tests/unit/hdf5_faults/README.md).
+constexpr const char* kHdf5FaultFiles[] = {"heap-overflow-in-H5Aexists.h5", "segv-in-H5Aexists.h5",
+                                          "16GiB-malloc-in-H5Fopen.h5"};
+
 class DatasetTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -96,6 +100,17 @@ class DatasetTest : public ::testing::Test {
       index["shards"][s]["bytes"] = fs::file_size(shard(s));
       index["shards"][s]["file_crc32c"] = crc32c_hex(crc32c_file(shard(s)));
     });
+  }
+
+  // A fresh dataset whose shard 0 is replaced by tests/unit/hdf5_faults/NAME
+  // (index.json still describes the shard loom wrote). Call it under
+  // ASSERT_NO_FATAL_FAILURE.
+  void dataset_with_fault_file_as_shard0(const char* name) {
+    fs::remove_all(dir_);
+    write(make_documents(40, 1000, 20, 24));
+    const std::string damaged = read_file(std::string(LOOM_SOURCE_DIR "/tests/unit/hdf5_faults/") + name);
+    ASSERT_FALSE(damaged.empty());
+    write_file_atomic(shard(0), damaged);
   }
 
   std::vector<std::string> entries() const {
@@ -371,15 +386,10 @@ TEST_F(DatasetTest, DamagedShardFileIsRefusedBeforeHdf5OpensIt) {
 // checksum index.json recorded: loom refuses it before HDF5 reads a byte
 // (test_dataset_asan runs this under AddressSanitizer).
 TEST_F(DatasetTest, ShardsThatFaultInsideLibhdf5AreRefusedBeforeHdf5ReadsThem) {
-  const fs::path faults = LOOM_SOURCE_DIR "/tests/unit/hdf5_faults";
-  for (const char* name : {"heap-overflow-in-H5Aexists.h5", "segv-in-H5Aexists.h5", "16GiB-malloc-in-H5Fopen.h5"}) {
+  for (const char* name : kHdf5FaultFiles) {
     SCOPED_TRACE(name);
-    fs::remove_all(dir_);
-    write(make_documents(40, 1000, 20, 24));
-    const std::string damaged = read_file((faults / name).string());
-    ASSERT_FALSE(damaged.empty());
-    write_file_atomic(shard(0), damaged);
-    edit_index([&](json& index) { index["shards"][0]["bytes"] = damaged.size(); });
+    ASSERT_NO_FATAL_FAILURE(dataset_with_fault_file_as_shard0(name));
+    edit_index([&](json& index) { index["shards"][0]["bytes"] = fs::file_size(shard(0)); });
     EXPECT_BAD_INPUT(Dataset::open(dir_), "shard-00000.h5", "file CRC32C", "not opened");
   }
 }
@@ -389,12 +399,9 @@ TEST_F(DatasetTest, CraftedShardsThatFaultInsideLibhdf5AreRefusedByTheProbeProce
   // all: only the probe process stands between them and this process's
   // libhdf5 (Note [Reading shards in a probe process]). Under ASan a read
   // past a buffer in this process would end the test.
-  const fs::path faults = LOOM_SOURCE_DIR "/tests/unit/hdf5_faults";
-  for (const char* name : {"heap-overflow-in-H5Aexists.h5", "segv-in-H5Aexists.h5", "16GiB-malloc-in-H5Fopen.h5"}) {
+  for (const char* name : kHdf5FaultFiles) {
     SCOPED_TRACE(name);
-    fs::remove_all(dir_);
-    write(make_documents(40, 1000, 20, 24));
-    write_file_atomic(shard(0), read_file((faults / name).string()));
+    ASSERT_NO_FATAL_FAILURE(dataset_with_fault_file_as_shard0(name));
     record_shard(0);
     if (kAddressSanitizer && std::string(name).starts_with("heap-overflow")) {
       // ASan sees the child's read past HDF5's buffer, reports it and ends
