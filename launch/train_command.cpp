@@ -44,6 +44,7 @@
 #include "trainer/loss_spike.h"
 #include "trainer/training.h"
 #include "util/error.h"
+#include "util/host_memory.h"
 
 namespace loom {
 
@@ -257,6 +258,9 @@ int command_train(const std::vector<std::string>& argv) {
     if (launcher_rank() != 0) return kExitBadInput;  // rank 0 says why, as for the config itself
     throw;
   }
+  // Large tensors freed in one step are handed out again in the next with
+  // their pages resident (Note [Large blocks on the CPU heap]).
+  keep_freed_heap_memory();
   TrainOptions options;
   options.log = &std::cout;
   options.progress_bar = ::isatty(STDOUT_FILENO) == 1;
