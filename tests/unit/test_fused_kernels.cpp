@@ -323,12 +323,13 @@ torch::Tensor cross_entropy_before(const torch::Tensor& logits_nv, const torch::
   return torch::nn::functional::cross_entropy(logits_nv.to(torch::kFloat), targets_n);
 }
 
-TEST(FusedCrossEntropy, CpuTensorsTakeTheUnfusedPathBitForBit) {
+TEST(FusedCrossEntropy, CpuTensorsOtherThanFp32TakeTheUnfusedPathBitForBit) {
   torch::manual_seed(10);
-  for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
+  for (auto dtype : {torch::kBFloat16, torch::kHalf, torch::kDouble}) {
     auto logits = (torch::randn({13, 97}) * 3).to(dtype);
     auto targets = torch::randint(0, 97, {13}, torch::kLong);
     EXPECT_FALSE(kernels::cross_entropy_takes_fused_path(logits, targets));
+    EXPECT_FALSE(kernels::cross_entropy_takes_cpu_path(logits, targets));
     auto dispatched = run_cross_entropy(kernels::cross_entropy, logits, targets);
     auto before = run_cross_entropy(cross_entropy_before, logits, targets);
     EXPECT_EQ(dispatched.loss.scalar_type(), torch::kFloat);
@@ -397,17 +398,18 @@ const std::vector<CrossEntropyShape> kCrossEntropyShapes = {
     {1, 1},         // one class: loss 0, gradient 0
 };
 
-TEST(FusedCrossEntropy, MatchesTheUnfusedOpsOnTheGpu) {
-  LOOM_SKIP_WITHOUT_GPU();
-  ASSERT_TRUE(kernels::fused_kernels_built()) << "a GPU is visible but loom was built without its CUDA kernels";
-  torch::manual_seed(12);
-  auto cuda = torch::TensorOptions().device(torch::kCUDA);
-  for (auto dtype : {torch::kFloat, torch::kBFloat16, torch::kHalf}) {
+using CrossEntropyPath = bool (*)(const torch::Tensor&, const torch::Tensor&);
+
+// kernels::cross_entropy on `device` against the unfused fp32 ops, for every
+// shape of kCrossEntropyShapes in each dtype; `path` must take each case.
+void expect_cross_entropy_shapes_match(const torch::TensorOptions& device,
+                                       const std::vector<torch::ScalarType>& dtypes, CrossEntropyPath path) {
+  for (auto dtype : dtypes) {
     for (const auto& [rows, vocab] : kCrossEntropyShapes) {
       const std::string what = name_of(dtype) + " rows " + std::to_string(rows) + " vocab " + std::to_string(vocab);
-      auto logits = (torch::randn({rows, vocab}, cuda) * 3).to(dtype);
-      auto targets = torch::randint(0, vocab, {rows}, cuda.dtype(torch::kLong));
-      ASSERT_TRUE(kernels::cross_entropy_takes_fused_path(logits, targets)) << what;
+      auto logits = (torch::randn({rows, vocab}, device) * 3).to(dtype);
+      auto targets = torch::randint(0, vocab, {rows}, device.dtype(torch::kLong));
+      ASSERT_TRUE(path(logits, targets)) << what;
       auto fused = run_cross_entropy(kernels::cross_entropy, logits, targets);
       auto reference = run_cross_entropy(kernels::cross_entropy_unfused, logits.to(torch::kFloat), targets);
       expect_cross_entropy_close(fused, reference, dtype, rows, what);
@@ -415,17 +417,31 @@ TEST(FusedCrossEntropy, MatchesTheUnfusedOpsOnTheGpu) {
   }
 }
 
-TEST(FusedCrossEntropy, ShiftedPeakedMaskedAndIgnoredRowsOnTheGpu) {
+TEST(FusedCrossEntropy, MatchesTheUnfusedOpsOnTheGpu) {
   LOOM_SKIP_WITHOUT_GPU();
-  torch::manual_seed(13);
-  auto cuda = torch::TensorOptions().device(torch::kCUDA);
+  ASSERT_TRUE(kernels::fused_kernels_built()) << "a GPU is visible but loom was built without its CUDA kernels";
+  torch::manual_seed(12);
+  expect_cross_entropy_shapes_match(torch::TensorOptions().device(torch::kCUDA),
+                                    {torch::kFloat, torch::kBFloat16, torch::kHalf},
+                                    kernels::cross_entropy_takes_fused_path);
+}
+
+TEST(FusedCrossEntropy, CpuFp32MatchesTheUnfusedOps) {
+  torch::manual_seed(12);
+  expect_cross_entropy_shapes_match(torch::TensorOptions(), {torch::kFloat}, kernels::cross_entropy_takes_cpu_path);
+}
+
+// Logits far from 0, a target far above the rest, masked columns and ignored
+// rows, on `device`, against the unfused fp32 ops.
+void expect_cross_entropy_special_rows_match(const torch::TensorOptions& device,
+                                             const std::vector<torch::ScalarType>& dtypes) {
   const int64_t rows = 9, vocab = 4099;
-  auto targets = torch::randint(0, vocab, {rows}, cuda.dtype(torch::kLong));
-  auto base = torch::randn({rows, vocab}, cuda) * 3;
+  auto targets = torch::randint(0, vocab, {rows}, device.dtype(torch::kLong));
+  auto base = torch::randn({rows, vocab}, device) * 3;
   // Every row's logits far from 0 (the max must be subtracted); the target
   // far above the rest (p near 1: p - 1 cancels); columns at -inf (masked:
   // exp 0, gradient 0); rows whose target is -100 (ignored by torch's default).
-  auto peaked = base.scatter_add(1, targets.unsqueeze(1), torch::full({rows, 1}, 40.0, cuda));
+  auto peaked = base.scatter_add(1, targets.unsqueeze(1), torch::full({rows, 1}, 40.0, device));
   auto masked = base.clone();
   masked.narrow(1, 0, 5).fill_(-std::numeric_limits<float>::infinity());
   auto ignored = targets.clone();
@@ -436,7 +452,7 @@ TEST(FusedCrossEntropy, ShiftedPeakedMaskedAndIgnoredRowsOnTheGpu) {
       {"masked", masked, targets.clamp_min(5)},
       {"ignored", base, ignored},
   };
-  for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
+  for (auto dtype : dtypes) {
     for (const auto& [label, logits_fp32, case_targets] : cases) {
       const std::string what = name_of(dtype) + " " + label;
       auto logits = logits_fp32.to(dtype);
@@ -445,6 +461,53 @@ TEST(FusedCrossEntropy, ShiftedPeakedMaskedAndIgnoredRowsOnTheGpu) {
       expect_cross_entropy_close(fused, reference, dtype, rows, what, label == "shifted" ? 1000 + 20 : 0);
     }
   }
+}
+
+TEST(FusedCrossEntropy, ShiftedPeakedMaskedAndIgnoredRowsOnTheGpu) {
+  LOOM_SKIP_WITHOUT_GPU();
+  torch::manual_seed(13);
+  expect_cross_entropy_special_rows_match(torch::TensorOptions().device(torch::kCUDA),
+                                          {torch::kFloat, torch::kBFloat16});
+}
+
+TEST(FusedCrossEntropy, ShiftedPeakedMaskedAndIgnoredRowsOnTheCpu) {
+  torch::manual_seed(13);
+  expect_cross_entropy_special_rows_match(torch::TensorOptions(), {torch::kFloat});
+}
+
+TEST(FusedCrossEntropy, CpuPathTakesViewsRefusesTargetsOutsideTheVocabularyAndAveragesLikeTorch) {
+  torch::manual_seed(16);
+  const int64_t rows = 6, vocab = 4096;
+  auto targets = torch::randint(0, vocab, {rows}, torch::kLong);
+  // A transposed view and a view one element into its storage.
+  auto transposed = torch::randn({vocab, rows}).t();
+  auto offset = torch::randn({rows * vocab + 1}).narrow(0, 1, rows * vocab).view({rows, vocab});
+  for (const auto& [label, logits] : {std::pair{"transposed", transposed}, std::pair{"offset", offset}}) {
+    ASSERT_TRUE(kernels::cross_entropy_takes_cpu_path(logits, targets)) << label;
+    expect_cross_entropy_close(run_cross_entropy(kernels::cross_entropy, logits, targets),
+                               run_cross_entropy(kernels::cross_entropy_unfused, logits, targets), torch::kFloat,
+                               rows, label);
+  }
+  // torch refuses a target outside the vocabulary (other than -100).
+  for (const int64_t bad : {vocab, int64_t{-1}}) {
+    auto bad_targets = targets.clone();
+    bad_targets[2] = bad;
+    EXPECT_THROW(kernels::cross_entropy(offset, bad_targets), c10::Error) << bad;
+    EXPECT_THROW(kernels::cross_entropy_unfused(offset, bad_targets), c10::Error) << bad;
+  }
+  {
+    // Validation's path: no graph, the same number.
+    torch::NoGradGuard no_grad;
+    expect_close(kernels::cross_entropy(offset, targets), kernels::cross_entropy_unfused(offset, targets), 2e-5,
+                 1e-5, "no_grad loss");
+  }
+  // No rows, or every target ignored: NaN as torch's mean, and the ignored
+  // rows' gradient is 0.
+  auto empty = torch::randn({0, 97});
+  EXPECT_TRUE(std::isnan(kernels::cross_entropy(empty, targets.narrow(0, 0, 0)).item<double>()));
+  auto all_ignored = run_cross_entropy(kernels::cross_entropy, offset, torch::full_like(targets, -100));
+  EXPECT_TRUE(std::isnan(all_ignored.loss.item<double>()));
+  expect_identical(all_ignored.d_logits, torch::zeros_like(offset), "all ignored d_logits");
 }
 
 TEST(FusedCrossEntropy, MisalignedAndNonContiguousLogitsOnTheGpu) {

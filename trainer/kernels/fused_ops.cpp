@@ -4,6 +4,8 @@
 #include <torch/autograd.h>
 #include <torch/nn/functional/loss.h>
 
+#include <algorithm>
+
 #ifdef LOOM_WITH_CUDA
 #include "trainer/kernels/fused_cuda.h"
 #endif
@@ -17,14 +19,14 @@ bool fused_dtype(const torch::Tensor& t) {
   return dtype == torch::kFloat || dtype == torch::kBFloat16 || dtype == torch::kHalf;
 }
 
-#ifdef LOOM_WITH_CUDA
-
 using torch::autograd::AutogradContext;
 using torch::autograd::tensor_list;
 
 // torch's default ignore_index: rows with this target count neither in the
 // loss nor in the mean's denominator.
 constexpr int64_t kIgnoreIndex = -100;
+
+#ifdef LOOM_WITH_CUDA
 
 class SwiGluFunction : public torch::autograd::Function<SwiGluFunction> {
  public:
@@ -105,6 +107,71 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
 
 #endif  // LOOM_WITH_CUDA
 
+// Note [Cross-entropy on the CPU]
+// torch's cross_entropy on [rows, vocab] fp32 logits writes three more
+// tensors of that size: log_softmax's output in forward, then nll_loss's
+// gradient (zeros with one value per row) and log_softmax's gradient in
+// backward. At SmolLM2's vocabulary and 2048 tokens each is 400 MB, and
+// together with the passes over them they took about 1 s of a 15 s CPU step
+// (profile of configs/smollm2-135m.yaml, 2 threads). This function writes
+// only the gradient. Forward takes each row's logsumexp, a block of rows at a
+// time so the temporaries stay in cache; backward writes exp(x - lse) scaled
+// by the loss's gradient over the rows counted, block by block, and then
+// subtracts that scale at each row's target. The results agree with torch's
+// to fp32 rounding (logsumexp against log_softmax's x - max - log sum).
+constexpr int64_t kCpuBlockElements = int64_t{1} << 18;  // 1 MiB of fp32 per block
+
+class CpuCrossEntropyFunction : public torch::autograd::Function<CpuCrossEntropyFunction> {
+ public:
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& logits_nv, const torch::Tensor& targets_n) {
+    torch::Tensor logits = logits_nv.contiguous(), targets = targets_n.contiguous();
+    const int64_t rows = logits.size(0), vocab = logits.size(1);
+    torch::Tensor counted_rows = targets != kIgnoreIndex;
+    // torch refuses a target outside the vocabulary; so does this.
+    if (rows > 0) {
+      torch::Tensor outside = counted_rows & ((targets < 0) | (targets >= vocab));
+      TORCH_CHECK(!outside.any().item<bool>(), "cross_entropy: a target is outside [0, ", vocab, ")");
+    }
+    torch::Tensor columns = targets.clamp_min(0);
+    torch::Tensor lse = at::empty({rows}, logits.options());
+    const int64_t block = std::max<int64_t>(1, kCpuBlockElements / std::max<int64_t>(vocab, 1));
+    for (int64_t first = 0; first < rows; first += block) {
+      const int64_t n = std::min(block, rows - first);
+      torch::Tensor out = lse.narrow(0, first, n);
+      at::logsumexp_out(out, logits.narrow(0, first, n), {1}, /*keepdim=*/false);
+    }
+    torch::Tensor picked = logits.gather(1, columns.unsqueeze(1)).squeeze(1);
+    torch::Tensor loss_rows = at::where(counted_rows, lse - picked, at::zeros({}, logits.options()));
+    // No rows counted gives 0 / 0 = NaN, as torch's mean does.
+    torch::Tensor counted = counted_rows.sum().to(torch::kFloat);
+    ctx->save_for_backward({logits, columns, counted_rows, lse, counted});
+    return loss_rows.sum() / counted;
+  }
+
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    const tensor_list saved = ctx->get_saved_variables();
+    const torch::Tensor &logits = saved[0], &columns = saved[1], &counted_rows = saved[2], &lse = saved[3],
+                        &counted = saved[4];
+    const int64_t rows = logits.size(0), vocab = logits.size(1);
+    // d loss / d x_ij = (softmax_ij - [j == t_i]) * g / counted for the rows
+    // counted, 0 for the others.
+    // (where, not a product: with no row counted g / counted is not finite.)
+    torch::Tensor row_scale =
+        at::where(counted_rows, grads[0].to(torch::kFloat) / counted, at::zeros({}, logits.options()));
+    torch::Tensor d_logits = at::empty_like(logits, at::MemoryFormat::Contiguous);
+    const int64_t block = std::max<int64_t>(1, kCpuBlockElements / std::max<int64_t>(vocab, 1));
+    for (int64_t first = 0; first < rows; first += block) {
+      const int64_t n = std::min(block, rows - first);
+      torch::Tensor out = d_logits.narrow(0, first, n);
+      at::sub_out(out, logits.narrow(0, first, n), lse.narrow(0, first, n).unsqueeze(1));
+      out.exp_();
+      out.mul_(row_scale.narrow(0, first, n).unsqueeze(1));
+    }
+    d_logits.scatter_add_(1, columns.unsqueeze(1), row_scale.neg().unsqueeze(1));
+    return {d_logits, torch::Tensor()};
+  }
+};
+
 }  // namespace
 
 bool fused_kernels_built() {
@@ -161,16 +228,28 @@ torch::Tensor cross_entropy_unfused(const torch::Tensor& logits_nv, const torch:
   return torch::nn::functional::cross_entropy(logits_nv.to(torch::kFloat), targets_n);
 }
 
+namespace {
+// The shapes and index type both fused paths take.
+bool cross_entropy_shapes(const torch::Tensor& logits_nv, const torch::Tensor& targets_n) {
+  return logits_nv.dim() == 2 && logits_nv.size(1) > 0 && targets_n.device() == logits_nv.device() &&
+         targets_n.dim() == 1 && targets_n.scalar_type() == torch::kLong && targets_n.size(0) == logits_nv.size(0);
+}
+}  // namespace
+
 bool cross_entropy_takes_fused_path(const torch::Tensor& logits_nv, const torch::Tensor& targets_n) {
-  return fused_kernels_built() && logits_nv.is_cuda() && logits_nv.dim() == 2 && fused_dtype(logits_nv) &&
-         logits_nv.size(1) > 0 && targets_n.device() == logits_nv.device() && targets_n.dim() == 1 &&
-         targets_n.scalar_type() == torch::kLong && targets_n.size(0) == logits_nv.size(0);
+  return fused_kernels_built() && logits_nv.is_cuda() && fused_dtype(logits_nv) &&
+         cross_entropy_shapes(logits_nv, targets_n);
+}
+
+bool cross_entropy_takes_cpu_path(const torch::Tensor& logits_nv, const torch::Tensor& targets_n) {
+  return logits_nv.is_cpu() && logits_nv.scalar_type() == torch::kFloat && cross_entropy_shapes(logits_nv, targets_n);
 }
 
 torch::Tensor cross_entropy(const torch::Tensor& logits_nv, const torch::Tensor& targets_n) {
 #ifdef LOOM_WITH_CUDA
   if (cross_entropy_takes_fused_path(logits_nv, targets_n)) return CrossEntropyFunction::apply(logits_nv, targets_n);
 #endif
+  if (cross_entropy_takes_cpu_path(logits_nv, targets_n)) return CpuCrossEntropyFunction::apply(logits_nv, targets_n);
   return cross_entropy_unfused(logits_nv, targets_n);
 }
 

@@ -13,8 +13,11 @@
 // round after every op) by bf16 rounding; in fp32 they agree to a few ulp.
 // Double backward is not supported (loom never differentiates twice).
 //
-// On the CPU, and in builds without CUDA, these are exactly the unfused ops
-// (bit-identical to calling *_unfused).
+// On the CPU, and in builds without CUDA, SwiGLU and rotary are exactly the
+// unfused ops (bit-identical to calling *_unfused). The cross-entropy of fp32
+// CPU logits has a path of its own (Note [Cross-entropy on the CPU] in
+// fused_ops.cpp): ATen ops over blocks of rows that write no [rows, vocab]
+// tensor but the gradient; it agrees with the unfused one to fp32 rounding.
 #pragma once
 
 #include <torch/types.h>
@@ -58,6 +61,10 @@ torch::Tensor cross_entropy_unfused(const torch::Tensor& logits_nv, const torch:
 // logits is a 2-d CUDA tensor (fp32, bf16, fp16) with at least one column,
 // targets int64 [logits.size(0)] on its device, in a CUDA build.
 bool cross_entropy_takes_fused_path(const torch::Tensor& logits_nv, const torch::Tensor& targets_n);
+// logits is a 2-d fp32 CPU tensor with at least one column, targets int64
+// [logits.size(0)] on the CPU. A target outside [0, vocab) that is not -100
+// is refused, as torch refuses it.
+bool cross_entropy_takes_cpu_path(const torch::Tensor& logits_nv, const torch::Tensor& targets_n);
 
 // True when loom was built with its CUDA kernels.
 bool fused_kernels_built();
