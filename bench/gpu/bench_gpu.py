@@ -59,6 +59,10 @@ class Bench:
         self.device = "cpu" if args.cpu else "cuda"
         self.results = {"mode": "cpu" if args.cpu else "cuda", "checks": {}, "speed": [], "started": time.ctime()}
         self.failed = False
+        # Which loom this is (its commit), in the log and in results.json.
+        version = subprocess.run([args.loom, "version"], env=self.loom_env(), capture_output=True, text=True)
+        self.results["loom_version"] = (version.stdout.splitlines() or ["?"])[0]
+        self.log(f"{args.loom}: {self.results['loom_version']}")
 
     # --- helpers -------------------------------------------------------------
     def loom_env(self, extra=None):

@@ -25,7 +25,11 @@ if [[ -z "$python" ]]; then
 fi
 
 args=("$@")
-if [[ -d "$carry" && -x "$carry/loom" ]]; then
+cpu_mode=0
+for arg in "$@"; do [[ "$arg" == --cpu ]] && cpu_mode=1; done
+# --cpu runs here, on this checkout's build: a carried folder left over from
+# packing for a GPU machine holds an older loom.
+if [[ "$cpu_mode" == 0 && -d "$carry" && -x "$carry/loom" ]]; then
   # torch, the CUDA runtime and NCCL from this machine's torch wheel; the rest
   # from the carried folder.
   site="$("$python" -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')"
