@@ -121,6 +121,8 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
 // to fp32 rounding (logsumexp against log_softmax's x - max - log sum).
 constexpr int64_t kCpuBlockElements = int64_t{1} << 18;  // 1 MiB of fp32 per block
 
+int64_t rows_per_block(int64_t vocab) { return std::max<int64_t>(1, kCpuBlockElements / std::max<int64_t>(vocab, 1)); }
+
 class CpuCrossEntropyFunction : public torch::autograd::Function<CpuCrossEntropyFunction> {
  public:
   static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& logits_nv, const torch::Tensor& targets_n) {
@@ -134,7 +136,7 @@ class CpuCrossEntropyFunction : public torch::autograd::Function<CpuCrossEntropy
     }
     torch::Tensor columns = targets.clamp_min(0);
     torch::Tensor lse = at::empty({rows}, logits.options());
-    const int64_t block = std::max<int64_t>(1, kCpuBlockElements / std::max<int64_t>(vocab, 1));
+    const int64_t block = rows_per_block(vocab);
     for (int64_t first = 0; first < rows; first += block) {
       const int64_t n = std::min(block, rows - first);
       torch::Tensor out = lse.narrow(0, first, n);
@@ -159,7 +161,7 @@ class CpuCrossEntropyFunction : public torch::autograd::Function<CpuCrossEntropy
     torch::Tensor row_scale =
         at::where(counted_rows, grads[0].to(torch::kFloat) / counted, at::zeros({}, logits.options()));
     torch::Tensor d_logits = at::empty_like(logits, at::MemoryFormat::Contiguous);
-    const int64_t block = std::max<int64_t>(1, kCpuBlockElements / std::max<int64_t>(vocab, 1));
+    const int64_t block = rows_per_block(vocab);
     for (int64_t first = 0; first < rows; first += block) {
       const int64_t n = std::min(block, rows - first);
       torch::Tensor out = d_logits.narrow(0, first, n);
