@@ -475,6 +475,25 @@ TEST(FusedCrossEntropy, ShiftedPeakedMaskedAndIgnoredRowsOnTheCpu) {
   expect_cross_entropy_special_rows_match(torch::TensorOptions(), {torch::kFloat});
 }
 
+// kernels::cross_entropy of `logits` as torch's without a graph (validation's
+// path), with no rows, and with every target ignored.
+void expect_cross_entropy_without_gradients_and_counted_rows_as_torch(const torch::Tensor& logits,
+                                                                      const torch::Tensor& targets) {
+  {
+    // Validation's path: no graph, the same number.
+    torch::NoGradGuard no_grad;
+    expect_close(kernels::cross_entropy(logits, targets), kernels::cross_entropy_unfused(logits, targets), 2e-5,
+                 1e-5, "no_grad loss");
+  }
+  // No rows, or every target ignored: torch's mean is 0 / 0 = NaN, and the
+  // ignored rows' gradient is 0.
+  auto empty = torch::randn({0, logits.size(1)}, logits.options().dtype(torch::kFloat)).to(logits.scalar_type());
+  EXPECT_TRUE(std::isnan(kernels::cross_entropy(empty, targets.narrow(0, 0, 0)).item<double>()));
+  auto all_ignored = run_cross_entropy(kernels::cross_entropy, logits, torch::full_like(targets, -100));
+  EXPECT_TRUE(std::isnan(all_ignored.loss.item<double>()));
+  expect_identical(all_ignored.d_logits, torch::zeros_like(logits), "all ignored d_logits");
+}
+
 TEST(FusedCrossEntropy, CpuPathTakesViewsRefusesTargetsOutsideTheVocabularyAndAveragesLikeTorch) {
   torch::manual_seed(16);
   const int64_t rows = 6, vocab = 4096;
@@ -495,19 +514,7 @@ TEST(FusedCrossEntropy, CpuPathTakesViewsRefusesTargetsOutsideTheVocabularyAndAv
     EXPECT_THROW(kernels::cross_entropy(offset, bad_targets), c10::Error) << bad;
     EXPECT_THROW(kernels::cross_entropy_unfused(offset, bad_targets), c10::Error) << bad;
   }
-  {
-    // Validation's path: no graph, the same number.
-    torch::NoGradGuard no_grad;
-    expect_close(kernels::cross_entropy(offset, targets), kernels::cross_entropy_unfused(offset, targets), 2e-5,
-                 1e-5, "no_grad loss");
-  }
-  // No rows, or every target ignored: NaN as torch's mean, and the ignored
-  // rows' gradient is 0.
-  auto empty = torch::randn({0, 97});
-  EXPECT_TRUE(std::isnan(kernels::cross_entropy(empty, targets.narrow(0, 0, 0)).item<double>()));
-  auto all_ignored = run_cross_entropy(kernels::cross_entropy, offset, torch::full_like(targets, -100));
-  EXPECT_TRUE(std::isnan(all_ignored.loss.item<double>()));
-  expect_identical(all_ignored.d_logits, torch::zeros_like(offset), "all ignored d_logits");
+  expect_cross_entropy_without_gradients_and_counted_rows_as_torch(offset, targets);
 }
 
 TEST(FusedCrossEntropy, MisalignedAndNonContiguousLogitsOnTheGpu) {
@@ -545,19 +552,7 @@ TEST(FusedCrossEntropy, WithoutGradientsAndWithoutCountedRowsAsTorchOnTheGpu) {
   auto cuda = torch::TensorOptions().device(torch::kCUDA);
   auto logits = torch::randn({8, 97}, cuda).to(torch::kBFloat16);
   auto targets = torch::randint(0, 97, {8}, cuda.dtype(torch::kLong));
-  {
-    // Validation's path: no graph, the same number.
-    torch::NoGradGuard no_grad;
-    expect_close(kernels::cross_entropy(logits, targets), kernels::cross_entropy_unfused(logits, targets), 2e-5,
-                 1e-5, "no_grad loss");
-  }
-  // No rows, or every target ignored: torch's mean is 0 / 0 = NaN, and the
-  // ignored rows' gradient is 0.
-  auto empty = torch::randn({0, 97}, cuda).to(torch::kBFloat16);
-  EXPECT_TRUE(std::isnan(kernels::cross_entropy(empty, targets.narrow(0, 0, 0)).item<double>()));
-  auto all_ignored = run_cross_entropy(kernels::cross_entropy, logits, torch::full_like(targets, -100));
-  EXPECT_TRUE(std::isnan(all_ignored.loss.item<double>()));
-  expect_identical(all_ignored.d_logits, torch::zeros_like(logits), "all ignored d_logits");
+  expect_cross_entropy_without_gradients_and_counted_rows_as_torch(logits, targets);
 }
 
 // --- the model ---------------------------------------------------------------------
