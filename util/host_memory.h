@@ -8,7 +8,9 @@
 // every step. keep_freed_heap_memory() makes the heap serve large blocks as
 // well and never shrink, so a block freed in one step is handed out again in
 // the next with its pages already resident: the process keeps its peak heap
-// for its whole life, as a caching allocator does.
+// for its whole life, as a caching allocator does. This is the main arena,
+// which serves the training loop's thread; another thread's arena still maps
+// (and unmaps) a block too large for its 64 MiB heaps.
 //
 // Note [Large blocks on the CPU heap], measured with SmolLM2-135M (seq
 // 2048, one sequence per step, fp32, 2 threads) on the 2-core AMD EPYC
