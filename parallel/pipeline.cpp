@@ -16,8 +16,8 @@
 namespace loom {
 
 namespace {
-constexpr int kForwardTag = 1;
-constexpr int kBackwardTag = 2;
+// Activations and gradients share one tag (Note [pipeline executor]).
+constexpr int kStageTag = 1;
 constexpr int kGatherTag = 3;
 const std::string kTiedName = "model.embed_tokens.weight";
 
@@ -113,6 +113,9 @@ PipelineExecutor::PipelineExecutor(ProcessGroup& pp, const PipeSchedule& schedul
     : pp_(&pp), schedule_(&schedule), chunks_(std::move(chunks)), shape_(shape), hooks_(std::move(hooks)) {
   if (!hooks_.forward) hooks_.forward = [](LlamaForCausalLM& chunk, const at::Tensor& in) { return chunk.forward(in); };
   if (!hooks_.loss) hooks_.loss = default_loss;
+  if (!chunks_.empty() && !chunks_.front()->parameters().empty()) {
+    device_ = chunks_.front()->parameters().front().device();
+  }
   if (pp.size() != schedule.stages) {
     throw std::invalid_argument("PipelineExecutor: the pp group has " + std::to_string(pp.size()) +
                                 " ranks, the schedule " + std::to_string(schedule.stages) + " stages");
@@ -153,7 +156,7 @@ double PipelineExecutor::run(const std::vector<at::Tensor>& inputs, const std::v
   };
   std::map<std::pair<int64_t, int64_t>, Slot> slots;
   std::vector<std::unique_ptr<Work>> sends;
-  const auto activation = at::TensorOptions().dtype(shape_.dtype);
+  const auto activation = at::TensorOptions().dtype(shape_.dtype).device(device_);
   const std::vector<int64_t> activation_shape{shape_.batch, shape_.tokens, shape_.hidden};
   at::Tensor loss_sum = at::zeros({}, at::kDouble);
   int64_t live = 0;
@@ -172,7 +175,7 @@ double PipelineExecutor::run(const std::vector<at::Tensor>& inputs, const std::v
     switch (a.op) {
       case PipeOp::kRecvForward: {
         at::Tensor buffer = at::empty(activation_shape, activation);
-        timed_wait(pp_->recv(buffer, {static_cast<int>((stage - 1) % p), kForwardTag}));
+        timed_wait(pp_->recv(buffer, {static_cast<int>((stage - 1) % p), kStageTag}));
         slot.input = buffer.requires_grad_(true);
         break;
       }
@@ -188,11 +191,11 @@ double PipelineExecutor::run(const std::vector<at::Tensor>& inputs, const std::v
         break;
       }
       case PipeOp::kSendForward:
-        sends.push_back(pp_->send(slot.output.detach().contiguous(), {static_cast<int>((stage + 1) % p), kForwardTag}));
+        sends.push_back(pp_->send(slot.output.detach().contiguous(), {static_cast<int>((stage + 1) % p), kStageTag}));
         break;
       case PipeOp::kRecvBackward: {
         slot.output_grad = at::empty(activation_shape, activation);
-        timed_wait(pp_->recv(slot.output_grad, {static_cast<int>((stage + 1) % p), kBackwardTag}));
+        timed_wait(pp_->recv(slot.output_grad, {static_cast<int>((stage + 1) % p), kStageTag}));
         break;
       }
       case PipeOp::kBackward:
@@ -206,7 +209,7 @@ double PipelineExecutor::run(const std::vector<at::Tensor>& inputs, const std::v
         slot.output_grad = at::Tensor();
         break;
       case PipeOp::kSendBackward:
-        sends.push_back(pp_->send(slot.input.grad().contiguous(), {static_cast<int>((stage - 1) % p), kBackwardTag}));
+        sends.push_back(pp_->send(slot.input.grad().contiguous(), {static_cast<int>((stage - 1) % p), kStageTag}));
         break;
     }
   }
@@ -228,15 +231,16 @@ double PipelineExecutor::evaluate(const std::vector<at::Tensor>& inputs, const s
       const int64_t stage = s.model_stage(rank, c);
       at::Tensor in = inputs[m];
       if (stage > 0) {
-        in = at::empty({inputs[m].size(0), shape_.tokens, shape_.hidden}, at::TensorOptions().dtype(shape_.dtype));
-        pp_->recv(in, {static_cast<int>((stage - 1) % p), kForwardTag})->wait();
+        in = at::empty({inputs[m].size(0), shape_.tokens, shape_.hidden},
+                       at::TensorOptions().dtype(shape_.dtype).device(device_));
+        pp_->recv(in, {static_cast<int>((stage - 1) % p), kStageTag})->wait();
       }
       at::Tensor out = hooks_.forward(*chunks_[c], in);
       if (stage == last_stage) {
         loss_sum += hooks_.loss(out, targets[m]).item<double>();
       } else {
         outputs.push_back(out.contiguous());
-        sends.push_back(pp_->send(outputs.back(), {static_cast<int>((stage + 1) % p), kForwardTag}));
+        sends.push_back(pp_->send(outputs.back(), {static_cast<int>((stage + 1) % p), kStageTag}));
       }
     }
   }

@@ -8,14 +8,18 @@
 //   double loss = executor.run(inputs, targets);   // one step's forwards and backwards
 //
 // Note [pipeline executor]
-// Every activation crossing a stage boundary is fp32 [batch, seq, hidden],
-// known in advance, so no shapes are exchanged. A receive waits for its
-// message (polling MPI, which moves the other operations forward too); a
-// send is left in flight and waited for at the end of the step, which is what
-// the schedules' simulator assumes and what keeps two neighbours that send to
-// each other at once from deadlocking. Forward activations and backward
-// gradients use different tags, and between two ranks each kind arrives in
-// the order it was sent (the simulator checks every schedule for that). The
+// Every activation crossing a stage boundary is [batch, seq, hidden] of the
+// residual stream's dtype, known in advance, so no shapes are exchanged; it
+// is received onto the chunks' device. A receive waits for its message
+// (polling MPI, which moves the other operations forward too); a send is
+// left in flight and waited for at the end of the step, which is what the
+// schedules' simulator assumes and what keeps two neighbours that send to
+// each other at once from deadlocking. Activations and gradients share one
+// tag: between two ranks every message is received in the order it was
+// sent, whatever its kind, which is how NCCL, which has no tags, pairs them
+// (Note [pipeline messages without tags] in parallel/pipeline_schedule.h;
+// the simulator checks every schedule for it, and the MPI runs rely on it).
+// The
 // last model stage computes the loss of each micro-batch (cross-entropy
 // divided by the micro-batch count, so the gradients accumulate to the
 // mean's); backward of a chunk is autograd from its output with the
@@ -113,6 +117,7 @@ class PipelineExecutor {
   std::vector<std::shared_ptr<LlamaForCausalLM>> chunks_;
   Shape shape_;
   Hooks hooks_;
+  c10::Device device_ = c10::kCPU;  // the chunks', where received activations and gradients are put
   std::vector<int64_t> tied_shape_;  // of this rank's slice of the tied weight, agreed over pp
   int64_t last_peak_live_ = 0;
   double last_recv_wait_seconds_ = 0;

@@ -136,9 +136,11 @@ PipeSimulation simulate_pipe_schedule(const PipeSchedule& s, const PipeStageTime
   std::vector<size_t> next(p, 0);
   std::vector<double> clock(p, 0.0), busy(p, 0.0);
   std::vector<int64_t> live(p, 0);
-  // Messages in flight: (source rank, destination rank, forward?) -> queue of
-  // (micro-batch, destination model stage, time sent), in send order.
-  std::map<std::tuple<int64_t, int64_t, bool>, std::deque<std::tuple<int64_t, int64_t, double>>> channels;
+  // Messages in flight: (source rank, destination rank) -> queue of
+  // (forward?, micro-batch, destination model stage, time sent), in send
+  // order: one channel for both directions, as NCCL pairs them (Note
+  // [pipeline messages without tags]).
+  std::map<std::pair<int64_t, int64_t>, std::deque<std::tuple<bool, int64_t, int64_t, double>>> channels;
   auto rank_of_stage = [&](int64_t stage) { return stage % p; };
   bool progress = true;
   while (progress) {
@@ -150,14 +152,15 @@ PipeSimulation simulate_pipe_schedule(const PipeSchedule& s, const PipeStageTime
         if (a.op == PipeOp::kRecvForward || a.op == PipeOp::kRecvBackward) {
           const bool forward = a.op == PipeOp::kRecvForward;
           const int64_t source = rank_of_stage(forward ? stage - 1 : stage + 1);
-          auto& queue = channels[{source, r, forward}];
+          auto& queue = channels[{source, r}];
           if (queue.empty()) break;  // waits for the message
-          const auto [mb, to_stage, sent] = queue.front();
-          if (mb != a.micro_batch || to_stage != stage) {
+          const auto [message_forward, mb, to_stage, sent] = queue.front();
+          if (message_forward != forward || mb != a.micro_batch || to_stage != stage) {
             sim.deadlocked = true;
             sim.problem = "rank " + std::to_string(r) + " expects " + to_string(a, s.virtual_stages) + " from rank " +
-                          std::to_string(source) + " but the next message on that channel is micro-batch " +
-                          std::to_string(mb) + " for model stage " + std::to_string(to_stage);
+                          std::to_string(source) + " but the next message on that channel is the " +
+                          (message_forward ? "activation" : "gradient") + " of micro-batch " + std::to_string(mb) +
+                          " for model stage " + std::to_string(to_stage);
             return sim;
           }
           queue.pop_front();
@@ -170,7 +173,7 @@ PipeSimulation simulate_pipe_schedule(const PipeSchedule& s, const PipeStageTime
             sim.problem = "rank " + std::to_string(r) + " sends past the pipeline's ends";
             return sim;
           }
-          channels[{r, rank_of_stage(to_stage), forward}].emplace_back(a.micro_batch, to_stage, clock[r]);
+          channels[{r, rank_of_stage(to_stage)}].emplace_back(forward, a.micro_batch, to_stage, clock[r]);
         } else {
           const double duration = a.op == PipeOp::kForward ? times.forward[stage] : times.backward[stage];
           sim.start_times[r].emplace_back(clock[r], a);

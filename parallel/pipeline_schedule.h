@@ -19,8 +19,33 @@
 //   kSendBackward mb c   send the gradient of its input to stage s - 1
 // Sends and receives appear only where the neighbouring stage exists. Sends
 // may complete later (non-blocking); a receive waits for its message. Between
-// two ranks, the messages of one kind are received in the order they are sent
-// (the order MPI and NCCL match them in).
+// two ranks, every message is received in the order it was sent, activations
+// and gradients alike (Note [pipeline messages without tags]).
+//
+// Note [pipeline messages without tags]
+// MPI pairs a send with a receive by (peer, tag); NCCL has no tags and pairs
+// the sends and receives between two ranks in the order they are issued,
+// whatever they carry. With interleaving, or with two stages (rank 0's next
+// and previous neighbour are both rank 1), activations and gradients travel
+// on the same pair of ranks, so a schedule runs on NCCL only if each rank
+// receives from a neighbour in exactly the order that neighbour sends to it,
+// across both kinds. The simulator keys its channels by (sender, receiver)
+// alone and fails on a message taken out of that order; every schedule
+// make_pipe_schedule returns passes (tests/unit/test_pipeline_schedule.cpp
+// sweeps p <= 8, m <= 20, v <= 5), and the executor sends both kinds with one
+// tag, so the MPI runs pair them the same way.
+// What NCCL adds beyond order: a send holds its stream until the receiver
+// posts the matching receive. On one stream per group, a rank whose send
+// waits could not post the receive its peer waits for first (1f1b with two
+// stages already does this: rank 0 sends F1 while rank 1 sends B0's
+// gradient), so the sends cannot be left in flight on the stream the
+// receives use, as they are on MPI. Megatron batches each send with the
+// next receive instead, which needs the schedule's actions regrouped; with
+// a stream (and communicator) per direction between two neighbours a waiting
+// send holds up only the sends after it on that link, which go to the same
+// receiver in the order it takes them, which is MPI's behaviour and what the
+// simulator models. That is the plan for the NCCL pipeline
+// (docs/parallelism.md, "GPU").
 //
 // Schedules (parallel.pp_schedule):
 //   afab         all forwards, then all backwards (GPipe): m activations live

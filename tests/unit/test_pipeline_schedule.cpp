@@ -4,6 +4,7 @@
 // a message received out of its channel's order.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <map>
 #include <set>
 #include <string>
@@ -87,6 +88,47 @@ TEST(PipeSchedules, LiveActivationsAreMForAfabAndAtMostPFor1f1b) {
     EXPECT_EQ(afab.peak_live[r], m) << "rank " << r;
     EXPECT_EQ(one.peak_live[r], p - r) << "rank " << r;
   }
+}
+
+// Between two ranks, activations and gradients share one channel: the
+// receiver takes them in the order they were sent, whatever their kind
+// (Note [pipeline messages without tags]). Every schedule over a sweep of
+// shapes keeps that order and finishes.
+TEST(PipeSchedules, EverySchedulesMessagesArriveInOneOrderPerPairOfRanks) {
+  int64_t checked = 0;
+  for (int64_t p = 1; p <= 8; ++p) {
+    for (int64_t m = 1; m <= 20; ++m) {
+      for (const char* kind : {"afab", "1f1b"}) {
+        const PipeSimulation sim = simulate_pipe_schedule(make_pipe_schedule(kind, p, m, 1));
+        EXPECT_FALSE(sim.deadlocked) << kind << " p" << p << " m" << m << ": " << sim.problem;
+        ++checked;
+      }
+      for (int64_t v = 2; v <= 5 && m % p == 0; ++v) {
+        const PipeSimulation sim = simulate_pipe_schedule(make_pipe_schedule("interleaved", p, m, v));
+        EXPECT_FALSE(sim.deadlocked) << "interleaved p" << p << " m" << m << " v" << v << ": " << sim.problem;
+        ++checked;
+      }
+    }
+  }
+  EXPECT_EQ(checked, 528);
+}
+
+// A send put off past the next backward is fine for data, and MPI tags
+// would still match it, but it overtakes a gradient on the channel: the
+// simulator reports the receive that would take the wrong message.
+TEST(PipeSchedules, AnActivationSentAfterAGradientItPrecededIsReported) {
+  PipeSchedule schedule = make_pipe_schedule("interleaved", 2, 4, 2);
+  ASSERT_FALSE(simulate_pipe_schedule(schedule).deadlocked);
+  std::vector<PipeAction>& rank0 = schedule.ranks[0];
+  const auto send = std::find(rank0.begin(), rank0.end(), PipeAction{PipeOp::kSendForward, 2, 0});
+  const auto gradient = std::find(rank0.begin(), rank0.end(), PipeAction{PipeOp::kSendBackward, 0, 1});
+  ASSERT_TRUE(send < gradient) << "the schedule's order changed; pick another pair of sends";
+  std::rotate(send, send + 1, gradient + 1);  // sf2.0 now right after sb0.1
+  const PipeSimulation sim = simulate_pipe_schedule(schedule);
+  ASSERT_TRUE(sim.deadlocked);
+  EXPECT_EQ(sim.problem,
+            "rank 1 expects rf2.0 from rank 0 but the next message on that channel is the gradient of micro-batch 0 "
+            "for model stage 1");
 }
 
 TEST(PipeSchedules, AScheduleThatCannotRunIsRefusedSayingWhatWould) {
