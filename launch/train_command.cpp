@@ -38,9 +38,13 @@
 #include "launch/launcher.h"
 #include "launch/preflight.h"
 #include "launch/run_record.h"
+#ifdef LOOM_WITH_CUDA
+#include "parallel/nccl_process_group.h"
+#endif
 #include "parallel/mpi_process_group.h"
 #include "parallel/topology.h"
 #include "trainer/config.h"
+#include "trainer/device.h"
 #include "trainer/loss_spike.h"
 #include "trainer/training.h"
 #include "util/error.h"
@@ -183,6 +187,23 @@ int train_ranks(Config& config, TrainOptions options, bool check_only, const std
     OpenedDatasets datasets;
     if (!run_preflight(config, world.get(), &grid, std::cout, std::cerr, &datasets)) return kExitBadInput;
     if (check_only) return kExitOk;
+    // One GPU per rank, by its place on its node; on CUDA the NCCL twins of
+    // the dp and tp groups carry the model's tensors (Note [host and device
+    // groups]).
+    options.local_rank = world->node_local_rank();
+    std::optional<GridGroups> device_grid;
+    if (const c10::Device device = resolve_device(config.run.device, options.local_rank);
+        device.is_cuda() && world->size() > 1) {
+      check_device_layout(config, device, dims);
+      make_current(device);
+#ifdef LOOM_WITH_CUDA
+      device_grid = nccl_grid(grid);
+      options.device_grid = &*device_grid;
+#else
+      throw BadInput("run.device: " + config.run.device + " on " + std::to_string(world->size()) +
+                     " ranks needs NCCL, and this loom was built without the CUDA toolkit; use run.device cpu");
+#endif
+    }
     record.emplace(config, dims, command, hosts);
     if (rank0) record->start();
     options.world = world.get();
@@ -196,6 +217,10 @@ int train_ranks(Config& config, TrainOptions options, bool check_only, const std
       const auto timeout = to_milliseconds(config.parallel.comm_timeout);
       for (ProcessGroup* group : {static_cast<ProcessGroup*>(world.get()), grid.dp.get(), grid.pp.get(), grid.tp.get()})
         group->set_timeout(timeout);
+      if (device_grid) {
+        for (ProcessGroup* group : {device_grid->dp.get(), device_grid->tp.get()})
+          if (group != nullptr) group->set_timeout(timeout);
+      }
       steady = true;
     };
     const WallClockBudget budget(config.launch.max_wall_time, rank0);

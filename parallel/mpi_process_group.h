@@ -103,6 +103,11 @@ class MpiProcessGroup final : public ProcessGroup {
   // order as its other collectives.
   std::unique_ptr<MpiProcessGroup> split(int color, int key, std::string name);
 
+  // This rank's index among the ranks of this group that share its node
+  // (MPI_COMM_TYPE_SHARED), in group-rank order: the GPU a rank takes when
+  // each node runs one rank per GPU. Collective over this group.
+  int node_local_rank();
+
   // For code that must call MPI directly (tests, benchmarks). Still owned here.
   MPI_Comm comm() const { return comm_; }
 

@@ -199,6 +199,17 @@ class ProcessGroup {
 // The groups of one rank along each axis of the dp x pp x tp grid
 // (parallel/topology.h). Group ranks are the coordinates along the axis: this
 // rank is rank coords.tp of `tp`, whose members differ from it only in tp.
+//
+// Note [host and device groups]
+// A CUDA run has two grids of the same ranks. The MPI grid (split_grid) takes
+// CPU tensors: the step's loss and metrics, the flags every rank must agree
+// on, gradient norms (all_reduce_through_cpu), checkpoint gathers. The NCCL
+// grid (nccl_grid, dp and tp axes) takes the model's own tensors where they
+// live: tensor-parallel activations and the vocabulary-parallel loss, dp
+// gradient buckets and ZeRO shards. Copying those through the host would
+// cost more than the step. On the CPU the MPI grid serves both. Each
+// collective thus has one home: the CPU tests run the same calls on the
+// same groups' MPI twins.
 struct GridGroups {
   std::unique_ptr<ProcessGroup> dp;
   std::unique_ptr<ProcessGroup> pp;

@@ -97,6 +97,14 @@ void reset_peak_memory(c10::Device device) {
   reset_tensor_memory_peak();
 }
 
+void make_current(c10::Device device) {
+#ifdef LOOM_WITH_CUDA
+  if (device.is_cuda()) c10::cuda::set_device(device.index());
+#else
+  (void)device;
+#endif
+}
+
 void synchronize(c10::Device device) {
 #ifdef LOOM_WITH_CUDA
   if (device.is_cuda()) c10::cuda::device_synchronize();

@@ -37,6 +37,10 @@ MemoryStats memory_stats(c10::Device device);
 // tensor_peak_bytes (both; the CPU peak resident set cannot be reset).
 void reset_peak_memory(c10::Device device);
 
+// Makes a CUDA `device` this thread's current one, where NCCL groups made
+// afterwards put their communicators (nothing to do on the CPU).
+void make_current(c10::Device device);
+
 // Waits for the work queued on `device` (nothing to do on the CPU).
 void synchronize(c10::Device device);
 

@@ -362,6 +362,16 @@ std::shared_ptr<LlamaForCausalLM> whole_model(const ModelConfig& shape, const Na
 
 }  // namespace
 
+void check_device_layout(const Config& config, c10::Device device, const ParallelDims& dims) {
+  // Refused until the pipeline's sends and receives run over NCCL (Note
+  // [pipeline messages without tags]).
+  if (!device.is_cuda() || dims.pp == 1) return;
+  throw BadInput("run.device: " + config.run.device + " (" + device.str() + ") with parallel.pp " +
+                 std::to_string(dims.pp) +
+                 ": pipeline parallelism runs on the CPU only in this build (its sends and receives do not go over "
+                 "NCCL yet; dp and tp do); on GPUs use parallel.pp 1 with tp and dp, or run.device cpu");
+}
+
 ParallelDims check_training_layout(const Config& config, int64_t world_size) {
   const ParallelDims dims = ParallelDims::from_config(config, world_size);
   check_supported(config, dims);
@@ -418,12 +428,19 @@ TrainResult train(Config& config, const TrainOptions& options) {
                    "checkpoint.resume auto to continue, or another run.name");
   }
 
-  const c10::Device device = resolve_device(config.run.device);
-  if (dims.world > 1 && !device.is_cpu()) {
-    throw BadInput("run.device: " + config.run.device + " on " + std::to_string(dims.world) +
-                   " ranks: tensor and data parallelism run over MPI on CPU tensors in this build (the NCCL backend "
-                   "is not wired into training yet); use run.device cpu");
+  const c10::Device device = resolve_device(config.run.device, options.local_rank);
+  check_device_layout(config, device, dims);
+  if (dims.world > 1 && device.is_cuda() && options.device_grid == nullptr) {
+    throw std::logic_error("train: CUDA on " + std::to_string(dims.world) +
+                           " ranks needs TrainOptions::device_grid (the NCCL groups)");
   }
+  // The groups that carry the model's own tensors (tp activations and the
+  // vocabulary-parallel loss, dp gradients and ZeRO shards): NCCL's on CUDA,
+  // the MPI groups on the CPU. What goes through the host (the loss and the
+  // metrics, flags, gradient norms, checkpoint gathers) stays on `dp` and `tp`
+  // (Note [host and device groups]).
+  ProcessGroup* tp_data = tp != nullptr && device.is_cuda() ? options.device_grid->tp.get() : tp;
+  ProcessGroup* dp_data = dp != nullptr && device.is_cuda() ? options.device_grid->dp.get() : dp;
   const bool bf16 = config.precision.compute == "bf16";
   std::string peak_source = "logging.peak_tflops";
   if (config.logging.peak_tflops > 0) {
@@ -448,7 +465,7 @@ TrainResult train(Config& config, const TrainOptions& options) {
   LocalLayerFactory local_factory;
   std::shared_ptr<LlamaForCausalLM> whole = build_initial_model(config, local_factory);
   std::unique_ptr<TensorParallelLayerFactory> tp_factory;
-  if (tp != nullptr) tp_factory = std::make_unique<TensorParallelLayerFactory>(*tp, config.parallel.sequence_parallel);
+  if (tp != nullptr) tp_factory = std::make_unique<TensorParallelLayerFactory>(*tp_data, config.parallel.sequence_parallel);
   const LayerFactory& factory = tp_factory ? static_cast<const LayerFactory&>(*tp_factory) : local_factory;
   // The whole model, or (pp) null; `modules` are what this rank trains: the
   // model, or its pipeline chunks.
@@ -516,7 +533,7 @@ TrainResult train(Config& config, const TrainOptions& options) {
     // A pipeline interleaves the micro-batches' backwards, so the last
     // gradient of a parameter is not known in advance: reduce after them.
     reducer_options.overlap = pp == nullptr;
-    reducer = std::make_unique<GradientReducer>(*dp, params, reducer_options);
+    reducer = std::make_unique<GradientReducer>(*dp_data, params, reducer_options);
   }
 
   LoaderConfig loader_config;
@@ -567,7 +584,7 @@ TrainResult train(Config& config, const TrainOptions& options) {
   result.resumed_from_step = step;
   if (!model_is_whole) whole.reset();
   if (zero_1) {
-    zero.emplace(*dp, named_params, adamw_options);
+    zero.emplace(*dp_data, named_params, adamw_options);
     if (!resumed_state.empty()) zero->load_state_dict(resumed_state);
   }
   resumed_state.clear();
@@ -595,8 +612,8 @@ TrainResult train(Config& config, const TrainOptions& options) {
     hooks.forward = [bf16](LlamaForCausalLM& chunk, const torch::Tensor& input) {
       return autocast_forward(chunk, input, bf16);
     };
-    hooks.loss = [tp](const torch::Tensor& logits, const torch::Tensor& targets) {
-      return token_loss(logits, targets, tp);
+    hooks.loss = [tp_data](const torch::Tensor& logits, const torch::Tensor& targets) {
+      return token_loss(logits, targets, tp_data);
     };
     executor = std::make_unique<PipelineExecutor>(*pp, *schedule, modules, shape, std::move(hooks));
   }
@@ -773,7 +790,7 @@ TrainResult train(Config& config, const TrainOptions& options) {
       // Mean over this micro-batch's tokens, divided by the number of
       // micro-batches: the accumulated gradient is then that of the mean
       // over the whole global batch (every micro-batch has as many tokens).
-      auto loss = next_token_loss(*model, inputs_bt, targets_bt, bf16, tp) / static_cast<double>(micro_batches);
+      auto loss = next_token_loss(*model, inputs_bt, targets_bt, bf16, tp_data) / static_cast<double>(micro_batches);
       if (poison && m == 0) loss = loss * std::numeric_limits<double>::quiet_NaN();  // TrainOptions::poison_step
       if (loss_scale != 1.0 && m == 0) loss = loss * loss_scale;
       if (reducer && m == micro_batches - 1) reducer->arm();
@@ -925,7 +942,7 @@ TrainResult train(Config& config, const TrainOptions& options) {
       // evaluates its share of the same samples a single rank reads.
       const int64_t batches_here = (config.data.valid_batches + dims.dp - 1) / dims.dp;
       double valid_loss = executor ? pipeline_validation_loss(*executor, *pp, loader, batches_here, device)
-                                   : validation_loss(*model, loader, batches_here, device, bf16, tp);
+                                   : validation_loss(*model, loader, batches_here, device, bf16, tp_data);
       if (dp != nullptr) {
         // Every replica evaluates as many batches of its own: the mean of the means.
         torch::Tensor mean = torch::tensor(valid_loss, torch::kDouble);

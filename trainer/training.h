@@ -34,6 +34,8 @@
 #include <memory>
 #include <string>
 
+#include <c10/core/Device.h>
+
 #include "data/loader.h"
 #include "parallel/process_group.h"
 #include "parallel/topology.h"
@@ -55,6 +57,13 @@ struct TrainOptions {
   // export (in the layout a single rank writes), the others only log nothing.
   ProcessGroup* world = nullptr;
   const GridGroups* grid = nullptr;
+  // With CUDA on several ranks: the NCCL groups of the grid's dp and tp axes
+  // (nccl_grid of `grid`), which carry the model's tensors, while `grid`'s
+  // MPI groups carry what goes through the host (Note [host and device
+  // groups]); and this rank's place on its node (node_local_rank), which
+  // picks its GPU. The CPU uses `grid` for both.
+  const GridGroups* device_grid = nullptr;
+  int64_t local_rank = 0;
   // The run's datasets, opened already by this process's preflight with
   // dataset_open_options(config); the loaders take them from here instead of
   // opening, checking and probing them again. nullptr = open them. Must
@@ -110,8 +119,8 @@ struct TrainResult {
 };
 
 // Trains on run.device, fp32 or (precision.compute bf16) with bf16 autocast
-// over fp32 weights, on one rank or (TrainOptions::world) on parallel.tp
-// ranks of tensor parallelism (CPU), which reproduce the single-rank run. `config.model` may be
+// over fp32 weights, on one rank or (TrainOptions::world) on the ranks of the
+// dp x pp x tp grid, which reproduce the single-rank run. `config.model` may be
 // updated to the shape of model.init_from. Throws BadInput for a config,
 // dataset or checkpoint that cannot be used (naming the file or key);
 // std::runtime_error (not BadInput) for a non-finite step that is not skipped.
@@ -123,6 +132,13 @@ TrainResult train(Config& config, const TrainOptions& options = {});
 // schedule that does not suit the step's micro-batches, say). Needs no
 // communication: every rank decides the same.
 ParallelDims check_training_layout(const Config& config, int64_t world_size);
+
+// BadInput when `device` (run.device resolved) cannot run the layout: CUDA
+// with parallel.pp above 1, whose sends and receives do not go over NCCL
+// yet. Checked by loom train on every rank once it knows its device, before
+// any NCCL group is made; not by check_training_layout, which `loom launch`
+// runs where the job's GPUs are not visible (a Slurm login node).
+void check_device_layout(const Config& config, c10::Device device, const ParallelDims& dims);
 
 // FLOPs of one token's forward and backward: 6 N + 12 L H S, with N the
 // non-embedding parameters, L layers, H hidden size, S sequence length.

@@ -472,6 +472,24 @@ TEST(MpiProcessGroup, EveryLayoutOfTheWorldGivesGroupsAlongEachAxisOfTheGrid) {
   }
 }
 
+// The tests run every rank on this host, so a rank's place on the node is
+// its place in the group, for the world and for a group whose order is the
+// world's reversed (the GPU a rank would take follows the group's order).
+TEST(MpiProcessGroup, NodeLocalRankCountsTheGroupsRanksOnThisNodeInGroupOrder) {
+  char name[MPI_MAX_PROCESSOR_NAME] = {};
+  int length = 0;
+  MPI_Get_processor_name(name, &length);
+  at::Tensor hash = at::tensor({static_cast<int64_t>(std::hash<std::string>{}(std::string(name, length)) >> 1)});
+  at::Tensor lowest = hash.clone(), highest = hash.clone();
+  world().all_reduce(lowest, {ReduceOp::kMin})->wait();
+  world().all_reduce(highest, {ReduceOp::kMax})->wait();
+  if (!at::equal(lowest, highest)) GTEST_SKIP() << "the ranks are on several nodes";  // every rank skips
+  EXPECT_EQ(world().node_local_rank(), world().rank());
+  auto reversed = world().split(0, world().size() - world().rank(), "reversed");
+  EXPECT_EQ(reversed->rank(), world().size() - 1 - world().rank());
+  EXPECT_EQ(reversed->node_local_rank(), reversed->rank());
+}
+
 TEST(MpiProcessGroup, SplitGridRefusesDimsThatDoNotMatchTheWorld) {
   ParallelDims dims = dims_of(1, 1, world().size() + 1);
   expect_refused([&] { split_grid(world(), dims); }, {"split_grid", "dp (1) * pp (1) * tp (", "group 'world'"});
