@@ -66,7 +66,8 @@ void run(MpiProcessGroup& pp, const Options& o, const char* kind, int64_t v) {
   const PipeSchedule schedule = make_pipe_schedule(kind, pp.size(), o.micro_batches, v);
   auto chunks = build_pipeline_chunks(config, factory, schedule, pp.rank());
   for (auto& chunk : chunks) load_tensor_parallel_shards(*chunk, to_named_tensors(whole.named_parameters()), 0, 1);
-  PipelineExecutor executor(pp, schedule, chunks, {1, o.seq, o.hidden});
+  PipeGroups groups(pp);
+  PipelineExecutor executor(groups, schedule, chunks, {1, o.seq, o.hidden});
   std::vector<at::Tensor> inputs, targets;
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(5);
   for (int64_t mb = 0; mb < o.micro_batches; ++mb) {

@@ -194,7 +194,6 @@ int train_ranks(Config& config, TrainOptions options, bool check_only, const std
     std::optional<GridGroups> device_grid;
     if (const c10::Device device = resolve_device(config.run.device, options.local_rank);
         device.is_cuda() && world->size() > 1) {
-      check_device_layout(config, device, dims);
       make_current(device);
 #ifdef LOOM_WITH_CUDA
       device_grid = nccl_grid(grid);

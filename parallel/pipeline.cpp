@@ -108,9 +108,59 @@ std::vector<std::shared_ptr<LlamaForCausalLM>> build_pipeline_chunks(const Model
   return chunks;
 }
 
-PipelineExecutor::PipelineExecutor(ProcessGroup& pp, const PipeSchedule& schedule,
+PipeGroups::PipeGroups(MpiProcessGroup& pp, const Twin& twin) : host_(&pp) {
+  const int p = pp.size(), me = pp.rank();
+  if (twin && p > 1) device_twin_ = twin(pp);
+  // One stage: a rank running several chunks sends to itself, which only
+  // MPI can (the trainer runs no pipeline on one pp rank; its tests do).
+  if (p == 1) to_[0] = from_[0] = Link{&pp, 0};
+  // The links in one order on every rank: for each pair of ring neighbours
+  // (i, i + 1 mod p; one pair when p is 2), the direction i -> i + 1, then
+  // the reverse. Every split is collective over pp; the ranks outside a
+  // link make a group of their own (colour 1) and drop it.
+  const int pairs = p == 1 ? 0 : p == 2 ? 1 : p;
+  for (int i = 0; i < pairs; ++i) {
+    const int a = i, b = (i + 1) % p;
+    for (const auto& [from, to] : {std::pair{a, b}, std::pair{b, a}}) {
+      const bool member = me == from || me == to;
+      std::unique_ptr<MpiProcessGroup> link =
+          pp.split(member ? 0 : 1, me, "pp " + std::to_string(from) + ">" + std::to_string(to));
+      if (!member) continue;
+      // Group ranks follow pp ranks: the lower pp rank of the two is 0.
+      const int other = me == from ? to : from;
+      ProcessGroup* group = link.get();
+      owned_.push_back(std::move(link));
+      if (twin) {
+        owned_.push_back(twin(*static_cast<MpiProcessGroup*>(group)));
+        group = owned_.back().get();
+      }
+      (me == from ? to_ : from_)[other] = Link{group, other < me ? 0 : 1};
+    }
+  }
+}
+
+PipeGroups::Link PipeGroups::to(int pp_rank) const {
+  const auto it = to_.find(pp_rank);
+  if (it == to_.end()) {
+    throw std::invalid_argument("PipeGroups: pp rank " + std::to_string(host_->rank()) + " has no link to pp rank " +
+                                std::to_string(pp_rank));
+  }
+  return it->second;
+}
+
+PipeGroups::Link PipeGroups::from(int pp_rank) const {
+  const auto it = from_.find(pp_rank);
+  if (it == from_.end()) {
+    throw std::invalid_argument("PipeGroups: pp rank " + std::to_string(host_->rank()) + " has no link from pp rank " +
+                                std::to_string(pp_rank));
+  }
+  return it->second;
+}
+
+PipelineExecutor::PipelineExecutor(const PipeGroups& groups, const PipeSchedule& schedule,
                                    std::vector<std::shared_ptr<LlamaForCausalLM>> chunks, Shape shape, Hooks hooks)
-    : pp_(&pp), schedule_(&schedule), chunks_(std::move(chunks)), shape_(shape), hooks_(std::move(hooks)) {
+    : groups_(&groups), schedule_(&schedule), chunks_(std::move(chunks)), shape_(shape), hooks_(std::move(hooks)) {
+  ProcessGroup& pp = groups.host();
   if (!hooks_.forward) hooks_.forward = [](LlamaForCausalLM& chunk, const at::Tensor& in) { return chunk.forward(in); };
   if (!hooks_.loss) hooks_.loss = default_loss;
   if (!chunks_.empty() && !chunks_.front()->parameters().empty()) {
@@ -140,9 +190,19 @@ PipelineExecutor::PipelineExecutor(ProcessGroup& pp, const PipeSchedule& schedul
   }
 }
 
+std::unique_ptr<Work> PipelineExecutor::send_to(int pp_rank, const at::Tensor& tensor) const {
+  const PipeGroups::Link link = groups_->to(pp_rank);
+  return link.group->send(tensor, {link.peer, kStageTag});
+}
+
+std::unique_ptr<Work> PipelineExecutor::recv_from(int pp_rank, const at::Tensor& tensor) const {
+  const PipeGroups::Link link = groups_->from(pp_rank);
+  return link.group->recv(tensor, {link.peer, kStageTag});
+}
+
 double PipelineExecutor::run(const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& targets) {
   const PipeSchedule& s = *schedule_;
-  const int64_t p = s.stages, rank = pp_->rank(), last_stage = p * s.virtual_stages - 1;
+  const int64_t p = s.stages, rank = groups_->host().rank(), last_stage = p * s.virtual_stages - 1;
   if (static_cast<int64_t>(inputs.size()) != s.micro_batches || static_cast<int64_t>(targets.size()) != s.micro_batches) {
     throw std::invalid_argument("PipelineExecutor::run: " + std::to_string(inputs.size()) + " inputs and " +
                                 std::to_string(targets.size()) + " targets for " + std::to_string(s.micro_batches) +
@@ -158,7 +218,7 @@ double PipelineExecutor::run(const std::vector<at::Tensor>& inputs, const std::v
   std::vector<std::unique_ptr<Work>> sends;
   const auto activation = at::TensorOptions().dtype(shape_.dtype).device(device_);
   const std::vector<int64_t> activation_shape{shape_.batch, shape_.tokens, shape_.hidden};
-  at::Tensor loss_sum = at::zeros({}, at::kDouble);
+  at::Tensor loss_sum = at::zeros({}, at::TensorOptions(at::kDouble).device(device_));
   int64_t live = 0;
   last_peak_live_ = 0;
   last_recv_wait_seconds_ = 0;
@@ -175,7 +235,7 @@ double PipelineExecutor::run(const std::vector<at::Tensor>& inputs, const std::v
     switch (a.op) {
       case PipeOp::kRecvForward: {
         at::Tensor buffer = at::empty(activation_shape, activation);
-        timed_wait(pp_->recv(buffer, {static_cast<int>((stage - 1) % p), kStageTag}));
+        timed_wait(recv_from(static_cast<int>((stage - 1) % p), buffer));
         slot.input = buffer.requires_grad_(true);
         break;
       }
@@ -191,11 +251,11 @@ double PipelineExecutor::run(const std::vector<at::Tensor>& inputs, const std::v
         break;
       }
       case PipeOp::kSendForward:
-        sends.push_back(pp_->send(slot.output.detach().contiguous(), {static_cast<int>((stage + 1) % p), kStageTag}));
+        sends.push_back(send_to(static_cast<int>((stage + 1) % p), slot.output.detach().contiguous()));
         break;
       case PipeOp::kRecvBackward: {
         slot.output_grad = at::empty(activation_shape, activation);
-        timed_wait(pp_->recv(slot.output_grad, {static_cast<int>((stage + 1) % p), kStageTag}));
+        timed_wait(recv_from(static_cast<int>((stage + 1) % p), slot.output_grad));
         break;
       }
       case PipeOp::kBackward:
@@ -209,7 +269,7 @@ double PipelineExecutor::run(const std::vector<at::Tensor>& inputs, const std::v
         slot.output_grad = at::Tensor();
         break;
       case PipeOp::kSendBackward:
-        sends.push_back(pp_->send(slot.input.grad().contiguous(), {static_cast<int>((stage - 1) % p), kStageTag}));
+        sends.push_back(send_to(static_cast<int>((stage - 1) % p), slot.input.grad().contiguous()));
         break;
     }
   }
@@ -221,7 +281,7 @@ double PipelineExecutor::run(const std::vector<at::Tensor>& inputs, const std::v
 
 double PipelineExecutor::evaluate(const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& targets) {
   const PipeSchedule& s = *schedule_;
-  const int64_t p = s.stages, rank = pp_->rank(), last_stage = p * s.virtual_stages - 1;
+  const int64_t p = s.stages, rank = groups_->host().rank(), last_stage = p * s.virtual_stages - 1;
   at::NoGradGuard no_grad;
   std::vector<std::unique_ptr<Work>> sends;
   std::vector<at::Tensor> outputs;  // kept until their sends are done
@@ -233,14 +293,14 @@ double PipelineExecutor::evaluate(const std::vector<at::Tensor>& inputs, const s
       if (stage > 0) {
         in = at::empty({inputs[m].size(0), shape_.tokens, shape_.hidden},
                        at::TensorOptions().dtype(shape_.dtype).device(device_));
-        pp_->recv(in, {static_cast<int>((stage - 1) % p), kStageTag})->wait();
+        recv_from(static_cast<int>((stage - 1) % p), in)->wait();
       }
       at::Tensor out = hooks_.forward(*chunks_[c], in);
       if (stage == last_stage) {
         loss_sum += hooks_.loss(out, targets[m]).item<double>();
       } else {
         outputs.push_back(out.contiguous());
-        sends.push_back(pp_->send(outputs.back(), {static_cast<int>((stage + 1) % p), kStageTag}));
+        sends.push_back(send_to(static_cast<int>((stage + 1) % p), outputs.back()));
       }
     }
   }
@@ -263,11 +323,11 @@ void PipelineExecutor::sync_tied_embedding_grads() {
       if (named.key() == kTiedName) copies.push_back(named.value());
     }
   }
-  at::Tensor sum = at::zeros(tied_shape_, at::kFloat);
+  at::Tensor sum = at::zeros(tied_shape_, at::TensorOptions(at::kFloat).device(device_));
   for (const at::Tensor& copy : copies) {
     if (copy.grad().defined()) sum += copy.grad();
   }
-  pp_->all_reduce(sum)->wait();
+  groups_->device().all_reduce(sum)->wait();
   for (at::Tensor& copy : copies) {
     if (copy.grad().defined()) {
       copy.mutable_grad().copy_(sum);

@@ -1,10 +1,11 @@
 // The pipeline executor: runs one rank's part of a PipeSchedule
 // (parallel/pipeline_schedule.h) over its chunks of the model, moving
-// activations and their gradients between neighbouring stages with the pp
-// group's send and recv.
+// activations and their gradients between neighbouring stages over the
+// links of PipeGroups (Note [pipeline links]).
 //
 //   auto chunks = build_pipeline_chunks(config.model, factory, schedule, pp.rank());
-//   PipelineExecutor executor(pp, schedule, chunks, {batch, seq_len, hidden});
+//   PipeGroups groups(pp);                          // collective over pp (MPI)
+//   PipelineExecutor executor(groups, schedule, chunks, {batch, seq_len, hidden});
 //   double loss = executor.run(inputs, targets);   // one step's forwards and backwards
 //
 // Note [pipeline executor]
@@ -35,11 +36,13 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
 
+#include "parallel/mpi_process_group.h"
 #include "parallel/pipeline_schedule.h"
 #include "parallel/process_group.h"
 #include "trainer/model/llama.h"
@@ -66,6 +69,55 @@ std::vector<std::shared_ptr<LlamaForCausalLM>> build_pipeline_chunks(const Model
 // Collective over pp.
 NamedTensors gather_pipeline_stages(ProcessGroup& pp, const NamedTensors& local);
 
+// Note [pipeline links]
+// The executor leaves its sends in flight while it computes and receives
+// (Note [pipeline executor]). On MPI that is free; an NCCL send holds its
+// communicator's stream until the peer receives it, and nothing later on
+// that stream starts before, so a rank whose send to its next stage waits
+// could not receive the gradient that its next stage sends first (1f1b on
+// two stages does exactly this). So the activations and gradients do not go
+// over the pp group: between ring neighbours i and i + 1 (mod p) each
+// direction has a group of its own, holding those two ranks, which carries
+// only what i sends to i + 1 (or the reverse). A send that waits then holds
+// up only the later sends to the same neighbour, which that neighbour takes
+// in the order they were sent (the schedules' simulator checks each pair of
+// ranks for that order), as with MPI. The CPU runs use the same links,
+// split from pp as MPI groups; CUDA runs their NCCL twins. The tied
+// weight's gradient sum goes over `device` (pp, or its NCCL twin), and its
+// shape, exchanged once on the CPU, over `host` (pp).
+class PipeGroups {
+ public:
+  // Makes a group from an MPI group of the same ranks: NcclProcessGroup's
+  // constructor on CUDA. Unset: the MPI groups themselves.
+  using Twin = std::function<std::unique_ptr<ProcessGroup>(MpiProcessGroup&)>;
+
+  // The links of this pp rank (two groups per pair of ring neighbours; with
+  // one stage, `pp` itself to the rank itself, MPI only), split from `pp` in
+  // the same order on every rank.
+  // Collective over pp, as is each `twin` call (every member of a link in
+  // the order of the links, so no two ranks wait on each other).
+  explicit PipeGroups(MpiProcessGroup& pp, const Twin& twin = {});
+
+  ProcessGroup& host() const { return *host_; }
+  ProcessGroup& device() const { return device_twin_ ? *device_twin_ : *host_; }
+
+  // The group that carries what this rank sends to (receives from) pp rank
+  // `pp_rank`, and that rank's rank in it. Throws std::invalid_argument for a
+  // rank that is not a ring neighbour.
+  struct Link {
+    ProcessGroup* group = nullptr;
+    int peer = -1;
+  };
+  Link to(int pp_rank) const;
+  Link from(int pp_rank) const;
+
+ private:
+  MpiProcessGroup* host_;
+  std::unique_ptr<ProcessGroup> device_twin_;
+  std::vector<std::unique_ptr<ProcessGroup>> owned_;
+  std::map<int, Link> to_, from_;
+};
+
 class PipelineExecutor {
  public:
   struct Shape {
@@ -82,8 +134,9 @@ class PipelineExecutor {
     std::function<at::Tensor(LlamaForCausalLM& chunk, const at::Tensor& input)> forward;
     std::function<at::Tensor(const at::Tensor& logits, const at::Tensor& targets)> loss;
   };
-  // The group, the schedule and the chunks must outlive the executor.
-  PipelineExecutor(ProcessGroup& pp, const PipeSchedule& schedule,
+  // The groups, the schedule and the chunks must outlive the executor.
+  // Collective over pp (with tied embeddings: the tied weight's shape).
+  PipelineExecutor(const PipeGroups& groups, const PipeSchedule& schedule,
                    std::vector<std::shared_ptr<LlamaForCausalLM>> chunks, Shape shape, Hooks hooks = {});
 
   // One step: every forward and backward of the schedule for this rank.
@@ -112,7 +165,11 @@ class PipelineExecutor {
   // tied weight get the sum of their gradients (collective over pp).
   void sync_tied_embedding_grads();
 
-  ProcessGroup* pp_;
+  // Starts sending `tensor` to, or receiving it from, pp rank `pp_rank`.
+  std::unique_ptr<Work> send_to(int pp_rank, const at::Tensor& tensor) const;
+  std::unique_ptr<Work> recv_from(int pp_rank, const at::Tensor& tensor) const;
+
+  const PipeGroups* groups_;
   const PipeSchedule* schedule_;
   std::vector<std::shared_ptr<LlamaForCausalLM>> chunks_;
   Shape shape_;

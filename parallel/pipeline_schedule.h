@@ -40,12 +40,12 @@
 // stages already does this: rank 0 sends F1 while rank 1 sends B0's
 // gradient), so the sends cannot be left in flight on the stream the
 // receives use, as they are on MPI. Megatron batches each send with the
-// next receive instead, which needs the schedule's actions regrouped; with
-// a stream (and communicator) per direction between two neighbours a waiting
-// send holds up only the sends after it on that link, which go to the same
-// receiver in the order it takes them, which is MPI's behaviour and what the
-// simulator models. That is the plan for the NCCL pipeline
-// (docs/parallelism.md, "GPU").
+// next receive instead, which needs the schedule's actions regrouped; loom
+// gives each direction between two neighbours a group (and stream) of its
+// own (Note [pipeline links] in parallel/pipeline.h), so a waiting send
+// holds up only the sends after it on that link, which go to the same
+// receiver in the order it takes them: MPI's behaviour, which the simulator
+// models.
 //
 // Schedules (parallel.pp_schedule):
 //   afab         all forwards, then all backwards (GPipe): m activations live

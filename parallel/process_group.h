@@ -206,7 +206,9 @@ class ProcessGroup {
 // on, gradient norms (all_reduce_through_cpu), checkpoint gathers. The NCCL
 // grid (nccl_grid, dp and tp axes) takes the model's own tensors where they
 // live: tensor-parallel activations and the vocabulary-parallel loss, dp
-// gradient buckets and ZeRO shards. Copying those through the host would
+// gradient buckets and ZeRO shards; the pipeline's activations, gradients
+// and tied-weight sums go over PipeGroups' NCCL twins (Note [pipeline
+// links] in parallel/pipeline.h). Copying those through the host would
 // cost more than the step. On the CPU the MPI grid serves both. Each
 // collective thus has one home: the CPU tests run the same calls on the
 // same groups' MPI twins.

@@ -24,6 +24,10 @@
 #include "checkpoints/init_from.h"
 #include "data/loader.h"
 #include "parallel/data_parallel.h"
+#include "parallel/mpi_process_group.h"
+#ifdef LOOM_WITH_CUDA
+#include "parallel/nccl_process_group.h"
+#endif
 #include "parallel/pipeline.h"
 #include "parallel/pipeline_schedule.h"
 #include "parallel/tensor_parallel_model.h"
@@ -362,16 +366,6 @@ std::shared_ptr<LlamaForCausalLM> whole_model(const ModelConfig& shape, const Na
 
 }  // namespace
 
-void check_device_layout(const Config& config, c10::Device device, const ParallelDims& dims) {
-  // Refused until the pipeline's sends and receives run over NCCL (Note
-  // [pipeline messages without tags]).
-  if (!device.is_cuda() || dims.pp == 1) return;
-  throw BadInput("run.device: " + config.run.device + " (" + device.str() + ") with parallel.pp " +
-                 std::to_string(dims.pp) +
-                 ": pipeline parallelism runs on the CPU only in this build (its sends and receives do not go over "
-                 "NCCL yet; dp and tp do); on GPUs use parallel.pp 1 with tp and dp, or run.device cpu");
-}
-
 ParallelDims check_training_layout(const Config& config, int64_t world_size) {
   const ParallelDims dims = ParallelDims::from_config(config, world_size);
   check_supported(config, dims);
@@ -429,7 +423,6 @@ TrainResult train(Config& config, const TrainOptions& options) {
   }
 
   const c10::Device device = resolve_device(config.run.device, options.local_rank);
-  check_device_layout(config, device, dims);
   if (dims.world > 1 && device.is_cuda() && options.device_grid == nullptr) {
     throw std::logic_error("train: CUDA on " + std::to_string(dims.world) +
                            " ranks needs TrainOptions::device_grid (the NCCL groups)");
@@ -437,8 +430,9 @@ TrainResult train(Config& config, const TrainOptions& options) {
   // The groups that carry the model's own tensors (tp activations and the
   // vocabulary-parallel loss, dp gradients and ZeRO shards): NCCL's on CUDA,
   // the MPI groups on the CPU. What goes through the host (the loss and the
-  // metrics, flags, gradient norms, checkpoint gathers) stays on `dp` and `tp`
-  // (Note [host and device groups]).
+  // metrics, flags, gradient norms, checkpoint gathers) stays on `dp`, `tp`
+  // and `pp` (Note [host and device groups]); the pipeline's own groups are
+  // made below (Note [pipeline links]).
   ProcessGroup* tp_data = tp != nullptr && device.is_cuda() ? options.device_grid->tp.get() : tp;
   ProcessGroup* dp_data = dp != nullptr && device.is_cuda() ? options.device_grid->dp.get() : dp;
   const bool bf16 = config.precision.compute == "bf16";
@@ -600,6 +594,7 @@ TrainResult train(Config& config, const TrainOptions& options) {
 
   // The pipeline: this rank's chunks run the schedule's forwards and
   // backwards, under autocast as the whole model would, with the same loss.
+  std::unique_ptr<PipeGroups> pipe_groups;
   std::unique_ptr<PipelineExecutor> executor;
   if (pp != nullptr) {
     PipelineExecutor::Shape shape;
@@ -615,7 +610,20 @@ TrainResult train(Config& config, const TrainOptions& options) {
     hooks.loss = [tp_data](const torch::Tensor& logits, const torch::Tensor& targets) {
       return token_loss(logits, targets, tp_data);
     };
-    executor = std::make_unique<PipelineExecutor>(*pp, *schedule, modules, shape, std::move(hooks));
+    // Activations and gradients go over a group per link between neighbours
+    // (Note [pipeline links]): MPI's on the CPU, their NCCL twins on CUDA.
+    auto* pp_mpi = dynamic_cast<MpiProcessGroup*>(pp);
+    if (pp_mpi == nullptr) throw std::logic_error("train: the pp group must be an MPI group");
+    PipeGroups::Twin twin;
+#ifdef LOOM_WITH_CUDA
+    if (device.is_cuda()) {
+      twin = [](MpiProcessGroup& group) -> std::unique_ptr<ProcessGroup> {
+        return std::make_unique<NcclProcessGroup>(group);
+      };
+    }
+#endif
+    pipe_groups = std::make_unique<PipeGroups>(*pp_mpi, twin);
+    executor = std::make_unique<PipelineExecutor>(*pipe_groups, *schedule, modules, shape, std::move(hooks));
   }
 
   // Only the writer has a metrics file; the other ranks write to nothing.

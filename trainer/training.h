@@ -34,8 +34,6 @@
 #include <memory>
 #include <string>
 
-#include <c10/core/Device.h>
-
 #include "data/loader.h"
 #include "parallel/process_group.h"
 #include "parallel/topology.h"
@@ -60,8 +58,9 @@ struct TrainOptions {
   // With CUDA on several ranks: the NCCL groups of the grid's dp and tp axes
   // (nccl_grid of `grid`), which carry the model's tensors, while `grid`'s
   // MPI groups carry what goes through the host (Note [host and device
-  // groups]); and this rank's place on its node (node_local_rank), which
-  // picks its GPU. The CPU uses `grid` for both.
+  // groups]; pp makes its own, Note [pipeline links]); and this rank's place
+  // on its node (node_local_rank), which picks its GPU. The CPU uses `grid`
+  // for both.
   const GridGroups* device_grid = nullptr;
   int64_t local_rank = 0;
   // The run's datasets, opened already by this process's preflight with
@@ -132,13 +131,6 @@ TrainResult train(Config& config, const TrainOptions& options = {});
 // schedule that does not suit the step's micro-batches, say). Needs no
 // communication: every rank decides the same.
 ParallelDims check_training_layout(const Config& config, int64_t world_size);
-
-// BadInput when `device` (run.device resolved) cannot run the layout: CUDA
-// with parallel.pp above 1, whose sends and receives do not go over NCCL
-// yet. Checked by loom train on every rank once it knows its device, before
-// any NCCL group is made; not by check_training_layout, which `loom launch`
-// runs where the job's GPUs are not visible (a Slurm login node).
-void check_device_layout(const Config& config, c10::Device device, const ParallelDims& dims);
 
 // FLOPs of one token's forward and backward: 6 N + 12 L H S, with N the
 // non-embedding parameters, L layers, H hidden size, S sequence length.

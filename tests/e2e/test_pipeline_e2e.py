@@ -17,7 +17,7 @@ import pytest
 
 from test_train_e2e import loom, losses_by_step, read_metrics, train_args  # noqa: F401
 from test_train_e2e import data  # noqa: F401 (fixture)
-from test_tensor_parallel_e2e import assert_same_hub_folder, mpi_loom, run_folder_entries
+from test_tensor_parallel_e2e import assert_same_hub_folder, mpi_loom, run_folder_entries, visible_gpus
 
 STEPS = 10
 LAYERS = 8
@@ -94,6 +94,24 @@ def test_pipeline_run_reproduces_the_single_rank_run(data, tmp_path, single_rank
     loom("export", run / "checkpoints" / "step-0000010", "--output", tmp_path / "exported")
     assert_same_hub_folder(tmp_path / "exported", single_rank[tied] / "hf", 1e-6)
     assert run_folder_entries(run) == run_folder_entries(single_rank[tied])
+
+
+@pytest.mark.parametrize("ranks,tied,parallel", [
+    (2, True, layout(2)),
+    (2, False, layout(2, "interleaved", virtual=2)),
+    (4, False, layout(2, tp=2, sp=True)),
+], ids=["pp2-1f1b-tied", "pp2-interleaved", "tp2-pp2-sp"])
+def test_on_gpus_the_pipeline_over_nccl_reproduces_the_single_gpu_run(data, tmp_path, ranks, tied, parallel):
+    """One rank per GPU; activations and gradients over the NCCL twins of the pipeline's links (Note [pipeline
+    links]), the tied embedding's gradient over pp's: the losses of the single-GPU run within 1e-4 relative.
+    Needs as many GPUs as ranks; skipped elsewhere."""
+    if visible_gpus() < ranks:
+        pytest.skip(f"needs {ranks} GPUs, {visible_gpus()} visible")
+    loom(*pp_args(data, tmp_path, "one-gpu", tied, **{"run.device": "cuda"}))
+    mpi_loom(ranks, pp_args(data, tmp_path, "nccl", tied, **{"run.device": "cuda", **parallel}))
+    got, want = losses_by_step(tmp_path / "nccl", STEPS), losses_by_step(tmp_path / "one-gpu", STEPS)
+    for step in range(1, STEPS + 1):
+        assert abs(got[step] - want[step]) <= 1e-4 * abs(want[step]), (step, got[step], want[step])
 
 
 @pytest.mark.parametrize("zero", [0, 1], ids=["zero0", "zero1"])

@@ -10,7 +10,9 @@
 
 #include <algorithm>
 #include <memory>
+#include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "parallel/mpi_process_group.h"
@@ -26,7 +28,7 @@ namespace {
 MpiProcessGroup* g_world = nullptr;
 ProcessGroup& pp() { return *g_world; }
 
-constexpr int64_t kMicroBatches = 8, kBatch = 2, kSeq = 8;
+constexpr int64_t kMicroBatches = 12, kBatch = 2, kSeq = 8;  // 12: interleaved needs a multiple of pp (2, 3, 4)
 
 ModelConfig model_config(int64_t layers, bool tied) {
   ModelConfig m;
@@ -67,7 +69,8 @@ int64_t check_schedule(const char* kind, int64_t virtual_stages, int64_t layers,
   const PipeSchedule schedule = make_pipe_schedule(kind, pp().size(), kMicroBatches, virtual_stages);
   auto chunks = build_pipeline_chunks(config, factory, schedule, pp().rank());
   for (auto& chunk : chunks) load_tensor_parallel_shards(*chunk, to_named_tensors(whole.named_parameters()), 0, 1);
-  PipelineExecutor executor(pp(), schedule, chunks, {kBatch, kSeq, config.hidden_size});
+  PipeGroups groups(*g_world);
+  PipelineExecutor executor(groups, schedule, chunks, {kBatch, kSeq, config.hidden_size});
   const double loss = executor.run(inputs, targets);
 
   const bool has_last = schedule.model_stage(pp().rank(), virtual_stages - 1) == pp().size() * virtual_stages - 1;
@@ -91,6 +94,49 @@ int64_t check_schedule(const char* kind, int64_t virtual_stages, int64_t layers,
   }
   EXPECT_GT(checked, 0);
   return executor.last_peak_live();
+}
+
+// Note [pipeline links]: each direction between ring neighbours is a group
+// of its own holding just those two ranks, so that a send waiting for its
+// receiver holds up nothing else; messages sent over a link arrive.
+TEST(PipeGroups, EachRankHasAGroupPerDirectionToAndFromItsRingNeighbours) {
+  const int p = pp().size(), me = pp().rank();
+  PipeGroups groups(*g_world);
+  EXPECT_EQ(&groups.host(), &pp());
+  EXPECT_EQ(&groups.device(), &pp());
+  if (p == 1) {  // chunks of one rank send to itself, over pp
+    EXPECT_EQ(groups.to(0).group, &pp());
+    EXPECT_EQ(groups.from(0).peer, 0);
+    EXPECT_THROW(groups.to(1), std::invalid_argument);
+    return;
+  }
+  const int next = (me + 1) % p, prev = (me + p - 1) % p;
+  for (const auto& [link, other, what] : {std::tuple{groups.to(next), next, "to next"},
+                                          std::tuple{groups.from(prev), prev, "from prev"}}) {
+    ASSERT_NE(link.group, nullptr) << what;
+    EXPECT_EQ(link.group->size(), 2) << what;
+    EXPECT_EQ(link.group->world_ranks(), (std::vector<int>{std::min(me, other), std::max(me, other)})) << what;
+    EXPECT_EQ(link.group->world_ranks()[static_cast<size_t>(link.peer)], other) << what;
+  }
+  EXPECT_NE(groups.to(prev).group, groups.from(prev).group) << "one group per direction";
+  if (p >= 4) EXPECT_THROW(groups.to((me + 2) % p), std::invalid_argument);
+
+  // Around the ring both ways at once: every rank sends before it receives.
+  const auto send = [&](int to, int value) {
+    const PipeGroups::Link link = groups.to(to);
+    return link.group->send(at::full({1000}, value, at::kInt), {link.peer, 1});
+  };
+  const auto recv = [&](int from) {
+    const PipeGroups::Link link = groups.from(from);
+    at::Tensor t = at::empty({1000}, at::kInt);
+    link.group->recv(t, {link.peer, 1})->wait();
+    return t;
+  };
+  auto forward = send(next, me), backward = send(prev, 100 + me);
+  EXPECT_TRUE(at::equal(recv(prev), at::full({1000}, prev, at::kInt)));
+  EXPECT_TRUE(at::equal(recv(next), at::full({1000}, 100 + next, at::kInt)));
+  forward->wait();
+  backward->wait();
 }
 
 // Activation memory, counted in the run: AFAB holds every micro-batch's

@@ -411,30 +411,6 @@ TEST_F(TrainingTest, Bf16ParamsAndUnknownDevicesAreRefused) {
   }
 }
 
-// Pipeline parallelism does not run over NCCL yet: a rank that finds its
-// device is a GPU refuses pp above 1, whether run.device said cuda or auto;
-// dp and tp on CUDA, and pp on the CPU, are not refused. `loom launch`
-// (check_training_layout, where the GPUs may not be visible) lets it pass.
-TEST_F(TrainingTest, CudaWithPipelineParallelismIsRefusedNamingTheDeviceAndPp) {
-  Config c = config("cuda-pp", random_dataset());
-  c.parallel.pp = 2;
-  c.run.device = "cuda";
-  const ParallelDims dims = check_training_layout(c, 2);
-  EXPECT_EQ(dims.pp, 2);
-  test_support::expect_bad_input([&] { check_device_layout(c, c10::Device(c10::kCUDA, 1), dims); },
-                                 {"run.device: cuda (cuda:1) with parallel.pp 2", "runs on the CPU only"});
-  c.run.device = "auto";
-  test_support::expect_bad_input([&] { check_device_layout(c, c10::Device(c10::kCUDA, 0), dims); },
-                                 {"run.device: auto (cuda:0) with parallel.pp 2"});
-  EXPECT_NO_THROW(check_device_layout(c, c10::Device(c10::kCPU), dims));
-  c.parallel.pp = 1;
-  c.parallel.tp = 2;
-  EXPECT_NO_THROW(check_device_layout(c, c10::Device(c10::kCUDA, 0), check_training_layout(c, 2)));
-  c.run.device = "cuda";
-  c.parallel.dp = 0;  // auto
-  EXPECT_EQ(check_training_layout(c, 4).dp, 2);
-}
-
 TEST_F(TrainingTest, ValidationLossIsLoggedAtItsIntervalAndMatchesTheFinalModel) {
   Config c = config("valid", pattern_dataset());
   c.data.valid = random_dataset();  // same vocabulary and tokenizer hash
