@@ -20,14 +20,13 @@
 // sent, whatever its kind, which is how NCCL, which has no tags, pairs them
 // (Note [pipeline messages without tags] in parallel/pipeline_schedule.h;
 // the simulator checks every schedule for it, and the MPI runs rely on it).
-// The
-// last model stage computes the loss of each micro-batch (cross-entropy
+// The last model stage computes the loss of each micro-batch (cross-entropy
 // divided by the micro-batch count, so the gradients accumulate to the
 // mean's); backward of a chunk is autograd from its output with the
 // received gradient, and its input's gradient is what goes back.
 // With tied embeddings the first and the last model stage each hold a copy
 // of the tied weight; run() ends by giving both the sum of their gradients
-// (an all-reduce over the pp group), so the copies stay equal.
+// (an all-reduce over PipeGroups::device()), so the copies stay equal.
 // A stage may itself be tensor parallel: the hooks give the forward (under
 // autocast, say) and the loss (vocabulary-parallel cross-entropy), and the
 // boundary shape and dtype are the caller's (a sequence-parallel residual
