@@ -139,6 +139,11 @@ PipeGroups::PipeGroups(MpiProcessGroup& pp, const Twin& twin) : host_(&pp) {
   }
 }
 
+void PipeGroups::set_timeout(std::chrono::milliseconds timeout) {
+  for (auto& group : owned_) group->set_timeout(timeout);
+  if (device_twin_) device_twin_->set_timeout(timeout);
+}
+
 PipeGroups::Link PipeGroups::to(int pp_rank) const {
   const auto it = to_.find(pp_rank);
   if (it == to_.end()) {

@@ -33,6 +33,7 @@
 // stream crosses as [batch, tokens / tp, hidden]; bf16 compute sends bf16).
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -96,6 +97,9 @@ class PipeGroups {
   // Collective over pp, as is each `twin` call (every member of a link in
   // the order of the links, so no two ranks wait on each other).
   explicit PipeGroups(MpiProcessGroup& pp, const Twin& twin = {});
+
+  // The timeout of every link and of device() (they start with pp's).
+  void set_timeout(std::chrono::milliseconds timeout);
 
   ProcessGroup& host() const { return *host_; }
   ProcessGroup& device() const { return device_twin_ ? *device_twin_ : *host_; }

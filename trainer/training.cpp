@@ -941,6 +941,9 @@ TrainResult train(Config& config, const TrainOptions& options) {
     }
     if (std::string report = profiler.step_end(step); log && !report.empty()) *log << progress.clear() << report;
     if (options.on_step_done) options.on_step_done(step);
+    // The pipeline's links wait as long as pp does (on_step_done may have
+    // shortened it after the first step).
+    if (pipe_groups) pipe_groups->set_timeout(pp->timeout());
 
     const bool valid_due = (config.data.valid_interval > 0 && step % config.data.valid_interval == 0) ||
                            step == train_steps;

@@ -123,7 +123,8 @@ def test_a_sigstopped_pipeline_rank_ends_the_job_within_the_timeout_naming_the_s
     print(f"the job ended {elapsed:.1f} s after world rank 1 was stopped (exit {code})")
     assert code != 0, out[-3000:]
     assert elapsed < comm_timeout + 30, f"{elapsed:.1f} s (limit {comm_timeout} + 30 s)"
-    stuck = re.search(r"loom: rank 0 \(group '(pp|world)' rank 0 of 2, world ranks \[0 1\]\): "
+    # A pipeline message waits on its link's group, "pp 0>1" or "pp 1>0".
+    stuck = re.search(r"loom: rank 0 \(group '(pp|pp [01]>[01]|world)' rank 0 of 2, world ranks \[0 1\]\): "
                       r"(send|recv|all_reduce|barrier) #\d+ .*did not complete within 4 s; waiting for "
                       r"(world ranks \[1\]|group rank 1 \(world rank 1\))", out)
     assert stuck, out[-3000:]
