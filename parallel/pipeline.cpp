@@ -144,20 +144,11 @@ void PipeGroups::set_timeout(std::chrono::milliseconds timeout) {
   if (device_twin_) device_twin_->set_timeout(timeout);
 }
 
-PipeGroups::Link PipeGroups::to(int pp_rank) const {
-  const auto it = to_.find(pp_rank);
-  if (it == to_.end()) {
-    throw std::invalid_argument("PipeGroups: pp rank " + std::to_string(host_->rank()) + " has no link to pp rank " +
-                                std::to_string(pp_rank));
-  }
-  return it->second;
-}
-
-PipeGroups::Link PipeGroups::from(int pp_rank) const {
-  const auto it = from_.find(pp_rank);
-  if (it == from_.end()) {
-    throw std::invalid_argument("PipeGroups: pp rank " + std::to_string(host_->rank()) + " has no link from pp rank " +
-                                std::to_string(pp_rank));
+PipeGroups::Link PipeGroups::link(const std::map<int, Link>& links, int pp_rank, const char* direction) const {
+  const auto it = links.find(pp_rank);
+  if (it == links.end()) {
+    throw std::invalid_argument("PipeGroups: pp rank " + std::to_string(host_->rank()) + " has no link " + direction +
+                                " pp rank " + std::to_string(pp_rank));
   }
   return it->second;
 }

@@ -111,10 +111,12 @@ class PipeGroups {
     ProcessGroup* group = nullptr;
     int peer = -1;
   };
-  Link to(int pp_rank) const;
-  Link from(int pp_rank) const;
+  Link to(int pp_rank) const { return link(to_, pp_rank, "to"); }
+  Link from(int pp_rank) const { return link(from_, pp_rank, "from"); }
 
  private:
+  Link link(const std::map<int, Link>& links, int pp_rank, const char* direction) const;
+
   MpiProcessGroup* host_;
   std::unique_ptr<ProcessGroup> device_twin_;
   std::vector<std::unique_ptr<ProcessGroup>> owned_;
