@@ -214,11 +214,10 @@ int train_ranks(Config& config, TrainOptions options, bool check_only, const std
     options.on_step_done = [&, steady = false](int64_t) mutable {
       if (steady) return;
       const auto timeout = to_milliseconds(config.parallel.comm_timeout);
-      for (ProcessGroup* group : {static_cast<ProcessGroup*>(world.get()), grid.dp.get(), grid.pp.get(), grid.tp.get()})
-        group->set_timeout(timeout);
-      if (device_grid) {
-        for (ProcessGroup* group : {device_grid->dp.get(), device_grid->tp.get()})
-          if (group != nullptr) group->set_timeout(timeout);
+      for (ProcessGroup* group : {static_cast<ProcessGroup*>(world.get()), grid.dp.get(), grid.pp.get(), grid.tp.get(),
+                                  device_grid ? device_grid->dp.get() : nullptr,
+                                  device_grid ? device_grid->tp.get() : nullptr}) {
+        if (group != nullptr) group->set_timeout(timeout);
       }
       steady = true;
     };
