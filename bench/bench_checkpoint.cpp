@@ -30,8 +30,8 @@
 
 #include "data/dataset.h"
 #include "data/loader.h"
-#include "trainer/model/llama.h"
-#include "trainer/optimizer.h"
+#include "model/llama.h"
+#include "optim/optimizer.h"
 #include "trainer/training_checkpoint.h"
 #include "util/file_io.h"
 

@@ -27,7 +27,7 @@
 
 #include "parallel/data_parallel.h"
 #include "parallel/mpi_process_group.h"
-#include "trainer/model/llama.h"
+#include "model/llama.h"
 
 namespace loom {
 namespace {

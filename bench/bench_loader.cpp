@@ -21,8 +21,8 @@
 
 #include "data/dataset.h"
 #include "data/loader.h"
-#include "trainer/config.h"
-#include "trainer/model/llama.h"
+#include "config/config.h"
+#include "model/llama.h"
 
 namespace {
 

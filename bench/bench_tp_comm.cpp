@@ -34,8 +34,8 @@
 #include "parallel/mpi_process_group.h"
 #include "parallel/tensor_parallel_model.h"
 #include "parallel/vocab_parallel.h"
-#include "trainer/model/llama.h"
-#include "trainer/optimizer.h"
+#include "model/llama.h"
+#include "optim/optimizer.h"
 
 namespace loom {
 namespace {

@@ -11,7 +11,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "trainer/config.h"
+#include "config/config.h"
 
 namespace loom {
 

@@ -19,8 +19,8 @@
 
 #include "checkpoints/checkpoint_manifest.h"
 #include "checkpoints/safetensors.h"
-#include "trainer/config.h"
-#include "trainer/model/llama.h"
+#include "config/config.h"
+#include "model/llama.h"
 
 namespace loom {
 

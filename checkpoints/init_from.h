@@ -7,8 +7,8 @@
 
 #include <torch/types.h>
 
-#include "trainer/config.h"
-#include "trainer/model/llama.h"
+#include "config/config.h"
+#include "model/llama.h"
 
 namespace loom {
 

@@ -7,7 +7,7 @@
 //                                   every tensor's global shape and the slice
 //                                   each file holds, each file's size and CRC32C
 //     model-rank00000.safetensors   the parameters held by rank 0 (one file per rank)
-//     optimizer-rank00000.safetensors  training runs only: AdamW state (see trainer/optimizer.h)
+//     optimizer-rank00000.safetensors  training runs only: AdamW state (see optim/optimizer.h)
 //     trainer-state-rank00000.json  training runs only: step, data position, RNG state
 //     tokenizer/                    tokenizer files, when known
 //     config.yaml                   the resolved run config, when written by a run
@@ -24,7 +24,7 @@
 
 #include "checkpoints/checkpoint_manifest.h"  // kCheckpointFormatVersion, the manifest parser
 #include "checkpoints/hub.h"
-#include "trainer/model/llama.h"
+#include "model/llama.h"
 
 namespace loom {
 

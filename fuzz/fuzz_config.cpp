@@ -1,4 +1,4 @@
-// Fuzz target: the YAML config loader (trainer/config.cpp with
+// Fuzz target: the YAML config loader (config/config.cpp with
 // config_schema.cpp and config_compose.cpp), the path of `loom train CONFIG`.
 // The input is the config file's text; `base:` files resolve against an empty
 // scratch folder, so a relative base is refused as missing.
@@ -8,7 +8,7 @@
 #include <string>
 
 #include "fuzz/fuzz_common.h"
-#include "trainer/config.h"
+#include "config/config.h"
 
 namespace {
 

@@ -21,9 +21,9 @@
 #include "parallel/pipeline_schedule.h"
 #include "parallel/topology.h"
 #include "parallel/versions.h"
-#include "trainer/config.h"
+#include "config/config.h"
 #include "trainer/device.h"
-#include "trainer/generate.h"
+#include "model/generate.h"
 #include "util/error.h"
 
 namespace loom {

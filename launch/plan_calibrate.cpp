@@ -42,12 +42,12 @@
 #include "parallel/mpi_process_group.h"
 #include "plan/machine_profile.h"
 #include "plan/time_model.h"
-#include "trainer/config.h"
+#include "config/config.h"
 #include "trainer/device.h"
-#include "trainer/kernels/fused_ops.h"
-#include "trainer/model/layers.h"
-#include "trainer/model/llama.h"
-#include "trainer/optimizer.h"
+#include "model/kernels/fused_ops.h"
+#include "model/layers.h"
+#include "model/llama.h"
+#include "optim/optimizer.h"
 #include "util/error.h"
 
 namespace loom {

@@ -12,8 +12,8 @@
 #include "launch/cli.h"
 #include "launch/commands.h"
 #include "plan/planner.h"
-#include "trainer/config.h"
-#include "trainer/model/llama.h"
+#include "config/config.h"
+#include "model/llama.h"
 #include "util/error.h"
 
 namespace loom {

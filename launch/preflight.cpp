@@ -14,7 +14,7 @@
 
 #include "data/dataset.h"
 #include "trainer/training.h"
-#include "trainer/model/llama.h"
+#include "model/llama.h"
 
 namespace loom {
 

@@ -11,7 +11,7 @@
 
 #include "data/loader.h"
 #include "parallel/process_group.h"
-#include "trainer/config.h"
+#include "config/config.h"
 
 namespace loom {
 

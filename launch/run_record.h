@@ -21,7 +21,7 @@
 #include <vector>
 
 #include "parallel/topology.h"
-#include "trainer/config.h"
+#include "config/config.h"
 
 namespace loom {
 

@@ -14,7 +14,7 @@
 
 #include "launch/cli.h"
 #include "launch/commands.h"
-#include "trainer/config.h"
+#include "config/config.h"
 #include "util/error.h"
 #include "util/file_io.h"
 

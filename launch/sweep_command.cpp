@@ -40,7 +40,7 @@
 #include "launch/cli.h"
 #include "launch/commands.h"
 #include "launch/launcher.h"
-#include "trainer/config.h"
+#include "config/config.h"
 #include "trainer/training.h"
 #include "util/error.h"
 #include "util/file_io.h"

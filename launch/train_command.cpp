@@ -43,7 +43,7 @@
 #endif
 #include "parallel/mpi_process_group.h"
 #include "parallel/topology.h"
-#include "trainer/config.h"
+#include "config/config.h"
 #include "trainer/device.h"
 #include "trainer/loss_spike.h"
 #include "trainer/training.h"

@@ -45,8 +45,8 @@
 #include "parallel/mpi_process_group.h"
 #include "parallel/pipeline_schedule.h"
 #include "parallel/process_group.h"
-#include "trainer/model/llama.h"
-#include "trainer/optimizer.h"
+#include "model/llama.h"
+#include "optim/optimizer.h"
 
 namespace loom {
 

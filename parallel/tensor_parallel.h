@@ -35,7 +35,7 @@
 #include <ATen/core/Tensor.h>
 
 #include "parallel/process_group.h"
-#include "trainer/model/layers.h"
+#include "model/layers.h"
 
 namespace loom {
 

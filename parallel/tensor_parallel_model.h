@@ -39,8 +39,8 @@
 
 #include "parallel/process_group.h"
 #include "parallel/tensor_parallel.h"
-#include "trainer/model/layers.h"
-#include "trainer/optimizer.h"
+#include "model/layers.h"
+#include "optim/optimizer.h"
 
 namespace loom {
 

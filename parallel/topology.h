@@ -9,7 +9,7 @@
 #include <cstdint>
 #include <string>
 
-#include "trainer/config.h"
+#include "config/config.h"
 
 namespace loom {
 

@@ -23,7 +23,7 @@
 
 #include "parallel/process_group.h"
 #include "parallel/tensor_parallel.h"
-#include "trainer/model/layers.h"
+#include "model/layers.h"
 
 namespace loom {
 

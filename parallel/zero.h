@@ -14,7 +14,7 @@
 // r owns elements [r T'/dp, (r+1) T'/dp). Each parameter that overlaps the
 // rank's range contributes one piece, a view of the flat parameter vector
 // named after it (so weight decay follows the parameter's name), and AdamW
-// (trainer/optimizer.h, unchanged) steps those pieces with their own
+// (optim/optimizer.h, unchanged) steps those pieces with their own
 // exp_avg and exp_avg_sq. reduce_gradients() flattens the .grad of every
 // parameter and reduce-scatters it (AVG) over dp into the pieces' gradients;
 // step() updates the pieces, all-gathers the flat vector and copies it back
@@ -32,7 +32,7 @@
 #include <ATen/core/Tensor.h>
 
 #include "parallel/process_group.h"
-#include "trainer/optimizer.h"
+#include "optim/optimizer.h"
 
 namespace loom {
 

@@ -24,7 +24,7 @@
 #include <vector>
 
 #include "plan/layout.h"
-#include "trainer/model/llama.h"
+#include "model/llama.h"
 
 namespace loom::plan {
 

@@ -53,7 +53,7 @@ const LinkProfile& link_of(const Problem& problem, const MachineProfile& machine
 double layer_elementwise_bytes(const ModelConfig& model, int64_t tokens, int64_t tp, bool sequence_parallel, bool bf16);
 
 // Bytes AdamW, gradient clipping and zero_grad move per fp32 element of
-// optimizer state on the CPU path (trainer/optimizer.cpp: decay, the two
+// optimizer state on the CPU path (optim/optimizer.cpp: decay, the two
 // moments, the denominator and the update read and write the parameter, its
 // gradient and the moments about 25 times in all). `loom plan --calibrate`
 // times loom's AdamW with it to measure stream_bytes_per_s.

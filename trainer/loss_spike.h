@@ -29,7 +29,7 @@
 #include <vector>
 
 #include "parallel/process_group.h"
-#include "trainer/config.h"
+#include "config/config.h"
 
 namespace loom {
 

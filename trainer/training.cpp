@@ -35,12 +35,12 @@
 #include "parallel/topology.h"
 #include "parallel/vocab_parallel.h"
 #include "trainer/loss_spike.h"
-#include "trainer/lr_schedule.h"
+#include "optim/lr_schedule.h"
 #include "trainer/metrics_log.h"
-#include "trainer/model/compute_weights.h"
+#include "model/compute_weights.h"
 #include "trainer/device.h"
-#include "trainer/kernels/fused_ops.h"
-#include "trainer/optimizer.h"
+#include "model/kernels/fused_ops.h"
+#include "optim/optimizer.h"
 #include "trainer/profiler.h"
 #include "trainer/tensor_memory.h"
 #include "trainer/training_checkpoint.h"
@@ -143,7 +143,7 @@ torch::Tensor autocast_forward(LlamaForCausalLM& model, const torch::Tensor& inp
 torch::Tensor token_loss(const torch::Tensor& logits_btv, const torch::Tensor& targets_bt, ProcessGroup* tp) {
   const torch::Tensor logits_nv = logits_btv.reshape({-1, logits_btv.size(-1)});
   if (tp != nullptr) return vocab_parallel_cross_entropy(*tp, logits_nv, targets_bt.reshape({-1}));
-  return kernels::cross_entropy(logits_nv, targets_bt.reshape({-1}));  // fused on a GPU (trainer/kernels/fused_ops.h)
+  return kernels::cross_entropy(logits_nv, targets_bt.reshape({-1}));  // fused on a GPU (model/kernels/fused_ops.h)
 }
 
 // Mean next-token cross-entropy of `inputs_bt` -> `targets_bt`.
@@ -316,12 +316,6 @@ std::string checkpoint_folder_name(int64_t step) {
   char buffer[32];
   std::snprintf(buffer, sizeof buffer, "step-%07lld", static_cast<long long>(step));
   return buffer;
-}
-
-double flops_per_token(const ModelConfig& model, int64_t seq_len) {
-  return 6.0 * static_cast<double>(count_non_embedding_parameters(model)) +
-         12.0 * static_cast<double>(model.num_layers) * static_cast<double>(model.hidden_size) *
-             static_cast<double>(seq_len);
 }
 
 double measure_matmul_peak_flops(c10::Device device, torch::ScalarType dtype) {
@@ -758,7 +752,7 @@ TrainResult train(Config& config, const TrainOptions& options) {
   auto zero_grad = [&] { zero ? zero->zero_grad() : optimizer->zero_grad(); };
   StepProfiler profiler(config.profile, device, run_dir / "profile", writer);  // profile.* (trainer/profiler.h)
   // bf16 weights cast once per step, gradients added straight into the fp32
-  // .grad (trainer/model/compute_weights.h); on one rank only, as no
+  // .grad (model/compute_weights.h); on one rank only, as no
   // reducer may wait on the weights' accumulation hooks.
   ComputeWeights compute_weights(bf16 && dims.world == 1);
   // The memory peaks in metrics.jsonl are those of the steps, not of the

@@ -37,8 +37,8 @@
 #include "data/loader.h"
 #include "parallel/process_group.h"
 #include "parallel/topology.h"
-#include "trainer/config.h"
-#include "trainer/model/llama.h"
+#include "config/config.h"
+#include "model/llama.h"
 
 namespace loom {
 
@@ -131,10 +131,6 @@ TrainResult train(Config& config, const TrainOptions& options = {});
 // schedule that does not suit the step's micro-batches, say). Needs no
 // communication: every rank decides the same.
 ParallelDims check_training_layout(const Config& config, int64_t world_size);
-
-// FLOPs of one token's forward and backward: 6 N + 12 L H S, with N the
-// non-embedding parameters, L layers, H hidden size, S sequence length.
-double flops_per_token(const ModelConfig& model, int64_t seq_len);
 
 // The matmul rate of `device` in `dtype`, FLOP/s: a warm-up, then 3 products
 // of 1024 x 1024 matrices on the CPU (with torch's current thread count) or

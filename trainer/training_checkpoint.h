@@ -26,9 +26,9 @@
 
 #include "checkpoints/hub.h"
 #include "data/loader.h"
-#include "trainer/config.h"
-#include "trainer/model/llama.h"
-#include "trainer/optimizer.h"
+#include "config/config.h"
+#include "model/llama.h"
+#include "optim/optimizer.h"
 
 namespace loom {
 

@@ -26,9 +26,9 @@
 
 #include "checkpoints/safetensors.h"
 #include "checkpoints/torch_tensors.h"
-#include "trainer/config.h"
-#include "trainer/lr_schedule.h"
-#include "trainer/optimizer.h"
+#include "config/config.h"
+#include "optim/lr_schedule.h"
+#include "optim/optimizer.h"
 #include "util/error.h"
 
 namespace {

@@ -1,4 +1,4 @@
-// ComputeWeights (trainer/model/compute_weights.h): bf16 weights cast once per
+// ComputeWeights (model/compute_weights.h): bf16 weights cast once per
 // value and gradients added straight into the fp32 .grad give the losses and
 // gradients of plain autocast bit for bit, across micro-batches and optimizer
 // updates, tied or untied, with and without activation recomputation. On the
@@ -13,9 +13,9 @@
 #include <string>
 #include <vector>
 
-#include "trainer/model/compute_weights.h"
-#include "trainer/model/llama.h"
-#include "trainer/optimizer.h"
+#include "model/compute_weights.h"
+#include "model/llama.h"
+#include "optim/optimizer.h"
 
 namespace loom {
 namespace {

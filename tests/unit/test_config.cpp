@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "trainer/config.h"
+#include "config/config.h"
 #include "util/error.h"
 
 namespace loom {

@@ -1,5 +1,5 @@
 // loom's fused SwiGLU, rotary and cross-entropy kernels
-// (trainer/kernels/fused_ops.h) against the unfused ATen ops they replace,
+// (model/kernels/fused_ops.h) against the unfused ATen ops they replace,
 // forward and backward.
 //
 // On a GPU: fp32 agrees with the unfused ops to a few ulp; bf16 and fp16 agree
@@ -27,9 +27,9 @@
 #include <utility>
 #include <vector>
 
-#include "trainer/kernels/fused_ops.h"
-#include "trainer/model/llama.h"
-#include "trainer/model/rotary.h"
+#include "model/kernels/fused_ops.h"
+#include "model/llama.h"
+#include "model/rotary.h"
 
 namespace loom {
 namespace {

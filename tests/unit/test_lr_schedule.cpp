@@ -8,7 +8,7 @@
 #include <numbers>
 #include <string>
 
-#include "trainer/lr_schedule.h"
+#include "optim/lr_schedule.h"
 #include "util/error.h"
 
 namespace loom {

@@ -13,9 +13,9 @@
 #include <map>
 #include <unordered_set>
 
-#include "trainer/generate.h"
-#include "trainer/model/llama.h"
-#include "trainer/model/rotary.h"
+#include "model/generate.h"
+#include "model/llama.h"
+#include "model/rotary.h"
 
 namespace loom {
 namespace {

@@ -10,7 +10,7 @@
 #include <limits>
 #include <string>
 
-#include "trainer/optimizer.h"
+#include "optim/optimizer.h"
 #include "util/error.h"
 
 namespace loom {

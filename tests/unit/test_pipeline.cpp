@@ -19,7 +19,7 @@
 #include "parallel/pipeline.h"
 #include "parallel/tensor_parallel_model.h"
 #include "tests/unit/mpi_test_main.h"
-#include "trainer/model/llama.h"
+#include "model/llama.h"
 #include "util/error.h"
 
 namespace loom {

@@ -7,8 +7,8 @@
 
 #include "parallel/pipeline.h"
 #include "plan/planner.h"
-#include "trainer/model/layers.h"
-#include "trainer/model/llama.h"
+#include "model/layers.h"
+#include "model/llama.h"
 #include "util/error.h"
 
 namespace loom::plan {

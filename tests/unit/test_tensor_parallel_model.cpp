@@ -24,8 +24,8 @@
 #include "parallel/tensor_parallel_model.h"
 #include "parallel/vocab_parallel.h"
 #include "tests/unit/mpi_test_main.h"
-#include "trainer/model/llama.h"
-#include "trainer/optimizer.h"
+#include "model/llama.h"
+#include "optim/optimizer.h"
 #include "util/error.h"
 
 namespace loom {

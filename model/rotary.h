@@ -5,7 +5,7 @@
 
 #include <torch/types.h>
 
-#include "trainer/config.h"
+#include "config/config.h"
 
 namespace loom {
 
@@ -24,7 +24,7 @@ class RotaryEmbedding {
   std::pair<torch::Tensor, torch::Tensor> cos_sin(int64_t start, int64_t length, torch::Device device) const;
 
   // x_bhtd * cos + rotate_half(x_bhtd) * sin, in x's dtype: one fused CUDA
-  // kernel on a GPU, ATen's ops on the CPU (trainer/kernels/fused_ops.h).
+  // kernel on a GPU, ATen's ops on the CPU (model/kernels/fused_ops.h).
   static torch::Tensor apply(const torch::Tensor& x_bhtd, const torch::Tensor& cos_td, const torch::Tensor& sin_td);
 
  private:

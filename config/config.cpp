@@ -5,7 +5,7 @@
 // (file:line:col, or the --set argument). Validation runs after all overrides,
 // so a check that involves several keys blames the one set last: the override
 // that broke a valid file, or the later of two lines in the file.
-#include "trainer/config.h"
+#include "config/config.h"
 
 #include <yaml-cpp/yaml.h>
 
@@ -15,8 +15,8 @@
 #include <map>
 #include <sstream>
 
-#include "trainer/config_compose.h"
-#include "trainer/config_schema.h"
+#include "config/config_compose.h"
+#include "config/config_schema.h"
 #include "util/error.h"
 
 namespace loom {

@@ -1,4 +1,4 @@
-#include "trainer/optimizer.h"
+#include "optim/optimizer.h"
 
 #include <ATen/ATen.h>
 

@@ -4,7 +4,7 @@
 // the logits in their own dtype where the unfused path first copies them to
 // fp32 and runs log-softmax and NLL over the copy.
 // See fused_cuda.h for the contracts and fused_ops.h for when they are used.
-#include "trainer/kernels/fused_cuda.h"
+#include "model/kernels/fused_cuda.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

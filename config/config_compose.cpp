@@ -1,6 +1,6 @@
 // Config composition (`base:` chains) and ${NAME} interpolation. See
 // config_compose.h.
-#include "trainer/config_compose.h"
+#include "config/config_compose.h"
 
 #include <yaml-cpp/eventhandler.h>
 

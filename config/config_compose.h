@@ -1,4 +1,4 @@
-// Private to trainer/config*.cpp: how a config file becomes the YAML
+// Private to config/config*.cpp: how a config file becomes the YAML
 // documents the loader applies, in order.
 //
 // Composition: a config's top-level `base:` names one file (or a list of
@@ -20,7 +20,7 @@
 #include <string>
 #include <vector>
 
-#include "trainer/config_schema.h"
+#include "config/config_schema.h"
 
 namespace loom::config_compose {
 

@@ -6,7 +6,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "trainer/model/llama.h"
+#include "model/llama.h"
 
 namespace loom {
 

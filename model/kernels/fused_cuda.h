@@ -1,5 +1,5 @@
 // Launchers of loom's CUDA kernels (fused_cuda.cu). Private to
-// trainer/kernels/fused_ops.cpp, which checks every condition below before
+// model/kernels/fused_ops.cpp, which checks every condition below before
 // calling them; this header names no CUDA type so that host code includes it.
 //
 // All tensors are on one CUDA device; the kernels run on that device's

@@ -22,7 +22,7 @@
 #include <torch/ordered_dict.h>
 #include <torch/types.h>
 
-#include "trainer/config.h"
+#include "config/config.h"
 
 namespace loom {
 

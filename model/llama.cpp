@@ -1,4 +1,4 @@
-#include "trainer/model/llama.h"
+#include "model/llama.h"
 
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
@@ -6,8 +6,8 @@
 
 #include <string>
 
-#include "trainer/kernels/fused_ops.h"
-#include "trainer/model/recompute.h"
+#include "model/kernels/fused_ops.h"
+#include "model/recompute.h"
 
 namespace loom {
 
@@ -65,7 +65,7 @@ Mlp::Mlp(const ModelConfig& model, const LayerFactory& factory) {
 }
 
 torch::Tensor Mlp::forward(const torch::Tensor& x_btd) {
-  // silu(gate) * up: one fused CUDA kernel on a GPU (trainer/kernels/fused_ops.h).
+  // silu(gate) * up: one fused CUDA kernel on a GPU (model/kernels/fused_ops.h).
   return down_proj_->forward(kernels::swiglu(gate_proj_->forward(x_btd), up_proj_->forward(x_btd)));
 }
 
@@ -191,6 +191,12 @@ int64_t count_non_embedding_parameters(const ModelConfig& m) {
 int64_t count_parameters(const ModelConfig& m) {
   const int64_t embeddings = m.vocab_size * m.hidden_size * (m.tie_embeddings ? 1 : 2);
   return count_non_embedding_parameters(m) + embeddings;
+}
+
+double flops_per_token(const ModelConfig& model, int64_t seq_len) {
+  return 6.0 * static_cast<double>(count_non_embedding_parameters(model)) +
+         12.0 * static_cast<double>(model.num_layers) * static_cast<double>(model.hidden_size) *
+             static_cast<double>(seq_len);
 }
 
 }  // namespace loom

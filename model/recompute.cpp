@@ -1,4 +1,4 @@
-#include "trainer/model/recompute.h"
+#include "model/recompute.h"
 
 #include <ATen/autocast_mode.h>
 #include <torch/csrc/autograd/autograd.h>

@@ -21,9 +21,9 @@
 #include <torch/nn/module.h>
 #include <torch/types.h>
 
-#include "trainer/config.h"
-#include "trainer/model/layers.h"
-#include "trainer/model/rotary.h"
+#include "config/config.h"
+#include "model/layers.h"
+#include "model/rotary.h"
 
 namespace loom {
 
@@ -62,7 +62,7 @@ class DecoderLayer : public torch::nn::Module {
   DecoderLayer(const ModelConfig& model, const LayerFactory& factory);
   // With model.recompute = full, a forward that records a graph and has no
   // cache keeps only x_btd and runs the layer again in backward
-  // (trainer/model/recompute.h). Inference and decoding take the normal path.
+  // (model/recompute.h). Inference and decoding take the normal path.
   torch::Tensor forward(const torch::Tensor& x_btd, const torch::Tensor& cos_td, const torch::Tensor& sin_td,
                         torch::Tensor* cache_k = nullptr, torch::Tensor* cache_v = nullptr);
 
@@ -124,5 +124,9 @@ void init_parameter(const std::string& name, torch::Tensor& p, double init_std);
 // Parameters other than embeddings: the N of REFERENCE's 6N + 12LHS.
 int64_t count_non_embedding_parameters(const ModelConfig& model);
 int64_t count_parameters(const ModelConfig& model);
+
+// FLOPs of one token's forward and backward: 6 N + 12 L H S, with N the
+// non-embedding parameters, L layers, H hidden size, S sequence length.
+double flops_per_token(const ModelConfig& model, int64_t seq_len);
 
 }  // namespace loom

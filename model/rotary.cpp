@@ -1,11 +1,11 @@
-#include "trainer/model/rotary.h"
+#include "model/rotary.h"
 
 #include <ATen/ATen.h>
 
 #include <cmath>
 #include <numbers>
 
-#include "trainer/kernels/fused_ops.h"
+#include "model/kernels/fused_ops.h"
 
 namespace loom {
 

@@ -1,4 +1,4 @@
-// Private to trainer/config*.cpp: the table of config keys, and how each key
+// Private to config/config*.cpp: the table of config keys, and how each key
 // reads its struct field from a YAML node, prints it and writes it back.
 //
 // One KeySpec per dotted key. The loader (config.cpp) walks the YAML and looks
@@ -18,7 +18,7 @@
 #include <variant>
 #include <vector>
 
-#include "trainer/config.h"
+#include "config/config.h"
 
 namespace loom::config_schema {
 

@@ -14,6 +14,8 @@
 #include <string>
 #include <vector>
 
+#include "config/model_config.h"
+
 namespace loom {
 
 struct RunConfig {
@@ -21,46 +23,6 @@ struct RunConfig {
   std::string output_dir = "runs";  // parent folder of run folders
   uint64_t seed = 1234;             // seeds init, data order, dropout-free sampling
   std::string device = "cpu";       // cpu | cuda | auto
-};
-
-struct RopeScalingConfig {
-  std::string type = "none";  // none | llama3 | linear
-  double factor = 1.0;
-  double low_freq_factor = 1.0;
-  double high_freq_factor = 4.0;
-  int64_t original_max_position_embeddings = 8192;
-};
-
-struct ModelConfig {
-  std::string architecture = "llama";  // llama | qwen2 (qwen2: q/k/v biases)
-  int64_t hidden_size = 0;             // required
-  int64_t intermediate_size = 0;       // required
-  int64_t num_layers = 0;              // required
-  int64_t num_heads = 0;               // required
-  int64_t num_kv_heads = 0;            // 0 -> num_heads
-  int64_t head_dim = 0;                // 0 -> hidden_size / num_heads
-  int64_t vocab_size = 0;              // required
-  int64_t max_seq_len = 2048;          // tokens
-  double rope_theta = 10000.0;
-  RopeScalingConfig rope_scaling;
-  double rms_norm_eps = 1e-5;
-  bool tie_embeddings = false;
-  bool attention_bias = false;  // llama: bias on q/k/v/o; qwen2 always has q/k/v bias
-  bool mlp_bias = false;
-  double init_std = 0.02;
-  std::string init_from;        // Hugging Face folder to start from ("" = random init)
-  int64_t bos_token_id = -1;    // -1 = none
-  int64_t eos_token_id = -1;    // -1 = none
-  // Activation recomputation: none keeps every layer's activations for
-  // backward; full keeps only each decoder layer's input and recomputes the
-  // layer during backward (less memory, one more forward). Not in config.json.
-  std::string recompute = "none";  // none | full
-
-  // Resolved values (after defaults): never 0.
-  int64_t kv_heads() const { return num_kv_heads > 0 ? num_kv_heads : num_heads; }
-  int64_t head_size() const { return head_dim > 0 ? head_dim : hidden_size / num_heads; }
-  bool qkv_bias() const { return architecture == "qwen2" || attention_bias; }
-  bool o_bias() const { return architecture != "qwen2" && attention_bias; }
 };
 
 struct ParallelConfig {
@@ -189,7 +151,7 @@ struct Config {
   LaunchConfig launch;
 
   std::string source_path;  // the YAML file it was read from ("" when built in code)
-  std::vector<std::string> base_files;  // its base: chain, deepest first (trainer/config_compose.h)
+  std::vector<std::string> base_files;  // its base: chain, deepest first (config/config_compose.h)
 };
 
 // Where each key's value came from: "file:line:column" of the line that set it
@@ -197,7 +159,7 @@ struct Config {
 // Keys left at their defaults are absent.
 using ConfigOrigins = std::map<std::string, std::string>;
 
-// Reads `path` and its `base:` files (trainer/config_compose.h: composition
+// Reads `path` and its `base:` files (config/config_compose.h: composition
 // and ${NAME} interpolation), applies `overrides` ("a.b=value", YAML scalar or
 // flow syntax), fills defaults and validates. Throws loom::BadInput naming
 // file:line, key, value and expectation. `origins`, when given, receives

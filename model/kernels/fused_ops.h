@@ -1,6 +1,6 @@
 // SwiGLU and rotary embeddings as the model calls them, and the training
 // loss's cross-entropy: loom's fused CUDA kernels
-// (trainer/kernels/fused_cuda.cu) where they apply, ATen's ops everywhere
+// (model/kernels/fused_cuda.cu) where they apply, ATen's ops everywhere
 // else.
 //
 // The fused path is taken when the build has CUDA (LOOM_WITH_CUDA), the

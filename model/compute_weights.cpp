@@ -1,4 +1,4 @@
-#include "trainer/model/compute_weights.h"
+#include "model/compute_weights.h"
 
 #include <ATen/autocast_mode.h>
 #include <torch/csrc/autograd/custom_function.h>

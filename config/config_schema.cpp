@@ -1,6 +1,6 @@
 // The table of config keys (one row per dotted key) and the typed reading,
 // printing and writing of each key's field. See config_schema.h.
-#include "trainer/config_schema.h"
+#include "config/config_schema.h"
 
 #include <algorithm>
 #include <cctype>

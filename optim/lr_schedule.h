@@ -5,7 +5,7 @@
 
 #include <cstdint>
 
-#include "trainer/config.h"
+#include "config/config.h"
 
 namespace loom {
 

@@ -1,8 +1,8 @@
-#include "trainer/model/layers.h"
+#include "model/layers.h"
 
 #include <ATen/ATen.h>
 
-#include "trainer/model/compute_weights.h"
+#include "model/compute_weights.h"
 
 namespace loom {
 

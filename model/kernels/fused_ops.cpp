@@ -1,4 +1,4 @@
-#include "trainer/kernels/fused_ops.h"
+#include "model/kernels/fused_ops.h"
 
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
@@ -7,7 +7,7 @@
 #include <algorithm>
 
 #ifdef LOOM_WITH_CUDA
-#include "trainer/kernels/fused_cuda.h"
+#include "model/kernels/fused_cuda.h"
 #endif
 
 namespace loom::kernels {
