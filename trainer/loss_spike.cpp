@@ -94,12 +94,12 @@ double LossSpikeGuard::rolled_back_loss(int64_t step) const {
   return it == rolled_back_.end() ? std::numeric_limits<double>::quiet_NaN() : it->second;
 }
 
-TrainResult train_with_rollbacks(Config& config, const TrainOptions& options) {
+TrainResult train_with_rollbacks(Config& config, const TrainOptions& options, const TrainHooks* hooks) {
   const bool writer = options.world == nullptr || options.world->rank() == 0;
   const fs::path latest = fs::path(config.run.output_dir) / config.run.name / "checkpoints" / kLatestFile;
   while (true) {
     try {
-      return train(config, options);
+      return train(config, options, hooks);
     } catch (const LossSpikeRollback& rollback) {
       if (writer && options.log != nullptr) *options.log << rollback.what() << std::endl;
       // The writer recorded the step before it threw: no rank reads the

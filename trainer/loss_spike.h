@@ -33,6 +33,7 @@
 
 namespace loom {
 
+struct TrainHooks;
 struct TrainOptions;
 struct TrainResult;
 
@@ -80,6 +81,6 @@ class LossSpikeGuard {
 };
 
 // train(), run again from the last checkpoint after every LossSpikeRollback.
-TrainResult train_with_rollbacks(Config& config, const TrainOptions& options);
+TrainResult train_with_rollbacks(Config& config, const TrainOptions& options, const TrainHooks* hooks = nullptr);
 
 }  // namespace loom

@@ -1,17 +1,18 @@
-// The single-rank training loop: `loom train CONFIG` ends up here.
+// Training: `loom train CONFIG` ends up here, on every rank of the job.
 //
-// One call of train() builds (or resumes) the model, AdamW and the data
-// loader from the config and runs optimizer steps until
-// schedule.train_steps (or TrainOptions::stop_after_step) is reached:
+// One call of train() builds (or resumes) this rank's part of the model,
+// its optimizer and its data loader from the config, and runs optimizer
+// steps until schedule.train_steps (or TrainOptions::stop_after_step) is
+// reached (trainer/trainer.h is the loop):
 //   for each step: zero_grad; for each micro-batch: forward, loss / n_micro,
-//   backward; clip the global gradient norm; AdamW step at the schedule's lr.
-//   A non-finite loss or grad norm follows optimizer.nonfinite_policy: stop
-//   throws std::runtime_error (exit 1) before the update, writing no
-//   checkpoint; skip zeroes the grads, skips the update and the step's data
-//   and logs {"step", "skipped": true, "samples"} (at most
-//   optimizer.max_skipped_steps per run, counted across resumes).
-//   A loss spike follows optimizer.loss_spike_policy (trainer/loss_spike.h):
-//   skipped the same way, or (rollback) LossSpikeRollback is thrown for
+//   backward (a pipeline interleaves them); reduce over dp; clip the global
+//   gradient norm; AdamW step at the schedule's lr.
+//   A non-finite loss or grad norm follows optimizer.nonfinite_policy, a loss
+//   spike optimizer.loss_spike_policy (trainer/step_policy.h): stop throws
+//   std::runtime_error (exit 1) before the update, writing no checkpoint;
+//   skip zeroes the grads, skips the update and the step's data and logs
+//   {"step", "skipped": true, "samples"} (at most optimizer.max_skipped_steps
+//   per run, counted across resumes); rollback throws LossSpikeRollback for
 //   train_with_rollbacks to train again from the last checkpoint.
 // It writes the run folder runs/<run.name>/ (docs/training.md):
 //   config.yaml                       the resolved config, at start
@@ -34,11 +35,12 @@
 #include <memory>
 #include <string>
 
+#include "config/config.h"
 #include "data/loader.h"
+#include "model/llama.h"
 #include "parallel/process_group.h"
 #include "parallel/topology.h"
-#include "config/config.h"
-#include "model/llama.h"
+#include "trainer/train_hooks.h"
 
 namespace loom {
 
@@ -86,21 +88,10 @@ struct TrainOptions {
   // Skip measuring the CPU matmul peak (mfu is then reported as 0). Tests
   // that do not look at mfu use this to stay fast.
   bool measure_peak = true;
-  // TEST-ONLY: makes a step non-finite on purpose. Called with each step's
-  // number (completed steps + 1, as in metrics.jsonl's "step"); when it
-  // returns true the first micro-batch's loss is multiplied by NaN before
-  // backward, so loss and gradients are NaN and optimizer.nonfinite_policy
-  // applies. Empty (the default, and what `loom train` uses) = never.
-  std::function<bool(int64_t step)> poison_step;
   // Called after each step of the loop (skipped or not) with the number of
   // completed steps, before its validation and checkpoint. loom train uses
   // it to shorten the process groups' timeouts once the first step is done.
   std::function<void(int64_t step)> on_step_done;
-  // TEST-ONLY: a loss spike on demand. Called with each step's number; the
-  // first micro-batch's loss is multiplied by the factor it returns before
-  // backward (1 = unchanged), so optimizer.loss_spike_policy sees a spike.
-  // Empty (the default, and what `loom train` uses) = never.
-  std::function<double(int64_t step)> scale_loss;
 };
 
 struct TrainResult {
@@ -123,7 +114,8 @@ struct TrainResult {
 // updated to the shape of model.init_from. Throws BadInput for a config,
 // dataset or checkpoint that cannot be used (naming the file or key);
 // std::runtime_error (not BadInput) for a non-finite step that is not skipped.
-TrainResult train(Config& config, const TrainOptions& options = {});
+// `hooks` are for tests only (trainer/train_hooks.h); loom train passes none.
+TrainResult train(Config& config, const TrainOptions& options = {}, const TrainHooks* hooks = nullptr);
 
 // The layout train() would use on `world_size` ranks (ParallelDims::from_config),
 // or BadInput naming every factor when the layout does not fit the world size

@@ -1,5 +1,5 @@
 // optimizer.loss_spike_policy (trainer/loss_spike.h): the detector alone, then
-// training runs on one rank with a spike injected (TrainOptions::scale_loss):
+// training runs on one rank with a spike injected (TrainHooks::scale_loss):
 // skipped, or rolled back to the last checkpoint, and logged with its samples;
 // bit for bit the same as the policy off when no spike comes.
 #include "trainer/loss_spike.h"
@@ -83,10 +83,15 @@ class LossSpikeTest : public ::testing::Test {
   }
 
   // The first micro-batch of `spike_step` has its loss multiplied by 50.
-  static TrainOptions spike_at(int64_t spike_step) {
+  static TrainHooks spike_at(int64_t spike_step) {
+    TrainHooks hooks;
+    hooks.scale_loss = [spike_step](int64_t step) { return step == spike_step ? 50.0 : 1.0; };
+    return hooks;
+  }
+
+  static TrainOptions quiet() {
     TrainOptions options;
     options.measure_peak = false;
-    options.scale_loss = [spike_step](int64_t step) { return step == spike_step ? 50.0 : 1.0; };
     return options;
   }
 
@@ -164,7 +169,8 @@ TEST_F(LossSpikeTest, PolicyOnWithoutASpikeIsBitIdenticalToPolicyOff) {
 
 TEST_F(LossSpikeTest, SkipDropsTheSpikeLikeANonFiniteSkipAndLogsItsSamples) {
   Config c = config("skip", "skip");
-  const TrainResult result = train(c, spike_at(6));
+  const TrainHooks spike = spike_at(6);
+  const TrainResult result = train(c, quiet(), &spike);
   EXPECT_EQ(result.final_step, 10);
   for (const json& record : metrics(result)) {
     const bool spike = record["step"] == 6;
@@ -177,20 +183,20 @@ TEST_F(LossSpikeTest, SkipDropsTheSpikeLikeANonFiniteSkipAndLogsItsSamples) {
   // The same step dropped for a non-finite loss leaves the same weights.
   Config nonfinite = config("nonfinite", "none");
   nonfinite.optimizer.nonfinite_policy = "skip";
-  TrainOptions poisoned;
-  poisoned.measure_peak = false;
+  TrainHooks poisoned;
   poisoned.poison_step = [](int64_t step) { return step == 6; };
-  expect_same_weights(result, train(nonfinite, poisoned));
+  expect_same_weights(result, train(nonfinite, quiet(), &poisoned));
 }
 
 TEST_F(LossSpikeTest, RollbackReturnsToTheLastCheckpointSkipsTheSpikesDataAndMatchesSkip) {
   Config skip = config("skip", "skip");
-  const TrainResult skipped = train(skip, spike_at(6));
+  const TrainHooks spike = spike_at(6);
+  const TrainResult skipped = train(skip, quiet(), &spike);
   Config rollback = config("rollback", "rollback");
   std::ostringstream log;
-  TrainOptions options = spike_at(6);
+  TrainOptions options = quiet();
   options.log = &log;
-  const TrainResult result = train_with_rollbacks(rollback, options);
+  const TrainResult result = train_with_rollbacks(rollback, options, &spike);
   EXPECT_EQ(result.final_step, 10);
   EXPECT_EQ(result.resumed_from_step, 4) << "the second attempt starts from checkpoint step 4";
   EXPECT_NE(log.str().find("loss spike at step 6"), std::string::npos) << log.str();

@@ -272,12 +272,14 @@ TEST_F(TrainingTest, ExportsAHubFolderAtTheEndReplacingAnEarlierOne) {
   }
 }
 
-// TrainOptions::poison_step makes the listed steps' losses NaN.
-TrainOptions poisoned(std::vector<int64_t> steps) {
+// train() with TrainHooks::poison_step making the listed steps' losses NaN.
+TrainResult train_poisoned(Config& config, std::vector<int64_t> steps, int64_t stop_after_step = -1) {
   TrainOptions options;
   options.measure_peak = false;
-  options.poison_step = [steps](int64_t step) { return std::find(steps.begin(), steps.end(), step) != steps.end(); };
-  return options;
+  options.stop_after_step = stop_after_step;
+  TrainHooks hooks;
+  hooks.poison_step = [steps](int64_t step) { return std::find(steps.begin(), steps.end(), step) != steps.end(); };
+  return train(config, options, &hooks);
 }
 
 TEST_F(TrainingTest, SkipPolicyDropsTheNonFiniteStepAndFinishes) {
@@ -285,7 +287,7 @@ TEST_F(TrainingTest, SkipPolicyDropsTheNonFiniteStepAndFinishes) {
   c.optimizer.nonfinite_policy = "skip";
   c.schedule.train_steps = 8;
   c.checkpoint.interval = 0;
-  const TrainResult result = train(c, poisoned({5}));
+  const TrainResult result = train_poisoned(c, {5});
   EXPECT_EQ(result.final_step, 8);
   const auto records = metrics(result);
   ASSERT_EQ(records.size(), 8u);
@@ -311,15 +313,13 @@ TEST_F(TrainingTest, SkipCountSurvivesResume) {
   Config c = config("skipresume", random_dataset());
   c.optimizer.nonfinite_policy = "skip";
   c.optimizer.max_skipped_steps = 1;
-  TrainOptions first = poisoned({3});
-  first.stop_after_step = 10;
-  ASSERT_EQ(train(c, first).final_step, 10);
+  ASSERT_EQ(train_poisoned(c, {3}, /*stop_after_step=*/10).final_step, 10);
   // The resumed run starts with the one skip used: a second one is too many.
   Config again = config("skipresume", random_dataset());
   again.optimizer.nonfinite_policy = "skip";
   again.optimizer.max_skipped_steps = 1;
   try {
-    train(again, poisoned({13}));
+    train_poisoned(again, {13});
     ADD_FAILURE() << "no exception thrown";
   } catch (const BadInput& e) {
     ADD_FAILURE() << "BadInput: " << e.what();
@@ -332,7 +332,7 @@ TEST_F(TrainingTest, StopPolicyThrowsAndLeavesTheLastCheckpointIntact) {
   Config c = config("stop", random_dataset());
   c.checkpoint.interval = 5;
   try {
-    train(c, poisoned({7}));
+    train_poisoned(c, {7});
     ADD_FAILURE() << "no exception thrown";
   } catch (const BadInput& e) {
     ADD_FAILURE() << "BadInput: " << e.what();
@@ -359,7 +359,7 @@ TEST_F(TrainingTest, SkipPolicyStopsPastMaxSkippedSteps) {
   c.optimizer.max_skipped_steps = 1;
   c.checkpoint.interval = 2;
   try {
-    train(c, poisoned({3, 6}));
+    train_poisoned(c, {3, 6});
     ADD_FAILURE() << "no exception thrown";
   } catch (const BadInput& e) {
     ADD_FAILURE() << "BadInput: " << e.what();

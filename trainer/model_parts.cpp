@@ -1,0 +1,104 @@
+#include "trainer/model_parts.h"
+
+#include <stdexcept>
+#include <string>
+
+#include <torch/types.h>
+
+#include "checkpoints/init_from.h"
+#include "parallel/pipeline.h"
+
+namespace loom {
+
+TrainGroups TrainGroups::of(const ParallelDims& dims, ProcessGroup* world, const GridGroups* grid) {
+  if (dims.world > 1 && (grid == nullptr || !grid->tp)) {
+    throw std::logic_error("train: a world of " + std::to_string(dims.world) + " ranks needs TrainOptions::grid");
+  }
+  TrainGroups groups;
+  groups.world = world;
+  groups.tp = dims.tp > 1 ? grid->tp.get() : nullptr;
+  groups.dp = dims.dp > 1 ? grid->dp.get() : nullptr;
+  groups.pp = dims.pp > 1 ? grid->pp.get() : nullptr;
+  groups.tp_data = groups.tp;
+  groups.dp_data = groups.dp;
+  return groups;
+}
+
+void TrainGroups::use_device(c10::Device device, const ParallelDims& dims, const GridGroups* device_grid) {
+  if (dims.world > 1 && device.is_cuda() && device_grid == nullptr) {
+    throw std::logic_error("train: CUDA on " + std::to_string(dims.world) +
+                           " ranks needs TrainOptions::device_grid (the NCCL groups)");
+  }
+  tp_data = tp != nullptr && device.is_cuda() ? device_grid->tp.get() : tp;
+  dp_data = dp != nullptr && device.is_cuda() ? device_grid->dp.get() : dp;
+}
+
+std::vector<torch::Tensor> ModelParts::params() const {
+  std::vector<torch::Tensor> out;
+  for (const auto& [name, param] : named_params) out.push_back(param);
+  return out;
+}
+
+void ModelParts::load_from_whole() {
+  if (model_is_whole) return;
+  const NamedTensors whole_params = to_named_tensors(whole->named_parameters());
+  for (auto& module : modules) load_tensor_parallel_shards(*module, whole_params, tp_rank, tp_size);
+}
+
+std::unique_ptr<ModelParts> build_model_parts(Config& config, const ParallelDims& dims, const TrainGroups& groups,
+                                              c10::Device device) {
+  auto owned = std::make_unique<ModelParts>();
+  ModelParts& parts = *owned;
+  parts.model_is_whole = groups.tp == nullptr && groups.pp == nullptr;
+  if (groups.tp != nullptr) {
+    parts.tp_rank = groups.tp->rank();
+    parts.tp_size = groups.tp->size();
+  }
+  // build_initial_model seeds torch with run.seed before drawing the initial
+  // weights; seeding here too covers model.init_from. The weights are drawn
+  // on the CPU and then moved, so every device starts from the same ones.
+  torch::manual_seed(config.run.seed);
+  parts.whole = build_initial_model(config, parts.local_factory);
+  if (groups.tp != nullptr) {
+    parts.tp_factory = std::make_unique<TensorParallelLayerFactory>(*groups.tp_data, config.parallel.sequence_parallel);
+  }
+  const LayerFactory& factory =
+      parts.tp_factory ? static_cast<const LayerFactory&>(*parts.tp_factory) : parts.local_factory;
+  if (groups.pp != nullptr) {
+    parts.schedule.emplace(pipeline_schedule_of(config, dims));
+    parts.modules = build_pipeline_chunks(config.model, factory, *parts.schedule, groups.pp->rank());
+  } else if (groups.tp != nullptr) {
+    parts.model = std::make_shared<LlamaForCausalLM>(config.model, factory);
+    parts.modules = {parts.model};
+  } else {
+    parts.model = parts.whole;
+    parts.modules = {parts.model};
+  }
+  parts.load_from_whole();
+  for (auto& module : parts.modules) {
+    module->to(device);
+    module->train();
+    for (auto& named : to_named_tensors(module->named_parameters())) parts.named_params.push_back(std::move(named));
+    parts.param_dims.merge(tensor_parallel_shard_dims(*module));
+  }
+  return owned;
+}
+
+std::shared_ptr<LlamaForCausalLM> whole_model(const ModelConfig& shape, const NamedTensors& params) {
+  LocalLayerFactory factory;
+  auto model = std::make_shared<LlamaForCausalLM>(shape, factory);
+  load_tensor_parallel_shards(*model, params, /*rank=*/0, /*size=*/1);
+  return model;
+}
+
+int64_t global_batch_of(const Config& config, const ParallelDims& dims) {
+  return config.batch.global_batch_size > 0 ? config.batch.global_batch_size
+                                            : config.batch.micro_batch_size * dims.dp;
+}
+
+PipeSchedule pipeline_schedule_of(const Config& config, const ParallelDims& dims) {
+  const int64_t micro_batches = global_batch_of(config, dims) / (config.batch.micro_batch_size * dims.dp);
+  return make_pipe_schedule(config.parallel.pp_schedule, dims.pp, micro_batches, config.parallel.virtual_stages);
+}
+
+}  // namespace loom

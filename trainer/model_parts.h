@@ -1,0 +1,91 @@
+// What one rank trains for its place in the dp x pp x tp grid: its groups,
+// and its part of the model (the whole model, its tp shards, or its pipeline
+// chunks), built so that every layout starts from the same weights.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <c10/core/Device.h>
+
+#include "config/config.h"
+#include "model/llama.h"
+#include "optim/optimizer.h"
+#include "parallel/pipeline_schedule.h"
+#include "parallel/process_group.h"
+#include "parallel/tensor_parallel_model.h"
+#include "parallel/topology.h"
+
+namespace loom {
+
+// This rank's groups, each null where its axis has one rank.
+// Note [host and device groups]: what goes through the host (the loss and
+// the metrics, flags, gradient norms, checkpoint gathers) uses the MPI
+// groups `dp`, `tp` and `pp`; the model's own tensors (tp activations and the
+// vocabulary-parallel loss, dp gradients and ZeRO shards) use `dp_data` and
+// `tp_data`: NCCL's twins on CUDA, the same MPI groups on the CPU. The
+// pipeline makes its own groups (Note [pipeline links]).
+struct TrainGroups {
+  ProcessGroup* world = nullptr;  // null on one rank
+  ProcessGroup* dp = nullptr;
+  ProcessGroup* pp = nullptr;
+  ProcessGroup* tp = nullptr;
+  ProcessGroup* dp_data = nullptr;
+  ProcessGroup* tp_data = nullptr;
+
+  // The host groups from TrainOptions::grid (std::logic_error when a world
+  // of several ranks has none); the device groups are set by use_device.
+  static TrainGroups of(const ParallelDims& dims, ProcessGroup* world, const GridGroups* grid);
+  // With CUDA on several ranks, the model's tensors go over `device_grid`
+  // (NCCL; std::logic_error when it is missing); elsewhere over the host groups.
+  void use_device(c10::Device device, const ParallelDims& dims, const GridGroups* device_grid);
+};
+
+struct ModelParts {
+  ModelParts() = default;
+  ModelParts(const ModelParts&) = delete;
+  ModelParts& operator=(const ModelParts&) = delete;
+
+  LocalLayerFactory local_factory;
+  std::unique_ptr<TensorParallelLayerFactory> tp_factory;  // with tp > 1
+  // The whole model as one rank draws it; kept only while the rank holds
+  // the whole model (no tp or pp), otherwise dropped once its part is loaded.
+  std::shared_ptr<LlamaForCausalLM> whole;
+  std::shared_ptr<LlamaForCausalLM> model;  // the whole model or its tp shards; null with pp
+  std::vector<std::shared_ptr<LlamaForCausalLM>> modules;  // what this rank trains: the model, or its chunks
+  std::optional<PipeSchedule> schedule;                      // with pp > 1
+  NamedTensors named_params;                 // every module's parameters, in order
+  std::map<std::string, int64_t> param_dims;  // tp shard dim of each parameter
+  bool model_is_whole = true;  // no tp or pp: checkpoints need no gathering
+  int64_t tp_rank = 0, tp_size = 1;
+
+  std::vector<torch::Tensor> params() const;
+  // This rank's part of `whole`'s weights into the modules (nothing to do
+  // when the model is whole).
+  void load_from_whole();
+};
+
+// Builds the parts after seeding torch with run.seed, on `device`, in train
+// mode. Every rank draws the whole model on the CPU, exactly as one rank would
+// (or loads model.init_from), and keeps its part (its tp shards of its stages'
+// layers): any layout starts from the same weights on any device.
+// `config.model` may be updated to the shape of model.init_from.
+// On the heap: the layers may keep the factories' addresses.
+std::unique_ptr<ModelParts> build_model_parts(Config& config, const ParallelDims& dims, const TrainGroups& groups,
+                                              c10::Device device);
+
+// A single-device model holding `params` (full tensors by name), for the
+// rank that writes a checkpoint or an export of a sharded run.
+std::shared_ptr<LlamaForCausalLM> whole_model(const ModelConfig& shape, const NamedTensors& params);
+
+// The global batch's sequences, by default one micro-batch per replica.
+int64_t global_batch_of(const Config& config, const ParallelDims& dims);
+
+// The pipeline schedule of one step (parallel.pp_schedule over pp ranks and
+// the step's micro-batches per replica); BadInput when they do not suit it.
+PipeSchedule pipeline_schedule_of(const Config& config, const ParallelDims& dims);
+
+}  // namespace loom

@@ -1,0 +1,81 @@
+#include "trainer/update.h"
+
+namespace loom {
+
+Update::Update(const Config& config, const ParallelDims& dims, const TrainGroups& groups, const ModelParts& parts)
+    : parts_(parts),
+      groups_(groups),
+      dims_(dims),
+      options_(AdamWOptions::from_config(config.optimizer)),
+      zero_1_(groups.dp != nullptr && config.parallel.zero_stage == 1) {
+  if (!zero_1_) optimizer_.emplace(parts.named_params, options_);
+  // The gradient norm of all shards and stages together: a parameter every
+  // rank of the tp group holds whole (norm weights, row-parallel biases) is
+  // counted once, and so is the tied embedding whose copy the last pipeline
+  // stage holds.
+  if (groups.pp != nullptr && groups.pp->rank() != 0 && config.model.tie_embeddings) {
+    tied_copy_ = "model.embed_tokens.weight";
+  }
+  std::vector<ProcessGroup*> model_groups;
+  if (groups.tp != nullptr) model_groups.push_back(groups.tp);
+  if (groups.pp != nullptr) model_groups.push_back(groups.pp);
+  const int64_t tp_rank = dims.coords_of(groups.world ? groups.world->rank() : 0).tp;
+  if (!parts.model_is_whole) {
+    model_norm_ = sharded_grad_norm(model_groups, tp_rank, parts.named_params, parts.param_dims, tied_copy_);
+  }
+  // Data parallelism: each replica trains on its own samples of every global
+  // batch, and the gradients are averaged over the replicas, bucket by bucket
+  // while the last micro-batch's backward runs (parallel/data_parallel.h).
+  // After that every replica holds the same gradients, so the norm needs no
+  // dp reduction and every replica takes the same step. Under ZeRO-1 the
+  // gradients are reduce-scattered instead, after backward.
+  if (groups.dp != nullptr && !zero_1_) {
+    GradientReducer::Options reducer_options;
+    reducer_options.bucket_mb = config.parallel.bucket_mb;
+    // A pipeline interleaves the micro-batches' backwards, so the last
+    // gradient of a parameter is not known in advance: reduce after them.
+    reducer_options.overlap = groups.pp == nullptr;
+    reducer_ = std::make_unique<GradientReducer>(*groups.dp_data, parts.params(), reducer_options);
+  }
+}
+
+void Update::start(const NamedTensors& resumed_state) {
+  if (optimizer_ && !resumed_state.empty()) optimizer_->load_state_dict(resumed_state);
+  if (zero_1_) {
+    zero_.emplace(*groups_.dp_data, parts_.named_params, options_);
+    if (!resumed_state.empty()) zero_->load_state_dict(resumed_state);
+  }
+  // The gradients the norm and the clipping see: the model's, or under
+  // ZeRO-1 this rank's shard of the averaged ones, whose squares are summed
+  // over every rank (each element is in one dp shard; a parameter every tp
+  // rank holds whole counts on tp rank 0 only).
+  norm_params_ = zero_ ? zero_->shard_params() : parts_.params();
+  if (zero_) {
+    const int64_t tp_rank = dims_.coords_of(groups_.world ? groups_.world->rank() : 0).tp;
+    zero_norm_ = sharded_grad_norm({groups_.world}, tp_rank, zero_->shard_named_params(), parts_.param_dims, tied_copy_);
+  }
+  norm_reduction_ = zero_ ? &zero_norm_ : parts_.model_is_whole ? nullptr : &model_norm_;
+}
+
+void Update::zero_grad() { zero_ ? zero_->zero_grad() : optimizer_->zero_grad(); }
+
+void Update::reduce_gradients() {
+  if (reducer_) reducer_->finish();
+  if (zero_) zero_->reduce_gradients();
+}
+
+double Update::clip(double max_norm) {
+  return max_norm > 0 ? clip_grad_norm(norm_params_, max_norm, norm_reduction_) : grad_norm(norm_params_, norm_reduction_);
+}
+
+void Update::step(double lr) { zero_ ? zero_->step(lr) : optimizer_->step(lr); }
+
+NamedTensors Update::state_dict() const { return zero_ ? zero_->state_dict() : optimizer_->state_dict(); }
+
+double Update::unsharded_state_mib() const {
+  int64_t local_elements = 0;
+  for (const auto& [name, p] : parts_.named_params) local_elements += p.numel();
+  return 2.0 * 4.0 * static_cast<double>(local_elements) / (1024.0 * 1024.0);
+}
+
+}  // namespace loom
