@@ -31,7 +31,7 @@
 //   ... micro-batches, backward, optimizer step ...
 //   scope.weights_changed();
 
-#include <torch/torch.h>
+#include <torch/types.h>  // torch::Tensor, at::ScalarType, c10::TensorImpl
 
 #include <cstdint>
 #include <mutex>

@@ -1,9 +1,10 @@
 // AdamW on plain libtorch tensors, plus gradient-norm clipping.
 //
 // loom owns its optimizer (rather than using torch::optim::AdamW) because the
-// state layout is part of the checkpoint format and, later, of ZeRO-1
-// sharding: one fp32 `exp_avg` and `exp_avg_sq` per parameter, named after the
-// parameter, and one step counter shared by all of them.
+// state layout is part of the checkpoint format: one fp32 `exp_avg` and
+// `exp_avg_sq` per parameter, named after the parameter, and one step counter
+// shared by all of them. ZeRO-1 (parallel/zero.h) runs this same AdamW over
+// the named pieces of each dp rank's share of the parameters.
 //
 // On the CPU the arithmetic is PyTorch's `torch.optim.AdamW` (single-tensor
 // path: foreach=False, fused=False, amsgrad=False, maximize=False) operation
@@ -68,8 +69,9 @@ class AdamW {
   // correction. Throws std::runtime_error naming the parameter otherwise.
   void step(double lr);
 
-  // Zeroes every defined gradient in place. The buffers are kept because
-  // gradient buckets may alias them.
+  // Zeroes every defined gradient in place rather than resetting it: a
+  // gradient may be a view into a larger buffer (ZeRO-1's pieces: Note
+  // [ZeRO-1 layout], parallel/zero.h), and a fresh tensor would break that.
   void zero_grad();
 
   int64_t step_count() const { return step_; }
