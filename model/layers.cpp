@@ -53,6 +53,35 @@ class LocalLmHead : public LmHead {
   torch::Tensor weight_;
 };
 
+// Causal attention with at::scaled_dot_product_attention, which picks a
+// fused kernel (flash or memory-efficient on a GPU) where one applies.
+class SdpaAttentionCore : public AttentionCore {
+ public:
+  torch::Tensor forward(const torch::Tensor& q_bhtd, const torch::Tensor& k_bhtd, const torch::Tensor& v_bhtd,
+                        torch::Tensor* cache_k, torch::Tensor* cache_v) override {
+    const int64_t tokens = q_bhtd.size(2);
+    torch::Tensor k = k_bhtd, v = v_bhtd;
+    bool has_past = false;
+    if (cache_k != nullptr) {
+      has_past = cache_k->defined();
+      if (has_past) {
+        k = at::cat({*cache_k, k}, 2);
+        v = at::cat({*cache_v, v}, 2);
+      }
+      *cache_k = k;
+      *cache_v = v;
+    }
+    // SDPA's causal mask is aligned top-left: right for a full sequence, wrong
+    // for new queries after cached keys. Decoding appends one token at a time,
+    // which may attend to every cached key, so it needs no mask at all.
+    TORCH_CHECK(!has_past || tokens == 1, "cached attention takes one new token at a time, got ", tokens);
+    const bool causal = !has_past && tokens > 1;
+    const bool grouped = q_bhtd.size(1) != k.size(1);
+    return at::scaled_dot_product_attention(q_bhtd, k, v, /*attn_mask=*/std::nullopt, /*dropout_p=*/0.0,
+                                            /*is_causal=*/causal, /*scale=*/std::nullopt, /*enable_gqa=*/grouped);
+  }
+};
+
 }  // namespace
 
 RMSNorm::RMSNorm(int64_t hidden, double eps) : eps_(eps) {
@@ -81,6 +110,14 @@ std::shared_ptr<Embedding> LocalLayerFactory::embedding(int64_t vocab, int64_t h
 std::shared_ptr<LmHead> LocalLayerFactory::lm_head(int64_t hidden, int64_t vocab,
                                                    std::shared_ptr<Embedding> tied) const {
   return std::make_shared<LocalLmHead>(hidden, vocab, std::move(tied));
+}
+
+std::shared_ptr<AttentionCore> LayerFactory::attention_core(const ModelConfig& /*model*/) const {
+  return std::make_shared<SdpaAttentionCore>();
+}
+
+std::shared_ptr<LayerWrapper> LayerFactory::layer_wrapper(const ModelConfig& model, int64_t /*layer*/) const {
+  return std::make_shared<LayerWrapper>(LayerWrapper::Options{.recompute = model.recompute == "full"});
 }
 
 }  // namespace loom

@@ -6,12 +6,21 @@
 // does not change. Every layer keeps Hugging Face's parameter names: a linear
 // owns `weight` [out_features, in_features] and optionally `bias` [out];
 // an embedding owns `weight` [vocab, hidden]; a norm owns `weight` [hidden].
+//
+// Besides single layers the factory makes three parts of each decoder layer
+// that later parallelisms replace whole: the attention core (ring attention
+// under context parallelism), the feed-forward block (an expert block under
+// expert parallelism) and the LayerWrapper every decoder layer runs through
+// (ZeRO-3's parameter gathering; model/recompute.h, Note [layer wrapper]).
 #pragma once
 
 #include <memory>
 
 #include <torch/nn/module.h>
 #include <torch/types.h>
+
+#include "config/model_config.h"
+#include "model/recompute.h"
 
 namespace loom {
 
@@ -59,6 +68,36 @@ class LmHead : public torch::nn::Module {
   virtual torch::Tensor forward(const torch::Tensor& hidden) = 0;
 };
 
+// The part of attention between the projections: causal scaled-dot-product
+// attention of the rotated queries over the rotated keys, with grouped kv
+// heads, extending a KV cache while decoding. Holds no parameters.
+//
+// q_bhtd: [batch, heads, tokens, head_dim]; k_bhtd, v_bhtd: [batch, kv_heads,
+// tokens, head_dim], heads a multiple of kv_heads. Returns [batch, heads,
+// tokens, head_dim]. A core reads the head counts from its inputs, never from
+// the config: under tensor parallelism they are this rank's heads. When
+// `cache_k`/`cache_v` are given they hold the earlier positions' keys and
+// values (undefined before the first call) and are extended in place.
+class AttentionCore {
+ public:
+  virtual ~AttentionCore() = default;
+  virtual torch::Tensor forward(const torch::Tensor& q_bhtd, const torch::Tensor& k_bhtd, const torch::Tensor& v_bhtd,
+                                torch::Tensor* cache_k, torch::Tensor* cache_v) = 0;
+};
+
+// The feed-forward block of a decoder layer, registered as its `mlp`:
+// [batch, tokens, hidden] -> the same shape. Llama's SwiGLU Mlp
+// (model/llama.h), or a mixture-of-experts block.
+class FeedForward : public torch::nn::Module {
+ public:
+  virtual torch::Tensor forward(const torch::Tensor& x_btd) = 0;
+};
+
+// Each method is one role; a factory overrides the roles its parallelism
+// changes and inherits the rest. The model asks in a fixed order (per decoder
+// layer: q, k, v, o linears, attention core, the mlp block with its linears,
+// two norms, the layer wrapper), so a factory may rely on it, as tensor
+// parallelism's shared column input does.
 class LayerFactory {
  public:
   virtual ~LayerFactory() = default;
@@ -74,6 +113,17 @@ class LayerFactory {
   // between them: 1, or tp under sequence parallelism, where the embedding
   // returns [batch, tokens/tp, hidden] and the head takes it back.
   virtual int64_t sequence_shards() const { return 1; }
+
+  // Default: at::scaled_dot_product_attention on this device.
+  virtual std::shared_ptr<AttentionCore> attention_core(const ModelConfig& model) const;
+  // Default: Llama's Mlp, gate/up/down from this factory's linears (defined
+  // beside Mlp in model/llama.cpp). The block is registered as `mlp`, so its
+  // parameters are named model.layers.N.mlp.*.
+  virtual std::shared_ptr<FeedForward> mlp(const ModelConfig& model) const;
+  // The wrapper decoder layer `layer` (its global number) runs through; one
+  // object may serve several layers. Default: a plain LayerWrapper that
+  // recomputes in backward when model.recompute is full.
+  virtual std::shared_ptr<LayerWrapper> layer_wrapper(const ModelConfig& model, int64_t layer) const;
 };
 
 // Plain single-device layers.

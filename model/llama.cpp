@@ -18,6 +18,7 @@ Attention::Attention(const ModelConfig& model, const LayerFactory& factory)
   k_proj_ = register_module("k_proj", factory.linear(hidden, num_kv_heads_ * head_dim_, model.qkv_bias(), LinearRole::kColumn));
   v_proj_ = register_module("v_proj", factory.linear(hidden, num_kv_heads_ * head_dim_, model.qkv_bias(), LinearRole::kColumn));
   o_proj_ = register_module("o_proj", factory.linear(num_heads_ * head_dim_, hidden, model.o_bias(), LinearRole::kRow));
+  core_ = factory.attention_core(model);
 }
 
 torch::Tensor Attention::forward(const torch::Tensor& x_btd, const torch::Tensor& cos_td, const torch::Tensor& sin_td,
@@ -33,26 +34,7 @@ torch::Tensor Attention::forward(const torch::Tensor& x_btd, const torch::Tensor
   auto v = v_proj_->forward(x_btd).view({batch, tokens, -1, head_dim_}).transpose(1, 2);
   q = RotaryEmbedding::apply(q, cos_td, sin_td);
   k = RotaryEmbedding::apply(k, cos_td, sin_td);
-
-  bool has_past = false;
-  if (cache_k != nullptr) {
-    has_past = cache_k->defined();
-    if (has_past) {
-      k = at::cat({*cache_k, k}, 2);
-      v = at::cat({*cache_v, v}, 2);
-    }
-    *cache_k = k;
-    *cache_v = v;
-  }
-  // SDPA's causal mask is aligned top-left: right for a full sequence, wrong
-  // for new queries after cached keys. Decoding appends one token at a time,
-  // which may attend to every cached key, so it needs no mask at all.
-  TORCH_CHECK(!has_past || tokens == 1, "cached attention takes one new token at a time, got ", tokens);
-  const bool causal = !has_past && tokens > 1;
-  const bool grouped = q.size(1) != k.size(1);
-  auto out = at::scaled_dot_product_attention(q, k, v, /*attn_mask=*/std::nullopt, /*dropout_p=*/0.0,
-                                              /*is_causal=*/causal, /*scale=*/std::nullopt,
-                                              /*enable_gqa=*/grouped);
+  auto out = core_->forward(q, k, v, cache_k, cache_v);
   out = out.transpose(1, 2).reshape({batch, tokens, -1});
   return o_proj_->forward(out);
 }
@@ -69,31 +51,35 @@ torch::Tensor Mlp::forward(const torch::Tensor& x_btd) {
   return down_proj_->forward(kernels::swiglu(gate_proj_->forward(x_btd), up_proj_->forward(x_btd)));
 }
 
-DecoderLayer::DecoderLayer(const ModelConfig& model, const LayerFactory& factory)
-    : recompute_(model.recompute == "full") {
+std::shared_ptr<FeedForward> LayerFactory::mlp(const ModelConfig& model) const {
+  return std::make_shared<Mlp>(model, *this);
+}
+
+DecoderLayer::DecoderLayer(const ModelConfig& model, const LayerFactory& factory, int64_t layer) : layer_(layer) {
   self_attn_ = register_module("self_attn", std::make_shared<Attention>(model, factory));
-  mlp_ = register_module("mlp", std::make_shared<Mlp>(model, factory));
+  mlp_ = register_module("mlp", factory.mlp(model));
   input_layernorm_ = register_module("input_layernorm", factory.norm(model.hidden_size, model.rms_norm_eps));
   post_attention_layernorm_ =
       register_module("post_attention_layernorm", factory.norm(model.hidden_size, model.rms_norm_eps));
+  wrapper_ = factory.layer_wrapper(model, layer);
 }
 
 torch::Tensor DecoderLayer::forward(const torch::Tensor& x_btd, const torch::Tensor& cos_td,
                                     const torch::Tensor& sin_td, torch::Tensor* cache_k, torch::Tensor* cache_v) {
   // A cache means decoding: no backward to save memory for, and a
   // recomputation would extend the cache a second time.
-  if (recompute_ && cache_k == nullptr) {
-    std::vector<torch::Tensor> params = parameters();
-    if (records_graph(x_btd, params)) {
-      // The graph holds the layer (not a raw `this`) until backward. cos/sin
-      // are constants of the positions, captured as they are.
-      auto self = std::static_pointer_cast<DecoderLayer>(shared_from_this());
-      return recompute_in_backward(
-          [self, cos_td, sin_td](const torch::Tensor& x) { return self->compute(x, cos_td, sin_td, nullptr, nullptr); },
-          x_btd, params);
-    }
-  }
-  return compute(x_btd, cos_td, sin_td, cache_k, cache_v);
+  const LayerCall call{layer_, parameters(), /*uses_cache=*/cache_k != nullptr};
+  // A recomputation keeps the layer function until backward, so it holds the
+  // layer (not a raw `this`). cos/sin are constants of the positions,
+  // captured as they are; the cache pointers only matter while decoding,
+  // which runs the function once, now.
+  auto self = std::static_pointer_cast<DecoderLayer>(shared_from_this());
+  return wrapper_->run(
+      call,
+      [self, cos_td, sin_td, cache_k, cache_v](const torch::Tensor& x) {
+        return self->compute(x, cos_td, sin_td, cache_k, cache_v);
+      },
+      x_btd);
 }
 
 torch::Tensor DecoderLayer::compute(const torch::Tensor& x_btd, const torch::Tensor& cos_td,
@@ -120,7 +106,8 @@ LlamaForCausalLM::LlamaForCausalLM(const ModelConfig& model, const LayerFactory&
   auto layers = model_->register_module("layers", std::make_shared<Container>());
   for (int64_t i = 0; i < stage_.num_layers; ++i) {
     const int64_t global = stage_.first_layer + i;
-    layers_.push_back(layers->register_module(std::to_string(global), std::make_shared<DecoderLayer>(model, factory)));
+    layers_.push_back(
+        layers->register_module(std::to_string(global), std::make_shared<DecoderLayer>(model, factory, global)));
   }
   if (stage_.has_head) {
     norm_ = model_->register_module("norm", factory.norm(model.hidden_size, model.rms_norm_eps));

@@ -35,6 +35,7 @@ struct KVCache {
   int64_t length() const { return keys.empty() || !keys[0].defined() ? 0 : keys[0].size(2); }
 };
 
+// The projections and rotary embedding around the factory's attention core.
 class Attention : public torch::nn::Module {
  public:
   Attention(const ModelConfig& model, const LayerFactory& factory);
@@ -46,12 +47,14 @@ class Attention : public torch::nn::Module {
  private:
   int64_t num_heads_, num_kv_heads_, head_dim_;
   std::shared_ptr<Linear> q_proj_, k_proj_, v_proj_, o_proj_;
+  std::shared_ptr<AttentionCore> core_;  // not a module: it holds no parameters
 };
 
-class Mlp : public torch::nn::Module {
+// The SwiGLU MLP, LayerFactory::mlp's default.
+class Mlp : public FeedForward {
  public:
   Mlp(const ModelConfig& model, const LayerFactory& factory);
-  torch::Tensor forward(const torch::Tensor& x_btd);  // down(silu(gate(x)) * up(x))
+  torch::Tensor forward(const torch::Tensor& x_btd) override;  // down(silu(gate(x)) * up(x))
 
  private:
   std::shared_ptr<Linear> gate_proj_, up_proj_, down_proj_;
@@ -59,10 +62,12 @@ class Mlp : public torch::nn::Module {
 
 class DecoderLayer : public torch::nn::Module {
  public:
-  DecoderLayer(const ModelConfig& model, const LayerFactory& factory);
-  // With model.recompute = full, a forward that records a graph and has no
-  // cache keeps only x_btd and runs the layer again in backward
-  // (model/recompute.h). Inference and decoding take the normal path.
+  // `layer`: the global number, N of model.layers.N.
+  DecoderLayer(const ModelConfig& model, const LayerFactory& factory, int64_t layer);
+  // Runs through the factory's LayerWrapper (Note [layer wrapper] in
+  // model/recompute.h): with model.recompute = full, a forward that records
+  // a graph and has no cache keeps only x_btd and runs the layer again in
+  // backward. Inference and decoding run the layer once.
   torch::Tensor forward(const torch::Tensor& x_btd, const torch::Tensor& cos_td, const torch::Tensor& sin_td,
                         torch::Tensor* cache_k = nullptr, torch::Tensor* cache_v = nullptr);
 
@@ -70,10 +75,11 @@ class DecoderLayer : public torch::nn::Module {
   torch::Tensor compute(const torch::Tensor& x_btd, const torch::Tensor& cos_td, const torch::Tensor& sin_td,
                         torch::Tensor* cache_k, torch::Tensor* cache_v);
 
-  bool recompute_;
+  int64_t layer_;
   std::shared_ptr<RMSNorm> input_layernorm_, post_attention_layernorm_;
   std::shared_ptr<Attention> self_attn_;
-  std::shared_ptr<Mlp> mlp_;
+  std::shared_ptr<FeedForward> mlp_;
+  std::shared_ptr<LayerWrapper> wrapper_;
 };
 
 // Which part of the model a rank builds. The default is the whole model.

@@ -137,11 +137,61 @@ class RecomputeBlock : public torch::autograd::Function<RecomputeBlock> {
   }
 };
 
+// Keeps a hook in the autograd context until backward.
+struct SavedHook : torch::CustomClassHolder {
+  explicit SavedHook(std::function<void()> f) : hook(std::move(f)) {}
+  std::function<void()> hook;
+};
+
+// Identity on `x` whose backward calls `hook`, then passes x's gradient on.
+// `anchors` only join the node to the graph: one that requires grad puts the
+// node in the graph (and the hook runs) even when x needs no gradient. They
+// get no gradient from here. Arguments: the hook (not a tensor), x, the
+// anchors; backward returns one gradient per argument, as RecomputeBlock does.
+class CallInBackward : public torch::autograd::Function<CallInBackward> {
+ public:
+  static torch::Tensor forward(AutogradContext* ctx, const std::function<void()>& hook, const torch::Tensor& x,
+                               at::TensorList anchors) {
+    ctx->saved_data["hook"] = c10::IValue::make_capsule(c10::make_intrusive<SavedHook>(hook));
+    ctx->saved_data["anchors"] = static_cast<int64_t>(anchors.size());
+    return x;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    c10::static_intrusive_pointer_cast<SavedHook>(ctx->saved_data["hook"].toCapsule())->hook();
+    variable_list grads(2 + ctx->saved_data["anchors"].toInt());
+    if (ctx->needs_input_grad(0)) grads[1] = grad_outputs[0];
+    return grads;
+  }
+};
+
 }  // namespace
 
 torch::Tensor recompute_in_backward(const BlockForward& forward, const torch::Tensor& input,
                                     const std::vector<torch::Tensor>& parameters) {
   return RecomputeBlock::apply(forward, input, at::TensorList(parameters));
+}
+
+LayerWrapper::LayerWrapper(Options options)
+    : options_(options), anchor_(torch::empty({0}).requires_grad_()) {}
+
+torch::Tensor LayerWrapper::run(const LayerCall& call, const BlockForward& layer, const torch::Tensor& x_btd) {
+  const bool graph = !call.uses_cache && records_graph(x_btd, call.parameters);
+  torch::Tensor x = x_btd;
+  std::function<void()> before_backward_hook;
+  if (graph && options_.backward_hooks) {
+    // The graph may outlive the model that made it, so its nodes hold the
+    // wrapper itself and a copy of the call.
+    auto self = shared_from_this();
+    const std::function<void()> after_backward_hook = [self, call] { self->after_backward(call); };
+    x = CallInBackward::apply(after_backward_hook, x, at::TensorList(anchor_));
+    before_backward_hook = [self, call] { self->before_backward(call); };
+  }
+  before_forward(call);
+  torch::Tensor y = graph && options_.recompute ? recompute_in_backward(layer, x, call.parameters) : layer(x);
+  after_forward(call);
+  if (before_backward_hook) y = CallInBackward::apply(before_backward_hook, y, at::TensorList());
+  return y;
 }
 
 }  // namespace loom

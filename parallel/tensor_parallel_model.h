@@ -21,6 +21,9 @@
 //   embedding / lm_head               VocabParallelEmbedding / VocabParallelLmHead
 //   norms                             whole on every rank
 //   kReplicated                       the single-device linear
+//   attention core, mlp block,        LayerFactory's defaults: the core reads
+//   layer wrapper                     this rank's head counts from q/k/v, the
+//                                     Mlp takes its linears from this factory
 // With sequence parallelism the residual stream between the layers is this
 // rank's slice of the sequence [b, s/tp, h]: the embedding reduce-scatters,
 // column linears all-gather their input, row linears reduce-scatter their

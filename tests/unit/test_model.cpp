@@ -1,6 +1,7 @@
 // The Llama-family model on its own: names and shapes as Hugging Face stores
-// them, causality, the KV cache, grouped-query attention, rotary maths and
-// activation recomputation.
+// them, causality, the KV cache, grouped-query attention, rotary maths,
+// activation recomputation, and the parts of a decoder layer that the layer
+// factory provides (attention core, mlp block, layer wrapper).
 // Agreement with transformers itself is tested in tests/interop.
 #include <gtest/gtest.h>
 
@@ -11,10 +12,16 @@
 
 #include <algorithm>
 #include <map>
+#include <memory>
+#include <optional>
+#include <string>
 #include <unordered_set>
+#include <vector>
 
 #include "model/generate.h"
+#include "model/layers.h"
 #include "model/llama.h"
+#include "model/recompute.h"
 #include "model/rotary.h"
 
 namespace loom {
@@ -417,6 +424,231 @@ TEST(Recompute, BackwardRecomputesUnderTheForwardsAutocastState) {
     expect_bit_identical(runs.at("none"), runs.at("full"),
                          backward_inside ? "backward inside autocast" : "backward after autocast");
   }
+}
+
+
+// --- the factory's parts of a decoder layer -------------------------------
+
+// What the parts below did, in order: "core", "mlp", "before_forward 2", ...
+using EventLog = std::vector<std::string>;
+
+// The default core, logging each call.
+class LoggingAttentionCore : public AttentionCore {
+ public:
+  LoggingAttentionCore(std::shared_ptr<AttentionCore> inner, std::shared_ptr<EventLog> log)
+      : inner_(std::move(inner)), log_(std::move(log)) {}
+  torch::Tensor forward(const torch::Tensor& q_bhtd, const torch::Tensor& k_bhtd, const torch::Tensor& v_bhtd,
+                        torch::Tensor* cache_k, torch::Tensor* cache_v) override {
+    log_->push_back("core");
+    return inner_->forward(q_bhtd, k_bhtd, v_bhtd, cache_k, cache_v);
+  }
+
+ private:
+  std::shared_ptr<AttentionCore> inner_;
+  std::shared_ptr<EventLog> log_;
+};
+
+// Not an MLP at all: x * scale, with one parameter of its own.
+class ScaleFeedForward : public FeedForward {
+ public:
+  ScaleFeedForward(int64_t hidden, std::shared_ptr<EventLog> log) : log_(std::move(log)) {
+    scale_ = register_parameter("scale", torch::ones({hidden}));
+  }
+  torch::Tensor forward(const torch::Tensor& x_btd) override {
+    log_->push_back("mlp");
+    return x_btd * scale_;
+  }
+
+ private:
+  torch::Tensor scale_;
+  std::shared_ptr<EventLog> log_;
+};
+
+// Logs each hook with the layer's number; after_backward also says whether
+// every parameter of the layer has its gradient by then.
+class LoggingWrapper : public LayerWrapper {
+ public:
+  LoggingWrapper(Options options, std::shared_ptr<EventLog> log) : LayerWrapper(options), log_(std::move(log)) {}
+
+ protected:
+  void before_forward(const LayerCall& call) override { log("before_forward", call); }
+  void after_forward(const LayerCall& call) override { log("after_forward", call); }
+  void before_backward(const LayerCall& call) override { log("before_backward", call); }
+  void after_backward(const LayerCall& call) override {
+    const bool all = std::all_of(call.parameters.begin(), call.parameters.end(),
+                                 [](const torch::Tensor& p) { return p.grad().defined(); });
+    log("after_backward", call, all ? " with grads" : " without grads");
+  }
+
+ private:
+  void log(const std::string& hook, const LayerCall& call, const std::string& suffix = "") {
+    log_->push_back(hook + " " + std::to_string(call.layer) + suffix);
+  }
+  std::shared_ptr<EventLog> log_;
+};
+
+// Overrides the roles it is asked to; the rest are LocalLayerFactory's.
+class RecordingFactory : public LocalLayerFactory {
+ public:
+  struct Roles {
+    bool core = false;
+    bool mlp = false;
+    std::optional<LayerWrapper::Options> wrapper;
+  };
+  explicit RecordingFactory(Roles roles) : roles_(std::move(roles)) {}
+
+  std::shared_ptr<AttentionCore> attention_core(const ModelConfig& model) const override {
+    auto core = LocalLayerFactory::attention_core(model);
+    return roles_.core ? std::make_shared<LoggingAttentionCore>(core, log) : core;
+  }
+  std::shared_ptr<FeedForward> mlp(const ModelConfig& model) const override {
+    if (!roles_.mlp) return LocalLayerFactory::mlp(model);
+    return std::make_shared<ScaleFeedForward>(model.hidden_size, log);
+  }
+  std::shared_ptr<LayerWrapper> layer_wrapper(const ModelConfig& model, int64_t layer) const override {
+    if (!roles_.wrapper) return LocalLayerFactory::layer_wrapper(model, layer);
+    return std::make_shared<LoggingWrapper>(*roles_.wrapper, log);
+  }
+
+  std::shared_ptr<EventLog> log = std::make_shared<EventLog>();
+
+ private:
+  Roles roles_;
+};
+
+std::shared_ptr<LlamaForCausalLM> make_model(const ModelConfig& m, const LayerFactory& factory, StageSpec stage = {}) {
+  torch::manual_seed(7);
+  auto model = std::make_shared<LlamaForCausalLM>(m, factory, stage);
+  model->init_weights();
+  return model;
+}
+
+TEST(LayerFactory, EveryLayerAttendsThroughTheFactorysCoreAlsoWhileDecoding) {
+  const ModelConfig m = small_config();
+  RecordingFactory factory({.core = true});
+  auto model = make_model(m, factory);
+  auto plain = make_model(m);  // same seed: same weights
+  torch::NoGradGuard no_grad;
+  const auto ids = torch::tensor({{7, 1, 33, 4, 58, 12}}, torch::kLong);
+  EXPECT_TRUE(torch::equal(model->forward(ids), plain->forward(ids)));
+  EXPECT_EQ(*factory.log, EventLog(3, "core"));
+  factory.log->clear();
+  KVCache cache;
+  model->forward(ids.narrow(1, 0, 5), &cache, 0);
+  const auto step = model->forward(ids.narrow(1, 5, 1), &cache, 5);
+  EXPECT_EQ(*factory.log, EventLog(6, "core"));
+  EXPECT_TRUE(at::allclose(step.squeeze(1), plain->forward(ids).select(1, 5), 1e-5, 1e-5));
+}
+
+TEST(LayerFactory, TheFactorysMlpBlockIsEachLayersMlpUnderTheSameName) {
+  const ModelConfig m = small_config();
+  RecordingFactory factory({.mlp = true});
+  auto model = make_model(m, factory);
+  const auto shapes = shapes_of(*model);
+  EXPECT_EQ(shapes.at("model.layers.1.mlp.scale"), (std::vector<int64_t>{48}));
+  EXPECT_EQ(shapes.count("model.layers.1.mlp.gate_proj.weight"), 0u);
+  EXPECT_EQ(shapes.size(), 3u + 3u * 7u);  // q, k, v, o, two norms and the scale per layer
+  const auto ids = fixed_ids(61);
+  const auto run = loss_and_grads(*model, next_token_loss(model->forward(ids), ids));
+  EXPECT_EQ(*factory.log, EventLog(3, "mlp"));
+  EXPECT_GT(run.grads.at("model.layers.0.mlp.scale").abs().sum().item<double>(), 0.0);
+}
+
+// The forward hooks of layers 0 .. layers-1 in order; `core`: each layer's
+// attention core runs between them.
+EventLog forward_hooks(int64_t layers, bool core) {
+  EventLog log;
+  for (int64_t i = 0; i < layers; ++i) {
+    log.push_back("before_forward " + std::to_string(i));
+    if (core) log.push_back("core");
+    log.push_back("after_forward " + std::to_string(i));
+  }
+  return log;
+}
+
+TEST(LayerWrapper, RunsEachLayerBetweenItsForwardHooksAndAddsNothingToBackwardByDefault) {
+  const ModelConfig m = recompute_config(false, "none");
+  RecordingFactory factory({.core = true, .wrapper = LayerWrapper::Options{}});
+  auto model = make_model(m, factory);
+  const auto ids = fixed_ids(61);
+  const auto loss = next_token_loss(model->forward(ids), ids);
+  const EventLog forward = forward_hooks(4, /*core=*/true);
+  EXPECT_EQ(*factory.log, forward);
+  EXPECT_EQ(count_containing(graph_operations(loss), "CallInBackward"), 0);
+  const auto run = loss_and_grads(*model, loss);
+  EXPECT_EQ(*factory.log, forward);  // no hook ran in backward
+  auto plain = make_model(m);
+  expect_bit_identical(loss_and_grads(*plain, next_token_loss(plain->forward(ids), ids)), run, "wrapped");
+}
+
+// The backward hooks of `layers`, last layer first; `recompute`: each layer's
+// recomputation (its core) runs between them.
+EventLog backward_hooks(const std::vector<int64_t>& layers, bool recompute) {
+  EventLog log;
+  for (auto it = layers.rbegin(); it != layers.rend(); ++it) {
+    log.push_back("before_backward " + std::to_string(*it));
+    if (recompute) log.push_back("core");
+    log.push_back("after_backward " + std::to_string(*it) + " with grads");
+  }
+  return log;
+}
+
+TEST(LayerWrapper, BackwardHooksBracketEachLayersBackwardAndItsRecomputation) {
+  for (const char* recompute : {"none", "full"}) {
+    const ModelConfig m = recompute_config(false, recompute);
+    LayerWrapper::Options options{.recompute = std::string(recompute) == "full", .backward_hooks = true};
+    RecordingFactory factory({.core = true, .wrapper = options});
+    auto model = make_model(m, factory);
+    const auto ids = fixed_ids(61);
+    const auto loss = next_token_loss(model->forward(ids), ids);
+    factory.log->clear();
+    const auto run = loss_and_grads(*model, loss);
+    EXPECT_EQ(*factory.log, backward_hooks({0, 1, 2, 3}, options.recompute)) << "recompute " << recompute;
+    // The hooks' nodes pass the gradients on untouched.
+    auto plain = make_model(m);
+    expect_bit_identical(loss_and_grads(*plain, next_token_loss(plain->forward(ids), ids)), run,
+                         std::string("recompute ") + recompute);
+  }
+}
+
+TEST(LayerWrapper, BackwardHooksRunOnAPipelineStageWhoseInputNeedsNoGradient) {
+  for (const char* recompute : {"none", "full"}) {
+    const ModelConfig m = recompute_config(false, recompute);
+    LayerWrapper::Options options{.recompute = std::string(recompute) == "full", .backward_hooks = true};
+    RecordingFactory factory({.wrapper = options});
+    const StageSpec stage{1, 3, false, true};
+    auto model = make_model(m, factory, stage);
+    auto plain = make_model(m, LocalLayerFactory(), stage);
+    torch::manual_seed(5);
+    const auto hidden = torch::randn({2, 12, 64});
+    const auto ids = fixed_ids(61);
+    const auto loss = next_token_loss(model->forward(hidden), ids);
+    factory.log->clear();
+    const auto run = loss_and_grads(*model, loss);
+    EXPECT_EQ(*factory.log, backward_hooks({1, 2, 3}, false)) << "recompute " << recompute;
+    expect_bit_identical(loss_and_grads(*plain, next_token_loss(plain->forward(hidden), ids)), run,
+                         std::string("stage 1..3, recompute ") + recompute);
+  }
+}
+
+TEST(LayerWrapper, InferenceAndDecodingRunTheForwardHooksButRecordNoBackwardHooks) {
+  const ModelConfig m = recompute_config(false, "full");
+  RecordingFactory factory({.wrapper = LayerWrapper::Options{.recompute = true, .backward_hooks = true}});
+  auto model = make_model(m, factory);
+  const auto ids = fixed_ids(61);
+  const EventLog forward = forward_hooks(4, /*core=*/false);
+  {
+    torch::NoGradGuard no_grad;
+    EXPECT_FALSE(model->forward(ids).requires_grad());
+  }
+  EXPECT_EQ(*factory.log, forward);
+  factory.log->clear();
+  // With a cache, grad on: the layers run once, without recomputation or hooks in backward.
+  KVCache cache;
+  const auto operations = graph_operations(model->forward(ids, &cache, 0));
+  EXPECT_EQ(*factory.log, forward);
+  EXPECT_EQ(count_containing(operations, "RecomputeBlock"), 0);
+  EXPECT_EQ(count_containing(operations, "CallInBackward"), 0);
 }
 
 }  // namespace

@@ -218,6 +218,49 @@ TEST(TensorParallelModelLoad, ShardDimsFollowMegatronsLayout) {
   EXPECT_EQ(dims.at("model.norm.weight"), -1);
 }
 
+// Records the shapes of the queries and keys it is given, then attends as
+// the default core does.
+class ShapeRecordingCore : public AttentionCore {
+ public:
+  ShapeRecordingCore(std::shared_ptr<AttentionCore> inner, std::vector<std::vector<int64_t>>* shapes)
+      : inner_(std::move(inner)), shapes_(shapes) {}
+  torch::Tensor forward(const torch::Tensor& q_bhtd, const torch::Tensor& k_bhtd, const torch::Tensor& v_bhtd,
+                        torch::Tensor* cache_k, torch::Tensor* cache_v) override {
+    shapes_->push_back(q_bhtd.sizes().vec());
+    shapes_->push_back(k_bhtd.sizes().vec());
+    return inner_->forward(q_bhtd, k_bhtd, v_bhtd, cache_k, cache_v);
+  }
+
+ private:
+  std::shared_ptr<AttentionCore> inner_;
+  std::vector<std::vector<int64_t>>* shapes_;
+};
+
+class ShapeRecordingFactory : public TensorParallelLayerFactory {
+ public:
+  using TensorParallelLayerFactory::TensorParallelLayerFactory;
+  std::shared_ptr<AttentionCore> attention_core(const ModelConfig& model) const override {
+    return std::make_shared<ShapeRecordingCore>(TensorParallelLayerFactory::attention_core(model), &shapes);
+  }
+  mutable std::vector<std::vector<int64_t>> shapes;
+};
+
+TEST(TensorParallelModelAttention, TheCoreSeesThisRanksHeadsOverTheWholeSequenceUnderSequenceParallelism) {
+  const ModelConfig config = model_config(Case{"untied_sequence_parallel", false, true});
+  ShapeRecordingFactory factory(tp(), /*sequence_parallel=*/true);
+  auto sharded = std::make_shared<LlamaForCausalLM>(config, factory);
+  torch::manual_seed(3);
+  sharded->init_weights();
+  sharded->forward(batch_ids(config.vocab_size, 5).narrow(1, 0, kSeq));
+  const int64_t tp_size = tp().size(), head_dim = config.head_size();
+  std::vector<std::vector<int64_t>> expected;
+  for (int64_t layer = 0; layer < config.num_layers; ++layer) {
+    expected.push_back({kBatch, config.num_heads / tp_size, kSeq, head_dim});
+    expected.push_back({kBatch, config.num_kv_heads / tp_size, kSeq, head_dim});
+  }
+  EXPECT_EQ(factory.shapes, expected);
+}
+
 }  // namespace
 }  // namespace loom
 
