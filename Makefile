@@ -11,7 +11,7 @@ export CCACHE_DIR ?= $(HOME)/.cache/loom/ccache
 export CCACHE_MAXSIZE ?= 5G
 export CCACHE_SLOPPINESS := pch_defines,time_macros,include_file_mtime,include_file_ctime
 
-.PHONY: setup configure build test demo clean
+.PHONY: setup configure build build-demo test demo clean
 
 setup:
 	@bash launch/setup.sh
@@ -29,7 +29,12 @@ build: configure
 test: build
 	cd $(BUILD) && OMP_NUM_THREADS=1 ctest --output-on-failure --timeout 1500 -j $(JOBS)
 
-demo: build
+# The demo runs only the loom binary (and build/env.sh, written at configure
+# time), so it builds only that target: the tests and benchmarks are not needed.
+build-demo: configure
+	cmake --build $(BUILD) --target loom -j $(JOBS)
+
+demo: build-demo
 	bash launch/demo.sh
 
 clean:

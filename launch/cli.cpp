@@ -1,15 +1,60 @@
 #include "launch/cli.h"
 
+#include <algorithm>
 #include <charconv>
 
 #include "util/error.h"
 
 namespace loom {
 
-Args::Args(const std::string& command, const std::vector<std::string>& argv, const std::vector<FlagSpec>& flags)
-    : command_(command) {
+namespace {
+
+// "--name VALUE", the left column of an option's line in the usage.
+std::string flag_column(const FlagSpec& flag) {
+  return "--" + flag.name + (flag.value.empty() ? "" : " " + flag.value);
+}
+
+}  // namespace
+
+bool is_help_flag(const std::string& arg) { return arg == "--help" || arg == "-h"; }
+
+std::string usage(const CommandSpec& spec) {
+  const FlagSpec help{"help", "", "print this usage and exit (also -h)"};
+  std::vector<FlagSpec> flags = spec.flags;
+  flags.push_back(help);
+  // One column for the names, as wide as the widest (up to a limit, past
+  // which a long one pushes its own line's text along).
+  size_t width = 0;
+  for (const auto& argument : spec.arguments) width = std::max(width, argument.name.size());
+  for (const auto& flag : flags) width = std::max(width, flag_column(flag).size());
+  width = std::min<size_t>(width, 24);
+  auto row = [width](const std::string& left, const std::string& right) {
+    return "  " + left + std::string(left.size() < width ? width - left.size() : 0, ' ') + "  " + right + "\n";
+  };
+  std::string out = "usage: loom " + spec.name + (spec.synopsis.empty() ? "" : " " + spec.synopsis) + "\n\n" +
+                    spec.summary + "\n";
+  if (!spec.arguments.empty()) {
+    out += "\narguments:\n";
+    for (const auto& argument : spec.arguments) out += row(argument.name, argument.help);
+  }
+  out += "\noptions:\n";
+  for (const auto& flag : flags) out += row(flag_column(flag), flag.help + (flag.repeatable ? " (repeatable)" : ""));
+  if (!spec.notes.empty()) out += "\n" + spec.notes + "\n";
+  if (!spec.examples.empty()) {
+    out += spec.examples.size() == 1 ? "\nexample:\n" : "\nexamples:\n";
+    for (const auto& example : spec.examples) out += "  " + example + "\n";
+  }
+  return out;
+}
+
+Args::Args(const CommandSpec& spec, const std::vector<std::string>& argv) : command_(spec.name) {
+  const std::string& command = spec.name;
+  const std::vector<FlagSpec>& flags = spec.flags;
   for (size_t i = 0; i < argv.size(); ++i) {
     const std::string& arg = argv[i];
+    // Wherever an option may stand (not as another option's value), help
+    // wins over running: nothing after it is looked at.
+    if (is_help_flag(arg)) throw HelpRequested{usage(spec)};
     if (arg.size() < 3 || arg.rfind("--", 0) != 0) {
       if (arg.size() > 1 && arg[0] == '-' && arg != "-") {
         throw BadInput("loom " + command + ": unknown option '" + arg + "' (options are spelt --name)");
@@ -24,24 +69,26 @@ Args::Args(const std::string& command, const std::vector<std::string>& argv, con
       name.resize(eq);
       has_inline_value = true;
     }
-    const FlagSpec* spec = nullptr;
+    if (name == "help") throw BadInput("loom " + command + ": option '--help' takes no value");
+    const FlagSpec* flag = nullptr;
     for (const auto& f : flags) {
-      if (f.name == name) spec = &f;
+      if (f.name == name) flag = &f;
     }
-    if (spec == nullptr) {
+    if (flag == nullptr) {
       std::string known;
       for (const auto& f : flags) known += (known.empty() ? "--" : ", --") + f.name;
       throw BadInput("loom " + command + ": unknown option '--" + name + "'" +
                      (known.empty() ? "" : " (known: " + known + ")"));
     }
-    if (spec->takes_value && !has_inline_value) {
+    const bool takes_value = !flag->value.empty();
+    if (takes_value && !has_inline_value) {
       if (i + 1 >= argv.size()) throw BadInput("loom " + command + ": option '--" + name + "' needs a value");
       value = argv[++i];
-    } else if (!spec->takes_value && has_inline_value) {
+    } else if (!takes_value && has_inline_value) {
       throw BadInput("loom " + command + ": option '--" + name + "' takes no value");
     }
     auto& slot = values_[name];
-    if (!slot.empty() && !spec->repeatable) {
+    if (!slot.empty() && !flag->repeatable) {
       throw BadInput("loom " + command + ": option '--" + name + "' given more than once");
     }
     slot.push_back(value);

@@ -32,53 +32,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-constexpr const char* kUsage = R"(usage: loom COMMAND [ARGS]
-
-commands:
-  launch   CONFIG [--set KEY=VALUE ...] [--slurm] [--dry-run] [--check] [--max-restarts N]
-                                                  start the config's launch.ranks ranks with mpirun
-                                                  (or submit a Slurm job), restarting a crashed job
-                                                  from its last checkpoint N times; docs/launching.md
-  train    CONFIG [--set KEY=VALUE ...] [--check] what each rank runs (alone: one rank);
-                                                  outputs in runs/<run.name>/
-  sweep    CONFIG --grid KEY=V1,V2 [--grid ...] [--set KEY=VALUE ...] [--slurm] [--dry-run]
-                                                  one run per combination, one after another with
-                                                  mpirun or as a Slurm job array; see docs/experiments.md
-  runs     [DIR] [--json]                         the runs in DIR (default runs): status, layout, lr,
-                                                  final and best loss, tokens/s
-  plan     CONFIG --gpus N [--gpus-per-node G] --gpu-memory GiB [--machine PROFILE]
-             [--top K] [--layout SPEC] [--json] [--set KEY=VALUE ...]
-                                                  the layouts (dp, tp, pp, schedule, ZeRO-1, micro-batch,
-                                                  recomputation) that fit, fastest first, with predicted
-                                                  memory, step time and MFU; docs/plan.md
-  plan     --calibrate [CONFIG] [--output FILE] [--ranks N]
-                                                  measure this machine and write a machine profile
-  plot     RUN_DIR... [--out FILE.png]            loss and tokens/s curves of RUN_DIR/metrics.jsonl
-                                                  (default RUN_DIR/metrics.png); several runs overlaid
-  inspect  PATH                                   summarize a config, dataset, checkpoint, Hub folder or .safetensors file
-             [--set KEY=VALUE] (configs)  [--verify] [--tokenizer T] (datasets)
-  tokenizer train --input FILE... --vocab-size N --output tokenizer.json
-                                                  train a byte-level BPE tokenizer
-  prepare  --tokenizer T --input FILE... --output DIR
-             [--eos-token TOK] [--text-field text] [--doc-per-file] [--shard-tokens N] [--threads N]
-                                                  text / JSONL -> tokenized HDF5 dataset
-  import   HF_DIR --output CHECKPOINT             Hugging Face folder -> loom checkpoint
-  init     CONFIG --output CHECKPOINT [--set KEY=VALUE ...] [--dtype float32|bfloat16]
-                                                  a freshly initialized model (run.seed) as a loom
-                                                  checkpoint, written a tensor at a time
-  export   CHECKPOINT --output HF_DIR             loom checkpoint (or Hub folder) -> Hugging Face folder
-             [--dtype float32|bfloat16|float16] [--max-shard-size 5GB] [--name NAME]
-  generate CHECKPOINT_OR_HF_DIR --prompt TEXT | --prompt-ids 1,2,3
-                                                  sample: text with the model's tokenizer.json, else ids
-             [--max-new-tokens N] [--greedy | --temperature T --top-k K --seed S]
-  forward  CHECKPOINT_OR_HF_DIR --input-ids IN.safetensors --output OUT.safetensors
-                                                  logits [B, T, V] (fp32) for token ids "input_ids" [B, T]
-  version                                         loom and library versions
-
-exit codes: 0 done, 1 internal error, 2 bad input (the message names the file, key or tensor),
-            75 stopped early with a checkpoint (signal or launch.max_wall_time): run again to resume
-)";
-
 std::string shape_string(const std::vector<int64_t>& shape) {
   std::string out = "[";
   for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
@@ -229,19 +182,41 @@ int inspect_safetensors_file(const std::string& path) {
 
 }  // namespace
 
+const CommandSpec& version_spec() {
+  static const CommandSpec spec{
+      .name = "version",
+      .summary = "loom's version and git commit, and those of the libraries it runs with",
+      .examples = {"loom version"},
+  };
+  return spec;
+}
+
 int command_version(const std::vector<std::string>& argv) {
-  Args args("version", argv, {});
+  Args args(version_spec(), argv);
   args.expect_positional(0, "no arguments");
   std::cout << "loom " << loom_version() << " (git " << loom_git_commit() << ")\n";
   for (const auto& [library, version] : library_versions()) std::cout << library << " " << version << "\n";
   return kExitOk;
 }
 
+const CommandSpec& inspect_spec() {
+  static const CommandSpec spec{
+      .name = "inspect",
+      .synopsis = "PATH [OPTIONS]",
+      .summary = "summarize a config, dataset, checkpoint, Hugging Face folder or .safetensors file",
+      .arguments = {{"PATH", "a config .yaml, dataset, loom checkpoint, Hugging Face folder or .safetensors file"}},
+      .flags = {{"set", "KEY=VALUE", "override a config key (configs only)", kRepeatable},
+                {"verify", "", "also check dataset checksums (datasets only)"},
+                {"tokenizer", "T", "tokenizer.json to decode a dataset sample (datasets only)"}},
+      .examples = {"loom inspect configs/tiny.yaml --set parallel.tp=2",
+                   "loom inspect runs/data/tiny --verify --tokenizer runs/data/tokenizer.json",
+                   "loom inspect runs/tiny/hf"},
+  };
+  return spec;
+}
+
 int command_inspect(const std::vector<std::string>& argv) {
-  Args args("inspect", argv,
-            {{"set", true, true, "override a config key (configs only)"},
-             {"verify", false, false, "also check dataset checksums"},
-             {"tokenizer", true, false, "tokenizer.json to decode a dataset sample"}});
+  Args args(inspect_spec(), argv);
   args.expect_positional(1, "one PATH (a config .yaml, a checkpoint or Hub folder, or a .safetensors file)");
   const std::string path = args.positional()[0];
   if (!fs::exists(path)) throw BadInput("loom inspect: '" + path + "' does not exist");
@@ -267,8 +242,20 @@ int command_inspect(const std::vector<std::string>& argv) {
   return inspect_model_files(path);
 }
 
+const CommandSpec& import_spec() {
+  static const CommandSpec spec{
+      .name = "import",
+      .synopsis = "HF_DIR --output CHECKPOINT",
+      .summary = "a Hugging Face model folder -> a loom checkpoint (docs/checkpoints.md)",
+      .arguments = {{"HF_DIR", "Hugging Face folder: config.json and safetensors weights"}},
+      .flags = {{"output", "CHECKPOINT", "checkpoint folder to create (required)"}},
+      .examples = {"loom import runs/demo/source --output runs/demo/checkpoint"},
+  };
+  return spec;
+}
+
 int command_import(const std::vector<std::string>& argv) {
-  Args args("import", argv, {{"output", true, false, "checkpoint folder to create"}});
+  Args args(import_spec(), argv);
   args.expect_positional(1, "one HF_DIR");
   const std::string output = args.require("output");
   ModelFiles files = ModelFiles::open(args.positional()[0]);
@@ -281,12 +268,24 @@ int command_import(const std::vector<std::string>& argv) {
   return kExitOk;
 }
 
+const CommandSpec& export_spec() {
+  static const CommandSpec spec{
+      .name = "export",
+      .synopsis = "CHECKPOINT --output HF_DIR [OPTIONS]",
+      .summary = "a loom checkpoint (or Hub folder) -> a Hugging Face folder (docs/checkpoints.md)",
+      .arguments = {{"CHECKPOINT", "loom checkpoint or Hugging Face folder"}},
+      .flags = {{"output", "HF_DIR", "Hub folder to create (required)"},
+                {"dtype", "float32|bfloat16|float16", "stored dtype (default float32)"},
+                {"max-shard-size", "SIZE", "largest safetensors file, e.g. 500MB (default 5GB)"},
+                {"name", "NAME", "model name for the model card (default: the output folder's name)"}},
+      .examples = {"loom export runs/demo/checkpoint --output runs/demo/hf --dtype bfloat16 --max-shard-size 500KB"},
+      .notes = "Written a tensor at a time: memory stays a few MiB above the process's own, whatever the model's size.",
+  };
+  return spec;
+}
+
 int command_export(const std::vector<std::string>& argv) {
-  Args args("export", argv,
-            {{"output", true, false, "Hub folder to create"},
-             {"dtype", true, false, "stored dtype"},
-             {"max-shard-size", true, false, "largest safetensors file"},
-             {"name", true, false, "model name for the model card"}});
+  Args args(export_spec(), argv);
   args.expect_positional(1, "one CHECKPOINT");
   const std::string output = args.require("output");
   ModelFiles files = ModelFiles::open(args.positional()[0]);
@@ -306,11 +305,22 @@ int command_export(const std::vector<std::string>& argv) {
   return kExitOk;
 }
 
+const CommandSpec& init_spec() {
+  static const CommandSpec spec{
+      .name = "init",
+      .synopsis = "CONFIG --output CHECKPOINT [OPTIONS]",
+      .summary = "a freshly initialized model (seeded by run.seed) as a loom checkpoint",
+      .arguments = {{"CONFIG", "the training config (.yaml) whose model.* to build"}},
+      .flags = {{"output", "CHECKPOINT", "checkpoint folder to create (required)"},
+                {"set", "KEY=VALUE", "override a config key", kRepeatable},
+                {"dtype", "float32|bfloat16", "stored dtype (default float32)"}},
+      .examples = {"loom init configs/tiny.yaml --output /tmp/fresh --set model.num_layers=4"},
+  };
+  return spec;
+}
+
 int command_init(const std::vector<std::string>& argv) {
-  Args args("init", argv,
-            {{"output", true, false, "checkpoint folder to create"},
-             {"set", true, true, "override a config key"},
-             {"dtype", true, false, "stored dtype"}});
+  Args args(init_spec(), argv);
   args.expect_positional(1, "one CONFIG");
   const std::string output = args.require("output");
   const torch::ScalarType dtype = parse_float_dtype(args.get_or("dtype", "float32"), "loom init --dtype");
@@ -326,16 +336,28 @@ int command_init(const std::vector<std::string>& argv) {
   return kExitOk;
 }
 
+const CommandSpec& generate_spec() {
+  static const CommandSpec spec{
+      .name = "generate",
+      .synopsis = "CHECKPOINT_OR_HF_DIR (--prompt TEXT | --prompt-ids 1,2,3) [OPTIONS]",
+      .summary = "sample a continuation: text with the model's tokenizer.json, else token ids",
+      .arguments = {{"CHECKPOINT_OR_HF_DIR", "loom checkpoint or Hugging Face folder"}},
+      .flags = {{"prompt", "TEXT", "text prompt, encoded with the model's tokenizer.json; prints it and what follows"},
+                {"prompt-ids", "1,2,3", "comma-separated token ids; prints the new ids"},
+                {"max-new-tokens", "N", "tokens to add (default 32)"},
+                {"greedy", "", "always the most likely token (the default without --temperature and --top-k)"},
+                {"temperature", "T", "sample with this temperature (> 0, default 1.0)"},
+                {"top-k", "K", "sample among the K most likely tokens (default 0: the whole vocabulary)"},
+                {"seed", "S", "sampling seed (default 0)"},
+                {"stop-at-eos", "", "stop after the model's eos_token_id"}},
+      .examples = {"loom generate runs/tiny/hf --prompt \"And God said\" --temperature 0.8 --top-k 40 --seed 1",
+                   "loom generate runs/demo/checkpoint --prompt-ids 1,17,42,7 --greedy --max-new-tokens 16"},
+  };
+  return spec;
+}
+
 int command_generate(const std::vector<std::string>& argv) {
-  Args args("generate", argv,
-            {{"prompt-ids", true, false, "comma-separated token ids"},
-             {"prompt", true, false, "text prompt"},
-             {"max-new-tokens", true, false, ""},
-             {"greedy", false, false, ""},
-             {"temperature", true, false, ""},
-             {"top-k", true, false, ""},
-             {"seed", true, false, ""},
-             {"stop-at-eos", false, false, ""}});
+  Args args(generate_spec(), argv);
   args.expect_positional(1, "one CHECKPOINT_OR_HF_DIR");
   if (args.has("prompt") == args.has("prompt-ids")) {
     throw BadInput("loom generate: give exactly one of --prompt TEXT and --prompt-ids 1,2,3");
@@ -379,10 +401,21 @@ int command_generate(const std::vector<std::string>& argv) {
   return kExitOk;
 }
 
+const CommandSpec& forward_spec() {
+  static const CommandSpec spec{
+      .name = "forward",
+      .synopsis = "CHECKPOINT_OR_HF_DIR --input-ids IN.safetensors --output OUT.safetensors",
+      .summary = "the logits [B, T, V] (fp32) of a batch of token ids, to compare with other implementations",
+      .arguments = {{"CHECKPOINT_OR_HF_DIR", "loom checkpoint or Hugging Face folder"}},
+      .flags = {{"input-ids", "IN.safetensors", "file holding \"input_ids\" [batch, tokens], I64 or I32 (required)"},
+                {"output", "OUT.safetensors", "safetensors file to write the tensor \"logits\" to (required)"}},
+      .examples = {"loom forward runs/demo/checkpoint --input-ids ids.safetensors --output logits.safetensors"},
+  };
+  return spec;
+}
+
 int command_forward(const std::vector<std::string>& argv) {
-  Args args("forward", argv,
-            {{"input-ids", true, false, "safetensors file holding input_ids [batch, tokens] (I64 or I32)"},
-             {"output", true, false, "safetensors file to write logits to"}});
+  Args args(forward_spec(), argv);
   args.expect_positional(1, "one CHECKPOINT_OR_HF_DIR");
   const std::string input_path = args.require("input-ids");
   const std::string output_path = args.require("output");
@@ -414,6 +447,80 @@ std::string without_command_prefix(const std::string& message) {
   const size_t colon = message.find(": ");
   return colon == std::string::npos ? message : message.substr(colon + 2);
 }
+
+// One subcommand: its spec and what runs it. A command line runs the first
+// whose name's first word is the command typed (`loom plan` and `loom plan
+// --calibrate` both go to command_plan, which tells them apart).
+struct Subcommand {
+  const CommandSpec& (*spec)();
+  int (*run)(const std::vector<std::string>& args);
+};
+
+// In the order `loom help` lists them.
+constexpr Subcommand kSubcommands[] = {
+    {launch_spec, command_launch},
+    {train_spec, command_train},
+    {sweep_spec, command_sweep},
+    {runs_spec, command_runs},
+    {plan_spec, command_plan},
+    {plan_calibrate_spec, command_plan},
+    {plot_spec, command_plot},
+    {inspect_spec, command_inspect},
+    {tokenizer_train_spec, command_tokenizer},
+    {prepare_spec, command_prepare},
+    {import_spec, command_import},
+    {init_spec, command_init},
+    {export_spec, command_export},
+    {generate_spec, command_generate},
+    {forward_spec, command_forward},
+    {version_spec, command_version},
+};
+
+std::string first_word(const std::string& name) { return name.substr(0, name.find(' ')); }
+
+const Subcommand* find_subcommand(const std::string& command) {
+  for (const Subcommand& sub : kSubcommands) {
+    if (first_word(sub.spec().name) == command) return &sub;
+  }
+  return nullptr;
+}
+
+// `loom help`: every command's name and summary, from its spec.
+std::string overview() {
+  size_t width = 0;
+  for (const Subcommand& sub : kSubcommands) width = std::max(width, sub.spec().name.size());
+  std::string out = "usage: loom COMMAND [ARGS]\n\ncommands:\n";
+  for (const Subcommand& sub : kSubcommands) {
+    const CommandSpec& spec = sub.spec();
+    out += "  " + spec.name + std::string(width - spec.name.size(), ' ') + "  " + spec.summary + "\n";
+  }
+  out += "\n`loom COMMAND --help` (or `loom help COMMAND`) prints a command's arguments, options and examples.\n"
+         "\nexit codes: 0 done, 1 internal error, 2 bad input (the message names the file, key or tensor),\n"
+         "            75 stopped early with a checkpoint (signal or launch.max_wall_time): run again to resume\n";
+  return out;
+}
+
+// `loom help [COMMAND...]`: the overview, or one command's usage ("plan
+// --calibrate" and "tokenizer train" by their whole names, or their first word).
+int command_help(const std::vector<std::string>& args) {
+  if (args.empty()) {
+    std::cout << overview();
+    return kExitOk;
+  }
+  std::string name;
+  for (const std::string& word : args) name += (name.empty() ? "" : " ") + word;
+  for (const Subcommand& sub : kSubcommands) {
+    if (sub.spec().name == name) {
+      std::cout << usage(sub.spec());
+      return kExitOk;
+    }
+  }
+  const Subcommand* sub = args.size() == 1 ? find_subcommand(args[0]) : nullptr;
+  if (sub == nullptr) throw BadInput("loom help: unknown command '" + name + "' (loom help lists them)");
+  std::cout << usage(sub->spec());
+  return kExitOk;
+}
+
 }  // namespace
 
 int run_cli(int argc, char** argv) {
@@ -424,27 +531,16 @@ int run_cli(int argc, char** argv) {
   std::vector<std::string> args(argv + (argc > 1 ? 2 : argc), argv + argc);
   const std::string command = argc > 1 ? argv[1] : "";
   try {
-    if (command == "train") return command_train(args);
-    if (command == "launch") return command_launch(args);
-    if (command == "plot") return command_plot(args);
-    if (command == "sweep") return command_sweep(args);
-    if (command == "runs") return command_runs(args);
-    if (command == "plan") return command_plan(args);
-    if (command == "inspect") return command_inspect(args);
-    if (command == "import") return command_import(args);
-    if (command == "init") return command_init(args);
-    if (command == "export") return command_export(args);
-    if (command == "generate") return command_generate(args);
-    if (command == "forward") return command_forward(args);
-    if (command == "prepare") return command_prepare(args);
-    if (command == "tokenizer") return command_tokenizer(args);
-    if (command == "version" || command == "--version") return command_version(args);
-    if (command == "help" || command == "--help" || command == "-h") {
-      std::cout << kUsage;
-      return kExitOk;
-    }
-    std::cerr << (command.empty() ? "loom: no command given\n" : "loom: unknown command '" + command + "'\n") << kUsage;
+    if (command == "help" || command == "--help" || command == "-h") return command_help(args);
+    if (command == "--version") return command_version(args);
+    if (const Subcommand* sub = find_subcommand(command)) return sub->run(args);
+    std::cerr << (command.empty() ? "loom: no command given\n" : "loom: unknown command '" + command + "'\n")
+              << overview();
     return kExitBadInput;
+  } catch (const HelpRequested& help) {
+    // Asked before the command did anything (Args comes first in each).
+    std::cout << help.usage;
+    return kExitOk;
   } catch (const BadInput& e) {
     std::cerr << "loom " << command << ": error: " << without_command_prefix(e.what()) << "\n";
     return kExitBadInput;

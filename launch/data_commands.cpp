@@ -16,16 +16,28 @@ namespace loom {
 
 namespace fs = std::filesystem;
 
+const CommandSpec& prepare_spec() {
+  static const CommandSpec spec{
+      .name = "prepare",
+      .synopsis = "--tokenizer T --input FILE... --output DIR [OPTIONS]",
+      .summary = "text or JSONL files -> a tokenized HDF5 dataset, the input of loom train (docs/data.md)",
+      .arguments = {{"FILE...", "more input files, as --input FILE"}},
+      .flags = {{"tokenizer", "T", "tokenizer.json (required)"},
+                {"input", "FILE", "text or JSONL file", kRepeatable},
+                {"output", "DIR", "dataset folder to create (required)"},
+                {"eos-token", "TOK", "token appended to every document"},
+                {"text-field", "NAME", "JSONL field holding the text (default text)"},
+                {"doc-per-file", "", "each text file is one document"},
+                {"shard-tokens", "N", "tokens per shard (default 64Mi)"},
+                {"threads", "N", "tokenizer threads (default: all cores)"}},
+      .examples = {"loom prepare --tokenizer runs/data/tokenizer.json --input runs/data/kjv.txt "
+                   "--output runs/data/tiny"},
+  };
+  return spec;
+}
+
 int command_prepare(const std::vector<std::string>& argv) {
-  Args args("prepare", argv,
-            {{"tokenizer", true, false, "tokenizer.json"},
-             {"input", true, true, "text or JSONL file (repeatable)"},
-             {"output", true, false, "dataset folder to create"},
-             {"eos-token", true, false, "token appended to every document"},
-             {"text-field", true, false, "JSONL field holding the text (default text)"},
-             {"doc-per-file", false, false, "each text file is one document"},
-             {"shard-tokens", true, false, "tokens per shard (default 64Mi)"},
-             {"threads", true, false, "tokenizer threads (default: all cores)"}});
+  Args args(prepare_spec(), argv);
   PrepareOptions options;
   options.tokenizer_path = args.require("tokenizer");
   options.output_dir = args.require("output");
@@ -45,15 +57,30 @@ int command_prepare(const std::vector<std::string>& argv) {
   return kExitOk;
 }
 
+const CommandSpec& tokenizer_train_spec() {
+  static const CommandSpec spec{
+      .name = "tokenizer train",
+      .synopsis = "--input FILE... --vocab-size N --output T [OPTIONS]",
+      .summary = "train a byte-level BPE tokenizer on text files, for loom prepare (docs/data.md)",
+      .arguments = {{"FILE...", "more input files, as --input FILE"}},
+      .flags = {{"input", "FILE", "text file", kRepeatable},
+                {"vocab-size", "N", "tokens in the vocabulary, special tokens included (>= 257) (required)"},
+                {"output", "T", "tokenizer.json to write (required)"},
+                {"special-token", "TOK", "special token (default <|endoftext|>)", kRepeatable}},
+      .examples = {"loom tokenizer train --input runs/data/kjv.txt --vocab-size 2048 "
+                   "--output runs/data/tokenizer.json"},
+  };
+  return spec;
+}
+
 int command_tokenizer(const std::vector<std::string>& argv) {
+  const CommandSpec& spec = tokenizer_train_spec();
   if (argv.empty() || argv[0] != "train") {
-    throw BadInput("loom tokenizer: expected 'train' (loom tokenizer train --input FILE... --vocab-size N --output T)");
+    // `train` is the only one, so `loom tokenizer --help` is its usage.
+    if (!argv.empty() && is_help_flag(argv[0])) throw HelpRequested{usage(spec)};
+    throw BadInput("loom tokenizer: expected 'train' (loom " + spec.name + " " + spec.synopsis + ")");
   }
-  Args args("tokenizer train", std::vector<std::string>(argv.begin() + 1, argv.end()),
-            {{"input", true, true, "text file (repeatable)"},
-             {"vocab-size", true, false, "tokens in the vocabulary, special tokens included"},
-             {"output", true, false, "tokenizer.json to write"},
-             {"special-token", true, true, "special token (repeatable; default <|endoftext|>)"}});
+  Args args(spec, std::vector<std::string>(argv.begin() + 1, argv.end()));
   std::vector<std::string> inputs = args.all("input");
   for (const auto& extra : args.positional()) inputs.push_back(extra);
   if (inputs.empty()) throw BadInput("loom tokenizer train: no --input files given");

@@ -283,15 +283,27 @@ int launch_slurm(const Config& config, const LaunchHost& host, bool dry_run) {
 
 }  // namespace
 
+const CommandSpec& launch_spec() {
+  static const CommandSpec spec{
+      .name = "launch",
+      .synopsis = "CONFIG [OPTIONS]",
+      .summary = "start the config's launch.ranks ranks with mpirun, or a Slurm job (docs/launching.md)",
+      .arguments = {{"CONFIG", "the training config (.yaml)"}},
+      .flags = {{"set", "KEY=VALUE", "override a config key, e.g. --set launch.ranks=4", kRepeatable},
+                {"slurm", "", "write runs/<name>/slurm/job.sbatch and submit it with sbatch"},
+                {"dry-run", "", "print the command (or the batch script) and run nothing"},
+                {"check", "", "run only the preflight on every rank"},
+                {"max-restarts", "N",
+                 "after a crash, run again from the last valid checkpoint, at most N times (default 0)"}},
+      .examples = {"loom launch configs/tiny.yaml --set launch.ranks=2",
+                   "loom launch configs/slurm-example.yaml --slurm --dry-run"},
+      .notes = "--max-restarts leaves a job that ended on bad input (exit 2) or a requested stop (exit 75) alone.",
+  };
+  return spec;
+}
+
 int command_launch(const std::vector<std::string>& argv) {
-  Args args("launch", argv,
-            {{"set", true, true, "override a config key, e.g. --set launch.ranks=4"},
-             {"slurm", false, false, "write runs/<name>/slurm/job.sbatch and submit it with sbatch"},
-             {"dry-run", false, false, "print the command (or the batch script) and run nothing"},
-             {"check", false, false, "run only the preflight on every rank"},
-             {"max-restarts", true, false,
-              "run the job again after a crash (not bad input, not a requested stop), resuming from the last "
-              "valid checkpoint, at most N times"}});
+  Args args(launch_spec(), argv);
   args.expect_positional(1, "one CONFIG");
   const std::string config_path = args.positional()[0];
   const std::vector<std::string> overrides = args.all("set");

@@ -198,13 +198,24 @@ plan::LinkProfile measure_link(ProcessGroup& group, const Shapes& s) {
 
 }  // namespace
 
+const CommandSpec& plan_calibrate_spec() {
+  static const CommandSpec spec{
+      .name = "plan --calibrate",
+      .synopsis = "[CONFIG] [OPTIONS]",
+      .summary = "measure this machine and write a machine profile for loom plan (docs/plan.md)",
+      .arguments = {{"CONFIG", "the config whose shapes are measured (default configs/tiny.yaml)"}},
+      .flags = {{"calibrate", "", "measure this machine and write a profile (this command)"},
+                {"output", "FILE", "profile to write (default configs/machines/this-machine.yaml)"},
+                {"ranks", "N", "ranks to measure with, under mpirun (default 2)"},
+                {"name", "NAME", "the profile's name (default this-machine)"},
+                {"set", "KEY=VALUE", "override a key of CONFIG", kRepeatable}},
+      .examples = {"loom plan --calibrate configs/tiny.yaml --output configs/machines/this-machine.yaml"},
+  };
+  return spec;
+}
+
 int plan_calibrate(const std::vector<std::string>& argv) {
-  Args args("plan", argv,
-            {{"calibrate", false, false, "measure this machine and write a profile"},
-             {"output", true, false, "profile to write (default configs/machines/this-machine.yaml)"},
-             {"ranks", true, false, "ranks to measure with, under mpirun (default 2)"},
-             {"name", true, false, "the profile's name (default this-machine)"},
-             {"set", true, true, "KEY=VALUE override of CONFIG"}});
+  Args args(plan_calibrate_spec(), argv);
   if (args.positional().size() > 1) args.expect_positional(1, "at most one CONFIG (whose shapes are measured)");
   const std::string config_path = args.positional().empty() ? "configs/tiny.yaml" : args.positional()[0];
   const std::string output = args.get_or("output", "configs/machines/this-machine.yaml");

@@ -85,17 +85,31 @@ void print_table(const std::vector<Candidate>& shown) {
 
 }  // namespace
 
+const CommandSpec& plan_spec() {
+  static const CommandSpec spec{
+      .name = "plan",
+      .synopsis = "CONFIG --gpus N --gpu-memory GiB [OPTIONS]",
+      .summary = "the layouts that fit, fastest first, with memory, step time and MFU (docs/plan.md)",
+      .arguments = {{"CONFIG", "a training config, e.g. configs/llama3-8b.yaml"}},
+      .flags = {{"gpus", "N", "ranks in all (GPUs, or CPU ranks) (required)"},
+                {"gpus-per-node", "G", "ranks per node (default: --gpus, one node)"},
+                {"gpu-memory", "GiB", "memory per rank (required)"},
+                {"machine", "PROFILE", "a name in configs/machines/ or a .yaml path (default h100-node)"},
+                {"set", "KEY=VALUE", "override a config key", kRepeatable},
+                {"top", "K", "how many layouts to print (default 10)"},
+                {"layout", "SPEC", "evaluate this one layout, e.g. dp=2,tp=1,pp=2,schedule=1f1b,mb=2"},
+                {"json", "", "print JSON instead of a table"}},
+      .examples = {"loom plan configs/llama3-8b.yaml --gpus 64 --gpus-per-node 8 --gpu-memory 80",
+                   "loom plan configs/tiny.yaml --gpus 2 --gpu-memory 20 --layout dp=1,pp=2,schedule=1f1b,mb=2 --json"},
+      .notes = "A layout is dp, tp, pp, the pipeline schedule, ZeRO-1, the micro-batch and recomputation.\n"
+               "loom plan --calibrate measures this machine for --machine (loom plan --calibrate --help).",
+  };
+  return spec;
+}
+
 int command_plan(const std::vector<std::string>& argv) {
   if (std::find(argv.begin(), argv.end(), "--calibrate") != argv.end()) return plan_calibrate(argv);
-  Args args("plan", argv,
-            {{"gpus", true, false, "ranks in all (GPUs, or CPU ranks)"},
-             {"gpus-per-node", true, false, "ranks per node (default: --gpus, one node)"},
-             {"gpu-memory", true, false, "memory per rank, GiB"},
-             {"machine", true, false, "machine profile: a name in configs/machines/ or a .yaml path (default h100-node)"},
-             {"set", true, true, "KEY=VALUE override of the config"},
-             {"top", true, false, "how many layouts to print (default 10)"},
-             {"layout", true, false, "evaluate this one layout, e.g. dp=2,tp=1,pp=2,schedule=1f1b,mb=2"},
-             {"json", false, false, "print JSON instead of a table"}});
+  Args args(plan_spec(), argv);
   args.expect_positional(1, "CONFIG (a training config, e.g. configs/llama3-8b.yaml)");
   const std::string config_path = args.positional()[0];
   const Config config = load_config(config_path, args.all("set"));

@@ -41,10 +41,21 @@ plot::RunMetrics read_run(const fs::path& run_dir) {
 
 }  // namespace
 
+const CommandSpec& plot_spec() {
+  static const CommandSpec spec{
+      .name = "plot",
+      .synopsis = "RUN_DIR... [OPTIONS]",
+      .summary = "loss and tokens/s curves of runs' metrics.jsonl, drawn to one PNG (docs/training.md)",
+      .arguments = {{"RUN_DIR...", "one or more run folders written by loom train"}},
+      .flags = {{"out", "FILE.png",
+                 "PNG to write (default RUN_DIR/metrics.png; several runs: compare.png beside them)"}},
+      .examples = {"loom plot runs/tiny", "loom plot runs/tiny-lr1e-3-tp1 runs/tiny-lr3e-4-tp1 --out lr.png"},
+  };
+  return spec;
+}
+
 int command_plot(const std::vector<std::string>& argv) {
-  Args args("plot", argv,
-            {{"out", true, false,
-              "PNG file to write (default RUN_DIR/metrics.png; for several runs, compare.png in the first one's parent)"}});
+  Args args(plot_spec(), argv);
   if (args.positional().empty()) {
     args.expect_positional(1, "one or more RUN_DIRs (folders written by loom train)");
   }

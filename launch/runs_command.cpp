@@ -123,8 +123,20 @@ json to_json(const RunSummary& run) {
 
 }  // namespace
 
+const CommandSpec& runs_spec() {
+  static const CommandSpec spec{
+      .name = "runs",
+      .synopsis = "[DIR] [OPTIONS]",
+      .summary = "the runs in DIR: status, layout, lr, final and best loss, tokens/s (docs/experiments.md)",
+      .arguments = {{"DIR", "folder of run folders (default runs)"}},
+      .flags = {{"json", "", "one JSON object per run instead of a table"}},
+      .examples = {"loom runs", "loom runs runs --json"},
+  };
+  return spec;
+}
+
 int command_runs(const std::vector<std::string>& argv) {
-  Args args("runs", argv, {{"json", false, false, "one JSON object per run instead of a table"}});
+  Args args(runs_spec(), argv);
   if (args.positional().size() > 1) args.expect_positional(1, "at most one DIR (default runs)");
   const fs::path root = args.positional().empty() ? fs::path("runs") : fs::path(args.positional()[0]);
   if (!fs::is_directory(root)) throw BadInput("loom runs: '" + root.string() + "' is not a folder");

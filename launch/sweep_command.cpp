@@ -339,12 +339,23 @@ int sweep_slurm(const std::string& config_path, const std::vector<Member>& membe
 
 }  // namespace
 
+const CommandSpec& sweep_spec() {
+  static const CommandSpec spec{
+      .name = "sweep",
+      .synopsis = "CONFIG --grid KEY=V1,V2 [--grid ...] [OPTIONS]",
+      .summary = "one run per grid combination, in turn under mpirun or as a Slurm job array (docs/experiments.md)",
+      .arguments = {{"CONFIG", "the training config (.yaml) every run starts from"}},
+      .flags = {{"grid", "KEY=V1,V2,...", "one axis of the grid (at least one)", kRepeatable},
+                {"set", "KEY=VALUE", "override a config key for every run", kRepeatable},
+                {"slurm", "", "submit the runs as one Slurm job array"},
+                {"dry-run", "", "print the runs' commands (or the batch script) and run nothing"}},
+      .examples = {"loom sweep configs/tiny.yaml --grid optimizer.lr=1e-3,3e-4 --grid parallel.tp=1,2 --dry-run"},
+  };
+  return spec;
+}
+
 int command_sweep(const std::vector<std::string>& argv) {
-  Args args("sweep", argv,
-            {{"grid", true, true, "KEY=V1,V2,...: one axis of the grid"},
-             {"set", true, true, "override a config key for every run"},
-             {"slurm", false, false, "submit the runs as one Slurm job array"},
-             {"dry-run", false, false, "print the runs' commands (or the batch script) and run nothing"}});
+  Args args(sweep_spec(), argv);
   args.expect_positional(1, "one CONFIG");
   if (args.all("grid").empty()) throw BadInput("loom sweep: give at least one --grid KEY=V1,V2,...");
   const std::string config_path = args.positional()[0];

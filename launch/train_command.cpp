@@ -252,9 +252,23 @@ bool launched_by_mpi() {
   return false;
 }
 
+const CommandSpec& train_spec() {
+  static const CommandSpec spec{
+      .name = "train",
+      .synopsis = "CONFIG [OPTIONS]",
+      .summary = "train: what each rank runs (alone, one rank); outputs in runs/<run.name>/ (docs/training.md)",
+      .arguments = {{"CONFIG", "the training config (.yaml)"}},
+      .flags = {{"set", "KEY=VALUE", "override a config key, e.g. --set schedule.train_steps=100", kRepeatable},
+                {"check", "", "run the preflight only (see loom launch --check)"}},
+      .examples = {"loom train configs/tiny.yaml --set schedule.train_steps=100",
+                   "mpirun -np 2 loom train configs/tiny.yaml --set parallel.tp=2"},
+      .notes = "Under mpirun (or srun) the ranks form one job; loom launch starts them from the config's launch.*.",
+  };
+  return spec;
+}
+
 int command_train(const std::vector<std::string>& argv) {
-  Args args("train", argv, {{"set", true, true, "override a config key, e.g. --set schedule.train_steps=100"},
-                            {"check", false, false, "run the preflight only (see loom launch --check)"}});
+  Args args(train_spec(), argv);
   const bool check_only = args.has("check");
   args.expect_positional(1, "one CONFIG");
   std::vector<std::string> overrides = args.all("set");
