@@ -92,6 +92,13 @@ const std::vector<std::vector<int64_t>> kSwiGluShapes = {
     {0, 5},         // nothing to do
 };
 
+// A CUDA build calls its kernels: the library that holds fused_ops.cpp was
+// compiled with LOOM_WITH_CUDA (once it was not, and every GPU run took the
+// unfused ops without a word).
+TEST(FusedKernels, ACudaBuildHasItsKernelsAndACpuBuildDoesNot) {
+  EXPECT_EQ(kernels::fused_kernels_built(), LOOM_TEST_CUDA_BUILD == 1);
+}
+
 TEST(FusedSwiGlu, CpuTensorsTakeTheUnfusedPathBitForBit) {
   torch::manual_seed(1);
   auto gate = torch::randn({2, 7, 1000}), up = torch::randn({2, 7, 1000}), grad = torch::randn({2, 7, 1000});
