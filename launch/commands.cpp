@@ -53,8 +53,8 @@ commands:
                                                   memory, step time and MFU; docs/plan.md
   plan     --calibrate [CONFIG] [--output FILE] [--ranks N]
                                                   measure this machine and write a machine profile
-  plot     RUN_DIR... [--out FILE.png]            loss and tokens/s curves of RUN_DIR/metrics.jsonl
-                                                  (default RUN_DIR/metrics.png); several runs overlaid
+  plot     RUN_DIR... [--out FILE.svg]            loss and tokens/s curves of RUN_DIR/metrics.jsonl as SVG
+                                                  (default RUN_DIR/metrics.svg); several runs overlaid
   inspect  PATH                                   summarize a config, dataset, checkpoint, Hub folder or .safetensors file
              [--set KEY=VALUE] (configs)  [--verify] [--tokenizer T] (datasets)
   tokenizer train --input FILE... --vocab-size N --output tokenizer.json
