@@ -3,7 +3,11 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdint>
 #include <limits>
+#include <string>
+#include <string_view>
+#include <vector>
 
 namespace loom::plot {
 namespace {
@@ -26,8 +30,8 @@ constexpr double kPad = 8;             // between labels, titles and the frame
 constexpr double kTickLength = 5;
 constexpr double kMarkerHeight = 12;
 constexpr double kMarkerWidth = 2;
-constexpr double kLegendSwatch = 24;   // width of a legend entry's line sample
-constexpr double kLegendSwatchWidth = 3;
+constexpr double kSwatchLength = 24;   // a legend entry's line sample
+constexpr double kSwatchThickness = 3;
 const Rgb kTextColour{30, 30, 30};
 const Rgb kFrameColour{90, 90, 90};
 const Rgb kGridColour{225, 225, 225};
@@ -128,7 +132,7 @@ void draw_legend(SvgWriter& svg, const Mapping& map, const Chart& chart, const s
   const double row_height = kLineHeight + kPad;
   double label_width = 0;
   for (const auto& entry : entries) label_width = std::max(label_width, text_width(entry.label));
-  const double width = kPad + kLegendSwatch + kPad + label_width + kPad;
+  const double width = kPad + kSwatchLength + kPad + label_width + kPad;
   const double height = static_cast<double>(entries.size()) * row_height + kPad;
   const Rect& plot = map.plot;
   const double left = plot.x + kPad, right = plot.right() - kPad - width;
@@ -161,11 +165,11 @@ void draw_legend(SvgWriter& svg, const Mapping& map, const Chart& chart, const s
     const double middle = y + kLineHeight / 2;
     svg.element("line", {{"x1", svg_number(box.x + kPad)},
                          {"y1", svg_number(middle)},
-                         {"x2", svg_number(box.x + kPad + kLegendSwatch)},
+                         {"x2", svg_number(box.x + kPad + kSwatchLength)},
                          {"y2", svg_number(middle)},
                          {"stroke", svg_colour(entry.colour)},
-                         {"stroke-width", svg_number(kLegendSwatchWidth)}});
-    text(svg, box.x + kPad + kLegendSwatch + kPad, middle + kCapHeight / 2, "start", entry.label);
+                         {"stroke-width", svg_number(kSwatchThickness)}});
+    text(svg, box.x + kPad + kSwatchLength + kPad, middle + kCapHeight / 2, "start", entry.label);
     y += row_height;
   }
   svg.close();

@@ -24,17 +24,17 @@ struct XmlElement {
   std::string text;  // the character data directly inside, concatenated
 
   bool has(std::string_view key) const {
-    for (const auto& [name, value] : attributes) {
-      if (name == key) return true;
+    for (const auto& attribute : attributes) {
+      if (attribute.first == key) return true;
     }
     return false;
   }
   // The attribute's decoded value; throws when it is missing.
   const std::string& at(std::string_view key) const {
-    for (const auto& [name, value] : attributes) {
-      if (name == key) return value;
+    for (const auto& attribute : attributes) {
+      if (attribute.first == key) return attribute.second;
     }
-    throw std::out_of_range("<" + this->name + "> has no attribute " + std::string(key));
+    throw std::out_of_range("<" + name + "> has no attribute " + std::string(key));
   }
   // This element and its descendants, in document order, that satisfy `match`.
   std::vector<const XmlElement*> find_all(const std::function<bool(const XmlElement&)>& match) const {
@@ -80,7 +80,7 @@ class XmlReader {
   // XML 1.0 Char: tab, newline, carriage return and U+0020 up, as UTF-8.
   void check_characters() {
     for (size_t i = 0; i < doc_.size();) {
-      const auto byte = [&](size_t k) { return i + k < doc_.size() ? static_cast<uint8_t>(doc_[i + k]) : 0; };
+      const auto byte = [&](size_t k) { return i + k < doc_.size() ? static_cast<uint8_t>(doc_[i + k]) : uint8_t{0}; };
       const uint8_t lead = byte(0);
       size_t length = 0;
       if (lead < 0x80) {
@@ -171,7 +171,8 @@ class XmlReader {
     else if (name.size() >= 2 && name[0] == '#') {
       const bool hex = name[1] == 'x';
       const std::string digits(name.substr(hex ? 2 : 1));
-      if (digits.empty() || digits.find_first_not_of(hex ? "0123456789abcdefABCDEF" : "0123456789") != std::string::npos) {
+      const char* allowed = hex ? "0123456789abcdefABCDEF" : "0123456789";
+      if (digits.empty() || digits.find_first_not_of(allowed) != std::string::npos) {
         fail("bad character reference &" + std::string(name) + ";");
       }
       const unsigned long code = std::stoul(digits, nullptr, hex ? 16 : 10);
