@@ -1,5 +1,5 @@
-// `loom plot RUN_DIR... [--out FILE.png]`: loss and throughput curves of run
-// folders' metrics.jsonl, drawn to one PNG: one run's curves, or several
+// `loom plot RUN_DIR... [--out FILE.svg]`: loss and throughput curves of run
+// folders' metrics.jsonl, drawn to one SVG: one run's curves, or several
 // runs overlaid (plot/compare_plot.h) with a legend naming them.
 #include <filesystem>
 #include <iostream>
@@ -11,7 +11,6 @@
 #include "plot/metrics_plot.h"
 #include "util/error.h"
 #include "util/file_io.h"
-#include "util/png.h"
 
 namespace loom {
 
@@ -45,11 +44,12 @@ const CommandSpec& plot_spec() {
   static const CommandSpec spec{
       .name = "plot",
       .synopsis = "RUN_DIR... [OPTIONS]",
-      .summary = "loss and tokens/s curves of runs' metrics.jsonl, drawn to one PNG (docs/training.md)",
+      .summary = "loss and tokens/s curves of runs' metrics.jsonl, drawn to one SVG (docs/training.md)",
       .arguments = {{"RUN_DIR...", "one or more run folders written by loom train"}},
-      .flags = {{"out", "FILE.png",
-                 "PNG to write (default RUN_DIR/metrics.png; several runs: compare.png beside them)"}},
-      .examples = {"loom plot runs/tiny", "loom plot runs/tiny-lr1e-3-tp1 runs/tiny-lr3e-4-tp1 --out lr.png"},
+      .flags = {{"out", "FILE.svg",
+                 "SVG file to write (default RUN_DIR/metrics.svg; for several runs, compare.svg in the first one's "
+                 "parent)"}},
+      .examples = {"loom plot runs/tiny", "loom plot runs/tiny-lr1e-3-tp1 runs/tiny-lr3e-4-tp1 --out lr.svg"},
   };
   return spec;
 }
@@ -61,9 +61,9 @@ int command_plot(const std::vector<std::string>& argv) {
   }
   std::vector<fs::path> run_dirs(args.positional().begin(), args.positional().end());
   const fs::path first_parent = fs::absolute(run_dirs[0]).lexically_normal().parent_path();
-  const fs::path default_out = run_dirs.size() == 1 ? run_dirs[0] / "metrics.png"
+  const fs::path default_out = run_dirs.size() == 1 ? run_dirs[0] / "metrics.svg"
                                                     : (run_dirs[0].filename().empty() ? first_parent.parent_path()
-                                                                                      : first_parent) / "compare.png";
+                                                                                      : first_parent) / "compare.svg";
   const fs::path out = args.get_or("out", default_out.string());
   // write_file_atomic would fail on a missing folder too, but as an internal
   // error; a mistyped --out is the user's input.
@@ -74,8 +74,7 @@ int command_plot(const std::vector<std::string>& argv) {
 
   if (run_dirs.size() == 1) {
     const plot::RunMetrics metrics = read_run(run_dirs[0]);
-    const plot::Canvas figure = plot::render_metrics_figure(metrics, run_name(run_dirs[0]));
-    write_file_atomic(out.string(), encode_png_rgb(figure.width(), figure.height(), figure.rgb()));
+    write_file_atomic(out.string(), plot::render_metrics_figure(metrics, run_name(run_dirs[0])));
     std::cout << "wrote " << out.string() << " (" << metrics.train_loss.steps.size() << " loss, "
               << metrics.valid_loss.steps.size() << " validation, " << metrics.tokens_per_s.steps.size()
               << " throughput points; " << metrics.skipped_steps.size() << " skipped steps)\n";
@@ -92,8 +91,7 @@ int command_plot(const std::vector<std::string>& argv) {
     }
     runs.emplace_back(name, read_run(run_dir));
   }
-  const plot::Canvas figure = plot::render_comparison_figure(runs);
-  write_file_atomic(out.string(), encode_png_rgb(figure.width(), figure.height(), figure.rgb()));
+  write_file_atomic(out.string(), plot::render_comparison_figure(runs));
   std::cout << "wrote " << out.string() << " (" << runs.size() << " runs:";
   for (size_t i = 0; i < runs.size(); ++i) std::cout << (i ? ", " : " ") << runs[i].first;
   std::cout << ")\n";

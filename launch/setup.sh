@@ -15,7 +15,9 @@ DEBIAN_PACKAGES=(
   libhdf5-dev hdf5-tools
   libyaml-cpp-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev
-  libpcre2-dev zlib1g-dev
+  libpcre2-dev
+  # Tests only: tests/interop/test_plot.py renders `loom plot`'s SVG to PNG with rsvg-convert.
+  librsvg2-bin
   # fuzz/run.sh (the fuzz_smoke test): clang with libFuzzer and the sanitizers.
   clang-14 libclang-rt-14-dev
   bible-kjv bible-kjv-text

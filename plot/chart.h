@@ -1,5 +1,6 @@
-// One line-chart panel: title, axes with numbered ticks, a light grid, one
-// polyline per series, optional event markers along the x axis, and a legend.
+// One line-chart panel drawn as SVG: title, axes with numbered ticks, a light
+// grid, one polyline per series, optional event markers along the x axis,
+// and a legend.
 #pragma once
 
 #include <optional>
@@ -8,14 +9,16 @@
 #include <vector>
 
 #include "plot/axis.h"
-#include "plot/canvas.h"
+#include "plot/svg.h"
 
 namespace loom::plot {
 
 struct Series {
   std::string label;
   Rgb colour;
-  std::vector<double> x, y;  // same length, finite, x ascending
+  // Same length, x ascending. A point with a non-finite coordinate is not
+  // drawn and breaks the line: the points either side of it are not joined.
+  std::vector<double> x, y;
 };
 
 struct Chart {
@@ -32,19 +35,28 @@ struct Chart {
   std::optional<Axis> x_axis;
   // Room kept for the y tick labels, in pixels; wider labels widen it.
   // Stacked panels pass the widest of theirs so that their plots start at
-  // the same column.
-  int y_label_width = 0;
+  // the same x.
+  double y_label_width = 0;
 };
 
-// The x range of the series' points and the markers, or nullopt when the
-// chart has neither.
+// A rectangle in SVG user units (pixels), y growing downwards.
+struct Rect {
+  double x = 0, y = 0, width = 0, height = 0;
+  double right() const { return x + width; }
+  double bottom() const { return y + height; }
+  bool contains(double px, double py) const { return px >= x && px <= right() && py >= y && py <= bottom(); }
+};
+
+// The x range of the series' finite points and the markers, or nullopt when
+// the chart has neither.
 std::optional<std::pair<double, double>> x_extent(const Chart& chart);
 
-// Width in pixels of the widest y tick label `chart` would draw (0 without points).
-int y_label_width(const Chart& chart);
+// Width in pixels of the widest y tick label `chart` would draw (0 without
+// points), as estimated for the figure's monospace font.
+double y_label_width(const Chart& chart);
 
-// Draws `chart` inside `area` of `canvas`. A chart without points gets its
-// frame and a "no data" note instead of axes.
-void draw_chart(Canvas& canvas, const PixelRect& area, const Chart& chart);
+// Draws `chart` inside `area` as a <g class="chart"> of `svg`. A chart
+// without points gets its frame and a "no data" note instead of axes.
+void draw_chart(SvgWriter& svg, const Rect& area, const Chart& chart);
 
 }  // namespace loom::plot

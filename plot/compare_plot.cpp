@@ -7,16 +7,13 @@
 #include "plot/metrics_plot.h"
 
 namespace loom::plot {
-namespace {
-
-}  // namespace
 
 Rgb lighter(Rgb colour) {
   auto half = [](uint8_t c) { return static_cast<uint8_t>((c + 255) / 2); };
   return {half(colour.r), half(colour.g), half(colour.b)};
 }
 
-Canvas render_comparison_figure(const std::vector<std::pair<std::string, RunMetrics>>& runs) {
+std::string render_comparison_figure(const std::vector<std::pair<std::string, RunMetrics>>& runs) {
   Chart loss;
   loss.title = "loss: " + std::to_string(runs.size()) + " runs";
   loss.x_title = "step";

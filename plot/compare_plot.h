@@ -1,4 +1,4 @@
-// The figure `loom plot RUN RUN...` writes: several runs' curves overlaid,
+// The figure `loom plot RUN RUN...` writes (SVG): several runs' curves overlaid,
 // training loss (and validation loss, in a lighter shade of the run's colour)
 // above, throughput below, one colour per run, the legend naming the runs.
 #pragma once
@@ -7,8 +7,8 @@
 #include <utility>
 #include <vector>
 
-#include "plot/canvas.h"
 #include "plot/metrics.h"
+#include "plot/svg.h"
 
 namespace loom::plot {
 
@@ -21,6 +21,6 @@ inline constexpr Rgb kRunColours[10] = {{31, 119, 180}, {255, 127, 14}, {44, 160
 Rgb lighter(Rgb colour);
 
 // `runs`: (name for the legend, metrics), in legend order.
-Canvas render_comparison_figure(const std::vector<std::pair<std::string, RunMetrics>>& runs);
+std::string render_comparison_figure(const std::vector<std::pair<std::string, RunMetrics>>& runs);
 
 }  // namespace loom::plot

@@ -17,7 +17,7 @@ Series series_of(const Curve& curve, std::string label, Rgb colour) {
 
 }  // namespace
 
-Canvas render_metrics_figure(const RunMetrics& metrics, const std::string& run_name) {
+std::string render_metrics_figure(const RunMetrics& metrics, const std::string& run_name) {
   Chart loss;
   loss.title = "loss: " + run_name;
   loss.x_title = "step";
@@ -37,7 +37,7 @@ Canvas render_metrics_figure(const RunMetrics& metrics, const std::string& run_n
   return render_loss_and_throughput(std::move(loss), std::move(throughput));
 }
 
-Canvas render_loss_and_throughput(Chart loss, Chart throughput) {
+std::string render_loss_and_throughput(Chart loss, Chart throughput) {
   const auto loss_steps = x_extent(loss), throughput_steps = x_extent(throughput);
   if (loss_steps || throughput_steps) {
     const auto& any = loss_steps ? *loss_steps : *throughput_steps;
@@ -52,11 +52,13 @@ Canvas render_loss_and_throughput(Chart loss, Chart throughput) {
 
   loss.y_label_width = throughput.y_label_width = std::max(y_label_width(loss), y_label_width(throughput));
 
-  Canvas canvas(kFigureWidth, kFigureHeight, kBackground);
-  const int panel_height = kFigureHeight / 2;
-  draw_chart(canvas, {0, 0, kFigureWidth, panel_height}, loss);
-  draw_chart(canvas, {0, panel_height, kFigureWidth, kFigureHeight - panel_height}, throughput);
-  return canvas;
+  SvgWriter svg(kFigureWidth, kFigureHeight);
+  // SVG's background is transparent; a viewer's dark theme would hide the text.
+  svg.element("rect", {{"width", "100%"}, {"height", "100%"}, {"fill", svg_colour(kBackground)}});
+  const double panel_height = kFigureHeight / 2;
+  draw_chart(svg, {0, 0, kFigureWidth, panel_height}, loss);
+  draw_chart(svg, {0, panel_height, kFigureWidth, kFigureHeight - panel_height}, throughput);
+  return svg.finish();
 }
 
 }  // namespace loom::plot

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from xml.etree import ElementTree
 
 import numpy as np
 import pytest
@@ -388,10 +389,12 @@ def test_sweep_runs_every_combination_with_mpirun_and_loom_runs_lists_them(data,
     assert [m["name"] for m in sweep["members"]] == SWEEP_MEMBERS
     assert all(m["exit_code"] == 0 for m in sweep["members"]), sweep
     assert_four_finished_runs_listed(out)
-    # Several runs in one PNG.
-    plotted, _ = run(["plot", *(out / name for name in SWEEP_MEMBERS), "--out", tmp_path / "lr.png"],
+    # Several runs in one SVG, a legend entry per run.
+    plotted, _ = run(["plot", *(out / name for name in SWEEP_MEMBERS), "--out", tmp_path / "lr.svg"],
                      dict(os.environ))
-    assert (tmp_path / "lr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    figure = ElementTree.parse(tmp_path / "lr.svg").getroot()
+    assert figure.tag == "{http://www.w3.org/2000/svg}svg"
+    assert all(name in "".join(figure.itertext()) for name in SWEEP_MEMBERS)
     assert all(name in plotted for name in SWEEP_MEMBERS), plotted
 
 

@@ -1,173 +1,118 @@
-// `loom plot`'s pieces: the PNG encoder (decoded back here with zlib), the
-// metrics.jsonl reader, axis ticks, and the figure's panels.
+// `loom plot`'s pieces: the SVG writer (its output read back by a strict XML
+// reader), axis ticks, the metrics.jsonl reader, and the figure's panels,
+// read back from the SVG as a viewer would see them.
 #include <gtest/gtest.h>
 #include <unistd.h>
-#include <zlib.h>
 
 #include <cmath>
-#include <cstdint>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <random>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "plot/axis.h"
-#include "plot/canvas.h"
+#include "plot/chart.h"
 #include "plot/metrics.h"
 #include "plot/metrics_plot.h"
+#include "plot/svg.h"
 #include "tests/unit/bad_input.h"
-#include "util/png.h"
+#include "tests/unit/svg_figure.h"
+#include "tests/unit/xml_reader.h"
 
 namespace loom {
 namespace {
 
 namespace fs = std::filesystem;
 using test_support::expect_bad_input;
+using test_support::parse_xml;
+using test_support::read_figure;
 
-// --- a PNG reader for the tests: chunks, CRCs, IHDR, inflated scanlines -------
+// --- the XML reader the tests below rely on ------------------------------------------
 
-uint32_t read_u32_be(const std::string& bytes, size_t at) {
-  return (uint32_t(uint8_t(bytes[at])) << 24) | (uint32_t(uint8_t(bytes[at + 1])) << 16) |
-         (uint32_t(uint8_t(bytes[at + 2])) << 8) | uint32_t(uint8_t(bytes[at + 3]));
-}
-
-struct Chunk {
-  std::string type;
-  std::string data;
-  uint32_t stored_crc = 0;
-  uint32_t computed_crc = 0;
-};
-
-std::vector<Chunk> read_chunks(const std::string& png) {
-  std::vector<Chunk> chunks;
-  for (size_t at = 8; at < png.size();) {
-    EXPECT_LE(at + 12, png.size()) << "truncated chunk header";
-    if (at + 12 > png.size()) break;
-    const uint32_t length = read_u32_be(png, at);
-    Chunk chunk;
-    chunk.type = png.substr(at + 4, 4);
-    chunk.data = png.substr(at + 8, length);
-    chunk.stored_crc = read_u32_be(png, at + 8 + length);
-    const auto* typed = reinterpret_cast<const Bytef*>(png.data() + at + 4);
-    chunk.computed_crc = static_cast<uint32_t>(crc32(crc32(0L, Z_NULL, 0), typed, 4 + length));
-    chunks.push_back(chunk);
-    at += 12 + length;
+TEST(XmlReader, RefusesWhatIsNotWellFormed) {
+  for (const std::string bad : {"<svg><g></svg>", "<svg a=\"<\"/>", "<svg>a & b</svg>", "<svg/><svg/>",
+                                "<svg a='1' a='2'/>", "<svg a=1/>", "<svg>\x01</svg>", "<svg>\xff</svg>",
+                                "<svg>&nbsp;</svg>", "<svg><g>", "text"}) {
+    EXPECT_THROW(parse_xml(bad), std::runtime_error) << bad;
   }
-  return chunks;
+  const auto root = parse_xml("<?xml version=\"1.0\"?>\n<svg a=\"x &amp; &#60;y&#x3e;\"><t>&lt;&quot;</t><g/></svg>\n");
+  EXPECT_EQ(root.at("a"), "x & <y>");
+  ASSERT_EQ(root.children.size(), 2u);
+  EXPECT_EQ(root.children[0].text, "<\"");
 }
 
-std::string inflate_all(const std::string& deflated, size_t expected_size) {
-  std::string out(expected_size, '\0');
-  uLongf out_size = expected_size;
-  const int rc = uncompress(reinterpret_cast<Bytef*>(out.data()), &out_size,
-                            reinterpret_cast<const Bytef*>(deflated.data()), deflated.size());
-  EXPECT_EQ(rc, Z_OK);
-  out.resize(out_size);
-  return out;
+// --- the SVG writer -----------------------------------------------------------------------
+
+TEST(SvgWriter, EscapesMarkupCharacters) {
+  EXPECT_EQ(plot::escape_xml(R"(a<b & "c" 'd'>)"), "a&lt;b &amp; &quot;c&quot; &apos;d&apos;&gt;");
+  EXPECT_EQ(plot::escape_xml("plain run-1_lr3e-4"), "plain run-1_lr3e-4");
 }
 
-struct DecodedRgb {
-  uint32_t width = 0, height = 0;
-  std::vector<uint8_t> rgb;
-};
-
-// Checks the structure as it goes; handles only what encode_png_rgb writes
-// (8-bit RGB, filter None), which the IHDR and filter bytes must confirm.
-DecodedRgb decode_png_rgb(const std::string& png) {
-  DecodedRgb image;
-  EXPECT_EQ(png.substr(0, 8), std::string("\x89PNG\r\n\x1a\n", 8));
-  const auto chunks = read_chunks(png);
-  EXPECT_GE(chunks.size(), 3u);
-  if (chunks.size() < 3) return image;
-  for (const auto& chunk : chunks) EXPECT_EQ(chunk.stored_crc, chunk.computed_crc) << "CRC of chunk " << chunk.type;
-  EXPECT_EQ(chunks.front().type, "IHDR");
-  EXPECT_EQ(chunks.back().type, "IEND");
-  EXPECT_TRUE(chunks.back().data.empty());
-  const std::string& ihdr = chunks.front().data;
-  EXPECT_EQ(ihdr.size(), 13u);
-  image.width = read_u32_be(ihdr, 0);
-  image.height = read_u32_be(ihdr, 4);
-  EXPECT_EQ(ihdr.substr(8), std::string("\x08\x02\x00\x00\x00", 5)) << "8-bit RGB, deflate, no interlace";
-  std::string deflated;
-  for (const auto& chunk : chunks) {
-    if (chunk.type == "IDAT") deflated += chunk.data;
+TEST(SvgWriter, KeepsUtf8AndReplacesBytesXmlForbids) {
+  const std::string replacement = "\xEF\xBF\xBD";
+  EXPECT_EQ(plot::escape_xml("caf\xC3\xA9 \xE6\x97\xA5 \xF0\x9F\x99\x82 tab\tnewline\n"),
+            "caf\xC3\xA9 \xE6\x97\xA5 \xF0\x9F\x99\x82 tab\tnewline\n");
+  EXPECT_EQ(plot::escape_xml("a\x01" "b"), "a" + replacement + "b");  // a control character
+  EXPECT_EQ(plot::escape_xml("\xFF"), replacement);                    // not UTF-8 at all
+  EXPECT_EQ(plot::escape_xml("\xC0\xAF"), replacement + replacement);  // an overlong '/'
+  EXPECT_EQ(plot::escape_xml("x\xE6\x97"), "x" + replacement + replacement);  // cut short
+  EXPECT_EQ(plot::escape_xml("\xED\xA0\x80"), replacement + replacement + replacement);  // a surrogate
+  EXPECT_EQ(plot::escape_xml("\xEF\xBF\xBF"), replacement);  // U+FFFF
+  // Whatever the bytes, the result is text an XML reader accepts.
+  std::mt19937 rng(7);
+  for (int trial = 0; trial < 200; ++trial) {
+    std::string bytes(16, '\0');
+    for (char& c : bytes) c = static_cast<char>(rng());
+    EXPECT_NO_THROW(parse_xml("<t a=\"" + plot::escape_xml(bytes) + "\">" + plot::escape_xml(bytes) + "</t>"));
   }
-  const size_t row_bytes = size_t(image.width) * 3;
-  const std::string scanlines = inflate_all(deflated, (row_bytes + 1) * image.height);
-  EXPECT_EQ(scanlines.size(), (row_bytes + 1) * image.height);
-  if (scanlines.size() != (row_bytes + 1) * image.height) return image;
-  for (uint32_t y = 0; y < image.height; ++y) {
-    const size_t at = y * (row_bytes + 1);
-    EXPECT_EQ(scanlines[at], 0) << "filter type of row " << y;
-    image.rgb.insert(image.rgb.end(), scanlines.begin() + at + 1, scanlines.begin() + at + 1 + row_bytes);
-  }
-  return image;
 }
 
-// --- PNG ------------------------------------------------------------------------
+TEST(SvgWriter, WritesADocumentThatReadsBackAsWritten) {
+  plot::SvgWriter svg(1000, 800.5);
+  svg.open("g", {{"class", "chart"}});
+  svg.element("rect", {{"x", "1"}, {"data-name", R"(a<b & "c")"}});
+  svg.text_element("text", {{"x", "2"}}, "loss < 5 & 'falling'");
+  svg.close();
+  svg.element("circle", {{"r", "3"}});
+  const std::string document = svg.finish();
 
-TEST(Png, EncodesRgbThatZlibDecodesToTheSamePixels) {
-  const int width = 7, height = 5;  // odd sizes: no accidental alignment
-  std::vector<uint8_t> rgb(width * height * 3);
-  std::mt19937 rng(42);
-  for (auto& byte : rgb) byte = static_cast<uint8_t>(rng());
-  const std::string png = encode_png_rgb(width, height, rgb);
-
-  const DecodedRgb decoded = decode_png_rgb(png);
-  EXPECT_EQ(decoded.width, 7u);
-  EXPECT_EQ(decoded.height, 5u);
-  EXPECT_EQ(decoded.rgb, rgb);
-  // IEND's CRC is a constant of the format: a check on the CRC itself.
-  EXPECT_EQ(read_u32_be(png, png.size() - 4), 0xAE426082u);
+  const auto root = parse_xml(document);
+  EXPECT_EQ(root.name, "svg");
+  EXPECT_EQ(root.at("xmlns"), "http://www.w3.org/2000/svg");
+  EXPECT_EQ(root.at("width"), "1000");
+  EXPECT_EQ(root.at("height"), "800.5");
+  EXPECT_EQ(root.at("viewBox"), "0 0 1000 800.5");
+  ASSERT_EQ(root.children.size(), 2u);
+  const auto& group = root.children[0];
+  EXPECT_EQ(group.at("class"), "chart");
+  ASSERT_EQ(group.children.size(), 2u);
+  EXPECT_EQ(group.children[0].at("data-name"), R"(a<b & "c")");
+  EXPECT_EQ(group.children[1].text, "loss < 5 & 'falling'");
+  EXPECT_EQ(root.children[1].name, "circle");
 }
 
-TEST(Png, OnePixelImageRoundTrips) {
-  const std::vector<uint8_t> rgb = {1, 2, 3};
-  const DecodedRgb decoded = decode_png_rgb(encode_png_rgb(1, 1, rgb));
-  EXPECT_EQ(decoded.width, 1u);
-  EXPECT_EQ(decoded.height, 1u);
-  EXPECT_EQ(decoded.rgb, rgb);
+TEST(SvgWriter, RefusesToCloseTheRootOrWriteAfterFinish) {
+  plot::SvgWriter svg(10, 10);
+  EXPECT_THROW(svg.close(), std::logic_error);
+  svg.finish();
+  EXPECT_THROW(svg.element("rect", {}), std::logic_error);
+  EXPECT_THROW(svg.finish(), std::logic_error);
 }
 
-TEST(Png, RefusesPixelCountThatDisagreesWithSize) {
-  const std::vector<uint8_t> rgb(2 * 2 * 3 - 1);
-  EXPECT_THROW(encode_png_rgb(2, 2, rgb), std::invalid_argument);
-  EXPECT_THROW(encode_png_rgb(0, 2, {}), std::invalid_argument);
-}
-
-TEST(Png, CanvasPixelsSurviveEncoding) {
-  plot::Canvas canvas(40, 30, {255, 255, 255});
-  canvas.draw_line(0, 0, 39, 29, {10, 20, 30}, 2);
-  canvas.draw_text(2, 2, "loss 1.5", {0, 0, 0}, 1);
-  const DecodedRgb decoded = decode_png_rgb(encode_png_rgb(canvas.width(), canvas.height(), canvas.rgb()));
-  EXPECT_EQ(decoded.rgb, std::vector<uint8_t>(canvas.rgb().begin(), canvas.rgb().end()));
-}
-
-// --- canvas -----------------------------------------------------------------------
-
-TEST(Canvas, LineEndsAreDrawnAndOutsideIsClipped) {
-  const plot::Rgb red{200, 0, 0}, white{255, 255, 255};
-  plot::Canvas canvas(10, 10, white);
-  canvas.draw_line(-5, 3, 20, 3, red);  // partly outside: clipped, no crash
-  canvas.draw_line(2, 0, 2, 9, red);
-  EXPECT_EQ(canvas.pixel(0, 3), red);
-  EXPECT_EQ(canvas.pixel(9, 3), red);
-  EXPECT_EQ(canvas.pixel(2, 0), red);
-  EXPECT_EQ(canvas.pixel(2, 9), red);
-  EXPECT_EQ(canvas.pixel(5, 5), white);
-}
-
-TEST(Canvas, TextWidthCountsGlyphsAndSpacing) {
-  EXPECT_EQ(plot::Canvas::text_width("", 2), 0);
-  EXPECT_EQ(plot::Canvas::text_width("ab", 1), 11);  // 5 + 1 spacing + 5
-  EXPECT_EQ(plot::Canvas::text_width("ab", 2), 22);
-  plot::Canvas canvas(20, 10, {255, 255, 255});
-  canvas.draw_text(0, 0, "1", {0, 0, 0});
-  // '1' is a vertical bar in column 2 with a foot across row 6.
-  EXPECT_EQ(canvas.pixel(2, 3), (plot::Rgb{0, 0, 0}));
-  EXPECT_EQ(canvas.pixel(0, 3), (plot::Rgb{255, 255, 255}));
+TEST(SvgWriter, NumbersHaveAtMostTwoDecimalsAndColoursAreHex) {
+  EXPECT_EQ(plot::svg_number(12.5), "12.5");
+  EXPECT_EQ(plot::svg_number(-3), "-3");
+  EXPECT_EQ(plot::svg_number(0), "0");
+  EXPECT_EQ(plot::svg_number(-0.001), "0");
+  EXPECT_EQ(plot::svg_number(1.2345), "1.23");
+  EXPECT_EQ(plot::svg_number(99.999), "100");
+  EXPECT_EQ(plot::svg_number(1e7), "10000000");
+  EXPECT_THROW(plot::svg_number(std::nan("")), std::invalid_argument);
+  EXPECT_EQ(plot::svg_colour({31, 119, 180}), "#1f77b4");
+  EXPECT_EQ(plot::svg_colour({0, 0, 255}), "#0000ff");
 }
 
 // --- axis ticks -----------------------------------------------------------------
@@ -299,19 +244,14 @@ TEST_F(MetricsFile, UnfinishedLastLineOfALiveRunIsLeftOut) {
 
 // --- the figure ---------------------------------------------------------------------
 
-// Rows of `canvas` in [row_begin, row_end) holding at least one pixel of `colour`.
-int rows_with_colour(const plot::Canvas& canvas, plot::Rgb colour, int row_begin, int row_end) {
-  int rows = 0;
-  for (int y = row_begin; y < row_end; ++y) {
-    for (int x = 0; x < canvas.width(); ++x) {
-      if (canvas.pixel(x, y) == colour) {
-        ++rows;
-        break;
-      }
-    }
-  }
-  return rows;
-}
+using test_support::ChartView;
+using test_support::FigureView;
+using test_support::Point;
+using test_support::SeriesView;
+
+// Coordinates are written with two decimals, so a point can be 0.005 off in
+// each of its coordinates and in each tick it is mapped through.
+constexpr double kTolerance = 0.02;
 
 plot::RunMetrics falling_loss_run(int points) {
   plot::RunMetrics metrics;
@@ -324,38 +264,252 @@ plot::RunMetrics falling_loss_run(int points) {
   return metrics;
 }
 
+const std::string kTrain = plot::svg_colour(plot::kTrainLossColour);
+const std::string kValid = plot::svg_colour(plot::kValidLossColour);
+const std::string kThroughput = plot::svg_colour(plot::kThroughputColour);
+const std::string kSkipped = plot::svg_colour(plot::kSkippedStepColour);
+
+// Every stroke and fill colour used by the chart's series.
+std::vector<std::string> series_colours(const ChartView& chart) {
+  std::vector<std::string> colours;
+  for (const auto& series : chart.series) {
+    colours.insert(colours.end(), series.line_strokes.begin(), series.line_strokes.end());
+    colours.insert(colours.end(), series.dot_fills.begin(), series.dot_fills.end());
+  }
+  return colours;
+}
+
+bool contains(const std::vector<std::string>& values, const std::string& value) {
+  return std::find(values.begin(), values.end(), value) != values.end();
+}
+
+// `line` holds exactly the points (steps[i], values[i]), mapped through the
+// chart's tick labels.
+void expect_line_through(const ChartView& chart, const std::vector<Point>& line, const std::vector<double>& steps,
+                         const std::vector<double>& values) {
+  ASSERT_EQ(line.size(), steps.size());
+  for (size_t i = 0; i < line.size(); ++i) {
+    EXPECT_NEAR(line[i].x, chart.x_of(steps[i]), kTolerance) << "point " << i << " at step " << steps[i];
+    EXPECT_NEAR(line[i].y, chart.y_of(values[i]), kTolerance) << "point " << i << " at step " << steps[i];
+  }
+}
+
+// The axes span the frame exactly: the first and last x ticks on its left and
+// right edges, the lowest y tick on its bottom and the highest on its top,
+// and the ticks between them evenly spaced by value.
+void expect_axes_span_the_frame(const ChartView& chart) {
+  ASSERT_GE(chart.x_ticks.size(), 2u);
+  ASSERT_GE(chart.y_ticks.size(), 2u);
+  EXPECT_NEAR(chart.x_ticks.front().position, chart.frame_x, kTolerance);
+  EXPECT_NEAR(chart.x_ticks.back().position, chart.frame_x + chart.frame_width, kTolerance);
+  EXPECT_NEAR(chart.y_ticks.front().position, chart.frame_y + chart.frame_height, kTolerance);
+  EXPECT_NEAR(chart.y_ticks.back().position, chart.frame_y, kTolerance);
+  for (const auto& tick : chart.x_ticks) EXPECT_NEAR(tick.position, chart.x_of(tick.value), kTolerance);
+  for (const auto& tick : chart.y_ticks) EXPECT_NEAR(tick.position, chart.y_of(tick.value), kTolerance);
+}
+
+bool inside_frame(const ChartView& chart, Point p) {
+  return p.x >= chart.frame_x - kTolerance && p.x <= chart.frame_x + chart.frame_width + kTolerance &&
+         p.y >= chart.frame_y - kTolerance && p.y <= chart.frame_y + chart.frame_height + kTolerance;
+}
+
 TEST(Figure, LossIsInTheUpperPanelAndThroughputInTheLower) {
   plot::RunMetrics metrics = falling_loss_run(30);
   metrics.valid_loss.steps = {100, 200, 300};
   metrics.valid_loss.values = {5.0, 4.6, 4.3};
   metrics.skipped_steps = {150};
-  const plot::Canvas figure = plot::render_metrics_figure(metrics, "tiny");
-  ASSERT_EQ(figure.width(), plot::kFigureWidth);
-  ASSERT_EQ(figure.height(), plot::kFigureHeight);
-  const int middle = figure.height() / 2;
-  EXPECT_GT(rows_with_colour(figure, plot::kTrainLossColour, 0, middle), 50);  // a curve, not just the legend
-  EXPECT_GT(rows_with_colour(figure, plot::kValidLossColour, 0, middle), 10);
-  EXPECT_GT(rows_with_colour(figure, plot::kSkippedStepColour, 0, middle), 5);
-  EXPECT_GT(rows_with_colour(figure, plot::kThroughputColour, middle, figure.height()), 10);
-  EXPECT_EQ(rows_with_colour(figure, plot::kTrainLossColour, middle, figure.height()), 0);
-  EXPECT_EQ(rows_with_colour(figure, plot::kThroughputColour, 0, middle), 0);
+  const FigureView figure = read_figure(plot::render_metrics_figure(metrics, "tiny"));
+  EXPECT_EQ(figure.root.at("width"), std::to_string(plot::kFigureWidth));
+  EXPECT_EQ(figure.root.at("height"), std::to_string(plot::kFigureHeight));
+  ASSERT_EQ(figure.charts.size(), 2u);
+  const ChartView &loss = figure.charts[0], &throughput = figure.charts[1];
+  const double middle = plot::kFigureHeight / 2.0;
+
+  EXPECT_EQ(loss.title, "loss: tiny");
+  EXPECT_LE(loss.frame_y + loss.frame_height, middle);
+  ASSERT_NE(loss.find_series("train"), nullptr);
+  ASSERT_NE(loss.find_series("valid"), nullptr);
+  EXPECT_EQ(loss.find_series("train")->line_strokes, std::vector<std::string>{kTrain});
+  EXPECT_EQ(loss.find_series("valid")->line_strokes, std::vector<std::string>{kValid});
+  EXPECT_EQ(loss.markers_stroke, kSkipped);
+  EXPECT_EQ(loss.markers_title, "skipped step");
+  ASSERT_EQ(loss.legend.size(), 3u);
+  EXPECT_EQ(loss.legend[0].label, "train");
+  EXPECT_EQ(loss.legend[0].stroke, kTrain);
+  EXPECT_EQ(loss.legend[1].label, "valid");
+  EXPECT_EQ(loss.legend[1].stroke, kValid);
+  EXPECT_EQ(loss.legend[2].label, "skipped step");
+  EXPECT_EQ(loss.legend[2].stroke, kSkipped);
+  EXPECT_FALSE(contains(series_colours(loss), kThroughput));
+
+  EXPECT_EQ(throughput.title, "throughput (tokens/s)");
+  EXPECT_GE(throughput.frame_y, middle);
+  ASSERT_EQ(throughput.series.size(), 1u);
+  EXPECT_EQ(throughput.series[0].label, "tokens/s");
+  EXPECT_EQ(throughput.series[0].line_strokes, std::vector<std::string>{kThroughput});
+  EXPECT_TRUE(throughput.marker_xs.empty());
+  ASSERT_EQ(throughput.legend.size(), 1u);
+  EXPECT_EQ(throughput.legend[0].stroke, kThroughput);
+  EXPECT_FALSE(contains(series_colours(throughput), kTrain));
+  EXPECT_FALSE(contains(series_colours(throughput), kValid));
+  EXPECT_TRUE(loss.has_text("step") && throughput.has_text("step")) << "the x axis titles";
 }
 
-TEST(Figure, OnePointAndConstantValuesStillDraw) {
-  const plot::Canvas one = plot::render_metrics_figure(falling_loss_run(1), "one");
-  EXPECT_GT(rows_with_colour(one, plot::kTrainLossColour, 0, one.height() / 2), 3);
+TEST(Figure, SeriesPointsLandWhereTheTickLabelsPutTheirValues) {
+  plot::RunMetrics metrics = falling_loss_run(30);
+  metrics.valid_loss.steps = {100, 200, 300};
+  metrics.valid_loss.values = {5.0, 4.6, 4.3};
+  const FigureView figure = read_figure(plot::render_metrics_figure(metrics, "tiny"));
+  ASSERT_EQ(figure.charts.size(), 2u);
+  const ChartView &loss = figure.charts[0], &throughput = figure.charts[1];
+  expect_axes_span_the_frame(loss);
+  expect_axes_span_the_frame(throughput);
+
+  const SeriesView* train = loss.find_series("train");
+  const SeriesView* valid = loss.find_series("valid");
+  ASSERT_TRUE(train && valid);
+  ASSERT_EQ(train->lines.size(), 1u);
+  expect_line_through(loss, train->lines[0], metrics.train_loss.steps, metrics.train_loss.values);
+  ASSERT_EQ(valid->lines.size(), 1u);
+  expect_line_through(loss, valid->lines[0], metrics.valid_loss.steps, metrics.valid_loss.values);
+  ASSERT_EQ(throughput.series[0].lines.size(), 1u);
+  expect_line_through(throughput, throughput.series[0].lines[0], metrics.tokens_per_s.steps,
+                      metrics.tokens_per_s.values);
+  for (const Point& p : train->lines[0]) EXPECT_TRUE(inside_frame(loss, p)) << p.x << "," << p.y;
+  // The y axis holds the data with nice ticks: 7 - ln(30) = 3.6 .. 7.
+  EXPECT_LE(loss.y_ticks.front().value, 7.0 - std::log(30.0));
+  EXPECT_GE(loss.y_ticks.back().value, 7.0);
+}
+
+TEST(Figure, BothPanelsShareOneStepAxis) {
+  plot::RunMetrics metrics = falling_loss_run(30);  // loss to step 300
+  metrics.tokens_per_s.steps.push_back(400);       // throughput to step 400
+  metrics.tokens_per_s.values.push_back(5300);
+  const FigureView figure = read_figure(plot::render_metrics_figure(metrics, "tiny"));
+  ASSERT_EQ(figure.charts.size(), 2u);
+  const ChartView &loss = figure.charts[0], &throughput = figure.charts[1];
+  EXPECT_GE(loss.x_ticks.back().value, 400);
+  ASSERT_EQ(loss.x_ticks.size(), throughput.x_ticks.size());
+  for (size_t i = 0; i < loss.x_ticks.size(); ++i) {
+    EXPECT_EQ(loss.x_ticks[i].value, throughput.x_ticks[i].value);
+    EXPECT_NEAR(loss.x_ticks[i].position, throughput.x_ticks[i].position, kTolerance);
+  }
+  // The loss labels ("7.0") are narrower than the throughput ones ("5300"),
+  // yet both plots start at the same x.
+  EXPECT_NEAR(loss.frame_x, throughput.frame_x, kTolerance);
+  EXPECT_NEAR(loss.frame_width, throughput.frame_width, kTolerance);
+}
+
+TEST(Figure, SkippedStepIsMarkedAndTheLossLineJoinsItsNeighbours) {
+  // As before SVG: a skipped step has no loss point; the curve goes straight
+  // from the step before to the step after, and a red tick rises from the x
+  // axis at the skipped step.
+  plot::RunMetrics metrics = falling_loss_run(30);
+  metrics.train_loss.steps.erase(metrics.train_loss.steps.begin() + 14);  // step 150
+  metrics.train_loss.values.erase(metrics.train_loss.values.begin() + 14);
+  metrics.skipped_steps = {150};
+  const FigureView figure = read_figure(plot::render_metrics_figure(metrics, "tiny"));
+  const ChartView& loss = figure.charts.at(0);
+  const SeriesView* train = loss.find_series("train");
+  ASSERT_NE(train, nullptr);
+  ASSERT_EQ(train->lines.size(), 1u);
+  const auto& line = train->lines[0];
+  ASSERT_EQ(line.size(), 29u);
+  EXPECT_NEAR(line[13].x, loss.x_of(140), kTolerance);
+  EXPECT_NEAR(line[14].x, loss.x_of(160), kTolerance);
+  ASSERT_EQ(loss.marker_xs.size(), 1u);
+  EXPECT_NEAR(loss.marker_xs[0], loss.x_of(150), kTolerance);
+}
+
+TEST(Figure, NonFiniteValueBreaksTheLine) {
+  // metrics.jsonl never yields one (the reader drops non-finite values), but
+  // a Series may hold them: they end one polyline and the next finite point
+  // starts another, a lone point between two of them is a dot, and no "nan"
+  // reaches the document, where it would be invalid SVG.
+  const double nan = std::numeric_limits<double>::quiet_NaN(), inf = std::numeric_limits<double>::infinity();
+  plot::Chart loss;
+  loss.title = "loss";
+  loss.series.push_back({"train", plot::kTrainLossColour, {1, 2, 3, 4, 5, 6, 7}, {5, 4, nan, 3, inf, 2, 1}});
+  plot::Chart throughput;
+  throughput.title = "throughput";
+  const std::string document = plot::render_loss_and_throughput(loss, throughput);
+  EXPECT_EQ(document.find("nan"), std::string::npos);
+  EXPECT_EQ(document.find("inf"), std::string::npos);
+  const FigureView figure = read_figure(document);
+  const ChartView& chart = figure.charts.at(0);
+  const SeriesView* train = chart.find_series("train");
+  ASSERT_NE(train, nullptr);
+  ASSERT_EQ(train->lines.size(), 2u);
+  expect_line_through(chart, train->lines[0], {1, 2}, {5, 4});
+  expect_line_through(chart, train->lines[1], {6, 7}, {2, 1});
+  ASSERT_EQ(train->dots.size(), 1u);
+  EXPECT_NEAR(train->dots[0].x, chart.x_of(4), kTolerance);
+  EXPECT_NEAR(train->dots[0].y, chart.y_of(3), kTolerance);
+  EXPECT_EQ(train->dot_fills, std::vector<std::string>{kTrain});
+  EXPECT_TRUE(figure.charts.at(1).has_text("no data"));
+}
+
+TEST(Figure, OnePointIsADotAndConstantValuesALevelLine) {
+  const FigureView one = read_figure(plot::render_metrics_figure(falling_loss_run(1), "one"));
+  const ChartView& loss = one.charts.at(0);
+  const SeriesView* train = loss.find_series("train");
+  ASSERT_NE(train, nullptr);
+  EXPECT_TRUE(train->lines.empty());
+  ASSERT_EQ(train->dots.size(), 1u);
+  EXPECT_EQ(train->dot_fills[0], kTrain);
+  EXPECT_NEAR(train->dots[0].x, loss.x_of(10), kTolerance);
+  EXPECT_NEAR(train->dots[0].y, loss.y_of(7.0), kTolerance);
+  EXPECT_TRUE(inside_frame(loss, train->dots[0]));
+
   plot::RunMetrics constant = falling_loss_run(5);
   for (auto& value : constant.train_loss.values) value = 3.0;
-  const plot::Canvas flat = plot::render_metrics_figure(constant, "flat");
-  EXPECT_GT(rows_with_colour(flat, plot::kTrainLossColour, 0, flat.height() / 2), 0);
+  const FigureView flat = read_figure(plot::render_metrics_figure(constant, "flat"));
+  const ChartView& flat_loss = flat.charts.at(0);
+  const SeriesView* level = flat_loss.find_series("train");
+  ASSERT_TRUE(level && level->lines.size() == 1u);
+  expect_line_through(flat_loss, level->lines[0], constant.train_loss.steps, constant.train_loss.values);
+  for (const Point& p : level->lines[0]) {
+    // Strictly inside: the axis was widened around the constant.
+    EXPECT_GT(p.y, flat_loss.frame_y + 1);
+    EXPECT_LT(p.y, flat_loss.frame_y + flat_loss.frame_height - 1);
+  }
 }
 
 TEST(Figure, PanelWithoutDataSaysSo) {
   plot::RunMetrics metrics;
   metrics.tokens_per_s.steps = {1, 2};
   metrics.tokens_per_s.values = {10, 20};
-  const plot::Canvas figure = plot::render_metrics_figure(metrics, "no-loss");  // must not throw
-  EXPECT_GT(rows_with_colour(figure, plot::kThroughputColour, figure.height() / 2, figure.height()), 0);
+  const FigureView figure = read_figure(plot::render_metrics_figure(metrics, "no-loss"));  // must not throw
+  ASSERT_EQ(figure.charts.size(), 2u);
+  EXPECT_TRUE(figure.charts[0].has_text("no data"));
+  EXPECT_TRUE(figure.charts[0].series.empty());
+  EXPECT_TRUE(figure.charts[0].x_ticks.empty());
+  ASSERT_EQ(figure.charts[1].series.size(), 1u);
+  expect_line_through(figure.charts[1], figure.charts[1].series[0].lines.at(0), {1, 2}, {10, 20});
+}
+
+TEST(Figure, RunNameIsEscapedAndReadsBackAsGiven) {
+  const std::string name = R"(a<b & "c" 'd')";
+  const std::string document = plot::render_metrics_figure(falling_loss_run(3), name);
+  EXPECT_NE(document.find("loss: a&lt;b &amp; &quot;c&quot; &apos;d&apos;"), std::string::npos);
+  EXPECT_EQ(read_figure(document).charts.at(0).title, "loss: " + name);
+  // A folder name need not be UTF-8; the document stays well-formed.
+  EXPECT_EQ(read_figure(plot::render_metrics_figure(falling_loss_run(3), "bad\x01\xFF")).charts.at(0).title,
+            "loss: bad\xEF\xBF\xBD\xEF\xBF\xBD");
+}
+
+TEST(Figure, LegendSitsInACornerTheCurveAvoids) {
+  const FigureView figure = read_figure(plot::render_metrics_figure(falling_loss_run(30), "tiny"));
+  const ChartView& loss = figure.charts.at(0);
+  const auto& legend = test_support::child_of_class(*loss.element, "legend");
+  const auto& box = legend.children.at(0);
+  ASSERT_EQ(box.name, "rect");
+  const double x = std::stod(box.at("x")), y = std::stod(box.at("y"));
+  const double right = x + std::stod(box.at("width")), bottom = y + std::stod(box.at("height"));
+  EXPECT_TRUE(inside_frame(loss, {x, y}) && inside_frame(loss, {right, bottom}));
+  for (const Point& p : loss.find_series("train")->lines.at(0)) {
+    EXPECT_FALSE(p.x >= x && p.x <= right && p.y >= y && p.y <= bottom) << "point " << p.x << "," << p.y;
+  }
 }
 
 }  // namespace
