@@ -525,7 +525,7 @@ std::shared_ptr<LlamaForCausalLM> make_model(const ModelConfig& m, const LayerFa
 
 TEST(LayerFactory, EveryLayerAttendsThroughTheFactorysCoreAlsoWhileDecoding) {
   const ModelConfig m = small_config();
-  RecordingFactory factory({.core = true});
+  RecordingFactory factory({.core = true, .mlp = false, .wrapper = std::nullopt});
   auto model = make_model(m, factory);
   auto plain = make_model(m);  // same seed: same weights
   torch::NoGradGuard no_grad;
@@ -542,7 +542,7 @@ TEST(LayerFactory, EveryLayerAttendsThroughTheFactorysCoreAlsoWhileDecoding) {
 
 TEST(LayerFactory, TheFactorysMlpBlockIsEachLayersMlpUnderTheSameName) {
   const ModelConfig m = small_config();
-  RecordingFactory factory({.mlp = true});
+  RecordingFactory factory({.core = false, .mlp = true, .wrapper = std::nullopt});
   auto model = make_model(m, factory);
   const auto shapes = shapes_of(*model);
   EXPECT_EQ(shapes.at("model.layers.1.mlp.scale"), (std::vector<int64_t>{48}));
