@@ -16,6 +16,8 @@ TrainGroups TrainGroups::of(const ParallelDims& dims, ProcessGroup* world, const
   }
   TrainGroups groups;
   groups.world = world;
+  groups.coords = dims.coords_of(world != nullptr ? world->rank() : 0);
+  groups.writer = world == nullptr || world->rank() == 0;
   groups.tp = dims.tp > 1 ? grid->tp.get() : nullptr;
   groups.dp = dims.dp > 1 ? grid->dp.get() : nullptr;
   groups.pp = dims.pp > 1 ? grid->pp.get() : nullptr;

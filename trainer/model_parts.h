@@ -30,6 +30,10 @@ namespace loom {
 // pipeline makes its own groups (Note [pipeline links]).
 struct TrainGroups {
   ProcessGroup* world = nullptr;  // null on one rank
+  ParallelDims::Coords coords;    // this rank's place in the grid
+  // World rank 0, which writes the run folder, metrics, checkpoints and the
+  // export; the others take part in gathering what it writes.
+  bool writer = true;
   ProcessGroup* dp = nullptr;
   ProcessGroup* pp = nullptr;
   ProcessGroup* tp = nullptr;

@@ -52,8 +52,6 @@ std::string tokenizer_dir_of(const Config& config, const fs::path& run_dir) {
 RunCheckpoints::RunCheckpoints(const Config& config, const ParallelDims& dims, const TrainGroups& groups)
     : config_(config),
       groups_(groups),
-      coords_(dims.coords_of(groups.world ? groups.world->rank() : 0)),
-      writer_(groups.world == nullptr || groups.world->rank() == 0),
       dims_(dims),
       run_dir_(fs::path(config.run.output_dir) / config.run.name),
       checkpoints_dir_(run_dir_ / "checkpoints") {
@@ -92,18 +90,18 @@ RunCheckpoints::Resumed RunCheckpoints::resume(ModelParts& parts, Update& update
 }
 
 void RunCheckpoints::mark_resumed() const {
-  if (!writer_ || passed_over_.empty()) return;
+  if (!groups_.writer || passed_over_.empty()) return;
   write_file_atomic((checkpoints_dir_ / kLatestFile).string(), fs::path(resume_from_).filename().string() + "\n");
 }
 
 void RunCheckpoints::start_saving(const Config& config) {
   options_ = TrainingCheckpointOptions{
-      writer_ ? tokenizer_dir_of(config, run_dir_) : "", config_to_yaml(config), config.checkpoint.keep_last,
+      groups_.writer ? tokenizer_dir_of(config, run_dir_) : "", config_to_yaml(config), config.checkpoint.keep_last,
       {{"dp", dims_.dp}, {"tp", dims_.tp}, {"pp", dims_.pp}, {"world", dims_.world},
        {"zero_stage", config.parallel.zero_stage}}};
   // checkpoint.async: the writer rank hands each snapshot to a background
   // thread, which writes and commits it while training goes on.
-  if (writer_ && config.checkpoint.enabled && config.checkpoint.async) {
+  if (groups_.writer && config.checkpoint.enabled && config.checkpoint.async) {
     async_writer_ = std::make_unique<AsyncCheckpointWriter>(checkpoints_dir_.string(), options_);
   }
 }
@@ -124,29 +122,29 @@ std::string RunCheckpoints::commit(int64_t step, int64_t skipped_steps, const Ll
 NamedTensors RunCheckpoints::gather_whole(const NamedTensors& local,
                                           const std::map<std::string, int64_t>& dims_of) const {
   NamedTensors gathered = groups_.tp != nullptr ? gather_tensor_parallel(*groups_.tp, local, dims_of) : local;
-  if (groups_.pp != nullptr && coords_.tp == 0) gathered = gather_pipeline_stages(*groups_.pp, gathered);
+  if (groups_.pp != nullptr && groups_.coords.tp == 0) gathered = gather_pipeline_stages(*groups_.pp, gathered);
   return gathered;
 }
 
 std::shared_ptr<LlamaForCausalLM> RunCheckpoints::gathered_model(const ModelParts& parts) const {
-  if (coords_.dp != 0) return nullptr;
+  if (groups_.coords.dp != 0) return nullptr;
   if (parts.model_is_whole) return parts.model;
   NamedTensors whole_params = gather_whole(parts.named_params, parts.param_dims);
-  return writer_ ? whole_model(config_.model, whole_params) : nullptr;
+  return groups_.writer ? whole_model(config_.model, whole_params) : nullptr;
 }
 
 std::string RunCheckpoints::save(int64_t step, int64_t skipped_steps, const ModelParts& parts, const Update& update,
                                  const Loader& loader) {
   // ZeRO-1 gathers its state over dp first (collective: every replica).
   NamedTensors state = update.zero_1() ? update.state_dict() : NamedTensors{};
-  if (coords_.dp != 0) return "";
+  if (groups_.coords.dp != 0) return "";
   if (parts.model_is_whole && !update.zero_1()) {
     return commit(step, skipped_steps, *parts.model, *update.optimizer(), loader, /*live=*/true);
   }
   if (!update.zero_1()) state = update.state_dict();
   if (!parts.model_is_whole) state = gather_whole(state, optimizer_state_shard_dims(state, parts.param_dims));
   std::shared_ptr<LlamaForCausalLM> whole_now = gathered_model(parts);
-  if (!writer_) return "";
+  if (!groups_.writer) return "";
   AdamW whole_optimizer(to_named_tensors(whole_now->named_parameters()), update.options());
   whole_optimizer.load_state_dict(state);
   // With a whole model (dp and ZeRO-1 only), its parameters are the live ones.
@@ -157,7 +155,7 @@ double RunCheckpoints::wait() { return async_writer_ ? async_writer_->wait() : 0
 
 void RunCheckpoints::export_hub(int64_t step, const ModelParts& parts) const {
   std::shared_ptr<LlamaForCausalLM> whole_now = gathered_model(parts);
-  if (writer_) export_run_to_hub(*whole_now, config_, run_dir_, step);
+  if (groups_.writer) export_run_to_hub(*whole_now, config_, run_dir_, step);
 }
 
 }  // namespace loom

@@ -81,8 +81,6 @@ class RunCheckpoints {
 
   const Config& config_;
   const TrainGroups groups_;
-  const ParallelDims::Coords coords_;
-  const bool writer_;
   const ParallelDims dims_;
   const std::filesystem::path run_dir_, checkpoints_dir_;
   std::string resume_from_;

@@ -92,7 +92,7 @@ void Trainer::open_loader() {
   loader_config.seed = config_.run.seed;
   loader_config.global_batch = global_batch_;
   loader_config.micro_batch = config_.batch.micro_batch_size;
-  loader_config.dp_rank = dims_.coords_of(options_.world ? options_.world->rank() : 0).dp;
+  loader_config.dp_rank = groups_.coords.dp;
   loader_config.dp_size = dims_.dp;
   loader_config.valid_path = config_.data.valid;
   loader_config.open_options = dataset_open_options(config_);

@@ -5,7 +5,6 @@ namespace loom {
 Update::Update(const Config& config, const ParallelDims& dims, const TrainGroups& groups, const ModelParts& parts)
     : parts_(parts),
       groups_(groups),
-      dims_(dims),
       options_(AdamWOptions::from_config(config.optimizer)),
       zero_1_(groups.dp != nullptr && config.parallel.zero_stage == 1) {
   if (!zero_1_) optimizer_.emplace(parts.named_params, options_);
@@ -19,9 +18,8 @@ Update::Update(const Config& config, const ParallelDims& dims, const TrainGroups
   std::vector<ProcessGroup*> model_groups;
   if (groups.tp != nullptr) model_groups.push_back(groups.tp);
   if (groups.pp != nullptr) model_groups.push_back(groups.pp);
-  const int64_t tp_rank = dims.coords_of(groups.world ? groups.world->rank() : 0).tp;
   if (!parts.model_is_whole) {
-    model_norm_ = sharded_grad_norm(model_groups, tp_rank, parts.named_params, parts.param_dims, tied_copy_);
+    model_norm_ = sharded_grad_norm(model_groups, groups.coords.tp, parts.named_params, parts.param_dims, tied_copy_);
   }
   // Data parallelism: each replica trains on its own samples of every global
   // batch, and the gradients are averaged over the replicas, bucket by bucket
@@ -51,8 +49,8 @@ void Update::start(const NamedTensors& resumed_state) {
   // rank holds whole counts on tp rank 0 only).
   norm_params_ = zero_ ? zero_->shard_params() : parts_.params();
   if (zero_) {
-    const int64_t tp_rank = dims_.coords_of(groups_.world ? groups_.world->rank() : 0).tp;
-    zero_norm_ = sharded_grad_norm({groups_.world}, tp_rank, zero_->shard_named_params(), parts_.param_dims, tied_copy_);
+    zero_norm_ = sharded_grad_norm({groups_.world}, groups_.coords.tp, zero_->shard_named_params(), parts_.param_dims,
+                                   tied_copy_);
   }
   norm_reduction_ = zero_ ? &zero_norm_ : parts_.model_is_whole ? nullptr : &model_norm_;
 }

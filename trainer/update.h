@@ -60,7 +60,6 @@ class Update {
  private:
   const ModelParts& parts_;
   const TrainGroups groups_;
-  const ParallelDims dims_;
   AdamWOptions options_;
   bool zero_1_;
   std::string tied_copy_;  // the tied embedding's copy on the last stage, counted elsewhere
