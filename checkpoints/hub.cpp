@@ -23,6 +23,7 @@
 #include "checkpoints/hf_config.h"
 #include "checkpoints/loom_checkpoint.h"
 #include "checkpoints/torch_tensors.h"
+#include "util/crc32c.h"
 #include "util/error.h"
 #include "util/file_io.h"
 
@@ -48,16 +49,26 @@ std::string join(const fs::path& dir, const std::string& name) { return (dir / n
 
 // --- opening -------------------------------------------------------------------
 
-void ModelFiles::add_file(const std::string& file_path, const std::string& index_path) {
+void ModelFiles::add_file(const std::string& file_path, bool is_model) {
   files_.push_back(safetensors::File::open(file_path));
   const size_t index = files_.size() - 1;
-  for (const auto& info : files_.back().tensors()) {
-    auto [it, inserted] = where_.emplace(info.name, index);
-    if (!inserted) {
-      throw BadInput(file_path + ": tensor '" + info.name + "' also stored in " + files_[it->second].path());
-    }
+  const safetensors::File& file = files_.back();
+  for (const auto& info : file.tensors()) {
+    StoredTensor tensor;
+    tensor.info = {info.name, info.dtype, info.shape, 0, 0};
+    tensor.pieces.push_back({index, file.data_offset() + info.begin, Region::whole(info.shape), {}});
+    tensor.is_model = is_model;
+    add_tensor(std::move(tensor));
   }
-  (void)index_path;
+}
+
+void ModelFiles::add_tensor(StoredTensor tensor) {
+  auto [it, inserted] = index_.emplace(tensor.info.name, tensors_.size());
+  if (!inserted) {
+    throw BadInput(files_[tensor.pieces.front().file].path() + ": tensor '" + tensor.info.name + "' also stored in " +
+                   file_of(tensor.info.name));
+  }
+  tensors_.push_back(std::move(tensor));
 }
 
 ModelFiles ModelFiles::open(const std::string& path) {
@@ -94,24 +105,24 @@ ModelFiles ModelFiles::open(const std::string& path) {
     for (const auto& shard : shard_names) {
       const std::string shard_path = join(root, shard);
       if (!fs::exists(shard_path)) throw BadInput(index_path + ": names shard '" + shard + "', which does not exist");
-      out.add_file(shard_path, index_path);
+      out.add_file(shard_path);
     }
     // The index and the shards must agree: a name in the map lives in the
     // shard the map says, and no shard holds a tensor the map does not name.
     for (const auto& [name, file] : index.at("weight_map").items()) {
-      auto it = out.where_.find(name);
-      if (it == out.where_.end()) {
+      if (!out.contains(name)) {
         throw BadInput(index_path + ": tensor '" + name + "' is not in " + file.get<std::string>());
       }
-      if (fs::path(out.files_[it->second].path()).filename() != file.get<std::string>()) {
-        throw BadInput(index_path + ": tensor '" + name + "' is in " + out.files_[it->second].path() +
-                       ", not in " + file.get<std::string>());
+      if (fs::path(out.file_of(name)).filename() != file.get<std::string>()) {
+        throw BadInput(index_path + ": tensor '" + name + "' is in " + out.file_of(name) + ", not in " +
+                       file.get<std::string>());
       }
     }
-    if (out.where_.size() != index.at("weight_map").size()) {
-      for (const auto& [name, i] : out.where_) {
-        if (!index.at("weight_map").contains(name)) {
-          throw BadInput(out.files_[i].path() + ": tensor '" + name + "' is missing from " + index_path);
+    if (out.tensors_.size() != index.at("weight_map").size()) {
+      for (const StoredTensor& tensor : out.tensors_) {
+        if (!index.at("weight_map").contains(tensor.info.name)) {
+          throw BadInput(out.file_of(tensor.info.name) + ": tensor '" + tensor.info.name + "' is missing from " +
+                         index_path);
         }
       }
     }
@@ -128,27 +139,125 @@ ModelFiles ModelFiles::open(const std::string& path) {
 
 std::vector<std::string> ModelFiles::tensor_names() const {
   std::vector<std::string> names;
-  for (const auto& file : files_) {
-    for (const auto& info : file.tensors()) names.push_back(info.name);
+  for (const StoredTensor& tensor : tensors_) {
+    if (tensor.is_model) names.push_back(tensor.info.name);
   }
   return names;
 }
 
-const safetensors::File& ModelFiles::file_holding(const std::string& name) const {
-  auto it = where_.find(name);
-  if (it == where_.end()) throw BadInput(path_ + ": no tensor '" + name + "'");
-  return files_[it->second];
+std::vector<std::string> ModelFiles::stored_names() const {
+  std::vector<std::string> names;
+  for (const StoredTensor& tensor : tensors_) names.push_back(tensor.info.name);
+  return names;
 }
 
-const safetensors::TensorInfo& ModelFiles::info(const std::string& name) const {
-  return *file_holding(name).tensor(name).info;
+const ModelFiles::StoredTensor& ModelFiles::stored(const std::string& name) const {
+  auto it = index_.find(name);
+  if (it == index_.end()) throw BadInput(path_ + ": no tensor '" + name + "'");
+  return tensors_[it->second];
 }
 
-const std::string& ModelFiles::file_of(const std::string& name) const { return file_holding(name).path(); }
+const safetensors::TensorInfo& ModelFiles::info(const std::string& name) const { return stored(name).info; }
+
+const std::string& ModelFiles::file_of(const std::string& name) const {
+  return files_[stored(name).pieces.front().file].path();
+}
 
 torch::Tensor ModelFiles::read(const std::string& name) const {
-  const auto& file = file_holding(name);
-  return tensor_from_view(file.tensor(name), file.path() + ": tensor '" + name + "'");
+  const safetensors::TensorInfo& info = stored(name).info;
+  torch::Tensor out = torch::empty(info.shape, torch::TensorOptions().dtype(to_torch_dtype(info.dtype, file_of(name))));
+  read_region(name, Region::whole(info.shape), out);
+  return out;
+}
+
+namespace {
+
+// Reads `bytes` bytes at `offset` of the open file `fd` into `buffer`.
+void read_exactly(int fd, std::byte* buffer, size_t bytes, uint64_t offset, const std::string& path) {
+  while (bytes > 0) {
+    const ssize_t got = ::pread(fd, buffer, bytes, static_cast<off_t>(offset));
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0) {
+      throw BadInput("cannot read '" + path + "': " + (got < 0 ? std::strerror(errno) : "unexpected end of file"));
+    }
+    buffer += got;
+    bytes -= static_cast<size_t>(got);
+    offset += static_cast<uint64_t>(got);
+  }
+}
+
+// Chunks of a piece read at once: at most this many bytes are held besides
+// the destination.
+constexpr int64_t kWindowChunks = 4;
+
+}  // namespace
+
+void ModelFiles::read_region(const std::string& name, const Region& region, torch::Tensor& out) const {
+  const StoredTensor& tensor = stored(name);
+  const safetensors::TensorInfo& info = tensor.info;
+  const torch::ScalarType stored_dtype = to_torch_dtype(info.dtype, file_of(name));
+  if (!out.is_contiguous() || out.device().type() != torch::kCPU || out.numel() != region.numel()) {
+    throw std::invalid_argument("read_region: '" + name + "' " + describe(region) + " needs a contiguous CPU tensor of " +
+                                std::to_string(region.numel()) + " elements");
+  }
+  const std::vector<Run> wanted = runs_of(region, info.shape);
+  // Into `out` itself when the dtypes agree, else through a copy in the stored dtype.
+  torch::Tensor staging = out.scalar_type() == stored_dtype ? out : torch::empty({out.numel()}, stored_dtype);
+  auto* destination = static_cast<std::byte*>(staging.data_ptr());
+  const int64_t element_bytes = static_cast<int64_t>(safetensors::dtype_size(info.dtype));
+  int64_t filled = 0;
+  std::vector<std::byte> window;
+  for (const StoredPiece& piece : tensor.pieces) {
+    const std::vector<Overlap> shared = overlaps(runs_of(piece.region, info.shape), wanted);
+    if (shared.empty()) continue;
+    const std::string& path = files_[piece.file].path();
+    UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    if (!fd.valid()) throw BadInput("cannot read '" + path + "': " + std::strerror(errno));
+    const int64_t piece_bytes = piece.region.numel() * element_bytes;
+    // Bytes [window_begin, window_end) of the piece are in `window`; with
+    // checksums they are whole chunks, verified when read.
+    int64_t window_begin = 0, window_end = 0;
+    for (const Overlap& overlap : shared) {
+      int64_t begin = overlap.a_local * element_bytes;
+      const int64_t end = begin + overlap.length * element_bytes;
+      std::byte* to = destination + overlap.b_local * element_bytes;
+      while (begin < end) {
+        if (begin < window_begin || begin >= window_end) {
+          if (piece.chunk_crc32c.empty()) {
+            window_begin = begin;
+            window_end = std::min(end, begin + kWindowChunks * kCrcChunkBytes);
+          } else {
+            window_begin = begin / kCrcChunkBytes * kCrcChunkBytes;
+            window_end = std::min({piece_bytes, (end + kCrcChunkBytes - 1) / kCrcChunkBytes * kCrcChunkBytes,
+                                   window_begin + kWindowChunks * kCrcChunkBytes});
+          }
+          window.resize(static_cast<size_t>(window_end - window_begin));
+          read_exactly(fd.get(), window.data(), window.size(), piece.begin + static_cast<uint64_t>(window_begin), path);
+          for (int64_t chunk = window_begin; !piece.chunk_crc32c.empty() && chunk < window_end;
+               chunk += kCrcChunkBytes) {
+            const size_t size = static_cast<size_t>(std::min(kCrcChunkBytes, window_end - chunk));
+            const uint32_t actual = crc32c(std::span(window.data() + (chunk - window_begin), size));
+            const uint32_t expected = piece.chunk_crc32c[static_cast<size_t>(chunk / kCrcChunkBytes)];
+            if (actual != expected) {
+              throw BadInput(path + ": CRC32C " + crc32c_hex(actual) + " of bytes " + std::to_string(chunk) + "-" +
+                             std::to_string(chunk + static_cast<int64_t>(size)) + " of its piece of '" + name +
+                             "' does not match the manifest's " + crc32c_hex(expected) + " (corrupt)");
+            }
+          }
+        }
+        const int64_t n = std::min(end, window_end) - begin;
+        std::memcpy(to, window.data() + (begin - window_begin), static_cast<size_t>(n));
+        to += n;
+        begin += n;
+      }
+      filled += overlap.length;
+    }
+  }
+  if (filled != region.numel()) {
+    throw BadInput(file_of(name) + ": tensor '" + name + "': the stored pieces hold " + std::to_string(filled) + " of the " +
+                   std::to_string(region.numel()) + " elements of " + describe(region));
+  }
+  if (!staging.is_same(out)) out.copy_(staging.view(out.sizes()));
 }
 
 // --- loading into a model ------------------------------------------------------
@@ -364,17 +473,6 @@ void write_hub_folder(const ModelConfig& config, const std::vector<HubTensor>& t
 // fp32 read, and its conversion, at most.
 constexpr int64_t kPieceElements = int64_t{4} << 20;
 
-// Reads `bytes` bytes at `offset` of the open file `fd` into `buffer`.
-void read_exactly(int fd, std::byte* buffer, size_t bytes, uint64_t offset, const std::string& path) {
-  while (bytes > 0) {
-    const ssize_t got = ::pread(fd, buffer, bytes, static_cast<off_t>(offset));
-    if (got < 0 && errno == EINTR) continue;
-    if (got <= 0) throw std::runtime_error("error reading '" + path + "': " + (got < 0 ? std::strerror(errno) : "unexpected end"));
-    buffer += got;
-    bytes -= static_cast<size_t>(got);
-    offset += static_cast<uint64_t>(got);
-  }
-}
 
 }  // namespace
 
@@ -399,28 +497,24 @@ uint64_t export_hub_streaming(const ModelFiles& files, const std::string& out_di
   LocalLayerFactory factory;
   const LlamaForCausalLM expected(files.model_config(), factory);
   verify_weights(expected, files);
-  // Pieces of kPieceElements elements are read with pread (not through the
-  // map, whose touched pages would stay resident), converted and written.
+  // Pieces of kPieceElements elements (flat ranges of the tensor) are read
+  // with pread, converted and written.
   uint64_t largest = 0;
   std::vector<HubTensor> tensors;
   for (const auto& named : expected.named_parameters()) {
-    const safetensors::File& file = files.file_holding(named.key());
-    const safetensors::TensorInfo& info = *file.tensor(named.key()).info;
-    largest = std::max<uint64_t>(largest, info.end - info.begin);
-    tensors.push_back({named.key(), info.shape, [&file, &info, &options](const ByteSink& sink) {
-                         const torch::ScalarType stored = to_torch_dtype(info.dtype, file.path());
-                         const int64_t element_bytes = static_cast<int64_t>(safetensors::dtype_size(info.dtype));
-                         UniqueFd fd(::open(file.path().c_str(), O_RDONLY | O_CLOEXEC));
-                         if (!fd.valid()) throw BadInput("cannot read '" + file.path() + "': " + std::strerror(errno));
-                         torch::Tensor piece = torch::empty({std::min<int64_t>(kPieceElements, info.numel())}, torch::TensorOptions().dtype(stored));
-                         for (int64_t done = 0; done < info.numel(); done += kPieceElements) {
-                           const int64_t n = std::min<int64_t>(kPieceElements, info.numel() - done);
-                           torch::Tensor in = piece.narrow(0, 0, n);
-                           read_exactly(fd.get(), static_cast<std::byte*>(in.data_ptr()),
-                                        static_cast<size_t>(n * element_bytes),
-                                        file.data_offset() + info.begin + static_cast<uint64_t>(done * element_bytes),
-                                        file.path());
-                           const torch::Tensor out = stored == options.dtype ? in : in.to(options.dtype);
+    const std::string name = named.key();
+    const safetensors::TensorInfo& info = files.info(name);
+    largest = std::max<uint64_t>(largest, static_cast<uint64_t>(info.numel()) * safetensors::dtype_size(info.dtype));
+    tensors.push_back({name, info.shape, [&files, &info, &options, name](const ByteSink& sink) {
+                         const int64_t numel = info.numel();
+                         torch::Tensor piece = torch::empty({std::min(kPieceElements, numel)},
+                                                            torch::TensorOptions().dtype(options.dtype));
+                         Region region = Region::whole(info.shape);
+                         for (int64_t done = 0; done < numel; done += kPieceElements) {
+                           const int64_t n = std::min(kPieceElements, numel - done);
+                           torch::Tensor out = piece.narrow(0, 0, n);
+                           region.flat = Range{done, done + n};
+                           files.read_region(name, region, out);
                            sink(std::as_bytes(std::span(static_cast<const std::byte*>(out.data_ptr()), out.nbytes())));
                          }
                        }});

@@ -18,6 +18,7 @@
 #include <torch/types.h>
 
 #include "checkpoints/checkpoint_manifest.h"
+#include "checkpoints/regions.h"
 #include "checkpoints/safetensors.h"
 #include "config/config.h"
 #include "model/llama.h"
@@ -48,19 +49,46 @@ class ModelFiles {
   // by open(); nullptr for Hub folders.
   const CheckpointManifest* manifest() const { return manifest_ ? &*manifest_ : nullptr; }
 
+  // The model's tensors (not the optimizer state), in the order stored.
   std::vector<std::string> tensor_names() const;
-  bool contains(const std::string& name) const { return where_.count(name) != 0; }
+  bool contains(const std::string& name) const { return index_.count(name) != 0; }
+  // The global tensor's name, dtype and shape (begin and end are 0: a
+  // tensor may be stored in several pieces).
   const safetensors::TensorInfo& info(const std::string& name) const;
+  // The file holding the tensor (its first piece), for messages.
   const std::string& file_of(const std::string& name) const;
-  // The opened file that holds tensor `name`.
-  const safetensors::File& file_holding(const std::string& name) const;
-  // A CPU tensor holding a copy of the stored bytes, in the stored dtype.
+  // A CPU tensor holding a copy of the stored values, in the stored dtype.
   torch::Tensor read(const std::string& name) const;
+  // Copies the elements of `region` of tensor `name` (optimizer state
+  // included) into `out`, a contiguous CPU tensor of region.numel() elements
+  // in any floating-point dtype, converting from the stored one. Only the
+  // bytes of the stored pieces that overlap the region are read (pread, no
+  // memory map), and each chunk read is checked against its CRC32C first.
+  // BadInput naming the file and tensor for a chunk that fails its checksum,
+  // or for elements no piece holds.
+  void read_region(const std::string& name, const Region& region, torch::Tensor& out) const;
+  // Every stored tensor's name, optimizer state included.
+  std::vector<std::string> stored_names() const;
   const std::vector<safetensors::File>& files() const { return files_; }
 
  private:
   friend ModelFiles open_loom_checkpoint_files(const std::string& path);
-  void add_file(const std::string& file_path, const std::string& only_names_from_index = {});
+  // One stored piece: the tensor starting at byte `begin` of files_[file].
+  struct StoredPiece {
+    size_t file = 0;
+    uint64_t begin = 0;
+    Region region;
+    std::vector<uint32_t> chunk_crc32c;  // empty: the file was verified whole
+  };
+  struct StoredTensor {
+    safetensors::TensorInfo info;
+    std::vector<StoredPiece> pieces;
+    bool is_model = true;
+  };
+  // Adds every tensor of the safetensors file at `file_path` as one whole piece.
+  void add_file(const std::string& file_path, bool is_model = true);
+  void add_tensor(StoredTensor tensor);
+  const StoredTensor& stored(const std::string& name) const;
 
   Kind kind_ = Kind::kHub;
   std::string path_;
@@ -69,7 +97,8 @@ class ModelFiles {
   int64_t step_ = 0;
   std::optional<CheckpointManifest> manifest_;
   std::vector<safetensors::File> files_;
-  std::map<std::string, size_t> where_;  // tensor name -> index in files_
+  std::vector<StoredTensor> tensors_;    // in the order stored
+  std::map<std::string, size_t> index_;  // tensor name -> index in tensors_
 };
 
 // Checks, without reading tensor data, that `files` hold exactly the

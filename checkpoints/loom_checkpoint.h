@@ -6,8 +6,8 @@
 //                                   Hugging Face's config.json vocabulary),
 //                                   every tensor's global shape and the slice
 //                                   each file holds, each file's size and CRC32C
-//     model-rank00000.safetensors   the parameters held by rank 0 (one file per rank)
-//     optimizer-rank00000.safetensors  training runs only: AdamW state (see optim/optimizer.h)
+//     model-rankNNNNN.safetensors   the pieces of the parameters rank NNNNN wrote
+//     optimizer-rankNNNNN.safetensors  training runs only: its pieces of the AdamW state
 //     trainer-state-rank00000.json  training runs only: step, data position, RNG state
 //     tokenizer/                    tokenizer files, when known
 //     config.yaml                   the resolved run config, when written by a run
@@ -24,6 +24,7 @@
 
 #include "checkpoints/checkpoint_manifest.h"  // kCheckpointFormatVersion, the manifest parser
 #include "checkpoints/hub.h"
+#include "checkpoints/regions.h"
 #include "model/llama.h"
 
 namespace loom {
@@ -46,8 +47,7 @@ struct CheckpointWriteOptions {
   std::string config_yaml;    // resolved run config ("" = none)
   std::vector<CheckpointExtraFile> extra_files;
   // The layout of the run that saved it (dp, tp, pp, world, zero_stage), kept
-  // in the manifest as `saved_by` for `loom inspect`; the files themselves
-  // always hold whole tensors (`layout`).
+  // in the manifest as `layout` (how its files are cut) and `saved_by`.
   std::map<std::string, int64_t> saved_by;
 };
 
@@ -73,9 +73,48 @@ void write_loom_checkpoint(const ModelConfig& model, const std::vector<Checkpoin
 void write_loom_checkpoint(const LlamaForCausalLM& model, const std::string& dir,
                            const CheckpointWriteOptions& options);
 
-// Opens and verifies a checkpoint folder (used by ModelFiles::open): every
-// file in the manifest is checked against its size and CRC32C; only files of
-// kind "model" (the default when `kind` is absent) are opened as weights.
+// --- sharded checkpoints (docs/checkpoints.md) --------------------------------
+// Every rank writes the pieces it owns into the temporary folder
+// (write_rank_files); one rank then folds what each wrote into manifest.json
+// and commits the folder (commit_checkpoint_folder).
+
+// One piece a rank stores: the elements of `region` of the global tensor
+// `name` of `shape`, produced on demand as a contiguous CPU tensor of
+// `dtype` with region.numel() elements (any shape).
+struct PieceToWrite {
+  std::string name;
+  torch::ScalarType dtype;
+  std::vector<int64_t> shape;
+  Region region;
+  std::function<torch::Tensor()> produce;
+};
+
+// Writes model-rankNNNNN.safetensors (`model`) and, when `optimizer` is not
+// empty, optimizer-rankNNNNN.safetensors into `dir`, fsynced, each piece's
+// CRC32Cs taken per kCrcChunkBytes as it is written. Returns what the rank
+// wrote, as JSON text for commit_checkpoint_folder: its files (bytes, CRC32C,
+// kind) and its pieces. A rank with nothing to write writes no file.
+std::string write_rank_files(const std::string& dir, int64_t rank, const std::vector<PieceToWrite>& model,
+                             const std::vector<PieceToWrite>& optimizer);
+
+// Writes manifest.json into `tmp` from the ranks' write_rank_files results,
+// then the options' extra files, tokenizer and config, fsyncs, and renames
+// `tmp` to `dir` (which must not exist). BadInput when the pieces do not hold
+// every element of every tensor exactly once.
+void commit_checkpoint_folder(const ModelConfig& model, const std::vector<std::string>& rank_files,
+                              const std::string& tmp, const std::string& dir, const CheckpointWriteOptions& options);
+
+// Opens and verifies a checkpoint folder (used by ModelFiles::open): the
+// manifest against the files' sizes and safetensors headers; a version 1
+// checkpoint's files also against their CRC32C. A version 2 checkpoint's
+// bytes are checked chunk by chunk as they are read (ModelFiles::read_region),
+// or whole by verify_checkpoint_files.
 ModelFiles open_loom_checkpoint_files(const std::string& path);
+
+// Reads every file of the checkpoint whose index in the manifest's `files`
+// is `part` modulo `parts` and compares its CRC32C with the manifest's; the
+// ranks of a run share the work this way. Returns "FILE: why" for each
+// failure (empty when all pass); BadInput for an unreadable manifest.
+std::vector<std::string> verify_checkpoint_files(const std::string& path, int64_t part = 0, int64_t parts = 1);
 
 }  // namespace loom

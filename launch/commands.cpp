@@ -116,14 +116,17 @@ int inspect_config(const std::string& path, const std::vector<std::string>& over
   return kExitOk;
 }
 
-// A loom checkpoint's layout and files. ModelFiles::open has already checked
-// every file's size and CRC32C against the manifest (it refuses otherwise).
+// A loom checkpoint's layout and files, once every file's size and CRC32C
+// have been checked against the manifest.
 void print_checkpoint_files(const CheckpointManifest& manifest) {
   auto layout_of = [](const ManifestLayout& layout) {
     return "dp " + std::to_string(layout.dp) + " x tp " + std::to_string(layout.tp) + " x pp " +
            std::to_string(layout.pp);
   };
-  std::cout << "layout of the files: " << layout_of(manifest.layout) << " (every file holds whole tensors)\n";
+  size_t pieces = 0;
+  for (const ManifestTensor& tensor : manifest.tensors) pieces += tensor.pieces.size();
+  std::cout << "layout of the files: " << layout_of(manifest.layout) << " (format version " << manifest.version << ", "
+            << manifest.tensors.size() << " tensors in " << pieces << " pieces)\n";
   if (manifest.saved_by) {
     const ManifestLayout& by = *manifest.saved_by;
     std::cout << "saved by a run on: " << layout_of(by) << ", " << by.world << " ranks"
@@ -143,9 +146,13 @@ void print_checkpoint_files(const CheckpointManifest& manifest) {
             << ", sizes and CRC32C verified against the manifest\n";
 }
 
-int inspect_model_files(const std::string& path) {
+int inspect_model_files(const std::string& path, bool verify) {
   ModelFiles files = ModelFiles::open(path);
   const bool hub = files.kind() == ModelFiles::Kind::kHub;
+  if (!hub) {
+    const std::vector<std::string> failures = verify_checkpoint_files(path);
+    if (!failures.empty()) throw BadInput(failures.front());
+  }
   std::cout << path << ": " << (hub ? "Hugging Face model folder" : "loom checkpoint (step " + std::to_string(files.step()) + ")")
             << ", " << files.files().size() << " safetensors file" << (files.files().size() == 1 ? "" : "s") << "\n";
   print_model_summary(files.model_config());
@@ -167,6 +174,14 @@ int inspect_model_files(const std::string& path) {
   }
   std::cout << "stored parameters: " << with_thousands(stored) << " in " << infos.size() << " tensors\n";
   print_tensor_table(infos, files.files().size() > 1 ? file_names : std::vector<std::string>{});
+  if (verify) {
+    // Every stored tensor read back whole: each chunk of each piece against
+    // its own CRC32C, and the pieces together holding every element once.
+    int64_t elements = 0;
+    for (const auto& name : files.stored_names()) elements += files.read(name).numel();
+    std::cout << "verified: " << files.stored_names().size() << " tensors (" << with_thousands(elements)
+              << " elements) read back, every piece's checksums match\n";
+  }
   return kExitOk;
 }
 
@@ -206,11 +221,11 @@ const CommandSpec& inspect_spec() {
       .summary = "summarize a config, dataset, checkpoint, Hugging Face folder or .safetensors file",
       .arguments = {{"PATH", "a config .yaml, dataset, loom checkpoint, Hugging Face folder or .safetensors file"}},
       .flags = {{"set", "KEY=VALUE", "override a config key (configs only)", kRepeatable},
-                {"verify", "", "also check dataset checksums (datasets only)"},
+                {"verify", "", "also check dataset checksums, or read back every tensor of a checkpoint"},
                 {"tokenizer", "T", "tokenizer.json to decode a dataset sample (datasets only)"}},
       .examples = {"loom inspect configs/tiny.yaml --set parallel.tp=2",
                    "loom inspect runs/data/tiny --verify --tokenizer runs/data/tokenizer.json",
-                   "loom inspect runs/tiny/hf"},
+                   "loom inspect runs/tiny/checkpoints/step-0000004 --verify", "loom inspect runs/tiny/hf"},
   };
   return spec;
 }
@@ -235,11 +250,12 @@ int command_inspect(const std::vector<std::string>& argv) {
     throw BadInput("'" + path + "' has no index.json (dataset), config.json (Hugging Face folder) or "
                    "manifest.json (loom checkpoint)");
   }
-  if (args.has("verify") || args.has("tokenizer")) {
-    throw BadInput("loom inspect: --verify and --tokenizer apply to datasets only");
+  if (args.has("tokenizer")) throw BadInput("loom inspect: --tokenizer applies to datasets only");
+  if (ext == ".safetensors") {
+    if (args.has("verify")) throw BadInput("loom inspect: --verify applies to datasets and checkpoints");
+    return inspect_safetensors_file(path);
   }
-  if (ext == ".safetensors") return inspect_safetensors_file(path);
-  return inspect_model_files(path);
+  return inspect_model_files(path, args.has("verify"));
 }
 
 const CommandSpec& import_spec() {

@@ -1,6 +1,7 @@
 #include "parallel/process_group.h"
 
 #include <algorithm>
+#include <cstring>
 #include <sstream>
 #include <stdexcept>
 
@@ -202,6 +203,25 @@ void ProcessGroup::check_tag(const std::string& where, int tag) const {
   if (tag < 0 || tag > 32767) {
     throw std::invalid_argument(where + ": tag " + std::to_string(tag) + " outside [0, 32767]");
   }
+}
+
+std::vector<std::string> all_gather_strings(ProcessGroup& group, const std::string& mine) {
+  const int64_t size = group.size();
+  at::Tensor lengths = at::empty({size}, at::kLong);
+  group.all_gather(lengths, at::full({1}, static_cast<int64_t>(mine.size()), at::kLong))->wait();
+  const int64_t longest = lengths.max().item<int64_t>();
+  // The texts travel as int64 words (MPI groups take no byte tensors).
+  const int64_t words = (longest + 7) / 8;
+  at::Tensor packed = at::zeros({std::max<int64_t>(words, 1)}, at::kLong);
+  std::memcpy(packed.data_ptr(), mine.data(), mine.size());
+  at::Tensor all = at::empty({size * packed.numel()}, at::kLong);
+  group.all_gather(all, packed)->wait();
+  std::vector<std::string> out;
+  const auto* bytes = static_cast<const char*>(all.data_ptr());
+  for (int64_t r = 0; r < size; ++r) {
+    out.emplace_back(bytes + r * packed.numel() * 8, static_cast<size_t>(lengths[r].item<int64_t>()));
+  }
+  return out;
 }
 
 void all_reduce_through_cpu(ProcessGroup& group, at::Tensor& tensor, ReduceOp op) {

@@ -224,6 +224,11 @@ struct GridGroups {
 // Blocking; collective over `group`.
 void all_reduce_through_cpu(ProcessGroup& group, at::Tensor& tensor, ReduceOp op = ReduceOp::kSum);
 
+// Every rank's `mine`, in group rank order, on every rank (for short texts:
+// what each rank wrote into a checkpoint, an error message). Blocking;
+// collective over `group`.
+std::vector<std::string> all_gather_strings(ProcessGroup& group, const std::string& mine);
+
 // "float32 [4, 8] on cpu" (dtype, shape, device) for messages, with dtypes
 // named as in Python ("float32", "bfloat16", "int64").
 std::string describe_tensor(const at::Tensor& tensor);

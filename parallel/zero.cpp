@@ -115,6 +115,13 @@ NamedTensors ShardedAdamW::state_dict() const {
   return out;
 }
 
+std::pair<int64_t, int64_t> ShardedAdamW::piece_range(const std::string& name) const {
+  for (const Piece& piece : pieces_) {
+    if (params_[piece.param].first == name) return {piece.param_offset, piece.param_offset + piece.numel};
+  }
+  throw std::out_of_range("ZeRO-1: this rank holds no piece of '" + name + "'");
+}
+
 void ShardedAdamW::load_state_dict(const NamedTensors& whole) {
   std::map<std::string, const at::Tensor*> by_name;
   for (const auto& [name, tensor] : whole) by_name[name] = &tensor;

@@ -67,6 +67,17 @@ class ShardedAdamW {
   // `params`). BadInput for a missing or misshapen entry.
   void load_state_dict(const NamedTensors& whole);
 
+  // This rank's own state, as the AdamW over its pieces holds it
+  // (optimizer.step, and optimizer.exp_avg.NAME / exp_avg_sq.NAME of the
+  // piece of each parameter NAME that meets its shard, 1-D): what a sharded
+  // checkpoint stores. The tensors are the optimizer's own, not copies.
+  NamedTensors local_state_dict() const { return shard_->state_dict(); }
+  void load_local_state_dict(const NamedTensors& state) { shard_->load_state_dict(state); }
+  // Where the piece of parameter `name` lies in it: elements [first, second)
+  // of the parameter, row-major. std::out_of_range when this rank holds no
+  // piece of it.
+  std::pair<int64_t, int64_t> piece_range(const std::string& name) const;
+
  private:
   struct Piece {
     size_t param;          // index into params_

@@ -2,9 +2,15 @@
 
 #include <unistd.h>
 
+#include <algorithm>
+#include <functional>
+#include <numeric>
+#include <optional>
+
 #include "checkpoints/hub.h"
 #include "parallel/pipeline.h"
 #include "parallel/tensor_parallel_model.h"
+#include "trainer/training.h"
 #include "util/error.h"
 #include "util/file_io.h"
 
@@ -14,20 +20,28 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// Replaces run_dir/hf with a fresh export. export_hub writes through its own
+constexpr const char* kTiedEmbedding = "model.embed_tokens.weight";
+constexpr const char* kOptimizerStep = "optimizer.step";
+constexpr const char* kStatePrefixes[] = {"optimizer.exp_avg.", "optimizer.exp_avg_sq.", "optimizer.master."};
+
+// The parameter an optimizer state entry belongs to ("" for the step).
+std::string param_of(const std::string& state_name) {
+  for (const char* prefix : kStatePrefixes) {
+    if (state_name.starts_with(prefix)) return state_name.substr(std::string(prefix).size());
+  }
+  return "";
+}
+
+// Replaces run_dir/hf with a fresh export, written by `write` into a
 // temporary folder; the old export is moved aside only once the new one is
 // complete, so there is always one whole hf/ (or hf.new-PID) on disk.
-void export_run_to_hub(const LlamaForCausalLM& model, const Config& config, const fs::path& run_dir, int64_t step) {
+void replace_run_export(const fs::path& run_dir, const std::function<void(const std::string&)>& write) {
   const fs::path final_dir = run_dir / "hf";
   const std::string pid = std::to_string(::getpid());
   const fs::path fresh = run_dir / ("hf.new-" + pid);
   const fs::path old = run_dir / ("hf.old-" + pid);
   fs::remove_all(fresh);
-  ExportOptions options;
-  options.tokenizer_dir = tokenizer_dir_of(config, run_dir);
-  options.model_name = config.run.name;
-  options.card_notes = "Trained by loom for " + std::to_string(step) + " steps.";
-  export_hub(model, fresh.string(), options);
+  write(fresh.string());
   if (fs::exists(final_dir)) fs::rename(final_dir, old);
   fs::rename(fresh, final_dir);
   fsync_directory(run_dir.string());
@@ -55,36 +69,85 @@ RunCheckpoints::RunCheckpoints(const Config& config, const ParallelDims& dims, c
       dims_(dims),
       run_dir_(fs::path(config.run.output_dir) / config.run.name),
       checkpoints_dir_(run_dir_ / "checkpoints") {
-  resume_from_ = resume_checkpoint_path(config.checkpoint, checkpoints_dir_.string(), &passed_over_);
+  resume_from_ = resume_checkpoint_path(config.checkpoint, checkpoints_dir_.string(), &passed_over_, groups.world);
   if (resume_from_.empty() && fs::exists(checkpoints_dir_ / kLatestFile)) {
     throw BadInput(checkpoints_dir_.string() + " already holds checkpoints and checkpoint.resume is none: use "
                    "checkpoint.resume auto to continue, or another run.name");
   }
 }
 
+Region RunCheckpoints::region_of(const ModelParts& parts, const std::string& param,
+                                 std::vector<int64_t>* global_shape) const {
+  const torch::Tensor* local = nullptr;
+  for (const auto& [name, tensor] : parts.named_params) {
+    if (name == param) local = &tensor;
+  }
+  if (local == nullptr) throw std::logic_error("checkpoint: this rank holds no parameter '" + param + "'");
+  const int64_t dim = parts.param_dims.at(param);
+  std::vector<int64_t> shape = local->sizes().vec();
+  if (dim >= 0) shape[dim] *= parts.tp_size;
+  if (global_shape != nullptr) *global_shape = shape;
+  return Region::chunk(shape, dim, parts.tp_rank, parts.tp_size);
+}
+
+bool RunCheckpoints::is_tied_copy(const std::string& param) const {
+  return groups_.pp != nullptr && groups_.pp->rank() != 0 && config_.model.tie_embeddings && param == kTiedEmbedding;
+}
+
 RunCheckpoints::Resumed RunCheckpoints::resume(ModelParts& parts, Update& update, Loader& loader,
                                                int64_t train_steps) const {
   Resumed resumed;
-  if (resume_from_.empty()) return resumed;
-  if (parts.model_is_whole && !update.zero_1()) {
-    resumed.step = load_training_checkpoint(resume_from_, *parts.model, *update.optimizer(), loader,
-                                            &resumed.skipped_steps);
-  } else {
-    // Load the whole checkpoint as one rank would, then keep this rank's part.
-    AdamW whole_optimizer(to_named_tensors(parts.whole->named_parameters()), update.options());
-    resumed.step = load_training_checkpoint(resume_from_, *parts.whole, whole_optimizer, loader, &resumed.skipped_steps);
-    NamedTensors state = whole_optimizer.state_dict();
-    parts.load_from_whole();
-    if (groups_.pp != nullptr) state = AdamW::state_for(state, parts.named_params);
-    if (groups_.tp != nullptr) {
-      state = shard_tensor_parallel(state, optimizer_state_shard_dims(state, parts.param_dims), groups_.tp->rank(),
-                                    groups_.tp->size());
-    }
-    resumed.optimizer_state = std::move(state);
+  if (resume_from_.empty()) {
+    update.start({});
+    return resumed;
   }
+  // Each rank reads only its own pieces: its slices of its stages'
+  // parameters and its part of the optimizer state, from whatever layout
+  // saved them.
+  const ModelFiles files = open_training_checkpoint(resume_from_);
+  const TrainerState state = load_trainer_state(files, loader);
+  resumed.step = state.step;
+  resumed.skipped_steps = state.skipped_steps;
   if (resumed.step > train_steps) {
     throw BadInput(resume_from_ + ": is at step " + std::to_string(resumed.step) + ", past schedule.train_steps " +
                    std::to_string(train_steps));
+  }
+  for (const auto& [name, param] : parts.named_params) {
+    std::vector<int64_t> shape;
+    const Region region = region_of(parts, name, &shape);
+    if (!files.contains(name) || files.info(name).shape != shape) {
+      throw BadInput(resume_from_ + ": tensor '" + name + "' is " +
+                     (files.contains(name) ? "of another shape" : std::string("missing")) +
+                     " (the checkpoint was saved for another model)");
+    }
+    read_into(files, name, region, param);
+  }
+  // ZeRO-1's flat copy of the parameters is made by start(), from the loaded ones.
+  update.start({});
+  NamedTensors optimizer_state = update.zero_1() ? update.zero()->local_state_dict() : update.optimizer()->state_dict();
+  for (auto& [name, tensor] : optimizer_state) {
+    if (name == kOptimizerStep) {
+      tensor = files.read(name);
+      continue;
+    }
+    const std::string param = param_of(name);
+    Region region = region_of(parts, param);
+    if (update.zero_1()) {
+      const auto [begin, end] = update.zero()->piece_range(param);
+      region.flat = Range{begin, end};
+    }
+    read_into(files, name, region, tensor);
+  }
+  if (update.zero_1()) {
+    update.zero()->load_local_state_dict(optimizer_state);
+  } else {
+    update.optimizer()->load_state_dict(optimizer_state);
+  }
+  const int64_t adam_steps = update.zero_1() ? update.zero()->step_count() : update.optimizer()->step_count();
+  if (adam_steps != resumed.step - resumed.skipped_steps) {
+    throw BadInput(resume_from_ + ": optimizer.step is " + std::to_string(adam_steps) + ", the checkpoint is at step " +
+                   std::to_string(resumed.step) + " with " + std::to_string(resumed.skipped_steps) +
+                   " skipped steps");
   }
   return resumed;
 }
@@ -99,63 +162,184 @@ void RunCheckpoints::start_saving(const Config& config) {
       groups_.writer ? tokenizer_dir_of(config, run_dir_) : "", config_to_yaml(config), config.checkpoint.keep_last,
       {{"dp", dims_.dp}, {"tp", dims_.tp}, {"pp", dims_.pp}, {"world", dims_.world},
        {"zero_stage", config.parallel.zero_stage}}};
-  // checkpoint.async: the writer rank hands each snapshot to a background
-  // thread, which writes and commits it while training goes on.
-  if (groups_.writer && config.checkpoint.enabled && config.checkpoint.async) {
-    async_writer_ = std::make_unique<AsyncCheckpointWriter>(checkpoints_dir_.string(), options_);
+  // checkpoint.async: each rank hands its snapshot to a background thread,
+  // which writes its files while training goes on.
+  if (config.checkpoint.enabled && config.checkpoint.async) {
+    async_writer_ = std::make_unique<AsyncCheckpointWriter>(checkpoints_dir_.string(), options_, rank());
   }
 }
 
-std::string RunCheckpoints::commit(int64_t step, int64_t skipped_steps, const LlamaForCausalLM& whole,
-                                   const AdamW& optimizer, const Loader& loader, bool live) {
-  // An async snapshot of tensors that training goes on updating (`live`)
-  // must be a copy; gathered tensors are fresh and are not touched again.
-  // (The previous async save is waited for here, and its host buffers are
-  // copied into.)
-  TrainingSnapshot spare = async_writer_ ? async_writer_->take_spare() : TrainingSnapshot{};
-  TrainingSnapshot snapshot = snapshot_training_state(step, whole, optimizer, loader, skipped_steps,
-                                                      /*copy=*/async_writer_ != nullptr && live, &spare);
-  if (async_writer_) return async_writer_->start(std::move(snapshot));
-  return write_training_checkpoint(checkpoints_dir_.string(), snapshot, options_);
+CheckpointRank RunCheckpoints::rank() const {
+  return {groups_.world != nullptr && groups_.world->size() > 1 ? groups_.world : nullptr, groups_.writer};
 }
 
-NamedTensors RunCheckpoints::gather_whole(const NamedTensors& local,
-                                          const std::map<std::string, int64_t>& dims_of) const {
-  NamedTensors gathered = groups_.tp != nullptr ? gather_tensor_parallel(*groups_.tp, local, dims_of) : local;
-  if (groups_.pp != nullptr && groups_.coords.tp == 0) gathered = gather_pipeline_stages(*groups_.pp, gathered);
-  return gathered;
+// Note [who writes a piece]
+// A piece several ranks hold is written by one of them: a parameter (and its
+// AdamW state) by one of its dp replicas, and one every tp rank holds whole
+// (norms) by one of its dp x tp copies; the last pipeline stage's copy of a
+// tied embedding not at all. Each goes, largest first, to the copy whose rank
+// has written the fewest bytes so far. Every rank of a pipeline stage runs
+// the same assignment over the same sizes (the tp ranks' slices are equal),
+// so they agree without a word. ZeRO-1's pieces are unique over dp; those of
+// a parameter every tp rank holds go to the tp rank with the fewest bytes.
+std::vector<bool> RunCheckpoints::assign_writers(const std::vector<OwnedPiece>& pieces,
+                                                 const std::vector<bool>& replicated_over_tp,
+                                                 std::vector<int64_t>& load, bool over_dp) const {
+  const int64_t dp = dims_.dp, tp = dims_.tp;
+  const int64_t my_dp = groups_.coords.dp, my_tp = groups_.coords.tp;
+  std::vector<size_t> order(pieces.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return pieces[a].values.nbytes() > pieces[b].values.nbytes();
+  });
+  const auto least = [&](const std::vector<int64_t>& slots) {
+    return *std::min_element(slots.begin(), slots.end(), [&](int64_t a, int64_t b) { return load[a] < load[b]; });
+  };
+  std::vector<bool> mine(pieces.size(), false);
+  for (size_t i : order) {
+    const int64_t bytes = static_cast<int64_t>(pieces[i].values.nbytes());
+    std::vector<int64_t> slots;  // candidate (dp, tp) slots, as dp * tp + tp
+    if (replicated_over_tp[i]) {
+      for (int64_t d = 0; d < dp; ++d) {
+        if (!over_dp && d != my_dp) continue;
+        for (int64_t t = 0; t < tp; ++t) slots.push_back(d * tp + t);
+      }
+      const int64_t slot = least(slots);
+      load[slot] += bytes;
+      mine[i] = slot == my_dp * tp + my_tp;
+      continue;
+    }
+    // Each tp rank's own slice: every tp rank's choice is simulated, so the
+    // loads stay the same on all of them.
+    for (int64_t t = 0; t < tp; ++t) {
+      slots.clear();
+      for (int64_t d = 0; d < dp; ++d) {
+        if (over_dp || d == my_dp) slots.push_back(d * tp + t);
+      }
+      const int64_t slot = least(slots);
+      load[slot] += bytes;
+      if (t == my_tp) mine[i] = slot == my_dp * tp + my_tp;
+    }
+  }
+  return mine;
 }
 
-std::shared_ptr<LlamaForCausalLM> RunCheckpoints::gathered_model(const ModelParts& parts) const {
-  if (groups_.coords.dp != 0) return nullptr;
-  if (parts.model_is_whole) return parts.model;
-  NamedTensors whole_params = gather_whole(parts.named_params, parts.param_dims);
-  return groups_.writer ? whole_model(config_.model, whole_params) : nullptr;
+TrainingSnapshot RunCheckpoints::snapshot(int64_t step, int64_t skipped_steps, const ModelParts& parts,
+                                          const Update& update, const Loader& loader, TrainingSnapshot* reuse) const {
+  TrainingSnapshot snapshot;
+  snapshot.step = step;
+  snapshot.model_config = config_.model;
+  if (groups_.writer) snapshot.trainer_state = trainer_state_text(step, skipped_steps, loader);
+  std::vector<int64_t> load(static_cast<size_t>(dims_.dp * dims_.tp), 0);
+  // The parameters and (without ZeRO-1) the AdamW state, both replicated over dp.
+  std::vector<OwnedPiece> replicated;
+  std::vector<bool> over_tp;
+  std::vector<bool> is_model;
+  const auto add = [&](std::vector<OwnedPiece>& to, std::vector<bool>& tp_copies, const std::string& name,
+                       const std::string& param, const torch::Tensor& values, std::optional<Range> flat) {
+    std::vector<int64_t> shape;
+    Region region = region_of(parts, param, &shape);
+    region.flat = flat;
+    to.push_back({name, shape, region, values});
+    tp_copies.push_back(parts.param_dims.at(param) < 0);
+  };
+  for (const auto& [name, param] : parts.named_params) {
+    if (is_tied_copy(name)) continue;
+    add(replicated, over_tp, name, name, param, std::nullopt);
+    is_model.push_back(true);
+  }
+  // The step: one scalar, written by world rank 0.
+  NamedTensors state = update.zero_1() ? update.zero()->local_state_dict() : update.optimizer()->state_dict();
+  std::vector<OwnedPiece> optimizer;
+  if (groups_.writer) {
+    for (const auto& [name, tensor] : state) {
+      if (name == kOptimizerStep) optimizer.push_back({name, {}, Region::whole({}), tensor.reshape({})});
+    }
+  }
+  std::vector<OwnedPiece> zero_pieces;
+  std::vector<bool> zero_over_tp;
+  for (const auto& [name, tensor] : state) {
+    if (name == kOptimizerStep) continue;
+    const std::string param = param_of(name);
+    if (is_tied_copy(param)) continue;
+    if (update.zero_1()) {
+      const auto [begin, end] = update.zero()->piece_range(param);
+      add(zero_pieces, zero_over_tp, name, param, tensor, Range{begin, end});
+    } else {
+      add(replicated, over_tp, name, param, tensor, std::nullopt);
+      is_model.push_back(false);
+    }
+  }
+  const std::vector<bool> mine = assign_writers(replicated, over_tp, load, /*over_dp=*/true);
+  for (size_t i = 0; i < replicated.size(); ++i) {
+    if (mine[i]) (is_model[i] ? snapshot.model : optimizer).push_back(std::move(replicated[i]));
+  }
+  const std::vector<bool> mine_zero = assign_writers(zero_pieces, zero_over_tp, load, /*over_dp=*/false);
+  for (size_t i = 0; i < zero_pieces.size(); ++i) {
+    if (mine_zero[i]) optimizer.push_back(std::move(zero_pieces[i]));
+  }
+  snapshot.optimizer = std::move(optimizer);
+  // An async snapshot must own copies: training goes on updating the tensors.
+  const bool copy = async_writer_ != nullptr;
+  snapshot.model = pieces_to_host(std::move(snapshot.model), copy, reuse ? &reuse->model : nullptr);
+  snapshot.optimizer = pieces_to_host(std::move(snapshot.optimizer), copy, reuse ? &reuse->optimizer : nullptr);
+  return snapshot;
 }
 
 std::string RunCheckpoints::save(int64_t step, int64_t skipped_steps, const ModelParts& parts, const Update& update,
                                  const Loader& loader) {
-  // ZeRO-1 gathers its state over dp first (collective: every replica).
-  NamedTensors state = update.zero_1() ? update.state_dict() : NamedTensors{};
-  if (groups_.coords.dp != 0) return "";
-  if (parts.model_is_whole && !update.zero_1()) {
-    return commit(step, skipped_steps, *parts.model, *update.optimizer(), loader, /*live=*/true);
+  if (async_writer_) {
+    // Waits for (and commits) the previous save, whose host buffers are
+    // copied into.
+    TrainingSnapshot spare = async_writer_->take_spare();
+    return async_writer_->start(snapshot(step, skipped_steps, parts, update, loader, &spare));
   }
-  if (!update.zero_1()) state = update.state_dict();
-  if (!parts.model_is_whole) state = gather_whole(state, optimizer_state_shard_dims(state, parts.param_dims));
-  std::shared_ptr<LlamaForCausalLM> whole_now = gathered_model(parts);
-  if (!groups_.writer) return "";
-  AdamW whole_optimizer(to_named_tensors(whole_now->named_parameters()), update.options());
-  whole_optimizer.load_state_dict(state);
-  // With a whole model (dp and ZeRO-1 only), its parameters are the live ones.
-  return commit(step, skipped_steps, *whole_now, whole_optimizer, loader, /*live=*/parts.model_is_whole);
+  last_saved_ = write_training_checkpoint(checkpoints_dir_.string(),
+                                          snapshot(step, skipped_steps, parts, update, loader, nullptr), options_,
+                                          rank());
+  return last_saved_;
 }
 
 double RunCheckpoints::wait() { return async_writer_ ? async_writer_->wait() : 0.0; }
 
-void RunCheckpoints::export_hub(int64_t step, const ModelParts& parts) const {
-  std::shared_ptr<LlamaForCausalLM> whole_now = gathered_model(parts);
-  if (groups_.writer) export_run_to_hub(*whole_now, config_, run_dir_, step);
+std::shared_ptr<LlamaForCausalLM> RunCheckpoints::gathered_model(const ModelParts& parts) const {
+  if (groups_.coords.dp != 0) return nullptr;
+  if (parts.model_is_whole) return parts.model;
+  NamedTensors gathered = groups_.tp != nullptr ? gather_tensor_parallel(*groups_.tp, parts.named_params, parts.param_dims)
+                                                : parts.named_params;
+  if (groups_.pp != nullptr && groups_.coords.tp == 0) gathered = gather_pipeline_stages(*groups_.pp, gathered);
+  return groups_.writer ? whole_model(config_.model, gathered) : nullptr;
+}
+
+void RunCheckpoints::export_hub(int64_t step, const std::string& checkpoint) const {
+  ExportOptions options;
+  options.tokenizer_dir = tokenizer_dir_of(config_, run_dir_);
+  options.model_name = config_.run.name;
+  options.card_notes = "Trained by loom for " + std::to_string(step) + " steps.";
+  replace_run_export(run_dir_, [&](const std::string& out) {
+    // From the checkpoint of this step, streamed a few MiB at a time: no rank
+    // holds the whole model. Without one (checkpoints off), gathered.
+    if (!checkpoint.empty()) {
+      export_hub_streaming(ModelFiles::open(checkpoint), out, options);
+    } else {
+      loom::export_hub(*whole_, out, options);
+    }
+  });
+}
+
+void RunCheckpoints::export_hub(int64_t step, const ModelParts& parts) {
+  // The checkpoint just saved at this step, when there is one: exported by
+  // the writer alone while the others wait at the end of the run.
+  const fs::path saved = checkpoints_dir_ / checkpoint_folder_name(step);
+  bool from_checkpoint = config_.checkpoint.enabled && fs::exists(saved / "manifest.json");
+  if (groups_.world != nullptr && groups_.world->size() > 1) {
+    torch::Tensor agreed = torch::tensor(static_cast<int64_t>(from_checkpoint));
+    all_reduce_through_cpu(*groups_.world, agreed, ReduceOp::kMin);
+    from_checkpoint = agreed.item<int64_t>() != 0;
+  }
+  if (!from_checkpoint) whole_ = gathered_model(parts);
+  if (groups_.writer) export_hub(step, from_checkpoint ? saved.string() : "");
+  whole_.reset();
 }
 
 }  // namespace loom

@@ -2,14 +2,11 @@
 // loading it onto this rank's layout, saving (now, or in the background with
 // checkpoint.async), and the export at the end of the run.
 //
-// Checkpoints hold whole tensors, as a single rank writes them: on save,
-// tensor-parallel shards are gathered first, then the pipeline stages on the
-// first (collective over the groups, so every rank calls save()), and the
-// writer (world rank 0) writes the same files a single-rank run writes. Every
-// data-parallel replica holds the same weights, so only dp rank 0 gathers,
-// and every tp rank then holds the same stage, so only tp rank 0's pp group
-// goes on. On resume every rank loads the whole checkpoint as one rank would
-// and keeps its part.
+// Checkpoints are sharded (docs/checkpoints.md): on save every rank writes
+// the pieces it owns (Note [who writes a piece]) and world rank 0 commits
+// the folder; on resume every rank reads, from whatever layout saved them,
+// only the bytes of its own slices of the parameters and of its part of the
+// optimizer state.
 #pragma once
 
 #include <cstdint>
@@ -44,12 +41,11 @@ class RunCheckpoints {
   struct Resumed {
     int64_t step = 0;           // completed steps
     int64_t skipped_steps = 0;  // of those, skipped
-    // The optimizer state of this rank's model part, whole over dp, for
-    // Update::start (empty when it went straight into update's AdamW).
-    NamedTensors optimizer_state;
   };
-  // Loads resume_from() into this rank's parts, its optimizer and the
-  // loader's position. BadInput for a checkpoint past `train_steps`.
+  // Loads resume_from() into this rank's parts, the loader's position and
+  // the CPU RNG, starts `update` (Update::start) and loads its optimizer
+  // state; for a fresh run only starts it. BadInput for a checkpoint past
+  // `train_steps` or of another model.
   Resumed resume(ModelParts& parts, Update& update, Loader& loader, int64_t train_steps) const;
 
   // On the writer: `latest` names the checkpoint resumed from when later ones
@@ -62,22 +58,32 @@ class RunCheckpoints {
   void start_saving(const Config& config);
 
   // Writes (or, async, starts writing) the checkpoint of `step`, returning its
-  // folder on the writer and "" elsewhere. Collective over the grid.
+  // folder on the writer and "" elsewhere. Collective over the world.
   std::string save(int64_t step, int64_t skipped_steps, const ModelParts& parts, const Update& update,
                    const Loader& loader);
   bool async() const { return async_writer_ != nullptr; }
-  // Waits for a background write; the seconds the last one took (0: none).
+  // Waits for (and commits) a background write; the seconds the last one
+  // took (0: none). Collective over the world.
   double wait();
 
-  // Replaces run_dir/hf with a Hub export of the model at `step` (gathered
-  // to the writer, which writes it). Collective over the grid.
-  void export_hub(int64_t step, const ModelParts& parts) const;
+  // Replaces run_dir/hf with a Hub export of the model at `step`: streamed
+  // by the writer from the checkpoint of that step when there is one, else
+  // gathered to the writer. Collective over the grid.
+  void export_hub(int64_t step, const ModelParts& parts);
 
  private:
-  std::string commit(int64_t step, int64_t skipped_steps, const LlamaForCausalLM& whole, const AdamW& optimizer,
-                     const Loader& loader, bool live);
-  NamedTensors gather_whole(const NamedTensors& local, const std::map<std::string, int64_t>& dims_of) const;
+  CheckpointRank rank() const;
+  // The region of the global parameter `param` this rank holds (its tp
+  // slice), and the global shape.
+  Region region_of(const ModelParts& parts, const std::string& param, std::vector<int64_t>* global_shape = nullptr) const;
+  // The last pipeline stage's copy of the tied embedding (stage 0 writes it).
+  bool is_tied_copy(const std::string& param) const;
+  std::vector<bool> assign_writers(const std::vector<OwnedPiece>& pieces, const std::vector<bool>& replicated_over_tp,
+                                   std::vector<int64_t>& load, bool over_dp) const;
+  TrainingSnapshot snapshot(int64_t step, int64_t skipped_steps, const ModelParts& parts, const Update& update,
+                            const Loader& loader, TrainingSnapshot* reuse) const;
   std::shared_ptr<LlamaForCausalLM> gathered_model(const ModelParts& parts) const;
+  void export_hub(int64_t step, const std::string& checkpoint) const;
 
   const Config& config_;
   const TrainGroups groups_;
@@ -87,6 +93,8 @@ class RunCheckpoints {
   std::vector<std::string> passed_over_;
   TrainingCheckpointOptions options_;
   std::unique_ptr<AsyncCheckpointWriter> async_writer_;
+  std::string last_saved_;
+  std::shared_ptr<LlamaForCausalLM> whole_;  // while exporting a run without checkpoints
 };
 
 // The folder holding the tokenizer files, from data.tokenizer (a folder or a

@@ -114,7 +114,6 @@ void Trainer::resume() {
   skipped_steps_ = resumed.skipped_steps;
   result_.resumed_from_step = step_;
   if (!parts_->model_is_whole) parts_->whole.reset();
-  update_->start(resumed.optimizer_state);
 }
 
 void Trainer::make_forward_backward() {

@@ -27,6 +27,7 @@ using nlohmann::json;
 namespace {
 
 constexpr const char* kTrainerStateFormat = "loom-trainer-state";
+constexpr const char* kOptimizerStep = "optimizer.step";
 constexpr int kTrainerStateVersion = 1;
 constexpr const char* kBase64Alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
@@ -88,51 +89,6 @@ void set_cpu_rng_state(const std::vector<uint8_t>& bytes, const std::string& con
   }
 }
 
-// Host copies of `tensors` (shared, when `copy` is false and they already
-// are contiguous CPU tensors). A copy goes into `reuse`'s tensor of the same
-// place when it has the same name, dtype and shape (the buffers of an
-// earlier snapshot: no allocation, no page faults), else into a new one,
-// page-locked when the source is on a GPU.
-NamedTensors to_host(const NamedTensors& tensors, bool copy, NamedTensors* reuse) {
-  NamedTensors out;
-  out.reserve(tensors.size());
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const auto& [name, tensor] = tensors[i];
-    const torch::Tensor source = tensor.detach();
-    if (!copy) {
-      out.emplace_back(name, source.to(torch::kCPU).contiguous());
-      continue;
-    }
-    torch::Tensor host;
-    if (reuse != nullptr && i < reuse->size() && (*reuse)[i].first == name &&
-        (*reuse)[i].second.scalar_type() == source.scalar_type() && (*reuse)[i].second.sizes() == source.sizes()) {
-      host = std::move((*reuse)[i].second);
-    } else {
-      host = torch::empty(source.sizes(),
-                          torch::TensorOptions().dtype(source.scalar_type()).pinned_memory(source.is_cuda()));
-    }
-    host.copy_(source);
-    out.emplace_back(name, std::move(host));
-  }
-  return out;
-}
-
-// Returns the file's CRC32C.
-uint32_t write_optimizer_state(const NamedTensors& state, const std::string& path) {
-  std::vector<safetensors::TensorToWrite> to_write;
-  for (const auto& [name, tensor] : state) to_write.push_back(tensor_to_write(name, tensor));
-  return safetensors::write_file(path, to_write);
-}
-
-NamedTensors read_optimizer_state(const std::string& path) {
-  const auto file = safetensors::File::open(path);
-  NamedTensors state;
-  for (const auto& info : file.tensors()) {
-    state.emplace_back(info.name, tensor_from_view(file.tensor(info.name), path + ": " + info.name));
-  }
-  return state;
-}
-
 std::vector<fs::path> step_folders(const fs::path& checkpoints_dir) {
   std::vector<fs::path> out;
   if (!fs::is_directory(checkpoints_dir)) return out;
@@ -161,58 +117,136 @@ std::string latest_folder_name(const std::string& checkpoints_dir) {
 
 }  // namespace
 
-TrainingSnapshot snapshot_training_state(int64_t step, const LlamaForCausalLM& model, const AdamW& optimizer,
-                                         const Loader& loader, int64_t skipped_steps, bool copy,
-                                         TrainingSnapshot* reuse) {
-  TrainingSnapshot snapshot;
-  snapshot.step = step;
-  snapshot.model_config = model.config();
-  snapshot.model = to_host(to_named_tensors(model.named_parameters()), copy, reuse ? &reuse->model : nullptr);
-  snapshot.optimizer = to_host(optimizer.state_dict(), copy, reuse ? &reuse->optimizer : nullptr);
+std::string trainer_state_text(int64_t step, int64_t skipped_steps, const Loader& loader) {
   const json trainer_state = {{"format", kTrainerStateFormat},
                               {"version", kTrainerStateVersion},
                               {"step", step},
                               {"skipped_steps", skipped_steps},
                               {"loader", loader.state()},
                               {"rng_cpu", cpu_rng_state_base64()}};
-  snapshot.trainer_state = trainer_state.dump(2) + "\n";
+  return trainer_state.dump(2) + "\n";
+}
+
+std::vector<OwnedPiece> pieces_to_host(std::vector<OwnedPiece> pieces, bool copy, std::vector<OwnedPiece>* reuse) {
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    OwnedPiece& piece = pieces[i];
+    const torch::Tensor source = piece.values.detach();
+    if (!copy) {
+      piece.values = source.to(torch::kCPU).contiguous();
+      continue;
+    }
+    torch::Tensor host;
+    if (reuse != nullptr && i < reuse->size() && (*reuse)[i].name == piece.name &&
+        (*reuse)[i].values.scalar_type() == source.scalar_type() && (*reuse)[i].values.sizes() == source.sizes()) {
+      host = std::move((*reuse)[i].values);
+    } else {
+      host = torch::empty(source.sizes(),
+                          torch::TensorOptions().dtype(source.scalar_type()).pinned_memory(source.is_cuda()));
+    }
+    host.copy_(source);
+    piece.values = std::move(host);
+  }
+  return pieces;
+}
+
+TrainingSnapshot snapshot_training_state(int64_t step, const LlamaForCausalLM& model, const AdamW& optimizer,
+                                         const Loader& loader, int64_t skipped_steps, bool copy,
+                                         TrainingSnapshot* reuse) {
+  TrainingSnapshot snapshot;
+  snapshot.step = step;
+  snapshot.model_config = model.config();
+  const auto whole = [](const NamedTensors& tensors) {
+    std::vector<OwnedPiece> pieces;
+    for (const auto& [name, tensor] : tensors) {
+      pieces.push_back({name, tensor.sizes().vec(), Region::whole(tensor.sizes().vec()), tensor});
+    }
+    return pieces;
+  };
+  snapshot.model = pieces_to_host(whole(to_named_tensors(model.named_parameters())), copy,
+                                  reuse ? &reuse->model : nullptr);
+  snapshot.optimizer = pieces_to_host(whole(optimizer.state_dict()), copy, reuse ? &reuse->optimizer : nullptr);
+  snapshot.trainer_state = trainer_state_text(step, skipped_steps, loader);
   return snapshot;
 }
 
-std::string write_training_checkpoint(const std::string& checkpoints_dir, const TrainingSnapshot& snapshot,
-                                      const TrainingCheckpointOptions& options) {
+std::string prepare_checkpoint_folder(const std::string& checkpoints_dir, int64_t step, const CheckpointRank& rank) {
+  const fs::path root(checkpoints_dir);
+  const std::string folder_name = checkpoint_folder_name(step);
+  const fs::path tmp = root / (folder_name + ".tmp");
+  if (rank.writer) {
+    // A step folder that `latest` does not name was never committed: a crash
+    // came between its rename and the update of `latest`, or this run resumed
+    // from an earlier checkpoint. Training has just recomputed this step, so
+    // the folder is replaced. The one `latest` names is never touched.
+    const fs::path folder = root / folder_name;
+    if (fs::exists(folder) && latest_folder_name(checkpoints_dir) != folder_name) fs::remove_all(folder);
+    if (fs::exists(folder)) throw BadInput("checkpoint folder '" + folder.string() + "' already exists");
+    fs::remove_all(tmp);  // left by a save that did not finish
+    fs::create_directories(tmp);
+  }
+  // Every rank writes into the folder once the writer has made it.
+  if (rank.world != nullptr) rank.world->barrier()->wait();
+  return tmp.string();
+}
+
+std::string write_snapshot_files(const std::string& tmp, const TrainingSnapshot& snapshot, const CheckpointRank& rank) {
+  const auto to_write = [](const std::vector<OwnedPiece>& pieces) {
+    std::vector<PieceToWrite> out;
+    for (const OwnedPiece& piece : pieces) {
+      out.push_back({piece.name, piece.values.scalar_type(), piece.shape, piece.region,
+                     [values = piece.values] { return values; }});
+    }
+    return out;
+  };
+  try {
+    return write_rank_files(tmp, rank.rank(), to_write(snapshot.model), to_write(snapshot.optimizer));
+  } catch (const std::exception& e) {
+    return std::string("!rank ") + std::to_string(rank.rank()) + ": " + e.what();
+  }
+}
+
+std::string commit_training_checkpoint(const std::string& checkpoints_dir, const std::string& tmp,
+                                       const TrainingSnapshot& snapshot, const std::string& written,
+                                       const TrainingCheckpointOptions& options, const CheckpointRank& rank) {
+  const std::vector<std::string> all = rank.world != nullptr ? all_gather_strings(*rank.world, written)
+                                                             : std::vector<std::string>{written};
+  std::string errors;
+  for (const std::string& text : all) {
+    if (!text.empty() && text.front() == '!') errors += (errors.empty() ? "" : "; ") + text.substr(1);
+  }
+  if (!errors.empty()) {
+    if (rank.writer) {
+      std::error_code ignored;
+      fs::remove_all(tmp, ignored);
+    }
+    throw std::runtime_error("checkpoint of step " + std::to_string(snapshot.step) + " not written: " + errors);
+  }
+  if (!rank.writer) return "";
   const fs::path root(checkpoints_dir);
   const std::string folder_name = checkpoint_folder_name(snapshot.step);
-  const fs::path folder = root / folder_name;
-
   CheckpointWriteOptions write_options;
   write_options.step = snapshot.step;
   write_options.tokenizer_dir = options.tokenizer_dir;
   write_options.config_yaml = options.config_yaml;
   write_options.saved_by = options.saved_by;
-  write_options.extra_files = {
-      {kOptimizerStateFile, "optimizer",
-       [&](const std::string& path) { return write_optimizer_state(snapshot.optimizer, path); }},
-      {kTrainerStateFile, "trainer_state", [&](const std::string& path) {
-         write_file_atomic(path, snapshot.trainer_state);
-         return crc32c(std::as_bytes(std::span(snapshot.trainer_state.data(), snapshot.trainer_state.size())));
-       }}};
-  std::vector<CheckpointTensor> tensors;
-  for (const auto& [name, tensor] : snapshot.model) {
-    tensors.push_back({name, tensor.scalar_type(), tensor.sizes().vec(), [tensor] { return tensor; }});
+  write_options.extra_files = {{kTrainerStateFile, "trainer_state", [&](const std::string& path) {
+                                  write_file_atomic(path, snapshot.trainer_state);
+                                  return crc32c(std::as_bytes(
+                                      std::span(snapshot.trainer_state.data(), snapshot.trainer_state.size())));
+                                }}};
+  try {
+    commit_checkpoint_folder(snapshot.model_config, all, tmp, (root / folder_name).string(), write_options);
+  } catch (...) {
+    std::error_code ignored;
+    fs::remove_all(tmp, ignored);
+    throw;
   }
-  // A step folder that `latest` does not name was never committed: a crash
-  // came between its rename and the update of `latest`, or this run resumed
-  // from an earlier checkpoint. Training has just recomputed this step, so
-  // the folder is replaced. The one `latest` names is never touched.
-  if (fs::exists(folder) && latest_folder_name(checkpoints_dir) != folder_name) fs::remove_all(folder);
-  write_loom_checkpoint(snapshot.model_config, tensors, folder.string(), write_options);
 
   // Note [checkpoint commit order]: `latest` moves only after the new folder
   // is complete and renamed into place, and older folders are deleted only
-  // after `latest` moved. A crash at any point leaves `latest` naming a whole
-  // checkpoint: the previous one until the rename of `latest`, the new one
-  // after it.
+  // after `latest` moved. A crash of any rank at any point leaves `latest`
+  // naming a whole checkpoint: the previous one until the rename of
+  // `latest`, the new one after it.
   write_file_atomic((root / kLatestFile).string(), folder_name + "\n");
   if (options.keep_last > 0) {
     const auto folders = step_folders(root);
@@ -221,7 +255,14 @@ std::string write_training_checkpoint(const std::string& checkpoints_dir, const 
       if (folders[i].filename() != folder_name) fs::remove_all(folders[i]);
     }
   }
-  return folder.string();
+  return (root / folder_name).string();
+}
+
+std::string write_training_checkpoint(const std::string& checkpoints_dir, const TrainingSnapshot& snapshot,
+                                      const TrainingCheckpointOptions& options, const CheckpointRank& rank) {
+  const std::string tmp = prepare_checkpoint_folder(checkpoints_dir, snapshot.step, rank);
+  const std::string written = write_snapshot_files(tmp, snapshot, rank);
+  return commit_training_checkpoint(checkpoints_dir, tmp, snapshot, written, options, rank);
 }
 
 std::string save_training_checkpoint(const std::string& checkpoints_dir, int64_t step, const LlamaForCausalLM& model,
@@ -233,8 +274,12 @@ std::string save_training_checkpoint(const std::string& checkpoints_dir, int64_t
 
 // --- asynchronous saves ---------------------------------------------------------
 
-AsyncCheckpointWriter::AsyncCheckpointWriter(std::string checkpoints_dir, TrainingCheckpointOptions options)
-    : checkpoints_dir_(std::move(checkpoints_dir)), options_(std::move(options)), thread_([this] { run(); }) {}
+AsyncCheckpointWriter::AsyncCheckpointWriter(std::string checkpoints_dir, TrainingCheckpointOptions options,
+                                             CheckpointRank rank)
+    : checkpoints_dir_(std::move(checkpoints_dir)),
+      options_(std::move(options)),
+      rank_(rank),
+      thread_([this] { run(); }) {}
 
 AsyncCheckpointWriter::~AsyncCheckpointWriter() {
   {
@@ -255,18 +300,37 @@ TrainingSnapshot AsyncCheckpointWriter::take_spare() {
 std::string AsyncCheckpointWriter::start(TrainingSnapshot snapshot) {
   wait();
   const std::string folder = (fs::path(checkpoints_dir_) / checkpoint_folder_name(snapshot.step)).string();
+  const std::string tmp = prepare_checkpoint_folder(checkpoints_dir_, snapshot.step, rank_);
   {
     std::lock_guard<std::mutex> lock(mutex_);
+    tmp_ = tmp;
     pending_ = std::move(snapshot);
     busy_ = true;
+    started_ = std::chrono::steady_clock::now();
   }
   changed_.notify_all();
-  return folder;
+  return rank_.writer ? folder : "";
 }
 
 double AsyncCheckpointWriter::wait() {
   std::unique_lock<std::mutex> lock(mutex_);
   changed_.wait(lock, [&] { return !busy_; });
+  if (uncommitted_) {
+    // Written on every rank: the commit is collective, so it happens here,
+    // on the training thread.
+    uncommitted_ = false;
+    const std::string tmp = tmp_, written = written_;
+    lock.unlock();
+    std::exception_ptr error;
+    try {
+      commit_training_checkpoint(checkpoints_dir_, tmp, spare_, written, options_, rank_);
+    } catch (...) {
+      error = std::current_exception();
+    }
+    lock.lock();
+    last_seconds_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count();
+    if (error) error_ = error;
+  }
   if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
   return last_seconds_;
 }
@@ -278,21 +342,26 @@ void AsyncCheckpointWriter::run() {
     if (!pending_) return;  // quit_, nothing left to write
     TrainingSnapshot snapshot = std::move(*pending_);
     pending_.reset();
+    const std::string tmp = tmp_;
     lock.unlock();
-    const auto start = std::chrono::steady_clock::now();
     std::exception_ptr error;
-    try {
-      write_training_checkpoint(checkpoints_dir_, snapshot, options_);
-    } catch (...) {
-      error = std::current_exception();
+    std::string written = write_snapshot_files(tmp, snapshot, rank_);
+    const bool alone = rank_.world == nullptr;
+    if (alone) {
+      try {
+        commit_training_checkpoint(checkpoints_dir_, tmp, snapshot, written, options_, rank_);
+      } catch (...) {
+        error = std::current_exception();
+      }
     }
-    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     lock.lock();
     // Kept as the next snapshot's buffers (take_spare), so that one host
     // copy of the state is allocated for the whole run.
     spare_ = std::move(snapshot);
+    written_ = std::move(written);
+    uncommitted_ = !alone;
     error_ = error;
-    last_seconds_ = seconds;
+    if (alone) last_seconds_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count();
     busy_ = false;
     lock.unlock();
     changed_.notify_all();
@@ -300,7 +369,7 @@ void AsyncCheckpointWriter::run() {
 }
 
 std::string resume_checkpoint_path(const CheckpointConfig& checkpoint, const std::string& checkpoints_dir,
-                                   std::vector<std::string>* fallbacks) {
+                                   std::vector<std::string>* fallbacks, ProcessGroup* world) {
   if (checkpoint.resume == "none") return "";
   if (checkpoint.resume != "auto") {
     if (!fs::is_directory(checkpoint.resume)) {
@@ -322,15 +391,32 @@ std::string resume_checkpoint_path(const CheckpointConfig& checkpoint, const std
   for (auto it = steps.rbegin(); it != steps.rend(); ++it) {
     if (it->filename().string() < name) candidates.push_back(*it);
   }
+  const int64_t part = world != nullptr ? world->rank() : 0, parts = world != nullptr ? world->size() : 1;
   std::vector<std::string> failures;
   for (const fs::path& candidate : candidates) {
+    // The manifest against the files' sizes and headers on every rank; the
+    // checksums of every file once, shared among the ranks.
+    std::string failure;
     try {
       open_training_checkpoint(candidate.string());
+      for (const std::string& why : verify_checkpoint_files(candidate.string(), part, parts)) {
+        failure += (failure.empty() ? "" : "; ") + why;
+      }
+    } catch (const std::exception& e) {  // BadInput, or a file that cannot be read at all
+      failure = e.what();
+    }
+    if (world != nullptr) {
+      std::string agreed;
+      for (const std::string& text : all_gather_strings(*world, failure)) {
+        if (!text.empty() && agreed.find(text) == std::string::npos) agreed += (agreed.empty() ? "" : "; ") + text;
+      }
+      failure = agreed;
+    }
+    if (failure.empty()) {
       if (fallbacks != nullptr) *fallbacks = failures;
       return candidate.string();
-    } catch (const std::exception& e) {  // BadInput, or a file that cannot be read at all
-      failures.push_back(e.what());
     }
+    failures.push_back(failure);
   }
   std::string why;
   for (const std::string& failure : failures) why += "\n  " + failure;
@@ -338,37 +424,38 @@ std::string resume_checkpoint_path(const CheckpointConfig& checkpoint, const std
 }
 
 ModelFiles open_training_checkpoint(const std::string& dir) {
-  // ModelFiles::open checks every file the manifest lists (sizes, CRC32C)
-  // and the manifest's tensors against the files.
+  // ModelFiles::open checks the manifest against the files (sizes,
+  // safetensors headers; version 1: CRC32C).
   ModelFiles files = ModelFiles::open(dir);
   if (files.kind() != ModelFiles::Kind::kLoomCheckpoint) {
     throw BadInput(dir + ": a Hugging Face folder, not a loom training checkpoint (use model.init_from to start "
                    "from it)");
   }
   const std::vector<ManifestFile>& listed_files = files.manifest()->files;
-  for (const std::string& name : {std::string(kOptimizerStateFile), std::string(kTrainerStateFile)}) {
-    const bool listed = std::any_of(listed_files.begin(), listed_files.end(),
-                                    [&](const ManifestFile& file) { return file.name == name; });
-    if (!listed) {
-      throw BadInput(dir + ": has no " + name + " in its manifest (a checkpoint written by `loom import` holds "
-                     "weights only; start from it with model.init_from)");
-    }
+  const bool has_state = std::any_of(listed_files.begin(), listed_files.end(),
+                                     [&](const ManifestFile& file) { return file.name == kTrainerStateFile; });
+  if (!has_state || !files.contains(kOptimizerStep)) {
+    throw BadInput(dir + ": has no " + (has_state ? std::string("optimizer state") : kTrainerStateFile) +
+                   " in its manifest (a checkpoint written by `loom import` holds weights only; start from it with "
+                   "model.init_from)");
   }
   return files;
 }
 
-int64_t load_training_checkpoint(const std::string& dir, LlamaForCausalLM& model, AdamW& optimizer, Loader& loader,
-                                 int64_t* skipped_steps) {
-  // Every file the manifest lists (sizes, CRC32C), optimizer and trainer
-  // state included, is checked before anything is read.
-  const ModelFiles files = open_training_checkpoint(dir);
-  const fs::path root(dir);
-  const std::string optimizer_path = (root / kOptimizerStateFile).string();
-  const std::string state_path = (root / kTrainerStateFile).string();
-
+TrainerState load_trainer_state(const ModelFiles& files, Loader& loader) {
+  const std::string state_path = (fs::path(files.path()) / kTrainerStateFile).string();
+  const std::string text = read_file(state_path);
+  // Its checksum: the file is small, and read whole here.
+  for (const ManifestFile& file : files.manifest()->files) {
+    if (file.name != kTrainerStateFile) continue;
+    const std::string actual = crc32c_hex(crc32c(std::as_bytes(std::span(text.data(), text.size()))));
+    if (actual != file.crc32c) {
+      throw BadInput(state_path + ": CRC32C " + actual + " does not match the manifest's " + file.crc32c + " (corrupt)");
+    }
+  }
   json state;
   try {
-    state = json::parse(read_file(state_path));
+    state = json::parse(text);
   } catch (const json::exception& e) {  // parse_error, and out_of_range for a number like 1e999
     throw BadInput(state_path + ": not valid JSON (" + e.what() + ")");
   }
@@ -381,39 +468,64 @@ int64_t load_training_checkpoint(const std::string& dir, LlamaForCausalLM& model
       !state.contains("rng_cpu") || !state["rng_cpu"].is_string()) {
     throw BadInput(state_path + ": 'step', 'loader' or 'rng_cpu' is missing or has the wrong type");
   }
-  const int64_t step = state["step"].get<int64_t>();
-  if (step != files.step()) {
-    throw BadInput(state_path + ": step " + std::to_string(step) + " differs from the manifest's " +
+  TrainerState out;
+  out.step = state["step"].get<int64_t>();
+  if (out.step != files.step()) {
+    throw BadInput(state_path + ": step " + std::to_string(out.step) + " differs from the manifest's " +
                    std::to_string(files.step()));
   }
   // Checkpoints written before the skip policy have no skipped_steps: 0.
-  int64_t skipped = 0;
   if (state.contains("skipped_steps")) {
     if (!state["skipped_steps"].is_number_integer() || state["skipped_steps"].get<int64_t>() < 0 ||
-        state["skipped_steps"].get<int64_t>() > step) {
+        state["skipped_steps"].get<int64_t>() > out.step) {
       throw BadInput(state_path + ": 'skipped_steps' is " + state["skipped_steps"].dump() +
-                     " (expected an integer in [0, step " + std::to_string(step) + "])");
+                     " (expected an integer in [0, step " + std::to_string(out.step) + "])");
     }
-    skipped = state["skipped_steps"].get<int64_t>();
-  }
-
-  load_weights(model, files);
-  try {
-    optimizer.load_state_dict(read_optimizer_state(optimizer_path));
-  } catch (const BadInput& e) {
-    throw BadInput(optimizer_path + ": " + e.what());
-  }
-  // Skipped steps advanced the step but not AdamW.
-  if (optimizer.step_count() != step - skipped) {
-    throw BadInput(optimizer_path + ": optimizer.step is " + std::to_string(optimizer.step_count()) +
-                   ", the checkpoint is at step " + std::to_string(step) + " with " + std::to_string(skipped) +
-                   " skipped steps (expected " + std::to_string(step - skipped) + ")");
+    out.skipped_steps = state["skipped_steps"].get<int64_t>();
   }
   loader.restore(state["loader"], state_path + ": loader");
   set_cpu_rng_state(base64_decode(state["rng_cpu"].get<std::string>(), state_path + ": rng_cpu"),
                     state_path + ": rng_cpu");
-  if (skipped_steps) *skipped_steps = skipped;
-  return step;
+  return out;
+}
+
+void read_into(const ModelFiles& files, const std::string& name, const Region& region, torch::Tensor destination) {
+  if (!files.contains(name)) throw BadInput(files.path() + ": has no tensor '" + name + "' (the run needs it)");
+  torch::NoGradGuard no_grad;
+  if (destination.device().type() == torch::kCPU && destination.is_contiguous()) {
+    files.read_region(name, region, destination);
+    return;
+  }
+  torch::Tensor host = torch::empty({region.numel()}, torch::TensorOptions().dtype(destination.scalar_type()));
+  files.read_region(name, region, host);
+  destination.copy_(host.view(destination.sizes()));
+}
+
+int64_t load_training_checkpoint(const std::string& dir, LlamaForCausalLM& model, AdamW& optimizer, Loader& loader,
+                                 int64_t* skipped_steps) {
+  const ModelFiles files = open_training_checkpoint(dir);
+  const TrainerState state = load_trainer_state(files, loader);
+  verify_weights(model, files);
+  for (auto& named : model.named_parameters()) {
+    read_into(files, named.key(), Region::whole(named.value().sizes().vec()), named.value());
+  }
+  NamedTensors optimizer_state = optimizer.state_dict();
+  for (auto& [name, tensor] : optimizer_state) {
+    if (name == kOptimizerStep) {
+      tensor = files.read(name);
+    } else {
+      read_into(files, name, Region::whole(tensor.sizes().vec()), tensor);
+    }
+  }
+  optimizer.load_state_dict(optimizer_state);
+  // Skipped steps advanced the step but not AdamW.
+  if (optimizer.step_count() != state.step - state.skipped_steps) {
+    throw BadInput(dir + ": optimizer.step is " + std::to_string(optimizer.step_count()) + ", the checkpoint is at step " +
+                   std::to_string(state.step) + " with " + std::to_string(state.skipped_steps) +
+                   " skipped steps (expected " + std::to_string(state.step - state.skipped_steps) + ")");
+  }
+  if (skipped_steps) *skipped_steps = state.skipped_steps;
+  return state.step;
 }
 
 }  // namespace loom

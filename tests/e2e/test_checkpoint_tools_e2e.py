@@ -85,6 +85,11 @@ def test_inspect_shows_layout_and_checksums_and_names_a_corrupt_file(data, tmp_p
     for name, entry in manifest["files"].items():
         assert re.search(rf"^{re.escape(name)}\s+{entry['kind']}\s+[0-9,]+\s+{entry['crc32c']}$", stdout, re.M), name
     assert "sizes and CRC32C verified" in stdout
+    # Sharded: each rank wrote its own pieces, every tensor listed with them.
+    assert "layout of the files: dp 1 x tp 2 x pp 1 (format version 2" in stdout, stdout
+    assert {"model-rank00000.safetensors", "model-rank00001.safetensors"} <= set(manifest["files"])
+    stdout, _ = loom("inspect", ckpt, "--verify")
+    assert re.search(r"^verified: \d+ tensors \([0-9,]+ elements\) read back", stdout, re.M), stdout
 
     path = ckpt / "optimizer-rank00000.safetensors"
     raw = bytearray(path.read_bytes())

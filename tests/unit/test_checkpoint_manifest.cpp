@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <functional>
+#include <stdexcept>
 #include <string>
 
 #include <nlohmann/json.hpp>
@@ -76,7 +77,7 @@ TEST(CheckpointManifest, RefusesWhatItCannotRead) {
     test_support::expect_bad_input([&] { parse(m); }, fragments);
   };
   refused([](json& m) { m["format"] = "other"; }, {"ckpt/manifest.json", "'format'"});
-  refused([](json& m) { m["version"] = 2; }, {"format version 2"});
+  refused([](json& m) { m["version"] = 3; }, {"format version 3"});
   refused([](json& m) { m.erase("step"); }, {"'step' is missing"});
   refused([](json& m) { m["step"] = "12"; }, {"'step' has the wrong type"});
   refused([](json& m) { m["model_config"]["hidden_size"] = -1; }, {"model_config"});
@@ -88,14 +89,85 @@ TEST(CheckpointManifest, RefusesWhatItCannotRead) {
   refused([](json& m) { m["layout"] = "1x1x1"; }, {"layout", "expected an object"});
   refused([](json& m) { m["layout"]["tp"] = 0; }, {"layout", "'tp' is 0"});
   refused([](json& m) { m["saved_by"] = {{"dp", "2"}}; }, {"saved_by", "'dp'", "expected an integer"});
-  refused([](json& m) { m["saved_by"] = {{"zero_stage", 3}}; }, {"saved_by", "'zero_stage' is 3"});
+  refused([](json& m) { m["saved_by"] = {{"zero_stage", 4}}; }, {"saved_by", "'zero_stage' is 4"});
   refused([](json& m) { m["tensors"]["lm_head.weight"]["slice"][0][1] = 256; },
-          {"tensors['lm_head.weight']", "slice of the tensor"});
+          {"tensors['lm_head.weight']", "whole tensors only"});
   // Names that would reach outside the folder, or be the folder itself.
   for (const std::string name : {"../x", "a/b", "..", ".", ""}) {
     refused([&](json& m) { m["files"][name] = {{"bytes", 1}, {"crc32c", "00000000"}}; },
             {"file name '" + name + "' is not in the folder"});
   }
+}
+
+// A version 2 manifest as a tp 2 run writes it: a [4, 6] weight cut along
+// dim 1 into two ranks' files, and its AdamW state cut by ZeRO-1 into flat
+// ranges of those slices.
+json sharded_manifest() {
+  json m = training_manifest();
+  m["version"] = 2;
+  m["files"] = {{"model-rank00000.safetensors", {{"bytes", 100}, {"crc32c", "00000001"}, {"kind", "model"}}},
+                {"model-rank00001.safetensors", {{"bytes", 100}, {"crc32c", "00000002"}, {"kind", "model"}}},
+                {"optimizer-rank00001.safetensors", {{"bytes", 100}, {"crc32c", "00000003"}, {"kind", "optimizer"}}}};
+  const auto piece = [](const char* file, json box, int64_t bytes) {
+    json crcs = json::array();
+    for (int64_t at = 0; at < bytes; at += kCrcChunkBytes) crcs.push_back("0000abcd");
+    return json{{"file", file}, {"key", "w"}, {"box", box}, {"crc32c", crcs}};
+  };
+  m["tensors"] = json::object();
+  m["tensors"]["w"] = {{"dtype", "F32"}, {"shape", {4, 6}},
+                       {"pieces", {piece("model-rank00000.safetensors", {{0, 4}, {0, 3}}, 48),
+                                   piece("model-rank00001.safetensors", {{0, 4}, {3, 6}}, 48)}}};
+  json flat_a = piece("optimizer-rank00001.safetensors", {{0, 4}, {0, 6}}, 40);
+  flat_a["key"] = "optimizer.exp_avg.w";
+  flat_a["flat"] = {0, 10};
+  json flat_b = flat_a;
+  flat_b["flat"] = {10, 24};
+  flat_b["crc32c"] = {"00000000"};
+  m["tensors"]["optimizer.exp_avg.w"] = {{"dtype", "F32"}, {"shape", {4, 6}}, {"pieces", {flat_a, flat_b}}};
+  return m;
+}
+
+TEST(CheckpointManifest, ReadsPiecesOfASharedCheckpoint) {
+  const CheckpointManifest m = parse(sharded_manifest());
+  EXPECT_EQ(m.version, 2);
+  ASSERT_EQ(m.tensors.size(), 2u);
+  const auto named = [&](const std::string& name) -> const ManifestTensor& {
+    for (const ManifestTensor& t : m.tensors) {
+      if (t.name == name) return t;
+    }
+    throw std::out_of_range(name);
+  };
+  const ManifestTensor& w = named("w");
+  EXPECT_EQ(w.dtype, "F32");
+  EXPECT_TRUE(w.is_model);
+  ASSERT_EQ(w.pieces.size(), 2u);
+  EXPECT_EQ(w.pieces[1].file, "model-rank00001.safetensors");
+  EXPECT_EQ(w.pieces[1].region.box, (std::vector<Range>{{0, 4}, {3, 6}}));
+  EXPECT_EQ(w.pieces[1].chunk_crc32c, (std::vector<uint32_t>{0xabcd}));
+  const ManifestTensor& state = named("optimizer.exp_avg.w");
+  EXPECT_FALSE(state.is_model);
+  EXPECT_EQ(state.pieces[1].region.flat, (Range{10, 24}));
+}
+
+TEST(CheckpointManifest, RefusesPiecesThatDoNotHoldTheTensorOnce) {
+  const json original = sharded_manifest();
+  const auto refused = [&](const std::function<void(json&)>& edit, const std::vector<std::string>& fragments) {
+    json m = original;
+    edit(m);
+    test_support::expect_bad_input([&] { parse(m); }, fragments);
+  };
+  refused([](json& m) { m["tensors"]["w"]["pieces"].erase(1); }, {"tensors['w']", "hold 12", "has 24"});
+  refused([](json& m) { m["tensors"]["w"]["pieces"][1]["box"][1] = {3, 7}; }, {"pieces[1]: box[1]", "outside"});
+  refused([](json& m) { m["tensors"]["w"]["pieces"][1]["box"] = {{0, 4}}; }, {"pieces[1]", "another rank"});
+  refused([](json& m) { m["tensors"]["w"]["pieces"][0]["file"] = "other.safetensors"; },
+          {"pieces[0]", "'other.safetensors' is not in 'files'"});
+  refused([](json& m) { m["tensors"]["w"]["pieces"][0]["crc32c"] = json::array(); }, {"pieces[0]", "0 checksums"});
+  refused([](json& m) { m["tensors"]["w"]["pieces"][0]["crc32c"] = {"xyz"}; }, {"pieces[0]", "hex"});
+  refused([](json& m) { m["tensors"]["optimizer.exp_avg.w"]["pieces"][1]["flat"] = {10, 25}; },
+          {"pieces[1]", "'flat' outside the box"});
+  refused([](json& m) { m["tensors"]["w"]["pieces"][1]["file"] = "optimizer-rank00001.safetensors"; },
+          {"pieces[1]", "another kind"});
+  refused([](json& m) { m["tensors"]["w"]["dtype"] = "U8"; }, {"tensors['w']", "dtype 'U8'"});
 }
 
 // A shape element that is not an integer was nlohmann's type_error from
