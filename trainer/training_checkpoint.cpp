@@ -173,19 +173,31 @@ std::string prepare_checkpoint_folder(const std::string& checkpoints_dir, int64_
   const fs::path root(checkpoints_dir);
   const std::string folder_name = checkpoint_folder_name(step);
   const fs::path tmp = root / (folder_name + ".tmp");
+  std::string error;
   if (rank.writer) {
-    // A step folder that `latest` does not name was never committed: a crash
-    // came between its rename and the update of `latest`, or this run resumed
-    // from an earlier checkpoint. Training has just recomputed this step, so
-    // the folder is replaced. The one `latest` names is never touched.
-    const fs::path folder = root / folder_name;
-    if (fs::exists(folder) && latest_folder_name(checkpoints_dir) != folder_name) fs::remove_all(folder);
-    if (fs::exists(folder)) throw BadInput("checkpoint folder '" + folder.string() + "' already exists");
-    fs::remove_all(tmp);  // left by a save that did not finish
-    fs::create_directories(tmp);
+    try {
+      // A step folder that `latest` does not name was never committed: a
+      // crash came between its rename and the update of `latest`, or this
+      // run resumed from an earlier checkpoint. Training has just recomputed
+      // this step, so the folder is replaced. The one `latest` names is
+      // never touched.
+      const fs::path folder = root / folder_name;
+      if (fs::exists(folder) && latest_folder_name(checkpoints_dir) != folder_name) fs::remove_all(folder);
+      if (fs::exists(folder)) throw BadInput("checkpoint folder '" + folder.string() + "' already exists");
+      fs::remove_all(tmp);  // left by a save that did not finish
+      fs::create_directories(tmp);
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
   }
-  // Every rank writes into the folder once the writer has made it.
-  if (rank.world != nullptr) rank.world->barrier()->wait();
+  // Every rank writes into the folder once the writer has made it, and all
+  // of them learn when it could not be made.
+  if (rank.world != nullptr) {
+    for (const std::string& text : all_gather_strings(*rank.world, error)) {
+      if (!text.empty()) error = text;
+    }
+  }
+  if (!error.empty()) throw std::runtime_error("checkpoint of step " + std::to_string(step) + " not written: " + error);
   return tmp.string();
 }
 
@@ -300,7 +312,17 @@ TrainingSnapshot AsyncCheckpointWriter::take_spare() {
 std::string AsyncCheckpointWriter::start(TrainingSnapshot snapshot) {
   wait();
   const std::string folder = (fs::path(checkpoints_dir_) / checkpoint_folder_name(snapshot.step)).string();
-  const std::string tmp = prepare_checkpoint_folder(checkpoints_dir_, snapshot.step, rank_);
+  std::string tmp;
+  try {
+    tmp = prepare_checkpoint_folder(checkpoints_dir_, snapshot.step, rank_);
+  } catch (...) {
+    // Every rank failed alike; on one rank the failure is reported by wait(),
+    // as a failed background write is.
+    if (rank_.world != nullptr) throw;
+    std::lock_guard<std::mutex> lock(mutex_);
+    error_ = std::current_exception();
+    return folder;
+  }
   {
     std::lock_guard<std::mutex> lock(mutex_);
     tmp_ = tmp;

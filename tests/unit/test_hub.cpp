@@ -15,6 +15,7 @@
 #include "checkpoints/hub.h"
 #include "checkpoints/init_from.h"
 #include "checkpoints/loom_checkpoint.h"
+#include "checkpoints/regions.h"
 #include "checkpoints/torch_tensors.h"
 #include "tests/unit/bad_input.h"
 #include "util/error.h"
@@ -176,7 +177,84 @@ TEST_F(HubTest, CorruptCheckpointFileIsNamedByItsChecksum) {
     f.seekp(static_cast<std::streamoff>(fs::file_size(file) - 10));
     f.put('\x7f');
   }
+  // Opening checks sizes and headers; the bytes are checked as they are read
+  // (chunk by chunk), or all at once by verify_checkpoint_files.
+  const ModelFiles files = ModelFiles::open(path("ckpt"));
+  expect_bad_input([&] { load_model(files); }, {"model-rank00000.safetensors", "CRC32C", "corrupt"});
+  const std::vector<std::string> failures = verify_checkpoint_files(path("ckpt"));
+  ASSERT_EQ(failures.size(), 1u);
+  EXPECT_NE(failures[0].find("model-rank00000.safetensors: CRC32C"), std::string::npos) << failures[0];
+}
+
+// Version 1 (every tensor whole in model-rank00000.safetensors, the manifest
+// naming a slice per tensor and verifying whole files) still loads.
+TEST_F(HubTest, VersionOneCheckpointsStillLoad) {
+  write_loom_checkpoint(*model_, path("ckpt"), {.step = 3});
+  auto manifest = nlohmann::json::parse(read_file(path("ckpt/manifest.json")));
+  nlohmann::json tensors = nlohmann::json::object();
+  for (const auto& [name, tensor] : manifest.at("tensors").items()) {
+    nlohmann::json slice = nlohmann::json::array();
+    for (const auto& d : tensor.at("shape")) slice.push_back({0, d});
+    tensors[name] = {{"dtype", tensor.at("dtype")}, {"shape", tensor.at("shape")},
+                     {"file", "model-rank00000.safetensors"}, {"slice", slice}};
+  }
+  manifest["version"] = 1;
+  manifest["tensors"] = tensors;
+  manifest.erase("crc_chunk_bytes");
+  write_file_atomic(path("ckpt/manifest.json"), manifest.dump(2));
+  const ModelFiles files = ModelFiles::open(path("ckpt"));
+  EXPECT_EQ(files.manifest()->version, 1);
+  expect_same_parameters(*model_, *load_model(files));
+  // Version 1 files are checked whole when opened.
+  const std::string file = path("ckpt/model-rank00000.safetensors");
+  {
+    std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(static_cast<std::streamoff>(fs::file_size(file) - 10));
+    f.put('\x7f');
+  }
   expect_bad_input([&] { ModelFiles::open(path("ckpt")); }, {"model-rank00000.safetensors", "CRC32C"});
+}
+
+// Pieces written by "ranks" of one layout read back on others: a [12, 8]
+// tensor cut along dim 1 by two ranks, and along dim 0 by three ranks into
+// flat ranges (ZeRO-style), read as whole tensors, tp slices along either
+// dim, and flat ranges.
+TEST_F(HubTest, PiecesOfOneLayoutReadBackOnAnother) {
+  const torch::Tensor w = torch::arange(96, torch::kFloat).reshape({12, 8});
+  const torch::Tensor v = torch::arange(96, torch::kFloat).reshape({12, 8}).mul(-1);
+  const std::vector<int64_t> shape = {12, 8};
+  const std::string tmp = path("pieces.tmp");
+  fs::create_directories(tmp);
+  std::vector<std::string> written;
+  for (int64_t rank = 0; rank < 3; ++rank) {
+    std::vector<PieceToWrite> model, optimizer;
+    if (rank < 2) {
+      const Region region = Region::chunk(shape, 1, rank, 2);
+      model.push_back({"w", torch::kFloat, shape, region, [=] { return w.narrow(1, rank * 4, 4).contiguous(); }});
+    }
+    Region flat = Region::whole(shape);
+    flat.flat = Range{rank * 32, rank * 32 + 32};
+    optimizer.push_back({"v", torch::kFloat, shape, flat, [=] { return v.reshape({-1}).narrow(0, rank * 32, 32).clone(); }});
+    written.push_back(write_rank_files(tmp, rank, model, optimizer));
+  }
+  ModelConfig config = model_->config();
+  commit_checkpoint_folder(config, written, tmp, path("pieces"), {});
+  const ModelFiles files = ModelFiles::open(path("pieces"));
+  for (const auto& [name, full] : {std::pair{"w", w}, std::pair{"v", v}}) {
+    EXPECT_TRUE(torch::equal(files.read(name), full)) << name;
+    for (int64_t dim : {0, 1}) {
+      for (int64_t part = 0; part < 4; ++part) {
+        torch::Tensor out = torch::empty({dim == 0 ? 3 : 12, dim == 0 ? 8 : 2});
+        files.read_region(name, Region::chunk(shape, dim, part, 4), out);
+        EXPECT_TRUE(torch::equal(out, full.narrow(dim, part * (dim == 0 ? 3 : 2), dim == 0 ? 3 : 2))) << name;
+      }
+    }
+    Region flat = Region::chunk(shape, 1, 1, 2);  // a ZeRO range of a tp slice
+    flat.flat = Range{5, 29};
+    torch::Tensor out = torch::empty({24}, torch::kBFloat16);  // converted on the way
+    files.read_region(name, flat, out);
+    EXPECT_TRUE(torch::equal(out, full.narrow(1, 4, 4).reshape({-1}).narrow(0, 5, 24).to(torch::kBFloat16))) << name;
+  }
 }
 
 TEST_F(HubTest, TruncatedCheckpointFileIsNamedBySize) {

@@ -503,9 +503,9 @@ TEST_F(TrainingTest, AsyncSnapshotIsACopyThatTrainingMayUpdateMeanwhile) {
     for (auto& p : model.named_parameters()) p.value().add_(1.0);
   }
   // Without a copy the snapshot sees the update: the copy is what protects it.
-  EXPECT_TRUE(torch::equal(shared.model.front().second, model.named_parameters()[shared.model.front().first]));
+  EXPECT_TRUE(torch::equal(shared.model.front().values, model.named_parameters()[shared.model.front().name]));
 
-  AsyncCheckpointWriter writer(path("checkpoints"), TrainingCheckpointOptions{});
+  AsyncCheckpointWriter writer(path("checkpoints"), TrainingCheckpointOptions{}, CheckpointRank{});
   const std::string folder = writer.start(std::move(copied));
   EXPECT_EQ(folder, path("checkpoints") + "/step-0000007");
   writer.wait();
@@ -519,7 +519,7 @@ TEST_F(TrainingTest, AsyncSnapshotIsACopyThatTrainingMayUpdateMeanwhile) {
 TEST_F(TrainingTest, AsyncWriteFailureIsReportedByWait) {
   const StateToSave state(config("async", random_dataset()));
   write_file_atomic(path("not-a-folder"), "x");  // the checkpoints folder cannot be made below a file
-  AsyncCheckpointWriter writer(path("not-a-folder/checkpoints"), TrainingCheckpointOptions{});
+  AsyncCheckpointWriter writer(path("not-a-folder/checkpoints"), TrainingCheckpointOptions{}, CheckpointRank{});
   writer.start(snapshot_training_state(1, state.model, state.optimizer, state.loader, 0, /*copy=*/true));
   EXPECT_ANY_THROW(writer.wait());
   EXPECT_NO_THROW(writer.wait());  // reported once
