@@ -1,6 +1,7 @@
 #include "trainer/training_checkpoint.h"
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -103,6 +104,16 @@ std::vector<fs::path> step_folders(const fs::path& checkpoints_dir) {
   return out;
 }
 
+// Temporary folders of unfinished saves of `folder_name` (NAME.tmp-PID).
+std::vector<fs::path> temporary_folders(const fs::path& checkpoints_dir, const std::string& folder_name) {
+  std::vector<fs::path> out;
+  if (!fs::is_directory(checkpoints_dir)) return out;
+  for (const auto& entry : fs::directory_iterator(checkpoints_dir)) {
+    if (entry.path().filename().string().starts_with(folder_name + ".tmp-")) out.push_back(entry.path());
+  }
+  return out;
+}
+
 // The folder name `latest` holds, or "" when there is no `latest` yet.
 std::string latest_folder_name(const std::string& checkpoints_dir) {
   const fs::path latest = fs::path(checkpoints_dir) / kLatestFile;
@@ -172,9 +183,11 @@ TrainingSnapshot snapshot_training_state(int64_t step, const LlamaForCausalLM& m
 std::string prepare_checkpoint_folder(const std::string& checkpoints_dir, int64_t step, const CheckpointRank& rank) {
   const fs::path root(checkpoints_dir);
   const std::string folder_name = checkpoint_folder_name(step);
-  const fs::path tmp = root / (folder_name + ".tmp");
-  std::string error;
+  // The writer names the folder after its process, as a single-rank save
+  // does, and tells the other ranks; "!" starts an error instead.
+  std::string made;
   if (rank.writer) {
+    const fs::path tmp = root / (folder_name + ".tmp-" + std::to_string(::getpid()));
     try {
       // A step folder that `latest` does not name was never committed: a
       // crash came between its rename and the update of `latest`, or this
@@ -184,21 +197,24 @@ std::string prepare_checkpoint_folder(const std::string& checkpoints_dir, int64_
       const fs::path folder = root / folder_name;
       if (fs::exists(folder) && latest_folder_name(checkpoints_dir) != folder_name) fs::remove_all(folder);
       if (fs::exists(folder)) throw BadInput("checkpoint folder '" + folder.string() + "' already exists");
-      fs::remove_all(tmp);  // left by a save that did not finish
+      for (const fs::path& stale : temporary_folders(root, folder_name)) fs::remove_all(stale);  // unfinished saves
       fs::create_directories(tmp);
+      made = tmp.string();
     } catch (const std::exception& e) {
-      error = e.what();
+      made = std::string("!") + e.what();
     }
   }
   // Every rank writes into the folder once the writer has made it, and all
   // of them learn when it could not be made.
   if (rank.world != nullptr) {
-    for (const std::string& text : all_gather_strings(*rank.world, error)) {
-      if (!text.empty()) error = text;
+    for (const std::string& text : all_gather_strings(*rank.world, made)) {
+      if (!text.empty()) made = text;
     }
   }
-  if (!error.empty()) throw std::runtime_error("checkpoint of step " + std::to_string(step) + " not written: " + error);
-  return tmp.string();
+  if (made.empty() || made.front() == '!') {
+    throw std::runtime_error("checkpoint of step " + std::to_string(step) + " not written: " + made.substr(1));
+  }
+  return made;
 }
 
 std::string write_snapshot_files(const std::string& tmp, const TrainingSnapshot& snapshot, const CheckpointRank& rank) {

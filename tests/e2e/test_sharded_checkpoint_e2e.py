@@ -1,0 +1,150 @@
+"""Sharded checkpoints survive the death of any one rank (issue: sharded state).
+
+A tp 2 x pp 2 run on 4 ranks checkpoints every step; one rank (not the
+writer, and in one round the writer) is SIGKILLed at the points of a sharded
+save: while the ranks write their pieces into the temporary folder, right
+after the writer renamed it into place, right after `latest` moved, and at
+random moments. After each kill `latest` must name a whole, loadable
+checkpoint that never goes back; the run then resumes on another layout
+(dp 2 x pp 2) and finishes. Also: the files of a sharded save hold one copy
+of the parameters and the optimizer state, and each rank writes about its
+share.
+"""
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+
+from test_train_e2e import _ckpt_entries, _wait_for, check_after_kill, loom, train_args
+from test_train_e2e import data  # noqa: F401 (fixture)
+from test_train_e2e import LOOM_BIN
+from test_tensor_parallel_e2e import mpi_args, mpi_env, mpi_loom
+
+STEPS = 40
+LAYOUT = {"parallel.tp": 2, "parallel.pp": 2, "model.num_layers": 4, "model.num_heads": 8, "model.num_kv_heads": 4,
+          "batch.micro_batch_size": 1, "launch.ranks": 4}
+
+
+def run_and_kill_rank(args, ckpt_dir, mode, victim, delay=0.0):
+    """Starts the 4-rank run and SIGKILLs world rank `victim` at `mode`
+    ('tmp', 'rename', 'latest' or 'delay', as in test_train_e2e)."""
+    tag = str(time.monotonic_ns())
+    env = {**mpi_env(), "LOOM_TEST_TAG": tag}
+    log_path = ckpt_dir.parent.parent / f"train-{tag}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([*mpi_args(4), "-x", "LOOM_TEST_TAG", LOOM_BIN, *map(str, args)], stdout=log,
+                                stderr=subprocess.STDOUT, env=env)
+    latest = ckpt_dir / "latest"
+
+    def read_latest():
+        try:
+            return latest.read_text()
+        except (FileNotFoundError, IsADirectoryError):
+            return None
+
+    def victim_pid():
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    env_of = dict(i.split(b"=", 1) for i in f.read().split(b"\0") if b"=" in i)
+            except OSError:
+                continue
+            if env_of.get(b"LOOM_TEST_TAG") == tag.encode() and env_of.get(b"OMPI_COMM_WORLD_RANK") == str(victim).encode():
+                return int(entry)
+        return None
+
+    try:
+        before = read_latest()
+        if not _wait_for(proc, lambda: read_latest() not in (None, before), timeout=120):
+            rc = proc.wait()
+            assert rc == 0, f"exited {rc} before a checkpoint:\n{log_path.read_text()[-2000:]}"
+            return False, "finished"
+        if mode == "tmp":
+            stale = {e for e in _ckpt_entries(ckpt_dir) if ".tmp-" in e}
+            ok = _wait_for(proc, lambda: any(".tmp-" in e and e not in stale for e in _ckpt_entries(ckpt_dir)))
+        elif mode == "rename":
+            seen = {e for e in _ckpt_entries(ckpt_dir) if e.startswith("step-") and ".tmp-" not in e}
+            ok = _wait_for(proc, lambda: any(e.startswith("step-") and ".tmp-" not in e and e not in seen
+                                             for e in _ckpt_entries(ckpt_dir)))
+        elif mode == "latest":
+            cur = read_latest()
+            ok = _wait_for(proc, lambda: read_latest() not in (None, cur))
+        else:
+            time.sleep(delay)
+            ok = proc.poll() is None
+        pid = victim_pid() if ok else None
+        if pid is None:
+            rc = proc.wait()
+            assert rc == 0, f"exited {rc}:\n{log_path.read_text()[-2000:]}"
+            return False, f"finished before the kill point ({mode})"
+        os.kill(pid, signal.SIGKILL)
+        # mpirun ends the whole job when a rank dies: no rank hangs.
+        rc = proc.wait(timeout=120)
+        assert rc != 0, "mpirun exited 0 after a rank was killed"
+        return True, f"{mode} rank {victim} delay={delay:.3f}; left {sorted(_ckpt_entries(ckpt_dir))}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_killing_any_rank_mid_save_keeps_latest_loadable_and_resume_finishes(data, tmp_path):
+    run_dir = tmp_path / "runs" / "k"
+    ckpt_dir = run_dir / "checkpoints"
+    args = train_args(data, tmp_path / "runs", "k", STEPS, 1, **LAYOUT)
+    rng = random.Random(20261206)
+    plan = [("tmp", 1), ("latest", 3), ("delay", 2), ("tmp", 0), ("rename", 1), ("delay", 3)]
+    kills, log, last_step = 0, [], 0
+    for mode, victim in plan:
+        delay = rng.uniform(0.0, 0.5) if mode == "delay" else 0.0
+        killed, what = run_and_kill_rank(args, ckpt_dir, mode, victim, delay)
+        log.append(what)
+        if not killed:
+            break
+        kills += 1
+        step = check_after_kill(ckpt_dir, what)
+        assert step >= last_step, f"latest went back from step {last_step} to {step} ({what})"
+        last_step = step
+    assert kills >= 4, f"only {kills} kills landed: {log}"
+    # Resume on another layout, over whatever the kills left behind.
+    resumed = {**LAYOUT, "parallel.tp": 1, "parallel.dp": 2}
+    mpi_loom(4, train_args(data, tmp_path / "runs", "k", STEPS, 1, **resumed))
+    assert (ckpt_dir / "latest").read_text().strip() == f"step-{STEPS:07d}"
+    check_after_kill(ckpt_dir, "after the final resume")
+    assert not [e for e in _ckpt_entries(ckpt_dir) if ".tmp-" in e], sorted(_ckpt_entries(ckpt_dir))
+
+
+def test_a_sharded_save_holds_one_copy_and_each_rank_writes_its_share(data, tmp_path):
+    # dp 2 x tp 2 with ZeRO-1: parameters replicated over dp, optimizer state cut over dp.
+    layout = {**LAYOUT, "parallel.pp": 1, "parallel.dp": 2, "parallel.zero_stage": 1}
+    mpi_loom(4, train_args(data, tmp_path, "z", 2, 2, **layout))
+    ckpt = tmp_path / "z" / "checkpoints" / "step-0000002"
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    params = sum(4 * _numel(t["shape"]) for n, t in manifest["tensors"].items() if not n.startswith("optimizer."))
+    state = sum(4 * _numel(t["shape"]) for n, t in manifest["tensors"].items() if n.startswith("optimizer."))
+    assert state >= 2 * params  # exp_avg and exp_avg_sq
+    stored = {name: entry["bytes"] for name, entry in manifest["files"].items() if entry["kind"] != "trainer_state"}
+    total = sum(stored.values())
+    assert total <= 1.10 * (params + state), (total, params + state, stored)
+    per_rank = {}
+    for name, size in stored.items():
+        rank = int(name.split("-rank")[1].split(".")[0])
+        per_rank[rank] = per_rank.get(rank, 0) + size
+    assert sorted(per_rank) == [0, 1, 2, 3], per_rank
+    share = (params + state) / 4
+    assert max(per_rank.values()) <= 2 * share, (per_rank, share)
+    # And it loads whole: every tensor read back, every chunk checked.
+    out, _ = loom("inspect", ckpt, "--verify")
+    assert "every piece's checksums match" in out
+
+
+def _numel(shape):
+    n = 1
+    for d in shape:
+        n *= d
+    return n
