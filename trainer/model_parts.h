@@ -23,7 +23,7 @@ namespace loom {
 
 // This rank's groups, each null where its axis has one rank.
 // Note [host and device groups]: what goes through the host (the loss and
-// the metrics, flags, gradient norms, checkpoint gathers) uses the MPI
+// the metrics, flags, gradient norms, checkpoint commits) uses the MPI
 // groups `dp`, `tp` and `pp`; the model's own tensors (tp activations and the
 // vocabulary-parallel loss, dp gradients and ZeRO shards) use `dp_data` and
 // `tp_data`: NCCL's twins on CUDA, the same MPI groups on the CPU. The
