@@ -103,6 +103,7 @@ struct CheckpointConfig {
   std::string resume = "auto";  // auto | none | a path
   bool async = false;
   bool export_hf_at_end = true;
+  std::string export_dtype = "bfloat16";  // bfloat16 | float32 | float16: of the end-of-run Hub export
 };
 
 struct LoggingConfig {

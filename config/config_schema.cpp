@@ -28,6 +28,7 @@ const Bounds kTokenId{-1, false};
 const Bounds kFraction{0, false, 1, false};  // [0, 1]
 const Bounds kBetaRange{0, false, 1, true};  // [0, 1)
 const std::vector<std::string> kPrecisions = {"fp32", "bf16"};
+const std::vector<std::string> kExportDtypes = {"bfloat16", "float32", "float16"};
 
 // One row per key: {key, field, default ("" = the struct's), unit, doc, range, allowed values}.
 // clang-format off
@@ -212,6 +213,8 @@ std::vector<KeySpec> build_table() {
        "write checkpoints from a background thread while training continues"},
       {"checkpoint.export_hf_at_end", LOOM_FIELD(checkpoint.export_hf_at_end), "", "",
        "write a Hugging Face model folder to <run>/hf/ when training ends"},
+      {"checkpoint.export_dtype", LOOM_FIELD(checkpoint.export_dtype), "", "",
+       "dtype of the weights in that folder (the checkpoints keep the training dtype)", kAny, kExportDtypes},
 
       // --- logging ----------------------------------------------------------------
       {"logging.interval", LOOM_FIELD(logging.interval), "", "steps", "log metrics every this many steps",

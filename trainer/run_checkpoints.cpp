@@ -313,6 +313,9 @@ std::shared_ptr<LlamaForCausalLM> RunCheckpoints::gathered_model(const ModelPart
 
 void RunCheckpoints::export_hub(int64_t step, const std::string& checkpoint) const {
   ExportOptions options;
+  options.dtype = config_.checkpoint.export_dtype == "float32"   ? torch::kFloat
+                  : config_.checkpoint.export_dtype == "float16" ? torch::kHalf
+                                                                 : torch::kBFloat16;
   options.tokenizer_dir = tokenizer_dir_of(config_, run_dir_);
   options.model_name = config_.run.name;
   options.card_notes = "Trained by loom for " + std::to_string(step) + " steps.";

@@ -88,6 +88,8 @@ def train_args(data, output_dir, name, steps, interval, **extra):
         "schedule.warmup_steps": 2,
         "checkpoint.interval": interval,
         "checkpoint.resume": "auto",
+        # The tests compare exported weights with fp32 references.
+        "checkpoint.export_dtype": "float32",
         "logging.interval": 1,
     }
     sets.update(extra)
