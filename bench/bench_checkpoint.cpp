@@ -122,7 +122,7 @@ int run(const Options& o) {
   config.tie_embeddings = false;
   LocalLayerFactory factory;
   LlamaForCausalLM model(config, factory);
-  model.init_weights();
+  model.init_weights(/*seed=*/1);
   AdamW optimizer(to_named_tensors(model.named_parameters()), AdamWOptions{});
   // One update, so that both moments exist and hold real numbers.
   for (auto& p : model.parameters()) p.mutable_grad() = torch::randn_like(p) * 1e-3;

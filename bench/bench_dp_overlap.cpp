@@ -75,7 +75,7 @@ Timing run(MpiProcessGroup& dp, const Options& o, bool overlap) {
   torch::manual_seed(1);
   LocalLayerFactory factory;
   LlamaForCausalLM model(config, factory);
-  model.init_weights();
+  model.init_weights(1);
   std::vector<at::Tensor> params;
   for (const auto& p : model.parameters()) params.push_back(p);
   GradientReducer reducer(dp, params, {o.bucket_mb, overlap});

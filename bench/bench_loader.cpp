@@ -65,7 +65,7 @@ double consume_tokens_per_s(const loom::Config& config, int64_t seq_len) {
   torch::manual_seed(0);
   loom::LocalLayerFactory factory;
   loom::LlamaForCausalLM model(config.model, factory);
-  model.init_weights();
+  model.init_weights(0);
   auto ids = torch::randint(config.model.vocab_size, {1, seq_len + 1}, torch::kLong);
   auto step = [&] {
     auto logits = model.forward(ids.narrow(1, 0, seq_len));

@@ -62,7 +62,7 @@ void run(MpiProcessGroup& pp, const Options& o, const char* kind, int64_t v) {
   torch::manual_seed(1);
   LocalLayerFactory factory;
   LlamaForCausalLM whole(config, factory);
-  whole.init_weights();
+  whole.init_weights(1);
   const PipeSchedule schedule = make_pipe_schedule(kind, pp.size(), o.micro_batches, v);
   auto chunks = build_pipeline_chunks(config, factory, schedule, pp.rank());
   for (auto& chunk : chunks) load_tensor_parallel_shards(*chunk, to_named_tensors(whole.named_parameters()), 0, 1);

@@ -135,7 +135,7 @@ void model_bytes(MpiProcessGroup& world, const Shape& s) {
     torch::manual_seed(1);
     TensorParallelLayerFactory factory(tp, sp);
     LlamaForCausalLM model(config, factory);
-    model.init_weights();
+    model.init_weights(1);
     at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(7);
     const at::Tensor ids = at::randint(s.vocab, {s.micro, s.seq + 1}, gen, at::kLong);
     tp.reset();

@@ -1,9 +1,8 @@
 #include "checkpoints/init_from.h"
 
-#include <torch/utils.h>
-
 #include "checkpoints/hub.h"
 #include "checkpoints/loom_checkpoint.h"
+#include "model/init.h"
 #include "util/error.h"
 
 namespace loom {
@@ -23,9 +22,8 @@ void check_agrees(const char* key, int64_t from_yaml, int64_t from_folder, const
 std::shared_ptr<LlamaForCausalLM> build_initial_model(Config& config, const LayerFactory& factory) {
   if (config.model.init_from.empty()) {
     validate_model_config(config.model, config.source_path.empty() ? "config" : config.source_path);
-    torch::manual_seed(config.run.seed);
     auto model = std::make_shared<LlamaForCausalLM>(config.model, factory);
-    model->init_weights();
+    model->init_weights(config.run.seed);
     return model;
   }
   const std::string& folder = config.model.init_from;
@@ -60,13 +58,12 @@ void write_initialized_checkpoint(const ModelConfig& model, uint64_t seed, torch
     const std::string name = named.key();
     const std::vector<int64_t> shape = named.value().sizes().vec();
     const double init_std = model.init_std;
-    tensors.push_back({name, dtype, shape, [name, shape, init_std, dtype] {
+    tensors.push_back({name, dtype, shape, [name, shape, init_std, seed, dtype] {
                          torch::Tensor p = torch::empty(shape);
-                         init_parameter(name, p, init_std);  // fp32, as in training, then stored in dtype
+                         init_parameter(name, p, init_std, seed);  // fp32, as in training, then stored in dtype
                          return dtype == torch::kFloat ? p : p.to(dtype);
                        }});
   }
-  torch::manual_seed(seed);  // the tensors are made in order, as init_weights draws them
   write_loom_checkpoint(model, tensors, dir, CheckpointWriteOptions{});
 }
 

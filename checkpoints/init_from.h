@@ -18,9 +18,10 @@ namespace loom {
 std::shared_ptr<LlamaForCausalLM> build_initial_model(Config& config, const LayerFactory& factory);
 
 // Writes a loom checkpoint (step 0, weights only) of the model `model`
-// describes, initialized as build_initial_model does after
-// torch::manual_seed(seed), stored in `dtype`. One tensor is made, written
-// and dropped at a time, so the model may be larger than memory (`loom init`).
+// describes, initialized as a run with run.seed = `seed` starts on any
+// layout (model/init.h), stored in `dtype`. One tensor is made, written and
+// dropped at a time, so the model may be larger than memory (`loom init`).
+// torch's generator is neither used nor changed.
 void write_initialized_checkpoint(const ModelConfig& model, uint64_t seed, torch::ScalarType dtype,
                                   const std::string& dir);
 

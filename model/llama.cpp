@@ -2,10 +2,10 @@
 
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
-#include <torch/nn/init.h>
 
 #include <string>
 
+#include "model/init.h"
 #include "model/kernels/fused_ops.h"
 #include "model/recompute.h"
 
@@ -123,20 +123,8 @@ LlamaForCausalLM::LlamaForCausalLM(const ModelConfig& model, const LayerFactory&
   }
 }
 
-void LlamaForCausalLM::init_weights() {
-  torch::NoGradGuard no_grad;
-  for (auto& named : named_parameters()) init_parameter(named.key(), named.value(), config_.init_std);
-}
-
-void init_parameter(const std::string& name, torch::Tensor& p, double init_std) {
-  torch::NoGradGuard no_grad;
-  if (name.ends_with("norm.weight")) {
-    p.fill_(1.0);
-  } else if (name.ends_with(".bias")) {
-    p.zero_();
-  } else {
-    p.normal_(0.0, init_std);
-  }
+void LlamaForCausalLM::init_weights(uint64_t seed) {
+  for (const auto& named : named_parameters()) init_parameter(named.key(), named.value(), config_.init_std, seed);
 }
 
 torch::Tensor LlamaForCausalLM::forward(const torch::Tensor& input, KVCache* cache, int64_t start) {

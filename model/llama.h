@@ -95,9 +95,11 @@ class LlamaForCausalLM : public torch::nn::Module {
   LlamaForCausalLM(const ModelConfig& model, const LayerFactory& factory, StageSpec stage = {});
 
   // Fills parameters as Hugging Face's initializer does: linear and embedding
-  // weights ~ N(0, init_std), biases 0, norm weights 1. Deterministic for a
-  // given torch seed.
-  void init_weights();
+  // weights ~ N(0, init_std), biases 0, norm weights 1, each parameter taken
+  // as the whole tensor of its name (model/init.h). The values depend on
+  // `seed` and the names only, not on torch's generator, which is left as it
+  // is: a pipeline stage gets the whole model's values of its layers.
+  void init_weights(uint64_t seed);
 
   // First stage: ids [batch, tokens] (int64) -> hidden [batch, tokens, hidden].
   // Later stages take hidden states. The last stage returns logits
@@ -120,12 +122,6 @@ class LlamaForCausalLM : public torch::nn::Module {
   std::shared_ptr<RMSNorm> norm_;
   std::shared_ptr<LmHead> lm_head_;
 };
-
-// Fills one parameter as LlamaForCausalLM::init_weights does, by its name:
-// norm weights 1, biases 0, everything else ~ N(0, init_std). Calling it on
-// each parameter in named_parameters() order after the same torch seed gives
-// init_weights' values, so a model can be initialized a tensor at a time.
-void init_parameter(const std::string& name, torch::Tensor& p, double init_std);
 
 // Parameters other than embeddings: the N of REFERENCE's 6N + 12LHS.
 int64_t count_non_embedding_parameters(const ModelConfig& model);

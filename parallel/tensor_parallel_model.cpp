@@ -4,7 +4,9 @@
 
 #include <string>
 #include <utility>
+#include <vector>
 
+#include "model/init.h"
 #include "parallel/vocab_parallel.h"
 #include "util/error.h"
 
@@ -114,6 +116,21 @@ void load_tensor_parallel_shards(torch::nn::Module& local, const NamedTensors& f
   }
   at::NoGradGuard no_grad;
   for (auto& [destination, shard] : copies) destination.copy_(shard);
+}
+
+void init_tensor_parallel_shards(torch::nn::Module& local, double init_std, uint64_t seed, int64_t rank,
+                                 int64_t size) {
+  const std::map<std::string, int64_t> dims = tensor_parallel_shard_dims(local);
+  for (const auto& named : local.named_parameters()) {
+    const at::Tensor& shard = named.value();
+    std::vector<int64_t> full_shape = shard.sizes().vec(), start(shard.dim(), 0);
+    const int64_t dim = dims.at(named.key());
+    if (dim >= 0 && size > 1) {  // as tensor_parallel_shard cuts it: equal chunks, rank r's the r-th
+      full_shape[dim] *= size;
+      start[dim] = rank * shard.size(dim);
+    }
+    init_parameter_box(named.key(), shard, full_shape, start, init_std, seed);
+  }
 }
 
 NamedTensors gather_tensor_parallel(ProcessGroup& tp, const NamedTensors& local,

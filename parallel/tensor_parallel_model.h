@@ -85,6 +85,16 @@ at::Tensor tensor_parallel_shard(const std::string& name, const at::Tensor& full
 // whose shape does not match, before anything is copied.
 void load_tensor_parallel_shards(torch::nn::Module& local, const NamedTensors& full, int64_t rank, int64_t size);
 
+// Fills every parameter of `local` (a model built by a
+// TensorParallelLayerFactory, or by any other: then every parameter is
+// whole) with rank `rank`'s shard of the initial weights of the whole model
+// (model/init.h): a shard of a tensor is the box of its full tensor that
+// tensor_parallel_shard cuts, drawn without drawing the rest. The same values
+// as init_weights(seed) on the whole model followed by
+// load_tensor_parallel_shards.
+void init_tensor_parallel_shards(torch::nn::Module& local, double init_std, uint64_t seed, int64_t rank,
+                                 int64_t size);
+
 // The full tensors of `local` (this rank's shards, named), on the CPU: each
 // sharded tensor is all-gathered over `tp` and its chunks joined along its
 // dim; a tensor whose name `shard_dim` maps to -1 is copied as this rank holds

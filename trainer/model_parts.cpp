@@ -4,6 +4,7 @@
 #include <string>
 
 #include <torch/types.h>
+#include <torch/utils.h>
 
 #include "checkpoints/init_from.h"
 #include "parallel/pipeline.h"
@@ -47,6 +48,11 @@ void ModelParts::load_from_whole() {
   for (auto& module : modules) load_tensor_parallel_shards(*module, whole_params, tp_rank, tp_size);
 }
 
+LlamaForCausalLM& ModelParts::ensure_whole(const ModelConfig& shape) {
+  if (!whole) whole = model_is_whole ? model : std::make_shared<LlamaForCausalLM>(shape, local_factory);
+  return *whole;
+}
+
 std::unique_ptr<ModelParts> build_model_parts(Config& config, const ParallelDims& dims, const TrainGroups& groups,
                                               c10::Device device) {
   auto owned = std::make_unique<ModelParts>();
@@ -56,11 +62,15 @@ std::unique_ptr<ModelParts> build_model_parts(Config& config, const ParallelDims
     parts.tp_rank = groups.tp->rank();
     parts.tp_size = groups.tp->size();
   }
-  // build_initial_model seeds torch with run.seed before drawing the initial
-  // weights; seeding here too covers model.init_from. The weights are drawn
-  // on the CPU and then moved, so every device starts from the same ones.
-  torch::manual_seed(config.run.seed);
-  parts.whole = build_initial_model(config, parts.local_factory);
+  // model.init_from: every rank loads the whole model on the CPU, as one rank
+  // would, and keeps its part below. Fresh weights need no whole model: each
+  // rank draws only its own parts (Note [layout-independent initialization]).
+  const bool from_folder = !config.model.init_from.empty();
+  if (from_folder) {
+    parts.whole = build_initial_model(config, parts.local_factory);  // config.model takes the folder's shape
+  } else {
+    validate_model_config(config.model, config.source_path.empty() ? "config" : config.source_path);
+  }
   if (groups.tp != nullptr) {
     parts.tp_factory = std::make_unique<TensorParallelLayerFactory>(*groups.tp_data, config.parallel.sequence_parallel);
   }
@@ -69,14 +79,24 @@ std::unique_ptr<ModelParts> build_model_parts(Config& config, const ParallelDims
   if (groups.pp != nullptr) {
     parts.schedule.emplace(pipeline_schedule_of(config, dims));
     parts.modules = build_pipeline_chunks(config.model, factory, *parts.schedule, groups.pp->rank());
-  } else if (groups.tp != nullptr) {
+  } else if (groups.tp != nullptr || !from_folder) {
     parts.model = std::make_shared<LlamaForCausalLM>(config.model, factory);
     parts.modules = {parts.model};
   } else {
     parts.model = parts.whole;
     parts.modules = {parts.model};
   }
-  parts.load_from_whole();
+  // On the CPU and then moved, so every device starts from the same weights.
+  if (from_folder) {
+    parts.load_from_whole();
+  } else {
+    for (auto& module : parts.modules) {
+      init_tensor_parallel_shards(*module, config.model.init_std, config.run.seed, parts.tp_rank, parts.tp_size);
+    }
+  }
+  // Nothing above draws from torch's generator; seeded here, it starts every
+  // run in the same state, whatever the layout and the weights' source.
+  torch::manual_seed(config.run.seed);
   for (auto& module : parts.modules) {
     module->to(device);
     module->train();

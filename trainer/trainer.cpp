@@ -109,6 +109,9 @@ void Trainer::open_loader() {
 }
 
 void Trainer::resume() {
+  // A resume loads the whole checkpoint into the whole model, as one rank
+  // would, where the rank holds only part of it or shards the optimizer.
+  if (!checkpoints_->resume_from().empty()) parts_->ensure_whole(config_.model);
   const RunCheckpoints::Resumed resumed = checkpoints_->resume(*parts_, *update_, *loader_, train_steps_);
   step_ = resumed.step;
   skipped_steps_ = resumed.skipped_steps;
@@ -177,7 +180,7 @@ TrainResult Trainer::run() {
   // wait on the weights' accumulation hooks.
   compute_weights_.emplace(bf16_ && dims_.world == 1);
   // The memory peaks in metrics.jsonl are those of the steps, not of the
-  // set-up before them (which draws the whole model on every rank).
+  // set-up before them (which may load a whole checkpoint on every rank).
   reset_peak_memory(device_);
   while (step_ < stop_step_) {
     const StepReport report = train_step();

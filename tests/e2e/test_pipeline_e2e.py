@@ -5,7 +5,7 @@ with each schedule (afab, 1f1b, interleaved with two chunks per rank), on
 tp 2 x pp 2, and in the full grid (dp 2 x pp 2, dp 2 x tp 2 x pp 2 on eight
 ranks, with and without ZeRO-1): the losses, validation losses and gradient
 norms must match the single-rank run within 1e-5 relative (1e-4 for the
-norms), the exported Hub folder and the checkpoint within 1e-6. An
+norms), the exported Hub folder and the checkpoint within 2e-6. An
 eight-rank run resumed from its checkpoint is bit-identical; a checkpoint
 moves between a pipeline layout and one rank; bad pipeline layouts are
 refused with exit code 2 before any work.
@@ -21,6 +21,12 @@ from test_tensor_parallel_e2e import assert_same_hub_folder, mpi_loom, run_folde
 
 STEPS = 10
 LAYERS = 8
+# The exported weights' distance from the single-rank run's. tp x pp sums in
+# other orders (tp's all-reduces, sequence parallelism's reduce-scatters), and
+# ten AdamW steps carry that rounding to the weights: with the tied tp 2 x pp 2
+# sp layout the largest difference measured 0.45e-6 to 1.1e-6 over run.seed
+# 1, 2, 3 and 1234 (pp alone: about 1e-7), so 1e-6 held for some seeds only.
+WEIGHT_TOL = 2e-6
 
 
 def pp_args(data, output_dir, name, tied, **extra):
@@ -65,7 +71,7 @@ def assert_matches_single_rank(run, reference, first_step=1):
     ref_norms = {r["step"]: r["grad_norm"] for r in read_metrics(reference) if "grad_norm" in r}
     for step in range(first_step, STEPS + 1):
         assert abs(norms[step] - ref_norms[step]) <= 1e-4 * ref_norms[step], (step, norms[step], ref_norms[step])
-    assert_same_hub_folder(run / "hf", reference / "hf", 1e-6)
+    assert_same_hub_folder(run / "hf", reference / "hf", WEIGHT_TOL)
 
 
 @pytest.mark.parametrize("ranks,tied,parallel", [
@@ -92,7 +98,7 @@ def test_pipeline_run_reproduces_the_single_rank_run(data, tmp_path, single_rank
     assert_matches_single_rank(run, single_rank[tied])
     # The checkpoint holds the whole model, as one rank writes it.
     loom("export", run / "checkpoints" / "step-0000010", "--output", tmp_path / "exported")
-    assert_same_hub_folder(tmp_path / "exported", single_rank[tied] / "hf", 1e-6)
+    assert_same_hub_folder(tmp_path / "exported", single_rank[tied] / "hf", WEIGHT_TOL)
     assert run_folder_entries(run) == run_folder_entries(single_rank[tied])
 
 

@@ -67,7 +67,7 @@ Trace train(const ModelConfig& config, bool cached, c10::Device device = c10::kC
   torch::manual_seed(11);
   LocalLayerFactory factory;
   LlamaForCausalLM model(config, factory);
-  model.init_weights();
+  model.init_weights(11);
   model.to(device);
   torch::manual_seed(12);
   const auto ids = torch::randint(config.vocab_size, {6, 2, 9}, torch::kLong).to(device);

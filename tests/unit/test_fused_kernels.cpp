@@ -613,7 +613,7 @@ std::pair<torch::Tensor, std::map<std::string, torch::Tensor>> loss_and_grads(co
   torch::manual_seed(9);
   LocalLayerFactory factory;
   auto model = std::make_shared<LlamaForCausalLM>(m, factory);
-  model->init_weights();
+  model->init_weights(9);
   model->to(device);
   auto ids = torch::randint(0, m.vocab_size, {2, 24}, torch::kLong);
   torch::Tensor loss;

@@ -44,7 +44,7 @@ class HubTest : public ::testing::Test {
     config_.eos_token_id = 3;
     torch::manual_seed(11);
     model_ = std::make_shared<LlamaForCausalLM>(config_, factory_);
-    model_->init_weights();
+    model_->init_weights(11);
   }
   void TearDown() override { fs::remove_all(dir_); }
 

@@ -44,7 +44,7 @@ std::shared_ptr<LlamaForCausalLM> make_model(const ModelConfig& m, uint64_t seed
   torch::manual_seed(seed);
   LocalLayerFactory factory;
   auto model = std::make_shared<LlamaForCausalLM>(m, factory);
-  model->init_weights();
+  model->init_weights(seed);
   model->eval();
   return model;
 }
@@ -315,7 +315,7 @@ TEST(Recompute, LaterPipelineStageGetsParameterGradientsWhenItsInputNeedsNone) {
     torch::manual_seed(7);
     LocalLayerFactory factory;
     LlamaForCausalLM stage(m, factory, StageSpec{1, 3, false, true});
-    stage.init_weights();
+    stage.init_weights(7);
     torch::manual_seed(5);
     const auto hidden = torch::randn({2, 12, 64});
     const auto ids = fixed_ids(61);
@@ -519,7 +519,7 @@ class RecordingFactory : public LocalLayerFactory {
 std::shared_ptr<LlamaForCausalLM> make_model(const ModelConfig& m, const LayerFactory& factory, StageSpec stage = {}) {
   torch::manual_seed(7);
   auto model = std::make_shared<LlamaForCausalLM>(m, factory, stage);
-  model->init_weights();
+  model->init_weights(7);
   return model;
 }
 

@@ -50,7 +50,7 @@ int64_t check_schedule(const char* kind, int64_t virtual_stages, int64_t layers,
   torch::manual_seed(11);
   LocalLayerFactory factory;
   LlamaForCausalLM whole(config, factory);
-  whole.init_weights();
+  whole.init_weights(11);
   std::vector<at::Tensor> inputs, targets;
   at::Tensor whole_loss = at::zeros({}, at::kDouble);
   for (int64_t mb = 0; mb < kMicroBatches; ++mb) {

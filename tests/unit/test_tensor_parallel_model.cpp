@@ -97,7 +97,7 @@ TEST_P(TensorParallelModel, TenStepsMatchTheSingleRankModel) {
   torch::manual_seed(42);
   LocalLayerFactory local;
   LlamaForCausalLM full(config, local);
-  full.init_weights();
+  full.init_weights(42);
   TensorParallelLayerFactory factory(tp(), c.sequence_parallel);
   auto sharded = std::make_shared<LlamaForCausalLM>(config, factory);
   load_tensor_parallel_shards(*sharded, to_named_tensors(full.named_parameters()), tp().rank(), tp().size());
@@ -187,7 +187,7 @@ TEST(TensorParallelModelLoad, AFullTensorOfTheWrongShapeIsRefusedBeforeAnyCopy) 
   torch::manual_seed(1);
   LocalLayerFactory local;
   LlamaForCausalLM full(config, local);
-  full.init_weights();
+  full.init_weights(1);
   NamedTensors params = to_named_tensors(full.named_parameters());
   const at::Tensor before = sharded.named_parameters()["model.embed_tokens.weight"].clone();
   for (auto& [name, tensor] : params) {
@@ -216,6 +216,26 @@ TEST(TensorParallelModelLoad, ShardDimsFollowMegatronsLayout) {
   EXPECT_EQ(dims.at("model.layers.0.mlp.down_proj.weight"), 1);
   EXPECT_EQ(dims.at("model.layers.0.input_layernorm.weight"), -1);
   EXPECT_EQ(dims.at("model.norm.weight"), -1);
+}
+
+// Each rank draws only its shards of the initial weights (model/init.h), and
+// they are the whole model's: column shards (dim 0), row shards (dim 1), the
+// vocab-parallel embedding and head, biases and whole norms.
+TEST(TensorParallelModelInit, EachRankDrawsItsShardsOfTheWholeModelsInitialWeights) {
+  for (const Case& c : {Case{"qwen2", false, false, "qwen2"}, Case{"tied", true, true}}) {
+    const ModelConfig config = model_config(c);
+    LocalLayerFactory local;
+    LlamaForCausalLM full(config, local);
+    full.init_weights(/*seed=*/21);
+    TensorParallelLayerFactory factory(tp(), c.sequence_parallel);
+    LlamaForCausalLM drawn(config, factory), loaded(config, factory);
+    init_tensor_parallel_shards(drawn, config.init_std, /*seed=*/21, tp().rank(), tp().size());
+    load_tensor_parallel_shards(loaded, to_named_tensors(full.named_parameters()), tp().rank(), tp().size());
+    const auto expected = loaded.named_parameters();
+    for (const auto& named : drawn.named_parameters()) {
+      EXPECT_TRUE(at::equal(named.value(), expected[named.key()])) << c.name << ": " << named.key();
+    }
+  }
 }
 
 // Records the shapes of the queries and keys it is given, then attends as
@@ -249,8 +269,7 @@ TEST(TensorParallelModelAttention, TheCoreSeesThisRanksHeadsOverTheWholeSequence
   const ModelConfig config = model_config(Case{"untied_sequence_parallel", false, true});
   ShapeRecordingFactory factory(tp(), /*sequence_parallel=*/true);
   auto sharded = std::make_shared<LlamaForCausalLM>(config, factory);
-  torch::manual_seed(3);
-  sharded->init_weights();
+  init_tensor_parallel_shards(*sharded, config.init_std, /*seed=*/3, tp().rank(), tp().size());
   sharded->forward(batch_ids(config.vocab_size, 5).narrow(1, 0, kSeq));
   const int64_t tp_size = tp().size(), head_dim = config.head_size();
   std::vector<std::vector<int64_t>> expected;

@@ -461,14 +461,14 @@ TEST_F(TrainingTest, MetricsReportMemory) {
 }
 
 // What a checkpoint holds, made outside train(): the config's model
-// (initialized from the current torch seed), a fresh AdamW and a loader.
+// (initialized from its run.seed), a fresh AdamW and a loader.
 struct StateToSave {
   explicit StateToSave(const Config& c)
       : model(c.model, factory),
-        optimizer(to_named_tensors(initialized(model).named_parameters()), AdamWOptions{}),
+        optimizer(to_named_tensors(initialized(model, c.run.seed).named_parameters()), AdamWOptions{}),
         loader(loader_config(c)) {}
-  static LlamaForCausalLM& initialized(LlamaForCausalLM& m) {
-    m.init_weights();
+  static LlamaForCausalLM& initialized(LlamaForCausalLM& m, uint64_t seed) {
+    m.init_weights(seed);
     return m;
   }
   static LoaderConfig loader_config(const Config& c) {

@@ -47,7 +47,7 @@ std::shared_ptr<LlamaForCausalLM> model_from_seed() {
   torch::manual_seed(3);
   LocalLayerFactory factory;
   auto model = std::make_shared<LlamaForCausalLM>(tiny(), factory);
-  model->init_weights();
+  model->init_weights(3);
   return model;
 }
 
