@@ -26,6 +26,13 @@ std::shared_ptr<LlamaForCausalLM> build_initial_model(Config& config, const Laye
     model->init_weights(config.run.seed);
     return model;
   }
+  const ModelFiles files = open_init_from(config);
+  auto model = std::make_shared<LlamaForCausalLM>(config.model, factory);
+  load_weights(*model, files);
+  return model;
+}
+
+ModelFiles open_init_from(Config& config) {
   const std::string& folder = config.model.init_from;
   ModelFiles files = ModelFiles::open(folder);
   const ModelConfig& stored = files.model_config();
@@ -42,9 +49,11 @@ std::shared_ptr<LlamaForCausalLM> build_initial_model(Config& config, const Laye
   resolved.init_from = folder;
   resolved.init_std = asked.init_std;
   config.model = resolved;
-  auto model = std::make_shared<LlamaForCausalLM>(resolved, factory);
-  load_weights(*model, files);
-  return model;
+  // Shapes only: this model's storage is allocated but never touched.
+  LocalLayerFactory factory;
+  const LlamaForCausalLM expected(resolved, factory);
+  verify_weights(expected, files);
+  return files;
 }
 
 void write_initialized_checkpoint(const ModelConfig& model, uint64_t seed, torch::ScalarType dtype,

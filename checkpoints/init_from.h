@@ -7,6 +7,7 @@
 
 #include <torch/types.h>
 
+#include "checkpoints/hub.h"
 #include "config/config.h"
 #include "model/llama.h"
 
@@ -16,6 +17,13 @@ namespace loom {
 // config; shape keys also given in the YAML must agree with it (BadInput
 // naming both values otherwise). `config.model` is updated to the shape used.
 std::shared_ptr<LlamaForCausalLM> build_initial_model(Config& config, const LayerFactory& factory);
+
+// The folder `model.init_from` names, opened (nothing read yet), its shape
+// checked against the YAML's shape keys as build_initial_model does and put
+// in `config.model`, and its tensors checked against that model (names,
+// shapes, dtypes) without reading them: for ranks that each read only their
+// part (ModelFiles::read_region).
+ModelFiles open_init_from(Config& config);
 
 // Writes a loom checkpoint (step 0, weights only) of the model `model`
 // describes, initialized as a run with run.seed = `seed` starts on any

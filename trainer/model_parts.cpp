@@ -1,13 +1,18 @@
 #include "trainer/model_parts.h"
 
+#include <map>
+#include <optional>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include <torch/types.h>
 #include <torch/utils.h>
 
 #include "checkpoints/init_from.h"
+#include "checkpoints/regions.h"
 #include "parallel/pipeline.h"
+#include "trainer/training_checkpoint.h"
 
 namespace loom {
 
@@ -42,16 +47,21 @@ std::vector<torch::Tensor> ModelParts::params() const {
   return out;
 }
 
-void ModelParts::load_from_whole() {
-  if (model_is_whole) return;
-  const NamedTensors whole_params = to_named_tensors(whole->named_parameters());
-  for (auto& module : modules) load_tensor_parallel_shards(*module, whole_params, tp_rank, tp_size);
+namespace {
+
+// Reads into every parameter of `module` (tp shards of a stage) its part of
+// the tensor of the same name in `files`: its tp slice of the global tensor.
+void load_part(const ModelFiles& files, torch::nn::Module& module, int64_t tp_rank, int64_t tp_size) {
+  const std::map<std::string, int64_t> dims = tensor_parallel_shard_dims(module);
+  for (auto& named : module.named_parameters()) {
+    const int64_t dim = dims.at(named.key());
+    std::vector<int64_t> shape = named.value().sizes().vec();
+    if (dim >= 0) shape[dim] *= tp_size;
+    read_into(files, named.key(), Region::chunk(shape, dim, tp_rank, tp_size), named.value());
+  }
 }
 
-LlamaForCausalLM& ModelParts::ensure_whole(const ModelConfig& shape) {
-  if (!whole) whole = model_is_whole ? model : std::make_shared<LlamaForCausalLM>(shape, local_factory);
-  return *whole;
-}
+}  // namespace
 
 std::unique_ptr<ModelParts> build_model_parts(Config& config, const ParallelDims& dims, const TrainGroups& groups,
                                               c10::Device device) {
@@ -62,12 +72,13 @@ std::unique_ptr<ModelParts> build_model_parts(Config& config, const ParallelDims
     parts.tp_rank = groups.tp->rank();
     parts.tp_size = groups.tp->size();
   }
-  // model.init_from: every rank loads the whole model on the CPU, as one rank
-  // would, and keeps its part below. Fresh weights need no whole model: each
-  // rank draws only its own parts (Note [layout-independent initialization]).
+  // model.init_from: every rank reads only its part of the folder's tensors.
+  // Fresh weights: each rank draws only its own part (Note
+  // [layout-independent initialization]). Neither needs the whole model.
   const bool from_folder = !config.model.init_from.empty();
+  std::optional<ModelFiles> files;
   if (from_folder) {
-    parts.whole = build_initial_model(config, parts.local_factory);  // config.model takes the folder's shape
+    files.emplace(open_init_from(config));  // config.model takes the folder's shape
   } else {
     validate_model_config(config.model, config.source_path.empty() ? "config" : config.source_path);
   }
@@ -79,16 +90,13 @@ std::unique_ptr<ModelParts> build_model_parts(Config& config, const ParallelDims
   if (groups.pp != nullptr) {
     parts.schedule.emplace(pipeline_schedule_of(config, dims));
     parts.modules = build_pipeline_chunks(config.model, factory, *parts.schedule, groups.pp->rank());
-  } else if (groups.tp != nullptr || !from_folder) {
-    parts.model = std::make_shared<LlamaForCausalLM>(config.model, factory);
-    parts.modules = {parts.model};
   } else {
-    parts.model = parts.whole;
+    parts.model = std::make_shared<LlamaForCausalLM>(config.model, factory);
     parts.modules = {parts.model};
   }
   // On the CPU and then moved, so every device starts from the same weights.
   if (from_folder) {
-    parts.load_from_whole();
+    for (auto& module : parts.modules) load_part(*files, *module, parts.tp_rank, parts.tp_size);
   } else {
     for (auto& module : parts.modules) {
       init_tensor_parallel_shards(*module, config.model.init_std, config.run.seed, parts.tp_rank, parts.tp_size);

@@ -55,12 +55,6 @@ struct ModelParts {
 
   LocalLayerFactory local_factory;
   std::unique_ptr<TensorParallelLayerFactory> tp_factory;  // with tp > 1
-  // The whole model on the CPU, for a rank that loads a whole checkpoint or
-  // model.init_from as one rank would and keeps its part (load_from_whole):
-  // null until ensure_whole, or build_model_parts with model.init_from, makes
-  // it; `model` itself when the rank holds the model whole (no tp or pp),
-  // otherwise dropped once its part is loaded.
-  std::shared_ptr<LlamaForCausalLM> whole;
   std::shared_ptr<LlamaForCausalLM> model;  // the whole model or its tp shards; null with pp
   std::vector<std::shared_ptr<LlamaForCausalLM>> modules;  // what this rank trains: the model, or its chunks
   std::optional<PipeSchedule> schedule;                      // with pp > 1
@@ -70,22 +64,15 @@ struct ModelParts {
   int64_t tp_rank = 0, tp_size = 1;
 
   std::vector<torch::Tensor> params() const;
-  // `whole`, made first when it is null: `model` when this rank holds the
-  // model whole, otherwise a new model of `shape` whose weights are left
-  // uninitialized for a load to fill.
-  LlamaForCausalLM& ensure_whole(const ModelConfig& shape);
-  // This rank's part of `whole`'s weights into the modules (nothing to do
-  // when the model is whole).
-  void load_from_whole();
 };
 
 // Builds the parts on `device`, in train mode, and leaves torch seeded with
 // run.seed. Every rank builds only its part (its tp shards of its stages'
 // layers) and draws only its part's initial weights, on the CPU, each the
 // value the whole model holds there (model/init.h): any layout starts from
-// the same weights on any device. With model.init_from every rank loads the
-// whole model instead and keeps its part; `config.model` may be updated to
-// its shape.
+// the same weights on any device. With model.init_from every rank reads only
+// its part of the folder's tensors (ModelFiles::read_region); `config.model`
+// takes the folder's shape.
 // On the heap: the layers may keep the factories' addresses.
 std::unique_ptr<ModelParts> build_model_parts(Config& config, const ParallelDims& dims, const TrainGroups& groups,
                                               c10::Device device);

@@ -109,14 +109,10 @@ void Trainer::open_loader() {
 }
 
 void Trainer::resume() {
-  // A resume loads the whole checkpoint into the whole model, as one rank
-  // would, where the rank holds only part of it or shards the optimizer.
-  if (!checkpoints_->resume_from().empty()) parts_->ensure_whole(config_.model);
   const RunCheckpoints::Resumed resumed = checkpoints_->resume(*parts_, *update_, *loader_, train_steps_);
   step_ = resumed.step;
   skipped_steps_ = resumed.skipped_steps;
   result_.resumed_from_step = step_;
-  if (!parts_->model_is_whole) parts_->whole.reset();
 }
 
 void Trainer::make_forward_backward() {

@@ -74,3 +74,35 @@ def test_a_fresh_run_starts_from_loom_inits_weights_on_every_layout(data, tmp_pa
         assert got.shape == expected.shape, (layout, name)
         assert got.tobytes() == expected.tobytes(), (
             f"{layout}: {name} differs from loom init's by {np.abs(got - expected).max()}")
+
+
+@pytest.fixture(scope="module")
+def other_model(data, tmp_path_factory):
+    """A Hub folder in bf16 of another seed's model, and a tp 2 run's sharded
+    checkpoint of it: what model.init_from reads."""
+    out = tmp_path_factory.mktemp("other")
+    train, _ = args(data, out, "other")
+    loom("init", *train[1:], "--set", "run.seed=5", "--output", out / "checkpoint")
+    loom("export", out / "checkpoint", "--output", out / "hf", "--dtype", "bfloat16")
+    sharded_args, ranks = args(data, out, "sharded", **{"parallel.tp": 2, "model.init_from": out / "hf"})
+    mpi_loom(ranks, sharded_args)
+    weights = {name: value.astype(np.float32) for name, value in exported(out / "hf", out / "hf32").items()}
+    return out / "hf", out / "sharded" / "checkpoints" / "step-0000001", weights
+
+
+@pytest.mark.parametrize("source", ["hub-bf16", "sharded-checkpoint"])
+@pytest.mark.parametrize("layout", ["single", "tp2-pp2", "dp2-zero1"])
+def test_init_from_gives_every_layout_the_folders_weights(data, tmp_path, other_model, source, layout):
+    # Each rank reads only its part of the folder's tensors (converted from bf16).
+    hub, sharded, expected = other_model
+    folder = hub if source == "hub-bf16" else sharded
+    run_args, ranks = args(data, tmp_path, "run", **{**LAYOUTS[layout], "model.init_from": folder})
+    if ranks == 1:
+        loom(*run_args)
+    else:
+        mpi_loom(ranks, run_args)
+    weights = exported(tmp_path / "run" / "checkpoints" / "step-0000001", tmp_path / "hf")
+    assert sorted(weights) == sorted(expected)
+    for name, value in expected.items():
+        assert weights[name].tobytes() == value.tobytes(), (
+            f"{layout} from {source}: {name} differs by {np.abs(weights[name] - value).max()}")
