@@ -332,9 +332,10 @@ void RunCheckpoints::export_hub(int64_t step, const std::string& checkpoint) con
 
 void RunCheckpoints::export_hub(int64_t step, const ModelParts& parts) {
   // The checkpoint just saved at this step, when there is one: exported by
-  // the writer alone while the others wait at the end of the run.
+  // the writer alone while the others wait at the end of the run. The
+  // writer decides (the others may get here before it has committed it).
   const fs::path saved = checkpoints_dir_ / checkpoint_folder_name(step);
-  bool from_checkpoint = config_.checkpoint.enabled && fs::exists(saved / "manifest.json");
+  bool from_checkpoint = !groups_.writer || (config_.checkpoint.enabled && fs::exists(saved / "manifest.json"));
   if (groups_.world != nullptr && groups_.world->size() > 1) {
     torch::Tensor agreed = torch::tensor(static_cast<int64_t>(from_checkpoint));
     all_reduce_through_cpu(*groups_.world, agreed, ReduceOp::kMin);
