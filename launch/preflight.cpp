@@ -9,12 +9,15 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "data/dataset.h"
 #include "trainer/training.h"
 #include "model/llama.h"
+#include "util/file_io.h"
 
 namespace loom {
 
@@ -88,6 +91,38 @@ void check_output_folder(const Config& config, int rank, std::vector<std::string
                        gib(needed) + " (weights, AdamW moments and the Hub export)");
 }
 
+// Every rank must see the run folder rank 0 sees: rank 0 writes a token
+// there and tells the others; each reads it back (retrying a few seconds, for
+// a network file system's attribute cache). A rank on a node-local disk, or
+// with another run.output_dir, would write checkpoint pieces that rank 0
+// never commits.
+void check_shared_folder(const Config& config, ProcessGroup& world, std::vector<std::string>& failures) {
+  const fs::path token_file = fs::path(config.run.output_dir) / config.run.name / ".loom-shared-folder";
+  int64_t token = 0;
+  if (world.rank() == 0) {
+    token = static_cast<int64_t>((static_cast<uint64_t>(std::random_device{}()) << 31) ^ std::random_device{}()) & INT64_MAX;
+    try {
+      write_file_atomic(token_file.string(), std::to_string(token) + "\n");
+    } catch (const std::exception& e) {
+      failures.push_back("run folder: cannot write " + token_file.string() + ": " + e.what());
+    }
+  }
+  at::Tensor sent = at::full({1}, token, at::kLong);
+  world.broadcast(sent, BroadcastOptions{0})->wait(kPreflightCollectiveTimeout);
+  if (world.rank() == 0) return;
+  const std::string expected = std::to_string(sent.item<int64_t>()) + "\n";
+  std::string seen;
+  for (int attempt = 0; attempt < 50; ++attempt) {
+    std::ifstream in(token_file);
+    seen.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    if (seen == expected) return;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  failures.push_back("run folder " + token_file.parent_path().string() + ": not the folder rank 0 writes (" +
+                     (seen.empty() ? "its token file is missing here" : "its token file differs here") +
+                     "): every rank must see one shared run.output_dir (a network file system on several nodes)");
+}
+
 // A sum of ones over `group` must equal its size.
 void check_group(ProcessGroup& group, const std::string& name, std::vector<std::string>& failures) {
   at::Tensor ones = at::ones({1}, at::kLong);
@@ -124,6 +159,7 @@ bool run_preflight(const Config& config, ProcessGroup* world, const GridGroups* 
 
   check_datasets(config, failures, opened);
   check_output_folder(config, rank, failures);
+  if (world) check_shared_folder(config, *world, failures);
 
   // One string per line: the ranks share the terminal, and a line written
   // in pieces interleaves with the other ranks' lines.
@@ -136,13 +172,17 @@ bool run_preflight(const Config& config, ProcessGroup* world, const GridGroups* 
     world->all_reduce(failed_ranks)->wait(kPreflightCollectiveTimeout);
     failed = failed_ranks.item<int64_t>();
   }
+  if (world && rank == 0) {
+    std::error_code ignored;  // every rank has read the token (the all-reduce above)
+    fs::remove(fs::path(config.run.output_dir) / config.run.name / ".loom-shared-folder", ignored);
+  }
   if (rank == 0) {
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     char took[32];
     std::snprintf(took, sizeof took, "%.2f s", seconds);
     if (failed == 0)
       log << "preflight: " << size << " rank" << (size == 1 ? "" : "s")
-          << " ok (groups, config, data, run folder) in " << took << std::endl;
+          << " ok (groups, config, data, shared run folder) in " << took << std::endl;
     else
       errors << "loom: preflight failed on " << failed << " of " << size << " rank" << (size == 1 ? "" : "s")
              << " (lines above)" << std::endl;

@@ -8,7 +8,8 @@ random moments. After each kill `latest` must name a whole, loadable
 checkpoint that never goes back; the run then resumes on another layout
 (dp 2 x pp 2) and finishes. Also: the files of a sharded save hold one copy
 of the parameters and the optimizer state, and each rank writes about its
-share.
+share; and a rank that does not see the run folder rank 0 writes is refused
+at start.
 """
 import json
 import os
@@ -16,6 +17,8 @@ import random
 import signal
 import subprocess
 import time
+
+import pytest
 
 from test_train_e2e import _ckpt_entries, _wait_for, check_after_kill, loom, train_args
 from test_train_e2e import data  # noqa: F401 (fixture)
@@ -148,3 +151,25 @@ def _numel(shape):
     for d in shape:
         n *= d
     return n
+
+
+def test_a_rank_that_does_not_see_the_run_folder_is_refused_before_any_work(data, tmp_path):
+    # Rank 1 runs in a mount namespace of its own with an empty tmpfs over
+    # run.output_dir: a node whose disk is not the one rank 0 writes to.
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare -m is not allowed here")
+    out = tmp_path / "runs"
+    out.mkdir()
+    wrapper = tmp_path / "rank.sh"
+    wrapper.write_text('#!/bin/sh\n'
+                       'if [ "$OMPI_COMM_WORLD_RANK" = 1 ]; then\n'
+                       f'  exec unshare -m sh -c \'mount -t tmpfs tmpfs {out} && exec "$@"\' rank1 "$@"\n'
+                       'fi\n'
+                       'exec "$@"\n')
+    wrapper.chmod(0o755)
+    args = train_args(data, out, "local", 4, 2, **{"parallel.tp": 2, "model.num_heads": 8, "model.num_kv_heads": 4})
+    proc = subprocess.run([*mpi_args(2), str(wrapper), LOOM_BIN, *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=mpi_env())
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "rank 1" in proc.stderr and "one shared run.output_dir" in proc.stderr, proc.stderr[-2000:]
+    assert not (out / "local" / "checkpoints").exists()
