@@ -66,20 +66,24 @@ json candidate_json(const Candidate& c) {
           {"optimizer_s", c.time.optimizer},
           {"tokens_per_s", c.time.tokens_per_s},
           {"mfu", c.time.mfu},
+          {"checkpoint", {{"total_bytes", c.checkpoint.total_bytes}, {"rank_bytes", c.checkpoint.rank_bytes},
+                          {"node_bytes", c.checkpoint.node_bytes}, {"save_s", c.checkpoint.save_s},
+                          {"load_s", c.checkpoint.load_s}}},
           {"config_lines", l.config_lines()}};
 }
 
 void print_table(const std::vector<Candidate>& shown) {
-  std::printf("%3s  %-46s %9s %9s %8s %8s %8s %10s %6s\n", "#", "layout", "mem GiB", "act GiB", "step s", "bubble",
-              "dp+opt", "tok/s", "MFU");
+  std::printf("%3s  %-46s %9s %9s %8s %8s %8s %10s %6s %9s %7s\n", "#", "layout", "mem GiB", "act GiB", "step s",
+              "bubble", "dp+opt", "tok/s", "MFU", "ckpt GiB", "save s");
   for (size_t i = 0; i < shown.size(); ++i) {
     const Candidate& c = shown[i];
     const plan::RankMemory& worst = c.memory.ranks[c.memory.peak_pp_rank];
-    std::printf("%3zu  %-46s %9s %9s %8s %8s %8s %10s %5s%%%s\n", i + 1, c.layout.describe().c_str(),
+    std::printf("%3zu  %-46s %9s %9s %8s %8s %8s %10s %5s%% %9s %7s%s\n", i + 1, c.layout.describe().c_str(),
                 fixed(c.memory.peak / kGiB, 2).c_str(), fixed(worst.activations / kGiB, 2).c_str(),
                 fixed(c.time.total, 3).c_str(), fixed(c.time.bubble, 3).c_str(),
                 fixed(c.time.dp_comm + c.time.optimizer, 3).c_str(), fixed(c.time.tokens_per_s, 0).c_str(),
-                fixed(100 * c.time.mfu, 1).c_str(), c.fits ? "" : "  (does not fit)");
+                fixed(100 * c.time.mfu, 1).c_str(), fixed(c.checkpoint.rank_bytes / kGiB, 2).c_str(),
+                c.checkpoint.save_s > 0 ? fixed(c.checkpoint.save_s, 1).c_str() : "-", c.fits ? "" : "  (does not fit)");
   }
 }
 

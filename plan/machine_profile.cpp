@@ -83,6 +83,11 @@ MachineProfile load_machine_profile(const std::string& path) {
   const YAML::Node links = section(root, "links", path);
   profile.intra_node = link_at(links, "intra_node", path + ": links");
   profile.inter_node = link_at(links, "inter_node", path + ": links");
+  if (root["storage"]) {
+    const YAML::Node storage = section(root, "storage", path);
+    profile.storage_write_bytes_per_s = number_at(storage, "write_bytes_per_s", path + ": storage");
+    profile.storage_read_bytes_per_s = number_at(storage, "read_bytes_per_s", path + ": storage");
+  }
   return profile;
 }
 
@@ -114,7 +119,13 @@ void save_machine_profile(const MachineProfile& p, const std::string& path) {
   out << YAML::Key << "links" << YAML::Value << YAML::BeginMap;
   link("intra_node", p.intra_node);
   link("inter_node", p.inter_node);
-  out << YAML::EndMap << YAML::EndMap;
+  out << YAML::EndMap;
+  if (p.storage_write_bytes_per_s > 0 && p.storage_read_bytes_per_s > 0) {
+    out << YAML::Key << "storage" << YAML::Value << YAML::Flow << YAML::BeginMap << YAML::Key << "write_bytes_per_s"
+        << YAML::Value << p.storage_write_bytes_per_s << YAML::Key << "read_bytes_per_s" << YAML::Value
+        << p.storage_read_bytes_per_s << YAML::EndMap;
+  }
+  out << YAML::EndMap;
   write_file_atomic(path, std::string(out.c_str()) + "\n");
 }
 

@@ -42,6 +42,9 @@ struct MachineProfile {
   double op_overhead_s = 0;
   double dp_overlap = 1.0;
   LinkProfile intra_node, inter_node;
+  // One node's rates to the file system that holds the run folder (the
+  // optional `storage` section); 0 when the profile does not say.
+  double storage_write_bytes_per_s = 0, storage_read_bytes_per_s = 0;
 
   double peak_flops(bool bf16) const { return bf16 ? peak_flops_bf16 : peak_flops_fp32; }
   double matmul_flops(bool bf16) const { return bf16 ? matmul_flops_bf16 : matmul_flops_fp32; }

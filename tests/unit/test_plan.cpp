@@ -200,16 +200,42 @@ TEST(PlanTime, planner_puts_fitting_layouts_first_and_the_fastest_first_among_th
   }
 }
 
+TEST(PlanCheckpoint, each_rank_writes_its_stage_share_over_dp_and_a_node_its_ranks) {
+  const Problem problem = tiny_problem(8);
+  MachineProfile machine = compute_only();
+  machine.storage_write_bytes_per_s = 1e9;
+  machine.storage_read_bytes_per_s = 2e9;
+  Layout layout;
+  layout.dp = 2;
+  layout.tp = 2;
+  layout.pp = 2;
+  const MemoryEstimate memory = estimate_memory(problem, layout);
+  const CheckpointEstimate c = estimate_checkpoint(problem, layout, memory, machine);
+  EXPECT_DOUBLE_EQ(c.total_bytes, 12.0 * static_cast<double>(count_parameters(problem.model)));
+  int64_t most = 0;
+  for (const RankMemory& rank : memory.ranks) most = std::max(most, rank.parameters);
+  EXPECT_DOUBLE_EQ(c.rank_bytes, 12.0 * static_cast<double>(most) / 2.0);
+  // Eight ranks hold the model four times (tp 2 x pp 2 cut, dp 2 copies): one copy is written.
+  EXPECT_NEAR(c.rank_bytes * 8, c.total_bytes, 0.15 * c.total_bytes);
+  EXPECT_DOUBLE_EQ(c.node_bytes, c.rank_bytes * static_cast<double>(std::min<int64_t>(problem.gpus_per_node, 8)));
+  EXPECT_DOUBLE_EQ(c.save_s, c.node_bytes / 1e9);
+  EXPECT_DOUBLE_EQ(c.load_s, c.node_bytes / 2e9);
+  EXPECT_EQ(estimate_checkpoint(problem, layout, memory, compute_only()).save_s, 0.0);  // no storage rate: unknown
+}
+
 TEST(PlanProfile, profiles_round_trip_and_a_missing_key_is_named) {
   const std::filesystem::path dir = std::filesystem::temp_directory_path() / "loom-test-plan-profile";
   std::filesystem::create_directories(dir);
   MachineProfile profile = compute_only();
   profile.source = "measured";
   profile.op_overhead_s = 3e-6;
+  profile.storage_write_bytes_per_s = 7e8;
+  profile.storage_read_bytes_per_s = 9e8;
   save_machine_profile(profile, (dir / "p.yaml").string());
   const MachineProfile loaded = load_machine_profile((dir / "p.yaml").string());
   EXPECT_DOUBLE_EQ(loaded.matmul_flops_fp32, 1e10);
   EXPECT_DOUBLE_EQ(loaded.op_overhead_s, 3e-6);
+  EXPECT_DOUBLE_EQ(loaded.storage_read_bytes_per_s, 9e8);
   std::ofstream(dir / "bad.yaml") << "name: x\nsource: measured\ncompute: {peak_flops: {fp32: 1}}\n";
   try {
     load_machine_profile((dir / "bad.yaml").string());
@@ -220,6 +246,7 @@ TEST(PlanProfile, profiles_round_trip_and_a_missing_key_is_named) {
   const MachineProfile h100 = load_machine_profile(std::string(LOOM_SOURCE_DIR) + "/configs/machines/h100-node.yaml");
   EXPECT_EQ(h100.source, "specification");
   EXPECT_DOUBLE_EQ(h100.peak_flops_bf16, 9.89e14);
+  EXPECT_DOUBLE_EQ(h100.storage_write_bytes_per_s, 5.0e9);
   std::filesystem::remove_all(dir);
 }
 
