@@ -147,7 +147,7 @@ int run(const Options& o) {
   TrainingCheckpointOptions options;
   options.keep_last = 1;
   const std::string sync_dir = (dir / "sync").string(), async_dir = (dir / "async").string();
-  AsyncCheckpointWriter async_writer(async_dir, options);
+  AsyncCheckpointWriter async_writer(async_dir, options, CheckpointRank{});
   std::vector<double> sync_s, stall_s, write_s, plain_s;
   uint64_t bytes = 0;
   for (int64_t round = 1; round <= o.rounds; ++round) {
