@@ -173,3 +173,27 @@ def test_a_rank_that_does_not_see_the_run_folder_is_refused_before_any_work(data
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "rank 1" in proc.stderr and "one shared run.output_dir" in proc.stderr, proc.stderr[-2000:]
     assert not (out / "local" / "checkpoints").exists()
+
+
+def test_the_export_of_a_sharded_checkpoint_is_the_gathered_export_and_loads_in_transformers(data, tmp_path):
+    # The same 3 steps on tp 2 x pp 2, once saving a sharded checkpoint (the
+    # end-of-run export streams it) and once without checkpoints (the export
+    # gathers the model to rank 0, as every export did before sharding).
+    layout = {**LAYOUT, "checkpoint.export_dtype": "float32"}
+    mpi_loom(4, train_args(data, tmp_path, "sharded", 3, 3, **layout))
+    mpi_loom(4, train_args(data, tmp_path, "gathered", 3, 3, **layout, **{"checkpoint.enabled": "false"}))
+    loom("export", tmp_path / "sharded" / "checkpoints" / "step-0000003", "--output", tmp_path / "exported",
+         "--dtype", "float32")
+    gathered = (tmp_path / "gathered" / "hf" / "model.safetensors").read_bytes()
+    assert (tmp_path / "sharded" / "hf" / "model.safetensors").read_bytes() == gathered
+    assert (tmp_path / "exported" / "model.safetensors").read_bytes() == gathered
+
+    import torch
+    from transformers import AutoModelForCausalLM
+    ids = torch.tensor([[1, 17, 42, 99, 7, 300, 2, 5]])
+    logits = {}
+    for name in ("exported", "gathered/hf"):
+        model = AutoModelForCausalLM.from_pretrained(str(tmp_path / name), torch_dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits[name] = model(ids).logits
+    assert torch.equal(logits["exported"], logits["gathered/hf"])
