@@ -115,10 +115,13 @@ RunCheckpoints::Resumed RunCheckpoints::resume(ModelParts& parts, Update& update
   for (const auto& [name, param] : parts.named_params) {
     std::vector<int64_t> shape;
     const Region region = region_of(parts, name, &shape);
-    if (!files.contains(name) || files.info(name).shape != shape) {
-      throw BadInput(resume_from_ + ": tensor '" + name + "' is " +
-                     (files.contains(name) ? "of another shape" : std::string("missing")) +
-                     " (the checkpoint was saved for another model)");
+    if (!files.contains(name)) {
+      throw BadInput(resume_from_ + ": tensor '" + name + "' is missing (the checkpoint was saved for another model)");
+    }
+    if (files.info(name).shape != shape) {
+      throw BadInput(resume_from_ + ": tensor '" + name + "' has shape " +
+                     c10::str(c10::IntArrayRef(files.info(name).shape)) + " but the config needs " +
+                     c10::str(c10::IntArrayRef(shape)) + " (the checkpoint was saved for another model)");
     }
     read_into(files, name, region, param);
   }
