@@ -24,6 +24,12 @@ constexpr const char* kTiedEmbedding = "model.embed_tokens.weight";
 constexpr const char* kOptimizerStep = "optimizer.step";
 constexpr const char* kStatePrefixes[] = {"optimizer.exp_avg.", "optimizer.exp_avg_sq.", "optimizer.master."};
 
+// A checkpoint of another model than the config's: refused at once, not
+// passed over for an older checkpoint (which would be of that model too).
+struct OtherModel : BadInput {
+  using BadInput::BadInput;
+};
+
 // The parameter an optimizer state entry belongs to ("" for the step).
 std::string param_of(const std::string& state_name) {
   for (const char* prefix : kStatePrefixes) {
@@ -69,7 +75,8 @@ RunCheckpoints::RunCheckpoints(const Config& config, const ParallelDims& dims, c
       dims_(dims),
       run_dir_(fs::path(config.run.output_dir) / config.run.name),
       checkpoints_dir_(run_dir_ / "checkpoints") {
-  resume_from_ = resume_checkpoint_path(config.checkpoint, checkpoints_dir_.string(), &passed_over_, groups.world);
+  candidates_ = resume_candidates(config.checkpoint, checkpoints_dir_.string(), &passed_over_);
+  resume_from_ = candidates_.empty() ? "" : candidates_.front();
   if (resume_from_.empty() && fs::exists(checkpoints_dir_ / kLatestFile)) {
     throw BadInput(checkpoints_dir_.string() + " already holds checkpoints and checkpoint.resume is none: use "
                    "checkpoint.resume auto to continue, or another run.name");
@@ -94,32 +101,24 @@ bool RunCheckpoints::is_tied_copy(const std::string& param) const {
   return groups_.pp != nullptr && groups_.pp->rank() != 0 && config_.model.tie_embeddings && param == kTiedEmbedding;
 }
 
-RunCheckpoints::Resumed RunCheckpoints::resume(ModelParts& parts, Update& update, Loader& loader,
-                                               int64_t train_steps) const {
+RunCheckpoints::Resumed RunCheckpoints::load(const std::string& folder, ModelParts& parts, Update& update,
+                                             Loader& loader) const {
   Resumed resumed;
-  if (resume_from_.empty()) {
-    update.start({});
-    return resumed;
-  }
   // Each rank reads only its own pieces: its slices of its stages'
   // parameters and its part of the optimizer state, from whatever layout
   // saved them.
-  const ModelFiles files = open_training_checkpoint(resume_from_);
+  const ModelFiles files = open_training_checkpoint(folder);
   const TrainerState state = load_trainer_state(files, loader);
   resumed.step = state.step;
   resumed.skipped_steps = state.skipped_steps;
-  if (resumed.step > train_steps) {
-    throw BadInput(resume_from_ + ": is at step " + std::to_string(resumed.step) + ", past schedule.train_steps " +
-                   std::to_string(train_steps));
-  }
   for (const auto& [name, param] : parts.named_params) {
     std::vector<int64_t> shape;
     const Region region = region_of(parts, name, &shape);
     if (!files.contains(name)) {
-      throw BadInput(resume_from_ + ": tensor '" + name + "' is missing (the checkpoint was saved for another model)");
+      throw OtherModel(folder + ": tensor '" + name + "' is missing (the checkpoint was saved for another model)");
     }
     if (files.info(name).shape != shape) {
-      throw BadInput(resume_from_ + ": tensor '" + name + "' has shape " +
+      throw OtherModel(folder + ": tensor '" + name + "' has shape " +
                      c10::str(c10::IntArrayRef(files.info(name).shape)) + " but the config needs " +
                      c10::str(c10::IntArrayRef(shape)) + " (the checkpoint was saved for another model)");
     }
@@ -148,11 +147,68 @@ RunCheckpoints::Resumed RunCheckpoints::resume(ModelParts& parts, Update& update
   }
   const int64_t adam_steps = update.zero_1() ? update.zero()->step_count() : update.optimizer()->step_count();
   if (adam_steps != resumed.step - resumed.skipped_steps) {
-    throw BadInput(resume_from_ + ": optimizer.step is " + std::to_string(adam_steps) + ", the checkpoint is at step " +
+    throw BadInput(folder + ": optimizer.step is " + std::to_string(adam_steps) + ", the checkpoint is at step " +
                    std::to_string(resumed.step) + " with " + std::to_string(resumed.skipped_steps) +
                    " skipped steps");
   }
   return resumed;
+}
+
+RunCheckpoints::Resumed RunCheckpoints::resume(ModelParts& parts, Update& update, Loader& loader,
+                                               int64_t train_steps) {
+  if (candidates_.empty()) {
+    update.start({});
+    return {};
+  }
+  // Each candidate is loaded as it is read: its bytes are checked chunk by
+  // chunk on the way in, so a checkpoint is read once. A rank that finds a
+  // damaged chunk tells the others, and all of them go on to the next older
+  // checkpoint (Note [checkpoint commit order] keeps `latest` naming a whole
+  // one; a damaged one is the disk's doing).
+  for (const std::string& candidate : candidates_) {
+    resume_from_ = candidate;
+    Resumed resumed;
+    std::string failure;
+    bool other_model = false;
+    try {
+      resumed = load(candidate, parts, update, loader);
+    } catch (const OtherModel& e) {
+      failure = e.what();
+      other_model = true;
+    } catch (const BadInput& e) {
+      failure = e.what();
+    }
+    if (groups_.world != nullptr && groups_.world->size() > 1) {
+      // Every rank learns what any found ("=" marks a checkpoint of another model).
+      std::string agreed;
+      for (const std::string& text : all_gather_strings(*groups_.world, (other_model ? "=" : "") + failure)) {
+        if (text.empty()) continue;
+        const bool of_other_model = text.front() == '=';
+        const std::string why = of_other_model ? text.substr(1) : text;
+        if (of_other_model && !other_model) {
+          other_model = true;
+          agreed.clear();
+        }
+        if (of_other_model == other_model && agreed.find(why) == std::string::npos) {
+          agreed += (agreed.empty() ? "" : "; ") + why;
+        }
+      }
+      failure = agreed;
+    }
+    if (other_model) throw BadInput(failure);
+    if (failure.empty()) {
+      if (resumed.step > train_steps) {
+        throw BadInput(candidate + ": is at step " + std::to_string(resumed.step) + ", past schedule.train_steps " +
+                       std::to_string(train_steps));
+      }
+      return resumed;
+    }
+    if (config_.checkpoint.resume != "auto") throw BadInput(failure);
+    passed_over_.push_back(failure);
+  }
+  std::string why;
+  for (const std::string& failure : passed_over_) why += "\n  " + failure;
+  throw BadInput("checkpoint.resume auto: no checkpoint in " + checkpoints_dir_.string() + " passes verification:" + why);
 }
 
 void RunCheckpoints::mark_resumed() const {

@@ -44,9 +44,11 @@ class RunCheckpoints {
   };
   // Loads resume_from() into this rank's parts, the loader's position and
   // the CPU RNG, starts `update` (Update::start) and loads its optimizer
-  // state; for a fresh run only starts it. BadInput for a checkpoint past
-  // `train_steps` or of another model.
-  Resumed resume(ModelParts& parts, Update& update, Loader& loader, int64_t train_steps) const;
+  // state; for a fresh run only starts it. With checkpoint.resume auto, a
+  // checkpoint in which any rank finds a damaged chunk is passed over for
+  // the next older one (collective). BadInput for a checkpoint past
+  // `train_steps`, of another model, or when none loads.
+  Resumed resume(ModelParts& parts, Update& update, Loader& loader, int64_t train_steps);
 
   // On the writer: `latest` names the checkpoint resumed from when later ones
   // were passed over, so that they are replaced when training reaches their
@@ -73,6 +75,8 @@ class RunCheckpoints {
 
  private:
   CheckpointRank rank() const;
+  // One candidate checkpoint into this rank's parts and optimizer.
+  Resumed load(const std::string& folder, ModelParts& parts, Update& update, Loader& loader) const;
   // The region of the global parameter `param` this rank holds (its tp
   // slice), and the global shape.
   Region region_of(const ModelParts& parts, const std::string& param, std::vector<int64_t>* global_shape = nullptr) const;
@@ -89,6 +93,7 @@ class RunCheckpoints {
   const TrainGroups groups_;
   const ParallelDims dims_;
   const std::filesystem::path run_dir_, checkpoints_dir_;
+  std::vector<std::string> candidates_;  // to resume from, in order: latest, then older ones
   std::string resume_from_;
   std::vector<std::string> passed_over_;
   TrainingCheckpointOptions options_;

@@ -406,59 +406,47 @@ void AsyncCheckpointWriter::run() {
   }
 }
 
-std::string resume_checkpoint_path(const CheckpointConfig& checkpoint, const std::string& checkpoints_dir,
-                                   std::vector<std::string>* fallbacks, ProcessGroup* world) {
-  if (checkpoint.resume == "none") return "";
+std::vector<std::string> resume_candidates(const CheckpointConfig& checkpoint, const std::string& checkpoints_dir,
+                                           std::vector<std::string>* fallbacks) {
+  if (checkpoint.resume == "none") return {};
   if (checkpoint.resume != "auto") {
     if (!fs::is_directory(checkpoint.resume)) {
       throw BadInput("checkpoint.resume: '" + checkpoint.resume + "' is not a checkpoint folder (expected auto, none "
                      "or the path of a step-NNNNNNN folder)");
     }
-    return checkpoint.resume;
+    open_training_checkpoint(checkpoint.resume);
+    return {checkpoint.resume};
   }
   const std::string name = latest_folder_name(checkpoints_dir);
-  if (name.empty()) return "";
+  if (name.empty()) return {};
   const fs::path latest = fs::path(checkpoints_dir) / kLatestFile;
   const fs::path folder = fs::path(checkpoints_dir) / name;
   if (!fs::is_directory(folder)) {
     throw BadInput(latest.string() + ": names '" + name + "', which is not a folder in " + checkpoints_dir);
   }
   // latest first, then the older step folders, newest first.
-  std::vector<fs::path> candidates = {folder};
+  std::vector<fs::path> folders = {folder};
   const std::vector<fs::path> steps = step_folders(checkpoints_dir);
   for (auto it = steps.rbegin(); it != steps.rend(); ++it) {
-    if (it->filename().string() < name) candidates.push_back(*it);
+    if (it->filename().string() < name) folders.push_back(*it);
   }
-  const int64_t part = world != nullptr ? world->rank() : 0, parts = world != nullptr ? world->size() : 1;
-  std::vector<std::string> failures;
-  for (const fs::path& candidate : candidates) {
-    // The manifest against the files' sizes and headers on every rank; the
-    // checksums of every file once, shared among the ranks.
-    std::string failure;
+  std::vector<std::string> candidates, failures;
+  for (const fs::path& candidate : folders) {
     try {
       open_training_checkpoint(candidate.string());
-      for (const std::string& why : verify_checkpoint_files(candidate.string(), part, parts)) {
-        failure += (failure.empty() ? "" : "; ") + why;
-      }
+      candidates.push_back(candidate.string());
     } catch (const std::exception& e) {  // BadInput, or a file that cannot be read at all
-      failure = e.what();
+      // Only the ones before the first that opens were passed over.
+      if (candidates.empty()) failures.push_back(e.what());
     }
-    if (world != nullptr) {
-      std::string agreed;
-      for (const std::string& text : all_gather_strings(*world, failure)) {
-        if (!text.empty() && agreed.find(text) == std::string::npos) agreed += (agreed.empty() ? "" : "; ") + text;
-      }
-      failure = agreed;
-    }
-    if (failure.empty()) {
-      if (fallbacks != nullptr) *fallbacks = failures;
-      return candidate.string();
-    }
-    failures.push_back(failure);
   }
-  std::string why;
-  for (const std::string& failure : failures) why += "\n  " + failure;
-  throw BadInput("checkpoint.resume auto: no checkpoint in " + checkpoints_dir + " passes verification:" + why);
+  if (candidates.empty()) {
+    std::string why;
+    for (const std::string& failure : failures) why += "\n  " + failure;
+    throw BadInput("checkpoint.resume auto: no checkpoint in " + checkpoints_dir + " passes verification:" + why);
+  }
+  if (fallbacks != nullptr) *fallbacks = failures;
+  return candidates;
 }
 
 ModelFiles open_training_checkpoint(const std::string& dir) {

@@ -172,18 +172,17 @@ std::string save_training_checkpoint(const std::string& checkpoints_dir, int64_t
                                      const AdamW& optimizer, const Loader& loader,
                                      const TrainingCheckpointOptions& options, int64_t skipped_steps = 0);
 
-// The checkpoint folder checkpoint.resume asks for: for "none" "", for a
-// path the path itself, for "auto" the one `checkpoints_dir`/latest names
-// ("" when there is no latest) once it passes verification (every file's
-// size and CRC32C, the manifest against the files, the optimizer and trainer
-// state present). When it fails, the newest older step folder that passes
-// is taken instead and each failed one is described in `fallbacks` ("FOLDER:
-// why"); BadInput when none passes, naming each failure, or when latest
-// names a missing folder.
-// With `world`, the ranks share the reading of the checksums (each reads
-// every world-th file) and agree on the result (collective).
-std::string resume_checkpoint_path(const CheckpointConfig& checkpoint, const std::string& checkpoints_dir,
-                                   std::vector<std::string>* fallbacks = nullptr, ProcessGroup* world = nullptr);
+// The checkpoint folders checkpoint.resume asks for, to try in order: for
+// "none" none, for a path the path itself, for "auto" the one
+// `checkpoints_dir`/latest names (none when there is no latest) and then the
+// older step folders, newest first: each that opens (open_training_checkpoint:
+// the manifest against the files' sizes and headers; version 1 files also
+// against their CRC32C). Each that does not is described in `fallbacks`
+// ("FOLDER...: why"). Their bytes are checked as they are loaded. BadInput
+// when none opens, naming each failure, or when latest names a missing
+// folder.
+std::vector<std::string> resume_candidates(const CheckpointConfig& checkpoint, const std::string& checkpoints_dir,
+                                           std::vector<std::string>* fallbacks = nullptr);
 
 // The weights of the training checkpoint at `dir`, verified: every file's
 // size and CRC32C, the manifest's tensors against the files, and the

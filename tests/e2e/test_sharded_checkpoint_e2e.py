@@ -14,6 +14,7 @@ at start.
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -197,3 +198,27 @@ def test_the_export_of_a_sharded_checkpoint_is_the_gathered_export_and_loads_in_
         with torch.no_grad():
             logits[name] = model(ids).logits
     assert torch.equal(logits["exported"], logits["gathered/hf"])
+
+
+def test_a_damaged_piece_found_by_one_rank_makes_every_rank_pass_over_the_checkpoint(data, tmp_path):
+    # tp 2: the flipped byte is in rank 1's file, in a piece that only the
+    # rank reading that slice meets; all ranks must agree to resume from the
+    # older checkpoint, and end as the undamaged run does.
+    layout = {"parallel.tp": 2, "model.num_heads": 8, "model.num_kv_heads": 4, "checkpoint.keep_last": 3}
+    original = tmp_path / "original"
+    mpi_loom(2, train_args(data, tmp_path, "original", 12, 5, **layout))
+    run = tmp_path / "damaged" / "original"
+    run.parent.mkdir()
+    shutil.copytree(original, run)
+    shutil.rmtree(run / "hf")
+    path = run / "checkpoints" / "step-0000012" / "model-rank00001.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) - 100] ^= 0x10  # inside the last piece's data
+    path.write_bytes(bytes(raw))
+    out, _ = mpi_loom(2, train_args(data, tmp_path / "damaged", "original", 12, 5, **layout))
+    warning = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "step-0000012/model-rank00001.safetensors" in warning[0], out
+    assert "CRC32C" in warning[0], warning
+    assert "resumed from " + str(run / "checkpoints" / "step-0000010") in out, out
+    assert (run / "hf" / "model.safetensors").read_bytes() == (original / "hf" / "model.safetensors").read_bytes()
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-0000012"
