@@ -295,15 +295,14 @@ ModelFiles open_loom_checkpoint_files(const std::string& path) {
   return out;
 }
 
-std::vector<std::string> verify_checkpoint_files(const std::string& path, int64_t part, int64_t parts) {
+std::vector<std::string> verify_checkpoint_files(const std::string& path) {
   const fs::path root(path);
   const std::string manifest_path = (root / "manifest.json").string();
   const CheckpointManifest manifest = parse_checkpoint_manifest(read_file(manifest_path), manifest_path);
   std::vector<std::string> failures;
-  for (size_t i = 0; i < manifest.files.size(); ++i) {
-    if (static_cast<int64_t>(i) % parts != part) continue;
+  for (const ManifestFile& file : manifest.files) {
     try {
-      check_file(root, manifest.files[i], manifest_path, /*checksum=*/true);
+      check_file(root, file, manifest_path, /*checksum=*/true);
     } catch (const std::exception& e) {
       failures.push_back(e.what());
     }

@@ -111,10 +111,9 @@ void commit_checkpoint_folder(const ModelConfig& model, const std::vector<std::s
 // or whole by verify_checkpoint_files.
 ModelFiles open_loom_checkpoint_files(const std::string& path);
 
-// Reads every file of the checkpoint whose index in the manifest's `files`
-// is `part` modulo `parts` and compares its CRC32C with the manifest's; the
-// ranks of a run share the work this way. Returns "FILE: why" for each
-// failure (empty when all pass); BadInput for an unreadable manifest.
-std::vector<std::string> verify_checkpoint_files(const std::string& path, int64_t part = 0, int64_t parts = 1);
+// Reads every file of the checkpoint and compares its size and CRC32C with
+// the manifest's (`loom inspect`). Returns "FILE: why" for each failure
+// (empty when all pass); BadInput for an unreadable manifest.
+std::vector<std::string> verify_checkpoint_files(const std::string& path);
 
 }  // namespace loom

@@ -191,25 +191,13 @@ NamedTensors AdamW::state_dict() const {
   return out;
 }
 
-NamedTensors AdamW::state_for(const NamedTensors& state, const NamedTensors& params) {
-  std::map<std::string, const torch::Tensor*> given;
-  for (const auto& [name, tensor] : state) given.emplace(name, &tensor);
-  NamedTensors out;
-  auto take = [&](const std::string& name, bool required) {
-    const auto it = given.find(name);
-    if (it != given.end()) {
-      out.emplace_back(name, *it->second);
-    } else if (required) {
-      throw BadInput("optimizer state: missing entry '" + name + "'");
-    }
-  };
-  take(kStepName, true);
-  for (const auto& [name, param] : params) {
-    take(kExpAvgPrefix + name, true);
-    take(kExpAvgSqPrefix + name, true);
-    take(kMasterPrefix + name, false);
+const std::string AdamW::kStepEntry = kStepName;
+
+std::string AdamW::param_of_entry(const std::string& entry) {
+  for (const std::string* prefix : {&kExpAvgPrefix, &kExpAvgSqPrefix, &kMasterPrefix}) {
+    if (entry.starts_with(*prefix)) return entry.substr(prefix->size());
   }
-  return out;
+  return "";
 }
 
 void AdamW::load_state_dict(const NamedTensors& state) {

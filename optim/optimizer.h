@@ -96,11 +96,11 @@ class AdamW {
   // loom::BadInput naming it, and leaves the state untouched.
   void load_state_dict(const NamedTensors& state);
 
-  // The entries of `state` (the state_dict() of an AdamW over more
-  // parameters: a whole model's) that an AdamW over `params` takes: the step
-  // and each of `params`' entries, in state_dict() order. BadInput naming a
-  // missing entry.
-  static NamedTensors state_for(const NamedTensors& state, const NamedTensors& params);
+  // The name of state_dict()'s step entry, and the parameter an entry
+  // belongs to: NAME for optimizer.exp_avg.NAME, exp_avg_sq.NAME and
+  // master.NAME; "" for the step.
+  static const std::string kStepEntry;
+  static std::string param_of_entry(const std::string& entry);
 
  private:
   struct ParamState {

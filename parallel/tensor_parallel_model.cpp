@@ -156,23 +156,6 @@ NamedTensors gather_tensor_parallel(ProcessGroup& tp, const NamedTensors& local,
   return full;
 }
 
-std::map<std::string, int64_t> optimizer_state_shard_dims(const NamedTensors& state,
-                                                          const std::map<std::string, int64_t>& param_dims) {
-  static constexpr const char* kPrefixes[] = {"optimizer.exp_avg_sq.", "optimizer.exp_avg.", "optimizer.master."};
-  std::map<std::string, int64_t> dims;
-  for (const auto& [name, tensor] : state) {
-    int64_t dim = -1;
-    for (const char* prefix : kPrefixes) {
-      if (name.starts_with(prefix)) {
-        dim = dim_of(param_dims, name.substr(std::string(prefix).size()));
-        break;
-      }
-    }
-    dims[name] = dim;
-  }
-  return dims;
-}
-
 GradNormReduction sharded_grad_norm(std::vector<ProcessGroup*> sum_over, int64_t tp_rank, const NamedTensors& params,
                                     const std::map<std::string, int64_t>& shard_dim,
                                     const std::string& counted_elsewhere) {
@@ -184,16 +167,6 @@ GradNormReduction sharded_grad_norm(std::vector<ProcessGroup*> sum_over, int64_t
     for (ProcessGroup* group : groups) all_reduce_through_cpu(*group, sum_of_squares);
   };
   return reduction;
-}
-
-NamedTensors shard_tensor_parallel(const NamedTensors& full, const std::map<std::string, int64_t>& shard_dim,
-                                   int64_t rank, int64_t size) {
-  NamedTensors shards;
-  shards.reserve(full.size());
-  for (const auto& [name, tensor] : full) {
-    shards.emplace_back(name, tensor_parallel_shard(name, tensor, dim_of(shard_dim, name), rank, size));
-  }
-  return shards;
 }
 
 }  // namespace loom

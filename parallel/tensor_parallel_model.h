@@ -99,16 +99,9 @@ void init_tensor_parallel_shards(torch::nn::Module& local, double init_std, uint
 // sharded tensor is all-gathered over `tp` and its chunks joined along its
 // dim; a tensor whose name `shard_dim` maps to -1 is copied as this rank holds
 // it (every rank holds the same). Collective over `tp`, in `local`'s order.
-// `shard_dim` names the dim of every tensor of `local`; for optimizer state
-// use optimizer_state_shard_dims.
+// `shard_dim` names the dim of every tensor of `local`.
 NamedTensors gather_tensor_parallel(ProcessGroup& tp, const NamedTensors& local,
                                     const std::map<std::string, int64_t>& shard_dim);
-
-// The dims of AdamW::state_dict()'s entries from the dims of the parameters:
-// optimizer.exp_avg.NAME (and exp_avg_sq, master) are cut like NAME;
-// optimizer.step is whole.
-std::map<std::string, int64_t> optimizer_state_shard_dims(const NamedTensors& state,
-                                                          const std::map<std::string, int64_t>& param_dims);
 
 // The gradient norm of `params` (this rank's parts of the parameters, named
 // after them) together with the other ranks' parts: a part of a parameter
@@ -123,9 +116,5 @@ std::map<std::string, int64_t> optimizer_state_shard_dims(const NamedTensors& st
 GradNormReduction sharded_grad_norm(std::vector<ProcessGroup*> sum_over, int64_t tp_rank, const NamedTensors& params,
                                     const std::map<std::string, int64_t>& shard_dim,
                                     const std::string& counted_elsewhere = "");
-
-// Rank `rank`'s shards of every entry of `full` (by `shard_dim`), in order.
-NamedTensors shard_tensor_parallel(const NamedTensors& full, const std::map<std::string, int64_t>& shard_dim,
-                                   int64_t rank, int64_t size);
 
 }  // namespace loom

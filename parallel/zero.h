@@ -61,7 +61,8 @@ class ShardedAdamW {
 
   // The whole state as AdamW::state_dict() would give it for `params` (every
   // parameter's exp_avg and exp_avg_sq, whole), gathered over dp on every
-  // rank: for checkpoints, which hold the layout-free form. Collective.
+  // rank (the tests compare it with a whole AdamW; checkpoints store each
+  // rank's local_state_dict() instead). Collective.
   NamedTensors state_dict() const;
   // Takes this rank's share of a whole state (AdamW::state_dict() form for
   // `params`). BadInput for a missing or misshapen entry.

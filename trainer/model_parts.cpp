@@ -88,6 +88,7 @@ std::unique_ptr<ModelParts> build_model_parts(Config& config, const ParallelDims
   const LayerFactory& factory =
       parts.tp_factory ? static_cast<const LayerFactory&>(*parts.tp_factory) : parts.local_factory;
   if (groups.pp != nullptr) {
+    if (groups.pp->rank() != 0 && config.model.tie_embeddings) parts.tied_copy = "model.embed_tokens.weight";
     parts.schedule.emplace(pipeline_schedule_of(config, dims));
     parts.modules = build_pipeline_chunks(config.model, factory, *parts.schedule, groups.pp->rank());
   } else {

@@ -61,6 +61,10 @@ struct ModelParts {
   NamedTensors named_params;                 // every module's parameters, in order
   std::map<std::string, int64_t> param_dims;  // tp shard dim of each parameter
   bool model_is_whole = true;  // no tp or pp: checkpoints need no gathering
+  // The parameter this rank holds as a copy of another stage's (the last
+  // pipeline stage's tied embedding: stage 0 owns it, for the gradient norm
+  // and checkpoints); "" when none.
+  std::string tied_copy;
   int64_t tp_rank = 0, tp_size = 1;
 
   std::vector<torch::Tensor> params() const;

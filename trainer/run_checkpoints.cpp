@@ -20,23 +20,11 @@ namespace fs = std::filesystem;
 
 namespace {
 
-constexpr const char* kTiedEmbedding = "model.embed_tokens.weight";
-constexpr const char* kOptimizerStep = "optimizer.step";
-constexpr const char* kStatePrefixes[] = {"optimizer.exp_avg.", "optimizer.exp_avg_sq.", "optimizer.master."};
-
 // A checkpoint of another model than the config's: refused at once, not
 // passed over for an older checkpoint (which would be of that model too).
 struct OtherModel : BadInput {
   using BadInput::BadInput;
 };
-
-// The parameter an optimizer state entry belongs to ("" for the step).
-std::string param_of(const std::string& state_name) {
-  for (const char* prefix : kStatePrefixes) {
-    if (state_name.starts_with(prefix)) return state_name.substr(std::string(prefix).size());
-  }
-  return "";
-}
 
 // Replaces run_dir/hf with a fresh export, written by `write` into a
 // temporary folder; the old export is moved aside only once the new one is
@@ -97,10 +85,6 @@ Region RunCheckpoints::region_of(const ModelParts& parts, const std::string& par
   return Region::chunk(shape, dim, parts.tp_rank, parts.tp_size);
 }
 
-bool RunCheckpoints::is_tied_copy(const std::string& param) const {
-  return groups_.pp != nullptr && groups_.pp->rank() != 0 && config_.model.tie_embeddings && param == kTiedEmbedding;
-}
-
 RunCheckpoints::Resumed RunCheckpoints::load(const std::string& folder, ModelParts& parts, Update& update,
                                              Loader& loader) const {
   Resumed resumed;
@@ -125,14 +109,14 @@ RunCheckpoints::Resumed RunCheckpoints::load(const std::string& folder, ModelPar
     read_into(files, name, region, param);
   }
   // ZeRO-1's flat copy of the parameters is made by start(), from the loaded ones.
-  update.start({});
+  update.start();
   NamedTensors optimizer_state = update.zero_1() ? update.zero()->local_state_dict() : update.optimizer()->state_dict();
   for (auto& [name, tensor] : optimizer_state) {
-    if (name == kOptimizerStep) {
+    if (name == AdamW::kStepEntry) {
       tensor = files.read(name);
       continue;
     }
-    const std::string param = param_of(name);
+    const std::string param = AdamW::param_of_entry(name);
     Region region = region_of(parts, param);
     if (update.zero_1()) {
       const auto [begin, end] = update.zero()->piece_range(param);
@@ -157,7 +141,7 @@ RunCheckpoints::Resumed RunCheckpoints::load(const std::string& folder, ModelPar
 RunCheckpoints::Resumed RunCheckpoints::resume(ModelParts& parts, Update& update, Loader& loader,
                                                int64_t train_steps) {
   if (candidates_.empty()) {
-    update.start({});
+    update.start();
     return {};
   }
   // Each candidate is loaded as it is read: its bytes are checked chunk by
@@ -303,7 +287,7 @@ TrainingSnapshot RunCheckpoints::snapshot(int64_t step, int64_t skipped_steps, c
     tp_copies.push_back(parts.param_dims.at(param) < 0);
   };
   for (const auto& [name, param] : parts.named_params) {
-    if (is_tied_copy(name)) continue;
+    if (name == parts.tied_copy) continue;
     add(replicated, over_tp, name, name, param, std::nullopt);
     is_model.push_back(true);
   }
@@ -312,15 +296,15 @@ TrainingSnapshot RunCheckpoints::snapshot(int64_t step, int64_t skipped_steps, c
   std::vector<OwnedPiece> optimizer;
   if (groups_.writer) {
     for (const auto& [name, tensor] : state) {
-      if (name == kOptimizerStep) optimizer.push_back({name, {}, Region::whole({}), tensor.reshape({})});
+      if (name == AdamW::kStepEntry) optimizer.push_back({name, {}, Region::whole({}), tensor.reshape({})});
     }
   }
   std::vector<OwnedPiece> zero_pieces;
   std::vector<bool> zero_over_tp;
   for (const auto& [name, tensor] : state) {
-    if (name == kOptimizerStep) continue;
-    const std::string param = param_of(name);
-    if (is_tied_copy(param)) continue;
+    if (name == AdamW::kStepEntry) continue;
+    const std::string param = AdamW::param_of_entry(name);
+    if (param == parts.tied_copy) continue;
     if (update.zero_1()) {
       const auto [begin, end] = update.zero()->piece_range(param);
       add(zero_pieces, zero_over_tp, name, param, tensor, Range{begin, end});
@@ -353,10 +337,8 @@ std::string RunCheckpoints::save(int64_t step, int64_t skipped_steps, const Mode
     TrainingSnapshot spare = async_writer_->take_spare();
     return async_writer_->start(snapshot(step, skipped_steps, parts, update, loader, &spare));
   }
-  last_saved_ = write_training_checkpoint(checkpoints_dir_.string(),
-                                          snapshot(step, skipped_steps, parts, update, loader, nullptr), options_,
-                                          rank());
-  return last_saved_;
+  return write_training_checkpoint(checkpoints_dir_.string(),
+                                   snapshot(step, skipped_steps, parts, update, loader, nullptr), options_, rank());
 }
 
 double RunCheckpoints::wait() { return async_writer_ ? async_writer_->wait() : 0.0; }
@@ -370,7 +352,7 @@ std::shared_ptr<LlamaForCausalLM> RunCheckpoints::gathered_model(const ModelPart
   return groups_.writer ? whole_model(config_.model, gathered) : nullptr;
 }
 
-void RunCheckpoints::export_hub(int64_t step, const std::string& checkpoint) const {
+void RunCheckpoints::export_hub(int64_t step, const std::string& checkpoint, const LlamaForCausalLM* whole) const {
   ExportOptions options;
   options.dtype = config_.checkpoint.export_dtype == "float32"   ? torch::kFloat
                   : config_.checkpoint.export_dtype == "float16" ? torch::kHalf
@@ -384,7 +366,7 @@ void RunCheckpoints::export_hub(int64_t step, const std::string& checkpoint) con
     if (!checkpoint.empty()) {
       export_hub_streaming(ModelFiles::open(checkpoint), out, options);
     } else {
-      loom::export_hub(*whole_, out, options);
+      loom::export_hub(*whole, out, options);
     }
   });
 }
@@ -400,9 +382,8 @@ void RunCheckpoints::export_hub(int64_t step, const ModelParts& parts) {
     all_reduce_through_cpu(*groups_.world, agreed, ReduceOp::kMin);
     from_checkpoint = agreed.item<int64_t>() != 0;
   }
-  if (!from_checkpoint) whole_ = gathered_model(parts);
-  if (groups_.writer) export_hub(step, from_checkpoint ? saved.string() : "");
-  whole_.reset();
+  const std::shared_ptr<LlamaForCausalLM> whole = from_checkpoint ? nullptr : gathered_model(parts);
+  if (groups_.writer) export_hub(step, from_checkpoint ? saved.string() : "", whole.get());
 }
 
 }  // namespace loom

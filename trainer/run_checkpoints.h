@@ -80,14 +80,13 @@ class RunCheckpoints {
   // The region of the global parameter `param` this rank holds (its tp
   // slice), and the global shape.
   Region region_of(const ModelParts& parts, const std::string& param, std::vector<int64_t>* global_shape = nullptr) const;
-  // The last pipeline stage's copy of the tied embedding (stage 0 writes it).
-  bool is_tied_copy(const std::string& param) const;
   std::vector<bool> assign_writers(const std::vector<OwnedPiece>& pieces, const std::vector<bool>& replicated_over_tp,
                                    std::vector<int64_t>& load, bool over_dp) const;
   TrainingSnapshot snapshot(int64_t step, int64_t skipped_steps, const ModelParts& parts, const Update& update,
                             const Loader& loader, TrainingSnapshot* reuse) const;
   std::shared_ptr<LlamaForCausalLM> gathered_model(const ModelParts& parts) const;
-  void export_hub(int64_t step, const std::string& checkpoint) const;
+  // The writer's part: streamed from `checkpoint`, or ("") from `whole`.
+  void export_hub(int64_t step, const std::string& checkpoint, const LlamaForCausalLM* whole) const;
 
   const Config& config_;
   const TrainGroups groups_;
@@ -98,8 +97,6 @@ class RunCheckpoints {
   std::vector<std::string> passed_over_;
   TrainingCheckpointOptions options_;
   std::unique_ptr<AsyncCheckpointWriter> async_writer_;
-  std::string last_saved_;
-  std::shared_ptr<LlamaForCausalLM> whole_;  // while exporting a run without checkpoints
 };
 
 // The folder holding the tokenizer files, from data.tokenizer (a folder or a

@@ -28,7 +28,6 @@ using nlohmann::json;
 namespace {
 
 constexpr const char* kTrainerStateFormat = "loom-trainer-state";
-constexpr const char* kOptimizerStep = "optimizer.step";
 constexpr int kTrainerStateVersion = 1;
 constexpr const char* kBase64Alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
@@ -460,7 +459,7 @@ ModelFiles open_training_checkpoint(const std::string& dir) {
   const std::vector<ManifestFile>& listed_files = files.manifest()->files;
   const bool has_state = std::any_of(listed_files.begin(), listed_files.end(),
                                      [&](const ManifestFile& file) { return file.name == kTrainerStateFile; });
-  if (!has_state || !files.contains(kOptimizerStep)) {
+  if (!has_state || !files.contains(AdamW::kStepEntry)) {
     throw BadInput(dir + ": has no " + (has_state ? std::string("optimizer state") : kTrainerStateFile) +
                    " in its manifest (a checkpoint written by `loom import` holds weights only; start from it with "
                    "model.init_from)");
@@ -525,33 +524,6 @@ void read_into(const ModelFiles& files, const std::string& name, const Region& r
   torch::Tensor host = torch::empty({region.numel()}, torch::TensorOptions().dtype(destination.scalar_type()));
   files.read_region(name, region, host);
   destination.copy_(host.view(destination.sizes()));
-}
-
-int64_t load_training_checkpoint(const std::string& dir, LlamaForCausalLM& model, AdamW& optimizer, Loader& loader,
-                                 int64_t* skipped_steps) {
-  const ModelFiles files = open_training_checkpoint(dir);
-  const TrainerState state = load_trainer_state(files, loader);
-  verify_weights(model, files);
-  for (auto& named : model.named_parameters()) {
-    read_into(files, named.key(), Region::whole(named.value().sizes().vec()), named.value());
-  }
-  NamedTensors optimizer_state = optimizer.state_dict();
-  for (auto& [name, tensor] : optimizer_state) {
-    if (name == kOptimizerStep) {
-      tensor = files.read(name);
-    } else {
-      read_into(files, name, Region::whole(tensor.sizes().vec()), tensor);
-    }
-  }
-  optimizer.load_state_dict(optimizer_state);
-  // Skipped steps advanced the step but not AdamW.
-  if (optimizer.step_count() != state.step - state.skipped_steps) {
-    throw BadInput(dir + ": optimizer.step is " + std::to_string(optimizer.step_count()) + ", the checkpoint is at step " +
-                   std::to_string(state.step) + " with " + std::to_string(state.skipped_steps) +
-                   " skipped steps (expected " + std::to_string(state.step - state.skipped_steps) + ")");
-  }
-  if (skipped_steps) *skipped_steps = state.skipped_steps;
-  return state.step;
 }
 
 }  // namespace loom

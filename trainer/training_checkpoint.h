@@ -2,8 +2,8 @@
 // and how it finds and loads them again.
 //
 // A training checkpoint is a loom checkpoint (checkpoints/loom_checkpoint.h)
-// with two more files, both listed in the manifest with their CRC32C:
-//   optimizer-rank00000.safetensors  AdamW::state_dict()
+// with more files, all listed in the manifest with their CRC32C:
+//   optimizer-rankNNNNN.safetensors  each rank's pieces of AdamW::state_dict()
 //   trainer-state-rank00000.json     {"format": "loom-trainer-state", "version": 1,
 //                                     "step", "skipped_steps" (non-finite steps
 //                                     skipped so far; absent = 0),
@@ -184,9 +184,10 @@ std::string save_training_checkpoint(const std::string& checkpoints_dir, int64_t
 std::vector<std::string> resume_candidates(const CheckpointConfig& checkpoint, const std::string& checkpoints_dir,
                                            std::vector<std::string>* fallbacks = nullptr);
 
-// The weights of the training checkpoint at `dir`, verified: every file's
-// size and CRC32C, the manifest's tensors against the files, and the
-// optimizer and trainer state present. BadInput naming what fails.
+// The training checkpoint at `dir`, opened: the manifest against the files'
+// sizes and safetensors headers (version 1: also their CRC32C; version 2's
+// chunks are checked as they are read), and the optimizer and trainer state
+// present. BadInput naming what fails.
 ModelFiles open_training_checkpoint(const std::string& dir);
 
 // The trainer state of a training checkpoint (opened with
@@ -202,12 +203,5 @@ TrainerState load_trainer_state(const ModelFiles& files, Loader& loader);
 // device and floating dtype, region.numel() elements), through a CPU copy
 // unless it is a contiguous CPU tensor.
 void read_into(const ModelFiles& files, const std::string& name, const Region& region, torch::Tensor destination);
-
-// Loads the whole of every parameter of `model` and of `optimizer`'s state
-// from a training checkpoint (saved on any layout), with the loader's
-// position and the CPU RNG state, and returns its step. BadInput names the
-// file at fault. `skipped_steps` (if not null) receives the saved skip count.
-int64_t load_training_checkpoint(const std::string& dir, LlamaForCausalLM& model, AdamW& optimizer, Loader& loader,
-                                 int64_t* skipped_steps = nullptr);
 
 }  // namespace loom

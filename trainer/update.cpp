@@ -11,15 +11,13 @@ Update::Update(const Config& config, const ParallelDims& dims, const TrainGroups
   // The gradient norm of all shards and stages together: a parameter every
   // rank of the tp group holds whole (norm weights, row-parallel biases) is
   // counted once, and so is the tied embedding whose copy the last pipeline
-  // stage holds.
-  if (groups.pp != nullptr && groups.pp->rank() != 0 && config.model.tie_embeddings) {
-    tied_copy_ = "model.embed_tokens.weight";
-  }
+  // stage holds (parts.tied_copy).
   std::vector<ProcessGroup*> model_groups;
   if (groups.tp != nullptr) model_groups.push_back(groups.tp);
   if (groups.pp != nullptr) model_groups.push_back(groups.pp);
   if (!parts.model_is_whole) {
-    model_norm_ = sharded_grad_norm(model_groups, groups.coords.tp, parts.named_params, parts.param_dims, tied_copy_);
+    model_norm_ = sharded_grad_norm(model_groups, groups.coords.tp, parts.named_params, parts.param_dims,
+                                    parts.tied_copy);
   }
   // Data parallelism: each replica trains on its own samples of every global
   // batch, and the gradients are averaged over the replicas, bucket by bucket
@@ -37,12 +35,8 @@ Update::Update(const Config& config, const ParallelDims& dims, const TrainGroups
   }
 }
 
-void Update::start(const NamedTensors& resumed_state) {
-  if (optimizer_ && !resumed_state.empty()) optimizer_->load_state_dict(resumed_state);
-  if (zero_1_) {
-    zero_.emplace(*groups_.dp_data, parts_.named_params, options_);
-    if (!resumed_state.empty()) zero_->load_state_dict(resumed_state);
-  }
+void Update::start() {
+  if (zero_1_) zero_.emplace(*groups_.dp_data, parts_.named_params, options_);
   // The gradients the norm and the clipping see: the model's, or under
   // ZeRO-1 this rank's shard of the averaged ones, whose squares are summed
   // over every rank (each element is in one dp shard; a parameter every tp
@@ -50,7 +44,7 @@ void Update::start(const NamedTensors& resumed_state) {
   norm_params_ = zero_ ? zero_->shard_params() : parts_.params();
   if (zero_) {
     zero_norm_ = sharded_grad_norm({groups_.world}, groups_.coords.tp, zero_->shard_named_params(), parts_.param_dims,
-                                   tied_copy_);
+                                   parts_.tied_copy);
   }
   norm_reduction_ = zero_ ? &zero_norm_ : parts_.model_is_whole ? nullptr : &model_norm_;
 }
@@ -67,8 +61,6 @@ double Update::clip(double max_norm) {
 }
 
 void Update::step(double lr) { zero_ ? zero_->step(lr) : optimizer_->step(lr); }
-
-NamedTensors Update::state_dict() const { return zero_ ? zero_->state_dict() : optimizer_->state_dict(); }
 
 double Update::unsharded_state_mib() const {
   int64_t local_elements = 0;

@@ -35,11 +35,10 @@ class Update {
   GradientReducer* reducer() { return reducer_.get(); }
   const AdamWOptions& options() const { return options_; }
 
-  // ZeRO-1 (parallel.zero_stage 1): the sharded optimizer, loaded with the
-  // resumed state of this rank's model part (whole over dp; empty = fresh).
-  // Without ZeRO-1, the resumed state goes into the whole AdamW. Then the
-  // gradients the norm sees are fixed.
-  void start(const NamedTensors& resumed_state);
+  // ZeRO-1 (parallel.zero_stage 1): the sharded optimizer, made from the
+  // weights as they are now (fresh, or loaded by a resume, which then loads
+  // its state). Then the gradients the norm sees are fixed.
+  void start();
 
   void zero_grad();
   // After the step's backwards: the dp buckets' last reductions, or ZeRO-1's
@@ -51,9 +50,6 @@ class Update {
   double clip(double max_norm);
   void step(double lr);
 
-  // The optimizer state of this rank's model part, whole over dp (ZeRO-1
-  // gathers it: collective over dp).
-  NamedTensors state_dict() const;
   // AdamW's exp_avg and exp_avg_sq of this rank's unsharded parameters, MiB.
   double unsharded_state_mib() const;
 
@@ -62,7 +58,6 @@ class Update {
   const TrainGroups groups_;
   AdamWOptions options_;
   bool zero_1_;
-  std::string tied_copy_;  // the tied embedding's copy on the last stage, counted elsewhere
   std::optional<AdamW> optimizer_;
   std::optional<ShardedAdamW> zero_;
   std::unique_ptr<GradientReducer> reducer_;

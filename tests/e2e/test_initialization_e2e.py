@@ -43,6 +43,17 @@ def exported(checkpoint, output):
     return load_file(str(output / "model.safetensors"))
 
 
+def step_one_weights(data, tmp_path, **sets):
+    """Trains the one step that moves no weight on the layout `sets` gives,
+    and returns the exported fp32 weights of its checkpoint."""
+    run_args, ranks = args(data, tmp_path, "run", **sets)
+    if ranks == 1:
+        loom(*run_args)
+    else:
+        mpi_loom(ranks, run_args)
+    return exported(tmp_path / "run" / "checkpoints" / "step-0000001", tmp_path / "hf")
+
+
 @pytest.fixture(scope="module")
 def initialized(data, tmp_path_factory):
     """The weights `loom init` writes for the runs' config and seed."""
@@ -62,12 +73,7 @@ def test_loom_init_draws_the_configs_model(initialized):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_fresh_run_starts_from_loom_inits_weights_on_every_layout(data, tmp_path, initialized, layout):
-    run_args, ranks = args(data, tmp_path, "run", **LAYOUTS[layout])
-    if ranks == 1:
-        loom(*run_args)
-    else:
-        mpi_loom(ranks, run_args)
-    weights = exported(tmp_path / "run" / "checkpoints" / "step-0000001", tmp_path / "hf")
+    weights = step_one_weights(data, tmp_path, **LAYOUTS[layout])
     assert sorted(weights) == sorted(initialized)
     for name, expected in initialized.items():
         got = weights[name]
@@ -96,12 +102,7 @@ def test_init_from_gives_every_layout_the_folders_weights(data, tmp_path, other_
     # Each rank reads only its part of the folder's tensors (converted from bf16).
     hub, sharded, expected = other_model
     folder = hub if source == "hub-bf16" else sharded
-    run_args, ranks = args(data, tmp_path, "run", **{**LAYOUTS[layout], "model.init_from": folder})
-    if ranks == 1:
-        loom(*run_args)
-    else:
-        mpi_loom(ranks, run_args)
-    weights = exported(tmp_path / "run" / "checkpoints" / "step-0000001", tmp_path / "hf")
+    weights = step_one_weights(data, tmp_path, **{**LAYOUTS[layout], "model.init_from": folder})
     assert sorted(weights) == sorted(expected)
     for name, value in expected.items():
         assert weights[name].tobytes() == value.tobytes(), (

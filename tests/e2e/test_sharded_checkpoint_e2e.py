@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from test_train_e2e import _ckpt_entries, _wait_for, check_after_kill, loom, train_args
+from test_train_e2e import _ckpt_entries, check_after_kill, loom, reach_kill_point, train_args
 from test_train_e2e import data  # noqa: F401 (fixture)
 from test_train_e2e import LOOM_BIN
 from test_tensor_parallel_e2e import mpi_args, mpi_env, mpi_loom
@@ -41,13 +41,6 @@ def run_and_kill_rank(args, ckpt_dir, mode, victim, delay=0.0):
     with open(log_path, "w") as log:
         proc = subprocess.Popen([*mpi_args(4), "-x", "LOOM_TEST_TAG", LOOM_BIN, *map(str, args)], stdout=log,
                                 stderr=subprocess.STDOUT, env=env)
-    latest = ckpt_dir / "latest"
-
-    def read_latest():
-        try:
-            return latest.read_text()
-        except (FileNotFoundError, IsADirectoryError):
-            return None
 
     def victim_pid():
         for entry in os.listdir("/proc"):
@@ -63,29 +56,12 @@ def run_and_kill_rank(args, ckpt_dir, mode, victim, delay=0.0):
         return None
 
     try:
-        before = read_latest()
-        if not _wait_for(proc, lambda: read_latest() not in (None, before), timeout=120):
-            rc = proc.wait()
-            assert rc == 0, f"exited {rc} before a checkpoint:\n{log_path.read_text()[-2000:]}"
-            return False, "finished"
-        if mode == "tmp":
-            stale = {e for e in _ckpt_entries(ckpt_dir) if ".tmp-" in e}
-            ok = _wait_for(proc, lambda: any(".tmp-" in e and e not in stale for e in _ckpt_entries(ckpt_dir)))
-        elif mode == "rename":
-            seen = {e for e in _ckpt_entries(ckpt_dir) if e.startswith("step-") and ".tmp-" not in e}
-            ok = _wait_for(proc, lambda: any(e.startswith("step-") and ".tmp-" not in e and e not in seen
-                                             for e in _ckpt_entries(ckpt_dir)))
-        elif mode == "latest":
-            cur = read_latest()
-            ok = _wait_for(proc, lambda: read_latest() not in (None, cur))
-        else:
-            time.sleep(delay)
-            ok = proc.poll() is None
-        pid = victim_pid() if ok else None
+        missed = reach_kill_point(proc, ckpt_dir, mode, delay, first_timeout=120)
+        pid = None if missed else victim_pid()
         if pid is None:
             rc = proc.wait()
-            assert rc == 0, f"exited {rc}:\n{log_path.read_text()[-2000:]}"
-            return False, f"finished before the kill point ({mode})"
+            assert rc == 0, f"exited {rc} ({missed or 'no victim'}):\n{log_path.read_text()[-2000:]}"
+            return False, missed or "finished"
         os.kill(pid, signal.SIGKILL)
         # mpirun ends the whole job when a rank dies: no rank hangs.
         rc = proc.wait(timeout=120)

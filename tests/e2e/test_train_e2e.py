@@ -133,6 +133,38 @@ def _wait_for(proc, cond, timeout=60.0):
     raise AssertionError("timed out waiting for the training run")
 
 
+def reach_kill_point(proc, ckpt_dir, mode, delay=0.0, first_timeout=60.0):
+    """Waits until the run `proc` is at the kill point `mode` picks (see
+    run_and_kill). Returns None there, or why it was missed (the run ended first)."""
+    # Let the run get past start-up (and a resume) so that it is writing checkpoints.
+    latest = ckpt_dir / "latest"
+
+    def read_latest():
+        try:
+            return latest.read_text()
+        except (FileNotFoundError, IsADirectoryError):
+            return None
+
+    before = read_latest()
+    if not _wait_for(proc, lambda: read_latest() not in (None, before), timeout=first_timeout):
+        return "exited before writing a checkpoint"
+    if mode == "tmp":
+        # A new temporary folder: leftovers of earlier kills do not count.
+        stale = {e for e in _ckpt_entries(ckpt_dir) if ".tmp-" in e}
+        ok = _wait_for(proc, lambda: any(".tmp-" in e and e not in stale for e in _ckpt_entries(ckpt_dir)))
+    elif mode == "rename":
+        seen = {e for e in _ckpt_entries(ckpt_dir) if e.startswith("step-") and ".tmp-" not in e}
+        ok = _wait_for(proc, lambda: any(e.startswith("step-") and ".tmp-" not in e and e not in seen
+                                         for e in _ckpt_entries(ckpt_dir)))
+    elif mode == "latest":
+        cur = read_latest()
+        ok = _wait_for(proc, lambda: read_latest() not in (None, cur))
+    else:
+        time.sleep(delay)
+        ok = proc.poll() is None
+    return None if ok else f"finished before the kill point ({mode})"
+
+
 def run_and_kill(args, ckpt_dir, mode, delay=0.0):
     """Starts `loom train`, SIGKILLs it at the moment `mode` picks.
 
@@ -156,34 +188,9 @@ def run_and_kill(args, ckpt_dir, mode, delay=0.0):
         return False, why
 
     try:
-        # Let the run get past start-up (and a resume) so that it is writing checkpoints.
-        latest = ckpt_dir / "latest"
-
-        def read_latest():
-            try:
-                return latest.read_text()
-            except (FileNotFoundError, IsADirectoryError):
-                return None
-
-        before = read_latest()
-        if not _wait_for(proc, lambda: read_latest() not in (None, before)):
-            return ended("exited before writing a checkpoint")
-        if mode == "tmp":
-            # A new temporary folder: leftovers of earlier kills do not count.
-            stale = {e for e in _ckpt_entries(ckpt_dir) if ".tmp-" in e}
-            ok = _wait_for(proc, lambda: any(".tmp-" in e and e not in stale for e in _ckpt_entries(ckpt_dir)))
-        elif mode == "rename":
-            seen = {e for e in _ckpt_entries(ckpt_dir) if e.startswith("step-") and ".tmp-" not in e}
-            ok = _wait_for(proc, lambda: any(e.startswith("step-") and ".tmp-" not in e and e not in seen
-                                             for e in _ckpt_entries(ckpt_dir)))
-        elif mode == "latest":
-            cur = read_latest()
-            ok = _wait_for(proc, lambda: read_latest() not in (None, cur))
-        else:
-            time.sleep(delay)
-            ok = proc.poll() is None
-        if not ok:
-            return ended(f"finished before the kill point ({mode})")
+        missed = reach_kill_point(proc, ckpt_dir, mode, delay)
+        if missed:
+            return ended(missed)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         return True, f"{mode} delay={delay:.3f}; left {sorted(_ckpt_entries(ckpt_dir))}"
