@@ -159,7 +159,7 @@ RunCheckpoints::Resumed RunCheckpoints::resume(ModelParts& parts, Update& update
     } catch (const OtherModel& e) {
       failure = e.what();
       other_model = true;
-    } catch (const BadInput& e) {
+    } catch (const std::runtime_error& e) {  // BadInput, or a file that cannot be read at all
       failure = e.what();
     }
     if (groups_.world != nullptr && groups_.world->size() > 1) {

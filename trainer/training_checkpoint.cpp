@@ -429,14 +429,19 @@ std::vector<std::string> resume_candidates(const CheckpointConfig& checkpoint, c
   for (auto it = steps.rbegin(); it != steps.rend(); ++it) {
     if (it->filename().string() < name) folders.push_back(*it);
   }
+  // Opened up to the first that opens; the older ones are opened only if
+  // that one fails to load (RunCheckpoints::resume opens each it loads).
   std::vector<std::string> candidates, failures;
   for (const fs::path& candidate : folders) {
+    if (!candidates.empty()) {
+      candidates.push_back(candidate.string());
+      continue;
+    }
     try {
       open_training_checkpoint(candidate.string());
       candidates.push_back(candidate.string());
     } catch (const std::exception& e) {  // BadInput, or a file that cannot be read at all
-      // Only the ones before the first that opens were passed over.
-      if (candidates.empty()) failures.push_back(e.what());
+      failures.push_back(e.what());
     }
   }
   if (candidates.empty()) {

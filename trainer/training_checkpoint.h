@@ -175,12 +175,12 @@ std::string save_training_checkpoint(const std::string& checkpoints_dir, int64_t
 // The checkpoint folders checkpoint.resume asks for, to try in order: for
 // "none" none, for a path the path itself, for "auto" the one
 // `checkpoints_dir`/latest names (none when there is no latest) and then the
-// older step folders, newest first: each that opens (open_training_checkpoint:
-// the manifest against the files' sizes and headers; version 1 files also
-// against their CRC32C). Each that does not is described in `fallbacks`
-// ("FOLDER...: why"). Their bytes are checked as they are loaded. BadInput
-// when none opens, naming each failure, or when latest names a missing
-// folder.
+// older step folders, newest first, from the first that opens
+// (open_training_checkpoint: the manifest against the files' sizes and
+// headers; version 1 files also against their CRC32C); each newer one that
+// does not is described in `fallbacks` ("FOLDER...: why"). The later ones are
+// opened, and all are checked, as they are loaded. BadInput when none opens,
+// naming each failure, or when latest names a missing folder.
 std::vector<std::string> resume_candidates(const CheckpointConfig& checkpoint, const std::string& checkpoints_dir,
                                            std::vector<std::string>* fallbacks = nullptr);
 
