@@ -259,12 +259,15 @@ torch::Tensor RowParallelLinear::forward(const torch::Tensor& x) {
   if (!options_.sequence_parallel) {
     const at::Tensor y = reduce_from_tp(*tp_, y_partial);
     // y and its gradient are the same on every rank, so is the bias gradient.
-    return bias_.defined() ? y + bias_ : y;
+    // The bias joins in y's dtype, as at::linear's own bias would: under bf16
+    // autocast an fp32 bias would promote the residual stream to fp32 (and a
+    // pipeline send of it would then not match the next stage's bf16 recv).
+    return bias_.defined() ? y + bias_.to(y.scalar_type()) : y;
   }
   const at::Tensor y_slice = reduce_scatter_to_sp(*tp_, y_partial);
   // Each rank adds the bias to its own sequence slice: copy_to_tp sums the
   // slices' bias gradients over the group in backward.
-  return bias_.defined() ? y_slice + copy_to_tp(*tp_, bias_) : y_slice;
+  return bias_.defined() ? y_slice + copy_to_tp(*tp_, bias_).to(y_slice.scalar_type()) : y_slice;
 }
 
 }  // namespace loom

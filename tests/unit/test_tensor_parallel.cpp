@@ -9,6 +9,7 @@
 // failed.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/autocast_mode.h>
 #include <gtest/gtest.h>
 #include <mpi.h>
 #include <torch/utils.h>
@@ -277,6 +278,43 @@ TEST(TensorParallelLayers, SequenceParallelMlpMatchesTheUnshardedMlpOnTheLocalSe
   expect_close(y, my_chunk(ref.y, 1), kLayerTol, "y is this rank's sequence slice");
   expect_close(x.grad(), my_chunk(ref.x.grad(), 1), kLayerTol, "x.grad is this rank's sequence slice");
   expect_gathered_grads_match(column, row, ref);
+}
+
+// Under bf16 autocast a linear layer's output is bf16, bias included (at::linear
+// casts the bias with the weight). The row-parallel layer adds its bias after
+// the reduction, by hand: it must join in the output's dtype, or an fp32 bias
+// would turn the residual stream (and a pipeline stage's send) into fp32.
+TEST(TensorParallelLayers, RowParallelOutputKeepsTheAutocastDtypeWithABias) {
+  for (const bool sequence_parallel : {false, true}) {
+    Mlp mlp;
+    const int64_t seq = 2 * tp_size();
+    const at::Tensor x_full = random({2, seq, Mlp::kHidden}, 30);
+    RowParallelLinear row(tp(), mlp.inner, Mlp::kHidden, true,
+                          {.input_is_parallel = false, .sequence_parallel = sequence_parallel});
+    load(row, mlp.w2, mlp.b2, LinearRole::kRow);
+    const at::Tensor h_full = random({2, seq, mlp.inner}, 31);
+    at::Tensor y;
+    at::Tensor expected;
+    {
+      at::autocast::set_autocast_enabled(at::kCPU, true);
+      at::autocast::set_autocast_dtype(at::kCPU, at::kBFloat16);
+      at::autocast::increment_nesting();
+      y = row.forward(h_full);
+      expected = at::linear(h_full, mlp.w2, mlp.b2);
+      if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+      at::autocast::set_autocast_enabled(at::kCPU, false);
+    }
+    const std::string label = sequence_parallel ? "sequence parallel" : "plain";
+    EXPECT_EQ(y.scalar_type(), at::kBFloat16) << label;
+    ASSERT_EQ(expected.scalar_type(), at::kBFloat16) << label;
+    if (sequence_parallel) expected = my_chunk(expected, 1);
+    // bf16 products summed per shard, then across ranks: a few bf16 ulps.
+    expect_close(y.to(at::kFloat), expected.to(at::kFloat), 0.05, label + ": y");
+    y.to(at::kFloat).sum().backward();
+    const at::Tensor bias_grad = row.named_parameters()["bias"].grad();
+    ASSERT_TRUE(bias_grad.defined()) << label;
+    EXPECT_EQ(bias_grad.scalar_type(), at::kFloat) << label << ": the fp32 bias gets an fp32 gradient";
+  }
 }
 
 // Expects `fn` to throw BadInput whose message contains every fragment.
