@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 #include <thread>
@@ -83,6 +84,15 @@ int mpi_count(const std::string& where, const at::Tensor& tensor) {
   return static_cast<int>(tensor.numel());
 }
 
+// The signature of a tensor to send or receive; refusals start with `where`.
+TensorSignature signature_of(const std::string& where, const at::Tensor& tensor) {
+  try {
+    return TensorSignature::of(tensor);
+  } catch (const std::invalid_argument& e) {
+    throw std::invalid_argument(where + ": " + e.what());
+  }
+}
+
 std::string seconds(std::chrono::milliseconds duration) {
   std::ostringstream os;
   os << std::chrono::duration<double>(duration).count() << " s";
@@ -110,10 +120,18 @@ class MpiWork final : public Work {
         tensors_(std::move(tensors)) {}
 
   ~MpiWork() override {
+    if (completed_ || mpi_finalized()) return;
+    if (request_ == MPI_REQUEST_NULL && signature_request_ == MPI_REQUEST_NULL) return;
+    if (std::uncaught_exceptions() > 0) {
+      // Note [abandoned works]: MPI may still write into the buffers.
+      abandon_tensors(std::move(tensors_));
+      (void)signature_.release();
+      return;
+    }
     // MPI may still write into the tensors: returning them to the allocator
     // before completion would corrupt memory. Waiting keeps the promise of
     // the header (an unfinished Work is waited for, or the job ends).
-    if (!completed_ && request_ != MPI_REQUEST_NULL && !mpi_finalized()) wait();
+    wait();
   }
 
   using Work::wait;
@@ -124,33 +142,37 @@ class MpiWork final : public Work {
   // Runs once, on completion, before is_completed() first returns true.
   void on_complete(std::function<void()> finish) { finish_ = std::move(finish); }
 
-  // For a recv: the message must carry exactly `count` elements of `type`.
-  void expect_count(int count, MPI_Datatype type) {
-    expected_count_ = count;
-    expected_type_ = type;
+  // Note [send signatures]. A send: `signature` goes ahead of the data, on
+  // the request signature_request(). A recv: the signature that arrives
+  // there must equal `signature`, or the job ends.
+  TensorSignature* carry_signature(const TensorSignature& signature, bool expect) {
+    signature_ = std::make_unique<TensorSignature>(expect ? TensorSignature{} : signature);
+    if (expect) expected_ = signature;
+    return signature_.get();
   }
+  MPI_Request* signature_request() { return &signature_request_; }
 
   bool is_completed() override {
     if (completed_) return true;
     int done = 0;
-    MPI_Status status;
     {
       auto lock = runtime_->lock();
-      check_mpi(MPI_Test(&request_, &done, &status), what_, "MPI_Test");
-      if (done && expected_count_ >= 0) {
-        int count = 0;
-        MPI_Get_count(&status, expected_type_, &count);
-        if (count != expected_count_) {
-          MpiSession::abort(what_ + ": received " + std::to_string(count) + " elements, expected " +
-                            std::to_string(expected_count_) + "; the sender's tensor must have the receiver's shape");
+      if (signature_request_ != MPI_REQUEST_NULL) {
+        check_mpi(MPI_Test(&signature_request_, &done, MPI_STATUS_IGNORE), what_, "MPI_Test");
+        if (!done) return false;
+        if (expected_ && *signature_ != *expected_) {
+          MpiSession::abort(what_ + ": the sender's tensor is " + signature_->describe() +
+                            "; the receiver's tensor must have the sender's dtype and shape");
         }
       }
+      check_mpi(MPI_Test(&request_, &done, MPI_STATUS_IGNORE), what_, "MPI_Test");
     }
     if (!done) return false;
     completed_ = true;
     if (finish_) finish_();
     finish_ = nullptr;
     tensors_.clear();
+    signature_.reset();
     return true;
   }
 
@@ -174,8 +196,9 @@ class MpiWork final : public Work {
   std::function<void()> finish_;
   MPI_Request request_ = MPI_REQUEST_NULL;
   bool completed_ = false;
-  int expected_count_ = -1;
-  MPI_Datatype expected_type_ = MPI_DATATYPE_NULL;
+  std::unique_ptr<TensorSignature> signature_;  // sent, or the buffer the sender's arrives in
+  std::optional<TensorSignature> expected_;     // a recv's own
+  MPI_Request signature_request_ = MPI_REQUEST_NULL;
 };
 
 int comm_rank(MPI_Comm comm) {
@@ -278,7 +301,14 @@ MpiProcessGroup::MpiProcessGroup(std::shared_ptr<detail::MpiRuntime> runtime, MP
                                  std::chrono::milliseconds timeout)
     : ProcessGroup(std::move(name), comm_rank(comm), world_ranks_of(comm), timeout),
       runtime_(std::move(runtime)),
-      comm_(comm) {}
+      comm_(comm) {
+  // Every rank of `comm` makes its group together (world, split), so this
+  // blocking duplicate cannot wait on a rank that never comes.
+  auto lock = runtime_->lock();
+  check_mpi(MPI_Comm_dup(comm_, &signature_comm_), "group '" + this->name() + "'", "MPI_Comm_dup");
+  check_mpi(MPI_Comm_set_errhandler(signature_comm_, MPI_ERRORS_RETURN), "group '" + this->name() + "'",
+            "MPI_Comm_set_errhandler");
+}
 
 MpiProcessGroup::~MpiProcessGroup() {
   // After MPI_Finalize the communicator is gone already (the session was
@@ -286,6 +316,7 @@ MpiProcessGroup::~MpiProcessGroup() {
   if (comm_ != MPI_COMM_NULL && !mpi_finalized()) {
     auto lock = runtime_->lock();
     MPI_Comm_free(&comm_);
+    if (signature_comm_ != MPI_COMM_NULL) MPI_Comm_free(&signature_comm_);
   }
 }
 
@@ -409,8 +440,12 @@ std::unique_ptr<Work> MpiProcessGroup::send(const at::Tensor& tensor, const Send
                                             std::to_string(options.tag),
                                         "waiting for " + peer_name(options.peer) + ", which must issue the matching recv",
                                         timeout(), std::vector<at::Tensor>{tensor});
+  TensorSignature* signature = work->carry_signature(signature_of(where, tensor), /*expect=*/false);
   {
     auto lock = runtime_->lock();
+    check_mpi(MPI_Isend(signature->words.data(), TensorSignature::kWords, MPI_INT64_T, options.peer, options.tag,
+                        signature_comm_, work->signature_request()),
+              work->what(), "MPI_Isend");
     check_mpi(MPI_Isend(tensor.data_ptr(), count, mpi_type(tensor.scalar_type()), options.peer, options.tag, comm_,
                         work->request()),
               work->what(), "MPI_Isend");
@@ -430,9 +465,12 @@ std::unique_ptr<Work> MpiProcessGroup::recv(const at::Tensor& tensor, const Recv
                                             std::to_string(options.tag),
                                         "waiting for " + peer_name(options.peer) + ", which must issue the matching send",
                                         timeout(), std::vector<at::Tensor>{tensor});
-  work->expect_count(count, type);
+  TensorSignature* arriving = work->carry_signature(signature_of(where, tensor), /*expect=*/true);
   {
     auto lock = runtime_->lock();
+    check_mpi(MPI_Irecv(arriving->words.data(), TensorSignature::kWords, MPI_INT64_T, options.peer, options.tag,
+                        signature_comm_, work->signature_request()),
+              work->what(), "MPI_Irecv");
     check_mpi(MPI_Irecv(tensor.data_ptr(), count, type, options.peer, options.tag, comm_, work->request()),
               work->what(), "MPI_Irecv");
   }

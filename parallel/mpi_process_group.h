@@ -118,6 +118,7 @@ class MpiProcessGroup final : public ProcessGroup {
 
   std::shared_ptr<detail::MpiRuntime> runtime_;
   MPI_Comm comm_;
+  MPI_Comm signature_comm_ = MPI_COMM_NULL;  // Note [send signatures]: a send's signature goes ahead of it here
 };
 
 // This rank's dp, pp and tp groups (named "dp", "pp", "tp") from the world

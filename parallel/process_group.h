@@ -13,12 +13,14 @@
 //   Issue the operations of one group from one thread at a time; from several
 //   threads their order would not be the same on every rank.
 // - send/recv pair up by (peer, tag) in the order they are issued; the
-//   receiver names the exact element count and dtype (its tensor's).
+//   receiver's tensor must have the sender's dtype and shape, which every
+//   backend checks (Note [send signatures]).
 // - Every call only starts the operation and returns a Work handle. The
 //   tensors belong to the operation until Work::wait returns (or
 //   is_completed() returned true): do not read or write them before, and do
 //   not free them (the Work holds a reference, so dropping your own is safe).
-//   Destroying an unfinished Work waits for it.
+//   Destroying an unfinished Work waits for it, except while an exception
+//   unwinds (Note [abandoned works]).
 // - Work::wait never fails quietly and never hangs: when the timeout (the
 //   group's when the operation was issued, or the one passed to wait)
 //   passes, or the backend reports an error, it prints one line naming the
@@ -34,6 +36,29 @@
 //   started on this rank, but the other ranks' matching call may be waiting,
 //   so treat it as a bug that ends the job (main catches and aborts).
 //
+//
+// Note [send signatures]
+// Ahead of its data, every send passes the receiver its tensor's dtype and
+// shape (a TensorSignature, on a channel of its own: MPI, a duplicate of the
+// group's communicator). The receiver compares it with its own tensor's
+// before it hands the data on, and a mismatch ends the job naming both, e.g.
+// "recv #3 of bfloat16 [2, 8, 64] on cpu from group rank 0 (world rank 0)
+// tag 1: the sender's tensor is float32 [2, 8, 64]". Without it NCCL would
+// hand garbage to the receiver (it moves bytes, and cannot tell), and MPI
+// would accept any dtype of the same size and any shape of the same count.
+// A tensor sent or received has at most TensorSignature::kMaxDims dims.
+//
+// Note [abandoned works]
+// An exception that unwinds past an unfinished Work (a CUDA out-of-memory in
+// a backward while gradient buckets are in flight) must not wait for it:
+// its peers may never complete it, and the rank's own error would then be
+// printed only after the timeout, after the peers' timeouts blamed the wrong
+// rank. So while an exception unwinds, destroying an unfinished Work
+// abandons it: its tensors are kept alive, never freed (the backend may
+// still write into them), and nothing waits. The group is then unusable
+// (its ranks no longer agree on what has been issued), so the exception must
+// end the job, as main's catch blocks do with MpiSession::abort.
+//
 // Tensors: dense and contiguous, on the backend's device (MPI: CPU), dtype one
 // of float32, float64, bfloat16, int32, int64 (kSupportedDtypes). Reductions
 // of bfloat16 are computed in float32 (Note [bfloat16 reductions]); AVG is
@@ -42,6 +67,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -233,6 +259,25 @@ std::vector<std::string> all_gather_strings(ProcessGroup& group, const std::stri
 // named as in Python ("float32", "bfloat16", "int64").
 std::string describe_tensor(const at::Tensor& tensor);
 std::string dtype_name(c10::ScalarType dtype);
+
+// The dtype and shape of a sent tensor, as the receiver checks them (Note
+// [send signatures]): a fixed block of int64 words, so a backend can move it
+// as it moves a tensor.
+struct TensorSignature {
+  static constexpr int kMaxDims = 8;
+  static constexpr int kWords = 2 + kMaxDims;  // dtype, number of dims, the dims (unused: 0)
+  std::array<int64_t, kWords> words{};
+
+  // Throws std::invalid_argument for a tensor of more than kMaxDims dims.
+  static TensorSignature of(const at::Tensor& tensor);
+  // "float32 [4, 8]"; words no tensor has (a corrupt message) are shown raw.
+  std::string describe() const;
+  bool operator==(const TensorSignature&) const = default;
+};
+
+// Keeps the tensors of an abandoned Work alive until the process ends (Note
+// [abandoned works]). Call only while an exception unwinds.
+void abandon_tensors(std::vector<at::Tensor> tensors);
 
 // The dtypes every backend supports.
 inline constexpr c10::ScalarType kSupportedDtypes[] = {c10::ScalarType::Float, c10::ScalarType::Double,
