@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <stdexcept>
 
@@ -34,6 +36,29 @@ int64_t stop_step_of(const Config& config, const TrainOptions& options) {
 
 }  // namespace
 
+namespace {
+
+// Note [planted faults]
+// For the tests of what one rank's failure does to a job (a CUDA
+// out-of-memory, say): LOOM_TEST_FAULT=RANK:STEP makes world rank RANK throw
+// at step STEP, after its forward and backward and before the gradients are
+// reduced, so that its peers wait in collectives it never joins and its own
+// gradient buckets may be in flight. The job must end at once with that
+// rank's message first (docs/reliability.md). 0 when the variable does not
+// name this rank; a malformed value is BadInput.
+int64_t planted_fault_step(int world_rank) {
+  const char* value = std::getenv("LOOM_TEST_FAULT");
+  if (value == nullptr || *value == '\0') return 0;
+  long long rank = -1, step = -1;
+  char tail = 0;
+  if (std::sscanf(value, "%lld:%lld%c", &rank, &step, &tail) != 2 || rank < 0 || step < 1) {
+    throw BadInput(std::string("LOOM_TEST_FAULT='") + value + "': expected RANK:STEP (world rank, step >= 1)");
+  }
+  return rank == world_rank ? step : 0;
+}
+
+}  // namespace
+
 Trainer::Trainer(Config& config, const TrainOptions& options, const TrainHooks* hooks)
     : config_(config),
       options_(options),
@@ -55,6 +80,7 @@ Trainer::Trainer(Config& config, const TrainOptions& options, const TrainHooks* 
   // layout's memory can be compared with `loom plan`'s prediction.
   install_tensor_memory_counter();
   groups_ = TrainGroups::of(dims_, options.world, options.grid);
+  planted_fault_step_ = planted_fault_step(groups_.world ? groups_.world->rank() : 0);
   result_.run_dir = run_dir_.string();
   checkpoints_.emplace(config_, dims_, groups_);  // decided before anything is written
   device_ = resolve_device(config.run.device, options.local_rank);
@@ -207,6 +233,12 @@ StepReport Trainer::train_step() {
   // the resumed run differ. So the step is finished first.
   torch::Tensor step_loss = forward_backward_->run(*loader_, edit, report.samples,
                                                    [this](int64_t micro_done) { notice_stop_request(micro_done); });
+  if (step_ + 1 == planted_fault_step_) {
+    // Note [planted faults]: here the dp gradient buckets are in flight.
+    throw std::runtime_error("planted fault (LOOM_TEST_FAULT) on world rank " +
+                             std::to_string(groups_.world ? groups_.world->rank() : 0) + " at step " +
+                             std::to_string(step_ + 1));
+  }
   update_->reduce_gradients();
   if (groups_.dp != nullptr) {
     // The replicas' means over the same number of samples: their mean is

@@ -78,6 +78,7 @@ class Trainer {
   Config& config_;
   const TrainOptions& options_;
   const TrainHooks* hooks_;  // TEST-ONLY; null in production
+  int64_t planted_fault_step_ = 0;  // TEST-ONLY: Note [planted faults] in trainer.cpp
   const ParallelDims dims_;
   const bool writer_;
   const int64_t seq_len_, train_steps_, stop_step_, global_batch_, tokens_per_step_;

@@ -130,6 +130,30 @@ def test_a_sigstopped_pipeline_rank_ends_the_job_within_the_timeout_naming_the_s
     assert stuck, out[-3000:]
 
 
+def test_an_exception_on_one_rank_of_four_ends_the_job_within_30_s_with_its_message_first(data, tmp_path):
+    # Note [planted faults]: world rank 3 (the last stage of the second
+    # replica, dp 2 x pp 2) throws at step 3 after its backward, as a CUDA
+    # out-of-memory would; its peers wait in collectives it never joins. The
+    # timeouts are long, so only the failing rank's own abort can end the job
+    # in time, and its message must come before any other rank's.
+    job = Job(launch_args(data, tmp_path, "planted", 4, 1, steps=1000,
+                          **{"parallel.pp": 2, "parallel.comm_timeout": 120,
+                             "parallel.comm_timeout_first_step": 120, "launch.env.LOOM_TEST_FAULT": "3:3"}))
+    job.wait_for_line(r"^step 2/")
+    start = time.monotonic()
+    code = job.finish(timeout=90)
+    elapsed = time.monotonic() - start
+    out = job.output()
+    print(out[-3000:])
+    print(f"the job ended {elapsed:.1f} s after step 2 was logged (exit {code})")
+    assert code not in (0, 75), out[-3000:]
+    assert elapsed < 30, f"{elapsed:.1f} s (limit 30 s)"
+    first = next((line for line in job.lines if line.startswith("loom: ")), None)
+    assert first == "loom: train: rank 3: internal error: planted fault (LOOM_TEST_FAULT) on world rank 3 at step 3", \
+        out[-3000:]
+    assert not re.search(r"did not complete within", out), "a peer's timeout fired: " + out[-3000:]
+
+
 # --------------------------------------------------------------------------
 # Supervised restarts
 # --------------------------------------------------------------------------
