@@ -480,6 +480,7 @@ constexpr Subcommand kSubcommands[] = {
     {runs_spec, command_runs},
     {plan_spec, command_plan},
     {plan_calibrate_spec, command_plan},
+    {health_spec, command_health},
     {plot_spec, command_plot},
     {inspect_spec, command_inspect},
     {tokenizer_train_spec, command_tokenizer},

@@ -42,11 +42,16 @@ int command_runs(const std::vector<std::string>& args);  // launch/runs_command.
 const CommandSpec& runs_spec();
 int command_plan(const std::vector<std::string>& args);  // launch/plan_command.cpp
 const CommandSpec& plan_spec();
+int command_health(const std::vector<std::string>& args);  // launch/health_command.cpp
+const CommandSpec& health_spec();
 
 // Whether an MPI launcher started this process (Open MPI's mpirun, or srun
 // and other PMIx/PMI launchers): then MPI is initialized and the job may span
 // several ranks (launch/train_command.cpp).
 bool launched_by_mpi();
+// The number of ranks the MPI launcher started (before MPI_Init), or 0 when
+// no launcher says.
+int launcher_world_size();
 
 // Runs `argv` as a child in its own process group and returns its exit code
 // (128 + signal when a signal ended it); SIGTERM, SIGINT or SIGUSR1 to this

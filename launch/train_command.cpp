@@ -116,15 +116,6 @@ int launcher_rank() {
   return 0;
 }
 
-// The number of ranks the MPI launcher started (before MPI_Init), or 0 when
-// no launcher says.
-int launcher_world_size() {
-  for (const char* variable : {"OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "PMI_SIZE"}) {
-    if (const char* value = std::getenv(variable)) return std::atoi(value);
-  }
-  return 0;
-}
-
 std::chrono::milliseconds to_milliseconds(double seconds) {
   return std::chrono::milliseconds(static_cast<int64_t>(std::llround(seconds * 1000.0)));
 }
@@ -161,6 +152,17 @@ int report_stop(const TrainResult& result) {
 // train() on every rank of an MPI job (only the preflight with check_only).
 // `command` is this process's command line, for the run record.
 int train_ranks(Config& config, TrainOptions options, bool check_only, const std::vector<std::string>& command) {
+  // The GPU is made current before MPI_Init, where the launcher says this
+  // rank's place on its node: a CUDA-aware MPI (UCX) sets up on the current
+  // device. MPI's own count decides below; a refusal is reported there.
+  if (config.run.device != "cpu" && !check_only) {
+    if (const std::optional<NodePlace> place = launcher_node_place(std::getenv)) {
+      try {
+        make_current(resolve_device(config.run.device, *place));
+      } catch (const BadInput&) {
+      }
+    }
+  }
   MpiSession session;
   // The hang watchdog (Note [process group contract]): every collective and
   // send/recv ends the job when it waits longer than the group's timeout,
@@ -187,14 +189,26 @@ int train_ranks(Config& config, TrainOptions options, bool check_only, const std
     OpenedDatasets datasets;
     if (!run_preflight(config, world.get(), &grid, std::cout, std::cerr, &datasets)) return kExitBadInput;
     if (check_only) return kExitOk;
-    // One GPU per rank, by its place on its node; on CUDA the NCCL twins of
-    // the dp and tp groups carry the model's tensors (Note [host and device
-    // groups]).
-    options.local_rank = world->node_local_rank();
+    // One GPU per rank, by its place on its node (Note [choosing a GPU]);
+    // on CUDA the NCCL twins of the dp and tp groups carry the model's
+    // tensors (Note [host and device groups]).
+    const MpiProcessGroup::NodeRanks node = world->node_ranks();
+    options.node = NodePlace{node.local_rank, node.size};
+    const c10::Device device = resolve_device(config.run.device, options.node);
+    make_current(device);
+    std::vector<RankDevice> devices;
+    for (const std::string& text : all_gather_strings(*world, to_string(rank_device(device, hosts[world->rank()])))) {
+      devices.push_back(rank_device_from_string(text));
+    }
+    try {
+      check_rank_devices(devices);
+    } catch (const BadInput& e) {
+      // Every rank sees the same devices and refuses alike; one says why.
+      if (rank0) std::cerr << "loom train: error: " << e.what() << std::endl;
+      return kExitBadInput;
+    }
     std::optional<GridGroups> device_grid;
-    if (const c10::Device device = resolve_device(config.run.device, options.local_rank);
-        device.is_cuda() && world->size() > 1) {
-      make_current(device);
+    if (device.is_cuda() && world->size() > 1) {
 #ifdef LOOM_WITH_CUDA
       device_grid = nccl_grid(grid);
       options.device_grid = &*device_grid;
@@ -250,6 +264,13 @@ bool launched_by_mpi() {
     if (std::getenv(variable) != nullptr) return true;
   }
   return false;
+}
+
+int launcher_world_size() {
+  for (const char* variable : {"OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "PMI_SIZE"}) {
+    if (const char* value = std::getenv(variable)) return std::atoi(value);
+  }
+  return 0;
 }
 
 const CommandSpec& train_spec() {

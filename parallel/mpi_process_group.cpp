@@ -502,19 +502,20 @@ std::unique_ptr<MpiProcessGroup> MpiProcessGroup::split(int color, int key, std:
   return std::unique_ptr<MpiProcessGroup>(new MpiProcessGroup(runtime_, comm, std::move(name), timeout()));
 }
 
-int MpiProcessGroup::node_local_rank() {
-  const std::string where = start_op("node_local_rank");
+MpiProcessGroup::NodeRanks MpiProcessGroup::node_ranks() {
+  const std::string where = start_op("node_ranks");
   barrier()->wait();  // MPI_Comm_split_type blocks without a timeout, as MPI_Comm_split does
   MPI_Comm node = MPI_COMM_NULL;
-  int local = 0;
+  NodeRanks place;
   {
     auto lock = runtime_->lock();
     check_mpi(MPI_Comm_split_type(comm_, MPI_COMM_TYPE_SHARED, rank(), MPI_INFO_NULL, &node), where,
               "MPI_Comm_split_type");
-    check_mpi(MPI_Comm_rank(node, &local), where, "MPI_Comm_rank");
+    check_mpi(MPI_Comm_rank(node, &place.local_rank), where, "MPI_Comm_rank");
+    check_mpi(MPI_Comm_size(node, &place.size), where, "MPI_Comm_size");
     MPI_Comm_free(&node);
   }
-  return local;
+  return place;
 }
 
 GridGroups split_grid(MpiProcessGroup& world, const ParallelDims& dims) {

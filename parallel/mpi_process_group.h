@@ -104,9 +104,14 @@ class MpiProcessGroup final : public ProcessGroup {
   std::unique_ptr<MpiProcessGroup> split(int color, int key, std::string name);
 
   // This rank's index among the ranks of this group that share its node
-  // (MPI_COMM_TYPE_SHARED), in group-rank order: the GPU a rank takes when
-  // each node runs one rank per GPU. Collective over this group.
-  int node_local_rank();
+  // (MPI_COMM_TYPE_SHARED), in group-rank order, and how many they are: what
+  // picks a rank's GPU (Note [choosing a GPU] in trainer/device.h).
+  // Collective over this group.
+  struct NodeRanks {
+    int local_rank = 0;
+    int size = 1;
+  };
+  NodeRanks node_ranks();
 
   // For code that must call MPI directly (tests, benchmarks). Still owned here.
   MPI_Comm comm() const { return comm_; }

@@ -83,7 +83,7 @@ Trainer::Trainer(Config& config, const TrainOptions& options, const TrainHooks* 
   planted_fault_step_ = planted_fault_step(groups_.world ? groups_.world->rank() : 0);
   result_.run_dir = run_dir_.string();
   checkpoints_.emplace(config_, dims_, groups_);  // decided before anything is written
-  device_ = resolve_device(config.run.device, options.local_rank);
+  device_ = resolve_device(config.run.device, options.node);
   groups_.use_device(device_, dims_, options.device_grid);
   bf16_ = config.precision.compute == "bf16";
   measure_peak();

@@ -38,6 +38,7 @@
 #include "config/config.h"
 #include "data/loader.h"
 #include "model/llama.h"
+#include "trainer/device.h"
 #include "parallel/process_group.h"
 #include "parallel/topology.h"
 #include "trainer/train_hooks.h"
@@ -61,10 +62,10 @@ struct TrainOptions {
   // (nccl_grid of `grid`), which carry the model's tensors, while `grid`'s
   // MPI groups carry what goes through the host (Note [host and device
   // groups]; pp makes its own, Note [pipeline links]); and this rank's place
-  // on its node (node_local_rank), which picks its GPU. The CPU uses `grid`
-  // for both.
+  // on its node, which picks its GPU (Note [choosing a GPU] in
+  // trainer/device.h). The CPU uses `grid` for both.
   const GridGroups* device_grid = nullptr;
-  int64_t local_rank = 0;
+  NodePlace node;
   // The run's datasets, opened already by this process's preflight with
   // dataset_open_options(config); the loaders take them from here instead of
   // opening, checking and probing them again. nullptr = open them. Must

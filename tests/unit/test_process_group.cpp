@@ -484,10 +484,12 @@ TEST(MpiProcessGroup, NodeLocalRankCountsTheGroupsRanksOnThisNodeInGroupOrder) {
   world().all_reduce(lowest, {ReduceOp::kMin})->wait();
   world().all_reduce(highest, {ReduceOp::kMax})->wait();
   if (!at::equal(lowest, highest)) GTEST_SKIP() << "the ranks are on several nodes";  // every rank skips
-  EXPECT_EQ(world().node_local_rank(), world().rank());
+  const auto place = world().node_ranks();
+  EXPECT_EQ(place.local_rank, world().rank());
+  EXPECT_EQ(place.size, world().size());
   auto reversed = world().split(0, world().size() - world().rank(), "reversed");
   EXPECT_EQ(reversed->rank(), world().size() - 1 - world().rank());
-  EXPECT_EQ(reversed->node_local_rank(), reversed->rank());
+  EXPECT_EQ(reversed->node_ranks().local_rank, reversed->rank());
 }
 
 TEST(MpiProcessGroup, SplitGridRefusesDimsThatDoNotMatchTheWorld) {
