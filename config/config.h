@@ -39,6 +39,8 @@ struct ParallelConfig {
   // first-step value covers start-up, loading a checkpoint and the first step.
   double comm_timeout = 600.0;
   double comm_timeout_first_step = 1800.0;
+  // nccl | mpi_staged (TEST-ONLY: parallel/staged_process_group.h)
+  std::string device_backend = "nccl";
 };
 
 struct DataSource {

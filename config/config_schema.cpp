@@ -122,6 +122,10 @@ std::vector<KeySpec> build_table() {
       {"parallel.comm_timeout_first_step", LOOM_FIELD(parallel.comm_timeout_first_step), "", "s",
        "parallel.comm_timeout until the first step of a `loom train` is done (start-up, loading a checkpoint, "
        "the first step's warm-up)", kPositive},
+      {"parallel.device_backend", LOOM_FIELD(parallel.device_backend), "", "",
+       "what carries the model's device tensors between ranks: nccl (on CUDA; the CPU uses MPI), or mpi_staged, "
+       "a TEST-ONLY backend that copies them through host memory and MPI so that several ranks can share one GPU "
+       "(slow)", kAny, {"nccl", "mpi_staged"}},
 
       // --- data ---------------------------------------------------------------
       {"data.train", LOOM_FIELD(data.train), "", "",

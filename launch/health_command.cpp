@@ -33,9 +33,7 @@
 #include "launch/health.h"
 #include "launch/run_record.h"
 #include "parallel/mpi_process_group.h"
-#ifdef LOOM_WITH_CUDA
-#include "parallel/nccl_process_group.h"
-#endif
+#include "parallel/device_groups.h"
 #include "trainer/device.h"
 #include "trainer/training.h"
 #include "util/error.h"
@@ -164,7 +162,7 @@ int command_health(const std::vector<std::string>& argv) {
     for (const std::string& text : all_gather_strings(*world, to_string(rank_device(device, hosts[world->rank()])))) {
       devices.push_back(rank_device_from_string(text));
     }
-    check_rank_devices(devices);
+    check_rank_devices(devices, /*shared_gpu_ok=*/config.parallel.device_backend == kStagedBackend);
 
     // The groups to measure, each with the group it moves device tensors on.
     struct Measured {
@@ -178,11 +176,7 @@ int command_health(const std::vector<std::string>& argv) {
                                {"pp", dynamic_cast<MpiProcessGroup*>(grid.pp.get())},
                                {"dp", dynamic_cast<MpiProcessGroup*>(grid.dp.get())}}) {
       if (group == nullptr || group->size() < 2) continue;
-      Measured m{kind, group, nullptr};
-#ifdef LOOM_WITH_CUDA
-      if (device.is_cuda()) m.device_twin = std::make_unique<NcclProcessGroup>(*group);
-#endif
-      groups.push_back(std::move(m));
+      groups.push_back({kind, group, device_twin(*group, device, config.parallel.device_backend)});
     }
     auto on_device = [&](Measured& m) -> ProcessGroup& { return m.device_twin ? *m.device_twin : *m.host; };
 

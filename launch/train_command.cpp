@@ -38,9 +38,7 @@
 #include "launch/launcher.h"
 #include "launch/preflight.h"
 #include "launch/run_record.h"
-#ifdef LOOM_WITH_CUDA
-#include "parallel/nccl_process_group.h"
-#endif
+#include "parallel/device_groups.h"
 #include "parallel/mpi_process_group.h"
 #include "parallel/topology.h"
 #include "config/config.h"
@@ -201,21 +199,28 @@ int train_ranks(Config& config, TrainOptions options, bool check_only, const std
       devices.push_back(rank_device_from_string(text));
     }
     try {
-      check_rank_devices(devices);
+      check_rank_devices(devices, /*shared_gpu_ok=*/config.parallel.device_backend == kStagedBackend);
     } catch (const BadInput& e) {
       // Every rank sees the same devices and refuses alike; one says why.
       if (rank0) std::cerr << "loom train: error: " << e.what() << std::endl;
       return kExitBadInput;
     }
     std::optional<GridGroups> device_grid;
-    if (device.is_cuda() && world->size() > 1) {
-#ifdef LOOM_WITH_CUDA
-      device_grid = nccl_grid(grid);
-      options.device_grid = &*device_grid;
-#else
-      throw BadInput("run.device: " + config.run.device + " on " + std::to_string(world->size()) +
-                     " ranks needs NCCL, and this loom was built without the CUDA toolkit; use run.device cpu");
+    if (has_device_groups(device, config.parallel.device_backend) && world->size() > 1) {
+#ifndef LOOM_WITH_CUDA
+      if (config.parallel.device_backend == "nccl") {
+        throw BadInput("run.device: " + config.run.device + " on " + std::to_string(world->size()) +
+                       " ranks needs NCCL, and this loom was built without the CUDA toolkit; use run.device cpu");
+      }
 #endif
+      device_grid = loom::device_grid(grid, device, config.parallel.device_backend);
+      options.device_grid = &*device_grid;
+    }
+    if (config.parallel.device_backend == kStagedBackend) {
+      // Each rank says where it runs: the test backend's runs check it.
+      std::cout << "train: world rank " + std::to_string(world->rank()) + ": " + device.str() + " on " +
+                       hosts[world->rank()] + ", device tensors through mpi_staged (test only)\n"
+                << std::flush;
     }
     record.emplace(config, dims, command, hosts);
     if (rank0) record->start();

@@ -7,10 +7,8 @@
 #include <ATen/autocast_mode.h>
 
 #include "model/kernels/fused_ops.h"
+#include "parallel/device_groups.h"
 #include "parallel/mpi_process_group.h"
-#ifdef LOOM_WITH_CUDA
-#include "parallel/nccl_process_group.h"
-#endif
 #include "parallel/vocab_parallel.h"
 
 namespace loom {
@@ -149,13 +147,11 @@ class PipelineForwardBackward final : public ForwardBackward {
     auto* pp_mpi = dynamic_cast<MpiProcessGroup*>(groups.pp);
     if (pp_mpi == nullptr) throw std::logic_error("train: the pp group must be an MPI group");
     PipeGroups::Twin twin;
-#ifdef LOOM_WITH_CUDA
-    if (setup.device.is_cuda()) {
-      twin = [](MpiProcessGroup& group) -> std::unique_ptr<ProcessGroup> {
-        return std::make_unique<NcclProcessGroup>(group);
+    if (has_device_groups(setup.device, setup.device_backend)) {
+      twin = [device = setup.device, backend = setup.device_backend](MpiProcessGroup& group) {
+        return device_twin(group, device, backend);
       };
     }
-#endif
     links_ = std::make_unique<PipeGroups>(*pp_mpi, twin);
     executor_ = std::make_unique<PipelineExecutor>(*links_, *parts.schedule, parts.modules, shape, std::move(hooks));
   }

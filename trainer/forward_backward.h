@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include <torch/types.h>
@@ -60,6 +61,7 @@ struct ForwardBackwardSetup {
   int64_t seq_len = 0;
   int64_t hidden_size = 0;
   bool sequence_parallel = false;
+  std::string device_backend = "nccl";  // parallel.device_backend (parallel/device_groups.h)
 };
 
 // The whole model, or its tp shards. `reducer` (dp, may be null) is armed

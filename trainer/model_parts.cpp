@@ -37,8 +37,10 @@ void TrainGroups::use_device(c10::Device device, const ParallelDims& dims, const
     throw std::logic_error("train: CUDA on " + std::to_string(dims.world) +
                            " ranks needs TrainOptions::device_grid (the NCCL groups)");
   }
-  tp_data = tp != nullptr && device.is_cuda() ? device_grid->tp.get() : tp;
-  dp_data = dp != nullptr && device.is_cuda() ? device_grid->dp.get() : dp;
+  // The device groups where the run has them (CUDA, or the test backend
+  // mpi_staged on any device), else the host groups.
+  tp_data = tp != nullptr && device_grid != nullptr ? device_grid->tp.get() : tp;
+  dp_data = dp != nullptr && device_grid != nullptr ? device_grid->dp.get() : dp;
 }
 
 std::vector<torch::Tensor> ModelParts::params() const {

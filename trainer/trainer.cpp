@@ -144,6 +144,7 @@ void Trainer::resume() {
 void Trainer::make_forward_backward() {
   ForwardBackwardSetup setup;
   setup.device = device_;
+  setup.device_backend = config_.parallel.device_backend;
   setup.bf16 = bf16_;
   setup.micro_batches = micro_batches_;
   setup.micro_batch = config_.batch.micro_batch_size;
