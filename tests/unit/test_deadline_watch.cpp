@@ -95,7 +95,8 @@ TEST(DeadlineWatch, AJoinThatNeverCompletesNamesTheRanksThatNeverJoined) {
 }
 
 TEST(DeadlineWatch, PeersNeverJoinedLeavesOutThisRankWhereverItIs) {
-  EXPECT_TRUE(contains(peers_never_joined("tp", {4, 5, 6}, 1, "x"), "world ranks [4 6] (the other members of group 'tp')"));
+  EXPECT_TRUE(
+      contains(peers_never_joined("tp", {4, 5, 6}, 1, "x"), "world ranks [4 6] (the other members of group 'tp')"));
   EXPECT_TRUE(contains(peers_never_joined("pp", {1, 9}, 1, "x"), "world ranks [1] (the other members of group 'pp')"));
 }
 
@@ -189,7 +190,11 @@ TEST(DeadlineWatch, RestartMovesTheDeadlineToNowPlusTheNewTimeout) {
 TEST(DeadlineWatch, AnOpWithoutAnErrorCallbackIsJudgedByItsDeadlineAlone) {
   FakeClock fake;
   DeadlineWatch watch(fake.clock());
-  watch.add({.what = "ncclCommFinalize", .waiting_for = "peers", .timeout = seconds(1), .done = [] { return false; }, .error = {}});
+  watch.add({.what = "ncclCommFinalize",
+             .waiting_for = "peers",
+             .timeout = seconds(1),
+             .done = [] { return false; },
+             .error = {}});
   EXPECT_FALSE(watch.poll().has_value());
   fake.advance(seconds(1));
   EXPECT_TRUE(watch.poll().has_value());
