@@ -73,6 +73,11 @@ std::optional<DeadlineWatch::Failure> DeadlineWatch::failure() const {
   return failure_;
 }
 
+bool DeadlineWatch::failed() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return failure_.has_value();
+}
+
 std::string peers_never_joined(std::string_view group, const std::vector<int>& world_ranks, int rank,
                                std::string_view call) {
   std::ostringstream os;

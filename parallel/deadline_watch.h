@@ -89,6 +89,7 @@ class DeadlineWatch {
   bool watching(uint64_t id) const;
   size_t size() const;  // operations not yet seen done
   std::optional<Failure> failure() const;
+  bool failed() const;  // failure().has_value(), without the copy
 
  private:
   struct Entry {

@@ -81,6 +81,9 @@ constexpr std::chrono::seconds kAbortGrace{5};
 // finished operation's tensors go back to the allocator only when the
 // watchdog has seen it finish.
 constexpr std::chrono::milliseconds kPollInterval{1};
+// How long a thread whose NCCL call returned ncclInProgress spins before it
+// polls at kPollInterval.
+constexpr std::chrono::milliseconds kSettleSpin{10};
 
 // Set once any group of this process has started ending the job
 // (NcclCommunicator::abort_job): from then on destructors abort instead of
@@ -221,10 +224,17 @@ class NcclCommunicator {
                      return state != ncclInProgress;
                    },
                .error = {}});
+    // Spin briefly (most calls settle within microseconds), then sleep: a
+    // join may wait seconds for its peers and should not take a core.
+    const auto spin_until = std::chrono::steady_clock::now() + kSettleSpin;
     for (;;) {
       if (auto failure = watch.poll()) abort_job(failure->message);
       if (watch.size() == 0) break;
-      std::this_thread::sleep_for(kPollInterval);
+      if (std::chrono::steady_clock::now() < spin_until) {
+        std::this_thread::yield();
+      } else {
+        std::this_thread::sleep_for(kPollInterval);
+      }
     }
     check_nccl(state, where, call);
   }
@@ -294,7 +304,7 @@ class NcclWatchdog {
   }
 
   void restart(uint64_t id, std::chrono::milliseconds timeout) { watch_.restart(id, timeout); }
-  bool failed() const { return watch_.failure().has_value(); }
+  bool failed() const { return watch_.failed(); }
 
   // Returns once every operation has been seen finished. Never hangs: the
   // thread ends the job at the first deadline that passes.
@@ -526,7 +536,7 @@ NcclProcessGroup::~NcclProcessGroup() {
   // enforces their deadlines), then the communicator flushed and freed.
   watchdog_->drain();
   watchdog_->stop();
-  comm_->close(start_op("ncclCommFinalize"), collective_hint(), timeout());
+  comm_->close(start_op("closing the NCCL communicator"), collective_hint(), timeout());
 }
 
 c10::DeviceIndex NcclProcessGroup::device() const { return comm_->device(); }

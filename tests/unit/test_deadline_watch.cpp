@@ -50,6 +50,7 @@ TEST(DeadlineWatch, AnOpThatCompletesBeforeItsDeadlineIsDroppedAndNeverReported)
   fake.advance(seconds(9));
   EXPECT_FALSE(watch.poll().has_value());
   EXPECT_TRUE(watch.watching(id));
+  EXPECT_FALSE(watch.failed());
   state->done = true;
   fake.advance(seconds(5));  // past the deadline, but done first
   EXPECT_FALSE(watch.poll().has_value());
@@ -169,6 +170,7 @@ TEST(DeadlineWatch, TheFirstFailureSticksAndLaterPollsCallNoCallback) {
   EXPECT_EQ(again->message, failure->message);
   EXPECT_EQ(polled, 1);
   EXPECT_EQ(watch.failure()->message, failure->message);
+  EXPECT_TRUE(watch.failed());
 }
 
 TEST(DeadlineWatch, RestartMovesTheDeadlineToNowPlusTheNewTimeout) {
