@@ -7,22 +7,20 @@
 #include <nccl.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <cstdio>
 #include <cstring>
+#include <exception>
 #include <functional>
-#include <sstream>
+#include <mutex>
 #include <stdexcept>
 #include <thread>
+
+#include "parallel/deadline_watch.h"
 
 namespace loom {
 
 namespace {
-
-std::string seconds(std::chrono::milliseconds duration) {
-  std::ostringstream os;
-  os << std::chrono::duration<double>(duration).count() << " s";
-  return os.str();
-}
 
 std::string nccl_version() {
   int version = 0;
@@ -76,29 +74,49 @@ struct EventDestroyer {
 };
 using CudaEvent = std::unique_ptr<CUevent_st, EventDestroyer>;
 
-// How long abort_job lets ncclCommAbort run before it ends the job anyway.
+// How long an abort lets ncclCommAbort run before it goes on anyway.
 constexpr std::chrono::seconds kAbortGrace{5};
+// How often the watchdog looks at the operations in flight, and a host
+// waiting for a call that returned ncclInProgress polls it. Short: a
+// finished operation's tensors go back to the allocator only when the
+// watchdog has seen it finish.
+constexpr std::chrono::milliseconds kPollInterval{1};
+// How long a thread whose NCCL call returned ncclInProgress spins before it
+// polls at kPollInterval.
+constexpr std::chrono::milliseconds kSettleSpin{10};
+
+// Set once any group of this process has started ending the job
+// (NcclCommunicator::abort_job): from then on destructors abort instead of
+// waiting (Note [NCCL on failure]). Per process by nature, like the job.
+std::atomic<bool> g_job_ending{false};
+
+// For a thread that finds the job ending on another thread: it must not go
+// on as if its operation had finished, nor end the process before the other
+// thread's message is out. MpiSession::abort ends this thread too.
+[[noreturn]] void wait_for_the_job_to_end() {
+  for (;;) std::this_thread::sleep_for(std::chrono::seconds(1));
+}
+
+// True in a destructor that runs because an exception is propagating, or
+// once the job is ending: then NCCL objects abort rather than wait.
+bool abandoning() { return std::uncaught_exceptions() > 0 || g_job_ending.load(); }
 
 }  // namespace
 
 namespace detail {
 
-// Owns the NCCL communicator and the group's stream. Every failure after
-// construction ends the job through abort_job, which aborts the communicator
-// first: a kernel stuck in an NCCL collective would otherwise keep the GPU
-// (and the process's exit) waiting.
+// Owns the NCCL communicator (non-blocking: Note [NCCL watchdog]) and the
+// group's stream. Every failure after construction ends the job through
+// abort_job, which aborts the communicator first: a kernel stuck in an NCCL
+// collective would otherwise keep the GPU (and the process's exit) waiting.
 class NcclCommunicator {
  public:
   NcclCommunicator(c10::DeviceIndex device, int world_rank, std::string group_name)
       : device_(device), world_rank_(world_rank), group_name_(std::move(group_name)) {}
 
-  ~NcclCommunicator() {
-    // Every Work holds this object, so no operation is in flight here. After
-    // an error the job has ended already (abort_job), so this is the
-    // orderly path.
-    c10::cuda::CUDAGuard guard(device_);
-    if (comm_ != nullptr) ncclCommDestroy(comm_);
-  }
+  // Only reached with a communicator still open when the group did not get
+  // to close it (its constructor ended early): abort, never wait for peers.
+  ~NcclCommunicator() { abort_communicator(); }
   NcclCommunicator(const NcclCommunicator&) = delete;
   NcclCommunicator& operator=(const NcclCommunicator&) = delete;
 
@@ -111,49 +129,70 @@ class NcclCommunicator {
     stream_.reset(stream);
   }
 
-  void init(int size, int rank, const ncclUniqueId& id, const std::string& where) {
-    c10::cuda::CUDAGuard guard(device_);  // ncclCommInitRank binds the current device
+  // Joins the communicator of `size` ranks named by `id`, polling until
+  // every rank has joined or `timeout` passes (then the job ends, naming
+  // `never_joined`: the ranks that must join).
+  void init(int size, int rank, const ncclUniqueId& id, const std::string& where, const std::string& never_joined,
+            std::chrono::milliseconds timeout) {
+    c10::cuda::CUDAGuard guard(device_);  // the communicator binds the current device
+    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    // Non-blocking: every call returns at once (maybe ncclInProgress) and
+    // the host polls, so that a peer that never joins or never connects
+    // meets a deadline instead of hanging the host call.
+    config.blocking = 0;
     ncclComm_t comm = nullptr;
-    check_nccl(ncclCommInitRank(&comm, size, id, rank), where, "ncclCommInitRank");
-    comm_ = comm;
+    const ncclResult_t rc = ncclCommInitRankConfig(&comm, size, id, rank, &config);
+    comm_ = comm;  // also while in progress: abort_job aborts it
+    settle(rc, where, "ncclCommInitRankConfig", never_joined, timeout);
   }
 
   c10::DeviceIndex device() const { return device_; }
   cudaStream_t stream() const { return stream_.get(); }
   ncclComm_t comm() const { return comm_; }
 
+  // The orderly end: ncclCommFinalize flushes what was issued (polled like
+  // any other call), then ncclCommDestroy frees what is local.
+  void close(const std::string& where, const std::string& waiting_for, std::chrono::milliseconds timeout) {
+    if (comm_ == nullptr) return;
+    c10::cuda::CUDAGuard guard(device_);
+    settle(ncclCommFinalize(comm_), where, "ncclCommFinalize", waiting_for, timeout);
+    check_nccl(ncclCommDestroy(comm_), where, "ncclCommDestroy");
+    comm_ = nullptr;
+  }
+
+  // ncclCommAbort, once, giving up on it after kAbortGrace. It stops
+  // kernels stuck in NCCL and closes the connections, so the peers see an
+  // error instead of silence; it can itself get stuck, hence the bound (the
+  // communicator then leaks: the job is ending). Works on a communicator
+  // still joining, and from any thread while others use it.
+  void abort_communicator() {
+    if (aborting_.exchange(true) || comm_ == nullptr) return;
+    auto finished = std::make_shared<std::atomic<bool>>(false);
+    std::thread([comm = comm_, device = device_, finished] {
+      cudaSetDevice(device);
+      ncclCommAbort(comm);
+      *finished = true;
+    }).detach();
+    const auto give_up = std::chrono::steady_clock::now() + kAbortGrace;
+    while (!*finished && std::chrono::steady_clock::now() < give_up) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  }
+
   // Prints `message`, aborts the communicator and ends every rank of the job.
   [[noreturn]] void abort_job(const std::string& message) {
+    g_job_ending = true;
     // The line comes first: the other ranks may end the job at any moment.
     std::fprintf(stderr, "loom: %s\n", message.c_str());
     std::fflush(stderr);
-    // ncclCommAbort stops kernels stuck in NCCL and closes its connections,
-    // so the peers see an error instead of silence; it is only a courtesy
-    // (the job ends either way) and can itself get stuck, hence the bound.
-    // Once: two Works may fail at the same time.
-    if (!aborting_.exchange(true) && comm_ != nullptr) {
-      auto finished = std::make_shared<std::atomic<bool>>(false);
-      std::thread([comm = comm_, finished] {
-        ncclCommAbort(comm);
-        *finished = true;
-      }).detach();
-      const auto give_up = std::chrono::steady_clock::now() + kAbortGrace;
-      while (!*finished && std::chrono::steady_clock::now() < give_up) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(10));
-      }
-    }
+    abort_communicator();
     MpiSession::abort("rank " + std::to_string(world_rank_) + ": aborted the NCCL communicator of group '" +
                       group_name_ + "'; ending the job");
   }
 
   void check_nccl(ncclResult_t rc, const std::string& where, const char* call) {
     if (rc == ncclSuccess) return;
-    std::string detail = ncclGetErrorString(rc);
-    if (comm_ != nullptr) {
-      const char* last = ncclGetLastError(comm_);
-      if (last != nullptr && *last != '\0') detail += " (" + std::string(last) + ")";
-    }
-    abort_job(where + ": " + call + " failed: " + detail + " [" + nccl_version() + "]");
+    abort_job(where + ": " + call + " failed: " + error_text(rc));
   }
 
   void check_cuda(cudaError_t rc, const std::string& where, const char* call) {
@@ -161,12 +200,57 @@ class NcclCommunicator {
     abort_job(where + ": " + call + " failed: " + cudaGetErrorString(rc));
   }
 
-  // Errors NCCL found after a call returned (a peer gone, a network failure)
-  // show up only here; the operation itself would never complete.
-  void check_async_error(const std::string& where) {
+  // `rc` of an NCCL call on this (non-blocking) communicator: ncclInProgress
+  // means the call goes on in the background, and the next NCCL call may be
+  // made only once the communicator's state is no longer ncclInProgress.
+  // The first call on a communicator connects to its peers there, so this
+  // is where a peer that never issues its side is waited for: against the
+  // deadline, naming `waiting_for` past it.
+  void settle(ncclResult_t rc, const std::string& where, const char* call, const std::string& waiting_for,
+              std::chrono::milliseconds timeout) {
+    if (rc != ncclInProgress) {
+      check_nccl(rc, where, call);
+      return;
+    }
+    ncclResult_t state = ncclInProgress;
+    DeadlineWatch watch;
+    watch.add({.what = where + ": " + call,
+               .waiting_for = waiting_for,
+               .timeout = timeout,
+               .done =
+                   [&] {
+                     const ncclResult_t query = ncclCommGetAsyncError(comm_, &state);
+                     if (query != ncclSuccess) state = query;
+                     return state != ncclInProgress;
+                   },
+               .error = {}});
+    // Spin briefly (most calls settle within microseconds), then sleep: a
+    // join may wait seconds for its peers and should not take a core.
+    const auto spin_until = std::chrono::steady_clock::now() + kSettleSpin;
+    for (;;) {
+      if (auto failure = watch.poll()) abort_job(failure->message);
+      if (watch.size() == 0) break;
+      if (std::chrono::steady_clock::now() < spin_until) {
+        std::this_thread::yield();
+      } else {
+        std::this_thread::sleep_for(kPollInterval);
+      }
+    }
+    check_nccl(state, where, call);
+  }
+
+  // The communicator's asynchronous error as a message, or "" while it has
+  // none (ncclInProgress is no error: a call is still settling). Errors NCCL
+  // finds after a call returned (a peer gone, a network failure) show up
+  // only here; the operation itself would never complete.
+  std::string async_error() {
+    // After an abort every call would report it: the job is ending already.
+    if (comm_ == nullptr || aborting_) return "";
     ncclResult_t state = ncclSuccess;
-    check_nccl(ncclCommGetAsyncError(comm_, &state), where, "ncclCommGetAsyncError");
-    if (state != ncclSuccess && state != ncclInProgress) check_nccl(state, where, "NCCL (asynchronous error)");
+    const ncclResult_t query = ncclCommGetAsyncError(comm_, &state);
+    if (query != ncclSuccess) return "ncclCommGetAsyncError failed: " + error_text(query);
+    if (state == ncclSuccess || state == ncclInProgress) return "";
+    return "NCCL reported an asynchronous error: " + error_text(state);
   }
 
   CudaEvent make_event(const std::string& where) {
@@ -177,6 +261,15 @@ class NcclCommunicator {
   }
 
  private:
+  std::string error_text(ncclResult_t rc) const {
+    std::string text = ncclGetErrorString(rc);
+    if (comm_ != nullptr) {
+      const char* last = ncclGetLastError(comm_);
+      if (last != nullptr && *last != '\0') text += " (" + std::string(last) + ")";
+    }
+    return text + " [" + nccl_version() + "]";
+  }
+
   c10::DeviceIndex device_;
   int world_rank_;
   std::string group_name_;
@@ -185,75 +278,165 @@ class NcclCommunicator {
   std::atomic<bool> aborting_{false};
 };
 
+// The group's watchdog thread (Note [NCCL watchdog]): it owns the operations
+// in flight, polls their completion events and the communicator's
+// asynchronous error, drops each operation (and its tensors) once it has
+// finished, and ends the job past a deadline or on an error.
+class NcclWatchdog {
+ public:
+  explicit NcclWatchdog(std::shared_ptr<NcclCommunicator> comm) : comm_(std::move(comm)) {
+    thread_ = std::thread([this] { run(); });
+  }
+  ~NcclWatchdog() { stop(); }
+  NcclWatchdog(const NcclWatchdog&) = delete;
+  NcclWatchdog& operator=(const NcclWatchdog&) = delete;
+
+  uint64_t watch(DeadlineWatch::Op op) {
+    uint64_t id = 0;
+    {
+      // Under mutex_, so the thread cannot miss it between its check for
+      // work and its sleep.
+      std::lock_guard<std::mutex> lock(mutex_);
+      id = watch_.add(std::move(op));
+    }
+    wake_.notify_one();
+    return id;
+  }
+
+  void restart(uint64_t id, std::chrono::milliseconds timeout) { watch_.restart(id, timeout); }
+  bool failed() const { return watch_.failed(); }
+
+  // Returns once every operation has been seen finished. Never hangs: the
+  // thread ends the job at the first deadline that passes.
+  void drain() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    drained_.wait(lock, [&] { return watch_.size() == 0 || stop_; });
+  }
+
+  // Ends the thread; the operations not seen finished stay held (with
+  // their tensors) until this object is destroyed.
+  void stop() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+    }
+    wake_.notify_all();
+    drained_.notify_all();
+    if (thread_.joinable()) thread_.join();
+  }
+
+ private:
+  void run() {
+    // Events and the communicator belong to the group's device.
+    cudaSetDevice(comm_->device());
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (!stop_) {
+      if (watch_.size() == 0) {
+        drained_.notify_all();
+        wake_.wait(lock, [&] { return stop_ || watch_.size() > 0; });
+        continue;
+      }
+      lock.unlock();
+      if (auto failure = watch_.poll()) comm_->abort_job(failure->message);
+      lock.lock();
+      if (watch_.size() > 0) wake_.wait_for(lock, kPollInterval, [&] { return stop_; });
+    }
+  }
+
+  std::shared_ptr<NcclCommunicator> comm_;
+  DeadlineWatch watch_;
+  std::mutex mutex_;  // guards stop_, and orders watch() against the thread's sleep
+  std::condition_variable wake_, drained_;
+  bool stop_ = false;
+  std::thread thread_;
+};
+
 }  // namespace detail
 
 namespace {
 
-// One operation queued on the group's stream (Note [NCCL streams]).
+// What an operation and its Work share: the completion event, the tensors
+// NCCL reads and writes (held until the operation is seen finished, so that
+// the caching allocator cannot hand their memory to another tensor while
+// NCCL still uses it), and whether it has finished.
+struct NcclOpState {
+  CudaEvent done;
+  std::vector<at::Tensor> tensors;
+  std::atomic<bool> finished{false};
+
+  // Never blocks. Called by the watchdog thread and by Work::is_completed.
+  bool query(detail::NcclCommunicator& comm, const std::string& what) {
+    if (finished) return true;
+    const cudaError_t rc = cudaEventQuery(done.get());
+    if (rc == cudaErrorNotReady) {
+      // Not an error, but CUDA records it as the thread's last error; clear
+      // it so that libtorch's next kernel-launch check does not report it.
+      (void)cudaGetLastError();
+      return false;
+    }
+    comm.check_cuda(rc, what, "cudaEventQuery");
+    finished = true;
+    return true;
+  }
+};
+
+// One operation queued on the group's stream (Note [NCCL streams]); the
+// group's watchdog follows it (Note [NCCL watchdog]).
 class NcclWork final : public Work {
  public:
-  NcclWork(std::shared_ptr<detail::NcclCommunicator> comm, std::string what, std::string hint,
-           std::chrono::milliseconds timeout, std::vector<at::Tensor> tensors, CudaEvent done)
+  NcclWork(std::shared_ptr<detail::NcclCommunicator> comm, std::shared_ptr<detail::NcclWatchdog> watchdog,
+           std::shared_ptr<NcclOpState> state, uint64_t id, std::string what, std::chrono::milliseconds timeout)
       : Work(timeout),
         comm_(std::move(comm)),
-        what_(std::move(what)),
-        hint_(std::move(hint)),
-        tensors_(std::move(tensors)),
-        done_(std::move(done)) {}
+        watchdog_(std::move(watchdog)),
+        state_(std::move(state)),
+        id_(id),
+        what_(std::move(what)) {}
 
   ~NcclWork() override {
-    // NCCL may still write into the tensors: returning them to the caching
-    // allocator before completion would hand live memory to other tensors.
-    if (!completed_) wait();
+    // Destroying an unfinished Work waits for it, as the contract says: on
+    // the caller's stream, like wait. Not while unwinding or when the job is
+    // ending (Note [NCCL on failure]): then nothing may wait, and the
+    // watchdog still holds the tensors.
+    if (!state_->finished && !abandoning()) make_current_stream_wait();
   }
 
   using Work::wait;
 
   bool is_completed() override {
-    if (completed_) return true;
-    comm_->check_async_error(what_);
-    const cudaError_t rc = cudaEventQuery(done_.get());
-    if (rc == cudaErrorNotReady) {
-      // Not an error, but CUDA records it as the last error; clear it so
-      // that libtorch's next kernel-launch check does not report it.
-      (void)cudaGetLastError();
-      return false;
-    }
-    comm_->check_cuda(rc, what_, "cudaEventQuery");
-    completed_ = true;
-    tensors_.clear();
-    return true;
+    if (watchdog_->failed()) wait_for_the_job_to_end();
+    return state_->query(*comm_, what_);
   }
 
   void wait(std::chrono::milliseconds timeout) override {
-    if (completed_) return;
-    // Kernels the caller queues from here on run after the operation, even
-    // on a stream other than the one it was issued from.
-    const cudaStream_t caller = c10::cuda::getCurrentCUDAStream(comm_->device()).stream();
-    comm_->check_cuda(cudaStreamWaitEvent(caller, done_.get(), 0), what_, "cudaStreamWaitEvent");
-    // The host polls as well: only it can see that a collective never ends
-    // (Note [NCCL streams]). yield keeps oversubscribed ranks moving.
-    const auto deadline = std::chrono::steady_clock::now() + timeout;
-    while (!is_completed()) {
-      if (std::chrono::steady_clock::now() >= deadline) {
-        comm_->abort_job(what_ + " did not complete within " + seconds(timeout) + "; " + hint_ + ". Ending the job.");
-      }
-      std::this_thread::yield();
-    }
+    if (watchdog_->failed()) wait_for_the_job_to_end();
+    if (state_->finished) return;
+    // The deadline counts from here, as for the MPI backend; the watchdog
+    // enforces it (the host does not wait).
+    watchdog_->restart(id_, timeout);
+    make_current_stream_wait();
   }
 
  private:
+  // Kernels the caller queues from here on run after the operation, even on
+  // a stream other than the one it was issued from. The host goes on: a
+  // .item() or .cpu() of a result synchronizes with that stream.
+  void make_current_stream_wait() {
+    const cudaStream_t caller = c10::cuda::getCurrentCUDAStream(comm_->device()).stream();
+    comm_->check_cuda(cudaStreamWaitEvent(caller, state_->done.get(), 0), what_, "cudaStreamWaitEvent");
+  }
+
   std::shared_ptr<detail::NcclCommunicator> comm_;
+  std::shared_ptr<detail::NcclWatchdog> watchdog_;
+  std::shared_ptr<NcclOpState> state_;
+  uint64_t id_;
   std::string what_;
-  std::string hint_;
-  std::vector<at::Tensor> tensors_;
-  CudaEvent done_;
-  bool completed_ = false;
 };
 
 // Queues `call` on the group's stream after the caller's current stream's
-// work so far, and returns the Work that holds `tensors` until it is done.
-std::unique_ptr<Work> launch(const std::shared_ptr<detail::NcclCommunicator>& comm, std::string what,
+// work so far, hands the operation to the watchdog and returns its Work.
+std::unique_ptr<Work> launch(const std::shared_ptr<detail::NcclCommunicator>& comm,
+                             const std::shared_ptr<detail::NcclWatchdog>& watchdog, std::string what,
                              std::string hint, std::chrono::milliseconds timeout, std::vector<at::Tensor> tensors,
                              const char* call_name, const std::function<ncclResult_t(ncclComm_t, cudaStream_t)>& call) {
   c10::cuda::CUDAGuard guard(comm->device());
@@ -263,11 +446,23 @@ std::unique_ptr<Work> launch(const std::shared_ptr<detail::NcclCommunicator>& co
   CudaEvent ready = comm->make_event(what);
   comm->check_cuda(cudaEventRecord(ready.get(), caller), what, "cudaEventRecord");
   comm->check_cuda(cudaStreamWaitEvent(comm->stream(), ready.get(), 0), what, "cudaStreamWaitEvent");
-  comm->check_nccl(call(comm->comm(), comm->stream()), what, call_name);
-  CudaEvent done = comm->make_event(what);
-  comm->check_cuda(cudaEventRecord(done.get(), comm->stream()), what, "cudaEventRecord");
-  return std::make_unique<NcclWork>(comm, std::move(what), std::move(hint), timeout, std::move(tensors),
-                                    std::move(done));
+  comm->settle(call(comm->comm(), comm->stream()), what, call_name, hint, timeout);
+  auto state = std::make_shared<NcclOpState>();
+  state->done = comm->make_event(what);
+  state->tensors = std::move(tensors);
+  comm->check_cuda(cudaEventRecord(state->done.get(), comm->stream()), what, "cudaEventRecord");
+  const uint64_t id = watchdog->watch({.what = what,
+                                       .waiting_for = hint,
+                                       .timeout = timeout,
+                                       .done =
+                                           [comm_ref = comm.get(), state, what] {
+                                             if (!state->query(*comm_ref, what)) return false;
+                                             // Seen finished: the tensors go back to their owners.
+                                             state->tensors.clear();
+                                             return true;
+                                           },
+                                       .error = [comm] { return comm->async_error(); }});
+  return std::make_unique<NcclWork>(comm, watchdog, std::move(state), id, std::move(what), timeout);
 }
 
 std::string with_tensor(const std::string& where, const at::Tensor& tensor) {
@@ -311,12 +506,38 @@ NcclProcessGroup::NcclProcessGroup(MpiProcessGroup& mpi)
   mpi.broadcast(id_bytes, {.root = 0})->wait();
   std::memcpy(&id, id_bytes.data_ptr(), sizeof(id));
 
-  // ncclCommInitRank blocks until every rank has joined, with no timeout of
-  // its own; the broadcast just before means every rank has reached it.
-  comm_->init(size(), rank(), id, where);
+  // Every rank has reached this point (the broadcast completed), but a
+  // rank may still fail before joining, or the ranks may not reach each
+  // other over the network: the join is polled against the deadline.
+  comm_->init(size(), rank(), id, where, peers_never_joined(name(), world_ranks(), rank(), "ncclCommInitRankConfig"),
+              timeout());
+  watchdog_ = std::make_shared<detail::NcclWatchdog>(comm_);
 }
 
-NcclProcessGroup::~NcclProcessGroup() = default;
+NcclProcessGroup::~NcclProcessGroup() {
+  if (abandoning()) {
+    // Note [NCCL on failure]: an exception is on its way to main's catch,
+    // which prints it and ends the job, or the job is ending already.
+    // Waiting for the operations in flight (which may wait for a peer that
+    // is itself waiting for this rank) or ncclCommDestroy (which may wait
+    // for peers) would delay that message by up to a timeout; so stop
+    // watching (a timeout reported now would blame the wrong rank) and abort
+    // the communicator on a thread of its own, which releases the held
+    // tensors once NCCL has stopped using them.
+    watchdog_->stop();
+    std::thread([comm = std::move(comm_), watchdog = std::move(watchdog_)]() mutable {
+      comm->abort_communicator();
+      watchdog.reset();
+      comm.reset();
+    }).detach();
+    return;
+  }
+  // The orderly end: every operation seen finished (the watchdog still
+  // enforces their deadlines), then the communicator flushed and freed.
+  watchdog_->drain();
+  watchdog_->stop();
+  comm_->close(start_op("closing the NCCL communicator"), collective_hint(), timeout());
+}
 
 c10::DeviceIndex NcclProcessGroup::device() const { return comm_->device(); }
 
@@ -341,8 +562,8 @@ std::unique_ptr<Work> NcclProcessGroup::all_reduce(const at::Tensor& tensor, con
   const std::string where = start_op("all_reduce");
   check_device_tensor(where, "tensor", tensor);
   check_reduce_op(where, options.op, tensor);
-  return launch(comm_, with_tensor(where, tensor) + ", " + std::string(to_string(options.op)), collective_hint(),
-                timeout(), {tensor}, "ncclAllReduce", [&](ncclComm_t comm, cudaStream_t stream) {
+  return launch(comm_, watchdog_, with_tensor(where, tensor) + ", " + std::string(to_string(options.op)),
+                collective_hint(), timeout(), {tensor}, "ncclAllReduce", [&](ncclComm_t comm, cudaStream_t stream) {
                   return ncclAllReduce(tensor.data_ptr(), tensor.data_ptr(), count_of(tensor),
                                        nccl_type(tensor.scalar_type()), nccl_op(options.op), comm, stream);
                 });
@@ -354,8 +575,8 @@ std::unique_ptr<Work> NcclProcessGroup::all_gather(const at::Tensor& output, con
   check_device_tensor(where, "output", output);
   check_device_tensor(where, "input", input);
   check_all_gather_shapes(where, output, input);
-  return launch(comm_, with_tensor(where, input) + " into " + describe_tensor(output), collective_hint(), timeout(),
-                {output, input}, "ncclAllGather", [&](ncclComm_t comm, cudaStream_t stream) {
+  return launch(comm_, watchdog_, with_tensor(where, input) + " into " + describe_tensor(output), collective_hint(),
+                timeout(), {output, input}, "ncclAllGather", [&](ncclComm_t comm, cudaStream_t stream) {
                   return ncclAllGather(input.data_ptr(), output.data_ptr(), count_of(input),
                                        nccl_type(input.scalar_type()), comm, stream);
                 });
@@ -368,7 +589,7 @@ std::unique_ptr<Work> NcclProcessGroup::reduce_scatter(const at::Tensor& output,
   check_device_tensor(where, "input", input);
   check_reduce_scatter_shapes(where, output, input);
   check_reduce_op(where, options.op, input);
-  return launch(comm_,
+  return launch(comm_, watchdog_,
                 with_tensor(where, input) + " into " + describe_tensor(output) + ", " +
                     std::string(to_string(options.op)),
                 collective_hint(), timeout(), {output, input}, "ncclReduceScatter",
@@ -382,8 +603,8 @@ std::unique_ptr<Work> NcclProcessGroup::broadcast(const at::Tensor& tensor, cons
   const std::string where = start_op("broadcast");
   check_device_tensor(where, "tensor", tensor);
   check_group_rank(where, "root", options.root);
-  return launch(comm_, with_tensor(where, tensor) + " from root " + std::to_string(options.root), collective_hint(),
-                timeout(), {tensor}, "ncclBroadcast", [&](ncclComm_t comm, cudaStream_t stream) {
+  return launch(comm_, watchdog_, with_tensor(where, tensor) + " from root " + std::to_string(options.root),
+                collective_hint(), timeout(), {tensor}, "ncclBroadcast", [&](ncclComm_t comm, cudaStream_t stream) {
                   return ncclBroadcast(tensor.data_ptr(), tensor.data_ptr(), count_of(tensor),
                                        nccl_type(tensor.scalar_type()), options.root, comm, stream);
                 });
@@ -394,7 +615,7 @@ std::unique_ptr<Work> NcclProcessGroup::send(const at::Tensor& tensor, const Sen
   check_device_tensor(where, "tensor", tensor);
   check_peer(where, options.peer);
   check_tag(where, options.tag);  // then ignored (Note [NCCL send and recv])
-  return launch(comm_, with_tensor(where, tensor) + " to " + peer_name(options.peer),
+  return launch(comm_, watchdog_, with_tensor(where, tensor) + " to " + peer_name(options.peer),
                 "waiting for " + peer_name(options.peer) +
                     ", which must issue the matching recv (NCCL pairs the sends and recvs of two ranks in issue order, "
                     "with the same element count)",
@@ -409,7 +630,7 @@ std::unique_ptr<Work> NcclProcessGroup::recv(const at::Tensor& tensor, const Rec
   check_device_tensor(where, "tensor", tensor);
   check_peer(where, options.peer);
   check_tag(where, options.tag);  // then ignored (Note [NCCL send and recv])
-  return launch(comm_, with_tensor(where, tensor) + " from " + peer_name(options.peer),
+  return launch(comm_, watchdog_, with_tensor(where, tensor) + " from " + peer_name(options.peer),
                 "waiting for " + peer_name(options.peer) +
                     ", which must issue the matching send (NCCL pairs the sends and recvs of two ranks in issue order, "
                     "with the same element count)",
@@ -424,7 +645,7 @@ std::unique_ptr<Work> NcclProcessGroup::barrier(const BarrierOptions&) {
   // NCCL has no barrier; a collective of one element completes only once
   // every rank has issued it, which is all a barrier promises.
   at::Tensor token = at::zeros({1}, at::TensorOptions().dtype(at::kInt).device(c10::kCUDA, comm_->device()));
-  return launch(comm_, where, collective_hint(), timeout(), {token}, "ncclAllReduce",
+  return launch(comm_, watchdog_, where, collective_hint(), timeout(), {token}, "ncclAllReduce",
                 [&](ncclComm_t comm, cudaStream_t stream) {
                   return ncclAllReduce(token.data_ptr(), token.data_ptr(), 1, ncclInt32, ncclSum, comm, stream);
                 });

@@ -14,11 +14,18 @@
 //   kSupportedDtypes.
 // - Streams (Note [NCCL streams]): an operation runs on the group's own
 //   stream, after everything the caller had queued on its current stream.
+//   Work::wait does not block the host: the caller's current stream waits.
 // - bfloat16 is reduced by NCCL itself (Note [NCCL bfloat16 reductions]).
 // - send/recv: tags are ignored (Note [NCCL send and recv]).
-// - Errors NCCL reports (synchronously, or later as the communicator's
-//   asynchronous error) and timeouts abort the communicator (ncclCommAbort)
-//   and end the job through MpiSession::abort, naming rank, group and op.
+// - Deadlines (Note [NCCL watchdog]): a watchdog thread, not wait, ends the
+//   job when an operation outlives its timeout, counted from the issue (or
+//   from the wait, which restarts it); joining the communicator and every
+//   NCCL call have the group's timeout too. Errors NCCL reports
+//   (synchronously, or later as the communicator's asynchronous error) and
+//   timeouts abort the communicator (ncclCommAbort) and end the job through
+//   MpiSession::abort, naming rank, group and op.
+// - On an exception, groups and Works abort instead of waiting (Note [NCCL
+//   on failure]).
 //
 // Note [NCCL streams]
 // Each operation records an event on the caller's current stream and makes
@@ -27,16 +34,50 @@
 // event on the group's stream. The caller's stream goes on without waiting,
 // so compute queued after the call overlaps the communication.
 // Work::wait(timeout) makes the caller's current stream wait on the
-// completion event (kernels queued afterwards see the result) and also polls
-// that event and ncclCommGetAsyncError from the host until the operation is
-// done: the contract says wait never hangs, and only the host can notice a
-// collective that never ends (a kernel stuck in NCCL never fails by itself).
-// So wait blocks the host until the operation has finished on the GPU; to
-// overlap, issue several operations and wait on them later. The Work keeps
-// the tensors until the host has seen the operation finish, so the caching
-// allocator cannot hand their memory to another tensor while NCCL still uses
-// it (which is why no recordStream is needed). Destroying an unfinished Work
-// waits for it.
+// completion event (kernels queued afterwards see the result) and returns at
+// once: the host runs ahead of the GPU, queueing the next layer's kernels
+// while the collective runs. A host read of a result (.item(), .cpu(),
+// .to(kCPU)) synchronizes with that stream, so it sees the result; a read
+// on another stream, or through a raw pointer, must make that stream wait
+// first (call wait on it). is_completed() asks the completion event and
+// never blocks. Destroying an unfinished Work makes the caller's current
+// stream wait, like wait.
+//
+// Note [NCCL watchdog]
+// Only the host can notice a collective that never ends: a kernel stuck in
+// NCCL never fails by itself. Each group has a watchdog thread that owns its
+// operations in flight (their completion events and tensors), polls the
+// events and ncclCommGetAsyncError every millisecond, and past an
+// operation's deadline, or on an asynchronous error, aborts the communicator
+// and ends the job, naming the operation and the ranks it waited for. The
+// rules (which operation failed first) are DeadlineWatch's
+// (parallel/deadline_watch.h), tested with a fake clock. The watchdog keeps
+// an operation's tensors until it has seen the operation finish, so the
+// caching allocator cannot hand their memory to another tensor while NCCL
+// still uses it (which is why no recordStream is needed); the caller may
+// drop its own references and its Work at any time.
+// The communicator is non-blocking (ncclConfig_t::blocking = 0): joining it
+// (ncclCommInitRankConfig) and the first operation on it, where NCCL
+// connects to the peers, go on in the background, and the calling thread
+// polls ncclCommGetAsyncError until the call has settled, against the
+// group's timeout: a rank that never joins (it failed before, is stuck, or
+// cannot reach this one over the network) ends the job at the deadline with
+// a message naming the group's other world ranks, instead of hanging in the
+// host call. Any NCCL call may return ncclInProgress; each is polled the
+// same way before the next is made.
+//
+// Note [NCCL on failure]
+// When an exception propagates (std::uncaught_exceptions() > 0 in the
+// destructor), or once the job is ending, a group stops its watchdog and
+// aborts its communicator on a thread of its own, and a Work does nothing,
+// instead of waiting for operations in flight (each up to the timeout,
+// waiting for peers that may be waiting for this rank) and ncclCommDestroy
+// (which may wait for peers). So main's catch prints this rank's own error
+// and ends the job (MpiSession::abort) at once, before the peers' timeouts
+// blame another rank. The orderly destructor waits (on the host, under the
+// watchdog's deadlines) until every operation has finished, then flushes
+// and frees the communicator (ncclCommFinalize, polled, then
+// ncclCommDestroy).
 //
 // Note [NCCL bfloat16 reductions]
 // Unlike the MPI backend (Note [bfloat16 reductions]), bfloat16 tensors go to
@@ -74,6 +115,8 @@ namespace detail {
 // (defined in nccl_process_group.cpp: the header stays free of NCCL and
 // CUDA headers).
 class NcclCommunicator;
+// The group's watchdog thread and the operations it follows.
+class NcclWatchdog;
 }  // namespace detail
 
 class NcclProcessGroup final : public ProcessGroup {
@@ -81,10 +124,15 @@ class NcclProcessGroup final : public ProcessGroup {
   // The ranks of `mpi` (same group ranks, world ranks, name and timeout) on
   // NCCL, on the current CUDA device. Collective over `mpi`: group rank 0
   // makes the ncclUniqueId, `mpi` broadcasts it, then every rank joins with
-  // ncclCommInitRank. Throws std::runtime_error before any communication
-  // when no CUDA device is visible; NCCL errors end the job.
+  // ncclCommInitRankConfig, polled against the timeout (Note [NCCL
+  // watchdog]). Throws std::runtime_error before any communication when no
+  // CUDA device is visible; NCCL errors and a join that does not complete in
+  // time end the job.
   explicit NcclProcessGroup(MpiProcessGroup& mpi);
-  ~NcclProcessGroup() override;  // ncclCommDestroy (ncclCommAbort after an error), once no Work is left
+  // Waits until every operation has finished, then ncclCommFinalize and
+  // ncclCommDestroy; while an exception propagates, ncclCommAbort instead
+  // (Note [NCCL on failure]).
+  ~NcclProcessGroup() override;
 
   std::string_view backend() const override { return "nccl"; }
   c10::DeviceIndex device() const;  // the CUDA device of the communicator
@@ -107,6 +155,8 @@ class NcclProcessGroup final : public ProcessGroup {
   void check_peer(const std::string& where, int peer) const;
 
   std::shared_ptr<detail::NcclCommunicator> comm_;
+  // Shared with the Works, which ask it whether the job is ending.
+  std::shared_ptr<detail::NcclWatchdog> watchdog_;
 };
 
 // The NCCL twins of `mpi`'s dp and tp groups (Note [host and device

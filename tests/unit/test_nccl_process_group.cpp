@@ -9,7 +9,13 @@
 // ranks (or none, as on CI) every test is skipped, on every rank alike: the
 // ranks agree on it first, since a rank that ran a collective alone would
 // wait for the others until the timeout.
+//
+// With --missing-peer (CTest nccl_missing_peer, through
+// tests/multirank/nccl_missing_peer.sh) it runs no test but a start-up on 2
+// ranks whose rank 1 never joins the NCCL communicator: rank 0 must end the
+// job at the deadline, naming world rank 1.
 #include <ATen/ATen.h>
+#include <ATen/cuda/Sleep.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -17,7 +23,10 @@
 #include <mpi.h>
 #include <torch/cuda.h>
 
+#include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <thread>
 #include <functional>
 #include <memory>
 #include <sstream>
@@ -251,10 +260,38 @@ TEST_F(NcclProcessGroupTest, InputsWrittenOnTheCallersSideStreamAreReadAfterThey
   EXPECT_TRUE(at::equal(after.cpu(), at::full({1 << 20}, std::ldexp(1.0, 20) * nccl().size() + 1, at::kFloat)));
 }
 
-TEST_F(NcclProcessGroupTest, BarrierCompletesOnEveryRank) {
+TEST_F(NcclProcessGroupTest, BarrierCompletesOnEveryRankOnceTheCallersStreamHasCaughtUp) {
   auto work = nccl().barrier();
-  work->wait();
+  work->wait();  // the caller's stream waits; the host does not
+  c10::cuda::getCurrentCUDAStream(nccl().device()).synchronize();
   EXPECT_TRUE(work->is_completed());
+}
+
+TEST_F(NcclProcessGroupTest, WaitReturnsBeforeTheGpuGetsThereAndTheStreamStillSeesTheResult) {
+  // Half a second of GPU time queued before the collective: a wait that
+  // spun on the host until the GPU finished would take at least that long.
+  const int n = nccl().size();
+  at::Tensor t = at::full({1024}, 1 + nccl().rank(), on_gpu(at::kFloat));
+  at::cuda::sleep(int64_t{1} << 30);  // ~0.5 s at 2 GHz
+  const auto start = std::chrono::steady_clock::now();
+  auto work = nccl().all_reduce(t);
+  work->wait();
+  at::Tensor after = t.mul(2);  // queued after the wait: runs after the all_reduce
+  const double host_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_LT(host_seconds, 0.2) << "wait blocked the host";
+  EXPECT_FALSE(work->is_completed()) << "the GPU was still sleeping";
+  EXPECT_TRUE(at::equal(after.cpu(), at::full({1024}, n * (n + 1), at::kFloat)));  // .cpu() synchronizes
+  EXPECT_TRUE(work->is_completed());
+}
+
+TEST_F(NcclProcessGroupTest, ADroppedWorkStillCompletesAndItsResultIsSeenByTheCallersStream) {
+  // The Work goes at once; the watchdog keeps the tensor until NCCL is done
+  // with it, and the destructor made the caller's stream wait.
+  const int n = nccl().size();
+  at::Tensor t = at::full({4096}, 1, on_gpu(at::kFloat));
+  at::cuda::sleep(int64_t{1} << 26);
+  nccl().all_reduce(t);
+  EXPECT_TRUE(at::equal(t.add(0).cpu(), at::full({4096}, n, at::kFloat)));
 }
 
 TEST_F(NcclProcessGroupTest, RefusesCpuNonContiguousAndUnsupportedTensorsNamingRankGroupAndOp) {
@@ -300,8 +337,48 @@ TEST(NcclProcessGroupWithoutGpu, ConstructionThrowsNamingTheRankBeforeAnyCommuni
 }  // namespace
 }  // namespace loom
 
+namespace loom {
+namespace {
+
+// --missing-peer: a 2-rank NCCL start-up whose rank 1 plays its part of the
+// MPI broadcast of the ncclUniqueId (the constructor's one MPI step, an int64
+// tensor of sizeof(ncclUniqueId) / 8 elements from group rank 0), then never
+// calls ncclCommInitRankConfig. Rank 0's constructor must end the job (exit
+// non-zero, through MpiSession::abort) at its 5 s deadline, naming world
+// rank 1; the script checks the message and the time. Prints "SKIPPED" and
+// returns 0 on every rank where rank 0 sees no GPU.
+int missing_peer_check(MpiSession& session) {
+  auto world = session.world(std::chrono::seconds(5));
+  if (world->size() != 2) {
+    std::fprintf(stderr, "--missing-peer needs 2 ranks, got %d\n", world->size());
+    return 1;
+  }
+  at::Tensor has_gpu = at::full({1}, c10::cuda::device_count() > 0 ? 1 : 0, at::kInt);
+  world->broadcast(has_gpu, {.root = 0})->wait();
+  if (has_gpu.item<int>() == 0) {
+    if (world->rank() == 0) std::printf("SKIPPED: rank 0 sees no CUDA device\n");
+    return 0;
+  }
+  if (world->rank() == 0) {
+    c10::cuda::set_device(0);
+    NcclProcessGroup group(*world);  // must not return
+    std::printf("FAILED: rank 0 made an NCCL group although rank 1 never joined\n");
+    return 1;
+  }
+  at::Tensor id_bytes = at::zeros({16}, at::kLong);  // sizeof(ncclUniqueId) == 128
+  world->broadcast(id_bytes, {.root = 0})->wait();
+  // Never joins; rank 0's abort ends this process too. The sleep is longer
+  // than the script's limit, so a rank 0 that did not end the job fails it.
+  std::this_thread::sleep_for(std::chrono::seconds(120));
+  return 1;
+}
+
+}  // namespace
+}  // namespace loom
+
 int main(int argc, char** argv) {
   loom::MpiSession session(&argc, &argv);
+  if (argc > 1 && std::string(argv[1]) == "--missing-peer") return loom::missing_peer_check(session);
   ::testing::InitGoogleTest(&argc, argv);
   return loom::test_support::run_tests_on_every_rank(session, &loom::g_world, "test_nccl_process_group");
 }
