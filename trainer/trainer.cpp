@@ -342,7 +342,8 @@ bool Trainer::stop_agreed() {
   if (job_end_) {
     job_end_->record_iteration(seconds_since(step_start_));
     const double now = unix_seconds_now();
-    if (stop_requested_ == 0 && job_end_->stop_now(now)) {
+    // Not after the last step: the run ends there anyway, with its checkpoint.
+    if (stop_requested_ == 0 && step_ < stop_step_ && job_end_->stop_now(now)) {
       stop_requested_ = kJobEndStop;
       log_.job_end_stop(step_, job_end_->end_time() - now, job_end_->step_seconds(), job_end_->save_seconds(),
                         config_.launch.job_end_margin, config_.checkpoint.enabled);

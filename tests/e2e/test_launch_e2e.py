@@ -235,6 +235,7 @@ EXPECTED_8B_SCRIPT = """\
 #SBATCH --job-name=llama3-8b
 #SBATCH --nodes=4
 #SBATCH --ntasks-per-node=8
+#SBATCH --cpus-per-task={cpus}
 #SBATCH --gpus-per-node=8
 #SBATCH --time=48:00:00
 #SBATCH --partition=gpu
@@ -245,14 +246,26 @@ EXPECTED_8B_SCRIPT = """\
 #SBATCH --error={run}/slurm/job-%j.err
 #SBATCH --exclusive
 #
-# Stopping: SIGUSR1 (sent to this shell 300 s before the time limit, launch.slurm.signal_lead) is passed
-# on to the ranks once; `scancel --signal=USR1 JOB` and SIGTERM (preemption) reach the ranks
-# directly. The ranks finish the step, write a checkpoint and exit 75; the job then requeues
-# itself and the next run resumes from checkpoints/latest.
+# --cpus-per-task={cpus}: the submitting host's {cores} cores / 8 ranks per node (launch.slurm.cpus_per_task sets it); Slurm's default is one CPU per rank.
+# Stopping: the ranks read the job's end time (LOOM_JOB_END_TIME, below) and checkpoint and stop
+# while one more step and a save still fit (launch.job_end_margin). SIGUSR1 (sent to this shell 300 s
+# before the time limit, launch.slurm.signal_lead) is the backstop: it is passed on to the ranks once;
+# `scancel --signal=USR1 JOB` and SIGTERM (preemption) reach the ranks directly. The ranks finish
+# the step, write a checkpoint and exit 75; the job then requeues itself and the next run resumes
+# from checkpoints/latest.
 
 cd {cwd} || exit 2
+export OMP_NUM_THREADS={cpus}
 export NCCL_DEBUG=WARN
 echo "loom: job $SLURM_JOB_ID, start ${{SLURM_RESTART_COUNT:-0}}, nodes $SLURM_JOB_NODELIST"
+# The job's end time in Unix seconds, read once per start (a requeued job has a new one).
+end_time=${{SLURM_JOB_END_TIME:-}}
+if [ -z "$end_time" ]; then
+  end=$(SLURM_TIME_FORMAT=standard squeue -h -o %e -j "$SLURM_JOB_ID" 2>/dev/null)
+  case "$end" in [0-9]*) end_time=$(date -d "$end" +%s 2>/dev/null) ;; esac
+fi
+export LOOM_JOB_END_TIME=$end_time
+echo "loom: the job ends at ${{end_time:-an unknown time (no end-time stop; the signal only)}}"
 
 ranks_pid=
 signals=0
@@ -283,10 +296,13 @@ def test_slurm_dry_run_of_a_4_node_x_8_gpu_config_is_the_expected_script(tmp_pat
     out, _ = run_loom(["launch", config, "--slurm", "--dry-run", "--set", f"run.output_dir={tmp_path}"])
     loom = os.path.abspath(LOOM_BIN)
     run = f"{tmp_path}/llama3-8b"
+    cores = os.cpu_count()
+    cpus = max(1, cores // 8)
     srun = (f"srun --mpi=pmix --kill-on-bad-exit=1 --nodes=4 --ntasks=32 --ntasks-per-node=8 "
-            f"{loom} train {config} --set run.output_dir={tmp_path}")
+            f"--cpus-per-task={cpus} {loom} train {config} --set run.output_dir={tmp_path}")
     expected = (f"# {run}/slurm/job.sbatch\n"
-                + EXPECTED_8B_SCRIPT.format(config=config, run=run, cwd=os.getcwd(), srun=srun)
+                + EXPECTED_8B_SCRIPT.format(config=config, run=run, cwd=os.getcwd(), srun=srun, cores=cores,
+                                            cpus=cpus)
                 + f"\n# rank line\n{srun}\n# submit\nsbatch --parsable {run}/slurm/job.sbatch\n")
     assert out == expected, out
     assert not Path(run).exists(), "a dry run writes nothing"
