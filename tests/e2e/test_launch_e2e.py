@@ -109,7 +109,9 @@ def test_dry_run_prints_the_mpirun_command_with_flags_only_where_needed(data, tm
 
 
 def test_dry_run_forwards_nccl_ucx_and_cuda_variables_of_the_environment_sorted_and_launch_env_wins(data, tmp_path):
-    env = dict(os.environ, NCCL_SOCKET_IFNAME="eth7", NCCL_IB_HCA="mlx5_0", UCX_TLS="rc,sm",
+    # Only the variables this test sets (the build machine has CUDA_HOME, a GPU machine CUDA_VISIBLE_DEVICES).
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("NCCL_", "UCX_", "CUDA_", "LOOM_JOB_END"))}
+    env = dict(clean, NCCL_SOCKET_IFNAME="eth7", NCCL_IB_HCA="mlx5_0", UCX_TLS="rc,sm",
                CUDA_DEVICE_ORDER="PCI_BUS_ID", NCCL_DEBUG="WARN", OMPI_MCA_btl="^openib")
     out, _ = run_loom([*launch_args(data, tmp_path, "dry", 2, 2, **{"launch.env.NCCL_DEBUG": "INFO"}), "--dry-run"],
                       env=env)
@@ -122,7 +124,6 @@ def test_dry_run_forwards_nccl_ucx_and_cuda_variables_of_the_environment_sorted_
     assert any(c.startswith("# -x CUDA_DEVICE_ORDER, NCCL_IB_HCA, NCCL_SOCKET_IFNAME, UCX_TLS: from this environment")
                for c in out.splitlines()), out
     # Not set: nothing forwarded.
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("NCCL_", "UCX_", "CUDA_"))}
     out, _ = run_loom([*launch_args(data, tmp_path, "dry", 2, 2), "--dry-run"], env=clean)
     argv = [l for l in out.splitlines() if not l.startswith("#")][0].split()
     assert [a for i, a in enumerate(argv) if i > 0 and argv[i - 1] == "-x"] == ["OMP_NUM_THREADS=1"], out
@@ -133,7 +134,8 @@ def test_dry_run_of_a_gpu_run_binds_to_none_and_a_one_thread_cpu_run_keeps_open_
                         ({"run.device": "cpu"}, False), ({"run.device": "cuda", "launch.mpirun_args": "[--bind-to, numa]"},
                                                          False)):
         out, _ = run_loom([*launch_args(data, tmp_path, "dry", 2, 2, **sets), "--dry-run"])
-        command = [l for l in out.splitlines() if not l.startswith("#")][0]
+        # mpirun's own arguments, before `loom train` (whose --set arguments may say --bind-to too).
+        command = [l for l in out.splitlines() if not l.startswith("#")][0].split(" train ")[0]
         assert ("--bind-to none" in command) == bound, (sets, out)
         assert any(c.startswith("# --bind-to none: a GPU run") for c in out.splitlines()) == bound, (sets, out)
         if "launch.mpirun_args" in sets:
@@ -207,7 +209,9 @@ def test_a_run_whose_job_ends_soon_checkpoints_and_exits_75_before_the_end_time(
     # Far more steps than fit: only the end time can stop the run. 2 ranks,
     # so the stop is agreed over the world as a signal's is.
     run_dir = tmp_path / "ending"
-    seconds_away, margin = 12.0, 3.0
+    # Start-up takes 3 to 10 s on the 2-core build machine while others build;
+    # the margin covers the stop's save and mpirun's exit under that load.
+    seconds_away, margin = 20.0, 5.0
     end_time = time.time() + seconds_away
     env = dict(os.environ, LOOM_JOB_END_TIME=f"{end_time:.3f}")
     out, _ = run_loom(launch_args(data, tmp_path, "ending", 2, 2, steps=100000,
@@ -220,8 +224,8 @@ def test_a_run_whose_job_ends_soon_checkpoints_and_exits_75_before_the_end_time(
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     last = read_metrics(run_dir)[-1]["step"]
     assert latest == f"step-{last:07d}" and last >= 1, (latest, last)
-    # Not stopped far too early either: within margin + a few seconds of start-up slack of the end.
-    assert end_time - ended < margin + 6, f"stopped {end_time - ended:.1f} s before the end\n{out[-3000:]}"
+    # Not stopped far too early either: the margin plus a few seconds for the last step and save.
+    assert end_time - ended < margin + 5, f"stopped {end_time - ended:.1f} s before the end\n{out[-3000:]}"
 
 
 # --------------------------------------------------------------------------
