@@ -126,6 +126,7 @@ struct SlurmConfig {
   std::string launcher = "srun";  // srun | mpirun
   std::vector<std::string> extra_args;
   int64_t signal_lead = 300;  // seconds before the time limit that SIGUSR1 comes; 0 = none
+  int64_t cpus_per_task = 0;  // CPUs per rank (sbatch/srun --cpus-per-task); 0 = this host's cores / ranks per node
 };
 
 struct LaunchConfig {
@@ -136,6 +137,7 @@ struct LaunchConfig {
   std::vector<std::string> mpirun_args;
   std::map<std::string, std::string> env;
   double max_wall_time = 0;  // seconds a `loom train` runs before it checkpoints and stops; 0 = no limit
+  double job_end_margin = 120;  // seconds kept free before the job's end time beyond one step and one save
   SlurmConfig slurm;
 };
 

@@ -249,6 +249,9 @@ std::vector<KeySpec> build_table() {
       {"launch.max_wall_time", LOOM_FIELD(launch.max_wall_time), "", "s",
        "wall-clock budget of one `loom train`: past it the ranks finish the step, checkpoint and exit 75 "
        "(requeue me), as on SIGTERM; 0 = no limit", kNonNegative},
+      {"launch.job_end_margin", LOOM_FIELD(launch.job_end_margin), "", "s",
+       "when the job's end time is known (LOOM_JOB_END_TIME, set by the Slurm batch script), the ranks checkpoint "
+       "and exit 75 once one more step, one checkpoint save and this margin no longer fit before it", kNonNegative},
       {"launch.slurm.partition", LOOM_FIELD(launch.slurm.partition), "", "",
        "sbatch --partition; \"\" = the cluster's default"},
       {"launch.slurm.account", LOOM_FIELD(launch.slurm.account), "", "",
@@ -259,8 +262,12 @@ std::vector<KeySpec> build_table() {
       {"launch.slurm.extra_args", LOOM_FIELD(launch.slurm.extra_args), "", "",
        "extra #SBATCH arguments, e.g. [--exclusive]"},
       {"launch.slurm.signal_lead", LOOM_FIELD(launch.slurm.signal_lead), "", "s",
-       "sbatch --signal=B:USR1@N: the ranks checkpoint and stop N seconds before the time limit; 0 = no signal",
+       "sbatch --signal=B:USR1@N: the ranks checkpoint and stop N seconds before the time limit (a backstop: "
+       "they stop by themselves earlier when a step and a save need longer, launch.job_end_margin); 0 = no signal",
        kNonNegative},
+      {"launch.slurm.cpus_per_task", LOOM_FIELD(launch.slurm.cpus_per_task), "", "CPUs",
+       "sbatch and srun --cpus-per-task, and the ranks' OMP_NUM_THREADS; 0 = the submitting host's cores / ranks "
+       "per node", kNonNegative},
   };
 }
 

@@ -15,7 +15,9 @@
 // from bad input (exit 2) or a requested stop (75), the same command is run
 // again, resuming from the run's last valid checkpoint (checkpoint.resume
 // auto passes over damaged ones), at most N times. Each restart is printed
-// with its cause and appended to runs/<name>/logs/restarts.jsonl.
+// with its cause and appended to runs/<name>/logs/restarts.jsonl. With
+// --slurm the batch script does the same by requeueing the job, counting in
+// runs/<name>/slurm/restarts (launch/launcher.h, sbatch_script).
 //
 // With --slurm it writes runs/<name>/slurm/job.sbatch and submits it with
 // sbatch (launch/launcher.h says what the script does). --dry-run prints the
@@ -72,7 +74,11 @@ LaunchHost this_launch_host(const std::string& config_path, const std::vector<st
   host.working_dir = fs::current_path().string();
   host.as_root = ::geteuid() == 0;
   host.cores = std::max(1u, std::thread::hardware_concurrency());
-  host.omp_threads_in_environment = std::getenv("OMP_NUM_THREADS") != nullptr;
+  const char* omp_threads = std::getenv("OMP_NUM_THREADS");
+  host.omp_threads_in_environment = omp_threads != nullptr ? omp_threads : "";
+  std::vector<std::string> environment;
+  for (char** entry = environ; *entry != nullptr; ++entry) environment.emplace_back(*entry);
+  host.forwarded_env = forwarded_env_names(environment);
   return host;
 }
 
@@ -251,10 +257,10 @@ int launch_mpirun(const Config& config, const LaunchHost& host, bool dry_run, bo
   return code;
 }
 
-int launch_slurm(const Config& config, const LaunchHost& host, bool dry_run) {
+int launch_slurm(const Config& config, const LaunchHost& host, bool dry_run, int max_restarts) {
   const fs::path run_dir = fs::absolute(fs::path(config.run.output_dir) / config.run.name).lexically_normal();
   const fs::path script_path = run_dir / "slurm" / "job.sbatch";
-  const std::string script = sbatch_script(config, host, run_dir.string());
+  const std::string script = sbatch_script(config, host, run_dir.string(), max_restarts);
   if (dry_run) {
     std::cout << "# " << script_path.string() << "\n" << script << "\n# rank line\n"
               << slurm_rank_line(config, host) << "\n# submit\nsbatch --parsable " << shell_quote(script_path.string())
@@ -270,6 +276,9 @@ int launch_slurm(const Config& config, const LaunchHost& host, bool dry_run) {
     if (!out) throw BadInput("cannot write " + script_path.string());
   }
   fs::permissions(script_path, fs::perms::owner_exec | fs::perms::group_exec, fs::perm_options::add);
+  // --max-restarts counts the restarts of this submission: a new one starts from none.
+  std::error_code error;
+  fs::remove(script_path.parent_path() / "restarts", error);
   const auto [code, output] = capture_output({sbatch, "--parsable", script_path.string()});
   if (code != 0)
     throw BadInput("sbatch " + script_path.string() + " failed (exit " + std::to_string(code) +
@@ -297,7 +306,9 @@ const CommandSpec& launch_spec() {
                  "after a crash, run again from the last valid checkpoint, at most N times (default 0)"}},
       .examples = {"loom launch configs/tiny.yaml --set launch.ranks=2",
                    "loom launch configs/slurm-example.yaml --slurm --dry-run"},
-      .notes = "--max-restarts leaves a job that ended on bad input (exit 2) or a requested stop (exit 75) alone.",
+      .notes = "--max-restarts leaves a job that ended on bad input (exit 2) or a requested stop (exit 75) alone; "
+               "with --slurm the batch script requeues the job after a crash, counting in runs/<name>/slurm/restarts. "
+               "NCCL_*, UCX_* and CUDA_* variables of this environment reach every rank.",
   };
   return spec;
 }
@@ -321,10 +332,7 @@ int command_launch(const std::vector<std::string>& argv) {
   ::setenv("LOOM_LAUNCH_COMMAND", shell_join(typed).c_str(), 1);
   if (args.has("slurm")) {
     if (args.has("check")) throw BadInput("loom launch: --check runs under mpirun; leave out --slurm");
-    if (max_restarts > 0)
-      throw BadInput("loom launch: --max-restarts supervises mpirun; under Slurm the batch script requeues the job "
-                     "(leave out --slurm, or --max-restarts)");
-    return launch_slurm(config, host, args.has("dry-run"));
+    return launch_slurm(config, host, args.has("dry-run"), static_cast<int>(max_restarts));
   }
   return launch_mpirun(config, host, args.has("dry-run"), args.has("check"), static_cast<int>(max_restarts));
 }

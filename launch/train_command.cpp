@@ -14,7 +14,10 @@
 // boundary, and loom exits with kExitRequeue (75, "preempted, checkpoint
 // saved, requeue me"), so running the same command again resumes exactly. A
 // second signal ends the process at once (the handler resets itself).
-// launch.max_wall_time stops the run the same way when its time is up.
+// launch.max_wall_time stops the run the same way when its time is up, and
+// so does the job's end time when LOOM_JOB_END_TIME (or SLURM_JOB_END_TIME)
+// gives it: the run stops while one more step and a checkpoint still fit
+// (Note [stopping before the job ends] in trainer/job_end.h).
 //
 // Under MPI, a preflight (launch/preflight.h) runs before step 1; with
 // --check, only the preflight runs.
@@ -43,6 +46,7 @@
 #include "parallel/topology.h"
 #include "config/config.h"
 #include "trainer/device.h"
+#include "trainer/job_end.h"
 #include "trainer/loss_spike.h"
 #include "trainer/training.h"
 #include "util/error.h"
@@ -136,8 +140,9 @@ void check_run_folder_path(const Config& config) {
 }
 
 int report_stop(const TrainResult& result) {
-  std::cout << (result.stopped_by_signal == kWallTimeStop
-                    ? std::string("stopped at launch.max_wall_time")
+  std::cout << (result.stopped_by_signal == kWallTimeStop ? std::string("stopped at launch.max_wall_time")
+                : result.stopped_by_signal == kJobEndStop
+                    ? std::string("stopped before the job's end time")
                     : "stopped by signal " + std::to_string(result.stopped_by_signal))
             << " after step " << result.final_step
             << (result.last_checkpoint.empty() ? std::string(" (no checkpoint: checkpoint.enabled is false)")
@@ -325,6 +330,16 @@ int command_train(const std::vector<std::string>& argv) {
   // their pages resident (Note [Large blocks on the CPU heap]).
   keep_freed_heap_memory();
   TrainOptions options;
+  try {
+    options.job_end_time = job_end_time_from_environment();
+  } catch (const BadInput&) {
+    if (launcher_rank() != 0) return kExitBadInput;  // rank 0 says why, as for the config itself
+    throw;
+  }
+  if (options.job_end_time > 0 && launcher_rank() == 0)
+    std::cout << "the job ends in " << static_cast<int64_t>(options.job_end_time - unix_seconds_now())
+              << " s (LOOM_JOB_END_TIME): the run checkpoints and stops (exit " << kExitRequeue
+              << ") while one more step, a save and launch.job_end_margin still fit" << std::endl;
   options.log = &std::cout;
   options.progress_bar = ::isatty(STDOUT_FILENO) == 1;
   options.stop_signal = &g_stop_signal;

@@ -67,6 +67,9 @@ class RunCheckpoints {
   // Waits for (and commits) a background write; the seconds the last one
   // took (0: none). Collective over the world.
   double wait();
+  // With checkpoint.async, the seconds the last finished background write
+  // took (0: none yet, or not async).
+  double last_background_write_seconds() { return async_writer_ ? async_writer_->last_write_seconds() : 0.0; }
 
   // Replaces run_dir/hf with a Hub export of the model at `step`: streamed
   // by the writer from the checkpoint of that step when there is one, else

@@ -199,6 +199,17 @@ void RunLog::stop_requested(int signal, int64_t micro_done, int64_t micro_batche
   out_->flush();
 }
 
+void RunLog::job_end_stop(int64_t step, double seconds_left, double step_seconds, double save_seconds,
+                          double margin, bool checkpointing) {
+  if (!out_) return;
+  *out_ << clear_bar() << "stop before the job's end (LOOM_JOB_END_TIME) after step " << step << ": "
+        << format_double("%.1f", seconds_left) << " s left, one more step (" << format_double("%.3f", step_seconds)
+        << " s) + a save (" << format_double("%.3f", save_seconds) << " s) + launch.job_end_margin ("
+        << format_double("%.1f", margin) << " s) would not fit; "
+        << (checkpointing ? "saving a checkpoint" : "stopping (checkpoint.enabled is false)") << "\n";
+  out_->flush();
+}
+
 void RunLog::checkpoint(const std::string& folder, double stall_seconds, bool async) {
   if (!out_) return;
   *out_ << clear_bar() << "checkpoint: " << folder << " (loop stalled " << format_double("%.3f", stall_seconds)

@@ -111,6 +111,10 @@ class RunLog {
   // A graceful stop request seen after `micro_done` of `micro_batches`
   // micro-batches of step `step` + 1 (0: after its update).
   void stop_requested(int signal, int64_t micro_done, int64_t micro_batches, int64_t step, bool checkpointing);
+  // The run stops after `step` because the job ends in `seconds_left` and one
+  // more step, a save and the margin (seconds) would not fit.
+  void job_end_stop(int64_t step, double seconds_left, double step_seconds, double save_seconds, double margin,
+                    bool checkpointing);
   void checkpoint(const std::string& folder, double stall_seconds, bool async);
   void checkpoint_written(const std::string& folder, double seconds);
   void exported(const std::string& folder);

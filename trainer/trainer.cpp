@@ -82,6 +82,7 @@ Trainer::Trainer(Config& config, const TrainOptions& options, const TrainHooks* 
   groups_ = TrainGroups::of(dims_, options.world, options.grid);
   planted_fault_step_ = planted_fault_step(groups_.world ? groups_.world->rank() : 0);
   result_.run_dir = run_dir_.string();
+  if (options.job_end_time > 0) job_end_.emplace(options.job_end_time, config.launch.job_end_margin);
   checkpoints_.emplace(config_, dims_, groups_);  // decided before anything is written
   device_ = resolve_device(config.run.device, options.node);
   groups_.use_device(device_, dims_, options.device_grid);
@@ -369,6 +370,18 @@ void Trainer::notice_stop_request(int64_t micro_done) {
 bool Trainer::stop_agreed() {
   // A request that came after the last micro-batch's check.
   notice_stop_request(0);
+  // Note [stopping before the job ends] (trainer/job_end.h): decided here on
+  // each rank with its own times, agreed below like a signal.
+  if (job_end_) {
+    job_end_->record_iteration(seconds_since(step_start_));
+    const double now = unix_seconds_now();
+    // Not after the last step: the run ends there anyway, with its checkpoint.
+    if (stop_requested_ == 0 && step_ < stop_step_ && job_end_->stop_now(now)) {
+      stop_requested_ = kJobEndStop;
+      log_.job_end_stop(step_, job_end_->end_time() - now, job_end_->step_seconds(), job_end_->save_seconds(),
+                        config_.launch.job_end_margin, config_.checkpoint.enabled);
+    }
+  }
   // Every rank must stop at the same step (the others would wait for it in
   // the next collective): the signal may have reached them at different
   // moments, so they agree on the largest.
@@ -390,6 +403,8 @@ void Trainer::maybe_checkpoint(bool stopping) {
   // save); without, the whole write.
   const double stall = seconds_since(save_start);
   result_.checkpoint_stall_seconds += stall;
+  // A stop's save costs the stall and (async) the background write it waits for at the end.
+  if (job_end_) job_end_->record_save(stall + checkpoints_->last_background_write_seconds());
   log_.checkpoint(result_.last_checkpoint, stall, checkpoints_->async());
 }
 

@@ -27,6 +27,7 @@
 #include "model/compute_weights.h"
 #include "parallel/topology.h"
 #include "trainer/forward_backward.h"
+#include "trainer/job_end.h"
 #include "trainer/loss_spike.h"
 #include "trainer/model_parts.h"
 #include "trainer/profiler.h"
@@ -97,6 +98,7 @@ class Trainer {
   std::optional<LossSpikeGuard> spike_guard_;  // optimizer.loss_spike_policy
   std::optional<StepProfiler> profiler_;       // profile.* (trainer/profiler.h)
   std::optional<ComputeWeights> compute_weights_;
+  std::optional<JobEndWatch> job_end_;  // TrainOptions::job_end_time
 
   TrainResult result_;
   int64_t step_ = 0;           // completed optimizer steps

@@ -89,6 +89,12 @@ struct TrainOptions {
   // Skip measuring the CPU matmul peak (mfu is then reported as 0). Tests
   // that do not look at mfu use this to stay fast.
   bool measure_peak = true;
+  // The job's end time in Unix seconds (trainer/job_end.h: loom train reads
+  // LOOM_JOB_END_TIME): at each step boundary the run checkpoints and stops,
+  // as on a signal, once one more step, one save and launch.job_end_margin
+  // no longer fit before it; TrainResult::stopped_by_signal is then
+  // kJobEndStop. 0 = no end time.
+  double job_end_time = 0.0;
   // Called after each step of the loop (skipped or not) with the number of
   // completed steps, before its validation and checkpoint. loom train uses
   // it to shorten the process groups' timeouts once the first step is done.

@@ -372,6 +372,11 @@ double AsyncCheckpointWriter::wait() {
   return last_seconds_;
 }
 
+double AsyncCheckpointWriter::last_write_seconds() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return last_seconds_;
+}
+
 void AsyncCheckpointWriter::run() {
   for (;;) {
     std::unique_lock<std::mutex> lock(mutex_);

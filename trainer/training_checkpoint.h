@@ -142,6 +142,9 @@ class AsyncCheckpointWriter {
   // Commits the write in progress, if any; returns the seconds the last
   // finished write took (0 when none finished). Collective.
   double wait();
+  // The seconds the last finished write took, from its start to its commit
+  // (0 before the first); what a stop's own save adds to its stall.
+  double last_write_seconds();
 
  private:
   void run();
