@@ -22,6 +22,26 @@ namespace loom {
 
 namespace {
 
+// The signature of a tensor sent or received; refusals start with `where`.
+TensorSignature signature_of(const std::string& where, const at::Tensor& tensor) {
+  try {
+    return TensorSignature::of(tensor);
+  } catch (const std::invalid_argument& e) {
+    throw std::invalid_argument(where + ": " + e.what());
+  }
+}
+
+// A signature as the host tensor the MPI group sends.
+at::Tensor signature_tensor(const TensorSignature& signature) {
+  at::Tensor words = at::empty({TensorSignature::kWords}, at::kLong);
+  std::memcpy(words.data_ptr(), signature.words.data(), sizeof(signature.words));
+  return words;
+}
+
+}  // namespace
+
+namespace {
+
 std::string nccl_version() {
   int version = 0;
   if (ncclGetVersion(&version) != ncclSuccess) return "NCCL (version unknown)";
@@ -512,6 +532,7 @@ NcclProcessGroup::NcclProcessGroup(MpiProcessGroup& mpi)
   comm_->init(size(), rank(), id, where, peers_never_joined(name(), world_ranks(), rank(), "ncclCommInitRankConfig"),
               timeout());
   watchdog_ = std::make_shared<detail::NcclWatchdog>(comm_);
+  signatures_ = mpi.split(0, mpi.rank(), mpi.name());
 }
 
 NcclProcessGroup::~NcclProcessGroup() {
@@ -614,30 +635,92 @@ std::unique_ptr<Work> NcclProcessGroup::send(const at::Tensor& tensor, const Sen
   const std::string where = start_op("send");
   check_device_tensor(where, "tensor", tensor);
   check_peer(where, options.peer);
-  check_tag(where, options.tag);  // then ignored (Note [NCCL send and recv])
+  check_tag(where, options.tag);  // pairs the signatures (Note [NCCL send and recv])
+  const TensorSignature signature = signature_of(where, tensor);
+  // Note [NCCL send and recv]: the signature first, on the host.
+  std::erase_if(signatures_sent_, [](const std::unique_ptr<Work>& work) { return work->is_completed(); });
+  signatures_->set_timeout(timeout());
+  signatures_sent_.push_back(signatures_->send(signature_tensor(signature), options));
   return launch(comm_, watchdog_, with_tensor(where, tensor) + " to " + peer_name(options.peer),
                 "waiting for " + peer_name(options.peer) +
-                    ", which must issue the matching recv (NCCL pairs the sends and recvs of two ranks in issue order, "
-                    "with the same element count)",
+                    ", which must issue the matching recv (NCCL pairs the sends and recvs of two ranks in issue order)",
                 timeout(), {tensor}, "ncclSend", [&](ncclComm_t comm, cudaStream_t stream) {
                   return ncclSend(tensor.data_ptr(), count_of(tensor), nccl_type(tensor.scalar_type()), options.peer,
                                   comm, stream);
                 });
 }
 
+namespace {
+
+// A recv whose sender's signature must match before it is complete (Note
+// [NCCL send and recv]).
+class SignedRecvWork final : public Work {
+ public:
+  SignedRecvWork(std::unique_ptr<Work> signature_work, at::Tensor signature, TensorSignature expected,
+                 std::unique_ptr<Work> data, std::string what)
+      : Work(data->default_timeout()),
+        signature_work_(std::move(signature_work)),
+        signature_(std::move(signature)),
+        expected_(expected),
+        data_(std::move(data)),
+        what_(std::move(what)) {}
+
+  bool is_completed() override {
+    if (!checked_) {
+      if (!signature_work_->is_completed()) return false;
+      check();
+    }
+    return data_->is_completed();
+  }
+  void wait(std::chrono::milliseconds timeout) override {
+    if (!checked_) {
+      signature_work_->wait(timeout);
+      check();
+    }
+    data_->wait(timeout);
+  }
+
+ private:
+  void check() {
+    TensorSignature sent;
+    std::memcpy(sent.words.data(), signature_.data_ptr(), sizeof(sent.words));
+    if (sent != expected_) {
+      MpiSession::abort(what_ + ": the sender's tensor is " + sent.describe() +
+                        "; the receiver's tensor must have the sender's dtype and shape");
+    }
+    checked_ = true;
+  }
+
+  std::unique_ptr<Work> signature_work_;
+  at::Tensor signature_;
+  TensorSignature expected_;
+  std::unique_ptr<Work> data_;
+  std::string what_;
+  bool checked_ = false;
+};
+
+}  // namespace
+
 std::unique_ptr<Work> NcclProcessGroup::recv(const at::Tensor& tensor, const RecvOptions& options) {
   const std::string where = start_op("recv");
   check_device_tensor(where, "tensor", tensor);
   check_peer(where, options.peer);
-  check_tag(where, options.tag);  // then ignored (Note [NCCL send and recv])
-  return launch(comm_, watchdog_, with_tensor(where, tensor) + " from " + peer_name(options.peer),
-                "waiting for " + peer_name(options.peer) +
-                    ", which must issue the matching send (NCCL pairs the sends and recvs of two ranks in issue order, "
-                    "with the same element count)",
-                timeout(), {tensor}, "ncclRecv", [&](ncclComm_t comm, cudaStream_t stream) {
-                  return ncclRecv(tensor.data_ptr(), count_of(tensor), nccl_type(tensor.scalar_type()), options.peer,
-                                  comm, stream);
-                });
+  check_tag(where, options.tag);  // pairs the signatures (Note [NCCL send and recv])
+  const TensorSignature expected = signature_of(where, tensor);
+  at::Tensor arriving = at::zeros({TensorSignature::kWords}, at::kLong);
+  signatures_->set_timeout(timeout());
+  std::unique_ptr<Work> signature_work = signatures_->recv(arriving, options);
+  const std::string what = with_tensor(where, tensor) + " from " + peer_name(options.peer);
+  std::unique_ptr<Work> data =
+      launch(comm_, watchdog_, what,
+             "waiting for " + peer_name(options.peer) +
+                 ", which must issue the matching send (NCCL pairs the sends and recvs of two ranks in issue order)",
+             timeout(), {tensor}, "ncclRecv", [&](ncclComm_t comm, cudaStream_t stream) {
+               return ncclRecv(tensor.data_ptr(), count_of(tensor), nccl_type(tensor.scalar_type()), options.peer,
+                               comm, stream);
+             });
+  return std::make_unique<SignedRecvWork>(std::move(signature_work), std::move(arriving), expected, std::move(data),
+                                          what);
 }
 
 std::unique_ptr<Work> NcclProcessGroup::barrier(const BarrierOptions&) {

@@ -90,9 +90,12 @@
 // Note [NCCL send and recv]
 // NCCL has no tags: a send and a recv between two ranks pair up in the order
 // they are issued, whatever their tags (which are range-checked, then
-// ignored). The receiver's element count and dtype must equal the sender's;
-// NCCL cannot check this, and a mismatch corrupts the data or never
-// completes (then the timeout ends the job). A send or recv occupies the
+// ignored). The receiver's dtype and shape must equal the sender's: NCCL
+// cannot check this (a mismatch corrupts the data or never completes), so
+// each send's TensorSignature goes ahead over a host MPI communicator of the
+// group's ranks, and the receiver's Work compares it before it reports
+// completion (Note [send signatures] in parallel/process_group.h); the tags
+// pair the signatures as they pair MPI's messages. A send or recv occupies the
 // group's stream until the peer's matching call runs, so two ranks that each
 // send to the other before receiving can deadlock on large messages: in a
 // ring, let even ranks send first and odd ranks receive first. Sending to or
@@ -103,6 +106,7 @@
 
 #include <memory>
 #include <string_view>
+#include <vector>
 
 #include "parallel/mpi_process_group.h"
 #include "parallel/process_group.h"
@@ -157,6 +161,10 @@ class NcclProcessGroup final : public ProcessGroup {
   std::shared_ptr<detail::NcclCommunicator> comm_;
   // Shared with the Works, which ask it whether the job is ending.
   std::shared_ptr<detail::NcclWatchdog> watchdog_;
+  // Note [NCCL send and recv]: the signatures of sends, on the host, and
+  // the ones still in flight (dropped once complete).
+  std::unique_ptr<MpiProcessGroup> signatures_;
+  std::vector<std::unique_ptr<Work>> signatures_sent_;
 };
 
 // The NCCL twins of `mpi`'s dp and tp groups (Note [host and device
