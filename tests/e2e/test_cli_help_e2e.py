@@ -46,7 +46,7 @@ COMMANDS = listed_commands()
 
 def test_the_list_holds_every_command_the_docs_name():
     # A floor, so that a list that parsed to nothing cannot pass the tests below.
-    for name in ("launch", "train", "sweep", "runs", "plan", "plan --calibrate", "plot", "inspect",
+    for name in ("launch", "train", "sweep", "runs", "plan", "plan --calibrate", "health", "plot", "inspect",
                  "tokenizer train", "prepare", "import", "init", "export", "generate", "forward", "version"):
         assert name in COMMANDS, (name, COMMANDS)
 
