@@ -73,8 +73,9 @@ def test_1500_shards_train_on_2_ranks_under_ulimit_n_256_touching_1000_shards(da
     assert opened >= 1000, found.group(0)
     assert opened < shards, "rank 0 should not need every shard in 40 steps"
     assert peak <= limit == 64, found.group(0)
-    # check_shard_files: always: every shard rank 0 read was checked, and no other.
-    assert checked == opened, found.group(0)
+    # check_shard_files: always: every shard rank 0 read was checked first; no
+    # more than the read-ahead's shards (4 micro-batches of 32 samples) beyond.
+    assert opened <= checked <= opened + 4 * 32 * 2, found.group(0)
 
 
 def test_prepare_in_4_parts_and_merge_equals_one_prepare(data, tmp_path):
