@@ -171,6 +171,9 @@ bool file_check_wanted(const DatasetOpenOptions& options, const DatasetIndex& in
 // metadata and chunk caches (about 1 MiB); reopening one costs a few small
 // metadata reads, rare next to the chunk reads of a sample. Per shard the
 // Dataset keeps a few bytes (first token, checked, opened) whatever is open.
+// Samples come in a random order, so a read often needs a shard that is
+// closed: at worst one open per sample (a few small metadata reads), far
+// below what a training step consumes per sample.
 //
 // Note [Lazy shard checks]: opening a Dataset reads index.json only. The
 // checks of a shard (its file, Note [Shard file checksum]; the probe, Note
@@ -597,6 +600,8 @@ void Dataset::check_shards(const std::vector<size_t>& shards) const {
   std::lock_guard guard(impl_->mutex);
   impl_->check_first_use(shards);
 }
+
+bool Dataset::checks_in_probe() const { return impl_->check_files && impl_->options.probe_in_child; }
 
 void Dataset::check_all_shards() const {
   std::vector<size_t> all(num_shards());

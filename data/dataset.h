@@ -239,6 +239,12 @@ class Dataset {
   // checks the shards it reads, and only those, one probe per step.
   void check_shards(const std::vector<size_t>& shards) const;
   void check_all_shards() const;
+  // Whether first-use checks run in a probe process (the files are checked
+  // and options.probe_in_child): only then does checking a batch of shards
+  // ahead of the reads save anything (one fork for the batch). Otherwise the
+  // read that needs a shard checks it, and checking ahead would open shards
+  // that the bounded cache closes again before they are read.
+  bool checks_in_probe() const;
   // Each shard file i with i % stride == first exists and has index.json's
   // size (one stat per file: no HDF5, no descriptor kept). BadInput naming
   // the first file that does not.

@@ -233,14 +233,17 @@ class Loader::Producer {
   // Note [Lazy shard checks] (data/dataset.cpp): before the first read of a
   // step, the shards of this rank's samples of the step have their first-use
   // checks, all of a dataset's in one probe process: a rank checks what it
-  // reads and nothing else, at one fork per step at most. In produce(), not
-  // plan_step(): a failure then leaves the position where it was.
+  // reads and nothing else, at one fork per step at most. Without a probe
+  // the reads check their shards themselves. In produce(), not plan_step():
+  // a failure then leaves the position where it was.
   void check_step_shards() const {
     const LoaderConfig& config = loader_.config_;
     std::vector<std::vector<size_t>> shards(loader_.datasets_.size());
-    for (const SampleId& id : local_) add_shards_of_sample(*loader_.datasets_[id.dataset], id.sample, config.seq_len, shards[id.dataset]);
+    for (const SampleId& id : local_)
+      add_shards_of_sample(*loader_.datasets_[id.dataset], id.sample, config.seq_len, shards[id.dataset]);
     for (size_t d = 0; d < shards.size(); ++d)
-      if (!shards[d].empty()) loader_.datasets_[d]->check_shards(shards[d]);
+      if (!shards[d].empty() && loader_.datasets_[d]->checks_in_probe())
+        loader_.datasets_[d]->check_shards(shards[d]);
   }
 
   const Loader& loader_;
@@ -502,9 +505,12 @@ MicroBatch ValidationBatches::at(int64_t index) const {
     return static_cast<uint64_t>(index * group + row * config_->dp_size + config_->dp_rank);
   };
   // The batch's shards checked in one probe (Note [Lazy shard checks]).
-  std::vector<size_t> shards;
-  for (int64_t row = 0; row < batch.rows; ++row) add_shards_of_sample(*dataset_, sample_of_row(row), config_->seq_len, shards);
-  dataset_->check_shards(shards);
+  if (dataset_->checks_in_probe()) {
+    std::vector<size_t> shards;
+    for (int64_t row = 0; row < batch.rows; ++row)
+      add_shards_of_sample(*dataset_, sample_of_row(row), config_->seq_len, shards);
+    dataset_->check_shards(shards);
+  }
   for (int64_t row = 0; row < batch.rows; ++row) {
     SampleId id;
     id.sample = sample_of_row(row);
