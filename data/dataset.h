@@ -17,7 +17,9 @@
 // Every problem with the data is loom::BadInput naming the file and the key,
 // shard, attribute or offset. HDF5 is called only under the process-wide
 // HDF5 lock (Note [HDF5 lock] in data/hdf5_handle.h), so Dataset and
-// DatasetWriter objects may be used from any thread, one call at a time each.
+// DatasetWriter objects may be used from any thread; a DatasetWriter one
+// call at a time, a Dataset from several threads at once (it serialises its
+// reads and its cache of open shards itself).
 #pragma once
 
 #include <cstddef>
