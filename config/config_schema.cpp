@@ -142,10 +142,10 @@ std::vector<KeySpec> build_table() {
        "tokens per training sequence; 0 = model.max_seq_len", kNonNegative},
       {"data.tokenizer", LOOM_FIELD(data.tokenizer), "", "", "Hugging Face tokenizer.json used by the datasets"},
       {"data.check_shard_files", LOOM_FIELD(data.check_shard_files), "", "",
-       "check the shard files before this process's HDF5 library reads them: each file's CRC-32C against "
-       "index.json, then a probe process opens and reads the whole dataset first, so that a damaged or "
-       "malformed file is refused instead of crashing or hanging the run; auto = for datasets of at most 4 GiB "
-       "(the checks read every shard)",
+       "check each shard file before this process's HDF5 library reads it, the first time this rank needs it: "
+       "its CRC-32C against index.json, then a probe process opens and reads the shard first, so that a damaged "
+       "or malformed file is refused instead of crashing or hanging the run; each rank checks only the shards it "
+       "reads; auto = for datasets of at most 4 GiB (the checks read every shard a rank reads)",
        kAny, {"auto", "always", "never"}},
 
       // --- batch ----------------------------------------------------------------

@@ -1,15 +1,17 @@
-// index.json (parse, print) and the read-only Dataset. The writer is in
-// data/dataset_writer.cpp.
+// The read-only Dataset: shards opened lazily through a bounded cache and
+// checked on first use. index.json is parsed in data/dataset_index.cpp, the
+// writer is in data/dataset_writer.cpp.
 #include "data/dataset.h"
 
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
-#include <nlohmann/json.hpp>
+#include <mutex>
 #include <stdexcept>
 #include <utility>
 
 #include "data/hdf5_handle.h"
+#include "data/shard_cache.h"
 #include "util/crc32c.h"
 #include "util/error.h"
 #include "util/file_io.h"
@@ -19,61 +21,6 @@ namespace loom {
 namespace {
 
 namespace fs = std::filesystem;
-using nlohmann::json;
-
-// A JSON value for an error message, cut short.
-std::string clip(const json& value) {
-  std::string text = value.dump();
-  if (text.size() > 60) text = text.substr(0, 57) + "...";
-  return text;
-}
-
-// --- index.json --------------------------------------------------------------
-
-// Reads typed keys, naming the file and the full key path in every error.
-class IndexReader {
- public:
-  explicit IndexReader(const std::string& path) : path_(path) {}
-
-  [[noreturn]] void fail(const std::string& key, const std::string& message) const {
-    throw BadInput(path_ + ": key '" + key + "': " + message);
-  }
-
-  const json& member(const json& object, const std::string& name, const std::string& key,
-                     const std::string& expected) const {
-    const auto it = object.find(name);
-    if (it == object.end()) fail(key, "missing (expected " + expected + ")");
-    return *it;
-  }
-
-  uint64_t unsigned_int(const json& object, const std::string& name, const std::string& key) const {
-    const json& value = member(object, name, key, "a non-negative integer");
-    if (!value.is_number_unsigned()) fail(key, "expected a non-negative integer, found " + clip(value));
-    return value.get<uint64_t>();
-  }
-
-  std::string string(const json& object, const std::string& name, const std::string& key) const {
-    const json& value = member(object, name, key, "a string");
-    if (!value.is_string()) fail(key, "expected a string, found " + clip(value));
-    return value.get<std::string>();
-  }
-
- private:
-  const std::string& path_;
-};
-
-bool is_plain_file_name(const std::string& name) {
-  return !name.empty() && name != "." && name != ".." && name.find('/') == std::string::npos &&
-         name.find('\0') == std::string::npos;
-}
-
-uint32_t parse_crc_hex(const IndexReader& reader, const std::string& text, const std::string& key) {
-  const bool valid = text.size() == 8 && std::all_of(text.begin(), text.end(), [](char c) {
-                       return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F');
-                     });
-  if (!valid) reader.fail(key, "expected 8 hexadecimal digits, found \"" + text.substr(0, 40) + "\"");
-  return static_cast<uint32_t>(std::stoul(text, nullptr, 16));
-}
 
 // --- HDF5 reading helpers ------------------------------------------------------
 
@@ -181,126 +128,6 @@ constexpr uint64_t kScanPieceTokens = uint64_t{1} << 20;
 
 }  // namespace
 
-// --- dtype and names -------------------------------------------------------------
-
-const char* token_dtype_name(TokenDtype dtype) { return dtype == TokenDtype::kUint16 ? "uint16" : "uint32"; }
-
-TokenDtype token_dtype_for_vocab(int64_t vocab_size) {
-  return vocab_size <= 65536 ? TokenDtype::kUint16 : TokenDtype::kUint32;
-}
-
-size_t token_dtype_bytes(TokenDtype dtype) { return dtype == TokenDtype::kUint16 ? 2 : 4; }
-
-std::string shard_file_name(size_t shard) {
-  char name[32];
-  std::snprintf(name, sizeof name, "shard-%05zu.h5", shard);
-  return name;
-}
-
-// --- DatasetIndex ----------------------------------------------------------------
-
-std::string DatasetIndex::to_json() const {
-  nlohmann::ordered_json root;
-  root["format"] = kDatasetFormatName;
-  root["format_version"] = kDatasetFormatVersion;
-  root["vocab_size"] = vocab_size;
-  root["eos_id"] = eos_id;
-  root["tokenizer_hash"] = tokenizer_hash;
-  root["token_dtype"] = token_dtype_name(token_dtype);
-  root["num_tokens"] = num_tokens;
-  root["num_documents"] = num_documents;
-  root["shards"] = nlohmann::ordered_json::array();
-  for (const ShardEntry& shard : shards) {
-    root["shards"].push_back({{"file", shard.file},
-                              {"num_tokens", shard.num_tokens},
-                              {"num_documents", shard.num_documents},
-                              {"crc32c", crc32c_hex(shard.crc32c)},
-                              {"bytes", shard.bytes}});
-    if (shard.file_crc32c) root["shards"].back()["file_crc32c"] = crc32c_hex(*shard.file_crc32c);
-  }
-  return root.dump(2) + "\n";
-}
-
-DatasetIndex DatasetIndex::parse(const std::string& text, const std::string& path) {
-  json root;
-  try {
-    root = json::parse(text);
-  } catch (const json::exception& e) {  // parse_error, and out_of_range for a number like 1e999
-    throw BadInput(path + ": not valid JSON: " + e.what());
-  }
-  if (!root.is_object()) throw BadInput(path + ": expected a JSON object, found " + clip(root));
-  const IndexReader reader(path);
-
-  if (reader.string(root, "format", "format") != kDatasetFormatName)
-    reader.fail("format", "expected \"" + std::string(kDatasetFormatName) + "\", found " + clip(root["format"]));
-  if (reader.unsigned_int(root, "format_version", "format_version") != kDatasetFormatVersion)
-    reader.fail("format_version", "expected " + std::to_string(kDatasetFormatVersion) +
-                                      " (what this loom reads), found " + clip(root["format_version"]));
-
-  DatasetIndex index;
-  const uint64_t vocab_size = reader.unsigned_int(root, "vocab_size", "vocab_size");
-  if (vocab_size == 0 || vocab_size > static_cast<uint64_t>(kMaxVocabSize))
-    reader.fail("vocab_size", "expected 1 to 2^31, found " + std::to_string(vocab_size));
-  index.vocab_size = static_cast<int64_t>(vocab_size);
-  const uint64_t eos_id = reader.unsigned_int(root, "eos_id", "eos_id");
-  if (eos_id >= vocab_size)
-    reader.fail("eos_id", "expected an id below vocab_size " + std::to_string(vocab_size) + ", found " +
-                              std::to_string(eos_id));
-  index.eos_id = static_cast<int64_t>(eos_id);
-  index.tokenizer_hash = reader.string(root, "tokenizer_hash", "tokenizer_hash");
-
-  const std::string dtype = reader.string(root, "token_dtype", "token_dtype");
-  if (dtype == "uint16") {
-    index.token_dtype = TokenDtype::kUint16;
-    if (vocab_size > 65536)
-      reader.fail("token_dtype", "uint16 cannot hold the ids of vocab_size " + std::to_string(vocab_size));
-  } else if (dtype == "uint32") {
-    index.token_dtype = TokenDtype::kUint32;
-  } else {
-    reader.fail("token_dtype", "expected \"uint16\" or \"uint32\", found \"" + dtype.substr(0, 40) + "\"");
-  }
-  index.num_tokens = reader.unsigned_int(root, "num_tokens", "num_tokens");
-  index.num_documents = reader.unsigned_int(root, "num_documents", "num_documents");
-
-  const json& shards = reader.member(root, "shards", "shards", "an array");
-  if (!shards.is_array()) reader.fail("shards", "expected an array, found " + clip(shards));
-  uint64_t sum_tokens = 0;
-  uint64_t sum_documents = 0;
-  for (size_t i = 0; i < shards.size(); ++i) {
-    const std::string key = "shards[" + std::to_string(i) + "]";
-    const json& item = shards[i];
-    if (!item.is_object()) reader.fail(key, "expected an object, found " + clip(item));
-    ShardEntry shard;
-    shard.file = reader.string(item, "file", key + ".file");
-    if (!is_plain_file_name(shard.file))
-      reader.fail(key + ".file", "expected a file name inside the dataset folder, found \"" + shard.file + "\"");
-    for (const ShardEntry& earlier : index.shards)
-      if (earlier.file == shard.file) reader.fail(key + ".file", "\"" + shard.file + "\" is listed twice");
-    shard.num_tokens = reader.unsigned_int(item, "num_tokens", key + ".num_tokens");
-    shard.num_documents = reader.unsigned_int(item, "num_documents", key + ".num_documents");
-    shard.crc32c = parse_crc_hex(reader, reader.string(item, "crc32c", key + ".crc32c"), key + ".crc32c");
-    shard.bytes = reader.unsigned_int(item, "bytes", key + ".bytes");
-    if (item.contains("file_crc32c"))
-      shard.file_crc32c =
-          parse_crc_hex(reader, reader.string(item, "file_crc32c", key + ".file_crc32c"), key + ".file_crc32c");
-    // Sums that wrap around would let a forged total match; a shard's
-    // /doc_offsets has num_documents + 1 entries, which must not wrap to 0.
-    if (__builtin_add_overflow(sum_tokens, shard.num_tokens, &sum_tokens))
-      reader.fail(key + ".num_tokens", "the shards' num_tokens overflow 64 bits");
-    if (shard.num_documents == UINT64_MAX || __builtin_add_overflow(sum_documents, shard.num_documents, &sum_documents))
-      reader.fail(key + ".num_documents", "the shards' num_documents overflow 64 bits");
-    index.shards.push_back(std::move(shard));
-  }
-  if (sum_tokens != index.num_tokens)
-    reader.fail("num_tokens", std::to_string(index.num_tokens) + " is not the sum of the shards' num_tokens (" +
-                                  std::to_string(sum_tokens) + ")");
-  if (sum_documents != index.num_documents)
-    reader.fail("num_documents", std::to_string(index.num_documents) +
-                                     " is not the sum of the shards' num_documents (" + std::to_string(sum_documents) +
-                                     ")");
-  return index;
-}
-
 // --- Dataset -----------------------------------------------------------------------
 
 ShardFileCheck parse_shard_file_check(const std::string& text) {
@@ -312,34 +139,95 @@ ShardFileCheck parse_shard_file_check(const std::string& text) {
 
 namespace {
 
+// One shard file, open: what the open-shard cache holds.
 struct OpenedShard {
-  std::string path;
-  uint64_t first_token = 0;  // global offset of the shard's first token
   // Declared before `tokens` so that it is closed after it.
   hdf5::FileId file;
   hdf5::DatasetId tokens;
   hdf5::DatasetId doc_offsets;
 };
 
+bool scan_wanted(const DatasetOpenOptions& options, uint64_t num_tokens) {
+  return options.scan_token_range == TokenRangeScan::kAlways ||
+         (options.scan_token_range == TokenRangeScan::kAuto && num_tokens <= kAutoScanMaxTokens);
+}
+
+bool file_check_wanted(const DatasetOpenOptions& options, const DatasetIndex& index) {
+  uint64_t shard_bytes = 0;
+  for (const ShardEntry& shard : index.shards)
+    if (__builtin_add_overflow(shard_bytes, shard.bytes, &shard_bytes)) shard_bytes = UINT64_MAX;
+  return options.check_shard_files == ShardFileCheck::kAlways ||
+         (options.check_shard_files == ShardFileCheck::kAuto && shard_bytes <= kAutoCheckMaxBytes);
+}
+
 }  // namespace
 
+// Note [Open shard cache]: a trillion-token dataset is thousands of shard
+// files (1 TB of uint32 tokens in 256 MiB shards is about 4,000), past the
+// usual limit of 1,024 open descriptors per process, and a rank reads a few
+// of them per step. So a Dataset opens a shard when a read needs it and keeps
+// at most options.max_open_shards (64) open, closing the least recently used
+// first (data/shard_cache.h). An open shard costs one descriptor and HDF5's
+// metadata and chunk caches (about 1 MiB); reopening one costs a few small
+// metadata reads, rare next to the chunk reads of a sample. Per shard the
+// Dataset keeps a few bytes (first token, checked, opened) whatever is open.
+// Samples come in a random order, so a read often needs a shard that is
+// closed: at worst one open per sample (a few small metadata reads), far
+// below what a training step consumes per sample.
+//
+// Note [Lazy shard checks]: opening a Dataset reads index.json only. The
+// checks of a shard (its file, Note [Shard file checksum]; the probe, Note
+// [Reading shards in a probe process]; its structure and /doc_offsets; the
+// token scan and data checksum where asked) run the first time this process
+// needs it, before its tokens are read, and once: a shard reopened after
+// eviction gets only the structural checks of open_file. A rank therefore
+// checks exactly the shards it reads, and check_shard_files: always means
+// "every shard this rank reads is checked before it is read". /doc_offsets is
+// read then to check it, and not kept (the loader packs samples by token
+// offset and never needs it; read_doc_offsets reads it again), so memory
+// does not grow with the dataset. A shard found bad is BadInput naming its
+// file, thrown by the read that needed it (in training: on the rank that
+// reads it, from the loader, which ends the job through the usual abort).
 struct Dataset::Impl {
   std::string dir;
   DatasetIndex index;
-  std::vector<OpenedShard> shards;
-  // Scratch for stored tokens; used only under the HDF5 lock.
-  mutable std::vector<uint16_t> scratch16;
-  mutable std::vector<uint32_t> scratch32;
+  DatasetOpenOptions options;
+  bool check_files = false;  // options.check_shard_files, resolved for this dataset's size
+  bool scan_range = false;   // options.scan_token_range, resolved
+  bool read_every_token = false;  // a probe child: first use reads the whole shard, as training will
+  std::vector<uint64_t> first_tokens;  // per shard: global offset of its first token
+
+  // Everything below changes as shards are used: guarded by `mutex`, which
+  // is taken before the HDF5 lock, never after it (the loader's prefetch
+  // thread and validation on the main thread may share a Dataset).
+  std::mutex mutex;
+  std::vector<uint8_t> checked;  // per shard: passed its first-use checks
+  std::vector<uint8_t> opened;   // per shard: opened at least once
+  size_t distinct_opened = 0;
+  ShardCache<OpenedShard> cache{kDefaultMaxOpenShards};
+  std::vector<uint16_t> scratch16;  // stored tokens, read under the HDF5 lock
+  std::vector<uint32_t> scratch32;
+
+  Impl(std::string dir_in, DatasetIndex index_in, const DatasetOpenOptions& options_in)
+      : dir(std::move(dir_in)), index(std::move(index_in)), options(options_in), cache(options_in.max_open_shards) {
+    check_files = file_check_wanted(options, index);
+    scan_range = scan_wanted(options, index.num_tokens);
+    uint64_t first_token = 0;
+    for (const ShardEntry& shard : index.shards) {
+      first_tokens.push_back(first_token);
+      first_token += shard.num_tokens;
+    }
+    checked.assign(index.shards.size(), 0);
+    opened.assign(index.shards.size(), 0);
+  }
 
   const ShardEntry& entry(size_t shard) const { return index.shards[shard]; }
+  std::string path_of(size_t shard) const { return (fs::path(dir) / entry(shard).file).string(); }
 
-  void open_shard(size_t shard_index, uint64_t first_token, bool check_file) {
+  // Its existence, kind and size against index.json: one stat.
+  void check_size(size_t shard_index) const {
     const ShardEntry& entry = index.shards[shard_index];
-    OpenedShard shard;
-    shard.path = (fs::path(dir) / entry.file).string();
-    shard.first_token = first_token;
-    const std::string& path = shard.path;
-
+    const std::string path = path_of(shard_index);
     std::error_code error;
     const fs::file_status status = fs::status(path, error);
     if (!fs::exists(status))
@@ -350,6 +238,14 @@ struct Dataset::Impl {
     if (bytes != entry.bytes)
       throw BadInput(path + ": file is " + std::to_string(bytes) + " bytes, index.json says " +
                      std::to_string(entry.bytes) + " (truncated or replaced)");
+  }
+
+  // Opens one shard file and checks its structure against the index (no
+  // data read). `check_file`: its CRC-32C first.
+  OpenedShard open_file(size_t shard_index, bool check_file) const {
+    const ShardEntry& entry = index.shards[shard_index];
+    const std::string path = path_of(shard_index);
+    check_size(shard_index);
     // Note [Shard file checksum]: libhdf5 trusts the structures it finds in a
     // file. Fuzzing (docs/fuzzing.md) showed damaged object headers and
     // global heaps making HDF5 1.10 read past its buffers or loop forever,
@@ -367,6 +263,7 @@ struct Dataset::Impl {
                        crc32c_hex(*entry.file_crc32c) + " (the file is damaged or was replaced; not opened)");
     }
 
+    OpenedShard shard;
     hdf5::Lock lock;
     // Shards are never modified once written, so HDF5's file locks protect
     // nothing here, and they fail on some network file systems.
@@ -403,63 +300,109 @@ struct Dataset::Impl {
     hdf5::TypeId offset_type(H5Dget_type(shard.doc_offsets.get()));
     if (!is_unsigned_integer(offset_type.get(), 8))
       throw BadInput(path + ": dataset '/doc_offsets' is " + describe_type(offset_type.get()) + ", expected uint64");
-    shards.push_back(std::move(shard));
-    check_doc_offsets(shards.size() - 1, read_doc_offsets(shards.size() - 1));
+    return shard;
   }
 
-  // Opens every shard (in index order), reporting each to `progress` first.
-  void open_shards(bool check_files, IsolatedChannel* progress) {
-    uint64_t first_token = 0;
-    for (size_t i = 0; i < index.shards.size(); ++i) {
-      if (progress != nullptr) progress->progress((fs::path(dir) / index.shards[i].file).string());
-      open_shard(i, first_token, check_files);
-      first_token += index.shards[i].num_tokens;
+  // Opens the shard into the cache (closing the least recently used first
+  // when it is full). The caller holds `mutex`.
+  OpenedShard& open_into_cache(size_t shard_index, bool check_file) {
+    cache.make_room();
+    OpenedShard shard = open_file(shard_index, check_file);
+    if (!opened[shard_index]) {
+      opened[shard_index] = 1;
+      ++distinct_opened;
     }
+    return cache.insert(shard_index, std::move(shard));
   }
+
+  // The shard, open, its first-use checks done. The caller holds `mutex`;
+  // the reference is valid until the next acquire.
+  OpenedShard& acquire(size_t shard_index) {
+    if (!checked[shard_index]) check_first_use({shard_index});
+    if (OpenedShard* shard = cache.find(shard_index)) return *shard;
+    return open_into_cache(shard_index, /*check_file=*/false);
+  }
+
+  // Note [Lazy shard checks]. The caller holds `mutex`.
+  void check_first_use(const std::vector<size_t>& shards) {
+    std::vector<size_t> unchecked;
+    for (const size_t s : shards)
+      if (!checked[s] && std::find(unchecked.begin(), unchecked.end(), s) == unchecked.end()) unchecked.push_back(s);
+    if (unchecked.empty()) return;
+    if (check_files && options.probe_in_child) {
+      // The child has done every check and read of these shards; this
+      // process opens them when it reads them.
+      probe_in_child(unchecked);
+      for (const size_t s : unchecked) checked[s] = 1;
+      return;
+    }
+    for (const size_t s : unchecked) check_in_this_process(s);
+  }
+
+  // Opens the shard (its file checked first when check_files) and checks
+  // what open_file does not: /doc_offsets' values, and the token scan and
+  // data checksum where asked. Checksums first: a corrupt shard is better
+  // reported as corrupt than as holding an out-of-range id.
+  void check_in_this_process(size_t s, IsolatedChannel* progress = nullptr) {
+    if (progress != nullptr) progress->progress(path_of(s));
+    try {
+      OpenedShard& shard = open_into_cache(s, check_files);
+      check_doc_offsets(s, read_doc_offsets(s, shard));
+      if (options.verify_checksums) verify_shard(s, shard);
+      if (scan_range || read_every_token) read_whole_shard(s, shard, scan_range);
+    } catch (...) {
+      cache.erase(s);  // not checked: the next use checks it again
+      throw;
+    }
+    checked[s] = 1;
+  }
+
+  // Note [Reading shards in a probe process]: throws BadInput if a child
+  // process cannot open and read these shards.
+  void probe_in_child(const std::vector<size_t>& shards) const;
 
   // Recomputes the shard's CRC32C over its stored bytes and compares it with
   // index.json's.
-  void verify_shard(size_t s) const {
+  void verify_shard(size_t s, const OpenedShard& shard) const {
     const size_t width = token_dtype_bytes(index.token_dtype);
     // Read as little-endian: the checksum is defined over the stored
     // little-endian bytes, whatever the host's byte order.
     const hid_t token_type = width == 2 ? H5T_STD_U16LE : H5T_STD_U32LE;
-    const OpenedShard& shard = shards[s];
     const ShardEntry& shard_entry = entry(s);
+    const std::string path = path_of(s);
     std::vector<std::byte> bytes;
     uint32_t crc = 0;
     hdf5::Lock lock;
     for (uint64_t begin = 0; begin < shard_entry.num_tokens; begin += kScanPieceTokens) {
       const uint64_t count = std::min(kScanPieceTokens, shard_entry.num_tokens - begin);
       bytes.resize(count * width);
-      read_slice(shard.tokens.get(), token_type, begin, count, bytes.data(), shard.path, "tokens");
+      read_slice(shard.tokens.get(), token_type, begin, count, bytes.data(), path, "tokens");
       crc = crc32c(bytes, crc);
     }
     bytes.resize((shard_entry.num_documents + 1) * 8);
-    read_slice(shard.doc_offsets.get(), H5T_STD_U64LE, 0, shard_entry.num_documents + 1, bytes.data(), shard.path,
+    read_slice(shard.doc_offsets.get(), H5T_STD_U64LE, 0, shard_entry.num_documents + 1, bytes.data(), path,
                "doc_offsets");
     crc = crc32c(bytes, crc);
     if (crc != shard_entry.crc32c)
-      throw BadInput(shard.path + ": CRC32C " + crc32c_hex(crc) + " does not match index.json's " +
+      throw BadInput(path + ": CRC32C " + crc32c_hex(crc) + " does not match index.json's " +
                      crc32c_hex(shard_entry.crc32c) + " (corrupt)");
   }
 
   // Reads every token of the shard as training reads them, checking the ids
   // against vocab_size when `check_range`.
-  void read_whole_shard(size_t s, bool check_range) const {
+  void read_whole_shard(size_t s, const OpenedShard& shard, bool check_range) {
     std::vector<int32_t> piece;
-    const OpenedShard& shard = shards[s];
     for (uint64_t begin = 0; begin < entry(s).num_tokens; begin += kScanPieceTokens) {
       const size_t count = static_cast<size_t>(std::min(kScanPieceTokens, entry(s).num_tokens - begin));
+      piece.resize(count);
       if (check_range) {
-        piece.resize(count);
-        read_tokens(shard.first_token + begin, std::span<int32_t>(piece));
+        read_shard_tokens(s, shard, begin, std::span<int32_t>(piece));
       } else {
         hdf5::Lock lock;
         if (index.token_dtype == TokenDtype::kUint16)
-          read_stored(shard, H5T_NATIVE_UINT16, scratch16, begin, count);
+          read_stored(s, shard, H5T_NATIVE_UINT16, scratch16, begin, count);
         else
-          read_stored(shard, H5T_NATIVE_UINT32, scratch32, begin, count);
+          read_stored(s, shard, H5T_NATIVE_UINT32, scratch32, begin, count);
       }
     }
   }
@@ -467,23 +410,22 @@ struct Dataset::Impl {
   // Tokens [begin, begin + count) of one shard as stored, into `scratch`;
   // the caller holds the HDF5 lock.
   template <typename Stored>
-  void read_stored(const OpenedShard& shard, hid_t memory_type, std::vector<Stored>& scratch, uint64_t begin,
+  void read_stored(size_t s, const OpenedShard& shard, hid_t memory_type, std::vector<Stored>& scratch, uint64_t begin,
                    size_t count) const {
     scratch.resize(count);
-    read_slice(shard.tokens.get(), memory_type, begin, count, scratch.data(), shard.path, "tokens");
+    read_slice(shard.tokens.get(), memory_type, begin, count, scratch.data(), path_of(s), "tokens");
   }
 
-  std::vector<uint64_t> read_doc_offsets(size_t shard_index) const {
-    const OpenedShard& shard = shards[shard_index];
-    std::vector<uint64_t> offsets(entry(shard_index).num_documents + 1);
+  std::vector<uint64_t> read_doc_offsets(size_t s, const OpenedShard& shard) const {
+    std::vector<uint64_t> offsets(entry(s).num_documents + 1);
     hdf5::Lock lock;
-    read_slice(shard.doc_offsets.get(), H5T_NATIVE_UINT64, 0, offsets.size(), offsets.data(), shard.path,
+    read_slice(shard.doc_offsets.get(), H5T_NATIVE_UINT64, 0, offsets.size(), offsets.data(), path_of(s),
                "doc_offsets");
     return offsets;
   }
 
   void check_doc_offsets(size_t shard_index, const std::vector<uint64_t>& offsets) const {
-    const std::string& path = shards[shard_index].path;
+    const std::string path = path_of(shard_index);
     const uint64_t num_tokens = entry(shard_index).num_tokens;
     if (offsets.front() != 0)
       throw BadInput(path + ": /doc_offsets[0] is " + std::to_string(offsets.front()) + ", expected 0");
@@ -500,44 +442,51 @@ struct Dataset::Impl {
 
   // Copies tokens [begin, begin + out.size()) local to one shard into `out`,
   // refusing ids >= vocab_size.
+  template <typename Out>
+  void read_shard_tokens(size_t s, const OpenedShard& shard, uint64_t begin, std::span<Out> out) {
+    if (index.token_dtype == TokenDtype::kUint16)
+      read_shard_tokens_as(s, shard, H5T_NATIVE_UINT16, scratch16, begin, out);
+    else
+      read_shard_tokens_as(s, shard, H5T_NATIVE_UINT32, scratch32, begin, out);
+  }
+
   template <typename Stored, typename Out>
-  void read_shard_tokens(const OpenedShard& shard, hid_t memory_type, std::vector<Stored>& scratch, uint64_t begin,
-                         std::span<Out> out) const {
+  void read_shard_tokens_as(size_t s, const OpenedShard& shard, hid_t memory_type, std::vector<Stored>& scratch,
+                            uint64_t begin, std::span<Out> out) const {
     hdf5::Lock lock;
-    read_stored(shard, memory_type, scratch, begin, out.size());
+    read_stored(s, shard, memory_type, scratch, begin, out.size());
     const auto vocab_size = static_cast<uint64_t>(index.vocab_size);
     for (size_t i = 0; i < out.size(); ++i) {
       const Stored id = scratch[i];
       if (id >= vocab_size)
-        throw BadInput(shard.path + ": /tokens[" + std::to_string(begin + i) + "] = " + std::to_string(id) +
+        throw BadInput(path_of(s) + ": /tokens[" + std::to_string(begin + i) + "] = " + std::to_string(id) +
                        " is not below vocab_size " + std::to_string(vocab_size) + " (token " +
-                       std::to_string(shard.first_token + begin + i) + " of the dataset)");
+                       std::to_string(first_tokens[s] + begin + i) + " of the dataset)");
       out[i] = static_cast<Out>(id);
     }
   }
 
+  // The shard holding token `offset` (< num_tokens): the last whose first
+  // token is <= offset (empty shards share their first token with the next).
+  size_t shard_at(uint64_t offset) const {
+    const auto it = std::upper_bound(first_tokens.begin(), first_tokens.end(), offset);
+    return static_cast<size_t>(it - first_tokens.begin()) - 1;
+  }
+
   template <typename Out>
-  void read_tokens(uint64_t begin, std::span<Out> out) const {
+  void read_tokens(uint64_t begin, std::span<Out> out) {
     if (begin > index.num_tokens || out.size() > index.num_tokens - begin)
       throw std::out_of_range(dir + ": tokens [" + std::to_string(begin) + ", " + std::to_string(begin + out.size()) +
                               ") reach past the end of the dataset (" + std::to_string(index.num_tokens) + " tokens)");
-    // The last shard whose first token is <= begin (empty shards are skipped
-    // by the loop below).
-    auto it = std::upper_bound(shards.begin(), shards.end(), begin,
-                               [](uint64_t offset, const OpenedShard& shard) { return offset < shard.first_token; });
-    size_t shard_index = static_cast<size_t>(it - shards.begin()) - (it == shards.begin() ? 0 : 1);
+    if (out.empty()) return;
+    std::lock_guard guard(mutex);
+    size_t shard_index = shard_at(begin);
     size_t done = 0;
     while (done < out.size()) {
-      const OpenedShard& shard = shards[shard_index];
-      const uint64_t local = begin + done - shard.first_token;
+      const uint64_t local = begin + done - first_tokens[shard_index];
       const uint64_t available = entry(shard_index).num_tokens - std::min(local, entry(shard_index).num_tokens);
       const size_t count = static_cast<size_t>(std::min<uint64_t>(available, out.size() - done));
-      if (count > 0) {
-        if (index.token_dtype == TokenDtype::kUint16)
-          read_shard_tokens(shard, H5T_NATIVE_UINT16, scratch16, local, out.subspan(done, count));
-        else
-          read_shard_tokens(shard, H5T_NATIVE_UINT32, scratch32, local, out.subspan(done, count));
-      }
+      if (count > 0) read_shard_tokens(shard_index, acquire(shard_index), local, out.subspan(done, count));
       done += count;
       ++shard_index;
     }
@@ -549,15 +498,6 @@ Dataset::Dataset(Dataset&&) noexcept = default;
 Dataset& Dataset::operator=(Dataset&&) noexcept = default;
 Dataset::~Dataset() = default;
 
-namespace {
-
-bool scan_wanted(const DatasetOpenOptions& options, uint64_t num_tokens) {
-  return options.scan_token_range == TokenRangeScan::kAlways ||
-         (options.scan_token_range == TokenRangeScan::kAuto && num_tokens <= kAutoScanMaxTokens);
-}
-
-}  // namespace
-
 // Note [Reading shards in a probe process]: a shard file whose CRC-32C
 // matches index.json can still be malformed, when it was crafted or written
 // by a faulty tool and shipped with an index that matches it. libhdf5 trusts
@@ -565,23 +505,25 @@ bool scan_wanted(const DatasetOpenOptions& options, uint64_t num_tokens) {
 // its buffers, segfaults, loops and 16 GiB allocations inside the library on
 // such files), and no check of loom's can stand between it and those bytes.
 // So where the files are checked, a child process (util/isolated.h) does
-// everything this process's libhdf5 is about to do, first: it opens every
-// shard with the same checks, reads every token and doc offset, and runs the
-// scan and checksums that the options ask for. The same library on the same
-// bytes does the same thing twice, so once the child has come through, this
-// process opens the shards itself and skips the reads the child has done
-// (training's later reads go through the same chunks the child read). A
-// child that dies, runs out of its address-space allowance or does not
-// finish in time makes the dataset BadInput naming the shard it was reading.
-// The cost is one fork and the metadata read twice; the token reads move to
-// the child (datasets past check_shard_files' auto limit skip all of this).
-void Dataset::probe_in_child(const std::string& dir, const DatasetOpenOptions& options, uint64_t shard_bytes) {
-  // The child opens the shards as this process would and then does the
-  // checksums and reads itself, shard by shard, reporting each.
+// everything this process's libhdf5 is about to do with a shard, first: it
+// checks the file's CRC-32C, opens it with the same checks, reads every token
+// and doc offset, and runs the scan and checksum that the options ask for.
+// The same library on the same bytes does the same thing twice, so once the
+// child has come through, this process opens the shard itself and skips the
+// reads the child has done (training's later reads go through the same
+// chunks the child read). A child that dies, runs out of its address-space
+// allowance or does not finish in time makes the dataset BadInput naming the
+// shard it was reading. Shards are probed when first needed (Note [Lazy
+// shard checks]), several in one child where the caller knows them ahead
+// (the loader: the shards of the next step), so a rank probes only the
+// shards it reads; the cost is one fork per batch and each shard's metadata
+// read twice (datasets past check_shard_files' auto limit skip all of this).
+void Dataset::Impl::probe_in_child(const std::vector<size_t>& shards) const {
+  uint64_t shard_bytes = 0;
+  for (const size_t s : shards) shard_bytes += entry(s).bytes;
   DatasetOpenOptions child_options = options;
   child_options.probe_in_child = false;
-  child_options.verify_checksums = false;
-  child_options.scan_token_range = TokenRangeScan::kNever;
+  child_options.check_shard_files = ShardFileCheck::kAlways;
   IsolatedOptions isolation;
   // Generous: the child reads every byte, possibly from a network file system.
   isolation.timeout = std::chrono::seconds(options.probe_timeout_seconds > 0
@@ -592,16 +534,9 @@ void Dataset::probe_in_child(const std::string& dir, const DatasetOpenOptions& o
   isolation.in_child = hdf5::renew_lock_in_child;
   const IsolatedResult result = run_isolated(
       [&](IsolatedChannel& channel) {
-        Dataset dataset = Dataset::open_probed(dir, child_options, &channel);
-        const Impl& impl = *dataset.impl_;
-        for (size_t s = 0; s < impl.shards.size(); ++s) {
-          channel.progress(impl.shards[s].path);
-          if (options.verify_checksums) impl.verify_shard(s);
-        }
-        for (size_t s = 0; s < impl.shards.size(); ++s) {
-          channel.progress(impl.shards[s].path);
-          impl.read_whole_shard(s, scan_wanted(options, dataset.num_tokens()));
-        }
+        Impl child(dir, index, child_options);
+        child.read_every_token = true;
+        for (const size_t s : shards) child.check_in_this_process(s, &channel);
       },
       isolation);
   const std::string where = result.last_progress.empty() ? dir : result.last_progress;
@@ -623,38 +558,14 @@ void Dataset::probe_in_child(const std::string& dir, const DatasetOpenOptions& o
 }
 
 Dataset Dataset::open(const std::string& dir, const DatasetOpenOptions& options) {
-  return open_probed(dir, options, nullptr);
-}
-
-Dataset Dataset::open_probed(const std::string& dir, const DatasetOpenOptions& options, IsolatedChannel* progress) {
-  auto impl = std::make_unique<Impl>();
-  impl->dir = dir;
   const std::string index_path = (fs::path(dir) / kDatasetIndexFile).string();
   std::error_code error;
   if (!fs::is_directory(dir, error)) throw BadInput(dir + ": not a dataset folder (no such directory)");
   if (!fs::exists(index_path, error))
     throw BadInput(index_path + ": missing; " + dir +
                    " is not a finished loom dataset (an interrupted `loom prepare` leaves no index.json)");
-  impl->index = DatasetIndex::parse(read_file(index_path), index_path);
-  uint64_t shard_bytes = 0;
-  for (const ShardEntry& shard : impl->index.shards)
-    if (__builtin_add_overflow(shard_bytes, shard.bytes, &shard_bytes)) shard_bytes = UINT64_MAX;
-  const bool check_files =
-      options.check_shard_files == ShardFileCheck::kAlways ||
-      (options.check_shard_files == ShardFileCheck::kAuto && shard_bytes <= kAutoCheckMaxBytes);
-  if (check_files && options.probe_in_child) {
-    probe_in_child(dir, options, shard_bytes);
-    // The child checked the files' CRC-32C and did the scan and checksums.
-    impl->open_shards(/*check_files=*/false, nullptr);
-    return Dataset(std::move(impl));
-  }
-  impl->open_shards(check_files, progress);
-  Dataset dataset(std::move(impl));
-  // Checksums first: a corrupt shard is better reported as corrupt than as
-  // holding an out-of-range id.
-  if (options.verify_checksums) dataset.verify_checksums();
-  if (scan_wanted(options, dataset.num_tokens())) dataset.scan_token_range();
-  return dataset;
+  DatasetIndex index = DatasetIndex::parse(read_file(index_path), index_path);
+  return Dataset(std::make_unique<Impl>(dir, std::move(index), options));
 }
 
 const std::string& Dataset::dir() const { return impl_->dir; }
@@ -664,13 +575,42 @@ void Dataset::read_tokens(uint64_t begin, std::span<int32_t> out) const { impl_-
 void Dataset::read_tokens(uint64_t begin, std::span<int64_t> out) const { impl_->read_tokens(begin, out); }
 
 std::vector<uint64_t> Dataset::read_doc_offsets(size_t shard) const {
-  if (shard >= impl_->shards.size()) throw std::out_of_range(impl_->dir + ": no shard " + std::to_string(shard));
-  return impl_->read_doc_offsets(shard);
+  if (shard >= num_shards()) throw std::out_of_range(impl_->dir + ": no shard " + std::to_string(shard));
+  std::lock_guard guard(impl_->mutex);
+  return impl_->read_doc_offsets(shard, impl_->acquire(shard));
 }
 
 uint64_t Dataset::shard_first_token(size_t shard) const {
-  if (shard >= impl_->shards.size()) throw std::out_of_range(impl_->dir + ": no shard " + std::to_string(shard));
-  return impl_->shards[shard].first_token;
+  if (shard >= num_shards()) throw std::out_of_range(impl_->dir + ": no shard " + std::to_string(shard));
+  return impl_->first_tokens[shard];
+}
+
+std::vector<size_t> Dataset::shards_of(uint64_t begin, uint64_t count) const {
+  std::vector<size_t> shards;
+  if (count == 0 || begin >= num_tokens()) return shards;
+  const uint64_t end = begin + std::min(count, num_tokens() - begin);
+  for (size_t s = impl_->shard_at(begin); s < num_shards() && impl_->first_tokens[s] < end; ++s)
+    if (impl_->entry(s).num_tokens > 0) shards.push_back(s);
+  return shards;
+}
+
+void Dataset::check_shards(const std::vector<size_t>& shards) const {
+  for (const size_t s : shards)
+    if (s >= num_shards()) throw std::out_of_range(impl_->dir + ": no shard " + std::to_string(s));
+  std::lock_guard guard(impl_->mutex);
+  impl_->check_first_use(shards);
+}
+
+bool Dataset::checks_in_probe() const { return impl_->check_files && impl_->options.probe_in_child; }
+
+void Dataset::check_all_shards() const {
+  std::vector<size_t> all(num_shards());
+  for (size_t s = 0; s < all.size(); ++s) all[s] = s;
+  check_shards(all);
+}
+
+void Dataset::check_shard_sizes(size_t first, size_t stride) const {
+  for (size_t s = first; s < num_shards(); s += std::max<size_t>(stride, 1)) impl_->check_size(s);
 }
 
 void Dataset::scan_token_range() const {
@@ -682,7 +622,20 @@ void Dataset::scan_token_range() const {
 }
 
 void Dataset::verify_checksums() const {
-  for (size_t s = 0; s < impl_->shards.size(); ++s) impl_->verify_shard(s);
+  std::lock_guard guard(impl_->mutex);
+  for (size_t s = 0; s < num_shards(); ++s) impl_->verify_shard(s, impl_->acquire(s));
+}
+
+ShardCacheStats Dataset::shard_cache_stats() const {
+  std::lock_guard guard(impl_->mutex);
+  ShardCacheStats stats;
+  stats.shards = num_shards();
+  stats.distinct_opened = impl_->distinct_opened;
+  stats.checked = static_cast<size_t>(std::count(impl_->checked.begin(), impl_->checked.end(), 1));
+  stats.open_now = impl_->cache.size();
+  stats.peak_open = impl_->cache.peak();
+  stats.max_open = impl_->cache.capacity();
+  return stats;
 }
 
 }  // namespace loom

@@ -17,7 +17,9 @@
 // Every problem with the data is loom::BadInput naming the file and the key,
 // shard, attribute or offset. HDF5 is called only under the process-wide
 // HDF5 lock (Note [HDF5 lock] in data/hdf5_handle.h), so Dataset and
-// DatasetWriter objects may be used from any thread, one call at a time each.
+// DatasetWriter objects may be used from any thread; a DatasetWriter one
+// call at a time, a Dataset from several threads at once (it serialises its
+// reads and its cache of open shards itself).
 #pragma once
 
 #include <cstddef>
@@ -29,8 +31,6 @@
 #include <vector>
 
 namespace loom {
-
-class IsolatedChannel;  // util/isolated.h
 
 inline constexpr int kDatasetFormatVersion = 1;
 inline constexpr const char* kDatasetFormatName = "loom-dataset";
@@ -115,6 +115,10 @@ class DatasetWriter {
   // Completes the last shard and writes index.json. Returns the index.
   // Call once; the writer accepts nothing afterwards.
   const DatasetIndex& finish();
+  // As finish(), but writes no index.json: for one part of a dataset
+  // prepared in parts (`loom prepare --part`), whose merge writes the index.
+  // The shards are complete and durable when it returns.
+  const DatasetIndex& finish_part();
 
   const std::string& dir() const { return dir_; }
   uint64_t num_tokens() const;
@@ -135,9 +139,10 @@ class DatasetWriter {
   bool finished_ = false;
 };
 
-// Whether Dataset::open scans every token for ids >= vocab_size. Reads check
-// the ids they return in any case (a cheap comparison per token), so the scan
-// only moves the error from first use to open.
+// Whether a shard's tokens are all scanned for ids >= vocab_size when the
+// shard is first used. Reads check the ids they return in any case (a cheap
+// comparison per token), so the scan only moves the error to the shard's
+// first use.
 enum class TokenRangeScan {
   kAuto,    // scan datasets of at most kAutoScanMaxTokens tokens
   kAlways,
@@ -145,13 +150,14 @@ enum class TokenRangeScan {
 };
 inline constexpr uint64_t kAutoScanMaxTokens = uint64_t{64} << 20;
 
-// Whether Dataset::open checks the shard files before this process's libhdf5
-// reads them: each file's bytes against index.json's file_crc32c (Note [Shard
-// file checksum]; shards without one skip this part), then a child process
-// opens the dataset and reads all of it first (Note [Reading shards in a
-// probe process]), so that a file that crashes or hangs libhdf5 is refused.
+// Whether a shard file is checked before this process's libhdf5 reads it,
+// the first time this process needs the shard (Note [Lazy shard checks]):
+// the file's bytes against index.json's file_crc32c (Note [Shard file
+// checksum]; shards without one skip this part), then a child process opens
+// and reads the shard first (Note [Reading shards in a probe process]), so
+// that a file that crashes or hangs libhdf5 is refused.
 enum class ShardFileCheck {
-  kAuto,    // check datasets whose shard files total at most kAutoCheckMaxBytes
+  kAuto,    // check the shards of datasets whose shard files total at most kAutoCheckMaxBytes
   kAlways,
   kNever,
 };
@@ -159,27 +165,47 @@ inline constexpr uint64_t kAutoCheckMaxBytes = uint64_t{4} << 30;
 
 ShardFileCheck parse_shard_file_check(const std::string& text);  // "auto", "always", "never"; else invalid_argument
 
+// Shard files one Dataset keeps open at once (Note [Open shard cache]).
+inline constexpr size_t kDefaultMaxOpenShards = 64;
+
 struct DatasetOpenOptions {
-  bool verify_checksums = false;  // recompute every shard's CRC32C (reads all data)
+  bool verify_checksums = false;  // recompute each shard's CRC32C at its first use (reads the shard)
   TokenRangeScan scan_token_range = TokenRangeScan::kAuto;
   ShardFileCheck check_shard_files = ShardFileCheck::kAuto;
   // Where the files are checked, read them in a probe process first. Off
   // only where a test or fuzz target must run loom's reading code in its own
   // process.
   bool probe_in_child = true;
-  // How long the probe may take; 0: 120 s plus 1 s per 8 MiB of shard files.
+  // How long one probe may take; 0: 120 s plus 1 s per 8 MiB of the shard
+  // files it reads.
   uint32_t probe_timeout_seconds = 0;
+  // At most this many shard files open at once (least recently used closed
+  // first); 0 counts as 1.
+  size_t max_open_shards = kDefaultMaxOpenShards;
 };
 
-// A dataset opened read-only. Each Dataset holds its own HDF5 handles.
+// How a Dataset has used its shard files so far.
+struct ShardCacheStats {
+  size_t shards = 0;           // in the dataset
+  size_t distinct_opened = 0;  // shards this process has opened at least once
+  size_t checked = 0;          // shards that passed their first-use checks (Note [Lazy shard checks])
+  size_t open_now = 0;
+  size_t peak_open = 0;        // most open at once
+  size_t max_open = 0;         // the limit
+};
+
+// A dataset opened read-only. Each Dataset holds its own HDF5 handles, at
+// most options.max_open_shards shard files at a time.
 class Dataset {
  public:
-  // Parses DIR/index.json and opens every shard read-only, checking it
-  // against the index: it exists, its size, its file CRC-32C and a probe
-  // process's reading of it (as options.check_shard_files says), /tokens dtype and length,
-  // /doc_offsets length and values (0 first, num_tokens last,
-  // non-decreasing), and the root attributes. Any mismatch is BadInput naming
-  // the shard file (or index.json and the key).
+  // Parses DIR/index.json; touches no shard (Note [Lazy shard checks]). A
+  // shard is opened the first time a read needs it, and then checked against
+  // the index: it exists, its size, its file CRC-32C and a probe process's
+  // reading of it (as options.check_shard_files says), /tokens dtype and
+  // length, /doc_offsets length and values (0 first, num_tokens last,
+  // non-decreasing), the root attributes, and (as the options say) its token
+  // ids and its data CRC32C. Any mismatch is BadInput naming the shard file
+  // (or index.json and the key), thrown by the read that needed the shard.
   static Dataset open(const std::string& dir, const DatasetOpenOptions& options = {});
 
   Dataset(Dataset&&) noexcept;
@@ -200,25 +226,42 @@ class Dataset {
   void read_tokens(uint64_t begin, std::span<int32_t> out) const;
   void read_tokens(uint64_t begin, std::span<int64_t> out) const;
 
-  // The shard's /doc_offsets (offsets local to the shard).
+  // The shard's /doc_offsets (offsets local to the shard), read from the
+  // file on every call: nothing keeps them (Note [Lazy shard checks]).
   std::vector<uint64_t> read_doc_offsets(size_t shard) const;
   // Global token offset of the shard's first token.
   uint64_t shard_first_token(size_t shard) const;
+  size_t num_shards() const { return index().shards.size(); }
+  // The non-empty shards holding tokens [begin, begin + count), in order.
+  std::vector<size_t> shards_of(uint64_t begin, uint64_t count) const;
+
+  // Runs the first-use checks of the given shards that have not had them,
+  // all in one probe process where the files are checked. The loader calls
+  // it with the shards of the step it is about to read, so that a rank
+  // checks the shards it reads, and only those, one probe per step.
+  void check_shards(const std::vector<size_t>& shards) const;
+  void check_all_shards() const;
+  // Whether first-use checks run in a probe process (the files are checked
+  // and options.probe_in_child): only then does checking a batch of shards
+  // ahead of the reads save anything (one fork for the batch). Otherwise the
+  // read that needs a shard checks it, and checking ahead would open shards
+  // that the bounded cache closes again before they are read.
+  bool checks_in_probe() const;
+  // Each shard file i with i % stride == first exists and has index.json's
+  // size (one stat per file: no HDF5, no descriptor kept). BadInput naming
+  // the first file that does not.
+  void check_shard_sizes(size_t first = 0, size_t stride = 1) const;
 
   // Checks every token id against vocab_size (BadInput naming shard, offset).
   void scan_token_range() const;
   // Recomputes every shard's CRC32C and compares it with index.json.
   void verify_checksums() const;
 
+  ShardCacheStats shard_cache_stats() const;
+
  private:
   struct Impl;
   explicit Dataset(std::unique_ptr<Impl> impl);
-  // open(), reporting each shard to `progress` before opening it (the probe
-  // child's channel; nullptr: no reports).
-  static Dataset open_probed(const std::string& dir, const DatasetOpenOptions& options, IsolatedChannel* progress);
-  // Note [Reading shards in a probe process]: throws BadInput if a child
-  // process cannot open and read the whole dataset.
-  static void probe_in_child(const std::string& dir, const DatasetOpenOptions& options, uint64_t shard_bytes);
   std::unique_ptr<Impl> impl_;
 };
 

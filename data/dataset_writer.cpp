@@ -259,6 +259,13 @@ const DatasetIndex& DatasetWriter::finish() {
   return index_;
 }
 
+const DatasetIndex& DatasetWriter::finish_part() {
+  if (finished_) throw std::logic_error(dir_ + ": finish() called twice");
+  if (shard_) complete_shard();  // fsyncs the shard and the folder
+  finished_ = true;
+  return index_;
+}
+
 void DatasetWriter::remove_written_files() noexcept {
   std::error_code error;
   if (shard_) {

@@ -40,6 +40,12 @@ uint64_t samples_in(const Dataset& dataset, int64_t seq_len) {
   return dataset.num_tokens() < 1 ? 0 : (dataset.num_tokens() - 1) / static_cast<uint64_t>(seq_len);
 }
 
+// The shards that sample `sample` (seq_len + 1 tokens) reads, appended.
+void add_shards_of_sample(const Dataset& dataset, uint64_t sample, int64_t seq_len, std::vector<size_t>& shards) {
+  for (const size_t s : dataset.shards_of(sample * static_cast<uint64_t>(seq_len), static_cast<uint64_t>(seq_len) + 1))
+    shards.push_back(s);
+}
+
 // Reads sample `sample` (seq_len + 1 tokens) into row `row` of `batch`.
 void read_sample(const Dataset& dataset, uint64_t sample, int64_t seq_len, MicroBatch& batch, int64_t row) {
   const std::span<int64_t> out =
@@ -172,6 +178,10 @@ class Loader::Producer {
   // failed read is retried (and fails again) at the same place.
   Item produce() {
     const LoaderConfig& config = loader_.config_;
+    if (!step_checked_) {
+      check_step_shards();
+      step_checked_ = true;
+    }
     Item item;
     MicroBatch& batch = item.batch;
     batch.rows = config.micro_batch;
@@ -217,12 +227,30 @@ class Loader::Producer {
       local_.push_back(id);
     }
     counts_at_step_end_ = schedule.counts();
+    step_checked_ = false;
+  }
+
+  // Note [Lazy shard checks] (data/dataset.cpp): before the first read of a
+  // step, the shards of this rank's samples of the step have their first-use
+  // checks, all of a dataset's in one probe process: a rank checks what it
+  // reads and nothing else, at one fork per step at most. Without a probe
+  // the reads check their shards themselves. In produce(), not plan_step():
+  // a failure then leaves the position where it was.
+  void check_step_shards() const {
+    const LoaderConfig& config = loader_.config_;
+    std::vector<std::vector<size_t>> shards(loader_.datasets_.size());
+    for (const SampleId& id : local_)
+      add_shards_of_sample(*loader_.datasets_[id.dataset], id.sample, config.seq_len, shards[id.dataset]);
+    for (size_t d = 0; d < shards.size(); ++d)
+      if (!shards[d].empty() && loader_.datasets_[d]->checks_in_probe())
+        loader_.datasets_[d]->check_shards(shards[d]);
   }
 
   const Loader& loader_;
   Position position_;
   std::vector<SampleId> local_;  // this rank's samples of the current step
   std::vector<uint64_t> counts_at_step_end_;
+  bool step_checked_ = false;  // check_step_shards() done for the current step
 };
 
 // --- Loader --------------------------------------------------------------------------
@@ -432,6 +460,25 @@ void Loader::restore(const json& state, const std::string& context) {
   position_ = std::move(position);
 }
 
+ShardCacheStats Loader::shard_cache_stats() const {
+  ShardCacheStats total;
+  std::vector<const Dataset*> counted;
+  const auto add = [&](const std::shared_ptr<const Dataset>& dataset) {
+    if (!dataset || std::find(counted.begin(), counted.end(), dataset.get()) != counted.end()) return;
+    counted.push_back(dataset.get());
+    const ShardCacheStats stats = dataset->shard_cache_stats();
+    total.shards += stats.shards;
+    total.distinct_opened += stats.distinct_opened;
+    total.checked += stats.checked;
+    total.open_now += stats.open_now;
+    total.peak_open += stats.peak_open;
+    total.max_open += stats.max_open;
+  };
+  for (const auto& dataset : datasets_) add(dataset);
+  add(valid_);
+  return total;
+}
+
 // --- validation ----------------------------------------------------------------------
 
 ValidationBatches Loader::validation_batches(int64_t max_batches) const {
@@ -454,9 +501,19 @@ MicroBatch ValidationBatches::at(int64_t index) const {
   batch.step = index;
   batch.tokens.resize(static_cast<size_t>(batch.rows * batch.cols));
   const int64_t group = config_->micro_batch * config_->dp_size;
+  const auto sample_of_row = [&](int64_t row) {
+    return static_cast<uint64_t>(index * group + row * config_->dp_size + config_->dp_rank);
+  };
+  // The batch's shards checked in one probe (Note [Lazy shard checks]).
+  if (dataset_->checks_in_probe()) {
+    std::vector<size_t> shards;
+    for (int64_t row = 0; row < batch.rows; ++row)
+      add_shards_of_sample(*dataset_, sample_of_row(row), config_->seq_len, shards);
+    dataset_->check_shards(shards);
+  }
   for (int64_t row = 0; row < batch.rows; ++row) {
     SampleId id;
-    id.sample = static_cast<uint64_t>(index * group + row * config_->dp_size + config_->dp_rank);
+    id.sample = sample_of_row(row);
     id.global_index = id.sample;
     read_sample(*dataset_, id.sample, config_->seq_len, batch, row);
     batch.samples.push_back(id);

@@ -223,6 +223,12 @@ class Loader {
   // at most `max_batches` when >= 0. The Loader must outlive the result.
   ValidationBatches validation_batches(int64_t max_batches = -1) const;
 
+  // Shard files used so far, summed over the datasets (training and
+  // validation, each Dataset counted once): for the run log. peak_open and
+  // max_open are sums of per-dataset figures, so bounds, not simultaneous
+  // counts.
+  ShardCacheStats shard_cache_stats() const;
+
   const LoaderConfig& config() const { return config_; }
   const Dataset& dataset(size_t index) const { return *datasets_[index]; }
   uint64_t num_samples(size_t dataset_index) const { return num_samples_[dataset_index]; }

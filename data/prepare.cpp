@@ -15,6 +15,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "data/prepare_parts.h"
 #include "util/error.h"
 #include "util/file_io.h"
 
@@ -198,18 +199,30 @@ int32_t resolve_eos_id(const Tokenizer& tokenizer, const std::string& tokenizer_
 
 PrepareSummary prepare_dataset(const PrepareOptions& options) {
   if (options.inputs.empty()) throw BadInput("loom prepare: no --input files given");
-  uint64_t total_bytes = 0;
+  std::vector<uint64_t> sizes;
   for (const auto& input : options.inputs) {
     std::error_code error;
     const auto size = fs::file_size(input, error);
     if (error) throw BadInput("cannot read input '" + input + "': " + error.message());
-    total_bytes += size;
+    sizes.push_back(size);
   }
+  const bool in_parts = options.parts > 0;
+  const PartSpec part{options.part, options.parts};
+  std::vector<std::string> inputs = options.inputs;
+  std::string output_dir = options.output_dir;
+  if (in_parts) {
+    // Note [Preparing in parts] (data/prepare_parts.cpp).
+    inputs = inputs_of_part(options.inputs, sizes, part);
+    output_dir = (fs::path(options.output_dir) / part_folder_name(part)).string();
+    if (part_is_complete(output_dir)) return {.output_dir = output_dir, .already_done = true};
+  }
+  uint64_t total_bytes = 0;
+  for (const auto& input : inputs) total_bytes += fs::file_size(input);
   const Tokenizer tokenizer = Tokenizer::load(options.tokenizer_path);
   const int32_t eos_id = resolve_eos_id(tokenizer, options.tokenizer_path, options.eos_token);
   const int threads = options.threads > 0 ? options.threads : std::max(1u, std::thread::hardware_concurrency());
 
-  DatasetWriter writer(options.output_dir, tokenizer.vocab_size(), eos_id, tokenizer.hash(), options.shard_tokens);
+  DatasetWriter writer(output_dir, tokenizer.vocab_size(), eos_id, tokenizer.hash(), options.shard_tokens);
   WorkerPool pool(threads);
   Progress progress(total_bytes);
 
@@ -247,7 +260,7 @@ PrepareSummary prepare_dataset(const PrepareOptions& options) {
     batch_bytes = 0;
     if (in_flight.size() >= static_cast<size_t>(4 * threads)) write_oldest();
   };
-  for (const auto& input : options.inputs) {
+  for (const auto& input : inputs) {
     read_documents(input, options.split, [&](std::string&& document) {
       batch_bytes += document.size() + 1;
       batch.push_back(std::move(document));
@@ -256,6 +269,13 @@ PrepareSummary prepare_dataset(const PrepareOptions& options) {
   }
   submit();
   while (!in_flight.empty()) write_oldest();
+  if (in_parts) {
+    const DatasetIndex& index = writer.finish_part();
+    write_part_record(output_dir, part, parts_fingerprint(options.inputs, sizes, options.parts, options.shard_tokens),
+                      options.shard_tokens, index);
+    progress.update(total_bytes, index.num_tokens, documents, /*last=*/true);
+    return {documents, index.num_tokens, index.shards.size(), progress.seconds(), output_dir};
+  }
   if (documents == 0) {
     std::string names;
     for (size_t i = 0; i < options.inputs.size() && i < 5; ++i) names += (i ? ", " : "") + options.inputs[i];
@@ -264,7 +284,7 @@ PrepareSummary prepare_dataset(const PrepareOptions& options) {
   }
   const DatasetIndex& index = writer.finish();
   progress.update(total_bytes, index.num_tokens, documents, /*last=*/true);
-  return {documents, index.num_tokens, index.shards.size(), progress.seconds()};
+  return {documents, index.num_tokens, index.shards.size(), progress.seconds(), output_dir};
 }
 
 }  // namespace loom

@@ -43,6 +43,11 @@ struct PrepareOptions {
   DocumentSplit split;
   uint64_t shard_tokens = kDefaultShardTokens;
   int threads = 0;  // 0 = hardware concurrency
+  // parts > 0: write part `part` of a dataset prepared in `parts` parts,
+  // into output_dir/part-I-of-N/ without index.json (data/prepare_parts.h);
+  // 0: the whole dataset.
+  int part = 0;
+  int parts = 0;
 };
 
 struct PrepareSummary {
@@ -50,11 +55,16 @@ struct PrepareSummary {
   uint64_t tokens = 0;
   size_t shards = 0;
   double seconds = 0;
+  std::string output_dir;     // where the shards went (a part's folder for a part)
+  bool already_done = false;  // a part that was complete already (part.json): nothing written
 };
 
 // Tokenizes all inputs into a new dataset at output_dir. Prints progress to
 // stderr: a bar with tokens/s and ETA on a terminal, a line every few seconds
-// otherwise. An empty input (no documents at all) is BadInput.
+// otherwise. An empty input (no documents at all) is BadInput. With parts >
+// 0, tokenizes part `part`'s inputs (inputs_of_part) into its part folder and
+// writes part.json instead of index.json; a part may be empty (the merge
+// refuses an empty whole), and a part whose part.json exists is left as it is.
 PrepareSummary prepare_dataset(const PrepareOptions& options);
 
 }  // namespace loom

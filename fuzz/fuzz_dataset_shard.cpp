@@ -177,6 +177,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     options.probe_in_child = probe;
     options.probe_timeout_seconds = 10;
     const loom::Dataset dataset = loom::Dataset::open(dir.string(), options);
+    // Open reads index.json alone (Note [Lazy shard checks]): its num_tokens
+    // is only known to match the files once every shard is checked, so the
+    // buffer below is sized after that.
+    dataset.check_all_shards();
     std::vector<int32_t> all(dataset.num_tokens());
     dataset.read_tokens(0, all);
     (void)dataset.read_doc_offsets(0);

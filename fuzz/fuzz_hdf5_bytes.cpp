@@ -165,6 +165,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     options.check_shard_files = loom::ShardFileCheck::kAlways;
     options.probe_timeout_seconds = 5;
     const loom::Dataset dataset = loom::Dataset::open(dir.string(), options);
+    // Open reads index.json alone (Note [Lazy shard checks]): its num_tokens
+    // is only known to match the files once every shard is checked, so the
+    // buffer below is sized after that.
+    dataset.check_all_shards();
     std::vector<int32_t> tokens(dataset.num_tokens());
     dataset.read_tokens(0, tokens);
     for (size_t s = 0; s < dataset.index().shards.size(); ++s) (void)dataset.read_doc_offsets(s);

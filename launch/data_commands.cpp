@@ -1,14 +1,21 @@
-// Data subcommands: `loom prepare`, `loom tokenizer train`, and `loom inspect`
-// of a dataset folder.
+// Data subcommands: `loom prepare` (whole, or in parts and merged), `loom
+// tokenizer train`, and `loom inspect` of a dataset folder (in parallel over
+// ranks under mpirun).
+#include <ATen/ATen.h>
+
+#include <algorithm>
 #include <filesystem>
 #include <iostream>
+#include <memory>
 
 #include "data/bpe_trainer.h"
 #include "data/dataset.h"
 #include "data/prepare.h"
+#include "data/prepare_parts.h"
 #include "data/tokenizer.h"
 #include "launch/cli.h"
 #include "launch/commands.h"
+#include "parallel/mpi_process_group.h"
 #include "util/crc32c.h"
 #include "util/error.h"
 
@@ -19,7 +26,7 @@ namespace fs = std::filesystem;
 const CommandSpec& prepare_spec() {
   static const CommandSpec spec{
       .name = "prepare",
-      .synopsis = "--tokenizer T --input FILE... --output DIR [OPTIONS]",
+      .synopsis = "--tokenizer T --input FILE... --output DIR [--part I/N] [OPTIONS] | --merge DIR",
       .summary = "text or JSONL files -> a tokenized HDF5 dataset, the input of loom train (docs/data.md)",
       .arguments = {{"FILE...", "more input files, as --input FILE"}},
       .flags = {{"tokenizer", "T", "tokenizer.json (required)"},
@@ -29,15 +36,29 @@ const CommandSpec& prepare_spec() {
                 {"text-field", "NAME", "JSONL field holding the text (default text)"},
                 {"doc-per-file", "", "each text file is one document"},
                 {"shard-tokens", "N", "tokens per shard (default 64Mi)"},
-                {"threads", "N", "tokenizer threads (default: all cores)"}},
+                {"threads", "N", "tokenizer threads (default: all cores)"},
+                {"part", "I/N", "write only part I (0-based) of N into DIR/part-I-of-N/, for a Slurm array"},
+                {"merge", "DIR", "merge DIR's N finished parts into one dataset (writes DIR/index.json)"}},
       .examples = {"loom prepare --tokenizer runs/data/tokenizer.json --input runs/data/kjv.txt "
-                   "--output runs/data/tiny"},
+                   "--output runs/data/tiny",
+                   "loom prepare --tokenizer T --input corpus/*.jsonl --output DIR --part $SLURM_ARRAY_TASK_ID/64",
+                   "loom prepare --merge DIR"},
   };
   return spec;
 }
 
 int command_prepare(const std::vector<std::string>& argv) {
   Args args(prepare_spec(), argv);
+  if (args.has("merge")) {
+    for (const char* other : {"tokenizer", "input", "output", "part"})
+      if (args.has(other)) throw BadInput(std::string("loom prepare: --merge takes no --") + other);
+    const std::string dir = args.require("merge");
+    const MergeSummary merged = merge_parts(dir);
+    std::cout << "merged " << merged.parts << " parts into " << dir << ": " << merged.documents << " documents, "
+              << merged.tokens << " tokens in " << merged.shards << " shard" << (merged.shards == 1 ? "" : "s")
+              << "\n";
+    return kExitOk;
+  }
   PrepareOptions options;
   options.tokenizer_path = args.require("tokenizer");
   options.output_dir = args.require("output");
@@ -50,8 +71,17 @@ int command_prepare(const std::vector<std::string>& argv) {
   if (shard_tokens < 1) throw BadInput("loom prepare: --shard-tokens must be positive");
   options.shard_tokens = static_cast<uint64_t>(shard_tokens);
   options.threads = static_cast<int>(args.get_int("threads", 0));
+  if (args.has("part")) {
+    const PartSpec part = parse_part_spec(args.require("part"));
+    options.part = part.part;
+    options.parts = part.parts;
+  }
   const PrepareSummary summary = prepare_dataset(options);
-  std::cout << "prepared " << options.output_dir << ": " << summary.documents << " documents, " << summary.tokens
+  if (summary.already_done) {
+    std::cout << "prepared " << summary.output_dir << " already (its part.json exists): nothing to do\n";
+    return kExitOk;
+  }
+  std::cout << "prepared " << summary.output_dir << ": " << summary.documents << " documents, " << summary.tokens
             << " tokens in " << summary.shards << " shard" << (summary.shards == 1 ? "" : "s") << " ("
             << static_cast<int64_t>(summary.tokens / std::max(summary.seconds, 1e-9)) << " tokens/s)\n";
   return kExitOk;
@@ -108,25 +138,26 @@ int command_tokenizer(const std::vector<std::string>& argv) {
 
 bool is_dataset_folder(const std::string& path) { return fs::exists(fs::path(path) / kDatasetIndexFile); }
 
-int inspect_dataset(const std::string& path, bool verify, const std::string& tokenizer_path) {
-  DatasetOpenOptions options;
-  options.verify_checksums = verify;
-  options.scan_token_range = TokenRangeScan::kAlways;
-  options.check_shard_files = ShardFileCheck::kAlways;
-  const Dataset dataset = Dataset::open(path, options);
+namespace {
+
+void print_dataset(const std::string& path, const Dataset& dataset, bool verify, const std::string& checked_where) {
   const DatasetIndex& index = dataset.index();
   std::cout << path << ": loom dataset, " << index.num_documents << " documents, " << index.num_tokens
             << " tokens, vocab " << index.vocab_size << " (" << token_dtype_name(index.token_dtype) << "), eos "
             << index.eos_id << ", tokenizer " << index.tokenizer_hash << "\n"
-            << "checked: every shard against index.json, every shard file's CRC32C that index.json records, every "
-            << "token id < vocab" << (verify ? ", CRC32C checksums of the data" : " (add --verify for the data's checksums)")
-            << "\n";
+            << "checked" << checked_where << ": every shard against index.json, every shard file's CRC32C that "
+            << "index.json records, every token id < vocab"
+            << (verify ? ", CRC32C checksums of the data" : " (add --verify for the data's checksums)") << "\n";
   for (const auto& shard : index.shards) {
     std::cout << "  " << shard.file << "  " << shard.num_tokens << " tokens  " << shard.num_documents
               << " documents  " << shard.bytes << " bytes  file CRC32C "
               << (shard.file_crc32c ? crc32c_hex(*shard.file_crc32c) : std::string("not recorded")) << "\n";
   }
-  // A sample: the start of the first document, decoded when a tokenizer is at hand.
+}
+
+// A sample: the start of the first document, decoded when a tokenizer is at hand.
+void print_first_tokens(const Dataset& dataset, const std::string& tokenizer_path) {
+  const DatasetIndex& index = dataset.index();
   const uint64_t length = std::min<uint64_t>(index.num_tokens, 48);
   std::vector<int32_t> ids(length);
   dataset.read_tokens(0, ids);
@@ -140,6 +171,66 @@ int inspect_dataset(const std::string& path, bool verify, const std::string& tok
     }
     std::cout << "decoded: " << tokenizer.decode(ids) << "\n";
   }
+}
+
+// Under mpirun: rank r checks the shards i with i % ranks == r, each in its
+// own probe so that every bad shard is found, not only a rank's first; each
+// rank prints its own failures (one line each, naming the file), and rank 0
+// prints the dataset and the union of the verdicts. Every rank exits 2 when
+// any shard failed.
+int inspect_dataset_on_ranks(const std::string& path, const Dataset& dataset, bool verify,
+                             const std::string& tokenizer_path) {
+  MpiSession session;
+  const std::unique_ptr<MpiProcessGroup> world = session.world();
+  const int rank = world->rank();
+  const int ranks = world->size();
+  const size_t shards = dataset.num_shards();
+  at::Tensor failed = at::zeros({static_cast<int64_t>(std::max<size_t>(shards, 1))}, at::kLong);
+  for (size_t s = static_cast<size_t>(rank); s < shards; s += static_cast<size_t>(ranks)) {
+    try {
+      dataset.check_shards({s});
+    } catch (const BadInput& e) {
+      failed[static_cast<int64_t>(s)] = 1;
+      std::cerr << ("loom inspect: rank " + std::to_string(rank) + ": error: " + e.what() + "\n") << std::flush;
+    }
+  }
+  world->all_reduce(failed)->wait();
+  std::vector<std::string> bad;
+  for (size_t s = 0; s < shards; ++s)
+    if (failed[static_cast<int64_t>(s)].item<int64_t>() != 0) bad.push_back(dataset.index().shards[s].file);
+  if (rank == 0) {
+    const std::string where = " on " + std::to_string(ranks) + " ranks (shard i on rank i % " +
+                              std::to_string(ranks) + ")";
+    print_dataset(path, dataset, verify, where);
+    if (bad.empty()) {
+      std::cout << "verified: all " << shards << " shards" << where << "\n";
+      print_first_tokens(dataset, tokenizer_path);
+    } else {
+      std::string names;
+      for (size_t i = 0; i < bad.size() && i < 10; ++i) names += (i ? ", " : "") + bad[i];
+      if (bad.size() > 10) names += ", ...";
+      std::cerr << "loom inspect: error: " << path << ": " << bad.size() << " of " << shards
+                << " shards failed their checks (lines above): " << names << std::endl;
+    }
+  }
+  world->barrier()->wait();
+  return bad.empty() ? kExitOk : kExitBadInput;
+}
+
+}  // namespace
+
+int inspect_dataset(const std::string& path, bool verify, const std::string& tokenizer_path) {
+  DatasetOpenOptions options;
+  options.verify_checksums = verify;
+  options.scan_token_range = TokenRangeScan::kAlways;
+  options.check_shard_files = ShardFileCheck::kAlways;
+  const Dataset dataset = Dataset::open(path, options);
+  if (launched_by_mpi()) return inspect_dataset_on_ranks(path, dataset, verify, tokenizer_path);
+  // All shards in one probe process (Note [Lazy shard checks]); the first
+  // bad shard is the error.
+  dataset.check_all_shards();
+  print_dataset(path, dataset, verify, "");
+  print_first_tokens(dataset, tokenizer_path);
   return kExitOk;
 }
 

@@ -46,17 +46,22 @@ std::string gib(double bytes) {
 // moments (whole or sharded, their sum is the same), plus the Hub export.
 double checkpoint_bytes(const ModelConfig& model) { return static_cast<double>(count_parameters(model)) * 4.0 * 4.0; }
 
-void check_datasets(const Config& config, std::vector<std::string>& failures, OpenedDatasets* opened) {
+void check_datasets(const Config& config, int rank, int size, std::vector<std::string>& failures,
+                    OpenedDatasets* opened) {
   std::vector<std::pair<std::string, std::string>> datasets;  // key, path
   for (size_t i = 0; i < config.data.train.size(); ++i)
     datasets.emplace_back("data.train[" + std::to_string(i) + "]", config.data.train[i].path);
   if (!config.data.valid.empty()) datasets.emplace_back("data.valid", config.data.valid);
   for (const auto& [key, path] : datasets) {
     try {
-      // Opens index.json and every shard as the loader would (checking the
-      // shard files and probing them as data.check_shard_files says), and
-      // hands them to it.
+      // Opens index.json as the loader would and hands the Dataset to it.
+      // The shards are opened, and checked and probed as
+      // data.check_shard_files says, by each rank when it first reads them
+      // (Note [Lazy shard checks] in data/dataset.cpp); here each rank only
+      // looks at its share of the files (i % ranks == rank: one stat each),
+      // so that a missing or truncated shard stops the run before step 1.
       auto dataset = std::make_shared<const Dataset>(Dataset::open(path, dataset_open_options(config)));
+      dataset->check_shard_sizes(static_cast<size_t>(rank), static_cast<size_t>(size));
       if (opened != nullptr) (*opened)[path] = std::move(dataset);
     } catch (const std::exception& e) {
       failures.push_back(key + " (" + path + "): " + e.what());
@@ -157,7 +162,7 @@ bool run_preflight(const Config& config, ProcessGroup* world, const GridGroups* 
                          " or different --set arguments)");
   }
 
-  check_datasets(config, failures, opened);
+  check_datasets(config, rank, size, failures, opened);
   check_output_folder(config, rank, failures);
   if (world) check_shared_folder(config, *world, failures);
 

@@ -1,7 +1,8 @@
 // Preflight: what every rank of a run needs, checked before step 1 (and by
 // `loom launch --check` / `loom train --check` alone). Each rank checks that
 // it reads the same config as rank 0, opens every dataset the config names
-// and the tokenizer file, can write into the run folder and has room there
+// (index.json; its share of the shard files exist with the right sizes, the
+// shards' contents being checked when first read) and the tokenizer file, can write into the run folder and has room there
 // for a checkpoint, and completes a small all-reduce on the world and on each
 // of its dp, pp and tp groups. A failing rank prints one line per problem
 // naming its rank and host; every rank then returns the same verdict.

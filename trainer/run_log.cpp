@@ -243,6 +243,13 @@ void RunLog::summary(const RunSummary& s) {
   out << "done: metrics in " << s.metrics_path << " (plot them with `loom plot " << s.run_dir << "`)\n";
 }
 
+void RunLog::data_shards(const ShardCacheStats& stats) {
+  if (!out_) return;
+  *out_ << "data: opened " << stats.distinct_opened << " distinct shards of " << stats.shards << " (at most "
+        << stats.peak_open << " open at once, limit " << stats.max_open << "), " << stats.checked
+        << " checked on first use\n";
+}
+
 void RunLog::progress(int64_t step, int64_t stop_step, double elapsed, int64_t done_here) {
   if (!out_ || !progress_bar_ || stop_step <= 0) return;
   constexpr int kWidth = 30;

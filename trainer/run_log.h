@@ -11,6 +11,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "data/dataset.h"
 #include "trainer/metrics_log.h"
 
 namespace loom {
@@ -120,6 +121,10 @@ class RunLog {
   void exported(const std::string& folder);
   void profiler_report(const std::string& lines);  // lines that end in "\n"
   void summary(const RunSummary& summary);
+  // The shard files this rank's loader opened (Note [Open shard cache] in
+  // data/dataset.cpp): "data: opened N distinct shards of M (at most K open
+  // at once, limit L)".
+  void data_shards(const ShardCacheStats& stats);
   void progress(int64_t step, int64_t stop_step, double elapsed, int64_t done_here);
   void end_progress();
 

@@ -423,6 +423,7 @@ TrainResult Trainer::finish() {
     checkpoints_->export_hub(step_, *parts_);
     log_.exported((run_dir_ / "hf").string());
   }
+  log_.data_shards(loader_->shard_cache_stats());
   log_.summary({steps_here, step_, train_steps_, total_seconds_, result_.tokens_per_s, mfu_of(result_.tokens_per_s),
                 result_.last_loss, result_.last_valid_loss, skipped_steps_, result_.last_checkpoint,
                 (run_dir_ / "metrics.jsonl").string(), run_dir_.string()});

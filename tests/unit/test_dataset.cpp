@@ -130,6 +130,21 @@ std::vector<int64_t> read_all(const Dataset& dataset) {
   return tokens;
 }
 
+// Opens the dataset and runs every shard's first-use checks, which open()
+// alone no longer does (Note [Lazy shard checks]).
+Dataset open_checked(const std::string& dir, const DatasetOpenOptions& options = {}) {
+  Dataset dataset = Dataset::open(dir, options);
+  dataset.check_all_shards();
+  return dataset;
+}
+
+// Descriptors this process has open.
+size_t open_descriptors() {
+  size_t count = 0;
+  for ([[maybe_unused]] const auto& entry : fs::directory_iterator("/proc/self/fd")) ++count;
+  return count;
+}
+
 // Rewrites an integer root attribute of a shard in place.
 void set_root_attribute(const std::string& path, const char* name, int64_t value) {
   hdf5::Lock lock;
@@ -283,7 +298,7 @@ TEST_F(DatasetTest, InterruptedWriterLeavesNoIndexAndNoFinalNamedShard) {
     EXPECT_FALSE(std::count(names.begin(), names.end(), "index.json"));
   }  // destroyed without finish(), as when an exception unwinds `loom prepare`
   EXPECT_TRUE(entries().empty()) << "left: " << ::testing::PrintToString(entries());
-  EXPECT_BAD_INPUT(Dataset::open(dir_), "index.json", "missing");
+  EXPECT_BAD_INPUT(open_checked(dir_), "index.json", "missing");
 }
 
 TEST_F(DatasetTest, WriterRemovesLeftoversOfAnInterruptedRun) {
@@ -300,13 +315,13 @@ TEST_F(DatasetTest, WriterRemovesLeftoversOfAnInterruptedRun) {
 TEST_F(DatasetTest, MissingShardIsNamed) {
   write(make_documents(40, 1000, 20, 6));
   fs::remove(shard(1));
-  EXPECT_BAD_INPUT(Dataset::open(dir_), "shard-00001.h5", "missing");
+  EXPECT_BAD_INPUT(open_checked(dir_), "shard-00001.h5", "missing");
 }
 
 TEST_F(DatasetTest, TruncatedShardIsNamed) {
   write(make_documents(40, 1000, 20, 7));
   fs::resize_file(shard(0), fs::file_size(shard(0)) / 2);
-  EXPECT_BAD_INPUT(Dataset::open(dir_), "shard-00000.h5", "truncated");
+  EXPECT_BAD_INPUT(open_checked(dir_), "shard-00000.h5", "truncated");
 }
 
 TEST_F(DatasetTest, TruncatedShardIsRefusedByHdf5EvenWhenTheIndexAgrees) {
@@ -314,16 +329,16 @@ TEST_F(DatasetTest, TruncatedShardIsRefusedByHdf5EvenWhenTheIndexAgrees) {
   const uint64_t cut = fs::file_size(shard(0)) - 100;
   fs::resize_file(shard(0), cut);
   record_shard(0);
-  EXPECT_BAD_INPUT(Dataset::open(dir_), "shard-00000.h5", "HDF5");
+  EXPECT_BAD_INPUT(open_checked(dir_), "shard-00000.h5", "HDF5");
 }
 
 TEST_F(DatasetTest, ShardThatIsNotHdf5IsNamed) {
   write(make_documents(40, 1000, 20, 9));
   const uint64_t bytes = fs::file_size(shard(1));
   write_file_atomic(shard(1), std::string(bytes, 'x'));
-  EXPECT_BAD_INPUT(Dataset::open(dir_), "shard-00001.h5", "file CRC32C", "not opened");
+  EXPECT_BAD_INPUT(open_checked(dir_), "shard-00001.h5", "file CRC32C", "not opened");
   record_shard(1);
-  EXPECT_BAD_INPUT(Dataset::open(dir_), "shard-00001.h5", "HDF5");
+  EXPECT_BAD_INPUT(open_checked(dir_), "shard-00001.h5", "HDF5");
 }
 
 TEST_F(DatasetTest, ChecksumMismatchIsFoundWhenVerifying) {
@@ -334,12 +349,12 @@ TEST_F(DatasetTest, ChecksumMismatchIsFoundWhenVerifying) {
   ASSERT_NE(at, std::string::npos);
   bytes[at] = 0x35;  // id 0x1235: still inside the vocabulary
   write_file_atomic(shard(0), bytes);
-  EXPECT_BAD_INPUT(Dataset::open(dir_), "shard-00000.h5", "file CRC32C");
+  EXPECT_BAD_INPUT(open_checked(dir_), "shard-00000.h5", "file CRC32C");
 
   // Only the data checksum tells once the file's own checksum agrees.
   record_shard(0);
-  EXPECT_NO_THROW(Dataset::open(dir_));
-  EXPECT_BAD_INPUT(Dataset::open(dir_, {.verify_checksums = true}), "shard-00000.h5", "CRC32C", "corrupt");
+  EXPECT_NO_THROW(open_checked(dir_));
+  EXPECT_BAD_INPUT(open_checked(dir_, {.verify_checksums = true}), "shard-00000.h5", "CRC32C", "corrupt");
 }
 
 TEST_F(DatasetTest, WriterRecordsEachShardFilesChecksum) {
@@ -372,11 +387,11 @@ TEST_F(DatasetTest, DamagedShardFileIsRefusedBeforeHdf5OpensIt) {
   std::string bytes = read_file(shard(1));
   bytes[0] ^= 0x01;  // the HDF5 signature's first byte
   write_file_atomic(shard(1), bytes);
-  EXPECT_BAD_INPUT(Dataset::open(dir_), "shard-00001.h5", "file CRC32C", "does not match", "not opened");
-  EXPECT_BAD_INPUT(Dataset::open(dir_, {.check_shard_files = ShardFileCheck::kAlways}), "shard-00001.h5",
+  EXPECT_BAD_INPUT(open_checked(dir_), "shard-00001.h5", "file CRC32C", "does not match", "not opened");
+  EXPECT_BAD_INPUT(open_checked(dir_, {.check_shard_files = ShardFileCheck::kAlways}), "shard-00001.h5",
                    "file CRC32C");
   // Unchecked, the same file goes to HDF5, which refuses it in its own words.
-  EXPECT_BAD_INPUT(Dataset::open(dir_, {.check_shard_files = ShardFileCheck::kNever}), "shard-00001.h5",
+  EXPECT_BAD_INPUT(open_checked(dir_, {.check_shard_files = ShardFileCheck::kNever}), "shard-00001.h5",
                    "cannot open as an HDF5 file");
 }
 
@@ -390,7 +405,7 @@ TEST_F(DatasetTest, ShardsThatFaultInsideLibhdf5AreRefusedBeforeHdf5ReadsThem) {
     SCOPED_TRACE(name);
     ASSERT_NO_FATAL_FAILURE(dataset_with_fault_file_as_shard0(name));
     edit_index([&](json& index) { index["shards"][0]["bytes"] = fs::file_size(shard(0)); });
-    EXPECT_BAD_INPUT(Dataset::open(dir_), "shard-00000.h5", "file CRC32C", "not opened");
+    EXPECT_BAD_INPUT(open_checked(dir_), "shard-00000.h5", "file CRC32C", "not opened");
   }
 }
 
@@ -408,9 +423,9 @@ TEST_F(DatasetTest, CraftedShardsThatFaultInsideLibhdf5AreRefusedByTheProbeProce
       // the child. Without ASan the child may come through the reads past
       // buffers (they land in mapped memory; the "segv" file faulted only in
       // the fuzz build's layout), and then so does this process.
-      EXPECT_BAD_INPUT(Dataset::open(dir_), "shard-00000.h5", "probe process", "did not open it");
+      EXPECT_BAD_INPUT(open_checked(dir_), "shard-00000.h5", "probe process", "did not open it");
     } else {
-      EXPECT_BAD_INPUT(Dataset::open(dir_), "shard-00000.h5");
+      EXPECT_BAD_INPUT(open_checked(dir_), "shard-00000.h5");
     }
   }
 }
@@ -423,12 +438,12 @@ TEST_F(DatasetTest, TheProbeProcessReportsWhatTheReadsInThisProcessWould) {
   record_shard(1);
   std::string probed, direct;
   try {
-    Dataset::open(dir_);
+    open_checked(dir_);
   } catch (const BadInput& error) {
     probed = error.what();
   }
   try {
-    Dataset::open(dir_, {.probe_in_child = false});
+    open_checked(dir_, {.probe_in_child = false});
   } catch (const BadInput& error) {
     direct = error.what();
   }
@@ -452,7 +467,7 @@ TEST_F(DatasetTest, ShardWithoutARecordedFileChecksumIsOpenedUnchecked) {
   ASSERT_NE(at, std::string::npos);
   bytes[at] = 0x35;
   write_file_atomic(shard(0), bytes);
-  EXPECT_BAD_INPUT(Dataset::open(dir_), "file CRC32C");
+  EXPECT_BAD_INPUT(open_checked(dir_), "file CRC32C");
   edit_index([](json& index) { index["shards"][0].erase("file_crc32c"); });
   const Dataset dataset = Dataset::open(dir_, {.check_shard_files = ShardFileCheck::kAlways});
   EXPECT_FALSE(dataset.index().shards[0].file_crc32c.has_value());
@@ -469,7 +484,7 @@ TEST_F(DatasetTest, TokenIdAtOrAboveVocabSizeIsNamedWithShardAndOffset) {
     record_shard(s);
   }
   edit_index([&](json& index) { index["vocab_size"] = 500; });
-  EXPECT_BAD_INPUT(Dataset::open(dir_), "shard-00001.h5", "/tokens[1] = 700", "vocab_size 500");
+  EXPECT_BAD_INPUT(open_checked(dir_), "shard-00001.h5", "/tokens[1] = 700", "vocab_size 500");
 
   // Without the scan at open, the read that returns the id refuses it.
   const Dataset dataset = Dataset::open(dir_, {.scan_token_range = TokenRangeScan::kNever});
@@ -485,7 +500,7 @@ TEST_F(DatasetTest, IndexTokenCountDisagreeingWithShardIsNamed) {
     index["shards"][1]["num_tokens"] = index["shards"][1]["num_tokens"].get<uint64_t>() + 1;
     index["num_tokens"] = index["num_tokens"].get<uint64_t>() + 1;
   });
-  EXPECT_BAD_INPUT(Dataset::open(dir_), "shard-00001.h5", "'/tokens'", "num_tokens");
+  EXPECT_BAD_INPUT(open_checked(dir_), "shard-00001.h5", "'/tokens'", "num_tokens");
 }
 
 TEST_F(DatasetTest, IndexDocumentCountDisagreeingWithShardIsNamed) {
@@ -494,38 +509,38 @@ TEST_F(DatasetTest, IndexDocumentCountDisagreeingWithShardIsNamed) {
     index["shards"][0]["num_documents"] = index["shards"][0]["num_documents"].get<uint64_t>() - 1;
     index["num_documents"] = index["num_documents"].get<uint64_t>() - 1;
   });
-  EXPECT_BAD_INPUT(Dataset::open(dir_), "shard-00000.h5", "'/doc_offsets'", "num_documents");
+  EXPECT_BAD_INPUT(open_checked(dir_), "shard-00000.h5", "'/doc_offsets'", "num_documents");
 }
 
 TEST_F(DatasetTest, IndexDtypeDisagreeingWithShardIsNamed) {
   write(make_documents(40, 1000, 20, 12));
   edit_index([](json& index) { index["token_dtype"] = "uint32"; });
-  EXPECT_BAD_INPUT(Dataset::open(dir_), "shard-00000.h5", "uint16", "token_dtype uint32");
+  EXPECT_BAD_INPUT(open_checked(dir_), "shard-00000.h5", "uint16", "token_dtype uint32");
 }
 
 TEST_F(DatasetTest, ShardAttributeDisagreeingWithIndexIsNamed) {
   write(make_documents(40, 1000, 20, 13));
   edit_index([](json& index) { index["tokenizer_hash"] = "sha256:other"; });
-  EXPECT_BAD_INPUT(Dataset::open(dir_), "shard-00000.h5", "tokenizer_hash", "sha256:test", "sha256:other");
+  EXPECT_BAD_INPUT(open_checked(dir_), "shard-00000.h5", "tokenizer_hash", "sha256:test", "sha256:other");
 }
 
 TEST_F(DatasetTest, DecreasingDocOffsetsAreNamed) {
   write({{1, 2, kEos}, {3, kEos}, {4, kEos}}, 1000, 1000);
   set_doc_offset(shard(0), 2, 1);
   record_shard(0);
-  EXPECT_BAD_INPUT(Dataset::open(dir_), "shard-00000.h5", "/doc_offsets[2]", "must not decrease");
+  EXPECT_BAD_INPUT(open_checked(dir_), "shard-00000.h5", "/doc_offsets[2]", "must not decrease");
 }
 
 TEST_F(DatasetTest, MissingIndexJsonMeansNotADataset) {
   write({{1, kEos}});
   fs::remove(index_path());
-  EXPECT_BAD_INPUT(Dataset::open(dir_), "index.json", "missing");
+  EXPECT_BAD_INPUT(open_checked(dir_), "index.json", "missing");
 }
 
 TEST_F(DatasetTest, MalformedIndexJsonIsNamed) {
   write({{1, kEos}});
   write_file_atomic(index_path(), "{\"format\": ");
-  EXPECT_BAD_INPUT(Dataset::open(dir_), "index.json", "not valid JSON");
+  EXPECT_BAD_INPUT(open_checked(dir_), "index.json", "not valid JSON");
 }
 
 TEST_F(DatasetTest, EveryMissingIndexKeyIsNamed) {
@@ -535,12 +550,12 @@ TEST_F(DatasetTest, EveryMissingIndexKeyIsNamed) {
                           "num_tokens", "num_documents", "shards"}) {
     write_file_atomic(index_path(), original);
     edit_index([&](json& index) { index.erase(key); });
-    EXPECT_BAD_INPUT(Dataset::open(dir_), "index.json", "key '" + std::string(key) + "'", "missing");
+    EXPECT_BAD_INPUT(open_checked(dir_), "index.json", "key '" + std::string(key) + "'", "missing");
   }
   for (const char* key : {"file", "num_tokens", "num_documents", "crc32c", "bytes"}) {
     write_file_atomic(index_path(), original);
     edit_index([&](json& index) { index["shards"][0].erase(key); });
-    EXPECT_BAD_INPUT(Dataset::open(dir_), "index.json", "key 'shards[0]." + std::string(key) + "'", "missing");
+    EXPECT_BAD_INPUT(open_checked(dir_), "index.json", "key 'shards[0]." + std::string(key) + "'", "missing");
   }
 }
 
@@ -551,7 +566,7 @@ TEST_F(DatasetTest, WrongIndexValuesAreNamedWithKeyAndValue) {
                                   const std::string& value) {
     write_file_atomic(index_path(), original);
     edit_index(edit);
-    EXPECT_BAD_INPUT(Dataset::open(dir_), "index.json", "key '" + key + "'", value);
+    EXPECT_BAD_INPUT(open_checked(dir_), "index.json", "key '" + key + "'", value);
   };
   expect_refused([](json& j) { j["format"] = "other"; }, "format", "\"other\"");
   expect_refused([](json& j) { j["format_version"] = 2; }, "format_version", "2");
@@ -574,7 +589,7 @@ TEST_F(DatasetTest, WrongIndexValuesAreNamedWithKeyAndValue) {
 TEST_F(DatasetTest, IndexNumberTooLargeForADoubleIsBadInput) {
   write({{1, kEos}});
   write_file_atomic(index_path(), read_file(LOOM_SOURCE_DIR "/fuzz/corpus/fuzz_dataset_index/number-overflow.json"));
-  EXPECT_BAD_INPUT(Dataset::open(dir_), "index.json", "not valid JSON", "1e999");
+  EXPECT_BAD_INPUT(open_checked(dir_), "index.json", "not valid JSON", "1e999");
 }
 
 // Shard counts whose sums wrap around 2^64 could add up to a forged total,
@@ -587,13 +602,115 @@ TEST_F(DatasetTest, IndexCountsThatOverflowAreRefused) {
     j["shards"][0]["num_tokens"] = UINT64_MAX;
     j["shards"][1]["num_tokens"] = 5;  // UINT64_MAX + 5 wraps to 4 = num_tokens
   });
-  EXPECT_BAD_INPUT(Dataset::open(dir_), "index.json", "shards[1].num_tokens", "overflow");
+  EXPECT_BAD_INPUT(open_checked(dir_), "index.json", "shards[1].num_tokens", "overflow");
   write_file_atomic(index_path(), original);
   edit_index([](json& j) {
     j["shards"][0]["num_documents"] = UINT64_MAX;
     j["shards"][1]["num_documents"] = 3;  // wraps to 2 = num_documents
   });
-  EXPECT_BAD_INPUT(Dataset::open(dir_), "index.json", "shards[0].num_documents", "overflow");
+  EXPECT_BAD_INPUT(open_checked(dir_), "index.json", "shards[0].num_documents", "overflow");
+}
+
+// --- lazy shards: the open-shard cache and first-use checks ----------------------
+// (Note [Open shard cache] and Note [Lazy shard checks] in data/dataset.cpp)
+
+TEST_F(DatasetTest, OpenReadsOnlyTheIndexAndAMissingShardIsBadInputWhenAReadNeedsIt) {
+  const Documents documents = make_documents(100, 1000, 20, 50);
+  const DatasetIndex index = write(documents, 1000, 30);
+  ASSERT_GE(index.shards.size(), 5u);
+  fs::remove(shard(3));
+  const Dataset dataset = Dataset::open(dir_, {.check_shard_files = ShardFileCheck::kAlways});
+  EXPECT_EQ(dataset.shard_cache_stats().distinct_opened, 0u);
+  EXPECT_EQ(dataset.shard_cache_stats().checked, 0u);
+  // Shard 0 reads; shard 3 fails on the read that needs it, naming the file.
+  std::vector<int64_t> first(5);
+  dataset.read_tokens(0, first);
+  EXPECT_TRUE(std::equal(first.begin(), first.end(), concatenate(documents).begin()));
+  std::vector<int64_t> in_shard3(2);
+  EXPECT_BAD_INPUT(dataset.read_tokens(dataset.shard_first_token(3), in_shard3), "shard-00003.h5", "missing");
+  EXPECT_BAD_INPUT(dataset.check_shard_sizes(), "shard-00003.h5", "missing");
+  EXPECT_NO_THROW(dataset.check_shard_sizes(0, 3 + 1));  // shards 0, 4, 8, ...: not shard 3
+  EXPECT_EQ(dataset.shard_cache_stats().distinct_opened, 1u);
+}
+
+TEST_F(DatasetTest, NeverMoreShardFilesOpenThanTheLimitAndReopenedShardsReadTheSame) {
+  const Documents documents = make_documents(200, 1000, 20, 51);
+  const DatasetIndex index = write(documents, 1000, 25);
+  ASSERT_GE(index.shards.size(), 40u);
+  const std::vector<int64_t> stream = concatenate(documents);
+  const size_t before = open_descriptors();
+  const Dataset dataset = Dataset::open(dir_, {.max_open_shards = 4});
+  // Reads that hop between shards in a random order, twice over: every shard
+  // is evicted and reopened, and reads the same tokens each time.
+  std::mt19937 random(52);
+  size_t most_descriptors = 0;
+  for (int pass = 0; pass < 2; ++pass) {
+    std::vector<size_t> order(index.shards.size());
+    for (size_t s = 0; s < order.size(); ++s) order[s] = s;
+    std::shuffle(order.begin(), order.end(), random);
+    for (const size_t s : order) {
+      const uint64_t first = dataset.shard_first_token(s);
+      std::vector<int64_t> piece(std::min<uint64_t>(index.shards[s].num_tokens + 3, stream.size() - first));
+      dataset.read_tokens(first, piece);
+      ASSERT_TRUE(std::equal(piece.begin(), piece.end(), stream.begin() + static_cast<std::ptrdiff_t>(first)))
+          << "shard " << s << ", pass " << pass;
+      most_descriptors = std::max(most_descriptors, open_descriptors());
+      ASSERT_LE(dataset.shard_cache_stats().open_now, 4u);
+    }
+  }
+  const ShardCacheStats stats = dataset.shard_cache_stats();
+  EXPECT_EQ(stats.distinct_opened, index.shards.size());
+  EXPECT_EQ(stats.checked, index.shards.size());
+  EXPECT_EQ(stats.peak_open, 4u);
+  EXPECT_EQ(stats.max_open, 4u);
+  // One descriptor per open shard file, and nothing else left open.
+  EXPECT_LE(most_descriptors, before + 4);
+  EXPECT_EQ(read_all(dataset), stream);
+}
+
+TEST_F(DatasetTest, DocOffsetsAreReadWhenTheShardIsFirstUsedNotAtOpen) {
+  write({{1, 2, kEos}, {3, kEos}, {4, 5, kEos}, {6, kEos}}, 1000, 5);  // shards of 2 documents
+  set_doc_offset(shard(1), 1, 9);  // past the shard's 5 tokens... and above the last entry
+  record_shard(1);
+  for (const bool probe : {true, false}) {
+    SCOPED_TRACE(probe ? "probed" : "in this process");
+    const Dataset dataset = Dataset::open(dir_, {.probe_in_child = probe});
+    std::vector<int64_t> shard0(5);
+    dataset.read_tokens(0, shard0);
+    EXPECT_EQ(shard0, (std::vector<int64_t>{1, 2, kEos, 3, kEos}));
+    EXPECT_EQ(dataset.read_doc_offsets(0), (std::vector<uint64_t>{0, 3, 5}));
+    std::vector<int64_t> shard1(1);
+    EXPECT_BAD_INPUT(dataset.read_tokens(5, shard1), "shard-00001.h5", "/doc_offsets");
+    // Not checked, so checked again on the next use, and refused again.
+    EXPECT_BAD_INPUT(dataset.read_tokens(5, shard1), "shard-00001.h5", "/doc_offsets");
+    EXPECT_EQ(dataset.shard_cache_stats().checked, 1u);
+  }
+}
+
+TEST_F(DatasetTest, ReadDocOffsetsAfterEvictionReadsThemAgain) {
+  const Documents documents = make_documents(60, 1000, 10, 53);
+  const DatasetIndex index = write(documents, 1000, 20);
+  ASSERT_GE(index.shards.size(), 4u);
+  const Dataset dataset = Dataset::open(dir_, {.max_open_shards = 1});
+  const std::vector<uint64_t> first = dataset.read_doc_offsets(0);
+  for (size_t s = 1; s < index.shards.size(); ++s) (void)dataset.read_doc_offsets(s);
+  EXPECT_EQ(dataset.read_doc_offsets(0), first);
+  EXPECT_EQ(first.size(), index.shards[0].num_documents + 1);
+  EXPECT_EQ(dataset.shard_cache_stats().peak_open, 1u);
+}
+
+TEST_F(DatasetTest, CheckShardsChecksOnlyTheShardsAskedForInOneProbe) {
+  write(make_documents(100, 1000, 20, 54), 1000, 30);
+  write_file_atomic(shard(4), read_file(shard(4)) + "x");  // damaged: size and file CRC differ
+  const Dataset dataset = Dataset::open(dir_, {.check_shard_files = ShardFileCheck::kAlways});
+  EXPECT_EQ(dataset.shards_of(dataset.shard_first_token(1), 1), (std::vector<size_t>{1}));
+  EXPECT_EQ(dataset.shards_of(dataset.shard_first_token(2) - 1, 2), (std::vector<size_t>{1, 2}));
+  dataset.check_shards({0, 2, 3});
+  EXPECT_EQ(dataset.shard_cache_stats().checked, 3u);
+  // The probe opened them; this process has not yet.
+  EXPECT_EQ(dataset.shard_cache_stats().distinct_opened, 0u);
+  EXPECT_BAD_INPUT(dataset.check_shards({5, 4}), "shard-00004.h5");
+  EXPECT_EQ(dataset.shard_cache_stats().checked, 3u);
 }
 
 }  // namespace

@@ -457,6 +457,37 @@ TEST_F(LoaderTest, BadTokenInAShardSurfacesFromNextMicroBatchNotAHang) {
   }
 }
 
+// Note [Lazy shard checks]: a rank checks and opens exactly the shards its own
+// samples read: with check_shard_files always in a probe process a step at a
+// time, with never in this process as each read needs its shard.
+TEST_F(LoaderTest, Dp2RankChecksAndOpensExactlyTheShardsOfItsOwnSamples) {
+  for (const ShardFileCheck check : {ShardFileCheck::kAlways, ShardFileCheck::kNever}) {
+    SCOPED_TRACE(check == ShardFileCheck::kAlways ? "always" : "never");
+    LoaderConfig config = single(2000);  // about 80 shards of 97 tokens
+    config.dp_size = 2;
+    config.dp_rank = 1;
+    config.prefetch_depth = 0;  // no read-ahead: the counts are those of the batches read
+    config.open_options.check_shard_files = check;
+    config.open_options.max_open_shards = 3;
+    Loader loader(config);
+    const Dataset& dataset = loader.dataset(0);
+    ASSERT_GE(dataset.num_shards(), 60u);
+    EXPECT_EQ(dataset.checks_in_probe(), check == ShardFileCheck::kAlways);
+    EXPECT_EQ(loader.shard_cache_stats().checked, 0u);
+    std::set<size_t> read;
+    for (int i = 0; i < 3 * loader.micro_batches_per_step(); ++i) {
+      for (const SampleId& id : loader.next_micro_batch().samples)
+        for (const size_t s : dataset.shards_of(id.sample * kSeqLen, kSeqLen + 1)) read.insert(s);
+    }
+    const ShardCacheStats stats = loader.shard_cache_stats();
+    EXPECT_EQ(stats.checked, read.size());
+    EXPECT_EQ(stats.distinct_opened, read.size());
+    EXPECT_LT(read.size(), dataset.num_shards());
+    EXPECT_LE(stats.peak_open, 3u);
+    EXPECT_EQ(stats.shards, dataset.num_shards());
+  }
+}
+
 // --- configuration and validation ------------------------------------------------------
 
 TEST_F(LoaderTest, RefusesConfigurationsThatCannotWork) {
