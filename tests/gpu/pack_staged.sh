@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Fills tests/gpu/carry (ignored by git) with what tests/gpu/staged_checks.sh
+# needs on a GPU machine that has Python and torch but no MPI or HDF5: loom,
+# loom_dataset_tool and test_nccl_process_group, stripped; their shared
+# libraries but torch's, the NVIDIA wheels' and glibc's; and a relocatable
+# Open MPI (tests/gpu/pack_mpi.sh).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+carry="$root/tests/gpu/carry"
+rm -rf "$carry"
+mkdir -p "$carry/lib"
+bins=("$root/build/loom" "$root/build/tests/loom_dataset_tool" "$root/build/tests/test_nccl_process_group")
+for bin in "${bins[@]}"; do strip -o "$carry/$(basename "$bin")" "$bin"; done
+ldd "${bins[@]}" | awk '/=> \// {print $3}' | sort -u | while read -r lib; do
+  case "$lib" in
+    */torch/lib/* | */nvidia/* | */libc.so* | */libm.so* | */libdl.so* | */libpthread.so* | */librt.so* | \
+      */ld-linux* | */libgcc_s.so* | */libresolv.so* | */libutil.so*) ;;
+    *) cp -L "$lib" "$carry/lib/" ;;
+  esac
+done
+bash "$root/tests/gpu/pack_mpi.sh" "$carry" > /dev/null
+du -sh "$carry"
