@@ -734,20 +734,4 @@ std::unique_ptr<Work> NcclProcessGroup::barrier(const BarrierOptions&) {
                 });
 }
 
-GridGroups nccl_grid(const GridGroups& mpi) {
-  auto twin = [](const std::unique_ptr<ProcessGroup>& group) -> std::unique_ptr<ProcessGroup> {
-    if (group == nullptr || group->size() == 1) return nullptr;
-    auto* source = dynamic_cast<MpiProcessGroup*>(group.get());
-    if (source == nullptr) {
-      throw std::invalid_argument("nccl_grid: group '" + group->name() + "' has backend " +
-                                  std::string(group->backend()) + ", not mpi");
-    }
-    return std::make_unique<NcclProcessGroup>(*source);
-  };
-  GridGroups nccl;
-  nccl.dp = twin(mpi.dp);
-  nccl.tp = twin(mpi.tp);
-  return nccl;
-}
-
 }  // namespace loom

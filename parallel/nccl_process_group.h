@@ -167,12 +167,4 @@ class NcclProcessGroup final : public ProcessGroup {
   std::vector<std::unique_ptr<Work>> signatures_sent_;
 };
 
-// The NCCL twins of `mpi`'s dp and tp groups (Note [host and device
-// groups]), on the current CUDA device; an axis of one rank stays null, and
-// so does pp (PipeGroups makes the pipeline's: Note [pipeline links]). Made
-// dp first, then tp, on every rank, each collective over its MPI group.
-// Throws std::invalid_argument when a group of `mpi` is not an
-// MpiProcessGroup.
-GridGroups nccl_grid(const GridGroups& mpi);
-
 }  // namespace loom

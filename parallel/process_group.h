@@ -230,7 +230,7 @@ class ProcessGroup {
 // A CUDA run has two grids of the same ranks. The MPI grid (split_grid) takes
 // CPU tensors: the step's loss and metrics, the flags every rank must agree
 // on, gradient norms (all_reduce_through_cpu), checkpoint commits. The NCCL
-// grid (nccl_grid, dp and tp axes) takes the model's own tensors where they
+// grid (device_grid, dp and tp axes) takes the model's own tensors where they
 // live: tensor-parallel activations and the vocabulary-parallel loss, dp
 // gradient buckets and ZeRO shards; the pipeline's activations, gradients
 // and tied-weight sums go over PipeGroups' NCCL twins (Note [pipeline

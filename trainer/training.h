@@ -59,7 +59,7 @@ struct TrainOptions {
   ProcessGroup* world = nullptr;
   const GridGroups* grid = nullptr;
   // With CUDA on several ranks: the NCCL groups of the grid's dp and tp axes
-  // (nccl_grid of `grid`), which carry the model's tensors, while `grid`'s
+  // (device_grid of `grid`, parallel/device_groups.h), which carry the model's tensors, while `grid`'s
   // MPI groups carry what goes through the host (Note [host and device
   // groups]; pp makes its own, Note [pipeline links]); and this rank's place
   // on its node, which picks its GPU (Note [choosing a GPU] in
