@@ -3,6 +3,7 @@
 // turned into exit codes by run_cli.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -58,6 +59,12 @@ int launcher_world_size();
 // process goes on to it once as SIGUSR1, then as SIGTERM
 // (launch/launch_command.cpp).
 int run_forwarding_signals(const std::vector<std::string>& argv, int* signals_forwarded = nullptr);
+
+// Runs `loom COMMAND ARGV...` again as `ranks` ranks under this host's
+// mpirun (saying so on stderr) and returns its exit code: for commands that
+// measure with several ranks when started without a launcher (`loom plan
+// --calibrate`, `loom health`) (launch/launch_command.cpp).
+int rerun_under_mpirun(const std::string& command, const std::vector<std::string>& argv, int64_t ranks);
 
 // `loom plan --calibrate` (launch/plan_calibrate.cpp).
 int plan_calibrate(const std::vector<std::string>& args);

@@ -14,13 +14,13 @@ std::string number(double value, const char* format) {
   return text;
 }
 
+}  // namespace
+
 std::string rank_list(const std::vector<int>& ranks) {
   std::string text;
   for (const int r : ranks) text += (text.empty() ? "" : " ") + std::to_string(r);
   return "[" + text + "]";
 }
-
-}  // namespace
 
 double median_of(std::vector<double> values) {
   if (values.empty()) return 0;

@@ -41,6 +41,9 @@ struct HealthVerdict {
 HealthVerdict judge_health(const std::vector<RankHealth>& ranks, const std::vector<GroupHealth>& groups,
                            double threshold);
 
+// "[0 2 4]": world ranks as the tables and messages show them.
+std::string rank_list(const std::vector<int>& ranks);
+
 // The median of `values` (the mean of the middle two for an even count);
 // 0 for none.
 double median_of(std::vector<double> values);

@@ -12,12 +12,9 @@
 //
 // Under mpirun or srun it is what every rank runs; started alone it starts
 // itself under mpirun with launch.ranks ranks.
-#include <unistd.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <filesystem>
 #include <iomanip>
 #include <iostream>
 #include <memory>
@@ -93,12 +90,6 @@ double ring_send_bandwidth(ProcessGroup& world, c10::Device device) {
   return static_cast<double>(out.numel() * 4) / (seconds / 2);
 }
 
-std::string rank_list(const std::vector<int>& ranks) {
-  std::string text;
-  for (const int r : ranks) text += (text.empty() ? "" : " ") + std::to_string(r);
-  return "[" + text + "]";
-}
-
 std::vector<std::string> split(const std::string& text, char separator) {
   std::vector<std::string> parts;
   std::string part;
@@ -135,16 +126,7 @@ int command_health(const std::vector<std::string>& argv) {
   if (const int world = launcher_world_size(); world > 0) overrides.push_back("launch.ranks=" + std::to_string(world));
   const Config config = load_config(args.positional()[0], overrides);
   if (!launched_by_mpi()) {
-    std::vector<std::string> command = {"mpirun", "-np", std::to_string(config.launch.ranks)};
-    if (::geteuid() == 0) command.push_back("--allow-run-as-root");
-    command.push_back("--oversubscribe");
-    command.push_back(std::filesystem::read_symlink("/proc/self/exe").string());
-    command.push_back("health");
-    command.insert(command.end(), argv.begin(), argv.end());
-    std::cerr << "loom health: measuring on " << config.launch.ranks << " ranks:";
-    for (const std::string& arg : command) std::cerr << " " << arg;
-    std::cerr << std::endl;
-    return run_forwarding_signals(command);
+    return rerun_under_mpirun("health", argv, config.launch.ranks);
   }
 
   MpiSession session;

@@ -144,6 +144,19 @@ int run_forwarding_signals(const std::vector<std::string>& argv, int* signals_fo
   return kExitInternal;
 }
 
+int rerun_under_mpirun(const std::string& command, const std::vector<std::string>& argv, int64_t ranks) {
+  std::vector<std::string> mpirun = {"mpirun", "-np", std::to_string(ranks)};
+  if (::geteuid() == 0) mpirun.push_back("--allow-run-as-root");
+  mpirun.push_back("--oversubscribe");
+  mpirun.push_back(fs::read_symlink("/proc/self/exe").string());
+  mpirun.push_back(command);
+  mpirun.insert(mpirun.end(), argv.begin(), argv.end());
+  std::cerr << "loom " << command << ": measuring on " << ranks << " ranks:";
+  for (const std::string& arg : mpirun) std::cerr << " " << arg;
+  std::cerr << std::endl;
+  return run_forwarding_signals(mpirun);
+}
+
 // Runs `argv`, returns (exit code, stdout); stderr passes through.
 std::pair<int, std::string> capture_output(const std::vector<std::string>& argv) {
   std::array<int, 2> pipe_fds{};

@@ -25,8 +25,6 @@
 //                     residual stream, at least 1 MiB (bus bandwidth), over the
 //                     ranks; the same figures are written for inter_node, since
 //                     one machine has no second node
-#include <unistd.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cstring>
@@ -224,16 +222,7 @@ int plan_calibrate(const std::vector<std::string>& argv) {
   const Config config = load_config(config_path, args.all("set"));  // refused here, before mpirun, when bad
 
   if (!launched_by_mpi() && ranks > 1) {
-    std::vector<std::string> command = {"mpirun", "-np", std::to_string(ranks)};
-    if (::geteuid() == 0) command.push_back("--allow-run-as-root");
-    command.push_back("--oversubscribe");
-    command.push_back(std::filesystem::read_symlink("/proc/self/exe").string());
-    command.push_back("plan");
-    command.insert(command.end(), argv.begin(), argv.end());
-    std::cerr << "loom plan: measuring on " << ranks << " ranks:";
-    for (const std::string& arg : command) std::cerr << " " << arg;
-    std::cerr << std::endl;
-    return run_forwarding_signals(command);
+    return rerun_under_mpirun("plan", argv, ranks);
   }
 
   std::unique_ptr<MpiSession> session;
