@@ -58,6 +58,13 @@ struct DataConfig {
   // Whether each shard file's CRC-32C is checked before HDF5 opens it
   // (data/dataset.h ShardFileCheck).
   std::string check_shard_files = "auto";  // auto | always | never
+  // Packed documents attend only within themselves, rotary positions restart
+  // at each document start, and the position whose target starts the next
+  // document leaves the loss (docs/fine-tuning.md).
+  bool document_mask = false;
+  // Train on a dataset whose tokenizer_hash differs from the model's or
+  // data.tokenizer's (refused otherwise).
+  bool allow_tokenizer_mismatch = false;
 };
 
 struct BatchConfig {

@@ -89,6 +89,9 @@ std::vector<KeySpec> build_table() {
       {"model.init_from", LOOM_FIELD(model.init_from), "", "",
        "Hugging Face model folder to start from instead of random init; its config.json supplies any shape key "
        "left out here"},
+      {"model.resize_vocab", LOOM_FIELD(model.resize_vocab), "", "tokens",
+       "grow model.init_from's embedding and head to this many rows for tokens a fine-tune adds; new rows start "
+       "at the mean of the old ones; 0 = keep the vocabulary", kNonNegative},
       {"model.bos_token_id", LOOM_FIELD(model.bos_token_id), "", "", "beginning-of-sequence token id; -1 = none",
        kTokenId},
       {"model.eos_token_id", LOOM_FIELD(model.eos_token_id), "", "", "end-of-sequence token id; -1 = none",
@@ -147,6 +150,12 @@ std::vector<KeySpec> build_table() {
        "or malformed file is refused instead of crashing or hanging the run; each rank checks only the shards it "
        "reads; auto = for datasets of at most 4 GiB (the checks read every shard a rank reads)",
        kAny, {"auto", "always", "never"}},
+      {"data.document_mask", LOOM_FIELD(data.document_mask), "", "",
+       "packed documents attend only within themselves: rotary positions restart at 0 at each document start "
+       "and the position whose target starts the next document leaves the loss"},
+      {"data.allow_tokenizer_mismatch", LOOM_FIELD(data.allow_tokenizer_mismatch), "", "",
+       "train on datasets whose tokenizer_hash differs from the model's tokenizer (model.init_from's "
+       "tokenizer.json or data.tokenizer); refused otherwise"},
 
       // --- batch ----------------------------------------------------------------
       {"batch.micro_batch_size", LOOM_FIELD(batch.micro_batch_size), "", "sequences",

@@ -36,6 +36,10 @@ struct ModelConfig {
   std::string init_from;        // Hugging Face folder to start from ("" = random init)
   int64_t bos_token_id = -1;    // -1 = none
   int64_t eos_token_id = -1;    // -1 = none
+  // Grow the embedding and head of model.init_from to this many rows (new
+  // tokens of a fine-tune); new rows start at the mean of the old ones.
+  // 0 = keep the vocabulary.
+  int64_t resize_vocab = 0;
   // Activation recomputation: none keeps every layer's activations for
   // backward; full keeps only each decoder layer's input and recomputes the
   // layer during backward (less memory, one more forward). Not in config.json.

@@ -112,6 +112,7 @@ struct LoaderConfig {
   int64_t dp_rank = 0;
   int64_t dp_size = 1;
   int64_t prefetch_depth = 4;           // micro-batches read ahead; 0 = read in next_micro_batch()
+  bool document_positions = false;      // fill MicroBatch::positions (data.document_mask)
   DatasetOpenOptions open_options;
   // Where a path is here, the loader uses that Dataset (opened with the same
   // open_options) instead of opening it. Must outlive the loader.
@@ -132,6 +133,15 @@ struct MicroBatch {
   std::vector<int64_t> tokens;  // [rows, cols] row-major
   int64_t rows = 0;             // micro_batch
   int64_t cols = 0;             // seq_len + 1
+  // 1 where the token counts as a target (an assistant turn of a chat
+  // dataset), 0 where it leaves the loss; [rows, cols] like tokens. Empty
+  // when no dataset of the run has a /loss_mask: every token counts.
+  std::vector<uint8_t> loss_mask;
+  // With LoaderConfig::document_positions: each token's position within its
+  // document (0 at a document start), [rows, cols] like tokens; the first
+  // token of a row continues its document's count unless it starts one.
+  // Empty otherwise.
+  std::vector<int32_t> positions;
   std::vector<SampleId> samples;  // one per row
   int64_t step = 0;             // optimizer step (validation: batch index)
   int64_t micro_index = 0;      // micro-batch within the step on this rank
