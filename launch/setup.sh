@@ -29,8 +29,9 @@ PYTHON_PACKAGES=(
   # Tests only: transformers reads llama.cpp's GGUF vocabularies (real tokenizers) with it.
   gguf
 )
-# llama.cpp's C++ Jinja engine (chat templates for `loom prepare --chat`), its
-# real chat templates and its GGUF test vocabularies, from the source
+# llama.cpp's C++ Jinja engine (chat templates for `loom prepare --chat`; with
+# the common/json and common/unicode files it uses), its real chat templates
+# and its GGUF test vocabularies, from the source
 # distribution of llama-cpp-python on PyPI (Debian packages no Jinja engine for
 # C++). Only those folders are extracted, outside the checkout.
 LLAMA_CPP_PYTHON_VERSION=0.3.36
@@ -81,8 +82,8 @@ install_venv() {
 }
 
 install_llama_cpp_sources() {
-  local stamp="$LLAMA_CPP_DIR/.loom-setup-done"
-  [ -f "$stamp" ] && return 0
+  local stamp="$LLAMA_CPP_DIR/.loom-setup-done" want="common/jinja common/json common/unicode models"
+  [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && return 0
   say "fetching llama-cpp-python $LLAMA_CPP_PYTHON_VERSION's source distribution (Jinja engine, chat templates)"
   local tmp
   tmp=$(mktemp -d)
@@ -92,12 +93,13 @@ install_llama_cpp_sources() {
       "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
   local top="llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp"
   tar -xzf "$tmp/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz" -C "$tmp" \
-    --wildcards "$top/LICENSE" "$top/common/jinja/*" "$top/models/templates/*" "$top/models/ggml-vocab-*"
+    --wildcards "$top/LICENSE" "$top/common/jinja/*" "$top/common/json.*" "$top/common/unicode.*" \
+    "$top/models/templates/*" "$top/models/ggml-vocab-*"
   rm -rf "$LLAMA_CPP_DIR"
   mkdir -p "$(dirname "$LLAMA_CPP_DIR")"
   mv "$tmp/$top" "$LLAMA_CPP_DIR"
   rm -rf "$tmp"
-  touch "$stamp"
+  echo "$want" > "$stamp"
 }
 
 install_debian_packages
