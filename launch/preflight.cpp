@@ -14,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include "checkpoints/hub.h"
 #include "data/dataset.h"
 #include "trainer/training.h"
 #include "model/llama.h"
@@ -90,7 +91,18 @@ void check_output_folder(const Config& config, int rank, std::vector<std::string
   struct statvfs fs_stats {};
   if (::statvfs(run_dir.c_str(), &fs_stats) != 0) return;  // no answer: nothing to compare
   const double free_bytes = static_cast<double>(fs_stats.f_bavail) * static_cast<double>(fs_stats.f_frsize);
-  const double needed = checkpoint_bytes(config.model);
+  // With model.init_from the YAML may leave the shape out: the folder's
+  // config.json has it (a problem with the folder is reported where the model
+  // is built, with its own message).
+  ModelConfig model = config.model;
+  if (!model.init_from.empty() && model.num_heads <= 0) {
+    try {
+      model = ModelFiles::open(model.init_from).model_config();
+    } catch (const std::exception&) {
+      return;
+    }
+  }
+  const double needed = checkpoint_bytes(model);
   if (free_bytes < needed)
     failures.push_back("run folder " + run_dir.string() + ": " + gib(free_bytes) + " free, a checkpoint needs about " +
                        gib(needed) + " (weights, AdamW moments and the Hub export)");
