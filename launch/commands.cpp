@@ -420,7 +420,8 @@ int command_generate(const std::vector<std::string>& argv) {
 const CommandSpec& forward_spec() {
   static const CommandSpec spec{
       .name = "forward",
-      .synopsis = "CHECKPOINT_OR_HF_DIR --input-ids IN.safetensors [--positions POS.safetensors] --output OUT.safetensors",
+      .synopsis =
+          "CHECKPOINT_OR_HF_DIR --input-ids IN.safetensors [--positions POS.safetensors] --output OUT.safetensors",
       .summary = "the logits [B, T, V] (fp32) of a batch of token ids, to compare with other implementations",
       .arguments = {{"CHECKPOINT_OR_HF_DIR", "loom checkpoint or Hugging Face folder"}},
       .flags = {{"input-ids", "IN.safetensors", "file holding \"input_ids\" [batch, tokens], I64 or I32 (required)"},
