@@ -646,6 +646,20 @@ std::vector<uint64_t> Dataset::read_doc_offsets(size_t shard) const {
   return impl_->read_doc_offsets(shard, impl_->acquire(shard));
 }
 
+void Dataset::read_doc_offsets(size_t shard, uint64_t first, std::span<uint64_t> out) const {
+  if (shard >= num_shards()) throw std::out_of_range(impl_->dir + ": no shard " + std::to_string(shard));
+  const uint64_t entries = impl_->entry(shard).num_documents + 1;
+  if (first > entries || out.size() > entries - first)
+    throw std::out_of_range(impl_->path_of(shard) + ": /doc_offsets entries [" + std::to_string(first) + ", " +
+                            std::to_string(first + out.size()) + ") past its " + std::to_string(entries));
+  if (out.empty()) return;
+  std::lock_guard guard(impl_->mutex);
+  const auto& opened = impl_->acquire(shard);
+  hdf5::Lock lock;
+  read_slice(opened.doc_offsets.get(), H5T_NATIVE_UINT64, first, out.size(), out.data(), impl_->path_of(shard),
+             "doc_offsets");
+}
+
 uint64_t Dataset::shard_first_token(size_t shard) const {
   if (shard >= num_shards()) throw std::out_of_range(impl_->dir + ": no shard " + std::to_string(shard));
   return impl_->first_tokens[shard];

@@ -259,6 +259,10 @@ class Dataset {
   // The shard's /doc_offsets (offsets local to the shard), read from the
   // file on every call: nothing keeps them (Note [Lazy shard checks]).
   std::vector<uint64_t> read_doc_offsets(size_t shard) const;
+  // Entries [first, first + out.size()) of the shard's /doc_offsets: a read
+  // as small as `out` (the loader's document positions search it).
+  // std::out_of_range past its num_documents + 1 entries.
+  void read_doc_offsets(size_t shard, uint64_t first, std::span<uint64_t> out) const;
   // Global token offset of the shard's first token.
   uint64_t shard_first_token(size_t shard) const;
   size_t num_shards() const { return index().shards.size(); }

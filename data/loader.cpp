@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <span>
 #include <stdexcept>
@@ -65,6 +66,76 @@ bool any_loss_mask(const std::vector<std::shared_ptr<const Dataset>>& datasets,
   for (const auto& dataset : datasets)
     if (dataset->has_loss_mask()) return true;
   return valid && valid->has_loss_mask();
+}
+
+// Note [document positions]
+// With LoaderConfig::document_positions every row also gets each token's
+// position within its document: token g of the stream, in a document
+// starting at token d, is at g - d. Documents never cross shards (the
+// DatasetWriter starts a new shard rather than split one), so a shard's
+// first token starts a document. In each shard a row touches, the document
+// holding the row's first token there is found by a binary search over the
+// shard's /doc_offsets that reads one entry per probe (log2 of the shard's
+// documents), and the entries after it are read in small blocks until one
+// passes the row's end. Memory and reads are bounded by the row, not by the
+// dataset: nothing of /doc_offsets is kept (Note [Lazy shard checks] in
+// data/dataset.cpp).
+constexpr uint64_t kDocOffsetsBlock = 64;
+
+// The positions within their documents of tokens [begin, begin + out.size())
+// of `dataset`'s stream.
+void read_document_positions(const Dataset& dataset, uint64_t begin, std::span<int32_t> out) {
+  const uint64_t end = begin + out.size();
+  for (const size_t s : dataset.shards_of(begin, out.size())) {
+    const uint64_t first = dataset.shard_first_token(s);
+    const uint64_t documents = dataset.index().shards[s].num_documents;
+    const uint64_t local_begin = std::max(begin, first) - first;
+    const uint64_t local_end = std::min(end, first + dataset.index().shards[s].num_tokens) - first;
+    const auto offset_at = [&](uint64_t i) {
+      uint64_t value = 0;
+      dataset.read_doc_offsets(s, i, std::span(&value, 1));
+      return value;
+    };
+    // The last entry <= local_begin: offsets[0] = 0 is, offsets[documents]
+    // (the shard's token count) is not.
+    uint64_t low = 0, high = documents;
+    while (high - low > 1) {
+      const uint64_t middle = low + (high - low) / 2;
+      (offset_at(middle) <= local_begin ? low : high) = middle;
+    }
+    uint64_t document_start = offset_at(low);
+    // offsets[low + 1 ...], read a block at a time.
+    std::vector<uint64_t> block;
+    uint64_t block_first = low + 1, in_block = 0;
+    const auto next_offset = [&] {
+      if (in_block == block.size()) {
+        block_first += block.size();
+        block.resize(std::min(kDocOffsetsBlock, documents + 1 - block_first));
+        dataset.read_doc_offsets(s, block_first, block);
+        in_block = 0;
+      }
+      return block[in_block];
+    };
+    for (uint64_t t = local_begin; t < local_end; ++t) {
+      // Skips empty documents too: several offsets equal to t.
+      while (next_offset() <= t) document_start = block[in_block++];
+      const uint64_t position = t - document_start;
+      if (position > static_cast<uint64_t>(std::numeric_limits<int32_t>::max()))
+        throw BadInput(dataset.dir() + ": shard " + dataset.index().shards[s].file + " has a document of more than " +
+                       "2^31 tokens, beyond data.document_mask's positions");
+      out[static_cast<size_t>(first + t - begin)] = static_cast<int32_t>(position);
+    }
+  }
+}
+
+// Fills row `row` of batch.positions for sample `sample` (its
+// seq_len + 1 tokens), sizing batch.positions on the first row.
+void read_sample_positions(const Dataset& dataset, uint64_t sample, int64_t seq_len, MicroBatch& batch,
+                           int64_t row) {
+  batch.positions.resize(static_cast<size_t>(batch.rows * batch.cols));
+  const std::span<int32_t> out =
+      std::span(batch.positions).subspan(static_cast<size_t>(row * batch.cols), static_cast<size_t>(batch.cols));
+  read_document_positions(dataset, sample * static_cast<uint64_t>(seq_len), out);
 }
 
 // Typed access to a saved state, naming `context` and the key in errors.
@@ -207,6 +278,8 @@ class Loader::Producer {
     for (int64_t row = 0; row < batch.rows; ++row) {
       const SampleId& id = local_[static_cast<size_t>(position_.micro_index * config.micro_batch + row)];
       read_sample(*loader_.datasets_[id.dataset], id.sample, config.seq_len, batch, row);
+      if (config.document_positions)
+        read_sample_positions(*loader_.datasets_[id.dataset], id.sample, config.seq_len, batch, row);
       batch.samples.push_back(id);
     }
     if (++position_.micro_index == loader_.accumulation_) {
@@ -534,6 +607,7 @@ MicroBatch ValidationBatches::at(int64_t index) const {
     id.sample = sample_of_row(row);
     id.global_index = id.sample;
     read_sample(*dataset_, id.sample, config_->seq_len, batch, row);
+    if (config_->document_positions) read_sample_positions(*dataset_, id.sample, config_->seq_len, batch, row);
     batch.samples.push_back(id);
   }
   return batch;

@@ -420,12 +420,18 @@ int command_generate(const std::vector<std::string>& argv) {
 const CommandSpec& forward_spec() {
   static const CommandSpec spec{
       .name = "forward",
-      .synopsis = "CHECKPOINT_OR_HF_DIR --input-ids IN.safetensors --output OUT.safetensors",
+      .synopsis =
+          "CHECKPOINT_OR_HF_DIR --input-ids IN.safetensors [--positions POS.safetensors] --output OUT.safetensors",
       .summary = "the logits [B, T, V] (fp32) of a batch of token ids, to compare with other implementations",
       .arguments = {{"CHECKPOINT_OR_HF_DIR", "loom checkpoint or Hugging Face folder"}},
       .flags = {{"input-ids", "IN.safetensors", "file holding \"input_ids\" [batch, tokens], I64 or I32 (required)"},
+                {"positions", "POS.safetensors",
+                 "file holding \"positions\" [batch, tokens], I64 or I32: each token's position in its packed "
+                 "document, 0 where one starts (attention stays within documents, as data.document_mask trains)"},
                 {"output", "OUT.safetensors", "safetensors file to write the tensor \"logits\" to (required)"}},
-      .examples = {"loom forward runs/demo/checkpoint --input-ids ids.safetensors --output logits.safetensors"},
+      .examples = {"loom forward runs/demo/checkpoint --input-ids ids.safetensors --output logits.safetensors",
+                   "loom forward runs/demo/checkpoint --input-ids ids.safetensors --positions positions.safetensors "
+                   "--output logits.safetensors"},
   };
   return spec;
 }
@@ -447,10 +453,27 @@ int command_forward(const std::vector<std::string>& argv) {
   if (ids.numel() > 0 && (ids.min().item<int64_t>() < 0 || ids.max().item<int64_t>() >= vocab)) {
     throw BadInput(context + " holds ids outside the vocabulary [0, " + std::to_string(vocab) + ")");
   }
+  torch::Tensor positions;
+  if (const auto positions_path = args.get("positions")) {
+    auto positions_file = safetensors::File::open(*positions_path);
+    const std::string positions_context = *positions_path + ": tensor 'positions'";
+    positions = tensor_from_view(positions_file.tensor("positions"), positions_context);
+    if (positions.dim() != 2 || !(positions.scalar_type() == torch::kLong || positions.scalar_type() == torch::kInt)) {
+      throw BadInput(positions_context + " must be a 2-D I64 or I32 tensor [batch, tokens]");
+    }
+    if (positions.sizes() != ids.sizes()) {
+      throw BadInput(positions_context + " has shape " + c10::str(positions.sizes()) + ", input_ids " +
+                     c10::str(ids.sizes()) + ": expected the same");
+    }
+    positions = positions.to(torch::kLong);
+    if (positions.numel() > 0 && positions.min().item<int64_t>() < 0) {
+      throw BadInput(positions_context + " holds a negative position");
+    }
+  }
   auto model = load_model(files);
   model->eval();
   torch::NoGradGuard no_grad;
-  auto logits = model->forward(ids).to(torch::kFloat).contiguous();
+  auto logits = model->forward(ids, positions).to(torch::kFloat).contiguous();
   safetensors::write_file(output_path, {tensor_to_write("logits", logits)});
   return kExitOk;
 }

@@ -80,9 +80,52 @@ class SdpaAttentionCore : public AttentionCore {
     return at::scaled_dot_product_attention(q_bhtd, k, v, /*attn_mask=*/std::nullopt, /*dropout_p=*/0.0,
                                             /*is_causal=*/causal, /*scale=*/std::nullopt, /*enable_gqa=*/grouped);
   }
+
+  torch::Tensor forward_documents(const torch::Tensor& q_bhtd, const torch::Tensor& k_bhtd,
+                                  const torch::Tensor& v_bhtd, const DocumentMask& documents) override {
+    if (takes_varlen_flash(q_bhtd, k_bhtd)) return varlen_flash_attention(q_bhtd, k_bhtd, v_bhtd, documents);
+    return AttentionCore::forward_documents(q_bhtd, k_bhtd, v_bhtd, documents);
+  }
 };
 
 }  // namespace
+
+bool takes_varlen_flash(const torch::Tensor& q_bhtd, const torch::Tensor& k_bhtd) {
+  // What PyTorch's flash attention takes: a CUDA tensor of bf16 or fp16
+  // (autocast's), head_dim a multiple of 8 up to 256, query heads a multiple
+  // of the key heads (it handles grouped heads itself).
+  if (!q_bhtd.is_cuda() || q_bhtd.dim() != 4) return false;
+  const auto dtype = q_bhtd.scalar_type();
+  if (dtype != torch::kBFloat16 && dtype != torch::kHalf) return false;
+  const int64_t head_dim = q_bhtd.size(3);
+  return head_dim % 8 == 0 && head_dim <= 256 && q_bhtd.size(1) % k_bhtd.size(1) == 0;
+}
+
+torch::Tensor varlen_flash_attention(const torch::Tensor& q_bhtd, const torch::Tensor& k_bhtd,
+                                     const torch::Tensor& v_bhtd, const DocumentMask& documents) {
+  // The batch flattened into one stream of batch * tokens tokens,
+  // [total, heads, head_dim], cut into the segments by cu_seqlens: the kernel
+  // runs causal attention inside each segment and computes nothing across
+  // them. Its autograd node (FlashAttentionBackward0) runs the matching
+  // variable-length backward.
+  const int64_t batch = q_bhtd.size(0), heads = q_bhtd.size(1), tokens = q_bhtd.size(2), dim = q_bhtd.size(3);
+  const auto packed = [&](const torch::Tensor& x_bhtd) {
+    return x_bhtd.transpose(1, 2).reshape({batch * tokens, x_bhtd.size(1), dim});
+  };
+  const torch::Tensor& cu_seqlens = documents.cu_seqlens();
+  const int64_t longest = documents.max_segment_tokens();
+  auto outputs = at::_flash_attention_forward(packed(q_bhtd), packed(k_bhtd), packed(v_bhtd), cu_seqlens, cu_seqlens,
+                                              longest, longest, /*dropout_p=*/0.0, /*is_causal=*/true,
+                                              /*return_debug_mask=*/false);
+  return std::get<0>(outputs).view({batch, tokens, heads, dim}).transpose(1, 2);
+}
+
+torch::Tensor AttentionCore::forward_documents(const torch::Tensor& q_bhtd, const torch::Tensor& k_bhtd,
+                                               const torch::Tensor& v_bhtd, const DocumentMask& documents) {
+  const bool grouped = q_bhtd.size(1) != k_bhtd.size(1);
+  return at::scaled_dot_product_attention(q_bhtd, k_bhtd, v_bhtd, documents.allowed_b1tt(), /*dropout_p=*/0.0,
+                                          /*is_causal=*/false, /*scale=*/std::nullopt, /*enable_gqa=*/grouped);
+}
 
 RMSNorm::RMSNorm(int64_t hidden, double eps) : eps_(eps) {
   weight = register_parameter("weight", torch::ones({hidden}));

@@ -20,6 +20,7 @@
 #include <torch/types.h>
 
 #include "config/model_config.h"
+#include "model/document_mask.h"
 #include "model/recompute.h"
 
 namespace loom {
@@ -83,7 +84,22 @@ class AttentionCore {
   virtual ~AttentionCore() = default;
   virtual torch::Tensor forward(const torch::Tensor& q_bhtd, const torch::Tensor& k_bhtd, const torch::Tensor& v_bhtd,
                                 torch::Tensor* cache_k, torch::Tensor* cache_v) = 0;
+  // The same over packed documents (Note [document mask] in
+  // model/document_mask.h): query t attends the keys of its own document at
+  // or before t. No cache: decoding never packs documents. Default:
+  // scaled-dot-product attention with the boolean mask, exact on every
+  // device; a core with a faster kernel overrides it.
+  virtual torch::Tensor forward_documents(const torch::Tensor& q_bhtd, const torch::Tensor& k_bhtd,
+                                          const torch::Tensor& v_bhtd, const DocumentMask& documents);
 };
+
+// Packed documents through PyTorch's flash attention, variable-length form:
+// the default core's path on a GPU (Note [document mask]). takes_varlen_flash
+// says whether the kernel takes these tensors: CUDA, bf16 or fp16, head_dim a
+// multiple of 8 up to 256 (flash attention also needs an Ampere or later GPU).
+bool takes_varlen_flash(const torch::Tensor& q_bhtd, const torch::Tensor& k_bhtd);
+torch::Tensor varlen_flash_attention(const torch::Tensor& q_bhtd, const torch::Tensor& k_bhtd,
+                                     const torch::Tensor& v_bhtd, const DocumentMask& documents);
 
 // The feed-forward block of a decoder layer, registered as its `mlp`:
 // [batch, tokens, hidden] -> the same shape. Llama's SwiGLU Mlp
@@ -114,7 +130,9 @@ class LayerFactory {
   // returns [batch, tokens/tp, hidden] and the head takes it back.
   virtual int64_t sequence_shards() const { return 1; }
 
-  // Default: at::scaled_dot_product_attention on this device.
+  // Default: at::scaled_dot_product_attention on this device; packed
+  // documents through flash attention's variable-length kernel where it
+  // applies (Note [document mask]).
   virtual std::shared_ptr<AttentionCore> attention_core(const ModelConfig& model) const;
   // Default: Llama's Mlp, gate/up/down from this factory's linears (defined
   // beside Mlp in model/llama.cpp). The block is registered as `mlp`, so its

@@ -22,7 +22,7 @@ Attention::Attention(const ModelConfig& model, const LayerFactory& factory)
 }
 
 torch::Tensor Attention::forward(const torch::Tensor& x_btd, const torch::Tensor& cos_td, const torch::Tensor& sin_td,
-                                 torch::Tensor* cache_k, torch::Tensor* cache_v) {
+                                 torch::Tensor* cache_k, torch::Tensor* cache_v, const DocumentMask* documents) {
   // Head counts and the number of tokens are read from the projection
   // outputs, not from the config and the input, so that a tensor-parallel
   // projection that holds a slice of the heads, or gathers the whole sequence
@@ -34,7 +34,11 @@ torch::Tensor Attention::forward(const torch::Tensor& x_btd, const torch::Tensor
   auto v = v_proj_->forward(x_btd).view({batch, tokens, -1, head_dim_}).transpose(1, 2);
   q = RotaryEmbedding::apply(q, cos_td, sin_td);
   k = RotaryEmbedding::apply(k, cos_td, sin_td);
-  auto out = core_->forward(q, k, v, cache_k, cache_v);
+  TORCH_CHECK(documents == nullptr || cache_k == nullptr, "packed documents are not decoded with a KV cache");
+  // Rows that are one segment each need no mask: the plain causal core.
+  auto out = documents != nullptr && !documents->one_segment_per_row()
+                 ? core_->forward_documents(q, k, v, *documents)
+                 : core_->forward(q, k, v, cache_k, cache_v);
   out = out.transpose(1, 2).reshape({batch, tokens, -1});
   return o_proj_->forward(out);
 }
@@ -65,26 +69,28 @@ DecoderLayer::DecoderLayer(const ModelConfig& model, const LayerFactory& factory
 }
 
 torch::Tensor DecoderLayer::forward(const torch::Tensor& x_btd, const torch::Tensor& cos_td,
-                                    const torch::Tensor& sin_td, torch::Tensor* cache_k, torch::Tensor* cache_v) {
+                                    const torch::Tensor& sin_td, torch::Tensor* cache_k, torch::Tensor* cache_v,
+                                    std::shared_ptr<const DocumentMask> documents) {
   // A cache means decoding: no backward to save memory for, and a
   // recomputation would extend the cache a second time.
   const LayerCall call{layer_, parameters(), /*uses_cache=*/cache_k != nullptr};
   // A recomputation keeps the layer function until backward, so it holds the
-  // layer (not a raw `this`). cos/sin are constants of the positions,
-  // captured as they are; the cache pointers only matter while decoding,
-  // which runs the function once, now.
+  // layer (not a raw `this`). cos/sin and the documents are constants of
+  // the positions, captured as they are; the cache pointers only matter
+  // while decoding, which runs the function once, now.
   auto self = std::static_pointer_cast<DecoderLayer>(shared_from_this());
   return wrapper_->run(
       call,
-      [self, cos_td, sin_td, cache_k, cache_v](const torch::Tensor& x) {
-        return self->compute(x, cos_td, sin_td, cache_k, cache_v);
+      [self, cos_td, sin_td, cache_k, cache_v, documents = std::move(documents)](const torch::Tensor& x) {
+        return self->compute(x, cos_td, sin_td, cache_k, cache_v, documents.get());
       },
       x_btd);
 }
 
 torch::Tensor DecoderLayer::compute(const torch::Tensor& x_btd, const torch::Tensor& cos_td,
-                                    const torch::Tensor& sin_td, torch::Tensor* cache_k, torch::Tensor* cache_v) {
-  auto h = x_btd + self_attn_->forward(input_layernorm_->forward(x_btd), cos_td, sin_td, cache_k, cache_v);
+                                    const torch::Tensor& sin_td, torch::Tensor* cache_k, torch::Tensor* cache_v,
+                                    const DocumentMask* documents) {
+  auto h = x_btd + self_attn_->forward(input_layernorm_->forward(x_btd), cos_td, sin_td, cache_k, cache_v, documents);
   return h + mlp_->forward(post_attention_layernorm_->forward(h));
 }
 
@@ -127,7 +133,7 @@ void LlamaForCausalLM::init_weights(uint64_t seed) {
   for (const auto& named : named_parameters()) init_parameter(named.key(), named.value(), config_.init_std, seed);
 }
 
-torch::Tensor LlamaForCausalLM::forward(const torch::Tensor& input, KVCache* cache, int64_t start) {
+torch::Tensor LlamaForCausalLM::embed(const torch::Tensor& input) {
   torch::Tensor h = stage_.has_embedding ? embed_tokens_->forward(input) : input;
   // Under bf16 autocast the residual stream is bf16 too (autocast leaves the
   // embedding lookup in its weight's fp32): norms and residual adds then
@@ -136,6 +142,11 @@ torch::Tensor LlamaForCausalLM::forward(const torch::Tensor& input, KVCache* cac
   if (at::autocast::is_autocast_enabled(device_type) && h.is_floating_point()) {
     h = h.to(at::autocast::get_autocast_dtype(device_type));
   }
+  return h;
+}
+
+torch::Tensor LlamaForCausalLM::forward(const torch::Tensor& input, KVCache* cache, int64_t start) {
+  torch::Tensor h = embed(input);
   // Attention sees the whole sequence even when the residual stream holds a
   // slice of it (sequence parallelism): the projections gather it.
   const int64_t tokens = h.size(1) * sequence_shards_;
@@ -144,9 +155,35 @@ torch::Tensor LlamaForCausalLM::forward(const torch::Tensor& input, KVCache* cac
     cache->keys.resize(layers_.size());
     cache->values.resize(layers_.size());
   }
+  return forward_layers(std::move(h), cos, sin, cache, nullptr);
+}
+
+torch::Tensor LlamaForCausalLM::forward(const torch::Tensor& input, const torch::Tensor& positions_bt) {
+  if (!positions_bt.defined()) return forward(input);
+  torch::Tensor h = embed(input);
+  // The whole sequence's positions, also under sequence parallelism (see
+  // above): attention runs over all of it.
+  const int64_t tokens = h.size(1) * sequence_shards_;
+  TORCH_CHECK(positions_bt.dim() == 2 && positions_bt.size(0) == h.size(0) && positions_bt.size(1) == tokens,
+              "positions must be [batch ", h.size(0), ", tokens ", tokens, "], got ", positions_bt.sizes());
+  auto documents = std::make_shared<const DocumentMask>(positions_bt, h.device());
+  // Rows counting up from one start (one document each, or none starting)
+  // take the rotary table of forward(input, nullptr, start), and the plain
+  // causal core: bit for bit the forward without positions.
+  int64_t first = 0;
+  if (documents->rows_count_from(&first)) {
+    auto [cos, sin] = rotary_.cos_sin(first, tokens, h.device());
+    return forward_layers(std::move(h), cos, sin, nullptr, nullptr);
+  }
+  auto [cos, sin] = rotary_.cos_sin_at(documents->positions_bt(), h.device());
+  return forward_layers(std::move(h), cos, sin, nullptr, documents);
+}
+
+torch::Tensor LlamaForCausalLM::forward_layers(torch::Tensor h, const torch::Tensor& cos, const torch::Tensor& sin,
+                                               KVCache* cache, const std::shared_ptr<const DocumentMask>& documents) {
   for (size_t i = 0; i < layers_.size(); ++i) {
     h = cache ? layers_[i]->forward(h, cos, sin, &cache->keys[i], &cache->values[i])
-              : layers_[i]->forward(h, cos, sin);
+              : layers_[i]->forward(h, cos, sin, nullptr, nullptr, documents);
   }
   if (!stage_.has_head) return h;
   return lm_head_->forward(norm_->forward(h));

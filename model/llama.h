@@ -22,6 +22,7 @@
 #include <torch/types.h>
 
 #include "config/config.h"
+#include "model/document_mask.h"
 #include "model/layers.h"
 #include "model/rotary.h"
 
@@ -40,9 +41,11 @@ class Attention : public torch::nn::Module {
  public:
   Attention(const ModelConfig& model, const LayerFactory& factory);
   // x_btd: [batch, tokens, hidden]. When `cache_k`/`cache_v` are given they
-  // hold earlier positions and are extended in place.
+  // hold earlier positions and are extended in place. With `documents`
+  // (never with a cache) attention stays within each packed document (Note
+  // [document mask] in model/document_mask.h).
   torch::Tensor forward(const torch::Tensor& x_btd, const torch::Tensor& cos_td, const torch::Tensor& sin_td,
-                        torch::Tensor* cache_k, torch::Tensor* cache_v);
+                        torch::Tensor* cache_k, torch::Tensor* cache_v, const DocumentMask* documents = nullptr);
 
  private:
   int64_t num_heads_, num_kv_heads_, head_dim_;
@@ -68,12 +71,14 @@ class DecoderLayer : public torch::nn::Module {
   // model/recompute.h): with model.recompute = full, a forward that records
   // a graph and has no cache keeps only x_btd and runs the layer again in
   // backward. Inference and decoding run the layer once.
+  // cos/sin: [tokens, head_dim], or [batch, 1, tokens, head_dim] per token.
   torch::Tensor forward(const torch::Tensor& x_btd, const torch::Tensor& cos_td, const torch::Tensor& sin_td,
-                        torch::Tensor* cache_k = nullptr, torch::Tensor* cache_v = nullptr);
+                        torch::Tensor* cache_k = nullptr, torch::Tensor* cache_v = nullptr,
+                        std::shared_ptr<const DocumentMask> documents = nullptr);
 
  private:
   torch::Tensor compute(const torch::Tensor& x_btd, const torch::Tensor& cos_td, const torch::Tensor& sin_td,
-                        torch::Tensor* cache_k, torch::Tensor* cache_v);
+                        torch::Tensor* cache_k, torch::Tensor* cache_v, const DocumentMask* documents);
 
   int64_t layer_;
   std::shared_ptr<RMSNorm> input_layernorm_, post_attention_layernorm_;
@@ -106,12 +111,27 @@ class LlamaForCausalLM : public torch::nn::Module {
   // [batch, tokens, vocab]. `start` is the position of the first token (> 0
   // only with a cache).
   torch::Tensor forward(const torch::Tensor& input, KVCache* cache = nullptr, int64_t start = 0);
+  // The same over packed documents (data.document_mask; Note [document mask]
+  // in model/document_mask.h): `positions_bt` [batch, tokens] (integer, the
+  // whole sequence's even where a sequence-parallel stage holds a slice of
+  // it; best on the CPU, where it is read) is each token's position within
+  // its document, 0 where one starts. Rotary takes each token's position,
+  // and attention stays within each document, causal inside it. Undefined
+  // positions: forward(input). No KV cache.
+  torch::Tensor forward(const torch::Tensor& input, const torch::Tensor& positions_bt);
 
   const ModelConfig& config() const { return config_; }
   const StageSpec& stage() const { return stage_; }
   int64_t num_local_layers() const { return static_cast<int64_t>(layers_.size()); }
 
  private:
+  // The stage's layers and head from h (embedded already), with these
+  // rotary tables (and documents, where given).
+  torch::Tensor forward_layers(torch::Tensor h, const torch::Tensor& cos, const torch::Tensor& sin, KVCache* cache,
+                               const std::shared_ptr<const DocumentMask>& documents);
+  // The embedding (first stage), and the residual stream in autocast's dtype.
+  torch::Tensor embed(const torch::Tensor& input);
+
   ModelConfig config_;
   StageSpec stage_;
   RotaryEmbedding rotary_;

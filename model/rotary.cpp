@@ -47,6 +47,14 @@ std::pair<torch::Tensor, torch::Tensor> RotaryEmbedding::cos_sin(int64_t start, 
   return {emb.cos(), emb.sin()};
 }
 
+std::pair<torch::Tensor, torch::Tensor> RotaryEmbedding::cos_sin_at(const torch::Tensor& positions_bt,
+                                                                    torch::Device device) const {
+  auto positions = positions_bt.to(device, torch::kFloat);
+  auto freqs = positions.unsqueeze(-1) * inv_freq_.to(device);  // [B, T, D/2]
+  auto emb = at::cat({freqs, freqs}, -1).unsqueeze(1);            // [B, 1, T, D]
+  return {emb.cos(), emb.sin()};
+}
+
 torch::Tensor RotaryEmbedding::apply(const torch::Tensor& x_bhtd, const torch::Tensor& cos_td,
                                      const torch::Tensor& sin_td) {
   return kernels::rotary(x_bhtd, cos_td, sin_td);

@@ -22,6 +22,12 @@ class RotaryEmbedding {
   // fp32 on `device`. Recomputed per call: cheap next to attention, and exact
   // for every position without a table bound.
   std::pair<torch::Tensor, torch::Tensor> cos_sin(int64_t start, int64_t length, torch::Device device) const;
+  // cos and sin of each token's own position (positions_bt: integer
+  // [batch, tokens], any device), shape [batch, 1, tokens, head_dim] so that
+  // they broadcast over the heads; fp32 on `device`. A row whose positions
+  // are start, start + 1, ... gets what cos_sin(start, tokens) gives, bit for
+  // bit (the same products, in fp32).
+  std::pair<torch::Tensor, torch::Tensor> cos_sin_at(const torch::Tensor& positions_bt, torch::Device device) const;
 
   // x_bhtd * cos + rotate_half(x_bhtd) * sin, in x's dtype: one fused CUDA
   // kernel on a GPU, ATen's ops on the CPU (model/kernels/fused_ops.h).

@@ -157,7 +157,11 @@ PipelineExecutor::PipelineExecutor(const PipeGroups& groups, const PipeSchedule&
                                    std::vector<std::shared_ptr<LlamaForCausalLM>> chunks, Shape shape, Hooks hooks)
     : groups_(&groups), schedule_(&schedule), chunks_(std::move(chunks)), shape_(shape), hooks_(std::move(hooks)) {
   ProcessGroup& pp = groups.host();
-  if (!hooks_.forward) hooks_.forward = [](LlamaForCausalLM& chunk, const at::Tensor& in) { return chunk.forward(in); };
+  if (!hooks_.forward) {
+    hooks_.forward = [](LlamaForCausalLM& chunk, const at::Tensor& in, const at::Tensor& positions) {
+      return chunk.forward(in, positions);
+    };
+  }
   if (!hooks_.loss) hooks_.loss = default_loss;
   if (!chunks_.empty() && !chunks_.front()->parameters().empty()) {
     device_ = chunks_.front()->parameters().front().device();
@@ -196,6 +200,13 @@ std::unique_ptr<Work> PipelineExecutor::recv_from(int pp_rank, const at::Tensor&
   return link.group->recv(tensor, {link.peer, kStageTag});
 }
 
+namespace {
+// Micro-batch m's document positions, undefined without them.
+at::Tensor positions_of(const std::vector<at::Tensor>& positions, size_t m) {
+  return positions.empty() ? at::Tensor() : positions[m];
+}
+}  // namespace
+
 at::Tensor PipelineExecutor::scaled_loss(const at::Tensor& logits, const at::Tensor& targets,
                                          const std::vector<double>& loss_scales, int64_t micro_batch,
                                          int64_t micro_batches) const {
@@ -209,7 +220,7 @@ at::Tensor PipelineExecutor::scaled_loss(const at::Tensor& logits, const at::Ten
 }
 
 double PipelineExecutor::run(const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& targets,
-                             const std::vector<double>& loss_scales) {
+                             const std::vector<double>& loss_scales, const std::vector<at::Tensor>& positions) {
   const PipeSchedule& s = *schedule_;
   const int64_t p = s.stages, rank = groups_->host().rank(), last_stage = p * s.virtual_stages - 1;
   if (static_cast<int64_t>(inputs.size()) != s.micro_batches || static_cast<int64_t>(targets.size()) != s.micro_batches ||
@@ -217,6 +228,10 @@ double PipelineExecutor::run(const std::vector<at::Tensor>& inputs, const std::v
     throw std::invalid_argument("PipelineExecutor::run: " + std::to_string(inputs.size()) + " inputs, " +
                                 std::to_string(targets.size()) + " targets and " + std::to_string(loss_scales.size()) +
                                 " loss scales for " + std::to_string(s.micro_batches) + " micro-batches");
+  }
+  if (!positions.empty() && positions.size() != inputs.size()) {
+    throw std::invalid_argument("PipelineExecutor::run: " + std::to_string(positions.size()) + " positions for " +
+                                std::to_string(inputs.size()) + " micro-batches");
   }
   // Per (micro-batch, chunk): the chunk's input (a leaf when it came from
   // another stage, so that its gradient can be sent back), its output, and
@@ -252,7 +267,7 @@ double PipelineExecutor::run(const std::vector<at::Tensor>& inputs, const std::v
       case PipeOp::kForward: {
         LlamaForCausalLM& chunk = *chunks_[a.chunk];
         const at::Tensor& in = stage == 0 ? inputs[a.micro_batch] : slot.input;
-        slot.output = hooks_.forward(chunk, in);
+        slot.output = hooks_.forward(chunk, in, positions_of(positions, static_cast<size_t>(a.micro_batch)));
         last_peak_live_ = std::max(last_peak_live_, ++live);
         if (stage == last_stage) {
           slot.output = scaled_loss(slot.output, targets[a.micro_batch], loss_scales, a.micro_batch, s.micro_batches);
@@ -290,12 +305,16 @@ double PipelineExecutor::run(const std::vector<at::Tensor>& inputs, const std::v
 }
 
 double PipelineExecutor::evaluate(const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& targets,
-                                  const std::vector<double>& loss_scales) {
+                                  const std::vector<double>& loss_scales, const std::vector<at::Tensor>& positions) {
   if (!loss_scales.empty() && loss_scales.size() != inputs.size()) {
     throw std::invalid_argument("PipelineExecutor::evaluate: " + std::to_string(loss_scales.size()) +
                                 " loss scales for " + std::to_string(inputs.size()) + " micro-batches");
   }
   const PipeSchedule& s = *schedule_;
+  if (!positions.empty() && positions.size() != inputs.size()) {
+    throw std::invalid_argument("PipelineExecutor::evaluate: " + std::to_string(positions.size()) +
+                                " positions for " + std::to_string(inputs.size()) + " micro-batches");
+  }
   const int64_t p = s.stages, rank = groups_->host().rank(), last_stage = p * s.virtual_stages - 1;
   at::NoGradGuard no_grad;
   std::vector<std::unique_ptr<Work>> sends;
@@ -310,7 +329,7 @@ double PipelineExecutor::evaluate(const std::vector<at::Tensor>& inputs, const s
                        at::TensorOptions().dtype(shape_.dtype).device(device_));
         recv_from(static_cast<int>((stage - 1) % p), in)->wait();
       }
-      at::Tensor out = hooks_.forward(*chunks_[c], in);
+      at::Tensor out = hooks_.forward(*chunks_[c], in, positions_of(positions, m));
       if (stage == last_stage) {
         loss_sum += scaled_loss(out, targets[m], loss_scales, static_cast<int64_t>(m), 1).item<double>();
       } else {

@@ -131,12 +131,13 @@ class PipelineExecutor {
     int64_t hidden = 1;
     at::ScalarType dtype = at::kFloat;  // of the residual stream between stages
   };
-  // How a chunk runs forward, and the loss of the last stage's logits
-  // ([batch, tokens, vocab or its tp slice]) against the targets
+  // How a chunk runs forward (`positions`: the micro-batch's document
+  // positions, undefined without them), and the loss of the last stage's
+  // logits ([batch, tokens, vocab or its tp slice]) against the targets
   // ([batch, tokens]): a mean over the tokens. Unset: chunk.forward and fp32
   // cross-entropy.
   struct Hooks {
-    std::function<at::Tensor(LlamaForCausalLM& chunk, const at::Tensor& input)> forward;
+    std::function<at::Tensor(LlamaForCausalLM& chunk, const at::Tensor& input, const at::Tensor& positions)> forward;
     std::function<at::Tensor(const at::Tensor& logits, const at::Tensor& targets)> loss;
   };
   // The groups, the schedule and the chunks must outlive the executor.
@@ -147,6 +148,10 @@ class PipelineExecutor {
   // One step: every forward and backward of the schedule for this rank.
   // `inputs` and `targets` hold the step's micro-batches ([batch, tokens]
   // int64 each); the first stage reads the inputs, the last the targets.
+  // `positions`, empty or one per micro-batch ([batch, tokens], the whole
+  // sequence's: data.document_mask), go to every stage's forward of that
+  // micro-batch: each stage's attention needs them, and every pp rank has
+  // them from its own loader, so they never travel between stages.
   // Gradients accumulate into the chunks' parameters (the tied weight's
   // copies then hold the whole gradient). Returns the step's
   // mean loss on the rank that holds the last model stage, 0 elsewhere.
@@ -156,14 +161,15 @@ class PipelineExecutor {
   // trainer/forward_backward.cpp); a scale of 0 adds a zero whose backward
   // still runs.
   double run(const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& targets,
-             const std::vector<double>& loss_scales = {});
+             const std::vector<double>& loss_scales = {}, const std::vector<at::Tensor>& positions = {});
 
   // The mean loss over `inputs` (micro-batches of the same shape, any
   // number) without gradients: each micro-batch passes the stages in order.
   // On the rank holding the last model stage; 0 elsewhere. Collective over pp.
-  // With `loss_scales`, the sum of each micro-batch's loss times its scale.
+  // With `loss_scales`, the sum of each micro-batch's loss times its scale;
+  // `positions` as for run().
   double evaluate(const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& targets,
-                  const std::vector<double>& loss_scales = {});
+                  const std::vector<double>& loss_scales = {}, const std::vector<at::Tensor>& positions = {});
 
   // The most micro-batches whose activations (autograd graphs) this rank
   // held at once during the last run(): forwarded, not yet backwarded.

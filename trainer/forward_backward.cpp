@@ -69,12 +69,26 @@ class AutocastScope {
 
 bool is_masked(const MicroBatch& batch) { return !batch.loss_mask.empty() || !batch.positions.empty(); }
 
+// The positions of the micro-batch's inputs within their documents,
+// [rows, cols - 1] int64 on the CPU, where the model reads them (Note
+// [document mask] in model/document_mask.h); undefined without
+// data.document_mask.
+torch::Tensor input_positions(const MicroBatch& batch) {
+  if (batch.positions.empty()) return {};
+  torch::Tensor positions = torch::empty({batch.rows, batch.cols - 1}, torch::kLong);
+  int64_t* out = positions.data_ptr<int64_t>();
+  for (int64_t r = 0; r < batch.rows; ++r)
+    for (int64_t t = 0; t + 1 < batch.cols; ++t) out[r * (batch.cols - 1) + t] = batch.positions[r * batch.cols + t];
+  return positions;
+}
+
 // A micro-batch's inputs and targets on `device` ([rows, cols - 1] each),
 // the targets that do not count (Note [masked loss]) set to kIgnoredTarget,
 // and how many do.
 struct MaskedBatch {
   torch::Tensor inputs, targets;
   int64_t counted = 0;
+  torch::Tensor positions;  // input_positions(): undefined without data.document_mask
 };
 
 MaskedBatch to_masked_batch(const MicroBatch& batch, c10::Device device) {
@@ -100,7 +114,7 @@ MaskedBatch to_masked_batch(const MicroBatch& batch, c10::Device device) {
       counted += counts ? 1 : 0;
     }
   }
-  return {inputs.to(device), targets.to(device), counted};
+  return {inputs.to(device), targets.to(device), counted, input_positions(batch)};
 }
 
 // The counted targets of the replicas together (Note [masked loss]).
@@ -132,10 +146,12 @@ std::pair<torch::Tensor, torch::Tensor> to_inputs_targets(MicroBatch& batch, c10
   return {rows_bt.slice(1, 0, batch.cols - 1), rows_bt.slice(1, 1, batch.cols)};
 }
 
-// The model's (or a pipeline chunk's) forward, under bf16 autocast when asked.
-torch::Tensor autocast_forward(LlamaForCausalLM& model, const torch::Tensor& input, bool bf16) {
+// The model's (or a pipeline chunk's) forward, under bf16 autocast when asked;
+// over packed documents when `positions` is defined.
+torch::Tensor autocast_forward(LlamaForCausalLM& model, const torch::Tensor& input, bool bf16,
+                               const torch::Tensor& positions = {}) {
   AutocastScope autocast(input.device().type(), bf16);
-  return model.forward(input);
+  return model.forward(input, positions);
 }
 
 // Mean cross-entropy of `logits_btv` against `targets_bt`, in fp32 whatever
@@ -235,7 +251,7 @@ class PlainForwardBackward final : public ForwardBackward {
     torch::Tensor step_loss = zero_loss(setup_.device);
     for (int64_t m = 0; m < micro_batches; ++m) {
       const MaskedBatch& b = batches[static_cast<size_t>(m)];
-      const torch::Tensor logits = autocast_forward(model_, b.inputs, setup_.bf16);
+      const torch::Tensor logits = autocast_forward(model_, b.inputs, setup_.bf16, b.positions);
       auto loss = scaled_token_loss(logits, b.targets, tp_data_, scales[static_cast<size_t>(m)]);
       if (edit.poison && m == 0) loss = loss * std::numeric_limits<double>::quiet_NaN();
       if (edit.scale != 1.0 && m == 0) loss = loss * edit.scale;
@@ -258,7 +274,7 @@ class PlainForwardBackward final : public ForwardBackward {
     const std::vector<double> scales = masked_loss_scales(batches, total, dp_ ? dp_->size() : 1);
     torch::Tensor sum = zero_loss(setup_.device);
     for (size_t m = 0; m < batches.size(); ++m) {
-      const torch::Tensor logits = autocast_forward(model_, batches[m].inputs, setup_.bf16);
+      const torch::Tensor logits = autocast_forward(model_, batches[m].inputs, setup_.bf16, batches[m].positions);
       sum += scaled_token_loss(logits, batches[m].targets, tp_data_, scales[m]).to(torch::kDouble);
     }
     return sum.item<double>();
@@ -288,8 +304,9 @@ class PipelineForwardBackward final : public ForwardBackward {
     shape.hidden = setup.hidden_size;
     shape.dtype = setup.bf16 ? torch::kBFloat16 : torch::kFloat;
     PipelineExecutor::Hooks hooks;
-    hooks.forward = [bf16 = setup.bf16](LlamaForCausalLM& chunk, const torch::Tensor& input) {
-      return autocast_forward(chunk, input, bf16);
+    hooks.forward = [bf16 = setup.bf16](LlamaForCausalLM& chunk, const torch::Tensor& input,
+                                        const torch::Tensor& positions) {
+      return autocast_forward(chunk, input, bf16, positions);
     };
     hooks.loss = [this, tp_data = groups.tp_data](const torch::Tensor& logits, const torch::Tensor& targets) {
       return token_loss(logits, targets, tp_data, masked_now_);
@@ -310,11 +327,12 @@ class PipelineForwardBackward final : public ForwardBackward {
   // interleaves them); its loss is the last stage's, shared with all.
   torch::Tensor run(Loader& loader, const LossEdit& edit, std::vector<uint64_t>& samples,
                     const MicroBatchDone& done) override {
-    std::vector<torch::Tensor> inputs, targets;
+    std::vector<torch::Tensor> inputs, targets, positions;
     std::vector<MaskedBatch> masked;
     for (int64_t m = 0; m < setup_.micro_batches; ++m) {
       MicroBatch batch = loader.next_micro_batch();
       for (const SampleId& id : batch.samples) samples.push_back(id.global_index);
+      if (!batch.positions.empty()) positions.push_back(input_positions(batch));
       if (is_masked(batch)) {
         masked.push_back(to_masked_batch(batch, setup_.device));
         inputs.push_back(masked.back().inputs);
@@ -337,7 +355,7 @@ class PipelineForwardBackward final : public ForwardBackward {
     }
     torch::Tensor step_loss = zero_loss(setup_.device);
     masked_now_ = !masked.empty();
-    step_loss += executor_->run(inputs, targets, scales);
+    step_loss += executor_->run(inputs, targets, scales, positions);
     all_reduce_through_cpu(pp_, step_loss);
     if (edit.poison) step_loss = step_loss * std::numeric_limits<double>::quiet_NaN();
     if (edit.scale != 1.0) step_loss = step_loss * edit.scale;
@@ -347,9 +365,10 @@ class PipelineForwardBackward final : public ForwardBackward {
 
   // The last stage's mean, on every stage. Collective over pp.
   double evaluate(const Loader& loader, int64_t max_batches) override {
-    std::vector<torch::Tensor> inputs, targets;
+    std::vector<torch::Tensor> inputs, targets, positions;
     std::vector<MaskedBatch> masked;
     for (MicroBatch batch : loader.validation_batches(max_batches)) {
+      if (!batch.positions.empty()) positions.push_back(input_positions(batch));
       if (is_masked(batch)) {
         masked.push_back(to_masked_batch(batch, setup_.device));
         inputs.push_back(masked.back().inputs);
@@ -371,7 +390,7 @@ class PipelineForwardBackward final : public ForwardBackward {
       scales = masked_loss_scales(masked, total, dp_ ? dp_->size() : 1);
     }
     masked_now_ = !masked.empty();
-    torch::Tensor loss = torch::tensor(executor_->evaluate(inputs, targets, scales), torch::kDouble);
+    torch::Tensor loss = torch::tensor(executor_->evaluate(inputs, targets, scales, positions), torch::kDouble);
     all_reduce_through_cpu(pp_, loss);
     return loss.item<double>();
   }

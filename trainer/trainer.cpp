@@ -122,6 +122,7 @@ void Trainer::open_loader() {
   loader_config.dp_rank = groups_.coords.dp;
   loader_config.dp_size = dims_.dp;
   loader_config.valid_path = config_.data.valid;
+  loader_config.document_positions = config_.data.document_mask;
   loader_config.open_options = dataset_open_options(config_);
   loader_config.opened = options_.datasets;
   loader_.emplace(loader_config);

@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <functional>
 #include <map>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <numeric>
 #include <random>
@@ -567,6 +568,83 @@ TEST_F(LoaderTest, ValidationBatchesCoverTheValidSetInOrderOnceAcrossRanks) {
   std::multiset<uint64_t> expected;
   for (uint64_t s = 0; s < 28; ++s) expected.insert(s);
   EXPECT_EQ(seen, expected);
+}
+
+// --- document positions (data.document_mask) --------------------------------------
+
+// Every document's first token in the stream, from whole /doc_offsets reads.
+std::set<uint64_t> document_starts(const Dataset& dataset) {
+  std::set<uint64_t> starts;
+  for (size_t s = 0; s < dataset.num_shards(); ++s)
+    for (const uint64_t offset : dataset.read_doc_offsets(s))
+      if (offset < dataset.index().shards[s].num_tokens) starts.insert(dataset.shard_first_token(s) + offset);
+  return starts;
+}
+
+// Row by row: positions[t] = stream position of token t minus its document's
+// start. `stream_position` says where a row's token came from.
+void expect_document_positions(const MicroBatch& batch, const std::set<uint64_t>& starts,
+                               const std::function<uint64_t(int64_t row, int64_t col)>& stream_position) {
+  ASSERT_EQ(batch.positions.size(), batch.tokens.size());
+  for (int64_t row = 0; row < batch.rows; ++row) {
+    for (int64_t col = 0; col < batch.cols; ++col) {
+      const uint64_t p = stream_position(row, col);
+      const uint64_t start = *std::prev(starts.upper_bound(p));
+      ASSERT_EQ(batch.positions[row * batch.cols + col], static_cast<int32_t>(p - start))
+          << "step " << batch.step << " micro-batch " << batch.micro_index << " row " << row << " col " << col;
+    }
+  }
+}
+
+TEST_F(LoaderTest, DocumentPositionsCountWithinEachDocumentAcrossRowsAndShards) {
+  // Documents of 1 to 23 tokens in shards of 97: rows start inside
+  // documents and cross document and shard boundaries.
+  LoaderConfig config = single(300, 8, 2);
+  EXPECT_TRUE(take(*std::make_unique<Loader>(config), 1).front().positions.empty());
+  config.document_positions = true;
+  Loader loader(config);
+  const std::set<uint64_t> starts = document_starts(loader.dataset(0));
+  int rows_starting_inside = 0;
+  for (const MicroBatch& batch : take(loader, 40)) {
+    // The counting dataset's token is its stream position.
+    expect_document_positions(batch, starts, [&](int64_t row, int64_t col) {
+      return static_cast<uint64_t>(batch.tokens[row * batch.cols + col]);
+    });
+    for (int64_t row = 0; row < batch.rows; ++row) rows_starting_inside += batch.positions[row * batch.cols] > 0;
+  }
+  EXPECT_GT(rows_starting_inside, 20);
+}
+
+TEST_F(LoaderTest, DocumentPositionsSkipEmptyDocumentsAndCountPastTheRowLength) {
+  // Empty documents, a document longer than a row and than a shard (it gets
+  // a shard of its own), and many short ones: the offsets are read in blocks.
+  DatasetWriter writer(path("docs"), 65536, 0, "test-tokenizer", 97);
+  std::vector<int32_t> document;
+  int32_t next = 0;
+  const auto add = [&](int length) {
+    document.clear();
+    for (int i = 0; i < length; ++i) document.push_back(next++);
+    writer.add_document(document);
+  };
+  for (int length : {0, 5, 0, 0, 130, 2, 0, 70}) add(length);
+  for (int i = 0; i < 150; ++i) add(1 + i % 3);
+  add(40);
+  writer.finish();
+  LoaderConfig config = single(96, 8, 2);
+  config.valid_path = path("docs");
+  config.seq_len = 16;
+  config.document_positions = true;
+  const Loader loader(config);
+  const Dataset dataset = Dataset::open(path("docs"));
+  const std::set<uint64_t> starts = document_starts(dataset);
+  int64_t longest = 0;
+  for (const MicroBatch& batch : loader.validation_batches()) {
+    expect_document_positions(batch, starts, [&](int64_t row, int64_t col) {
+      return batch.samples[row].sample * 16 + static_cast<uint64_t>(col);
+    });
+    for (const int32_t position : batch.positions) longest = std::max<int64_t>(longest, position);
+  }
+  EXPECT_EQ(longest, 129);
 }
 
 TEST_F(LoaderTest, NoValidationSetMeansNoValidationBatches) {
