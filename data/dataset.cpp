@@ -145,6 +145,7 @@ struct OpenedShard {
   hdf5::FileId file;
   hdf5::DatasetId tokens;
   hdf5::DatasetId doc_offsets;
+  hdf5::DatasetId loss_mask;  // datasets with a loss mask only
 };
 
 bool scan_wanted(const DatasetOpenOptions& options, uint64_t num_tokens) {
@@ -276,9 +277,9 @@ struct Dataset::Impl {
     const hid_t file = shard.file.get();
 
     const int64_t format_version = read_int_attribute(file, "format_version", path);
-    if (format_version != kDatasetFormatVersion)
-      throw BadInput(path + ": root attribute 'format_version' is " + std::to_string(format_version) + ", expected " +
-                     std::to_string(kDatasetFormatVersion));
+    if (format_version != index.format_version())
+      throw BadInput(path + ": root attribute 'format_version' is " + std::to_string(format_version) +
+                     ", index.json says " + std::to_string(index.format_version()));
     const auto check_attribute = [&](const char* name, const std::string& found, const std::string& expected) {
       if (found != expected)
         throw BadInput(path + ": root attribute '" + name + "' is " + found + ", index.json says " + expected);
@@ -300,6 +301,13 @@ struct Dataset::Impl {
     hdf5::TypeId offset_type(H5Dget_type(shard.doc_offsets.get()));
     if (!is_unsigned_integer(offset_type.get(), 8))
       throw BadInput(path + ": dataset '/doc_offsets' is " + describe_type(offset_type.get()) + ", expected uint64");
+
+    if (index.has_loss_mask) {
+      shard.loss_mask = open_vector(file, "loss_mask", entry.num_tokens, path, "index.json's num_tokens");
+      hdf5::TypeId mask_type(H5Dget_type(shard.loss_mask.get()));
+      if (!is_unsigned_integer(mask_type.get(), 1))
+        throw BadInput(path + ": dataset '/loss_mask' is " + describe_type(mask_type.get()) + ", expected uint8");
+    }
     return shard;
   }
 
@@ -383,15 +391,25 @@ struct Dataset::Impl {
     read_slice(shard.doc_offsets.get(), H5T_STD_U64LE, 0, shard_entry.num_documents + 1, bytes.data(), path,
                "doc_offsets");
     crc = crc32c(bytes, crc);
+    if (index.has_loss_mask) {
+      for (uint64_t begin = 0; begin < shard_entry.num_tokens; begin += kScanPieceTokens) {
+        const uint64_t count = std::min(kScanPieceTokens, shard_entry.num_tokens - begin);
+        bytes.resize(count);
+        read_slice(shard.loss_mask.get(), H5T_STD_U8LE, begin, count, bytes.data(), path, "loss_mask");
+        crc = crc32c(bytes, crc);
+      }
+    }
     if (crc != shard_entry.crc32c)
       throw BadInput(path + ": CRC32C " + crc32c_hex(crc) + " does not match index.json's " +
                      crc32c_hex(shard_entry.crc32c) + " (corrupt)");
   }
 
-  // Reads every token of the shard as training reads them, checking the ids
-  // against vocab_size when `check_range`.
+  // Reads every token (and loss-mask value) of the shard as training reads
+  // them, checking the ids against vocab_size and the mask's values (0 or 1)
+  // when `check_range`.
   void read_whole_shard(size_t s, const OpenedShard& shard, bool check_range) {
     std::vector<int32_t> piece;
+    std::vector<uint8_t> mask_piece;
     for (uint64_t begin = 0; begin < entry(s).num_tokens; begin += kScanPieceTokens) {
       const size_t count = static_cast<size_t>(std::min(kScanPieceTokens, entry(s).num_tokens - begin));
       piece.resize(count);
@@ -404,6 +422,26 @@ struct Dataset::Impl {
         else
           read_stored(s, shard, H5T_NATIVE_UINT32, scratch32, begin, count);
       }
+      if (index.has_loss_mask) {
+        mask_piece.resize(count);
+        read_shard_loss_mask(s, shard, begin, mask_piece, check_range);
+      }
+    }
+  }
+
+  // The loss mask of tokens [begin, begin + out.size()) local to one shard,
+  // refusing values other than 0 and 1 when `check_values`.
+  void read_shard_loss_mask(size_t s, const OpenedShard& shard, uint64_t begin, std::span<uint8_t> out,
+                            bool check_values) const {
+    {
+      hdf5::Lock lock;
+      read_slice(shard.loss_mask.get(), H5T_NATIVE_UINT8, begin, out.size(), out.data(), path_of(s), "loss_mask");
+    }
+    if (!check_values) return;
+    for (size_t i = 0; i < out.size(); ++i) {
+      if (out[i] > 1)
+        throw BadInput(path_of(s) + ": /loss_mask[" + std::to_string(begin + i) + "] = " + std::to_string(out[i]) +
+                       " is not 0 or 1 (token " + std::to_string(first_tokens[s] + begin + i) + " of the dataset)");
     }
   }
 
@@ -475,18 +513,34 @@ struct Dataset::Impl {
 
   template <typename Out>
   void read_tokens(uint64_t begin, std::span<Out> out) {
-    if (begin > index.num_tokens || out.size() > index.num_tokens - begin)
-      throw std::out_of_range(dir + ": tokens [" + std::to_string(begin) + ", " + std::to_string(begin + out.size()) +
+    for_each_shard_piece(begin, out.size(), "tokens", [&](size_t s, uint64_t local, size_t done, size_t count) {
+      read_shard_tokens(s, acquire(s), local, out.subspan(done, count));
+    });
+  }
+
+  void read_loss_mask(uint64_t begin, std::span<uint8_t> out) {
+    for_each_shard_piece(begin, out.size(), "loss mask", [&](size_t s, uint64_t local, size_t done, size_t count) {
+      read_shard_loss_mask(s, acquire(s), local, out.subspan(done, count), /*check_values=*/true);
+    });
+  }
+
+  // Calls read(shard, offset in the shard, offset in the output, count) for
+  // each shard's piece of tokens [begin, begin + size), in order, holding
+  // `mutex`; std::out_of_range when the range ends past the dataset.
+  template <typename Read>
+  void for_each_shard_piece(uint64_t begin, size_t size, const char* what, const Read& read) {
+    if (begin > index.num_tokens || size > index.num_tokens - begin)
+      throw std::out_of_range(dir + ": " + what + " [" + std::to_string(begin) + ", " + std::to_string(begin + size) +
                               ") reach past the end of the dataset (" + std::to_string(index.num_tokens) + " tokens)");
-    if (out.empty()) return;
+    if (size == 0) return;
     std::lock_guard guard(mutex);
     size_t shard_index = shard_at(begin);
     size_t done = 0;
-    while (done < out.size()) {
+    while (done < size) {
       const uint64_t local = begin + done - first_tokens[shard_index];
       const uint64_t available = entry(shard_index).num_tokens - std::min(local, entry(shard_index).num_tokens);
-      const size_t count = static_cast<size_t>(std::min<uint64_t>(available, out.size() - done));
-      if (count > 0) read_shard_tokens(shard_index, acquire(shard_index), local, out.subspan(done, count));
+      const size_t count = static_cast<size_t>(std::min<uint64_t>(available, size - done));
+      if (count > 0) read(shard_index, local, done, count);
       done += count;
       ++shard_index;
     }
@@ -574,6 +628,18 @@ const DatasetIndex& Dataset::index() const { return impl_->index; }
 void Dataset::read_tokens(uint64_t begin, std::span<int32_t> out) const { impl_->read_tokens(begin, out); }
 void Dataset::read_tokens(uint64_t begin, std::span<int64_t> out) const { impl_->read_tokens(begin, out); }
 
+void Dataset::read_loss_mask(uint64_t begin, std::span<uint8_t> out) const {
+  if (has_loss_mask()) {
+    impl_->read_loss_mask(begin, out);
+    return;
+  }
+  if (begin > num_tokens() || out.size() > num_tokens() - begin)
+    throw std::out_of_range(impl_->dir + ": loss mask [" + std::to_string(begin) + ", " +
+                            std::to_string(begin + out.size()) + ") reach past the end of the dataset (" +
+                            std::to_string(num_tokens()) + " tokens)");
+  std::fill(out.begin(), out.end(), uint8_t{1});
+}
+
 std::vector<uint64_t> Dataset::read_doc_offsets(size_t shard) const {
   if (shard >= num_shards()) throw std::out_of_range(impl_->dir + ": no shard " + std::to_string(shard));
   std::lock_guard guard(impl_->mutex);
@@ -615,9 +681,14 @@ void Dataset::check_shard_sizes(size_t first, size_t stride) const {
 
 void Dataset::scan_token_range() const {
   std::vector<int32_t> piece;
+  std::vector<uint8_t> mask_piece;
   for (uint64_t begin = 0; begin < num_tokens(); begin += kScanPieceTokens) {
     piece.resize(static_cast<size_t>(std::min(kScanPieceTokens, num_tokens() - begin)));
     read_tokens(begin, piece);
+    if (has_loss_mask()) {
+      mask_piece.resize(piece.size());
+      read_loss_mask(begin, mask_piece);
+    }
   }
 }
 

@@ -7,8 +7,10 @@
 //   ...                   /doc_offsets  1-D uint64, num_documents + 1 entries:
 //                                       document i is tokens[doc_offsets[i] :
 //                                       doc_offsets[i + 1]], its EOS included
-//                         root attributes format_version (1), vocab_size,
-//                         eos_id, tokenizer_hash (string)
+//                         /loss_mask    1-D uint8 of 0/1, as long as /tokens:
+//                                       only in a chat dataset (format 2)
+//                         root attributes format_version (1, or 2 with
+//                         /loss_mask), vocab_size, eos_id, tokenizer_hash
 //
 // The token stream of the dataset is the shards' /tokens concatenated in
 // index order; a global token offset indexes it. docs/data.md describes the
@@ -32,7 +34,13 @@
 
 namespace loom {
 
+// Format 1: tokens and document offsets. Format 2: also a loss mask
+// (/loss_mask in every shard, "loss_mask": true in index.json), written only
+// for the datasets that have one (`loom prepare --chat`), so that every other
+// dataset stays readable by a loom that knows format 1 alone, and such a loom
+// refuses a format-2 dataset instead of training on it without the mask.
 inline constexpr int kDatasetFormatVersion = 1;
+inline constexpr int kDatasetFormatVersionLossMask = 2;
 inline constexpr const char* kDatasetFormatName = "loom-dataset";
 inline constexpr const char* kDatasetIndexFile = "index.json";
 // Default shard size, in tokens (128 MiB of uint16 tokens).
@@ -59,7 +67,7 @@ struct ShardEntry {
   std::string file;            // name inside the dataset folder
   uint64_t num_tokens = 0;
   uint64_t num_documents = 0;
-  uint32_t crc32c = 0;         // see docs/data.md: /tokens then /doc_offsets, little-endian
+  uint32_t crc32c = 0;         // see docs/data.md: /tokens, /doc_offsets, then /loss_mask, little-endian
   uint64_t bytes = 0;          // size of the .h5 file
   // CRC-32C of the .h5 file's bytes, checked before HDF5 reads the file
   // (Note [Shard file checksum]). Absent in datasets written before it
@@ -73,9 +81,14 @@ struct DatasetIndex {
   int64_t eos_id = 0;
   std::string tokenizer_hash;
   TokenDtype token_dtype = TokenDtype::kUint16;
+  // Every shard holds /loss_mask (format_version 2).
+  bool has_loss_mask = false;
   uint64_t num_tokens = 0;
   uint64_t num_documents = 0;
   std::vector<ShardEntry> shards;
+
+  // 2 with a loss mask, else 1 (index.json's and every shard's format_version).
+  int format_version() const { return has_loss_mask ? kDatasetFormatVersionLossMask : kDatasetFormatVersion; }
 
   // index.json's text (pretty-printed, keys in the documented order).
   std::string to_json() const;
@@ -97,9 +110,10 @@ class DatasetWriter {
   // index.json (a finished dataset is never overwritten), when vocab_size is
   // not in [1, 2^31], eos_id not in [0, vocab_size), or shard_tokens is 0.
   // Leftovers of an interrupted writer in `dir` (shard-NNNNN.h5 and
-  // shard-NNNNN.h5.tmp without an index.json) are removed.
+  // shard-NNNNN.h5.tmp without an index.json) are removed. `with_loss_mask`:
+  // a format-2 dataset, whose documents come with their loss mask.
   DatasetWriter(std::string dir, int64_t vocab_size, int64_t eos_id, std::string tokenizer_hash,
-                uint64_t shard_tokens = kDefaultShardTokens);
+                uint64_t shard_tokens = kDefaultShardTokens, bool with_loss_mask = false);
   DatasetWriter(const DatasetWriter&) = delete;
   DatasetWriter& operator=(const DatasetWriter&) = delete;
   ~DatasetWriter();
@@ -109,8 +123,14 @@ class DatasetWriter {
   // shard_tokens, the shard is completed and the document starts the next one
   // (a document longer than shard_tokens gets a shard of its own). Throws
   // BadInput naming the document and position for an id outside
-  // [0, vocab_size); the document is then not added.
+  // [0, vocab_size); the document is then not added. Only for a writer
+  // without a loss mask (std::logic_error otherwise).
   void add_document(std::span<const int32_t> ids);
+  // The same with the document's loss mask (one 0 or 1 per id), for a writer
+  // made with_loss_mask (std::logic_error otherwise). BadInput naming the
+  // document and position for a value other than 0 or 1, std::logic_error
+  // when the lengths differ.
+  void add_document(std::span<const int32_t> ids, std::span<const uint8_t> loss_mask);
 
   // Completes the last shard and writes index.json. Returns the index.
   // Call once; the writer accepts nothing afterwards.
@@ -127,6 +147,7 @@ class DatasetWriter {
  private:
   struct OpenShard;
   void start_shard();
+  void add_checked_document(std::span<const int32_t> ids, std::span<const uint8_t> loss_mask);
   void flush_pending();
   void complete_shard();
   void remove_written_files() noexcept;
@@ -203,8 +224,9 @@ class Dataset {
   // the index: it exists, its size, its file CRC-32C and a probe process's
   // reading of it (as options.check_shard_files says), /tokens dtype and
   // length, /doc_offsets length and values (0 first, num_tokens last,
-  // non-decreasing), the root attributes, and (as the options say) its token
-  // ids and its data CRC32C. Any mismatch is BadInput naming the shard file
+  // non-decreasing), the root attributes, /loss_mask's dtype (uint8) and
+  // length where the dataset has one, and (as the options say) its token ids,
+  // its mask values (0 or 1) and its data CRC32C. Any mismatch is BadInput naming the shard file
   // (or index.json and the key), thrown by the read that needed the shard.
   static Dataset open(const std::string& dir, const DatasetOpenOptions& options = {});
 
@@ -225,6 +247,14 @@ class Dataset {
   // token id is >= vocab_size.
   void read_tokens(uint64_t begin, std::span<int32_t> out) const;
   void read_tokens(uint64_t begin, std::span<int64_t> out) const;
+
+  // Whether the dataset has a loss mask (index.json's loss_mask, format 2).
+  bool has_loss_mask() const { return index().has_loss_mask; }
+  // Copies the loss mask of tokens [begin, begin + out.size()) into `out`, as
+  // read_tokens: 1 where the token is a target of the loss, 0 where it is
+  // not. A dataset without a loss mask gives all ones (every token counts).
+  // BadInput naming the shard and offset for a stored value other than 0 or 1.
+  void read_loss_mask(uint64_t begin, std::span<uint8_t> out) const;
 
   // The shard's /doc_offsets (offsets local to the shard), read from the
   // file on every call: nothing keeps them (Note [Lazy shard checks]).
@@ -252,7 +282,8 @@ class Dataset {
   // the first file that does not.
   void check_shard_sizes(size_t first = 0, size_t stride = 1) const;
 
-  // Checks every token id against vocab_size (BadInput naming shard, offset).
+  // Checks every token id against vocab_size, and every loss-mask value
+  // (0 or 1) where there is a mask (BadInput naming shard, offset).
   void scan_token_range() const;
   // Recomputes every shard's CRC32C and compares it with index.json.
   void verify_checksums() const;

@@ -91,11 +91,12 @@ std::string shard_file_name(size_t shard) {
 std::string DatasetIndex::to_json() const {
   nlohmann::ordered_json root;
   root["format"] = kDatasetFormatName;
-  root["format_version"] = kDatasetFormatVersion;
+  root["format_version"] = format_version();
   root["vocab_size"] = vocab_size;
   root["eos_id"] = eos_id;
   root["tokenizer_hash"] = tokenizer_hash;
   root["token_dtype"] = token_dtype_name(token_dtype);
+  if (has_loss_mask) root["loss_mask"] = true;
   root["num_tokens"] = num_tokens;
   root["num_documents"] = num_documents;
   root["shards"] = nlohmann::ordered_json::array();
@@ -122,11 +123,26 @@ DatasetIndex DatasetIndex::parse(const std::string& text, const std::string& pat
 
   if (reader.string(root, "format", "format") != kDatasetFormatName)
     reader.fail("format", "expected \"" + std::string(kDatasetFormatName) + "\", found " + clip(root["format"]));
-  if (reader.unsigned_int(root, "format_version", "format_version") != kDatasetFormatVersion)
-    reader.fail("format_version", "expected " + std::to_string(kDatasetFormatVersion) +
-                                      " (what this loom reads), found " + clip(root["format_version"]));
+  const uint64_t format_version = reader.unsigned_int(root, "format_version", "format_version");
+  if (format_version != kDatasetFormatVersion && format_version != kDatasetFormatVersionLossMask)
+    reader.fail("format_version", "expected " + std::to_string(kDatasetFormatVersion) + " or " +
+                                      std::to_string(kDatasetFormatVersionLossMask) + " (what this loom reads), found " +
+                                      clip(root["format_version"]));
 
   DatasetIndex index;
+  // Format 2 is the format of a dataset with a loss mask, and says so twice:
+  // a reader that knows format 1 alone refuses the version, and one that
+  // knows both reads the key.
+  const auto loss_mask = root.find("loss_mask");
+  if (format_version == kDatasetFormatVersionLossMask) {
+    if (loss_mask == root.end() || *loss_mask != true)
+      reader.fail("loss_mask", "format_version 2 is a dataset with a loss mask: expected true, found " +
+                                   (loss_mask == root.end() ? std::string("no key") : clip(*loss_mask)));
+    index.has_loss_mask = true;
+  } else if (loss_mask != root.end() && *loss_mask != false) {
+    reader.fail("loss_mask", "a loss mask needs format_version 2, found format_version 1 and loss_mask " +
+                                 clip(*loss_mask));
+  }
   const uint64_t vocab_size = reader.unsigned_int(root, "vocab_size", "vocab_size");
   if (vocab_size == 0 || vocab_size > static_cast<uint64_t>(kMaxVocabSize))
     reader.fail("vocab_size", "expected 1 to 2^31, found " + std::to_string(vocab_size));

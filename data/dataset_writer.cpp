@@ -2,6 +2,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -58,6 +59,24 @@ void write_string_attribute(hid_t file, const char* name, const std::string& val
     fail_hdf5(path, std::string("cannot write root attribute '") + name + "'");
 }
 
+// /loss_mask: uint8, chunked as /tokens (a sample's read touches one or two
+// chunks of each). The caller holds the HDF5 lock.
+void write_loss_mask(hid_t file, const std::vector<std::byte>& values, const std::string& path) {
+  // Extendible, as /tokens: HDF5 refuses a chunk larger than a fixed-size
+  // dataset, and a shard of empty documents has an empty mask.
+  const hsize_t size[1] = {values.size()};
+  const hsize_t maximum[1] = {H5S_UNLIMITED};
+  const hsize_t chunk[1] = {std::clamp<hsize_t>(values.size(), 1, kTokenChunkElements)};
+  hdf5::SpaceId space(H5Screate_simple(1, size, maximum));
+  hdf5::PlistId create = untimed_dataset_creation(path, "loss_mask");
+  if (!space.valid() || H5Pset_chunk(create.get(), 1, chunk) < 0) fail_hdf5(path, "cannot set up dataset '/loss_mask'");
+  hdf5::DatasetId mask(H5Dcreate2(file, "loss_mask", H5T_STD_U8LE, space.get(), H5P_DEFAULT, create.get(), H5P_DEFAULT));
+  if (!mask.valid() || (!values.empty() && H5Dwrite(mask.get(), H5T_STD_U8LE, H5S_ALL, H5S_ALL, H5P_DEFAULT,
+                                                     values.data()) < 0))
+    fail_hdf5(path, "cannot write '/loss_mask'");
+  if (!mask.close()) fail_hdf5(path, "cannot close '/loss_mask'");
+}
+
 // shard-NNNNN.h5 or shard-NNNNN.h5.tmp: what an interrupted writer leaves.
 bool is_writer_leftover(const std::string& name) {
   std::string stem = name;
@@ -83,6 +102,10 @@ struct DatasetWriter::OpenShard {
   hdf5::DatasetId tokens;
   uint64_t tokens_in_file = 0;       // already written to /tokens
   std::vector<std::byte> pending;    // little-endian token bytes not yet written
+  // The whole shard's loss mask (with_loss_mask): written at completion,
+  // after /doc_offsets, which the checksum covers before it. One byte per
+  // token, half the size of the smallest token width.
+  std::vector<std::byte> loss_mask;
   std::vector<uint64_t> doc_offsets{0};
   uint32_t crc = 0;                  // of the /tokens bytes written so far
 
@@ -90,7 +113,7 @@ struct DatasetWriter::OpenShard {
 };
 
 DatasetWriter::DatasetWriter(std::string dir, int64_t vocab_size, int64_t eos_id, std::string tokenizer_hash,
-                             uint64_t shard_tokens)
+                             uint64_t shard_tokens, bool with_loss_mask)
     : dir_(std::move(dir)), shard_tokens_(shard_tokens) {
   if (vocab_size < 1 || vocab_size > kMaxVocabSize)
     throw BadInput(dir_ + ": vocab_size " + std::to_string(vocab_size) + " is outside [1, 2^31]");
@@ -102,6 +125,7 @@ DatasetWriter::DatasetWriter(std::string dir, int64_t vocab_size, int64_t eos_id
   index_.eos_id = eos_id;
   index_.tokenizer_hash = std::move(tokenizer_hash);
   index_.token_dtype = token_dtype_for_vocab(vocab_size);
+  index_.has_loss_mask = with_loss_mask;
 
   std::error_code error;
   fs::create_directories(dir_, error);
@@ -125,6 +149,25 @@ uint64_t DatasetWriter::num_documents() const {
 }
 
 void DatasetWriter::add_document(std::span<const int32_t> ids) {
+  if (index_.has_loss_mask) throw std::logic_error(dir_ + ": add_document without a loss mask to a dataset with one");
+  add_checked_document(ids, {});
+}
+
+void DatasetWriter::add_document(std::span<const int32_t> ids, std::span<const uint8_t> loss_mask) {
+  if (!index_.has_loss_mask) throw std::logic_error(dir_ + ": add_document with a loss mask to a dataset without one");
+  if (loss_mask.size() != ids.size())
+    throw std::logic_error(dir_ + ": document " + std::to_string(num_documents()) + " has " +
+                           std::to_string(ids.size()) + " tokens and " + std::to_string(loss_mask.size()) +
+                           " loss-mask values");
+  for (size_t i = 0; i < loss_mask.size(); ++i) {
+    if (loss_mask[i] > 1)
+      throw BadInput(dir_ + ": document " + std::to_string(num_documents()) + ": loss-mask value " +
+                     std::to_string(loss_mask[i]) + " at position " + std::to_string(i) + " is not 0 or 1");
+  }
+  add_checked_document(ids, loss_mask);
+}
+
+void DatasetWriter::add_checked_document(std::span<const int32_t> ids, std::span<const uint8_t> loss_mask) {
   if (finished_) throw std::logic_error(dir_ + ": add_document after finish()");
   for (size_t i = 0; i < ids.size(); ++i) {
     if (ids[i] < 0 || ids[i] >= index_.vocab_size)
@@ -138,6 +181,7 @@ void DatasetWriter::add_document(std::span<const int32_t> ids) {
 
   const size_t width = token_dtype_bytes(index_.token_dtype);
   for (const int32_t id : ids) append_little_endian(shard_->pending, static_cast<uint64_t>(id), width);
+  for (const uint8_t value : loss_mask) shard_->loss_mask.push_back(static_cast<std::byte>(value));
   shard_->doc_offsets.push_back(shard_->num_tokens() + ids.size());
   if (shard_->pending.size() >= kTokenChunkElements * width) flush_pending();
 }
@@ -157,7 +201,7 @@ void DatasetWriter::start_shard() {
   shard_->file = hdf5::FileId(H5Fcreate(path.c_str(), H5F_ACC_TRUNC, file_create.get(), H5P_DEFAULT));
   if (!shard_->file.valid()) fail_hdf5(path, "cannot create HDF5 file");
   const hid_t file = shard_->file.get();
-  write_int_attribute(file, "format_version", kDatasetFormatVersion, path);
+  write_int_attribute(file, "format_version", index_.format_version(), path);
   write_int_attribute(file, "vocab_size", index_.vocab_size, path);
   write_int_attribute(file, "eos_id", index_.eos_id, path);
   write_string_attribute(file, "tokenizer_hash", index_.tokenizer_hash, path);
@@ -218,10 +262,13 @@ void DatasetWriter::complete_shard() {
     if (!offsets.valid() ||
         H5Dwrite(offsets.get(), H5T_STD_U64LE, H5S_ALL, H5S_ALL, H5P_DEFAULT, offset_bytes.data()) < 0)
       fail_hdf5(path, "cannot write '/doc_offsets'");
-    if (!offsets.close() || !shard.tokens.close() || !shard.file.close()) fail_hdf5(path, "cannot close HDF5 file");
+    if (!offsets.close()) fail_hdf5(path, "cannot close '/doc_offsets'");
+    if (index_.has_loss_mask) write_loss_mask(shard.file.get(), shard.loss_mask, path);
+    if (!shard.tokens.close() || !shard.file.close()) fail_hdf5(path, "cannot close HDF5 file");
   }
-  // The checksum covers /tokens then /doc_offsets (docs/data.md).
-  const uint32_t crc = crc32c(offset_bytes, shard.crc);
+  // The checksum covers /tokens, /doc_offsets, then /loss_mask (docs/data.md).
+  uint32_t crc = crc32c(offset_bytes, shard.crc);
+  if (index_.has_loss_mask) crc = crc32c(shard.loss_mask, crc);
 
   // fsync before the rename: otherwise a crash could leave the final name
   // pointing at a file whose data never reached the disk.

@@ -46,11 +46,25 @@ void add_shards_of_sample(const Dataset& dataset, uint64_t sample, int64_t seq_l
     shards.push_back(s);
 }
 
-// Reads sample `sample` (seq_len + 1 tokens) into row `row` of `batch`.
+// Reads sample `sample` (seq_len + 1 tokens) into row `row` of `batch`, and
+// its loss mask when the batch has one (sized already). A dataset without a
+// mask gives all ones there (Dataset::read_loss_mask): in a blend of chat and
+// plain datasets every token of a plain one counts.
 void read_sample(const Dataset& dataset, uint64_t sample, int64_t seq_len, MicroBatch& batch, int64_t row) {
-  const std::span<int64_t> out =
-      std::span(batch.tokens).subspan(static_cast<size_t>(row * batch.cols), static_cast<size_t>(batch.cols));
-  dataset.read_tokens(sample * static_cast<uint64_t>(seq_len), out);
+  const auto first = static_cast<size_t>(row * batch.cols);
+  const auto cols = static_cast<size_t>(batch.cols);
+  dataset.read_tokens(sample * static_cast<uint64_t>(seq_len), std::span(batch.tokens).subspan(first, cols));
+  if (!batch.loss_mask.empty())
+    dataset.read_loss_mask(sample * static_cast<uint64_t>(seq_len), std::span(batch.loss_mask).subspan(first, cols));
+}
+
+// Whether the batches of a run carry a loss mask: when any of its datasets
+// (training or validation) has one.
+bool any_loss_mask(const std::vector<std::shared_ptr<const Dataset>>& datasets,
+                   const std::shared_ptr<const Dataset>& valid) {
+  for (const auto& dataset : datasets)
+    if (dataset->has_loss_mask()) return true;
+  return valid && valid->has_loss_mask();
 }
 
 // Typed access to a saved state, naming `context` and the key in errors.
@@ -189,6 +203,7 @@ class Loader::Producer {
     batch.step = position_.step;
     batch.micro_index = position_.micro_index;
     batch.tokens.resize(static_cast<size_t>(batch.rows * batch.cols));
+    if (loader_.loss_mask_) batch.loss_mask.resize(batch.tokens.size());
     for (int64_t row = 0; row < batch.rows; ++row) {
       const SampleId& id = local_[static_cast<size_t>(position_.micro_index * config.micro_batch + row)];
       read_sample(*loader_.datasets_[id.dataset], id.sample, config.seq_len, batch, row);
@@ -306,6 +321,7 @@ Loader::Loader(LoaderConfig config) : config_(std::move(config)) {
     check_compatible(*valid_, "data.valid");
   }
   position_.counts_at_step_start.assign(datasets_.size(), 0);
+  loss_mask_ = any_loss_mask(datasets_, valid_);
 }
 
 Loader::~Loader() { stop_prefetch(); }
@@ -482,15 +498,16 @@ ShardCacheStats Loader::shard_cache_stats() const {
 // --- validation ----------------------------------------------------------------------
 
 ValidationBatches Loader::validation_batches(int64_t max_batches) const {
-  if (!valid_) return ValidationBatches(nullptr, &config_, 0);
+  if (!valid_) return ValidationBatches(nullptr, &config_, 0, loss_mask_);
   const auto group = static_cast<uint64_t>(config_.micro_batch * config_.dp_size);
   auto count = static_cast<int64_t>(samples_in(*valid_, config_.seq_len) / group);
   if (max_batches >= 0) count = std::min(count, max_batches);
-  return ValidationBatches(valid_.get(), &config_, count);
+  return ValidationBatches(valid_.get(), &config_, count, loss_mask_);
 }
 
-ValidationBatches::ValidationBatches(const Dataset* dataset, const LoaderConfig* config, int64_t count)
-    : dataset_(dataset), config_(config), count_(count) {}
+ValidationBatches::ValidationBatches(const Dataset* dataset, const LoaderConfig* config, int64_t count,
+                                     bool fill_loss_mask)
+    : dataset_(dataset), config_(config), count_(count), fill_loss_mask_(fill_loss_mask) {}
 
 MicroBatch ValidationBatches::at(int64_t index) const {
   if (index < 0 || index >= count_)
@@ -500,6 +517,7 @@ MicroBatch ValidationBatches::at(int64_t index) const {
   batch.cols = config_->seq_len + 1;
   batch.step = index;
   batch.tokens.resize(static_cast<size_t>(batch.rows * batch.cols));
+  if (fill_loss_mask_) batch.loss_mask.resize(batch.tokens.size());
   const int64_t group = config_->micro_batch * config_->dp_size;
   const auto sample_of_row = [&](int64_t row) {
     return static_cast<uint64_t>(index * group + row * config_->dp_size + config_->dp_rank);

@@ -175,7 +175,9 @@ class ValidationBatches {
     mutable std::optional<MicroBatch> current_;
   };
 
-  ValidationBatches(const Dataset* dataset, const LoaderConfig* config, int64_t count);
+  // fill_loss_mask: the batches carry MicroBatch::loss_mask (some dataset of
+  // the run has a loss mask).
+  ValidationBatches(const Dataset* dataset, const LoaderConfig* config, int64_t count, bool fill_loss_mask = false);
   int64_t size() const { return count_; }
   MicroBatch at(int64_t index) const;
   Iterator begin() const { return {this, 0}; }
@@ -185,6 +187,7 @@ class ValidationBatches {
   const Dataset* dataset_;
   const LoaderConfig* config_;
   int64_t count_;
+  bool fill_loss_mask_;
 };
 
 // One per rank. Use from one thread: next_micro_batch, state and restore are
@@ -267,6 +270,7 @@ class Loader {
   std::vector<std::shared_ptr<const Dataset>> datasets_;
   std::vector<uint64_t> num_samples_;
   std::shared_ptr<const Dataset> valid_;
+  bool loss_mask_ = false;  // batches carry MicroBatch::loss_mask: some dataset has one
 
   Position position_;                  // after the last micro-batch returned
   std::exception_ptr failure_;         // sticky error of the stream

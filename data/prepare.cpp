@@ -11,10 +11,12 @@
 #include <functional>
 #include <future>
 #include <mutex>
+#include <optional>
 #include <thread>
 
 #include <nlohmann/json.hpp>
 
+#include "data/chat_encoding.h"
 #include "data/prepare_parts.h"
 #include "util/error.h"
 #include "util/file_io.h"
@@ -121,6 +123,16 @@ class Progress {
   Clock::time_point last_print_ = Clock::now();
 };
 
+// Calls emit(line, "path:N") for each non-blank line of `path`: the
+// conversations of `loom prepare --chat`, parsed by the workers.
+void read_lines(const std::string& path, const std::function<void(std::string&&, std::string&&)>& emit) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw BadInput("cannot read input '" + path + "'");
+  std::string line;
+  for (int64_t number = 1; std::getline(in, line); ++number)
+    if (!is_blank(line)) emit(std::move(line), path + ":" + std::to_string(number));
+}
+
 }  // namespace
 
 void read_documents(const std::string& path, const DocumentSplit& split,
@@ -222,21 +234,62 @@ PrepareSummary prepare_dataset(const PrepareOptions& options) {
   const int32_t eos_id = resolve_eos_id(tokenizer, options.tokenizer_path, options.eos_token);
   const int threads = options.threads > 0 ? options.threads : std::max(1u, std::thread::hardware_concurrency());
 
-  DatasetWriter writer(output_dir, tokenizer.vocab_size(), eos_id, tokenizer.hash(), options.shard_tokens);
+  // The template is parsed here once, so that a template loom cannot parse
+  // fails before any input is read; each job parses its own copy
+  // (ChatTemplate is not thread-safe), a few milliseconds per batch.
+  std::optional<ChatTemplateSource> chat_source;
+  nlohmann::ordered_json special_tokens;
+  if (options.chat) {
+    chat_source = find_chat_template(options.tokenizer_path);
+    special_tokens = read_special_tokens(options.tokenizer_path);
+    const ChatTemplate parsed(*chat_source, special_tokens, options.chat_options);
+  }
+
+  DatasetWriter writer(output_dir, tokenizer.vocab_size(), eos_id, tokenizer.hash(), options.shard_tokens,
+                       /*with_loss_mask=*/options.chat);
+  // A batch holds each document's text and, with --chat, its "file:line".
+  struct Batch {
+    std::vector<std::string> texts;
+    std::vector<std::string> locations;
+  };
+  using Encoded = std::vector<ChatDocument>;  // loss_mask empty without --chat
+  // The workers' code, declared before the pool: the pool's destructor waits
+  // for jobs that an exception left running, and they use these.
+  auto encode_text = [&tokenizer, eos_id](const Batch& docs) {
+    Encoded out(docs.texts.size());
+    for (size_t i = 0; i < docs.texts.size(); ++i) {
+      out[i].ids = tokenizer.encode(docs.texts[i]);
+      out[i].ids.push_back(eos_id);
+    }
+    return out;
+  };
+  auto encode_chat = [&tokenizer, &chat_source, &special_tokens, &options](const Batch& docs) {
+    const ChatTemplate chat_template(*chat_source, special_tokens, options.chat_options);
+    Encoded out(docs.texts.size());
+    for (size_t i = 0; i < docs.texts.size(); ++i) {
+      try {
+        out[i] = encode_conversation(chat_template, tokenizer, parse_conversation(docs.texts[i]));
+      } catch (const BadInput& e) {
+        throw BadInput(docs.locations[i] + ": " + e.what());
+      }
+    }
+    return out;
+  };
   WorkerPool pool(threads);
   Progress progress(total_bytes);
 
   // Documents go to the workers in batches; results are written in batch
   // order. At most 4 batches per thread are in flight, which bounds memory.
-  using Batch = std::vector<std::string>;
-  using Encoded = std::vector<std::vector<int32_t>>;
   std::deque<std::pair<std::future<Encoded>, uint64_t>> in_flight;  // (result, bytes)
   uint64_t bytes_done = 0, documents = 0;
   auto write_oldest = [&] {
     auto [future, bytes] = std::move(in_flight.front());
     in_flight.pop_front();
-    for (auto& ids : future.get()) {
-      writer.add_document(ids);
+    for (const ChatDocument& document : future.get()) {
+      if (options.chat)
+        writer.add_document(document.ids, document.loss_mask);
+      else
+        writer.add_document(document.ids);
       ++documents;
     }
     bytes_done += bytes;
@@ -245,15 +298,9 @@ PrepareSummary prepare_dataset(const PrepareOptions& options) {
   Batch batch;
   uint64_t batch_bytes = 0;
   auto submit = [&] {
-    if (batch.empty()) return;
-    auto job = [&tokenizer, eos_id, docs = std::move(batch)] {
-      Encoded out;
-      out.reserve(docs.size());
-      for (const auto& doc : docs) {
-        out.push_back(tokenizer.encode(doc));
-        out.back().push_back(eos_id);
-      }
-      return out;
+    if (batch.texts.empty()) return;
+    auto job = [&options, &encode_text, &encode_chat, docs = std::move(batch)] {
+      return options.chat ? encode_chat(docs) : encode_text(docs);
     };
     in_flight.emplace_back(pool.submit(std::move(job)), batch_bytes);
     batch = {};
@@ -261,9 +308,18 @@ PrepareSummary prepare_dataset(const PrepareOptions& options) {
     if (in_flight.size() >= static_cast<size_t>(4 * threads)) write_oldest();
   };
   for (const auto& input : inputs) {
+    if (options.chat) {
+      read_lines(input, [&](std::string&& line, std::string&& location) {
+        batch_bytes += line.size() + 1;
+        batch.texts.push_back(std::move(line));
+        batch.locations.push_back(std::move(location));
+        if (batch_bytes >= (256u << 10)) submit();
+      });
+      continue;
+    }
     read_documents(input, options.split, [&](std::string&& document) {
       batch_bytes += document.size() + 1;
-      batch.push_back(std::move(document));
+      batch.texts.push_back(std::move(document));
       if (batch_bytes >= (256u << 10)) submit();
     });
   }

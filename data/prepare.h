@@ -4,6 +4,12 @@
 // Documents are read in input order, tokenized by a pool of worker threads
 // (one per core by default) and written in the same order, each followed by
 // the EOS token, so the output is identical whatever the thread count.
+//
+// With `chat`, each non-blank line of every input is one conversation
+// {"messages": [...]}, rendered with the tokenizer folder's chat template and
+// tokenized as transformers' apply_chat_template does (data/chat_encoding.h);
+// no EOS is appended (the template's text is the document), and the dataset
+// has a loss mask (format 2) that is 1 on the assistant turns.
 #pragma once
 
 #include <cstdint>
@@ -11,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "data/chat_template.h"
 #include "data/dataset.h"
 #include "data/tokenizer.h"
 
@@ -41,6 +48,10 @@ struct PrepareOptions {
   std::string output_dir;
   std::string eos_token;  // "" = resolve_eos_id's default
   DocumentSplit split;
+  // Conversations rendered with the chat template, a loss mask on their
+  // assistant turns; `split` and EOS are not used then.
+  bool chat = false;
+  ChatTemplateOptions chat_options;
   uint64_t shard_tokens = kDefaultShardTokens;
   int threads = 0;  // 0 = hardware concurrency
   // parts > 0: write part `part` of a dataset prepared in `parts` parts,
@@ -61,7 +72,9 @@ struct PrepareSummary {
 
 // Tokenizes all inputs into a new dataset at output_dir. Prints progress to
 // stderr: a bar with tokens/s and ETA on a terminal, a line every few seconds
-// otherwise. An empty input (no documents at all) is BadInput. With parts >
+// otherwise. An empty input (no documents at all) is BadInput; with `chat`, a
+// line that is not a conversation, or that the template refuses, is BadInput
+// naming the file and line, and nothing is written. With parts >
 // 0, tokenizes part `part`'s inputs (inputs_of_part) into its part folder and
 // writes part.json instead of index.json; a part may be empty (the merge
 // refuses an empty whole), and a part whose part.json exists is left as it is.

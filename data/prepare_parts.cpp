@@ -164,6 +164,9 @@ void check_same(const PartRecord& first, const PartRecord& other) {
   if (b.eos_id != a.eos_id) differ("eos_id", std::to_string(a.eos_id), std::to_string(b.eos_id));
   if (b.token_dtype != a.token_dtype)
     differ("token_dtype", token_dtype_name(a.token_dtype), token_dtype_name(b.token_dtype));
+  // A part of --chat (with a loss mask) and one without cannot make one dataset.
+  if (b.has_loss_mask != a.has_loss_mask)
+    differ("loss_mask", a.has_loss_mask ? "true" : "false", b.has_loss_mask ? "true" : "false");
 }
 
 // The part folders of `dir` by part number, all of one N.

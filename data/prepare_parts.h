@@ -57,7 +57,7 @@ struct MergeSummary {
 // Merges DIR/part-*-of-N/ into the dataset DIR. BadInput naming the part
 // (and the command that makes it) when one is missing or unfinished, and
 // naming both parts when two disagree (inputs, shard_tokens, tokenizer hash,
-// vocab_size, eos_id, token dtype). An interrupted merge can be run again.
+// vocab_size, eos_id, token dtype, loss mask). An interrupted merge can be run again.
 MergeSummary merge_parts(const std::string& dir);
 
 }  // namespace loom

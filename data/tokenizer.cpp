@@ -521,6 +521,11 @@ std::string Tokenizer::decode(std::span<const int32_t> ids) const {
   return utf8_lossy(bytes);
 }
 
+std::string_view Tokenizer::token_bytes(int32_t id) const {
+  if (id < 0 || id >= impl_->vocab_size || !impl_->has_token[id]) return {};
+  return impl_->id_bytes.at(id);
+}
+
 int64_t Tokenizer::vocab_size() const { return impl_->vocab_size; }
 
 std::optional<int32_t> Tokenizer::token_to_id(std::string_view token) const {

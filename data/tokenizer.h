@@ -53,6 +53,12 @@ class Tokenizer {
   // valid UTF-8 become U+FFFD (as `tokenizers` does).
   std::string decode(std::span<const int32_t> ids) const;
 
+  // The bytes token `id` stands for in a decoded text, before decode()'s
+  // UTF-8 repair: decode(ids) is utf8_lossy of their concatenation. Empty
+  // for an id with no token. `loom prepare --chat` maps a text's bytes to
+  // its tokens with it (data/chat_encoding.cpp).
+  std::string_view token_bytes(int32_t id) const;
+
   // Largest id of the vocabulary or of an added token, plus one.
   int64_t vocab_size() const;
   // Id of a token string (added tokens first, then the BPE vocabulary), as

@@ -27,7 +27,8 @@ const CommandSpec& prepare_spec() {
   static const CommandSpec spec{
       .name = "prepare",
       .synopsis = "--tokenizer T --input FILE... --output DIR [--part I/N] [OPTIONS] | --merge DIR",
-      .summary = "text or JSONL files -> a tokenized HDF5 dataset, the input of loom train (docs/data.md)",
+      .summary = "text or JSONL files (or chat conversations) -> a tokenized HDF5 dataset, the input of loom train "
+                 "(docs/data.md)",
       .arguments = {{"FILE...", "more input files, as --input FILE"}},
       .flags = {{"tokenizer", "T", "tokenizer.json (required)"},
                 {"input", "FILE", "text or JSONL file", kRepeatable},
@@ -35,12 +36,18 @@ const CommandSpec& prepare_spec() {
                 {"eos-token", "TOK", "token appended to every document"},
                 {"text-field", "NAME", "JSONL field holding the text (default text)"},
                 {"doc-per-file", "", "each text file is one document"},
+                {"chat", "", "each line is {\"messages\": [...]}: rendered with the tokenizer's chat template, "
+                             "with a loss mask on the assistant turns"},
+                {"chat-date", "YYYY-MM-DD", std::string("the date strftime_now gives the chat template (default ") +
+                                                kDefaultChatDate + ")"},
                 {"shard-tokens", "N", "tokens per shard (default 64Mi)"},
                 {"threads", "N", "tokenizer threads (default: all cores)"},
                 {"part", "I/N", "write only part I (0-based) of N into DIR/part-I-of-N/, for a Slurm array"},
                 {"merge", "DIR", "merge DIR's N finished parts into one dataset (writes DIR/index.json)"}},
       .examples = {"loom prepare --tokenizer runs/data/tokenizer.json --input runs/data/kjv.txt "
                    "--output runs/data/tiny",
+                   "loom prepare --chat --tokenizer models/Llama-3.1-8B-Instruct/tokenizer.json "
+                   "--input chats.jsonl --output runs/data/chats",
                    "loom prepare --tokenizer T --input corpus/*.jsonl --output DIR --part $SLURM_ARRAY_TASK_ID/64",
                    "loom prepare --merge DIR"},
   };
@@ -67,6 +74,16 @@ int command_prepare(const std::vector<std::string>& argv) {
   options.eos_token = args.get_or("eos-token", "");
   options.split.text_field = args.get_or("text-field", "text");
   options.split.per_file = args.has("doc-per-file");
+  options.chat = args.has("chat");
+  if (options.chat) {
+    for (const char* other : {"text-field", "doc-per-file"})
+      if (args.has(other))
+        throw BadInput(std::string("loom prepare: --chat takes no --") + other +
+                       " (each line is a conversation {\"messages\": [...]})");
+    options.chat_options.date = args.get_or("chat-date", kDefaultChatDate);
+  } else if (args.has("chat-date")) {
+    throw BadInput("loom prepare: --chat-date is for --chat");
+  }
   const int64_t shard_tokens = args.get_int("shard-tokens", static_cast<int64_t>(kDefaultShardTokens));
   if (shard_tokens < 1) throw BadInput("loom prepare: --shard-tokens must be positive");
   options.shard_tokens = static_cast<uint64_t>(shard_tokens);
@@ -144,9 +161,13 @@ void print_dataset(const std::string& path, const Dataset& dataset, bool verify,
   const DatasetIndex& index = dataset.index();
   std::cout << path << ": loom dataset, " << index.num_documents << " documents, " << index.num_tokens
             << " tokens, vocab " << index.vocab_size << " (" << token_dtype_name(index.token_dtype) << "), eos "
-            << index.eos_id << ", tokenizer " << index.tokenizer_hash << "\n"
-            << "checked" << checked_where << ": every shard against index.json, every shard file's CRC32C that "
+            << index.eos_id << ", tokenizer " << index.tokenizer_hash << "\n";
+  if (index.has_loss_mask)
+    std::cout << "loss mask: /loss_mask in every shard (format_version " << index.format_version()
+              << "): 1 on the tokens that are targets of the loss\n";
+  std::cout << "checked" << checked_where << ": every shard against index.json, every shard file's CRC32C that "
             << "index.json records, every token id < vocab"
+            << (index.has_loss_mask ? ", every loss-mask value 0 or 1" : "")
             << (verify ? ", CRC32C checksums of the data" : " (add --verify for the data's checksums)") << "\n";
   for (const auto& shard : index.shards) {
     std::cout << "  " << shard.file << "  " << shard.num_tokens << " tokens  " << shard.num_documents
@@ -164,6 +185,13 @@ void print_first_tokens(const Dataset& dataset, const std::string& tokenizer_pat
   std::cout << "first tokens:";
   for (int32_t id : ids) std::cout << " " << id;
   std::cout << "\n";
+  if (index.has_loss_mask) {
+    std::vector<uint8_t> mask(length);
+    dataset.read_loss_mask(0, mask);
+    std::cout << "first loss mask:";
+    for (uint8_t value : mask) std::cout << " " << static_cast<int>(value);
+    std::cout << "\n";
+  }
   if (!tokenizer_path.empty()) {
     const Tokenizer tokenizer = Tokenizer::load(tokenizer_path);
     if (tokenizer.hash() != index.tokenizer_hash) {

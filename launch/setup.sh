@@ -26,7 +26,16 @@ PYTHON_PACKAGES=(
   "torch==${TORCH_VERSION}" transformers safetensors tokenizers h5py numpy pytest
   # Tests only: its event reader checks the TensorBoard files loom writes.
   tensorboard
+  # Tests only: transformers reads llama.cpp's GGUF vocabularies (real tokenizers) with it.
+  gguf
 )
+# llama.cpp's C++ Jinja engine (chat templates for `loom prepare --chat`; with
+# the common/json and common/unicode files it uses), its real chat templates
+# and its GGUF test vocabularies, from the source
+# distribution of llama-cpp-python on PyPI (Debian packages no Jinja engine for
+# C++). Only those folders are extracted, outside the checkout.
+LLAMA_CPP_PYTHON_VERSION=0.3.36
+LLAMA_CPP_DIR=${LOOM_LLAMA_CPP_DIR:-$HOME/.cache/loom/llama.cpp/$LLAMA_CPP_PYTHON_VERSION}
 
 say() { echo "[setup] $*"; }
 
@@ -72,6 +81,28 @@ install_venv() {
   echo "$want" > "$stamp"
 }
 
+install_llama_cpp_sources() {
+  local stamp="$LLAMA_CPP_DIR/.loom-setup-done" want="common/jinja common/json common/unicode models"
+  [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && return 0
+  say "fetching llama-cpp-python $LLAMA_CPP_PYTHON_VERSION's source distribution (Jinja engine, chat templates)"
+  local tmp
+  tmp=$(mktemp -d)
+  "$LOOM_VENV/bin/python" -m pip download -q --no-binary :all: --no-deps --no-build-isolation \
+    --dest "$tmp" "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" 2>/dev/null ||
+    "$LOOM_VENV/bin/python" -m pip download -q --no-binary :all: --no-deps --dest "$tmp" \
+      "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
+  local top="llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp"
+  tar -xzf "$tmp/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz" -C "$tmp" \
+    --wildcards "$top/LICENSE" "$top/common/jinja/*" "$top/common/json.*" "$top/common/unicode.*" \
+    "$top/models/templates/*" "$top/models/ggml-vocab-*"
+  rm -rf "$LLAMA_CPP_DIR"
+  mkdir -p "$(dirname "$LLAMA_CPP_DIR")"
+  mv "$tmp/$top" "$LLAMA_CPP_DIR"
+  rm -rf "$tmp"
+  echo "$want" > "$stamp"
+}
+
 install_debian_packages
 install_venv
+install_llama_cpp_sources
 say "ok: venv $LOOM_VENV, torch $("$LOOM_VENV/bin/python" -c 'import torch; print(torch.__version__)')"

@@ -196,13 +196,27 @@ std::unique_ptr<Work> PipelineExecutor::recv_from(int pp_rank, const at::Tensor&
   return link.group->recv(tensor, {link.peer, kStageTag});
 }
 
-double PipelineExecutor::run(const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& targets) {
+at::Tensor PipelineExecutor::scaled_loss(const at::Tensor& logits, const at::Tensor& targets,
+                                         const std::vector<double>& loss_scales, int64_t micro_batch,
+                                         int64_t micro_batches) const {
+  if (loss_scales.empty()) return hooks_.loss(logits, targets) / static_cast<double>(micro_batches);
+  const double scale = loss_scales[micro_batch];
+  // Nothing of this micro-batch counts: a zero that still has a backward
+  // (gradient buckets and tensor-parallel collectives expect one), without
+  // asking the loss for a mean over no targets.
+  if (scale == 0.0) return logits.sum().to(at::kFloat) * 0.0;
+  return hooks_.loss(logits, targets) * scale;
+}
+
+double PipelineExecutor::run(const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& targets,
+                             const std::vector<double>& loss_scales) {
   const PipeSchedule& s = *schedule_;
   const int64_t p = s.stages, rank = groups_->host().rank(), last_stage = p * s.virtual_stages - 1;
-  if (static_cast<int64_t>(inputs.size()) != s.micro_batches || static_cast<int64_t>(targets.size()) != s.micro_batches) {
-    throw std::invalid_argument("PipelineExecutor::run: " + std::to_string(inputs.size()) + " inputs and " +
-                                std::to_string(targets.size()) + " targets for " + std::to_string(s.micro_batches) +
-                                " micro-batches");
+  if (static_cast<int64_t>(inputs.size()) != s.micro_batches || static_cast<int64_t>(targets.size()) != s.micro_batches ||
+      (!loss_scales.empty() && static_cast<int64_t>(loss_scales.size()) != s.micro_batches)) {
+    throw std::invalid_argument("PipelineExecutor::run: " + std::to_string(inputs.size()) + " inputs, " +
+                                std::to_string(targets.size()) + " targets and " + std::to_string(loss_scales.size()) +
+                                " loss scales for " + std::to_string(s.micro_batches) + " micro-batches");
   }
   // Per (micro-batch, chunk): the chunk's input (a leaf when it came from
   // another stage, so that its gradient can be sent back), its output, and
@@ -241,7 +255,7 @@ double PipelineExecutor::run(const std::vector<at::Tensor>& inputs, const std::v
         slot.output = hooks_.forward(chunk, in);
         last_peak_live_ = std::max(last_peak_live_, ++live);
         if (stage == last_stage) {
-          slot.output = hooks_.loss(slot.output, targets[a.micro_batch]) / static_cast<double>(s.micro_batches);
+          slot.output = scaled_loss(slot.output, targets[a.micro_batch], loss_scales, a.micro_batch, s.micro_batches);
           loss_sum += slot.output.detach().to(at::kDouble);
         }
         break;
@@ -275,7 +289,12 @@ double PipelineExecutor::run(const std::vector<at::Tensor>& inputs, const std::v
   return loss_sum.item<double>();
 }
 
-double PipelineExecutor::evaluate(const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& targets) {
+double PipelineExecutor::evaluate(const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& targets,
+                                  const std::vector<double>& loss_scales) {
+  if (!loss_scales.empty() && loss_scales.size() != inputs.size()) {
+    throw std::invalid_argument("PipelineExecutor::evaluate: " + std::to_string(loss_scales.size()) +
+                                " loss scales for " + std::to_string(inputs.size()) + " micro-batches");
+  }
   const PipeSchedule& s = *schedule_;
   const int64_t p = s.stages, rank = groups_->host().rank(), last_stage = p * s.virtual_stages - 1;
   at::NoGradGuard no_grad;
@@ -293,7 +312,7 @@ double PipelineExecutor::evaluate(const std::vector<at::Tensor>& inputs, const s
       }
       at::Tensor out = hooks_.forward(*chunks_[c], in);
       if (stage == last_stage) {
-        loss_sum += hooks_.loss(out, targets[m]).item<double>();
+        loss_sum += scaled_loss(out, targets[m], loss_scales, static_cast<int64_t>(m), 1).item<double>();
       } else {
         outputs.push_back(out.contiguous());
         sends.push_back(send_to(static_cast<int>((stage + 1) % p), outputs.back()));
@@ -302,7 +321,8 @@ double PipelineExecutor::evaluate(const std::vector<at::Tensor>& inputs, const s
   }
   for (auto& send : sends) send->wait();
   const bool has_last = s.model_stage(rank, s.virtual_stages - 1) == last_stage;
-  return has_last && !inputs.empty() ? loss_sum / static_cast<double>(inputs.size()) : 0.0;
+  if (!has_last || inputs.empty()) return 0.0;
+  return loss_scales.empty() ? loss_sum / static_cast<double>(inputs.size()) : loss_sum;
 }
 
 void PipelineExecutor::sync_tied_embedding_grads() {

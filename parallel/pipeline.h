@@ -150,12 +150,20 @@ class PipelineExecutor {
   // Gradients accumulate into the chunks' parameters (the tied weight's
   // copies then hold the whole gradient). Returns the step's
   // mean loss on the rank that holds the last model stage, 0 elsewhere.
-  double run(const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& targets);
+  // With `loss_scales` (one per micro-batch), micro-batch m's loss is
+  // multiplied by loss_scales[m] instead of divided by the number of
+  // micro-batches, and the sum is returned (Note [masked loss] in
+  // trainer/forward_backward.cpp); a scale of 0 adds a zero whose backward
+  // still runs.
+  double run(const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& targets,
+             const std::vector<double>& loss_scales = {});
 
   // The mean loss over `inputs` (micro-batches of the same shape, any
   // number) without gradients: each micro-batch passes the stages in order.
   // On the rank holding the last model stage; 0 elsewhere. Collective over pp.
-  double evaluate(const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& targets);
+  // With `loss_scales`, the sum of each micro-batch's loss times its scale.
+  double evaluate(const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& targets,
+                  const std::vector<double>& loss_scales = {});
 
   // The most micro-batches whose activations (autograd graphs) this rank
   // held at once during the last run(): forwarded, not yet backwarded.
@@ -169,6 +177,9 @@ class PipelineExecutor {
   // With tied embeddings, the first and the last model stage's copies of the
   // tied weight get the sum of their gradients (collective over pp).
   void sync_tied_embedding_grads();
+  // The loss of one micro-batch's logits, as run() and evaluate() weigh it.
+  at::Tensor scaled_loss(const at::Tensor& logits, const at::Tensor& targets, const std::vector<double>& loss_scales,
+                         int64_t micro_batch, int64_t micro_batches) const;
 
   // Starts sending `tensor` to, or receiving it from, pp rank `pp_rank`.
   std::unique_ptr<Work> send_to(int pp_rank, const at::Tensor& tensor) const;

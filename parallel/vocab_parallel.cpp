@@ -43,6 +43,10 @@ void all_reduce_inplace(ProcessGroup& group, const at::Tensor& x, ReduceOp op) {
 //   s_i   = sum_r sum_j exp(x_r[i, j] - m_i)   (all-reduce SUM)
 //   z_i   = x[i, t_i] - m_i                    (the owner's value, 0 elsewhere; all-reduce SUM)
 //   loss  = mean_i (log s_i - z_i)
+// With ignored targets (-100, as torch's ignore_index) the mean is over the
+// rows whose target counts, and the other rows get no gradient; no row
+// counting gives 0 (torch gives NaN there: a step of masked rows only must
+// still add nothing rather than poison the sum).
 // Subtracting the global max keeps exp() from overflowing for large logits,
 // as in a single-device log_softmax. s and z go in one all-reduce of [2, N]
 // (one latency instead of two). Backward needs no communication:
@@ -50,7 +54,7 @@ void all_reduce_inplace(ProcessGroup& group, const at::Tensor& x, ReduceOp op) {
 // this rank's slice of softmax minus the one-hot target.
 struct VocabParallelCrossEntropy : torch::autograd::Function<VocabParallelCrossEntropy> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits_local, const at::Tensor& targets,
-                            ProcessGroup* group) {
+                            ProcessGroup* group, bool may_ignore) {
     const int64_t n = logits_local.size(0);
     const int64_t vocab_local = logits_local.size(1);
     const int64_t vocab_start = group->rank() * vocab_local;
@@ -71,9 +75,19 @@ struct VocabParallelCrossEntropy : torch::autograd::Function<VocabParallelCrossE
     at::Tensor sum_exp_and_target = at::stack({exp.sum(1), target_logit});
     all_reduce_inplace(*group, sum_exp_and_target, ReduceOp::kSum);
     const at::Tensor sum_exp = sum_exp_and_target[0];
-    const at::Tensor loss = (sum_exp.log() - sum_exp_and_target[1]).mean();
+    at::Tensor loss, counted;
+    if (may_ignore) {
+      counted = targets.ne(kIgnoredTarget);
+      // The divisor, at least 1 so that no counted row gives 0, not NaN.
+      const at::Tensor divisor = counted.sum().clamp_min(1).to(at::kFloat);
+      loss = (sum_exp.log() - sum_exp_and_target[1]).masked_fill_(counted.logical_not(), 0.0).sum() / divisor;
+      ctx->saved_data["divisor"] = divisor;
+    } else {
+      loss = (sum_exp.log() - sum_exp_and_target[1]).mean();
+    }
 
-    const at::Tensor softmax = exp.div_(sum_exp.unsqueeze(1));
+    at::Tensor softmax = exp.div_(sum_exp.unsqueeze(1));
+    if (may_ignore) softmax.masked_fill_(counted.logical_not().unsqueeze(1), 0.0);
     ctx->save_for_backward({softmax, targets_local, owned});
     ctx->saved_data["n"] = n;
     ctx->saved_data["dtype"] = logits_local.scalar_type();
@@ -87,11 +101,16 @@ struct VocabParallelCrossEntropy : torch::autograd::Function<VocabParallelCrossE
     const at::Tensor& owned = saved[2];
     const auto dtype = ctx->saved_data["dtype"].toScalarType();
     const int64_t n = ctx->saved_data["n"].toInt();
-    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     // Out of place: backward may run again (retain_graph) on the saved softmax.
     at::Tensor grad = softmax.scatter_add(1, targets_local.unsqueeze(1), owned.to(at::kFloat).neg_().unsqueeze(1));
-    grad.mul_(grads[0].to(at::kFloat) / static_cast<double>(n));
-    return {grad.to(dtype), at::Tensor(), at::Tensor()};
+    if (ctx->saved_data.count("divisor") != 0) {
+      // Ignored rows: softmax zeroed in forward, and no owner (owned is false).
+      grad.mul_(grads[0].to(at::kFloat) / ctx->saved_data["divisor"].toTensor());
+    } else {
+      grad.mul_(grads[0].to(at::kFloat) / static_cast<double>(n));
+    }
+    return {grad.to(dtype), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -152,7 +171,8 @@ torch::Tensor VocabParallelLmHead::forward(const torch::Tensor& hidden) {
   return at::linear(column_input(*tp_, hidden, options_.sequence_parallel), tied_ ? tied_->weight() : weight_);
 }
 
-at::Tensor vocab_parallel_cross_entropy(ProcessGroup& tp, const at::Tensor& logits_local, const at::Tensor& targets) {
+at::Tensor vocab_parallel_cross_entropy(ProcessGroup& tp, const at::Tensor& logits_local, const at::Tensor& targets,
+                                        bool may_ignore) {
   const auto refuse = [&](const std::string& why) {
     throw std::invalid_argument("vocab_parallel_cross_entropy over group '" + tp.name() + "' (size " +
                                 std::to_string(tp.size()) + "): logits_local " + describe_tensor(logits_local) +
@@ -163,7 +183,7 @@ at::Tensor vocab_parallel_cross_entropy(ProcessGroup& tp, const at::Tensor& logi
   if (targets.dim() != 1 || targets.size(0) != logits_local.size(0)) refuse("expected targets [N]");
   if (targets.scalar_type() != at::kLong) refuse("targets must be int64");
   if (logits_local.size(1) == 0) refuse("this rank has no vocabulary");
-  return VocabParallelCrossEntropy::apply(logits_local, targets, &tp);
+  return VocabParallelCrossEntropy::apply(logits_local, targets, &tp, may_ignore);
 }
 
 }  // namespace loom

@@ -120,6 +120,10 @@ class VocabParallelLmHead : public LmHead, public TensorParallelLayer {
 // (Note [vocab-parallel cross-entropy] in vocab_parallel.cpp), none in
 // backward. Shapes that do not fit throw std::invalid_argument on every rank
 // before anything is sent. Saves a float32 softmax [N, vocab/tp] for backward.
-at::Tensor vocab_parallel_cross_entropy(ProcessGroup& tp, const at::Tensor& logits_local, const at::Tensor& targets);
+// With `may_ignore`, targets equal to kIgnoredTarget leave the loss (a masked
+// loss): the mean is over the other rows, 0 when there are none.
+inline constexpr int64_t kIgnoredTarget = -100;  // torch's ignore_index
+at::Tensor vocab_parallel_cross_entropy(ProcessGroup& tp, const at::Tensor& logits_local, const at::Tensor& targets,
+                                        bool may_ignore = false);
 
 }  // namespace loom

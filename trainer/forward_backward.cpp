@@ -46,6 +46,83 @@ class AutocastScope {
   at::ScalarType previous_dtype_ = at::kBFloat16;
 };
 
+// Note [masked loss]
+// A run whose batches carry a loss mask (chat data: MicroBatch::loss_mask) or
+// document positions (data.document_mask: MicroBatch::positions) trains on
+// some targets only. Target t of a row (the token at t + 1) counts when
+// loss_mask[t + 1] is 1 and, with positions, when positions[t + 1] != 0 (that
+// token starts the next document, which nothing before it may predict). The
+// step's loss is the mean over the counted targets of the whole global batch,
+//   L = (sum of ce over the counted targets of every micro-batch on every dp
+//        replica) / N,   N = their number,
+// not a mean of per-micro-batch means, which would weigh a target by how few
+// others share its micro-batch. Each rank loads its step's micro-batches
+// first, counts their targets and all-reduces the count over dp (one int64),
+// so that before the first backward each micro-batch m knows its share:
+//   L_m = mean_m * n_m * dp / N,
+// mean_m its mean over its n_m counted targets (the others are given to
+// cross-entropy as kIgnoredTarget). The dp reducer averages the replicas'
+// gradients, so the gradient is L's; the trainer's dp average of the
+// replicas' sums of L_m is L. A micro-batch with no counted target adds a
+// zero that still has a backward. A run with neither mask keeps the unmasked
+// formula (each micro-batch's mean divided by the micro-batches), bit for bit.
+
+bool is_masked(const MicroBatch& batch) { return !batch.loss_mask.empty() || !batch.positions.empty(); }
+
+// A micro-batch's inputs and targets on `device` ([rows, cols - 1] each),
+// the targets that do not count (Note [masked loss]) set to kIgnoredTarget,
+// and how many do.
+struct MaskedBatch {
+  torch::Tensor inputs, targets;
+  int64_t counted = 0;
+};
+
+MaskedBatch to_masked_batch(const MicroBatch& batch, c10::Device device) {
+  const int64_t rows = batch.rows, cols = batch.cols;
+  const size_t size = static_cast<size_t>(rows * cols);
+  if ((!batch.loss_mask.empty() && batch.loss_mask.size() != size) ||
+      (!batch.positions.empty() && batch.positions.size() != size)) {
+    throw std::logic_error("train: a micro-batch's loss mask or positions do not match its " + std::to_string(rows) +
+                           " x " + std::to_string(cols) + " tokens");
+  }
+  torch::Tensor inputs = torch::empty({rows, cols - 1}, torch::kLong);
+  torch::Tensor targets = torch::empty({rows, cols - 1}, torch::kLong);
+  int64_t* in = inputs.data_ptr<int64_t>();
+  int64_t* out = targets.data_ptr<int64_t>();
+  int64_t counted = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t t = 0; t + 1 < cols; ++t) {
+      const size_t next = static_cast<size_t>(r * cols + t + 1);
+      const bool counts = (batch.loss_mask.empty() || batch.loss_mask[next] != 0) &&
+                          (batch.positions.empty() || batch.positions[next] != 0);
+      in[r * (cols - 1) + t] = batch.tokens[next - 1];
+      out[r * (cols - 1) + t] = counts ? batch.tokens[next] : kIgnoredTarget;
+      counted += counts ? 1 : 0;
+    }
+  }
+  return {inputs.to(device), targets.to(device), counted};
+}
+
+// The counted targets of the replicas together (Note [masked loss]).
+int64_t count_over_dp(ProcessGroup* dp, int64_t counted) {
+  if (dp == nullptr || dp->size() == 1) return counted;
+  torch::Tensor total = torch::tensor({counted}, torch::kLong);
+  all_reduce_through_cpu(*dp, total);
+  return total.item<int64_t>();
+}
+
+// Each micro-batch's share L_m / mean_m = n_m * dp / N of Note [masked loss];
+// all 0 when nothing in the global batch counts.
+std::vector<double> masked_loss_scales(const std::vector<MaskedBatch>& batches, int64_t global_count, int64_t dp) {
+  std::vector<double> scales;
+  for (const MaskedBatch& b : batches) {
+    scales.push_back(global_count > 0 ? static_cast<double>(b.counted) * static_cast<double>(dp) /
+                                            static_cast<double>(global_count)
+                                      : 0.0);
+  }
+  return scales;
+}
+
 // A micro-batch's rows as (inputs, targets) on `device`: [rows, cols - 1] each.
 // A copy: autograd keeps the ids for the embedding's backward, and the tensor
 // must own them rather than borrow the batch's buffer.
@@ -65,10 +142,22 @@ torch::Tensor autocast_forward(LlamaForCausalLM& model, const torch::Tensor& inp
 // the compute dtype. With a tensor-parallel group the logits are this rank's
 // slice of the vocabulary, and the loss is the vocabulary-parallel
 // cross-entropy (the same number on every rank of the group).
-torch::Tensor token_loss(const torch::Tensor& logits_btv, const torch::Tensor& targets_bt, ProcessGroup* tp) {
+// `masked`: targets equal to kIgnoredTarget leave the mean (Note [masked
+// loss]); the caller never asks for a mean over no targets.
+torch::Tensor token_loss(const torch::Tensor& logits_btv, const torch::Tensor& targets_bt, ProcessGroup* tp,
+                         bool masked = false) {
   const torch::Tensor logits_nv = logits_btv.reshape({-1, logits_btv.size(-1)});
-  if (tp != nullptr) return vocab_parallel_cross_entropy(*tp, logits_nv, targets_bt.reshape({-1}));
-  return kernels::cross_entropy(logits_nv, targets_bt.reshape({-1}));  // fused on a GPU (model/kernels/fused_ops.h)
+  if (tp != nullptr) return vocab_parallel_cross_entropy(*tp, logits_nv, targets_bt.reshape({-1}), masked);
+  // Fused on a GPU (model/kernels/fused_ops.h); both paths ignore kIgnoredTarget as torch does.
+  return kernels::cross_entropy(logits_nv, targets_bt.reshape({-1}));
+}
+
+// Micro-batch loss times its share (Note [masked loss]); a zero with a
+// backward when the share is 0.
+torch::Tensor scaled_token_loss(const torch::Tensor& logits_btv, const torch::Tensor& targets_bt, ProcessGroup* tp,
+                                double scale) {
+  if (scale == 0.0) return logits_btv.sum().to(torch::kFloat) * 0.0;
+  return token_loss(logits_btv, targets_bt, tp, /*masked=*/true) * scale;
 }
 
 torch::Tensor zero_loss(c10::Device device) {
@@ -77,17 +166,19 @@ torch::Tensor zero_loss(c10::Device device) {
 
 class PlainForwardBackward final : public ForwardBackward {
  public:
-  PlainForwardBackward(LlamaForCausalLM& model, ProcessGroup* tp_data, GradientReducer* reducer,
+  PlainForwardBackward(LlamaForCausalLM& model, ProcessGroup* tp_data, ProcessGroup* dp, GradientReducer* reducer,
                        const ForwardBackwardSetup& setup)
-      : model_(model), tp_data_(tp_data), reducer_(reducer), setup_(setup) {}
+      : model_(model), tp_data_(tp_data), dp_(dp), reducer_(reducer), setup_(setup) {}
 
   torch::Tensor run(Loader& loader, const LossEdit& edit, std::vector<uint64_t>& samples,
                     const MicroBatchDone& done) override {
     const int64_t micro_batches = setup_.micro_batches;
     torch::Tensor step_loss = zero_loss(setup_.device);
+    last_loss_tokens_ = -1;
     for (int64_t m = 0; m < micro_batches; ++m) {
       MicroBatch batch = loader.next_micro_batch();
       for (const SampleId& id : batch.samples) samples.push_back(id.global_index);
+      if (is_masked(batch)) return run_masked(loader, std::move(batch), edit, samples, done);
       auto [inputs_bt, targets_bt] = to_inputs_targets(batch, setup_.device);
       // Mean over this micro-batch's tokens, divided by the number of
       // micro-batches: the accumulated gradient is then that of the mean
@@ -107,15 +198,72 @@ class PlainForwardBackward final : public ForwardBackward {
     torch::NoGradGuard no_grad;
     torch::Tensor total = zero_loss(setup_.device);
     int64_t count = 0;
+    std::vector<MaskedBatch> masked;
     for (MicroBatch batch : loader.validation_batches(max_batches)) {
+      if (is_masked(batch)) {
+        masked.push_back(to_masked_batch(batch, setup_.device));
+        continue;
+      }
       auto [inputs_bt, targets_bt] = to_inputs_targets(batch, setup_.device);
       total += next_token_loss(inputs_bt, targets_bt).to(torch::kDouble);
       ++count;
     }
+    if (!masked.empty()) return evaluate_masked(masked);
     return count > 0 ? total.item<double>() / static_cast<double>(count) : std::numeric_limits<double>::quiet_NaN();
   }
 
+  int64_t last_loss_tokens() const override { return last_loss_tokens_; }
+
  private:
+  // The step's micro-batches with a loss mask or positions (Note [masked
+  // loss]): all loaded and counted first. `first` is the one run() read.
+  torch::Tensor run_masked(Loader& loader, MicroBatch first, const LossEdit& edit, std::vector<uint64_t>& samples,
+                           const MicroBatchDone& done) {
+    const int64_t micro_batches = setup_.micro_batches;
+    std::vector<MaskedBatch> batches;
+    int64_t counted = 0;
+    for (int64_t m = 0; m < micro_batches; ++m) {
+      MicroBatch batch = m == 0 ? std::move(first) : loader.next_micro_batch();
+      if (m > 0) {
+        for (const SampleId& id : batch.samples) samples.push_back(id.global_index);
+      }
+      batches.push_back(to_masked_batch(batch, setup_.device));
+      counted += batches.back().counted;
+    }
+    last_loss_tokens_ = count_over_dp(dp_, counted);
+    const std::vector<double> scales = masked_loss_scales(batches, last_loss_tokens_, dp_ ? dp_->size() : 1);
+    torch::Tensor step_loss = zero_loss(setup_.device);
+    for (int64_t m = 0; m < micro_batches; ++m) {
+      const MaskedBatch& b = batches[static_cast<size_t>(m)];
+      const torch::Tensor logits = autocast_forward(model_, b.inputs, setup_.bf16);
+      auto loss = scaled_token_loss(logits, b.targets, tp_data_, scales[static_cast<size_t>(m)]);
+      if (edit.poison && m == 0) loss = loss * std::numeric_limits<double>::quiet_NaN();
+      if (edit.scale != 1.0 && m == 0) loss = loss * edit.scale;
+      if (reducer_ != nullptr && m == micro_batches - 1) reducer_->arm();
+      loss.backward();
+      step_loss += loss.detach().to(torch::kDouble);
+      done(m + 1);
+    }
+    return step_loss;
+  }
+
+  // The mean over the counted targets of this replica's validation batches,
+  // made the mean over every replica's by weighing with the dp total
+  // (validation_loss averages the replicas' results).
+  double evaluate_masked(const std::vector<MaskedBatch>& batches) {
+    int64_t counted = 0;
+    for (const MaskedBatch& b : batches) counted += b.counted;
+    const int64_t total = count_over_dp(dp_, counted);
+    if (total == 0) return std::numeric_limits<double>::quiet_NaN();
+    const std::vector<double> scales = masked_loss_scales(batches, total, dp_ ? dp_->size() : 1);
+    torch::Tensor sum = zero_loss(setup_.device);
+    for (size_t m = 0; m < batches.size(); ++m) {
+      const torch::Tensor logits = autocast_forward(model_, batches[m].inputs, setup_.bf16);
+      sum += scaled_token_loss(logits, batches[m].targets, tp_data_, scales[m]).to(torch::kDouble);
+    }
+    return sum.item<double>();
+  }
+
   // Mean next-token cross-entropy of `inputs_bt` -> `targets_bt`.
   torch::Tensor next_token_loss(const torch::Tensor& inputs_bt, const torch::Tensor& targets_bt) {
     return token_loss(autocast_forward(model_, inputs_bt, setup_.bf16), targets_bt, tp_data_);
@@ -123,14 +271,16 @@ class PlainForwardBackward final : public ForwardBackward {
 
   LlamaForCausalLM& model_;
   ProcessGroup* tp_data_;
+  ProcessGroup* dp_;
   GradientReducer* reducer_;
   ForwardBackwardSetup setup_;
+  int64_t last_loss_tokens_ = -1;
 };
 
 class PipelineForwardBackward final : public ForwardBackward {
  public:
   PipelineForwardBackward(ModelParts& parts, const TrainGroups& groups, const ForwardBackwardSetup& setup)
-      : pp_(*groups.pp), setup_(setup) {
+      : pp_(*groups.pp), dp_(groups.dp), setup_(setup) {
     PipelineExecutor::Shape shape;
     shape.batch = setup.micro_batch;
     // A sequence-parallel residual stream holds a slice of the tokens.
@@ -141,8 +291,8 @@ class PipelineForwardBackward final : public ForwardBackward {
     hooks.forward = [bf16 = setup.bf16](LlamaForCausalLM& chunk, const torch::Tensor& input) {
       return autocast_forward(chunk, input, bf16);
     };
-    hooks.loss = [tp_data = groups.tp_data](const torch::Tensor& logits, const torch::Tensor& targets) {
-      return token_loss(logits, targets, tp_data);
+    hooks.loss = [this, tp_data = groups.tp_data](const torch::Tensor& logits, const torch::Tensor& targets) {
+      return token_loss(logits, targets, tp_data, masked_now_);
     };
     auto* pp_mpi = dynamic_cast<MpiProcessGroup*>(groups.pp);
     if (pp_mpi == nullptr) throw std::logic_error("train: the pp group must be an MPI group");
@@ -161,15 +311,33 @@ class PipelineForwardBackward final : public ForwardBackward {
   torch::Tensor run(Loader& loader, const LossEdit& edit, std::vector<uint64_t>& samples,
                     const MicroBatchDone& done) override {
     std::vector<torch::Tensor> inputs, targets;
+    std::vector<MaskedBatch> masked;
     for (int64_t m = 0; m < setup_.micro_batches; ++m) {
       MicroBatch batch = loader.next_micro_batch();
       for (const SampleId& id : batch.samples) samples.push_back(id.global_index);
+      if (is_masked(batch)) {
+        masked.push_back(to_masked_batch(batch, setup_.device));
+        inputs.push_back(masked.back().inputs);
+        targets.push_back(masked.back().targets);
+        continue;
+      }
       auto [inputs_bt, targets_bt] = to_inputs_targets(batch, setup_.device);
       inputs.push_back(inputs_bt);
       targets.push_back(targets_bt);
     }
+    // Note [masked loss]: every stage loads the same batches, so every stage
+    // finds the same counts.
+    std::vector<double> scales;
+    last_loss_tokens_ = -1;
+    if (!masked.empty()) {
+      int64_t counted = 0;
+      for (const MaskedBatch& b : masked) counted += b.counted;
+      last_loss_tokens_ = count_over_dp(dp_, counted);
+      scales = masked_loss_scales(masked, last_loss_tokens_, dp_ ? dp_->size() : 1);
+    }
     torch::Tensor step_loss = zero_loss(setup_.device);
-    step_loss += executor_->run(inputs, targets);
+    masked_now_ = !masked.empty();
+    step_loss += executor_->run(inputs, targets, scales);
     all_reduce_through_cpu(pp_, step_loss);
     if (edit.poison) step_loss = step_loss * std::numeric_limits<double>::quiet_NaN();
     if (edit.scale != 1.0) step_loss = step_loss * edit.scale;
@@ -180,22 +348,43 @@ class PipelineForwardBackward final : public ForwardBackward {
   // The last stage's mean, on every stage. Collective over pp.
   double evaluate(const Loader& loader, int64_t max_batches) override {
     std::vector<torch::Tensor> inputs, targets;
+    std::vector<MaskedBatch> masked;
     for (MicroBatch batch : loader.validation_batches(max_batches)) {
+      if (is_masked(batch)) {
+        masked.push_back(to_masked_batch(batch, setup_.device));
+        inputs.push_back(masked.back().inputs);
+        targets.push_back(masked.back().targets);
+        continue;
+      }
       auto [inputs_bt, targets_bt] = to_inputs_targets(batch, setup_.device);
       inputs.push_back(inputs_bt);
       targets.push_back(targets_bt);
     }
     if (inputs.empty()) return std::numeric_limits<double>::quiet_NaN();
-    torch::Tensor loss = torch::tensor(executor_->evaluate(inputs, targets), torch::kDouble);
+    std::vector<double> scales;
+    if (!masked.empty()) {
+      // As the plain path's evaluate_masked: weighed by the dp total.
+      int64_t counted = 0;
+      for (const MaskedBatch& b : masked) counted += b.counted;
+      const int64_t total = count_over_dp(dp_, counted);
+      if (total == 0) return std::numeric_limits<double>::quiet_NaN();
+      scales = masked_loss_scales(masked, total, dp_ ? dp_->size() : 1);
+    }
+    masked_now_ = !masked.empty();
+    torch::Tensor loss = torch::tensor(executor_->evaluate(inputs, targets, scales), torch::kDouble);
     all_reduce_through_cpu(pp_, loss);
     return loss.item<double>();
   }
 
   void follow_timeout(std::chrono::milliseconds timeout) override { links_->set_timeout(timeout); }
+  int64_t last_loss_tokens() const override { return last_loss_tokens_; }
 
  private:
   ProcessGroup& pp_;
+  ProcessGroup* dp_;
   ForwardBackwardSetup setup_;
+  int64_t last_loss_tokens_ = -1;
+  bool masked_now_ = false;  // the batches being run have a mask: the loss ignores kIgnoredTarget
   std::unique_ptr<PipeGroups> links_;
   std::unique_ptr<PipelineExecutor> executor_;
 };
@@ -205,7 +394,7 @@ class PipelineForwardBackward final : public ForwardBackward {
 std::unique_ptr<ForwardBackward> make_plain_forward_backward(LlamaForCausalLM& model, const TrainGroups& groups,
                                                              GradientReducer* reducer,
                                                              const ForwardBackwardSetup& setup) {
-  return std::make_unique<PlainForwardBackward>(model, groups.tp_data, reducer, setup);
+  return std::make_unique<PlainForwardBackward>(model, groups.tp_data, groups.dp, reducer, setup);
 }
 
 std::unique_ptr<ForwardBackward> make_pipeline_forward_backward(ModelParts& parts, const TrainGroups& groups,

@@ -51,6 +51,10 @@ class ForwardBackward {
   // timeout after the first step, and the links follow. Nothing to do on the
   // plain path.
   virtual void follow_timeout(std::chrono::milliseconds timeout) {}
+  // The targets that counted in the last run()'s loss over the whole global
+  // batch when its batches had a loss mask or document positions (Note
+  // [masked loss] in forward_backward.cpp); -1 when every target counted.
+  virtual int64_t last_loss_tokens() const = 0;
 };
 
 struct ForwardBackwardSetup {

@@ -157,6 +157,7 @@ void RunLog::logged_step(const StepReport& r, const IntervalReport& in, int64_t 
                  {"tokens_per_s", in.tokens_per_s},
                  {"mfu", in.mfu},
                  {"tokens", in.tokens},
+                 {"loss_tokens", r.loss_tokens},
                  {"step_time_s", in.step_time_s},
                  {"peak_flops", in.peak_flops},
                  {"mem_peak_gib", in.mem_peak_bytes / kGiB},

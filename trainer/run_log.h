@@ -38,6 +38,9 @@ void truncate_metrics(const std::string& path, int64_t step);
 struct StepReport {
   int64_t step = 0;          // completed steps, this one included
   double loss = 0.0;         // the step's mean loss over the global batch
+  // Targets that counted in that mean (all of them unless the batches have
+  // a loss mask or document positions: Note [masked loss]).
+  int64_t loss_tokens = 0;
   double grad_norm = 0.0;    // before clipping
   double lr = 0.0;           // the update's learning rate (0 for a skipped step)
   std::vector<uint64_t> samples;  // the step's global sample ids on this rank

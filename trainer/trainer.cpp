@@ -257,6 +257,8 @@ StepReport Trainer::train_step() {
   }
   // A NaN or inf in any micro-batch's loss makes the sum non-finite.
   report.loss = step_loss.item<double>();
+  const int64_t loss_tokens = forward_backward_->last_loss_tokens();
+  report.loss_tokens = loss_tokens >= 0 ? loss_tokens : tokens_per_step_;
   report.grad_norm = update_->clip(config_.optimizer.clip_grad_norm);
 
   StepFacts facts{step_ + 1, report.loss, report.grad_norm, spike_guard_->rolled_back(step_ + 1),

@@ -569,7 +569,10 @@ TEST_F(DatasetTest, WrongIndexValuesAreNamedWithKeyAndValue) {
     EXPECT_BAD_INPUT(open_checked(dir_), "index.json", "key '" + key + "'", value);
   };
   expect_refused([](json& j) { j["format"] = "other"; }, "format", "\"other\"");
-  expect_refused([](json& j) { j["format_version"] = 2; }, "format_version", "2");
+  expect_refused([](json& j) { j["format_version"] = 3; }, "format_version", "3");
+  // Format 2 is a dataset with a loss mask; the index must say so.
+  expect_refused([](json& j) { j["format_version"] = 2; }, "loss_mask", "no key");
+  expect_refused([](json& j) { j["loss_mask"] = true; }, "loss_mask", "format_version 1");
   expect_refused([](json& j) { j["vocab_size"] = "1000"; }, "vocab_size", "\"1000\"");
   expect_refused([](json& j) { j["eos_id"] = 1000; }, "eos_id", "1000");
   expect_refused([](json& j) { j["token_dtype"] = "int8"; }, "token_dtype", "int8");
@@ -711,6 +714,205 @@ TEST_F(DatasetTest, CheckShardsChecksOnlyTheShardsAskedForInOneProbe) {
   EXPECT_EQ(dataset.shard_cache_stats().distinct_opened, 0u);
   EXPECT_BAD_INPUT(dataset.check_shards({5, 4}), "shard-00004.h5");
   EXPECT_EQ(dataset.shard_cache_stats().checked, 3u);
+}
+
+// --- the loss mask (format 2) ------------------------------------------------------
+
+using Masks = std::vector<std::vector<uint8_t>>;
+
+// One mask per document of `documents`: 1 on the second half of each.
+Masks half_masks(const Documents& documents) {
+  Masks masks;
+  for (const auto& document : documents) {
+    masks.emplace_back(document.size(), 0);
+    std::fill(masks.back().begin() + static_cast<std::ptrdiff_t>(document.size() / 2), masks.back().end(), 1);
+  }
+  return masks;
+}
+
+std::vector<uint8_t> concatenate(const Masks& masks) {
+  std::vector<uint8_t> stream;
+  for (const auto& mask : masks) stream.insert(stream.end(), mask.begin(), mask.end());
+  return stream;
+}
+
+// Replaces a shard's /loss_mask by `values` stored as `type`.
+void replace_loss_mask(const std::string& path, hid_t type, const std::vector<uint16_t>& values) {
+  hdf5::Lock lock;
+  hdf5::FileId file(H5Fopen(path.c_str(), H5F_ACC_RDWR, H5P_DEFAULT));
+  ASSERT_GE(H5Ldelete(file.get(), "loss_mask", H5P_DEFAULT), 0);
+  const hsize_t size[1] = {values.size()};
+  hdf5::SpaceId space(H5Screate_simple(1, size, nullptr));
+  hdf5::DatasetId mask(H5Dcreate2(file.get(), "loss_mask", type, space.get(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT));
+  ASSERT_TRUE(mask.valid());
+  ASSERT_GE(H5Dwrite(mask.get(), H5T_NATIVE_UINT16, H5S_ALL, H5S_ALL, H5P_DEFAULT, values.data()), 0);
+}
+
+class LossMaskTest : public DatasetTest {
+ protected:
+  DatasetIndex write_masked(const Documents& documents, const Masks& masks, uint64_t shard_tokens = 50) {
+    DatasetWriter writer(dir_, 1000, kEos, "sha256:test", shard_tokens, /*with_loss_mask=*/true);
+    for (size_t i = 0; i < documents.size(); ++i) writer.add_document(documents[i], masks[i]);
+    return writer.finish();
+  }
+
+  std::vector<uint8_t> shard_mask(size_t s) const {
+    hdf5::Lock lock;
+    hdf5::FileId file(H5Fopen(shard(s).c_str(), H5F_ACC_RDONLY, H5P_DEFAULT));
+    hdf5::DatasetId mask(H5Dopen2(file.get(), "loss_mask", H5P_DEFAULT));
+    hdf5::SpaceId space(H5Dget_space(mask.get()));
+    if (!space.valid()) {
+      ADD_FAILURE() << "cannot read /loss_mask of " << shard(s);
+      return {};
+    }
+    std::vector<uint8_t> values(static_cast<size_t>(H5Sget_simple_extent_npoints(space.get())));
+    EXPECT_GE(H5Dread(mask.get(), H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, values.data()), 0);
+    return values;
+  }
+};
+
+TEST_F(LossMaskTest, RoundTripsOverManyShardsAlignedWithTheTokens) {
+  const Documents documents = make_documents(60, 1000, 20, 31);
+  const Masks masks = half_masks(documents);
+  const DatasetIndex index = write_masked(documents, masks);
+  ASSERT_GT(index.shards.size(), 4u);
+  EXPECT_TRUE(index.has_loss_mask);
+  // Each shard's /loss_mask is as long as its /tokens (read before a
+  // Dataset holds the files open).
+  for (size_t s = 0; s < index.shards.size(); ++s) EXPECT_EQ(shard_mask(s).size(), index.shards[s].num_tokens);
+
+  const Dataset dataset = open_checked(dir_);
+  ASSERT_TRUE(dataset.has_loss_mask());
+  EXPECT_EQ(read_all(dataset), concatenate(documents));
+  std::vector<uint8_t> all(dataset.num_tokens());
+  dataset.read_loss_mask(0, all);
+  EXPECT_EQ(all, concatenate(masks));
+  // A window across shard boundaries reads the same as the whole.
+  std::vector<uint8_t> window(137);
+  dataset.read_loss_mask(41, window);
+  EXPECT_TRUE(std::equal(window.begin(), window.end(), all.begin() + 41));
+  std::vector<uint8_t> past(2);
+  EXPECT_THROW(dataset.read_loss_mask(dataset.num_tokens() - 1, past), std::out_of_range);
+}
+
+TEST_F(LossMaskTest, OnlyDatasetsWithAMaskAreFormat2AndOthersReadAsAllOnes) {
+  const Documents documents = make_documents(10, 1000, 20, 32);
+  write_masked(documents, half_masks(documents), 1000);
+  json index = json::parse(read_file(index_path()));
+  EXPECT_EQ(index["format_version"], 2);
+  EXPECT_EQ(index["loss_mask"], true);
+  {
+    hdf5::Lock lock;
+    hdf5::FileId file(H5Fopen(shard(0).c_str(), H5F_ACC_RDONLY, H5P_DEFAULT));
+    hdf5::AttrId attr(H5Aopen(file.get(), "format_version", H5P_DEFAULT));
+    int64_t version = 0;
+    ASSERT_GE(H5Aread(attr.get(), H5T_NATIVE_INT64, &version), 0);
+    EXPECT_EQ(version, 2);
+  }
+
+  fs::remove_all(dir_);
+  write(documents, 1000, 1000);
+  index = json::parse(read_file(index_path()));
+  EXPECT_EQ(index["format_version"], 1);
+  EXPECT_FALSE(index.contains("loss_mask"));
+  const Dataset plain = open_checked(dir_);
+  EXPECT_FALSE(plain.has_loss_mask());
+  std::vector<uint8_t> mask(plain.num_tokens(), 7);
+  plain.read_loss_mask(0, mask);
+  EXPECT_EQ(mask, std::vector<uint8_t>(plain.num_tokens(), 1));
+}
+
+TEST_F(LossMaskTest, WriterRefusesMaskValuesOtherThanZeroAndOneAndMixedUse) {
+  DatasetWriter writer(dir_, 1000, kEos, "", 50, /*with_loss_mask=*/true);
+  writer.add_document(std::vector<int32_t>{1, kEos}, std::vector<uint8_t>{0, 1});
+  EXPECT_BAD_INPUT(writer.add_document(std::vector<int32_t>{1, 2, kEos}, std::vector<uint8_t>{0, 2, 1}), "document 1",
+                   "loss-mask value 2", "position 1");
+  EXPECT_THROW(writer.add_document(std::vector<int32_t>{1, kEos}, std::vector<uint8_t>{1}), std::logic_error);
+  EXPECT_THROW(writer.add_document(std::vector<int32_t>{1, kEos}), std::logic_error);
+  EXPECT_EQ(writer.finish().num_documents, 1u);
+
+  fs::remove_all(dir_);
+  DatasetWriter plain(dir_, 1000, kEos, "", 50);
+  EXPECT_THROW(plain.add_document(std::vector<int32_t>{1, kEos}, std::vector<uint8_t>{0, 1}), std::logic_error);
+}
+
+TEST_F(LossMaskTest, ChecksumCoversTokensThenDocOffsetsThenTheMask) {
+  const Documents documents = {{5, 6, 7, kEos}, {8, kEos}};
+  const Masks masks = {{0, 0, 1, 1}, {1, 1}};
+  const DatasetIndex index = write_masked(documents, masks, 1000);
+  std::vector<std::byte> bytes;
+  const auto append = [&](uint64_t value, size_t width) {
+    for (size_t i = 0; i < width; ++i) bytes.push_back(static_cast<std::byte>((value >> (8 * i)) & 0xff));
+  };
+  for (const auto& document : documents)
+    for (const int32_t id : document) append(static_cast<uint64_t>(id), 2);
+  for (const uint64_t offset : {0, 4, 6}) append(offset, 8);
+  for (const auto& mask : masks)
+    for (const uint8_t value : mask) append(value, 1);
+  EXPECT_EQ(crc32c_hex(index.shards[0].crc32c), crc32c_hex(crc32c(bytes)));
+}
+
+TEST_F(LossMaskTest, ChangedMaskIsFoundByTheDataChecksum) {
+  const Documents documents = make_documents(10, 1000, 20, 33);
+  write_masked(documents, half_masks(documents), 1000);
+  // A valid value changed: only the checksum can tell.
+  const std::vector<uint8_t> stored = shard_mask(0);
+  std::vector<uint16_t> changed(stored.begin(), stored.end());
+  changed[0] ^= 1;
+  replace_loss_mask(shard(0), H5T_STD_U8LE, changed);
+  EXPECT_BAD_INPUT(open_checked(dir_), "shard-00000.h5", "file CRC32C");
+  record_shard(0);
+  EXPECT_NO_THROW(open_checked(dir_));
+  EXPECT_BAD_INPUT(open_checked(dir_, {.verify_checksums = true}), "shard-00000.h5", "CRC32C", "corrupt");
+}
+
+TEST_F(LossMaskTest, MaskValueOtherThanZeroOrOneIsNamedWithShardAndOffset) {
+  const Documents documents = {{1, 2, kEos}, {3, 4, kEos}};
+  write_masked(documents, {{0, 1, 1}, {0, 1, 1}}, 3);  // one document per shard
+  replace_loss_mask(shard(1), H5T_STD_U8LE, {0, 2, 1});
+  record_shard(1);
+  EXPECT_BAD_INPUT(open_checked(dir_), "shard-00001.h5", "/loss_mask[1] = 2", "not 0 or 1");
+
+  // Without the scan at open, the read that returns the value refuses it.
+  const Dataset dataset = Dataset::open(dir_, {.scan_token_range = TokenRangeScan::kNever});
+  std::vector<uint8_t> first(3);
+  EXPECT_NO_THROW(dataset.read_loss_mask(0, first));
+  std::vector<uint8_t> second(3);
+  EXPECT_BAD_INPUT(dataset.read_loss_mask(3, second), "shard-00001.h5", "/loss_mask[1] = 2", "token 4 of the dataset");
+}
+
+TEST_F(LossMaskTest, MissingMistypedOrMisSizedMaskIsNamed) {
+  const Documents documents = make_documents(10, 1000, 20, 34);
+  write_masked(documents, half_masks(documents), 1000);
+  const std::string original = read_file(shard(0));
+  const std::vector<uint8_t> stored = shard_mask(0);
+  const std::vector<uint16_t> values(stored.begin(), stored.end());
+
+  replace_loss_mask(shard(0), H5T_STD_U16LE, values);
+  record_shard(0);
+  EXPECT_BAD_INPUT(open_checked(dir_), "shard-00000.h5", "'/loss_mask' is uint16", "expected uint8");
+
+  write_file_atomic(shard(0), original);
+  replace_loss_mask(shard(0), H5T_STD_U8LE, std::vector<uint16_t>(values.begin(), values.end() - 1));
+  record_shard(0);
+  EXPECT_BAD_INPUT(open_checked(dir_), "shard-00000.h5", "'/loss_mask'", "num_tokens");
+
+  write_file_atomic(shard(0), original);
+  {
+    hdf5::Lock lock;
+    hdf5::FileId file(H5Fopen(shard(0).c_str(), H5F_ACC_RDWR, H5P_DEFAULT));
+    ASSERT_GE(H5Ldelete(file.get(), "loss_mask", H5P_DEFAULT), 0);
+  }
+  record_shard(0);
+  EXPECT_BAD_INPUT(open_checked(dir_), "shard-00000.h5", "'/loss_mask' is missing");
+}
+
+TEST_F(LossMaskTest, ShardOfAnotherFormatThanItsIndexIsNamed) {
+  const Documents documents = make_documents(10, 1000, 20, 35);
+  write_masked(documents, half_masks(documents), 1000);
+  set_root_attribute(shard(0), "format_version", 1);
+  record_shard(0);
+  EXPECT_BAD_INPUT(open_checked(dir_), "shard-00000.h5", "'format_version' is 1", "index.json says 2");
 }
 
 }  // namespace

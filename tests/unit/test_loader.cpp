@@ -49,6 +49,27 @@ void write_counting_dataset(const std::string& dir, uint64_t num_tokens, int32_t
   writer.finish();
 }
 
+// As write_counting_dataset, with a loss mask: 1 where the token's value is a
+// multiple of 3, so a row's mask can be checked against its tokens.
+void write_counting_masked_dataset(const std::string& dir, uint64_t num_tokens, int32_t first_value) {
+  DatasetWriter writer(dir, 65536, 0, "test-tokenizer", 97, /*with_loss_mask=*/true);
+  std::mt19937 random(5);
+  std::vector<int32_t> document;
+  std::vector<uint8_t> mask;
+  for (uint64_t position = 0; position < num_tokens;) {
+    const uint64_t length = std::min<uint64_t>(1 + random() % 23, num_tokens - position);
+    document.clear();
+    mask.clear();
+    for (uint64_t i = 0; i < length; ++i) {
+      document.push_back(first_value + static_cast<int32_t>(position + i));
+      mask.push_back(document.back() % 3 == 0 ? 1 : 0);
+    }
+    writer.add_document(document, mask);
+    position += length;
+  }
+  writer.finish();
+}
+
 // Tokens for n samples of kSeqLen: n * seq_len + 1.
 uint64_t tokens_for_samples(uint64_t n) { return n * kSeqLen + 1; }
 
@@ -552,6 +573,61 @@ TEST_F(LoaderTest, NoValidationSetMeansNoValidationBatches) {
   const Loader loader(single(96));
   EXPECT_EQ(loader.validation_batches().size(), 0);
   EXPECT_TRUE(loader.validation_batches().begin() == loader.validation_batches().end());
+}
+
+// --- loss mask -------------------------------------------------------------------
+
+TEST_F(LoaderTest, BatchesCarryNoLossMaskWhenNoDatasetHasOne) {
+  LoaderConfig config = single(40);
+  write_counting_dataset(path("valid"), tokens_for_samples(20), 50000);
+  config.valid_path = path("valid");
+  Loader loader(config);
+  for (const MicroBatch& batch : take(loader, 6)) EXPECT_TRUE(batch.loss_mask.empty());
+  for (const MicroBatch& batch : loader.validation_batches()) EXPECT_TRUE(batch.loss_mask.empty());
+}
+
+TEST_F(LoaderTest, BlendOfMaskedAndPlainDatasetsGivesEachRowItsDatasetsMaskAndAllOnesForPlainRows) {
+  write_counting_masked_dataset(path("chat"), tokens_for_samples(300), 30000);
+  write_counting_dataset(path("plain"), tokens_for_samples(200), 0);
+  LoaderConfig config;
+  config.datasets = {{path("chat"), 1.0}, {path("plain"), 1.0}};
+  config.seq_len = kSeqLen;
+  config.seed = 7;
+  config.global_batch = 8;
+  config.micro_batch = 2;
+  config.prefetch_depth = 2;
+  Loader loader(config);
+  std::set<uint32_t> seen;
+  for (const MicroBatch& batch : take(loader, 40)) {
+    ASSERT_EQ(batch.loss_mask.size(), batch.tokens.size());
+    for (int64_t row = 0; row < batch.rows; ++row) {
+      const uint32_t dataset = batch.samples[static_cast<size_t>(row)].dataset;
+      seen.insert(dataset);
+      for (int64_t col = 0; col < batch.cols; ++col) {
+        const auto i = static_cast<size_t>(row * batch.cols + col);
+        const int expected = dataset == 1 ? 1 : (batch.tokens[i] % 3 == 0 ? 1 : 0);
+        ASSERT_EQ(batch.loss_mask[i], expected) << "dataset " << dataset << " token " << batch.tokens[i];
+      }
+    }
+  }
+  EXPECT_EQ(seen, (std::set<uint32_t>{0, 1}));
+}
+
+TEST_F(LoaderTest, ValidationBatchesOfAMaskedSetCarryItsMask) {
+  LoaderConfig config = single(40);
+  write_counting_masked_dataset(path("valid"), tokens_for_samples(20), 3000);
+  config.valid_path = path("valid");
+  Loader loader(config);
+  // The training set has no mask: its rows count every token.
+  for (const MicroBatch& batch : take(loader, 4))
+    EXPECT_EQ(batch.loss_mask, std::vector<uint8_t>(batch.tokens.size(), 1));
+  int64_t batches = 0;
+  for (const MicroBatch& batch : loader.validation_batches()) {
+    ++batches;
+    ASSERT_EQ(batch.loss_mask.size(), batch.tokens.size());
+    for (size_t i = 0; i < batch.tokens.size(); ++i) EXPECT_EQ(batch.loss_mask[i], batch.tokens[i] % 3 == 0 ? 1 : 0);
+  }
+  EXPECT_GT(batches, 0);
 }
 
 }  // namespace

@@ -179,6 +179,40 @@ TEST(VocabParallelCrossEntropy, Bf16LogitsAreComputedInFp32AndTheGradientIsBf16)
                       kFp32Tol, kBf16Tol);
 }
 
+TEST(VocabParallelCrossEntropy, IgnoredTargetsLeaveTheMeanAndGetNoGradientAsTorchIgnoreIndex) {
+  const int64_t vocab = 8 * tp_size();
+  const int64_t n = 2 * vocab;
+  const at::Tensor logits = random({n, vocab}, 18) * 3;
+  at::Tensor targets = ids_covering_every_shard(vocab, n, 19);
+  // Every third row ignored, so the mean is over about two thirds of the rows.
+  for (int64_t i = 0; i < n; i += 3) targets[i] = kIgnoredTarget;
+
+  at::Tensor logits_ref = leaf(logits);
+  at::Tensor loss_ref = full_cross_entropy(logits_ref, targets);  // torch's ignore_index is -100
+  (loss_ref * 1.5).backward();
+  at::Tensor logits_local = leaf(my_chunk(logits, 1));
+  at::Tensor loss = vocab_parallel_cross_entropy(tp(), logits_local, targets, /*may_ignore=*/true);
+  (loss * 1.5).backward();
+  expect_close(loss, loss_ref, kFp32Tol, "loss");
+  const at::Tensor grad = gather_dim(logits_local.grad(), 1);
+  expect_close(grad, logits_ref.grad(), kFp32Tol, "logits grad, gathered");
+  EXPECT_EQ(grad.select(0, 0).abs().max().item<float>(), 0.0f) << "an ignored row gets no gradient";
+
+  // Without may_ignore every row counts: the result differs.
+  const at::Tensor unmasked = vocab_parallel_cross_entropy(tp(), my_chunk(logits, 1), targets.clamp_min(0));
+  EXPECT_GT((unmasked - loss).abs().item<double>(), 1e-3);
+}
+
+TEST(VocabParallelCrossEntropy, NoCountedTargetGivesZeroAndZeroGradient) {
+  const int64_t vocab = 4 * tp_size();
+  at::Tensor logits_local = leaf(my_chunk(random({6, vocab}, 20), 1));
+  const at::Tensor targets = at::full({6}, kIgnoredTarget, at::kLong);
+  at::Tensor loss = vocab_parallel_cross_entropy(tp(), logits_local, targets, /*may_ignore=*/true);
+  loss.backward();
+  EXPECT_EQ(loss.item<double>(), 0.0);
+  EXPECT_EQ(logits_local.grad().abs().max().item<float>(), 0.0f);
+}
+
 TEST(VocabParallelCrossEntropy, ShapesThatDoNotFitAreRefused) {
   const at::Tensor logits = at::zeros({4, 3});
   for (const at::Tensor& targets :
