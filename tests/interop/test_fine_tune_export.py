@@ -2,10 +2,11 @@
 keeps what the model came with, read back by the real transformers,
 huggingface_hub and safetensors.
 
-A tiny Llama-3-style model (2 layers, hidden 32) is saved by transformers
-into a Hugging Face cache layout (models--loom-test--tiny-llama3/snapshots/...)
-with a Llama-3 tokenizer folder (tokenizer.json, tokenizer_config.json,
-special_tokens_map.json, chat_template.jinja), a generation_config.json with
+A tiny Llama-3-style model (2 layers, hidden 32, Llama-3's 128,256-token
+vocabulary) is saved by transformers into a Hugging Face cache layout
+(models--loom-test--tiny-llama3/snapshots/...) with Llama-3.1-Instruct's
+tokenizer folder (tests/interop/real_tokenizers.py: tokenizer.json,
+tokenizer_config.json, chat_template.jinja), a generation_config.json with
 Llama-3.1's eos list and sampling defaults, and a model card with a license.
 """
 import json
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import LOOM_BIN
+from real_tokenizers import llama3_tokenizer_dir  # Llama-3.1-Instruct's tokenizer folder, from llama.cpp's vocabulary
 
 REPO = Path(__file__).resolve().parents[2]
 MPIRUN = shutil.which("mpirun") or "mpirun"
@@ -27,47 +29,6 @@ CONVERSATION = [{"role": "system", "content": "You are terse."},
                 {"role": "assistant", "content": "Blue."}]
 STRINGS = ["Hello world", "In the beginning God created the heaven and the earth.", "  spaces\tand\nlines 12345",
            "<|eot_id|> special and ünïcödé"]
-
-try:  # the real Llama-3 tokenizer, built from llama.cpp's vocabulary file (tests/interop/real_tokenizers.py)
-    from real_tokenizers import llama3_tokenizer_dir
-except ImportError:  # TODO(integrator): drop the stand-in once real_tokenizers.py is on main
-    llama3_tokenizer_dir = None
-
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                r"\s*[\r\n]+|\s+(?!\S)|\s+")
-LLAMA3_TEMPLATE = (
-    "{{- bos_token }}{%- for message in messages %}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
-    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}")
-
-
-def standin_llama3_tokenizer_dir(path):
-    """A small byte-level BPE with Llama-3's split regex, special tokens and chat format."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), "isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    corpus = (REPO / "README.md").read_text().splitlines() + STRINGS
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=600, show_progress=False,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
-                "<|eot_id|>"]
-    tok.add_special_tokens(specials)
-    bos = tok.token_to_id("<|begin_of_text|>")
-    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
-                                                       special_tokens=[("<|begin_of_text|>", bos)])
-    path.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
-        "eos_token": "<|eot_id|>", "clean_up_tokenization_spaces": True, "model_max_length": 131072}))
-    (path / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>",
-                                                              "eos_token": "<|eot_id|>"}))
-    (path / "chat_template.jinja").write_text(LLAMA3_TEMPLATE)
-    return path
-
 
 def loom(*args, expect=0, np_=1, timeout=300):
     command = [LOOM_BIN, *map(str, args)]
@@ -121,11 +82,7 @@ def save_base_model(folder, tokenizer_dir):
 def base(tmp_path_factory):
     """The base model in a Hugging Face cache layout, and a dataset prepared with its tokenizer."""
     root = tmp_path_factory.mktemp("fine-tune")
-    tokenizer_dir = root / "llama3-tokenizer"
-    if llama3_tokenizer_dir is not None:
-        llama3_tokenizer_dir(tokenizer_dir)
-    else:
-        standin_llama3_tokenizer_dir(tokenizer_dir)
+    tokenizer_dir = llama3_tokenizer_dir(root / "llama3-tokenizer")
     folder = root / "hub" / "models--loom-test--tiny-llama3" / "snapshots" / "0123456789abcdef"
     folder.mkdir(parents=True)
     save_base_model(folder, tokenizer_dir)
