@@ -134,6 +134,7 @@ ModelFiles ModelFiles::open(const std::string& path) {
                                                            : ""));
   }
   if (fs::exists(root / "tokenizer.json") || fs::exists(root / "tokenizer_config.json")) out.tokenizer_dir_ = path;
+  out.origin_ = origin_of_model_folder(path);
   return out;
 }
 
@@ -346,15 +347,41 @@ uint64_t parse_byte_size(const std::string& text, const std::string& context) {
 
 namespace {
 
+// A YAML string: JSON's quoting is valid YAML, and survives any name.
+std::string yaml_string(const std::string& text) { return json(text).dump(); }
+
+// The card's front matter is what the Hub reads (its model tree, license and
+// dataset links): https://huggingface.co/docs/hub/model-cards#model-card-metadata.
 std::string model_card(const ModelConfig& m, const ExportOptions& options) {
+  const ModelOrigin& origin = options.origin;
+  const std::string family = m.architecture == "qwen2" ? "qwen2" : "llama";
   std::ostringstream os;
-  os << "---\n"
-     << "library_name: transformers\n"
+  os << "---\n";
+  if (!origin.base_model.empty()) os << "base_model: " << yaml_string(origin.base_model) << "\n";
+  os << "library_name: transformers\n"
      << "pipeline_tag: text-generation\n"
-     << "tags:\n  - loom\n  - " << (m.architecture == "qwen2" ? "qwen2" : "llama") << "\n"
-     << "---\n\n"
-     << "# " << options.model_name << "\n\n"
-     << "A " << (m.architecture == "qwen2" ? "Qwen2" : "Llama") << "-architecture causal language model written by loom.\n\n"
+     << "tags:\n  - loom\n  - " << family << "\n";
+  if (!origin.base_model.empty()) os << "  - fine-tuned\n";
+  if (!origin.license.empty()) {
+    os << "license: " << yaml_string(origin.license) << "\n";
+    if (!origin.license_name.empty()) os << "license_name: " << yaml_string(origin.license_name) << "\n";
+    if (!origin.license_link.empty()) os << "license_link: " << yaml_string(origin.license_link) << "\n";
+  }
+  bool any_dataset = false;
+  for (const std::string& dataset : options.datasets) {
+    if (dataset.empty()) continue;
+    if (!any_dataset) os << "datasets:\n";
+    any_dataset = true;
+    os << "  - " << yaml_string(dataset) << "\n";
+  }
+  os << "---\n\n"
+     << "# " << options.model_name << "\n\n";
+  if (!origin.base_model.empty()) {
+    os << "Fine-tuned by loom from `" << origin.base_model << "`";
+  } else {
+    os << "A " << (m.architecture == "qwen2" ? "Qwen2" : "Llama") << "-architecture causal language model written by loom";
+  }
+  os << ".\n\n"
      << "| | |\n|---|---|\n"
      << "| parameters | " << count_parameters(m) << " |\n"
      << "| layers | " << m.num_layers << " |\n"
@@ -451,7 +478,11 @@ void write_hub_folder(const ModelConfig& config, const std::vector<HubTensor>& t
     }
     const std::string dtype_name = hf_dtype_name(options.dtype);
     write_file_atomic(join(tmp, "config.json"), model_config_to_hf(config, dtype_name).dump(2) + "\n");
-    write_file_atomic(join(tmp, "generation_config.json"), generation_config_to_hf(config).dump(2) + "\n");
+    // The base model's generation_config.json as it was (Note [what an
+    // export carries]); loom's own only for a model that came with none.
+    write_file_atomic(join(tmp, "generation_config.json"),
+                      options.origin.generation_config_json.empty() ? generation_config_to_hf(config).dump(2) + "\n"
+                                                                    : options.origin.generation_config_json);
     write_file_atomic(join(tmp, "README.md"), model_card(config, options));
     if (!options.tokenizer_dir.empty()) {
       for (const auto& name : kTokenizerFiles) {

@@ -18,6 +18,7 @@
 #include <torch/types.h>
 
 #include "checkpoints/checkpoint_manifest.h"
+#include "checkpoints/model_origin.h"
 #include "checkpoints/regions.h"
 #include "checkpoints/safetensors.h"
 #include "config/config.h"
@@ -25,10 +26,14 @@
 
 namespace loom {
 
-// Tokenizer files copied along with a model when present.
+// Tokenizer files copied along with a model when present: every file
+// transformers' AutoTokenizer reads (transformers 5 keeps the chat template
+// only in chat_template.jinja; chat_template.json holds a multimodal
+// processor's). Note [what an export carries] in checkpoints/model_origin.h.
 inline const std::vector<std::string> kTokenizerFiles = {
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "added_tokens.json"};
+    "tokenizer.json",      "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+    "chat_template.json", "tokenizer.model",       "vocab.json",              "merges.txt",
+    "added_tokens.json"};
 
 // A model's tensors on disk, opened and validated but not yet read.
 class ModelFiles {
@@ -43,6 +48,9 @@ class ModelFiles {
   const ModelConfig& model_config() const { return model_; }
   // Folder that holds tokenizer files, or "" when there are none.
   const std::string& tokenizer_dir() const { return tokenizer_dir_; }
+  // What the model came with (base model, license, generation_config.json):
+  // a Hub folder's own, or what a loom checkpoint recorded in origin/.
+  const ModelOrigin& origin() const { return origin_; }
   // Training step for loom checkpoints, 0 for Hub folders.
   int64_t step() const { return step_; }
   // A loom checkpoint's manifest.json, parsed and checked against the folder
@@ -94,6 +102,7 @@ class ModelFiles {
   std::string path_;
   ModelConfig model_;
   std::string tokenizer_dir_;
+  ModelOrigin origin_;
   int64_t step_ = 0;
   std::optional<CheckpointManifest> manifest_;
   std::vector<safetensors::File> files_;
@@ -120,6 +129,11 @@ struct ExportOptions {
   std::string tokenizer_dir;                // tokenizer files to copy ("" = none)
   std::string model_name = "loom-model";    // for the model card
   std::string card_notes;                   // extra lines for the model card
+  // The base model: its generation_config.json is written as it was (else
+  // loom writes bos/eos from the config), its Hub id and license go into the
+  // card's metadata.
+  ModelOrigin origin;
+  std::vector<std::string> datasets;  // Hub ids of the training data, for the card ("" entries skipped)
 };
 
 // Writes a Hub folder at `out_dir` (which must not exist) from the model's

@@ -4,6 +4,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <torch/types.h>
 
@@ -22,8 +23,22 @@ std::shared_ptr<LlamaForCausalLM> build_initial_model(Config& config, const Laye
 // checked against the YAML's shape keys as build_initial_model does and put
 // in `config.model`, and its tensors checked against that model (names,
 // shapes, dtypes) without reading them: for ranks that each read only their
-// part (ModelFiles::read_region).
+// part (read_init_from). With model.resize_vocab N, config.model's
+// vocab_size is N; BadInput when N is below the folder's vocabulary.
 ModelFiles open_init_from(Config& config);
+
+// BadInput when model.resize_vocab is set without model.init_from (there is
+// no vocabulary to grow).
+void check_resize_vocab(const Config& config);
+
+// Copies into `destination` (any device, contiguous or not) the elements of
+// `region` of parameter `name`, whose global shape in the model
+// open_init_from resolved is `shape`, from `files`. Where model.resize_vocab
+// grew the embedding or the untied head (`shape` has more rows than the
+// stored tensor), rows past the stored ones are the mean of the stored rows
+// (Note [growing the vocabulary]).
+void read_init_from(const ModelFiles& files, const std::string& name, const std::vector<int64_t>& shape,
+                    const Region& region, torch::Tensor destination);
 
 // Writes a loom checkpoint (step 0, weights only) of the model `model`
 // describes, initialized as a run with run.seed = `seed` starts on any

@@ -154,6 +154,7 @@ void commit_checkpoint_folder(const ModelConfig& model, const std::vector<std::s
   manifest["files"] = files;
   manifest["tokenizer"] = nullptr;
   if (!options.tokenizer_dir.empty() && copy_tokenizer(options.tokenizer_dir, tmp)) manifest["tokenizer"] = "tokenizer";
+  if (!options.origin.empty()) write_origin(options.origin, (tmp / kOriginFolder).string());
   if (!options.config_yaml.empty()) write_file_atomic((tmp / "config.yaml").string(), options.config_yaml);
   const std::string text = manifest.dump(1) + "\n";
   // What a reader will check (every element of every tensor stored once),
@@ -291,6 +292,7 @@ ModelFiles open_loom_checkpoint_files(const std::string& path) {
     }
   }
   if (manifest.tokenizer) out.tokenizer_dir_ = (root / *manifest.tokenizer).string();
+  out.origin_ = origin_of_model_folder(path);
   out.manifest_ = manifest;
   return out;
 }

@@ -10,6 +10,9 @@
 //     optimizer-rankNNNNN.safetensors  training runs only: its pieces of the AdamW state
 //     trainer-state-rank00000.json  training runs only: step, data position, RNG state
 //     tokenizer/                    tokenizer files, when known
+//     origin/                       what the base model came with (origin.json:
+//                                   its Hub id and license; its generation_config.json),
+//                                   when the run started from model.init_from
 //     config.yaml                   the resolved run config, when written by a run
 //
 // The folder is written under a temporary name, fsynced and renamed, so it is
@@ -44,6 +47,7 @@ struct CheckpointExtraFile {
 struct CheckpointWriteOptions {
   int64_t step = 0;
   std::string tokenizer_dir;  // tokenizer files to copy ("" = none)
+  ModelOrigin origin;         // written into origin/ unless empty (Note [what an export carries])
   std::string config_yaml;    // resolved run config ("" = none)
   std::vector<CheckpointExtraFile> extra_files;
   // The layout of the run that saved it (dp, tp, pp, world, zero_stage), kept

@@ -278,6 +278,7 @@ int command_import(const std::vector<std::string>& argv) {
   auto model = load_model(files);
   CheckpointWriteOptions options;
   options.tokenizer_dir = files.tokenizer_dir();
+  options.origin = files.origin();
   write_loom_checkpoint(*model, output, options);
   std::cout << "imported " << args.positional()[0] << " -> " << output << " ("
             << with_thousands(count_parameters(files.model_config())) << " parameters)\n";
@@ -309,6 +310,10 @@ int command_export(const std::vector<std::string>& argv) {
   options.dtype = parse_float_dtype(args.get_or("dtype", "float32"), "loom export --dtype");
   if (auto size = args.get("max-shard-size")) options.max_shard_bytes = parse_byte_size(*size, "loom export --max-shard-size");
   options.tokenizer_dir = files.tokenizer_dir();
+  // A checkpoint's base model is what its run started from; a Hub folder
+  // exported again is the same model, not one derived from it.
+  options.origin = files.origin();
+  if (files.kind() == ModelFiles::Kind::kHub) options.origin.base_model.clear();
   options.model_name = args.get_or("name", fs::path(output).filename().string());
   if (files.kind() == ModelFiles::Kind::kLoomCheckpoint) {
     options.card_notes = "Exported from loom checkpoint at step " + std::to_string(files.step()) + ".";

@@ -52,14 +52,15 @@ std::vector<torch::Tensor> ModelParts::params() const {
 namespace {
 
 // Reads into every parameter of `module` (tp shards of a stage) its part of
-// the tensor of the same name in `files`: its tp slice of the global tensor.
+// the tensor of the same name in `files`: its tp slice of the global tensor
+// (with rows model.resize_vocab adds, Note [growing the vocabulary]).
 void load_part(const ModelFiles& files, torch::nn::Module& module, int64_t tp_rank, int64_t tp_size) {
   const std::map<std::string, int64_t> dims = tensor_parallel_shard_dims(module);
   for (auto& named : module.named_parameters()) {
     const int64_t dim = dims.at(named.key());
     std::vector<int64_t> shape = named.value().sizes().vec();
     if (dim >= 0) shape[dim] *= tp_size;
-    read_into(files, named.key(), Region::chunk(shape, dim, tp_rank, tp_size), named.value());
+    read_init_from(files, named.key(), shape, Region::chunk(shape, dim, tp_rank, tp_size), named.value());
   }
 }
 
@@ -78,9 +79,13 @@ std::unique_ptr<ModelParts> build_model_parts(Config& config, const ParallelDims
   // Fresh weights: each rank draws only its own part (Note
   // [layout-independent initialization]). Neither needs the whole model.
   const bool from_folder = !config.model.init_from.empty();
+  check_resize_vocab(config);
   std::optional<ModelFiles> files;
   if (from_folder) {
     files.emplace(open_init_from(config));  // config.model takes the folder's shape
+    // The folder's shape (and model.resize_vocab) against the layout, as the
+    // YAML's shape keys were checked (a tp that does not divide the vocabulary).
+    ParallelDims::from_config(config, dims.world);
   } else {
     validate_model_config(config.model, config.source_path.empty() ? "config" : config.source_path);
   }

@@ -45,7 +45,9 @@ void replace_run_export(const fs::path& run_dir, const std::function<void(const 
 }  // namespace
 
 std::string tokenizer_dir_of(const Config& config, const fs::path& run_dir) {
-  if (config.data.tokenizer.empty() || !fs::exists(config.data.tokenizer)) return "";
+  if (config.data.tokenizer.empty() || !fs::exists(config.data.tokenizer)) {
+    return config.model.init_from.empty() ? "" : tokenizer_dir_of_model_folder(config.model.init_from);
+  }
   const fs::path path(config.data.tokenizer);
   if (fs::is_directory(path)) return path.string();
   if (path.filename() != "tokenizer.json") {
@@ -201,8 +203,14 @@ void RunCheckpoints::mark_resumed() const {
 }
 
 void RunCheckpoints::start_saving(const Config& config) {
+  // The writer copies what the base model came with into every checkpoint
+  // (Note [what an export carries]).
+  const bool with_origin = groups_.writer && !config.model.init_from.empty();
   options_ = TrainingCheckpointOptions{
-      groups_.writer ? tokenizer_dir_of(config, run_dir_) : "", config_to_yaml(config), config.checkpoint.keep_last,
+      groups_.writer ? tokenizer_dir_of(config, run_dir_) : "",
+      with_origin ? origin_of_model_folder(config.model.init_from) : ModelOrigin{},
+      config_to_yaml(config),
+      config.checkpoint.keep_last,
       {{"dp", dims_.dp}, {"tp", dims_.tp}, {"pp", dims_.pp}, {"world", dims_.world},
        {"zero_stage", config.parallel.zero_stage}}};
   // checkpoint.async: each rank hands its snapshot to a background thread,
@@ -357,9 +365,12 @@ void RunCheckpoints::export_hub(int64_t step, const std::string& checkpoint, con
   options.dtype = config_.checkpoint.export_dtype == "float32"   ? torch::kFloat
                   : config_.checkpoint.export_dtype == "float16" ? torch::kHalf
                                                                  : torch::kBFloat16;
-  options.tokenizer_dir = tokenizer_dir_of(config_, run_dir_);
+  options.tokenizer_dir = options_.tokenizer_dir;
+  options.origin = options_.origin;
+  for (const auto& source : config_.data.train) options.datasets.push_back(hub_dataset_id_of(source.path));
   options.model_name = config_.run.name;
-  options.card_notes = "Trained by loom for " + std::to_string(step) + " steps.";
+  options.card_notes = "Trained by loom for " + std::to_string(step) + " steps" +
+                       (config_.model.init_from.empty() ? "" : " from " + config_.model.init_from) + ".";
   replace_run_export(run_dir_, [&](const std::string& out) {
     // From the checkpoint of this step, streamed a few MiB at a time: no rank
     // holds the whole model. Without one (checkpoints off), gathered.

@@ -103,8 +103,10 @@ class RunCheckpoints {
 };
 
 // The folder holding the tokenizer files, from data.tokenizer (a folder or a
-// tokenizer.json). Checkpoints and exports copy files by their Hub names, so
-// a tokenizer file under another name is staged as run_dir/tokenizer/tokenizer.json.
+// tokenizer.json: the files of its folder, where a fine-tune's added tokens
+// live), else model.init_from's. Checkpoints and exports copy files by their
+// Hub names, so a tokenizer file under another name is staged as
+// run_dir/tokenizer/tokenizer.json.
 std::string tokenizer_dir_of(const Config& config, const std::filesystem::path& run_dir);
 
 }  // namespace loom

@@ -5,9 +5,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <iostream>
 #include <stdexcept>
 
 #include "optim/lr_schedule.h"
+#include "trainer/dataset_tokenizer.h"
 #include "trainer/device.h"
 #include "trainer/step_policy.h"
 #include "trainer/tensor_memory.h"
@@ -80,6 +82,12 @@ Trainer::Trainer(Config& config, const TrainOptions& options, const TrainHooks* 
   // layout's memory can be compared with `loom plan`'s prediction.
   install_tensor_memory_counter();
   groups_ = TrainGroups::of(dims_, options.world, options.grid);
+  // A dataset tokenized by another tokenizer than the model's is refused
+  // before anything is built (Note [dataset tokenizer check]). Every rank
+  // checks the same files, so every rank refuses alike.
+  for (const std::string& warning : check_dataset_tokenizers(config, dataset_tokenizers_of(config))) {
+    if (writer_) std::cerr << "loom: warning: " << warning << std::endl;
+  }
   planted_fault_step_ = planted_fault_step(groups_.world ? groups_.world->rank() : 0);
   result_.run_dir = run_dir_.string();
   if (options.job_end_time > 0) job_end_.emplace(options.job_end_time, config.launch.job_end_margin);

@@ -254,6 +254,7 @@ std::string commit_training_checkpoint(const std::string& checkpoints_dir, const
   CheckpointWriteOptions write_options;
   write_options.step = snapshot.step;
   write_options.tokenizer_dir = options.tokenizer_dir;
+  write_options.origin = options.origin;
   write_options.config_yaml = options.config_yaml;
   write_options.saved_by = options.saved_by;
   write_options.extra_files = {{kTrainerStateFile, "trainer_state", [&](const std::string& path) {

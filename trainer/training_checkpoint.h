@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "checkpoints/hub.h"
+#include "checkpoints/model_origin.h"
 #include "checkpoints/regions.h"
 #include "config/config.h"
 #include "data/loader.h"
@@ -42,6 +43,7 @@ inline constexpr const char* kLatestFile = "latest";
 
 struct TrainingCheckpointOptions {
   std::string tokenizer_dir;  // copied into the checkpoint ("" = none)
+  ModelOrigin origin;         // the base model's, copied into origin/ (Note [what an export carries])
   std::string config_yaml;    // the resolved config
   int64_t keep_last = 0;      // step folders kept; 0 = all
   std::map<std::string, int64_t> saved_by;  // the run's layout, for the manifest (dp, tp, pp, world, zero_stage)
