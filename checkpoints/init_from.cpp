@@ -141,6 +141,7 @@ ModelFiles open_init_from(Config& config) {
   ModelConfig resolved = stored;
   resolved.init_from = folder;
   resolved.init_std = asked.init_std;
+  resolved.recompute = asked.recompute;  // how to train, not what the folder holds
   // Shapes only: this model's storage is allocated but never touched. The
   // folder holds the vocabulary before it grows.
   LocalLayerFactory factory;

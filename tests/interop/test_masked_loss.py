@@ -119,18 +119,20 @@ def train(setup, name, ranks=1, **sets):
     assert result.returncode == 0, result.stderr[-4000:]
     rows = [json.loads(line) for line in (setup["tmp"] / "runs" / name / "metrics.jsonl").read_text().splitlines()]
     [step1] = [r for r in rows if r.get("step") == 1 and "loss" in r and "valid_loss" not in r]
-    return step1
+    return step1, result.stdout
 
 
 @pytest.mark.parametrize("name,ranks,sets", [
     ("one-rank", 1, {}),
     ("dp2", 2, {"parallel.dp": 2}),
-    ("pp2", 2, {"parallel.pp": 2}),
+    # model.recompute is how to train, not the folder's shape: it holds with model.init_from.
+    ("pp2", 2, {"parallel.pp": 2, "model.recompute": "full"}),
 ])
 def test_step_loss_is_the_mean_over_counted_targets_of_the_global_batch(setup, name, ranks, sets):
     per_sample = reference(setup)
     total, count = sum(t for t, _ in per_sample), sum(n for _, n in per_sample)
-    step1 = train(setup, name, ranks, **sets)
+    step1, log = train(setup, name, ranks, **sets)
+    assert f"recompute {sets.get('model.recompute', 'none')}" in log
     assert step1["loss_tokens"] == count
     assert step1["tokens"] == SAMPLES * setup["seq_len"]
     assert abs(step1["loss"] - total / count) < TOLERANCE, (step1["loss"], total / count)
