@@ -72,12 +72,19 @@ def _build_llama3(out):
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=LLAMA3_BOS, eos_token=LLAMA3_EOT,
                                    model_max_length=131072, clean_up_tokenization_spaces=True)
     fast.chat_template = chat_template("meta-llama-Llama-3.1-8B-Instruct")
-    tmp = out.with_name(out.name + ".tmp")
+    # Suites run side by side (ctest -j): each builds in a folder of its own
+    # and the first rename wins; a later one finds the folder there.
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     fast.save_pretrained(str(tmp))
     if not (tmp / "chat_template.jinja").exists():
         raise RuntimeError(f"transformers wrote no chat_template.jinja in {tmp}")
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except OSError:
+        if not out.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def llama3_tokenizer_dir(path):
