@@ -91,17 +91,25 @@ def base(tmp_path_factory):
                    capture_output=True)
     corpus.write_text("\n".join(corpus.read_text().splitlines()[:400]) + "\n")
     loom("prepare", "--tokenizer", folder / "tokenizer.json", "--input", corpus, "--output", root / "ds")
-    return {"root": root, "folder": folder, "dataset": root / "ds", "corpus": corpus}
+    # Conversations, rendered with the base model's own chat template: what
+    # the fine-tune below trains on.
+    chats = root / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"Question {i}: what is {i} + {i}?"},
+        {"role": "assistant", "content": f"{i} + {i} = {2 * i}."}]}) + "\n" for i in range(12)))
+    loom("prepare", "--chat", "--tokenizer", folder / "tokenizer.json", "--input", chats, "--output", root / "chat")
+    return {"root": root, "folder": folder, "dataset": root / "ds", "chat": root / "chat", "corpus": corpus}
 
 
 @pytest.fixture(scope="module")
 def run(base):
-    """3 steps from a copy of the base folder, which is then moved away: the
+    """3 steps on the chat dataset (loss mask, packed conversations masked
+    apart) from a copy of the base folder, which is then moved away: the
     checkpoint must have kept what the export needs."""
     copy = base["root"] / "copy" / "models--loom-test--tiny-llama3" / "snapshots" / "0123456789abcdef"
     shutil.copytree(base["folder"], copy)
     out = base["root"] / "runs"
-    loom(*train_args(out, "ft", copy, base["dataset"]))
+    loom(*train_args(out, "ft", copy, base["chat"], **{"data.document_mask": "true"}))
     shutil.move(base["root"] / "copy", base["root"] / "moved")
     return out / "ft"
 
@@ -126,6 +134,15 @@ def test_export_keeps_tokenizer_chat_template_and_generation_config(base, run):
     model = AutoModelForCausalLM.from_pretrained(str(hf))
     assert model.config.vocab_size == len(source)
     assert model.generation_config.eos_token_id == EOS_LIST
+
+
+def test_the_fine_tune_trained_on_the_assistant_turns_only(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss_tokens" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for r in steps:
+        # 4 rows of 32 tokens: the prompts, headers and document starts leave the loss.
+        assert 0 < r["loss_tokens"] < 4 * 32, r
 
 
 def test_model_card_metadata_names_the_base_model(run):
