@@ -125,16 +125,26 @@ int64_t count_over_dp(ProcessGroup* dp, int64_t counted) {
   return total.item<int64_t>();
 }
 
-// Each micro-batch's share L_m / mean_m = n_m * dp / N of Note [masked loss];
-// all 0 when nothing in the global batch counts.
-std::vector<double> masked_loss_scales(const std::vector<MaskedBatch>& batches, int64_t global_count, int64_t dp) {
+// The counted targets N of every replica's `batches` together, and each
+// micro-batch's share L_m / mean_m = n_m * dp / N of Note [masked loss] (all 0
+// when nothing counts).
+struct MaskedShares {
+  int64_t total = 0;
   std::vector<double> scales;
+};
+
+MaskedShares masked_shares(const std::vector<MaskedBatch>& batches, ProcessGroup* dp) {
+  int64_t counted = 0;
+  for (const MaskedBatch& b : batches) counted += b.counted;
+  MaskedShares shares;
+  shares.total = count_over_dp(dp, counted);
+  const double replicas = dp != nullptr ? static_cast<double>(dp->size()) : 1.0;
   for (const MaskedBatch& b : batches) {
-    scales.push_back(global_count > 0 ? static_cast<double>(b.counted) * static_cast<double>(dp) /
-                                            static_cast<double>(global_count)
-                                      : 0.0);
+    shares.scales.push_back(shares.total > 0 ? static_cast<double>(b.counted) * replicas /
+                                                   static_cast<double>(shares.total)
+                                             : 0.0);
   }
-  return scales;
+  return shares;
 }
 
 // A micro-batch's rows as (inputs, targets) on `device`: [rows, cols - 1] each.
@@ -199,13 +209,7 @@ class PlainForwardBackward final : public ForwardBackward {
       // Mean over this micro-batch's tokens, divided by the number of
       // micro-batches: the accumulated gradient is then that of the mean
       // over the whole global batch (every micro-batch has as many tokens).
-      auto loss = next_token_loss(inputs_bt, targets_bt) / static_cast<double>(micro_batches);
-      if (edit.poison && m == 0) loss = loss * std::numeric_limits<double>::quiet_NaN();
-      if (edit.scale != 1.0 && m == 0) loss = loss * edit.scale;
-      if (reducer_ != nullptr && m == micro_batches - 1) reducer_->arm();
-      loss.backward();
-      step_loss += loss.detach().to(torch::kDouble);
-      done(m + 1);
+      backward(next_token_loss(inputs_bt, targets_bt) / static_cast<double>(micro_batches), m, edit, step_loss, done);
     }
     return step_loss;
   }
@@ -237,45 +241,47 @@ class PlainForwardBackward final : public ForwardBackward {
                            const MicroBatchDone& done) {
     const int64_t micro_batches = setup_.micro_batches;
     std::vector<MaskedBatch> batches;
-    int64_t counted = 0;
     for (int64_t m = 0; m < micro_batches; ++m) {
       MicroBatch batch = m == 0 ? std::move(first) : loader.next_micro_batch();
       if (m > 0) {
         for (const SampleId& id : batch.samples) samples.push_back(id.global_index);
       }
       batches.push_back(to_masked_batch(batch, setup_.device));
-      counted += batches.back().counted;
     }
-    last_loss_tokens_ = count_over_dp(dp_, counted);
-    const std::vector<double> scales = masked_loss_scales(batches, last_loss_tokens_, dp_ ? dp_->size() : 1);
+    const MaskedShares shares = masked_shares(batches, dp_);
+    last_loss_tokens_ = shares.total;
     torch::Tensor step_loss = zero_loss(setup_.device);
     for (int64_t m = 0; m < micro_batches; ++m) {
       const MaskedBatch& b = batches[static_cast<size_t>(m)];
       const torch::Tensor logits = autocast_forward(model_, b.inputs, setup_.bf16, b.positions);
-      auto loss = scaled_token_loss(logits, b.targets, tp_data_, scales[static_cast<size_t>(m)]);
-      if (edit.poison && m == 0) loss = loss * std::numeric_limits<double>::quiet_NaN();
-      if (edit.scale != 1.0 && m == 0) loss = loss * edit.scale;
-      if (reducer_ != nullptr && m == micro_batches - 1) reducer_->arm();
-      loss.backward();
-      step_loss += loss.detach().to(torch::kDouble);
-      done(m + 1);
+      backward(scaled_token_loss(logits, b.targets, tp_data_, shares.scales[static_cast<size_t>(m)]), m, edit,
+               step_loss, done);
     }
     return step_loss;
+  }
+
+  // Micro-batch m's backward: the test-only loss edits on the first, the dp
+  // reducer armed before the last, the loss added to the step's.
+  void backward(torch::Tensor loss, int64_t m, const LossEdit& edit, torch::Tensor& step_loss,
+                const MicroBatchDone& done) {
+    if (edit.poison && m == 0) loss = loss * std::numeric_limits<double>::quiet_NaN();
+    if (edit.scale != 1.0 && m == 0) loss = loss * edit.scale;
+    if (reducer_ != nullptr && m == setup_.micro_batches - 1) reducer_->arm();
+    loss.backward();
+    step_loss += loss.detach().to(torch::kDouble);
+    done(m + 1);
   }
 
   // The mean over the counted targets of this replica's validation batches,
   // made the mean over every replica's by weighing with the dp total
   // (validation_loss averages the replicas' results).
   double evaluate_masked(const std::vector<MaskedBatch>& batches) {
-    int64_t counted = 0;
-    for (const MaskedBatch& b : batches) counted += b.counted;
-    const int64_t total = count_over_dp(dp_, counted);
-    if (total == 0) return std::numeric_limits<double>::quiet_NaN();
-    const std::vector<double> scales = masked_loss_scales(batches, total, dp_ ? dp_->size() : 1);
+    const MaskedShares shares = masked_shares(batches, dp_);
+    if (shares.total == 0) return std::numeric_limits<double>::quiet_NaN();
     torch::Tensor sum = zero_loss(setup_.device);
     for (size_t m = 0; m < batches.size(); ++m) {
       const torch::Tensor logits = autocast_forward(model_, batches[m].inputs, setup_.bf16, batches[m].positions);
-      sum += scaled_token_loss(logits, batches[m].targets, tp_data_, scales[m]).to(torch::kDouble);
+      sum += scaled_token_loss(logits, batches[m].targets, tp_data_, shares.scales[m]).to(torch::kDouble);
     }
     return sum.item<double>();
   }
@@ -332,11 +338,11 @@ class PipelineForwardBackward final : public ForwardBackward {
     for (int64_t m = 0; m < setup_.micro_batches; ++m) {
       MicroBatch batch = loader.next_micro_batch();
       for (const SampleId& id : batch.samples) samples.push_back(id.global_index);
-      if (!batch.positions.empty()) positions.push_back(input_positions(batch));
       if (is_masked(batch)) {
         masked.push_back(to_masked_batch(batch, setup_.device));
         inputs.push_back(masked.back().inputs);
         targets.push_back(masked.back().targets);
+        if (masked.back().positions.defined()) positions.push_back(masked.back().positions);
         continue;
       }
       auto [inputs_bt, targets_bt] = to_inputs_targets(batch, setup_.device);
@@ -348,10 +354,9 @@ class PipelineForwardBackward final : public ForwardBackward {
     std::vector<double> scales;
     last_loss_tokens_ = -1;
     if (!masked.empty()) {
-      int64_t counted = 0;
-      for (const MaskedBatch& b : masked) counted += b.counted;
-      last_loss_tokens_ = count_over_dp(dp_, counted);
-      scales = masked_loss_scales(masked, last_loss_tokens_, dp_ ? dp_->size() : 1);
+      MaskedShares shares = masked_shares(masked, dp_);
+      last_loss_tokens_ = shares.total;
+      scales = std::move(shares.scales);
     }
     torch::Tensor step_loss = zero_loss(setup_.device);
     masked_now_ = !masked.empty();
@@ -368,11 +373,11 @@ class PipelineForwardBackward final : public ForwardBackward {
     std::vector<torch::Tensor> inputs, targets, positions;
     std::vector<MaskedBatch> masked;
     for (MicroBatch batch : loader.validation_batches(max_batches)) {
-      if (!batch.positions.empty()) positions.push_back(input_positions(batch));
       if (is_masked(batch)) {
         masked.push_back(to_masked_batch(batch, setup_.device));
         inputs.push_back(masked.back().inputs);
         targets.push_back(masked.back().targets);
+        if (masked.back().positions.defined()) positions.push_back(masked.back().positions);
         continue;
       }
       auto [inputs_bt, targets_bt] = to_inputs_targets(batch, setup_.device);
@@ -383,11 +388,9 @@ class PipelineForwardBackward final : public ForwardBackward {
     std::vector<double> scales;
     if (!masked.empty()) {
       // As the plain path's evaluate_masked: weighed by the dp total.
-      int64_t counted = 0;
-      for (const MaskedBatch& b : masked) counted += b.counted;
-      const int64_t total = count_over_dp(dp_, counted);
-      if (total == 0) return std::numeric_limits<double>::quiet_NaN();
-      scales = masked_loss_scales(masked, total, dp_ ? dp_->size() : 1);
+      MaskedShares shares = masked_shares(masked, dp_);
+      if (shares.total == 0) return std::numeric_limits<double>::quiet_NaN();
+      scales = std::move(shares.scales);
     }
     masked_now_ = !masked.empty();
     torch::Tensor loss = torch::tensor(executor_->evaluate(inputs, targets, scales, positions), torch::kDouble);
