@@ -524,14 +524,19 @@ struct Dataset::Impl {
     });
   }
 
+  // std::out_of_range when tokens [begin, begin + size) end past the dataset.
+  void check_range(uint64_t begin, size_t size, const char* what) const {
+    if (begin > index.num_tokens || size > index.num_tokens - begin)
+      throw std::out_of_range(dir + ": " + what + " [" + std::to_string(begin) + ", " + std::to_string(begin + size) +
+                              ") reach past the end of the dataset (" + std::to_string(index.num_tokens) + " tokens)");
+  }
+
   // Calls read(shard, offset in the shard, offset in the output, count) for
   // each shard's piece of tokens [begin, begin + size), in order, holding
   // `mutex`; std::out_of_range when the range ends past the dataset.
   template <typename Read>
   void for_each_shard_piece(uint64_t begin, size_t size, const char* what, const Read& read) {
-    if (begin > index.num_tokens || size > index.num_tokens - begin)
-      throw std::out_of_range(dir + ": " + what + " [" + std::to_string(begin) + ", " + std::to_string(begin + size) +
-                              ") reach past the end of the dataset (" + std::to_string(index.num_tokens) + " tokens)");
+    check_range(begin, size, what);
     if (size == 0) return;
     std::lock_guard guard(mutex);
     size_t shard_index = shard_at(begin);
@@ -633,10 +638,7 @@ void Dataset::read_loss_mask(uint64_t begin, std::span<uint8_t> out) const {
     impl_->read_loss_mask(begin, out);
     return;
   }
-  if (begin > num_tokens() || out.size() > num_tokens() - begin)
-    throw std::out_of_range(impl_->dir + ": loss mask [" + std::to_string(begin) + ", " +
-                            std::to_string(begin + out.size()) + ") reach past the end of the dataset (" +
-                            std::to_string(num_tokens()) + " tokens)");
+  impl_->check_range(begin, out.size(), "loss mask");
   std::fill(out.begin(), out.end(), uint8_t{1});
 }
 
