@@ -47,18 +47,6 @@ void add_shards_of_sample(const Dataset& dataset, uint64_t sample, int64_t seq_l
     shards.push_back(s);
 }
 
-// Reads sample `sample` (seq_len + 1 tokens) into row `row` of `batch`, and
-// its loss mask when the batch has one (sized already). A dataset without a
-// mask gives all ones there (Dataset::read_loss_mask): in a blend of chat and
-// plain datasets every token of a plain one counts.
-void read_sample(const Dataset& dataset, uint64_t sample, int64_t seq_len, MicroBatch& batch, int64_t row) {
-  const auto first = static_cast<size_t>(row * batch.cols);
-  const auto cols = static_cast<size_t>(batch.cols);
-  dataset.read_tokens(sample * static_cast<uint64_t>(seq_len), std::span(batch.tokens).subspan(first, cols));
-  if (!batch.loss_mask.empty())
-    dataset.read_loss_mask(sample * static_cast<uint64_t>(seq_len), std::span(batch.loss_mask).subspan(first, cols));
-}
-
 // Whether the batches of a run carry a loss mask: when any of its datasets
 // (training or validation) has one.
 bool any_loss_mask(const std::vector<std::shared_ptr<const Dataset>>& datasets,
@@ -128,14 +116,19 @@ void read_document_positions(const Dataset& dataset, uint64_t begin, std::span<i
   }
 }
 
-// Fills row `row` of batch.positions for sample `sample` (its
-// seq_len + 1 tokens), sizing batch.positions on the first row.
-void read_sample_positions(const Dataset& dataset, uint64_t sample, int64_t seq_len, MicroBatch& batch,
-                           int64_t row) {
-  batch.positions.resize(static_cast<size_t>(batch.rows * batch.cols));
-  const std::span<int32_t> out =
-      std::span(batch.positions).subspan(static_cast<size_t>(row * batch.cols), static_cast<size_t>(batch.cols));
-  read_document_positions(dataset, sample * static_cast<uint64_t>(seq_len), out);
+// Reads sample `sample` (seq_len + 1 tokens) into row `row` of `batch`, and
+// its loss mask and document positions when the batch has them (sized
+// already). A dataset without a mask gives all ones there
+// (Dataset::read_loss_mask): in a blend of chat and plain datasets every
+// token of a plain one counts.
+void read_sample(const Dataset& dataset, uint64_t sample, int64_t seq_len, MicroBatch& batch, int64_t row) {
+  const auto first = static_cast<size_t>(row * batch.cols);
+  const auto cols = static_cast<size_t>(batch.cols);
+  const uint64_t begin = sample * static_cast<uint64_t>(seq_len);
+  dataset.read_tokens(begin, std::span(batch.tokens).subspan(first, cols));
+  if (!batch.loss_mask.empty()) dataset.read_loss_mask(begin, std::span(batch.loss_mask).subspan(first, cols));
+  if (!batch.positions.empty())
+    read_document_positions(dataset, begin, std::span(batch.positions).subspan(first, cols));
 }
 
 // Typed access to a saved state, naming `context` and the key in errors.
@@ -275,11 +268,10 @@ class Loader::Producer {
     batch.micro_index = position_.micro_index;
     batch.tokens.resize(static_cast<size_t>(batch.rows * batch.cols));
     if (loader_.loss_mask_) batch.loss_mask.resize(batch.tokens.size());
+    if (config.document_positions) batch.positions.resize(batch.tokens.size());
     for (int64_t row = 0; row < batch.rows; ++row) {
       const SampleId& id = local_[static_cast<size_t>(position_.micro_index * config.micro_batch + row)];
       read_sample(*loader_.datasets_[id.dataset], id.sample, config.seq_len, batch, row);
-      if (config.document_positions)
-        read_sample_positions(*loader_.datasets_[id.dataset], id.sample, config.seq_len, batch, row);
       batch.samples.push_back(id);
     }
     if (++position_.micro_index == loader_.accumulation_) {
@@ -591,6 +583,7 @@ MicroBatch ValidationBatches::at(int64_t index) const {
   batch.step = index;
   batch.tokens.resize(static_cast<size_t>(batch.rows * batch.cols));
   if (fill_loss_mask_) batch.loss_mask.resize(batch.tokens.size());
+  if (config_->document_positions) batch.positions.resize(batch.tokens.size());
   const int64_t group = config_->micro_batch * config_->dp_size;
   const auto sample_of_row = [&](int64_t row) {
     return static_cast<uint64_t>(index * group + row * config_->dp_size + config_->dp_rank);
@@ -607,7 +600,6 @@ MicroBatch ValidationBatches::at(int64_t index) const {
     id.sample = sample_of_row(row);
     id.global_index = id.sample;
     read_sample(*dataset_, id.sample, config_->seq_len, batch, row);
-    if (config_->document_positions) read_sample_positions(*dataset_, id.sample, config_->seq_len, batch, row);
     batch.samples.push_back(id);
   }
   return batch;
