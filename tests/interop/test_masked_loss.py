@@ -11,6 +11,7 @@ summed over the global batch and divided by the number of counted targets
 micro-batches (each rank counting a different number of targets), and on pp2.
 `loss_tokens` in metrics.jsonl is that count.
 """
+import itertools
 import json
 import os
 import shutil
@@ -140,5 +141,8 @@ def test_step_loss_is_the_mean_over_counted_targets_of_the_global_batch(setup, n
     # means is another number: the test tells the two formulas apart.
     counts = [n for _, n in per_sample]
     assert len(set(counts)) > 2, counts
+    # No half of the samples counts half the targets, so whichever four the
+    # seeded order gives each dp2 rank, the two ranks count differently.
+    assert all(2 * sum(half) != count for half in itertools.combinations(counts, SAMPLES // 2)), counts
     mean_of_means = np.mean([t / n for t, n in per_sample if n > 0])
     assert abs(mean_of_means - total / count) > 1e-3
