@@ -7,7 +7,9 @@
 #include <set>
 #include <unordered_map>
 
+#include "data/added_tokens.h"
 #include "data/pretokenizer.h"
+#include "data/tokenizer_json.h"
 #include "util/error.h"
 #include "util/file_io.h"
 

@@ -10,7 +10,13 @@
 #include <tuple>
 #include <unordered_map>
 
+#include "data/added_tokens.h"
+#include "data/normalizer.h"
+#include "data/post_processor.h"
 #include "data/pretokenizer.h"
+#include "data/token_decoder.h"
+#include "data/tokenizer_json.h"
+#include "data/unigram.h"
 #include "util/crc32c.h"
 #include "util/error.h"
 #include "util/file_io.h"
@@ -81,22 +87,29 @@ struct Tokenizer::Impl {
   std::string hash;
   uint64_t instance_id = 0;
 
+  Normalizer normalizer;
   PreTokenizer pre_tokenizer;
+  TokenDecoder decoder;
+  SpecialTokenFrame special;              // what add_special_tokens puts around a text
   AddedTokenSplitter split_unnormalized;  // first pass, over the whole text
-  AddedTokenSplitter split_normalized;    // second pass, over what is left
+  AddedTokenSplitter split_normalized;    // second pass, over what is left once normalized
 
-  StringMap<int32_t> vocab;      // BPE vocabulary, token string -> id
+  std::optional<UnigramModel> unigram;  // else the model is BPE
+  int64_t model_size = 0;               // ids of the model's vocabulary
+  StringMap<int32_t> vocab;      // model vocabulary, token string -> id
   StringMap<int32_t> added;      // added token content -> id
   StringMap<int32_t> raw_vocab;  // raw bytes of byte-level tokens -> id (ignore_merges)
   std::unordered_map<uint64_t, MergeRule> merges;
-  std::array<ByteSymbol, 256> byte_symbols;
+  std::array<ByteSymbol, 256> byte_symbols;     // byte-level pieces: what each raw byte starts as
+  std::array<int32_t, 256> byte_fallback_ids{};  // text pieces: the <0xXX> token of each byte, or -1
+  bool byte_fallback = false;
   bool ignore_merges = false;
   std::optional<int32_t> unk_id;
   bool fuse_unk = false;
 
   int64_t vocab_size = 0;
   StringTable id_token;        // id -> token string
-  StringTable id_bytes;        // id -> bytes the ByteLevel decoder gives
+  StringTable id_bytes;        // id -> TokenDecoder::token_bytes of its token
   std::vector<bool> has_token;  // false for ids no token has
 };
 
@@ -128,7 +141,10 @@ struct EncodeState {
   std::vector<int32_t> cached_ids;
   PreTokenizerScratch pre;
   std::vector<Segment> segments;
+  std::vector<Segment> normalized_segments;
   std::vector<Segment> segment_scratch;
+  std::string normalized;
+  std::string normalize_scratch;
   std::vector<Symbol> symbols;
   std::vector<QueuedMerge> queue;
 };
@@ -152,30 +168,6 @@ int32_t parse_id(const json& value, const std::string& where, const std::string&
   return static_cast<int32_t>(value.get<int64_t>());
 }
 
-void check_normalizer(const json& root, const std::string& file) {
-  const auto it = root.find("normalizer");
-  if (it == root.end() || it->is_null()) return;
-  const json& spec = *it;
-  // An empty Sequence changes nothing.
-  if (spec.is_object() && spec.value("type", "") == "Sequence" && spec.contains("normalizers") &&
-      spec["normalizers"].is_array() && spec["normalizers"].empty())
-    return;
-  const std::string type = spec.is_object() && spec.contains("type") && spec["type"].is_string()
-                                ? spec["type"].get<std::string>()
-                                : json_preview(spec);
-  json_fail(file, "normalizer",
-            "'" + clip(type) + "' is not supported (loom reads byte-level BPE without a normalizer)");
-}
-
-void check_decoder(const json& root, const std::string& file) {
-  const json& spec = json_field(root, "decoder", "", file);
-  const std::string type = spec.is_object() && spec.contains("type") && spec["type"].is_string()
-                               ? spec["type"].get<std::string>()
-                               : json_preview(spec);
-  if (type != "ByteLevel")
-    json_fail(file, "decoder", "'" + clip(type) + "' is not supported (loom decodes with ByteLevel only)");
-}
-
 std::optional<std::string> optional_string(const json& model, const char* key, const std::string& file) {
   const auto it = model.find(key);
   if (it == model.end() || it->is_null()) return std::nullopt;
@@ -189,8 +181,15 @@ void load_model(const json& root, const std::string& file, Tokenizer::Impl& impl
   // Files from old `tokenizers` versions have no "type"; BPE is the one with merges.
   const std::string type = model.contains("type") ? json_string(model, "type", "model", file)
                                                   : (model.contains("merges") ? "BPE" : "unknown");
+  if (type == "Unigram") {
+    impl.unigram = UnigramModel::from_json(model, file);
+    const auto& tokens = impl.unigram->tokens();
+    impl.model_size = static_cast<int64_t>(tokens.size());
+    for (size_t id = 0; id < tokens.size(); ++id) impl.vocab.insert_or_assign(tokens[id], static_cast<int32_t>(id));
+    return;
+  }
   if (type != "BPE")
-    json_fail(file, "model.type", "'" + clip(type) + "' is not supported (loom reads byte-level BPE)");
+    json_fail(file, "model.type", "'" + clip(type) + "' is not supported (loom reads the BPE and Unigram models)");
 
   if (const auto it = model.find("dropout"); it != model.end() && !it->is_null()) {
     if (!it->is_number()) json_fail(file, "model.dropout", "expected a number or null, found " + json_preview(*it));
@@ -201,10 +200,11 @@ void load_model(const json& root, const std::string& file, Tokenizer::Impl& impl
   for (const char* key : {"continuing_subword_prefix", "end_of_word_suffix"})
     if (auto value = optional_string(model, key, file); value && !value->empty())
       json_fail(file, std::string("model.") + key,
-                "'" + clip(*value) + "' is not supported (byte-level BPE uses none)");
+                "'" + clip(*value) + "' is not supported (the BPE models of decoder-only LLMs use none)");
   impl.ignore_merges = json_bool(model, "ignore_merges", false, "model", file);
   impl.fuse_unk = json_bool(model, "fuse_unk", false, "model", file);
   const bool byte_fallback = json_bool(model, "byte_fallback", false, "model", file);
+  impl.byte_fallback = byte_fallback;
 
   const json& vocab = json_field(model, "vocab", "model", file);
   if (!vocab.is_object()) json_fail(file, "model.vocab", "expected an object, found " + json_preview(vocab));
@@ -216,6 +216,7 @@ void load_model(const json& root, const std::string& file, Tokenizer::Impl& impl
                                          std::to_string(id));
     impl.vocab.emplace(token, id);
   }
+  impl.model_size = static_cast<int64_t>(impl.vocab.size());
   if (auto unk = optional_string(model, "unk_token", file)) {
     const auto it = impl.vocab.find(*unk);
     if (it == impl.vocab.end())
@@ -259,6 +260,12 @@ void load_model(const json& root, const std::string& file, Tokenizer::Impl& impl
   for (const auto& [token, id] : impl.vocab)
     if (unicode_to_bytes(token, bytes)) impl.raw_vocab.emplace(bytes, id);
   for (int b = 0; b < 256; ++b) {
+    char name[8];
+    std::snprintf(name, sizeof name, "<0x%02X>", static_cast<unsigned>(b));
+    const auto found = impl.vocab.find(std::string_view(name));
+    impl.byte_fallback_ids[b] = byte_fallback && found != impl.vocab.end() ? found->second : -1;
+  }
+  for (int b = 0; b < 256; ++b) {
     ByteSymbol& symbol = impl.byte_symbols[b];
     const std::string& character = byte_to_unicode(static_cast<uint8_t>(b));
     if (const auto it = impl.vocab.find(character); it != impl.vocab.end()) {
@@ -268,14 +275,12 @@ void load_model(const json& root, const std::string& file, Tokenizer::Impl& impl
       // `tokenizers` falls back on the UTF-8 bytes of the (mapped) character.
       uint8_t count = 0;
       for (char c : character) {
-        char name[8];
-        std::snprintf(name, sizeof name, "<0x%02X>", static_cast<unsigned>(static_cast<uint8_t>(c)));
-        const auto found = impl.vocab.find(std::string_view(name));
-        if (found == impl.vocab.end()) {
+        const int32_t id = impl.byte_fallback_ids[static_cast<uint8_t>(c)];
+        if (id < 0) {
           count = 0;
           break;
         }
-        symbol.ids[count++] = found->second;
+        symbol.ids[count++] = id;
       }
       symbol.count = count;
       symbol.fallback = count > 0;
@@ -301,7 +306,7 @@ void load_added_tokens(const json& root, const std::string& file, Tokenizer::Imp
       tokens.push_back(std::move(token));
     }
   }
-  const auto model_size = static_cast<int64_t>(impl.vocab.size());
+  const int64_t model_size = impl.model_size;
   const auto same = [](const AddedToken& t) {
     return std::make_tuple(t.content, t.special, t.single_word, t.lstrip, t.rstrip, t.normalized);
   };
@@ -347,22 +352,24 @@ void load_added_tokens(const json& root, const std::string& file, Tokenizer::Imp
   impl.split_normalized = AddedTokenSplitter(std::move(normalized));
 
   // id -> token for decoding: added tokens first, as `tokenizers`' id_to_token.
-  int64_t max_id = -1;
+  int64_t max_id = impl.model_size - 1;
   for (const auto& [token, id] : impl.vocab) max_id = std::max<int64_t>(max_id, id);
   for (const auto& [id, token] : by_id) max_id = std::max<int64_t>(max_id, id);
   impl.vocab_size = max_id + 1;
   std::vector<std::pair<int32_t, std::string>> tokens_by_id, bytes_by_id;
-  for (const auto& [token, id] : impl.vocab)
-    if (!by_id.count(id)) tokens_by_id.emplace_back(id, token);
+  if (impl.unigram) {  // a Unigram vocabulary is a list: every id has its piece
+    const auto& tokens = impl.unigram->tokens();
+    for (size_t id = 0; id < tokens.size(); ++id)
+      if (!by_id.count(static_cast<int32_t>(id))) tokens_by_id.emplace_back(static_cast<int32_t>(id), tokens[id]);
+  } else {
+    for (const auto& [token, id] : impl.vocab)
+      if (!by_id.count(id)) tokens_by_id.emplace_back(id, token);
+  }
   for (const auto& [id, token] : by_id) tokens_by_id.emplace_back(id, token.content);
   impl.has_token.assign(impl.vocab_size, false);
-  // The ByteLevel decoder maps a token's characters back to bytes; a token
-  // with a character outside the table (an added token such as "<|im end|>"
-  // with a space) is passed through as its UTF-8.
-  std::string bytes;
   for (const auto& [id, token] : tokens_by_id) {
     impl.has_token[id] = true;
-    bytes_by_id.emplace_back(id, unicode_to_bytes(token, bytes) ? bytes : token);
+    bytes_by_id.emplace_back(id, impl.decoder.token_bytes(token));
   }
   impl.id_token.build(tokens_by_id, impl.vocab_size);
   impl.id_bytes.build(bytes_by_id, impl.vocab_size);
@@ -370,21 +377,12 @@ void load_added_tokens(const json& root, const std::string& file, Tokenizer::Imp
 
 // --- encoding -----------------------------------------------------------------------------
 
-// `tokenizers`' BPE::tokenize_with_cache, merge_word and Word::merge_all.
-void bpe_piece(const Tokenizer::Impl& impl, EncodeState& state, std::string_view piece, std::vector<int32_t>& ids) {
-  if (impl.ignore_merges) {
-    if (const auto it = impl.raw_vocab.find(piece); it != impl.raw_vocab.end()) {
-      ids.push_back(it->second);
-      return;
-    }
-  }
-  if (const auto it = state.cache.find(piece); it != state.cache.end()) {
-    const auto [offset, count] = it->second;
-    ids.insert(ids.end(), state.cached_ids.begin() + offset, state.cached_ids.begin() + offset + count);
-    return;
-  }
-
-  auto& symbols = state.symbols;
+// The BPE model's first symbols for `piece`: one per character, from the
+// vocabulary, else the character's <0xXX> byte tokens (byte_fallback), else
+// unk_token (neighbours fused when fuse_unk), else nothing, as `tokenizers`'
+// BPE::merge_word. A byte-level piece is raw bytes, each standing for its
+// GPT-2 character, whose symbols were worked out at load.
+void initial_symbols(const Tokenizer::Impl& impl, std::string_view piece, std::vector<Symbol>& symbols) {
   symbols.clear();
   const auto add = [&](int32_t id, int32_t len) {
     const auto index = static_cast<int32_t>(symbols.size());
@@ -392,31 +390,61 @@ void bpe_piece(const Tokenizer::Impl& impl, EncodeState& state, std::string_view
     symbols.push_back({id, index - 1, -1, len});
   };
   std::optional<std::pair<int32_t, int32_t>> pending_unk;  // id, byte length
-  for (unsigned char byte : piece) {
-    const ByteSymbol& symbol = impl.byte_symbols[byte];
-    const auto char_len = static_cast<int32_t>(byte_to_unicode(byte).size());
-    if (symbol.count > 0 && !symbol.fallback) {
-      if (pending_unk) {
-        add(pending_unk->first, pending_unk->second);
-        pending_unk.reset();
-      }
-      add(symbol.ids[0], char_len);
-    } else if (symbol.fallback) {
-      // As `tokenizers`: byte_fallback tokens do not flush a pending unk.
-      for (uint8_t k = 0; k < symbol.count; ++k) add(symbol.ids[k], 1);
-    } else if (impl.unk_id) {
-      if (pending_unk && impl.fuse_unk) {
-        pending_unk->second += char_len;
+  const auto known = [&](int32_t id, int32_t len) {
+    if (pending_unk) {
+      add(pending_unk->first, pending_unk->second);
+      pending_unk.reset();
+    }
+    add(id, len);
+  };
+  const auto unknown = [&](int32_t len) {
+    if (!impl.unk_id) return;  // dropped, as `tokenizers` does without an unk token
+    if (pending_unk && impl.fuse_unk) {
+      pending_unk->second += len;
+    } else {
+      if (pending_unk) add(pending_unk->first, pending_unk->second);
+      pending_unk = std::make_pair(*impl.unk_id, len);
+    }
+  };
+  if (impl.pre_tokenizer.byte_level()) {
+    for (unsigned char byte : piece) {
+      const ByteSymbol& symbol = impl.byte_symbols[byte];
+      const auto char_len = static_cast<int32_t>(byte_to_unicode(byte).size());
+      if (symbol.count > 0 && !symbol.fallback) {
+        known(symbol.ids[0], char_len);
+      } else if (symbol.fallback) {
+        // As `tokenizers`: byte_fallback tokens do not flush a pending unk.
+        for (uint8_t k = 0; k < symbol.count; ++k) add(symbol.ids[k], 1);
       } else {
-        if (pending_unk) add(pending_unk->first, pending_unk->second);
-        pending_unk = std::make_pair(*impl.unk_id, char_len);
+        unknown(char_len);
       }
     }
-    // else: a character outside the vocabulary with no unk token is dropped,
-    // as `tokenizers` does.
+  } else {
+    for (size_t i = 0; i < piece.size();) {
+      size_t len;
+      decode_utf8(piece, i, len);
+      const std::string_view character = piece.substr(i, len);
+      i += len;
+      if (const auto it = impl.vocab.find(character); it != impl.vocab.end()) {
+        known(it->second, static_cast<int32_t>(len));
+        continue;
+      }
+      const bool fallback = impl.byte_fallback && std::all_of(character.begin(), character.end(), [&](char c) {
+                              return impl.byte_fallback_ids[static_cast<uint8_t>(c)] >= 0;
+                            });
+      if (fallback) {
+        for (char c : character) add(impl.byte_fallback_ids[static_cast<uint8_t>(c)], 1);
+      } else {
+        unknown(static_cast<int32_t>(len));
+      }
+    }
   }
   if (pending_unk) add(pending_unk->first, pending_unk->second);
+}
 
+// `tokenizers`' Word::merge_all: the lowest-ranked pair first, leftmost on ties.
+void merge_all(const Tokenizer::Impl& impl, EncodeState& state) {
+  auto& symbols = state.symbols;
   auto& queue = state.queue;
   queue.clear();
   for (size_t i = 0; i + 1 < symbols.size(); ++i)
@@ -447,15 +475,39 @@ void bpe_piece(const Tokenizer::Impl& impl, EncodeState& state, std::string_view
     if (left.prev != -1) push(left.prev, symbols[left.prev].id, left.id);
     if (left.next != -1) push(top.pos, left.id, symbols[left.next].id);
   }
+}
 
+// The model's ids for one pre-token, through the thread's cache.
+void encode_piece(const Tokenizer::Impl& impl, EncodeState& state, std::string_view piece, std::vector<int32_t>& ids) {
+  if (impl.ignore_merges) {  // BPE's ignore_merges: a piece in the vocabulary is that token
+    const auto& whole = impl.pre_tokenizer.byte_level() ? impl.raw_vocab : impl.vocab;
+    if (const auto it = whole.find(piece); it != whole.end()) {
+      ids.push_back(it->second);
+      return;
+    }
+  }
+  if (const auto it = state.cache.find(piece); it != state.cache.end()) {
+    const auto [offset, count] = it->second;
+    ids.insert(ids.end(), state.cached_ids.begin() + offset, state.cached_ids.begin() + offset + count);
+    return;
+  }
   const auto offset = static_cast<uint32_t>(state.cached_ids.size());
-  for (const Symbol& symbol : symbols)
-    if (symbol.len != 0) state.cached_ids.push_back(symbol.id);
+  if (impl.unigram) {
+    impl.unigram->encode(piece, state.cached_ids);
+  } else {
+    initial_symbols(impl, piece, state.symbols);
+    merge_all(impl, state);
+    for (const Symbol& symbol : state.symbols)
+      if (symbol.len != 0) state.cached_ids.push_back(symbol.id);
+  }
   const auto count = static_cast<uint32_t>(state.cached_ids.size() - offset);
   ids.insert(ids.end(), state.cached_ids.begin() + offset, state.cached_ids.end());
   state.cache.emplace(std::string(piece), std::make_pair(offset, count));
 }
 
+// `tokenizers`' encode: added tokens split out of the raw text; the rest
+// normalized, split again by the added tokens that match normalized text,
+// pre-tokenized, and every pre-token given to the model.
 void encode_text(const Tokenizer::Impl& impl, std::string_view text, std::vector<int32_t>& ids) {
   if (const size_t bad = find_invalid_utf8(text); bad != std::string_view::npos)
     throw BadInput("text to tokenize is not valid UTF-8 at byte " + std::to_string(bad));
@@ -464,14 +516,29 @@ void encode_text(const Tokenizer::Impl& impl, std::string_view text, std::vector
   segments.clear();
   if (!text.empty()) segments.push_back({text, -1});
   if (!impl.split_unnormalized.empty()) impl.split_unnormalized.split(segments, state.segment_scratch);
-  if (!impl.split_normalized.empty()) impl.split_normalized.split(segments, state.segment_scratch);
+  const auto emit = [&](std::string_view piece) { encode_piece(impl, state, piece, ids); };
   for (const Segment& segment : segments) {
     if (segment.id >= 0) {
       ids.push_back(segment.id);
       continue;
     }
-    impl.pre_tokenizer.split(segment.text, state.pre,
-                             [&](std::string_view piece) { bpe_piece(impl, state, piece, ids); });
+    bool at_start = segment.text.data() == text.data();
+    std::string_view normalized = segment.text;
+    if (!impl.normalizer.empty()) {
+      impl.normalizer.apply(segment.text, state.normalized, state.normalize_scratch, at_start);
+      normalized = state.normalized;
+    }
+    auto& parts = state.normalized_segments;
+    parts.clear();
+    if (!normalized.empty()) parts.push_back({normalized, -1});
+    if (!impl.split_normalized.empty()) impl.split_normalized.split(parts, state.segment_scratch);
+    for (const Segment& part : parts) {
+      if (part.id >= 0) {
+        ids.push_back(part.id);
+      } else {
+        impl.pre_tokenizer.split(part.text, at_start && part.text.data() == normalized.data(), state.pre, emit);
+      }
+    }
   }
 }
 
@@ -493,10 +560,13 @@ Tokenizer Tokenizer::from_json(std::string_view json_text, const std::string& so
   impl->source = source;
   impl->instance_id = next_instance_id.fetch_add(1);
   try {
+    // An absent part is as null (files written by hand often leave them out).
+    const auto part = [&root](const char* key) { return root.contains(key) ? root[key] : json(); };
     load_model(root, source, *impl);
-    check_normalizer(root, source);
-    impl->pre_tokenizer = PreTokenizer::from_json(json_field(root, "pre_tokenizer", "", source), source);
-    check_decoder(root, source);
+    impl->normalizer = Normalizer::from_json(part("normalizer"), source);
+    impl->pre_tokenizer = PreTokenizer::from_json(part("pre_tokenizer"), source);
+    impl->decoder = TokenDecoder::from_json(part("decoder"), source);
+    impl->special = parse_post_processor(part("post_processor"), source);
     load_added_tokens(root, source, *impl);
   } catch (const json::exception& e) {  // a type mismatch the checks above missed
     throw BadInput(source + ": malformed tokenizer.json: " + e.what());
@@ -506,19 +576,28 @@ Tokenizer Tokenizer::from_json(std::string_view json_text, const std::string& so
   return Tokenizer(std::move(impl));
 }
 
-std::vector<int32_t> Tokenizer::encode(std::string_view text) const {
+std::vector<int32_t> Tokenizer::encode(std::string_view text, SpecialTokens special) const {
   std::vector<int32_t> ids;
-  encode_text(*impl_, text, ids);
+  encode_append(text, ids, special);
   return ids;
 }
 
-void Tokenizer::encode_append(std::string_view text, std::vector<int32_t>& ids) const { encode_text(*impl_, text, ids); }
+void Tokenizer::encode_append(std::string_view text, std::vector<int32_t>& ids, SpecialTokens special) const {
+  const bool add = special == SpecialTokens::kAdd;
+  if (add) ids.insert(ids.end(), impl_->special.before.begin(), impl_->special.before.end());
+  encode_text(*impl_, text, ids);
+  if (add) ids.insert(ids.end(), impl_->special.after.begin(), impl_->special.after.end());
+}
+
+std::span<const int32_t> Tokenizer::special_ids_before() const { return impl_->special.before; }
+std::span<const int32_t> Tokenizer::special_ids_after() const { return impl_->special.after; }
 
 std::string Tokenizer::decode(std::span<const int32_t> ids) const {
-  std::string bytes;
+  std::vector<std::string> tokens;
+  tokens.reserve(ids.size());
   for (int32_t id : ids)
-    if (id >= 0 && id < impl_->vocab_size && impl_->has_token[id]) bytes += impl_->id_bytes.at(id);
-  return utf8_lossy(bytes);
+    if (id >= 0 && id < impl_->vocab_size && impl_->has_token[id]) tokens.emplace_back(impl_->id_token.at(id));
+  return impl_->decoder.decode(std::move(tokens));
 }
 
 std::string_view Tokenizer::token_bytes(int32_t id) const {

@@ -16,6 +16,8 @@ DEBIAN_PACKAGES=(
   libyaml-cpp-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev
   libpcre2-dev
+  # The tokenizer's Unicode normalizers (NFC, NFKC...) and character properties.
+  libicu-dev
   # Tests only: tests/interop/test_plot.py renders `loom plot`'s SVG to PNG with rsvg-convert.
   librsvg2-bin
   # fuzz/run.sh (the fuzz_smoke test): clang with libFuzzer and the sanitizers.

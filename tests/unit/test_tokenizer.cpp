@@ -411,17 +411,47 @@ TEST(Refusal, unsupported_kinds_name_the_file_and_key) {
     all.insert(all.end(), parts.begin(), parts.end());
     expect_bad_input([&] { load_spec(spec, "my/tokenizer.json"); }, all);
   };
-  refused([](json& s) { s["model"]["type"] = "Unigram"; },
-          {"model.type", "'Unigram' is not supported (loom reads byte-level BPE)"});
-  refused([](json& s) { s["model"]["type"] = "WordPiece"; }, {"'WordPiece' is not supported"});
-  refused([](json& s) { s["normalizer"] = {{"type", "NFC"}}; }, {"normalizer", "'NFC' is not supported"});
-  refused([](json& s) { s["pre_tokenizer"] = {{"type", "Metaspace"}}; }, {"pre_tokenizer.type", "'Metaspace'"});
-  refused([](json& s) { s["pre_tokenizer"] = nullptr; }, {"pre_tokenizer", "ByteLevel"});
-  refused([](json& s) { s["pre_tokenizer"] = {{"type", "Digits"}}; }, {"has no ByteLevel step"});
+  refused([](json& s) { s["model"]["type"] = "WordPiece"; },
+          {"model.type", "'WordPiece' is not supported (loom reads the BPE and Unigram models)"});
+  refused([](json& s) { s["model"]["type"] = "WordLevel"; }, {"'WordLevel' is not supported"});
+  refused([](json& s) { s["normalizer"] = {{"type", "Precompiled"}, {"precompiled_charsmap", "AAAA"}}; },
+          {"normalizer.type", "'Precompiled' is not supported"});
+  refused([](json& s) {
+    s["normalizer"] = {{"type", "Sequence"}, {"normalizers", {{{"type", "NFC"}}, {{"type", "BertNormalizer"}}}}};
+  }, {"normalizer.normalizers[1].type", "'BertNormalizer'"});
+  refused([](json& s) { s["pre_tokenizer"] = {{"type", "UnicodeScripts"}}; }, {"pre_tokenizer.type", "'UnicodeScripts'"});
+  refused([](json& s) { s["pre_tokenizer"] = {{"type", "Metaspace"}, {"replacement", "ab"}}; },
+          {"pre_tokenizer.replacement", "expected one character"});
+  refused([](json& s) {
+    s["pre_tokenizer"] = {{"type", "Metaspace"}, {"replacement", "_"}, {"prepend_scheme", "sometimes"}};
+  }, {"pre_tokenizer.prepend_scheme", "'sometimes' is not first, always or never"});
   refused([](json& s) {
     s["pre_tokenizer"] = {{"type", "Sequence"}, {"pretokenizers", {{{"type", "ByteLevel"}}, {{"type", "Digits"}}}}};
   }, {"pre_tokenizer.pretokenizers[1]", "after ByteLevel"});
+  refused([](json& s) { s["post_processor"] = {{"type", "Template"}}; }, {"post_processor.type", "'Template'"});
+  refused([](json& s) {
+    s["post_processor"] = {{"type", "TemplateProcessing"},
+                           {"single", {{{"SpecialToken", {{"id", "<s>"}, {"type_id", 0}}}}}},
+                           {"special_tokens", {{"<s>", {{"id", "<s>"}, {"ids", {0}}, {"tokens", {"<s>"}}}}}}};
+  }, {"post_processor.single", "has no sequence A"});
+  refused([](json& s) {
+    s["post_processor"] = {{"type", "TemplateProcessing"},
+                           {"single", {{{"SpecialToken", {{"id", "<bos>"}, {"type_id", 0}}}},
+                                       {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}},
+                           {"special_tokens", json::object()}};
+  }, {"post_processor.special_tokens['<bos>']", "missing"});
+  refused([](json& s) {
+    s["model"] = {{"type", "Unigram"}, {"unk_id", 0},
+                  {"vocab", json::array({json::array({"<unk>", 0.0}), json::array({"a", "x"})})}};
+  }, {"model.vocab[1]", "expected [\"piece\", score]"});
+  refused([](json& s) {
+    s["model"] = {{"type", "Unigram"}, {"unk_id", 9}, {"vocab", json::array({json::array({"<unk>", 0.0})})}};
+  },
+          {"model.unk_id", "expected an id below 1"});
   refused([](json& s) { s["decoder"] = {{"type", "WordPiece"}}; }, {"decoder", "'WordPiece' is not supported"});
+  refused([](json& s) {
+    s["decoder"] = {{"type", "Sequence"}, {"decoders", {{{"type", "Strip"}, {"content", " "}, {"start", -1}, {"stop", 0}}}}};
+  }, {"decoder.decoders[0].start", "expected a count"});
   refused([](json& s) { s["model"]["dropout"] = 0.1; }, {"model.dropout", "deterministic"});
   refused([](json& s) { s["model"]["continuing_subword_prefix"] = "##"; }, {"model.continuing_subword_prefix"});
   refused([](json& s) {

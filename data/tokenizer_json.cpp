@@ -1,0 +1,48 @@
+#include "data/tokenizer_json.h"
+
+#include <nlohmann/json.hpp>
+
+#include "util/error.h"
+
+namespace loom::tokenization {
+
+using nlohmann::json;
+
+void json_fail(const std::string& file, const std::string& where, const std::string& what) {
+  throw BadInput(file + ": " + (where.empty() ? "" : where + ": ") + what);
+}
+
+const json& json_field(const json& object, const char* key, const std::string& where, const std::string& file) {
+  if (!object.is_object()) json_fail(file, where, "expected an object, found " + json_preview(object));
+  const auto it = object.find(key);
+  if (it == object.end()) json_fail(file, where.empty() ? key : where + "." + key, "missing");
+  return *it;
+}
+
+std::string json_string(const json& object, const char* key, const std::string& where, const std::string& file) {
+  const json& value = json_field(object, key, where, file);
+  if (!value.is_string())
+    json_fail(file, where.empty() ? key : where + "." + key, "expected a string, found " + json_preview(value));
+  return value.get<std::string>();
+}
+
+bool json_bool(const json& object, const char* key, bool fallback, const std::string& where,
+               const std::string& file) {
+  if (!object.is_object()) json_fail(file, where, "expected an object, found " + json_preview(object));
+  const auto it = object.find(key);
+  if (it == object.end() || it->is_null()) return fallback;
+  if (!it->is_boolean())
+    json_fail(file, where.empty() ? key : where + "." + key, "expected true or false, found " + json_preview(*it));
+  return it->get<bool>();
+}
+
+std::string clip(std::string_view text, size_t max_chars) {
+  if (text.size() <= max_chars) return std::string(text);
+  return std::string(text.substr(0, max_chars)) + "...";
+}
+
+std::string json_preview(const json& value) {
+  return clip(value.dump(-1, ' ', false, json::error_handler_t::replace));
+}
+
+}  // namespace loom::tokenization

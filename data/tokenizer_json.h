@@ -1,0 +1,27 @@
+// Reading a tokenizer.json: field access whose every failure is BadInput
+// "<file>: <where>: <what>", shared by the parsers of the tokenizer's parts.
+#pragma once
+
+#include <cstddef>
+#include <nlohmann/json_fwd.hpp>
+#include <string>
+#include <string_view>
+
+namespace loom::tokenization {
+
+// Every failure is BadInput "<file>: <where>: <what>"; `where` is the JSON
+// path ("model.vocab", "pre_tokenizer.pretokenizers[1]").
+[[noreturn]] void json_fail(const std::string& file, const std::string& where, const std::string& what);
+// `object[key]`; fails when `object` is not an object or has no `key`.
+const nlohmann::json& json_field(const nlohmann::json& object, const char* key, const std::string& where,
+                                 const std::string& file);
+std::string json_string(const nlohmann::json& object, const char* key, const std::string& where,
+                        const std::string& file);
+// `fallback` when the key is absent or null.
+bool json_bool(const nlohmann::json& object, const char* key, bool fallback, const std::string& where,
+               const std::string& file);
+// Text from an untrusted file, capped for messages.
+std::string clip(std::string_view text, size_t max_chars = 120);
+std::string json_preview(const nlohmann::json& value);
+
+}  // namespace loom::tokenization
