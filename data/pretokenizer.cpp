@@ -111,19 +111,32 @@ SplitStep pattern_step(std::string_view pattern, SplitBehavior behavior, bool in
 }
 
 // Appends the steps of `spec` (recursing into Sequence) to `steps`.
+// Steps after ByteLevel (Falcon's Digits and Split) go to `after_byte_level`
+// and must be splits: they see the GPT-2 characters, not the text.
 void parse_steps(const json& spec, const std::string& where, const std::string& file,
-                 std::vector<PreTokenizerStep>& steps, std::optional<ByteLevelStep>& byte_level) {
+                 std::vector<PreTokenizerStep>& steps, std::optional<ByteLevelStep>& byte_level,
+                 std::vector<SplitStep>& after_byte_level) {
   if (!spec.is_object()) json_fail(file, where, "expected an object, found " + json_preview(spec));
   const std::string type = json_string(spec, "type", where, file);
-  if (type != "Sequence" && byte_level)
-    json_fail(file, where, "'" + clip(type) + "' after ByteLevel is not supported (ByteLevel must come last)");
+  if (byte_level && (type == "ByteLevel" || type == "Metaspace"))
+    json_fail(file, where, "'" + clip(type) + "' after ByteLevel is not supported (only splits may follow it)");
   const std::string word(kWordClass);
   if (type == "Sequence") {
     const json& list = json_field(spec, "pretokenizers", where, file);
     if (!list.is_array()) json_fail(file, where + ".pretokenizers", "expected a list, found " + json_preview(list));
     for (size_t i = 0; i < list.size(); ++i)
-      parse_steps(list[i], where + ".pretokenizers[" + std::to_string(i) + "]", file, steps, byte_level);
-  } else if (type == "ByteLevel") {
+      parse_steps(list[i], where + ".pretokenizers[" + std::to_string(i) + "]", file, steps, byte_level,
+                  after_byte_level);
+    return;
+  }
+  if (byte_level) {  // a split after ByteLevel: parse it as usual, then move it over
+    std::vector<PreTokenizerStep> one;
+    std::optional<ByteLevelStep> none;
+    parse_steps(spec, where, file, one, none, after_byte_level);
+    after_byte_level.push_back(std::get<SplitStep>(std::move(one.front())));
+    return;
+  }
+  if (type == "ByteLevel") {
     byte_level = ByteLevelStep{json_bool(spec, "add_prefix_space", true, where, file),
                                json_bool(spec, "use_regex", true, where, file)};
   } else if (type == "Split") {
@@ -225,7 +238,7 @@ PreTokenizer PreTokenizer::from_json(const json& spec, const std::string& file) 
   PreTokenizer result;
   result.gpt2_regex_ = Regex::compile(kGpt2Pattern, false, "GPT-2 pattern");
   if (spec.is_null()) return result;
-  parse_steps(spec, "pre_tokenizer", file, result.steps_, result.byte_level_);
+  parse_steps(spec, "pre_tokenizer", file, result.steps_, result.byte_level_, result.after_byte_level_);
   return result;
 }
 
@@ -266,13 +279,52 @@ void PreTokenizer::split(std::string_view text, bool at_start, PreTokenizerScrat
       scratch.prefixed.append(subject);
       subject = scratch.prefixed;
     }
+    const auto emit_byte_level = [&](std::string_view bytes) {
+      if (after_byte_level_.empty()) {
+        emit(bytes);
+      } else {
+        split_after_byte_level(bytes, scratch, emit);
+      }
+    };
     if (!byte_level_->use_regex) {
-      emit(subject);
+      emit_byte_level(subject);
       continue;
     }
     find_matches(gpt2_regex_, subject, scratch.match, scratch.spans);
-    for (const SplitSpan& s : scratch.spans)
-      if (s.end > s.begin) emit(subject.substr(s.begin, s.end - s.begin));
+    std::vector<SplitSpan> spans;
+    spans.swap(scratch.spans);  // split_after_byte_level needs scratch.spans
+    for (const SplitSpan& s : spans)
+      if (s.end > s.begin) emit_byte_level(subject.substr(s.begin, s.end - s.begin));
+    spans.swap(scratch.spans);
+  }
+}
+
+void PreTokenizer::split_after_byte_level(std::string_view bytes, PreTokenizerScratch& scratch,
+                                          const std::function<void(std::string_view)>& emit) const {
+  // The steps see each byte as its GPT-2 character (so byte 0xB2 is '²', a
+  // digit to Digits); their pieces go back to bytes for the model.
+  std::string& mapped = scratch.mapped;
+  mapped.clear();
+  for (unsigned char b : bytes) mapped += byte_to_unicode(b);
+  std::vector<Piece> pieces = {{mapped, false}};
+  std::vector<Piece> next;
+  std::vector<SplitSpan> spans;
+  for (const SplitStep& step : after_byte_level_) {
+    next.clear();
+    for (const Piece& piece : pieces) {
+      find_matches(step.regex, piece.text, scratch.match, spans);
+      if (step.invert)
+        for (auto& s : spans) s.is_match = !s.is_match;
+      apply_behavior(spans, step.behavior);
+      for (const SplitSpan& s : spans)
+        if (!s.is_match && s.end > s.begin) next.push_back({piece.text.substr(s.begin, s.end - s.begin), false});
+    }
+    pieces.swap(next);
+  }
+  std::string raw;
+  for (const Piece& piece : pieces) {
+    unicode_to_bytes(piece.text, raw);  // every character is in the table: it came from it
+    emit(raw);
   }
 }
 

@@ -1,13 +1,14 @@
 // Pre-tokenization, matching Hugging Face `tokenizers`: a list of steps, each
 // applied to every piece the steps before it made (Split, Digits,
 // Punctuation, Whitespace, WhitespaceSplit, CharDelimiterSplit, Metaspace,
-// nested in any Sequence), optionally ending in ByteLevel.
+// nested in any Sequence), optionally followed by ByteLevel and then more
+// splits (Falcon's Digits and Split), which see GPT-2 characters.
 //
 // Pieces are views of the input, or of a per-thread buffer once a Metaspace
 // step has rewritten them. ByteLevel's byte -> unicode mapping is not applied
 // here: a byte-level BPE model starts from one symbol per raw byte (see
-// tokenizer.cpp), which is equivalent and avoids a copy per piece. That is
-// why ByteLevel must be the last step of a pre-tokenizer.
+// tokenizer.cpp), which is equivalent and avoids a copy per piece; only the
+// rare splits after ByteLevel map a piece to characters and back.
 #pragma once
 
 #include <cstddef>
@@ -70,6 +71,7 @@ struct PreTokenizerScratch {
   std::vector<SplitSpan> spans;
   std::vector<std::string> rewritten;  // one buffer per Metaspace step; pieces point into them
   std::string prefixed;                // " " + piece, for ByteLevel(add_prefix_space)
+  std::string mapped;                  // a piece in GPT-2 characters, for the splits after ByteLevel
 };
 
 class PreTokenizer {
@@ -97,8 +99,13 @@ class PreTokenizer {
   }
 
  private:
+  // Splits a ByteLevel piece further with after_byte_level_.
+  void split_after_byte_level(std::string_view bytes, PreTokenizerScratch& scratch,
+                              const std::function<void(std::string_view)>& emit) const;
+
   std::vector<PreTokenizerStep> steps_;  // before ByteLevel
   std::optional<ByteLevelStep> byte_level_;
+  std::vector<SplitStep> after_byte_level_;  // run on GPT-2 characters
   Regex gpt2_regex_;  // used when byte_level_->use_regex
 };
 

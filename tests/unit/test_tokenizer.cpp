@@ -426,7 +426,7 @@ TEST(Refusal, unsupported_kinds_name_the_file_and_key) {
     s["pre_tokenizer"] = {{"type", "Metaspace"}, {"replacement", "_"}, {"prepend_scheme", "sometimes"}};
   }, {"pre_tokenizer.prepend_scheme", "'sometimes' is not first, always or never"});
   refused([](json& s) {
-    s["pre_tokenizer"] = {{"type", "Sequence"}, {"pretokenizers", {{{"type", "ByteLevel"}}, {{"type", "Digits"}}}}};
+    s["pre_tokenizer"] = {{"type", "Sequence"}, {"pretokenizers", {{{"type", "ByteLevel"}}, {{"type", "Metaspace"}, {"replacement", "_"}}}}};
   }, {"pre_tokenizer.pretokenizers[1]", "after ByteLevel"});
   refused([](json& s) { s["post_processor"] = {{"type", "Template"}}; }, {"post_processor.type", "'Template'"});
   refused([](json& s) {

@@ -159,6 +159,18 @@ TEST(PreTokenizer, punctuation_whitespace_and_delimiter_splits) {
   EXPECT_EQ(pieces(nullptr, "no pre-tokenizer at all"), (V{"no pre-tokenizer at all"}));
 }
 
+TEST(PreTokenizer, splits_after_byte_level_see_gpt2_characters) {
+  // As Falcon's file: Digits after ByteLevel. The GPT-2 pattern makes "²"
+  // (C2 B2) a piece; its bytes are the GPT-2 characters 'Â' and '²', and the
+  // second is a digit, so Digits splits the character between its bytes.
+  const json spec = {{"type", "Sequence"},
+                     {"pretokenizers",
+                      {{{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", true}},
+                       {{"type", "Digits"}, {"individual_digits", false}}}}};
+  using V = std::vector<std::string>;
+  EXPECT_EQ(pieces(spec, "a\xC2\xB2 x12y"), (V{"a", "\xC2", "\xB2", " x", "12", "y"}));
+}
+
 // --- SentencePiece-style BPE -----------------------------------------------------------------
 
 TEST(SentencePieceBpe, merges_words_falls_back_to_bytes_and_frames_with_bos) {
