@@ -175,14 +175,14 @@ std::optional<std::string> optional_string(const json& model, const char* key, c
   return it->get<std::string>();
 }
 
-void load_model(const json& root, const std::string& file, Tokenizer::Impl& impl) {
+void load_model(const json& root, std::string_view json_text, const std::string& file, Tokenizer::Impl& impl) {
   const json& model = json_field(root, "model", "", file);
   if (!model.is_object()) json_fail(file, "model", "expected an object, found " + json_preview(model));
   // Files from old `tokenizers` versions have no "type"; BPE is the one with merges.
   const std::string type = model.contains("type") ? json_string(model, "type", "model", file)
                                                   : (model.contains("merges") ? "BPE" : "unknown");
   if (type == "Unigram") {
-    impl.unigram = UnigramModel::from_json(model, file);
+    impl.unigram = UnigramModel::from_json(model, json_text, file);
     const auto& tokens = impl.unigram->tokens();
     impl.model_size = static_cast<int64_t>(tokens.size());
     for (size_t id = 0; id < tokens.size(); ++id) impl.vocab.insert_or_assign(tokens[id], static_cast<int32_t>(id));
@@ -562,7 +562,7 @@ Tokenizer Tokenizer::from_json(std::string_view json_text, const std::string& so
   try {
     // An absent part is as null (files written by hand often leave them out).
     const auto part = [&root](const char* key) { return root.contains(key) ? root[key] : json(); };
-    load_model(root, source, *impl);
+    load_model(root, json_text, source, *impl);
     impl->normalizer = Normalizer::from_json(part("normalizer"), source);
     impl->pre_tokenizer = PreTokenizer::from_json(part("pre_tokenizer"), source);
     impl->decoder = TokenDecoder::from_json(part("decoder"), source);

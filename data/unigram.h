@@ -17,10 +17,16 @@
 
 namespace loom::tokenization {
 
+// A JSON number's text read as serde_json (and so `tokenizers`) reads it,
+// not always the nearest double (Note [scores as serde_json reads them]).
+double serde_json_f64(std::string_view text);
+
 class UnigramModel {
  public:
-  // `model` is the tokenizer.json's "model" object with type "Unigram".
-  static UnigramModel from_json(const nlohmann::json& model, const std::string& file);
+  // `model` is the tokenizer.json's "model" object with type "Unigram";
+  // `json_text` the whole file, whose number texts give the scores (see
+  // Note [scores as serde_json reads them] in unigram.cpp).
+  static UnigramModel from_json(const nlohmann::json& model, std::string_view json_text, const std::string& file);
 
   // The vocabulary: token string by id.
   const std::vector<std::string>& tokens() const { return tokens_; }

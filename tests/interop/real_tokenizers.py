@@ -98,3 +98,74 @@ def llama3_tokenizer_dir(path):
     for f in cached.iterdir():
         shutil.copy2(f, path / f.name)
     return path
+
+
+# --- the tokenizer.json files of model families (issue: tokenizers) ---------------------------
+# name -> (GGUF vocabulary, what the Hub's tokenizer.json has that the
+# conversion leaves out). The conversion writes the model, the added tokens and
+# a post-processor; the rest is set here as the Hub's files have it.
+FAMILY_VOCABS = {
+    "llama2": "ggml-vocab-llama-spm.gguf",     # Llama-2, Mistral v0.1, TinyLlama: Metaspace + byte_fallback BPE
+    "phi3": "ggml-vocab-phi-3.gguf",           # Phi-3: Prepend + Replace normalizers, no pre-tokenizer
+    "gemma": "ggml-vocab-llama-spm.gguf",      # Gemma's pipeline (no Gemma vocabulary converts; see below)
+    "qwen2": "ggml-vocab-qwen2.gguf",          # Qwen2/2.5/3: NFC, then the Qwen split regex and ByteLevel
+    "falcon": "ggml-vocab-falcon.gguf",        # Falcon: Punctuation, ByteLevel, then Digits and a Split
+    "deepseek-llm": "ggml-vocab-deepseek-llm.gguf",
+    "starcoder": "ggml-vocab-starcoder.gguf",
+    "gpt2": "ggml-vocab-gpt-2.gguf",
+}
+
+
+def _hub_parts(name, spec):
+    if name == "qwen2":
+        # Qwen2's tokenizer.json normalizes to NFC first.
+        spec["normalizer"] = {"type": "NFC"}
+    elif name == "falcon":
+        # tiiuae/falcon-7b's pre-tokenizer: splits on GPT-2 characters after ByteLevel.
+        spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+            {"type": "Punctuation", "behavior": "Contiguous"},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+            {"type": "Digits", "individual_digits": False},
+            {"type": "Split", "pattern": {"Regex": "[0-9][0-9][0-9]"}, "behavior": "Isolated", "invert": False},
+        ]}
+    elif name == "gemma":
+        # transformers' GemmaConverter pipeline (spaces become ▁ in the
+        # normalizer, no prefix, no Strip in the decoder) over Llama-2's
+        # vocabulary: llama.cpp ships only Gemma 4's GGUF vocabulary, which
+        # transformers 5 cannot read.
+        spec["normalizer"] = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
+        spec["pre_tokenizer"] = {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious",
+                                 "invert": False}
+        spec["decoder"] = {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"}]}
+    return spec
+
+
+def family_tokenizer_json(name):
+    """A cached tokenizer.json for FAMILY_VOCABS[name] (or Llama-3.1's, "llama3")."""
+    import json
+    if name == "llama3":
+        cached = FIXTURES / f"llama3-tokenizer-{LLAMA_CPP_PYTHON_VERSION}"
+        if not cached.is_dir():
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            _build_llama3(cached)
+        return cached / "tokenizer.json"
+    out = FIXTURES / f"families-{LLAMA_CPP_PYTHON_VERSION}" / f"{name}.json"
+    if out.exists():
+        return out
+    from transformers import AutoTokenizer
+    converted = AutoTokenizer.from_pretrained(str(llama_cpp_dir() / "models"), gguf_file=FAMILY_VOCABS[name])
+    spec = _hub_parts(name, json.loads(converted.backend_tokenizer.to_str()))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(spec, ensure_ascii=False))
+    os.replace(tmp, out)
+    return out
+
+
+def llama_cpp_test_strings(gguf_name):
+    """llama.cpp's test strings for a vocabulary (models/NAME.inp)."""
+    text = (llama_cpp_dir() / "models" / f"{gguf_name}.inp").read_text(encoding="utf-8")
+    return text.split("\n__ggml_vocab_test__\n")[:-1] if text.endswith("\n__ggml_vocab_test__\n") else \
+        text.split("\n__ggml_vocab_test__\n")

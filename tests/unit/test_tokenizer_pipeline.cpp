@@ -5,6 +5,7 @@
 // real tokenizers with `tokenizers` itself.)
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -12,6 +13,7 @@
 #include "data/normalizer.h"
 #include "data/pretokenizer.h"
 #include "data/token_decoder.h"
+#include "data/unigram.h"
 #include "data/tokenizer.h"
 #include "tests/unit/bad_input.h"
 
@@ -227,6 +229,21 @@ TEST(Unigram, viterbi_picks_the_highest_scoring_cut) {
   // Unknown characters cost min score - 10 each and fuse into one <unk>.
   EXPECT_EQ(tokenizer.encode("a\xC3\xA9\xC3\xA9"), (Ids{5, 0}));
   EXPECT_EQ(tokenizer.decode(Ids{5, 3, 1, 2}), "ab a");
+}
+
+TEST(Unigram, scores_are_read_as_serde_json_reads_them) {
+  // Scores of a Unigram model trained by `tokenizers`, and what its
+  // to_str() wrote back after reading them: one ulp off the nearest double.
+  const std::vector<std::pair<std::string, std::string>> read_back = {
+      {"-1.9564018276107227", "-1.956401827610723"}, {"-3.7015295786580813", "-3.7015295786580817"},
+      {"-3.7882166189393374", "-3.788216618939338"}, {"-6.2578312600601524", "-6.257831260060152"},
+      {"-7.3230751572116155", "-7.323075157211616"}};
+  for (const auto& [text, seen] : read_back) {
+    EXPECT_EQ(tokenization::serde_json_f64(text), std::strtod(seen.c_str(), nullptr)) << text;
+    EXPECT_NE(std::strtod(text.c_str(), nullptr), std::strtod(seen.c_str(), nullptr)) << text;
+  }
+  for (const char* exact : {"0", "-0.0", "-10", "1e-3", "-2.5E+2", "123456789012345678901234.5e-10"})
+    EXPECT_DOUBLE_EQ(tokenization::serde_json_f64(exact), std::strtod(exact, nullptr)) << exact;
 }
 
 TEST(Unigram, byte_fallback_spells_unknown_characters_in_bytes) {

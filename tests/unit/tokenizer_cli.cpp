@@ -1,15 +1,17 @@
 // loom_tokenize: drives loom's tokenizer from the interop tests (until the
 // `loom tokenizer` commands take over).
 //
-//   loom_tokenize encode TOKENIZER_JSON INPUT [--threads N]
+//   loom_tokenize encode TOKENIZER_JSON INPUT [--threads N] [--special]
 //       INPUT holds documents separated by NUL bytes; prints one line of
 //       space-separated ids per document, and the throughput on stderr.
+//       --special adds the post-processor's special tokens (add_special_tokens).
 //   loom_tokenize decode TOKENIZER_JSON IDS
 //       IDS holds one line of space-separated ids per document; writes the
 //       decoded documents to stdout, each followed by a NUL byte.
 //   loom_tokenize train INPUT... --vocab-size N --output PATH [--special TOKEN]...
 //
 // Exit codes as `loom`: 2 for bad input, 1 for anything else.
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <exception>
@@ -56,9 +58,13 @@ std::vector<std::string_view> split_documents(std::string_view data) {
   }
 }
 
-int encode(const std::vector<std::string>& args) {
+int encode(std::vector<std::string> args) {
+  const auto special_flag = std::find(args.begin(), args.end(), "--special");
+  const auto special = special_flag == args.end() ? loom::Tokenizer::SpecialTokens::kOmit
+                                                  : loom::Tokenizer::SpecialTokens::kAdd;
+  if (special_flag != args.end()) args.erase(special_flag);
   if (args.size() != 2 && !(args.size() == 4 && args[2] == "--threads"))
-    throw loom::BadInput("usage: loom_tokenize encode TOKENIZER_JSON INPUT [--threads N]");
+    throw loom::BadInput("usage: loom_tokenize encode TOKENIZER_JSON INPUT [--threads N] [--special]");
   const int threads = args.size() == 4 ? static_cast<int>(std::min<int64_t>(parse_count(args[3], "--threads"), 64)) : 1;
   const loom::Tokenizer tokenizer = loom::Tokenizer::load(args[0]);
   const std::string data = loom::read_file(args[1]);
@@ -70,7 +76,7 @@ int encode(const std::vector<std::string>& args) {
   for (int t = 0; t < threads; ++t) {
     workers.emplace_back([&, t] {
       try {
-        for (size_t d = t; d < docs.size(); d += threads) ids[d] = tokenizer.encode(docs[d]);
+        for (size_t d = t; d < docs.size(); d += threads) ids[d] = tokenizer.encode(docs[d], special);
       } catch (...) {
         errors[t] = std::current_exception();
       }
