@@ -209,6 +209,18 @@ int32_t resolve_eos_id(const Tokenizer& tokenizer, const std::string& tokenizer_
                  "<|endoftext|>, </s>, <|end_of_text|>, <eos>); name one with --eos-token");
 }
 
+namespace {
+
+// What changes the tokens of a part besides its inputs: parts made with
+// other settings must not be merged.
+std::string encoding_settings(const PrepareOptions& options) {
+  return std::string(options.chat ? "chat " + options.chat_options.date : "text") + " eos=" + options.eos_token +
+         " special=" + (options.special_tokens ? "1" : "0") + " field=" + options.split.text_field +
+         " per_file=" + (options.split.per_file ? "1" : "0");
+}
+
+}  // namespace
+
 PrepareSummary prepare_dataset(const PrepareOptions& options) {
   if (options.inputs.empty()) throw BadInput("loom prepare: no --input files given");
   std::vector<uint64_t> sizes;
@@ -255,11 +267,15 @@ PrepareSummary prepare_dataset(const PrepareOptions& options) {
   using Encoded = std::vector<ChatDocument>;  // loss_mask empty without --chat
   // The workers' code, declared before the pool: the pool's destructor waits
   // for jobs that an exception left running, and they use these.
-  auto encode_text = [&tokenizer, eos_id](const Batch& docs) {
+  const auto special = options.special_tokens ? Tokenizer::SpecialTokens::kAdd : Tokenizer::SpecialTokens::kOmit;
+  const auto frame_end = tokenizer.special_ids_after();
+  const bool frame_ends_with_eos = special == Tokenizer::SpecialTokens::kAdd && !frame_end.empty() &&
+                                   frame_end.back() == eos_id;
+  auto encode_text = [&tokenizer, eos_id, special, frame_ends_with_eos](const Batch& docs) {
     Encoded out(docs.texts.size());
     for (size_t i = 0; i < docs.texts.size(); ++i) {
-      out[i].ids = tokenizer.encode(docs.texts[i]);
-      out[i].ids.push_back(eos_id);
+      out[i].ids = tokenizer.encode(docs.texts[i], special);
+      if (!frame_ends_with_eos) out[i].ids.push_back(eos_id);
     }
     return out;
   };
@@ -327,7 +343,8 @@ PrepareSummary prepare_dataset(const PrepareOptions& options) {
   while (!in_flight.empty()) write_oldest();
   if (in_parts) {
     const DatasetIndex& index = writer.finish_part();
-    write_part_record(output_dir, part, parts_fingerprint(options.inputs, sizes, options.parts, options.shard_tokens),
+    write_part_record(output_dir, part, parts_fingerprint(options.inputs, sizes, options.parts, options.shard_tokens,
+                                                      encoding_settings(options)),
                       options.shard_tokens, index);
     progress.update(total_bytes, index.num_tokens, documents, /*last=*/true);
     return {documents, index.num_tokens, index.shards.size(), progress.seconds(), output_dir};

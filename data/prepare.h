@@ -52,6 +52,11 @@ struct PrepareOptions {
   // assistant turns; `split` and EOS are not used then.
   bool chat = false;
   ChatTemplateOptions chat_options;
+  // Each text document starts (and ends) as the tokenizer's post-processor
+  // frames a text, as `tokenizers`' encode does (Llama-3's
+  // <|begin_of_text|> first); EOS follows unless the frame already ends
+  // with it. --no-special-tokens: none. (Chat templates write their own.)
+  bool special_tokens = true;
   uint64_t shard_tokens = kDefaultShardTokens;
   int threads = 0;  // 0 = hardware concurrency
   // parts > 0: write part `part` of a dataset prepared in `parts` parts,

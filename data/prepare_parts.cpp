@@ -82,8 +82,8 @@ std::vector<std::string> inputs_of_part(const std::vector<std::string>& inputs, 
 }
 
 std::string parts_fingerprint(const std::vector<std::string>& inputs, const std::vector<uint64_t>& bytes, int parts,
-                              uint64_t shard_tokens) {
-  std::string text = std::to_string(parts) + "|" + std::to_string(shard_tokens);
+                              uint64_t shard_tokens, const std::string& encoding) {
+  std::string text = std::to_string(parts) + "|" + std::to_string(shard_tokens) + "|" + encoding;
   for (size_t i = 0; i < inputs.size(); ++i) text += "|" + inputs[i] + "|" + std::to_string(bytes[i]);
   return crc32c_hex(crc32c(std::as_bytes(std::span(text)))) + "-" + std::to_string(inputs.size());
 }

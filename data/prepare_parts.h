@@ -37,8 +37,9 @@ std::vector<std::string> inputs_of_part(const std::vector<std::string>& inputs, 
 // What identifies one `loom prepare --part` command line's inputs: every
 // input's path and size in order, the number of parts and shard_tokens.
 // Parts of one dataset must agree on it.
+// `encoding`: the settings that change the tokens (chat, special tokens, EOS).
 std::string parts_fingerprint(const std::vector<std::string>& inputs, const std::vector<uint64_t>& bytes, int parts,
-                              uint64_t shard_tokens);
+                              uint64_t shard_tokens, const std::string& encoding);
 
 // Whether `dir` (a part folder) holds a finished part (its part.json).
 bool part_is_complete(const std::string& dir);

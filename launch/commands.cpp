@@ -407,7 +407,9 @@ int command_generate(const std::vector<std::string>& argv) {
                      "pass token ids with --prompt-ids");
     }
     tokenizer = Tokenizer::load(tokenizer_path.string());
-    for (int32_t id : tokenizer->encode(*args.get("prompt"))) prompt.push_back(id);
+    // Framed as the tokenizer's post-processor frames a text (Llama-3's
+    // <|begin_of_text|> first), as transformers' generate would see it.
+    for (int32_t id : tokenizer->encode(*args.get("prompt"), Tokenizer::SpecialTokens::kAdd)) prompt.push_back(id);
   }
   auto model = load_model(files);
   if (args.has("stop-at-eos")) options.stop_token = files.model_config().eos_token_id;

@@ -38,6 +38,8 @@ const CommandSpec& prepare_spec() {
                 {"doc-per-file", "", "each text file is one document"},
                 {"chat", "", "each line is {\"messages\": [...]}: rendered with the tokenizer's chat template, "
                              "with a loss mask on the assistant turns"},
+                {"no-special-tokens", "", "do not frame each document with the special tokens of the tokenizer's "
+                                          "post-processor (Llama-3's <|begin_of_text|>), only EOS after it"},
                 {"chat-date", "YYYY-MM-DD", std::string("the date strftime_now gives the chat template (default ") +
                                                 kDefaultChatDate + ")"},
                 {"shard-tokens", "N", "tokens per shard (default 64Mi)"},
@@ -75,6 +77,9 @@ int command_prepare(const std::vector<std::string>& argv) {
   options.split.text_field = args.get_or("text-field", "text");
   options.split.per_file = args.has("doc-per-file");
   options.chat = args.has("chat");
+  options.special_tokens = !args.has("no-special-tokens");
+  if (options.chat && args.has("no-special-tokens"))
+    throw BadInput("loom prepare: --no-special-tokens is for text: with --chat the template writes the special tokens");
   if (options.chat) {
     for (const char* other : {"text-field", "doc-per-file"})
       if (args.has(other))
@@ -120,12 +125,45 @@ const CommandSpec& tokenizer_train_spec() {
   return spec;
 }
 
+const CommandSpec& tokenizer_encode_spec() {
+  static const CommandSpec spec{
+      .name = "tokenizer encode",
+      .synopsis = "T --text TEXT [--no-special-tokens] [--tokens]",
+      .summary = "print the token ids of a text, as Hugging Face tokenizers' encode gives them (docs/data.md)",
+      .arguments = {{"T", "tokenizer.json"}},
+      .flags = {{"text", "TEXT", "text to encode (required)"},
+                {"no-special-tokens", "", "without the post-processor's special tokens (add_special_tokens=False)"},
+                {"tokens", "", "print the token strings too, one id and token per line"}},
+      .examples = {"loom tokenizer encode models/Llama-3.1-8B/tokenizer.json --text 'Hello world'"},
+  };
+  return spec;
+}
+
+int command_tokenizer_encode(const std::vector<std::string>& argv) {
+  Args args(tokenizer_encode_spec(), argv);
+  if (args.positional().size() != 1)
+    throw BadInput("loom tokenizer encode: give one tokenizer.json (loom tokenizer encode T --text TEXT)");
+  const Tokenizer tokenizer = Tokenizer::load(args.positional().front());
+  const auto special = args.has("no-special-tokens") ? Tokenizer::SpecialTokens::kOmit : Tokenizer::SpecialTokens::kAdd;
+  const std::vector<int32_t> ids = tokenizer.encode(args.require("text"), special);
+  if (args.has("tokens")) {
+    for (int32_t id : ids) std::cout << id << "\t" << tokenizer.id_to_token(id).value_or("") << "\n";
+  } else {
+    for (size_t i = 0; i < ids.size(); ++i) std::cout << (i ? " " : "") << ids[i];
+    std::cout << "\n";
+  }
+  return kExitOk;
+}
+
 int command_tokenizer(const std::vector<std::string>& argv) {
   const CommandSpec& spec = tokenizer_train_spec();
+  if (!argv.empty() && argv[0] == "encode")
+    return command_tokenizer_encode(std::vector<std::string>(argv.begin() + 1, argv.end()));
   if (argv.empty() || argv[0] != "train") {
-    // `train` is the only one, so `loom tokenizer --help` is its usage.
-    if (!argv.empty() && is_help_flag(argv[0])) throw HelpRequested{usage(spec)};
-    throw BadInput("loom tokenizer: expected 'train' (loom " + spec.name + " " + spec.synopsis + ")");
+    if (!argv.empty() && is_help_flag(argv[0]))
+      throw HelpRequested{usage(spec) + "\n" + usage(tokenizer_encode_spec())};
+    throw BadInput("loom tokenizer: expected 'train' or 'encode' (loom " + spec.name + " " + spec.synopsis +
+                   "; loom tokenizer encode " + tokenizer_encode_spec().synopsis + ")");
   }
   Args args(spec, std::vector<std::string>(argv.begin() + 1, argv.end()));
   std::vector<std::string> inputs = args.all("input");
