@@ -24,7 +24,6 @@
 #include "config/config.h"
 #include "model/llama.h"
 #include "plan/layout.h"
-#include "plan/machine_profile.h"
 #include "plan/memory_model.h"
 
 namespace loom::plan {

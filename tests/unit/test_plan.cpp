@@ -244,8 +244,12 @@ TEST(PlanCheckpoint, tensor_parallel_lists_split_what_loom_splits) {
   for (const RankParameter& p : listed) {
     const bool norm = p.name.find("norm") != std::string::npos;
     EXPECT_EQ(p.whole_on_every_tp_rank, norm) << p.name;
-    if (p.name == "model.layers.0.self_attn.k_proj.bias") EXPECT_EQ(p.elements, 32);
-    if (p.name == "model.embed_tokens.weight") EXPECT_EQ(p.elements, 1024 * 128);
+    if (p.name == "model.layers.0.self_attn.k_proj.bias") {
+      EXPECT_EQ(p.elements, 32);
+    }
+    if (p.name == "model.embed_tokens.weight") {
+      EXPECT_EQ(p.elements, 1024 * 128);
+    }
   }
 }
 
