@@ -1,31 +1,54 @@
 #!/usr/bin/env bash
-# The layouts `loom plan` puts first for the model sizes of nanotron's
-# published H100 benchmark (sequence 4096, global batch 256 x 4096 = 1M
-# tokens, bf16) on 1 and 8 nodes of 8 H100s, with the specification profile
-# configs/machines/h100-node.yaml. docs/plan.md sets them beside the
-# published figures.
+# `loom plan` beside nanotron's published best layouts (docs/plan.md, "Beside
+# nanotron's published H100 benchmark"): for every (model, nodes) cell of
+# bench/nanotron_best.tsv, the layout loom plan puts first on that many nodes
+# of 8 x 80 GiB H100s with the specification profile (configs/machines/
+# h100-node.yaml), its predicted MFU and peak memory per GPU, beside
+# nanotron's layout, MFU and memory; and loom's prediction for nanotron's own
+# layout (1F1B for its pipelines, no sequence parallelism, no recomputation),
+# with the ratio of the two predicted step times. The models are
+# configs/nanotron/*.yaml (sequence 4096, global batch 256, bf16).
 #
-#   bash bench/plan_nanotron.sh [build/loom]
+#   bash bench/plan_nanotron.sh [build/loom] [more loom plan flags, e.g. --machine FILE]
 set -euo pipefail
 LOOM=${1:-build/loom}
+shift || true
 cd "$(dirname "$0")/.."
-COMMON=(--gpus-per-node 8 --gpu-memory 80 --machine h100-node --top 1 --json
-        --set data.seq_len=4096 --set batch.global_batch_size=256 --set precision.compute=bf16)
-# Stand-ins for 1.34B, 3.57B and 8.86B: loom's bundled Llama 3.2 1B and
-# Llama 3.1 8B shapes, and Llama 3.2 3B's shape on the 1B config.
-declare -A MODELS=(
-  ["1B (llama3-1b.yaml)"]="configs/llama3-1b.yaml"
-  ["3B (Llama 3.2 3B shape)"]="configs/llama3-1b.yaml --set model.hidden_size=3072 --set model.num_layers=28 --set model.num_heads=24 --set model.head_dim=128"
-  ["8B (llama3-8b.yaml)"]="configs/llama3-8b.yaml"
-)
-printf '| model | nodes | loom plan first | memory GiB | step s | MFU |\n|---|---|---|---|---|---|\n'
-for name in "1B (llama3-1b.yaml)" "3B (Llama 3.2 3B shape)" "8B (llama3-8b.yaml)"; do
-  for nodes in 1 8; do
-    # shellcheck disable=SC2086
-    "$LOOM" plan ${MODELS[$name]} --gpus $((nodes * 8)) "${COMMON[@]}" |
-      "${LOOM_PYTHON:-python3}" -c "
+PYTHON=${LOOM_PYTHON:-python3}
+TABLE=bench/nanotron_best.tsv
+echo "| model | nodes | loom plan first | loom MFU | loom GiB | nanotron layout | nanotron MFU | nanotron GB | loom on nanotron's layout: MFU, GiB | step ratio |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
+grep -v '^#' "$TABLE" | tail -n +2 | while IFS=$'\t' read -r model config nodes dp tp pp gas mbs zero mfu memory; do
+  gpus=$((nodes * 8))
+  common=(--gpus "$gpus" --gpus-per-node 8 --gpu-memory 80 --json "$@")
+  best=$("$LOOM" plan "$config" "${common[@]}" --top 1 2>&1) || best="{\"error\": $("$PYTHON" -c 'import json,sys; print(json.dumps(sys.argv[1]))' "$best")}"
+  # nanotron's layout in loom's model: ZeRO above 1 is not loom's (none in the table).
+  theirs=$("$LOOM" plan "$config" "${common[@]}" \
+             --layout "dp=$dp,tp=$tp,pp=$pp,schedule=1f1b,zero=$zero,mb=$mbs,recompute=0,sp=0" 2>&1) ||
+    theirs="{\"error\": $("$PYTHON" -c 'import json,sys; print(json.dumps(sys.argv[1]))' "$theirs")}"
+  "$PYTHON" - "$model" "$nodes" "$dp" "$tp" "$pp" "$gas" "$mbs" "$zero" "$mfu" "$memory" "$best" "$theirs" <<'EOF'
 import json, sys
-best = json.load(sys.stdin)['best'][0]
-print(f\"| $name | $nodes | {best['describe']} | {best['peak_bytes'] / 2**30:.1f} | {best['step_s']:.2f} | {100 * best['mfu']:.1f}% |\")"
-  done
+model, nodes, dp, tp, pp, gas, mbs, zero, mfu, memory, best, theirs = sys.argv[1:]
+GiB = 2 ** 30
+best, theirs = json.loads(best), json.loads(theirs)
+def why(error):
+    text = error.strip().splitlines()[-1]
+    return text.split("error: ", 1)[-1].replace("|", "/")
+if "error" in best:
+    first = f"none: {why(best['error'])[:90]}"
+    loom_mfu = loom_mem = "-"
+else:
+    b = best["best"][0]
+    first = b["describe"]
+    loom_mfu = f"{100 * b['mfu']:.1f}%"
+    loom_mem = f"{b['peak_bytes'] / GiB:.1f}"
+nano = f"{dp}x{tp}x{pp} GAS{gas} MBS{mbs} Z{zero}"
+if "error" in theirs:
+    on_theirs, ratio = why(theirs["error"]).split(": ")[-1][:80], "-"
+else:
+    fits = "" if theirs["fits"] else " (does not fit)"
+    on_theirs = f"{100 * theirs['mfu']:.1f}%, {theirs['peak_bytes'] / GiB:.1f}{fits}"
+    ratio = "-" if "error" in best else f"{theirs['step_s'] / best['best'][0]['step_s']:.2f}"
+print(f"| {model} | {nodes} | {first} | {loom_mfu} | {loom_mem} | {nano} | {mfu}% | {memory} | {on_theirs} | {ratio} |")
+EOF
 done

@@ -66,25 +66,55 @@ json candidate_json(const Candidate& c) {
           {"optimizer_s", c.time.optimizer},
           {"tokens_per_s", c.time.tokens_per_s},
           {"mfu", c.time.mfu},
-          {"checkpoint", {{"total_bytes", c.checkpoint.total_bytes}, {"rank_bytes", c.checkpoint.rank_bytes},
-                          {"node_bytes", c.checkpoint.node_bytes}, {"save_s", c.checkpoint.save_s},
+          {"checkpoint", {{"total_bytes", c.checkpoint.total_bytes}, {"rank_bytes", c.checkpoint.rank_bytes_max},
+                          {"rank_bytes_by_world_rank", c.checkpoint.rank_bytes}, {"node_bytes", c.checkpoint.node_bytes},
+                          {"node_read_bytes", c.checkpoint.node_read_bytes}, {"save_s", c.checkpoint.save_s},
                           {"load_s", c.checkpoint.load_s}}},
+          {"host_memory", {{"training_bytes", c.host.training}, {"init_bytes", c.host.init},
+                           {"resume_bytes", c.host.resume}, {"save_bytes", c.host.save},
+                           {"async_bytes", c.host.async}, {"peak_bytes", c.host.peak},
+                           {"peak_phase", c.host.peak_phase}}},
           {"config_lines", l.config_lines()}};
 }
 
 void print_table(const std::vector<Candidate>& shown) {
-  std::printf("%3s  %-46s %9s %9s %8s %8s %8s %10s %6s %9s %7s\n", "#", "layout", "mem GiB", "act GiB", "step s",
-              "bubble", "dp+opt", "tok/s", "MFU", "ckpt GiB", "save s");
+  std::printf("%3s  %-46s %9s %9s %8s %8s %8s %10s %6s %9s %8s %7s\n", "#", "layout", "mem GiB", "act GiB", "step s",
+              "bubble", "dp+opt", "tok/s", "MFU", "host GiB", "ckpt GiB", "save s");
   for (size_t i = 0; i < shown.size(); ++i) {
     const Candidate& c = shown[i];
     const plan::RankMemory& worst = c.memory.ranks[c.memory.peak_pp_rank];
-    std::printf("%3zu  %-46s %9s %9s %8s %8s %8s %10s %5s%% %9s %7s%s\n", i + 1, c.layout.describe().c_str(),
+    std::printf("%3zu  %-46s %9s %9s %8s %8s %8s %10s %5s%% %9s %8s %7s%s\n", i + 1, c.layout.describe().c_str(),
                 fixed(c.memory.peak / kGiB, 2).c_str(), fixed(worst.activations / kGiB, 2).c_str(),
                 fixed(c.time.total, 3).c_str(), fixed(c.time.bubble, 3).c_str(),
                 fixed(c.time.dp_comm + c.time.optimizer, 3).c_str(), fixed(c.time.tokens_per_s, 0).c_str(),
-                fixed(100 * c.time.mfu, 1).c_str(), fixed(c.checkpoint.rank_bytes / kGiB, 2).c_str(),
+                fixed(100 * c.time.mfu, 1).c_str(), fixed(c.host.peak / kGiB, 2).c_str(),
+                fixed(c.checkpoint.rank_bytes_max / kGiB, 2).c_str(),
                 c.checkpoint.save_s > 0 ? fixed(c.checkpoint.save_s, 1).c_str() : "-", c.fits ? "" : "  (does not fit)");
   }
+}
+
+// The first row's host memory and checkpoint, spelled out.
+void print_costs(const Candidate& c) {
+  const plan::HostMemory& h = c.host;
+  std::cout << "\nhost memory per rank (" << c.layout.describe() << "): ";
+  if (h.training > 0) {
+    std::cout << fixed(h.training / kGiB, 2) << " GiB of training tensors (run.device cpu)";
+  } else {
+    std::cout << "init " << fixed(h.init / kGiB, 2) << " GiB (its part built on the CPU), resume "
+              << fixed(h.resume / kGiB, 2) << " GiB, save " << fixed(h.save / kGiB, 2) << " GiB";
+  }
+  if (h.async > 0) std::cout << ", checkpoint.async buffers " << fixed(h.async / kGiB, 2) << " GiB";
+  std::cout << "; peak " << fixed(h.peak / kGiB, 2) << " GiB (" << h.peak_phase << ")\n";
+  const plan::CheckpointEstimate& k = c.checkpoint;
+  std::cout << "checkpoint: " << fixed(k.total_bytes / kGiB, 2) << " GiB in all, at most "
+            << fixed(k.rank_bytes_max / kGiB, 2) << " GiB a rank and " << fixed(k.node_bytes / kGiB, 2)
+            << " GiB a node";
+  if (k.save_s > 0) {
+    std::cout << ", written in " << fixed(k.save_s, 1) << " s and read back in " << fixed(k.load_s, 1) << " s";
+  } else {
+    std::cout << " (no disk rate: --disk-gbps)";
+  }
+  std::cout << "\n";
 }
 
 }  // namespace
@@ -102,6 +132,7 @@ const CommandSpec& plan_spec() {
                 {"set", "KEY=VALUE", "override a config key", kRepeatable},
                 {"top", "K", "how many layouts to print (default 10)"},
                 {"layout", "SPEC", "evaluate this one layout, e.g. dp=2,tp=1,pp=2,schedule=1f1b,mb=2"},
+                {"disk-gbps", "GB/s", "a node's checkpoint write rate (default: the profile's storage.write_bytes_per_s)"},
                 {"json", "", "print JSON instead of a table"}},
       .examples = {"loom plan configs/llama3-8b.yaml --gpus 64 --gpus-per-node 8 --gpu-memory 80",
                    "loom plan configs/tiny.yaml --gpus 2 --gpu-memory 20 --layout dp=1,pp=2,schedule=1f1b,mb=2 --json"},
@@ -132,6 +163,11 @@ int command_plan(const std::vector<std::string>& argv) {
   const std::string profile_path = plan::resolve_machine_profile(args.get_or("machine", "h100-node"));
   const plan::MachineProfile machine = plan::load_machine_profile(profile_path);
   const bool as_json = args.has("json");
+  if (args.has("disk-gbps")) {
+    const double gbps = args.get_double("disk-gbps", 0);
+    if (!(gbps > 0)) throw BadInput("loom plan: --disk-gbps must be > 0 (GB/s a node writes)");
+    problem.disk_write_bytes_per_s = gbps * 1e9;
+  }
 
   if (args.has("layout")) {
     const plan::Layout layout = plan::parse_layout(args.require("layout"), "--layout");
@@ -143,6 +179,7 @@ int command_plan(const std::vector<std::string>& argv) {
       std::cout << candidate_json(candidate).dump(2) << "\n";
     } else {
       print_table({candidate});
+      print_costs(candidate);
     }
     return kExitOk;
   }
@@ -163,6 +200,7 @@ int command_plan(const std::vector<std::string>& argv) {
   }
   const auto top = static_cast<size_t>(std::max<int64_t>(1, args.get_int("top", 10)));
   std::vector<Candidate> shown(candidates.begin(), candidates.begin() + std::min(top, candidates.size()));
+  for (Candidate& c : shown) plan::with_costs(problem, machine, c);
   if (as_json) {
     json out = {{"config", config_path},
                 {"machine", {{"name", machine.name}, {"source", machine.source}, {"path", profile_path}}},
@@ -185,6 +223,7 @@ int command_plan(const std::vector<std::string>& argv) {
             << candidates.size() << " valid layouts, " << fitting << " fit in " << fixed(plan::kUsableMemoryFraction * 100, 0)
             << "% of the memory; the fastest " << shown.size() << ":\n";
   print_table(shown);
+  print_costs(shown.front());
   std::cout << "\nthe best layout, for the config file:\n";
   for (const std::string& line : shown.front().layout.config_lines()) std::cout << "  " << line << "\n";
   std::cout << "or on the command line:\n ";

@@ -18,6 +18,7 @@
 #include "data/dataset.h"
 #include "trainer/training.h"
 #include "model/llama.h"
+#include "plan/checkpoint_model.h"
 #include "util/file_io.h"
 
 namespace loom {
@@ -42,10 +43,6 @@ std::string gib(double bytes) {
   std::snprintf(text, sizeof text, "%.2f GiB", bytes / (1024.0 * 1024.0 * 1024.0));
   return text;
 }
-
-// Bytes one checkpoint of the whole model takes: fp32 weights and AdamW's two
-// moments (whole or sharded, their sum is the same), plus the Hub export.
-double checkpoint_bytes(const ModelConfig& model) { return static_cast<double>(count_parameters(model)) * 4.0 * 4.0; }
 
 void check_datasets(const Config& config, int rank, int size, std::vector<std::string>& failures,
                     OpenedDatasets* opened) {
@@ -102,10 +99,15 @@ void check_output_folder(const Config& config, int rank, std::vector<std::string
       return;
     }
   }
-  const double needed = checkpoint_bytes(model);
+  // What `loom plan` counts (plan/checkpoint_model.h): the checkpoints kept,
+  // one more being written, and the Hub export at its dtype.
+  const double checkpoint = plan::checkpoint_tensor_bytes(model);
+  const double needed = plan::run_folder_disk_bytes(config, model, checkpoint);
   if (free_bytes < needed)
-    failures.push_back("run folder " + run_dir.string() + ": " + gib(free_bytes) + " free, a checkpoint needs about " +
-                       gib(needed) + " (weights, AdamW moments and the Hub export)");
+    failures.push_back("run folder " + run_dir.string() + ": " + gib(free_bytes) + " free, the run's checkpoints need " +
+                       gib(needed) + " (" + gib(checkpoint) + " each: weights and AdamW moments; checkpoint.keep_last " +
+                       std::to_string(config.checkpoint.keep_last) + " kept and one being written, and the Hub export at " +
+                       config.checkpoint.export_dtype + ")");
 }
 
 // Every rank must see the run folder rank 0 sees: rank 0 writes a token

@@ -18,6 +18,8 @@ Problem Problem::from_config(const Config& config) {
                                                             : config.batch.micro_batch_size * dp;
   problem.bf16 = config.precision.compute == "bf16";
   problem.bucket_mb = config.parallel.bucket_mb;
+  problem.host_is_device = config.run.device == "cpu";
+  problem.checkpoint_async = config.checkpoint.enabled && config.checkpoint.async;
   return problem;
 }
 

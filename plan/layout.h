@@ -22,9 +22,13 @@ struct Problem {
   int64_t gpus = 1;          // ranks in all
   int64_t gpus_per_node = 1;
   double gpu_memory_bytes = 0;  // per rank; 0 = no limit
+  bool host_is_device = false;     // run.device cpu: the training tensors are the host's
+  bool checkpoint_async = false;   // checkpoint.async: host buffers for the saves, kept for the run
+  double disk_write_bytes_per_s = 0;  // one node's disk rate (--disk-gbps), over the profile's storage rates; 0 = none
 
   // From a loaded config: model, seq_len, global batch (batch.global_batch_size,
-  // or micro_batch_size x dp when it is 0), precision, bucket size.
+  // or micro_batch_size x dp when it is 0), precision, bucket size, device
+  // and checkpoint.async.
   static Problem from_config(const Config& config);
 };
 

@@ -4,6 +4,7 @@
 
 #include <vector>
 
+#include "plan/checkpoint_model.h"
 #include "plan/layout.h"
 #include "plan/machine_profile.h"
 #include "plan/memory_model.h"
@@ -16,32 +17,24 @@ namespace loom::plan {
 // caching allocator's fragmentation).
 inline constexpr double kUsableMemoryFraction = 0.9;
 
-// One sharded checkpoint of a layout (docs/checkpoints.md): its bytes (fp32
-// parameters and AdamW's two moments, 12 bytes a parameter), the most one
-// rank writes (its stage's slices, shared out over its dp replicas), the
-// most one node writes, and the time that node takes to write it and to
-// read it back at the profile's storage rates (0 when it has none).
-struct CheckpointEstimate {
-  double total_bytes = 0;
-  double rank_bytes = 0;
-  double node_bytes = 0;
-  double save_s = 0;
-  double load_s = 0;
-};
-CheckpointEstimate estimate_checkpoint(const Problem& problem, const Layout& layout, const MemoryEstimate& memory,
-                                       const MachineProfile& machine);
-
 struct Candidate {
   Layout layout;
   MemoryEstimate memory;
   StepTime time;
-  CheckpointEstimate checkpoint;
+  CheckpointEstimate checkpoint;  // with_costs only (plan_layouts leaves it empty)
+  HostMemory host;                // with_costs only
   bool fits = true;  // memory.peak <= kUsableMemoryFraction x gpu_memory_bytes (or no limit)
 };
 
+// A layout's memory, step time, checkpoint and host memory.
 Candidate evaluate_layout(const Problem& problem, const Layout& layout, const MachineProfile& machine);
+// Fills a candidate's checkpoint and host memory (estimate_checkpoint at
+// the problem's disk write rate, else the profile's storage rates): what
+// plan_layouts leaves out, for the layouts shown.
+void with_costs(const Problem& problem, const MachineProfile& machine, Candidate& candidate);
 
-// Every layout enumerate_layouts gives, evaluated; those that fit first,
+// Every layout enumerate_layouts gives, its memory and step time evaluated
+// (not its checkpoint and host memory: with_costs); those that fit first,
 // fastest first, then the rest by memory.
 std::vector<Candidate> plan_layouts(const Problem& problem, const MachineProfile& machine);
 

@@ -233,31 +233,29 @@ CheckpointRank RunCheckpoints::rank() const {
 // the same assignment over the same sizes (the tp ranks' slices are equal),
 // so they agree without a word. ZeRO-1's pieces are unique over dp; those of
 // a parameter every tp rank holds go to the tp rank with the fewest bytes.
-std::vector<bool> RunCheckpoints::assign_writers(const std::vector<OwnedPiece>& pieces,
-                                                 const std::vector<bool>& replicated_over_tp,
-                                                 std::vector<int64_t>& load, bool over_dp) const {
-  const int64_t dp = dims_.dp, tp = dims_.tp;
-  const int64_t my_dp = groups_.coords.dp, my_tp = groups_.coords.tp;
-  std::vector<size_t> order(pieces.size());
+// `loom plan` runs the same assignment to predict each rank's bytes
+// (plan/checkpoint_model.h).
+std::vector<int64_t> assign_piece_writers(const std::vector<int64_t>& bytes, const std::vector<bool>& replicated_over_tp,
+                                          int64_t dp, int64_t tp, int64_t only_dp, int64_t my_tp,
+                                          std::vector<int64_t>& load) {
+  std::vector<size_t> order(bytes.size());
   std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
-    return pieces[a].values.nbytes() > pieces[b].values.nbytes();
-  });
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return bytes[a] > bytes[b]; });
   const auto least = [&](const std::vector<int64_t>& slots) {
     return *std::min_element(slots.begin(), slots.end(), [&](int64_t a, int64_t b) { return load[a] < load[b]; });
   };
-  std::vector<bool> mine(pieces.size(), false);
+  std::vector<int64_t> writer(bytes.size(), -1);
+  std::vector<int64_t> slots;  // candidate (dp, tp) slots, as dp * tp + tp
   for (size_t i : order) {
-    const int64_t bytes = static_cast<int64_t>(pieces[i].values.nbytes());
-    std::vector<int64_t> slots;  // candidate (dp, tp) slots, as dp * tp + tp
     if (replicated_over_tp[i]) {
+      slots.clear();
       for (int64_t d = 0; d < dp; ++d) {
-        if (!over_dp && d != my_dp) continue;
+        if (only_dp >= 0 && d != only_dp) continue;
         for (int64_t t = 0; t < tp; ++t) slots.push_back(d * tp + t);
       }
       const int64_t slot = least(slots);
-      load[slot] += bytes;
-      mine[i] = slot == my_dp * tp + my_tp;
+      load[slot] += bytes[i];
+      writer[i] = slot;
       continue;
     }
     // Each tp rank's own slice: every tp rank's choice is simulated, so the
@@ -265,13 +263,26 @@ std::vector<bool> RunCheckpoints::assign_writers(const std::vector<OwnedPiece>& 
     for (int64_t t = 0; t < tp; ++t) {
       slots.clear();
       for (int64_t d = 0; d < dp; ++d) {
-        if (over_dp || d == my_dp) slots.push_back(d * tp + t);
+        if (only_dp < 0 || d == only_dp) slots.push_back(d * tp + t);
       }
       const int64_t slot = least(slots);
-      load[slot] += bytes;
-      if (t == my_tp) mine[i] = slot == my_dp * tp + my_tp;
+      load[slot] += bytes[i];
+      if (t == my_tp) writer[i] = slot;
     }
   }
+  return writer;
+}
+
+std::vector<bool> RunCheckpoints::assign_writers(const std::vector<OwnedPiece>& pieces,
+                                                 const std::vector<bool>& replicated_over_tp,
+                                                 std::vector<int64_t>& load, bool over_dp) const {
+  const int64_t my_dp = groups_.coords.dp, my_tp = groups_.coords.tp;
+  std::vector<int64_t> bytes;
+  for (const OwnedPiece& piece : pieces) bytes.push_back(static_cast<int64_t>(piece.values.nbytes()));
+  const std::vector<int64_t> writer =
+      assign_piece_writers(bytes, replicated_over_tp, dims_.dp, dims_.tp, over_dp ? -1 : my_dp, my_tp, load);
+  std::vector<bool> mine(pieces.size(), false);
+  for (size_t i = 0; i < pieces.size(); ++i) mine[i] = writer[i] == my_dp * dims_.tp + my_tp;
   return mine;
 }
 

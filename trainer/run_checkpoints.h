@@ -102,6 +102,18 @@ class RunCheckpoints {
   std::unique_ptr<AsyncCheckpointWriter> async_writer_;
 };
 
+// Note [who writes a piece] (trainer/run_checkpoints.cpp): of the pieces of
+// one pipeline stage, of `bytes` each (a tp rank's slice, or the whole
+// tensor where `replicated_over_tp`), the (dp, tp) slot, dp_rank * tp +
+// tp_rank, that writes each, largest first to the slot that has written the
+// fewest bytes so far; `load` (dp * tp slots) is updated with them. With
+// `only_dp` >= 0 only that dp rank's slots are candidates (ZeRO-1's pieces,
+// unique over dp). Returns, per piece, the slot that writes tp rank
+// `my_tp`'s copy.
+std::vector<int64_t> assign_piece_writers(const std::vector<int64_t>& bytes, const std::vector<bool>& replicated_over_tp,
+                                          int64_t dp, int64_t tp, int64_t only_dp, int64_t my_tp,
+                                          std::vector<int64_t>& load);
+
 // The folder holding the tokenizer files, from data.tokenizer (a folder or a
 // tokenizer.json: the files of its folder, where a fine-tune's added tokens
 // live), else model.init_from's. Checkpoints and exports copy files by their

@@ -169,6 +169,25 @@ def test_check_names_the_rank_and_host_of_a_missing_dataset(data, tmp_path):
     assert "preflight failed on 2 of 2 ranks" in err, err
 
 
+def test_check_counts_the_kept_checkpoints_one_in_flight_and_the_export(data, tmp_path):
+    # An 80B shape: keep_last 2, one checkpoint being written and an fp32
+    # export are 3 x (12 N + 8) + 4 N bytes, the sum loom plan's code gives.
+    h, i, layers, vocab = 8192, 28672, 80, 131072
+    n = layers * (4 * h * h + 3 * h * i + 2 * h) + 2 * vocab * h + h
+    checkpoint = 12 * n + 8
+    needed = 3 * checkpoint + 4 * n
+    if shutil.disk_usage(tmp_path).free >= needed:
+        pytest.skip("this disk has room for an 80B run's checkpoints")
+    args = train_args(data, tmp_path, "big", 30, 5, **{  # six saves
+        "model.hidden_size": h, "model.intermediate_size": i, "model.num_layers": layers, "model.num_heads": 64,
+        "model.num_kv_heads": 64, "model.vocab_size": vocab, "checkpoint.keep_last": 2,
+        "checkpoint.export_dtype": "float32"})
+    _, err = run_loom([*args, "--check"], expect=2)
+    gib = 2 ** 30
+    assert f"the run's checkpoints need {needed / gib:.2f} GiB ({checkpoint / gib:.2f} GiB each" in err, err
+    assert "checkpoint.keep_last 2 kept and one being written, and the Hub export at float32" in err, err
+
+
 # --------------------------------------------------------------------------
 # Preemption under mpirun
 # --------------------------------------------------------------------------

@@ -103,3 +103,47 @@ def test_predicted_peak_tensor_bytes_match_a_two_rank_run(random_dataset, tmp_pa
     for rank in range(2):
         error = per_rank[rank] / measured[rank] - 1
         assert abs(error) <= 0.10, (layout, rank, per_rank[rank], measured[rank], error)
+
+
+def piece_bytes_per_rank(checkpoint: Path, world: int):
+    """The bytes of the tensor pieces each rank's files hold, from the manifest (F32 4, I64 8 bytes an element)."""
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    itemsize = {"F32": 4, "I64": 8, "BF16": 2}
+    per_rank = [0] * world
+    for tensor in manifest["tensors"].values():
+        for piece in tensor["pieces"]:
+            rank = int(piece["file"].split("-rank")[1].split(".")[0])
+            flat = piece.get("flat")
+            if flat is not None:
+                elements = flat[1] - flat[0]
+            else:
+                elements = 1
+                for start, stop in piece["box"]:
+                    elements *= stop - start
+            per_rank[rank] += elements * itemsize[tensor["dtype"]]
+    return per_rank
+
+
+@pytest.mark.parametrize("layout,sets", [
+    ("dp=2,tp=2,mb=2,zero=1", {"parallel.dp": 2, "parallel.tp": 2, "parallel.zero_stage": 1}),
+    ("dp=2,pp=2,schedule=1f1b,mb=2", {"parallel.dp": 2, "parallel.pp": 2, "parallel.pp_schedule": "1f1b",
+                                      "model.tie_embeddings": "true"}),
+], ids=["dp2-tp2-zero1", "dp2-pp2-tied"])
+def test_predicted_checkpoint_bytes_per_rank_equal_a_four_rank_runs_files(random_dataset, tmp_path, layout, sets):
+    sets = {"run.output_dir": tmp_path, "run.name": "run", "data.train": f"[{random_dataset}]", "data.tokenizer": "",
+            "schedule.train_steps": 1, "schedule.warmup_steps": 0, "checkpoint.export_hf_at_end": "false",
+            "batch.micro_batch_size": 2, **sets}
+    set_args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    mpi_loom(4, ["train", TINY, *set_args])
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-0000001"
+    measured = piece_bytes_per_rank(checkpoint, 4)
+    # The files hold those pieces and their headers: the pieces are what each file's data holds.
+    for rank in range(4):
+        sizes = sum((checkpoint / f"{kind}-rank{rank:05d}.safetensors").stat().st_size for kind in ("model", "optimizer")
+                    if (checkpoint / f"{kind}-rank{rank:05d}.safetensors").exists())
+        assert 0 < measured[rank] < sizes, (rank, measured, sizes)
+    plan_sets = [a for k, v in sets.items() if k.startswith("model.") for a in ("--set", f"{k}={v}")]
+    out, _ = loom("plan", TINY, "--gpus", 4, "--gpu-memory", 20, "--layout", layout, "--json", *plan_sets)
+    predicted = json.loads(out)["checkpoint"]
+    assert predicted["rank_bytes_by_world_rank"] == measured, (layout, predicted, measured)
+    assert predicted["total_bytes"] == sum(measured)
