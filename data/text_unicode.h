@@ -14,12 +14,21 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <vector>
 
 struct pcre2_real_code_8;
 struct pcre2_real_match_data_8;
 
 namespace loom::tokenization {
+
+// A map from strings that is looked up by string_view without a copy.
+struct StringHash {
+  using is_transparent = void;
+  size_t operator()(std::string_view s) const { return std::hash<std::string_view>{}(s); }
+};
+template <typename V>
+using StringMap = std::unordered_map<std::string, V, StringHash, std::equal_to<>>;
 
 // --- GPT-2 byte-level alphabet ---------------------------------------------------
 // GPT-2 maps every byte to a printable code point: '!'..'~', '¡'..'¬', '®'..'ÿ'

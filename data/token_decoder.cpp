@@ -172,12 +172,6 @@ TokenDecoder TokenDecoder::from_json(const json& spec, const std::string& file) 
   return result;
 }
 
-TokenDecoder TokenDecoder::byte_level() {
-  TokenDecoder result;
-  result.steps_.emplace_back(ByteLevel{});
-  return result;
-}
-
 std::string TokenDecoder::decode(std::vector<std::string> tokens) const {
   if (join_with_spaces_) {
     std::string out;

@@ -24,8 +24,6 @@ class TokenDecoder {
 
   // Parses the `decoder` value (null: join with spaces).
   static TokenDecoder from_json(const nlohmann::json& spec, const std::string& file);
-  // ByteLevel, the decoder of byte-level BPE.
-  static TokenDecoder byte_level();
 
   // `tokenizers`' Decoder::decode: every step over the whole list, then the
   // pieces joined. Valid UTF-8 out.

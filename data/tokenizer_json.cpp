@@ -8,6 +8,13 @@ namespace loom::tokenization {
 
 using nlohmann::json;
 
+int32_t json_token_id(const json& value, const std::string& where, const std::string& file) {
+  if (!value.is_number_integer() || value.get<int64_t>() < 0 || value.get<int64_t>() > kMaxTokenId)
+    json_fail(file, where, "expected a token id in [0, " + std::to_string(kMaxTokenId) + "], found " +
+                               json_preview(value));
+  return static_cast<int32_t>(value.get<int64_t>());
+}
+
 void json_fail(const std::string& file, const std::string& where, const std::string& what) {
   throw BadInput(file + ": " + (where.empty() ? "" : where + ": ") + what);
 }

@@ -3,12 +3,20 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <nlohmann/json_fwd.hpp>
 #include <string>
 #include <string_view>
 
 namespace loom::tokenization {
 
+// Ids beyond this are refused: the id -> token tables are dense (4 bytes per
+// id each, so a stray huge id costs at most ~34 MB), and the largest
+// published vocabularies have ~260k tokens.
+inline constexpr int64_t kMaxTokenId = (int64_t{1} << 22) - 1;
+
+// A token id in [0, kMaxTokenId].
+int32_t json_token_id(const nlohmann::json& value, const std::string& where, const std::string& file);
 // Every failure is BadInput "<file>: <where>: <what>"; `where` is the JSON
 // path ("model.vocab", "pre_tokenizer.pretokenizers[1]").
 [[noreturn]] void json_fail(const std::string& file, const std::string& where, const std::string& what);

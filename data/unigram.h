@@ -12,8 +12,9 @@
 #include <optional>
 #include <string>
 #include <string_view>
-#include <unordered_map>
 #include <vector>
+
+#include "data/text_unicode.h"
 
 namespace loom::tokenization {
 
@@ -30,6 +31,8 @@ class UnigramModel {
 
   // The vocabulary: token string by id.
   const std::vector<std::string>& tokens() const { return tokens_; }
+  // Token string -> id (a repeated piece: its last id).
+  const StringMap<int32_t>& vocab() const { return ids_; }
   std::optional<int32_t> token_to_id(std::string_view token) const;
 
   // Appends the ids of `piece` (valid UTF-8). Throws BadInput when a
@@ -37,13 +40,9 @@ class UnigramModel {
   void encode(std::string_view piece, std::vector<int32_t>& ids) const;
 
  private:
-  struct Hash {
-    using is_transparent = void;
-    size_t operator()(std::string_view s) const { return std::hash<std::string_view>{}(s); }
-  };
   std::vector<std::string> tokens_;
   std::vector<double> scores_;
-  std::unordered_map<std::string, int32_t, Hash, std::equal_to<>> ids_;
+  StringMap<int32_t> ids_;
   std::optional<int32_t> unk_id_;
   bool byte_fallback_ = false;
   bool fuse_unk_ = true;
