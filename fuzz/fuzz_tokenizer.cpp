@@ -22,7 +22,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         "Hello, world! It's 2024-05-17: 3.14159 x 1000000 \t\n\n  spaced   out\r\n"
         "<|endoftext|><s></s>[UNK] caf\xc3\xa9 \xe6\x97\xa5\xe6\x9c\xac\xe8\xaa\x9e \xf0\x9f\x98\x80 "
         "don't WE'LL I'm   \xc2\xa0nbsp e\xcc\x81 \xe1\x84\x80\xe1\x85\xa1 \xe2\x96\x81\xe2\x96\x81x <0x41> "
-        "\xc4\xb0\xce\xa3 \xef\xac\x81 - ,.;!? \xe3\x80\x80end  ";
+        "\xc4\xb0\xce\xa3 \xef\xac\x81 - ,.;!? \xe3\x80\x80" "end  ";
     const std::vector<int32_t> ids = tokenizer.encode(sample);
     (void)tokenizer.decode(ids);
     for (int32_t id : ids) (void)tokenizer.token_bytes(id);

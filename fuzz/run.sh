@@ -56,7 +56,13 @@ start=$(date +%s)
 if [ ! -f "$build/build.ninja" ]; then
   CC=$cc CXX=$cxx cmake -S "$here" -B "$build" -G Ninja >/dev/null
 fi
-cmake --build "$build" -j "$jobs" --target "${targets[@]}" >/dev/null
+# The build's output is kept out of the way, and shown when it fails: with
+# set -e a failed build would otherwise end the script without a word.
+if ! cmake --build "$build" -j "$jobs" --target "${targets[@]}" >"$build/build.log" 2>&1; then
+  echo "fuzz/run.sh: the build failed ($build/build.log):" >&2
+  grep -E "error|FAILED" "$build/build.log" | head -20 >&2 || tail -30 "$build/build.log" >&2
+  exit 1
+fi
 echo "fuzz/run.sh: built ${#targets[@]} targets in $(( $(date +%s) - start )) s"
 
 mkdir -p "$build/artifacts" "$build/logs"
