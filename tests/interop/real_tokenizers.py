@@ -107,7 +107,7 @@ def llama3_tokenizer_dir(path):
 FAMILY_VOCABS = {
     "llama2": "ggml-vocab-llama-spm.gguf",     # Llama-2, Mistral v0.1, TinyLlama: Metaspace + byte_fallback BPE
     "phi3": "ggml-vocab-phi-3.gguf",           # Phi-3: Prepend + Replace normalizers, no pre-tokenizer
-    "gemma": "ggml-vocab-llama-spm.gguf",      # Gemma's pipeline (no Gemma vocabulary converts; see below)
+    "gemma4": "ggml-vocab-gemma-4.gguf",       # Gemma 4: read from the GGUF here (see _build_gemma)
     "qwen2": "ggml-vocab-qwen2.gguf",          # Qwen2/2.5/3: NFC, then the Qwen split regex and ByteLevel
     "falcon": "ggml-vocab-falcon.gguf",        # Falcon: Punctuation, ByteLevel, then Digits and a Split
     "deepseek-llm": "ggml-vocab-deepseek-llm.gguf",
@@ -128,18 +128,46 @@ def _hub_parts(name, spec):
             {"type": "Digits", "individual_digits": False},
             {"type": "Split", "pattern": {"Regex": "[0-9][0-9][0-9]"}, "behavior": "Isolated", "invert": False},
         ]}
-    elif name == "gemma":
-        # transformers' GemmaConverter pipeline (spaces become ▁ in the
-        # normalizer, no prefix, no Strip in the decoder) over Llama-2's
-        # vocabulary: llama.cpp ships only Gemma 4's GGUF vocabulary, which
-        # transformers 5 cannot read.
-        spec["normalizer"] = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
-        spec["pre_tokenizer"] = {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious",
-                                 "invert": False}
-        spec["decoder"] = {"type": "Sequence", "decoders": [
-            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
-            {"type": "ByteFallback"}, {"type": "Fuse"}]}
     return spec
+
+
+def _build_gemma():
+    """Gemma 4's tokenizer.json from its GGUF vocabulary (transformers 5
+    cannot convert that file): the vocabulary, merges and special tokens
+    of the GGUF, in the pipeline transformers' GemmaConverter writes
+    (spaces become ▁ in the normalizer, no prefix, byte fallback, a
+    decoder without Strip) and the <bos> the GGUF asks for."""
+    from gguf import GGUFReader
+    reader = GGUFReader(str(llama_cpp_dir() / "models" / FAMILY_VOCABS["gemma4"]))
+
+    def values(key):
+        field = reader.fields[key]
+        return [field.parts[i] for i in field.data]
+
+    tokens = [bytes(p).decode("utf-8") for p in values("tokenizer.ggml.tokens")]
+    types = [int(p[0]) for p in values("tokenizer.ggml.token_type")]
+    merges = [bytes(p).decode("utf-8").split(" ") for p in values("tokenizer.ggml.merges")]
+    bos = int(values("tokenizer.ggml.bos_token_id")[0][0])
+    CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types
+    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+              "special": types[i] == CONTROL} for i, t in enumerate(tokens) if types[i] in (CONTROL, USER_DEFINED)]
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+        "pre_tokenizer": {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious",
+                          "invert": False},
+        "post_processor": {"type": "TemplateProcessing",
+                           "single": [{"SpecialToken": {"id": tokens[bos], "type_id": 0}},
+                                      {"Sequence": {"id": "A", "type_id": 0}}],
+                           "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                           "special_tokens": {tokens[bos]: {"id": tokens[bos], "ids": [bos], "tokens": [tokens[bos]]}}},
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"}]},
+        "model": {"type": "BPE", "dropout": None, "unk_token": "<unk>", "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+                  "vocab": {t: i for i, t in enumerate(tokens)}, "merges": merges},
+    }
 
 
 def family_tokenizer_json(name):
@@ -154,14 +182,23 @@ def family_tokenizer_json(name):
     out = FIXTURES / f"families-{LLAMA_CPP_PYTHON_VERSION}" / f"{name}.json"
     if out.exists():
         return out
-    from transformers import AutoTokenizer
-    converted = AutoTokenizer.from_pretrained(str(llama_cpp_dir() / "models"), gguf_file=FAMILY_VOCABS[name])
-    spec = _hub_parts(name, json.loads(converted.backend_tokenizer.to_str()))
+    if name == "gemma4":
+        spec = _build_gemma()
+    else:
+        from transformers import AutoTokenizer
+        converted = AutoTokenizer.from_pretrained(str(llama_cpp_dir() / "models"), gguf_file=FAMILY_VOCABS[name])
+        spec = _hub_parts(name, json.loads(converted.backend_tokenizer.to_str()))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(spec, ensure_ascii=False))
     os.replace(tmp, out)
     return out
+
+
+def llama_cpp_expected_ids(gguf_name):
+    """llama.cpp's ids for its test strings (models/NAME.out), one list per string."""
+    text = (llama_cpp_dir() / "models" / f"{gguf_name}.out").read_text(encoding="utf-8")
+    return [[int(x) for x in line.split()] for line in text.split("\n")[:len(llama_cpp_test_strings(gguf_name))]]
 
 
 def llama_cpp_test_strings(gguf_name):

@@ -201,6 +201,13 @@ def test_text_prompt_uses_the_folders_tokenizer(tmp_path):
                       "And the earth was without form, and void.\n\n" * 20)
     run_loom("tokenizer", "train", "--input", corpus, "--vocab-size", 300, "--output", tmp_path / "tokenizer.json")
     tokenizer = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    # A post-processor that starts every text with a BOS, as Llama's do: the
+    # prompt must be encoded with it, as transformers encodes it.
+    from tokenizers import processors
+    tokenizer.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A",
+                                                             special_tokens=[("<|endoftext|>", 0)])
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    assert tokenizer.encode("In").ids[0] == 0
     kind, config = CONFIGS["llama_mha_untied_3layers_hidden96"]
     model = make_hf_model(kind, seed=11, **dict(config, vocab_size=tokenizer.get_vocab_size()))
     model.save_pretrained(tmp_path / "hf")

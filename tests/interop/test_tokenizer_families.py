@@ -1,7 +1,7 @@
 """loom's tokenizer against Hugging Face `tokenizers` on the tokenizer.json
 files of real model families (Llama-2/Mistral SentencePiece BPE, Phi-3,
-Gemma's pipeline, Llama-3, Qwen2 with NFC, Falcon, DeepSeek, StarCoder,
-GPT-2), rebuilt without a hub from llama.cpp's GGUF vocabularies
+Gemma 4, Llama-3, Qwen2 with NFC, Falcon, DeepSeek, StarCoder, GPT-2),
+rebuilt without a hub from llama.cpp's GGUF vocabularies
 (real_tokenizers.py), and on a Unigram tokenizer trained here.
 
 For each: the ids of llama.cpp's own test strings, of every paragraph of
@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from real_tokenizers import FAMILY_VOCABS, family_tokenizer_json, llama_cpp_test_strings
+from real_tokenizers import FAMILY_VOCABS, family_tokenizer_json, llama_cpp_expected_ids, llama_cpp_test_strings
 
 LOOM_TOKENIZE = os.environ.get("LOOM_TOKENIZE", "build/tests/loom_tokenize")
+LOOM_BIN = os.environ.get("LOOM_BIN", "build/loom")
 
 # Scripts and symbols the random strings draw from (ranges of code points).
 RANGES = [
@@ -125,7 +126,7 @@ def specials_of(tokenizer_json):
     return [t.content for t in hf.get_added_tokens_decoder().values()][:20]
 
 
-@pytest.mark.parametrize("family", ["llama2", "phi3", "gemma", "llama3", "qwen2", "falcon", "deepseek-llm",
+@pytest.mark.parametrize("family", ["llama2", "phi3", "gemma4", "llama3", "qwen2", "falcon", "deepseek-llm",
                                     "starcoder", "gpt2"])
 def test_family_matches_tokenizers(family, paragraphs, tmp_path):
     path = family_tokenizer_json(family)
@@ -133,6 +134,11 @@ def test_family_matches_tokenizers(family, paragraphs, tmp_path):
     docs = llama_cpp_test_strings(gguf) + paragraphs + random_strings(3000, seed=hash(family) % 1000,
                                                                       specials=specials_of(path))
     hf = check_like_tokenizers(path, docs, tmp_path, family)
+    if family == "gemma4":
+        # Built here from the GGUF, not by transformers: llama.cpp's own ids
+        # for its test strings say the file is Gemma 4's tokenizer.
+        strings = llama_cpp_test_strings(gguf)
+        assert loom_encode(path, strings, tmp_path, special=False) == llama_cpp_expected_ids(gguf)
     if family in ("llama2", "phi3", "llama3"):
         # The post-processor starts every document with BOS, as encode does.
         bos = loom_encode(path, ["x"], tmp_path, special=True)[0][0]
@@ -161,3 +167,47 @@ def test_unigram_trained_by_tokenizers_with_metaspace_and_byte_fallback(paragrap
     # Characters the training never saw are spelled in <0xXX> bytes.
     ids = loom_encode(path, ["\U0001F642"], tmp_path, special=False)[0]
     assert [tok.id_to_token(i) for i in ids][-4:] == ["<0xF0>", "<0x9F>", "<0x99>", "<0x82>"]
+
+
+def loom_cli(*args):
+    proc = subprocess.run([LOOM_BIN, *map(str, args)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"loom {args} exited {proc.returncode}: {proc.stderr[-2000:]}"
+    return proc.stdout
+
+
+def dataset_tokens(folder):
+    import h5py
+    index = json.loads((folder / "index.json").read_text())
+    tokens = []
+    for shard in index["shards"]:
+        with h5py.File(folder / shard["file"], "r") as f:
+            tokens += f["tokens"][:].tolist()
+    return tokens
+
+
+@pytest.mark.parametrize("family", ["llama2", "llama3"])
+def test_prepare_frames_each_document_as_encode_does(family, tmp_path):
+    path = family_tokenizer_json(family)
+    hf = Tokenizer.from_file(str(path))
+    docs = ["Hello world.", "Zweites Dokument: \u00e4\u00f6\u00fc \U0001F642", "  third\nline  "]
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    eos_token = "</s>" if family == "llama2" else "<|eot_id|>"  # Llama-3.1-Instruct's tokenizer_config names it
+    eos = hf.token_to_id(eos_token)
+    for special, flags in ((True, []), (False, ["--no-special-tokens"])):
+        out = tmp_path / f"data-{special}"
+        loom_cli("prepare", "--tokenizer", path, "--input", source, "--output", out, "--eos-token", eos_token, *flags)
+        expected = [t for d in docs for t in hf.encode(d, add_special_tokens=special).ids + [eos]]
+        assert dataset_tokens(out) == expected
+        if special:
+            assert dataset_tokens(out)[0] == hf.token_to_id("<s>" if family == "llama2" else "<|begin_of_text|>")
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma4", "phi3"])
+def test_tokenizer_encode_command_prints_the_ids_of_encode(family):
+    path = family_tokenizer_json(family)
+    hf = Tokenizer.from_file(str(path))
+    for text in ["Hello  world!", "caf\u00e9 \u4e2d\u6587 12345", " leading and trailing "]:
+        assert loom_cli("tokenizer", "encode", path, "--text", text).split() == list(map(str, hf.encode(text).ids))
+        ids = loom_cli("tokenizer", "encode", path, "--text", text, "--no-special-tokens").split()
+        assert ids == list(map(str, hf.encode(text, add_special_tokens=False).ids))
