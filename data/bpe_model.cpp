@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cstdio>
-#include <map>
 #include <nlohmann/json.hpp>
 
 #include "data/tokenizer_json.h"
@@ -42,12 +41,20 @@ BpeModel BpeModel::from_json(const json& model, const std::string& file) {
 
   const json& vocab = json_field(model, "vocab", "model", file);
   if (!vocab.is_object()) json_fail(file, "model.vocab", "expected an object, found " + json_preview(vocab));
-  std::map<int32_t, std::string> by_id;
+  // Load time matters for 256k-token vocabularies with half a million
+  // merges: no per-entry strings beyond the map's own, and messages built
+  // only on failure.
+  result.vocab_.reserve(vocab.size());
+  std::vector<bool> id_taken(static_cast<size_t>(kMaxTokenId) + 1, false);
   for (const auto& [token, value] : vocab.items()) {
     const int32_t id = json_token_id(value, "model.vocab['" + clip(token) + "']", file);
-    if (const auto [it, inserted] = by_id.emplace(id, token); !inserted)
-      json_fail(file, "model.vocab", "tokens '" + clip(it->second) + "' and '" + clip(token) + "' both have id " +
+    if (id_taken[id]) {
+      const auto other = std::find_if(result.vocab_.begin(), result.vocab_.end(),
+                                      [id](const auto& entry) { return entry.second == id; });
+      json_fail(file, "model.vocab", "tokens '" + clip(other->first) + "' and '" + clip(token) + "' both have id " +
                                          std::to_string(id));
+    }
+    id_taken[id] = true;
     result.vocab_.emplace(token, id);
   }
   if (auto unk = optional_string(model, "unk_token", file)) {
@@ -60,32 +67,35 @@ BpeModel BpeModel::from_json(const json& model, const std::string& file) {
   const json& merges = json_field(model, "merges", "model", file);
   if (!merges.is_array()) json_fail(file, "model.merges", "expected a list, found " + json_preview(merges));
   result.merges_.reserve(merges.size());
+  std::string merged;
   for (size_t rank = 0; rank < merges.size(); ++rank) {
     const json& merge = merges[rank];
-    const std::string where = "model.merges[" + std::to_string(rank) + "]";
-    std::string left, right;
+    const auto where = [rank] { return "model.merges[" + std::to_string(rank) + "]"; };
+    std::string_view left, right;
     if (merge.is_string()) {  // "a b", the format of tokenizers < 0.20
-      const std::string text = merge.get<std::string>();
+      const std::string_view text = merge.get_ref<const std::string&>();
       const size_t space = text.find(' ');
       if (space == std::string::npos || text.find(' ', space + 1) != std::string::npos)
-        json_fail(file, where, "expected two tokens separated by one space, found " + json_preview(merge));
+        json_fail(file, where(), "expected two tokens separated by one space, found " + json_preview(merge));
       left = text.substr(0, space);
       right = text.substr(space + 1);
     } else if (merge.is_array() && merge.size() == 2 && merge[0].is_string() && merge[1].is_string()) {
-      left = merge[0].get<std::string>();
-      right = merge[1].get<std::string>();
+      left = merge[0].get_ref<const std::string&>();
+      right = merge[1].get_ref<const std::string&>();
     } else {
-      json_fail(file, where, "expected \"a b\" or [\"a\", \"b\"], found " + json_preview(merge));
+      json_fail(file, where(), "expected \"a b\" or [\"a\", \"b\"], found " + json_preview(merge));
     }
-    const auto id_of = [&](const std::string& token) {
+    const auto id_of = [&](std::string_view token) {
       const auto it = result.vocab_.find(token);
-      if (it == result.vocab_.end()) json_fail(file, where, "token '" + clip(token) + "' is not in model.vocab");
+      if (it == result.vocab_.end()) json_fail(file, where(), "token '" + clip(token) + "' is not in model.vocab");
       return it->second;
     };
     // A repeated pair takes its last rank, as in `tokenizers` (a map insert).
     const int32_t left_id = id_of(left);
     const int32_t right_id = id_of(right);
-    const int32_t merged_id = id_of(left + right);
+    merged.assign(left);
+    merged.append(right);
+    const int32_t merged_id = id_of(merged);
     result.merges_.insert_or_assign(pair_key(left_id, right_id), MergeRule{static_cast<int32_t>(rank), merged_id});
   }
 
