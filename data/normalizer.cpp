@@ -57,8 +57,7 @@ void parse_steps(const json& spec, const std::string& where, const std::string& 
   if (!spec.is_object()) json_fail(file, where, "expected an object, found " + json_preview(spec));
   const std::string type = json_string(spec, "type", where, file);
   if (type == "Sequence") {
-    const json& list = json_field(spec, "normalizers", where, file);
-    if (!list.is_array()) json_fail(file, where + ".normalizers", "expected a list, found " + json_preview(list));
+    const json& list = json_list(spec, "normalizers", where, file);
     for (size_t i = 0; i < list.size(); ++i)
       parse_steps(list[i], where + ".normalizers[" + std::to_string(i) + "]", file, steps);
   } else if (type == "NFC" || type == "NFD" || type == "NFKC" || type == "NFKD") {
@@ -71,14 +70,7 @@ void parse_steps(const json& spec, const std::string& where, const std::string& 
   } else if (type == "StripAccents") {
     steps.emplace_back(StripAccents{});
   } else if (type == "Replace") {
-    const json& pattern = json_field(spec, "pattern", where, file);
-    const std::string pattern_where = where + ".pattern";
-    const bool literal = pattern.is_object() && pattern.contains("String");
-    if (!pattern.is_object() || pattern.size() != 1 || (!literal && !pattern.contains("Regex")))
-      json_fail(file, pattern_where, "expected {\"Regex\": ...} or {\"String\": ...}, found " + json_preview(pattern));
-    const std::string text = json_string(pattern, literal ? "String" : "Regex", pattern_where, file);
-    steps.emplace_back(Replace{Regex::compile(text, literal, file + ": " + pattern_where),
-                             json_string(spec, "content", where, file)});
+    steps.emplace_back(Replace{json_pattern(spec, where, file), json_string(spec, "content", where, file)});
   } else if (type == "Prepend") {
     steps.emplace_back(Prepend{json_string(spec, "prepend", where, file)});
   } else {

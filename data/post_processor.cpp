@@ -60,8 +60,7 @@ void parse(const json& spec, const std::string& where, const std::string& file, 
   if (!spec.is_object()) json_fail(file, where, "expected an object, found " + json_preview(spec));
   const std::string type = json_string(spec, "type", where, file);
   if (type == "Sequence") {
-    const json& list = json_field(spec, "processors", where, file);
-    if (!list.is_array()) json_fail(file, where + ".processors", "expected a list, found " + json_preview(list));
+    const json& list = json_list(spec, "processors", where, file);
     for (size_t i = 0; i < list.size(); ++i)
       parse(list[i], where + ".processors[" + std::to_string(i) + "]", file, frame);
   } else if (type == "ByteLevel") {

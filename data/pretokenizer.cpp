@@ -72,34 +72,27 @@ SplitBehavior parse_behavior(const json& spec, const std::string& where, const s
                                "MergedWithNext, Contiguous)");
 }
 
-// One character, as the JSON of a Rust `char` field.
-std::string json_char(const json& spec, const char* key, const std::string& where, const std::string& file) {
-  const std::string text = json_string(spec, key, where, file);
-  size_t len = 0;
-  if (text.empty() || find_invalid_utf8(text) != std::string::npos || (decode_utf8(text, 0, len), len) != text.size())
-    json_fail(file, where + "." + key, "expected one character, found " + json_preview(spec[key]));
-  return text;
+}  // namespace
+
+MetaspaceStep::Prepend parse_prepend_scheme(const json& spec, const std::string& where, const std::string& file) {
+  if (const auto it = spec.find("prepend_scheme"); it == spec.end() || it->is_null()) {
+    // Files written before prepend_scheme existed say add_prefix_space.
+    return json_bool(spec, "add_prefix_space", true, where, file) ? MetaspaceStep::Prepend::kAlways
+                                                                  : MetaspaceStep::Prepend::kNever;
+  }
+  const std::string scheme = json_string(spec, "prepend_scheme", where, file);
+  if (scheme == "always") return MetaspaceStep::Prepend::kAlways;
+  if (scheme == "first") return MetaspaceStep::Prepend::kFirst;
+  if (scheme == "never") return MetaspaceStep::Prepend::kNever;
+  json_fail(file, where + ".prepend_scheme", "'" + clip(scheme) + "' is not first, always or never");
 }
+
+namespace {
 
 MetaspaceStep parse_metaspace(const json& spec, const std::string& where, const std::string& file) {
   MetaspaceStep step;
   step.replacement = json_char(spec, "replacement", where, file);
-  if (const auto it = spec.find("prepend_scheme"); it != spec.end() && !it->is_null()) {
-    const std::string scheme = json_string(spec, "prepend_scheme", where, file);
-    if (scheme == "always") {
-      step.prepend = MetaspaceStep::Prepend::kAlways;
-    } else if (scheme == "first") {
-      step.prepend = MetaspaceStep::Prepend::kFirst;
-    } else if (scheme == "never") {
-      step.prepend = MetaspaceStep::Prepend::kNever;
-    } else {
-      json_fail(file, where + ".prepend_scheme", "'" + clip(scheme) + "' is not first, always or never");
-    }
-  } else {
-    // Files written before prepend_scheme existed say add_prefix_space.
-    step.prepend = json_bool(spec, "add_prefix_space", true, where, file) ? MetaspaceStep::Prepend::kAlways
-                                                                         : MetaspaceStep::Prepend::kNever;
-  }
+  step.prepend = parse_prepend_scheme(spec, where, file);
   if (json_bool(spec, "split", true, where, file))
     step.split = SplitStep{Regex::compile(step.replacement, true, file + ": " + where),
                            SplitBehavior::kMergedWithNext, false};
@@ -122,8 +115,7 @@ void parse_steps(const json& spec, const std::string& where, const std::string& 
     json_fail(file, where, "'" + clip(type) + "' after ByteLevel is not supported (only splits may follow it)");
   const std::string word(kWordClass);
   if (type == "Sequence") {
-    const json& list = json_field(spec, "pretokenizers", where, file);
-    if (!list.is_array()) json_fail(file, where + ".pretokenizers", "expected a list, found " + json_preview(list));
+    const json& list = json_list(spec, "pretokenizers", where, file);
     for (size_t i = 0; i < list.size(); ++i)
       parse_steps(list[i], where + ".pretokenizers[" + std::to_string(i) + "]", file, steps, byte_level,
                   after_byte_level);
@@ -140,16 +132,8 @@ void parse_steps(const json& spec, const std::string& where, const std::string& 
     byte_level = ByteLevelStep{json_bool(spec, "add_prefix_space", true, where, file),
                                json_bool(spec, "use_regex", true, where, file)};
   } else if (type == "Split") {
-    const json& pattern = json_field(spec, "pattern", where, file);
-    const std::string pattern_where = where + ".pattern";
-    if (!pattern.is_object() || pattern.size() != 1)
-      json_fail(file, pattern_where, "expected {\"Regex\": ...} or {\"String\": ...}, found " + json_preview(pattern));
-    const bool literal = pattern.contains("String");
-    if (!literal && !pattern.contains("Regex"))
-      json_fail(file, pattern_where, "expected {\"Regex\": ...} or {\"String\": ...}, found " + json_preview(pattern));
-    const std::string text = json_string(pattern, literal ? "String" : "Regex", pattern_where, file);
-    steps.push_back(SplitStep{Regex::compile(text, literal, file + ": " + pattern_where),
-                              parse_behavior(spec, where, file), json_bool(spec, "invert", false, where, file)});
+    steps.push_back(SplitStep{json_pattern(spec, where, file), parse_behavior(spec, where, file),
+                              json_bool(spec, "invert", false, where, file)});
   } else if (type == "Digits") {
     // `tokenizers` splits on char::is_numeric (categories Nd, Nl, No = \p{N}):
     // each digit alone (Isolated), or runs of digits (Contiguous, which is

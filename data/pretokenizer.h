@@ -50,6 +50,11 @@ struct MetaspaceStep {
 
 using PreTokenizerStep = std::variant<SplitStep, MetaspaceStep>;
 
+// A Metaspace's `prepend_scheme` (or the older `add_prefix_space`), for the
+// pre-tokenizer and the decoder alike.
+MetaspaceStep::Prepend parse_prepend_scheme(const nlohmann::json& spec, const std::string& where,
+                                            const std::string& file);
+
 struct ByteLevelStep {
   bool add_prefix_space = false;
   bool use_regex = true;

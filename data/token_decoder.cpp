@@ -4,6 +4,7 @@
 #include <optional>
 #include <variant>
 
+#include "data/pretokenizer.h"
 #include "data/text_unicode.h"
 #include "data/tokenizer_json.h"
 
@@ -86,14 +87,6 @@ std::string metaspace(const Metaspace& step, std::string_view token, bool first)
   return out;
 }
 
-std::string one_char(const json& spec, const char* key, const std::string& where, const std::string& file) {
-  const std::string text = json_string(spec, key, where, file);
-  size_t len = 0;
-  if (text.empty() || find_invalid_utf8(text) != std::string::npos || (decode_utf8(text, 0, len), len) != text.size())
-    json_fail(file, where + "." + key, "expected one character, found " + json_preview(spec[key]));
-  return text;
-}
-
 size_t count(const json& spec, const char* key, const std::string& where, const std::string& file) {
   const json& value = json_field(spec, key, where, file);
   if (!value.is_number_integer() || value.get<int64_t>() < 0)
@@ -116,8 +109,7 @@ void parse_steps(const json& spec, const std::string& where, const std::string& 
   if (!spec.is_object()) json_fail(file, where, "expected an object, found " + json_preview(spec));
   const std::string type = json_string(spec, "type", where, file);
   if (type == "Sequence") {
-    const json& list = json_field(spec, "decoders", where, file);
-    if (!list.is_array()) json_fail(file, where + ".decoders", "expected a list, found " + json_preview(list));
+    const json& list = json_list(spec, "decoders", where, file);
     for (size_t i = 0; i < list.size(); ++i)
       parse_steps(list[i], where + ".decoders[" + std::to_string(i) + "]", file, steps);
   } else if (type == "ByteLevel") {
@@ -127,25 +119,13 @@ void parse_steps(const json& spec, const std::string& where, const std::string& 
   } else if (type == "Fuse") {
     steps.emplace_back(Fuse{});
   } else if (type == "Strip") {
-    steps.emplace_back(Strip{one_char(spec, "content", where, file), count(spec, "start", where, file),
+    steps.emplace_back(Strip{json_char(spec, "content", where, file), count(spec, "start", where, file),
                            count(spec, "stop", where, file)});
   } else if (type == "Replace") {
-    const json& pattern = json_field(spec, "pattern", where, file);
-    const std::string pattern_where = where + ".pattern";
-    const bool literal = pattern.is_object() && pattern.contains("String");
-    if (!pattern.is_object() || pattern.size() != 1 || (!literal && !pattern.contains("Regex")))
-      json_fail(file, pattern_where, "expected {\"Regex\": ...} or {\"String\": ...}, found " + json_preview(pattern));
-    const std::string text = json_string(pattern, literal ? "String" : "Regex", pattern_where, file);
-    steps.emplace_back(Replace{Regex::compile(text, literal, file + ": " + pattern_where),
-                             json_string(spec, "content", where, file)});
+    steps.emplace_back(Replace{json_pattern(spec, where, file), json_string(spec, "content", where, file)});
   } else if (type == "Metaspace") {
-    bool never = false;
-    if (const auto it = spec.find("prepend_scheme"); it != spec.end() && !it->is_null()) {
-      never = json_string(spec, "prepend_scheme", where, file) == "never";
-    } else {
-      never = !json_bool(spec, "add_prefix_space", true, where, file);
-    }
-    steps.emplace_back(Metaspace{one_char(spec, "replacement", where, file), never});
+    const bool never = parse_prepend_scheme(spec, where, file) == MetaspaceStep::Prepend::kNever;
+    steps.emplace_back(Metaspace{json_char(spec, "replacement", where, file), never});
   } else {
     json_fail(file, where + ".type",
               "'" + clip(type) + "' is not supported (loom reads the ByteLevel, ByteFallback, Fuse, Strip, "

@@ -8,6 +8,8 @@
 #include <string>
 #include <string_view>
 
+#include "data/text_unicode.h"
+
 namespace loom::tokenization {
 
 // Ids beyond this are refused: the id -> token tables are dense (4 bytes per
@@ -28,6 +30,15 @@ std::string json_string(const nlohmann::json& object, const char* key, const std
 // `fallback` when the key is absent or null.
 bool json_bool(const nlohmann::json& object, const char* key, bool fallback, const std::string& where,
                const std::string& file);
+// `object[key]`, which must be a list.
+const nlohmann::json& json_list(const nlohmann::json& object, const char* key, const std::string& where,
+                                const std::string& file);
+// `object[key]`, which must be one character (a Rust `char` field).
+std::string json_char(const nlohmann::json& object, const char* key, const std::string& where,
+                      const std::string& file);
+// The `pattern` of a Split, Replace or decoder Replace: {"String": text}
+// (matched literally) or {"Regex": pattern}.
+Regex json_pattern(const nlohmann::json& object, const std::string& where, const std::string& file);
 // Text from an untrusted file, capped for messages.
 std::string clip(std::string_view text, size_t max_chars = 120);
 std::string json_preview(const nlohmann::json& value);

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from tokenize_cli import loom_decode, loom_encode
 from real_tokenizers import FAMILY_VOCABS, family_tokenizer_json, llama_cpp_expected_ids, llama_cpp_test_strings
 
-LOOM_TOKENIZE = os.environ.get("LOOM_TOKENIZE", "build/tests/loom_tokenize")
 LOOM_BIN = os.environ.get("LOOM_BIN", "build/loom")
 
 # Scripts and symbols the random strings draw from (ranges of code points).
@@ -77,30 +77,6 @@ def license_paragraphs():
 @pytest.fixture(scope="module")
 def paragraphs():
     return license_paragraphs()
-
-
-def run_loom(*args):
-    proc = subprocess.run([LOOM_TOKENIZE, *map(str, args)], capture_output=True, timeout=600)
-    assert proc.returncode == 0, f"loom_tokenize {args} exited {proc.returncode}: {proc.stderr.decode()[-2000:]}"
-    return proc
-
-
-def loom_encode(tokenizer_json, docs, tmp_path, special):
-    assert all("\0" not in d for d in docs)
-    src = tmp_path / "docs.bin"
-    src.write_bytes("\0".join(docs).encode("utf-8"))
-    proc = run_loom("encode", tokenizer_json, src, "--threads", "2", *(["--special"] if special else []))
-    lines = proc.stdout.decode().split("\n")
-    assert lines[-1] == "" and len(lines) == len(docs) + 1
-    return [[int(x) for x in line.split()] for line in lines[:-1]]
-
-
-def loom_decode(tokenizer_json, ids, tmp_path):
-    src = tmp_path / "ids.txt"
-    src.write_text("".join(" ".join(map(str, row)) + "\n" for row in ids))
-    out = run_loom("decode", tokenizer_json, src).stdout.decode("utf-8").split("\0")
-    assert out[-1] == "" and len(out) == len(ids) + 1
-    return out[:-1]
 
 
 def check_like_tokenizers(tokenizer_json, docs, tmp_path, label):

@@ -32,8 +32,8 @@ from pathlib import Path
 import pytest
 from tokenizers import AddedToken, ByteLevelBPETokenizer, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-ROOT = Path(__file__).resolve().parents[2]
-LOOM_TOKENIZE = os.environ.get("LOOM_TOKENIZE", str(ROOT / "build" / "tests" / "loom_tokenize"))
+from tokenize_cli import LOOM_TOKENIZE, loom_decode, loom_encode, run_loom_tokenize
+
 SPECIAL = "<|endoftext|>"
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -100,30 +100,6 @@ def unicode_sweep():
     return docs
 
 
-def run_loom(*args):
-    proc = subprocess.run([LOOM_TOKENIZE, *map(str, args)], capture_output=True, timeout=300)
-    assert proc.returncode == 0, f"loom_tokenize {args} exited {proc.returncode}: {proc.stderr.decode()}"
-    return proc
-
-
-def loom_encode(tokenizer_json, docs, tmp_path):
-    assert all("\0" not in d for d in docs)
-    src = tmp_path / "docs.bin"
-    src.write_bytes("\0".join(docs).encode("utf-8"))
-    proc = run_loom("encode", tokenizer_json, src, "--threads", "2")
-    lines = proc.stdout.decode().split("\n")
-    assert lines[-1] == "" and len(lines) == len(docs) + 1
-    return [[int(x) for x in line.split()] for line in lines[:-1]]
-
-
-def loom_decode(tokenizer_json, ids, tmp_path):
-    src = tmp_path / "ids.txt"
-    src.write_text("".join(" ".join(map(str, row)) + "\n" for row in ids))
-    out = run_loom("decode", tokenizer_json, src).stdout.decode("utf-8").split("\0")
-    assert out[-1] == "" and len(out) == len(ids) + 1
-    return out[:-1]
-
-
 def assert_same_as_tokenizers(tokenizer_json, docs, tmp_path, round_trip=lambda doc: True):
     """`round_trip(doc)` says whether decode(encode(doc)) must give doc back."""
     hf = Tokenizer.from_file(str(tokenizer_json))
@@ -173,7 +149,7 @@ def test_trained_by_loom_loads_in_tokenizers(chapters, tmp_path):
     corpus = tmp_path / "kjv.txt"
     corpus.write_text(f"\n{SPECIAL}\n".join(chapters))
     path = tmp_path / "loom_trained.json"
-    run_loom("train", corpus, "--vocab-size", 4096, "--output", path, "--special", SPECIAL)
+    run_loom_tokenize("train", corpus, "--vocab-size", 4096, "--output", path, "--special", SPECIAL)
     hf = Tokenizer.from_file(str(path))
     assert hf.get_vocab_size() == 4096
     assert hf.token_to_id(SPECIAL) == 0
