@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from tokenize_cli import loom_decode, loom_encode
+from tokenize_cli import assert_same_ids, loom_decode, loom_encode
 from real_tokenizers import FAMILY_VOCABS, family_tokenizer_json, llama_cpp_expected_ids, llama_cpp_test_strings
 
 LOOM_BIN = os.environ.get("LOOM_BIN", "build/loom")
@@ -84,12 +84,7 @@ def check_like_tokenizers(tokenizer_json, docs, tmp_path, label):
     for special in (False, True):
         expected = [e.ids for e in hf.encode_batch(docs, add_special_tokens=special)]
         got = loom_encode(tokenizer_json, docs, tmp_path, special)
-        for i, (doc, want, have) in enumerate(zip(docs, expected, got)):
-            if want != have:
-                k = next((k for k, (x, y) in enumerate(zip(want, have)) if x != y), min(len(want), len(have)))
-                pytest.fail(f"{label} (add_special_tokens={special}): document {i} differs at id {k}: tokenizers "
-                            f"{[hf.id_to_token(t) for t in want[max(0, k - 3):k + 5]]}, loom "
-                            f"{[hf.id_to_token(t) for t in have[max(0, k - 3):k + 5]]}\ndocument: {doc[:300]!r}")
+        assert_same_ids(hf, docs, expected, got, f"{label} (add_special_tokens={special})")
     decoded = loom_decode(tokenizer_json, expected, tmp_path)
     hf_decoded = hf.decode_batch(expected, skip_special_tokens=False)
     for i, (want, have) in enumerate(zip(hf_decoded, decoded)):

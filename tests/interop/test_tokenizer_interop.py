@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 from tokenizers import AddedToken, ByteLevelBPETokenizer, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from tokenize_cli import LOOM_TOKENIZE, loom_decode, loom_encode, run_loom_tokenize
+from tokenize_cli import LOOM_TOKENIZE, assert_same_ids, loom_decode, loom_encode, run_loom_tokenize
 
 SPECIAL = "<|endoftext|>"
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -105,12 +105,7 @@ def assert_same_as_tokenizers(tokenizer_json, docs, tmp_path, round_trip=lambda 
     hf = Tokenizer.from_file(str(tokenizer_json))
     expected = [e.ids for e in hf.encode_batch(docs, add_special_tokens=False)]
     got = loom_encode(tokenizer_json, docs, tmp_path)
-    for i, (doc, want, have) in enumerate(zip(docs, expected, got)):
-        if want != have:
-            k = next((k for k, (x, y) in enumerate(zip(want, have)) if x != y), min(len(want), len(have)))
-            pytest.fail(f"{tokenizer_json.name}: document {i} differs at id {k}: tokenizers "
-                        f"{[hf.id_to_token(t) for t in want[max(0, k - 3):k + 5]]}, loom "
-                        f"{[hf.id_to_token(t) for t in have[max(0, k - 3):k + 5]]}\ndocument: {doc[:300]!r}")
+    assert_same_ids(hf, docs, expected, got, tokenizer_json.name)
     decoded = loom_decode(tokenizer_json, got, tmp_path)
     hf_decoded = hf.decode_batch(expected, skip_special_tokens=False)
     for i, doc in enumerate(docs):

@@ -32,3 +32,14 @@ def loom_decode(tokenizer_json, ids, tmp_path):
     out = run_loom_tokenize("decode", tokenizer_json, src).stdout.decode("utf-8").split("\0")
     assert out[-1] == "" and len(out) == len(ids) + 1
     return out[:-1]
+
+
+def assert_same_ids(hf, docs, expected, got, label):
+    """Fails at the first document whose ids differ, showing the tokens around the difference."""
+    import pytest
+    for i, (doc, want, have) in enumerate(zip(docs, expected, got)):
+        if want != have:
+            k = next((k for k, (x, y) in enumerate(zip(want, have)) if x != y), min(len(want), len(have)))
+            pytest.fail(f"{label}: document {i} differs at id {k}: tokenizers "
+                        f"{[hf.id_to_token(t) for t in want[max(0, k - 3):k + 5]]}, loom "
+                        f"{[hf.id_to_token(t) for t in have[max(0, k - 3):k + 5]]}\ndocument: {doc[:300]!r}")
