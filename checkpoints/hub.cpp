@@ -347,6 +347,15 @@ uint64_t parse_byte_size(const std::string& text, const std::string& context) {
 
 namespace {
 
+// How the model card names a family: "Qwen3" for qwen3.
+std::string model_type_display_name(const std::string& architecture) {
+  if (architecture == "qwen2") return "Qwen2";
+  if (architecture == "qwen3") return "Qwen3";
+  if (architecture == "olmo2") return "OLMo2";
+  if (architecture == "smollm3") return "SmolLM3";
+  return "Llama";
+}
+
 // A YAML string: JSON's quoting is valid YAML, and survives any name.
 std::string yaml_string(const std::string& text) { return json(text).dump(); }
 
@@ -354,7 +363,7 @@ std::string yaml_string(const std::string& text) { return json(text).dump(); }
 // dataset links): https://huggingface.co/docs/hub/model-cards#model-card-metadata.
 std::string model_card(const ModelConfig& m, const ExportOptions& options) {
   const ModelOrigin& origin = options.origin;
-  const std::string family = m.architecture == "qwen2" ? "qwen2" : "llama";
+  const std::string& family = m.architecture;  // the Hub's model_type
   std::ostringstream os;
   os << "---\n";
   if (!origin.base_model.empty()) os << "base_model: " << yaml_string(origin.base_model) << "\n";
@@ -379,7 +388,7 @@ std::string model_card(const ModelConfig& m, const ExportOptions& options) {
   if (!origin.base_model.empty()) {
     os << "Fine-tuned by loom from `" << origin.base_model << "`";
   } else {
-    os << "A " << (m.architecture == "qwen2" ? "Qwen2" : "Llama") << "-architecture causal language model written by loom";
+    os << "A " << model_type_display_name(m.architecture) << "-architecture causal language model written by loom";
   }
   os << ".\n\n"
      << "| | |\n|---|---|\n"

@@ -175,7 +175,8 @@ class Loader {
     if (value.IsNull() || (value.IsScalar() && value.Scalar() == "none")) return;
     if (!value.IsMap()) fail(key_where, key, "wrong type", describe(value), "null, none, or a map with a type key");
     if (!value["type"] && !value["rope_type"])
-      fail(key_where, key + ".type", "missing key in model.rope_scaling", "", "type: none, llama3 or linear");
+      fail(key_where, key + ".type", "missing key in model.rope_scaling", "",
+           "type: none, llama3, linear, yarn, dynamic or longrope");
     apply_map(value, key, origin);
   }
 
@@ -244,12 +245,41 @@ class Validator {
       fail_at({m.mlp_bias ? "model.mlp_bias" : "model.attention_bias", "model.architecture"},
               std::string(m.mlp_bias ? "model.mlp_bias" : "model.attention_bias") + " is true for architecture qwen2",
               "false: qwen2 always has q/k/v biases and no others");
+    if (m.architecture == "mistral" && (m.mlp_bias || m.attention_bias))
+      fail_at({m.mlp_bias ? "model.mlp_bias" : "model.attention_bias", "model.architecture"},
+              std::string(m.mlp_bias ? "model.mlp_bias" : "model.attention_bias") + " is true for architecture mistral",
+              "false: mistral has no biases (use architecture llama)");
+    // Qwen3's and OLMo2's MLPs have no bias in the Hub format either.
+    if ((m.architecture == "qwen3" || m.architecture == "olmo2") && m.mlp_bias)
+      fail_at({"model.mlp_bias", "model.architecture"}, "model.mlp_bias is true for architecture " + m.architecture,
+              "false: " + m.architecture + " has no MLP biases");
+    if (!m.nope_layers.empty() && m.architecture != "smollm3")
+      fail_at({"model.nope_layers", "model.architecture"},
+              "model.nope_layers is set for architecture " + m.architecture,
+              "an empty list: only smollm3 has layers without rotary (HF no_rope_layers)");
+    for (int64_t layer : m.nope_layers) {
+      if (m.num_layers > 0 && layer >= m.num_layers)
+        fail_at({"model.nope_layers", "model.num_layers"},
+                "model.nope_layers names layer " + num(layer) + " of a model of " + num(m.num_layers) + " layers",
+                "layer numbers below model.num_layers");
+    }
+    check_sliding_window(m);
     const RopeScalingConfig& rope = m.rope_scaling;
-    if (rope.type == "llama3" || rope.type == "linear") {
+    if (rope.type == "llama3" || rope.type == "linear" || rope.type == "yarn" || rope.type == "dynamic") {
       if (rope.factor < 1)
         fail_at({"model.rope_scaling.factor", "model.rope_scaling.type"},
                 "model.rope_scaling.factor (" + num(rope.factor) + ") is below 1 for " + rope.type + " scaling",
                 ">= 1: scaling stretches the context, never shrinks it");
+    }
+    if (rope.type == "longrope") {
+      const int64_t half = m.head_dim > 0 ? m.head_dim / 2 : (m.num_heads > 0 ? m.hidden_size / m.num_heads / 2 : 0);
+      for (auto [key, factors] : {std::pair{"model.rope_scaling.short_factor", &rope.short_factor},
+                                  {"model.rope_scaling.long_factor", &rope.long_factor}}) {
+        if (half > 0 && static_cast<int64_t>(factors->size()) != half)
+          fail_at({key, "model.head_dim"},
+                  std::string(key) + " has " + num(static_cast<int64_t>(factors->size())) + " entries",
+                  "head_dim / 2 = " + num(half) + ", one per rotary frequency");
+      }
     }
     if (rope.type == "llama3" && !(rope.high_freq_factor > rope.low_freq_factor))
       fail_at({"model.rope_scaling.high_freq_factor", "model.rope_scaling.low_freq_factor"},
@@ -261,6 +291,33 @@ class Validator {
         fail_at({key, "model.vocab_size"},
                 std::string(key) + " (" + num(id) + ") is outside model.vocab_size (" + num(m.vocab_size) + ")",
                 "a token id below vocab_size, or -1");
+    }
+  }
+
+  // Only the families whose Hub config can say where the window applies.
+  void check_sliding_window(const ModelConfig& m) {
+    const bool has_window = m.sliding_window > 0;
+    const std::string& arch = m.architecture;
+    if (has_window && arch != "mistral" && arch != "qwen2" && arch != "qwen3" && arch != "smollm3")
+      fail_at({"model.sliding_window", "model.architecture"},
+              "model.sliding_window is " + num(m.sliding_window) + " for architecture " + arch,
+              "0, or architecture mistral, qwen2, qwen3 or smollm3 (whose Hub config has a window)");
+    if (m.layer_types.empty()) return;
+    if (!has_window)
+      fail_at({"model.layer_types", "model.sliding_window"}, "model.layer_types is set without model.sliding_window",
+              "an empty list, or model.sliding_window > 0");
+    if (arch == "mistral")
+      fail_at({"model.layer_types", "model.architecture"}, "model.layer_types is set for architecture mistral",
+              "an empty list: Mistral's window applies to every layer");
+    if (m.num_layers > 0 && static_cast<int64_t>(m.layer_types.size()) != m.num_layers)
+      fail_at({"model.layer_types", "model.num_layers"},
+              "model.layer_types has " + num(static_cast<int64_t>(m.layer_types.size())) + " entries for " +
+                  num(m.num_layers) + " layers",
+              "one entry per layer");
+    for (const std::string& type : m.layer_types) {
+      if (type != "full_attention" && type != "sliding_attention")
+        fail_at({"model.layer_types"}, "model.layer_types has an unknown entry", type,
+                "full_attention or sliding_attention");
     }
   }
 

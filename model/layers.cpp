@@ -57,6 +57,7 @@ class LocalLmHead : public LmHead {
 // fused kernel (flash or memory-efficient on a GPU) where one applies.
 class SdpaAttentionCore : public AttentionCore {
  public:
+  using AttentionCore::AttentionCore;
   torch::Tensor forward(const torch::Tensor& q_bhtd, const torch::Tensor& k_bhtd, const torch::Tensor& v_bhtd,
                         torch::Tensor* cache_k, torch::Tensor* cache_v) override {
     const int64_t tokens = q_bhtd.size(2);
@@ -75,15 +76,31 @@ class SdpaAttentionCore : public AttentionCore {
     // for new queries after cached keys. Decoding appends one token at a time,
     // which may attend to every cached key, so it needs no mask at all.
     TORCH_CHECK(!has_past || tokens == 1, "cached attention takes one new token at a time, got ", tokens);
-    const bool causal = !has_past && tokens > 1;
     const bool grouped = q_bhtd.size(1) != k.size(1);
+    const int64_t window = this->window();
+    if (has_past && window > 0 && k.size(2) > window) {
+      // The new token sees only the last `window` keys, itself included.
+      k = k.narrow(2, k.size(2) - window, window);
+      v = v.narrow(2, v.size(2) - window, window);
+    }
+    if (!has_past && window > 0 && tokens > window) {
+      // Causal within the band: an explicit mask (SDPA's math or
+      // memory-efficient kernel; flash's own window is not reachable
+      // through SDPA).
+      const auto allowed = sliding_window_mask(tokens, tokens, window, q_bhtd.device());
+      return at::scaled_dot_product_attention(q_bhtd, k, v, allowed, /*dropout_p=*/0.0, /*is_causal=*/false,
+                                              /*scale=*/std::nullopt, /*enable_gqa=*/grouped);
+    }
+    const bool causal = !has_past && tokens > 1;
     return at::scaled_dot_product_attention(q_bhtd, k, v, /*attn_mask=*/std::nullopt, /*dropout_p=*/0.0,
                                             /*is_causal=*/causal, /*scale=*/std::nullopt, /*enable_gqa=*/grouped);
   }
 
   torch::Tensor forward_documents(const torch::Tensor& q_bhtd, const torch::Tensor& k_bhtd,
                                   const torch::Tensor& v_bhtd, const DocumentMask& documents) override {
-    if (takes_varlen_flash(q_bhtd, k_bhtd)) return varlen_flash_attention(q_bhtd, k_bhtd, v_bhtd, documents);
+    if (takes_varlen_flash(q_bhtd, k_bhtd)) {
+      return varlen_flash_attention(q_bhtd, k_bhtd, v_bhtd, documents, window());
+    }
     return AttentionCore::forward_documents(q_bhtd, k_bhtd, v_bhtd, documents);
   }
 };
@@ -101,8 +118,20 @@ bool takes_varlen_flash(const torch::Tensor& q_bhtd, const torch::Tensor& k_bhtd
   return head_dim % 8 == 0 && head_dim <= 256 && q_bhtd.size(1) % k_bhtd.size(1) == 0;
 }
 
+torch::Tensor sliding_window_mask(int64_t queries, int64_t keys, int64_t window, torch::Device device) {
+  // Query i sits at key position i + keys - queries; it may see key j when
+  // 0 <= its position - j < window.
+  auto options = torch::TensorOptions().dtype(torch::kLong).device(device);
+  const auto query_at = torch::arange(keys - queries, keys, options).unsqueeze(1);
+  const auto key_at = torch::arange(0, keys, options).unsqueeze(0);
+  const auto behind = query_at - key_at;
+  auto allowed = behind >= 0;
+  if (window > 0) allowed = allowed.logical_and(behind < window);
+  return allowed;
+}
+
 torch::Tensor varlen_flash_attention(const torch::Tensor& q_bhtd, const torch::Tensor& k_bhtd,
-                                     const torch::Tensor& v_bhtd, const DocumentMask& documents) {
+                                     const torch::Tensor& v_bhtd, const DocumentMask& documents, int64_t window) {
   // The batch flattened into one stream of batch * tokens tokens,
   // [total, heads, head_dim], cut into the segments by cu_seqlens: the kernel
   // runs causal attention inside each segment and computes nothing across
@@ -114,16 +143,28 @@ torch::Tensor varlen_flash_attention(const torch::Tensor& q_bhtd, const torch::T
   };
   const torch::Tensor& cu_seqlens = documents.cu_seqlens();
   const int64_t longest = documents.max_segment_tokens();
+  // A window: flash attention's own (window - 1 keys to the left, none to
+  // the right), within each segment as everything else; -1 is its "no
+  // limit", what it takes when none is given.
+  const int64_t left = window > 0 ? window - 1 : -1;
+  const int64_t right = window > 0 ? 0 : -1;
   auto outputs = at::_flash_attention_forward(packed(q_bhtd), packed(k_bhtd), packed(v_bhtd), cu_seqlens, cu_seqlens,
                                               longest, longest, /*dropout_p=*/0.0, /*is_causal=*/true,
-                                              /*return_debug_mask=*/false);
+                                              /*return_debug_mask=*/false, /*scale=*/std::nullopt, left, right);
   return std::get<0>(outputs).view({batch, tokens, heads, dim}).transpose(1, 2);
 }
 
 torch::Tensor AttentionCore::forward_documents(const torch::Tensor& q_bhtd, const torch::Tensor& k_bhtd,
                                                const torch::Tensor& v_bhtd, const DocumentMask& documents) {
   const bool grouped = q_bhtd.size(1) != k_bhtd.size(1);
-  return at::scaled_dot_product_attention(q_bhtd, k_bhtd, v_bhtd, documents.allowed_b1tt(), /*dropout_p=*/0.0,
+  torch::Tensor allowed = documents.allowed_b1tt();
+  if (window() > 0) {
+    // Positions inside a document are consecutive, so the band over the
+    // row's token indices is the band over the document's positions.
+    const int64_t tokens = q_bhtd.size(2);
+    allowed = allowed.logical_and(sliding_window_mask(tokens, tokens, window(), allowed.device()));
+  }
+  return at::scaled_dot_product_attention(q_bhtd, k_bhtd, v_bhtd, allowed, /*dropout_p=*/0.0,
                                           /*is_causal=*/false, /*scale=*/std::nullopt, /*enable_gqa=*/grouped);
 }
 
@@ -155,8 +196,8 @@ std::shared_ptr<LmHead> LocalLayerFactory::lm_head(int64_t hidden, int64_t vocab
   return std::make_shared<LocalLmHead>(hidden, vocab, std::move(tied));
 }
 
-std::shared_ptr<AttentionCore> LayerFactory::attention_core(const ModelConfig& /*model*/) const {
-  return std::make_shared<SdpaAttentionCore>();
+std::shared_ptr<AttentionCore> LayerFactory::attention_core(const ModelConfig& model, int64_t layer) const {
+  return std::make_shared<SdpaAttentionCore>(model.window_of(layer));
 }
 
 std::shared_ptr<LayerWrapper> LayerFactory::layer_wrapper(const ModelConfig& model, int64_t /*layer*/) const {

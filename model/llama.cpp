@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 
+#include <algorithm>
 #include <string>
 
 #include "model/init.h"
@@ -11,14 +12,25 @@
 
 namespace loom {
 
-Attention::Attention(const ModelConfig& model, const LayerFactory& factory)
-    : num_heads_(model.num_heads), num_kv_heads_(model.kv_heads()), head_dim_(model.head_size()) {
+Attention::Attention(const ModelConfig& model, const LayerFactory& factory, int64_t layer)
+    : num_heads_(model.num_heads),
+      num_kv_heads_(model.kv_heads()),
+      head_dim_(model.head_size()),
+      qk_norm_(model.qk_norm()),
+      rotary_(model.uses_rotary(layer)) {
   const int64_t hidden = model.hidden_size;
   q_proj_ = register_module("q_proj", factory.linear(hidden, num_heads_ * head_dim_, model.qkv_bias(), LinearRole::kColumn));
   k_proj_ = register_module("k_proj", factory.linear(hidden, num_kv_heads_ * head_dim_, model.qkv_bias(), LinearRole::kColumn));
   v_proj_ = register_module("v_proj", factory.linear(hidden, num_kv_heads_ * head_dim_, model.qkv_bias(), LinearRole::kColumn));
   o_proj_ = register_module("o_proj", factory.linear(num_heads_ * head_dim_, hidden, model.o_bias(), LinearRole::kRow));
-  core_ = factory.attention_core(model);
+  if (qk_norm_ == QkNorm::kPerHead) {
+    q_norm_ = register_module("q_norm", factory.head_norm(head_dim_, model.rms_norm_eps));
+    k_norm_ = register_module("k_norm", factory.head_norm(head_dim_, model.rms_norm_eps));
+  } else if (qk_norm_ == QkNorm::kWholeProjection) {
+    q_norm_ = register_module("q_norm", factory.projection_norm(num_heads_ * head_dim_, model.rms_norm_eps));
+    k_norm_ = register_module("k_norm", factory.projection_norm(num_kv_heads_ * head_dim_, model.rms_norm_eps));
+  }
+  core_ = factory.attention_core(model, layer);
 }
 
 torch::Tensor Attention::forward(const torch::Tensor& x_btd, const torch::Tensor& cos_td, const torch::Tensor& sin_td,
@@ -27,13 +39,27 @@ torch::Tensor Attention::forward(const torch::Tensor& x_btd, const torch::Tensor
   // outputs, not from the config and the input, so that a tensor-parallel
   // projection that holds a slice of the heads, or gathers the whole sequence
   // from a slice of it (sequence parallelism), works unchanged.
-  const auto q_btf = q_proj_->forward(x_btd);
+  auto q_btf = q_proj_->forward(x_btd);
+  auto k_btf = k_proj_->forward(x_btd);
+  const auto v_btf = v_proj_->forward(x_btd);
   const int64_t batch = q_btf.size(0), tokens = q_btf.size(1);
-  auto q = q_btf.view({batch, tokens, -1, head_dim_}).transpose(1, 2);
-  auto k = k_proj_->forward(x_btd).view({batch, tokens, -1, head_dim_}).transpose(1, 2);
-  auto v = v_proj_->forward(x_btd).view({batch, tokens, -1, head_dim_}).transpose(1, 2);
-  q = RotaryEmbedding::apply(q, cos_td, sin_td);
-  k = RotaryEmbedding::apply(k, cos_td, sin_td);
+  if (qk_norm_ == QkNorm::kWholeProjection) {
+    q_btf = q_norm_->forward(q_btf);
+    k_btf = k_norm_->forward(k_btf);
+  }
+  auto q_bthd = q_btf.view({batch, tokens, -1, head_dim_});
+  auto k_bthd = k_btf.view({batch, tokens, -1, head_dim_});
+  if (qk_norm_ == QkNorm::kPerHead) {
+    q_bthd = q_norm_->forward(q_bthd);
+    k_bthd = k_norm_->forward(k_bthd);
+  }
+  auto q = q_bthd.transpose(1, 2);
+  auto k = k_bthd.transpose(1, 2);
+  auto v = v_btf.view({batch, tokens, -1, head_dim_}).transpose(1, 2);
+  if (rotary_) {
+    q = RotaryEmbedding::apply(q, cos_td, sin_td);
+    k = RotaryEmbedding::apply(k, cos_td, sin_td);
+  }
   TORCH_CHECK(documents == nullptr || cache_k == nullptr, "packed documents are not decoded with a KV cache");
   // Rows that are one segment each need no mask: the plain causal core.
   auto out = documents != nullptr && !documents->one_segment_per_row()
@@ -59,12 +85,19 @@ std::shared_ptr<FeedForward> LayerFactory::mlp(const ModelConfig& model) const {
   return std::make_shared<Mlp>(model, *this);
 }
 
-DecoderLayer::DecoderLayer(const ModelConfig& model, const LayerFactory& factory, int64_t layer) : layer_(layer) {
-  self_attn_ = register_module("self_attn", std::make_shared<Attention>(model, factory));
+DecoderLayer::DecoderLayer(const ModelConfig& model, const LayerFactory& factory, int64_t layer)
+    : layer_(layer), post_norms_(model.post_norms()) {
+  self_attn_ = register_module("self_attn", std::make_shared<Attention>(model, factory, layer));
   mlp_ = register_module("mlp", factory.mlp(model));
-  input_layernorm_ = register_module("input_layernorm", factory.norm(model.hidden_size, model.rms_norm_eps));
+  if (!post_norms_) {
+    input_layernorm_ = register_module("input_layernorm", factory.norm(model.hidden_size, model.rms_norm_eps));
+  }
   post_attention_layernorm_ =
       register_module("post_attention_layernorm", factory.norm(model.hidden_size, model.rms_norm_eps));
+  if (post_norms_) {
+    post_feedforward_layernorm_ =
+        register_module("post_feedforward_layernorm", factory.norm(model.hidden_size, model.rms_norm_eps));
+  }
   wrapper_ = factory.layer_wrapper(model, layer);
 }
 
@@ -90,6 +123,11 @@ torch::Tensor DecoderLayer::forward(const torch::Tensor& x_btd, const torch::Ten
 torch::Tensor DecoderLayer::compute(const torch::Tensor& x_btd, const torch::Tensor& cos_td,
                                     const torch::Tensor& sin_td, torch::Tensor* cache_k, torch::Tensor* cache_v,
                                     const DocumentMask* documents) {
+  if (post_norms_) {
+    auto h = x_btd + post_attention_layernorm_->forward(
+                         self_attn_->forward(x_btd, cos_td, sin_td, cache_k, cache_v, documents));
+    return h + post_feedforward_layernorm_->forward(mlp_->forward(h));
+  }
   auto h = x_btd + self_attn_->forward(input_layernorm_->forward(x_btd), cos_td, sin_td, cache_k, cache_v, documents);
   return h + mlp_->forward(post_attention_layernorm_->forward(h));
 }
@@ -194,9 +232,11 @@ int64_t count_non_embedding_parameters(const ModelConfig& m) {
   int64_t attention = h * q + 2 * h * kv + q * h;
   if (m.qkv_bias()) attention += q + 2 * kv;
   if (m.o_bias()) attention += h;
+  if (m.qk_norm() == QkNorm::kPerHead) attention += 2 * d;
+  if (m.qk_norm() == QkNorm::kWholeProjection) attention += q + kv;
   int64_t mlp = 3 * h * m.intermediate_size;
   if (m.mlp_bias) mlp += 2 * m.intermediate_size + h;
-  const int64_t per_layer = attention + mlp + 2 * h;
+  const int64_t per_layer = attention + mlp + 2 * h;  // two norms, before or after the blocks
   return m.num_layers * per_layer + h;  // + final norm
 }
 
@@ -206,9 +246,15 @@ int64_t count_parameters(const ModelConfig& m) {
 }
 
 double flops_per_token(const ModelConfig& model, int64_t seq_len) {
-  return 6.0 * static_cast<double>(count_non_embedding_parameters(model)) +
-         12.0 * static_cast<double>(model.num_layers) * static_cast<double>(model.hidden_size) *
-             static_cast<double>(seq_len);
+  // The attention term per layer: 12 H S, with S the keys a query sees,
+  // at most the layer's sliding window.
+  double attention = 0;
+  for (int64_t layer = 0; layer < model.num_layers; ++layer) {
+    const int64_t window = model.window_of(layer);
+    const int64_t keys = window > 0 ? std::min(window, seq_len) : seq_len;
+    attention += 12.0 * static_cast<double>(model.hidden_size) * static_cast<double>(keys);
+  }
+  return 6.0 * static_cast<double>(count_non_embedding_parameters(model)) + attention;
 }
 
 }  // namespace loom

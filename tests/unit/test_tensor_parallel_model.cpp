@@ -64,6 +64,8 @@ ModelConfig model_config(const Case& c) {
   m.attention_bias = c.attention_bias;
   m.recompute = c.recompute;
   m.init_std = 0.05;
+  if (m.architecture == "qwen3") m.head_dim = 12;  // not hidden / heads
+  if (m.architecture == "smollm3") m.nope_layers = {1};
   return m;
 }
 
@@ -177,7 +179,12 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{"tied", true, false}, Case{"tied_sequence_parallel", true, true},
                       Case{"attention_bias_sequence_parallel", true, true, "llama", true},
                       Case{"qwen2_biases", false, false, "qwen2"},
-                      Case{"recompute_sequence_parallel", false, true, "llama", false, "full"}),
+                      Case{"recompute_sequence_parallel", false, true, "llama", false, "full"},
+                      Case{"qwen3_head_norms", false, false, "qwen3", true},
+                      Case{"qwen3_head_norms_sequence_parallel", true, true, "qwen3"},
+                      Case{"olmo2_projection_norms", false, false, "olmo2"},
+                      Case{"olmo2_projection_norms_sequence_parallel", true, true, "olmo2", true},
+                      Case{"smollm3_nope_layer", true, false, "smollm3"}),
     [](const ::testing::TestParamInfo<Case>& info) { return std::string(info.param.name); });
 
 TEST(TensorParallelModelLoad, AFullTensorOfTheWrongShapeIsRefusedBeforeAnyCopy) {
@@ -259,8 +266,8 @@ class ShapeRecordingCore : public AttentionCore {
 class ShapeRecordingFactory : public TensorParallelLayerFactory {
  public:
   using TensorParallelLayerFactory::TensorParallelLayerFactory;
-  std::shared_ptr<AttentionCore> attention_core(const ModelConfig& model) const override {
-    return std::make_shared<ShapeRecordingCore>(TensorParallelLayerFactory::attention_core(model), &shapes);
+  std::shared_ptr<AttentionCore> attention_core(const ModelConfig& model, int64_t layer) const override {
+    return std::make_shared<ShapeRecordingCore>(TensorParallelLayerFactory::attention_core(model, layer), &shapes);
   }
   mutable std::vector<std::vector<int64_t>> shapes;
 };
