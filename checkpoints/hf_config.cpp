@@ -1,5 +1,6 @@
 #include "checkpoints/hf_config.h"
 
+#include <cmath>
 #include <vector>
 
 #include "util/error.h"
@@ -126,7 +127,58 @@ const char* hf_class_name(const std::string& architecture) {
   if (architecture == "olmo2") return "Olmo2ForCausalLM";
   if (architecture == "smollm3") return "SmolLM3ForCausalLM";
   if (architecture == "mistral") return "MistralForCausalLM";
+  if (architecture == "gemma") return "GemmaForCausalLM";
+  if (architecture == "gemma2") return "Gemma2ForCausalLM";
+  if (architecture == "gemma3_text") return "Gemma3ForCausalLM";
   return "LlamaForCausalLM";
+}
+
+// A soft-capping value: null or absent is none (0).
+double softcap(const Reader& r, const char* key) {
+  const double cap = r.number(key, 0.0);
+  if (cap < 0) r.fail(key, "is " + std::to_string(cap), "a positive number or null");
+  return cap;
+}
+
+// Gemma 2 and 3: the window on the layers layer_types names, or (written
+// without it) transformers' own pattern: every second layer for Gemma 2,
+// all but every sixth for Gemma 3.
+void read_gemma_window(const Reader& r, const json& hf, ModelConfig& m) {
+  if (!r.has("sliding_window")) return;
+  m.sliding_window = r.integer("sliding_window");
+  if (m.sliding_window <= 0) r.fail("sliding_window", "is " + std::to_string(m.sliding_window), "a positive integer");
+  if (r.has("layer_types")) {
+    const json& types = hf.at("layer_types");
+    if (!types.is_array()) r.fail("layer_types", "is " + types.dump(), "a list of full_attention or sliding_attention");
+    for (const json& type : types) {
+      if (!type.is_string()) r.fail("layer_types", "is " + types.dump(), "a list of full_attention or sliding_attention");
+      m.layer_types.push_back(type.get<std::string>());
+    }
+    return;
+  }
+  const int64_t pattern = m.architecture == "gemma2" ? 2 : r.integer("sliding_window_pattern", 6);
+  for (int64_t layer = 0; layer < m.num_layers; ++layer) {
+    m.layer_types.push_back((layer + 1) % pattern != 0 ? "sliding_attention" : "full_attention");
+  }
+}
+
+// The gemma families' own keys (Note [model families]).
+void read_gemma(const Reader& r, const json& hf, ModelConfig& m) {
+  // Gemma 1 names the activation hidden_act, Gemma 2 and 3 hidden_activation.
+  const char* act_key = m.architecture == "gemma" || !r.has("hidden_activation") ? "hidden_act" : "hidden_activation";
+  m.hidden_act = r.string(act_key, "gelu_pytorch_tanh");
+  if (m.hidden_act != "gelu_pytorch_tanh" && m.hidden_act != "gelu") {
+    r.fail(act_key, "is '" + m.hidden_act + "'", "gelu_pytorch_tanh or gelu");
+  }
+  if (r.boolean("use_bidirectional_attention", false)) {
+    r.fail("use_bidirectional_attention", "is true", "false: loom trains causal language models");
+  }
+  m.tie_embeddings = r.boolean("tie_word_embeddings", true);
+  if (m.architecture == "gemma") return;
+  m.query_pre_attn_scalar = r.number("query_pre_attn_scalar", 256.0);
+  m.attn_logit_softcapping = softcap(r, "attn_logit_softcapping");
+  m.final_logit_softcapping = softcap(r, "final_logit_softcapping");
+  read_gemma_window(r, hf, m);
 }
 
 }  // namespace
@@ -145,13 +197,17 @@ ModelConfig model_config_from_hf(const json& hf, const std::string& source) {
     m.architecture = r.has("sliding_window") ? "mistral" : "llama";
   } else if (model_type == "qwen2" || model_type == "qwen3" || model_type == "smollm3") {
     m.architecture = model_type;
-  } else if (model_type == "olmo2") {
-    m.architecture = "olmo2";
+  } else if (model_type == "olmo2" || model_type == "gemma" || model_type == "gemma2" ||
+             model_type == "gemma3_text") {
+    m.architecture = model_type;
   } else {
-    r.fail("model_type", "is '" + model_type + "'", "llama, mistral, qwen2, qwen3, olmo2 or smollm3");
+    r.fail("model_type", "is '" + model_type + "'",
+           "llama, mistral, qwen2, qwen3, olmo2, smollm3, gemma, gemma2 or gemma3_text (Gemma 3's text model)");
   }
-  const std::string act = r.string("hidden_act", "silu");
-  if (act != "silu") r.fail("hidden_act", "is '" + act + "'", "silu");
+  if (!m.gemma()) {
+    const std::string act = r.string("hidden_act", "silu");
+    if (act != "silu") r.fail("hidden_act", "is '" + act + "'", "silu");
+  }
 
   m.hidden_size = r.integer("hidden_size");
   m.intermediate_size = r.integer("intermediate_size");
@@ -169,7 +225,11 @@ ModelConfig model_config_from_hf(const json& hf, const std::string& source) {
   if (m.architecture != "qwen2" && m.architecture != "mistral") m.attention_bias = r.boolean("attention_bias", false);
   if (m.architecture == "llama" || m.architecture == "smollm3") m.mlp_bias = r.boolean("mlp_bias", false);
   if (m.architecture == "smollm3") m.nope_layers = nope_layers_from_hf(r, hf, m.num_layers);
-  read_sliding_window(r, hf, m);
+  if (m.gemma()) {
+    read_gemma(r, hf, m);
+  } else {
+    read_sliding_window(r, hf, m);
+  }
   m.init_std = r.number("initializer_range", 0.02);
   m.bos_token_id = r.token_id("bos_token_id");
   m.eos_token_id = r.token_id("eos_token_id");
@@ -181,7 +241,30 @@ ModelConfig model_config_from_hf(const json& hf, const std::string& source) {
   if (r.has("rope_parameters")) rope = hf.at("rope_parameters");
   if (r.has("rope_scaling")) rope = hf.at("rope_scaling");
   if (!rope.is_object()) r.fail("rope_parameters", "is " + rope.dump(), "an object");
-  m.rope_theta = r.number_in(rope, "rope_theta", r.number("rope_theta", 10000.0));
+  double default_theta = 10000.0;
+  if (m.architecture == "gemma3_text") {
+    // One rope per layer type: transformers 5 nests them; 4.x has the
+    // global one at the top and rope_local_base_freq. The sliding layers'
+    // rope is unscaled.
+    json local = json::object();
+    if (r.has("rope_parameters") && hf.at("rope_parameters").contains("full_attention")) {
+      const json& nested = hf.at("rope_parameters");
+      local = nested.contains("sliding_attention") ? nested.at("sliding_attention") : json::object();
+      rope = nested.at("full_attention");
+      if (r.has("rope_scaling")) rope.update(hf.at("rope_scaling"));
+    }
+    if (!rope.is_object() || !local.is_object()) {
+      r.fail("rope_parameters", "is " + hf.at("rope_parameters").dump(), "full_attention and sliding_attention objects");
+    }
+    const std::string local_type = local.contains("rope_type") ? local.at("rope_type").dump() : "\"default\"";
+    if (local_type != "\"default\"") {
+      r.fail("rope_parameters.sliding_attention.rope_type", "is " + local_type, "default");
+    }
+    m.rope_local_theta = r.number_in(local, "rope_theta", r.number("rope_local_base_freq", 10000.0));
+    default_theta = 1000000.0;
+    if (!r.has("sliding_window")) r.fail("sliding_window", "is missing", "the sliding layers' window");
+  }
+  m.rope_theta = r.number_in(rope, "rope_theta", r.number("rope_theta", default_theta));
   std::string rope_type = "default";
   if (rope.contains("rope_type") && rope.at("rope_type").is_string()) {
     rope_type = rope.at("rope_type").get<std::string>();
@@ -290,13 +373,21 @@ nlohmann::ordered_json model_config_to_hf(const ModelConfig& m, const std::strin
   hf["num_attention_heads"] = m.num_heads;
   hf["num_key_value_heads"] = m.kv_heads();
   hf["head_dim"] = m.head_size();
-  hf["hidden_act"] = "silu";
+  hf["hidden_act"] = m.activation();
+  if (m.architecture == "gemma2" || m.architecture == "gemma3_text") hf["hidden_activation"] = m.activation();
   hf["max_position_embeddings"] = m.max_seq_len;
   hf["initializer_range"] = m.init_std;
   hf["rms_norm_eps"] = m.rms_norm_eps;
   hf["rope_theta"] = m.rope_theta;
   hf["rope_scaling"] = rope_scaling;
-  hf["rope_parameters"] = rope_parameters;
+  if (m.architecture == "gemma3_text") {
+    // transformers 5's nesting by layer type; 4.x reads rope_local_base_freq.
+    hf["rope_local_base_freq"] = m.rope_local_theta;
+    hf["rope_parameters"] = {{"full_attention", rope_parameters},
+                             {"sliding_attention", {{"rope_type", "default"}, {"rope_theta", m.rope_local_theta}}}};
+  } else {
+    hf["rope_parameters"] = rope_parameters;
+  }
   if (!qwen2) hf["attention_bias"] = m.attention_bias;
   if (m.architecture == "llama" || m.architecture == "smollm3") hf["mlp_bias"] = m.mlp_bias;
   if (m.architecture == "mistral") hf["sliding_window"] = m.sliding_window > 0 ? ojson(m.sliding_window) : ojson(nullptr);
@@ -317,6 +408,20 @@ nlohmann::ordered_json model_config_to_hf(const ModelConfig& m, const std::strin
       if (m.architecture != "smollm3") hf["max_window_layers"] = first_window_layer;
       hf["layer_types"] = types;
     }
+  }
+  if (m.gemma() && m.architecture != "gemma") {
+    const auto cap = [](double value) { return value > 0 ? ojson(value) : ojson(nullptr); };
+    // An int in transformers' (strict) Gemma configs.
+    const double scalar = m.query_pre_attn_scalar > 0 ? m.query_pre_attn_scalar : static_cast<double>(m.head_size());
+    hf["query_pre_attn_scalar"] = scalar == std::floor(scalar) ? ojson(static_cast<int64_t>(scalar)) : ojson(scalar);
+    hf["attn_logit_softcapping"] = cap(m.attn_logit_softcapping);
+    hf["final_logit_softcapping"] = cap(m.final_logit_softcapping);
+    hf["sliding_window"] = m.sliding_window > 0 ? ojson(m.sliding_window) : ojson(nullptr);
+    ojson types = ojson::array();
+    for (int64_t layer = 0; layer < m.num_layers; ++layer) {
+      types.push_back(m.window_of(layer) > 0 ? "sliding_attention" : "full_attention");
+    }
+    hf["layer_types"] = types;
   }
   if (m.architecture == "smollm3") {
     ojson flags = ojson::array();

@@ -353,6 +353,10 @@ std::string model_type_display_name(const std::string& architecture) {
   if (architecture == "qwen3") return "Qwen3";
   if (architecture == "olmo2") return "OLMo2";
   if (architecture == "smollm3") return "SmolLM3";
+  if (architecture == "mistral") return "Mistral";
+  if (architecture == "gemma") return "Gemma";
+  if (architecture == "gemma2") return "Gemma 2";
+  if (architecture == "gemma3_text") return "Gemma 3";
   return "Llama";
 }
 

@@ -264,6 +264,7 @@ class Validator {
                 "layer numbers below model.num_layers");
     }
     check_sliding_window(m);
+    check_gemma(m);
     const RopeScalingConfig& rope = m.rope_scaling;
     if (rope.type == "llama3" || rope.type == "linear" || rope.type == "yarn" || rope.type == "dynamic") {
       if (rope.factor < 1)
@@ -298,10 +299,12 @@ class Validator {
   void check_sliding_window(const ModelConfig& m) {
     const bool has_window = m.sliding_window > 0;
     const std::string& arch = m.architecture;
-    if (has_window && arch != "mistral" && arch != "qwen2" && arch != "qwen3" && arch != "smollm3")
+    if (has_window && arch != "mistral" && arch != "qwen2" && arch != "qwen3" && arch != "smollm3" && arch != "gemma2" &&
+        arch != "gemma3_text")
       fail_at({"model.sliding_window", "model.architecture"},
               "model.sliding_window is " + num(m.sliding_window) + " for architecture " + arch,
-              "0, or architecture mistral, qwen2, qwen3 or smollm3 (whose Hub config has a window)");
+              "0, or architecture mistral, qwen2, qwen3, smollm3, gemma2 or gemma3_text (whose Hub config has a "
+              "window)");
     if (m.layer_types.empty()) return;
     if (!has_window)
       fail_at({"model.layer_types", "model.sliding_window"}, "model.layer_types is set without model.sliding_window",
@@ -321,6 +324,28 @@ class Validator {
     }
   }
 
+  // What only the gemma families' Hub configs can say.
+  void check_gemma(const ModelConfig& m) {
+    if (!m.hidden_act.empty() && (m.hidden_act != "silu") != m.gemma())
+      fail_at({"model.hidden_act", "model.architecture"},
+              "model.hidden_act is " + m.hidden_act + " for architecture " + m.architecture,
+              m.gemma() ? "gelu_pytorch_tanh or gelu: the gemma families' MLP is GeGLU" : "silu, or \"\"");
+    if (m.gemma() && m.mlp_bias)
+      fail_at({"model.mlp_bias", "model.architecture"}, "model.mlp_bias is true for architecture " + m.architecture,
+              "false: gemma has no MLP biases");
+    const bool gemma2_or_3 = m.architecture == "gemma2" || m.architecture == "gemma3_text";
+    for (auto [key, value] : {std::pair{"model.attn_logit_softcapping", m.attn_logit_softcapping},
+                              {"model.final_logit_softcapping", m.final_logit_softcapping},
+                              {"model.query_pre_attn_scalar", m.query_pre_attn_scalar}}) {
+      if (value > 0 && !gemma2_or_3)
+        fail_at({key, "model.architecture"}, std::string(key) + " is set for architecture " + m.architecture,
+                "0: only gemma2 and gemma3_text have it");
+    }
+    if (m.rope_local_theta > 0 && m.architecture != "gemma3_text")
+      fail_at({"model.rope_local_theta", "model.architecture"},
+              "model.rope_local_theta is set for architecture " + m.architecture, "0: only gemma3_text has it");
+  }
+
   void check_run_and_training() {
     const std::string& name = c_.run.name;
     if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos)
@@ -329,6 +354,12 @@ class Validator {
 
     const ParallelConfig& p = c_.parallel;
     const ModelConfig& m = c_.model;
+    // The initializer fills every norm weight with 1 by name; a gemma norm
+    // stores 1 + w and would start at 2.
+    if (m.gemma() && m.init_from.empty())
+      fail_at({"model.architecture", "model.init_from"},
+              "architecture " + m.architecture + " is not initialized at random",
+              "model.init_from naming a Hugging Face folder of the model");
     for (auto [key, heads] : {std::pair{"model.num_heads", m.num_heads}, {"model.num_kv_heads", m.num_kv_heads}}) {
       if (heads > 0 && heads % p.tp != 0)
         fail_at({"parallel.tp", key},

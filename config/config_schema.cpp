@@ -45,8 +45,10 @@ std::vector<KeySpec> build_table() {
       {"model.architecture", LOOM_FIELD(model.architecture), "", "",
        "model family (HF model_type): llama (also SmolLM2, Mistral without a window), qwen2 (q/k/v biases), "
        "qwen3 (per-head q/k RMSNorm), olmo2 (norms after attention and MLP, q/k RMSNorm over the projection) or "
-       "smollm3 (model.nope_layers without rotary), mistral (llama with model.sliding_window on every layer)", kAny,
-       {"llama", "qwen2", "qwen3", "olmo2", "smollm3", "mistral"}},
+       "smollm3 (model.nope_layers without rotary), mistral (llama with model.sliding_window on every layer), "
+       "gemma (scaled embeddings, 1 + w norms, GeGLU), gemma2 (gemma with norms around each block, soft-capping, "
+       "alternating windows) or gemma3_text (gemma2 with q/k norms and a local rotary); docs/training.md", kAny,
+       {"llama", "qwen2", "qwen3", "olmo2", "smollm3", "mistral", "gemma", "gemma2", "gemma3_text"}},
       {"model.hidden_size", LOOM_FIELD(model.hidden_size), "required", "features",
        "width of the residual stream (HF hidden_size)", kPositive},
       {"model.intermediate_size", LOOM_FIELD(model.intermediate_size), "required", "features",
@@ -128,7 +130,21 @@ std::vector<KeySpec> build_table() {
       {"model.sliding_window", LOOM_FIELD(model.sliding_window), "", "tokens",
        "sliding-window attention: a query sees itself and the sliding_window - 1 tokens before it, on the layers "
        "model.layer_types names (every layer when it is empty); 0 = full attention (HF sliding_window; mistral, "
-       "qwen2, qwen3, smollm3)", kNonNegative},
+       "qwen2, qwen3, smollm3, gemma2, gemma3_text)", kNonNegative},
+      {"model.hidden_act", LOOM_FIELD(model.hidden_act), "", "",
+       "the MLP's activation: silu (SwiGLU; every family but gemma) or gelu_pytorch_tanh / gelu (GeGLU; the gemma "
+       "families); \"\" = the family's own (HF hidden_act, hidden_activation)", kAny,
+       {"\"\"", "silu", "gelu_pytorch_tanh", "gelu"}},
+      {"model.attn_logit_softcapping", LOOM_FIELD(model.attn_logit_softcapping), "", "",
+       "gemma2, gemma3_text: attention scores s become cap * tanh(s / cap); 0 = none", kNonNegative},
+      {"model.final_logit_softcapping", LOOM_FIELD(model.final_logit_softcapping), "", "",
+       "gemma2, gemma3_text: output logits x become cap * tanh(x / cap); 0 = none", kNonNegative},
+      {"model.query_pre_attn_scalar", LOOM_FIELD(model.query_pre_attn_scalar), "", "",
+       "gemma2, gemma3_text: attention scores scaled by its -1/2 power instead of head_dim's; 0 = head_dim",
+       kNonNegative},
+      {"model.rope_local_theta", LOOM_FIELD(model.rope_local_theta), "", "",
+       "gemma3_text: rotary theta of the sliding-window layers, which take no rope scaling (HF "
+       "rope_local_base_freq); 0 = one rotary for every layer", kNonNegative},
       {"model.layer_types", LOOM_FIELD(model.layer_types), "", "",
        "attention of each decoder layer, full_attention or sliding_attention (HF layer_types); empty = every "
        "layer sliding when model.sliding_window > 0"},

@@ -50,11 +50,21 @@ enum class QkNorm { kNone, kPerHead, kWholeProjection };
 //            (post_attention_layernorm, post_feedforward_layernorm) before
 //            the residual add; q/k RMSNorm over the whole projection
 //   smollm3  llama whose model.nope_layers use no rotary embedding
+//   mistral  llama with a sliding window on every layer
+//   gemma    embeddings times sqrt(hidden_size); RMSNorm weights applied as
+//            1 + w; a GeGLU MLP (hidden_act gelu_pytorch_tanh); tied head
+//   gemma2   gemma with norms before and after attention and the MLP
+//            (input, post_attention, pre_feedforward, post_feedforward),
+//            soft-capped attention scores and logits, scores scaled by
+//            query_pre_attn_scalar, sliding-window layers between global ones
+//   gemma3_text  gemma2 with per-head q/k norms (1 + w), no soft-capping by
+//            default, and its own rotary theta on the sliding layers
 // The choices are read off the config (qk_norm(), post_norms(),
-// uses_rotary()) so that the model, the parameter counts and the Hub config
-// agree on them.
+// uses_rotary(), ...) so that the model, the parameter counts and the Hub
+// config agree on them.
 struct ModelConfig {
-  std::string architecture = "llama";  // llama | qwen2 | qwen3 | olmo2 | smollm3 (Note [model families])
+  // llama | qwen2 | qwen3 | olmo2 | smollm3 | mistral | gemma | gemma2 | gemma3_text (Note [model families])
+  std::string architecture = "llama";
   int64_t hidden_size = 0;             // required
   int64_t intermediate_size = 0;       // required
   int64_t num_layers = 0;              // required
@@ -90,14 +100,40 @@ struct ModelConfig {
   // sliding_attention) says which layers use it; empty = every layer.
   int64_t sliding_window = 0;
   std::vector<std::string> layer_types;
+  // The MLP's activation (HF hidden_act, Gemma 2's hidden_activation):
+  // silu (SwiGLU), gelu_pytorch_tanh or gelu (GeGLU, the gemma families);
+  // "" = the family's own (activation()).
+  std::string hidden_act;
+  // gemma2: scores and logits x become cap * tanh(x / cap); 0 = none.
+  double attn_logit_softcapping = 0.0;
+  double final_logit_softcapping = 0.0;
+  // Attention scores scaled by query_pre_attn_scalar^-1/2 instead of
+  // head_dim^-1/2 (gemma2, gemma3_text); 0 = head_dim.
+  double query_pre_attn_scalar = 0.0;
+  // gemma3_text: rotary theta of the sliding-window layers, which take no
+  // rope scaling (HF's local rope); 0 = rope_theta and rope_scaling.
+  double rope_local_theta = 0.0;
 
   // Resolved values (after defaults): never 0.
   int64_t kv_heads() const { return num_kv_heads > 0 ? num_kv_heads : num_heads; }
   int64_t head_size() const { return head_dim > 0 ? head_dim : hidden_size / num_heads; }
   bool qkv_bias() const { return architecture == "qwen2" || attention_bias; }
   bool o_bias() const { return architecture != "qwen2" && attention_bias; }
+  bool gemma() const { return architecture == "gemma" || architecture == "gemma2" || architecture == "gemma3_text"; }
+  std::string activation() const {
+    if (!hidden_act.empty()) return hidden_act;
+    return gemma() ? "gelu_pytorch_tanh" : "silu";
+  }
+  // RMSNorm weights stored as an offset from 1 (gemma).
+  bool one_plus_norms() const { return gemma(); }
+  // Embedding rows multiplied by sqrt(hidden_size) (gemma).
+  bool scaled_embeddings() const { return gemma(); }
+  // Norms before and after attention and the MLP (gemma2, gemma3_text).
+  bool sandwich_norms() const { return architecture == "gemma2" || architecture == "gemma3_text"; }
+  // Layer `layer` takes the local rotary table (gemma3_text's sliding layers).
+  bool uses_local_rotary(int64_t layer) const { return rope_local_theta > 0 && window_of(layer) > 0; }
   QkNorm qk_norm() const {
-    if (architecture == "qwen3") return QkNorm::kPerHead;
+    if (architecture == "qwen3" || architecture == "gemma3_text") return QkNorm::kPerHead;
     if (architecture == "olmo2") return QkNorm::kWholeProjection;
     return QkNorm::kNone;
   }

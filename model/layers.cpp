@@ -2,6 +2,9 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
+#include <limits>
+
 #include "model/compute_weights.h"
 
 namespace loom {
@@ -83,25 +86,36 @@ class SdpaAttentionCore : public AttentionCore {
       k = k.narrow(2, k.size(2) - window, window);
       v = v.narrow(2, v.size(2) - window, window);
     }
+    if (options().softcap > 0) {
+      const torch::Tensor allowed =
+          has_past ? torch::Tensor() : sliding_window_mask(tokens, tokens, window, q_bhtd.device());
+      return eager_attention(q_bhtd, k, v, allowed, options());
+    }
     if (!has_past && window > 0 && tokens > window) {
       // Causal within the band: an explicit mask (SDPA's math or
       // memory-efficient kernel; flash's own window is not reachable
       // through SDPA).
       const auto allowed = sliding_window_mask(tokens, tokens, window, q_bhtd.device());
       return at::scaled_dot_product_attention(q_bhtd, k, v, allowed, /*dropout_p=*/0.0, /*is_causal=*/false,
-                                              /*scale=*/std::nullopt, /*enable_gqa=*/grouped);
+                                              scale(), /*enable_gqa=*/grouped);
     }
     const bool causal = !has_past && tokens > 1;
     return at::scaled_dot_product_attention(q_bhtd, k, v, /*attn_mask=*/std::nullopt, /*dropout_p=*/0.0,
-                                            /*is_causal=*/causal, /*scale=*/std::nullopt, /*enable_gqa=*/grouped);
+                                            /*is_causal=*/causal, scale(), /*enable_gqa=*/grouped);
   }
 
   torch::Tensor forward_documents(const torch::Tensor& q_bhtd, const torch::Tensor& k_bhtd,
                                   const torch::Tensor& v_bhtd, const DocumentMask& documents) override {
-    if (takes_varlen_flash(q_bhtd, k_bhtd)) {
+    if (options().softcap == 0 && options().scale == 0 && takes_varlen_flash(q_bhtd, k_bhtd)) {
       return varlen_flash_attention(q_bhtd, k_bhtd, v_bhtd, documents, window());
     }
     return AttentionCore::forward_documents(q_bhtd, k_bhtd, v_bhtd, documents);
+  }
+
+ private:
+  // SDPA's scale: its own default (head_dim^-1/2) unless one is set.
+  std::optional<double> scale() const {
+    return options().scale > 0 ? std::optional<double>(options().scale) : std::nullopt;
   }
 };
 
@@ -164,15 +178,37 @@ torch::Tensor AttentionCore::forward_documents(const torch::Tensor& q_bhtd, cons
     const int64_t tokens = q_bhtd.size(2);
     allowed = allowed.logical_and(sliding_window_mask(tokens, tokens, window(), allowed.device()));
   }
+  if (options_.softcap > 0) return eager_attention(q_bhtd, k_bhtd, v_bhtd, allowed, options_);
+  const std::optional<double> scale = options_.scale > 0 ? std::optional<double>(options_.scale) : std::nullopt;
   return at::scaled_dot_product_attention(q_bhtd, k_bhtd, v_bhtd, allowed, /*dropout_p=*/0.0,
-                                          /*is_causal=*/false, /*scale=*/std::nullopt, /*enable_gqa=*/grouped);
+                                          /*is_causal=*/false, scale, /*enable_gqa=*/grouped);
 }
 
-RMSNorm::RMSNorm(int64_t hidden, double eps) : eps_(eps) {
-  weight = register_parameter("weight", torch::ones({hidden}));
+torch::Tensor eager_attention(const torch::Tensor& q_bhtd, const torch::Tensor& k_bhtd, const torch::Tensor& v_bhtd,
+                              const torch::Tensor& allowed, const AttentionOptions& options) {
+  // Grouped kv heads repeated for their query heads, as transformers' repeat_kv.
+  const int64_t groups = q_bhtd.size(1) / k_bhtd.size(1);
+  const auto k = groups > 1 ? k_bhtd.repeat_interleave(groups, 1) : k_bhtd;
+  const auto v = groups > 1 ? v_bhtd.repeat_interleave(groups, 1) : v_bhtd;
+  const double scale = options.scale > 0 ? options.scale : std::pow(static_cast<double>(q_bhtd.size(3)), -0.5);
+  auto scores = at::matmul(q_bhtd, k.transpose(2, 3)) * scale;
+  if (options.softcap > 0) scores = at::tanh(scores / options.softcap) * options.softcap;
+  if (allowed.defined()) scores = scores.masked_fill(allowed.logical_not(), -std::numeric_limits<double>::infinity());
+  const auto probs = at::softmax(scores, -1, torch::kFloat).to(q_bhtd.scalar_type());
+  return at::matmul(probs, v);
+}
+
+RMSNorm::RMSNorm(int64_t hidden, double eps, NormWeight style) : eps_(eps), style_(style) {
+  weight = register_parameter("weight", style == NormWeight::kOnePlus ? torch::zeros({hidden}) : torch::ones({hidden}));
 }
 
 torch::Tensor RMSNorm::normalize(const torch::Tensor& x, const torch::Tensor& w) const {
+  if (style_ == NormWeight::kOnePlus) {
+    // Gemma: (x_hat * (1 + w)) in fp32, then cast, whatever x's dtype.
+    auto x32 = x.to(torch::kFloat);
+    auto normed = x32 * at::rsqrt(x32.pow(2).mean(-1, /*keepdim=*/true) + eps_);
+    return (normed * (1.0 + w.to(torch::kFloat))).to(x.scalar_type());
+  }
   if (x.scalar_type() != torch::kFloat) {
     return at::rms_norm(x, {x.size(-1)}, w.to(x.scalar_type()), eps_);
   }
@@ -197,7 +233,11 @@ std::shared_ptr<LmHead> LocalLayerFactory::lm_head(int64_t hidden, int64_t vocab
 }
 
 std::shared_ptr<AttentionCore> LayerFactory::attention_core(const ModelConfig& model, int64_t layer) const {
-  return std::make_shared<SdpaAttentionCore>(model.window_of(layer));
+  AttentionOptions options;
+  options.window = model.window_of(layer);
+  if (model.query_pre_attn_scalar > 0) options.scale = std::pow(model.query_pre_attn_scalar, -0.5);  // as transformers writes it
+  options.softcap = model.attn_logit_softcapping;
+  return std::make_shared<SdpaAttentionCore>(options);
 }
 
 std::shared_ptr<LayerWrapper> LayerFactory::layer_wrapper(const ModelConfig& model, int64_t /*layer*/) const {

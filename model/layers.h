@@ -41,14 +41,19 @@ class Embedding : public torch::nn::Module {
   virtual torch::Tensor weight() const = 0;
 };
 
+// How an RMSNorm applies its weight w: kScale multiplies by w (Llama);
+// kOnePlus multiplies by 1 + w, in fp32 before the cast back (Gemma, whose
+// stored weights are offsets from 1 and start at 0).
+enum class NormWeight { kScale, kOnePlus };
+
 // y = x / sqrt(mean(x^2) + eps) * weight. An fp32 input takes Hugging Face's
-// LlamaRMSNorm operation for operation. A bf16 input (the residual stream of
-// precision.compute bf16) goes through at::rms_norm, which on CUDA is one
-// fused kernel each way that accumulates in fp32 and returns bf16; the
-// weight stays an fp32 parameter and is cast on the way in.
+// LlamaRMSNorm (or GemmaRMSNorm) operation for operation. A bf16 input (the
+// residual stream of precision.compute bf16) goes through at::rms_norm,
+// which on CUDA is one fused kernel each way that accumulates in fp32 and
+// returns bf16; the weight stays an fp32 parameter and is cast on the way in.
 class RMSNorm : public torch::nn::Module {
  public:
-  RMSNorm(int64_t hidden, double eps);
+  RMSNorm(int64_t hidden, double eps, NormWeight style = NormWeight::kScale);
   virtual ~RMSNorm() = default;
   virtual torch::Tensor forward(const torch::Tensor& x) { return normalize(x, weight); }
   torch::Tensor weight;
@@ -60,6 +65,7 @@ class RMSNorm : public torch::nn::Module {
 
  private:
   double eps_;
+  NormWeight style_;
 };
 
 // The output head: hidden -> logits over the vocabulary. When the embeddings
@@ -80,15 +86,22 @@ class LmHead : public torch::nn::Module {
 // `cache_k`/`cache_v` are given they hold the earlier positions' keys and
 // values (undefined before the first call) and are extended in place.
 //
-// `window` (ModelConfig::window_of the core's layer) limits each query to
-// itself and the window - 1 positions before it (sliding-window attention,
-// Hugging Face's convention); 0 is full causal attention. Within a packed
-// document the window counts positions of the document.
+// AttentionOptions::window (ModelConfig::window_of the core's layer) limits
+// each query to itself and the window - 1 positions before it (sliding-window
+// attention, Hugging Face's convention); 0 is full causal attention. Within
+// a packed document the window counts positions of the document.
+struct AttentionOptions {
+  int64_t window = 0;
+  double scale = 0.0;    // on q.k; 0: head_dim^-1/2
+  double softcap = 0.0;  // scores become softcap * tanh(score / softcap); 0: none
+};
+
 class AttentionCore {
  public:
-  explicit AttentionCore(int64_t window = 0) : window_(window) {}
+  explicit AttentionCore(AttentionOptions options = {}) : options_(options) {}
   virtual ~AttentionCore() = default;
-  int64_t window() const { return window_; }
+  const AttentionOptions& options() const { return options_; }
+  int64_t window() const { return options_.window; }
   virtual torch::Tensor forward(const torch::Tensor& q_bhtd, const torch::Tensor& k_bhtd, const torch::Tensor& v_bhtd,
                                 torch::Tensor* cache_k, torch::Tensor* cache_v) = 0;
   // The same over packed documents (Note [document mask] in
@@ -100,8 +113,15 @@ class AttentionCore {
                                           const torch::Tensor& v_bhtd, const DocumentMask& documents);
 
  private:
-  int64_t window_;
+  AttentionOptions options_;
 };
+
+// Attention as Hugging Face's eager path computes it: scores q.k * scale,
+// soft-capped when options.softcap > 0, positions where `allowed` (bool,
+// broadcast to [batch, heads, queries, keys]; undefined: all) is false left
+// out, softmax in fp32. What a soft-capped core runs; SDPA cannot cap.
+torch::Tensor eager_attention(const torch::Tensor& q_bhtd, const torch::Tensor& k_bhtd, const torch::Tensor& v_bhtd,
+                              const torch::Tensor& allowed, const AttentionOptions& options);
 
 // The causal mask of `queries` queries over `keys` keys whose last query is
 // the last key, limited to `window` keys back (0: no limit): bool
@@ -139,8 +159,8 @@ class LayerFactory {
   virtual std::shared_ptr<Embedding> embedding(int64_t vocab, int64_t hidden) const = 0;
   // `tied` is the embedding whose weight the head reuses, or null for an own weight.
   virtual std::shared_ptr<LmHead> lm_head(int64_t hidden, int64_t vocab, std::shared_ptr<Embedding> tied) const = 0;
-  virtual std::shared_ptr<RMSNorm> norm(int64_t hidden, double eps) const {
-    return std::make_shared<RMSNorm>(hidden, eps);
+  virtual std::shared_ptr<RMSNorm> norm(int64_t hidden, double eps, NormWeight style) const {
+    return std::make_shared<RMSNorm>(hidden, eps, style);
   }
   // Query/key norms (QkNorm in config/model_config.h), made after the
   // attention's four linears. head_norm: over each head's `head_dim`
@@ -149,8 +169,8 @@ class LayerFactory {
   // (heads * head_dim), applied to [..., features] as that linear returns
   // it. Both default to a plain RMSNorm; tensor parallelism, whose ranks
   // hold a slice of the heads, replaces them.
-  virtual std::shared_ptr<RMSNorm> head_norm(int64_t head_dim, double eps) const {
-    return std::make_shared<RMSNorm>(head_dim, eps);
+  virtual std::shared_ptr<RMSNorm> head_norm(int64_t head_dim, double eps, NormWeight style) const {
+    return std::make_shared<RMSNorm>(head_dim, eps, style);
   }
   virtual std::shared_ptr<RMSNorm> projection_norm(int64_t features, double eps) const {
     return std::make_shared<RMSNorm>(features, eps);
@@ -161,7 +181,7 @@ class LayerFactory {
   virtual int64_t sequence_shards() const { return 1; }
 
   // The core of decoder layer `layer` (its global number: the window
-  // depends on it). Default: at::scaled_dot_product_attention on this
+  // depends on it), with the model's scale and soft-capping. Default: at::scaled_dot_product_attention on this
   // device; packed documents through flash attention's variable-length
   // kernel where it applies (Note [document mask]).
   virtual std::shared_ptr<AttentionCore> attention_core(const ModelConfig& model, int64_t layer) const;

@@ -20,7 +20,8 @@ namespace {
 // over the group in backward, so every rank ends with the whole gradient.
 class PartialInputRMSNorm : public RMSNorm {
  public:
-  PartialInputRMSNorm(ProcessGroup& tp, int64_t hidden, double eps) : RMSNorm(hidden, eps), tp_(&tp) {}
+  PartialInputRMSNorm(ProcessGroup& tp, int64_t hidden, double eps, NormWeight style)
+      : RMSNorm(hidden, eps, style), tp_(&tp) {}
   torch::Tensor forward(const torch::Tensor& x) override { return normalize(x, copy_to_tp(*tp_, weight)); }
 
  private:
@@ -102,16 +103,16 @@ std::shared_ptr<LmHead> TensorParallelLayerFactory::lm_head(int64_t hidden, int6
                                                VocabParallelLmHead::Options{sequence_parallel_});
 }
 
-std::shared_ptr<RMSNorm> TensorParallelLayerFactory::norm(int64_t hidden, double eps) const {
-  if (sequence_parallel_ && tp_->size() > 1) return std::make_shared<PartialInputRMSNorm>(*tp_, hidden, eps);
-  return local_.norm(hidden, eps);
+std::shared_ptr<RMSNorm> TensorParallelLayerFactory::norm(int64_t hidden, double eps, NormWeight style) const {
+  if (sequence_parallel_ && tp_->size() > 1) return std::make_shared<PartialInputRMSNorm>(*tp_, hidden, eps, style);
+  return local_.norm(hidden, eps, style);
 }
 
-std::shared_ptr<RMSNorm> TensorParallelLayerFactory::head_norm(int64_t head_dim, double eps) const {
+std::shared_ptr<RMSNorm> TensorParallelLayerFactory::head_norm(int64_t head_dim, double eps, NormWeight style) const {
   // Each rank normalizes only its own heads (with or without sequence
   // parallelism: q and k hold the whole sequence).
-  if (tp_->size() > 1) return std::make_shared<PartialInputRMSNorm>(*tp_, head_dim, eps);
-  return local_.head_norm(head_dim, eps);
+  if (tp_->size() > 1) return std::make_shared<PartialInputRMSNorm>(*tp_, head_dim, eps, style);
+  return local_.head_norm(head_dim, eps, style);
 }
 
 std::shared_ptr<RMSNorm> TensorParallelLayerFactory::projection_norm(int64_t features, double eps) const {

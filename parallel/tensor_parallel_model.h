@@ -64,8 +64,8 @@ class TensorParallelLayerFactory : public LayerFactory {
                                  LinearRole role) const override;
   std::shared_ptr<Embedding> embedding(int64_t vocab, int64_t hidden) const override;
   std::shared_ptr<LmHead> lm_head(int64_t hidden, int64_t vocab, std::shared_ptr<Embedding> tied) const override;
-  std::shared_ptr<RMSNorm> norm(int64_t hidden, double eps) const override;
-  std::shared_ptr<RMSNorm> head_norm(int64_t head_dim, double eps) const override;
+  std::shared_ptr<RMSNorm> norm(int64_t hidden, double eps, NormWeight style) const override;
+  std::shared_ptr<RMSNorm> head_norm(int64_t head_dim, double eps, NormWeight style) const override;
   std::shared_ptr<RMSNorm> projection_norm(int64_t features, double eps) const override;
   int64_t sequence_shards() const override { return sequence_parallel_ ? tp_->size() : 1; }
 

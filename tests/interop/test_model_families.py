@@ -1,8 +1,9 @@
 """Model families beyond Llama (docs/training.md, "Supported model families"):
 Qwen3 (per-head q/k RMSNorm, head_dim independent of hidden/heads), OLMo2
 (norms after attention and the MLP, q/k RMSNorm over the whole projection),
-SmolLM3 (layers without rotary), and sliding-window attention (Qwen2's on
-some layers, Mistral's on all), against the real transformers.
+SmolLM3 (layers without rotary), sliding-window attention (Qwen2's on some
+layers, Mistral's on all), Gemma 1/2/3 (text), and the yarn, dynamic and
+longrope RoPE scalings, against the real transformers.
 
 For each family one tiny model (hidden 64, 2-4 layers) is built by
 transformers with random weights perturbed so that norms and biases matter,
@@ -58,6 +59,25 @@ FAMILIES = {
     "mistral_window": ("MistralConfig", "MistralForCausalLM", dict(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, sliding_window=6, max_position_embeddings=128, tie_word_embeddings=False)),
+    # Gemma: scaled embeddings, 1 + w norms, GeGLU (tanh), tied; MQA.
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16, hidden_act="gelu_pytorch_tanh", max_position_embeddings=128)),
+    # Gemma 2: norms around both blocks, soft-capping small enough to bite,
+    # query_pre_attn_scalar apart from head_dim, windows on layers 0 and 2.
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
+        final_logit_softcapping=10.0, sliding_window=8, max_position_embeddings=128)),
+    # Gemma 3 (text): per-head q/k norms, the sliding layers' own rotary
+    # theta, linear scaling on the global layer only.
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 500.0}},
+        max_position_embeddings=128)),
     # RoPE scaling with transformers' formulas, on a Llama: the 40-token
     # prompts run past each one's original context.
     "llama_yarn": ("LlamaConfig", "LlamaForCausalLM", dict(
@@ -80,9 +100,9 @@ FAMILIES = {
                       "long_factor": [1.0, 1.5, 2.5, 3.5, 5.0, 8.0, 12.0, 16.0]})),
 }
 # The families whose options the layouts check: mistral's window is qwen2's
-# on every layer, and dynamic NTK changes nothing up to max_seq_len, the
-# longest a run trains on.
-FAMILY_LAYOUTS = {"qwen3", "olmo2", "smollm3", "qwen2_window", "llama_yarn", "llama_longrope"}
+# on every layer, gemma's options are a part of gemma2's, and dynamic NTK
+# changes nothing up to max_seq_len, the longest a run trains on.
+FAMILY_LAYOUTS = {"qwen3", "olmo2", "smollm3", "qwen2_window", "llama_yarn", "llama_longrope", "gemma2", "gemma3_text"}
 ARCHITECTURE = {"qwen2_window": "qwen2", "mistral_window": "mistral", "llama_yarn": "llama", "llama_dynamic": "llama",
                 "llama_longrope": "llama"}
 
@@ -236,8 +256,8 @@ def test_options_round_trip_through_config_json(family):
     config = json.loads((run / "hf" / "config.json").read_text())
     assert config.get("no_rope_layers") == ([1, 0, 1, 0] if name == "smollm3" else None)
     assert config.get("sliding_window") == getattr(model.config, "sliding_window", None)
-    if name == "qwen2_window":
-        assert config["layer_types"] == ["full_attention", "sliding_attention", "sliding_attention"]
+    if name in ("qwen2_window", "gemma2", "gemma3_text"):
+        assert config["layer_types"] == model.config.layer_types
 
 
 def test_the_window_changes_the_logits(family):
@@ -248,7 +268,7 @@ def test_the_window_changes_the_logits(family):
     config = json.loads((tmp / "hf" / "config.json").read_text())
     unwindowed = tmp / "unwindowed"
     shutil.copytree(tmp / "hf", unwindowed)
-    config.update(sliding_window=None, use_sliding_window=False, layer_types=None)
+    config.update(sliding_window=1000)  # longer than the prompt: no window
     (unwindowed / "config.json").write_text(json.dumps(config))
     ids = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(2))
     windowed = loom_logits(tmp / "hf", ids, tmp / "windowed.safetensors")

@@ -345,6 +345,13 @@ TEST(HfConfig, EachFamilysOptionsRoundTripThroughConfigJson) {
       hf_config("qwen2", {{"use_sliding_window", true}, {"sliding_window", 8}, {"max_window_layers", 2}}),
       hf_config("qwen3", {{"use_sliding_window", true}, {"sliding_window", 8},
                           {"layer_types", {"sliding_attention", "full_attention", "sliding_attention", "full_attention"}}}),
+      hf_config("gemma", {{"hidden_act", "gelu"}}),
+      hf_config("gemma2", {{"sliding_window", 16}, {"attn_logit_softcapping", 50.0}, {"final_logit_softcapping", 30.0},
+                           {"query_pre_attn_scalar", 12}}),
+      hf_config("gemma3_text",
+                {{"sliding_window", 16},
+                 {"rope_parameters", {{"full_attention", {{"rope_type", "linear"}, {"factor", 8.0}, {"rope_theta", 1e6}}},
+                                      {"sliding_attention", {{"rope_type", "default"}, {"rope_theta", 1e4}}}}}}),
   };
   for (const auto& hf : configs) {
     const ModelConfig m = model_config_from_hf(hf, "config.json");
@@ -356,7 +363,30 @@ TEST(HfConfig, EachFamilysOptionsRoundTripThroughConfigJson) {
     EXPECT_EQ(back.nope_layers, m.nope_layers) << hf.dump();
     EXPECT_EQ(back.sliding_window, m.sliding_window) << hf.dump();
     for (int64_t layer = 0; layer < m.num_layers; ++layer) EXPECT_EQ(back.window_of(layer), m.window_of(layer));
+    EXPECT_EQ(back.activation(), m.activation()) << hf.dump();
+    EXPECT_EQ(back.tie_embeddings, m.tie_embeddings) << hf.dump();
+    EXPECT_EQ(back.attn_logit_softcapping, m.attn_logit_softcapping) << hf.dump();
+    EXPECT_EQ(back.final_logit_softcapping, m.final_logit_softcapping) << hf.dump();
+    EXPECT_EQ(back.query_pre_attn_scalar, m.query_pre_attn_scalar) << hf.dump();
+    EXPECT_EQ(back.rope_local_theta, m.rope_local_theta) << hf.dump();
+    EXPECT_EQ(back.rope_theta, m.rope_theta) << hf.dump();
+    EXPECT_EQ(back.rope_scaling.type, m.rope_scaling.type) << hf.dump();
   }
+  // Gemma: tied and GeGLU unless said otherwise; Gemma 2 alternates windows
+  // from layer 0, Gemma 3 keeps every sixth layer global and its global
+  // rope scaled.
+  const ModelConfig gemma = model_config_from_hf(hf_config("gemma"), "c");
+  EXPECT_TRUE(gemma.tie_embeddings);
+  EXPECT_EQ(gemma.activation(), "gelu_pytorch_tanh");
+  const ModelConfig gemma2 = model_config_from_hf(configs[7], "c");
+  EXPECT_EQ(std::vector<int64_t>({gemma2.window_of(0), gemma2.window_of(1), gemma2.window_of(2)}),
+            (std::vector<int64_t>{16, 0, 16}));
+  const ModelConfig gemma3 = model_config_from_hf(configs[8], "c");
+  EXPECT_EQ(gemma3.rope_local_theta, 1e4);
+  EXPECT_EQ(gemma3.rope_scaling.type, "linear");
+  EXPECT_TRUE(gemma3.uses_local_rotary(0));
+  EXPECT_EQ(gemma3.qk_norm(), QkNorm::kPerHead);
+  EXPECT_EQ(model_config_to_hf(gemma3, "float32")["architectures"][0], "Gemma3ForCausalLM");
   EXPECT_EQ(model_config_from_hf(configs[2], "c").nope_layers, (std::vector<int64_t>{1, 3}));
   // SmolLM3 without the list: every 4th layer, as transformers fills it in.
   EXPECT_EQ(model_config_from_hf(hf_config("smollm3"), "c").nope_layers, (std::vector<int64_t>{3}));
@@ -392,8 +422,13 @@ TEST(HfConfig, EachFamilysOptionsRoundTripThroughConfigJson) {
 }
 
 TEST(HfConfig, WhatLoomCannotRunIsRefusedNamingTheKey) {
-  expect_bad_input([] { model_config_from_hf(hf_config("gemma2"), "c.json"); }, {"c.json", "model_type", "gemma2"});
+  expect_bad_input([] { model_config_from_hf(hf_config("glm"), "c.json"); }, {"c.json", "model_type", "glm"});
   expect_bad_input([] { model_config_from_hf(hf_config("phi3"), "c.json"); }, {"model_type", "phi3"});
+  expect_bad_input([] { model_config_from_hf(hf_config("gemma3"), "c.json"); }, {"model_type", "gemma3_text"});
+  expect_bad_input([] { model_config_from_hf(hf_config("gemma2", {{"hidden_activation", "relu"}}), "c"); },
+                   {"hidden_activation", "relu"});
+  expect_bad_input([] { model_config_from_hf(hf_config("gemma", {{"use_bidirectional_attention", true}}), "c"); },
+                   {"use_bidirectional_attention"});
   expect_bad_input([] { model_config_from_hf(hf_config("llama", {{"hidden_act", "gelu"}}), "c.json"); },
                    {"hidden_act", "gelu"});
   expect_bad_input(

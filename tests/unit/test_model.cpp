@@ -124,6 +124,45 @@ TEST(Model, Olmo2NormsAfterEachBlockAndOverWholeProjections) {
   EXPECT_EQ(shapes.count("model.layers.1.input_layernorm.weight"), 0u);
 }
 
+TEST(Model, Gemma2HasFourNormsStoredAsOffsetsFromOne) {
+  ModelConfig m = small_config();
+  m.architecture = "gemma2";
+  m.tie_embeddings = true;
+  auto model = make_model(m);
+  auto shapes = shapes_of(*model);
+  for (const char* norm : {"input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                           "post_feedforward_layernorm"}) {
+    EXPECT_EQ(shapes.at(std::string("model.layers.0.") + norm + ".weight"), (std::vector<int64_t>{48})) << norm;
+  }
+  // A norm of weight 0 is the plain normalization (1 + 0), one of weight 1 doubles it.
+  RMSNorm gemma_norm(4, 1e-6, NormWeight::kOnePlus), llama_norm(4, 1e-6);
+  const auto x = torch::tensor({{1.0f, -2.0f, 3.0f, 0.5f}});
+  EXPECT_TRUE(at::allclose(gemma_norm.forward(x), llama_norm.forward(x)));
+  {
+    torch::NoGradGuard no_grad;
+    gemma_norm.weight.fill_(1.0);
+  }
+  EXPECT_TRUE(at::allclose(gemma_norm.forward(x), 2 * llama_norm.forward(x)));
+}
+
+TEST(Model, SoftCappedAttentionIsTheEagerFormula) {
+  torch::manual_seed(3);
+  const auto q = torch::randn({1, 4, 6, 8}) * 3, k = torch::randn({1, 2, 6, 8}) * 3, v = torch::randn({1, 2, 6, 8});
+  AttentionOptions options;
+  options.scale = 0.3;
+  options.softcap = 2.0;
+  const auto allowed = sliding_window_mask(6, 6, 0, torch::kCPU);
+  const auto got = eager_attention(q, k, v, allowed, options);
+  const auto kk = k.repeat_interleave(2, 1), vv = v.repeat_interleave(2, 1);
+  auto scores = at::tanh(at::matmul(q, kk.transpose(2, 3)) * 0.3 / 2.0) * 2.0;
+  scores = scores.masked_fill(allowed.logical_not(), -1e30);
+  EXPECT_TRUE(at::allclose(got, at::matmul(at::softmax(scores, -1), vv), 1e-5, 1e-6));
+  // Without a cap it is SDPA's attention with the same scale.
+  options.softcap = 0;
+  const auto sdpa = at::scaled_dot_product_attention(q, k, v, allowed, 0.0, false, 0.3, /*enable_gqa=*/true);
+  EXPECT_TRUE(at::allclose(eager_attention(q, k, v, allowed, options), sdpa, 1e-5, 1e-6));
+}
+
 TEST(Model, NopeLayersIgnorePositionsAndTheOthersDoNot) {
   // One layer without rotary sees a set of keys, not a sequence: the last
   // query's output is the same whatever order the earlier tokens came in.
@@ -142,10 +181,20 @@ TEST(Model, NopeLayersIgnorePositionsAndTheOthersDoNot) {
 }
 
 TEST(Model, CachedDecodingEqualsFullForwardForEveryFamily) {
-  for (const char* arch : {"qwen3", "olmo2", "smollm3"}) {
+  for (const char* arch : {"qwen3", "olmo2", "smollm3", "gemma2", "gemma3_text"}) {
     ModelConfig m = small_config();
     m.architecture = arch;
     if (m.architecture == "smollm3") m.nope_layers = {1};
+    if (m.gemma()) {
+      // Soft-capped attention and logits, a window of 3 on layers 0 and 2,
+      // gemma3's local rotary there.
+      m.attn_logit_softcapping = m.architecture == "gemma2" ? 3.0 : 0.0;
+      m.final_logit_softcapping = m.architecture == "gemma2" ? 5.0 : 0.0;
+      m.query_pre_attn_scalar = 10;
+      m.sliding_window = 3;
+      m.layer_types = {"sliding_attention", "full_attention", "sliding_attention"};
+      if (m.architecture == "gemma3_text") m.rope_local_theta = 100.0;
+    }
     auto model = make_model(m);
     torch::NoGradGuard no_grad;
     auto ids = torch::tensor({{3, 14, 15, 9, 26, 5, 35}}, torch::kLong);
@@ -226,7 +275,7 @@ TEST(Rotary, LengthDependentScalingsPickTheirTableFromTheSequenceLength) {
 
 TEST(Model, ParameterCountFormulaMatchesTheModel) {
   for (bool tied : {false, true}) {
-    for (const char* arch : {"llama", "qwen2", "qwen3", "olmo2", "smollm3"}) {
+    for (const char* arch : {"llama", "qwen2", "qwen3", "olmo2", "smollm3", "gemma", "gemma2", "gemma3_text"}) {
       ModelConfig m = small_config();
       m.tie_embeddings = tied;
       m.architecture = arch;

@@ -66,6 +66,16 @@ ModelConfig model_config(const Case& c) {
   m.init_std = 0.05;
   if (m.architecture == "qwen3") m.head_dim = 12;  // not hidden / heads
   if (m.architecture == "smollm3") m.nope_layers = {1};
+  if (m.gemma()) {
+    // Soft-capping, a window shorter than the sequence on layer 0, the
+    // local rotary there for gemma3.
+    m.attn_logit_softcapping = m.architecture == "gemma2" ? 3.0 : 0.0;
+    m.final_logit_softcapping = m.architecture == "gemma2" ? 5.0 : 0.0;
+    m.query_pre_attn_scalar = 12;
+    m.sliding_window = 5;
+    m.layer_types = {"sliding_attention", "full_attention"};
+    if (m.architecture == "gemma3_text") m.rope_local_theta = 100.0;
+  }
   return m;
 }
 
@@ -184,7 +194,9 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{"qwen3_head_norms_sequence_parallel", true, true, "qwen3"},
                       Case{"olmo2_projection_norms", false, false, "olmo2"},
                       Case{"olmo2_projection_norms_sequence_parallel", true, true, "olmo2", true},
-                      Case{"smollm3_nope_layer", true, false, "smollm3"}),
+                      Case{"smollm3_nope_layer", true, false, "smollm3"},
+                      Case{"gemma2_softcapped_sandwich_sequence_parallel", true, true, "gemma2"},
+                      Case{"gemma3_text_head_norms_local_rotary", true, false, "gemma3_text"}),
     [](const ::testing::TestParamInfo<Case>& info) { return std::string(info.param.name); });
 
 TEST(TensorParallelModelLoad, AFullTensorOfTheWrongShapeIsRefusedBeforeAnyCopy) {
