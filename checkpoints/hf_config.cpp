@@ -95,6 +95,11 @@ std::vector<int64_t> nope_layers_from_hf(const Reader& r, const json& hf, int64_
 // layer_types) Qwen's layers from max_window_layers on and SmolLM3's
 // layers without rotary, as transformers fills them in.
 void read_sliding_window(const Reader& r, const json& hf, ModelConfig& m) {
+  if (m.architecture == "phi3") {
+    // Phi-3's window, when it has one, is on every layer (Phi-3-mini-4k: 2047).
+    if (r.has("sliding_window")) m.sliding_window = r.integer("sliding_window");
+    return;
+  }
   if (m.architecture == "mistral") {
     m.sliding_window = r.integer("sliding_window");
     if (m.sliding_window <= 0) r.fail("sliding_window", "is " + std::to_string(m.sliding_window), "a positive integer or null");
@@ -127,6 +132,7 @@ const char* hf_class_name(const std::string& architecture) {
   if (architecture == "olmo2") return "Olmo2ForCausalLM";
   if (architecture == "smollm3") return "SmolLM3ForCausalLM";
   if (architecture == "mistral") return "MistralForCausalLM";
+  if (architecture == "phi3") return "Phi3ForCausalLM";
   if (architecture == "gemma") return "GemmaForCausalLM";
   if (architecture == "gemma2") return "Gemma2ForCausalLM";
   if (architecture == "gemma3_text") return "Gemma3ForCausalLM";
@@ -198,11 +204,11 @@ ModelConfig model_config_from_hf(const json& hf, const std::string& source) {
   } else if (model_type == "qwen2" || model_type == "qwen3" || model_type == "smollm3") {
     m.architecture = model_type;
   } else if (model_type == "olmo2" || model_type == "gemma" || model_type == "gemma2" ||
-             model_type == "gemma3_text") {
+             model_type == "gemma3_text" || model_type == "phi3") {
     m.architecture = model_type;
   } else {
     r.fail("model_type", "is '" + model_type + "'",
-           "llama, mistral, qwen2, qwen3, olmo2, smollm3, gemma, gemma2 or gemma3_text (Gemma 3's text model)");
+           "llama, mistral, qwen2, qwen3, olmo2, smollm3, gemma, gemma2, gemma3_text (Gemma 3's text model) or phi3");
   }
   if (!m.gemma()) {
     const std::string act = r.string("hidden_act", "silu");
@@ -222,7 +228,9 @@ ModelConfig model_config_from_hf(const json& hf, const std::string& source) {
   m.tie_embeddings = r.boolean("tie_word_embeddings", false);
   // Qwen2's biases are fixed (q/k/v), Mistral has none; the others read
   // attention_bias (all four projections), and llama and smollm3 mlp_bias.
-  if (m.architecture != "qwen2" && m.architecture != "mistral") m.attention_bias = r.boolean("attention_bias", false);
+  if (m.architecture != "qwen2" && m.architecture != "mistral" && m.architecture != "phi3") {
+    m.attention_bias = r.boolean("attention_bias", false);
+  }
   if (m.architecture == "llama" || m.architecture == "smollm3") m.mlp_bias = r.boolean("mlp_bias", false);
   if (m.architecture == "smollm3") m.nope_layers = nope_layers_from_hf(r, hf, m.num_layers);
   if (m.gemma()) {
@@ -275,6 +283,9 @@ ModelConfig model_config_from_hf(const json& hf, const std::string& source) {
   if (rope.contains("partial_rotary_factor") && r.number_in(rope, "partial_rotary_factor", 1.0) != 1.0) {
     r.fail("rope_parameters.partial_rotary_factor", "is " + rope.at("partial_rotary_factor").dump(),
            "1: loom rotates every dim of a head");
+  }
+  if (r.number("partial_rotary_factor", 1.0) != 1.0) {  // Phi-4-mini keeps it at the top level
+    r.fail("partial_rotary_factor", "is " + hf.at("partial_rotary_factor").dump(), "1: loom rotates every dim of a head");
   }
   RopeScalingConfig& scaling = m.rope_scaling;
   if (rope_type == "default") {
@@ -390,7 +401,15 @@ nlohmann::ordered_json model_config_to_hf(const ModelConfig& m, const std::strin
   }
   if (!qwen2) hf["attention_bias"] = m.attention_bias;
   if (m.architecture == "llama" || m.architecture == "smollm3") hf["mlp_bias"] = m.mlp_bias;
-  if (m.architecture == "mistral") hf["sliding_window"] = m.sliding_window > 0 ? ojson(m.sliding_window) : ojson(nullptr);
+  if (m.architecture == "mistral" || m.architecture == "phi3") {
+    hf["sliding_window"] = m.sliding_window > 0 ? ojson(m.sliding_window) : ojson(nullptr);
+  }
+  if (m.architecture == "phi3") {
+    // Phi3Config's own original_max_position_embeddings (default 4096) wins
+    // over the rope dict's in transformers.
+    const bool scaled = scaling.type == "llama3" || scaling.type == "yarn" || scaling.type == "longrope";
+    hf["original_max_position_embeddings"] = scaled ? scaling.original_max_position_embeddings : m.max_seq_len;
+  }
   if (m.architecture == "qwen2" || m.architecture == "qwen3" || m.architecture == "smollm3") {
     const bool windowed = m.sliding_window > 0;
     hf["use_sliding_window"] = windowed;

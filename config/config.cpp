@@ -245,10 +245,11 @@ class Validator {
       fail_at({m.mlp_bias ? "model.mlp_bias" : "model.attention_bias", "model.architecture"},
               std::string(m.mlp_bias ? "model.mlp_bias" : "model.attention_bias") + " is true for architecture qwen2",
               "false: qwen2 always has q/k/v biases and no others");
-    if (m.architecture == "mistral" && (m.mlp_bias || m.attention_bias))
+    if ((m.architecture == "mistral" || m.architecture == "phi3") && (m.mlp_bias || m.attention_bias))
       fail_at({m.mlp_bias ? "model.mlp_bias" : "model.attention_bias", "model.architecture"},
-              std::string(m.mlp_bias ? "model.mlp_bias" : "model.attention_bias") + " is true for architecture mistral",
-              "false: mistral has no biases (use architecture llama)");
+              std::string(m.mlp_bias ? "model.mlp_bias" : "model.attention_bias") + " is true for architecture " +
+                  m.architecture,
+              "false: " + m.architecture + " has no biases");
     // Qwen3's and OLMo2's MLPs have no bias in the Hub format either.
     if ((m.architecture == "qwen3" || m.architecture == "olmo2") && m.mlp_bias)
       fail_at({"model.mlp_bias", "model.architecture"}, "model.mlp_bias is true for architecture " + m.architecture,
@@ -300,18 +301,18 @@ class Validator {
     const bool has_window = m.sliding_window > 0;
     const std::string& arch = m.architecture;
     if (has_window && arch != "mistral" && arch != "qwen2" && arch != "qwen3" && arch != "smollm3" && arch != "gemma2" &&
-        arch != "gemma3_text")
+        arch != "gemma3_text" && arch != "phi3")
       fail_at({"model.sliding_window", "model.architecture"},
               "model.sliding_window is " + num(m.sliding_window) + " for architecture " + arch,
-              "0, or architecture mistral, qwen2, qwen3, smollm3, gemma2 or gemma3_text (whose Hub config has a "
+              "0, or architecture mistral, qwen2, qwen3, smollm3, gemma2, gemma3_text or phi3 (whose Hub config has a "
               "window)");
     if (m.layer_types.empty()) return;
     if (!has_window)
       fail_at({"model.layer_types", "model.sliding_window"}, "model.layer_types is set without model.sliding_window",
               "an empty list, or model.sliding_window > 0");
-    if (arch == "mistral")
-      fail_at({"model.layer_types", "model.architecture"}, "model.layer_types is set for architecture mistral",
-              "an empty list: Mistral's window applies to every layer");
+    if (arch == "mistral" || arch == "phi3")
+      fail_at({"model.layer_types", "model.architecture"}, "model.layer_types is set for architecture " + arch,
+              "an empty list: " + arch + "'s window applies to every layer");
     if (m.num_layers > 0 && static_cast<int64_t>(m.layer_types.size()) != m.num_layers)
       fail_at({"model.layer_types", "model.num_layers"},
               "model.layer_types has " + num(static_cast<int64_t>(m.layer_types.size())) + " entries for " +

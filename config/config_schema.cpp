@@ -47,8 +47,9 @@ std::vector<KeySpec> build_table() {
        "qwen3 (per-head q/k RMSNorm), olmo2 (norms after attention and MLP, q/k RMSNorm over the projection) or "
        "smollm3 (model.nope_layers without rotary), mistral (llama with model.sliding_window on every layer), "
        "gemma (scaled embeddings, 1 + w norms, GeGLU), gemma2 (gemma with norms around each block, soft-capping, "
-       "alternating windows) or gemma3_text (gemma2 with q/k norms and a local rotary); docs/training.md", kAny,
-       {"llama", "qwen2", "qwen3", "olmo2", "smollm3", "mistral", "gemma", "gemma2", "gemma3_text"}},
+       "alternating windows), gemma3_text (gemma2 with q/k norms and a local rotary) or phi3 (fused qkv_proj and "
+       "gate_up_proj in its Hub files, a window on every layer); docs/training.md", kAny,
+       {"llama", "qwen2", "qwen3", "olmo2", "smollm3", "mistral", "gemma", "gemma2", "gemma3_text", "phi3"}},
       {"model.hidden_size", LOOM_FIELD(model.hidden_size), "required", "features",
        "width of the residual stream (HF hidden_size)", kPositive},
       {"model.intermediate_size", LOOM_FIELD(model.intermediate_size), "required", "features",
@@ -130,7 +131,7 @@ std::vector<KeySpec> build_table() {
       {"model.sliding_window", LOOM_FIELD(model.sliding_window), "", "tokens",
        "sliding-window attention: a query sees itself and the sliding_window - 1 tokens before it, on the layers "
        "model.layer_types names (every layer when it is empty); 0 = full attention (HF sliding_window; mistral, "
-       "qwen2, qwen3, smollm3, gemma2, gemma3_text)", kNonNegative},
+       "qwen2, qwen3, smollm3, gemma2, gemma3_text, phi3)", kNonNegative},
       {"model.hidden_act", LOOM_FIELD(model.hidden_act), "", "",
        "the MLP's activation: silu (SwiGLU; every family but gemma) or gelu_pytorch_tanh / gelu (GeGLU; the gemma "
        "families); \"\" = the family's own (HF hidden_act, hidden_activation)", kAny,

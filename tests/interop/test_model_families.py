@@ -78,6 +78,14 @@ FAMILIES = {
         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 500.0}},
         max_position_embeddings=128)),
+    # Phi-3: fused qkv_proj and gate_up_proj in the Hub files, a window on
+    # every layer, longrope past its original context of 16 tokens (kept
+    # at the top level, as Phi-3's configs do).
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=12, max_position_embeddings=64, original_max_position_embeddings=16,
+        rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.2, 1.4, 1.1, 1.6, 2.0, 2.5, 3.0],
+                      "long_factor": [1.0, 2.0, 3.0, 4.0, 6.0, 9.0, 12.0, 16.0]})),
     # RoPE scaling with transformers' formulas, on a Llama: the 40-token
     # prompts run past each one's original context.
     "llama_yarn": ("LlamaConfig", "LlamaForCausalLM", dict(
@@ -102,7 +110,8 @@ FAMILIES = {
 # The families whose options the layouts check: mistral's window is qwen2's
 # on every layer, gemma's options are a part of gemma2's, and dynamic NTK
 # changes nothing up to max_seq_len, the longest a run trains on.
-FAMILY_LAYOUTS = {"qwen3", "olmo2", "smollm3", "qwen2_window", "llama_yarn", "llama_longrope", "gemma2", "gemma3_text"}
+FAMILY_LAYOUTS = {"qwen3", "olmo2", "smollm3", "qwen2_window", "llama_yarn", "llama_longrope", "gemma2", "gemma3_text",
+                  "phi3"}
 ARCHITECTURE = {"qwen2_window": "qwen2", "mistral_window": "mistral", "llama_yarn": "llama", "llama_dynamic": "llama",
                 "llama_longrope": "llama"}
 
@@ -258,6 +267,18 @@ def test_options_round_trip_through_config_json(family):
     assert config.get("sliding_window") == getattr(model.config, "sliding_window", None)
     if name in ("qwen2_window", "gemma2", "gemma3_text"):
         assert config["layer_types"] == model.config.layer_types
+
+
+def test_phi3_export_keeps_the_fused_projections(family):
+    name, model, _, run, _ = family
+    if name != "phi3":
+        pytest.skip("only phi3 fuses its projections")
+    from safetensors import safe_open
+    with safe_open(str(run / "hf" / "model.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+        assert {"model.layers.0.self_attn.qkv_proj.weight", "model.layers.1.mlp.gate_up_proj.weight"} <= names
+        assert not any("q_proj" in n or "gate_proj." in n for n in names), names
+        assert f.get_tensor("model.layers.0.self_attn.qkv_proj.weight").shape == (4 * 16 + 2 * 2 * 16, 64)
 
 
 def test_the_window_changes_the_logits(family):

@@ -305,6 +305,30 @@ TEST_F(HubTest, UnexpectedTensorIsNamed) {
   expect_bad_input([&] { load_model(ModelFiles::open(path("hf"))); }, {"model.layers.9.mlp.up_proj.weight"});
 }
 
+TEST_F(HubTest, Phi3ProjectionsAreFusedInTheHubFilesAndSplitInTheModel) {
+  ModelConfig phi3 = config_;
+  phi3.architecture = "phi3";
+  LlamaForCausalLM model(phi3, factory_);
+  model.init_weights(5);
+  export_hub(model, path("hf"), {});
+  const auto file = safetensors::File::open(path("hf/model.safetensors"));
+  std::set<std::string> stored;
+  for (const auto& info : file.tensors()) stored.insert(info.name);
+  EXPECT_TRUE(stored.count("model.layers.1.self_attn.qkv_proj.weight"));
+  EXPECT_TRUE(stored.count("model.layers.1.mlp.gate_up_proj.weight"));
+  EXPECT_FALSE(stored.count("model.layers.1.self_attn.k_proj.weight"));
+  EXPECT_FALSE(stored.count("model.layers.1.mlp.up_proj.weight"));
+  // q rows, then k, then v: the fused tensor read back whole.
+  const auto files = ModelFiles::open(path("hf"));
+  expect_same_parameters(model, *load_model(files));
+  // A fused tensor of another shape is named.
+  const auto config = nlohmann::json::parse(read_file(path("hf/config.json")));
+  auto wrong = config;
+  wrong["num_key_value_heads"] = 4;
+  write_file_atomic(path("hf/config.json"), wrong.dump());
+  expect_bad_input([&] { ModelFiles::open(path("hf")); }, {"qkv_proj.weight", "[64, 32]", "[96, 32]"});
+}
+
 TEST_F(HubTest, UnsupportedArchitectureIsRefusedNamingTheField) {
   export_hub(*model_, path("hf"), {});
   auto config = nlohmann::json::parse(read_file(path("hf/config.json")));
@@ -423,8 +447,10 @@ TEST(HfConfig, EachFamilysOptionsRoundTripThroughConfigJson) {
 
 TEST(HfConfig, WhatLoomCannotRunIsRefusedNamingTheKey) {
   expect_bad_input([] { model_config_from_hf(hf_config("glm"), "c.json"); }, {"c.json", "model_type", "glm"});
-  expect_bad_input([] { model_config_from_hf(hf_config("phi3"), "c.json"); }, {"model_type", "phi3"});
+  expect_bad_input([] { model_config_from_hf(hf_config("phimoe"), "c.json"); }, {"model_type", "phimoe"});
   expect_bad_input([] { model_config_from_hf(hf_config("gemma3"), "c.json"); }, {"model_type", "gemma3_text"});
+  expect_bad_input([] { model_config_from_hf(hf_config("phi3", {{"partial_rotary_factor", 0.75}}), "c.json"); },
+                   {"partial_rotary_factor", "0.75"});
   expect_bad_input([] { model_config_from_hf(hf_config("gemma2", {{"hidden_activation", "relu"}}), "c"); },
                    {"hidden_activation", "relu"});
   expect_bad_input([] { model_config_from_hf(hf_config("gemma", {{"use_bidirectional_attention", true}}), "c"); },
