@@ -1,5 +1,6 @@
-// Hugging Face `config.json` <-> loom's ModelConfig, for Llama-shaped models
-// (model_type llama, mistral without a sliding window, qwen2).
+// Hugging Face `config.json` <-> loom's ModelConfig, for the model families
+// of Note [model families] in config/model_config.h (model_type llama,
+// mistral without a sliding window, qwen2, qwen3, olmo2, smollm3).
 //
 // Written so that old and new transformers read it: rope_theta and
 // rope_scaling at the top level (what 4.x reads) and rope_parameters (what

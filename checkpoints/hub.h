@@ -96,6 +96,9 @@ class ModelFiles {
   // Adds every tensor of the safetensors file at `file_path` as one whole piece.
   void add_file(const std::string& file_path, bool is_model = true);
   void add_tensor(StoredTensor tensor);
+  // Phi-3's fused qkv_proj and gate_up_proj seen as the model's q/k/v and
+  // gate/up (Note [fused projections] in hub.cpp).
+  void split_fused_projections();
   const StoredTensor& stored(const std::string& name) const;
 
   Kind kind_ = Kind::kHub;

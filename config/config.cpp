@@ -175,7 +175,8 @@ class Loader {
     if (value.IsNull() || (value.IsScalar() && value.Scalar() == "none")) return;
     if (!value.IsMap()) fail(key_where, key, "wrong type", describe(value), "null, none, or a map with a type key");
     if (!value["type"] && !value["rope_type"])
-      fail(key_where, key + ".type", "missing key in model.rope_scaling", "", "type: none, llama3 or linear");
+      fail(key_where, key + ".type", "missing key in model.rope_scaling", "",
+           "type: none, llama3, linear, yarn, dynamic or longrope");
     apply_map(value, key, origin);
   }
 
@@ -244,12 +245,43 @@ class Validator {
       fail_at({m.mlp_bias ? "model.mlp_bias" : "model.attention_bias", "model.architecture"},
               std::string(m.mlp_bias ? "model.mlp_bias" : "model.attention_bias") + " is true for architecture qwen2",
               "false: qwen2 always has q/k/v biases and no others");
+    if ((m.architecture == "mistral" || m.architecture == "phi3") && (m.mlp_bias || m.attention_bias))
+      fail_at({m.mlp_bias ? "model.mlp_bias" : "model.attention_bias", "model.architecture"},
+              std::string(m.mlp_bias ? "model.mlp_bias" : "model.attention_bias") + " is true for architecture " +
+                  m.architecture,
+              "false: " + m.architecture + " has no biases");
+    // Qwen3's and OLMo2's MLPs have no bias in the Hub format either.
+    if ((m.architecture == "qwen3" || m.architecture == "olmo2") && m.mlp_bias)
+      fail_at({"model.mlp_bias", "model.architecture"}, "model.mlp_bias is true for architecture " + m.architecture,
+              "false: " + m.architecture + " has no MLP biases");
+    if (!m.nope_layers.empty() && m.architecture != "smollm3")
+      fail_at({"model.nope_layers", "model.architecture"},
+              "model.nope_layers is set for architecture " + m.architecture,
+              "an empty list: only smollm3 has layers without rotary (HF no_rope_layers)");
+    for (int64_t layer : m.nope_layers) {
+      if (m.num_layers > 0 && layer >= m.num_layers)
+        fail_at({"model.nope_layers", "model.num_layers"},
+                "model.nope_layers names layer " + num(layer) + " of a model of " + num(m.num_layers) + " layers",
+                "layer numbers below model.num_layers");
+    }
+    check_sliding_window(m);
+    check_gemma(m);
     const RopeScalingConfig& rope = m.rope_scaling;
-    if (rope.type == "llama3" || rope.type == "linear") {
+    if (rope.type == "llama3" || rope.type == "linear" || rope.type == "yarn" || rope.type == "dynamic") {
       if (rope.factor < 1)
         fail_at({"model.rope_scaling.factor", "model.rope_scaling.type"},
                 "model.rope_scaling.factor (" + num(rope.factor) + ") is below 1 for " + rope.type + " scaling",
                 ">= 1: scaling stretches the context, never shrinks it");
+    }
+    if (rope.type == "longrope") {
+      const int64_t half = m.head_dim > 0 ? m.head_dim / 2 : (m.num_heads > 0 ? m.hidden_size / m.num_heads / 2 : 0);
+      for (auto [key, factors] : {std::pair{"model.rope_scaling.short_factor", &rope.short_factor},
+                                  {"model.rope_scaling.long_factor", &rope.long_factor}}) {
+        if (half > 0 && static_cast<int64_t>(factors->size()) != half)
+          fail_at({key, "model.head_dim"},
+                  std::string(key) + " has " + num(static_cast<int64_t>(factors->size())) + " entries",
+                  "head_dim / 2 = " + num(half) + ", one per rotary frequency");
+      }
     }
     if (rope.type == "llama3" && !(rope.high_freq_factor > rope.low_freq_factor))
       fail_at({"model.rope_scaling.high_freq_factor", "model.rope_scaling.low_freq_factor"},
@@ -264,6 +296,57 @@ class Validator {
     }
   }
 
+  // Only the families whose Hub config can say where the window applies.
+  void check_sliding_window(const ModelConfig& m) {
+    const bool has_window = m.sliding_window > 0;
+    const std::string& arch = m.architecture;
+    if (has_window && arch != "mistral" && arch != "qwen2" && arch != "qwen3" && arch != "smollm3" && arch != "gemma2" &&
+        arch != "gemma3_text" && arch != "phi3")
+      fail_at({"model.sliding_window", "model.architecture"},
+              "model.sliding_window is " + num(m.sliding_window) + " for architecture " + arch,
+              "0, or architecture mistral, qwen2, qwen3, smollm3, gemma2, gemma3_text or phi3 (whose Hub config has a "
+              "window)");
+    if (m.layer_types.empty()) return;
+    if (!has_window)
+      fail_at({"model.layer_types", "model.sliding_window"}, "model.layer_types is set without model.sliding_window",
+              "an empty list, or model.sliding_window > 0");
+    if (arch == "mistral" || arch == "phi3")
+      fail_at({"model.layer_types", "model.architecture"}, "model.layer_types is set for architecture " + arch,
+              "an empty list: " + arch + "'s window applies to every layer");
+    if (m.num_layers > 0 && static_cast<int64_t>(m.layer_types.size()) != m.num_layers)
+      fail_at({"model.layer_types", "model.num_layers"},
+              "model.layer_types has " + num(static_cast<int64_t>(m.layer_types.size())) + " entries for " +
+                  num(m.num_layers) + " layers",
+              "one entry per layer");
+    for (const std::string& type : m.layer_types) {
+      if (type != "full_attention" && type != "sliding_attention")
+        fail_at({"model.layer_types"}, "model.layer_types has an unknown entry", type,
+                "full_attention or sliding_attention");
+    }
+  }
+
+  // What only the gemma families' Hub configs can say.
+  void check_gemma(const ModelConfig& m) {
+    if (!m.hidden_act.empty() && (m.hidden_act != "silu") != m.gemma())
+      fail_at({"model.hidden_act", "model.architecture"},
+              "model.hidden_act is " + m.hidden_act + " for architecture " + m.architecture,
+              m.gemma() ? "gelu_pytorch_tanh or gelu: the gemma families' MLP is GeGLU" : "silu, or \"\"");
+    if (m.gemma() && m.mlp_bias)
+      fail_at({"model.mlp_bias", "model.architecture"}, "model.mlp_bias is true for architecture " + m.architecture,
+              "false: gemma has no MLP biases");
+    const bool gemma2_or_3 = m.architecture == "gemma2" || m.architecture == "gemma3_text";
+    for (auto [key, value] : {std::pair{"model.attn_logit_softcapping", m.attn_logit_softcapping},
+                              {"model.final_logit_softcapping", m.final_logit_softcapping},
+                              {"model.query_pre_attn_scalar", m.query_pre_attn_scalar}}) {
+      if (value > 0 && !gemma2_or_3)
+        fail_at({key, "model.architecture"}, std::string(key) + " is set for architecture " + m.architecture,
+                "0: only gemma2 and gemma3_text have it");
+    }
+    if (m.rope_local_theta > 0 && m.architecture != "gemma3_text")
+      fail_at({"model.rope_local_theta", "model.architecture"},
+              "model.rope_local_theta is set for architecture " + m.architecture, "0: only gemma3_text has it");
+  }
+
   void check_run_and_training() {
     const std::string& name = c_.run.name;
     if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos)
@@ -272,6 +355,12 @@ class Validator {
 
     const ParallelConfig& p = c_.parallel;
     const ModelConfig& m = c_.model;
+    // The initializer fills every norm weight with 1 by name; a gemma norm
+    // stores 1 + w and would start at 2.
+    if (m.gemma() && m.init_from.empty())
+      fail_at({"model.architecture", "model.init_from"},
+              "architecture " + m.architecture + " is not initialized at random",
+              "model.init_from naming a Hugging Face folder of the model");
     for (auto [key, heads] : {std::pair{"model.num_heads", m.num_heads}, {"model.num_kv_heads", m.num_kv_heads}}) {
       if (heads > 0 && heads % p.tp != 0)
         fail_at({"parallel.tp", key},

@@ -43,7 +43,13 @@ std::vector<KeySpec> build_table() {
 
       // --- model (Hugging Face's config.json names in the docs) ---------------
       {"model.architecture", LOOM_FIELD(model.architecture), "", "",
-       "model family: llama (also SmolLM, Mistral-style) or qwen2 (q/k/v biases)", kAny, {"llama", "qwen2"}},
+       "model family (HF model_type): llama (also SmolLM2, Mistral without a window), qwen2 (q/k/v biases), "
+       "qwen3 (per-head q/k RMSNorm), olmo2 (norms after attention and MLP, q/k RMSNorm over the projection) or "
+       "smollm3 (model.nope_layers without rotary), mistral (llama with model.sliding_window on every layer), "
+       "gemma (scaled embeddings, 1 + w norms, GeGLU), gemma2 (gemma with norms around each block, soft-capping, "
+       "alternating windows), gemma3_text (gemma2 with q/k norms and a local rotary) or phi3 (fused qkv_proj and "
+       "gate_up_proj in its Hub files, a window on every layer); docs/training.md", kAny,
+       {"llama", "qwen2", "qwen3", "olmo2", "smollm3", "mistral", "gemma", "gemma2", "gemma3_text", "phi3"}},
       {"model.hidden_size", LOOM_FIELD(model.hidden_size), "required", "features",
        "width of the residual stream (HF hidden_size)", kPositive},
       {"model.intermediate_size", LOOM_FIELD(model.intermediate_size), "required", "features",
@@ -66,9 +72,10 @@ std::vector<KeySpec> build_table() {
       {"model.rope_scaling", {}, "none", "",
        "rotary frequency scaling: null or none, or a map of the model.rope_scaling.* keys (HF rope_scaling)"},
       {"model.rope_scaling.type", LOOM_FIELD(model.rope_scaling.type), "", "",
-       "scaling method; HF's spelling rope_type is accepted too", kAny, {"none", "llama3", "linear"}},
+       "scaling method (transformers' formulas, docs/training.md); HF's spelling rope_type is accepted too", kAny,
+       {"none", "llama3", "linear", "yarn", "dynamic", "longrope"}},
       {"model.rope_scaling.factor", LOOM_FIELD(model.rope_scaling.factor), "", "",
-       "context extension factor (>= 1 for llama3 and linear)", kPositive},
+       "context extension factor (>= 1 for llama3, linear, yarn and dynamic)", kPositive},
       {"model.rope_scaling.low_freq_factor", LOOM_FIELD(model.rope_scaling.low_freq_factor), "", "",
        "llama3: wavelengths above original_max_position_embeddings / low_freq_factor are scaled fully", kPositive},
       {"model.rope_scaling.high_freq_factor", LOOM_FIELD(model.rope_scaling.high_freq_factor), "", "",
@@ -76,7 +83,26 @@ std::vector<KeySpec> build_table() {
        kPositive},
       {"model.rope_scaling.original_max_position_embeddings",
        LOOM_FIELD(model.rope_scaling.original_max_position_embeddings), "", "tokens",
-       "llama3: context length the model was pretrained with", kAtLeastOne},
+       "llama3, yarn, longrope: context length the model was pretrained with", kAtLeastOne},
+      {"model.rope_scaling.attention_factor", LOOM_FIELD(model.rope_scaling.attention_factor), "", "",
+       "yarn, longrope: factor on cos and sin; 0 = derived from factor (and mscale) as transformers does",
+       kNonNegative},
+      {"model.rope_scaling.beta_fast", LOOM_FIELD(model.rope_scaling.beta_fast), "", "rotations",
+       "yarn: dims turning more often than this over the original context keep their frequency", kPositive},
+      {"model.rope_scaling.beta_slow", LOOM_FIELD(model.rope_scaling.beta_slow), "", "rotations",
+       "yarn: dims turning less often than this are divided by factor", kPositive},
+      {"model.rope_scaling.mscale", LOOM_FIELD(model.rope_scaling.mscale), "", "",
+       "yarn: with mscale_all_dim, the attention factor is mscale(factor, mscale) / mscale(factor, "
+       "mscale_all_dim); 0 = absent", kNonNegative},
+      {"model.rope_scaling.mscale_all_dim", LOOM_FIELD(model.rope_scaling.mscale_all_dim), "", "",
+       "yarn: see mscale; 0 = absent", kNonNegative},
+      {"model.rope_scaling.truncate", LOOM_FIELD(model.rope_scaling.truncate), "", "",
+       "yarn: round the interpolation ramp's ends to whole dims"},
+      {"model.rope_scaling.short_factor", LOOM_FIELD(model.rope_scaling.short_factor), "", "",
+       "longrope: head_dim / 2 divisors of the frequencies for sequences up to original_max_position_embeddings",
+       kPositive},
+      {"model.rope_scaling.long_factor", LOOM_FIELD(model.rope_scaling.long_factor), "", "",
+       "longrope: head_dim / 2 divisors of the frequencies for longer sequences", kPositive},
       {"model.rms_norm_eps", LOOM_FIELD(model.rms_norm_eps), "", "", "epsilon inside RMSNorm (HF rms_norm_eps)",
        kPositive},
       {"model.tie_embeddings", LOOM_FIELD(model.tie_embeddings), "", "",
@@ -99,6 +125,30 @@ std::vector<KeySpec> build_table() {
       {"model.recompute", LOOM_FIELD(model.recompute), "", "",
        "activation recomputation: full = keep only each decoder layer's input and recompute the layer in "
        "backward (less memory, about a third more compute); none = keep all activations", kAny, {"none", "full"}},
+      {"model.nope_layers", LOOM_FIELD(model.nope_layers), "", "layers",
+       "smollm3: decoder layers (0-based) whose attention uses no rotary embedding (HF no_rope_layers holds 0 "
+       "for them)", kNonNegative},
+      {"model.sliding_window", LOOM_FIELD(model.sliding_window), "", "tokens",
+       "sliding-window attention: a query sees itself and the sliding_window - 1 tokens before it, on the layers "
+       "model.layer_types names (every layer when it is empty); 0 = full attention (HF sliding_window; mistral, "
+       "qwen2, qwen3, smollm3, gemma2, gemma3_text, phi3)", kNonNegative},
+      {"model.hidden_act", LOOM_FIELD(model.hidden_act), "", "",
+       "the MLP's activation: silu (SwiGLU; every family but gemma) or gelu_pytorch_tanh / gelu (GeGLU; the gemma "
+       "families); \"\" = the family's own (HF hidden_act, hidden_activation)", kAny,
+       {"\"\"", "silu", "gelu_pytorch_tanh", "gelu"}},
+      {"model.attn_logit_softcapping", LOOM_FIELD(model.attn_logit_softcapping), "", "",
+       "gemma2, gemma3_text: attention scores s become cap * tanh(s / cap); 0 = none", kNonNegative},
+      {"model.final_logit_softcapping", LOOM_FIELD(model.final_logit_softcapping), "", "",
+       "gemma2, gemma3_text: output logits x become cap * tanh(x / cap); 0 = none", kNonNegative},
+      {"model.query_pre_attn_scalar", LOOM_FIELD(model.query_pre_attn_scalar), "", "",
+       "gemma2, gemma3_text: attention scores scaled by its -1/2 power instead of head_dim's; 0 = head_dim",
+       kNonNegative},
+      {"model.rope_local_theta", LOOM_FIELD(model.rope_local_theta), "", "",
+       "gemma3_text: rotary theta of the sliding-window layers, which take no rope scaling (HF "
+       "rope_local_base_freq); 0 = one rotary for every layer", kNonNegative},
+      {"model.layer_types", LOOM_FIELD(model.layer_types), "", "",
+       "attention of each decoder layer, full_attention or sliding_attention (HF layer_types); empty = every "
+       "layer sliding when model.sliding_window > 0"},
 
       // --- parallel: world = dp * pp * tp -------------------------------------
       {"parallel.dp", LOOM_FIELD(parallel.dp), "", "ranks",
@@ -482,15 +532,24 @@ void read(bool& out, const YAML::Node& v, const KeySpec& spec, const std::string
 void read(std::string& out, const YAML::Node& v, const KeySpec& spec, const std::string& where, const Origin&) {
   out = read_string(v, spec.key, where);
 }
-// Only optimizer.betas is a list of numbers.
+// optimizer.betas is a pair; longrope's factors are lists of any length
+// (checked against head_dim by validation).
 void read(std::vector<double>& out, const YAML::Node& v, const KeySpec& spec, const std::string& where,
           const Origin& origin) {
-  if (!v.IsSequence() || v.size() != 2)
+  if (!v.IsSequence()) fail(where, spec.key, "wrong type", describe_node(v), "a list of numbers");
+  if (spec.key == "optimizer.betas" && v.size() != 2)
     fail(where, spec.key, "wrong type", describe_node(v) + (v.IsSequence() ? " of " + std::to_string(v.size()) : ""),
          "a list of 2 numbers, e.g. [0.9, 0.95]");
   std::vector<double> numbers;
   for (size_t i = 0; i < v.size(); ++i) numbers.push_back(read_float(v[i], indexed(spec.key, i), origin.of(v[i], v)));
   out = numbers;
+}
+void read(std::vector<int64_t>& out, const YAML::Node& v, const KeySpec& spec, const std::string& where,
+          const Origin& origin) {
+  std::vector<int64_t> integers;
+  std::vector<YAML::Node> items = elements(v, spec.key, where);
+  for (size_t i = 0; i < items.size(); ++i) integers.push_back(read_int(items[i], indexed(spec.key, i), origin.of(items[i], v)));
+  out = integers;
 }
 void read(std::vector<std::string>& out, const YAML::Node& v, const KeySpec& spec, const std::string& where,
           const Origin& origin) {
@@ -587,6 +646,7 @@ std::vector<double> numbers(int64_t v) { return {static_cast<double>(v)}; }
 std::vector<double> numbers(uint64_t v) { return {static_cast<double>(v)}; }
 std::vector<double> numbers(double v) { return {v}; }
 std::vector<double> numbers(const std::vector<double>& v) { return v; }
+std::vector<double> numbers(const std::vector<int64_t>& v) { return {v.begin(), v.end()}; }
 
 template <class T>
 const char* type_name(const T&) {

@@ -31,6 +31,7 @@ using Field = std::variant<std::monostate,                                    //
                            bool& (*)(Config&),                                //
                            std::string& (*)(Config&),                         //
                            std::vector<double>& (*)(Config&),                 //
+                           std::vector<int64_t>& (*)(Config&),                //
                            std::vector<std::string>& (*)(Config&),            //
                            std::map<std::string, std::string>& (*)(Config&),  //
                            std::vector<DataSource>& (*)(Config&)>;

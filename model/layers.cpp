@@ -2,6 +2,9 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
+#include <limits>
+
 #include "model/compute_weights.h"
 
 namespace loom {
@@ -57,6 +60,7 @@ class LocalLmHead : public LmHead {
 // fused kernel (flash or memory-efficient on a GPU) where one applies.
 class SdpaAttentionCore : public AttentionCore {
  public:
+  using AttentionCore::AttentionCore;
   torch::Tensor forward(const torch::Tensor& q_bhtd, const torch::Tensor& k_bhtd, const torch::Tensor& v_bhtd,
                         torch::Tensor* cache_k, torch::Tensor* cache_v) override {
     const int64_t tokens = q_bhtd.size(2);
@@ -75,16 +79,43 @@ class SdpaAttentionCore : public AttentionCore {
     // for new queries after cached keys. Decoding appends one token at a time,
     // which may attend to every cached key, so it needs no mask at all.
     TORCH_CHECK(!has_past || tokens == 1, "cached attention takes one new token at a time, got ", tokens);
-    const bool causal = !has_past && tokens > 1;
     const bool grouped = q_bhtd.size(1) != k.size(1);
+    const int64_t window = this->window();
+    if (has_past && window > 0 && k.size(2) > window) {
+      // The new token sees only the last `window` keys, itself included.
+      k = k.narrow(2, k.size(2) - window, window);
+      v = v.narrow(2, v.size(2) - window, window);
+    }
+    if (options().softcap > 0) {
+      const torch::Tensor allowed =
+          has_past ? torch::Tensor() : sliding_window_mask(tokens, tokens, window, q_bhtd.device());
+      return eager_attention(q_bhtd, k, v, allowed, options());
+    }
+    if (!has_past && window > 0 && tokens > window) {
+      // Causal within the band: an explicit mask (SDPA's math or
+      // memory-efficient kernel; flash's own window is not reachable
+      // through SDPA).
+      const auto allowed = sliding_window_mask(tokens, tokens, window, q_bhtd.device());
+      return at::scaled_dot_product_attention(q_bhtd, k, v, allowed, /*dropout_p=*/0.0, /*is_causal=*/false,
+                                              scale(), /*enable_gqa=*/grouped);
+    }
+    const bool causal = !has_past && tokens > 1;
     return at::scaled_dot_product_attention(q_bhtd, k, v, /*attn_mask=*/std::nullopt, /*dropout_p=*/0.0,
-                                            /*is_causal=*/causal, /*scale=*/std::nullopt, /*enable_gqa=*/grouped);
+                                            /*is_causal=*/causal, scale(), /*enable_gqa=*/grouped);
   }
 
   torch::Tensor forward_documents(const torch::Tensor& q_bhtd, const torch::Tensor& k_bhtd,
                                   const torch::Tensor& v_bhtd, const DocumentMask& documents) override {
-    if (takes_varlen_flash(q_bhtd, k_bhtd)) return varlen_flash_attention(q_bhtd, k_bhtd, v_bhtd, documents);
+    if (options().softcap == 0 && options().scale == 0 && takes_varlen_flash(q_bhtd, k_bhtd)) {
+      return varlen_flash_attention(q_bhtd, k_bhtd, v_bhtd, documents, window());
+    }
     return AttentionCore::forward_documents(q_bhtd, k_bhtd, v_bhtd, documents);
+  }
+
+ private:
+  // SDPA's scale: its own default (head_dim^-1/2) unless one is set.
+  std::optional<double> scale() const {
+    return options().scale > 0 ? std::optional<double>(options().scale) : std::nullopt;
   }
 };
 
@@ -101,8 +132,20 @@ bool takes_varlen_flash(const torch::Tensor& q_bhtd, const torch::Tensor& k_bhtd
   return head_dim % 8 == 0 && head_dim <= 256 && q_bhtd.size(1) % k_bhtd.size(1) == 0;
 }
 
+torch::Tensor sliding_window_mask(int64_t queries, int64_t keys, int64_t window, torch::Device device) {
+  // Query i sits at key position i + keys - queries; it may see key j when
+  // 0 <= its position - j < window.
+  auto options = torch::TensorOptions().dtype(torch::kLong).device(device);
+  const auto query_at = torch::arange(keys - queries, keys, options).unsqueeze(1);
+  const auto key_at = torch::arange(0, keys, options).unsqueeze(0);
+  const auto behind = query_at - key_at;
+  auto allowed = behind >= 0;
+  if (window > 0) allowed = allowed.logical_and(behind < window);
+  return allowed;
+}
+
 torch::Tensor varlen_flash_attention(const torch::Tensor& q_bhtd, const torch::Tensor& k_bhtd,
-                                     const torch::Tensor& v_bhtd, const DocumentMask& documents) {
+                                     const torch::Tensor& v_bhtd, const DocumentMask& documents, int64_t window) {
   // The batch flattened into one stream of batch * tokens tokens,
   // [total, heads, head_dim], cut into the segments by cu_seqlens: the kernel
   // runs causal attention inside each segment and computes nothing across
@@ -114,24 +157,58 @@ torch::Tensor varlen_flash_attention(const torch::Tensor& q_bhtd, const torch::T
   };
   const torch::Tensor& cu_seqlens = documents.cu_seqlens();
   const int64_t longest = documents.max_segment_tokens();
+  // A window: flash attention's own (window - 1 keys to the left, none to
+  // the right), within each segment as everything else; -1 is its "no
+  // limit", what it takes when none is given.
+  const int64_t left = window > 0 ? window - 1 : -1;
+  const int64_t right = window > 0 ? 0 : -1;
   auto outputs = at::_flash_attention_forward(packed(q_bhtd), packed(k_bhtd), packed(v_bhtd), cu_seqlens, cu_seqlens,
                                               longest, longest, /*dropout_p=*/0.0, /*is_causal=*/true,
-                                              /*return_debug_mask=*/false);
+                                              /*return_debug_mask=*/false, /*scale=*/std::nullopt, left, right);
   return std::get<0>(outputs).view({batch, tokens, heads, dim}).transpose(1, 2);
 }
 
 torch::Tensor AttentionCore::forward_documents(const torch::Tensor& q_bhtd, const torch::Tensor& k_bhtd,
                                                const torch::Tensor& v_bhtd, const DocumentMask& documents) {
   const bool grouped = q_bhtd.size(1) != k_bhtd.size(1);
-  return at::scaled_dot_product_attention(q_bhtd, k_bhtd, v_bhtd, documents.allowed_b1tt(), /*dropout_p=*/0.0,
-                                          /*is_causal=*/false, /*scale=*/std::nullopt, /*enable_gqa=*/grouped);
+  torch::Tensor allowed = documents.allowed_b1tt();
+  if (window() > 0) {
+    // Positions inside a document are consecutive, so the band over the
+    // row's token indices is the band over the document's positions.
+    const int64_t tokens = q_bhtd.size(2);
+    allowed = allowed.logical_and(sliding_window_mask(tokens, tokens, window(), allowed.device()));
+  }
+  if (options_.softcap > 0) return eager_attention(q_bhtd, k_bhtd, v_bhtd, allowed, options_);
+  const std::optional<double> scale = options_.scale > 0 ? std::optional<double>(options_.scale) : std::nullopt;
+  return at::scaled_dot_product_attention(q_bhtd, k_bhtd, v_bhtd, allowed, /*dropout_p=*/0.0,
+                                          /*is_causal=*/false, scale, /*enable_gqa=*/grouped);
 }
 
-RMSNorm::RMSNorm(int64_t hidden, double eps) : eps_(eps) {
-  weight = register_parameter("weight", torch::ones({hidden}));
+torch::Tensor eager_attention(const torch::Tensor& q_bhtd, const torch::Tensor& k_bhtd, const torch::Tensor& v_bhtd,
+                              const torch::Tensor& allowed, const AttentionOptions& options) {
+  // Grouped kv heads repeated for their query heads, as transformers' repeat_kv.
+  const int64_t groups = q_bhtd.size(1) / k_bhtd.size(1);
+  const auto k = groups > 1 ? k_bhtd.repeat_interleave(groups, 1) : k_bhtd;
+  const auto v = groups > 1 ? v_bhtd.repeat_interleave(groups, 1) : v_bhtd;
+  const double scale = options.scale > 0 ? options.scale : std::pow(static_cast<double>(q_bhtd.size(3)), -0.5);
+  auto scores = at::matmul(q_bhtd, k.transpose(2, 3)) * scale;
+  if (options.softcap > 0) scores = at::tanh(scores / options.softcap) * options.softcap;
+  if (allowed.defined()) scores = scores.masked_fill(allowed.logical_not(), -std::numeric_limits<double>::infinity());
+  const auto probs = at::softmax(scores, -1, torch::kFloat).to(q_bhtd.scalar_type());
+  return at::matmul(probs, v);
+}
+
+RMSNorm::RMSNorm(int64_t hidden, double eps, NormWeight style) : eps_(eps), style_(style) {
+  weight = register_parameter("weight", style == NormWeight::kOnePlus ? torch::zeros({hidden}) : torch::ones({hidden}));
 }
 
 torch::Tensor RMSNorm::normalize(const torch::Tensor& x, const torch::Tensor& w) const {
+  if (style_ == NormWeight::kOnePlus) {
+    // Gemma: (x_hat * (1 + w)) in fp32, then cast, whatever x's dtype.
+    auto x32 = x.to(torch::kFloat);
+    auto normed = x32 * at::rsqrt(x32.pow(2).mean(-1, /*keepdim=*/true) + eps_);
+    return (normed * (1.0 + w.to(torch::kFloat))).to(x.scalar_type());
+  }
   if (x.scalar_type() != torch::kFloat) {
     return at::rms_norm(x, {x.size(-1)}, w.to(x.scalar_type()), eps_);
   }
@@ -155,8 +232,12 @@ std::shared_ptr<LmHead> LocalLayerFactory::lm_head(int64_t hidden, int64_t vocab
   return std::make_shared<LocalLmHead>(hidden, vocab, std::move(tied));
 }
 
-std::shared_ptr<AttentionCore> LayerFactory::attention_core(const ModelConfig& /*model*/) const {
-  return std::make_shared<SdpaAttentionCore>();
+std::shared_ptr<AttentionCore> LayerFactory::attention_core(const ModelConfig& model, int64_t layer) const {
+  AttentionOptions options;
+  options.window = model.window_of(layer);
+  if (model.query_pre_attn_scalar > 0) options.scale = std::pow(model.query_pre_attn_scalar, -0.5);  // as transformers writes it
+  options.softcap = model.attn_logit_softcapping;
+  return std::make_shared<SdpaAttentionCore>(options);
 }
 
 std::shared_ptr<LayerWrapper> LayerFactory::layer_wrapper(const ModelConfig& model, int64_t /*layer*/) const {

@@ -41,14 +41,19 @@ class Embedding : public torch::nn::Module {
   virtual torch::Tensor weight() const = 0;
 };
 
+// How an RMSNorm applies its weight w: kScale multiplies by w (Llama);
+// kOnePlus multiplies by 1 + w, in fp32 before the cast back (Gemma, whose
+// stored weights are offsets from 1 and start at 0).
+enum class NormWeight { kScale, kOnePlus };
+
 // y = x / sqrt(mean(x^2) + eps) * weight. An fp32 input takes Hugging Face's
-// LlamaRMSNorm operation for operation. A bf16 input (the residual stream of
-// precision.compute bf16) goes through at::rms_norm, which on CUDA is one
-// fused kernel each way that accumulates in fp32 and returns bf16; the
-// weight stays an fp32 parameter and is cast on the way in.
+// LlamaRMSNorm (or GemmaRMSNorm) operation for operation. A bf16 input (the
+// residual stream of precision.compute bf16) goes through at::rms_norm,
+// which on CUDA is one fused kernel each way that accumulates in fp32 and
+// returns bf16; the weight stays an fp32 parameter and is cast on the way in.
 class RMSNorm : public torch::nn::Module {
  public:
-  RMSNorm(int64_t hidden, double eps);
+  RMSNorm(int64_t hidden, double eps, NormWeight style = NormWeight::kScale);
   virtual ~RMSNorm() = default;
   virtual torch::Tensor forward(const torch::Tensor& x) { return normalize(x, weight); }
   torch::Tensor weight;
@@ -60,6 +65,7 @@ class RMSNorm : public torch::nn::Module {
 
  private:
   double eps_;
+  NormWeight style_;
 };
 
 // The output head: hidden -> logits over the vocabulary. When the embeddings
@@ -79,9 +85,23 @@ class LmHead : public torch::nn::Module {
 // the config: under tensor parallelism they are this rank's heads. When
 // `cache_k`/`cache_v` are given they hold the earlier positions' keys and
 // values (undefined before the first call) and are extended in place.
+//
+// AttentionOptions::window (ModelConfig::window_of the core's layer) limits
+// each query to itself and the window - 1 positions before it (sliding-window
+// attention, Hugging Face's convention); 0 is full causal attention. Within
+// a packed document the window counts positions of the document.
+struct AttentionOptions {
+  int64_t window = 0;
+  double scale = 0.0;    // on q.k; 0: head_dim^-1/2
+  double softcap = 0.0;  // scores become softcap * tanh(score / softcap); 0: none
+};
+
 class AttentionCore {
  public:
+  explicit AttentionCore(AttentionOptions options = {}) : options_(options) {}
   virtual ~AttentionCore() = default;
+  const AttentionOptions& options() const { return options_; }
+  int64_t window() const { return options_.window; }
   virtual torch::Tensor forward(const torch::Tensor& q_bhtd, const torch::Tensor& k_bhtd, const torch::Tensor& v_bhtd,
                                 torch::Tensor* cache_k, torch::Tensor* cache_v) = 0;
   // The same over packed documents (Note [document mask] in
@@ -91,15 +111,31 @@ class AttentionCore {
   // device; a core with a faster kernel overrides it.
   virtual torch::Tensor forward_documents(const torch::Tensor& q_bhtd, const torch::Tensor& k_bhtd,
                                           const torch::Tensor& v_bhtd, const DocumentMask& documents);
+
+ private:
+  AttentionOptions options_;
 };
+
+// Attention as Hugging Face's eager path computes it: scores q.k * scale,
+// soft-capped when options.softcap > 0, positions where `allowed` (bool,
+// broadcast to [batch, heads, queries, keys]; undefined: all) is false left
+// out, softmax in fp32. What a soft-capped core runs; SDPA cannot cap.
+torch::Tensor eager_attention(const torch::Tensor& q_bhtd, const torch::Tensor& k_bhtd, const torch::Tensor& v_bhtd,
+                              const torch::Tensor& allowed, const AttentionOptions& options);
+
+// The causal mask of `queries` queries over `keys` keys whose last query is
+// the last key, limited to `window` keys back (0: no limit): bool
+// [queries, keys], true where attention is allowed.
+torch::Tensor sliding_window_mask(int64_t queries, int64_t keys, int64_t window, torch::Device device);
 
 // Packed documents through PyTorch's flash attention, variable-length form:
 // the default core's path on a GPU (Note [document mask]). takes_varlen_flash
 // says whether the kernel takes these tensors: CUDA, bf16 or fp16, head_dim a
 // multiple of 8 up to 256 (flash attention also needs an Ampere or later GPU).
 bool takes_varlen_flash(const torch::Tensor& q_bhtd, const torch::Tensor& k_bhtd);
+// `window` > 0: each query sees at most the window - 1 keys before it in its segment.
 torch::Tensor varlen_flash_attention(const torch::Tensor& q_bhtd, const torch::Tensor& k_bhtd,
-                                     const torch::Tensor& v_bhtd, const DocumentMask& documents);
+                                     const torch::Tensor& v_bhtd, const DocumentMask& documents, int64_t window = 0);
 
 // The feed-forward block of a decoder layer, registered as its `mlp`:
 // [batch, tokens, hidden] -> the same shape. Llama's SwiGLU Mlp
@@ -111,8 +147,9 @@ class FeedForward : public torch::nn::Module {
 
 // Each method is one role; a factory overrides the roles its parallelism
 // changes and inherits the rest. The model asks in a fixed order (per decoder
-// layer: q, k, v, o linears, attention core, the mlp block with its linears,
-// two norms, the layer wrapper), so a factory may rely on it, as tensor
+// layer: q, k, v, o linears, the q/k norms where the family has them, the
+// attention core, the mlp block with its linears, two norms, the layer
+// wrapper), so a factory may rely on it, as tensor
 // parallelism's shared column input does.
 class LayerFactory {
  public:
@@ -122,18 +159,32 @@ class LayerFactory {
   virtual std::shared_ptr<Embedding> embedding(int64_t vocab, int64_t hidden) const = 0;
   // `tied` is the embedding whose weight the head reuses, or null for an own weight.
   virtual std::shared_ptr<LmHead> lm_head(int64_t hidden, int64_t vocab, std::shared_ptr<Embedding> tied) const = 0;
-  virtual std::shared_ptr<RMSNorm> norm(int64_t hidden, double eps) const {
-    return std::make_shared<RMSNorm>(hidden, eps);
+  virtual std::shared_ptr<RMSNorm> norm(int64_t hidden, double eps, NormWeight style) const {
+    return std::make_shared<RMSNorm>(hidden, eps, style);
+  }
+  // Query/key norms (QkNorm in config/model_config.h), made after the
+  // attention's four linears. head_norm: over each head's `head_dim`
+  // features, one weight for all heads, applied to [..., heads, head_dim].
+  // projection_norm: over all `features` of a column linear's output
+  // (heads * head_dim), applied to [..., features] as that linear returns
+  // it. Both default to a plain RMSNorm; tensor parallelism, whose ranks
+  // hold a slice of the heads, replaces them.
+  virtual std::shared_ptr<RMSNorm> head_norm(int64_t head_dim, double eps, NormWeight style) const {
+    return std::make_shared<RMSNorm>(head_dim, eps, style);
+  }
+  virtual std::shared_ptr<RMSNorm> projection_norm(int64_t features, double eps) const {
+    return std::make_shared<RMSNorm>(features, eps);
   }
   // Into how many slices the layers cut the sequence of the residual stream
   // between them: 1, or tp under sequence parallelism, where the embedding
   // returns [batch, tokens/tp, hidden] and the head takes it back.
   virtual int64_t sequence_shards() const { return 1; }
 
-  // Default: at::scaled_dot_product_attention on this device; packed
-  // documents through flash attention's variable-length kernel where it
-  // applies (Note [document mask]).
-  virtual std::shared_ptr<AttentionCore> attention_core(const ModelConfig& model) const;
+  // The core of decoder layer `layer` (its global number: the window
+  // depends on it), with the model's scale and soft-capping. Default: at::scaled_dot_product_attention on this
+  // device; packed documents through flash attention's variable-length
+  // kernel where it applies (Note [document mask]).
+  virtual std::shared_ptr<AttentionCore> attention_core(const ModelConfig& model, int64_t layer) const;
   // Default: Llama's Mlp, gate/up/down from this factory's linears (defined
   // beside Mlp in model/llama.cpp). The block is registered as `mlp`, so its
   // parameters are named model.layers.N.mlp.*.

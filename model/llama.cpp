@@ -3,7 +3,10 @@
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 
+#include <algorithm>
+#include <cmath>
 #include <string>
+#include <tuple>
 
 #include "model/init.h"
 #include "model/kernels/fused_ops.h"
@@ -11,14 +14,26 @@
 
 namespace loom {
 
-Attention::Attention(const ModelConfig& model, const LayerFactory& factory)
-    : num_heads_(model.num_heads), num_kv_heads_(model.kv_heads()), head_dim_(model.head_size()) {
+Attention::Attention(const ModelConfig& model, const LayerFactory& factory, int64_t layer)
+    : num_heads_(model.num_heads),
+      num_kv_heads_(model.kv_heads()),
+      head_dim_(model.head_size()),
+      qk_norm_(model.qk_norm()),
+      rotary_(model.uses_rotary(layer)) {
   const int64_t hidden = model.hidden_size;
+  const NormWeight style = model.one_plus_norms() ? NormWeight::kOnePlus : NormWeight::kScale;
   q_proj_ = register_module("q_proj", factory.linear(hidden, num_heads_ * head_dim_, model.qkv_bias(), LinearRole::kColumn));
   k_proj_ = register_module("k_proj", factory.linear(hidden, num_kv_heads_ * head_dim_, model.qkv_bias(), LinearRole::kColumn));
   v_proj_ = register_module("v_proj", factory.linear(hidden, num_kv_heads_ * head_dim_, model.qkv_bias(), LinearRole::kColumn));
   o_proj_ = register_module("o_proj", factory.linear(num_heads_ * head_dim_, hidden, model.o_bias(), LinearRole::kRow));
-  core_ = factory.attention_core(model);
+  if (qk_norm_ == QkNorm::kPerHead) {
+    q_norm_ = register_module("q_norm", factory.head_norm(head_dim_, model.rms_norm_eps, style));
+    k_norm_ = register_module("k_norm", factory.head_norm(head_dim_, model.rms_norm_eps, style));
+  } else if (qk_norm_ == QkNorm::kWholeProjection) {
+    q_norm_ = register_module("q_norm", factory.projection_norm(num_heads_ * head_dim_, model.rms_norm_eps));
+    k_norm_ = register_module("k_norm", factory.projection_norm(num_kv_heads_ * head_dim_, model.rms_norm_eps));
+  }
+  core_ = factory.attention_core(model, layer);
 }
 
 torch::Tensor Attention::forward(const torch::Tensor& x_btd, const torch::Tensor& cos_td, const torch::Tensor& sin_td,
@@ -27,13 +42,27 @@ torch::Tensor Attention::forward(const torch::Tensor& x_btd, const torch::Tensor
   // outputs, not from the config and the input, so that a tensor-parallel
   // projection that holds a slice of the heads, or gathers the whole sequence
   // from a slice of it (sequence parallelism), works unchanged.
-  const auto q_btf = q_proj_->forward(x_btd);
+  auto q_btf = q_proj_->forward(x_btd);
+  auto k_btf = k_proj_->forward(x_btd);
+  const auto v_btf = v_proj_->forward(x_btd);
   const int64_t batch = q_btf.size(0), tokens = q_btf.size(1);
-  auto q = q_btf.view({batch, tokens, -1, head_dim_}).transpose(1, 2);
-  auto k = k_proj_->forward(x_btd).view({batch, tokens, -1, head_dim_}).transpose(1, 2);
-  auto v = v_proj_->forward(x_btd).view({batch, tokens, -1, head_dim_}).transpose(1, 2);
-  q = RotaryEmbedding::apply(q, cos_td, sin_td);
-  k = RotaryEmbedding::apply(k, cos_td, sin_td);
+  if (qk_norm_ == QkNorm::kWholeProjection) {
+    q_btf = q_norm_->forward(q_btf);
+    k_btf = k_norm_->forward(k_btf);
+  }
+  auto q_bthd = q_btf.view({batch, tokens, -1, head_dim_});
+  auto k_bthd = k_btf.view({batch, tokens, -1, head_dim_});
+  if (qk_norm_ == QkNorm::kPerHead) {
+    q_bthd = q_norm_->forward(q_bthd);
+    k_bthd = k_norm_->forward(k_bthd);
+  }
+  auto q = q_bthd.transpose(1, 2);
+  auto k = k_bthd.transpose(1, 2);
+  auto v = v_btf.view({batch, tokens, -1, head_dim_}).transpose(1, 2);
+  if (rotary_) {
+    q = RotaryEmbedding::apply(q, cos_td, sin_td);
+    k = RotaryEmbedding::apply(k, cos_td, sin_td);
+  }
   TORCH_CHECK(documents == nullptr || cache_k == nullptr, "packed documents are not decoded with a KV cache");
   // Rows that are one segment each need no mask: the plain causal core.
   auto out = documents != nullptr && !documents->one_segment_per_row()
@@ -43,7 +72,7 @@ torch::Tensor Attention::forward(const torch::Tensor& x_btd, const torch::Tensor
   return o_proj_->forward(out);
 }
 
-Mlp::Mlp(const ModelConfig& model, const LayerFactory& factory) {
+Mlp::Mlp(const ModelConfig& model, const LayerFactory& factory) : activation_(model.activation()) {
   const int64_t hidden = model.hidden_size, inter = model.intermediate_size;
   gate_proj_ = register_module("gate_proj", factory.linear(hidden, inter, model.mlp_bias, LinearRole::kColumn));
   up_proj_ = register_module("up_proj", factory.linear(hidden, inter, model.mlp_bias, LinearRole::kColumn));
@@ -51,6 +80,11 @@ Mlp::Mlp(const ModelConfig& model, const LayerFactory& factory) {
 }
 
 torch::Tensor Mlp::forward(const torch::Tensor& x_btd) {
+  if (activation_ != "silu") {
+    // GeGLU: transformers' gelu_pytorch_tanh is the tanh approximation.
+    const char* approximate = activation_ == "gelu_pytorch_tanh" ? "tanh" : "none";
+    return down_proj_->forward(at::gelu(gate_proj_->forward(x_btd), approximate) * up_proj_->forward(x_btd));
+  }
   // silu(gate) * up: one fused CUDA kernel on a GPU (model/kernels/fused_ops.h).
   return down_proj_->forward(kernels::swiglu(gate_proj_->forward(x_btd), up_proj_->forward(x_btd)));
 }
@@ -59,12 +93,16 @@ std::shared_ptr<FeedForward> LayerFactory::mlp(const ModelConfig& model) const {
   return std::make_shared<Mlp>(model, *this);
 }
 
-DecoderLayer::DecoderLayer(const ModelConfig& model, const LayerFactory& factory, int64_t layer) : layer_(layer) {
-  self_attn_ = register_module("self_attn", std::make_shared<Attention>(model, factory));
+DecoderLayer::DecoderLayer(const ModelConfig& model, const LayerFactory& factory, int64_t layer)
+    : layer_(layer), post_norms_(model.post_norms()), sandwich_norms_(model.sandwich_norms()) {
+  self_attn_ = register_module("self_attn", std::make_shared<Attention>(model, factory, layer));
   mlp_ = register_module("mlp", factory.mlp(model));
-  input_layernorm_ = register_module("input_layernorm", factory.norm(model.hidden_size, model.rms_norm_eps));
-  post_attention_layernorm_ =
-      register_module("post_attention_layernorm", factory.norm(model.hidden_size, model.rms_norm_eps));
+  const NormWeight style = model.one_plus_norms() ? NormWeight::kOnePlus : NormWeight::kScale;
+  const auto norm = [&] { return factory.norm(model.hidden_size, model.rms_norm_eps, style); };
+  if (!post_norms_) input_layernorm_ = register_module("input_layernorm", norm());
+  post_attention_layernorm_ = register_module("post_attention_layernorm", norm());
+  if (sandwich_norms_) pre_feedforward_layernorm_ = register_module("pre_feedforward_layernorm", norm());
+  if (post_norms_ || sandwich_norms_) post_feedforward_layernorm_ = register_module("post_feedforward_layernorm", norm());
   wrapper_ = factory.layer_wrapper(model, layer);
 }
 
@@ -90,6 +128,16 @@ torch::Tensor DecoderLayer::forward(const torch::Tensor& x_btd, const torch::Ten
 torch::Tensor DecoderLayer::compute(const torch::Tensor& x_btd, const torch::Tensor& cos_td,
                                     const torch::Tensor& sin_td, torch::Tensor* cache_k, torch::Tensor* cache_v,
                                     const DocumentMask* documents) {
+  if (post_norms_) {
+    auto h = x_btd + post_attention_layernorm_->forward(
+                         self_attn_->forward(x_btd, cos_td, sin_td, cache_k, cache_v, documents));
+    return h + post_feedforward_layernorm_->forward(mlp_->forward(h));
+  }
+  if (sandwich_norms_) {
+    auto attended = self_attn_->forward(input_layernorm_->forward(x_btd), cos_td, sin_td, cache_k, cache_v, documents);
+    auto h = x_btd + post_attention_layernorm_->forward(attended);
+    return h + post_feedforward_layernorm_->forward(mlp_->forward(pre_feedforward_layernorm_->forward(h)));
+  }
   auto h = x_btd + self_attn_->forward(input_layernorm_->forward(x_btd), cos_td, sin_td, cache_k, cache_v, documents);
   return h + mlp_->forward(post_attention_layernorm_->forward(h));
 }
@@ -99,8 +147,21 @@ namespace {
 class Container : public torch::nn::Module {};
 }  // namespace
 
+namespace {
+
+// The model as its local rotary sees it: rope_local_theta, no scaling.
+ModelConfig local_rotary_config(const ModelConfig& model) {
+  ModelConfig local = model;
+  local.rope_theta = model.rope_local_theta;
+  local.rope_scaling = RopeScalingConfig{};
+  return local;
+}
+
+}  // namespace
+
 LlamaForCausalLM::LlamaForCausalLM(const ModelConfig& model, const LayerFactory& factory, StageSpec stage)
     : config_(model), stage_(stage), rotary_(model), sequence_shards_(factory.sequence_shards()) {
+  if (model.rope_local_theta > 0) local_rotary_.emplace(local_rotary_config(model));
   if (stage_.num_layers < 0) stage_.num_layers = model.num_layers - stage_.first_layer;
   TORCH_CHECK(stage_.first_layer >= 0 && stage_.first_layer + stage_.num_layers <= model.num_layers,
               "stage layers [", stage_.first_layer, ", ", stage_.first_layer + stage_.num_layers,
@@ -116,7 +177,9 @@ LlamaForCausalLM::LlamaForCausalLM(const ModelConfig& model, const LayerFactory&
         layers->register_module(std::to_string(global), std::make_shared<DecoderLayer>(model, factory, global)));
   }
   if (stage_.has_head) {
-    norm_ = model_->register_module("norm", factory.norm(model.hidden_size, model.rms_norm_eps));
+    norm_ = model_->register_module(
+        "norm", factory.norm(model.hidden_size, model.rms_norm_eps,
+                             model.one_plus_norms() ? NormWeight::kOnePlus : NormWeight::kScale));
     // Tied embeddings on a single stage share the embedding's weight; across
     // pipeline stages the last stage holds a copy kept in sync by the pipeline.
     std::shared_ptr<Embedding> tied = model.tie_embeddings ? embed_tokens_ : nullptr;
@@ -135,6 +198,12 @@ void LlamaForCausalLM::init_weights(uint64_t seed) {
 
 torch::Tensor LlamaForCausalLM::embed(const torch::Tensor& input) {
   torch::Tensor h = stage_.has_embedding ? embed_tokens_->forward(input) : input;
+  if (stage_.has_embedding && config_.scaled_embeddings()) {
+    // Gemma: sqrt(hidden) rounded to fp32, then to the weight's dtype, as
+    // transformers' scaled embedding holds it.
+    const auto scale = torch::tensor(std::sqrt(static_cast<double>(config_.hidden_size)), torch::kFloat);
+    h = h * scale.to(h.device(), h.scalar_type());
+  }
   // Under bf16 autocast the residual stream is bf16 too (autocast leaves the
   // embedding lookup in its weight's fp32): norms and residual adds then
   // move half the bytes, and every projection's input is already bf16.
@@ -150,12 +219,12 @@ torch::Tensor LlamaForCausalLM::forward(const torch::Tensor& input, KVCache* cac
   // Attention sees the whole sequence even when the residual stream holds a
   // slice of it (sequence parallelism): the projections gather it.
   const int64_t tokens = h.size(1) * sequence_shards_;
-  auto [cos, sin] = rotary_.cos_sin(start, tokens, h.device());
+  const RotaryTables rotary = rotary_tables(start, tokens, h.device());
   if (cache != nullptr && cache->keys.empty()) {
     cache->keys.resize(layers_.size());
     cache->values.resize(layers_.size());
   }
-  return forward_layers(std::move(h), cos, sin, cache, nullptr);
+  return forward_layers(std::move(h), rotary, cache, nullptr);
 }
 
 torch::Tensor LlamaForCausalLM::forward(const torch::Tensor& input, const torch::Tensor& positions_bt) {
@@ -172,21 +241,43 @@ torch::Tensor LlamaForCausalLM::forward(const torch::Tensor& input, const torch:
   // causal core: bit for bit the forward without positions.
   int64_t first = 0;
   if (documents->rows_count_from(&first)) {
-    auto [cos, sin] = rotary_.cos_sin(first, tokens, h.device());
-    return forward_layers(std::move(h), cos, sin, nullptr, nullptr);
+    return forward_layers(std::move(h), rotary_tables(first, tokens, h.device()), nullptr, nullptr);
   }
-  auto [cos, sin] = rotary_.cos_sin_at(documents->positions_bt(), h.device());
-  return forward_layers(std::move(h), cos, sin, nullptr, documents);
+  return forward_layers(std::move(h), rotary_tables_at(documents->positions_bt(), h.device()), nullptr, documents);
 }
 
-torch::Tensor LlamaForCausalLM::forward_layers(torch::Tensor h, const torch::Tensor& cos, const torch::Tensor& sin,
-                                               KVCache* cache, const std::shared_ptr<const DocumentMask>& documents) {
+LlamaForCausalLM::RotaryTables LlamaForCausalLM::rotary_tables(int64_t start, int64_t tokens,
+                                                               torch::Device device) const {
+  RotaryTables tables;
+  std::tie(tables.cos, tables.sin) = rotary_.cos_sin(start, tokens, device);
+  if (local_rotary_) std::tie(tables.local_cos, tables.local_sin) = local_rotary_->cos_sin(start, tokens, device);
+  return tables;
+}
+
+LlamaForCausalLM::RotaryTables LlamaForCausalLM::rotary_tables_at(const torch::Tensor& positions_bt,
+                                                                  torch::Device device) const {
+  RotaryTables tables;
+  std::tie(tables.cos, tables.sin) = rotary_.cos_sin_at(positions_bt, device);
+  if (local_rotary_) std::tie(tables.local_cos, tables.local_sin) = local_rotary_->cos_sin_at(positions_bt, device);
+  return tables;
+}
+
+torch::Tensor LlamaForCausalLM::forward_layers(torch::Tensor h, const RotaryTables& rotary, KVCache* cache,
+                                               const std::shared_ptr<const DocumentMask>& documents) {
   for (size_t i = 0; i < layers_.size(); ++i) {
+    const bool local = config_.uses_local_rotary(stage_.first_layer + static_cast<int64_t>(i));
+    const torch::Tensor& cos = local ? rotary.local_cos : rotary.cos;
+    const torch::Tensor& sin = local ? rotary.local_sin : rotary.sin;
     h = cache ? layers_[i]->forward(h, cos, sin, &cache->keys[i], &cache->values[i])
               : layers_[i]->forward(h, cos, sin, nullptr, nullptr, documents);
   }
   if (!stage_.has_head) return h;
-  return lm_head_->forward(norm_->forward(h));
+  auto logits = lm_head_->forward(norm_->forward(h));
+  const double cap = config_.final_logit_softcapping;
+  // Gemma 2: logits squashed into (-cap, cap), elementwise (so also on a
+  // tensor-parallel rank's slice of the vocabulary).
+  if (cap > 0) logits = at::tanh(logits / cap) * cap;
+  return logits;
 }
 
 int64_t count_non_embedding_parameters(const ModelConfig& m) {
@@ -194,9 +285,12 @@ int64_t count_non_embedding_parameters(const ModelConfig& m) {
   int64_t attention = h * q + 2 * h * kv + q * h;
   if (m.qkv_bias()) attention += q + 2 * kv;
   if (m.o_bias()) attention += h;
+  if (m.qk_norm() == QkNorm::kPerHead) attention += 2 * d;
+  if (m.qk_norm() == QkNorm::kWholeProjection) attention += q + kv;
   int64_t mlp = 3 * h * m.intermediate_size;
   if (m.mlp_bias) mlp += 2 * m.intermediate_size + h;
-  const int64_t per_layer = attention + mlp + 2 * h;
+  const int64_t norms = m.sandwich_norms() ? 4 : 2;  // before or after the blocks, or both
+  const int64_t per_layer = attention + mlp + norms * h;
   return m.num_layers * per_layer + h;  // + final norm
 }
 
@@ -206,9 +300,15 @@ int64_t count_parameters(const ModelConfig& m) {
 }
 
 double flops_per_token(const ModelConfig& model, int64_t seq_len) {
-  return 6.0 * static_cast<double>(count_non_embedding_parameters(model)) +
-         12.0 * static_cast<double>(model.num_layers) * static_cast<double>(model.hidden_size) *
-             static_cast<double>(seq_len);
+  // The attention term per layer: 12 H S, with S the keys a query sees,
+  // at most the layer's sliding window.
+  double attention = 0;
+  for (int64_t layer = 0; layer < model.num_layers; ++layer) {
+    const int64_t window = model.window_of(layer);
+    const int64_t keys = window > 0 ? std::min(window, seq_len) : seq_len;
+    attention += 12.0 * static_cast<double>(model.hidden_size) * static_cast<double>(keys);
+  }
+  return 6.0 * static_cast<double>(count_non_embedding_parameters(model)) + attention;
 }
 
 }  // namespace loom

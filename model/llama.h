@@ -1,6 +1,9 @@
-// The Llama family (Llama 2/3, SmolLM2, Mistral-style, Qwen2): pre-norm
+// The Llama family (Llama 2/3, SmolLM2/3, Mistral-style, Qwen2/3, OLMo2):
 // decoder layers of grouped-query attention with rotary embeddings and a
-// SwiGLU MLP, RMSNorm, tied or untied embeddings.
+// SwiGLU MLP, RMSNorm, tied or untied embeddings. The families differ in a
+// few layer choices read off the config (Note [model families] in
+// config/model_config.h): q/k norms, norms after instead of before each
+// block, layers without rotary.
 //
 // Parameter names and shapes are Hugging Face's, so named_parameters() of the
 // whole model is what `model.safetensors` holds:
@@ -8,6 +11,8 @@
 //   model.layers.N.self_attn.{q,k,v,o}_proj.weight   [out, in] (+ .bias)
 //   model.layers.N.mlp.{gate,up,down}_proj.weight
 //   model.layers.N.{input,post_attention}_layernorm.weight
+//   (olmo2: model.layers.N.{post_attention,post_feedforward}_layernorm.weight)
+//   model.layers.N.self_attn.{q,k}_norm.weight       (qwen3, olmo2)
 //   model.norm.weight, lm_head.weight (absent when tied)
 //
 // A pipeline stage builds only part of the model (StageSpec); the layer
@@ -16,6 +21,7 @@
 
 #include <memory>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include <torch/nn/module.h>
@@ -39,7 +45,8 @@ struct KVCache {
 // The projections and rotary embedding around the factory's attention core.
 class Attention : public torch::nn::Module {
  public:
-  Attention(const ModelConfig& model, const LayerFactory& factory);
+  // `layer`: the global number, which says whether it takes rotary.
+  Attention(const ModelConfig& model, const LayerFactory& factory, int64_t layer);
   // x_btd: [batch, tokens, hidden]. When `cache_k`/`cache_v` are given they
   // hold earlier positions and are extended in place. With `documents`
   // (never with a cache) attention stays within each packed document (Note
@@ -49,17 +56,23 @@ class Attention : public torch::nn::Module {
 
  private:
   int64_t num_heads_, num_kv_heads_, head_dim_;
+  QkNorm qk_norm_;
+  bool rotary_;
   std::shared_ptr<Linear> q_proj_, k_proj_, v_proj_, o_proj_;
+  std::shared_ptr<RMSNorm> q_norm_, k_norm_;  // null for QkNorm::kNone
   std::shared_ptr<AttentionCore> core_;  // not a module: it holds no parameters
 };
 
 // The SwiGLU MLP, LayerFactory::mlp's default.
+// The gated MLP, LayerFactory::mlp's default: SwiGLU, or GeGLU for the
+// gemma families (ModelConfig::hidden_act).
 class Mlp : public FeedForward {
  public:
   Mlp(const ModelConfig& model, const LayerFactory& factory);
-  torch::Tensor forward(const torch::Tensor& x_btd) override;  // down(silu(gate(x)) * up(x))
+  torch::Tensor forward(const torch::Tensor& x_btd) override;  // down(act(gate(x)) * up(x))
 
  private:
+  std::string activation_;  // silu | gelu_pytorch_tanh | gelu
   std::shared_ptr<Linear> gate_proj_, up_proj_, down_proj_;
 };
 
@@ -81,7 +94,17 @@ class DecoderLayer : public torch::nn::Module {
                         torch::Tensor* cache_k, torch::Tensor* cache_v, const DocumentMask* documents);
 
   int64_t layer_;
-  std::shared_ptr<RMSNorm> input_layernorm_, post_attention_layernorm_;
+  bool post_norms_;
+  bool sandwich_norms_;
+  // Pre-norm families: input_layernorm_ before attention and
+  // post_attention_layernorm_ before the MLP (Hugging Face's names). olmo2:
+  // post_attention_layernorm_ on attention's output, post_feedforward_
+  // layernorm_ on the MLP's, each before the residual add; no input norm.
+  // gemma2, gemma3_text: all four, input_layernorm_ and
+  // pre_feedforward_layernorm_ before the blocks, the other two on their
+  // outputs.
+  std::shared_ptr<RMSNorm> input_layernorm_, post_attention_layernorm_, pre_feedforward_layernorm_,
+      post_feedforward_layernorm_;
   std::shared_ptr<Attention> self_attn_;
   std::shared_ptr<FeedForward> mlp_;
   std::shared_ptr<LayerWrapper> wrapper_;
@@ -125,9 +148,17 @@ class LlamaForCausalLM : public torch::nn::Module {
   int64_t num_local_layers() const { return static_cast<int64_t>(layers_.size()); }
 
  private:
+  // cos/sin of the tokens' positions; local_cos/local_sin from the local
+  // rotary for the layers that take it (gemma3_text's sliding layers),
+  // undefined without one.
+  struct RotaryTables {
+    torch::Tensor cos, sin, local_cos, local_sin;
+  };
+  RotaryTables rotary_tables(int64_t start, int64_t tokens, torch::Device device) const;
+  RotaryTables rotary_tables_at(const torch::Tensor& positions_bt, torch::Device device) const;
   // The stage's layers and head from h (embedded already), with these
   // rotary tables (and documents, where given).
-  torch::Tensor forward_layers(torch::Tensor h, const torch::Tensor& cos, const torch::Tensor& sin, KVCache* cache,
+  torch::Tensor forward_layers(torch::Tensor h, const RotaryTables& rotary, KVCache* cache,
                                const std::shared_ptr<const DocumentMask>& documents);
   // The embedding (first stage), and the residual stream in autocast's dtype.
   torch::Tensor embed(const torch::Tensor& input);
@@ -135,6 +166,7 @@ class LlamaForCausalLM : public torch::nn::Module {
   ModelConfig config_;
   StageSpec stage_;
   RotaryEmbedding rotary_;
+  std::optional<RotaryEmbedding> local_rotary_;  // gemma3_text: rope_local_theta, no scaling
   int64_t sequence_shards_;  // LayerFactory::sequence_shards()
   std::shared_ptr<torch::nn::Module> model_;  // holds embed_tokens, layers, norm: the "model." prefix
   std::shared_ptr<Embedding> embed_tokens_;

@@ -14,16 +14,51 @@ namespace loom {
 
 namespace {
 
-// RMSNorm over this rank's slice of the sequence. The weight's gradient from
-// one slice is a partial sum; f (copy_to_tp) sums it over the group in
-// backward, so every rank ends with the whole gradient.
-class SequenceParallelRMSNorm : public RMSNorm {
+// A whole RMSNorm applied to this rank's part of its input: its slice of the
+// sequence (sequence parallelism), or its heads (a per-head q/k norm). The
+// weight's gradient from one part is a partial sum; f (copy_to_tp) sums it
+// over the group in backward, so every rank ends with the whole gradient.
+class PartialInputRMSNorm : public RMSNorm {
  public:
-  SequenceParallelRMSNorm(ProcessGroup& tp, int64_t hidden, double eps) : RMSNorm(hidden, eps), tp_(&tp) {}
+  PartialInputRMSNorm(ProcessGroup& tp, int64_t hidden, double eps, NormWeight style)
+      : RMSNorm(hidden, eps, style), tp_(&tp) {}
   torch::Tensor forward(const torch::Tensor& x) override { return normalize(x, copy_to_tp(*tp_, weight)); }
 
  private:
   ProcessGroup* tp_;
+};
+
+// RMSNorm over the features of a column-parallel linear's output, which this
+// rank holds a slice of (its heads): weight [features/tp], chunk tp_rank of
+// the whole one. Each token's mean square is over all the features: the
+// per-rank sums of squares are all-reduced. The sum goes through g then f
+// (reduce_from_tp, copy_to_tp): every rank's result depends on every rank's
+// inputs, so backward all-reduces the gradient too. fp32 arithmetic, as
+// Hugging Face's Olmo2RMSNorm.
+class ShardedProjectionRMSNorm : public RMSNorm, public TensorParallelLayer {
+ public:
+  ShardedProjectionRMSNorm(ProcessGroup& tp, int64_t features, double eps)
+      : RMSNorm(local_features(tp, features), eps), tp_(&tp), features_(features), epsilon_(eps) {}
+  torch::Tensor forward(const torch::Tensor& x) override {
+    const auto x32 = x.to(torch::kFloat);
+    const auto sum_of_squares = copy_to_tp(*tp_, reduce_from_tp(*tp_, x32.pow(2).sum(-1, /*keepdim=*/true)));
+    const auto normed = x32 * at::rsqrt(sum_of_squares / static_cast<double>(features_) + epsilon_);
+    return (weight * normed).to(x.scalar_type());
+  }
+  int64_t shard_dim(const std::string& /*parameter*/) const override { return 0; }
+
+ private:
+  static int64_t local_features(ProcessGroup& tp, int64_t features) {
+    if (features % tp.size() != 0) {
+      throw BadInput("a q/k norm of " + std::to_string(features) + " features does not split over parallel.tp " +
+                     std::to_string(tp.size()));
+    }
+    return features / tp.size();
+  }
+
+  ProcessGroup* tp_;
+  int64_t features_;
+  double epsilon_;  // RMSNorm keeps its own private
 };
 
 int64_t dim_of(const std::map<std::string, int64_t>& shard_dim, const std::string& name) {
@@ -68,9 +103,21 @@ std::shared_ptr<LmHead> TensorParallelLayerFactory::lm_head(int64_t hidden, int6
                                                VocabParallelLmHead::Options{sequence_parallel_});
 }
 
-std::shared_ptr<RMSNorm> TensorParallelLayerFactory::norm(int64_t hidden, double eps) const {
-  if (sequence_parallel_ && tp_->size() > 1) return std::make_shared<SequenceParallelRMSNorm>(*tp_, hidden, eps);
-  return local_.norm(hidden, eps);
+std::shared_ptr<RMSNorm> TensorParallelLayerFactory::norm(int64_t hidden, double eps, NormWeight style) const {
+  if (sequence_parallel_ && tp_->size() > 1) return std::make_shared<PartialInputRMSNorm>(*tp_, hidden, eps, style);
+  return local_.norm(hidden, eps, style);
+}
+
+std::shared_ptr<RMSNorm> TensorParallelLayerFactory::head_norm(int64_t head_dim, double eps, NormWeight style) const {
+  // Each rank normalizes only its own heads (with or without sequence
+  // parallelism: q and k hold the whole sequence).
+  if (tp_->size() > 1) return std::make_shared<PartialInputRMSNorm>(*tp_, head_dim, eps, style);
+  return local_.head_norm(head_dim, eps, style);
+}
+
+std::shared_ptr<RMSNorm> TensorParallelLayerFactory::projection_norm(int64_t features, double eps) const {
+  if (tp_->size() > 1) return std::make_shared<ShardedProjectionRMSNorm>(*tp_, features, eps);
+  return local_.projection_norm(features, eps);
 }
 
 std::map<std::string, int64_t> tensor_parallel_shard_dims(const torch::nn::Module& model) {

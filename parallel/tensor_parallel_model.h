@@ -20,6 +20,13 @@
 //       all-reduce, or a reduce-scatter under sequence parallelism)
 //   embedding / lm_head               VocabParallelEmbedding / VocabParallelLmHead
 //   norms                             whole on every rank
+//   head_norm (per-head q/k norm)     whole on every rank, applied to this
+//                                     rank's heads: its weight passes
+//                                     through f, whose backward sums the
+//                                     heads' parts of its gradient
+//   projection_norm (q/k norm over    ShardedProjectionRMSNorm: weight split
+//     the whole projection)           like the column linear's output; the
+//                                     sum of squares all-reduced per token
 //   kReplicated                       the single-device linear
 //   attention core, mlp block,        LayerFactory's defaults: the core reads
 //   layer wrapper                     this rank's head counts from q/k/v, the
@@ -57,7 +64,9 @@ class TensorParallelLayerFactory : public LayerFactory {
                                  LinearRole role) const override;
   std::shared_ptr<Embedding> embedding(int64_t vocab, int64_t hidden) const override;
   std::shared_ptr<LmHead> lm_head(int64_t hidden, int64_t vocab, std::shared_ptr<Embedding> tied) const override;
-  std::shared_ptr<RMSNorm> norm(int64_t hidden, double eps) const override;
+  std::shared_ptr<RMSNorm> norm(int64_t hidden, double eps, NormWeight style) const override;
+  std::shared_ptr<RMSNorm> head_norm(int64_t head_dim, double eps, NormWeight style) const override;
+  std::shared_ptr<RMSNorm> projection_norm(int64_t features, double eps) const override;
   int64_t sequence_shards() const override { return sequence_parallel_ ? tp_->size() : 1; }
 
  private:

@@ -195,6 +195,26 @@ TEST(Model, PositionsOfAnotherShapeAreRefused) {
 
 // The GPU's path (Note [document mask]): flash attention's variable-length
 // kernel against the masked SDPA the CPU runs, in bf16, forward and backward.
+TEST(Model, PackedDocumentsTakeTheSlidingWindowWithinEachDocument) {
+  ModelConfig m = small_config();
+  m.architecture = "qwen2";
+  m.sliding_window = 3;
+  m.layer_types = {"sliding_attention", "full_attention", "sliding_attention"};
+  auto model = make_model(m);
+  torch::NoGradGuard no_grad;
+  const std::vector<int64_t> lengths{6, 2, 9};  // two documents longer than the window
+  torch::manual_seed(6);
+  const auto ids = torch::randint(0, 61, {1, 17}, torch::kLong);
+  const auto packed = model->forward(ids, positions_of({packed_positions(lengths)}));
+  int64_t start = 0;
+  for (int64_t length : lengths) {
+    const auto alone = model->forward(ids.narrow(1, start, length));
+    EXPECT_TRUE(at::allclose(packed.narrow(1, start, length), alone, 1e-5, 1e-5))
+        << "document at " << start << " differs by " << (packed.narrow(1, start, length) - alone).abs().max().item<double>();
+    start += length;
+  }
+}
+
 TEST(DocumentMaskCuda, VariableLengthFlashAttentionMatchesTheMaskedAttention) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
   const torch::Device cuda(torch::kCUDA, 0);
@@ -219,7 +239,7 @@ TEST(DocumentMaskCuda, VariableLengthFlashAttentionMatchesTheMaskedAttention) {
   const auto k32 = k.detach().to(torch::kFloat).requires_grad_(true);
   const auto v32 = v.detach().to(torch::kFloat).requires_grad_(true);
   LocalLayerFactory factory;
-  const auto core = factory.attention_core(small_config());
+  const auto core = factory.attention_core(small_config(), 0);
   const auto masked = core->AttentionCore::forward_documents(q32, k32, v32, documents);
   const auto masked_grads = torch::autograd::grad({masked}, {q32, k32, v32}, {upstream.to(torch::kFloat)});
 
@@ -230,6 +250,26 @@ TEST(DocumentMaskCuda, VariableLengthFlashAttentionMatchesTheMaskedAttention) {
   for (int i = 0; i < 3; ++i) EXPECT_LT(max_error(flash_grads[i], masked_grads[i]), 5e-2) << "gradient " << i;
   // And the model-level choice: the default core takes the flash path.
   EXPECT_LT(max_error(core->forward_documents(q, k, v, documents), masked), 2e-2);
+
+  // A sliding window (flash's own against the banded mask), forward and backward.
+  ModelConfig windowed = small_config();
+  windowed.architecture = "mistral";
+  windowed.sliding_window = 16;
+  const auto window_core = factory.attention_core(windowed, 0);
+  const auto flash_window = window_core->forward_documents(q, k, v, documents);
+  const auto flash_window_grads = torch::autograd::grad({flash_window}, {q, k, v}, {upstream});
+  const auto masked_window = window_core->AttentionCore::forward_documents(q32, k32, v32, documents);
+  const auto masked_window_grads =
+      torch::autograd::grad({masked_window}, {q32, k32, v32}, {upstream.to(torch::kFloat)});
+  EXPECT_LT(max_error(flash_window, masked_window), 2e-2);
+  EXPECT_GT((masked_window - masked).abs().max().item<double>(), 1e-2);  // the window matters
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_LT(max_error(flash_window_grads[i], masked_window_grads[i]), 5e-2) << "windowed gradient " << i;
+  }
+  // And SDPA with the banded mask (no documents) on the GPU.
+  const auto plain = window_core->forward(q, k, v, nullptr, nullptr);
+  const auto plain32 = window_core->forward(q32, k32, v32, nullptr, nullptr);
+  EXPECT_LT(max_error(plain, plain32), 2e-2);
 }
 
 }  // namespace

@@ -12,6 +12,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "checkpoints/hf_config.h"
 #include "checkpoints/hub.h"
 #include "checkpoints/init_from.h"
 #include "checkpoints/loom_checkpoint.h"
@@ -304,6 +305,30 @@ TEST_F(HubTest, UnexpectedTensorIsNamed) {
   expect_bad_input([&] { load_model(ModelFiles::open(path("hf"))); }, {"model.layers.9.mlp.up_proj.weight"});
 }
 
+TEST_F(HubTest, Phi3ProjectionsAreFusedInTheHubFilesAndSplitInTheModel) {
+  ModelConfig phi3 = config_;
+  phi3.architecture = "phi3";
+  LlamaForCausalLM model(phi3, factory_);
+  model.init_weights(5);
+  export_hub(model, path("hf"), {});
+  const auto file = safetensors::File::open(path("hf/model.safetensors"));
+  std::set<std::string> stored;
+  for (const auto& info : file.tensors()) stored.insert(info.name);
+  EXPECT_TRUE(stored.count("model.layers.1.self_attn.qkv_proj.weight"));
+  EXPECT_TRUE(stored.count("model.layers.1.mlp.gate_up_proj.weight"));
+  EXPECT_FALSE(stored.count("model.layers.1.self_attn.k_proj.weight"));
+  EXPECT_FALSE(stored.count("model.layers.1.mlp.up_proj.weight"));
+  // q rows, then k, then v: the fused tensor read back whole.
+  const auto files = ModelFiles::open(path("hf"));
+  expect_same_parameters(model, *load_model(files));
+  // A fused tensor of another shape is named.
+  const auto config = nlohmann::json::parse(read_file(path("hf/config.json")));
+  auto wrong = config;
+  wrong["num_key_value_heads"] = 4;
+  write_file_atomic(path("hf/config.json"), wrong.dump());
+  expect_bad_input([&] { ModelFiles::open(path("hf")); }, {"qkv_proj.weight", "[64, 32]", "[96, 32]"});
+}
+
 TEST_F(HubTest, UnsupportedArchitectureIsRefusedNamingTheField) {
   export_hub(*model_, path("hf"), {});
   auto config = nlohmann::json::parse(read_file(path("hf/config.json")));
@@ -324,6 +349,144 @@ TEST_F(HubTest, InitFromLoadsTheFolderAndRefusesADisagreeingShape) {
   wrong.model.init_from = path("hf");
   wrong.model.hidden_size = 64;
   expect_bad_input([&] { build_initial_model(wrong, factory_); }, {"model.hidden_size", "64", "32"});
+}
+
+// A small config.json of `model_type` with `extra` merged in.
+nlohmann::json hf_config(const std::string& model_type, const nlohmann::json& extra = nlohmann::json::object()) {
+  nlohmann::json hf = {{"model_type", model_type}, {"hidden_size", 32},       {"intermediate_size", 48},
+                       {"num_hidden_layers", 4},   {"num_attention_heads", 4}, {"num_key_value_heads", 2},
+                       {"vocab_size", 64}};
+  hf.update(extra);
+  return hf;
+}
+
+TEST(HfConfig, EachFamilysOptionsRoundTripThroughConfigJson) {
+  const std::vector<nlohmann::json> configs = {
+      hf_config("qwen3", {{"head_dim", 24}, {"attention_bias", true}}),
+      hf_config("olmo2"),
+      hf_config("smollm3", {{"no_rope_layers", {1, 0, 1, 0}}, {"mlp_bias", true}}),
+      hf_config("mistral", {{"sliding_window", 16}}),
+      hf_config("qwen2", {{"use_sliding_window", true}, {"sliding_window", 8}, {"max_window_layers", 2}}),
+      hf_config("qwen3", {{"use_sliding_window", true}, {"sliding_window", 8},
+                          {"layer_types", {"sliding_attention", "full_attention", "sliding_attention", "full_attention"}}}),
+      hf_config("gemma", {{"hidden_act", "gelu"}}),
+      hf_config("gemma2", {{"sliding_window", 16}, {"attn_logit_softcapping", 50.0}, {"final_logit_softcapping", 30.0},
+                           {"query_pre_attn_scalar", 12}}),
+      hf_config("gemma3_text",
+                {{"sliding_window", 16},
+                 {"rope_parameters", {{"full_attention", {{"rope_type", "linear"}, {"factor", 8.0}, {"rope_theta", 1e6}}},
+                                      {"sliding_attention", {{"rope_type", "default"}, {"rope_theta", 1e4}}}}}}),
+  };
+  for (const auto& hf : configs) {
+    const ModelConfig m = model_config_from_hf(hf, "config.json");
+    const ModelConfig back = model_config_from_hf(nlohmann::json::parse(model_config_to_hf(m, "float32").dump()), "x");
+    EXPECT_EQ(back.architecture, m.architecture) << hf.dump();
+    EXPECT_EQ(back.head_size(), m.head_size()) << hf.dump();
+    EXPECT_EQ(back.attention_bias, m.attention_bias) << hf.dump();
+    EXPECT_EQ(back.mlp_bias, m.mlp_bias) << hf.dump();
+    EXPECT_EQ(back.nope_layers, m.nope_layers) << hf.dump();
+    EXPECT_EQ(back.sliding_window, m.sliding_window) << hf.dump();
+    for (int64_t layer = 0; layer < m.num_layers; ++layer) EXPECT_EQ(back.window_of(layer), m.window_of(layer));
+    EXPECT_EQ(back.activation(), m.activation()) << hf.dump();
+    EXPECT_EQ(back.tie_embeddings, m.tie_embeddings) << hf.dump();
+    EXPECT_EQ(back.attn_logit_softcapping, m.attn_logit_softcapping) << hf.dump();
+    EXPECT_EQ(back.final_logit_softcapping, m.final_logit_softcapping) << hf.dump();
+    EXPECT_EQ(back.query_pre_attn_scalar, m.query_pre_attn_scalar) << hf.dump();
+    EXPECT_EQ(back.rope_local_theta, m.rope_local_theta) << hf.dump();
+    EXPECT_EQ(back.rope_theta, m.rope_theta) << hf.dump();
+    EXPECT_EQ(back.rope_scaling.type, m.rope_scaling.type) << hf.dump();
+  }
+  // Gemma: tied and GeGLU unless said otherwise; Gemma 2 alternates windows
+  // from layer 0, Gemma 3 keeps every sixth layer global and its global
+  // rope scaled.
+  const ModelConfig gemma = model_config_from_hf(hf_config("gemma"), "c");
+  EXPECT_TRUE(gemma.tie_embeddings);
+  EXPECT_EQ(gemma.activation(), "gelu_pytorch_tanh");
+  const ModelConfig gemma2 = model_config_from_hf(configs[7], "c");
+  EXPECT_EQ(std::vector<int64_t>({gemma2.window_of(0), gemma2.window_of(1), gemma2.window_of(2)}),
+            (std::vector<int64_t>{16, 0, 16}));
+  const ModelConfig gemma3 = model_config_from_hf(configs[8], "c");
+  EXPECT_EQ(gemma3.rope_local_theta, 1e4);
+  EXPECT_EQ(gemma3.rope_scaling.type, "linear");
+  EXPECT_TRUE(gemma3.uses_local_rotary(0));
+  EXPECT_EQ(gemma3.qk_norm(), QkNorm::kPerHead);
+  EXPECT_EQ(model_config_to_hf(gemma3, "float32")["architectures"][0], "Gemma3ForCausalLM");
+  EXPECT_EQ(model_config_from_hf(configs[2], "c").nope_layers, (std::vector<int64_t>{1, 3}));
+  // SmolLM3 without the list: every 4th layer, as transformers fills it in.
+  EXPECT_EQ(model_config_from_hf(hf_config("smollm3"), "c").nope_layers, (std::vector<int64_t>{3}));
+  const ModelConfig qwen2 = model_config_from_hf(configs[4], "c");  // layers from max_window_layers on
+  EXPECT_EQ(std::vector<int64_t>({qwen2.window_of(0), qwen2.window_of(1), qwen2.window_of(2), qwen2.window_of(3)}),
+            (std::vector<int64_t>{0, 0, 8, 8}));
+  const ModelConfig mistral = model_config_from_hf(configs[3], "c");
+  EXPECT_EQ(mistral.window_of(3), 16);
+  EXPECT_EQ(model_config_to_hf(mistral, "float32")["architectures"][0], "MistralForCausalLM");
+  // Without a window Mistral is Llama, as before.
+  EXPECT_EQ(model_config_from_hf(hf_config("mistral", {{"sliding_window", nullptr}}), "c").architecture, "llama");
+  // Qwen2's window is off unless use_sliding_window says so.
+  EXPECT_EQ(model_config_from_hf(hf_config("qwen2", {{"sliding_window", 8}}), "c").sliding_window, 0);
+  // RoPE scalings keep their parameters through the export.
+  const ModelConfig yarn = model_config_from_hf(
+      hf_config("llama", {{"max_position_embeddings", 64},
+                          {"rope_scaling", {{"rope_type", "yarn"}, {"original_max_position_embeddings", 16},
+                                            {"beta_fast", 8.0}, {"mscale", 0.7}, {"mscale_all_dim", 0.9}}}}),
+      "c");
+  EXPECT_EQ(yarn.rope_scaling.factor, 4.0);  // absent: max_position_embeddings / the original context
+  const ModelConfig yarn_back = model_config_from_hf(nlohmann::json::parse(model_config_to_hf(yarn, "float32").dump()), "x");
+  EXPECT_EQ(yarn_back.rope_scaling.beta_fast, 8.0);
+  EXPECT_EQ(yarn_back.rope_scaling.beta_slow, 1.0);
+  EXPECT_EQ(yarn_back.rope_scaling.mscale_all_dim, 0.9);
+  EXPECT_EQ(yarn_back.rope_scaling.original_max_position_embeddings, 16);
+  const ModelConfig su = model_config_from_hf(
+      hf_config("llama", {{"original_max_position_embeddings", 8},
+                          {"rope_scaling", {{"type", "su"}, {"short_factor", {1, 1, 1, 1}}, {"long_factor", {1, 2, 3, 4}}}}}),
+      "c");
+  EXPECT_EQ(su.rope_scaling.type, "longrope");
+  EXPECT_EQ(su.rope_scaling.original_max_position_embeddings, 8);  // Phi-3 keeps it at the top level
+  EXPECT_EQ(su.rope_scaling.long_factor, (std::vector<double>{1, 2, 3, 4}));
+}
+
+TEST(HfConfig, WhatLoomCannotRunIsRefusedNamingTheKey) {
+  expect_bad_input([] { model_config_from_hf(hf_config("glm"), "c.json"); }, {"c.json", "model_type", "glm"});
+  expect_bad_input([] { model_config_from_hf(hf_config("phimoe"), "c.json"); }, {"model_type", "phimoe"});
+  expect_bad_input([] { model_config_from_hf(hf_config("gemma3"), "c.json"); }, {"model_type", "gemma3_text"});
+  expect_bad_input([] { model_config_from_hf(hf_config("phi3", {{"partial_rotary_factor", 0.75}}), "c.json"); },
+                   {"partial_rotary_factor", "0.75"});
+  expect_bad_input([] { model_config_from_hf(hf_config("gemma2", {{"hidden_activation", "relu"}}), "c"); },
+                   {"hidden_activation", "relu"});
+  expect_bad_input([] { model_config_from_hf(hf_config("gemma", {{"use_bidirectional_attention", true}}), "c"); },
+                   {"use_bidirectional_attention"});
+  expect_bad_input([] { model_config_from_hf(hf_config("llama", {{"hidden_act", "gelu"}}), "c.json"); },
+                   {"hidden_act", "gelu"});
+  expect_bad_input(
+      [] { model_config_from_hf(hf_config("llama", {{"rope_scaling", {{"rope_type", "mrope"}, {"factor", 4.0}}}}), "c"); },
+      {"rope_type", "mrope"});
+  expect_bad_input(
+      [] {
+        model_config_from_hf(hf_config("llama", {{"rope_parameters", {{"rope_type", "default"}, {"partial_rotary_factor", 0.5}}}}),
+                             "c");
+      },
+      {"partial_rotary_factor", "0.5"});
+  // head_dim 8: longrope needs 4 divisors in each list.
+  expect_bad_input(
+      [] {
+        model_config_from_hf(hf_config("llama", {{"rope_scaling", {{"rope_type", "longrope"},
+                                                                    {"short_factor", {1.0, 1.0, 1.0, 1.0}},
+                                                                    {"long_factor", {1.0, 2.0}}}}}),
+                             "c");
+      },
+      {"long_factor", "4"});
+  expect_bad_input([] { model_config_from_hf(hf_config("smollm3", {{"no_rope_layers", {1, 0}}}), "c.json"); },
+                   {"no_rope_layers"});
+  expect_bad_input([] { model_config_from_hf(hf_config("mistral", {{"layer_types", {"full_attention"}}}), "c"); },
+                   {"layer_types"});
+  expect_bad_input(
+      [] {
+        model_config_from_hf(hf_config("qwen2", {{"use_sliding_window", true}, {"sliding_window", 8},
+                                                  {"layer_types", {"sliding_attention", "chunked_attention",
+                                                                   "full_attention", "full_attention"}}}),
+                             "c");
+      },
+      {"layer_types", "chunked_attention"});
 }
 
 TEST(ByteSize, ParsesUnitsAndRefusesNonsense) {

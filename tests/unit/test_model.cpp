@@ -11,6 +11,7 @@
 #include <torch/utils.h>
 
 #include <algorithm>
+#include <cmath>
 #include <map>
 #include <memory>
 #include <optional>
@@ -101,14 +102,185 @@ TEST(Model, Qwen2HasQkvBiasesButNoOutputBias) {
   EXPECT_EQ(shapes.count("model.layers.0.mlp.up_proj.bias"), 0u);
 }
 
+TEST(Model, Qwen3NormsEachHeadOfQueriesAndKeys) {
+  ModelConfig m = small_config();
+  m.architecture = "qwen3";
+  m.head_dim = 20;  // not hidden / heads
+  auto shapes = shapes_of(*make_model(m));
+  EXPECT_EQ(shapes.at("model.layers.0.self_attn.q_proj.weight"), (std::vector<int64_t>{80, 48}));
+  EXPECT_EQ(shapes.at("model.layers.0.self_attn.q_norm.weight"), (std::vector<int64_t>{20}));
+  EXPECT_EQ(shapes.at("model.layers.0.self_attn.k_norm.weight"), (std::vector<int64_t>{20}));
+  EXPECT_EQ(shapes.at("model.layers.0.input_layernorm.weight"), (std::vector<int64_t>{48}));
+}
+
+TEST(Model, Olmo2NormsAfterEachBlockAndOverWholeProjections) {
+  ModelConfig m = small_config();
+  m.architecture = "olmo2";
+  auto shapes = shapes_of(*make_model(m));
+  EXPECT_EQ(shapes.at("model.layers.1.self_attn.q_norm.weight"), (std::vector<int64_t>{48}));
+  EXPECT_EQ(shapes.at("model.layers.1.self_attn.k_norm.weight"), (std::vector<int64_t>{24}));
+  EXPECT_EQ(shapes.at("model.layers.1.post_attention_layernorm.weight"), (std::vector<int64_t>{48}));
+  EXPECT_EQ(shapes.at("model.layers.1.post_feedforward_layernorm.weight"), (std::vector<int64_t>{48}));
+  EXPECT_EQ(shapes.count("model.layers.1.input_layernorm.weight"), 0u);
+}
+
+TEST(Model, Gemma2HasFourNormsStoredAsOffsetsFromOne) {
+  ModelConfig m = small_config();
+  m.architecture = "gemma2";
+  m.tie_embeddings = true;
+  auto model = make_model(m);
+  auto shapes = shapes_of(*model);
+  for (const char* norm : {"input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                           "post_feedforward_layernorm"}) {
+    EXPECT_EQ(shapes.at(std::string("model.layers.0.") + norm + ".weight"), (std::vector<int64_t>{48})) << norm;
+  }
+  // A norm of weight 0 is the plain normalization (1 + 0), one of weight 1 doubles it.
+  RMSNorm gemma_norm(4, 1e-6, NormWeight::kOnePlus), llama_norm(4, 1e-6);
+  const auto x = torch::tensor({{1.0f, -2.0f, 3.0f, 0.5f}});
+  EXPECT_TRUE(at::allclose(gemma_norm.forward(x), llama_norm.forward(x)));
+  {
+    torch::NoGradGuard no_grad;
+    gemma_norm.weight.fill_(1.0);
+  }
+  EXPECT_TRUE(at::allclose(gemma_norm.forward(x), 2 * llama_norm.forward(x)));
+}
+
+TEST(Model, SoftCappedAttentionIsTheEagerFormula) {
+  torch::manual_seed(3);
+  const auto q = torch::randn({1, 4, 6, 8}) * 3, k = torch::randn({1, 2, 6, 8}) * 3, v = torch::randn({1, 2, 6, 8});
+  AttentionOptions options;
+  options.scale = 0.3;
+  options.softcap = 2.0;
+  const auto allowed = sliding_window_mask(6, 6, 0, torch::kCPU);
+  const auto got = eager_attention(q, k, v, allowed, options);
+  const auto kk = k.repeat_interleave(2, 1), vv = v.repeat_interleave(2, 1);
+  auto scores = at::tanh(at::matmul(q, kk.transpose(2, 3)) * 0.3 / 2.0) * 2.0;
+  scores = scores.masked_fill(allowed.logical_not(), -1e30);
+  EXPECT_TRUE(at::allclose(got, at::matmul(at::softmax(scores, -1), vv), 1e-5, 1e-6));
+  // Without a cap it is SDPA's attention with the same scale.
+  options.softcap = 0;
+  const auto sdpa = at::scaled_dot_product_attention(q, k, v, allowed, 0.0, false, 0.3, /*enable_gqa=*/true);
+  EXPECT_TRUE(at::allclose(eager_attention(q, k, v, allowed, options), sdpa, 1e-5, 1e-6));
+}
+
+TEST(Model, NopeLayersIgnorePositionsAndTheOthersDoNot) {
+  // One layer without rotary sees a set of keys, not a sequence: the last
+  // query's output is the same whatever order the earlier tokens came in.
+  ModelConfig m = small_config();
+  m.architecture = "smollm3";
+  m.num_layers = 1;
+  m.nope_layers = {0};
+  auto nope = make_model(m);
+  auto a = torch::tensor({{3, 14, 15, 9, 26}}, torch::kLong);
+  auto b = torch::tensor({{15, 9, 3, 14, 26}}, torch::kLong);
+  auto last = [](const torch::Tensor& logits) { return logits.select(1, 4); };
+  EXPECT_LT((last(nope->forward(a)) - last(nope->forward(b))).abs().max().item<double>(), 1e-5);
+  m.nope_layers = {};
+  auto rope = make_model(m);
+  EXPECT_GT((last(rope->forward(a)) - last(rope->forward(b))).abs().max().item<double>(), 1e-3);
+}
+
+TEST(Model, CachedDecodingEqualsFullForwardForEveryFamily) {
+  for (const char* arch : {"qwen3", "olmo2", "smollm3", "gemma2", "gemma3_text"}) {
+    ModelConfig m = small_config();
+    m.architecture = arch;
+    if (m.architecture == "smollm3") m.nope_layers = {1};
+    if (m.gemma()) {
+      // Soft-capped attention and logits, a window of 3 on layers 0 and 2,
+      // gemma3's local rotary there.
+      m.attn_logit_softcapping = m.architecture == "gemma2" ? 3.0 : 0.0;
+      m.final_logit_softcapping = m.architecture == "gemma2" ? 5.0 : 0.0;
+      m.query_pre_attn_scalar = 10;
+      m.sliding_window = 3;
+      m.layer_types = {"sliding_attention", "full_attention", "sliding_attention"};
+      if (m.architecture == "gemma3_text") m.rope_local_theta = 100.0;
+    }
+    auto model = make_model(m);
+    torch::NoGradGuard no_grad;
+    auto ids = torch::tensor({{3, 14, 15, 9, 26, 5, 35}}, torch::kLong);
+    auto full = model->forward(ids);
+    KVCache cache;
+    model->forward(ids.narrow(1, 0, 4), &cache, 0);
+    for (int64_t t = 4; t < 7; ++t) {
+      auto step = model->forward(ids.narrow(1, t, 1), &cache, t);
+      EXPECT_LT((step.select(1, 0) - full.select(1, t)).abs().max().item<double>(), 1e-4) << arch << " t=" << t;
+    }
+  }
+}
+
+TEST(Model, SlidingWindowHidesTokensBeyondItAlsoWhileDecoding) {
+  ModelConfig m = small_config();
+  m.architecture = "mistral";
+  m.sliding_window = 3;
+  m.num_layers = 1;  // one layer: position t sees exactly t-2..t
+  auto model = make_model(m);
+  torch::NoGradGuard no_grad;
+  auto a = torch::tensor({{3, 14, 15, 9, 26, 5, 35, 8}}, torch::kLong);
+  auto b = a.clone();
+  b.index_put_({0, 1}, 40);
+  const auto full_a = model->forward(a), full_b = model->forward(b);
+  EXPECT_GT((full_a.select(1, 3) - full_b.select(1, 3)).abs().max().item<double>(), 1e-3);  // 1 is within 3 of 3
+  EXPECT_LT((full_a.narrow(1, 4, 4) - full_b.narrow(1, 4, 4)).abs().max().item<double>(), 1e-6);
+  // Two layers, some windowed (qwen2's layer_types): the cache holds every
+  // position, and a decoded token sees the window's worth of it.
+  m.architecture = "qwen2";
+  m.num_layers = 2;
+  m.layer_types = {"full_attention", "sliding_attention"};
+  auto mixed = make_model(m);
+  const auto full = mixed->forward(a);
+  KVCache cache;
+  mixed->forward(a.narrow(1, 0, 2), &cache, 0);
+  for (int64_t t = 2; t < 8; ++t) {
+    auto step = mixed->forward(a.narrow(1, t, 1), &cache, t);
+    EXPECT_LT((step.select(1, 0) - full.select(1, t)).abs().max().item<double>(), 1e-4) << "position " << t;
+  }
+  EXPECT_EQ(cache.length(), 8);
+  // The window is the only difference from the same model without it.
+  m.sliding_window = 0;
+  m.layer_types = {};
+  EXPECT_GT((make_model(m)->forward(a) - full).abs().max().item<double>(), 1e-3);
+}
+
+TEST(Rotary, LengthDependentScalingsPickTheirTableFromTheSequenceLength) {
+  ModelConfig m = small_config();  // head_dim 12: 6 frequencies
+  m.max_seq_len = 16;
+  const auto plain = rope_inverse_frequencies(m);
+  m.rope_scaling.type = "dynamic";
+  m.rope_scaling.factor = 2.0;
+  // Dynamic NTK: theta itself up to max_seq_len, a larger one beyond.
+  EXPECT_TRUE(at::equal(rope_inverse_frequencies(m, 16), plain));
+  const auto longer = rope_inverse_frequencies(m, 32);
+  EXPECT_DOUBLE_EQ(longer[0].item<double>(), 1.0);
+  EXPECT_LT(longer[5].item<double>(), plain[5].item<double>());
+  EXPECT_DOUBLE_EQ(rope_attention_scaling(m), 1.0);
+  // LongRoPE: the short divisors up to the original context, the long past it.
+  m.rope_scaling.type = "longrope";
+  m.rope_scaling.original_max_position_embeddings = 8;
+  m.rope_scaling.factor = 2.0;
+  m.rope_scaling.short_factor = {1, 1, 1, 1, 1, 2};
+  m.rope_scaling.long_factor = {1, 2, 3, 4, 5, 6};
+  EXPECT_NEAR(rope_inverse_frequencies(m, 8)[5].item<double>(), plain[5].item<double>() / 2, 1e-9);
+  EXPECT_NEAR(rope_inverse_frequencies(m, 9)[3].item<double>(), plain[3].item<double>() / 4, 1e-9);
+  EXPECT_NEAR(rope_attention_scaling(m), std::sqrt(1 + std::log(2.0) / std::log(8.0)), 1e-12);
+  // YaRN: the fastest dim kept, the slowest divided by factor; 0.1 ln(factor) + 1 on cos and sin.
+  m.rope_scaling = RopeScalingConfig{};
+  m.rope_scaling.type = "yarn";
+  m.rope_scaling.factor = 4.0;
+  m.rope_scaling.original_max_position_embeddings = 16;
+  const auto yarn = rope_inverse_frequencies(m);
+  EXPECT_FLOAT_EQ(yarn[0].item<float>(), plain[0].item<float>());
+  EXPECT_FLOAT_EQ(yarn[5].item<float>(), plain[5].item<float>() / 4);
+  EXPECT_NEAR(rope_attention_scaling(m), 0.1 * std::log(4.0) + 1, 1e-12);
+}
+
 TEST(Model, ParameterCountFormulaMatchesTheModel) {
   for (bool tied : {false, true}) {
-    for (const char* arch : {"llama", "qwen2"}) {
+    for (const char* arch : {"llama", "qwen2", "qwen3", "olmo2", "smollm3", "gemma", "gemma2", "gemma3_text"}) {
       ModelConfig m = small_config();
       m.tie_embeddings = tied;
       m.architecture = arch;
-      m.mlp_bias = std::string(arch) == "llama";
-      m.attention_bias = std::string(arch) == "llama";
+      m.mlp_bias = std::string(arch) == "llama" || std::string(arch) == "smollm3";
+      m.attention_bias = std::string(arch) != "qwen2";
       m.head_dim = 16;  // not hidden / heads
       int64_t total = 0;
       for (const auto& p : make_model(m)->parameters()) total += p.numel();
@@ -497,8 +669,8 @@ class RecordingFactory : public LocalLayerFactory {
   };
   explicit RecordingFactory(Roles roles) : roles_(std::move(roles)) {}
 
-  std::shared_ptr<AttentionCore> attention_core(const ModelConfig& model) const override {
-    auto core = LocalLayerFactory::attention_core(model);
+  std::shared_ptr<AttentionCore> attention_core(const ModelConfig& model, int64_t layer) const override {
+    auto core = LocalLayerFactory::attention_core(model, layer);
     return roles_.core ? std::make_shared<LoggingAttentionCore>(core, log) : core;
   }
   std::shared_ptr<FeedForward> mlp(const ModelConfig& model) const override {

@@ -64,6 +64,18 @@ ModelConfig model_config(const Case& c) {
   m.attention_bias = c.attention_bias;
   m.recompute = c.recompute;
   m.init_std = 0.05;
+  if (m.architecture == "qwen3") m.head_dim = 12;  // not hidden / heads
+  if (m.architecture == "smollm3") m.nope_layers = {1};
+  if (m.gemma()) {
+    // Soft-capping, a window shorter than the sequence on layer 0, the
+    // local rotary there for gemma3.
+    m.attn_logit_softcapping = m.architecture == "gemma2" ? 3.0 : 0.0;
+    m.final_logit_softcapping = m.architecture == "gemma2" ? 5.0 : 0.0;
+    m.query_pre_attn_scalar = 12;
+    m.sliding_window = 5;
+    m.layer_types = {"sliding_attention", "full_attention"};
+    if (m.architecture == "gemma3_text") m.rope_local_theta = 100.0;
+  }
   return m;
 }
 
@@ -177,7 +189,14 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{"tied", true, false}, Case{"tied_sequence_parallel", true, true},
                       Case{"attention_bias_sequence_parallel", true, true, "llama", true},
                       Case{"qwen2_biases", false, false, "qwen2"},
-                      Case{"recompute_sequence_parallel", false, true, "llama", false, "full"}),
+                      Case{"recompute_sequence_parallel", false, true, "llama", false, "full"},
+                      Case{"qwen3_head_norms", false, false, "qwen3", true},
+                      Case{"qwen3_head_norms_sequence_parallel", true, true, "qwen3"},
+                      Case{"olmo2_projection_norms", false, false, "olmo2"},
+                      Case{"olmo2_projection_norms_sequence_parallel", true, true, "olmo2", true},
+                      Case{"smollm3_nope_layer", true, false, "smollm3"},
+                      Case{"gemma2_softcapped_sandwich_sequence_parallel", true, true, "gemma2"},
+                      Case{"gemma3_text_head_norms_local_rotary", true, false, "gemma3_text"}),
     [](const ::testing::TestParamInfo<Case>& info) { return std::string(info.param.name); });
 
 TEST(TensorParallelModelLoad, AFullTensorOfTheWrongShapeIsRefusedBeforeAnyCopy) {
@@ -259,8 +278,8 @@ class ShapeRecordingCore : public AttentionCore {
 class ShapeRecordingFactory : public TensorParallelLayerFactory {
  public:
   using TensorParallelLayerFactory::TensorParallelLayerFactory;
-  std::shared_ptr<AttentionCore> attention_core(const ModelConfig& model) const override {
-    return std::make_shared<ShapeRecordingCore>(TensorParallelLayerFactory::attention_core(model), &shapes);
+  std::shared_ptr<AttentionCore> attention_core(const ModelConfig& model, int64_t layer) const override {
+    return std::make_shared<ShapeRecordingCore>(TensorParallelLayerFactory::attention_core(model, layer), &shapes);
   }
   mutable std::vector<std::vector<int64_t>> shapes;
 };
