@@ -146,7 +146,7 @@ std::vector<BadCase> bad_cases() {
       {"nope_layer_past_the_last", replaced(m, "model:\n", "model:\n  architecture: smollm3\n") + "  nope_layers: [9]\n", {},
        {"bad.yaml:9:", "model.nope_layers", "layer 9"}},
       {"sliding_window_for_olmo2", replaced(m, "model:\n", "model:\n  architecture: olmo2\n") + "  sliding_window: 8\n", {},
-       {"bad.yaml:9:", "model.sliding_window", "olmo2", "mistral, qwen2, qwen3, smollm3, gemma2 or gemma3_text"}},
+       {"bad.yaml:9:", "model.sliding_window", "olmo2", "mistral, qwen2, qwen3, smollm3, gemma2, gemma3_text or phi3"}},
       {"layer_types_of_another_length",
        replaced(m, "model:\n", "model:\n  architecture: qwen2\n") + "  sliding_window: 8\n  layer_types: [sliding_attention]\n", {},
        {"bad.yaml:10:", "model.layer_types", "1 entries"}},
