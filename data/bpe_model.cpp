@@ -24,11 +24,12 @@ std::optional<std::string> optional_string(const json& model, const char* key, c
 
 BpeModel BpeModel::from_json(const json& model, const std::string& file) {
   BpeModel result;
+  // BPE-dropout skips merges at random to regularize a model's training;
+  // loom encodes datasets and prompts deterministically, as `tokenizers`
+  // does with dropout off, so the value is checked and ignored.
   if (const auto it = model.find("dropout"); it != model.end() && !it->is_null()) {
-    if (!it->is_number()) json_fail(file, "model.dropout", "expected a number or null, found " + json_preview(*it));
-    if (it->get<double>() != 0.0)
-      json_fail(file, "model.dropout",
-                json_preview(*it) + " is not supported (loom's encoding is deterministic; use null)");
+    if (!it->is_number() || it->get<double>() < 0.0 || it->get<double>() > 1.0)
+      json_fail(file, "model.dropout", "expected a probability in [0, 1] or null, found " + json_preview(*it));
   }
   for (const char* key : {"continuing_subword_prefix", "end_of_word_suffix"})
     if (auto value = optional_string(model, key, file); value && !value->empty())

@@ -14,7 +14,7 @@
 // normalized text, pre-tokenized (pretokenizer.h), and every pre-token is
 // encoded by the model: BPE (bpe_model.h: lowest merge rank first, leftmost
 // on ties; merges as "a b" strings or ["a", "b"] pairs, ignore_merges,
-// unk_token, fuse_unk, byte_fallback; dropout must be off) or Unigram
+// unk_token, fuse_unk, byte_fallback; dropout ignored) or Unigram
 // (unigram.h). The
 // post-processor (post_processor.h) adds special tokens around a text when
 // asked; the decoder (token_decoder.h) turns ids back into text.

@@ -188,6 +188,14 @@ TEST(Bpe, merges_apply_by_rank) {
   EXPECT_EQ(load_spec(spec_with({"ab", "bc"}, {{"a", "b"}, {"b", "c"}})).encode("abc"), (Ids{256, 'c'}));
 }
 
+TEST(Bpe, dropout_is_read_and_ignored) {
+  json spec = hello_spec();
+  spec["model"]["dropout"] = 0.1;
+  const Tokenizer with_dropout = load_spec(spec);
+  const Tokenizer without = load_spec(hello_spec());
+  for (int i = 0; i < 20; ++i) EXPECT_EQ(with_dropout.encode("hello hello"), without.encode("hello hello"));
+}
+
 TEST(Bpe, legacy_string_merges_read_like_pairs) {
   json spec = hello_spec();
   json legacy = json::array();
@@ -452,7 +460,7 @@ TEST(Refusal, unsupported_kinds_name_the_file_and_key) {
   refused([](json& s) {
     s["decoder"] = {{"type", "Sequence"}, {"decoders", {{{"type", "Strip"}, {"content", " "}, {"start", -1}, {"stop", 0}}}}};
   }, {"decoder.decoders[0].start", "expected a count"});
-  refused([](json& s) { s["model"]["dropout"] = 0.1; }, {"model.dropout", "deterministic"});
+  refused([](json& s) { s["model"]["dropout"] = 1.5; }, {"model.dropout", "expected a probability in [0, 1]"});
   refused([](json& s) { s["model"]["continuing_subword_prefix"] = "##"; }, {"model.continuing_subword_prefix"});
   refused([](json& s) {
     s["pre_tokenizer"] = {{"type", "Sequence"},
