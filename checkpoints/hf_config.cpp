@@ -89,6 +89,19 @@ std::vector<int64_t> nope_layers_from_hf(const Reader& r, const json& hf, int64_
   return nope;
 }
 
+// The config's layer_types (one per layer: full_attention or
+// sliding_attention) into m.layer_types; false when it has none.
+bool read_layer_types(const Reader& r, const json& hf, ModelConfig& m) {
+  if (!r.has("layer_types")) return false;
+  const json& types = hf.at("layer_types");
+  if (!types.is_array()) r.fail("layer_types", "is " + types.dump(), "a list of full_attention or sliding_attention");
+  for (const json& type : types) {
+    if (!type.is_string()) r.fail("layer_types", "is " + types.dump(), "a list of full_attention or sliding_attention");
+    m.layer_types.push_back(type.get<std::string>());
+  }
+  return true;
+}
+
 // The window and where it applies. Mistral: sliding_window on every layer.
 // Qwen2, Qwen3, SmolLM3: only with use_sliding_window, on the layers
 // layer_types names, or (written by older transformers, without
@@ -109,15 +122,7 @@ void read_sliding_window(const Reader& r, const json& hf, ModelConfig& m) {
   if (!(qwen || m.architecture == "smollm3") || !r.boolean("use_sliding_window", false)) return;
   m.sliding_window = r.integer("sliding_window");
   if (m.sliding_window <= 0) r.fail("sliding_window", "is " + std::to_string(m.sliding_window), "a positive integer");
-  if (r.has("layer_types")) {
-    const json& types = hf.at("layer_types");
-    if (!types.is_array()) r.fail("layer_types", "is " + types.dump(), "a list of full_attention or sliding_attention");
-    for (const json& type : types) {
-      if (!type.is_string()) r.fail("layer_types", "is " + types.dump(), "a list of full_attention or sliding_attention");
-      m.layer_types.push_back(type.get<std::string>());
-    }
-    return;
-  }
+  if (read_layer_types(r, hf, m)) return;
   const int64_t first_window_layer = qwen ? r.integer("max_window_layers", m.num_layers) : 0;
   for (int64_t layer = 0; layer < m.num_layers; ++layer) {
     const bool sliding = qwen ? layer >= first_window_layer : !m.uses_rotary(layer);
@@ -153,15 +158,7 @@ void read_gemma_window(const Reader& r, const json& hf, ModelConfig& m) {
   if (!r.has("sliding_window")) return;
   m.sliding_window = r.integer("sliding_window");
   if (m.sliding_window <= 0) r.fail("sliding_window", "is " + std::to_string(m.sliding_window), "a positive integer");
-  if (r.has("layer_types")) {
-    const json& types = hf.at("layer_types");
-    if (!types.is_array()) r.fail("layer_types", "is " + types.dump(), "a list of full_attention or sliding_attention");
-    for (const json& type : types) {
-      if (!type.is_string()) r.fail("layer_types", "is " + types.dump(), "a list of full_attention or sliding_attention");
-      m.layer_types.push_back(type.get<std::string>());
-    }
-    return;
-  }
+  if (read_layer_types(r, hf, m)) return;
   const int64_t pattern = m.architecture == "gemma2" ? 2 : r.integer("sliding_window_pattern", 6);
   for (int64_t layer = 0; layer < m.num_layers; ++layer) {
     m.layer_types.push_back((layer + 1) % pattern != 0 ? "sliding_attention" : "full_attention");
