@@ -91,9 +91,11 @@ NamedTensors to_named_tensors(const torch::OrderedDict<std::string, torch::Tenso
 void AdamW::step(double lr) {
   at::NoGradGuard no_grad;  // in-place updates of leaves that require grad
   bool all_cuda_fp32 = !params_.empty();
-  for (const auto& [name, param] : params_) {
-    if (!param.grad().defined()) {
-      throw std::runtime_error("AdamW::step: parameter '" + name +
+  const std::vector<torch::Tensor> holders = gradient_holders();
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const torch::Tensor& param = params_[i].second;
+    if (!holders[i].grad().defined()) {
+      throw std::runtime_error("AdamW::step: parameter '" + params_[i].first +
                                "' has no gradient (every parameter must have one)");
     }
     all_cuda_fp32 = all_cuda_fp32 && param.is_cuda() && param.scalar_type() == torch::kFloat;
@@ -115,7 +117,7 @@ void AdamW::step(double lr) {
     ParamState& s = state_[i];
     // Non-fp32 parameters are updated through their fp32 master copy.
     torch::Tensor weight = s.master.defined() ? s.master : param.detach();
-    torch::Tensor grad = param.grad().detach();
+    torch::Tensor grad = holders[i].grad().detach();
     if (grad.scalar_type() != torch::kFloat) grad = grad.to(torch::kFloat);
 
     const double weight_decay = s.decayed ? options_.weight_decay : 0.0;
@@ -159,9 +161,28 @@ void AdamW::fused_cuda_step(double lr) {
 
 void AdamW::zero_grad() {
   at::NoGradGuard no_grad;
-  for (const auto& [name, param] : params_) {
+  for (size_t i = 0; i < params_.size(); ++i) {
+    torch::Tensor& param = params_[i].second;
     if (param.grad().defined()) param.mutable_grad().zero_();
+    torch::Tensor& master = state_[i].master;
+    if (master.defined() && master.grad().defined()) master.mutable_grad().zero_();
   }
+}
+
+void AdamW::keep_fp32_gradients() {
+  for (ParamState& s : state_) {
+    if (s.master.defined() && !s.master.grad().defined()) s.master.mutable_grad() = torch::zeros_like(s.master);
+  }
+}
+
+std::vector<torch::Tensor> AdamW::gradient_holders() const {
+  std::vector<torch::Tensor> out;
+  out.reserve(params_.size());
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const torch::Tensor& master = state_[i].master;
+    out.push_back(master.defined() && master.grad().defined() ? master : params_[i].second);
+  }
+  return out;
 }
 
 bool AdamW::decays(const std::string& name) const {
@@ -192,6 +213,8 @@ NamedTensors AdamW::state_dict() const {
 }
 
 const std::string AdamW::kStepEntry = kStepName;
+
+std::string AdamW::master_entry(const std::string& param) { return kMasterPrefix + param; }
 
 std::string AdamW::param_of_entry(const std::string& entry) {
   for (const std::string* prefix : {&kExpAvgPrefix, &kExpAvgSqPrefix, &kMasterPrefix}) {

@@ -58,7 +58,7 @@ class AdamW {
   // `params` are updated in place by step(). Their state starts at zero (step
   // 0), on each parameter's device. Parameters whose dtype is not fp32 (bf16)
   // get an fp32 master copy in the state, which step() updates and then
-  // rounds into the parameter. Throws std::invalid_argument for an empty or
+  // rounds into the parameter (precision.params bf16). Throws std::invalid_argument for an empty or
   // repeated name, or an undefined tensor.
   // From a module: AdamW(to_named_tensors(model.named_parameters()), options).
   AdamW(NamedTensors params, AdamWOptions options);
@@ -73,6 +73,19 @@ class AdamW {
   // gradient may be a view into a larger buffer (ZeRO-1's pieces: Note
   // [ZeRO-1 layout], parallel/zero.h), and a fresh tensor would break that.
   void zero_grad();
+
+  // Note [fp32 gradients of bf16 parameters]
+  // precision.grad_accum fp32: each non-fp32 parameter's gradient is summed
+  // in fp32, in its master's .grad (a zero fp32 tensor from now on), rather
+  // than in the parameter's own bf16 .grad, which would round every
+  // micro-batch's sum. Something must move the parameter's gradient there
+  // as it arrives (Fp32GradientAccumulation, optim/fp32_gradients.h);
+  // step(), the norm and the dp reduction read gradient_holders()' .grad.
+  void keep_fp32_gradients();
+  // For each parameter, in order, the tensor whose .grad holds its
+  // gradient: its fp32 master after keep_fp32_gradients(), else the
+  // parameter itself.
+  std::vector<torch::Tensor> gradient_holders() const;
 
   int64_t step_count() const { return step_; }
   const AdamWOptions& options() const { return options_; }
@@ -101,6 +114,8 @@ class AdamW {
   // master.NAME; "" for the step.
   static const std::string kStepEntry;
   static std::string param_of_entry(const std::string& entry);
+  // The name of the master entry of parameter `param` (optimizer.master.NAME).
+  static std::string master_entry(const std::string& param);
 
  private:
   struct ParamState {

@@ -10,6 +10,7 @@
 #include <limits>
 #include <string>
 
+#include "optim/fp32_gradients.h"
 #include "optim/optimizer.h"
 #include "util/error.h"
 
@@ -352,6 +353,59 @@ TEST(AdamWState, Bf16ParametersAreUpdatedThroughAnFp32MasterCopy) {
   EXPECT_TRUE(torch::equal(bf16, state[3].second.to(torch::kBFloat16)));
   // The master copy follows the fp32 run up to the bf16 rounding of the grads.
   EXPECT_LT((state[3].second - fp32.detach()).abs().max().item<double>(), 2e-2);
+}
+
+// Note [fp32 gradients of bf16 parameters]: four micro-batches' gradients of
+// a bf16 weight summed in fp32, beside the master, against the same sum in
+// the weight's own bf16 .grad.
+TEST(Fp32GradientAccumulation, SumsEachMicroBatchsGradientInFp32BesideTheMaster) {
+  torch::manual_seed(11);
+  auto weight = torch::randn({4, 8}).to(torch::kBFloat16).requires_grad_(true);
+  auto bias = torch::randn({4}).requires_grad_(true);  // fp32: keeps its own .grad
+  AdamW optimizer({{"w", weight}, {"b", bias}}, options());
+  Fp32GradientAccumulation accumulation(optimizer);
+  const std::vector<torch::Tensor> holders = optimizer.gradient_holders();
+  ASSERT_EQ(holders.size(), 2u);
+  EXPECT_FALSE(holders[0].is_same(weight));
+  EXPECT_EQ(holders[0].scalar_type(), torch::kFloat);
+  EXPECT_TRUE(holders[1].is_same(bias));
+
+  torch::Tensor expected = torch::zeros({4, 8});
+  torch::Tensor bf16_sum = torch::zeros({4, 8}, torch::kBFloat16);
+  for (int micro = 0; micro < 4; ++micro) {
+    // Inputs of very different scales: a bf16 running sum rounds the small
+    // ones away.
+    const auto x = (torch::randn({3, 8}) * std::pow(100.0, micro % 2 == 0 ? 1 : -1)).to(torch::kBFloat16);
+    const auto forward = [&](const torch::Tensor& w) { return (at::linear(x, w).to(torch::kFloat) + bias).sum(); };
+    // This micro-batch's bf16 gradient alone, from a hook-free copy.
+    auto copy = weight.detach().clone().requires_grad_(true);
+    forward(copy).backward();
+    const torch::Tensor micro_grad = copy.grad();
+    forward(weight).backward();
+    EXPECT_FALSE(weight.grad().defined()) << "the bf16 .grad is moved out as it arrives";
+    expected += micro_grad.to(torch::kFloat);
+    bf16_sum += micro_grad;
+  }
+  EXPECT_TRUE(torch::equal(holders[0].grad(), expected));
+  EXPECT_FALSE(torch::allclose(bf16_sum.to(torch::kFloat), expected, 1e-6, 1e-6))
+      << "the case must be one where summing in bf16 loses bits";
+  EXPECT_TRUE(torch::equal(bias.grad(), torch::full({4}, 24.0)))  // 3 rows x 4 micro-batches x 2 forwards
+      << bias.grad();
+
+  // The step reads the fp32 sum; zero_grad zeroes it in place.
+  optimizer.step(1e-2);
+  const auto state = optimizer.state_dict();
+  ASSERT_EQ(state.size(), 6u);  // step, w's two moments and master, b's two moments
+  EXPECT_EQ(state[3].first, "optimizer.master.w");
+  EXPECT_TRUE(torch::equal(weight, state[3].second.to(torch::kBFloat16)));
+  optimizer.zero_grad();
+  EXPECT_EQ(holders[0].grad().abs().sum().item<double>(), 0.0);
+
+  // A gradient that reached .grad some other way is moved by flush().
+  weight.mutable_grad() = torch::ones({4, 8}, torch::kBFloat16);
+  accumulation.flush();
+  EXPECT_FALSE(weight.grad().defined());
+  EXPECT_TRUE(torch::equal(holders[0].grad(), torch::ones({4, 8})));
 }
 
 // --- gradient clipping -----------------------------------------------------------
