@@ -1,9 +1,6 @@
 #include "parallel/data_parallel.h"
 
 #include <ATen/ATen.h>
-#include <torch/csrc/autograd/function.h>
-#include <torch/csrc/autograd/function_hook.h>
-#include <torch/csrc/autograd/variable.h>
 
 #include <stdexcept>
 #include <string>
@@ -12,20 +9,6 @@
 namespace loom {
 
 namespace {
-
-// Runs after a parameter's gradient accumulator wrote .grad.
-class GradReadyHook : public torch::autograd::FunctionPostHook {
- public:
-  GradReadyHook(std::function<void()> on_ready) : on_ready_(std::move(on_ready)) {}
-  torch::autograd::variable_list operator()(const torch::autograd::variable_list& outputs,
-                                            const torch::autograd::variable_list& /*inputs*/) override {
-    on_ready_();
-    return outputs;
-  }
-
- private:
-  std::function<void()> on_ready_;
-};
 
 double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -38,15 +21,31 @@ GradientReducer::GradientReducer(ProcessGroup& dp, std::vector<at::Tensor> param
   if (!(options_.bucket_mb > 0)) {
     throw std::invalid_argument("GradientReducer: bucket_mb must be > 0, got " + std::to_string(options_.bucket_mb));
   }
-  for (const at::Tensor& p : params_) {
-    if (p.scalar_type() != at::kFloat) {
-      throw std::invalid_argument("GradientReducer: gradients are reduced in fp32; got a parameter " +
-                                  describe_tensor(p));
+  holders_ = options_.grad_holders.empty() ? params_ : options_.grad_holders;
+  options_.grad_holders.clear();
+  if (holders_.size() != params_.size()) {
+    throw std::invalid_argument("GradientReducer: " + std::to_string(holders_.size()) + " gradient holders for " +
+                                std::to_string(params_.size()) + " parameters");
+  }
+  if (options_.reduce_dtype != at::kFloat && options_.reduce_dtype != at::kBFloat16) {
+    throw std::invalid_argument(std::string("GradientReducer: reduce_dtype must be Float or BFloat16, got ") +
+                                c10::toString(options_.reduce_dtype));
+  }
+  for (size_t k = 0; k < params_.size(); ++k) {
+    for (const at::Tensor* t : {&params_[k], &holders_[k]}) {
+      if (t->scalar_type() != at::kFloat && t->scalar_type() != at::kBFloat16) {
+        throw std::invalid_argument("GradientReducer: gradients must be fp32 or bf16; got " + describe_tensor(*t));
+      }
+    }
+    if (holders_[k].sizes() != params_[k].sizes()) {
+      throw std::invalid_argument("GradientReducer: the gradient holder " + describe_tensor(holders_[k]) +
+                                  " does not match its parameter " + describe_tensor(params_[k]));
     }
   }
   if (dp_->size() == 1) return;
   // Note [gradient buckets]: reverse order, about bucket_mb each.
-  const int64_t limit = static_cast<int64_t>(options_.bucket_mb * 1024 * 1024 / sizeof(float));
+  const int64_t limit =
+      static_cast<int64_t>(options_.bucket_mb * 1024 * 1024 / static_cast<double>(c10::elementSize(options_.reduce_dtype)));
   bucket_of_.resize(params_.size());
   for (size_t k = params_.size(); k-- > 0;) {
     if (buckets_.empty() || buckets_.back().numel >= limit) buckets_.emplace_back();
@@ -54,17 +53,12 @@ GradientReducer::GradientReducer(ProcessGroup& dp, std::vector<at::Tensor> param
     buckets_.back().numel += params_[k].numel();
     bucket_of_[k] = buckets_.size() - 1;
   }
-  for (size_t k = 0; k < params_.size(); ++k) {
-    std::shared_ptr<torch::autograd::Node> accumulator = torch::autograd::impl::grad_accumulator(params_[k]);
-    hook_keys_.push_back(accumulator->add_post_hook(std::make_unique<GradReadyHook>([this, k] { on_grad_ready(k); })));
-    accumulators_.push_back(std::move(accumulator));
-  }
+  for (size_t k = 0; k < params_.size(); ++k) hooks_.add(params_[k], [this, k] { on_grad_ready(k); });
 }
 
-GradientReducer::~GradientReducer() {
-  for (size_t k = 0; k < accumulators_.size(); ++k) accumulators_[k]->del_post_hook(hook_keys_[k]);
-  // Reductions still in flight finish before their buffers go (Work's destructor waits).
-}
+// Reductions still in flight finish before their buffers go (Work's
+// destructor waits); the hooks go first (members die in reverse order).
+GradientReducer::~GradientReducer() = default;
 
 void GradientReducer::arm() {
   std::lock_guard<std::mutex> lock(mutex_);
@@ -93,10 +87,11 @@ void GradientReducer::launch(Bucket& bucket) {
   std::vector<at::Tensor> grads;
   grads.reserve(bucket.params.size());
   for (size_t k : bucket.params) {
-    const at::Tensor& grad = params_[k].grad();
+    const at::Tensor& grad = holders_[k].grad();
     // A parameter that got no gradient contributes zeros (every rank must
     // send the same number of elements).
-    grads.push_back(grad.defined() ? grad.reshape({-1}) : at::zeros({params_[k].numel()}, params_[k].options()));
+    grads.push_back(grad.defined() ? grad.reshape({-1}).to(options_.reduce_dtype)
+                                   : at::zeros({holders_[k].numel()}, holders_[k].options().dtype(options_.reduce_dtype)));
   }
   bucket.buffer = at::cat(grads);
   bucket.work = dp_->all_reduce(bucket.buffer, {ReduceOp::kAvg});
@@ -120,13 +115,13 @@ void GradientReducer::finish() {
     bucket.work->wait();
     int64_t offset = 0;
     for (size_t k : bucket.params) {
-      at::Tensor& param = params_[k];
-      const int64_t n = param.numel();
-      const at::Tensor averaged = bucket.buffer.narrow(0, offset, n).view(param.sizes());
-      if (param.grad().defined()) {
-        param.mutable_grad().copy_(averaged);
+      at::Tensor& holder = holders_[k];
+      const int64_t n = holder.numel();
+      const at::Tensor averaged = bucket.buffer.narrow(0, offset, n).view(holder.sizes());
+      if (holder.grad().defined()) {
+        holder.mutable_grad().copy_(averaged);
       } else {
-        param.mutable_grad() = averaged.clone();
+        holder.mutable_grad() = averaged.to(holder.scalar_type()).clone();
       }
       offset += n;
     }

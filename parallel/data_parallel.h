@@ -32,11 +32,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "optim/grad_ready_hooks.h"
 #include "parallel/process_group.h"
-
-namespace torch::autograd {
-struct Node;
-}
 
 namespace loom {
 
@@ -47,10 +44,19 @@ class GradientReducer {
     // false: nothing starts during backward; finish() reduces every bucket
     // (the baseline the overlap is measured against).
     bool overlap = true;
+    // The dtype the buckets are reduced in (parallel.reduce_dtype): fp32,
+    // or bf16 (gradients rounded to bf16 before they are summed, half the
+    // bytes on the wire where the backend reduces bf16 natively).
+    at::ScalarType reduce_dtype = at::kFloat;
+    // Parallel to the parameters: the tensors whose .grad holds each one's
+    // gradient (the fp32 masters of bf16 parameters under
+    // precision.grad_accum fp32, AdamW::gradient_holders()); empty: the
+    // parameters themselves. The hooks stay on the parameters' accumulators.
+    std::vector<at::Tensor> grad_holders;
   };
 
   // `params`: the leaf tensors whose gradients are averaged, in forward
-  // (registration) order, all fp32 on the group's device. The group and the
+  // (registration) order, fp32 or bf16 on the group's device. The group and the
   // parameters must outlive the reducer. With a group of one rank nothing is
   // communicated and finish() returns at once.
   GradientReducer(ProcessGroup& dp, std::vector<at::Tensor> params, Options options);
@@ -87,14 +93,11 @@ class GradientReducer {
 
   ProcessGroup* dp_;
   std::vector<at::Tensor> params_;
+  std::vector<at::Tensor> holders_;  // whose .grad is reduced (Options::grad_holders)
   Options options_;
   std::vector<Bucket> buckets_;
   std::vector<size_t> bucket_of_;  // param index -> bucket index
-  // The parameters' gradient accumulators (kept alive: a parameter holds its
-  // accumulator weakly) and the keys of the hooks added to them, removed
-  // again by the destructor.
-  std::vector<std::shared_ptr<torch::autograd::Node>> accumulators_;
-  std::vector<uintptr_t> hook_keys_;
+  GradReadyHooks hooks_;
   std::mutex mutex_;
   bool armed_ = false;
   size_t next_launch_ = 0;

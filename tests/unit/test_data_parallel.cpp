@@ -101,11 +101,40 @@ TEST(GradientReducer, WithoutOverlapEverythingIsReducedInFinish) {
   run_and_check(/*bucket_mb=*/0.01, /*overlap=*/false, /*expected_buckets=*/6, /*expect_early_start=*/false);
 }
 
-TEST(GradientReducer, RefusesNonFp32ParametersAndEmptyBuckets) {
-  std::vector<at::Tensor> bf16{at::zeros({4}, at::kBFloat16).set_requires_grad(true)};
-  EXPECT_THROW(GradientReducer(dp(), bf16, {25, true}), std::invalid_argument);
+// parallel.reduce_dtype bf16: each rank's gradient is rounded to bf16 and
+// the average comes back in bf16 (here into fp32 .grad, where it shows as
+// values bf16 can hold), within bf16's rounding of the fp32 average.
+TEST(GradientReducer, ReducesInBf16WhenAsked) {
+  Chain chain(kLayers, kWidth);
+  GradientReducer::Options options;
+  options.reduce_dtype = at::kBFloat16;
+  GradientReducer reducer(dp(), chain.params, options);
+  const std::vector<at::Tensor> expected = expected_average(chain);
+  for (int64_t m = 0; m < kMicro; ++m) {
+    if (m == kMicro - 1) reducer.arm();
+    chain.loss(dp().rank(), m).backward();
+  }
+  reducer.finish();
+  for (size_t k = 0; k < chain.params.size(); ++k) {
+    const at::Tensor grad = chain.params[k].grad();
+    EXPECT_TRUE(at::allclose(grad, expected[k], 2e-2, 1e-4)) << "parameter " << k;
+    if (dp().size() > 1) {
+      EXPECT_TRUE(at::equal(grad, grad.to(at::kBFloat16).to(at::kFloat))) << "parameter " << k << " not bf16";
+    }
+  }
+}
+
+TEST(GradientReducer, RefusesFp16ParametersMismatchedHoldersAndEmptyBuckets) {
+  std::vector<at::Tensor> fp16{at::zeros({4}, at::kHalf).set_requires_grad(true)};
+  EXPECT_THROW(GradientReducer(dp(), fp16, {25, true}), std::invalid_argument);
   std::vector<at::Tensor> fp32{at::zeros({4}).set_requires_grad(true)};
   EXPECT_THROW(GradientReducer(dp(), fp32, {0, true}), std::invalid_argument);
+  GradientReducer::Options two_holders;
+  two_holders.grad_holders = {at::zeros({4}), at::zeros({4})};
+  EXPECT_THROW(GradientReducer(dp(), fp32, two_holders), std::invalid_argument);
+  GradientReducer::Options misshapen;
+  misshapen.grad_holders = {at::zeros({5})};
+  EXPECT_THROW(GradientReducer(dp(), fp32, misshapen), std::invalid_argument);
 }
 
 }  // namespace
