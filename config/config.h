@@ -34,6 +34,7 @@ struct ParallelConfig {
   int64_t virtual_stages = 1;
   int64_t zero_stage = 0;  // 0 | 1
   double bucket_mb = 25.0;
+  std::string reduce_dtype = "fp32";  // fp32 | bf16: of the dp gradient reduction
   // Seconds a rank waits for one collective or send/recv before it ends the
   // job with a message naming the operation (the hang watchdog); the longer
   // first-step value covers start-up, loading a checkpoint and the first step.
@@ -103,6 +104,9 @@ struct ScheduleConfig {
 struct PrecisionConfig {
   std::string compute = "fp32";  // fp32 | bf16
   std::string params = "fp32";   // fp32 | bf16
+  // bf16 parameters: whether their gradients are summed over micro-batches
+  // in fp32 (beside the optimizer's fp32 masters) or in their own bf16 .grad.
+  std::string grad_accum = "fp32";  // fp32 | bf16
 };
 
 struct CheckpointConfig {

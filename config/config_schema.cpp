@@ -168,6 +168,10 @@ std::vector<KeySpec> build_table() {
        "0: replicated optimizer state; 1: optimizer state sharded over dp (ZeRO-1)", kAny, {"0", "1"}},
       {"parallel.bucket_mb", LOOM_FIELD(parallel.bucket_mb), "", "MiB",
        "size of the gradient buckets all-reduced while backward runs", kPositive},
+      {"parallel.reduce_dtype", LOOM_FIELD(parallel.reduce_dtype), "", "",
+       "dtype the dp gradient buckets are averaged in: fp32, or bf16 (the gradients rounded to bf16 first; half "
+       "the bytes where the backend reduces bf16, as NCCL does; MPI sums them in fp32 and rounds the average)",
+       kAny, kPrecisions},
       {"parallel.comm_timeout", LOOM_FIELD(parallel.comm_timeout), "", "s",
        "hang watchdog: a collective or send/recv that has not completed after this long ends the job (MPI_Abort) "
        "with a message naming the operation, the group and the ranks waited for; must cover a checkpoint write",
@@ -261,7 +265,11 @@ std::vector<KeySpec> build_table() {
       {"precision.compute", LOOM_FIELD(precision.compute), "", "", "dtype of matmuls and activations", kAny,
        kPrecisions},
       {"precision.params", LOOM_FIELD(precision.params), "", "",
-       "dtype of stored parameters; training takes fp32 (bf16 compute runs under autocast over fp32 weights)", kAny, kPrecisions},
+       "dtype of the parameters on the device: fp32, or bf16 (with precision.compute bf16; AdamW keeps fp32 "
+       "master weights and moments, and checkpoints store the fp32 masters)", kAny, kPrecisions},
+      {"precision.grad_accum", LOOM_FIELD(precision.grad_accum), "", "",
+       "with precision.params bf16: sum the gradients of a step's micro-batches in fp32 (beside the masters) or "
+       "in the parameters' own bf16 gradients", kAny, kPrecisions},
 
       // --- checkpoint ---------------------------------------------------------------
       {"checkpoint.enabled", LOOM_FIELD(checkpoint.enabled), "", "",

@@ -113,8 +113,15 @@ std::unique_ptr<ModelParts> build_model_parts(Config& config, const ParallelDims
   // Nothing above draws from torch's generator; seeded here, it starts every
   // run in the same state, whatever the layout and the weights' source.
   torch::manual_seed(config.run.seed);
+  const bool bf16_params = config.precision.params == "bf16";
   for (auto& module : parts.modules) {
     module->to(device);
+    // precision.params bf16: the parameters only; buffers (rotary tables)
+    // keep their dtype. The optimizer's fp32 masters start from these.
+    if (bf16_params) {
+      at::NoGradGuard no_grad;
+      for (auto& param : module->parameters()) param.set_data(param.to(torch::kBFloat16));
+    }
     module->train();
     for (auto& named : to_named_tensors(module->named_parameters())) parts.named_params.push_back(std::move(named));
     parts.param_dims.merge(tensor_parallel_shard_dims(*module));

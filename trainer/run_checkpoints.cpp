@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <functional>
+#include <map>
 #include <numeric>
 #include <optional>
 
@@ -124,7 +125,9 @@ RunCheckpoints::Resumed RunCheckpoints::load(const std::string& folder, ModelPar
       const auto [begin, end] = update.zero()->piece_range(param);
       region.flat = Range{begin, end};
     }
-    read_into(files, name, region, tensor);
+    // A bf16 parameter's master is the checkpoint's fp32 tensor of the
+    // parameter (Note [checkpoints of bf16 parameters]).
+    read_into(files, name == AdamW::master_entry(param) ? param : name, region, tensor);
   }
   if (update.zero_1()) {
     update.zero()->load_local_state_dict(optimizer_state);
@@ -305,13 +308,22 @@ TrainingSnapshot RunCheckpoints::snapshot(int64_t step, int64_t skipped_steps, c
     to.push_back({name, shape, region, values});
     tp_copies.push_back(parts.param_dims.at(param) < 0);
   };
-  for (const auto& [name, param] : parts.named_params) {
-    if (name == parts.tied_copy) continue;
-    add(replicated, over_tp, name, name, param, std::nullopt);
-    is_model.push_back(true);
-  }
   // The step: one scalar, written by world rank 0.
   NamedTensors state = update.zero_1() ? update.zero()->local_state_dict() : update.optimizer()->state_dict();
+  // Note [checkpoints of bf16 parameters]: a bf16 parameter is stored as its
+  // fp32 master, under the parameter's name, and the master entry is not
+  // stored again: the checkpoint is the fp32 run's, whatever precision.params
+  // saved it or resumes it.
+  std::map<std::string, torch::Tensor> masters;
+  for (const auto& [name, tensor] : state) {
+    if (name == AdamW::master_entry(AdamW::param_of_entry(name))) masters.emplace(AdamW::param_of_entry(name), tensor);
+  }
+  for (const auto& [name, param] : parts.named_params) {
+    if (name == parts.tied_copy) continue;
+    const auto master = masters.find(name);
+    add(replicated, over_tp, name, name, master == masters.end() ? param : master->second, std::nullopt);
+    is_model.push_back(true);
+  }
   std::vector<OwnedPiece> optimizer;
   if (groups_.writer) {
     for (const auto& [name, tensor] : state) {
@@ -323,7 +335,7 @@ TrainingSnapshot RunCheckpoints::snapshot(int64_t step, int64_t skipped_steps, c
   for (const auto& [name, tensor] : state) {
     if (name == AdamW::kStepEntry) continue;
     const std::string param = AdamW::param_of_entry(name);
-    if (param == parts.tied_copy) continue;
+    if (param == parts.tied_copy || masters.count(param) != 0 && name == AdamW::master_entry(param)) continue;
     if (update.zero_1()) {
       const auto [begin, end] = update.zero()->piece_range(param);
       add(zero_pieces, zero_over_tp, name, param, tensor, Range{begin, end});

@@ -21,10 +21,15 @@ void check_supported(const Config& config, const ParallelDims& dims) {
   if (dims.pp > 1 && per_step > 0 && global_batch_of(config, dims) % per_step == 0) {
     pipeline_schedule_of(config, dims);  // (a batch that does not divide is the loader's to refuse)
   }
-  if (config.precision.params != "fp32") {
-    throw BadInput("precision.params: '" + config.precision.params +
-                   "' is not supported yet (expected fp32); for bf16 training keep fp32 parameters and set "
-                   "precision.compute bf16: the matmuls run in bf16, weights and gradients stay fp32");
+  if (config.precision.params == "bf16") {
+    if (config.precision.compute != "bf16") {
+      throw BadInput("precision.params: bf16 parameters compute in bf16; set precision.compute bf16 too");
+    }
+    if (config.parallel.zero_stage > 0 && dims.dp > 1) {
+      throw BadInput("precision.params: bf16 with parallel.zero_stage " + std::to_string(config.parallel.zero_stage) +
+                     " is not supported yet (ZeRO's flat shards are fp32 parameters); use zero_stage 0, or fp32 "
+                     "parameters with precision.compute bf16");
+    }
   }
   if (config.schedule.train_steps <= 0) {
     throw BadInput("schedule.train_steps: " + std::to_string(config.schedule.train_steps) + " (expected > 0)");

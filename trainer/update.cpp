@@ -8,6 +8,12 @@ Update::Update(const Config& config, const ParallelDims& dims, const TrainGroups
       options_(AdamWOptions::from_config(config.optimizer)),
       zero_1_(groups.dp != nullptr && config.parallel.zero_stage == 1) {
   if (!zero_1_) optimizer_.emplace(parts.named_params, options_);
+  // bf16 parameters: each micro-batch's gradient is added into an fp32 one
+  // beside the master (Note [fp32 gradients of bf16 parameters]); these
+  // hooks come before the reducer's, which then reduces the fp32 sums.
+  if (optimizer_ && config.precision.params == "bf16" && config.precision.grad_accum == "fp32") {
+    fp32_grads_.emplace(*optimizer_);
+  }
   // The gradient norm of all shards and stages together: a parameter every
   // rank of the tp group holds whole (norm weights, row-parallel biases) is
   // counted once, and so is the tied embedding whose copy the last pipeline
@@ -31,6 +37,8 @@ Update::Update(const Config& config, const ParallelDims& dims, const TrainGroups
     // A pipeline interleaves the micro-batches' backwards, so the last
     // gradient of a parameter is not known in advance: reduce after them.
     reducer_options.overlap = groups.pp == nullptr;
+    reducer_options.reduce_dtype = config.parallel.reduce_dtype == "bf16" ? at::kBFloat16 : at::kFloat;
+    reducer_options.grad_holders = optimizer_->gradient_holders();
     reducer_ = std::make_unique<GradientReducer>(*groups.dp_data, parts.params(), reducer_options);
   }
 }
@@ -41,7 +49,7 @@ void Update::start() {
   // ZeRO-1 this rank's shard of the averaged ones, whose squares are summed
   // over every rank (each element is in one dp shard; a parameter every tp
   // rank holds whole counts on tp rank 0 only).
-  norm_params_ = zero_ ? zero_->shard_params() : parts_.params();
+  norm_params_ = zero_ ? zero_->shard_params() : optimizer_->gradient_holders();
   if (zero_) {
     zero_norm_ = sharded_grad_norm({groups_.world}, groups_.coords.tp, zero_->shard_named_params(), parts_.param_dims,
                                    parts_.tied_copy);
@@ -52,6 +60,7 @@ void Update::start() {
 void Update::zero_grad() { zero_ ? zero_->zero_grad() : optimizer_->zero_grad(); }
 
 void Update::reduce_gradients() {
+  if (fp32_grads_) fp32_grads_->flush();
   if (reducer_) reducer_->finish();
   if (zero_) zero_->reduce_gradients();
 }
@@ -64,8 +73,11 @@ void Update::step(double lr) { zero_ ? zero_->step(lr) : optimizer_->step(lr); }
 
 double Update::unsharded_state_mib() const {
   int64_t local_elements = 0;
-  for (const auto& [name, p] : parts_.named_params) local_elements += p.numel();
-  return 2.0 * 4.0 * static_cast<double>(local_elements) / (1024.0 * 1024.0);
+  for (const auto& [name, p] : parts_.named_params) {
+    // exp_avg and exp_avg_sq, and for a bf16 parameter its fp32 master
+    local_elements += (p.scalar_type() == torch::kFloat ? 2 : 3) * p.numel();
+  }
+  return 4.0 * static_cast<double>(local_elements) / (1024.0 * 1024.0);
 }
 
 }  // namespace loom

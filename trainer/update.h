@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "config/config.h"
+#include "optim/fp32_gradients.h"
 #include "optim/optimizer.h"
 #include "parallel/data_parallel.h"
 #include "parallel/topology.h"
@@ -50,7 +51,8 @@ class Update {
   double clip(double max_norm);
   void step(double lr);
 
-  // AdamW's exp_avg and exp_avg_sq of this rank's unsharded parameters, MiB.
+  // AdamW's state of this rank's unsharded parameters (exp_avg, exp_avg_sq,
+  // and the fp32 masters of bf16 parameters), MiB.
   double unsharded_state_mib() const;
 
  private:
@@ -59,6 +61,7 @@ class Update {
   AdamWOptions options_;
   bool zero_1_;
   std::optional<AdamW> optimizer_;
+  std::optional<Fp32GradientAccumulation> fp32_grads_;  // bf16 parameters, precision.grad_accum fp32
   std::optional<ShardedAdamW> zero_;
   std::unique_ptr<GradientReducer> reducer_;
   GradNormReduction model_norm_, zero_norm_;

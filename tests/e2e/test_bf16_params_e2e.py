@@ -1,0 +1,63 @@
+"""precision.params bf16 on several ranks (issue #27): bf16 weights and
+gradients on each rank, fp32 masters and moments in AdamW, gradients summed
+over micro-batches in fp32 (precision.grad_accum) and averaged over dp in
+fp32 or bf16 (parallel.reduce_dtype).
+
+dp 2 and pp 2 do the single rank's bf16 arithmetic: a dp replica's
+micro-batches are a subset of the single rank's, summed in the same fp32
+holders and averaged with powers of two, and a pipeline stage computes the
+same bf16 ops and passes the same bf16 hidden states. Tensor parallelism
+rounds each rank's partial sums to bf16 before they are added, so tp runs are
+held to bf16's own tolerance, not fp32's.
+"""
+import pytest
+from safetensors import safe_open
+
+from test_tensor_parallel_e2e import mpi_loom
+from test_train_e2e import data, loom, losses_by_step, train_args  # noqa: F401 (data: fixture)
+
+STEPS = 10
+
+
+def bf16_args(data, out, name, **extra):
+    return train_args(data, out, name, STEPS, 5,
+                      **{"precision.params": "bf16", "precision.compute": "bf16", "model.num_heads": 8,
+                         "model.num_kv_heads": 4, "optimizer.eps": 1e-6, **extra})
+
+
+@pytest.fixture(scope="module")
+def single_rank(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bf16-reference")
+    loom(*bf16_args(data, out, "one"))
+    return out / "one"
+
+
+@pytest.mark.parametrize("ranks,sets,tolerance", [
+    (2, {}, 1e-5),
+    (2, {"parallel.pp": 2}, 1e-5),
+    (4, {"parallel.tp": 2}, 2e-2),
+    (2, {"precision.grad_accum": "bf16", "parallel.reduce_dtype": "bf16"}, 2e-2),
+], ids=["dp2", "pp2", "dp2-tp2", "dp2-bf16-accum-and-reduce"])
+def test_bf16_parameters_on_several_ranks_follow_the_single_rank_run(data, tmp_path, single_rank, ranks, sets,
+                                                                      tolerance):
+    mpi_loom(ranks, bf16_args(data, tmp_path, "run", **sets))
+    got, want = losses_by_step(tmp_path / "run", STEPS), losses_by_step(single_rank, STEPS)
+    for step in range(1, STEPS + 1):
+        assert abs(got[step] - want[step]) <= tolerance * abs(want[step]), (step, got[step], want[step])
+    assert got[STEPS] < got[1] - 0.15, got  # it learns
+    # The checkpoint holds the fp32 masters under the parameters' names.
+    ckpt = tmp_path / "run" / "checkpoints" / f"step-{STEPS:07d}"
+    dtypes = set()
+    for f in ckpt.glob("*.safetensors"):
+        with safe_open(str(f), "np") as tensors:
+            for name in tensors.keys():
+                if not name.startswith("optimizer.") and name.startswith(("model.", "lm_head")):
+                    dtypes.add(str(tensors.get_slice(name).get_dtype()))
+                assert not name.startswith("optimizer.master."), name
+    assert dtypes == {"F32"}, dtypes
+
+
+def test_bf16_parameters_with_zero_are_refused_before_any_work(data, tmp_path):
+    _, err = mpi_loom(2, bf16_args(data, tmp_path, "zero", **{"parallel.zero_stage": 1}), expect=2)
+    assert "precision.params" in err and "zero_stage" in err, err
+    assert not (tmp_path / "zero").exists()
