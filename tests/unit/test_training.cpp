@@ -8,6 +8,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <sstream>
@@ -106,35 +107,40 @@ class TrainingTest : public ::testing::Test {
     return out;
   }
 
+  // Runs 20 steps straight, and 10 then 10 more resumed from the step-10
+  // checkpoint, with configs from `make`: the losses, gradient norms and
+  // final weights must be the same bits.
+  void expect_bit_identical_resume(const std::function<Config(const std::string&)>& make) {
+    Config straight_config = make("straight");
+    const TrainResult straight = train(straight_config, fast());
+    ASSERT_EQ(straight.final_step, 20);
+    Config first_config = make("resumed");
+    ASSERT_EQ(train(first_config, fast(/*stop_after_step=*/10)).final_step, 10);
+    Config second_config = make("resumed");
+    const TrainResult second = train(second_config, fast());
+    EXPECT_EQ(second.resumed_from_step, 10);
+    ASSERT_EQ(second.final_step, 20);
+
+    const auto straight_metrics = metrics(straight);
+    const auto resumed_metrics = metrics(second);
+    ASSERT_EQ(straight_metrics.size(), 20u);
+    ASSERT_EQ(resumed_metrics.size(), 20u);
+    for (size_t i = 0; i < 20; ++i) {
+      EXPECT_EQ(resumed_metrics[i]["step"], straight_metrics[i]["step"]);
+      EXPECT_EQ(resumed_metrics[i]["loss"].get<double>(), straight_metrics[i]["loss"].get<double>()) << "step " << i + 1;
+      EXPECT_EQ(resumed_metrics[i]["grad_norm"].get<double>(), straight_metrics[i]["grad_norm"].get<double>());
+    }
+    auto resumed_params = second.model->named_parameters();
+    for (const auto& p : straight.model->named_parameters()) {
+      EXPECT_TRUE(torch::equal(p.value(), resumed_params[p.key()])) << p.key();
+    }
+  }
+
   fs::path dir_;
 };
 
 TEST_F(TrainingTest, ResumeAfterStopGivesBitIdenticalLossesAndWeights) {
-  Config straight_config = config("straight", random_dataset());
-  const TrainResult straight = train(straight_config, fast());
-  ASSERT_EQ(straight.final_step, 20);
-
-  Config first_config = config("resumed", random_dataset());
-  const TrainResult first = train(first_config, fast(/*stop_after_step=*/10));
-  ASSERT_EQ(first.final_step, 10);
-  Config second_config = config("resumed", random_dataset());
-  const TrainResult second = train(second_config, fast());
-  EXPECT_EQ(second.resumed_from_step, 10);
-  ASSERT_EQ(second.final_step, 20);
-
-  const auto straight_metrics = metrics(straight);
-  const auto resumed_metrics = metrics(second);
-  ASSERT_EQ(straight_metrics.size(), 20u);
-  ASSERT_EQ(resumed_metrics.size(), 20u);
-  for (size_t i = 0; i < 20; ++i) {
-    EXPECT_EQ(resumed_metrics[i]["step"], straight_metrics[i]["step"]);
-    EXPECT_EQ(resumed_metrics[i]["loss"].get<double>(), straight_metrics[i]["loss"].get<double>()) << "step " << i + 1;
-    EXPECT_EQ(resumed_metrics[i]["grad_norm"].get<double>(), straight_metrics[i]["grad_norm"].get<double>());
-  }
-  auto resumed_params = second.model->named_parameters();
-  for (const auto& p : straight.model->named_parameters()) {
-    EXPECT_TRUE(torch::equal(p.value(), resumed_params[p.key()])) << p.key();
-  }
+  expect_bit_identical_resume([&](const std::string& name) { return config(name, random_dataset()); });
 }
 
 TEST_F(TrainingTest, LossFallsOnALearnablePattern) {
@@ -436,22 +442,7 @@ TEST_F(TrainingTest, Bf16ParamsResumeBitIdenticallyAndFromAnFp32Checkpoint) {
     c.precision.compute = "bf16";
     return c;
   };
-  Config straight_config = bf16("straight");
-  const TrainResult straight = train(straight_config, fast());
-  Config first_config = bf16("resumed");
-  ASSERT_EQ(train(first_config, fast(/*stop_after_step=*/10)).final_step, 10);
-  Config second_config = bf16("resumed");
-  const TrainResult second = train(second_config, fast());
-  EXPECT_EQ(second.resumed_from_step, 10);
-  const auto straight_metrics = metrics(straight), resumed_metrics = metrics(second);
-  ASSERT_EQ(resumed_metrics.size(), 20u);
-  for (size_t i = 0; i < 20; ++i) {
-    EXPECT_EQ(resumed_metrics[i]["loss"].get<double>(), straight_metrics[i]["loss"].get<double>()) << "step " << i + 1;
-  }
-  auto resumed_params = second.model->named_parameters();
-  for (const auto& p : straight.model->named_parameters()) {
-    EXPECT_TRUE(torch::equal(p.value(), resumed_params[p.key()])) << p.key();
-  }
+  expect_bit_identical_resume(bf16);
 
   // An fp32 run's checkpoint resumes with bf16 parameters (its weights
   // become the masters) and the other way round.
