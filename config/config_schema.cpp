@@ -124,7 +124,9 @@ std::vector<KeySpec> build_table() {
        kTokenId},
       {"model.recompute", LOOM_FIELD(model.recompute), "", "",
        "activation recomputation: full = keep only each decoder layer's input and recompute the layer in "
-       "backward (less memory, about a third more compute); none = keep all activations", kAny, {"none", "full"}},
+       "backward (less memory, about a third more compute); selective = recompute only the attention core "
+       "(softmax(QK^T)V) in backward, keeping the projections' inputs and outputs (Megatron's selective mode); "
+       "none = keep all activations", kAny, {"none", "selective", "full"}},
       {"model.nope_layers", LOOM_FIELD(model.nope_layers), "", "layers",
        "smollm3: decoder layers (0-based) whose attention uses no rotary embedding (HF no_rope_layers holds 0 "
        "for them)", kNonNegative},

@@ -89,8 +89,8 @@ struct ModelConfig {
   int64_t resize_vocab = 0;
   // Activation recomputation: none keeps every layer's activations for
   // backward; full keeps only each decoder layer's input and recomputes the
-  // layer during backward (less memory, one more forward). Not in config.json.
-  std::string recompute = "none";  // none | full
+  // layer in backward; selective recomputes only the attention core.
+  std::string recompute = "none";  // none | selective | full (not in config.json)
   // smollm3: the (0-based) decoder layers whose attention takes no rotary
   // embedding (NoPE); Hugging Face's no_rope_layers holds 0 for them.
   std::vector<int64_t> nope_layers;

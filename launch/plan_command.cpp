@@ -40,6 +40,7 @@ json candidate_json(const Candidate& c) {
                      {"grads_bytes", r.grads},
                      {"optimizer_bytes", r.optimizer},
                      {"zero_buffers_bytes", r.zero_buffers},
+                     {"zero_in_flight_bytes", r.zero_in_flight},
                      {"weight_cache_bytes", r.weight_cache},
                      {"activations_bytes", r.activations},
                      {"pipeline_buffers_bytes", r.pipeline_buffers},
@@ -50,7 +51,7 @@ json candidate_json(const Candidate& c) {
   const plan::Layout& l = c.layout;
   return {{"layout",
            {{"dp", l.dp}, {"tp", l.tp}, {"pp", l.pp}, {"schedule", l.schedule}, {"virtual_stages", l.virtual_stages},
-            {"zero_stage", l.zero_stage}, {"micro_batch", l.micro_batch}, {"recompute", l.recompute},
+            {"zero_stage", l.zero_stage}, {"micro_batch", l.micro_batch}, {"recompute", plan::recompute_name(l.recompute)},
             {"sequence_parallel", l.sequence_parallel}}},
           {"describe", l.describe()},
           {"fits", c.fits},
@@ -60,6 +61,7 @@ json candidate_json(const Candidate& c) {
           {"step_s", c.time.total},
           {"compute_s", c.time.compute},
           {"tp_comm_s", c.time.tp_comm},
+          {"zero_comm_s", c.time.zero_comm},
           {"pipeline_s", c.time.pipeline},
           {"bubble_s", c.time.bubble},
           {"dp_comm_s", c.time.dp_comm},
@@ -136,7 +138,8 @@ const CommandSpec& plan_spec() {
                 {"json", "", "print JSON instead of a table"}},
       .examples = {"loom plan configs/llama3-8b.yaml --gpus 64 --gpus-per-node 8 --gpu-memory 80",
                    "loom plan configs/tiny.yaml --gpus 2 --gpu-memory 20 --layout dp=1,pp=2,schedule=1f1b,mb=2 --json"},
-      .notes = "A layout is dp, tp, pp, the pipeline schedule, ZeRO-1, the micro-batch and recomputation.\n"
+      .notes = "A layout is dp, tp, pp, the pipeline schedule, the ZeRO stage (0-3), the micro-batch and recomputation\n"
+               "(none, selective or full).\n"
                "loom plan --calibrate measures this machine for --machine (loom plan --calibrate --help).",
   };
   return spec;

@@ -34,10 +34,30 @@ Attention::Attention(const ModelConfig& model, const LayerFactory& factory, int6
     k_norm_ = register_module("k_norm", factory.projection_norm(num_kv_heads_ * head_dim_, model.rms_norm_eps));
   }
   core_ = factory.attention_core(model, layer);
+  recompute_core_ = model.recompute == "selective";
 }
 
+// Note [selective recomputation]
+// Megatron's selective mode (Korthikanti et al. 2022, "Reducing Activation
+// Recomputation in Large Transformer Models"): of a layer's activations, the
+// attention core's are the cheapest to rebuild for the memory they take.
+// The core runs through recompute_in_backward with q, k and v (which the
+// projections and rotary made, and which the core would save anyway) as its
+// inputs: what the core saves of its own is left out (SDPA's log-sum-exp;
+// the float copy of a boolean mask of packed documents, batch x tokens^2 per
+// layer; the eager soft-capped core's scores and probabilities, batch x
+// heads x tokens^2) and made again in the layer's backward, just before the
+// core's own backward needs it. (A fused core's output is laid out like q,
+// [batch, tokens, heads, head_dim], so o_proj's input below is a view of it
+// and o_proj keeps it saved either way.) The projections keep their
+// inputs and outputs, so nothing with parameters is recomputed: the
+// gradients are those of model.recompute none, bit for bit (the same kernels
+// on the same inputs). The core is inside the layer, so the LayerWrapper's
+// hooks (ZeRO-3's gathers) see the same forward and backward as without it.
+
 torch::Tensor Attention::forward(const torch::Tensor& x_btd, const torch::Tensor& cos_td, const torch::Tensor& sin_td,
-                                 torch::Tensor* cache_k, torch::Tensor* cache_v, const DocumentMask* documents) {
+                                 torch::Tensor* cache_k, torch::Tensor* cache_v,
+                                 const std::shared_ptr<const DocumentMask>& documents) {
   // Head counts and the number of tokens are read from the projection
   // outputs, not from the config and the input, so that a tensor-parallel
   // projection that holds a slice of the heads, or gathers the whole sequence
@@ -65,9 +85,20 @@ torch::Tensor Attention::forward(const torch::Tensor& x_btd, const torch::Tensor
   }
   TORCH_CHECK(documents == nullptr || cache_k == nullptr, "packed documents are not decoded with a KV cache");
   // Rows that are one segment each need no mask: the plain causal core.
-  auto out = documents != nullptr && !documents->one_segment_per_row()
-                 ? core_->forward_documents(q, k, v, *documents)
-                 : core_->forward(q, k, v, cache_k, cache_v);
+  const bool masked = documents != nullptr && !documents->one_segment_per_row();
+  torch::Tensor out;
+  if (recompute_core_ && cache_k == nullptr && records_graph(q, {k, v})) {
+    // Note [selective recomputation]. The function is kept until backward:
+    // it holds the core and the documents, not this module.
+    const InputsForward core = [core = core_, documents = masked ? documents : nullptr](
+                                   const std::vector<torch::Tensor>& qkv) {
+      return documents ? core->forward_documents(qkv[0], qkv[1], qkv[2], *documents)
+                       : core->forward(qkv[0], qkv[1], qkv[2], nullptr, nullptr);
+    };
+    out = recompute_in_backward(core, {q, k, v}, {});
+  } else {
+    out = masked ? core_->forward_documents(q, k, v, *documents) : core_->forward(q, k, v, cache_k, cache_v);
+  }
   out = out.transpose(1, 2).reshape({batch, tokens, -1});
   return o_proj_->forward(out);
 }
@@ -120,14 +151,14 @@ torch::Tensor DecoderLayer::forward(const torch::Tensor& x_btd, const torch::Ten
   return wrapper_->run(
       call,
       [self, cos_td, sin_td, cache_k, cache_v, documents = std::move(documents)](const torch::Tensor& x) {
-        return self->compute(x, cos_td, sin_td, cache_k, cache_v, documents.get());
+        return self->compute(x, cos_td, sin_td, cache_k, cache_v, documents);
       },
       x_btd);
 }
 
 torch::Tensor DecoderLayer::compute(const torch::Tensor& x_btd, const torch::Tensor& cos_td,
                                     const torch::Tensor& sin_td, torch::Tensor* cache_k, torch::Tensor* cache_v,
-                                    const DocumentMask* documents) {
+                                    const std::shared_ptr<const DocumentMask>& documents) {
   if (post_norms_) {
     auto h = x_btd + post_attention_layernorm_->forward(
                          self_attn_->forward(x_btd, cos_td, sin_td, cache_k, cache_v, documents));

@@ -50,9 +50,14 @@ class Attention : public torch::nn::Module {
   // x_btd: [batch, tokens, hidden]. When `cache_k`/`cache_v` are given they
   // hold earlier positions and are extended in place. With `documents`
   // (never with a cache) attention stays within each packed document (Note
-  // [document mask] in model/document_mask.h).
+  // [document mask] in model/document_mask.h). With model.recompute
+  // selective, a forward that records a graph and has no cache keeps only
+  // the core's inputs (rotated q, k and v) and runs the core again in
+  // backward (Note [selective recomputation] in model/llama.cpp); the
+  // documents are held until then.
   torch::Tensor forward(const torch::Tensor& x_btd, const torch::Tensor& cos_td, const torch::Tensor& sin_td,
-                        torch::Tensor* cache_k, torch::Tensor* cache_v, const DocumentMask* documents = nullptr);
+                        torch::Tensor* cache_k, torch::Tensor* cache_v,
+                        const std::shared_ptr<const DocumentMask>& documents = nullptr);
 
  private:
   int64_t num_heads_, num_kv_heads_, head_dim_;
@@ -61,6 +66,7 @@ class Attention : public torch::nn::Module {
   std::shared_ptr<Linear> q_proj_, k_proj_, v_proj_, o_proj_;
   std::shared_ptr<RMSNorm> q_norm_, k_norm_;  // null for QkNorm::kNone
   std::shared_ptr<AttentionCore> core_;  // not a module: it holds no parameters
+  bool recompute_core_;                  // model.recompute selective
 };
 
 // The SwiGLU MLP, LayerFactory::mlp's default.
@@ -83,7 +89,8 @@ class DecoderLayer : public torch::nn::Module {
   // Runs through the factory's LayerWrapper (Note [layer wrapper] in
   // model/recompute.h): with model.recompute = full, a forward that records
   // a graph and has no cache keeps only x_btd and runs the layer again in
-  // backward. Inference and decoding run the layer once.
+  // backward (selective: its attention core only, Attention::forward).
+  // Inference and decoding run the layer once.
   // cos/sin: [tokens, head_dim], or [batch, 1, tokens, head_dim] per token.
   torch::Tensor forward(const torch::Tensor& x_btd, const torch::Tensor& cos_td, const torch::Tensor& sin_td,
                         torch::Tensor* cache_k = nullptr, torch::Tensor* cache_v = nullptr,
@@ -91,7 +98,8 @@ class DecoderLayer : public torch::nn::Module {
 
  private:
   torch::Tensor compute(const torch::Tensor& x_btd, const torch::Tensor& cos_td, const torch::Tensor& sin_td,
-                        torch::Tensor* cache_k, torch::Tensor* cache_v, const DocumentMask* documents);
+                        torch::Tensor* cache_k, torch::Tensor* cache_v,
+                        const std::shared_ptr<const DocumentMask>& documents);
 
   int64_t layer_;
   bool post_norms_;

@@ -66,31 +66,32 @@ class AutocastState {
 // Keeps the block's forward in the autograd context until backward
 // (saved_data holds IValues; a capsule carries any C++ object).
 struct SavedForward : torch::CustomClassHolder {
-  explicit SavedForward(BlockForward f) : forward(std::move(f)) {}
-  BlockForward forward;
+  explicit SavedForward(InputsForward f) : forward(std::move(f)) {}
+  InputsForward forward;
 };
 
-// Forward arguments: the block (not a tensor), the input, the parameters.
-// Backward returns one gradient per argument, undefined for the block.
+// Forward arguments: the block (not a tensor), then the inputs followed by
+// the parameters, `num_inputs` of them inputs. Backward returns one gradient
+// per argument, undefined for the block.
 class RecomputeBlock : public torch::autograd::Function<RecomputeBlock> {
  public:
-  static torch::Tensor forward(AutogradContext* ctx, const BlockForward& block, const torch::Tensor& input,
-                               at::TensorList parameters) {
-    const at::DeviceType device = input.device().type();
+  static torch::Tensor forward(AutogradContext* ctx, const InputsForward& block, at::TensorList tensors,
+                               int64_t num_inputs) {
+    const at::DeviceType device = tensors[0].device().type();
     const bool autocast = at::autocast::is_autocast_enabled(device);
     const at::ScalarType autocast_dtype = at::autocast::get_autocast_dtype(device);
     ctx->saved_data["block"] = c10::IValue::make_capsule(c10::make_intrusive<SavedForward>(block));
     ctx->saved_data["autocast"] = autocast;
     ctx->saved_data["autocast_dtype"] = static_cast<int64_t>(autocast_dtype);
-    // The input is all that stays alive of this block's activations. The
+    ctx->saved_data["num_inputs"] = num_inputs;
+    // The inputs are all that stays alive of this block's activations. The
     // parameters are saved as handles (no copy) so that backward can ask for
     // their gradients; saving also makes backward refuse to run if they were
     // changed in place since this forward.
-    variable_list saved{input};
-    saved.insert(saved.end(), parameters.begin(), parameters.end());
-    ctx->save_for_backward(std::move(saved));
+    const variable_list saved(tensors.begin(), tensors.end());
+    ctx->save_for_backward(saved);
     // Function::apply has turned grad mode off: nothing of the block is recorded.
-    return block(input);
+    return block(variable_list(saved.begin(), saved.begin() + num_inputs));
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -99,23 +100,26 @@ class RecomputeBlock : public torch::autograd::Function<RecomputeBlock> {
     const bool autocast = ctx->saved_data["autocast"].toBool();
     const auto autocast_dtype = static_cast<at::ScalarType>(ctx->saved_data["autocast_dtype"].toInt());
 
-    // Edges (needs_input_grad) count tensor arguments only: 0 is the input,
-    // 1 + i parameter i. The returned list counts every argument: 0 is the
-    // block, 1 the input, 2 + i parameter i.
-    variable_list grads(1 + saved.size());
-    // The recomputed graph starts at a detached copy of the input, so it
-    // ends there and the input's gradient comes back to this node, which
-    // passes it on to the previous block.
-    const torch::Tensor input = saved[0].detach().requires_grad_(ctx->needs_input_grad(0));
+    const auto num_inputs = static_cast<size_t>(ctx->saved_data["num_inputs"].toInt());
+    // Edges (needs_input_grad) count tensor arguments only: i is tensor i
+    // (the inputs, then the parameters). The returned list counts every
+    // argument: 0 is the block, 1 + i tensor i, then num_inputs (no gradient).
+    variable_list grads(2 + saved.size());
+    // The recomputed graph starts at detached copies of the inputs, so it
+    // ends there and the inputs' gradients come back to this node, which
+    // passes them on to the previous block.
+    variable_list inputs;
     variable_list wrt;
     std::vector<size_t> wrt_slot;
-    if (ctx->needs_input_grad(0)) {
-      wrt.push_back(input);
-      wrt_slot.push_back(1);
-    }
-    for (size_t i = 1; i < saved.size(); ++i) {
-      if (!ctx->needs_input_grad(i)) continue;
-      wrt.push_back(saved[i]);
+    for (size_t i = 0; i < saved.size(); ++i) {
+      const bool wanted = ctx->needs_input_grad(i);
+      torch::Tensor tensor = saved[i];
+      if (i < num_inputs) {
+        tensor = tensor.detach().requires_grad_(wanted);
+        inputs.push_back(tensor);
+      }
+      if (!wanted) continue;
+      wrt.push_back(tensor);
       wrt_slot.push_back(1 + i);
     }
     if (wrt.empty()) return grads;
@@ -124,8 +128,8 @@ class RecomputeBlock : public torch::autograd::Function<RecomputeBlock> {
     {
       torch::AutoGradMode grad_on(true);
       // Note [autocast and recomputation]
-      AutocastState as_in_forward(input.device().type(), autocast, autocast_dtype);
-      output = block->forward(input);
+      AutocastState as_in_forward(inputs[0].device().type(), autocast, autocast_dtype);
+      output = block->forward(inputs);
     }
     // grad() rather than backward(): the parameters' gradients come back
     // through this node and reach .grad by the usual accumulation, hooks
@@ -169,7 +173,18 @@ class CallInBackward : public torch::autograd::Function<CallInBackward> {
 
 torch::Tensor recompute_in_backward(const BlockForward& forward, const torch::Tensor& input,
                                     const std::vector<torch::Tensor>& parameters) {
-  return RecomputeBlock::apply(forward, input, at::TensorList(parameters));
+  variable_list tensors{input};
+  tensors.insert(tensors.end(), parameters.begin(), parameters.end());
+  const InputsForward on_inputs = [forward](const std::vector<torch::Tensor>& inputs) { return forward(inputs[0]); };
+  return RecomputeBlock::apply(on_inputs, at::TensorList(tensors), int64_t{1});
+}
+
+torch::Tensor recompute_in_backward(const InputsForward& forward, const std::vector<torch::Tensor>& inputs,
+                                    const std::vector<torch::Tensor>& parameters) {
+  TORCH_CHECK(!inputs.empty(), "recompute_in_backward needs at least one input");
+  variable_list tensors(inputs);
+  tensors.insert(tensors.end(), parameters.begin(), parameters.end());
+  return RecomputeBlock::apply(forward, at::TensorList(tensors), static_cast<int64_t>(inputs.size()));
 }
 
 LayerWrapper::LayerWrapper(Options options)

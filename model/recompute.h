@@ -41,6 +41,13 @@ bool records_graph(const torch::Tensor& input, const std::vector<torch::Tensor>&
 torch::Tensor recompute_in_backward(const BlockForward& forward, const torch::Tensor& input,
                                     const std::vector<torch::Tensor>& parameters);
 
+// The same for a block of several inputs (the attention core of selective
+// recomputation: q, k and v): keeps `inputs` only, and backward hands each
+// input that requires grad its gradient.
+using InputsForward = std::function<torch::Tensor(const std::vector<torch::Tensor>&)>;
+torch::Tensor recompute_in_backward(const InputsForward& forward, const std::vector<torch::Tensor>& inputs,
+                                    const std::vector<torch::Tensor>& parameters);
+
 // Note [layer wrapper]
 // A decoder layer does not run its own forward: it hands the LayerWrapper
 // that its LayerFactory gave it (LayerFactory::layer_wrapper) a LayerCall,
@@ -48,7 +55,9 @@ torch::Tensor recompute_in_backward(const BlockForward& forward, const torch::Te
 // where per-layer work of the parallelisms goes, so the model code stays the
 // single-device code:
 //   - activation recomputation (model.recompute full): the plain wrapper
-//     runs the layer through recompute_in_backward;
+//     runs the layer through recompute_in_backward (selective recomputes
+//     only the attention core, inside the layer: Attention in model/llama.h,
+//     so the hooks below see a layer's backward the same way);
 //   - ZeRO-3 (parameters sharded over dp): all-gathers a layer's parameters
 //     in before_forward and frees them in after_forward, gathers them again
 //     in before_backward and, in after_backward, reduce-scatters their

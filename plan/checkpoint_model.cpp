@@ -64,8 +64,9 @@ std::vector<int64_t> stage_slot_bytes(const Problem& problem, const Layout& layo
   // not written (pp rank 0 holds the embedding).
   const bool tied_copy = problem.model.tie_embeddings && pp_rank != 0;
   const auto is_copy = [&](const RankParameter& p) { return tied_copy && p.name == "model.embed_tokens.weight"; };
-  const bool zero = layout.zero_stage == 1 && dp > 1;
-  // The parameters, then (without ZeRO-1) AdamW's exp_avg and exp_avg_sq of
+  const bool zero = layout.zero_stage >= 1 && dp > 1;
+  // The parameters, then (without ZeRO; ZeRO-2 and 3 are counted as ZeRO-1,
+  // until their piece format is settled) AdamW's exp_avg and exp_avg_sq of
   // each, in state_dict order: replicated over dp.
   std::vector<int64_t> bytes;
   std::vector<bool> over_tp;
@@ -133,7 +134,7 @@ CheckpointEstimate estimate_checkpoint(const Problem& problem, const Layout& lay
   const int64_t dp = layout.dp, tp = layout.tp, pp = layout.pp;
   out.rank_bytes.assign(static_cast<size_t>(layout.world()), 0);
   std::vector<double> read(static_cast<size_t>(layout.world()), 0);
-  const bool zero = layout.zero_stage == 1 && dp > 1;
+  const bool zero = layout.zero_stage >= 1 && dp > 1;
   for (int64_t r = 0; r < pp; ++r) {
     const std::vector<int64_t> slots = stage_slot_bytes(problem, layout, r);
     // Resume: each rank reads its slices of the parameters (its tied copy

@@ -17,10 +17,23 @@ Problem Problem::from_config(const Config& config) {
   problem.global_batch = config.batch.global_batch_size > 0 ? config.batch.global_batch_size
                                                             : config.batch.micro_batch_size * dp;
   problem.bf16 = config.precision.compute == "bf16";
+  problem.params_bf16 = config.precision.params == "bf16";
   problem.bucket_mb = config.parallel.bucket_mb;
   problem.host_is_device = config.run.device == "cpu";
   problem.checkpoint_async = config.checkpoint.enabled && config.checkpoint.async;
   return problem;
+}
+
+const char* recompute_name(Recompute recompute) {
+  switch (recompute) {
+    case Recompute::kNone:
+      return "none";
+    case Recompute::kSelective:
+      return "selective";
+    case Recompute::kFull:
+      return "full";
+  }
+  return "none";
 }
 
 std::string Layout::describe() const {
@@ -30,9 +43,10 @@ std::string Layout::describe() const {
     if (virtual_stages > 1) out += " v" + std::to_string(virtual_stages);
   }
   out += " mb " + std::to_string(micro_batch);
-  if (zero_stage > 0) out += " zero1";
+  if (zero_stage > 0) out += " zero" + std::to_string(zero_stage);
   if (sequence_parallel) out += " sp";
-  if (recompute) out += " recompute";
+  if (recompute == Recompute::kFull) out += " recompute";
+  if (recompute == Recompute::kSelective) out += " selective";
   return out;
 }
 
@@ -46,7 +60,7 @@ std::vector<std::string> Layout::config_lines(bool set_flags) const {
       {"parallel.zero_stage", std::to_string(zero_stage)},
       {"parallel.sequence_parallel", sequence_parallel ? "true" : "false"},
       {"batch.micro_batch_size", std::to_string(micro_batch)},
-      {"model.recompute", recompute ? "full" : "none"},
+      {"model.recompute", recompute_name(recompute)},
   };
   std::vector<std::string> lines;
   for (const auto& [key, value] : entries) lines.push_back(set_flags ? "--set " + key + "=" + value : key + ": " + value);
@@ -62,7 +76,7 @@ void Layout::apply_to(Config& config) const {
   config.parallel.zero_stage = zero_stage;
   config.parallel.sequence_parallel = sequence_parallel;
   config.batch.micro_batch_size = micro_batch;
-  config.model.recompute = recompute ? "full" : "none";
+  config.model.recompute = recompute_name(recompute);
 }
 
 Layout parse_layout(const std::string& text, const std::string& flag) {
@@ -81,9 +95,15 @@ Layout parse_layout(const std::string& text, const std::string& flag) {
     return out;
   };
   auto boolean = [&](const std::string& key, const std::string& value) {
-    if (value == "1" || value == "true" || value == "full") return true;
-    if (value == "0" || value == "false" || value == "none") return false;
+    if (value == "1" || value == "true") return true;
+    if (value == "0" || value == "false") return false;
     throw refuse(key + " '" + value + "' is not 0/1");
+  };
+  auto recompute = [&](const std::string& value) {
+    if (value == "1" || value == "true" || value == "full") return Recompute::kFull;
+    if (value == "0" || value == "false" || value == "none") return Recompute::kNone;
+    if (value == "selective") return Recompute::kSelective;
+    throw refuse("recompute '" + value + "' is not 0/none, 1/full or selective");
   };
   size_t start = 0;
   while (start < text.size()) {
@@ -109,7 +129,7 @@ Layout parse_layout(const std::string& text, const std::string& flag) {
     } else if (key == "mb") {
       layout.micro_batch = integer(key, value);
     } else if (key == "recompute") {
-      layout.recompute = boolean(key, value);
+      layout.recompute = recompute(value);
     } else if (key == "sp") {
       layout.sequence_parallel = boolean(key, value);
     } else {
@@ -119,7 +139,7 @@ Layout parse_layout(const std::string& text, const std::string& flag) {
   if (layout.dp < 1 || layout.tp < 1 || layout.pp < 1 || layout.micro_batch < 1 || layout.virtual_stages < 1) {
     throw refuse("dp, tp, pp, v and mb must be at least 1");
   }
-  if (layout.zero_stage > 1) throw refuse("zero must be 0 or 1");
+  if (layout.zero_stage > 3) throw refuse("zero must be 0, 1, 2 or 3");
   return layout;
 }
 
@@ -167,8 +187,8 @@ std::vector<Layout> enumerate_layouts(const Problem& problem) {
       if (pp > 1) schedules = {{"afab", 1}, {"1f1b", 1}, {"interleaved", 2}, {"interleaved", 4}};
       for (int64_t mb = 1; mb <= problem.global_batch / dp; mb *= 2) {
         for (const auto& [schedule, v] : schedules) {
-          for (int64_t zero = 0; zero <= (dp > 1 ? 1 : 0); ++zero) {
-            for (const bool recompute : {false, true}) {
+          for (int64_t zero = 0; zero <= (dp > 1 ? 3 : 0); ++zero) {
+            for (const Recompute recompute : {Recompute::kNone, Recompute::kSelective, Recompute::kFull}) {
               for (const bool sp : {false, true}) {
                 if (sp && tp == 1) continue;
                 Layout layout{dp, tp, pp, schedule, v, zero, mb, recompute, sp};

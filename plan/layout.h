@@ -1,6 +1,7 @@
 // What `loom plan` chooses between: a parallel layout of one training config
-// (dp x tp x pp, pipeline schedule and virtual stages, ZeRO-1, micro-batch
-// size, recomputation, sequence parallelism), and the fixed problem it is
+// (dp x tp x pp, pipeline schedule and virtual stages, ZeRO stage 0-3,
+// micro-batch size, recomputation none, selective or full, sequence
+// parallelism), and the fixed problem it is
 // chosen for (the model, the batch, the cluster). See docs/plan.md.
 #pragma once
 
@@ -17,7 +18,11 @@ struct Problem {
   ModelConfig model;
   int64_t seq_len = 0;       // tokens per sequence (data.seq_len, else model.max_seq_len)
   int64_t global_batch = 0;  // sequences per optimizer step (batch.global_batch_size)
-  bool bf16 = false;         // precision.compute bf16 (parameters stay fp32, as loom trains them)
+  bool bf16 = false;         // precision.compute bf16
+  // precision.params bf16: bf16 weights and gradients on the device, fp32
+  // master weights and AdamW moments in the optimizer (accounted for; the
+  // trainer refuses it until bf16 parameters land).
+  bool params_bf16 = false;
   double bucket_mb = 25.0;   // parallel.bucket_mb
   int64_t gpus = 1;          // ranks in all
   int64_t gpus_per_node = 1;
@@ -32,19 +37,28 @@ struct Problem {
   static Problem from_config(const Config& config);
 };
 
+// model.recompute: none keeps every activation; selective recomputes the
+// attention core (softmax(QK^T)V) in backward; full recomputes the whole
+// decoder layer.
+enum class Recompute { kNone, kSelective, kFull };
+// "none", "selective", "full" (model.recompute's values).
+const char* recompute_name(Recompute recompute);
+
 struct Layout {
   int64_t dp = 1, tp = 1, pp = 1;
   std::string schedule = "1f1b";  // afab | 1f1b | interleaved (used when pp > 1)
   int64_t virtual_stages = 1;
-  int64_t zero_stage = 0;  // 0 | 1
+  // 0 | 1 (optimizer state sharded) | 2 (gradients too) | 3 (parameters too)
+  int64_t zero_stage = 0;
   int64_t micro_batch = 1;
-  bool recompute = false;  // model.recompute full
+  Recompute recompute = Recompute::kNone;
   bool sequence_parallel = false;
 
   int64_t world() const { return dp * tp * pp; }
   // Micro-batches per replica and step: global_batch / (dp * micro_batch).
   int64_t micro_batches(const Problem& problem) const { return problem.global_batch / (dp * micro_batch); }
-  // "dp 2 tp 1 pp 2 1f1b mb 2 zero 1 recompute" (the parts that apply).
+  // "dp 2 tp 1 pp 2 1f1b mb 2 zero1 recompute" (the parts that apply;
+  // "selective" for selective recomputation).
   std::string describe() const;
   // The config lines that select this layout, for a YAML file ("parallel.dp: 2")
   // or, with `set_flags`, as `--set parallel.dp=2` arguments.
@@ -55,21 +69,23 @@ struct Layout {
 };
 
 // "dp=2,tp=1,pp=2,schedule=1f1b,v=1,zero=0,mb=2,recompute=0,sp=0" (every key
-// optional; the rest keep Layout's defaults). BadInput naming `flag` otherwise.
+// optional; the rest keep Layout's defaults; zero 0-3; recompute 0/none,
+// 1/full or selective). BadInput naming `flag` otherwise.
 Layout parse_layout(const std::string& text, const std::string& flag);
 
 // Why `layout` cannot train `problem` on its cluster ("" when it can), in
 // the terms loom itself would refuse it: dp x tp x pp against --gpus, tp
 // against the heads, kv heads, vocabulary and intermediate size, pp x v
 // against the layers, the batch against dp x micro-batch, the schedule
-// against the micro-batch count, ZeRO-1 without dp, sequence parallelism
+// against the micro-batch count, ZeRO without dp, sequence parallelism
 // without tp or with a sequence tp does not divide, tp across nodes.
 std::string layout_problem(const Problem& problem, const Layout& layout);
 
 // Every layout that layout_problem accepts: tp over the divisors of
 // gpus_per_node, pp over the divisors of the rest, each schedule (and
-// interleaved with 2 and 4 virtual stages), ZeRO-1 on and off, power-of-two
-// micro-batches, recomputation on and off, sequence parallelism on and off.
+// interleaved with 2 and 4 virtual stages), ZeRO stages 0 to 3 (1 to 3 only
+// with dp > 1), power-of-two micro-batches, recomputation none, selective and
+// full, sequence parallelism on and off.
 std::vector<Layout> enumerate_layouts(const Problem& problem);
 
 }  // namespace loom::plan

@@ -119,14 +119,49 @@ ParameterCount count_rank_parameters(const ModelConfig& model, int64_t tp, const
   return total;
 }
 
-double layer_activation_bytes(const ModelConfig& model, int64_t tokens, int64_t tp, bool sequence_parallel, bool bf16,
-                              bool recompute) {
+double attention_core_bytes(const ModelConfig& model, int64_t tokens, int64_t tp, bool /*bf16: the log-sum-exp is fp32*/) {
+  // SDPA's fused kernels (flash on a GPU, flash-for-CPU) save q, k and v,
+  // which the recomputation keeps as its inputs, their output, which is
+  // o_proj's input (the output is laid out [batch, tokens, heads, head_dim]
+  // like q, so the reshape for o_proj is a view) and stays saved there, and
+  // an fp32 log-sum-exp per head and token: only that is the core's own.
   const double n = static_cast<double>(tokens);
-  if (recompute) {
+  const double heads = static_cast<double>(model.num_heads) / static_cast<double>(tp);
+  return n * kFp32 * heads;
+}
+
+double layer_activation_bytes(const ModelConfig& model, int64_t tokens, int64_t tp, bool sequence_parallel, bool bf16,
+                              Recompute recompute) {
+  const double n = static_cast<double>(tokens);
+  if (recompute == Recompute::kFull) {
     const double h = static_cast<double>(model.hidden_size) / (sequence_parallel ? tp : 1);
     return dtype_bytes(bf16) * n * h;
   }
-  return n * layer_bytes_per_token(model, tp, sequence_parallel, bf16);
+  const double all = n * layer_bytes_per_token(model, tp, sequence_parallel, bf16);
+  return recompute == Recompute::kSelective ? all - attention_core_bytes(model, tokens, tp, bf16) : all;
+}
+
+int64_t largest_unit_parameters(const ModelConfig& model, int64_t tp, const std::vector<StageSpec>& stages,
+                                bool split_model) {
+  int64_t largest = 0;
+  for (const StageSpec& stage : stages) {
+    const int64_t layers = stage.num_layers < 0 ? model.num_layers - stage.first_layer : stage.num_layers;
+    if (layers > 0) {
+      // One decoder layer: the stage's count without its embedding and head, over its layers.
+      StageSpec bare = stage;
+      bare.has_embedding = bare.has_head = false;
+      largest = std::max(largest, stage_parameters(model, tp, bare, split_model).total / layers);
+    }
+    StageSpec ends{};
+    ends.num_layers = 0;
+    ends.has_embedding = stage.has_embedding;
+    ends.has_head = false;
+    largest = std::max(largest, stage_parameters(model, tp, ends, split_model).total);
+    ends.has_embedding = false;
+    ends.has_head = stage.has_head;
+    largest = std::max(largest, stage_parameters(model, tp, ends, split_model).total);
+  }
+  return largest;
 }
 
 MemoryEstimate estimate_memory(const Problem& problem, const Layout& layout) {
@@ -136,8 +171,15 @@ MemoryEstimate estimate_memory(const Problem& problem, const Layout& layout) {
   const int64_t tokens = layout.micro_batch * problem.seq_len;
   const int64_t micro_batches = layout.micro_batches(problem);
   const bool sp = layout.sequence_parallel && tp > 1;
-  const bool zero = layout.zero_stage == 1 && layout.dp > 1;
+  // ZeRO needs dp > 1; each stage keeps the one below's sharding.
+  const int64_t zero_stage = layout.dp > 1 ? layout.zero_stage : 0;
+  const bool zero = zero_stage >= 1;
   const bool bf16 = problem.bf16;
+  // precision.params bf16: weights and gradients in bf16 on the device, an
+  // fp32 master copy beside the moments in the optimizer.
+  const double param_bytes = problem.params_bf16 ? kBf16 : kFp32;
+  const double optimizer_bytes = problem.params_bf16 ? 3 * kFp32 : 2 * kFp32;
+  const double bucket = problem.bucket_mb * 1024 * 1024;
   const double act = dtype_bytes(bf16);
   const double h = static_cast<double>(m.hidden_size), vocab = static_cast<double>(m.vocab_size) / tp;
   // One activation crossing a stage boundary, [batch, tokens (/ tp with sp), hidden].
@@ -146,7 +188,15 @@ MemoryEstimate estimate_memory(const Problem& problem, const Layout& layout) {
   const double ids = kInt64 * static_cast<double>(layout.micro_batch) * static_cast<double>(problem.seq_len + 1);
   const Transients t = transients_of(m, tokens, tp, bf16);
   const double per_layer = layer_activation_bytes(m, tokens, tp, sp, bf16, layout.recompute);
-  const double full_layer = layer_activation_bytes(m, tokens, tp, sp, bf16, false);
+  const double full_layer = layer_activation_bytes(m, tokens, tp, sp, bf16, Recompute::kNone);
+  // What a layer's backward rebuilds before it runs: the whole layer, or its attention core.
+  double rebuilt = 0;
+  if (layout.recompute == Recompute::kFull) rebuilt = full_layer;
+  if (layout.recompute == Recompute::kSelective) {
+    // The core's output and log-sum-exp, made again just before its backward.
+    const double q = static_cast<double>(m.num_heads * m.head_size()) / static_cast<double>(tp);
+    rebuilt = static_cast<double>(tokens) * act * q + attention_core_bytes(m, tokens, tp, bf16);
+  }
   const double n = static_cast<double>(tokens);
   // What the last stage keeps of the loss: the final norm (as a norm of a
   // layer) and the cross-entropy's softmax or log-softmax over its vocabulary.
@@ -173,26 +223,41 @@ MemoryEstimate estimate_memory(const Problem& problem, const Layout& layout) {
     const ParameterCount params = count_rank_parameters(m, tp, specs, model_stages > 1);
     const double elements = static_cast<double>(params.total);
     rank.parameters = params.total;
-    rank.params = kFp32 * elements;
-    rank.grads = kFp32 * elements;
     // Note [ZeRO-1 layout] (parallel/zero.h): the flat vector is padded to a
     // multiple of dp.
     const double padded = zero ? static_cast<double>((params.total + layout.dp - 1) / layout.dp * layout.dp) : elements;
     const double shard = padded / static_cast<double>(zero ? layout.dp : 1);
-    rank.optimizer = 2 * kFp32 * shard;
-    rank.zero_buffers = zero ? kFp32 * padded + kFp32 * shard : 0;
-    // bf16 on one rank: ComputeWeights keeps one bf16 cast of every weight;
-    // on several, autocast casts per forward and the graph keeps the casts
-    // until that micro-batch's backward.
-    const bool cached_casts = bf16 && layout.world() == 1;
+    const double unit = static_cast<double>(largest_unit_parameters(m, tp, specs, model_stages > 1));
+    // ZeRO-3 holds its shard of the parameters; ZeRO-2 and 3 an fp32 shard
+    // of the gradient (what the optimizer reads).
+    rank.params = param_bytes * (zero_stage == 3 ? shard : elements);
+    rank.grads = zero_stage >= 2 ? kFp32 * shard : param_bytes * elements;
+    rank.optimizer = optimizer_bytes * shard;
+    if (zero_stage == 1) {
+      // fp32 parameters: the whole flat copy and the shard's gradient; bf16
+      // ones: the shard's fp32 gradient beside the optimizer's masters.
+      rank.zero_buffers = problem.params_bf16 ? kFp32 * shard : kFp32 * padded + kFp32 * shard;
+    }
+    // During forward and backward: under ZeRO-2/3 the gradients of the unit
+    // whose backward just ran and one bucket being reduce-scattered; under
+    // ZeRO-3 also two gathered units (the one computing and the prefetched).
+    if (zero_stage >= 2) rank.zero_in_flight = param_bytes * unit + std::min(bucket, param_bytes * elements);
+    if (zero_stage == 3) rank.zero_in_flight += 2 * param_bytes * unit;
+    // bf16 compute over fp32 parameters on one rank: ComputeWeights keeps one
+    // bf16 cast of every weight; on several, autocast casts per forward and
+    // the graph keeps the casts until that micro-batch's backward. bf16
+    // parameters need no cast.
+    const bool casts = bf16 && !problem.params_bf16;
+    const bool cached_casts = casts && layout.world() == 1;
     rank.weight_cache = cached_casts ? kBf16 * static_cast<double>(params.linear_weights) : 0;
     const double fixed = rank.params + rank.grads + rank.optimizer + rank.zero_buffers + rank.weight_cache;
+    double in_flight = rank.zero_in_flight;
 
     // Per chunk: saved activations of one micro-batch, and its weight casts.
     std::vector<double> chunk_saved(v, 0), chunk_casts(v, 0);
     for (int64_t c = 0; c < v; ++c) {
       chunk_saved[c] = static_cast<double>(specs[c].num_layers) * per_layer + (specs[c].has_head ? head_saved : 0);
-      if (bf16 && !cached_casts) {
+      if (casts && !cached_casts) {
         chunk_casts[c] = kBf16 * static_cast<double>(count_rank_parameters(m, tp, {specs[c]}, model_stages > 1).linear_weights);
       }
     }
@@ -201,7 +266,7 @@ MemoryEstimate estimate_memory(const Problem& problem, const Layout& layout) {
     // short-lived tensors.
     double saved = 0, kept = p > 1 ? ids * static_cast<double>(micro_batches) : ids;
     auto consider = [&](double transient, const std::string& phase) {
-      const double total = fixed + saved + kept + transient;
+      const double total = fixed + in_flight + saved + kept + transient;
       if (total > rank.peak) {
         rank.peak = total;
         rank.activations = saved;
@@ -238,7 +303,7 @@ MemoryEstimate estimate_memory(const Problem& problem, const Layout& layout) {
             consider(t.head_backward, "backward of the loss" + which);
             saved -= head_saved;
           }
-          consider((layout.recompute ? full_layer : 0) + t.layer_backward, "backward of a layer" + which);
+          consider(rebuilt + t.layer_backward, "backward of a layer" + which);
           if (spec.has_head) saved += head_saved;
           saved -= chunk_saved[a.chunk] + chunk_casts[a.chunk];
           if (stage < model_stages - 1) kept -= boundary;
@@ -251,12 +316,20 @@ MemoryEstimate estimate_memory(const Problem& problem, const Layout& layout) {
     // gradient reduction and the optimizer step.
     saved = 0;
     kept = 0;
-    if (zero) {
-      consider(kFp32 * padded, "ZeRO-1 gradient reduce-scatter");
-      consider(kFp32 * shard + 2 * kFp32 * std::min<double>(static_cast<double>(params.largest), shard),
-               "ZeRO-1 optimizer step and all-gather");
+    in_flight = 0;
+    const double largest_in_shard = std::min<double>(static_cast<double>(params.largest), shard);
+    if (zero_stage == 1) {
+      consider(param_bytes * padded, "ZeRO-1 gradient reduce-scatter");
+      consider(kFp32 * shard + 2 * kFp32 * largest_in_shard, "ZeRO-1 optimizer step and all-gather");
+    } else if (zero_stage == 2) {
+      // The step over the shard, then the updated shard all-gathered into
+      // the whole parameters a bucket at a time.
+      consider(2 * kFp32 * largest_in_shard + std::min(bucket, param_bytes * elements),
+               "ZeRO-2 optimizer step and all-gather");
+    } else if (zero_stage == 3) {
+      consider(2 * kFp32 * largest_in_shard, "ZeRO-3 optimizer step");
     } else {
-      if (layout.dp > 1) consider(kFp32 * elements, "data-parallel gradient buckets");
+      if (layout.dp > 1) consider(param_bytes * elements, "data-parallel gradient buckets");
       // AdamW's step: sqrt(exp_avg_sq) and its quotient for the largest parameter.
       consider(2 * kFp32 * static_cast<double>(params.largest), "optimizer step");
     }

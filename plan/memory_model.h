@@ -1,17 +1,25 @@
 // The bytes a layout makes each rank hold, following what loom's code
 // allocates (docs/plan.md, "Memory"):
-//   - parameters, their .grad and AdamW's exp_avg and exp_avg_sq, all fp32
-//     (precision.params is fp32 in this build), for this rank's tp shards of
-//     its pipeline chunks (parallel/tensor_parallel_model.h, parallel/pipeline.h);
+//   - parameters and their .grad, fp32 (or bf16 with precision.params bf16),
+//     and AdamW's exp_avg and exp_avg_sq (with bf16 parameters also an fp32
+//     master copy), for this rank's tp shards of its pipeline chunks
+//     (parallel/tensor_parallel_model.h, parallel/pipeline.h);
 //   - ZeRO-1 (parallel/zero.h): AdamW state over 1/dp of the flat parameter
 //     vector, but also the whole flat fp32 copy of the parameters and the
 //     shard's gradient, and the flat gradient made for the reduce-scatter;
+//   - ZeRO-2: the optimizer state and an fp32 gradient over 1/dp, plus the
+//     gradients in flight (the unit whose backward just ran and one bucket
+//     being reduce-scattered); ZeRO-3: the parameters over 1/dp too, plus
+//     the gathered units in flight (the one computing and the one
+//     prefetched). A unit is a decoder layer, the embedding or the head;
 //   - data-parallel gradient buckets (parallel/data_parallel.h): a flat copy
 //     of every gradient, all alive at the end of backward;
 //   - activations: what autograd saves per decoder layer for loom's ops
 //     (fp32, or bf16 autocast with its fp32 norms), per micro-batch in flight
 //     on this rank as the schedule orders its forwards and backwards;
-//     with recomputation only each layer's input, plus one layer rebuilt;
+//     with full recomputation only each layer's input, plus one layer
+//     rebuilt; with selective recomputation all but what the attention core
+//     saves of its own (the fused kernels' log-sum-exp), plus one core rebuilt;
 //   - the pipeline executor's buffers, kept until the end of the step: each
 //     received activation and its gradient, each sent output;
 //   - the transients at the loss (logits and the cross-entropy's gradients)
@@ -43,16 +51,29 @@ ParameterCount count_rank_parameters(const ModelConfig& model, int64_t tp, const
                                      bool split_model);
 
 // Bytes autograd keeps for one decoder layer and one micro-batch of `tokens`
-// tokens (micro_batch x seq_len) on one tp rank; with `recompute` only the
-// layer's input.
+// tokens (micro_batch x seq_len) on one tp rank; with full recomputation only
+// the layer's input, with selective all but the attention core's own
+// (attention_core_bytes).
 double layer_activation_bytes(const ModelConfig& model, int64_t tokens, int64_t tp, bool sequence_parallel, bool bf16,
-                              bool recompute);
+                              Recompute recompute);
+
+// Bytes the attention core of one decoder layer saves of its own for one
+// micro-batch, what selective recomputation leaves out: with fused attention
+// its log-sum-exp per head (its output is kept as o_proj's input either way).
+double attention_core_bytes(const ModelConfig& model, int64_t tokens, int64_t tp, bool bf16);
+
+// Elements of the largest unit ZeRO-2 and ZeRO-3 reduce-scatter (and ZeRO-3
+// gathers) at once on a rank holding `stages`: a decoder layer, the
+// embedding, or the head with the final norm.
+int64_t largest_unit_parameters(const ModelConfig& model, int64_t tp, const std::vector<StageSpec>& stages,
+                                bool split_model);
 
 struct RankMemory {
   int64_t pp_rank = 0;
   int64_t parameters = 0;  // elements held
-  double params = 0, grads = 0, optimizer = 0;  // bytes, always allocated
+  double params = 0, grads = 0, optimizer = 0;  // bytes, always allocated (under ZeRO-2/3 the shards)
   double zero_buffers = 0;     // ZeRO-1 flat parameters and shard gradient
+  double zero_in_flight = 0;   // ZeRO-2/3 during forward and backward: gathered units, gradients being reduced
   double weight_cache = 0;     // bf16 weight casts kept for the step (one rank, bf16)
   double activations = 0;      // at the peak: saved activations of the micro-batches in flight
   double pipeline_buffers = 0; // at the peak: the executor's kept tensors, and the step's token ids

@@ -22,7 +22,20 @@ constexpr double kOptimizerOpsPerTensor = 12;
 struct StageCost {
   double forward = 0, backward = 0;        // compute, one micro-batch
   double tp_forward = 0, tp_backward = 0;  // its tensor-parallel collectives
+  double zero_forward = 0, zero_backward = 0;  // ZeRO-2/3's collectives not hidden behind that compute
 };
+
+// Ops of the attention core's forward that selective recomputation runs
+// again (SDPA and the views around it).
+constexpr double kAttentionCoreOps = 4;
+
+// The exposed part of collectives taking `comm` seconds issued a unit at a
+// time beside `compute` seconds of the units' compute: hidden as far as the
+// profile's dp_overlap says, but never the first (or last) unit's.
+double exposed(double comm, double compute, double overlap, double units) {
+  if (comm <= 0) return 0;
+  return std::max(comm - overlap * compute, comm / std::max(1.0, units));
+}
 
 }  // namespace
 
@@ -74,6 +87,9 @@ StepTime estimate_step_time(const Problem& problem, const Layout& layout, const 
   const double vocab = static_cast<double>(m.vocab_size) / tp;
   const double matmul_rate = machine.matmul_flops(bf16), attention_rate = machine.attention_flops(bf16);
   const double bandwidth = machine.memory_bytes_per_s, op = machine.op_overhead_s;
+  const double param_bytes = problem.params_bf16 ? 2 : 4;
+  const int64_t zero_stage = layout.dp > 1 ? layout.zero_stage : 0;
+  const LinkProfile& dp_link = link_of(problem, machine, tp * p, layout.dp);
 
   // Tensor-parallel collectives of one micro-batch: the residual stream
   // [batch, seq, hidden] in the compute dtype.
@@ -99,11 +115,17 @@ StepTime estimate_step_time(const Problem& problem, const Layout& layout, const 
                                  layer_elementwise / bandwidth + kLayerOpsForward * op;
     const double layer_backward = 2 * layer_matmul / matmul_rate + 2 * layer_attention / attention_rate +
                                   2 * layer_elementwise / bandwidth + kLayerOpsBackward * op;
+    // What backward runs again: the whole layer (its tp collectives too), or
+    // the attention core alone (no communication).
+    const bool full = layout.recompute == Recompute::kFull;
+    double rebuilt = 0;
+    if (full) rebuilt = layer_forward;
+    if (layout.recompute == Recompute::kSelective) rebuilt = layer_attention / attention_rate + kAttentionCoreOps * op;
     StageCost& cost = stages[stage];
     cost.forward = layers * layer_forward;
-    cost.backward = layers * (layer_backward + (layout.recompute ? layer_forward : 0));
+    cost.backward = layers * (layer_backward + rebuilt);
     cost.tp_forward = layers * tp_pair;
-    cost.tp_backward = layers * tp_pair * (layout.recompute ? 2 : 1);  // the rebuilt forward communicates again
+    cost.tp_backward = layers * tp_pair * (full ? 2 : 1);  // the rebuilt forward communicates again
     if (spec.has_embedding) {
       cost.forward += 4 * n * h / bandwidth;
       cost.tp_forward += all_reduce_seconds(tp_link, tp, stream);
@@ -117,49 +139,69 @@ StepTime estimate_step_time(const Problem& problem, const Layout& layout, const 
       cost.tp_forward += tp_loss;
       cost.tp_backward += all_reduce_seconds(tp_link, tp, stream);  // copy_to_tp's gradient at the head's input
     }
+    if (zero_stage >= 2) {
+      // Every micro-batch: ZeRO-3 gathers each unit's parameters before its
+      // forward and again before its backward; ZeRO-2 and 3 reduce-scatter
+      // each unit's gradients as its backward ends. A unit is a layer, the
+      // embedding or the head; the next one's collective runs beside this
+      // one's compute.
+      const double stage_bytes =
+          param_bytes * static_cast<double>(count_rank_parameters(m, tp, {spec}, model_stages > 1).total);
+      const double units = layers + (spec.has_embedding ? 1 : 0) + (spec.has_head ? 1 : 0);
+      const double gather = zero_stage == 3 ? all_gather_seconds(dp_link, layout.dp, stage_bytes) : 0;
+      const double reduce = all_gather_seconds(dp_link, layout.dp, stage_bytes);  // a reduce-scatter costs the same
+      cost.zero_forward = exposed(gather, cost.forward, machine.dp_overlap, units);
+      cost.zero_backward = exposed(gather + reduce, cost.backward, machine.dp_overlap, units);
+    }
   }
 
   StepTime t;
   // Each pipeline rank's compute and tp time over the step's micro-batches.
-  std::vector<double> rank_compute(p, 0), rank_tp(p, 0);
+  std::vector<double> rank_compute(p, 0), rank_tp(p, 0), rank_zero(p, 0);
   for (int64_t stage = 0; stage < model_stages; ++stage) {
     rank_compute[stage % p] += static_cast<double>(micro_batches) * (stages[stage].forward + stages[stage].backward);
     rank_tp[stage % p] += static_cast<double>(micro_batches) * (stages[stage].tp_forward + stages[stage].tp_backward);
+    rank_zero[stage % p] += static_cast<double>(micro_batches) * (stages[stage].zero_forward + stages[stage].zero_backward);
   }
   const int64_t slowest = std::max_element(rank_compute.begin(), rank_compute.end()) - rank_compute.begin();
   t.compute = rank_compute[slowest];
   t.tp_comm = rank_tp[slowest];
+  t.zero_comm = rank_zero[slowest];
   if (p > 1) {
     const PipeSchedule schedule = make_pipe_schedule(layout.schedule, p, micro_batches, v);
     PipeStageTimes times;
     for (const StageCost& cost : stages) {
-      times.forward.push_back(cost.forward + cost.tp_forward);
-      times.backward.push_back(cost.backward + cost.tp_backward);
+      times.forward.push_back(cost.forward + cost.tp_forward + cost.zero_forward);
+      times.backward.push_back(cost.backward + cost.tp_backward + cost.zero_backward);
     }
     const LinkProfile& pp_link = link_of(problem, machine, tp, p);
     times.transfer = pp_link.latency_s + act * n / (sp ? tp : 1) * h / pp_link.bytes_per_s;
     const PipeSimulation simulation = simulate_pipe_schedule(schedule, times);
     t.pipeline = simulation.makespan;
   } else {
-    t.pipeline = t.compute + t.tp_comm;
+    t.pipeline = t.compute + t.tp_comm + t.zero_comm;
   }
-  t.bubble = std::max(0.0, t.pipeline - t.compute - t.tp_comm);
+  t.bubble = std::max(0.0, t.pipeline - t.compute - t.tp_comm - t.zero_comm);
 
   // Data parallelism and the optimizer, on the rank with the most parameters.
   const MemoryEstimate memory = estimate_memory(problem, layout);
   int64_t most = 0;
   for (const RankMemory& rank : memory.ranks) most = std::max(most, rank.parameters);
-  const double grad_bytes = 4 * static_cast<double>(most);
-  const LinkProfile& dp_link = link_of(problem, machine, tp * p, layout.dp);
-  const bool zero = layout.zero_stage == 1 && layout.dp > 1;
+  const double grad_bytes = param_bytes * static_cast<double>(most);
   double state_elements = static_cast<double>(most);
-  if (zero) {
-    const double padded = std::ceil(static_cast<double>(most) / static_cast<double>(layout.dp)) * layout.dp;
-    state_elements = padded / static_cast<double>(layout.dp);
+  const double padded = std::ceil(static_cast<double>(most) / static_cast<double>(layout.dp)) * layout.dp;
+  if (zero_stage >= 1) state_elements = padded / static_cast<double>(layout.dp);
+  if (zero_stage == 1) {
     // Reduce-scatter of the flat gradient, all-gather of the flat parameters,
     // and the copies into and out of the flat vectors.
-    t.dp_comm = 2 * all_gather_seconds(dp_link, layout.dp, 4 * padded);
+    t.dp_comm = 2 * all_gather_seconds(dp_link, layout.dp, param_bytes * padded);
     t.optimizer += 20 * padded / machine.stream_bytes_per_s;
+  } else if (zero_stage == 2) {
+    // The gradients were reduce-scattered in backward (StageCost); the
+    // updated shards are all-gathered into the whole parameters after the step.
+    t.dp_comm = all_gather_seconds(dp_link, layout.dp, param_bytes * padded);
+  } else if (zero_stage == 3) {
+    // Parameters stay sharded: nothing to gather after the step.
   } else if (layout.dp > 1) {
     const double buckets = std::max(1.0, std::ceil(grad_bytes / (problem.bucket_mb * 1024 * 1024)));
     const double reduce = all_reduce_seconds(dp_link, layout.dp, grad_bytes) +

@@ -3,7 +3,8 @@
 //   - per micro-batch and model stage, forward and backward: the matmuls'
 //     FLOPs at the profile's matmul rate, attention at its attention rate,
 //     elementwise bytes at its memory bandwidth, a fixed cost per op; twice
-//     for backward, plus one more forward of each layer with recomputation;
+//     for backward, plus one more forward of each layer with full
+//     recomputation, of each attention core with selective;
 //   - tensor parallelism: the all-reduces (or, with sequence parallelism,
 //     all-gathers and reduce-scatters) of every layer, embedding and head,
 //     waited for where they are issued (loom does not overlap them);
@@ -13,7 +14,12 @@
 //   - data parallelism: the gradient all-reduce in buckets, hidden behind
 //     the last micro-batch's backward as far as the profile's dp_overlap
 //     says (loom overlaps only without a pipeline), or ZeRO-1's
-//     reduce-scatter and all-gather, which nothing hides;
+//     reduce-scatter and all-gather, which nothing hides; ZeRO-2's
+//     reduce-scatter of each unit's gradients in every micro-batch's
+//     backward (and its parameter all-gather after the step), ZeRO-3's
+//     all-gathers of each unit's parameters before its forward and its
+//     backward and the same reduce-scatter, hidden behind that micro-batch's
+//     compute as far as dp_overlap says, but never the first unit's;
 //   - AdamW, gradient clipping and zeroing as memory traffic.
 // A collective over n ranks of B bytes costs, on the link its group spans,
 // ring all-reduce 2 (n-1) latency + 2 (n-1)/n B / bandwidth, all-gather or
@@ -30,8 +36,9 @@ namespace loom::plan {
 struct StepTime {
   double compute = 0;    // the slowest pipeline rank's forwards and backwards (no waiting)
   double tp_comm = 0;    // of that rank's micro-batches
-  double pipeline = 0;   // the simulated schedule's span: compute, tp, transfers and the bubble
+  double pipeline = 0;   // the simulated schedule's span: compute, tp, ZeRO-2/3, transfers and the bubble
   double bubble = 0;     // pipeline - the slowest rank's busy time
+  double zero_comm = 0;  // ZeRO-2/3's gathers and reduce-scatters during that rank's micro-batches, exposed
   double dp_comm = 0;    // exposed (not hidden behind backward)
   double optimizer = 0;  // AdamW, clipping, zeroing, ZeRO-1's copies
   double total = 0;      // seconds per step

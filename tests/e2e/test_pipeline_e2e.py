@@ -2,7 +2,8 @@
 
 An 8-layer model trains for ten steps on one rank and on pp = 2 and 4 ranks
 with each schedule (afab, 1f1b, interleaved with two chunks per rank), on
-tp 2 x pp 2, and in the full grid (dp 2 x pp 2, dp 2 x tp 2 x pp 2 on eight
+tp 2 x pp 2 (also with model.recompute selective against the reference's
+none), and in the full grid (dp 2 x pp 2, dp 2 x tp 2 x pp 2 on eight
 ranks, with and without ZeRO-1): the losses, validation losses and gradient
 norms must match the single-rank run within 1e-5 relative (1e-4 for the
 norms), the exported Hub folder and the checkpoint within 2e-6. An
@@ -82,13 +83,14 @@ def assert_matches_single_rank(run, reference, first_step=1):
     (4, False, layout(4, "1f1b")),
     (4, True, layout(4, "interleaved", virtual=2)),
     (4, True, layout(2, "1f1b", tp=2, sp=True)),
+    (4, True, {**layout(2, "1f1b", tp=2, sp=True), "model.recompute": "selective"}),
     (4, False, layout(2, "interleaved", tp=2, virtual=2)),
     (4, True, layout(2, "1f1b", zero=0)),
     (4, False, layout(2, "afab", zero=1)),
     (8, True, layout(2, "1f1b", tp=2, sp=True, zero=0)),
     (8, False, layout(2, "interleaved", tp=2, virtual=2, zero=1)),
 ], ids=["pp2-afab", "pp2-1f1b-tied", "pp2-interleaved", "pp4-afab-tied", "pp4-1f1b", "pp4-interleaved-tied",
-        "tp2-pp2-sp-tied", "tp2-pp2-interleaved", "dp2-pp2-tied", "dp2-pp2-afab-zero1", "dp2-tp2-pp2-sp-tied",
+        "tp2-pp2-sp-tied", "tp2-pp2-sp-selective-tied", "tp2-pp2-interleaved", "dp2-pp2-tied", "dp2-pp2-afab-zero1", "dp2-tp2-pp2-sp-tied",
         "dp2-tp2-pp2-interleaved-zero1"])
 def test_pipeline_run_reproduces_the_single_rank_run(data, tmp_path, single_rank, ranks, tied, parallel):
     out, _ = mpi_loom(ranks, pp_args(data, tmp_path, "run", tied, interval=5, **parallel))

@@ -1,9 +1,11 @@
 // loom plan's layouts, memory model and time model (plan/) on hand-checked cases.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <iostream>
 
 #include "parallel/pipeline.h"
 #include "plan/planner.h"
@@ -71,7 +73,7 @@ TEST(PlanParameters, pipeline_ranks_hold_what_loom_builds_for_them) {
   for (const bool tied : {false, true}) {
     Problem problem = tiny_problem(3);
     problem.model.tie_embeddings = tied;
-    const Layout layout{1, 1, 3, "afab", 1, 0, 1, false, false};
+    const Layout layout{1, 1, 3, "afab", 1, 0, 1, Recompute::kNone, false};
     const MemoryEstimate memory = estimate_memory(problem, layout);
     ASSERT_EQ(memory.ranks.size(), 3u);
     const PipeSchedule schedule = make_pipe_schedule("afab", 3, 16, 1);
@@ -100,8 +102,8 @@ TEST(PlanParameters, tensor_parallel_shards_by_hand) {
 TEST(PlanMemory, zero1_divides_the_optimizer_state_by_dp_and_keeps_a_flat_copy) {
   Problem problem = tiny_problem(4);
   const int64_t params = count_parameters(problem.model);
-  const MemoryEstimate plain = estimate_memory(problem, Layout{4, 1, 1, "1f1b", 1, 0, 1, false, false});
-  const MemoryEstimate zero = estimate_memory(problem, Layout{4, 1, 1, "1f1b", 1, 1, 1, false, false});
+  const MemoryEstimate plain = estimate_memory(problem, Layout{4, 1, 1, "1f1b", 1, 0, 1, Recompute::kNone, false});
+  const MemoryEstimate zero = estimate_memory(problem, Layout{4, 1, 1, "1f1b", 1, 1, 1, Recompute::kNone, false});
   const double shard = static_cast<double>((params + 3) / 4);
   EXPECT_DOUBLE_EQ(plain.ranks[0].optimizer, 8.0 * static_cast<double>(params));
   EXPECT_DOUBLE_EQ(zero.ranks[0].optimizer, 8.0 * shard);
@@ -110,40 +112,106 @@ TEST(PlanMemory, zero1_divides_the_optimizer_state_by_dp_and_keeps_a_flat_copy) 
   EXPECT_DOUBLE_EQ(zero.ranks[0].params, plain.ranks[0].params);
 }
 
+TEST(PlanMemory, zero2_shards_the_gradients_and_zero3_the_parameters_too) {
+  const Problem problem = tiny_problem(4);
+  const double params = static_cast<double>(count_parameters(problem.model));
+  const double shard = static_cast<double>((count_parameters(problem.model) + 3) / 4);
+  // The largest unit of the tiny model: the head (2048 x 128) with the final
+  // norm, larger than the embedding and than a layer.
+  const double unit = 2048.0 * 128 + 128;
+  EXPECT_EQ(largest_unit_parameters(problem.model, 1, {StageSpec{}}, false), 2048 * 128 + 128);
+  EXPECT_EQ(largest_unit_parameters(problem.model, 1, {StageSpec{0, 2, false, false}}, false),
+            128 * 128 + 2 * 64 * 128 + 128 * 128 + 3 * 384 * 128 + 2 * 128);  // one decoder layer
+  const double bucket = 1024.0 * 1024;  // bucket_mb 1
+  auto with_zero = [&](int64_t stage) {
+    return estimate_memory(problem, Layout{4, 1, 1, "1f1b", 1, stage, 1, Recompute::kNone, false});
+  };
+  const MemoryEstimate zero0 = with_zero(0), zero2 = with_zero(2), zero3 = with_zero(3);
+  // ZeRO-2: whole parameters, 1/dp of an fp32 gradient and of the moments,
+  // and in flight a unit's gradients and one bucket.
+  EXPECT_DOUBLE_EQ(zero2.ranks[0].params, 4 * params);
+  EXPECT_DOUBLE_EQ(zero2.ranks[0].grads, 4 * shard);
+  EXPECT_DOUBLE_EQ(zero2.ranks[0].optimizer, 8 * shard);
+  EXPECT_DOUBLE_EQ(zero2.ranks[0].zero_buffers, 0.0);
+  EXPECT_DOUBLE_EQ(zero2.ranks[0].zero_in_flight, 4 * unit + bucket);
+  // ZeRO-3: the parameters' shard too, and two gathered units in flight.
+  EXPECT_DOUBLE_EQ(zero3.ranks[0].params, 4 * shard);
+  EXPECT_DOUBLE_EQ(zero3.ranks[0].zero_in_flight, 4 * unit + bucket + 2 * 4 * unit);
+  EXPECT_LT(zero3.peak, zero2.peak);
+  EXPECT_LT(zero2.peak, zero0.peak);
+  // Without dp there is nothing to shard.
+  Problem one = tiny_problem(1);
+  EXPECT_DOUBLE_EQ(estimate_memory(one, Layout{1, 1, 1, "1f1b", 1, 3, 1, Recompute::kNone, false}).peak,
+                   estimate_memory(one, Layout{1, 1, 1, "1f1b", 1, 0, 1, Recompute::kNone, false}).peak);
+}
+
+TEST(PlanMemory, bf16_parameters_keep_bf16_weights_and_grads_and_fp32_masters_in_the_optimizer) {
+  Problem problem = tiny_problem(4);
+  problem.bf16 = problem.params_bf16 = true;
+  const double params = static_cast<double>(count_parameters(problem.model));
+  const double shard = static_cast<double>((count_parameters(problem.model) + 3) / 4);
+  const MemoryEstimate plain = estimate_memory(problem, Layout{4, 1, 1, "1f1b", 1, 0, 1, Recompute::kNone, false});
+  EXPECT_DOUBLE_EQ(plain.ranks[0].params, 2 * params);
+  EXPECT_DOUBLE_EQ(plain.ranks[0].grads, 2 * params);
+  EXPECT_DOUBLE_EQ(plain.ranks[0].optimizer, 12 * params);  // master, exp_avg, exp_avg_sq
+  EXPECT_DOUBLE_EQ(plain.ranks[0].weight_cache, 0.0);      // no casts of bf16 weights
+  const MemoryEstimate zero3 = estimate_memory(problem, Layout{4, 1, 1, "1f1b", 1, 3, 1, Recompute::kNone, false});
+  EXPECT_DOUBLE_EQ(zero3.ranks[0].params, 2 * shard);
+  EXPECT_DOUBLE_EQ(zero3.ranks[0].optimizer, 12 * shard);
+  problem.params_bf16 = false;
+  const MemoryEstimate fp32 = estimate_memory(problem, Layout{4, 1, 1, "1f1b", 1, 0, 1, Recompute::kNone, false});
+  EXPECT_LT(plain.peak, fp32.peak);
+}
+
+TEST(PlanMemory, selective_recomputation_keeps_less_than_none_and_more_than_full) {
+  const ModelConfig model = tiny_problem(1).model;
+  for (const bool bf16 : {false, true}) {
+    const double none = layer_activation_bytes(model, 256, 1, false, bf16, Recompute::kNone);
+    const double selective = layer_activation_bytes(model, 256, 1, false, bf16, Recompute::kSelective);
+    const double full = layer_activation_bytes(model, 256, 1, false, bf16, Recompute::kFull);
+    // What the fused attention core saves of its own: a log-sum-exp per head
+    // (its output stays saved as o_proj's input).
+    EXPECT_DOUBLE_EQ(none - selective, 256.0 * 4 * 8);
+    EXPECT_GT(selective, full);
+  }
+  // Under tp a rank's core has its share of the heads.
+  EXPECT_DOUBLE_EQ(attention_core_bytes(model, 256, 2, false), 256.0 * 4 * 4);
+}
+
 TEST(PlanMemory, activations_grow_with_the_micro_batch_and_shrink_with_recomputation) {
   const ModelConfig model = tiny_problem(1).model;
-  const double one = layer_activation_bytes(model, 256, 1, false, false, false);
-  EXPECT_DOUBLE_EQ(layer_activation_bytes(model, 512, 1, false, false, false), 2 * one);
+  const double one = layer_activation_bytes(model, 256, 1, false, false, Recompute::kNone);
+  EXPECT_DOUBLE_EQ(layer_activation_bytes(model, 512, 1, false, false, Recompute::kNone), 2 * one);
   // fp32 per token: 6 h + 2 q + 2 kv + 4 intermediate + heads + 2 floats.
   EXPECT_DOUBLE_EQ(one, 256.0 * 4 * (6 * 128 + 2 * 128 + 2 * 64 + 4 * 384 + 8 + 2));
-  EXPECT_DOUBLE_EQ(layer_activation_bytes(model, 256, 1, false, false, true), 256.0 * 4 * 128);
-  EXPECT_LT(layer_activation_bytes(model, 256, 2, false, false, false), one);
+  EXPECT_DOUBLE_EQ(layer_activation_bytes(model, 256, 1, false, false, Recompute::kFull), 256.0 * 4 * 128);
+  EXPECT_LT(layer_activation_bytes(model, 256, 2, false, false, Recompute::kNone), one);
 }
 
 TEST(PlanMemory, afab_keeps_more_micro_batches_in_flight_than_1f1b) {
   const Problem problem = tiny_problem(2);
-  const MemoryEstimate afab = estimate_memory(problem, Layout{1, 1, 2, "afab", 1, 0, 1, false, false});
-  const MemoryEstimate one_f_one_b = estimate_memory(problem, Layout{1, 1, 2, "1f1b", 1, 0, 1, false, false});
+  const MemoryEstimate afab = estimate_memory(problem, Layout{1, 1, 2, "afab", 1, 0, 1, Recompute::kNone, false});
+  const MemoryEstimate one_f_one_b = estimate_memory(problem, Layout{1, 1, 2, "1f1b", 1, 0, 1, Recompute::kNone, false});
   EXPECT_GT(afab.ranks[0].activations, 4 * one_f_one_b.ranks[0].activations);
 }
 
 TEST(PlanLayouts, invalid_layouts_are_refused_with_the_reason) {
   Problem problem = tiny_problem(2);
-  EXPECT_EQ(layout_problem(problem, Layout{1, 2, 1, "1f1b", 1, 0, 2, false, false}), "");
+  EXPECT_EQ(layout_problem(problem, Layout{1, 2, 1, "1f1b", 1, 0, 2, Recompute::kNone, false}), "");
   problem.gpus = problem.gpus_per_node = 3;
-  EXPECT_NE(layout_problem(problem, Layout{1, 3, 1, "1f1b", 1, 0, 2, false, false}).find("num_heads"), std::string::npos);
+  EXPECT_NE(layout_problem(problem, Layout{1, 3, 1, "1f1b", 1, 0, 2, Recompute::kNone, false}).find("num_heads"), std::string::npos);
   problem.gpus = problem.gpus_per_node = 16;
-  EXPECT_NE(layout_problem(problem, Layout{1, 1, 16, "1f1b", 1, 0, 1, false, false}).find("num_layers"),
+  EXPECT_NE(layout_problem(problem, Layout{1, 1, 16, "1f1b", 1, 0, 1, Recompute::kNone, false}).find("num_layers"),
             std::string::npos);
   problem.gpus = problem.gpus_per_node = 2;
-  EXPECT_NE(layout_problem(problem, Layout{2, 1, 1, "1f1b", 1, 0, 3, false, false}).find("divisible"),
+  EXPECT_NE(layout_problem(problem, Layout{2, 1, 1, "1f1b", 1, 0, 3, Recompute::kNone, false}).find("divisible"),
             std::string::npos);
-  EXPECT_NE(layout_problem(problem, Layout{1, 1, 2, "interleaved", 2, 0, 16, false, false}).find("interleaved"),
+  EXPECT_NE(layout_problem(problem, Layout{1, 1, 2, "interleaved", 2, 0, 16, Recompute::kNone, false}).find("interleaved"),
             std::string::npos);  // one micro-batch: not a multiple of pp
-  EXPECT_NE(layout_problem(problem, Layout{1, 1, 1, "1f1b", 1, 0, 2, false, false}).find("--gpus"), std::string::npos);
+  EXPECT_NE(layout_problem(problem, Layout{1, 1, 1, "1f1b", 1, 0, 2, Recompute::kNone, false}).find("--gpus"), std::string::npos);
   problem.gpus = 4;
   problem.gpus_per_node = 2;
-  EXPECT_NE(layout_problem(problem, Layout{1, 4, 1, "1f1b", 1, 0, 2, false, false}).find("spans nodes"),
+  EXPECT_NE(layout_problem(problem, Layout{1, 4, 1, "1f1b", 1, 0, 2, Recompute::kNone, false}).find("spans nodes"),
             std::string::npos);
 }
 
@@ -157,9 +225,39 @@ TEST(PlanLayouts, enumeration_gives_only_valid_layouts_of_the_world_size) {
   }
 }
 
+TEST(PlanLayouts, enumeration_covers_every_zero_stage_and_recomputation) {
+  const std::vector<Layout> layouts = enumerate_layouts(tiny_problem(4));
+  for (const int64_t zero : {0, 1, 2, 3}) {
+    for (const Recompute recompute : {Recompute::kNone, Recompute::kSelective, Recompute::kFull}) {
+      const bool found = std::any_of(layouts.begin(), layouts.end(), [&](const Layout& l) {
+        return l.dp == 4 && l.zero_stage == zero && l.recompute == recompute;
+      });
+      EXPECT_TRUE(found) << "zero " << zero << " recompute " << recompute_name(recompute);
+    }
+  }
+  // ZeRO only with dp > 1.
+  for (const Layout& l : layouts) EXPECT_TRUE(l.dp > 1 || l.zero_stage == 0) << l.describe();
+}
+
+TEST(PlanLayouts, zero3_and_selective_layouts_write_their_config) {
+  const Layout layout = parse_layout("dp=4,zero=3,recompute=selective,mb=2", "--layout");
+  EXPECT_EQ(layout, (Layout{4, 1, 1, "1f1b", 1, 3, 2, Recompute::kSelective, false}));
+  EXPECT_EQ(layout.describe(), "dp 4 tp 1 pp 1 mb 2 zero3 selective");
+  const std::vector<std::string> lines = layout.config_lines();
+  EXPECT_NE(std::find(lines.begin(), lines.end(), "parallel.zero_stage: 3"), lines.end());
+  EXPECT_NE(std::find(lines.begin(), lines.end(), "model.recompute: selective"), lines.end());
+  Config config;
+  layout.apply_to(config);
+  EXPECT_EQ(config.parallel.zero_stage, 3);
+  EXPECT_EQ(config.model.recompute, "selective");
+  EXPECT_EQ(parse_layout("recompute=full", "--layout").recompute, Recompute::kFull);
+  EXPECT_THROW(parse_layout("zero=4", "--layout"), BadInput);
+  EXPECT_THROW(parse_layout("recompute=some", "--layout"), BadInput);
+}
+
 TEST(PlanLayouts, parse_layout_reads_every_key_and_refuses_unknown_ones) {
   const Layout layout = parse_layout("dp=2,tp=1,pp=2,schedule=interleaved,v=2,zero=1,mb=4,recompute=1,sp=0", "--layout");
-  EXPECT_EQ(layout, (Layout{2, 1, 2, "interleaved", 2, 1, 4, true, false}));
+  EXPECT_EQ(layout, (Layout{2, 1, 2, "interleaved", 2, 1, 4, Recompute::kFull, false}));
   EXPECT_THROW(parse_layout("dp=2,cp=2", "--layout"), BadInput);
   EXPECT_THROW(parse_layout("dp=x", "--layout"), BadInput);
 }
@@ -174,18 +272,44 @@ TEST(PlanTime, collectives_follow_the_ring_formulas) {
 TEST(PlanTime, data_parallel_halves_the_compute_and_the_bubble_follows_the_schedule) {
   const MachineProfile machine = compute_only();
   const Problem one = tiny_problem(1), two = tiny_problem(2);
-  const StepTime single = estimate_step_time(one, Layout{1, 1, 1, "1f1b", 1, 0, 2, false, false}, machine);
-  const StepTime dp2 = estimate_step_time(two, Layout{2, 1, 1, "1f1b", 1, 0, 2, false, false}, machine);
+  const StepTime single = estimate_step_time(one, Layout{1, 1, 1, "1f1b", 1, 0, 2, Recompute::kNone, false}, machine);
+  const StepTime dp2 = estimate_step_time(two, Layout{2, 1, 1, "1f1b", 1, 0, 2, Recompute::kNone, false}, machine);
   EXPECT_NEAR(dp2.pipeline, single.pipeline / 2, 1e-9 * single.pipeline);
   EXPECT_DOUBLE_EQ(single.bubble, 0.0);
   // pp 2, 8 micro-batches: the pipeline takes longer than its busiest rank,
   // interleaving shortens the wait, and recomputation adds a forward.
-  const StepTime pp2 = estimate_step_time(two, Layout{1, 1, 2, "1f1b", 1, 0, 2, false, false}, machine);
-  const StepTime interleaved = estimate_step_time(two, Layout{1, 1, 2, "interleaved", 2, 0, 2, false, false}, machine);
+  const StepTime pp2 = estimate_step_time(two, Layout{1, 1, 2, "1f1b", 1, 0, 2, Recompute::kNone, false}, machine);
+  const StepTime interleaved = estimate_step_time(two, Layout{1, 1, 2, "interleaved", 2, 0, 2, Recompute::kNone, false}, machine);
   EXPECT_GT(pp2.bubble, 0.0);
   EXPECT_LT(interleaved.bubble, pp2.bubble);
-  const StepTime recompute = estimate_step_time(one, Layout{1, 1, 1, "1f1b", 1, 0, 2, true, false}, machine);
+  const StepTime recompute = estimate_step_time(one, Layout{1, 1, 1, "1f1b", 1, 0, 2, Recompute::kFull, false}, machine);
   EXPECT_GT(recompute.compute, single.compute * 1.2);
+}
+
+TEST(PlanTime, selective_recomputes_the_attention_core_and_zero3_gathers_in_forward_and_backward) {
+  const MachineProfile machine = compute_only();
+  const Problem one = tiny_problem(1);
+  auto compute = [&](Recompute recompute) {
+    return estimate_step_time(one, Layout{1, 1, 1, "1f1b", 1, 0, 2, recompute, false}, machine).compute;
+  };
+  EXPECT_GT(compute(Recompute::kSelective), compute(Recompute::kNone));
+  EXPECT_LT(compute(Recompute::kSelective), compute(Recompute::kFull));
+  // On a slow dp link with nothing hidden: ZeRO-3 gathers the parameters in
+  // every micro-batch's forward and backward and reduce-scatters the
+  // gradients in its backward; ZeRO-2 only reduce-scatters.
+  MachineProfile slow = machine;
+  slow.intra_node = slow.inter_node = {1e9, 0};
+  slow.dp_overlap = 0;
+  const Problem four = tiny_problem(4);
+  auto with_zero = [&](int64_t stage) {
+    return estimate_step_time(four, Layout{4, 1, 1, "1f1b", 1, stage, 2, Recompute::kNone, false}, slow);
+  };
+  const StepTime zero2 = with_zero(2), zero3 = with_zero(3);
+  const double bytes = 4.0 * static_cast<double>(count_parameters(four.model));
+  const double micro_batches = 2;  // 16 sequences over dp 4 x mb 2
+  EXPECT_NEAR(zero2.zero_comm, micro_batches * all_gather_seconds(slow.intra_node, 4, bytes), 1e-12);
+  EXPECT_NEAR(zero3.zero_comm, micro_batches * 3 * all_gather_seconds(slow.intra_node, 4, bytes), 1e-12);
+  EXPECT_EQ(with_zero(0).zero_comm, 0.0);
 }
 
 TEST(PlanTime, planner_puts_fitting_layouts_first_and_the_fastest_first_among_them) {
@@ -198,6 +322,40 @@ TEST(PlanTime, planner_puts_fitting_layouts_first_and_the_fastest_first_among_th
       EXPECT_LE(candidates[i - 1].time.total, candidates[i].time.total);
     }
   }
+}
+
+// The acceptance: Llama 3.1 70B (configs/llama3-70b.yaml: sequence
+// 8192, global batch 512, bf16 compute over fp32 parameters) on 4 nodes of
+// 8 x 80 GiB H100s. Without ZeRO-2/3 the only layouts that fit were dp 1 x
+// tp 8 x pp 4 with full recomputation, at 87-89% of the memory.
+TEST(PlanAcceptance, llama3_70b_on_32_h100s_at_sequence_8k_fits_within_85_percent_with_zero_layouts) {
+  constexpr double kGiB = 1024.0 * 1024 * 1024;
+  Problem problem = Problem::from_config(load_config(std::string(LOOM_SOURCE_DIR) + "/configs/llama3-70b.yaml"));
+  ASSERT_EQ(problem.seq_len, 8192);
+  ASSERT_GT(count_parameters(problem.model), 70'000'000'000);
+  problem.gpus = 32;
+  problem.gpus_per_node = 8;
+  problem.gpu_memory_bytes = 80 * kGiB;
+  const MachineProfile h100 = load_machine_profile(std::string(LOOM_SOURCE_DIR) + "/configs/machines/h100-node.yaml");
+  const std::vector<Candidate> candidates = plan_layouts(problem, h100);
+  std::vector<const Candidate*> within;
+  for (const Candidate& c : candidates) {
+    if (c.memory.peak <= 0.85 * problem.gpu_memory_bytes) within.push_back(&c);
+  }
+  ASSERT_FALSE(within.empty());
+  // The fastest that fits is a sharded one, and among those within 85% are
+  // ZeRO-2 and ZeRO-3 layouts. Selective recomputation layouts are ranked
+  // too, but at 8K tokens the activations it keeps (all but the attention
+  // core's) do not fit beside 70B's states.
+  EXPECT_GE(candidates.front().layout.zero_stage, 2) << candidates.front().layout.describe();
+  auto any = [&](auto predicate) { return std::any_of(within.begin(), within.end(), predicate); };
+  EXPECT_TRUE(any([](const Candidate* c) { return c->layout.zero_stage == 3; }));
+  EXPECT_TRUE(any([](const Candidate* c) { return c->layout.zero_stage == 2; }));
+  EXPECT_TRUE(std::any_of(candidates.begin(), candidates.end(),
+                          [](const Candidate& c) { return c.layout.recompute == Recompute::kSelective; }));
+  for (const Candidate* c : within) EXPECT_TRUE(c->fits) << c->layout.describe();
+  std::cout << within.size() << " of " << candidates.size() << " layouts within 85% of 80 GiB; fastest "
+            << within.front()->layout.describe() << " at " << within.front()->memory.peak / kGiB << " GiB\n";
 }
 
 TEST(PlanCheckpoint, parameter_lists_are_the_tensors_loom_builds_in_their_order) {
@@ -221,7 +379,7 @@ TEST(PlanCheckpoint, parameter_lists_are_the_tensors_loom_builds_in_their_order)
   // Pipeline ranks of an interleaved 2 x 2 split, tied: the last stage's copy of the embedding after its norm.
   Problem problem = tiny_problem(2);
   problem.model.tie_embeddings = true;
-  const Layout layout{1, 1, 2, "interleaved", 2, 0, 1, false, false};
+  const Layout layout{1, 1, 2, "interleaved", 2, 0, 1, Recompute::kNone, false};
   const PipeSchedule schedule = make_pipe_schedule("interleaved", 2, 16, 2);
   LocalLayerFactory factory;
   for (int64_t r = 0; r < 2; ++r) {
@@ -259,9 +417,9 @@ TEST(PlanCheckpoint, every_element_is_written_once_whatever_the_layout) {
     problem.model.tie_embeddings = tied;
     const double whole = checkpoint_tensor_bytes(problem.model);
     EXPECT_DOUBLE_EQ(whole, 12.0 * static_cast<double>(count_parameters(problem.model)) + 8);
-    for (const Layout& layout : {Layout{8, 1, 1, "1f1b", 1, 0, 1, false, false}, Layout{8, 1, 1, "1f1b", 1, 1, 1, false, false},
-                                 Layout{2, 2, 2, "1f1b", 1, 0, 1, false, false}, Layout{2, 2, 2, "1f1b", 1, 1, 1, false, false},
-                                 Layout{1, 4, 2, "interleaved", 2, 0, 1, false, false}}) {
+    for (const Layout& layout : {Layout{8, 1, 1, "1f1b", 1, 0, 1, Recompute::kNone, false}, Layout{8, 1, 1, "1f1b", 1, 1, 1, Recompute::kNone, false},
+                                 Layout{2, 2, 2, "1f1b", 1, 0, 1, Recompute::kNone, false}, Layout{2, 2, 2, "1f1b", 1, 1, 1, Recompute::kNone, false},
+                                 Layout{1, 4, 2, "interleaved", 2, 0, 1, Recompute::kNone, false}}) {
       const CheckpointEstimate c = estimate_checkpoint(problem, layout, 1e9, 2e9);
       ASSERT_EQ(c.rank_bytes.size(), 8u);
       EXPECT_DOUBLE_EQ(c.total_bytes, whole) << layout.describe() << " tied " << tied;
@@ -274,7 +432,7 @@ TEST(PlanCheckpoint, every_element_is_written_once_whatever_the_layout) {
   // Two nodes of four: each node's ranks, at the rate.
   Problem problem = tiny_problem(8);
   problem.gpus_per_node = 4;
-  const CheckpointEstimate c = estimate_checkpoint(problem, Layout{8, 1, 1, "1f1b", 1, 0, 1, false, false}, 1e9, 0);
+  const CheckpointEstimate c = estimate_checkpoint(problem, Layout{8, 1, 1, "1f1b", 1, 0, 1, Recompute::kNone, false}, 1e9, 0);
   double first_node = 0;
   for (int rank = 0; rank < 4; ++rank) first_node += static_cast<double>(c.rank_bytes[rank]);
   EXPECT_GE(c.node_bytes, first_node);
@@ -286,18 +444,18 @@ TEST(PlanCheckpoint, dp_replicas_share_a_stage_by_the_trainers_assignment) {
   // dp 2, no tp or pp: the pieces alternate, largest first, between the two
   // replicas, so each writes close to half (the step's 8 bytes on rank 0).
   const Problem problem = tiny_problem(2);
-  const CheckpointEstimate c = estimate_checkpoint(problem, Layout{2, 1, 1, "1f1b", 1, 0, 1, false, false}, 0, 0);
+  const CheckpointEstimate c = estimate_checkpoint(problem, Layout{2, 1, 1, "1f1b", 1, 0, 1, Recompute::kNone, false}, 0, 0);
   const double half = 6.0 * static_cast<double>(count_parameters(problem.model));
   EXPECT_NEAR(static_cast<double>(c.rank_bytes[0]), half, 0.05 * half);
   EXPECT_EQ(c.rank_bytes[0] + c.rank_bytes[1], static_cast<int64_t>(2 * half) + 8);
   // ZeRO-1: the moments are each replica's own shard; the parameters are shared out first.
-  const CheckpointEstimate z = estimate_checkpoint(problem, Layout{2, 1, 1, "1f1b", 1, 1, 1, false, false}, 0, 0);
+  const CheckpointEstimate z = estimate_checkpoint(problem, Layout{2, 1, 1, "1f1b", 1, 1, 1, Recompute::kNone, false}, 0, 0);
   EXPECT_EQ(z.rank_bytes[0] + z.rank_bytes[1], static_cast<int64_t>(2 * half) + 8);
 }
 
 TEST(PlanHostMemory, a_gpu_rank_stages_its_part_and_its_pieces_on_the_host) {
   Problem problem = tiny_problem(2);
-  const Layout layout{1, 1, 2, "1f1b", 1, 0, 1, false, false};
+  const Layout layout{1, 1, 2, "1f1b", 1, 0, 1, Recompute::kNone, false};
   const MemoryEstimate memory = estimate_memory(problem, layout);
   const CheckpointEstimate c = estimate_checkpoint(problem, layout, 0, 0);
   HostMemory host = estimate_host_memory(problem, layout, memory, c);

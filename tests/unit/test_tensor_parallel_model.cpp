@@ -190,6 +190,8 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{"attention_bias_sequence_parallel", true, true, "llama", true},
                       Case{"qwen2_biases", false, false, "qwen2"},
                       Case{"recompute_sequence_parallel", false, true, "llama", false, "full"},
+                      Case{"selective_recompute_sequence_parallel", false, true, "llama", false, "selective"},
+                      Case{"gemma2_selective_recompute", true, false, "gemma2", false, "selective"},
                       Case{"qwen3_head_norms", false, false, "qwen3", true},
                       Case{"qwen3_head_norms_sequence_parallel", true, true, "qwen3"},
                       Case{"olmo2_projection_norms", false, false, "olmo2"},
