@@ -5,6 +5,7 @@
 
 #include "parallel/pipeline_schedule.h"
 #include "parallel/topology.h"
+#include "trainer/training.h"
 #include "util/error.h"
 
 namespace loom::plan {
@@ -18,6 +19,7 @@ Problem Problem::from_config(const Config& config) {
                                                             : config.batch.micro_batch_size * dp;
   problem.bf16 = config.precision.compute == "bf16";
   problem.params_bf16 = config.precision.params == "bf16";
+  problem.grad_accum_fp32 = config.precision.grad_accum == "fp32";
   problem.bucket_mb = config.parallel.bucket_mb;
   problem.host_is_device = config.run.device == "cpu";
   problem.checkpoint_async = config.checkpoint.enabled && config.checkpoint.async;
@@ -159,9 +161,11 @@ std::string layout_problem(const Problem& problem, const Layout& layout) {
   config.model = problem.model;
   config.data.seq_len = problem.seq_len;
   config.batch.global_batch_size = problem.global_batch;
+  config.precision.compute = problem.bf16 ? "bf16" : "fp32";
+  config.precision.params = problem.params_bf16 ? "bf16" : "fp32";
   layout.apply_to(config);
   try {
-    ParallelDims::from_config(config, layout.world());
+    check_precision(config, ParallelDims::from_config(config, layout.world()));
     if (problem.global_batch % (layout.dp * layout.micro_batch) != 0) {
       return "batch.global_batch_size (" + std::to_string(problem.global_batch) + ") is not divisible by dp x micro-batch";
     }

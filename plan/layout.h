@@ -20,9 +20,11 @@ struct Problem {
   int64_t global_batch = 0;  // sequences per optimizer step (batch.global_batch_size)
   bool bf16 = false;         // precision.compute bf16
   // precision.params bf16: bf16 weights and gradients on the device, fp32
-  // master weights and AdamW moments in the optimizer (accounted for; the
-  // trainer refuses it until bf16 parameters land).
+  // master weights and AdamW moments in the optimizer, and with
+  // precision.grad_accum fp32 an fp32 gradient sum beside each master
+  // instead of the bf16 gradient (optim/fp32_gradients.h).
   bool params_bf16 = false;
+  bool grad_accum_fp32 = true;
   double bucket_mb = 25.0;   // parallel.bucket_mb
   int64_t gpus = 1;          // ranks in all
   int64_t gpus_per_node = 1;

@@ -231,7 +231,10 @@ MemoryEstimate estimate_memory(const Problem& problem, const Layout& layout) {
     // ZeRO-3 holds its shard of the parameters; ZeRO-2 and 3 an fp32 shard
     // of the gradient (what the optimizer reads).
     rank.params = param_bytes * (zero_stage == 3 ? shard : elements);
-    rank.grads = zero_stage >= 2 ? kFp32 * shard : param_bytes * elements;
+    // bf16 parameters with precision.grad_accum fp32 sum their gradients in
+    // fp32 beside the masters; each bf16 .grad lives only until it is added.
+    const double grad_bytes = problem.params_bf16 && problem.grad_accum_fp32 ? kFp32 : param_bytes;
+    rank.grads = zero_stage >= 2 ? kFp32 * shard : grad_bytes * elements;
     rank.optimizer = optimizer_bytes * shard;
     if (zero_stage == 1) {
       // fp32 parameters: the whole flat copy and the shard's gradient; bf16

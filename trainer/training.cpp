@@ -21,16 +21,7 @@ void check_supported(const Config& config, const ParallelDims& dims) {
   if (dims.pp > 1 && per_step > 0 && global_batch_of(config, dims) % per_step == 0) {
     pipeline_schedule_of(config, dims);  // (a batch that does not divide is the loader's to refuse)
   }
-  if (config.precision.params == "bf16") {
-    if (config.precision.compute != "bf16") {
-      throw BadInput("precision.params: bf16 parameters compute in bf16; set precision.compute bf16 too");
-    }
-    if (config.parallel.zero_stage > 0 && dims.dp > 1) {
-      throw BadInput("precision.params: bf16 with parallel.zero_stage " + std::to_string(config.parallel.zero_stage) +
-                     " is not supported yet (ZeRO's flat shards are fp32 parameters); use zero_stage 0, or fp32 "
-                     "parameters with precision.compute bf16");
-    }
-  }
+  check_precision(config, dims);
   if (config.schedule.train_steps <= 0) {
     throw BadInput("schedule.train_steps: " + std::to_string(config.schedule.train_steps) + " (expected > 0)");
   }
@@ -41,6 +32,19 @@ void check_supported(const Config& config, const ParallelDims& dims) {
 }
 
 }  // namespace
+
+void check_precision(const Config& config, const ParallelDims& dims) {
+  if (config.precision.params == "bf16") {
+    if (config.precision.compute != "bf16") {
+      throw BadInput("precision.params: bf16 parameters compute in bf16; set precision.compute bf16 too");
+    }
+    if (config.parallel.zero_stage > 0 && dims.dp > 1) {
+      throw BadInput("precision.params: bf16 with parallel.zero_stage " + std::to_string(config.parallel.zero_stage) +
+                     " is not supported yet (ZeRO's flat shards are fp32 parameters); use zero_stage 0, or fp32 "
+                     "parameters with precision.compute bf16");
+    }
+  }
+}
 
 DatasetOpenOptions dataset_open_options(const Config& config) {
   DatasetOpenOptions options;

@@ -131,6 +131,11 @@ TrainResult train(Config& config, const TrainOptions& options = {}, const TrainH
 // communication: every rank decides the same.
 ParallelDims check_training_layout(const Config& config, int64_t world_size);
 
+// BadInput when precision.* asks for what this build cannot train on `dims`
+// (bf16 parameters without bf16 compute, or with ZeRO). `loom plan` asks it
+// too, so that it never proposes such a layout.
+void check_precision(const Config& config, const ParallelDims& dims);
+
 // The matmul rate of `device` in `dtype`, FLOP/s: a warm-up, then 3 products
 // of 1024 x 1024 matrices on the CPU (with torch's current thread count) or
 // 10 of 8192 x 8192 on a GPU.

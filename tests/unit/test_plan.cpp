@@ -152,15 +152,40 @@ TEST(PlanMemory, bf16_parameters_keep_bf16_weights_and_grads_and_fp32_masters_in
   const double shard = static_cast<double>((count_parameters(problem.model) + 3) / 4);
   const MemoryEstimate plain = estimate_memory(problem, Layout{4, 1, 1, "1f1b", 1, 0, 1, Recompute::kNone, false});
   EXPECT_DOUBLE_EQ(plain.ranks[0].params, 2 * params);
-  EXPECT_DOUBLE_EQ(plain.ranks[0].grads, 2 * params);
+  EXPECT_DOUBLE_EQ(plain.ranks[0].grads, 4 * params);  // precision.grad_accum fp32: the fp32 sums
+  problem.grad_accum_fp32 = false;
+  EXPECT_DOUBLE_EQ(estimate_memory(problem, Layout{4, 1, 1, "1f1b", 1, 0, 1, Recompute::kNone, false}).ranks[0].grads,
+                   2 * params);
+  problem.grad_accum_fp32 = true;
   EXPECT_DOUBLE_EQ(plain.ranks[0].optimizer, 12 * params);  // master, exp_avg, exp_avg_sq
   EXPECT_DOUBLE_EQ(plain.ranks[0].weight_cache, 0.0);      // no casts of bf16 weights
   const MemoryEstimate zero3 = estimate_memory(problem, Layout{4, 1, 1, "1f1b", 1, 3, 1, Recompute::kNone, false});
   EXPECT_DOUBLE_EQ(zero3.ranks[0].params, 2 * shard);
   EXPECT_DOUBLE_EQ(zero3.ranks[0].optimizer, 12 * shard);
+  // Without ZeRO, bf16 weights save memory only with bf16 gradient sums:
+  // 2 + 2 + 12 bytes a parameter against fp32's 4 + 4 + 8 (and 2 + 4 + 12
+  // with fp32 sums).
+  problem.grad_accum_fp32 = false;
+  const MemoryEstimate bf16_sums = estimate_memory(problem, Layout{4, 1, 1, "1f1b", 1, 0, 1, Recompute::kNone, false});
   problem.params_bf16 = false;
   const MemoryEstimate fp32 = estimate_memory(problem, Layout{4, 1, 1, "1f1b", 1, 0, 1, Recompute::kNone, false});
-  EXPECT_LT(plain.peak, fp32.peak);
+  EXPECT_LT(bf16_sums.peak, fp32.peak);
+  EXPECT_GT(plain.peak, bf16_sums.peak);
+}
+
+// loom train refuses bf16 parameters with ZeRO (trainer/training.h
+// check_precision), so loom plan does not propose them.
+TEST(PlanLayouts, bf16_parameters_are_not_proposed_with_zero) {
+  Problem problem = tiny_problem(4);
+  problem.bf16 = problem.params_bf16 = true;
+  EXPECT_NE(layout_problem(problem, Layout{4, 1, 1, "1f1b", 1, 1, 1, Recompute::kNone, false}).find("zero_stage"),
+            std::string::npos);
+  EXPECT_EQ(layout_problem(problem, Layout{4, 1, 1, "1f1b", 1, 0, 1, Recompute::kNone, false}), "");
+  for (const Layout& layout : enumerate_layouts(problem)) EXPECT_EQ(layout.zero_stage, 0);
+  problem.params_bf16 = false;
+  bool any_zero = false;
+  for (const Layout& layout : enumerate_layouts(problem)) any_zero = any_zero || layout.zero_stage > 0;
+  EXPECT_TRUE(any_zero);
 }
 
 TEST(PlanMemory, selective_recomputation_keeps_less_than_none_and_more_than_full) {
