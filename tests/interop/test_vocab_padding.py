@@ -61,7 +61,6 @@ def make_base(folder, tied):
         for name, p in model.named_parameters():
             p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
     model.save_pretrained(folder)
-    return model
 
 
 def train(tmp, base, name, ranks=1, **sets):
@@ -113,7 +112,8 @@ def runs(tmp_path_factory):
     """The bases (untied and tied), the dataset, the single-rank runs and every layout's run."""
     tmp = tmp_path_factory.mktemp("vocab-padding")
     bases = {tied: tmp / ("tied" if tied else "untied") for tied in (False, True)}
-    models = {tied: make_base(folder, tied) for tied, folder in bases.items()}
+    for tied, folder in bases.items():
+        make_base(folder, tied)
     generator = torch.Generator().manual_seed(11)
     # Ids up to the last token (VOCAB - 1), the one next to the padding.
     documents = [torch.randint(1, VOCAB, (n,), generator=generator).tolist() + [VOCAB - 1] for n in (60, 45, 70, 50)]
@@ -122,7 +122,7 @@ def runs(tmp_path_factory):
                    input=text, text=True, check=True, capture_output=True)
     single = {tied: train(tmp, bases[tied], f"single-{'tied' if tied else 'untied'}") for tied in (False, True)}
     layouts = {name: train(tmp, bases[tied], name, ranks, **sets) for name, (ranks, tied, sets) in LAYOUTS.items()}
-    return {"tmp": tmp, "bases": bases, "models": models, "single": single, "layouts": layouts}
+    return {"tmp": tmp, "bases": bases, "single": single, "layouts": layouts}
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
@@ -137,7 +137,9 @@ def test_layouts_reproduce_the_single_rank_losses_and_export_no_padding(runs, la
     assert ("lm_head.weight" in exported) == (not tied)
     for name, tensor in expected.items():
         assert exported[name].shape == tensor.shape, name
-        assert (exported[name] - tensor).abs().max().item() <= 1e-6, name
+        # 1% of one AdamW step (lr 1e-3): tp sums in another order, and a
+        # gradient entry near 0 can move its weight by a fraction of lr.
+        assert (exported[name] - tensor).abs().max().item() <= 1e-5, name
     # hf/ is exported from the last checkpoint (streamed), so the checkpoint
     # too holds [VOCAB, hidden]: what lets it resume on any tp (below).
 
