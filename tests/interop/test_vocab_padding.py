@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import LOOM_BIN, run_loom
+from train_cli import run_train
 
 VOCAB = 129
 SEQ_LEN = 32
@@ -38,15 +39,6 @@ LAYOUTS = {
     "dp2_tp2_sp_zero1": (4, True, {"parallel.tp": 2, "parallel.dp": 2, "parallel.sequence_parallel": "true",
                                    "parallel.zero_stage": 1}),
 }
-
-
-def mpi_prefix(ranks):
-    if ranks == 1:
-        return []
-    args = [shutil.which("mpirun") or "mpirun", "--oversubscribe", "-np", str(ranks)]
-    if os.geteuid() == 0:
-        args.insert(1, "--allow-run-as-root")
-    return args
 
 
 def make_base(folder, tied):
@@ -88,12 +80,7 @@ schedule: {{train_steps: {STEPS}, warmup_steps: 1}}
 checkpoint: {{interval: {SAVED}, resume: auto, export_hf_at_end: true, export_dtype: float32}}
 logging: {{interval: 1}}
 """)
-    args = [*mpi_prefix(ranks), LOOM_BIN, "train", str(yaml)]
-    for key, value in sets.items():
-        args += ["--set", f"{key}={value}"]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, f"{' '.join(args)}\nstdout: {proc.stdout[-3000:]}\nstderr: {proc.stderr[-3000:]}"
+    run_train(yaml, ranks, sets)
     return out / name
 
 
