@@ -97,7 +97,8 @@ class ModelFiles {
   void add_file(const std::string& file_path, bool is_model = true);
   void add_tensor(StoredTensor tensor);
   // Phi-3's fused qkv_proj and gate_up_proj seen as the model's q/k/v and
-  // gate/up (Note [fused projections] in hub.cpp).
+  // gate/up (Note [fused projections] in fused_projections.h; defined in
+  // fused_projections.cpp).
   void split_fused_projections();
   const StoredTensor& stored(const std::string& name) const;
 

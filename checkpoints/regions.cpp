@@ -31,6 +31,18 @@ Region Region::chunk(const std::vector<int64_t>& shape, int64_t dim, int64_t ind
   return region;
 }
 
+Region Region::padded_chunk(const std::vector<int64_t>& shape, int64_t dim, int64_t index, int64_t parts) {
+  if (dim < 0 || dim >= static_cast<int64_t>(shape.size()) || parts < 1 || index < 0 || index >= parts) {
+    throw std::invalid_argument("padded chunk " + std::to_string(index) + " of " + std::to_string(parts) +
+                                " along dim " + std::to_string(dim) + " does not fit a tensor of " +
+                                std::to_string(shape.size()) + " dims");
+  }
+  Region region = whole(shape);
+  const int64_t n = (shape[dim] + parts - 1) / parts;
+  region.box[dim] = {std::min(index * n, shape[dim]), std::min((index + 1) * n, shape[dim])};
+  return region;
+}
+
 std::vector<Run> runs_of(const Region& region, const std::vector<int64_t>& shape) {
   const size_t dims = shape.size();
   if (region.box.size() != dims) throw std::invalid_argument(describe(region) + " has another rank than the tensor");

@@ -36,6 +36,12 @@ struct Region {
   // `shape` cut into `parts` equal chunks along `dim`, chunk `index` (dim -1:
   // the whole tensor). std::invalid_argument when the dim does not divide.
   static Region chunk(const std::vector<int64_t>& shape, int64_t dim, int64_t index, int64_t parts);
+  // `shape` padded along `dim` to a multiple of `parts` and cut into equal
+  // chunks, chunk `index` less the padding: the rows of the whole tensor
+  // that a tensor-parallel rank of a padded vocabulary holds (Note [vocab
+  // padding] in parallel/vocab_parallel.h), empty where the chunk is all
+  // padding. std::invalid_argument for a dim or index out of range.
+  static Region padded_chunk(const std::vector<int64_t>& shape, int64_t dim, int64_t index, int64_t parts);
   bool operator==(const Region&) const = default;
 };
 

@@ -33,7 +33,10 @@ std::vector<int64_t> generate(LlamaForCausalLM& model, const std::vector<int64_t
   for (int64_t step = 0; step < options.max_new_tokens; ++step) {
     auto logits = model.forward(input, &cache, position);  // [1, T, V]
     position += input.size(1);
-    auto last = logits.select(1, -1).squeeze(0).to(torch::kFloat).cpu();  // [V]
+    // Only the vocabulary's columns: a head whose table carries padding rows
+    // (Note [vocab padding] in parallel/vocab_parallel.h) has more, which
+    // are no token and never chosen, whatever their logits.
+    auto last = logits.select(1, -1).squeeze(0).narrow(0, 0, vocab).to(torch::kFloat).cpu();  // [V]
     int64_t next;
     if (options.greedy) {
       next = last.argmax().item<int64_t>();

@@ -19,7 +19,9 @@ struct SamplingOptions {
   int64_t stop_token = -1;   // stop after emitting it (-1: never)
 };
 
-// Returns only the new tokens. The prompt must be non-empty.
+// Returns only the new tokens, each an id below the model's vocab_size (a
+// head with padding columns past it never has them chosen). The prompt must
+// be non-empty.
 std::vector<int64_t> generate(LlamaForCausalLM& model, const std::vector<int64_t>& prompt,
                               const SamplingOptions& options);
 

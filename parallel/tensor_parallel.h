@@ -74,10 +74,16 @@ at::Tensor shard_linear_bias(const at::Tensor& full_bias, LinearRole role, int64
 // cut into tp equal chunks, rank r holding chunk r, or -1 when every rank
 // holds all of it. Checkpoints and exports gather the full tensors with it
 // (parallel/tensor_parallel_model.h).
+// unpadded_size: the full tensor's size along the shard dim when the chunks
+// carry padding at its end (the vocabulary's, Note [vocab padding] in
+// vocab_parallel.h): the tp chunks then cover more than the tensor, which
+// stops at this size. -1 (the default): no padding, tp times the chunk.
+// Padding is only ever along dim 0, at its end.
 class TensorParallelLayer {
  public:
   virtual ~TensorParallelLayer() = default;
   virtual int64_t shard_dim(const std::string& parameter) const = 0;
+  virtual int64_t unpadded_size(const std::string& parameter) const { return -1; }
 };
 
 // The input of several column-parallel linears that read the same tensor

@@ -2,6 +2,8 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
@@ -133,9 +135,28 @@ std::map<std::string, int64_t> tensor_parallel_shard_dims(const torch::nn::Modul
   return dims;
 }
 
+std::map<std::string, int64_t> tensor_parallel_unpadded_sizes(const torch::nn::Module& model) {
+  std::map<std::string, int64_t> sizes;
+  for (const auto& module : model.named_modules("", /*include_self=*/false)) {
+    const auto* layer = dynamic_cast<const TensorParallelLayer*>(module.value().get());
+    if (layer == nullptr) continue;
+    for (const auto& param : module.value()->named_parameters(/*recurse=*/false)) {
+      const int64_t size = layer->unpadded_size(param.key());
+      if (size < 0) continue;
+      if (layer->shard_dim(param.key()) != 0) {
+        throw std::logic_error("tensor-parallel padding of '" + module.key() + "." + param.key() +
+                               "' along another dim than 0");
+      }
+      sizes[module.key() + "." + param.key()] = size;
+    }
+  }
+  return sizes;
+}
+
 at::Tensor tensor_parallel_shard(const std::string& name, const at::Tensor& full, int64_t dim, int64_t rank,
-                                 int64_t size) {
+                                 int64_t size, bool padded) {
   if (dim < 0 || size == 1) return full.clone(at::MemoryFormat::Contiguous);
+  if (padded && dim == 0 && full.dim() == 2) return shard_vocab_rows(full, rank, size);
   if (dim >= full.dim() || full.size(dim) % size != 0) {
     throw BadInput(name + ": " + describe_tensor(full) + " does not split into " + std::to_string(size) +
                    " equal chunks along dim " + std::to_string(dim) + " (parallel.tp " + std::to_string(size) + ")");
@@ -148,12 +169,18 @@ void load_tensor_parallel_shards(torch::nn::Module& local, const NamedTensors& f
   std::map<std::string, const at::Tensor*> by_name;
   for (const auto& [name, tensor] : full) by_name[name] = &tensor;
   const std::map<std::string, int64_t> dims = tensor_parallel_shard_dims(local);
+  const std::map<std::string, int64_t> unpadded = tensor_parallel_unpadded_sizes(local);
   std::vector<std::pair<at::Tensor, at::Tensor>> copies;  // (destination, shard): checked first, copied after
   for (const auto& named : local.named_parameters()) {
     const std::string& name = named.key();
     const auto it = by_name.find(name);
     if (it == by_name.end()) throw BadInput("tensor-parallel load: no full tensor for parameter '" + name + "'");
-    at::Tensor shard = tensor_parallel_shard(name, *it->second, dims.at(name), rank, size);
+    const auto padded = unpadded.find(name);
+    if (padded != unpadded.end() && it->second->size(0) != padded->second) {
+      throw BadInput("tensor-parallel load: '" + name + "' is " + describe_tensor(*it->second) + ", expected " +
+                     std::to_string(padded->second) + " rows");
+    }
+    at::Tensor shard = tensor_parallel_shard(name, *it->second, dims.at(name), rank, size, padded != unpadded.end());
     if (shard.sizes() != named.value().sizes()) {
       throw BadInput("tensor-parallel load: '" + name + "' is " + describe_tensor(*it->second) + ", whose shard " +
                      std::to_string(rank) + " of " + std::to_string(size) + " is " + describe_tensor(shard) +
@@ -168,20 +195,34 @@ void load_tensor_parallel_shards(torch::nn::Module& local, const NamedTensors& f
 void init_tensor_parallel_shards(torch::nn::Module& local, double init_std, uint64_t seed, int64_t rank,
                                  int64_t size) {
   const std::map<std::string, int64_t> dims = tensor_parallel_shard_dims(local);
+  const std::map<std::string, int64_t> unpadded = tensor_parallel_unpadded_sizes(local);
   for (const auto& named : local.named_parameters()) {
-    const at::Tensor& shard = named.value();
+    at::Tensor shard = named.value();
     std::vector<int64_t> full_shape = shard.sizes().vec(), start(shard.dim(), 0);
     const int64_t dim = dims.at(named.key());
     if (dim >= 0 && size > 1) {  // as tensor_parallel_shard cuts it: equal chunks, rank r's the r-th
       full_shape[dim] *= size;
       start[dim] = rank * shard.size(dim);
     }
+    const auto padded = unpadded.find(named.key());
+    if (padded != unpadded.end()) {
+      // The vocabulary's rows this rank holds draw the whole model's values
+      // (they depend on the row, not on how many rows there are); its
+      // padding rows are zeros (Note [vocab padding]).
+      at::NoGradGuard no_grad;
+      full_shape[0] = padded->second;
+      const int64_t tokens = vocab_rows_of_rank(padded->second, rank, size);
+      shard.narrow(0, tokens, shard.size(0) - tokens).zero_();
+      if (tokens == 0) continue;
+      shard = shard.narrow(0, 0, tokens);
+    }
     init_parameter_box(named.key(), shard, full_shape, start, init_std, seed);
   }
 }
 
 NamedTensors gather_tensor_parallel(ProcessGroup& tp, const NamedTensors& local,
-                                    const std::map<std::string, int64_t>& shard_dim) {
+                                    const std::map<std::string, int64_t>& shard_dim,
+                                    const std::map<std::string, int64_t>& unpadded_size) {
   at::NoGradGuard no_grad;
   NamedTensors full;
   full.reserve(local.size());
@@ -198,6 +239,11 @@ NamedTensors gather_tensor_parallel(ProcessGroup& tp, const NamedTensors& local,
     gathered_shape[0] *= size;
     at::Tensor gathered = at::empty(gathered_shape, cpu.options());
     tp.all_gather(gathered, cpu)->wait();
+    const auto padded = unpadded_size.find(name);
+    if (padded != unpadded_size.end()) {  // padding is along dim 0, at its end: cut off
+      full.emplace_back(name, gathered.narrow(0, 0, padded->second).clone());
+      continue;
+    }
     full.emplace_back(name, dim == 0 ? gathered : at::cat(gathered.chunk(size, 0), dim));
   }
   return full;

@@ -83,15 +83,25 @@ class TensorParallelLayerFactory : public LayerFactory {
 // or -1 for a parameter every rank holds whole.
 std::map<std::string, int64_t> tensor_parallel_shard_dims(const torch::nn::Module& model);
 
+// The parameters of `model` whose tp chunks carry padding (the vocabulary's
+// when tp does not divide it, Note [vocab padding] in vocab_parallel.h), each
+// with the whole tensor's size along its shard dim without the padding
+// (TensorParallelLayer::unpadded_size). The padding is always along dim 0, at
+// the end; a parameter not listed is cut into equal chunks of it.
+std::map<std::string, int64_t> tensor_parallel_unpadded_sizes(const torch::nn::Module& model);
+
 // Rank `rank`'s chunk of `full` along `dim` (-1: all of it), contiguous. Throws
-// BadInput naming `name` when the dim does not split into `size` equal chunks.
+// BadInput naming `name` when the dim does not split into `size` equal chunks,
+// unless `padded`: then `full` is padded with zeros at the end of dim 0 to a
+// multiple of `size` first (Note [vocab padding]).
 at::Tensor tensor_parallel_shard(const std::string& name, const at::Tensor& full, int64_t dim, int64_t rank,
-                                 int64_t size);
+                                 int64_t size, bool padded = false);
 
 // Copies into every parameter of `local` (a model built by a
 // TensorParallelLayerFactory) this rank's chunk of the parameter of the same
-// name in `full`. Throws BadInput naming a parameter that `full` lacks or
-// whose shape does not match, before anything is copied.
+// name in `full` (the vocabulary's with zeros for its padding rows). Throws
+// BadInput naming a parameter that `full` lacks or whose shape does not
+// match, before anything is copied.
 void load_tensor_parallel_shards(torch::nn::Module& local, const NamedTensors& full, int64_t rank, int64_t size);
 
 // Fills every parameter of `local` (a model built by a
@@ -100,7 +110,7 @@ void load_tensor_parallel_shards(torch::nn::Module& local, const NamedTensors& f
 // (model/init.h): a shard of a tensor is the box of its full tensor that
 // tensor_parallel_shard cuts, drawn without drawing the rest. The same values
 // as init_weights(seed) on the whole model followed by
-// load_tensor_parallel_shards.
+// load_tensor_parallel_shards: padding rows of the vocabulary are zeros.
 void init_tensor_parallel_shards(torch::nn::Module& local, double init_std, uint64_t seed, int64_t rank,
                                  int64_t size);
 
@@ -108,9 +118,12 @@ void init_tensor_parallel_shards(torch::nn::Module& local, double init_std, uint
 // sharded tensor is all-gathered over `tp` and its chunks joined along its
 // dim; a tensor whose name `shard_dim` maps to -1 is copied as this rank holds
 // it (every rank holds the same). Collective over `tp`, in `local`'s order.
-// `shard_dim` names the dim of every tensor of `local`.
+// `shard_dim` names the dim of every tensor of `local`; a tensor named in
+// `unpadded_size` (tensor_parallel_unpadded_sizes) is cut back to that size
+// along its dim, its padding dropped.
 NamedTensors gather_tensor_parallel(ProcessGroup& tp, const NamedTensors& local,
-                                    const std::map<std::string, int64_t>& shard_dim);
+                                    const std::map<std::string, int64_t>& shard_dim,
+                                    const std::map<std::string, int64_t>& unpadded_size = {});
 
 // The gradient norm of `params` (this rank's parts of the parameters, named
 // after them) together with the other ranks' parts: a part of a parameter

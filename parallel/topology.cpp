@@ -42,11 +42,8 @@ ParallelDims ParallelDims::from_config(const Config& config, int64_t world_size)
     throw BadInput("parallel.tp (" + std::to_string(dims.tp) + ") must divide model.num_kv_heads (" +
                    std::to_string(m.kv_heads()) + ")");
   }
-  if (m.vocab_size > 0 && m.vocab_size % dims.tp != 0) {
-    throw BadInput("parallel.tp (" + std::to_string(dims.tp) + ") must divide model.vocab_size (" +
-                   std::to_string(m.vocab_size) + "): the embedding and the head are split by vocabulary rows "
-                   "(padding the vocabulary is not implemented)");
-  }
+  // A vocabulary tp does not divide is padded on the tp ranks (Note [vocab
+  // padding] in parallel/vocab_parallel.h): no constraint.
   if (m.intermediate_size > 0 && m.intermediate_size % dims.tp != 0) {
     throw BadInput("parallel.tp (" + std::to_string(dims.tp) + ") must divide model.intermediate_size (" +
                    std::to_string(m.intermediate_size) + ")");

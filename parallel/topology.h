@@ -20,7 +20,8 @@ struct ParallelDims {
   int64_t tp = 1;
 
   // Resolves `parallel.dp: auto` and checks dp * pp * tp == world and the
-  // model-shape constraints (tp | heads, kv heads, vocab, intermediate size;
+  // model-shape constraints (tp | heads, kv heads, intermediate size; the
+  // vocabulary need not divide, Note [vocab padding] in vocab_parallel.h;
   // tp | seq_len under sequence parallelism; pp <= layers; batch).
   // Throws BadInput naming every factor.
   static ParallelDims from_config(const Config& config, int64_t world_size);

@@ -4,6 +4,8 @@
 #include <ATen/core/ivalue.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <algorithm>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -25,11 +27,6 @@ struct GroupRef : torch::CustomClassHolder {
   ProcessGroup* group;
 };
 
-std::string not_divisible(const std::string& layer, int64_t vocab, int64_t tp) {
-  return layer + ": vocab (" + std::to_string(vocab) + ") is not divisible by the tensor-parallel size tp (" +
-         std::to_string(tp) + "); padding the vocabulary is not implemented";
-}
-
 // `x` reduced over the group in place (it must be a fresh, contiguous tensor).
 void all_reduce_inplace(ProcessGroup& group, const at::Tensor& x, ReduceOp op) {
   if (group.size() == 1) return;
@@ -47,6 +44,10 @@ void all_reduce_inplace(ProcessGroup& group, const at::Tensor& x, ReduceOp op) {
 // rows whose target counts, and the other rows get no gradient; no row
 // counting gives 0 (torch gives NaN there: a step of masked rows only must
 // still add nothing rather than poison the sum).
+// Padding columns (Note [vocab padding]) are -inf before the max: exp() makes
+// them 0 in s and in the softmax, so they neither count nor get a gradient
+// (a rank of padding only has a local max of -inf, which the global max
+// replaces).
 // Subtracting the global max keeps exp() from overflowing for large logits,
 // as in a single-device log_softmax. s and z go in one all-reduce of [2, N]
 // (one latency instead of two). Backward needs no communication:
@@ -54,15 +55,19 @@ void all_reduce_inplace(ProcessGroup& group, const at::Tensor& x, ReduceOp op) {
 // this rank's slice of softmax minus the one-hot target.
 struct VocabParallelCrossEntropy : torch::autograd::Function<VocabParallelCrossEntropy> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits_local, const at::Tensor& targets,
-                            ProcessGroup* group, bool may_ignore) {
+                            ProcessGroup* group, bool may_ignore, int64_t vocab) {
     const int64_t n = logits_local.size(0);
     const int64_t vocab_local = logits_local.size(1);
     const int64_t vocab_start = group->rank() * vocab_local;
+    const int64_t tokens_local = vocab < 0 ? vocab_local : std::clamp<int64_t>(vocab - vocab_start, 0, vocab_local);
 
     // float32 whatever the input: a bfloat16 sum of exp over the vocabulary
     // would lose most of its bits. (.to() may return the input itself; every
-    // op below is out of place.)
-    const at::Tensor x = logits_local.to(at::kFloat);
+    // op below is out of place, but the padding's fill, which takes a copy.)
+    at::Tensor x = logits_local.to(at::kFloat, /*non_blocking=*/false, /*copy=*/tokens_local < vocab_local);
+    if (tokens_local < vocab_local) {
+      x.narrow(1, tokens_local, vocab_local - tokens_local).fill_(-std::numeric_limits<float>::infinity());
+    }
     at::Tensor max = std::get<0>(x.max(/*dim=*/1)).contiguous();
     all_reduce_inplace(*group, max, ReduceOp::kMax);
     const at::Tensor exp = (x - max.unsqueeze(1)).exp_();
@@ -101,7 +106,7 @@ struct VocabParallelCrossEntropy : torch::autograd::Function<VocabParallelCrossE
     const at::Tensor& owned = saved[2];
     const auto dtype = ctx->saved_data["dtype"].toScalarType();
     const int64_t n = ctx->saved_data["n"].toInt();
-    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     // Out of place: backward may run again (retain_graph) on the saved softmax.
     at::Tensor grad = softmax.scatter_add(1, targets_local.unsqueeze(1), owned.to(at::kFloat).neg_().unsqueeze(1));
     if (ctx->saved_data.count("divisor") != 0) {
@@ -110,27 +115,32 @@ struct VocabParallelCrossEntropy : torch::autograd::Function<VocabParallelCrossE
     } else {
       grad.mul_(grads[0].to(at::kFloat) / static_cast<double>(n));
     }
-    return {grad.to(dtype), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {grad.to(dtype), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 }  // namespace
 
+int64_t vocab_rows_per_rank(int64_t vocab, int64_t size) { return (vocab + size - 1) / size; }
+
+int64_t vocab_rows_of_rank(int64_t vocab, int64_t rank, int64_t size) {
+  const int64_t rows = vocab_rows_per_rank(vocab, size);
+  return std::clamp<int64_t>(vocab - rank * rows, 0, rows);
+}
+
 at::Tensor shard_vocab_rows(const at::Tensor& full_weight, int64_t rank, int64_t size) {
   if (full_weight.dim() != 2) {
     throw BadInput("shard_vocab_rows: expected a weight [vocab, hidden], got " + describe_tensor(full_weight));
   }
-  if (full_weight.size(0) % size != 0) throw BadInput(not_divisible("shard_vocab_rows", full_weight.size(0), size));
-  const int64_t n = full_weight.size(0) / size;
-  return full_weight.narrow(0, rank * n, n).clone(at::MemoryFormat::Contiguous);
+  const int64_t vocab = full_weight.size(0);
+  const int64_t rows = vocab_rows_per_rank(vocab, size), tokens = vocab_rows_of_rank(vocab, rank, size);
+  at::Tensor shard = at::zeros({rows, full_weight.size(1)}, full_weight.options());
+  shard.narrow(0, 0, tokens).copy_(full_weight.narrow(0, std::min(rank * rows, vocab), tokens));
+  return shard;
 }
 
 VocabParallelEmbedding::VocabParallelEmbedding(ProcessGroup& tp, int64_t vocab, int64_t hidden, Options options)
     : tp_(&tp), vocab_(vocab), hidden_(hidden), options_(options) {
-  if (vocab % tp.size() != 0) {
-    throw BadInput(not_divisible(
-        "VocabParallelEmbedding [" + std::to_string(vocab) + ", " + std::to_string(hidden) + "]", vocab, tp.size()));
-  }
   vocab_start_ = tp.rank() * vocab_local();
   weight_ = register_parameter("weight", torch::empty({vocab_local(), hidden}));
 }
@@ -148,10 +158,9 @@ torch::Tensor VocabParallelEmbedding::forward(const torch::Tensor& ids) {
 
 VocabParallelLmHead::VocabParallelLmHead(ProcessGroup& tp, int64_t hidden, int64_t vocab,
                                          std::shared_ptr<Embedding> tied, Options options)
-    : tp_(&tp), options_(options), tied_(std::move(tied)) {
+    : tp_(&tp), vocab_(vocab), options_(options), tied_(std::move(tied)) {
   const std::string layer = "VocabParallelLmHead [" + std::to_string(vocab) + ", " + std::to_string(hidden) + "]";
-  if (vocab % tp.size() != 0) throw BadInput(not_divisible(layer, vocab, tp.size()));
-  const int64_t vocab_local = vocab / tp.size();
+  const int64_t vocab_local = vocab_rows_per_rank(vocab, tp.size());
   if (tied_) {
     // A tied head registers nothing: the weight is the embedding's shard,
     // stored, optimized and exported once (as LocalLmHead does).
@@ -172,7 +181,7 @@ torch::Tensor VocabParallelLmHead::forward(const torch::Tensor& hidden) {
 }
 
 at::Tensor vocab_parallel_cross_entropy(ProcessGroup& tp, const at::Tensor& logits_local, const at::Tensor& targets,
-                                        bool may_ignore) {
+                                        bool may_ignore, int64_t vocab) {
   const auto refuse = [&](const std::string& why) {
     throw std::invalid_argument("vocab_parallel_cross_entropy over group '" + tp.name() + "' (size " +
                                 std::to_string(tp.size()) + "): logits_local " + describe_tensor(logits_local) +
@@ -183,7 +192,11 @@ at::Tensor vocab_parallel_cross_entropy(ProcessGroup& tp, const at::Tensor& logi
   if (targets.dim() != 1 || targets.size(0) != logits_local.size(0)) refuse("expected targets [N]");
   if (targets.scalar_type() != at::kLong) refuse("targets must be int64");
   if (logits_local.size(1) == 0) refuse("this rank has no vocabulary");
-  return VocabParallelCrossEntropy::apply(logits_local, targets, &tp, may_ignore);
+  if (vocab == 0 || (vocab > 0 && vocab_rows_per_rank(vocab, tp.size()) != logits_local.size(1))) {
+    refuse("vocab " + std::to_string(vocab) + " does not pad to " + std::to_string(logits_local.size(1)) +
+           " columns a rank (Note [vocab padding])");
+  }
+  return VocabParallelCrossEntropy::apply(logits_local, targets, &tp, may_ignore, vocab);
 }
 
 }  // namespace loom

@@ -167,13 +167,14 @@ torch::Tensor autocast_forward(LlamaForCausalLM& model, const torch::Tensor& inp
 // Mean cross-entropy of `logits_btv` against `targets_bt`, in fp32 whatever
 // the compute dtype. With a tensor-parallel group the logits are this rank's
 // slice of the vocabulary, and the loss is the vocabulary-parallel
-// cross-entropy (the same number on every rank of the group).
+// cross-entropy (the same number on every rank of the group), whose padding
+// columns beyond `vocab` leave the softmax (Note [vocab padding]).
 // `masked`: targets equal to kIgnoredTarget leave the mean (Note [masked
 // loss]); the caller never asks for a mean over no targets.
 torch::Tensor token_loss(const torch::Tensor& logits_btv, const torch::Tensor& targets_bt, ProcessGroup* tp,
-                         bool masked = false) {
+                         int64_t vocab, bool masked = false) {
   const torch::Tensor logits_nv = logits_btv.reshape({-1, logits_btv.size(-1)});
-  if (tp != nullptr) return vocab_parallel_cross_entropy(*tp, logits_nv, targets_bt.reshape({-1}), masked);
+  if (tp != nullptr) return vocab_parallel_cross_entropy(*tp, logits_nv, targets_bt.reshape({-1}), masked, vocab);
   // Fused on a GPU (model/kernels/fused_ops.h); both paths ignore kIgnoredTarget as torch does.
   return kernels::cross_entropy(logits_nv, targets_bt.reshape({-1}));
 }
@@ -181,9 +182,9 @@ torch::Tensor token_loss(const torch::Tensor& logits_btv, const torch::Tensor& t
 // Micro-batch loss times its share (Note [masked loss]); a zero with a
 // backward when the share is 0.
 torch::Tensor scaled_token_loss(const torch::Tensor& logits_btv, const torch::Tensor& targets_bt, ProcessGroup* tp,
-                                double scale) {
+                                int64_t vocab, double scale) {
   if (scale == 0.0) return logits_btv.sum().to(torch::kFloat) * 0.0;
-  return token_loss(logits_btv, targets_bt, tp, /*masked=*/true) * scale;
+  return token_loss(logits_btv, targets_bt, tp, vocab, /*masked=*/true) * scale;
 }
 
 torch::Tensor zero_loss(c10::Device device) {
@@ -254,7 +255,7 @@ class PlainForwardBackward final : public ForwardBackward {
     for (int64_t m = 0; m < micro_batches; ++m) {
       const MaskedBatch& b = batches[static_cast<size_t>(m)];
       const torch::Tensor logits = autocast_forward(model_, b.inputs, setup_.bf16, b.positions);
-      backward(scaled_token_loss(logits, b.targets, tp_data_, shares.scales[static_cast<size_t>(m)]), m, edit,
+      backward(scaled_token_loss(logits, b.targets, tp_data_, vocab(), shares.scales[static_cast<size_t>(m)]), m, edit,
                step_loss, done);
     }
     return step_loss;
@@ -281,15 +282,16 @@ class PlainForwardBackward final : public ForwardBackward {
     torch::Tensor sum = zero_loss(setup_.device);
     for (size_t m = 0; m < batches.size(); ++m) {
       const torch::Tensor logits = autocast_forward(model_, batches[m].inputs, setup_.bf16, batches[m].positions);
-      sum += scaled_token_loss(logits, batches[m].targets, tp_data_, shares.scales[m]).to(torch::kDouble);
+      sum += scaled_token_loss(logits, batches[m].targets, tp_data_, vocab(), shares.scales[m]).to(torch::kDouble);
     }
     return sum.item<double>();
   }
 
   // Mean next-token cross-entropy of `inputs_bt` -> `targets_bt`.
   torch::Tensor next_token_loss(const torch::Tensor& inputs_bt, const torch::Tensor& targets_bt) {
-    return token_loss(autocast_forward(model_, inputs_bt, setup_.bf16), targets_bt, tp_data_);
+    return token_loss(autocast_forward(model_, inputs_bt, setup_.bf16), targets_bt, tp_data_, vocab());
   }
+  int64_t vocab() const { return model_.config().vocab_size; }
 
   LlamaForCausalLM& model_;
   ProcessGroup* tp_data_;
@@ -314,8 +316,9 @@ class PipelineForwardBackward final : public ForwardBackward {
                                         const torch::Tensor& positions) {
       return autocast_forward(chunk, input, bf16, positions);
     };
-    hooks.loss = [this, tp_data = groups.tp_data](const torch::Tensor& logits, const torch::Tensor& targets) {
-      return token_loss(logits, targets, tp_data, masked_now_);
+    hooks.loss = [this, tp_data = groups.tp_data, vocab = parts.modules.front()->config().vocab_size](
+                     const torch::Tensor& logits, const torch::Tensor& targets) {
+      return token_loss(logits, targets, tp_data, vocab, masked_now_);
     };
     auto* pp_mpi = dynamic_cast<MpiProcessGroup*>(groups.pp);
     if (pp_mpi == nullptr) throw std::logic_error("train: the pp group must be an MPI group");

@@ -1,5 +1,6 @@
 #include "trainer/model_parts.h"
 
+#include <algorithm>
 #include <map>
 #include <optional>
 #include <stdexcept>
@@ -53,14 +54,25 @@ namespace {
 
 // Reads into every parameter of `module` (tp shards of a stage) its part of
 // the tensor of the same name in `files`: its tp slice of the global tensor
-// (with rows model.resize_vocab adds, Note [growing the vocabulary]).
+// (with rows model.resize_vocab adds, Note [growing the vocabulary]), and
+// zeros in the padding rows of a padded vocabulary (Note [vocab padding]).
 void load_part(const ModelFiles& files, torch::nn::Module& module, int64_t tp_rank, int64_t tp_size) {
   const std::map<std::string, int64_t> dims = tensor_parallel_shard_dims(module);
+  const std::map<std::string, int64_t> unpadded = tensor_parallel_unpadded_sizes(module);
   for (auto& named : module.named_parameters()) {
     const int64_t dim = dims.at(named.key());
     std::vector<int64_t> shape = named.value().sizes().vec();
     if (dim >= 0) shape[dim] *= tp_size;
-    read_init_from(files, named.key(), shape, Region::chunk(shape, dim, tp_rank, tp_size), named.value());
+    const auto padded = unpadded.find(named.key());
+    if (padded == unpadded.end()) {
+      read_init_from(files, named.key(), shape, Region::chunk(shape, dim, tp_rank, tp_size), named.value());
+      continue;
+    }
+    shape[0] = padded->second;
+    const Region region = Region::padded_chunk(shape, 0, tp_rank, tp_size);
+    torch::NoGradGuard no_grad;
+    named.value().zero_();
+    if (region.numel() > 0) read_init_from(files, named.key(), shape, region, stored_part(named.value(), region));
   }
 }
 
@@ -125,8 +137,36 @@ std::unique_ptr<ModelParts> build_model_parts(Config& config, const ParallelDims
     module->train();
     for (auto& named : to_named_tensors(module->named_parameters())) parts.named_params.push_back(std::move(named));
     parts.param_dims.merge(tensor_parallel_shard_dims(*module));
+    parts.param_unpadded.merge(tensor_parallel_unpadded_sizes(*module));
   }
   return owned;
+}
+
+Region checkpoint_region(const ModelParts& parts, const std::string& param, const std::vector<int64_t>& local_shape,
+                         std::vector<int64_t>* global_shape) {
+  const int64_t dim = parts.param_dims.at(param);
+  std::vector<int64_t> shape = local_shape;
+  if (dim >= 0) shape[dim] *= parts.tp_size;
+  const auto padded = parts.param_unpadded.find(param);
+  if (padded != parts.param_unpadded.end()) shape[0] = padded->second;  // padding is along dim 0
+  if (global_shape != nullptr) *global_shape = shape;
+  return padded != parts.param_unpadded.end() ? Region::padded_chunk(shape, 0, parts.tp_rank, parts.tp_size)
+                                              : Region::chunk(shape, dim, parts.tp_rank, parts.tp_size);
+}
+
+torch::Tensor stored_part(const torch::Tensor& values, const Region& region) {
+  const int64_t n = region.numel();
+  if (n == values.numel()) return values;
+  // The padding rows are the last rows of the local tensor (the last
+  // elements of a 1-D piece): the stored ones are its first rows.
+  const int64_t row = values.dim() > 1 ? values.numel() / values.size(0) : 1;
+  return values.narrow(0, 0, n / row);
+}
+
+Region clip_to_stored(Region region, int64_t begin, int64_t end) {
+  const int64_t stored = region.box_numel();
+  region.flat = Range{std::min(begin, stored), std::min(end, stored)};
+  return region;
 }
 
 std::shared_ptr<LlamaForCausalLM> whole_model(const ModelConfig& shape, const NamedTensors& params) {

@@ -11,6 +11,7 @@
 
 #include <c10/core/Device.h>
 
+#include "checkpoints/regions.h"
 #include "config/config.h"
 #include "model/llama.h"
 #include "optim/optimizer.h"
@@ -60,6 +61,10 @@ struct ModelParts {
   std::optional<PipeSchedule> schedule;                      // with pp > 1
   NamedTensors named_params;                 // every module's parameters, in order
   std::map<std::string, int64_t> param_dims;  // tp shard dim of each parameter
+  // The vocabulary's parameters when tp does not divide it, with its size
+  // (tensor_parallel_unpadded_sizes): their chunks end in padding rows that
+  // no checkpoint or export holds (Note [vocab padding]). Empty otherwise.
+  std::map<std::string, int64_t> param_unpadded;
   bool model_is_whole = true;  // no tp or pp: checkpoints need no gathering
   // The parameter this rank holds as a copy of another stage's (the last
   // pipeline stage's tied embedding: stage 0 owns it, for the gradient norm
@@ -80,6 +85,26 @@ struct ModelParts {
 // On the heap: the layers may keep the factories' addresses.
 std::unique_ptr<ModelParts> build_model_parts(Config& config, const ParallelDims& dims, const TrainGroups& groups,
                                               c10::Device device);
+
+// Where this rank's tensor of parameter `param` (of `local_shape`: the
+// parameter's, or one of its AdamW moments') lies in the whole tensor, whose
+// shape goes into `global_shape` where given: its tp chunk, less the padding
+// rows of a padded vocabulary (Note [vocab padding]), which checkpoints leave
+// out so that they resume on any tp. The region's elements are the first
+// region.numel() of the local tensor (stored_part).
+Region checkpoint_region(const ModelParts& parts, const std::string& param, const std::vector<int64_t>& local_shape,
+                         std::vector<int64_t>* global_shape = nullptr);
+
+// The first region.numel() elements, row-major, of `values`: a local tensor
+// that checkpoint_region placed, or a ZeRO piece of one (1-D, its region's
+// flat range cut by clip_to_stored), as a view: its padding rows, which are
+// last, left out.
+torch::Tensor stored_part(const torch::Tensor& values, const Region& region);
+
+// `region` (from checkpoint_region) with the flat range [begin, end) of the
+// local tensor's elements (a ZeRO piece), cut to the elements it stores:
+// empty where the piece is all padding.
+Region clip_to_stored(Region region, int64_t begin, int64_t end);
 
 // A single-device model holding `params` (full tensors by name), for the
 // rank that writes a checkpoint or an export of a sharded run.

@@ -81,11 +81,8 @@ Region RunCheckpoints::region_of(const ModelParts& parts, const std::string& par
     if (name == param) local = &tensor;
   }
   if (local == nullptr) throw std::logic_error("checkpoint: this rank holds no parameter '" + param + "'");
-  const int64_t dim = parts.param_dims.at(param);
-  std::vector<int64_t> shape = local->sizes().vec();
-  if (dim >= 0) shape[dim] *= parts.tp_size;
-  if (global_shape != nullptr) *global_shape = shape;
-  return Region::chunk(shape, dim, parts.tp_rank, parts.tp_size);
+  // Padding rows of the vocabulary are in no checkpoint (Note [vocab padding]).
+  return checkpoint_region(parts, param, local->sizes().vec(), global_shape);
 }
 
 RunCheckpoints::Resumed RunCheckpoints::load(const std::string& folder, ModelParts& parts, Update& update,
@@ -109,7 +106,7 @@ RunCheckpoints::Resumed RunCheckpoints::load(const std::string& folder, ModelPar
                      c10::str(c10::IntArrayRef(files.info(name).shape)) + " but the config needs " +
                      c10::str(c10::IntArrayRef(shape)) + " (the checkpoint was saved for another model)");
     }
-    read_into(files, name, region, param);
+    if (region.numel() > 0) read_into(files, name, region, stored_part(param, region));
   }
   // ZeRO-1's flat copy of the parameters is made by start(), from the loaded ones.
   update.start();
@@ -123,11 +120,12 @@ RunCheckpoints::Resumed RunCheckpoints::load(const std::string& folder, ModelPar
     Region region = region_of(parts, param);
     if (update.zero_1()) {
       const auto [begin, end] = update.zero()->piece_range(param);
-      region.flat = Range{begin, end};
+      region = clip_to_stored(region, begin, end);
     }
     // A bf16 parameter's master is the checkpoint's fp32 tensor of the
     // parameter (Note [checkpoints of bf16 parameters]).
-    read_into(files, name == AdamW::master_entry(param) ? param : name, region, tensor);
+    const std::string stored = name == AdamW::master_entry(param) ? param : name;
+    if (region.numel() > 0) read_into(files, stored, region, stored_part(tensor, region));
   }
   if (update.zero_1()) {
     update.zero()->load_local_state_dict(optimizer_state);
@@ -304,7 +302,7 @@ TrainingSnapshot RunCheckpoints::snapshot(int64_t step, int64_t skipped_steps, c
                        const std::string& param, const torch::Tensor& values, std::optional<Range> flat) {
     std::vector<int64_t> shape;
     Region region = region_of(parts, param, &shape);
-    region.flat = flat;
+    if (flat) region = clip_to_stored(region, flat->first, flat->second);
     to.push_back({name, shape, region, values});
     tp_copies.push_back(parts.param_dims.at(param) < 0);
   };
@@ -353,6 +351,13 @@ TrainingSnapshot RunCheckpoints::snapshot(int64_t step, int64_t skipped_steps, c
     if (mine_zero[i]) optimizer.push_back(std::move(zero_pieces[i]));
   }
   snapshot.optimizer = std::move(optimizer);
+  // Writers were chosen by the local tensors' sizes, the same on every tp
+  // rank; what is written leaves out the padding rows (Note [vocab padding]),
+  // and a piece of padding only is not written at all.
+  for (std::vector<OwnedPiece>* pieces : {&snapshot.model, &snapshot.optimizer}) {
+    std::erase_if(*pieces, [](const OwnedPiece& piece) { return piece.region.numel() == 0; });
+    for (OwnedPiece& piece : *pieces) piece.values = stored_part(piece.values, piece.region);
+  }
   // An async snapshot must own copies: training goes on updating the tensors.
   const bool copy = async_writer_ != nullptr;
   snapshot.model = pieces_to_host(std::move(snapshot.model), copy, reuse ? &reuse->model : nullptr);
@@ -377,7 +382,8 @@ double RunCheckpoints::wait() { return async_writer_ ? async_writer_->wait() : 0
 std::shared_ptr<LlamaForCausalLM> RunCheckpoints::gathered_model(const ModelParts& parts) const {
   if (groups_.coords.dp != 0) return nullptr;
   if (parts.model_is_whole) return parts.model;
-  NamedTensors gathered = groups_.tp != nullptr ? gather_tensor_parallel(*groups_.tp, parts.named_params, parts.param_dims)
+  NamedTensors gathered = groups_.tp != nullptr ? gather_tensor_parallel(*groups_.tp, parts.named_params,
+                                                                         parts.param_dims, parts.param_unpadded)
                                                 : parts.named_params;
   if (groups_.pp != nullptr && groups_.coords.tp == 0) gathered = gather_pipeline_stages(*groups_.pp, gathered);
   return groups_.writer ? whole_model(config_.model, gathered) : nullptr;

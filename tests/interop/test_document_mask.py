@@ -17,7 +17,6 @@ The step's logged loss is the forward's, before the update.
 """
 import json
 import os
-import shutil
 import subprocess
 
 import pytest
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from conftest import LOOM_BIN, make_hf_model, run_loom
+from train_cli import run_train
 
 TOLERANCE = 1e-5
 SEQ_LEN = 32
@@ -148,26 +148,12 @@ logging: {{interval: 1}}
     return path
 
 
-def mpi_prefix(ranks):
-    if ranks == 1:
-        return []
-    args = [shutil.which("mpirun") or "mpirun", "--oversubscribe", "-np", str(ranks)]
-    if os.geteuid() == 0:
-        args.insert(1, "--allow-run-as-root")
-    return args
-
-
 def step_one(model_dir, train_data, name, ranks=1, **sets):
     """Runs one step of `loom train` and returns its metrics row."""
     _, hf_dir, tmp = model_dir
     out = tmp / name
     config = write_config(tmp / f"{name}.yaml", hf_dir, train_data[0], out)
-    args = [*mpi_prefix(ranks), LOOM_BIN, "train", str(config)]
-    for key, value in sets.items():
-        args += ["--set", f"{key}={value}"]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, f"{' '.join(args)}\nstdout: {proc.stdout[-3000:]}\nstderr: {proc.stderr[-3000:]}"
+    run_train(config, ranks, sets)
     rows = [json.loads(line) for line in (out / "step" / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return next(row for row in rows if row.get("step") == 1)
 

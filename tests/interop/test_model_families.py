@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import LOOM_BIN, run_loom
+from train_cli import run_train
 
 TOLERANCE = 1e-4
 LOSS_TOLERANCE = 1e-5
@@ -148,15 +149,6 @@ def loom_logits(folder, ids, path):
     return load_file(str(path))["logits"]
 
 
-def mpi_prefix(ranks):
-    if ranks == 1:
-        return []
-    args = [shutil.which("mpirun") or "mpirun", "--oversubscribe", "-np", str(ranks)]
-    if os.geteuid() == 0:
-        args.insert(1, "--allow-run-as-root")
-    return args
-
-
 def train(tmp, family, name, ranks=1, **sets):
     """3 steps of `loom train` from the family's Hub folder; returns the run folder and its losses."""
     _, _, config = FAMILIES[family]
@@ -184,12 +176,7 @@ schedule: {{train_steps: 3, warmup_steps: 1}}
 checkpoint: {{interval: 0, export_hf_at_end: {"true" if ranks == 1 else "false"}, export_dtype: float32}}
 logging: {{interval: 1}}
 """)
-    args = [*mpi_prefix(ranks), LOOM_BIN, "train", str(yaml)]
-    for key, value in sets.items():
-        args += ["--set", f"{key}={value}"]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, f"{' '.join(args)}\nstdout: {proc.stdout[-3000:]}\nstderr: {proc.stderr[-3000:]}"
+    run_train(yaml, ranks, sets)
     rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines() if line.strip()]
     losses = [row["loss"] for row in rows if "loss" in row and "step" in row]
     assert len(losses) == 3, rows

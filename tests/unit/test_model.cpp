@@ -409,6 +409,51 @@ TEST(Generate, GreedyIsDeterministicAndSamplingFollowsTheSeed) {
   EXPECT_NE(generate(*model, {4}, sample), other);
 }
 
+// A head whose logits carry 3 padding columns past the vocabulary (as a
+// tensor-parallel head of a padded vocabulary does, Note [vocab padding] in
+// parallel/vocab_parallel.h), each above every real logit.
+class HeadWithHighPadding : public LmHead {
+ public:
+  HeadWithHighPadding(int64_t hidden, int64_t vocab) {
+    weight_ = register_parameter("weight", torch::empty({vocab, hidden}));
+  }
+  torch::Tensor forward(const torch::Tensor& hidden) override {
+    const torch::Tensor real = at::linear(hidden, weight_);
+    const torch::Tensor high = std::get<0>(real.max(-1, /*keepdim=*/true)) + 100.0;
+    return at::cat({real, high.expand({-1, -1, 3})}, -1);
+  }
+
+ private:
+  torch::Tensor weight_;
+};
+
+class PaddedHeadFactory : public LocalLayerFactory {
+ public:
+  std::shared_ptr<LmHead> lm_head(int64_t hidden, int64_t vocab, std::shared_ptr<Embedding> tied) const override {
+    return std::make_shared<HeadWithHighPadding>(hidden, vocab);
+  }
+};
+
+TEST(Generate, PaddingColumnsOfTheLogitsAreNeverChosenHoweverHighTheirLogits) {
+  const ModelConfig m = small_config();
+  PaddedHeadFactory factory;
+  LlamaForCausalLM padded(m, factory);
+  padded.init_weights(7);
+  const auto plain = make_model(m, 7);  // the same weights, no padding
+  const torch::Tensor logits = padded.forward(torch::tensor({1, 2, 3}, torch::kLong).unsqueeze(0));
+  ASSERT_EQ(logits.size(-1), m.vocab_size + 3);
+  EXPECT_GE(logits[0][-1].argmax().item<int64_t>(), m.vocab_size) << "the padding is what argmax would pick";
+  SamplingOptions greedy;
+  greedy.max_new_tokens = 10;
+  const std::vector<int64_t> ids = generate(padded, {1, 2, 3}, greedy);
+  EXPECT_EQ(ids, generate(*plain, {1, 2, 3}, greedy));
+  SamplingOptions sample;
+  sample.greedy = false;
+  sample.max_new_tokens = 20;
+  sample.seed = 3;
+  for (int64_t id : generate(padded, {4}, sample)) EXPECT_LT(id, m.vocab_size);
+}
+
 // --- activation recomputation (model.recompute) ---------------------------
 
 ModelConfig recompute_config(bool tied, const std::string& recompute) {

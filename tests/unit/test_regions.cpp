@@ -106,6 +106,22 @@ TEST(Regions, ChunksAreTensorParallelSlices) {
   EXPECT_THROW(Region::chunk({8, 6}, 1, 0, 4), std::invalid_argument);  // 6 does not split in 4
 }
 
+TEST(Regions, PaddedChunksAreTheRealRowsOfAPaddedVocabularysSlices) {
+  // 9 rows over 4 ranks: padded to 12, 3 rows each; the last holds none.
+  EXPECT_EQ(Region::padded_chunk({9, 5}, 0, 0, 4).box, (std::vector<Range>{{0, 3}, {0, 5}}));
+  EXPECT_EQ(Region::padded_chunk({9, 5}, 0, 2, 4).box, (std::vector<Range>{{6, 9}, {0, 5}}));
+  const Region empty = Region::padded_chunk({9, 5}, 0, 3, 4);
+  EXPECT_EQ(empty.box, (std::vector<Range>{{9, 9}, {0, 5}}));
+  EXPECT_EQ(empty.numel(), 0);
+  EXPECT_TRUE(runs_of(empty, {9, 5}).empty());
+  // 11 rows over 2 ranks: 6 and 5.
+  EXPECT_EQ(Region::padded_chunk({11, 5}, 0, 1, 2).box, (std::vector<Range>{{6, 11}, {0, 5}}));
+  // Where parts divide the dim, the chunk itself.
+  EXPECT_EQ(Region::padded_chunk({8, 6}, 0, 1, 2), Region::chunk({8, 6}, 0, 1, 2));
+  EXPECT_THROW(Region::padded_chunk({8, 6}, 2, 0, 2), std::invalid_argument);
+  EXPECT_THROW(Region::padded_chunk({8, 6}, 0, 2, 2), std::invalid_argument);
+}
+
 TEST(Regions, RefusesRegionsOutsideTheTensor) {
   EXPECT_THROW(runs_of(Region{{{0, 9}}, std::nullopt}, {8}), std::invalid_argument);
   EXPECT_THROW(runs_of(Region{{{2, 4}}, Range{0, 3}}, {8}), std::invalid_argument);

@@ -47,9 +47,11 @@ struct Case {
   std::string architecture = "llama";
   bool attention_bias = false;
   std::string recompute = "none";
+  int64_t vocab = 128;  // one tp does not divide is padded (Note [vocab padding])
 };
 
-// GQA (8 query heads over 4 kv heads), every size divisible by tp = 4.
+// GQA (8 query heads over 4 kv heads), every size but the vocabulary's
+// divisible by tp = 4.
 ModelConfig model_config(const Case& c) {
   ModelConfig m;
   m.architecture = c.architecture;
@@ -58,7 +60,7 @@ ModelConfig model_config(const Case& c) {
   m.num_layers = 2;
   m.num_heads = 8;
   m.num_kv_heads = 4;
-  m.vocab_size = 128;
+  m.vocab_size = c.vocab;
   m.max_seq_len = 64;
   m.tie_embeddings = c.tied;
   m.attention_bias = c.attention_bias;
@@ -114,13 +116,22 @@ TEST_P(TensorParallelModel, TenStepsMatchTheSingleRankModel) {
   auto sharded = std::make_shared<LlamaForCausalLM>(config, factory);
   load_tensor_parallel_shards(*sharded, to_named_tensors(full.named_parameters()), tp().rank(), tp().size());
   const std::map<std::string, int64_t> dims = tensor_parallel_shard_dims(*sharded);
+  const std::map<std::string, int64_t> unpadded = tensor_parallel_unpadded_sizes(*sharded);
+  const int64_t vocab_local = (config.vocab_size + tp().size() - 1) / tp().size();
+  const int64_t tokens_local = std::clamp<int64_t>(config.vocab_size - tp().rank() * vocab_local, 0, vocab_local);
+  const bool padded = config.vocab_size % tp().size() != 0;
+  EXPECT_EQ(unpadded.size(), padded ? (c.tied ? 1u : 2u) : 0u);
 
-  // Parameters are whole or cut exactly as the layout says.
+  // Parameters are whole or cut exactly as the layout says; a padded
+  // vocabulary's chunks hold ceil(vocab / tp) rows each.
   for (const auto& named : sharded->named_parameters()) {
     const at::Tensor& whole = full.named_parameters()[named.key()];
     const int64_t dim = dims.at(named.key());
     if (dim < 0) {
       EXPECT_EQ(named.value().sizes(), whole.sizes()) << named.key();
+    } else if (unpadded.count(named.key()) != 0) {
+      EXPECT_EQ(unpadded.at(named.key()), config.vocab_size) << named.key();
+      EXPECT_EQ(named.value().size(0), vocab_local) << named.key();
     } else {
       EXPECT_EQ(named.value().size(dim) * tp().size(), whole.size(dim)) << named.key();
     }
@@ -151,17 +162,17 @@ TEST_P(TensorParallelModel, TenStepsMatchTheSingleRankModel) {
       const at::Tensor full_loss =
           torch::nn::functional::cross_entropy(full_logits.reshape({-1, config.vocab_size}), targets) / kMicroBatches;
       const at::Tensor local_logits = sharded->forward(inputs);
-      ASSERT_EQ(local_logits.size(-1), config.vocab_size / tp().size());
+      ASSERT_EQ(local_logits.size(-1), vocab_local);
       ASSERT_EQ(local_logits.size(1), kSeq);
-      const at::Tensor sharded_loss =
-          vocab_parallel_cross_entropy(tp(), local_logits.reshape({-1, local_logits.size(-1)}), targets) /
-          kMicroBatches;
+      const at::Tensor sharded_loss = vocab_parallel_cross_entropy(tp(), local_logits.reshape({-1, vocab_local}),
+                                                                   targets, false, config.vocab_size) /
+                                      kMicroBatches;
       full_loss.backward();
       sharded_loss.backward();
       EXPECT_NEAR(sharded_loss.item<double>(), full_loss.item<double>(), 1e-5 * full_loss.item<double>())
           << "step " << step << " micro-batch " << m;
     }
-    const NamedTensors gathered = gather_tensor_parallel(tp(), grads_of(*sharded), dims);
+    const NamedTensors gathered = gather_tensor_parallel(tp(), grads_of(*sharded), dims, unpadded);
     expect_all_close(gathered, grads_of(full), 1e-5, "step " + std::to_string(step) + " gradient of");
 
     const double full_norm = clip_grad_norm(full_optimizer.params(), 1.0);
@@ -173,12 +184,21 @@ TEST_P(TensorParallelModel, TenStepsMatchTheSingleRankModel) {
     // gradient's magnitude, so gradient differences within the bound above
     // can move a weight by a small fraction of lr: the bound is 1% of one
     // step, absolute.
-    const NamedTensors weights = gather_tensor_parallel(tp(), to_named_tensors(sharded->named_parameters()), dims);
+    const NamedTensors weights =
+        gather_tensor_parallel(tp(), to_named_tensors(sharded->named_parameters()), dims, unpadded);
     const NamedTensors expected = to_named_tensors(full.named_parameters());
     ASSERT_EQ(weights.size(), expected.size());
     for (size_t i = 0; i < weights.size(); ++i) {
+      ASSERT_EQ(weights[i].second.sizes(), expected[i].second.sizes()) << weights[i].first << ": gathered unpadded";
       const double diff = (weights[i].second - expected[i].second).abs().max().item<double>();
       EXPECT_LE(diff, 0.01 * kLr) << "weight " << weights[i].first << " after step " << step;
+    }
+    // Padding rows got no gradient and AdamW left them at 0.
+    for (const auto& [name, size] : unpadded) {
+      const at::Tensor local = sharded->named_parameters()[name];
+      EXPECT_EQ(local.grad().narrow(0, tokens_local, vocab_local - tokens_local).abs().sum().item<double>(), 0.0)
+          << name;
+      EXPECT_EQ(local.narrow(0, tokens_local, vocab_local - tokens_local).abs().sum().item<double>(), 0.0) << name;
     }
   }
 }
@@ -198,7 +218,9 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{"olmo2_projection_norms_sequence_parallel", true, true, "olmo2", true},
                       Case{"smollm3_nope_layer", true, false, "smollm3"},
                       Case{"gemma2_softcapped_sandwich_sequence_parallel", true, true, "gemma2"},
-                      Case{"gemma3_text_head_norms_local_rotary", true, false, "gemma3_text"}),
+                      Case{"gemma3_text_head_norms_local_rotary", true, false, "gemma3_text"},
+                      Case{"padded_vocab_untied_sequence_parallel", false, true, "llama", false, "none", 125},
+                      Case{"padded_vocab_tied_gemma2_softcapped", true, false, "gemma2", false, "none", 127}),
     [](const ::testing::TestParamInfo<Case>& info) { return std::string(info.param.name); });
 
 TEST(TensorParallelModelLoad, AFullTensorOfTheWrongShapeIsRefusedBeforeAnyCopy) {
@@ -243,7 +265,9 @@ TEST(TensorParallelModelLoad, ShardDimsFollowMegatronsLayout) {
 // they are the whole model's: column shards (dim 0), row shards (dim 1), the
 // vocab-parallel embedding and head, biases and whole norms.
 TEST(TensorParallelModelInit, EachRankDrawsItsShardsOfTheWholeModelsInitialWeights) {
-  for (const Case& c : {Case{"qwen2", false, false, "qwen2"}, Case{"tied", true, true}}) {
+  for (const Case& c : {Case{"qwen2", false, false, "qwen2"}, Case{"tied", true, true},
+                        Case{"padded_vocab", false, false, "llama", false, "none", 125},
+                        Case{"padded_vocab_tied", true, false, "llama", false, "none", 127}}) {
     const ModelConfig config = model_config(c);
     LocalLayerFactory local;
     LlamaForCausalLM full(config, local);

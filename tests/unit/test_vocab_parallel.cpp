@@ -225,10 +225,13 @@ TEST(VocabParallelCrossEntropy, ShapesThatDoNotFitAreRefused) {
 // --- embedding + LM head + cross-entropy ----------------------------------
 
 // ids [b, s] -> embedding -> tanh -> LM head -> cross-entropy against the
-// next ids, once unsharded and once vocab-parallel, tied or untied.
-void check_model_matches_unsharded(bool tied) {
-  const int64_t vocab = 4 * tp_size();
+// next ids, once unsharded and once vocab-parallel, tied or untied. A vocab
+// tp does not divide is padded (Note [vocab padding]): the gathered weight
+// gradients hold the unsharded ones, then zeros for the padding rows.
+void check_model_matches_unsharded(bool tied, int64_t vocab) {
+  SCOPED_TRACE("vocab " + std::to_string(vocab) + (tied ? ", tied" : ", untied"));
   const int64_t hidden = 6;
+  const int64_t rows = vocab_rows_per_rank(vocab, tp_size());
   const at::Tensor table = random({vocab, hidden}, 20);
   const at::Tensor head = random({vocab, hidden}, 21);
   const at::Tensor ids = ids_covering_every_shard(vocab, 3 * vocab, 22).reshape({3, vocab});
@@ -249,22 +252,99 @@ void check_model_matches_unsharded(bool tied) {
   }
   EXPECT_EQ(lm_head.named_parameters().size(), tied ? 0u : 1u) << "a tied head owns no parameter";
   at::Tensor logits_local = lm_head.forward(at::tanh(embedding->forward(ids)));
-  EXPECT_EQ(logits_local.sizes(), at::IntArrayRef({3, vocab, 4})) << "logits stay split along the vocabulary";
-  at::Tensor loss = vocab_parallel_cross_entropy(tp(), logits_local.reshape({-1, logits_local.size(-1)}), targets);
+  EXPECT_EQ(logits_local.sizes(), at::IntArrayRef({3, vocab, rows})) << "logits stay split along the vocabulary";
+  at::Tensor loss =
+      vocab_parallel_cross_entropy(tp(), logits_local.reshape({-1, logits_local.size(-1)}), targets, false, vocab);
   loss.backward();
 
   expect_close(loss, loss_ref, kModelTol, "loss");
-  expect_close(gather_dim(embedding->weight().grad(), 0), table_ref.grad(), kModelTol,
-               "embedding weight grad, gathered");
+  const at::Tensor embedding_grad = gather_dim(embedding->weight().grad(), 0);
+  expect_close(embedding_grad.narrow(0, 0, vocab), table_ref.grad(), kModelTol, "embedding weight grad, gathered");
+  EXPECT_EQ(embedding_grad.narrow(0, vocab, rows * tp_size() - vocab).abs().sum().item<double>(), 0.0)
+      << "padding rows get no gradient";
   if (!tied) {
-    expect_close(gather_dim(lm_head.named_parameters()["weight"].grad(), 0), head_ref.grad(), kModelTol,
-                 "head weight grad, gathered");
+    const at::Tensor head_grad = gather_dim(lm_head.named_parameters()["weight"].grad(), 0);
+    expect_close(head_grad.narrow(0, 0, vocab), head_ref.grad(), kModelTol, "head weight grad, gathered");
+    EXPECT_EQ(head_grad.narrow(0, vocab, rows * tp_size() - vocab).abs().sum().item<double>(), 0.0)
+        << "padding rows get no gradient";
   }
 }
 
-TEST(VocabParallelModel, TiedEmbeddingAndHeadMatchTheUnshardedTiedModel) { check_model_matches_unsharded(true); }
+TEST(VocabParallelModel, TiedEmbeddingAndHeadMatchTheUnshardedTiedModel) {
+  check_model_matches_unsharded(true, 4 * tp_size());
+}
 
-TEST(VocabParallelModel, UntiedEmbeddingAndHeadMatchTheUnshardedModel) { check_model_matches_unsharded(false); }
+TEST(VocabParallelModel, UntiedEmbeddingAndHeadMatchTheUnshardedModel) {
+  check_model_matches_unsharded(false, 4 * tp_size());
+}
+
+// Vocabularies tp does not divide: tp - 1 padding rows, one, and (at tp 4)
+// a last rank of padding only (9 = 3 + 3 + 3 + 0).
+std::vector<int64_t> padded_vocabularies() {
+  std::vector<int64_t> out = {4 * tp_size() + 1, 4 * tp_size() - 1};
+  if (tp_size() == 4) out.push_back(9);
+  return out;
+}
+
+TEST(VocabParallelPadding, APaddedVocabularyMatchesTheUnshardedModelTiedAndUntied) {
+  for (int64_t vocab : padded_vocabularies()) {
+    check_model_matches_unsharded(true, vocab);
+    check_model_matches_unsharded(false, vocab);
+  }
+}
+
+TEST(VocabParallelPadding, EachRankHoldsCeilVocabOverTpRowsTheLastOnesZeroPadding) {
+  const int64_t vocab = 4 * tp_size() + 1;  // rows per rank: 5
+  VocabParallelEmbedding embedding(tp(), vocab, 6);
+  EXPECT_EQ(embedding.weight().sizes(), at::IntArrayRef({5, 6}));
+  EXPECT_EQ(embedding.vocab_local(), 5);
+  EXPECT_EQ(embedding.vocab_start(), 5 * tp_rank());
+  EXPECT_EQ(embedding.vocab(), vocab);
+  EXPECT_EQ(embedding.unpadded_size("weight"), vocab);
+  EXPECT_EQ(VocabParallelEmbedding(tp(), 4 * tp_size(), 6).unpadded_size("weight"), -1) << "no padding, none listed";
+  const int64_t tokens = vocab_rows_of_rank(vocab, tp_rank(), tp_size());
+  EXPECT_EQ(tokens, tp_rank() < tp_size() - 1 ? 5 : vocab - 5 * (tp_size() - 1));
+  const at::Tensor table = random({vocab, 6}, 40);
+  const at::Tensor shard = shard_vocab_rows(table, tp_rank(), tp_size());
+  EXPECT_EQ(shard.sizes(), at::IntArrayRef({5, 6}));
+  expect_close(shard.narrow(0, 0, tokens), table.narrow(0, 5 * tp_rank(), tokens), 0, "token rows");
+  EXPECT_EQ(shard.narrow(0, tokens, 5 - tokens).abs().sum().item<double>(), 0.0) << "padding rows are zeros";
+  EXPECT_EQ(vocab_rows_of_rank(9, 3, 4), 0);
+  EXPECT_EQ(vocab_rows_of_rank(9, 2, 4), 3);
+}
+
+TEST(VocabParallelPadding, PaddingLogitsLeaveTheSoftmaxHoweverLargeAndGetNoGradient) {
+  for (int64_t vocab : padded_vocabularies()) {
+    SCOPED_TRACE("vocab " + std::to_string(vocab));
+    const int64_t rows = vocab_rows_per_rank(vocab, tp_size()), n = 2 * vocab;
+    const at::Tensor logits = random({n, vocab}, 41) * 3;
+    const at::Tensor targets = ids_covering_every_shard(vocab, n, 42);
+    at::Tensor logits_ref = leaf(logits);
+    at::Tensor loss_ref = full_cross_entropy(logits_ref, targets);
+    (loss_ref * 2.0).backward();
+    // The padded logits [n, tp * rows], padding columns far above any token's.
+    const at::Tensor padded = at::cat({logits, at::full({n, rows * tp_size() - vocab}, 1e4)}, 1);
+    at::Tensor logits_local = leaf(padded.narrow(1, tp_rank() * rows, rows));
+    at::Tensor loss = vocab_parallel_cross_entropy(tp(), logits_local, targets, false, vocab);
+    (loss * 2.0).backward();
+    expect_close(loss, loss_ref, kFp32Tol, "loss");
+    const at::Tensor grad = gather_dim(logits_local.grad(), 1);
+    expect_close(grad.narrow(1, 0, vocab), logits_ref.grad(), kFp32Tol, "logits grad, gathered");
+    EXPECT_EQ(grad.narrow(1, vocab, rows * tp_size() - vocab).abs().sum().item<double>(), 0.0);
+    // Without `vocab` the padding counts, and dominates.
+    const at::Tensor unmasked = vocab_parallel_cross_entropy(tp(), padded.narrow(1, tp_rank() * rows, rows), targets);
+    EXPECT_GT(unmasked.item<double>(), loss.item<double>() + 100);
+  }
+}
+
+TEST(VocabParallelPadding, AVocabThatDoesNotPadToTheLogitsWidthIsRefused) {
+  const at::Tensor logits = at::zeros({4, 5});
+  const at::Tensor targets = at::zeros({4}, at::kLong);
+  EXPECT_THROW(vocab_parallel_cross_entropy(tp(), logits, targets, false, 5 * tp_size() + 1), std::invalid_argument);
+  EXPECT_THROW(vocab_parallel_cross_entropy(tp(), logits, targets, false, 4 * tp_size() - 1 - tp_size()),
+               std::invalid_argument);
+  EXPECT_THROW(vocab_parallel_cross_entropy(tp(), logits, targets, false, 0), std::invalid_argument);
+}
 
 TEST(VocabParallelModel, AGroupOfOneIsTheUnshardedComputation) {
   auto solo = g_world->split(g_world->rank(), 0, "solo");
@@ -289,18 +369,13 @@ TEST(VocabParallelModel, AGroupOfOneIsTheUnshardedComputation) {
 
 // --- refusals -------------------------------------------------------------
 
-TEST(VocabParallelRefusals, VocabNotDivisibleByTpIsRefusedNamingVocabAndTp) {
-  const int64_t odd = 2 * tp_size() + 1;
-  const std::string vocab_is = "vocab (" + std::to_string(odd) + ")";
-  const std::string tp_is = "tp (" + std::to_string(tp_size()) + ")";
-  expect_bad_input([&] { VocabParallelEmbedding(tp(), odd, 6); }, {"VocabParallelEmbedding", vocab_is, tp_is});
-  expect_bad_input([&] { VocabParallelLmHead(tp(), 6, odd, nullptr); }, {"VocabParallelLmHead", vocab_is, tp_is});
-  expect_bad_input([&] { shard_vocab_rows(at::zeros({odd, 6}), 0, tp_size()); }, {vocab_is, tp_is});
-}
-
 TEST(VocabParallelRefusals, ATiedHeadRefusesAnEmbeddingThatIsNotThisRanksShard) {
   auto embedding = std::make_shared<VocabParallelEmbedding>(tp(), 4 * tp_size(), 6);
   expect_bad_input([&] { VocabParallelLmHead(tp(), 8, 4 * tp_size(), embedding); },
+                   {"VocabParallelLmHead", "tied embedding"});
+  // Nor one padded for another vocabulary (5 rows a rank against 4).
+  auto padded = std::make_shared<VocabParallelEmbedding>(tp(), 4 * tp_size() + 1, 6);
+  expect_bad_input([&] { VocabParallelLmHead(tp(), 6, 4 * tp_size(), padded); },
                    {"VocabParallelLmHead", "tied embedding"});
 }
 
