@@ -33,6 +33,18 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
 
 }  // namespace
 
+GradReadyHooks::GradReadyHooks(const std::vector<at::Tensor>& params, std::function<void(size_t)> on_ready) {
+  for (size_t k = 0; k < params.size(); ++k) {
+    std::shared_ptr<torch::autograd::Node> accumulator = torch::autograd::impl::grad_accumulator(params[k]);
+    keys_.push_back(accumulator->add_post_hook(std::make_unique<GradReadyHook>([on_ready, k] { on_ready(k); })));
+    accumulators_.push_back(std::move(accumulator));
+  }
+}
+
+GradReadyHooks::~GradReadyHooks() {
+  for (size_t k = 0; k < accumulators_.size(); ++k) accumulators_[k]->del_post_hook(keys_[k]);
+}
+
 GradientReducer::GradientReducer(ProcessGroup& dp, std::vector<at::Tensor> params, Options options)
     : dp_(&dp), params_(std::move(params)), options_(options) {
   if (!(options_.bucket_mb > 0)) {
@@ -54,15 +66,11 @@ GradientReducer::GradientReducer(ProcessGroup& dp, std::vector<at::Tensor> param
     buckets_.back().numel += params_[k].numel();
     bucket_of_[k] = buckets_.size() - 1;
   }
-  for (size_t k = 0; k < params_.size(); ++k) {
-    std::shared_ptr<torch::autograd::Node> accumulator = torch::autograd::impl::grad_accumulator(params_[k]);
-    hook_keys_.push_back(accumulator->add_post_hook(std::make_unique<GradReadyHook>([this, k] { on_grad_ready(k); })));
-    accumulators_.push_back(std::move(accumulator));
-  }
+  hooks_ = std::make_unique<GradReadyHooks>(params_, [this](size_t k) { on_grad_ready(k); });
 }
 
 GradientReducer::~GradientReducer() {
-  for (size_t k = 0; k < accumulators_.size(); ++k) accumulators_[k]->del_post_hook(hook_keys_[k]);
+  hooks_.reset();
   // Reductions still in flight finish before their buffers go (Work's destructor waits).
 }
 

@@ -26,6 +26,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -40,7 +41,34 @@ struct Node;
 
 namespace loom {
 
-class GradientReducer {
+// What the last micro-batch's backward arms, so that it starts the dp
+// reduction of gradients as they become ready: the bucket reducer below, or
+// ZeRO-2's sharded optimizer (parallel/zero.h).
+class GradientSync {
+ public:
+  virtual ~GradientSync() = default;
+  // The next backward (the last micro-batch's) starts reductions as gradients complete.
+  virtual void arm() = 0;
+};
+
+// Calls on_ready(k) each time the gradient accumulator of params[k] has
+// written its .grad (once per backward in which the parameter got a
+// gradient), on the thread that runs backward. The hooks are removed again
+// by the destructor; the accumulators are kept alive (a parameter holds its
+// accumulator weakly).
+class GradReadyHooks {
+ public:
+  GradReadyHooks(const std::vector<at::Tensor>& params, std::function<void(size_t)> on_ready);
+  ~GradReadyHooks();
+  GradReadyHooks(const GradReadyHooks&) = delete;
+  GradReadyHooks& operator=(const GradReadyHooks&) = delete;
+
+ private:
+  std::vector<std::shared_ptr<torch::autograd::Node>> accumulators_;
+  std::vector<uintptr_t> keys_;
+};
+
+class GradientReducer : public GradientSync {
  public:
   struct Options {
     double bucket_mb = 25.0;  // parallel.bucket_mb
@@ -54,12 +82,12 @@ class GradientReducer {
   // parameters must outlive the reducer. With a group of one rank nothing is
   // communicated and finish() returns at once.
   GradientReducer(ProcessGroup& dp, std::vector<at::Tensor> params, Options options);
-  ~GradientReducer();
+  ~GradientReducer() override;
   GradientReducer(const GradientReducer&) = delete;
   GradientReducer& operator=(const GradientReducer&) = delete;
 
   // The next backward (the last micro-batch's) launches buckets as they fill.
-  void arm();
+  void arm() override;
   // Starts what has not started, waits for every reduction and writes the dp
   // averages into the parameters' .grad. Disarms.
   void finish();
@@ -90,11 +118,7 @@ class GradientReducer {
   Options options_;
   std::vector<Bucket> buckets_;
   std::vector<size_t> bucket_of_;  // param index -> bucket index
-  // The parameters' gradient accumulators (kept alive: a parameter holds its
-  // accumulator weakly) and the keys of the hooks added to them, removed
-  // again by the destructor.
-  std::vector<std::shared_ptr<torch::autograd::Node>> accumulators_;
-  std::vector<uintptr_t> hook_keys_;
+  std::unique_ptr<GradReadyHooks> hooks_;
   std::mutex mutex_;
   bool armed_ = false;
   size_t next_launch_ = 0;
