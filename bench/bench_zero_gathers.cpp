@@ -113,7 +113,9 @@ int main(int argc, char** argv) {
     }
   }
   // The slowest rank's numbers: the step waits for it.
-  for (double* v : {&step_s, &gather_s, &reduce_s}) MPI_Allreduce(MPI_IN_PLACE, v, 1, MPI_DOUBLE, MPI_MAX, world->comm());
+  for (double* v : {&step_s, &gather_s, &reduce_s}) {
+    MPI_Allreduce(MPI_IN_PLACE, v, 1, MPI_DOUBLE, MPI_MAX, world->comm());
+  }
   wrapper->attach(nullptr);
   if (world->rank() == 0) {
     std::printf("dp %d ZeRO-3: %ld parameters in %ld units, %ld micro-batches of %ld x %ld, %ld timed steps\n",

@@ -58,7 +58,9 @@ std::vector<std::vector<size_t>> zero_units_by_layer(const NamedTensors& params)
   for (size_t i = 0; i < params.size(); ++i) {
     const std::string& name = params[i].first;
     std::string layer;
-    if (name.rfind(kLayers, 0) == 0) layer = name.substr(kLayers.size(), name.find('.', kLayers.size()) - kLayers.size());
+    if (name.rfind(kLayers, 0) == 0) {
+      layer = name.substr(kLayers.size(), name.find('.', kLayers.size()) - kLayers.size());
+    }
     const auto [it, added] = unit_of_layer.emplace(layer, units.size());
     if (added) units.emplace_back();
     units[it->second].push_back(i);
@@ -437,7 +439,8 @@ NamedTensors ShardedAdamW::state_dict() const {
   for (const char* kind : kKinds) {
     at::Tensor shard = at::zeros({shard_size_}, options_);
     for (const Piece& piece : pieces_) {
-      shard.narrow(0, piece.shard_offset, piece.numel).copy_(by_name.at(kind + params_[piece.param].first)->reshape({-1}));
+      const at::Tensor& state = *by_name.at(kind + params_[piece.param].first);
+      shard.narrow(0, piece.shard_offset, piece.numel).copy_(state.reshape({-1}));
     }
     at::Tensor flat = at::empty({total_}, options_);
     for (const Unit& unit : units_) {

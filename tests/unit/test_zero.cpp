@@ -355,7 +355,8 @@ TEST(ShardedAdamW, Stage3PostsTheNextLayersGatherBeforeALayerComputesForwardAndB
   const size_t backward = position(log, "forward 2") + 1;  // where backward's hooks begin
   for (int64_t i = 0; i + 1 < 3; ++i) {
     // Forward: layer i+1's gather is posted before layer i computes.
-    EXPECT_LT(position(log, "gather model.layers." + std::to_string(i + 1)), position(log, "forward " + std::to_string(i)))
+    EXPECT_LT(position(log, "gather model.layers." + std::to_string(i + 1)),
+              position(log, "forward " + std::to_string(i)))
         << "layer " << i;
   }
   for (int64_t i = 2; i > 0; --i) {
