@@ -32,7 +32,7 @@ struct ParallelConfig {
   bool sequence_parallel = false;
   std::string pp_schedule = "1f1b";  // afab | 1f1b | interleaved
   int64_t virtual_stages = 1;
-  int64_t zero_stage = 0;  // 0 | 1
+  int64_t zero_stage = 0;  // 0 | 1 | 2 | 3
   double bucket_mb = 25.0;
   std::string reduce_dtype = "fp32";  // fp32 | bf16: of the dp gradient reduction
   // Seconds a rank waits for one collective or send/recv before it ends the

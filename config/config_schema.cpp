@@ -167,7 +167,10 @@ std::vector<KeySpec> build_table() {
       {"parallel.virtual_stages", LOOM_FIELD(parallel.virtual_stages), "", "stages",
        "model chunks per pipeline rank; > 1 only with pp_schedule interleaved", kAtLeastOne},
       {"parallel.zero_stage", LOOM_FIELD(parallel.zero_stage), "", "",
-       "0: replicated optimizer state; 1: optimizer state sharded over dp (ZeRO-1)", kAny, {"0", "1"}},
+       "0: replicated optimizer state; 1: optimizer state sharded over dp (ZeRO-1); 2: and the averaged "
+       "gradients, reduce-scattered per decoder layer while backward runs (ZeRO-2); 3: and the parameters, "
+       "gathered per decoder layer before its forward and backward and freed after (ZeRO-3, FSDP-style)",
+       kAny, {"0", "1", "2", "3"}},
       {"parallel.bucket_mb", LOOM_FIELD(parallel.bucket_mb), "", "MiB",
        "size of the gradient buckets all-reduced while backward runs", kPositive},
       {"parallel.reduce_dtype", LOOM_FIELD(parallel.reduce_dtype), "", "",

@@ -130,7 +130,8 @@ void print_checkpoint_files(const CheckpointManifest& manifest) {
   if (manifest.saved_by) {
     const ManifestLayout& by = *manifest.saved_by;
     std::cout << "saved by a run on: " << layout_of(by) << ", " << by.world << " ranks"
-              << (by.zero_stage > 0 ? ", ZeRO-1" : "") << " (resumes on any layout: docs/checkpoints.md)\n";
+              << (by.zero_stage > 0 ? ", ZeRO-" + std::to_string(by.zero_stage) : std::string())
+              << " (resumes on any layout: docs/checkpoints.md)\n";
   }
   uint64_t total = 0;
   size_t width = 4;

@@ -241,6 +241,7 @@ std::shared_ptr<AttentionCore> LayerFactory::attention_core(const ModelConfig& m
 }
 
 std::shared_ptr<LayerWrapper> LayerFactory::layer_wrapper(const ModelConfig& model, int64_t /*layer*/) const {
+  if (wrapper_) return wrapper_;
   return std::make_shared<LayerWrapper>(LayerWrapper::Options{.recompute = model.recompute == "full"});
 }
 

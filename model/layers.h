@@ -15,6 +15,7 @@
 #pragma once
 
 #include <memory>
+#include <utility>
 
 #include <torch/nn/module.h>
 #include <torch/types.h>
@@ -191,8 +192,17 @@ class LayerFactory {
   virtual std::shared_ptr<FeedForward> mlp(const ModelConfig& model) const;
   // The wrapper decoder layer `layer` (its global number) runs through; one
   // object may serve several layers. Default: a plain LayerWrapper that
-  // recomputes in backward when model.recompute is full.
+  // recomputes in backward when model.recompute is full; the one given to
+  // use_layer_wrapper when there is one.
   virtual std::shared_ptr<LayerWrapper> layer_wrapper(const ModelConfig& model, int64_t layer) const;
+
+  // Every layer built afterwards runs through `wrapper` (ZeRO-3's, which
+  // gathers and frees each layer's parameters: parallel/zero.h); null puts
+  // the default back.
+  void use_layer_wrapper(std::shared_ptr<LayerWrapper> wrapper) { wrapper_ = std::move(wrapper); }
+
+ private:
+  std::shared_ptr<LayerWrapper> wrapper_;
 };
 
 // Plain single-device layers.

@@ -26,6 +26,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -37,7 +38,17 @@
 
 namespace loom {
 
-class GradientReducer {
+// What the last micro-batch's backward arms, so that it starts the dp
+// reduction of gradients as they become ready: the bucket reducer below, or
+// ZeRO-2's sharded optimizer (parallel/zero.h).
+class GradientSync {
+ public:
+  virtual ~GradientSync() = default;
+  // The next backward (the last micro-batch's) starts reductions as gradients complete.
+  virtual void arm() = 0;
+};
+
+class GradientReducer : public GradientSync {
  public:
   struct Options {
     double bucket_mb = 25.0;  // parallel.bucket_mb
@@ -60,12 +71,12 @@ class GradientReducer {
   // parameters must outlive the reducer. With a group of one rank nothing is
   // communicated and finish() returns at once.
   GradientReducer(ProcessGroup& dp, std::vector<at::Tensor> params, Options options);
-  ~GradientReducer();
+  ~GradientReducer() override;
   GradientReducer(const GradientReducer&) = delete;
   GradientReducer& operator=(const GradientReducer&) = delete;
 
   // The next backward (the last micro-batch's) launches buckets as they fill.
-  void arm();
+  void arm() override;
   // Starts what has not started, waits for every reduction and writes the dp
   // averages into the parameters' .grad. Disarms.
   void finish();

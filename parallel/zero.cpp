@@ -1,7 +1,11 @@
 #include "parallel/zero.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/StorageImpl.h>
 
+#include <algorithm>
+#include <chrono>
+#include <iterator>
 #include <map>
 #include <stdexcept>
 #include <string>
@@ -14,68 +18,407 @@ namespace loom {
 namespace {
 constexpr const char* kStep = "optimizer.step";
 constexpr const char* kKinds[] = {"optimizer.exp_avg.", "optimizer.exp_avg_sq."};
+
+// The decoder layer N whose parameters (model.layers.N.*) are exactly
+// `members`; -1 when they are not all one layer's.
+int64_t layer_of(const NamedTensors& params, const std::vector<size_t>& members) {
+  static const std::string kLayers = "model.layers.";
+  int64_t layer = -1;
+  for (size_t i : members) {
+    const std::string& name = params[i].first;
+    if (name.rfind(kLayers, 0) != 0) return -1;
+    const int64_t n = std::stoll(name.substr(kLayers.size(), name.find('.', kLayers.size()) - kLayers.size()));
+    if (layer >= 0 && n != layer) return -1;
+    layer = n;
+  }
+  return layer;
+}
+
+// Note [ZeRO-3]: a unit's buffer keeps its storage object (which its
+// parameters' views share) while the memory under it comes and goes.
+void free_storage(const at::Tensor& buffer) {
+  c10::StorageImpl* storage = buffer.storage().unsafeGetStorageImpl();
+  storage->set_data_ptr_noswap(c10::DataPtr(nullptr, buffer.device()));
+  storage->set_nbytes(0);
+}
+
+void allocate_storage(const at::Tensor& buffer, int64_t numel) {
+  c10::StorageImpl* storage = buffer.storage().unsafeGetStorageImpl();
+  const size_t nbytes = static_cast<size_t>(numel) * buffer.element_size();
+  storage->set_data_ptr_noswap(storage->allocator()->allocate(nbytes));
+  storage->set_nbytes(nbytes);
+}
+
 }  // namespace
 
-ShardedAdamW::ShardedAdamW(ProcessGroup& dp, NamedTensors params, AdamWOptions options)
-    : dp_(&dp), params_(std::move(params)) {
-  int64_t total = 0;
+std::vector<std::vector<size_t>> zero_units_by_layer(const NamedTensors& params) {
+  static const std::string kLayers = "model.layers.";
+  std::vector<std::vector<size_t>> units;
+  std::map<std::string, size_t> unit_of_layer;  // "N" -> unit; "" for the parameters of no layer
+  for (size_t i = 0; i < params.size(); ++i) {
+    const std::string& name = params[i].first;
+    std::string layer;
+    if (name.rfind(kLayers, 0) == 0) {
+      layer = name.substr(kLayers.size(), name.find('.', kLayers.size()) - kLayers.size());
+    }
+    const auto [it, added] = unit_of_layer.emplace(layer, units.size());
+    if (added) units.emplace_back();
+    units[it->second].push_back(i);
+  }
+  return units;
+}
+
+ShardedAdamW::ShardedAdamW(ProcessGroup& dp, NamedTensors params, AdamWOptions options, ZeroOptions zero)
+    : dp_(&dp), params_(std::move(params)), stage_(zero.stage), overlap_(zero.overlap) {
+  if (stage_ < 1 || stage_ > 3) throw std::invalid_argument("ShardedAdamW: stage must be 1, 2 or 3");
   for (const auto& [name, param] : params_) {
     if (!param.defined() || param.scalar_type() != at::kFloat) {
       throw std::invalid_argument("ShardedAdamW: parameter '" + name + "' must be a defined fp32 tensor");
     }
-    offsets_.push_back(total);
-    total += param.numel();
   }
+  if (zero.units.empty()) {
+    zero.units.emplace_back();
+    for (size_t i = 0; i < params_.size(); ++i) zero.units[0].push_back(i);
+  }
+  // Note [ZeRO units]: each unit a flat vector padded to a multiple of dp,
+  // the units end to end, and this rank's shards of them end to end.
   const int64_t size = dp_->size();
-  shard_size_ = (total + size - 1) / size;
-  total_ = shard_size_ * size;
-  at::NoGradGuard no_grad;
-  const auto options_fp32 = params_.empty() ? at::TensorOptions(at::kFloat) : params_[0].second.options();
-  flat_params_ = at::zeros({total_}, options_fp32);
-  for (size_t i = 0; i < params_.size(); ++i) {
-    flat_params_.narrow(0, offsets_[i], params_[i].second.numel()).copy_(params_[i].second.reshape({-1}));
+  offsets_.assign(params_.size(), -1);
+  unit_of_.assign(params_.size(), 0);
+  int64_t shard_base = 0;
+  for (auto& members : zero.units) {
+    Unit unit;
+    unit.base = total_;
+    int64_t numel = 0;
+    for (size_t i : members) {
+      if (i >= params_.size() || offsets_[i] >= 0) {
+        throw std::invalid_argument("ShardedAdamW: the units must list every parameter once");
+      }
+      offsets_[i] = total_ + numel;
+      unit_of_[i] = units_.size();
+      numel += params_[i].second.numel();
+    }
+    unit.params = std::move(members);
+    unit.padded = (numel + size - 1) / size * size;
+    unit.shard_base = shard_base;
+    total_ += unit.padded;
+    shard_base += unit.padded / size;
+    units_.push_back(std::move(unit));
   }
-  shard_grad_ = at::zeros({shard_size_}, options_fp32);
-  // Note [ZeRO-1 layout]: the pieces of this rank's range, each a view of
-  // the flat parameters whose gradient is a view of the shard's gradient.
-  const int64_t lo = dp_->rank() * shard_size_, hi = lo + shard_size_;
+  if (std::find(offsets_.begin(), offsets_.end(), -1) != offsets_.end()) {
+    throw std::invalid_argument("ShardedAdamW: the units must list every parameter once");
+  }
+  shard_size_ = shard_base;
+  at::NoGradGuard no_grad;
+  options_ = params_.empty() ? at::TensorOptions(at::kFloat) : params_[0].second.options();
+  if (stage_ == 3) {
+    // Note [ZeRO-3]: this rank's shards, and the parameters made views of
+    // their unit's buffer (gathered for now).
+    shard_params_ = at::zeros({shard_size_}, options_);
+    for (Unit& unit : units_) {
+      const int64_t share = unit.padded / size;
+      unit.full = at::zeros({unit.padded}, options_);
+      for (size_t i : unit.params) {
+        at::Tensor& param = params_[i].second;
+        at::Tensor view = unit.full.narrow(0, offsets_[i] - unit.base, param.numel());
+        view.copy_(param.reshape({-1}));
+        param.set_data(view.view(param.sizes()));
+      }
+      shard_params_.narrow(0, unit.shard_base, share).copy_(unit.full.narrow(0, dp_->rank() * share, share));
+      unit.gathered = true;
+      unit.layer = layer_of(params_, unit.params);
+      if (unit.layer >= 0) layer_units_[unit.layer] = &unit - units_.data();
+    }
+  } else {
+    flat_params_ = at::zeros({total_}, options_);
+    for (size_t i = 0; i < params_.size(); ++i) {
+      flat_params_.narrow(0, offsets_[i], params_[i].second.numel()).copy_(params_[i].second.reshape({-1}));
+    }
+  }
+  shard_grad_ = at::zeros({shard_size_}, options_);
+  // The pieces of this rank's range of each unit, each a view of the flat
+  // parameters (stage 3: of the shard) whose gradient is a view of the
+  // shard's gradient.
   NamedTensors pieces;
-  for (size_t i = 0; i < params_.size(); ++i) {
-    const int64_t begin = std::max(lo, offsets_[i]), end = std::min(hi, offsets_[i] + params_[i].second.numel());
-    if (begin >= end) continue;
-    pieces_.push_back({i, begin - offsets_[i], begin, end - begin});
-    at::Tensor piece = flat_params_.narrow(0, begin, end - begin);
-    piece.mutable_grad() = shard_grad_.narrow(0, begin - lo, end - begin);
-    pieces.emplace_back(params_[i].first, piece);
+  for (const Unit& unit : units_) {
+    const int64_t share = unit.padded / size;
+    const int64_t lo = unit.base + dp_->rank() * share, hi = lo + share;
+    for (size_t i : unit.params) {
+      const int64_t begin = std::max(lo, offsets_[i]), end = std::min(hi, offsets_[i] + params_[i].second.numel());
+      if (begin >= end) continue;
+      const int64_t shard_offset = unit.shard_base + (begin - lo);
+      pieces_.push_back({i, begin - offsets_[i], begin, shard_offset, end - begin});
+      at::Tensor piece = stage_ == 3 ? shard_params_.narrow(0, shard_offset, end - begin)
+                                     : flat_params_.narrow(0, begin, end - begin);
+      piece.mutable_grad() = shard_grad_.narrow(0, shard_offset, end - begin);
+      pieces.emplace_back(params_[i].first, piece);
+    }
   }
   shard_ = std::make_unique<AdamW>(std::move(pieces), options);
+  if (stage_ == 2 && overlap_ && size > 1) {
+    hooks_ = std::make_unique<GradReadyHooks>();
+    for (size_t k = 0; k < params_.size(); ++k) hooks_->add(params_[k].second, [this, k] { on_grad_ready(k); });
+  }
+  if (stage_ == 3) release_all();
+}
+
+ShardedAdamW::~ShardedAdamW() {
+  hooks_.reset();
+  // Reductions still in flight finish before their buffers go (Work's destructor waits).
 }
 
 void ShardedAdamW::zero_grad() {
   for (auto& [name, param] : params_) {
-    if (param.grad().defined()) param.mutable_grad().zero_();
+    if (!param.grad().defined()) continue;
+    // Stage 3 accumulates in the shard's gradient, not in .grad.
+    if (stage_ == 3) {
+      param.mutable_grad() = at::Tensor();
+    } else {
+      param.mutable_grad().zero_();
+    }
+  }
+  if (stage_ == 3) shard_grad_.zero_();
+}
+
+void ShardedAdamW::arm() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  armed_ = hooks_ != nullptr;
+}
+
+void ShardedAdamW::on_grad_ready(size_t param) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (!armed_) return;
+  ++units_[unit_of_[param]].ready;
+  launch_ready_units();
+  for (size_t k = 0; k < launched_; ++k) {
+    // Polling moves MPI's non-blocking operations forward while backward
+    // computes, and a finished unit's buffer goes at once.
+    Unit& unit = units_[units_.size() - 1 - k];
+    if (unit.work && unit.work->is_completed()) retire(unit);
   }
 }
 
-void ShardedAdamW::reduce_gradients() {
-  at::NoGradGuard no_grad;
-  at::Tensor flat_grad = at::zeros({total_}, flat_params_.options());
-  for (size_t i = 0; i < params_.size(); ++i) {
-    const at::Tensor& grad = params_[i].second.grad();
-    if (grad.defined()) flat_grad.narrow(0, offsets_[i], grad.numel()).copy_(grad.reshape({-1}));
+void ShardedAdamW::launch_ready_units() {
+  while (launched_ < units_.size()) {
+    Unit& unit = units_[units_.size() - 1 - launched_];
+    if (unit.ready < static_cast<int64_t>(unit.params.size())) return;
+    // At most kInFlight units' buffers at once: the oldest finishes first.
+    for (size_t k = 0; k < launched_ && in_flight_ >= kInFlight; ++k) {
+      Unit& oldest = units_[units_.size() - 1 - k];
+      if (oldest.work) retire(oldest);
+    }
+    launch(unit);
+    ++launched_;
   }
-  dp_->reduce_scatter(shard_grad_, flat_grad, {ReduceOp::kAvg})->wait();
+}
+
+void ShardedAdamW::retire(Unit& unit) {
+  unit.work->wait();
+  unit.work.reset();
+  unit.flat_grad = at::Tensor();
+  held_flat_grad_numel_ -= unit.padded;
+  --in_flight_;
+}
+
+void ShardedAdamW::launch(Unit& unit) {
+  at::NoGradGuard no_grad;
+  unit.flat_grad = at::zeros({unit.padded}, options_);
+  for (size_t i : unit.params) {
+    at::Tensor& param = params_[i].second;
+    const at::Tensor& grad = param.grad();
+    if (grad.defined()) unit.flat_grad.narrow(0, offsets_[i] - unit.base, grad.numel()).copy_(grad.reshape({-1}));
+    // Stage 2: this rank keeps only its shard of the averaged gradient.
+    if (stage_ == 2) param.mutable_grad() = at::Tensor();
+  }
+  held_flat_grad_numel_ += unit.padded;
+  ++in_flight_;
+  peak_flat_grad_numel_ = std::max(peak_flat_grad_numel_, held_flat_grad_numel_);
+  unit.work = dp_->reduce_scatter(shard_grad_.narrow(0, unit.shard_base, unit.padded / dp_->size()), unit.flat_grad,
+                                  {ReduceOp::kAvg});
+}
+
+void ShardedAdamW::reduce_gradients() {
+  if (stage_ == 3) {
+    // The units of no decoder layer, and any layer whose backward hooks
+    // did not reduce it (Note [ZeRO-3]); the same on every dp rank.
+    for (size_t u = units_.size(); u-- > 0;) {
+      const Unit& unit = units_[u];
+      const bool has_grad = std::any_of(unit.params.begin(), unit.params.end(),
+                                        [&](size_t i) { return params_[i].second.grad().defined(); });
+      if (has_grad) reduce_unit(u);
+    }
+    return;
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  armed_ = false;
+  last_started_in_backward_ = static_cast<int64_t>(launched_);
+  // Under stage 2 each unit's buffer goes as soon as its reduction is done,
+  // so at most the units in flight hold one.
+  for (; launched_ < units_.size(); ++launched_) {
+    Unit& unit = units_[units_.size() - 1 - launched_];
+    launch(unit);
+    if (stage_ == 2) retire(unit);
+  }
+  for (Unit& unit : units_) {
+    if (unit.work) retire(unit);
+    unit.ready = 0;
+  }
+  launched_ = 0;
 }
 
 void ShardedAdamW::step(double lr) {
   shard_->step(lr);
   at::NoGradGuard no_grad;
-  const at::Tensor mine = flat_params_.narrow(0, dp_->rank() * shard_size_, shard_size_).clone();
-  dp_->all_gather(flat_params_, mine)->wait();
+  if (stage_ == 3) {
+    // The decoder layers are gathered again when they run; the others now.
+    for (size_t u = 0; u < units_.size(); ++u) {
+      Unit& unit = units_[u];
+      if (unit.gathering) unit.gathering->wait();
+      unit.gathering.reset();
+      if (unit.layer >= 0) {
+        release(u);
+      } else {
+        const int64_t share = unit.padded / dp_->size();
+        dp_->all_gather(unit.full, shard_params_.narrow(0, unit.shard_base, share))->wait();
+      }
+    }
+    return;
+  }
+  std::vector<std::unique_ptr<Work>> gathers;
+  std::vector<at::Tensor> mine;
+  for (const Unit& unit : units_) {
+    const int64_t share = unit.padded / dp_->size();
+    mine.push_back(flat_params_.narrow(0, unit.base + dp_->rank() * share, share).clone());
+    gathers.push_back(dp_->all_gather(flat_params_.narrow(0, unit.base, unit.padded), mine.back()));
+  }
+  for (auto& gather : gathers) gather->wait();
   for (size_t i = 0; i < params_.size(); ++i) {
     at::Tensor& param = params_[i].second;
     param.copy_(flat_params_.narrow(0, offsets_[i], param.numel()).view(param.sizes()));
   }
+}
+
+// Note [ZeRO-3]
+void ShardedAdamW::check_stage_3(const char* what) const {
+  if (stage_ != 3) throw std::logic_error(std::string("ShardedAdamW::") + what + ": only under ZeRO-3");
+}
+
+std::optional<size_t> ShardedAdamW::layer_unit(int64_t layer) const {
+  check_stage_3("layer_unit");
+  const auto it = layer_units_.find(layer);
+  if (it == layer_units_.end()) return std::nullopt;
+  return it->second;
+}
+
+std::optional<size_t> ShardedAdamW::next_layer_unit(int64_t layer, int direction) const {
+  check_stage_3("next_layer_unit");
+  if (direction > 0) {
+    const auto it = layer_units_.upper_bound(layer);
+    if (it == layer_units_.end()) return std::nullopt;
+    return it->second;
+  }
+  auto it = layer_units_.lower_bound(layer);
+  if (it == layer_units_.begin()) return std::nullopt;
+  return std::prev(it)->second;
+}
+
+void ShardedAdamW::prefetch(size_t u) {
+  check_stage_3("prefetch");
+  Unit& unit = units_.at(u);
+  if (unit.gathered || unit.gathering) return;
+  allocate_storage(unit.full, unit.padded);
+  const int64_t share = unit.padded / dp_->size();
+  unit.gathering = dp_->all_gather(unit.full, shard_params_.narrow(0, unit.shard_base, share));
+}
+
+void ShardedAdamW::gather(size_t u) {
+  check_stage_3("gather");
+  Unit& unit = units_.at(u);
+  if (unit.gathered) return;
+  prefetch(u);
+  const auto start = std::chrono::steady_clock::now();
+  unit.gathering->wait();
+  gather_wait_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  unit.gathering.reset();
+  unit.gathered = true;
+}
+
+void ShardedAdamW::release(size_t u) {
+  check_stage_3("release");
+  Unit& unit = units_.at(u);
+  if (unit.layer < 0) return;
+  if (unit.gathering) {
+    unit.gathering->wait();
+    unit.gathering.reset();
+  } else if (!unit.gathered) {
+    return;
+  }
+  free_storage(unit.full);
+  unit.gathered = false;
+}
+
+void ShardedAdamW::reduce_unit(size_t u) {
+  check_stage_3("reduce_unit");
+  at::NoGradGuard no_grad;
+  Unit& unit = units_.at(u);
+  at::Tensor flat = at::zeros({unit.padded}, options_);
+  for (size_t i : unit.params) {
+    at::Tensor& param = params_[i].second;
+    const at::Tensor& grad = param.grad();
+    if (grad.defined()) flat.narrow(0, offsets_[i] - unit.base, grad.numel()).copy_(grad.reshape({-1}));
+    param.mutable_grad() = at::Tensor();
+  }
+  peak_flat_grad_numel_ = std::max(peak_flat_grad_numel_, unit.padded);
+  const int64_t share = unit.padded / dp_->size();
+  at::Tensor mine = at::empty({share}, options_);
+  const auto start = std::chrono::steady_clock::now();
+  dp_->reduce_scatter(mine, flat, {ReduceOp::kAvg})->wait();
+  reduce_wait_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  shard_grad_.narrow(0, unit.shard_base, share).add_(mine);
+}
+
+void ShardedAdamW::gather_all() {
+  check_stage_3("gather_all");
+  for (size_t u = 0; u < units_.size(); ++u) prefetch(u);
+  for (size_t u = 0; u < units_.size(); ++u) gather(u);
+}
+
+void ShardedAdamW::release_all() {
+  check_stage_3("release_all");
+  for (size_t u = 0; u < units_.size(); ++u) release(u);
+}
+
+void ZeroLayerWrapper::before_forward(const LayerCall& call) {
+  if (zero_ == nullptr) return;
+  const std::optional<size_t> unit = zero_->layer_unit(call.layer);
+  if (!unit) return;
+  // Note [ZeRO-3]: this layer's gather and the next one's are posted
+  // before this layer computes.
+  zero_->prefetch(*unit);
+  if (const auto next = zero_->next_layer_unit(call.layer, +1)) zero_->prefetch(*next);
+  zero_->gather(*unit);
+}
+
+void ZeroLayerWrapper::after_forward(const LayerCall& call) {
+  if (zero_ == nullptr) return;
+  if (const auto unit = zero_->layer_unit(call.layer)) zero_->release(*unit);
+}
+
+void ZeroLayerWrapper::before_backward(const LayerCall& call) {
+  if (zero_ == nullptr) return;
+  const std::optional<size_t> unit = zero_->layer_unit(call.layer);
+  if (!unit) return;
+  zero_->prefetch(*unit);
+  if (const auto previous = zero_->next_layer_unit(call.layer, -1)) zero_->prefetch(*previous);
+  zero_->gather(*unit);
+}
+
+void ZeroLayerWrapper::after_backward(const LayerCall& call) {
+  if (zero_ == nullptr) return;
+  const std::optional<size_t> unit = zero_->layer_unit(call.layer);
+  if (!unit) return;
+  zero_->reduce_unit(*unit);
+  zero_->release(*unit);
 }
 
 int64_t ShardedAdamW::state_bytes() const {
@@ -91,16 +434,18 @@ NamedTensors ShardedAdamW::state_dict() const {
   const NamedTensors mine = shard_->state_dict();
   std::map<std::string, const at::Tensor*> by_name;
   for (const auto& [name, tensor] : mine) by_name[name] = &tensor;
-  const int64_t lo = dp_->rank() * shard_size_;
   std::vector<at::Tensor> whole_flat;
   for (const char* kind : kKinds) {
-    at::Tensor shard = at::zeros({shard_size_}, flat_params_.options());
+    at::Tensor shard = at::zeros({shard_size_}, options_);
     for (const Piece& piece : pieces_) {
-      shard.narrow(0, piece.flat_offset - lo, piece.numel)
-          .copy_(by_name.at(kind + params_[piece.param].first)->reshape({-1}));
+      const at::Tensor& state = *by_name.at(kind + params_[piece.param].first);
+      shard.narrow(0, piece.shard_offset, piece.numel).copy_(state.reshape({-1}));
     }
-    at::Tensor flat = at::empty({total_}, flat_params_.options());
-    dp_->all_gather(flat, shard)->wait();
+    at::Tensor flat = at::empty({total_}, options_);
+    for (const Unit& unit : units_) {
+      const int64_t share = unit.padded / dp_->size();
+      dp_->all_gather(flat.narrow(0, unit.base, unit.padded), shard.narrow(0, unit.shard_base, share))->wait();
+    }
     whole_flat.push_back(flat);
   }
   NamedTensors out;
@@ -119,7 +464,7 @@ std::pair<int64_t, int64_t> ShardedAdamW::piece_range(const std::string& name) c
   for (const Piece& piece : pieces_) {
     if (params_[piece.param].first == name) return {piece.param_offset, piece.param_offset + piece.numel};
   }
-  throw std::out_of_range("ZeRO-1: this rank holds no piece of '" + name + "'");
+  throw std::out_of_range("ZeRO: this rank holds no piece of '" + name + "'");
 }
 
 void ShardedAdamW::load_state_dict(const NamedTensors& whole) {

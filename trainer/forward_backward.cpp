@@ -193,7 +193,7 @@ torch::Tensor zero_loss(c10::Device device) {
 
 class PlainForwardBackward final : public ForwardBackward {
  public:
-  PlainForwardBackward(LlamaForCausalLM& model, ProcessGroup* tp_data, ProcessGroup* dp, GradientReducer* reducer,
+  PlainForwardBackward(LlamaForCausalLM& model, ProcessGroup* tp_data, ProcessGroup* dp, GradientSync* reducer,
                        const ForwardBackwardSetup& setup)
       : model_(model), tp_data_(tp_data), dp_(dp), reducer_(reducer), setup_(setup) {}
 
@@ -296,7 +296,7 @@ class PlainForwardBackward final : public ForwardBackward {
   LlamaForCausalLM& model_;
   ProcessGroup* tp_data_;
   ProcessGroup* dp_;
-  GradientReducer* reducer_;
+  GradientSync* reducer_;
   ForwardBackwardSetup setup_;
   int64_t last_loss_tokens_ = -1;
 };
@@ -417,7 +417,7 @@ class PipelineForwardBackward final : public ForwardBackward {
 }  // namespace
 
 std::unique_ptr<ForwardBackward> make_plain_forward_backward(LlamaForCausalLM& model, const TrainGroups& groups,
-                                                             GradientReducer* reducer,
+                                                             GradientSync* reducer,
                                                              const ForwardBackwardSetup& setup) {
   return std::make_unique<PlainForwardBackward>(model, groups.tp_data, groups.dp, reducer, setup);
 }

@@ -68,11 +68,11 @@ struct ForwardBackwardSetup {
   std::string device_backend = "nccl";  // parallel.device_backend (parallel/device_groups.h)
 };
 
-// The whole model, or its tp shards. `reducer` (dp, may be null) is armed
-// before the last micro-batch's backward, so its buckets are reduced while
-// that backward runs.
+// The whole model, or its tp shards. `reducer` (dp, may be null: the bucket
+// reducer or ZeRO-2's optimizer) is armed before the last micro-batch's
+// backward, so gradients are reduced while that backward runs.
 std::unique_ptr<ForwardBackward> make_plain_forward_backward(LlamaForCausalLM& model, const TrainGroups& groups,
-                                                             GradientReducer* reducer,
+                                                             GradientSync* reducer,
                                                              const ForwardBackwardSetup& setup);
 
 // This rank's pipeline chunks, run by the schedule's executor over a group per

@@ -104,6 +104,13 @@ std::unique_ptr<ModelParts> build_model_parts(Config& config, const ParallelDims
   if (groups.tp != nullptr) {
     parts.tp_factory = std::make_unique<TensorParallelLayerFactory>(*groups.tp_data, config.parallel.sequence_parallel);
   }
+  // ZeRO-3: one wrapper for every layer gathers, prefetches and frees their
+  // parameters (Note [ZeRO-3]).
+  if (groups.dp != nullptr && config.parallel.zero_stage == 3) {
+    parts.zero_wrapper = std::make_shared<ZeroLayerWrapper>(config.model.recompute == "full");
+    (parts.tp_factory ? static_cast<LayerFactory&>(*parts.tp_factory) : parts.local_factory)
+        .use_layer_wrapper(parts.zero_wrapper);
+  }
   const LayerFactory& factory =
       parts.tp_factory ? static_cast<const LayerFactory&>(*parts.tp_factory) : parts.local_factory;
   if (groups.pp != nullptr) {

@@ -19,6 +19,7 @@
 #include "parallel/process_group.h"
 #include "parallel/tensor_parallel_model.h"
 #include "parallel/topology.h"
+#include "parallel/zero.h"
 
 namespace loom {
 
@@ -58,6 +59,9 @@ struct ModelParts {
   std::unique_ptr<TensorParallelLayerFactory> tp_factory;  // with tp > 1
   std::shared_ptr<LlamaForCausalLM> model;  // the whole model or its tp shards; null with pp
   std::vector<std::shared_ptr<LlamaForCausalLM>> modules;  // what this rank trains: the model, or its chunks
+  // ZeRO-3 (parallel.zero_stage 3 with dp > 1): the wrapper every decoder
+  // layer runs through, attached to the optimizer by Update::start().
+  std::shared_ptr<ZeroLayerWrapper> zero_wrapper;
   std::optional<PipeSchedule> schedule;                      // with pp > 1
   NamedTensors named_params;                 // every module's parameters, in order
   std::map<std::string, int64_t> param_dims;  // tp shard dim of each parameter

@@ -108,9 +108,9 @@ RunCheckpoints::Resumed RunCheckpoints::load(const std::string& folder, ModelPar
     }
     if (region.numel() > 0) read_into(files, name, region, stored_part(param, region));
   }
-  // ZeRO-1's flat copy of the parameters is made by start(), from the loaded ones.
+  // ZeRO's flat copy of the parameters is made by start(), from the loaded ones.
   update.start();
-  NamedTensors optimizer_state = update.zero_1() ? update.zero()->local_state_dict() : update.optimizer()->state_dict();
+  NamedTensors optimizer_state = update.sharded() ? update.zero()->local_state_dict() : update.optimizer()->state_dict();
   for (auto& [name, tensor] : optimizer_state) {
     if (name == AdamW::kStepEntry) {
       tensor = files.read(name);
@@ -118,7 +118,7 @@ RunCheckpoints::Resumed RunCheckpoints::load(const std::string& folder, ModelPar
     }
     const std::string param = AdamW::param_of_entry(name);
     Region region = region_of(parts, param);
-    if (update.zero_1()) {
+    if (update.sharded()) {
       const auto [begin, end] = update.zero()->piece_range(param);
       region = clip_to_stored(region, begin, end);
     }
@@ -127,12 +127,12 @@ RunCheckpoints::Resumed RunCheckpoints::load(const std::string& folder, ModelPar
     const std::string stored = name == AdamW::master_entry(param) ? param : name;
     if (region.numel() > 0) read_into(files, stored, region, stored_part(tensor, region));
   }
-  if (update.zero_1()) {
+  if (update.sharded()) {
     update.zero()->load_local_state_dict(optimizer_state);
   } else {
     update.optimizer()->load_state_dict(optimizer_state);
   }
-  const int64_t adam_steps = update.zero_1() ? update.zero()->step_count() : update.optimizer()->step_count();
+  const int64_t adam_steps = update.sharded() ? update.zero()->step_count() : update.optimizer()->step_count();
   if (adam_steps != resumed.step - resumed.skipped_steps) {
     throw BadInput(folder + ": optimizer.step is " + std::to_string(adam_steps) + ", the checkpoint is at step " +
                    std::to_string(resumed.step) + " with " + std::to_string(resumed.skipped_steps) +
@@ -307,7 +307,7 @@ TrainingSnapshot RunCheckpoints::snapshot(int64_t step, int64_t skipped_steps, c
     tp_copies.push_back(parts.param_dims.at(param) < 0);
   };
   // The step: one scalar, written by world rank 0.
-  NamedTensors state = update.zero_1() ? update.zero()->local_state_dict() : update.optimizer()->state_dict();
+  NamedTensors state = update.sharded() ? update.zero()->local_state_dict() : update.optimizer()->state_dict();
   // Note [checkpoints of bf16 parameters]: a bf16 parameter is stored as its
   // fp32 master, under the parameter's name, and the master entry is not
   // stored again: the checkpoint is the fp32 run's, whatever precision.params
@@ -334,7 +334,7 @@ TrainingSnapshot RunCheckpoints::snapshot(int64_t step, int64_t skipped_steps, c
     if (name == AdamW::kStepEntry) continue;
     const std::string param = AdamW::param_of_entry(name);
     if (param == parts.tied_copy || masters.count(param) != 0 && name == AdamW::master_entry(param)) continue;
-    if (update.zero_1()) {
+    if (update.sharded()) {
       const auto [begin, end] = update.zero()->piece_range(param);
       add(zero_pieces, zero_over_tp, name, param, tensor, Range{begin, end});
     } else {

@@ -109,7 +109,11 @@ void RunLog::header(const RunHeader& h) {
       << h.train_steps << (h.resumed_from.empty() ? "" : ", resumed from " + h.resumed_from) << "\n";
   out << "train: AdamW state " << format_double("%.2f", h.adamw_state_mib) << " MiB per rank";
   if (h.zero_dp > 0) {
-    out << ", ZeRO-1 over dp " << h.zero_dp << ": " << format_double("%.2f", h.zero_state_mib) << " MiB on rank 0";
+    out << ", ZeRO-" << h.zero_stage << " over dp " << h.zero_dp << ": " << format_double("%.2f", h.zero_state_mib)
+        << " MiB on rank 0";
+    // ZeRO-2/3: what else rank 0 keeps as shards instead of whole.
+    if (h.zero_stage >= 2) out << "; gradient shard " << format_double("%.2f", h.zero_shard_mib) << " MiB";
+    if (h.zero_stage >= 3) out << ", parameter shard " << format_double("%.2f", h.zero_shard_mib) << " MiB";
   }
   out << "\n";
   for (const std::string& failure : h.passed_over) {

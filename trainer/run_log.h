@@ -74,8 +74,10 @@ struct RunHeader {
   int64_t first_step = 0, stop_step = 0, train_steps = 0;
   std::string resumed_from;  // "" for a fresh run
   double adamw_state_mib = 0.0;  // unsharded, per rank
-  int64_t zero_dp = 0;           // ZeRO-1's dp size, 0 without ZeRO
+  int64_t zero_dp = 0;           // ZeRO's dp size, 0 without ZeRO
+  int64_t zero_stage = 0;
   double zero_state_mib = 0.0;   // on rank 0
+  double zero_shard_mib = 0.0;   // rank 0's fp32 shard of the units (its gradient; under ZeRO-3 its parameters too)
   std::vector<std::string> passed_over;  // checkpoints that failed verification
   double peak_flops = 0.0;
   std::string peak_source;

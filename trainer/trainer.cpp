@@ -163,7 +163,7 @@ void Trainer::make_forward_backward() {
   setup.sequence_parallel = config_.parallel.sequence_parallel;
   forward_backward_ = groups_.pp != nullptr
                           ? make_pipeline_forward_backward(*parts_, groups_, setup)
-                          : make_plain_forward_backward(*parts_->model, groups_, update_->reducer(), setup);
+                          : make_plain_forward_backward(*parts_->model, groups_, update_->sync(), setup);
 }
 
 // Only the writer has the run folder's files; the other ranks write nothing.
@@ -196,7 +196,9 @@ RunHeader Trainer::header() const {
   h.adamw_state_mib = update_->unsharded_state_mib();
   if (const ShardedAdamW* zero = update_->zero()) {
     h.zero_dp = dims_.dp;
+    h.zero_stage = zero->stage();
     h.zero_state_mib = zero->state_bytes() / (1024.0 * 1024.0);
+    h.zero_shard_mib = 4.0 * static_cast<double>(zero->shard_numel()) / (1024.0 * 1024.0);
   }
   h.passed_over = checkpoints_->passed_over();
   h.peak_flops = result_.peak_flops;
@@ -408,7 +410,9 @@ void Trainer::maybe_checkpoint(bool stopping) {
   const bool interval_due = config_.checkpoint.interval > 0 && step_ % config_.checkpoint.interval == 0;
   if (!config_.checkpoint.enabled || !(interval_due || step_ == stop_step_ || stopping)) return;
   const auto save_start = Clock::now();
+  update_->gather_params();  // ZeRO-3: the checkpoint reads the parameters whole
   result_.last_checkpoint = checkpoints_->save(step_, skipped_steps_, *parts_, *update_, *loader_);
+  update_->release_params();
   // The time the loop stood still for the save: with checkpoint.async only
   // the gather and the copy to host memory (and any wait for the previous
   // save); without, the whole write.
@@ -430,6 +434,8 @@ TrainResult Trainer::finish() {
   result_.final_step = step_;
   const int64_t steps_here = step_ - result_.resumed_from_step;
   result_.tokens_per_s = total_seconds_ > 0 ? steps_here * tokens_per_step_ / total_seconds_ : 0.0;
+  // ZeRO-3: the export and the caller read the parameters whole; training is over.
+  update_->gather_params();
   if (step_ == train_steps_ && config_.checkpoint.export_hf_at_end) {
     checkpoints_->export_hub(step_, *parts_);
     log_.exported((run_dir_ / "hf").string());

@@ -6,8 +6,11 @@ Update::Update(const Config& config, const ParallelDims& dims, const TrainGroups
     : parts_(parts),
       groups_(groups),
       options_(AdamWOptions::from_config(config.optimizer)),
-      zero_1_(groups.dp != nullptr && config.parallel.zero_stage == 1) {
-  if (!zero_1_) optimizer_.emplace(parts.named_params, options_);
+      zero_stage_(groups.dp != nullptr ? config.parallel.zero_stage : 0),
+      // A pipeline interleaves the micro-batches' backwards, so the last
+      // gradient of a parameter is not known in advance: reduce after them.
+      overlap_(groups.pp == nullptr) {
+  if (zero_stage_ == 0) optimizer_.emplace(parts.named_params, options_);
   // bf16 parameters: each micro-batch's gradient is added into an fp32 one
   // beside the master (Note [fp32 gradients of bf16 parameters]); these
   // hooks come before the reducer's, which then reduces the fp32 sums.
@@ -29,24 +32,37 @@ Update::Update(const Config& config, const ParallelDims& dims, const TrainGroups
   // batch, and the gradients are averaged over the replicas, bucket by bucket
   // while the last micro-batch's backward runs (parallel/data_parallel.h).
   // After that every replica holds the same gradients, so the norm needs no
-  // dp reduction and every replica takes the same step. Under ZeRO-1 the
-  // gradients are reduce-scattered instead, after backward.
-  if (groups.dp != nullptr && !zero_1_) {
+  // dp reduction and every replica takes the same step. Under ZeRO the
+  // gradients are reduce-scattered instead: after backward (ZeRO-1), or
+  // unit by unit as backward completes them (ZeRO-2, parallel/zero.h).
+  if (groups.dp != nullptr && zero_stage_ == 0) {
     GradientReducer::Options reducer_options;
     reducer_options.bucket_mb = config.parallel.bucket_mb;
-    // A pipeline interleaves the micro-batches' backwards, so the last
-    // gradient of a parameter is not known in advance: reduce after them.
-    reducer_options.overlap = groups.pp == nullptr;
+    reducer_options.overlap = overlap_;
     reducer_options.reduce_dtype = config.parallel.reduce_dtype == "bf16" ? at::kBFloat16 : at::kFloat;
     reducer_options.grad_holders = optimizer_->gradient_holders();
     reducer_ = std::make_unique<GradientReducer>(*groups.dp_data, parts.params(), reducer_options);
   }
 }
 
+Update::~Update() {
+  if (parts_.zero_wrapper) parts_.zero_wrapper->attach(nullptr);
+}
+
 void Update::start() {
-  if (zero_1_) zero_.emplace(*groups_.dp_data, parts_.named_params, options_);
+  if (zero_stage_ > 0) {
+    // ZeRO-1 keeps one unit (Note [ZeRO-1 layout]); ZeRO-2 reduces per
+    // decoder layer (Note [ZeRO units]), and ZeRO-3 gathers per layer too.
+    ZeroOptions zero;
+    zero.stage = zero_stage_;
+    zero.overlap = overlap_;
+    if (zero_stage_ >= 2) zero.units = zero_units_by_layer(parts_.named_params);
+    zero_.emplace(*groups_.dp_data, parts_.named_params, options_, std::move(zero));
+    // ZeRO-3: the layers gather their parameters through the wrapper.
+    if (parts_.zero_wrapper) parts_.zero_wrapper->attach(&*zero_);
+  }
   // The gradients the norm and the clipping see: the model's, or under
-  // ZeRO-1 this rank's shard of the averaged ones, whose squares are summed
+  // ZeRO this rank's shard of the averaged ones, whose squares are summed
   // over every rank (each element is in one dp shard; a parameter every tp
   // rank holds whole counts on tp rank 0 only).
   norm_params_ = zero_ ? zero_->shard_params() : optimizer_->gradient_holders();
@@ -55,6 +71,11 @@ void Update::start() {
                                    parts_.tied_copy);
   }
   norm_reduction_ = zero_ ? &zero_norm_ : parts_.model_is_whole ? nullptr : &model_norm_;
+}
+
+GradientSync* Update::sync() {
+  if (reducer_) return reducer_.get();
+  return zero_ && zero_->stage() == 2 && overlap_ ? &*zero_ : nullptr;
 }
 
 void Update::zero_grad() { zero_ ? zero_->zero_grad() : optimizer_->zero_grad(); }
@@ -70,6 +91,14 @@ double Update::clip(double max_norm) {
 }
 
 void Update::step(double lr) { zero_ ? zero_->step(lr) : optimizer_->step(lr); }
+
+void Update::gather_params() {
+  if (zero_ && zero_->stage() == 3) zero_->gather_all();
+}
+
+void Update::release_params() {
+  if (zero_ && zero_->stage() == 3) zero_->release_all();
+}
 
 double Update::unsharded_state_mib() const {
   int64_t local_elements = 0;

@@ -1,8 +1,8 @@
 // What turns a step's accumulated gradients into an update on this rank's
-// layout: the dp reduction (buckets while backward runs, or ZeRO-1's
-// reduce-scatter after it), the global gradient norm and clipping over every
-// shard and stage, and the optimizer (the whole AdamW, or ZeRO-1's sharded
-// one).
+// layout: the dp reduction (buckets while backward runs, ZeRO-1's
+// reduce-scatter after it, or ZeRO-2's per unit while backward runs), the
+// global gradient norm and clipping over every shard and stage, and the
+// optimizer (the whole AdamW, or ZeRO's sharded one).
 #pragma once
 
 #include <cstdint>
@@ -23,33 +23,46 @@ namespace loom {
 
 class Update {
  public:
-  // The whole AdamW (unless ZeRO-1) and the dp bucket reducer; ZeRO-1's
-  // optimizer is made by start_zero, once the weights are final.
+  // The whole AdamW (unless ZeRO) and the dp bucket reducer; ZeRO's
+  // optimizer is made by start(), once the weights are final.
   Update(const Config& config, const ParallelDims& dims, const TrainGroups& groups, const ModelParts& parts);
+  ~Update();
+  Update(const Update&) = delete;
+  Update& operator=(const Update&) = delete;
 
-  bool zero_1() const { return zero_1_; }
-  // The whole AdamW of this rank's parameters (null under ZeRO-1).
+  // parallel.zero_stage 1, 2 or 3 with dp > 1: the optimizer is ShardedAdamW.
+  bool sharded() const { return zero_stage_ > 0; }
+  // The whole AdamW of this rank's parameters (null under ZeRO).
   AdamW* optimizer() { return optimizer_ ? &*optimizer_ : nullptr; }
   const AdamW* optimizer() const { return optimizer_ ? &*optimizer_ : nullptr; }
   ShardedAdamW* zero() { return zero_ ? &*zero_ : nullptr; }
   const ShardedAdamW* zero() const { return zero_ ? &*zero_ : nullptr; }
   GradientReducer* reducer() { return reducer_.get(); }
+  // What the last micro-batch's backward arms: the bucket reducer, or
+  // ZeRO-2's optimizer (after start()); null when nothing overlaps backward.
+  GradientSync* sync();
   const AdamWOptions& options() const { return options_; }
 
-  // ZeRO-1 (parallel.zero_stage 1): the sharded optimizer, made from the
+  // ZeRO (parallel.zero_stage 1 to 3): the sharded optimizer, made from the
   // weights as they are now (fresh, or loaded by a resume, which then loads
-  // its state). Then the gradients the norm sees are fixed.
+  // its state); under ZeRO-3 it then keeps only this rank's shards and
+  // frees the decoder layers' parameters (Note [ZeRO-3]). Then the
+  // gradients the norm sees are fixed.
   void start();
 
   void zero_grad();
-  // After the step's backwards: the dp buckets' last reductions, or ZeRO-1's
-  // reduce-scatter. Every replica then holds the averaged gradients (or its
+  // After the step's backwards: the dp buckets' last reductions, or ZeRO's
+  // reduce-scatters. Every replica then holds the averaged gradients (or its
   // shard of them).
   void reduce_gradients();
   // The global gradient norm before clipping; clipped to
   // optimizer.clip_grad_norm when it is > 0.
   double clip(double max_norm);
   void step(double lr);
+  // ZeRO-3: every parameter whole (for a checkpoint or the export), and the
+  // decoder layers' freed again. Nothing under the other stages. Collective over dp.
+  void gather_params();
+  void release_params();
 
   // AdamW's state of this rank's unsharded parameters (exp_avg, exp_avg_sq,
   // and the fp32 masters of bf16 parameters), MiB.
@@ -59,7 +72,8 @@ class Update {
   const ModelParts& parts_;
   const TrainGroups groups_;
   AdamWOptions options_;
-  bool zero_1_;
+  int64_t zero_stage_;  // 0 without dp
+  bool overlap_;
   std::optional<AdamW> optimizer_;
   std::optional<Fp32GradientAccumulation> fp32_grads_;  // bf16 parameters, precision.grad_accum fp32
   std::optional<ShardedAdamW> zero_;

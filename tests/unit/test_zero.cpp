@@ -1,16 +1,21 @@
-// ZeRO-1 (parallel/zero.h) under mpirun, with the world as the dp group:
-// every rank trains two copies of the same small Llama model on its own
-// data, one with the whole AdamW and an all-reduce of the gradients
+// ZeRO-1 and ZeRO-2 (parallel/zero.h) under mpirun, with the world as the
+// dp group: every rank trains two copies of the same small Llama model on
+// its own data, one with the whole AdamW and an all-reduce of the gradients
 // (GradientReducer), the other with ShardedAdamW; the weights, the gradient
 // norm and the gathered optimizer state must agree, and each rank must hold
-// 1/dp of the optimizer state.
+// 1/dp of the optimizer state. ZeRO-2 must also reduce per unit while the
+// last backward runs, free the model's gradients, and never hold a flat
+// gradient of the whole model.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
 #include <torch/nn/functional/loss.h>
 
 #include <algorithm>
+#include <chrono>
+#include <functional>
 #include <memory>
+#include <thread>
 #include <string>
 #include <vector>
 
@@ -34,7 +39,7 @@ ModelConfig tiny() {
   ModelConfig m;
   m.hidden_size = 32;
   m.intermediate_size = 64;
-  m.num_layers = 2;
+  m.num_layers = 3;
   m.num_heads = 4;
   m.num_kv_heads = 2;
   m.vocab_size = 67;  // odd sizes, so that shards split parameters mid-tensor
@@ -109,6 +114,314 @@ TEST(ShardedAdamW, MatchesWholeAdamWWithAllReducedGradientsAndHoldsOneDpthOfTheS
   const double expected_share = unsharded / dp().size();
   EXPECT_NEAR(static_cast<double>(zero.state_bytes()), expected_share, 0.05 * expected_share)
       << "unsharded " << unsharded << " bytes over dp " << dp().size();
+}
+
+TEST(ShardedAdamW, UnitsByLayerAreOnePerDecoderLayerAndOneForTheRest) {
+  auto model = model_from_seed();
+  const NamedTensors params = to_named_tensors(model->named_parameters());
+  const std::vector<std::vector<size_t>> units = zero_units_by_layer(params);
+  ASSERT_EQ(units.size(), 1 + static_cast<size_t>(tiny().num_layers));
+  size_t listed = 0;
+  for (size_t u = 0; u < units.size(); ++u) {
+    for (size_t i : units[u]) {
+      const std::string& name = params[i].first;
+      // Unit 0 starts with the embedding: the parameters of no layer.
+      const std::string want = u == 0 ? "" : "model.layers." + std::to_string(u - 1) + ".";
+      if (u == 0) {
+        EXPECT_EQ(name.find("model.layers."), std::string::npos) << name;
+      } else {
+        EXPECT_EQ(name.rfind(want, 0), 0u) << name << " in unit " << u;
+      }
+      ++listed;
+    }
+  }
+  EXPECT_EQ(listed, params.size());
+}
+
+// Stage 2: two micro-batches per step, the second armed, as the trainer runs it.
+TEST(ShardedAdamW, Stage2ReducesPerUnitDuringBackwardAndHoldsNoWholeGradient) {
+  auto reference = model_from_seed();
+  auto sharded = model_from_seed();
+  AdamWOptions options;
+  options.eps = 1e-6;
+  AdamW whole(to_named_tensors(reference->named_parameters()), options);
+  GradientReducer reducer(dp(), whole.params(), {25.0, true});
+  const NamedTensors params = to_named_tensors(sharded->named_parameters());
+  ZeroOptions zero_options;
+  zero_options.stage = 2;
+  zero_options.units = zero_units_by_layer(params);
+  ShardedAdamW zero(dp(), params, options, zero_options);
+  const GradNormReduction reduction =
+      sharded_grad_norm({&dp()}, /*tp_rank=*/0, zero.shard_named_params(), tensor_parallel_shard_dims(*sharded));
+  int64_t numel = 0, largest_unit = 0;
+  for (const auto& unit : zero_units_by_layer(params)) {
+    int64_t unit_numel = 0;
+    for (size_t i : unit) unit_numel += params[i].second.numel();
+    largest_unit = std::max(largest_unit, unit_numel);
+    numel += unit_numel;
+  }
+
+  for (int64_t step = 0; step < 4; ++step) {
+    whole.zero_grad();
+    zero.zero_grad();
+    for (int64_t micro = 0; micro < 2; ++micro) {
+      if (micro == 1) reducer.arm();
+      (loss_on_my_data(*reference, 2 * step + micro) / 2).backward();
+      if (micro == 1) zero.arm();
+      (loss_on_my_data(*sharded, 2 * step + micro) / 2).backward();
+    }
+    reducer.finish();
+    zero.reduce_gradients();
+    // Every unit but the one holding the embedding (whose gradient comes
+    // last) was complete, and started, before backward ended.
+    EXPECT_GE(zero.last_started_in_backward(), zero.num_units() - 1) << "step " << step;
+    for (const auto& [name, param] : params) EXPECT_FALSE(param.grad().defined()) << name << " kept its gradient";
+    const double whole_norm = clip_grad_norm(whole.params(), 0.5);
+    const double zero_norm = clip_grad_norm(zero.shard_params(), 0.5, &reduction);
+    EXPECT_NEAR(zero_norm, whole_norm, 1e-5 * whole_norm) << "step " << step;
+    whole.step(kLr);
+    zero.step(kLr);
+    for (const auto& named : reference->named_parameters()) {
+      const at::Tensor& got = sharded->named_parameters()[named.key()];
+      EXPECT_LE((got - named.value()).abs().max().item<double>(), 0.01 * kLr) << named.key() << " after step " << step;
+    }
+  }
+  // No flat gradient of the whole model: two units' at most (padded to dp).
+  EXPECT_LE(zero.peak_flat_grad_numel(), 2 * (largest_unit + dp().size()));
+  EXPECT_LT(zero.peak_flat_grad_numel(), numel);
+  const NamedTensors gathered = zero.state_dict();
+  const NamedTensors expected = whole.state_dict();
+  ASSERT_EQ(gathered.size(), expected.size());
+  for (size_t i = 0; i < gathered.size(); ++i) {
+    EXPECT_EQ(gathered[i].first, expected[i].first);
+    test_support::expect_close(gathered[i].second, expected[i].second, 1e-4, gathered[i].first);
+  }
+}
+
+// A stage-2 state (other units, so other pieces) resumes under stage 1 and
+// gives the step the stage-2 optimizer takes.
+TEST(ShardedAdamW, Stage2StateResumesUnderStage1) {
+  auto a = model_from_seed();
+  auto b = model_from_seed();
+  AdamWOptions options;
+  const NamedTensors params_a = to_named_tensors(a->named_parameters());
+  ZeroOptions zero2;
+  zero2.stage = 2;
+  zero2.units = zero_units_by_layer(params_a);
+  ShardedAdamW first(dp(), params_a, options, zero2);
+  for (int64_t step = 0; step < 3; ++step) {
+    first.zero_grad();
+    loss_on_my_data(*a, step).backward();
+    first.reduce_gradients();
+    first.step(1e-2);
+  }
+  {
+    at::NoGradGuard no_grad;
+    for (const auto& named : a->named_parameters()) b->named_parameters()[named.key()].copy_(named.value());
+  }
+  ShardedAdamW second(dp(), to_named_tensors(b->named_parameters()), options);
+  second.load_state_dict(first.state_dict());
+  EXPECT_EQ(second.step_count(), 3);
+  first.zero_grad();
+  second.zero_grad();
+  loss_on_my_data(*a, 3).backward();
+  loss_on_my_data(*b, 3).backward();
+  first.reduce_gradients();
+  second.reduce_gradients();
+  first.step(1e-2);
+  second.step(1e-2);
+  // Other units reduce-scatter in other orders over dp 3 and 4: 1% of a step, as above.
+  for (const auto& named : a->named_parameters()) {
+    const at::Tensor& got = b->named_parameters()[named.key()];
+    EXPECT_LE((got - named.value()).abs().max().item<double>(), 0.01 * 1e-2) << named.key();
+  }
+}
+
+// --- ZeRO-3 (Note [ZeRO-3]) ------------------------------------------------
+
+// A dp group whose gathers are slow to complete (each wait sleeps), and that
+// logs each gather as it is posted, named by the decoder layer whose shard
+// it sends (`layer_of_input`).
+class SlowGatherGroup : public ProcessGroup {
+ public:
+  SlowGatherGroup(ProcessGroup& inner, std::vector<std::string>& log)
+      : ProcessGroup("dp", inner.rank(), inner.world_ranks(), inner.timeout()), inner_(inner), log_(log) {}
+  std::function<std::string(const at::Tensor&)> layer_of_input;
+
+  std::string_view backend() const override { return inner_.backend(); }
+  std::unique_ptr<Work> all_reduce(const at::Tensor& t, const AllReduceOptions& o) override {
+    return inner_.all_reduce(t, o);
+  }
+  std::unique_ptr<Work> all_gather(const at::Tensor& out, const at::Tensor& in, const AllGatherOptions& o) override {
+    if (layer_of_input) log_.push_back("gather " + layer_of_input(in));
+    return std::make_unique<SlowWork>(inner_.all_gather(out, in, o));
+  }
+  std::unique_ptr<Work> reduce_scatter(const at::Tensor& out, const at::Tensor& in,
+                                       const ReduceScatterOptions& o) override {
+    return inner_.reduce_scatter(out, in, o);
+  }
+  std::unique_ptr<Work> broadcast(const at::Tensor& t, const BroadcastOptions& o) override {
+    return inner_.broadcast(t, o);
+  }
+  std::unique_ptr<Work> send(const at::Tensor& t, const SendOptions& o) override { return inner_.send(t, o); }
+  std::unique_ptr<Work> recv(const at::Tensor& t, const RecvOptions& o) override { return inner_.recv(t, o); }
+  std::unique_ptr<Work> barrier(const BarrierOptions& o) override { return inner_.barrier(o); }
+
+ private:
+  class SlowWork : public Work {
+   public:
+    explicit SlowWork(std::unique_ptr<Work> inner) : Work(inner->default_timeout()), inner_(std::move(inner)) {}
+    bool is_completed() override { return false; }
+    void wait(std::chrono::milliseconds timeout) override {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      inner_->wait(timeout);
+    }
+
+   private:
+    std::unique_ptr<Work> inner_;
+  };
+  ProcessGroup& inner_;
+  std::vector<std::string>& log_;
+};
+
+// Logs each layer's computation: it starts as soon as the hook returns.
+class RecordingZeroWrapper : public ZeroLayerWrapper {
+ public:
+  explicit RecordingZeroWrapper(std::vector<std::string>& log) : ZeroLayerWrapper(false), log_(log) {}
+
+ protected:
+  void before_forward(const LayerCall& call) override {
+    ZeroLayerWrapper::before_forward(call);
+    log_.push_back("forward " + std::to_string(call.layer));
+  }
+  void before_backward(const LayerCall& call) override {
+    ZeroLayerWrapper::before_backward(call);
+    log_.push_back("backward " + std::to_string(call.layer));
+  }
+
+ private:
+  std::vector<std::string>& log_;
+};
+
+std::shared_ptr<LlamaForCausalLM> model_from_seed(const ModelConfig& config, LayerFactory& factory) {
+  torch::manual_seed(3);
+  auto model = std::make_shared<LlamaForCausalLM>(config, factory);
+  model->init_weights(3);
+  return model;
+}
+
+size_t position(const std::vector<std::string>& log, const std::string& event, size_t from = 0) {
+  for (size_t i = from; i < log.size(); ++i) {
+    if (log[i] == event) return i;
+  }
+  ADD_FAILURE() << "no '" << event << "' after entry " << from;
+  return log.size();
+}
+
+TEST(ShardedAdamW, Stage3PostsTheNextLayersGatherBeforeALayerComputesForwardAndBackward) {
+  std::vector<std::string> log;
+  SlowGatherGroup slow(dp(), log);
+  auto wrapper = std::make_shared<RecordingZeroWrapper>(log);
+  LocalLayerFactory factory;
+  factory.use_layer_wrapper(wrapper);
+  auto model = model_from_seed(tiny(), factory);
+  LocalLayerFactory plain_factory;
+  auto reference = model_from_seed(tiny(), plain_factory);
+  const NamedTensors params = to_named_tensors(model->named_parameters());
+  ZeroOptions zero_options;
+  zero_options.stage = 3;
+  zero_options.units = zero_units_by_layer(params);
+  ShardedAdamW zero(slow, params, AdamWOptions{}, zero_options);
+  wrapper->attach(&zero);
+  // A gather's input is this rank's shard of one unit: the layer whose piece lies in it.
+  slow.layer_of_input = [&](const at::Tensor& input) {
+    const auto* begin = static_cast<const char*>(input.data_ptr());
+    for (const auto& [name, piece] : zero.shard_named_params()) {
+      const auto* at = static_cast<const char*>(piece.data_ptr());
+      if (at >= begin && at < begin + input.nbytes()) {
+        const size_t dot = name.find('.', std::string("model.layers.").size());
+        return name.rfind("model.layers.", 0) == 0 ? name.substr(0, dot) : std::string("rest");
+      }
+    }
+    return std::string("?");
+  };
+  // After start: the embedding, norm and head (unit 0) gathered, the layers not.
+  EXPECT_TRUE(zero.gathered(0));
+  for (int64_t layer = 0; layer < 3; ++layer) EXPECT_FALSE(zero.gathered(*zero.layer_unit(layer))) << layer;
+
+  const at::Tensor loss = loss_on_my_data(*model, 0);
+  EXPECT_NEAR(loss.item<double>(), loss_on_my_data(*reference, 0).item<double>(), 1e-6);
+  loss.backward();
+  const size_t backward = position(log, "forward 2") + 1;  // where backward's hooks begin
+  for (int64_t i = 0; i + 1 < 3; ++i) {
+    // Forward: layer i+1's gather is posted before layer i computes.
+    EXPECT_LT(position(log, "gather model.layers." + std::to_string(i + 1)),
+              position(log, "forward " + std::to_string(i)))
+        << "layer " << i;
+  }
+  for (int64_t i = 2; i > 0; --i) {
+    // Backward: layer i-1's gather (again) before layer i's backward computes.
+    EXPECT_LT(position(log, "gather model.layers." + std::to_string(i - 1), backward),
+              position(log, "backward " + std::to_string(i), backward))
+        << "layer " << i;
+  }
+  // Afterwards no decoder layer is gathered, and their gradients are in the shard.
+  for (int64_t layer = 0; layer < 3; ++layer) EXPECT_FALSE(zero.gathered(*zero.layer_unit(layer))) << layer;
+  for (const auto& [name, param] : params) {
+    if (name.rfind("model.layers.", 0) == 0) {
+      EXPECT_FALSE(param.grad().defined()) << name;
+    }
+  }
+}
+
+TEST(ShardedAdamW, Stage3MatchesWholeAdamWWithAllReducedGradients) {
+  auto wrapper = std::make_shared<ZeroLayerWrapper>(/*recompute=*/false);
+  LocalLayerFactory factory;
+  factory.use_layer_wrapper(wrapper);
+  auto sharded = model_from_seed(tiny(), factory);
+  auto reference = model_from_seed();
+  AdamWOptions options;
+  options.eps = 1e-6;
+  AdamW whole(to_named_tensors(reference->named_parameters()), options);
+  GradientReducer reducer(dp(), whole.params(), {25.0, true});
+  const NamedTensors params = to_named_tensors(sharded->named_parameters());
+  ZeroOptions zero_options;
+  zero_options.stage = 3;
+  zero_options.units = zero_units_by_layer(params);
+  ShardedAdamW zero(dp(), params, options, zero_options);
+  wrapper->attach(&zero);
+  const GradNormReduction reduction =
+      sharded_grad_norm({&dp()}, /*tp_rank=*/0, zero.shard_named_params(), tensor_parallel_shard_dims(*sharded));
+  for (int64_t step = 0; step < 3; ++step) {
+    whole.zero_grad();
+    zero.zero_grad();
+    for (int64_t micro = 0; micro < 2; ++micro) {
+      if (micro == 1) reducer.arm();
+      (loss_on_my_data(*reference, 2 * step + micro) / 2).backward();
+      (loss_on_my_data(*sharded, 2 * step + micro) / 2).backward();
+    }
+    reducer.finish();
+    zero.reduce_gradients();
+    const double whole_norm = clip_grad_norm(whole.params(), 0.5);
+    const double zero_norm = clip_grad_norm(zero.shard_params(), 0.5, &reduction);
+    EXPECT_NEAR(zero_norm, whole_norm, 1e-5 * whole_norm) << "step " << step;
+    whole.step(kLr);
+    zero.step(kLr);
+  }
+  // Checkpoints read the parameters whole.
+  zero.gather_all();
+  for (const auto& named : reference->named_parameters()) {
+    const at::Tensor& got = sharded->named_parameters()[named.key()];
+    EXPECT_LE((got - named.value()).abs().max().item<double>(), 0.01 * kLr) << named.key();
+  }
+  zero.release_all();
+  const NamedTensors gathered = zero.state_dict();
+  const NamedTensors expected = whole.state_dict();
+  ASSERT_EQ(gathered.size(), expected.size());
+  for (size_t i = 0; i < gathered.size(); ++i) {
+    test_support::expect_close(gathered[i].second, expected[i].second, 1e-4, gathered[i].first);
+  }
+  wrapper->attach(nullptr);
 }
 
 TEST(ShardedAdamW, ResumesFromAWholeStateLikeTheRunThatSavedIt) {
