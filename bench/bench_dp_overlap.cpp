@@ -25,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_shape.h"
 #include "parallel/data_parallel.h"
 #include "parallel/mpi_process_group.h"
 #include "model/llama.h"
@@ -32,8 +33,7 @@
 namespace loom {
 namespace {
 
-struct Options {
-  int64_t hidden = 256, layers = 4, vocab = 4096, seq = 128, micro = 2, accumulation = 2, steps = 10;
+struct Options : bench::BenchShape {
   double bucket_mb = 4.0;
 };
 
@@ -41,16 +41,9 @@ Options parse(int argc, char** argv) {
   Options o;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i];
-    const char* value = argv[i + 1];
-    if (flag == "--hidden") o.hidden = std::atoll(value);
-    else if (flag == "--layers") o.layers = std::atoll(value);
-    else if (flag == "--vocab") o.vocab = std::atoll(value);
-    else if (flag == "--seq") o.seq = std::atoll(value);
-    else if (flag == "--micro") o.micro = std::atoll(value);
-    else if (flag == "--accumulation") o.accumulation = std::atoll(value);
-    else if (flag == "--steps") o.steps = std::atoll(value);
-    else if (flag == "--bucket-mb") o.bucket_mb = std::atof(value);
-    else {
+    if (flag == "--bucket-mb") {
+      o.bucket_mb = std::atof(argv[i + 1]);
+    } else if (!bench::read_shape_flag(o, flag, argv[i + 1])) {
       std::fprintf(stderr, "bench_dp_overlap: unknown flag %s\n", flag.c_str());
       std::exit(2);
     }
@@ -64,14 +57,7 @@ struct Timing {
 };
 
 Timing run(MpiProcessGroup& dp, const Options& o, bool overlap) {
-  ModelConfig config;
-  config.hidden_size = o.hidden;
-  config.intermediate_size = 3 * o.hidden;
-  config.num_layers = o.layers;
-  config.num_heads = o.hidden / 32;
-  config.num_kv_heads = o.hidden / 64;
-  config.vocab_size = o.vocab;
-  config.max_seq_len = o.seq;
+  const ModelConfig config = bench::model_config_of(o);
   torch::manual_seed(1);
   LocalLayerFactory factory;
   LlamaForCausalLM model(config, factory);

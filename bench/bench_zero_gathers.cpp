@@ -28,6 +28,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_shape.h"
 #include "model/llama.h"
 #include "parallel/mpi_process_group.h"
 #include "parallel/zero.h"
@@ -35,40 +36,17 @@
 namespace loom {
 namespace {
 
-struct Options {
-  int64_t hidden = 256, layers = 4, vocab = 4096, seq = 128, micro = 2, accumulation = 2, steps = 10;
-};
+using Options = bench::BenchShape;
 
 Options parse(int argc, char** argv) {
   Options o;
   for (int i = 1; i + 1 < argc; i += 2) {
-    const std::string flag = argv[i];
-    const char* value = argv[i + 1];
-    if (flag == "--hidden") o.hidden = std::atoll(value);
-    else if (flag == "--layers") o.layers = std::atoll(value);
-    else if (flag == "--vocab") o.vocab = std::atoll(value);
-    else if (flag == "--seq") o.seq = std::atoll(value);
-    else if (flag == "--micro") o.micro = std::atoll(value);
-    else if (flag == "--accumulation") o.accumulation = std::atoll(value);
-    else if (flag == "--steps") o.steps = std::atoll(value);
-    else {
-      std::fprintf(stderr, "bench_zero_gathers: unknown flag %s\n", flag.c_str());
+    if (!bench::read_shape_flag(o, argv[i], argv[i + 1])) {
+      std::fprintf(stderr, "bench_zero_gathers: unknown flag %s\n", argv[i]);
       std::exit(2);
     }
   }
   return o;
-}
-
-ModelConfig shape(const Options& o) {
-  ModelConfig config;
-  config.hidden_size = o.hidden;
-  config.intermediate_size = 3 * o.hidden;
-  config.num_layers = o.layers;
-  config.num_heads = o.hidden / 32;
-  config.num_kv_heads = o.hidden / 64;
-  config.vocab_size = o.vocab;
-  config.max_seq_len = o.seq;
-  return config;
 }
 
 }  // namespace
@@ -83,7 +61,7 @@ int main(int argc, char** argv) {
   auto wrapper = std::make_shared<ZeroLayerWrapper>(/*recompute=*/false);
   LocalLayerFactory factory;
   factory.use_layer_wrapper(wrapper);
-  LlamaForCausalLM model(shape(o), factory);
+  LlamaForCausalLM model(bench::model_config_of(o), factory);
   model.init_weights(1);
   const NamedTensors params = to_named_tensors(model.named_parameters());
   ZeroOptions zero_options;
@@ -119,7 +97,7 @@ int main(int argc, char** argv) {
   wrapper->attach(nullptr);
   if (world->rank() == 0) {
     std::printf("dp %d ZeRO-3: %ld parameters in %ld units, %ld micro-batches of %ld x %ld, %ld timed steps\n",
-                world->size(), static_cast<long>(count_parameters(shape(o))), static_cast<long>(zero.num_units()),
+                world->size(), static_cast<long>(count_parameters(bench::model_config_of(o))), static_cast<long>(zero.num_units()),
                 static_cast<long>(o.accumulation), static_cast<long>(o.micro), static_cast<long>(o.seq),
                 static_cast<long>(o.steps));
     std::printf("%14s %16s %16s %16s\n", "step ms", "gather wait ms", "reduce wait ms", "compute ms");

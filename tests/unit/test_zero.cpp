@@ -200,15 +200,17 @@ TEST(ShardedAdamW, Stage2ReducesPerUnitDuringBackwardAndHoldsNoWholeGradient) {
 
 // A stage-2 state (other units, so other pieces) resumes under stage 1 and
 // gives the step the stage-2 optimizer takes.
-TEST(ShardedAdamW, Stage2StateResumesUnderStage1) {
+// Trains a model 3 steps with an optimizer of `saver`'s options (made from
+// its parameters), hands its weights and whole state to a stage-1
+// optimizer over a second model, and takes a fourth step with both.
+// Returns the two models.
+std::pair<std::shared_ptr<LlamaForCausalLM>, std::shared_ptr<LlamaForCausalLM>> fourth_step_after_resume(
+    const std::function<ZeroOptions(const NamedTensors&)>& saver) {
   auto a = model_from_seed();
   auto b = model_from_seed();
   AdamWOptions options;
   const NamedTensors params_a = to_named_tensors(a->named_parameters());
-  ZeroOptions zero2;
-  zero2.stage = 2;
-  zero2.units = zero_units_by_layer(params_a);
-  ShardedAdamW first(dp(), params_a, options, zero2);
+  ShardedAdamW first(dp(), params_a, options, saver(params_a));
   for (int64_t step = 0; step < 3; ++step) {
     first.zero_grad();
     loss_on_my_data(*a, step).backward();
@@ -222,14 +224,23 @@ TEST(ShardedAdamW, Stage2StateResumesUnderStage1) {
   ShardedAdamW second(dp(), to_named_tensors(b->named_parameters()), options);
   second.load_state_dict(first.state_dict());
   EXPECT_EQ(second.step_count(), 3);
-  first.zero_grad();
-  second.zero_grad();
+  for (auto* pair : {&first, &second}) pair->zero_grad();
   loss_on_my_data(*a, 3).backward();
   loss_on_my_data(*b, 3).backward();
   first.reduce_gradients();
   second.reduce_gradients();
   first.step(1e-2);
   second.step(1e-2);
+  return {a, b};
+}
+
+TEST(ShardedAdamW, Stage2StateResumesUnderStage1) {
+  const auto [a, b] = fourth_step_after_resume([](const NamedTensors& params) {
+    ZeroOptions zero2;
+    zero2.stage = 2;
+    zero2.units = zero_units_by_layer(params);
+    return zero2;
+  });
   // Other units reduce-scatter in other orders over dp 3 and 4: 1% of a step, as above.
   for (const auto& named : a->named_parameters()) {
     const at::Tensor& got = b->named_parameters()[named.key()];
@@ -425,31 +436,8 @@ TEST(ShardedAdamW, Stage3MatchesWholeAdamWWithAllReducedGradients) {
 }
 
 TEST(ShardedAdamW, ResumesFromAWholeStateLikeTheRunThatSavedIt) {
-  auto a = model_from_seed();
-  auto b = model_from_seed();
-  AdamWOptions options;
-  ShardedAdamW first(dp(), to_named_tensors(a->named_parameters()), options);
-  for (int64_t step = 0; step < 3; ++step) {
-    first.zero_grad();
-    loss_on_my_data(*a, step).backward();
-    first.reduce_gradients();
-    first.step(1e-2);
-  }
-  // b takes a's weights and the whole (gathered) state, then both take one more step.
-  {
-    at::NoGradGuard no_grad;
-    for (const auto& named : a->named_parameters()) b->named_parameters()[named.key()].copy_(named.value());
-  }
-  ShardedAdamW second(dp(), to_named_tensors(b->named_parameters()), options);
-  second.load_state_dict(first.state_dict());
-  EXPECT_EQ(second.step_count(), 3);
-  for (auto* pair : {&first, &second}) pair->zero_grad();
-  loss_on_my_data(*a, 3).backward();
-  loss_on_my_data(*b, 3).backward();
-  first.reduce_gradients();
-  second.reduce_gradients();
-  first.step(1e-2);
-  second.step(1e-2);
+  // The second model takes the first's weights and whole (gathered) state.
+  const auto [a, b] = fourth_step_after_resume([](const NamedTensors&) { return ZeroOptions{}; });
   for (const auto& named : a->named_parameters()) {
     EXPECT_TRUE(at::equal(b->named_parameters()[named.key()], named.value())) << named.key();
   }
