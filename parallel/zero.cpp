@@ -165,6 +165,18 @@ ShardedAdamW::ShardedAdamW(ProcessGroup& dp, NamedTensors params, AdamWOptions o
 ShardedAdamW::~ShardedAdamW() {
   hooks_.reset();
   // Reductions still in flight finish before their buffers go (Work's destructor waits).
+  // Stage 3: the parameters outlive the optimizer, as views of the units'
+  // buffers; a unit left freed gets its memory back (its values undefined),
+  // so that whoever keeps them (a resume that failed after start() and
+  // loads them again) never writes into freed memory. Local: no collective.
+  for (Unit& unit : units_) {
+    if (unit.gathering) {
+      unit.gathering->wait();
+      unit.gathering.reset();
+      unit.gathered = true;
+    }
+    if (stage_ == 3 && !unit.gathered) allocate_storage(unit.full, unit.padded);
+  }
 }
 
 void ShardedAdamW::zero_grad() {

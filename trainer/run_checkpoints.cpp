@@ -91,6 +91,9 @@ RunCheckpoints::Resumed RunCheckpoints::load(const std::string& folder, ModelPar
   // Each rank reads only its own pieces: its slices of its stages'
   // parameters and its part of the optimizer state, from whatever layout
   // saved them.
+  // A failed attempt may have started the update already (ZeRO-3 then
+  // holds the parameters as shards): back to whole parameters first.
+  update.unstart();
   const ModelFiles files = open_training_checkpoint(folder);
   const TrainerState state = load_trainer_state(files, loader);
   resumed.step = state.step;

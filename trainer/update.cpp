@@ -49,6 +49,11 @@ Update::~Update() {
   if (parts_.zero_wrapper) parts_.zero_wrapper->attach(nullptr);
 }
 
+void Update::unstart() {
+  if (parts_.zero_wrapper) parts_.zero_wrapper->attach(nullptr);
+  zero_.reset();
+}
+
 void Update::start() {
   if (zero_stage_ > 0) {
     // ZeRO-1 keeps one unit (Note [ZeRO-1 layout]); ZeRO-2 reduces per

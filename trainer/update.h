@@ -49,6 +49,11 @@ class Update {
   // frees the decoder layers' parameters (Note [ZeRO-3]). Then the
   // gradients the norm sees are fixed.
   void start();
+  // Undoes start() before it is called again (a resume that failed after
+  // it and tries an older checkpoint): ZeRO's optimizer goes and under
+  // ZeRO-3 every parameter has its whole memory again, its values undefined
+  // until they are loaded. Local: no collective.
+  void unstart();
 
   void zero_grad();
   // After the step's backwards: the dp buckets' last reductions, or ZeRO's
