@@ -128,16 +128,7 @@ int main(int argc, char** argv) {
   }
   const loom::Timing off = loom::median(offs), on = loom::median(ons);
   if (world->rank() == 0) {
-    const int64_t params = [&] {
-      loom::ModelConfig c;
-      c.hidden_size = o.hidden;
-      c.intermediate_size = 3 * o.hidden;
-      c.num_layers = o.layers;
-      c.num_heads = o.hidden / 32;
-      c.num_kv_heads = o.hidden / 64;
-      c.vocab_size = o.vocab;
-      return loom::count_parameters(c);
-    }();
+    const int64_t params = loom::count_parameters(loom::bench::model_config_of(o));
     std::printf("dp %d: %ld parameters (%.1f MB of fp32 gradients), %ld micro-batches of %ld x %ld, "
                 "buckets of %.1f MB (%ld), %ld timed steps\n",
                 world->size(), params, params * 4 / 1e6, o.accumulation, o.micro, o.seq, o.bucket_mb, on.buckets,
