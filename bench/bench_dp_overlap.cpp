@@ -64,7 +64,7 @@ Timing run(MpiProcessGroup& dp, const Options& o, bool overlap) {
   model.init_weights(1);
   std::vector<at::Tensor> params;
   for (const auto& p : model.parameters()) params.push_back(p);
-  GradientReducer reducer(dp, params, {o.bucket_mb, overlap});
+  GradientReducer reducer(dp, params, {.bucket_mb = o.bucket_mb, .overlap = overlap});
   Timing timing;
   timing.buckets = reducer.num_buckets();
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(100 + dp.rank());

@@ -63,7 +63,7 @@ class GradientReducer : public GradientSync {
     // gradient (the fp32 masters of bf16 parameters under
     // precision.grad_accum fp32, AdamW::gradient_holders()); empty: the
     // parameters themselves. The hooks stay on the parameters' accumulators.
-    std::vector<at::Tensor> grad_holders;
+    std::vector<at::Tensor> grad_holders = {};
   };
 
   // `params`: the leaf tensors whose gradients are averaged, in forward

@@ -336,7 +336,7 @@ TrainingSnapshot RunCheckpoints::snapshot(int64_t step, int64_t skipped_steps, c
   for (const auto& [name, tensor] : state) {
     if (name == AdamW::kStepEntry) continue;
     const std::string param = AdamW::param_of_entry(name);
-    if (param == parts.tied_copy || masters.count(param) != 0 && name == AdamW::master_entry(param)) continue;
+    if (param == parts.tied_copy || (masters.count(param) != 0 && name == AdamW::master_entry(param))) continue;
     if (update.sharded()) {
       const auto [begin, end] = update.zero()->piece_range(param);
       add(zero_pieces, zero_over_tp, name, param, tensor, Range{begin, end});

@@ -59,7 +59,7 @@ std::vector<at::Tensor> expected_average(const Chain& chain) {
 
 void run_and_check(double bucket_mb, bool overlap, int64_t expected_buckets, bool expect_early_start) {
   Chain chain(kLayers, kWidth);
-  GradientReducer reducer(dp(), chain.params, {bucket_mb, overlap});
+  GradientReducer reducer(dp(), chain.params, {.bucket_mb = bucket_mb, .overlap = overlap});
   if (dp().size() > 1) {
     EXPECT_EQ(reducer.num_buckets(), expected_buckets);
   }
@@ -126,9 +126,9 @@ TEST(GradientReducer, ReducesInBf16WhenAsked) {
 
 TEST(GradientReducer, RefusesFp16ParametersMismatchedHoldersAndEmptyBuckets) {
   std::vector<at::Tensor> fp16{at::zeros({4}, at::kHalf).set_requires_grad(true)};
-  EXPECT_THROW(GradientReducer(dp(), fp16, {25, true}), std::invalid_argument);
+  EXPECT_THROW(GradientReducer(dp(), fp16, {.bucket_mb = 25}), std::invalid_argument);
   std::vector<at::Tensor> fp32{at::zeros({4}).set_requires_grad(true)};
-  EXPECT_THROW(GradientReducer(dp(), fp32, {0, true}), std::invalid_argument);
+  EXPECT_THROW(GradientReducer(dp(), fp32, {.bucket_mb = 0}), std::invalid_argument);
   GradientReducer::Options two_holders;
   two_holders.grad_holders = {at::zeros({4}), at::zeros({4})};
   EXPECT_THROW(GradientReducer(dp(), fp32, two_holders), std::invalid_argument);

@@ -70,7 +70,7 @@ TEST(ShardedAdamW, MatchesWholeAdamWWithAllReducedGradientsAndHoldsOneDpthOfTheS
   AdamWOptions options;
   options.eps = 1e-6;
   AdamW whole(to_named_tensors(reference->named_parameters()), options);
-  GradientReducer reducer(dp(), whole.params(), {25.0, true});
+  GradientReducer reducer(dp(), whole.params(), {.bucket_mb = 25.0, .overlap = true});
   ShardedAdamW zero(dp(), to_named_tensors(sharded->named_parameters()), options);
   // Every element sits in exactly one rank's shard (no tp: every dim is -1).
   const GradNormReduction reduction =
@@ -139,20 +139,46 @@ TEST(ShardedAdamW, UnitsByLayerAreOnePerDecoderLayerAndOneForTheRest) {
 }
 
 // Stage 2: two micro-batches per step, the second armed, as the trainer runs it.
-TEST(ShardedAdamW, Stage2ReducesPerUnitDuringBackwardAndHoldsNoWholeGradient) {
-  auto reference = model_from_seed();
-  auto sharded = model_from_seed();
+// A whole AdamW over `reference` whose gradients the dp bucket reducer
+// averages, beside a ZeRO optimizer of `stage` (units by layer) over
+// `sharded`, and the norm of its shards: what the stage tests compare.
+struct AgainstWholeAdamW {
+  AgainstWholeAdamW(std::shared_ptr<LlamaForCausalLM> reference_model, std::shared_ptr<LlamaForCausalLM> sharded_model,
+                    int64_t stage)
+      : reference(std::move(reference_model)),
+        sharded(std::move(sharded_model)),
+        options(with_eps(1e-6)),
+        whole(to_named_tensors(reference->named_parameters()), options),
+        reducer(dp(), whole.params(), {.bucket_mb = 25.0, .overlap = true}),
+        params(to_named_tensors(sharded->named_parameters())),
+        zero(dp(), params, options, stage_options(stage, params)),
+        reduction(sharded_grad_norm({&dp()}, /*tp_rank=*/0, zero.shard_named_params(),
+                                    tensor_parallel_shard_dims(*sharded))) {}
+
+  static AdamWOptions with_eps(double eps) {
+    AdamWOptions o;
+    o.eps = eps;
+    return o;
+  }
+  static ZeroOptions stage_options(int64_t stage, const NamedTensors& params) {
+    ZeroOptions o;
+    o.stage = stage;
+    o.units = zero_units_by_layer(params);
+    return o;
+  }
+
+  std::shared_ptr<LlamaForCausalLM> reference, sharded;
   AdamWOptions options;
-  options.eps = 1e-6;
-  AdamW whole(to_named_tensors(reference->named_parameters()), options);
-  GradientReducer reducer(dp(), whole.params(), {25.0, true});
-  const NamedTensors params = to_named_tensors(sharded->named_parameters());
-  ZeroOptions zero_options;
-  zero_options.stage = 2;
-  zero_options.units = zero_units_by_layer(params);
-  ShardedAdamW zero(dp(), params, options, zero_options);
-  const GradNormReduction reduction =
-      sharded_grad_norm({&dp()}, /*tp_rank=*/0, zero.shard_named_params(), tensor_parallel_shard_dims(*sharded));
+  AdamW whole;
+  GradientReducer reducer;
+  NamedTensors params;
+  ShardedAdamW zero;
+  GradNormReduction reduction;
+};
+
+TEST(ShardedAdamW, Stage2ReducesPerUnitDuringBackwardAndHoldsNoWholeGradient) {
+  AgainstWholeAdamW pair(model_from_seed(), model_from_seed(), /*stage=*/2);
+  auto& [reference, sharded, options, whole, reducer, params, zero, reduction] = pair;
   int64_t numel = 0, largest_unit = 0;
   for (const auto& unit : zero_units_by_layer(params)) {
     int64_t unit_numel = 0;
@@ -198,8 +224,6 @@ TEST(ShardedAdamW, Stage2ReducesPerUnitDuringBackwardAndHoldsNoWholeGradient) {
   }
 }
 
-// A stage-2 state (other units, so other pieces) resumes under stage 1 and
-// gives the step the stage-2 optimizer takes.
 // Trains a model 3 steps with an optimizer of `saver`'s options (made from
 // its parameters), hands its weights and whole state to a stage-1
 // optimizer over a second model, and takes a fourth step with both.
@@ -234,6 +258,8 @@ std::pair<std::shared_ptr<LlamaForCausalLM>, std::shared_ptr<LlamaForCausalLM>> 
   return {a, b};
 }
 
+// A stage-2 state (other units, so other pieces) resumes under stage 1 and
+// gives the step the stage-2 optimizer takes.
 TEST(ShardedAdamW, Stage2StateResumesUnderStage1) {
   const auto [a, b] = fourth_step_after_resume([](const NamedTensors& params) {
     ZeroOptions zero2;
@@ -389,20 +415,9 @@ TEST(ShardedAdamW, Stage3MatchesWholeAdamWWithAllReducedGradients) {
   auto wrapper = std::make_shared<ZeroLayerWrapper>(/*recompute=*/false);
   LocalLayerFactory factory;
   factory.use_layer_wrapper(wrapper);
-  auto sharded = model_from_seed(tiny(), factory);
-  auto reference = model_from_seed();
-  AdamWOptions options;
-  options.eps = 1e-6;
-  AdamW whole(to_named_tensors(reference->named_parameters()), options);
-  GradientReducer reducer(dp(), whole.params(), {25.0, true});
-  const NamedTensors params = to_named_tensors(sharded->named_parameters());
-  ZeroOptions zero_options;
-  zero_options.stage = 3;
-  zero_options.units = zero_units_by_layer(params);
-  ShardedAdamW zero(dp(), params, options, zero_options);
+  AgainstWholeAdamW pair(model_from_seed(), model_from_seed(tiny(), factory), /*stage=*/3);
+  auto& [reference, sharded, options, whole, reducer, params, zero, reduction] = pair;
   wrapper->attach(&zero);
-  const GradNormReduction reduction =
-      sharded_grad_norm({&dp()}, /*tp_rank=*/0, zero.shard_named_params(), tensor_parallel_shard_dims(*sharded));
   for (int64_t step = 0; step < 3; ++step) {
     whole.zero_grad();
     zero.zero_grad();
