@@ -176,25 +176,37 @@ def test_the_export_of_a_sharded_checkpoint_is_the_gathered_export_and_loads_in_
     assert torch.equal(logits["exported"], logits["gathered/hf"])
 
 
-def test_a_damaged_piece_found_by_one_rank_makes_every_rank_pass_over_the_checkpoint(data, tmp_path):
-    # tp 2: the flipped byte is in rank 1's file, in a piece that only the
-    # rank reading that slice meets; all ranks must agree to resume from the
-    # older checkpoint, and end as the undamaged run does.
-    layout = {"parallel.tp": 2, "model.num_heads": 8, "model.num_kv_heads": 4, "checkpoint.keep_last": 3}
+def resume_past_a_damaged_newest_checkpoint(data, tmp_path, sets, damaged):
+    """Trains 12 steps on 2 ranks (checkpoints at steps 5, 10 and 12), copies
+    the run, flips a byte inside the last piece of the step-12 checkpoint's
+    file `damaged` (a glob; the last match) and trains the copy again. It must
+    pass over step 12, resume from step 10 and export what the undamaged run
+    exported. Returns the second run's output, the damaged file and the copy."""
+    sets = {**sets, "checkpoint.keep_last": 3}
     original = tmp_path / "original"
-    mpi_loom(2, train_args(data, tmp_path, "original", 12, 5, **layout))
+    mpi_loom(2, train_args(data, tmp_path, "original", 12, 5, **sets))
     run = tmp_path / "damaged" / "original"
     run.parent.mkdir()
     shutil.copytree(original, run)
     shutil.rmtree(run / "hf")
-    path = run / "checkpoints" / "step-0000012" / "model-rank00001.safetensors"
+    path = sorted((run / "checkpoints" / "step-0000012").glob(damaged))[-1]
     raw = bytearray(path.read_bytes())
     raw[len(raw) - 100] ^= 0x10  # inside the last piece's data
     path.write_bytes(bytes(raw))
-    out, _ = mpi_loom(2, train_args(data, tmp_path / "damaged", "original", 12, 5, **layout))
+    out, _ = mpi_loom(2, train_args(data, tmp_path / "damaged", "original", 12, 5, **sets))
+    assert "resumed from " + str(run / "checkpoints" / "step-0000010") in out, out
+    assert (run / "hf" / "model.safetensors").read_bytes() == (original / "hf" / "model.safetensors").read_bytes()
+    return out, path, run
+
+
+def test_a_damaged_piece_found_by_one_rank_makes_every_rank_pass_over_the_checkpoint(data, tmp_path):
+    # tp 2: the flipped byte is in rank 1's file, in a piece that only the
+    # rank reading that slice meets; all ranks must agree to resume from the
+    # older checkpoint, and end as the undamaged run does.
+    out, _, run = resume_past_a_damaged_newest_checkpoint(
+        data, tmp_path, {"parallel.tp": 2, "model.num_heads": 8, "model.num_kv_heads": 4},
+        "model-rank00001.safetensors")
     warning = [line for line in out.splitlines() if line.startswith("warning:")]
     assert len(warning) == 1 and "step-0000012/model-rank00001.safetensors" in warning[0], out
     assert "CRC32C" in warning[0], warning
-    assert "resumed from " + str(run / "checkpoints" / "step-0000010") in out, out
-    assert (run / "hf" / "model.safetensors").read_bytes() == (original / "hf" / "model.safetensors").read_bytes()
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-0000012"
