@@ -45,9 +45,7 @@ Update::Update(const Config& config, const ParallelDims& dims, const TrainGroups
   }
 }
 
-Update::~Update() {
-  if (parts_.zero_wrapper) parts_.zero_wrapper->attach(nullptr);
-}
+Update::~Update() { unstart(); }
 
 void Update::unstart() {
   if (parts_.zero_wrapper) parts_.zero_wrapper->attach(nullptr);
