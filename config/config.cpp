@@ -385,6 +385,7 @@ class Validator {
     if (p.sequence_parallel && p.tp < 2)
       fail_at({"parallel.sequence_parallel", "parallel.tp"}, "sequence parallelism needs parallel.tp > 1",
               "tp " + num(p.tp), "parallel.tp >= 2, or sequence_parallel: false");
+    if (p.cp > 1) check_context_parallel();
 
     if (c_.data.seq_len > m.max_seq_len)
       fail_at({"data.seq_len", "model.max_seq_len"},
@@ -430,15 +431,46 @@ class Validator {
               "checkpoint.enabled: true, or loss_spike_policy: skip");
   }
 
+  // What parallel.cp > 1 does not compose with yet, and the split it needs
+  // (parallel/context_parallel.h, Note [zig-zag chunks]).
+  void check_context_parallel() {
+    const ParallelConfig& p = c_.parallel;
+    const ModelConfig& m = c_.model;
+    const std::string cp = "parallel.cp " + num(p.cp);
+    if (p.pp > 1)
+      fail_at({"parallel.cp", "parallel.pp"}, "context parallelism does not run with pipeline stages yet",
+              cp + " with parallel.pp " + num(p.pp), "parallel.pp: 1, or parallel.cp: 1");
+    if (p.zero_stage > 0)
+      fail_at({"parallel.cp", "parallel.zero_stage"}, "context parallelism does not run with ZeRO yet",
+              cp + " with parallel.zero_stage " + num(p.zero_stage), "parallel.zero_stage: 0, or parallel.cp: 1");
+    if (c_.data.document_mask)
+      fail_at({"parallel.cp", "data.document_mask"}, "context parallelism does not mask packed documents yet",
+              cp + " with data.document_mask true", "data.document_mask: false, or parallel.cp: 1");
+    if (m.sliding_window > 0)
+      fail_at({"parallel.cp", "model.sliding_window"}, "context parallelism does not run sliding windows yet",
+              cp + " with model.sliding_window " + num(m.sliding_window), "parallel.cp: 1");
+    if (m.attn_logit_softcapping > 0)
+      fail_at({"parallel.cp", "model.attn_logit_softcapping"},
+              "context parallelism does not soft-cap attention scores yet", cp, "parallel.cp: 1");
+    const int64_t seq_len = c_.data.seq_len > 0 ? c_.data.seq_len : m.max_seq_len;
+    if (seq_len > 0 && seq_len % product(2, p.cp) != 0)
+      fail_at({"parallel.cp", "data.seq_len"},
+              "the sequence length (" + num(seq_len) + ") is not divisible by 2 * parallel.cp (" +
+                  num(product(2, p.cp)) + ")",
+              "a seq_len divisible by 2 * cp: each cp rank holds two of 2 * cp equal chunks");
+  }
+
   void check_launch() {
     const LaunchConfig& l = c_.launch;
     const ParallelConfig& p = c_.parallel;
-    int64_t tp_pp = product(p.tp, p.pp);
+    int64_t tp_pp = product(product(p.tp, p.pp), p.cp);
+    const std::string cp = p.cp > 1 ? " * parallel.cp (" + num(p.cp) + ")" : "";
     if (p.dp > 0 && product(p.dp, tp_pp) != l.ranks)
-      fail_at({"launch.ranks", "parallel.dp", "parallel.tp", "parallel.pp"},
-              "parallel.dp (" + num(p.dp) + ") * parallel.tp (" + num(p.tp) + ") * parallel.pp (" + num(p.pp) +
-                  ") = " + num(product(p.dp, tp_pp)) + " != launch.ranks (" + num(l.ranks) + ")",
-              "launch.ranks = dp * tp * pp, or parallel.dp: auto");
+      fail_at({"launch.ranks", "parallel.dp", "parallel.tp", "parallel.pp", "parallel.cp"},
+              "parallel.dp (" + num(p.dp) + ")" + cp + " * parallel.tp (" + num(p.tp) + ") * parallel.pp (" +
+                  num(p.pp) + ") = " + num(product(p.dp, tp_pp)) + " != launch.ranks (" + num(l.ranks) + ")",
+              p.cp > 1 ? "launch.ranks = dp * cp * tp * pp, or parallel.dp: auto"
+                       : "launch.ranks = dp * tp * pp, or parallel.dp: auto");
     // With dp auto, launch.ranks is not held against tp * pp here: `loom train`
     // started by a foreign mpirun takes its world size from MPI, and
     // ParallelDims checks world % (tp * pp) at start-up.

@@ -26,9 +26,12 @@ struct RunConfig {
 };
 
 struct ParallelConfig {
-  int64_t dp = 1;  // 0 = auto (world / (tp * pp)); YAML accepts "auto"
+  int64_t dp = 1;  // 0 = auto (world / (cp * pp * tp)); YAML accepts "auto"
   int64_t tp = 1;
   int64_t pp = 1;
+  // Context parallelism: each sequence split over cp ranks, attention by ring
+  // (parallel/context_parallel.h).
+  int64_t cp = 1;
   bool sequence_parallel = false;
   std::string pp_schedule = "1f1b";  // afab | 1f1b | interleaved
   int64_t virtual_stages = 1;

@@ -152,12 +152,16 @@ std::vector<KeySpec> build_table() {
        "attention of each decoder layer, full_attention or sliding_attention (HF layer_types); empty = every "
        "layer sliding when model.sliding_window > 0"},
 
-      // --- parallel: world = dp * pp * tp -------------------------------------
+      // --- parallel: world = dp * cp * pp * tp --------------------------------
       {"parallel.dp", LOOM_FIELD(parallel.dp), "", "ranks",
-       "data-parallel replicas; auto = launch.ranks / (tp * pp)", kNonNegative, {}, /*accepts_auto=*/true},
+       "data-parallel replicas; auto = launch.ranks / (cp * pp * tp)", kNonNegative, {}, /*accepts_auto=*/true},
       {"parallel.tp", LOOM_FIELD(parallel.tp), "", "ranks",
        "tensor-parallel ranks; must divide num_heads and num_kv_heads", kAtLeastOne},
       {"parallel.pp", LOOM_FIELD(parallel.pp), "", "stages", "pipeline stages; at most num_layers", kAtLeastOne},
+      {"parallel.cp", LOOM_FIELD(parallel.cp), "", "ranks",
+       "context-parallel ranks: each sequence split over them in 2 * cp zig-zag chunks, attention by ring; "
+       "seq_len divisible by 2 * cp; not yet with pp, ZeRO, document_mask, sliding windows or soft-capping",
+       kAtLeastOne},
       {"parallel.sequence_parallel", LOOM_FIELD(parallel.sequence_parallel), "", "",
        "Megatron sequence parallelism: norms and residual activations split along the sequence over the tp "
        "group; needs tp > 1"},

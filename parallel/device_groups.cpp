@@ -40,6 +40,7 @@ GridGroups device_grid(const GridGroups& mpi, c10::Device device, std::string_vi
   GridGroups grid;
   grid.dp = twin(mpi.dp);
   grid.tp = twin(mpi.tp);
+  grid.cp = twin(mpi.cp);
   return grid;
 }
 

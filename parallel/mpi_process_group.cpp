@@ -519,21 +519,28 @@ MpiProcessGroup::NodeRanks MpiProcessGroup::node_ranks() {
 }
 
 GridGroups split_grid(MpiProcessGroup& world, const ParallelDims& dims) {
-  if (dims.dp < 1 || dims.pp < 1 || dims.tp < 1 || dims.dp * dims.pp * dims.tp != dims.world ||
+  if (dims.dp < 1 || dims.pp < 1 || dims.tp < 1 || dims.cp < 1 || dims.dp * dims.cp * dims.pp * dims.tp != dims.world ||
       dims.world != world.size()) {
-    throw std::invalid_argument("split_grid: dp (" + std::to_string(dims.dp) + ") * pp (" + std::to_string(dims.pp) +
-                                ") * tp (" + std::to_string(dims.tp) + ") must equal the world (" +
-                                std::to_string(dims.world) + ") and the size of group '" + world.name() + "' (" +
-                                std::to_string(world.size()) + ")");
+    const std::string cp = dims.cp != 1 ? " * cp (" + std::to_string(dims.cp) + ")" : "";
+    throw std::invalid_argument("split_grid: dp (" + std::to_string(dims.dp) + ")" + cp + " * pp (" +
+                                std::to_string(dims.pp) + ") * tp (" + std::to_string(dims.tp) +
+                                ") must equal the world (" + std::to_string(dims.world) + ") and the size of group '" +
+                                world.name() + "' (" + std::to_string(world.size()) + ")");
   }
   const ParallelDims::Coords c = dims.coords_of(world.rank());
-  // Each split keeps the ranks that share the other two coordinates, ordered
+  // Each split keeps the ranks that share the other coordinates, ordered
   // by the coordinate along the axis, so group rank == that coordinate. Same
   // order of splits on every rank (they are collectives over `world`).
+  // dp (Note [cp replicas] in process_group.h) keeps the ranks that share pp
+  // and tp: every cp rank of every replica, group rank dp * cp + cp.
   GridGroups groups;
-  groups.tp = world.split(static_cast<int>(c.dp * dims.pp + c.pp), static_cast<int>(c.tp), "tp");
-  groups.pp = world.split(static_cast<int>(c.dp * dims.tp + c.tp), static_cast<int>(c.pp), "pp");
-  groups.dp = world.split(static_cast<int>(c.pp * dims.tp + c.tp), static_cast<int>(c.dp), "dp");
+  groups.tp = world.split(static_cast<int>((c.dp * dims.pp + c.pp) * dims.cp + c.cp), static_cast<int>(c.tp), "tp");
+  groups.pp = world.split(static_cast<int>((c.dp * dims.cp + c.cp) * dims.tp + c.tp), static_cast<int>(c.pp), "pp");
+  groups.dp = world.split(static_cast<int>(c.pp * dims.tp + c.tp), static_cast<int>(c.dp * dims.cp + c.cp), "dp");
+  // Only with cp > 1, so that a run without it makes the communicators it always made.
+  if (dims.cp > 1) {
+    groups.cp = world.split(static_cast<int>((c.dp * dims.pp + c.pp) * dims.tp + c.tp), static_cast<int>(c.cp), "cp");
+  }
   return groups;
 }
 

@@ -126,8 +126,8 @@ class MpiProcessGroup final : public ProcessGroup {
   MPI_Comm signature_comm_ = MPI_COMM_NULL;  // Note [send signatures]: a send's signature goes ahead of it here
 };
 
-// This rank's dp, pp and tp groups (named "dp", "pp", "tp") from the world
-// group. `world` must hold all dims.world ranks in world-rank order (as
+// This rank's dp, pp and tp groups (named "dp", "pp", "tp"), and with cp > 1
+// its "cp" group, from the world group. `world` must hold all dims.world ranks in world-rank order (as
 // MpiSession::world does); throws std::invalid_argument naming every factor
 // otherwise. Collective over `world`.
 GridGroups split_grid(MpiProcessGroup& world, const ParallelDims& dims);

@@ -222,7 +222,7 @@ class ProcessGroup {
   std::atomic<int64_t> ops_issued_{0};
 };
 
-// The groups of one rank along each axis of the dp x pp x tp grid
+// The groups of one rank along each axis of the dp x cp x pp x tp grid
 // (parallel/topology.h). Group ranks are the coordinates along the axis: this
 // rank is rank coords.tp of `tp`, whose members differ from it only in tp.
 //
@@ -238,10 +238,25 @@ class ProcessGroup {
 // cost more than the step. On the CPU the MPI grid serves both. Each
 // collective thus has one home: the CPU tests run the same calls on the
 // same groups' MPI twins.
+//
+// Note [cp replicas]
+// Under context parallelism (parallel/context_parallel.h) the cp ranks of a
+// replica hold the same parameters and each computes the loss of its share
+// of the sequence's tokens, as many as any other's. To everything that
+// averages over replicas they are replicas: the mean over the dp x cp ranks
+// of their mean token losses is the mean over the global batch, and the
+// average of their gradients is its gradient. So `dp` holds the dp x cp
+// ranks that share pp and tp (group rank dp * cp + cp), and the gradient
+// reducer, the loss, the token counts of a masked loss (Note [masked loss]
+// in trainer/forward_backward.cpp) and validation go over it unchanged. The
+// data is a replica's: the loader reads by the dp coordinate, and each cp
+// rank takes its zig-zag chunks of the same rows. `cp` (null when cp is 1)
+// holds the ranks that share dp, pp and tp: the ring.
 struct GridGroups {
   std::unique_ptr<ProcessGroup> dp;
   std::unique_ptr<ProcessGroup> pp;
   std::unique_ptr<ProcessGroup> tp;
+  std::unique_ptr<ProcessGroup> cp;
 };
 
 // `tensor` (a small tensor on any device: a loss, a norm, a flag) replaced by

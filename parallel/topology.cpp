@@ -12,26 +12,29 @@ ParallelDims ParallelDims::from_config(const Config& config, int64_t world_size)
   dims.world = world_size;
   dims.tp = p.tp;
   dims.pp = p.pp;
+  dims.cp = p.cp;
+  const int64_t others = p.tp * p.pp * p.cp;  // the ranks of one data-parallel replica
   auto factors = [&](int64_t dp) {
     std::ostringstream os;
-    os << "parallel.dp (" << (p.dp == 0 ? "auto" : std::to_string(dp)) << ") * parallel.pp (" << p.pp
-       << ") * parallel.tp (" << p.tp << ")";
+    os << "parallel.dp (" << (p.dp == 0 ? "auto" : std::to_string(dp)) << ")";
+    if (p.cp != 1) os << " * parallel.cp (" << p.cp << ")";
+    os << " * parallel.pp (" << p.pp << ") * parallel.tp (" << p.tp << ")";
     return os.str();
   };
   if (world_size < 1) throw BadInput("world size must be at least 1, got " + std::to_string(world_size));
-  if (p.tp < 1 || p.pp < 1) throw BadInput(factors(p.dp) + ": every factor must be at least 1");
+  if (p.tp < 1 || p.pp < 1 || p.cp < 1) throw BadInput(factors(p.dp) + ": every factor must be at least 1");
   if (p.dp == 0) {
-    if (world_size % (p.tp * p.pp) != 0) {
-      throw BadInput(factors(0) + ": world size " + std::to_string(world_size) +
-                     " is not divisible by pp * tp = " + std::to_string(p.tp * p.pp));
+    if (world_size % others != 0) {
+      throw BadInput(factors(0) + ": world size " + std::to_string(world_size) + " is not divisible by " +
+                     (p.cp != 1 ? "cp * " : "") + "pp * tp = " + std::to_string(others));
     }
-    dims.dp = world_size / (p.tp * p.pp);
+    dims.dp = world_size / others;
   } else {
     dims.dp = p.dp;
   }
-  if (dims.dp * dims.pp * dims.tp != world_size) {
-    throw BadInput(factors(dims.dp) + " = " + std::to_string(dims.dp * dims.pp * dims.tp) +
-                   " != world size (" + std::to_string(world_size) + ")");
+  if (dims.dp * others != world_size) {
+    throw BadInput(factors(dims.dp) + " = " + std::to_string(dims.dp * others) + " != world size (" +
+                   std::to_string(world_size) + ")");
   }
   const ModelConfig& m = config.model;
   if (m.num_heads > 0 && m.num_heads % dims.tp != 0) {
@@ -53,6 +56,14 @@ ParallelDims ParallelDims::from_config(const Config& config, int64_t world_size)
     throw BadInput("parallel.sequence_parallel with parallel.tp (" + std::to_string(dims.tp) +
                    "): the sequence length (data.seq_len " + std::to_string(seq_len) + ") must be divisible by tp");
   }
+  if (dims.cp > 1 && seq_len > 0 && seq_len % (2 * dims.cp) != 0) {
+    throw BadInput("parallel.cp (" + std::to_string(dims.cp) + "): the sequence length (data.seq_len " +
+                   std::to_string(seq_len) + ") must be divisible by 2 * cp (zig-zag chunks)");
+  }
+  if (dims.cp > 1 && dims.pp > 1) {
+    throw BadInput("parallel.cp (" + std::to_string(dims.cp) + ") with parallel.pp (" + std::to_string(dims.pp) +
+                   "): context parallelism does not run with pipeline stages yet");
+  }
   if (m.num_layers > 0 && dims.pp > m.num_layers) {
     throw BadInput("parallel.pp (" + std::to_string(dims.pp) + ") exceeds model.num_layers (" +
                    std::to_string(m.num_layers) + ")");
@@ -69,20 +80,27 @@ ParallelDims ParallelDims::from_config(const Config& config, int64_t world_size)
 ParallelDims::Coords ParallelDims::coords_of(int64_t rank) const {
   Coords c;
   c.tp = rank % tp;
-  c.pp = (rank / tp) % pp;
-  c.dp = rank / (tp * pp);
+  c.cp = (rank / tp) % cp;
+  c.pp = (rank / (tp * cp)) % pp;
+  c.dp = rank / (tp * cp * pp);
   return c;
 }
 
 std::string ParallelDims::describe() const {
   std::ostringstream os;
-  os << "world " << world << " = dp " << dp << " x pp " << pp << " x tp " << tp;
+  os << "world " << world << " = dp " << dp;
+  if (cp > 1) os << " x cp " << cp;
+  os << " x pp " << pp << " x tp " << tp;
   for (int64_t d = 0; d < dp; ++d) {
     os << "\n  dp" << d << ":";
     for (int64_t s = 0; s < pp; ++s) {
-      os << " pp" << s << " [";
-      for (int64_t t = 0; t < tp; ++t) os << (t ? " " : "") << rank_of({d, s, t});
-      os << "]";
+      os << " pp" << s;
+      for (int64_t c = 0; c < cp; ++c) {
+        if (cp > 1) os << " cp" << c;
+        os << " [";
+        for (int64_t t = 0; t < tp; ++t) os << (t ? " " : "") << rank_of({d, s, t, c});
+        os << "]";
+      }
     }
   }
   return os.str();
