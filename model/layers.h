@@ -180,6 +180,18 @@ class LayerFactory {
   // between them: 1, or tp under sequence parallelism, where the embedding
   // returns [batch, tokens/tp, hidden] and the head takes it back.
   virtual int64_t sequence_shards() const { return 1; }
+  // Where the tokens this rank's layers see lie in the whole sequence, when
+  // they are a part of it (context parallelism: two zig-zag chunks,
+  // parallel/context_parallel.h): `tokens` of the whole sequence and the
+  // int64 CPU `positions` of this rank's tokens, in their order. The model
+  // takes rotary at these positions from the whole sequence's table, the
+  // values a single rank uses there. Default: the whole sequence (positions
+  // undefined).
+  struct SequenceShare {
+    int64_t tokens = 0;
+    torch::Tensor positions;
+  };
+  virtual SequenceShare sequence_share() const { return {}; }
 
   // The core of decoder layer `layer` (its global number: the window
   // depends on it), with the model's scale and soft-capping. Default: at::scaled_dot_product_attention on this

@@ -191,7 +191,8 @@ ModelConfig local_rotary_config(const ModelConfig& model) {
 }  // namespace
 
 LlamaForCausalLM::LlamaForCausalLM(const ModelConfig& model, const LayerFactory& factory, StageSpec stage)
-    : config_(model), stage_(stage), rotary_(model), sequence_shards_(factory.sequence_shards()) {
+    : config_(model), stage_(stage), rotary_(model), sequence_shards_(factory.sequence_shards()),
+      sequence_share_(factory.sequence_share()) {
   if (model.rope_local_theta > 0) local_rotary_.emplace(local_rotary_config(model));
   if (stage_.num_layers < 0) stage_.num_layers = model.num_layers - stage_.first_layer;
   TORCH_CHECK(stage_.first_layer >= 0 && stage_.first_layer + stage_.num_layers <= model.num_layers,
@@ -250,7 +251,21 @@ torch::Tensor LlamaForCausalLM::forward(const torch::Tensor& input, KVCache* cac
   // Attention sees the whole sequence even when the residual stream holds a
   // slice of it (sequence parallelism): the projections gather it.
   const int64_t tokens = h.size(1) * sequence_shards_;
-  const RotaryTables rotary = rotary_tables(start, tokens, h.device());
+  RotaryTables rotary;
+  if (sequence_share_.positions.defined()) {
+    // Context parallelism: this rank's tokens are scattered over the
+    // sequence; their rows of the whole sequence's tables.
+    TORCH_CHECK(cache == nullptr && start == 0 && tokens == sequence_share_.positions.size(0),
+                "a context-parallel model runs its ", sequence_share_.positions.size(0),
+                " tokens of the sequence from position 0 without a KV cache, got ", tokens, " from ", start);
+    rotary = rotary_tables(0, sequence_share_.tokens, h.device());
+    const torch::Tensor rows = sequence_share_.positions.to(h.device());
+    for (torch::Tensor* table : {&rotary.cos, &rotary.sin, &rotary.local_cos, &rotary.local_sin}) {
+      if (table->defined()) *table = table->index_select(0, rows);
+    }
+  } else {
+    rotary = rotary_tables(start, tokens, h.device());
+  }
   if (cache != nullptr && cache->keys.empty()) {
     cache->keys.resize(layers_.size());
     cache->values.resize(layers_.size());
@@ -260,6 +275,7 @@ torch::Tensor LlamaForCausalLM::forward(const torch::Tensor& input, KVCache* cac
 
 torch::Tensor LlamaForCausalLM::forward(const torch::Tensor& input, const torch::Tensor& positions_bt) {
   if (!positions_bt.defined()) return forward(input);
+  TORCH_CHECK(!sequence_share_.positions.defined(), "packed documents are not run under context parallelism yet");
   torch::Tensor h = embed(input);
   // The whole sequence's positions, also under sequence parallelism (see
   // above): attention runs over all of it.

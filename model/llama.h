@@ -176,6 +176,7 @@ class LlamaForCausalLM : public torch::nn::Module {
   RotaryEmbedding rotary_;
   std::optional<RotaryEmbedding> local_rotary_;  // gemma3_text: rope_local_theta, no scaling
   int64_t sequence_shards_;  // LayerFactory::sequence_shards()
+  LayerFactory::SequenceShare sequence_share_;  // LayerFactory::sequence_share()
   std::shared_ptr<torch::nn::Module> model_;  // holds embed_tokens, layers, norm: the "model." prefix
   std::shared_ptr<Embedding> embed_tokens_;
   std::vector<std::shared_ptr<DecoderLayer>> layers_;

@@ -1,0 +1,292 @@
+#include "parallel/context_parallel.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/ivalue.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace loom {
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Tags of the ring's two streams between neighbours: the key/value blocks
+// and, in backward, their gradient accumulators.
+constexpr int kBlockTag = 0;
+constexpr int kBlockGradTag = 1;
+
+int64_t chunk_tokens_of(int64_t seq_len, int64_t cp) {
+  if (cp < 1 || seq_len < 2 * cp || seq_len % (2 * cp) != 0) {
+    throw std::invalid_argument("context parallelism: the sequence length (" + std::to_string(seq_len) +
+                                ") must be a positive multiple of 2 * cp (" + std::to_string(2 * cp) + ")");
+  }
+  return seq_len / (2 * cp);
+}
+
+// The chunk numbers (of 2N) that half `half` (0 or 1) of rank r's tokens hold.
+int64_t chunk_of(int64_t rank, int64_t half, int64_t cp) { return half == 0 ? rank : 2 * cp - 1 - rank; }
+
+// How query chunk i attends key chunk j under causal attention (Note [ring
+// attention]): all of it, the causal triangle, or none.
+enum class PairKind { kFull, kDiagonal, kSkip };
+PairKind pair_kind(int64_t query_chunk, int64_t key_chunk) {
+  if (key_chunk < query_chunk) return PairKind::kFull;
+  return key_chunk == query_chunk ? PairKind::kDiagonal : PairKind::kSkip;
+}
+
+// What one query half of this rank computes against the block of rank
+// `owner`: the key tokens [key_begin, key_end) of the block (whole halves),
+// and the mask [c, key_end - key_begin] where a diagonal pair is among them
+// (undefined: every key visible). `attends` false: nothing to compute.
+struct BlockSlice {
+  bool attends = false;
+  int64_t key_begin = 0, key_end = 0;
+  at::Tensor allowed;
+};
+
+BlockSlice block_slice(int64_t rank, int64_t owner, int64_t query_half, int64_t cp, int64_t chunk,
+                       const at::Tensor& causal_cc) {
+  const int64_t query_chunk = chunk_of(rank, query_half, cp);
+  const PairKind first = pair_kind(query_chunk, chunk_of(owner, 0, cp));
+  const PairKind second = pair_kind(query_chunk, chunk_of(owner, 1, cp));
+  BlockSlice slice;
+  // A skipped half is never between two attended ones (the second key chunk
+  // is later than the first), so the attended halves are one range.
+  const int64_t begin = first != PairKind::kSkip ? 0 : 1;
+  const int64_t end = second != PairKind::kSkip ? 2 : (first != PairKind::kSkip ? 1 : 0);
+  if (begin >= end) return slice;
+  slice.attends = true;
+  slice.key_begin = begin * chunk;
+  slice.key_end = end * chunk;
+  const bool diagonal = (begin == 0 && first == PairKind::kDiagonal) || (end == 2 && second == PairKind::kDiagonal);
+  if (diagonal) {
+    std::vector<at::Tensor> parts;
+    for (int64_t half = begin; half < end; ++half) {
+      const PairKind kind = half == 0 ? first : second;
+      parts.push_back(kind == PairKind::kDiagonal ? causal_cc : at::ones_like(causal_cc));
+    }
+    slice.allowed = parts.size() == 1 ? parts[0] : at::cat(parts, 1);
+  }
+  return slice;
+}
+
+// [batch, kv_heads, t, d] -> [batch, heads, t, d]: each kv head repeated for
+// the query heads of its group (grouped-query attention).
+at::Tensor expand_kv(const at::Tensor& x, int64_t heads) {
+  const int64_t group = heads / x.size(1);
+  return group == 1 ? x : x.repeat_interleave(group, 1);
+}
+
+// The inverse for gradients: the group's heads summed into their kv head.
+at::Tensor reduce_kv(const at::Tensor& grad_bhtd, int64_t kv_heads) {
+  const int64_t heads = grad_bhtd.size(1);
+  if (heads == kv_heads) return grad_bhtd;
+  auto sizes = grad_bhtd.sizes().vec();
+  return grad_bhtd.reshape({sizes[0], kv_heads, heads / kv_heads, sizes[2], sizes[3]}).sum(2);
+}
+
+// Scores of q over k in fp32, scaled, with the keys `allowed` leaves out at -inf.
+at::Tensor scores_of(const at::Tensor& q, const at::Tensor& k_expanded, const at::Tensor& allowed, double scale) {
+  at::Tensor s = at::matmul(q.to(at::kFloat), k_expanded.to(at::kFloat).transpose(-1, -2)) * scale;
+  if (allowed.defined()) s.masked_fill_(allowed.logical_not(), -std::numeric_limits<float>::infinity());
+  return s;
+}
+
+// One step of the ring: this rank's block goes to the next rank while the
+// previous rank's arrives in `incoming`. Both Works must be waited on
+// before `incoming` is read or `outgoing` written.
+struct RingShift {
+  std::unique_ptr<Work> sent, received;
+  void wait() {
+    if (received) received->wait();
+    if (sent) sent->wait();
+  }
+};
+
+RingShift post_shift(ProcessGroup& cp, const at::Tensor& outgoing, const at::Tensor& incoming, int tag) {
+  const int next = (cp.rank() + 1) % cp.size(), previous = (cp.rank() + cp.size() - 1) % cp.size();
+  RingShift shift;
+  // Even ranks send first, odd ranks receive first: an NCCL send or receive
+  // holds the group's stream until its peer's matching call runs, so a ring
+  // where every rank sent first would wait on itself (Note [NCCL send and
+  // recv]). MPI completes either order.
+  if (cp.rank() % 2 == 0) {
+    shift.sent = cp.send(outgoing, {next, tag});
+    shift.received = cp.recv(incoming, {previous, tag});
+  } else {
+    shift.received = cp.recv(incoming, {previous, tag});
+    shift.sent = cp.send(outgoing, {next, tag});
+  }
+  return shift;
+}
+
+struct GroupRef : torch::CustomClassHolder {
+  explicit GroupRef(ProcessGroup* group) : group(group) {}
+  ProcessGroup* group;
+};
+
+// Note [ring attention]: forward and backward each run the ring once.
+struct RingAttention : torch::autograd::Function<RingAttention> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            ProcessGroup* group, int64_t seq_len, double scale) {
+    ProcessGroup& cp = *group;
+    const int64_t n = cp.size(), rank = cp.rank(), chunk = chunk_tokens_of(seq_len, n);
+    const int64_t heads = q.size(1);
+    const at::Tensor causal_cc = at::ones({chunk, chunk}, q.options().dtype(at::kBool)).tril();
+    at::Tensor out = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
+    at::Tensor lse = at::full({q.size(0), heads, q.size(2)}, -std::numeric_limits<float>::infinity(),
+                              q.options().dtype(at::kFloat));
+    at::Tensor block = at::stack({k, v}).contiguous();  // [2, batch, kv_heads, 2c, head_dim]
+    for (int64_t step = 0; step < n; ++step) {
+      const int64_t owner = (rank - step + n) % n;
+      // Posted before this block's attention, so the next block travels
+      // while this one is computed. The block is only read meanwhile.
+      at::Tensor next_block;
+      RingShift shift;
+      if (step + 1 < n) {
+        next_block = at::empty_like(block);
+        shift = post_shift(cp, block, next_block, kBlockTag);
+      }
+      for (int64_t half = 0; half < 2; ++half) {
+        const BlockSlice slice = block_slice(rank, owner, half, n, chunk, causal_cc);
+        if (!slice.attends) continue;
+        const int64_t span = slice.key_end - slice.key_begin;
+        const at::Tensor q_h = q.narrow(2, half * chunk, chunk);
+        const at::Tensor k_s = expand_kv(block[0].narrow(2, slice.key_begin, span), heads);
+        const at::Tensor v_s = expand_kv(block[1].narrow(2, slice.key_begin, span), heads);
+        const at::Tensor s = scores_of(q_h, k_s, slice.allowed, scale);
+        // Every query row of an attended slice sees at least one key (its
+        // own position on the diagonal), so block_lse is finite.
+        const at::Tensor block_lse = at::logsumexp(s, -1);
+        const at::Tensor block_out = at::matmul(at::exp(s - block_lse.unsqueeze(-1)), v_s.to(at::kFloat));
+        // The online-softmax merge into this half's running output.
+        at::Tensor out_h = out.narrow(2, half * chunk, chunk);
+        at::Tensor lse_h = lse.narrow(2, half * chunk, chunk);
+        const at::Tensor merged = at::where(lse_h.isinf(), block_lse, at::logaddexp(lse_h, block_lse));
+        out_h.copy_(out_h * at::exp(lse_h - merged).unsqueeze(-1) +
+                    block_out * at::exp(block_lse - merged).unsqueeze(-1));
+        lse_h.copy_(merged);
+      }
+      if (step + 1 < n) {
+        shift.wait();
+        block = next_block;
+      }
+    }
+    out = out.to(q.scalar_type());
+    ctx->save_for_backward({q, k, v, out, lse});
+    ctx->saved_data["group"] = at::IValue::make_capsule(c10::make_intrusive<GroupRef>(group));
+    ctx->saved_data["seq_len"] = seq_len;
+    ctx->saved_data["scale"] = scale;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3], &lse = saved[4];
+    ProcessGroup& cp = *c10::static_intrusive_pointer_cast<GroupRef>(ctx->saved_data["group"].toCapsule())->group;
+    const int64_t seq_len = ctx->saved_data["seq_len"].toInt();
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const int64_t n = cp.size(), rank = cp.rank(), chunk = chunk_tokens_of(seq_len, n);
+    const int64_t heads = q.size(1), kv_heads = k.size(1);
+    const at::Tensor causal_cc = at::ones({chunk, chunk}, q.options().dtype(at::kBool)).tril();
+    const at::Tensor dout = grads[0].to(at::kFloat);
+    // rowsum(do * out): the softmax's backward term per query.
+    const at::Tensor dout_out = (dout * out.to(at::kFloat)).sum(-1);
+    at::Tensor dq = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
+    at::Tensor block = at::stack({k, v}).contiguous();
+    // The gradient accumulator of the block held, which travels with it.
+    at::Tensor block_grad = at::zeros(block.sizes(), block.options().dtype(at::kFloat));
+    for (int64_t step = 0; step < n; ++step) {
+      const int64_t owner = (rank - step + n) % n;
+      at::Tensor next_block;
+      RingShift shift;
+      if (step + 1 < n) {
+        next_block = at::empty_like(block);
+        shift = post_shift(cp, block, next_block, kBlockTag);
+      }
+      for (int64_t half = 0; half < 2; ++half) {
+        const BlockSlice slice = block_slice(rank, owner, half, n, chunk, causal_cc);
+        if (!slice.attends) continue;
+        const int64_t begin = slice.key_begin, length = slice.key_end - slice.key_begin;
+        const at::Tensor q_h = q.narrow(2, half * chunk, chunk).to(at::kFloat);
+        const at::Tensor k_s = expand_kv(block[0].narrow(2, begin, length), heads).to(at::kFloat);
+        const at::Tensor v_s = expand_kv(block[1].narrow(2, begin, length), heads).to(at::kFloat);
+        const at::Tensor do_h = dout.narrow(2, half * chunk, chunk);
+        const at::Tensor p = at::exp(scores_of(q_h, k_s, slice.allowed, scale) -
+                                     lse.narrow(2, half * chunk, chunk).unsqueeze(-1));
+        const at::Tensor dp = at::matmul(do_h, v_s.transpose(-1, -2));
+        const at::Tensor ds = p * (dp - dout_out.narrow(2, half * chunk, chunk).unsqueeze(-1));
+        dq.narrow(2, half * chunk, chunk).add_(at::matmul(ds, k_s) * scale);
+        block_grad[0].narrow(2, begin, length).add_(reduce_kv(at::matmul(ds.transpose(-1, -2), q_h) * scale, kv_heads));
+        block_grad[1].narrow(2, begin, length).add_(reduce_kv(at::matmul(p.transpose(-1, -2), do_h), kv_heads));
+      }
+      if (step + 1 < n) {
+        shift.wait();
+        block = next_block;
+      }
+      // The accumulator follows its block to the next rank; after the last
+      // step that is the block's owner (r - (n - 1) = r + 1 mod n), and the
+      // one arriving is this rank's own, complete.
+      if (n > 1) {
+        at::Tensor arriving = at::empty_like(block_grad);
+        post_shift(cp, block_grad, arriving, kBlockGradTag).wait();
+        block_grad = arriving;
+      }
+    }
+    return {dq.to(q.scalar_type()), block_grad[0].to(k.scalar_type()), block_grad[1].to(v.scalar_type()),
+            at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+torch::Tensor zigzag_positions(int64_t seq_len, int64_t rank, int64_t cp) {
+  const int64_t chunk = chunk_tokens_of(seq_len, cp);
+  const auto options = torch::TensorOptions().dtype(torch::kLong);
+  return at::cat({at::arange(chunk_of(rank, 0, cp) * chunk, (chunk_of(rank, 0, cp) + 1) * chunk, options),
+                  at::arange(chunk_of(rank, 1, cp) * chunk, (chunk_of(rank, 1, cp) + 1) * chunk, options)});
+}
+
+torch::Tensor zigzag_tokens(const torch::Tensor& x_bt, int64_t rank, int64_t cp) {
+  return x_bt.index_select(1, zigzag_positions(x_bt.size(1), rank, cp).to(x_bt.device()));
+}
+
+RingAttentionCore::RingAttentionCore(ProcessGroup& cp, int64_t seq_len, AttentionOptions options)
+    : AttentionCore(options), cp_(cp), seq_len_(seq_len) {
+  if (options.window > 0 || options.softcap > 0) {
+    throw std::invalid_argument("ring attention: sliding windows and soft-capping are not supported (window " +
+                                std::to_string(options.window) + ", softcap " + std::to_string(options.softcap) + ")");
+  }
+  chunk_tokens_of(seq_len, cp.size());
+}
+
+torch::Tensor RingAttentionCore::forward(const torch::Tensor& q_bhtd, const torch::Tensor& k_bhtd,
+                                         const torch::Tensor& v_bhtd, torch::Tensor* cache_k, torch::Tensor* cache_v) {
+  TORCH_CHECK(cache_k == nullptr && cache_v == nullptr, "ring attention keeps no KV cache");
+  TORCH_CHECK(q_bhtd.size(2) * cp_.size() == seq_len_ && k_bhtd.size(2) == q_bhtd.size(2),
+              "ring attention over group '", cp_.name(), "' of ", cp_.size(), " ranks: a sequence of ", seq_len_,
+              " tokens gives each rank ", seq_len_ / cp_.size(), ", got queries ", q_bhtd.sizes(), " and keys ",
+              k_bhtd.sizes());
+  const double scale = options().scale > 0 ? options().scale : 1.0 / std::sqrt(static_cast<double>(q_bhtd.size(3)));
+  return RingAttention::apply(q_bhtd, k_bhtd, v_bhtd, &cp_, seq_len_, scale);
+}
+
+ContextParallelLayerFactory::ContextParallelLayerFactory(const LayerFactory& base, ProcessGroup& cp, int64_t seq_len)
+    : base_(base), cp_(cp), seq_len_(seq_len), positions_(zigzag_positions(seq_len, cp.rank(), cp.size())) {}
+
+std::shared_ptr<AttentionCore> ContextParallelLayerFactory::attention_core(const ModelConfig& model,
+                                                                            int64_t layer) const {
+  // The base's options (scale, window, soft-capping), its kernel replaced.
+  return std::make_shared<RingAttentionCore>(cp_, seq_len_, base_.attention_core(model, layer)->options());
+}
+
+}  // namespace loom
