@@ -2,11 +2,13 @@
 
 #include <limits>
 #include <stdexcept>
+#include <tuple>
 #include <utility>
 
 #include <ATen/autocast_mode.h>
 
 #include "model/kernels/fused_ops.h"
+#include "parallel/context_parallel.h"
 #include "parallel/device_groups.h"
 #include "parallel/mpi_process_group.h"
 #include "parallel/vocab_parallel.h"
@@ -191,11 +193,19 @@ torch::Tensor zero_loss(c10::Device device) {
   return torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(device));
 }
 
+// Note [cp tokens]
+// Under context parallelism every cp rank of a replica loads the replica's
+// micro-batches and keeps its zig-zag share of each row's inputs and
+// targets (Note [zig-zag chunks] in parallel/context_parallel.h): its mean
+// loss is over those, and the dp x cp average (Note [cp replicas] in
+// parallel/process_group.h) makes the replica's mean. A masked batch's
+// counted targets are counted again on the share, so that the dp x cp sum
+// of the counts is the global batch's.
 class PlainForwardBackward final : public ForwardBackward {
  public:
-  PlainForwardBackward(LlamaForCausalLM& model, ProcessGroup* tp_data, ProcessGroup* dp, GradientSync* reducer,
-                       const ForwardBackwardSetup& setup)
-      : model_(model), tp_data_(tp_data), dp_(dp), reducer_(reducer), setup_(setup) {}
+  PlainForwardBackward(LlamaForCausalLM& model, ProcessGroup* tp_data, ProcessGroup* dp, ProcessGroup* cp,
+                       GradientSync* reducer, const ForwardBackwardSetup& setup)
+      : model_(model), tp_data_(tp_data), dp_(dp), cp_(cp), reducer_(reducer), setup_(setup) {}
 
   torch::Tensor run(Loader& loader, const LossEdit& edit, std::vector<uint64_t>& samples,
                     const MicroBatchDone& done) override {
@@ -206,7 +216,7 @@ class PlainForwardBackward final : public ForwardBackward {
       MicroBatch batch = loader.next_micro_batch();
       for (const SampleId& id : batch.samples) samples.push_back(id.global_index);
       if (is_masked(batch)) return run_masked(loader, std::move(batch), edit, samples, done);
-      auto [inputs_bt, targets_bt] = to_inputs_targets(batch, setup_.device);
+      auto [inputs_bt, targets_bt] = cp_share(to_inputs_targets(batch, setup_.device));
       // Mean over this micro-batch's tokens, divided by the number of
       // micro-batches: the accumulated gradient is then that of the mean
       // over the whole global batch (every micro-batch has as many tokens).
@@ -222,10 +232,10 @@ class PlainForwardBackward final : public ForwardBackward {
     std::vector<MaskedBatch> masked;
     for (MicroBatch batch : loader.validation_batches(max_batches)) {
       if (is_masked(batch)) {
-        masked.push_back(to_masked_batch(batch, setup_.device));
+        masked.push_back(cp_share(to_masked_batch(batch, setup_.device)));
         continue;
       }
-      auto [inputs_bt, targets_bt] = to_inputs_targets(batch, setup_.device);
+      auto [inputs_bt, targets_bt] = cp_share(to_inputs_targets(batch, setup_.device));
       total += next_token_loss(inputs_bt, targets_bt).to(torch::kDouble);
       ++count;
     }
@@ -247,7 +257,7 @@ class PlainForwardBackward final : public ForwardBackward {
       if (m > 0) {
         for (const SampleId& id : batch.samples) samples.push_back(id.global_index);
       }
-      batches.push_back(to_masked_batch(batch, setup_.device));
+      batches.push_back(cp_share(to_masked_batch(batch, setup_.device)));
     }
     const MaskedShares shares = masked_shares(batches, dp_);
     last_loss_tokens_ = shares.total;
@@ -287,6 +297,20 @@ class PlainForwardBackward final : public ForwardBackward {
     return sum.item<double>();
   }
 
+  // This cp rank's tokens of a micro-batch (Note [cp tokens]); the batch
+  // itself without context parallelism.
+  std::pair<torch::Tensor, torch::Tensor> cp_share(std::pair<torch::Tensor, torch::Tensor> batch) const {
+    if (cp_ == nullptr) return batch;
+    return {zigzag_tokens(batch.first, cp_->rank(), cp_->size()), zigzag_tokens(batch.second, cp_->rank(), cp_->size())};
+  }
+  MaskedBatch cp_share(MaskedBatch batch) const {
+    if (cp_ == nullptr) return batch;
+    if (batch.positions.defined()) throw std::logic_error("train: packed documents under context parallelism");
+    std::tie(batch.inputs, batch.targets) = cp_share(std::pair{batch.inputs, batch.targets});
+    batch.counted = batch.targets.ne(kIgnoredTarget).sum().item<int64_t>();
+    return batch;
+  }
+
   // Mean next-token cross-entropy of `inputs_bt` -> `targets_bt`.
   torch::Tensor next_token_loss(const torch::Tensor& inputs_bt, const torch::Tensor& targets_bt) {
     return token_loss(autocast_forward(model_, inputs_bt, setup_.bf16), targets_bt, tp_data_, vocab());
@@ -296,6 +320,7 @@ class PlainForwardBackward final : public ForwardBackward {
   LlamaForCausalLM& model_;
   ProcessGroup* tp_data_;
   ProcessGroup* dp_;
+  ProcessGroup* cp_;  // null without context parallelism
   GradientSync* reducer_;
   ForwardBackwardSetup setup_;
   int64_t last_loss_tokens_ = -1;
@@ -419,7 +444,7 @@ class PipelineForwardBackward final : public ForwardBackward {
 std::unique_ptr<ForwardBackward> make_plain_forward_backward(LlamaForCausalLM& model, const TrainGroups& groups,
                                                              GradientSync* reducer,
                                                              const ForwardBackwardSetup& setup) {
-  return std::make_unique<PlainForwardBackward>(model, groups.tp_data, groups.dp, reducer, setup);
+  return std::make_unique<PlainForwardBackward>(model, groups.tp_data, groups.dp, groups.cp, reducer, setup);
 }
 
 std::unique_ptr<ForwardBackward> make_pipeline_forward_backward(ModelParts& parts, const TrainGroups& groups,

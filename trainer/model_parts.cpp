@@ -26,10 +26,15 @@ TrainGroups TrainGroups::of(const ParallelDims& dims, ProcessGroup* world, const
   groups.coords = dims.coords_of(world != nullptr ? world->rank() : 0);
   groups.writer = world == nullptr || world->rank() == 0;
   groups.tp = dims.tp > 1 ? grid->tp.get() : nullptr;
-  groups.dp = dims.dp > 1 ? grid->dp.get() : nullptr;
+  groups.dp = dims.dp * dims.cp > 1 ? grid->dp.get() : nullptr;  // Note [cp replicas]
   groups.pp = dims.pp > 1 ? grid->pp.get() : nullptr;
+  groups.cp = dims.cp > 1 ? grid->cp.get() : nullptr;
+  if (dims.cp > 1 && groups.cp == nullptr) {
+    throw std::logic_error("train: cp " + std::to_string(dims.cp) + " needs TrainOptions::grid's cp group");
+  }
   groups.tp_data = groups.tp;
   groups.dp_data = groups.dp;
+  groups.cp_data = groups.cp;
   return groups;
 }
 
@@ -42,6 +47,7 @@ void TrainGroups::use_device(c10::Device device, const ParallelDims& dims, const
   // mpi_staged on any device), else the host groups.
   tp_data = tp != nullptr && device_grid != nullptr ? device_grid->tp.get() : tp;
   dp_data = dp != nullptr && device_grid != nullptr ? device_grid->dp.get() : dp;
+  cp_data = cp != nullptr && device_grid != nullptr ? device_grid->cp.get() : cp;
 }
 
 std::vector<torch::Tensor> ModelParts::params() const {
@@ -111,14 +117,21 @@ std::unique_ptr<ModelParts> build_model_parts(Config& config, const ParallelDims
     (parts.tp_factory ? static_cast<LayerFactory&>(*parts.tp_factory) : parts.local_factory)
         .use_layer_wrapper(parts.zero_wrapper);
   }
-  const LayerFactory& factory =
-      parts.tp_factory ? static_cast<const LayerFactory&>(*parts.tp_factory) : parts.local_factory;
+  const LayerFactory* factory = parts.tp_factory ? static_cast<const LayerFactory*>(parts.tp_factory.get())
+                                                 : static_cast<const LayerFactory*>(&parts.local_factory);
+  if (groups.cp != nullptr) {
+    // Context parallelism: the same layers, a ring attention core, and this
+    // rank's zig-zag share of the sequence for rotary.
+    const int64_t seq_len = config.data.seq_len > 0 ? config.data.seq_len : config.model.max_seq_len;
+    parts.cp_factory = std::make_unique<ContextParallelLayerFactory>(*factory, *groups.cp_data, seq_len);
+    factory = parts.cp_factory.get();
+  }
   if (groups.pp != nullptr) {
     if (groups.pp->rank() != 0 && config.model.tie_embeddings) parts.tied_copy = "model.embed_tokens.weight";
     parts.schedule.emplace(pipeline_schedule_of(config, dims));
-    parts.modules = build_pipeline_chunks(config.model, factory, *parts.schedule, groups.pp->rank());
+    parts.modules = build_pipeline_chunks(config.model, *factory, *parts.schedule, groups.pp->rank());
   } else {
-    parts.model = std::make_shared<LlamaForCausalLM>(config.model, factory);
+    parts.model = std::make_shared<LlamaForCausalLM>(config.model, *factory);
     parts.modules = {parts.model};
   }
   // On the CPU and then moved, so every device starts from the same weights.

@@ -15,6 +15,7 @@
 #include "config/config.h"
 #include "model/llama.h"
 #include "optim/optimizer.h"
+#include "parallel/context_parallel.h"
 #include "parallel/pipeline_schedule.h"
 #include "parallel/process_group.h"
 #include "parallel/tensor_parallel_model.h"
@@ -36,11 +37,16 @@ struct TrainGroups {
   // World rank 0, which writes the run folder, metrics, checkpoints and the
   // export; the others take part in gathering what it writes.
   bool writer = true;
+  // With cp > 1, `dp` holds the dp x cp ranks that share this rank's
+  // parameters (Note [cp replicas] in parallel/process_group.h); `cp` the
+  // ring of this replica's cp ranks, `cp_data` its device twin.
   ProcessGroup* dp = nullptr;
   ProcessGroup* pp = nullptr;
   ProcessGroup* tp = nullptr;
+  ProcessGroup* cp = nullptr;
   ProcessGroup* dp_data = nullptr;
   ProcessGroup* tp_data = nullptr;
+  ProcessGroup* cp_data = nullptr;
 
   // The host groups from TrainOptions::grid (std::logic_error when a world
   // of several ranks has none); the device groups are set by use_device.
@@ -57,6 +63,7 @@ struct ModelParts {
 
   LocalLayerFactory local_factory;
   std::unique_ptr<TensorParallelLayerFactory> tp_factory;  // with tp > 1
+  std::unique_ptr<ContextParallelLayerFactory> cp_factory;  // with cp > 1: over the local or tp factory
   std::shared_ptr<LlamaForCausalLM> model;  // the whole model or its tp shards; null with pp
   std::vector<std::shared_ptr<LlamaForCausalLM>> modules;  // what this rank trains: the model, or its chunks
   // ZeRO-3 (parallel.zero_stage 3 with dp > 1): the wrapper every decoder

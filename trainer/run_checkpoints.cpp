@@ -217,6 +217,7 @@ void RunCheckpoints::start_saving(const Config& config) {
       config.checkpoint.keep_last,
       {{"dp", dims_.dp}, {"tp", dims_.tp}, {"pp", dims_.pp}, {"world", dims_.world},
        {"zero_stage", config.parallel.zero_stage}}};
+  if (dims_.cp > 1) options_.saved_by["cp"] = dims_.cp;
   // checkpoint.async: each rank hands its snapshot to a background thread,
   // which writes its files while training goes on.
   if (config.checkpoint.enabled && config.checkpoint.async) {
@@ -286,7 +287,9 @@ std::vector<bool> RunCheckpoints::assign_writers(const std::vector<OwnedPiece>& 
   const std::vector<int64_t> writer =
       assign_piece_writers(bytes, replicated_over_tp, dims_.dp, dims_.tp, over_dp ? -1 : my_dp, my_tp, load);
   std::vector<bool> mine(pieces.size(), false);
-  for (size_t i = 0; i < pieces.size(); ++i) mine[i] = writer[i] == my_dp * dims_.tp + my_tp;
+  // The cp ranks of a replica hold the same parameters and state (Note [cp
+  // replicas]): cp rank 0 of each writes, the others take no piece.
+  for (size_t i = 0; i < pieces.size(); ++i) mine[i] = groups_.coords.cp == 0 && writer[i] == my_dp * dims_.tp + my_tp;
   return mine;
 }
 
@@ -383,7 +386,7 @@ std::string RunCheckpoints::save(int64_t step, int64_t skipped_steps, const Mode
 double RunCheckpoints::wait() { return async_writer_ ? async_writer_->wait() : 0.0; }
 
 std::shared_ptr<LlamaForCausalLM> RunCheckpoints::gathered_model(const ModelParts& parts) const {
-  if (groups_.coords.dp != 0) return nullptr;
+  if (groups_.coords.dp != 0 || groups_.coords.cp != 0) return nullptr;
   if (parts.model_is_whole) return parts.model;
   NamedTensors gathered = groups_.tp != nullptr ? gather_tensor_parallel(*groups_.tp, parts.named_params,
                                                                          parts.param_dims, parts.param_unpadded)
