@@ -443,9 +443,6 @@ class Validator {
     if (p.zero_stage > 0)
       fail_at({"parallel.cp", "parallel.zero_stage"}, "context parallelism does not run with ZeRO yet",
               cp + " with parallel.zero_stage " + num(p.zero_stage), "parallel.zero_stage: 0, or parallel.cp: 1");
-    if (c_.data.document_mask)
-      fail_at({"parallel.cp", "data.document_mask"}, "context parallelism does not mask packed documents yet",
-              cp + " with data.document_mask true", "data.document_mask: false, or parallel.cp: 1");
     if (m.sliding_window > 0)
       fail_at({"parallel.cp", "model.sliding_window"}, "context parallelism does not run sliding windows yet",
               cp + " with model.sliding_window " + num(m.sliding_window), "parallel.cp: 1");

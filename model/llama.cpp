@@ -14,6 +14,20 @@
 
 namespace loom {
 
+namespace {
+
+// `tables` (LlamaForCausalLM's rotary tables) with only the rows `rows`
+// (int64, CPU) along `dim`: a context-parallel rank's tokens.
+template <typename Tables>
+Tables rows_at(Tables tables, const torch::Tensor& rows, int64_t dim) {
+  for (torch::Tensor* table : {&tables.cos, &tables.sin, &tables.local_cos, &tables.local_sin}) {
+    if (table->defined()) *table = table->index_select(dim, rows.to(table->device()));
+  }
+  return tables;
+}
+
+}  // namespace
+
 Attention::Attention(const ModelConfig& model, const LayerFactory& factory, int64_t layer)
     : num_heads_(model.num_heads),
       num_kv_heads_(model.kv_heads()),
@@ -258,11 +272,7 @@ torch::Tensor LlamaForCausalLM::forward(const torch::Tensor& input, KVCache* cac
     TORCH_CHECK(cache == nullptr && start == 0 && tokens == sequence_share_.positions.size(0),
                 "a context-parallel model runs its ", sequence_share_.positions.size(0),
                 " tokens of the sequence from position 0 without a KV cache, got ", tokens, " from ", start);
-    rotary = rotary_tables(0, sequence_share_.tokens, h.device());
-    const torch::Tensor rows = sequence_share_.positions.to(h.device());
-    for (torch::Tensor* table : {&rotary.cos, &rotary.sin, &rotary.local_cos, &rotary.local_sin}) {
-      if (table->defined()) *table = table->index_select(0, rows);
-    }
+    rotary = rows_at(rotary_tables(0, sequence_share_.tokens, h.device()), sequence_share_.positions, 0);
   } else {
     rotary = rotary_tables(start, tokens, h.device());
   }
@@ -275,11 +285,14 @@ torch::Tensor LlamaForCausalLM::forward(const torch::Tensor& input, KVCache* cac
 
 torch::Tensor LlamaForCausalLM::forward(const torch::Tensor& input, const torch::Tensor& positions_bt) {
   if (!positions_bt.defined()) return forward(input);
-  TORCH_CHECK(!sequence_share_.positions.defined(), "packed documents are not run under context parallelism yet");
   torch::Tensor h = embed(input);
   // The whole sequence's positions, also under sequence parallelism (see
-  // above): attention runs over all of it.
-  const int64_t tokens = h.size(1) * sequence_shards_;
+  // above): attention runs over all of it. Under context parallelism too:
+  // the positions are the whole rows' (the ring core masks other ranks'
+  // keys by their documents), and this rank's tokens take their rows of
+  // the rotary tables (LayerFactory::sequence_share).
+  const bool shared = sequence_share_.positions.defined();
+  const int64_t tokens = shared ? sequence_share_.tokens : h.size(1) * sequence_shards_;
   TORCH_CHECK(positions_bt.dim() == 2 && positions_bt.size(0) == h.size(0) && positions_bt.size(1) == tokens,
               "positions must be [batch ", h.size(0), ", tokens ", tokens, "], got ", positions_bt.sizes());
   auto documents = std::make_shared<const DocumentMask>(positions_bt, h.device());
@@ -288,9 +301,13 @@ torch::Tensor LlamaForCausalLM::forward(const torch::Tensor& input, const torch:
   // causal core: bit for bit the forward without positions.
   int64_t first = 0;
   if (documents->rows_count_from(&first)) {
-    return forward_layers(std::move(h), rotary_tables(first, tokens, h.device()), nullptr, nullptr);
+    RotaryTables rotary = rotary_tables(first, tokens, h.device());
+    if (shared) rotary = rows_at(std::move(rotary), sequence_share_.positions, 0);
+    return forward_layers(std::move(h), rotary, nullptr, nullptr);
   }
-  return forward_layers(std::move(h), rotary_tables_at(documents->positions_bt(), h.device()), nullptr, documents);
+  RotaryTables rotary = rotary_tables_at(documents->positions_bt(), h.device());  // [batch, 1, tokens, head_dim]
+  if (shared) rotary = rows_at(std::move(rotary), sequence_share_.positions, 2);
+  return forward_layers(std::move(h), rotary, nullptr, documents);
 }
 
 LlamaForCausalLM::RotaryTables LlamaForCausalLM::rotary_tables(int64_t start, int64_t tokens,

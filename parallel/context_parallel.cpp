@@ -79,6 +79,25 @@ BlockSlice block_slice(int64_t rank, int64_t owner, int64_t query_half, int64_t 
   return slice;
 }
 
+// The mask of one slice for packed documents: the slice's causal mask
+// (undefined: all visible) and, per row of the batch, query and key in the
+// same segment: bool [batch, 1, c, span]. `segments_bs` [batch, seq_len]
+// numbers each token's document (undefined: one document, the slice's mask
+// as it is). Returns undefined when every key is visible.
+at::Tensor documents_allowed(const BlockSlice& slice, const at::Tensor& segments_bs, int64_t seq_len, int64_t rank,
+                             int64_t owner, int64_t query_half, int64_t cp, int64_t chunk) {
+  if (!segments_bs.defined()) return slice.allowed;
+  const int64_t query_start = chunk_of(rank, query_half, cp) * chunk;
+  const at::Tensor query_segments = segments_bs.narrow(1, query_start, chunk);  // [batch, c]
+  const at::Tensor key_positions = zigzag_positions(seq_len, owner, cp)
+                                       .narrow(0, slice.key_begin, slice.key_end - slice.key_begin)
+                                       .to(segments_bs.device());
+  const at::Tensor key_segments = segments_bs.index_select(1, key_positions);  // [batch, span]
+  at::Tensor allowed = query_segments.unsqueeze(2) == key_segments.unsqueeze(1);
+  if (slice.allowed.defined()) allowed = allowed.logical_and(slice.allowed);
+  return allowed.unsqueeze(1);
+}
+
 // [batch, kv_heads, t, d] -> [batch, heads, t, d]: each kv head repeated for
 // the query heads of its group (grouped-query attention).
 at::Tensor expand_kv(const at::Tensor& x, int64_t heads) {
@@ -136,8 +155,13 @@ struct GroupRef : torch::CustomClassHolder {
 
 // Note [ring attention]: forward and backward each run the ring once.
 struct RingAttention : torch::autograd::Function<RingAttention> {
+  // `documents`: the documents' numbers of the whole rows [batch, seq_len],
+  // or an undefined tensor (plain causal attention). Passed by pointer, not
+  // as an input: autograd takes no undefined input, and it needs no
+  // gradient.
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            ProcessGroup* group, int64_t seq_len, double scale) {
+                            ProcessGroup* group, int64_t seq_len, double scale, const at::Tensor* documents) {
+    const at::Tensor& segments_bs = *documents;
     ProcessGroup& cp = *group;
     const int64_t n = cp.size(), rank = cp.rank(), chunk = chunk_tokens_of(seq_len, n);
     const int64_t heads = q.size(1);
@@ -159,21 +183,31 @@ struct RingAttention : torch::autograd::Function<RingAttention> {
       for (int64_t half = 0; half < 2; ++half) {
         const BlockSlice slice = block_slice(rank, owner, half, n, chunk, causal_cc);
         if (!slice.attends) continue;
+        const at::Tensor allowed =
+            documents_allowed(slice, segments_bs, seq_len, rank, owner, half, n, chunk);
+        if (segments_bs.defined() && !allowed.any().item<bool>()) continue;  // no key of the query's documents
         const int64_t span = slice.key_end - slice.key_begin;
         const at::Tensor q_h = q.narrow(2, half * chunk, chunk);
         const at::Tensor k_s = expand_kv(block[0].narrow(2, slice.key_begin, span), heads);
         const at::Tensor v_s = expand_kv(block[1].narrow(2, slice.key_begin, span), heads);
-        const at::Tensor s = scores_of(q_h, k_s, slice.allowed, scale);
-        // Every query row of an attended slice sees at least one key (its
-        // own position on the diagonal), so block_lse is finite.
+        const at::Tensor s = scores_of(q_h, k_s, allowed, scale);
+        // Without documents every query row of an attended slice sees a key
+        // (its own position on the diagonal). With them a row may see none
+        // here (its document starts in a later chunk): its lse is -inf, and
+        // it must add nothing rather than exp(-inf - -inf).
         const at::Tensor block_lse = at::logsumexp(s, -1);
-        const at::Tensor block_out = at::matmul(at::exp(s - block_lse.unsqueeze(-1)), v_s.to(at::kFloat));
+        const at::Tensor seen = block_lse.isfinite();
+        const at::Tensor block_out =
+            at::matmul(at::exp(s - at::where(seen, block_lse, 0.0).unsqueeze(-1)), v_s.to(at::kFloat));
         // The online-softmax merge into this half's running output.
         at::Tensor out_h = out.narrow(2, half * chunk, chunk);
         at::Tensor lse_h = lse.narrow(2, half * chunk, chunk);
-        const at::Tensor merged = at::where(lse_h.isinf(), block_lse, at::logaddexp(lse_h, block_lse));
-        out_h.copy_(out_h * at::exp(lse_h - merged).unsqueeze(-1) +
-                    block_out * at::exp(block_lse - merged).unsqueeze(-1));
+        const at::Tensor seen_before = lse_h.isfinite();
+        const at::Tensor merged = at::where(
+            seen_before, at::where(seen, at::logaddexp(lse_h, block_lse), lse_h), block_lse);
+        const at::Tensor keep = at::where(seen_before, at::exp(lse_h - merged), 0.0);
+        const at::Tensor add = at::where(seen, at::exp(block_lse - merged), 0.0);
+        out_h.copy_(out_h * keep.unsqueeze(-1) + block_out * add.unsqueeze(-1));
         lse_h.copy_(merged);
       }
       if (step + 1 < n) {
@@ -183,6 +217,7 @@ struct RingAttention : torch::autograd::Function<RingAttention> {
     }
     out = out.to(q.scalar_type());
     ctx->save_for_backward({q, k, v, out, lse});
+    ctx->saved_data["segments"] = segments_bs.defined() ? c10::IValue(segments_bs) : c10::IValue();
     ctx->saved_data["group"] = at::IValue::make_capsule(c10::make_intrusive<GroupRef>(group));
     ctx->saved_data["seq_len"] = seq_len;
     ctx->saved_data["scale"] = scale;
@@ -192,6 +227,8 @@ struct RingAttention : torch::autograd::Function<RingAttention> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3], &lse = saved[4];
+    const c10::IValue& saved_segments = ctx->saved_data["segments"];
+    const at::Tensor segments_bs = saved_segments.isTensor() ? saved_segments.toTensor() : at::Tensor();
     ProcessGroup& cp = *c10::static_intrusive_pointer_cast<GroupRef>(ctx->saved_data["group"].toCapsule())->group;
     const int64_t seq_len = ctx->saved_data["seq_len"].toInt();
     const double scale = ctx->saved_data["scale"].toDouble();
@@ -216,12 +253,17 @@ struct RingAttention : torch::autograd::Function<RingAttention> {
       for (int64_t half = 0; half < 2; ++half) {
         const BlockSlice slice = block_slice(rank, owner, half, n, chunk, causal_cc);
         if (!slice.attends) continue;
+        const at::Tensor allowed =
+            documents_allowed(slice, segments_bs, seq_len, rank, owner, half, n, chunk);
+        if (segments_bs.defined() && !allowed.any().item<bool>()) continue;
         const int64_t begin = slice.key_begin, length = slice.key_end - slice.key_begin;
         const at::Tensor q_h = q.narrow(2, half * chunk, chunk).to(at::kFloat);
         const at::Tensor k_s = expand_kv(block[0].narrow(2, begin, length), heads).to(at::kFloat);
         const at::Tensor v_s = expand_kv(block[1].narrow(2, begin, length), heads).to(at::kFloat);
         const at::Tensor do_h = dout.narrow(2, half * chunk, chunk);
-        const at::Tensor p = at::exp(scores_of(q_h, k_s, slice.allowed, scale) -
+        // Every query's final lse is finite (it sees itself), so a left-out
+        // key's probability is exp(-inf) = 0.
+        const at::Tensor p = at::exp(scores_of(q_h, k_s, allowed, scale) -
                                      lse.narrow(2, half * chunk, chunk).unsqueeze(-1));
         const at::Tensor dp = at::matmul(do_h, v_s.transpose(-1, -2));
         const at::Tensor ds = p * (dp - dout_out.narrow(2, half * chunk, chunk).unsqueeze(-1));
@@ -243,7 +285,7 @@ struct RingAttention : torch::autograd::Function<RingAttention> {
       }
     }
     return {dq.to(q.scalar_type()), block_grad[0].to(k.scalar_type()), block_grad[1].to(v.scalar_type()),
-            at::Tensor(), at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -277,7 +319,23 @@ torch::Tensor RingAttentionCore::forward(const torch::Tensor& q_bhtd, const torc
               " tokens gives each rank ", seq_len_ / cp_.size(), ", got queries ", q_bhtd.sizes(), " and keys ",
               k_bhtd.sizes());
   const double scale = options().scale > 0 ? options().scale : 1.0 / std::sqrt(static_cast<double>(q_bhtd.size(3)));
-  return RingAttention::apply(q_bhtd, k_bhtd, v_bhtd, &cp_, seq_len_, scale);
+  const at::Tensor no_documents;
+  return RingAttention::apply(q_bhtd, k_bhtd, v_bhtd, &cp_, seq_len_, scale, &no_documents);
+}
+
+torch::Tensor RingAttentionCore::forward_documents(const torch::Tensor& q_bhtd, const torch::Tensor& k_bhtd,
+                                                   const torch::Tensor& v_bhtd, const DocumentMask& documents) {
+  TORCH_CHECK(documents.tokens() == seq_len_ && documents.batch() == q_bhtd.size(0),
+              "ring attention over packed documents takes the whole rows' positions [", q_bhtd.size(0), ", ",
+              seq_len_, "], got [", documents.batch(), ", ", documents.tokens(), "]");
+  TORCH_CHECK(q_bhtd.size(2) * cp_.size() == seq_len_ && k_bhtd.size(2) == q_bhtd.size(2),
+              "ring attention over group '", cp_.name(), "': a sequence of ", seq_len_, " tokens gives each rank ",
+              seq_len_ / cp_.size(), ", got queries ", q_bhtd.sizes(), " and keys ", k_bhtd.sizes());
+  // Note [document mask]: a document starts where the position is 0; the
+  // tokens before a row's first start are a segment of their own (number 0).
+  const torch::Tensor segments_bs = documents.positions_bt().eq(0).cumsum(1).to(q_bhtd.device());
+  const double scale = options().scale > 0 ? options().scale : 1.0 / std::sqrt(static_cast<double>(q_bhtd.size(3)));
+  return RingAttention::apply(q_bhtd, k_bhtd, v_bhtd, &cp_, seq_len_, scale, &segments_bs);
 }
 
 ContextParallelLayerFactory::ContextParallelLayerFactory(const LayerFactory& base, ProcessGroup& cp, int64_t seq_len)

@@ -32,7 +32,11 @@
 // Causal masking is read off the tokens' true positions, per (query chunk,
 // key chunk) pair: a key chunk wholly before the query chunk is attended
 // with no mask, one wholly after it is skipped (no compute), and the
-// diagonal pair (the same chunk) is causal. Under the zig-zag split a block
+// diagonal pair (the same chunk) is causal. Packed documents add, per row,
+// query and key in the same document, numbered over the whole rows (which
+// every rank has), and a pair with no key of the query's documents is
+// skipped too; a query row may then see no key of a block, which adds
+// nothing to the merge. Under the zig-zag split a block
 // from an earlier rank is attended by both query chunks but only its first
 // key chunk; a block from a later rank only by the second query chunk: half
 // the work of the rank's own block, on every rank.
@@ -77,6 +81,13 @@ class RingAttentionCore : public AttentionCore {
   RingAttentionCore(ProcessGroup& cp, int64_t seq_len, AttentionOptions options);
   torch::Tensor forward(const torch::Tensor& q_bhtd, const torch::Tensor& k_bhtd, const torch::Tensor& v_bhtd,
                         torch::Tensor* cache_k, torch::Tensor* cache_v) override;
+  // Packed documents (Note [document mask]): `documents` holds the whole
+  // rows' positions [batch, seq_len] (the model passes them whole under
+  // context parallelism), from which each block's keys get their segments;
+  // a key of another document is left out, and a pair of chunks with no
+  // key left is skipped (Note [ring attention]).
+  torch::Tensor forward_documents(const torch::Tensor& q_bhtd, const torch::Tensor& k_bhtd,
+                                  const torch::Tensor& v_bhtd, const DocumentMask& documents) override;
 
  private:
   ProcessGroup& cp_;

@@ -200,7 +200,9 @@ torch::Tensor zero_loss(c10::Device device) {
 // loss is over those, and the dp x cp average (Note [cp replicas] in
 // parallel/process_group.h) makes the replica's mean. A masked batch's
 // counted targets are counted again on the share, so that the dp x cp sum
-// of the counts is the global batch's.
+// of the counts is the global batch's. Packed documents' positions stay
+// whole: rotary takes the rank's from them, and the ring attention core
+// the documents of every rank's keys (RingAttentionCore::forward_documents).
 class PlainForwardBackward final : public ForwardBackward {
  public:
   PlainForwardBackward(LlamaForCausalLM& model, ProcessGroup* tp_data, ProcessGroup* dp, ProcessGroup* cp,
@@ -305,7 +307,6 @@ class PlainForwardBackward final : public ForwardBackward {
   }
   MaskedBatch cp_share(MaskedBatch batch) const {
     if (cp_ == nullptr) return batch;
-    if (batch.positions.defined()) throw std::logic_error("train: packed documents under context parallelism");
     std::tie(batch.inputs, batch.targets) = cp_share(std::pair{batch.inputs, batch.targets});
     batch.counted = batch.targets.ne(kIgnoredTarget).sum().item<int64_t>();
     return batch;

@@ -7,8 +7,9 @@ sequence with per-token positions (0 at each document start):
   for a row that starts in the middle of a document (transformers given that
   document's position_ids);
 - one step of `loom train` with data.document_mask on a dataset of chosen
-  documents, on 1 rank, tp 2 (with and without sequence parallelism) and
-  pp 2 (two micro-batches through the 1f1b schedule), logs as its loss
+  documents, on 1 rank, tp 2 (with and without sequence parallelism),
+  pp 2 (two micro-batches through the 1f1b schedule) and cp 2 and cp 4
+  (ring attention over zig-zag chunks), logs as its loss
   the mean of transformers' per-document next-token losses over the targets
   that stay inside a document (a target that starts the next document leaves
   the loss) within 1e-5; without the mask the loss is transformers' mean over
@@ -173,6 +174,10 @@ LAYOUTS = {
     "tp2": (2, {"parallel.tp": 2}),
     "tp2-sp": (2, {"parallel.tp": 2, "parallel.sequence_parallel": "true"}),
     "pp2": (2, {"parallel.pp": 2}),
+    # Context parallelism: each rank holds 2 of 2 cp chunks of 32 / (2 cp)
+    # tokens; documents cross the chunks, and the ring masks them.
+    "cp2": (2, {"parallel.cp": 2}),
+    "cp4": (4, {"parallel.cp": 4}),
 }
 
 

@@ -193,8 +193,6 @@ std::vector<BadCase> bad_cases() {
        {"bad.yaml:10:", "parallel.pp", "context parallelism does not run with pipeline stages yet"}},
       {"cp_with_zero", m + "parallel:\n  cp: 2\n  zero_stage: 1\nlaunch:\n  ranks: 2\n", {},
        {"bad.yaml:10:", "parallel.zero_stage", "context parallelism does not run with ZeRO yet"}},
-      {"cp_with_document_mask", m + "parallel:\n  cp: 2\ndata:\n  document_mask: true\nlaunch:\n  ranks: 2\n", {},
-       {"bad.yaml:11:", "data.document_mask", "does not mask packed documents yet"}},
       {"cp_not_dividing_the_sequence", m + "parallel:\n  cp: 3\nlaunch:\n  ranks: 3\n", {},
        {"bad.yaml:9:", "parallel.cp", "sequence length (2048) is not divisible by 2 * parallel.cp (6)"}},
       {"dp_times_cp_not_ranks", m + "parallel:\n  dp: 2\n  cp: 2\nlaunch:\n  ranks: 2\n", {},

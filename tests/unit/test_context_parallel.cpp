@@ -21,6 +21,7 @@
 #include <thread>
 #include <vector>
 
+#include "model/document_mask.h"
 #include "model/llama.h"
 #include "parallel/context_parallel.h"
 #include "parallel/mpi_process_group.h"
@@ -115,6 +116,48 @@ TEST(RingAttention, MatchesCausalAttentionOverTheWholeSequenceForwardAndBackward
   const at::Tensor v_local = share_of(v.detach()).requires_grad_(true);
   RingAttentionCore core(cp(), seq, {});
   const at::Tensor out = core.forward(q_local, k_local, v_local, nullptr, nullptr);
+  expect_close(out, share_of(expected), 1e-5, "output");
+  (out * share_of(weight)).sum().backward();
+  expect_close(q_local.grad(), share_of(q.grad()), 1e-5, "dq");
+  expect_close(k_local.grad(), share_of(k.grad()), 1e-5, "dk");
+  expect_close(v_local.grad(), share_of(v.grad()), 1e-5, "dv");
+}
+
+// Packed documents: row 0 starts mid-document (its first segment has no
+// start) and holds documents across chunk boundaries; row 1 is one document
+// from the start and a second one late, which few earlier chunks see.
+at::Tensor packed_positions(int64_t seq) {
+  at::Tensor positions = at::empty({2, seq}, at::kLong);
+  const std::vector<std::vector<int64_t>> starts = {{3, seq / 3, seq / 3 + 1, seq - 5}, {0, seq - seq / 4}};
+  for (int64_t row = 0; row < 2; ++row) {
+    int64_t position = row == 0 ? 7 : 0;  // row 0 continues a document begun earlier
+    for (int64_t t = 0; t < seq; ++t) {
+      for (int64_t start : starts[static_cast<size_t>(row)]) {
+        if (t == start) position = 0;
+      }
+      positions[row][t] = position++;
+    }
+  }
+  return positions;
+}
+
+TEST(RingAttention, MasksPackedDocumentsAsTheSingleRankDoesForwardAndBackward) {
+  const int64_t batch = 2, heads = 4, kv_heads = 2, seq = 8 * cp().size(), head_dim = 8;
+  const at::Tensor q = seeded_randn({batch, heads, seq, head_dim}, 21).requires_grad_(true);
+  const at::Tensor k = seeded_randn({batch, kv_heads, seq, head_dim}, 22).requires_grad_(true);
+  const at::Tensor v = seeded_randn({batch, kv_heads, seq, head_dim}, 23).requires_grad_(true);
+  const at::Tensor weight = seeded_randn({batch, heads, seq, head_dim}, 24);
+  const DocumentMask documents(packed_positions(seq), at::kCPU);
+  ASSERT_FALSE(documents.one_segment_per_row());
+  const at::Tensor expected = at::scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                               documents.allowed_b1tt());
+  (expected * weight).sum().backward();
+
+  const at::Tensor q_local = share_of(q.detach()).requires_grad_(true);
+  const at::Tensor k_local = share_of(k.detach()).requires_grad_(true);
+  const at::Tensor v_local = share_of(v.detach()).requires_grad_(true);
+  RingAttentionCore core(cp(), seq, {});
+  const at::Tensor out = core.forward_documents(q_local, k_local, v_local, documents);
   expect_close(out, share_of(expected), 1e-5, "output");
   (out * share_of(weight)).sum().backward();
   expect_close(q_local.grad(), share_of(q.grad()), 1e-5, "dq");
@@ -296,6 +339,34 @@ TEST(ContextParallelModel, MatchesTheSingleRankModelsLogitsLossAndGradients) {
   at::Tensor mean_loss = local_loss.detach().clone();
   cp().all_reduce(mean_loss, {ReduceOp::kAvg})->wait();
   expect_close(mean_loss, loss.detach(), 1e-6, "loss");
+  const auto expected = whole.named_parameters();
+  for (const auto& named : model.named_parameters()) {
+    at::Tensor grad = named.value().grad().clone();
+    cp().all_reduce(grad, {ReduceOp::kAvg})->wait();
+    expect_close(grad, expected[named.key()].grad(), 1e-5, "gradient of " + named.key());
+  }
+}
+
+TEST(ContextParallelModel, MatchesTheSingleRankModelOverPackedDocuments) {
+  const ModelConfig config = tiny_model();
+  const int64_t seq = 8 * cp().size(), batch = 2;
+  LocalLayerFactory local;
+  LlamaForCausalLM whole(config, local);
+  whole.init_weights(13);
+  ContextParallelLayerFactory factory(local, cp(), seq);
+  LlamaForCausalLM model(config, factory);
+  model.init_weights(13);
+  const at::Tensor inputs = at::randint(config.vocab_size, {batch, seq},
+                                        at::make_generator<at::CPUGeneratorImpl>(14), at::kLong);
+  const at::Tensor positions = packed_positions(seq);
+  const at::Tensor logits = whole.forward(inputs, positions);
+  (logits * logits).mean().backward();
+
+  const int64_t rank = cp().rank(), n = cp().size();
+  // The whole rows' positions: rotary takes this rank's, the ring all of them.
+  const at::Tensor local_logits = model.forward(zigzag_tokens(inputs, rank, n), positions);
+  expect_close(local_logits, zigzag_tokens(logits, rank, n), 1e-5, "logits");
+  (local_logits * local_logits).mean().backward();
   const auto expected = whole.named_parameters();
   for (const auto& named : model.named_parameters()) {
     at::Tensor grad = named.value().grad().clone();
