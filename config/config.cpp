@@ -437,9 +437,6 @@ class Validator {
     const ParallelConfig& p = c_.parallel;
     const ModelConfig& m = c_.model;
     const std::string cp = "parallel.cp " + num(p.cp);
-    if (p.pp > 1)
-      fail_at({"parallel.cp", "parallel.pp"}, "context parallelism does not run with pipeline stages yet",
-              cp + " with parallel.pp " + num(p.pp), "parallel.pp: 1, or parallel.cp: 1");
     if (p.zero_stage > 0)
       fail_at({"parallel.cp", "parallel.zero_stage"}, "context parallelism does not run with ZeRO yet",
               cp + " with parallel.zero_stage " + num(p.zero_stage), "parallel.zero_stage: 0, or parallel.cp: 1");

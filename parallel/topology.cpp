@@ -60,9 +60,10 @@ ParallelDims ParallelDims::from_config(const Config& config, int64_t world_size)
     throw BadInput("parallel.cp (" + std::to_string(dims.cp) + "): the sequence length (data.seq_len " +
                    std::to_string(seq_len) + ") must be divisible by 2 * cp (zig-zag chunks)");
   }
-  if (dims.cp > 1 && dims.pp > 1) {
-    throw BadInput("parallel.cp (" + std::to_string(dims.cp) + ") with parallel.pp (" + std::to_string(dims.pp) +
-                   "): context parallelism does not run with pipeline stages yet");
+  if (dims.cp > 1 && p.sequence_parallel && seq_len > 0 && (seq_len / dims.cp) % dims.tp != 0) {
+    throw BadInput("parallel.sequence_parallel with parallel.cp (" + std::to_string(dims.cp) + ") and parallel.tp (" +
+                   std::to_string(dims.tp) + "): a rank's share of the sequence (data.seq_len " +
+                   std::to_string(seq_len) + " / cp) must be divisible by tp");
   }
   if (m.num_layers > 0 && dims.pp > m.num_layers) {
     throw BadInput("parallel.pp (" + std::to_string(dims.pp) + ") exceeds model.num_layers (" +

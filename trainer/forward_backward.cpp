@@ -203,6 +203,20 @@ torch::Tensor zero_loss(c10::Device device) {
 // of the counts is the global batch's. Packed documents' positions stay
 // whole: rotary takes the rank's from them, and the ring attention core
 // the documents of every rank's keys (RingAttentionCore::forward_documents).
+// This cp rank's tokens of a micro-batch (Note [cp tokens]); the batch
+// itself without context parallelism (`cp` null).
+std::pair<torch::Tensor, torch::Tensor> cp_share(ProcessGroup* cp, std::pair<torch::Tensor, torch::Tensor> batch) {
+  if (cp == nullptr) return batch;
+  return {zigzag_tokens(batch.first, cp->rank(), cp->size()), zigzag_tokens(batch.second, cp->rank(), cp->size())};
+}
+
+MaskedBatch cp_share(ProcessGroup* cp, MaskedBatch batch) {
+  if (cp == nullptr) return batch;
+  std::tie(batch.inputs, batch.targets) = cp_share(cp, std::pair{batch.inputs, batch.targets});
+  batch.counted = batch.targets.ne(kIgnoredTarget).sum().item<int64_t>();
+  return batch;
+}
+
 class PlainForwardBackward final : public ForwardBackward {
  public:
   PlainForwardBackward(LlamaForCausalLM& model, ProcessGroup* tp_data, ProcessGroup* dp, ProcessGroup* cp,
@@ -218,7 +232,7 @@ class PlainForwardBackward final : public ForwardBackward {
       MicroBatch batch = loader.next_micro_batch();
       for (const SampleId& id : batch.samples) samples.push_back(id.global_index);
       if (is_masked(batch)) return run_masked(loader, std::move(batch), edit, samples, done);
-      auto [inputs_bt, targets_bt] = cp_share(to_inputs_targets(batch, setup_.device));
+      auto [inputs_bt, targets_bt] = cp_share(cp_, to_inputs_targets(batch, setup_.device));
       // Mean over this micro-batch's tokens, divided by the number of
       // micro-batches: the accumulated gradient is then that of the mean
       // over the whole global batch (every micro-batch has as many tokens).
@@ -234,10 +248,10 @@ class PlainForwardBackward final : public ForwardBackward {
     std::vector<MaskedBatch> masked;
     for (MicroBatch batch : loader.validation_batches(max_batches)) {
       if (is_masked(batch)) {
-        masked.push_back(cp_share(to_masked_batch(batch, setup_.device)));
+        masked.push_back(cp_share(cp_, to_masked_batch(batch, setup_.device)));
         continue;
       }
-      auto [inputs_bt, targets_bt] = cp_share(to_inputs_targets(batch, setup_.device));
+      auto [inputs_bt, targets_bt] = cp_share(cp_, to_inputs_targets(batch, setup_.device));
       total += next_token_loss(inputs_bt, targets_bt).to(torch::kDouble);
       ++count;
     }
@@ -259,7 +273,7 @@ class PlainForwardBackward final : public ForwardBackward {
       if (m > 0) {
         for (const SampleId& id : batch.samples) samples.push_back(id.global_index);
       }
-      batches.push_back(cp_share(to_masked_batch(batch, setup_.device)));
+      batches.push_back(cp_share(cp_, to_masked_batch(batch, setup_.device)));
     }
     const MaskedShares shares = masked_shares(batches, dp_);
     last_loss_tokens_ = shares.total;
@@ -299,19 +313,6 @@ class PlainForwardBackward final : public ForwardBackward {
     return sum.item<double>();
   }
 
-  // This cp rank's tokens of a micro-batch (Note [cp tokens]); the batch
-  // itself without context parallelism.
-  std::pair<torch::Tensor, torch::Tensor> cp_share(std::pair<torch::Tensor, torch::Tensor> batch) const {
-    if (cp_ == nullptr) return batch;
-    return {zigzag_tokens(batch.first, cp_->rank(), cp_->size()), zigzag_tokens(batch.second, cp_->rank(), cp_->size())};
-  }
-  MaskedBatch cp_share(MaskedBatch batch) const {
-    if (cp_ == nullptr) return batch;
-    std::tie(batch.inputs, batch.targets) = cp_share(std::pair{batch.inputs, batch.targets});
-    batch.counted = batch.targets.ne(kIgnoredTarget).sum().item<int64_t>();
-    return batch;
-  }
-
   // Mean next-token cross-entropy of `inputs_bt` -> `targets_bt`.
   torch::Tensor next_token_loss(const torch::Tensor& inputs_bt, const torch::Tensor& targets_bt) {
     return token_loss(autocast_forward(model_, inputs_bt, setup_.bf16), targets_bt, tp_data_, vocab());
@@ -330,11 +331,13 @@ class PlainForwardBackward final : public ForwardBackward {
 class PipelineForwardBackward final : public ForwardBackward {
  public:
   PipelineForwardBackward(ModelParts& parts, const TrainGroups& groups, const ForwardBackwardSetup& setup)
-      : pp_(*groups.pp), dp_(groups.dp), setup_(setup) {
+      : pp_(*groups.pp), dp_(groups.dp), cp_(groups.cp), setup_(setup) {
     PipelineExecutor::Shape shape;
     shape.batch = setup.micro_batch;
     // A sequence-parallel residual stream holds a slice of the tokens.
-    shape.tokens = groups.tp != nullptr && setup.sequence_parallel ? setup.seq_len / groups.tp->size() : setup.seq_len;
+    // A context-parallel rank holds its share of them (Note [cp tokens]).
+    shape.tokens = groups.cp != nullptr ? setup.seq_len / groups.cp->size() : setup.seq_len;
+    if (groups.tp != nullptr && setup.sequence_parallel) shape.tokens /= groups.tp->size();
     shape.hidden = setup.hidden_size;
     shape.dtype = setup.bf16 ? torch::kBFloat16 : torch::kFloat;
     PipelineExecutor::Hooks hooks;
@@ -368,13 +371,13 @@ class PipelineForwardBackward final : public ForwardBackward {
       MicroBatch batch = loader.next_micro_batch();
       for (const SampleId& id : batch.samples) samples.push_back(id.global_index);
       if (is_masked(batch)) {
-        masked.push_back(to_masked_batch(batch, setup_.device));
+        masked.push_back(cp_share(cp_, to_masked_batch(batch, setup_.device)));
         inputs.push_back(masked.back().inputs);
         targets.push_back(masked.back().targets);
         if (masked.back().positions.defined()) positions.push_back(masked.back().positions);
         continue;
       }
-      auto [inputs_bt, targets_bt] = to_inputs_targets(batch, setup_.device);
+      auto [inputs_bt, targets_bt] = cp_share(cp_, to_inputs_targets(batch, setup_.device));
       inputs.push_back(inputs_bt);
       targets.push_back(targets_bt);
     }
@@ -403,13 +406,13 @@ class PipelineForwardBackward final : public ForwardBackward {
     std::vector<MaskedBatch> masked;
     for (MicroBatch batch : loader.validation_batches(max_batches)) {
       if (is_masked(batch)) {
-        masked.push_back(to_masked_batch(batch, setup_.device));
+        masked.push_back(cp_share(cp_, to_masked_batch(batch, setup_.device)));
         inputs.push_back(masked.back().inputs);
         targets.push_back(masked.back().targets);
         if (masked.back().positions.defined()) positions.push_back(masked.back().positions);
         continue;
       }
-      auto [inputs_bt, targets_bt] = to_inputs_targets(batch, setup_.device);
+      auto [inputs_bt, targets_bt] = cp_share(cp_, to_inputs_targets(batch, setup_.device));
       inputs.push_back(inputs_bt);
       targets.push_back(targets_bt);
     }
@@ -433,6 +436,7 @@ class PipelineForwardBackward final : public ForwardBackward {
  private:
   ProcessGroup& pp_;
   ProcessGroup* dp_;
+  ProcessGroup* cp_;  // null without context parallelism
   ForwardBackwardSetup setup_;
   int64_t last_loss_tokens_ = -1;
   bool masked_now_ = false;  // the batches being run have a mask: the loss ignores kIgnoredTarget

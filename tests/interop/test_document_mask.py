@@ -8,8 +8,8 @@ sequence with per-token positions (0 at each document start):
   document's position_ids);
 - one step of `loom train` with data.document_mask on a dataset of chosen
   documents, on 1 rank, tp 2 (with and without sequence parallelism),
-  pp 2 (two micro-batches through the 1f1b schedule) and cp 2 and cp 4
-  (ring attention over zig-zag chunks), logs as its loss
+  pp 2 (two micro-batches through the 1f1b schedule), cp 2, cp 4 (ring
+  attention over zig-zag chunks) and cp 2 x pp 2, logs as its loss
   the mean of transformers' per-document next-token losses over the targets
   that stay inside a document (a target that starts the next document leaves
   the loss) within 1e-5; without the mask the loss is transformers' mean over
@@ -178,6 +178,7 @@ LAYOUTS = {
     # tokens; documents cross the chunks, and the ring masks them.
     "cp2": (2, {"parallel.cp": 2}),
     "cp4": (4, {"parallel.cp": 4}),
+    "cp2-pp2": (4, {"parallel.cp": 2, "parallel.pp": 2}),
 }
 
 
