@@ -98,7 +98,8 @@ class RingAttentionCore : public AttentionCore {
 // with a ring attention core over `cp` and this rank's share of a sequence of
 // `seq_len` tokens (LayerFactory::sequence_share), from which the model takes
 // its rotary positions. `base` and `cp` must outlive the factory and the
-// layers made here.
+// layers made here. The feed-forward block is LayerFactory's default, built
+// from this factory's linears, which are the base's.
 class ContextParallelLayerFactory : public LayerFactory {
  public:
   ContextParallelLayerFactory(const LayerFactory& base, ProcessGroup& cp, int64_t seq_len);
@@ -125,7 +126,6 @@ class ContextParallelLayerFactory : public LayerFactory {
   int64_t sequence_shards() const override { return base_.sequence_shards(); }
   SequenceShare sequence_share() const override { return {seq_len_, positions_}; }
   std::shared_ptr<AttentionCore> attention_core(const ModelConfig& model, int64_t layer) const override;
-  std::shared_ptr<FeedForward> mlp(const ModelConfig& model) const override { return base_.mlp(model); }
   std::shared_ptr<LayerWrapper> layer_wrapper(const ModelConfig& model, int64_t layer) const override {
     return base_.layer_wrapper(model, layer);
   }
