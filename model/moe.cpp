@@ -2,7 +2,9 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <string>
+#include <utility>
 
 #include "model/kernels/fused_ops.h"
 
@@ -27,8 +29,9 @@ torch::Tensor ExpertMlp::forward(const torch::Tensor& x_nd) {
   return down_->forward(kernels::swiglu(gate, up));
 }
 
-SparseMoeBlock::SparseMoeBlock(const ModelConfig& model, const LayerFactory& factory)
-    : top_k_(model.num_experts_per_tok),
+SparseMoeBlock::SparseMoeBlock(const ModelConfig& model, const LayerFactory& factory, int64_t layer)
+    : layer_(layer),
+      top_k_(model.num_experts_per_tok),
       renormalize_(model.renormalize_top_k()),
       weights_in_router_dtype_(model.architecture != "mixtral") {
   const int64_t hidden = model.hidden_size;
@@ -74,6 +77,14 @@ torch::Tensor SparseMoeBlock::forward(const torch::Tensor& x_btd) {
   const torch::Tensor counts = at::bincount(pair_expert, {}, num_experts).to(torch::kCPU);
   const int64_t* count = counts.data_ptr<int64_t>();
   last_load_.tokens_per_expert.assign(count, count + num_experts);
+  {
+    // Note [router metrics]: statistics, outside the graph.
+    at::NoGradGuard no_grad;
+    const torch::Tensor tokens = counts.to(torch::kDouble);
+    const torch::Tensor probability = probs.sum(0);
+    tokens_sum_e_ = tokens_sum_e_.defined() ? tokens_sum_e_ + tokens : tokens;
+    probability_sum_e_ = probability_sum_e_.defined() ? probability_sum_e_ + probability : probability;
+  }
 
   const torch::Tensor x_sorted = x.index_select(0, pair_token);
   std::vector<torch::Tensor> outputs;
@@ -91,6 +102,52 @@ torch::Tensor SparseMoeBlock::forward(const torch::Tensor& x_btd) {
   torch::Tensor y = at::zeros_like(x).index_add(0, pair_token, y_sorted);
   if (shared_expert_) y = y + at::sigmoid(shared_expert_gate_->forward(x)) * shared_expert_->forward(x);
   return y.view(x_btd.sizes());
+}
+
+std::pair<torch::Tensor, torch::Tensor> SparseMoeBlock::take_sums() {
+  const int64_t num_experts = static_cast<int64_t>(experts_.size());
+  const auto zeros = [&] { return torch::zeros({num_experts}, torch::kDouble); };
+  std::pair<torch::Tensor, torch::Tensor> sums{
+      tokens_sum_e_.defined() ? tokens_sum_e_ : zeros(),
+      probability_sum_e_.defined() ? probability_sum_e_.to(torch::kCPU, torch::kDouble) : zeros()};
+  tokens_sum_e_ = torch::Tensor();
+  probability_sum_e_ = torch::Tensor();
+  return sums;
+}
+
+RouterStats take_router_stats(const torch::nn::Module& module, const ModelConfig& model) {
+  RouterStats stats{torch::zeros({model.num_layers, model.num_experts}, torch::kDouble),
+                    torch::zeros({model.num_layers, model.num_experts}, torch::kDouble)};
+  for (const auto& child : module.modules()) {
+    auto* block = dynamic_cast<SparseMoeBlock*>(child.get());
+    if (block == nullptr) continue;
+    auto [tokens, probability] = block->take_sums();
+    stats.tokens_le[block->layer()] += tokens;
+    stats.probability_le[block->layer()] += probability;
+  }
+  return stats;
+}
+
+RouterMetrics router_metrics(const RouterStats& stats) {
+  RouterMetrics metrics;
+  const torch::Tensor assignments_l = stats.tokens_le.sum(1);
+  const double assignments = assignments_l.sum().item<double>();
+  if (assignments <= 0) return metrics;
+  const int64_t num_experts = stats.tokens_le.size(1);
+  for (int64_t layer = 0; layer < stats.tokens_le.size(0); ++layer) {
+    const double layer_assignments = assignments_l[layer].item<double>();
+    if (layer_assignments <= 0) continue;  // dense, or no token
+    const double mean = layer_assignments / static_cast<double>(num_experts);
+    metrics.load_max_over_mean =
+        std::max(metrics.load_max_over_mean, stats.tokens_le[layer].max().item<double>() / mean);
+  }
+  // transformers' rows are tokens over all sparse layers: each token's
+  // probabilities sum to 1 in every layer, so the rows are the probabilities' total.
+  const double rows = stats.probability_le.sum().item<double>();
+  const torch::Tensor share_e = stats.tokens_le.sum(0) / rows;
+  const torch::Tensor probability_e = stats.probability_le.sum(0) / rows;
+  metrics.aux_loss = static_cast<double>(num_experts) * (share_e * probability_e).sum().item<double>();
+  return metrics;
 }
 
 }  // namespace loom

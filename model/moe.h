@@ -37,10 +37,26 @@
 // dp (no expert parallelism yet). The load-balancing loss is not added:
 // transformers adds it only with output_router_logits, which the Hub's MoE
 // configs leave false.
+//
+// Note [router metrics]
+// Each block adds up, from every forward until take_router_stats, the
+// token-expert assignments routed to each expert and each expert's router
+// probability summed over the tokens (detached: statistics, not a loss).
+// Summed over all ranks once per step, they give two metrics:
+//   router_load_max_over_mean: the most loaded expert's tokens over the mean
+//     expert's, in the worst sparse layer (1 = perfectly balanced, E = every
+//     token on one expert);
+//   router_aux_loss: transformers' load_balancing_loss_func over all sparse
+//     layers of the step's tokens, E * sum_e f_e * P_e with f_e the share of
+//     assignments and P_e the mean probability of expert e (logged only).
+// Both are ratios, so the tp ranks (which route the same tokens) and
+// recomputation in backward (which routes them again) count alike in the
+// numerator and the denominator and change neither.
 #pragma once
 
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <torch/nn/module.h>
@@ -75,12 +91,18 @@ struct RouterLoad {
 
 class SparseMoeBlock : public FeedForward {
  public:
-  SparseMoeBlock(const ModelConfig& model, const LayerFactory& factory);
+  // `layer`: the decoder layer's global number, for take_router_stats.
+  SparseMoeBlock(const ModelConfig& model, const LayerFactory& factory, int64_t layer);
   torch::Tensor forward(const torch::Tensor& x_btd) override;
   // The spread of the last forward's tokens.
   const RouterLoad& last_load() const { return last_load_; }
+  int64_t layer() const { return layer_; }
+  // The sums of Note [router metrics] since the last call, as float64 CPU
+  // tensors [num_experts]; the block's sums start again from zero.
+  std::pair<torch::Tensor, torch::Tensor> take_sums();
 
  private:
+  int64_t layer_;
   int64_t top_k_;
   bool renormalize_;
   bool weights_in_router_dtype_;  // qwen: the kept weights cast to the logits' dtype
@@ -89,6 +111,26 @@ class SparseMoeBlock : public FeedForward {
   std::shared_ptr<ExpertMlp> shared_expert_;  // qwen2_moe, else null
   std::shared_ptr<Linear> shared_expert_gate_;
   RouterLoad last_load_;
+  torch::Tensor tokens_sum_e_;       // float64 CPU [experts]; undefined: none yet
+  torch::Tensor probability_sum_e_;  // float32 on the device [experts]
 };
+
+// Note [router metrics]: the sums of every sparse block of `module` (a
+// rank's model or one of its pipeline chunks), taken and reset, as float64
+// CPU tensors [num_layers, num_experts] whose rows of layers the module does
+// not hold, or that are dense, are zeros: summed over the chunks and ranks
+// they describe the whole model.
+struct RouterStats {
+  torch::Tensor tokens_le;
+  torch::Tensor probability_le;
+};
+RouterStats take_router_stats(const torch::nn::Module& module, const ModelConfig& model);
+
+struct RouterMetrics {
+  double load_max_over_mean = 0.0;
+  double aux_loss = 0.0;
+};
+// The metrics of stats summed over all ranks; zeros when no token was routed.
+RouterMetrics router_metrics(const RouterStats& stats);
 
 }  // namespace loom

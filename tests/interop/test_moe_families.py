@@ -115,9 +115,10 @@ logging: {{interval: 1}}
 """)
     run_train(yaml, ranks, sets)
     rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    losses = [row["loss"] for row in rows if "loss" in row and "step" in row]
-    assert len(losses) == 3, rows
-    return out / name, losses
+    steps = [row for row in rows if "loss" in row and "step" in row]
+    assert len(steps) == 3, rows
+    return out / name, [row["loss"] for row in steps], [(row["router_load_max_over_mean"], row["router_aux_loss"])
+                                                        for row in steps]
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -132,8 +133,8 @@ def family(request, tmp_path_factory):
     text = "".join(" ".join(map(str, doc)) + "\n" for doc in documents)
     subprocess.run([DATASET_TOOL, "write", str(tmp / "data"), "--vocab-size", str(VOCAB), "--eos", "0"],
                    input=text, text=True, check=True, capture_output=True)
-    run, losses = train(tmp, name, "single")
-    return name, model, tmp, run, losses
+    run, losses, router = train(tmp, name, "single")
+    return name, model, tmp, run, (losses, router)
 
 
 def test_hub_files_name_each_expert(family):
@@ -167,9 +168,19 @@ def test_greedy_generation_matches_transformers(family):
     assert [int(t) for t in proc.stdout.strip().split(",")] == expected, name
 
 
+def test_router_metrics_are_logged_each_step(family):
+    """Note [router metrics]: the worst layer's max / mean tokens per expert, between 1 (balanced) and
+    E / k = 2 (an expert takes every token once); transformers' load-balancing loss over the step's
+    tokens, E * sum_e f_e P_e with sum_e P_e = 1 and each f_e at most 1: in (0, E]."""
+    _, _, _, _, (_, router) = family
+    for load, aux in router:
+        assert 1.0 <= load <= 2.0, router
+        assert 0.0 < aux <= 4.0, router
+
+
 def test_trained_export_loads_as_the_same_class_with_loom_logits(family):
     from transformers import AutoModelForCausalLM
-    name, model, tmp, run, losses = family
+    name, model, tmp, run, (losses, _) = family
     assert all(loss == loss for loss in losses) and losses[-1] < losses[0], losses
     reloaded, info = AutoModelForCausalLM.from_pretrained(run / "hf", output_loading_info=True)
     assert type(reloaded).__name__ == type(model).__name__
@@ -189,13 +200,16 @@ def test_trained_export_loads_as_the_same_class_with_loom_logits(family):
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_layout_reproduces_single_rank_losses(family, layout):
-    name, _, tmp, _, single = family
+    name, _, tmp, _, (single, single_router) = family
     if name != LAYOUT_FAMILY:
         pytest.skip(f"the layouts are checked on {LAYOUT_FAMILY}, whose block has every part")
     ranks, sets = LAYOUTS[layout]
-    _, losses = train(tmp, name, layout, ranks, **sets)
+    _, losses, router = train(tmp, name, layout, ranks, **sets)
     diffs = [abs(a - b) for a, b in zip(losses, single)]
     assert max(diffs) < LOSS_TOLERANCE, f"{name} {layout}: {losses} vs single rank {single}"
+    # The router metrics summed over the ranks are the single rank's.
+    for (load, aux), (single_load, single_aux) in zip(router, single_router):
+        assert abs(load - single_load) < 1e-6 and abs(aux - single_aux) < 1e-6, (router, single_router)
 
 
 def test_the_router_auxiliary_loss_is_refused(family):

@@ -131,6 +131,45 @@ TEST_P(SparseBlock, ParameterCountsMatchTheModel) {
 INSTANTIATE_TEST_SUITE_P(Families, SparseBlock, testing::Values("mixtral", "qwen2_moe", "qwen3_moe"),
                          [](const testing::TestParamInfo<std::string>& info) { return info.param; });
 
+TEST(RouterMetrics, BalancedRoutingGivesOneAndTopKAndSkewGivesMore) {
+  // Two layers of 4 experts, 4 tokens of top 2. Layer 0 balanced with
+  // uniform probabilities: transformers' loss is k = 2; layer 1 dense (zeros).
+  RouterStats balanced{torch::zeros({2, 4}, torch::kDouble), torch::zeros({2, 4}, torch::kDouble)};
+  balanced.tokens_le[0].fill_(2.0);
+  balanced.probability_le[0].fill_(1.0);
+  RouterMetrics metrics = router_metrics(balanced);
+  EXPECT_DOUBLE_EQ(metrics.load_max_over_mean, 1.0);
+  EXPECT_DOUBLE_EQ(metrics.aux_loss, 2.0);
+  // Every token on experts 0 and 1, with most of its probability there.
+  RouterStats skewed{torch::zeros({2, 4}, torch::kDouble), torch::zeros({2, 4}, torch::kDouble)};
+  skewed.tokens_le[0] = torch::tensor({4.0, 4.0, 0.0, 0.0}, torch::kDouble);
+  skewed.probability_le[0] = torch::tensor({1.6, 1.6, 0.4, 0.4}, torch::kDouble);
+  metrics = router_metrics(skewed);
+  EXPECT_DOUBLE_EQ(metrics.load_max_over_mean, 2.0);
+  EXPECT_NEAR(metrics.aux_loss, 4 * (1.0 * 0.4 + 1.0 * 0.4), 1e-12);
+  // Nothing routed: zeros, not NaN.
+  metrics = router_metrics(RouterStats{torch::zeros({2, 4}, torch::kDouble), torch::zeros({2, 4}, torch::kDouble)});
+  EXPECT_EQ(metrics.load_max_over_mean, 0.0);
+  EXPECT_EQ(metrics.aux_loss, 0.0);
+}
+
+TEST(RouterMetrics, TakeRouterStatsCountsEveryForwardSinceTheLastTake) {
+  torch::NoGradGuard no_grad;
+  ModelConfig m = moe_config("qwen3_moe");
+  m.decoder_sparse_step = 3;  // layer 2 only
+  auto model = make_model(m);
+  const auto ids = torch::tensor({{1, 2, 3, 4, 5}}, torch::kLong);
+  model->forward(ids);
+  model->forward(ids);
+  const RouterStats stats = take_router_stats(*model, m);
+  ASSERT_EQ(stats.tokens_le.sizes(), (std::vector<int64_t>{3, 4}));
+  EXPECT_EQ(stats.tokens_le[2].sum().item<double>(), 2 * 5 * 2);  // two forwards of 5 tokens, top 2
+  EXPECT_NEAR(stats.probability_le[2].sum().item<double>(), 2 * 5, 1e-5);
+  EXPECT_EQ(stats.tokens_le.narrow(0, 0, 2).abs().sum().item<double>(), 0);  // dense layers
+  // Taken: the next take starts from zero.
+  EXPECT_EQ(take_router_stats(*model, m).tokens_le.sum().item<double>(), 0);
+}
+
 TEST(SparseLayers, FollowDecoderSparseStepAndMlpOnlyLayers) {
   ModelConfig m = moe_config("qwen3_moe");
   m.num_layers = 6;
