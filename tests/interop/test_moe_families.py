@@ -16,7 +16,8 @@ per expert). Then:
   and whose logits are loom's own of the trained checkpoint;
 - for Qwen2-MoE, tp 2, pp 2 and dp 2 runs of those 3 steps log the single
   rank's losses within 1e-5 (experts replicated over dp; no expert
-  parallelism yet).
+  parallelism yet) and its router metrics, and a checkpoint of step 2
+  resumed on tp 2 logs the single rank's step 3.
 """
 import json
 import os
@@ -86,7 +87,7 @@ def loom_logits(folder, ids, path):
     return load_file(str(path))["logits"]
 
 
-def train(tmp, family, name, ranks=1, **sets):
+def train(tmp, family, name, ranks=1, expected_steps=3, **sets):
     """3 steps of `loom train` from the family's Hub folder; returns the run folder and its losses."""
     _, _, config = FAMILIES[family]
     out = tmp / "runs"
@@ -116,7 +117,7 @@ logging: {{interval: 1}}
     run_train(yaml, ranks, sets)
     rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [row for row in rows if "loss" in row and "step" in row]
-    assert len(steps) == 3, rows
+    assert len(steps) == expected_steps, rows
     return out / name, [row["loss"] for row in steps], [(row["router_load_max_over_mean"], row["router_aux_loss"])
                                                         for row in steps]
 
@@ -210,6 +211,17 @@ def test_layout_reproduces_single_rank_losses(family, layout):
     # The router metrics summed over the ranks are the single rank's.
     for (load, aux), (single_load, single_aux) in zip(router, single_router):
         assert abs(load - single_load) < 1e-6 and abs(aux - single_aux) < 1e-6, (router, single_router)
+
+
+def test_resume_onto_tp2_continues_the_single_rank_run(family):
+    """A checkpoint of step 2 on one rank, resumed on tp 2, logs the uninterrupted run's step 3."""
+    name, _, tmp, _, (single, _) = family
+    if name != LAYOUT_FAMILY:
+        pytest.skip(f"resuming is checked on {LAYOUT_FAMILY}")
+    run, _, _ = train(tmp, name, "checkpointed", 1, **{"checkpoint.interval": 2})
+    _, losses, _ = train(tmp, name, "resumed_tp2", 2, **{"parallel.tp": 2, "checkpoint.resume": run / "checkpoints" /
+                                                       "step-0000002"}, expected_steps=1)
+    assert abs(losses[0] - single[2]) < LOSS_TOLERANCE, (losses, single)
 
 
 def test_the_router_auxiliary_loss_is_refused(family):
