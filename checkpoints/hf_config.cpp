@@ -108,14 +108,19 @@ bool read_layer_types(const Reader& r, const json& hf, ModelConfig& m) {
 // layer_types) Qwen's layers from max_window_layers on and SmolLM3's
 // layers without rotary, as transformers fills them in.
 void read_sliding_window(const Reader& r, const json& hf, ModelConfig& m) {
-  if (m.architecture == "phi3") {
-    // Phi-3's window, when it has one, is on every layer (Phi-3-mini-4k: 2047).
+  if (m.architecture == "phi3" || m.architecture == "mixtral") {
+    // Phi-3's and Mixtral's window, when they have one, is on every layer
+    // (Phi-3-mini-4k: 2047; Mixtral's configs write null).
     if (r.has("sliding_window")) m.sliding_window = r.integer("sliding_window");
     return;
   }
   if (m.architecture == "mistral") {
     m.sliding_window = r.integer("sliding_window");
     if (m.sliding_window <= 0) r.fail("sliding_window", "is " + std::to_string(m.sliding_window), "a positive integer or null");
+    return;
+  }
+  if (m.architecture == "qwen2_moe" || m.architecture == "qwen3_moe") {
+    if (r.boolean("use_sliding_window", false)) r.fail("use_sliding_window", "is true", "false for " + m.architecture);
     return;
   }
   const bool qwen = m.architecture == "qwen2" || m.architecture == "qwen3";
@@ -141,6 +146,9 @@ const char* hf_class_name(const std::string& architecture) {
   if (architecture == "gemma") return "GemmaForCausalLM";
   if (architecture == "gemma2") return "Gemma2ForCausalLM";
   if (architecture == "gemma3_text") return "Gemma3ForCausalLM";
+  if (architecture == "mixtral") return "MixtralForCausalLM";
+  if (architecture == "qwen2_moe") return "Qwen2MoeForCausalLM";
+  if (architecture == "qwen3_moe") return "Qwen3MoeForCausalLM";
   return "LlamaForCausalLM";
 }
 
@@ -184,6 +192,47 @@ void read_gemma(const Reader& r, const json& hf, ModelConfig& m) {
   read_gemma_window(r, hf, m);
 }
 
+// Note [mixture of experts] in model/moe.h: the experts and their router,
+// with transformers' defaults for absent keys. Mixtral names the count
+// num_local_experts, the Qwen families num_experts (transformers 5 writes
+// Qwen3-MoE's as num_local_experts too).
+void read_experts(const Reader& r, const json& hf, ModelConfig& m) {
+  const bool mixtral = m.architecture == "mixtral", qwen2_moe = m.architecture == "qwen2_moe";
+  const char* count_key = mixtral || !r.has("num_experts") ? "num_local_experts" : "num_experts";
+  m.num_experts = r.integer(count_key, mixtral ? 8 : (qwen2_moe ? 60 : 128));
+  m.num_experts_per_tok = r.integer("num_experts_per_tok", mixtral ? 2 : (qwen2_moe ? 4 : 8));
+  m.router_aux_loss_coef = r.number("router_aux_loss_coef", 0.001);
+  // transformers adds the load-balancing loss to the training loss only with
+  // output_router_logits; loom does not compute it yet.
+  if (r.boolean("output_router_logits", false)) {
+    r.fail("output_router_logits", "is true", "false: loom trains without the router's auxiliary loss");
+  }
+  if (mixtral) {
+    if (r.number("router_jitter_noise", 0.0) != 0.0) {
+      r.fail("router_jitter_noise", "is " + hf.at("router_jitter_noise").dump(), "0: loom routes without noise");
+    }
+    return;
+  }
+  m.moe_intermediate_size = r.integer("moe_intermediate_size", qwen2_moe ? 1408 : 768);
+  if (qwen2_moe) {
+    m.shared_expert_intermediate_size = r.integer("shared_expert_intermediate_size", 5632);
+    if (!r.boolean("qkv_bias", true)) r.fail("qkv_bias", "is false", "true: loom's qwen2_moe has q/k/v biases");
+  }
+  m.norm_topk_prob = r.boolean("norm_topk_prob", false);
+  m.decoder_sparse_step = r.integer("decoder_sparse_step", 1);
+  if (m.decoder_sparse_step <= 0) {
+    r.fail("decoder_sparse_step", "is " + std::to_string(m.decoder_sparse_step), "a positive integer");
+  }
+  if (r.has("mlp_only_layers")) {
+    const json& layers = hf.at("mlp_only_layers");
+    if (!layers.is_array()) r.fail("mlp_only_layers", "is " + layers.dump(), "a list of layer numbers");
+    for (const json& layer : layers) {
+      if (!layer.is_number_integer()) r.fail("mlp_only_layers", "is " + layers.dump(), "a list of layer numbers");
+      m.mlp_only_layers.push_back(layer.get<int64_t>());
+    }
+  }
+}
+
 }  // namespace
 
 ModelConfig model_config_from_hf(const json& hf, const std::string& source) {
@@ -198,14 +247,16 @@ ModelConfig model_config_from_hf(const json& hf, const std::string& source) {
     // layer; without a window it is exactly a Llama model.
     if (r.has("layer_types")) r.fail("layer_types", "is set", "absent: Mistral's window applies to every layer");
     m.architecture = r.has("sliding_window") ? "mistral" : "llama";
-  } else if (model_type == "qwen2" || model_type == "qwen3" || model_type == "smollm3") {
+  } else if (model_type == "qwen2" || model_type == "qwen3" || model_type == "smollm3" || model_type == "mixtral" ||
+             model_type == "qwen2_moe" || model_type == "qwen3_moe") {
     m.architecture = model_type;
   } else if (model_type == "olmo2" || model_type == "gemma" || model_type == "gemma2" ||
              model_type == "gemma3_text" || model_type == "phi3") {
     m.architecture = model_type;
   } else {
     r.fail("model_type", "is '" + model_type + "'",
-           "llama, mistral, qwen2, qwen3, olmo2, smollm3, gemma, gemma2, gemma3_text (Gemma 3's text model) or phi3");
+           "llama, mistral, qwen2, qwen3, olmo2, smollm3, gemma, gemma2, gemma3_text (Gemma 3's text model), phi3, "
+           "mixtral, qwen2_moe or qwen3_moe");
   }
   if (!m.gemma()) {
     const std::string act = r.string("hidden_act", "silu");
@@ -225,11 +276,12 @@ ModelConfig model_config_from_hf(const json& hf, const std::string& source) {
   m.tie_embeddings = r.boolean("tie_word_embeddings", false);
   // Qwen2's biases are fixed (q/k/v), Mistral has none; the others read
   // attention_bias (all four projections), and llama and smollm3 mlp_bias.
-  if (m.architecture != "qwen2" && m.architecture != "mistral" && m.architecture != "phi3") {
+  if (!m.qwen2_biases() && m.architecture != "mistral" && m.architecture != "phi3" && m.architecture != "mixtral") {
     m.attention_bias = r.boolean("attention_bias", false);
   }
   if (m.architecture == "llama" || m.architecture == "smollm3") m.mlp_bias = r.boolean("mlp_bias", false);
   if (m.architecture == "smollm3") m.nope_layers = nope_layers_from_hf(r, hf, m.num_layers);
+  if (m.moe()) read_experts(r, hf, m);
   if (m.gemma()) {
     read_gemma(r, hf, m);
   } else {
@@ -340,7 +392,7 @@ ModelConfig model_config_from_hf(const json& hf, const std::string& source) {
 
 nlohmann::ordered_json model_config_to_hf(const ModelConfig& m, const std::string& dtype) {
   using ojson = nlohmann::ordered_json;
-  const bool qwen2 = m.architecture == "qwen2";
+  const bool qwen2 = m.qwen2_biases();
   ojson rope_scaling = nullptr;
   ojson rope_parameters = {{"rope_type", "default"}, {"rope_theta", m.rope_theta}};
   const RopeScalingConfig& scaling = m.rope_scaling;
@@ -398,7 +450,7 @@ nlohmann::ordered_json model_config_to_hf(const ModelConfig& m, const std::strin
   }
   if (!qwen2) hf["attention_bias"] = m.attention_bias;
   if (m.architecture == "llama" || m.architecture == "smollm3") hf["mlp_bias"] = m.mlp_bias;
-  if (m.architecture == "mistral" || m.architecture == "phi3") {
+  if (m.architecture == "mistral" || m.architecture == "phi3" || m.architecture == "mixtral") {
     hf["sliding_window"] = m.sliding_window > 0 ? ojson(m.sliding_window) : ojson(nullptr);
   }
   if (m.architecture == "phi3") {
@@ -438,6 +490,25 @@ nlohmann::ordered_json model_config_to_hf(const ModelConfig& m, const std::strin
       types.push_back(m.window_of(layer) > 0 ? "sliding_attention" : "full_attention");
     }
     hf["layer_types"] = types;
+  }
+  if (m.moe()) {
+    hf[m.architecture == "mixtral" ? "num_local_experts" : "num_experts"] = m.num_experts;
+    hf["num_experts_per_tok"] = m.num_experts_per_tok;
+    if (m.architecture == "mixtral") {
+      hf["router_jitter_noise"] = 0.0;
+    } else {
+      hf["moe_intermediate_size"] = m.moe_intermediate_size;
+      if (m.architecture == "qwen2_moe") {
+        hf["shared_expert_intermediate_size"] = m.shared_expert_intermediate_size;
+        hf["qkv_bias"] = true;
+      }
+      hf["norm_topk_prob"] = m.norm_topk_prob;
+      hf["decoder_sparse_step"] = m.decoder_sparse_step;
+      hf["mlp_only_layers"] = m.mlp_only_layers;
+      hf["use_sliding_window"] = false;
+    }
+    hf["router_aux_loss_coef"] = m.router_aux_loss_coef;
+    hf["output_router_logits"] = false;
   }
   if (m.architecture == "smollm3") {
     ojson flags = ojson::array();

@@ -361,6 +361,9 @@ std::string model_type_display_name(const std::string& architecture) {
   if (architecture == "gemma") return "Gemma";
   if (architecture == "gemma2") return "Gemma 2";
   if (architecture == "gemma3_text") return "Gemma 3";
+  if (architecture == "mixtral") return "Mixtral";
+  if (architecture == "qwen2_moe") return "Qwen2-MoE";
+  if (architecture == "qwen3_moe") return "Qwen3-MoE";
   return "Llama";
 }
 

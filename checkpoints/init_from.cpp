@@ -129,6 +129,9 @@ ModelFiles open_init_from(Config& config) {
   check_agrees("num_heads", asked.num_heads, stored.num_heads, folder);
   check_agrees("num_kv_heads", asked.num_kv_heads, stored.kv_heads(), folder);
   check_agrees("head_dim", asked.head_dim, stored.head_size(), folder);
+  check_agrees("num_experts", asked.num_experts, stored.num_experts, folder);
+  check_agrees("num_experts_per_tok", asked.num_experts_per_tok, stored.num_experts_per_tok, folder);
+  check_agrees("moe_intermediate_size", asked.moe_intermediate_size, stored.moe_intermediate_size, folder);
   if (asked.resize_vocab != 0 && asked.resize_vocab < stored.vocab_size) {
     throw BadInput("model.resize_vocab is " + std::to_string(asked.resize_vocab) + " but model.init_from '" + folder +
                    "' has " + std::to_string(stored.vocab_size) + " tokens: the vocabulary can only grow (remove the "

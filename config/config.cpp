@@ -241,17 +241,19 @@ class Validator {
               "a multiple of num_heads, or model.head_dim set explicitly");
     // Qwen2's modules have fixed biases (q/k/v yes, o and MLP no); a flag the
     // Hub format cannot express would make an export transformers misreads.
-    if (m.architecture == "qwen2" && (m.mlp_bias || m.attention_bias))
+    if (m.qwen2_biases() && (m.mlp_bias || m.attention_bias))
       fail_at({m.mlp_bias ? "model.mlp_bias" : "model.attention_bias", "model.architecture"},
-              std::string(m.mlp_bias ? "model.mlp_bias" : "model.attention_bias") + " is true for architecture qwen2",
-              "false: qwen2 always has q/k/v biases and no others");
-    if ((m.architecture == "mistral" || m.architecture == "phi3") && (m.mlp_bias || m.attention_bias))
+              std::string(m.mlp_bias ? "model.mlp_bias" : "model.attention_bias") + " is true for architecture " +
+                  m.architecture,
+              "false: " + m.architecture + " always has q/k/v biases and no others");
+    if ((m.architecture == "mistral" || m.architecture == "phi3" || m.architecture == "mixtral") &&
+        (m.mlp_bias || m.attention_bias))
       fail_at({m.mlp_bias ? "model.mlp_bias" : "model.attention_bias", "model.architecture"},
               std::string(m.mlp_bias ? "model.mlp_bias" : "model.attention_bias") + " is true for architecture " +
                   m.architecture,
               "false: " + m.architecture + " has no biases");
     // Qwen3's and OLMo2's MLPs have no bias in the Hub format either.
-    if ((m.architecture == "qwen3" || m.architecture == "olmo2") && m.mlp_bias)
+    if ((m.architecture == "qwen3" || m.architecture == "olmo2" || m.moe()) && m.mlp_bias)
       fail_at({"model.mlp_bias", "model.architecture"}, "model.mlp_bias is true for architecture " + m.architecture,
               "false: " + m.architecture + " has no MLP biases");
     if (!m.nope_layers.empty() && m.architecture != "smollm3")
@@ -266,6 +268,7 @@ class Validator {
     }
     check_sliding_window(m);
     check_gemma(m);
+    check_experts(m);
     const RopeScalingConfig& rope = m.rope_scaling;
     if (rope.type == "llama3" || rope.type == "linear" || rope.type == "yarn" || rope.type == "dynamic") {
       if (rope.factor < 1)
@@ -301,16 +304,16 @@ class Validator {
     const bool has_window = m.sliding_window > 0;
     const std::string& arch = m.architecture;
     if (has_window && arch != "mistral" && arch != "qwen2" && arch != "qwen3" && arch != "smollm3" && arch != "gemma2" &&
-        arch != "gemma3_text" && arch != "phi3")
+        arch != "gemma3_text" && arch != "phi3" && arch != "mixtral")
       fail_at({"model.sliding_window", "model.architecture"},
               "model.sliding_window is " + num(m.sliding_window) + " for architecture " + arch,
-              "0, or architecture mistral, qwen2, qwen3, smollm3, gemma2, gemma3_text or phi3 (whose Hub config has a "
-              "window)");
+              "0, or architecture mistral, qwen2, qwen3, smollm3, gemma2, gemma3_text, phi3 or mixtral (whose Hub config "
+              "has a window)");
     if (m.layer_types.empty()) return;
     if (!has_window)
       fail_at({"model.layer_types", "model.sliding_window"}, "model.layer_types is set without model.sliding_window",
               "an empty list, or model.sliding_window > 0");
-    if (arch == "mistral" || arch == "phi3")
+    if (arch == "mistral" || arch == "phi3" || arch == "mixtral")
       fail_at({"model.layer_types", "model.architecture"}, "model.layer_types is set for architecture " + arch,
               "an empty list: " + arch + "'s window applies to every layer");
     if (m.num_layers > 0 && static_cast<int64_t>(m.layer_types.size()) != m.num_layers)
@@ -322,6 +325,58 @@ class Validator {
       if (type != "full_attention" && type != "sliding_attention")
         fail_at({"model.layer_types"}, "model.layer_types has an unknown entry", type,
                 "full_attention or sliding_attention");
+    }
+  }
+
+  // Note [mixture of experts] in model/moe.h: what the MoE families' Hub configs can say.
+  void check_experts(const ModelConfig& m) {
+    const std::string& arch = m.architecture;
+    if (!m.moe()) {
+      for (auto [key, value] : {std::pair{"model.num_experts", m.num_experts},
+                                {"model.num_experts_per_tok", m.num_experts_per_tok},
+                                {"model.moe_intermediate_size", m.moe_intermediate_size},
+                                {"model.shared_expert_intermediate_size", m.shared_expert_intermediate_size}}) {
+        if (value > 0)
+          fail_at({key, "model.architecture"}, std::string(key) + " is set for architecture " + arch,
+                  "0, or architecture mixtral, qwen2_moe or qwen3_moe");
+      }
+      if (!m.mlp_only_layers.empty())
+        fail_at({"model.mlp_only_layers", "model.architecture"}, "model.mlp_only_layers is set for architecture " + arch,
+                "an empty list: only qwen2_moe and qwen3_moe have dense layers among sparse ones");
+      return;
+    }
+    // model.init_from's config.json supplies whatever the YAML leaves at 0.
+    const bool from_folder = !m.init_from.empty();
+    if (m.num_experts <= 0 && !from_folder)
+      fail_at({"model.num_experts", "model.architecture"}, "model.num_experts is 0 for architecture " + arch,
+              "the number of experts (HF num_local_experts or num_experts), or model.init_from");
+    if ((m.num_experts_per_tok <= 0 && !from_folder) || (m.num_experts > 0 && m.num_experts_per_tok > m.num_experts))
+      fail_at({"model.num_experts_per_tok", "model.num_experts"},
+              "model.num_experts_per_tok is " + num(m.num_experts_per_tok) + " for " + num(m.num_experts) + " experts",
+              "between 1 and model.num_experts");
+    if (arch != "mixtral" && m.moe_intermediate_size <= 0 && !from_folder)
+      fail_at({"model.moe_intermediate_size", "model.architecture"},
+              "model.moe_intermediate_size is " + num(m.moe_intermediate_size) + " for architecture " + arch,
+              "a positive width of one expert");
+    if (arch == "mixtral" && m.moe_intermediate_size > 0)
+      fail_at({"model.moe_intermediate_size", "model.architecture"}, "model.moe_intermediate_size is set for mixtral",
+              "0: mixtral's experts are model.intermediate_size wide");
+    if (arch == "qwen2_moe" && m.shared_expert_intermediate_size <= 0 && !from_folder)
+      fail_at({"model.shared_expert_intermediate_size", "model.architecture"},
+              "model.shared_expert_intermediate_size is " + num(m.shared_expert_intermediate_size) + " for qwen2_moe",
+              "a positive width: every qwen2_moe sparse layer has a shared expert");
+    if (arch != "qwen2_moe" && m.shared_expert_intermediate_size > 0)
+      fail_at({"model.shared_expert_intermediate_size", "model.architecture"},
+              "model.shared_expert_intermediate_size is set for architecture " + arch,
+              "0: only qwen2_moe has a shared expert");
+    if (arch == "mixtral" && (m.norm_topk_prob || m.decoder_sparse_step != 1 || !m.mlp_only_layers.empty()))
+      fail_at({"model.architecture"}, "model.norm_topk_prob, decoder_sparse_step or mlp_only_layers is set for mixtral",
+              "their defaults: every mixtral layer is sparse and renormalizes its top-k weights");
+    for (int64_t layer : m.mlp_only_layers) {
+      if (m.num_layers > 0 && layer >= m.num_layers)
+        fail_at({"model.mlp_only_layers", "model.num_layers"},
+                "model.mlp_only_layers names layer " + num(layer) + " of a model of " + num(m.num_layers) + " layers",
+                "layer numbers below model.num_layers");
     }
   }
 
@@ -382,6 +437,13 @@ class Validator {
     if (p.pp_schedule == "interleaved" && p.virtual_stages < 2)
       fail_at({"parallel.pp_schedule", "parallel.virtual_stages"}, "interleaved needs parallel.virtual_stages >= 2",
               num(p.virtual_stages), "virtual_stages >= 2, or pp_schedule: 1f1b");
+    // The router picks experts per token from the whole residual stream of
+    // each rank; a sequence-parallel slice would route each rank's tokens
+    // into column linears that gather the whole sequence.
+    if (p.sequence_parallel && m.moe())
+      fail_at({"parallel.sequence_parallel", "model.architecture"},
+              "sequence parallelism with a mixture of experts (architecture " + m.architecture + ")",
+              "parallel.sequence_parallel: false");
     if (p.sequence_parallel && p.tp < 2)
       fail_at({"parallel.sequence_parallel", "parallel.tp"}, "sequence parallelism needs parallel.tp > 1",
               "tp " + num(p.tp), "parallel.tp >= 2, or sequence_parallel: false");

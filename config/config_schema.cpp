@@ -48,8 +48,10 @@ std::vector<KeySpec> build_table() {
        "smollm3 (model.nope_layers without rotary), mistral (llama with model.sliding_window on every layer), "
        "gemma (scaled embeddings, 1 + w norms, GeGLU), gemma2 (gemma with norms around each block, soft-capping, "
        "alternating windows), gemma3_text (gemma2 with q/k norms and a local rotary) or phi3 (fused qkv_proj and "
-       "gate_up_proj in its Hub files, a window on every layer); docs/training.md", kAny,
-       {"llama", "qwen2", "qwen3", "olmo2", "smollm3", "mistral", "gemma", "gemma2", "gemma3_text", "phi3"}},
+       "gate_up_proj in its Hub files, a window on every layer), or the mixtures of experts mixtral, qwen2_moe "
+       "(with a shared expert) and qwen3_moe (model.num_experts); docs/training.md", kAny,
+       {"llama", "qwen2", "qwen3", "olmo2", "smollm3", "mistral", "gemma", "gemma2", "gemma3_text", "phi3", "mixtral",
+        "qwen2_moe", "qwen3_moe"}},
       {"model.hidden_size", LOOM_FIELD(model.hidden_size), "required", "features",
        "width of the residual stream (HF hidden_size)", kPositive},
       {"model.intermediate_size", LOOM_FIELD(model.intermediate_size), "required", "features",
@@ -148,6 +150,28 @@ std::vector<KeySpec> build_table() {
       {"model.rope_local_theta", LOOM_FIELD(model.rope_local_theta), "", "",
        "gemma3_text: rotary theta of the sliding-window layers, which take no rope scaling (HF "
        "rope_local_base_freq); 0 = one rotary for every layer", kNonNegative},
+      {"model.num_experts", LOOM_FIELD(model.num_experts), "", "experts",
+       "mixtral, qwen2_moe, qwen3_moe: routed experts per sparse layer (HF num_local_experts, num_experts); 0 = "
+       "dense", kNonNegative},
+      {"model.num_experts_per_tok", LOOM_FIELD(model.num_experts_per_tok), "", "experts",
+       "experts each token is routed to, the top k of the router's softmax (HF num_experts_per_tok)", kNonNegative},
+      {"model.moe_intermediate_size", LOOM_FIELD(model.moe_intermediate_size), "", "features",
+       "qwen2_moe, qwen3_moe: width of one expert's SwiGLU (HF moe_intermediate_size; mixtral's experts are "
+       "model.intermediate_size wide)", kNonNegative},
+      {"model.shared_expert_intermediate_size", LOOM_FIELD(model.shared_expert_intermediate_size), "", "features",
+       "qwen2_moe: width of the shared expert every token also passes through, scaled by a sigmoid gate (HF "
+       "shared_expert_intermediate_size); 0 = none", kNonNegative},
+      {"model.norm_topk_prob", LOOM_FIELD(model.norm_topk_prob), "", "",
+       "qwen2_moe, qwen3_moe: divide the k kept routing weights by their sum (HF norm_topk_prob; mixtral always does)"},
+      {"model.router_aux_loss_coef", LOOM_FIELD(model.router_aux_loss_coef), "", "",
+       "the load-balancing loss's coefficient, carried to config.json (HF router_aux_loss_coef); loom adds no "
+       "auxiliary loss, as transformers adds none with output_router_logits false", kNonNegative},
+      {"model.decoder_sparse_step", LOOM_FIELD(model.decoder_sparse_step), "", "layers",
+       "qwen2_moe, qwen3_moe: layer i has experts when (i + 1) is a multiple of it (HF decoder_sparse_step)",
+       kAtLeastOne},
+      {"model.mlp_only_layers", LOOM_FIELD(model.mlp_only_layers), "", "layers",
+       "qwen2_moe, qwen3_moe: decoder layers (0-based) that keep a dense MLP of model.intermediate_size (HF "
+       "mlp_only_layers)", kNonNegative},
       {"model.layer_types", LOOM_FIELD(model.layer_types), "", "",
        "attention of each decoder layer, full_attention or sliding_attention (HF layer_types); empty = every "
        "layer sliding when model.sliding_window > 0"},

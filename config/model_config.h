@@ -59,11 +59,18 @@ enum class QkNorm { kNone, kPerHead, kWholeProjection };
 //            query_pre_attn_scalar, sliding-window layers between global ones
 //   gemma3_text  gemma2 with per-head q/k norms (1 + w), no soft-capping by
 //            default, and its own rotary theta on the sliding layers
+//   mixtral  mistral (window optional) whose MLP is a mixture of experts
+//            (Note [mixture of experts] in model/moe.h), named
+//            block_sparse_moe; top-k weights always renormalized
+//   qwen2_moe  qwen2 whose MLPs are mixtures of experts plus a shared
+//            expert with a sigmoid gate; dense MLPs on mlp_only_layers
+//   qwen3_moe  qwen3 whose MLPs are mixtures of experts
 // The choices are read off the config (qk_norm(), post_norms(),
 // uses_rotary(), ...) so that the model, the parameter counts and the Hub
 // config agree on them.
 struct ModelConfig {
-  // llama | qwen2 | qwen3 | olmo2 | smollm3 | mistral | gemma | gemma2 | gemma3_text (Note [model families])
+  // llama | qwen2 | qwen3 | olmo2 | smollm3 | mistral | gemma | gemma2 | gemma3_text | mixtral | qwen2_moe |
+  // qwen3_moe (Note [model families])
   std::string architecture = "llama";
   int64_t hidden_size = 0;             // required
   int64_t intermediate_size = 0;       // required
@@ -113,12 +120,40 @@ struct ModelConfig {
   // gemma3_text: rotary theta of the sliding-window layers, which take no
   // rope scaling (HF's local rope); 0 = rope_theta and rope_scaling.
   double rope_local_theta = 0.0;
+  // Mixture of experts (mixtral, qwen2_moe, qwen3_moe; Note [mixture of
+  // experts] in model/moe.h), the Hub's names. 0 experts = dense.
+  int64_t num_experts = 0;            // HF num_local_experts (mixtral), num_experts (qwen)
+  int64_t num_experts_per_tok = 0;    // experts each token is routed to (top-k)
+  int64_t moe_intermediate_size = 0;  // qwen: width of one expert (mixtral's is intermediate_size)
+  int64_t shared_expert_intermediate_size = 0;  // qwen2_moe: width of the shared expert; 0 = none
+  bool norm_topk_prob = false;        // qwen: renormalize the kept weights to sum to 1 (mixtral always does)
+  double router_aux_loss_coef = 0.001;  // carried to config.json; loom adds no auxiliary loss (output_router_logits false)
+  int64_t decoder_sparse_step = 1;      // qwen: layer i is sparse when (i + 1) % step == 0 ...
+  std::vector<int64_t> mlp_only_layers;  // ... and i is not listed here (those keep a dense MLP)
 
   // Resolved values (after defaults): never 0.
   int64_t kv_heads() const { return num_kv_heads > 0 ? num_kv_heads : num_heads; }
   int64_t head_size() const { return head_dim > 0 ? head_dim : hidden_size / num_heads; }
-  bool qkv_bias() const { return architecture == "qwen2" || attention_bias; }
-  bool o_bias() const { return architecture != "qwen2" && attention_bias; }
+  // qwen2 and qwen2_moe: q/k/v biases, never an o bias.
+  bool qwen2_biases() const { return architecture == "qwen2" || architecture == "qwen2_moe"; }
+  bool qkv_bias() const { return qwen2_biases() || attention_bias; }
+  bool o_bias() const { return !qwen2_biases() && attention_bias; }
+  // A mixture-of-experts family (Note [mixture of experts] in model/moe.h).
+  bool moe() const { return architecture == "mixtral" || architecture == "qwen2_moe" || architecture == "qwen3_moe"; }
+  // Decoder layer `layer` has a mixture of experts in place of the dense MLP.
+  bool sparse_layer(int64_t layer) const {
+    if (!moe() || num_experts <= 0) return false;
+    for (int64_t dense : mlp_only_layers) {
+      if (dense == layer) return false;
+    }
+    return decoder_sparse_step > 0 && (layer + 1) % decoder_sparse_step == 0;
+  }
+  // Width of one routed expert's SwiGLU.
+  int64_t expert_intermediate_size() const { return architecture == "mixtral" ? intermediate_size : moe_intermediate_size; }
+  // The kept top-k weights are divided by their sum (Mixtral always; Qwen with norm_topk_prob).
+  bool renormalize_top_k() const { return architecture == "mixtral" || norm_topk_prob; }
+  // The Hub's name of a decoder layer's feed-forward block: model.layers.N.<this>.
+  const char* feed_forward_name() const { return architecture == "mixtral" ? "block_sparse_moe" : "mlp"; }
   bool gemma() const { return architecture == "gemma" || architecture == "gemma2" || architecture == "gemma3_text"; }
   std::string activation() const {
     if (!hidden_act.empty()) return hidden_act;
@@ -133,7 +168,7 @@ struct ModelConfig {
   // Layer `layer` takes the local rotary table (gemma3_text's sliding layers).
   bool uses_local_rotary(int64_t layer) const { return rope_local_theta > 0 && window_of(layer) > 0; }
   QkNorm qk_norm() const {
-    if (architecture == "qwen3" || architecture == "gemma3_text") return QkNorm::kPerHead;
+    if (architecture == "qwen3" || architecture == "qwen3_moe" || architecture == "gemma3_text") return QkNorm::kPerHead;
     if (architecture == "olmo2") return QkNorm::kWholeProjection;
     return QkNorm::kNone;
   }

@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <optional>
 #include <random>
 #include <string>
 #include <thread>
@@ -19,6 +20,8 @@
 #include "trainer/training.h"
 #include "model/llama.h"
 #include "plan/checkpoint_model.h"
+#include "plan/layout.h"
+#include "plan/memory_model.h"
 #include "util/file_io.h"
 
 namespace loom {
@@ -42,6 +45,20 @@ std::string gib(double bytes) {
   char text[32];
   std::snprintf(text, sizeof text, "%.2f GiB", bytes / (1024.0 * 1024.0 * 1024.0));
   return text;
+}
+
+// The model's shape: with model.init_from the YAML may leave it out and the
+// folder's config.json has it. nullopt when that folder cannot be read (a
+// problem reported where the model is built, with its own message).
+std::optional<ModelConfig> model_shape(const Config& config) {
+  if (config.model.init_from.empty() || config.model.num_heads > 0) return config.model;
+  try {
+    ModelConfig model = ModelFiles::open(config.model.init_from).model_config();
+    model.recompute = config.model.recompute;
+    return model;
+  } catch (const std::exception&) {
+    return std::nullopt;
+  }
 }
 
 void check_datasets(const Config& config, int rank, int size, std::vector<std::string>& failures,
@@ -88,17 +105,9 @@ void check_output_folder(const Config& config, int rank, std::vector<std::string
   struct statvfs fs_stats {};
   if (::statvfs(run_dir.c_str(), &fs_stats) != 0) return;  // no answer: nothing to compare
   const double free_bytes = static_cast<double>(fs_stats.f_bavail) * static_cast<double>(fs_stats.f_frsize);
-  // With model.init_from the YAML may leave the shape out: the folder's
-  // config.json has it (a problem with the folder is reported where the model
-  // is built, with its own message).
-  ModelConfig model = config.model;
-  if (!model.init_from.empty() && model.num_heads <= 0) {
-    try {
-      model = ModelFiles::open(model.init_from).model_config();
-    } catch (const std::exception&) {
-      return;
-    }
-  }
+  const std::optional<ModelConfig> shape = model_shape(config);
+  if (!shape) return;
+  const ModelConfig& model = *shape;
   // What `loom plan` counts (plan/checkpoint_model.h): the checkpoints kept,
   // one more being written, and the Hub export at its dtype.
   const double checkpoint = plan::checkpoint_tensor_bytes(model);
@@ -207,6 +216,22 @@ bool run_preflight(const Config& config, ProcessGroup* world, const GridGroups* 
              << " (lines above)" << std::endl;
   }
   return failed == 0;
+}
+
+void log_memory_forecast(const Config& config, int64_t dp, std::ostream& log) {
+  const std::optional<ModelConfig> shape = model_shape(config);
+  if (!shape) return;
+  plan::Problem problem = plan::Problem::from_config(config);
+  problem.model = *shape;
+  const plan::Layout layout = plan::Layout::of(config, dp);
+  problem.gpus = layout.world();
+  problem.gpus_per_node = layout.world();
+  const plan::MemoryEstimate memory = plan::estimate_memory(problem, layout);
+  for (const plan::RankMemory& rank : memory.ranks) {
+    log << ("memory: pp rank " + std::to_string(rank.pp_rank) + " predicted to peak at " + gib(rank.peak) + " (" +
+            std::to_string(static_cast<int64_t>(rank.peak)) + " bytes) of tensors, in the " + rank.peak_phase + "\n")
+        << std::flush;
+  }
 }
 
 }  // namespace loom

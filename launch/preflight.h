@@ -24,4 +24,13 @@ namespace loom {
 bool run_preflight(const Config& config, ProcessGroup* world, const GridGroups* grid, std::ostream& log,
                    std::ostream& errors, OpenedDatasets* opened = nullptr);
 
+// The start-up log's memory forecast: for each pipeline rank, the bytes of
+// tensors `loom plan` predicts it holds at its peak in this config's layout
+// (plan/memory_model.h; on a GPU the device memory, on the CPU the process's
+// tensors, the process itself coming on top), one line each:
+//   memory: pp rank 0 predicted to peak at 1.02 GiB (1095216660 bytes) of tensors, in the optimizer step
+// `dp`: the resolved data-parallel degree. Nothing when the model's shape is
+// unknown (a model.init_from folder that cannot be read says so later).
+void log_memory_forecast(const Config& config, int64_t dp, std::ostream& log);
+
 }  // namespace loom

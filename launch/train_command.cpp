@@ -191,6 +191,7 @@ int train_ranks(Config& config, TrainOptions options, bool check_only, const std
     const std::vector<std::string> hosts = host_names(world.get());
     OpenedDatasets datasets;
     if (!run_preflight(config, world.get(), &grid, std::cout, std::cerr, &datasets)) return kExitBadInput;
+    if (rank0) log_memory_forecast(config, dims.dp, std::cout);
     if (check_only) return kExitOk;
     // One GPU per rank, by its place on its node (Note [choosing a GPU]);
     // on CUDA the NCCL twins of the dp and tp groups carry the model's
@@ -327,8 +328,14 @@ int command_train(const std::vector<std::string>& argv) {
     throw;
   }
   // Large tensors freed in one step are handed out again in the next with
-  // their pages resident (Note [Large blocks on the CPU heap]).
-  keep_freed_heap_memory();
+  // their pages resident (Note [Large blocks on the CPU heap]), unless the
+  // run shards its parameters or gradients to save memory: then they go back
+  // to the system as they are freed.
+  if (config.parallel.zero_stage >= 2) {
+    release_freed_heap_memory();
+  } else {
+    keep_freed_heap_memory();
+  }
   TrainOptions options;
   try {
     options.job_end_time = job_end_time_from_environment();
@@ -350,6 +357,7 @@ int command_train(const std::vector<std::string>& argv) {
   if (check_only) return run_preflight(config, nullptr, nullptr, std::cout, std::cerr) ? kExitOk : kExitBadInput;
   RunRecord record(config, check_training_layout(config, 1), command, host_names(nullptr));
   record.start();
+  log_memory_forecast(config, 1, std::cout);
   const WallClockBudget budget(config.launch.max_wall_time, /*announce=*/true);
   TrainResult result;
   try {

@@ -138,9 +138,10 @@ bool takes_varlen_flash(const torch::Tensor& q_bhtd, const torch::Tensor& k_bhtd
 torch::Tensor varlen_flash_attention(const torch::Tensor& q_bhtd, const torch::Tensor& k_bhtd,
                                      const torch::Tensor& v_bhtd, const DocumentMask& documents, int64_t window = 0);
 
-// The feed-forward block of a decoder layer, registered as its `mlp`:
+// The feed-forward block of a decoder layer, registered as its `mlp` (or
+// Mixtral's `block_sparse_moe`: ModelConfig::feed_forward_name):
 // [batch, tokens, hidden] -> the same shape. Llama's SwiGLU Mlp
-// (model/llama.h), or a mixture-of-experts block.
+// (model/llama.h), or a mixture-of-experts block (model/moe.h).
 class FeedForward : public torch::nn::Module {
  public:
   virtual torch::Tensor forward(const torch::Tensor& x_btd) = 0;
@@ -198,10 +199,14 @@ class LayerFactory {
   // device; packed documents through flash attention's variable-length
   // kernel where it applies (Note [document mask]).
   virtual std::shared_ptr<AttentionCore> attention_core(const ModelConfig& model, int64_t layer) const;
+  // The feed-forward block of decoder layer `layer` (its global number).
   // Default: Llama's Mlp, gate/up/down from this factory's linears (defined
-  // beside Mlp in model/llama.cpp). The block is registered as `mlp`, so its
-  // parameters are named model.layers.N.mlp.*.
-  virtual std::shared_ptr<FeedForward> mlp(const ModelConfig& model) const;
+  // beside Mlp in model/llama.cpp), or on the sparse layers of a mixture of
+  // experts (ModelConfig::sparse_layer) a SparseMoeBlock whose experts come
+  // from the same linears. The block is registered under
+  // ModelConfig::feed_forward_name, so its parameters are named
+  // model.layers.N.mlp.* (model.layers.N.block_sparse_moe.* for mixtral).
+  virtual std::shared_ptr<FeedForward> mlp(const ModelConfig& model, int64_t layer) const;
   // The wrapper decoder layer `layer` (its global number) runs through; one
   // object may serve several layers. Default: a plain LayerWrapper that
   // recomputes in backward when model.recompute is full; the one given to

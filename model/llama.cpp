@@ -9,6 +9,7 @@
 #include <tuple>
 
 #include "model/init.h"
+#include "model/moe.h"
 #include "model/kernels/fused_ops.h"
 #include "model/recompute.h"
 
@@ -134,14 +135,15 @@ torch::Tensor Mlp::forward(const torch::Tensor& x_btd) {
   return down_proj_->forward(kernels::swiglu(gate_proj_->forward(x_btd), up_proj_->forward(x_btd)));
 }
 
-std::shared_ptr<FeedForward> LayerFactory::mlp(const ModelConfig& model) const {
+std::shared_ptr<FeedForward> LayerFactory::mlp(const ModelConfig& model, int64_t layer) const {
+  if (model.sparse_layer(layer)) return std::make_shared<SparseMoeBlock>(model, *this, layer);
   return std::make_shared<Mlp>(model, *this);
 }
 
 DecoderLayer::DecoderLayer(const ModelConfig& model, const LayerFactory& factory, int64_t layer)
     : layer_(layer), post_norms_(model.post_norms()), sandwich_norms_(model.sandwich_norms()) {
   self_attn_ = register_module("self_attn", std::make_shared<Attention>(model, factory, layer));
-  mlp_ = register_module("mlp", factory.mlp(model));
+  mlp_ = register_module(model.feed_forward_name(), factory.mlp(model, layer));
   const NormWeight style = model.one_plus_norms() ? NormWeight::kOnePlus : NormWeight::kScale;
   const auto norm = [&] { return factory.norm(model.hidden_size, model.rms_norm_eps, style); };
   if (!post_norms_) input_layernorm_ = register_module("input_layernorm", norm());
@@ -344,6 +346,19 @@ torch::Tensor LlamaForCausalLM::forward_layers(torch::Tensor h, const RotaryTabl
   return logits;
 }
 
+namespace {
+
+// A sparse layer's feed-forward block with `experts` of its experts counted:
+// the router (all of it), the experts, and qwen2_moe's shared expert and gate.
+int64_t sparse_block_parameters(const ModelConfig& m, int64_t experts) {
+  const int64_t h = m.hidden_size;
+  int64_t block = h * m.num_experts + experts * 3 * h * m.expert_intermediate_size();
+  if (m.architecture == "qwen2_moe") block += 3 * h * m.shared_expert_intermediate_size + h;
+  return block;
+}
+
+}  // namespace
+
 int64_t count_non_embedding_parameters(const ModelConfig& m) {
   const int64_t h = m.hidden_size, d = m.head_size(), q = m.num_heads * d, kv = m.kv_heads() * d;
   int64_t attention = h * q + 2 * h * kv + q * h;
@@ -354,8 +369,22 @@ int64_t count_non_embedding_parameters(const ModelConfig& m) {
   int64_t mlp = 3 * h * m.intermediate_size;
   if (m.mlp_bias) mlp += 2 * m.intermediate_size + h;
   const int64_t norms = m.sandwich_norms() ? 4 : 2;  // before or after the blocks, or both
-  const int64_t per_layer = attention + mlp + norms * h;
-  return m.num_layers * per_layer + h;  // + final norm
+  int64_t total = h;  // the final norm
+  for (int64_t layer = 0; layer < m.num_layers; ++layer) {
+    total += attention + norms * h + (m.sparse_layer(layer) ? sparse_block_parameters(m, m.num_experts) : mlp);
+  }
+  return total;
+}
+
+int64_t count_active_non_embedding_parameters(const ModelConfig& m) {
+  if (!m.moe()) return count_non_embedding_parameters(m);
+  int64_t inactive = 0;
+  for (int64_t layer = 0; layer < m.num_layers; ++layer) {
+    if (m.sparse_layer(layer)) {
+      inactive += sparse_block_parameters(m, m.num_experts) - sparse_block_parameters(m, m.num_experts_per_tok);
+    }
+  }
+  return count_non_embedding_parameters(m) - inactive;
 }
 
 int64_t count_parameters(const ModelConfig& m) {
@@ -372,7 +401,8 @@ double flops_per_token(const ModelConfig& model, int64_t seq_len) {
     const int64_t keys = window > 0 ? std::min(window, seq_len) : seq_len;
     attention += 12.0 * static_cast<double>(model.hidden_size) * static_cast<double>(keys);
   }
-  return 6.0 * static_cast<double>(count_non_embedding_parameters(model)) + attention;
+  // A mixture of experts computes with the k experts each token chose.
+  return 6.0 * static_cast<double>(count_active_non_embedding_parameters(model)) + attention;
 }
 
 }  // namespace loom

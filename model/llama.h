@@ -186,10 +186,13 @@ class LlamaForCausalLM : public torch::nn::Module {
 
 // Parameters other than embeddings: the N of REFERENCE's 6N + 12LHS.
 int64_t count_non_embedding_parameters(const ModelConfig& model);
+// The same with only num_experts_per_tok experts of each sparse layer: the
+// parameters one token computes with (Note [mixture of experts] in model/moe.h).
+int64_t count_active_non_embedding_parameters(const ModelConfig& model);
 int64_t count_parameters(const ModelConfig& model);
 
 // FLOPs of one token's forward and backward: 6 N + 12 L H S, with N the
-// non-embedding parameters, L layers, H hidden size, S sequence length.
+// active non-embedding parameters, L layers, H hidden size, S sequence length.
 double flops_per_token(const ModelConfig& model, int64_t seq_len);
 
 }  // namespace loom

@@ -52,16 +52,20 @@ void allocate_storage(const at::Tensor& buffer, int64_t numel) {
 }  // namespace
 
 std::vector<std::vector<size_t>> zero_units_by_layer(const NamedTensors& params) {
-  static const std::string kLayers = "model.layers.";
+  static const std::string kLayers = "model.layers.", kEmbedding = "model.embed_tokens.";
   std::vector<std::vector<size_t>> units;
-  std::map<std::string, size_t> unit_of_layer;  // "N" -> unit; "" for the parameters of no layer
+  // "layer N" for a decoder layer's parameters, "embedding" for the input
+  // embedding's, "" for the rest (final norm, head).
+  std::map<std::string, size_t> unit_of_key;
   for (size_t i = 0; i < params.size(); ++i) {
     const std::string& name = params[i].first;
-    std::string layer;
+    std::string key;
     if (name.rfind(kLayers, 0) == 0) {
-      layer = name.substr(kLayers.size(), name.find('.', kLayers.size()) - kLayers.size());
+      key = "layer " + name.substr(kLayers.size(), name.find('.', kLayers.size()) - kLayers.size());
+    } else if (name.rfind(kEmbedding, 0) == 0) {
+      key = "embedding";
     }
-    const auto [it, added] = unit_of_layer.emplace(layer, units.size());
+    const auto [it, added] = unit_of_key.emplace(key, units.size());
     if (added) units.emplace_back();
     units[it->second].push_back(i);
   }
@@ -111,12 +115,14 @@ ShardedAdamW::ShardedAdamW(ProcessGroup& dp, NamedTensors params, AdamWOptions o
   shard_size_ = shard_base;
   at::NoGradGuard no_grad;
   options_ = params_.empty() ? at::TensorOptions(at::kFloat) : params_[0].second.options();
+  // Every stage keeps this rank's shard of the parameters (Note [ZeRO-1
+  // layout]) and of the averaged gradient, never the whole flat vector.
+  shard_params_ = at::zeros({shard_size_}, options_);
+  shard_grad_ = at::zeros({shard_size_}, options_);
   if (stage_ == 3) {
-    // Note [ZeRO-3]: this rank's shards, and the parameters made views of
-    // their unit's buffer (gathered for now).
-    shard_params_ = at::zeros({shard_size_}, options_);
+    // Note [ZeRO-3]: the parameters made views of their unit's buffer
+    // (gathered for now).
     for (Unit& unit : units_) {
-      const int64_t share = unit.padded / size;
       unit.full = at::zeros({unit.padded}, options_);
       for (size_t i : unit.params) {
         at::Tensor& param = params_[i].second;
@@ -124,21 +130,13 @@ ShardedAdamW::ShardedAdamW(ProcessGroup& dp, NamedTensors params, AdamWOptions o
         view.copy_(param.reshape({-1}));
         param.set_data(view.view(param.sizes()));
       }
-      shard_params_.narrow(0, unit.shard_base, share).copy_(unit.full.narrow(0, dp_->rank() * share, share));
       unit.gathered = true;
       unit.layer = layer_of(params_, unit.params);
       if (unit.layer >= 0) layer_units_[unit.layer] = &unit - units_.data();
     }
-  } else {
-    flat_params_ = at::zeros({total_}, options_);
-    for (size_t i = 0; i < params_.size(); ++i) {
-      flat_params_.narrow(0, offsets_[i], params_[i].second.numel()).copy_(params_[i].second.reshape({-1}));
-    }
   }
-  shard_grad_ = at::zeros({shard_size_}, options_);
-  // The pieces of this rank's range of each unit, each a view of the flat
-  // parameters (stage 3: of the shard) whose gradient is a view of the
-  // shard's gradient.
+  // The pieces of this rank's range of each unit, each a view of the shard
+  // of the parameters whose gradient is a view of the shard's gradient.
   NamedTensors pieces;
   for (const Unit& unit : units_) {
     const int64_t share = unit.padded / size;
@@ -148,8 +146,8 @@ ShardedAdamW::ShardedAdamW(ProcessGroup& dp, NamedTensors params, AdamWOptions o
       if (begin >= end) continue;
       const int64_t shard_offset = unit.shard_base + (begin - lo);
       pieces_.push_back({i, begin - offsets_[i], begin, shard_offset, end - begin});
-      at::Tensor piece = stage_ == 3 ? shard_params_.narrow(0, shard_offset, end - begin)
-                                     : flat_params_.narrow(0, begin, end - begin);
+      at::Tensor piece = shard_params_.narrow(0, shard_offset, end - begin);
+      piece.copy_(params_[i].second.reshape({-1}).narrow(0, begin - offsets_[i], end - begin));
       piece.mutable_grad() = shard_grad_.narrow(0, shard_offset, end - begin);
       pieces.emplace_back(params_[i].first, piece);
     }
@@ -296,17 +294,27 @@ void ShardedAdamW::step(double lr) {
     }
     return;
   }
-  std::vector<std::unique_ptr<Work>> gathers;
-  std::vector<at::Tensor> mine;
-  for (const Unit& unit : units_) {
+  // Stages 1 and 2: each unit's parameters all-gathered into a buffer of
+  // the unit and copied into place, the next unit's gather posted while one
+  // is copied; at most two units' buffers at once.
+  auto post = [&](const Unit& unit, at::Tensor* buffer) {
     const int64_t share = unit.padded / dp_->size();
-    mine.push_back(flat_params_.narrow(0, unit.base + dp_->rank() * share, share).clone());
-    gathers.push_back(dp_->all_gather(flat_params_.narrow(0, unit.base, unit.padded), mine.back()));
-  }
-  for (auto& gather : gathers) gather->wait();
-  for (size_t i = 0; i < params_.size(); ++i) {
-    at::Tensor& param = params_[i].second;
-    param.copy_(flat_params_.narrow(0, offsets_[i], param.numel()).view(param.sizes()));
+    *buffer = at::empty({unit.padded}, options_);
+    return dp_->all_gather(*buffer, shard_params_.narrow(0, unit.shard_base, share));
+  };
+  at::Tensor buffer, next_buffer;
+  std::unique_ptr<Work> gathering = units_.empty() ? nullptr : post(units_[0], &buffer);
+  for (size_t u = 0; u < units_.size(); ++u) {
+    std::unique_ptr<Work> next = u + 1 < units_.size() ? post(units_[u + 1], &next_buffer) : nullptr;
+    gathering->wait();
+    const Unit& unit = units_[u];
+    for (size_t i : unit.params) {
+      at::Tensor& param = params_[i].second;
+      param.copy_(buffer.narrow(0, offsets_[i] - unit.base, param.numel()).view(param.sizes()));
+    }
+    buffer = std::move(next_buffer);
+    next_buffer = at::Tensor();
+    gathering = std::move(next);
   }
 }
 

@@ -14,20 +14,24 @@
 // Note [ZeRO-1 layout]
 // The parameters (in the order given) are laid end to end in one flat fp32
 // vector of T elements, padded with zeros to T' = dp * ceil(T / dp); dp rank
-// r owns elements [r T'/dp, (r+1) T'/dp). Each parameter that overlaps the
-// rank's range contributes one piece, a view of the flat parameter vector
-// named after it (so weight decay follows the parameter's name), and AdamW
+// r owns elements [r T'/dp, (r+1) T'/dp), and keeps only those: the flat
+// vector is a layout, never allocated whole. Each parameter that overlaps
+// the rank's range contributes one piece, a view of the rank's shard named
+// after it (so weight decay follows the parameter's name), and AdamW
 // (optim/optimizer.h, unchanged) steps those pieces with their own
 // exp_avg and exp_avg_sq. reduce_gradients() flattens the .grad of every
 // parameter and reduce-scatters it (AVG) over dp into the pieces' gradients;
-// step() updates the pieces, all-gathers the flat vector and copies it back
-// into the parameters, so every replica ends the step with the same weights.
+// step() updates the pieces, all-gathers the flat vector unit by unit (Note
+// [ZeRO units]) into a buffer of the unit and copies it into the parameters,
+// so every replica ends the step with the same weights, and no rank holds
+// more than two units' buffers at once.
 // The arithmetic per element is AdamW's; only the gradients' reduction order
 // differs from an all-reduce.
 //
 // Note [ZeRO units]
 // ZeroOptions::units split the parameters into units (zero_units_by_layer:
-// one per decoder layer, one for everything else), and each unit is laid out
+// one per decoder layer, one for the embedding, one for everything else:
+// the final norm and the head), and each unit is laid out
 // as Note [ZeRO-1 layout] lays out the whole: its own flat vector, padded to
 // a multiple of dp and split evenly, so rank r owns the r-th dp-th of every
 // unit. The flat vectors lie end to end (unit order), and so do the rank's
@@ -109,9 +113,13 @@ struct ZeroOptions {
   bool overlap = true;
 };
 
-// One unit per decoder layer (the parameters named model.layers.N.*) and one
-// of every other parameter (embedding, final norm, head), ordered by their
-// first parameter: the units ZeRO-2 reduces as backward completes them.
+// One unit per decoder layer (the parameters named model.layers.N.*), one of
+// the embedding (model.embed_tokens.*) and one of every other parameter
+// (final norm, head), ordered by their first parameter: the units ZeRO-2
+// reduces as backward completes them. The embedding and the head are units
+// of their own because backward completes them at its two ends: the head's
+// gradient is reduced (and freed) while the layers' backward runs, not held
+// until the embedding's arrives.
 std::vector<std::vector<size_t>> zero_units_by_layer(const NamedTensors& params);
 
 class ShardedAdamW : public GradientSync {
@@ -215,7 +223,7 @@ class ShardedAdamW : public GradientSync {
   // Note [ZeRO units]
   struct Unit {
     std::vector<size_t> params;  // indices into params_
-    int64_t base = 0;            // of the unit in flat_params_
+    int64_t base = 0;            // of the unit in the flat vector
     int64_t padded = 0;          // its elements, padded to a multiple of dp
     int64_t shard_base = 0;      // of this rank's shard of it in shard_grad_
     int64_t ready = 0;           // parameters whose gradient the armed backward completed
@@ -247,11 +255,10 @@ class ShardedAdamW : public GradientSync {
   int64_t shard_size_ = 0;        // this rank's share of them: total_ / dp
   std::vector<Piece> pieces_;
   at::TensorOptions options_;     // fp32 on the parameters' device
-  at::Tensor flat_params_;        // [total_], the whole flat parameter vector (stages 1 and 2)
-  at::Tensor shard_params_;       // [shard_size_], this rank's shard of it (stage 3)
+  at::Tensor shard_params_;       // [shard_size_], this rank's shard of the flat parameter vector
   std::map<int64_t, size_t> layer_units_;  // stage 3: decoder layer -> unit
   at::Tensor shard_grad_;         // [shard_size_], this rank's shard of the averaged gradient
-  std::unique_ptr<AdamW> shard_;  // over the pieces: views of flat_params_'s shards
+  std::unique_ptr<AdamW> shard_;  // over the pieces: views of shard_params_
   std::unique_ptr<GradReadyHooks> hooks_;  // stage 2 with overlap
   std::mutex mutex_;
   bool armed_ = false;

@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "parallel/pipeline.h"
+#include "parallel/zero.h"
 #include "trainer/run_checkpoints.h"
 
 namespace loom::plan {
@@ -65,9 +66,9 @@ std::vector<int64_t> stage_slot_bytes(const Problem& problem, const Layout& layo
   const bool tied_copy = problem.model.tie_embeddings && pp_rank != 0;
   const auto is_copy = [&](const RankParameter& p) { return tied_copy && p.name == "model.embed_tokens.weight"; };
   const bool zero = layout.zero_stage >= 1 && dp > 1;
-  // The parameters, then (without ZeRO; ZeRO-2 and 3 are counted as ZeRO-1,
-  // until their piece format is settled) AdamW's exp_avg and exp_avg_sq of
-  // each, in state_dict order: replicated over dp.
+  // The parameters, then (without ZeRO) AdamW's exp_avg and exp_avg_sq of
+  // each, in state_dict order: replicated over dp (ZeRO-3 gathers its
+  // parameters for the save and writes them the same way).
   std::vector<int64_t> bytes;
   std::vector<bool> over_tp;
   for (const RankParameter& p : params) {
@@ -87,24 +88,38 @@ std::vector<int64_t> stage_slot_bytes(const Problem& problem, const Layout& layo
   std::vector<int64_t> load(static_cast<size_t>(dp * tp), 0);
   assign_piece_writers(bytes, over_tp, dp, tp, /*only_dp=*/-1, /*my_tp=*/0, load);
   if (!zero) return load;
-  // ZeRO-1 (Note [ZeRO-1 layout]): the rank's parameters end to end, the tied
-  // copy included, padded to dp equal shards; dp rank r's pieces are the
-  // parameters' overlaps with its shard, each with its two moments.
-  int64_t total = 0;
-  for (const RankParameter& p : params) total += p.elements;
-  const int64_t shard = (total + dp - 1) / dp;
+  // Note [ZeRO units]: ZeRO-1 lays the rank's parameters (the tied copy
+  // included) end to end as one unit, ZeRO-2 and 3 make a unit of each
+  // decoder layer, of the embedding and of the rest; each unit is padded to
+  // dp equal shards, and dp rank r's pieces are the parameters' overlaps
+  // with its shard of every unit, each with its two moments.
+  std::vector<std::vector<size_t>> units;
+  if (layout.zero_stage >= 2) {
+    NamedTensors names;  // zero_units_by_layer reads only the names
+    for (const RankParameter& p : params) names.emplace_back(p.name, at::Tensor());
+    units = zero_units_by_layer(names);
+  } else {
+    units.emplace_back();
+    for (size_t i = 0; i < params.size(); ++i) units[0].push_back(i);
+  }
   for (int64_t r = 0; r < dp; ++r) {
-    const int64_t lo = r * shard, hi = lo + shard;
     std::vector<int64_t> pieces;
     std::vector<bool> pieces_over_tp;
-    int64_t offset = 0;
-    for (const RankParameter& p : params) {
-      const int64_t begin = std::max(lo, offset), end = std::min(hi, offset + p.elements);
-      offset += p.elements;
-      if (begin >= end || is_copy(p)) continue;
-      for (int moment = 0; moment < 2; ++moment) {
-        pieces.push_back(kFp32 * (end - begin));
-        pieces_over_tp.push_back(p.whole_on_every_tp_rank);
+    for (const std::vector<size_t>& unit : units) {
+      int64_t total = 0;
+      for (size_t i : unit) total += params[i].elements;
+      const int64_t shard = (total + dp - 1) / dp;
+      const int64_t lo = r * shard, hi = lo + shard;
+      int64_t offset = 0;
+      for (size_t i : unit) {
+        const RankParameter& p = params[i];
+        const int64_t begin = std::max(lo, offset), end = std::min(hi, offset + p.elements);
+        offset += p.elements;
+        if (begin >= end || is_copy(p)) continue;
+        for (int moment = 0; moment < 2; ++moment) {
+          pieces.push_back(kFp32 * (end - begin));
+          pieces_over_tp.push_back(p.whole_on_every_tp_rank);
+        }
       }
     }
     assign_piece_writers(pieces, pieces_over_tp, dp, tp, /*only_dp=*/r, /*my_tp=*/0, load);

@@ -4,7 +4,7 @@
 //     (docs/checkpoints.md): its share of its stage's fp32 parameters and
 //     AdamW moments, shared out over the dp x tp copies by the same
 //     assignment the trainer runs (assign_piece_writers, Note [who writes a
-//     piece]), ZeRO-1's flat ranges of the moments, and the optimizer step
+//     piece]), ZeRO's flat ranges of the moments (per unit), and the optimizer step
 //     on world rank 0;
 //   - the time a node takes to write (and read back) its ranks' bytes at a
 //     disk bandwidth;

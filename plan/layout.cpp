@@ -81,6 +81,23 @@ void Layout::apply_to(Config& config) const {
   config.model.recompute = recompute_name(recompute);
 }
 
+Layout Layout::of(const Config& config, int64_t dp) {
+  Layout layout;
+  layout.dp = dp;
+  layout.tp = config.parallel.tp;
+  layout.pp = config.parallel.pp;
+  layout.schedule = config.parallel.pp_schedule;
+  layout.virtual_stages = config.parallel.virtual_stages;
+  layout.zero_stage = config.parallel.zero_stage;
+  layout.sequence_parallel = config.parallel.sequence_parallel;
+  layout.micro_batch = config.batch.micro_batch_size;
+  const std::string& recompute = config.model.recompute;
+  layout.recompute = recompute == "full" ? Recompute::kFull
+                     : recompute == "selective" ? Recompute::kSelective
+                                                : Recompute::kNone;
+  return layout;
+}
+
 Layout parse_layout(const std::string& text, const std::string& flag) {
   Layout layout;
   auto refuse = [&](const std::string& why) -> BadInput {

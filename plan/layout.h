@@ -67,6 +67,9 @@ struct Layout {
   std::vector<std::string> config_lines(bool set_flags = false) const;
   // The config (model.recompute, parallel.*, batch.micro_batch_size) with this layout applied.
   void apply_to(Config& config) const;
+  // The layout a config trains with (apply_to's inverse); `dp` resolves
+  // parallel.dp: auto (ParallelDims::from_config).
+  static Layout of(const Config& config, int64_t dp);
   bool operator==(const Layout&) const = default;
 };
 

@@ -84,6 +84,9 @@ double dtype_bytes(bool bf16) { return bf16 ? kBf16 : kFp32; }
 struct Transients {
   double head_forward = 0;   // logits (and their fp32 copy under bf16) beside the cross-entropy's saved values
   double head_backward = 0;  // the cross-entropy's and the head's gradients
+  // The same without the head's weight gradient: under ZeRO-2 and 3 it is
+  // counted among the gradients in flight (RankMemory::zero_in_flight).
+  double head_backward_no_weight = 0;
   double layer_backward = 0; // the MLP's gradients and one weight gradient
 };
 
@@ -98,6 +101,7 @@ Transients transients_of(const ModelConfig& m, int64_t tokens, int64_t tp, bool 
   // input gradients beside the logits' gradient.
   const double cross_entropy = (tp > 1 ? 1 : 2) * kFp32 * n * vocab + (bf16 ? kBf16 * n * vocab : 0);
   t.head_backward = std::max(cross_entropy, act * n * vocab + kFp32 * vocab * h + kFp32 * n * h);
+  t.head_backward_no_weight = std::max(cross_entropy, act * n * vocab + kFp32 * n * h);
   // The MLP's backward: the gradients of silu(gate) and up beside those of
   // the product (each saved input is released once its node has run), and
   // one weight gradient.
@@ -141,27 +145,46 @@ double layer_activation_bytes(const ModelConfig& model, int64_t tokens, int64_t 
   return recompute == Recompute::kSelective ? all - attention_core_bytes(model, tokens, tp, bf16) : all;
 }
 
-int64_t largest_unit_parameters(const ModelConfig& model, int64_t tp, const std::vector<StageSpec>& stages,
-                                bool split_model) {
-  int64_t largest = 0;
+namespace {
+
+// Elements of the units ZeRO-2 and 3 work in on a rank holding `stages`
+// (Note [ZeRO units] in parallel/zero.h).
+struct UnitSizes {
+  int64_t largest_layer = 0;  // a decoder layer
+  int64_t ends = 0;           // every unit of no layer: the embedding, the final norm and head
+  int64_t largest_end = 0;    // the largest of those
+  int64_t head = 0;           // the final norm and head (0 on a rank without them)
+};
+
+UnitSizes unit_sizes(const ModelConfig& model, int64_t tp, const std::vector<StageSpec>& stages, bool split_model) {
+  UnitSizes sizes;
   for (const StageSpec& stage : stages) {
     const int64_t layers = stage.num_layers < 0 ? model.num_layers - stage.first_layer : stage.num_layers;
     if (layers > 0) {
-      // One decoder layer: the stage's count without its embedding and head, over its layers.
       StageSpec bare = stage;
       bare.has_embedding = bare.has_head = false;
-      largest = std::max(largest, stage_parameters(model, tp, bare, split_model).total / layers);
+      sizes.largest_layer = std::max(sizes.largest_layer, stage_parameters(model, tp, bare, split_model).total / layers);
     }
-    StageSpec ends{};
-    ends.num_layers = 0;
-    ends.has_embedding = stage.has_embedding;
-    ends.has_head = false;
-    largest = std::max(largest, stage_parameters(model, tp, ends, split_model).total);
-    ends.has_embedding = false;
-    ends.has_head = stage.has_head;
-    largest = std::max(largest, stage_parameters(model, tp, ends, split_model).total);
+    for (const bool embedding : {true, false}) {
+      StageSpec end{};
+      end.num_layers = 0;
+      end.has_embedding = embedding && stage.has_embedding;
+      end.has_head = !embedding && stage.has_head;
+      const int64_t count = stage_parameters(model, tp, end, split_model).total;
+      sizes.ends += count;
+      sizes.largest_end = std::max(sizes.largest_end, count);
+      if (!embedding) sizes.head += count;
+    }
   }
-  return largest;
+  return sizes;
+}
+
+}  // namespace
+
+int64_t largest_unit_parameters(const ModelConfig& model, int64_t tp, const std::vector<StageSpec>& stages,
+                                bool split_model) {
+  const UnitSizes sizes = unit_sizes(model, tp, stages, split_model);
+  return std::max(sizes.largest_layer, sizes.largest_end);
 }
 
 MemoryEstimate estimate_memory(const Problem& problem, const Layout& layout) {
@@ -179,7 +202,6 @@ MemoryEstimate estimate_memory(const Problem& problem, const Layout& layout) {
   // fp32 master copy beside the moments in the optimizer.
   const double param_bytes = problem.params_bf16 ? kBf16 : kFp32;
   const double optimizer_bytes = problem.params_bf16 ? 3 * kFp32 : 2 * kFp32;
-  const double bucket = problem.bucket_mb * 1024 * 1024;
   const double act = dtype_bytes(bf16);
   const double h = static_cast<double>(m.hidden_size), vocab = static_cast<double>(m.vocab_size) / tp;
   // One activation crossing a stage boundary, [batch, tokens (/ tp with sp), hidden].
@@ -228,24 +250,37 @@ MemoryEstimate estimate_memory(const Problem& problem, const Layout& layout) {
     const double padded = zero ? static_cast<double>((params.total + layout.dp - 1) / layout.dp * layout.dp) : elements;
     const double shard = padded / static_cast<double>(zero ? layout.dp : 1);
     const double unit = static_cast<double>(largest_unit_parameters(m, tp, specs, model_stages > 1));
-    // ZeRO-3 holds its shard of the parameters; ZeRO-2 and 3 an fp32 shard
-    // of the gradient (what the optimizer reads).
-    rank.params = param_bytes * (zero_stage == 3 ? shard : elements);
+    // Note [ZeRO units]: a decoder layer's unit, and the units of no layer
+    // (the embedding; the final norm and head), which ZeRO-3 keeps gathered.
+    const UnitSizes units = unit_sizes(m, tp, specs, model_stages > 1);
+    const double layer_unit = static_cast<double>(units.largest_layer);
+    const double ends = static_cast<double>(units.ends);
+    // ZeRO-3 holds its shard of the parameters and the units of no layer
+    // whole; ZeRO-2 and 3 an fp32 shard of the gradient (what the optimizer
+    // reads).
+    rank.params = param_bytes * (zero_stage == 3 ? shard + ends : elements);
     // bf16 parameters with precision.grad_accum fp32 sum their gradients in
     // fp32 beside the masters; each bf16 .grad lives only until it is added.
     const double grad_bytes = problem.params_bf16 && problem.grad_accum_fp32 ? kFp32 : param_bytes;
     rank.grads = zero_stage >= 2 ? kFp32 * shard : grad_bytes * elements;
     rank.optimizer = optimizer_bytes * shard;
-    if (zero_stage == 1) {
-      // fp32 parameters: the whole flat copy and the shard's gradient; bf16
-      // ones: the shard's fp32 gradient beside the optimizer's masters.
-      rank.zero_buffers = problem.params_bf16 ? kFp32 * shard : kFp32 * padded + kFp32 * shard;
+    // ZeRO-1 and 2 keep an fp32 shard of the parameters (the pieces AdamW
+    // steps), ZeRO-1 also the shard of the gradient (ZeRO-2 counts it above).
+    if (zero_stage == 1) rank.zero_buffers = 2 * kFp32 * shard;
+    if (zero_stage == 2) rank.zero_buffers = kFp32 * shard;
+    // During forward and backward. ZeRO-2: a unit's gradients and the flat
+    // buffer they are copied into for the reduce-scatter (the buffer of the
+    // unit before may still be in flight, but the largest unit comes alone).
+    // ZeRO-3: two gathered layers (the one computing and the prefetched),
+    // the gradients of the layer whose backward just ran with their flat
+    // buffer and this rank's part of the reduction, and the head's
+    // gradients, reduced only after the last backward (the embedding's come
+    // last, with the layers' gone: the step's phase below).
+    if (zero_stage == 2) rank.zero_in_flight = param_bytes * 2 * unit;
+    if (zero_stage == 3) {
+      const double head = static_cast<double>(units.head);
+      rank.zero_in_flight = param_bytes * (4 * layer_unit + layer_unit / static_cast<double>(layout.dp) + head);
     }
-    // During forward and backward: under ZeRO-2/3 the gradients of the unit
-    // whose backward just ran and one bucket being reduce-scattered; under
-    // ZeRO-3 also two gathered units (the one computing and the prefetched).
-    if (zero_stage >= 2) rank.zero_in_flight = param_bytes * unit + std::min(bucket, param_bytes * elements);
-    if (zero_stage == 3) rank.zero_in_flight += 2 * param_bytes * unit;
     // bf16 compute over fp32 parameters on one rank: ComputeWeights keeps one
     // bf16 cast of every weight; on several, autocast casts per forward and
     // the graph keeps the casts until that micro-batch's backward. bf16
@@ -303,7 +338,7 @@ MemoryEstimate estimate_memory(const Problem& problem, const Layout& layout) {
           // time the last layer's backward runs the head's saved values
           // are gone, and with recomputation that layer is rebuilt.
           if (spec.has_head) {
-            consider(t.head_backward, "backward of the loss" + which);
+            consider(zero_stage >= 2 ? t.head_backward_no_weight : t.head_backward, "backward of the loss" + which);
             saved -= head_saved;
           }
           consider(rebuilt + t.layer_backward, "backward of a layer" + which);
@@ -322,14 +357,19 @@ MemoryEstimate estimate_memory(const Problem& problem, const Layout& layout) {
     in_flight = 0;
     const double largest_in_shard = std::min<double>(static_cast<double>(params.largest), shard);
     if (zero_stage == 1) {
+      // One unit: the whole flat gradient, and later the whole flat
+      // parameters gathered, each for its moment.
       consider(param_bytes * padded, "ZeRO-1 gradient reduce-scatter");
-      consider(kFp32 * shard + 2 * kFp32 * largest_in_shard, "ZeRO-1 optimizer step and all-gather");
+      consider(2 * kFp32 * largest_in_shard, "ZeRO-1 optimizer step");
+      consider(kFp32 * padded, "ZeRO-1 all-gather");
     } else if (zero_stage == 2) {
       // The step over the shard, then the updated shard all-gathered into
-      // the whole parameters a bucket at a time.
-      consider(2 * kFp32 * largest_in_shard + std::min(bucket, param_bytes * elements),
-               "ZeRO-2 optimizer step and all-gather");
+      // the whole parameters a unit at a time, two units' buffers at once.
+      consider(2 * kFp32 * largest_in_shard, "ZeRO-2 optimizer step");
+      consider(2 * kFp32 * unit, "ZeRO-2 all-gather");
     } else if (zero_stage == 3) {
+      // The units of no layer: their gradients, flattened and reduced.
+      consider(param_bytes * (ends + units.largest_end), "ZeRO-3 reduce-scatter of the embedding and head");
       consider(2 * kFp32 * largest_in_shard, "ZeRO-3 optimizer step");
     } else {
       if (layout.dp > 1) consider(param_bytes * elements, "data-parallel gradient buckets");

@@ -5,13 +5,17 @@
 //     master copy), for this rank's tp shards of its pipeline chunks
 //     (parallel/tensor_parallel_model.h, parallel/pipeline.h);
 //   - ZeRO-1 (parallel/zero.h): AdamW state over 1/dp of the flat parameter
-//     vector, but also the whole flat fp32 copy of the parameters and the
-//     shard's gradient, and the flat gradient made for the reduce-scatter;
-//   - ZeRO-2: the optimizer state and an fp32 gradient over 1/dp, plus the
-//     gradients in flight (the unit whose backward just ran and one bucket
-//     being reduce-scattered); ZeRO-3: the parameters over 1/dp too, plus
-//     the gathered units in flight (the one computing and the one
-//     prefetched). A unit is a decoder layer, the embedding or the head;
+//     vector, an fp32 shard of the parameters and of the gradient, and for
+//     their moments the flat gradient made for the reduce-scatter and the
+//     flat parameters the step all-gathers;
+//   - ZeRO-2: the optimizer state, an fp32 gradient and a parameter shard
+//     over 1/dp, plus the gradients in flight (a unit's gradients and their
+//     flat buffer, the unit before still being reduced) and the step's
+//     gathers (two units' buffers); ZeRO-3: the parameters over 1/dp too,
+//     except the embedding and head, kept whole with their gradients, plus
+//     the gathered layers in flight (the one computing and the one
+//     prefetched) and a layer's reduction. A unit is a decoder layer, the
+//     embedding or the final norm with the head;
 //   - data-parallel gradient buckets (parallel/data_parallel.h): a flat copy
 //     of every gradient, all alive at the end of backward;
 //   - activations: what autograd saves per decoder layer for loom's ops

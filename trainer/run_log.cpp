@@ -168,6 +168,10 @@ void RunLog::logged_step(const StepReport& r, const IntervalReport& in, int64_t 
                  {"mem_reserved_gib", in.mem_reserved_bytes / kGiB},
                  {"mem_tensor_peak_bytes", *std::max_element(in.tensor_peaks.begin(), in.tensor_peaks.end())}};
   if (in.tensor_peaks.size() > 1) record["mem_tensor_peak_bytes_per_rank"] = in.tensor_peaks;
+  if (r.moe) {
+    record["router_load_max_over_mean"] = r.router_load_max_over_mean;
+    record["router_aux_loss"] = r.router_aux_loss;
+  }
   write(record);
   if (!out_) return;
   *out_ << clear_bar() << "step " << r.step << "/" << train_steps << " | loss " << format_double("%.4f", r.loss)

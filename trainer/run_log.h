@@ -43,6 +43,10 @@ struct StepReport {
   int64_t loss_tokens = 0;
   double grad_norm = 0.0;    // before clipping
   double lr = 0.0;           // the update's learning rate (0 for a skipped step)
+  // A mixture of experts (Note [router metrics] in model/moe.h); logged when moe.
+  bool moe = false;
+  double router_load_max_over_mean = 0.0;
+  double router_aux_loss = 0.0;
   std::vector<uint64_t> samples;  // the step's global sample ids on this rank
   // A skipped step (non-finite, a loss spike, or rolled back earlier):
   bool skipped = false;

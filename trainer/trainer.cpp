@@ -238,6 +238,11 @@ StepReport Trainer::train_step() {
   step_start_ = Clock::now();
   update_->zero_grad();
   StepReport report;
+  if (config_.model.moe()) {
+    // Note [router metrics]: this step's routing only; a validation's since
+    // the last step is dropped here, on each rank, without a collective.
+    for (const auto& module : parts_->modules) take_router_stats(*module, config_.model);
+  }
   LossEdit edit;  // TrainHooks, in tests only
   if (hooks_ != nullptr && hooks_->poison_step) edit.poison = hooks_->poison_step(step_ + 1);
   if (hooks_ != nullptr && hooks_->scale_loss) edit.scale = hooks_->scale_loss(step_ + 1);
@@ -257,6 +262,12 @@ StepReport Trainer::train_step() {
     // The replicas' means over the same number of samples: their mean is
     // the global batch's.
     all_reduce_through_cpu(*groups_.dp, step_loss, ReduceOp::kAvg);
+  }
+  if (config_.model.moe()) {
+    const RouterMetrics router = router_metrics(take_step_router_stats());
+    report.moe = true;
+    report.router_load_max_over_mean = router.load_max_over_mean;
+    report.router_aux_loss = router.aux_loss;
   }
   // A NaN or inf in any micro-batch's loss makes the sum non-finite.
   report.loss = step_loss.item<double>();
@@ -289,6 +300,23 @@ StepReport Trainer::train_step() {
   total_seconds_ += step_seconds;
   ++interval_steps_;
   return report;
+}
+
+RouterStats Trainer::take_step_router_stats() {
+  RouterStats stats{torch::zeros({config_.model.num_layers, config_.model.num_experts}, torch::kDouble),
+                    torch::zeros({config_.model.num_layers, config_.model.num_experts}, torch::kDouble)};
+  for (const auto& module : parts_->modules) {
+    const RouterStats part = take_router_stats(*module, config_.model);
+    stats.tokens_le += part.tokens_le;
+    stats.probability_le += part.probability_le;
+  }
+  // Every rank's layers and tokens: the pipeline stages hold different
+  // layers, the dp replicas route different tokens.
+  if (groups_.world != nullptr) {
+    all_reduce_through_cpu(*groups_.world, stats.tokens_le, ReduceOp::kSum);
+    all_reduce_through_cpu(*groups_.world, stats.probability_le, ReduceOp::kSum);
+  }
+  return stats;
 }
 
 // Drops the gradients and the update; the step and the data still advance,

@@ -25,6 +25,7 @@
 #include "config/config.h"
 #include "data/loader.h"
 #include "model/compute_weights.h"
+#include "model/moe.h"
 #include "parallel/topology.h"
 #include "trainer/forward_backward.h"
 #include "trainer/job_end.h"
@@ -64,6 +65,9 @@ class Trainer {
   StepReport train_step();
   void skip_step(StepReport& report);
   void update_step(StepReport& report);
+  // Note [router metrics]: every sparse block's sums since the last call,
+  // summed over this rank's chunks and all ranks (collective over the world).
+  RouterStats take_step_router_stats();
   void log_step(const StepReport& report);
   void after_step();
   void maybe_validate();

@@ -20,4 +20,15 @@ bool keep_freed_heap_memory() {
 #endif
 }
 
+bool release_freed_heap_memory() {
+#if defined(__GLIBC__)
+  // Setting the threshold fixes it: glibc stops raising it to the size of
+  // the mapped blocks freed (mallopt(3), M_MMAP_THRESHOLD).
+  constexpr int kThreshold = 1 << 20;
+  return mallopt(M_MMAP_THRESHOLD, kThreshold) == 1;
+#else
+  return false;
+#endif
+}
+
 }  // namespace loom

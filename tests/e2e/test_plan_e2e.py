@@ -128,7 +128,9 @@ def piece_bytes_per_rank(checkpoint: Path, world: int):
     ("dp=2,tp=2,mb=2,zero=1", {"parallel.dp": 2, "parallel.tp": 2, "parallel.zero_stage": 1}),
     ("dp=2,pp=2,schedule=1f1b,mb=2", {"parallel.dp": 2, "parallel.pp": 2, "parallel.pp_schedule": "1f1b",
                                       "model.tie_embeddings": "true"}),
-], ids=["dp2-tp2-zero1", "dp2-pp2-tied"])
+    ("dp=2,tp=2,mb=2,zero=2", {"parallel.dp": 2, "parallel.tp": 2, "parallel.zero_stage": 2}),
+    ("dp=4,mb=2,zero=3", {"parallel.dp": 4, "parallel.zero_stage": 3}),
+], ids=["dp2-tp2-zero1", "dp2-pp2-tied", "dp2-tp2-zero2", "dp4-zero3"])
 def test_predicted_checkpoint_bytes_per_rank_equal_a_four_rank_runs_files(random_dataset, tmp_path, layout, sets):
     sets = {"run.output_dir": tmp_path, "run.name": "run", "data.train": f"[{random_dataset}]", "data.tokenizer": "",
             "schedule.train_steps": 1, "schedule.warmup_steps": 0, "checkpoint.export_hf_at_end": "false",

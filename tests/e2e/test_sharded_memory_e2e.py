@@ -1,4 +1,6 @@
-"""No rank holds more than its share of the model (issue: sharded state).
+"""No rank holds more than its share of the model (issue: sharded state), and
+ZeRO-2 and ZeRO-3 hold less than plain data parallelism, as predicted at
+start-up (issue: memory at scale).
 
 A ~134M-parameter model on 4 CPU ranks: a fresh run on tp 2 x pp 2 that
 saves and exports at its end, its checkpoint resumed on dp 2 x pp 2 (and
@@ -13,6 +15,7 @@ the model to export it: the export alone took rank 0 of the first run to
 2575 MiB against a limit of 1306 MiB.
 """
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +51,11 @@ TOTAL = parameters(768, 2048, 12, 32000)
 
 def measured(ranks, args, out):
     """Runs loom under the wrapper on `ranks` ranks; returns {rank: peak bytes}."""
+    return measured_run(ranks, args, out)[0]
+
+
+def measured_run(ranks, args, out):
+    """measured(), and the run's standard output."""
     command = [*mpi_args(ranks), sys.executable, str(WRAPPER), str(out), "--", LOOM_BIN, *map(str, args)]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=900, env=mpi_env())
     assert proc.returncode == 0, f"{' '.join(command)}\nstdout: {proc.stdout[-3000:]}\nstderr: {proc.stderr[-3000:]}"
@@ -56,7 +64,7 @@ def measured(ranks, args, out):
         record = json.loads(path.read_text())
         peaks[record["rank"]] = record["peak_bytes"]
     assert sorted(peaks) == list(range(ranks)), peaks
-    return peaks
+    return peaks, proc.stdout
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +104,44 @@ def test_no_rank_holds_more_than_its_share(data, tmp_path, bare):
                  "schedule.warmup_steps": 0}
     started = measured(4, train_args(data, tmp_path, "from-hf", 1, 1, **BIG, **init_from), tmp_path / "init-from")
     check(started, bare, 16 * TOTAL / 4, "tp 2 x pp 2, model.init_from")
+
+
+# The start-up log's forecast (launch/preflight.h, log_memory_forecast).
+FORECAST = re.compile(r"^memory: pp rank (\d+) predicted to peak at .* \((\d+) bytes\) of tensors", re.M)
+DP4 = {"parallel.dp": 4, "launch.ranks": 4, "checkpoint.enabled": "false", "checkpoint.export_hf_at_end": "false"}
+
+
+def test_zero_2_and_3_hold_less_than_plain_data_parallelism_as_predicted(data, tmp_path):
+    """dp 4, the 134M model, two steps at ZeRO 0, 2 and 3. Each rank's peak
+    above the bare process (the 2M model on the same layout and heap policy:
+    ZeRO-2/3 return freed blocks to the system, util/host_memory.h) must be
+    at most 0.7x (ZeRO-2) and 0.45x (ZeRO-3) of the highest ZeRO-0 rank's,
+    and within 15% of the bytes the start-up log predicted."""
+    def run(zero, shape, name):
+        args = train_args(data, tmp_path, name, 2, 2, **shape, **DP4, **{"parallel.zero_stage": zero})
+        peaks, stdout = measured_run(4, args, tmp_path / f"{name}-peaks")
+        predicted = {int(r): int(b) for r, b in FORECAST.findall(stdout)}
+        assert list(predicted) == [0], stdout[-3000:]  # one pipeline rank
+        return peaks, predicted[0]
+
+    # The bare process keeps (ZeRO-0) or returns (ZeRO-2 and 3) freed blocks
+    # as the big run does.
+    bare_of = {0: run(0, BARE, "bare-kept")[0]}
+    bare_of[2] = bare_of[3] = run(2, BARE, "bare-returned")[0]
+    above, predicted = {}, {}
+    for zero in (0, 2, 3):
+        bare = bare_of[zero]
+        peaks, predicted[zero] = run(zero, BIG, f"zero{zero}")
+        above[zero] = {rank: peaks[rank] - bare[rank] for rank in peaks}
+        report = ", ".join(f"rank {r}: {above[zero][r] / MIB:.0f} MiB" for r in sorted(above[zero]))
+        print(f"ZeRO-{zero}: above the bare process {report}; predicted {predicted[zero] / MIB:.0f} MiB")
+    plain = max(above[0].values())
+    for zero, limit in ((2, 0.7), (3, 0.45)):
+        for rank, bytes_ in above[zero].items():
+            assert bytes_ <= limit * plain, (f"ZeRO-{zero} rank {rank}: {bytes_ / MIB:.0f} MiB above the bare "
+                                             f"process, over {limit} x ZeRO-0's {plain / MIB:.0f} MiB")
+    for zero in (0, 2, 3):
+        for rank, bytes_ in above[zero].items():
+            error = predicted[zero] / bytes_ - 1
+            assert abs(error) <= 0.15, (f"ZeRO-{zero} rank {rank}: predicted {predicted[zero] / MIB:.0f} MiB, "
+                                        f"measured {bytes_ / MIB:.0f} MiB above the bare process ({error:+.0%})")

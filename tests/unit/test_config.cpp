@@ -146,7 +146,7 @@ std::vector<BadCase> bad_cases() {
       {"nope_layer_past_the_last", replaced(m, "model:\n", "model:\n  architecture: smollm3\n") + "  nope_layers: [9]\n", {},
        {"bad.yaml:9:", "model.nope_layers", "layer 9"}},
       {"sliding_window_for_olmo2", replaced(m, "model:\n", "model:\n  architecture: olmo2\n") + "  sliding_window: 8\n", {},
-       {"bad.yaml:9:", "model.sliding_window", "olmo2", "mistral, qwen2, qwen3, smollm3, gemma2, gemma3_text or phi3"}},
+       {"bad.yaml:9:", "model.sliding_window", "olmo2", "mistral, qwen2, qwen3, smollm3, gemma2, gemma3_text, phi3 or mixtral"}},
       {"layer_types_of_another_length",
        replaced(m, "model:\n", "model:\n  architecture: qwen2\n") + "  sliding_window: 8\n  layer_types: [sliding_attention]\n", {},
        {"bad.yaml:10:", "model.layer_types", "1 entries"}},
@@ -175,6 +175,25 @@ std::vector<BadCase> bad_cases() {
        {"bad.yaml:8:", "model.rope_scaling.high_freq_factor (2)", "low_freq_factor (4)"}},
       {"rope_map_without_type", m + "  rope_scaling: {factor: 8}\n", {},
        {"bad.yaml:8:", "model.rope_scaling.type", "missing"}},
+
+      // Mixtures of experts (Note [mixture of experts] in model/moe.h).
+      {"experts_for_a_dense_family", m + "  num_experts: 4\n", {},
+       {"bad.yaml:8:", "model.num_experts is set for architecture llama", "mixtral, qwen2_moe or qwen3_moe"}},
+      {"mixture_of_experts_without_experts", replaced(m, "model:\n", "model:\n  architecture: mixtral\n"), {},
+       {"bad.yaml:2:", "model.num_experts is 0 for architecture mixtral"}},
+      {"top_k_above_the_experts",
+       replaced(m, "model:\n", "model:\n  architecture: qwen3_moe\n") +
+           "  num_experts: 4\n  num_experts_per_tok: 8\n  moe_intermediate_size: 32\n", {},
+       {"model.num_experts_per_tok is 8 for 4 experts", "between 1 and model.num_experts"}},
+      {"qwen2_moe_without_a_shared_expert",
+       replaced(m, "model:\n", "model:\n  architecture: qwen2_moe\n") +
+           "  num_experts: 4\n  num_experts_per_tok: 2\n  moe_intermediate_size: 32\n", {},
+       {"model.shared_expert_intermediate_size is 0 for qwen2_moe"}},
+      {"sequence_parallel_with_experts",
+       replaced(m, "model:\n", "model:\n  architecture: mixtral\n") +
+           "  num_experts: 4\n  num_experts_per_tok: 2\nparallel:\n  tp: 2\n  sequence_parallel: true\n"
+           "launch:\n  ranks: 2\n", {},
+       {"parallel.sequence_parallel", "mixture of experts", "sequence_parallel: false"}},
 
       // Layout and training.
       {"tp_not_dividing_heads", m + "parallel:\n  tp: 3\n", {},

@@ -718,8 +718,8 @@ class RecordingFactory : public LocalLayerFactory {
     auto core = LocalLayerFactory::attention_core(model, layer);
     return roles_.core ? std::make_shared<LoggingAttentionCore>(core, log) : core;
   }
-  std::shared_ptr<FeedForward> mlp(const ModelConfig& model) const override {
-    if (!roles_.mlp) return LocalLayerFactory::mlp(model);
+  std::shared_ptr<FeedForward> mlp(const ModelConfig& model, int64_t layer) const override {
+    if (!roles_.mlp) return LocalLayerFactory::mlp(model, layer);
     return std::make_shared<ScaleFeedForward>(model.hidden_size, log);
   }
   std::shared_ptr<LayerWrapper> layer_wrapper(const ModelConfig& model, int64_t layer) const override {

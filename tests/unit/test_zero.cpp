@@ -116,21 +116,25 @@ TEST(ShardedAdamW, MatchesWholeAdamWWithAllReducedGradientsAndHoldsOneDpthOfTheS
       << "unsharded " << unsharded << " bytes over dp " << dp().size();
 }
 
-TEST(ShardedAdamW, UnitsByLayerAreOnePerDecoderLayerAndOneForTheRest) {
+TEST(ShardedAdamW, UnitsByLayerAreTheEmbeddingEachDecoderLayerAndTheRest) {
   auto model = model_from_seed();
   const NamedTensors params = to_named_tensors(model->named_parameters());
   const std::vector<std::vector<size_t>> units = zero_units_by_layer(params);
-  ASSERT_EQ(units.size(), 1 + static_cast<size_t>(tiny().num_layers));
+  const size_t layers = static_cast<size_t>(tiny().num_layers);
+  ASSERT_EQ(units.size(), layers + 2);
   size_t listed = 0;
   for (size_t u = 0; u < units.size(); ++u) {
     for (size_t i : units[u]) {
       const std::string& name = params[i].first;
-      // Unit 0 starts with the embedding: the parameters of no layer.
-      const std::string want = u == 0 ? "" : "model.layers." + std::to_string(u - 1) + ".";
+      // Unit 0 is the embedding, then one unit a decoder layer, then the
+      // final norm and the head.
       if (u == 0) {
-        EXPECT_EQ(name.find("model.layers."), std::string::npos) << name;
+        EXPECT_EQ(name.rfind("model.embed_tokens.", 0), 0u) << name;
+      } else if (u <= layers) {
+        EXPECT_EQ(name.rfind("model.layers." + std::to_string(u - 1) + ".", 0), 0u) << name << " in unit " << u;
       } else {
-        EXPECT_EQ(name.rfind(want, 0), 0u) << name << " in unit " << u;
+        EXPECT_EQ(name.find("model.layers."), std::string::npos) << name;
+        EXPECT_EQ(name.find("model.embed_tokens."), std::string::npos) << name;
       }
       ++listed;
     }

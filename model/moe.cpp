@@ -1,0 +1,153 @@
+#include "model/moe.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <string>
+#include <utility>
+
+#include "model/kernels/fused_ops.h"
+
+namespace loom {
+
+namespace {
+// A module that only groups children, so names read "experts.3.w1.weight".
+class Container : public torch::nn::Module {};
+}  // namespace
+
+ExpertMlp::ExpertMlp(int64_t hidden, int64_t intermediate, const Names& names, const LayerFactory& factory) {
+  gate_ = register_module(names.gate, factory.linear(hidden, intermediate, /*bias=*/false, LinearRole::kColumn));
+  up_ = register_module(names.up, factory.linear(hidden, intermediate, /*bias=*/false, LinearRole::kColumn));
+  down_ = register_module(names.down, factory.linear(intermediate, hidden, /*bias=*/false, LinearRole::kRow));
+}
+
+torch::Tensor ExpertMlp::forward(const torch::Tensor& x_nd) {
+  const torch::Tensor gate = gate_->forward(x_nd), up = up_->forward(x_nd);
+  // An expert no token chose gets zero rows: the plain ops, as a fused
+  // kernel launched over nothing is not a valid launch.
+  if (x_nd.size(0) == 0) return down_->forward(kernels::swiglu_unfused(gate, up));
+  return down_->forward(kernels::swiglu(gate, up));
+}
+
+SparseMoeBlock::SparseMoeBlock(const ModelConfig& model, const LayerFactory& factory, int64_t layer)
+    : layer_(layer),
+      top_k_(model.num_experts_per_tok),
+      renormalize_(model.renormalize_top_k()),
+      weights_in_router_dtype_(model.architecture != "mixtral") {
+  const int64_t hidden = model.hidden_size;
+  // Replicated under tensor parallelism: every rank routes every token.
+  gate_ = register_module("gate", factory.linear(hidden, model.num_experts, /*bias=*/false, LinearRole::kReplicated));
+  const ExpertMlp::Names names = model.architecture == "mixtral" ? ExpertMlp::Names{"w1", "w3", "w2"}
+                                                                 : ExpertMlp::Names{"gate_proj", "up_proj", "down_proj"};
+  auto experts = register_module("experts", std::make_shared<Container>());
+  for (int64_t e = 0; e < model.num_experts; ++e) {
+    experts_.push_back(experts->register_module(
+        std::to_string(e), std::make_shared<ExpertMlp>(hidden, model.expert_intermediate_size(), names, factory)));
+  }
+  if (model.architecture == "qwen2_moe") {
+    shared_expert_ = register_module(
+        "shared_expert", std::make_shared<ExpertMlp>(hidden, model.shared_expert_intermediate_size,
+                                                     ExpertMlp::Names{"gate_proj", "up_proj", "down_proj"}, factory));
+    shared_expert_gate_ =
+        register_module("shared_expert_gate", factory.linear(hidden, 1, /*bias=*/false, LinearRole::kReplicated));
+  }
+}
+
+torch::Tensor SparseMoeBlock::forward(const torch::Tensor& x_btd) {
+  const int64_t hidden = x_btd.size(-1);
+  const torch::Tensor x = x_btd.reshape({-1, hidden});  // [tokens, hidden]
+  const int64_t num_experts = static_cast<int64_t>(experts_.size());
+
+  // The router, in transformers' order (Note [mixture of experts]).
+  const torch::Tensor logits = gate_->forward(x);  // [tokens, experts]
+  const torch::Tensor probs = at::softmax(logits, -1, at::kFloat);
+  auto [weights, chosen] = at::topk(probs, top_k_, -1);  // [tokens, k] each
+  if (renormalize_) weights = weights / weights.sum(-1, /*keepdim=*/true);
+  // Mixtral multiplies the experts' outputs by fp32 weights; the Qwen
+  // routers cast them to the logits' dtype first.
+  if (weights_in_router_dtype_) weights = weights.to(logits.scalar_type());
+
+  // The token-expert pairs sorted by expert (stable: each expert's tokens in
+  // token order), so that each expert reads one contiguous slice.
+  const torch::Tensor pair_expert = chosen.reshape({-1});  // [tokens * k], pair p = token p / k
+  const torch::Tensor order = at::argsort(pair_expert, /*stable=*/true);
+  const torch::Tensor pair_token = at::div(order, top_k_, "floor");
+  // One copy to the host: the slice sizes. (A grouped GEMM over experts
+  // would take them on the device; see issue #34.)
+  const torch::Tensor counts = at::bincount(pair_expert, {}, num_experts).to(torch::kCPU);
+  const int64_t* count = counts.data_ptr<int64_t>();
+  last_load_.tokens_per_expert.assign(count, count + num_experts);
+  {
+    // Note [router metrics]: statistics, outside the graph.
+    at::NoGradGuard no_grad;
+    const torch::Tensor tokens = counts.to(torch::kDouble);
+    const torch::Tensor probability = probs.sum(0);
+    tokens_sum_e_ = tokens_sum_e_.defined() ? tokens_sum_e_ + tokens : tokens;
+    probability_sum_e_ = probability_sum_e_.defined() ? probability_sum_e_ + probability : probability;
+  }
+
+  const torch::Tensor x_sorted = x.index_select(0, pair_token);
+  std::vector<torch::Tensor> outputs;
+  outputs.reserve(experts_.size());
+  int64_t begin = 0;
+  for (int64_t e = 0; e < num_experts; ++e) {
+    // An expert no token chose still runs, on zero rows (Note [mixture of
+    // experts]): its gradient is zeros, and tp ranks issue its collectives.
+    outputs.push_back(experts_[e]->forward(x_sorted.narrow(0, begin, count[e])));
+    begin += count[e];
+  }
+  const torch::Tensor pair_weight = weights.reshape({-1}).index_select(0, order).unsqueeze(1);
+  const torch::Tensor y_sorted = (at::cat(outputs, 0) * pair_weight).to(x.scalar_type());
+  // Each token's k weighted outputs summed, in expert order as transformers adds them.
+  torch::Tensor y = at::zeros_like(x).index_add(0, pair_token, y_sorted);
+  if (shared_expert_) y = y + at::sigmoid(shared_expert_gate_->forward(x)) * shared_expert_->forward(x);
+  return y.view(x_btd.sizes());
+}
+
+std::pair<torch::Tensor, torch::Tensor> SparseMoeBlock::take_sums() {
+  const int64_t num_experts = static_cast<int64_t>(experts_.size());
+  const auto zeros = [&] { return torch::zeros({num_experts}, torch::kDouble); };
+  std::pair<torch::Tensor, torch::Tensor> sums{
+      tokens_sum_e_.defined() ? tokens_sum_e_ : zeros(),
+      probability_sum_e_.defined() ? probability_sum_e_.to(torch::kCPU, torch::kDouble) : zeros()};
+  tokens_sum_e_ = torch::Tensor();
+  probability_sum_e_ = torch::Tensor();
+  return sums;
+}
+
+RouterStats take_router_stats(const torch::nn::Module& module, const ModelConfig& model) {
+  RouterStats stats{torch::zeros({model.num_layers, model.num_experts}, torch::kDouble),
+                    torch::zeros({model.num_layers, model.num_experts}, torch::kDouble)};
+  for (const auto& child : module.modules()) {
+    auto* block = dynamic_cast<SparseMoeBlock*>(child.get());
+    if (block == nullptr) continue;
+    auto [tokens, probability] = block->take_sums();
+    stats.tokens_le[block->layer()] += tokens;
+    stats.probability_le[block->layer()] += probability;
+  }
+  return stats;
+}
+
+RouterMetrics router_metrics(const RouterStats& stats) {
+  RouterMetrics metrics;
+  const torch::Tensor assignments_l = stats.tokens_le.sum(1);
+  const double assignments = assignments_l.sum().item<double>();
+  if (assignments <= 0) return metrics;
+  const int64_t num_experts = stats.tokens_le.size(1);
+  for (int64_t layer = 0; layer < stats.tokens_le.size(0); ++layer) {
+    const double layer_assignments = assignments_l[layer].item<double>();
+    if (layer_assignments <= 0) continue;  // dense, or no token
+    const double mean = layer_assignments / static_cast<double>(num_experts);
+    metrics.load_max_over_mean =
+        std::max(metrics.load_max_over_mean, stats.tokens_le[layer].max().item<double>() / mean);
+  }
+  // transformers' rows are tokens over all sparse layers: each token's
+  // probabilities sum to 1 in every layer, so the rows are the probabilities' total.
+  const double rows = stats.probability_le.sum().item<double>();
+  const torch::Tensor share_e = stats.tokens_le.sum(0) / rows;
+  const torch::Tensor probability_e = stats.probability_le.sum(0) / rows;
+  metrics.aux_loss = static_cast<double>(num_experts) * (share_e * probability_e).sum().item<double>();
+  return metrics;
+}
+
+}  // namespace loom

@@ -1,0 +1,136 @@
+// Mixture-of-experts feed-forward blocks (mixtral, qwen2_moe, qwen3_moe):
+// what LayerFactory::mlp returns for a sparse layer.
+//
+// Note [mixture of experts]
+// A sparse decoder layer replaces the dense MLP by a router and E experts
+// (Shazeer et al. 2017; Mixtral, Jiang et al. 2024). Per token x:
+//   probs = softmax(gate(x)) in fp32            gate: [E, hidden], no bias
+//   w, e  = top-k(probs)                        k = num_experts_per_tok
+//   w    /= sum(w)                              mixtral always; qwen with norm_topk_prob
+//   y     = sum_j w_j * expert_{e_j}(x)         each expert a SwiGLU MLP
+// qwen2_moe adds a shared expert every token passes through, scaled by
+// sigmoid(shared_expert_gate(x)) (a [1, hidden] linear). This is
+// transformers' order of operations (MixtralTopKRouter, Qwen2MoeTopKRouter,
+// Qwen3MoeTopKRouter): softmax before the top-k, then the renormalization.
+//
+// The Hub files name the experts one by one, and so do the parameters here:
+//   mixtral:  model.layers.N.block_sparse_moe.gate.weight            [E, hidden]
+//             model.layers.N.block_sparse_moe.experts.J.w1.weight    [inter, hidden]  (gate)
+//             model.layers.N.block_sparse_moe.experts.J.w3.weight    [inter, hidden]  (up)
+//             model.layers.N.block_sparse_moe.experts.J.w2.weight    [hidden, inter]  (down)
+//   qwen:     model.layers.N.mlp.gate.weight
+//             model.layers.N.mlp.experts.J.{gate,up,down}_proj.weight
+//             model.layers.N.mlp.shared_expert.{gate,up,down}_proj.weight  (qwen2_moe)
+//             model.layers.N.mlp.shared_expert_gate.weight                 [1, hidden]
+// (transformers 5 fuses the experts into 3-D tensors in memory and converts
+// from and to these names when it loads and saves.)
+//
+// The experts' linears come from the layer factory like a dense MLP's
+// (gate/up column, down row), so tensor parallelism cuts every expert the
+// way it cuts an MLP, and pipeline and data parallelism need nothing new:
+// the router is replicated, and on every tp rank sees the same residual
+// stream (the row linears' all-reduce leaves the same sum on every rank), so
+// every tp rank routes alike and issues the same collectives. Every expert
+// runs on every call, on zero tokens when none chose it, so that each
+// parameter has a gradient (zeros) on every rank and data parallelism's
+// reduction finds the same tensors everywhere. Experts are replicated over
+// dp (no expert parallelism yet). The load-balancing loss is not added:
+// transformers adds it only with output_router_logits, which the Hub's MoE
+// configs leave false.
+//
+// Note [router metrics]
+// Each block adds up, from every forward until take_router_stats, the
+// token-expert assignments routed to each expert and each expert's router
+// probability summed over the tokens (detached: statistics, not a loss).
+// Summed over all ranks once per step, they give two metrics:
+//   router_load_max_over_mean: the most loaded expert's tokens over the mean
+//     expert's, in the worst sparse layer (1 = perfectly balanced, E = every
+//     token on one expert);
+//   router_aux_loss: transformers' load_balancing_loss_func over all sparse
+//     layers of the step's tokens, E * sum_e f_e * P_e with f_e the share of
+//     assignments and P_e the mean probability of expert e (logged only).
+// Both are ratios, so the tp ranks (which route the same tokens) and
+// recomputation in backward (which routes them again) count alike in the
+// numerator and the denominator and change neither.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <torch/nn/module.h>
+#include <torch/types.h>
+
+#include "config/model_config.h"
+#include "model/layers.h"
+
+namespace loom {
+
+// One SwiGLU expert: down(silu(gate(x)) * up(x)), its three linears
+// registered under the family's names (w1/w3/w2 or gate/up/down_proj).
+class ExpertMlp : public torch::nn::Module {
+ public:
+  struct Names {
+    const char* gate;
+    const char* up;
+    const char* down;
+  };
+  ExpertMlp(int64_t hidden, int64_t intermediate, const Names& names, const LayerFactory& factory);
+  torch::Tensor forward(const torch::Tensor& x_nd);  // [tokens, hidden] -> [tokens, hidden]
+
+ private:
+  std::shared_ptr<Linear> gate_, up_, down_;
+};
+
+// How the tokens of one forward were spread over the experts: for metrics
+// and tests. tokens_per_expert counts token-expert assignments (k per token).
+struct RouterLoad {
+  std::vector<int64_t> tokens_per_expert;
+};
+
+class SparseMoeBlock : public FeedForward {
+ public:
+  // `layer`: the decoder layer's global number, for take_router_stats.
+  SparseMoeBlock(const ModelConfig& model, const LayerFactory& factory, int64_t layer);
+  torch::Tensor forward(const torch::Tensor& x_btd) override;
+  // The spread of the last forward's tokens.
+  const RouterLoad& last_load() const { return last_load_; }
+  int64_t layer() const { return layer_; }
+  // The sums of Note [router metrics] since the last call, as float64 CPU
+  // tensors [num_experts]; the block's sums start again from zero.
+  std::pair<torch::Tensor, torch::Tensor> take_sums();
+
+ private:
+  int64_t layer_;
+  int64_t top_k_;
+  bool renormalize_;
+  bool weights_in_router_dtype_;  // qwen: the kept weights cast to the logits' dtype
+  std::shared_ptr<Linear> gate_;
+  std::vector<std::shared_ptr<ExpertMlp>> experts_;
+  std::shared_ptr<ExpertMlp> shared_expert_;  // qwen2_moe, else null
+  std::shared_ptr<Linear> shared_expert_gate_;
+  RouterLoad last_load_;
+  torch::Tensor tokens_sum_e_;       // float64 CPU [experts]; undefined: none yet
+  torch::Tensor probability_sum_e_;  // float32 on the device [experts]
+};
+
+// Note [router metrics]: the sums of every sparse block of `module` (a
+// rank's model or one of its pipeline chunks), taken and reset, as float64
+// CPU tensors [num_layers, num_experts] whose rows of layers the module does
+// not hold, or that are dense, are zeros: summed over the chunks and ranks
+// they describe the whole model.
+struct RouterStats {
+  torch::Tensor tokens_le;
+  torch::Tensor probability_le;
+};
+RouterStats take_router_stats(const torch::nn::Module& module, const ModelConfig& model);
+
+struct RouterMetrics {
+  double load_max_over_mean = 0.0;
+  double aux_loss = 0.0;
+};
+// The metrics of stats summed over all ranks; zeros when no token was routed.
+RouterMetrics router_metrics(const RouterStats& stats);
+
+}  // namespace loom

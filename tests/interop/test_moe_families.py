@@ -1,0 +1,240 @@
+"""Mixture-of-experts families (Note [mixture of experts] in model/moe.h)
+against the real transformers: Mixtral (block_sparse_moe, w1/w2/w3, top-k
+weights always renormalized, here with a window on every layer), Qwen2-MoE
+(a shared expert behind a sigmoid gate, a dense layer among the sparse ones,
+top-k weights not renormalized) and Qwen3-MoE (per-head q/k norms,
+norm_topk_prob, decoder_sparse_step 2).
+
+For each family one tiny model (hidden 64, 4 experts, top 2) is built by
+transformers with random weights perturbed so that every router, norm and
+bias matters, and saved as a Hub folder (transformers 5 writes one tensor
+per expert). Then:
+- loom's logits on that folder agree with transformers' within 1e-4 (fp32);
+- 20 greedy tokens of `loom generate` are transformers' own;
+- 3 steps of `loom train` from model.init_from export a folder that
+  transformers loads as the same class with no missing or unexpected keys
+  and whose logits are loom's own of the trained checkpoint;
+- for Qwen2-MoE, tp 2, pp 2 and dp 2 runs of those 3 steps log the single
+  rank's losses within 1e-5 (experts replicated over dp; no expert
+  parallelism yet) and its router metrics, and a checkpoint of step 2
+  resumed on tp 2 logs the single rank's step 3.
+"""
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import LOOM_BIN, run_loom
+from train_cli import run_train
+
+TOLERANCE = 1e-4
+LOSS_TOLERANCE = 1e-5
+VOCAB = 128
+SEQ_LEN = 32
+DATASET_TOOL = os.environ.get("LOOM_DATASET_TOOL", str(LOOM_BIN).replace("/loom", "/tests/loom_dataset_tool"))
+
+SHAPE = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=128, tie_word_embeddings=False)
+FAMILIES = {
+    # A window of 12 tokens on both layers, shorter than the prompts.
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
+        SHAPE, intermediate_size=48, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
+        sliding_window=12)),
+    # Layer 1 of 3 keeps a dense MLP (intermediate_size); the others have
+    # 4 experts of 32 features and a shared expert of 48.
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        SHAPE, intermediate_size=96, num_hidden_layers=3, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=32, shared_expert_intermediate_size=48, norm_topk_prob=False, mlp_only_layers=[1])),
+    # decoder_sparse_step 2: layer 0 dense, layer 1 sparse; head_dim 24.
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        SHAPE, intermediate_size=96, num_hidden_layers=2, head_dim=24, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=32, norm_topk_prob=True, decoder_sparse_step=2)),
+}
+LAYOUT_FAMILY = "qwen2_moe"
+LAYOUTS = {
+    "tp2": (2, {"parallel.tp": 2}),
+    "pp2": (2, {"parallel.pp": 2}),
+    "dp2": (2, {"parallel.dp": 2}),
+}
+
+
+def make_model(family, seed):
+    import transformers
+    config_name, model_name, config = FAMILIES[family]
+    config = dict(config, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(getattr(transformers, config_name)(**config)).eval()
+    # Norm weights around 1, everything else wider than the init's 0.02: the
+    # routers pick clear winners and every expert and bias changes the logits.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
+    return model
+
+
+def hf_logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+def loom_logits(folder, ids, path):
+    save_file({"input_ids": ids.contiguous()}, str(path.with_suffix(".ids.safetensors")))
+    run_loom("forward", folder, "--input-ids", path.with_suffix(".ids.safetensors"), "--output", path)
+    return load_file(str(path))["logits"]
+
+
+def train(tmp, family, name, ranks=1, expected_steps=3, **sets):
+    """3 steps of `loom train` from the family's Hub folder; returns the run folder and its losses."""
+    _, _, config = FAMILIES[family]
+    out = tmp / "runs"
+    yaml = tmp / f"{name}.yaml"
+    yaml.write_text(f"""
+run: {{name: {name}, output_dir: {out}, seed: 1, device: cpu}}
+model:
+  init_from: {tmp / "hf"}
+  architecture: {family}
+  hidden_size: {config["hidden_size"]}
+  intermediate_size: {config["intermediate_size"]}
+  num_layers: {config["num_hidden_layers"]}
+  num_heads: {config["num_attention_heads"]}
+  num_kv_heads: {config["num_key_value_heads"]}
+  vocab_size: {VOCAB}
+  num_experts: 4
+  num_experts_per_tok: 2
+data:
+  train: [{{path: {tmp / "data"}, weight: 1.0}}]
+  seq_len: {SEQ_LEN}
+batch: {{micro_batch_size: 1, global_batch_size: 4}}
+optimizer: {{lr: 1.0e-3}}
+schedule: {{train_steps: 3, warmup_steps: 1}}
+checkpoint: {{interval: 0, export_hf_at_end: {"true" if ranks == 1 else "false"}, export_dtype: float32}}
+logging: {{interval: 1}}
+""")
+    run_train(yaml, ranks, sets)
+    rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [row for row in rows if "loss" in row and "step" in row]
+    assert len(steps) == expected_steps, rows
+    return out / name, [row["loss"] for row in steps], [(row["router_load_max_over_mean"], row["router_aux_loss"])
+                                                        for row in steps]
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+    """(family, transformers model, scratch folder holding hf/ and data/, the single-rank run)."""
+    name = request.param
+    tmp = tmp_path_factory.mktemp(name)
+    model = make_model(name, seed=len(name))
+    model.save_pretrained(tmp / "hf")
+    generator = torch.Generator().manual_seed(11)
+    documents = [torch.randint(1, VOCAB, (n,), generator=generator).tolist() for n in (40, 35, 50, 30)]
+    text = "".join(" ".join(map(str, doc)) + "\n" for doc in documents)
+    subprocess.run([DATASET_TOOL, "write", str(tmp / "data"), "--vocab-size", str(VOCAB), "--eos", "0"],
+                   input=text, text=True, check=True, capture_output=True)
+    run, losses, router = train(tmp, name, "single")
+    return name, model, tmp, run, (losses, router)
+
+
+def test_hub_files_name_each_expert(family):
+    """The folder transformers wrote (and so loom read) holds one tensor per expert."""
+    name, _, tmp, _, _ = family
+    from safetensors import safe_open
+    with safe_open(str(tmp / "hf" / "model.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+    block = "block_sparse_moe" if name == "mixtral" else "mlp"
+    down = "w2" if name == "mixtral" else "down_proj"
+    sparse_layer = 1 if name == "qwen3_moe" else 0
+    assert f"model.layers.{sparse_layer}.{block}.experts.3.{down}.weight" in names, sorted(names)
+    assert f"model.layers.{sparse_layer}.{block}.gate.weight" in names
+
+
+def test_logits_match_transformers(family):
+    name, model, tmp, _, _ = family
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(2))
+    diff = (loom_logits(tmp / "hf", ids, tmp / "hf-logits.safetensors") - hf_logits(model, ids)).abs().max().item()
+    assert diff < TOLERANCE, f"{name}: max |loom - transformers| = {diff}"
+
+
+def test_greedy_generation_matches_transformers(family):
+    name, model, tmp, _, _ = family
+    prompt = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = model.generate(prompt, do_sample=False, max_new_tokens=20, min_new_tokens=20)
+    expected = out[0, prompt.shape[1]:].tolist()
+    proc = run_loom("generate", tmp / "hf", "--prompt-ids", ",".join(map(str, prompt[0].tolist())),
+                    "--greedy", "--max-new-tokens", 20)
+    assert [int(t) for t in proc.stdout.strip().split(",")] == expected, name
+
+
+def test_router_metrics_are_logged_each_step(family):
+    """Note [router metrics]: the worst layer's max / mean tokens per expert, between 1 (balanced) and
+    E / k = 2 (an expert takes every token once); transformers' load-balancing loss over the step's
+    tokens, E * sum_e f_e P_e with sum_e P_e = 1 and each f_e at most 1: in (0, E]."""
+    _, _, _, _, (_, router) = family
+    for load, aux in router:
+        assert 1.0 <= load <= 2.0, router
+        assert 0.0 < aux <= 4.0, router
+
+
+def test_trained_export_loads_as_the_same_class_with_loom_logits(family):
+    from transformers import AutoModelForCausalLM
+    name, model, tmp, run, (losses, _) = family
+    assert all(loss == loss for loss in losses) and losses[-1] < losses[0], losses
+    reloaded, info = AutoModelForCausalLM.from_pretrained(run / "hf", output_loading_info=True)
+    assert type(reloaded).__name__ == type(model).__name__
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    config = json.loads((run / "hf" / "config.json").read_text())
+    assert config["model_type"] == model.config.model_type
+    for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+                "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", "sliding_window"):
+        assert getattr(reloaded.config, key, None) == getattr(model.config, key, None), key
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(3))
+    trained = loom_logits(run / "checkpoints" / "step-0000003", ids, tmp / "trained-logits.safetensors")
+    expected = hf_logits(reloaded.eval(), ids)
+    assert (trained - expected).abs().max().item() < TOLERANCE, name
+    # Training moved the weights: the export is not the base model.
+    assert (expected - hf_logits(model, ids)).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_layout_reproduces_single_rank_losses(family, layout):
+    name, _, tmp, _, (single, single_router) = family
+    if name != LAYOUT_FAMILY:
+        pytest.skip(f"the layouts are checked on {LAYOUT_FAMILY}, whose block has every part")
+    ranks, sets = LAYOUTS[layout]
+    _, losses, router = train(tmp, name, layout, ranks, **sets)
+    diffs = [abs(a - b) for a, b in zip(losses, single)]
+    assert max(diffs) < LOSS_TOLERANCE, f"{name} {layout}: {losses} vs single rank {single}"
+    # The router metrics summed over the ranks are the single rank's.
+    for (load, aux), (single_load, single_aux) in zip(router, single_router):
+        assert abs(load - single_load) < 1e-6 and abs(aux - single_aux) < 1e-6, (router, single_router)
+
+
+def test_resume_onto_tp2_continues_the_single_rank_run(family):
+    """A checkpoint of step 2 on one rank, resumed on tp 2, logs the uninterrupted run's step 3."""
+    name, _, tmp, _, (single, _) = family
+    if name != LAYOUT_FAMILY:
+        pytest.skip(f"resuming is checked on {LAYOUT_FAMILY}")
+    run, _, _ = train(tmp, name, "checkpointed", 1, **{"checkpoint.interval": 2})
+    _, losses, _ = train(tmp, name, "resumed_tp2", 2, **{"parallel.tp": 2, "checkpoint.resume": run / "checkpoints" /
+                                                       "step-0000002"}, expected_steps=1)
+    assert abs(losses[0] - single[2]) < LOSS_TOLERANCE, (losses, single)
+
+
+def test_the_router_auxiliary_loss_is_refused(family):
+    """transformers adds the load-balancing loss only with output_router_logits; loom does not compute it."""
+    name, _, tmp, _, _ = family
+    if name != "mixtral":
+        pytest.skip("one family is enough: the check reads a key all three share")
+    folder = tmp / "aux-loss"
+    shutil.copytree(tmp / "hf", folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, output_router_logits=True)))
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    save_file({"input_ids": ids}, str(tmp / "aux.ids.safetensors"))
+    proc = run_loom("forward", folder, "--input-ids", tmp / "aux.ids.safetensors", "--output", tmp / "aux.safetensors",
+                    expect=2)
+    assert "output_router_logits is true" in proc.stderr, proc.stderr

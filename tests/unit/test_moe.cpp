@@ -1,0 +1,189 @@
+// The mixture-of-experts block (model/moe.h) against the routing written out
+// token by token, and the parameter counts against the model.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <string>
+#include <vector>
+
+#include "model/llama.h"
+#include "model/moe.h"
+
+namespace loom {
+namespace {
+
+ModelConfig moe_config(const std::string& architecture) {
+  ModelConfig m;
+  m.architecture = architecture;
+  m.hidden_size = 32;
+  m.intermediate_size = 48;
+  m.num_layers = 3;
+  m.num_heads = 4;
+  m.num_kv_heads = 2;
+  m.vocab_size = 50;
+  m.max_seq_len = 32;
+  m.init_std = 0.3;
+  m.num_experts = 4;
+  m.num_experts_per_tok = 2;
+  if (architecture != "mixtral") m.moe_intermediate_size = 24;
+  if (architecture == "qwen2_moe") m.shared_expert_intermediate_size = 40;
+  return m;
+}
+
+std::shared_ptr<LlamaForCausalLM> make_model(const ModelConfig& m) {
+  LocalLayerFactory factory;
+  auto model = std::make_shared<LlamaForCausalLM>(m, factory);
+  model->init_weights(3);
+  return model;
+}
+
+torch::Tensor param(const LlamaForCausalLM& model, const std::string& name) {
+  return model.named_parameters()[name];
+}
+
+// One token's output written out as Note [mixture of experts] states it.
+torch::Tensor reference_block(const LlamaForCausalLM& model, const ModelConfig& m, const std::string& block,
+                              const torch::Tensor& x_d) {
+  const bool mixtral = m.architecture == "mixtral";
+  const auto probs = torch::softmax(torch::mv(param(model, block + ".gate.weight"), x_d), 0);
+  auto [weights, chosen] = torch::topk(probs, m.num_experts_per_tok);
+  if (m.renormalize_top_k()) weights = weights / weights.sum();
+  const auto swiglu = [&](const std::string& prefix, const char* gate, const char* up, const char* down) {
+    const auto g = torch::mv(param(model, prefix + gate + ".weight"), x_d);
+    const auto u = torch::mv(param(model, prefix + up + ".weight"), x_d);
+    return torch::mv(param(model, prefix + down + ".weight"), torch::silu(g) * u);
+  };
+  auto y = torch::zeros_like(x_d);
+  for (int64_t j = 0; j < m.num_experts_per_tok; ++j) {
+    const std::string prefix = block + ".experts." + std::to_string(chosen[j].item<int64_t>()) + ".";
+    y += weights[j] * (mixtral ? swiglu(prefix, "w1", "w3", "w2") : swiglu(prefix, "gate_proj", "up_proj", "down_proj"));
+  }
+  if (m.architecture == "qwen2_moe") {
+    const auto gate = torch::sigmoid(torch::mv(param(model, block + ".shared_expert_gate.weight"), x_d));
+    y += gate * swiglu(block + ".shared_expert.", "gate_proj", "up_proj", "down_proj");
+  }
+  return y;
+}
+
+class SparseBlock : public testing::TestWithParam<std::string> {};
+
+TEST_P(SparseBlock, MatchesTheRoutingWrittenOutTokenByToken) {
+  torch::NoGradGuard no_grad;
+  ModelConfig m = moe_config(GetParam());
+  auto model = make_model(m);
+  const std::string block = std::string("model.layers.0.") + m.feed_forward_name();
+  std::shared_ptr<SparseMoeBlock> moe;
+  for (const auto& named : model->named_modules()) {
+    if (named.key() == block) moe = std::dynamic_pointer_cast<SparseMoeBlock>(named.value());
+  }
+  ASSERT_NE(moe, nullptr) << block << " is not a SparseMoeBlock";
+  torch::manual_seed(5);
+  const auto x_btd = torch::randn({2, 7, m.hidden_size});
+  const auto y_btd = moe->forward(x_btd);
+  ASSERT_EQ(y_btd.sizes(), x_btd.sizes());
+  for (int64_t b = 0; b < 2; ++b) {
+    for (int64_t t = 0; t < 7; ++t) {
+      const auto expected = reference_block(*model, m, block, x_btd[b][t]);
+      // fp32 rounding apart (values up to about 10); a wrong expert or weight is off by O(1).
+      EXPECT_TRUE(torch::allclose(y_btd[b][t], expected, 1e-5, 1e-5))
+          << GetParam() << " token " << b << "," << t << ": max |difference| "
+          << (y_btd[b][t] - expected).abs().max().item<double>() << " of values up to "
+          << expected.abs().max().item<double>();
+    }
+  }
+  // Every token went to k experts.
+  int64_t assigned = 0;
+  for (int64_t count : moe->last_load().tokens_per_expert) assigned += count;
+  EXPECT_EQ(assigned, 2 * 7 * m.num_experts_per_tok);
+}
+
+TEST_P(SparseBlock, EveryExpertGetsAGradientEvenWithoutTokens) {
+  // One token, top 1 of 4: three experts see no token, yet each parameter
+  // has a gradient (zeros), as data parallelism's reduction expects.
+  ModelConfig m = moe_config(GetParam());
+  m.num_experts_per_tok = 1;
+  auto model = make_model(m);
+  model->forward(torch::tensor({{7}}, torch::kLong)).sum().backward();
+  int64_t zero_experts = 0;
+  for (const auto& named : model->named_parameters()) {
+    ASSERT_TRUE(named.value().grad().defined()) << named.key();
+    if (named.key().find(".experts.") != std::string::npos && named.value().grad().abs().sum().item<double>() == 0) {
+      ++zero_experts;
+    }
+  }
+  // Three unchosen experts of three linears in each sparse layer (all 3 here).
+  EXPECT_EQ(zero_experts, 3 * 3 * m.num_layers);
+}
+
+TEST_P(SparseBlock, ParameterCountsMatchTheModel) {
+  ModelConfig m = moe_config(GetParam());
+  int64_t total = 0;
+  for (const auto& p : make_model(m)->parameters()) total += p.numel();
+  EXPECT_EQ(count_parameters(m), total);
+  // Active: k of the 4 experts in each sparse layer.
+  const int64_t inter = m.expert_intermediate_size();
+  int64_t sparse_layers = 0;
+  for (int64_t layer = 0; layer < m.num_layers; ++layer) sparse_layers += m.sparse_layer(layer) ? 1 : 0;
+  EXPECT_EQ(count_non_embedding_parameters(m) - count_active_non_embedding_parameters(m),
+            sparse_layers * 2 * 3 * m.hidden_size * inter);
+}
+
+INSTANTIATE_TEST_SUITE_P(Families, SparseBlock, testing::Values("mixtral", "qwen2_moe", "qwen3_moe"),
+                         [](const testing::TestParamInfo<std::string>& info) { return info.param; });
+
+TEST(RouterMetrics, BalancedRoutingGivesOneAndTopKAndSkewGivesMore) {
+  // Two layers of 4 experts, 4 tokens of top 2. Layer 0 balanced with
+  // uniform probabilities: transformers' loss is k = 2; layer 1 dense (zeros).
+  RouterStats balanced{torch::zeros({2, 4}, torch::kDouble), torch::zeros({2, 4}, torch::kDouble)};
+  balanced.tokens_le[0].fill_(2.0);
+  balanced.probability_le[0].fill_(1.0);
+  RouterMetrics metrics = router_metrics(balanced);
+  EXPECT_DOUBLE_EQ(metrics.load_max_over_mean, 1.0);
+  EXPECT_DOUBLE_EQ(metrics.aux_loss, 2.0);
+  // Every token on experts 0 and 1, with most of its probability there.
+  RouterStats skewed{torch::zeros({2, 4}, torch::kDouble), torch::zeros({2, 4}, torch::kDouble)};
+  skewed.tokens_le[0] = torch::tensor({4.0, 4.0, 0.0, 0.0}, torch::kDouble);
+  skewed.probability_le[0] = torch::tensor({1.6, 1.6, 0.4, 0.4}, torch::kDouble);
+  metrics = router_metrics(skewed);
+  EXPECT_DOUBLE_EQ(metrics.load_max_over_mean, 2.0);
+  EXPECT_NEAR(metrics.aux_loss, 4 * (1.0 * 0.4 + 1.0 * 0.4), 1e-12);
+  // Nothing routed: zeros, not NaN.
+  metrics = router_metrics(RouterStats{torch::zeros({2, 4}, torch::kDouble), torch::zeros({2, 4}, torch::kDouble)});
+  EXPECT_EQ(metrics.load_max_over_mean, 0.0);
+  EXPECT_EQ(metrics.aux_loss, 0.0);
+}
+
+TEST(RouterMetrics, TakeRouterStatsCountsEveryForwardSinceTheLastTake) {
+  torch::NoGradGuard no_grad;
+  ModelConfig m = moe_config("qwen3_moe");
+  m.decoder_sparse_step = 3;  // layer 2 only
+  auto model = make_model(m);
+  const auto ids = torch::tensor({{1, 2, 3, 4, 5}}, torch::kLong);
+  model->forward(ids);
+  model->forward(ids);
+  const RouterStats stats = take_router_stats(*model, m);
+  ASSERT_EQ(stats.tokens_le.sizes(), (std::vector<int64_t>{3, 4}));
+  EXPECT_EQ(stats.tokens_le[2].sum().item<double>(), 2 * 5 * 2);  // two forwards of 5 tokens, top 2
+  EXPECT_NEAR(stats.probability_le[2].sum().item<double>(), 2 * 5, 1e-5);
+  EXPECT_EQ(stats.tokens_le.narrow(0, 0, 2).abs().sum().item<double>(), 0);  // dense layers
+  // Taken: the next take starts from zero.
+  EXPECT_EQ(take_router_stats(*model, m).tokens_le.sum().item<double>(), 0);
+}
+
+TEST(SparseLayers, FollowDecoderSparseStepAndMlpOnlyLayers) {
+  ModelConfig m = moe_config("qwen3_moe");
+  m.num_layers = 6;
+  m.decoder_sparse_step = 2;
+  m.mlp_only_layers = {3};
+  std::vector<bool> sparse;
+  for (int64_t layer = 0; layer < 6; ++layer) sparse.push_back(m.sparse_layer(layer));
+  EXPECT_EQ(sparse, (std::vector<bool>{false, true, false, false, false, true}));
+  auto model = make_model(m);
+  const auto params = model->named_parameters();
+  EXPECT_TRUE(params.contains("model.layers.0.mlp.gate_proj.weight"));
+  EXPECT_TRUE(params.contains("model.layers.1.mlp.experts.3.down_proj.weight"));
+  EXPECT_TRUE(params.contains("model.layers.3.mlp.up_proj.weight"));
+}
+
+}  // namespace
+}  // namespace loom
