@@ -223,6 +223,10 @@ void log_memory_forecast(const Config& config, int64_t dp, std::ostream& log) {
   if (!shape) return;
   plan::Problem problem = plan::Problem::from_config(config);
   problem.model = *shape;
+  // loom plan has no cp axis yet: a cp rank holds seq_len / cp tokens of
+  // each sequence, and every tensor the model counts per token scales with
+  // them (the ring's key/value blocks in flight are left out).
+  if (config.parallel.cp > 1) problem.seq_len /= config.parallel.cp;
   const plan::Layout layout = plan::Layout::of(config, dp);
   problem.gpus = layout.world();
   problem.gpus_per_node = layout.world();

@@ -18,22 +18,13 @@ and saved as a Hub folder. Then:
 The prompts (40 tokens) and training rows (32) are longer than the windows.
 """
 import json
-import os
 import shutil
-import subprocess
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
-from conftest import LOOM_BIN, run_loom
-from train_cli import run_train
-
-TOLERANCE = 1e-4
-LOSS_TOLERANCE = 1e-5
-VOCAB = 128
-SEQ_LEN = 32
-DATASET_TOOL = os.environ.get("LOOM_DATASET_TOOL", str(LOOM_BIN).replace("/loom", "/tests/loom_dataset_tool"))
+from hub_families import (LOSS_TOLERANCE, SEQ_LEN, VOCAB, check_greedy_generation, check_logits, check_trained_export,
+                          loom_logits, make_family, train as train_family)
 
 FAMILIES = {
     # head_dim 24 while hidden / heads is 16; biases on all four projections.
@@ -123,117 +114,35 @@ LAYOUTS = {
 }
 
 
-def make_model(family, seed):
-    import transformers
-    config_name, model_name, config = FAMILIES[family]
-    config = dict(config, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    torch.manual_seed(seed)
-    model = getattr(transformers, model_name)(getattr(transformers, config_name)(**config)).eval()
-    # Norm weights around 1 (not exactly 1) and biases and weights wider than
-    # the init's 0.02, so every norm and bias changes the logits and greedy
-    # decoding has clear winners.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
-    return model
-
-
-def hf_logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits.float()
-
-
-def loom_logits(folder, ids, path):
-    save_file({"input_ids": ids.contiguous()}, str(path.with_suffix(".ids.safetensors")))
-    run_loom("forward", folder, "--input-ids", path.with_suffix(".ids.safetensors"), "--output", path)
-    return load_file(str(path))["logits"]
-
-
 def train(tmp, family, name, ranks=1, **sets):
     """3 steps of `loom train` from the family's Hub folder; returns the run folder and its losses."""
-    _, _, config = FAMILIES[family]
-    out = tmp / "runs"
-    yaml = tmp / f"{name}.yaml"
-    # The shape keys again (checked against config.json): under mpirun the
-    # preflight counts the parameters from them before init_from fills them in.
-    yaml.write_text(f"""
-run: {{name: {name}, output_dir: {out}, seed: 1, device: cpu}}
-model:
-  init_from: {tmp / "hf"}
-  architecture: {ARCHITECTURE.get(family, family)}
-  hidden_size: {config["hidden_size"]}
-  intermediate_size: {config["intermediate_size"]}
-  num_layers: {config["num_hidden_layers"]}
-  num_heads: {config["num_attention_heads"]}
-  num_kv_heads: {config["num_key_value_heads"]}
-  vocab_size: {VOCAB}
-data:
-  train: [{{path: {tmp / "data"}, weight: 1.0}}]
-  seq_len: {SEQ_LEN}
-batch: {{micro_batch_size: 1, global_batch_size: 4}}
-optimizer: {{lr: 1.0e-3}}
-schedule: {{train_steps: 3, warmup_steps: 1}}
-checkpoint: {{interval: 0, export_hf_at_end: {"true" if ranks == 1 else "false"}, export_dtype: float32}}
-logging: {{interval: 1}}
-""")
-    run_train(yaml, ranks, sets)
-    rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    losses = [row["loss"] for row in rows if "loss" in row and "step" in row]
-    assert len(losses) == 3, rows
-    return out / name, losses
+    run, steps = train_family(tmp, FAMILIES[family][2], ARCHITECTURE.get(family, family), name, ranks, **sets)
+    return run, [row["loss"] for row in steps]
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family(request, tmp_path_factory):
     """(family, transformers model, scratch folder holding hf/ and data/, the single-rank run)."""
     name = request.param
-    tmp = tmp_path_factory.mktemp(name)
-    model = make_model(name, seed=len(name))
-    model.save_pretrained(tmp / "hf")
-    generator = torch.Generator().manual_seed(11)
-    documents = [torch.randint(1, VOCAB, (n,), generator=generator).tolist() for n in (40, 35, 50, 30)]
-    text = "".join(" ".join(map(str, doc)) + "\n" for doc in documents)
-    subprocess.run([DATASET_TOOL, "write", str(tmp / "data"), "--vocab-size", str(VOCAB), "--eos", "0"],
-                   input=text, text=True, check=True, capture_output=True)
+    model, tmp = make_family(FAMILIES, name, tmp_path_factory)
     run, losses = train(tmp, name, "single")
     return name, model, tmp, run, losses
 
 
 def test_logits_match_transformers(family):
     name, model, tmp, _, _ = family
-    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(2))
-    diff = (loom_logits(tmp / "hf", ids, tmp / "hf-logits.safetensors") - hf_logits(model, ids)).abs().max().item()
-    assert diff < TOLERANCE, f"{name}: max |loom - transformers| = {diff}"
+    check_logits(name, model, tmp)
 
 
 def test_greedy_generation_matches_transformers(family):
+    """20 + 20 tokens: past the windows and, while decoding, past the dynamic and longrope thresholds."""
     name, model, tmp, _, _ = family
-    # 20 + 20 tokens: past the windows and, while decoding, past the dynamic
-    # and longrope thresholds.
-    prompt = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        out = model.generate(prompt, do_sample=False, max_new_tokens=20, min_new_tokens=20)
-    expected = out[0, prompt.shape[1]:].tolist()
-    proc = run_loom("generate", tmp / "hf", "--prompt-ids", ",".join(map(str, prompt[0].tolist())),
-                    "--greedy", "--max-new-tokens", 20)
-    assert [int(t) for t in proc.stdout.strip().split(",")] == expected, name
+    check_greedy_generation(name, model, tmp)
 
 
 def test_trained_export_loads_as_the_same_class_with_loom_logits(family):
-    from transformers import AutoModelForCausalLM
     name, model, tmp, run, losses = family
-    assert all(loss == loss for loss in losses) and losses[-1] < losses[0], losses
-    reloaded, info = AutoModelForCausalLM.from_pretrained(run / "hf", output_loading_info=True)
-    assert type(reloaded).__name__ == type(model).__name__
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
-    config = json.loads((run / "hf" / "config.json").read_text())
-    assert config["model_type"] == model.config.model_type
-    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(3))
-    trained = loom_logits(run / "checkpoints" / "step-0000003", ids, tmp / "trained-logits.safetensors")
-    expected = hf_logits(reloaded.eval(), ids)
-    assert (trained - expected).abs().max().item() < TOLERANCE, name
-    # Training moved the weights: the export is not the base model.
-    assert (expected - hf_logits(model, ids)).abs().max().item() > 1e-3
+    check_trained_export(name, model, tmp, run, losses)
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
