@@ -30,7 +30,9 @@ bool run_preflight(const Config& config, ProcessGroup* world, const GridGroups* 
 // tensors, the process itself coming on top), one line each:
 //   memory: pp rank 0 predicted to peak at 1.02 GiB (1095216660 bytes) of tensors, in the optimizer step
 // `dp`: the resolved data-parallel degree. Nothing when the model's shape is
-// unknown (a model.init_from folder that cannot be read says so later).
+// unknown (a model.init_from folder that cannot be read says so later); a
+// line saying there is no forecast for a mixture of experts, which the plan
+// does not model yet.
 void log_memory_forecast(const Config& config, int64_t dp, std::ostream& log);
 
 }  // namespace loom
