@@ -235,7 +235,14 @@ void log_memory_forecast(const Config& config, int64_t dp, std::ostream& log) {
   const plan::Layout layout = plan::Layout::of(config, dp);
   problem.gpus = layout.world();
   problem.gpus_per_node = layout.world();
-  const plan::MemoryEstimate memory = plan::estimate_memory(problem, layout);
+  plan::MemoryEstimate memory;
+  try {
+    memory = plan::estimate_memory(problem, layout);
+  } catch (const std::exception& e) {
+    // A log line never stops a run: what the model cannot price is named.
+    log << ("memory: no forecast (" + std::string(e.what()) + ")\n") << std::flush;
+    return;
+  }
   for (const plan::RankMemory& rank : memory.ranks) {
     log << ("memory: pp rank " + std::to_string(rank.pp_rank) + " predicted to peak at " + gib(rank.peak) + " (" +
             std::to_string(static_cast<int64_t>(rank.peak)) + " bytes) of tensors, in the " + rank.peak_phase + "\n")
