@@ -148,6 +148,40 @@ RingShift post_shift(ProcessGroup& cp, const at::Tensor& outgoing, const at::Ten
   return shift;
 }
 
+// Note [ring attention]: the walk forward and backward share. At step s
+// this rank holds the block of rank (rank - s) mod n, and the next block's
+// transfer is posted before the current one is used (the block is only
+// read meanwhile). on_slice(block, half, slice, allowed) runs for each
+// query half that attends part of the block (with documents: that sees a
+// key of its own documents there); after_step() once the next block has
+// arrived, and after the last step.
+template <typename OnSlice, typename AfterStep>
+void walk_ring(ProcessGroup& cp, int64_t seq_len, const at::Tensor& segments_bs, at::Tensor block,
+               const at::Tensor& causal_cc, const OnSlice& on_slice, const AfterStep& after_step) {
+  const int64_t n = cp.size(), rank = cp.rank(), chunk = chunk_tokens_of(seq_len, n);
+  for (int64_t step = 0; step < n; ++step) {
+    const int64_t owner = (rank - step + n) % n;
+    at::Tensor next_block;
+    RingShift shift;
+    if (step + 1 < n) {
+      next_block = at::empty_like(block);
+      shift = post_shift(cp, block, next_block, kBlockTag);
+    }
+    for (int64_t half = 0; half < 2; ++half) {
+      const BlockSlice slice = block_slice(rank, owner, half, n, chunk, causal_cc);
+      if (!slice.attends) continue;
+      const at::Tensor allowed = documents_allowed(slice, segments_bs, seq_len, rank, owner, half, n, chunk);
+      if (segments_bs.defined() && !allowed.any().item<bool>()) continue;  // no key of the query's documents
+      on_slice(block, half, slice, allowed);
+    }
+    if (step + 1 < n) {
+      shift.wait();
+      block = next_block;
+    }
+    after_step();
+  }
+}
+
 struct GroupRef : torch::CustomClassHolder {
   explicit GroupRef(ProcessGroup* group) : group(group) {}
   ProcessGroup* group;
@@ -163,58 +197,39 @@ struct RingAttention : torch::autograd::Function<RingAttention> {
                             ProcessGroup* group, int64_t seq_len, double scale, const at::Tensor* documents) {
     const at::Tensor& segments_bs = *documents;
     ProcessGroup& cp = *group;
-    const int64_t n = cp.size(), rank = cp.rank(), chunk = chunk_tokens_of(seq_len, n);
+    const int64_t chunk = chunk_tokens_of(seq_len, cp.size());
     const int64_t heads = q.size(1);
     const at::Tensor causal_cc = at::ones({chunk, chunk}, q.options().dtype(at::kBool)).tril();
     at::Tensor out = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
     at::Tensor lse = at::full({q.size(0), heads, q.size(2)}, -std::numeric_limits<float>::infinity(),
                               q.options().dtype(at::kFloat));
-    at::Tensor block = at::stack({k, v}).contiguous();  // [2, batch, kv_heads, 2c, head_dim]
-    for (int64_t step = 0; step < n; ++step) {
-      const int64_t owner = (rank - step + n) % n;
-      // Posted before this block's attention, so the next block travels
-      // while this one is computed. The block is only read meanwhile.
-      at::Tensor next_block;
-      RingShift shift;
-      if (step + 1 < n) {
-        next_block = at::empty_like(block);
-        shift = post_shift(cp, block, next_block, kBlockTag);
-      }
-      for (int64_t half = 0; half < 2; ++half) {
-        const BlockSlice slice = block_slice(rank, owner, half, n, chunk, causal_cc);
-        if (!slice.attends) continue;
-        const at::Tensor allowed =
-            documents_allowed(slice, segments_bs, seq_len, rank, owner, half, n, chunk);
-        if (segments_bs.defined() && !allowed.any().item<bool>()) continue;  // no key of the query's documents
-        const int64_t span = slice.key_end - slice.key_begin;
-        const at::Tensor q_h = q.narrow(2, half * chunk, chunk);
-        const at::Tensor k_s = expand_kv(block[0].narrow(2, slice.key_begin, span), heads);
-        const at::Tensor v_s = expand_kv(block[1].narrow(2, slice.key_begin, span), heads);
-        const at::Tensor s = scores_of(q_h, k_s, allowed, scale);
-        // Without documents every query row of an attended slice sees a key
-        // (its own position on the diagonal). With them a row may see none
-        // here (its document starts in a later chunk): its lse is -inf, and
-        // it must add nothing rather than exp(-inf - -inf).
-        const at::Tensor block_lse = at::logsumexp(s, -1);
-        const at::Tensor seen = block_lse.isfinite();
-        const at::Tensor block_out =
-            at::matmul(at::exp(s - at::where(seen, block_lse, 0.0).unsqueeze(-1)), v_s.to(at::kFloat));
-        // The online-softmax merge into this half's running output.
-        at::Tensor out_h = out.narrow(2, half * chunk, chunk);
-        at::Tensor lse_h = lse.narrow(2, half * chunk, chunk);
-        const at::Tensor seen_before = lse_h.isfinite();
-        const at::Tensor merged = at::where(
-            seen_before, at::where(seen, at::logaddexp(lse_h, block_lse), lse_h), block_lse);
-        const at::Tensor keep = at::where(seen_before, at::exp(lse_h - merged), 0.0);
-        const at::Tensor add = at::where(seen, at::exp(block_lse - merged), 0.0);
-        out_h.copy_(out_h * keep.unsqueeze(-1) + block_out * add.unsqueeze(-1));
-        lse_h.copy_(merged);
-      }
-      if (step + 1 < n) {
-        shift.wait();
-        block = next_block;
-      }
-    }
+    // Each block: [2, batch, kv_heads, 2c, head_dim], keys and values.
+    const auto attend = [&](const at::Tensor& block, int64_t half, const BlockSlice& slice, const at::Tensor& allowed) {
+      const int64_t span = slice.key_end - slice.key_begin;
+      const at::Tensor q_h = q.narrow(2, half * chunk, chunk);
+      const at::Tensor k_s = expand_kv(block[0].narrow(2, slice.key_begin, span), heads);
+      const at::Tensor v_s = expand_kv(block[1].narrow(2, slice.key_begin, span), heads);
+      const at::Tensor s = scores_of(q_h, k_s, allowed, scale);
+      // Without documents every query row of an attended slice sees a key
+      // (its own position on the diagonal). With them a row may see none
+      // here (its document starts in a later chunk): its lse is -inf, and
+      // it must add nothing rather than exp(-inf - -inf).
+      const at::Tensor block_lse = at::logsumexp(s, -1);
+      const at::Tensor seen = block_lse.isfinite();
+      const at::Tensor block_out =
+          at::matmul(at::exp(s - at::where(seen, block_lse, 0.0).unsqueeze(-1)), v_s.to(at::kFloat));
+      // The online-softmax merge into this half's running output.
+      at::Tensor out_h = out.narrow(2, half * chunk, chunk);
+      at::Tensor lse_h = lse.narrow(2, half * chunk, chunk);
+      const at::Tensor seen_before = lse_h.isfinite();
+      const at::Tensor merged = at::where(
+          seen_before, at::where(seen, at::logaddexp(lse_h, block_lse), lse_h), block_lse);
+      const at::Tensor keep = at::where(seen_before, at::exp(lse_h - merged), 0.0);
+      const at::Tensor add = at::where(seen, at::exp(block_lse - merged), 0.0);
+      out_h.copy_(out_h * keep.unsqueeze(-1) + block_out * add.unsqueeze(-1));
+      lse_h.copy_(merged);
+    };
+    walk_ring(cp, seq_len, segments_bs, at::stack({k, v}).contiguous(), causal_cc, attend, [] {});
     out = out.to(q.scalar_type());
     ctx->save_for_backward({q, k, v, out, lse});
     ctx->saved_data["segments"] = segments_bs.defined() ? c10::IValue(segments_bs) : c10::IValue();
@@ -232,7 +247,7 @@ struct RingAttention : torch::autograd::Function<RingAttention> {
     ProcessGroup& cp = *c10::static_intrusive_pointer_cast<GroupRef>(ctx->saved_data["group"].toCapsule())->group;
     const int64_t seq_len = ctx->saved_data["seq_len"].toInt();
     const double scale = ctx->saved_data["scale"].toDouble();
-    const int64_t n = cp.size(), rank = cp.rank(), chunk = chunk_tokens_of(seq_len, n);
+    const int64_t n = cp.size(), chunk = chunk_tokens_of(seq_len, n);
     const int64_t heads = q.size(1), kv_heads = k.size(1);
     const at::Tensor causal_cc = at::ones({chunk, chunk}, q.options().dtype(at::kBool)).tril();
     const at::Tensor dout = grads[0].to(at::kFloat);
@@ -242,39 +257,24 @@ struct RingAttention : torch::autograd::Function<RingAttention> {
     at::Tensor block = at::stack({k, v}).contiguous();
     // The gradient accumulator of the block held, which travels with it.
     at::Tensor block_grad = at::zeros(block.sizes(), block.options().dtype(at::kFloat));
-    for (int64_t step = 0; step < n; ++step) {
-      const int64_t owner = (rank - step + n) % n;
-      at::Tensor next_block;
-      RingShift shift;
-      if (step + 1 < n) {
-        next_block = at::empty_like(block);
-        shift = post_shift(cp, block, next_block, kBlockTag);
-      }
-      for (int64_t half = 0; half < 2; ++half) {
-        const BlockSlice slice = block_slice(rank, owner, half, n, chunk, causal_cc);
-        if (!slice.attends) continue;
-        const at::Tensor allowed =
-            documents_allowed(slice, segments_bs, seq_len, rank, owner, half, n, chunk);
-        if (segments_bs.defined() && !allowed.any().item<bool>()) continue;
-        const int64_t begin = slice.key_begin, length = slice.key_end - slice.key_begin;
-        const at::Tensor q_h = q.narrow(2, half * chunk, chunk).to(at::kFloat);
-        const at::Tensor k_s = expand_kv(block[0].narrow(2, begin, length), heads).to(at::kFloat);
-        const at::Tensor v_s = expand_kv(block[1].narrow(2, begin, length), heads).to(at::kFloat);
-        const at::Tensor do_h = dout.narrow(2, half * chunk, chunk);
-        // Every query's final lse is finite (it sees itself), so a left-out
-        // key's probability is exp(-inf) = 0.
-        const at::Tensor p = at::exp(scores_of(q_h, k_s, allowed, scale) -
-                                     lse.narrow(2, half * chunk, chunk).unsqueeze(-1));
-        const at::Tensor dp = at::matmul(do_h, v_s.transpose(-1, -2));
-        const at::Tensor ds = p * (dp - dout_out.narrow(2, half * chunk, chunk).unsqueeze(-1));
-        dq.narrow(2, half * chunk, chunk).add_(at::matmul(ds, k_s) * scale);
-        block_grad[0].narrow(2, begin, length).add_(reduce_kv(at::matmul(ds.transpose(-1, -2), q_h) * scale, kv_heads));
-        block_grad[1].narrow(2, begin, length).add_(reduce_kv(at::matmul(p.transpose(-1, -2), do_h), kv_heads));
-      }
-      if (step + 1 < n) {
-        shift.wait();
-        block = next_block;
-      }
+    const auto differentiate = [&](const at::Tensor& block, int64_t half, const BlockSlice& slice,
+                                   const at::Tensor& allowed) {
+      const int64_t begin = slice.key_begin, length = slice.key_end - slice.key_begin;
+      const at::Tensor q_h = q.narrow(2, half * chunk, chunk).to(at::kFloat);
+      const at::Tensor k_s = expand_kv(block[0].narrow(2, begin, length), heads).to(at::kFloat);
+      const at::Tensor v_s = expand_kv(block[1].narrow(2, begin, length), heads).to(at::kFloat);
+      const at::Tensor do_h = dout.narrow(2, half * chunk, chunk);
+      // Every query's final lse is finite (it sees itself), so a left-out
+      // key's probability is exp(-inf) = 0.
+      const at::Tensor p = at::exp(scores_of(q_h, k_s, allowed, scale) -
+                                   lse.narrow(2, half * chunk, chunk).unsqueeze(-1));
+      const at::Tensor dp = at::matmul(do_h, v_s.transpose(-1, -2));
+      const at::Tensor ds = p * (dp - dout_out.narrow(2, half * chunk, chunk).unsqueeze(-1));
+      dq.narrow(2, half * chunk, chunk).add_(at::matmul(ds, k_s) * scale);
+      block_grad[0].narrow(2, begin, length).add_(reduce_kv(at::matmul(ds.transpose(-1, -2), q_h) * scale, kv_heads));
+      block_grad[1].narrow(2, begin, length).add_(reduce_kv(at::matmul(p.transpose(-1, -2), do_h), kv_heads));
+    };
+    const auto pass_on_gradient = [&] {
       // The accumulator follows its block to the next rank; after the last
       // step that is the block's owner (r - (n - 1) = r + 1 mod n), and the
       // one arriving is this rank's own, complete.
@@ -283,7 +283,8 @@ struct RingAttention : torch::autograd::Function<RingAttention> {
         post_shift(cp, block_grad, arriving, kBlockGradTag).wait();
         block_grad = arriving;
       }
-    }
+    };
+    walk_ring(cp, seq_len, segments_bs, block, causal_cc, differentiate, pass_on_gradient);
     return {dq.to(q.scalar_type()), block_grad[0].to(k.scalar_type()), block_grad[1].to(v.scalar_type()),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
