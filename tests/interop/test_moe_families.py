@@ -77,6 +77,11 @@ def train(tmp, family, name, ranks=1, expected_steps=3, **sets):
                                                  for row in steps]
 
 
+def grad_norms(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [row["grad_norm"] for row in rows if "grad_norm" in row]
+
+
 def assert_same_export(run, reference_run):
     """The run's exported weights are the reference run's: every tensor, within 1e-5."""
     from safetensors.torch import load_file
@@ -149,6 +154,10 @@ def test_layout_reproduces_single_rank_losses(family, layout):
     # The router metrics summed over the ranks are the single rank's.
     for (load, aux), (single_load, single_aux) in zip(router, single_router):
         assert abs(load - single_load) < 1e-6 and abs(aux - single_aux) < 1e-6, (router, single_router)
+    # So is the gradient norm (each expert counted once, on the rank that holds it).
+    norms, single_norms = grad_norms(run), grad_norms(family[3])
+    assert len(norms) == len(single_norms) == 3, (norms, single_norms)
+    assert all(abs(a - b) <= 1e-5 * b for a, b in zip(norms, single_norms)), (norms, single_norms)
     if sets.get("checkpoint.export_hf_at_end") == "true":
         assert_same_export(run, family[3])
 
