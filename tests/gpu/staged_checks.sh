@@ -99,6 +99,9 @@ check_layout pp2_1f1b 2 5e-3 --set parallel.pp=2
 check_layout pp2_interleaved 2 5e-3 --set parallel.pp=2 --set parallel.pp_schedule=interleaved \
   --set parallel.virtual_stages=2
 check_layout dp2_tp2_zero1 4 5e-3 --set parallel.tp=2 --set parallel.zero_stage=1
+# Expert parallelism: the token exchange and its counts, device rows staged through MPI.
+check_layout dp2_ep2_mixtral 2 5e-3 --set model.architecture=mixtral --set model.num_experts=4 \
+  --set model.num_experts_per_tok=2 --set parallel.dp=2 --set parallel.ep=2
 check_layout tp2_pp2_sp_bf16 4 3e-2 --set parallel.tp=2 --set parallel.pp=2 --set parallel.sequence_parallel=true \
   --set precision.compute=bf16
 
