@@ -502,12 +502,6 @@ class Validator {
     if (p.zero_stage > 0)
       fail_at({"parallel.cp", "parallel.zero_stage"}, "context parallelism does not run with ZeRO yet",
               cp + " with parallel.zero_stage " + num(p.zero_stage), "parallel.zero_stage: 0, or parallel.cp: 1");
-    if (m.sliding_window > 0)
-      fail_at({"parallel.cp", "model.sliding_window"}, "context parallelism does not run sliding windows yet",
-              cp + " with model.sliding_window " + num(m.sliding_window), "parallel.cp: 1");
-    if (m.attn_logit_softcapping > 0)
-      fail_at({"parallel.cp", "model.attn_logit_softcapping"},
-              "context parallelism does not soft-cap attention scores yet", cp, "parallel.cp: 1");
     const int64_t seq_len = c_.data.seq_len > 0 ? c_.data.seq_len : m.max_seq_len;
     if (seq_len > 0 && seq_len % product(2, p.cp) != 0)
       fail_at({"parallel.cp", "data.seq_len"},
