@@ -184,7 +184,7 @@ std::vector<KeySpec> build_table() {
       {"parallel.pp", LOOM_FIELD(parallel.pp), "", "stages", "pipeline stages; at most num_layers", kAtLeastOne},
       {"parallel.cp", LOOM_FIELD(parallel.cp), "", "ranks",
        "context-parallel ranks: each sequence split over them in 2 * cp zig-zag chunks, attention by ring; "
-       "seq_len divisible by 2 * cp; not yet with ZeRO",
+       "seq_len divisible by 2 * cp",
        kAtLeastOne},
       {"parallel.sequence_parallel", LOOM_FIELD(parallel.sequence_parallel), "", "",
        "Megatron sequence parallelism: norms and residual activations split along the sequence over the tp "

@@ -236,8 +236,10 @@ CheckpointRank RunCheckpoints::rank() const {
 // tied embedding not at all. Each goes, largest first, to the copy whose rank
 // has written the fewest bytes so far. Every rank of a pipeline stage runs
 // the same assignment over the same sizes (the tp ranks' slices are equal),
-// so they agree without a word. ZeRO-1's pieces are unique over dp; those of
+// so they agree without a word. ZeRO's pieces are unique over dp; those of
 // a parameter every tp rank holds go to the tp rank with the fewest bytes.
+// Under context parallelism "dp" is the dp group's dp x cp ranks, replicas
+// all (Note [cp replicas]); ZeRO shards over them too.
 // `loom plan` runs the same assignment to predict each rank's bytes
 // (plan/checkpoint_model.h).
 std::vector<int64_t> assign_piece_writers(const std::vector<int64_t>& bytes, const std::vector<bool>& replicated_over_tp,
@@ -281,15 +283,18 @@ std::vector<int64_t> assign_piece_writers(const std::vector<int64_t>& bytes, con
 std::vector<bool> RunCheckpoints::assign_writers(const std::vector<OwnedPiece>& pieces,
                                                  const std::vector<bool>& replicated_over_tp,
                                                  std::vector<int64_t>& load, bool over_dp) const {
-  const int64_t my_dp = groups_.coords.dp, my_tp = groups_.coords.tp;
+  // The dp group holds dp x cp ranks (Note [cp replicas]): all hold the same
+  // parameters and, without ZeRO, the same state, and ZeRO shards over all
+  // of them. So the writers are chosen among them, by the rank in that group
+  // (dp * cp + cp; the dp rank without cp).
+  const int64_t replicas = dims_.dp * dims_.cp, my_tp = groups_.coords.tp;
+  const int64_t my_replica = groups_.dp != nullptr ? groups_.dp->rank() : 0;
   std::vector<int64_t> bytes;
   for (const OwnedPiece& piece : pieces) bytes.push_back(static_cast<int64_t>(piece.values.nbytes()));
   const std::vector<int64_t> writer =
-      assign_piece_writers(bytes, replicated_over_tp, dims_.dp, dims_.tp, over_dp ? -1 : my_dp, my_tp, load);
+      assign_piece_writers(bytes, replicated_over_tp, replicas, dims_.tp, over_dp ? -1 : my_replica, my_tp, load);
   std::vector<bool> mine(pieces.size(), false);
-  // The cp ranks of a replica hold the same parameters and state (Note [cp
-  // replicas]): cp rank 0 of each writes, the others take no piece.
-  for (size_t i = 0; i < pieces.size(); ++i) mine[i] = groups_.coords.cp == 0 && writer[i] == my_dp * dims_.tp + my_tp;
+  for (size_t i = 0; i < pieces.size(); ++i) mine[i] = writer[i] == my_replica * dims_.tp + my_tp;
   return mine;
 }
 
@@ -299,7 +304,7 @@ TrainingSnapshot RunCheckpoints::snapshot(int64_t step, int64_t skipped_steps, c
   snapshot.step = step;
   snapshot.model_config = config_.model;
   if (groups_.writer) snapshot.trainer_state = trainer_state_text(step, skipped_steps, loader);
-  std::vector<int64_t> load(static_cast<size_t>(dims_.dp * dims_.tp), 0);
+  std::vector<int64_t> load(static_cast<size_t>(dims_.dp * dims_.cp * dims_.tp), 0);
   // The parameters and (without ZeRO-1) the AdamW state, both replicated over dp.
   std::vector<OwnedPiece> replicated;
   std::vector<bool> over_tp;
