@@ -286,9 +286,9 @@ std::vector<bool> RunCheckpoints::assign_writers(const std::vector<OwnedPiece>& 
   // The dp group holds dp x cp ranks (Note [cp replicas]): all hold the same
   // parameters and, without ZeRO, the same state, and ZeRO shards over all
   // of them. So the writers are chosen among them, by the rank in that group
-  // (dp * cp + cp; the dp rank without cp).
+  // (dp * cp + cp, split_grid's order; the dp rank without cp).
   const int64_t replicas = dims_.dp * dims_.cp, my_tp = groups_.coords.tp;
-  const int64_t my_replica = groups_.dp != nullptr ? groups_.dp->rank() : 0;
+  const int64_t my_replica = groups_.coords.dp * dims_.cp + groups_.coords.cp;
   std::vector<int64_t> bytes;
   for (const OwnedPiece& piece : pieces) bytes.push_back(static_cast<int64_t>(piece.values.nbytes()));
   const std::vector<int64_t> writer =
