@@ -494,21 +494,11 @@ class Validator {
               "checkpoint.enabled: true, or loss_spike_policy: skip");
   }
 
-  // What parallel.cp > 1 does not compose with yet, and the split it needs
-  // (parallel/context_parallel.h, Note [zig-zag chunks]).
+  // The split parallel.cp > 1 needs (parallel/context_parallel.h, Note
+  // [zig-zag chunks]).
   void check_context_parallel() {
     const ParallelConfig& p = c_.parallel;
     const ModelConfig& m = c_.model;
-    const std::string cp = "parallel.cp " + num(p.cp);
-    if (p.zero_stage > 0)
-      fail_at({"parallel.cp", "parallel.zero_stage"}, "context parallelism does not run with ZeRO yet",
-              cp + " with parallel.zero_stage " + num(p.zero_stage), "parallel.zero_stage: 0, or parallel.cp: 1");
-    if (m.sliding_window > 0)
-      fail_at({"parallel.cp", "model.sliding_window"}, "context parallelism does not run sliding windows yet",
-              cp + " with model.sliding_window " + num(m.sliding_window), "parallel.cp: 1");
-    if (m.attn_logit_softcapping > 0)
-      fail_at({"parallel.cp", "model.attn_logit_softcapping"},
-              "context parallelism does not soft-cap attention scores yet", cp, "parallel.cp: 1");
     const int64_t seq_len = c_.data.seq_len > 0 ? c_.data.seq_len : m.max_seq_len;
     if (seq_len > 0 && seq_len % product(2, p.cp) != 0)
       fail_at({"parallel.cp", "data.seq_len"},

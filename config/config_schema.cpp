@@ -184,7 +184,7 @@ std::vector<KeySpec> build_table() {
       {"parallel.pp", LOOM_FIELD(parallel.pp), "", "stages", "pipeline stages; at most num_layers", kAtLeastOne},
       {"parallel.cp", LOOM_FIELD(parallel.cp), "", "ranks",
        "context-parallel ranks: each sequence split over them in 2 * cp zig-zag chunks, attention by ring; "
-       "seq_len divisible by 2 * cp; not yet with ZeRO, sliding windows or soft-capping",
+       "seq_len divisible by 2 * cp",
        kAtLeastOne},
       {"parallel.ep", LOOM_FIELD(parallel.ep), "", "ranks",
        "expert-parallel ranks carved out of dp: each sparse layer's experts split over them, tokens exchanged "

@@ -25,7 +25,7 @@ struct RankHealth {
 };
 
 struct GroupHealth {
-  std::string kind;           // "world", "tp", "pp", "dp"
+  std::string kind;           // "world", "tp", "cp", "pp", "dp"
   std::vector<int> ranks;     // world ranks
   double bus_bytes_per_s = 0; // all-reduce bus bandwidth
 };

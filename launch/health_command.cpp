@@ -4,7 +4,7 @@
 //   matmul      measure_matmul_peak_flops (bf16 on a GPU, fp32 on the CPU)
 //   send        bytes to the next rank of the world ring while receiving
 //               from the previous one (the pipeline's point-to-point path)
-//   all-reduce  the bus bandwidth of each world, tp, pp and dp group, every
+//   all-reduce  the bus bandwidth of each world, tp, cp, pp and dp group, every
 //               group of a kind at once, as in training (NCCL on GPUs)
 // then world rank 0 prints a table per rank and per group and names the
 // slow ranks, nodes and groups (Note [slow against the median] in
@@ -155,6 +155,7 @@ int command_health(const std::vector<std::string>& argv) {
     std::vector<Measured> groups;
     for (auto [kind, group] : {std::pair<const char*, MpiProcessGroup*>{"world", world.get()},
                                {"tp", dynamic_cast<MpiProcessGroup*>(grid.tp.get())},
+                               {"cp", dynamic_cast<MpiProcessGroup*>(grid.cp.get())},
                                {"pp", dynamic_cast<MpiProcessGroup*>(grid.pp.get())},
                                {"dp", dynamic_cast<MpiProcessGroup*>(grid.dp.get())}}) {
       if (group == nullptr || group->size() < 2) continue;
@@ -204,7 +205,7 @@ int command_health(const std::vector<std::string>& argv) {
     }
     // Shown by kind in the grid's order, then by their ranks.
     auto kind_order = [](const std::string& kind) {
-      return kind == "world" ? 0 : kind == "tp" ? 1 : kind == "pp" ? 2 : 3;
+      return kind == "world" ? 0 : kind == "tp" ? 1 : kind == "cp" ? 2 : kind == "pp" ? 3 : 4;
     };
     std::sort(group_health.begin(), group_health.end(), [&](const GroupHealth& a, const GroupHealth& b) {
       return std::pair(kind_order(a.kind), a.ranks) < std::pair(kind_order(b.kind), b.ranks);
@@ -212,8 +213,8 @@ int command_health(const std::vector<std::string>& argv) {
     const HealthVerdict verdict = judge_health(ranks, group_health, threshold);
     if (rank0) {
       std::ostream& out = std::cout;
-      out << "loom health: " << world->size() << " ranks, world = dp " << dims.dp << " x pp " << dims.pp << " x tp "
-          << dims.tp << ", " << device_name(device) << ", matmul in " << (device.is_cuda() ? "bf16" : "fp32")
+      out << "loom health: " << world->size() << " ranks, world = dp " << dims.dp << " x cp " << dims.cp << " x pp "
+          << dims.pp << " x tp " << dims.tp << ", " << device_name(device) << ", matmul in " << (device.is_cuda() ? "bf16" : "fp32")
           << ", messages of " << message_floats(device) * 4 / (1 << 20) << " MiB\n";
       out << std::left << std::setw(6) << "rank" << std::setw(24) << "host" << std::setw(14) << "device"
           << std::right << std::setw(16) << "matmul TFLOP/s" << std::setw(12) << "send GB/s" << "\n";

@@ -101,6 +101,7 @@ RunRecord::RunRecord(const Config& config, const ParallelDims& dims, std::vector
       {"layout",
        {{"world", dims.world},
         {"dp", dims.dp},
+        {"cp", dims.cp},
         {"tp", dims.tp},
         {"pp", dims.pp},
         {"sequence_parallel", config.parallel.sequence_parallel},

@@ -47,8 +47,10 @@ RunSummary summarize(const fs::path& dir) {
       run.status = record.value("status", "unknown");
       if (record.contains("layout") && record["layout"].is_object()) {
         const json& l = record["layout"];
-        run.layout = "dp" + std::to_string(l.value("dp", 0)) + " tp" + std::to_string(l.value("tp", 0)) + " pp" +
-                     std::to_string(l.value("pp", 0));
+        // cp only where the run had it (records before cp have no "cp").
+        const int cp = l.value("cp", 1);
+        run.layout = "dp" + std::to_string(l.value("dp", 0)) + (cp > 1 ? " cp" + std::to_string(cp) : "") + " tp" +
+                     std::to_string(l.value("tp", 0)) + " pp" + std::to_string(l.value("pp", 0));
       }
     }
   }

@@ -35,12 +35,30 @@ int64_t chunk_tokens_of(int64_t seq_len, int64_t cp) {
 // The chunk numbers (of 2N) that half `half` (0 or 1) of rank r's tokens hold.
 int64_t chunk_of(int64_t rank, int64_t half, int64_t cp) { return half == 0 ? rank : 2 * cp - 1 - rank; }
 
-// How query chunk i attends key chunk j under causal attention (Note [ring
-// attention]): all of it, the causal triangle, or none.
-enum class PairKind { kFull, kDiagonal, kSkip };
-PairKind pair_kind(int64_t query_chunk, int64_t key_chunk) {
-  if (key_chunk < query_chunk) return PairKind::kFull;
-  return key_chunk == query_chunk ? PairKind::kDiagonal : PairKind::kSkip;
+// How query chunk i attends key chunk j (Note [ring attention]): all of it,
+// through a mask (the causal diagonal, or the edge of a sliding window of
+// `window` positions; 0: none), or not at all. The query-key distances of a
+// pair run (i - j) c - (c - 1) ... (i - j) c + (c - 1).
+enum class PairKind { kFull, kMasked, kSkip };
+PairKind pair_kind(int64_t query_chunk, int64_t key_chunk, int64_t chunk, int64_t window) {
+  if (key_chunk > query_chunk) return PairKind::kSkip;
+  if (window > 0) {
+    const int64_t nearest = (query_chunk - key_chunk) * chunk - (chunk - 1);
+    const int64_t farthest = (query_chunk - key_chunk) * chunk + (chunk - 1);
+    if (nearest >= window) return PairKind::kSkip;  // wholly behind the window
+    if (farthest >= window) return PairKind::kMasked;
+  }
+  return key_chunk == query_chunk ? PairKind::kMasked : PairKind::kFull;
+}
+
+// The mask [c, c] of a masked pair: the causal triangle (`causal_cc`) without
+// a window; with one, the keys at distance 0 <= d < window.
+at::Tensor pair_mask(int64_t query_chunk, int64_t key_chunk, int64_t chunk, int64_t window,
+                     const at::Tensor& causal_cc) {
+  if (window <= 0) return causal_cc;
+  const at::Tensor index = at::arange(chunk, causal_cc.options().dtype(at::kLong));
+  const at::Tensor distance = (query_chunk - key_chunk) * chunk + index.unsqueeze(1) - index.unsqueeze(0);
+  return (distance >= 0).logical_and(distance < window);
 }
 
 // What one query half of this rank computes against the block of rank
@@ -53,26 +71,27 @@ struct BlockSlice {
   at::Tensor allowed;
 };
 
-BlockSlice block_slice(int64_t rank, int64_t owner, int64_t query_half, int64_t cp, int64_t chunk,
+BlockSlice block_slice(int64_t rank, int64_t owner, int64_t query_half, int64_t cp, int64_t chunk, int64_t window,
                        const at::Tensor& causal_cc) {
   const int64_t query_chunk = chunk_of(rank, query_half, cp);
-  const PairKind first = pair_kind(query_chunk, chunk_of(owner, 0, cp));
-  const PairKind second = pair_kind(query_chunk, chunk_of(owner, 1, cp));
+  const int64_t key_chunks[2] = {chunk_of(owner, 0, cp), chunk_of(owner, 1, cp)};
+  const PairKind kinds[2] = {pair_kind(query_chunk, key_chunks[0], chunk, window),
+                             pair_kind(query_chunk, key_chunks[1], chunk, window)};
   BlockSlice slice;
-  // A skipped half is never between two attended ones (the second key chunk
-  // is later than the first), so the attended halves are one range.
-  const int64_t begin = first != PairKind::kSkip ? 0 : 1;
-  const int64_t end = second != PairKind::kSkip ? 2 : (first != PairKind::kSkip ? 1 : 0);
+  // A block has two halves, so the attended ones are always one range.
+  const int64_t begin = kinds[0] != PairKind::kSkip ? 0 : 1;
+  const int64_t end = kinds[1] != PairKind::kSkip ? 2 : (kinds[0] != PairKind::kSkip ? 1 : 0);
   if (begin >= end) return slice;
   slice.attends = true;
   slice.key_begin = begin * chunk;
   slice.key_end = end * chunk;
-  const bool diagonal = (begin == 0 && first == PairKind::kDiagonal) || (end == 2 && second == PairKind::kDiagonal);
-  if (diagonal) {
+  bool masked = false;
+  for (int64_t half = begin; half < end; ++half) masked = masked || kinds[half] == PairKind::kMasked;
+  if (masked) {
     std::vector<at::Tensor> parts;
     for (int64_t half = begin; half < end; ++half) {
-      const PairKind kind = half == 0 ? first : second;
-      parts.push_back(kind == PairKind::kDiagonal ? causal_cc : at::ones_like(causal_cc));
+      parts.push_back(kinds[half] == PairKind::kMasked ? pair_mask(query_chunk, key_chunks[half], chunk, window, causal_cc)
+                                                       : at::ones_like(causal_cc));
     }
     slice.allowed = parts.size() == 1 ? parts[0] : at::cat(parts, 1);
   }
@@ -113,9 +132,19 @@ at::Tensor reduce_kv(const at::Tensor& grad_bhtd, int64_t kv_heads) {
   return grad_bhtd.reshape({sizes[0], kv_heads, heads / kv_heads, sizes[2], sizes[3]}).sum(2);
 }
 
-// Scores of q over k in fp32, scaled, with the keys `allowed` leaves out at -inf.
-at::Tensor scores_of(const at::Tensor& q, const at::Tensor& k_expanded, const at::Tensor& allowed, double scale) {
+// Scores of q over k in fp32: scaled, soft-capped when `softcap` > 0
+// (softcap * tanh(s / softcap), Gemma-2's, before the mask as Hugging
+// Face's eager attention), with the keys `allowed` leaves out at -inf.
+// `cap_slope`, when given and capping, receives the cap's derivative
+// 1 - tanh^2 for backward (finite where a key is left out, unlike the scores).
+at::Tensor scores_of(const at::Tensor& q, const at::Tensor& k_expanded, const at::Tensor& allowed, double scale,
+                     double softcap, at::Tensor* cap_slope = nullptr) {
   at::Tensor s = at::matmul(q.to(at::kFloat), k_expanded.to(at::kFloat).transpose(-1, -2)) * scale;
+  if (softcap > 0) {
+    const at::Tensor t = at::tanh(s / softcap);
+    if (cap_slope != nullptr) *cap_slope = 1 - t * t;
+    s = t * softcap;
+  }
   if (allowed.defined()) s.masked_fill_(allowed.logical_not(), -std::numeric_limits<float>::infinity());
   return s;
 }
@@ -156,7 +185,7 @@ RingShift post_shift(ProcessGroup& cp, const at::Tensor& outgoing, const at::Ten
 // key of its own documents there); after_step() once the next block has
 // arrived, and after the last step.
 template <typename OnSlice, typename AfterStep>
-void walk_ring(ProcessGroup& cp, int64_t seq_len, const at::Tensor& segments_bs, at::Tensor block,
+void walk_ring(ProcessGroup& cp, int64_t seq_len, int64_t window, const at::Tensor& segments_bs, at::Tensor block,
                const at::Tensor& causal_cc, const OnSlice& on_slice, const AfterStep& after_step) {
   const int64_t n = cp.size(), rank = cp.rank(), chunk = chunk_tokens_of(seq_len, n);
   for (int64_t step = 0; step < n; ++step) {
@@ -168,7 +197,7 @@ void walk_ring(ProcessGroup& cp, int64_t seq_len, const at::Tensor& segments_bs,
       shift = post_shift(cp, block, next_block, kBlockTag);
     }
     for (int64_t half = 0; half < 2; ++half) {
-      const BlockSlice slice = block_slice(rank, owner, half, n, chunk, causal_cc);
+      const BlockSlice slice = block_slice(rank, owner, half, n, chunk, window, causal_cc);
       if (!slice.attends) continue;
       const at::Tensor allowed = documents_allowed(slice, segments_bs, seq_len, rank, owner, half, n, chunk);
       if (segments_bs.defined() && !allowed.any().item<bool>()) continue;  // no key of the query's documents
@@ -192,9 +221,10 @@ struct RingAttention : torch::autograd::Function<RingAttention> {
   // `documents`: the documents' numbers of the whole rows [batch, seq_len],
   // or an undefined tensor (plain causal attention). Passed by pointer, not
   // as an input: autograd takes no undefined input, and it needs no
-  // gradient.
+  // gradient. `window`, `softcap`: AttentionOptions' (0: none).
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            ProcessGroup* group, int64_t seq_len, double scale, const at::Tensor* documents) {
+                            ProcessGroup* group, int64_t seq_len, double scale, int64_t window, double softcap,
+                            const at::Tensor* documents) {
     const at::Tensor& segments_bs = *documents;
     ProcessGroup& cp = *group;
     const int64_t chunk = chunk_tokens_of(seq_len, cp.size());
@@ -209,11 +239,12 @@ struct RingAttention : torch::autograd::Function<RingAttention> {
       const at::Tensor q_h = q.narrow(2, half * chunk, chunk);
       const at::Tensor k_s = expand_kv(block[0].narrow(2, slice.key_begin, span), heads);
       const at::Tensor v_s = expand_kv(block[1].narrow(2, slice.key_begin, span), heads);
-      const at::Tensor s = scores_of(q_h, k_s, allowed, scale);
-      // Without documents every query row of an attended slice sees a key
-      // (its own position on the diagonal). With them a row may see none
-      // here (its document starts in a later chunk): its lse is -inf, and
-      // it must add nothing rather than exp(-inf - -inf).
+      const at::Tensor s = scores_of(q_h, k_s, allowed, scale, softcap);
+      // Without documents or a window every query row of an attended slice
+      // sees a key (its own position on the diagonal). With them a row may
+      // see none here (its document starts in a later chunk, or the block
+      // is behind its window): its lse is -inf, and it must add nothing
+      // rather than exp(-inf - -inf).
       const at::Tensor block_lse = at::logsumexp(s, -1);
       const at::Tensor seen = block_lse.isfinite();
       const at::Tensor block_out =
@@ -229,13 +260,15 @@ struct RingAttention : torch::autograd::Function<RingAttention> {
       out_h.copy_(out_h * keep.unsqueeze(-1) + block_out * add.unsqueeze(-1));
       lse_h.copy_(merged);
     };
-    walk_ring(cp, seq_len, segments_bs, at::stack({k, v}).contiguous(), causal_cc, attend, [] {});
+    walk_ring(cp, seq_len, window, segments_bs, at::stack({k, v}).contiguous(), causal_cc, attend, [] {});
     out = out.to(q.scalar_type());
     ctx->save_for_backward({q, k, v, out, lse});
     ctx->saved_data["segments"] = segments_bs.defined() ? c10::IValue(segments_bs) : c10::IValue();
     ctx->saved_data["group"] = at::IValue::make_capsule(c10::make_intrusive<GroupRef>(group));
     ctx->saved_data["seq_len"] = seq_len;
     ctx->saved_data["scale"] = scale;
+    ctx->saved_data["window"] = window;
+    ctx->saved_data["softcap"] = softcap;
     return out;
   }
 
@@ -247,6 +280,8 @@ struct RingAttention : torch::autograd::Function<RingAttention> {
     ProcessGroup& cp = *c10::static_intrusive_pointer_cast<GroupRef>(ctx->saved_data["group"].toCapsule())->group;
     const int64_t seq_len = ctx->saved_data["seq_len"].toInt();
     const double scale = ctx->saved_data["scale"].toDouble();
+    const int64_t window = ctx->saved_data["window"].toInt();
+    const double softcap = ctx->saved_data["softcap"].toDouble();
     const int64_t n = cp.size(), chunk = chunk_tokens_of(seq_len, n);
     const int64_t heads = q.size(1), kv_heads = k.size(1);
     const at::Tensor causal_cc = at::ones({chunk, chunk}, q.options().dtype(at::kBool)).tril();
@@ -266,10 +301,12 @@ struct RingAttention : torch::autograd::Function<RingAttention> {
       const at::Tensor do_h = dout.narrow(2, half * chunk, chunk);
       // Every query's final lse is finite (it sees itself), so a left-out
       // key's probability is exp(-inf) = 0.
-      const at::Tensor p = at::exp(scores_of(q_h, k_s, allowed, scale) -
+      at::Tensor cap_slope;
+      const at::Tensor p = at::exp(scores_of(q_h, k_s, allowed, scale, softcap, &cap_slope) -
                                    lse.narrow(2, half * chunk, chunk).unsqueeze(-1));
       const at::Tensor dp = at::matmul(do_h, v_s.transpose(-1, -2));
-      const at::Tensor ds = p * (dp - dout_out.narrow(2, half * chunk, chunk).unsqueeze(-1));
+      at::Tensor ds = p * (dp - dout_out.narrow(2, half * chunk, chunk).unsqueeze(-1));
+      if (softcap > 0) ds = ds * cap_slope;  // through the cap, to the scaled scores
       dq.narrow(2, half * chunk, chunk).add_(at::matmul(ds, k_s) * scale);
       block_grad[0].narrow(2, begin, length).add_(reduce_kv(at::matmul(ds.transpose(-1, -2), q_h) * scale, kv_heads));
       block_grad[1].narrow(2, begin, length).add_(reduce_kv(at::matmul(p.transpose(-1, -2), do_h), kv_heads));
@@ -284,9 +321,9 @@ struct RingAttention : torch::autograd::Function<RingAttention> {
         block_grad = arriving;
       }
     };
-    walk_ring(cp, seq_len, segments_bs, block, causal_cc, differentiate, pass_on_gradient);
+    walk_ring(cp, seq_len, window, segments_bs, block, causal_cc, differentiate, pass_on_gradient);
     return {dq.to(q.scalar_type()), block_grad[0].to(k.scalar_type()), block_grad[1].to(v.scalar_type()),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -305,10 +342,6 @@ torch::Tensor zigzag_tokens(const torch::Tensor& x_bt, int64_t rank, int64_t cp)
 
 RingAttentionCore::RingAttentionCore(ProcessGroup& cp, int64_t seq_len, AttentionOptions options)
     : AttentionCore(options), cp_(cp), seq_len_(seq_len) {
-  if (options.window > 0 || options.softcap > 0) {
-    throw std::invalid_argument("ring attention: sliding windows and soft-capping are not supported (window " +
-                                std::to_string(options.window) + ", softcap " + std::to_string(options.softcap) + ")");
-  }
   chunk_tokens_of(seq_len, cp.size());
 }
 
@@ -321,7 +354,8 @@ torch::Tensor RingAttentionCore::forward(const torch::Tensor& q_bhtd, const torc
               k_bhtd.sizes());
   const double scale = options().scale > 0 ? options().scale : 1.0 / std::sqrt(static_cast<double>(q_bhtd.size(3)));
   const at::Tensor no_documents;
-  return RingAttention::apply(q_bhtd, k_bhtd, v_bhtd, &cp_, seq_len_, scale, &no_documents);
+  return RingAttention::apply(q_bhtd, k_bhtd, v_bhtd, &cp_, seq_len_, scale, options().window, options().softcap,
+                              &no_documents);
 }
 
 torch::Tensor RingAttentionCore::forward_documents(const torch::Tensor& q_bhtd, const torch::Tensor& k_bhtd,
@@ -336,7 +370,8 @@ torch::Tensor RingAttentionCore::forward_documents(const torch::Tensor& q_bhtd, 
   // tokens before a row's first start are a segment of their own (number 0).
   const torch::Tensor segments_bs = documents.positions_bt().eq(0).cumsum(1).to(q_bhtd.device());
   const double scale = options().scale > 0 ? options().scale : 1.0 / std::sqrt(static_cast<double>(q_bhtd.size(3)));
-  return RingAttention::apply(q_bhtd, k_bhtd, v_bhtd, &cp_, seq_len_, scale, &segments_bs);
+  return RingAttention::apply(q_bhtd, k_bhtd, v_bhtd, &cp_, seq_len_, scale, options().window, options().softcap,
+                              &segments_bs);
 }
 
 ContextParallelLayerFactory::ContextParallelLayerFactory(const LayerFactory& base, ProcessGroup& cp, int64_t seq_len)

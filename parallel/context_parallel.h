@@ -36,7 +36,14 @@
 // query and key in the same document, numbered over the whole rows (which
 // every rank has), and a pair with no key of the query's documents is
 // skipped too; a query row may then see no key of a block, which adds
-// nothing to the merge. Under the zig-zag split a block
+// nothing to the merge. A sliding window of w positions (Mistral's,
+// Gemma-2's local layers) masks the keys at distance w or more behind a
+// query: a pair of chunks wholly behind the window is skipped, one the
+// window's edge crosses is masked, and a row the window leaves no key of
+// the block adds nothing, as with documents. Soft-capping (Gemma-2's
+// softcap * tanh(s / softcap)) applies to each pair's scaled scores before
+// the mask, as on one rank; backward multiplies dS by the cap's derivative
+// 1 - tanh^2 before dq and dk. Under the zig-zag split a block
 // from an earlier rank is attended by both query chunks but only its first
 // key chunk; a block from a later rank only by the second query chunk: half
 // the work of the rank's own block, on every rank.
@@ -45,7 +52,8 @@
 // travelling beside the block, recomputing each pair's probabilities from
 // the saved lse (as flash attention's backward does):
 //   P = exp(q.k * scale - lse), dv += P^T do, dP = do v^T,
-//   dS = P * (dP - rowsum(do * out)), dq += dS k * scale, dk += dS^T q * scale.
+//   dS = P * (dP - rowsum(do * out)), dq += dS k * scale, dk += dS^T q * scale
+// (dS through the soft-cap's derivative first, when capping).
 // After the last step each accumulator goes one hop further, home. On CPU
 // fp32 the blocks are eager matmuls: exact to rounding against the single
 // rank's attention, which is what the tests hold it to.
@@ -73,8 +81,8 @@ torch::Tensor zigzag_tokens(const torch::Tensor& x_bt, int64_t rank, int64_t cp)
 // Causal attention of this rank's queries over the whole sequence's keys and
 // values, by ring (Note [ring attention]); collective over `cp`, forward and
 // backward. q_bhtd [batch, heads, 2c, head_dim]; k, v [batch, kv_heads, 2c,
-// head_dim] of this rank's tokens in zig-zag order. No KV cache, no window,
-// no soft-capping (refused).
+// head_dim] of this rank's tokens in zig-zag order. Takes the options' scale,
+// sliding window and soft-capping. No KV cache.
 class RingAttentionCore : public AttentionCore {
  public:
   // `cp` must outlive the core and every autograd graph through it.

@@ -1,4 +1,4 @@
-// What one rank trains for its place in the dp x pp x tp grid: its groups,
+// What one rank trains for its place in the dp x cp x pp x tp grid: its groups,
 // and its part of the model (the whole model, its tp shards, or its pipeline
 // chunks), built so that every layout starts from the same weights.
 #pragma once

@@ -237,11 +237,13 @@ CheckpointRank RunCheckpoints::rank() const {
 // tied embedding not at all. Each goes, largest first, to the copy whose rank
 // has written the fewest bytes so far. Every rank of a pipeline stage runs
 // the same assignment over the same sizes (the tp ranks' slices are equal),
-// so they agree without a word. ZeRO-1's pieces are unique over dp; those of
+// so they agree without a word. ZeRO's pieces are unique over dp; those of
 // a parameter every tp rank holds go to the tp rank with the fewest bytes.
-// Under expert parallelism an expert's piece is held by the dp ranks of its
-// ep rank only (Note [expert groups]); the ep ranks' lists of pieces differ
-// in names but not in sizes, so each simulates the others' choices too.
+// Under context parallelism "dp" is the dp group's dp x cp ranks, replicas
+// all (Note [cp replicas]); ZeRO shards over them too. Under expert
+// parallelism an expert's piece is held by the dp ranks of its ep rank only
+// (Note [expert groups]); the ep ranks' lists of pieces differ in names but
+// not in sizes, so each simulates the others' choices too.
 // `loom plan` runs the same assignment to predict each rank's bytes
 // (plan/checkpoint_model.h).
 std::vector<int64_t> assign_piece_writers(const std::vector<int64_t>& bytes, const std::vector<bool>& replicated_over_tp,
@@ -263,7 +265,7 @@ std::vector<int64_t> assign_piece_writers(const std::vector<int64_t>& bytes, con
       for (int64_t t = replicated_over_tp[i] ? -1 : 0; t < (replicated_over_tp[i] ? 0 : tp); ++t) {
         slots.clear();
         for (int64_t d = 0; d < dp; ++d) {
-          if ((only_dp >= 0 && d != only_dp) || (e >= 0 && d % experts.ep != e)) continue;
+          if ((only_dp >= 0 && d != only_dp) || (e >= 0 && d / experts.cp % experts.ep != e)) continue;
           for (int64_t u = 0; u < tp; ++u) {
             if (t < 0 || u == t) slots.push_back(d * tp + u);
           }
@@ -281,7 +283,12 @@ std::vector<int64_t> assign_piece_writers(const std::vector<int64_t>& bytes, con
 std::vector<bool> RunCheckpoints::assign_writers(const std::vector<OwnedPiece>& pieces,
                                                  const std::vector<bool>& replicated_over_tp,
                                                  std::vector<int64_t>& load, bool over_dp) const {
-  const int64_t my_dp = groups_.coords.dp, my_tp = groups_.coords.tp;
+  // The dp group holds dp x cp ranks (Note [cp replicas]): all hold the same
+  // parameters and, without ZeRO, the same state, and ZeRO shards over all
+  // of them. So the writers are chosen among them, by the rank in that group
+  // (dp * cp + cp, split_grid's order; the dp rank without cp).
+  const int64_t replicas = dims_.dp * dims_.cp, my_tp = groups_.coords.tp;
+  const int64_t my_replica = groups_.coords.dp * dims_.cp + groups_.coords.cp;
   std::vector<int64_t> bytes;
   std::vector<bool> expert;
   for (const OwnedPiece& piece : pieces) {
@@ -289,12 +296,10 @@ std::vector<bool> RunCheckpoints::assign_writers(const std::vector<OwnedPiece>& 
     expert.push_back(dims_.ep > 1 && is_expert_parameter(piece.name));
   }
   const std::vector<int64_t> writer =
-      assign_piece_writers(bytes, replicated_over_tp, dims_.dp, dims_.tp, over_dp ? -1 : my_dp, my_tp, load,
-                           {&expert, dims_.ep, my_dp % dims_.ep});
+      assign_piece_writers(bytes, replicated_over_tp, replicas, dims_.tp, over_dp ? -1 : my_replica, my_tp, load,
+                           {&expert, dims_.ep, dims_.cp, groups_.coords.dp % dims_.ep});
   std::vector<bool> mine(pieces.size(), false);
-  // The cp ranks of a replica hold the same parameters and state (Note [cp
-  // replicas]): cp rank 0 of each writes, the others take no piece.
-  for (size_t i = 0; i < pieces.size(); ++i) mine[i] = groups_.coords.cp == 0 && writer[i] == my_dp * dims_.tp + my_tp;
+  for (size_t i = 0; i < pieces.size(); ++i) mine[i] = writer[i] == my_replica * dims_.tp + my_tp;
   return mine;
 }
 
@@ -304,7 +309,7 @@ TrainingSnapshot RunCheckpoints::snapshot(int64_t step, int64_t skipped_steps, c
   snapshot.step = step;
   snapshot.model_config = config_.model;
   if (groups_.writer) snapshot.trainer_state = trainer_state_text(step, skipped_steps, loader);
-  std::vector<int64_t> load(static_cast<size_t>(dims_.dp * dims_.tp), 0);
+  std::vector<int64_t> load(static_cast<size_t>(dims_.dp * dims_.cp * dims_.tp), 0);
   // The parameters and (without ZeRO-1) the AdamW state, both replicated over dp.
   std::vector<OwnedPiece> replicated;
   std::vector<bool> over_tp;

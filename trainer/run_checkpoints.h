@@ -110,11 +110,12 @@ class RunCheckpoints {
 // `only_dp` >= 0 only that dp rank's slots are candidates (ZeRO-1's pieces,
 // unique over dp). Returns, per piece, the slot that writes tp rank
 // `my_tp`'s copy. Under expert parallelism the pieces `expert` marks are
-// held by the dp ranks d with d % ep == ep rank only, and the slot returned
-// is the one that writes ep rank `my_ep`'s.
+// held by the replicas d whose dp rank d / cp has d / cp % ep == the ep rank
+// only, and the slot returned is the one that writes ep rank `my_ep`'s.
 struct ExpertPieces {
   const std::vector<bool>* expert = nullptr;  // parallel to bytes; null: none
   int64_t ep = 1;
+  int64_t cp = 1;  // replicas of one dp rank (dp's slots are dp * cp + cp)
   int64_t my_ep = 0;
 };
 std::vector<int64_t> assign_piece_writers(const std::vector<int64_t>& bytes, const std::vector<bool>& replicated_over_tp,

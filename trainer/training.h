@@ -51,7 +51,7 @@ DatasetOpenOptions dataset_open_options(const Config& config);
 
 struct TrainOptions {
   // The job's ranks: the world group and this rank's groups along the
-  // dp x pp x tp grid (split_grid of ParallelDims::from_config(config,
+  // dp x cp x pp x tp grid (split_grid of ParallelDims::from_config(config,
   // world->size())). nullptr = one rank that talks to nobody. They must
   // outlive train(). Every rank of the world calls train() with the same
   // config; world rank 0 writes the run folder, metrics, checkpoints and the
@@ -117,7 +117,7 @@ struct TrainResult {
 
 // Trains on run.device, fp32 or (precision.compute bf16) with bf16 autocast
 // over fp32 weights, on one rank or (TrainOptions::world) on the ranks of the
-// dp x pp x tp grid, which reproduce the single-rank run. `config.model` may be
+// dp x cp x pp x tp grid, which reproduce the single-rank run. `config.model` may be
 // updated to the shape of model.init_from. Throws BadInput for a config,
 // dataset or checkpoint that cannot be used (naming the file or key);
 // std::runtime_error (not BadInput) for a non-finite step that is not skipped.

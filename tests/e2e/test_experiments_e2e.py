@@ -179,6 +179,7 @@ def test_run_folder_records_the_command_versions_hosts_layout_and_times(composed
                                     str(experiment.parent.parent / "bases" / "short.yaml")]
     assert record["hosts"] == [socket.gethostname()]
     assert record["layout"]["world"] == 1 and record["layout"]["dp"] == 1 and record["layout"]["device"] == "cpu"
+    assert record["layout"]["cp"] == 1
     assert record["loom"]["version"] and re.fullmatch(r"[0-9a-f]{40}(-dirty)?|unknown", record["loom"]["git_commit"])
     version_out, _ = run(["version"], dict(os.environ))
     assert record["loom"]["git_commit"] in version_out.splitlines()[0], version_out

@@ -24,7 +24,7 @@ def test_health_measures_every_rank_and_group_of_the_layout():
     print(proc.stdout[-3000:], proc.stderr[-3000:])
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    assert "loom health: 4 ranks, world = dp 2 x pp 1 x tp 2, cpu, matmul in fp32" in out
+    assert "loom health: 4 ranks, world = dp 2 x cp 1 x pp 1 x tp 2, cpu, matmul in fp32" in out
     rows = re.findall(r"^(\d)\s+\S+\s+cpu\s+([0-9.]+)\s+([0-9.]+)$", out, re.M)
     assert [int(r[0]) for r in rows] == [0, 1, 2, 3], out
     assert all(float(matmul) > 0 and float(send) > 0 for _, matmul, send in rows), out
@@ -33,6 +33,19 @@ def test_health_measures_every_rank_and_group_of_the_layout():
         ("dp", "[0 2]"), ("dp", "[1 3]"), ("tp", "[0 1]"), ("tp", "[2 3]"), ("world", "[0 1 2 3]")], out
     assert all(float(bw) > 0 for _, _, bw in groups), out
     assert "no rank or group below" in out and "slow rank:" not in out
+
+
+def test_health_measures_the_cp_rings():
+    """cp 2 x tp 2: the cp rings [0 2] [1 3] beside the tp groups; the dp group holds the cp ranks (Note [cp
+    replicas]), here the same two."""
+    proc = health("--set", "parallel.cp=2", "--slow-below", "0.001")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "loom health: 4 ranks, world = dp 1 x cp 2 x pp 1 x tp 2, cpu" in out, out
+    groups = re.findall(r"^(world|tp|cp|dp|pp)\s+(\[[0-9 ]+\])\s+all-reduce ([0-9.]+) GB/s", out, re.M)
+    assert [(kind, ranks) for kind, ranks, _ in groups] == [
+        ("world", "[0 1 2 3]"), ("tp", "[0 1]"), ("tp", "[2 3]"), ("cp", "[0 2]"), ("cp", "[1 3]"),
+        ("dp", "[0 2]"), ("dp", "[1 3]")], out
 
 
 def test_health_names_the_ranks_below_the_median_and_exits_1():

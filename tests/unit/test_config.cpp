@@ -230,8 +230,6 @@ std::vector<BadCase> bad_cases() {
        {"bad.yaml:10:", "parallel.pp_schedule", "virtual_stages >= 2"}},
       {"sequence_parallel_without_tp", m + "parallel:\n  sequence_parallel: true\n", {},
        {"bad.yaml:9:", "parallel.sequence_parallel", "parallel.tp > 1"}},
-      {"cp_with_zero", m + "parallel:\n  cp: 2\n  zero_stage: 1\nlaunch:\n  ranks: 2\n", {},
-       {"bad.yaml:10:", "parallel.zero_stage", "context parallelism does not run with ZeRO yet"}},
       {"cp_not_dividing_the_sequence", m + "parallel:\n  cp: 3\nlaunch:\n  ranks: 3\n", {},
        {"bad.yaml:9:", "parallel.cp", "sequence length (2048) is not divisible by 2 * parallel.cp (6)"}},
       {"dp_times_cp_not_ranks", m + "parallel:\n  dp: 2\n  cp: 2\nlaunch:\n  ranks: 2\n", {},

@@ -165,6 +165,62 @@ TEST(RingAttention, MasksPackedDocumentsAsTheSingleRankDoesForwardAndBackward) {
   expect_close(v_local.grad(), share_of(v.grad()), 1e-5, "dv");
 }
 
+// Sliding windows and Gemma-2's soft-capping against the one-device core
+// (LayerFactory's, which the single-rank model runs), chunks of 4 tokens:
+// a window shorter than a chunk (its edge inside the diagonal pair and the
+// pair before; pairs further back skipped), one of 2.5 chunks, soft-capping
+// alone and with a window, and a window over packed documents. Outputs and
+// the gradients of q, k and v.
+TEST(RingAttention, MasksSlidingWindowsAndSoftCapsAsTheOneDeviceCoreForwardAndBackward) {
+  const int64_t batch = 2, heads = 4, kv_heads = 2, seq = 8 * cp().size(), head_dim = 8;
+  struct Case {
+    const char* name;
+    int64_t window;
+    double softcap;
+    bool documents;
+  };
+  const std::vector<Case> cases = {{"window 3", 3, 0.0, false},
+                                   {"window 10", 10, 0.0, false},
+                                   {"softcap 2", 0, 2.0, false},
+                                   {"window 6, softcap 2", 6, 2.0, false},
+                                   {"window 5, documents", 5, 0.0, true}};
+  // Scores of several units, so that the cap bites.
+  const at::Tensor q0 = seeded_randn({batch, heads, seq, head_dim}, 31) * 3;
+  const at::Tensor k0 = seeded_randn({batch, kv_heads, seq, head_dim}, 32);
+  const at::Tensor v0 = seeded_randn({batch, kv_heads, seq, head_dim}, 33);
+  const at::Tensor weight = seeded_randn({batch, heads, seq, head_dim}, 34);
+  const DocumentMask documents(packed_positions(seq), at::kCPU);
+  const at::Tensor plain_causal = reference_attention(q0, k0, v0);
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    ModelConfig model;
+    model.sliding_window = c.window;
+    model.attn_logit_softcapping = c.softcap;
+    const std::shared_ptr<AttentionCore> one_device = LocalLayerFactory().attention_core(model, 0);
+    ASSERT_EQ(one_device->options().window, c.window);
+    const at::Tensor q = q0.clone().requires_grad_(true), k = k0.clone().requires_grad_(true);
+    const at::Tensor v = v0.clone().requires_grad_(true);
+    const at::Tensor expected = c.documents ? one_device->forward_documents(q, k, v, documents)
+                                            : one_device->forward(q, k, v, nullptr, nullptr);
+    (expected * weight).sum().backward();
+    if (!c.documents) {  // the window or cap changes the result: a ring without it fails
+      EXPECT_GT((expected - plain_causal).abs().max().item<double>(), 1e-2);
+    }
+
+    const at::Tensor q_local = share_of(q0).requires_grad_(true);
+    const at::Tensor k_local = share_of(k0).requires_grad_(true);
+    const at::Tensor v_local = share_of(v0).requires_grad_(true);
+    RingAttentionCore core(cp(), seq, one_device->options());
+    const at::Tensor out = c.documents ? core.forward_documents(q_local, k_local, v_local, documents)
+                                       : core.forward(q_local, k_local, v_local, nullptr, nullptr);
+    expect_close(out, share_of(expected), 1e-5, "output");
+    (out * share_of(weight)).sum().backward();
+    expect_close(q_local.grad(), share_of(q.grad()), 1e-5, "dq");
+    expect_close(k_local.grad(), share_of(k.grad()), 1e-5, "dk");
+    expect_close(v_local.grad(), share_of(v.grad()), 1e-5, "dv");
+  }
+}
+
 TEST(RingAttention, TakesTheModelsScale) {
   const int64_t seq = 4 * cp().size(), head_dim = 4;
   const at::Tensor q = seeded_randn({1, 2, seq, head_dim}, 5), k = seeded_randn({1, 2, seq, head_dim}, 6);
@@ -311,8 +367,9 @@ ModelConfig tiny_model() {
   return m;
 }
 
-TEST(ContextParallelModel, MatchesTheSingleRankModelsLogitsLossAndGradients) {
-  const ModelConfig config = tiny_model();
+// The model through ContextParallelLayerFactory against the single-device
+// model: logits at the true rotary positions, the loss, every gradient.
+void expect_model_matches_the_single_rank_model(const ModelConfig& config) {
   const int64_t seq = 8 * cp().size(), batch = 2;
   LocalLayerFactory local;
   LlamaForCausalLM whole(config, local);
@@ -345,6 +402,21 @@ TEST(ContextParallelModel, MatchesTheSingleRankModelsLogitsLossAndGradients) {
     cp().all_reduce(grad, {ReduceOp::kAvg})->wait();
     expect_close(grad, expected[named.key()].grad(), 1e-5, "gradient of " + named.key());
   }
+}
+
+TEST(ContextParallelModel, MatchesTheSingleRankModelsLogitsLossAndGradients) {
+  expect_model_matches_the_single_rank_model(tiny_model());
+}
+
+// Mistral's window (shorter than the sequence, 5 tokens over chunks of 4)
+// on the first layer, full attention on the second (layer_types), and
+// Gemma-2's soft-capping on both.
+TEST(ContextParallelModel, MatchesTheSingleRankModelWithASlidingWindowAndSoftCapping) {
+  ModelConfig config = tiny_model();
+  config.sliding_window = 5;
+  config.layer_types = {"sliding_attention", "full_attention"};
+  config.attn_logit_softcapping = 3.0;
+  expect_model_matches_the_single_rank_model(config);
 }
 
 TEST(ContextParallelModel, MatchesTheSingleRankModelOverPackedDocuments) {
