@@ -528,9 +528,6 @@ class Validator {
     if (p.zero_stage > 0)
       fail_at({"parallel.ep", "parallel.zero_stage"}, "expert parallelism does not run with ZeRO yet",
               ep + " with parallel.zero_stage " + num(p.zero_stage), "parallel.zero_stage: 0, or parallel.ep: 1");
-    if (p.cp > 1)
-      fail_at({"parallel.ep", "parallel.cp"}, "expert parallelism does not run with context parallelism yet",
-              ep + " with parallel.cp " + num(p.cp), "parallel.cp: 1, or parallel.ep: 1");
   }
 
   void check_launch() {

@@ -188,7 +188,7 @@ std::vector<KeySpec> build_table() {
        kAtLeastOne},
       {"parallel.ep", LOOM_FIELD(parallel.ep), "", "ranks",
        "expert-parallel ranks carved out of dp: each sparse layer's experts split over them, tokens exchanged "
-       "by all-to-all; must divide dp and model.num_experts; not yet with ZeRO or cp",
+       "by all-to-all; must divide dp and model.num_experts; not yet with ZeRO",
        kAtLeastOne},
       {"parallel.sequence_parallel", LOOM_FIELD(parallel.sequence_parallel), "", "",
        "Megatron sequence parallelism: norms and residual activations split along the sequence over the tp "

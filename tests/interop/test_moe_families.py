@@ -18,9 +18,9 @@ per expert). Then:
   rank's losses within 1e-5 and its router metrics, and a checkpoint of step
   2 resumed on tp 2 logs the single rank's step 3;
 - and with expert parallelism (parallel.ep, parallel/expert_parallel.h):
-  dp 2 x ep 2, dp 4 x ep 2, dp 4 x ep 4, dp 2 x ep 2 x tp 2 and
-  dp 2 x ep 2 x pp 2 log the single rank's losses and router metrics; the
-  dp 2 x ep 2 run's export (each expert gathered from the rank that holds it)
+  dp 2 x ep 2, dp 4 x ep 2, dp 4 x ep 4, dp 2 x ep 2 x tp 2,
+  dp 2 x ep 2 x pp 2 and dp 2 x cp 2 x ep 2 log the single rank's losses,
+  gradient norms and router metrics; the dp 2 x ep 2 run's export (each expert gathered from the rank that holds it)
   is the single rank's, and its step-2 checkpoint (each expert written by
   one rank of its ep rank) resumed on dp 2 without ep logs step 3.
 """
@@ -64,6 +64,8 @@ LAYOUTS = {
     "dp4-ep4": (4, {"parallel.dp": 4, "parallel.ep": 4}),
     "dp2-ep2-tp2": (4, {"parallel.dp": 2, "parallel.ep": 2, "parallel.tp": 2}),
     "dp2-ep2-pp2": (4, {"parallel.dp": 2, "parallel.ep": 2, "parallel.pp": 2}),
+    # Each cp rank routes its half of every sequence and exchanges over its own ep group.
+    "dp2-cp2-ep2": (4, {"parallel.dp": 2, "parallel.cp": 2, "parallel.ep": 2}),
 }
 
 

@@ -211,11 +211,6 @@ std::vector<BadCase> bad_cases() {
            "  num_experts: 4\n  num_experts_per_tok: 2\nparallel:\n  dp: 2\n  ep: 2\n  zero_stage: 1\n"
            "launch:\n  ranks: 2\n", {},
        {"expert parallelism does not run with ZeRO yet", "parallel.zero_stage: 0"}},
-      {"ep_with_cp",
-       replaced(m, "model:\n", "model:\n  architecture: mixtral\n") +
-           "  num_experts: 4\n  num_experts_per_tok: 2\nparallel:\n  dp: 2\n  ep: 2\n  cp: 2\n"
-           "launch:\n  ranks: 4\n", {},
-       {"expert parallelism does not run with context parallelism yet"}},
 
       // Layout and training.
       {"tp_not_dividing_heads", m + "parallel:\n  tp: 3\n", {},
