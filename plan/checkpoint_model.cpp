@@ -42,9 +42,31 @@ void add_stage(const ModelConfig& m, int64_t tp, const StageSpec& stage, bool sp
     linear("self_attn.k_proj", kv * h, m.qkv_bias(), kv, true);
     linear("self_attn.v_proj", kv * h, m.qkv_bias(), kv, true);
     linear("self_attn.o_proj", h * q, m.o_bias(), h, false);
-    linear("mlp.gate_proj", inter * h, m.mlp_bias, inter, true);
-    linear("mlp.up_proj", inter * h, m.mlp_bias, inter, true);
-    linear("mlp.down_proj", h * inter, m.mlp_bias, h, false);
+    if (m.sparse_layer(stage.first_layer + i)) {
+      // Note [mixture of experts] (model/moe.h): the router, every expert
+      // under its family's names, qwen2_moe's shared expert and its gate.
+      const std::string block = std::string(m.feed_forward_name()) + ".";
+      const bool mixtral = m.architecture == "mixtral";
+      const int64_t expert = m.expert_intermediate_size() / tp;
+      add(layer + block + "gate.weight", m.num_experts * h, false);
+      for (int64_t e = 0; e < m.num_experts; ++e) {
+        const std::string name = block + "experts." + std::to_string(e) + ".";
+        linear(name + (mixtral ? "w1" : "gate_proj"), expert * h, false, 0, true);
+        linear(name + (mixtral ? "w3" : "up_proj"), expert * h, false, 0, true);
+        linear(name + (mixtral ? "w2" : "down_proj"), h * expert, false, 0, false);
+      }
+      if (m.architecture == "qwen2_moe") {
+        const int64_t shared = m.shared_expert_intermediate_size / tp;
+        linear(block + "shared_expert.gate_proj", shared * h, false, 0, true);
+        linear(block + "shared_expert.up_proj", shared * h, false, 0, true);
+        linear(block + "shared_expert.down_proj", h * shared, false, 0, false);
+        add(layer + block + "shared_expert_gate.weight", h, false);
+      }
+    } else {
+      linear("mlp.gate_proj", inter * h, m.mlp_bias, inter, true);
+      linear("mlp.up_proj", inter * h, m.mlp_bias, inter, true);
+      linear("mlp.down_proj", h * inter, m.mlp_bias, h, false);
+    }
     add(layer + "input_layernorm.weight", h, false);
     add(layer + "post_attention_layernorm.weight", h, false);
   }
@@ -159,11 +181,15 @@ CheckpointEstimate estimate_checkpoint(const Problem& problem, const Layout& lay
       elements += p.elements;
     }
     const double moments = zero ? static_cast<double>((elements + dp - 1) / dp) : static_cast<double>(elements);
+    // Under context parallelism the cp ranks are replicas and only cp rank
+    // 0 of each writes (RunCheckpoints::snapshot); every one reads its slices.
     for (int64_t d = 0; d < dp; ++d) {
-      for (int64_t t = 0; t < tp; ++t) {
-        const size_t world = static_cast<size_t>((d * pp + r) * tp + t);
-        out.rank_bytes[world] = slots[static_cast<size_t>(d * tp + t)];
-        read[world] = static_cast<double>(kFp32) * (static_cast<double>(elements) + 2 * moments);
+      for (int64_t c = 0; c < layout.cp; ++c) {
+        for (int64_t t = 0; t < tp; ++t) {
+          const size_t world = static_cast<size_t>(((d * pp + r) * layout.cp + c) * tp + t);
+          if (c == 0) out.rank_bytes[world] = slots[static_cast<size_t>(d * tp + t)];
+          read[world] = static_cast<double>(kFp32) * (static_cast<double>(elements) + 2 * moments);
+        }
       }
     }
   }

@@ -46,7 +46,8 @@ std::vector<StageSpec> rank_stages(const ModelConfig& model, const Layout& layou
 inline constexpr int64_t kOptimizerStepBytes = 8;
 
 struct CheckpointEstimate {
-  std::vector<int64_t> rank_bytes;  // per world rank ((dp * pp + pp_rank) * tp + tp_rank): tensor bytes it writes
+  // Per world rank (((dp * pp + pp_rank) * cp + cp_rank) * tp + tp_rank): tensor bytes it writes.
+  std::vector<int64_t> rank_bytes;
   double total_bytes = 0;           // one checkpoint's tensor bytes, all ranks
   double rank_bytes_max = 0;        // the most one rank writes
   double node_bytes = 0;            // the most one node writes
