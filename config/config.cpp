@@ -448,6 +448,7 @@ class Validator {
       fail_at({"parallel.sequence_parallel", "parallel.tp"}, "sequence parallelism needs parallel.tp > 1",
               "tp " + num(p.tp), "parallel.tp >= 2, or sequence_parallel: false");
     if (p.cp > 1) check_context_parallel();
+    if (p.ep > 1) check_expert_parallel();
 
     if (c_.data.seq_len > m.max_seq_len)
       fail_at({"data.seq_len", "model.max_seq_len"},
@@ -514,6 +515,32 @@ class Validator {
               "the sequence length (" + num(seq_len) + ") is not divisible by 2 * parallel.cp (" +
                   num(product(2, p.cp)) + ")",
               "a seq_len divisible by 2 * cp: each cp rank holds two of 2 * cp equal chunks");
+  }
+
+  // What parallel.ep > 1 needs and does not compose with yet
+  // (parallel/expert_parallel.h); ep | dp is checked with the world size
+  // (ParallelDims::from_config), dp being possibly auto here.
+  void check_expert_parallel() {
+    const ParallelConfig& p = c_.parallel;
+    const ModelConfig& m = c_.model;
+    const std::string ep = "parallel.ep " + num(p.ep);
+    if (m.num_experts == 0 && m.init_from.empty())
+      fail_at({"parallel.ep", "model.architecture"}, "parallel.ep needs a mixture of experts",
+              ep + " with architecture " + m.architecture, "parallel.ep: 1, or architecture mixtral, qwen2_moe or qwen3_moe");
+    if (m.num_experts > 0 && m.num_experts % p.ep != 0)
+      fail_at({"parallel.ep", "model.num_experts"},
+              "parallel.ep (" + num(p.ep) + ") does not divide model.num_experts (" + num(m.num_experts) + ")",
+              ep, "an ep that divides the number of experts: each ep rank holds num_experts / ep of them");
+    if (p.dp > 0 && p.dp % p.ep != 0)
+      fail_at({"parallel.ep", "parallel.dp"},
+              "parallel.ep (" + num(p.ep) + ") does not divide parallel.dp (" + num(p.dp) + ")", ep,
+              "an ep that divides dp: expert parallelism is carved out of the data-parallel ranks");
+    if (p.zero_stage > 0)
+      fail_at({"parallel.ep", "parallel.zero_stage"}, "expert parallelism does not run with ZeRO yet",
+              ep + " with parallel.zero_stage " + num(p.zero_stage), "parallel.zero_stage: 0, or parallel.ep: 1");
+    if (p.cp > 1)
+      fail_at({"parallel.ep", "parallel.cp"}, "expert parallelism does not run with context parallelism yet",
+              ep + " with parallel.cp " + num(p.cp), "parallel.cp: 1, or parallel.ep: 1");
   }
 
   void check_launch() {

@@ -32,6 +32,9 @@ struct ParallelConfig {
   // Context parallelism: each sequence split over cp ranks, attention by ring
   // (parallel/context_parallel.h).
   int64_t cp = 1;
+  // Expert parallelism: each sparse layer's experts split over ep ranks
+  // carved out of dp (parallel/expert_parallel.h); ep divides dp.
+  int64_t ep = 1;
   bool sequence_parallel = false;
   std::string pp_schedule = "1f1b";  // afab | 1f1b | interleaved
   int64_t virtual_stages = 1;

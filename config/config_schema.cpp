@@ -186,6 +186,10 @@ std::vector<KeySpec> build_table() {
        "context-parallel ranks: each sequence split over them in 2 * cp zig-zag chunks, attention by ring; "
        "seq_len divisible by 2 * cp; not yet with ZeRO, sliding windows or soft-capping",
        kAtLeastOne},
+      {"parallel.ep", LOOM_FIELD(parallel.ep), "", "ranks",
+       "expert-parallel ranks carved out of dp: each sparse layer's experts split over them, tokens exchanged "
+       "by all-to-all; must divide dp and model.num_experts; not yet with ZeRO or cp",
+       kAtLeastOne},
       {"parallel.sequence_parallel", LOOM_FIELD(parallel.sequence_parallel), "", "",
        "Megatron sequence parallelism: norms and residual activations split along the sequence over the tp "
        "group; needs tp > 1"},

@@ -31,6 +31,8 @@ namespace loom {
 // (o_proj, down_proj); kReplicated: every rank holds all of it.
 enum class LinearRole { kColumn, kRow, kReplicated };
 
+class ExpertExchange;  // model/moe.h
+
 class Linear : public torch::nn::Module {
  public:
   virtual torch::Tensor forward(const torch::Tensor& x) = 0;
@@ -218,8 +220,17 @@ class LayerFactory {
   // the default back.
   void use_layer_wrapper(std::shared_ptr<LayerWrapper> wrapper) { wrapper_ = std::move(wrapper); }
 
+  // Where the experts of the sparse layers built afterwards live: null (the
+  // default), all of them on this rank; else this rank holds its share and
+  // `exchange` sends each token to the rank that holds its expert (expert
+  // parallelism, parallel/expert_parallel.h; Note [expert exchange] in
+  // model/moe.h).
+  void use_expert_exchange(std::shared_ptr<ExpertExchange> exchange) { exchange_ = std::move(exchange); }
+  const std::shared_ptr<ExpertExchange>& expert_exchange() const { return exchange_; }
+
  private:
   std::shared_ptr<LayerWrapper> wrapper_;
+  std::shared_ptr<ExpertExchange> exchange_;
 };
 
 // Plain single-device layers.

@@ -136,7 +136,7 @@ torch::Tensor Mlp::forward(const torch::Tensor& x_btd) {
 }
 
 std::shared_ptr<FeedForward> LayerFactory::mlp(const ModelConfig& model, int64_t layer) const {
-  if (model.sparse_layer(layer)) return std::make_shared<SparseMoeBlock>(model, *this, layer);
+  if (model.sparse_layer(layer)) return std::make_shared<SparseMoeBlock>(model, *this, layer, expert_exchange());
   return std::make_shared<Mlp>(model, *this);
 }
 

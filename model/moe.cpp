@@ -29,18 +29,24 @@ torch::Tensor ExpertMlp::forward(const torch::Tensor& x_nd) {
   return down_->forward(kernels::swiglu(gate, up));
 }
 
-SparseMoeBlock::SparseMoeBlock(const ModelConfig& model, const LayerFactory& factory, int64_t layer)
+SparseMoeBlock::SparseMoeBlock(const ModelConfig& model, const LayerFactory& factory, int64_t layer,
+                               std::shared_ptr<ExpertExchange> exchange)
     : layer_(layer),
+      num_experts_(model.num_experts),
       top_k_(model.num_experts_per_tok),
       renormalize_(model.renormalize_top_k()),
-      weights_in_router_dtype_(model.architecture != "mixtral") {
+      weights_in_router_dtype_(model.architecture != "mixtral"),
+      exchange_(std::move(exchange)) {
   const int64_t hidden = model.hidden_size;
   // Replicated under tensor parallelism: every rank routes every token.
   gate_ = register_module("gate", factory.linear(hidden, model.num_experts, /*bias=*/false, LinearRole::kReplicated));
   const ExpertMlp::Names names = model.architecture == "mixtral" ? ExpertMlp::Names{"w1", "w3", "w2"}
                                                                  : ExpertMlp::Names{"gate_proj", "up_proj", "down_proj"};
   auto experts = register_module("experts", std::make_shared<Container>());
-  for (int64_t e = 0; e < model.num_experts; ++e) {
+  // Note [expert exchange]: this rank's share, under their global numbers.
+  const int64_t held = exchange_ ? model.num_experts / exchange_->size() : model.num_experts;
+  const int64_t first = exchange_ ? exchange_->rank() * held : 0;
+  for (int64_t e = first; e < first + held; ++e) {
     experts_.push_back(experts->register_module(
         std::to_string(e), std::make_shared<ExpertMlp>(hidden, model.expert_intermediate_size(), names, factory)));
   }
@@ -56,7 +62,7 @@ SparseMoeBlock::SparseMoeBlock(const ModelConfig& model, const LayerFactory& fac
 torch::Tensor SparseMoeBlock::forward(const torch::Tensor& x_btd) {
   const int64_t hidden = x_btd.size(-1);
   const torch::Tensor x = x_btd.reshape({-1, hidden});  // [tokens, hidden]
-  const int64_t num_experts = static_cast<int64_t>(experts_.size());
+  const int64_t num_experts = num_experts_;
 
   // The router, in transformers' order (Note [mixture of experts]).
   const torch::Tensor logits = gate_->forward(x);  // [tokens, experts]
@@ -87,25 +93,36 @@ torch::Tensor SparseMoeBlock::forward(const torch::Tensor& x_btd) {
   }
 
   const torch::Tensor x_sorted = x.index_select(0, pair_token);
-  std::vector<torch::Tensor> outputs;
-  outputs.reserve(experts_.size());
-  int64_t begin = 0;
-  for (int64_t e = 0; e < num_experts; ++e) {
-    // An expert no token chose still runs, on zero rows (Note [mixture of
-    // experts]): its gradient is zeros, and tp ranks issue its collectives.
-    outputs.push_back(experts_[e]->forward(x_sorted.narrow(0, begin, count[e])));
-    begin += count[e];
-  }
+  const std::vector<int64_t> rows_per_expert(count, count + num_experts);
+  const torch::Tensor experts_out =
+      exchange_ ? exchange_->exchange(x_sorted, rows_per_expert,
+                                      [this](const torch::Tensor& rows, const std::vector<int64_t>& local) {
+                                        return run_local_experts(rows, local);
+                                      })
+                : run_local_experts(x_sorted, rows_per_expert);
   const torch::Tensor pair_weight = weights.reshape({-1}).index_select(0, order).unsqueeze(1);
-  const torch::Tensor y_sorted = (at::cat(outputs, 0) * pair_weight).to(x.scalar_type());
+  const torch::Tensor y_sorted = (experts_out * pair_weight).to(x.scalar_type());
   // Each token's k weighted outputs summed, in expert order as transformers adds them.
   torch::Tensor y = at::zeros_like(x).index_add(0, pair_token, y_sorted);
   if (shared_expert_) y = y + at::sigmoid(shared_expert_gate_->forward(x)) * shared_expert_->forward(x);
   return y.view(x_btd.sizes());
 }
 
+torch::Tensor SparseMoeBlock::run_local_experts(const torch::Tensor& rows, const std::vector<int64_t>& rows_per_expert) {
+  std::vector<torch::Tensor> outputs;
+  outputs.reserve(experts_.size());
+  int64_t begin = 0;
+  for (size_t e = 0; e < experts_.size(); ++e) {
+    // An expert no token chose still runs, on zero rows (Note [mixture of
+    // experts]): its gradient is zeros, and tp ranks issue its collectives.
+    outputs.push_back(experts_[e]->forward(rows.narrow(0, begin, rows_per_expert[e])));
+    begin += rows_per_expert[e];
+  }
+  return at::cat(outputs, 0);
+}
+
 std::pair<torch::Tensor, torch::Tensor> SparseMoeBlock::take_sums() {
-  const int64_t num_experts = static_cast<int64_t>(experts_.size());
+  const int64_t num_experts = num_experts_;
   const auto zeros = [&] { return torch::zeros({num_experts}, torch::kDouble); };
   std::pair<torch::Tensor, torch::Tensor> sums{
       tokens_sum_e_.defined() ? tokens_sum_e_ : zeros(),
@@ -114,6 +131,8 @@ std::pair<torch::Tensor, torch::Tensor> SparseMoeBlock::take_sums() {
   probability_sum_e_ = torch::Tensor();
   return sums;
 }
+
+bool is_expert_parameter(const std::string& name) { return name.find(".experts.") != std::string::npos; }
 
 RouterStats take_router_stats(const torch::nn::Module& module, const ModelConfig& model) {
   RouterStats stats{torch::zeros({model.num_layers, model.num_experts}, torch::kDouble),

@@ -33,8 +33,9 @@
 // every tp rank routes alike and issues the same collectives. Every expert
 // runs on every call, on zero tokens when none chose it, so that each
 // parameter has a gradient (zeros) on every rank and data parallelism's
-// reduction finds the same tensors everywhere. Experts are replicated over
-// dp (no expert parallelism yet). The load-balancing loss is not added:
+// reduction finds the same tensors everywhere. Under expert parallelism a
+// rank holds only its share of the experts (Note [expert exchange]). The
+// load-balancing loss is not added:
 // transformers adds it only with output_router_logits, which the Hub's MoE
 // configs leave false.
 //
@@ -54,6 +55,7 @@
 // numerator and the denominator and change neither.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <utility>
@@ -66,6 +68,35 @@
 #include "model/layers.h"
 
 namespace loom {
+
+// Note [expert exchange]
+// With an ExpertExchange (LayerFactory::use_expert_exchange) the block holds
+// experts rank * E/size .. (rank + 1) * E/size - 1 of the exchange's `size`
+// ranks, registered under their global numbers (experts.J keeps J), so the
+// checkpoint, the export and initialization (drawn per parameter name) see
+// the same tensors whichever rank holds them. Every rank still routes its own
+// tokens over all E experts; the exchange sends the token rows, sorted by
+// expert, to the ranks holding their experts, runs this rank's experts on
+// what it receives, and sends the outputs back, in the rows' order. The
+// weighting and the sum per token stay on the token's rank, so the result
+// is the one the block computes with every expert at home.
+class ExpertExchange {
+ public:
+  virtual ~ExpertExchange() = default;
+  virtual int64_t rank() const = 0;
+  virtual int64_t size() const = 0;
+  // Runs this rank's experts over rows grouped by local expert
+  // (rows_per_expert[j] rows for local expert j, in order) and returns their
+  // outputs, row for row.
+  using LocalExperts =
+      std::function<torch::Tensor(const torch::Tensor& rows, const std::vector<int64_t>& rows_per_expert)>;
+  // `rows` [n, hidden]: this rank's token rows sorted by global expert,
+  // rows_per_expert[e] of them for each of the E experts. Returns each row's
+  // output from its expert [n, hidden], in `rows`' order; differentiable.
+  // Collective over the exchange's ranks: each calls it once per block call.
+  virtual torch::Tensor exchange(const torch::Tensor& rows, const std::vector<int64_t>& rows_per_expert,
+                                 const LocalExperts& local_experts) = 0;
+};
 
 // One SwiGLU expert: down(silu(gate(x)) * up(x)), its three linears
 // registered under the family's names (w1/w3/w2 or gate/up/down_proj).
@@ -91,8 +122,10 @@ struct RouterLoad {
 
 class SparseMoeBlock : public FeedForward {
  public:
-  // `layer`: the decoder layer's global number, for take_router_stats.
-  SparseMoeBlock(const ModelConfig& model, const LayerFactory& factory, int64_t layer);
+  // `layer`: the decoder layer's global number, for take_router_stats;
+  // `exchange`: null holds every expert here (Note [expert exchange]).
+  SparseMoeBlock(const ModelConfig& model, const LayerFactory& factory, int64_t layer,
+                 std::shared_ptr<ExpertExchange> exchange = nullptr);
   torch::Tensor forward(const torch::Tensor& x_btd) override;
   // The spread of the last forward's tokens.
   const RouterLoad& last_load() const { return last_load_; }
@@ -102,18 +135,28 @@ class SparseMoeBlock : public FeedForward {
   std::pair<torch::Tensor, torch::Tensor> take_sums();
 
  private:
+  // This rank's experts over `rows`, grouped by local expert.
+  torch::Tensor run_local_experts(const torch::Tensor& rows, const std::vector<int64_t>& rows_per_expert);
+
   int64_t layer_;
+  int64_t num_experts_;  // all of them, on every rank
   int64_t top_k_;
   bool renormalize_;
   bool weights_in_router_dtype_;  // qwen: the kept weights cast to the logits' dtype
   std::shared_ptr<Linear> gate_;
-  std::vector<std::shared_ptr<ExpertMlp>> experts_;
+  std::vector<std::shared_ptr<ExpertMlp>> experts_;  // this rank's
+  std::shared_ptr<ExpertExchange> exchange_;
   std::shared_ptr<ExpertMlp> shared_expert_;  // qwen2_moe, else null
   std::shared_ptr<Linear> shared_expert_gate_;
   RouterLoad last_load_;
   torch::Tensor tokens_sum_e_;       // float64 CPU [experts]; undefined: none yet
   torch::Tensor probability_sum_e_;  // float32 on the device [experts]
 };
+
+// Whether parameter `name` belongs to one of the routed experts
+// ("model.layers.N.mlp.experts.J.*", "...block_sparse_moe.experts.J.*"):
+// what expert parallelism splits. The router and the shared expert are dense.
+bool is_expert_parameter(const std::string& name);
 
 // Note [router metrics]: the sums of every sparse block of `module` (a
 // rank's model or one of its pipeline chunks), taken and reset, as float64

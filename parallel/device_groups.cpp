@@ -41,6 +41,8 @@ GridGroups device_grid(const GridGroups& mpi, c10::Device device, std::string_vi
   grid.dp = twin(mpi.dp);
   grid.tp = twin(mpi.tp);
   grid.cp = twin(mpi.cp);
+  grid.ep = twin(mpi.ep);
+  grid.edp = twin(mpi.edp);
   return grid;
 }
 

@@ -12,6 +12,7 @@
 #include <thread>
 
 #include <ATen/core/grad_mode.h>
+#include <c10/util/accumulate.h>
 
 namespace loom {
 
@@ -487,6 +488,44 @@ std::unique_ptr<Work> MpiProcessGroup::barrier(const BarrierOptions&) {
   return work;
 }
 
+std::unique_ptr<Work> MpiProcessGroup::all_to_all(const at::Tensor& output, const at::Tensor& input,
+                                                  const AllToAllOptions& options) {
+  const std::string where = start_op("all_to_all");
+  check_tensor(where, "output", output, c10::DeviceType::CPU);
+  check_tensor(where, "input", input, c10::DeviceType::CPU);
+  const auto [input_rows, output_rows] = check_all_to_all(where, output, input, options);
+  mpi_count(where, input);
+  mpi_count(where, output);
+  // Counts and displacements in elements, as ints, in one tensor the work
+  // holds: MPI reads them until the operation completes.
+  const int64_t row_elements = c10::multiply_integers(input.sizes().slice(1));  // 1 for a 1-D tensor
+  const int n = size();
+  at::Tensor layout = at::empty({4 * n}, at::kInt);
+  int* send_counts = layout.data_ptr<int>();
+  int* send_displs = send_counts + n;
+  int* recv_counts = send_displs + n;
+  int* recv_displs = recv_counts + n;
+  int64_t send_at = 0, recv_at = 0;
+  for (int r = 0; r < n; ++r) {
+    send_counts[r] = static_cast<int>(input_rows[r] * row_elements);
+    send_displs[r] = static_cast<int>(send_at);
+    recv_counts[r] = static_cast<int>(output_rows[r] * row_elements);
+    recv_displs[r] = static_cast<int>(recv_at);
+    send_at += input_rows[r] * row_elements;
+    recv_at += output_rows[r] * row_elements;
+  }
+  auto work = std::make_unique<MpiWork>(runtime_, with_tensor(where, input) + " into " + describe_tensor(output),
+                                        collective_hint(), timeout(), std::vector<at::Tensor>{output, input, layout});
+  const MPI_Datatype type = mpi_type(input.scalar_type());
+  {
+    auto lock = runtime_->lock();
+    check_mpi(MPI_Ialltoallv(input.data_ptr(), send_counts, send_displs, type, output.data_ptr(), recv_counts,
+                             recv_displs, type, comm_, work->request()),
+              work->what(), "MPI_Ialltoallv");
+  }
+  return work;
+}
+
 std::unique_ptr<MpiProcessGroup> MpiProcessGroup::split(int color, int key, std::string name) {
   const std::string where = start_op("split into '" + name + "'");
   if (color < 0) throw std::invalid_argument(where + ": color " + std::to_string(color) + " must be >= 0");
@@ -520,12 +559,13 @@ MpiProcessGroup::NodeRanks MpiProcessGroup::node_ranks() {
 
 GridGroups split_grid(MpiProcessGroup& world, const ParallelDims& dims) {
   if (dims.dp < 1 || dims.pp < 1 || dims.tp < 1 || dims.cp < 1 || dims.dp * dims.cp * dims.pp * dims.tp != dims.world ||
-      dims.world != world.size()) {
+      dims.world != world.size() || dims.ep < 1 || dims.dp % dims.ep != 0) {
     const std::string cp = dims.cp != 1 ? " * cp (" + std::to_string(dims.cp) + ")" : "";
     throw std::invalid_argument("split_grid: dp (" + std::to_string(dims.dp) + ")" + cp + " * pp (" +
                                 std::to_string(dims.pp) + ") * tp (" + std::to_string(dims.tp) +
                                 ") must equal the world (" + std::to_string(dims.world) + ") and the size of group '" +
-                                world.name() + "' (" + std::to_string(world.size()) + ")");
+                                world.name() + "' (" + std::to_string(world.size()) + "), and ep (" +
+                                std::to_string(dims.ep) + ") must divide dp");
   }
   const ParallelDims::Coords c = dims.coords_of(world.rank());
   // Each split keeps the ranks that share the other coordinates, ordered
@@ -540,6 +580,14 @@ GridGroups split_grid(MpiProcessGroup& world, const ParallelDims& dims) {
   // Only with cp > 1, so that a run without it makes the communicators it always made.
   if (dims.cp > 1) {
     groups.cp = world.split(static_cast<int>((c.dp * dims.pp + c.pp) * dims.tp + c.tp), static_cast<int>(c.cp), "cp");
+  }
+  // Note [expert groups] in process_group.h, only with ep > 1.
+  if (dims.ep > 1) {
+    const int64_t block = c.dp / dims.ep, ep_rank = c.dp % dims.ep;
+    groups.ep = world.split(static_cast<int>(((block * dims.pp + c.pp) * dims.cp + c.cp) * dims.tp + c.tp),
+                            static_cast<int>(ep_rank), "ep");
+    groups.edp = world.split(static_cast<int>((ep_rank * dims.pp + c.pp) * dims.tp + c.tp),
+                             static_cast<int>(block * dims.cp + c.cp), "edp");
   }
   return groups;
 }

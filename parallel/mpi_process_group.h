@@ -96,6 +96,8 @@ class MpiProcessGroup final : public ProcessGroup {
   std::unique_ptr<Work> send(const at::Tensor& tensor, const SendOptions& options) override;
   std::unique_ptr<Work> recv(const at::Tensor& tensor, const RecvOptions& options) override;
   std::unique_ptr<Work> barrier(const BarrierOptions& options = {}) override;
+  std::unique_ptr<Work> all_to_all(const at::Tensor& output, const at::Tensor& input,
+                                   const AllToAllOptions& options = {}) override;
 
   // The sub-group of the ranks that pass the same `color` (>= 0), ordered by
   // `key` (ties by rank in this group), named `name`, with this group's
@@ -126,8 +128,9 @@ class MpiProcessGroup final : public ProcessGroup {
   MPI_Comm signature_comm_ = MPI_COMM_NULL;  // Note [send signatures]: a send's signature goes ahead of it here
 };
 
-// This rank's dp, pp and tp groups (named "dp", "pp", "tp"), and with cp > 1
-// its "cp" group, from the world group. `world` must hold all dims.world ranks in world-rank order (as
+// This rank's dp, pp and tp groups (named "dp", "pp", "tp"), with cp > 1
+// its "cp" group, and with ep > 1 its "ep" and "edp" groups (Note [expert
+// groups] in process_group.h), from the world group. `world` must hold all dims.world ranks in world-rank order (as
 // MpiSession::world does); throws std::invalid_argument naming every factor
 // otherwise. Collective over `world`.
 GridGroups split_grid(MpiProcessGroup& world, const ParallelDims& dims);

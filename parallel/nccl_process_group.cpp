@@ -3,6 +3,7 @@
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/util/accumulate.h>
 #include <cuda_runtime_api.h>
 #include <nccl.h>
 
@@ -617,6 +618,33 @@ std::unique_ptr<Work> NcclProcessGroup::reduce_scatter(const at::Tensor& output,
                 [&](ncclComm_t comm, cudaStream_t stream) {
                   return ncclReduceScatter(input.data_ptr(), output.data_ptr(), count_of(output),
                                            nccl_type(input.scalar_type()), nccl_op(options.op), comm, stream);
+                });
+}
+
+std::unique_ptr<Work> NcclProcessGroup::all_to_all(const at::Tensor& output, const at::Tensor& input,
+                                                   const AllToAllOptions& options) {
+  const std::string where = start_op("all_to_all");
+  check_device_tensor(where, "output", output);
+  check_device_tensor(where, "input", input);
+  const auto [input_rows, output_rows] = check_all_to_all(where, output, input, options);
+  const size_t row_elements = static_cast<size_t>(c10::multiply_integers(input.sizes().slice(1)));
+  const size_t bytes = c10::elementSize(input.scalar_type());
+  const ncclDataType_t type = nccl_type(input.scalar_type());
+  return launch(comm_, watchdog_, with_tensor(where, input) + " into " + describe_tensor(output), collective_hint(),
+                timeout(), {output, input}, "ncclSend/ncclRecv", [&](ncclComm_t comm, cudaStream_t stream) {
+                  auto* send = static_cast<char*>(input.data_ptr());
+                  auto* recv = static_cast<char*>(output.data_ptr());
+                  ncclResult_t result = ncclGroupStart();
+                  for (int peer = 0; peer < size() && result == ncclSuccess; ++peer) {
+                    const size_t send_count = static_cast<size_t>(input_rows[peer]) * row_elements;
+                    const size_t recv_count = static_cast<size_t>(output_rows[peer]) * row_elements;
+                    result = ncclSend(send, send_count, type, peer, comm, stream);
+                    if (result == ncclSuccess) result = ncclRecv(recv, recv_count, type, peer, comm, stream);
+                    send += send_count * bytes;
+                    recv += recv_count * bytes;
+                  }
+                  const ncclResult_t ended = ncclGroupEnd();
+                  return result != ncclSuccess ? result : ended;
                 });
 }
 

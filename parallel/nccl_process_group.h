@@ -152,6 +152,10 @@ class NcclProcessGroup final : public ProcessGroup {
   std::unique_ptr<Work> recv(const at::Tensor& tensor, const RecvOptions& options) override;
   // An all_reduce of a one-element tensor on the group's device.
   std::unique_ptr<Work> barrier(const BarrierOptions& options = {}) override;
+  // One NCCL group of a send and a recv per rank (itself included), as
+  // NCCL has no all-to-all of its own.
+  std::unique_ptr<Work> all_to_all(const at::Tensor& output, const at::Tensor& input,
+                                   const AllToAllOptions& options = {}) override;
 
  private:
   // check_tensor for this backend: a CUDA tensor on the group's device.

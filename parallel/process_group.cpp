@@ -228,6 +228,49 @@ void ProcessGroup::check_reduce_scatter_shapes(const std::string& where, const a
   if (overlap(output, input)) refuse("output and input overlap");
 }
 
+std::unique_ptr<Work> ProcessGroup::all_to_all(const at::Tensor&, const at::Tensor&, const AllToAllOptions&) {
+  throw std::invalid_argument(start_op("all_to_all") + ": the " + std::string(backend()) +
+                              " backend has no all_to_all");
+}
+
+std::pair<std::vector<int64_t>, std::vector<int64_t>> ProcessGroup::check_all_to_all(
+    const std::string& where, const at::Tensor& output, const at::Tensor& input, const AllToAllOptions& options) const {
+  auto refuse = [&](const std::string& why) {
+    throw std::invalid_argument(where + ": output " + describe_tensor(output) + ", input " + describe_tensor(input) +
+                                ": " + why);
+  };
+  if (output.scalar_type() != input.scalar_type()) refuse("output and input dtypes differ");
+  if (input.dim() == 0 || output.dim() == 0) refuse("both need at least one dimension (split along dim 0)");
+  if (input.sizes().slice(1) != output.sizes().slice(1)) refuse("their rows (the dims after dim 0) differ");
+  const auto resolve = [&](const std::vector<int64_t>& splits, const at::Tensor& tensor, const char* role) {
+    if (splits.empty()) {
+      if (tensor.size(0) % size() != 0) {
+        refuse(std::string(role) + " dim 0 (" + std::to_string(tensor.size(0)) +
+               ") is not divisible by the group size (" + std::to_string(size()) + ") and no splits were given");
+      }
+      return std::vector<int64_t>(static_cast<size_t>(size()), tensor.size(0) / size());
+    }
+    if (static_cast<int>(splits.size()) != size()) {
+      refuse(std::string(role) + " splits has " + std::to_string(splits.size()) + " entries for a group of " +
+             std::to_string(size()));
+    }
+    int64_t rows = 0;
+    for (int64_t split : splits) {
+      if (split < 0) refuse(std::string(role) + " splits has a negative entry");
+      rows += split;
+    }
+    if (rows != tensor.size(0)) {
+      refuse(std::string(role) + " splits add up to " + std::to_string(rows) + " rows, the tensor has " +
+             std::to_string(tensor.size(0)));
+    }
+    return splits;
+  };
+  std::pair<std::vector<int64_t>, std::vector<int64_t>> splits{resolve(options.input_splits, input, "input"),
+                                                               resolve(options.output_splits, output, "output")};
+  if (input.numel() > 0 && output.numel() > 0 && overlap(output, input)) refuse("output and input overlap");
+  return splits;
+}
+
 void ProcessGroup::check_group_rank(const std::string& where, std::string_view role, int group_rank) const {
   if (group_rank < 0 || group_rank >= size()) {
     throw std::invalid_argument(where + ": " + std::string(role) + " " + std::to_string(group_rank) +

@@ -74,6 +74,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace loom {
@@ -112,6 +113,15 @@ struct RecvOptions {
   int tag = 0;
 };
 struct BarrierOptions {};
+// all_to_all: how many rows (along dim 0) of `input` go to each group rank
+// and of `output` come from each, in group-rank order. Empty: equal shares,
+// dim 0 divided by the group size. Rank r's input_splits[s] must equal rank
+// s's output_splits[r]; a rank cannot see the others' splits, so a mismatch
+// is a bug that the backend may report or not.
+struct AllToAllOptions {
+  std::vector<int64_t> input_splits;
+  std::vector<int64_t> output_splits;
+};
 
 // Note [bfloat16 reductions]
 // MPI has no bfloat16 type. all_reduce and reduce_scatter of a bfloat16
@@ -190,6 +200,14 @@ class ProcessGroup {
   // Completes once every rank of the group has issued it.
   virtual std::unique_ptr<Work> barrier(const BarrierOptions& options = {}) = 0;
 
+  // Rank r's `input` rows for rank s (options.input_splits[s] of them, the
+  // s-th block along dim 0) become the r-th block of rank s's `output`: the
+  // exchange of expert parallelism (parallel/expert_parallel.h). Same dtype
+  // and row shape on both; no overlap. The default refuses: MPI, NCCL and
+  // the staged test backend implement it.
+  virtual std::unique_ptr<Work> all_to_all(const at::Tensor& output, const at::Tensor& input,
+                                           const AllToAllOptions& options = {});
+
  protected:
   ProcessGroup(std::string name, int rank, std::vector<int> world_ranks, std::chrono::milliseconds timeout);
 
@@ -205,6 +223,12 @@ class ProcessGroup {
   void check_reduce_op(const std::string& where, ReduceOp op, const at::Tensor& tensor) const;
   void check_all_gather_shapes(const std::string& where, const at::Tensor& output, const at::Tensor& input) const;
   void check_reduce_scatter_shapes(const std::string& where, const at::Tensor& output, const at::Tensor& input) const;
+  // The splits of an all_to_all, resolved (equal shares where empty) and
+  // checked against the tensors: {input rows per rank, output rows per rank}.
+  std::pair<std::vector<int64_t>, std::vector<int64_t>> check_all_to_all(const std::string& where,
+                                                                         const at::Tensor& output,
+                                                                         const at::Tensor& input,
+                                                                         const AllToAllOptions& options) const;
   void check_group_rank(const std::string& where, std::string_view role, int group_rank) const;
   void check_tag(const std::string& where, int tag) const;
 
@@ -252,11 +276,23 @@ class ProcessGroup {
 // data is a replica's: the loader reads by the dp coordinate, and each cp
 // rank takes its zig-zag chunks of the same rows. `cp` (null when cp is 1)
 // holds the ranks that share dp, pp and tp: the ring.
+//
+// Note [expert groups]
+// Expert parallelism (parallel.ep, parallel/expert_parallel.h) splits each
+// sparse layer's experts over ep ranks carved out of dp: dp ranks
+// b * ep .. b * ep + ep - 1 (block b) hold one copy of all experts between
+// them, ep rank dp % ep the experts ep_rank * E/ep .. (ep_rank + 1) * E/ep - 1.
+// `ep` (null when ep is 1) holds the ranks of this rank's block that share
+// cp, pp and tp: they exchange tokens. `edp` holds the ranks that hold the
+// same experts, one per block and cp rank (group rank block * cp + cp): an
+// expert's gradient is reduced over it, as a dense parameter's over `dp`.
 struct GridGroups {
   std::unique_ptr<ProcessGroup> dp;
   std::unique_ptr<ProcessGroup> pp;
   std::unique_ptr<ProcessGroup> tp;
   std::unique_ptr<ProcessGroup> cp;
+  std::unique_ptr<ProcessGroup> ep;
+  std::unique_ptr<ProcessGroup> edp;
 };
 
 // `tensor` (a small tensor on any device: a loss, a norm, a flag) replaced by

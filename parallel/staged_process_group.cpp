@@ -102,4 +102,11 @@ std::unique_ptr<Work> StagedProcessGroup::barrier(const BarrierOptions& options)
   return std::make_unique<StagedWork>(host_->barrier(options), at::Tensor(), at::Tensor());
 }
 
+std::unique_ptr<Work> StagedProcessGroup::all_to_all(const at::Tensor& output, const at::Tensor& input,
+                                                     const AllToAllOptions& options) {
+  host_->set_timeout(timeout());
+  at::Tensor host_output = staging_for(output);
+  return std::make_unique<StagedWork>(host_->all_to_all(host_output, staged(input), options), output, host_output);
+}
+
 }  // namespace loom

@@ -39,6 +39,8 @@ class StagedProcessGroup final : public ProcessGroup {
   std::unique_ptr<Work> send(const at::Tensor& tensor, const SendOptions& options) override;
   std::unique_ptr<Work> recv(const at::Tensor& tensor, const RecvOptions& options) override;
   std::unique_ptr<Work> barrier(const BarrierOptions& options = {}) override;
+  std::unique_ptr<Work> all_to_all(const at::Tensor& output, const at::Tensor& input,
+                                   const AllToAllOptions& options = {}) override;
 
  private:
   std::unique_ptr<MpiProcessGroup> host_;  // the MPI ranks the copies go through

@@ -9,6 +9,7 @@
 #include <string_view>
 #include <vector>
 
+#include "parallel/autograd_group.h"
 #include "util/error.h"
 
 namespace loom {
@@ -19,22 +20,6 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 constexpr int64_t kSequenceDim = 1;  // of [batch, seq, hidden]
-
-// ctx->saved_data holds IValues; a capsule carries the group to backward
-// without registering a TorchScript class. Not owning: the group outlives the
-// graph (Note [tensor-parallel operators]).
-struct GroupRef : torch::CustomClassHolder {
-  explicit GroupRef(ProcessGroup* group) : group(group) {}
-  ProcessGroup* group;
-};
-
-void save_group(AutogradContext* ctx, ProcessGroup& group) {
-  ctx->saved_data["group"] = at::IValue::make_capsule(c10::make_intrusive<GroupRef>(&group));
-}
-
-ProcessGroup& saved_group(AutogradContext* ctx) {
-  return *c10::static_intrusive_pointer_cast<GroupRef>(ctx->saved_data["group"].toCapsule())->group;
-}
 
 // `dim` of x, checked to exist and (when `divisible`) to split evenly over the group.
 int64_t checked_dim(std::string_view op, const at::Tensor& x, int64_t dim, bool divisible, const ProcessGroup& group) {

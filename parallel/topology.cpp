@@ -69,6 +69,15 @@ ParallelDims ParallelDims::from_config(const Config& config, int64_t world_size)
     throw BadInput("parallel.pp (" + std::to_string(dims.pp) + ") exceeds model.num_layers (" +
                    std::to_string(m.num_layers) + ")");
   }
+  dims.ep = p.ep;
+  if (dims.ep < 1 || dims.dp % dims.ep != 0) {
+    throw BadInput("parallel.ep (" + std::to_string(dims.ep) + ") must divide dp (" + std::to_string(dims.dp) +
+                   "): expert parallelism is carved out of the data-parallel ranks");
+  }
+  if (dims.ep > 1 && (m.num_experts <= 0 || m.num_experts % dims.ep != 0)) {
+    throw BadInput("parallel.ep (" + std::to_string(dims.ep) + ") must divide model.num_experts (" +
+                   std::to_string(m.num_experts) + ")" + (m.num_experts <= 0 ? ": the model has no experts" : ""));
+  }
   const BatchConfig& b = config.batch;
   if (b.global_batch_size > 0 && b.global_batch_size % (b.micro_batch_size * dims.dp) != 0) {
     throw BadInput("batch.global_batch_size (" + std::to_string(b.global_batch_size) +
@@ -92,6 +101,7 @@ std::string ParallelDims::describe() const {
   os << "world " << world << " = dp " << dp;
   if (cp > 1) os << " x cp " << cp;
   os << " x pp " << pp << " x tp " << tp;
+  if (ep > 1) os << ", experts over ep " << ep << " (dp ranks in blocks of " << ep << ")";
   for (int64_t d = 0; d < dp; ++d) {
     os << "\n  dp" << d << ":";
     for (int64_t s = 0; s < pp; ++s) {

@@ -29,11 +29,16 @@ struct ParallelDims {
   int64_t pp = 1;
   int64_t tp = 1;
   int64_t cp = 1;
+  // Expert parallelism, carved out of dp (Note [expert groups] in
+  // parallel/process_group.h): not an axis of the grid, dp ranks
+  // b * ep .. b * ep + ep - 1 share one copy of the experts.
+  int64_t ep = 1;
 
   // Resolves `parallel.dp: auto` and checks dp * cp * pp * tp == world and the
   // model-shape constraints (tp | heads, kv heads, intermediate size; the
   // vocabulary need not divide, Note [vocab padding] in vocab_parallel.h;
   // tp | seq_len under sequence parallelism; pp <= layers; batch).
+  // With parallel.ep: ep | dp and ep | model.num_experts.
   // Throws BadInput naming every factor.
   static ParallelDims from_config(const Config& config, int64_t world_size);
 

@@ -32,9 +32,18 @@ TrainGroups TrainGroups::of(const ParallelDims& dims, ProcessGroup* world, const
   if (dims.cp > 1 && groups.cp == nullptr) {
     throw std::logic_error("train: cp " + std::to_string(dims.cp) + " needs TrainOptions::grid's cp group");
   }
+  if (dims.ep > 1) {
+    if (grid->ep == nullptr || grid->edp == nullptr) {
+      throw std::logic_error("train: ep " + std::to_string(dims.ep) + " needs TrainOptions::grid's ep and edp groups");
+    }
+    groups.ep = grid->ep.get();
+    groups.edp = grid->edp->size() > 1 ? grid->edp.get() : nullptr;
+  }
   groups.tp_data = groups.tp;
   groups.dp_data = groups.dp;
   groups.cp_data = groups.cp;
+  groups.ep_data = groups.ep;
+  groups.edp_data = groups.edp;
   return groups;
 }
 
@@ -48,6 +57,8 @@ void TrainGroups::use_device(c10::Device device, const ParallelDims& dims, const
   tp_data = tp != nullptr && device_grid != nullptr ? device_grid->tp.get() : tp;
   dp_data = dp != nullptr && device_grid != nullptr ? device_grid->dp.get() : dp;
   cp_data = cp != nullptr && device_grid != nullptr ? device_grid->cp.get() : cp;
+  ep_data = ep != nullptr && device_grid != nullptr ? device_grid->ep.get() : ep;
+  edp_data = edp != nullptr && device_grid != nullptr ? device_grid->edp.get() : edp;
 }
 
 std::vector<torch::Tensor> ModelParts::params() const {
@@ -126,6 +137,15 @@ std::unique_ptr<ModelParts> build_model_parts(Config& config, const ParallelDims
     parts.cp_factory = std::make_unique<ContextParallelLayerFactory>(*factory, *groups.cp_data, seq_len);
     factory = parts.cp_factory.get();
   }
+  if (groups.ep != nullptr) {
+    // Expert parallelism: the sparse layers hold this rank's share of the
+    // experts and exchange tokens over ep (Note [expert exchange]).
+    parts.expert_exchange = std::make_shared<ExpertParallelExchange>(*groups.ep_data, *groups.ep);
+    (parts.cp_factory     ? static_cast<LayerFactory&>(*parts.cp_factory)
+     : parts.tp_factory ? static_cast<LayerFactory&>(*parts.tp_factory)
+                        : parts.local_factory)
+        .use_expert_exchange(parts.expert_exchange);
+  }
   if (groups.pp != nullptr) {
     if (groups.pp->rank() != 0 && config.model.tie_embeddings) parts.tied_copy = "model.embed_tokens.weight";
     parts.schedule.emplace(pipeline_schedule_of(config, dims));
@@ -155,7 +175,12 @@ std::unique_ptr<ModelParts> build_model_parts(Config& config, const ParallelDims
       for (auto& param : module->parameters()) param.set_data(param.to(torch::kBFloat16));
     }
     module->train();
-    for (auto& named : to_named_tensors(module->named_parameters())) parts.named_params.push_back(std::move(named));
+    for (auto& named : to_named_tensors(module->named_parameters())) {
+      if (parts.expert_exchange && is_expert_parameter(named.first)) {
+        parts.expert_params.push_back(named.first);
+      }
+      parts.named_params.push_back(std::move(named));
+    }
     parts.param_dims.merge(tensor_parallel_shard_dims(*module));
     parts.param_unpadded.merge(tensor_parallel_unpadded_sizes(*module));
   }

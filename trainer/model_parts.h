@@ -16,6 +16,7 @@
 #include "model/llama.h"
 #include "optim/optimizer.h"
 #include "parallel/context_parallel.h"
+#include "parallel/expert_parallel.h"
 #include "parallel/pipeline_schedule.h"
 #include "parallel/process_group.h"
 #include "parallel/tensor_parallel_model.h"
@@ -47,6 +48,13 @@ struct TrainGroups {
   ProcessGroup* dp_data = nullptr;
   ProcessGroup* tp_data = nullptr;
   ProcessGroup* cp_data = nullptr;
+  // With ep > 1 (Note [expert groups] in parallel/process_group.h): `ep` the
+  // ranks that exchange tokens, `edp` those that hold the same experts (null
+  // when it is this rank alone), and their device twins.
+  ProcessGroup* ep = nullptr;
+  ProcessGroup* edp = nullptr;
+  ProcessGroup* ep_data = nullptr;
+  ProcessGroup* edp_data = nullptr;
 
   // The host groups from TrainOptions::grid (std::logic_error when a world
   // of several ranks has none); the device groups are set by use_device.
@@ -64,6 +72,11 @@ struct ModelParts {
   LocalLayerFactory local_factory;
   std::unique_ptr<TensorParallelLayerFactory> tp_factory;  // with tp > 1
   std::unique_ptr<ContextParallelLayerFactory> cp_factory;  // with cp > 1: over the local or tp factory
+  // With ep > 1: the sparse layers' exchange (parallel/expert_parallel.h),
+  // and the names of this rank's expert parameters, which differ between
+  // the ranks of an ep group (is_expert_parameter in model/moe.h).
+  std::shared_ptr<ExpertParallelExchange> expert_exchange;
+  std::vector<std::string> expert_params;
   std::shared_ptr<LlamaForCausalLM> model;  // the whole model or its tp shards; null with pp
   std::vector<std::shared_ptr<LlamaForCausalLM>> modules;  // what this rank trains: the model, or its chunks
   // ZeRO-3 (parallel.zero_stage 3 with dp > 1): the wrapper every decoder

@@ -218,6 +218,7 @@ void RunCheckpoints::start_saving(const Config& config) {
       {{"dp", dims_.dp}, {"tp", dims_.tp}, {"pp", dims_.pp}, {"world", dims_.world},
        {"zero_stage", config.parallel.zero_stage}}};
   if (dims_.cp > 1) options_.saved_by["cp"] = dims_.cp;
+  if (dims_.ep > 1) options_.saved_by["ep"] = dims_.ep;
   // checkpoint.async: each rank hands its snapshot to a background thread,
   // which writes its files while training goes on.
   if (config.checkpoint.enabled && config.checkpoint.async) {
@@ -238,41 +239,40 @@ CheckpointRank RunCheckpoints::rank() const {
 // the same assignment over the same sizes (the tp ranks' slices are equal),
 // so they agree without a word. ZeRO-1's pieces are unique over dp; those of
 // a parameter every tp rank holds go to the tp rank with the fewest bytes.
+// Under expert parallelism an expert's piece is held by the dp ranks of its
+// ep rank only (Note [expert groups]); the ep ranks' lists of pieces differ
+// in names but not in sizes, so each simulates the others' choices too.
 // `loom plan` runs the same assignment to predict each rank's bytes
 // (plan/checkpoint_model.h).
 std::vector<int64_t> assign_piece_writers(const std::vector<int64_t>& bytes, const std::vector<bool>& replicated_over_tp,
                                           int64_t dp, int64_t tp, int64_t only_dp, int64_t my_tp,
-                                          std::vector<int64_t>& load) {
+                                          std::vector<int64_t>& load, const ExpertPieces& experts) {
   std::vector<size_t> order(bytes.size());
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return bytes[a] > bytes[b]; });
-  const auto least = [&](const std::vector<int64_t>& slots) {
-    return *std::min_element(slots.begin(), slots.end(), [&](int64_t a, int64_t b) { return load[a] < load[b]; });
-  };
   std::vector<int64_t> writer(bytes.size(), -1);
   std::vector<int64_t> slots;  // candidate (dp, tp) slots, as dp * tp + tp
   for (size_t i : order) {
-    if (replicated_over_tp[i]) {
-      slots.clear();
-      for (int64_t d = 0; d < dp; ++d) {
-        if (only_dp >= 0 && d != only_dp) continue;
-        for (int64_t t = 0; t < tp; ++t) slots.push_back(d * tp + t);
+    // The copies of the piece that the ranks hold apart: each tp rank's own
+    // slice (unless every tp rank holds it whole), and under expert
+    // parallelism each ep rank's own expert (the same sizes on every ep
+    // rank). Every copy's choice is simulated, so the loads stay the same on
+    // every rank.
+    const bool expert = experts.expert != nullptr && (*experts.expert)[i];
+    for (int64_t e = expert ? 0 : -1; e < (expert ? experts.ep : 0); ++e) {
+      for (int64_t t = replicated_over_tp[i] ? -1 : 0; t < (replicated_over_tp[i] ? 0 : tp); ++t) {
+        slots.clear();
+        for (int64_t d = 0; d < dp; ++d) {
+          if ((only_dp >= 0 && d != only_dp) || (e >= 0 && d % experts.ep != e)) continue;
+          for (int64_t u = 0; u < tp; ++u) {
+            if (t < 0 || u == t) slots.push_back(d * tp + u);
+          }
+        }
+        const int64_t slot =
+            *std::min_element(slots.begin(), slots.end(), [&](int64_t a, int64_t b) { return load[a] < load[b]; });
+        load[slot] += bytes[i];
+        if ((e < 0 || e == experts.my_ep) && (t < 0 || t == my_tp)) writer[i] = slot;
       }
-      const int64_t slot = least(slots);
-      load[slot] += bytes[i];
-      writer[i] = slot;
-      continue;
-    }
-    // Each tp rank's own slice: every tp rank's choice is simulated, so the
-    // loads stay the same on all of them.
-    for (int64_t t = 0; t < tp; ++t) {
-      slots.clear();
-      for (int64_t d = 0; d < dp; ++d) {
-        if (only_dp < 0 || d == only_dp) slots.push_back(d * tp + t);
-      }
-      const int64_t slot = least(slots);
-      load[slot] += bytes[i];
-      if (t == my_tp) writer[i] = slot;
     }
   }
   return writer;
@@ -283,9 +283,14 @@ std::vector<bool> RunCheckpoints::assign_writers(const std::vector<OwnedPiece>& 
                                                  std::vector<int64_t>& load, bool over_dp) const {
   const int64_t my_dp = groups_.coords.dp, my_tp = groups_.coords.tp;
   std::vector<int64_t> bytes;
-  for (const OwnedPiece& piece : pieces) bytes.push_back(static_cast<int64_t>(piece.values.nbytes()));
+  std::vector<bool> expert;
+  for (const OwnedPiece& piece : pieces) {
+    bytes.push_back(static_cast<int64_t>(piece.values.nbytes()));
+    expert.push_back(dims_.ep > 1 && is_expert_parameter(piece.name));
+  }
   const std::vector<int64_t> writer =
-      assign_piece_writers(bytes, replicated_over_tp, dims_.dp, dims_.tp, over_dp ? -1 : my_dp, my_tp, load);
+      assign_piece_writers(bytes, replicated_over_tp, dims_.dp, dims_.tp, over_dp ? -1 : my_dp, my_tp, load,
+                           {&expert, dims_.ep, my_dp % dims_.ep});
   std::vector<bool> mine(pieces.size(), false);
   // The cp ranks of a replica hold the same parameters and state (Note [cp
   // replicas]): cp rank 0 of each writes, the others take no piece.
@@ -386,11 +391,18 @@ std::string RunCheckpoints::save(int64_t step, int64_t skipped_steps, const Mode
 double RunCheckpoints::wait() { return async_writer_ ? async_writer_->wait() : 0.0; }
 
 std::shared_ptr<LlamaForCausalLM> RunCheckpoints::gathered_model(const ModelParts& parts) const {
-  if (groups_.coords.dp != 0 || groups_.coords.cp != 0) return nullptr;
-  if (parts.model_is_whole) return parts.model;
+  // Replica 0 gathers; under expert parallelism its first block's ep ranks
+  // first gather their experts (Note [expert groups]).
+  const bool gathers_experts = groups_.ep != nullptr && groups_.coords.dp < dims_.ep;
+  if ((groups_.coords.dp != 0 && !gathers_experts) || groups_.coords.cp != 0) return nullptr;
+  if (parts.model_is_whole && groups_.ep == nullptr) return parts.model;
   NamedTensors gathered = groups_.tp != nullptr ? gather_tensor_parallel(*groups_.tp, parts.named_params,
                                                                          parts.param_dims, parts.param_unpadded)
                                                 : parts.named_params;
+  if (groups_.ep != nullptr) {
+    gathered = gather_experts(*groups_.ep, gathered);
+    if (groups_.coords.dp != 0) return nullptr;
+  }
   if (groups_.pp != nullptr && groups_.coords.tp == 0) gathered = gather_pipeline_stages(*groups_.pp, gathered);
   return groups_.writer ? whole_model(config_.model, gathered) : nullptr;
 }

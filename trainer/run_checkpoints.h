@@ -109,10 +109,17 @@ class RunCheckpoints {
 // fewest bytes so far; `load` (dp * tp slots) is updated with them. With
 // `only_dp` >= 0 only that dp rank's slots are candidates (ZeRO-1's pieces,
 // unique over dp). Returns, per piece, the slot that writes tp rank
-// `my_tp`'s copy.
+// `my_tp`'s copy. Under expert parallelism the pieces `expert` marks are
+// held by the dp ranks d with d % ep == ep rank only, and the slot returned
+// is the one that writes ep rank `my_ep`'s.
+struct ExpertPieces {
+  const std::vector<bool>* expert = nullptr;  // parallel to bytes; null: none
+  int64_t ep = 1;
+  int64_t my_ep = 0;
+};
 std::vector<int64_t> assign_piece_writers(const std::vector<int64_t>& bytes, const std::vector<bool>& replicated_over_tp,
                                           int64_t dp, int64_t tp, int64_t only_dp, int64_t my_tp,
-                                          std::vector<int64_t>& load);
+                                          std::vector<int64_t>& load, const ExpertPieces& experts = {});
 
 // The folder holding the tokenizer files, from data.tokenizer (a folder or a
 // tokenizer.json: the files of its folder, where a fine-tune's added tokens

@@ -1,5 +1,8 @@
 #include "trainer/update.h"
 
+#include <set>
+#include <string>
+
 namespace loom {
 
 Update::Update(const Config& config, const ParallelDims& dims, const TrainGroups& groups, const ModelParts& parts)
@@ -24,9 +27,19 @@ Update::Update(const Config& config, const ParallelDims& dims, const TrainGroups
   std::vector<ProcessGroup*> model_groups;
   if (groups.tp != nullptr) model_groups.push_back(groups.tp);
   if (groups.pp != nullptr) model_groups.push_back(groups.pp);
-  if (!parts.model_is_whole) {
+  // Expert parallelism: the ep ranks hold different experts and the same
+  // dense parameters, so each counts its experts and ep rank 0 the rest.
+  if (groups.ep != nullptr) model_groups.push_back(groups.ep);
+  const std::set<std::string> experts(parts.expert_params.begin(), parts.expert_params.end());
+  model_norm_reduced_ = !parts.model_is_whole || groups.ep != nullptr;
+  if (model_norm_reduced_) {
     model_norm_ = sharded_grad_norm(model_groups, groups.coords.tp, parts.named_params, parts.param_dims,
                                     parts.tied_copy);
+    if (groups.ep != nullptr) {
+      for (size_t i = 0; i < parts.named_params.size(); ++i) {
+        if (groups.ep->rank() != 0 && experts.count(parts.named_params[i].first) == 0) model_norm_.counted[i] = false;
+      }
+    }
   }
   // Data parallelism: each replica trains on its own samples of every global
   // batch, and the gradients are averaged over the replicas, bucket by bucket
@@ -35,14 +48,33 @@ Update::Update(const Config& config, const ParallelDims& dims, const TrainGroups
   // dp reduction and every replica takes the same step. Under ZeRO the
   // gradients are reduce-scattered instead: after backward (ZeRO-1), or
   // unit by unit as backward completes them (ZeRO-2, parallel/zero.h).
-  if (groups.dp != nullptr && zero_stage_ == 0) {
+  // Under expert parallelism the experts' gradients are averaged over the
+  // ranks that hold the same experts, then divided by ep (Note [expert
+  // all-to-all] in parallel/expert_parallel.h).
+  if (zero_stage_ == 0 && optimizer_) {
     GradientReducer::Options reducer_options;
     reducer_options.bucket_mb = config.parallel.bucket_mb;
     reducer_options.overlap = overlap_;
     reducer_options.reduce_dtype = config.parallel.reduce_dtype == "bf16" ? at::kBFloat16 : at::kFloat;
-    reducer_options.grad_holders = optimizer_->gradient_holders();
-    reducer_ = std::make_unique<GradientReducer>(*groups.dp_data, parts.params(), reducer_options);
+    const std::vector<torch::Tensor> holders = optimizer_->gradient_holders();
+    std::vector<torch::Tensor> dense_params, dense_holders, expert_params;
+    for (size_t i = 0; i < parts.named_params.size(); ++i) {
+      const bool expert = experts.count(parts.named_params[i].first) != 0;
+      (expert ? expert_params : dense_params).push_back(parts.named_params[i].second);
+      (expert ? expert_holders_ : dense_holders).push_back(holders[i]);
+    }
+    if (groups.dp != nullptr) {
+      reducer_options.grad_holders = dense_holders;
+      reducer_ = std::make_unique<GradientReducer>(*groups.dp_data, dense_params, reducer_options);
+    }
+    if (groups.edp != nullptr && !expert_params.empty()) {
+      reducer_options.grad_holders = expert_holders_;
+      expert_reducer_ = std::make_unique<GradientReducer>(*groups.edp_data, expert_params, reducer_options);
+    }
+    if (groups.ep != nullptr) expert_scale_ = 1.0 / static_cast<double>(groups.ep->size());
   }
+  both_reducers_.dense = reducer_.get();
+  both_reducers_.experts = expert_reducer_.get();
 }
 
 Update::~Update() { unstart(); }
@@ -73,10 +105,11 @@ void Update::start() {
     zero_norm_ = sharded_grad_norm({groups_.world}, groups_.coords.tp, zero_->shard_named_params(), parts_.param_dims,
                                    parts_.tied_copy);
   }
-  norm_reduction_ = zero_ ? &zero_norm_ : parts_.model_is_whole ? nullptr : &model_norm_;
+  norm_reduction_ = zero_ ? &zero_norm_ : model_norm_reduced_ ? &model_norm_ : nullptr;
 }
 
 GradientSync* Update::sync() {
+  if (expert_reducer_) return &both_reducers_;
   if (reducer_) return reducer_.get();
   return zero_ && zero_->stage() == 2 && overlap_ ? &*zero_ : nullptr;
 }
@@ -86,6 +119,13 @@ void Update::zero_grad() { zero_ ? zero_->zero_grad() : optimizer_->zero_grad();
 void Update::reduce_gradients() {
   if (fp32_grads_) fp32_grads_->flush();
   if (reducer_) reducer_->finish();
+  if (expert_reducer_) expert_reducer_->finish();
+  if (expert_scale_ != 1.0) {
+    at::NoGradGuard no_grad;
+    for (torch::Tensor& holder : expert_holders_) {
+      if (holder.grad().defined()) holder.mutable_grad().mul_(expert_scale_);
+    }
+  }
   if (zero_) zero_->reduce_gradients();
 }
 

@@ -83,7 +83,24 @@ class Update {
   std::optional<Fp32GradientAccumulation> fp32_grads_;  // bf16 parameters, precision.grad_accum fp32
   std::optional<ShardedAdamW> zero_;
   std::unique_ptr<GradientReducer> reducer_;
+  // Expert parallelism (parallel/expert_parallel.h): the dense parameters
+  // go through reducer_, the experts through expert_reducer_ (over edp;
+  // null when no other rank holds this rank's experts), and then the
+  // experts' gradients (their holders') are divided by ep.
+  std::unique_ptr<GradientReducer> expert_reducer_;
+  std::vector<torch::Tensor> expert_holders_;
+  double expert_scale_ = 1.0;
+  // Arms both reducers (sync()).
+  struct BothReducers : GradientSync {
+    GradientReducer* dense = nullptr;
+    GradientReducer* experts = nullptr;
+    void arm() override {
+      if (dense) dense->arm();
+      if (experts) experts->arm();
+    }
+  } both_reducers_;
   GradNormReduction model_norm_, zero_norm_;
+  bool model_norm_reduced_ = false;  // model_norm_ sums over ranks
   std::vector<torch::Tensor> norm_params_;
   const GradNormReduction* norm_reduction_ = nullptr;
 };

@@ -15,9 +15,14 @@ per expert). Then:
   transformers loads as the same class with no missing or unexpected keys
   and whose logits are loom's own of the trained checkpoint;
 - for Qwen2-MoE, tp 2, pp 2 and dp 2 runs of those 3 steps log the single
-  rank's losses within 1e-5 (experts replicated over dp; no expert
-  parallelism yet) and its router metrics, and a checkpoint of step 2
-  resumed on tp 2 logs the single rank's step 3.
+  rank's losses within 1e-5 and its router metrics, and a checkpoint of step
+  2 resumed on tp 2 logs the single rank's step 3;
+- and with expert parallelism (parallel.ep, parallel/expert_parallel.h):
+  dp 2 x ep 2, dp 4 x ep 2, dp 4 x ep 4, dp 2 x ep 2 x tp 2 and
+  dp 2 x ep 2 x pp 2 log the single rank's losses and router metrics; the
+  dp 2 x ep 2 run's export (each expert gathered from the rank that holds it)
+  is the single rank's, and its step-2 checkpoint (each expert written by
+  one rank of its ep rank) resumed on dp 2 without ep logs step 3.
 """
 import json
 import shutil
@@ -52,6 +57,13 @@ LAYOUTS = {
     "tp2": (2, {"parallel.tp": 2}),
     "pp2": (2, {"parallel.pp": 2}),
     "dp2": (2, {"parallel.dp": 2}),
+    # Expert parallelism: ep carved out of dp.
+    # Without checkpoints its export gathers every expert over ep.
+    "dp2-ep2": (2, {"parallel.dp": 2, "parallel.ep": 2, "checkpoint.export_hf_at_end": "true"}),
+    "dp4-ep2": (4, {"parallel.dp": 4, "parallel.ep": 2}),
+    "dp4-ep4": (4, {"parallel.dp": 4, "parallel.ep": 4}),
+    "dp2-ep2-tp2": (4, {"parallel.dp": 2, "parallel.ep": 2, "parallel.tp": 2}),
+    "dp2-ep2-pp2": (4, {"parallel.dp": 2, "parallel.ep": 2, "parallel.pp": 2}),
 }
 
 
@@ -63,6 +75,16 @@ def train(tmp, family, name, ranks=1, expected_steps=3, **sets):
                               expected_steps=expected_steps, **sets)
     return run, [row["loss"] for row in steps], [(row["router_load_max_over_mean"], row["router_aux_loss"])
                                                  for row in steps]
+
+
+def assert_same_export(run, reference_run):
+    """The run's exported weights are the reference run's: every tensor, within 1e-5."""
+    from safetensors.torch import load_file
+    exported = load_file(str(run / "hf" / "model.safetensors"))
+    reference = load_file(str(reference_run / "hf" / "model.safetensors"))
+    assert sorted(exported) == sorted(reference)
+    for key, tensor in reference.items():
+        assert (exported[key] - tensor).abs().max().item() < 1e-5, key
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -121,12 +143,14 @@ def test_layout_reproduces_single_rank_losses(family, layout):
     if name != LAYOUT_FAMILY:
         pytest.skip(f"the layouts are checked on {LAYOUT_FAMILY}, whose block has every part")
     ranks, sets = LAYOUTS[layout]
-    _, losses, router = train(tmp, name, layout, ranks, **sets)
+    run, losses, router = train(tmp, name, layout, ranks, **sets)
     diffs = [abs(a - b) for a, b in zip(losses, single)]
     assert max(diffs) < LOSS_TOLERANCE, f"{name} {layout}: {losses} vs single rank {single}"
     # The router metrics summed over the ranks are the single rank's.
     for (load, aux), (single_load, single_aux) in zip(router, single_router):
         assert abs(load - single_load) < 1e-6 and abs(aux - single_aux) < 1e-6, (router, single_router)
+    if sets.get("checkpoint.export_hf_at_end") == "true":
+        assert_same_export(run, family[3])
 
 
 def test_resume_onto_tp2_continues_the_single_rank_run(family):
@@ -138,6 +162,29 @@ def test_resume_onto_tp2_continues_the_single_rank_run(family):
     _, losses, _ = train(tmp, name, "resumed_tp2", 2, **{"parallel.tp": 2, "checkpoint.resume": run / "checkpoints" /
                                                        "step-0000002"}, expected_steps=1)
     assert abs(losses[0] - single[2]) < LOSS_TOLERANCE, (losses, single)
+
+
+def test_expert_parallel_export_and_resume_onto_dp2(family):
+    """dp 2 x ep 2 exports the single rank's model (experts gathered over ep) and writes a step-2 checkpoint
+    holding every expert once; dp 2 without ep resumes it and logs the single rank's step 3."""
+    name, _, tmp, single_run, (single, _) = family
+    if name != LAYOUT_FAMILY:
+        pytest.skip(f"expert parallelism's checkpoints are checked on {LAYOUT_FAMILY}")
+    run, losses, _ = train(tmp, name, "ep2_checkpointed", 2, **{
+        "parallel.dp": 2, "parallel.ep": 2, "checkpoint.interval": 2, "checkpoint.export_hf_at_end": "true"})
+    assert max(abs(a - b) for a, b in zip(losses, single)) < LOSS_TOLERANCE, (losses, single)
+    assert_same_export(run, single_run)
+    # The experts were split: ep rank 0 held (and wrote) experts 0 and 1 of each sparse layer, ep rank 1 the others.
+    checkpoint = run / "checkpoints" / "step-0000002"
+    assert json.loads((checkpoint / "manifest.json").read_text())["saved_by"]["ep"] == 2
+    from safetensors import safe_open
+    for rank, mine in ((0, {"0", "1"}), (1, {"2", "3"})):
+        with safe_open(str(checkpoint / f"model-rank{rank:05d}.safetensors"), framework="pt") as f:
+            experts = {key.split(".experts.")[1].split(".")[0] for key in f.keys() if ".experts." in key}
+        assert experts == mine, (rank, experts)
+    _, resumed, _ = train(tmp, name, "resumed_dp2", 2, **{
+        "parallel.dp": 2, "checkpoint.resume": run / "checkpoints" / "step-0000002"}, expected_steps=1)
+    assert abs(resumed[0] - single[2]) < LOSS_TOLERANCE, (resumed, single)
 
 
 def test_the_router_auxiliary_loss_is_refused(family):

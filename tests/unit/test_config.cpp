@@ -195,6 +195,28 @@ std::vector<BadCase> bad_cases() {
            "launch:\n  ranks: 2\n", {},
        {"parallel.sequence_parallel", "mixture of experts", "sequence_parallel: false"}},
 
+      // Expert parallelism (parallel/expert_parallel.h).
+      {"ep_on_a_dense_model", m + "parallel:\n  dp: 2\n  ep: 2\nlaunch:\n  ranks: 2\n", {},
+       {"parallel.ep needs a mixture of experts", "architecture mixtral, qwen2_moe or qwen3_moe"}},
+      {"ep_not_dividing_the_experts",
+       replaced(m, "model:\n", "model:\n  architecture: mixtral\n") +
+           "  num_experts: 6\n  num_experts_per_tok: 2\nparallel:\n  dp: 4\n  ep: 4\nlaunch:\n  ranks: 4\n", {},
+       {"parallel.ep (4) does not divide model.num_experts (6)"}},
+      {"ep_not_dividing_dp",
+       replaced(m, "model:\n", "model:\n  architecture: mixtral\n") +
+           "  num_experts: 4\n  num_experts_per_tok: 2\nparallel:\n  dp: 3\n  ep: 2\nlaunch:\n  ranks: 3\n", {},
+       {"parallel.ep (2) does not divide parallel.dp (3)"}},
+      {"ep_with_zero",
+       replaced(m, "model:\n", "model:\n  architecture: mixtral\n") +
+           "  num_experts: 4\n  num_experts_per_tok: 2\nparallel:\n  dp: 2\n  ep: 2\n  zero_stage: 1\n"
+           "launch:\n  ranks: 2\n", {},
+       {"expert parallelism does not run with ZeRO yet", "parallel.zero_stage: 0"}},
+      {"ep_with_cp",
+       replaced(m, "model:\n", "model:\n  architecture: mixtral\n") +
+           "  num_experts: 4\n  num_experts_per_tok: 2\nparallel:\n  dp: 2\n  ep: 2\n  cp: 2\n"
+           "launch:\n  ranks: 4\n", {},
+       {"expert parallelism does not run with context parallelism yet"}},
+
       // Layout and training.
       {"tp_not_dividing_heads", m + "parallel:\n  tp: 3\n", {},
        {"bad.yaml:9:", "parallel.tp (3) does not divide model.num_heads (4)"}},
