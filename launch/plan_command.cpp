@@ -50,7 +50,7 @@ json candidate_json(const Candidate& c) {
   }
   const plan::Layout& l = c.layout;
   return {{"layout",
-           {{"dp", l.dp}, {"cp", l.cp}, {"tp", l.tp}, {"pp", l.pp}, {"schedule", l.schedule}, {"virtual_stages", l.virtual_stages},
+           {{"dp", l.dp}, {"cp", l.cp}, {"ep", l.ep}, {"tp", l.tp}, {"pp", l.pp}, {"schedule", l.schedule}, {"virtual_stages", l.virtual_stages},
             {"zero_stage", l.zero_stage}, {"micro_batch", l.micro_batch}, {"recompute", plan::recompute_name(l.recompute)},
             {"sequence_parallel", l.sequence_parallel}}},
           {"describe", l.describe()},
@@ -63,6 +63,7 @@ json candidate_json(const Candidate& c) {
           {"tp_comm_s", c.time.tp_comm},
           {"zero_comm_s", c.time.zero_comm},
           {"cp_comm_s", c.time.cp_comm},
+          {"ep_comm_s", c.time.ep_comm},
           {"pipeline_s", c.time.pipeline},
           {"bubble_s", c.time.bubble},
           {"dp_comm_s", c.time.dp_comm},

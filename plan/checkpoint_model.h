@@ -37,8 +37,9 @@ struct RankParameter {
   int64_t elements = 0;
   bool whole_on_every_tp_rank = true;
 };
+// Under expert parallelism (`ep` > 1) ep rank 0's experts.
 std::vector<RankParameter> rank_parameters(const ModelConfig& model, int64_t tp, const std::vector<StageSpec>& stages,
-                                           bool split_model);
+                                           bool split_model, int64_t ep = 1);
 // The model stages pipeline rank `pp_rank` of `layout` holds, in order.
 std::vector<StageSpec> rank_stages(const ModelConfig& model, const Layout& layout, int64_t pp_rank);
 

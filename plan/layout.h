@@ -59,6 +59,10 @@ struct Layout {
   // over cp ranks that are replicas of one another's parameters. Last, so
   // that a layout written {dp, tp, pp, ...} keeps cp 1.
   int64_t cp = 1;
+  // Expert parallelism (parallel.ep, parallel/expert_parallel.h): each sparse
+  // layer's experts split over blocks of ep dp ranks; ep divides dp and is
+  // no axis of the world.
+  int64_t ep = 1;
 
   int64_t world() const { return dp * cp * tp * pp; }
   // Tokens of one sequence a rank holds: seq_len / cp (Note [zig-zag chunks]).
@@ -66,7 +70,7 @@ struct Layout {
   // Micro-batches per replica and step: global_batch / (dp * micro_batch).
   int64_t micro_batches(const Problem& problem) const { return problem.global_batch / (dp * micro_batch); }
   // "dp 2 tp 1 pp 2 1f1b mb 2 zero1 recompute" (the parts that apply;
-  // "selective" for selective recomputation; "cp 4" after dp when cp > 1).
+  // "selective" for selective recomputation; "cp 4" and "ep 2" after dp when above 1).
   std::string describe() const;
   // The config lines that select this layout, for a YAML file ("parallel.dp: 2")
   // or, with `set_flags`, as `--set parallel.dp=2` arguments.
@@ -79,7 +83,7 @@ struct Layout {
   bool operator==(const Layout&) const = default;
 };
 
-// "dp=2,cp=1,tp=1,pp=2,schedule=1f1b,v=1,zero=0,mb=2,recompute=0,sp=0" (every key
+// "dp=2,cp=1,ep=1,tp=1,pp=2,schedule=1f1b,v=1,zero=0,mb=2,recompute=0,sp=0" (every key
 // optional; the rest keep Layout's defaults; zero 0-3; recompute 0/none,
 // 1/full or selective). BadInput naming `flag` otherwise.
 Layout parse_layout(const std::string& text, const std::string& flag);
@@ -92,6 +96,7 @@ Layout parse_layout(const std::string& text, const std::string& flag);
 // without tp or with a sequence tp does not divide, tp across nodes; cp with
 // ZeRO, sliding windows or soft-capping (which config refuses) or with a
 // sequence 2 x cp does not divide; sequence parallelism with a mixture of
+// experts; ep without experts, with ZeRO or cp, or not dividing dp and the
 // experts.
 std::string layout_problem(const Problem& problem, const Layout& layout);
 
@@ -100,7 +105,8 @@ std::string layout_problem(const Problem& problem, const Layout& layout);
 // interleaved with 2 and 4 virtual stages), ZeRO stages 0 to 3 (1 to 3 only
 // with dp > 1), power-of-two micro-batches, recomputation none, selective and
 // full, sequence parallelism on and off; cp over the divisors of the world
-// whose 2 x cp divides the sequence (cp 1 only for a model cp cannot run).
+// whose 2 x cp divides the sequence (cp 1 only for a model cp cannot run);
+// for a mixture of experts ep over the divisors of dp that divide the experts.
 std::vector<Layout> enumerate_layouts(const Problem& problem);
 
 }  // namespace loom::plan

@@ -13,8 +13,10 @@ namespace {
 
 constexpr double kFp32 = 4, kBf16 = 2, kInt64 = 8;
 
-// One model stage's parameters on one tp rank.
-ParameterCount stage_parameters(const ModelConfig& m, int64_t tp, const StageSpec& stage, bool split_model) {
+// One model stage's parameters on one tp rank (and, with expert
+// parallelism, one of `ep` ranks sharing the experts).
+ParameterCount stage_parameters(const ModelConfig& m, int64_t tp, const StageSpec& stage, bool split_model,
+                                int64_t ep = 1) {
   ParameterCount count;
   const int64_t h = m.hidden_size, d = m.head_size();
   const int64_t q = m.num_heads * d / tp, kv = m.kv_heads() * d / tp, inter = m.intermediate_size / tp;
@@ -36,11 +38,11 @@ ParameterCount stage_parameters(const ModelConfig& m, int64_t tp, const StageSpe
     add(h * q, true);
     if (m.sparse_layer(stage.first_layer + layer)) {
       // Note [mixture of experts] (model/moe.h): the router and qwen2_moe's
-      // shared-expert gate replicated, every expert (all of them on every
-      // rank) and the shared expert cut like an MLP; no biases.
+      // shared-expert gate replicated, the rank's experts (num_experts / ep)
+      // and the shared expert cut like an MLP; no biases.
       const int64_t expert = m.expert_intermediate_size() / tp, shared = m.shared_expert_intermediate_size / tp;
       add(m.num_experts * h, true);
-      for (int64_t e = 0; e < m.num_experts; ++e) {
+      for (int64_t e = 0; e < m.num_experts / ep; ++e) {
         add(expert * h, true);
         add(expert * h, true);
         add(h * expert, true);
@@ -133,10 +135,10 @@ Transients transients_of(const ModelConfig& m, int64_t tokens, int64_t tp, bool 
 }  // namespace
 
 ParameterCount count_rank_parameters(const ModelConfig& model, int64_t tp, const std::vector<StageSpec>& stages,
-                                     bool split_model) {
+                                     bool split_model, int64_t ep) {
   ParameterCount total;
   for (const StageSpec& stage : stages) {
-    const ParameterCount count = stage_parameters(model, tp, stage, split_model);
+    const ParameterCount count = stage_parameters(model, tp, stage, split_model, ep);
     total.total += count.total;
     total.linear_weights += count.linear_weights;
     total.largest = std::max(total.largest, count.largest);
@@ -293,7 +295,7 @@ MemoryEstimate estimate_memory(const Problem& problem, const Layout& layout) {
     rank.pp_rank = r;
     std::vector<StageSpec> specs;
     for (int64_t c = 0; c < v; ++c) specs.push_back(pipeline_stage_spec(m.num_layers, model_stages, c * p + r));
-    const ParameterCount params = count_rank_parameters(m, tp, specs, model_stages > 1);
+    const ParameterCount params = count_rank_parameters(m, tp, specs, model_stages > 1, layout.ep);
     const double elements = static_cast<double>(params.total);
     rank.parameters = params.total;
     // Note [ZeRO-1 layout] (parallel/zero.h): the flat vector is padded to a
@@ -347,7 +349,8 @@ MemoryEstimate estimate_memory(const Problem& problem, const Layout& layout) {
     for (int64_t c = 0; c < v; ++c) {
       chunk_saved[c] = layers_saved(specs[c]) + (specs[c].has_head ? head_saved : 0);
       if (casts && !cached_casts) {
-        chunk_casts[c] = kBf16 * static_cast<double>(count_rank_parameters(m, tp, {specs[c]}, model_stages > 1).linear_weights);
+        chunk_casts[c] =
+            kBf16 * static_cast<double>(count_rank_parameters(m, tp, {specs[c]}, model_stages > 1, layout.ep).linear_weights);
       }
     }
     // Walk this rank's actions in order (Note [pipeline executor] in

@@ -51,14 +51,15 @@ namespace loom::plan {
 // factory shards them (column-parallel rows, row-parallel columns,
 // vocabulary rows of the embedding and head, norms and row biases whole). A
 // last stage of a split model with tied embeddings holds its own copy of the
-// embedding.
+// embedding. Under expert parallelism a rank holds num_experts / ep experts
+// of each sparse layer (the router whole).
 struct ParameterCount {
   int64_t total = 0;
   int64_t linear_weights = 0;  // the matrices autocast casts to bf16 (projections, head)
   int64_t largest = 0;         // elements of the largest single tensor
 };
 ParameterCount count_rank_parameters(const ModelConfig& model, int64_t tp, const std::vector<StageSpec>& stages,
-                                     bool split_model);
+                                     bool split_model, int64_t ep = 1);
 
 // Bytes autograd keeps for one decoder layer and one micro-batch of `tokens`
 // tokens (micro_batch x seq_len) on one tp rank; with full recomputation only

@@ -66,8 +66,8 @@ double sparse_block_elementwise_bytes_per_token(const ModelConfig& m, int64_t tp
   return (bf16 ? kBf16 : kFp32) * elements;
 }
 
-double sparse_block_extra_ops(const ModelConfig& m, bool backward) {
-  const double experts = static_cast<double>(m.num_experts) + (has_shared_expert(m) ? 1 : 0);
+double sparse_block_extra_ops(const ModelConfig& m, bool backward, int64_t ep) {
+  const double experts = static_cast<double>(m.num_experts / ep) + (has_shared_expert(m) ? 1 : 0);
   return backward ? experts * kExpertOpsBackward + kRoutingOpsBackward : experts * kExpertOpsForward + kRoutingOpsForward;
 }
 

@@ -6,9 +6,8 @@
 // experts, qwen2_moe's shared expert and its gate) but each token computes
 // with k = num_experts_per_tok of them (active parameters). The plan
 // counts:
-//   - memory, checkpoints and optimizer state: the total parameters, as
-//     loom holds them today on every rank (each expert cut by tp like an
-//     MLP; no expert parallelism yet);
+//   - memory, checkpoints and optimizer state: the total parameters (each
+//     expert cut by tp like an MLP), every expert on every rank at ep 1;
 //   - FLOPs, compute time and MFU: the active ones. Per token and sparse
 //     layer the router's [hidden, E] matmul, k experts' three matmuls of
 //     moe_intermediate_size (mixtral: intermediate_size) and the shared
@@ -24,9 +23,10 @@
 //     expert like a dense MLP of its width, its output and its gate;
 //   - a sparse layer's backward transient: the experts' gradients over the
 //     k x tokens rows, like a dense MLP's of width k x expert width.
-// Expert parallelism (parallel.ep) would keep E / ep experts on a rank and
-// add two all-to-alls of k x tokens x hidden per sparse layer forward and
-// two in backward: not modelled until loom runs it.
+// Expert parallelism (parallel.ep) keeps E / ep experts on a rank (their
+// parameters, gradients, state and ops) and adds per sparse layer an
+// all-to-all of the counts and two of k x tokens x hidden (dispatch and
+// combine) in forward, two in backward (plan/time_model.h).
 #pragma once
 
 #include <cstdint>
@@ -52,8 +52,9 @@ double sparse_block_matmul_flops_per_token(const ModelConfig& model, int64_t tp)
 // router's softmax, the gathers, the weighting and the scatter).
 double sparse_block_elementwise_bytes_per_token(const ModelConfig& model, int64_t tp, bool bf16);
 
-// ATen ops of a sparse layer's feed-forward block beyond a dense MLP's, forward and backward.
-double sparse_block_extra_ops(const ModelConfig& model, bool backward);
+// ATen ops of a sparse layer's feed-forward block beyond a dense MLP's,
+// forward and backward, on a rank running num_experts / ep experts.
+double sparse_block_extra_ops(const ModelConfig& model, bool backward, int64_t ep = 1);
 
 // A sparse layer's backward transient for `tokens` tokens on one tp rank:
 // the experts' gradients over their k x tokens rows and one expert's weight gradient.

@@ -140,7 +140,10 @@ def piece_bytes_per_rank(checkpoint: Path, world: int):
     ("dp=2,tp=2,mb=2", {"parallel.dp": 2, "parallel.tp": 2, "model.architecture": "qwen2_moe", "model.num_experts": 4,
                         "model.num_experts_per_tok": 2, "model.moe_intermediate_size": 64,
                         "model.shared_expert_intermediate_size": 96}),
-], ids=["dp2-tp2-zero1", "dp2-pp2-tied", "dp2-tp2-zero2", "dp4-zero3", "dp2-tp2-qwen2-moe"])
+    # Expert parallelism: an expert's pieces written by the dp ranks of its ep rank.
+    ("dp=4,ep=2,mb=2", {"parallel.dp": 4, "parallel.ep": 2, "model.architecture": "mixtral", "model.num_experts": 4,
+                        "model.num_experts_per_tok": 2}),
+], ids=["dp2-tp2-zero1", "dp2-pp2-tied", "dp2-tp2-zero2", "dp4-zero3", "dp2-tp2-qwen2-moe", "dp4-ep2-mixtral"])
 def test_predicted_checkpoint_bytes_per_rank_equal_a_four_rank_runs_files(random_dataset, tmp_path, layout, sets):
     sets = {"run.output_dir": tmp_path, "run.name": "run", "data.train": f"[{random_dataset}]", "data.tokenizer": "",
             "schedule.train_steps": 1, "schedule.warmup_steps": 0, "checkpoint.export_hf_at_end": "false",

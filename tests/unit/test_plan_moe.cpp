@@ -194,6 +194,65 @@ TEST(PlanMoe, sequence_parallelism_is_not_proposed_for_experts) {
   for (const Layout& layout : layouts) EXPECT_FALSE(layout.sequence_parallel) << layout.describe();
 }
 
+TEST(PlanMoe, expert_parallelism_holds_its_share_of_the_experts_and_exchanges_the_rows) {
+  const Layout layout = parse_layout("dp=4,ep=2,mb=2", "--layout");
+  EXPECT_EQ(layout.ep, 2);
+  EXPECT_EQ(layout.world(), 4);  // carved out of dp
+  EXPECT_EQ(layout.describe(), "dp 4 ep 2 tp 1 pp 1 mb 2");
+  const std::vector<std::string> lines = layout.config_lines();
+  EXPECT_NE(std::find(lines.begin(), lines.end(), "parallel.ep: 2"), lines.end());
+  Config config;
+  config.model = tiny_moe("mixtral");
+  layout.apply_to(config);
+  EXPECT_EQ(config.parallel.ep, 2);
+  EXPECT_EQ(Layout::of(config, 4), layout);
+
+  // What config refuses.
+  const Problem mixtral = problem_of(tiny_moe("mixtral"), 4);
+  EXPECT_EQ(layout_problem(mixtral, layout), "");
+  ModelConfig dense = tiny_moe("mixtral");
+  dense.architecture = "llama";
+  dense.num_experts = dense.num_experts_per_tok = 0;
+  EXPECT_NE(layout_problem(problem_of(dense, 4), layout).find("needs a mixture of experts"), std::string::npos);
+  Layout zero = layout;
+  zero.zero_stage = 1;
+  EXPECT_NE(layout_problem(mixtral, zero).find("ZeRO"), std::string::npos);
+  Layout three = parse_layout("dp=4,ep=4", "--layout");
+  three.ep = 3;
+  EXPECT_NE(layout_problem(mixtral, three), "");  // 3 divides neither dp 4 nor 4 experts
+  bool proposed = false;
+  for (const Layout& l : enumerate_layouts(mixtral)) {
+    if (l.ep > 1) {
+      proposed = true;
+      EXPECT_EQ(l.zero_stage, 0) << l.describe();
+      EXPECT_EQ(l.dp % l.ep, 0) << l.describe();
+    }
+  }
+  EXPECT_TRUE(proposed);
+  for (const Layout& l : enumerate_layouts(problem_of(dense, 4))) EXPECT_EQ(l.ep, 1) << l.describe();
+
+  // A rank holds 2 of the 4 experts of each of the 4 layers (3 x 64 x 96 each).
+  const int64_t total = kEmbeddings + kFinalNorm + 4 * (kAttention + kNorms + kMixtralBlock);
+  const RankMemory rank = estimate_memory(mixtral, layout).ranks[0];
+  EXPECT_EQ(rank.parameters, total - 4 * 2 * 18432);
+  EXPECT_DOUBLE_EQ(rank.params + rank.grads + rank.optimizer, 16.0 * static_cast<double>(rank.parameters));
+  // Every element is still written once.
+  EXPECT_DOUBLE_EQ(estimate_checkpoint(mixtral, layout, 0, 0).total_bytes, checkpoint_tensor_bytes(mixtral.model));
+
+  // On a link of 1 MB/s: per sparse layer of the one micro-batch (8
+  // sequences over dp 4 x mb 2) of 128 tokens, the counts (4 int64) and two
+  // all-to-alls of the 2 rows per token (2 x 128 x 64 fp32) forward, two
+  // backward, half of each leaving the rank.
+  MachineProfile slow;
+  slow.name = "slow";
+  slow.peak_flops_fp32 = slow.matmul_flops_fp32 = slow.attention_flops_fp32 = 1e10;
+  slow.memory_bytes_per_s = slow.stream_bytes_per_s = 1e30;
+  slow.intra_node = slow.inter_node = {1e6, 0};
+  const double rows = 0.5 * 2 * 128 * 64 * 4 / 1e6, counts = 0.5 * 4 * 8 / 1e6;
+  EXPECT_NEAR(estimate_step_time(mixtral, layout, slow).ep_comm, 4 * (counts + 4 * rows), 1e-12);
+  EXPECT_EQ(estimate_step_time(mixtral, parse_layout("dp=4,mb=2", "--layout"), slow).ep_comm, 0);
+}
+
 TEST(PlanMoe, the_start_up_forecast_prices_experts_and_cp_as_the_plan_does) {
   // A Mixtral on dp 1 x cp 2: the line is the plan's estimate for that
   // layout, no longer "no forecast".
