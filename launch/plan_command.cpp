@@ -50,7 +50,7 @@ json candidate_json(const Candidate& c) {
   }
   const plan::Layout& l = c.layout;
   return {{"layout",
-           {{"dp", l.dp}, {"tp", l.tp}, {"pp", l.pp}, {"schedule", l.schedule}, {"virtual_stages", l.virtual_stages},
+           {{"dp", l.dp}, {"cp", l.cp}, {"ep", l.ep}, {"tp", l.tp}, {"pp", l.pp}, {"schedule", l.schedule}, {"virtual_stages", l.virtual_stages},
             {"zero_stage", l.zero_stage}, {"micro_batch", l.micro_batch}, {"recompute", plan::recompute_name(l.recompute)},
             {"sequence_parallel", l.sequence_parallel}}},
           {"describe", l.describe()},
@@ -62,6 +62,8 @@ json candidate_json(const Candidate& c) {
           {"compute_s", c.time.compute},
           {"tp_comm_s", c.time.tp_comm},
           {"zero_comm_s", c.time.zero_comm},
+          {"cp_comm_s", c.time.cp_comm},
+          {"ep_comm_s", c.time.ep_comm},
           {"pipeline_s", c.time.pipeline},
           {"bubble_s", c.time.bubble},
           {"dp_comm_s", c.time.dp_comm},
@@ -138,7 +140,7 @@ const CommandSpec& plan_spec() {
                 {"json", "", "print JSON instead of a table"}},
       .examples = {"loom plan configs/llama3-8b.yaml --gpus 64 --gpus-per-node 8 --gpu-memory 80",
                    "loom plan configs/tiny.yaml --gpus 2 --gpu-memory 20 --layout dp=1,pp=2,schedule=1f1b,mb=2 --json"},
-      .notes = "A layout is dp, tp, pp, the pipeline schedule, the ZeRO stage (0-3), the micro-batch and recomputation\n"
+      .notes = "A layout is dp, cp, tp, pp, the pipeline schedule, the ZeRO stage (0-3), the micro-batch and recomputation\n"
                "(none, selective or full).\n"
                "loom plan --calibrate measures this machine for --machine (loom plan --calibrate --help).",
   };
@@ -218,7 +220,13 @@ int command_plan(const std::vector<std::string>& argv) {
   }
   size_t fitting = 0;
   for (const Candidate& c : candidates) fitting += c.fits ? 1 : 0;
-  std::cout << "loom plan: " << config_path << ": " << count_parameters(config.model) << " parameters, sequence "
+  // A mixture of experts: memory counts every expert, FLOPs the active ones.
+  const std::string active =
+      config.model.moe() ? " (" + std::to_string(count_active_non_embedding_parameters(config.model)) +
+                               " active non-embedding)"
+                         : "";
+  std::cout << "loom plan: " << config_path << ": " << count_parameters(config.model) << " parameters" << active
+            << ", sequence "
             << problem.seq_len << ", global batch " << problem.global_batch << " sequences, compute "
             << config.precision.compute << "\n"
             << "cluster: " << problem.gpus << " ranks, " << problem.gpus_per_node << " per node, " << fixed(memory_gib, 1)

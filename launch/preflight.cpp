@@ -221,17 +221,10 @@ bool run_preflight(const Config& config, ProcessGroup* world, const GridGroups* 
 void log_memory_forecast(const Config& config, int64_t dp, std::ostream& log) {
   const std::optional<ModelConfig> shape = model_shape(config);
   if (!shape) return;
-  if (shape->moe()) {
-    // plan/memory_model.h counts a dense MLP in every layer.
-    log << "memory: no forecast for a mixture of experts yet (loom plan models dense layers only)\n" << std::flush;
-    return;
-  }
   plan::Problem problem = plan::Problem::from_config(config);
   problem.model = *shape;
-  // loom plan has no cp axis yet: a cp rank holds seq_len / cp tokens of
-  // each sequence, and every tensor the model counts per token scales with
-  // them (the ring's key/value blocks in flight are left out).
-  if (config.parallel.cp > 1) problem.seq_len /= config.parallel.cp;
+  // Layout::of carries parallel.cp: the model counts a cp rank's seq / cp
+  // tokens and its ring attention's blocks and scores.
   const plan::Layout layout = plan::Layout::of(config, dp);
   problem.gpus = layout.world();
   problem.gpus_per_node = layout.world();

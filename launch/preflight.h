@@ -29,10 +29,10 @@ bool run_preflight(const Config& config, ProcessGroup* world, const GridGroups* 
 // (plan/memory_model.h; on a GPU the device memory, on the CPU the process's
 // tensors, the process itself coming on top), one line each:
 //   memory: pp rank 0 predicted to peak at 1.02 GiB (1095216660 bytes) of tensors, in the optimizer step
-// `dp`: the resolved data-parallel degree. Nothing when the model's shape is
-// unknown (a model.init_from folder that cannot be read says so later); a
-// line saying there is no forecast for a mixture of experts, which the plan
-// does not model yet.
+// `dp`: the resolved data-parallel degree; parallel.cp and a mixture of
+// experts' sparse layers are counted as `loom plan` counts them. Nothing when
+// the model's shape is unknown (a model.init_from folder that cannot be read
+// says so later).
 void log_memory_forecast(const Config& config, int64_t dp, std::ostream& log);
 
 }  // namespace loom

@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "parallel/pipeline.h"
+#include "model/moe.h"
 #include "parallel/zero.h"
 #include "trainer/run_checkpoints.h"
 
@@ -20,7 +21,9 @@ constexpr double kReadChunkBytes = 16.0 * 1024 * 1024;
 // registers them (model/llama.cpp): the embedding, each layer's attention
 // (q, k, v, o with their biases), MLP (gate, up, down) and two norms, the
 // final norm, then the last stage's copy of a tied embedding or the head.
-void add_stage(const ModelConfig& m, int64_t tp, const StageSpec& stage, bool split_model,
+// Under expert parallelism the experts of ep rank 0 (the first
+// num_experts / ep: every ep rank's list has the same sizes).
+void add_stage(const ModelConfig& m, int64_t tp, const StageSpec& stage, bool split_model, int64_t ep,
                std::vector<RankParameter>& out) {
   const int64_t h = m.hidden_size, d = m.head_size();
   const int64_t q = m.num_heads * d / tp, kv = m.kv_heads() * d / tp, inter = m.intermediate_size / tp;
@@ -42,9 +45,31 @@ void add_stage(const ModelConfig& m, int64_t tp, const StageSpec& stage, bool sp
     linear("self_attn.k_proj", kv * h, m.qkv_bias(), kv, true);
     linear("self_attn.v_proj", kv * h, m.qkv_bias(), kv, true);
     linear("self_attn.o_proj", h * q, m.o_bias(), h, false);
-    linear("mlp.gate_proj", inter * h, m.mlp_bias, inter, true);
-    linear("mlp.up_proj", inter * h, m.mlp_bias, inter, true);
-    linear("mlp.down_proj", h * inter, m.mlp_bias, h, false);
+    if (m.sparse_layer(stage.first_layer + i)) {
+      // Note [mixture of experts] (model/moe.h): the router, every expert
+      // under its family's names, qwen2_moe's shared expert and its gate.
+      const std::string block = std::string(m.feed_forward_name()) + ".";
+      const bool mixtral = m.architecture == "mixtral";
+      const int64_t expert = m.expert_intermediate_size() / tp;
+      add(layer + block + "gate.weight", m.num_experts * h, false);
+      for (int64_t e = 0; e < m.num_experts / ep; ++e) {
+        const std::string name = block + "experts." + std::to_string(e) + ".";
+        linear(name + (mixtral ? "w1" : "gate_proj"), expert * h, false, 0, true);
+        linear(name + (mixtral ? "w3" : "up_proj"), expert * h, false, 0, true);
+        linear(name + (mixtral ? "w2" : "down_proj"), h * expert, false, 0, false);
+      }
+      if (m.architecture == "qwen2_moe") {
+        const int64_t shared = m.shared_expert_intermediate_size / tp;
+        linear(block + "shared_expert.gate_proj", shared * h, false, 0, true);
+        linear(block + "shared_expert.up_proj", shared * h, false, 0, true);
+        linear(block + "shared_expert.down_proj", h * shared, false, 0, false);
+        add(layer + block + "shared_expert_gate.weight", h, false);
+      }
+    } else {
+      linear("mlp.gate_proj", inter * h, m.mlp_bias, inter, true);
+      linear("mlp.up_proj", inter * h, m.mlp_bias, inter, true);
+      linear("mlp.down_proj", h * inter, m.mlp_bias, h, false);
+    }
     add(layer + "input_layernorm.weight", h, false);
     add(layer + "post_attention_layernorm.weight", h, false);
   }
@@ -60,7 +85,8 @@ void add_stage(const ModelConfig& m, int64_t tp, const StageSpec& stage, bool sp
 std::vector<int64_t> stage_slot_bytes(const Problem& problem, const Layout& layout, int64_t pp_rank) {
   const int64_t dp = layout.dp, tp = layout.tp;
   const std::vector<StageSpec> stages = rank_stages(problem.model, layout, pp_rank);
-  const std::vector<RankParameter> params = rank_parameters(problem.model, tp, stages, stages.size() > 1 || layout.pp > 1);
+  const std::vector<RankParameter> params =
+      rank_parameters(problem.model, tp, stages, stages.size() > 1 || layout.pp > 1, layout.ep);
   // Note [who writes a piece]: the last stage's copy of a tied embedding is
   // not written (pp rank 0 holds the embedding).
   const bool tied_copy = problem.model.tie_embeddings && pp_rank != 0;
@@ -70,11 +96,12 @@ std::vector<int64_t> stage_slot_bytes(const Problem& problem, const Layout& layo
   // each, in state_dict order: replicated over dp (ZeRO-3 gathers its
   // parameters for the save and writes them the same way).
   std::vector<int64_t> bytes;
-  std::vector<bool> over_tp;
+  std::vector<bool> over_tp, expert;
   for (const RankParameter& p : params) {
     if (is_copy(p)) continue;
     bytes.push_back(kFp32 * p.elements);
     over_tp.push_back(p.whole_on_every_tp_rank);
+    expert.push_back(layout.ep > 1 && is_expert_parameter(p.name));
   }
   if (!zero) {
     for (const RankParameter& p : params) {
@@ -82,11 +109,14 @@ std::vector<int64_t> stage_slot_bytes(const Problem& problem, const Layout& layo
       for (int moment = 0; moment < 2; ++moment) {
         bytes.push_back(kFp32 * p.elements);
         over_tp.push_back(p.whole_on_every_tp_rank);
+        expert.push_back(layout.ep > 1 && is_expert_parameter(p.name));
       }
     }
   }
   std::vector<int64_t> load(static_cast<size_t>(dp * tp), 0);
-  assign_piece_writers(bytes, over_tp, dp, tp, /*only_dp=*/-1, /*my_tp=*/0, load);
+  // Under expert parallelism an expert's pieces go to the dp ranks of its ep
+  // rank; every ep rank's choices are simulated, so `load` has them all.
+  assign_piece_writers(bytes, over_tp, dp, tp, /*only_dp=*/-1, /*my_tp=*/0, load, {&expert, layout.ep, 0});
   if (!zero) return load;
   // Note [ZeRO units]: ZeRO-1 lays the rank's parameters (the tied copy
   // included) end to end as one unit, ZeRO-2 and 3 make a unit of each
@@ -130,9 +160,9 @@ std::vector<int64_t> stage_slot_bytes(const Problem& problem, const Layout& layo
 }  // namespace
 
 std::vector<RankParameter> rank_parameters(const ModelConfig& model, int64_t tp, const std::vector<StageSpec>& stages,
-                                           bool split_model) {
+                                           bool split_model, int64_t ep) {
   std::vector<RankParameter> out;
-  for (const StageSpec& stage : stages) add_stage(model, tp, stage, split_model, out);
+  for (const StageSpec& stage : stages) add_stage(model, tp, stage, split_model, ep, out);
   return out;
 }
 
@@ -155,15 +185,20 @@ CheckpointEstimate estimate_checkpoint(const Problem& problem, const Layout& lay
     // Resume: each rank reads its slices of the parameters (its tied copy
     // too) and its part of the moments.
     int64_t elements = 0;
-    for (const RankParameter& p : rank_parameters(problem.model, tp, rank_stages(problem.model, layout, r), pp > 1)) {
+    for (const RankParameter& p :
+         rank_parameters(problem.model, tp, rank_stages(problem.model, layout, r), pp > 1, layout.ep)) {
       elements += p.elements;
     }
     const double moments = zero ? static_cast<double>((elements + dp - 1) / dp) : static_cast<double>(elements);
+    // Under context parallelism the cp ranks are replicas and only cp rank
+    // 0 of each writes (RunCheckpoints::snapshot); every one reads its slices.
     for (int64_t d = 0; d < dp; ++d) {
-      for (int64_t t = 0; t < tp; ++t) {
-        const size_t world = static_cast<size_t>((d * pp + r) * tp + t);
-        out.rank_bytes[world] = slots[static_cast<size_t>(d * tp + t)];
-        read[world] = static_cast<double>(kFp32) * (static_cast<double>(elements) + 2 * moments);
+      for (int64_t c = 0; c < layout.cp; ++c) {
+        for (int64_t t = 0; t < tp; ++t) {
+          const size_t world = static_cast<size_t>(((d * pp + r) * layout.cp + c) * tp + t);
+          if (c == 0) out.rank_bytes[world] = slots[static_cast<size_t>(d * tp + t)];
+          read[world] = static_cast<double>(kFp32) * (static_cast<double>(elements) + 2 * moments);
+        }
       }
     }
   }

@@ -37,8 +37,9 @@ struct RankParameter {
   int64_t elements = 0;
   bool whole_on_every_tp_rank = true;
 };
+// Under expert parallelism (`ep` > 1) ep rank 0's experts.
 std::vector<RankParameter> rank_parameters(const ModelConfig& model, int64_t tp, const std::vector<StageSpec>& stages,
-                                           bool split_model);
+                                           bool split_model, int64_t ep = 1);
 // The model stages pipeline rank `pp_rank` of `layout` holds, in order.
 std::vector<StageSpec> rank_stages(const ModelConfig& model, const Layout& layout, int64_t pp_rank);
 
@@ -46,7 +47,8 @@ std::vector<StageSpec> rank_stages(const ModelConfig& model, const Layout& layou
 inline constexpr int64_t kOptimizerStepBytes = 8;
 
 struct CheckpointEstimate {
-  std::vector<int64_t> rank_bytes;  // per world rank ((dp * pp + pp_rank) * tp + tp_rank): tensor bytes it writes
+  // Per world rank (((dp * pp + pp_rank) * cp + cp_rank) * tp + tp_rank): tensor bytes it writes.
+  std::vector<int64_t> rank_bytes;
   double total_bytes = 0;           // one checkpoint's tensor bytes, all ranks
   double rank_bytes_max = 0;        // the most one rank writes
   double node_bytes = 0;            // the most one node writes

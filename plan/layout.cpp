@@ -39,7 +39,10 @@ const char* recompute_name(Recompute recompute) {
 }
 
 std::string Layout::describe() const {
-  std::string out = "dp " + std::to_string(dp) + " tp " + std::to_string(tp) + " pp " + std::to_string(pp);
+  std::string out = "dp " + std::to_string(dp);
+  if (cp > 1) out += " cp " + std::to_string(cp);
+  if (ep > 1) out += " ep " + std::to_string(ep);
+  out += " tp " + std::to_string(tp) + " pp " + std::to_string(pp);
   if (pp > 1) {
     out += " " + schedule;
     if (virtual_stages > 1) out += " v" + std::to_string(virtual_stages);
@@ -55,6 +58,8 @@ std::string Layout::describe() const {
 std::vector<std::string> Layout::config_lines(bool set_flags) const {
   const std::vector<std::pair<std::string, std::string>> entries = {
       {"parallel.dp", std::to_string(dp)},
+      {"parallel.cp", std::to_string(cp)},
+      {"parallel.ep", std::to_string(ep)},
       {"parallel.tp", std::to_string(tp)},
       {"parallel.pp", std::to_string(pp)},
       {"parallel.pp_schedule", schedule},
@@ -71,6 +76,8 @@ std::vector<std::string> Layout::config_lines(bool set_flags) const {
 
 void Layout::apply_to(Config& config) const {
   config.parallel.dp = dp;
+  config.parallel.cp = cp;
+  config.parallel.ep = ep;
   config.parallel.tp = tp;
   config.parallel.pp = pp;
   config.parallel.pp_schedule = schedule;
@@ -84,6 +91,8 @@ void Layout::apply_to(Config& config) const {
 Layout Layout::of(const Config& config, int64_t dp) {
   Layout layout;
   layout.dp = dp;
+  layout.cp = config.parallel.cp;
+  layout.ep = config.parallel.ep;
   layout.tp = config.parallel.tp;
   layout.pp = config.parallel.pp;
   layout.schedule = config.parallel.pp_schedule;
@@ -102,7 +111,7 @@ Layout parse_layout(const std::string& text, const std::string& flag) {
   Layout layout;
   auto refuse = [&](const std::string& why) -> BadInput {
     return BadInput(flag + ": '" + text + "': " + why +
-                    " (expected KEY=VALUE pairs separated by commas, keys dp, tp, pp, schedule, v, zero, mb, "
+                    " (expected KEY=VALUE pairs separated by commas, keys dp, cp, ep, tp, pp, schedule, v, zero, mb, "
                     "recompute, sp; e.g. dp=2,tp=1,pp=2,schedule=1f1b,mb=2)");
   };
   auto integer = [&](const std::string& key, const std::string& value) {
@@ -135,6 +144,10 @@ Layout parse_layout(const std::string& text, const std::string& flag) {
     const std::string key = item.substr(0, eq), value = item.substr(eq + 1);
     if (key == "dp") {
       layout.dp = integer(key, value);
+    } else if (key == "cp") {
+      layout.cp = integer(key, value);
+    } else if (key == "ep") {
+      layout.ep = integer(key, value);
     } else if (key == "tp") {
       layout.tp = integer(key, value);
     } else if (key == "pp") {
@@ -155,18 +168,56 @@ Layout parse_layout(const std::string& text, const std::string& flag) {
       throw refuse("unknown key '" + key + "'");
     }
   }
-  if (layout.dp < 1 || layout.tp < 1 || layout.pp < 1 || layout.micro_batch < 1 || layout.virtual_stages < 1) {
-    throw refuse("dp, tp, pp, v and mb must be at least 1");
+  if (layout.dp < 1 || layout.cp < 1 || layout.ep < 1 || layout.tp < 1 || layout.pp < 1 || layout.micro_batch < 1 ||
+      layout.virtual_stages < 1) {
+    throw refuse("dp, cp, ep, tp, pp, v and mb must be at least 1");
   }
   if (layout.zero_stage > 3) throw refuse("zero must be 0, 1, 2 or 3");
   return layout;
 }
 
+namespace {
+
+// Why the model and sequence of `problem` cannot run under parallel.cp `cp`
+// ("" when they can): what config's check_context_parallel refuses at load
+// besides ZeRO, and the zig-zag split's 2 x cp chunks (Note [zig-zag chunks]
+// in parallel/context_parallel.h).
+std::string context_parallel_problem(const Problem& problem, int64_t cp) {
+  const std::string name = "parallel.cp " + std::to_string(cp);
+  if (problem.model.sliding_window > 0) return name + ": context parallelism does not run sliding windows yet";
+  if (problem.model.attn_logit_softcapping > 0) return name + ": context parallelism does not soft-cap attention scores yet";
+  if (problem.seq_len % (2 * cp) != 0) {
+    return name + ": the sequence length (" + std::to_string(problem.seq_len) + ") is not divisible by 2 * cp (" +
+           std::to_string(2 * cp) + ")";
+  }
+  return "";
+}
+
+}  // namespace
+
 std::string layout_problem(const Problem& problem, const Layout& layout) {
   if (layout.world() != problem.gpus) {
-    return "dp " + std::to_string(layout.dp) + " x tp " + std::to_string(layout.tp) + " x pp " +
-           std::to_string(layout.pp) + " = " + std::to_string(layout.world()) + " ranks, not --gpus " +
-           std::to_string(problem.gpus);
+    return "dp " + std::to_string(layout.dp) + (layout.cp > 1 ? " x cp " + std::to_string(layout.cp) : "") +
+           " x tp " + std::to_string(layout.tp) + " x pp " + std::to_string(layout.pp) + " = " +
+           std::to_string(layout.world()) + " ranks, not --gpus " + std::to_string(problem.gpus);
+  }
+  if (layout.cp > 1) {
+    const std::string why = context_parallel_problem(problem, layout.cp);
+    if (!why.empty()) return why;
+    // config's check_context_parallel refuses it at load.
+    if (layout.zero_stage > 0) return "parallel.cp " + std::to_string(layout.cp) + ": context parallelism does not run with ZeRO yet";
+  }
+  // What config's check_expert_parallel refuses at load (ep | dp and ep |
+  // experts: ParallelDims::from_config below).
+  if (layout.ep > 1) {
+    const std::string ep = "parallel.ep " + std::to_string(layout.ep);
+    if (!problem.model.moe()) return ep + ": parallel.ep needs a mixture of experts";
+    if (layout.zero_stage > 0) return ep + ": expert parallelism does not run with ZeRO yet";
+    if (layout.cp > 1) return ep + ": expert parallelism does not run with context parallelism yet";
+  }
+  // config refuses it at load (the router sees whole sequences).
+  if (layout.sequence_parallel && problem.model.moe()) {
+    return "parallel.sequence_parallel: not with a mixture of experts (architecture " + problem.model.architecture + ")";
   }
   if (layout.tp > problem.gpus_per_node) {
     return "tp " + std::to_string(layout.tp) + " spans nodes of " + std::to_string(problem.gpus_per_node) +
@@ -199,21 +250,33 @@ std::string layout_problem(const Problem& problem, const Layout& layout) {
 
 std::vector<Layout> enumerate_layouts(const Problem& problem) {
   std::vector<Layout> layouts;
-  for (int64_t tp = 1; tp <= problem.gpus_per_node; ++tp) {
-    if (problem.gpus_per_node % tp != 0 || problem.gpus % tp != 0) continue;
-    for (int64_t pp = 1; pp <= problem.gpus / tp; ++pp) {
-      if ((problem.gpus / tp) % pp != 0) continue;
-      const int64_t dp = problem.gpus / (tp * pp);
-      std::vector<std::pair<std::string, int64_t>> schedules = {{"1f1b", 1}};
-      if (pp > 1) schedules = {{"afab", 1}, {"1f1b", 1}, {"interleaved", 2}, {"interleaved", 4}};
-      for (int64_t mb = 1; mb <= problem.global_batch / dp; mb *= 2) {
-        for (const auto& [schedule, v] : schedules) {
-          for (int64_t zero = 0; zero <= (dp > 1 ? 3 : 0); ++zero) {
-            for (const Recompute recompute : {Recompute::kNone, Recompute::kSelective, Recompute::kFull}) {
-              for (const bool sp : {false, true}) {
-                if (sp && tp == 1) continue;
-                Layout layout{dp, tp, pp, schedule, v, zero, mb, recompute, sp};
-                if (layout_problem(problem, layout).empty()) layouts.push_back(layout);
+  for (int64_t cp = 1; cp <= problem.gpus; ++cp) {
+    if (problem.gpus % cp != 0 || (cp > 1 && !context_parallel_problem(problem, cp).empty())) continue;
+    const int64_t replica_ranks = problem.gpus / cp;  // dp x tp x pp
+    for (int64_t tp = 1; tp <= problem.gpus_per_node; ++tp) {
+      if (problem.gpus_per_node % tp != 0 || replica_ranks % tp != 0) continue;
+      for (int64_t pp = 1; pp <= replica_ranks / tp; ++pp) {
+        if ((replica_ranks / tp) % pp != 0) continue;
+        const int64_t dp = replica_ranks / (tp * pp);
+        std::vector<std::pair<std::string, int64_t>> schedules = {{"1f1b", 1}};
+        if (pp > 1) schedules = {{"afab", 1}, {"1f1b", 1}, {"interleaved", 2}, {"interleaved", 4}};
+        // Expert parallelism: blocks of ep dp ranks, for a mixture of experts without cp.
+        std::vector<int64_t> eps = {1};
+        for (int64_t ep = 2; ep <= dp && problem.model.moe() && cp == 1; ++ep) {
+          if (dp % ep == 0 && problem.model.num_experts % ep == 0) eps.push_back(ep);
+        }
+        for (const int64_t ep : eps) {
+          for (int64_t mb = 1; mb <= problem.global_batch / dp; mb *= 2) {
+            for (const auto& [schedule, v] : schedules) {
+              // ZeRO does not compose with cp or ep yet (config refuses it).
+              for (int64_t zero = 0; zero <= (dp > 1 && cp == 1 && ep == 1 ? 3 : 0); ++zero) {
+                for (const Recompute recompute : {Recompute::kNone, Recompute::kSelective, Recompute::kFull}) {
+                  for (const bool sp : {false, true}) {
+                    if (sp && tp == 1) continue;
+                    Layout layout{dp, tp, pp, schedule, v, zero, mb, recompute, sp, cp, ep};
+                    if (layout_problem(problem, layout).empty()) layouts.push_back(layout);
+                  }
+                }
               }
             }
           }

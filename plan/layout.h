@@ -1,5 +1,5 @@
 // What `loom plan` chooses between: a parallel layout of one training config
-// (dp x tp x pp, pipeline schedule and virtual stages, ZeRO stage 0-3,
+// (dp x cp x pp x tp, pipeline schedule and virtual stages, ZeRO stage 0-3,
 // micro-batch size, recomputation none, selective or full, sequence
 // parallelism), and the fixed problem it is
 // chosen for (the model, the batch, the cluster). See docs/plan.md.
@@ -55,12 +55,22 @@ struct Layout {
   int64_t micro_batch = 1;
   Recompute recompute = Recompute::kNone;
   bool sequence_parallel = false;
+  // Context parallelism (parallel/context_parallel.h): each sequence split
+  // over cp ranks that are replicas of one another's parameters. Last, so
+  // that a layout written {dp, tp, pp, ...} keeps cp 1.
+  int64_t cp = 1;
+  // Expert parallelism (parallel.ep, parallel/expert_parallel.h): each sparse
+  // layer's experts split over blocks of ep dp ranks; ep divides dp and is
+  // no axis of the world.
+  int64_t ep = 1;
 
-  int64_t world() const { return dp * tp * pp; }
+  int64_t world() const { return dp * cp * tp * pp; }
+  // Tokens of one sequence a rank holds: seq_len / cp (Note [zig-zag chunks]).
+  int64_t rank_seq_len(const Problem& problem) const { return problem.seq_len / cp; }
   // Micro-batches per replica and step: global_batch / (dp * micro_batch).
   int64_t micro_batches(const Problem& problem) const { return problem.global_batch / (dp * micro_batch); }
   // "dp 2 tp 1 pp 2 1f1b mb 2 zero1 recompute" (the parts that apply;
-  // "selective" for selective recomputation).
+  // "selective" for selective recomputation; "cp 4" and "ep 2" after dp when above 1).
   std::string describe() const;
   // The config lines that select this layout, for a YAML file ("parallel.dp: 2")
   // or, with `set_flags`, as `--set parallel.dp=2` arguments.
@@ -73,24 +83,30 @@ struct Layout {
   bool operator==(const Layout&) const = default;
 };
 
-// "dp=2,tp=1,pp=2,schedule=1f1b,v=1,zero=0,mb=2,recompute=0,sp=0" (every key
+// "dp=2,cp=1,ep=1,tp=1,pp=2,schedule=1f1b,v=1,zero=0,mb=2,recompute=0,sp=0" (every key
 // optional; the rest keep Layout's defaults; zero 0-3; recompute 0/none,
 // 1/full or selective). BadInput naming `flag` otherwise.
 Layout parse_layout(const std::string& text, const std::string& flag);
 
 // Why `layout` cannot train `problem` on its cluster ("" when it can), in
-// the terms loom itself would refuse it: dp x tp x pp against --gpus, tp
+// the terms loom itself would refuse it: dp x cp x tp x pp against --gpus, tp
 // against the heads, kv heads, vocabulary and intermediate size, pp x v
 // against the layers, the batch against dp x micro-batch, the schedule
 // against the micro-batch count, ZeRO without dp, sequence parallelism
-// without tp or with a sequence tp does not divide, tp across nodes.
+// without tp or with a sequence tp does not divide, tp across nodes; cp with
+// ZeRO, sliding windows or soft-capping (which config refuses) or with a
+// sequence 2 x cp does not divide; sequence parallelism with a mixture of
+// experts; ep without experts, with ZeRO or cp, or not dividing dp and the
+// experts.
 std::string layout_problem(const Problem& problem, const Layout& layout);
 
 // Every layout that layout_problem accepts: tp over the divisors of
 // gpus_per_node, pp over the divisors of the rest, each schedule (and
 // interleaved with 2 and 4 virtual stages), ZeRO stages 0 to 3 (1 to 3 only
 // with dp > 1), power-of-two micro-batches, recomputation none, selective and
-// full, sequence parallelism on and off.
+// full, sequence parallelism on and off; cp over the divisors of the world
+// whose 2 x cp divides the sequence (cp 1 only for a model cp cannot run);
+// for a mixture of experts ep over the divisors of dp that divide the experts.
 std::vector<Layout> enumerate_layouts(const Problem& problem);
 
 }  // namespace loom::plan

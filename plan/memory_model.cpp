@@ -4,6 +4,8 @@
 
 #include "parallel/pipeline.h"
 #include "parallel/pipeline_schedule.h"
+#include "plan/moe_model.h"
+#include "plan/ring_model.h"
 
 namespace loom::plan {
 
@@ -11,8 +13,10 @@ namespace {
 
 constexpr double kFp32 = 4, kBf16 = 2, kInt64 = 8;
 
-// One model stage's parameters on one tp rank.
-ParameterCount stage_parameters(const ModelConfig& m, int64_t tp, const StageSpec& stage, bool split_model) {
+// One model stage's parameters on one tp rank (and, with expert
+// parallelism, one of `ep` ranks sharing the experts).
+ParameterCount stage_parameters(const ModelConfig& m, int64_t tp, const StageSpec& stage, bool split_model,
+                                int64_t ep = 1) {
   ParameterCount count;
   const int64_t h = m.hidden_size, d = m.head_size();
   const int64_t q = m.num_heads * d / tp, kv = m.kv_heads() * d / tp, inter = m.intermediate_size / tp;
@@ -32,12 +36,31 @@ ParameterCount stage_parameters(const ModelConfig& m, int64_t tp, const StageSpe
     add(kv * h, true);
     add(kv * h, true);
     add(h * q, true);
-    add(inter * h, true);
-    add(inter * h, true);
-    add(h * inter, true);
+    if (m.sparse_layer(stage.first_layer + layer)) {
+      // Note [mixture of experts] (model/moe.h): the router and qwen2_moe's
+      // shared-expert gate replicated, the rank's experts (num_experts / ep)
+      // and the shared expert cut like an MLP; no biases.
+      const int64_t expert = m.expert_intermediate_size() / tp, shared = m.shared_expert_intermediate_size / tp;
+      add(m.num_experts * h, true);
+      for (int64_t e = 0; e < m.num_experts / ep; ++e) {
+        add(expert * h, true);
+        add(expert * h, true);
+        add(h * expert, true);
+      }
+      if (m.architecture == "qwen2_moe") {
+        add(shared * h, true);
+        add(shared * h, true);
+        add(h * shared, true);
+        add(h, true);
+      }
+    } else {
+      add(inter * h, true);
+      add(inter * h, true);
+      add(h * inter, true);
+    }
     if (m.qkv_bias()) add(q + 2 * kv, false);
     if (m.o_bias()) add(h, false);
-    if (m.mlp_bias) add(2 * inter + h, false);
+    if (m.mlp_bias && !m.sparse_layer(stage.first_layer + layer)) add(2 * inter + h, false);
     add(2 * h, false);
   }
   if (stage.has_head) {
@@ -112,10 +135,10 @@ Transients transients_of(const ModelConfig& m, int64_t tokens, int64_t tp, bool 
 }  // namespace
 
 ParameterCount count_rank_parameters(const ModelConfig& model, int64_t tp, const std::vector<StageSpec>& stages,
-                                     bool split_model) {
+                                     bool split_model, int64_t ep) {
   ParameterCount total;
   for (const StageSpec& stage : stages) {
-    const ParameterCount count = stage_parameters(model, tp, stage, split_model);
+    const ParameterCount count = stage_parameters(model, tp, stage, split_model, ep);
     total.total += count.total;
     total.linear_weights += count.linear_weights;
     total.largest = std::max(total.largest, count.largest);
@@ -143,6 +166,17 @@ double layer_activation_bytes(const ModelConfig& model, int64_t tokens, int64_t 
   }
   const double all = n * layer_bytes_per_token(model, tp, sequence_parallel, bf16);
   return recompute == Recompute::kSelective ? all - attention_core_bytes(model, tokens, tp, bf16) : all;
+}
+
+double sparse_layer_activation_bytes(const ModelConfig& model, int64_t tokens, int64_t tp, bool sequence_parallel,
+                                     bool bf16, Recompute recompute) {
+  const double dense = layer_activation_bytes(model, tokens, tp, sequence_parallel, bf16, recompute);
+  if (recompute == Recompute::kFull) return dense;  // the layer's input, as a dense layer's
+  // A dense layer's MLP keeps gate, silu(gate), up and their product of
+  // intermediate_size per token; a sparse one its block's tensors instead.
+  const double n = static_cast<double>(tokens);
+  const double mlp = dtype_bytes(bf16) * 4 * static_cast<double>(model.intermediate_size) / static_cast<double>(tp);
+  return dense + n * (sparse_block_saved_bytes_per_token(model, tp, bf16) - mlp);
 }
 
 namespace {
@@ -191,7 +225,9 @@ MemoryEstimate estimate_memory(const Problem& problem, const Layout& layout) {
   const ModelConfig& m = problem.model;
   const int64_t tp = layout.tp, p = layout.pp, v = layout.pp > 1 ? layout.virtual_stages : 1;
   const int64_t model_stages = p * v;
-  const int64_t tokens = layout.micro_batch * problem.seq_len;
+  // A cp rank holds seq_len / cp tokens of each sequence: everything but
+  // attention is per token (Note [ring attention costs] in plan/ring_model.h).
+  const int64_t tokens = layout.micro_batch * layout.rank_seq_len(problem);
   const int64_t micro_batches = layout.micro_batches(problem);
   const bool sp = layout.sequence_parallel && tp > 1;
   // ZeRO needs dp > 1; each stage keeps the one below's sharding.
@@ -206,14 +242,31 @@ MemoryEstimate estimate_memory(const Problem& problem, const Layout& layout) {
   const double h = static_cast<double>(m.hidden_size), vocab = static_cast<double>(m.vocab_size) / tp;
   // One activation crossing a stage boundary, [batch, tokens (/ tp with sp), hidden].
   const double boundary = act * static_cast<double>(tokens) / (sp ? tp : 1) * h;
-  // The token ids of one micro-batch: [batch, seq + 1] int64 (inputs and targets are views of it).
-  const double ids = kInt64 * static_cast<double>(layout.micro_batch) * static_cast<double>(problem.seq_len + 1);
+  // The token ids of one micro-batch: [batch, seq + 1] int64 (inputs and
+  // targets are views of it); a cp rank reads whole rows and copies its
+  // share of the inputs and of the targets (cp_share in trainer/forward_backward.cpp).
+  double ids = kInt64 * static_cast<double>(layout.micro_batch) * static_cast<double>(problem.seq_len + 1);
+  if (layout.cp > 1) ids += 2 * kInt64 * static_cast<double>(tokens);
   const Transients t = transients_of(m, tokens, tp, bf16);
+  const bool moe = m.moe();
+  // What a layer's ring attention allocates while it runs (none at cp 1); in
+  // backward it comes after the MLP's gradients, the larger of the two counts.
+  const RingMemory ring = ring_attention_memory(m, {layout.cp, layout.micro_batch, problem.seq_len, tp, bf16});
+  double layer_backward = layout.cp > 1 ? std::max(t.layer_backward, ring.backward) : t.layer_backward;
+  if (moe) layer_backward = std::max(layer_backward, sparse_block_backward_bytes(m, tokens, tp, bf16));
   const double per_layer = layer_activation_bytes(m, tokens, tp, sp, bf16, layout.recompute);
   const double full_layer = layer_activation_bytes(m, tokens, tp, sp, bf16, Recompute::kNone);
+  // A mixture of experts' sparse layers (Note [plan: mixture of experts]).
+  const double per_sparse_layer = moe ? sparse_layer_activation_bytes(m, tokens, tp, sp, bf16, layout.recompute) : 0;
+  const double full_sparse_layer = moe ? sparse_layer_activation_bytes(m, tokens, tp, sp, bf16, Recompute::kNone) : 0;
+  // What one micro-batch saves in the decoder layers of a model stage.
+  const auto layers_saved = [&](const StageSpec& spec) {
+    const int64_t sparse = moe ? sparse_layers_of(m, spec) : 0;
+    return static_cast<double>(spec.num_layers - sparse) * per_layer + static_cast<double>(sparse) * per_sparse_layer;
+  };
   // What a layer's backward rebuilds before it runs: the whole layer, or its attention core.
   double rebuilt = 0;
-  if (layout.recompute == Recompute::kFull) rebuilt = full_layer;
+  if (layout.recompute == Recompute::kFull) rebuilt = std::max(full_layer, full_sparse_layer);
   if (layout.recompute == Recompute::kSelective) {
     // The core's output and log-sum-exp, made again just before its backward.
     const double q = static_cast<double>(m.num_heads * m.head_size()) / static_cast<double>(tp);
@@ -242,7 +295,7 @@ MemoryEstimate estimate_memory(const Problem& problem, const Layout& layout) {
     rank.pp_rank = r;
     std::vector<StageSpec> specs;
     for (int64_t c = 0; c < v; ++c) specs.push_back(pipeline_stage_spec(m.num_layers, model_stages, c * p + r));
-    const ParameterCount params = count_rank_parameters(m, tp, specs, model_stages > 1);
+    const ParameterCount params = count_rank_parameters(m, tp, specs, model_stages > 1, layout.ep);
     const double elements = static_cast<double>(params.total);
     rank.parameters = params.total;
     // Note [ZeRO-1 layout] (parallel/zero.h): the flat vector is padded to a
@@ -294,9 +347,10 @@ MemoryEstimate estimate_memory(const Problem& problem, const Layout& layout) {
     // Per chunk: saved activations of one micro-batch, and its weight casts.
     std::vector<double> chunk_saved(v, 0), chunk_casts(v, 0);
     for (int64_t c = 0; c < v; ++c) {
-      chunk_saved[c] = static_cast<double>(specs[c].num_layers) * per_layer + (specs[c].has_head ? head_saved : 0);
+      chunk_saved[c] = layers_saved(specs[c]) + (specs[c].has_head ? head_saved : 0);
       if (casts && !cached_casts) {
-        chunk_casts[c] = kBf16 * static_cast<double>(count_rank_parameters(m, tp, {specs[c]}, model_stages > 1).linear_weights);
+        chunk_casts[c] =
+            kBf16 * static_cast<double>(count_rank_parameters(m, tp, {specs[c]}, model_stages > 1, layout.ep).linear_weights);
       }
     }
     // Walk this rank's actions in order (Note [pipeline executor] in
@@ -323,7 +377,15 @@ MemoryEstimate estimate_memory(const Problem& problem, const Layout& layout) {
           kept += boundary;  // the received input, kept with its gradient until the step ends
           break;
         case PipeOp::kForward:
-          saved += chunk_saved[a.chunk] + chunk_casts[a.chunk];
+          if (layout.cp > 1) {
+            // The chunk's last layer walks its ring with the layers before it
+            // saved (counted as all of them), before the loss.
+            saved += layers_saved(spec) + chunk_casts[a.chunk];
+            consider(ring.forward, "ring attention forward" + which);
+            if (spec.has_head) saved += head_saved;
+          } else {
+            saved += chunk_saved[a.chunk] + chunk_casts[a.chunk];
+          }
           consider(spec.has_head ? t.head_forward : 0, "forward" + which);
           if (stage < model_stages - 1) kept += boundary;  // the output, held by its send until the step ends
           break;
@@ -341,7 +403,7 @@ MemoryEstimate estimate_memory(const Problem& problem, const Layout& layout) {
             consider(zero_stage >= 2 ? t.head_backward_no_weight : t.head_backward, "backward of the loss" + which);
             saved -= head_saved;
           }
-          consider(rebuilt + t.layer_backward, "backward of a layer" + which);
+          consider(rebuilt + layer_backward, "backward of a layer" + which);
           if (spec.has_head) saved += head_saved;
           saved -= chunk_saved[a.chunk] + chunk_casts[a.chunk];
           if (stage < model_stages - 1) kept -= boundary;
@@ -372,7 +434,8 @@ MemoryEstimate estimate_memory(const Problem& problem, const Layout& layout) {
       consider(param_bytes * (ends + units.largest_end), "ZeRO-3 reduce-scatter of the embedding and head");
       consider(2 * kFp32 * largest_in_shard, "ZeRO-3 optimizer step");
     } else {
-      if (layout.dp > 1) consider(param_bytes * elements, "data-parallel gradient buckets");
+      // The gradients are averaged over the dp x cp replicas (Note [cp replicas]).
+      if (layout.dp * layout.cp > 1) consider(param_bytes * elements, "data-parallel gradient buckets");
       // AdamW's step: sqrt(exp_avg_sq) and its quotient for the largest parameter.
       consider(2 * kFp32 * static_cast<double>(params.largest), "optimizer step");
     }

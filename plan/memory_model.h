@@ -1,6 +1,7 @@
 // The bytes a layout makes each rank hold, following what loom's code
 // allocates (docs/plan.md, "Memory"):
-//   - parameters and their .grad, fp32 (or bf16 with precision.params bf16),
+//   - parameters and their .grad, fp32 (or bf16 with precision.params bf16)
+//     (a mixture of experts' total parameters: every expert on every rank),
 //     and AdamW's exp_avg and exp_avg_sq (with bf16 parameters also an fp32
 //     master copy), for this rank's tp shards of its pipeline chunks
 //     (parallel/tensor_parallel_model.h, parallel/pipeline.h);
@@ -27,7 +28,12 @@
 //   - the pipeline executor's buffers, kept until the end of the step: each
 //     received activation and its gradient, each sent output;
 //   - the transients at the loss (logits and the cross-entropy's gradients)
-//     and in AdamW's step.
+//     and in AdamW's step;
+//   - context parallelism: every per-token tensor at the rank's seq / cp
+//     tokens, parameters and optimizer state whole (cp ranks are replicas),
+//     and what ring attention allocates while a layer's walk runs: the
+//     key/value blocks held and in flight, and its score matrices
+//     (Note [ring attention costs] in plan/ring_model.h).
 // The peak is the largest of these sums over the step's phases.
 #pragma once
 
@@ -45,14 +51,15 @@ namespace loom::plan {
 // factory shards them (column-parallel rows, row-parallel columns,
 // vocabulary rows of the embedding and head, norms and row biases whole). A
 // last stage of a split model with tied embeddings holds its own copy of the
-// embedding.
+// embedding. Under expert parallelism a rank holds num_experts / ep experts
+// of each sparse layer (the router whole).
 struct ParameterCount {
   int64_t total = 0;
   int64_t linear_weights = 0;  // the matrices autocast casts to bf16 (projections, head)
   int64_t largest = 0;         // elements of the largest single tensor
 };
 ParameterCount count_rank_parameters(const ModelConfig& model, int64_t tp, const std::vector<StageSpec>& stages,
-                                     bool split_model);
+                                     bool split_model, int64_t ep = 1);
 
 // Bytes autograd keeps for one decoder layer and one micro-batch of `tokens`
 // tokens (micro_batch x seq_len) on one tp rank; with full recomputation only
@@ -60,6 +67,12 @@ ParameterCount count_rank_parameters(const ModelConfig& model, int64_t tp, const
 // (attention_core_bytes).
 double layer_activation_bytes(const ModelConfig& model, int64_t tokens, int64_t tp, bool sequence_parallel, bool bf16,
                               Recompute recompute);
+
+// The same for a sparse layer of a mixture of experts (Note [plan: mixture
+// of experts] in plan/moe_model.h): its feed-forward block's tensors in
+// place of a dense MLP's.
+double sparse_layer_activation_bytes(const ModelConfig& model, int64_t tokens, int64_t tp, bool sequence_parallel,
+                                     bool bf16, Recompute recompute);
 
 // Bytes the attention core of one decoder layer saves of its own for one
 // micro-batch, what selective recomputation leaves out: with fused attention

@@ -6,6 +6,8 @@
 #include "parallel/pipeline.h"
 #include "parallel/pipeline_schedule.h"
 #include "plan/memory_model.h"
+#include "plan/moe_model.h"
+#include "plan/ring_model.h"
 #include "trainer/training.h"
 #include "util/error.h"
 
@@ -22,6 +24,8 @@ constexpr double kOptimizerOpsPerTensor = 12;
 struct StageCost {
   double forward = 0, backward = 0;        // compute, one micro-batch
   double tp_forward = 0, tp_backward = 0;  // its tensor-parallel collectives
+  double cp_forward = 0, cp_backward = 0;  // its ring attention's transfers not hidden behind the blocks' compute
+  double ep_forward = 0, ep_backward = 0;  // expert parallelism's all-to-alls (blocking)
   double zero_forward = 0, zero_backward = 0;  // ZeRO-2/3's collectives not hidden behind that compute
 };
 
@@ -63,6 +67,12 @@ double all_reduce_seconds(const LinkProfile& link, int64_t ranks, double bytes) 
   return 2 * (n - 1) * link.latency_s + 2 * (n - 1) / n * bytes / link.bytes_per_s;
 }
 
+double all_to_all_seconds(const LinkProfile& link, int64_t ranks, double bytes) {
+  if (ranks <= 1) return 0;
+  const double n = static_cast<double>(ranks);
+  return (n - 1) * link.latency_s + (n - 1) / n * bytes / link.bytes_per_s;
+}
+
 double all_gather_seconds(const LinkProfile& link, int64_t ranks, double bytes) {
   if (ranks <= 1) return 0;
   const double n = static_cast<double>(ranks);
@@ -81,7 +91,9 @@ StepTime estimate_step_time(const Problem& problem, const Layout& layout, const 
   const int64_t model_stages = p * v, micro_batches = layout.micro_batches(problem);
   const bool sp = layout.sequence_parallel && tp > 1;
   const double act = bf16 ? 2 : 4;
-  const double n = static_cast<double>(layout.micro_batch * problem.seq_len), s = static_cast<double>(problem.seq_len);
+  // A cp rank's tokens: seq / cp of each sequence (its queries; the keys are the whole sequence's).
+  const int64_t rank_tokens = layout.micro_batch * layout.rank_seq_len(problem);
+  const double n = static_cast<double>(rank_tokens), s = static_cast<double>(problem.seq_len);
   const double h = static_cast<double>(m.hidden_size), d = static_cast<double>(m.head_size());
   const double q = m.num_heads * d / tp, kv = m.kv_heads() * d / tp, inter = static_cast<double>(m.intermediate_size) / tp;
   const double vocab = static_cast<double>(m.vocab_size) / tp;
@@ -89,7 +101,20 @@ StepTime estimate_step_time(const Problem& problem, const Layout& layout, const 
   const double bandwidth = machine.memory_bytes_per_s, op = machine.op_overhead_s;
   const double param_bytes = problem.params_bf16 ? 2 : 4;
   const int64_t zero_stage = layout.dp > 1 ? layout.zero_stage : 0;
-  const LinkProfile& dp_link = link_of(problem, machine, tp * p, layout.dp);
+  // Rank order tp, cp, pp, dp (parallel/topology.h). The gradients are
+  // averaged over the dp x cp replicas (Note [cp replicas]), a group that
+  // spans the whole grid with dp > 1 and one tp x cp block without.
+  const int64_t replicas = layout.dp * layout.cp;
+  const LinkProfile& dp_link =
+      layout.cp > 1 ? link_of(problem, machine, 1, layout.dp > 1 ? layout.world() : tp * layout.cp)
+                    : link_of(problem, machine, tp * p, layout.dp);
+  const LinkProfile& cp_link = link_of(problem, machine, tp, layout.cp);
+  // Expert parallelism: blocks of ep consecutive dp ranks exchange tokens;
+  // an expert's copies (one per block) reduce their gradients over dp / ep.
+  const int64_t ep = m.moe() ? layout.ep : 1;
+  const LinkProfile& ep_link = link_of(problem, machine, tp * layout.cp * p, ep);
+  const LinkProfile& edp_link = link_of(problem, machine, tp * layout.cp * p * ep, layout.dp / ep);
+  const RingTime ring = ring_attention_time(m, {layout.cp, layout.micro_batch, problem.seq_len, tp, bf16}, machine, cp_link);
 
   // Tensor-parallel collectives of one micro-batch: the residual stream
   // [batch, seq, hidden] in the compute dtype.
@@ -110,22 +135,60 @@ StepTime estimate_step_time(const Problem& problem, const Layout& layout, const 
     const double layers = static_cast<double>(spec.num_layers);
     const double layer_matmul = 2 * n * (h * q + 2 * h * kv + q * h + 3 * h * inter);
     const double layer_attention = 4 * n * s * q;  // QK^T and AV, nominal (non-causal) FLOPs
-    const double layer_elementwise = layer_elementwise_bytes(m, layout.micro_batch * problem.seq_len, tp, sp, bf16);
-    const double layer_forward = layer_matmul / matmul_rate + layer_attention / attention_rate +
-                                 layer_elementwise / bandwidth + kLayerOpsForward * op;
-    const double layer_backward = 2 * layer_matmul / matmul_rate + 2 * layer_attention / attention_rate +
+    // The fused kernel's attention, or with cp the ring's blocks (Note [ring attention costs]).
+    const double attention_forward = layout.cp > 1 ? ring.forward_compute : layer_attention / attention_rate;
+    const double attention_backward = layout.cp > 1 ? ring.backward_compute : 2 * layer_attention / attention_rate;
+    const double layer_elementwise = layer_elementwise_bytes(m, rank_tokens, tp, sp, bf16);
+    const double layer_forward = layer_matmul / matmul_rate + attention_forward + layer_elementwise / bandwidth +
+                                 kLayerOpsForward * op;
+    const double layer_backward = 2 * layer_matmul / matmul_rate + attention_backward +
                                   2 * layer_elementwise / bandwidth + kLayerOpsBackward * op;
     // What backward runs again: the whole layer (its tp collectives too), or
     // the attention core alone (no communication).
     const bool full = layout.recompute == Recompute::kFull;
     double rebuilt = 0;
     if (full) rebuilt = layer_forward;
-    if (layout.recompute == Recompute::kSelective) rebuilt = layer_attention / attention_rate + kAttentionCoreOps * op;
+    if (layout.recompute == Recompute::kSelective) rebuilt = attention_forward + kAttentionCoreOps * op;
     StageCost& cost = stages[stage];
     cost.forward = layers * layer_forward;
     cost.backward = layers * (layer_backward + rebuilt);
     cost.tp_forward = layers * tp_pair;
     cost.tp_backward = layers * tp_pair * (full ? 2 : 1);  // the rebuilt forward communicates again
+    // The ring's walks, and a rebuilt core's (full or selective) walks again.
+    cost.cp_forward = layers * ring.forward_exposed_comm;
+    cost.cp_backward =
+        layers * (ring.backward_exposed_comm + (layout.recompute != Recompute::kNone ? ring.forward_exposed_comm : 0));
+    const int64_t sparse = m.moe() ? sparse_layers_of(m, spec) : 0;
+    if (sparse > 0) {
+      // Note [plan: mixture of experts]: a sparse layer's feed-forward block
+      // (the router and the k experts each token chose, the ops of all E) in
+      // place of the dense MLP's matmuls, passes and collectives. Under tp
+      // every expert's row-parallel down projection all-reduces its rows.
+      const double matmul = n * sparse_block_matmul_flops_per_token(m, tp) - 2 * n * 3 * h * inter;
+      const double elementwise = n * sparse_block_elementwise_bytes_per_token(m, tp, bf16) - act * n * 5 * inter;
+      const double forward = matmul / matmul_rate + elementwise / bandwidth + sparse_block_extra_ops(m, false, ep) * op;
+      const double backward =
+          2 * matmul / matmul_rate + 2 * elementwise / bandwidth + sparse_block_extra_ops(m, true, ep) * op;
+      const double experts = static_cast<double>(m.num_experts), local = experts / static_cast<double>(ep);
+      double block_tp = local * all_reduce_seconds(tp_link, tp, stream * static_cast<double>(m.num_experts_per_tok) / local);
+      if (m.architecture == "qwen2_moe") block_tp += all_reduce_seconds(tp_link, tp, stream);
+      const double tp_extra = block_tp - all_reduce_seconds(tp_link, tp, stream);
+      const double count = static_cast<double>(sparse);
+      cost.forward += count * forward;
+      cost.backward += count * (backward + (full ? forward : 0));
+      cost.tp_forward += count * tp_extra;
+      cost.tp_backward += count * tp_extra * (full ? 2 : 1);
+      if (ep > 1) {
+        // Note [expert all-to-all] (parallel/expert_parallel.h): the counts
+        // (int64 per expert), then the k rows of each token dispatched and
+        // their outputs combined; backward the two the other way. Blocking.
+        const double rows = stream * static_cast<double>(m.num_experts_per_tok);
+        const double exchange = 2 * all_to_all_seconds(ep_link, ep, rows);
+        const double counts = all_to_all_seconds(ep_link, ep, 8 * experts);
+        cost.ep_forward = count * (counts + exchange);
+        cost.ep_backward = count * (exchange + (full ? counts + exchange : 0));
+      }
+    }
     if (spec.has_embedding) {
       cost.forward += 4 * n * h / bandwidth;
       cost.tp_forward += all_reduce_seconds(tp_link, tp, stream);
@@ -157,8 +220,10 @@ StepTime estimate_step_time(const Problem& problem, const Layout& layout, const 
 
   StepTime t;
   // Each pipeline rank's compute and tp time over the step's micro-batches.
-  std::vector<double> rank_compute(p, 0), rank_tp(p, 0), rank_zero(p, 0);
+  std::vector<double> rank_compute(p, 0), rank_tp(p, 0), rank_zero(p, 0), rank_cp(p, 0), rank_ep(p, 0);
   for (int64_t stage = 0; stage < model_stages; ++stage) {
+    rank_ep[stage % p] += static_cast<double>(micro_batches) * (stages[stage].ep_forward + stages[stage].ep_backward);
+    rank_cp[stage % p] += static_cast<double>(micro_batches) * (stages[stage].cp_forward + stages[stage].cp_backward);
     rank_compute[stage % p] += static_cast<double>(micro_batches) * (stages[stage].forward + stages[stage].backward);
     rank_tp[stage % p] += static_cast<double>(micro_batches) * (stages[stage].tp_forward + stages[stage].tp_backward);
     rank_zero[stage % p] += static_cast<double>(micro_batches) * (stages[stage].zero_forward + stages[stage].zero_backward);
@@ -167,21 +232,24 @@ StepTime estimate_step_time(const Problem& problem, const Layout& layout, const 
   t.compute = rank_compute[slowest];
   t.tp_comm = rank_tp[slowest];
   t.zero_comm = rank_zero[slowest];
+  t.cp_comm = rank_cp[slowest];
+  t.ep_comm = rank_ep[slowest];
   if (p > 1) {
     const PipeSchedule schedule = make_pipe_schedule(layout.schedule, p, micro_batches, v);
     PipeStageTimes times;
     for (const StageCost& cost : stages) {
-      times.forward.push_back(cost.forward + cost.tp_forward + cost.zero_forward);
-      times.backward.push_back(cost.backward + cost.tp_backward + cost.zero_backward);
+      times.forward.push_back(cost.forward + cost.tp_forward + cost.zero_forward + cost.cp_forward + cost.ep_forward);
+      times.backward.push_back(cost.backward + cost.tp_backward + cost.zero_backward + cost.cp_backward +
+                               cost.ep_backward);
     }
-    const LinkProfile& pp_link = link_of(problem, machine, tp, p);
+    const LinkProfile& pp_link = link_of(problem, machine, tp * layout.cp, p);
     times.transfer = pp_link.latency_s + act * n / (sp ? tp : 1) * h / pp_link.bytes_per_s;
     const PipeSimulation simulation = simulate_pipe_schedule(schedule, times);
     t.pipeline = simulation.makespan;
   } else {
-    t.pipeline = t.compute + t.tp_comm + t.zero_comm;
+    t.pipeline = t.compute + t.tp_comm + t.zero_comm + t.cp_comm + t.ep_comm;
   }
-  t.bubble = std::max(0.0, t.pipeline - t.compute - t.tp_comm - t.zero_comm);
+  t.bubble = std::max(0.0, t.pipeline - t.compute - t.tp_comm - t.zero_comm - t.cp_comm - t.ep_comm);
 
   // Data parallelism and the optimizer, on the rank with the most parameters.
   const MemoryEstimate memory = estimate_memory(problem, layout);
@@ -202,10 +270,20 @@ StepTime estimate_step_time(const Problem& problem, const Layout& layout, const 
     t.dp_comm = all_gather_seconds(dp_link, layout.dp, param_bytes * padded);
   } else if (zero_stage == 3) {
     // Parameters stay sharded: nothing to gather after the step.
-  } else if (layout.dp > 1) {
+  } else if (replicas > 1) {
     const double buckets = std::max(1.0, std::ceil(grad_bytes / (problem.bucket_mb * 1024 * 1024)));
-    const double reduce = all_reduce_seconds(dp_link, layout.dp, grad_bytes) +
-                          (buckets - 1) * 2 * static_cast<double>(layout.dp - 1) * dp_link.latency_s;
+    double reduce = all_reduce_seconds(dp_link, replicas, grad_bytes) +
+                    (buckets - 1) * 2 * static_cast<double>(replicas - 1) * dp_link.latency_s;
+    if (ep > 1) {
+      // The rank's experts (num_experts / ep of each sparse layer, its
+      // share of the layers) reduce over dp / ep, the rest over dp.
+      const double expert_bytes = param_bytes * static_cast<double>(sparse_layers_of(m, StageSpec{})) /
+                                  static_cast<double>(p) * static_cast<double>(m.num_experts / ep) * 3 * h *
+                                  static_cast<double>(m.expert_intermediate_size() / tp);
+      reduce = all_reduce_seconds(dp_link, replicas, grad_bytes - expert_bytes) +
+               all_reduce_seconds(edp_link, layout.dp / ep, expert_bytes) +
+               (buckets - 1) * 2 * static_cast<double>(replicas - 1) * dp_link.latency_s;
+    }
     // Each bucket's copy into its flat buffer and back.
     t.optimizer += 16 * static_cast<double>(most) / machine.stream_bytes_per_s;
     if (p == 1) {
@@ -218,13 +296,18 @@ StepTime estimate_step_time(const Problem& problem, const Layout& layout, const 
     }
   }
   // Tensors the optimizer loops over: about ten per layer on the rank.
-  const double tensors = 10.0 * static_cast<double>(m.num_layers) / static_cast<double>(p) + 3;
+  double tensors = 10.0 * static_cast<double>(m.num_layers) / static_cast<double>(p) + 3;
+  if (m.moe()) {
+    // A sparse layer's router and three tensors an expert (qwen2_moe: a shared expert and its gate) for a dense MLP's three.
+    const double block = 1 + 3 * static_cast<double>(m.num_experts / ep) + (m.architecture == "qwen2_moe" ? 4 : 0) - 3;
+    tensors += block * static_cast<double>(sparse_layers_of(m, StageSpec{})) / static_cast<double>(p);
+  }
   t.optimizer +=
       kOptimizerBytesPerElement * state_elements / machine.stream_bytes_per_s + kOptimizerOpsPerTensor * tensors * op;
   // The tied embedding's gradient summed over the pipeline, and the step's
   // small all-reduces (loss, gradient norm, stop agreement) over the world.
   if (m.tie_embeddings && model_stages > 1) {
-    t.dp_comm += all_reduce_seconds(link_of(problem, machine, tp, p), p, 4 * vocab * h);
+    t.dp_comm += all_reduce_seconds(link_of(problem, machine, tp * layout.cp, p), p, 4 * vocab * h);
   }
   const LinkProfile& world_link = link_of(problem, machine, 1, layout.world());
   t.dp_comm += 4 * all_reduce_seconds(world_link, layout.world(), 8);

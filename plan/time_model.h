@@ -20,6 +20,19 @@
 //     all-gathers of each unit's parameters before its forward and its
 //     backward and the same reduce-scatter, hidden behind that micro-batch's
 //     compute as far as dp_overlap says, but never the first unit's;
+//   - context parallelism: each rank's seq / cp tokens through everything
+//     but attention; attention as the ring's blocks, each next block's
+//     transfer beside the current one's compute, over the link the cp group
+//     spans (Note [ring attention costs] in plan/ring_model.h); the gradient
+//     all-reduce over the dp x cp replicas;
+//   - a mixture of experts: the active parameters' matmuls (the router and
+//     the k experts a token chose), the ops of every expert, and under tp
+//     each expert's all-reduce (Note [plan: mixture of experts] in
+//     plan/moe_model.h); the optimizer and gradients over all parameters;
+//     with expert parallelism a rank's num_experts / ep experts, the
+//     blocking all-to-alls of each sparse layer (counts, dispatch, combine;
+//     backward both rows' exchanges again) over the ep block's link, and
+//     the experts' gradients all-reduced over dp / ep;
 //   - AdamW, gradient clipping and zeroing as memory traffic.
 // A collective over n ranks of B bytes costs, on the link its group spans,
 // ring all-reduce 2 (n-1) latency + 2 (n-1)/n B / bandwidth, all-gather or
@@ -39,6 +52,8 @@ struct StepTime {
   double pipeline = 0;   // the simulated schedule's span: compute, tp, ZeRO-2/3, transfers and the bubble
   double bubble = 0;     // pipeline - the slowest rank's busy time
   double zero_comm = 0;  // ZeRO-2/3's gathers and reduce-scatters during that rank's micro-batches, exposed
+  double cp_comm = 0;    // ring attention's transfers of that rank's micro-batches not hidden behind its blocks
+  double ep_comm = 0;    // expert parallelism's all-to-alls of that rank's micro-batches
   double dp_comm = 0;    // exposed (not hidden behind backward)
   double optimizer = 0;  // AdamW, clipping, zeroing, ZeRO-1's copies
   double total = 0;      // seconds per step
@@ -50,7 +65,7 @@ StepTime estimate_step_time(const Problem& problem, const Layout& layout, const 
 
 // Which link a group of `size` ranks spaced `stride` apart spans: inside one
 // node when stride * size <= gpus_per_node (loom's rank order puts tp
-// fastest, then pp, then dp).
+// fastest, then cp, then pp, then dp: parallel/topology.h).
 const LinkProfile& link_of(const Problem& problem, const MachineProfile& machine, int64_t stride, int64_t size);
 
 // Bytes a decoder layer's elementwise ops (norms, rotary, SwiGLU's silu and
@@ -69,5 +84,7 @@ inline constexpr double kOptimizerBytesPerElement = 100;
 // Ring collectives on `link` (seconds); 0 for one rank.
 double all_reduce_seconds(const LinkProfile& link, int64_t ranks, double bytes);
 double all_gather_seconds(const LinkProfile& link, int64_t ranks, double bytes);  // also reduce-scatter; bytes = the whole
+// Pairwise all-to-all of `bytes` per rank: (n - 1) latency + (n - 1)/n B / bandwidth.
+double all_to_all_seconds(const LinkProfile& link, int64_t ranks, double bytes);
 
 }  // namespace loom::plan

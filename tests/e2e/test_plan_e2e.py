@@ -84,7 +84,12 @@ def random_dataset(tmp_path_factory):
 @pytest.mark.parametrize("layout,sets", [
     ("dp=2,mb=2,zero=1", {"parallel.dp": 2, "parallel.zero_stage": 1}),
     ("pp=2,schedule=1f1b,mb=2", {"parallel.pp": 2, "parallel.pp_schedule": "1f1b"}),
-], ids=["dp2-zero1", "pp2-1f1b"])
+    # Context parallelism: each rank's half of every sequence and the ring's blocks and scores.
+    ("cp=2,mb=2", {"parallel.cp": 2}),
+    # A mixture of experts: every expert's parameters and state, the sparse layers' saved rows.
+    ("dp=2,mb=2", {"parallel.dp": 2, "model.architecture": "mixtral", "model.num_experts": 4,
+                   "model.num_experts_per_tok": 2}),
+], ids=["dp2-zero1", "pp2-1f1b", "cp2", "dp2-mixtral"])
 def test_predicted_peak_tensor_bytes_match_a_two_rank_run(random_dataset, tmp_path, layout, sets):
     sets = {"run.output_dir": tmp_path, "run.name": "run", "data.train": f"[{random_dataset}]", "data.tokenizer": "",
             "schedule.train_steps": 3, "schedule.warmup_steps": 1, "logging.interval": 1, "checkpoint.enabled": "false",
@@ -94,7 +99,8 @@ def test_predicted_peak_tensor_bytes_match_a_two_rank_run(random_dataset, tmp_pa
     rows = [r for r in read_metrics(tmp_path / "run") if "mem_tensor_peak_bytes_per_rank" in r]
     assert len(rows) == 3, rows
     measured = [max(r["mem_tensor_peak_bytes_per_rank"][k] for r in rows) for k in range(2)]
-    out, _ = loom("plan", TINY, "--gpus", 2, "--gpu-memory", 20, "--layout", layout, "--json")
+    plan_sets = [a for k, v in sets.items() if k.startswith("model.") for a in ("--set", f"{k}={v}")]
+    out, _ = loom("plan", TINY, "--gpus", 2, "--gpu-memory", 20, "--layout", layout, "--json", *plan_sets)
     predicted = json.loads(out)
     # pp: one prediction per pipeline rank (world rank = pp rank here); dp: the same on both.
     per_rank = [r["peak_bytes"] for r in predicted["ranks"]]
@@ -130,7 +136,14 @@ def piece_bytes_per_rank(checkpoint: Path, world: int):
                                       "model.tie_embeddings": "true"}),
     ("dp=2,tp=2,mb=2,zero=2", {"parallel.dp": 2, "parallel.tp": 2, "parallel.zero_stage": 2}),
     ("dp=4,mb=2,zero=3", {"parallel.dp": 4, "parallel.zero_stage": 3}),
-], ids=["dp2-tp2-zero1", "dp2-pp2-tied", "dp2-tp2-zero2", "dp4-zero3"])
+    # Every expert, the shared expert and its gate, cut by tp as loom cuts them.
+    ("dp=2,tp=2,mb=2", {"parallel.dp": 2, "parallel.tp": 2, "model.architecture": "qwen2_moe", "model.num_experts": 4,
+                        "model.num_experts_per_tok": 2, "model.moe_intermediate_size": 64,
+                        "model.shared_expert_intermediate_size": 96}),
+    # Expert parallelism: an expert's pieces written by the dp ranks of its ep rank.
+    ("dp=4,ep=2,mb=2", {"parallel.dp": 4, "parallel.ep": 2, "model.architecture": "mixtral", "model.num_experts": 4,
+                        "model.num_experts_per_tok": 2}),
+], ids=["dp2-tp2-zero1", "dp2-pp2-tied", "dp2-tp2-zero2", "dp4-zero3", "dp2-tp2-qwen2-moe", "dp4-ep2-mixtral"])
 def test_predicted_checkpoint_bytes_per_rank_equal_a_four_rank_runs_files(random_dataset, tmp_path, layout, sets):
     sets = {"run.output_dir": tmp_path, "run.name": "run", "data.train": f"[{random_dataset}]", "data.tokenizer": "",
             "schedule.train_steps": 1, "schedule.warmup_steps": 0, "checkpoint.export_hf_at_end": "false",

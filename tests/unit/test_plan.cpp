@@ -290,7 +290,7 @@ TEST(PlanLayouts, zero3_and_selective_layouts_write_their_config) {
 TEST(PlanLayouts, parse_layout_reads_every_key_and_refuses_unknown_ones) {
   const Layout layout = parse_layout("dp=2,tp=1,pp=2,schedule=interleaved,v=2,zero=1,mb=4,recompute=1,sp=0", "--layout");
   EXPECT_EQ(layout, (Layout{2, 1, 2, "interleaved", 2, 1, 4, Recompute::kFull, false}));
-  EXPECT_THROW(parse_layout("dp=2,cp=2", "--layout"), BadInput);
+  EXPECT_THROW(parse_layout("dp=2,xp=2", "--layout"), BadInput);
   EXPECT_THROW(parse_layout("dp=x", "--layout"), BadInput);
 }
 
