@@ -81,9 +81,11 @@ void add_stage(const ModelConfig& m, int64_t tp, const StageSpec& stage, bool sp
 }
 
 // The writer of each piece, as RunCheckpoints::snapshot assigns them, for
-// every rank of one pipeline stage: the bytes each (dp, tp) slot writes.
+// every rank of one pipeline stage: the bytes each (replica, tp) slot
+// writes, a replica being one of the dp x cp ranks (dp * cp + cp), which
+// hold the same parameters (Note [cp replicas]) and over which ZeRO shards.
 std::vector<int64_t> stage_slot_bytes(const Problem& problem, const Layout& layout, int64_t pp_rank) {
-  const int64_t dp = layout.dp, tp = layout.tp;
+  const int64_t dp = layout.dp * layout.cp, tp = layout.tp;
   const std::vector<StageSpec> stages = rank_stages(problem.model, layout, pp_rank);
   const std::vector<RankParameter> params =
       rank_parameters(problem.model, tp, stages, stages.size() > 1 || layout.pp > 1, layout.ep);
@@ -116,7 +118,8 @@ std::vector<int64_t> stage_slot_bytes(const Problem& problem, const Layout& layo
   std::vector<int64_t> load(static_cast<size_t>(dp * tp), 0);
   // Under expert parallelism an expert's pieces go to the dp ranks of its ep
   // rank; every ep rank's choices are simulated, so `load` has them all.
-  assign_piece_writers(bytes, over_tp, dp, tp, /*only_dp=*/-1, /*my_tp=*/0, load, {&expert, layout.ep, 0});
+  assign_piece_writers(bytes, over_tp, dp, tp, /*only_dp=*/-1, /*my_tp=*/0, load,
+                       {&expert, layout.ep, layout.cp, 0});
   if (!zero) return load;
   // Note [ZeRO units]: ZeRO-1 lays the rank's parameters (the tied copy
   // included) end to end as one unit, ZeRO-2 and 3 make a unit of each
@@ -179,7 +182,7 @@ CheckpointEstimate estimate_checkpoint(const Problem& problem, const Layout& lay
   const int64_t dp = layout.dp, tp = layout.tp, pp = layout.pp;
   out.rank_bytes.assign(static_cast<size_t>(layout.world()), 0);
   std::vector<double> read(static_cast<size_t>(layout.world()), 0);
-  const bool zero = layout.zero_stage >= 1 && dp > 1;
+  const bool zero = layout.zero_stage >= 1 && dp * layout.cp > 1;
   for (int64_t r = 0; r < pp; ++r) {
     const std::vector<int64_t> slots = stage_slot_bytes(problem, layout, r);
     // Resume: each rank reads its slices of the parameters (its tied copy
@@ -189,14 +192,16 @@ CheckpointEstimate estimate_checkpoint(const Problem& problem, const Layout& lay
          rank_parameters(problem.model, tp, rank_stages(problem.model, layout, r), pp > 1, layout.ep)) {
       elements += p.elements;
     }
-    const double moments = zero ? static_cast<double>((elements + dp - 1) / dp) : static_cast<double>(elements);
-    // Under context parallelism the cp ranks are replicas and only cp rank
-    // 0 of each writes (RunCheckpoints::snapshot); every one reads its slices.
+    const int64_t replicas = dp * layout.cp;
+    const double moments =
+        zero ? static_cast<double>((elements + replicas - 1) / replicas) : static_cast<double>(elements);
+    // Every rank writes its slot's pieces (the cp ranks are replicas, slot
+    // dp * cp + cp, RunCheckpoints::assign_writers) and reads its slices.
     for (int64_t d = 0; d < dp; ++d) {
       for (int64_t c = 0; c < layout.cp; ++c) {
         for (int64_t t = 0; t < tp; ++t) {
           const size_t world = static_cast<size_t>(((d * pp + r) * layout.cp + c) * tp + t);
-          if (c == 0) out.rank_bytes[world] = slots[static_cast<size_t>(d * tp + t)];
+          out.rank_bytes[world] = slots[static_cast<size_t>((d * layout.cp + c) * tp + t)];
           read[world] = static_cast<double>(kFp32) * (static_cast<double>(elements) + 2 * moments);
         }
       }

@@ -193,18 +193,20 @@ TEST(PlanContextParallel, the_ring_crosses_nodes_when_tp_times_cp_fills_more_tha
               16 * 8 * (2 * ring.forward_exposed_comm + ring.backward_exposed_comm), 1e-9);
 }
 
-TEST(PlanContextParallel, cp_replicas_write_one_checkpoint_and_each_reads_its_slices) {
-  // dp 1 x cp 2 x tp 2: world ranks ((pp * cp) + cp_rank) * tp + tp_rank;
-  // cp rank 1 (ranks 2 and 3) writes nothing (RunCheckpoints::assign_writers).
+TEST(PlanContextParallel, cp_replicas_share_the_checkpoint_as_dp_replicas_do_and_each_reads_its_slices) {
+  // dp 1 x cp 2 x tp 2: world ranks ((pp * cp) + cp_rank) * tp + tp_rank.
+  // The cp ranks are replicas (Note [cp replicas]): the writers are chosen
+  // among them as among dp 2's (RunCheckpoints::assign_writers), so every
+  // rank writes what the same rank of dp 2 x tp 2 would.
   const Problem problem = tiny_problem(4);
   const Layout layout = with_cp(Layout{1, 2, 1, "1f1b", 1, 0, 1, Recompute::kNone, false}, 2);
   const CheckpointEstimate c = estimate_checkpoint(problem, layout, 1e9, 1e9);
   ASSERT_EQ(c.rank_bytes.size(), 4u);
   EXPECT_DOUBLE_EQ(c.total_bytes, checkpoint_tensor_bytes(problem.model));
-  EXPECT_GT(c.rank_bytes[0], 0);
-  EXPECT_GT(c.rank_bytes[1], 0);
-  EXPECT_EQ(c.rank_bytes[2], 0);
-  EXPECT_EQ(c.rank_bytes[3], 0);
+  const CheckpointEstimate dp2 =
+      estimate_checkpoint(problem, Layout{2, 2, 1, "1f1b", 1, 0, 1, Recompute::kNone, false}, 1e9, 1e9);
+  EXPECT_EQ(c.rank_bytes, dp2.rank_bytes);
+  for (const auto bytes : c.rank_bytes) EXPECT_GT(bytes, 0);
   // Resume: all four read their tp slices, twice the one replica's reading.
   const CheckpointEstimate tp2 =
       estimate_checkpoint(tiny_problem(2), Layout{1, 2, 1, "1f1b", 1, 0, 1, Recompute::kNone, false}, 1e9, 1e9);
