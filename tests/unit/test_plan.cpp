@@ -11,45 +11,15 @@
 #include "plan/planner.h"
 #include "model/layers.h"
 #include "model/llama.h"
+#include "tests/unit/plan_test_support.h"
 #include "util/error.h"
 
 namespace loom::plan {
 namespace {
 
-// configs/tiny.yaml's model, batch and sequence.
-Problem tiny_problem(int64_t gpus) {
-  Problem problem;
-  problem.model.hidden_size = 128;
-  problem.model.intermediate_size = 384;
-  problem.model.num_layers = 8;
-  problem.model.num_heads = 8;
-  problem.model.num_kv_heads = 4;
-  problem.model.vocab_size = 2048;
-  problem.model.max_seq_len = 128;
-  problem.seq_len = 128;
-  problem.global_batch = 16;
-  problem.bucket_mb = 1.0;
-  problem.gpus = gpus;
-  problem.gpus_per_node = gpus;
-  return problem;
-}
-
-int64_t numel_of(const torch::nn::Module& module) {
-  int64_t total = 0;
-  for (const auto& p : module.parameters()) total += p.numel();
-  return total;
-}
-
-// A profile whose only cost is compute (no communication, overhead or optimizer time to speak of).
-MachineProfile compute_only() {
-  MachineProfile m;
-  m.name = "compute-only";
-  m.source = "specification";
-  m.peak_flops_fp32 = m.matmul_flops_fp32 = m.attention_flops_fp32 = 1e10;
-  m.memory_bytes_per_s = m.stream_bytes_per_s = 1e30;
-  m.intra_node = m.inter_node = {1e30, 0};
-  return m;
-}
+using test_support::compute_only;
+using test_support::numel_of;
+using test_support::tiny_problem;
 
 TEST(PlanParameters, whole_model_counts_equal_the_models_tensors) {
   for (const bool tied : {false, true}) {

@@ -9,45 +9,20 @@
 #include "plan/planner.h"
 #include "plan/ring_model.h"
 #include "model/llama.h"
+#include "tests/unit/plan_test_support.h"
 #include "util/error.h"
 
 namespace loom::plan {
 namespace {
 
-constexpr double kGiB = 1024.0 * 1024 * 1024;
+using test_support::compute_only;
+using test_support::tiny_problem;
 
-// configs/tiny.yaml's model: hidden 128, 8 heads of 16, 4 kv heads.
-Problem tiny_problem(int64_t gpus, int64_t seq_len = 128) {
-  Problem problem;
-  problem.model.hidden_size = 128;
-  problem.model.intermediate_size = 384;
-  problem.model.num_layers = 8;
-  problem.model.num_heads = 8;
-  problem.model.num_kv_heads = 4;
-  problem.model.vocab_size = 2048;
-  problem.model.max_seq_len = seq_len;
-  problem.seq_len = seq_len;
-  problem.global_batch = 16;
-  problem.bucket_mb = 1.0;
-  problem.gpus = gpus;
-  problem.gpus_per_node = gpus;
-  return problem;
-}
+constexpr double kGiB = 1024.0 * 1024 * 1024;
 
 Layout with_cp(Layout layout, int64_t cp) {
   layout.cp = cp;
   return layout;
-}
-
-// fp32 matmuls at 1e10 FLOP/s, everything else free.
-MachineProfile compute_only() {
-  MachineProfile m;
-  m.name = "compute-only";
-  m.source = "specification";
-  m.peak_flops_fp32 = m.matmul_flops_fp32 = m.attention_flops_fp32 = 1e10;
-  m.memory_bytes_per_s = m.stream_bytes_per_s = 1e30;
-  m.intra_node = m.inter_node = {1e30, 0};
-  return m;
 }
 
 TEST(PlanContextParallel, the_layout_reads_writes_and_describes_cp) {

@@ -11,9 +11,12 @@
 #include "plan/moe_model.h"
 #include "model/layers.h"
 #include "model/llama.h"
+#include "tests/unit/plan_test_support.h"
 
 namespace loom::plan {
 namespace {
+
+using test_support::numel_of;
 
 // hidden 64, 4 heads of 16 (2 kv heads), 4 layers, vocabulary 256; 4
 // experts, top-2. Mixtral's experts are intermediate_size (96) wide; Qwen2-MoE's
@@ -47,12 +50,6 @@ Problem problem_of(const ModelConfig& model, int64_t gpus) {
   problem.gpus = gpus;
   problem.gpus_per_node = gpus;
   return problem;
-}
-
-int64_t numel_of(const torch::nn::Module& module) {
-  int64_t total = 0;
-  for (const auto& p : module.parameters()) total += p.numel();
-  return total;
 }
 
 // By hand: attention q 64x64, k and v 32x64 each, o 64x64 = 12288 (qwen2: +
