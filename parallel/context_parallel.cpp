@@ -12,6 +12,8 @@
 #include <utility>
 #include <vector>
 
+#include "parallel/autograd_group.h"
+
 namespace loom {
 
 namespace {
@@ -211,11 +213,6 @@ void walk_ring(ProcessGroup& cp, int64_t seq_len, int64_t window, const at::Tens
   }
 }
 
-struct GroupRef : torch::CustomClassHolder {
-  explicit GroupRef(ProcessGroup* group) : group(group) {}
-  ProcessGroup* group;
-};
-
 // Note [ring attention]: forward and backward each run the ring once.
 struct RingAttention : torch::autograd::Function<RingAttention> {
   // `documents`: the documents' numbers of the whole rows [batch, seq_len],
@@ -264,7 +261,7 @@ struct RingAttention : torch::autograd::Function<RingAttention> {
     out = out.to(q.scalar_type());
     ctx->save_for_backward({q, k, v, out, lse});
     ctx->saved_data["segments"] = segments_bs.defined() ? c10::IValue(segments_bs) : c10::IValue();
-    ctx->saved_data["group"] = at::IValue::make_capsule(c10::make_intrusive<GroupRef>(group));
+    save_group(ctx, *group);
     ctx->saved_data["seq_len"] = seq_len;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["window"] = window;
@@ -277,7 +274,7 @@ struct RingAttention : torch::autograd::Function<RingAttention> {
     const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3], &lse = saved[4];
     const c10::IValue& saved_segments = ctx->saved_data["segments"];
     const at::Tensor segments_bs = saved_segments.isTensor() ? saved_segments.toTensor() : at::Tensor();
-    ProcessGroup& cp = *c10::static_intrusive_pointer_cast<GroupRef>(ctx->saved_data["group"].toCapsule())->group;
+    ProcessGroup& cp = saved_group(ctx);
     const int64_t seq_len = ctx->saved_data["seq_len"].toInt();
     const double scale = ctx->saved_data["scale"].toDouble();
     const int64_t window = ctx->saved_data["window"].toInt();
