@@ -121,15 +121,14 @@ std::unique_ptr<ModelParts> build_model_parts(Config& config, const ParallelDims
   if (groups.tp != nullptr) {
     parts.tp_factory = std::make_unique<TensorParallelLayerFactory>(*groups.tp_data, config.parallel.sequence_parallel);
   }
+  LayerFactory* factory = parts.tp_factory ? static_cast<LayerFactory*>(parts.tp_factory.get())
+                                           : static_cast<LayerFactory*>(&parts.local_factory);
   // ZeRO-3: one wrapper for every layer gathers, prefetches and frees their
   // parameters (Note [ZeRO-3]).
   if (groups.dp != nullptr && config.parallel.zero_stage == 3) {
     parts.zero_wrapper = std::make_shared<ZeroLayerWrapper>(config.model.recompute == "full");
-    (parts.tp_factory ? static_cast<LayerFactory&>(*parts.tp_factory) : parts.local_factory)
-        .use_layer_wrapper(parts.zero_wrapper);
+    factory->use_layer_wrapper(parts.zero_wrapper);
   }
-  const LayerFactory* factory = parts.tp_factory ? static_cast<const LayerFactory*>(parts.tp_factory.get())
-                                                 : static_cast<const LayerFactory*>(&parts.local_factory);
   if (groups.cp != nullptr) {
     // Context parallelism: the same layers, a ring attention core, and this
     // rank's zig-zag share of the sequence for rotary.
@@ -141,10 +140,7 @@ std::unique_ptr<ModelParts> build_model_parts(Config& config, const ParallelDims
     // Expert parallelism: the sparse layers hold this rank's share of the
     // experts and exchange tokens over ep (Note [expert exchange]).
     parts.expert_exchange = std::make_shared<ExpertParallelExchange>(*groups.ep_data, *groups.ep);
-    (parts.cp_factory     ? static_cast<LayerFactory&>(*parts.cp_factory)
-     : parts.tp_factory ? static_cast<LayerFactory&>(*parts.tp_factory)
-                        : parts.local_factory)
-        .use_expert_exchange(parts.expert_exchange);
+    factory->use_expert_exchange(parts.expert_exchange);
   }
   if (groups.pp != nullptr) {
     if (groups.pp->rank() != 0 && config.model.tie_embeddings) parts.tied_copy = "model.embed_tokens.weight";
@@ -175,12 +171,7 @@ std::unique_ptr<ModelParts> build_model_parts(Config& config, const ParallelDims
       for (auto& param : module->parameters()) param.set_data(param.to(torch::kBFloat16));
     }
     module->train();
-    for (auto& named : to_named_tensors(module->named_parameters())) {
-      if (parts.expert_exchange && is_expert_parameter(named.first)) {
-        parts.expert_params.push_back(named.first);
-      }
-      parts.named_params.push_back(std::move(named));
-    }
+    for (auto& named : to_named_tensors(module->named_parameters())) parts.named_params.push_back(std::move(named));
     parts.param_dims.merge(tensor_parallel_shard_dims(*module));
     parts.param_unpadded.merge(tensor_parallel_unpadded_sizes(*module));
   }

@@ -72,11 +72,10 @@ struct ModelParts {
   LocalLayerFactory local_factory;
   std::unique_ptr<TensorParallelLayerFactory> tp_factory;  // with tp > 1
   std::unique_ptr<ContextParallelLayerFactory> cp_factory;  // with cp > 1: over the local or tp factory
-  // With ep > 1: the sparse layers' exchange (parallel/expert_parallel.h),
-  // and the names of this rank's expert parameters, which differ between
-  // the ranks of an ep group (is_expert_parameter in model/moe.h).
+  // With ep > 1: the sparse layers' exchange (parallel/expert_parallel.h);
+  // this rank's expert parameters (is_expert_parameter in model/moe.h) then
+  // differ from the other ep ranks'.
   std::shared_ptr<ExpertParallelExchange> expert_exchange;
-  std::vector<std::string> expert_params;
   std::shared_ptr<LlamaForCausalLM> model;  // the whole model or its tp shards; null with pp
   std::vector<std::shared_ptr<LlamaForCausalLM>> modules;  // what this rank trains: the model, or its chunks
   // ZeRO-3 (parallel.zero_stage 3 with dp > 1): the wrapper every decoder

@@ -1,6 +1,5 @@
 #include "trainer/update.h"
 
-#include <set>
 #include <string>
 
 namespace loom {
@@ -30,14 +29,15 @@ Update::Update(const Config& config, const ParallelDims& dims, const TrainGroups
   // Expert parallelism: the ep ranks hold different experts and the same
   // dense parameters, so each counts its experts and ep rank 0 the rest.
   if (groups.ep != nullptr) model_groups.push_back(groups.ep);
-  const std::set<std::string> experts(parts.expert_params.begin(), parts.expert_params.end());
+  // The parameters expert parallelism splits (the others: dense).
+  const auto split = [&](const std::string& name) { return groups.ep != nullptr && is_expert_parameter(name); };
   model_norm_reduced_ = !parts.model_is_whole || groups.ep != nullptr;
   if (model_norm_reduced_) {
     model_norm_ = sharded_grad_norm(model_groups, groups.coords.tp, parts.named_params, parts.param_dims,
                                     parts.tied_copy);
     if (groups.ep != nullptr) {
       for (size_t i = 0; i < parts.named_params.size(); ++i) {
-        if (groups.ep->rank() != 0 && experts.count(parts.named_params[i].first) == 0) model_norm_.counted[i] = false;
+        if (groups.ep->rank() != 0 && !split(parts.named_params[i].first)) model_norm_.counted[i] = false;
       }
     }
   }
@@ -59,7 +59,7 @@ Update::Update(const Config& config, const ParallelDims& dims, const TrainGroups
     const std::vector<torch::Tensor> holders = optimizer_->gradient_holders();
     std::vector<torch::Tensor> dense_params, dense_holders, expert_params;
     for (size_t i = 0; i < parts.named_params.size(); ++i) {
-      const bool expert = experts.count(parts.named_params[i].first) != 0;
+      const bool expert = split(parts.named_params[i].first);
       (expert ? expert_params : dense_params).push_back(parts.named_params[i].second);
       (expert ? expert_holders_ : dense_holders).push_back(holders[i]);
     }
