@@ -8,6 +8,7 @@
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <utility>
 
 #include "parallel/autograd_group.h"
 
@@ -52,18 +53,22 @@ torch::Tensor all_to_all_rows(ProcessGroup& group, const torch::Tensor& input, c
 
 namespace {
 
-// "model.layers.3.mlp.experts.5.up_proj.weight" with expert `number`.
-std::string with_expert_number(const std::string& name, int64_t number) {
+// Where the expert number of an expert parameter's name lies:
+// "model.layers.3.mlp.experts.5.up_proj.weight" -> the "5".
+std::pair<size_t, size_t> expert_number_span(const std::string& name) {
   static constexpr std::string_view kExperts = ".experts.";
   const size_t begin = name.find(kExperts) + kExperts.size();
-  const size_t end = name.find('.', begin);
-  return name.substr(0, begin) + std::to_string(number) + name.substr(end);
+  return {begin, name.find('.', begin)};
 }
 
 int64_t expert_number(const std::string& name) {
-  static constexpr std::string_view kExperts = ".experts.";
-  const size_t begin = name.find(kExperts) + kExperts.size();
-  return std::stoll(name.substr(begin, name.find('.', begin) - begin));
+  const auto [begin, end] = expert_number_span(name);
+  return std::stoll(name.substr(begin, end - begin));
+}
+
+std::string with_expert_number(const std::string& name, int64_t number) {
+  const auto [begin, end] = expert_number_span(name);
+  return name.substr(0, begin) + std::to_string(number) + name.substr(end);
 }
 
 }  // namespace
