@@ -14,6 +14,19 @@ constexpr double kRoutingOpsForward = 20, kRoutingOpsBackward = 20;
 
 bool has_shared_expert(const ModelConfig& m) { return m.architecture == "qwen2_moe"; }
 
+// The sizes the counts below read, the intermediate features as a tp rank
+// holds them; `shared` is 0 without a shared expert.
+struct BlockShape {
+  double hidden, experts, top_k, expert, shared;
+};
+
+BlockShape shape_of(const ModelConfig& m, int64_t tp) {
+  const double ranks = static_cast<double>(tp);
+  return {static_cast<double>(m.hidden_size), static_cast<double>(m.num_experts),
+          static_cast<double>(m.num_experts_per_tok), static_cast<double>(m.expert_intermediate_size()) / ranks,
+          has_shared_expert(m) ? static_cast<double>(m.shared_expert_intermediate_size) / ranks : 0.0};
+}
+
 }  // namespace
 
 int64_t sparse_layers_of(const ModelConfig& model, const StageSpec& stage) {
@@ -27,42 +40,27 @@ int64_t sparse_layers_of(const ModelConfig& model, const StageSpec& stage) {
 
 double sparse_block_saved_bytes_per_token(const ModelConfig& m, int64_t tp, bool bf16) {
   const double act = bf16 ? kBf16 : kFp32;
-  const double h = static_cast<double>(m.hidden_size), experts = static_cast<double>(m.num_experts);
-  const double k = static_cast<double>(m.num_experts_per_tok);
-  const double expert = static_cast<double>(m.expert_intermediate_size()) / static_cast<double>(tp);
+  const auto [h, experts, k, expert, shared] = shape_of(m, tp);
   double bytes = act * experts /* logits */ + kFp32 * experts /* probabilities */ + kFp32 * 2 * k /* weights */ +
                  kInt64 * 3 * k /* top-k indices, sort order, token of each pair */ +
                  act * k * (2 * h + 4 * expert) /* gathered rows, outputs; gate, silu, up, product */;
-  if (has_shared_expert(m)) {
-    const double shared = static_cast<double>(m.shared_expert_intermediate_size) / static_cast<double>(tp);
-    bytes += act * (4 * shared + h + 1);
-  }
+  if (shared > 0) bytes += act * (4 * shared + h + 1);
   return bytes;
 }
 
 double sparse_block_matmul_flops_per_token(const ModelConfig& m, int64_t tp) {
-  const double h = static_cast<double>(m.hidden_size), experts = static_cast<double>(m.num_experts);
-  const double k = static_cast<double>(m.num_experts_per_tok);
-  const double expert = static_cast<double>(m.expert_intermediate_size()) / static_cast<double>(tp);
+  const auto [h, experts, k, expert, shared] = shape_of(m, tp);
   double flops = 2 * (h * experts + k * 3 * h * expert);
-  if (has_shared_expert(m)) {
-    const double shared = static_cast<double>(m.shared_expert_intermediate_size) / static_cast<double>(tp);
-    flops += 2 * (3 * h * shared + h);
-  }
+  if (shared > 0) flops += 2 * (3 * h * shared + h);
   return flops;
 }
 
 double sparse_block_elementwise_bytes_per_token(const ModelConfig& m, int64_t tp, bool bf16) {
-  const double h = static_cast<double>(m.hidden_size), experts = static_cast<double>(m.num_experts);
-  const double k = static_cast<double>(m.num_experts_per_tok);
-  const double expert = static_cast<double>(m.expert_intermediate_size()) / static_cast<double>(tp);
+  const auto [h, experts, k, expert, shared] = shape_of(m, tp);
   // SwiGLU 5 passes per element as a dense MLP's; softmax about 5 over the
   // experts; gather, weighting and scatter 2 each over k hidden rows.
   double elements = 5 * k * expert + 5 * experts + 6 * k * h;
-  if (has_shared_expert(m)) {
-    const double shared = static_cast<double>(m.shared_expert_intermediate_size) / static_cast<double>(tp);
-    elements += 5 * shared + 3 * h;
-  }
+  if (shared > 0) elements += 5 * shared + 3 * h;
   return (bf16 ? kBf16 : kFp32) * elements;
 }
 
@@ -73,9 +71,8 @@ double sparse_block_extra_ops(const ModelConfig& m, bool backward, int64_t ep) {
 
 double sparse_block_backward_bytes(const ModelConfig& m, int64_t tokens, int64_t tp, bool bf16) {
   const double act = bf16 ? kBf16 : kFp32;
-  const double rows = static_cast<double>(tokens) * static_cast<double>(m.num_experts_per_tok);
-  const double expert = static_cast<double>(m.expert_intermediate_size()) / static_cast<double>(tp);
-  const double h = static_cast<double>(m.hidden_size);
+  const auto [h, experts, k, expert, shared] = shape_of(m, tp);
+  const double rows = static_cast<double>(tokens) * k;
   return 2 * act * rows * expert + kFp32 * h * expert;
 }
 
