@@ -437,13 +437,6 @@ class Validator {
     if (p.pp_schedule == "interleaved" && p.virtual_stages < 2)
       fail_at({"parallel.pp_schedule", "parallel.virtual_stages"}, "interleaved needs parallel.virtual_stages >= 2",
               num(p.virtual_stages), "virtual_stages >= 2, or pp_schedule: 1f1b");
-    // The router picks experts per token from the whole residual stream of
-    // each rank; a sequence-parallel slice would route each rank's tokens
-    // into column linears that gather the whole sequence.
-    if (p.sequence_parallel && m.moe())
-      fail_at({"parallel.sequence_parallel", "model.architecture"},
-              "sequence parallelism with a mixture of experts (architecture " + m.architecture + ")",
-              "parallel.sequence_parallel: false");
     if (p.sequence_parallel && p.tp < 2)
       fail_at({"parallel.sequence_parallel", "parallel.tp"}, "sequence parallelism needs parallel.tp > 1",
               "tp " + num(p.tp), "parallel.tp >= 2, or sequence_parallel: false");

@@ -240,6 +240,11 @@ std::shared_ptr<AttentionCore> LayerFactory::attention_core(const ModelConfig& m
   return std::make_shared<SdpaAttentionCore>(options);
 }
 
+std::shared_ptr<ExpertCollectives> LayerFactory::expert_collectives() const {
+  static const auto identities = std::make_shared<ExpertCollectives>();
+  return identities;
+}
+
 std::shared_ptr<LayerWrapper> LayerFactory::layer_wrapper(const ModelConfig& model, int64_t /*layer*/) const {
   if (wrapper_) return wrapper_;
   return std::make_shared<LayerWrapper>(LayerWrapper::Options{.recompute = model.recompute == "full"});

@@ -149,6 +149,28 @@ class FeedForward : public torch::nn::Module {
   virtual torch::Tensor forward(const torch::Tensor& x_btd) = 0;
 };
 
+// The collectives around a mixture-of-experts block (Note [experts under
+// tensor parallelism] in model/moe.h). Each is the identity here, which is
+// what a factory without tensor parallelism gives; the tensor-parallel
+// factory's communicate over its group, once for all the block's experts.
+class ExpertCollectives {
+ public:
+  virtual ~ExpertCollectives() = default;
+  // This rank's residual stream [batch, s', hidden] (s' = tokens /
+  // sequence_shards()) -> the tokens every expert linear reads [batch, s, hidden].
+  virtual torch::Tensor expert_input(const torch::Tensor& x_btd) const { return x_btd; }
+  // A value per token that this rank's replicated layers computed from its
+  // residual stream [batch, s', n] (the router's weights, the shared
+  // expert's gate) -> the same for the experts' tokens [batch, s, n].
+  virtual torch::Tensor token_values(const torch::Tensor& v_btn) const { return v_btn; }
+  // The same for integers (the chosen experts), outside autograd.
+  virtual torch::Tensor token_ids(const torch::Tensor& ids_btn) const { return ids_btn; }
+  // The block's output summed from the experts' [batch, s, hidden] (under
+  // tensor parallelism each rank's partial sum) -> this rank's residual
+  // stream [batch, s', hidden].
+  virtual torch::Tensor output(const torch::Tensor& y_btd) const { return y_btd; }
+};
+
 // Each method is one role; a factory overrides the roles its parallelism
 // changes and inherits the rest. The model asks in a fixed order (per decoder
 // layer: q, k, v, o linears, the q/k norms where the family has them, the
@@ -209,6 +231,17 @@ class LayerFactory {
   // ModelConfig::feed_forward_name, so its parameters are named
   // model.layers.N.mlp.* (model.layers.N.block_sparse_moe.* for mixtral).
   virtual std::shared_ptr<FeedForward> mlp(const ModelConfig& model, int64_t layer) const;
+  // A linear of an expert of a mixture-of-experts block (gate and up
+  // kColumn, down kRow; no bias). It reads the tokens
+  // ExpertCollectives::expert_input made, with no communication of its own,
+  // and a kRow one leaves its partial sum for ExpertCollectives::output to
+  // reduce. Default: linear(in_features, out_features, false, role).
+  virtual std::shared_ptr<Linear> expert_linear(int64_t in_features, int64_t out_features, LinearRole role) const {
+    return linear(in_features, out_features, /*bias=*/false, role);
+  }
+  // The collectives around the mixture-of-experts blocks built from this
+  // factory's expert linears. Default: the identities.
+  virtual std::shared_ptr<ExpertCollectives> expert_collectives() const;
   // The wrapper decoder layer `layer` (its global number) runs through; one
   // object may serve several layers. Default: a plain LayerWrapper that
   // recomputes in backward when model.recompute is full; the one given to

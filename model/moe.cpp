@@ -16,9 +16,9 @@ class Container : public torch::nn::Module {};
 }  // namespace
 
 ExpertMlp::ExpertMlp(int64_t hidden, int64_t intermediate, const Names& names, const LayerFactory& factory) {
-  gate_ = register_module(names.gate, factory.linear(hidden, intermediate, /*bias=*/false, LinearRole::kColumn));
-  up_ = register_module(names.up, factory.linear(hidden, intermediate, /*bias=*/false, LinearRole::kColumn));
-  down_ = register_module(names.down, factory.linear(intermediate, hidden, /*bias=*/false, LinearRole::kRow));
+  gate_ = register_module(names.gate, factory.expert_linear(hidden, intermediate, LinearRole::kColumn));
+  up_ = register_module(names.up, factory.expert_linear(hidden, intermediate, LinearRole::kColumn));
+  down_ = register_module(names.down, factory.expert_linear(intermediate, hidden, LinearRole::kRow));
 }
 
 torch::Tensor ExpertMlp::forward(const torch::Tensor& x_nd) {
@@ -36,9 +36,10 @@ SparseMoeBlock::SparseMoeBlock(const ModelConfig& model, const LayerFactory& fac
       top_k_(model.num_experts_per_tok),
       renormalize_(model.renormalize_top_k()),
       weights_in_router_dtype_(model.architecture != "mixtral"),
-      exchange_(std::move(exchange)) {
+      exchange_(std::move(exchange)),
+      collectives_(factory.expert_collectives()) {
   const int64_t hidden = model.hidden_size;
-  // Replicated under tensor parallelism: every rank routes every token.
+  // Whole on every tp rank (Note [experts under tensor parallelism]).
   gate_ = register_module("gate", factory.linear(hidden, model.num_experts, /*bias=*/false, LinearRole::kReplicated));
   const ExpertMlp::Names names = model.architecture == "mixtral" ? ExpertMlp::Names{"w1", "w3", "w2"}
                                                                  : ExpertMlp::Names{"gate_proj", "up_proj", "down_proj"};
@@ -60,22 +61,30 @@ SparseMoeBlock::SparseMoeBlock(const ModelConfig& model, const LayerFactory& fac
 }
 
 torch::Tensor SparseMoeBlock::forward(const torch::Tensor& x_btd) {
-  const int64_t hidden = x_btd.size(-1);
-  const torch::Tensor x = x_btd.reshape({-1, hidden});  // [tokens, hidden]
+  const int64_t batch = x_btd.size(0), hidden = x_btd.size(-1);
   const int64_t num_experts = num_experts_;
 
-  // The router, in transformers' order (Note [mixture of experts]).
-  const torch::Tensor logits = gate_->forward(x);  // [tokens, experts]
+  // The router, in transformers' order (Note [mixture of experts]), over
+  // this rank's residual stream (its slice of the sequence under sequence
+  // parallelism: Note [experts under tensor parallelism]).
+  const torch::Tensor x_local = x_btd.reshape({-1, hidden});  // [tokens', hidden]
+  const torch::Tensor logits = gate_->forward(x_local);       // [tokens', experts]
   const torch::Tensor probs = at::softmax(logits, -1, at::kFloat);
-  auto [weights, chosen] = at::topk(probs, top_k_, -1);  // [tokens, k] each
+  auto [weights, chosen] = at::topk(probs, top_k_, -1);  // [tokens', k] each
   if (renormalize_) weights = weights / weights.sum(-1, /*keepdim=*/true);
   // Mixtral multiplies the experts' outputs by fp32 weights; the Qwen
   // routers cast them to the logits' dtype first.
   if (weights_in_router_dtype_) weights = weights.to(logits.scalar_type());
 
+  // What the experts read: every token of the block, the same on every tp rank.
+  const torch::Tensor x_full_btd = collectives_->expert_input(x_btd);  // [batch, tokens / batch, hidden]
+  const torch::Tensor x = x_full_btd.reshape({-1, hidden});          // [tokens, hidden]
+  const torch::Tensor chosen_all = collectives_->token_ids(chosen.reshape({batch, -1, top_k_})).reshape({-1, top_k_});
+  const torch::Tensor weights_all = collectives_->token_values(weights.reshape({batch, -1, top_k_})).reshape({-1});
+
   // The token-expert pairs sorted by expert (stable: each expert's tokens in
   // token order), so that each expert reads one contiguous slice.
-  const torch::Tensor pair_expert = chosen.reshape({-1});  // [tokens * k], pair p = token p / k
+  const torch::Tensor pair_expert = chosen_all.reshape({-1});  // [tokens * k], pair p = token p / k
   const torch::Tensor order = at::argsort(pair_expert, /*stable=*/true);
   const torch::Tensor pair_token = at::div(order, top_k_, "floor");
   // One copy to the host: the slice sizes. (A grouped GEMM over experts
@@ -84,9 +93,12 @@ torch::Tensor SparseMoeBlock::forward(const torch::Tensor& x_btd) {
   const int64_t* count = counts.data_ptr<int64_t>();
   last_load_.tokens_per_expert.assign(count, count + num_experts);
   {
-    // Note [router metrics]: statistics, outside the graph.
+    // Note [router metrics]: statistics of this rank's own tokens, outside the graph.
     at::NoGradGuard no_grad;
-    const torch::Tensor tokens = counts.to(torch::kDouble);
+    const bool same_tokens = chosen_all.size(0) == chosen.size(0);
+    const torch::Tensor routed =
+        same_tokens ? counts : at::bincount(chosen.reshape({-1}), {}, num_experts).to(torch::kCPU);
+    const torch::Tensor tokens = routed.to(torch::kDouble);
     const torch::Tensor probability = probs.sum(0);
     tokens_sum_e_ = tokens_sum_e_.defined() ? tokens_sum_e_ + tokens : tokens;
     probability_sum_e_ = probability_sum_e_.defined() ? probability_sum_e_ + probability : probability;
@@ -100,12 +112,17 @@ torch::Tensor SparseMoeBlock::forward(const torch::Tensor& x_btd) {
                                         return run_local_experts(rows, local);
                                       })
                 : run_local_experts(x_sorted, rows_per_expert);
-  const torch::Tensor pair_weight = weights.reshape({-1}).index_select(0, order).unsqueeze(1);
+  const torch::Tensor pair_weight = weights_all.index_select(0, order).unsqueeze(1);
   const torch::Tensor y_sorted = (experts_out * pair_weight).to(x.scalar_type());
   // Each token's k weighted outputs summed, in expert order as transformers adds them.
   torch::Tensor y = at::zeros_like(x).index_add(0, pair_token, y_sorted);
-  if (shared_expert_) y = y + at::sigmoid(shared_expert_gate_->forward(x)) * shared_expert_->forward(x);
-  return y.view(x_btd.sizes());
+  if (shared_expert_) {
+    const torch::Tensor shared_weight = at::sigmoid(shared_expert_gate_->forward(x_local));  // [tokens', 1]
+    y = y + collectives_->token_values(shared_weight.reshape({batch, -1, 1})).reshape({-1, 1}) *
+                shared_expert_->forward(x);
+  }
+  // Under tensor parallelism y is this rank's partial sum: reduced once here.
+  return collectives_->output(y.view(x_full_btd.sizes()));
 }
 
 torch::Tensor SparseMoeBlock::run_local_experts(const torch::Tensor& rows, const std::vector<int64_t>& rows_per_expert) {
@@ -114,7 +131,7 @@ torch::Tensor SparseMoeBlock::run_local_experts(const torch::Tensor& rows, const
   int64_t begin = 0;
   for (size_t e = 0; e < experts_.size(); ++e) {
     // An expert no token chose still runs, on zero rows (Note [mixture of
-    // experts]): its gradient is zeros, and tp ranks issue its collectives.
+    // experts]): its gradient is zeros.
     outputs.push_back(experts_[e]->forward(rows.narrow(0, begin, rows_per_expert[e])));
     begin += rows_per_expert[e];
   }

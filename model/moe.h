@@ -25,19 +25,41 @@
 // (transformers 5 fuses the experts into 3-D tensors in memory and converts
 // from and to these names when it loads and saves.)
 //
-// The experts' linears come from the layer factory like a dense MLP's
-// (gate/up column, down row), so tensor parallelism cuts every expert the
-// way it cuts an MLP, and pipeline and data parallelism need nothing new:
-// the router is replicated, and on every tp rank sees the same residual
-// stream (the row linears' all-reduce leaves the same sum on every rank), so
-// every tp rank routes alike and issues the same collectives. Every expert
-// runs on every call, on zero tokens when none chose it, so that each
-// parameter has a gradient (zeros) on every rank and data parallelism's
-// reduction finds the same tensors everywhere. Under expert parallelism a
-// rank holds only its share of the experts (Note [expert exchange]). The
-// load-balancing loss is not added:
+// The experts' linears come from the layer factory (expert_linear: gate/up
+// column, down row), so tensor parallelism cuts every expert the way it cuts
+// an MLP (Note [experts under tensor parallelism]), and pipeline and data
+// parallelism need nothing new. Every expert runs on every call, on zero
+// tokens when none chose it, so that each parameter has a gradient (zeros)
+// on every rank and data parallelism's reduction finds the same tensors
+// everywhere. Under expert parallelism a rank holds only its share of the
+// experts (Note [expert exchange]). The load-balancing loss is not added:
 // transformers adds it only with output_router_logits, which the Hub's MoE
 // configs leave false.
+//
+// Note [experts under tensor parallelism]
+// Under tensor parallelism each rank holds a column slice of every expert's
+// gate and up and the matching rows of its down, as for a dense MLP, and the
+// router (and qwen2_moe's shared-expert gate) whole. The block communicates
+// once on the way in and once on the way out (LayerFactory::
+// expert_collectives), not once per expert:
+//   in:   the tokens every expert reads, f of the residual stream (with
+//         sequence parallelism the gathered sequence), as a column linear's
+//         input; its backward sums the experts' input gradients over tp once;
+//   the router reads this rank's residual stream (its slice of the sequence
+//         under sequence parallelism: a replicated linear's weight then
+//         passes through f, whose backward sums its partial gradients) and
+//         its weights reach the experts' tokens through f (gathered along
+//         the sequence under sequence parallelism, the chosen experts too):
+//         each rank weights its partial outputs, so a weight's gradient is a
+//         partial sum that f's backward (or the gather's reduce-scatter) adds
+//         up; the shared-expert gate's values alike;
+//   out:  each expert's down projection leaves its partial sum; the weighted
+//         sum of the token's experts (and the shared expert) is all-reduced
+//         once, or reduce-scattered along the sequence, as a row linear's.
+// The sums are the single device's, in another order of addition. Every tp
+// rank routes the same tokens alike and so runs the same experts' shapes;
+// under expert parallelism each tp rank exchanges over its own ep group
+// (partial sums travel back as they are).
 //
 // Note [router metrics]
 // Each block adds up, from every forward until take_router_stats, the
@@ -50,7 +72,8 @@
 //   router_aux_loss: transformers' load_balancing_loss_func over all sparse
 //     layers of the step's tokens, E * sum_e f_e * P_e with f_e the share of
 //     assignments and P_e the mean probability of expert e (logged only).
-// Both are ratios, so the tp ranks (which route the same tokens) and
+// Both are ratios, so the tp ranks (which route the same tokens, or with
+// sequence parallelism each its own slice of them) and
 // recomputation in backward (which routes them again) count alike in the
 // numerator and the denominator and change neither.
 #pragma once
@@ -146,6 +169,7 @@ class SparseMoeBlock : public FeedForward {
   std::shared_ptr<Linear> gate_;
   std::vector<std::shared_ptr<ExpertMlp>> experts_;  // this rank's
   std::shared_ptr<ExpertExchange> exchange_;
+  std::shared_ptr<ExpertCollectives> collectives_;
   std::shared_ptr<ExpertMlp> shared_expert_;  // qwen2_moe, else null
   std::shared_ptr<Linear> shared_expert_gate_;
   RouterLoad last_load_;

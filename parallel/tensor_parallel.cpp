@@ -219,8 +219,9 @@ at::Tensor SharedColumnInput::get(ProcessGroup& tp, const at::Tensor& x, bool se
 torch::Tensor ColumnParallelLinear::forward(const torch::Tensor& x) {
   // f (or its sequence-parallel form): identity forward, and in backward the
   // sum over ranks of the input gradients each weight shard produced.
-  const at::Tensor x_full = options_.shared_input ? options_.shared_input->get(*tp_, x, options_.sequence_parallel)
-                                                 : column_input(*tp_, x, options_.sequence_parallel);
+  const at::Tensor x_full = options_.input_ready    ? x
+                             : options_.shared_input ? options_.shared_input->get(*tp_, x, options_.sequence_parallel)
+                                                     : column_input(*tp_, x, options_.sequence_parallel);
   at::Tensor y_local = at::linear(x_full, weight_, bias_.defined() ? std::optional<at::Tensor>(bias_) : std::nullopt);
   return options_.gather_output ? gather_from_tp(*tp_, y_local) : y_local;
 }
@@ -233,6 +234,9 @@ RowParallelLinear::RowParallelLinear(ProcessGroup& tp, int64_t in_features, int6
                                      std::to_string(in_features) + "]",
                                  "in_features", in_features, tp.size()));
   }
+  if (bias && !options.reduce_output) {
+    throw std::invalid_argument("RowParallelLinear: a bias needs reduce_output (it is added once, after the sum)");
+  }
   weight_ = register_parameter("weight", torch::empty({out_features, in_features / tp.size()}));
   if (bias) bias_ = register_parameter("bias", torch::zeros({out_features}));
 }
@@ -241,6 +245,7 @@ torch::Tensor RowParallelLinear::forward(const torch::Tensor& x) {
   const at::Tensor x_local = options_.input_is_parallel ? x : scatter_to_tp(*tp_, x);
   // No bias here: added to every rank's partial sum it would be counted tp times.
   const at::Tensor y_partial = at::linear(x_local, weight_);
+  if (!options_.reduce_output) return y_partial;
   if (!options_.sequence_parallel) {
     const at::Tensor y = reduce_from_tp(*tp_, y_partial);
     // y and its gradient are the same on every rank, so is the bias gradient.

@@ -121,6 +121,9 @@ class ColumnParallelLinear : public Linear, public TensorParallelLayer {
     bool gather_output = false;      // all-gather y's last dim (gather_from_tp) so every rank has all of y
     bool sequence_parallel = false;  // x is [b, s/tp, in]; gather the sequence first (gather_from_sp)
     std::shared_ptr<SharedColumnInput> shared_input = nullptr;  // shared with the linears that read the same x
+    // x is already the whole activation, through f or gathered by the caller
+    // (a mixture-of-experts block, once for all its experts): no f here.
+    bool input_ready = false;
   };
   // Throws BadInput when out_features is not divisible by the group size.
   // Parameters are created empty (zeros for the bias), like the single-device
@@ -162,8 +165,12 @@ class RowParallelLinear : public Linear, public TensorParallelLayer {
   struct Options {
     bool input_is_parallel = true;   // x is already split along its last dim; else scatter it (scatter_to_tp)
     bool sequence_parallel = false;  // reduce-scatter y along the sequence (dim 1) instead of all-reducing it
+    // false: return this rank's partial sum [..., out], which the caller
+    // reduces (a mixture-of-experts block, once for all its experts); no bias.
+    bool reduce_output = true;
   };
-  // Throws BadInput when in_features is not divisible by the group size.
+  // Throws BadInput when in_features is not divisible by the group size,
+  // std::invalid_argument for a bias without reduce_output.
   RowParallelLinear(ProcessGroup& tp, int64_t in_features, int64_t out_features, bool bias, Options options);
   RowParallelLinear(ProcessGroup& tp, int64_t in_features, int64_t out_features, bool bias)
       : RowParallelLinear(tp, in_features, out_features, bias, Options{}) {}

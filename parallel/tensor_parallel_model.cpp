@@ -63,6 +63,54 @@ class ShardedProjectionRMSNorm : public RMSNorm, public TensorParallelLayer {
   double epsilon_;  // RMSNorm keeps its own private
 };
 
+// A linear every rank holds whole that reads this rank's slice of the
+// sequence (a router under sequence parallelism, Note [experts under tensor
+// parallelism] in model/moe.h): its weight's gradient from one slice is a
+// partial sum, which f (copy_to_tp) sums over the group in backward, as
+// PartialInputRMSNorm does for a norm's weight.
+class SequenceSliceLinear : public Linear {
+ public:
+  SequenceSliceLinear(ProcessGroup& tp, int64_t in_features, int64_t out_features, bool bias) : tp_(&tp) {
+    weight_ = register_parameter("weight", torch::empty({out_features, in_features}));
+    if (bias) bias_ = register_parameter("bias", torch::zeros({out_features}));
+  }
+  torch::Tensor forward(const torch::Tensor& x) override {
+    return at::linear(x, copy_to_tp(*tp_, weight_),
+                      bias_.defined() ? std::optional<at::Tensor>(copy_to_tp(*tp_, bias_)) : std::nullopt);
+  }
+
+ private:
+  ProcessGroup* tp_;
+  torch::Tensor weight_;
+  torch::Tensor bias_;
+};
+
+// Note [experts under tensor parallelism] (model/moe.h): one collective
+// into a mixture-of-experts block and one out of it, for all its experts.
+class TensorParallelExpertCollectives : public ExpertCollectives {
+ public:
+  TensorParallelExpertCollectives(ProcessGroup& tp, bool sequence_parallel)
+      : tp_(&tp), sequence_parallel_(sequence_parallel) {}
+  torch::Tensor expert_input(const torch::Tensor& x_btd) const override {
+    return column_input(*tp_, x_btd, sequence_parallel_);
+  }
+  torch::Tensor token_values(const torch::Tensor& v_btn) const override {
+    return sequence_parallel_ ? gather_from_sp(*tp_, v_btn) : copy_to_tp(*tp_, v_btn);
+  }
+  torch::Tensor token_ids(const torch::Tensor& ids_btn) const override {
+    if (!sequence_parallel_) return ids_btn;
+    at::NoGradGuard no_grad;
+    return gather_from_sp(*tp_, ids_btn);
+  }
+  torch::Tensor output(const torch::Tensor& y_btd) const override {
+    return sequence_parallel_ ? reduce_scatter_to_sp(*tp_, y_btd) : reduce_from_tp(*tp_, y_btd);
+  }
+
+ private:
+  ProcessGroup* tp_;
+  bool sequence_parallel_;
+};
+
 int64_t dim_of(const std::map<std::string, int64_t>& shard_dim, const std::string& name) {
   const auto it = shard_dim.find(name);
   if (it == shard_dim.end()) throw std::logic_error("no tensor-parallel shard dim for '" + name + "'");
@@ -89,9 +137,31 @@ std::shared_ptr<Linear> TensorParallelLayerFactory::linear(int64_t in_features, 
       return std::make_shared<RowParallelLinear>(*tp_, in_features, out_features, bias, options);
     }
     case LinearRole::kReplicated:
+      if (sequence_parallel_ && tp_->size() > 1) {
+        return std::make_shared<SequenceSliceLinear>(*tp_, in_features, out_features, bias);
+      }
       break;
   }
   return local_.linear(in_features, out_features, bias, role);
+}
+
+std::shared_ptr<Linear> TensorParallelLayerFactory::expert_linear(int64_t in_features, int64_t out_features,
+                                                                  LinearRole role) const {
+  switch (role) {
+    case LinearRole::kColumn:
+      return std::make_shared<ColumnParallelLinear>(*tp_, in_features, out_features, /*bias=*/false,
+                                                    ColumnParallelLinear::Options{.input_ready = true});
+    case LinearRole::kRow:
+      return std::make_shared<RowParallelLinear>(*tp_, in_features, out_features, /*bias=*/false,
+                                                 RowParallelLinear::Options{.reduce_output = false});
+    case LinearRole::kReplicated:
+      break;
+  }
+  return linear(in_features, out_features, /*bias=*/false, role);
+}
+
+std::shared_ptr<ExpertCollectives> TensorParallelLayerFactory::expert_collectives() const {
+  return std::make_shared<TensorParallelExpertCollectives>(*tp_, sequence_parallel_);
 }
 
 std::shared_ptr<Embedding> TensorParallelLayerFactory::embedding(int64_t vocab, int64_t hidden) const {

@@ -27,7 +27,16 @@
 //   projection_norm (q/k norm over    ShardedProjectionRMSNorm: weight split
 //     the whole projection)           like the column linear's output; the
 //                                     sum of squares all-reduced per token
-//   kReplicated                       the single-device linear
+//   kReplicated                       the single-device linear; under
+//                                     sequence parallelism (it reads this
+//                                     rank's slice: a router) its weight
+//                                     passes through f, like a norm's
+//   expert linears (expert_linear)    column and row linears with no
+//                                     collective of their own: the
+//                                     mixture-of-experts block gathers its
+//                                     input once and reduces its output once
+//                                     (expert_collectives; Note [experts
+//                                     under tensor parallelism], model/moe.h)
 //   attention core, mlp block,        LayerFactory's defaults: the core reads
 //   layer wrapper                     this rank's head counts from q/k/v, the
 //                                     Mlp takes its linears from this factory
@@ -68,6 +77,8 @@ class TensorParallelLayerFactory : public LayerFactory {
   std::shared_ptr<RMSNorm> head_norm(int64_t head_dim, double eps, NormWeight style) const override;
   std::shared_ptr<RMSNorm> projection_norm(int64_t features, double eps) const override;
   int64_t sequence_shards() const override { return sequence_parallel_ ? tp_->size() : 1; }
+  std::shared_ptr<Linear> expert_linear(int64_t in_features, int64_t out_features, LinearRole role) const override;
+  std::shared_ptr<ExpertCollectives> expert_collectives() const override;
 
  private:
   ProcessGroup* tp_;

@@ -218,10 +218,6 @@ std::string layout_problem(const Problem& problem, const Layout& layout) {
     if (!problem.model.moe()) return ep + ": parallel.ep needs a mixture of experts";
     if (layout.zero_stage > 0) return ep + ": expert parallelism does not run with ZeRO yet";
   }
-  // config refuses it at load (the router sees whole sequences).
-  if (layout.sequence_parallel && problem.model.moe()) {
-    return "parallel.sequence_parallel: not with a mixture of experts (architecture " + problem.model.architecture + ")";
-  }
   if (layout.tp > problem.gpus_per_node) {
     return "tp " + std::to_string(layout.tp) + " spans nodes of " + std::to_string(problem.gpus_per_node) +
            " GPUs (loom keeps a tensor-parallel group inside a node)";

@@ -162,22 +162,29 @@ StepTime estimate_step_time(const Problem& problem, const Layout& layout, const 
     if (sparse > 0) {
       // Note [plan: mixture of experts]: a sparse layer's feed-forward block
       // (the router and the k experts each token chose, the ops of all E) in
-      // place of the dense MLP's matmuls, passes and collectives. Under tp
-      // every expert's row-parallel down projection all-reduces its rows.
+      // place of the dense MLP's matmuls and passes. Its tokens come in and
+      // leave under tp as the dense MLP's do (tp_pair); besides, the
+      // router's k weights per token (and the shared expert's gate) reach
+      // the experts through f, whose backward all-reduces them, or with
+      // sequence parallelism are all-gathered with the chosen experts
+      // (int64) and reduce-scattered back (Note [experts under tensor
+      // parallelism] in model/moe.h).
       const double matmul = n * sparse_block_matmul_flops_per_token(m, tp) - 2 * n * 3 * h * inter;
       const double elementwise = n * sparse_block_elementwise_bytes_per_token(m, tp, bf16) - act * n * 5 * inter;
       const double forward = matmul / matmul_rate + elementwise / bandwidth + sparse_block_extra_ops(m, false, ep) * op;
       const double backward =
           2 * matmul / matmul_rate + 2 * elementwise / bandwidth + sparse_block_extra_ops(m, true, ep) * op;
-      const double experts = static_cast<double>(m.num_experts), local = experts / static_cast<double>(ep);
-      double block_tp = local * all_reduce_seconds(tp_link, tp, stream * static_cast<double>(m.num_experts_per_tok) / local);
-      if (m.architecture == "qwen2_moe") block_tp += all_reduce_seconds(tp_link, tp, stream);
-      const double tp_extra = block_tp - all_reduce_seconds(tp_link, tp, stream);
+      const double experts = static_cast<double>(m.num_experts);
+      const double k = static_cast<double>(m.num_experts_per_tok);
+      const double values = 4 * n * (k + (m.architecture == "qwen2_moe" ? 1 : 0));
+      const double tp_extra_forward = sp ? all_gather_seconds(tp_link, tp, values + 8 * n * k) : 0;
+      const double tp_extra_backward =
+          sp ? all_gather_seconds(tp_link, tp, values) : all_reduce_seconds(tp_link, tp, values);
       const double count = static_cast<double>(sparse);
       cost.forward += count * forward;
       cost.backward += count * (backward + (full ? forward : 0));
-      cost.tp_forward += count * tp_extra;
-      cost.tp_backward += count * tp_extra * (full ? 2 : 1);
+      cost.tp_forward += count * tp_extra_forward;
+      cost.tp_backward += count * (tp_extra_backward + (full ? tp_extra_forward : 0));
       if (ep > 1) {
         // Note [expert all-to-all] (parallel/expert_parallel.h): the counts
         // (int64 per expert), then the k rows of each token dispatched and

@@ -189,11 +189,6 @@ std::vector<BadCase> bad_cases() {
        replaced(m, "model:\n", "model:\n  architecture: qwen2_moe\n") +
            "  num_experts: 4\n  num_experts_per_tok: 2\n  moe_intermediate_size: 32\n", {},
        {"model.shared_expert_intermediate_size is 0 for qwen2_moe"}},
-      {"sequence_parallel_with_experts",
-       replaced(m, "model:\n", "model:\n  architecture: mixtral\n") +
-           "  num_experts: 4\n  num_experts_per_tok: 2\nparallel:\n  tp: 2\n  sequence_parallel: true\n"
-           "launch:\n  ranks: 2\n", {},
-       {"parallel.sequence_parallel", "mixture of experts", "sequence_parallel: false"}},
 
       // Expert parallelism (parallel/expert_parallel.h).
       {"ep_on_a_dense_model", m + "parallel:\n  dp: 2\n  ep: 2\nlaunch:\n  ranks: 2\n", {},

@@ -182,13 +182,43 @@ TEST(PlanMoe, checkpoint_lists_name_every_expert_as_loom_builds_them) {
   EXPECT_DOUBLE_EQ(c.total_bytes, checkpoint_tensor_bytes(problem.model));
 }
 
-TEST(PlanMoe, sequence_parallelism_is_not_proposed_for_experts) {
+TEST(PlanMoe, sequence_parallelism_is_proposed_for_experts) {
   const Problem problem = problem_of(tiny_moe("mixtral"), 4);
-  EXPECT_NE(layout_problem(problem, Layout{1, 2, 2, "1f1b", 1, 0, 1, Recompute::kNone, true}).find("mixture of experts"),
-            std::string::npos);
+  EXPECT_EQ(layout_problem(problem, Layout{1, 2, 2, "1f1b", 1, 0, 1, Recompute::kNone, true}), "");
   const std::vector<Layout> layouts = enumerate_layouts(problem);
-  EXPECT_FALSE(layouts.empty());
-  for (const Layout& layout : layouts) EXPECT_FALSE(layout.sequence_parallel) << layout.describe();
+  EXPECT_TRUE(std::any_of(layouts.begin(), layouts.end(), [](const Layout& l) { return l.sequence_parallel; }));
+}
+
+// Note [experts under tensor parallelism] (model/moe.h): a sparse block
+// communicates over tp once in and once out whatever its number of experts,
+// plus the router's k weights per token (and the chosen experts under
+// sequence parallelism).
+TEST(PlanMoe, tensor_parallel_time_does_not_grow_with_the_experts) {
+  MachineProfile slow;
+  slow.name = "slow";
+  slow.peak_flops_fp32 = slow.matmul_flops_fp32 = slow.attention_flops_fp32 = 1e10;
+  slow.memory_bytes_per_s = slow.stream_bytes_per_s = 1e30;
+  slow.intra_node = slow.inter_node = {1e6, 1e-3};
+  ModelConfig many = tiny_moe("mixtral");
+  many.num_experts = 16;
+  for (const bool sp : {false, true}) {
+    const Layout layout{1, 2, 1, "1f1b", 1, 0, 1, Recompute::kNone, sp};
+    const double four = estimate_step_time(problem_of(tiny_moe("mixtral"), 2), layout, slow).tp_comm;
+    const double sixteen = estimate_step_time(problem_of(many, 2), layout, slow).tp_comm;
+    EXPECT_GT(four, 0);
+    EXPECT_DOUBLE_EQ(four, sixteen) << "sequence_parallel " << sp;
+  }
+  // Without sequence parallelism, over the dense model's per layer: the
+  // weights' all-reduce in backward, 2 x 64 tokens x 4 bytes over 2 ranks,
+  // per layer (4, all sparse) and micro-batch (8 sequences of 64 tokens, mb 1).
+  ModelConfig dense = tiny_moe("mixtral");
+  dense.architecture = "llama";
+  dense.num_experts = dense.num_experts_per_tok = 0;
+  const Layout tp2{1, 2, 1, "1f1b", 1, 0, 1, Recompute::kNone, false};
+  const double extra = 2 * 1e-3 + 2 * 0.5 * (2 * 64 * 4) / 1e6;
+  EXPECT_NEAR(estimate_step_time(problem_of(tiny_moe("mixtral"), 2), tp2, slow).tp_comm -
+                  estimate_step_time(problem_of(dense, 2), tp2, slow).tp_comm,
+              8 * 4 * extra, 1e-9);
 }
 
 TEST(PlanMoe, expert_parallelism_holds_its_share_of_the_experts_and_exchanges_the_rows) {
