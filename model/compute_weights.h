@@ -13,7 +13,10 @@
 // the fp32 .grad with one mixed-dtype add. Both are what autocast and
 // autograd computed before, value for value: the cast is the same rounding,
 // and fp32 + bf16 promotes the bf16 exactly. The losses and gradients are
-// the uncached path's bit for bit.
+// the uncached path's bit for bit, but for a tied weight's: its .grad
+// takes the head's part before the embedding's, where autograd adds their
+// sum, so the two agree within fp32 rounding (bit for bit where the sums
+// are exact).
 //
 // Only for a run that nothing else watches the gradients of: the gradient
 // reaches .grad without passing through the weight's AccumulateGrad node, so

@@ -1,7 +1,11 @@
 // ComputeWeights (model/compute_weights.h): bf16 weights cast once per
 // value and gradients added straight into the fp32 .grad give the losses and
 // gradients of plain autocast bit for bit, across micro-batches and optimizer
-// updates, tied or untied, with and without activation recomputation. On the
+// updates, tied or untied, with and without activation recomputation. (A
+// tied weight's .grad adds the head's and the embedding's parts in another
+// order: within fp32 rounding, and bit for bit where those sums are exact,
+// as they were on the Intel machines of earlier sessions but not on an AMD
+// EPYC.) On the
 // CPU here (CPU autocast casts linear weights to bf16 as CUDA's does); the
 // same code runs on the GPU.
 #include <gtest/gtest.h>
@@ -108,7 +112,22 @@ Trace train(const ModelConfig& config, bool cached, c10::Device device = c10::kC
   return trace;
 }
 
-void expect_identical(const Trace& cached, const Trace& plain) {
+// Equal bit for bit, or for a tensor of the tied weight (the embedding's,
+// which the head reuses) within fp32 rounding of its largest entry: the
+// cached path adds the head's part of its gradient to .grad before the
+// embedding's part, plain autograd adds their sum, and fp32 addition is not
+// associative. The AdamW update of that weight carries the difference on.
+void expect_same(const torch::Tensor& cached, const torch::Tensor& plain, bool tied_weight, const std::string& what) {
+  if (!tied_weight) {
+    EXPECT_TRUE(torch::equal(cached, plain)) << what;
+    return;
+  }
+  const double scale = plain.abs().max().item<double>();
+  EXPECT_LE((cached - plain).abs().max().item<double>(), 1e-6 * scale) << what;
+}
+
+void expect_identical(const Trace& cached, const Trace& plain, bool tied) {
+  const auto tied_weight = [&](const std::string& name) { return tied && name == "model.embed_tokens.weight"; };
   ASSERT_EQ(cached.losses.size(), plain.losses.size());
   for (size_t i = 0; i < plain.losses.size(); ++i) {
     EXPECT_TRUE(torch::equal(cached.losses[i], plain.losses[i]))
@@ -116,10 +135,10 @@ void expect_identical(const Trace& cached, const Trace& plain) {
   }
   for (size_t step = 0; step < plain.grads.size(); ++step) {
     for (const auto& [name, grad] : plain.grads[step]) {
-      EXPECT_TRUE(torch::equal(cached.grads[step].at(name), grad)) << "step " << step << " " << name;
+      expect_same(cached.grads[step].at(name), grad, tied_weight(name), "step " + std::to_string(step) + " " + name);
     }
   }
-  for (const auto& [name, weight] : plain.weights) EXPECT_TRUE(torch::equal(cached.weights.at(name), weight)) << name;
+  for (const auto& [name, weight] : plain.weights) expect_same(cached.weights.at(name), weight, tied_weight(name), name);
 }
 
 // Linear weights per layer (q, k, v, o, gate, up, down) and the head's.
@@ -128,7 +147,7 @@ int64_t cast_weights(const ModelConfig& c) { return 7 * c.num_layers + 1; }
 TEST(ComputeWeights, UntiedModelMatchesPlainAutocastBitForBit) {
   const ModelConfig config = small_config(/*tied=*/false, "none");
   const Trace cached = train(config, true);
-  expect_identical(cached, train(config, false));
+  expect_identical(cached, train(config, false), /*tied=*/false);
   // Each weight cast once per step, not once per micro-batch.
   EXPECT_EQ(cached.casts, 2 * cast_weights(config));
 }
@@ -136,13 +155,13 @@ TEST(ComputeWeights, UntiedModelMatchesPlainAutocastBitForBit) {
 TEST(ComputeWeights, TiedHeadGetsTheEmbeddingsGradientAndTheHeadsOnce) {
   const ModelConfig config = small_config(/*tied=*/true, "none");
   const Trace cached = train(config, true);
-  expect_identical(cached, train(config, false));
+  expect_identical(cached, train(config, false), /*tied=*/true);
   EXPECT_EQ(cached.casts, 2 * cast_weights(config));
 }
 
 TEST(ComputeWeights, RecomputedLayersMatchToo) {
   const ModelConfig config = small_config(/*tied=*/true, "full");
-  expect_identical(train(config, true), train(config, false));
+  expect_identical(train(config, true), train(config, false), /*tied=*/true);
 }
 
 TEST(ComputeWeights, OnTheGpuToo) {
@@ -150,7 +169,7 @@ TEST(ComputeWeights, OnTheGpuToo) {
   for (const bool tied : {false, true}) {
     const ModelConfig config = small_config(tied, "none");
     const Trace cached = train(config, true, c10::kCUDA);
-    expect_identical(cached, train(config, false, c10::kCUDA));
+    expect_identical(cached, train(config, false, c10::kCUDA), tied);
     EXPECT_EQ(cached.casts, 2 * cast_weights(config));
   }
 }
