@@ -23,8 +23,9 @@ per expert). Then:
   gradient norms and router metrics; the dp 2 x ep 2 run's export (each expert gathered from the rank that holds it)
   is the single rank's, and its step-2 checkpoint (each expert written by
   one rank of its ep rank) resumed on dp 2 without ep logs step 3;
-- and with ZeRO under expert parallelism: dp 2 x ep 2 ZeRO-1 and ZeRO-2, dp 4 x ep 2 ZeRO-1 and ZeRO-2 and
-  dp 2 x cp 2 x ep 2 ZeRO-1 log the single rank's losses and gradient norms; the dp 4 x ep 2 ZeRO-2 run's step-2 checkpoint holds the single rank's
+- and with ZeRO under expert parallelism: dp 2 x ep 2 ZeRO-1 and ZeRO-2, dp 4 x ep 2 ZeRO-1 and ZeRO-2,
+  dp 2 x ep 2 x tp 2 ZeRO-1, dp 2 x ep 2 x pp 2 ZeRO-2 and dp 2 x cp 2 x ep 2 ZeRO-1 log the single rank's
+  losses and gradient norms; the dp 4 x ep 2 ZeRO-2 run's step-2 checkpoint holds the single rank's
   optimizer state, resumes on one rank, and its export loads in transformers; a one-rank checkpoint resumes on
   dp 2 x ep 2 ZeRO-2.
 """
@@ -76,6 +77,8 @@ LAYOUTS = {
     "dp4-ep2-zero1": (4, {"parallel.dp": 4, "parallel.ep": 2, "parallel.zero_stage": 1}),
     "dp4-ep2-zero2": (4, {"parallel.dp": 4, "parallel.ep": 2, "parallel.zero_stage": 2}),
     "dp2-ep2-zero2": (2, {"parallel.dp": 2, "parallel.ep": 2, "parallel.zero_stage": 2}),
+    "dp2-ep2-tp2-zero1": (4, {"parallel.dp": 2, "parallel.ep": 2, "parallel.tp": 2, "parallel.zero_stage": 1}),
+    "dp2-ep2-pp2-zero2": (4, {"parallel.dp": 2, "parallel.ep": 2, "parallel.pp": 2, "parallel.zero_stage": 2}),
     # ZeRO over the dp x cp replicas; the experts' edp is the block's two cp ranks.
     "dp2-cp2-ep2-zero1": (4, {"parallel.dp": 2, "parallel.cp": 2, "parallel.ep": 2, "parallel.zero_stage": 1}),
 }
