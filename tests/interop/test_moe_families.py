@@ -26,8 +26,8 @@ per expert). Then:
 - and with ZeRO under expert parallelism: dp 2 x ep 2 ZeRO-1 and ZeRO-2, dp 4 x ep 2 ZeRO-1 and ZeRO-2,
   dp 2 x ep 2 x tp 2 ZeRO-1, dp 2 x ep 2 x pp 2 ZeRO-2 and dp 2 x cp 2 x ep 2 ZeRO-1 log the single rank's
   losses and gradient norms; the dp 4 x ep 2 ZeRO-2 run's step-2 checkpoint holds the single rank's
-  optimizer state, resumes on one rank, and its export loads in transformers; a one-rank checkpoint resumes on
-  dp 2 x ep 2 ZeRO-2.
+  optimizer state, resumes on one rank and on dp 4 x ep 4 ZeRO-1, and its export loads in transformers; a
+  one-rank checkpoint resumes on dp 2 x ep 2 ZeRO-2.
 """
 import json
 import shutil
@@ -242,8 +242,9 @@ def _numel(shape):
 
 def test_expert_parallel_zero_checkpoints_resume_across_layouts(family):
     """dp 4 x ep 2 with ZeRO-2 (dense state over dp 4, each expert's over its edp pair) writes a step-2
-    checkpoint holding the single rank's AdamW state, which one rank resumes into the single rank's step 3;
-    its export loads in transformers; and a one-rank step-2 checkpoint resumes on dp 2 x ep 2 with ZeRO-2."""
+    checkpoint holding the single rank's AdamW state, which one rank and dp 4 x ep 4 with ZeRO-1 resume into
+    the single rank's step 3; its export loads in transformers; and a one-rank step-2 checkpoint resumes on
+    dp 2 x ep 2 with ZeRO-2."""
     name, model, tmp, single_run, (single, _) = family
     if name != LAYOUT_FAMILY:
         pytest.skip(f"expert parallelism's checkpoints are checked on {LAYOUT_FAMILY}")
@@ -268,6 +269,11 @@ def test_expert_parallel_zero_checkpoints_resume_across_layouts(family):
         assert worst <= 1e-4 * tensor.abs().max().item(), (key, worst, tensor.abs().max().item())
     _, resumed, _ = train(tmp, name, "ep2_zero2_resumed_one_rank", 1, **{
         "checkpoint.resume": checkpoint, "checkpoint.export_hf_at_end": "false"}, expected_steps=1)
+    assert abs(resumed[0] - single[2]) < LOSS_TOLERANCE, (resumed, single)
+    # Onto another split of the experts: each of dp 4 x ep 4's ranks holds one, its state whole.
+    _, resumed, _ = train(tmp, name, "ep2_zero2_resumed_ep4_zero1", 4, **{
+        "parallel.dp": 4, "parallel.ep": 4, "parallel.zero_stage": 1, "checkpoint.resume": checkpoint},
+        expected_steps=1)
     assert abs(resumed[0] - single[2]) < LOSS_TOLERANCE, (resumed, single)
     _, resumed, _ = train(tmp, name, "one_rank_resumed_ep2_zero2", 2, **{
         "parallel.dp": 2, "parallel.ep": 2, "parallel.zero_stage": 2,
