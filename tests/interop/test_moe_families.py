@@ -14,11 +14,13 @@ per expert). Then:
 - 3 steps of `loom train` from model.init_from export a folder that
   transformers loads as the same class with no missing or unexpected keys
   and whose logits are loom's own of the trained checkpoint;
-- for Qwen2-MoE, tp 2, pp 2 and dp 2 runs of those 3 steps log the single
+- for Qwen2-MoE, tp 2 (with and without sequence parallelism), pp 2 and
+  dp 2 runs of those 3 steps log the single
   rank's losses within 1e-5 and its router metrics, and a checkpoint of step
   2 resumed on tp 2 logs the single rank's step 3;
 - and with expert parallelism (parallel.ep, parallel/expert_parallel.h):
-  dp 2 x ep 2, dp 4 x ep 2, dp 4 x ep 4, dp 2 x ep 2 x tp 2,
+  dp 2 x ep 2, dp 4 x ep 2, dp 4 x ep 4, dp 2 x ep 2 x tp 2 (and with
+  sequence parallelism),
   dp 2 x ep 2 x pp 2 and dp 2 x cp 2 x ep 2 log the single rank's losses,
   gradient norms and router metrics; the dp 2 x ep 2 run's export (each expert gathered from the rank that holds it)
   is the single rank's, and its step-2 checkpoint (each expert written by
@@ -60,6 +62,9 @@ FAMILIES = {
 LAYOUT_FAMILY = "qwen2_moe"
 LAYOUTS = {
     "tp2": (2, {"parallel.tp": 2}),
+    # Note [experts under tensor parallelism]: the router reads each rank's
+    # slice of the sequence and its choices are gathered.
+    "tp2-sp": (2, {"parallel.tp": 2, "parallel.sequence_parallel": "true"}),
     "pp2": (2, {"parallel.pp": 2}),
     "dp2": (2, {"parallel.dp": 2}),
     # Expert parallelism: ep carved out of dp.
@@ -68,6 +73,8 @@ LAYOUTS = {
     "dp4-ep2": (4, {"parallel.dp": 4, "parallel.ep": 2}),
     "dp4-ep4": (4, {"parallel.dp": 4, "parallel.ep": 4}),
     "dp2-ep2-tp2": (4, {"parallel.dp": 2, "parallel.ep": 2, "parallel.tp": 2}),
+    "dp2-ep2-tp2-sp": (4, {"parallel.dp": 2, "parallel.ep": 2, "parallel.tp": 2,
+                           "parallel.sequence_parallel": "true"}),
     "dp2-ep2-pp2": (4, {"parallel.dp": 2, "parallel.ep": 2, "parallel.pp": 2}),
     # Each cp rank routes its half of every sequence and exchanges over its own ep group.
     "dp2-cp2-ep2": (4, {"parallel.dp": 2, "parallel.cp": 2, "parallel.ep": 2}),

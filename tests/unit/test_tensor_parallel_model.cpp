@@ -78,6 +78,18 @@ ModelConfig model_config(const Case& c) {
     m.layer_types = {"sliding_attention", "full_attention"};
     if (m.architecture == "gemma3_text") m.rope_local_theta = 100.0;
   }
+  if (m.moe()) {
+    // 4 experts, top 2 (Note [experts under tensor parallelism]); Qwen2-MoE
+    // with its shared expert, layer 1 dense; Qwen3-MoE renormalizing.
+    m.num_experts = 4;
+    m.num_experts_per_tok = 2;
+    m.moe_intermediate_size = 32;
+    if (m.architecture == "qwen2_moe") {
+      m.shared_expert_intermediate_size = 48;
+      m.mlp_only_layers = {1};
+    }
+    m.norm_topk_prob = m.architecture == "qwen3_moe";
+  }
   return m;
 }
 
@@ -220,7 +232,11 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{"gemma2_softcapped_sandwich_sequence_parallel", true, true, "gemma2"},
                       Case{"gemma3_text_head_norms_local_rotary", true, false, "gemma3_text"},
                       Case{"padded_vocab_untied_sequence_parallel", false, true, "llama", false, "none", 125},
-                      Case{"padded_vocab_tied_gemma2_softcapped", true, false, "gemma2", false, "none", 127}),
+                      Case{"padded_vocab_tied_gemma2_softcapped", true, false, "gemma2", false, "none", 127},
+                      Case{"mixtral_experts", false, false, "mixtral"},
+                      Case{"mixtral_experts_sequence_parallel", false, true, "mixtral"},
+                      Case{"qwen2_moe_shared_expert_sequence_parallel", true, true, "qwen2_moe", true},
+                      Case{"qwen3_moe_experts_recompute_sequence_parallel", false, true, "qwen3_moe", false, "full"}),
     [](const ::testing::TestParamInfo<Case>& info) { return std::string(info.param.name); });
 
 TEST(TensorParallelModelLoad, AFullTensorOfTheWrongShapeIsRefusedBeforeAnyCopy) {
@@ -323,6 +339,71 @@ TEST(TensorParallelModelAttention, TheCoreSeesThisRanksHeadsOverTheWholeSequence
     expected.push_back({kBatch, config.num_kv_heads / tp_size, kSeq, head_dim});
   }
   EXPECT_EQ(factory.shapes, expected);
+}
+
+// The world group, counting the collectives issued on it.
+class CountingGroup : public ProcessGroup {
+ public:
+  explicit CountingGroup(ProcessGroup& inner)
+      : ProcessGroup("counting_tp", inner.rank(), inner.world_ranks(), inner.timeout()), inner_(inner) {}
+  std::string_view backend() const override { return inner_.backend(); }
+  std::unique_ptr<Work> all_reduce(const at::Tensor& t, const AllReduceOptions& o) override {
+    ++count;
+    return inner_.all_reduce(t, o);
+  }
+  std::unique_ptr<Work> all_gather(const at::Tensor& out, const at::Tensor& in, const AllGatherOptions& o) override {
+    ++count;
+    return inner_.all_gather(out, in, o);
+  }
+  std::unique_ptr<Work> reduce_scatter(const at::Tensor& out, const at::Tensor& in,
+                                       const ReduceScatterOptions& o) override {
+    ++count;
+    return inner_.reduce_scatter(out, in, o);
+  }
+  std::unique_ptr<Work> broadcast(const at::Tensor& t, const BroadcastOptions& o) override {
+    ++count;
+    return inner_.broadcast(t, o);
+  }
+  std::unique_ptr<Work> barrier(const BarrierOptions& o) override { return inner_.barrier(o); }
+  std::unique_ptr<Work> send(const at::Tensor& t, const SendOptions& o) override { return inner_.send(t, o); }
+  std::unique_ptr<Work> recv(const at::Tensor& t, const RecvOptions& o) override { return inner_.recv(t, o); }
+  int64_t count = 0;
+
+ private:
+  ProcessGroup& inner_;
+};
+
+// Note [experts under tensor parallelism]: a sparse block's forward and
+// backward issue the same number of tp collectives whatever its number of
+// experts. Without sequence parallelism: the output's all-reduce, then in
+// backward the experts' input gradient's and the router weights'; with it,
+// the gathers of the tokens, the chosen experts and the weights, the
+// output's reduce-scatter, then in backward the gathered weights' and
+// tokens' reduce-scatters, the output gradient's gather and the router
+// weight's all-reduce (its f).
+TEST(TensorParallelModelExperts, ASparseBlockCommunicatesOnceEachWayWhateverItsExperts) {
+  for (const bool sequence_parallel : {false, true}) {
+    std::vector<int64_t> counts;
+    for (const int64_t experts : {4, 16}) {
+      Case c{"mixtral", false, sequence_parallel, "mixtral"};
+      ModelConfig config = model_config(c);
+      config.num_experts = experts;
+      CountingGroup counting(tp());
+      TensorParallelLayerFactory factory(counting, sequence_parallel);
+      auto block = factory.mlp(config, 0);
+      torch::manual_seed(7);
+      for (auto& p : block->parameters()) {
+        at::NoGradGuard no_grad;
+        p.normal_(0, 0.1);
+      }
+      const int64_t seq = sequence_parallel ? kSeq / tp().size() : kSeq;
+      const at::Tensor x = at::randn({kBatch, seq, config.hidden_size}).requires_grad_(true);
+      block->forward(x).sum().backward();
+      counts.push_back(counting.count);
+    }
+    EXPECT_EQ(counts[0], counts[1]) << "sequence_parallel " << sequence_parallel;
+    EXPECT_EQ(counts[0], sequence_parallel ? 8 : 3) << "sequence_parallel " << sequence_parallel;
+  }
 }
 
 }  // namespace
