@@ -27,9 +27,9 @@
 #include <string>
 #include <vector>
 
+#include "checkpoints/regions.h"
 #include "config/config.h"
 #include "optim/fp32_gradients.h"
-#include "checkpoints/regions.h"
 #include "optim/optimizer.h"
 #include "parallel/data_parallel.h"
 #include "parallel/topology.h"
@@ -52,11 +52,10 @@ class Update {
   // The whole AdamW of this rank's parameters (null under ZeRO).
   AdamW* optimizer() { return optimizer_ ? &*optimizer_ : nullptr; }
   const AdamW* optimizer() const { return optimizer_ ? &*optimizer_ : nullptr; }
-  // ZeRO's optimizer (of the dense parameters under ep), and under ep that of
-  // the experts when it is sharded (Note [ZeRO with expert parallelism]).
+  // ZeRO's optimizer; under ep that of the dense parameters only (Note
+  // [ZeRO with expert parallelism]).
   ShardedAdamW* zero() { return zero_ ? &*zero_ : nullptr; }
   const ShardedAdamW* zero() const { return zero_ ? &*zero_ : nullptr; }
-  const ShardedAdamW* expert_zero() const { return expert_zero_ ? &*expert_zero_ : nullptr; }
   GradientReducer* reducer() { return reducer_.get(); }
   // What the last micro-batch's backward arms: the bucket reducer, or
   // ZeRO-2's optimizer (after start()); null when nothing overlaps backward.
