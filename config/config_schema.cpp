@@ -188,7 +188,8 @@ std::vector<KeySpec> build_table() {
        kAtLeastOne},
       {"parallel.ep", LOOM_FIELD(parallel.ep), "", "ranks",
        "expert-parallel ranks carved out of dp: each sparse layer's experts split over them, tokens exchanged "
-       "by all-to-all; must divide dp and model.num_experts; not yet with ZeRO",
+       "by all-to-all; must divide dp and model.num_experts; with ZeRO stages 1 and 2 (the experts' state "
+       "sharded over the dp / ep ranks that hold them), not yet stage 3",
        kAtLeastOne},
       {"parallel.sequence_parallel", LOOM_FIELD(parallel.sequence_parallel), "", "",
        "Megatron sequence parallelism: norms and residual activations split along the sequence over the tp "

@@ -94,25 +94,29 @@ std::vector<int64_t> stage_slot_bytes(const Problem& problem, const Layout& layo
   const bool tied_copy = problem.model.tie_embeddings && pp_rank != 0;
   const auto is_copy = [&](const RankParameter& p) { return tied_copy && p.name == "model.embed_tokens.weight"; };
   const bool zero = layout.zero_stage >= 1 && dp > 1;
-  // The parameters, then (without ZeRO) AdamW's exp_avg and exp_avg_sq of
-  // each, in state_dict order: replicated over dp (ZeRO-3 gathers its
-  // parameters for the save and writes them the same way).
+  // Under ep ZeRO shards an expert's state over the edp ranks that hold it,
+  // and where that is one rank keeps it whole (Note [ZeRO with expert
+  // parallelism] in trainer/update.h).
+  const int64_t ep = layout.ep, edp = dp / ep;
+  const auto is_expert = [&](const RankParameter& p) { return ep > 1 && is_expert_parameter(p.name); };
+  const auto state_sharded = [&](const RankParameter& p) { return zero && (!is_expert(p) || edp > 1); };
+  // The parameters, then AdamW's exp_avg and exp_avg_sq of each whose state
+  // ZeRO does not shard, in state_dict order: replicated over dp (ZeRO-3
+  // gathers its parameters for the save and writes them the same way).
   std::vector<int64_t> bytes;
   std::vector<bool> over_tp, expert;
   for (const RankParameter& p : params) {
     if (is_copy(p)) continue;
     bytes.push_back(kFp32 * p.elements);
     over_tp.push_back(p.whole_on_every_tp_rank);
-    expert.push_back(layout.ep > 1 && is_expert_parameter(p.name));
+    expert.push_back(is_expert(p));
   }
-  if (!zero) {
-    for (const RankParameter& p : params) {
-      if (is_copy(p)) continue;
-      for (int moment = 0; moment < 2; ++moment) {
-        bytes.push_back(kFp32 * p.elements);
-        over_tp.push_back(p.whole_on_every_tp_rank);
-        expert.push_back(layout.ep > 1 && is_expert_parameter(p.name));
-      }
+  for (const RankParameter& p : params) {
+    if (is_copy(p) || state_sharded(p)) continue;
+    for (int moment = 0; moment < 2; ++moment) {
+      bytes.push_back(kFp32 * p.elements);
+      over_tp.push_back(p.whole_on_every_tp_rank);
+      expert.push_back(is_expert(p));
     }
   }
   std::vector<int64_t> load(static_cast<size_t>(dp * tp), 0);
@@ -125,33 +129,50 @@ std::vector<int64_t> stage_slot_bytes(const Problem& problem, const Layout& layo
   // included) end to end as one unit, ZeRO-2 and 3 make a unit of each
   // decoder layer, of the embedding and of the rest; each unit is padded to
   // dp equal shards, and dp rank r's pieces are the parameters' overlaps
-  // with its shard of every unit, each with its two moments.
-  std::vector<std::vector<size_t>> units;
-  if (layout.zero_stage >= 2) {
-    NamedTensors names;  // zero_units_by_layer reads only the names
-    for (const RankParameter& p : params) names.emplace_back(p.name, at::Tensor());
-    units = zero_units_by_layer(names);
-  } else {
-    units.emplace_back();
-    for (size_t i = 0; i < params.size(); ++i) units[0].push_back(i);
-  }
+  // with its shard of every unit, each with its two moments. Under ep the
+  // experts are laid out apart, in units of their own sharded over edp.
+  const auto units_of = [&](bool experts) {
+    std::vector<size_t> members;
+    for (size_t i = 0; i < params.size(); ++i) {
+      if (state_sharded(params[i]) && is_expert(params[i]) == experts) members.push_back(i);
+    }
+    std::vector<std::vector<size_t>> units;
+    if (members.empty()) return units;
+    if (layout.zero_stage >= 2) {
+      NamedTensors names;  // zero_units_by_layer reads only the names
+      for (size_t i : members) names.emplace_back(params[i].name, at::Tensor());
+      units = zero_units_by_layer(names);
+      for (std::vector<size_t>& unit : units) {
+        for (size_t& k : unit) k = members[k];
+      }
+    } else {
+      units.push_back(members);
+    }
+    return units;
+  };
+  const std::vector<std::vector<size_t>> dense_units = units_of(false), expert_units = units_of(true);
   for (int64_t r = 0; r < dp; ++r) {
     std::vector<int64_t> pieces;
     std::vector<bool> pieces_over_tp;
-    for (const std::vector<size_t>& unit : units) {
-      int64_t total = 0;
-      for (size_t i : unit) total += params[i].elements;
-      const int64_t shard = (total + dp - 1) / dp;
-      const int64_t lo = r * shard, hi = lo + shard;
-      int64_t offset = 0;
-      for (size_t i : unit) {
-        const RankParameter& p = params[i];
-        const int64_t begin = std::max(lo, offset), end = std::min(hi, offset + p.elements);
-        offset += p.elements;
-        if (begin >= end || is_copy(p)) continue;
-        for (int moment = 0; moment < 2; ++moment) {
-          pieces.push_back(kFp32 * (end - begin));
-          pieces_over_tp.push_back(p.whole_on_every_tp_rank);
+    // Replica r (dp rank r / cp) is edp rank (r / cp / ep) * cp + r % cp (Note [expert groups]).
+    const int64_t edp_rank = r / layout.cp / ep * layout.cp + r % layout.cp;
+    for (const bool experts : {false, true}) {
+      const int64_t ranks = experts ? edp : dp, rank = experts ? edp_rank : r;
+      for (const std::vector<size_t>& unit : experts ? expert_units : dense_units) {
+        int64_t total = 0;
+        for (size_t i : unit) total += params[i].elements;
+        const int64_t shard = (total + ranks - 1) / ranks;
+        const int64_t lo = rank * shard, hi = lo + shard;
+        int64_t offset = 0;
+        for (size_t i : unit) {
+          const RankParameter& p = params[i];
+          const int64_t begin = std::max(lo, offset), end = std::min(hi, offset + p.elements);
+          offset += p.elements;
+          if (begin >= end || is_copy(p)) continue;
+          for (int moment = 0; moment < 2; ++moment) {
+            pieces.push_back(kFp32 * (end - begin));
+            pieces_over_tp.push_back(p.whole_on_every_tp_rank);
+          }
         }
       }
     }

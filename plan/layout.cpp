@@ -216,7 +216,7 @@ std::string layout_problem(const Problem& problem, const Layout& layout) {
   if (layout.ep > 1) {
     const std::string ep = "parallel.ep " + std::to_string(layout.ep);
     if (!problem.model.moe()) return ep + ": parallel.ep needs a mixture of experts";
-    if (layout.zero_stage > 0) return ep + ": expert parallelism does not run with ZeRO yet";
+    if (layout.zero_stage == 3) return ep + ": expert parallelism does not run with ZeRO stage 3 yet";
   }
   if (layout.tp > problem.gpus_per_node) {
     return "tp " + std::to_string(layout.tp) + " spans nodes of " + std::to_string(problem.gpus_per_node) +
@@ -267,8 +267,9 @@ std::vector<Layout> enumerate_layouts(const Problem& problem) {
         for (const int64_t ep : eps) {
           for (int64_t mb = 1; mb <= problem.global_batch / dp; mb *= 2) {
             for (const auto& [schedule, v] : schedules) {
-              // ZeRO does not compose with cp or ep yet (config refuses it).
-              for (int64_t zero = 0; zero <= (dp > 1 && cp == 1 && ep == 1 ? 3 : 0); ++zero) {
+              // ZeRO does not compose with cp in the plan yet, nor stage 3
+              // with ep (config refuses it).
+              for (int64_t zero = 0; zero <= (dp > 1 && cp == 1 ? (ep == 1 ? 3 : 2) : 0); ++zero) {
                 for (const Recompute recompute : {Recompute::kNone, Recompute::kSelective, Recompute::kFull}) {
                   for (const bool sp : {false, true}) {
                     if (sp && tp == 1) continue;

@@ -46,6 +46,7 @@ ParameterCount stage_parameters(const ModelConfig& m, int64_t tp, const StageSpe
         add(expert * h, true);
         add(expert * h, true);
         add(h * expert, true);
+        count.experts += 3 * expert * h;
       }
       if (m.architecture == "qwen2_moe") {
         add(shared * h, true);
@@ -140,6 +141,7 @@ ParameterCount count_rank_parameters(const ModelConfig& model, int64_t tp, const
   for (const StageSpec& stage : stages) {
     const ParameterCount count = stage_parameters(model, tp, stage, split_model, ep);
     total.total += count.total;
+    total.experts += count.experts;
     total.linear_weights += count.linear_weights;
     total.largest = std::max(total.largest, count.largest);
   }
@@ -299,9 +301,16 @@ MemoryEstimate estimate_memory(const Problem& problem, const Layout& layout) {
     const double elements = static_cast<double>(params.total);
     rank.parameters = params.total;
     // Note [ZeRO-1 layout] (parallel/zero.h): the flat vector is padded to a
-    // multiple of dp.
-    const double padded = zero ? static_cast<double>((params.total + layout.dp - 1) / layout.dp * layout.dp) : elements;
-    const double shard = padded / static_cast<double>(zero ? layout.dp : 1);
+    // multiple of dp. Under ep the experts have a flat vector of their own,
+    // sharded over the dp / ep ranks that hold them (Note [ZeRO with expert
+    // parallelism] in trainer/update.h).
+    const int64_t experts = layout.ep > 1 ? params.experts : 0, edp = std::max<int64_t>(1, layout.dp / layout.ep);
+    const auto shard_of = [](int64_t numel, int64_t ranks) { return static_cast<double>((numel + ranks - 1) / ranks); };
+    const double shard =
+        zero ? shard_of(params.total - experts, layout.dp) + (experts > 0 ? shard_of(experts, edp) : 0) : elements;
+    // ZeRO-1's largest flat vector (the dense one's, or the experts').
+    const double padded = std::max(shard_of(params.total - experts, layout.dp) * static_cast<double>(layout.dp),
+                                   shard_of(experts, edp) * static_cast<double>(edp));
     const double unit = static_cast<double>(largest_unit_parameters(m, tp, specs, model_stages > 1));
     // Note [ZeRO units]: a decoder layer's unit, and the units of no layer
     // (the embedding; the final norm and head), which ZeRO-3 keeps gathered.
@@ -419,7 +428,8 @@ MemoryEstimate estimate_memory(const Problem& problem, const Layout& layout) {
     in_flight = 0;
     const double largest_in_shard = std::min<double>(static_cast<double>(params.largest), shard);
     if (zero_stage == 1) {
-      // One unit: the whole flat gradient, and later the whole flat
+      // One unit (under ep one of the dense parameters and one of the
+      // experts, in turn): the whole flat gradient, and later the whole flat
       // parameters gathered, each for its moment.
       consider(param_bytes * padded, "ZeRO-1 gradient reduce-scatter");
       consider(2 * kFp32 * largest_in_shard, "ZeRO-1 optimizer step");

@@ -55,6 +55,7 @@ namespace loom::plan {
 // of each sparse layer (the router whole).
 struct ParameterCount {
   int64_t total = 0;
+  int64_t experts = 0;         // of them the routed experts' (what ep splits)
   int64_t linear_weights = 0;  // the matrices autocast casts to bf16 (projections, head)
   int64_t largest = 0;         // elements of the largest single tensor
 };

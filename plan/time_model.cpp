@@ -215,11 +215,16 @@ StepTime estimate_step_time(const Problem& problem, const Layout& layout, const 
       // each unit's gradients as its backward ends. A unit is a layer, the
       // embedding or the head; the next one's collective runs beside this
       // one's compute.
-      const double stage_bytes =
-          param_bytes * static_cast<double>(count_rank_parameters(m, tp, {spec}, model_stages > 1).total);
+      // Under ep the experts' units reduce over the dp / ep ranks that hold
+      // them (Note [ZeRO with expert parallelism] in trainer/update.h).
+      const ParameterCount count = count_rank_parameters(m, tp, {spec}, model_stages > 1, ep);
+      const double expert_bytes = ep > 1 ? param_bytes * static_cast<double>(count.experts) : 0;
+      const double stage_bytes = param_bytes * static_cast<double>(count.total) - expert_bytes;
       const double units = layers + (spec.has_embedding ? 1 : 0) + (spec.has_head ? 1 : 0);
       const double gather = zero_stage == 3 ? all_gather_seconds(dp_link, layout.dp, stage_bytes) : 0;
-      const double reduce = all_gather_seconds(dp_link, layout.dp, stage_bytes);  // a reduce-scatter costs the same
+      // A reduce-scatter costs what an all-gather does.
+      const double reduce = all_gather_seconds(dp_link, layout.dp, stage_bytes) +
+                            (ep > 1 ? all_gather_seconds(edp_link, layout.dp / ep, expert_bytes) : 0);
       cost.zero_forward = exposed(gather, cost.forward, machine.dp_overlap, units);
       cost.zero_backward = exposed(gather + reduce, cost.backward, machine.dp_overlap, units);
     }
@@ -263,18 +268,35 @@ StepTime estimate_step_time(const Problem& problem, const Layout& layout, const 
   int64_t most = 0;
   for (const RankMemory& rank : memory.ranks) most = std::max(most, rank.parameters);
   const double grad_bytes = param_bytes * static_cast<double>(most);
+  // The rank's experts (num_experts / ep of each sparse layer, its share of
+  // the layers): under ep they reduce over the dp / ep ranks that hold them
+  // (and ZeRO shards them over those), the rest over dp.
+  const int64_t edp = std::max<int64_t>(1, layout.dp / ep);
+  const double expert_elements = ep > 1 ? static_cast<double>(sparse_layers_of(m, StageSpec{})) /
+                                              static_cast<double>(p) * static_cast<double>(m.num_experts / ep) * 3 *
+                                              h * static_cast<double>(m.expert_intermediate_size() / tp)
+                                        : 0;
+  const double expert_bytes = param_bytes * expert_elements;
   double state_elements = static_cast<double>(most);
-  const double padded = std::ceil(static_cast<double>(most) / static_cast<double>(layout.dp)) * layout.dp;
-  if (zero_stage >= 1) state_elements = padded / static_cast<double>(layout.dp);
+  const double dense_padded =
+      std::ceil((static_cast<double>(most) - expert_elements) / static_cast<double>(layout.dp)) * layout.dp;
+  const double expert_padded = std::ceil(expert_elements / static_cast<double>(edp)) * static_cast<double>(edp);
+  const double padded = dense_padded + expert_padded;
+  if (zero_stage >= 1) {
+    state_elements = dense_padded / static_cast<double>(layout.dp) + expert_padded / static_cast<double>(edp);
+  }
+  // An all-gather (or a reduce-scatter) of the flat vectors: the dense one over dp, the experts' over edp.
+  const double zero_collective = all_gather_seconds(dp_link, layout.dp, param_bytes * dense_padded) +
+                                 (ep > 1 ? all_gather_seconds(edp_link, edp, param_bytes * expert_padded) : 0);
   if (zero_stage == 1) {
     // Reduce-scatter of the flat gradient, all-gather of the flat parameters,
     // and the copies into and out of the flat vectors.
-    t.dp_comm = 2 * all_gather_seconds(dp_link, layout.dp, param_bytes * padded);
+    t.dp_comm = 2 * zero_collective;
     t.optimizer += 20 * padded / machine.stream_bytes_per_s;
   } else if (zero_stage == 2) {
     // The gradients were reduce-scattered in backward (StageCost); the
     // updated shards are all-gathered into the whole parameters after the step.
-    t.dp_comm = all_gather_seconds(dp_link, layout.dp, param_bytes * padded);
+    t.dp_comm = zero_collective;
   } else if (zero_stage == 3) {
     // Parameters stay sharded: nothing to gather after the step.
   } else if (replicas > 1) {
@@ -282,11 +304,6 @@ StepTime estimate_step_time(const Problem& problem, const Layout& layout, const 
     double reduce = all_reduce_seconds(dp_link, replicas, grad_bytes) +
                     (buckets - 1) * 2 * static_cast<double>(replicas - 1) * dp_link.latency_s;
     if (ep > 1) {
-      // The rank's experts (num_experts / ep of each sparse layer, its
-      // share of the layers) reduce over dp / ep, the rest over dp.
-      const double expert_bytes = param_bytes * static_cast<double>(sparse_layers_of(m, StageSpec{})) /
-                                  static_cast<double>(p) * static_cast<double>(m.num_experts / ep) * 3 * h *
-                                  static_cast<double>(m.expert_intermediate_size() / tp);
       reduce = all_reduce_seconds(dp_link, replicas, grad_bytes - expert_bytes) +
                all_reduce_seconds(edp_link, layout.dp / ep, expert_bytes) +
                (buckets - 1) * 2 * static_cast<double>(replicas - 1) * dp_link.latency_s;

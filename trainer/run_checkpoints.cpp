@@ -113,7 +113,7 @@ RunCheckpoints::Resumed RunCheckpoints::load(const std::string& folder, ModelPar
   }
   // ZeRO's flat copy of the parameters is made by start(), from the loaded ones.
   update.start();
-  NamedTensors optimizer_state = update.sharded() ? update.zero()->local_state_dict() : update.optimizer()->state_dict();
+  NamedTensors optimizer_state = update.local_state_dict();
   for (auto& [name, tensor] : optimizer_state) {
     if (name == AdamW::kStepEntry) {
       tensor = files.read(name);
@@ -121,21 +121,16 @@ RunCheckpoints::Resumed RunCheckpoints::load(const std::string& folder, ModelPar
     }
     const std::string param = AdamW::param_of_entry(name);
     Region region = region_of(parts, param);
-    if (update.sharded()) {
-      const auto [begin, end] = update.zero()->piece_range(param);
-      region = clip_to_stored(region, begin, end);
+    if (const std::optional<Range> range = update.state_range(param)) {
+      region = clip_to_stored(region, range->first, range->second);
     }
     // A bf16 parameter's master is the checkpoint's fp32 tensor of the
     // parameter (Note [checkpoints of bf16 parameters]).
     const std::string stored = name == AdamW::master_entry(param) ? param : name;
     if (region.numel() > 0) read_into(files, stored, region, stored_part(tensor, region));
   }
-  if (update.sharded()) {
-    update.zero()->load_local_state_dict(optimizer_state);
-  } else {
-    update.optimizer()->load_state_dict(optimizer_state);
-  }
-  const int64_t adam_steps = update.sharded() ? update.zero()->step_count() : update.optimizer()->step_count();
+  update.load_local_state_dict(optimizer_state);
+  const int64_t adam_steps = update.step_count();
   if (adam_steps != resumed.step - resumed.skipped_steps) {
     throw BadInput(folder + ": optimizer.step is " + std::to_string(adam_steps) + ", the checkpoint is at step " +
                    std::to_string(resumed.step) + " with " + std::to_string(resumed.skipped_steps) +
@@ -243,7 +238,9 @@ CheckpointRank RunCheckpoints::rank() const {
 // all (Note [cp replicas]); ZeRO shards over them too. Under expert
 // parallelism an expert's piece is held by the dp ranks of its ep rank only
 // (Note [expert groups]); the ep ranks' lists of pieces differ in names but
-// not in sizes, so each simulates the others' choices too.
+// not in sizes, so each simulates the others' choices too. ZeRO's pieces of
+// an expert (over edp: Note [ZeRO with expert parallelism]) are unique like
+// the dense ones', and go to a tp rank of the replica that holds them.
 // `loom plan` runs the same assignment to predict each rank's bytes
 // (plan/checkpoint_model.h).
 std::vector<int64_t> assign_piece_writers(const std::vector<int64_t>& bytes, const std::vector<bool>& replicated_over_tp,
@@ -262,6 +259,8 @@ std::vector<int64_t> assign_piece_writers(const std::vector<int64_t>& bytes, con
     // every rank.
     const bool expert = experts.expert != nullptr && (*experts.expert)[i];
     for (int64_t e = expert ? 0 : -1; e < (expert ? experts.ep : 0); ++e) {
+      // Pieces of one replica's own (ZeRO's): only its ep rank's experts.
+      if (e >= 0 && only_dp >= 0 && only_dp / experts.cp % experts.ep != e) continue;
       for (int64_t t = replicated_over_tp[i] ? -1 : 0; t < (replicated_over_tp[i] ? 0 : tp); ++t) {
         slots.clear();
         for (int64_t d = 0; d < dp; ++d) {
@@ -323,7 +322,7 @@ TrainingSnapshot RunCheckpoints::snapshot(int64_t step, int64_t skipped_steps, c
     tp_copies.push_back(parts.param_dims.at(param) < 0);
   };
   // The step: one scalar, written by world rank 0.
-  NamedTensors state = update.sharded() ? update.zero()->local_state_dict() : update.optimizer()->state_dict();
+  NamedTensors state = update.local_state_dict();
   // Note [checkpoints of bf16 parameters]: a bf16 parameter is stored as its
   // fp32 master, under the parameter's name, and the master entry is not
   // stored again: the checkpoint is the fp32 run's, whatever precision.params
@@ -350,9 +349,10 @@ TrainingSnapshot RunCheckpoints::snapshot(int64_t step, int64_t skipped_steps, c
     if (name == AdamW::kStepEntry) continue;
     const std::string param = AdamW::param_of_entry(name);
     if (param == parts.tied_copy || (masters.count(param) != 0 && name == AdamW::master_entry(param))) continue;
-    if (update.sharded()) {
-      const auto [begin, end] = update.zero()->piece_range(param);
-      add(zero_pieces, zero_over_tp, name, param, tensor, Range{begin, end});
+    // ZeRO's pieces (Note [ZeRO with expert parallelism]: under ep the
+    // experts' are over edp, or whole where edp is one rank).
+    if (const std::optional<Range> range = update.state_range(param)) {
+      add(zero_pieces, zero_over_tp, name, param, tensor, *range);
     } else {
       add(replicated, over_tp, name, param, tensor, std::nullopt);
       is_model.push_back(false);

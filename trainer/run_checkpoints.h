@@ -107,11 +107,13 @@ class RunCheckpoints {
 // tensor where `replicated_over_tp`), the (dp, tp) slot, dp_rank * tp +
 // tp_rank, that writes each, largest first to the slot that has written the
 // fewest bytes so far; `load` (dp * tp slots) is updated with them. With
-// `only_dp` >= 0 only that dp rank's slots are candidates (ZeRO-1's pieces,
-// unique over dp). Returns, per piece, the slot that writes tp rank
-// `my_tp`'s copy. Under expert parallelism the pieces `expert` marks are
-// held by the replicas d whose dp rank d / cp has d / cp % ep == the ep rank
-// only, and the slot returned is the one that writes ep rank `my_ep`'s.
+// `only_dp` >= 0 only that dp rank's slots are candidates (ZeRO's pieces,
+// unique over dp, and under ep an expert's, unique over edp: only the copy
+// of that replica's ep rank is placed). Returns, per piece, the slot that
+// writes tp rank `my_tp`'s copy. Under expert parallelism the pieces
+// `expert` marks are held by the replicas d whose dp rank d / cp has
+// d / cp % ep == the ep rank only, and the slot returned is the one that
+// writes ep rank `my_ep`'s.
 struct ExpertPieces {
   const std::vector<bool>* expert = nullptr;  // parallel to bytes; null: none
   int64_t ep = 1;

@@ -109,7 +109,9 @@ void RunLog::header(const RunHeader& h) {
       << h.train_steps << (h.resumed_from.empty() ? "" : ", resumed from " + h.resumed_from) << "\n";
   out << "train: AdamW state " << format_double("%.2f", h.adamw_state_mib) << " MiB per rank";
   if (h.zero_dp > 0) {
-    out << ", ZeRO-" << h.zero_stage << " over dp " << h.zero_dp << ": " << format_double("%.2f", h.zero_state_mib)
+    out << ", ZeRO-" << h.zero_stage << " over dp " << h.zero_dp;
+    if (h.zero_edp > 0) out << " (experts over edp " << h.zero_edp << ")";
+    out << ": " << format_double("%.2f", h.zero_state_mib)
         << " MiB on rank 0";
     // ZeRO-2/3: what else rank 0 keeps as shards instead of whole.
     if (h.zero_stage >= 2) out << "; gradient shard " << format_double("%.2f", h.zero_shard_mib) << " MiB";

@@ -80,6 +80,7 @@ struct RunHeader {
   double adamw_state_mib = 0.0;  // unsharded, per rank
   int64_t zero_dp = 0;           // ZeRO's dp size, 0 without ZeRO
   int64_t zero_stage = 0;
+  int64_t zero_edp = 0;          // under ep: the ranks the experts' state is sharded over; 0 without ep
   double zero_state_mib = 0.0;   // on rank 0
   double zero_shard_mib = 0.0;   // rank 0's fp32 shard of the units (its gradient; under ZeRO-3 its parameters too)
   std::vector<std::string> passed_over;  // checkpoints that failed verification

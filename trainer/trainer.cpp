@@ -197,8 +197,10 @@ RunHeader Trainer::header() const {
   if (const ShardedAdamW* zero = update_->zero()) {
     h.zero_dp = dims_.dp;
     h.zero_stage = zero->stage();
-    h.zero_state_mib = zero->state_bytes() / (1024.0 * 1024.0);
-    h.zero_shard_mib = 4.0 * static_cast<double>(zero->shard_numel()) / (1024.0 * 1024.0);
+    // Under ep the experts' optimizer too (Note [ZeRO with expert parallelism]).
+    if (dims_.ep > 1) h.zero_edp = dims_.dp / dims_.ep * dims_.cp;
+    h.zero_state_mib = static_cast<double>(update_->zero_state_bytes()) / (1024.0 * 1024.0);
+    h.zero_shard_mib = 4.0 * static_cast<double>(update_->zero_shard_numel()) / (1024.0 * 1024.0);
   }
   h.passed_over = checkpoints_->passed_over();
   h.peak_flops = result_.peak_flops;

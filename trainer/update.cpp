@@ -29,15 +29,13 @@ Update::Update(const Config& config, const ParallelDims& dims, const TrainGroups
   // Expert parallelism: the ep ranks hold different experts and the same
   // dense parameters, so each counts its experts and ep rank 0 the rest.
   if (groups.ep != nullptr) model_groups.push_back(groups.ep);
-  // The parameters expert parallelism splits (the others: dense).
-  const auto split = [&](const std::string& name) { return groups.ep != nullptr && is_expert_parameter(name); };
   model_norm_reduced_ = !parts.model_is_whole || groups.ep != nullptr;
   if (model_norm_reduced_) {
     model_norm_ = sharded_grad_norm(model_groups, groups.coords.tp, parts.named_params, parts.param_dims,
                                     parts.tied_copy);
     if (groups.ep != nullptr) {
       for (size_t i = 0; i < parts.named_params.size(); ++i) {
-        if (groups.ep->rank() != 0 && !split(parts.named_params[i].first)) model_norm_.counted[i] = false;
+        if (groups.ep->rank() != 0 && !is_split_expert(parts.named_params[i].first)) model_norm_.counted[i] = false;
       }
     }
   }
@@ -50,7 +48,8 @@ Update::Update(const Config& config, const ParallelDims& dims, const TrainGroups
   // unit by unit as backward completes them (ZeRO-2, parallel/zero.h).
   // Under expert parallelism the experts' gradients are averaged over the
   // ranks that hold the same experts, then divided by ep (Note [expert
-  // all-to-all] in parallel/expert_parallel.h).
+  // all-to-all] in parallel/expert_parallel.h), by their own reducer or
+  // under ZeRO their own optimizer (Note [ZeRO with expert parallelism]).
   if (zero_stage_ == 0 && optimizer_) {
     GradientReducer::Options reducer_options;
     reducer_options.bucket_mb = config.parallel.bucket_mb;
@@ -59,7 +58,7 @@ Update::Update(const Config& config, const ParallelDims& dims, const TrainGroups
     const std::vector<torch::Tensor> holders = optimizer_->gradient_holders();
     std::vector<torch::Tensor> dense_params, dense_holders, expert_params;
     for (size_t i = 0; i < parts.named_params.size(); ++i) {
-      const bool expert = split(parts.named_params[i].first);
+      const bool expert = is_split_expert(parts.named_params[i].first);
       (expert ? expert_params : dense_params).push_back(parts.named_params[i].second);
       (expert ? expert_holders_ : dense_holders).push_back(holders[i]);
     }
@@ -71,10 +70,10 @@ Update::Update(const Config& config, const ParallelDims& dims, const TrainGroups
       reducer_options.grad_holders = expert_holders_;
       expert_reducer_ = std::make_unique<GradientReducer>(*groups.edp_data, expert_params, reducer_options);
     }
-    if (groups.ep != nullptr) expert_scale_ = 1.0 / static_cast<double>(groups.ep->size());
   }
-  both_reducers_.dense = reducer_.get();
-  both_reducers_.experts = expert_reducer_.get();
+  if (groups.ep != nullptr) expert_scale_ = 1.0 / static_cast<double>(groups.ep->size());
+  both_syncs_.dense = reducer_.get();
+  both_syncs_.experts = expert_reducer_.get();
 }
 
 Update::~Update() { unstart(); }
@@ -82,58 +81,116 @@ Update::~Update() { unstart(); }
 void Update::unstart() {
   if (parts_.zero_wrapper) parts_.zero_wrapper->attach(nullptr);
   zero_.reset();
+  expert_zero_.reset();
+  expert_adamw_.reset();
+}
+
+bool Update::is_split_expert(const std::string& param) const {
+  return groups_.ep != nullptr && is_expert_parameter(param);
 }
 
 void Update::start() {
   if (zero_stage_ > 0) {
     // ZeRO-1 keeps one unit (Note [ZeRO-1 layout]); ZeRO-2 reduces per
     // decoder layer (Note [ZeRO units]), and ZeRO-3 gathers per layer too.
-    ZeroOptions zero;
-    zero.stage = zero_stage_;
-    zero.overlap = overlap_;
-    if (zero_stage_ >= 2) zero.units = zero_units_by_layer(parts_.named_params);
-    zero_.emplace(*groups_.dp_data, parts_.named_params, options_, std::move(zero));
+    // Under ep the experts have an optimizer of their own (Note [ZeRO with
+    // expert parallelism]).
+    NamedTensors dense, experts;
+    for (const auto& named : parts_.named_params) (is_split_expert(named.first) ? experts : dense).push_back(named);
+    const auto options_of = [&](const NamedTensors& params) {
+      ZeroOptions zero;
+      zero.stage = zero_stage_;
+      zero.overlap = overlap_;
+      if (zero_stage_ >= 2) zero.units = zero_units_by_layer(params);
+      return zero;
+    };
+    zero_.emplace(*groups_.dp_data, dense, options_, options_of(dense));
+    if (!experts.empty() && groups_.edp_data != nullptr) {
+      expert_zero_.emplace(*groups_.edp_data, experts, options_, options_of(experts));
+    } else if (!experts.empty()) {
+      expert_adamw_.emplace(experts, options_);
+    }
     // ZeRO-3: the layers gather their parameters through the wrapper.
     if (parts_.zero_wrapper) parts_.zero_wrapper->attach(&*zero_);
+    if (zero_stage_ == 2 && overlap_) {
+      both_syncs_.dense = &*zero_;
+      both_syncs_.experts = expert_zero_ ? &*expert_zero_ : nullptr;
+    }
   }
   // The gradients the norm and the clipping see: the model's, or under
   // ZeRO this rank's shard of the averaged ones, whose squares are summed
-  // over every rank (each element is in one dp shard; a parameter every tp
-  // rank holds whole counts on tp rank 0 only).
-  norm_params_ = zero_ ? zero_->shard_params() : optimizer_->gradient_holders();
+  // over every rank (each element is in one dp shard, or an expert's in
+  // one edp shard of one ep rank; a parameter every tp rank holds whole
+  // counts on tp rank 0 only).
   if (zero_) {
-    zero_norm_ = sharded_grad_norm({groups_.world}, groups_.coords.tp, zero_->shard_named_params(), parts_.param_dims,
-                                   parts_.tied_copy);
+    NamedTensors shards = zero_->shard_named_params();
+    if (expert_zero_) {
+      const NamedTensors& pieces = expert_zero_->shard_named_params();
+      shards.insert(shards.end(), pieces.begin(), pieces.end());
+    }
+    if (expert_adamw_) {
+      const std::vector<torch::Tensor> holders = expert_adamw_->gradient_holders();
+      for (size_t i = 0; i < holders.size(); ++i) {
+        shards.emplace_back(expert_adamw_->named_params()[i].first, holders[i]);
+      }
+    }
+    norm_params_.clear();
+    for (const auto& [name, shard] : shards) norm_params_.push_back(shard);
+    zero_norm_ = sharded_grad_norm({groups_.world}, groups_.coords.tp, shards, parts_.param_dims, parts_.tied_copy);
+  } else {
+    norm_params_ = optimizer_->gradient_holders();
   }
   norm_reduction_ = zero_ ? &zero_norm_ : model_norm_reduced_ ? &model_norm_ : nullptr;
 }
 
 GradientSync* Update::sync() {
-  if (expert_reducer_) return &both_reducers_;
+  if (expert_reducer_ || (zero_ && both_syncs_.experts != nullptr)) return &both_syncs_;
   if (reducer_) return reducer_.get();
   return zero_ && zero_->stage() == 2 && overlap_ ? &*zero_ : nullptr;
 }
 
-void Update::zero_grad() { zero_ ? zero_->zero_grad() : optimizer_->zero_grad(); }
+void Update::zero_grad() {
+  if (!zero_) {
+    optimizer_->zero_grad();
+    return;
+  }
+  zero_->zero_grad();
+  if (expert_zero_) expert_zero_->zero_grad();
+  if (expert_adamw_) expert_adamw_->zero_grad();
+}
 
 void Update::reduce_gradients() {
   if (fp32_grads_) fp32_grads_->flush();
   if (reducer_) reducer_->finish();
   if (expert_reducer_) expert_reducer_->finish();
+  if (zero_) zero_->reduce_gradients();
+  if (expert_zero_) expert_zero_->reduce_gradients();
   if (expert_scale_ != 1.0) {
+    // The experts' gradients (averaged over edp, or this rank's shard of
+    // that average) divided by ep: Note [expert all-to-all].
+    std::vector<torch::Tensor> holders = expert_holders_;
+    if (expert_zero_) holders = expert_zero_->shard_params();
+    if (expert_adamw_) holders = expert_adamw_->gradient_holders();
     at::NoGradGuard no_grad;
-    for (torch::Tensor& holder : expert_holders_) {
+    for (torch::Tensor& holder : holders) {
       if (holder.grad().defined()) holder.mutable_grad().mul_(expert_scale_);
     }
   }
-  if (zero_) zero_->reduce_gradients();
 }
 
 double Update::clip(double max_norm) {
   return max_norm > 0 ? clip_grad_norm(norm_params_, max_norm, norm_reduction_) : grad_norm(norm_params_, norm_reduction_);
 }
 
-void Update::step(double lr) { zero_ ? zero_->step(lr) : optimizer_->step(lr); }
+void Update::step(double lr) {
+  if (!zero_) {
+    optimizer_->step(lr);
+    return;
+  }
+  zero_->step(lr);
+  if (expert_zero_) expert_zero_->step(lr);
+  if (expert_adamw_) expert_adamw_->step(lr);
+}
 
 void Update::gather_params() {
   if (zero_ && zero_->stage() == 3) zero_->gather_all();
@@ -151,5 +208,63 @@ double Update::unsharded_state_mib() const {
   }
   return 4.0 * static_cast<double>(local_elements) / (1024.0 * 1024.0);
 }
+
+int64_t Update::zero_state_bytes() const {
+  int64_t bytes = zero_ ? zero_->state_bytes() : 0;
+  if (expert_zero_) bytes += expert_zero_->state_bytes();
+  if (expert_adamw_) {
+    for (const auto& [name, tensor] : expert_adamw_->state_dict()) {
+      if (name != AdamW::kStepEntry) bytes += tensor.numel() * static_cast<int64_t>(tensor.element_size());
+    }
+  }
+  return bytes;
+}
+
+int64_t Update::zero_shard_numel() const {
+  int64_t numel = zero_ ? zero_->shard_numel() : 0;
+  if (expert_zero_) numel += expert_zero_->shard_numel();
+  return numel;
+}
+
+NamedTensors Update::local_state_dict() const {
+  if (!zero_) return optimizer_->state_dict();
+  NamedTensors state = zero_->local_state_dict();
+  const NamedTensors experts = expert_zero_   ? expert_zero_->local_state_dict()
+                               : expert_adamw_ ? expert_adamw_->state_dict()
+                                               : NamedTensors{};
+  for (const auto& entry : experts) {
+    if (entry.first != AdamW::kStepEntry) state.push_back(entry);
+  }
+  return state;
+}
+
+void Update::load_local_state_dict(const NamedTensors& state) {
+  if (!zero_) {
+    optimizer_->load_state_dict(state);
+    return;
+  }
+  // Each optimizer takes its parameters' entries, and every one the step.
+  NamedTensors dense, experts;
+  for (const auto& entry : state) {
+    if (entry.first == AdamW::kStepEntry) {
+      dense.push_back(entry);
+      experts.push_back(entry);
+    } else {
+      (is_split_expert(AdamW::param_of_entry(entry.first)) ? experts : dense).push_back(entry);
+    }
+  }
+  zero_->load_local_state_dict(dense);
+  if (expert_zero_) expert_zero_->load_local_state_dict(experts);
+  if (expert_adamw_) expert_adamw_->load_state_dict(experts);
+}
+
+std::optional<Range> Update::state_range(const std::string& param) const {
+  if (!zero_) return std::nullopt;
+  if (!is_split_expert(param)) return zero_->piece_range(param);
+  if (expert_zero_) return expert_zero_->piece_range(param);
+  return std::nullopt;
+}
+
+int64_t Update::step_count() const { return zero_ ? zero_->step_count() : optimizer_->step_count(); }
 
 }  // namespace loom

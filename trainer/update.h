@@ -3,6 +3,22 @@
 // reduce-scatter after it, or ZeRO-2's per unit while backward runs), the
 // global gradient norm and clipping over every shard and stage, and the
 // optimizer (the whole AdamW, or ZeRO's sharded one).
+//
+// Note [ZeRO with expert parallelism]
+// Under parallel.ep the dp ranks of a block hold different experts (Note
+// [expert groups] in parallel/process_group.h), so ZeRO's flat layout (Note
+// [ZeRO-1 layout]), which cuts the same parameters on every dp rank, cannot
+// hold them. ZeRO stages 1 and 2 then run two sharded optimizers: one over
+// `dp` for the dense parameters and one over `edp` for this rank's experts
+// (the ranks holding the same experts, each its 1/edp of their state). The
+// experts' averaged shard is divided by ep, as the bucket reducer's is (Note
+// [expert all-to-all]). Where edp is this rank alone the experts' optimizer
+// is a whole AdamW: no other rank holds their state. The gradient norm sums
+// both shards' squares over the world: every dense element is in one dp
+// shard, every expert element in one edp shard of one ep rank. A checkpoint
+// stores each rank's pieces of both (trainer/run_checkpoints.cpp), so it
+// resumes on any layout. Stage 3 would gather the experts over edp in the
+// layer wrapper: not done (config refuses it).
 #pragma once
 
 #include <cstdint>
@@ -11,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "checkpoints/regions.h"
 #include "config/config.h"
 #include "optim/fp32_gradients.h"
 #include "optim/optimizer.h"
@@ -35,6 +52,8 @@ class Update {
   // The whole AdamW of this rank's parameters (null under ZeRO).
   AdamW* optimizer() { return optimizer_ ? &*optimizer_ : nullptr; }
   const AdamW* optimizer() const { return optimizer_ ? &*optimizer_ : nullptr; }
+  // ZeRO's optimizer; under ep that of the dense parameters only (Note
+  // [ZeRO with expert parallelism]).
   ShardedAdamW* zero() { return zero_ ? &*zero_ : nullptr; }
   const ShardedAdamW* zero() const { return zero_ ? &*zero_ : nullptr; }
   GradientReducer* reducer() { return reducer_.get(); }
@@ -72,8 +91,30 @@ class Update {
   // AdamW's state of this rank's unsharded parameters (exp_avg, exp_avg_sq,
   // and the fp32 masters of bf16 parameters), MiB.
   double unsharded_state_mib() const;
+  // Under ZeRO (after start()): bytes of optimizer state this rank holds,
+  // and elements of its fp32 gradient shards, over every optimizer.
+  int64_t zero_state_bytes() const;
+  int64_t zero_shard_numel() const;
+
+  // This rank's optimizer state as a checkpoint stores it: the whole
+  // AdamW's state_dict(), or under ZeRO every optimizer's own entries (one
+  // optimizer.step; a piece's entries are 1-D, state_range() says where
+  // they lie). The tensors are the optimizers' own.
+  NamedTensors local_state_dict() const;
+  // Takes a state of local_state_dict()'s entries and shapes.
+  void load_local_state_dict(const NamedTensors& state);
+  // Under ZeRO, elements [first, second) of parameter `param` (row-major)
+  // whose state this rank holds; none when it holds the whole parameter's
+  // (no ZeRO, or an expert that no other rank holds: Note [ZeRO with
+  // expert parallelism]). std::out_of_range when it holds none of it.
+  std::optional<Range> state_range(const std::string& param) const;
+  int64_t step_count() const;
 
  private:
+  // A parameter expert parallelism splits (an expert's, under ep); the
+  // others are dense.
+  bool is_split_expert(const std::string& param) const;
+
   const ModelParts& parts_;
   const TrainGroups groups_;
   AdamWOptions options_;
@@ -82,6 +123,10 @@ class Update {
   std::optional<AdamW> optimizer_;
   std::optional<Fp32GradientAccumulation> fp32_grads_;  // bf16 parameters, precision.grad_accum fp32
   std::optional<ShardedAdamW> zero_;
+  // ZeRO under ep (Note [ZeRO with expert parallelism]): the experts'
+  // optimizer over edp, or whole where edp is this rank alone.
+  std::optional<ShardedAdamW> expert_zero_;
+  std::optional<AdamW> expert_adamw_;
   std::unique_ptr<GradientReducer> reducer_;
   // Expert parallelism (parallel/expert_parallel.h): the dense parameters
   // go through reducer_, the experts through expert_reducer_ (over edp;
@@ -90,15 +135,15 @@ class Update {
   std::unique_ptr<GradientReducer> expert_reducer_;
   std::vector<torch::Tensor> expert_holders_;
   double expert_scale_ = 1.0;
-  // Arms both reducers (sync()).
-  struct BothReducers : GradientSync {
-    GradientReducer* dense = nullptr;
-    GradientReducer* experts = nullptr;
+  // Under ep, arms both reducers, or both ZeRO-2 optimizers (sync()).
+  struct BothSyncs : GradientSync {
+    GradientSync* dense = nullptr;
+    GradientSync* experts = nullptr;
     void arm() override {
       if (dense) dense->arm();
       if (experts) experts->arm();
     }
-  } both_reducers_;
+  } both_syncs_;
   GradNormReduction model_norm_, zero_norm_;
   bool model_norm_reduced_ = false;  // model_norm_ sums over ranks
   std::vector<torch::Tensor> norm_params_;

@@ -143,7 +143,14 @@ def piece_bytes_per_rank(checkpoint: Path, world: int):
     # Expert parallelism: an expert's pieces written by the dp ranks of its ep rank.
     ("dp=4,ep=2,mb=2", {"parallel.dp": 4, "parallel.ep": 2, "model.architecture": "mixtral", "model.num_experts": 4,
                         "model.num_experts_per_tok": 2}),
-], ids=["dp2-tp2-zero1", "dp2-pp2-tied", "dp2-tp2-zero2", "dp4-zero3", "dp2-tp2-qwen2-moe", "dp4-ep2-mixtral"])
+    # ZeRO under ep: the experts' state sharded over their edp pair (ZeRO-2's units), or whole where edp is one rank.
+    ("dp=4,ep=2,mb=2,zero=2", {"parallel.dp": 4, "parallel.ep": 2, "parallel.zero_stage": 2,
+                               "model.architecture": "mixtral", "model.num_experts": 4, "model.num_experts_per_tok": 2}),
+    ("dp=2,tp=2,ep=2,mb=2,zero=1", {"parallel.dp": 2, "parallel.tp": 2, "parallel.ep": 2, "parallel.zero_stage": 1,
+                                    "model.architecture": "mixtral", "model.num_experts": 4,
+                                    "model.num_experts_per_tok": 2}),
+], ids=["dp2-tp2-zero1", "dp2-pp2-tied", "dp2-tp2-zero2", "dp4-zero3", "dp2-tp2-qwen2-moe", "dp4-ep2-mixtral",
+        "dp4-ep2-zero2-mixtral", "dp2-tp2-ep2-zero1-mixtral"])
 def test_predicted_checkpoint_bytes_per_rank_equal_a_four_rank_runs_files(random_dataset, tmp_path, layout, sets):
     sets = {"run.output_dir": tmp_path, "run.name": "run", "data.train": f"[{random_dataset}]", "data.tokenizer": "",
             "schedule.train_steps": 1, "schedule.warmup_steps": 0, "checkpoint.export_hf_at_end": "false",

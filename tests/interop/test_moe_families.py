@@ -24,7 +24,12 @@ per expert). Then:
   dp 2 x ep 2 x pp 2 and dp 2 x cp 2 x ep 2 log the single rank's losses,
   gradient norms and router metrics; the dp 2 x ep 2 run's export (each expert gathered from the rank that holds it)
   is the single rank's, and its step-2 checkpoint (each expert written by
-  one rank of its ep rank) resumed on dp 2 without ep logs step 3.
+  one rank of its ep rank) resumed on dp 2 without ep logs step 3;
+- and with ZeRO under expert parallelism: dp 2 x ep 2 ZeRO-1 and ZeRO-2, dp 4 x ep 2 ZeRO-1 and ZeRO-2,
+  dp 2 x ep 2 x tp 2 ZeRO-1, dp 2 x ep 2 x pp 2 ZeRO-2 and dp 2 x cp 2 x ep 2 ZeRO-1 log the single rank's
+  losses and gradient norms; the dp 4 x ep 2 ZeRO-2 run's step-2 checkpoint holds the single rank's
+  optimizer state, resumes on one rank and on dp 4 x ep 4 ZeRO-1, and its export loads in transformers; a
+  one-rank checkpoint resumes on dp 2 x ep 2 ZeRO-2.
 """
 import json
 import shutil
@@ -73,6 +78,16 @@ LAYOUTS = {
     "dp2-ep2-pp2": (4, {"parallel.dp": 2, "parallel.ep": 2, "parallel.pp": 2}),
     # Each cp rank routes its half of every sequence and exchanges over its own ep group.
     "dp2-cp2-ep2": (4, {"parallel.dp": 2, "parallel.cp": 2, "parallel.ep": 2}),
+    # ZeRO under ep (Note [ZeRO with expert parallelism] in trainer/update.h): the dense state sharded over dp,
+    # the experts' over edp (dp / ep ranks: whole at dp 2 x ep 2, halves at dp 4 x ep 2).
+    "dp2-ep2-zero1": (2, {"parallel.dp": 2, "parallel.ep": 2, "parallel.zero_stage": 1}),
+    "dp4-ep2-zero1": (4, {"parallel.dp": 4, "parallel.ep": 2, "parallel.zero_stage": 1}),
+    "dp4-ep2-zero2": (4, {"parallel.dp": 4, "parallel.ep": 2, "parallel.zero_stage": 2}),
+    "dp2-ep2-zero2": (2, {"parallel.dp": 2, "parallel.ep": 2, "parallel.zero_stage": 2}),
+    "dp2-ep2-tp2-zero1": (4, {"parallel.dp": 2, "parallel.ep": 2, "parallel.tp": 2, "parallel.zero_stage": 1}),
+    "dp2-ep2-pp2-zero2": (4, {"parallel.dp": 2, "parallel.ep": 2, "parallel.pp": 2, "parallel.zero_stage": 2}),
+    # ZeRO over the dp x cp replicas; the experts' edp is the block's two cp ranks.
+    "dp2-cp2-ep2-zero1": (4, {"parallel.dp": 2, "parallel.cp": 2, "parallel.ep": 2, "parallel.zero_stage": 1}),
 }
 
 
@@ -202,6 +217,74 @@ def test_expert_parallel_export_and_resume_onto_dp2(family):
         assert experts == mine, (rank, experts)
     _, resumed, _ = train(tmp, name, "resumed_dp2", 2, **{
         "parallel.dp": 2, "checkpoint.resume": run / "checkpoints" / "step-0000002"}, expected_steps=1)
+    assert abs(resumed[0] - single[2]) < LOSS_TOLERANCE, (resumed, single)
+
+
+def checkpoint_tensors(checkpoint, prefix):
+    """The whole tensors named `prefix`... of a loom checkpoint, put together from its pieces (each a flat range
+    of the whole tensor here: no tp)."""
+    from safetensors import safe_open
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    whole = {}
+    for name, entry in manifest["tensors"].items():
+        if not name.startswith(prefix):
+            continue
+        flat = torch.full((max(1, _numel(entry["shape"])),), float("nan"))
+        for piece in entry["pieces"]:
+            with safe_open(str(checkpoint / piece["file"]), framework="pt") as f:
+                values = f.get_tensor(piece["key"]).reshape(-1).float()
+            assert all(start == 0 and stop == size for (start, stop), size in zip(piece["box"], entry["shape"])), piece
+            begin = piece.get("flat", [0, values.numel()])[0]
+            flat[begin:begin + values.numel()] = values
+        whole[name] = flat.reshape(entry["shape"])
+    return whole
+
+
+def _numel(shape):
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def test_expert_parallel_zero_checkpoints_resume_across_layouts(family):
+    """dp 4 x ep 2 with ZeRO-2 (dense state over dp 4, each expert's over its edp pair) writes a step-2
+    checkpoint holding the single rank's AdamW state, which one rank and dp 4 x ep 4 with ZeRO-1 resume into
+    the single rank's step 3; its export loads in transformers; and a one-rank step-2 checkpoint resumes on
+    dp 2 x ep 2 with ZeRO-2."""
+    name, model, tmp, single_run, (single, _) = family
+    if name != LAYOUT_FAMILY:
+        pytest.skip(f"expert parallelism's checkpoints are checked on {LAYOUT_FAMILY}")
+    run, losses, _ = train(tmp, name, "ep2_zero2_checkpointed", 4, **{
+        "parallel.dp": 4, "parallel.ep": 2, "parallel.zero_stage": 2, "checkpoint.interval": 2,
+        "checkpoint.export_hf_at_end": "true"})
+    assert max(abs(a - b) for a, b in zip(losses, single)) < LOSS_TOLERANCE, (losses, single)
+    check_trained_export(name, model, tmp, run, losses)
+    assert_same_export(run, single_run)
+    checkpoint = run / "checkpoints" / "step-0000002"
+    saved_by = json.loads((checkpoint / "manifest.json").read_text())["saved_by"]
+    assert saved_by["ep"] == 2 and saved_by["zero_stage"] == 2, saved_by
+    # The single rank's optimizer state at step 2, from its own checkpoint.
+    one_rank, _, _ = train(tmp, name, "zero_reference_checkpointed", 1, **{"checkpoint.interval": 2})
+    state = checkpoint_tensors(checkpoint, "optimizer.exp_avg")
+    reference = checkpoint_tensors(one_rank / "checkpoints" / "step-0000002", "optimizer.exp_avg")
+    assert sorted(state) == sorted(reference) and any(".experts." in key for key in state)
+    # Within 1e-4 of each tensor's largest entry: the reductions' order differs (a wrong scale of the
+    # experts' gradients, or a piece of another rank's, would be off by far more).
+    for key, tensor in reference.items():
+        worst = (state[key] - tensor).abs().max().item()
+        assert worst <= 1e-4 * tensor.abs().max().item(), (key, worst, tensor.abs().max().item())
+    _, resumed, _ = train(tmp, name, "ep2_zero2_resumed_one_rank", 1, **{
+        "checkpoint.resume": checkpoint, "checkpoint.export_hf_at_end": "false"}, expected_steps=1)
+    assert abs(resumed[0] - single[2]) < LOSS_TOLERANCE, (resumed, single)
+    # Onto another split of the experts: each of dp 4 x ep 4's ranks holds one, its state whole.
+    _, resumed, _ = train(tmp, name, "ep2_zero2_resumed_ep4_zero1", 4, **{
+        "parallel.dp": 4, "parallel.ep": 4, "parallel.zero_stage": 1, "checkpoint.resume": checkpoint},
+        expected_steps=1)
+    assert abs(resumed[0] - single[2]) < LOSS_TOLERANCE, (resumed, single)
+    _, resumed, _ = train(tmp, name, "one_rank_resumed_ep2_zero2", 2, **{
+        "parallel.dp": 2, "parallel.ep": 2, "parallel.zero_stage": 2,
+        "checkpoint.resume": one_rank / "checkpoints" / "step-0000002"}, expected_steps=1)
     assert abs(resumed[0] - single[2]) < LOSS_TOLERANCE, (resumed, single)
 
 

@@ -242,20 +242,22 @@ TEST(PlanMoe, expert_parallelism_holds_its_share_of_the_experts_and_exchanges_th
   dense.num_experts = dense.num_experts_per_tok = 0;
   EXPECT_NE(layout_problem(problem_of(dense, 4), layout).find("needs a mixture of experts"), std::string::npos);
   Layout zero = layout;
-  zero.zero_stage = 1;
-  EXPECT_NE(layout_problem(mixtral, zero).find("ZeRO"), std::string::npos);
+  zero.zero_stage = 3;
+  EXPECT_NE(layout_problem(mixtral, zero).find("ZeRO stage 3"), std::string::npos);
   Layout three = parse_layout("dp=4,ep=4", "--layout");
   three.ep = 3;
   EXPECT_NE(layout_problem(mixtral, three), "");  // 3 divides neither dp 4 nor 4 experts
-  bool proposed = false;
+  bool proposed = false, proposed_with_zero = false;
   for (const Layout& l : enumerate_layouts(mixtral)) {
     if (l.ep > 1) {
       proposed = true;
-      EXPECT_EQ(l.zero_stage, 0) << l.describe();
+      proposed_with_zero = proposed_with_zero || l.zero_stage > 0;
+      EXPECT_LE(l.zero_stage, 2) << l.describe();
       EXPECT_EQ(l.dp % l.ep, 0) << l.describe();
     }
   }
   EXPECT_TRUE(proposed);
+  EXPECT_TRUE(proposed_with_zero);
   for (const Layout& l : enumerate_layouts(problem_of(dense, 4))) EXPECT_EQ(l.ep, 1) << l.describe();
 
   // A rank holds 2 of the 4 experts of each of the 4 layers (3 x 64 x 96 each).
@@ -278,6 +280,40 @@ TEST(PlanMoe, expert_parallelism_holds_its_share_of_the_experts_and_exchanges_th
   const double rows = 0.5 * 2 * 128 * 64 * 4 / 1e6, counts = 0.5 * 4 * 8 / 1e6;
   EXPECT_NEAR(estimate_step_time(mixtral, layout, slow).ep_comm, 4 * (counts + 4 * rows), 1e-12);
   EXPECT_EQ(estimate_step_time(mixtral, parse_layout("dp=4,mb=2", "--layout"), slow).ep_comm, 0);
+}
+
+TEST(PlanMoe, zero_under_expert_parallelism_shards_the_experts_state_over_edp) {
+  // Note [ZeRO with expert parallelism] (trainer/update.h). A rank of dp 4 x
+  // ep 2 holds 2 of the 4 experts of each of the 4 layers (3 x 64 x 96
+  // each): 147456 expert elements, sharded over the edp pair that holds
+  // them, and 83520 dense ones, sharded over dp 4.
+  const int64_t experts = 4 * 2 * 18432;
+  const int64_t dense = kEmbeddings + kFinalNorm + 4 * (kAttention + kNorms + 256);
+  for (const char* spec : {"dp=4,ep=2,zero=1,mb=2", "dp=4,ep=2,zero=2,mb=2", "dp=2,ep=2,zero=1,mb=2"}) {
+    const Layout layout = parse_layout(spec, "--layout");
+    const Problem mixtral = problem_of(tiny_moe("mixtral"), layout.world());
+    EXPECT_EQ(layout_problem(mixtral, layout), "") << spec;
+    const int64_t dp = layout.dp, edp = layout.dp / layout.ep;  // dp 2 x ep 2: the experts' state whole
+    const RankMemory rank = estimate_memory(mixtral, layout).ranks[0];
+    EXPECT_EQ(rank.parameters, dense + experts) << spec;
+    EXPECT_DOUBLE_EQ(rank.optimizer, 8.0 * static_cast<double>(dense / dp + experts / edp)) << spec;
+    // Each piece of the state is written once.
+    EXPECT_DOUBLE_EQ(estimate_checkpoint(mixtral, layout, 0, 0).total_bytes, checkpoint_tensor_bytes(mixtral.model))
+        << spec;
+  }
+  // ZeRO-1 on a link of 1 MB/s: the flat gradient reduce-scattered and the
+  // parameters all-gathered, the dense ones over dp 4 and the experts over
+  // edp 2, each rank sending (n - 1) / n of the vector; and the step's four
+  // all-reduces of 8 bytes over the world.
+  MachineProfile slow;
+  slow.name = "slow";
+  slow.peak_flops_fp32 = slow.matmul_flops_fp32 = slow.attention_flops_fp32 = 1e10;
+  slow.memory_bytes_per_s = slow.stream_bytes_per_s = 1e30;
+  slow.intra_node = slow.inter_node = {1e6, 0};
+  const double by_hand = 2 * (0.75 * 4 * dense + 0.5 * 4 * experts) / 1e6 + 4 * 2 * 0.75 * 8 / 1e6;
+  EXPECT_NEAR(estimate_step_time(problem_of(tiny_moe("mixtral"), 4), parse_layout("dp=4,ep=2,zero=1,mb=2", "--layout"),
+                                 slow).dp_comm,
+              by_hand, 1e-9);
 }
 
 TEST(PlanMoe, the_start_up_forecast_prices_experts_and_cp_as_the_plan_does) {

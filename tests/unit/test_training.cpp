@@ -23,6 +23,7 @@
 #include "tests/unit/bad_input.h"
 #include "tests/unit/random_dataset.h"
 #include "data/dataset.h"
+#include "trainer/run_checkpoints.h"
 #include "trainer/tensor_memory.h"
 #include "trainer/training_checkpoint.h"
 #include "util/error.h"
@@ -585,6 +586,37 @@ TEST_F(TrainingTest, AsyncWriteFailureIsReportedByWait) {
   EXPECT_ANY_THROW(writer.wait());
   EXPECT_NO_THROW(writer.wait());  // reported once
   EXPECT_FALSE(fs::exists(path("not-a-folder/checkpoints")));
+}
+
+// Note [who writes a piece]: under ZeRO with expert parallelism an
+// expert's pieces are this replica's own (its shard over edp), so they go to
+// a tp rank of this replica, and only this replica's slots are loaded. dp 4
+// x ep 2 x tp 2: replica r holds ep rank r % 2's experts.
+TEST(PieceWriters, ZeroPiecesOfExpertsGoToTheirOwnReplica) {
+  const std::vector<int64_t> bytes = {400, 300, 200, 100};
+  const std::vector<bool> whole_on_every_tp_rank = {false, true, false, true};
+  const std::vector<bool> expert = {true, true, false, true};
+  for (int64_t replica = 0; replica < 4; ++replica) {
+    for (int64_t my_tp = 0; my_tp < 2; ++my_tp) {
+      std::vector<int64_t> load(8, 0);
+      const std::vector<int64_t> writer = assign_piece_writers(bytes, whole_on_every_tp_rank, 4, 2, replica, my_tp,
+                                                               load, {&expert, 2, 1, replica % 2});
+      for (size_t i = 0; i < bytes.size(); ++i) {
+        if (whole_on_every_tp_rank[i]) {
+          EXPECT_EQ(writer[i] / 2, replica) << i;
+        } else {
+          EXPECT_EQ(writer[i], replica * 2 + my_tp) << i;
+        }
+      }
+      // Each tp slice once, a piece every tp rank holds once: 2 x 400 + 300 + 2 x 200 + 100.
+      for (int64_t slot = 0; slot < 8; ++slot) {
+        if (slot / 2 != replica) {
+          EXPECT_EQ(load[static_cast<size_t>(slot)], 0) << slot;
+        }
+      }
+      EXPECT_EQ(load[static_cast<size_t>(replica * 2)] + load[static_cast<size_t>(replica * 2 + 1)], 1600);
+    }
+  }
 }
 
 }  // namespace
