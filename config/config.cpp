@@ -239,6 +239,16 @@ class Validator {
               "model.hidden_size (" + num(m.hidden_size) + ") is not divisible by model.num_heads (" +
                   num(m.num_heads) + ")",
               "a multiple of num_heads, or model.head_dim set explicitly");
+    // transformers' LlamaConfig (and Gemma2Config) refuse a config.json whose
+    // hidden_size is not a multiple of num_attention_heads, head_dim given or
+    // not: the run's Hub export would not load.
+    if ((m.architecture == "llama" || m.architecture == "gemma2") && m.head_dim > 0 && m.num_heads > 0 &&
+        m.hidden_size > 0 && m.hidden_size % m.num_heads != 0)
+      fail_at({"model.hidden_size", "model.num_heads", "model.head_dim"},
+              "model.hidden_size (" + num(m.hidden_size) + ") is not divisible by model.num_heads (" +
+                  num(m.num_heads) + ") for architecture " + m.architecture,
+              "a multiple of num_heads, even with model.head_dim set: transformers refuses other " + m.architecture +
+                  " configs, so the Hub export would not load");
     // Qwen2's modules have fixed biases (q/k/v yes, o and MLP no); a flag the
     // Hub format cannot express would make an export transformers misreads.
     if (m.qwen2_biases() && (m.mlp_bias || m.attention_bias))
