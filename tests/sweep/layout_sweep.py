@@ -1,0 +1,503 @@
+"""A random sweep of model shapes and parallel layouts against the single rank.
+
+Not a pytest file (no test_ prefix): a script to run by hand for as long as
+there is time, on shapes, seeds and layouts the suite never uses. Each draw:
+
+- a tiny model of a random family (llama, mistral, qwen2, qwen3, olmo2, phi3,
+  smollm3, mixtral, qwen2_moe, qwen3_moe) with random hidden size, heads, kv
+  heads (GQA ratios 1, 2, 3, MQA), head_dim, a vocabulary tp does not divide,
+  odd intermediate sizes, tied or untied, 2-6 layers, and family extras
+  (biases, windows, experts, shared experts, dense layers, no-rope layers);
+- random data: seq_len, micro-batch, gradient accumulation, document masking,
+  clipping, a dataset of random documents written by loom_dataset_tool;
+- the single-rank run, then a few random layouts on 2-4 ranks (dp, tp, pp with
+  afab, 1f1b or interleaved, cp, ep, sequence parallelism, ZeRO 1-3,
+  recomputation), each of which must log the single rank's losses within
+  1e-5 relative and gradient norms within 1e-4 relative (the suite's
+  tolerances), or be refused with exit code 2 and a one-line message;
+- for some draws: the single rank's Hub export loaded in transformers gives
+  loom's logits (within 1e-4), a layout's export is the single rank's, and a
+  layout's step-2 checkpoint resumed on another layout logs the single
+  rank's later steps.
+
+A crash (exit code other than 0 and 2), a hang (past --timeout), a mismatch or
+a refusal without a key in its message is a finding: printed, and kept with
+its config under WORK/findings.jsonl. Every run's config stays in WORK, so a
+finding reruns by hand with the command it prints.
+
+    source build/env.sh
+    $LOOM_PYTHON tests/sweep/layout_sweep.py --work /tmp/sweep --draws 20 --seed 1
+    $LOOM_PYTHON tests/sweep/layout_sweep.py --work /tmp/sweep --draws 5 --arch qwen2_moe --seed 7
+"""
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "interop"))
+from conftest import LOOM_BIN  # noqa: E402
+from hub_families import DATASET_TOOL  # noqa: E402
+from train_cli import mpi_prefix  # noqa: E402
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "olmo2", "phi3", "smollm3", "mixtral", "qwen2_moe", "qwen3_moe"]
+MOE = {"mixtral", "qwen2_moe", "qwen3_moe"}
+LOSS_TOL = 1e-5
+NORM_TOL = 1e-4
+EXPORT_TOL = 1e-4  # the logits of a layout's export against the single rank's
+LOGITS_TOL = 1e-4
+
+
+# --------------------------------------------------------------------------
+# Drawing a model, its data and a layout
+# --------------------------------------------------------------------------
+
+def divisors(n):
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def draw_model(rng, arch):
+    heads = rng.choice([1, 2, 3, 4, 6, 8])
+    kv = rng.choice(divisors(heads))  # heads / kv: 1 (MHA), 2, 3, ... or heads (MQA)
+    if arch == "qwen3" or rng.random() < 0.3:
+        head_dim = rng.choice([4, 6, 8, 10, 12, 16, 24])
+        hidden = rng.randint(24, 96)
+        if arch == "llama" and rng.random() < 0.8:  # else refused: transformers' LlamaConfig refuses it
+            hidden = rng.choice([h for h in range(24, 97) if h % heads == 0])
+    else:
+        head_dim = 0
+        hidden = rng.choice([h for h in range(24, 97) if h % heads == 0 and (h // heads) % 2 == 0])
+    if rng.random() < 0.4:
+        intermediate = rng.randrange(33, 161, 2)  # odd: no tp divides it
+    else:
+        intermediate = rng.choice([i for i in range(24, 161) if i % 12 == 0])
+    m = {
+        "architecture": arch,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_layers": rng.randint(2, 6),
+        "num_heads": heads,
+        "num_kv_heads": kv,
+        "head_dim": head_dim,
+        # Mostly odd sizes, which no tp divides (the padded vocabulary).
+        "vocab_size": rng.choice([97, 101, 127, 131, 157, 199, 211, 251, 256, 263, 300]),
+        "tie_embeddings": rng.random() < 0.5,
+        "rope_theta": rng.choice([10000.0, 500000.0, 1000.0]),
+        "init_std": rng.choice([0.02, 0.05]),
+    }
+    if rng.random() < 0.1:
+        m["rope_scaling"] = rng.choice([{"type": "linear", "factor": 2.0},
+                                        {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 16}])
+    if arch == "llama":
+        m["attention_bias"] = rng.random() < 0.3
+        m["mlp_bias"] = rng.random() < 0.3
+    if arch == "qwen3":
+        m["attention_bias"] = rng.random() < 0.3
+    if arch in ("mistral", "mixtral", "phi3") and rng.random() < (0.9 if arch == "mistral" else 0.4):
+        m["sliding_window"] = rng.randint(2, 24)
+    if arch in ("qwen2", "qwen3") and rng.random() < 0.3:
+        m["sliding_window"] = rng.randint(2, 24)
+        m["layer_types"] = [rng.choice(["full_attention", "sliding_attention"]) for _ in range(m["num_layers"])]
+    if arch == "smollm3":
+        m["nope_layers"] = sorted(rng.sample(range(m["num_layers"]), rng.randint(0, m["num_layers"] // 2)))
+    if arch in MOE:
+        experts = rng.choice([2, 3, 4, 6, 8])
+        m["num_experts"] = experts
+        m["num_experts_per_tok"] = rng.randint(1, min(experts, 3))
+        if arch != "mixtral":
+            m["moe_intermediate_size"] = rng.choice([rng.randrange(9, 65, 2), rng.choice([12, 24, 36, 48])])
+            m["norm_topk_prob"] = rng.random() < 0.5
+            m["decoder_sparse_step"] = rng.choice([1, 1, 2])
+            if rng.random() < 0.3:
+                m["mlp_only_layers"] = [rng.randrange(m["num_layers"])]
+        if arch == "qwen2_moe":
+            m["shared_expert_intermediate_size"] = rng.choice([rng.randrange(9, 65, 2), rng.choice([12, 24, 48])])
+    return m
+
+
+def draw_data(rng):
+    micro = rng.choice([1, 1, 2, 3])
+    return {
+        "seq_len": rng.choice([8, 12, 16, 20, 24, 32, 48]),
+        "micro_batch_size": micro,
+        # Micro-batches per step on one rank: dp divides it or the layout is refused.
+        "global_batch_size": micro * rng.choice([1, 2, 3, 4, 4, 6, 8, 12]),
+        "document_mask": rng.random() < 0.3,
+        "steps": rng.choice([3, 4]),
+        "clip": rng.choice([0.0, 1.0, 1.0]),
+        "lr": rng.choice([1e-3, 3e-3]),
+        "seed": rng.randint(1, 10**6),
+    }
+
+
+def factorize(n):
+    out, p = [], 2
+    while n > 1:
+        while n % p == 0:
+            out.append(p)
+            n //= p
+        p += 1
+    return out
+
+
+def draw_layout(rng, model, ranks):
+    lay = {"dp": 1, "cp": 1, "tp": 1, "pp": 1}
+    for factor in factorize(ranks):
+        axis = rng.choices(["dp", "cp", "tp", "pp"], weights=[3, 1, 3, 3])[0]
+        lay[axis] *= factor
+    lay["ep"] = rng.choice(divisors(lay["dp"])) if model["architecture"] in MOE and rng.random() < 0.6 else 1
+    lay["zero_stage"] = rng.choice([0, 1, 2, 3]) if rng.random() < 0.5 else 0
+    lay["sequence_parallel"] = lay["tp"] > 1 and rng.random() < 0.5
+    lay["pp_schedule"], lay["virtual_stages"] = "1f1b", 1
+    if lay["pp"] > 1:
+        lay["pp_schedule"] = rng.choice(["afab", "1f1b", "interleaved"])
+        if lay["pp_schedule"] == "interleaved":
+            lay["virtual_stages"] = rng.choice([2, 2, 3])
+    lay["recompute"] = rng.choice(["none", "none", "none", "selective", "full"])
+    return lay
+
+
+def predicted_refusal(model, data, lay):
+    """Why loom should refuse this layout (the rules docs/configuration.md states), or None."""
+    tp, cp, dp = lay["tp"], lay["cp"], lay["dp"]
+    if model["num_heads"] % tp or model["num_kv_heads"] % tp:
+        return "tp does not divide the heads"
+    if model["intermediate_size"] % tp:
+        return "tp does not divide intermediate_size"
+    if model.get("moe_intermediate_size", 0) % tp or model.get("shared_expert_intermediate_size", 0) % tp:
+        return "tp does not divide an expert's intermediate size"
+    if lay["pp"] * lay["virtual_stages"] > model["num_layers"]:
+        return "pp * virtual_stages > num_layers"
+    if lay["sequence_parallel"] and (data["seq_len"] // cp) % tp:
+        return "sequence parallelism: seq_len / cp not divisible by tp"
+    if cp > 1 and data["seq_len"] % (2 * cp):
+        return "cp: seq_len not divisible by 2 * cp"
+    if lay["ep"] > 1 and (model["num_experts"] % lay["ep"] or dp % lay["ep"] or lay["zero_stage"] > 0):
+        return "ep rules"
+    if data["global_batch_size"] % (data["micro_batch_size"] * dp):
+        return "global batch not a multiple of micro * dp"
+    if lay["pp_schedule"] == "interleaved" and (data["global_batch_size"] // (data["micro_batch_size"] * dp)) % lay["pp"]:
+        return "interleaved: micro-batches per step not a multiple of pp"
+    return None
+
+
+def label(lay):
+    parts = [f"{axis}{lay[axis]}" for axis in ("dp", "cp", "tp", "pp", "ep") if lay[axis] > 1]
+    if lay["pp"] > 1:
+        parts.append(lay["pp_schedule"] + (f"x{lay['virtual_stages']}" if lay["virtual_stages"] > 1 else ""))
+    if lay["sequence_parallel"]:
+        parts.append("sp")
+    if lay["zero_stage"]:
+        parts.append(f"zero{lay['zero_stage']}")
+    if lay["recompute"] != "none":
+        parts.append(lay["recompute"])
+    return "-".join(parts) or "single"
+
+
+SINGLE = {"dp": 1, "cp": 1, "tp": 1, "pp": 1, "ep": 1, "zero_stage": 0, "sequence_parallel": False,
+          "pp_schedule": "1f1b", "virtual_stages": 1, "recompute": "none"}
+
+
+def ranks_of(lay):
+    return lay["dp"] * lay["cp"] * lay["tp"] * lay["pp"]
+
+
+# --------------------------------------------------------------------------
+# Files and runs
+# --------------------------------------------------------------------------
+
+def write_dataset(rng, folder, vocab, tokens_needed):
+    lines, total = [], 0
+    while total < tokens_needed:
+        n = rng.randint(3, 60)
+        lines.append(" ".join(str(rng.randrange(1, vocab)) for _ in range(n - 1)) + " 0")
+        total += n
+    subprocess.run([DATASET_TOOL, "write", str(folder), "--vocab-size", str(vocab), "--eos", "0"],
+                   input="\n".join(lines) + "\n", text=True, check=True, capture_output=True)
+
+
+def yaml_value(value):
+    return json.dumps(value)  # JSON is YAML: lists, maps, strings, numbers, booleans
+
+
+def write_config(path, name, out_dir, dataset, model, data, lay, checkpoint):
+    model_keys = dict(model, max_seq_len=max(64, data["seq_len"]))
+    sections = {
+        "run": {"name": name, "output_dir": str(out_dir), "seed": data["seed"], "device": "cpu"},
+        "model": {**model_keys, "recompute": lay["recompute"]},
+        "parallel": {k: lay[k] for k in ("dp", "cp", "tp", "pp", "ep", "zero_stage", "sequence_parallel",
+                                          "pp_schedule", "virtual_stages")},
+        "data": {"train": [str(dataset)], "seq_len": data["seq_len"], "document_mask": data["document_mask"]},
+        "batch": {"micro_batch_size": data["micro_batch_size"], "global_batch_size": data["global_batch_size"]},
+        # eps 1e-6 as the suite's layout tests: Adam divides by sqrt(v) + eps, so
+        # entries that cancel to ~1e-8 would magnify fp32 rounding into lr-sized steps.
+        "optimizer": {"lr": data["lr"], "eps": 1e-6, "clip_grad_norm": data["clip"]},
+        "schedule": {"train_steps": data["steps"], "warmup_steps": 1},
+        "checkpoint": checkpoint,
+        "logging": {"interval": 1},
+        "launch": {"ranks": ranks_of(lay)},
+    }
+    text = ""
+    for section, keys in sections.items():
+        text += f"{section}:\n" + "".join(f"  {k}: {yaml_value(v)}\n" for k, v in keys.items())
+    path.write_text(text)
+
+
+def run(args, timeout):
+    """Runs ARGS in its own process group; returns (outcome, rc, stdout, stderr, seconds).
+    outcome: ok, refused (exit 2), crash (any other exit) or hang (killed after timeout)."""
+    start = time.monotonic()
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        return "hang", None, out, err, time.monotonic() - start
+    outcome = {0: "ok", 2: "refused"}.get(proc.returncode, "crash")
+    return outcome, proc.returncode, out, err, time.monotonic() - start
+
+
+def train(config, ranks, timeout):
+    command = [*mpi_prefix(ranks), LOOM_BIN, "train", str(config)]
+    return command, run(command, timeout)
+
+
+def steps_of(run_dir):
+    """{step: (loss, grad_norm, router_load_max_over_mean, router_aux_loss)} of a run's training records
+    (the router's None for a dense model)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {r["step"]: (r["loss"], r.get("grad_norm"), r.get("router_load_max_over_mean"), r.get("router_aux_loss"))
+            for r in rows if "loss" in r and "valid_loss" not in r}
+
+
+def compare(got, want, steps):
+    """The worst relative loss and gradient-norm differences over `steps`, or a reason they cannot be compared
+    (steps missing, router metrics that differ by more than 1e-6: they are ratios of counts)."""
+    missing = [s for s in steps if s not in got]
+    if missing:
+        return None, None, f"steps {missing} not logged (logged: {sorted(got)})"
+    loss = max(abs(got[s][0] - want[s][0]) / abs(want[s][0]) for s in steps)
+    norm = max(abs(got[s][1] - want[s][1]) / max(abs(want[s][1]), 1e-30) for s in steps)
+    for s in steps:
+        for i, name in ((2, "router_load_max_over_mean"), (3, "router_aux_loss")):
+            if (got[s][i] is None) != (want[s][i] is None) or (
+                    want[s][i] is not None and abs(got[s][i] - want[s][i]) > 1e-6):
+                return loss, norm, f"step {s} {name} {got[s][i]} != single rank {want[s][i]}"
+    return loss, norm, None
+
+
+def refusal_message(err):
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith(("---", "MPI_ABORT", "prterun",
+                                                                                           "mpirun", "  ", "NOTE:"))]
+    return lines[0] if lines else ""
+
+
+def clear_refusal(err):
+    """A refusal names a key (section.key) or a file in one line, with no stack trace."""
+    message = refusal_message(err)
+    keyed = any(f"{section}." in message for section in ("model", "parallel", "data", "batch", "optimizer",
+                                                         "schedule", "checkpoint", "launch"))
+    return keyed and "terminate called" not in err and "Exception raised from" not in err
+
+
+# --------------------------------------------------------------------------
+# Checks beyond the losses
+# --------------------------------------------------------------------------
+
+def hub_logits_match(run_dir, model, seq_len, vocab, work):
+    """The run's Hub export in transformers gives loom's logits of its last checkpoint; returns the max difference."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from hub_families import hf_logits, loom_logits
+    hf = AutoModelForCausalLM.from_pretrained(run_dir / "hf", dtype=torch.float32).eval()
+    ids = torch.randint(0, vocab, (2, seq_len), generator=torch.Generator().manual_seed(5))
+    checkpoints = sorted((run_dir / "checkpoints").glob("step-*"))
+    loom = loom_logits(checkpoints[-1], ids, work / "logits.safetensors")
+    return (loom - hf_logits(hf, ids)).abs().max().item()
+
+
+def export_difference(run_dir, reference_dir, seq_len, vocab):
+    """How far the run's Hub export is from the single rank's: (logits, weights, problem). The logits of both in
+    transformers on the same ids are what must agree: a weight whose gradient is near 0 (a rare token's embedding
+    row) takes Adam steps of lr * g / (|g| + eps) that fp32 rounding of g moves by up to ~lr, and which change
+    the logits by about nothing."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    from hub_families import hf_logits
+    got, want = load_file(str(run_dir / "hf" / "model.safetensors")), load_file(
+        str(reference_dir / "hf" / "model.safetensors"))
+    if sorted(got) != sorted(want) or any(got[k].shape != want[k].shape for k in want):
+        return float("inf"), float("inf"), f"tensors differ: {sorted(set(got) ^ set(want))}"
+    weights = max((got[k] - want[k]).abs().max().item() for k in want)
+    ids = torch.randint(0, vocab, (2, seq_len), generator=torch.Generator().manual_seed(6))
+    models = [AutoModelForCausalLM.from_pretrained(d / "hf", dtype=torch.float32).eval()
+              for d in (run_dir, reference_dir)]
+    logits = (hf_logits(models[0], ids) - hf_logits(models[1], ids)).abs().max().item()
+    return logits, weights, None
+
+
+# --------------------------------------------------------------------------
+# A draw
+# --------------------------------------------------------------------------
+
+class Sweep:
+    def __init__(self, work, timeout):
+        self.work, self.timeout = work, timeout
+        self.findings = work / "findings.jsonl"
+        self.results = work / "results.jsonl"
+        self.counts = {}
+
+    def record(self, kind, draw, **fields):
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        entry = {"kind": kind, "draw": draw, **fields}
+        with self.results.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+        if kind not in ("ok", "refused", "refused-as-predicted", "export-ok", "resume-ok", "logits-ok"):
+            with self.findings.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
+            print(f"  FINDING {kind}: {json.dumps(fields)[:1500]}", flush=True)
+
+    def draw(self, index, rng, arch_choice, layouts_per_draw):
+        arch = arch_choice or rng.choice(ARCHS)
+        model, data = draw_model(rng, arch), draw_data(rng)
+        folder = self.work / f"draw-{index:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "draw.json").write_text(json.dumps({"model": model, "data": data}, indent=1))
+        tokens = data["steps"] * data["global_batch_size"] * (data["seq_len"] + 1) * 2 + 2000
+        write_dataset(rng, folder / "data", model["vocab_size"], tokens)
+        check_export = rng.random() < 0.35
+        check_resume = rng.random() < 0.35
+        checkpoint = {"interval": 2 if check_resume else 0, "keep_last": 5,
+                      "export_hf_at_end": check_export, "export_dtype": "float32"}
+        print(f"draw {index}: {arch} {json.dumps(model)} data {json.dumps(data)}", flush=True)
+
+        config = folder / "single.yaml"
+        write_config(config, "single", folder / "runs", folder / "data", model, data, SINGLE, checkpoint)
+        command, (outcome, rc, out, err, secs) = train(config, 1, self.timeout)
+        if outcome != "ok":
+            clear = outcome == "refused" and clear_refusal(err)
+            self.record("refused" if clear else f"single-{outcome}", index, layout="single", rc=rc,
+                        command=" ".join(command), message=refusal_message(err), stderr=err[-2000:])
+            return
+        reference = folder / "runs" / "single"
+        want = steps_of(reference)
+        all_steps = list(range(1, data["steps"] + 1))
+        if check_export:
+            try:
+                diff = hub_logits_match(reference, model, data["seq_len"], model["vocab_size"], folder)
+                self.record("logits-ok" if diff < LOGITS_TOL else "logits-mismatch", index, layout="single",
+                            diff=diff, config=str(config))
+            except Exception as e:  # noqa: BLE001 (a sweep records any failure and goes on)
+                self.record("export-error", index, layout="single", config=str(config), error=repr(e)[-2000:])
+
+        resumable = None
+        for j in range(layouts_per_draw):
+            lay = draw_layout(rng, model, rng.choice([2, 2, 3, 4, 4]))
+            # Most draws keep to layouts loom should take; some are left to be refused.
+            for _ in range(20):
+                if predicted_refusal(model, data, lay) is None or rng.random() < 0.15:
+                    break
+                lay = draw_layout(rng, model, rng.choice([2, 2, 3, 4, 4]))
+            name = f"l{j}-{label(lay)}"
+            config = folder / f"{name}.yaml"
+            write_config(config, name, folder / "runs", folder / "data", model, data, lay, checkpoint)
+            command, (outcome, rc, out, err, secs) = train(config, ranks_of(lay), self.timeout)
+            predicted = predicted_refusal(model, data, lay)
+            common = dict(layout=name, config=str(config), command=" ".join(command), seconds=round(secs, 1))
+            print(f"  {name}: {outcome} in {secs:.0f}s" + (f" ({predicted})" if predicted else ""), flush=True)
+            if outcome == "refused":
+                message = refusal_message(err)
+                if not clear_refusal(err):
+                    self.record("unclear-refusal", index, message=message, stderr=err[-2000:], **common)
+                elif predicted is None:
+                    self.record("unpredicted-refusal", index, message=message, **common)
+                else:
+                    self.record("refused-as-predicted", index, message=message, **common)
+                continue
+            if outcome != "ok":
+                self.record(outcome, index, rc=rc, predicted=predicted, stderr=err[-3000:], stdout=out[-1500:],
+                            **common)
+                continue
+            loss, norm, problem = compare(steps_of(folder / "runs" / name), want, all_steps)
+            if problem or loss > LOSS_TOL or norm > NORM_TOL:
+                self.record("mismatch", index, loss_rel=loss, norm_rel=norm, problem=problem, predicted=predicted,
+                            got=steps_of(folder / "runs" / name), want=want, **common)
+                continue
+            self.record("ok", index, loss_rel=loss, norm_rel=norm, predicted=predicted, **common)
+            if check_export:
+                try:
+                    logits, weights, problem = export_difference(folder / "runs" / name, reference, data["seq_len"],
+                                                                 model["vocab_size"])
+                    ok = problem is None and logits < EXPORT_TOL
+                    self.record("export-ok" if ok else "export-mismatch", index, logits=logits, weights=weights,
+                                problem=problem, **common)
+                except Exception as e:  # noqa: BLE001
+                    self.record("export-error", index, error=repr(e)[-2000:], **common)
+            if check_resume and resumable is None and data["steps"] > 2:
+                resumable = folder / "runs" / name / "checkpoints" / "step-0000002"
+            elif check_resume and resumable is not None:
+                pass
+        if resumable is not None:
+            self.resume(index, rng, folder, model, data, checkpoint, resumable, want)
+
+    def resume(self, index, rng, folder, model, data, checkpoint, source, want):
+        """The source's step-2 checkpoint resumed on another layout (or one rank) logs the single rank's later steps."""
+        for _ in range(30):
+            lay = draw_layout(rng, model, rng.choice([1, 2, 3, 4])) if rng.random() < 0.8 else dict(SINGLE)
+            if ranks_of(lay) == 1:
+                lay = dict(SINGLE)
+            if predicted_refusal(model, data, lay) is None:
+                break
+        name = f"resume-{label(lay)}"
+        config = folder / f"{name}.yaml"
+        write_config(config, name, folder / "runs", folder / "data", model, data, lay,
+                     dict(checkpoint, resume=str(source), export_hf_at_end=False))
+        command, (outcome, rc, out, err, secs) = train(config, ranks_of(lay), self.timeout)
+        common = dict(layout=name, source=str(source), config=str(config), command=" ".join(command))
+        print(f"  {name} from {source.parent.parent.name}: {outcome} in {secs:.0f}s", flush=True)
+        if outcome == "refused" and clear_refusal(err):
+            self.record("unpredicted-refusal", index, message=refusal_message(err), **common)
+            return
+        if outcome != "ok":
+            self.record(f"resume-{outcome}", index, rc=rc, stderr=err[-3000:], **common)
+            return
+        loss, norm, problem = compare(steps_of(folder / "runs" / name), want, list(range(3, data["steps"] + 1)))
+        ok = not problem and loss <= LOSS_TOL and norm <= NORM_TOL
+        self.record("resume-ok" if ok else "resume-mismatch", index, loss_rel=loss, norm_rel=norm, problem=problem,
+                    **common)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, required=True, help="folder for datasets, configs, runs and findings")
+    parser.add_argument("--draws", type=int, default=10, help="models drawn")
+    parser.add_argument("--seed", type=int, default=1, help="seeds the draws: the same seed draws the same sweep")
+    parser.add_argument("--arch", choices=ARCHS, help="draw only this family")
+    parser.add_argument("--layouts", type=int, default=3, help="layouts tried per model")
+    parser.add_argument("--timeout", type=float, default=240, help="seconds before a run counts as hung")
+    parser.add_argument("--first", type=int, default=0, help="number of the first draw (to continue a sweep)")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    sweep = Sweep(args.work, args.timeout)
+    for index in range(args.first, args.first + args.draws):
+        sweep.draw(index, random.Random(args.seed * 100003 + index), args.arch, args.layouts)
+    print("outcomes:", json.dumps(sweep.counts, sort_keys=True))
+    return 1 if sweep.findings.exists() and sweep.findings.read_text().strip() else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
