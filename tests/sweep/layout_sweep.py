@@ -4,7 +4,8 @@ Not a pytest file (no test_ prefix): a script to run by hand for as long as
 there is time, on shapes, seeds and layouts the suite never uses. Each draw:
 
 - a tiny model of a random family (llama, mistral, qwen2, qwen3, olmo2, phi3,
-  smollm3, mixtral, qwen2_moe, qwen3_moe) with random hidden size, heads, kv
+  smollm3, mixtral, qwen2_moe, qwen3_moe; gemma, gemma2 and gemma3_text from a
+  Hub folder transformers writes) with random hidden size, heads, kv
   heads (GQA ratios 1, 2, 3, MQA), head_dim, a vocabulary tp does not divide,
   odd intermediate sizes, tied or untied, 2-6 layers, and family extras
   (biases, windows, experts, shared experts, dense layers, no-rope layers);
@@ -48,11 +49,15 @@ from conftest import LOOM_BIN  # noqa: E402
 from hub_families import DATASET_TOOL  # noqa: E402
 from train_cli import mpi_prefix  # noqa: E402
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "olmo2", "phi3", "smollm3", "mixtral", "qwen2_moe", "qwen3_moe"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "olmo2", "phi3", "smollm3", "mixtral", "qwen2_moe", "qwen3_moe",
+         "gemma", "gemma2", "gemma3_text"]
 MOE = {"mixtral", "qwen2_moe", "qwen3_moe"}
+# Not initialized at random by loom: these start from a Hub folder transformers writes (model.init_from).
+GEMMA = {"gemma": ("GemmaConfig", "GemmaForCausalLM"), "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+         "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM")}
 LOSS_TOL = 1e-5
 NORM_TOL = 1e-4
-EXPORT_TOL = 1e-4  # the logits of a layout's export against the single rank's
+EXPORT_TOL = 1e-4  # the logits of a layout's export against the single rank's, relative to the largest
 LOGITS_TOL = 1e-4
 
 
@@ -123,6 +128,27 @@ def draw_model(rng, arch):
     return m
 
 
+def make_gemma(rng, m, folder):
+    """A gemma-family Hub folder of model m's shape, written by transformers with random weights; returns the
+    model keys of a config that starts from it."""
+    from hub_families import make_model
+    arch = m["architecture"]
+    head_dim = m["head_dim"] or m["hidden_size"] // m["num_heads"]
+    config = dict(vocab_size=m["vocab_size"], hidden_size=m["hidden_size"], intermediate_size=m["intermediate_size"],
+                  num_hidden_layers=m["num_layers"], num_attention_heads=m["num_heads"],
+                  num_key_value_heads=m["num_kv_heads"], head_dim=head_dim, max_position_embeddings=64,
+                  tie_word_embeddings=m["tie_embeddings"])
+    if arch in ("gemma2", "gemma3_text"):
+        config.update(sliding_window=rng.randint(2, 24), query_pre_attn_scalar=rng.choice([head_dim, 24]))
+    if arch == "gemma2":
+        config.update(attn_logit_softcapping=rng.choice([None, 50.0]), final_logit_softcapping=rng.choice([None, 30.0]))
+    config_name, model_name = GEMMA[arch]
+    make_model({arch: (config_name, model_name, config)}, arch, seed=rng.randint(1, 1000)).save_pretrained(folder)
+    keys = ("architecture", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+            "vocab_size", "head_dim")
+    return {**{k: m[k] for k in keys}, "head_dim": head_dim, "init_from": str(folder)}
+
+
 def draw_data(rng):
     micro = rng.choice([1, 1, 2, 3])
     return {
@@ -135,6 +161,9 @@ def draw_data(rng):
         "clip": rng.choice([0.0, 1.0, 1.0]),
         "lr": rng.choice([1e-3, 3e-3]),
         "seed": rng.randint(1, 10**6),
+        # Validation every 2 steps and after the last, on the training set: each dp replica evaluates
+        # valid_batches / dp rounded up, so the losses compare where dp divides it.
+        "valid_batches": rng.choice([1, 2, 3, 4, 6, 12]),
     }
 
 
@@ -235,7 +264,8 @@ def write_config(path, name, out_dir, dataset, model, data, lay, checkpoint):
         "model": {**model_keys, "recompute": lay["recompute"]},
         "parallel": {k: lay[k] for k in ("dp", "cp", "tp", "pp", "ep", "zero_stage", "sequence_parallel",
                                           "pp_schedule", "virtual_stages")},
-        "data": {"train": [str(dataset)], "seq_len": data["seq_len"], "document_mask": data["document_mask"]},
+        "data": {"train": [str(dataset)], "seq_len": data["seq_len"], "document_mask": data["document_mask"],
+                 "valid": str(dataset), "valid_interval": 2, "valid_batches": data["valid_batches"]},
         "batch": {"micro_batch_size": data["micro_batch_size"], "global_batch_size": data["global_batch_size"]},
         # eps 1e-6 as the suite's layout tests: Adam divides by sqrt(v) + eps, so
         # entries that cancel to ~1e-8 would magnify fp32 rounding into lr-sized steps.
@@ -283,6 +313,20 @@ def steps_of(run_dir):
             for r in rows if "loss" in r and "valid_loss" not in r}
 
 
+def valid_losses_of(run_dir):
+    path = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return {r["step"]: r["valid_loss"] for r in rows if "valid_loss" in r}
+
+
+def compare_valid(got, want, steps):
+    """The worst relative validation-loss difference over the steps both logged, or why they cannot compare."""
+    if sorted(s for s in got if s in steps) != sorted(s for s in want if s in steps):
+        return None, f"validated at steps {sorted(got)}, the single rank at {sorted(want)}"
+    common = [s for s in want if s in steps]
+    return max((abs(got[s] - want[s]) / abs(want[s]) for s in common), default=0.0), None
+
+
 def compare(got, want, steps):
     """The worst relative loss and gradient-norm differences over `steps`, or a reason they cannot be compared
     (steps missing, router metrics that differ by more than 1e-6: they are ratios of counts)."""
@@ -317,26 +361,33 @@ def clear_refusal(err):
 # Checks beyond the losses
 # --------------------------------------------------------------------------
 
+def load_hub(folder, model):
+    """The Hub folder in transformers, fp32. Mixtures of experts run their eager experts: transformers' default
+    grouped matmul refuses expert widths whose rows are not a multiple of 16 bytes (an odd width in fp32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    extra = {"experts_implementation": "eager"} if model["architecture"] in MOE else {}
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra).eval()
+
+
 def hub_logits_match(run_dir, model, seq_len, vocab, work):
     """The run's Hub export in transformers gives loom's logits of its last checkpoint; returns the max difference."""
     import torch
-    from transformers import AutoModelForCausalLM
     from hub_families import hf_logits, loom_logits
-    hf = AutoModelForCausalLM.from_pretrained(run_dir / "hf", dtype=torch.float32).eval()
+    hf = load_hub(run_dir / "hf", model)
     ids = torch.randint(0, vocab, (2, seq_len), generator=torch.Generator().manual_seed(5))
     checkpoints = sorted((run_dir / "checkpoints").glob("step-*"))
     loom = loom_logits(checkpoints[-1], ids, work / "logits.safetensors")
     return (loom - hf_logits(hf, ids)).abs().max().item()
 
 
-def export_difference(run_dir, reference_dir, seq_len, vocab):
+def export_difference(run_dir, reference_dir, model, seq_len, vocab):
     """How far the run's Hub export is from the single rank's: (logits, weights, problem). The logits of both in
     transformers on the same ids are what must agree: a weight whose gradient is near 0 (a rare token's embedding
     row) takes Adam steps of lr * g / (|g| + eps) that fp32 rounding of g moves by up to ~lr, and which change
     the logits by about nothing."""
     import torch
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
     from hub_families import hf_logits
     got, want = load_file(str(run_dir / "hf" / "model.safetensors")), load_file(
         str(reference_dir / "hf" / "model.safetensors"))
@@ -344,10 +395,9 @@ def export_difference(run_dir, reference_dir, seq_len, vocab):
         return float("inf"), float("inf"), f"tensors differ: {sorted(set(got) ^ set(want))}"
     weights = max((got[k] - want[k]).abs().max().item() for k in want)
     ids = torch.randint(0, vocab, (2, seq_len), generator=torch.Generator().manual_seed(6))
-    models = [AutoModelForCausalLM.from_pretrained(d / "hf", dtype=torch.float32).eval()
-              for d in (run_dir, reference_dir)]
-    logits = (hf_logits(models[0], ids) - hf_logits(models[1], ids)).abs().max().item()
-    return logits, weights, None
+    models = [load_hub(d / "hf", model) for d in (run_dir, reference_dir)]
+    got_logits, want_logits = hf_logits(models[0], ids), hf_logits(models[1], ids)
+    return (got_logits - want_logits).abs().max().item() / want_logits.abs().max().item(), weights, None
 
 
 # --------------------------------------------------------------------------
@@ -376,6 +426,10 @@ class Sweep:
         model, data = draw_model(rng, arch), draw_data(rng)
         folder = self.work / f"draw-{index:04d}"
         folder.mkdir(parents=True, exist_ok=True)
+        if arch in GEMMA:
+            if model["hidden_size"] % model["num_heads"]:  # transformers' Gemma2Config refuses it
+                model["hidden_size"] = model["num_heads"] * max(1, model["hidden_size"] // model["num_heads"])
+            model = make_gemma(rng, model, folder / "hub")
         (folder / "draw.json").write_text(json.dumps({"model": model, "data": data}, indent=1))
         tokens = data["steps"] * data["global_batch_size"] * (data["seq_len"] + 1) * 2 + 2000
         write_dataset(rng, folder / "data", model["vocab_size"], tokens)
@@ -395,6 +449,7 @@ class Sweep:
             return
         reference = folder / "runs" / "single"
         want = steps_of(reference)
+        want_valid = valid_losses_of(reference)
         all_steps = list(range(1, data["steps"] + 1))
         if check_export:
             try:
@@ -433,6 +488,10 @@ class Sweep:
                             **common)
                 continue
             loss, norm, problem = compare(steps_of(folder / "runs" / name), want, all_steps)
+            if not problem and data["valid_batches"] % lay["dp"] == 0:
+                valid, problem = compare_valid(valid_losses_of(folder / "runs" / name), want_valid, all_steps)
+                if valid is not None and valid > LOSS_TOL:
+                    problem = f"valid_loss differs by {valid:.3g} relative"
             if problem or loss > LOSS_TOL or norm > NORM_TOL:
                 self.record("mismatch", index, loss_rel=loss, norm_rel=norm, problem=problem, predicted=predicted,
                             got=steps_of(folder / "runs" / name), want=want, **common)
@@ -440,8 +499,8 @@ class Sweep:
             self.record("ok", index, loss_rel=loss, norm_rel=norm, predicted=predicted, **common)
             if check_export:
                 try:
-                    logits, weights, problem = export_difference(folder / "runs" / name, reference, data["seq_len"],
-                                                                 model["vocab_size"])
+                    logits, weights, problem = export_difference(folder / "runs" / name, reference, model,
+                                                                 data["seq_len"], model["vocab_size"])
                     ok = problem is None and logits < EXPORT_TOL
                     self.record("export-ok" if ok else "export-mismatch", index, logits=logits, weights=weights,
                                 problem=problem, **common)
