@@ -343,6 +343,30 @@ def compare(got, want, steps):
     return loss, norm, None
 
 
+def first_step_exact(got, want, steps):
+    """The first compared step, before any update could magnify rounding, agrees to 1e-6 in the loss, 1e-5 in the
+    gradient norm and 1e-6 in the router metrics."""
+    s = steps[0]
+    if s not in got:
+        return False
+    router = all((got[s][i] is None) == (want[s][i] is None) and (want[s][i] is None or abs(got[s][i] - want[s][i]) <= 1e-6)
+                 for i in (2, 3))
+    return (router and abs(got[s][0] - want[s][0]) <= 1e-6 * abs(want[s][0])
+            and abs(got[s][1] - want[s][1]) <= 1e-5 * abs(want[s][1]))
+
+
+def verdict(loss, norm, problem, got, want, steps):
+    """ok; drift: the first step exact and later ones within 10x the tolerances, the gap growing only after
+    updates (Adam's lr * g / (|g| + eps) turns fp32 rounding of gradients near 0 into weight differences of up
+    to ~lr: a larger optimizer.eps shrinks such a gap, it does not close a bug's); else mismatch."""
+    if problem is None and loss <= LOSS_TOL and norm <= NORM_TOL:
+        return "ok"
+    if (loss is not None and first_step_exact(got, want, steps) and loss <= 10 * LOSS_TOL and norm <= 10 * NORM_TOL
+            and not (problem or "").startswith(("steps", "validated"))):
+        return "drift"
+    return "mismatch"
+
+
 def refusal_message(err):
     lines = [line for line in err.splitlines() if line.strip() and not line.startswith(("---", "MPI_ABORT", "prterun",
                                                                                            "mpirun", "  ", "NOTE:"))]
@@ -416,7 +440,8 @@ class Sweep:
         entry = {"kind": kind, "draw": draw, **fields}
         with self.results.open("a") as f:
             f.write(json.dumps(entry) + "\n")
-        if kind not in ("ok", "refused", "refused-as-predicted", "export-ok", "resume-ok", "logits-ok"):
+        if kind not in ("ok", "drift", "refused", "refused-as-predicted", "export-ok", "resume-ok", "resume-drift",
+                        "logits-ok"):
             with self.findings.open("a") as f:
                 f.write(json.dumps(entry) + "\n")
             print(f"  FINDING {kind}: {json.dumps(fields)[:1500]}", flush=True)
@@ -487,14 +512,16 @@ class Sweep:
                 self.record(outcome, index, rc=rc, predicted=predicted, stderr=err[-3000:], stdout=out[-1500:],
                             **common)
                 continue
-            loss, norm, problem = compare(steps_of(folder / "runs" / name), want, all_steps)
+            got = steps_of(folder / "runs" / name)
+            loss, norm, problem = compare(got, want, all_steps)
             if not problem and data["valid_batches"] % lay["dp"] == 0:
                 valid, problem = compare_valid(valid_losses_of(folder / "runs" / name), want_valid, all_steps)
                 if valid is not None and valid > LOSS_TOL:
                     problem = f"valid_loss differs by {valid:.3g} relative"
-            if problem or loss > LOSS_TOL or norm > NORM_TOL:
-                self.record("mismatch", index, loss_rel=loss, norm_rel=norm, problem=problem, predicted=predicted,
-                            got=steps_of(folder / "runs" / name), want=want, **common)
+            kind = verdict(loss, norm, problem, got, want, all_steps)
+            if kind != "ok":
+                self.record(kind, index, loss_rel=loss, norm_rel=norm, problem=problem, predicted=predicted,
+                            got=got, want=want, **common)
                 continue
             self.record("ok", index, loss_rel=loss, norm_rel=norm, predicted=predicted, **common)
             if check_export:
@@ -534,10 +561,10 @@ class Sweep:
         if outcome != "ok":
             self.record(f"resume-{outcome}", index, rc=rc, stderr=err[-3000:], **common)
             return
-        loss, norm, problem = compare(steps_of(folder / "runs" / name), want, list(range(3, data["steps"] + 1)))
-        ok = not problem and loss <= LOSS_TOL and norm <= NORM_TOL
-        self.record("resume-ok" if ok else "resume-mismatch", index, loss_rel=loss, norm_rel=norm, problem=problem,
-                    **common)
+        got, steps = steps_of(folder / "runs" / name), list(range(3, data["steps"] + 1))
+        loss, norm, problem = compare(got, want, steps)
+        self.record("resume-" + verdict(loss, norm, problem, got, want, steps), index, loss_rel=loss, norm_rel=norm,
+                    problem=problem, **common)
 
 
 def main():
