@@ -552,6 +552,28 @@ class Sweep:
                 pass
         if resumable is not None:
             self.resume(index, rng, folder, model, data, checkpoint, resumable, want)
+            if rng.random() < 0.5:
+                self.export_checkpoint(index, folder, model, data, resumable)
+
+    def export_checkpoint(self, index, folder, model, data, source):
+        """`loom export` of a layout's checkpoint loads in transformers with loom's logits of that checkpoint."""
+        import torch
+        from hub_families import hf_logits, loom_logits
+        out = folder / f"export-{source.parent.parent.name}"
+        command = [LOOM_BIN, "export", str(source), "--output", str(out)]
+        outcome, rc, _, err, _ = run(command, self.timeout)
+        common = dict(layout=f"export {source}", command=" ".join(command))
+        if outcome != "ok":
+            self.record(f"export-{outcome}", index, rc=rc, stderr=err[-2000:], **common)
+            return
+        try:
+            ids = torch.randint(0, model["vocab_size"], (2, data["seq_len"]), generator=torch.Generator().manual_seed(7))
+            loom = loom_logits(source, ids, folder / "checkpoint-logits.safetensors")
+            hf = hf_logits(load_hub(out, model), ids)
+            diff = (loom - hf).abs().max().item()
+            self.record("logits-ok" if diff < LOGITS_TOL else "logits-mismatch", index, diff=diff, **common)
+        except Exception as e:  # noqa: BLE001
+            self.record("export-error", index, error=repr(e)[-2000:], **common)
 
     def resume(self, index, rng, folder, model, data, checkpoint, source, want):
         """The source's step-2 checkpoint resumed on another layout (or one rank) logs the single rank's later steps."""
