@@ -70,17 +70,17 @@ def divisors(n):
 
 
 def draw_model(rng, arch):
-    heads = rng.choice([1, 2, 3, 4, 6, 8])
+    heads = rng.choice([1, 2, 3, 4, 6, 8, 12])
     # heads / kv: 1 (MHA), 2, 3, ... or heads (MQA); kv 1 often, though it rules out tp.
     kv = 1 if rng.random() < 0.25 else rng.choice(divisors(heads)[1:] or [1])
     if arch == "qwen3" or rng.random() < 0.3:
-        head_dim = rng.choice([4, 6, 8, 10, 12, 16, 24])
-        hidden = rng.randint(24, 96)
+        head_dim = rng.choice([2, 4, 6, 8, 10, 12, 16, 24])
+        hidden = rng.randint(8, 96)
         if arch == "llama" and rng.random() < 0.8:  # else refused: transformers' LlamaConfig refuses it
-            hidden = rng.choice([h for h in range(24, 97) if h % heads == 0])
+            hidden = rng.choice([h for h in range(8, 97) if h % heads == 0])
     else:
         head_dim = 0
-        hidden = rng.choice([h for h in range(24, 97) if h % heads == 0 and (h // heads) % 2 == 0])
+        hidden = rng.choice([h for h in range(8, 97) if h % heads == 0 and (h // heads) % 2 == 0])
     if rng.random() < 0.2:
         intermediate = rng.randrange(33, 161, 2)  # odd: no tp divides it
     else:
@@ -164,7 +164,7 @@ def make_gemma(rng, m, folder):
 def draw_data(rng):
     micro = rng.choice([1, 1, 2, 3])
     return {
-        "seq_len": rng.choice([8, 12, 16, 20, 24, 32, 48]),
+        "seq_len": rng.choice([8, 12, 13, 16, 17, 20, 24, 32, 40, 48]),
         "micro_batch_size": micro,
         # Micro-batches per step on one rank: dp divides it or the layout is refused.
         "global_batch_size": micro * rng.choice([1, 2, 3, 4, 4, 6, 8, 12]),
