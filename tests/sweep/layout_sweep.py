@@ -10,7 +10,8 @@ there is time, on shapes, seeds and layouts the suite never uses. Each draw:
   odd intermediate sizes, tied or untied, 2-6 layers, and family extras
   (biases, windows, experts, shared experts, dense layers, no-rope layers);
 - random data: seq_len, micro-batch, gradient accumulation, document masking,
-  clipping, a dataset of random documents written by loom_dataset_tool;
+  clipping, a dataset of random documents written by loom_dataset_tool (or a
+  blend of two), validation;
 - the single-rank run, then a few random layouts on 2-4 ranks (dp, tp, pp with
   afab, 1f1b or interleaved, cp, ep, sequence parallelism, ZeRO 1-3,
   recomputation), each of which must log the single rank's losses within
@@ -162,7 +163,7 @@ def make_gemma(rng, m, folder):
 
 
 def draw_data(rng):
-    micro = rng.choice([1, 1, 2, 3])
+    micro = rng.choice([1, 1, 2, 3, 4])
     return {
         "seq_len": rng.choice([8, 12, 13, 16, 17, 20, 24, 32, 40, 48]),
         "micro_batch_size": micro,
@@ -176,6 +177,7 @@ def draw_data(rng):
         # Validation every 2 steps and after the last, on the training set: each dp replica evaluates
         # valid_batches / dp rounded up, so the losses compare where dp divides it.
         "valid_batches": rng.choice([1, 2, 3, 4, 6, 12]),
+        "blend": rng.random() < 0.3,
     }
 
 
@@ -276,7 +278,10 @@ def write_config(path, name, out_dir, dataset, model, data, lay, checkpoint):
         "model": {**model_keys, "recompute": lay["recompute"]},
         "parallel": {k: lay[k] for k in ("dp", "cp", "tp", "pp", "ep", "zero_stage", "sequence_parallel",
                                           "pp_schedule", "virtual_stages")},
-        "data": {"train": [str(dataset)], "seq_len": data["seq_len"], "document_mask": data["document_mask"],
+        # A blend of two datasets for some draws: each step's samples drawn by weight, the same on any layout.
+        "data": {"train": [str(dataset)] if not data["blend"] else [{"path": str(dataset), "weight": 2.0},
+                                                                    {"path": str(dataset) + "-b", "weight": 1.0}],
+                 "seq_len": data["seq_len"], "document_mask": data["document_mask"],
                  "valid": str(dataset), "valid_interval": 2, "valid_batches": data["valid_batches"]},
         "batch": {"micro_batch_size": data["micro_batch_size"], "global_batch_size": data["global_batch_size"]},
         # eps 1e-6 as the suite's layout tests: Adam divides by sqrt(v) + eps, so
@@ -471,6 +476,8 @@ class Sweep:
         (folder / "draw.json").write_text(json.dumps({"model": model, "data": data}, indent=1))
         tokens = data["steps"] * data["global_batch_size"] * (data["seq_len"] + 1) * 2 + 2000
         write_dataset(rng, folder / "data", model["vocab_size"], tokens)
+        if data["blend"]:
+            write_dataset(rng, folder / "data-b", model["vocab_size"], tokens // 2 + 500)
         check_export = rng.random() < 0.35
         check_resume = rng.random() < 0.35
         checkpoint = {"interval": 2 if check_resume else 0, "keep_last": 5,
