@@ -253,8 +253,10 @@ def export_difference(run_dir, reference_dir, model, seq_len, vocab):
 # --------------------------------------------------------------------------
 
 class Sweep:
-    def __init__(self, work, timeout):
+    def __init__(self, work, timeout, max_ranks=4):
         self.work, self.timeout = work, timeout
+        # Layouts on 2-4 ranks, and with --max-ranks 8 also on 6 and 8 (slow on 2 cores: oversubscribed).
+        self.rank_choices = [2, 2, 3, 4, 4] + [r for r in (6, 8) if r <= max_ranks]
         self.findings = work / "findings.jsonl"
         self.results = work / "results.jsonl"
         self.counts = {}
@@ -313,12 +315,12 @@ class Sweep:
 
         resumable = None
         for j in range(layouts_per_draw):
-            lay = draw_layout(rng, model, rng.choice([2, 2, 3, 4, 4]))
+            lay = draw_layout(rng, model, rng.choice(self.rank_choices))
             # Most draws keep to layouts loom should take; some are left to be refused.
             for _ in range(20):
                 if predicted_refusal(model, data, lay) is None or rng.random() < 0.15:
                     break
-                lay = draw_layout(rng, model, rng.choice([2, 2, 3, 4, 4]))
+                lay = draw_layout(rng, model, rng.choice(self.rank_choices))
             name = f"l{j}-{label(lay)}"
             config = folder / f"{name}.yaml"
             write_config(config, name, folder / "runs", folder / "data", model, data, lay, checkpoint)
@@ -425,10 +427,11 @@ def main():
     parser.add_argument("--arch", choices=ARCHS, help="draw only this family")
     parser.add_argument("--layouts", type=int, default=3, help="layouts tried per model")
     parser.add_argument("--timeout", type=float, default=240, help="seconds before a run counts as hung")
+    parser.add_argument("--max-ranks", type=int, default=4, help="4, or 8 to draw layouts on 6 and 8 ranks too")
     parser.add_argument("--first", type=int, default=0, help="number of the first draw (to continue a sweep)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    sweep = Sweep(args.work, args.timeout)
+    sweep = Sweep(args.work, args.timeout, args.max_ranks)
     for index in range(args.first, args.first + args.draws):
         sweep.draw(index, random.Random(args.seed * 100003 + index), args.arch, args.layouts)
     print("outcomes:", json.dumps(sweep.counts, sort_keys=True))
