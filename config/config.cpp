@@ -286,6 +286,12 @@ class Validator {
                 "model.rope_scaling.factor (" + num(rope.factor) + ") is below 1 for " + rope.type + " scaling",
                 ">= 1: scaling stretches the context, never shrinks it");
     }
+    // transformers' Phi3Config takes no other scaling: it renames yarn (and
+    // su) to longrope, and refuses the rest, so the export would not load.
+    if (m.architecture == "phi3" && rope.type != "none" && rope.type != "longrope")
+      fail_at({"model.rope_scaling.type", "model.architecture"},
+              "model.rope_scaling.type is " + rope.type + " for architecture phi3",
+              "none or longrope: transformers' Phi3Config reads no other scaling, so the Hub export would not load");
     if (rope.type == "longrope") {
       const int64_t half = m.head_dim > 0 ? m.head_dim / 2 : (m.num_heads > 0 ? m.hidden_size / m.num_heads / 2 : 0);
       for (auto [key, factors] : {std::pair{"model.rope_scaling.short_factor", &rope.short_factor},
