@@ -192,9 +192,9 @@ def verdict(loss, norm, problem, got, want, steps):
 
 
 def refusal_message(err):
-    lines = [line for line in err.splitlines() if line.strip() and not line.startswith(("---", "MPI_ABORT", "prterun",
-                                                                                           "mpirun", "  ", "NOTE:"))]
-    return lines[0] if lines else ""
+    """loom's line of a refused run's stderr (mpirun's own notices come before or after it)."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    return next((line for line in lines if line.startswith("loom")), lines[0] if lines else "")
 
 
 def clear_refusal(err):
