@@ -239,6 +239,16 @@ class Validator {
               "model.hidden_size (" + num(m.hidden_size) + ") is not divisible by model.num_heads (" +
                   num(m.num_heads) + ")",
               "a multiple of num_heads, or model.head_dim set explicitly");
+    // transformers' LlamaConfig (and Gemma2Config) refuse a config.json whose
+    // hidden_size is not a multiple of num_attention_heads, head_dim given or
+    // not: the run's Hub export would not load.
+    if ((m.architecture == "llama" || m.architecture == "gemma2") && m.head_dim > 0 && m.num_heads > 0 &&
+        m.hidden_size > 0 && m.hidden_size % m.num_heads != 0)
+      fail_at({"model.hidden_size", "model.num_heads", "model.head_dim"},
+              "model.hidden_size (" + num(m.hidden_size) + ") is not divisible by model.num_heads (" +
+                  num(m.num_heads) + ") for architecture " + m.architecture,
+              "a multiple of num_heads, even with model.head_dim set: transformers refuses other " + m.architecture +
+                  " configs, so the Hub export would not load");
     // Qwen2's modules have fixed biases (q/k/v yes, o and MLP no); a flag the
     // Hub format cannot express would make an export transformers misreads.
     if (m.qwen2_biases() && (m.mlp_bias || m.attention_bias))
@@ -276,6 +286,12 @@ class Validator {
                 "model.rope_scaling.factor (" + num(rope.factor) + ") is below 1 for " + rope.type + " scaling",
                 ">= 1: scaling stretches the context, never shrinks it");
     }
+    // transformers' Phi3Config takes no other scaling: it renames yarn (and
+    // su) to longrope, and refuses the rest, so the export would not load.
+    if (m.architecture == "phi3" && rope.type != "none" && rope.type != "longrope")
+      fail_at({"model.rope_scaling.type", "model.architecture"},
+              "model.rope_scaling.type is " + rope.type + " for architecture phi3",
+              "none or longrope: transformers' Phi3Config reads no other scaling, so the Hub export would not load");
     if (rope.type == "longrope") {
       const int64_t half = m.head_dim > 0 ? m.head_dim / 2 : (m.num_heads > 0 ? m.hidden_size / m.num_heads / 2 : 0);
       for (auto [key, factors] : {std::pair{"model.rope_scaling.short_factor", &rope.short_factor},

@@ -1,6 +1,7 @@
 #include "parallel/topology.h"
 
 #include <sstream>
+#include <utility>
 
 #include "util/error.h"
 
@@ -50,6 +51,18 @@ ParallelDims ParallelDims::from_config(const Config& config, int64_t world_size)
   if (m.intermediate_size > 0 && m.intermediate_size % dims.tp != 0) {
     throw BadInput("parallel.tp (" + std::to_string(dims.tp) + ") must divide model.intermediate_size (" +
                    std::to_string(m.intermediate_size) + ")");
+  }
+  // Each expert, and qwen2_moe's shared expert, is cut over tp as an MLP
+  // (Note [experts under tensor parallelism] in model/moe.h); mixtral's
+  // experts are intermediate_size wide, checked above.
+  const std::pair<const char*, int64_t> expert_widths[] = {
+      {"model.moe_intermediate_size", m.architecture == "mixtral" ? 0 : m.moe_intermediate_size},
+      {"model.shared_expert_intermediate_size", m.shared_expert_intermediate_size}};
+  for (const auto& [key, width] : expert_widths) {
+    if (m.moe() && width > 0 && width % dims.tp != 0) {
+      throw BadInput("parallel.tp (" + std::to_string(dims.tp) + ") must divide " + key + " (" +
+                     std::to_string(width) + ")");
+    }
   }
   const int64_t seq_len = config.data.seq_len > 0 ? config.data.seq_len : m.max_seq_len;
   if (p.sequence_parallel && seq_len > 0 && seq_len % dims.tp != 0) {

@@ -190,7 +190,14 @@ def test_a_checkpoint_resumes_in_another_layout(data, tmp_path, single_rank):
     (2, {"parallel.tp": 2, "parallel.dp": 2}, "parallel.dp (2) * parallel."),
     (2, {"parallel.tp": 2, "parallel.sequence_parallel": "true", "data.seq_len": 63, "model.max_seq_len": 64},
      "must be divisible by tp"),
-], ids=["heads", "kv-heads", "intermediate", "world-not-product", "factors-exceed-world", "sp-seq-len"])
+    # A mixture of experts' experts are cut over tp as MLPs.
+    (2, {"parallel.tp": 2, "model.architecture": "qwen3_moe", "model.num_experts": 2, "model.num_experts_per_tok": 1,
+         "model.moe_intermediate_size": 19}, "model.moe_intermediate_size (19)"),
+    (2, {"parallel.tp": 2, "model.architecture": "qwen2_moe", "model.num_experts": 2, "model.num_experts_per_tok": 1,
+         "model.moe_intermediate_size": 16, "model.shared_expert_intermediate_size": 35},
+     "model.shared_expert_intermediate_size (35)"),
+], ids=["heads", "kv-heads", "intermediate", "world-not-product", "factors-exceed-world", "sp-seq-len",
+        "expert-intermediate", "shared-expert-intermediate"])
 def test_bad_layouts_are_refused_before_any_work(data, tmp_path, np_, sets, expected):
     args = train_args(data, tmp_path, "bad", STEPS, 0, **{"model.num_heads": 8, "model.num_kv_heads": 4, **sets})
     start = time.monotonic()
