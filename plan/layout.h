@@ -94,10 +94,9 @@ Layout parse_layout(const std::string& text, const std::string& flag);
 // against the layers, the batch against dp x micro-batch, the schedule
 // against the micro-batch count, ZeRO without dp, sequence parallelism
 // without tp or with a sequence tp does not divide, tp across nodes; cp with
-// ZeRO, sliding windows or soft-capping (which config refuses) or with a
-// sequence 2 x cp does not divide; sequence parallelism with a mixture of
-// experts; ep without experts, with ZeRO or cp, or not dividing dp and the
-// experts.
+// a sequence 2 x cp does not divide, or with ZeRO, sliding windows or
+// soft-capping (which the trainer runs and the plan does not model yet); ep
+// without experts, with ZeRO stage 3, or not dividing dp and the experts.
 std::string layout_problem(const Problem& problem, const Layout& layout);
 
 // Every layout that layout_problem accepts: tp over the divisors of
