@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from test_tensor_parallel_e2e import assert_same_hub_folder, mpi_loom
+from test_tensor_parallel_e2e import WEIGHT_TOL, assert_same_hub_folder, mpi_loom
 from test_train_e2e import loom, losses_by_step, read_metrics, train_args  # noqa: F401
 from test_train_e2e import data  # noqa: F401 (fixture)
 
@@ -90,7 +90,7 @@ def test_context_parallel_run_reproduces_the_single_rank_run(data, tmp_path, sin
     assert sorted(valid) == sorted(ref_valid) == [2, 4], (valid, ref_valid)
     for step in valid:
         assert abs(valid[step] - ref_valid[step]) <= 1e-5 * ref_valid[step], (step, valid[step], ref_valid[step])
-    assert_same_hub_folder(run / "hf", single_rank / "hf", 1e-6)
+    assert_same_hub_folder(run / "hf", single_rank / "hf", WEIGHT_TOL)
 
 
 def test_window_cp2_reproduces_the_single_rank_run(data, tmp_path):
@@ -101,7 +101,7 @@ def test_window_cp2_reproduces_the_single_rank_run(data, tmp_path):
     loom(*cp_args(data, tmp_path, "one", **mistral))
     mpi_loom(2, cp_args(data, tmp_path, "cp2", **{"parallel.cp": 2, **mistral}))
     assert_losses_match(tmp_path / "cp2", tmp_path / "one")
-    assert_same_hub_folder(tmp_path / "cp2" / "hf", tmp_path / "one" / "hf", 1e-6)
+    assert_same_hub_folder(tmp_path / "cp2" / "hf", tmp_path / "one" / "hf", WEIGHT_TOL)
 
 
 @pytest.mark.parametrize("ranks,sets", [(1, {}), (2, {"parallel.tp": 2})], ids=["on-cp1", "on-tp2"])
@@ -119,7 +119,7 @@ def test_a_cp2_checkpoint_resumes_in_another_layout(data, tmp_path, cp2_run, ran
         out, _ = mpi_loom(ranks, cp_args(data, tmp_path, "run", **sets))
     assert "resumed from" in out, out
     assert_losses_match(run, written, first=3)
-    assert_same_hub_folder(run / "hf", written / "hf", 1e-6)
+    assert_same_hub_folder(run / "hf", written / "hf", WEIGHT_TOL)
 
 
 def test_a_zero3_dp2_cp2_checkpoint_finishes_on_one_rank(data, tmp_path, zero3_dp2_cp2_run):
@@ -134,7 +134,7 @@ def test_a_zero3_dp2_cp2_checkpoint_finishes_on_one_rank(data, tmp_path, zero3_d
     out, _ = loom(*cp_args(data, tmp_path, "run"))
     assert "resumed from" in out, out
     assert_losses_match(run, written, first=3)
-    assert_same_hub_folder(run / "hf", written / "hf", 1e-6)
+    assert_same_hub_folder(run / "hf", written / "hf", WEIGHT_TOL)
 
 
 def test_a_layout_cp_does_not_take_is_refused_before_any_work(data, tmp_path):

@@ -31,6 +31,11 @@ def run_folder_entries(run_dir):
 
 
 STEPS = 10
+# Exports of a layout against the single rank's: tp sums partial products in
+# another order, and ten AdamW steps carry that fp32 rounding to the weights
+# (largest difference 1.08e-6 for tp 2 on an AMD EPYC; test_pipeline_e2e's
+# WEIGHT_TOL measures the same for pp).
+WEIGHT_TOL = 2e-6
 MPIRUN = shutil.which("mpirun") or "mpirun"
 
 
@@ -116,12 +121,12 @@ def test_parallel_run_reproduces_the_single_rank_run(data, tmp_path, single_rank
     ref_norms = {r["step"]: r["grad_norm"] for r in read_metrics(reference) if "grad_norm" in r}
     for step in range(1, STEPS + 1):
         assert abs(norms[step] - ref_norms[step]) <= 1e-4 * ref_norms[step], (step, norms[step], ref_norms[step])
-    assert_same_hub_folder(run / "hf", reference / "hf", 1e-6)
+    assert_same_hub_folder(run / "hf", reference / "hf", WEIGHT_TOL)
     # Checkpoints are written whole, as one rank writes them: loom export of
     # the tensor-parallel checkpoint gives the same Hub folder.
     ckpt = run / "checkpoints" / "step-0000010"
     loom("export", ckpt, "--output", tmp_path / "exported")
-    assert_same_hub_folder(tmp_path / "exported", reference / "hf", 1e-6)
+    assert_same_hub_folder(tmp_path / "exported", reference / "hf", WEIGHT_TOL)
     # Only rank 0 wrote the run folder.
     assert run_folder_entries(run) == run_folder_entries(reference)
 
@@ -179,7 +184,7 @@ def test_a_checkpoint_resumes_in_another_layout(data, tmp_path, single_rank):
     got, want = losses_by_step(run, STEPS), losses_by_step(reference, STEPS)
     for step in range(6, STEPS + 1):
         assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), (step, got[step], want[step])
-    assert_same_hub_folder(run / "hf", reference / "hf", 1e-6)
+    assert_same_hub_folder(run / "hf", reference / "hf", WEIGHT_TOL)
 
 
 @pytest.mark.parametrize("np_,sets,expected", [
