@@ -3,10 +3,13 @@ gradients on each rank, fp32 masters and moments in AdamW, gradients summed
 over micro-batches in fp32 (precision.grad_accum) and averaged over dp in
 fp32 or bf16 (parallel.reduce_dtype).
 
-dp 2 and pp 2 do the single rank's bf16 arithmetic: a dp replica's
-micro-batches are a subset of the single rank's, summed in the same fp32
-holders and averaged with powers of two, and a pipeline stage computes the
-same bf16 ops and passes the same bf16 hidden states. Tensor parallelism
+pp 2 does the single rank's bf16 arithmetic: a pipeline stage computes the
+same bf16 ops and passes the same bf16 hidden states. dp 2 does too, but
+for the order of one sum: a replica sums its half of the step's
+micro-batches in fp32 and the all-reduce adds the two halves, where the
+single rank adds the micro-batches one by one; exact where those sums are
+(on the Intel machines of earlier sessions), 1.2e-5 apart by step 6 on an
+AMD EPYC, so dp 2 is held to 5e-5. Tensor parallelism
 rounds each rank's partial sums to bf16 before they are added, so tp runs are
 held to bf16's own tolerance, not fp32's.
 """
@@ -33,7 +36,7 @@ def single_rank(data, tmp_path_factory):
 
 
 @pytest.mark.parametrize("ranks,sets,tolerance", [
-    (2, {}, 1e-5),
+    (2, {}, 5e-5),
     (2, {"parallel.pp": 2}, 1e-5),
     (4, {"parallel.tp": 2}, 2e-2),
     (2, {"precision.grad_accum": "bf16", "parallel.reduce_dtype": "bf16"}, 2e-2),
