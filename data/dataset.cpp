@@ -572,7 +572,9 @@ Dataset::~Dataset() = default;
 // reads the child has done (training's later reads go through the same
 // chunks the child read). A child that dies, runs out of its address-space
 // allowance or does not finish in time makes the dataset BadInput naming the
-// shard it was reading. Shards are probed when first needed (Note [Lazy
+// shard it was reading (a child that times out is tried once more first: it
+// can hang on a lock that another thread held at fork(), util/isolated.h).
+// Shards are probed when first needed (Note [Lazy
 // shard checks]), several in one child where the caller knows them ahead
 // (the loader: the shards of the next step), so a rank probes only the
 // shards it reads; the cost is one fork per batch and each shard's metadata
@@ -588,6 +590,9 @@ void Dataset::Impl::probe_in_child(const std::vector<size_t>& shards) const {
   isolation.timeout = std::chrono::seconds(options.probe_timeout_seconds > 0
                                                ? uint64_t{options.probe_timeout_seconds}
                                                : 120 + shard_bytes / (uint64_t{8} << 20));
+  // The prefetch thread forks while the training thread runs: a second child
+  // where the first hangs on a lock it inherited (util/isolated.h, attempts).
+  isolation.attempts = 2;
   isolation.prepare = hdf5::lock_for_fork;
   isolation.in_parent = hdf5::unlock_after_fork;
   isolation.in_child = hdf5::renew_lock_in_child;

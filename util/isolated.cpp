@@ -128,7 +128,9 @@ bool parse_records(const std::string& bytes, IsolatedResult& result) {
 
 void IsolatedChannel::progress(const std::string& what) { write_record(fd_, kProgress, what); }
 
-IsolatedResult run_isolated(const std::function<void(IsolatedChannel&)>& work, const IsolatedOptions& options) {
+namespace {
+
+IsolatedResult run_once(const std::function<void(IsolatedChannel&)>& work, const IsolatedOptions& options) {
   int fds[2];
   if (::pipe2(fds, O_CLOEXEC) != 0) throw std::system_error(errno, std::generic_category(), "pipe2");
   const pid_t parent = ::getpid();
@@ -167,8 +169,8 @@ IsolatedResult run_isolated(const std::function<void(IsolatedChannel&)>& work, c
       ::close(fds[0]);
       parse_records(bytes, result);
       result.outcome = IsolatedOutcome::kTimedOut;
-      result.how = "no answer in " +
-                   std::to_string(std::chrono::duration_cast<std::chrono::seconds>(options.timeout).count()) + " s";
+      const auto ms = options.timeout.count();
+      result.how = "no answer in " + (ms % 1000 == 0 ? std::to_string(ms / 1000) + " s" : std::to_string(ms) + " ms");
       return result;
     }
     if (!eof) {
@@ -202,6 +204,17 @@ IsolatedResult run_isolated(const std::function<void(IsolatedChannel&)>& work, c
   result.how = !status_known ? "ended without an answer"
                : WIFEXITED(status) && WEXITSTATUS(status) == 0 ? "exit status 0 without an answer"
                                                                : describe_status(status);
+  return result;
+}
+
+}  // namespace
+
+IsolatedResult run_isolated(const std::function<void(IsolatedChannel&)>& work, const IsolatedOptions& options) {
+  IsolatedResult result = run_once(work, options);
+  for (int attempt = 1; attempt < options.attempts && result.outcome == IsolatedOutcome::kTimedOut; ++attempt)
+    result = run_once(work, options);
+  if (result.outcome == IsolatedOutcome::kTimedOut && options.attempts > 1)
+    result.how += ", each of " + std::to_string(options.attempts) + " children";
   return result;
 }
 

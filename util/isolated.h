@@ -60,13 +60,22 @@ struct IsolatedOptions {
   // inherited (RLIMIT_AS): a crafted length field that makes a library
   // allocate gigabytes fails there instead of swapping the node. 0: no limit.
   uint64_t address_space_headroom = uint64_t{4} << 30;
+  // How many children to try before a timeout is the answer. A child can
+  // hang through no fault of the work: fork() copies only the calling
+  // thread, and a lock that another thread held inside a runtime without
+  // fork handlers stays held in the child forever (GCC 12's ASan allocator:
+  // a child that allocates while another thread allocates hung in 1 of 2000
+  // forks here; glibc's malloc takes its locks around fork() and never did).
+  // A fresh child meets the other threads at another moment; work that
+  // loops by itself times out every time.
+  int attempts = 1;
   std::function<void()> prepare;    // in the parent, just before fork()
   std::function<void()> in_parent;  // in the parent, just after fork()
   std::function<void()> in_child;   // in the child, first thing
 };
 
-// Forks, runs `work` in the child and waits for it (at most options.timeout).
-// Throws std::system_error when the child cannot be started.
+// Forks, runs `work` in the child and waits for it (at most options.timeout,
+// options.attempts times while it times out). Throws std::system_error when the child cannot be started.
 IsolatedResult run_isolated(const std::function<void(IsolatedChannel&)>& work, const IsolatedOptions& options);
 
 }  // namespace loom

@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdlib>
 #include <mutex>
 #include <new>
@@ -95,6 +96,80 @@ TEST(IsolatedTest, AChildThatDoesNotFinishIsKilledAtTheDeadline) {
   EXPECT_NE(result.how.find("no answer"), std::string::npos) << result.how;
   EXPECT_GE(took, milliseconds(300));
   EXPECT_LT(took, std::chrono::seconds(10));
+}
+
+TEST(IsolatedTest, AChildHungOnALockItInheritedIsTriedAgain) {
+  // Another thread holds a mutex when the first child is forked: the child's
+  // copy stays locked forever and the child hangs on it (as on an allocator's
+  // lock in a runtime without fork handlers). By the second fork the thread
+  // has let go, and the second child finishes.
+  std::mutex mutex;
+  std::mutex control;
+  std::condition_variable changed;
+  bool holding = false;
+  bool release = false;
+  std::thread holder([&] {
+    std::unique_lock<std::mutex> hold(mutex);
+    std::unique_lock<std::mutex> lock(control);
+    holding = true;
+    changed.notify_all();
+    changed.wait(lock, [&] { return release; });
+  });
+  {
+    std::unique_lock<std::mutex> lock(control);
+    changed.wait(lock, [&] { return holding; });
+  }
+  int forks = 0;
+  IsolatedOptions options;
+  options.timeout = milliseconds(500);
+  options.attempts = 2;
+  options.prepare = [&] {
+    if (++forks < 2) return;
+    {
+      std::lock_guard<std::mutex> lock(control);
+      release = true;
+    }
+    changed.notify_all();
+    holder.join();  // the mutex is free before the second fork
+  };
+  const IsolatedResult result = run_isolated(
+      [&](IsolatedChannel& channel) {
+        channel.progress("locking");
+        std::lock_guard<std::mutex> hold(mutex);
+      },
+      options);
+  if (holder.joinable()) {
+    {
+      std::lock_guard<std::mutex> lock(control);
+      release = true;
+    }
+    changed.notify_all();
+    holder.join();
+  }
+  EXPECT_EQ(result.outcome, IsolatedOutcome::kFinished) << result.how;
+  // Two forks: the first child hung (a finished one is not tried again).
+  EXPECT_EQ(forks, 2);
+}
+
+TEST(IsolatedTest, WorkThatLoopsTimesOutInEveryAttempt) {
+  IsolatedOptions options;
+  options.timeout = milliseconds(300);
+  options.attempts = 2;
+  int forks = 0;
+  options.prepare = [&] { ++forks; };
+  const auto start = std::chrono::steady_clock::now();
+  const IsolatedResult result = run_isolated(
+      [](IsolatedChannel& channel) {
+        channel.progress("looping");
+        for (;;) ::pause();
+      },
+      options);
+  const auto took = std::chrono::steady_clock::now() - start;
+  EXPECT_EQ(forks, 2);
+  EXPECT_EQ(result.outcome, IsolatedOutcome::kTimedOut);
+  EXPECT_EQ(result.last_progress, "looping");
+  EXPECT_EQ(result.how, "no answer in 300 ms, each of 2 children");
+  EXPECT_GE(took, milliseconds(600));
 }
 
 TEST(IsolatedTest, TheChildCannotMapMuchBeyondItsHeadroom) {
