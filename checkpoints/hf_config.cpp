@@ -202,11 +202,8 @@ void read_experts(const Reader& r, const json& hf, ModelConfig& m) {
   m.num_experts = r.integer(count_key, mixtral ? 8 : (qwen2_moe ? 60 : 128));
   m.num_experts_per_tok = r.integer("num_experts_per_tok", mixtral ? 2 : (qwen2_moe ? 4 : 8));
   m.router_aux_loss_coef = r.number("router_aux_loss_coef", 0.001);
-  // transformers adds the load-balancing loss to the training loss only with
-  // output_router_logits; loom does not compute it yet.
-  if (r.boolean("output_router_logits", false)) {
-    r.fail("output_router_logits", "is true", "false: loom trains without the router's auxiliary loss");
-  }
+  // Training adds the load-balancing loss with it (Note [load-balancing loss]).
+  m.output_router_logits = r.boolean("output_router_logits", false);
   if (mixtral) {
     if (r.number("router_jitter_noise", 0.0) != 0.0) {
       r.fail("router_jitter_noise", "is " + hf.at("router_jitter_noise").dump(), "0: loom routes without noise");
@@ -508,7 +505,7 @@ nlohmann::ordered_json model_config_to_hf(const ModelConfig& m, const std::strin
       hf["use_sliding_window"] = false;
     }
     hf["router_aux_loss_coef"] = m.router_aux_loss_coef;
-    hf["output_router_logits"] = false;
+    hf["output_router_logits"] = m.output_router_logits;
   }
   if (m.architecture == "smollm3") {
     ojson flags = ojson::array();

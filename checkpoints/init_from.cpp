@@ -145,6 +145,10 @@ ModelFiles open_init_from(Config& config) {
   resolved.init_from = folder;
   resolved.init_std = asked.init_std;
   resolved.recompute = asked.recompute;  // how to train, not what the folder holds
+  // The load-balancing loss is how to train too, but the Hub's config.json
+  // says it (Note [load-balancing loss]): the folder's unless the config gives it.
+  if (config.given.count("model.output_router_logits") > 0) resolved.output_router_logits = asked.output_router_logits;
+  if (config.given.count("model.router_aux_loss_coef") > 0) resolved.router_aux_loss_coef = asked.router_aux_loss_coef;
   // Shapes only: this model's storage is allocated but never touched. The
   // folder holds the vocabulary before it grows.
   LocalLayerFactory factory;

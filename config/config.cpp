@@ -359,6 +359,10 @@ class Validator {
       if (!m.mlp_only_layers.empty())
         fail_at({"model.mlp_only_layers", "model.architecture"}, "model.mlp_only_layers is set for architecture " + arch,
                 "an empty list: only qwen2_moe and qwen3_moe have dense layers among sparse ones");
+      if (m.output_router_logits)
+        fail_at({"model.output_router_logits", "model.architecture"},
+                "model.output_router_logits is set for architecture " + arch + ", which has no router",
+                "false, or architecture mixtral, qwen2_moe or qwen3_moe");
       return;
     }
     // model.init_from's config.json supplies whatever the YAML leaves at 0.
@@ -618,6 +622,7 @@ Config compose(const std::vector<config_compose::Document>& chain, const std::st
   Loader loader(config, origins, source_name);
   for (const std::string& argument : overrides) loader.apply_override(argument);
   validate(config, origins);
+  for (const auto& [key, where] : origins.all()) config.given.insert(key);
   if (origins_out != nullptr) *origins_out = origins.all();
   return config;
 }

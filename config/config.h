@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <map>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -173,6 +174,7 @@ struct Config {
   LaunchConfig launch;
 
   std::string source_path;  // the YAML file it was read from ("" when built in code)
+  std::set<std::string> given;  // the keys the YAML or --set gave ("model.seed"), not left at their defaults
   std::vector<std::string> base_files;  // its base: chain, deepest first (config/config_compose.h)
 };
 

@@ -164,8 +164,12 @@ std::vector<KeySpec> build_table() {
       {"model.norm_topk_prob", LOOM_FIELD(model.norm_topk_prob), "", "",
        "qwen2_moe, qwen3_moe: divide the k kept routing weights by their sum (HF norm_topk_prob; mixtral always does)"},
       {"model.router_aux_loss_coef", LOOM_FIELD(model.router_aux_loss_coef), "", "",
-       "the load-balancing loss's coefficient, carried to config.json (HF router_aux_loss_coef); loom adds no "
-       "auxiliary loss, as transformers adds none with output_router_logits false", kNonNegative},
+       "the load-balancing loss's weight in the training loss when model.output_router_logits is set (HF "
+       "router_aux_loss_coef); with model.init_from the folder's unless given here", kNonNegative},
+      {"model.output_router_logits", LOOM_FIELD(model.output_router_logits), "", "",
+       "mixtral, qwen2_moe, qwen3_moe: add router_aux_loss_coef times the load-balancing loss, per sequence and "
+       "sparse layer, to the training loss (HF output_router_logits; docs/training.md); with model.init_from the "
+       "folder's unless given here"},
       {"model.decoder_sparse_step", LOOM_FIELD(model.decoder_sparse_step), "", "layers",
        "qwen2_moe, qwen3_moe: layer i has experts when (i + 1) is a multiple of it (HF decoder_sparse_step)",
        kAtLeastOne},

@@ -127,7 +127,8 @@ struct ModelConfig {
   int64_t moe_intermediate_size = 0;  // qwen: width of one expert (mixtral's is intermediate_size)
   int64_t shared_expert_intermediate_size = 0;  // qwen2_moe: width of the shared expert; 0 = none
   bool norm_topk_prob = false;        // qwen: renormalize the kept weights to sum to 1 (mixtral always does)
-  double router_aux_loss_coef = 0.001;  // carried to config.json; loom adds no auxiliary loss (output_router_logits false)
+  double router_aux_loss_coef = 0.001;  // the load-balancing loss's weight in the training loss ...
+  bool output_router_logits = false;    // ... which is added when this is set (Note [load-balancing loss] in model/moe.h)
   int64_t decoder_sparse_step = 1;      // qwen: layer i is sparse when (i + 1) % step == 0 ...
   std::vector<int64_t> mlp_only_layers;  // ... and i is not listed here (those keep a dense MLP)
 

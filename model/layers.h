@@ -169,6 +169,12 @@ class ExpertCollectives {
   // tensor parallelism each rank's partial sum) -> this rank's residual
   // stream [batch, s', hidden].
   virtual torch::Tensor output(const torch::Tensor& y_btd) const { return y_btd; }
+  // Per-row totals [batch, n] of what this rank counted over its share of
+  // the rows' tokens -> the same over every token of the rows, summed over
+  // the ranks that hold the other shares (context parallelism's ring; under
+  // sequence parallelism token_ids has gathered the tp group's already).
+  // Outside autograd (Note [load-balancing loss] in model/moe.h).
+  virtual torch::Tensor row_totals(const torch::Tensor& per_row_bn) const { return per_row_bn; }
 };
 
 // Each method is one role; a factory overrides the roles its parallelism

@@ -1,6 +1,7 @@
 #include "model/moe.h"
 
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
 
 #include <algorithm>
 #include <string>
@@ -13,6 +14,29 @@ namespace loom {
 namespace {
 // A module that only groups children, so names read "experts.3.w1.weight".
 class Container : public torch::nn::Module {};
+
+// Note [load-balancing loss]: `output` unchanged; in backward, whatever
+// gradient reaches it, `loss` (a scalar of the graph) gets `weight`, as if
+// weight * loss had been added to the training loss.
+class AddLossGradient : public torch::autograd::Function<AddLossGradient> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* context, const torch::Tensor& output,
+                               const torch::Tensor& loss, double weight) {
+    context->saved_data["weight"] = weight;
+    context->saved_data["dtype"] = static_cast<int64_t>(loss.scalar_type());
+    return output;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* context,
+                                                 torch::autograd::variable_list grads) {
+    const auto dtype = static_cast<at::ScalarType>(context->saved_data["dtype"].toInt());
+    return {grads[0], at::full({}, context->saved_data["weight"].toDouble(), grads[0].options().dtype(dtype)),
+            torch::Tensor()};
+  }
+};
+
+torch::Tensor accumulate(const torch::Tensor& sum, const torch::Tensor& value) {
+  return sum.defined() ? sum + value : value;
+}
 }  // namespace
 
 ExpertMlp::ExpertMlp(int64_t hidden, int64_t intermediate, const Names& names, const LayerFactory& factory) {
@@ -104,6 +128,23 @@ torch::Tensor SparseMoeBlock::forward(const torch::Tensor& x_btd) {
     probability_sum_e_ = probability_sum_e_.defined() ? probability_sum_e_ + probability : probability;
   }
 
+  // Note [load-balancing loss]: this rank's part of B(row, layer), summed
+  // over the micro-batch's rows.
+  torch::Tensor balance;
+  if (balance_weight_ > 0.0 && at::GradMode::is_enabled()) {
+    const torch::Tensor chosen_rows = chosen_all.reshape({batch, -1});  // the tp group's tokens of each row
+    const torch::Tensor counts_be = collectives_->row_totals(
+        at::zeros({batch, num_experts}, probs.options())
+            .scatter_add_(1, chosen_rows, at::ones(chosen_rows.sizes(), probs.options())));
+    const torch::Tensor row_tokens_b1 = counts_be.sum(1, /*keepdim=*/true) / static_cast<double>(top_k_);
+    const torch::Tensor probability_be = probs.reshape({batch, -1, num_experts}).sum(1);  // this rank's tokens
+    balance = (counts_be * probability_be / row_tokens_b1.square()).sum() * static_cast<double>(num_experts);
+    at::NoGradGuard no_grad;
+    balance_sum_ = accumulate(balance_sum_, balance.detach());
+    const double tokens_here = static_cast<double>(probs.size(0) / batch);
+    row_share_sum_ = accumulate(row_share_sum_, (tokens_here / row_tokens_b1).sum());
+  }
+
   const torch::Tensor x_sorted = x.index_select(0, pair_token);
   const std::vector<int64_t> rows_per_expert(count, count + num_experts);
   const torch::Tensor experts_out =
@@ -122,7 +163,8 @@ torch::Tensor SparseMoeBlock::forward(const torch::Tensor& x_btd) {
                 shared_expert_->forward(x);
   }
   // Under tensor parallelism y is this rank's partial sum: reduced once here.
-  return collectives_->output(y.view(x_full_btd.sizes()));
+  const torch::Tensor out = collectives_->output(y.view(x_full_btd.sizes()));
+  return balance.defined() ? AddLossGradient::apply(out, balance, balance_weight_) : out;
 }
 
 torch::Tensor SparseMoeBlock::run_local_experts(const torch::Tensor& rows, const std::vector<int64_t>& rows_per_expert) {
@@ -138,30 +180,42 @@ torch::Tensor SparseMoeBlock::run_local_experts(const torch::Tensor& rows, const
   return at::cat(outputs, 0);
 }
 
-std::pair<torch::Tensor, torch::Tensor> SparseMoeBlock::take_sums() {
-  const int64_t num_experts = num_experts_;
-  const auto zeros = [&] { return torch::zeros({num_experts}, torch::kDouble); };
-  std::pair<torch::Tensor, torch::Tensor> sums{
-      tokens_sum_e_.defined() ? tokens_sum_e_ : zeros(),
-      probability_sum_e_.defined() ? probability_sum_e_.to(torch::kCPU, torch::kDouble) : zeros()};
-  tokens_sum_e_ = torch::Tensor();
-  probability_sum_e_ = torch::Tensor();
+SparseMoeBlock::Sums SparseMoeBlock::take_sums() {
+  const auto on_cpu = [](const torch::Tensor& sum, at::IntArrayRef shape) {
+    return sum.defined() ? sum.to(torch::kCPU, torch::kDouble) : torch::zeros(shape, torch::kDouble);
+  };
+  Sums sums{on_cpu(tokens_sum_e_, {num_experts_}), on_cpu(probability_sum_e_, {num_experts_}),
+            on_cpu(balance_sum_, {}), on_cpu(row_share_sum_, {})};
+  tokens_sum_e_ = probability_sum_e_ = balance_sum_ = row_share_sum_ = torch::Tensor();
   return sums;
 }
 
 bool is_expert_parameter(const std::string& name) { return name.find(".experts.") != std::string::npos; }
 
+RouterStats zero_router_stats(const ModelConfig& model) {
+  return {torch::zeros({model.num_layers, model.num_experts}, torch::kDouble),
+          torch::zeros({model.num_layers, model.num_experts}, torch::kDouble),
+          torch::zeros({model.num_layers}, torch::kDouble), torch::zeros({model.num_layers}, torch::kDouble)};
+}
+
 RouterStats take_router_stats(const torch::nn::Module& module, const ModelConfig& model) {
-  RouterStats stats{torch::zeros({model.num_layers, model.num_experts}, torch::kDouble),
-                    torch::zeros({model.num_layers, model.num_experts}, torch::kDouble)};
+  RouterStats stats = zero_router_stats(model);
   for (const auto& child : module.modules()) {
     auto* block = dynamic_cast<SparseMoeBlock*>(child.get());
     if (block == nullptr) continue;
-    auto [tokens, probability] = block->take_sums();
-    stats.tokens_le[block->layer()] += tokens;
-    stats.probability_le[block->layer()] += probability;
+    const SparseMoeBlock::Sums sums = block->take_sums();
+    stats.tokens_le[block->layer()] += sums.tokens_e;
+    stats.probability_le[block->layer()] += sums.probability_e;
+    stats.balance_l[block->layer()] += sums.balance;
+    stats.rows_l[block->layer()] += sums.rows;
   }
   return stats;
+}
+
+void set_balance_weight(torch::nn::Module& module, double weight) {
+  for (const auto& child : module.modules()) {
+    if (auto* block = dynamic_cast<SparseMoeBlock*>(child.get())) block->set_balance_weight(weight);
+  }
 }
 
 RouterMetrics router_metrics(const RouterStats& stats) {
@@ -183,6 +237,11 @@ RouterMetrics router_metrics(const RouterStats& stats) {
   const torch::Tensor share_e = stats.tokens_le.sum(0) / rows;
   const torch::Tensor probability_e = stats.probability_le.sum(0) / rows;
   metrics.aux_loss = static_cast<double>(num_experts) * (share_e * probability_e).sum().item<double>();
+  // Note [load-balancing loss]: the ranks' parts of each row's B and their
+  // shares of its tokens, so that the mean is over whole rows and layers
+  // however the ranks split them (or repeat them: tp without sequence parallelism).
+  const double row_layers = stats.rows_l.sum().item<double>();
+  if (row_layers > 0) metrics.balance_loss = stats.balance_l.sum().item<double>() / row_layers;
   return metrics;
 }
 

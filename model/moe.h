@@ -32,9 +32,8 @@
 // tokens when none chose it, so that each parameter has a gradient (zeros)
 // on every rank and data parallelism's reduction finds the same tensors
 // everywhere. Under expert parallelism a rank holds only its share of the
-// experts (Note [expert exchange]). The load-balancing loss is not added:
-// transformers adds it only with output_router_logits, which the Hub's MoE
-// configs leave false.
+// experts (Note [expert exchange]). The load-balancing loss joins the
+// training loss with output_router_logits (Note [load-balancing loss]).
 //
 // Note [experts under tensor parallelism]
 // Under tensor parallelism each rank holds a column slice of every expert's
@@ -60,6 +59,39 @@
 // rank routes the same tokens alike and so runs the same experts' shapes;
 // under expert parallelism each tp rank exchanges over its own ep group
 // (partial sums travel back as they are).
+//
+// Note [load-balancing loss]
+// With model.output_router_logits the training loss gains
+// router_aux_loss_coef times the mean, over the step's sequences (rows) and
+// the model's sparse layers, of
+//   B(row, layer) = E * sum_e f_e * P_e,
+//   f_e = (assignments of the row's tokens to expert e) / T,
+//   P_e = (expert e's router probability summed over the row's tokens) / T,
+// T the row's tokens: transformers' load_balancing_loss_func taken over one
+// row and one layer (k when balanced, as transformers' is), where
+// transformers takes it once over the micro-batch's tokens of all layers.
+// The per-row form is DeepSeek-V3's sequence-wise balance loss (and
+// Megatron's seq_aux_loss). loom takes it because it keeps the step
+// independent of the layout: how the step's rows are grouped into
+// micro-batches depends on dp (the loader deals a step's rows to the
+// replicas in turn), and a micro-batch's loss would change with it, while
+// a row's does not. The per-layer form needs nothing from other layers, so
+// pipeline stages add their own layers' terms.
+// f_e is a count (no gradient): the loss reaches the router through P_e.
+// The block adds its term where its output's gradient passes
+// (AddLossGradient in moe.cpp: the output unchanged forward; in backward
+// the term's gradient, `weight`), so that no loss value travels between
+// pipeline stages: weight = coef * cp / (sparse layers * rows per replica
+// and step), the dp x cp average of the gradients making it coef / (sparse
+// layers * rows of the step). Under context parallelism (and sequence
+// parallelism) a rank holds part of each row's tokens: the counts are
+// totalled over the ranks that hold the rest (ExpertCollectives::row_totals:
+// an all-reduce over cp of [rows, E] per sparse layer and micro-batch),
+// each rank's P_e covers its own tokens, and the ranks' terms add up to the
+// row's. Only a forward that records a graph adds the term: recomputation
+// in backward adds it once, evaluation never.
+// The step's mean B over rows and sparse layers is logged as
+// router_balance_loss (the `loss` logged stays the cross-entropy).
 //
 // Note [router metrics]
 // Each block adds up, from every forward until take_router_stats, the
@@ -153,9 +185,17 @@ class SparseMoeBlock : public FeedForward {
   // The spread of the last forward's tokens.
   const RouterLoad& last_load() const { return last_load_; }
   int64_t layer() const { return layer_; }
+  // Note [load-balancing loss]: the weight of this block's term in the
+  // gradient (0: no term).
+  void set_balance_weight(double weight) { balance_weight_ = weight; }
   // The sums of Note [router metrics] since the last call, as float64 CPU
-  // tensors [num_experts]; the block's sums start again from zero.
-  std::pair<torch::Tensor, torch::Tensor> take_sums();
+  // tensors (tokens and probability [num_experts]; balance, this rank's
+  // B(row, layer) parts summed, and rows, its shares of the rows' tokens
+  // summed, [] each); the block's sums start again from zero.
+  struct Sums {
+    torch::Tensor tokens_e, probability_e, balance, rows;
+  };
+  Sums take_sums();
 
  private:
   // This rank's experts over `rows`, grouped by local expert.
@@ -175,6 +215,8 @@ class SparseMoeBlock : public FeedForward {
   RouterLoad last_load_;
   torch::Tensor tokens_sum_e_;       // float64 CPU [experts]; undefined: none yet
   torch::Tensor probability_sum_e_;  // float32 on the device [experts]
+  double balance_weight_ = 0.0;
+  torch::Tensor balance_sum_, row_share_sum_;  // float32 on the device []; undefined: none yet
 };
 
 // Whether parameter `name` belongs to one of the routed experts
@@ -187,15 +229,25 @@ bool is_expert_parameter(const std::string& name);
 // CPU tensors [num_layers, num_experts] whose rows of layers the module does
 // not hold, or that are dense, are zeros: summed over the chunks and ranks
 // they describe the whole model.
+// balance_l and rows_l [num_layers]: Note [load-balancing loss]'s sums.
 struct RouterStats {
   torch::Tensor tokens_le;
   torch::Tensor probability_le;
+  torch::Tensor balance_l;
+  torch::Tensor rows_l;
 };
 RouterStats take_router_stats(const torch::nn::Module& module, const ModelConfig& model);
+// All zeros, the shapes take_router_stats gives.
+RouterStats zero_router_stats(const ModelConfig& model);
+
+// Note [load-balancing loss]: gives every sparse block of `module` the
+// weight of its term; 0 turns the loss off.
+void set_balance_weight(torch::nn::Module& module, double weight);
 
 struct RouterMetrics {
   double load_max_over_mean = 0.0;
   double aux_loss = 0.0;
+  double balance_loss = 0.0;  // the mean B(row, layer); 0 when no block added a term
 };
 // The metrics of stats summed over all ranks; zeros when no token was routed.
 RouterMetrics router_metrics(const RouterStats& stats);

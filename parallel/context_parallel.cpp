@@ -374,6 +374,35 @@ torch::Tensor RingAttentionCore::forward_documents(const torch::Tensor& q_bhtd, 
 ContextParallelLayerFactory::ContextParallelLayerFactory(const LayerFactory& base, ProcessGroup& cp, int64_t seq_len)
     : base_(base), cp_(cp), seq_len_(seq_len), positions_(zigzag_positions(seq_len, cp.rank(), cp.size())) {}
 
+namespace {
+
+// The base factory's expert collectives; a row's tokens are spread over the
+// cp ranks, so its totals are summed over the ring.
+class ContextParallelExpertCollectives final : public ExpertCollectives {
+ public:
+  ContextParallelExpertCollectives(std::shared_ptr<ExpertCollectives> base, ProcessGroup& cp)
+      : base_(std::move(base)), cp_(cp) {}
+  torch::Tensor expert_input(const torch::Tensor& x_btd) const override { return base_->expert_input(x_btd); }
+  torch::Tensor token_values(const torch::Tensor& v_btn) const override { return base_->token_values(v_btn); }
+  torch::Tensor token_ids(const torch::Tensor& ids_btn) const override { return base_->token_ids(ids_btn); }
+  torch::Tensor output(const torch::Tensor& y_btd) const override { return base_->output(y_btd); }
+  torch::Tensor row_totals(const torch::Tensor& per_row_bn) const override {
+    torch::Tensor totals = base_->row_totals(per_row_bn).contiguous();
+    all_reduce_through_cpu(cp_, totals);
+    return totals;
+  }
+
+ private:
+  std::shared_ptr<ExpertCollectives> base_;
+  ProcessGroup& cp_;
+};
+
+}  // namespace
+
+std::shared_ptr<ExpertCollectives> ContextParallelLayerFactory::expert_collectives() const {
+  return std::make_shared<ContextParallelExpertCollectives>(base_.expert_collectives(), cp_);
+}
+
 std::shared_ptr<AttentionCore> ContextParallelLayerFactory::attention_core(const ModelConfig& model,
                                                                             int64_t layer) const {
   // The base's options (scale, window, soft-capping), its kernel replaced.

@@ -134,7 +134,8 @@ class ContextParallelLayerFactory : public LayerFactory {
   std::shared_ptr<Linear> expert_linear(int64_t in_features, int64_t out_features, LinearRole role) const override {
     return base_.expert_linear(in_features, out_features, role);
   }
-  std::shared_ptr<ExpertCollectives> expert_collectives() const override { return base_.expert_collectives(); }
+  // The base's, whose row totals also add up the cp ranks' shares.
+  std::shared_ptr<ExpertCollectives> expert_collectives() const override;
   int64_t sequence_shards() const override { return base_.sequence_shards(); }
   SequenceShare sequence_share() const override { return {seq_len_, positions_}; }
   std::shared_ptr<AttentionCore> attention_core(const ModelConfig& model, int64_t layer) const override;

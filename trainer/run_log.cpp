@@ -173,6 +173,7 @@ void RunLog::logged_step(const StepReport& r, const IntervalReport& in, int64_t 
   if (r.moe) {
     record["router_load_max_over_mean"] = r.router_load_max_over_mean;
     record["router_aux_loss"] = r.router_aux_loss;
+    if (r.router_balance_loss >= 0) record["router_balance_loss"] = r.router_balance_loss;
   }
   write(record);
   if (!out_) return;

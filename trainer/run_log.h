@@ -47,6 +47,9 @@ struct StepReport {
   bool moe = false;
   double router_load_max_over_mean = 0.0;
   double router_aux_loss = 0.0;
+  // Note [load-balancing loss]: the mean over rows and sparse layers, logged
+  // when training adds it (model.output_router_logits); -1 otherwise.
+  double router_balance_loss = -1.0;
   std::vector<uint64_t> samples;  // the step's global sample ids on this rank
   // A skipped step (non-finite, a loss spike, or rolled back earlier):
   bool skipped = false;

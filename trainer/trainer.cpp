@@ -152,6 +152,17 @@ void Trainer::resume() {
 }
 
 void Trainer::make_forward_backward() {
+  if (config_.model.moe() && config_.model.output_router_logits) {
+    // Note [load-balancing loss]: the weight that makes the replicas'
+    // averaged gradients coef times the mean over the step's rows and the
+    // sparse layers (a cp rank's term covers its share of the rows' tokens).
+    int64_t sparse_layers = 0;
+    for (int64_t layer = 0; layer < config_.model.num_layers; ++layer) sparse_layers += config_.model.sparse_layer(layer);
+    const double rows = static_cast<double>(config_.batch.micro_batch_size * micro_batches_);
+    const double weight = config_.model.router_aux_loss_coef * static_cast<double>(dims_.cp) /
+                          (static_cast<double>(std::max<int64_t>(sparse_layers, 1)) * rows);
+    for (const auto& module : parts_->modules) set_balance_weight(*module, weight);
+  }
   ForwardBackwardSetup setup;
   setup.device = device_;
   setup.device_backend = config_.parallel.device_backend;
@@ -270,6 +281,7 @@ StepReport Trainer::train_step() {
     report.moe = true;
     report.router_load_max_over_mean = router.load_max_over_mean;
     report.router_aux_loss = router.aux_loss;
+    report.router_balance_loss = config_.model.output_router_logits ? router.balance_loss : -1.0;
   }
   // A NaN or inf in any micro-batch's loss makes the sum non-finite.
   report.loss = step_loss.item<double>();
@@ -305,18 +317,27 @@ StepReport Trainer::train_step() {
 }
 
 RouterStats Trainer::take_step_router_stats() {
-  RouterStats stats{torch::zeros({config_.model.num_layers, config_.model.num_experts}, torch::kDouble),
-                    torch::zeros({config_.model.num_layers, config_.model.num_experts}, torch::kDouble)};
+  RouterStats stats = zero_router_stats(config_.model);
   for (const auto& module : parts_->modules) {
     const RouterStats part = take_router_stats(*module, config_.model);
     stats.tokens_le += part.tokens_le;
     stats.probability_le += part.probability_le;
+    stats.balance_l += part.balance_l;
+    stats.rows_l += part.rows_l;
   }
   // Every rank's layers and tokens: the pipeline stages hold different
-  // layers, the dp replicas route different tokens.
+  // layers, the dp replicas route different tokens. One reduction: the
+  // four side by side.
   if (groups_.world != nullptr) {
-    all_reduce_through_cpu(*groups_.world, stats.tokens_le, ReduceOp::kSum);
-    all_reduce_through_cpu(*groups_.world, stats.probability_le, ReduceOp::kSum);
+    const int64_t layers = config_.model.num_layers;
+    torch::Tensor all = torch::cat({stats.tokens_le.reshape({-1}), stats.probability_le.reshape({-1}),
+                                    stats.balance_l, stats.rows_l});
+    all_reduce_through_cpu(*groups_.world, all, ReduceOp::kSum);
+    const int64_t cells = stats.tokens_le.numel();
+    stats.tokens_le = all.narrow(0, 0, cells).view(stats.tokens_le.sizes()).clone();
+    stats.probability_le = all.narrow(0, cells, cells).view(stats.probability_le.sizes()).clone();
+    stats.balance_l = all.narrow(0, 2 * cells, layers).clone();
+    stats.rows_l = all.narrow(0, 2 * cells + layers, layers).clone();
   }
   return stats;
 }

@@ -25,6 +25,11 @@ per expert). Then:
   gradient norms and router metrics; the dp 2 x ep 2 run's export (each expert gathered from the rank that holds it)
   is the single rank's, and its step-2 checkpoint (each expert written by
   one rank of its ep rank) resumed on dp 2 without ep logs step 3;
+- with model.output_router_logits (Note [load-balancing loss] in model/moe.h): step 1's logged
+  router_balance_loss is the per-row, per-layer B written out over transformers' router logits, and its
+  gradient norm that of cross-entropy + coef * B; tp 2 (with and without sequence parallelism), pp 2 with
+  full recomputation, dp 2, dp 2 x cp 2 x ep 2 and cp 2 x tp 2 with sequence parallelism train the single
+  rank's steps with it;
 - and with ZeRO under expert parallelism: dp 2 x ep 2 ZeRO-1 and ZeRO-2, dp 4 x ep 2 ZeRO-1 and ZeRO-2,
   dp 2 x ep 2 x tp 2 ZeRO-1, dp 2 x ep 2 x pp 2 ZeRO-2 and dp 2 x cp 2 x ep 2 ZeRO-1 log the single rank's
   losses and gradient norms; the dp 4 x ep 2 ZeRO-2 run's step-2 checkpoint holds the single rank's
@@ -39,7 +44,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import run_loom
-from hub_families import (LOSS_TOLERANCE, VOCAB, check_greedy_generation, check_logits, check_trained_export,
+from hub_families import (LOSS_TOLERANCE, SEQ_LEN, VOCAB, check_greedy_generation, check_logits, check_trained_export,
                           make_family, train as train_family)
 
 SHAPE = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -288,17 +293,125 @@ def test_expert_parallel_zero_checkpoints_resume_across_layouts(family):
     assert abs(resumed[0] - single[2]) < LOSS_TOLERANCE, (resumed, single)
 
 
-def test_the_router_auxiliary_loss_is_refused(family):
-    """transformers adds the load-balancing loss only with output_router_logits; loom does not compute it."""
+# Note [load-balancing loss] in model/moe.h. A coefficient far above the Hub's (0.001-0.02), so that the
+# term's share of the gradient stands well above the tolerances.
+BALANCE = {"model.output_router_logits": "true", "model.router_aux_loss_coef": 0.5}
+BALANCE_LAYOUTS = {
+    "tp2": (2, {"parallel.tp": 2}),
+    "tp2-sp": (2, {"parallel.tp": 2, "parallel.sequence_parallel": "true"}),
+    "pp2-recompute": (2, {"parallel.pp": 2, "model.recompute": "full"}),
+    # dp 2 deals each step's rows to the replicas in turn: other micro-batches than one rank's.
+    "dp2": (2, {"parallel.dp": 2}),
+    "dp2-cp2-ep2": (4, {"parallel.dp": 2, "parallel.cp": 2, "parallel.ep": 2}),
+    "cp2-tp2-sp": (4, {"parallel.cp": 2, "parallel.tp": 2, "parallel.sequence_parallel": "true"}),
+}
+
+
+def metrics_rows(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [row for row in rows if "loss" in row and "step" in row]
+
+
+def dataset_rows(tmp):
+    """The dataset's samples, [4, SEQ_LEN + 1]: step 1's global batch is all of them."""
+    import h5py
+    import numpy as np
+    index = json.loads((tmp / "data" / "index.json").read_text())
+    stream = np.concatenate([h5py.File(tmp / "data" / shard["file"], "r")["tokens"][:].astype(np.int64)
+                             for shard in index["shards"]])
+    samples = (len(stream) - 1) // SEQ_LEN
+    assert samples == 4, samples
+    return torch.from_numpy(np.stack([stream[j * SEQ_LEN: j * SEQ_LEN + SEQ_LEN + 1] for j in range(samples)]))
+
+
+def balance_reference(model, rows, top_k):
+    """transformers' forward of the rows: (cross-entropy, the mean over rows and sparse layers of
+    B = E * sum_e f_e P_e written out from its router logits, the parameters)."""
+    out = model(rows[:, :-1], output_router_logits=True)
+    logits = out.logits.float()
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), rows[:, 1:].reshape(-1))
+    terms = []
+    for layer_logits in out.router_logits:
+        probs = torch.softmax(layer_logits.float(), -1).reshape(rows.size(0), SEQ_LEN, -1)  # [rows, T, E]
+        experts = probs.size(-1)
+        chosen = torch.topk(probs, top_k, -1).indices
+        share = torch.nn.functional.one_hot(chosen, experts).sum(2).float().mean(1)  # f_e [rows, E]
+        terms.append(experts * (share * probs.mean(1)).sum(-1))  # B per row
+    return ce, torch.stack(terms).mean()
+
+
+def grad_norm_of(model, loss):
+    model.zero_grad()
+    loss.backward(retain_graph=True)
+    return torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None)).item()
+
+
+@pytest.fixture(scope="module")
+def balanced_runs(family):
+    """The family's single-rank run with the load-balancing loss."""
     name, _, tmp, _, _ = family
-    if name != "mixtral":
-        pytest.skip("one family is enough: the check reads a key all three share")
-    folder = tmp / "aux-loss"
-    shutil.copytree(tmp / "hf", folder)
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps(dict(config, output_router_logits=True)))
-    ids = torch.zeros(1, 4, dtype=torch.long)
-    save_file({"input_ids": ids}, str(tmp / "aux.ids.safetensors"))
-    proc = run_loom("forward", folder, "--input-ids", tmp / "aux.ids.safetensors", "--output", tmp / "aux.safetensors",
-                    expect=2)
-    assert "output_router_logits is true" in proc.stderr, proc.stderr
+    run, losses, _ = train(tmp, name, "single-balanced", **BALANCE)
+    return run, losses
+
+
+def test_the_balance_loss_is_the_one_written_out_over_transformers_routers(family, balanced_runs):
+    """Step 1 (the forward of the folder's weights over all four samples): loom's logged cross-entropy and
+    router_balance_loss are transformers' own and B's written out from its router logits, and loom's gradient
+    norm is that of cross-entropy + coef * B, not of the cross-entropy alone. The export says
+    output_router_logits and the coefficient, and transformers loads it."""
+    name, model, tmp, _, _ = family
+    run, losses = balanced_runs
+    first = metrics_rows(run)[0]
+    rows = dataset_rows(tmp)
+    ce, balance = balance_reference(model, rows, 2)
+    coef = BALANCE["model.router_aux_loss_coef"]
+    assert abs(first["loss"] - ce.item()) < LOSS_TOLERANCE, (first, ce.item())
+    assert abs(first["router_balance_loss"] - balance.item()) < 1e-5 * balance.item(), (first, balance.item())
+    with_term, without = grad_norm_of(model, ce + coef * balance), grad_norm_of(model, ce)
+    model.zero_grad()
+    assert abs(first["grad_norm"] - with_term) < 1e-5 * with_term, (first["grad_norm"], with_term, without)
+    assert abs(with_term - without) > 1e-3 * with_term, (with_term, without)
+    config = json.loads((run / "hf" / "config.json").read_text())
+    assert config["output_router_logits"] is True and config["router_aux_loss_coef"] == coef, config
+    check_trained_export(name, model, tmp, run, losses)
+
+
+@pytest.mark.parametrize("layout", sorted(BALANCE_LAYOUTS))
+def test_the_balance_loss_does_not_depend_on_the_layout(family, balanced_runs, layout):
+    """Note [load-balancing loss]: per row and layer, so every layout trains the single rank's steps: its
+    losses, gradient norms and router_balance_loss."""
+    name, _, tmp, _, (plain, _) = family
+    if name != LAYOUT_FAMILY:
+        pytest.skip(f"the layouts are checked on {LAYOUT_FAMILY}, whose block has every part")
+    single_run, single = balanced_runs
+    ranks, sets = BALANCE_LAYOUTS[layout]
+    run, losses, _ = train(tmp, name, f"{layout}-balanced", ranks, **BALANCE, **sets)
+    assert max(abs(a - b) for a, b in zip(losses, single)) < LOSS_TOLERANCE, (losses, single)
+    rows, single_rows = metrics_rows(run), metrics_rows(single_run)
+    for row, expected in zip(rows, single_rows):
+        assert abs(row["grad_norm"] - expected["grad_norm"]) <= 1e-5 * expected["grad_norm"], (rows, single_rows)
+        assert abs(row["router_balance_loss"] - expected["router_balance_loss"]) <= 1e-5 * expected[
+            "router_balance_loss"], (rows, single_rows)
+    # The term trained: the balanced run's later steps are not the plain run's.
+    assert abs(single[2] - plain[2]) > 10 * LOSS_TOLERANCE, (single, plain)
+
+
+def test_a_folder_that_says_output_router_logits_trains_with_the_loss_unless_the_config_says_otherwise(
+        family, balanced_runs):
+    """model.init_from of the balanced run's export (config.json: output_router_logits true, coefficient 0.5):
+    the folder's keys hold when the config does not give them, and the config's when it does."""
+    name, _, tmp, _, _ = family
+    if name != LAYOUT_FAMILY:
+        pytest.skip("the keys are read alike for every family")
+    source = tmp / "from-balanced"
+    shutil.copytree(balanced_runs[0] / "hf", source / "hf")
+    (source / "data").symlink_to(tmp / "data")
+    run, _ = train_family(source, FAMILIES[name][2], name, "folder-keys", 1,
+                          model_lines="  num_experts: 4\n  num_experts_per_tok: 2\n")
+    assert all("router_balance_loss" in row for row in metrics_rows(run))
+    assert json.loads((run / "hf" / "config.json").read_text())["output_router_logits"] is True
+    run, _ = train_family(source, FAMILIES[name][2], name, "config-keys", 1,
+                          model_lines="  num_experts: 4\n  num_experts_per_tok: 2\n",
+                          **{"model.output_router_logits": "false"})
+    assert not any("router_balance_loss" in row for row in metrics_rows(run))
+    assert json.loads((run / "hf" / "config.json").read_text())["output_router_logits"] is False

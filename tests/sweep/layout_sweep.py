@@ -127,13 +127,14 @@ def train(config, ranks, timeout):
 
 
 def steps_of(run_dir):
-    """{step: (loss, grad_norm, router_load_max_over_mean, router_aux_loss)} of a run's training records
-    (the router's None for a dense model)."""
+    """{step: (loss, grad_norm, router_load_max_over_mean, router_aux_loss, router_balance_loss)} of a run's
+    training records (the router's None for a dense model, the balance loss without output_router_logits)."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return {}
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {r["step"]: (r["loss"], r.get("grad_norm"), r.get("router_load_max_over_mean"), r.get("router_aux_loss"))
+    return {r["step"]: (r["loss"], r.get("grad_norm"), r.get("router_load_max_over_mean"), r.get("router_aux_loss"),
+                        r.get("router_balance_loss"))
             for r in rows if "loss" in r and "valid_loss" not in r}
 
 
@@ -160,9 +161,9 @@ def compare(got, want, steps):
     loss = max(abs(got[s][0] - want[s][0]) / abs(want[s][0]) for s in steps)
     norm = max(abs(got[s][1] - want[s][1]) / max(abs(want[s][1]), 1e-30) for s in steps)
     for s in steps:
-        for i, name in ((2, "router_load_max_over_mean"), (3, "router_aux_loss")):
+        for i, name in ((2, "router_load_max_over_mean"), (3, "router_aux_loss"), (4, "router_balance_loss")):
             if (got[s][i] is None) != (want[s][i] is None) or (
-                    want[s][i] is not None and abs(got[s][i] - want[s][i]) > 1e-6):
+                    want[s][i] is not None and abs(got[s][i] - want[s][i]) > 1e-6 * max(1.0, abs(want[s][i]))):
                 return loss, norm, f"step {s} {name} {got[s][i]} != single rank {want[s][i]}"
     return loss, norm, None
 

@@ -69,6 +69,9 @@ def draw_model(rng, arch):
             m["decoder_sparse_step"] = rng.choice([1, 1, 2])
             if rng.random() < 0.3:
                 m["mlp_only_layers"] = [rng.randrange(m["num_layers"])]
+        if rng.random() < 0.5:  # Note [load-balancing loss]: a term per sequence and sparse layer
+            m["output_router_logits"] = True
+            m["router_aux_loss_coef"] = rng.choice([0.01, 0.1, 0.5])
         if arch == "qwen2_moe":
             m["shared_expert_intermediate_size"] = rng.choice([rng.randrange(9, 65, 2), rng.choice([12, 24, 48]),
                                                               rng.choice([12, 24, 48])])
@@ -166,7 +169,7 @@ def predicted_refusal(model, data, lay):
         return "sequence parallelism: seq_len / cp not divisible by tp"
     if cp > 1 and data["seq_len"] % (2 * cp):
         return "cp: seq_len not divisible by 2 * cp"
-    if lay["ep"] > 1 and (model["num_experts"] % lay["ep"] or dp % lay["ep"] or lay["zero_stage"] > 0):
+    if lay["ep"] > 1 and (model["num_experts"] % lay["ep"] or dp % lay["ep"] or lay["zero_stage"] == 3):
         return "ep rules"
     if data["global_batch_size"] % (data["micro_batch_size"] * dp):
         return "global batch not a multiple of micro * dp"

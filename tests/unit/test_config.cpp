@@ -185,6 +185,9 @@ std::vector<BadCase> bad_cases() {
       // Mixtures of experts (Note [mixture of experts] in model/moe.h).
       {"experts_for_a_dense_family", m + "  num_experts: 4\n", {},
        {"bad.yaml:8:", "model.num_experts is set for architecture llama", "mixtral, qwen2_moe or qwen3_moe"}},
+      {"balance_loss_for_a_dense_family", m + "  output_router_logits: true\n", {},
+       {"bad.yaml:8:", "model.output_router_logits is set for architecture llama, which has no router",
+        "mixtral, qwen2_moe or qwen3_moe"}},
       {"mixture_of_experts_without_experts", replaced(m, "model:\n", "model:\n  architecture: mixtral\n"), {},
        {"bad.yaml:2:", "model.num_experts is 0 for architecture mixtral"}},
       {"top_k_above_the_experts",

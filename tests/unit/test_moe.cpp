@@ -128,27 +128,95 @@ TEST_P(SparseBlock, ParameterCountsMatchTheModel) {
             sparse_layers * 2 * 3 * m.hidden_size * inter);
 }
 
+// Note [load-balancing loss] written out: for each row of x, B = E * sum_e
+// f_e P_e over the row's tokens, f_e its assignments to e / T, P_e its mean
+// probability of e.
+torch::Tensor reference_balance(const torch::Tensor& gate_weight, const torch::Tensor& x_btd, int64_t top_k) {
+  const int64_t rows = x_btd.size(0), tokens = x_btd.size(1), experts = gate_weight.size(0);
+  torch::Tensor total = torch::zeros({}, torch::kDouble);
+  for (int64_t b = 0; b < rows; ++b) {
+    const auto probs = torch::softmax(torch::matmul(x_btd[b], gate_weight.t()), -1);  // [T, E]
+    const auto chosen = std::get<1>(torch::topk(probs, top_k, -1));
+    std::vector<double> count(static_cast<size_t>(experts), 0.0);
+    for (int64_t t = 0; t < tokens; ++t)
+      for (int64_t j = 0; j < top_k; ++j) count[static_cast<size_t>(chosen[t][j].item<int64_t>())] += 1.0;
+    for (int64_t e = 0; e < experts; ++e) {
+      const double f = count[static_cast<size_t>(e)] / static_cast<double>(tokens);
+      total = total + static_cast<double>(experts) * f * probs.select(1, e).mean().to(torch::kDouble);
+    }
+  }
+  return total;
+}
+
+TEST_P(SparseBlock, TheLoadBalancingTermReachesTheRouterAsIfAddedToTheLoss) {
+  ModelConfig m = moe_config(GetParam());
+  auto model = make_model(m);
+  const std::string block = std::string("model.layers.0.") + m.feed_forward_name();
+  std::shared_ptr<SparseMoeBlock> moe;
+  for (const auto& named : model->named_modules()) {
+    if (named.key() == block) moe = std::dynamic_pointer_cast<SparseMoeBlock>(named.value());
+  }
+  ASSERT_NE(moe, nullptr);
+  const torch::Tensor gate = param(*model, block + ".gate.weight");
+  torch::manual_seed(9);
+  const auto x = torch::randn({3, 7, m.hidden_size});
+  const auto r = torch::randn({3, 7, m.hidden_size});
+  const double weight = 0.7;
+  // The gradients of the gate and the input for loss(out), with the block's term or another added.
+  const auto gradients = [&](double block_weight, bool add_reference) {
+    moe->set_balance_weight(block_weight);
+    model->zero_grad();
+    const auto input = x.clone().requires_grad_(true);
+    torch::Tensor loss = (moe->forward(input) * r).sum();
+    if (add_reference) loss = loss + weight * reference_balance(gate, input, m.num_experts_per_tok);
+    loss.backward();
+    return std::pair{gate.grad().clone(), input.grad().clone()};
+  };
+  const auto [gate_block, input_block] = gradients(weight, false);
+  const auto [gate_reference, input_reference] = gradients(0.0, true);
+  const auto [gate_plain, input_plain] = gradients(0.0, false);
+  EXPECT_LT((gate_block - gate_reference).abs().max().item<double>(), 1e-5 * gate_reference.abs().max().item<double>());
+  EXPECT_LT((input_block - input_reference).abs().max().item<double>(),
+            1e-5 * input_reference.abs().max().item<double>());
+  // The term matters: without it the router's gradient is another.
+  EXPECT_GT((gate_plain - gate_reference).abs().max().item<double>(), 1e-3 * gate_reference.abs().max().item<double>());
+
+  // Its value, per row and layer, is what the step logs (Note [router metrics]):
+  // three forwards took it above, two with a weight.
+  take_router_stats(*model, m);
+  moe->set_balance_weight(weight);
+  moe->forward(x);
+  const RouterMetrics metrics = router_metrics(take_router_stats(*model, m));
+  torch::NoGradGuard no_grad;
+  EXPECT_NEAR(metrics.balance_loss, reference_balance(gate, x, m.num_experts_per_tok).item<double>() / 3, 1e-6);
+  // A forward that records no graph (evaluation, recomputation's first pass) adds nothing.
+  moe->forward(x);
+  EXPECT_EQ(router_metrics(take_router_stats(*model, m)).balance_loss, 0.0);
+}
+
 INSTANTIATE_TEST_SUITE_P(Families, SparseBlock, testing::Values("mixtral", "qwen2_moe", "qwen3_moe"),
                          [](const testing::TestParamInfo<std::string>& info) { return info.param; });
 
 TEST(RouterMetrics, BalancedRoutingGivesOneAndTopKAndSkewGivesMore) {
   // Two layers of 4 experts, 4 tokens of top 2. Layer 0 balanced with
   // uniform probabilities: transformers' loss is k = 2; layer 1 dense (zeros).
-  RouterStats balanced{torch::zeros({2, 4}, torch::kDouble), torch::zeros({2, 4}, torch::kDouble)};
+  ModelConfig two_layers = moe_config("mixtral");
+  two_layers.num_layers = 2;
+  RouterStats balanced = zero_router_stats(two_layers);
   balanced.tokens_le[0].fill_(2.0);
   balanced.probability_le[0].fill_(1.0);
   RouterMetrics metrics = router_metrics(balanced);
   EXPECT_DOUBLE_EQ(metrics.load_max_over_mean, 1.0);
   EXPECT_DOUBLE_EQ(metrics.aux_loss, 2.0);
   // Every token on experts 0 and 1, with most of its probability there.
-  RouterStats skewed{torch::zeros({2, 4}, torch::kDouble), torch::zeros({2, 4}, torch::kDouble)};
+  RouterStats skewed = zero_router_stats(two_layers);
   skewed.tokens_le[0] = torch::tensor({4.0, 4.0, 0.0, 0.0}, torch::kDouble);
   skewed.probability_le[0] = torch::tensor({1.6, 1.6, 0.4, 0.4}, torch::kDouble);
   metrics = router_metrics(skewed);
   EXPECT_DOUBLE_EQ(metrics.load_max_over_mean, 2.0);
   EXPECT_NEAR(metrics.aux_loss, 4 * (1.0 * 0.4 + 1.0 * 0.4), 1e-12);
   // Nothing routed: zeros, not NaN.
-  metrics = router_metrics(RouterStats{torch::zeros({2, 4}, torch::kDouble), torch::zeros({2, 4}, torch::kDouble)});
+  metrics = router_metrics(zero_router_stats(moe_config("mixtral")));
   EXPECT_EQ(metrics.load_max_over_mean, 0.0);
   EXPECT_EQ(metrics.aux_loss, 0.0);
 }
