@@ -65,6 +65,14 @@ torch::Tensor reference_block(const LlamaForCausalLM& model, const ModelConfig& 
   return y;
 }
 
+// The model's block named `block`, or null when it is not a SparseMoeBlock.
+std::shared_ptr<SparseMoeBlock> sparse_block(const LlamaForCausalLM& model, const std::string& block) {
+  for (const auto& named : model.named_modules()) {
+    if (named.key() == block) return std::dynamic_pointer_cast<SparseMoeBlock>(named.value());
+  }
+  return nullptr;
+}
+
 class SparseBlock : public testing::TestWithParam<std::string> {};
 
 TEST_P(SparseBlock, MatchesTheRoutingWrittenOutTokenByToken) {
@@ -72,10 +80,7 @@ TEST_P(SparseBlock, MatchesTheRoutingWrittenOutTokenByToken) {
   ModelConfig m = moe_config(GetParam());
   auto model = make_model(m);
   const std::string block = std::string("model.layers.0.") + m.feed_forward_name();
-  std::shared_ptr<SparseMoeBlock> moe;
-  for (const auto& named : model->named_modules()) {
-    if (named.key() == block) moe = std::dynamic_pointer_cast<SparseMoeBlock>(named.value());
-  }
+  const std::shared_ptr<SparseMoeBlock> moe = sparse_block(*model, block);
   ASSERT_NE(moe, nullptr) << block << " is not a SparseMoeBlock";
   torch::manual_seed(5);
   const auto x_btd = torch::randn({2, 7, m.hidden_size});
@@ -152,11 +157,8 @@ TEST_P(SparseBlock, TheLoadBalancingTermReachesTheRouterAsIfAddedToTheLoss) {
   ModelConfig m = moe_config(GetParam());
   auto model = make_model(m);
   const std::string block = std::string("model.layers.0.") + m.feed_forward_name();
-  std::shared_ptr<SparseMoeBlock> moe;
-  for (const auto& named : model->named_modules()) {
-    if (named.key() == block) moe = std::dynamic_pointer_cast<SparseMoeBlock>(named.value());
-  }
-  ASSERT_NE(moe, nullptr);
+  const std::shared_ptr<SparseMoeBlock> moe = sparse_block(*model, block);
+  ASSERT_NE(moe, nullptr) << block << " is not a SparseMoeBlock";
   const torch::Tensor gate = param(*model, block + ".gate.weight");
   torch::manual_seed(9);
   const auto x = torch::randn({3, 7, m.hidden_size});
