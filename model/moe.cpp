@@ -122,10 +122,8 @@ torch::Tensor SparseMoeBlock::forward(const torch::Tensor& x_btd) {
     const bool same_tokens = chosen_all.size(0) == chosen.size(0);
     const torch::Tensor routed =
         same_tokens ? counts : at::bincount(chosen.reshape({-1}), {}, num_experts).to(torch::kCPU);
-    const torch::Tensor tokens = routed.to(torch::kDouble);
-    const torch::Tensor probability = probs.sum(0);
-    tokens_sum_e_ = tokens_sum_e_.defined() ? tokens_sum_e_ + tokens : tokens;
-    probability_sum_e_ = probability_sum_e_.defined() ? probability_sum_e_ + probability : probability;
+    tokens_sum_e_ = accumulate(tokens_sum_e_, routed.to(torch::kDouble));
+    probability_sum_e_ = accumulate(probability_sum_e_, probs.sum(0));
   }
 
   // Note [load-balancing loss]: this rank's part of B(row, layer), summed
@@ -180,12 +178,12 @@ torch::Tensor SparseMoeBlock::run_local_experts(const torch::Tensor& rows, const
   return at::cat(outputs, 0);
 }
 
-SparseMoeBlock::Sums SparseMoeBlock::take_sums() {
-  const auto on_cpu = [](const torch::Tensor& sum, at::IntArrayRef shape) {
-    return sum.defined() ? sum.to(torch::kCPU, torch::kDouble) : torch::zeros(shape, torch::kDouble);
+torch::Tensor SparseMoeBlock::take_sums() {
+  const auto on_cpu = [](const torch::Tensor& sum, int64_t size) {
+    return sum.defined() ? sum.to(torch::kCPU, torch::kDouble).reshape({size}) : torch::zeros({size}, torch::kDouble);
   };
-  Sums sums{on_cpu(tokens_sum_e_, {num_experts_}), on_cpu(probability_sum_e_, {num_experts_}),
-            on_cpu(balance_sum_, {}), on_cpu(row_share_sum_, {})};
+  torch::Tensor sums = at::cat({on_cpu(tokens_sum_e_, num_experts_), on_cpu(probability_sum_e_, num_experts_),
+                                on_cpu(balance_sum_, 1), on_cpu(row_share_sum_, 1)});
   tokens_sum_e_ = probability_sum_e_ = balance_sum_ = row_share_sum_ = torch::Tensor();
   return sums;
 }
@@ -193,9 +191,7 @@ SparseMoeBlock::Sums SparseMoeBlock::take_sums() {
 bool is_expert_parameter(const std::string& name) { return name.find(".experts.") != std::string::npos; }
 
 RouterStats zero_router_stats(const ModelConfig& model) {
-  return {torch::zeros({model.num_layers, model.num_experts}, torch::kDouble),
-          torch::zeros({model.num_layers, model.num_experts}, torch::kDouble),
-          torch::zeros({model.num_layers}, torch::kDouble), torch::zeros({model.num_layers}, torch::kDouble)};
+  return {torch::zeros({model.num_layers, 2 * model.num_experts + 2}, torch::kDouble)};
 }
 
 RouterStats take_router_stats(const torch::nn::Module& module, const ModelConfig& model) {
@@ -203,11 +199,7 @@ RouterStats take_router_stats(const torch::nn::Module& module, const ModelConfig
   for (const auto& child : module.modules()) {
     auto* block = dynamic_cast<SparseMoeBlock*>(child.get());
     if (block == nullptr) continue;
-    const SparseMoeBlock::Sums sums = block->take_sums();
-    stats.tokens_le[block->layer()] += sums.tokens_e;
-    stats.probability_le[block->layer()] += sums.probability_e;
-    stats.balance_l[block->layer()] += sums.balance;
-    stats.rows_l[block->layer()] += sums.rows;
+    stats.sums_lc[block->layer()] += block->take_sums();
   }
   return stats;
 }
@@ -220,28 +212,29 @@ void set_balance_weight(torch::nn::Module& module, double weight) {
 
 RouterMetrics router_metrics(const RouterStats& stats) {
   RouterMetrics metrics;
-  const torch::Tensor assignments_l = stats.tokens_le.sum(1);
+  const torch::Tensor tokens_le = stats.tokens_le(), probability_le = stats.probability_le();
+  const torch::Tensor assignments_l = tokens_le.sum(1);
   const double assignments = assignments_l.sum().item<double>();
   if (assignments <= 0) return metrics;
-  const int64_t num_experts = stats.tokens_le.size(1);
-  for (int64_t layer = 0; layer < stats.tokens_le.size(0); ++layer) {
+  const int64_t num_experts = tokens_le.size(1);
+  for (int64_t layer = 0; layer < tokens_le.size(0); ++layer) {
     const double layer_assignments = assignments_l[layer].item<double>();
     if (layer_assignments <= 0) continue;  // dense, or no token
     const double mean = layer_assignments / static_cast<double>(num_experts);
     metrics.load_max_over_mean =
-        std::max(metrics.load_max_over_mean, stats.tokens_le[layer].max().item<double>() / mean);
+        std::max(metrics.load_max_over_mean, tokens_le[layer].max().item<double>() / mean);
   }
   // transformers' rows are tokens over all sparse layers: each token's
   // probabilities sum to 1 in every layer, so the rows are the probabilities' total.
-  const double rows = stats.probability_le.sum().item<double>();
-  const torch::Tensor share_e = stats.tokens_le.sum(0) / rows;
-  const torch::Tensor probability_e = stats.probability_le.sum(0) / rows;
+  const double rows = probability_le.sum().item<double>();
+  const torch::Tensor share_e = tokens_le.sum(0) / rows;
+  const torch::Tensor probability_e = probability_le.sum(0) / rows;
   metrics.aux_loss = static_cast<double>(num_experts) * (share_e * probability_e).sum().item<double>();
   // Note [load-balancing loss]: the ranks' parts of each row's B and their
   // shares of its tokens, so that the mean is over whole rows and layers
   // however the ranks split them (or repeat them: tp without sequence parallelism).
-  const double row_layers = stats.rows_l.sum().item<double>();
-  if (row_layers > 0) metrics.balance_loss = stats.balance_l.sum().item<double>() / row_layers;
+  const double row_layers = stats.rows_l().sum().item<double>();
+  if (row_layers > 0) metrics.balance_loss = stats.balance_l().sum().item<double>() / row_layers;
   return metrics;
 }
 

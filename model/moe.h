@@ -188,14 +188,9 @@ class SparseMoeBlock : public FeedForward {
   // Note [load-balancing loss]: the weight of this block's term in the
   // gradient (0: no term).
   void set_balance_weight(double weight) { balance_weight_ = weight; }
-  // The sums of Note [router metrics] since the last call, as float64 CPU
-  // tensors (tokens and probability [num_experts]; balance, this rank's
-  // B(row, layer) parts summed, and rows, its shares of the rows' tokens
-  // summed, [] each); the block's sums start again from zero.
-  struct Sums {
-    torch::Tensor tokens_e, probability_e, balance, rows;
-  };
-  Sums take_sums();
+  // The sums since the last call, as one float64 CPU row of RouterStats'
+  // [2 * num_experts + 2]; the block's sums start again from zero.
+  torch::Tensor take_sums();
 
  private:
   // This rank's experts over `rows`, grouped by local expert.
@@ -224,17 +219,22 @@ class SparseMoeBlock : public FeedForward {
 // what expert parallelism splits. The router and the shared expert are dense.
 bool is_expert_parameter(const std::string& name);
 
-// Note [router metrics]: the sums of every sparse block of `module` (a
-// rank's model or one of its pipeline chunks), taken and reset, as float64
-// CPU tensors [num_layers, num_experts] whose rows of layers the module does
-// not hold, or that are dense, are zeros: summed over the chunks and ranks
-// they describe the whole model.
-// balance_l and rows_l [num_layers]: Note [load-balancing loss]'s sums.
+// The sums of every sparse block of `module` (a rank's model or one of its
+// pipeline chunks), taken and reset, as one float64 CPU tensor
+// [num_layers, 2 * num_experts + 2]: per layer the token-expert assignments
+// to each expert and each expert's probability summed (Note [router
+// metrics]), then this rank's parts of B(row, layer) and its shares of the
+// rows' tokens summed (Note [load-balancing loss]). The rows of layers the
+// module does not hold, or that are dense, are zeros: summed over the
+// chunks and ranks (one tensor, one reduction) they describe the whole model.
 struct RouterStats {
-  torch::Tensor tokens_le;
-  torch::Tensor probability_le;
-  torch::Tensor balance_l;
-  torch::Tensor rows_l;
+  torch::Tensor sums_lc;
+  int64_t experts() const { return (sums_lc.size(1) - 2) / 2; }
+  // Views of sums_lc.
+  torch::Tensor tokens_le() const { return sums_lc.narrow(1, 0, experts()); }
+  torch::Tensor probability_le() const { return sums_lc.narrow(1, experts(), experts()); }
+  torch::Tensor balance_l() const { return sums_lc.select(1, 2 * experts()); }
+  torch::Tensor rows_l() const { return sums_lc.select(1, 2 * experts() + 1); }
 };
 RouterStats take_router_stats(const torch::nn::Module& module, const ModelConfig& model);
 // All zeros, the shapes take_router_stats gives.

@@ -318,27 +318,10 @@ StepReport Trainer::train_step() {
 
 RouterStats Trainer::take_step_router_stats() {
   RouterStats stats = zero_router_stats(config_.model);
-  for (const auto& module : parts_->modules) {
-    const RouterStats part = take_router_stats(*module, config_.model);
-    stats.tokens_le += part.tokens_le;
-    stats.probability_le += part.probability_le;
-    stats.balance_l += part.balance_l;
-    stats.rows_l += part.rows_l;
-  }
+  for (const auto& module : parts_->modules) stats.sums_lc += take_router_stats(*module, config_.model).sums_lc;
   // Every rank's layers and tokens: the pipeline stages hold different
-  // layers, the dp replicas route different tokens. One reduction: the
-  // four side by side.
-  if (groups_.world != nullptr) {
-    const int64_t layers = config_.model.num_layers;
-    torch::Tensor all = torch::cat({stats.tokens_le.reshape({-1}), stats.probability_le.reshape({-1}),
-                                    stats.balance_l, stats.rows_l});
-    all_reduce_through_cpu(*groups_.world, all, ReduceOp::kSum);
-    const int64_t cells = stats.tokens_le.numel();
-    stats.tokens_le = all.narrow(0, 0, cells).view(stats.tokens_le.sizes()).clone();
-    stats.probability_le = all.narrow(0, cells, cells).view(stats.probability_le.sizes()).clone();
-    stats.balance_l = all.narrow(0, 2 * cells, layers).clone();
-    stats.rows_l = all.narrow(0, 2 * cells + layers, layers).clone();
-  }
+  // layers, the dp replicas route different tokens.
+  if (groups_.world != nullptr) all_reduce_through_cpu(*groups_.world, stats.sums_lc, ReduceOp::kSum);
   return stats;
 }
 

@@ -205,15 +205,15 @@ TEST(RouterMetrics, BalancedRoutingGivesOneAndTopKAndSkewGivesMore) {
   ModelConfig two_layers = moe_config("mixtral");
   two_layers.num_layers = 2;
   RouterStats balanced = zero_router_stats(two_layers);
-  balanced.tokens_le[0].fill_(2.0);
-  balanced.probability_le[0].fill_(1.0);
+  balanced.tokens_le()[0].fill_(2.0);
+  balanced.probability_le()[0].fill_(1.0);
   RouterMetrics metrics = router_metrics(balanced);
   EXPECT_DOUBLE_EQ(metrics.load_max_over_mean, 1.0);
   EXPECT_DOUBLE_EQ(metrics.aux_loss, 2.0);
   // Every token on experts 0 and 1, with most of its probability there.
   RouterStats skewed = zero_router_stats(two_layers);
-  skewed.tokens_le[0] = torch::tensor({4.0, 4.0, 0.0, 0.0}, torch::kDouble);
-  skewed.probability_le[0] = torch::tensor({1.6, 1.6, 0.4, 0.4}, torch::kDouble);
+  skewed.tokens_le()[0].copy_(torch::tensor({4.0, 4.0, 0.0, 0.0}, torch::kDouble));
+  skewed.probability_le()[0].copy_(torch::tensor({1.6, 1.6, 0.4, 0.4}, torch::kDouble));
   metrics = router_metrics(skewed);
   EXPECT_DOUBLE_EQ(metrics.load_max_over_mean, 2.0);
   EXPECT_NEAR(metrics.aux_loss, 4 * (1.0 * 0.4 + 1.0 * 0.4), 1e-12);
@@ -232,12 +232,12 @@ TEST(RouterMetrics, TakeRouterStatsCountsEveryForwardSinceTheLastTake) {
   model->forward(ids);
   model->forward(ids);
   const RouterStats stats = take_router_stats(*model, m);
-  ASSERT_EQ(stats.tokens_le.sizes(), (std::vector<int64_t>{3, 4}));
-  EXPECT_EQ(stats.tokens_le[2].sum().item<double>(), 2 * 5 * 2);  // two forwards of 5 tokens, top 2
-  EXPECT_NEAR(stats.probability_le[2].sum().item<double>(), 2 * 5, 1e-5);
-  EXPECT_EQ(stats.tokens_le.narrow(0, 0, 2).abs().sum().item<double>(), 0);  // dense layers
+  ASSERT_EQ(stats.tokens_le().sizes(), (std::vector<int64_t>{3, 4}));
+  EXPECT_EQ(stats.tokens_le()[2].sum().item<double>(), 2 * 5 * 2);  // two forwards of 5 tokens, top 2
+  EXPECT_NEAR(stats.probability_le()[2].sum().item<double>(), 2 * 5, 1e-5);
+  EXPECT_EQ(stats.tokens_le().narrow(0, 0, 2).abs().sum().item<double>(), 0);  // dense layers
   // Taken: the next take starts from zero.
-  EXPECT_EQ(take_router_stats(*model, m).tokens_le.sum().item<double>(), 0);
+  EXPECT_EQ(take_router_stats(*model, m).tokens_le().sum().item<double>(), 0);
 }
 
 TEST(SparseLayers, FollowDecoderSparseStepAndMlpOnlyLayers) {
