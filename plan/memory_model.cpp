@@ -306,11 +306,10 @@ MemoryEstimate estimate_memory(const Problem& problem, const Layout& layout) {
     // parallelism] in trainer/update.h).
     const int64_t experts = layout.ep > 1 ? params.experts : 0, edp = std::max<int64_t>(1, layout.dp / layout.ep);
     const auto shard_of = [](int64_t numel, int64_t ranks) { return static_cast<double>((numel + ranks - 1) / ranks); };
-    const double shard =
-        zero ? shard_of(params.total - experts, layout.dp) + (experts > 0 ? shard_of(experts, edp) : 0) : elements;
+    const double dense_shard = shard_of(params.total - experts, layout.dp), expert_shard = shard_of(experts, edp);
+    const double shard = zero ? dense_shard + expert_shard : elements;
     // ZeRO-1's largest flat vector (the dense one's, or the experts').
-    const double padded = std::max(shard_of(params.total - experts, layout.dp) * static_cast<double>(layout.dp),
-                                   shard_of(experts, edp) * static_cast<double>(edp));
+    const double padded = std::max(dense_shard * static_cast<double>(layout.dp), expert_shard * static_cast<double>(edp));
     const double unit = static_cast<double>(largest_unit_parameters(m, tp, specs, model_stages > 1));
     // Note [ZeRO units]: a decoder layer's unit, and the units of no layer
     // (the embedding; the final norm and head), which ZeRO-3 keeps gathered.
