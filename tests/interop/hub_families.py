@@ -93,10 +93,15 @@ checkpoint: {{interval: 0, export_hf_at_end: {"true" if ranks == 1 else "false"}
 logging: {{interval: 1}}
 """)
     run_train(yaml, ranks, sets)
-    rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    steps = [row for row in rows if "loss" in row and "step" in row]
-    assert len(steps) == expected_steps, rows
+    steps = metrics_rows(out / name)
+    assert len(steps) == expected_steps, steps
     return out / name, steps
+
+
+def metrics_rows(run):
+    """The training steps' rows of a run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [row for row in rows if "loss" in row and "step" in row]
 
 
 def check_logits(name, model, tmp):

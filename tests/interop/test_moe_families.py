@@ -45,7 +45,7 @@ from safetensors.torch import save_file
 
 from conftest import run_loom
 from hub_families import (LOSS_TOLERANCE, SEQ_LEN, VOCAB, check_greedy_generation, check_logits, check_trained_export,
-                          make_family, train as train_family)
+                          make_family, metrics_rows, train as train_family)
 
 SHAPE = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=128, tie_word_embeddings=False)
@@ -107,8 +107,7 @@ def train(tmp, family, name, ranks=1, expected_steps=3, **sets):
 
 
 def grad_norms(run):
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [row["grad_norm"] for row in rows if "grad_norm" in row]
+    return [row["grad_norm"] for row in metrics_rows(run) if "grad_norm" in row]
 
 
 def assert_same_export(run, reference_run):
@@ -305,11 +304,6 @@ BALANCE_LAYOUTS = {
     "dp2-cp2-ep2": (4, {"parallel.dp": 2, "parallel.cp": 2, "parallel.ep": 2}),
     "cp2-tp2-sp": (4, {"parallel.cp": 2, "parallel.tp": 2, "parallel.sequence_parallel": "true"}),
 }
-
-
-def metrics_rows(run):
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [row for row in rows if "loss" in row and "step" in row]
 
 
 def dataset_rows(tmp):
