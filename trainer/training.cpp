@@ -71,19 +71,37 @@ std::string checkpoint_folder_name(int64_t step) {
 
 double measure_matmul_peak_flops(c10::Device device, torch::ScalarType dtype) {
   using Clock = std::chrono::steady_clock;
-  const int64_t size = device.is_cuda() ? 8192 : 1024;
-  const int repeats = device.is_cuda() ? 10 : 3;
+  const auto seconds_since = [](Clock::time_point start) {
+    return std::max(std::chrono::duration<double>(Clock::now() - start).count(), 1e-9);
+  };
   // torch::full, not randn: the measurement must not draw from the seeded RNG.
   const auto options = torch::TensorOptions().dtype(dtype).device(device);
-  const auto a = torch::full({size, size}, 0.5, options);
-  const auto b = torch::full({size, size}, 0.25, options);
+  const auto square = [&](int64_t size, double value) { return torch::full({size, size}, value, options); };
+  int64_t size = device.is_cuda() ? 8192 : 128;
+  const int64_t largest = device.is_cuda() ? 8192 : 1024;
+  const int repeats = device.is_cuda() ? 10 : 3;
+  // On the CPU the product grows while one takes under 20 ms: 1024 in fp32,
+  // but bf16 without native CPU support runs ~100x slower, and 1024 there
+  // held every bf16 run's start for seconds per rank.
+  auto a = square(size, 0.5);
+  auto b = square(size, 0.25);
   auto c = torch::mm(a, b);  // warm-up: first-call allocation and BLAS set-up
+  synchronize(device);
+  while (size < largest) {
+    const auto start = Clock::now();
+    torch::mm_out(c, a, b);
+    if (seconds_since(start) >= 0.02) break;
+    size *= 2;
+    a = square(size, 0.5);
+    b = square(size, 0.25);
+    c = torch::mm(a, b);
+  }
   synchronize(device);
   const auto start = Clock::now();
   for (int i = 0; i < repeats; ++i) torch::mm_out(c, a, b);
   synchronize(device);
-  const double seconds = std::max(std::chrono::duration<double>(Clock::now() - start).count(), 1e-9);
-  return repeats * 2.0 * static_cast<double>(size) * static_cast<double>(size) * static_cast<double>(size) / seconds;
+  return repeats * 2.0 * static_cast<double>(size) * static_cast<double>(size) * static_cast<double>(size) /
+         seconds_since(start);
 }
 
 double datasheet_peak_flops(const std::string& device_name, bool bf16) {

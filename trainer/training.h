@@ -136,9 +136,10 @@ ParallelDims check_training_layout(const Config& config, int64_t world_size);
 // too, so that it never proposes such a layout.
 void check_precision(const Config& config, const ParallelDims& dims);
 
-// The matmul rate of `device` in `dtype`, FLOP/s: a warm-up, then 3 products
-// of 1024 x 1024 matrices on the CPU (with torch's current thread count) or
-// 10 of 8192 x 8192 on a GPU.
+// The matmul rate of `device` in `dtype`, FLOP/s: 10 products of 8192 x 8192
+// matrices on a GPU; on the CPU (with torch's current thread count) 3 of the
+// first size from 128 up to 1024, doubling, whose product takes 20 ms or more
+// (or 1024), so that a slow dtype costs little time.
 double measure_matmul_peak_flops(c10::Device device, torch::ScalarType dtype);
 
 // The datasheet's dense tensor-core peak of a GPU called `device_name` (H100,

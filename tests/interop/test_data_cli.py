@@ -486,7 +486,11 @@ def interrupted_prepare(tokenizer, large_input, out, sig):
     proc = subprocess.Popen(
         [LOOM_BIN, "prepare", "--tokenizer", str(tokenizer), "--input", str(large_input), "--output", str(out),
          "--shard-tokens", "2000000", "--threads", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        # A shell that starts the tests in the background (`make test &`)
+        # leaves SIGINT ignored, and an ignored signal stays ignored through
+        # exec: give prepare the default action a terminal's Ctrl-C meets.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline and proc.poll() is None:

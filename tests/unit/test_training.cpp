@@ -181,6 +181,16 @@ TEST_F(TrainingTest, MetricsHaveTheContractFieldsAndLossesRoundTrip) {
   EXPECT_TRUE(fs::exists(result.run_dir + "/config.yaml"));
 }
 
+TEST(MatmulPeak, EveryCpuDtypeGivesARateAndDrawsNothingFromTheSeededGenerator) {
+  torch::manual_seed(7);
+  const auto expected = torch::randn({4});
+  torch::manual_seed(7);
+  // bf16 included: it grows the product only while one takes under 20 ms.
+  EXPECT_GT(measure_matmul_peak_flops(torch::kCPU, torch::kFloat), 0.0);
+  EXPECT_GT(measure_matmul_peak_flops(torch::kCPU, torch::kBFloat16), 0.0);
+  EXPECT_TRUE(torch::equal(torch::randn({4}), expected));
+}
+
 TEST(TensorMemory, CountsLiveCpuTensorBytesAndTheirPeak) {
   install_tensor_memory_counter();
   ASSERT_TRUE(tensor_memory_counter_installed());
