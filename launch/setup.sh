@@ -8,6 +8,8 @@ LOOM_VENV=${LOOM_VENV:-$HOME/.cache/loom/venv}
 TORCH_VERSION=2.11.0
 DEBIAN_PACKAGES=(
   build-essential cmake ninja-build ccache pkg-config git
+  # LLVM's linker: links each libtorch executable ~5x faster than GNU ld.
+  lld
   openmpi-bin libopenmpi-dev
   # `loom launch --slurm` and its e2e tests (a one-node cluster on localhost):
   # the daemons and clients, srun's pmix plugin (in basic-plugins) and munge.
