@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "tests/unit/bad_input.h"
+#include "tests/unit/source_dir.h"
 #include "util/file_io.h"
 
 namespace loom {
@@ -21,7 +22,7 @@ using nlohmann::json;
 
 #define EXPECT_BAD_INPUT(statement, ...) test_support::expect_bad_input([&] { statement; }, {__VA_ARGS__})
 
-const std::string kCorpus = LOOM_SOURCE_DIR "/fuzz/corpus/fuzz_checkpoint_manifest/";
+const std::string kCorpus = loom_source_dir() + "/fuzz/corpus/fuzz_checkpoint_manifest/";
 
 // A manifest written by `loom train` (a 2-layer model at step 12), kept as a
 // fuzz seed.

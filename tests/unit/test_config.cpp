@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "config/config.h"
+#include "tests/unit/source_dir.h"
 #include "util/error.h"
 
 namespace loom {
@@ -439,13 +440,13 @@ TEST(ConfigLoads, InitFromMakesTheModelShapeOptional) {
 }
 
 TEST(ConfigLoads, LoadConfigRecordsTheSourcePath) {
-  std::string path = std::string(LOOM_SOURCE_DIR) + "/configs/tiny.yaml";
+  std::string path = loom_source_dir() + "/configs/tiny.yaml";
   EXPECT_EQ(load_config(path).source_path, path);
 }
 
 TEST(ConfigLoads, EveryBundledConfigLoads) {
   std::vector<std::string> paths;
-  for (const auto& entry : std::filesystem::directory_iterator(std::string(LOOM_SOURCE_DIR) + "/configs")) {
+  for (const auto& entry : std::filesystem::directory_iterator(loom_source_dir() + "/configs")) {
     if (entry.path().extension() == ".yaml") paths.push_back(entry.path().string());
   }
   EXPECT_GE(paths.size(), 6u);
@@ -469,7 +470,7 @@ TEST(ConfigLoads, ExpertParallelismComposesWithZeroStages1And2) {
 }
 
 TEST(ConfigLoads, TinyRunsOn1_2_4_8RanksByChangingOnlyParallelKeys) {
-  const std::string path = std::string(LOOM_SOURCE_DIR) + "/configs/tiny.yaml";
+  const std::string path = loom_source_dir() + "/configs/tiny.yaml";
   const std::vector<std::vector<std::string>> layouts = {
       {"launch.ranks=1"},
       {"launch.ranks=2"},
@@ -505,7 +506,7 @@ TEST(ConfigLoads, TinyRunsOn1_2_4_8RanksByChangingOnlyParallelKeys) {
 
 TEST(ConfigToYaml, RoundTripsToAnEqualConfig) {
   Config original =
-      load_config(std::string(LOOM_SOURCE_DIR) + "/configs/llama3-1b.yaml",
+      load_config(loom_source_dir() + "/configs/llama3-1b.yaml",
                   {"run.name=123", "data.valid='null'", "launch.env={A: 'true', B: ''}",
                    "launch.mpirun_args=[-x, 'a b', '#c']", "model.init_std=0.041666666666666664", "optimizer.lr=3e-4",
                    "model.rms_norm_eps=1e-6", "run.seed=18446744073709551615", "launch.slurm.partition='null'"});
@@ -635,7 +636,7 @@ TEST(ConfigKeys, ContainEveryContractKeyWithDocAndType) {
 }
 
 TEST(ConfigKeys, EveryKeyIsDocumentedInConfigurationMd) {
-  std::string docs = read_file(LOOM_SOURCE_DIR "/docs/configuration.md");
+  std::string docs = read_file(loom_source_dir() + "/docs/configuration.md");
   ASSERT_FALSE(docs.empty()) << "cannot read docs/configuration.md";
   for (const ConfigKeyInfo& info : config_keys())
     EXPECT_NE(docs.find("`" + info.key + "`"), std::string::npos) << "docs/configuration.md lacks `" << info.key << "`";

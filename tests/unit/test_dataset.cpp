@@ -15,10 +15,11 @@
 #include <vector>
 
 #include "data/hdf5_handle.h"
+#include "tests/unit/bad_input.h"
+#include "tests/unit/source_dir.h"
 #include "util/crc32c.h"
 #include "util/error.h"
 #include "util/file_io.h"
-#include "tests/unit/bad_input.h"
 
 namespace loom {
 #if defined(__SANITIZE_ADDRESS__)
@@ -108,7 +109,7 @@ class DatasetTest : public ::testing::Test {
   void dataset_with_fault_file_as_shard0(const char* name) {
     fs::remove_all(dir_);
     write(make_documents(40, 1000, 20, 24));
-    const std::string damaged = read_file(std::string(LOOM_SOURCE_DIR "/tests/unit/hdf5_faults/") + name);
+    const std::string damaged = read_file(loom_source_dir() + "/tests/unit/hdf5_faults/" + name);
     ASSERT_FALSE(damaged.empty());
     write_file_atomic(shard(0), damaged);
   }
@@ -591,7 +592,7 @@ TEST_F(DatasetTest, WrongIndexValuesAreNamedWithKeyAndValue) {
 // fuzz/corpus/fuzz_dataset_index/number-overflow.json.
 TEST_F(DatasetTest, IndexNumberTooLargeForADoubleIsBadInput) {
   write({{1, kEos}});
-  write_file_atomic(index_path(), read_file(LOOM_SOURCE_DIR "/fuzz/corpus/fuzz_dataset_index/number-overflow.json"));
+  write_file_atomic(index_path(), read_file(loom_source_dir() + "/fuzz/corpus/fuzz_dataset_index/number-overflow.json"));
   EXPECT_BAD_INPUT(open_checked(dir_), "index.json", "not valid JSON", "1e999");
 }
 

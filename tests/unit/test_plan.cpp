@@ -7,11 +7,12 @@
 #include <fstream>
 #include <iostream>
 
-#include "parallel/pipeline.h"
-#include "plan/planner.h"
 #include "model/layers.h"
 #include "model/llama.h"
+#include "parallel/pipeline.h"
+#include "plan/planner.h"
 #include "tests/unit/plan_test_support.h"
+#include "tests/unit/source_dir.h"
 #include "util/error.h"
 
 namespace loom::plan {
@@ -332,13 +333,13 @@ TEST(PlanTime, planner_puts_fitting_layouts_first_and_the_fastest_first_among_th
 // tp 8 x pp 4 with full recomputation, at 87-89% of the memory.
 TEST(PlanAcceptance, llama3_70b_on_32_h100s_at_sequence_8k_fits_within_85_percent_with_zero_layouts) {
   constexpr double kGiB = 1024.0 * 1024 * 1024;
-  Problem problem = Problem::from_config(load_config(std::string(LOOM_SOURCE_DIR) + "/configs/llama3-70b.yaml"));
+  Problem problem = Problem::from_config(load_config(loom_source_dir() + "/configs/llama3-70b.yaml"));
   ASSERT_EQ(problem.seq_len, 8192);
   ASSERT_GT(count_parameters(problem.model), 70'000'000'000);
   problem.gpus = 32;
   problem.gpus_per_node = 8;
   problem.gpu_memory_bytes = 80 * kGiB;
-  const MachineProfile h100 = load_machine_profile(std::string(LOOM_SOURCE_DIR) + "/configs/machines/h100-node.yaml");
+  const MachineProfile h100 = load_machine_profile(loom_source_dir() + "/configs/machines/h100-node.yaml");
   const std::vector<Candidate> candidates = plan_layouts(problem, h100);
   std::vector<const Candidate*> within;
   for (const Candidate& c : candidates) {
@@ -523,7 +524,7 @@ TEST(PlanProfile, profiles_round_trip_and_a_missing_key_is_named) {
   } catch (const BadInput& e) {
     EXPECT_NE(std::string(e.what()).find("matmul_flops"), std::string::npos) << e.what();
   }
-  const MachineProfile h100 = load_machine_profile(std::string(LOOM_SOURCE_DIR) + "/configs/machines/h100-node.yaml");
+  const MachineProfile h100 = load_machine_profile(loom_source_dir() + "/configs/machines/h100-node.yaml");
   EXPECT_EQ(h100.source, "specification");
   EXPECT_DOUBLE_EQ(h100.peak_flops_bf16, 9.89e14);
   EXPECT_DOUBLE_EQ(h100.storage_write_bytes_per_s, 5.0e9);

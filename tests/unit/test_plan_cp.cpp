@@ -6,10 +6,11 @@
 #include <algorithm>
 #include <iostream>
 
+#include "model/llama.h"
 #include "plan/planner.h"
 #include "plan/ring_model.h"
-#include "model/llama.h"
 #include "tests/unit/plan_test_support.h"
+#include "tests/unit/source_dir.h"
 #include "util/error.h"
 
 namespace loom::plan {
@@ -197,14 +198,14 @@ TEST(PlanContextParallel, cp_replicas_share_the_checkpoint_as_dp_replicas_do_and
 // on. (At 128K tokens on 32 GPUs layouts without cp fit: dp 8 tp 4 ZeRO-3,
 // full recomputation and sp at 62 GiB, docs/plan.md.)
 TEST(PlanAcceptance, llama3_8b_at_512k_tokens_on_128_h100s_fits_only_with_context_parallelism) {
-  Problem problem = Problem::from_config(load_config(std::string(LOOM_SOURCE_DIR) + "/configs/llama3-8b.yaml"));
+  Problem problem = Problem::from_config(load_config(loom_source_dir() + "/configs/llama3-8b.yaml"));
   problem.seq_len = 524288;
   problem.model.max_seq_len = 524288;
   problem.global_batch = 64;
   problem.gpus = 128;
   problem.gpus_per_node = 8;
   problem.gpu_memory_bytes = 80 * kGiB;
-  const MachineProfile h100 = load_machine_profile(std::string(LOOM_SOURCE_DIR) + "/configs/machines/h100-node.yaml");
+  const MachineProfile h100 = load_machine_profile(loom_source_dir() + "/configs/machines/h100-node.yaml");
   const std::vector<Candidate> candidates = plan_layouts(problem, h100);
   ASSERT_FALSE(candidates.empty());
   int64_t fitting = 0;

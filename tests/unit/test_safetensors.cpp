@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "checkpoints/safetensors.h"
+#include "tests/unit/source_dir.h"
 #include "util/error.h"
 #include "util/file_io.h"
 
@@ -264,7 +265,7 @@ TEST_F(Safetensors, WriterRefusesReservedNameNegativeShapeAndInvalidUtf8) {
 
 TEST_F(Safetensors, ReadsAFileWrittenByThePythonPackage) {
   const File f =
-      File::open(std::string(LOOM_SOURCE_DIR) + "/tests/interop/safetensors_fixtures/python_written.safetensors");
+      File::open(loom_source_dir() + "/tests/interop/safetensors_fixtures/python_written.safetensors");
   EXPECT_EQ(f.metadata().at("format"), "pt");
   EXPECT_EQ(f.tensors().size(), 7u);
   const std::vector<float> f32 = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 2.5f};

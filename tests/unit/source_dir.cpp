@@ -1,0 +1,3 @@
+#include "tests/unit/source_dir.h"
+
+std::string loom_source_dir() { return LOOM_SOURCE_DIR; }
