@@ -81,7 +81,7 @@ double measure_matmul_peak_flops(c10::Device device, torch::ScalarType dtype) {
   const int64_t largest = device.is_cuda() ? 8192 : 1024;
   const int repeats = device.is_cuda() ? 10 : 3;
   // On the CPU the product grows while one takes under 20 ms: 1024 in fp32,
-  // but bf16 without native CPU support runs ~100x slower, and 1024 there
+  // but bf16 without native CPU support runs ~20x slower, and 1024 there
   // held every bf16 run's start for seconds per rank.
   auto a = square(size, 0.5);
   auto b = square(size, 0.25);
