@@ -211,7 +211,9 @@ int command_version(const std::vector<std::string>& argv) {
   Args args(version_spec(), argv);
   args.expect_positional(0, "no arguments");
   std::cout << "loom " << loom_version() << " (git " << loom_git_commit() << ")\n";
-  for (const auto& [library, version] : library_versions()) std::cout << library << " " << version << "\n";
+  for (const auto& [library, version] : library_versions(/*with_cuda=*/true)) {
+    std::cout << library << " " << version << "\n";
+  }
   return kExitOk;
 }
 

@@ -41,6 +41,7 @@
 #include "launch/launcher.h"
 #include "launch/preflight.h"
 #include "launch/run_record.h"
+#include "parallel/cuda_runtime.h"
 #include "parallel/device_groups.h"
 #include "parallel/mpi_process_group.h"
 #include "parallel/topology.h"
@@ -213,12 +214,10 @@ int train_ranks(Config& config, TrainOptions options, bool check_only, const std
     }
     std::optional<GridGroups> device_grid;
     if (has_device_groups(device, config.parallel.device_backend) && world->size() > 1) {
-#ifndef LOOM_WITH_CUDA
-      if (config.parallel.device_backend == "nccl") {
+      if (!cuda_built() && config.parallel.device_backend == "nccl") {
         throw BadInput("run.device: " + config.run.device + " on " + std::to_string(world->size()) +
                        " ranks needs NCCL, and this loom was built without the CUDA toolkit; use run.device cpu");
       }
-#endif
       device_grid = loom::device_grid(grid, device, config.parallel.device_backend);
       options.device_grid = &*device_grid;
     }

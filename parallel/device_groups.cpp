@@ -3,10 +3,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "parallel/cuda_runtime.h"
 #include "parallel/staged_process_group.h"
-#ifdef LOOM_WITH_CUDA
-#include "parallel/nccl_process_group.h"
-#endif
 
 namespace loom {
 
@@ -20,11 +18,10 @@ std::unique_ptr<ProcessGroup> device_twin(MpiProcessGroup& mpi, c10::Device devi
   }
   if (!has_device_groups(device, backend) || mpi.size() == 1) return nullptr;
   if (backend == kStagedBackend) return std::make_unique<StagedProcessGroup>(mpi);
-#ifdef LOOM_WITH_CUDA
-  return std::make_unique<NcclProcessGroup>(mpi);
-#else
-  throw std::invalid_argument("device_twin: NCCL on " + device.str() + ", and this loom was built without CUDA");
-#endif
+  if (!cuda_built()) {
+    throw std::invalid_argument("device_twin: NCCL on " + device.str() + ", and this loom was built without CUDA");
+  }
+  return cuda_runtime().nccl_group(mpi);
 }
 
 GridGroups device_grid(const GridGroups& mpi, c10::Device device, std::string_view backend) {

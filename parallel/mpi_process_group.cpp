@@ -11,6 +11,7 @@
 #include <stdexcept>
 #include <thread>
 
+#include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 #include <c10/util/accumulate.h>
 

@@ -1,5 +1,6 @@
 #include "parallel/nccl_process_group.h"
 
+#include <ATen/ATen.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

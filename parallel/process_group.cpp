@@ -6,6 +6,8 @@
 #include <sstream>
 #include <stdexcept>
 
+#include <ATen/ATen.h>
+
 namespace loom {
 
 std::string_view to_string(ReduceOp op) {

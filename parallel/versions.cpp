@@ -4,9 +4,14 @@
 #include <mpi.h>
 #include <torch/version.h>
 
+#include <exception>
+
+#include "parallel/cuda_runtime.h"
+#include "util/cuda_part.h"
+
 namespace loom {
 
-std::vector<std::pair<std::string, std::string>> library_versions() {
+std::vector<std::pair<std::string, std::string>> library_versions(bool with_cuda) {
   std::vector<std::pair<std::string, std::string>> out;
   out.emplace_back("libtorch", TORCH_VERSION);
 
@@ -22,11 +27,17 @@ std::vector<std::pair<std::string, std::string>> library_versions() {
   H5get_libversion(&major, &minor, &release);
   out.emplace_back("hdf5", std::to_string(major) + "." + std::to_string(minor) + "." + std::to_string(release));
 
-#ifdef LOOM_WITH_CUDA
-  for (auto& entry : cuda_library_versions()) out.push_back(std::move(entry));
-#else
-  out.emplace_back("cuda", "not built");
-#endif
+  if (!cuda_built()) {
+    out.emplace_back("cuda", "not built");
+  } else if (!with_cuda && !cuda_part_loaded()) {
+    out.emplace_back("cuda", "not loaded");
+  } else {
+    try {
+      for (auto& entry : cuda_runtime().library_versions()) out.push_back(std::move(entry));
+    } catch (const std::exception& e) {
+      out.emplace_back("cuda", e.what());
+    }
+  }
   return out;
 }
 

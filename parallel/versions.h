@@ -8,13 +8,10 @@
 
 namespace loom {
 
-// (library, version) pairs: libtorch, MPI, HDF5 and, in CUDA builds, the CUDA
-// runtime, NCCL and the number of visible GPUs.
-std::vector<std::pair<std::string, std::string>> library_versions();
-
-#ifdef LOOM_WITH_CUDA
-// Defined in cuda_info.cpp (CUDA builds only).
-std::vector<std::pair<std::string, std::string>> cuda_library_versions();
-#endif
+// (library, version) pairs: libtorch, MPI, HDF5 and, when loom's CUDA part
+// is loaded (a GPU run, or `with_cuda`: loaded here), the CUDA runtime, NCCL
+// and the number of visible GPUs. A CUDA build whose part is not loaded says
+// so ("cuda": "not loaded"); one whose part fails to load gives the reason.
+std::vector<std::pair<std::string, std::string>> library_versions(bool with_cuda = false);
 
 }  // namespace loom

@@ -8,14 +8,7 @@
 #include <map>
 #include <stdexcept>
 
-#include <torch/cuda.h>
-
-#ifdef LOOM_WITH_CUDA
-#include <c10/cuda/CUDACachingAllocator.h>
-#include <c10/cuda/CUDAFunctions.h>
-#include <cuda_runtime_api.h>
-#endif
-
+#include "parallel/cuda_runtime.h"
 #include "trainer/tensor_memory.h"
 #include "util/error.h"
 
@@ -93,18 +86,18 @@ std::optional<NodePlace> launcher_node_place(const std::function<const char*(con
 
 c10::Device resolve_device(const std::string& run_device, const NodePlace& place) {
   if (run_device == "cpu") return c10::Device(c10::kCPU);
-  const int64_t gpus = static_cast<int64_t>(torch::cuda::device_count());
-  if (run_device == "auto" && gpus == 0) return c10::Device(c10::kCPU);
   if (run_device != "cuda" && run_device != "auto") {
     throw BadInput("run.device: '" + run_device + "' (expected cpu, cuda or auto)");
   }
+  // 0 where no GPU is usable; loom's CUDA part is loaded where one may be (Note [the CUDA part]).
+  const int64_t gpus = cuda_device_count();
+  if (run_device == "auto" && gpus == 0) return c10::Device(c10::kCPU);
   if (gpus == 0) {
-#ifdef LOOM_WITH_CUDA
+    if (!cuda_built()) {
+      throw BadInput("run.device: cuda, but this loom was built without CUDA (no CUDA toolkit at build time)");
+    }
     throw BadInput("run.device: cuda, but no CUDA device is visible to this process (check nvidia-smi and "
                    "CUDA_VISIBLE_DEVICES), or use run.device cpu");
-#else
-    throw BadInput("run.device: cuda, but this loom was built without CUDA (no CUDA toolkit at build time)");
-#endif
   }
   return c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(choose_gpu(gpus, place)));
 }
@@ -143,12 +136,7 @@ void check_rank_devices(const std::vector<RankDevice>& ranks, bool shared_gpu_ok
 
 RankDevice rank_device(c10::Device device, const std::string& host) {
   RankDevice mine{host, c10::DeviceTypeName(device.type(), /*lower_case=*/true), ""};
-#ifdef LOOM_WITH_CUDA
-  if (device.is_cuda()) {
-    char bus[64] = {};
-    if (cudaDeviceGetPCIBusId(bus, sizeof bus, device.index()) == cudaSuccess) mine.bus_id = bus;
-  }
-#endif
+  if (device.is_cuda()) mine.bus_id = cuda_runtime().pci_bus_id(device.index());
   return mine;
 }
 
@@ -193,17 +181,11 @@ uint64_t peak_rss_bytes() {
 
 MemoryStats memory_stats(c10::Device device) {
   MemoryStats stats;
-#ifdef LOOM_WITH_CUDA
   if (device.is_cuda()) {
-    const auto cuda = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
-    const auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
-    stats.peak_bytes = static_cast<double>(cuda.allocated_bytes[all].peak);
-    stats.reserved_bytes = static_cast<double>(cuda.reserved_bytes[all].current);
+    cuda_runtime().memory_stats(device.index(), &stats.peak_bytes, &stats.reserved_bytes);
     stats.tensor_peak_bytes = stats.peak_bytes;
     return stats;
   }
-#endif
-  (void)device;
   stats.peak_bytes = static_cast<double>(peak_rss_bytes());
   stats.reserved_bytes = current_rss_bytes();
   stats.tensor_peak_bytes = static_cast<double>(tensor_memory_peak_bytes());
@@ -211,41 +193,23 @@ MemoryStats memory_stats(c10::Device device) {
 }
 
 void reset_peak_memory(c10::Device device) {
-#ifdef LOOM_WITH_CUDA
   if (device.is_cuda()) {
-    c10::cuda::CUDACachingAllocator::resetPeakStats(device.index());
+    cuda_runtime().reset_peak_memory(device.index());
     return;
   }
-#else
-  (void)device;
-#endif
   reset_tensor_memory_peak();
 }
 
 void make_current(c10::Device device) {
-#ifdef LOOM_WITH_CUDA
-  if (device.is_cuda()) c10::cuda::set_device(device.index());
-#else
-  (void)device;
-#endif
+  if (device.is_cuda()) cuda_runtime().set_device(device.index());
 }
 
 void synchronize(c10::Device device) {
-#ifdef LOOM_WITH_CUDA
-  if (device.is_cuda()) c10::cuda::device_synchronize();
-#else
-  (void)device;
-#endif
+  if (device.is_cuda()) cuda_runtime().synchronize(device.index());
 }
 
 std::string device_name(c10::Device device) {
-#ifdef LOOM_WITH_CUDA
-  if (device.is_cuda()) {
-    cudaDeviceProp properties{};
-    if (cudaGetDeviceProperties(&properties, device.index()) == cudaSuccess) return properties.name;
-    return "cuda:" + std::to_string(device.index());
-  }
-#endif
+  if (device.is_cuda()) return cuda_runtime().device_name(device.index());
   return device.str();
 }
 

@@ -2,6 +2,7 @@
 # Packs what bench/gpu/run.sh needs on a GPU machine that has Python and torch
 # but not loom's other libraries, into bench/gpu/carry/ (ignored by git):
 #   loom, loom_dataset_tool          stripped, from build/
+#   libloom_cuda.so                  loom's CUDA part, beside loom (stripped)
 #   lib/                             their shared libraries, except torch's,
 #                                    the NVIDIA wheels' and glibc's own
 #   pylib.tar.xz                     transformers and the packages it imports,
@@ -16,7 +17,8 @@ rm -rf "$carry"
 mkdir -p "$carry/lib"
 strip -o "$carry/loom" "$root/build/loom"
 strip -o "$carry/loom_dataset_tool" "$root/build/tests/loom_dataset_tool"
-ldd "$root/build/loom" "$root/build/tests/loom_dataset_tool" | awk '/=> \// {print $3}' | sort -u |
+strip -o "$carry/libloom_cuda.so" "$root/build/libloom_cuda.so"
+ldd "$root/build/loom" "$root/build/tests/loom_dataset_tool" "$root/build/libloom_cuda.so" | awk '/=> \// {print $3}' | sort -u |
   while read -r lib; do
     case "$lib" in
       */torch/lib/* | */nvidia/* | */libc.so* | */libm.so* | */libdl.so* | */libpthread.so* | */librt.so* | \

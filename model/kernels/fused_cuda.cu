@@ -397,3 +397,11 @@ void cross_entropy_backward(const at::Tensor& logits, const at::Tensor& targets,
 }
 
 }  // namespace loom::kernels::cuda
+
+// The binary reaches the launchers through this table (fused_cuda.h).
+extern "C" __attribute__((visibility("default"))) const void* loom_cuda_kernel_launchers() {
+  using namespace loom::kernels::cuda;
+  static const Launchers table{&swiglu_forward, &swiglu_backward, &rotary, &cross_entropy_forward,
+                               &cross_entropy_backward};
+  return &table;
+}

@@ -1,6 +1,8 @@
-// Launchers of loom's CUDA kernels (fused_cuda.cu). Private to
+// Launchers of loom's CUDA kernels (fused_cuda.cu, in loom's CUDA part:
+// Note [the CUDA part] in util/cuda_part.h). Private to
 // model/kernels/fused_ops.cpp, which checks every condition below before
-// calling them; this header names no CUDA type so that host code includes it.
+// calling them through `launchers()`; this header names no CUDA type so that
+// host code includes it.
 //
 // All tensors are on one CUDA device; the kernels run on that device's
 // current stream (ordered with the ATen ops around them, no synchronisation).
@@ -43,5 +45,21 @@ void cross_entropy_forward(const at::Tensor& logits, const at::Tensor& targets, 
                            const at::Tensor& loss_rows, const at::Tensor& lse_rows);
 void cross_entropy_backward(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index,
                             const at::Tensor& lse_rows, const at::Tensor& scale, const at::Tensor& d_logits);
+
+// The launchers above, as the CUDA part hands them to the binary.
+struct Launchers {
+  decltype(&cuda::swiglu_forward) swiglu_forward;
+  decltype(&cuda::swiglu_backward) swiglu_backward;
+  decltype(&cuda::rotary) rotary;
+  decltype(&cuda::cross_entropy_forward) cross_entropy_forward;
+  decltype(&cuda::cross_entropy_backward) cross_entropy_backward;
+};
+
+// The part's extern "C" function that returns its Launchers.
+inline constexpr const char* kLaunchersEntry = "loom_cuda_kernel_launchers";
+
+// The CUDA part's launchers, loading the part on first use (a CUDA tensor
+// exists, so it is loaded already). Defined in fused_ops.cpp.
+const Launchers& launchers();
 
 }  // namespace loom::kernels::cuda

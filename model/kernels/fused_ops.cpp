@@ -8,9 +8,17 @@
 
 #ifdef LOOM_WITH_CUDA
 #include "model/kernels/fused_cuda.h"
+#include "util/cuda_part.h"
 #endif
 
 namespace loom::kernels {
+
+#ifdef LOOM_WITH_CUDA
+const cuda::Launchers& cuda::launchers() {
+  static const auto* table = static_cast<const Launchers*>(cuda_part_table(kLaunchersEntry));
+  return *table;
+}
+#endif
 
 namespace {
 
@@ -34,7 +42,7 @@ class SwiGluFunction : public torch::autograd::Function<SwiGluFunction> {
     // Linear outputs are contiguous already; anything else is copied once.
     torch::Tensor gate_c = gate.contiguous(), up_c = up.contiguous();
     torch::Tensor out = at::empty_like(gate_c, at::MemoryFormat::Contiguous);
-    cuda::swiglu_forward(gate_c, up_c, out);
+    cuda::launchers().swiglu_forward(gate_c, up_c, out);
     ctx->save_for_backward({gate_c, up_c});
     return out;
   }
@@ -45,7 +53,7 @@ class SwiGluFunction : public torch::autograd::Function<SwiGluFunction> {
     const torch::Tensor& up = saved[1];
     torch::Tensor grad = grads[0].contiguous();
     torch::Tensor d_gate = at::empty_like(gate), d_up = at::empty_like(up);
-    cuda::swiglu_backward(grad, gate, up, d_gate, d_up);
+    cuda::launchers().swiglu_backward(grad, gate, up, d_gate, d_up);
     return {d_gate, d_up};
   }
 };
@@ -63,7 +71,7 @@ class RotaryFunction : public torch::autograd::Function<RotaryFunction> {
     // Same strides as x where x is dense (a transposed view stays one), so
     // SDPA sees the layout the unfused ops give it.
     torch::Tensor out = last_dim_contiguous(at::empty_like(x));
-    cuda::rotary(x, cos, sin, out, /*backward=*/false);
+    cuda::launchers().rotary(x, cos, sin, out, /*backward=*/false);
     // cos and sin are constants of the positions; they get no gradient.
     ctx->save_for_backward({cos, sin});
     return out;
@@ -73,7 +81,7 @@ class RotaryFunction : public torch::autograd::Function<RotaryFunction> {
     const tensor_list saved = ctx->get_saved_variables();
     torch::Tensor grad = last_dim_contiguous(grads[0]);
     torch::Tensor dx = last_dim_contiguous(at::empty_like(grad));
-    cuda::rotary(grad, saved[0], saved[1], dx, /*backward=*/true);
+    cuda::launchers().rotary(grad, saved[0], saved[1], dx, /*backward=*/true);
     return {dx, torch::Tensor(), torch::Tensor()};
   }
 };
@@ -85,7 +93,7 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
     torch::Tensor logits = logits_nv.contiguous(), targets = targets_n.contiguous();
     const auto fp32 = logits.options().dtype(torch::kFloat);
     torch::Tensor loss_rows = at::empty({logits.size(0)}, fp32), lse_rows = at::empty({logits.size(0)}, fp32);
-    cuda::cross_entropy_forward(logits, targets, kIgnoreIndex, loss_rows, lse_rows);
+    cuda::launchers().cross_entropy_forward(logits, targets, kIgnoreIndex, loss_rows, lse_rows);
     // The rows counted, on the device: the mean needs no synchronisation.
     // No rows counted gives 0 / 0 = NaN, as torch's mean does.
     torch::Tensor counted = (targets != kIgnoreIndex).sum().to(torch::kFloat);
@@ -100,7 +108,7 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
     // loss's own gradient: one fp32 scalar, left on the device.
     torch::Tensor scale = (grads[0].to(torch::kFloat) / counted).contiguous();
     torch::Tensor d_logits = at::empty_like(logits, at::MemoryFormat::Contiguous);
-    cuda::cross_entropy_backward(logits, targets, kIgnoreIndex, lse_rows, scale, d_logits);
+    cuda::launchers().cross_entropy_backward(logits, targets, kIgnoreIndex, lse_rows, scale, d_logits);
     return {d_logits, torch::Tensor()};
   }
 };

@@ -16,13 +16,13 @@
 #include <vector>
 
 #include <c10/core/CPUAllocator.h>
-#include <torch/cuda.h>
 #include <torch/nn/functional/loss.h>
 
 #include "checkpoints/hub.h"
 #include "tests/unit/bad_input.h"
 #include "tests/unit/random_dataset.h"
 #include "data/dataset.h"
+#include "parallel/cuda_runtime.h"
 #include "trainer/run_checkpoints.h"
 #include "trainer/tensor_memory.h"
 #include "trainer/training_checkpoint.h"
@@ -473,7 +473,7 @@ TEST_F(TrainingTest, Bf16ParamsWithFp32ComputeAndUnknownDevicesAreRefused) {
   bf16_params.precision.params = "bf16";
   test_support::expect_bad_input([&] { train(bf16_params, fast()); }, {"precision.params", "precision.compute bf16"});
   EXPECT_FALSE(fs::exists(path("runs/bf16-params"))) << "a refused run must write nothing";
-  if (!torch::cuda::is_available()) {
+  if (cuda_device_count() == 0) {
     Config cuda = config("cuda", random_dataset());
     cuda.run.device = "cuda";
     test_support::expect_bad_input([&] { train(cuda, fast()); }, {"run.device"});
