@@ -44,7 +44,9 @@ TEST(CheckpointManifest, ReadsAManifestLoomWrote) {
   EXPECT_FALSE(m.files[2].is_model);  // trainer state
   EXPECT_EQ(m.tensors.size(), training_manifest().at("tensors").size());
   for (const auto& t : m.tensors) {
-    if (t.name == "lm_head.weight") EXPECT_EQ(t.shape, (std::vector<int64_t>{512, 64}));
+    if (t.name == "lm_head.weight") {
+      EXPECT_EQ(t.shape, (std::vector<int64_t>{512, 64}));
+    }
   }
 }
 

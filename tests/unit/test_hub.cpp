@@ -97,7 +97,9 @@ TEST_F(HubTest, ShardedExportSplitsBySizeAndIndexesEveryTensor) {
   for (const auto& shard : shards) {
     // A shard exceeds the limit only when it holds a single larger tensor.
     auto file = safetensors::File::open(path("hf/" + shard));
-    if (file.tensors().size() > 1) EXPECT_LE(fs::file_size(path("hf/" + shard)), 20'000u + 4096u) << shard;
+    if (file.tensors().size() > 1) {
+      EXPECT_LE(fs::file_size(path("hf/" + shard)), 20'000u + 4096u) << shard;
+    }
   }
   expect_same_parameters(*model_, *load_model(ModelFiles::open(path("hf"))));
 }
@@ -160,7 +162,9 @@ TEST_F(HubTest, ExportRefusesAnExistingFolderAndLeavesNoTemporaryBehind) {
 }
 
 TEST_F(HubTest, LoomCheckpointRoundTripsAndRecordsChecksums) {
-  write_loom_checkpoint(*model_, path("ckpt"), {.step = 42});
+  CheckpointWriteOptions options;
+  options.step = 42;
+  write_loom_checkpoint(*model_, path("ckpt"), options);
   auto files = ModelFiles::open(path("ckpt"));
   EXPECT_EQ(files.kind(), ModelFiles::Kind::kLoomCheckpoint);
   EXPECT_EQ(files.step(), 42);
@@ -190,7 +194,9 @@ TEST_F(HubTest, CorruptCheckpointFileIsNamedByItsChecksum) {
 // Version 1 (every tensor whole in model-rank00000.safetensors, the manifest
 // naming a slice per tensor and verifying whole files) still loads.
 TEST_F(HubTest, VersionOneCheckpointsStillLoad) {
-  write_loom_checkpoint(*model_, path("ckpt"), {.step = 3});
+  CheckpointWriteOptions options;
+  options.step = 3;
+  write_loom_checkpoint(*model_, path("ckpt"), options);
   auto manifest = nlohmann::json::parse(read_file(path("ckpt/manifest.json")));
   nlohmann::json tensors = nlohmann::json::object();
   for (const auto& [name, tensor] : manifest.at("tensors").items()) {

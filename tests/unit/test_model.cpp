@@ -365,9 +365,13 @@ TEST(Rotary, Llama3ScalingKeepsHighFrequenciesAndDividesLowOnes) {
   auto wavelen = 2 * M_PI / plain;
   for (int64_t j = 0; j < plain.size(0); ++j) {
     const double w = wavelen[j].item<double>(), p = plain[j].item<double>(), s = scaled[j].item<double>();
-    if (w < 16) EXPECT_DOUBLE_EQ(s, p) << j;
-    if (w > 64) EXPECT_NEAR(s, p / 8, p * 1e-6) << j;
-    if (w >= 16 && w <= 64) EXPECT_TRUE(s <= p && s >= p / 8) << j;
+    if (w < 16) {
+      EXPECT_DOUBLE_EQ(s, p) << j;
+    } else if (w > 64) {
+      EXPECT_NEAR(s, p / 8, p * 1e-6) << j;
+    } else {
+      EXPECT_TRUE(s <= p && s >= p / 8) << j;
+    }
   }
 }
 

@@ -119,7 +119,9 @@ TEST(PipeGroups, EachRankHasAGroupPerDirectionToAndFromItsRingNeighbours) {
     EXPECT_EQ(link.group->world_ranks()[static_cast<size_t>(link.peer)], other) << what;
   }
   EXPECT_NE(groups.to(prev).group, groups.from(prev).group) << "one group per direction";
-  if (p >= 4) EXPECT_THROW(groups.to((me + 2) % p), std::invalid_argument);
+  if (p >= 4) {
+    EXPECT_THROW(groups.to((me + 2) % p), std::invalid_argument);
+  }
 
   // Around the ring both ways at once: every rank sends before it receives.
   const auto send = [&](int to, int value) {
