@@ -4,7 +4,7 @@
 # loom_dataset_tool and test_nccl_process_group, stripped, and loom's CUDA
 # part (lib/libloom_cuda.so, found there on LD_LIBRARY_PATH); their shared
 # libraries but torch's, the NVIDIA wheels' and glibc's; and a relocatable
-# Open MPI (tests/gpu/pack_mpi.sh).
+# Open MPI (tests/gpu/pack_mpi.sh). lib/ and ompi/ go into libs.tar.xz.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 carry="$root/tests/gpu/carry"
@@ -21,4 +21,8 @@ ldd "${bins[@]}" "$root/build/libloom_cuda.so" | awk '/=> \// {print $3}' | sort
   esac
 done
 bash "$root/tests/gpu/pack_mpi.sh" "$carry" > /dev/null
+# lib/ and ompi/ are ~80 MB as files (ICU's data alone 31 MB) and the device
+# tool carries 64 MiB: compressed (~22 MB), unpacked by staged_checks.sh.
+tar -C "$carry" -cJf "$carry/libs.tar.xz" lib ompi
+rm -rf "$carry/lib" "$carry/ompi"
 du -sh "$carry"

@@ -25,11 +25,18 @@ work=$(mktemp -d)
 mkdir -p "$out"
 cd "$root"
 
-# The carried Open MPI (tests/gpu/pack_mpi.sh), and torch's libraries.
-export OPAL_PREFIX="$carry/ompi" PMIX_MCA_pcompress_base_silence_warning=1 OMP_NUM_THREADS=1
-export PATH="$carry/ompi/bin:$PATH"
+# The carried Open MPI (tests/gpu/pack_mpi.sh), loom's libraries, and
+# torch's. pack_staged.sh compresses lib/ and ompi/ into libs.tar.xz (the
+# device tool carries 64 MiB; they are ~80 MB as files): unpacked here.
+libroot="$carry"
+if [ -f "$carry/libs.tar.xz" ]; then
+  libroot=$(mktemp -d)
+  tar -xJf "$carry/libs.tar.xz" -C "$libroot"
+fi
+export OPAL_PREFIX="$libroot/ompi" PMIX_MCA_pcompress_base_silence_warning=1 OMP_NUM_THREADS=1
+export PATH="$libroot/ompi/bin:$PATH"
 python="$(command -v python3 || true)"
-libs="$carry/lib:$carry/ompi/libs"
+libs="$libroot/lib:$libroot/ompi/libs"
 if [ -n "$python" ]; then
   site="$("$python" -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))' 2>/dev/null)"
   if [ -n "$site" ]; then
