@@ -20,6 +20,8 @@ set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 carry="$here/carry"
+# pack.sh compresses the carried lib/ (the device tool carries 64 MiB): unpack it once.
+[[ -d "$carry/lib" || ! -f "$carry/lib.tar.xz" ]] || tar -xJf "$carry/lib.tar.xz" -C "$carry"
 out=/tmp/loom-check-kernels
 work=/tmp/loom-check-kernels-work
 while [[ $# -gt 0 ]]; do

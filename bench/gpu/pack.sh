@@ -3,8 +3,9 @@
 # but not loom's other libraries, into bench/gpu/carry/ (ignored by git):
 #   loom, loom_dataset_tool          stripped, from build/
 #   libloom_cuda.so                  loom's CUDA part, beside loom (stripped)
-#   lib/                             their shared libraries, except torch's,
+#   lib.tar.xz                       their shared libraries, except torch's,
 #                                    the NVIDIA wheels' and glibc's own
+#                                    (lib/, compressed)
 #   pylib.tar.xz                     transformers and the packages it imports,
 #                                    unpacked there only if it lacks them
 # Then, with the device tool: carry bench/gpu/carry and run
@@ -26,6 +27,11 @@ ldd "$root/build/loom" "$root/build/tests/loom_dataset_tool" "$root/build/libloo
       *) cp -L "$lib" "$carry/lib/" ;;
     esac
   done
+# As files lib/ is ~58 MB (ICU's data alone 31 MB) and the device tool
+# carries 64 MiB in all: compressed, unpacked by run.sh, check_kernels.sh and
+# session.sh on the GPU machine.
+tar -C "$carry" -cJf "$carry/lib.tar.xz" lib
+rm -rf "$carry/lib"
 site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 tar --exclude=__pycache__ -C "$site" -cJf "$carry/pylib.tar.xz" \
   transformers huggingface_hub safetensors tokenizers tqdm filelock packaging yaml regex hf_xet typer

@@ -15,6 +15,8 @@
 # exit code.
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# pack.sh compresses the carried lib/ (the device tool carries 64 MiB): unpack it once.
+[[ -d "$here/carry/lib" || ! -f "$here/carry/lib.tar.xz" ]] || tar -xJf "$here/carry/lib.tar.xz" -C "$here/carry"
 root="$(cd "$here/../.." && pwd)"
 out="${OUT:-/tmp/loom-session}"
 work=/tmp/lb
