@@ -43,37 +43,39 @@ void load(Part& p) {
   // Linked in already (a test that uses the NCCL group directly).
   p.handle = ::dlopen(kCudaPartFile, RTLD_NOW | RTLD_GLOBAL | RTLD_NOLOAD);
   if (p.handle != nullptr) return;
-  std::vector<std::string> candidates;
+  std::vector<std::string> beside;
   const std::string folder = binary_folder();
   if (!folder.empty()) {
-    candidates.push_back(folder + "/" + kCudaPartFile);
+    beside.push_back(folder + "/" + kCudaPartFile);
     const size_t slash = folder.rfind('/');
-    if (slash != std::string::npos && slash > 0) candidates.push_back(folder.substr(0, slash) + "/" + kCudaPartFile);
+    if (slash != std::string::npos && slash > 0) beside.push_back(folder.substr(0, slash) + "/" + kCudaPartFile);
   }
-  candidates.emplace_back(kCudaPartFile);  // the library search path
   std::string tried;
-  for (const std::string& candidate : candidates) {
-    // A candidate that exists but fails to load (a missing CUDA library, an
-    // unresolved symbol) is the answer: its message says what is wrong.
-    const bool exists = candidate.find('/') == std::string::npos || ::access(candidate.c_str(), F_OK) == 0;
-    if (!exists) {
-      tried += (tried.empty() ? "" : ", ") + candidate;
+  for (const std::string& path : beside) {
+    if (::access(path.c_str(), F_OK) != 0) {
+      tried += path + ", ";
       continue;
     }
+    // A part that exists but fails to load (a missing CUDA library, an
+    // unresolved symbol) is the answer: its message says what is wrong.
     // RTLD_GLOBAL: libtorch_cuda and the CUDA libraries it brings are
     // visible to what loads later, as when they were linked in.
-    p.handle = ::dlopen(candidate.c_str(), RTLD_NOW | RTLD_GLOBAL);
-    if (p.handle != nullptr) return;
-    const std::string message = dl_message();
-    if (candidate.find('/') == std::string::npos && message.find("cannot open shared object file") != std::string::npos) {
-      tried += (tried.empty() ? "" : ", ") + candidate + " on the library search path";
-      continue;
-    }
-    p.failure = "loom's CUDA part " + candidate + " did not load: " + message;
+    p.handle = ::dlopen(path.c_str(), RTLD_NOW | RTLD_GLOBAL);
+    if (p.handle == nullptr) p.failure = "loom's CUDA part " + path + " did not load: " + dl_message();
+    return;
+  }
+  // The library search path (LD_LIBRARY_PATH, the binary's RUNPATH).
+  p.handle = ::dlopen(kCudaPartFile, RTLD_NOW | RTLD_GLOBAL);
+  if (p.handle != nullptr) return;
+  const std::string message = dl_message();
+  if (message.find("cannot open shared object file") == std::string::npos) {
+    p.failure = std::string("loom's CUDA part ") + kCudaPartFile + " on the library search path did not load: " +
+                message;
     return;
   }
   p.failure = std::string("loom's CUDA part (") + kCudaPartFile + ") was not found (tried " + tried +
-              "): this loom was built without CUDA, or the file was not copied beside the loom binary";
+              "the library search path): this loom was built without CUDA, or the file was not copied beside the "
+              "loom binary";
 }
 
 }  // namespace
