@@ -88,9 +88,9 @@ NamedTensors to_named_tensors(const torch::OrderedDict<std::string, torch::Tenso
 // `bias_correction2**0.5` are C pow() in CPython, hence std::pow here (not
 // std::sqrt, which may round differently). Replacing e.g. lerp_ by
 // mul_/add_ would still be AdamW but no longer bit-identical to torch.
-void AdamW::step(double lr) {
+void AdamW::step(double lr, const torch::Tensor& grad_factor) {
   at::NoGradGuard no_grad;  // in-place updates of leaves that require grad
-  bool all_cuda_fp32 = !params_.empty();
+  bool all_fused = !params_.empty();
   const std::vector<torch::Tensor> holders = gradient_holders();
   for (size_t i = 0; i < params_.size(); ++i) {
     const torch::Tensor& param = params_[i].second;
@@ -98,12 +98,16 @@ void AdamW::step(double lr) {
       throw std::runtime_error("AdamW::step: parameter '" + params_[i].first +
                                "' has no gradient (every parameter must have one)");
     }
-    all_cuda_fp32 = all_cuda_fp32 && param.is_cuda() && param.scalar_type() == torch::kFloat;
+    all_fused = all_fused && (param.is_cuda() || options_.fused_on_cpu) && param.scalar_type() == torch::kFloat;
   }
   ++step_;
-  if (all_cuda_fp32) {
-    fused_cuda_step(lr);
+  if (all_fused) {
+    fused_step(lr, grad_factor);
     return;
+  }
+  if (grad_factor.defined()) {
+    // clip_grad_norm's multiply, on the gradients it would have scaled.
+    for (const torch::Tensor& holder : holders) holder.grad().mul_(grad_factor.to(holder.grad().device()));
   }
   const double step = static_cast<double>(step_);
   const double beta1 = options_.beta1, beta2 = options_.beta2;
@@ -137,11 +141,15 @@ void AdamW::step(double lr) {
 // parameter. Same update, but not bit-identical to the single-tensor path
 // (the kernel evaluates the arithmetic in its own order), which is why the
 // CPU, where loom is checked bit for bit against torch, keeps Note [AdamW step].
-void AdamW::fused_cuda_step(double lr) {
+void AdamW::fused_step(double lr, const torch::Tensor& grad_factor) {
   // The kernel reads the step count (already incremented) from a tensor per
   // parameter; one scalar on the device serves them all.
   const auto step_tensor =
       torch::full({}, static_cast<double>(step_), params_.front().second.options().dtype(torch::kFloat));
+  // The kernel divides each gradient by grad_scale (AMP's unscaling) and
+  // writes the quotient back: dividing by 1 / factor is the clipping.
+  std::optional<torch::Tensor> grad_scale;
+  if (grad_factor.defined()) grad_scale = grad_factor.to(step_tensor.device(), torch::kFloat).reciprocal();
   for (const bool decayed : {true, false}) {
     std::vector<torch::Tensor> params, grads, exp_avgs, exp_avg_sqs, steps;
     for (size_t i = 0; i < params_.size(); ++i) {
@@ -155,7 +163,7 @@ void AdamW::fused_cuda_step(double lr) {
     if (params.empty()) continue;
     at::_fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, /*max_exp_avg_sqs=*/{}, steps, lr, options_.beta1,
                       options_.beta2, decayed ? options_.weight_decay : 0.0, options_.eps, /*amsgrad=*/false,
-                      /*maximize=*/false);
+                      /*maximize=*/false, grad_scale);
   }
 }
 
@@ -324,24 +332,30 @@ double grad_norm(const std::vector<torch::Tensor>& params, const GradNormReducti
   return total.defined() ? total.item<double>() : 0.0;
 }
 
-double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm,
-                      const GradNormReduction* reduction) {
+GradClip grad_clip(const std::vector<torch::Tensor>& params, double max_norm, const GradNormReduction* reduction) {
   if (!(max_norm > 0)) {
     throw std::invalid_argument("clip_grad_norm: max_norm must be > 0 (got " + std::to_string(max_norm) + ")");
   }
   at::NoGradGuard no_grad;
   torch::Tensor total = total_grad_norm(params, reduction);
-  if (!total.defined()) return 0.0;
+  if (!total.defined()) return {};
   // Multiplying by a factor clamped to 1 instead of branching on `norm >
   // max_norm` keeps the decision on the device (no host sync) and is exact
   // when no clipping is needed.
   torch::Tensor clip_coef = (total + 1e-6).reciprocal() * max_norm;
-  torch::Tensor clip_coef_clamped = at::clamp(clip_coef, c10::nullopt, 1.0);
+  return {total, at::clamp(clip_coef, c10::nullopt, 1.0)};
+}
+
+double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm,
+                      const GradNormReduction* reduction) {
+  const GradClip clip = grad_clip(params, max_norm, reduction);
+  if (!clip.norm.defined()) return 0.0;
+  at::NoGradGuard no_grad;
   for (const auto& param : params) {
     torch::Tensor grad = param.grad();
-    if (grad.defined()) grad.mul_(clip_coef_clamped.to(grad.device()));
+    if (grad.defined()) grad.mul_(clip.factor.to(grad.device()));
   }
-  return total.item<double>();
+  return clip.norm.item<double>();
 }
 
 bool grads_are_finite(const std::vector<torch::Tensor>& params) {

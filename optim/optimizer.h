@@ -42,6 +42,10 @@ struct AdamWOptions {
   // Whether model.embed_tokens.weight and lm_head.weight are decayed
   // (optimizer.decay_embeddings); GPT-2/Megatron decay them, some recipes do not.
   bool decay_embeddings = true;
+  // Run torch's fused AdamW kernel on the CPU too (it always runs for fp32
+  // parameters on CUDA): for tests of the fused path on a machine without a
+  // GPU; the CPU default is the single-tensor path of Note [AdamW step].
+  bool fused_on_cpu = false;
 
   // optimizer.betas / eps / weight_decay / decay_embeddings (lr is passed to every step).
   static AdamWOptions from_config(const OptimizerConfig& config);
@@ -67,7 +71,15 @@ class AdamW {
   // Every parameter must have a gradient: they all share one step counter, so
   // skipping one (as torch does for grad None) would desynchronise its bias
   // correction. Throws std::runtime_error naming the parameter otherwise.
-  void step(double lr);
+  //
+  // With `grad_factor` (a 0-dim fp32 tensor, GradClip::factor), every
+  // gradient is first multiplied by it, as clip_grad_norm would have done,
+  // and left so (fusion.clip_in_adamw): the fused kernel takes 1 / factor as
+  // its grad_scale, which it divides each gradient by as it reads it and
+  // writes back, one pass fewer over the gradients than clipping first (the
+  // product may differ from clip_grad_norm's by one rounding); the
+  // single-tensor path multiplies first, exactly as clip_grad_norm does.
+  void step(double lr, const torch::Tensor& grad_factor = {});
 
   // Zeroes every defined gradient in place rather than resetting it: a
   // gradient may be a view into a larger buffer (ZeRO-1's pieces: Note
@@ -125,7 +137,8 @@ class AdamW {
     bool decayed = true;
   };
 
-  void fused_cuda_step(double lr);  // step() when every parameter is fp32 on CUDA
+  // step() when every parameter is fp32 on CUDA (or options_.fused_on_cpu).
+  void fused_step(double lr, const torch::Tensor& grad_factor);
 
   AdamWOptions options_;
   NamedTensors params_;
@@ -159,6 +172,17 @@ double grad_norm(const std::vector<torch::Tensor>& params, const GradNormReducti
 // means: call grad_norm instead); std::invalid_argument otherwise.
 double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm,
                       const GradNormReduction* reduction = nullptr);
+
+// clip_grad_norm without the scaling: the norm, and the factor it would
+// scale every gradient by, for AdamW::step to apply; both 0-dim fp32 tensors
+// on the first gradient's device (undefined without gradients), not read
+// back to the host.
+struct GradClip {
+  torch::Tensor norm;
+  torch::Tensor factor;
+};
+GradClip grad_clip(const std::vector<torch::Tensor>& params, double max_norm,
+                   const GradNormReduction* reduction = nullptr);
 
 // True when every defined gradient of `params` is finite (no NaN or inf).
 bool grads_are_finite(const std::vector<torch::Tensor>& params);

@@ -444,6 +444,98 @@ TEST(ClipGradNorm, RefusesANonPositiveLimit) {
   EXPECT_THROW(clip_grad_norm({a}, -1.0), std::invalid_argument);
 }
 
+// --- the clipping factor applied inside AdamW (fusion.clip_in_adamw) ------------
+
+// Two parameters with gradients far above the limit, and a bf16 one (updated
+// through its fp32 master: the single-tensor path) when `with_bf16`.
+struct ClipCase {
+  NamedTensors params;
+  std::vector<torch::Tensor> holders;
+};
+
+// Each step's gradients: new ones, far above the limit.
+void set_large_grads(ClipCase& c, int step) {
+  torch::manual_seed(100 + step);
+  for (auto& [name, p] : c.params) p.mutable_grad() = (torch::randn(p.sizes()) * 10).to(p.scalar_type());
+}
+
+ClipCase clip_case(bool with_bf16) {
+  torch::manual_seed(5);
+  ClipCase c;
+  c.params = {{"a.weight", torch::randn({5, 3}).requires_grad_(true)},
+              {"b.bias", torch::randn({7}).requires_grad_(true)}};
+  if (with_bf16) c.params.emplace_back("c.weight", torch::randn({4}).to(torch::kBFloat16).requires_grad_(true));
+  for (auto& [name, p] : c.params) c.holders.push_back(p);
+  set_large_grads(c, 0);
+  return c;
+}
+
+// Three steps with new gradients each, clipping to 0.5 before each: by
+// clip_grad_norm, or by the factor handed to step(). Returns the parameters
+// and gradients after.
+std::vector<torch::Tensor> clipped_steps(bool in_adamw, bool with_bf16, bool fused) {
+  ClipCase c = clip_case(with_bf16);
+  AdamWOptions o = options();
+  o.fused_on_cpu = fused;
+  AdamW adamw(c.params, o);
+  for (int step = 0; step < 3; ++step) {
+    set_large_grads(c, step);
+    if (in_adamw) {
+      const GradClip clip = grad_clip(adamw.gradient_holders(), 0.5);
+      EXPECT_GT(clip.norm.item<double>(), 0.5);
+      adamw.step(1e-2, clip.factor);
+    } else {
+      clip_grad_norm(adamw.gradient_holders(), 0.5);
+      adamw.step(1e-2);
+    }
+  }
+  std::vector<torch::Tensor> out;
+  for (const auto& [name, p] : c.params) {
+    out.push_back(p.detach().clone());
+    out.push_back(p.grad().clone());
+  }
+  return out;
+}
+
+TEST(ClipInAdamW, TheSingleTensorPathMatchesClippingFirstBitForBit) {
+  const auto first = clipped_steps(/*in_adamw=*/false, /*with_bf16=*/true, /*fused=*/false);
+  const auto folded = clipped_steps(/*in_adamw=*/true, /*with_bf16=*/true, /*fused=*/false);
+  ASSERT_EQ(first.size(), folded.size());
+  for (size_t i = 0; i < first.size(); ++i) EXPECT_TRUE(torch::equal(first[i], folded[i])) << "tensor " << i;
+}
+
+TEST(ClipInAdamW, TheFusedKernelMatchesClippingFirstWithinRounding) {
+  // torch's fused AdamW on the CPU: the kernel the GPU runs, with the
+  // factor as its grad_scale (a division by 1 / factor, not a multiply).
+  const auto first = clipped_steps(/*in_adamw=*/false, /*with_bf16=*/false, /*fused=*/true);
+  const auto folded = clipped_steps(/*in_adamw=*/true, /*with_bf16=*/false, /*fused=*/true);
+  const auto unclipped_case = clip_case(false);
+  ASSERT_EQ(first.size(), folded.size());
+  for (size_t i = 0; i < first.size(); ++i) {
+    const double scale = first[i].abs().max().item<double>();
+    EXPECT_LE((first[i] - folded[i]).abs().max().item<double>(), 1e-5 * scale) << "tensor " << i;
+  }
+  // The gradients left behind are the clipped ones, as after clip_grad_norm:
+  // their norm is the limit, not the far larger one they came with.
+  const double norm = std::sqrt(folded[1].square().sum().item<double>() + folded[3].square().sum().item<double>());
+  EXPECT_NEAR(norm, 0.5, 1e-5);
+  EXPECT_GT(grad_norm(unclipped_case.holders), 5.0);
+}
+
+TEST(ClipInAdamW, AFactorOfOneChangesNothing) {
+  for (const bool fused : {false, true}) {
+    ClipCase plain = clip_case(false), folded = clip_case(false);
+    AdamWOptions o = options();
+    o.fused_on_cpu = fused;
+    AdamW a(plain.params, o), b(folded.params, o);
+    a.step(1e-2);
+    b.step(1e-2, torch::ones({}));
+    for (size_t i = 0; i < plain.params.size(); ++i) {
+      EXPECT_TRUE(torch::equal(plain.params[i].second, folded.params[i].second)) << "fused " << fused;
+    }
+  }
+}
+
 TEST(GradsAreFinite, DetectsNanAndInfAndIgnoresMissingGrads) {
   auto a = param({0.0f, 0.0f}), b = param({0.0f}), c = param({0.0f});
   set_grad(a, {1.0f, 2.0f});
