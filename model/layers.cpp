@@ -6,6 +6,7 @@
 #include <limits>
 
 #include "model/compute_weights.h"
+#include "model/kernels/fused_ops.h"
 
 namespace loom {
 
@@ -20,7 +21,7 @@ class LocalLinear : public Linear {
     if (bias) bias_ = register_parameter("bias", torch::zeros({out_features}));
   }
   torch::Tensor forward(const torch::Tensor& x) override {
-    return at::linear(x, compute_weight(weight_), bias_.defined() ? std::optional<at::Tensor>(bias_) : std::nullopt);
+    return compute_linear(x, weight_, bias_.defined() ? std::optional<at::Tensor>(bias_) : std::nullopt);
   }
 
  private:
@@ -48,7 +49,7 @@ class LocalLmHead : public LmHead {
     if (!tied_) weight_ = register_parameter("weight", torch::empty({vocab, hidden}));
   }
   torch::Tensor forward(const torch::Tensor& hidden) override {
-    return at::linear(hidden, compute_weight(tied_ ? tied_->weight() : weight_));
+    return compute_linear(hidden, tied_ ? tied_->weight() : weight_);
   }
 
  private:
@@ -216,6 +217,16 @@ torch::Tensor RMSNorm::normalize(const torch::Tensor& x, const torch::Tensor& w)
   auto variance = x32.pow(2).mean(-1, /*keepdim=*/true);
   auto normed = (x32 * at::rsqrt(variance + eps_)).to(x.scalar_type());
   return w * normed;
+}
+
+std::pair<torch::Tensor, torch::Tensor> RMSNorm::add_then_forward(const torch::Tensor& residual,
+                                                                   const torch::Tensor& branch) {
+  if (fuse_residual_add && style_ == NormWeight::kScale && residual.scalar_type() != torch::kFloat) {
+    kernels::AddNorm fused = kernels::add_rms_norm(residual, branch, weight, eps_);
+    return {fused.h, fused.y};
+  }
+  torch::Tensor h = residual + branch;
+  return {h, forward(h)};
 }
 
 std::shared_ptr<Linear> LocalLayerFactory::linear(int64_t in_features, int64_t out_features, bool bias,

@@ -59,7 +59,14 @@ class RMSNorm : public torch::nn::Module {
   RMSNorm(int64_t hidden, double eps, NormWeight style = NormWeight::kScale);
   virtual ~RMSNorm() = default;
   virtual torch::Tensor forward(const torch::Tensor& x) { return normalize(x, weight); }
+  // (h, forward(h)) for h = residual + branch: a decoder layer's residual add
+  // and this norm after it. With fuse_residual_add (fusion.add_rmsnorm, set
+  // by the factory that made it) on a bf16 or fp16 stream, one fused op
+  // (kernels::add_rms_norm: one kernel each way on a GPU); otherwise the add,
+  // then forward().
+  std::pair<torch::Tensor, torch::Tensor> add_then_forward(const torch::Tensor& residual, const torch::Tensor& branch);
   torch::Tensor weight;
+  bool fuse_residual_add = false;
 
  protected:
   // The computation above with `w` in place of the parameter (a sequence-
@@ -192,8 +199,13 @@ class LayerFactory {
   // `tied` is the embedding whose weight the head reuses, or null for an own weight.
   virtual std::shared_ptr<LmHead> lm_head(int64_t hidden, int64_t vocab, std::shared_ptr<Embedding> tied) const = 0;
   virtual std::shared_ptr<RMSNorm> norm(int64_t hidden, double eps, NormWeight style) const {
-    return std::make_shared<RMSNorm>(hidden, eps, style);
+    auto made = std::make_shared<RMSNorm>(hidden, eps, style);
+    made->fuse_residual_add = fuse_residual_add_norm;
+    return made;
   }
+  // fusion.add_rmsnorm: the norms norm() makes fuse the residual add before
+  // them (RMSNorm::add_then_forward). Set before the model is built.
+  bool fuse_residual_add_norm = false;
   // Query/key norms (QkNorm in config/model_config.h), made after the
   // attention's four linears. head_norm: over each head's `head_dim`
   // features, one weight for all heads, applied to [..., heads, head_dim].

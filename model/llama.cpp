@@ -185,8 +185,9 @@ torch::Tensor DecoderLayer::compute(const torch::Tensor& x_btd, const torch::Ten
     auto h = x_btd + post_attention_layernorm_->forward(attended);
     return h + post_feedforward_layernorm_->forward(mlp_->forward(pre_feedforward_layernorm_->forward(h)));
   }
-  auto h = x_btd + self_attn_->forward(input_layernorm_->forward(x_btd), cos_td, sin_td, cache_k, cache_v, documents);
-  return h + mlp_->forward(post_attention_layernorm_->forward(h));
+  auto attended = self_attn_->forward(input_layernorm_->forward(x_btd), cos_td, sin_td, cache_k, cache_v, documents);
+  auto [h, normed] = post_attention_layernorm_->add_then_forward(x_btd, attended);
+  return h + mlp_->forward(normed);
 }
 
 namespace {

@@ -15,6 +15,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
+#include <type_traits>
 
 namespace loom::kernels::cuda {
 
@@ -315,6 +317,131 @@ __global__ void __launch_bounds__(kThreads)
     d[j] = cross_entropy_grad(static_cast<float>(x[j]), lse, j == column, scale);
 }
 
+// --- residual add + RMSNorm ---------------------------------------------------
+
+// The sum of v over the block, in every thread. blockDim.x is kThreads.
+__device__ float block_sum(float v) {
+  constexpr unsigned kAll = 0xffffffffu;
+  __shared__ float warps[kThreads / 32];
+  __shared__ float total;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(kAll, v, offset);
+  if (lane == 0) warps[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kThreads / 32 ? warps[lane] : 0.f;
+    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(kAll, v, offset);
+    if (lane == 0) total = v;
+  }
+  __syncthreads();
+  const float sum = total;
+  __syncthreads();  // before a next call writes warps and total again
+  return sum;
+}
+
+// One block per row. A thread takes units of kVec elements (one 16-byte pack,
+// or one element when the rows are not aligned for packs): h = residual +
+// branch rounded to the dtype as the unfused add rounds it, the row's
+// sum of h^2 in fp32, then y = h * rstd * w.
+template <typename scalar_t, int kVec>
+__global__ void __launch_bounds__(kThreads)
+    add_rms_norm_forward_kernel(const scalar_t* __restrict__ residual, const scalar_t* __restrict__ branch,
+                                const scalar_t* __restrict__ weight, scalar_t* __restrict__ h_out,
+                                scalar_t* __restrict__ y_out, float* __restrict__ rstd_out, int64_t hidden,
+                                float eps) {
+  using V = Pack<scalar_t, kVec>;
+  const int64_t row = blockIdx.x, units = hidden / kVec;
+  const V* r = reinterpret_cast<const V*>(residual + row * hidden);
+  const V* b = reinterpret_cast<const V*>(branch + row * hidden);
+  const V* w = reinterpret_cast<const V*>(weight);
+  V* h = reinterpret_cast<V*>(h_out + row * hidden);
+  V* y = reinterpret_cast<V*>(y_out + row * hidden);
+  float squares = 0.f;
+  for (int64_t u = threadIdx.x; u < units; u += kThreads) {
+    const V rv = r[u], bv = b[u];
+    V hv;
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      hv.v[k] = static_cast<scalar_t>(static_cast<float>(rv.v[k]) + static_cast<float>(bv.v[k]));
+      const float x = static_cast<float>(hv.v[k]);
+      squares += x * x;
+    }
+    h[u] = hv;
+  }
+  const float rstd = rsqrtf(block_sum(squares) / static_cast<float>(hidden) + eps);
+  if (threadIdx.x == 0) rstd_out[row] = rstd;
+  for (int64_t u = threadIdx.x; u < units; u += kThreads) {
+    const V hv = h[u], wv = w[u];  // this thread's own writes above
+    V yv;
+#pragma unroll
+    for (int k = 0; k < kVec; ++k)
+      yv.v[k] = static_cast<scalar_t>(static_cast<float>(hv.v[k]) * rstd * static_cast<float>(wv.v[k]));
+    y[u] = yv;
+  }
+}
+
+// Rows blockIdx.x, blockIdx.x + gridDim.x, ...: with r = rstd and
+// s = sum_j gy_j w_j h_j over the row,
+//   dh_j = gh_j + r gy_j w_j - r^3 h_j s / hidden
+// (gh, the gradient h gets from the residual path, may be absent: 0), and
+// the weight's gradient sum_rows gy_j h_j r, this block's rows' share in
+// fp32 in shared memory (a thread owns its columns: no atomics), written to
+// row blockIdx.x of dw_partial [gridDim.x, hidden] at the end.
+template <typename scalar_t, int kVec>
+__global__ void __launch_bounds__(kThreads)
+    add_rms_norm_backward_kernel(const scalar_t* __restrict__ grad_y, const scalar_t* __restrict__ grad_h,
+                                 const scalar_t* __restrict__ h_in, const scalar_t* __restrict__ weight,
+                                 const float* __restrict__ rstd_in, scalar_t* __restrict__ d_h,
+                                 float* __restrict__ dw_partial, int64_t rows, int64_t hidden) {
+  using V = Pack<scalar_t, kVec>;
+  extern __shared__ float dw[];  // hidden floats
+  const int64_t units = hidden / kVec;
+  const V* w = reinterpret_cast<const V*>(weight);
+  for (int64_t u = threadIdx.x; u < units; u += kThreads) {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) dw[u * kVec + k] = 0.f;
+  }
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const V* gy = reinterpret_cast<const V*>(grad_y + row * hidden);
+    const V* h = reinterpret_cast<const V*>(h_in + row * hidden);
+    const V* gh = grad_h != nullptr ? reinterpret_cast<const V*>(grad_h + row * hidden) : nullptr;
+    V* d = reinterpret_cast<V*>(d_h + row * hidden);
+    const float r = rstd_in[row];
+    float s = 0.f;
+    for (int64_t u = threadIdx.x; u < units; u += kThreads) {
+      const V gv = gy[u], wv = w[u], hv = h[u];
+#pragma unroll
+      for (int k = 0; k < kVec; ++k)
+        s += static_cast<float>(gv.v[k]) * static_cast<float>(wv.v[k]) * static_cast<float>(hv.v[k]);
+    }
+    const float c = r * r * r * block_sum(s) / static_cast<float>(hidden);
+    for (int64_t u = threadIdx.x; u < units; u += kThreads) {
+      const V gv = gy[u], wv = w[u], hv = h[u];
+      float from_residual[kVec];
+      if (gh != nullptr) {
+        const V ghv = gh[u];
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) from_residual[k] = static_cast<float>(ghv.v[k]);
+      } else {
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) from_residual[k] = 0.f;
+      }
+      V dv;
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        const float g = static_cast<float>(gv.v[k]), x = static_cast<float>(hv.v[k]);
+        dv.v[k] = static_cast<scalar_t>(from_residual[k] + r * g * static_cast<float>(wv.v[k]) - c * x);
+        dw[u * kVec + k] += g * x * r;
+      }
+      d[u] = dv;
+    }
+  }
+  for (int64_t u = threadIdx.x; u < units; u += kThreads) {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) dw_partial[blockIdx.x * hidden + u * kVec + k] = dw[u * kVec + k];
+  }
+}
+
 // fp32, bf16 and fp16 only: the arithmetic is fp32 whatever the dtype, which
 // would be a silent loss for double.
 #define LOOM_DISPATCH_FP32_BF16_FP16(TYPE, NAME, ...)                          \
@@ -396,12 +523,77 @@ void cross_entropy_backward(const at::Tensor& logits, const at::Tensor& targets,
   });
 }
 
+namespace {
+
+// Whole 16-byte packs when every row of every tensor starts on a 16-byte
+// boundary, else element by element.
+template <typename scalar_t>
+bool rows_packed(int64_t hidden, std::initializer_list<const at::Tensor*> tensors) {
+  if (hidden % (16 / sizeof(scalar_t)) != 0) return false;
+  for (const at::Tensor* t : tensors) {
+    if (t->defined() && !aligned16(t->data_ptr())) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+void add_rms_norm_forward(const at::Tensor& residual, const at::Tensor& branch, const at::Tensor& weight,
+                          double eps, const at::Tensor& h, const at::Tensor& y, const at::Tensor& rstd) {
+  const c10::cuda::CUDAGuard device_guard(residual.device());
+  const int64_t hidden = residual.size(-1), rows = hidden == 0 ? 0 : residual.numel() / hidden;
+  if (rows == 0) return;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  LOOM_DISPATCH_FP32_BF16_FP16(residual.scalar_type(), "loom_add_rms_norm_forward", [&] {
+    const auto launch = [&](auto vec) {
+      constexpr int kVec = decltype(vec)::value;
+      add_rms_norm_forward_kernel<scalar_t, kVec><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+          residual.const_data_ptr<scalar_t>(), branch.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
+          h.mutable_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), rstd.mutable_data_ptr<float>(), hidden,
+          static_cast<float>(eps));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (rows_packed<scalar_t>(hidden, {&residual, &branch, &weight, &h, &y})) {
+      launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
+    } else {
+      launch(std::integral_constant<int, 1>{});
+    }
+  });
+}
+
+void add_rms_norm_backward(const at::Tensor& grad_y, const at::Tensor& grad_h, const at::Tensor& h,
+                           const at::Tensor& weight, const at::Tensor& rstd, const at::Tensor& d_h,
+                           const at::Tensor& dw_partial) {
+  const c10::cuda::CUDAGuard device_guard(h.device());
+  const int64_t hidden = h.size(-1), rows = hidden == 0 ? 0 : h.numel() / hidden;
+  const int64_t blocks = dw_partial.size(0);
+  if (rows == 0) return;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const size_t shared = static_cast<size_t>(hidden) * sizeof(float);
+  LOOM_DISPATCH_FP32_BF16_FP16(h.scalar_type(), "loom_add_rms_norm_backward", [&] {
+    const auto launch = [&](auto vec) {
+      constexpr int kVec = decltype(vec)::value;
+      add_rms_norm_backward_kernel<scalar_t, kVec><<<static_cast<unsigned>(blocks), kThreads, shared, stream>>>(
+          grad_y.const_data_ptr<scalar_t>(), grad_h.defined() ? grad_h.const_data_ptr<scalar_t>() : nullptr,
+          h.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), rstd.const_data_ptr<float>(),
+          d_h.mutable_data_ptr<scalar_t>(), dw_partial.mutable_data_ptr<float>(), rows, hidden);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (rows_packed<scalar_t>(hidden, {&grad_y, &grad_h, &h, &weight, &d_h})) {
+      launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
+    } else {
+      launch(std::integral_constant<int, 1>{});
+    }
+  });
+}
+
 }  // namespace loom::kernels::cuda
 
 // The binary reaches the launchers through this table (fused_cuda.h).
 extern "C" __attribute__((visibility("default"))) const void* loom_cuda_kernel_launchers() {
   using namespace loom::kernels::cuda;
   static const Launchers table{&swiglu_forward, &swiglu_backward, &rotary, &cross_entropy_forward,
-                               &cross_entropy_backward};
+                               &cross_entropy_backward, &accumulate_weight_gradient, &add_rms_norm_forward,
+                               &add_rms_norm_backward};
   return &table;
 }

@@ -46,6 +46,33 @@ void cross_entropy_forward(const at::Tensor& logits, const at::Tensor& targets, 
 void cross_entropy_backward(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index,
                             const at::Tensor& lse_rows, const at::Tensor& scale, const at::Tensor& d_logits);
 
+// weight_grad += grad_out^T @ input: the weight gradient of y = x W^T summed
+// over the rows, added into weight_grad in its own fp32 by one cuBLAS GEMM
+// (bf16 or fp16 inputs, fp32 accumulation and output, beta = 1), on the
+// current stream. grad_out [rows, out] and input [rows, in]: contiguous, one
+// dtype (bf16 or fp16); weight_grad [out, in]: contiguous fp32.
+// (weight_gradient_cuda.cpp; Note [weight-gradient accumulation] in
+// model/compute_weights.h.)
+void accumulate_weight_gradient(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight_grad);
+
+// A decoder layer's residual add and the RMSNorm after it, over rows of
+// `hidden` (the last dimension) of residual and branch (contiguous, one shape
+// and dtype; weight [hidden] in that dtype, contiguous):
+//   forward:  h = residual + branch (rounded to the dtype, as the unfused
+//             add), rstd_i = 1 / sqrt(mean_j h_ij^2 + eps) (fp32 [rows]),
+//             y = h * rstd * weight; h and y contiguous like residual.
+//   backward: d_h = grad_h + rstd g w - rstd^3 h sum_j(g w h) / hidden with
+//             g = grad_y (grad_h may be undefined: 0), and each block's
+//             share of the weight's gradient sum_rows g h rstd in fp32 in its
+//             row of dw_partial [blocks, hidden] (contiguous; the caller sums
+//             the rows). Needs hidden * 4 bytes of shared memory per block
+//             (the caller keeps hidden <= 8192).
+void add_rms_norm_forward(const at::Tensor& residual, const at::Tensor& branch, const at::Tensor& weight,
+                          double eps, const at::Tensor& h, const at::Tensor& y, const at::Tensor& rstd);
+void add_rms_norm_backward(const at::Tensor& grad_y, const at::Tensor& grad_h, const at::Tensor& h,
+                           const at::Tensor& weight, const at::Tensor& rstd, const at::Tensor& d_h,
+                           const at::Tensor& dw_partial);
+
 // The launchers above, as the CUDA part hands them to the binary.
 struct Launchers {
   decltype(&cuda::swiglu_forward) swiglu_forward;
@@ -53,6 +80,9 @@ struct Launchers {
   decltype(&cuda::rotary) rotary;
   decltype(&cuda::cross_entropy_forward) cross_entropy_forward;
   decltype(&cuda::cross_entropy_backward) cross_entropy_backward;
+  decltype(&cuda::accumulate_weight_gradient) accumulate_weight_gradient;
+  decltype(&cuda::add_rms_norm_forward) add_rms_norm_forward;
+  decltype(&cuda::add_rms_norm_backward) add_rms_norm_backward;
 };
 
 // The part's extern "C" function that returns its Launchers.

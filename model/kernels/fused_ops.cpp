@@ -113,6 +113,40 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
   }
 };
 
+// The decoder layer's residual add and the norm after it. The weight comes
+// in the stream's dtype (cast by the caller, so that autograd takes its
+// gradient on to the fp32 parameter).
+class AddRmsNormFunction : public torch::autograd::Function<AddRmsNormFunction> {
+ public:
+  static tensor_list forward(AutogradContext* ctx, const torch::Tensor& residual, const torch::Tensor& branch,
+                             const torch::Tensor& weight, double eps) {
+    const torch::Tensor r = residual.contiguous(), b = branch.contiguous(), w = weight.contiguous();
+    torch::Tensor h = at::empty_like(r), y = at::empty_like(r);
+    const int64_t hidden = r.size(-1);
+    torch::Tensor rstd = at::empty({hidden == 0 ? 0 : r.numel() / hidden}, r.options().dtype(torch::kFloat));
+    cuda::launchers().add_rms_norm_forward(r, b, w, eps, h, y, rstd);
+    ctx->save_for_backward({h, w, rstd});
+    return {h, y};
+  }
+
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    const tensor_list saved = ctx->get_saved_variables();
+    const torch::Tensor &h = saved[0], &w = saved[1], &rstd = saved[2];
+    const torch::Tensor grad_h = grads[0].defined() ? grads[0].contiguous() : torch::Tensor();
+    if (!grads[1].defined()) return {grad_h, grad_h, torch::Tensor(), torch::Tensor()};
+    const torch::Tensor grad_y = grads[1].contiguous();
+    const int64_t hidden = h.size(-1), rows = hidden == 0 ? 0 : h.numel() / hidden;
+    if (rows == 0) return {grad_y, grad_y, at::zeros_like(w), torch::Tensor()};
+    // Enough blocks to fill the GPU (each keeps `hidden` fp32 sums), few
+    // enough that their partial weight gradients stay small to add up.
+    const int64_t blocks = std::clamp<int64_t>(rows, 1, 512);
+    torch::Tensor d_h = at::empty_like(h);
+    torch::Tensor partial = at::empty({blocks, hidden}, h.options().dtype(torch::kFloat));
+    cuda::launchers().add_rms_norm_backward(grad_y, grad_h, h, w, rstd, d_h, partial);
+    return {d_h, d_h, partial.sum(0).to(w.scalar_type()), torch::Tensor()};
+  }
+};
+
 #endif  // LOOM_WITH_CUDA
 
 // Note [Cross-entropy on the CPU]
@@ -261,6 +295,61 @@ torch::Tensor cross_entropy(const torch::Tensor& logits_nv, const torch::Tensor&
 #endif
   if (cross_entropy_takes_cpu_path(logits_nv, targets_n)) return CpuCrossEntropyFunction::apply(logits_nv, targets_n);
   return cross_entropy_unfused(logits_nv, targets_n);
+}
+
+bool weight_gradient_takes_fused_path(const torch::Tensor& weight_grad, const torch::Tensor& grad_out,
+                                      const torch::Tensor& input) {
+  const auto dtype = input.scalar_type();
+  return fused_kernels_built() && weight_grad.is_cuda() && weight_grad.scalar_type() == torch::kFloat &&
+         weight_grad.is_contiguous() && (dtype == torch::kBFloat16 || dtype == torch::kHalf) &&
+         grad_out.scalar_type() == dtype && grad_out.device() == weight_grad.device() &&
+         input.device() == weight_grad.device();
+}
+
+void accumulate_weight_gradient(torch::Tensor& weight_grad, const torch::Tensor& grad_out,
+                                const torch::Tensor& input) {
+  at::NoGradGuard no_grad;
+  const torch::Tensor g = grad_out.contiguous(), x = input.contiguous();
+#ifdef LOOM_WITH_CUDA
+  if (weight_gradient_takes_fused_path(weight_grad, g, x)) {
+    cuda::launchers().accumulate_weight_gradient(g, x, weight_grad);
+    return;
+  }
+#endif
+  // The same sum: fp32 products of the low-precision values, added in fp32.
+  weight_grad.addmm_(g.t().to(torch::kFloat), x.to(torch::kFloat));
+}
+
+AddNorm add_rms_norm_unfused(const torch::Tensor& residual, const torch::Tensor& branch, const torch::Tensor& weight,
+                             double eps) {
+  torch::Tensor h = residual + branch;
+  torch::Tensor y = at::rms_norm(h, {h.size(-1)}, weight.to(h.scalar_type()), eps);
+  return {h, y};
+}
+
+// The backward kernel keeps a row of fp32 sums in shared memory, beside a
+// few words of its own, within the 48 KiB a block may use without asking:
+// 8192 (32 KiB; Llama 3 70B's hidden size).
+constexpr int64_t kMaxFusedNormWidth = 8192;
+
+bool add_rms_norm_takes_fused_path(const torch::Tensor& residual, const torch::Tensor& branch,
+                                   const torch::Tensor& weight) {
+  const auto dtype = residual.scalar_type();
+  return fused_kernels_built() && residual.is_cuda() && (dtype == torch::kBFloat16 || dtype == torch::kHalf) &&
+         residual.dim() >= 1 && branch.scalar_type() == dtype && branch.sizes() == residual.sizes() &&
+         branch.device() == residual.device() && weight.device() == residual.device() && weight.dim() == 1 &&
+         weight.size(0) == residual.size(-1) && residual.size(-1) > 0 && residual.size(-1) <= kMaxFusedNormWidth;
+}
+
+AddNorm add_rms_norm(const torch::Tensor& residual, const torch::Tensor& branch, const torch::Tensor& weight,
+                     double eps) {
+#ifdef LOOM_WITH_CUDA
+  if (add_rms_norm_takes_fused_path(residual, branch, weight)) {
+    const tensor_list out = AddRmsNormFunction::apply(residual, branch, weight.to(residual.scalar_type()), eps);
+    return {out[0], out[1]};
+  }
+#endif
+  return add_rms_norm_unfused(residual, branch, weight, eps);
 }
 
 }  // namespace loom::kernels

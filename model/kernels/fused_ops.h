@@ -66,6 +66,43 @@ bool cross_entropy_takes_fused_path(const torch::Tensor& logits_nv, const torch:
 // is refused, as torch refuses it.
 bool cross_entropy_takes_cpu_path(const torch::Tensor& logits_nv, const torch::Tensor& targets_n);
 
+// A decoder layer's residual add and the RMSNorm that follows it:
+// h = residual + branch and y = at::rms_norm(h, weight) with the weight cast
+// to h's dtype (RMSNorm::normalize's path for a bf16 or fp16 stream). The
+// fused path (fusion.add_rmsnorm) is one kernel forward, reading residual and
+// branch once and writing h and y, and one backward, which adds the gradient
+// h gets from the residual path into the norm's input gradient in the same
+// pass (the unfused graph adds them in a kernel of its own); the weight's
+// gradient is summed in fp32 per block of rows. h is the unfused add's bit
+// for bit; y and the gradients agree with the unfused ops' to fp32 summation
+// order, rounded once to the dtype.
+struct AddNorm {
+  torch::Tensor h;  // residual + branch: the residual stream after the add
+  torch::Tensor y;  // the norm of h
+};
+AddNorm add_rms_norm(const torch::Tensor& residual, const torch::Tensor& branch, const torch::Tensor& weight,
+                     double eps);
+AddNorm add_rms_norm_unfused(const torch::Tensor& residual, const torch::Tensor& branch, const torch::Tensor& weight,
+                             double eps);
+// residual and branch are CUDA tensors of one shape and dtype (bf16 or
+// fp16), weight a 1-D tensor of their last dimension (at most 8192) on
+// their device, in a CUDA build.
+bool add_rms_norm_takes_fused_path(const torch::Tensor& residual, const torch::Tensor& branch,
+                                   const torch::Tensor& weight);
+
+// weight_grad += grad_out^T @ input: a linear layer's weight gradient, summed
+// over the rows of grad_out [rows, out] and input [rows, in] (one dtype),
+// added into weight_grad [out, in] (fp32, defined) with fp32 accumulation and
+// no rounding to the inputs' dtype on the way. The fused path is one cuBLAS
+// GEMM with an fp32 output and beta = 1 (Note [weight-gradient accumulation]
+// in model/compute_weights.h); elsewhere an addmm over fp32 copies of the
+// inputs, which gives the same sum to fp32 summation order.
+void accumulate_weight_gradient(torch::Tensor& weight_grad, const torch::Tensor& grad_out, const torch::Tensor& input);
+// weight_grad is a contiguous fp32 CUDA tensor and grad_out, input bf16 or
+// fp16 of one dtype on its device, in a CUDA build.
+bool weight_gradient_takes_fused_path(const torch::Tensor& weight_grad, const torch::Tensor& grad_out,
+                                      const torch::Tensor& input);
+
 // True when loom was built with its CUDA kernels.
 bool fused_kernels_built();
 

@@ -12,6 +12,7 @@
 
 #include <ATen/autocast_mode.h>
 
+#include <cmath>
 #include <map>
 #include <string>
 #include <vector>
@@ -67,7 +68,7 @@ struct Trace {
 // Two steps of three micro-batches each, with loom's AdamW between them (the
 // optimizer changes the weights: the cast must be redone; on a GPU it is
 // torch's fused kernel, which does not bump the weights' version counters).
-Trace train(const ModelConfig& config, bool cached, c10::Device device = c10::kCPU) {
+Trace train(const ModelConfig& config, bool cached, c10::Device device = c10::kCPU, bool fuse = false) {
   torch::manual_seed(11);
   LocalLayerFactory factory;
   LlamaForCausalLM model(config, factory);
@@ -79,7 +80,7 @@ Trace train(const ModelConfig& config, bool cached, c10::Device device = c10::kC
   options.weight_decay = 0.01;
   AdamW optimizer(to_named_tensors(model.named_parameters()), options);
   Trace trace;
-  ComputeWeights scope(cached);
+  ComputeWeights scope(cached, fuse);
   for (int64_t step = 0; step < 2; ++step) {
     for (auto& p : model.parameters()) {
       if (p.grad().defined()) p.mutable_grad().zero_();
@@ -172,6 +173,114 @@ TEST(ComputeWeights, OnTheGpuToo) {
     expect_identical(cached, train(config, false, c10::kCUDA), tied);
     EXPECT_EQ(cached.casts, 2 * cast_weights(config));
   }
+}
+
+// --- Note [weight-gradient accumulation] (fusion.wgrad_accumulation) -------------
+
+// Three micro-batches through one linear layer with a bias under a scope that
+// fuses weight gradients, beside plain autocast on copies of the same
+// tensors: the forward and the input's and bias's gradients are plain
+// autocast's, the weight's .grad is the fp32 sum of the fp32 products of the
+// bf16 gradients and inputs (never rounded to bf16), within fp32 summation
+// order of `tolerance` (0 on the CPU, where the reference is the same addmm).
+void check_fused_linear(c10::Device device, double tolerance) {
+  torch::manual_seed(3);
+  const auto weight = torch::randn({6, 5}, device).requires_grad_(true);
+  const auto bias = torch::randn({6}, device).requires_grad_(true);
+  const auto plain_weight = weight.detach().clone().requires_grad_(true);
+  const auto plain_bias = bias.detach().clone().requires_grad_(true);
+  auto expected = torch::zeros({6, 5}, device);
+  double largest_product = 0;
+  ComputeWeights scope(/*enabled=*/true, /*fuse_weight_gradients=*/true);
+  for (int m = 0; m < 3; ++m) {
+    const auto x = torch::randn({2, 4, 5}, device).requires_grad_(true);
+    const auto plain_x = x.detach().clone().requires_grad_(true);
+    torch::Tensor y, plain_y;
+    {
+      Bf16Autocast autocast(device.type());
+      y = compute_linear(x, weight, bias);
+    }
+    {
+      Bf16Autocast autocast(device.type());
+      plain_y = at::linear(plain_x, plain_weight, plain_bias);
+    }
+    ASSERT_NE(y.grad_fn(), nullptr);
+    EXPECT_NE(y.grad_fn()->name().find("FusedWgradLinear"), std::string::npos) << y.grad_fn()->name();
+    EXPECT_TRUE(torch::equal(y, plain_y)) << "micro-batch " << m;
+    const auto g = torch::randn(y.sizes(), device).to(torch::kBFloat16);
+    y.backward(g);
+    plain_y.backward(g);
+    const auto g_rows = g.reshape({-1, 6}).t().to(torch::kFloat);
+    const auto x_rows = x.detach().to(torch::kBFloat16).reshape({-1, 5}).to(torch::kFloat);
+    expected.addmm_(g_rows, x_rows);
+    largest_product = std::max(largest_product, at::mm(g_rows, x_rows).abs().max().item<double>());
+    EXPECT_TRUE(torch::allclose(x.grad(), plain_x.grad(), 0, tolerance)) << "micro-batch " << m;
+  }
+  EXPECT_EQ(weight.grad().scalar_type(), torch::kFloat);
+  EXPECT_LE((weight.grad() - expected).abs().max().item<double>(), tolerance * expected.abs().max().item<double>());
+  EXPECT_TRUE(torch::allclose(bias.grad(), plain_bias.grad(), 0, tolerance));
+  // Plain autograd rounds each micro-batch's product to bf16 (half a unit
+  // in the last place: 2^-9 of it) before adding it: the fused sum differs
+  // from it by those roundings, and no more.
+  const double rounding = (weight.grad() - plain_weight.grad()).abs().max().item<double>();
+  EXPECT_GT(rounding, 0.0);
+  EXPECT_LE(rounding, 3 * std::pow(2.0, -9) * largest_product * (1 + 1e-3));
+}
+
+TEST(ComputeWeights, FusedWeightGradientsAreTheFp32SumOfTheProducts) { check_fused_linear(c10::kCPU, 0.0); }
+
+TEST(ComputeWeights, FusedWeightGradientsOnTheGpuAreCublasFp32Sums) {
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no GPU visible";
+  check_fused_linear(c10::kCUDA, 1e-5);
+}
+
+// The whole model with fused weight gradients, tied or untied, recomputed or
+// not: the losses of the first step (the same weights) are the unfused
+// path's bit for bit, the gradients and later weights within bf16 rounding of
+// the products, and each weight is still cast once per step.
+void expect_fused_trains_like_unfused(c10::Device device) {
+  for (const bool tied : {false, true}) {
+    for (const std::string recompute : {"none", "full"}) {
+      const ModelConfig config = small_config(tied, recompute);
+      const Trace fused = train(config, true, device, /*fuse=*/true);
+      const Trace unfused = train(config, true, device, /*fuse=*/false);
+      const std::string what = std::string(tied ? "tied" : "untied") + ", recompute " + recompute;
+      for (size_t i = 0; i < 3; ++i) EXPECT_TRUE(torch::equal(fused.losses[i], unfused.losses[i])) << what << " " << i;
+      for (size_t i = 3; i < unfused.losses.size(); ++i) {
+        EXPECT_NEAR(fused.losses[i].item<double>(), unfused.losses[i].item<double>(), 2e-2) << what << " " << i;
+      }
+      for (const auto& [name, grad] : unfused.grads[0]) {
+        const double scale = grad.abs().max().item<double>();
+        EXPECT_LE((fused.grads[0].at(name) - grad).abs().max().item<double>(), 2e-2 * scale) << what << " " << name;
+      }
+      EXPECT_EQ(fused.casts, 2 * cast_weights(config)) << what;
+    }
+  }
+}
+
+TEST(ComputeWeights, FusedWeightGradientsTrainLikeTheUnfused) { expect_fused_trains_like_unfused(c10::kCPU); }
+
+TEST(ComputeWeights, FusedWeightGradientsTrainLikeTheUnfusedOnTheGpu) {
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no GPU visible";
+  expect_fused_trains_like_unfused(c10::kCUDA);
+}
+
+TEST(ComputeWeights, WeightGradientsAreFusedOnlyWhenAsked) {
+  auto weight = torch::randn({4, 3}).requires_grad_(true);
+  const auto x = torch::randn({2, 3});
+  for (const bool fuse : {false, true}) {
+    ComputeWeights scope(true, fuse);
+    EXPECT_EQ(scope.fuses_weight_gradients(), fuse);
+    Bf16Autocast autocast;
+    const std::string name = compute_linear(x, weight).grad_fn()->name();
+    EXPECT_EQ(name.find("FusedWgradLinear") != std::string::npos, fuse) << name;
+  }
+  // Without a live scope the flag means nothing; without gradients there is no graph.
+  EXPECT_FALSE(ComputeWeights(false, true).fuses_weight_gradients());
+  ComputeWeights scope(true, true);
+  Bf16Autocast autocast;
+  torch::NoGradGuard no_grad;
+  EXPECT_EQ(compute_linear(x, weight).grad_fn(), nullptr);
 }
 
 TEST(ComputeWeights, AWeightIsCastAgainOnlyAfterWeightsChanged) {

@@ -1,6 +1,6 @@
-// loom's fused SwiGLU, rotary and cross-entropy kernels
-// (model/kernels/fused_ops.h) against the unfused ATen ops they replace,
-// forward and backward.
+// loom's fused SwiGLU, rotary, cross-entropy and residual add + RMSNorm
+// kernels (model/kernels/fused_ops.h) against the unfused ATen ops they
+// replace, forward and backward.
 //
 // On a GPU: fp32 agrees with the unfused ops to a few ulp; bf16 and fp16 agree
 // with an fp32 reference of the same inputs to their rounding; the shapes are
@@ -15,6 +15,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
+#include <torch/autograd.h>
 #include <torch/nn/functional/loss.h>
 
 #include <algorithm>
@@ -609,9 +610,11 @@ class Bf16Autocast {
 // autocast as training runs it (precision.compute bf16).
 std::pair<torch::Tensor, std::map<std::string, torch::Tensor>> loss_and_grads(const ModelConfig& m,
                                                                               torch::Device device,
-                                                                              bool bf16 = false) {
+                                                                              bool bf16 = false,
+                                                                              bool fuse_add_norm = false) {
   torch::manual_seed(9);
   LocalLayerFactory factory;
+  factory.fuse_residual_add_norm = fuse_add_norm;
   auto model = std::make_shared<LlamaForCausalLM>(m, factory);
   model->init_weights(9);
   model->to(device);
@@ -656,6 +659,142 @@ TEST(FusedKernels, ModelTrainingInBf16OnTheGpuStaysCloseToFp32OnTheCpu) {
     const double relative = (gpu_grads.at(name).to(torch::kDouble) - grad.to(torch::kDouble)).norm().item<double>() /
                             std::max(grad.to(torch::kDouble).norm().item<double>(), 1e-12);
     EXPECT_LE(relative, 5e-2) << name << ": relative L2 difference of the gradient";
+  }
+}
+
+// --- residual add + RMSNorm (fusion.add_rmsnorm) ---------------------------------
+
+struct AddNormResult {
+  torch::Tensor h, y, d_residual, d_branch, d_weight;
+};
+
+// `op` on leaf copies of residual, branch and an fp32 weight (as the model's
+// parameter), then backward through y with grad_y and, unless grad_h is
+// undefined, through h with grad_h (the residual path's gradient).
+template <typename Op>
+AddNormResult run_add_norm(Op op, const torch::Tensor& residual, const torch::Tensor& branch,
+                           const torch::Tensor& weight, const torch::Tensor& grad_y, const torch::Tensor& grad_h) {
+  auto r = residual.detach().clone().requires_grad_(true);
+  auto b = branch.detach().clone().requires_grad_(true);
+  auto w = weight.detach().clone().requires_grad_(true);
+  const kernels::AddNorm out = op(r, b, w);
+  if (grad_h.defined()) {
+    torch::autograd::backward({out.y, out.h}, {grad_y, grad_h});
+  } else {
+    out.y.backward(grad_y);
+  }
+  return {out.h.detach(), out.y.detach(), r.grad(), b.grad(), w.grad()};
+}
+
+constexpr double kNormEps = 1e-5;
+
+AddNormResult add_norm_of(bool fused, const torch::Tensor& residual, const torch::Tensor& branch,
+                          const torch::Tensor& weight, const torch::Tensor& grad_y, const torch::Tensor& grad_h) {
+  return run_add_norm(
+      [fused](const auto& r, const auto& b, const auto& w) {
+        return fused ? kernels::add_rms_norm(r, b, w, kNormEps) : kernels::add_rms_norm_unfused(r, b, w, kNormEps);
+      },
+      residual, branch, weight, grad_y, grad_h);
+}
+
+TEST(FusedAddRmsNorm, CpuTensorsTakeTheUnfusedPathBitForBit) {
+  torch::manual_seed(21);
+  auto r = torch::randn({2, 7, 48}).to(torch::kBFloat16), b = torch::randn({2, 7, 48}).to(torch::kBFloat16);
+  auto w = torch::rand({48}) + 0.5, gy = torch::randn({2, 7, 48}).to(torch::kBFloat16);
+  auto gh = torch::randn({2, 7, 48}).to(torch::kBFloat16);
+  EXPECT_FALSE(kernels::add_rms_norm_takes_fused_path(r, b, w));
+  const auto dispatched = add_norm_of(true, r, b, w, gy, gh);
+  const auto unfused = add_norm_of(false, r, b, w, gy, gh);
+  expect_identical(dispatched.h, unfused.h, "h");
+  expect_identical(dispatched.y, unfused.y, "y");
+  expect_identical(dispatched.d_residual, unfused.d_residual, "d_residual");
+  expect_identical(dispatched.d_weight, unfused.d_weight, "d_weight");
+  // And the unfused op is the two ops a decoder layer ran before: the add, then the norm.
+  expect_identical(unfused.h, r + b, "h is the add");
+  expect_identical(unfused.y, at::rms_norm(r + b, {48}, w.to(torch::kBFloat16), kNormEps), "y is the norm");
+}
+
+TEST(FusedAddRmsNorm, BackwardFormulaOfTheKernelIsAutogradsOfTheUnfusedOps) {
+  torch::manual_seed(22);
+  auto opts = torch::TensorOptions().dtype(torch::kDouble);
+  auto r = torch::randn({5, 3, 40}, opts), b = torch::randn({5, 3, 40}, opts), w = torch::rand({40}, opts) + 0.5;
+  auto gy = torch::randn({5, 3, 40}, opts), gh = torch::randn({5, 3, 40}, opts);
+  const auto autograd = add_norm_of(false, r, b, w, gy, gh);
+  // What add_rms_norm_backward computes (fused_cuda.h).
+  auto h = r + b;
+  auto rstd = (h.square().mean(-1, true) + kNormEps).rsqrt();
+  auto s = (gy * w * h).sum(-1, true);
+  auto d_h = gh + rstd * gy * w - rstd.pow(3) * h * s / 40;
+  expect_close(d_h, autograd.d_residual, 1e-12, 1e-13, "d_residual");
+  expect_close(d_h, autograd.d_branch, 1e-12, 1e-13, "d_branch");
+  expect_close((gy * h * rstd).sum(std::vector<int64_t>{0, 1}), autograd.d_weight, 1e-12, 1e-13, "d_weight");
+  // Without the residual path's gradient the gh term is all that goes.
+  const auto y_only = add_norm_of(false, r, b, w, gy, torch::Tensor());
+  expect_close(d_h - gh, y_only.d_residual, 1e-12, 1e-13, "d_residual without grad_h");
+}
+
+TEST(FusedAddRmsNorm, MatchesTheUnfusedOpsOnTheGpu) {
+  LOOM_SKIP_WITHOUT_GPU();
+  const std::vector<std::vector<int64_t>> shapes = {
+      {2, 7, 384},   // tiny.yaml's hidden: packed
+      {3, 5, 1001},  // not a multiple of a pack: element by element
+      {1, 1, 2048},  // one row
+      {600, 2048},   // more rows than the backward's blocks
+      {0, 64},       // nothing to do
+  };
+  for (const auto dtype : {torch::kBFloat16, torch::kHalf}) {
+    for (const auto& shape : shapes) {
+      for (const bool with_grad_h : {true, false}) {
+        torch::manual_seed(23);
+        const int64_t hidden = shape.back();
+        const auto cuda = torch::TensorOptions().device(torch::kCUDA);
+        auto r = torch::randn(shape, cuda).to(dtype), b = torch::randn(shape, cuda).to(dtype);
+        auto w = torch::rand({hidden}, cuda) + 0.5, gy = torch::randn(shape, cuda).to(dtype);
+        auto gh = with_grad_h ? torch::randn(shape, cuda).to(dtype) : torch::Tensor();
+        const std::string what = name_of(dtype) + " " + c10::str(c10::IntArrayRef(shape)) +
+                                 (with_grad_h ? "" : " without grad_h");
+        ASSERT_TRUE(kernels::add_rms_norm_takes_fused_path(r, b, w)) << what;
+        const auto fused = add_norm_of(true, r, b, w, gy, gh);
+        const auto unfused = add_norm_of(false, r, b, w, gy, gh);
+        expect_identical(fused.h, unfused.h, what + ": h");  // the same rounding of the same sum
+        // The rest against fp32 arithmetic on the same (rounded) values.
+        const auto f32 = [](const torch::Tensor& t) { return t.defined() ? t.to(torch::kFloat) : t; };
+        const auto reference = add_norm_of(false, f32(r), f32(b), w.to(dtype).to(torch::kFloat), f32(gy), f32(gh));
+        const Tolerance tol = tolerance_of(dtype);
+        expect_close(fused.y, reference.y, tol.rtol, tol.atol, what + ": y");
+        expect_close(fused.d_residual, reference.d_residual, tol.rtol, tol.atol, what + ": d_residual");
+        expect_close(fused.d_branch, reference.d_branch, tol.rtol, tol.atol, what + ": d_branch");
+        if (fused.d_weight.numel() > 0) {
+          const double relative = (fused.d_weight.to(torch::kDouble) - reference.d_weight.to(torch::kDouble)).norm()
+                                      .item<double>() /
+                                  std::max(reference.d_weight.to(torch::kDouble).norm().item<double>(), 1e-12);
+          EXPECT_LE(relative, 1e-2) << what << ": d_weight, relative L2";
+        }
+        EXPECT_EQ(fused.d_weight.scalar_type(), torch::kFloat) << what;
+      }
+    }
+  }
+}
+
+// The decoder layers with the fused add and norm: on the CPU the dispatch
+// runs the unfused ops, so the model's loss and gradients are those of the
+// layers without it, bit for bit; on the GPU they agree to bf16 rounding.
+TEST(FusedAddRmsNorm, TheModelWithTheFusionMatchesTheModelWithout) {
+  ModelConfig m = small_model();
+  {
+    auto [plain_loss, plain_grads] = loss_and_grads(m, torch::kCPU, /*bf16=*/true);
+    auto [fused_loss, fused_grads] = loss_and_grads(m, torch::kCPU, /*bf16=*/true, /*fuse_add_norm=*/true);
+    expect_identical(fused_loss, plain_loss, "loss on the CPU");
+    for (const auto& [name, grad] : plain_grads) expect_identical(fused_grads.at(name), grad, name + " on the CPU");
+  }
+  if (cuda_device_count() == 0) return;
+  auto [plain_loss, plain_grads] = loss_and_grads(m, torch::kCUDA, /*bf16=*/true);
+  auto [fused_loss, fused_grads] = loss_and_grads(m, torch::kCUDA, /*bf16=*/true, /*fuse_add_norm=*/true);
+  expect_close(fused_loss, plain_loss, 1e-2, 0.0, "loss on the GPU");
+  for (const auto& [name, grad] : plain_grads) {
+    const double relative = (fused_grads.at(name).to(torch::kDouble) - grad.to(torch::kDouble)).norm().item<double>() /
+                            std::max(grad.to(torch::kDouble).norm().item<double>(), 1e-12);
+    EXPECT_LE(relative, 3e-2) << name << ": relative L2 difference of the gradient on the GPU";
   }
 }
 
