@@ -137,6 +137,20 @@ struct ProfileConfig {
   int64_t steps = 2;       // steps profiled from start_step
 };
 
+// Fusions of the bf16 training step, each its own switch so that one GPU
+// session times every combination (docs/performance.md, "Tuning notes").
+struct FusionConfig {
+  // Each linear layer's weight-gradient GEMM adds into the fp32 .grad
+  // (model/compute_weights.h, Note [weight-gradient accumulation]).
+  bool wgrad_accumulation = false;
+  // Each decoder layer's residual add and the RMSNorm after it as one op
+  // (model/kernels/fused_ops.h, add_rms_norm).
+  bool add_rmsnorm = false;
+  // Gradient clipping's factor applied inside AdamW rather than in a pass
+  // of its own (optim/optimizer.h, AdamW::step).
+  bool clip_in_adamw = false;
+};
+
 struct SlurmConfig {
   std::string partition;
   std::string account;
@@ -171,6 +185,7 @@ struct Config {
   CheckpointConfig checkpoint;
   LoggingConfig logging;
   ProfileConfig profile;
+  FusionConfig fusion;
   LaunchConfig launch;
 
   std::string source_path;  // the YAML file it was read from ("" when built in code)

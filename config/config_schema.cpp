@@ -343,6 +343,20 @@ std::vector<KeySpec> build_table() {
       {"profile.steps", LOOM_FIELD(profile.steps), "", "steps", "steps profiled from profile.start_step",
        kAtLeastOne},
 
+      // --- fusion -----------------------------------------------------------------
+      {"fusion.wgrad_accumulation", LOOM_FIELD(fusion.wgrad_accumulation), "", "",
+       "with precision.compute bf16, fp32 parameters and one rank: each linear layer's weight-gradient GEMM adds "
+       "its product straight into the fp32 gradient (on a GPU cuBLAS with an fp32 output and beta 1) instead of "
+       "writing a bf16 gradient that a second kernel adds"},
+      {"fusion.add_rmsnorm", LOOM_FIELD(fusion.add_rmsnorm), "", "",
+       "with precision.compute bf16 and parallel.tp 1, for families whose attention output is added to the "
+       "residual stream and then normalized by a plain RMSNorm (not olmo2 or the gemma families): that add and "
+       "norm as one op (on a GPU one kernel forward and one backward, which also adds the residual path's "
+       "gradient)"},
+      {"fusion.clip_in_adamw", LOOM_FIELD(fusion.clip_in_adamw), "", "",
+       "with optimizer.clip_grad_norm > 0 and without ZeRO: AdamW applies the clipping factor as it reads each "
+       "gradient (on a GPU inside torch's fused AdamW kernel) instead of a pass of its own over the gradients"},
+
       // --- launch -----------------------------------------------------------------
       {"launch.ranks", LOOM_FIELD(launch.ranks), "", "processes",
        "MPI processes in the job; = dp * tp * pp", kAtLeastOne},
@@ -402,7 +416,7 @@ const std::map<std::string, std::string, std::less<>> kHintsByLeaf = {
 
 const std::set<std::string, std::less<>> kSections = {
     "run",       "model",      "parallel", "data",   "batch",        "optimizer",         "schedule",
-    "precision", "checkpoint", "logging",  "profile",      "launch",            "launch.slurm",
+    "precision", "checkpoint", "logging",  "profile",      "fusion",       "launch",            "launch.slurm",
     "model.rope_scaling"};
 
 size_t edit_distance(std::string_view a, std::string_view b) {

@@ -118,6 +118,7 @@ std::unique_ptr<ModelParts> build_model_parts(Config& config, const ParallelDims
   } else {
     validate_model_config(config.model, config.source_path.empty() ? "config" : config.source_path);
   }
+  parts.local_factory.fuse_residual_add_norm = config.fusion.add_rmsnorm;
   if (groups.tp != nullptr) {
     parts.tp_factory = std::make_unique<TensorParallelLayerFactory>(*groups.tp_data, config.parallel.sequence_parallel);
   }

@@ -225,8 +225,9 @@ TrainResult Trainer::run() {
   profiler_.emplace(config_.profile, device_, run_dir_ / "profile", writer_);
   // bf16 weights cast once per step, gradients added straight into the fp32
   // .grad (model/compute_weights.h); on one rank only, as no reducer may
-  // wait on the weights' accumulation hooks.
-  compute_weights_.emplace(bf16_ && dims_.world == 1);
+  // wait on the weights' accumulation hooks. fusion.wgrad_accumulation: by
+  // the weight-gradient GEMM itself (Note [weight-gradient accumulation]).
+  compute_weights_.emplace(bf16_ && dims_.world == 1, config_.fusion.wgrad_accumulation);
   // The memory peaks in metrics.jsonl are those of the steps, not of the
   // set-up before them (which may load a whole checkpoint on every rank).
   reset_peak_memory(device_);

@@ -44,6 +44,40 @@ void check_precision(const Config& config, const ParallelDims& dims) {
                      "parameters with precision.compute bf16");
     }
   }
+  // fusion.*: a switch the run would not take is refused, rather than left
+  // to run unfused under a config that says otherwise.
+  if (config.fusion.wgrad_accumulation &&
+      (config.precision.compute != "bf16" || config.precision.params != "fp32" || dims.world != 1)) {
+    throw BadInput("fusion.wgrad_accumulation: needs precision.compute bf16 with precision.params fp32 on one rank "
+                   "(got compute " + config.precision.compute + ", params " + config.precision.params + ", " +
+                   std::to_string(dims.world) + " ranks): on several ranks the gradients must pass the hooks "
+                   "that data and pipeline parallelism wait on; set it false");
+  }
+  if (config.fusion.add_rmsnorm) {
+    const ModelConfig& m = config.model;
+    if (config.precision.compute != "bf16" || dims.tp != 1) {
+      throw BadInput("fusion.add_rmsnorm: needs precision.compute bf16 and parallel.tp 1 (got compute " +
+                     config.precision.compute + ", tp " + std::to_string(dims.tp) +
+                     "): the fused op is for a bf16 residual stream, and tensor parallelism makes norms of its own; "
+                     "set it false");
+    }
+    if (m.one_plus_norms() || m.post_norms() || m.sandwich_norms()) {
+      throw BadInput("fusion.add_rmsnorm: architecture " + m.architecture +
+                     " does not add the attention output to the residual stream and then take a plain RMSNorm of "
+                     "it; set it false");
+    }
+  }
+  if (config.fusion.clip_in_adamw) {
+    if (!(config.optimizer.clip_grad_norm > 0)) {
+      throw BadInput("fusion.clip_in_adamw: optimizer.clip_grad_norm is 0, so there is no clipping to fold into "
+                     "AdamW; set it false");
+    }
+    if (config.parallel.zero_stage > 0 && dims.dp > 1) {
+      throw BadInput("fusion.clip_in_adamw: not supported with parallel.zero_stage " +
+                     std::to_string(config.parallel.zero_stage) + " yet (ZeRO's sharded step clips its shards " +
+                     "itself); set it false, or use zero_stage 0");
+    }
+  }
 }
 
 DatasetOpenOptions dataset_open_options(const Config& config) {

@@ -131,8 +131,9 @@ TrainResult train(Config& config, const TrainOptions& options = {}, const TrainH
 // communication: every rank decides the same.
 ParallelDims check_training_layout(const Config& config, int64_t world_size);
 
-// BadInput when precision.* asks for what this build cannot train on `dims`
-// (bf16 parameters without bf16 compute, or with ZeRO). `loom plan` asks it
+// BadInput when precision.* or fusion.* asks for what this build cannot train
+// on `dims` (bf16 parameters without bf16 compute, or with ZeRO; a fusion the
+// run would not take). `loom plan` asks it
 // too, so that it never proposes such a layout.
 void check_precision(const Config& config, const ParallelDims& dims);
 

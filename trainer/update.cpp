@@ -11,7 +11,8 @@ Update::Update(const Config& config, const ParallelDims& dims, const TrainGroups
       zero_stage_(groups.dp != nullptr ? config.parallel.zero_stage : 0),
       // A pipeline interleaves the micro-batches' backwards, so the last
       // gradient of a parameter is not known in advance: reduce after them.
-      overlap_(groups.pp == nullptr) {
+      overlap_(groups.pp == nullptr),
+      clip_in_adamw_(config.fusion.clip_in_adamw) {
   if (zero_stage_ == 0) optimizer_.emplace(parts.named_params, options_);
   // bf16 parameters: each micro-batch's gradient is added into an fp32 one
   // beside the master (Note [fp32 gradients of bf16 parameters]); these
@@ -150,6 +151,7 @@ GradientSync* Update::sync() {
 }
 
 void Update::zero_grad() {
+  grad_factor_ = torch::Tensor();
   if (!zero_) {
     optimizer_->zero_grad();
     return;
@@ -179,12 +181,18 @@ void Update::reduce_gradients() {
 }
 
 double Update::clip(double max_norm) {
-  return max_norm > 0 ? clip_grad_norm(norm_params_, max_norm, norm_reduction_) : grad_norm(norm_params_, norm_reduction_);
+  grad_factor_ = torch::Tensor();
+  if (!(max_norm > 0)) return grad_norm(norm_params_, norm_reduction_);
+  if (!clip_in_adamw_ || zero_) return clip_grad_norm(norm_params_, max_norm, norm_reduction_);
+  const GradClip clip = grad_clip(norm_params_, max_norm, norm_reduction_);
+  grad_factor_ = clip.factor;
+  return clip.norm.defined() ? clip.norm.item<double>() : 0.0;
 }
 
 void Update::step(double lr) {
   if (!zero_) {
-    optimizer_->step(lr);
+    optimizer_->step(lr, grad_factor_);
+    grad_factor_ = torch::Tensor();
     return;
   }
   zero_->step(lr);

@@ -80,7 +80,10 @@ class Update {
   // shard of them).
   void reduce_gradients();
   // The global gradient norm before clipping; clipped to
-  // optimizer.clip_grad_norm when it is > 0.
+  // optimizer.clip_grad_norm when it is > 0. Under fusion.clip_in_adamw
+  // (without ZeRO) the clipping factor is only computed here and step()
+  // applies it inside AdamW; the step that follows a clip() must then be
+  // step() or zero_grad(), nothing that reads the gradients.
   double clip(double max_norm);
   void step(double lr);
   // ZeRO-3: every parameter whole (for a checkpoint or the export), and the
@@ -148,6 +151,8 @@ class Update {
   bool model_norm_reduced_ = false;  // model_norm_ sums over ranks
   std::vector<torch::Tensor> norm_params_;
   const GradNormReduction* norm_reduction_ = nullptr;
+  bool clip_in_adamw_ = false;  // fusion.clip_in_adamw
+  torch::Tensor grad_factor_;   // clip()'s factor, for the next step() to apply
 };
 
 }  // namespace loom

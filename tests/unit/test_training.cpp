@@ -483,6 +483,80 @@ TEST_F(TrainingTest, Bf16ParamsWithFp32ComputeAndUnknownDevicesAreRefused) {
   }
 }
 
+// fusion.*: the clipping factor inside AdamW gives the unfused run's bits
+// on the CPU (its single-tensor path multiplies as clipping does); the fused
+// weight gradients (not rounded to bf16 before they are summed) train like
+// the unfused ones; each is refused where the run would not take it.
+TEST_F(TrainingTest, FusionsTrainLikeTheUnfusedAndAreRefusedWhereTheyDoNotApply) {
+  const std::string dataset = pattern_dataset();
+  const auto bf16 = [&](const std::string& name, bool wgrad, bool clip, bool add_norm = false) {
+    Config c = config(name, dataset);
+    c.precision.compute = "bf16";
+    c.optimizer.clip_grad_norm = 0.05;  // below the norms of this run: every step clips
+    c.fusion.wgrad_accumulation = wgrad;
+    c.fusion.clip_in_adamw = clip;
+    c.fusion.add_rmsnorm = add_norm;
+    return c;
+  };
+  Config plain_config = bf16("plain", false, false), clip_config = bf16("clip", false, true);
+  Config wgrad_config = bf16("wgrad", true, false), add_norm_config = bf16("add-norm", false, false, true);
+  const std::vector<json> plain = metrics(train(plain_config, fast()));
+  const std::vector<json> clip = metrics(train(clip_config, fast()));
+  const std::vector<json> wgrad = metrics(train(wgrad_config, fast()));
+  const std::vector<json> add_norm = metrics(train(add_norm_config, fast()));
+  ASSERT_EQ(plain.size(), 20u);
+  ASSERT_EQ(clip.size(), plain.size());
+  ASSERT_EQ(wgrad.size(), plain.size());
+  ASSERT_EQ(add_norm.size(), plain.size());
+  // On the CPU the add and norm take the unfused ops (the kernel is the
+  // GPU's), and AdamW multiplies by the factor as clipping would: same bits.
+  for (size_t i = 0; i < plain.size(); ++i) {
+    EXPECT_GT(plain[i]["grad_norm"].get<double>(), 0.05) << "step " << i + 1 << " must clip";
+    for (const auto* run : {&clip, &add_norm}) {
+      EXPECT_EQ((*run)[i]["loss"].get<double>(), plain[i]["loss"].get<double>()) << "step " << i + 1;
+      EXPECT_EQ((*run)[i]["grad_norm"].get<double>(), plain[i]["grad_norm"].get<double>()) << "step " << i + 1;
+    }
+  }
+  // The first step's loss comes before any gradient; later ones differ by
+  // the gradients' bf16 roundings and learn as far.
+  EXPECT_EQ(wgrad.front()["loss"].get<double>(), plain.front()["loss"].get<double>());
+  EXPECT_NE(wgrad.back()["loss"].get<double>(), plain.back()["loss"].get<double>());
+  EXPECT_NEAR(wgrad.back()["loss"].get<double>(), plain.back()["loss"].get<double>(),
+              0.02 * plain.back()["loss"].get<double>());
+  EXPECT_LT(wgrad.back()["loss"].get<double>(), wgrad.front()["loss"].get<double>() * 0.5);
+
+  Config fp32_wgrad = config("fp32-wgrad", dataset);
+  fp32_wgrad.fusion.wgrad_accumulation = true;
+  test_support::expect_bad_input([&] { train(fp32_wgrad, fast()); },
+                                 {"fusion.wgrad_accumulation", "precision.compute bf16", "one rank"});
+  EXPECT_FALSE(fs::exists(path("runs/fp32-wgrad"))) << "a refused run must write nothing";
+  Config two_ranks = bf16("two-ranks", true, false);
+  ParallelDims dims;
+  dims.world = 2;
+  dims.dp = 2;
+  test_support::expect_bad_input([&] { check_precision(two_ranks, dims); }, {"fusion.wgrad_accumulation", "2 ranks"});
+  Config unclipped = bf16("unclipped", false, true);
+  unclipped.optimizer.clip_grad_norm = 0;
+  test_support::expect_bad_input([&] { train(unclipped, fast()); }, {"fusion.clip_in_adamw", "clip_grad_norm"});
+  Config zero = bf16("zero", false, true);
+  zero.parallel.zero_stage = 1;
+  test_support::expect_bad_input([&] { check_precision(zero, dims); }, {"fusion.clip_in_adamw", "zero_stage 1"});
+  Config fp32_add_norm = config("fp32-add-norm", dataset);
+  fp32_add_norm.fusion.add_rmsnorm = true;
+  test_support::expect_bad_input([&] { train(fp32_add_norm, fast()); }, {"fusion.add_rmsnorm", "bf16"});
+  Config tp_add_norm = bf16("tp-add-norm", false, false, true);
+  ParallelDims tp_dims;
+  tp_dims.world = 2;
+  tp_dims.tp = 2;
+  test_support::expect_bad_input([&] { check_precision(tp_add_norm, tp_dims); }, {"fusion.add_rmsnorm", "tp 2"});
+  for (const std::string architecture : {"olmo2", "gemma", "gemma2"}) {
+    Config other = bf16("other", false, false, true);
+    other.model.architecture = architecture;
+    test_support::expect_bad_input([&] { check_precision(other, ParallelDims{}); },
+                                   {"fusion.add_rmsnorm", "architecture " + architecture});
+  }
+}
+
 TEST_F(TrainingTest, ValidationLossIsLoggedAtItsIntervalAndMatchesTheFinalModel) {
   Config c = config("valid", pattern_dataset());
   c.data.valid = random_dataset();  // same vocabulary and tokenizer hash
