@@ -3,6 +3,8 @@
 # but not loom's other libraries, into bench/gpu/carry/ (ignored by git):
 #   loom, loom_dataset_tool          stripped, from build/
 #   libloom_cuda.so                  loom's CUDA part, beside loom (stripped)
+#   test_fused_kernels,              the GPU tests bench/gpu/check_kernels.sh
+#   test_compute_weights             runs (stripped, where built)
 #   lib.tar.xz                       their shared libraries, except torch's,
 #                                    the NVIDIA wheels' and glibc's own
 #                                    (lib/, compressed)
@@ -19,7 +21,15 @@ mkdir -p "$carry/lib"
 strip -o "$carry/loom" "$root/build/loom"
 strip -o "$carry/loom_dataset_tool" "$root/build/tests/loom_dataset_tool"
 strip -o "$carry/libloom_cuda.so" "$root/build/libloom_cuda.so"
-ldd "$root/build/loom" "$root/build/tests/loom_dataset_tool" "$root/build/libloom_cuda.so" | awk '/=> \// {print $3}' | sort -u |
+# The GPU tests check_kernels.sh runs, where they are built.
+tests=()
+for test in test_fused_kernels test_compute_weights; do
+  if [[ -x "$root/build/tests/$test" ]]; then
+    strip -o "$carry/$test" "$root/build/tests/$test"
+    tests+=("$carry/$test")
+  fi
+done
+ldd "$root/build/loom" "$root/build/tests/loom_dataset_tool" "$root/build/libloom_cuda.so" ${tests[@]+"${tests[@]}"} | awk '/=> \// {print $3}' | sort -u |
   while read -r lib; do
     case "$lib" in
       */torch/lib/* | */nvidia/* | */libc.so* | */libm.so* | */libdl.so* | */libpthread.so* | */librt.so* | \

@@ -5,10 +5,10 @@
 #   2. bench/gpu/run.sh: CUDA correctness, then loom's speed against
 #      transformers eager (both models) and torch.compile (1B);
 #   3. one profiled 1B step (step 4 of 5), its summary in prof1b_summary.txt;
-#   4. time left over: the 1B step at micro-batch 4 and with expandable segments.
+#   4. time left over: the 1B step with each combination of the fusion.*
+#      switches (bench/gpu/fusions.sh).
 #
 # Here:  make build && bash bench/gpu/pack.sh
-#        strip -o bench/gpu/carry/test_fused_kernels build/tests/test_fused_kernels
 # There: the device tool, carrying bench/gpu/carry, timeout_s 600:
 #        bash bench/gpu/session.sh [bench_gpu.py options, e.g. --no-compile]
 # Results land in $OUT (or /tmp/loom-session); summary.txt says each part's
@@ -45,26 +45,11 @@ timeout 80 env LD_LIBRARY_PATH="$libs:$here/carry/lib" "$here/carry/loom" train 
 echo "profile 1B: exit $?" >> "$out/summary.txt"
 cp "$work/runs/prof1b/profile/summary.txt" "$out/prof1b_summary.txt" 2>/dev/null
 
-# 4. If the loan has time left: the 1B step's sensitivity to the micro-batch
-#    size (per-micro-batch costs: the weight-gradient adds, launches) and to
-#    the CUDA allocator's expandable segments. Same model and global batch.
-one_1b() {  # name, then --set overrides
-  local name="$1"; shift
-  timeout 60 env LD_LIBRARY_PATH="$libs:$here/carry/lib" ${ALLOC_CONF:+PYTORCH_CUDA_ALLOC_CONF=$ALLOC_CONF} \
-    "$here/carry/loom" train configs/llama3-1b.yaml \
-    --set run.output_dir="$work/runs" --set run.name="$name" --set run.device=cuda --set precision.compute=bf16 \
-    --set data.seq_len=4096 --set batch.global_batch_size=8 \
-    --set "data.train=[$work/data/random-128256]" --set 'data.valid=""' --set 'data.tokenizer=""' \
-    --set checkpoint.enabled=false --set checkpoint.export_hf_at_end=false --set logging.interval=1 \
-    --set launch.ranks=1 --set parallel.dp=1 --set schedule.train_steps=6 --set schedule.warmup_steps=1 \
-    "$@" > "$out/$name.log" 2>&1
-  local rc=$?
-  echo "$name: exit $rc, steps 3-6 tok/s (MFU): $(python3 "$here/step_rates.py" "$work/runs/$name/metrics.jsonl" 2>&1)" \
-    >> "$out/summary.txt"
-}
-if (( SECONDS < 420 )); then one_1b mb4 --set batch.micro_batch_size=4; fi
-if (( SECONDS < 480 )); then ALLOC_CONF=expandable_segments:True one_1b mb2_expandable --set batch.micro_batch_size=2; fi
-if (( SECONDS < 540 )); then one_1b mb2 --set batch.micro_batch_size=2; fi
+# 4. If the loan has time left: the 1B step with each combination of the
+#    fusion.* switches (bench/gpu/fusions.sh, which a second call can also
+#    run alone with its full budget).
+if (( SECONDS < 440 )); then bash "$here/fusions.sh" --budget $((560 - SECONDS)) > "$out/fusions.log" 2>&1; fi
+cat "$out/fusions/summary.txt" >> "$out/summary.txt" 2>/dev/null
 echo "session: ${SECONDS} s" >> "$out/summary.txt"
 
 cat "$out/summary.txt"
