@@ -10,8 +10,8 @@
 # There: the device tool, carrying bench/gpu/carry: bash bench/gpu/fusions.sh
 #        (session.sh runs it as its part 4 with the time it has left).
 # Options: --budget SECONDS (default 330): no run starts that could end past
-# it (each has 75 s). To try the
-# script on a machine without a GPU (with the carried files, under env -i):
+# it (each has 75 s). To try the script on a machine without a GPU (with the
+# carried files, under env -i):
 #   --device cpu --config configs/tiny.yaml --seq 128 --vocab 2048
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -37,7 +37,9 @@ python="$(command -v python3)"
 site="$("$python" -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')"
 libs="$site/torch/lib"
 for dir in "$site"/nvidia/*/lib "$site"/nvidia/*/*/lib; do [[ -d "$dir" ]] && libs="$libs:$dir"; done
-export LD_LIBRARY_PATH="$libs:$here/carry/lib"
+# Only loom's processes get these paths (as in run.sh): the carried
+# libstdc++ must not shadow the one this machine's Python may need.
+loom_env=(env "LD_LIBRARY_PATH=$libs:$here/carry/lib")
 
 # Uniform random tokens, enough for 10 steps of 8 x 4097 (made once; 1.6 MB).
 data="$work/data/random-$vocab-fusions"
@@ -48,14 +50,14 @@ rng = random.Random(7)
 vocab = int(sys.argv[1])
 for _ in range(400):
     print(" ".join(str(rng.randrange(1, vocab)) for _ in range(1000)))' "$vocab" |
-    "$here/carry/loom_dataset_tool" write "$data" --vocab-size "$vocab" --eos 0 > "$out/data.log" 2>&1 ||
+    "${loom_env[@]}" "$here/carry/loom_dataset_tool" write "$data" --vocab-size "$vocab" --eos 0 > "$out/data.log" 2>&1 ||
     { echo "fusions.sh: could not write the dataset (see $out/data.log)"; exit 1; }
 fi
 
 flag() { [[ "$1" == 1 ]] && echo true || echo false; }
 run() {  # index, combination (wgrad_accumulation, clip_in_adamw, add_rmsnorm as 0/1)
   local c="$2" name="$1-w${2:0:1}c${2:1:1}a${2:2:1}"
-  timeout "$per_run" "$here/carry/loom" train "$config" \
+  timeout "$per_run" "${loom_env[@]}" "$here/carry/loom" train "$config" \
     --set run.output_dir="$work/runs" --set run.name="$name" --set run.device="$device" --set precision.compute=bf16 \
     --set data.seq_len="$seq" --set batch.micro_batch_size=2 --set batch.global_batch_size=8 \
     --set "data.train=[$data]" --set 'data.valid=""' --set 'data.tokenizer=""' \
