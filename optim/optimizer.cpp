@@ -80,6 +80,20 @@ NamedTensors to_named_tensors(const torch::OrderedDict<std::string, torch::Tenso
   return out;
 }
 
+namespace {
+
+// Multiplies every defined gradient of `params` in place by `factor` (a
+// 0-dim tensor): the clipping, by clip_grad_norm or inside AdamW::step.
+void scale_gradients(const std::vector<torch::Tensor>& params, const torch::Tensor& factor) {
+  at::NoGradGuard no_grad;
+  for (const auto& param : params) {
+    torch::Tensor grad = param.grad();
+    if (grad.defined()) grad.mul_(factor.to(grad.device()));
+  }
+}
+
+}  // namespace
+
 // Note [AdamW step]
 // The same ATen calls, in the same order and with the same scalar arguments,
 // as torch/optim/adam.py `_single_tensor_adam` with decoupled_weight_decay
@@ -105,10 +119,8 @@ void AdamW::step(double lr, const torch::Tensor& grad_factor) {
     fused_step(lr, grad_factor);
     return;
   }
-  if (grad_factor.defined()) {
-    // clip_grad_norm's multiply, on the gradients it would have scaled.
-    for (const torch::Tensor& holder : holders) holder.grad().mul_(grad_factor.to(holder.grad().device()));
-  }
+  // clip_grad_norm's multiply, on the gradients it would have scaled.
+  if (grad_factor.defined()) scale_gradients(holders, grad_factor);
   const double step = static_cast<double>(step_);
   const double beta1 = options_.beta1, beta2 = options_.beta2;
   const double bias_correction1 = 1 - std::pow(beta1, step);
@@ -350,11 +362,7 @@ double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm,
                       const GradNormReduction* reduction) {
   const GradClip clip = grad_clip(params, max_norm, reduction);
   if (!clip.norm.defined()) return 0.0;
-  at::NoGradGuard no_grad;
-  for (const auto& param : params) {
-    torch::Tensor grad = param.grad();
-    if (grad.defined()) grad.mul_(clip.factor.to(grad.device()));
-  }
+  scale_gradients(params, clip.factor);
   return clip.norm.item<double>();
 }
 
