@@ -27,19 +27,16 @@ while [[ $# -gt 0 ]]; do
     *) echo "fusions.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
-[[ -d "$here/carry/lib" || ! -f "$here/carry/lib.tar.xz" ]] || tar -xJf "$here/carry/lib.tar.xz" -C "$here/carry"
+source "$here/carry_libs.sh"
 out="${OUT:-/tmp/loom-session}/fusions"
 work=/tmp/lb
 mkdir -p "$out" "$work/data"
 cd "$root"
 
 python="$(command -v python3)"
-site="$("$python" -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')"
-libs="$site/torch/lib"
-for dir in "$site"/nvidia/*/lib "$site"/nvidia/*/*/lib; do [[ -d "$dir" ]] && libs="$libs:$dir"; done
 # Only loom's processes get these paths (as in run.sh): the carried
 # libstdc++ must not shadow the one this machine's Python may need.
-loom_env=(env "LD_LIBRARY_PATH=$libs:$here/carry/lib")
+loom_env=(env "LD_LIBRARY_PATH=$(carry_libs "$python" "$here/carry")")
 
 # Uniform random tokens, enough for 10 steps of 8 x 4097 (made once; 1.6 MB).
 data="$work/data/random-$vocab-fusions"

@@ -38,8 +38,8 @@ ldd "$root/build/loom" "$root/build/tests/loom_dataset_tool" "$root/build/libloo
     esac
   done
 # As files lib/ is ~58 MB (ICU's data alone 31 MB) and the device tool
-# carries 64 MiB in all: compressed, unpacked by run.sh, check_kernels.sh and
-# session.sh on the GPU machine.
+# carries 64 MiB in all: compressed, unpacked on the GPU machine by the
+# scripts' carry_libs (carry_libs.sh).
 tar -C "$carry" -cJf "$carry/lib.tar.xz" lib
 rm -rf "$carry/lib"
 site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"

@@ -14,8 +14,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 carry="$here/carry"
-# pack.sh compresses the carried lib/ (the device tool carries 64 MiB): unpack it once.
-[[ -d "$carry/lib" || ! -f "$carry/lib.tar.xz" ]] || tar -xJf "$carry/lib.tar.xz" -C "$carry"
+source "$here/carry_libs.sh"
 
 python="${LOOM_BENCH_PYTHON:-}"
 if [[ -z "$python" ]]; then
@@ -34,12 +33,10 @@ for arg in "$@"; do [[ "$arg" == --cpu ]] && cpu_mode=1; done
 if [[ "$cpu_mode" == 0 && -d "$carry" && -x "$carry/loom" ]]; then
   # torch, the CUDA runtime and NCCL from this machine's torch wheel; the rest
   # from the carried folder.
-  site="$("$python" -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')"
-  libs="$site/torch/lib"
-  for dir in "$site"/nvidia/*/lib "$site"/nvidia/*/*/lib; do [[ -d "$dir" ]] && libs="$libs:$dir"; done
   # Only loom's processes get these paths: the carried libstdc++ must not
   # shadow the newer one that this machine's Python packages may need.
-  export LOOM_LD_LIBRARY_PATH="$libs:$carry/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  LOOM_LD_LIBRARY_PATH="$(carry_libs "$python" "$carry")"
+  export LOOM_LD_LIBRARY_PATH="$LOOM_LD_LIBRARY_PATH${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   export LOOM_BIN="$carry/loom" LOOM_DATASET_TOOL="$carry/loom_dataset_tool"
   if ! "$python" -c 'import transformers' 2>/dev/null && [[ -f "$carry/pylib.tar.xz" ]]; then
     mkdir -p /tmp/loom-pylib && tar -xJf "$carry/pylib.tar.xz" -C /tmp/loom-pylib

@@ -15,8 +15,7 @@
 # exit code.
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# pack.sh compresses the carried lib/ (the device tool carries 64 MiB): unpack it once.
-[[ -d "$here/carry/lib" || ! -f "$here/carry/lib.tar.xz" ]] || tar -xJf "$here/carry/lib.tar.xz" -C "$here/carry"
+source "$here/carry_libs.sh"
 root="$(cd "$here/../.." && pwd)"
 out="${OUT:-/tmp/loom-session}"
 work=/tmp/lb
@@ -32,10 +31,8 @@ timeout 330 bash bench/gpu/run.sh --out "$out" --work "$work" --timeout 200 --co
 echo "bench: exit $?" >> "$out/summary.txt"
 
 python="$(command -v python3)"
-site="$("$python" -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')"
-libs="$site/torch/lib"
-for dir in "$site"/nvidia/*/lib "$site"/nvidia/*/*/lib; do [[ -d "$dir" ]] && libs="$libs:$dir"; done
-timeout 80 env LD_LIBRARY_PATH="$libs:$here/carry/lib" "$here/carry/loom" train configs/llama3-1b.yaml \
+libs="$(carry_libs "$python" "$here/carry")"
+timeout 80 env LD_LIBRARY_PATH="$libs" "$here/carry/loom" train configs/llama3-1b.yaml \
   --set run.output_dir="$work/runs" --set run.name=prof1b --set run.device=cuda --set precision.compute=bf16 \
   --set data.seq_len=4096 --set batch.micro_batch_size=2 --set batch.global_batch_size=8 \
   --set "data.train=[$work/data/random-128256]" --set 'data.valid=""' --set 'data.tokenizer=""' \
