@@ -24,8 +24,7 @@ set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 carry="$here/carry"
-# pack.sh compresses the carried lib/ (the device tool carries 64 MiB): unpack it once.
-[[ -d "$carry/lib" || ! -f "$carry/lib.tar.xz" ]] || tar -xJf "$carry/lib.tar.xz" -C "$carry"
+source "$here/carry_libs.sh"
 out=/tmp/loom-check-kernels
 work=/tmp/loom-check-kernels-work
 while [[ $# -gt 0 ]]; do
@@ -41,31 +40,28 @@ python="${LOOM_BENCH_PYTHON:-$(command -v python3)}"
 # torch, the CUDA runtime and NCCL from this machine's torch wheel; loom's
 # other libraries from the carried folder (as bench/gpu/run.sh does). Only
 # loom's processes get them.
-site="$("$python" -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')"
-libs="$site/torch/lib"
-for dir in "$site"/nvidia/*/lib "$site"/nvidia/*/*/lib; do [[ -d "$dir" ]] && libs="$libs:$dir"; done
-loom_env=(env "LD_LIBRARY_PATH=$libs:$carry/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" OMP_NUM_THREADS=4)
+libs="$(carry_libs "$python" "$carry")"
+loom_env=(env "LD_LIBRARY_PATH=$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" OMP_NUM_THREADS=4)
 failed=0
 
-echo "== 1. test_fused_kernels" | tee "$out/check.txt"
-"${loom_env[@]}" "$carry/test_fused_kernels" --gtest_output="xml:$out/test_fused_kernels.xml" \
-  > "$out/test_fused_kernels.txt" 2>&1
-rc=$?
-tail -n 12 "$out/test_fused_kernels.txt" | tee -a "$out/check.txt"
-if [[ $rc -ne 0 ]] || grep -q "SKIPPED \]" "$out/test_fused_kernels.txt"; then
-  echo "FAIL: test_fused_kernels exited $rc or skipped tests (no GPU seen?)" | tee -a "$out/check.txt"
-  failed=1
-fi
-
-if [[ -x "$carry/test_compute_weights" ]]; then
-  echo "== 1b. test_compute_weights" | tee -a "$out/check.txt"
-  "${loom_env[@]}" "$carry/test_compute_weights" > "$out/test_compute_weights.txt" 2>&1
-  rc=$?
-  tail -n 8 "$out/test_compute_weights.txt" | tee -a "$out/check.txt"
-  if [[ $rc -ne 0 ]] || grep -q "SKIPPED \]" "$out/test_compute_weights.txt"; then
-    echo "FAIL: test_compute_weights exited $rc or skipped tests" | tee -a "$out/check.txt"
+# Runs the carried gtest binary $1 (its output in $out/$1.txt and .xml): a
+# failure, or a test skipped for want of a GPU, fails the check.
+gtest_check() {
+  local name="$1"
+  "${loom_env[@]}" "$carry/$name" --gtest_output="xml:$out/$name.xml" > "$out/$name.txt" 2>&1
+  local rc=$?
+  tail -n 12 "$out/$name.txt" | tee -a "$out/check.txt"
+  if [[ $rc -ne 0 ]] || grep -q "SKIPPED \]" "$out/$name.txt"; then
+    echo "FAIL: $name exited $rc or skipped tests (no GPU seen?)" | tee -a "$out/check.txt"
     failed=1
   fi
+}
+
+echo "== 1. test_fused_kernels" | tee "$out/check.txt"
+gtest_check test_fused_kernels
+if [[ -x "$carry/test_compute_weights" ]]; then
+  echo "== 1b. test_compute_weights" | tee -a "$out/check.txt"
+  gtest_check test_compute_weights
 fi
 
 echo "== 2. profiled tiny run on cuda, bf16" | tee -a "$out/check.txt"
