@@ -352,22 +352,23 @@ void PipelineExecutor::sync_tied_embedding_grads() {
   // after the update. Every pp rank takes part in the all-reduce (those
   // without a copy with zeros), so no extra group is needed.
   at::NoGradGuard no_grad;
-  std::vector<at::Tensor> copies;
+  std::vector<at::Tensor> holders;
   for (auto& chunk : chunks_) {
     for (const auto& named : chunk->named_parameters()) {
-      if (named.key() == kTiedName) copies.push_back(named.value());
+      if (named.key() != kTiedName) continue;
+      holders.push_back(hooks_.grad_holder ? hooks_.grad_holder(named.value()) : named.value());
     }
   }
   at::Tensor sum = at::zeros(tied_shape_, at::TensorOptions(at::kFloat).device(device_));
-  for (const at::Tensor& copy : copies) {
-    if (copy.grad().defined()) sum += copy.grad();
+  for (const at::Tensor& holder : holders) {
+    if (holder.grad().defined()) sum += holder.grad();
   }
   groups_->device().all_reduce(sum)->wait();
-  for (at::Tensor& copy : copies) {
-    if (copy.grad().defined()) {
-      copy.mutable_grad().copy_(sum);
+  for (at::Tensor& holder : holders) {
+    if (holder.grad().defined()) {
+      holder.mutable_grad().copy_(sum);
     } else {
-      copy.mutable_grad() = sum.clone();
+      holder.mutable_grad() = sum.to(holder.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
     }
   }
 }

@@ -161,6 +161,16 @@ void Update::zero_grad() {
   if (expert_adamw_) expert_adamw_->zero_grad();
 }
 
+torch::Tensor Update::gradient_holder(const torch::Tensor& param) {
+  if (!fp32_grads_) return param;
+  fp32_grads_->flush();
+  const std::vector<torch::Tensor> holders = optimizer_->gradient_holders();
+  for (size_t i = 0; i < parts_.named_params.size(); ++i) {
+    if (parts_.named_params[i].second.is_same(param)) return holders[i];
+  }
+  return param;
+}
+
 void Update::reduce_gradients() {
   if (fp32_grads_) fp32_grads_->flush();
   if (reducer_) reducer_->finish();

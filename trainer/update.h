@@ -75,6 +75,12 @@ class Update {
   void unstart();
 
   void zero_grad();
+  // The tensor whose .grad holds `param`'s gradient: its fp32 master under
+  // precision.params bf16 with grad_accum fp32 (Note [fp32 gradients of bf16
+  // parameters]), after moving into it what the parameter's .grad still
+  // holds; else the parameter itself. The pipeline sums the tied weight's
+  // copies there.
+  torch::Tensor gradient_holder(const torch::Tensor& param);
   // After the step's backwards: the dp buckets' last reductions, or ZeRO's
   // reduce-scatters. Every replica then holds the averaged gradients (or its
   // shard of them).

@@ -60,6 +60,20 @@ def test_bf16_parameters_on_several_ranks_follow_the_single_rank_run(data, tmp_p
     assert dtypes == {"F32"}, dtypes
 
 
+def test_tied_embeddings_over_a_pipeline_sum_both_copies_fp32_gradients(data, tmp_path):
+    # The first and the last stage each hold a copy of the tied weight, and
+    # their gradients are summed after the step's backwards. With bf16
+    # parameters those gradients are no longer in the copies' .grad but in
+    # their fp32 masters'; summing the (emptied) .grad instead left each
+    # copy with its own half, 3e-4 off the single rank by step 2.
+    tied = {"model.tie_embeddings": "true"}
+    loom(*bf16_args(data, tmp_path, "one", **tied))
+    mpi_loom(2, bf16_args(data, tmp_path, "pp2", **{"parallel.pp": 2, **tied}))
+    got, want = losses_by_step(tmp_path / "pp2", STEPS), losses_by_step(tmp_path / "one", STEPS)
+    for step in range(1, STEPS + 1):
+        assert abs(got[step] - want[step]) <= 5e-5 * abs(want[step]), (step, got[step], want[step])
+
+
 def test_bf16_parameters_with_zero_are_refused_before_any_work(data, tmp_path):
     _, err = mpi_loom(2, bf16_args(data, tmp_path, "zero", **{"parallel.zero_stage": 1}), expect=2)
     assert "precision.params" in err and "zero_stage" in err, err
