@@ -352,23 +352,26 @@ void PipelineExecutor::sync_tied_embedding_grads() {
   // after the update. Every pp rank takes part in the all-reduce (those
   // without a copy with zeros), so no extra group is needed.
   at::NoGradGuard no_grad;
-  std::vector<at::Tensor> holders;
+  std::vector<std::pair<at::Tensor*, at::ScalarType>> grads;  // each copy's gradient slot, and its dtype
   for (auto& chunk : chunks_) {
     for (const auto& named : chunk->named_parameters()) {
       if (named.key() != kTiedName) continue;
-      holders.push_back(hooks_.grad_holder ? hooks_.grad_holder(named.value()) : named.value());
+      const at::Tensor& param = named.value();
+      at::Tensor* grad = hooks_.gradient_of ? &hooks_.gradient_of(param) : &param.mutable_grad();
+      // A slot other than the parameter's own .grad is an fp32 sum.
+      grads.emplace_back(grad, grad == &param.mutable_grad() ? param.scalar_type() : at::kFloat);
     }
   }
   at::Tensor sum = at::zeros(tied_shape_, at::TensorOptions(at::kFloat).device(device_));
-  for (const at::Tensor& holder : holders) {
-    if (holder.grad().defined()) sum += holder.grad();
+  for (const auto& [grad, dtype] : grads) {
+    if (grad->defined()) sum += *grad;
   }
   groups_->device().all_reduce(sum)->wait();
-  for (at::Tensor& holder : holders) {
-    if (holder.grad().defined()) {
-      holder.mutable_grad().copy_(sum);
+  for (auto& [grad, dtype] : grads) {
+    if (grad->defined()) {
+      grad->copy_(sum);
     } else {
-      holder.mutable_grad() = sum.to(holder.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
+      *grad = sum.to(dtype, /*non_blocking=*/false, /*copy=*/true);
     }
   }
 }

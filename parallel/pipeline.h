@@ -139,12 +139,12 @@ class PipelineExecutor {
   struct Hooks {
     std::function<at::Tensor(LlamaForCausalLM& chunk, const at::Tensor& input, const at::Tensor& positions)> forward;
     std::function<at::Tensor(const at::Tensor& logits, const at::Tensor& targets)> loss;
-    // The tensor whose .grad holds a parameter's gradient, with whatever
-    // the parameter's own .grad still holds moved into it: an fp32 master
-    // under precision.params bf16 (Note [fp32 gradients of bf16
-    // parameters], optim/optimizer.h). Not given: the parameter itself.
-    // The tied weight's copies are summed there.
-    std::function<at::Tensor(const at::Tensor& param)> grad_holder;
+    // Where a parameter's gradient is summed, with whatever its own .grad
+    // still holds moved in (a slot that may be assigned): an fp32 sum under
+    // precision.params bf16 (Note [fp32 gradients of bf16 parameters],
+    // optim/optimizer.h). Not given: the parameter's .grad. The tied
+    // weight's copies are summed there.
+    std::function<at::Tensor&(const at::Tensor& param)> gradient_of;
   };
   // The groups, the schedule and the chunks must outlive the executor.
   // Collective over pp (with tied embeddings: the tied weight's shape).
@@ -187,8 +187,8 @@ class PipelineExecutor {
 
  private:
   // With tied embeddings, the first and the last model stage's copies of the
-  // tied weight get the sum of their gradients, in their gradient holders
-  // (Hooks::grad_holder; collective over pp).
+  // tied weight get the sum of their gradients, where those are summed
+  // (Hooks::gradient_of; collective over pp).
   void sync_tied_embedding_grads();
   // The loss of one micro-batch's logits, as run() and evaluate() weigh it.
   at::Tensor scaled_loss(const at::Tensor& logits, const at::Tensor& targets, const std::vector<double>& loss_scales,

@@ -76,8 +76,10 @@ ShardedAdamW::ShardedAdamW(ProcessGroup& dp, NamedTensors params, AdamWOptions o
     : dp_(&dp), params_(std::move(params)), stage_(zero.stage), overlap_(zero.overlap) {
   if (stage_ < 1 || stage_ > 3) throw std::invalid_argument("ShardedAdamW: stage must be 1, 2 or 3");
   for (const auto& [name, param] : params_) {
-    if (!param.defined() || param.scalar_type() != at::kFloat) {
-      throw std::invalid_argument("ShardedAdamW: parameter '" + name + "' must be a defined fp32 tensor");
+    if (!param.defined() || !at::isFloatingType(param.scalar_type()) ||
+        param.scalar_type() != params_[0].second.scalar_type()) {
+      throw std::invalid_argument("ShardedAdamW: parameter '" + name +
+                                  "' must be a defined floating-point tensor of the first parameter's dtype");
     }
   }
   if (zero.units.empty()) {
@@ -114,7 +116,11 @@ ShardedAdamW::ShardedAdamW(ProcessGroup& dp, NamedTensors params, AdamWOptions o
   }
   shard_size_ = shard_base;
   at::NoGradGuard no_grad;
-  options_ = params_.empty() ? at::TensorOptions(at::kFloat) : params_[0].second.options();
+  model_options_ = params_.empty() ? at::TensorOptions(at::kFloat) : params_[0].second.options();
+  options_ = model_options_.dtype(at::kFloat);
+  // Note [ZeRO with bf16 parameters]
+  masters_ = model_options_.dtype() != caffe2::TypeMeta::Make<float>();
+  fp32_grad_accum_ = masters_ && zero.fp32_grad_accum;
   // Every stage keeps this rank's shard of the parameters (Note [ZeRO-1
   // layout]) and of the averaged gradient, never the whole flat vector.
   shard_params_ = at::zeros({shard_size_}, options_);
@@ -123,7 +129,7 @@ ShardedAdamW::ShardedAdamW(ProcessGroup& dp, NamedTensors params, AdamWOptions o
     // Note [ZeRO-3]: the parameters made views of their unit's buffer
     // (gathered for now).
     for (Unit& unit : units_) {
-      unit.full = at::zeros({unit.padded}, options_);
+      unit.full = at::zeros({unit.padded}, model_options_);
       for (size_t i : unit.params) {
         at::Tensor& param = params_[i].second;
         at::Tensor view = unit.full.narrow(0, offsets_[i] - unit.base, param.numel());
@@ -153,6 +159,15 @@ ShardedAdamW::ShardedAdamW(ProcessGroup& dp, NamedTensors params, AdamWOptions o
     }
   }
   shard_ = std::make_unique<AdamW>(std::move(pieces), options);
+  if (masters_) {
+    shard_model_ = at::empty({shard_size_}, model_options_);
+    round_masters();
+  }
+  if (fp32_grad_accum_) {
+    fp32_grads_.resize(params_.size());
+    fp32_hooks_ = std::make_unique<GradReadyHooks>();
+    for (size_t k = 0; k < params_.size(); ++k) fp32_hooks_->add(params_[k].second, [this, k] { move_to_fp32(k); });
+  }
   if (stage_ == 2 && overlap_ && size > 1) {
     hooks_ = std::make_unique<GradReadyHooks>();
     for (size_t k = 0; k < params_.size(); ++k) hooks_->add(params_[k].second, [this, k] { on_grad_ready(k); });
@@ -162,6 +177,7 @@ ShardedAdamW::ShardedAdamW(ProcessGroup& dp, NamedTensors params, AdamWOptions o
 
 ShardedAdamW::~ShardedAdamW() {
   hooks_.reset();
+  fp32_hooks_.reset();
   // Reductions still in flight finish before their buffers go (Work's destructor waits).
   // Stage 3: the parameters outlive the optimizer, as views of the units'
   // buffers; a unit left freed gets its memory back (its values undefined),
@@ -178,16 +194,58 @@ ShardedAdamW::~ShardedAdamW() {
 }
 
 void ShardedAdamW::zero_grad() {
-  for (auto& [name, param] : params_) {
-    if (!param.grad().defined()) continue;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    at::Tensor& grad = fp32_grad_accum_ ? fp32_grads_[i] : params_[i].second.mutable_grad();
+    if (fp32_grad_accum_) params_[i].second.mutable_grad() = at::Tensor();
+    if (!grad.defined()) continue;
     // Stage 3 accumulates in the shard's gradient, not in .grad.
     if (stage_ == 3) {
-      param.mutable_grad() = at::Tensor();
+      grad = at::Tensor();
     } else {
-      param.mutable_grad().zero_();
+      grad.zero_();
     }
   }
   if (stage_ == 3) shard_grad_.zero_();
+}
+
+// Note [ZeRO with bf16 parameters]
+void ShardedAdamW::round_masters() {
+  at::NoGradGuard no_grad;
+  shard_model_.copy_(shard_params_);
+}
+
+void ShardedAdamW::move_to_fp32(size_t i) {
+  at::Tensor& param = params_[i].second;
+  if (!param.grad().defined()) return;
+  at::NoGradGuard no_grad;
+  at::Tensor& sum = fp32_grads_[i];
+  if (sum.defined()) {
+    sum.add_(param.grad());
+  } else {
+    sum = param.grad().to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
+  }
+  param.mutable_grad() = at::Tensor();
+}
+
+const at::Tensor& ShardedAdamW::grad_of(size_t i) {
+  if (!fp32_grad_accum_) return params_[i].second.grad();
+  move_to_fp32(i);
+  return fp32_grads_[i];
+}
+
+void ShardedAdamW::drop_grad(size_t i) {
+  params_[i].second.mutable_grad() = at::Tensor();
+  if (fp32_grad_accum_) fp32_grads_[i] = at::Tensor();
+}
+
+at::Tensor& ShardedAdamW::gradient_of(const at::Tensor& param) {
+  for (size_t i = 0; i < params_.size(); ++i) {
+    if (!params_[i].second.is_same(param)) continue;
+    if (!fp32_grad_accum_) return params_[i].second.mutable_grad();
+    move_to_fp32(i);
+    return fp32_grads_[i];
+  }
+  throw std::invalid_argument("ShardedAdamW::gradient_of: not one of the optimizer's parameters");
 }
 
 void ShardedAdamW::arm() {
@@ -234,11 +292,10 @@ void ShardedAdamW::launch(Unit& unit) {
   at::NoGradGuard no_grad;
   unit.flat_grad = at::zeros({unit.padded}, options_);
   for (size_t i : unit.params) {
-    at::Tensor& param = params_[i].second;
-    const at::Tensor& grad = param.grad();
+    const at::Tensor& grad = grad_of(i);
     if (grad.defined()) unit.flat_grad.narrow(0, offsets_[i] - unit.base, grad.numel()).copy_(grad.reshape({-1}));
     // Stage 2: this rank keeps only its shard of the averaged gradient.
-    if (stage_ == 2) param.mutable_grad() = at::Tensor();
+    if (stage_ == 2) drop_grad(i);
   }
   held_flat_grad_numel_ += unit.padded;
   ++in_flight_;
@@ -254,7 +311,7 @@ void ShardedAdamW::reduce_gradients() {
     for (size_t u = units_.size(); u-- > 0;) {
       const Unit& unit = units_[u];
       const bool has_grad = std::any_of(unit.params.begin(), unit.params.end(),
-                                        [&](size_t i) { return params_[i].second.grad().defined(); });
+                                        [&](size_t i) { return grad_of(i).defined(); });
       if (has_grad) reduce_unit(u);
     }
     return;
@@ -279,6 +336,7 @@ void ShardedAdamW::reduce_gradients() {
 void ShardedAdamW::step(double lr) {
   shard_->step(lr);
   at::NoGradGuard no_grad;
+  if (masters_) round_masters();
   if (stage_ == 3) {
     // The decoder layers are gathered again when they run; the others now.
     for (size_t u = 0; u < units_.size(); ++u) {
@@ -289,7 +347,7 @@ void ShardedAdamW::step(double lr) {
         release(u);
       } else {
         const int64_t share = unit.padded / dp_->size();
-        dp_->all_gather(unit.full, shard_params_.narrow(0, unit.shard_base, share))->wait();
+        dp_->all_gather(unit.full, gather_source().narrow(0, unit.shard_base, share))->wait();
       }
     }
     return;
@@ -299,8 +357,8 @@ void ShardedAdamW::step(double lr) {
   // is copied; at most two units' buffers at once.
   auto post = [&](const Unit& unit, at::Tensor* buffer) {
     const int64_t share = unit.padded / dp_->size();
-    *buffer = at::empty({unit.padded}, options_);
-    return dp_->all_gather(*buffer, shard_params_.narrow(0, unit.shard_base, share));
+    *buffer = at::empty({unit.padded}, model_options_);
+    return dp_->all_gather(*buffer, gather_source().narrow(0, unit.shard_base, share));
   };
   at::Tensor buffer, next_buffer;
   std::unique_ptr<Work> gathering = units_.empty() ? nullptr : post(units_[0], &buffer);
@@ -348,7 +406,7 @@ void ShardedAdamW::prefetch(size_t u) {
   if (unit.gathered || unit.gathering) return;
   allocate_storage(unit.full, unit.padded);
   const int64_t share = unit.padded / dp_->size();
-  unit.gathering = dp_->all_gather(unit.full, shard_params_.narrow(0, unit.shard_base, share));
+  unit.gathering = dp_->all_gather(unit.full, gather_source().narrow(0, unit.shard_base, share));
 }
 
 void ShardedAdamW::gather(size_t u) {
@@ -383,10 +441,9 @@ void ShardedAdamW::reduce_unit(size_t u) {
   Unit& unit = units_.at(u);
   at::Tensor flat = at::zeros({unit.padded}, options_);
   for (size_t i : unit.params) {
-    at::Tensor& param = params_[i].second;
-    const at::Tensor& grad = param.grad();
+    const at::Tensor& grad = grad_of(i);
     if (grad.defined()) flat.narrow(0, offsets_[i] - unit.base, grad.numel()).copy_(grad.reshape({-1}));
-    param.mutable_grad() = at::Tensor();
+    drop_grad(i);
   }
   peak_flat_grad_numel_ = std::max(peak_flat_grad_numel_, unit.padded);
   const int64_t share = unit.padded / dp_->size();
@@ -455,11 +512,15 @@ NamedTensors ShardedAdamW::state_dict() const {
   std::map<std::string, const at::Tensor*> by_name;
   for (const auto& [name, tensor] : mine) by_name[name] = &tensor;
   std::vector<at::Tensor> whole_flat;
-  for (const char* kind : kKinds) {
-    at::Tensor shard = at::zeros({shard_size_}, options_);
-    for (const Piece& piece : pieces_) {
-      const at::Tensor& state = *by_name.at(kind + params_[piece.param].first);
-      shard.narrow(0, piece.shard_offset, piece.numel).copy_(state.reshape({-1}));
+  // exp_avg, exp_avg_sq, and with bf16 parameters the masters (the shard itself).
+  for (size_t k = 0; k < (masters_ ? 3 : 2); ++k) {
+    at::Tensor shard = shard_params_;
+    if (k < 2) {
+      shard = at::zeros({shard_size_}, options_);
+      for (const Piece& piece : pieces_) {
+        const at::Tensor& state = *by_name.at(kKinds[k] + params_[piece.param].first);
+        shard.narrow(0, piece.shard_offset, piece.numel).copy_(state.reshape({-1}));
+      }
     }
     at::Tensor flat = at::empty({total_}, options_);
     for (const Unit& unit : units_) {
@@ -472,12 +533,60 @@ NamedTensors ShardedAdamW::state_dict() const {
   out.emplace_back(kStep, by_name.at(kStep)->clone());
   for (size_t i = 0; i < params_.size(); ++i) {
     const at::Tensor& param = params_[i].second;
-    for (size_t k = 0; k < 2; ++k) {
-      out.emplace_back(kKinds[k] + params_[i].first,
-                       whole_flat[k].narrow(0, offsets_[i], param.numel()).view(param.sizes()).clone());
+    for (size_t k = 0; k < whole_flat.size(); ++k) {
+      const std::string name = k < 2 ? kKinds[k] + params_[i].first : AdamW::master_entry(params_[i].first);
+      out.emplace_back(name, whole_flat[k].narrow(0, offsets_[i], param.numel()).view(param.sizes()).clone());
     }
   }
   return out;
+}
+
+NamedTensors ShardedAdamW::local_state_dict() const {
+  NamedTensors state = shard_->state_dict();
+  if (masters_) {
+    for (const Piece& piece : pieces_) {
+      state.emplace_back(AdamW::master_entry(params_[piece.param].first),
+                         shard_params_.narrow(0, piece.shard_offset, piece.numel));
+    }
+  }
+  return state;
+}
+
+void ShardedAdamW::load_local_state_dict(const NamedTensors& state) {
+  if (!masters_) {
+    shard_->load_state_dict(state);
+    return;
+  }
+  // The masters are the shard itself, not AdamW state: checked here, and
+  // copied only once AdamW has taken the rest.
+  std::map<std::string, const at::Tensor*> masters;
+  NamedTensors rest;
+  for (const auto& entry : state) {
+    const std::string param = AdamW::param_of_entry(entry.first);
+    if (entry.first == AdamW::master_entry(param)) {
+      masters.emplace(param, &entry.second);
+    } else {
+      rest.push_back(entry);
+    }
+  }
+  for (const Piece& piece : pieces_) {
+    const std::string& name = params_[piece.param].first;
+    const auto it = masters.find(name);
+    if (it == masters.end()) throw BadInput("optimizer state: missing entry '" + AdamW::master_entry(name) + "'");
+    if (it->second->numel() != piece.numel || it->second->dim() != 1) {
+      throw BadInput("optimizer state: '" + AdamW::master_entry(name) + "' is " + describe_tensor(*it->second) +
+                     ", expected " + std::to_string(piece.numel) + " elements (this rank's piece)");
+    }
+  }
+  if (masters.size() != pieces_.size()) {
+    throw BadInput("optimizer state: master entries for parameters this rank holds no piece of");
+  }
+  shard_->load_state_dict(rest);
+  at::NoGradGuard no_grad;
+  for (const Piece& piece : pieces_) {
+    shard_params_.narrow(0, piece.shard_offset, piece.numel).copy_(*masters.at(params_[piece.param].first));
+  }
+  round_masters();
 }
 
 std::pair<int64_t, int64_t> ShardedAdamW::piece_range(const std::string& name) const {
@@ -501,19 +610,21 @@ void ShardedAdamW::load_state_dict(const NamedTensors& whole) {
   };
   // Every entry is checked on every rank (each sees the whole state), so a
   // bad state is refused by all of them, not only by the owner of the piece.
+  std::vector<std::string> kinds(std::begin(kKinds), std::end(kKinds));
+  if (masters_) kinds.push_back(AdamW::master_entry(""));
   for (const auto& [name, param] : params_) {
-    for (const char* kind : kKinds) take(kind + name, param.sizes());
+    for (const std::string& kind : kinds) take(kind + name, param.sizes());
   }
   NamedTensors mine;
   mine.emplace_back(kStep, take(kStep, {}));
   for (const Piece& piece : pieces_) {
     const auto& [name, param] = params_[piece.param];
-    for (const char* kind : kKinds) {
+    for (const std::string& kind : kinds) {
       const at::Tensor& full = take(kind + name, param.sizes());
       mine.emplace_back(kind + name, full.reshape({-1}).narrow(0, piece.param_offset, piece.numel).clone());
     }
   }
-  shard_->load_state_dict(mine);
+  load_local_state_dict(mine);
 }
 
 }  // namespace loom

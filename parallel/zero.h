@@ -84,6 +84,25 @@
 // runs the same layers in the same order, so all of them issue the same
 // collectives in the same order. Checkpoints and the export read the
 // parameters whole: gather_all() and release_all() bracket them.
+//
+// Note [ZeRO with bf16 parameters]
+// With bf16 parameters (precision.params bf16) the flat layout is the same,
+// and this rank's fp32 shard of it (shard_params_) holds the fp32 masters
+// of its pieces: AdamW steps fp32 pieces as it does for fp32 parameters,
+// and no rank holds a master it does not update. After the step the shard
+// is rounded once into a bf16 copy (shard_model_), and that is what the
+// all-gathers send, so the parameters arrive as the masters rounded, as a
+// whole AdamW would round them, in half the bytes; under stage 3 the
+// units' buffers are bf16. The gradients are flattened into fp32 buffers
+// (the bf16 .grad upcast) and reduce-scattered in fp32. With
+// ZeroOptions::fp32_grad_accum (precision.grad_accum fp32) a hook added
+// before any other moves each micro-batch's bf16 gradient into an fp32 sum
+// of the parameter's own (gradient_of()), which the reductions read instead
+// of .grad. local_state_dict() lists each piece's master as
+// optimizer.master.NAME (1-D, where piece_range() says), which a
+// checkpoint stores as the parameter's own fp32 tensor (Note [checkpoints
+// of bf16 parameters], trainer/run_checkpoints.cpp), so the checkpoint is
+// the fp32 run's on every stage.
 #pragma once
 
 #include <cstdint>
@@ -111,6 +130,9 @@ struct ZeroOptions {
   // Stage 2: arm() makes the next backward start units' reductions as their
   // gradients complete. false: reduce_gradients() does them all.
   bool overlap = true;
+  // bf16 parameters: sum each micro-batch's gradient in fp32 rather than in
+  // the parameter's bf16 .grad (Note [ZeRO with bf16 parameters]).
+  bool fp32_grad_accum = false;
 };
 
 // One unit per decoder layer (the parameters named model.layers.N.*), one of
@@ -124,8 +146,10 @@ std::vector<std::vector<size_t>> zero_units_by_layer(const NamedTensors& params)
 
 class ShardedAdamW : public GradientSync {
  public:
-  // `params` (fp32, CPU for the MPI group) are updated in place by step().
-  // The group and the parameters must outlive the optimizer.
+  // `params` (all fp32, or all bf16 or fp16 with fp32 masters in the shard:
+  // Note [ZeRO with bf16 parameters]; on the CPU for the MPI group) are
+  // updated in place by step(). The group and the parameters must outlive
+  // the optimizer.
   ShardedAdamW(ProcessGroup& dp, NamedTensors params, AdamWOptions options, ZeroOptions zero = {});
   ~ShardedAdamW() override;
   ShardedAdamW(const ShardedAdamW&) = delete;
@@ -135,6 +159,11 @@ class ShardedAdamW : public GradientSync {
   // Zeroes the parameters' gradients (the model's, not the shard's); under
   // stage 2 they are already freed by reduce_gradients().
   void zero_grad();
+  // Where the gradient of `param` (one of the parameters) is summed: its
+  // fp32 sum under fp32_grad_accum (with what its .grad still holds moved
+  // in), else its .grad. The slot may be assigned (undefined: no gradient
+  // yet). std::invalid_argument for a tensor that is not a parameter.
+  at::Tensor& gradient_of(const at::Tensor& param);
   // Stage 2 with overlap: the next backward (the last micro-batch's) starts
   // each unit's reduce-scatter once its gradients are complete (Note [ZeRO
   // units]). Nothing for stage 1.
@@ -205,8 +234,12 @@ class ShardedAdamW : public GradientSync {
   // (optimizer.step, and optimizer.exp_avg.NAME / exp_avg_sq.NAME of the
   // piece of each parameter NAME that meets its shard, 1-D): what a sharded
   // checkpoint stores. The tensors are the optimizer's own, not copies.
-  NamedTensors local_state_dict() const { return shard_->state_dict(); }
-  void load_local_state_dict(const NamedTensors& state) { shard_->load_state_dict(state); }
+  // With bf16 parameters also optimizer.master.NAME, the piece's fp32
+  // master (Note [ZeRO with bf16 parameters]), after the AdamW entries.
+  NamedTensors local_state_dict() const;
+  // Takes local_state_dict()'s entries; BadInput for a missing, unexpected
+  // or misshapen one, before anything is copied.
+  void load_local_state_dict(const NamedTensors& state);
   // Where the piece of parameter `name` lies in it: elements [first, second)
   // of the parameter, row-major. std::out_of_range when this rank holds no
   // piece of it.
@@ -239,6 +272,15 @@ class ShardedAdamW : public GradientSync {
   };
 
   void check_stage_3(const char* what) const;
+  // Note [ZeRO with bf16 parameters]: the shard the all-gathers send (the
+  // masters rounded, or the fp32 shard itself), and its refresh.
+  const at::Tensor& gather_source() const { return masters_ ? shard_model_ : shard_params_; }
+  void round_masters();
+  // Under fp32_grad_accum: what parameter i's .grad holds, added into its
+  // fp32 sum; and the gradient a reduction reads, and its dropping.
+  void move_to_fp32(size_t param);
+  const at::Tensor& grad_of(size_t param);
+  void drop_grad(size_t param);
   void on_grad_ready(size_t param);  // from the accumulator hooks
   void launch(Unit& unit);           // under mutex_
   void launch_ready_units();         // under mutex_
@@ -255,6 +297,12 @@ class ShardedAdamW : public GradientSync {
   int64_t shard_size_ = 0;        // this rank's share of them: total_ / dp
   std::vector<Piece> pieces_;
   at::TensorOptions options_;     // fp32 on the parameters' device
+  at::TensorOptions model_options_;  // the parameters' dtype and device
+  bool masters_ = false;          // the parameters are not fp32: shard_params_ holds their masters
+  at::Tensor shard_model_;        // [shard_size_], the masters rounded to the parameters' dtype
+  bool fp32_grad_accum_ = false;
+  std::vector<at::Tensor> fp32_grads_;  // parallel to params_, under fp32_grad_accum
+  std::unique_ptr<GradReadyHooks> fp32_hooks_;  // added before hooks_, so they run first
   at::Tensor shard_params_;       // [shard_size_], this rank's shard of the flat parameter vector
   std::map<int64_t, size_t> layer_units_;  // stage 3: decoder layer -> unit
   at::Tensor shard_grad_;         // [shard_size_], this rank's shard of the averaged gradient

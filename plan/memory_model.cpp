@@ -327,8 +327,13 @@ MemoryEstimate estimate_memory(const Problem& problem, const Layout& layout) {
     rank.optimizer = optimizer_bytes * shard;
     // ZeRO-1 and 2 keep an fp32 shard of the parameters (the pieces AdamW
     // steps), ZeRO-1 also the shard of the gradient (ZeRO-2 counts it above).
-    if (zero_stage == 1) rank.zero_buffers = 2 * kFp32 * shard;
-    if (zero_stage == 2) rank.zero_buffers = kFp32 * shard;
+    // With bf16 parameters that fp32 shard holds the masters (counted with
+    // the optimizer) and a bf16 copy of it is what the all-gathers send
+    // (Note [ZeRO with bf16 parameters]); under ZeRO-3 that copy is the
+    // shard of the parameters counted above.
+    const double shard_copy = problem.params_bf16 ? kBf16 : kFp32;
+    if (zero_stage == 1) rank.zero_buffers = (kFp32 + shard_copy) * shard;
+    if (zero_stage == 2) rank.zero_buffers = shard_copy * shard;
     // During forward and backward. ZeRO-2: a unit's gradients and the flat
     // buffer they are copied into for the reduce-scatter (the buffer of the
     // unit before may still be in flight, but the largest unit comes alone).

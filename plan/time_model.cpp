@@ -100,6 +100,9 @@ StepTime estimate_step_time(const Problem& problem, const Layout& layout, const 
   const double matmul_rate = machine.matmul_flops(bf16), attention_rate = machine.attention_flops(bf16);
   const double bandwidth = machine.memory_bytes_per_s, op = machine.op_overhead_s;
   const double param_bytes = problem.params_bf16 ? 2 : 4;
+  // ZeRO reduce-scatters fp32 gradients whatever the parameters' dtype, and
+  // gathers the parameters in theirs (Note [ZeRO with bf16 parameters]).
+  const double zero_reduce_scale = 4 / param_bytes;
   const int64_t zero_stage = layout.dp > 1 ? layout.zero_stage : 0;
   // Rank order tp, cp, pp, dp (parallel/topology.h). The gradients are
   // averaged over the dp x cp replicas (Note [cp replicas]), a group that
@@ -223,8 +226,9 @@ StepTime estimate_step_time(const Problem& problem, const Layout& layout, const 
       const double units = layers + (spec.has_embedding ? 1 : 0) + (spec.has_head ? 1 : 0);
       const double gather = zero_stage == 3 ? all_gather_seconds(dp_link, layout.dp, stage_bytes) : 0;
       // A reduce-scatter costs what an all-gather does.
-      const double reduce = all_gather_seconds(dp_link, layout.dp, stage_bytes) +
-                            (ep > 1 ? all_gather_seconds(edp_link, layout.dp / ep, expert_bytes) : 0);
+      const double reduce = all_gather_seconds(dp_link, layout.dp, zero_reduce_scale * stage_bytes) +
+                            (ep > 1 ? all_gather_seconds(edp_link, layout.dp / ep, zero_reduce_scale * expert_bytes)
+                                    : 0);
       cost.zero_forward = exposed(gather, cost.forward, machine.dp_overlap, units);
       cost.zero_backward = exposed(gather + reduce, cost.backward, machine.dp_overlap, units);
     }
@@ -291,7 +295,7 @@ StepTime estimate_step_time(const Problem& problem, const Layout& layout, const 
   if (zero_stage == 1) {
     // Reduce-scatter of the flat gradient, all-gather of the flat parameters,
     // and the copies into and out of the flat vectors.
-    t.dp_comm = 2 * zero_collective;
+    t.dp_comm = (1 + zero_reduce_scale) * zero_collective;
     t.optimizer += 20 * padded / machine.stream_bytes_per_s;
   } else if (zero_stage == 2) {
     // The gradients were reduce-scattered in backward (StageCost); the

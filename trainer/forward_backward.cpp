@@ -349,7 +349,7 @@ class PipelineForwardBackward final : public ForwardBackward {
                      const torch::Tensor& logits, const torch::Tensor& targets) {
       return token_loss(logits, targets, tp_data, vocab, masked_now_);
     };
-    hooks.grad_holder = setup.grad_holder;
+    hooks.gradient_of = setup.gradient_of;
     auto* pp_mpi = dynamic_cast<MpiProcessGroup*>(groups.pp);
     if (pp_mpi == nullptr) throw std::logic_error("train: the pp group must be an MPI group");
     PipeGroups::Twin twin;

@@ -66,9 +66,9 @@ struct ForwardBackwardSetup {
   int64_t hidden_size = 0;
   bool sequence_parallel = false;
   std::string device_backend = "nccl";  // parallel.device_backend (parallel/device_groups.h)
-  // Where a parameter's gradient is held (Update::gradient_holder); the
+  // Where a parameter's gradient is summed (Update::gradient_of); the
   // pipeline sums the tied weight's copies there.
-  std::function<torch::Tensor(const torch::Tensor& param)> grad_holder;
+  std::function<torch::Tensor&(const torch::Tensor& param)> gradient_of;
 };
 
 // The whole model, or its tp shards. `reducer` (dp, may be null: the bucket

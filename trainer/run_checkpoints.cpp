@@ -331,8 +331,10 @@ TrainingSnapshot RunCheckpoints::snapshot(int64_t step, int64_t skipped_steps, c
   for (const auto& [name, tensor] : state) {
     if (name == AdamW::master_entry(AdamW::param_of_entry(name))) masters.emplace(AdamW::param_of_entry(name), tensor);
   }
+  // Under ZeRO those masters are pieces (Note [ZeRO with bf16 parameters]):
+  // each rank writes its own, as it writes its AdamW state.
   for (const auto& [name, param] : parts.named_params) {
-    if (name == parts.tied_copy) continue;
+    if (name == parts.tied_copy || update.master_in_pieces(name)) continue;
     const auto master = masters.find(name);
     add(replicated, over_tp, name, name, master == masters.end() ? param : master->second, std::nullopt);
     is_model.push_back(true);
@@ -344,15 +346,18 @@ TrainingSnapshot RunCheckpoints::snapshot(int64_t step, int64_t skipped_steps, c
     }
   }
   std::vector<OwnedPiece> zero_pieces;
-  std::vector<bool> zero_over_tp;
+  std::vector<bool> zero_over_tp, zero_is_model;
   for (const auto& [name, tensor] : state) {
     if (name == AdamW::kStepEntry) continue;
     const std::string param = AdamW::param_of_entry(name);
-    if (param == parts.tied_copy || (masters.count(param) != 0 && name == AdamW::master_entry(param))) continue;
+    const bool is_master = masters.count(param) != 0 && name == AdamW::master_entry(param);
+    if (param == parts.tied_copy || (is_master && !update.master_in_pieces(param))) continue;
     // ZeRO's pieces (Note [ZeRO with expert parallelism]: under ep the
-    // experts' are over edp, or whole where edp is one rank).
+    // experts' are over edp, or whole where edp is one rank); a master's
+    // piece is the parameter's.
     if (const std::optional<Range> range = update.state_range(param)) {
-      add(zero_pieces, zero_over_tp, name, param, tensor, *range);
+      add(zero_pieces, zero_over_tp, is_master ? param : name, param, tensor, *range);
+      zero_is_model.push_back(is_master);
     } else {
       add(replicated, over_tp, name, param, tensor, std::nullopt);
       is_model.push_back(false);
@@ -364,7 +369,7 @@ TrainingSnapshot RunCheckpoints::snapshot(int64_t step, int64_t skipped_steps, c
   }
   const std::vector<bool> mine_zero = assign_writers(zero_pieces, zero_over_tp, load, /*over_dp=*/false);
   for (size_t i = 0; i < zero_pieces.size(); ++i) {
-    if (mine_zero[i]) optimizer.push_back(std::move(zero_pieces[i]));
+    if (mine_zero[i]) (zero_is_model[i] ? snapshot.model : optimizer).push_back(std::move(zero_pieces[i]));
   }
   snapshot.optimizer = std::move(optimizer);
   // Writers were chosen by the local tensors' sizes, the same on every tp

@@ -172,7 +172,7 @@ void Trainer::make_forward_backward() {
   setup.seq_len = seq_len_;
   setup.hidden_size = config_.model.hidden_size;
   setup.sequence_parallel = config_.parallel.sequence_parallel;
-  setup.grad_holder = [this](const torch::Tensor& param) { return update_->gradient_holder(param); };
+  setup.gradient_of = [this](const torch::Tensor& param) -> torch::Tensor& { return update_->gradient_of(param); };
   forward_backward_ = groups_.pp != nullptr
                           ? make_pipeline_forward_backward(*parts_, groups_, setup)
                           : make_plain_forward_backward(*parts_->model, groups_, update_->sync(), setup);

@@ -38,11 +38,6 @@ void check_precision(const Config& config, const ParallelDims& dims) {
     if (config.precision.compute != "bf16") {
       throw BadInput("precision.params: bf16 parameters compute in bf16; set precision.compute bf16 too");
     }
-    if (config.parallel.zero_stage > 0 && dims.dp > 1) {
-      throw BadInput("precision.params: bf16 with parallel.zero_stage " + std::to_string(config.parallel.zero_stage) +
-                     " is not supported yet (ZeRO's flat shards are fp32 parameters); use zero_stage 0, or fp32 "
-                     "parameters with precision.compute bf16");
-    }
   }
   // fusion.*: a switch the run would not take is refused, rather than left
   // to run unfused under a config that says otherwise.

@@ -12,14 +12,14 @@ Update::Update(const Config& config, const ParallelDims& dims, const TrainGroups
       // A pipeline interleaves the micro-batches' backwards, so the last
       // gradient of a parameter is not known in advance: reduce after them.
       overlap_(groups.pp == nullptr),
-      clip_in_adamw_(config.fusion.clip_in_adamw) {
+      clip_in_adamw_(config.fusion.clip_in_adamw),
+      params_bf16_(config.precision.params == "bf16"),
+      fp32_grad_accum_(params_bf16_ && config.precision.grad_accum == "fp32") {
   if (zero_stage_ == 0) optimizer_.emplace(parts.named_params, options_);
   // bf16 parameters: each micro-batch's gradient is added into an fp32 one
   // beside the master (Note [fp32 gradients of bf16 parameters]); these
   // hooks come before the reducer's, which then reduces the fp32 sums.
-  if (optimizer_ && config.precision.params == "bf16" && config.precision.grad_accum == "fp32") {
-    fp32_grads_.emplace(*optimizer_);
-  }
+  if (optimizer_ && fp32_grad_accum_) fp32_grads_.emplace(*optimizer_);
   // The gradient norm of all shards and stages together: a parameter every
   // rank of the tp group holds whole (norm weights, row-parallel biases) is
   // counted once, and so is the tied embedding whose copy the last pipeline
@@ -83,6 +83,7 @@ void Update::unstart() {
   if (parts_.zero_wrapper) parts_.zero_wrapper->attach(nullptr);
   zero_.reset();
   expert_zero_.reset();
+  expert_fp32_grads_.reset();
   expert_adamw_.reset();
 }
 
@@ -102,6 +103,7 @@ void Update::start() {
       ZeroOptions zero;
       zero.stage = zero_stage_;
       zero.overlap = overlap_;
+      zero.fp32_grad_accum = fp32_grad_accum_;
       if (zero_stage_ >= 2) zero.units = zero_units_by_layer(params);
       return zero;
     };
@@ -110,6 +112,7 @@ void Update::start() {
       expert_zero_.emplace(*groups_.edp_data, experts, options_, options_of(experts));
     } else if (!experts.empty()) {
       expert_adamw_.emplace(experts, options_);
+      if (fp32_grad_accum_) expert_fp32_grads_.emplace(*expert_adamw_);
     }
     // ZeRO-3: the layers gather their parameters through the wrapper.
     if (parts_.zero_wrapper) parts_.zero_wrapper->attach(&*zero_);
@@ -161,18 +164,20 @@ void Update::zero_grad() {
   if (expert_adamw_) expert_adamw_->zero_grad();
 }
 
-torch::Tensor Update::gradient_holder(const torch::Tensor& param) {
-  if (!fp32_grads_) return param;
+torch::Tensor& Update::gradient_of(const torch::Tensor& param) {
+  if (zero_ && fp32_grad_accum_) return zero_->gradient_of(param);  // (the tied weight is no expert)
+  if (!fp32_grads_) return param.mutable_grad();
   fp32_grads_->flush();
   const std::vector<torch::Tensor> holders = optimizer_->gradient_holders();
   for (size_t i = 0; i < parts_.named_params.size(); ++i) {
-    if (parts_.named_params[i].second.is_same(param)) return holders[i];
+    if (parts_.named_params[i].second.is_same(param)) return holders[i].mutable_grad();
   }
-  return param;
+  return param.mutable_grad();
 }
 
 void Update::reduce_gradients() {
   if (fp32_grads_) fp32_grads_->flush();
+  if (expert_fp32_grads_) expert_fp32_grads_->flush();
   if (reducer_) reducer_->finish();
   if (expert_reducer_) expert_reducer_->finish();
   if (zero_) zero_->reduce_gradients();
@@ -281,6 +286,11 @@ std::optional<Range> Update::state_range(const std::string& param) const {
   if (!is_split_expert(param)) return zero_->piece_range(param);
   if (expert_zero_) return expert_zero_->piece_range(param);
   return std::nullopt;
+}
+
+bool Update::master_in_pieces(const std::string& param) const {
+  if (!zero_ || !params_bf16_) return false;
+  return !is_split_expert(param) || expert_zero_;
 }
 
 int64_t Update::step_count() const { return zero_ ? zero_->step_count() : optimizer_->step_count(); }

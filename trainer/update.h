@@ -75,12 +75,13 @@ class Update {
   void unstart();
 
   void zero_grad();
-  // The tensor whose .grad holds `param`'s gradient: its fp32 master under
-  // precision.params bf16 with grad_accum fp32 (Note [fp32 gradients of bf16
-  // parameters]), after moving into it what the parameter's .grad still
-  // holds; else the parameter itself. The pipeline sums the tied weight's
-  // copies there.
-  torch::Tensor gradient_holder(const torch::Tensor& param);
+  // Where `param`'s gradient is summed (a slot that may be assigned): under
+  // precision.params bf16 with grad_accum fp32 an fp32 sum, its master's
+  // .grad (Note [fp32 gradients of bf16 parameters]) or ZeRO's (Note [ZeRO
+  // with bf16 parameters]), with what the parameter's .grad still holds
+  // moved in; else the parameter's .grad. The pipeline sums the tied
+  // weight's copies there.
+  torch::Tensor& gradient_of(const torch::Tensor& param);
   // After the step's backwards: the dp buckets' last reductions, or ZeRO's
   // reduce-scatters. Every replica then holds the averaged gradients (or its
   // shard of them).
@@ -117,6 +118,10 @@ class Update {
   // (no ZeRO, or an expert that no other rank holds: Note [ZeRO with
   // expert parallelism]). std::out_of_range when it holds none of it.
   std::optional<Range> state_range(const std::string& param) const;
+  // Whether `param`'s fp32 master is held in ZeRO's pieces (bf16 parameters
+  // under ZeRO: Note [ZeRO with bf16 parameters]), so that no rank holds it
+  // whole; false where an optimizer holds it whole, or it has none.
+  bool master_in_pieces(const std::string& param) const;
   int64_t step_count() const;
 
  private:
@@ -136,6 +141,7 @@ class Update {
   // optimizer over edp, or whole where edp is this rank alone.
   std::optional<ShardedAdamW> expert_zero_;
   std::optional<AdamW> expert_adamw_;
+  std::optional<Fp32GradientAccumulation> expert_fp32_grads_;  // of expert_adamw_'s bf16 parameters
   std::unique_ptr<GradientReducer> reducer_;
   // Expert parallelism (parallel/expert_parallel.h): the dense parameters
   // go through reducer_, the experts through expert_reducer_ (over edp;
@@ -158,6 +164,8 @@ class Update {
   std::vector<torch::Tensor> norm_params_;
   const GradNormReduction* norm_reduction_ = nullptr;
   bool clip_in_adamw_ = false;  // fusion.clip_in_adamw
+  bool params_bf16_ = false;      // precision.params bf16
+  bool fp32_grad_accum_ = false;  // and grad_accum fp32
   torch::Tensor grad_factor_;   // clip()'s factor, for the next step() to apply
 };
 

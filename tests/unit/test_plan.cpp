@@ -151,19 +151,27 @@ TEST(PlanMemory, bf16_parameters_keep_bf16_weights_and_grads_and_fp32_masters_in
   EXPECT_GT(plain.peak, bf16_sums.peak);
 }
 
-// loom train refuses bf16 parameters with ZeRO (trainer/training.h
-// check_precision), so loom plan does not propose them.
-TEST(PlanLayouts, bf16_parameters_are_not_proposed_with_zero) {
+// loom train runs bf16 parameters under every ZeRO stage (Note [ZeRO with
+// bf16 parameters]), so loom plan proposes them, and counts the sharded
+// masters once: with the optimizer, 12 bytes a parameter over dp.
+TEST(PlanLayouts, bf16_parameters_are_proposed_with_zero_and_hold_less_than_fp32) {
   Problem problem = tiny_problem(4);
   problem.bf16 = problem.params_bf16 = true;
-  EXPECT_NE(layout_problem(problem, Layout{4, 1, 1, "1f1b", 1, 1, 1, Recompute::kNone, false}).find("zero_stage"),
-            std::string::npos);
-  EXPECT_EQ(layout_problem(problem, Layout{4, 1, 1, "1f1b", 1, 0, 1, Recompute::kNone, false}), "");
-  for (const Layout& layout : enumerate_layouts(problem)) EXPECT_EQ(layout.zero_stage, 0);
-  problem.params_bf16 = false;
+  EXPECT_EQ(layout_problem(problem, Layout{4, 1, 1, "1f1b", 1, 1, 1, Recompute::kNone, false}), "");
   bool any_zero = false;
   for (const Layout& layout : enumerate_layouts(problem)) any_zero = any_zero || layout.zero_stage > 0;
   EXPECT_TRUE(any_zero);
+  const double params = static_cast<double>(count_parameters(problem.model));
+  const double shard = static_cast<double>((count_parameters(problem.model) + 3) / 4);
+  const Layout zero1{4, 1, 1, "1f1b", 1, 1, 1, Recompute::kNone, false};
+  const MemoryEstimate bf16 = estimate_memory(problem, zero1);
+  EXPECT_DOUBLE_EQ(bf16.ranks[0].params, 2 * params);
+  EXPECT_DOUBLE_EQ(bf16.ranks[0].optimizer, 12 * shard);           // master, exp_avg, exp_avg_sq
+  EXPECT_DOUBLE_EQ(bf16.ranks[0].zero_buffers, (4 + 2) * shard);  // the gradient's shard, the rounded masters
+  problem.params_bf16 = false;
+  const MemoryEstimate fp32 = estimate_memory(problem, zero1);
+  EXPECT_DOUBLE_EQ(fp32.ranks[0].zero_buffers, (4 + 4) * shard);
+  EXPECT_LT(bf16.peak, fp32.peak);
 }
 
 TEST(PlanMemory, selective_recomputation_keeps_less_than_none_and_more_than_full) {

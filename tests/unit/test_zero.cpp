@@ -14,11 +14,13 @@
 #include <algorithm>
 #include <chrono>
 #include <functional>
+#include <map>
 #include <memory>
 #include <thread>
 #include <string>
 #include <vector>
 
+#include "optim/fp32_gradients.h"
 #include "parallel/data_parallel.h"
 #include "parallel/mpi_process_group.h"
 #include "parallel/tensor_parallel_model.h"
@@ -452,6 +454,93 @@ TEST(ShardedAdamW, Stage3MatchesWholeAdamWWithAllReducedGradients) {
     test_support::expect_close(gathered[i].second, expected[i].second, 1e-4, gathered[i].first);
   }
   wrapper->attach(nullptr);
+}
+
+// Note [ZeRO with bf16 parameters]: bf16 weights, their fp32 masters in
+// the shards, each micro-batch's gradient summed in fp32. Every stage takes
+// the steps a whole AdamW takes over the same bf16 model (fp32 masters,
+// fp32 sums, fp32 all-reduce); the weights are the masters rounded.
+TEST(ShardedAdamW, Bf16ParametersKeepFp32MastersInTheShardsAndStepLikeAWholeAdamW) {
+  for (const int64_t stage : {1, 2, 3}) {
+    SCOPED_TRACE("stage " + std::to_string(stage));
+    auto wrapper = std::make_shared<ZeroLayerWrapper>(/*recompute=*/false);
+    LocalLayerFactory factory;
+    if (stage == 3) factory.use_layer_wrapper(wrapper);
+    auto reference = model_from_seed();
+    auto sharded = model_from_seed(tiny(), factory);
+    reference->to(at::kBFloat16);
+    sharded->to(at::kBFloat16);
+    AdamWOptions options;
+    options.eps = 1e-6;
+    AdamW whole(to_named_tensors(reference->named_parameters()), options);
+    Fp32GradientAccumulation sums(whole);
+    GradientReducer::Options reducer_options;
+    reducer_options.grad_holders = whole.gradient_holders();
+    GradientReducer reducer(dp(), whole.params(), reducer_options);
+    const NamedTensors params = to_named_tensors(sharded->named_parameters());
+    ZeroOptions zero_options;
+    zero_options.stage = stage;
+    zero_options.fp32_grad_accum = true;
+    if (stage > 1) zero_options.units = zero_units_by_layer(params);
+    ShardedAdamW zero(dp(), params, options, zero_options);
+    wrapper->attach(&zero);
+    const GradNormReduction reduction =
+        sharded_grad_norm({&dp()}, /*tp_rank=*/0, zero.shard_named_params(), tensor_parallel_shard_dims(*sharded));
+    for (const auto& piece : zero.shard_params()) EXPECT_EQ(piece.scalar_type(), at::kFloat);
+    for (int64_t step = 0; step < 3; ++step) {
+      whole.zero_grad();
+      zero.zero_grad();
+      for (int64_t micro = 0; micro < 2; ++micro) {
+        if (micro == 1) reducer.arm();
+        if (micro == 1 && stage == 2) zero.arm();
+        (loss_on_my_data(*reference, 2 * step + micro) / 2).backward();
+        (loss_on_my_data(*sharded, 2 * step + micro) / 2).backward();
+      }
+      sums.flush();
+      reducer.finish();
+      zero.reduce_gradients();
+      // No clipping: a clipping factor that differs in its last bit (the
+      // norms sum in other orders) would round some bf16 weight the other
+      // way, and the runs would part by a bf16 rounding.
+      const double whole_norm = grad_norm(whole.gradient_holders());
+      const double zero_norm = grad_norm(zero.shard_params(), &reduction);
+      EXPECT_NEAR(zero_norm, whole_norm, 1e-5 * whole_norm) << "step " << step;
+      whole.step(kLr);
+      zero.step(kLr);
+    }
+    // The state, gathered: the whole AdamW's, masters included.
+    const NamedTensors gathered = zero.state_dict();
+    const NamedTensors expected = whole.state_dict();
+    ASSERT_EQ(gathered.size(), expected.size());
+    std::map<std::string, at::Tensor> masters;
+    for (size_t i = 0; i < gathered.size(); ++i) {
+      EXPECT_EQ(gathered[i].first, expected[i].first);
+      test_support::expect_close(gathered[i].second, expected[i].second, 1e-4, gathered[i].first);
+      if (gathered[i].first.starts_with("optimizer.master.")) masters[AdamW::param_of_entry(gathered[i].first)] = gathered[i].second;
+    }
+    // The weights are their masters rounded, and stay bf16.
+    if (stage == 3) zero.gather_all();
+    for (const auto& named : sharded->named_parameters()) {
+      EXPECT_EQ(named.value().scalar_type(), at::kBFloat16) << named.key();
+      EXPECT_TRUE(at::equal(named.value(), masters.at(named.key()).to(at::kBFloat16))) << named.key();
+    }
+    if (stage == 3) zero.release_all();
+
+    // A rank's own state lists its pieces' masters; one missing is refused by name.
+    NamedTensors local = zero.local_state_dict();
+    const auto master = std::find_if(local.begin(), local.end(),
+                                     [](const auto& entry) { return entry.first.starts_with("optimizer.master."); });
+    ASSERT_NE(master, local.end());
+    const std::string missing = master->first;
+    local.erase(master);
+    try {
+      zero.load_local_state_dict(local);
+      ADD_FAILURE() << "no BadInput";
+    } catch (const BadInput& e) {
+      EXPECT_NE(std::string(e.what()).find(missing), std::string::npos) << e.what();
+    }
+    wrapper->attach(nullptr);
+  }
 }
 
 TEST(ShardedAdamW, ResumesFromAWholeStateLikeTheRunThatSavedIt) {
