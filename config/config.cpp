@@ -538,11 +538,6 @@ class Validator {
       fail_at({"parallel.ep", "parallel.dp"},
               "parallel.ep (" + num(p.ep) + ") does not divide parallel.dp (" + num(p.dp) + ")", ep,
               "an ep that divides dp: expert parallelism is carved out of the data-parallel ranks");
-    // ZeRO 1 and 2 shard the dense state over dp and the experts' over edp
-    // (trainer/update.h); stage 3 would gather each expert over edp too.
-    if (p.zero_stage == 3)
-      fail_at({"parallel.ep", "parallel.zero_stage"}, "expert parallelism does not run with ZeRO stage 3 yet",
-              ep + " with parallel.zero_stage 3", "parallel.zero_stage: 0, 1 or 2, or parallel.ep: 1");
   }
 
   void check_launch() {

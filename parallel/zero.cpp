@@ -466,36 +466,44 @@ void ShardedAdamW::release_all() {
 }
 
 void ZeroLayerWrapper::before_forward(const LayerCall& call) {
-  if (zero_ == nullptr) return;
-  const std::optional<size_t> unit = zero_->layer_unit(call.layer);
-  if (!unit) return;
-  // Note [ZeRO-3]: this layer's gather and the next one's are posted
-  // before this layer computes.
-  zero_->prefetch(*unit);
-  if (const auto next = zero_->next_layer_unit(call.layer, +1)) zero_->prefetch(*next);
-  zero_->gather(*unit);
+  // Note [ZeRO-3]: this layer's gathers and the next one's are posted
+  // before this layer computes (both optimizers' first), then waited for.
+  for (ShardedAdamW* zero : zeros_) {
+    const std::optional<size_t> unit = zero->layer_unit(call.layer);
+    if (!unit) continue;
+    zero->prefetch(*unit);
+    if (const auto next = zero->next_layer_unit(call.layer, +1)) zero->prefetch(*next);
+  }
+  for (ShardedAdamW* zero : zeros_) {
+    if (const auto unit = zero->layer_unit(call.layer)) zero->gather(*unit);
+  }
 }
 
 void ZeroLayerWrapper::after_forward(const LayerCall& call) {
-  if (zero_ == nullptr) return;
-  if (const auto unit = zero_->layer_unit(call.layer)) zero_->release(*unit);
+  for (ShardedAdamW* zero : zeros_) {
+    if (const auto unit = zero->layer_unit(call.layer)) zero->release(*unit);
+  }
 }
 
 void ZeroLayerWrapper::before_backward(const LayerCall& call) {
-  if (zero_ == nullptr) return;
-  const std::optional<size_t> unit = zero_->layer_unit(call.layer);
-  if (!unit) return;
-  zero_->prefetch(*unit);
-  if (const auto previous = zero_->next_layer_unit(call.layer, -1)) zero_->prefetch(*previous);
-  zero_->gather(*unit);
+  for (ShardedAdamW* zero : zeros_) {
+    const std::optional<size_t> unit = zero->layer_unit(call.layer);
+    if (!unit) continue;
+    zero->prefetch(*unit);
+    if (const auto previous = zero->next_layer_unit(call.layer, -1)) zero->prefetch(*previous);
+  }
+  for (ShardedAdamW* zero : zeros_) {
+    if (const auto unit = zero->layer_unit(call.layer)) zero->gather(*unit);
+  }
 }
 
 void ZeroLayerWrapper::after_backward(const LayerCall& call) {
-  if (zero_ == nullptr) return;
-  const std::optional<size_t> unit = zero_->layer_unit(call.layer);
-  if (!unit) return;
-  zero_->reduce_unit(*unit);
-  zero_->release(*unit);
+  for (ShardedAdamW* zero : zeros_) {
+    const std::optional<size_t> unit = zero->layer_unit(call.layer);
+    if (!unit) continue;
+    zero->reduce_unit(*unit);
+    zero->release(*unit);
+  }
 }
 
 int64_t ShardedAdamW::state_bytes() const {

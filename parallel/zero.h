@@ -322,12 +322,21 @@ class ShardedAdamW : public GradientSync {
 
 // The wrapper every decoder layer runs through under ZeRO-3 (Note [ZeRO-3]),
 // one for all layers: gathers, prefetches, frees and reduces the layers'
-// units of the optimizer attached to it. Before attach() (and after
-// attach(nullptr)) its hooks do nothing: the parameters are whole then.
+// units of the optimizers attached to it: the dense parameters', and under
+// expert parallelism the experts' (sharded over edp: Note [ZeRO with expert
+// parallelism] in trainer/update.h), each in turn at every hook, so every
+// rank of each group issues that group's collectives in the same order.
+// Before attach() (and after attach(nullptr)) its hooks do nothing: the
+// parameters are whole then.
 class ZeroLayerWrapper : public LayerWrapper {
  public:
   explicit ZeroLayerWrapper(bool recompute) : LayerWrapper({.recompute = recompute, .backward_hooks = true}) {}
-  void attach(ShardedAdamW* zero) { zero_ = zero; }
+  void attach(ShardedAdamW* zero, ShardedAdamW* experts = nullptr) {
+    zeros_.clear();
+    for (ShardedAdamW* each : {zero, experts}) {
+      if (each != nullptr) zeros_.push_back(each);
+    }
+  }
 
  protected:
   void before_forward(const LayerCall& call) override;
@@ -336,7 +345,7 @@ class ZeroLayerWrapper : public LayerWrapper {
   void after_backward(const LayerCall& call) override;
 
  private:
-  ShardedAdamW* zero_ = nullptr;
+  std::vector<ShardedAdamW*> zeros_;
 };
 
 }  // namespace loom

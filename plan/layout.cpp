@@ -216,7 +216,6 @@ std::string layout_problem(const Problem& problem, const Layout& layout) {
   if (layout.ep > 1) {
     const std::string ep = "parallel.ep " + std::to_string(layout.ep);
     if (!problem.model.moe()) return ep + ": parallel.ep needs a mixture of experts";
-    if (layout.zero_stage == 3) return ep + ": expert parallelism does not run with ZeRO stage 3 yet";
   }
   if (layout.tp > problem.gpus_per_node) {
     return "tp " + std::to_string(layout.tp) + " spans nodes of " + std::to_string(problem.gpus_per_node) +

@@ -224,7 +224,9 @@ StepTime estimate_step_time(const Problem& problem, const Layout& layout, const 
       const double expert_bytes = ep > 1 ? param_bytes * static_cast<double>(count.experts) : 0;
       const double stage_bytes = param_bytes * static_cast<double>(count.total) - expert_bytes;
       const double units = layers + (spec.has_embedding ? 1 : 0) + (spec.has_head ? 1 : 0);
-      const double gather = zero_stage == 3 ? all_gather_seconds(dp_link, layout.dp, stage_bytes) : 0;
+      const double gather = zero_stage == 3 ? all_gather_seconds(dp_link, layout.dp, stage_bytes) +
+                                                  (ep > 1 ? all_gather_seconds(edp_link, layout.dp / ep, expert_bytes) : 0)
+                                            : 0;
       // A reduce-scatter costs what an all-gather does.
       const double reduce = all_gather_seconds(dp_link, layout.dp, zero_reduce_scale * stage_bytes) +
                             (ep > 1 ? all_gather_seconds(edp_link, layout.dp / ep, zero_reduce_scale * expert_bytes)

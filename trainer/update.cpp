@@ -115,7 +115,7 @@ void Update::start() {
       if (fp32_grad_accum_) expert_fp32_grads_.emplace(*expert_adamw_);
     }
     // ZeRO-3: the layers gather their parameters through the wrapper.
-    if (parts_.zero_wrapper) parts_.zero_wrapper->attach(&*zero_);
+    if (parts_.zero_wrapper) parts_.zero_wrapper->attach(&*zero_, expert_zero_ ? &*expert_zero_ : nullptr);
     if (zero_stage_ == 2 && overlap_) {
       both_syncs_.dense = &*zero_;
       both_syncs_.experts = expert_zero_ ? &*expert_zero_ : nullptr;
@@ -216,11 +216,15 @@ void Update::step(double lr) {
 }
 
 void Update::gather_params() {
-  if (zero_ && zero_->stage() == 3) zero_->gather_all();
+  if (!zero_ || zero_->stage() != 3) return;
+  zero_->gather_all();
+  if (expert_zero_) expert_zero_->gather_all();
 }
 
 void Update::release_params() {
-  if (zero_ && zero_->stage() == 3) zero_->release_all();
+  if (!zero_ || zero_->stage() != 3) return;
+  zero_->release_all();
+  if (expert_zero_) expert_zero_->release_all();
 }
 
 double Update::unsharded_state_mib() const {

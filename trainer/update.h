@@ -17,8 +17,9 @@
 // both shards' squares over the world: every dense element is in one dp
 // shard, every expert element in one edp shard of one ep rank. A checkpoint
 // stores each rank's pieces of both (trainer/run_checkpoints.cpp), so it
-// resumes on any layout. Stage 3 would gather the experts over edp in the
-// layer wrapper: not done (config refuses it).
+// resumes on any layout. Under stage 3 the layer wrapper gathers, frees and
+// reduces each layer's experts over edp beside its dense parameters over dp
+// (ZeroLayerWrapper); where edp is this rank alone the experts stay whole.
 #pragma once
 
 #include <cstdint>

@@ -91,6 +91,11 @@ LAYOUTS = {
     "dp2-ep2-zero2": (2, {"parallel.dp": 2, "parallel.ep": 2, "parallel.zero_stage": 2}),
     "dp2-ep2-tp2-zero1": (4, {"parallel.dp": 2, "parallel.ep": 2, "parallel.tp": 2, "parallel.zero_stage": 1}),
     "dp2-ep2-pp2-zero2": (4, {"parallel.dp": 2, "parallel.ep": 2, "parallel.pp": 2, "parallel.zero_stage": 2}),
+    # ZeRO-3 under ep: the layer wrapper gathers each layer's experts over edp beside its dense parameters over
+    # dp (halves at dp 4 x ep 2; whole at dp 2 x ep 2, where only the dense parameters are gathered).
+    "dp4-ep2-zero3": (4, {"parallel.dp": 4, "parallel.ep": 2, "parallel.zero_stage": 3,
+                          "checkpoint.export_hf_at_end": "true"}),
+    "dp2-ep2-zero3": (2, {"parallel.dp": 2, "parallel.ep": 2, "parallel.zero_stage": 3}),
     # ZeRO over the dp x cp replicas; the experts' edp is the block's two cp ranks.
     "dp2-cp2-ep2-zero1": (4, {"parallel.dp": 2, "parallel.cp": 2, "parallel.ep": 2, "parallel.zero_stage": 1}),
 }
@@ -253,8 +258,8 @@ def _numel(shape):
 
 def test_expert_parallel_zero_checkpoints_resume_across_layouts(family):
     """dp 4 x ep 2 with ZeRO-2 (dense state over dp 4, each expert's over its edp pair) writes a step-2
-    checkpoint holding the single rank's AdamW state, which one rank and dp 4 x ep 4 with ZeRO-1 resume into
-    the single rank's step 3; its export loads in transformers; and a one-rank step-2 checkpoint resumes on
+    checkpoint holding the single rank's AdamW state, which one rank, dp 4 x ep 4 with ZeRO-1 and dp 4 x ep 2
+    with ZeRO-3 resume into the single rank's step 3; its export loads in transformers; and a one-rank step-2 checkpoint resumes on
     dp 2 x ep 2 with ZeRO-2."""
     name, model, tmp, single_run, (single, _) = family
     if name != LAYOUT_FAMILY:
@@ -284,6 +289,11 @@ def test_expert_parallel_zero_checkpoints_resume_across_layouts(family):
     # Onto another split of the experts: each of dp 4 x ep 4's ranks holds one, its state whole.
     _, resumed, _ = train(tmp, name, "ep2_zero2_resumed_ep4_zero1", 4, **{
         "parallel.dp": 4, "parallel.ep": 4, "parallel.zero_stage": 1, "checkpoint.resume": checkpoint},
+        expected_steps=1)
+    assert abs(resumed[0] - single[2]) < LOSS_TOLERANCE, (resumed, single)
+    # Onto ZeRO-3, which gathers each layer's experts over their edp pair as the layer runs.
+    _, resumed, _ = train(tmp, name, "ep2_zero2_resumed_ep2_zero3", 4, **{
+        "parallel.dp": 4, "parallel.ep": 2, "parallel.zero_stage": 3, "checkpoint.resume": checkpoint},
         expected_steps=1)
     assert abs(resumed[0] - single[2]) < LOSS_TOLERANCE, (resumed, single)
     _, resumed, _ = train(tmp, name, "one_rank_resumed_ep2_zero2", 2, **{
