@@ -266,9 +266,8 @@ std::vector<Layout> enumerate_layouts(const Problem& problem) {
         for (const int64_t ep : eps) {
           for (int64_t mb = 1; mb <= problem.global_batch / dp; mb *= 2) {
             for (const auto& [schedule, v] : schedules) {
-              // ZeRO does not compose with cp in the plan yet, nor stage 3
-              // with ep (config refuses it).
-              for (int64_t zero = 0; zero <= (dp > 1 && cp == 1 ? (ep == 1 ? 3 : 2) : 0); ++zero) {
+              // ZeRO does not compose with cp in the plan yet.
+              for (int64_t zero = 0; zero <= (dp > 1 && cp == 1 ? 3 : 0); ++zero) {
                 for (const Recompute recompute : {Recompute::kNone, Recompute::kSelective, Recompute::kFull}) {
                   for (const bool sp : {false, true}) {
                     if (sp && tp == 1) continue;
