@@ -238,7 +238,10 @@ class ShardedAdamW : public GradientSync {
   // master (Note [ZeRO with bf16 parameters]), after the AdamW entries.
   NamedTensors local_state_dict() const;
   // Takes local_state_dict()'s entries; BadInput for a missing, unexpected
-  // or misshapen one, before anything is copied.
+  // or misshapen one, before anything is copied. The bf16 parameters are
+  // left as they are: a resume has read them from the same checkpoint,
+  // which stores the masters as the parameters, so they are the masters
+  // rounded already (and the next step() all-gathers them anew).
   void load_local_state_dict(const NamedTensors& state);
   // Where the piece of parameter `name` lies in it: elements [first, second)
   // of the parameter, row-major. std::out_of_range when this rank holds no
