@@ -227,8 +227,8 @@ void ShardedAdamW::move_to_fp32(size_t i) {
   param.mutable_grad() = at::Tensor();
 }
 
-const at::Tensor& ShardedAdamW::grad_of(size_t i) {
-  if (!fp32_grad_accum_) return params_[i].second.grad();
+at::Tensor& ShardedAdamW::grad_of(size_t i) {
+  if (!fp32_grad_accum_) return params_[i].second.mutable_grad();
   move_to_fp32(i);
   return fp32_grads_[i];
 }
@@ -240,10 +240,7 @@ void ShardedAdamW::drop_grad(size_t i) {
 
 at::Tensor& ShardedAdamW::gradient_of(const at::Tensor& param) {
   for (size_t i = 0; i < params_.size(); ++i) {
-    if (!params_[i].second.is_same(param)) continue;
-    if (!fp32_grad_accum_) return params_[i].second.mutable_grad();
-    move_to_fp32(i);
-    return fp32_grads_[i];
+    if (params_[i].second.is_same(param)) return grad_of(i);
   }
   throw std::invalid_argument("ShardedAdamW::gradient_of: not one of the optimizer's parameters");
 }

@@ -280,9 +280,10 @@ class ShardedAdamW : public GradientSync {
   const at::Tensor& gather_source() const { return masters_ ? shard_model_ : shard_params_; }
   void round_masters();
   // Under fp32_grad_accum: what parameter i's .grad holds, added into its
-  // fp32 sum; and the gradient a reduction reads, and its dropping.
+  // fp32 sum; and the slot of the gradient a reduction reads (what
+  // gradient_of() gives), and its dropping.
   void move_to_fp32(size_t param);
-  const at::Tensor& grad_of(size_t param);
+  at::Tensor& grad_of(size_t param);
   void drop_grad(size_t param);
   void on_grad_ready(size_t param);  // from the accumulator hooks
   void launch(Unit& unit);           // under mutex_
