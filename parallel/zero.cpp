@@ -462,19 +462,22 @@ void ShardedAdamW::release_all() {
   for (size_t u = 0; u < units_.size(); ++u) release(u);
 }
 
-void ZeroLayerWrapper::before_forward(const LayerCall& call) {
-  // Note [ZeRO-3]: this layer's gathers and the next one's are posted
-  // before this layer computes (both optimizers' first), then waited for.
+void ZeroLayerWrapper::gather_layer(int64_t layer, int direction) {
+  // Note [ZeRO-3]: this layer's gathers and those of the layer that runs
+  // next (after it in forward, before it in backward) are posted before
+  // this layer computes (every optimizer's first), then waited for.
   for (ShardedAdamW* zero : zeros_) {
-    const std::optional<size_t> unit = zero->layer_unit(call.layer);
+    const std::optional<size_t> unit = zero->layer_unit(layer);
     if (!unit) continue;
     zero->prefetch(*unit);
-    if (const auto next = zero->next_layer_unit(call.layer, +1)) zero->prefetch(*next);
+    if (const auto next = zero->next_layer_unit(layer, direction)) zero->prefetch(*next);
   }
   for (ShardedAdamW* zero : zeros_) {
-    if (const auto unit = zero->layer_unit(call.layer)) zero->gather(*unit);
+    if (const auto unit = zero->layer_unit(layer)) zero->gather(*unit);
   }
 }
+
+void ZeroLayerWrapper::before_forward(const LayerCall& call) { gather_layer(call.layer, +1); }
 
 void ZeroLayerWrapper::after_forward(const LayerCall& call) {
   for (ShardedAdamW* zero : zeros_) {
@@ -482,17 +485,7 @@ void ZeroLayerWrapper::after_forward(const LayerCall& call) {
   }
 }
 
-void ZeroLayerWrapper::before_backward(const LayerCall& call) {
-  for (ShardedAdamW* zero : zeros_) {
-    const std::optional<size_t> unit = zero->layer_unit(call.layer);
-    if (!unit) continue;
-    zero->prefetch(*unit);
-    if (const auto previous = zero->next_layer_unit(call.layer, -1)) zero->prefetch(*previous);
-  }
-  for (ShardedAdamW* zero : zeros_) {
-    if (const auto unit = zero->layer_unit(call.layer)) zero->gather(*unit);
-  }
-}
+void ZeroLayerWrapper::before_backward(const LayerCall& call) { gather_layer(call.layer, -1); }
 
 void ZeroLayerWrapper::after_backward(const LayerCall& call) {
   for (ShardedAdamW* zero : zeros_) {

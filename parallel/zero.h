@@ -349,6 +349,10 @@ class ZeroLayerWrapper : public LayerWrapper {
   void after_backward(const LayerCall& call) override;
 
  private:
+  // Gathers layer `layer`'s units and prefetches those of the next layer
+  // in `direction` (+1 forward, -1 backward), of every attached optimizer.
+  void gather_layer(int64_t layer, int direction);
+
   std::vector<ShardedAdamW*> zeros_;
 };
 
