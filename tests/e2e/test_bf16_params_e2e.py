@@ -13,13 +13,12 @@ AMD EPYC, so dp 2 is held to 5e-5. Tensor parallelism
 rounds each rank's partial sums to bf16 before they are added, so tp runs are
 held to bf16's own tolerance, not fp32's.
 """
-import shutil
-
 import pytest
 from safetensors import safe_open
 
 from test_tensor_parallel_e2e import mpi_loom
 from test_train_e2e import data, loom, losses_by_step, train_args  # noqa: F401 (data: fixture)
+from test_zero_e2e import resume_copy  # the step-5 checkpoint as the resumed run's latest
 
 STEPS = 10
 
@@ -129,14 +128,6 @@ def test_bf16_zero_checkpoints_hold_the_fp32_masters_in_every_ranks_pieces(zero_
     mine, plain = model_tensors(f"zero{stage}"), model_tensors("zero0")
     assert mine[0] and mine[1], mine
     assert mine[0] | mine[1] == plain[0] | plain[1]
-
-
-def resume_copy(original, resumed):
-    step_folder = f"step-{5:07d}"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(original / "checkpoints" / step_folder, resumed / "checkpoints" / step_folder)
-    (resumed / "checkpoints" / "latest").write_text(step_folder + "\n")
-    shutil.copy(original / "metrics.jsonl", resumed / "metrics.jsonl")
 
 
 @pytest.mark.parametrize("source,stage", [(2, 2), (3, 0), (0, 3), (1, 2)],
